@@ -1,0 +1,1 @@
+"""FaceAge: face-age estimation library."""

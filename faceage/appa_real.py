@@ -1,0 +1,222 @@
+"""APPA-REAL in its release layout: fetch (URL, local zip or folder), validate, fingerprint.
+
+Input: ``fetch_data.source``: the release zip's URL, a local ``.zip``, or a local folder,
+laid out as the release is::
+
+    gt_avg_{train,valid,test}.csv   file_name,num_ratings,apparent_age_avg,apparent_age_std,real_age
+    {train,valid,test}/NAME         the photo
+    {train,valid,test}/NAME_face.jpg  the release's own 40%-margin face crop (optional)
+
+Output: a folder with exactly that layout (the CSVs, every listed image and its
+``_face.jpg`` when present) plus ``dataset.json`` (counts and a sha256 fingerprint of
+every file). The folder appears only when complete and valid.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from faceage.download import ChecksumError, download, file_digest
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+COLUMNS = ("file_name", "num_ratings", "apparent_age_avg", "apparent_age_std", "real_age")
+FACE_SUFFIX = "_face.jpg"
+DATASET_JSON = "dataset.json"
+SHOW_MISSING = 5
+
+
+class LayoutError(ValueError):
+    """The source does not follow the APPA-REAL release layout; the message says where."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row of ``gt_avg_{split}.csv``."""
+
+    split: str
+    file_name: str
+    apparent_age: float
+    apparent_age_std: float
+    real_age: float
+
+
+def csv_name(split: str) -> str:
+    return f"gt_avg_{split}.csv"
+
+
+def read_split(root: Path, split: str) -> list[Sample]:
+    """Parses ``gt_avg_{split}.csv`` under ``root``.
+
+    Raises:
+        LayoutError: Missing file or column, or a non-numeric age (row number given).
+    """
+    path = root / csv_name(split)
+    if not path.is_file():
+        raise LayoutError(f"missing {csv_name(split)} in {root}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        absent = [c for c in COLUMNS if c not in header]
+        if absent:
+            raise LayoutError(f"{path} lacks column(s) {absent}; expected columns {list(COLUMNS)}, found {header}")
+        samples = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                samples.append(
+                    Sample(
+                        split,
+                        row["file_name"],
+                        float(row["apparent_age_avg"]),
+                        float(row["apparent_age_std"] or 0.0),
+                        float(row["real_age"]),
+                    )
+                )
+            except (TypeError, ValueError) as e:
+                raise LayoutError(f"{path} line {line}: non-numeric age in {row}") from e
+    if not samples:
+        raise LayoutError(f"{path} lists no images")
+    return samples
+
+
+def validate_layout(root: str | Path) -> dict[str, list[Sample]]:
+    """Checks the CSVs and that every listed image exists.
+
+    Returns:
+        ``{split: [Sample, ...]}``.
+
+    Raises:
+        LayoutError: Naming the first problem; missing images are listed (the first few).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root} is not a folder")
+    splits = {split: read_split(root, split) for split in SPLITS}
+    for split, samples in splits.items():
+        missing = [s.file_name for s in samples if not (root / split / s.file_name).is_file()]
+        if missing:
+            raise LayoutError(
+                f"{len(missing)} of {len(samples)} images listed in {csv_name(split)} are missing "
+                f"from {root / split}, e.g. {missing[:SHOW_MISSING]}"
+            )
+    return splits
+
+
+def find_release_root(folder: Path) -> Path:
+    """The folder holding ``gt_avg_train.csv``: ``folder`` itself or one level below (zip layout)."""
+    if (folder / csv_name("train")).exists():
+        return folder
+    candidates = [p.parent for p in folder.glob(f"*/{csv_name('train')}")]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise LayoutError(f"no {csv_name('train')} found in {folder} or its immediate subfolders")
+
+
+def _copy_release(root: Path, splits: dict[str, list[Sample]], out: Path) -> None:
+    for split, samples in splits.items():
+        shutil.copyfile(root / csv_name(split), out / csv_name(split))
+        (out / split).mkdir()
+        for s in samples:
+            shutil.copyfile(root / split / s.file_name, out / split / s.file_name)
+            face = root / split / (s.file_name + FACE_SUFFIX)
+            if face.is_file():
+                shutil.copyfile(face, out / split / face.name)
+
+
+def _safe_extract(zip_path: Path, dest: Path) -> None:
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            for member in zf.infolist():
+                parts = PurePosixPath(member.filename).parts
+                if member.filename.startswith("/") or ".." in parts:
+                    raise LayoutError(f"{zip_path} holds an unsafe path: {member.filename!r}")
+            zf.extractall(dest)
+    except zipfile.BadZipFile as e:
+        raise LayoutError(f"{zip_path} is not a valid zip file: {e}") from e
+
+
+def dataset_fingerprint(folder: Path) -> str:
+    """sha256 over every file's relative path and sha256: one id for the data's exact bytes."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != DATASET_JSON:
+            h.update(f"{p.relative_to(folder).as_posix()}\0{file_digest(p)}\n".encode())
+    return h.hexdigest()
+
+
+def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", cache_dir: str | Path = ".cache/downloads") -> dict:
+    """Materialises APPA-REAL from ``source`` into ``out_dir``, validated, atomically.
+
+    Args:
+        source: The release zip's URL, a local ``.zip`` path, or a local folder.
+        out_dir: Destination folder; it is replaced only after validation succeeds.
+        md5: Expected md5 of a downloaded or local zip ("" skips the check).
+        cache_dir: Where downloads are kept (partial ones are resumed from there).
+
+    Returns:
+        The contents of ``dataset.json``: source, per-split counts, ``sha256`` fingerprint.
+
+    Raises:
+        LayoutError: The source is missing, not a zip/folder, or not in the release layout.
+        faceage.download.DownloadError: The download failed or its checksum differs.
+    """
+    out_dir = Path(out_dir)
+    parsed = urlparse(source)
+    if parsed.scheme in ("http", "https"):
+        name = Path(parsed.path).name or "appa-real-release.zip"
+        local = download(source, Path(cache_dir) / name, md5=md5 or None)
+    else:
+        local = Path(source).expanduser()
+        if not local.exists():
+            raise LayoutError(f"fetch_data.source {source!r} does not exist (expected a URL, a .zip or a folder)")
+        if local.is_file() and md5:
+            got = file_digest(local, "md5")
+            if got != md5:
+                raise ChecksumError(f"md5 of {local} is {got}, expected fetch_data.md5={md5}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        if local.is_dir():
+            root = find_release_root(local)
+        elif zipfile.is_zipfile(local):
+            _safe_extract(local, tmp / "zip")
+            root = find_release_root(tmp / "zip")
+        else:
+            raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
+        splits = validate_layout(root)
+        staged = tmp / "release"
+        staged.mkdir()
+        _copy_release(root, splits, staged)
+        info = {
+            "source": source,
+            "counts": {split: len(samples) for split, samples in splits.items()},
+            "release_face_crops": sum(
+                1 for split, samples in splits.items() for s in samples
+                if (staged / split / (s.file_name + FACE_SUFFIX)).is_file()
+            ),
+            "sha256": dataset_fingerprint(staged),
+        }
+        (staged / DATASET_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staged, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("APPA-REAL ready in %s: %s (sha256 %s)", out_dir, info["counts"], info["sha256"][:12])
+    return info
+
+
+def read_dataset_info(folder: str | Path) -> dict:
+    """Reads ``dataset.json`` written by :func:`fetch_appa_real`."""
+    return json.loads((Path(folder) / DATASET_JSON).read_text())

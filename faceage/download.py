@@ -1,0 +1,160 @@
+"""Streamed, resumable, checksummed, atomic HTTP downloads.
+
+Input: a URL, a destination path and an expected checksum. Output: the file at the
+destination, present only once it is complete and verified.
+
+The bytes go to ``<dest>.part`` first. An interrupted transfer (dropped connection,
+killed process) leaves that part file behind, and the next call asks the server for
+the remaining bytes with an HTTP ``Range`` request. Only a verified file is moved to
+``dest`` with :func:`os.replace`, so ``dest`` is never half-written; a checksum
+mismatch deletes the part file, since resuming from bad bytes cannot succeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """The file could not be fetched (network failure, HTTP error, retries exhausted)."""
+
+
+class ChecksumError(DownloadError):
+    """The fetched bytes do not match the expected checksum."""
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Returns the hex digest of a file, read in 1 MiB chunks.
+
+    Args:
+        path: The file.
+        algorithm: Any :mod:`hashlib` algorithm name (``"md5"``, ``"sha256"``).
+
+    Returns:
+        The lowercase hex digest.
+    """
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool:
+    """Appends the missing bytes of ``url`` to ``part``; returns True when complete."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as r:
+        if r.status_code == 416 and have:
+            # Range not satisfiable: the part file already holds the whole body.
+            return True
+        if r.status_code not in (200, 206):
+            raise DownloadError(f"GET {url} answered HTTP {r.status_code} {r.reason}")
+        if r.status_code == 200 and have:
+            log.info("server ignored the Range request: restarting %s from byte 0", url)
+            have = 0
+        length = r.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        mode = "ab" if have else "wb"
+        with open(part, mode) as f, tqdm(
+            total=total,
+            initial=have,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            disable=not progress,
+        ) as bar:
+            for chunk in r.iter_content(chunk_size=CHUNK_BYTES):
+                f.write(chunk)
+                bar.update(len(chunk))
+        got = part.stat().st_size
+        if total is not None and got < total:
+            raise requests.ConnectionError(f"connection closed at byte {got} of {total}")
+        return True
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    *,
+    md5: str | None = None,
+    sha256: str | None = None,
+    retries: int = 5,
+    timeout_s: float = 30.0,
+    backoff_s: float = 1.0,
+    progress: bool = True,
+) -> Path:
+    """Downloads ``url`` to ``dest``, resuming and verifying, and moves it into place atomically.
+
+    If ``dest`` already exists and matches the checksum, nothing is fetched.
+
+    Args:
+        url: HTTP(S) URL.
+        dest: Final path of the file.
+        md5: Expected md5 hex digest, or None.
+        sha256: Expected sha256 hex digest, or None.
+        retries: Attempts after a dropped connection; each resumes where the last stopped.
+        timeout_s: Connect/read timeout per request.
+        backoff_s: Sleep before the first retry; doubled each retry.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        ``dest`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ChecksumError: The complete file does not match ``md5``/``sha256``.
+        DownloadError: An HTTP error, or the connection kept failing.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and _matches(dest, md5, sha256):
+        log.info("%s already present and verified", dest)
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    delay = backoff_s
+    for attempt in range(retries + 1):
+        try:
+            _stream_once(url, part, timeout_s, progress)
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == retries:
+                raise DownloadError(
+                    f"download of {url} failed after {retries + 1} attempts: {e}; "
+                    f"{part} keeps the {part.stat().st_size if part.exists() else 0} bytes "
+                    "fetched so far and the next run resumes from there"
+                ) from e
+            log.warning("download interrupted (%s); resuming in %.1f s", e, delay)
+            time.sleep(delay)
+            delay *= 2
+    for algorithm, expected in (("md5", md5), ("sha256", sha256)):
+        if expected:
+            got = file_digest(part, algorithm)
+            if got != expected.lower():
+                part.unlink()
+                raise ChecksumError(
+                    f"{algorithm} of {url} is {got}, expected {expected}; the download was deleted"
+                )
+    os.replace(part, dest)
+    return dest
+
+
+def _matches(path: Path, md5: str | None, sha256: str | None) -> bool:
+    if not md5 and not sha256:
+        return True
+    return all(
+        file_digest(path, algorithm) == expected.lower()
+        for algorithm, expected in (("md5", md5), ("sha256", sha256))
+        if expected
+    )

@@ -1,0 +1,162 @@
+"""Evaluation on the test split: metrics, per-age-group errors, plots; logged to the training run.
+
+Input: a checkpoint, the ``preprocess`` folder, the training history and the run file.
+Output folder::
+
+    metrics.json          mae_years (apparent age), mae_real_years, rmse_years, cs5, per-group MAE,
+                          baseline_mae_years (always predicting the training mean), counts
+    predictions.csv       file_name,true_age,real_age,predicted_age,predicted_std,abs_error
+    by_age_group.csv      age_group,n,mae_years
+    pred_vs_true.png, error_by_age_group.png, training_curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from faceage.config import EvaluateParams
+from faceage.data import FaceCrops
+from faceage.model import load_checkpoint
+from faceage.preprocess import read_faces_manifest
+from faceage.tracking import read_run_file, setup_mlflow
+from faceage.training import pin_threads, predict_batches, select_device
+
+log = logging.getLogger(__name__)
+
+GROUP_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)
+
+
+def age_group(age: float) -> str:
+    """``0-9``, ``10-19``, ..., ``60-69``, ``70+``."""
+    lower = max(e for e in GROUP_EDGES if age >= e) if age >= 0 else 0
+    return f"{lower}+" if lower == GROUP_EDGES[-1] else f"{lower}-{lower + 9}"
+
+
+def age_metrics(pred: np.ndarray, true: np.ndarray, cs_years: float = 5.0) -> dict:
+    """MAE, RMSE and cumulative score CS@``cs_years`` of predictions against true ages."""
+    err = np.abs(pred - true)
+    return {
+        "mae_years": float(err.mean()),
+        "rmse_years": float(np.sqrt(((pred - true) ** 2).mean())),
+        f"cs{cs_years:g}": float((err <= cs_years).mean()),
+    }
+
+
+def errors_by_group(pred: np.ndarray, true: np.ndarray) -> list[dict]:
+    """MAE per age group of the true age, groups in age order, empty groups omitted."""
+    groups = np.array([age_group(a) for a in true])
+    order = [f"{e}-{e + 9}" for e in GROUP_EDGES[:-1]] + [f"{GROUP_EDGES[-1]}+"]
+    return [
+        {"age_group": g, "n": int((groups == g).sum()), "mae_years": float(np.abs(pred - true)[groups == g].mean())}
+        for g in order if (groups == g).any()
+    ]
+
+
+def _plots(out: Path, pred: np.ndarray, true: np.ndarray, groups: list[dict], history_csv: Path | None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(true, pred, s=6, alpha=0.5)
+    ax.plot([0, 100], [0, 100], "k--", lw=1)
+    ax.set(xlabel="true age (years)", ylabel="predicted age (years)", xlim=(0, 100), ylim=(0, 100),
+           title=f"test: MAE {np.abs(pred - true).mean():.2f} years")
+    paths.append(out / "pred_vs_true.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([g["age_group"] for g in groups], [g["mae_years"] for g in groups])
+    for i, g in enumerate(groups):
+        ax.text(i, g["mae_years"], f"n={g['n']}", ha="center", va="bottom", fontsize=7)
+    ax.set(xlabel="true age group", ylabel="MAE (years)", title="test error by age group")
+    paths.append(out / "error_by_age_group.png")
+    fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    if history_csv is not None and history_csv.exists():
+        with open(history_csv) as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(epochs, [float(r["train_mae"]) for r in rows], marker="o", label="train MAE")
+        ax.plot(epochs, [float(r["val_mae"]) for r in rows], marker="o", label="validation MAE")
+        ax.set(xlabel="epoch", ylabel="MAE (years)", title="training curves")
+        ax.legend()
+        paths.append(out / "training_curves.png")
+        fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    return paths
+
+
+def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str | Path, p: EvaluateParams,
+                   run_path: str | Path | None = None, history_csv: str | Path | None = None) -> dict:
+    """Scores the checkpoint on the test split and logs the results to its MLflow run.
+
+    Args:
+        checkpoint: ``train`` output.
+        faces_dir: ``preprocess`` output.
+        out_dir: Where metrics, predictions and plots go (see module docstring).
+        p: The ``evaluate`` section of ``params.yaml``.
+        run_path: ``run.json`` from ``train``; when given, the run is continued in MLflow.
+        history_csv: ``train``'s per-epoch history, for the training-curve plot.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pin_threads()
+    device = select_device("auto")
+    model, meta = load_checkpoint(checkpoint, device)
+    test = FaceCrops(faces_dir, "test", meta["image_size"])
+    with torch.no_grad():
+        pred_t, std_t = predict_batches(model, test.images, meta["mean"], meta["std"], device, p.batch_size)
+    pred, std = pred_t.numpy().astype(np.float64), std_t.numpy().astype(np.float64)
+    true, real = test.ages.numpy().astype(np.float64), test.real_ages.numpy().astype(np.float64)
+    train_mean = float(np.mean([float(r["apparent_age"]) for r in read_faces_manifest(faces_dir, "train")]))
+    groups = errors_by_group(pred, true)
+    metrics = {
+        **age_metrics(pred, true, p.cs_years),
+        "mae_real_years": float(np.abs(pred - real).mean()),
+        "baseline_mae_years": float(np.abs(train_mean - true).mean()),
+        "n_test_faces": int(len(true)),
+        "mae_by_age_group": {g["age_group"]: g["mae_years"] for g in groups},
+        "val_mae_years": float(meta["val_mae"]),
+    }
+    metrics["mae_vs_baseline"] = metrics["mae_years"] / metrics["baseline_mae_years"]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "true_age", "real_age", "predicted_age", "predicted_std", "abs_error"])
+        for r, t, ra, pa, ps in zip(test.rows, true, real, pred, std):
+            w.writerow([r["file_name"], t, ra, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)])
+    with open(out / "by_age_group.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["age_group", "n", "mae_years"])
+        w.writeheader()
+        w.writerows(groups)
+    plots = _plots(out, pred, true, groups, Path(history_csv) if history_csv else None)
+    log.info("test MAE %.2f years (real age %.2f), RMSE %.2f, CS@%g %.3f on %d faces; "
+             "always predicting the training mean gives %.2f",
+             metrics["mae_years"], metrics["mae_real_years"], metrics["rmse_years"], p.cs_years,
+             metrics[f"cs{p.cs_years:g}"], len(true), metrics["baseline_mae_years"])
+    if run_path is not None:
+        mlflow = setup_mlflow()
+        with mlflow.start_run(run_id=read_run_file(run_path)["run_id"]):
+            flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            flat.update({f"test_mae_{g['age_group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
+            mlflow.log_metrics(flat)
+            mlflow.log_params({f"evaluate.{k}": v for k, v in asdict(p).items()})
+            for path in [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv", *plots]:
+                mlflow.log_artifact(str(path), artifact_path="evaluation")
+    return metrics

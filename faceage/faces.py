@@ -1,0 +1,167 @@
+"""Face detection (dlib HOG or CNN) and the margin crop: the one crop path.
+
+Input: an RGB uint8 array (from :func:`faceage.images.load_image`). Output: face boxes,
+and square crops of ``size`` x ``size`` pixels around them.
+
+``preprocess`` and the service both call :func:`crop_faces`; there is no second copy of
+the crop geometry, so a model is served exactly the pixels it was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import dlib
+import numpy as np
+from PIL import Image
+
+from faceage.detector import CNN_FILE, HOG_FILE
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """A detected face: pixel box ``[left, top, right, bottom)`` and detector score."""
+
+    left: int
+    top: int
+    right: int
+    bottom: int
+    score: float
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    @property
+    def area(self) -> int:
+        return max(self.width, 0) * max(self.height, 0)
+
+    def as_list(self) -> list[int]:
+        return [self.left, self.top, self.right, self.bottom]
+
+
+class FaceDetector:
+    """dlib face detector loaded from a ``fetch_detector`` folder.
+
+    Args:
+        model_dir: Folder written by :func:`faceage.detector.fetch_detector_files`.
+        kind: ``"hog"`` (fast, frontal faces) or ``"cnn"`` (mmod; finds more, ~25x slower on CPU).
+        upsample: How many times to upsample the image before detecting (finds smaller faces).
+
+    Raises:
+        ValueError: Unknown ``kind`` or negative ``upsample``.
+        FileNotFoundError: The model file is missing from ``model_dir``.
+    """
+
+    def __init__(self, model_dir: str | Path, kind: str = "hog", upsample: int = 1):
+        if kind not in ("hog", "cnn"):
+            raise ValueError(f"detector must be 'hog' or 'cnn', got {kind!r}")
+        if upsample < 0:
+            raise ValueError(f"upsample must be >= 0, got {upsample}")
+        path = Path(model_dir) / (HOG_FILE if kind == "hog" else CNN_FILE)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the fetch_detector stage first")
+        self.kind = kind
+        self.upsample = upsample
+        self.path = path
+        if kind == "hog":
+            self._hog = dlib.fhog_object_detector(str(path))
+        else:
+            self._cnn = dlib.cnn_face_detection_model_v1(str(path))
+
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        """Finds every face in an RGB uint8 image, largest first.
+
+        Boxes are clipped to the image; the margin crop may still extend past its edges.
+        """
+        h, w = image.shape[:2]
+        image = np.ascontiguousarray(image)
+        if self.kind == "hog":
+            rects, scores, _ = self._hog.run(image, self.upsample, 0.0)
+            found = list(zip(rects, scores))
+        else:
+            found = [(d.rect, d.confidence) for d in self._cnn(image, self.upsample)]
+        boxes = []
+        for r, score in found:
+            box = FaceBox(
+                max(int(r.left()), 0),
+                max(int(r.top()), 0),
+                min(int(r.right()) + 1, w),
+                min(int(r.bottom()) + 1, h),
+                float(score),
+            )
+            if box.width > 1 and box.height > 1:
+                boxes.append(box)
+        return sorted(boxes, key=lambda b: (-b.area, -b.score))
+
+
+def choose_subject(boxes: list[FaceBox], width: int, height: int) -> FaceBox | None:
+    """Picks the photo's subject among several faces: the largest, ties to the most central.
+
+    APPA-REAL photos are framed on the person whose age was rated; bystanders are
+    smaller and off-centre, so size first, then closeness to the centre, decide.
+    """
+    if not boxes:
+        return None
+    cx, cy = width / 2.0, height / 2.0
+
+    def key(b: FaceBox) -> tuple[float, float]:
+        bx, by = (b.left + b.right) / 2.0, (b.top + b.bottom) / 2.0
+        return (-b.area, (bx - cx) ** 2 + (by - cy) ** 2)
+
+    return min(boxes, key=key)
+
+
+def crop_box(box: FaceBox, margin: float) -> tuple[int, int, int, int]:
+    """The square crop region around ``box``: side = max(w, h) * (1 + 2 * margin), same centre."""
+    if not 0.0 <= margin < 2.0:
+        raise ValueError(f"margin must be in [0, 2), got {margin}")
+    side = max(box.width, box.height) * (1.0 + 2.0 * margin)
+    cx, cy = (box.left + box.right) / 2.0, (box.top + box.bottom) / 2.0
+    left = int(round(cx - side / 2.0))
+    top = int(round(cy - side / 2.0))
+    s = max(int(round(side)), 1)
+    return left, top, left + s, top + s
+
+
+def crop_face(image: np.ndarray, box: FaceBox, margin: float, size: int) -> np.ndarray:
+    """Cuts the square margin crop around ``box`` and resizes it to ``size`` x ``size``.
+
+    Parts of the crop outside the image are padded with black, so a face at the border
+    keeps its position and scale in the crop instead of being stretched.
+
+    Args:
+        image: RGB uint8 array (H, W, 3).
+        box: The face.
+        margin: Context added on each side, as a fraction of the box's longer side.
+        size: Output side in pixels.
+
+    Returns:
+        RGB uint8 array (size, size, 3).
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = crop_box(box, margin)
+    out = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    resized = Image.fromarray(out).resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(resized)
+
+
+def whole_image_box(image: np.ndarray) -> FaceBox:
+    """A box covering the whole image (for the ``whole_image`` / release-crop fallbacks)."""
+    h, w = image.shape[:2]
+    return FaceBox(0, 0, w, h, 0.0)
+
+
+def crop_faces(image: np.ndarray, boxes: list[FaceBox], margin: float, size: int) -> list[np.ndarray]:
+    """:func:`crop_face` for each box, in order."""
+    return [crop_face(image, b, margin, size) for b in boxes]

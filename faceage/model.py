@@ -1,0 +1,187 @@
+"""Age model: a torchvision backbone with a 101-way head over ages 0..100; self-describing checkpoints.
+
+Input: a backbone name and a weights choice. Output: an ``nn.Module`` mapping a normalised
+(N, 3, S, S) batch to (N, 101) logits; the predicted age is the expectation of the softmax.
+
+A checkpoint holds the ``state_dict`` and everything needed to rebuild and use the model
+without ``params.yaml``: backbone, age range, input size, normalisation, crop settings
+(margin, crop size, detector kind, upsample, detector sha256). It contains only tensors and
+plain Python values, so it loads with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from faceage.download import DownloadError, download, file_digest
+
+log = logging.getLogger(__name__)
+
+MIN_AGE, MAX_AGE = 0, 100
+NUM_AGES = MAX_AGE - MIN_AGE + 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_FORMAT = "faceage-checkpoint/1"
+
+
+class PretrainedWeightsError(RuntimeError):
+    """``train.pretrained`` asks for weights that cannot be found or fetched."""
+
+
+def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """Finds the classification head: the last ``nn.Linear`` in module order."""
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = (name, module)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head to replace")
+    name, linear = found
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return parent, name.rsplit(".", 1)[-1], linear
+
+
+def build_model(backbone: str, num_ages: int = NUM_AGES) -> nn.Module:
+    """A randomly initialised torchvision classifier with its head replaced by ``num_ages`` outputs.
+
+    Args:
+        backbone: A torchvision classification model name (``resnet18``, ``efficientnet_b0``, ...).
+        num_ages: Number of age classes.
+
+    Raises:
+        ValueError: Unknown backbone (the message lists the available ones).
+    """
+    available = torchvision.models.list_models(module=torchvision.models)
+    if backbone not in available:
+        raise ValueError(f"train.backbone must be a torchvision classification model, got {backbone!r}; "
+                         f"available: {', '.join(sorted(available))}")
+    model = torchvision.models.get_model(backbone, weights=None)
+    parent, attr, linear = _last_linear(model)
+    setattr(parent, attr, nn.Linear(linear.in_features, num_ages))
+    return model
+
+
+def head_prefix(model: nn.Module) -> str:
+    """The ``state_dict`` key prefix of the head (``fc.``, ``classifier.1.``, ...)."""
+    for name, module in reversed(list(model.named_modules())):
+        if isinstance(module, nn.Linear):
+            return name + "."
+    raise ValueError("model has no linear head")
+
+
+def resolve_imagenet_weights(backbone: str, cache_dir: str | Path | None = None) -> Path:
+    """Finds torchvision's default ImageNet weights for ``backbone`` in the torch hub cache,
+    or downloads them there (resumable; the file name carries its sha256 prefix, which is checked).
+
+    Raises:
+        PretrainedWeightsError: No weights exist for the backbone, or they cannot be fetched.
+    """
+    try:
+        weights = torchvision.models.get_model_weights(backbone).DEFAULT
+    except (ValueError, KeyError) as e:
+        raise PretrainedWeightsError(f"train.pretrained=imagenet: torchvision has no ImageNet weights for {backbone!r}") from e
+    filename = os.path.basename(weights.url)
+    hub_dir = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
+    path = hub_dir / filename
+    if path.exists():
+        return path
+    # torchvision names files "<name>-<first hex digits of sha256>.pth".
+    prefix = filename.rsplit("-", 1)[-1].split(".")[0]
+    try:
+        download(weights.url, path, timeout_s=15, retries=1)
+    except (DownloadError, OSError) as e:
+        raise PretrainedWeightsError(
+            f"train.pretrained=imagenet: {filename} is not in {hub_dir} and could not be downloaded "
+            f"from {weights.url} ({e}). Copy the file there, set train.pretrained to the path of a "
+            "weights file, or set train.pretrained=none to train from scratch."
+        ) from e
+    if not file_digest(path).startswith(prefix):
+        path.unlink()
+        raise PretrainedWeightsError(f"train.pretrained=imagenet: {filename} failed its sha256 check (prefix {prefix})")
+    return path
+
+
+def load_pretrained(model: nn.Module, backbone: str, pretrained: str) -> str:
+    """Loads ``train.pretrained`` weights into every layer but the head.
+
+    Args:
+        model: From :func:`build_model`.
+        backbone: Its name (to find ImageNet weights).
+        pretrained: ``"imagenet"``, ``"none"`` or a path to a ``state_dict`` file.
+
+    Returns:
+        A short description of what was loaded (for logs and MLflow).
+
+    Raises:
+        PretrainedWeightsError: The weights are unreachable or do not fit the backbone.
+    """
+    if pretrained == "none":
+        return "none (random initialisation)"
+    path = resolve_imagenet_weights(backbone) if pretrained == "imagenet" else Path(pretrained).expanduser()
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"train.pretrained={pretrained!r}: no such weights file; use 'imagenet', 'none' or a path to a .pth file"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a bad file
+        raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: cannot read {path}: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    head = head_prefix(model)
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith(head)}
+    mismatched = [k for k, v in body.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if not k.startswith(head) and k not in body]
+    if mismatched or missing:
+        bad = (mismatched or missing)[:3]
+        raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} does not fit backbone {backbone!r} "
+                                     f"(e.g. {bad})")
+    model.load_state_dict(body, strict=False)
+    return str(path)
+
+
+def expected_age(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (years) of the softmax age distribution, per row."""
+    probs = torch.softmax(logits.float(), dim=1)
+    ages = torch.arange(MIN_AGE, MIN_AGE + logits.shape[1], device=logits.device, dtype=probs.dtype)
+    mean = probs @ ages
+    var = probs @ (ages**2) - mean**2
+    return mean, var.clamp_min(0).sqrt()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Writes a self-describing checkpoint atomically (see module docstring for ``meta`` keys)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": CHECKPOINT_FORMAT, "state_dict": state, **meta}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuilds the model from a checkpoint alone, in eval mode.
+
+    Returns:
+        ``(model, meta)`` where ``meta`` is the checkpoint without ``state_dict``.
+
+    Raises:
+        ValueError: Not a FaceAge checkpoint.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1)
+    model.load_state_dict(payload["state_dict"])
+    model.to(device).eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, meta

@@ -1,0 +1,67 @@
+"""MLflow tracking: where runs go, how they start, resume and get tagged.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db``
+by absolute path, so runs of ``dvc exp run --temp`` / ``--queue`` (which execute in a copy
+under ``.dvc/tmp/exps``) land in the same database as ``dvc repro``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "face-age"
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The project root: the folder above ``.dvc/tmp/exps/...`` for DVC temp runs, else ``start``."""
+    path = Path(start or os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the absolute ``sqlite:///.../mlflow.db`` of the repo."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def setup_mlflow():
+    """Points MLflow at :func:`tracking_uri` and the ``face-age`` experiment; returns the module."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # Keep artifacts beside the database, not wherever the first run happened to start.
+        root = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns"
+        mlflow.create_experiment(EXPERIMENT, artifact_location=root.as_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The current git commit, or ``"unknown"`` outside a repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_run_file(path: str | Path, run_id: str, experiment_id: str) -> None:
+    """Records which MLflow run a ``train`` produced, for ``evaluate`` and packaging."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    info = {"run_id": run_id, "experiment_id": experiment_id, "experiment": EXPERIMENT}
+    Path(path).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_run_file(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,29 @@
+"""DVC stage evaluate: test-split metrics and plots for the trained model, logged to its MLflow run."""
+
+import argparse
+
+from faceage.config import load_params
+from faceage.evaluation import evaluate_model
+from faceage.logs import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True, help="train output checkpoint")
+    parser.add_argument("--faces", required=True, help="preprocess output")
+    parser.add_argument("--run", required=True, help="train's run.json (MLflow run to continue)")
+    parser.add_argument("--history", required=True, help="train's history.csv (training-curve plot)")
+    parser.add_argument("--out", required=True, help="folder for metrics.json, predictions and plots")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    p = load_params(args.params).evaluate
+    evaluate_model(args.model, args.faces, args.out, p, run_path=args.run, history_csv=args.history)
+
+
+if __name__ == "__main__":
+    main()

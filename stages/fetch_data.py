@@ -1,0 +1,26 @@
+"""DVC stage fetch_data: APPA-REAL (URL, local zip or folder) -> a validated release folder."""
+
+import argparse
+
+from faceage.appa_real import fetch_appa_real
+from faceage.config import load_params
+from faceage.logs import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", required=True, help="output folder (the release layout)")
+    parser.add_argument("--cache", default=".cache/downloads", help="download cache (resumable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    p = load_params(args.params).fetch_data
+    fetch_appa_real(p.source, args.out, md5=p.md5, cache_dir=args.cache)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""DVC stage fetch_detector: dlib model files + sha256 manifest, for preprocess and the service."""
+
+import argparse
+
+from faceage.config import load_params
+from faceage.detector import fetch_detector_files
+from faceage.logs import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", required=True, help="output folder for the model files")
+    parser.add_argument("--cache", default=".cache/downloads", help="download cache (resumable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    p = load_params(args.params).fetch_detector
+    fetch_detector_files(p.source, args.out, cache_dir=args.cache)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""DVC stage preprocess: detect the subject's face in every image and write margin crops + manifest."""
+
+import argparse
+import json
+from pathlib import Path
+
+from faceage.config import load_params
+from faceage.logs import setup_logging
+from faceage.preprocess import preprocess_dataset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", required=True, help="fetch_data output")
+    parser.add_argument("--detector", required=True, help="fetch_detector output")
+    parser.add_argument("--out", required=True, help="output folder for crops and manifest.csv")
+    parser.add_argument("--metrics", required=True, help="JSON file for detection counts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    p = load_params(args.params).preprocess
+    metrics = preprocess_dataset(args.data, args.detector, args.out, p)
+    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
