@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from faceage.download import ChecksumError, download, file_digest
+from faceage.errors import FaceAgeError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ DATASET_JSON = "dataset.json"
 SHOW_MISSING = 5
 
 
-class LayoutError(ValueError):
+class LayoutError(FaceAgeError, ValueError):
     """The source does not follow the APPA-REAL release layout; the message says where."""
 
 

@@ -3,7 +3,7 @@
 Input: a YAML file with one section per DVC stage (``fetch_data``, ``fetch_detector``,
 ``preprocess``, ``train``, ``evaluate``). Output: a frozen :class:`Params`.
 
-Unknown keys, missing keys and values of the wrong type raise :class:`ValueError`
+Unknown keys, missing keys and values of the wrong type raise :class:`ConfigError` (a ValueError)
 naming the offending ``section.key``, so a typo in ``params.yaml`` or in
 ``dvc exp run -S`` fails before any work is done.
 """
@@ -18,8 +18,14 @@ from typing import Any, Literal
 
 import yaml
 
+from faceage.errors import FaceAgeError
+
 APPA_REAL_URL = "http://158.109.8.102/AppaRealAge/appa-real-release.zip"
 APPA_REAL_MD5 = "2701c6ec291b242e6b4f8a0a56087a43"
+
+
+class ConfigError(FaceAgeError, ValueError):
+    """A key of ``params.yaml`` is unknown, missing, mistyped or out of range."""
 
 
 @dataclass(frozen=True)
@@ -96,40 +102,40 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+            raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
         return value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
+            raise ConfigError(f"{name} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation for {name}: {annotation!r}")  # programming error
 
 
 def _build_section(cls: type, name: str, raw: Any) -> Any:
     if not isinstance(raw, dict):
-        raise ValueError(f"params section {name!r} must be a mapping, got {raw!r}")
+        raise ConfigError(f"params section {name!r} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown config key: {name}.{unknown[0]} (known keys of {name}: {sorted(known)})"
         )
     missing = sorted(known - set(raw))
     if missing:
-        raise ValueError(f"Missing config key: {name}.{missing[0]}")
+        raise ConfigError(f"Missing config key: {name}.{missing[0]}")
     values = {key: _check_type(f"{name}.{key}", raw[key], hints[key]) for key in raw}
     obj = cls(**values)
     _validate_ranges(name, obj)
@@ -160,7 +166,7 @@ def _validate_ranges(name: str, obj: Any) -> None:
         checks = [(obj.cs_years > 0, f"evaluate.cs_years must be > 0, got {obj.cs_years}")]
     for ok, message in checks:
         if not ok:
-            raise ValueError(message)
+            raise ConfigError(message)
 
 
 def params_from_dict(raw: dict[str, Any]) -> Params:
@@ -173,19 +179,19 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
         The frozen, validated parameters.
 
     Raises:
-        ValueError: On an unknown, missing or mistyped key or an out-of-range value;
+        ConfigError: On an unknown, missing or mistyped key or an out-of-range value;
             the message names the key as ``section.key``.
     """
     if not isinstance(raw, dict):
-        raise ValueError(f"params must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"params must be a mapping of sections, got {type(raw).__name__}")
     sections = {f.name: f.type for f in fields(Params)}
     hints = typing.get_type_hints(Params)
     unknown = sorted(set(raw) - set(sections))
     if unknown:
-        raise ValueError(f"Unknown config key: {unknown[0]} (known sections: {sorted(sections)})")
+        raise ConfigError(f"Unknown config key: {unknown[0]} (known sections: {sorted(sections)})")
     missing = sorted(set(sections) - set(raw))
     if missing:
-        raise ValueError(f"Missing config key: {missing[0]}")
+        raise ConfigError(f"Missing config key: {missing[0]}")
     return Params(**{name: _build_section(hints[name], name, raw[name]) for name in sections})
 
 
@@ -199,7 +205,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         The frozen, validated parameters.
 
     Raises:
-        ValueError: See :func:`params_from_dict`.
+        ConfigError: See :func:`params_from_dict`.
         FileNotFoundError: If the file does not exist.
     """
     with open(path, encoding="utf-8") as f:

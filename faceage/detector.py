@@ -27,6 +27,7 @@ from pathlib import Path
 import dlib
 
 from faceage.download import download, file_digest
+from faceage.errors import FaceAgeError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ MODEL_SHA256 = {
 DLIB_NET_URL = "http://dlib.net/files/{name}.bz2"
 
 
-class DetectorFilesError(RuntimeError):
+class DetectorFilesError(FaceAgeError, RuntimeError):
     """The dlib model files are missing, or do not match their recorded checksums."""
 
 

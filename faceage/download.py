@@ -21,12 +21,16 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
+from faceage.errors import FaceAgeError
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+# Network reads are small so that a dropped connection loses at most this much progress.
+STREAM_BYTES = 1 << 16
 
 
-class DownloadError(RuntimeError):
+class DownloadError(FaceAgeError, RuntimeError):
     """The file could not be fetched (network failure, HTTP error, retries exhausted)."""
 
 
@@ -76,7 +80,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
             desc=part.name.removesuffix(".part"),
             disable=not progress,
         ) as bar:
-            for chunk in r.iter_content(chunk_size=CHUNK_BYTES):
+            for chunk in r.iter_content(chunk_size=STREAM_BYTES):
                 f.write(chunk)
                 bar.update(len(chunk))
         got = part.stat().st_size

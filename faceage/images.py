@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from faceage.errors import FaceAgeError
+
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6000x6000; larger uploads are refused before decoding
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(FaceAgeError, ValueError):
     """The input is not a decodable image (empty, truncated, unknown format, too large)."""
 
 

@@ -20,7 +20,9 @@ import torch
 import torchvision
 from torch import nn
 
+from faceage.config import ConfigError
 from faceage.download import DownloadError, download, file_digest
+from faceage.errors import FaceAgeError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT = "faceage-checkpoint/1"
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(FaceAgeError, RuntimeError):
     """``train.pretrained`` asks for weights that cannot be found or fetched."""
 
 
@@ -60,7 +62,7 @@ def build_model(backbone: str, num_ages: int = NUM_AGES) -> nn.Module:
     """
     available = torchvision.models.list_models(module=torchvision.models)
     if backbone not in available:
-        raise ValueError(f"train.backbone must be a torchvision classification model, got {backbone!r}; "
+        raise ConfigError(f"train.backbone must be a torchvision classification model, got {backbone!r}; "
                          f"available: {', '.join(sorted(available))}")
     model = torchvision.models.get_model(backbone, weights=None)
     parent, attr, linear = _last_linear(model)

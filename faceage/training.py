@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from faceage.config import TrainParams
+from faceage.config import ConfigError, TrainParams
 from faceage.data import FaceCrops
 from faceage.download import file_digest
 from faceage.model import (
@@ -44,14 +44,14 @@ log = logging.getLogger(__name__)
 
 
 def select_device(choice: str) -> torch.device:
-    """``auto`` -> cuda > mps > cpu; an explicit choice that is unavailable raises ValueError."""
+    """``auto`` -> cuda > mps > cpu; an explicit choice that is unavailable raises ConfigError."""
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+        raise ConfigError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
     if choice == "mps" and not has_mps:
-        raise ValueError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+        raise ConfigError("train.device=mps but MPS is not available; use train.device=auto or cpu")
     return torch.device(choice)
 
 

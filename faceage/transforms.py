@@ -18,7 +18,11 @@ from torchvision.transforms.v2 import functional as F
 
 def resize_crop(crop: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
     """(H, W, 3) uint8 array or (3, H, W) uint8 tensor -> (3, S, S) uint8 tensor, antialiased."""
-    t = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1) if isinstance(crop, np.ndarray) else crop
+    if isinstance(crop, np.ndarray):
+        # Arrays viewed from PIL images are read-only; torch wants writable memory.
+        t = torch.from_numpy(np.array(crop, copy=not crop.flags.writeable)).permute(2, 0, 1)
+    else:
+        t = crop
     if t.shape[-2:] != (image_size, image_size):
         t = F.resize(t, [image_size, image_size], antialias=True)
     return t.contiguous()

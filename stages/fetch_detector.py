@@ -4,7 +4,7 @@ import argparse
 
 from faceage.config import load_params
 from faceage.detector import fetch_detector_files
-from faceage.logs import setup_logging
+from faceage.logs import run_stage, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,4 +23,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

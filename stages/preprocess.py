@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from faceage.config import load_params
-from faceage.logs import setup_logging
+from faceage.logs import run_stage, setup_logging
 from faceage.preprocess import preprocess_dataset
 
 
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

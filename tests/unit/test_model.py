@@ -1,0 +1,111 @@
+"""Model build/forward, expected age, self-describing checkpoints, pretrained-weights errors."""
+
+import pytest
+import torch
+
+from faceage.config import ConfigError
+from faceage.model import (
+    NUM_AGES, PretrainedWeightsError, build_model, expected_age, load_checkpoint, load_pretrained,
+    resolve_imagenet_weights, save_checkpoint,
+)
+from faceage.training import age_loss, lr_factor
+from faceage.config import TrainParams
+
+
+def test_resnet18_forward_gives_101_ages():
+    torch.manual_seed(0)
+    model = build_model("resnet18").eval()
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, NUM_AGES)
+    mean, std = expected_age(logits)
+    assert ((mean >= 0) & (mean <= 100)).all() and (std > 0).all()
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_other_backbones_get_a_101_way_head(backbone):
+    model = build_model(backbone).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, NUM_AGES)
+
+
+def test_unknown_backbone_lists_choices():
+    with pytest.raises(ConfigError, match="train.backbone must be a torchvision classification model, got 'resnet7'.*resnet18"):
+        build_model("resnet7")
+
+
+def test_expected_age_of_one_hot_logits():
+    logits = torch.full((1, NUM_AGES), -1e4)
+    logits[0, 30] = 0
+    mean, std = expected_age(logits)
+    assert mean.item() == pytest.approx(30.0) and std.item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_checkpoint_roundtrip_with_weights_only(tmp_path):
+    model = build_model("resnet18").eval()
+    meta = {"backbone": "resnet18", "min_age": 0, "max_age": 100, "image_size": 64, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "crop": {"margin": 0.4, "size": 224, "detector": "hog", "upsample": 1,
+                                         "detector_sha256": "ab" * 32}, "val_mae": 5.5}
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    raw = torch.load(tmp_path / "m.pt", weights_only=True)  # plain tensors and values only
+    assert raw["format"] == "faceage-checkpoint/1"
+    loaded, got = load_checkpoint(tmp_path / "m.pt")
+    assert got["crop"]["detector_sha256"] == "ab" * 32 and "state_dict" not in got
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), loaded(x))
+
+
+def test_not_a_checkpoint(tmp_path):
+    torch.save({"hello": 1}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a faceage-checkpoint/1"):
+        load_checkpoint(tmp_path / "x.pt")
+
+
+def test_local_weights_file_loads_everything_but_the_head(tmp_path):
+    donor = build_model("resnet18")
+    torch.save(donor.state_dict(), tmp_path / "w.pth")
+    model = build_model("resnet18")
+    assert load_pretrained(model, "resnet18", str(tmp_path / "w.pth")) == str(tmp_path / "w.pth")
+    torch.testing.assert_close(model.conv1.weight, donor.conv1.weight)
+    assert load_pretrained(build_model("resnet18"), "resnet18", "none").startswith("none")
+
+
+def test_wrong_weights_file_names_the_param(tmp_path):
+    torch.save(build_model("mobilenet_v3_small").state_dict(), tmp_path / "w.pth")
+    with pytest.raises(PretrainedWeightsError, match="train.pretrained=.*does not fit backbone 'resnet18'"):
+        load_pretrained(build_model("resnet18"), "resnet18", str(tmp_path / "w.pth"))
+    with pytest.raises(PretrainedWeightsError, match="train.pretrained='/nope.pth': no such weights file"):
+        load_pretrained(build_model("resnet18"), "resnet18", "/nope.pth")
+
+
+def test_unreachable_imagenet_weights_name_the_param(tmp_path, monkeypatch):
+    # Point torchvision's weight URL at a closed local port: the machine is offline either way.
+    import torchvision
+
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    monkeypatch.setattr(type(weights), "url", property(lambda self: "http://127.0.0.1:9/resnet18-f37072fd.pth"))
+    with pytest.raises(PretrainedWeightsError, match="train.pretrained=imagenet: resnet18-f37072fd.pth is not in .*train.pretrained=none"):
+        resolve_imagenet_weights("resnet18", cache_dir=tmp_path)
+
+
+def test_imagenet_weights_found_in_hub_cache(tmp_path):
+    (tmp_path / "resnet18-f37072fd.pth").write_bytes(b"x")
+    assert resolve_imagenet_weights("resnet18", cache_dir=tmp_path) == tmp_path / "resnet18-f37072fd.pth"
+
+
+def test_losses_prefer_the_right_age():
+    target = torch.tensor([30.0])
+    good = torch.full((1, NUM_AGES), -10.0)
+    good[0, 30] = 10
+    bad = torch.full((1, NUM_AGES), -10.0)
+    bad[0, 60] = 10
+    for kind in ("expectation_l1", "label_distribution"):
+        assert age_loss(good, target, kind, 2.0) < age_loss(bad, target, kind, 2.0)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    p = TrainParams(epochs=4, warmup_epochs=1, scheduler="cosine")
+    factors = [lr_factor(s, 10, p) for s in range(40)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[-1] < 0.01 and all(a >= b for a, b in zip(factors[10:], factors[11:]))
