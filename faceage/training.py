@@ -266,8 +266,11 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         mlflow.log_artifact(str(reports_dir / "history.csv"))
         _log_model(mlflow, model, p.image_size)
         write_run_file(run_path, run.info.run_id, run.info.experiment_id)
-    finally:
-        mlflow.end_run()
+    except BaseException as e:
+        # The resumable state keeps the run id: a rerun continues this same MLflow run.
+        mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run()
     state_path.unlink(missing_ok=True)
     log.info("best val MAE %.2f at epoch %d; checkpoint %s", best["val_mae"], best["epoch"], model_path)
     return {**metrics, "run_id": run.info.run_id}

@@ -1,0 +1,78 @@
+"""Training through the library on real faces: MLflow run contents, resume after an interruption."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from faceage.config import Params
+
+pytestmark = pytest.mark.integration
+
+
+def test_tiny_run_is_tracked_in_mlflow(tiny_run):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tiny_run["tracking_uri"])
+    run_id = json.loads(tiny_run["run"].read_text())["run_id"]
+    r = client.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["train.backbone"] == "resnet18" and r.data.params["train.pretrained"] == "none"
+    assert r.data.tags["git_commit"] and len(r.data.tags["data_sha256"]) == 64
+    assert {"best_val_mae", "test_mae_years", "test_cs5", "test_mae_real_years"} <= set(r.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"history.csv", "model_summary.txt", "evaluation"} <= artifacts
+    models = client.search_logged_models([r.info.experiment_id])
+    assert [m.source_run_id for m in models if m.name == "model"] == [run_id]
+    # The logged model is a usable network: a batch of images in, 101 logits out.
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tiny_run["tracking_uri"])
+    net = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 101)
+
+
+def test_checkpoint_describes_itself(tiny_run):
+    from faceage.detector import read_manifest
+    from faceage.model import load_checkpoint
+
+    _, meta = load_checkpoint(tiny_run["model"])
+    assert meta["backbone"] == "resnet18" and meta["image_size"] == 64
+    assert meta["crop"]["margin"] == 0.4 and meta["crop"]["detector"] == "hog"
+    assert meta["crop"]["detector_sha256"] == read_manifest(tiny_run["detector"])["files"]["frontal_face_detector.svm"]
+    assert (meta["min_age"], meta["max_age"]) == (0, 100)
+
+
+def test_interrupted_training_resumes_in_the_same_mlflow_run(tiny_run, tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="faceage")
+    from mlflow import MlflowClient
+
+    import faceage.training as training
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    p = replace(Params().train, pretrained="none", epochs=2, image_size=48, batch_size=16)
+    args = (p, tiny_run["faces"], tmp_path / "model.pt", tmp_path / "reports", tmp_path / "run.json", tmp_path / "state.pt")
+    real_loss, calls = training.age_loss, []
+
+    def interrupt_mid_epoch_two(*a, **kw):
+        calls.append(1)
+        if len(calls) == 6:  # 64 faces / batch 16 = 4 steps per epoch: step 2 of epoch 2
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return real_loss(*a, **kw)
+
+    monkeypatch.setattr(training, "age_loss", interrupt_mid_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_model(*args)
+    assert (tmp_path / "state.pt").exists() and not (tmp_path / "model.pt").exists()
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["epoch"] == 1
+    monkeypatch.setattr(training, "age_loss", real_loss)
+    result = training.train_model(*args)
+    assert result["run_id"] == state["run_id"]
+    assert not (tmp_path / "state.pt").exists()
+    client = MlflowClient()
+    assert [m.step for m in client.get_metric_history(state["run_id"], "val_mae")] == [1, 2]
+    assert client.get_run(state["run_id"]).info.status == "FINISHED"
+    assert "resuming from epoch 1 of 2" in caplog.text
+    assert (tmp_path / "reports" / "history.csv").read_text().count("\n") == 3  # header + 2 epochs
