@@ -1,10 +1,11 @@
 """Age prediction on whole photos: detect -> crop -> one batched forward pass over every face.
 
-Input: a checkpoint (``train`` output) and a detector folder (``fetch_detector`` output),
-or a packaged BentoML model folder holding both (``model.pt`` + ``detector/``); then RGB
-uint8 images from :func:`faceage.images.load_image`.
+Input: a checkpoint (``train`` output) and a detector folder (``fetch_detector`` output), or
+a packaged model folder holding both (``model.pt`` + ``detector/``, see
+:mod:`faceage.packaging`); then RGB uint8 images from :func:`faceage.images.load_image`,
+or encoded image bytes.
 Output: for each image, a list of :class:`FaceAge` (box, age and its std in years, detector
-score), largest face first.
+score), largest face first; ``[]`` when there is no face.
 
 The CLI, the BentoML service and the benchmark all build this one :class:`AgePredictor`.
 Every setting comes from the checkpoint (detector kind and upsample count, crop margin and
@@ -12,42 +13,56 @@ size, network input size, mean/std), never from ``params.yaml``, and the steps a
 pipeline's own: :meth:`faceage.faces.FaceDetector.detect`, :func:`faceage.faces.crop_faces`
 (the crop ``preprocess`` writes), then :func:`faceage.transforms.resize_crop` and
 :func:`faceage.transforms.normalize` (the eval path of ``evaluate``).
+
+For a server, :class:`LocatorPool` runs decode + detect + crop in worker processes (dlib
+holds the GIL, so threads would use one core), and :class:`AgeBatcher` batches the age
+model across concurrent requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.faces import FaceBox, FaceDetector, crop_faces
-from faceage.images import DEFAULT_MAX_PIXELS
-from faceage.model import expected_age, load_checkpoint
-from faceage.transforms import normalize, resize_crop
+from faceage.images import DEFAULT_MAX_PIXELS, load_image
+
+# torch (via faceage.inference) is imported where the network is built, not here: detection
+# worker processes import this module but never run the network, and without torch each
+# stays ~0.9 GB smaller (CUDA wheel) and starts seconds sooner.
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"  # names inside a packaged model folder (see faceage.packaging)
 DETECTOR_DIR = "detector"
-# Larger photos are downscaled for detection only (crops still come from the full image):
-# HOG time and memory grow with pixels (a 20 MP photo upsampled once: ~9 s, 1 GB on one core).
-# 3840x2160 (4K UHD) keeps every APPA-REAL-sized photo on the exact preprocess path.
+# Larger photos are downscaled for detection only; crops still come from the full image.
+# HOG time and memory grow with pixels (a 20 MP photo upsampled once: ~9 s and 1 GB on one
+# core). 3840x2160 (4K UHD) keeps ordinary photos on exactly the preprocess path.
 DEFAULT_MAX_DETECT_PIXELS = 3840 * 2160
+DEFAULT_MAX_BATCH_FACES = 64
 
 
 class PredictorError(FaceAgeError, RuntimeError):
-    """The checkpoint and detector files do not belong together, or are missing."""
+    """The checkpoint and detector files are missing or do not belong together."""
+
+
+class ImageProcessingError(FaceAgeError, RuntimeError):
+    """A worker process died while decoding or detecting faces in one image."""
 
 
 @dataclass(frozen=True)
@@ -66,15 +81,16 @@ class FaceAge:
 
 @dataclass(frozen=True)
 class LocatedFaces:
-    """Faces found in one image, before the age model: boxes and network-ready uint8 crops.
+    """The faces of one image before the age model: boxes (largest first) and their crops.
 
-    ``batch`` is a uint8 tensor (N, 3, S, S), row i cut around ``boxes[i]``.
+    ``crops[i]`` is the uint8 (size, size, 3) margin crop around ``boxes[i]``, exactly what
+    ``preprocess`` writes for a training image.
     """
 
     width: int
     height: int
     boxes: list[FaceBox]
-    batch: torch.Tensor
+    crops: list[np.ndarray]
 
 
 def available_cores() -> int:
@@ -82,64 +98,39 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-class AgePredictor:
-    """Predicts the age of every face in a photo with a trained checkpoint.
+class FaceLocator:
+    """Detection and crop with a checkpoint's settings: image -> :class:`LocatedFaces`.
 
     Args:
-        checkpoint: A ``faceage-checkpoint/1`` file.
-        detector_dir: Folder with the dlib detector file the checkpoint was trained with
-            (its sha256 must match ``crop.detector_sha256`` of the checkpoint).
-        device: Torch device for the age model.
-        threads: Torch intra-op threads; ``None`` uses every available core. Torch's setting
-            is process-wide, so a process should build one predictor.
-        max_pixels: Images with more pixels are refused by :func:`faceage.images.load_image`
-            (callers pass it there; kept here so every entry point uses one value).
-        max_detect_pixels: Images with more pixels are downscaled to this size for detection
-            only; ``0`` or ``None`` detects at full resolution.
-
-    Raises:
-        PredictorError: The detector file is missing or differs from the checkpoint's.
-        ValueError: Not a FaceAge checkpoint.
+        detector_dir: Folder holding the dlib detector file.
+        kind: ``"hog"`` or ``"cnn"`` (the checkpoint's ``crop.detector``).
+        upsample: Upsampling passes before detection (``crop.upsample``).
+        margin: Context per side, a fraction of the box (``crop.margin``).
+        crop_size: Side of the crop in pixels (``crop.size``).
+        max_detect_pixels: Larger images are downscaled for detection only; 0 disables.
+        max_pixels: Encoded images with more pixels are refused (decompression bombs).
     """
 
-    def __init__(
-        self,
-        checkpoint: str | Path,
-        detector_dir: str | Path,
-        *,
-        device: str | torch.device = "cpu",
-        threads: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_detect_pixels: int | None = DEFAULT_MAX_DETECT_PIXELS,
-    ):
-        checkpoint, detector_dir = Path(checkpoint), Path(detector_dir)
-        if not checkpoint.is_file():
-            raise PredictorError(f"checkpoint {checkpoint} not found")
-        self.threads = threads or available_cores()
-        torch.set_num_threads(self.threads)
-        self.device = torch.device(device)
-        self.model, self.meta = load_checkpoint(checkpoint, self.device)
-        crop = self.meta["crop"]
-        _check_detector(detector_dir, crop["detector_file"], crop["detector_sha256"])
-        self.detector = FaceDetector(detector_dir, crop["detector"], int(crop["upsample"]))
-        self.margin = float(crop["margin"])
-        self.crop_size = int(crop["size"])
-        self.image_size = int(self.meta["image_size"])
-        self.max_pixels = max_pixels
-        self.max_detect_pixels = max_detect_pixels or 0
-        log.info("age model %s (%d px, val MAE %.2f, run %s) on %s with %d torch threads; detector %s "
-                 "upsample %d, crop margin %.2f size %d", self.meta["backbone"], self.image_size,
-                 self.meta.get("val_mae", float("nan")), self.meta.get("mlflow_run_id"), self.device,
-                 self.threads, crop["detector"], self.detector.upsample, self.margin, self.crop_size)
+    def __init__(self, detector_dir: str | Path, *, kind: str, upsample: int, margin: float, crop_size: int,
+                 max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS):
+        if max_detect_pixels < 0 or max_pixels < 1:
+            raise ValueError(f"max_detect_pixels must be >= 0 and max_pixels >= 1, "
+                             f"got {max_detect_pixels} and {max_pixels}")
+        self.detector = FaceDetector(detector_dir, kind, upsample)
+        self.margin = float(margin)
+        self.crop_size = int(crop_size)
+        self.max_detect_pixels = int(max_detect_pixels)
+        self.max_pixels = int(max_pixels)
+        self._settings = {"detector_dir": str(detector_dir), "kind": kind, "upsample": int(upsample),
+                          "margin": self.margin, "crop_size": self.crop_size,
+                          "max_detect_pixels": self.max_detect_pixels, "max_pixels": self.max_pixels}
 
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path, **kwargs: Any) -> AgePredictor:
-        """Builds the predictor from a packaged model folder (``model.pt`` + ``detector/``)."""
-        model_dir = Path(model_dir)
-        return cls(model_dir / CHECKPOINT_FILE, model_dir / DETECTOR_DIR, **kwargs)
+    def settings(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this locator (in another process)."""
+        return dict(self._settings)
 
     def detect(self, image: np.ndarray) -> list[FaceBox]:
-        """Face boxes in full-image pixels, largest first (downscaled detection above ``max_detect_pixels``)."""
+        """Face boxes in full-image pixels, largest first."""
         h, w = image.shape[:2]
         if not self.max_detect_pixels or h * w <= self.max_detect_pixels:
             return self.detector.detect(image)
@@ -147,80 +138,136 @@ class AgePredictor:
         sw, sh = max(int(w * scale), 1), max(int(h * scale), 1)
         small = np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BOX))
         fx, fy = w / sw, h / sh
-        log.debug("detecting on %dx%d instead of %dx%d (max_detect_pixels=%d)", sw, sh, w, h, self.max_detect_pixels)
+        log.debug("detecting on %dx%d instead of %dx%d (max_detect_pixels=%d)", sw, sh, w, h,
+                  self.max_detect_pixels)
         boxes = [
-            FaceBox(max(int(round(b.left * fx)), 0), max(int(round(b.top * fy)), 0),
-                    min(int(round(b.right * fx)), w), min(int(round(b.bottom * fy)), h), b.score)
+            FaceBox(max(round(b.left * fx), 0), max(round(b.top * fy), 0),
+                    min(round(b.right * fx), w), min(round(b.bottom * fy), h), b.score)
             for b in self.detector.detect(small)
         ]
         return sorted(boxes, key=lambda b: (-b.area, -b.score))
 
-    def crops(self, image: np.ndarray, boxes: Sequence[FaceBox]) -> list[np.ndarray]:
-        """The margin crops ``preprocess`` would write for these boxes: uint8 (size, size, 3) each."""
-        return crop_faces(image, list(boxes), self.margin, self.crop_size)
-
     def locate(self, image: np.ndarray) -> LocatedFaces:
-        """Detects and crops every face; the network-ready batch is uint8 (N, 3, S, S)."""
+        """Detects every face of an RGB uint8 image and cuts its crop with :func:`faceage.faces.crop_faces`."""
         boxes = self.detect(image)
-        crops = [resize_crop(c, self.image_size) for c in self.crops(image, boxes)]
-        batch = torch.stack(crops) if crops else torch.empty((0, 3, self.image_size, self.image_size),
-                                                              dtype=torch.uint8)
-        return LocatedFaces(width=int(image.shape[1]), height=int(image.shape[0]), boxes=boxes, batch=batch)
+        crops = crop_faces(image, boxes, self.margin, self.crop_size)
+        return LocatedFaces(width=int(image.shape[1]), height=int(image.shape[0]), boxes=boxes, crops=crops)
 
-    @torch.inference_mode()
-    def estimate(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Age mean and std (years) for a uint8 (N, 3, S, S) batch; float32 arrays of length N.
 
-        Raises:
-            ValueError: The batch is not uint8 (N, 3, image_size, image_size).
-        """
-        expected = (3, self.image_size, self.image_size)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or batch.dtype != torch.uint8:
-            raise ValueError(f"face batch must be uint8 (N, {', '.join(map(str, expected))}), "
-                             f"got {batch.dtype} {tuple(batch.shape)}")
-        if len(batch) == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.float32)
-        x = normalize(batch.to(self.device), self.meta["mean"], self.meta["std"])
-        mean, std = expected_age(self.model(x))
-        return mean.float().cpu().numpy(), std.float().cpu().numpy()
+
+class AgePredictor:
+    """Predicts the age of every face in a photo with a trained checkpoint.
+
+    Detection and crop use the checkpoint's settings (:class:`FaceLocator`); ages come from
+    :class:`faceage.inference.AgeModel`, the model ``evaluate`` scores (same input
+    preparation, same calibrated temperature), for image and face-descriptor backbones alike.
+
+    Args:
+        checkpoint: A FaceAge checkpoint.
+        detector_dir: Folder with the dlib detector file the checkpoint was trained with (its
+            sha256 must equal the checkpoint's ``crop.detector_sha256``), and the face-encoder
+            files for a ``dlib_face`` checkpoint.
+        device: Torch device for the age model.
+        threads: Torch intra-op threads; ``None`` uses every available core. The setting is
+            process-wide, so build one predictor per process.
+        max_pixels: Encoded images with more pixels are refused.
+        max_detect_pixels: Larger images are downscaled for detection only; 0 disables.
+
+    Raises:
+        PredictorError: The checkpoint or the detector file is missing, or the detector
+            file differs from the checkpoint's.
+        ValueError: Not a FaceAge checkpoint, or ``threads`` < 1.
+    """
+
+    def __init__(self, checkpoint: str | Path, detector_dir: str | Path, *, device: str = "cpu",
+                 threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS):
+        import torch
+
+        from faceage.inference import AgeModel
+
+        checkpoint, detector_dir = Path(checkpoint), Path(detector_dir)
+        if not checkpoint.is_file():
+            raise PredictorError(f"checkpoint {checkpoint} not found")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        self.threads = threads or available_cores()
+        torch.set_num_threads(self.threads)
+        self.age_model = AgeModel(checkpoint, detector_dir, device=device)
+        self.meta = self.age_model.meta
+        crop = self.meta["crop"]
+        check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
+        self.locator = FaceLocator(detector_dir, kind=crop["detector"], upsample=int(crop["upsample"]),
+                                   margin=crop["margin"], crop_size=crop["size"],
+                                   max_detect_pixels=max_detect_pixels, max_pixels=max_pixels)
+        log.info("age model %s (val MAE %.2f, MLflow run %s) on %s, %d torch threads; detector %s upsample %d; "
+                 "crop margin %.2f size %d", self.meta["backbone"], self.meta.get("val_mae", float("nan")),
+                 self.meta.get("mlflow_run_id"), self.age_model.device, self.threads, crop["detector"],
+                 int(crop["upsample"]), self.locator.margin, self.locator.crop_size)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, **kwargs: Any) -> AgePredictor:
+        """Builds the predictor from a packaged model folder (``model.pt`` + ``detector/``)."""
+        model_dir = Path(model_dir)
+        return cls(model_dir / CHECKPOINT_FILE, model_dir / DETECTOR_DIR, **kwargs)
+
+    def estimate(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Age mean and std (years) of face crops, in one batched pass: two float arrays of length N."""
+        if len(crops) == 0:
+            return np.zeros(0), np.zeros(0)
+        return self.age_model.predict_crops(list(crops))
+
+    def warm_up(self) -> None:
+        """One pass over a blank crop, so the first request does not pay for lazy loading."""
+        size = self.locator.crop_size
+        self.estimate([np.zeros((size, size, 3), np.uint8)])
 
     def predict(self, image: np.ndarray) -> list[FaceAge]:
-        """Every face in one RGB uint8 image with its age, largest first; ``[]`` when there is none."""
+        """Every face of one RGB uint8 image with its age, largest first; ``[]`` when there is none."""
         return self.predict_many([image])[0]
 
     def predict_many(self, images: Sequence[np.ndarray]) -> list[list[FaceAge]]:
         """:meth:`predict` for several images, with all their faces in one forward pass."""
-        located = [self.locate(image) for image in images]
-        mean, std = self.estimate(torch.cat([loc.batch for loc in located]))
-        results, start = [], 0
-        for loc in located:
-            n = len(loc.boxes)
-            results.append(assemble(loc.boxes, mean[start:start + n], std[start:start + n]))
-            start += n
-        return results
+        located = [self.locator.locate(image) for image in images]
+        mean, std = self.estimate([c for loc in located for c in loc.crops])
+        return split_results(located, mean, std)
 
     def lineage(self) -> dict[str, Any]:
-        """Where the model came from, as recorded in the checkpoint (run, data, code, val MAE)."""
+        """Where the model came from, as the checkpoint records it."""
         return {
             "mlflow_run_id": self.meta.get("mlflow_run_id"),
             "val_mae_years": self.meta.get("val_mae"),
             "data_sha256": self.meta.get("data_sha256"),
             "git_commit": self.meta.get("git_commit"),
             "backbone": self.meta.get("backbone"),
-            "image_size": self.image_size,
         }
 
 
-def assemble(boxes: Sequence[FaceBox], mean: np.ndarray, std: np.ndarray) -> list[FaceAge]:
-    """Pairs boxes with the age model's outputs, row by row."""
-    if not len(boxes) == len(mean) == len(std):
-        raise ValueError(f"{len(boxes)} boxes but {len(mean)} ages and {len(std)} stds")
-    return [FaceAge(box=tuple(b.as_list()), age=float(m), age_std=float(s), score=float(b.score))
-            for b, m, s in zip(boxes, mean, std)]
+def split_results(located: Sequence[LocatedFaces], mean: np.ndarray, std: np.ndarray) -> list[list[FaceAge]]:
+    """Hands the rows of one batched forward pass back to their images.
+
+    Raises:
+        ValueError: The number of rows differs from the number of faces.
+    """
+    total = sum(len(loc.boxes) for loc in located)
+    if not total == len(mean) == len(std):
+        raise ValueError(f"{total} faces but {len(mean)} ages and {len(std)} stds")
+    results, start = [], 0
+    for loc in located:
+        rows = range(start, start + len(loc.boxes))
+        results.append([FaceAge(box=tuple(b.as_list()), age=float(mean[i]), age_std=float(std[i]),
+                                score=float(b.score)) for b, i in zip(loc.boxes, rows)])
+        start += len(loc.boxes)
+    return results
 
 
-def _check_detector(detector_dir: Path, filename: str, sha256: str) -> None:
-    """The detector file must be the one the checkpoint's crops were made with."""
+def check_detector_file(detector_dir: str | Path, filename: str, sha256: str) -> None:
+    """Checks that ``detector_dir/filename`` is the detector the checkpoint's crops were made with.
+
+    Raises:
+        PredictorError: The file is missing, or its sha256 (or the manifest's) differs.
+    """
+    detector_dir = Path(detector_dir)
     path = detector_dir / filename
     if not path.is_file():
         raise PredictorError(f"detector file {path} not found (the checkpoint was trained with {filename})")
@@ -232,3 +279,155 @@ def _check_detector(detector_dir: Path, filename: str, sha256: str) -> None:
     got = file_digest(path)
     if got != sha256:
         raise PredictorError(f"{path} has sha256 {got}, but the checkpoint was trained with {sha256}")
+
+
+# --- serving helpers: worker processes for detection, batching for the age model ---
+
+_child_locator: FaceLocator | None = None
+
+
+def _init_child(settings: dict[str, Any]) -> None:
+    global _child_locator
+    _child_locator = FaceLocator(**settings)
+
+
+def _decode_and_locate(locator: FaceLocator, data: bytes, with_image: bool) -> tuple[LocatedFaces, np.ndarray | None]:
+    image = load_image(data, max_pixels=locator.max_pixels)
+    return locator.locate(image), (image if with_image else None)
+
+
+def _child_locate(data: bytes, with_image: bool) -> tuple[LocatedFaces, np.ndarray | None]:
+    if _child_locator is None:
+        raise RuntimeError("locator process was not initialised")
+    return _decode_and_locate(_child_locator, data, with_image)
+
+
+def _child_ping() -> int:
+    return os.getpid()
+
+
+class LocatorPool:
+    """Decode + detect + crop of encoded images in worker processes, awaitable from asyncio.
+
+    dlib keeps the GIL while it detects, so threads would share one core; processes use them
+    all, and a decoder that crashes on a hostile file takes down a worker, not the server.
+    With ``processes=0`` the work runs in a thread of this process instead.
+
+    Args:
+        locator: The locator whose :meth:`FaceLocator.settings` the workers rebuild.
+        processes: Number of worker processes (0: in-process).
+    """
+
+    def __init__(self, locator: FaceLocator, processes: int):
+        if processes < 0:
+            raise ValueError(f"processes must be >= 0, got {processes}")
+        self.locator = locator
+        self.processes = processes
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = asyncio.Lock()  # in-process mode: one detection at a time (the GIL allows no more)
+        if processes:
+            self._executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock.
+        return ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_child, initargs=(self.locator.settings(),))
+
+    def warm_up(self) -> None:
+        """Starts every worker now (in the background), so the first requests do not wait for it."""
+        if self._executor is not None:
+            for _ in range(self.processes):
+                self._executor.submit(_child_ping)
+
+    async def locate(self, data: bytes, *, with_image: bool = False) -> tuple[LocatedFaces, np.ndarray | None]:
+        """Decodes encoded image bytes in memory and locates their faces.
+
+        Args:
+            data: The encoded image.
+            with_image: Also return the decoded RGB image (to draw on); else ``None``.
+
+        Raises:
+            faceage.images.ImageDecodeError: The bytes are not a decodable image (or too large).
+            ImageProcessingError: The worker process died on this image (it is replaced).
+        """
+        if self._executor is None:
+            async with self._lock:
+                return await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image)
+        executor = self._executor
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, _child_locate, data, with_image)
+        except BrokenProcessPool as e:
+            if self._executor is executor:
+                log.error("a detection worker died (%s); starting a new pool of %d", e, self.processes)
+                self._executor = self._start()
+                executor.shutdown(wait=False, cancel_futures=True)
+            raise ImageProcessingError(f"a worker process died while decoding or detecting faces in this "
+                                       f"{len(data)}-byte image") from e
+
+    def close(self) -> None:
+        """Stops the worker processes."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+class AgeBatcher:
+    """Adaptive batching of the age model across concurrent requests (asyncio).
+
+    While the model is idle, a request's faces run at once: no added latency. Requests that
+    arrive while a batch runs queue up and go together in the next forward pass (up to
+    ``max_batch_faces``), so batches grow with the load.
+
+    Args:
+        estimate: ``crops -> (mean, std)``, e.g. :meth:`AgePredictor.estimate`; it runs in a
+            worker thread (input preparation included).
+        max_batch_faces: Most faces per forward pass (one request's faces are never split).
+        on_batch: Called with each batch's face count (for metrics).
+    """
+
+    def __init__(self, estimate: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
+                 max_batch_faces: int = DEFAULT_MAX_BATCH_FACES, on_batch: Callable[[int], None] | None = None):
+        if max_batch_faces < 1:
+            raise ValueError(f"max_batch_faces must be >= 1, got {max_batch_faces}")
+        self._estimate = estimate
+        self.max_batch_faces = max_batch_faces
+        self._on_batch = on_batch
+        self._pending: list[tuple[list[np.ndarray], asyncio.Future]] = []
+        self._running = False
+        self._task: asyncio.Task | None = None  # a reference keeps the drain task from being collected
+
+    async def __call__(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Age mean and std of one request's face crops."""
+        if len(crops) == 0:
+            return np.zeros(0), np.zeros(0)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((list(crops), future))
+        if not self._running:
+            self._running = True
+            self._task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                jobs, faces = [], 0
+                while self._pending and (not jobs or faces + len(self._pending[0][0]) <= self.max_batch_faces):
+                    jobs.append(self._pending.pop(0))
+                    faces += len(jobs[-1][0])
+                if self._on_batch is not None:
+                    self._on_batch(faces)
+                try:
+                    mean, std = await asyncio.to_thread(self._estimate, [c for crops, _ in jobs for c in crops])
+                except Exception as e:  # hand the failure to every waiting request
+                    for _, future in jobs:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                start = 0
+                for crops, future in jobs:
+                    if not future.done():  # a cancelled request (client gone) leaves its future done
+                        future.set_result((mean[start:start + len(crops)], std[start:start + len(crops)]))
+                    start += len(crops)
+        finally:
+            self._running = False
