@@ -1,0 +1,38 @@
+"""Package the champion: best finished MLflow run -> registry face-age@champion -> BentoML model face_age.
+
+Reads the tracking store from $MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db of the repo)
+and writes to the BentoML store ($BENTOML_HOME). `make bento` runs this, then `bentoml build`.
+"""
+
+import argparse
+import json
+import logging
+
+from faceage.logs import run_stage, setup_logging
+from faceage.packaging import BENTO_MODEL, REGISTERED_MODEL, package_champion
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="models/model.pt", help="the winner's checkpoint (train output)")
+    parser.add_argument("--detector", default="models/detector", help="fetch_detector output folder")
+    parser.add_argument("--registered-model", default=REGISTERED_MODEL, help="MLflow registry name")
+    parser.add_argument("--bento-model", default=BENTO_MODEL, help="BentoML model name")
+    parser.add_argument("--out", help="also write the packaged model's lineage to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    summary = package_champion(args.model, args.detector, registered_model=args.registered_model,
+                               bento_model=args.bento_model)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+    logging.getLogger("faceage").info("packaged %s: %s@champion version %s", summary["bento_model"],
+                                      summary["registered_model"], summary["registered_version"])
+
+
+if __name__ == "__main__":
+    run_stage(main)
