@@ -151,15 +151,22 @@ def parse_form(body: bytes, content_type: str | None) -> list[Part]:
         parts.append(Part(name=name, filename=filename.decode("utf-8", "replace") if filename is not None else None,
                           content_type=state["headers"].get("content-type"), data=b"".join(state["chunks"])))
 
+    def on_end() -> None:
+        state["complete"] = True
+
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_end": on_end,
     })
     try:
         parser.write(body)
         parser.finalize()
     except MultipartParseError as e:
         raise BadRequest(400, f"malformed multipart/form-data body: {e}") from None
+    if not state.get("complete"):
+        raise BadRequest(400, "malformed multipart/form-data body: it ends before the closing boundary "
+                              "(truncated upload?)")
     return parts
 
 

@@ -1,0 +1,77 @@
+"""Choosing the champion run in a real (temporary, SQLite) MLflow store; refusing mismatched checkpoints."""
+
+import time
+
+import mlflow
+import pytest
+import torch
+
+from faceage.packaging import PackagingError, Winner, resolve_checkpoint, select_winner
+from faceage.tracking import EXPERIMENT
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating one runs MLflow's migrations: seconds)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    yield mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}"), root
+
+
+@pytest.fixture()
+def client(store, request):
+    """The store with a fresh experiment for this test, named as packaging expects it."""
+    client, root = store
+    for exp in client.search_experiments():
+        if exp.name == EXPERIMENT:
+            client.rename_experiment(exp.experiment_id, f"{EXPERIMENT}-before-{request.node.name}")
+    client.create_experiment(EXPERIMENT, artifact_location=(root / request.node.name).as_uri())
+    return client
+
+
+def add_run(client, name, metrics, status="FINISHED"):
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    run = client.create_run(exp.experiment_id, run_name=name, tags={"data_sha256": "d" * 64, "git_commit": "c0"})
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id, status)
+    time.sleep(0.01)  # distinct start times
+    return run.info.run_id
+
+
+def test_lowest_validation_mae_among_finished_runs_with_test_metrics(client):
+    add_run(client, "ok", {"best_val_mae": 9.0, "test_mae_years": 9.5})
+    best = add_run(client, "best", {"best_val_mae": 7.0, "test_mae_years": 8.0})
+    add_run(client, "no test metrics", {"best_val_mae": 5.0})
+    add_run(client, "failed", {"best_val_mae": 4.0, "test_mae_years": 4.0}, status="FAILED")
+    add_run(client, "running", {"best_val_mae": 3.0, "test_mae_years": 3.0}, status="RUNNING")
+    winner = select_winner(client)
+    assert (winner.run_id, winner.run_name) == (best, "best")
+    assert (winner.val_mae_years, winner.test_mae_years) == (7.0, 8.0)
+    assert winner.data_sha256 == "d" * 64 and winner.git_commit == "c0"
+
+
+def test_ties_go_to_the_newest_run(client):
+    add_run(client, "older", {"best_val_mae": 6.0, "test_mae_years": 7.0})
+    newer = add_run(client, "newer", {"best_val_mae": 6.0, "test_mae_years": 9.0})
+    assert select_winner(client).run_id == newer
+
+
+def test_no_candidate_says_what_to_run(client):
+    add_run(client, "untested", {"best_val_mae": 6.0})
+    with pytest.raises(PackagingError, match="no finished run .* has both best_val_mae and test_mae_years"):
+        select_winner(client)
+
+
+def test_missing_experiment(store):
+    with pytest.raises(PackagingError, match="experiment 'face-age-nowhere' not found"):
+        select_winner(store[0], "face-age-nowhere")
+
+
+def test_a_checkpoint_from_another_run_is_refused(client, tmp_path):
+    run_id = add_run(client, "best", {"best_val_mae": 6.0, "test_mae_years": 7.0})
+    winner = Winner(run_id, "best", 6.0, 7.0, 0, None, None)
+    torch.save({"format": "faceage-checkpoint/1", "mlflow_run_id": "another-run"}, tmp_path / "model.pt")
+    with pytest.raises(PackagingError, match=f"best run {run_id} .*model.pt belongs to run another-run"):
+        resolve_checkpoint(client, winner, tmp_path / "model.pt", tmp_path)
+    torch.save({"format": "faceage-checkpoint/1", "mlflow_run_id": run_id}, tmp_path / "model.pt")
+    assert resolve_checkpoint(client, winner, tmp_path / "model.pt", tmp_path) == tmp_path / "model.pt"

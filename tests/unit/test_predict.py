@@ -1,0 +1,214 @@
+"""AgePredictor and its serving helpers on a real face (skimage's astronaut) and a small random model.
+
+The network is untrained, so ages are checked for range and consistency, never for accuracy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import dlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faceage.detector import HOG_FILE, MANIFEST
+from faceage.download import file_digest
+from faceage.faces import FaceDetector, crop_faces
+from faceage.images import ImageDecodeError
+from faceage.model import build_model, save_checkpoint
+from faceage.predict import (
+    AgeBatcher, AgePredictor, FaceAge, FaceLocator, LocatorPool, PredictorError, split_results,
+)
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return skimage_data.astronaut()  # 512x512 RGB, one frontal face (public domain, NASA)
+
+
+def make_detector_dir(path):
+    path.mkdir(parents=True)
+    dlib.get_frontal_face_detector().save(str(path / HOG_FILE))
+    (path / MANIFEST).write_text(json.dumps({"source": "test", "files": {HOG_FILE: file_digest(path / HOG_FILE)}}))
+    return path
+
+
+def make_checkpoint(path, detector_dir, *, detector_sha256=None, image_size=32):
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_small").eval()
+    meta = {"backbone": "mobilenet_v3_small", "min_age": 0, "max_age": 100, "image_size": image_size,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "val_mae": 9.5, "mlflow_run_id": "r1",
+            "git_commit": "abc", "data_sha256": "d" * 64,
+            "crop": {"margin": 0.4, "size": 96, "detector": "hog", "upsample": 1, "detector_file": HOG_FILE,
+                     "detector_sha256": detector_sha256 or file_digest(detector_dir / HOG_FILE)}}
+    save_checkpoint(path, model, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predictor")
+    detector = make_detector_dir(root / "detector")
+    return {"root": root, "detector": detector, "checkpoint": make_checkpoint(root / "model.pt", detector)}
+
+
+@pytest.fixture(scope="module")
+def predictor(files) -> AgePredictor:
+    return AgePredictor(files["checkpoint"], files["detector"], threads=1)
+
+
+def test_predict_finds_the_face_with_a_plausible_age(predictor, astronaut):
+    faces = predictor.predict(astronaut)
+    assert len(faces) >= 1
+    face = faces[0]
+    x1, y1, x2, y2 = face.box
+    assert 0 <= x1 < x2 <= 512 and 0 <= y1 < y2 <= 512
+    assert 0.0 <= face.age <= 100.0 and face.age_std > 0.0
+    assert face.as_dict() == {"box": [x1, y1, x2, y2], "age": face.age, "age_std": face.age_std, "score": face.score}
+
+
+def test_faces_come_largest_first(predictor, astronaut):
+    areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in predictor.predict(astronaut)]
+    assert areas == sorted(areas, reverse=True)
+
+
+def test_crops_are_preprocess_crops(predictor, astronaut):
+    """One inference path: the checkpoint's detector settings, then faces.crop_faces."""
+    located = predictor.locator.locate(astronaut)
+    detector = FaceDetector(predictor.locator.detector.path.parent, "hog", 1)
+    expected = crop_faces(astronaut, detector.detect(astronaut), 0.4, 96)
+    assert len(located.crops) == len(expected) >= 1
+    for got, want in zip(located.crops, expected):
+        assert got.dtype == np.uint8 and got.shape == (96, 96, 3)
+        assert np.array_equal(got, want)
+
+
+def test_no_face_is_an_empty_list(predictor):
+    flat = np.full((200, 300, 3), 127, np.uint8)
+    assert predictor.predict(flat) == []
+    assert predictor.predict_many([flat, flat]) == [[], []]
+
+
+def test_batching_many_images_gives_the_same_ages(predictor, astronaut):
+    mirrored = np.ascontiguousarray(astronaut[:, ::-1])
+    together = predictor.predict_many([astronaut, np.zeros((64, 64, 3), np.uint8), mirrored])
+    alone = [predictor.predict(astronaut), [], predictor.predict(mirrored)]
+    assert [len(r) for r in together] == [len(r) for r in alone]
+    for batch_faces, single_faces in zip(together, alone):
+        for a, b in zip(batch_faces, single_faces):
+            assert a.box == b.box
+            assert a.age == pytest.approx(b.age, abs=1e-3) and a.age_std == pytest.approx(b.age_std, abs=1e-3)
+
+
+def test_large_images_are_detected_downscaled_but_cropped_at_full_size(files, astronaut):
+    big = np.asarray(Image.fromarray(astronaut).resize((1536, 1536), Image.Resampling.BICUBIC))
+    full = FaceLocator(files["detector"], kind="hog", upsample=1, margin=0.4, crop_size=96, max_detect_pixels=0)
+    capped = FaceLocator(files["detector"], kind="hog", upsample=1, margin=0.4, crop_size=96,
+                         max_detect_pixels=512 * 512)
+    want, got = full.locate(big), capped.locate(big)
+    assert len(got.boxes) >= 1 and (got.width, got.height) == (1536, 1536)
+    a, b = want.boxes[0], got.boxes[0]
+    inter = max(0, min(a.right, b.right) - max(a.left, b.left)) * max(0, min(a.bottom, b.bottom) - max(a.top, b.top))
+    assert inter / (a.area + b.area - inter) > 0.7  # same face, box in full-image pixels
+    assert got.crops[0].shape == (96, 96, 3)
+
+
+def test_a_detector_file_other_than_the_checkpoints_is_refused(tmp_path, files):
+    bad = make_checkpoint(tmp_path / "m.pt", files["detector"], detector_sha256="0" * 64)
+    with pytest.raises(PredictorError, match=f"{HOG_FILE} with sha256 [0-9a-f]{{64}}, but the checkpoint was trained with 0+"):
+        AgePredictor(bad, files["detector"], threads=1)
+
+
+def test_missing_files_are_named(tmp_path, files):
+    with pytest.raises(PredictorError, match="checkpoint .*nope.pt not found"):
+        AgePredictor(tmp_path / "nope.pt", files["detector"])
+    with pytest.raises(PredictorError, match=f"detector file .*{HOG_FILE} not found"):
+        AgePredictor(files["checkpoint"], tmp_path)
+
+
+def test_split_results_checks_row_counts(predictor, astronaut):
+    located = predictor.locator.locate(astronaut)
+    n = len(located.boxes)
+    faces = split_results([located], np.arange(n, dtype=float), np.ones(n))[0]
+    assert [f.age for f in faces] == list(range(n))
+    with pytest.raises(ValueError, match=f"{n} faces but {n + 1} ages"):
+        split_results([located], np.zeros(n + 1), np.zeros(n + 1))
+
+
+def test_batcher_merges_requests_that_wait_and_routes_rows_back():
+    calls: list[int] = []
+
+    def estimate(crops):
+        calls.append(len(crops))
+        ages = np.array([float(c[0, 0, 0]) for c in crops])
+        return ages, ages / 10
+
+    def crops(*values):
+        return [np.full((4, 4, 3), v, np.uint8) for v in values]
+
+    async def scenario():
+        batcher = AgeBatcher(estimate, max_batch_faces=8)
+        first = asyncio.ensure_future(batcher(crops(1, 2)))
+        await asyncio.sleep(0)  # the first batch starts alone: no waiting when idle
+        rest = [asyncio.ensure_future(batcher(crops(*v))) for v in ((3,), (4, 5), (6,))]
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(scenario())
+    assert [list(mean) for mean, _ in results] == [[1, 2], [3], [4, 5], [6]]
+    assert [list(std) for _, std in results][2] == [0.4, 0.5]
+    assert calls == [2, 4]  # the three requests that arrived meanwhile shared one pass
+
+
+def test_batcher_respects_max_batch_faces_and_passes_errors_on():
+    calls: list[int] = []
+
+    def estimate(crops):
+        calls.append(len(crops))
+        if len(crops) == 3:
+            raise RuntimeError("model failed")
+        return np.zeros(len(crops)), np.zeros(len(crops))
+
+    async def scenario():
+        batcher = AgeBatcher(estimate, max_batch_faces=2)
+        jobs = [asyncio.ensure_future(batcher([np.zeros((2, 2, 3), np.uint8)] * n)) for n in (1, 1, 1, 3)]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert calls == [2, 1, 3]  # two requests fit a batch of 2; one request is never split
+    assert isinstance(results[3], RuntimeError) and not isinstance(results[0], Exception)
+    assert asyncio.run(AgeBatcher(estimate)([]))[0].shape == (0,)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_locator_pool_decodes_in_memory_like_the_locator(predictor, astronaut, processes):
+    async def scenario():
+        pool = LocatorPool(predictor.locator, processes)
+        try:
+            located, image = await pool.locate(_png(astronaut), with_image=True)
+            with pytest.raises(ImageDecodeError, match="not an image"):
+                await pool.locate(b"plain text, not a picture")
+            return located, image
+        finally:
+            pool.close()
+
+    located, image = asyncio.run(scenario())
+    want = predictor.locator.locate(astronaut)
+    assert np.array_equal(image, astronaut)
+    assert located.boxes == want.boxes and all(np.array_equal(a, b) for a, b in zip(located.crops, want.crops))
+
+
+def test_face_age_is_json_ready():
+    face = FaceAge(box=(1, 2, 3, 4), age=30.5, age_std=4.0, score=0.9)
+    assert json.loads(json.dumps(face.as_dict())) == {"box": [1, 2, 3, 4], "age": 30.5, "age_std": 4.0, "score": 0.9}
