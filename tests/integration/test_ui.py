@@ -1,0 +1,80 @@
+"""The Gradio UI at /ui, driven in headless Chromium (Debian's package, never a downloaded browser).
+
+Upload a photo, press the button, and check that the page shows the annotated photo and a
+table of faces, and that both are what the HTTP API answers for the same photo.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists() and not shutil.which("chromium"):
+        pytest.skip("needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
+                                    args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def upload_and_run(page, url: str, photo: Path) -> None:
+    page.goto(url + "/ui/", wait_until="domcontentloaded", timeout=TIMEOUT_MS)
+    page.wait_for_selector("#photo input[type=file]", state="attached", timeout=TIMEOUT_MS)
+    page.set_input_files("#photo input[type=file]", str(photo))
+    page.wait_for_selector("#photo img", timeout=TIMEOUT_MS)  # the upload is shown
+    page.click("#submit")
+
+
+def test_upload_shows_the_annotated_photo_and_a_table_of_faces(browser, bento_server, wild_dir):
+    photo = wild_dir / "fr_two_people.jpg"
+    page = browser.new_page()
+    try:
+        upload_and_run(page, bento_server.url, photo)
+        page.wait_for_selector("#annotated img", timeout=TIMEOUT_MS)
+        page.wait_for_function("document.querySelector('#faces [role=grid]')?.getAttribute('aria-rowcount') === '3'",
+                               timeout=TIMEOUT_MS)  # header + one row per face
+        table = page.inner_text("#faces")
+        src = page.get_attribute("#annotated img", "src")
+        shown = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+    finally:
+        page.close()
+
+    served = requests.post(bento_server.url + "/predict", files={"image": photo.open("rb")}, timeout=120).json()
+    for face in served["faces"]:
+        assert f"{face['age']:.0f} \u00b1 {face['age_std']:.0f}" in table
+        assert str(face["box"]) in table
+    annotated = requests.post(bento_server.url + "/annotate", files={"image": photo.open("rb")}, timeout=120)
+    expected = np.asarray(Image.open(io.BytesIO(annotated.content)).convert("RGB"))
+    assert shown.shape == expected.shape == (661, 1126, 3)
+    assert np.array_equal(shown, expected)  # the same predictor and drawing as the API
+
+
+def test_a_photo_without_faces_says_so(browser, bento_server, wild_dir):
+    page = browser.new_page()
+    try:
+        upload_and_run(page, bento_server.url, wild_dir / "dlib_dogs.jpg")
+        page.wait_for_selector("text=No face found in this photo.", timeout=TIMEOUT_MS)
+        page.wait_for_selector("#annotated img", timeout=TIMEOUT_MS)
+        rows = page.get_attribute("#faces [role=grid]", "aria-rowcount")
+    finally:
+        page.close()
+    assert rows in ("1", None)  # the header only
