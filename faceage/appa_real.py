@@ -6,6 +6,7 @@ laid out as the release is::
     gt_avg_{train,valid,test}.csv   file_name,num_ratings,apparent_age_avg,apparent_age_std,real_age
     {train,valid,test}/NAME         the photo
     {train,valid,test}/NAME_face.jpg  the release's own 40%-margin face crop (optional)
+    *.csv                           other label files (e.g. gender/race), copied as they are
 
 Output: a folder with exactly that layout (the CSVs, every listed image and its
 ``_face.jpg`` when present) plus ``dataset.json`` (counts and a sha256 fingerprint of
@@ -125,6 +126,10 @@ def find_release_root(folder: Path) -> Path:
 
 
 def _copy_release(root: Path, splits: dict[str, list[Sample]], out: Path) -> None:
+    # Extra label files beside the ground truth (e.g. gender/race annotations) travel along.
+    for extra in root.glob("*.csv"):
+        if extra.name not in {csv_name(s) for s in SPLITS}:
+            shutil.copyfile(extra, out / extra.name)
     for split, samples in splits.items():
         shutil.copyfile(root / csv_name(split), out / csv_name(split))
         (out / split).mkdir()
@@ -216,6 +221,43 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", cache_di
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("APPA-REAL ready in %s: %s (sha256 %s)", out_dir, info["counts"], info["sha256"][:12])
     return info
+
+
+def read_demographics(folder: str | Path) -> dict[str, dict[str, str]]:
+    """Gender/race labels from extra CSVs of the release folder, when it has any.
+
+    A column counts when its name contains ``gender`` or ``race``; codes are decoded with a
+    legend in the header such as ``utk_gender(0=male,1=female)``.
+
+    Returns:
+        ``{file_name: {"gender": "female", "race": "Asian"}}`` (empty when no labels exist).
+    """
+    out: dict[str, dict[str, str]] = {}
+    for path in sorted(Path(folder).glob("*.csv")):
+        if path.name.startswith("gt_avg_"):
+            continue
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            key = next((c for c in ("file_name", "file") if c in header), None)
+            columns = {c: a for c in header for a in ("gender", "race") if a in c.lower()}
+            if key is None or not columns:
+                continue
+            legends = {c: _legend(c) for c in columns}
+            for row in reader:
+                labels = out.setdefault(row[key], {})
+                for column, attribute in columns.items():
+                    value = row[column].strip()
+                    labels[attribute] = legends[column].get(value, value)
+    return out
+
+
+def _legend(column: str) -> dict[str, str]:
+    """``"race(0=White,1=Black)"`` -> ``{"0": "White", "1": "Black"}``."""
+    if "(" not in column or "=" not in column:
+        return {}
+    inner = column[column.index("(") + 1 : column.rindex(")")]
+    return dict(part.split("=", 1) for part in inner.split(",") if "=" in part)
 
 
 def read_dataset_info(folder: str | Path) -> dict:

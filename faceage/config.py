@@ -1,7 +1,7 @@
 """Typed configuration: ``params.yaml`` -> one frozen dataclass per pipeline stage.
 
 Input: a YAML file with one section per DVC stage (``fetch_data``, ``fetch_detector``,
-``preprocess``, ``train``, ``evaluate``). Output: a frozen :class:`Params`.
+``preprocess``, ``embed``, ``train``, ``evaluate``). Output: a frozen :class:`Params`.
 
 Unknown keys, missing keys and values of the wrong type raise :class:`ConfigError` (a ValueError)
 naming the offending ``section.key``, so a typo in ``params.yaml`` or in
@@ -52,8 +52,13 @@ class PreprocessParams:
 
 
 @dataclass(frozen=True)
+class EmbedParams:
+    workers: int = 0  # processes computing dlib face descriptors; 0 = one per CPU core
+
+
+@dataclass(frozen=True)
 class TrainParams:
-    backbone: str = "resnet18"  # any torchvision classification model whose head can be replaced
+    backbone: str = "resnet18"  # a torchvision classifier whose head can be replaced, or dlib_face
     pretrained: str = "imagenet"  # "imagenet" | "none" | path to a weights file
     epochs: int = 30
     image_size: int = 224  # crops are resized to this side before the network
@@ -84,6 +89,7 @@ class Params:
     fetch_data: FetchDataParams = FetchDataParams()
     fetch_detector: FetchDetectorParams = FetchDetectorParams()
     preprocess: PreprocessParams = PreprocessParams()
+    embed: EmbedParams = EmbedParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
 
@@ -152,6 +158,8 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.upsample >= 0, f"preprocess.upsample must be >= 0, got {obj.upsample}"),
             (obj.workers >= 0, f"preprocess.workers must be >= 0, got {obj.workers}"),
         ]
+    elif isinstance(obj, EmbedParams):
+        checks = [(obj.workers >= 0, f"embed.workers must be >= 0, got {obj.workers}")]
     elif isinstance(obj, TrainParams):
         checks = [
             (obj.epochs >= 1, f"train.epochs must be >= 1, got {obj.epochs}"),

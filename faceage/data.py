@@ -54,3 +54,47 @@ class FaceCrops(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.ages[i], self.age_stds[i]
+
+
+class FaceEmbeddings(Dataset):
+    """Precomputed face descriptors of one split (the ``embed`` stage's output) with their ages.
+
+    Args:
+        faces_dir: The ``preprocess`` output folder (for the manifest rows).
+        split: ``train``, ``valid`` or ``test``.
+        embeddings_path: The ``.npz`` written by :func:`faceage.face_encoder.embed_dataset`.
+    """
+
+    def __init__(self, faces_dir: str | Path, split: str, embeddings_path: str | Path):
+        from faceage.face_encoder import load_embeddings
+
+        self.rows = read_faces_manifest(faces_dir, split)
+        if not self.rows:
+            raise ValueError(f"no face crops for split {split!r} in {faces_dir}")
+        table, self.info = load_embeddings(embeddings_path)
+        missing = [r["crop"] for r in self.rows if r["crop"] not in table]
+        if missing:
+            raise ValueError(f"{len(missing)} crops have no embedding in {embeddings_path} (e.g. {missing[:3]}): "
+                             "rerun the embed stage")
+        self.images = torch.from_numpy(np.stack([table[r["crop"]] for r in self.rows]))  # (N, 128) float32
+        self.ages = torch.tensor([float(r["apparent_age"]) for r in self.rows])
+        self.age_stds = torch.tensor([float(r["apparent_age_std"]) for r in self.rows])
+        self.real_ages = torch.tensor([float(r["real_age"]) for r in self.rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.images[i], self.ages[i], self.age_stds[i]
+
+
+def load_split(faces_dir: str | Path, split: str, backbone: str, image_size: int,
+               embeddings_path: str | Path | None = None, transform=None) -> Dataset:
+    """The dataset a backbone trains/evaluates on: image crops, or face descriptors for ``dlib_face``."""
+    from faceage.face_encoder import FACE_ENCODER
+
+    if backbone == FACE_ENCODER:
+        if embeddings_path is None:
+            raise ValueError(f"backbone {FACE_ENCODER} needs the embed stage's output (embeddings_path)")
+        return FaceEmbeddings(faces_dir, split, embeddings_path)
+    return FaceCrops(faces_dir, split, image_size, transform=transform)

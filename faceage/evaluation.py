@@ -19,14 +19,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from faceage.config import EvaluateParams
-from faceage.data import FaceCrops
-from faceage.model import load_checkpoint
+from faceage.data import load_split
+from faceage.inference import AgeModel
 from faceage.preprocess import read_faces_manifest
-from faceage.tracking import read_run_file, setup_mlflow
-from faceage.training import pin_threads, predict_batches, select_device
+from faceage.appa_real import read_dataset_info, read_demographics
+from faceage.model_card import write_model_card
+from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
+from faceage.training import pin_threads, select_device
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,20 @@ def age_metrics(pred: np.ndarray, true: np.ndarray, cs_years: float = 5.0) -> di
     }
 
 
+AGE_GROUPS = [f"{e}-{e + 9}" for e in GROUP_EDGES[:-1]] + [f"{GROUP_EDGES[-1]}+"]
+
+
+def errors_by(pred: np.ndarray, true: np.ndarray, labels: list[str], order: list[str] | None = None) -> list[dict]:
+    """MAE per group label (``{"group", "n", "mae_years"}`` rows), in ``order`` or sorted; empty groups omitted."""
+    labels_arr = np.array(labels)
+    err = np.abs(pred - true)
+    return [{"group": g, "n": int((labels_arr == g).sum()), "mae_years": float(err[labels_arr == g].mean())}
+            for g in (order or sorted(set(labels))) if (labels_arr == g).any()]
+
+
 def errors_by_group(pred: np.ndarray, true: np.ndarray) -> list[dict]:
     """MAE per age group of the true age, groups in age order, empty groups omitted."""
-    groups = np.array([age_group(a) for a in true])
-    order = [f"{e}-{e + 9}" for e in GROUP_EDGES[:-1]] + [f"{GROUP_EDGES[-1]}+"]
-    return [
-        {"age_group": g, "n": int((groups == g).sum()), "mae_years": float(np.abs(pred - true)[groups == g].mean())}
-        for g in order if (groups == g).any()
-    ]
+    return errors_by(pred, true, [age_group(a) for a in true], AGE_GROUPS)
 
 
 def _plots(out: Path, pred: np.ndarray, true: np.ndarray, groups: list[dict], history_csv: Path | None) -> list[Path]:
@@ -76,7 +83,7 @@ def _plots(out: Path, pred: np.ndarray, true: np.ndarray, groups: list[dict], hi
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([g["age_group"] for g in groups], [g["mae_years"] for g in groups])
+    ax.bar([g["group"] for g in groups], [g["mae_years"] for g in groups])
     for i, g in enumerate(groups):
         ax.text(i, g["mae_years"], f"n={g['n']}", ha="center", va="bottom", fontsize=7)
     ax.set(xlabel="true age group", ylabel="MAE (years)", title="test error by age group")
@@ -99,8 +106,15 @@ def _plots(out: Path, pred: np.ndarray, true: np.ndarray, groups: list[dict], hi
     return paths
 
 
+def coverage(pred: np.ndarray, std: np.ndarray, true: np.ndarray, k: float) -> float:
+    """Share of faces whose true age lies within ``k`` predicted standard deviations."""
+    return float((np.abs(pred - true) <= k * std).mean())
+
+
 def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str | Path, p: EvaluateParams,
-                   run_path: str | Path | None = None, history_csv: str | Path | None = None) -> dict:
+                   run_path: str | Path | None = None, history_csv: str | Path | None = None,
+                   embeddings_path: str | Path | None = None, data_dir: str | Path | None = None,
+                   preprocess_metrics: str | Path | None = None, model_card: str | Path | None = None) -> dict:
     """Scores the checkpoint on the test split and logs the results to its MLflow run.
 
     Args:
@@ -110,6 +124,10 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         p: The ``evaluate`` section of ``params.yaml``.
         run_path: ``run.json`` from ``train``; when given, the run is continued in MLflow.
         history_csv: ``train``'s per-epoch history, for the training-curve plot.
+        embeddings_path: The ``embed`` stage's descriptors (for a ``dlib_face`` model).
+        data_dir: The fetched release (dataset fingerprint, gender/race labels when present).
+        preprocess_metrics: ``preprocess``'s counts JSON, quoted in the model card.
+        model_card: Where to write the model card (needs ``data_dir``).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -118,20 +136,31 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     pin_threads()
     device = select_device("auto")
-    model, meta = load_checkpoint(checkpoint, device)
-    test = FaceCrops(faces_dir, "test", meta["image_size"])
-    with torch.no_grad():
-        pred_t, std_t = predict_batches(model, test.images, meta["mean"], meta["std"], device, p.batch_size)
-    pred, std = pred_t.numpy().astype(np.float64), std_t.numpy().astype(np.float64)
+    age_model = AgeModel(checkpoint, device=device)
+    meta = age_model.meta
+    test = load_split(faces_dir, "test", meta["backbone"], meta["image_size"], embeddings_path)
+    pred, std = age_model.predict_inputs(test.images, p.batch_size)
     true, real = test.ages.numpy().astype(np.float64), test.real_ages.numpy().astype(np.float64)
     train_mean = float(np.mean([float(r["apparent_age"]) for r in read_faces_manifest(faces_dir, "train")]))
     groups = errors_by_group(pred, true)
+    demographics = read_demographics(data_dir) if data_dir is not None else {}
+    by_attribute = {
+        attribute: errors_by(pred, true, [demographics.get(r["file_name"], {}).get(attribute, "unknown")
+                                          for r in test.rows])
+        for attribute in ("gender", "race")
+        if any(attribute in d for d in demographics.values())
+    }
     metrics = {
         **age_metrics(pred, true, p.cs_years),
         "mae_real_years": float(np.abs(pred - real).mean()),
         "baseline_mae_years": float(np.abs(train_mean - true).mean()),
         "n_test_faces": int(len(true)),
-        "mae_by_age_group": {g["age_group"]: g["mae_years"] for g in groups},
+        "mae_by_age_group": {g["group"]: g["mae_years"] for g in groups},
+        **{f"mae_by_{a}": {g["group"]: g["mae_years"] for g in rows} for a, rows in by_attribute.items()},
+        "coverage_1std": coverage(pred, std, true, 1.0),
+        "coverage_2std": coverage(pred, std, true, 2.0),
+        "mean_predicted_std": float(std.mean()),
+        "temperature": float(meta.get("temperature", 1.0)),
         "val_mae_years": float(meta["val_mae"]),
     }
     metrics["mae_vs_baseline"] = metrics["mae_years"] / metrics["baseline_mae_years"]
@@ -144,7 +173,11 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     with open(out / "by_age_group.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["age_group", "n", "mae_years"])
         w.writeheader()
-        w.writerows(groups)
+        w.writerows({"age_group": g["group"], "n": g["n"], "mae_years": g["mae_years"]} for g in groups)
+    if model_card is not None and data_dir is not None:
+        counts = json.loads(Path(preprocess_metrics).read_text()) if preprocess_metrics else None
+        write_model_card(model_card, metrics, {"age_group": groups, **by_attribute}, meta,
+                         read_dataset_info(data_dir), counts, tracking_uri() if run_path else None)
     plots = _plots(out, pred, true, groups, Path(history_csv) if history_csv else None)
     log.info("test MAE %.2f years (real age %.2f), RMSE %.2f, CS@%g %.3f on %d faces; "
              "always predicting the training mean gives %.2f",
@@ -154,9 +187,10 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         mlflow = setup_mlflow()
         with mlflow.start_run(run_id=read_run_file(run_path)["run_id"]):
             flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-            flat.update({f"test_mae_{g['age_group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
+            flat.update({f"test_mae_{g['group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
             mlflow.log_metrics(flat)
             mlflow.log_params({f"evaluate.{k}": v for k, v in asdict(p).items()})
-            for path in [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv", *plots]:
+            cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
+            for path in [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv", *plots, *cards]:
                 mlflow.log_artifact(str(path), artifact_path="evaluation")
     return metrics

@@ -30,10 +30,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from faceage.config import ConfigError, TrainParams
-from faceage.data import FaceCrops
+from faceage.data import load_split
 from faceage.download import file_digest
+from faceage.face_encoder import FACE_ENCODER
 from faceage.model import (
-    IMAGENET_MEAN, IMAGENET_STD, MAX_AGE, MIN_AGE, NUM_AGES, build_model, expected_age,
+    IMAGENET_MEAN, IMAGENET_STD, MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature,
     load_pretrained, save_checkpoint,
 )
 from faceage.preprocess import MANIFEST, read_crop_settings
@@ -99,28 +100,43 @@ def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
     return 1.0
 
 
+def input_fn(backbone: str, mean, std):
+    """How a stored batch becomes network input: normalised images, or descriptors as they are."""
+    if backbone == FACE_ENCODER:
+        return lambda x: x.float()
+    return lambda x: normalize(x, mean, std)
+
+
 @torch.no_grad()
-def predict_batches(model: nn.Module, images: torch.Tensor, mean, std, device: torch.device,
-                    batch_size: int = 128, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected age and its std for uint8 (N, 3, S, S) images; optionally averaged with the mirror image."""
+def predict_logits(model: nn.Module, inputs: torch.Tensor, prepare, device: torch.device,
+                   batch_size: int = 128) -> torch.Tensor:
+    """Logits for stored inputs (uint8 images or descriptors), in batches, on ``device``; returned on CPU."""
     model.eval()
-    means, stds = [], []
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size].to(device), mean, std)
-        logits = model(x)
-        if flip:
-            logits = (torch.log_softmax(logits, 1) + torch.log_softmax(model(x.flip(-1)), 1)) / 2
-        m, s = expected_age(logits)
-        means.append(m.cpu())
-        stds.append(s.cpu())
-    return torch.cat(means), torch.cat(stds)
+    out = [model(prepare(inputs[i : i + batch_size].to(device))).float().cpu()
+           for i in range(0, len(inputs), batch_size)]
+    return torch.cat(out)
 
 
-def _fingerprint(p: TrainParams, faces_dir: Path) -> str:
+def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None) -> str:
     h = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode())
     h.update(file_digest(faces_dir / MANIFEST).encode())
+    if p.backbone == FACE_ENCODER and embeddings_path is not None:
+        h.update(file_digest(embeddings_path).encode())
     h.update(json.dumps(read_crop_settings(faces_dir), sort_keys=True).encode())
     return h.hexdigest()
+
+
+def count_gflops(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> float:
+    """Forward-pass GFLOPs for one input (torch's FLOP counter: 2 per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros((1, *input_shape), device=device))
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
 
 
 def _loader_workers(p: TrainParams, device: torch.device) -> int:
@@ -132,7 +148,7 @@ def _loader_workers(p: TrainParams, device: torch.device) -> int:
 
 
 def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, reports_dir: str | Path,
-                run_path: str | Path, state_path: str | Path) -> dict:
+                run_path: str | Path, state_path: str | Path, embeddings_path: str | Path | None = None) -> dict:
     """Trains, validates each epoch, keeps the best checkpoint, logs everything to MLflow.
 
     Args:
@@ -142,6 +158,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         reports_dir: Where ``history.csv``, ``metrics.json`` and ``model_summary.txt`` go.
         run_path: Where the MLflow run id is written.
         state_path: The resumable state file (deleted after a completed run).
+        embeddings_path: The ``embed`` stage's descriptors (needed for ``train.backbone=dlib_face``).
 
     Returns:
         ``{"best_val_mae": ..., "best_epoch": ..., "epochs": ..., "run_id": ...}``.
@@ -159,8 +176,10 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
     model = build_model(p.backbone)
     weights_from = load_pretrained(model, p.backbone, p.pretrained)
     model.to(device)
-    train_set = FaceCrops(faces_dir, "train", p.image_size, transform=train_augment(augment=p.augment))
-    val_set = FaceCrops(faces_dir, "valid", p.image_size)
+    train_set = load_split(faces_dir, "train", p.backbone, p.image_size, embeddings_path,
+                           transform=train_augment(augment=p.augment))
+    val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
+    prepare = input_fn(p.backbone, IMAGENET_MEAN, IMAGENET_STD)
     workers = _loader_workers(p, device)
     loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, drop_last=len(train_set) > p.batch_size,
                         num_workers=workers, worker_init_fn=_worker_init, persistent_workers=workers > 0,
@@ -175,7 +194,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    fingerprint = _fingerprint(p, faces_dir)
+    fingerprint = _fingerprint(p, faces_dir, embeddings_path)
     start_epoch, history, best, run_id = 1, [], {"val_mae": float("inf"), "epoch": 0, "state": None}, None
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -205,6 +224,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
             summary.write_text(f"backbone: {p.backbone}\nparameters: {n_params}\nweights: {weights_from}\n\n{model}\n")
             mlflow.log_artifact(str(summary))
             mlflow.log_param("train.num_parameters", n_params)
+            mlflow.log_metric("model_gflops", count_gflops(model, tuple(val_set.images.shape[1:]), device))
         log.info("training %s (weights: %s) on %s: %d train / %d valid faces, %d epochs, batch %d, "
                  "%d loader workers, %d torch threads; MLflow run %s in %s",
                  p.backbone, weights_from, device, len(train_set), len(val_set), p.epochs, p.batch_size,
@@ -218,7 +238,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
                 target = ages
                 if p.label_jitter:
                     target = (ages + age_stds * torch.randn_like(ages)).clamp(MIN_AGE, MAX_AGE)
-                x = normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+                x = prepare(images)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(x)
                 loss = age_loss(logits, target, p.loss, p.label_sigma)
@@ -232,7 +252,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
                 loss_sum += loss.item() * n  # a CPU-GPU sync point, once per step
                 mae_sum += (expected_age(logits.detach())[0] - ages).abs().sum().item()
             train_s = time.time() - t0
-            val_pred, _ = predict_batches(model, val_set.images, IMAGENET_MEAN, IMAGENET_STD, device)
+            val_pred, _ = expected_age(predict_logits(model, val_set.images, prepare, device))
             val_mae = (val_pred - val_set.ages).abs().mean().item()
             row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_mae": mae_sum / seen, "val_mae": val_mae,
                    "lr": opt.param_groups[0]["lr"], "images_per_s": seen / train_s, "elapsed_s": time.time() - t_start}
@@ -252,19 +272,24 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
             os.replace(state_path.with_suffix(".tmp"), state_path)
 
         model.load_state_dict(best["state"])
+        # Calibrate the predicted spread on the validation split (the mean is unaffected).
+        temperature = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)
         meta = {
             "backbone": p.backbone, "min_age": MIN_AGE, "max_age": MAX_AGE, "image_size": p.image_size,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop": crop,
             "train_params": asdict(p), "best_epoch": best["epoch"], "val_mae": best["val_mae"],
             "mlflow_run_id": run.info.run_id, "git_commit": tags["git_commit"], "data_sha256": crop["data_sha256"],
+            "temperature": temperature, "input": "dlib_face_embedding" if p.backbone == FACE_ENCODER else "image",
         }
+        if p.backbone == FACE_ENCODER:
+            meta["encoder"] = train_set.info
         save_checkpoint(model_path, model, meta)
         metrics = {"best_val_mae": best["val_mae"], "best_epoch": best["epoch"], "epochs": p.epochs,
                    "train_time_s": round(history[-1]["elapsed_s"], 1)}
         (reports_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        mlflow.log_metrics({"best_val_mae": best["val_mae"], "best_epoch": best["epoch"]})
+        mlflow.log_metrics({"best_val_mae": best["val_mae"], "best_epoch": best["epoch"], "temperature": temperature})
         mlflow.log_artifact(str(reports_dir / "history.csv"))
-        _log_model(mlflow, model, p.image_size)
+        _log_model(mlflow, model, tuple(val_set.images.shape[1:]))
         write_run_file(run_path, run.info.run_id, run.info.experiment_id)
     except BaseException as e:
         # The resumable state keeps the run id: a rerun continues this same MLflow run.
@@ -283,13 +308,13 @@ def _write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def _log_model(mlflow, model: nn.Module, image_size: int) -> None:
-    """Logs the network (normalised image batch -> 101 logits) with a signature and example."""
+def _log_model(mlflow, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Logs the network (normalised images or descriptors -> 101 logits) with a signature and example."""
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
     cpu_model = copy.deepcopy(model).cpu().eval()
-    example = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
+    example = np.zeros((1, *input_shape), dtype=np.float32)
     with torch.no_grad():
         out = cpu_model(torch.from_numpy(example)).numpy()
     mlflow.pytorch.log_model(cpu_model, name="model", input_example=example,

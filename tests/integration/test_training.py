@@ -76,3 +76,18 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(tiny_run, tmp_path,
     assert client.get_run(state["run_id"]).info.status == "FINISHED"
     assert "resuming from epoch 1 of 2" in caplog.text
     assert (tmp_path / "reports" / "history.csv").read_text().count("\n") == 3  # header + 2 epochs
+
+
+def test_model_card_numbers_match_the_metrics(tiny_run):
+    metrics = json.loads((tiny_run["eval"] / "metrics.json").read_text())
+    card = tiny_run["model_card"].read_text()
+    assert f"| MAE, apparent age (years) | {metrics['mae_years']:.2f} |" in card
+    assert f"| RMSE (years) | {metrics['rmse_years']:.2f} |" in card
+    assert f"within 1 std: {metrics['coverage_1std']:.3f}" in card
+    for group, mae in metrics["mae_by_age_group"].items():
+        assert f"| {group} | " in card and f" | {mae:.2f} |" in card
+    # The sample carries UTKFace gender/race labels: the card breaks errors down by them.
+    assert "### By gender" in card and "### By race" in card
+    assert set(metrics["mae_by_gender"]) <= {"female", "male"}
+    run_id = json.loads(tiny_run["run"].read_text())["run_id"]
+    assert f"MLflow run `{run_id}`" in card

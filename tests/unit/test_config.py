@@ -78,12 +78,12 @@ def test_int_is_accepted_for_float_and_coerced():
 def test_flat_has_every_key_once():
     flat = Params().flat()
     assert flat["train.backbone"] == "resnet18"
-    assert len(flat) == sum(len(section_keys(s)) for s in ("fetch_data", "fetch_detector", "preprocess", "train", "evaluate"))
+    assert len(flat) == sum(len(section_keys(s)) for s in ("fetch_data", "fetch_detector", "preprocess", "embed", "train", "evaluate"))
 
 
 def test_each_dvc_stage_lists_exactly_its_sections_keys():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name in ("fetch_data", "fetch_detector", "preprocess", "train", "evaluate"):
+    for name in ("fetch_data", "fetch_detector", "preprocess", "embed", "train", "evaluate"):
         assert sorted(stages[name]["params"]) == sorted(section_keys(name)), name
 
 

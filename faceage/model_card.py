@@ -1,0 +1,115 @@
+"""The model card: what the model is, what it was trained on, how well it does, where it fails.
+
+Input: the evaluation metrics (the same dict ``evaluate`` writes to ``metrics.json``, so the
+card and ``dvc metrics show`` cannot disagree), the checkpoint's metadata, the dataset info
+and the preprocess counts. Output: a Markdown file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}"
+
+
+def _group_table(title: str, groups: list[dict[str, Any]]) -> list[str]:
+    lines = [f"| {title} | faces | MAE (years) |", "|---|---:|---:|"]
+    lines += [f"| {g['group']} | {g['n']} | {_fmt(g['mae_years'])} |" for g in groups]
+    return lines
+
+
+def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
+                     meta: dict[str, Any], dataset: dict[str, Any], preprocess_counts: dict[str, Any] | None,
+                     tracking_uri: str | None) -> Path:
+    """Writes ``path`` (Markdown) from evaluation results and checkpoint metadata.
+
+    Args:
+        path: Output file.
+        metrics: ``evaluate``'s metrics (``mae_years``, ``coverage_1std``, ...).
+        groups: ``{"age_group": [...], "gender": [...], "race": [...]}``, each a list of
+            ``{"group", "n", "mae_years"}`` rows (see :func:`faceage.evaluation.errors_by`).
+        meta: The checkpoint metadata (:func:`faceage.model.load_checkpoint`).
+        dataset: ``dataset.json`` of the fetched data (source, counts, sha256).
+        preprocess_counts: Detection counts per split (``reports/preprocess.json``), if available.
+        tracking_uri: Where the MLflow run lives.
+
+    Returns:
+        The written path.
+    """
+    tp = meta.get("train_params", {})
+    crop = meta["crop"]
+    cs_key = next(k for k in metrics if k.startswith("cs") and k[2:].replace(".", "").isdigit())
+    lines = [
+        f"# Model card: FaceAge {meta['backbone']}",
+        "",
+        "## Model",
+        f"- Estimates the **apparent age** (years, {meta['min_age']}..{meta['max_age']}) of each face: a softmax over "
+        f"{meta['max_age'] - meta['min_age'] + 1} ages, prediction = its expectation, `age_std` = the standard "
+        "deviation of the distribution at a temperature calibrated on the validation split.",
+        f"- Backbone: `{meta['backbone']}`"
+        + (" (dlib's face-recognition ResNet, frozen, on faces aligned with its 5-point shape predictor; "
+           "an MLP head over the 128-D descriptor)" if meta["backbone"] == "dlib_face"
+           else f", input {meta['image_size']} px, weights at start: `{tp.get('pretrained', '?')}`") + ".",
+        f"- Training: {tp.get('epochs', '?')} epochs, loss `{tp.get('loss', '?')}`, optimiser `{tp.get('optimizer', '?')}` "
+        f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, augmentation {tp.get('augment', '?')}; "
+        f"best epoch {meta.get('best_epoch', '?')} by validation MAE ({_fmt(meta['val_mae'])} years).",
+        f"- Faces: dlib `{crop['detector']}` detector (upsample {crop['upsample']}), square crop with margin "
+        f"{crop['margin']}, {crop['size']} px; the service uses the same detector file "
+        f"(sha256 `{crop['detector_sha256'][:16]}...`) and crop code.",
+        "",
+        "## Data",
+        f"- Source: `{dataset.get('source', '?')}`; sha256 of all files: `{dataset.get('sha256', '?')}`.",
+        "- Images per split: " + ", ".join(f"{k} {v}" for k, v in dataset.get("counts", {}).items()) + ".",
+    ]
+    if preprocess_counts:
+        total = preprocess_counts["total"]
+        lines.append(
+            f"- Face found by the detector in {total['face']} images ({_fmt(100 * preprocess_counts['detection_rate'], 1)}%); "
+            f"fallback crops: {total['release_crop']} release crops, {total['whole_image']} whole images; "
+            f"skipped: {total['no_face']} without a face, {total['unreadable']} unreadable.")
+    lines += [
+        "",
+        "## Test metrics",
+        "| metric | value |",
+        "|---|---:|",
+        f"| MAE, apparent age (years) | {_fmt(metrics['mae_years'])} |",
+        f"| MAE, real age (years) | {_fmt(metrics['mae_real_years'])} |",
+        f"| RMSE (years) | {_fmt(metrics['rmse_years'])} |",
+        f"| CS@{cs_key[2:]} | {_fmt(metrics[cs_key], 3)} |",
+        f"| Baseline MAE: always the training mean | {_fmt(metrics['baseline_mae_years'])} |",
+        f"| Faces evaluated | {metrics['n_test_faces']} |",
+        "",
+        "### By age group (true apparent age)",
+        *_group_table("age group", groups["age_group"]),
+    ]
+    for attribute in ("gender", "race"):
+        if groups.get(attribute):
+            lines += ["", f"### By {attribute}", *_group_table(attribute, groups[attribute])]
+    lines += [
+        "",
+        "## Calibration",
+        f"- Temperature {_fmt(metrics['temperature'], 3)} (fitted on validation by Gaussian likelihood); "
+        f"mean predicted std {_fmt(metrics['mean_predicted_std'])} years.",
+        f"- True age within 1 std: {_fmt(metrics['coverage_1std'], 3)} (a Gaussian would give 0.683); "
+        f"within 2 std: {_fmt(metrics['coverage_2std'], 3)} (0.954).",
+        "",
+        "## Known limits",
+        f"- Trained on {dataset.get('counts', {}).get('train', '?')} images; errors grow where training faces are "
+        "few: see the age groups above (the oldest groups have the fewest faces and the largest errors).",
+        "- The HOG detector finds frontal faces; profiles, strong occlusion and faces under ~40 px are missed, "
+        "and a missed face gets no age at all.",
+        "- Apparent age is what raters perceive; it can differ from real age by several years either way.",
+        "- Demographic breakdowns are reported where the data carries labels; small groups give noisy numbers.",
+        "",
+        "## Lineage",
+        f"- git commit `{meta.get('git_commit', 'unknown')}`",
+        f"- MLflow run `{meta.get('mlflow_run_id', '?')}`" + (f" in `{tracking_uri}`" if tracking_uri else ""),
+        f"- data sha256 `{meta.get('data_sha256', '?')}`",
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
