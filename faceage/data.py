@@ -63,9 +63,12 @@ class FaceEmbeddings(Dataset):
         faces_dir: The ``preprocess`` output folder (for the manifest rows).
         split: ``train``, ``valid`` or ``test``.
         embeddings_path: The ``.npz`` written by :func:`faceage.face_encoder.embed_dataset`.
+        augment: Items pick the crop's or its mirror image's descriptor at random.
+
+    ``images`` holds both views, (N, 2, 128); models average their predictions over them.
     """
 
-    def __init__(self, faces_dir: str | Path, split: str, embeddings_path: str | Path):
+    def __init__(self, faces_dir: str | Path, split: str, embeddings_path: str | Path, augment: bool = False):
         from faceage.face_encoder import load_embeddings
 
         self.rows = read_faces_manifest(faces_dir, split)
@@ -76,7 +79,8 @@ class FaceEmbeddings(Dataset):
         if missing:
             raise ValueError(f"{len(missing)} crops have no embedding in {embeddings_path} (e.g. {missing[:3]}): "
                              "rerun the embed stage")
-        self.images = torch.from_numpy(np.stack([table[r["crop"]] for r in self.rows]))  # (N, 128) float32
+        self.images = torch.from_numpy(np.stack([table[r["crop"]] for r in self.rows]))  # (N, 2 views, 128)
+        self.augment = augment
         self.ages = torch.tensor([float(r["apparent_age"]) for r in self.rows])
         self.age_stds = torch.tensor([float(r["apparent_age_std"]) for r in self.rows])
         self.real_ages = torch.tensor([float(r["real_age"]) for r in self.rows])
@@ -85,16 +89,19 @@ class FaceEmbeddings(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.images[i], self.ages[i], self.age_stds[i]
+        # Training sees one view, the mirror image half of the time (flip augmentation).
+        view = int(torch.randint(self.images.shape[1], (1,))) if self.augment else 0
+        return self.images[i, view], self.ages[i], self.age_stds[i]
 
 
 def load_split(faces_dir: str | Path, split: str, backbone: str, image_size: int,
-               embeddings_path: str | Path | None = None, transform=None) -> Dataset:
-    """The dataset a backbone trains/evaluates on: image crops, or face descriptors for ``dlib_face``."""
+               embeddings_path: str | Path | None = None, transform=None, augment: bool = False) -> Dataset:
+    """The dataset a backbone trains/evaluates on: image crops (``transform`` applied), or face
+    descriptors for ``dlib_face`` (``augment`` picks a random view)."""
     from faceage.face_encoder import FACE_ENCODER
 
     if backbone == FACE_ENCODER:
         if embeddings_path is None:
             raise ValueError(f"backbone {FACE_ENCODER} needs the embed stage's output (embeddings_path)")
-        return FaceEmbeddings(faces_dir, split, embeddings_path)
+        return FaceEmbeddings(faces_dir, split, embeddings_path, augment=augment)
     return FaceCrops(faces_dir, split, image_size, transform=transform)

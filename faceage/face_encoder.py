@@ -1,8 +1,10 @@
 """dlib's pretrained face-recognition ResNet as a frozen, offline face encoder.
 
 Input: face crops from :func:`faceage.faces.crop_face` (square, the face centred with a known
-``margin``). Output: 128-D descriptors, one per crop, of the face aligned with dlib's 5-point
-shape predictor (``dlib.get_face_chip`` geometry, 150 px).
+``margin``). Output: 128-D descriptors of the face aligned with dlib's 5-point shape predictor
+(``dlib.get_face_chip`` geometry, 150 px): two views per crop, the crop and its mirror image.
+Training picks one view at random (flip augmentation); inference averages the head's
+predictions over both (test-time flip), which measured 0.1-0.2 years lower MAE on the sample.
 
 The same function embeds crops for training (the ``embed`` stage) and at inference (the
 predictor), so the age head always sees descriptors computed the same way. The network
@@ -27,6 +29,7 @@ from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 log = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 128
+VIEWS = 2  # the crop and its mirror image
 FACE_ENCODER = "dlib_face"  # the train.backbone value that selects this encoder
 
 
@@ -60,11 +63,15 @@ class DlibFaceEncoder:
         shape = self._shape(crop, self.face_rect(crop.shape[0]))
         return np.asarray(self._net.compute_face_descriptor(crop, shape), dtype=np.float32)
 
+    def embed_views(self, crop: np.ndarray) -> np.ndarray:
+        """(2, 128) descriptors: the crop and its mirror image."""
+        return np.stack([self.embed(crop), self.embed(np.ascontiguousarray(crop[:, ::-1]))])
+
     def embed_many(self, crops: list[np.ndarray]) -> np.ndarray:
-        """(N, 128) float32 descriptors; an empty list gives (0, 128)."""
+        """(N, 2, 128) float32 descriptors (both views); an empty list gives (0, 2, 128)."""
         if not crops:
-            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        return np.stack([self.embed(c) for c in crops])
+            return np.zeros((0, VIEWS, EMBEDDING_DIM), dtype=np.float32)
+        return np.stack([self.embed_views(c) for c in crops])
 
 
 _worker: dict = {}
@@ -77,11 +84,11 @@ def _init(model_dir: str, margin: float, faces_dir: str) -> None:
 
 def _embed_file(crop: str) -> np.ndarray:
     image = np.asarray(Image.open(_worker["faces"] / crop).convert("RGB"))
-    return _worker["encoder"].embed(image)
+    return _worker["encoder"].embed_views(image)
 
 
 def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | Path, workers: int = 0) -> int:
-    """Embeds every crop of the ``preprocess`` output into one ``.npz`` (``crops``, ``embeddings``).
+    """Embeds every crop of the ``preprocess`` output into one ``.npz`` (``crops``, ``embeddings`` (N, 2, 128)).
 
     Args:
         faces_dir: ``preprocess`` output (crops, manifest, crop settings).
@@ -110,7 +117,7 @@ def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp.npz")
-    np.savez(tmp, crops=np.array(crops), embeddings=np.stack(vectors) if vectors else np.zeros((0, EMBEDDING_DIM), np.float32),
+    np.savez(tmp, crops=np.array(crops), embeddings=np.stack(vectors) if vectors else np.zeros((0, VIEWS, EMBEDDING_DIM), np.float32),
              encoder_sha256=np.array(manifest["files"][RECOGNITION_FILE]),
              shape_predictor_sha256=np.array(manifest["files"][SHAPE5_FILE]), margin=np.array(margin))
     os.replace(tmp, out_path)

@@ -68,6 +68,9 @@ class EmbeddingAgeHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 128) descriptors -> logits; (N, views, 128) -> log-probabilities averaged over the views."""
+        if x.ndim == 3:
+            return torch.log_softmax(self.net(x * self.input_scale), dim=-1).mean(dim=1)
         return self.net(x * self.input_scale)
 
 

@@ -177,7 +177,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
     weights_from = load_pretrained(model, p.backbone, p.pretrained)
     model.to(device)
     train_set = load_split(faces_dir, "train", p.backbone, p.image_size, embeddings_path,
-                           transform=train_augment(augment=p.augment))
+                           transform=train_augment(augment=p.augment), augment=p.augment)
     val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
     prepare = input_fn(p.backbone, IMAGENET_MEAN, IMAGENET_STD)
     workers = _loader_workers(p, device)
