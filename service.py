@@ -29,7 +29,7 @@ image that crashed its worker). Settings (environment variables):
   3840x2160; 0 = never);
 - ``FACEAGE_DETECT_PROCESSES``: detection worker processes (default: one per core; 0 =
   in-process);
-- ``FACEAGE_TORCH_THREADS``: torch threads for the age model (default: one per core).
+- ``FACEAGE_TORCH_THREADS``: torch threads for the age model (default: half the cores).
 """
 
 from __future__ import annotations

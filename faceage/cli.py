@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--max-detect-pixels", type=int, default=DEFAULT_MAX_DETECT_PIXELS,
                    help="downscale larger images for detection only; 0 = never (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="torch threads (default: half the cores)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     return parser
 

@@ -11,12 +11,14 @@ The CLI, the BentoML service and the benchmark all build this one :class:`AgePre
 Every setting comes from the checkpoint (detector kind and upsample count, crop margin and
 size, network input size, mean/std), never from ``params.yaml``, and the steps are the
 pipeline's own: :meth:`faceage.faces.FaceDetector.detect`, :func:`faceage.faces.crop_faces`
-(the crop ``preprocess`` writes), then :func:`faceage.transforms.resize_crop` and
-:func:`faceage.transforms.normalize` (the eval path of ``evaluate``).
+(the crop ``preprocess`` writes), then :class:`faceage.inference.AgeModel` (the model
+``evaluate`` scores).
 
-For a server, :class:`LocatorPool` runs decode + detect + crop in worker processes (dlib
-holds the GIL, so threads would use one core), and :class:`AgeBatcher` batches the age
-model across concurrent requests.
+A predictor is not thread-safe: dlib's detector releases the GIL and keeps scratch state, so
+two threads detecting with one detector corrupt memory. Use one per thread, or a lock. For a
+server, :class:`LocatorPool` runs decode + detect + crop in worker processes (one detector
+each, every core busy, and a decoder crash costs a worker, not the server), and
+:class:`AgeBatcher` batches the age model across concurrent requests.
 """
 
 from __future__ import annotations
@@ -98,6 +100,16 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def default_torch_threads() -> int:
+    """Half the cores, at least one: the age model's share of the work.
+
+    A photo holds a few faces at a few hundred pixels, so intra-op threads gain little, while
+    threads beyond the free cores make OpenMP spin: on 2 busy cores, 2 threads took 400-1200 ms
+    per photo where 1 thread took 30-90 ms (measured). Detection needs the other cores.
+    """
+    return max(1, available_cores() // 2)
+
+
 class FaceLocator:
     """Detection and crop with a checkpoint's settings: image -> :class:`LocatedFaces`.
 
@@ -161,6 +173,7 @@ class AgePredictor:
     Detection and crop use the checkpoint's settings (:class:`FaceLocator`); ages come from
     :class:`faceage.inference.AgeModel`, the model ``evaluate`` scores (same input
     preparation, same calibrated temperature), for image and face-descriptor backbones alike.
+    Not thread-safe (see the module docstring): one predictor per thread, or a lock.
 
     Args:
         checkpoint: A FaceAge checkpoint.
@@ -168,8 +181,8 @@ class AgePredictor:
             sha256 must equal the checkpoint's ``crop.detector_sha256``), and the face-encoder
             files for a ``dlib_face`` checkpoint.
         device: Torch device for the age model.
-        threads: Torch intra-op threads; ``None`` uses every available core. The setting is
-            process-wide, so build one predictor per process.
+        threads: Torch intra-op threads; ``None``: :func:`default_torch_threads`. The setting
+            is process-wide.
         max_pixels: Encoded images with more pixels are refused.
         max_detect_pixels: Larger images are downscaled for detection only; 0 disables.
 
@@ -191,7 +204,7 @@ class AgePredictor:
             raise PredictorError(f"checkpoint {checkpoint} not found")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {threads}")
-        self.threads = threads or available_cores()
+        self.threads = threads or default_torch_threads()
         torch.set_num_threads(self.threads)
         self.age_model = AgeModel(checkpoint, detector_dir, device=device)
         self.meta = self.age_model.meta
@@ -309,9 +322,10 @@ def _child_ping() -> int:
 class LocatorPool:
     """Decode + detect + crop of encoded images in worker processes, awaitable from asyncio.
 
-    dlib keeps the GIL while it detects, so threads would share one core; processes use them
-    all, and a decoder that crashes on a hostile file takes down a worker, not the server.
-    With ``processes=0`` the work runs in a thread of this process instead.
+    Each worker has its own detector (dlib's is not thread-safe), all cores can detect at
+    once, and a decoder or detector that crashes on a hostile file takes down a worker, not
+    the server. With ``processes=0`` the work runs in a thread of this process, one image at
+    a time.
 
     Args:
         locator: The locator whose :meth:`FaceLocator.settings` the workers rebuild.
@@ -324,7 +338,7 @@ class LocatorPool:
         self.locator = locator
         self.processes = processes
         self._executor: ProcessPoolExecutor | None = None
-        self._lock = asyncio.Lock()  # in-process mode: one detection at a time (the GIL allows no more)
+        self._lock = asyncio.Lock()  # in-process mode: one detection at a time (one shared detector)
         if processes:
             self._executor = self._start()
 
