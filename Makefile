@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup test test-unit repro quick bento serve bench clean
+.PHONY: setup test test-unit repro quick sweep bento serve bench clean
 
 # Creates .venv and installs the project with its test tools (idempotent).
 setup: $(VENV)/.installed
@@ -32,6 +32,11 @@ QUICK := -S fetch_data.source=$(SAMPLE) -S train.pretrained=none -S train.epochs
 quick: setup
 	$(BIN)/dvc exp run $(QUICK)
 	$(BIN)/dvc metrics show
+
+# Backbone sweep (CPU profile) on the sample, one DVC experiment per backbone, then
+# reports/backbones.md + .png from MLflow. On a GPU box with APPA-REAL: python -m faceage.sweep --profile gpu
+sweep: setup
+	$(BIN)/python -m faceage.sweep --profile cpu --source $(SAMPLE)
 
 # --- service (bento) ---
 bento: setup
