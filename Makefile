@@ -39,13 +39,17 @@ sweep: setup
 	$(BIN)/python -m faceage.sweep --profile cpu --source $(SAMPLE)
 
 # --- service (bento) ---
+# Champion run -> MLflow registry face-age@champion -> BentoML model face_age -> bento face_age.
+bento serve bench: export BENTOML_DO_NOT_TRACK := True
 bento: setup
 	$(BIN)/python stages/package.py
 	$(BIN)/bentoml build
 
+# http://127.0.0.1:3000/predict, /annotate, /predict_batch; UI at http://127.0.0.1:3000/ui
 serve: setup
 	$(BIN)/bentoml serve face_age:latest
 
+# /predict latency and throughput (1 and 8 clients) vs the in-process predictor; needs `make bento`.
 bench: setup
 	$(BIN)/python benchmarks/bench_service.py
 
