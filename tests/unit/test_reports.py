@@ -1,0 +1,31 @@
+"""The sweep report and recipe tables: the conclusion follows the numbers given."""
+
+from faceage.recipe import _table
+from faceage.sweep import _conclusion, write_report
+
+
+def row(backbone, gflops, params_m, test_mae):
+    return {"backbone": backbone, "run_id": "0123456789abcdef", "overrides": [], "params_m": params_m,
+            "gflops": gflops, "image_size": 64, "epochs": 5, "train_time_s": 60.0, "val_mae": test_mae,
+            "test_mae": test_mae, "cs5": 0.4, "coverage_1std": 0.7}
+
+
+def test_saturation_verdict_follows_the_numbers(tmp_path):
+    flat = [row("resnet18", 0.15, 11.2, 10.0), row("resnet50", 0.34, 23.7, 10.2), row("dlib_face", 0.0002, 0.1, 5.2)]
+    text = _conclusion(flat)
+    assert "**saturates**" in text and "`dlib_face`) reaches 5.20" in text
+    improving = [row("resnet18", 0.15, 11.2, 12.0), row("resnet50", 0.34, 23.7, 9.0)]
+    assert "**keeps improving**" in _conclusion(improving)
+    write_report(flat, tmp_path / "b.md", tmp_path / "b.png", "cpu")
+    md = (tmp_path / "b.md").read_text()
+    assert "| `dlib_face` |" in md and "train.image_size=64" in md and (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_recipe_table_shows_the_change_against_default():
+    rows = [{"variant": "default", "val_mae": 5.0, "test_mae": 5.2, "coverage_1std": 0.7, "coverage_2std": 0.93,
+             "run_id": "abcdef123456"},
+            {"variant": "loss=expectation_l1", "val_mae": 5.1, "test_mae": 5.5, "coverage_1std": float("nan"),
+             "coverage_2std": 0.9, "run_id": "-"}]
+    table = _table(rows)
+    assert "| loss=expectation_l1 | 5.10 | 5.50 | +0.30 | - | 0.900 | `-` |" in table
+    assert "| default | 5.00 | 5.20 | +0.00 | 0.700 | 0.930 | `abcdef12` |" in table
