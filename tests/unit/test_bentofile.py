@@ -29,6 +29,9 @@ def test_service_and_name():
     assert BENTOFILE["service"] == "service:FaceAge" and BENTOFILE["name"] == "face_age"
     assert "service.py" in BENTOFILE["include"] and "faceage/*.py" in BENTOFILE["include"]
     assert BENTOFILE["python"]["lock_packages"] is False  # locking needs the network; the pins are the lock
+    # CPU torch in the image: the PyTorch CPU index, searched for the best match with PyPI
+    assert BENTOFILE["python"]["extra_index_url"] == ["https://download.pytorch.org/whl/cpu"]
+    assert {"name": "UV_INDEX_STRATEGY", "value": "unsafe-best-match"} in BENTOFILE["envs"]
 
 
 def test_only_runtime_packages_pinned_to_the_tested_versions():
