@@ -19,7 +19,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import zipfile
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from faceage.atomic import staged_dir
 from faceage.download import ChecksumError, download, file_digest
 from faceage.errors import FaceAgeError
 
@@ -191,18 +191,16 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", cache_di
             if got != md5:
                 raise ChecksumError(f"md5 of {local} is {got}, expected fetch_data.md5={md5}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-zip-", dir=out_dir.parent) as unzipped, \
+            staged_dir(out_dir) as staged:
         if local.is_dir():
             root = find_release_root(local)
         elif zipfile.is_zipfile(local):
-            _safe_extract(local, tmp / "zip")
-            root = find_release_root(tmp / "zip")
+            _safe_extract(local, Path(unzipped))
+            root = find_release_root(Path(unzipped))
         else:
             raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
         splits = validate_layout(root)
-        staged = tmp / "release"
-        staged.mkdir()
         _copy_release(root, splits, staged)
         info = {
             "source": source,
@@ -214,11 +212,6 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", cache_di
             "sha256": dataset_fingerprint(staged),
         }
         (staged / DATASET_JSON).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staged, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("APPA-REAL ready in %s: %s (sha256 %s)", out_dir, info["counts"], info["sha256"][:12])
     return info
 

