@@ -65,7 +65,11 @@ def test_package_registers_the_champion_and_the_bento_carries_the_model(bento_se
     model_dir = bento_server.home / "models" / "face_age" / lineage["bento_model"].split(":")[1]
     assert (model_dir / "model.pt").stat().st_size > 0
     assert json.loads((model_dir / "faceage.json").read_text())["mlflow_run_id"] == run_id
-    assert sorted(p.name for p in (model_dir / "detector").iterdir()) == ["frontal_face_detector.svm", "manifest.json"]
+    detector_files = {p.name for p in (model_dir / "detector").iterdir()}
+    encoder_files = {"shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat"}
+    assert {"frontal_face_detector.svm", "manifest.json"} <= detector_files
+    assert (encoder_files <= detector_files) == (lineage["backbone"] == "dlib_face")  # only what inference reads
+    assert "mmod_human_face_detector.dat" not in detector_files
 
 
 def test_ready_in_reasonable_time(bento_server):
