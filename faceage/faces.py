@@ -9,6 +9,7 @@ the crop geometry, so a model is served exactly the pixels it was trained on.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,10 @@ class FaceDetector:
     Raises:
         ValueError: Unknown ``kind`` or negative ``upsample``.
         FileNotFoundError: The model file is missing from ``model_dir``.
+
+    dlib's detectors release the GIL but are not thread-safe (threads sharing one crashed with
+    "double free or corruption"), so :meth:`detect` holds a lock; for parallelism use one
+    detector per process, as ``preprocess`` and the service's detection pool do.
     """
 
     def __init__(self, model_dir: str | Path, kind: str = "hog", upsample: int = 1):
@@ -69,6 +74,7 @@ class FaceDetector:
         self.kind = kind
         self.upsample = upsample
         self.path = path
+        self._lock = threading.Lock()
         if kind == "hog":
             self._hog = dlib.fhog_object_detector(str(path))
         else:
@@ -81,11 +87,12 @@ class FaceDetector:
         """
         h, w = image.shape[:2]
         image = np.ascontiguousarray(image)
-        if self.kind == "hog":
-            rects, scores, _ = self._hog.run(image, self.upsample, 0.0)
-            found = list(zip(rects, scores))
-        else:
-            found = [(d.rect, d.confidence) for d in self._cnn(image, self.upsample)]
+        with self._lock:
+            if self.kind == "hog":
+                rects, scores, _ = self._hog.run(image, self.upsample, 0.0)
+                found = list(zip(rects, scores))
+            else:
+                found = [(d.rect, d.confidence) for d in self._cnn(image, self.upsample)]
         boxes = []
         for r, score in found:
             box = FaceBox(

@@ -289,6 +289,8 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         (reports_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         mlflow.log_metrics({"best_val_mae": best["val_mae"], "best_epoch": best["epoch"], "temperature": temperature})
         mlflow.log_artifact(str(reports_dir / "history.csv"))
+        # The self-describing checkpoint travels with the run, so any winning run can be packaged.
+        mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
         _log_model(mlflow, model, tuple(val_set.images.shape[1:]))
         write_run_file(run_path, run.info.run_id, run.info.experiment_id)
     except BaseException as e:
