@@ -7,15 +7,18 @@ from faceage.sweep import _conclusion, write_report
 def row(backbone, gflops, params_m, test_mae):
     return {"backbone": backbone, "run_id": "0123456789abcdef", "overrides": [], "params_m": params_m,
             "gflops": gflops, "image_size": 64, "epochs": 5, "train_time_s": 60.0, "val_mae": test_mae,
-            "test_mae": test_mae, "cs5": 0.4, "coverage_1std": 0.7}
+            "test_mae": test_mae, "cs5": 0.4, "coverage_1std": 0.7, "baseline_mae": 21.7}
 
 
 def test_saturation_verdict_follows_the_numbers(tmp_path):
-    flat = [row("resnet18", 0.15, 11.2, 10.0), row("resnet50", 0.34, 23.7, 10.2), row("dlib_face", 0.0002, 0.1, 5.2)]
+    flat = [row("resnet18", 0.30, 11.2, 12.9), row("resnet34", 0.60, 21.3, 14.2), row("resnet50", 0.67, 23.7, 17.3),
+            row("mobilenet_v3_large", 0.04, 4.3, 22.1), row("dlib_face", 0.0002, 0.1, 5.2)]
     text = _conclusion(flat)
-    assert "**saturates**" in text and "`dlib_face`) reaches 5.20" in text
-    improving = [row("resnet18", 0.15, 11.2, 12.0), row("resnet50", 0.34, 23.7, 9.0)]
-    assert "**keeps improving**" in _conclusion(improving)
+    assert "**no gain from size: saturated**" in text and "`dlib_face`) reaches 5.20" in text
+    assert "`resnet18` 12.90 -> `resnet34` 14.20 -> `resnet50` 17.30: depth alone does not lower" in text
+    assert "`mobilenet_v3_large` stayed near the always-the-training-mean baseline (21.70)" in text
+    improving = [row("resnet18", 0.3, 11.2, 12.0), row("resnet34", 0.6, 21.3, 10.0), row("resnet50", 0.67, 23.7, 9.0)]
+    assert "**bigger backbones reduce the error**" in _conclusion(improving)
     write_report(flat, tmp_path / "b.md", tmp_path / "b.png", "cpu")
     md = (tmp_path / "b.md").read_text()
     assert "| `dlib_face` |" in md and "train.image_size=64" in md and (tmp_path / "b.png").stat().st_size > 1000
