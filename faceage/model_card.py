@@ -41,6 +41,8 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
     """
     tp = meta.get("train_params", {})
     crop = meta["crop"]
+    worst = max(groups["age_group"], key=lambda g: g["mae_years"])
+    smallest = min(groups["age_group"], key=lambda g: g["n"])
     cs_key = next(k for k in metrics if k.startswith("cs") and k[2:].replace(".", "").isdigit())
     lines = [
         f"# Model card: FaceAge {meta['backbone']}",
@@ -91,14 +93,16 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
     lines += [
         "",
         "## Calibration",
-        f"- Temperature {_fmt(metrics['temperature'], 3)} (fitted on validation by Gaussian likelihood); "
+        f"- Temperature {_fmt(metrics['temperature'], 3)} (fitted on the validation split so that age +- k std "
+        "covers the true age as often as a Gaussian would, k = 0.25..3); "
         f"mean predicted std {_fmt(metrics['mean_predicted_std'])} years.",
         f"- True age within 1 std: {_fmt(metrics['coverage_1std'], 3)} (a Gaussian would give 0.683); "
         f"within 2 std: {_fmt(metrics['coverage_2std'], 3)} (0.954).",
         "",
         "## Known limits",
-        f"- Trained on {dataset.get('counts', {}).get('train', '?')} images; errors grow where training faces are "
-        "few: see the age groups above (the oldest groups have the fewest faces and the largest errors).",
+        f"- Trained on {dataset.get('counts', {}).get('train', '?')} images. The largest test error is in age group "
+        f"{worst['group']} ({_fmt(worst['mae_years'])} years on {worst['n']} faces); the smallest group, "
+        f"{smallest['group']}, has {smallest['n']} test faces, so its number is the least certain.",
         "- The HOG detector finds frontal faces; profiles, strong occlusion and faces under ~40 px are missed, "
         "and a missed face gets no age at all.",
         "- Apparent age is what raters perceive; it can differ from real age by several years either way.",
