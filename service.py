@@ -58,9 +58,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header  # 
 from faceage.annotate import annotate as draw_faces, face_label, to_png  # noqa: E402
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError  # noqa: E402
 from faceage.predict import (  # noqa: E402
-    DEFAULT_MAX_DETECT_PIXELS, AgeBatcher, AgePredictor, FaceAge, ImageProcessingError, LocatedFaces, LocatorPool,
+    DEFAULT_MAX_DETECT_PIXELS, AgeBatcher, AgePredictor, ImageProcessingError, LocatedFaces, LocatorPool,
     available_cores, split_results,
 )
+from faceage.predict import FaceAge as FaceResult  # noqa: E402  (the service class below is FaceAge)
 
 log = logging.getLogger("faceage.service")
 
@@ -207,6 +208,21 @@ async def read_body(request: Request) -> bytes:
 
 def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+INPUT_ERRORS = (BadRequest, ImageDecodeError, ImageProcessingError)
+
+
+def input_status(e: Exception) -> int:
+    """The HTTP status of a bad-input error: the request's own, 400 undecodable, 422 unprocessable."""
+    if isinstance(e, BadRequest):
+        return e.status
+    return 422 if isinstance(e, ImageProcessingError) else 400
+
+
+def input_error_response(e: Exception) -> JSONResponse:
+    """``{"error": message}`` with :func:`input_status` for one of :data:`INPUT_ERRORS`."""
+    return error_response(input_status(e), e.message if isinstance(e, BadRequest) else str(e))
 
 
 class BodyLimitMiddleware:
@@ -369,7 +385,7 @@ class FaceAge:
         self.locator.close()
 
     async def analyse(self, data: bytes, *, with_image: bool = False
-                      ) -> tuple[LocatedFaces, list[FaceAge], np.ndarray | None]:
+                      ) -> tuple[LocatedFaces, list[FaceResult], np.ndarray | None]:
         """Encoded photo -> located faces, their ages (largest first) and, optionally, the decoded image."""
         located, image = await self.locator.locate(data, with_image=with_image)
         mean, std = await self.batcher(located.crops)
@@ -384,12 +400,8 @@ class FaceAge:
         """Faces and ages of the photo in the form field ``image`` (JSON)."""
         try:
             located, faces, _ = await self.analyse(await self._one_image(request))
-        except BadRequest as e:
-            return error_response(e.status, e.message)
-        except ImageDecodeError as e:
-            return error_response(400, str(e))
-        except ImageProcessingError as e:
-            return error_response(422, str(e))
+        except INPUT_ERRORS as e:
+            return input_error_response(e)
         return JSONResponse({"faces": [f.as_dict() for f in faces], "width": located.width,
                              "height": located.height, "model": self.lineage})
 
@@ -398,12 +410,8 @@ class FaceAge:
         """The photo in ``image`` with each face's box and "age ± std" label (PNG)."""
         try:
             _, faces, image = await self.analyse(await self._one_image(request), with_image=True)
-        except BadRequest as e:
-            return error_response(e.status, e.message)
-        except ImageDecodeError as e:
-            return error_response(400, str(e))
-        except ImageProcessingError as e:
-            return error_response(422, str(e))
+        except INPUT_ERRORS as e:
+            return input_error_response(e)
         png = await asyncio.to_thread(lambda: to_png(draw_faces(image, faces)))
         return _png(png, {"X-FaceAge-Faces": str(len(faces))})
 
@@ -412,12 +420,8 @@ class FaceAge:
         """Face ``face``'s margin crop (PNG), the exact pixels ``preprocess`` would store."""
         try:
             located, _ = await self.locator.locate(await self._one_image(request))
-        except BadRequest as e:
-            return error_response(e.status, e.message)
-        except ImageDecodeError as e:
-            return error_response(400, str(e))
-        except ImageProcessingError as e:
-            return error_response(422, str(e))
+        except INPUT_ERRORS as e:
+            return input_error_response(e)
         if not 0 <= face < len(located.crops):
             return error_response(422, f"no face {face}: the photo has {len(located.crops)} face(s)")
         png = await asyncio.to_thread(to_png, located.crops[face])
@@ -442,8 +446,7 @@ class FaceAge:
         results = []
         for part, item in zip(parts, found):
             if isinstance(item, BaseException):
-                status = 422 if isinstance(item, ImageProcessingError) else 400
-                results.append({"filename": part.filename, "error": str(item), "status": status})
+                results.append({"filename": part.filename, "error": str(item), "status": input_status(item)})
             else:
                 results.append({"filename": part.filename, "faces": [f.as_dict() for f in next(ages)],
                                 "width": item[0].width, "height": item[0].height})
