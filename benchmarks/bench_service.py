@@ -1,7 +1,7 @@
 """Benchmark: POST /predict latency and throughput, against the same predictor called in-process.
 
 Input: the packaged model (``face_age:latest`` in ``$BENTOML_HOME``) and a folder of photos
-(default: ``../shared/datasets/wild``, the files that decode). Output: printed p50/p95/mean
+(default: ``$FACEAGE_SHARED_DATASETS/wild`` or ``../shared/datasets/wild``, the files that decode). Output: printed p50/p95/mean
 latency and images/s for 1 client and for N concurrent clients (default 8), for the service
 (a `bentoml serve` this script starts on a free 127.0.0.1 port, or ``--url``), and for the
 in-process :class:`faceage.predict.AgePredictor` built from the same model folder, called
@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PHOTOS = REPO.parent / "shared" / "datasets" / "wild"
+DEFAULT_PHOTOS = Path(os.environ.get("FACEAGE_SHARED_DATASETS", REPO.parent / "shared" / "datasets")) / "wild"
 
 
 def percentile(values: list[float], q: float) -> float:
