@@ -26,7 +26,7 @@ repro: setup
 	$(BIN)/dvc repro
 
 # The quick CPU profile: the whole pipeline on the 2,100-face shared sample, from scratch,
-# 5 epochs at 112 px (about 5 min on 2 cores), as a DVC experiment tracked in MLflow.
+# 5 epochs at 112 px (about 8 min on 2 cores), as a DVC experiment tracked in MLflow.
 SAMPLE ?= $(abspath ../shared/datasets/appa-real-sample)
 QUICK := -S fetch_data.source=$(SAMPLE) -S train.pretrained=none -S train.epochs=5 -S train.image_size=112
 quick: setup
