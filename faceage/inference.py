@@ -16,10 +16,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from faceage.face_encoder import FACE_ENCODER, DlibFaceEncoder
 from faceage.model import expected_age, load_checkpoint
 from faceage.transforms import normalize, resize_crop
+
+
+def input_fn(backbone: str, mean, std):
+    """How a stored batch becomes network input: normalised images, or descriptors as they are."""
+    if backbone == FACE_ENCODER:
+        return lambda x: x.float()
+    return lambda x: normalize(x, mean, std)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, inputs: torch.Tensor, prepare, device: torch.device,
+                   batch_size: int = 128) -> torch.Tensor:
+    """Logits for stored inputs (uint8 images or descriptors), in batches, on ``device``; returned on CPU."""
+    model.eval()
+    out = [model(prepare(inputs[i : i + batch_size].to(device))).float().cpu()
+           for i in range(0, len(inputs), batch_size)]
+    return torch.cat(out)
 
 
 class AgeModel:
@@ -51,7 +69,7 @@ class AgeModel:
         return self._encoder
 
     def prepare(self, crops: list[np.ndarray]) -> torch.Tensor:
-        """Crops -> the stored input form: uint8 (N, 3, S, S) images, or float (N, 128) descriptors."""
+        """Crops -> the stored input form: uint8 (N, 3, S, S) images, or float (N, 2, 128) descriptors."""
         if self.uses_encoder:
             return torch.from_numpy(self.encoder.embed_many(crops))
         size = self.meta["image_size"]
@@ -64,14 +82,9 @@ class AgeModel:
         """Ages and stds (years, float64 arrays) for inputs from :meth:`prepare` or a dataset."""
         if len(inputs) == 0:
             return np.zeros(0), np.zeros(0)
-        means, stds = [], []
-        for i in range(0, len(inputs), batch_size):
-            x = inputs[i : i + batch_size].to(self.device)
-            x = x.float() if self.uses_encoder else normalize(x, self.meta["mean"], self.meta["std"])
-            m, s = expected_age(self.model(x), self.temperature)
-            means.append(m.cpu())
-            stds.append(s.cpu())
-        return torch.cat(means).double().numpy(), torch.cat(stds).double().numpy()
+        prepare = input_fn(self.meta["backbone"], self.meta["mean"], self.meta["std"])
+        mean, std = expected_age(predict_logits(self.model, inputs, prepare, self.device, batch_size), self.temperature)
+        return mean.double().numpy(), std.double().numpy()
 
     def predict_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Ages and stds (years) for uint8 crops, in one batched pass."""

@@ -33,13 +33,14 @@ from faceage.config import ConfigError, TrainParams
 from faceage.data import load_split
 from faceage.download import file_digest
 from faceage.face_encoder import FACE_ENCODER
+from faceage.inference import input_fn, predict_logits
 from faceage.model import (
     IMAGENET_MEAN, IMAGENET_STD, MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature,
     load_pretrained, save_checkpoint,
 )
 from faceage.preprocess import MANIFEST, read_crop_settings
 from faceage.tracking import git_commit, setup_mlflow, tracking_uri, write_run_file
-from faceage.transforms import normalize, train_augment
+from faceage.transforms import train_augment
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +99,6 @@ def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
         epoch = step // steps_per_epoch
         return 0.1 ** sum(epoch >= m for m in (int(p.epochs * 0.5), int(p.epochs * 0.75)))
     return 1.0
-
-
-def input_fn(backbone: str, mean, std):
-    """How a stored batch becomes network input: normalised images, or descriptors as they are."""
-    if backbone == FACE_ENCODER:
-        return lambda x: x.float()
-    return lambda x: normalize(x, mean, std)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, inputs: torch.Tensor, prepare, device: torch.device,
-                   batch_size: int = 128) -> torch.Tensor:
-    """Logits for stored inputs (uint8 images or descriptors), in batches, on ``device``; returned on CPU."""
-    model.eval()
-    out = [model(prepare(inputs[i : i + batch_size].to(device))).float().cpu()
-           for i in range(0, len(inputs), batch_size)]
-    return torch.cat(out)
 
 
 def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None) -> str:
