@@ -1,20 +1,26 @@
-"""Benchmark: POST /predict latency and throughput, against the same predictor called in-process.
+"""Benchmark: cold start, POST /predict latency and throughput, against the same predictor in-process.
 
-Input: the packaged model (``face_age:latest`` in ``$BENTOML_HOME``) and a folder of photos
-(default: ``$FACEAGE_SHARED_DATASETS/wild`` or ``../shared/datasets/wild``, the files that decode). Output: printed p50/p95/mean
-latency and images/s for 1 client and for N concurrent clients (default 8), for the service
-(a `bentoml serve` this script starts on a free 127.0.0.1 port, or ``--url``), and for the
-in-process :class:`faceage.predict.AgePredictor` built from the same model folder, called
-sequentially (a predictor is not thread-safe); then the service/in-process ratios: latency
-for 1 client, throughput for N clients. ``--json`` also writes them to a file. Loops are bounded
-(``--rounds`` passes over the photos); nothing but 127.0.0.1 is contacted. Not a test: it
-reports numbers and asserts nothing.
+Input: one or more bentos (``--tag``, default ``face_age:latest`` in ``$BENTOML_HOME``) and a folder
+of photos (default: ``$FACEAGE_SHARED_DATASETS/wild`` or ``../shared/datasets/wild``, the files
+that decode). For each bento, in one run: the cold start (``bentoml serve`` process start to the
+first 200 on ``/readyz``, on a free 127.0.0.1 port) and what it ships (the bento's size); p50/p95/mean
+latency and images/s for 1 client and for N concurrent clients (default 8); the in-process
+:class:`faceage.predict.AgePredictor` built from the same model folder with the same runtime (the
+ONNX graph), called sequentially (a predictor is not thread-safe); the ratios (1-client p50
+service/in-process, N-client throughput vs one client); the p50 of photos with exactly one face.
+Two ``--tag``s compare two bentos side by side (e.g. two champions). ``--json`` writes it all.
+
+Deployments are targets with ``start() -> (url, cold start)``, ``stop()`` and ``size_bytes()``:
+:class:`HostTarget` (``bentoml serve``), :class:`UrlTarget` (``--url``, already running); a
+container target adds ``docker run`` and the image size the same way.
 
 The 1-client figures are paired: each photo goes in-process and to the service back to back
 (alternating which goes first), so a load change on the machine hits both sides alike; the
-median of the paired differences is the time the service adds per request.
+median of the paired differences is the time the service adds per request. Loops are bounded
+(``--rounds`` passes over the photos); nothing but 127.0.0.1 is contacted. Not a test: it reports
+numbers and asserts nothing.
 
-    python benchmarks/bench_service.py [--rounds 2] [--clients 8] [--url http://127.0.0.1:3000]
+    python benchmarks/bench_service.py [--rounds 2] [--clients 8] [--tag face_age:v1 --tag face_age:v2]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -67,36 +74,109 @@ def load_photos(folder: Path) -> list[tuple[str, bytes]]:
     return photos
 
 
-def start_server(tag: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    bentoml = Path(sys.executable).parent / "bentoml"
-    proc = subprocess.Popen([str(bentoml), "serve", tag, "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url, start = f"http://127.0.0.1:{port}", time.monotonic()
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, start: float, timeout_s: float, what: str) -> float:
+    """Seconds from ``start`` to the first 200 on ``/readyz`` (polled every 50 ms)."""
     while time.monotonic() - start < timeout_s:
-        if proc.poll() is not None:
-            raise SystemExit(f"bentoml serve {tag} exited with {proc.returncode}")
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}")
         try:
             if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                print(f"server {tag} ready in {time.monotonic() - start:.1f} s at {url}")
-                return proc, url
+                return time.monotonic() - start
         except requests.RequestException:
             pass
-        time.sleep(0.25)
-    os.killpg(proc.pid, signal.SIGTERM)
-    raise SystemExit(f"bentoml serve {tag} not ready after {timeout_s} s")
+        time.sleep(0.05)
+    raise SystemExit(f"{what} not ready after {timeout_s} s")
+
+
+def start_server(tag: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str, float]:
+    """``bentoml serve tag`` on a free 127.0.0.1 port: (process, base URL, cold start in s).
+
+    The cold start runs from process start to the first 200 on ``/readyz``.
+    """
+    port = free_port()
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    bentoml = Path(sys.executable).parent / "bentoml"
+    start = time.monotonic()
+    proc = subprocess.Popen([str(bentoml), "serve", tag, "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready_s = wait_ready(url, proc, start, timeout_s, f"bentoml serve {tag}")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)
+        raise
+    print(f"server {tag} ready in {ready_s:.1f} s at {url}")
+    return proc, url, ready_s
+
+
+@dataclass
+class HostTarget:
+    """``bentoml serve`` of a bento on this host. Another deployment (e.g. the container) is a
+    class with the same three methods: ``start() -> (base URL, cold start s)``, ``stop()`` and
+    ``size_bytes()`` (what it ships: here the bento folder; for an image, its size)."""
+
+    tag: str
+    proc: subprocess.Popen | None = None
+
+    @property
+    def name(self) -> str:
+        return f"host {self.tag}"
+
+    def start(self) -> tuple[str, float]:
+        self.proc, url, ready_s = start_server(self.tag)
+        return url, ready_s
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def size_bytes(self) -> int | None:
+        import bentoml
+
+        path = Path(bentoml.get(self.tag).path)
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class UrlTarget:
+    """A service that is already running on 127.0.0.1 (``--url``): no cold start, no size."""
+
+    url: str
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def start(self) -> tuple[str, float | None]:
+        return self.url.rstrip("/"), None
+
+    def stop(self) -> None:
+        pass
+
+    def size_bytes(self) -> int | None:
+        return None
 
 
 def post(session: requests.Session, url: str, name: str, data: bytes) -> float:
+    return post_faces(session, url, name, data)[0]
+
+
+def post_faces(session: requests.Session, url: str, name: str, data: bytes) -> tuple[float, int]:
+    """Seconds for one POST /predict, and the number of faces it found."""
     t0 = time.perf_counter()
     r = session.post(url + "/predict", files={"image": (name, data, "application/octet-stream")}, timeout=300)
     elapsed = time.perf_counter() - t0
     if r.status_code != 200:
         raise RuntimeError(f"{name}: {r.status_code} {r.text[:200]}")
-    return elapsed
+    return elapsed, len(r.json()["faces"])
 
 
 def in_process(predictor, data: bytes) -> float:
@@ -115,17 +195,84 @@ def concurrent_run(fn, jobs: list, clients: int) -> tuple[list[float], float]:
     return latencies, time.perf_counter() - t0
 
 
+def measure(target, predictor, photos: list[tuple[str, bytes]], rounds: int, clients: int) -> dict:
+    """Cold start, then paired 1-client latency against ``predictor``, then ``clients`` concurrent."""
+    url, ready_s = target.start()
+    results: dict = {"target": target.name, "cold_start_s": ready_s, "size_bytes": target.size_bytes()}
+    try:
+        session = requests.Session()
+        for name, data in photos[:3]:  # warm both sides up (first calls allocate)
+            in_process(predictor, data)
+            post(session, url, name, data)
+        local, served, one_face = [], [], []
+        for i, (name, data) in enumerate(photos * rounds):
+            # Paired: the same photo on both sides, back to back, in alternating order.
+            if i % 2:
+                elapsed, faces = post_faces(session, url, name, data)
+                local.append(in_process(predictor, data))
+            else:
+                local.append(in_process(predictor, data))
+                elapsed, faces = post_faces(session, url, name, data)
+            served.append(elapsed)
+            if faces == 1:
+                one_face.append(elapsed)
+        results["in_process_1"] = summary(local, sum(local))
+        results["service_1"] = summary(served, sum(served))
+        results["one_face_p50_ms"] = 1000 * percentile(one_face, 0.5) if one_face else None
+        results["overhead_ms_median"] = 1000 * statistics.median(b - a for a, b in zip(local, served))
+
+        jobs = [(name, data) for _ in range(rounds) for name, data in photos]
+        per_thread = threading.local()  # one connection per client thread
+
+        def client_post(job: tuple[str, bytes]) -> float:
+            if not hasattr(per_thread, "session"):
+                per_thread.session = requests.Session()
+            return post(per_thread.session, url, *job)
+
+        lat, wall = concurrent_run(client_post, jobs, clients)
+        results[f"service_{clients}"] = summary(lat, wall)
+    finally:
+        target.stop()
+    one, many, base = results["service_1"], results[f"service_{clients}"], results["in_process_1"]
+    results["ratio_p50_1"] = one["p50_ms"] / base["p50_ms"]
+    results["ratio_p95_1"] = one["p95_ms"] / base["p95_ms"]
+    results[f"ratio_throughput_{clients}"] = many["images_per_s"] / base["images_per_s"]
+    results[f"ratio_throughput_{clients}_vs_1_client"] = many["images_per_s"] / one["images_per_s"]
+    return results
+
+
+def report(results: dict, clients: int) -> None:
+    print(f"\n{results['target']} (model {results['model']}):")
+    cold = results["cold_start_s"]
+    size = results["size_bytes"]
+    print(f"  cold start (process start -> /readyz 200): {'n/a' if cold is None else f'{cold:.1f} s'}; "
+          f"size: {'n/a' if size is None else f'{size / 2**20:.1f} MiB'}")
+    print(f"  {'':28s}{'p50 ms':>10s}{'p95 ms':>10s}{'mean ms':>10s}{'img/s':>9s}")
+    for key, label in (("in_process_1", "in-process, sequential"), ("service_1", "service, 1 client"),
+                       (f"service_{clients}", f"service, {clients} clients")):
+        r = results[key]
+        print(f"  {label:28s}{r['p50_ms']:10.1f}{r['p95_ms']:10.1f}{r['mean_ms']:10.1f}{r['images_per_s']:9.2f}")
+    one_face = results["one_face_p50_ms"]
+    print(f"  1 client: p50 {results['ratio_p50_1']:.2f}x in-process, p95 {results['ratio_p95_1']:.2f}x (median added "
+          f"per request: {results['overhead_ms_median']:.1f} ms); one-face photos p50 "
+          f"{'n/a' if one_face is None else f'{one_face:.1f} ms'}")
+    print(f"  {clients} clients: throughput {results[f'ratio_throughput_{clients}_vs_1_client']:.2f}x one client, "
+          f"{results[f'ratio_throughput_{clients}']:.2f}x in-process sequential")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of photos (default: %(default)s)")
-    parser.add_argument("--tag", default="face_age:latest", help="BentoML model and bento tag")
-    parser.add_argument("--url", help="an already running service on 127.0.0.1 (default: start one)")
+    parser.add_argument("--tag", action="append", help="bento (and its model) to serve; repeat to compare bentos "
+                        "side by side in one run (default: face_age:latest)")
+    parser.add_argument("--url", help="an already running service on 127.0.0.1 (default: start one per --tag)")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the photos per measurement")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the second measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
-        raise SystemExit(f"--url must be on 127.0.0.1, got {args.url}")
+    tags = args.tag or ["face_age:latest"]
+    if args.url and (urlparse(args.url).hostname not in ("127.0.0.1", "localhost") or len(tags) > 1):
+        raise SystemExit(f"--url must be on 127.0.0.1 and goes with one --tag, got {args.url}")
     if args.rounds < 1 or args.clients < 1:
         raise SystemExit("--rounds and --clients must be >= 1")
 
@@ -136,61 +283,33 @@ def main(argv: list[str] | None = None) -> None:
     photos = load_photos(args.photos)
     if not photos:
         raise SystemExit(f"no decodable photos in {args.photos}")
-    model = bentoml.models.get(args.tag)
-    predictor = AgePredictor.from_model_dir(model.path)  # same folder, same settings as the service
-    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.tag)
-    results: dict = {"model": str(model.tag), "photos": len(photos), "rounds": args.rounds, "cores": available_cores()}
-    try:
-        session = requests.Session()
-        for name, data in photos[:3]:  # warm both sides up (first calls allocate)
-            in_process(predictor, data)
-            post(session, url, name, data)
-
-        local, served = [], []
-        for i, (name, data) in enumerate(photos * args.rounds):
-            # Paired: the same photo on both sides, back to back, in alternating order.
-            if i % 2:
-                served.append(post(session, url, name, data))
-                local.append(in_process(predictor, data))
-            else:
-                local.append(in_process(predictor, data))
-                served.append(post(session, url, name, data))
-        results["in_process_1"] = summary(local, sum(local))
-        results["service_1"] = summary(served, sum(served))
-        results["overhead_ms_median"] = 1000 * statistics.median(b - a for a, b in zip(local, served))
-
-        jobs = [(name, data) for _ in range(args.rounds) for name, data in photos]
-        per_thread = threading.local()  # one connection per client thread
-
-        def client_post(job: tuple[str, bytes]) -> float:
-            if not hasattr(per_thread, "session"):
-                per_thread.session = requests.Session()
-            return post(per_thread.session, url, *job)
-
-        lat, wall = concurrent_run(client_post, jobs, args.clients)
-        results[f"service_{args.clients}"] = summary(lat, wall)
-    finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-
-    print(f"\nFaceAge /predict: {len(photos)} photos from {args.photos} x {args.rounds} rounds, model {model.tag}, "
-          f"{results['cores']} CPU cores")
-    print(f"{'':28s}{'p50 ms':>10s}{'p95 ms':>10s}{'mean ms':>10s}{'img/s':>9s}")
-    for key, label in (("in_process_1", "in-process, sequential"), ("service_1", "service, 1 client"),
-                       (f"service_{args.clients}", f"service, {args.clients} clients")):
-        r = results[key]
-        print(f"{label:28s}{r['p50_ms']:10.1f}{r['p95_ms']:10.1f}{r['mean_ms']:10.1f}{r['images_per_s']:9.2f}")
-    one, many, base = results["service_1"], results[f"service_{args.clients}"], results["in_process_1"]
-    results["ratio_p50_1"] = one["p50_ms"] / base["p50_ms"]
-    results["ratio_p95_1"] = one["p95_ms"] / base["p95_ms"]
-    results[f"ratio_throughput_{args.clients}"] = many["images_per_s"] / base["images_per_s"]
-    print(f"ratio service/in-process, 1 client: p50 {results['ratio_p50_1']:.2f}x, p95 {results['ratio_p95_1']:.2f}x "
-          f"(median added per request: {results['overhead_ms_median']:.1f} ms)")
-    print(f"ratio service ({args.clients} clients)/in-process (sequential): throughput "
-          f"{results[f'ratio_throughput_{args.clients}']:.2f}x")
+    runs = []
+    for tag in tags:
+        bento = bentoml.get(tag)
+        model = bentoml.models.get(bento.info.models[0].tag)  # the model this bento serves
+        # The service's own predictor (same folder, same ONNX graph), called in-process.
+        predictor = AgePredictor.from_model_dir(model.path, runtime="onnx")
+        target = UrlTarget(args.url) if args.url else HostTarget(str(bento.tag))
+        results = measure(target, predictor, photos, args.rounds, args.clients)
+        results["model"] = str(model.tag)
+        results["backbone"] = model.info.metadata.get("backbone")
+        runs.append(results)
+        del predictor
+    print(f"\nFaceAge /predict: {len(photos)} photos from {args.photos} x {args.rounds} rounds, "
+          f"{available_cores()} CPU cores")
+    for results in runs:
+        report(results, args.clients)
+    if len(runs) > 1:
+        print("\nside by side (same run):")
+        for r in runs:
+            one_face = r["one_face_p50_ms"]
+            print(f"  {r['target']:40s} {r['backbone'] or '?':16s} cold start {r['cold_start_s'] or float('nan'):5.1f} s, "
+                  f"1-client p50 {r['service_1']['p50_ms']:7.1f} ms, one-face p50 "
+                  f"{'n/a' if one_face is None else f'{one_face:7.1f} ms'}, "
+                  f"{args.clients} clients {r[f'service_{args.clients}']['images_per_s']:.2f} img/s")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps({"photos": len(photos), "rounds": args.rounds, "cores": available_cores(),
+                                         "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

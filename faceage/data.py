@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from faceage.preprocess import read_faces_manifest
-from faceage.transforms import resize_crop
+from faceage.inputs import resize_crop
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ class FaceCrops(Dataset):
         if not self.rows:
             raise ValueError(f"no face crops for split {split!r} in {faces_dir}")
         faces_dir = Path(faces_dir)
-        self.images = torch.stack([
+        self.images = torch.from_numpy(np.stack([
             resize_crop(np.asarray(Image.open(faces_dir / r["crop"]).convert("RGB")), image_size)
             for r in tqdm(self.rows, desc=f"load {split}", unit="img", leave=False)
-        ])
+        ]))
         self.ages = torch.tensor([float(r["apparent_age"]) for r in self.rows])
         self.age_stds = torch.tensor([float(r["apparent_age_std"]) for r in self.rows])
         self.real_ages = torch.tensor([float(r["real_age"]) for r in self.rows])

@@ -5,9 +5,10 @@ models for the face encoder), and face crops from :func:`faceage.faces.crop_face
 Output: per crop, the expected age (years) and the standard deviation of the predicted age
 distribution at the checkpoint's calibrated temperature.
 
-``evaluate`` and the service's predictor both go through :class:`AgeModel`, so a test-set
-number describes exactly what is served: image backbones resize + normalise the crop
-(:mod:`faceage.transforms`); ``dlib_face`` embeds it with :class:`faceage.face_encoder.DlibFaceEncoder`.
+``evaluate``, the CLI and (exported to ONNX at packaging time, see :mod:`faceage.export`) the
+service all run :class:`AgeGraph`: stored input (:mod:`faceage.inputs`) -> network input
+(:func:`input_fn`) -> logits -> age, age_std and the age distribution. So a test-set number
+describes exactly what is served.
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceage.face_encoder import FACE_ENCODER, DlibFaceEncoder
+from faceage.face_encoder import FACE_ENCODER
+from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, input_preparer
 from faceage.model import expected_age, load_checkpoint
-from faceage.transforms import normalize, resize_crop
+from faceage.transforms import normalize
 
 
-def input_fn(backbone: str, mean, std):
-    """How a stored batch becomes network input: normalised images, or descriptors as they are."""
-    if backbone == FACE_ENCODER:
+def input_fn(kind: str, mean, std):
+    """How a stored batch becomes network input: normalised images, or descriptors as they are.
+
+    Args:
+        kind: The checkpoint's ``meta["input"]`` kind, or (as ``train`` calls it) the backbone
+            name: ``dlib_face`` means descriptors, a torchvision backbone means images.
+        mean: Per-channel mean for images.
+        std: Per-channel std for images.
+    """
+    if kind in (DLIB_FACE_EMBEDDING, FACE_ENCODER):
         return lambda x: x.float()
-    return lambda x: normalize(x, mean, std)
+    return lambda x: normalize(x, mean, std)  # IMAGE, and every torchvision backbone
 
 
 @torch.no_grad()
@@ -40,8 +49,31 @@ def predict_logits(model: nn.Module, inputs: torch.Tensor, prepare, device: torc
     return torch.cat(out)
 
 
+class AgeGraph(nn.Module):
+    """The whole age computation as one module: stored input -> (age, age_std, age distribution).
+
+    This is what ``evaluate`` runs and what :mod:`faceage.export` exports to ONNX, so the
+    served graph and the evaluated one are the same code.
+
+    Args:
+        model: The checkpoint's network (logits over ages ``min_age..``).
+        meta: The checkpoint's settings (``input`` kind, ``mean``/``std``, ``temperature``).
+    """
+
+    def __init__(self, model: nn.Module, meta: dict):
+        super().__init__()
+        self.model = model
+        self.prepare = input_fn(input_kind(meta).name, meta.get("mean"), meta.get("std"))
+        self.temperature = float(meta.get("temperature", 1.0))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model(self.prepare(x)).float()
+        mean, std = expected_age(logits, self.temperature)
+        return mean, std, torch.softmax(logits, dim=1)
+
+
 class AgeModel:
-    """Loads a checkpoint once and predicts ages for batches of crops.
+    """Loads a checkpoint once and predicts ages for batches of crops (torch).
 
     Args:
         checkpoint: Path of a FaceAge checkpoint.
@@ -54,38 +86,38 @@ class AgeModel:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
-        self.temperature = float(self.meta.get("temperature", 1.0))
-        self.uses_encoder = self.meta["backbone"] == FACE_ENCODER
+        self.graph = AgeGraph(self.model, self.meta).eval()
+        self.temperature = self.graph.temperature
         self.detector_dir = detector_dir
-        self._encoder: DlibFaceEncoder | None = None
-
-    @property
-    def encoder(self) -> DlibFaceEncoder:
-        """The face encoder of a ``dlib_face`` checkpoint, loaded on first use."""
-        if self._encoder is None:
-            if self.detector_dir is None:
-                raise ValueError(f"a {FACE_ENCODER} checkpoint needs the detector folder (face encoder files)")
-            self._encoder = DlibFaceEncoder(self.detector_dir, self.meta["crop"]["margin"])
-        return self._encoder
+        self._prepare = None
 
     def prepare(self, crops: list[np.ndarray]) -> torch.Tensor:
-        """Crops -> the stored input form: uint8 (N, 3, S, S) images, or float (N, 2, 128) descriptors."""
-        if self.uses_encoder:
-            return torch.from_numpy(self.encoder.embed_many(crops))
-        size = self.meta["image_size"]
-        if not crops:
-            return torch.zeros((0, 3, size, size), dtype=torch.uint8)
-        return torch.stack([resize_crop(c, size) for c in crops])
+        """Crops -> the stored input form (:mod:`faceage.inputs`) as a tensor."""
+        if self._prepare is None:  # dlib_face loads the face encoder here, on first use
+            self._prepare = input_preparer(self.meta, self.detector_dir)
+        return torch.from_numpy(self._prepare(list(crops)))
 
     @torch.no_grad()
+    def predict_graph(self, inputs: torch.Tensor, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ages, stds (float64) and age distributions (float32, N x ages) for stored inputs."""
+        if len(inputs) == 0:
+            return np.zeros(0), np.zeros(0), np.zeros((0, 0), np.float32)
+        out = [self.graph(inputs[i : i + batch_size].to(self.device)) for i in range(0, len(inputs), batch_size)]
+        mean, std, probs = (torch.cat(parts).cpu() for parts in zip(*out))
+        return mean.double().numpy(), std.double().numpy(), probs.numpy()
+
     def predict_inputs(self, inputs: torch.Tensor, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
         """Ages and stds (years, float64 arrays) for inputs from :meth:`prepare` or a dataset."""
-        if len(inputs) == 0:
-            return np.zeros(0), np.zeros(0)
-        prepare = input_fn(self.meta["backbone"], self.meta["mean"], self.meta["std"])
-        mean, std = expected_age(predict_logits(self.model, inputs, prepare, self.device, batch_size), self.temperature)
-        return mean.double().numpy(), std.double().numpy()
+        mean, std, _ = self.predict_graph(inputs, batch_size)
+        return mean, std
 
     def predict_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Ages and stds (years) for uint8 crops, in one batched pass."""
         return self.predict_inputs(self.prepare(crops))
+
+
+def load_age_model(checkpoint: str | Path, detector_dir: str | Path | None, *, device: str | None = "cpu",
+                   threads: int = 1) -> AgeModel:
+    """The torch runtime of :class:`faceage.predict.AgePredictor`: ``threads`` is process-wide."""
+    torch.set_num_threads(threads)
+    return AgeModel(checkpoint, detector_dir, device=device)

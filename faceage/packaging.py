@@ -8,11 +8,14 @@ Outputs:
   (an existing version of the same logged model is reused, not duplicated);
 - the BentoML model ``face_age`` in the BentoML store (``$BENTOML_HOME``)::
 
-      model.pt              the checkpoint (self-describing, see faceage.model)
+      model.pt              the checkpoint (self-describing, see faceage.model): the CLI, evaluate
+      model.onnx            the same network exported to ONNX (faceage.export), checked against the
+                            checkpoint on real face crops; what the service runs (ONNX Runtime)
       detector/             the dlib detector file the checkpoint was trained with (plus the
                             face-encoder files of a dlib_face checkpoint) + manifest.json
-      faceage.json          lineage: MLflow run, registry version, validation and test MAE,
-                            data sha256, git commits (also the BentoML model's metadata)
+      faceage.json          lineage: MLflow run, registry version, validation, test and external-set
+                            MAE, data sha256, git commits, the ONNX check (also the BentoML
+                            model's metadata)
 
 The winner is the finished run with test metrics (``test_mae_years``) and the lowest
 ``best_val_mae``; ties go to the newest run. Its checkpoint is the given file when that file
@@ -26,17 +29,19 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.face_encoder import FACE_ENCODER
-from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, check_detector_file
+from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.tracking import EXPERIMENT, git_commit
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,8 @@ VAL_METRIC = "best_val_mae"
 TEST_METRIC = "test_mae_years"
 LOGGED_MODEL_NAME = "model"
 ENCODER_FILES = (SHAPE5_FILE, RECOGNITION_FILE)  # what faceage.face_encoder loads
+EXTERNAL_METRIC_PREFIX, EXTERNAL_METRIC_SUFFIX = "external_", "_mae"  # external_<name>_mae (test-only sets)
+CHECK_FACES = 32  # real crops the ONNX export is checked on
 
 
 class PackagingError(FaceAgeError, RuntimeError):
@@ -66,6 +73,7 @@ class Winner:
     start_time_ms: int
     data_sha256: str | None
     git_commit: str | None
+    external_mae_years: dict[str, float] = field(default_factory=dict)  # external set name -> MAE
 
 
 def select_winner(client, experiment: str = EXPERIMENT) -> Winner:
@@ -101,7 +109,15 @@ def select_winner(client, experiment: str = EXPERIMENT) -> Winner:
     return Winner(run_id=best.info.run_id, run_name=best.info.run_name or "",
                   val_mae_years=float(best.data.metrics[VAL_METRIC]),
                   test_mae_years=float(best.data.metrics[TEST_METRIC]), start_time_ms=int(best.info.start_time),
-                  data_sha256=tags.get("data_sha256"), git_commit=tags.get("git_commit"))
+                  data_sha256=tags.get("data_sha256"), git_commit=tags.get("git_commit"),
+                  external_mae_years=external_maes(best.data.metrics))
+
+
+def external_maes(metrics: dict[str, float]) -> dict[str, float]:
+    """``{name: MAE}`` of the run's ``external_<name>_mae`` metrics (test-only external sets)."""
+    return {k[len(EXTERNAL_METRIC_PREFIX):-len(EXTERNAL_METRIC_SUFFIX)]: float(v) for k, v in sorted(metrics.items())
+            if k.startswith(EXTERNAL_METRIC_PREFIX) and k.endswith(EXTERNAL_METRIC_SUFFIX)
+            and len(k) > len(EXTERNAL_METRIC_PREFIX) + len(EXTERNAL_METRIC_SUFFIX)}
 
 
 def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS):
@@ -199,6 +215,7 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
         "registered_alias": CHAMPION_ALIAS,
         "val_mae_years": winner.val_mae_years,
         "test_mae_years": winner.test_mae_years,
+        **{f"external_{name}_mae_years": mae for name, mae in winner.external_mae_years.items()},
         "data_sha256": meta.get("data_sha256") or winner.data_sha256,
         "data_source": crop.get("data_source"),
         "git_commit": meta.get("git_commit") or winner.git_commit,
@@ -215,17 +232,44 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
     }
 
 
+def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES) -> list[np.ndarray]:
+    """Up to ``limit`` real face crops of the ``preprocess`` output (test split first), at ``size`` px.
+
+    Raises:
+        PackagingError: The folder holds no crops.
+    """
+    from faceage.preprocess import read_faces_manifest
+
+    faces_dir = Path(faces_dir)
+    if not (faces_dir / "manifest.csv").is_file():
+        raise PackagingError(f"{faces_dir} has no preprocess output (manifest.csv): the ONNX export is checked "
+                             "on real face crops; run the preprocess stage or pass --faces")
+    rows = sorted(read_faces_manifest(faces_dir), key=lambda r: r["split"] != "test")[:limit]
+    if not rows:
+        raise PackagingError(f"{faces_dir}/manifest.csv lists no face crops to check the ONNX export on")
+    crops = []
+    for row in rows:
+        with Image.open(faces_dir / row["crop"]) as im:
+            crops.append(np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)))
+    return crops
+
+
 def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata: dict[str, Any],
-                     name: str = BENTO_MODEL):
-    """Writes the checkpoint, its detector file and the lineage into a new BentoML model.
+                     name: str = BENTO_MODEL, *, faces_dir: str | Path):
+    """Exports the checkpoint to ONNX (checked on real crops) and writes both, the detector files
+    and the lineage (with the check) into a new BentoML model.
 
     Returns:
         The new ``bentoml.Model``.
 
     Raises:
         faceage.predict.PredictorError: The detector file differs from the checkpoint's.
+        faceage.export.ExportError: The exported graph disagrees with the checkpoint.
+        PackagingError: No real crops in ``faces_dir``.
     """
     import bentoml
+
+    from faceage.export import export_onnx
 
     meta = checkpoint_meta(checkpoint)
     crop = meta["crop"]
@@ -242,27 +286,41 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
         if got != want:
             raise PackagingError(f"{Path(detector_dir) / filename} has sha256 {got}, but the checkpoint was "
                                  f"trained with {want}")
-    labels = {"alias": CHAMPION_ALIAS, "backbone": str(metadata["backbone"]),
-              "registered_version": str(metadata["registered_version"])}
-    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-        dest = Path(model.path)
-        shutil.copyfile(checkpoint, dest / CHECKPOINT_FILE)
-        (dest / DETECTOR_DIR).mkdir()
-        for filename in needed:
-            shutil.copyfile(Path(detector_dir) / filename, dest / DETECTOR_DIR / filename)
-        kept = {**manifest, "files": {filename: manifest["files"][filename] for filename in needed}}
-        (dest / DETECTOR_DIR / MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
-        (dest / LINEAGE_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    log.info("saved BentoML model %s (run %s, val MAE %.3f, test MAE %.3f)", model.tag, metadata["mlflow_run_id"],
-             metadata["val_mae_years"], metadata["test_mae_years"])
+    crops = load_check_crops(faces_dir, int(crop["size"]))
+    with tempfile.TemporaryDirectory(prefix="faceage-export-") as tmp:
+        onnx_tmp = Path(tmp) / ONNX_FILE
+        metadata = {**metadata, "onnx_file": ONNX_FILE,
+                    **export_onnx(checkpoint, detector_dir, crops, onnx_tmp)}
+        labels = {"alias": CHAMPION_ALIAS, "backbone": str(metadata["backbone"]), "runtime": "onnx",
+                  "registered_version": str(metadata["registered_version"])}
+        with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+            dest = Path(model.path)
+            shutil.copyfile(checkpoint, dest / CHECKPOINT_FILE)
+            shutil.copyfile(onnx_tmp, dest / ONNX_FILE)
+            _copy_detector(dest, detector_dir, needed, manifest, metadata)
+    log.info("saved BentoML model %s (run %s, val MAE %.3f, test MAE %.3f, ONNX max |diff| %.1e)", model.tag,
+             metadata["mlflow_run_id"], metadata["val_mae_years"], metadata["test_mae_years"],
+             metadata["onnx_max_abs_diff_probs"])
     return model
 
 
-def package_champion(checkpoint: str | Path, detector_dir: str | Path, *, registered_model: str = REGISTERED_MODEL,
-                     bento_model: str = BENTO_MODEL) -> dict[str, Any]:
+def _copy_detector(dest: Path, detector_dir: str | Path, needed: list[str], manifest: dict,
+                   metadata: dict[str, Any]) -> None:
+    """Copies the needed detector files with their manifest, and writes the lineage file."""
+    (dest / DETECTOR_DIR).mkdir()
+    for filename in needed:
+        shutil.copyfile(Path(detector_dir) / filename, dest / DETECTOR_DIR / filename)
+    kept = {**manifest, "files": {filename: manifest["files"][filename] for filename in needed}}
+    (dest / DETECTOR_DIR / MANIFEST).write_text(json.dumps(kept, indent=2) + "\n")
+    (dest / LINEAGE_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir: str | Path, *,
+                     registered_model: str = REGISTERED_MODEL, bento_model: str = BENTO_MODEL) -> dict[str, Any]:
     """Selects the winner, registers it as ``registered_model@champion``, saves the BentoML model.
 
-    The tracking store is :func:`faceage.tracking.tracking_uri` (``$MLFLOW_TRACKING_URI``).
+    The tracking store is :func:`faceage.tracking.tracking_uri` (``$MLFLOW_TRACKING_URI``);
+    ``faces_dir`` (the ``preprocess`` output) provides the real crops the ONNX export is checked on.
 
     Returns:
         The lineage metadata plus ``bento_model`` (the new model's tag).
@@ -280,5 +338,6 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, *, regist
         path = resolve_checkpoint(client, winner, checkpoint, tmp)
         version = register_champion(client, winner, registered_model)
         metadata = model_metadata(winner, checkpoint_meta(path), version)
-        model = save_bento_model(path, detector_dir, metadata, bento_model)
+        model = save_bento_model(path, detector_dir, metadata, bento_model, faces_dir=faces_dir)
+        metadata = dict(model.info.metadata)
     return {**metadata, "bento_model": str(model.tag), "winner": asdict(winner)}

@@ -14,23 +14,23 @@ pipeline's own: :meth:`faceage.faces.FaceDetector.detect`, :func:`faceage.faces.
 (the crop ``preprocess`` writes), then :class:`faceage.inference.AgeModel` (the model
 ``evaluate`` scores).
 
+The age model runs in torch (:class:`faceage.inference.AgeModel`, ``runtime="torch"``: the CLI,
+``evaluate``) or as the ONNX graph exported at packaging time (:class:`faceage.onnx_model.OnnxAgeModel`,
+``runtime="onnx"``: the service, which imports no torch); both prepare inputs with
+:mod:`faceage.inputs` and compute the same :class:`faceage.inference.AgeGraph`.
+
 A predictor is not thread-safe: dlib's detector releases the GIL and keeps scratch state, so
-two threads detecting with one detector corrupt memory. Use one per thread, or a lock. For a
-server, :class:`LocatorPool` runs decode + detect + crop in worker processes (one detector
-each, every core busy, and a decoder crash costs a worker, not the server), and
-:class:`AgeBatcher` batches the age model across concurrent requests.
+two threads detecting with one detector corrupt memory. Use one per thread, or a lock. Server
+concurrency (detection worker processes, cross-request batching) lives in :mod:`faceage.serving`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import logging
 import math
-import multiprocessing
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,29 +42,28 @@ from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.faces import FaceBox, FaceDetector, crop_faces
-from faceage.images import DEFAULT_MAX_PIXELS, load_image
+from faceage.images import DEFAULT_MAX_PIXELS
 
-# torch (via faceage.inference) is imported where the network is built, not here: detection
-# worker processes import this module but never run the network, and without torch each
-# stays ~0.9 GB smaller (CUDA wheel) and starts seconds sooner.
+# torch (via faceage.inference) is imported only where a torch model is built: the service and
+# its detection worker processes import this module and never need it.
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"  # names inside a packaged model folder (see faceage.packaging)
+ONNX_FILE = "model.onnx"
 DETECTOR_DIR = "detector"
+# The age model's runtime module, imported by name when a predictor is built, so that importing
+# this module never imports torch: "torch" for the CLI and evaluate, "onnx" for the service. Each
+# module has ``load_age_model(path, detector_dir, *, device, threads)``.
+RUNTIMES = {"torch": "faceage.inference", "onnx": "faceage.onnx_model"}
 # Larger photos are downscaled for detection only; crops still come from the full image.
 # HOG time and memory grow with pixels (a 20 MP photo upsampled once: ~9 s and 1 GB on one
 # core). 3840x2160 (4K UHD) keeps ordinary photos on exactly the preprocess path.
 DEFAULT_MAX_DETECT_PIXELS = 3840 * 2160
-DEFAULT_MAX_BATCH_FACES = 64
 
 
 class PredictorError(FaceAgeError, RuntimeError):
     """The checkpoint and detector files are missing or do not belong together."""
-
-
-class ImageProcessingError(FaceAgeError, RuntimeError):
-    """A worker process died while decoding or detecting faces in one image."""
 
 
 @dataclass(frozen=True)
@@ -176,53 +175,55 @@ class AgePredictor:
     Not thread-safe (see the module docstring): one predictor per thread, or a lock.
 
     Args:
-        checkpoint: A FaceAge checkpoint.
+        checkpoint: A FaceAge checkpoint, or (``runtime="onnx"``) its exported ``.onnx`` graph.
         detector_dir: Folder with the dlib detector file the checkpoint was trained with (its
             sha256 must equal the checkpoint's ``crop.detector_sha256``), and the face-encoder
             files for a ``dlib_face`` checkpoint.
-        device: Torch device for the age model.
-        threads: Torch intra-op threads; ``None``: :func:`default_torch_threads`. The setting
-            is process-wide.
+        runtime: ``"torch"`` (:class:`faceage.inference.AgeModel`) or ``"onnx"``
+            (:class:`faceage.onnx_model.OnnxAgeModel`, no torch).
+        device: Torch device for the age model (torch runtime).
+        threads: Intra-op threads of the age model; ``None``: :func:`default_torch_threads`.
+            For torch the setting is process-wide.
         max_pixels: Encoded images with more pixels are refused.
         max_detect_pixels: Larger images are downscaled for detection only; 0 disables.
 
     Raises:
         PredictorError: The checkpoint or the detector file is missing, or the detector
             file differs from the checkpoint's.
-        ValueError: Not a FaceAge checkpoint, or ``threads`` < 1.
+        ValueError: Not a FaceAge checkpoint (or exported graph), an unknown runtime, or ``threads`` < 1.
     """
 
-    def __init__(self, checkpoint: str | Path, detector_dir: str | Path, *, device: str = "cpu",
-                 threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    def __init__(self, checkpoint: str | Path, detector_dir: str | Path, *, runtime: str = "torch",
+                 device: str = "cpu", threads: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS):
-        import torch
-
-        from faceage.inference import AgeModel
-
         checkpoint, detector_dir = Path(checkpoint), Path(detector_dir)
         if not checkpoint.is_file():
             raise PredictorError(f"checkpoint {checkpoint} not found")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {threads}")
         self.threads = threads or default_torch_threads()
-        torch.set_num_threads(self.threads)
-        self.age_model = AgeModel(checkpoint, detector_dir, device=device)
+        loader = importlib.import_module(RUNTIMES[runtime]).load_age_model
+        self.age_model = loader(checkpoint, detector_dir, device=device, threads=self.threads)
+        self.runtime = runtime
         self.meta = self.age_model.meta
         crop = self.meta["crop"]
         check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
         self.locator = FaceLocator(detector_dir, kind=crop["detector"], upsample=int(crop["upsample"]),
                                    margin=crop["margin"], crop_size=crop["size"],
                                    max_detect_pixels=max_detect_pixels, max_pixels=max_pixels)
-        log.info("age model %s (val MAE %.2f, MLflow run %s) on %s, %d torch threads; detector %s upsample %d; "
+        log.info("age model %s (val MAE %.2f, MLflow run %s) on %s, %d threads; detector %s upsample %d; "
                  "crop margin %.2f size %d", self.meta["backbone"], self.meta.get("val_mae", float("nan")),
                  self.meta.get("mlflow_run_id"), self.age_model.device, self.threads, crop["detector"],
                  int(crop["upsample"]), self.locator.margin, self.locator.crop_size)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, **kwargs: Any) -> AgePredictor:
-        """Builds the predictor from a packaged model folder (``model.pt`` + ``detector/``)."""
+    def from_model_dir(cls, model_dir: str | Path, *, runtime: str = "torch", **kwargs: Any) -> AgePredictor:
+        """Builds the predictor from a packaged model folder (``model.pt``/``model.onnx`` + ``detector/``)."""
         model_dir = Path(model_dir)
-        return cls(model_dir / CHECKPOINT_FILE, model_dir / DETECTOR_DIR, **kwargs)
+        weights = model_dir / (ONNX_FILE if runtime == "onnx" else CHECKPOINT_FILE)
+        return cls(weights, model_dir / DETECTOR_DIR, runtime=runtime, **kwargs)
 
     def estimate(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Age mean and std (years) of face crops, in one batched pass: two float arrays of length N."""
@@ -292,156 +293,3 @@ def check_detector_file(detector_dir: str | Path, filename: str, sha256: str) ->
     got = file_digest(path)
     if got != sha256:
         raise PredictorError(f"{path} has sha256 {got}, but the checkpoint was trained with {sha256}")
-
-
-# --- serving helpers: worker processes for detection, batching for the age model ---
-
-_child_locator: FaceLocator | None = None
-
-
-def _init_child(settings: dict[str, Any]) -> None:
-    global _child_locator
-    _child_locator = FaceLocator(**settings)
-
-
-def _decode_and_locate(locator: FaceLocator, data: bytes, with_image: bool) -> tuple[LocatedFaces, np.ndarray | None]:
-    image = load_image(data, max_pixels=locator.max_pixels)
-    return locator.locate(image), (image if with_image else None)
-
-
-def _child_locate(data: bytes, with_image: bool) -> tuple[LocatedFaces, np.ndarray | None]:
-    if _child_locator is None:
-        raise RuntimeError("locator process was not initialised")
-    return _decode_and_locate(_child_locator, data, with_image)
-
-
-def _child_ping() -> int:
-    return os.getpid()
-
-
-class LocatorPool:
-    """Decode + detect + crop of encoded images in worker processes, awaitable from asyncio.
-
-    Each worker has its own detector (dlib's is not thread-safe), all cores can detect at
-    once, and a decoder or detector that crashes on a hostile file takes down a worker, not
-    the server. With ``processes=0`` the work runs in a thread of this process, one image at
-    a time.
-
-    Args:
-        locator: The locator whose :meth:`FaceLocator.settings` the workers rebuild.
-        processes: Number of worker processes (0: in-process).
-    """
-
-    def __init__(self, locator: FaceLocator, processes: int):
-        if processes < 0:
-            raise ValueError(f"processes must be >= 0, got {processes}")
-        self.locator = locator
-        self.processes = processes
-        self._executor: ProcessPoolExecutor | None = None
-        self._lock = asyncio.Lock()  # in-process mode: one detection at a time (one shared detector)
-        if processes:
-            self._executor = self._start()
-
-    def _start(self) -> ProcessPoolExecutor:
-        # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock.
-        return ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_child, initargs=(self.locator.settings(),))
-
-    def warm_up(self) -> None:
-        """Starts every worker now (in the background), so the first requests do not wait for it."""
-        if self._executor is not None:
-            for _ in range(self.processes):
-                self._executor.submit(_child_ping)
-
-    async def locate(self, data: bytes, *, with_image: bool = False) -> tuple[LocatedFaces, np.ndarray | None]:
-        """Decodes encoded image bytes in memory and locates their faces.
-
-        Args:
-            data: The encoded image.
-            with_image: Also return the decoded RGB image (to draw on); else ``None``.
-
-        Raises:
-            faceage.images.ImageDecodeError: The bytes are not a decodable image (or too large).
-            ImageProcessingError: The worker process died on this image (it is replaced).
-        """
-        if self._executor is None:
-            async with self._lock:
-                return await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image)
-        executor = self._executor
-        try:
-            return await asyncio.get_running_loop().run_in_executor(executor, _child_locate, data, with_image)
-        except BrokenProcessPool as e:
-            if self._executor is executor:
-                log.error("a detection worker died (%s); starting a new pool of %d", e, self.processes)
-                self._executor = self._start()
-                executor.shutdown(wait=False, cancel_futures=True)
-            raise ImageProcessingError(f"a worker process died while decoding or detecting faces in this "
-                                       f"{len(data)}-byte image") from e
-
-    def close(self) -> None:
-        """Stops the worker processes."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-
-
-class AgeBatcher:
-    """Adaptive batching of the age model across concurrent requests (asyncio).
-
-    While the model is idle, a request's faces run at once: no added latency. Requests that
-    arrive while a batch runs queue up and go together in the next forward pass (up to
-    ``max_batch_faces``), so batches grow with the load.
-
-    Args:
-        estimate: ``crops -> (mean, std)``, e.g. :meth:`AgePredictor.estimate`; it runs in a
-            worker thread (input preparation included).
-        max_batch_faces: Most faces per forward pass (one request's faces are never split).
-        on_batch: Called with each batch's face count (for metrics).
-    """
-
-    def __init__(self, estimate: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
-                 max_batch_faces: int = DEFAULT_MAX_BATCH_FACES, on_batch: Callable[[int], None] | None = None):
-        if max_batch_faces < 1:
-            raise ValueError(f"max_batch_faces must be >= 1, got {max_batch_faces}")
-        self._estimate = estimate
-        self.max_batch_faces = max_batch_faces
-        self._on_batch = on_batch
-        self._pending: list[tuple[list[np.ndarray], asyncio.Future]] = []
-        self._running = False
-        self._task: asyncio.Task | None = None  # a reference keeps the drain task from being collected
-
-    async def __call__(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Age mean and std of one request's face crops."""
-        if len(crops) == 0:
-            return np.zeros(0), np.zeros(0)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append((list(crops), future))
-        if not self._running:
-            self._running = True
-            self._task = loop.create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                jobs, faces = [], 0
-                while self._pending and (not jobs or faces + len(self._pending[0][0]) <= self.max_batch_faces):
-                    jobs.append(self._pending.pop(0))
-                    faces += len(jobs[-1][0])
-                if self._on_batch is not None:
-                    self._on_batch(faces)
-                try:
-                    mean, std = await asyncio.to_thread(self._estimate, [c for crops, _ in jobs for c in crops])
-                except Exception as e:  # hand the failure to every waiting request
-                    for _, future in jobs:
-                        if not future.done():
-                            future.set_exception(e)
-                    continue
-                start = 0
-                for crops, future in jobs:
-                    if not future.done():  # a cancelled request (client gone) leaves its future done
-                        future.set_result((mean[start:start + len(crops)], std[start:start + len(crops)]))
-                    start += len(crops)
-        finally:
-            self._running = False

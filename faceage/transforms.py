@@ -1,31 +1,17 @@
-"""Train and eval presets: crop (uint8 RGB) -> normalised tensor.
+"""Train and eval presets on uint8 (3, S, S) tensors: normalisation and training augmentation.
 
-Input: a face crop from :func:`faceage.faces.crop_face` as an (H, W, 3) uint8 array, or a
-(3, H, W) uint8 tensor. Output: a float (3, S, S) tensor normalised with the checkpoint's
-mean/std. :func:`resize_crop` + :func:`normalize` are the eval path used by ``evaluate``
-and by the service; training adds augmentation between the two.
+Input: resized crops from :func:`faceage.inputs.resize_crop` (the torch-free resize that
+training, ``evaluate`` and the service share). Output: a float (3, S, S) tensor normalised with
+the checkpoint's mean/std. :func:`faceage.inputs.resize_crop` + :func:`normalize` are the eval
+path (the exported ONNX graph normalises the same way); training adds augmentation between the two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
-
-
-def resize_crop(crop: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
-    """(H, W, 3) uint8 array or (3, H, W) uint8 tensor -> (3, S, S) uint8 tensor, antialiased."""
-    if isinstance(crop, np.ndarray):
-        # Arrays viewed from PIL images are read-only; torch wants writable memory.
-        t = torch.from_numpy(np.array(crop, copy=not crop.flags.writeable)).permute(2, 0, 1)
-    else:
-        t = crop
-    if t.shape[-2:] != (image_size, image_size):
-        t = F.resize(t, [image_size, image_size], antialias=True)
-    return t.contiguous()
 
 
 def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

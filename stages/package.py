@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models/model.pt", help="the winner's checkpoint (train output)")
     parser.add_argument("--detector", default="models/detector", help="fetch_detector output folder")
+    parser.add_argument("--faces", default="data/faces", help="preprocess output: real crops to check the ONNX export on")
     parser.add_argument("--registered-model", default=REGISTERED_MODEL, help="MLflow registry name")
     parser.add_argument("--bento-model", default=BENTO_MODEL, help="BentoML model name")
     parser.add_argument("--out", help="also write the packaged model's lineage to this JSON file")
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    summary = package_champion(args.model, args.detector, registered_model=args.registered_model,
+    summary = package_champion(args.model, args.detector, args.faces, registered_model=args.registered_model,
                                bento_model=args.bento_model)
     if args.out:
         with open(args.out, "w") as f:

@@ -68,7 +68,7 @@ def bento_server(tiny_run, tmp_path_factory):
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     _run([sys.executable, "stages/package.py", "--model", str(tiny_run["model"]), "--detector",
-          str(tiny_run["detector"]), "--out", str(home / "package.json")], env, REPO)
+          str(tiny_run["detector"]), "--faces", str(tiny_run["faces"]), "--out", str(home / "package.json")], env, REPO)
     _run([str(BIN / "bentoml"), "build"], env, REPO)
     port = free_port()
     log = home / "serve.log"

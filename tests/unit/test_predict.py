@@ -20,9 +20,8 @@ from faceage.download import file_digest
 from faceage.faces import FaceDetector, crop_faces
 from faceage.images import ImageDecodeError
 from faceage.model import build_model, save_checkpoint
-from faceage.predict import (
-    AgeBatcher, AgePredictor, FaceAge, FaceLocator, LocatorPool, PredictorError, split_results,
-)
+from faceage.predict import AgePredictor, FaceAge, FaceLocator, PredictorError, split_results
+from faceage.serving import AgeBatcher, LocatorPool
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -1,4 +1,4 @@
-"""The service's HTTP plumbing without a server: in-memory multipart parsing and the body-size cap."""
+"""The service's HTTP plumbing without a server: limits, in-memory multipart parsing, the body-size cap."""
 
 import pytest
 from starlette.applications import Starlette
@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from service import FIELD, BadRequest, BodyLimitMiddleware, image_parts, parse_form
+from faceage.http import FIELD, BadRequest, BodyLimitMiddleware, Limits, image_parts, parse_form
 
 BOUNDARY = "faceage-test-boundary"
 CT = f"multipart/form-data; boundary={BOUNDARY}"
@@ -95,3 +95,35 @@ def test_body_cap_on_streamed_body(capped):
     r = client.post("/echo", content=chunks())  # no Content-Length: chunked
     assert r.status_code == 413 and "(streamed)" in r.json()["error"]
     assert seen == []
+
+
+def test_limits_come_from_the_environment_in_one_place(monkeypatch):
+    monkeypatch.setenv("FACEAGE_MAX_BODY_BYTES", "1000")
+    monkeypatch.setenv("FACEAGE_DETECT_PROCESSES", "0")
+    limits = Limits.from_env()
+    assert limits.max_body_bytes == 1000 and limits.detect_processes == 0 and limits.max_batch_images == 16
+    monkeypatch.setenv("FACEAGE_MAX_PIXELS", "many")
+    with pytest.raises(ValueError, match="FACEAGE_MAX_PIXELS must be an integer, got 'many'"):
+        Limits.from_env()
+    monkeypatch.setenv("FACEAGE_MAX_PIXELS", "0")
+    with pytest.raises(ValueError, match="FACEAGE_MAX_PIXELS must be >= 1, got 0"):
+        Limits.from_env()
+
+
+def test_bad_requests_are_bentoml_invalid_arguments():
+    from bentoml.exceptions import InvalidArgument
+
+    e = BadRequest(415, "not multipart")
+    assert isinstance(e, InvalidArgument) and e.error_code == 415 and e.message == "not multipart"
+
+
+def test_the_ui_names_the_model_and_its_test_and_external_maes():
+    from faceage.ui import examples, model_line
+
+    lineage = {"registered_model": "face-age", "registered_version": "4", "backbone": "dlib_face",
+               "mlflow_run_name": "run-a", "test_mae_years": 5.04, "external_utk_mae_years": 7.315}
+    line = model_line(lineage)
+    assert "face-age v4" in line and "dlib_face" in line and "test MAE **5.04**" in line
+    assert "external set 'utk' MAE **7.32**" in line
+    assert "external" not in model_line({k: v for k, v in lineage.items() if not k.startswith("external")})
+    assert [p.rsplit("/", 1)[-1] for p in examples()] == ["astronaut.jpg", "astronaut_twice.jpg"]

@@ -1,0 +1,270 @@
+"""The service's HTTP plumbing: its limits, in-memory multipart parsing, the body cap, bad-input errors.
+
+Input: ASGI requests to the FaceAge service (:mod:`service`). Output: the uploaded parts as bytes
+(nothing touches the disk), or a :class:`BadRequest` that becomes ``{"error": message}`` with
+its status (400, 413, 415, 422).
+
+BentoML's typed file inputs (``Annotated[Path, ContentType("image/*")]``) spool every upload to
+a temporary file (and fetch URLs given in place of files); the FaceAge routes read the raw body
+instead and parse it here, in memory, under one body cap (:class:`Limits`), which
+:class:`BodyLimitMiddleware` also enforces for every other route (Gradio's uploads included).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from bentoml.exceptions import InvalidArgument
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError
+from faceage.predict import DEFAULT_MAX_DETECT_PIXELS, available_cores
+from faceage.serving import ImageProcessingError
+
+FIELD = "image"
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer setting from the environment.
+
+    Raises:
+        ValueError: Not an integer, or below ``minimum`` (the message names the variable).
+    """
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every size limit and worker count of the service, in one place (environment variables).
+
+    Attributes:
+        max_body_bytes: Largest request body (``FACEAGE_MAX_BODY_BYTES``, 20 MiB; UI uploads too).
+        max_pixels: Largest image in pixels (``FACEAGE_MAX_PIXELS``, 40 M: decompression bombs).
+        max_detect_pixels: Larger photos are downscaled for detection only
+            (``FACEAGE_MAX_DETECT_PIXELS``, 3840x2160; 0 = never).
+        detect_processes: Detection worker processes (``FACEAGE_DETECT_PROCESSES``, one per
+            core; 0 = in-process).
+        threads: ONNX Runtime threads of the age model (``FACEAGE_THREADS``; 0/unset: half the cores).
+        max_batch_images: Images per ``/predict_batch`` request.
+        max_parts: Form parts per request.
+    """
+
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS
+    detect_processes: int = 1
+    threads: int | None = None
+    max_batch_images: int = 16
+    max_parts: int = 32
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        """The limits the environment sets (defaults above)."""
+        return cls(max_body_bytes=env_int("FACEAGE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+                   max_pixels=env_int("FACEAGE_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
+                   max_detect_pixels=env_int("FACEAGE_MAX_DETECT_PIXELS", DEFAULT_MAX_DETECT_PIXELS),
+                   detect_processes=env_int("FACEAGE_DETECT_PROCESSES", available_cores()),
+                   threads=env_int("FACEAGE_THREADS", env_int("FACEAGE_TORCH_THREADS", 0)) or None)
+
+
+LIMITS = Limits.from_env()
+
+
+class BadRequest(InvalidArgument):
+    """A client error: becomes ``{"error": message}`` with ``status`` (BentoML's ``InvalidArgument``)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message, error_code=status)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart/form-data body, held in memory."""
+
+    name: str
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+
+def parse_form(body: bytes, content_type: str | None) -> list[Part]:
+    """Parses a multipart/form-data body in memory (nothing touches the disk).
+
+    Raises:
+        BadRequest: 415 when the body is not multipart/form-data, 400 when it is malformed.
+    """
+    kind, options = parse_options_header(content_type or "")
+    if kind != b"multipart/form-data":
+        raise BadRequest(415, f"Content-Type must be multipart/form-data with the photo in the field "
+                              f"{FIELD!r}, got {content_type or 'none'!r}")
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadRequest(400, "multipart/form-data body without a boundary parameter in its Content-Type")
+    if not body:
+        raise BadRequest(400, f"empty request body: send the photo in the form field {FIELD!r}")
+    parts: list[Part] = []
+    state: dict[str, Any] = {}
+
+    def on_part_begin() -> None:
+        if len(parts) >= LIMITS.max_parts:
+            raise BadRequest(400, f"too many form parts: at most {LIMITS.max_parts}")
+        state.update(headers={}, chunks=[], field=b"", value=b"")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["field"].decode("latin-1").lower()] = state["value"].decode("latin-1")
+        state.update(field=b"", value=b"")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        state["chunks"].append(data[start:end])
+
+    def on_part_end() -> None:
+        _, disposition = parse_options_header(state["headers"].get("content-disposition", ""))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        parts.append(Part(name=name, filename=filename.decode("utf-8", "replace") if filename is not None else None,
+                          content_type=state["headers"].get("content-type"), data=b"".join(state["chunks"])))
+
+    def on_end() -> None:
+        state["complete"] = True
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_end": on_end,
+    })
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise BadRequest(400, f"malformed multipart/form-data body: {e}") from None
+    if not state.get("complete"):
+        raise BadRequest(400, "malformed multipart/form-data body: it ends before the closing boundary "
+                              "(truncated upload?)")
+    return parts
+
+
+def image_parts(parts: list[Part], limit: int) -> list[Part]:
+    """The ``image`` parts, checked: present, at most ``limit``, image content types only.
+
+    Raises:
+        BadRequest: 400 for a missing field or too many images, 415 for a non-image part.
+    """
+    images = [p for p in parts if p.name == FIELD]
+    if not images:
+        got = ", ".join(sorted({repr(p.name) for p in parts})) or "none"
+        raise BadRequest(400, f"missing form field {FIELD!r} (got fields: {got})")
+    if len(images) > limit:
+        raise BadRequest(400, f"too many images: {len(images)}, at most {limit} per request")
+    for p in images:
+        kind = (p.content_type or "").split(";")[0].strip().lower()
+        if kind and not (kind.startswith("image/") or kind == "application/octet-stream"):
+            raise BadRequest(415, f"form field {FIELD!r} ({p.filename or 'no filename'}) has Content-Type "
+                                  f"{kind!r}; expected image/* or application/octet-stream")
+    return images
+
+
+async def read_images(request: Request, limit: int) -> list[Part]:
+    """The checked ``image`` parts of a request (the body cap is :class:`BodyLimitMiddleware`'s).
+
+    Raises:
+        BadRequest: See :func:`parse_form` and :func:`image_parts`.
+    """
+    return image_parts(parse_form(await request.body(), request.headers.get("content-type")), limit)
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """``{"error": message}`` with ``status``."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
+INPUT_ERRORS = (BadRequest, ImageDecodeError, ImageProcessingError)
+
+
+def input_status(e: Exception) -> int:
+    """The HTTP status of a bad-input error: the request's own, 400 undecodable, 422 unprocessable."""
+    if isinstance(e, BadRequest):
+        return e.status
+    return 422 if isinstance(e, ImageProcessingError) else 400
+
+
+def input_error_response(e: Exception) -> JSONResponse:
+    """``{"error": message}`` with :func:`input_status` for one of :data:`INPUT_ERRORS`."""
+    return error_response(input_status(e), e.message if isinstance(e, BadRequest) else str(e))
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: answers 413 to any request whose body passes ``max_bytes``.
+
+    It covers every route, the mounted Gradio app included (mounting Gradio through BentoML
+    removes Gradio's own upload cap). A declared Content-Length is checked before reading;
+    a streamed body is counted, and once over the cap the app sees a disconnect and its own
+    reply is dropped.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send, detail: str) -> None:
+        body = JSONResponse({"error": f"request body {detail} is over the limit of {self.max_bytes} bytes "
+                                      "(FACEAGE_MAX_BODY_BYTES)"}, status_code=413).body
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._reject(send, f"of {int(length)} bytes")
+            return
+        state = {"received": 0, "started": False, "rejected": False}
+
+        async def guarded_receive():
+            if state["rejected"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_bytes and not state["started"]:
+                    state["rejected"] = True
+                    await self._reject(send, "(streamed)")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message) -> None:
+            if state["rejected"]:
+                return  # we already answered 413
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:
+            if not state["rejected"]:
+                raise  # the app's own failure; after a 413 it only reacts to the disconnect

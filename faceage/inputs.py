@@ -1,0 +1,99 @@
+"""Network inputs from face crops, without torch: one definition for training, evaluate and serving.
+
+Input: uint8 (S, S, 3) face crops from :func:`faceage.faces.crop_faces` and a checkpoint's
+settings (``meta``). Output: the *stored input form* of the checkpoint's ``meta["input"]`` kind,
+a numpy array whose first axis is the face:
+
+- ``image``: uint8 (N, 3, size, size), the crop resized with PIL (bilinear, antialiased when
+  shrinking); normalisation happens inside the network's graph (:class:`faceage.inference.AgeGraph`);
+- ``dlib_face_embedding``: float32 (N, 2, 128) dlib face descriptors of the crop and its mirror
+  image (:class:`faceage.face_encoder.DlibFaceEncoder`, computed outside the graph).
+
+The datasets (``train``/``evaluate``), the torch :class:`faceage.inference.AgeModel` and the ONNX
+Runtime model of the service (:mod:`faceage.onnx_model`) all prepare inputs here, so the served
+numbers are the evaluated ones. A new input kind needs one :class:`InputKind` in :data:`INPUT_KINDS`
+(and, when the network does more than take the stored form as it is, an entry in
+:func:`faceage.inference.input_fn`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE = "image"
+DLIB_FACE_EMBEDDING = "dlib_face_embedding"
+
+
+def resize_crop(crop: np.ndarray, image_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 crop -> (3, S, S) uint8 array (PIL bilinear, antialiased when shrinking)."""
+    crop = np.asarray(crop, dtype=np.uint8)
+    if crop.shape[:2] != (image_size, image_size):
+        crop = np.asarray(Image.fromarray(crop).resize((image_size, image_size), Image.Resampling.BILINEAR))
+    return np.ascontiguousarray(crop.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """How one ``meta["input"]`` kind turns crops into network input.
+
+    Attributes:
+        name: The ``meta["input"]`` value.
+        build: ``(meta, detector_dir) -> prepare``, where ``prepare(crops) -> np.ndarray`` (N first).
+            Heavy resources (e.g. dlib networks) are loaded here, once per model.
+        dtype: The stored input's numpy dtype (the ONNX graph's input type).
+    """
+
+    name: str
+    build: Callable[[dict[str, Any], Path | None], Callable[[list[np.ndarray]], np.ndarray]]
+    dtype: type
+
+
+def _image_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
+    size = int(meta["image_size"])
+
+    def prepare(crops: list[np.ndarray]) -> np.ndarray:
+        if not crops:
+            return np.zeros((0, 3, size, size), np.uint8)
+        return np.stack([resize_crop(c, size) for c in crops])
+
+    return prepare
+
+
+def _embedding_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
+    from faceage.face_encoder import DlibFaceEncoder
+
+    if detector_dir is None:
+        raise ValueError(f"input {DLIB_FACE_EMBEDDING!r} needs the detector folder (face encoder files)")
+    return DlibFaceEncoder(detector_dir, meta["crop"]["margin"]).embed_many
+
+
+INPUT_KINDS: dict[str, InputKind] = {
+    IMAGE: InputKind(IMAGE, _image_preparer, np.uint8),
+    DLIB_FACE_EMBEDDING: InputKind(DLIB_FACE_EMBEDDING, _embedding_preparer, np.float32),
+}
+
+
+def input_kind(meta: dict[str, Any]) -> InputKind:
+    """The checkpoint's input kind (``meta["input"]``; older checkpoints: from the backbone).
+
+    Raises:
+        ValueError: An unknown kind (the message lists the known ones).
+    """
+    from faceage.face_encoder import FACE_ENCODER
+
+    name = meta.get("input") or (DLIB_FACE_EMBEDDING if meta.get("backbone") == FACE_ENCODER else IMAGE)
+    if name not in INPUT_KINDS:
+        raise ValueError(f"checkpoint input kind {name!r} is unknown; known: {', '.join(sorted(INPUT_KINDS))}")
+    return INPUT_KINDS[name]
+
+
+def input_preparer(meta: dict[str, Any], detector_dir: str | Path | None = None
+                   ) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """``crops -> stored input`` for a checkpoint (see the module docstring)."""
+    return input_kind(meta).build(meta, Path(detector_dir) if detector_dir is not None else None)

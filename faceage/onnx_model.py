@@ -1,0 +1,78 @@
+"""The served age model: an exported ONNX graph in ONNX Runtime, without torch.
+
+Input: the ``.onnx`` file :mod:`faceage.export` wrote at packaging time (graph + the checkpoint's
+settings as metadata), the detector folder (face-encoder files for ``dlib_face``) and uint8 face
+crops. Output: per crop, the age (years) and its calibrated std, like
+:class:`faceage.inference.AgeModel`, whose graph this is: inputs are prepared by the same
+:mod:`faceage.inputs` code, so served and evaluated numbers agree (to float rounding).
+
+One ``InferenceSession`` per model (per process), with explicit thread counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from faceage.inputs import input_kind, input_preparer
+
+META_KEY = "faceage"  # faceage.export.META_KEY (not imported: that module needs torch)
+
+
+class OnnxAgeModel:
+    """An exported age graph ready for inference (same interface as :class:`~faceage.inference.AgeModel`).
+
+    Args:
+        onnx_path: The exported graph.
+        detector_dir: The detector folder (face-encoder files for ``dlib_face``).
+        threads: ONNX Runtime intra-op threads (inter-op: 1; the graph runs sequentially).
+
+    Raises:
+        ValueError: The file carries no FaceAge settings (not exported by :mod:`faceage.export`).
+    """
+
+    device = "cpu (ONNX Runtime)"
+
+    def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        if stored is None:
+            raise ValueError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")
+        self.meta: dict[str, Any] = json.loads(stored)
+        self.kind = input_kind(self.meta)
+        self.temperature = float(self.meta.get("temperature", 1.0))
+        self.detector_dir = detector_dir
+        self._input = self.session.get_inputs()[0].name
+        self._prepare = None
+
+    def prepare(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Crops -> the stored input form (:mod:`faceage.inputs`)."""
+        if self._prepare is None:  # dlib_face loads the face encoder here, on first use
+            self._prepare = input_preparer(self.meta, self.detector_dir)
+        return self._prepare(list(crops))
+
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Age, age_std and the age distribution for stored inputs."""
+        age, std, probs = self.session.run(None, {self._input: np.ascontiguousarray(inputs, dtype=self.kind.dtype)})
+        return age, std, probs
+
+    def predict_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Ages and stds (years, float64) for uint8 crops, in one batched pass."""
+        if len(crops) == 0:
+            return np.zeros(0), np.zeros(0)
+        age, std, _ = self.run(self.prepare(crops))
+        return age.astype(np.float64), std.astype(np.float64)
+
+
+def load_age_model(onnx_path: str | Path, detector_dir: str | Path | None, *, device: str | None = "cpu",
+                   threads: int = 1) -> OnnxAgeModel:
+    """The ONNX runtime of :class:`faceage.predict.AgePredictor` (CPU; ``device`` is ignored)."""
+    return OnnxAgeModel(onnx_path, detector_dir, threads=threads)

