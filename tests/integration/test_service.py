@@ -59,12 +59,14 @@ def test_package_registers_the_champion_and_the_bento_carries_the_model(bento_se
     assert model_tags == [lineage["bento_model"]]
     bento_dir = bento_server.home / "bentos" / "face_age" / bento["version"]
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
-    assert "torch==" in requirements and "dlib-bin==" in requirements
-    for dev_only in ("dvc", "mlflow", "pytest", "matplotlib", "playwright", "scikit-image"):
-        assert f"\n{dev_only}" not in requirements
+    assert "onnxruntime==" in requirements and "dlib-bin==" in requirements
+    for dev_only in ("dvc", "mlflow", "pytest", "matplotlib", "playwright", "scikit-image", "torch", "onnx=="):
+        assert f"\n{dev_only}" not in f"\n{requirements}", dev_only  # torch only trains and exports
     model_dir = bento_server.home / "models" / "face_age" / lineage["bento_model"].split(":")[1]
-    assert (model_dir / "model.pt").stat().st_size > 0
-    assert json.loads((model_dir / "faceage.json").read_text())["mlflow_run_id"] == run_id
+    assert (model_dir / "model.pt").stat().st_size > 0 and (model_dir / "model.onnx").stat().st_size > 0
+    stored = json.loads((model_dir / "faceage.json").read_text())
+    assert stored["mlflow_run_id"] == run_id and stored["onnx_file"] == "model.onnx"
+    assert stored["onnx_check_faces"] >= 2 and 0 <= stored["onnx_max_abs_diff_probs"] <= stored["onnx_tolerance"] == 1e-4
     detector_files = {p.name for p in (model_dir / "detector").iterdir()}
     encoder_files = {"shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat"}
     assert {"frontal_face_detector.svm", "manifest.json"} <= detector_files
@@ -216,6 +218,7 @@ def test_health_endpoints_and_lineage(bento_server, wild_dir):
 
 
 def test_the_cli_gives_the_services_answers(bento_server, wild_dir):
+    """One inference path: the CLI runs the checkpoint in torch, the service its ONNX export."""
     photo = wild_dir / "fr_two_people.jpg"
     faceage = Path(bento_server.env["PATH"].split(":")[0]) / "faceage"
     out = subprocess.run([str(faceage), "predict", str(photo), "--json", "--bento", "face_age:latest"],
