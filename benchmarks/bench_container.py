@@ -7,8 +7,8 @@ for ``bentoml serve face_age:latest`` on the host and for ``docker run`` of the 
 alternate, ``--rounds`` times each, so a load change on the machine hits both alike), their
 ratio, and the image size. ``--json`` also writes them to a file. Only 127.0.0.1 is contacted;
 every server and container is stopped (containers removed by id) before the next starts. Not a
-test: it reports numbers and asserts nothing. ``benchmarks/bench_service.py`` measures request
-latency; the two print side by side in the README.
+test: it reports numbers and asserts nothing. :class:`ContainerTarget` is the container as a
+deployment target of ``benchmarks/bench_service.py`` (request latency, side by side with the host).
 
     python benchmarks/bench_container.py [--image face-age:latest] [--rounds 3] [--build] [--json out.json]
 """
@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -67,18 +68,46 @@ def host_cold_start(tag: str, timeout_s: float) -> float:
         proc.wait(timeout=60)
 
 
-def container_cold_start(image: str, timeout_s: float) -> float:
-    port = free_port()
-    start = time.monotonic()
-    cid = subprocess.run(["docker", "run", "-d", "-p", f"127.0.0.1:{port}:3000", "--shm-size=256m", image],
-                         check=True, capture_output=True, text=True).stdout.strip()
-    try:
-        running = lambda: subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", cid],  # noqa: E731
-                                         capture_output=True, text=True).stdout.strip() == "true"
-        wait_ready(f"http://127.0.0.1:{port}", running, timeout_s)
-        return time.monotonic() - start
-    finally:
-        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+@dataclass
+class ContainerTarget:
+    """``docker run`` of the bento's image on a free 127.0.0.1 port: the container counterpart of
+    ``bench_service.HostTarget`` (same ``name``, ``start() -> (base URL, cold start s)``, ``stop()``,
+    ``size_bytes()``), so the service benchmark can measure it beside the host service."""
+
+    image: str
+    timeout_s: float = 300
+    cid: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"container {self.image}"
+
+    def start(self) -> tuple[str, float]:
+        port = free_port()
+        start = time.monotonic()
+        self.cid = subprocess.run(["docker", "run", "-d", "-p", f"127.0.0.1:{port}:3000", "--shm-size=256m",
+                                   self.image], check=True, capture_output=True, text=True).stdout.strip()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, self.running, self.timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return url, time.monotonic() - start
+
+    def running(self) -> bool:
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", self.cid or ""],
+                               capture_output=True, text=True)
+        return state.stdout.strip() == "true"
+
+    def stop(self) -> None:
+        if self.cid:  # removed by id: nothing else on the daemon is touched
+            subprocess.run(["docker", "rm", "-f", self.cid], capture_output=True)
+            self.cid = None
+
+    def size_bytes(self) -> int:
+        return int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", self.image], check=True,
+                                  capture_output=True, text=True).stdout)
 
 
 def build_image(tag: str, image: str) -> float:
@@ -108,12 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     result: dict = {"tag": args.tag, "image": args.image}
     if args.build:
         result["containerize_s"] = build_image(args.tag, args.image)
-    result["image_bytes"] = int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", args.image],
-                                               check=True, capture_output=True, text=True).stdout)
+    target = ContainerTarget(args.image, args.timeout)
+    result["image_bytes"] = target.size_bytes()
     host, container = [], []
     for _ in range(args.rounds):
         host.append(host_cold_start(args.tag, args.timeout))
-        container.append(container_cold_start(args.image, args.timeout))
+        container.append(target.start()[1])
+        target.stop()
     result["host"], result["container"] = stats(host), stats(container)
     result["container_vs_host"] = result["container"]["median_s"] / result["host"]["median_s"]
 
