@@ -55,7 +55,7 @@ def buildkit_env() -> str:
     return os.environ.get("DOCKER_BUILDKIT", "1" if has_buildx else "0")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: pytest sets up session fixtures (bento_server) first
 def docker_daemon() -> str:
     if shutil.which("docker") is None:
         pytest.skip("needs the docker CLI and a daemon (apt-get install docker.io; .ci/run starts dockerd)")
