@@ -45,6 +45,11 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
     return proc.stdout.strip()
 
 
+def container_logs(cid: str) -> str:
+    logs = subprocess.run(["docker", "logs", cid], capture_output=True, text=True, timeout=60)
+    return (logs.stdout + logs.stderr)[-5000:]  # bentoml serve logs to stderr
+
+
 def buildkit_env() -> str:
     """DOCKER_BUILDKIT for `bentoml containerize` (which sets 1): 0 when the docker CLI has no buildx.
 
@@ -87,14 +92,14 @@ def container(docker_daemon, bento_server):
         url = f"http://127.0.0.1:{port}"
         while True:
             if docker("inspect", "-f", "{{.State.Running}}", cid) != "true":
-                raise AssertionError(f"container exited:\n{docker('logs', cid, check=False)[-5000:]}")
+                raise AssertionError(f"container exited:\n{container_logs(cid)}")
             try:
                 if requests.get(url + "/readyz", timeout=2).status_code == 200:
                     break
             except requests.RequestException:  # not listening yet
                 pass
             if time.monotonic() - start > READY_TIMEOUT_S:
-                raise AssertionError(f"container not ready after {READY_TIMEOUT_S} s:\n{docker('logs', cid)[-5000:]}")
+                raise AssertionError(f"container not ready after {READY_TIMEOUT_S} s:\n{container_logs(cid)}")
             time.sleep(0.25)
         ready_s = time.monotonic() - start
         size = int(docker("image", "inspect", "-f", "{{.Size}}", image))
