@@ -89,8 +89,9 @@ tar -C "$ROOTFS" --numeric-owner -c . | docker import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' \
-  --change "LABEL org.opencontainers.image.description=\"Debian $SUITE minbase + Python $got, by scripts/base-image.sh\"" \
+  --change "LABEL org.opencontainers.image.description=\"Debian $SUITE + Python $got (scripts/base-image.sh)\"" \
   --change 'CMD ["/bin/bash"]' \
   - "$IMAGE" >/dev/null
-docker run --rm "$IMAGE" python3 -c 'import ssl, sys; print("base image ok: Python", sys.version.split()[0], ssl.OPENSSL_VERSION)'
+docker run --rm "$IMAGE" python3 -c \
+  'import ssl, sys; print("base image ok: Python", sys.version.split()[0], ssl.OPENSSL_VERSION)'
 echo "built $IMAGE ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
