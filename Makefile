@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup test test-unit repro quick sweep bento serve bench clean
+.PHONY: setup test test-unit repro quick sweep bento serve bench base-image container clean
 
 # Creates .venv and installs the project with its test tools (idempotent).
 setup: $(VENV)/.installed
@@ -52,6 +52,19 @@ serve: setup
 # /predict latency and throughput (1 and 8 clients) vs the in-process predictor; needs `make bento`.
 bench: setup
 	$(BIN)/python benchmarks/bench_service.py
+
+# --- container ---
+# Docker image of face_age:latest, with no Docker Hub: bentofile.yaml's docker.base_image is a
+# local Debian + Python image that scripts/base-image.sh builds with debootstrap (root) when it
+# is missing. DOCKER_BUILDKIT=0 (the classic builder) where the docker CLI has no buildx plugin.
+IMAGE ?= face-age:latest
+base-image:
+	scripts/base-image.sh
+container: export BENTOML_DO_NOT_TRACK := True
+container: setup base-image
+	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-$$(docker buildx version >/dev/null 2>&1 && echo 1 || echo 0)} \
+	  $(BIN)/bentoml containerize face_age:latest -t $(IMAGE)
+	docker image inspect -f '$(IMAGE): {{.Size}} bytes' $(IMAGE)
 
 clean:
 	rm -rf .pytest_cache

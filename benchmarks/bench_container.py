@@ -1,0 +1,162 @@
+"""Benchmark: cold start of the container vs the host service, and the image size.
+
+Input: the bento ``face_age:latest`` (``$BENTOML_HOME``) and its Docker image (default
+``face-age:latest``, from ``make container``; ``--build`` runs ``bentoml containerize`` first).
+Output: printed median/min/max cold start, from process start to the first 200 on ``/readyz``,
+for ``bentoml serve face_age:latest`` on the host and for ``docker run`` of the image (the two
+alternate, ``--rounds`` times each, so a load change on the machine hits both alike), their
+ratio, and the image size. ``--json`` also writes them to a file. Only 127.0.0.1 is contacted;
+every server and container is stopped (containers removed by id) before the next starts. Not a
+test: it reports numbers and asserts nothing. :class:`ContainerTarget` is the container as a
+deployment target of ``benchmarks/bench_service.py`` (request latency, side by side with the host).
+
+    python benchmarks/bench_container.py [--image face-age:latest] [--rounds 3] [--build] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, alive, timeout_s: float) -> float:
+    """Seconds until ``url``/readyz answers 200, polled every 50 ms; raises if ``alive()`` turns false."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if not alive():
+            raise RuntimeError(f"server behind {url} exited before it was ready")
+        try:
+            if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except requests.RequestException:  # not listening yet
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def host_cold_start(tag: str, timeout_s: float) -> float:
+    port = free_port()
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    start = time.monotonic()
+    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, timeout_s)
+        return time.monotonic() - start
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@dataclass
+class ContainerTarget:
+    """``docker run`` of the bento's image on a free 127.0.0.1 port: the container counterpart of
+    ``bench_service.HostTarget`` (same ``name``, ``start() -> (base URL, cold start s)``, ``stop()``,
+    ``size_bytes()``), so the service benchmark can measure it beside the host service."""
+
+    image: str
+    timeout_s: float = 300
+    cid: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"container {self.image}"
+
+    def start(self) -> tuple[str, float]:
+        port = free_port()
+        start = time.monotonic()
+        self.cid = subprocess.run(["docker", "run", "-d", "-p", f"127.0.0.1:{port}:3000", "--shm-size=256m",
+                                   self.image], check=True, capture_output=True, text=True).stdout.strip()
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, self.running, self.timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return url, time.monotonic() - start
+
+    def running(self) -> bool:
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", self.cid or ""],
+                               capture_output=True, text=True)
+        return state.stdout.strip() == "true"
+
+    def stop(self) -> None:
+        if self.cid:  # removed by id: nothing else on the daemon is touched
+            subprocess.run(["docker", "rm", "-f", self.cid], capture_output=True)
+            self.cid = None
+
+    def size_bytes(self) -> int:
+        return int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", self.image], check=True,
+                                  capture_output=True, text=True).stdout)
+
+
+def build_image(tag: str, image: str) -> float:
+    has_buildx = subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True",
+           "DOCKER_BUILDKIT": os.environ.get("DOCKER_BUILDKIT", "1" if has_buildx else "0")}
+    subprocess.run(["bash", str(REPO / "scripts" / "base-image.sh")], check=True, cwd=REPO)
+    start = time.monotonic()
+    subprocess.run([str(BIN / "bentoml"), "containerize", tag, "-t", image], check=True, env=env)
+    return time.monotonic() - start
+
+
+def stats(values: list[float]) -> dict:
+    return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "runs": values}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tag", default="face_age:latest", help="bento served on the host")
+    parser.add_argument("--image", default="face-age:latest", help="its Docker image (make container)")
+    parser.add_argument("--rounds", type=int, default=3, help="cold starts of each (alternating)")
+    parser.add_argument("--build", action="store_true", help="bentoml containerize first (and time it)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for one start")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    result: dict = {"tag": args.tag, "image": args.image}
+    if args.build:
+        result["containerize_s"] = build_image(args.tag, args.image)
+    target = ContainerTarget(args.image, args.timeout)
+    result["image_bytes"] = target.size_bytes()
+    host, container = [], []
+    for _ in range(args.rounds):
+        host.append(host_cold_start(args.tag, args.timeout))
+        container.append(target.start()[1])
+        target.stop()
+    result["host"], result["container"] = stats(host), stats(container)
+    result["container_vs_host"] = result["container"]["median_s"] / result["host"]["median_s"]
+
+    print(f"image {args.image}: {result['image_bytes'] / 1e6:.0f} MB"
+          + (f" (containerize {result['containerize_s']:.0f} s)" if args.build else ""))
+    print("| cold start to /readyz 200 | median s | min s | max s |\n|---|---:|---:|---:|")
+    for name, key in (("host, `bentoml serve`", "host"), ("container, `docker run`", "container")):
+        s = result[key]
+        print(f"| {name} | {s['median_s']:.1f} | {s['min_s']:.1f} | {s['max_s']:.1f} |")
+    print(f"container / host: {result['container_vs_host']:.2f}x ({args.rounds} alternating rounds)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
