@@ -111,3 +111,25 @@ def test_bad_source_fails_with_a_clear_message_and_no_output(project, tmp_path):
     assert "LayoutError: fetch_data.source" in out.stderr and "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
+    """A DVC remote (a local path here; S3/SSH work the same): the cached outputs travel through it,
+    dvc.lock and the small `cache: false` outputs (metrics, reports, run.json) through git."""
+    root, env = project["root"], project["env"]
+    (root / ".gitignore").write_text("mlflow.db\nmlruns/\n.cache/\n")  # the tracking store is not data
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], root, env)
+    pushed = run(["dvc", "push"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "pipeline outputs"], root, env)
+    assert "pushed" in pushed or "uploaded" in pushed.lower()
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    assert not (clone / "models" / "model.pt").exists() and not (clone / "data" / "faces").exists()
+    run(["dvc", "pull"], clone, env)
+    assert (clone / "models" / "model.pt").read_bytes() == (root / "models" / "model.pt").read_bytes()
+    assert sorted(p.name for p in (clone / "data" / "faces" / "test").iterdir()) == \
+        sorted(p.name for p in (root / "data" / "faces" / "test").iterdir())
+    again = run(["dvc", "repro"], clone, env)
+    assert "Running stage" not in again and "Data and pipelines are up to date" in again
+    assert not (clone / "mlflow.db").exists()  # nothing ran, so nothing was tracked
