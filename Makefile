@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup test test-unit repro quick sweep bento serve bench base-image container clean
+.PHONY: setup test test-unit repro quick sweep bento serve bench base-image container mlflow-server clean
 
 # Creates .venv and installs the project with its test tools (idempotent).
 setup: $(VENV)/.installed
@@ -65,6 +65,18 @@ container: setup base-image
 	DOCKER_BUILDKIT=$${DOCKER_BUILDKIT:-$$(docker buildx version >/dev/null 2>&1 && echo 1 || echo 0)} \
 	  $(BIN)/bentoml containerize face_age:latest -t $(IMAGE)
 	docker image inspect -f '$(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+# One MLflow tracking server for a team: runs and the model registry in a SQL database,
+# artifacts stored under MLFLOW_ARTIFACTS and proxied through the server (clients upload and
+# download over HTTP, no shared filesystem). Clients: export MLFLOW_TRACKING_URI=http://HOST:PORT
+# For a team: MLFLOW_BACKEND=postgresql://user:pass@db/mlflow MLFLOW_HOST=0.0.0.0 (README).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
+mlflow-server: setup
+	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 2 \
+		--backend-store-uri $(MLFLOW_BACKEND) --serve-artifacts --artifacts-destination $(MLFLOW_ARTIFACTS)
 
 clean:
 	rm -rf .pytest_cache

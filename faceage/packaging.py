@@ -17,8 +17,10 @@ Outputs:
                             MAE, data sha256, git commits, the ONNX check (also the BentoML
                             model's metadata)
 
-The winner is the finished run with test metrics (``test_mae_years``) and the lowest
-``best_val_mae``; ties go to the newest run. Its checkpoint is the given file when that file
+The winner (:func:`select_winner`, rule in :data:`SELECTION_RULE`): among finished runs with test
+metrics, the lowest ``best_val_mae`` among the runs that *generalise*: whose MAE on every
+cross-dataset set (``external_<name>_mae``) is within ``max(0.5 years, 5%)`` of the best run's
+on that set; ties go to the newest run. Its checkpoint is the given file when that file
 records the same run id, else a ``model.pt`` artifact of the run; anything else is refused,
 so a bento can never carry weights from a run other than the one registered.
 """
@@ -40,6 +42,7 @@ from PIL import Image
 from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
+from faceage.external import external_maes
 from faceage.face_encoder import FACE_ENCODER
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.tracking import EXPERIMENT, git_commit
@@ -54,12 +57,25 @@ VAL_METRIC = "best_val_mae"
 TEST_METRIC = "test_mae_years"
 LOGGED_MODEL_NAME = "model"
 ENCODER_FILES = (SHAPE5_FILE, RECOGNITION_FILE)  # what faceage.face_encoder loads
-EXTERNAL_METRIC_PREFIX, EXTERNAL_METRIC_SUFFIX = "external_", "_mae"  # external_<name>_mae (test-only sets)
 CHECK_FACES = 32  # real crops the ONNX export is checked on
 
 
 class PackagingError(FaceAgeError, RuntimeError):
     """No run qualifies, or the winner's model or checkpoint cannot be found."""
+
+
+# The external-MAE guard's margin: a run may trail the best run on a cross-dataset set by at most
+# max(GUARD_YEARS, GUARD_FRACTION * best). 0.5 years is ~3 standard errors of an MAE on the
+# 1,743-face utk-external set (|error| std ~7 years / sqrt(~1,650 faces) = 0.17), so a vetoed run is
+# worse beyond sampling noise; the 5% keeps the margin proportionate when every run is far off
+# (from-scratch CNNs at 15+ years, where the noise grows with the error).
+GUARD_YEARS = 0.5
+GUARD_FRACTION = 0.05
+SELECTION_RULE = (
+    f"lowest {VAL_METRIC} among finished runs with {TEST_METRIC}, excluding any run whose MAE on a "
+    f"cross-dataset set (external_<name>_mae) exceeds the best MAE on that set by more than "
+    f"max({GUARD_YEARS} years, {GUARD_FRACTION:.0%} of it); a run not scored on every set the others were is "
+    "excluded too; with no external metrics at all, lowest validation MAE alone; ties go to the newest run")
 
 
 @dataclass(frozen=True)
@@ -73,11 +89,70 @@ class Winner:
     start_time_ms: int
     data_sha256: str | None
     git_commit: str | None
-    external_mae_years: dict[str, float] = field(default_factory=dict)  # external set name -> MAE
+    external_mae_years: dict[str, float] = field(default_factory=dict)  # {set name: MAE}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One run considered for champion, and why it did or did not win."""
+
+    run_id: str
+    run_name: str
+    val_mae_years: float
+    test_mae_years: float
+    start_time_ms: int
+    external_mae_years: dict[str, float]
+    excluded: str  # "" when the run passes the external guard, else the reason
+
+
+def guard_margin(best: float) -> float:
+    """How far (years) a run may trail the best MAE ``best`` on a cross-dataset set."""
+    return max(GUARD_YEARS, GUARD_FRACTION * best)
+
+
+def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
+    """Applies :data:`SELECTION_RULE`: candidates with their ``excluded`` reason, the winner first.
+
+    The external sets are a guard, not the objective: the champion is still chosen by validation
+    MAE, so selection does not tune on the cross-dataset faces beyond vetoing runs that are
+    clearly worse there (a run that fits the training collection's quirks, or forgot its
+    pretraining, loses to one that generalises).
+
+    Returns:
+        The candidates (same numbers), eligible ones by (validation MAE, newest first), then the excluded ones.
+    """
+    sets = sorted({name for c in candidates for name in c.external_mae_years})
+    best = {n: min(c.external_mae_years[n] for c in candidates if n in c.external_mae_years) for n in sets}
+    ranked = []
+    for c in candidates:
+        reasons = []
+        for n in sets:
+            if n not in c.external_mae_years:
+                reasons.append(f"not scored on {n}")
+            elif c.external_mae_years[n] > best[n] + guard_margin(best[n]):
+                reasons.append(f"{n} MAE {c.external_mae_years[n]:.2f} > best {best[n]:.2f} + "
+                               f"{guard_margin(best[n]):.2f}")
+        ranked.append(Candidate(**{**asdict(c), "excluded": "; ".join(reasons)}))
+    return sorted(ranked, key=lambda c: (bool(c.excluded), c.val_mae_years, -c.start_time_ms))
+
+
+def selection_table(ranked: list[Candidate]) -> str:
+    """The candidates as a text table (what packaging prints), the winner first."""
+    sets = sorted({name for c in ranked for name in c.external_mae_years})
+    head = f"{'run':<10} {'name':<24} {'val MAE':>8} {'test MAE':>8} " + "".join(f"{n + ' MAE':>18} " for n in sets)
+    lines = [head + "verdict"]
+    for i, c in enumerate(ranked):
+        verdict = "WINNER" if i == 0 and not c.excluded else (f"excluded: {c.excluded}" if c.excluded else "eligible")
+        ext = "".join(f"{c.external_mae_years[n]:>18.2f} " if n in c.external_mae_years else f"{'-':>18} " for n in sets)
+        lines.append(f"{c.run_id[:8]:<10} {c.run_name[:24]:<24} {c.val_mae_years:>8.2f} {c.test_mae_years:>8.2f} "
+                     f"{ext}{verdict}")
+    return "\n".join(lines)
 
 
 def select_winner(client, experiment: str = EXPERIMENT) -> Winner:
-    """The finished run with test metrics and the lowest validation MAE (ties: the newest).
+    """The champion by :data:`SELECTION_RULE` (validation MAE, guarded by cross-dataset MAE).
+
+    Logs the rule and every candidate's validation, test and external MAE with its verdict.
 
     Args:
         client: An ``mlflow.MlflowClient``.
@@ -98,26 +173,26 @@ def select_winner(client, experiment: str = EXPERIMENT) -> Winner:
         token = page.token
         if not token:
             break
-    candidates = [r for r in runs if VAL_METRIC in r.data.metrics and TEST_METRIC in r.data.metrics]
-    log.info("%d finished runs in experiment %r, %d with %s and %s", len(runs), experiment, len(candidates),
+    found = {r.info.run_id: r for r in runs if VAL_METRIC in r.data.metrics and TEST_METRIC in r.data.metrics}
+    log.info("%d finished runs in experiment %r, %d with %s and %s", len(runs), experiment, len(found),
              VAL_METRIC, TEST_METRIC)
-    if not candidates:
+    if not found:
         raise PackagingError(f"no finished run of experiment {experiment!r} has both {VAL_METRIC} and "
                              f"{TEST_METRIC}: run the train and evaluate stages first")
-    best = min(candidates, key=lambda r: (r.data.metrics[VAL_METRIC], -r.info.start_time))
-    tags = best.data.tags
-    return Winner(run_id=best.info.run_id, run_name=best.info.run_name or "",
-                  val_mae_years=float(best.data.metrics[VAL_METRIC]),
-                  test_mae_years=float(best.data.metrics[TEST_METRIC]), start_time_ms=int(best.info.start_time),
+    ranked = rank_candidates([
+        Candidate(r.info.run_id, r.info.run_name or "", float(r.data.metrics[VAL_METRIC]),
+                  float(r.data.metrics[TEST_METRIC]), int(r.info.start_time), external_maes(r.data.metrics), "")
+        for r in found.values()])
+    log.info("champion rule: %s\n%s", SELECTION_RULE, selection_table(ranked))
+    top = ranked[0]
+    if top.excluded:  # e.g. runs scored on different external sets: none covers them all
+        raise PackagingError(f"no run passes the external-MAE guard (best candidate {top.run_id}: {top.excluded}); "
+                             "evaluate the runs on the same evaluate.external sets")
+    tags = found[top.run_id].data.tags
+    return Winner(run_id=top.run_id, run_name=top.run_name, val_mae_years=top.val_mae_years,
+                  test_mae_years=top.test_mae_years, start_time_ms=top.start_time_ms,
                   data_sha256=tags.get("data_sha256"), git_commit=tags.get("git_commit"),
-                  external_mae_years=external_maes(best.data.metrics))
-
-
-def external_maes(metrics: dict[str, float]) -> dict[str, float]:
-    """``{name: MAE}`` of the run's ``external_<name>_mae`` metrics (test-only external sets)."""
-    return {k[len(EXTERNAL_METRIC_PREFIX):-len(EXTERNAL_METRIC_SUFFIX)]: float(v) for k, v in sorted(metrics.items())
-            if k.startswith(EXTERNAL_METRIC_PREFIX) and k.endswith(EXTERNAL_METRIC_SUFFIX)
-            and len(k) > len(EXTERNAL_METRIC_PREFIX) + len(EXTERNAL_METRIC_SUFFIX)}
+                  external_mae_years=top.external_mae_years)
 
 
 def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS):
@@ -215,7 +290,7 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
         "registered_alias": CHAMPION_ALIAS,
         "val_mae_years": winner.val_mae_years,
         "test_mae_years": winner.test_mae_years,
-        **{f"external_{name}_mae_years": mae for name, mae in winner.external_mae_years.items()},
+        "external_mae_years": dict(winner.external_mae_years),
         "data_sha256": meta.get("data_sha256") or winner.data_sha256,
         "data_source": crop.get("data_source"),
         "git_commit": meta.get("git_commit") or winner.git_commit,
@@ -331,7 +406,7 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
-    winner = select_winner(client)
+    winner = select_winner(client)  # logs the rule and every candidate's numbers
     log.info("winner: run %s (%s) %s=%.3f %s=%.3f", winner.run_id, winner.run_name, VAL_METRIC,
              winner.val_mae_years, TEST_METRIC, winner.test_mae_years)
     with tempfile.TemporaryDirectory(prefix="faceage-package-") as tmp:

@@ -33,9 +33,8 @@ def model_line(lineage: dict[str, Any]) -> str:
     parts = [f"Model **{name}** ({lineage.get('backbone', '?')}, MLflow run {lineage.get('mlflow_run_name') or '?'})"]
     if lineage.get("test_mae_years") is not None:
         parts.append(f"test MAE **{float(lineage['test_mae_years']):.2f}** years")
-    for key, value in sorted(lineage.items()):
-        if key.startswith("external_") and key.endswith("_mae_years"):
-            parts.append(f"external set {key[len('external_'):-len('_mae_years')]!r} MAE **{float(value):.2f}** years")
+    for name, mae in sorted((lineage.get("external_mae_years") or {}).items()):
+        parts.append(f"external set {name!r} MAE **{float(mae):.2f}** years")
     return ", ".join(parts) + "."
 
 

@@ -1,5 +1,6 @@
 """A real `dvc repro` of the whole pipeline in a temporary git repo, on a few real faces."""
 
+import csv
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ def run(cmd, cwd, env):
 
 
 @pytest.fixture(scope="module")
-def project(sample_dir, tmp_path_factory):
+def project(sample_dir, external_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     for item in ("faceage", "stages", "dvc.yaml", "params.yaml"):
         src = REPO / item
@@ -33,6 +34,9 @@ def project(sample_dir, tmp_path_factory):
     source = make_subset(sample_dir, tmp_path_factory.mktemp("source"), {"train": 24, "valid": 8, "test": 8})
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["fetch_data"].update(source=str(source), md5="")
+    # A cross-dataset set of 6 real faces, named like the default (the folder name gives the metric names).
+    external = make_subset(external_dir, tmp_path_factory.mktemp("external") / "utk-external", {"test": 6})
+    params["evaluate"]["external"] = [str(external)]
     params["preprocess"].update(size=64, workers=1)
     params["train"].update(pretrained="none", epochs=1, image_size=64, batch_size=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -55,7 +59,12 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
     pre = json.loads((root / "reports" / "preprocess.json").read_text())
     assert pre["total"]["face"] + pre["total"]["release_crop"] == 40
     metrics = json.loads((root / "reports" / "eval" / "metrics.json").read_text())
-    assert metrics["n_test_faces"] == 8 and 0 < metrics["mae_years"] < 100
+    with open(root / "reports" / "eval" / "predictions.csv", newline="") as f:
+        errors = [float(r["abs_error"]) for r in csv.DictReader(f)]
+    assert metrics["n_test_faces"] == len(errors) == 8
+    assert metrics["mae_years"] == pytest.approx(sum(errors) / len(errors), abs=1e-3)  # the csv rounds to 1e-3
+    external = metrics["external"]["utk_external"]
+    assert external["n_images"] == 6 and external["n_faces"] + external["no_face"] == 6
     assert set(metrics) >= {"mae_years", "mae_real_years", "rmse_years", "cs5", "mae_by_age_group"}
     shown = run(["dvc", "metrics", "show", "--json"], root, project["env"])
     assert "mae_years" in shown
@@ -102,3 +111,25 @@ def test_bad_source_fails_with_a_clear_message_and_no_output(project, tmp_path):
     assert "LayoutError: fetch_data.source" in out.stderr and "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
+    """A DVC remote (a local path here; S3/SSH work the same): the cached outputs travel through it,
+    dvc.lock and the small `cache: false` outputs (metrics, reports, run.json) through git."""
+    root, env = project["root"], project["env"]
+    (root / ".gitignore").write_text("mlflow.db\nmlruns/\n.cache/\n")  # the tracking store is not data
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], root, env)
+    pushed = run(["dvc", "push"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "pipeline outputs"], root, env)
+    assert "pushed" in pushed or "uploaded" in pushed.lower()
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    assert not (clone / "models" / "model.pt").exists() and not (clone / "data" / "faces").exists()
+    run(["dvc", "pull"], clone, env)
+    assert (clone / "models" / "model.pt").read_bytes() == (root / "models" / "model.pt").read_bytes()
+    assert sorted(p.name for p in (clone / "data" / "faces" / "test").iterdir()) == \
+        sorted(p.name for p in (root / "data" / "faces" / "test").iterdir())
+    again = run(["dvc", "repro"], clone, env)
+    assert "Running stage" not in again and "Data and pipelines are up to date" in again
+    assert not (clone / "mlflow.db").exists()  # nothing ran, so nothing was tracked

@@ -7,7 +7,8 @@ import mlflow
 import pytest
 import torch
 
-from faceage.packaging import PackagingError, Winner, resolve_checkpoint, select_winner
+from faceage.packaging import (SELECTION_RULE, Candidate, PackagingError, Winner, guard_margin, rank_candidates,
+                               resolve_checkpoint, select_winner, selection_table)
 from faceage.tracking import EXPERIMENT
 
 
@@ -121,9 +122,57 @@ def test_bento_model_holds_checkpoint_onnx_export_detector_files_and_lineage(tmp
     assert stored["onnx_check_faces"] == len(crops) and 0 <= stored["onnx_max_abs_diff_probs"] <= 1e-4
 
 
-def test_external_set_maes_come_from_the_runs_metrics():
-    from faceage.packaging import external_maes
+def ext(mae, name="utk_external", n=1650):
+    """The metrics evaluate logs for one cross-dataset set."""
+    return {f"external_{name}_mae": mae, f"external_{name}_n_faces": n, f"external_{name}_cs5": 0.3}
 
-    metrics = {"external_utk_mae": 7.5, "external_wild_mae": 9.0, "test_mae_years": 5.0, "external__mae": 1.0,
-               "external_utk_rmse": 9.9}
-    assert external_maes(metrics) == {"utk": 7.5, "wild": 9.0}
+
+def test_a_run_that_does_not_generalise_cannot_win(client, caplog):
+    """Lowest validation MAE, but 9.4 on the external set against 6.1: vetoed; the next run by validation wins."""
+    overfit = add_run(client, "overfit", {"best_val_mae": 4.9, "test_mae_years": 5.1, **ext(9.4)})
+    general = add_run(client, "general", {"best_val_mae": 5.3, "test_mae_years": 5.4, **ext(6.4)})
+    add_run(client, "best external", {"best_val_mae": 6.0, "test_mae_years": 6.1, **ext(6.1)})
+    add_run(client, "never judged outside", {"best_val_mae": 4.0, "test_mae_years": 4.2})
+    with caplog.at_level("INFO", logger="faceage.packaging"):
+        winner = select_winner(client)
+    assert (winner.run_id, winner.external_mae_years) == (general, {"utk_external": 6.4})
+    # The packaging output shows the rule and every candidate's numbers and verdict.
+    assert SELECTION_RULE in caplog.text
+    assert f"{general[:8]}   general" in caplog.text and "WINNER" in caplog.text
+    assert f"{overfit[:8]}   overfit" in caplog.text
+    assert "excluded: utk_external MAE 9.40 > best 6.10 + 0.50" in caplog.text
+    assert "excluded: not scored on utk_external" in caplog.text
+
+
+def test_within_the_margin_validation_decides(client):
+    add_run(client, "best external", {"best_val_mae": 6.0, "test_mae_years": 6.1, **ext(6.1)})
+    close = add_run(client, "close", {"best_val_mae": 5.0, "test_mae_years": 5.2, **ext(6.6)})  # 6.6 <= 6.1 + 0.5
+    assert select_winner(client).run_id == close
+
+
+def test_guard_margin_is_half_a_year_or_five_percent():
+    assert guard_margin(6.1) == 0.5 and guard_margin(10.0) == 0.5 and guard_margin(20.0) == pytest.approx(1.0)
+
+
+def cand(name, val, external, start=0):
+    return Candidate(name, name, val, val + 0.1, start, external, "")
+
+
+def test_rank_candidates_covers_every_set_and_orders_the_rest():
+    ranked = rank_candidates([cand("a", 5.0, {"s1": 6.0, "s2": 9.0}), cand("b", 5.5, {"s1": 6.2, "s2": 7.0}),
+                              cand("c", 5.2, {"s1": 6.3}), cand("d", 5.5, {"s1": 6.0, "s2": 7.2}, start=1)])
+    assert [c.run_id for c in ranked] == ["d", "b", "a", "c"]  # d and b tie on validation: the newer first
+    assert [bool(c.excluded) for c in ranked] == [False, False, True, True]
+    assert ranked[2].excluded == "s2 MAE 9.00 > best 7.00 + 0.50" and ranked[3].excluded == "not scored on s2"
+    table = selection_table(ranked)
+    assert table.splitlines()[1].startswith("d ") and table.splitlines()[1].endswith("WINNER")
+    assert "s1 MAE" in table.splitlines()[0] and "eligible" in table.splitlines()[2]
+    # No external metrics anywhere: validation MAE alone.
+    assert [c.run_id for c in rank_candidates([cand("x", 6.0, {}), cand("y", 5.0, {})])] == ["y", "x"]
+
+
+def test_no_run_passing_the_guard_is_an_error(client):
+    add_run(client, "only s1", {"best_val_mae": 5.0, "test_mae_years": 5.0, **ext(6.0, "s1")})
+    add_run(client, "only s2", {"best_val_mae": 5.0, "test_mae_years": 5.0, **ext(6.0, "s2")})
+    with pytest.raises(PackagingError, match="no run passes the external-MAE guard .*not scored on"):
+        select_winner(client)

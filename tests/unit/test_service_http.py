@@ -121,7 +121,7 @@ def test_the_ui_names_the_model_and_its_test_and_external_maes():
     from faceage.ui import examples, model_line
 
     lineage = {"registered_model": "face-age", "registered_version": "4", "backbone": "dlib_face",
-               "mlflow_run_name": "run-a", "test_mae_years": 5.04, "external_utk_mae_years": 7.315}
+               "mlflow_run_name": "run-a", "test_mae_years": 5.04, "external_mae_years": {"utk": 7.315}}
     line = model_line(lineage)
     assert "face-age v4" in line and "dlib_face" in line and "test MAE **5.04**" in line
     assert "external set 'utk' MAE **7.32**" in line
