@@ -1,6 +1,13 @@
-"""DVC stage train: fit the age model on the face crops; log the run to MLflow."""
+"""DVC stage train: fit the age model on the face crops; log the run to MLflow.
+
+Under torchrun (``torchrun --nproc_per_node=N stages/train.py ...``, or ``--nnodes`` with a
+rendezvous) every process trains its share. Run plainly with ``train.nproc_per_node > 1``, it
+relaunches itself through ``torch.distributed.run`` on this machine, which is what ``dvc repro`` does.
+"""
 
 import argparse
+import os
+import sys
 
 from faceage.config import load_params
 from faceage.logs import run_stage, setup_logging
@@ -20,9 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     setup_logging()
     p = load_params(args.params).train
+    if p.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
+        from torch.distributed.run import main as torchrun
+
+        torchrun(["--standalone", f"--nproc_per_node={p.nproc_per_node}", __file__, *argv])
+        return
     train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings)
 
 

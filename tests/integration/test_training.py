@@ -44,7 +44,8 @@ def test_checkpoint_describes_itself(tiny_run):
     assert (meta["min_age"], meta["max_age"]) == (0, 100)
 
 
-def test_interrupted_training_resumes_in_the_same_mlflow_run(tiny_run, tmp_path, monkeypatch, caplog):
+def test_interrupted_training_resumes_in_the_same_mlflow_run_with_the_uninterrupted_results(
+        tiny_run, tmp_path, monkeypatch, caplog):
     caplog.set_level("INFO", logger="faceage")
     from mlflow import MlflowClient
 
@@ -52,7 +53,10 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(tiny_run, tmp_path,
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     p = replace(Params().train, pretrained="none", epochs=2, image_size=48, batch_size=16)
-    args = (p, tiny_run["faces"], tmp_path / "model.pt", tmp_path / "reports", tmp_path / "run.json", tmp_path / "state.pt")
+    out = {name: tmp_path / name for name in ("resumed", "straight")}
+    args = {name: (p, tiny_run["faces"], d / "model.pt", d / "reports", d / "run.json", d / "state.pt")
+            for name, d in out.items()}
+    training.train_model(*args["straight"])
     real_loss, calls = training.age_loss, []
 
     def interrupt_mid_epoch_two(*a, **kw):
@@ -63,19 +67,26 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(tiny_run, tmp_path,
 
     monkeypatch.setattr(training, "age_loss", interrupt_mid_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        training.train_model(*args)
-    assert (tmp_path / "state.pt").exists() and not (tmp_path / "model.pt").exists()
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
+        training.train_model(*args["resumed"])
+    state_path = out["resumed"] / "state.pt"
+    assert state_path.exists() and not (out["resumed"] / "model.pt").exists()
+    state = torch.load(state_path, weights_only=True)
     assert state["epoch"] == 1
-    monkeypatch.setattr(training, "age_loss", real_loss)
-    result = training.train_model(*args)
-    assert result["run_id"] == state["run_id"]
-    assert not (tmp_path / "state.pt").exists()
     client = MlflowClient()
+    assert client.get_run(state["run_id"]).info.status == "KILLED"
+    monkeypatch.setattr(training, "age_loss", real_loss)
+    result = training.train_model(*args["resumed"])
+    assert result["run_id"] == state["run_id"]
+    assert not state_path.exists()
     assert [m.step for m in client.get_metric_history(state["run_id"], "val_mae")] == [1, 2]
     assert client.get_run(state["run_id"]).info.status == "FINISHED"
     assert "resuming from epoch 1 of 2" in caplog.text
-    assert (tmp_path / "reports" / "history.csv").read_text().count("\n") == 3  # header + 2 epochs
+    # Exact: the same history and weights as the run that was never interrupted.
+    history = {name: (d / "reports" / "history.csv").read_text() for name, d in out.items()}
+    assert history["resumed"].count("\n") == 3 and history["resumed"] == history["straight"]
+    weights = {name: torch.load(d / "model.pt", weights_only=True)["state_dict"] for name, d in out.items()}
+    assert all(torch.equal(weights["resumed"][k], weights["straight"][k]) for k in weights["straight"])
+    assert (out["resumed"] / "reports" / "model_summary.txt").exists()
 
 
 def test_model_card_numbers_match_the_metrics(tiny_run):
