@@ -525,21 +525,21 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the global batch of all ranks, on any device.
 
-    torch's SyncBatchNorm runs on GPUs only; this one sums through the autograd-aware
-    ``torch.distributed.nn.functional.all_reduce`` (gloo or nccl), two passes as BatchNorm does
+    torch's SyncBatchNorm runs on GPUs only; this one sums through torch's differentiable functional
+    ``all_reduce`` (gloo or nccl; its backward sums the gradients), two passes as BatchNorm does
     (mean, then the centred squares). One rank, or eval mode, is plain BatchNorm2d.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        from torch.distributed._functional_collectives import all_reduce  # differentiable (sum of gradients)
 
-        dims, shape = [0, 2, 3], (1, -1, 1, 1)
+        dims, shape, group = [0, 2, 3], (1, -1, 1, 1), dist.group.WORLD
         n = float(dist.get_world_size() * x.numel() // x.shape[1])  # equal local batches (drop_last)
-        mean = all_reduce(x.sum(dims)) / n
+        mean = all_reduce(x.sum(dims), "sum", group) / n
         centred = x - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / n
+        var = all_reduce((centred * centred).sum(dims), "sum", group) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

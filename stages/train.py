@@ -8,6 +8,7 @@ relaunches itself through ``torch.distributed.run`` on this machine, which is wh
 import argparse
 import os
 import sys
+import uuid
 
 from faceage.config import load_params
 from faceage.logs import run_stage, setup_logging
@@ -32,9 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     p = load_params(args.params).train
     if p.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
-        from torch.distributed.run import main as torchrun
+        # torchrun --standalone, through its API (its CLI would read --run as an abbreviation of its --run-path).
+        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-        torchrun(["--standalone", f"--nproc_per_node={p.nproc_per_node}", __file__, *argv])
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=p.nproc_per_node, run_id=str(uuid.uuid4()),
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+        elastic_launch(config, sys.executable)("-u", __file__, *argv)
         return
     train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings)
 

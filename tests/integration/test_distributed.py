@@ -2,11 +2,14 @@
 
 Both runs see the same faces in every global step (one permutation, interleaved over ranks), the
 same per-sample augmentation and label jitter (seeded per sample), and BatchNorm statistics over
-the global batch. What remains different is the order of float additions (two half-batch
-gradient means averaged by all-reduce against one full-batch mean; per-rank partial sums in
-BatchNorm), a relative error near float32 epsilon per step. Training amplifies it, but over 8
-steps from the same weights it stays far below the 0.01-year tolerance; a wrong sampler, a
-missing gradient average or per-rank BatchNorm statistics each move validation MAE by tenths.
+the global batch; one step's gradients agree to ~1e-6 relative (float addition order: two
+half-batch means averaged by all-reduce against one full-batch mean). Training amplifies that
+noise: AdamW's first update is lr * sign(gradient), so near-zero gradients whose sign the noise
+flips move by a full step, and ResNet-18 from scratch on 64 faces is chaotic. Measured on this
+sample (48 px, global batch 16, 2 epochs): 2 processes vs 1 differ by 0.05 years of
+validation MAE and 0.007 in epoch-1 training loss; a run with another seed differs by 0.8 years
+and 1.0 in loss, a per-rank instead of global batch by 4 years. The tolerances (0.15 years,
+0.05 loss) sit at ~3x the noise and well below any of those bugs.
 """
 
 import json
@@ -21,7 +24,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-TOLERANCE_YEARS = 0.01
+TOLERANCE_YEARS = 0.15
+TOLERANCE_LOSS = 0.05
 
 
 def _train(tiny_run, out, nproc):
@@ -61,6 +65,7 @@ def test_two_processes_match_one_and_make_one_finished_run_that_evaluate_and_pac
     for a, b in zip(one, two):
         assert abs(a["val_mae"] - b["val_mae"]) <= TOLERANCE_YEARS, (one, two)
         assert a["lr"] == b["lr"]  # the same number of steps per epoch
+    assert abs(one[0]["train_loss"] - two[0]["train_loss"]) <= TOLERANCE_LOSS, (one, two)
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
