@@ -648,7 +648,8 @@ def _write_summary(reports_dir: Path, model: nn.Module, p: TrainParams, weights_
     """``model_summary.txt``, written by every run (DVC deletes it before rerunning a stage)."""
     n_params = sum(t.numel() for t in model.parameters())
     summary = reports_dir / "model_summary.txt"
-    _write_text(summary, f"backbone: {p.backbone}\nparameters: {n_params}\nweights: {weights_from}\n\n{_plain(model)}\n")
+    text = f"backbone: {p.backbone}\nparameters: {n_params}\nweights: {weights_from}\n\n{_plain(model)}\n"
+    _write_text(summary, text)
     tracker.log_summary(summary, n_params)
 
 

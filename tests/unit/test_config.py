@@ -58,7 +58,8 @@ def test_missing_key_is_named():
         ("preprocess", "detector", "haar", r"preprocess\.detector must be one of"),
         ("preprocess", "margin", 1.5 + 1, r"preprocess\.margin must be in \[0, 2\), got 2\.5"),
         ("train", "epochs", -1, r"train\.epochs must be >= 0 \(0: evaluate the initial weights\), got -1"),
-        ("train", "nproc_per_node", 3, r"train\.batch_size=64 \(the global batch\) must be divisible by train\.nproc_per_node=3"),
+        ("train", "nproc_per_node", 3,
+         r"train\.batch_size=64 \(the global batch\) must be divisible by train\.nproc_per_node=3"),
         ("fetch_data", "source", 3, r"fetch_data\.source must be a string"),
     ],
 )

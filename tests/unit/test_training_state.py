@@ -1,4 +1,4 @@
-"""The pieces that make resume exact and N processes equal to one: sampler, seeded samples, state file, global BatchNorm."""
+"""What makes resume exact and N processes equal one: sampler, seeded samples, state file, global BatchNorm."""
 
 import os
 import socket
