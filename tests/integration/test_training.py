@@ -102,3 +102,26 @@ def test_model_card_numbers_match_the_metrics(tiny_run):
     assert set(metrics["mae_by_gender"]) <= {"female", "male"}
     run_id = json.loads(tiny_run["run"].read_text())["run_id"]
     assert f"MLflow run `{run_id}`" in card
+
+
+def test_zero_epochs_ship_the_seeded_initial_weights(tiny_run, tmp_path, monkeypatch):
+    """``train.epochs=0`` (zero-shot): no epoch runs, the checkpoint holds the initial weights, scored on validation."""
+    import faceage.training as training
+    from faceage.data import load_split
+    from faceage.inference import input_fn
+    from faceage.model import IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    p = replace(Params().train, pretrained="none", epochs=0, image_size=48, batch_size=16, device="cpu")
+    result = training.train_model(p, tiny_run["faces"], tmp_path / "model.pt", tmp_path / "reports",
+                                  tmp_path / "run.json", tmp_path / "state.pt")
+    assert result["best_epoch"] == 0 and result["epochs"] == 0
+    assert (tmp_path / "reports" / "history.csv").read_text().strip() == ",".join(training.HISTORY_COLUMNS)
+    torch.manual_seed(p.seed)
+    initial = build_model(p.backbone)
+    _, meta = load_checkpoint(tmp_path / "model.pt")
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(weights[k], v) for k, v in initial.state_dict().items())
+    val = load_split(tiny_run["faces"], "valid", p.backbone, p.image_size)
+    expected = training.evaluate(initial, val, input_fn(p.backbone, IMAGENET_MEAN, IMAGENET_STD), torch.device("cpu"))
+    assert meta["val_mae"] == result["best_val_mae"] == expected
