@@ -76,6 +76,7 @@ class TrainParams:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = True  # mixed precision; only used on CUDA
     num_workers: int = -1  # data-loader processes; -1 = automatic (0 on 2 cores)
+    nproc_per_node: int = 1  # training processes (DistributedDataParallel) that `dvc repro` launches
 
 
 DEFAULT_EXTERNAL = ("../shared/datasets/utk-external",)
@@ -175,13 +176,17 @@ def _validate_ranges(name: str, obj: Any) -> None:
         checks = [(obj.workers >= 0, f"embed.workers must be >= 0, got {obj.workers}")]
     elif isinstance(obj, TrainParams):
         checks = [
-            (obj.epochs >= 1, f"train.epochs must be >= 1, got {obj.epochs}"),
+            (obj.epochs >= 0, f"train.epochs must be >= 0 (0: evaluate the initial weights), got {obj.epochs}"),
             (obj.image_size >= 32, f"train.image_size must be >= 32 px, got {obj.image_size}"),
             (obj.batch_size >= 1, f"train.batch_size must be >= 1, got {obj.batch_size}"),
             (obj.lr > 0, f"train.lr must be > 0, got {obj.lr}"),
             (obj.label_sigma > 0, f"train.label_sigma must be > 0, got {obj.label_sigma}"),
             (obj.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {obj.warmup_epochs}"),
             (obj.num_workers >= -1, f"train.num_workers must be >= -1, got {obj.num_workers}"),
+            (obj.nproc_per_node >= 1, f"train.nproc_per_node must be >= 1, got {obj.nproc_per_node}"),
+            (obj.batch_size % obj.nproc_per_node == 0,
+             f"train.batch_size={obj.batch_size} (the global batch) must be divisible by "
+             f"train.nproc_per_node={obj.nproc_per_node}"),
         ]
     elif isinstance(obj, EvaluateParams):
         checks = [(obj.cs_years > 0, f"evaluate.cs_years must be > 0, got {obj.cs_years}"),

@@ -1,14 +1,33 @@
-"""Training: expected-age classification over ages 0..100, resumable, tracked in MLflow.
+"""Training: expected-age classification over ages 0..100, exactly resumable, distributed, tracked in MLflow.
 
 Input: the ``preprocess`` output folder and :class:`TrainParams`. Outputs:
 
 - the best checkpoint by validation MAE (self-describing, see :mod:`faceage.model`);
-- ``history.csv`` (one row per epoch) and ``metrics.json`` (best validation MAE);
-- a ``run.json`` naming the MLflow run, which ``evaluate`` and packaging continue.
+- ``history.csv`` (one row per epoch, results only) and ``metrics.json`` (best validation MAE);
+- ``model_summary.txt`` and a ``run.json`` naming the MLflow run, which ``evaluate`` and packaging continue.
 
-A resumable state (model, optimiser, schedule, RNG, history, MLflow run id) is written after
-every epoch. If training is interrupted and rerun with the same params and data, it resumes
-from the last finished epoch; the state is deleted once training completes.
+The loop is split the torchvision-references way: :func:`train_one_epoch`, :func:`evaluate`, and
+:func:`save_state` / :func:`load_state` of one :class:`TrainState`. Extension points for other
+recipes: :func:`build_optimizer` (param groups), :func:`make_loss` (extra loss terms that may run
+a second network on the batch), :func:`finalize` (a post-training step before the checkpoint is
+saved); ``train.epochs=0`` evaluates and packages the initial weights.
+
+Exact resume. The state is written atomically after every epoch (write a temporary file, fsync,
+rename) and deleted only after every output exists and the MLflow run is finished, so ``kill -9``
+at any point loses at most the running epoch. Nothing random is carried between epochs: epoch
+``e`` reseeds Python, NumPy and torch from ``(seed, e, rank)``, the sampler's order is a function
+of ``(seed, e)``, and each sample's augmentation, mirror-view choice and label jitter come from a
+generator seeded by ``(seed, e, index)``. So a resumed epoch draws exactly what the uninterrupted
+one drew, whatever the number of loader workers (their own seeds never reach the data), and on
+CPU the resumed run ends with bit-identical weights, history and metrics.
+
+Distributed. ``torchrun --nproc_per_node=N stages/train.py ...`` (or ``--nnodes`` with a
+rendezvous) runs :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU, nccl on CUDA);
+a plain process is rank 0 of 1 and takes the same path. ``train.batch_size`` is the global batch:
+each of N ranks gets ``batch_size / N`` samples, interleaved from the same permutation, so a
+global step sees the same faces whatever N is; BatchNorm is synchronised across ranks. Rank 0
+alone evaluates, logs, writes files and talks to MLflow. Resuming needs ``state_path`` readable
+by every rank (one machine, or a shared filesystem).
 """
 
 from __future__ import annotations
@@ -20,14 +39,19 @@ import json
 import logging
 import math
 import os
+import random
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from faceage.config import ConfigError, TrainParams
 from faceage.data import load_split
@@ -44,6 +68,16 @@ from faceage.transforms import train_augment
 
 log = logging.getLogger(__name__)
 
+# history.csv holds results only: a resumed run must reproduce it byte for byte, and wall-clock
+# figures measure the machine, not the model. Timing goes to MLflow (images_per_s, elapsed_s)
+# and to metrics.json (train_time_s).
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_mae", "val_mae", "lr")
+TIMING_COLUMNS = ("images_per_s", "elapsed_s")
+
+# (logits, targets, network inputs) -> scalar loss. The inputs let a loss term run a second
+# network (e.g. a frozen teacher) on the same batch.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def select_device(choice: str) -> torch.device:
     """``auto`` -> cuda > mps > cpu; an explicit choice that is unavailable raises ConfigError."""
@@ -58,14 +92,65 @@ def select_device(choice: str) -> torch.device:
 
 
 def pin_threads() -> int:
-    """One torch thread per core in this process; data-loader workers get one each (no oversubscription)."""
+    """Torch threads for this process: its cores shared among the ranks on this machine.
+
+    torchrun sets ``LOCAL_WORLD_SIZE``; 2 cores and 2 ranks give 1 thread each (more would
+    oversubscribe: ResNet-18 ran 6x slower). Data-loader workers get one thread each.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(cores)
-    return cores
+    threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job; a plain process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Sums per-rank values over all ranks (identity for one process)."""
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed(p: TrainParams) -> tuple[Distributed, torch.device]:
+    """Joins the torchrun process group if there is one; returns the rank info and this rank's device."""
+    d = Distributed.from_env()
+    device = select_device(p.device)
+    if d.world_size > 1:
+        if p.batch_size % d.world_size:
+            raise ConfigError(f"train.batch_size={p.batch_size} (the global batch) must be divisible by the "
+                              f"{d.world_size} processes")
+        if device.type == "cuda":
+            device = torch.device("cuda", d.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
 
 
 def age_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, sigma: float) -> torch.Tensor:
@@ -86,6 +171,12 @@ def age_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, sigma: float
     return kl + l1
 
 
+def make_loss(p: TrainParams, model: nn.Module) -> LossFn:
+    """The training loss. A recipe with more terms (e.g. distillation toward a frozen copy of
+    ``model`` evaluated on the inputs) returns its own closure here."""
+    return lambda logits, target, _inputs: age_loss(logits, target, p.loss, p.label_sigma)
+
+
 def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine / step decay / constant."""
     warmup = p.warmup_epochs * steps_per_epoch
@@ -99,6 +190,117 @@ def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
         epoch = step // steps_per_epoch
         return 0.1 ** sum(epoch >= m for m in (int(p.epochs * 0.5), int(p.epochs * 0.75)))
     return 1.0
+
+
+def build_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    """The optimiser over ``model``'s trainable parameters (the place for param groups and frozen blocks)."""
+    params = [t for t in model.parameters() if t.requires_grad]
+    if p.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
+    raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got {p.optimizer!r}")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, steps_per_epoch: int, p: TrainParams):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, p))
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SeedSequence hashing: nearby inputs give unrelated seeds)."""
+    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseeds every global stream (Python, NumPy, torch CPU and CUDA) for one epoch of one rank."""
+    s = _mix(seed, epoch, rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of the epoch's permutation, as ``(index, epoch)`` keys.
+
+    The permutation depends on ``(seed, epoch)`` only; rank r of N takes every N-th index from r,
+    so consecutive global batches hold the same faces for any N. The epoch travels with each key
+    so that loader workers, persistent or not, seed the sample's randomness without shared state.
+    """
+
+    def __iter__(self):
+        return ((i, self.epoch) for i in super().__iter__())
+
+
+class SeededSamples(Dataset):
+    """Training items with their randomness (augmentation, view choice, label jitter) seeded per sample.
+
+    Item ``(index, epoch)`` -> ``(input, target age, apparent age)``; the target is the apparent age,
+    or with ``label_jitter`` a draw from N(apparent age, its std) clamped to [0, 100].
+    """
+
+    def __init__(self, base: Dataset, seed: int, label_jitter: bool):
+        self.base, self.seed, self.label_jitter = base, seed, label_jitter
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, epoch = key
+        # fork_rng: the transforms draw from torch's global generator; leave the caller's untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, epoch, index))
+            x, age, age_std = self.base[index]
+            target = (age + age_std * torch.randn(())).clamp(MIN_AGE, MAX_AGE) if self.label_jitter else age
+        return x, target, age
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs, saved after every finished epoch.
+
+    ``history`` rows hold :data:`HISTORY_COLUMNS` plus :data:`TIMING_COLUMNS`; ``elapsed_s`` adds up
+    over resumed runs. ``best_model`` is ``None`` until an epoch improves on the start.
+    """
+
+    fingerprint: str
+    run_id: str
+    epoch: int = 0
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    scaler: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_mae: float = float("inf")
+    best_epoch: int = 0
+    best_model: dict[str, torch.Tensor] | None = None
+
+
+def save_state(path: str | Path, state: TrainState) -> None:
+    """Writes the state atomically: a kill leaves the previous state or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({f_.name: getattr(state, f_.name) for f_ in fields(TrainState)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path, fingerprint: str) -> TrainState | None:
+    """The saved state if it was written for these params and data, else ``None``."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = TrainState(**torch.load(path, map_location="cpu", weights_only=True))
+    except (TypeError, RuntimeError, EOFError) as e:  # another format, or a file cut short by a disk error
+        log.warning("ignoring %s: unreadable (%s)", path, e)
+        return None
+    if state.fingerprint != fingerprint:
+        log.info("ignoring %s: it was written for other params or data", path)
+        return None
+    return state
 
 
 def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None) -> str:
@@ -131,9 +333,71 @@ def _loader_workers(p: TrainParams, device: torch.device) -> int:
     return 0 if device.type == "cpu" and cores <= 4 else min(8, max(cores - 1, 1))
 
 
+@dataclass
+class Amp:
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); off elsewhere."""
+
+    enabled: bool
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def for_device(cls, p: TrainParams, device: torch.device) -> Amp:
+        enabled = p.amp and device.type == "cuda"
+        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
+        return cls(enabled, dtype, torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16))
+
+
+def train_one_epoch(net: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, sched, loss_fn: LossFn,
+                    prepare: Callable, device: torch.device, amp: Amp, d: Distributed) -> dict[str, float]:
+    """One pass over this rank's share of the data; returns the global mean loss and MAE, and images seen."""
+    net.train()
+    seen, loss_sum, mae_sum = 0, 0.0, 0.0
+    for images, target, ages in loader:
+        images, target, ages = images.to(device), target.to(device), ages.to(device)
+        x = prepare(images)
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
+            logits = net(x)
+        loss = loss_fn(logits, target, x)
+        opt.zero_grad(set_to_none=True)
+        amp.scaler.scale(loss).backward()
+        amp.scaler.step(opt)
+        amp.scaler.update()
+        sched.step()
+        n = len(ages)
+        seen += n
+        loss_sum += loss.item() * n  # a CPU-GPU sync point, once per step
+        mae_sum += (expected_age(logits.detach())[0] - ages).abs().sum().item()
+    seen, loss_sum, mae_sum = d.sum([seen, loss_sum, mae_sum], device)
+    return {"train_loss": loss_sum / seen, "train_mae": mae_sum / seen, "seen": seen}
+
+
+def evaluate(model: nn.Module, val_set: Dataset, prepare: Callable, device: torch.device) -> float:
+    """Validation MAE (years) of the expected age."""
+    pred, _ = expected_age(predict_logits(model, val_set.images, prepare, device))
+    return (pred - val_set.ages).abs().mean().item()
+
+
+def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Callable,
+             device: torch.device, p: TrainParams) -> dict[str, Any]:
+    """Turns the trained network into the one to ship; returns checkpoint metadata it adds.
+
+    Loads the best epoch's weights (the initial ones when no epoch ran), then calibrates the
+    predicted spread on validation (the mean is unaffected). A post-training step (e.g. weight
+    interpolation with the pretrained network, chosen on validation) belongs here.
+    """
+    if state.best_model is not None:
+        model.load_state_dict(state.best_model)
+    temperature = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)
+    return {"temperature": temperature}
+
+
 def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, reports_dir: str | Path,
                 run_path: str | Path, state_path: str | Path, embeddings_path: str | Path | None = None) -> dict:
     """Trains, validates each epoch, keeps the best checkpoint, logs everything to MLflow.
+
+    Under torchrun every rank calls this; rank 0 writes the outputs and returns the result,
+    the others return ``{}``.
 
     Args:
         p: The ``train`` section of ``params.yaml``.
@@ -145,153 +409,265 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         embeddings_path: The ``embed`` stage's descriptors (needed for ``train.backbone=dlib_face``).
 
     Returns:
-        ``{"best_val_mae": ..., "best_epoch": ..., "epochs": ..., "run_id": ...}``.
+        ``{"best_val_mae": ..., "best_epoch": ..., "epochs": ..., "train_time_s": ..., "run_id": ...}``.
 
     Raises:
         faceage.model.PretrainedWeightsError: ``train.pretrained`` weights are unreachable.
     """
     faces_dir, reports_dir, state_path = Path(faces_dir), Path(reports_dir), Path(state_path)
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    cores = pin_threads()
-    device = select_device(p.device)
-    torch.manual_seed(p.seed)
-    crop = read_crop_settings(faces_dir)
+    d, device = init_distributed(p)
+    try:
+        return _train(p, d, device, faces_dir, Path(model_path), reports_dir, Path(run_path), state_path,
+                      embeddings_path)
+    finally:
+        if d.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
+
+def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path, model_path: Path,
+           reports_dir: Path, run_path: Path, state_path: Path, embeddings_path: str | Path | None) -> dict:
+    threads = pin_threads()
+    torch.manual_seed(p.seed)  # the initial weights: the same on every rank and in every resumed run
+    crop = read_crop_settings(faces_dir)
     model = build_model(p.backbone)
     weights_from = load_pretrained(model, p.backbone, p.pretrained)
+    if d.world_size > 1:
+        # Batch statistics over the global batch, as in a single process.
+        _set_batchnorm_class(model, GlobalBatchNorm2d)
     model.to(device)
     train_set = load_split(faces_dir, "train", p.backbone, p.image_size, embeddings_path,
                            transform=train_augment(augment=p.augment), augment=p.augment)
     val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
     prepare = input_fn(p.backbone, IMAGENET_MEAN, IMAGENET_STD)
     workers = _loader_workers(p, device)
-    loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, drop_last=len(train_set) > p.batch_size,
-                        num_workers=workers, worker_init_fn=_worker_init, persistent_workers=workers > 0,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(p.seed))
-    steps_per_epoch = len(loader)
-    if p.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, p))
-    use_amp = p.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    drop_last = len(train_set) > p.batch_size
+    sampler = EpochSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=p.seed,
+                           drop_last=drop_last)
+    loader = DataLoader(SeededSamples(train_set, p.seed, p.label_jitter), batch_size=p.batch_size // d.world_size,
+                        sampler=sampler, drop_last=drop_last, num_workers=workers, worker_init_fn=_worker_init,
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    opt = build_optimizer(model, p)
+    sched = build_scheduler(opt, len(loader), p)
+    amp = Amp.for_device(p, device)
+    loss_fn = make_loss(p, model)
 
     fingerprint = _fingerprint(p, faces_dir, embeddings_path)
-    start_epoch, history, best, run_id = 1, [], {"val_mae": float("inf"), "epoch": 0, "state": None}, None
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            start_epoch, history, run_id = state["epoch"] + 1, state["history"], state["run_id"]
-            best = {"val_mae": state["best_val_mae"], "epoch": state["best_epoch"], "state": state["best_model"]}
-            log.info("resuming from epoch %d of %d (%s)", state["epoch"], p.epochs, state_path)
-        else:
-            log.info("ignoring %s: it was written for other params or data", state_path)
+    state = load_state(state_path, fingerprint)
+    if state is not None and state.epoch > 0:  # (epoch 0: the run started, the initial weights are seeded)
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
+        amp.scaler.load_state_dict(state.scaler)
+        log.info("resuming from epoch %d of %d (%s)", state.epoch, p.epochs, state_path)
+    net = nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
 
-    mlflow = setup_mlflow()
-    tags = {"git_commit": git_commit(), "data_sha256": crop["data_sha256"], "data_source": crop["data_source"],
-            "backbone": p.backbone, "device": device.type}
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{p.backbone}-{p.image_size}px-{p.epochs}ep")
-    try:
-        if run_id is None:
-            mlflow.log_params({**{f"train.{k}": v for k, v in asdict(p).items()},
-                               **{f"preprocess.{k}": v for k, v in crop.items()},
-                               "train.loader_workers": workers, "train.torch_threads": cores})
-            mlflow.set_tags(tags)
-            summary = reports_dir / "model_summary.txt"
-            n_params = sum(t.numel() for t in model.parameters())
-            summary.write_text(f"backbone: {p.backbone}\nparameters: {n_params}\nweights: {weights_from}\n\n{model}\n")
-            mlflow.log_artifact(str(summary))
-            mlflow.log_param("train.num_parameters", n_params)
-            mlflow.log_metric("model_gflops", count_gflops(model, tuple(val_set.images.shape[1:]), device))
-        log.info("training %s (weights: %s) on %s: %d train / %d valid faces, %d epochs, batch %d, "
-                 "%d loader workers, %d torch threads; MLflow run %s in %s",
-                 p.backbone, weights_from, device, len(train_set), len(val_set), p.epochs, p.batch_size,
-                 workers, cores, run.info.run_id, tracking_uri())
-        t_start = time.time()
-        for epoch in range(start_epoch, p.epochs + 1):
-            model.train()
-            t0, seen, loss_sum, mae_sum = time.time(), 0, 0.0, 0.0
-            for images, ages, age_stds in loader:
-                images, ages, age_stds = images.to(device), ages.to(device), age_stds.to(device)
-                target = ages
-                if p.label_jitter:
-                    target = (ages + age_stds * torch.randn_like(ages)).clamp(MIN_AGE, MAX_AGE)
-                x = prepare(images)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    logits = model(x)
-                loss = age_loss(logits, target, p.loss, p.label_sigma)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                n = len(ages)
-                seen += n
-                loss_sum += loss.item() * n  # a CPU-GPU sync point, once per step
-                mae_sum += (expected_age(logits.detach())[0] - ages).abs().sum().item()
+    tracker = _Tracker(p, d, crop, device, workers, threads, fingerprint, state, state_path)
+    with tracker.run() as state:
+        if d.is_main:
+            _write_summary(reports_dir, model, p, weights_from, tracker)
+            tracker.log_gflops(count_gflops(model, tuple(val_set.images.shape[1:]), device))
+            log.info("training %s (weights: %s) on %s: %d train / %d valid faces, %d epochs, global batch %d over "
+                     "%d process(es), %d loader workers, %d torch threads each; MLflow run %s in %s",
+                     p.backbone, weights_from, device, len(train_set), len(val_set), p.epochs, p.batch_size,
+                     d.world_size, workers, threads, state.run_id, tracking_uri())
+        for epoch in range(state.epoch + 1, p.epochs + 1):
+            t0 = time.time()
+            seed_epoch(p.seed, epoch, d.rank)
+            sampler.set_epoch(epoch)
+            train = train_one_epoch(net, loader, opt, sched, loss_fn, prepare, device, amp, d)
             train_s = time.time() - t0
-            val_pred, _ = expected_age(predict_logits(model, val_set.images, prepare, device))
-            val_mae = (val_pred - val_set.ages).abs().mean().item()
-            row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_mae": mae_sum / seen, "val_mae": val_mae,
-                   "lr": opt.param_groups[0]["lr"], "images_per_s": seen / train_s, "elapsed_s": time.time() - t_start}
-            history.append(row)
-            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=epoch)
-            log.info("epoch %d/%d  loss %.4f  train MAE %.2f  val MAE %.2f  lr %.2e  %.0f img/s  %.0f s",
-                     epoch, p.epochs, row["train_loss"], row["train_mae"], val_mae, row["lr"], row["images_per_s"],
-                     row["elapsed_s"])
-            if val_mae < best["val_mae"]:
-                best = {"val_mae": val_mae, "epoch": epoch,
-                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-            _write_history(reports_dir / "history.csv", history)
-            torch.save({"fingerprint": fingerprint, "epoch": epoch, "history": history, "run_id": run.info.run_id,
-                        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "rng": torch.get_rng_state(), "best_val_mae": best["val_mae"], "best_epoch": best["epoch"],
-                        "best_model": best["state"]}, state_path.with_suffix(".tmp"))
-            os.replace(state_path.with_suffix(".tmp"), state_path)
-
-        model.load_state_dict(best["state"])
-        # Calibrate the predicted spread on the validation split (the mean is unaffected).
-        temperature = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)
+            if d.is_main:
+                val_mae = evaluate(model, val_set, prepare, device)
+                elapsed = (state.history[-1]["elapsed_s"] if state.history else 0.0) + time.time() - t0
+                row = {"epoch": epoch, **{k: train[k] for k in ("train_loss", "train_mae")}, "val_mae": val_mae,
+                       "lr": opt.param_groups[0]["lr"], "images_per_s": train["seen"] / train_s, "elapsed_s": elapsed}
+                log.info("epoch %d/%d  loss %.4f  train MAE %.2f  val MAE %.2f  lr %.2e  %.0f img/s  %.0f s",
+                         epoch, p.epochs, row["train_loss"], row["train_mae"], val_mae, row["lr"],
+                         row["images_per_s"], elapsed)
+                state.history.append(row)
+                if val_mae < state.best_val_mae:
+                    state.best_val_mae, state.best_epoch = val_mae, epoch
+                    state.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                state.epoch = epoch
+                state.model, state.optimizer = model.state_dict(), opt.state_dict()
+                state.scheduler, state.scaler = sched.state_dict(), amp.scaler.state_dict()
+                save_state(state_path, state)  # the commit point of an epoch
+                _write_history(reports_dir / "history.csv", state.history)
+                tracker.log_epochs()
+            d.barrier()  # no rank starts the next epoch before rank 0 has saved this one
+        if not d.is_main:
+            return {}
+        if p.epochs == 0:
+            state.best_val_mae = evaluate(model, val_set, prepare, device)
+        extra = finalize(model, state, val_set, prepare, device, p)
         meta = {
             "backbone": p.backbone, "min_age": MIN_AGE, "max_age": MAX_AGE, "image_size": p.image_size,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop": crop,
-            "train_params": asdict(p), "best_epoch": best["epoch"], "val_mae": best["val_mae"],
-            "mlflow_run_id": run.info.run_id, "git_commit": tags["git_commit"], "data_sha256": crop["data_sha256"],
-            "temperature": temperature, "input": "dlib_face_embedding" if p.backbone == FACE_ENCODER else "image",
+            "train_params": asdict(p), "best_epoch": state.best_epoch, "val_mae": state.best_val_mae,
+            "mlflow_run_id": state.run_id, "git_commit": tracker.commit, "data_sha256": crop["data_sha256"],
+            "input": "dlib_face_embedding" if p.backbone == FACE_ENCODER else "image", **extra,
         }
         if p.backbone == FACE_ENCODER:
             meta["encoder"] = train_set.info
         save_checkpoint(model_path, model, meta)
-        metrics = {"best_val_mae": best["val_mae"], "best_epoch": best["epoch"], "epochs": p.epochs,
-                   "train_time_s": round(history[-1]["elapsed_s"], 1)}
-        (reports_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        mlflow.log_metrics({"best_val_mae": best["val_mae"], "best_epoch": best["epoch"], "temperature": temperature})
-        mlflow.log_artifact(str(reports_dir / "history.csv"))
-        # The self-describing checkpoint travels with the run, so any winning run can be packaged.
-        mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
-        _log_model(mlflow, model, tuple(val_set.images.shape[1:]))
-        write_run_file(run_path, run.info.run_id, run.info.experiment_id)
-    except BaseException as e:
-        # The resumable state keeps the run id: a rerun continues this same MLflow run.
-        mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    mlflow.end_run()
+        _write_history(reports_dir / "history.csv", state.history)
+        metrics = {"best_val_mae": state.best_val_mae, "best_epoch": state.best_epoch, "epochs": p.epochs,
+                   "train_time_s": round(state.history[-1]["elapsed_s"], 1) if state.history else 0.0}
+        _write_text(reports_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        tracker.finish(metrics, extra, reports_dir, model_path, model, tuple(val_set.images.shape[1:]))
+        write_run_file(run_path, state.run_id, tracker.experiment_id)
+    # Last, after the run has ended: until here a rerun resumes, and redoes only idempotent steps.
     state_path.unlink(missing_ok=True)
-    log.info("best val MAE %.2f at epoch %d; checkpoint %s", best["val_mae"], best["epoch"], model_path)
-    return {**metrics, "run_id": run.info.run_id}
+    log.info("best val MAE %.2f at epoch %d; checkpoint %s", state.best_val_mae, state.best_epoch, model_path)
+    return {**metrics, "run_id": state.run_id}
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch of all ranks, on any device.
+
+    torch's SyncBatchNorm runs on GPUs only; this one sums through torch's differentiable functional
+    ``all_reduce`` (gloo or nccl; its backward sums the gradients), two passes as BatchNorm does
+    (mean, then the centred squares). One rank, or eval mode, is plain BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed._functional_collectives import all_reduce  # differentiable (sum of gradients)
+
+        dims, shape, group = [0, 2, 3], (1, -1, 1, 1), dist.group.WORLD
+        n = float(dist.get_world_size() * x.numel() // x.shape[1])  # equal local batches (drop_last)
+        mean = all_reduce(x.sum(dims), "sum", group) / n
+        centred = x - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims), "sum", group) / n
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * (n / max(n - 1, 1.0)), m)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def _set_batchnorm_class(model: nn.Module, cls: type[nn.BatchNorm2d]) -> nn.Module:
+    """Switches every BatchNorm2d layer between plain and global statistics (same parameters and buffers)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.__class__ = cls
+    return model
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """A copy with plain BatchNorm2d layers, picklable without faceage (for MLflow)."""
+    return _set_batchnorm_class(copy.deepcopy(model), nn.BatchNorm2d)
+
+
+class _Tracker:
+    """Rank 0's MLflow run: started or continued, each epoch logged once, ended last. Other ranks only
+    get the state (loaded or new) and log nothing."""
+
+    def __init__(self, p: TrainParams, d: Distributed, crop: dict, device: torch.device, workers: int,
+                 threads: int, fingerprint: str, state: TrainState | None, state_path: Path):
+        self.p, self.d, self.crop, self.device, self.workers, self.threads = p, d, crop, device, workers, threads
+        self.fingerprint, self.state, self.state_path = fingerprint, state, state_path
+        self.commit, self.logged, self.metrics = git_commit(), set(), set()
+
+    @contextmanager
+    def run(self) -> Iterator[TrainState]:
+        """Yields the training state inside the MLflow run; an exception ends the run FAILED (KILLED on
+        Ctrl-C) and keeps the saved state, so a rerun continues this same run."""
+        if not self.d.is_main:
+            yield self.state or TrainState(self.fingerprint, run_id="")
+            return
+        self.mlflow = setup_mlflow()
+        run = self._start()
+        self.experiment_id = run.info.experiment_id
+        try:
+            yield self.state
+        except BaseException as e:
+            self.mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.mlflow.end_run()
+
+    def _start(self):
+        p = self.p
+        if self.state is not None:
+            run = self.mlflow.start_run(run_id=self.state.run_id)
+            # Epochs saved but killed before (or while) their metrics were logged get logged now.
+            client = self.mlflow.MlflowClient()
+            self.logged = {m.step for m in client.get_metric_history(run.info.run_id, "val_mae")}
+            self.metrics = set(client.get_run(run.info.run_id).data.metrics)
+            return run
+        run = self.mlflow.start_run(run_name=f"{p.backbone}-{p.image_size}px-{p.epochs}ep")
+        self.mlflow.log_params({**{f"train.{k}": v for k, v in asdict(p).items()},
+                                **{f"preprocess.{k}": v for k, v in self.crop.items()},
+                                "train.loader_workers": self.workers, "train.torch_threads": self.threads,
+                                "train.world_size": self.d.world_size})
+        self.mlflow.set_tags({"git_commit": self.commit, "data_sha256": self.crop["data_sha256"],
+                              "data_source": self.crop["data_source"], "backbone": p.backbone,
+                              "device": self.device.type})
+        self.state = TrainState(self.fingerprint, run_id=run.info.run_id)
+        # Saved at once, so a run killed before its first epoch ends is continued, not left RUNNING.
+        save_state(self.state_path, self.state)
+        return run
+
+    def log_gflops(self, gflops: float) -> None:
+        if "model_gflops" not in self.metrics:
+            self.mlflow.log_metric("model_gflops", gflops)
+
+    def log_summary(self, summary: Path, n_params: int) -> None:
+        self.mlflow.log_artifact(str(summary))
+        self.mlflow.log_param("train.num_parameters", n_params)  # the same value again on resume: allowed
+
+    def log_epochs(self) -> None:
+        for row in self.state.history:
+            if row["epoch"] not in self.logged:
+                # One batch per epoch: either all its metrics are stored or none.
+                self.mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+                self.logged.add(row["epoch"])
+
+    def finish(self, metrics: dict, extra: dict, reports_dir: Path, model_path: Path, model: nn.Module,
+               input_shape: tuple[int, ...]) -> None:
+        self.log_epochs()
+        self.mlflow.log_metrics({"best_val_mae": metrics["best_val_mae"], "best_epoch": metrics["best_epoch"],
+                                 **{k: float(v) for k, v in extra.items() if isinstance(v, (int, float))}})
+        self.mlflow.log_artifact(str(reports_dir / "history.csv"))
+        # The self-describing checkpoint travels with the run, so any winning run can be packaged.
+        self.mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
+        if not self._has_logged_model():
+            _log_model(self.mlflow, _plain(model), input_shape)
+
+    def _has_logged_model(self) -> bool:
+        """A run killed after logging its model and then rerun must not log a second one."""
+        models = self.mlflow.MlflowClient().search_logged_models([self.experiment_id])
+        return any(m.source_run_id == self.state.run_id and m.name == "model" and str(m.status).endswith("READY")
+                   for m in models)
+
+
+def _write_summary(reports_dir: Path, model: nn.Module, p: TrainParams, weights_from: str, tracker: _Tracker) -> None:
+    """``model_summary.txt``, written by every run (DVC deletes it before rerunning a stage)."""
+    n_params = sum(t.numel() for t in model.parameters())
+    summary = reports_dir / "model_summary.txt"
+    text = f"backbone: {p.backbone}\nparameters: {n_params}\nweights: {weights_from}\n\n{_plain(model)}\n"
+    _write_text(summary, text)
+    tracker.log_summary(summary, n_params)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
+    os.replace(tmp, path)
 
 
 def _log_model(mlflow, model: nn.Module, input_shape: tuple[int, ...]) -> None:

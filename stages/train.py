@@ -1,6 +1,14 @@
-"""DVC stage train: fit the age model on the face crops; log the run to MLflow."""
+"""DVC stage train: fit the age model on the face crops; log the run to MLflow.
+
+Under torchrun (``torchrun --nproc_per_node=N stages/train.py ...``, or ``--nnodes`` with a
+rendezvous) every process trains its share. Run plainly with ``train.nproc_per_node > 1``, it
+relaunches itself through ``torch.distributed.run`` on this machine, which is what ``dvc repro`` does.
+"""
 
 import argparse
+import os
+import sys
+import uuid
 
 from faceage.config import load_params
 from faceage.logs import run_stage, setup_logging
@@ -20,9 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     setup_logging()
     p = load_params(args.params).train
+    if p.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
+        # torchrun --standalone, through its API (its CLI would read --run as an abbreviation of its --run-path).
+        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=p.nproc_per_node, run_id=str(uuid.uuid4()),
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+        elastic_launch(config, sys.executable)("-u", __file__, *argv)
+        return
     train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings)
 
 

@@ -44,7 +44,8 @@ def test_checkpoint_describes_itself(tiny_run):
     assert (meta["min_age"], meta["max_age"]) == (0, 100)
 
 
-def test_interrupted_training_resumes_in_the_same_mlflow_run(tiny_run, tmp_path, monkeypatch, caplog):
+def test_interrupted_training_resumes_in_the_same_mlflow_run_with_the_uninterrupted_results(
+        tiny_run, tmp_path, monkeypatch, caplog):
     caplog.set_level("INFO", logger="faceage")
     from mlflow import MlflowClient
 
@@ -52,7 +53,10 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(tiny_run, tmp_path,
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     p = replace(Params().train, pretrained="none", epochs=2, image_size=48, batch_size=16)
-    args = (p, tiny_run["faces"], tmp_path / "model.pt", tmp_path / "reports", tmp_path / "run.json", tmp_path / "state.pt")
+    out = {name: tmp_path / name for name in ("resumed", "straight")}
+    args = {name: (p, tiny_run["faces"], d / "model.pt", d / "reports", d / "run.json", d / "state.pt")
+            for name, d in out.items()}
+    training.train_model(*args["straight"])
     real_loss, calls = training.age_loss, []
 
     def interrupt_mid_epoch_two(*a, **kw):
@@ -63,19 +67,26 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(tiny_run, tmp_path,
 
     monkeypatch.setattr(training, "age_loss", interrupt_mid_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        training.train_model(*args)
-    assert (tmp_path / "state.pt").exists() and not (tmp_path / "model.pt").exists()
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
+        training.train_model(*args["resumed"])
+    state_path = out["resumed"] / "state.pt"
+    assert state_path.exists() and not (out["resumed"] / "model.pt").exists()
+    state = torch.load(state_path, weights_only=True)
     assert state["epoch"] == 1
-    monkeypatch.setattr(training, "age_loss", real_loss)
-    result = training.train_model(*args)
-    assert result["run_id"] == state["run_id"]
-    assert not (tmp_path / "state.pt").exists()
     client = MlflowClient()
+    assert client.get_run(state["run_id"]).info.status == "KILLED"
+    monkeypatch.setattr(training, "age_loss", real_loss)
+    result = training.train_model(*args["resumed"])
+    assert result["run_id"] == state["run_id"]
+    assert not state_path.exists()
     assert [m.step for m in client.get_metric_history(state["run_id"], "val_mae")] == [1, 2]
     assert client.get_run(state["run_id"]).info.status == "FINISHED"
     assert "resuming from epoch 1 of 2" in caplog.text
-    assert (tmp_path / "reports" / "history.csv").read_text().count("\n") == 3  # header + 2 epochs
+    # Exact: the same history and weights as the run that was never interrupted.
+    history = {name: (d / "reports" / "history.csv").read_text() for name, d in out.items()}
+    assert history["resumed"].count("\n") == 3 and history["resumed"] == history["straight"]
+    weights = {name: torch.load(d / "model.pt", weights_only=True)["state_dict"] for name, d in out.items()}
+    assert all(torch.equal(weights["resumed"][k], weights["straight"][k]) for k in weights["straight"])
+    assert (out["resumed"] / "reports" / "model_summary.txt").exists()
 
 
 def test_model_card_numbers_match_the_metrics(tiny_run):
@@ -91,3 +102,26 @@ def test_model_card_numbers_match_the_metrics(tiny_run):
     assert set(metrics["mae_by_gender"]) <= {"female", "male"}
     run_id = json.loads(tiny_run["run"].read_text())["run_id"]
     assert f"MLflow run `{run_id}`" in card
+
+
+def test_zero_epochs_ship_the_seeded_initial_weights(tiny_run, tmp_path, monkeypatch):
+    """``train.epochs=0`` (zero-shot): no epoch runs, the checkpoint holds the initial weights, scored on validation."""
+    import faceage.training as training
+    from faceage.data import load_split
+    from faceage.inference import input_fn
+    from faceage.model import IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    p = replace(Params().train, pretrained="none", epochs=0, image_size=48, batch_size=16, device="cpu")
+    result = training.train_model(p, tiny_run["faces"], tmp_path / "model.pt", tmp_path / "reports",
+                                  tmp_path / "run.json", tmp_path / "state.pt")
+    assert result["best_epoch"] == 0 and result["epochs"] == 0
+    assert (tmp_path / "reports" / "history.csv").read_text().strip() == ",".join(training.HISTORY_COLUMNS)
+    torch.manual_seed(p.seed)
+    initial = build_model(p.backbone)
+    _, meta = load_checkpoint(tmp_path / "model.pt")
+    weights = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(weights[k], v) for k, v in initial.state_dict().items())
+    val = load_split(tiny_run["faces"], "valid", p.backbone, p.image_size)
+    expected = training.evaluate(initial, val, input_fn(p.backbone, IMAGENET_MEAN, IMAGENET_STD), torch.device("cpu"))
+    assert meta["val_mae"] == result["best_val_mae"] == expected

@@ -57,7 +57,9 @@ def test_missing_key_is_named():
         ("train", "loss", "mse", r"train\.loss must be one of \['expectation_l1', 'label_distribution'\]"),
         ("preprocess", "detector", "haar", r"preprocess\.detector must be one of"),
         ("preprocess", "margin", 1.5 + 1, r"preprocess\.margin must be in \[0, 2\), got 2\.5"),
-        ("train", "epochs", 0, r"train\.epochs must be >= 1, got 0"),
+        ("train", "epochs", -1, r"train\.epochs must be >= 0 \(0: evaluate the initial weights\), got -1"),
+        ("train", "nproc_per_node", 3,
+         r"train\.batch_size=64 \(the global batch\) must be divisible by train\.nproc_per_node=3"),
         ("fetch_data", "source", 3, r"fetch_data\.source must be a string"),
     ],
 )

@@ -1,0 +1,227 @@
+"""Kill -9 the ``train`` stage at random points, rerun ``dvc repro``, compare with an uninterrupted run.
+
+Builds a throw-away git + DVC project (this checkout's ``faceage/``, ``stages/``, ``dvc.yaml``,
+``params.yaml``) on a subset of the shared sample, runs ``dvc repro`` once uninterrupted (the
+reference), then for each kill: ``dvc repro -f -s train`` (train from scratch), SIGKILL to the
+``stages/train.py`` process after a random delay drawn uniformly over the reference's train
+lifetime (so it lands in any epoch, while the state or checkpoint is written, or while MLflow
+logs), then a plain ``dvc repro``, which must exit 0 and reproduce the reference exactly:
+
+- ``reports/eval/metrics.json``, ``reports/train/history.csv`` and ``models/model.pt``'s weights
+  byte for byte; ``reports/train/metrics.json`` except ``train_time_s`` (wall clock; the per-epoch
+  timing lives in MLflow, not in ``history.csv``, for this reason);
+- the MLflow run the resumed train reports: FINISHED, each epoch's ``val_mae`` logged once.
+
+A kill that lands after the train process has already exited is reported as missed.
+Prints one line per kill and a JSON summary; exits 1 on any mismatch.
+
+    python benchmarks/kill_resume.py                      # CI size: 64/16/16 faces, batch 16
+    python benchmarks/kill_resume.py --train 1500 --valid 300 --test 300 --batch-size 64   # the full sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_CMD = "stages/train.py"
+# Files the resumed run must reproduce byte for byte (DVC outputs of train and evaluate).
+EXACT = ("reports/eval/metrics.json", "reports/train/history.csv")
+
+
+@dataclass
+class Repro:
+    rc: int
+    output: str
+    train_s: float | None  # lifetime of the train process, None if it never started
+    killed_at: float | None  # seconds after the train process started; None if not killed
+
+
+def make_project(root: Path, source: Path, *, epochs: int, image_size: int, batch_size: int, seed: int) -> dict:
+    """A git + DVC repo with this checkout's pipeline reading ``source``; returns the env to run it with."""
+    for item in ("faceage", "stages", "dvc.yaml", "params.yaml"):
+        src = REPO / item
+        if src.is_dir():
+            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copyfile(src, root / item)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["fetch_data"].update(source=str(source), md5="")
+    params["preprocess"].update(size=image_size, workers=1)
+    params["train"].update(pretrained="none", epochs=epochs, image_size=image_size, batch_size=batch_size,
+                           seed=seed, device="cpu", nproc_per_node=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/models/train_state.pt*\n/mlflow.db\n/mlruns\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
+                                         "--allow-empty", "-m", "init"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return env
+
+
+def _train_pid(root: Path) -> int | None:
+    """The pid of a python process running ``stages/train.py`` in ``root`` (not its shell)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if len(argv) > 1 and Path(argv[0].decode()).name.startswith("python") \
+                    and argv[1].decode().endswith(TRAIN_CMD) and Path(os.readlink(entry / "cwd")) == root:
+                return int(entry.name)
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile, or not ours to read
+    return None
+
+
+def repro(root: Path, env: dict, args: list[str], kill_after: float | None = None, timeout: float = 3600) -> Repro:
+    """Runs ``dvc repro ARGS``; with ``kill_after``, SIGKILLs the train process that many seconds after it starts."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        pid, started, ended, killed_at, deadline = None, None, None, None, time.time() + timeout
+        while proc.poll() is None and time.time() < deadline:
+            now = time.time()
+            if pid is None:
+                pid = _train_pid(root)
+                started = now if pid is not None else None
+            elif ended is None and not Path(f"/proc/{pid}").exists():
+                ended = now
+            elif ended is None and kill_after is not None and killed_at is None and now - started >= kill_after:
+                os.kill(pid, signal.SIGKILL)
+                killed_at = now - started
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+        if pid is not None and ended is None:
+            ended = time.time()
+        out.seek(0)
+        return Repro(rc, out.read(), ended - started if started else None, killed_at)
+
+
+def snapshot(root: Path) -> dict:
+    """What an uninterrupted and a resumed run must share."""
+    import torch
+
+    snap = {name: (root / name).read_bytes() for name in EXACT}
+    state = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().numpy().tobytes())
+    snap["models/model.pt weights"] = h.hexdigest()
+    train_metrics = json.loads((root / "reports" / "train" / "metrics.json").read_text())
+    train_metrics.pop("train_time_s")
+    snap["reports/train/metrics.json (all but train_time_s)"] = train_metrics
+    return snap
+
+
+def mlflow_check(root: Path) -> list[str]:
+    """Problems with the run the last train reported: not FINISHED, or an epoch logged twice or missing."""
+    from mlflow import MlflowClient
+
+    run_id = json.loads((root / "models" / "run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    problems = []
+    status = client.get_run(run_id).info.status
+    if status != "FINISHED":
+        problems.append(f"run {run_id} is {status}")
+    with open(root / "reports" / "train" / "history.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "val_mae"))
+    if steps != epochs:
+        problems.append(f"val_mae logged at steps {steps}, expected {epochs}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sample", type=Path,
+                        default=Path(os.environ.get("FACEAGE_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+                        / "appa-real-sample")
+    parser.add_argument("--train", type=int, default=64, help="training faces taken from the sample")
+    parser.add_argument("--valid", type=int, default=16)
+    parser.add_argument("--test", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=None, help="for the kill times (default: random)")
+    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: a temp dir, removed)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    args = parser.parse_args(argv)
+    summary = run(args)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if summary["ok"] else 1
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole experiment; returns ``{"ok", "kills": [...], ...}``."""
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import make_subset
+
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    rng = random.Random(seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="kill-resume-"))
+    try:
+        source = make_subset(args.sample, work / "source", {"train": args.train, "valid": args.valid,
+                                                           "test": args.test})
+        root = (work / "project").resolve()
+        root.mkdir(parents=True)
+        env = make_project(root, source, epochs=args.epochs, image_size=args.image_size,
+                           batch_size=args.batch_size, seed=0)
+        ref_run = repro(root, env, [])
+        if ref_run.rc != 0:
+            raise RuntimeError(f"reference dvc repro failed:\n{ref_run.output[-4000:]}")
+        reference, problems = snapshot(root), mlflow_check(root)
+        summary = {"seed": seed, "reference_train_s": round(ref_run.train_s, 1), "kills": [],
+                   "reference_mlflow_problems": problems}
+        print(f"reference: train ran {ref_run.train_s:.1f} s; kill seed {seed}", flush=True)
+        for i in range(args.kills):
+            delay = rng.uniform(0.02, 0.98) * ref_run.train_s
+            killed = repro(root, env, ["-f", "-s", "train"], kill_after=delay)
+            state_left = (root / "models" / "train_state.pt").exists()
+            t0 = time.time()
+            rerun = repro(root, env, [])
+            got = snapshot(root) if rerun.rc == 0 else {}
+            mismatched = [k for k in reference if got.get(k) != reference[k]]
+            problems = mlflow_check(root) if rerun.rc == 0 else ["rerun failed"]
+            result = {"kill": i + 1, "planned_s": round(delay, 2),
+                      "killed_at_s": None if killed.killed_at is None else round(killed.killed_at, 2),
+                      "missed": killed.killed_at is None, "state_left": state_left, "rerun_rc": rerun.rc,
+                      "rerun_s": round(time.time() - t0, 1), "mismatched": mismatched, "mlflow_problems": problems}
+            if rerun.rc != 0:
+                result["rerun_output"] = rerun.output[-3000:]
+            summary["kills"].append(result)
+            print(f"kill {i + 1}: at {result['killed_at_s']} s of the train process (planned {delay:.1f} s), "
+                  f"state left: {state_left}; dvc repro rc {rerun.rc}; mismatched: {mismatched or 'none'}; "
+                  f"MLflow: {problems or 'ok'}", flush=True)
+        summary["ok"] = not summary["reference_mlflow_problems"] and all(
+            k["rerun_rc"] == 0 and not k["mismatched"] and not k["mlflow_problems"] for k in summary["kills"])
+        return summary
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
