@@ -159,10 +159,12 @@ class HostTarget:
             self.proc = None
 
     def size_bytes(self) -> int | None:
+        """The bento folder plus the models it serves (what ``bentoml export``/containerize ship)."""
         import bentoml
 
-        path = Path(bentoml.get(self.tag).path)
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        bento = bentoml.get(self.tag)
+        paths = [Path(bento.path), *(Path(bentoml.models.get(m.tag).path) for m in bento.info.all_models)]
+        return sum(p.stat().st_size for path in paths for p in path.rglob("*") if p.is_file())
 
 
 @dataclass
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for tag in tags:
         bento = bentoml.get(tag)
-        model = bentoml.models.get(bento.info.models[0].tag)  # the model this bento serves
+        model = bentoml.models.get(bento.info.all_models[0].tag)  # the model this bento serves
         # The service's own predictor (same folder, same ONNX graph), called in-process.
         predictor = AgePredictor.from_model_dir(model.path, runtime="onnx")
         target = UrlTarget(args.url) if args.url else HostTarget(str(bento.tag))
