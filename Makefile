@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup test test-unit repro quick sweep bento serve bench base-image container mlflow-server clean
+.PHONY: setup test test-unit repro quick sweep bento serve bench loadtest base-image container mlflow-server clean
 
 # Creates .venv and installs the project with its test tools (idempotent).
 setup: $(VENV)/.installed
@@ -40,7 +40,7 @@ sweep: setup
 
 # --- service (bento) ---
 # Champion run -> MLflow registry face-age@champion -> BentoML model face_age -> bento face_age.
-bento serve bench: export BENTOML_DO_NOT_TRACK := True
+bento serve bench loadtest: export BENTOML_DO_NOT_TRACK := True
 bento: setup
 	$(BIN)/python stages/package.py
 	$(BIN)/bentoml build
@@ -49,9 +49,15 @@ bento: setup
 serve: setup
 	$(BIN)/bentoml serve face_age:latest
 
-# /predict latency and throughput (1 and 8 clients) vs the in-process predictor; needs `make bento`.
+# Cold start, /predict latency and throughput (1 and 8 clients) vs the in-process predictor, bento
+# size; needs `make bento`. Two bentos side by side: python benchmarks/bench_service.py --tag A --tag B
 bench: setup
 	$(BIN)/python benchmarks/bench_service.py
+
+# 2,000 POST /predict at 16 concurrent, 10% malformed: 0 5xx, 0 dropped, 4xx for each malformed one,
+# /readyz afterwards, server RSS growth < 10%; needs `make bento`.
+loadtest: setup
+	$(BIN)/python benchmarks/load_test.py
 
 # --- container ---
 # Docker image of face_age:latest, with no Docker Hub: bentofile.yaml's docker.base_image is a

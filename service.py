@@ -43,7 +43,7 @@ from faceage.ui import LazyUI, UIMiddleware
 log = logging.getLogger("faceage.service")
 
 # Gradio stages UI uploads under GRADIO_TEMP_DIR: keep them in RAM (tmpfs) where there is one.
-# Read when gradio is imported, i.e. in the service worker's __init__ (faceage.ui), later.
+# Read when gradio is imported: in the background after start-up (faceage.ui.LazyUI).
 if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
     os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join("/dev/shm", "faceage-gradio"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -110,9 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     pid = proc.pid if proc is not None else server_pid(url)
     summary: dict = {"url": url, "requests": len(jobs), "clients": args.clients, "malformed": n_bad}
     try:
-        warm = requests.Session()
-        for name, data in photos[:3]:  # first calls allocate: measure growth from a warm server
-            warm.post(url + "/predict", files={"image": (name, data)}, timeout=args.timeout)
+        # Warm up at full concurrency first (first calls and the first large batches allocate):
+        # the RSS check is about growth under sustained load, from a warm server.
+        def warm(i: int) -> None:
+            name, data = photos[i % len(photos)]
+            requests.post(url + "/predict", files={"image": (name, data)}, timeout=args.timeout)
+
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(warm, range(2 * args.clients)))
         rss_before = process_tree_rss(pid) if pid else 0
         per_thread = threading.local()
         deadline = time.monotonic() + args.max_seconds

@@ -20,23 +20,25 @@ import torch
 from torch import nn
 
 from faceage.face_encoder import FACE_ENCODER
-from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, input_preparer
+from faceage.inputs import INPUT_KINDS, input_kind, input_preparer
 from faceage.model import expected_age, load_checkpoint
 from faceage.transforms import normalize
 
 
 def input_fn(kind: str, mean, std):
-    """How a stored batch becomes network input: normalised images, or descriptors as they are.
+    """How a stored batch becomes network input: normalised images, or the stored form as float.
 
     Args:
-        kind: The checkpoint's ``meta["input"]`` kind, or (as ``train`` calls it) the backbone
-            name: ``dlib_face`` means descriptors, a torchvision backbone means images.
+        kind: The checkpoint's ``meta["input"]`` kind (:data:`faceage.inputs.INPUT_KINDS`), or (as
+            ``train`` calls it) the backbone name: ``dlib_face`` means descriptors, a torchvision
+            backbone means images.
         mean: Per-channel mean for images.
         std: Per-channel std for images.
     """
-    if kind in (DLIB_FACE_EMBEDDING, FACE_ENCODER):
-        return lambda x: x.float()
-    return lambda x: normalize(x, mean, std)  # IMAGE, and every torchvision backbone
+    normalise = INPUT_KINDS[kind].normalise if kind in INPUT_KINDS else kind != FACE_ENCODER
+    if normalise:
+        return lambda x: normalize(x, mean, std)
+    return lambda x: x.float()
 
 
 @torch.no_grad()

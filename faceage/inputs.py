@@ -11,9 +11,9 @@ a numpy array whose first axis is the face:
 
 The datasets (``train``/``evaluate``), the torch :class:`faceage.inference.AgeModel` and the ONNX
 Runtime model of the service (:mod:`faceage.onnx_model`) all prepare inputs here, so the served
-numbers are the evaluated ones. A new input kind needs one :class:`InputKind` in :data:`INPUT_KINDS`
-(and, when the network does more than take the stored form as it is, an entry in
-:func:`faceage.inference.input_fn`).
+numbers are the evaluated ones. A new input kind needs only one :class:`InputKind` in
+:data:`INPUT_KINDS`: its preparation, dtype, whether the network normalises it, and the detector
+files it reads; export, packaging and serving are generic over it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
 
 IMAGE = "image"
 DLIB_FACE_EMBEDDING = "dlib_face_embedding"
@@ -47,11 +49,16 @@ class InputKind:
         build: ``(meta, detector_dir) -> prepare``, where ``prepare(crops) -> np.ndarray`` (N first).
             Heavy resources (e.g. dlib networks) are loaded here, once per model.
         dtype: The stored input's numpy dtype (the ONNX graph's input type).
+        normalise: The network takes the stored input normalised with the checkpoint's mean/std
+            (uint8 images), else as float, as it is (:func:`faceage.inference.input_fn`).
+        files: Files of the ``fetch_detector`` folder that ``build`` reads (packaged with the model).
     """
 
     name: str
     build: Callable[[dict[str, Any], Path | None], Callable[[list[np.ndarray]], np.ndarray]]
     dtype: type
+    normalise: bool = False
+    files: tuple[str, ...] = ()
 
 
 def _image_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
@@ -74,8 +81,9 @@ def _embedding_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Call
 
 
 INPUT_KINDS: dict[str, InputKind] = {
-    IMAGE: InputKind(IMAGE, _image_preparer, np.uint8),
-    DLIB_FACE_EMBEDDING: InputKind(DLIB_FACE_EMBEDDING, _embedding_preparer, np.float32),
+    IMAGE: InputKind(IMAGE, _image_preparer, np.uint8, normalise=True),
+    DLIB_FACE_EMBEDDING: InputKind(DLIB_FACE_EMBEDDING, _embedding_preparer, np.float32,
+                                   files=(SHAPE5_FILE, RECOGNITION_FILE)),
 }
 
 

@@ -43,7 +43,7 @@ from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manif
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.external import external_maes
-from faceage.face_encoder import FACE_ENCODER
+from faceage.inputs import input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.tracking import EXPERIMENT, git_commit
 
@@ -56,7 +56,6 @@ LINEAGE_FILE = "faceage.json"
 VAL_METRIC = "best_val_mae"
 TEST_METRIC = "test_mae_years"
 LOGGED_MODEL_NAME = "model"
-ENCODER_FILES = (SHAPE5_FILE, RECOGNITION_FILE)  # what faceage.face_encoder loads
 CHECK_FACES = 32  # real crops the ONNX export is checked on
 
 
@@ -350,14 +349,14 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
     crop = meta["crop"]
     check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
     manifest = read_manifest(detector_dir)
-    # Only the files inference needs travel: the detector, plus the face encoder's landmark and
-    # recognition models for a dlib_face checkpoint (~30 MB the others never read).
-    needed = [crop["detector_file"], *(ENCODER_FILES if meta["backbone"] == FACE_ENCODER else ())]
+    # Only the files inference needs travel: the detector, plus what the checkpoint's input kind
+    # reads (dlib_face: the face encoder's landmark and recognition models, ~30 MB the others never read).
+    needed = [crop["detector_file"], *input_kind(meta).files]
     encoder = meta.get("encoder", {})  # what a dlib_face checkpoint was trained with
     trained = {RECOGNITION_FILE: encoder.get("encoder_sha256"), SHAPE5_FILE: encoder.get("shape_predictor_sha256")}
     for filename in needed[1:]:
         got = file_digest(Path(detector_dir) / filename)
-        want = trained[filename] or manifest["files"].get(filename)
+        want = trained.get(filename) or manifest["files"].get(filename)
         if got != want:
             raise PackagingError(f"{Path(detector_dir) / filename} has sha256 {got}, but the checkpoint was "
                                  f"trained with {want}")

@@ -235,3 +235,12 @@ def test_the_cli_gives_the_services_answers(bento_server, wild_dir):
     served = predict(bento_server, photo)["faces"]
     assert [f["box"] for f in cli] == [f["box"] for f in served]
     assert [f["age"] for f in cli] == pytest.approx([f["age"] for f in served], abs=1e-3)
+
+
+def test_the_ui_loads_after_readiness_with_the_model_line_and_bundled_examples(bento_server):
+    """Gradio loads in the background; /ui waits for it rather than failing."""
+    r = requests.get(bento_server.url + "/ui/config", timeout=180)
+    assert r.status_code == 200, r.text[:300]
+    config = r.text
+    assert f"test MAE **{bento_server.package['test_mae_years']:.2f}** years" in config
+    assert "astronaut.jpg" in config and "astronaut_twice.jpg" in config

@@ -78,3 +78,21 @@ def test_a_photo_without_faces_says_so(browser, bento_server, wild_dir):
     finally:
         page.close()
     assert rows in ("1", None)  # the header only
+
+
+def test_the_page_names_the_model_and_an_example_photo_gets_its_faces(browser, bento_server):
+    page = browser.new_page()
+    try:
+        page.goto(bento_server.url + "/ui/", wait_until="domcontentloaded", timeout=TIMEOUT_MS)
+        page.wait_for_selector("#model", timeout=TIMEOUT_MS)
+        header = page.inner_text("#model")
+        page.click("#examples button", timeout=TIMEOUT_MS)  # the first bundled example: the astronaut
+        page.wait_for_selector("#photo img", timeout=TIMEOUT_MS)
+        page.click("#submit")
+        page.wait_for_selector("#annotated img", timeout=TIMEOUT_MS)
+        page.wait_for_function("Number(document.querySelector('#faces [role=grid]')?.getAttribute('aria-rowcount')) >= 2",
+                               timeout=TIMEOUT_MS)  # header + at least one face
+    finally:
+        page.close()
+    assert f"test MAE {bento_server.package['test_mae_years']:.2f} years" in header
+    assert f"v{bento_server.package['registered_version']}" in header

@@ -123,3 +123,30 @@ def test_a_disagreeing_graph_is_refused(tmp_path, detector, crops):
     with pytest.raises(ExportError, match="differs from torch by .* in the age distribution"):
         export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx", tolerance=-1.0)
     assert not (tmp_path / "model.onnx").exists()  # nothing half-checked is left to package
+
+
+def test_a_new_input_kind_needs_only_its_input_preparation(tmp_path, detector, crops, monkeypatch):
+    """How dlib_age plugs in: an InputKind (preparation outside the graph), nothing else."""
+    from faceage import inputs
+
+    def build(meta, detector_dir):
+        size = int(meta["image_size"])
+
+        def prepare(batch):  # grey chips, as float in [0, 1]: another stored form than "image"
+            grey = [np.asarray(Image.fromarray(c).convert("L").convert("RGB").resize((size, size))) for c in batch]
+            return np.stack(grey).transpose(0, 3, 1, 2).astype(np.float32) / 255 if grey else np.zeros((0, 3, size, size),
+                                                                                                        np.float32)
+        return prepare
+
+    monkeypatch.setitem(inputs.INPUT_KINDS, "grey_chip", inputs.InputKind("grey_chip", build, np.float32))
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["input"] = "grey_chip"
+    torch.save(payload, checkpoint)
+    report = export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx")
+    assert report["onnx_max_abs_diff_probs"] <= 1e-4
+    age, _ = OnnxAgeModel(tmp_path / "model.onnx", detector).predict_crops(crops)
+    from faceage.inference import AgeModel
+
+    want, _ = AgeModel(checkpoint, detector, device="cpu").predict_crops(crops)
+    assert age == pytest.approx(want, abs=1e-3)
