@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from faceage.chips import DLIB_AGE, ChipExtractor
 from faceage.face_encoder import FACE_ENCODER, DlibFaceEncoder
 from faceage.model import expected_age, load_checkpoint
 from faceage.transforms import normalize, resize_crop
@@ -58,6 +59,7 @@ class AgeModel:
         self.uses_encoder = self.meta["backbone"] == FACE_ENCODER
         self.detector_dir = detector_dir
         self._encoder: DlibFaceEncoder | None = None
+        self._chips: ChipExtractor | None = None
 
     @property
     def encoder(self) -> DlibFaceEncoder:
@@ -68,10 +70,21 @@ class AgeModel:
             self._encoder = DlibFaceEncoder(self.detector_dir, self.meta["crop"]["margin"])
         return self._encoder
 
+    @property
+    def chips(self) -> ChipExtractor:
+        """The chip extractor of a ``dlib_age`` checkpoint (the ``embed`` stage's), loaded on first use."""
+        if self._chips is None:
+            if self.detector_dir is None:
+                raise ValueError(f"a {DLIB_AGE} checkpoint needs the detector folder (shape predictor)")
+            self._chips = ChipExtractor(self.detector_dir, self.meta["crop"]["margin"])
+        return self._chips
+
     def prepare(self, crops: list[np.ndarray]) -> torch.Tensor:
-        """Crops -> the stored input form: uint8 (N, 3, S, S) images, or float (N, 2, 128) descriptors."""
+        """Crops -> the stored input form: uint8 (N, 3, S, S) images or aligned chips, or float (N, 2, 128) descriptors."""
         if self.uses_encoder:
             return torch.from_numpy(self.encoder.embed_many(crops))
+        if self.meta["backbone"] == DLIB_AGE:
+            return torch.from_numpy(self.chips.chips(crops))
         size = self.meta["image_size"]
         if not crops:
             return torch.zeros((0, 3, size, size), dtype=torch.uint8)

@@ -35,6 +35,7 @@ import torch
 from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
+from faceage.chips import DLIB_AGE
 from faceage.face_encoder import FACE_ENCODER
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, check_detector_file
 from faceage.tracking import EXPERIMENT, git_commit
@@ -232,9 +233,11 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
     check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
     manifest = read_manifest(detector_dir)
     # Only the files inference needs travel: the detector, plus the face encoder's landmark and
-    # recognition models for a dlib_face checkpoint (~30 MB the others never read).
-    needed = [crop["detector_file"], *(ENCODER_FILES if meta["backbone"] == FACE_ENCODER else ())]
-    encoder = meta.get("encoder", {})  # what a dlib_face checkpoint was trained with
+    # recognition models for a dlib_face checkpoint (~30 MB the others never read), or the landmark
+    # model alone for a dlib_age checkpoint (its chips are aligned with it).
+    extra = {FACE_ENCODER: ENCODER_FILES, DLIB_AGE: (SHAPE5_FILE,)}.get(meta["backbone"], ())
+    needed = [crop["detector_file"], *extra]
+    encoder = meta.get("encoder", {})  # what a dlib_face / dlib_age checkpoint was trained with
     trained = {RECOGNITION_FILE: encoder.get("encoder_sha256"), SHAPE5_FILE: encoder.get("shape_predictor_sha256")}
     for filename in needed[1:]:
         got = file_digest(Path(detector_dir) / filename)

@@ -32,11 +32,13 @@ from torch.utils.data import DataLoader
 from faceage.config import ConfigError, TrainParams
 from faceage.data import load_split
 from faceage.download import file_digest
+from faceage import finetune
+from faceage.chips import DLIB_AGE
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import input_fn, predict_logits
 from faceage.model import (
-    IMAGENET_MEAN, IMAGENET_STD, MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature,
-    load_pretrained, save_checkpoint,
+    MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature,
+    input_stats, load_pretrained, save_checkpoint,
 )
 from faceage.preprocess import MANIFEST, read_crop_settings
 from faceage.tracking import git_commit, setup_mlflow, tracking_uri, write_run_file
@@ -104,7 +106,7 @@ def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
 def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None) -> str:
     h = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode())
     h.update(file_digest(faces_dir / MANIFEST).encode())
-    if p.backbone == FACE_ENCODER and embeddings_path is not None:
+    if p.backbone in (FACE_ENCODER, DLIB_AGE) and embeddings_path is not None:
         h.update(file_digest(embeddings_path).encode())
     h.update(json.dumps(read_crop_settings(faces_dir), sort_keys=True).encode())
     return h.hexdigest()
@@ -132,7 +134,8 @@ def _loader_workers(p: TrainParams, device: torch.device) -> int:
 
 
 def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, reports_dir: str | Path,
-                run_path: str | Path, state_path: str | Path, embeddings_path: str | Path | None = None) -> dict:
+                run_path: str | Path, state_path: str | Path, embeddings_path: str | Path | None = None,
+                detector_dir: str | Path | None = None) -> dict:
     """Trains, validates each epoch, keeps the best checkpoint, logs everything to MLflow.
 
     Args:
@@ -142,7 +145,8 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         reports_dir: Where ``history.csv``, ``metrics.json`` and ``model_summary.txt`` go.
         run_path: Where the MLflow run id is written.
         state_path: The resumable state file (deleted after a completed run).
-        embeddings_path: The ``embed`` stage's descriptors (needed for ``train.backbone=dlib_face``).
+        embeddings_path: The ``embed`` stage's features (descriptors for ``dlib_face``, chips for ``dlib_age``).
+        detector_dir: The ``fetch_detector`` folder (``dlib_age``'s pretrained weights).
 
     Returns:
         ``{"best_val_mae": ..., "best_epoch": ..., "epochs": ..., "run_id": ...}``.
@@ -157,22 +161,26 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
     torch.manual_seed(p.seed)
     crop = read_crop_settings(faces_dir)
 
+    finetune.check_params(p)
     model = build_model(p.backbone)
-    weights_from = load_pretrained(model, p.backbone, p.pretrained)
+    weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
     model.to(device)
+    pretrained_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    distill = finetune.Distillation(model, p.distill_weight)
     train_set = load_split(faces_dir, "train", p.backbone, p.image_size, embeddings_path,
                            transform=train_augment(augment=p.augment), augment=p.augment)
     val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
-    prepare = input_fn(p.backbone, IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = input_stats(p.backbone)
+    prepare = input_fn(p.backbone, mean, std)
     workers = _loader_workers(p, device)
     loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, drop_last=len(train_set) > p.batch_size,
                         num_workers=workers, worker_init_fn=_worker_init, persistent_workers=workers > 0,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(p.seed))
     steps_per_epoch = len(loader)
     if p.optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        opt = torch.optim.AdamW(finetune.param_groups(model, p), lr=p.lr, weight_decay=p.weight_decay)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
+        opt = torch.optim.SGD(finetune.param_groups(model, p), lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, p))
     use_amp = p.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -225,7 +233,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
                 x = prepare(images)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(x)
-                loss = age_loss(logits, target, p.loss, p.label_sigma)
+                loss = age_loss(logits, target, p.loss, p.label_sigma) + distill(logits, x)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -255,17 +263,26 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
                         "best_model": best["state"]}, state_path.with_suffix(".tmp"))
             os.replace(state_path.with_suffix(".tmp"), state_path)
 
+        if p.epochs == 0:  # the pretrained model as it is: scored and tracked like a trained one
+            best = _zero_shot(model, val_set, prepare, device, history, reports_dir, mlflow)
         model.load_state_dict(best["state"])
+        if p.wise_ft and p.epochs > 0:
+            alpha, wise_mae, _ = finetune.interpolate_weights(
+                model, pretrained_state,
+                lambda: (expected_age(predict_logits(model, val_set.images, prepare, device))[0] - val_set.ages).abs().mean().item())
+            best["val_mae"] = wise_mae
+            mlflow.log_metrics({"wise_alpha": alpha, "wise_val_mae": wise_mae})
         # Calibrate the predicted spread on the validation split (the mean is unaffected).
         temperature = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)
         meta = {
-            "backbone": p.backbone, "min_age": MIN_AGE, "max_age": MAX_AGE, "image_size": p.image_size,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop": crop,
+            "backbone": p.backbone, "min_age": MIN_AGE, "max_age": MAX_AGE,
+            "image_size": int(val_set.images.shape[-1]), "mean": list(mean), "std": list(std), "crop": crop,
             "train_params": asdict(p), "best_epoch": best["epoch"], "val_mae": best["val_mae"],
             "mlflow_run_id": run.info.run_id, "git_commit": tags["git_commit"], "data_sha256": crop["data_sha256"],
-            "temperature": temperature, "input": "dlib_face_embedding" if p.backbone == FACE_ENCODER else "image",
+            "temperature": temperature,
+            "input": {FACE_ENCODER: "dlib_face_embedding", DLIB_AGE: "dlib_age_chip"}.get(p.backbone, "image"),
         }
-        if p.backbone == FACE_ENCODER:
+        if p.backbone in (FACE_ENCODER, DLIB_AGE):
             meta["encoder"] = train_set.info
         save_checkpoint(model_path, model, meta)
         metrics = {"best_val_mae": best["val_mae"], "best_epoch": best["epoch"], "epochs": p.epochs,
@@ -285,6 +302,18 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
     state_path.unlink(missing_ok=True)
     log.info("best val MAE %.2f at epoch %d; checkpoint %s", best["val_mae"], best["epoch"], model_path)
     return {**metrics, "run_id": run.info.run_id}
+
+
+def _zero_shot(model: nn.Module, val_set, prepare, device: torch.device, history: list[dict], reports_dir: Path,
+               mlflow) -> dict:
+    """``train.epochs=0``: one history row (epoch 0) with the untrained model's validation MAE."""
+    val_mae = (expected_age(predict_logits(model, val_set.images, prepare, device))[0] - val_set.ages).abs().mean().item()
+    history.append({"epoch": 0, "train_loss": float("nan"), "train_mae": float("nan"), "val_mae": val_mae,
+                    "lr": 0.0, "images_per_s": float("nan"), "elapsed_s": 0.0})
+    mlflow.log_metrics({"val_mae": val_mae}, step=0)
+    _write_history(reports_dir / "history.csv", history)
+    log.info("train.epochs=0: the pretrained model as it is, val MAE %.2f", val_mae)
+    return {"val_mae": val_mae, "epoch": 0, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
 
 def _write_history(path: Path, history: list[dict]) -> None:

@@ -11,7 +11,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--faces", required=True, help="preprocess output")
-    parser.add_argument("--embeddings", required=True, help="embed output (used by train.backbone=dlib_face)")
+    parser.add_argument("--embeddings", required=True, help="embed output (descriptors for dlib_face, chips for dlib_age)")
+    parser.add_argument("--detector", required=True, help="fetch_detector output (dlib_age's pretrained network)")
     parser.add_argument("--model", required=True, help="best checkpoint (output)")
     parser.add_argument("--reports", required=True, help="folder for history.csv and metrics.json")
     parser.add_argument("--run", required=True, help="JSON file naming the MLflow run (output)")
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
     p = load_params(args.params).train
-    train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings)
+    train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings,
+                detector_dir=args.detector)
 
 
 if __name__ == "__main__":
