@@ -29,6 +29,7 @@ from torch import nn
 from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE
 PRETRAINED_AGES = 81  # ages 0..80
 FEATURE_DIM = 256
+NUM_STAGES = 7  # stem, block1..block5, head (pool + fc): what train.freeze_blocks counts
 NEW_AGE_LOGIT_OFFSET = 18.0  # 20 new classes x e^-18 < 1e-6 of the probability of age 80
 # The manifest's "(RGB_byte - channel_mean) / 256" in the form faceage.transforms.normalize takes
 # ((x / 255 - mean) / std), so the checkpoint's mean/std drive evaluate and the service unchanged.
@@ -91,16 +92,24 @@ class DlibAgeNet(nn.Module):
         self.block5 = ResidualBlock(256, 256, down=False)
         self.fc = nn.Linear(FEATURE_DIM, num_ages)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised chips (N, 3, 64, 64) -> (N, 256) pooled features (the input of ``fc``)."""
-        x = F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
-        for block in (self.block1, self.block2, self.block3, self.block4, self.block5):
-            x = block(x)
-        return x.mean(dim=(2, 3))
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
+
+    def run_stages(self, x: torch.Tensor, start: int = 0, stop: int = NUM_STAGES) -> torch.Tensor:
+        """Stages ``start``..``stop - 1`` (0 stem, 1-5 blocks, 6 pool + fc) applied to ``x``.
+
+        ``run_stages(run_stages(x, 0, k), k)`` equals ``forward(x)``: the frozen first ``k``
+        stages can be computed once and cached (see :mod:`faceage.finetune`).
+        """
+        stages = (self.stem, self.block1, self.block2, self.block3, self.block4, self.block5,
+                  lambda h: self.fc(h.mean(dim=(2, 3))))
+        for stage in stages[start:stop]:
+            x = stage(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised chips (N, 3, 64, 64) -> logits (N, num_ages)."""
-        return self.fc(self.features(x))
+        return self.run_stages(x)
 
 
 # torch parameter prefix -> (ONNX conv/fc layer, ONNX affine layer)

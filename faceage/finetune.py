@@ -128,3 +128,90 @@ def interpolate_weights(model: nn.Module, pretrained: dict[str, torch.Tensor], v
     log.info("WiSE-FT (train.wise_ft): validation MAE by alpha %s -> alpha %.1f (val MAE %.3f)",
              " ".join(f"{s['alpha']:.1f}:{s['val_mae']:.3f}" for s in scores), best["alpha"], best["val_mae"])
     return best["alpha"], best["val_mae"], scores
+
+
+class _CachedStages(nn.Module):
+    """The trainable last stages of a :class:`faceage.dlib_age.DlibAgeNet`, fed cached outputs of the frozen ones.
+
+    ``state_dict`` / ``load_state_dict`` are the whole network's, so checkpoints, best-epoch
+    snapshots and WiSE-FT see one set of keys whether or not the prefix is cached.
+    """
+
+    def __init__(self, full: nn.Module, start: int):
+        super().__init__()
+        self.full, self.start = full, start
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.full.run_stages(h, self.start)
+
+    def state_dict(self, *args, **kwargs):
+        return self.full.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.full.load_state_dict(state_dict, strict, assign)
+
+
+class _Views(torch.utils.data.Dataset):
+    """Cached frozen-stage outputs of each chip and its mirror image; training draws one at random."""
+
+    def __init__(self, views: torch.Tensor, ages: torch.Tensor, age_stds: torch.Tensor):
+        self.views, self.ages, self.age_stds = views, ages, age_stds
+        self.images = views[:, 0]  # validation and calibration score the chip itself, as served
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: int):
+        return self.views[i, int(torch.randint(2, (1,)))], self.ages[i], self.age_stds[i]
+
+
+class FrozenPrefixCache:
+    """Computes the frozen first ``train.freeze_blocks`` stages once, so each epoch runs only the rest.
+
+    With frozen early stages, a CPU epoch spends most of its time recomputing the same outputs;
+    here they are computed once for every chip and its mirror image (flip is the augmentation;
+    the geometric and colour jitter of image backbones would defeat the cache).
+
+    Args:
+        model: The full network (its parameters are trained in place).
+        train_set, val_set: Chip datasets (``images`` uint8 (N, 3, 64, 64), ``ages``, ``age_stds``).
+        prepare: Normalisation of a uint8 batch.
+        p: ``train`` params (``freeze_blocks`` >= 1).
+        device: Where the prefix runs.
+    """
+
+    def __init__(self, model: nn.Module, train_set, val_set, prepare, p: TrainParams, device: torch.device,
+                 batch_size: int = 256):
+        self.model, self.train_set, self.val_set, self.prepare = model, train_set, val_set, prepare
+        self.start = p.freeze_blocks
+
+        @torch.no_grad()
+        def run(images: torch.Tensor) -> torch.Tensor:
+            model.eval()
+            out = []
+            for i in range(0, len(images), batch_size):
+                x = prepare(images[i:i + batch_size].to(device))
+                views = [model.run_stages(v, 0, self.start).float().cpu() for v in (x, torch.flip(x, dims=[-1]))]
+                out.append(torch.stack(views, dim=1))
+            return torch.cat(out)
+
+        self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds)
+        self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds)
+        log.info("train.freeze_blocks=%d: frozen stages computed once for %d + %d chips (and mirror images), %s each",
+                 self.start, len(train_set), len(val_set), tuple(self.train_views.views.shape[2:]))
+
+    def training_view(self):
+        """``(model, train_set, val_set, prepare)`` for the training loop: cached inputs, trainable stages."""
+        return _CachedStages(self.model, self.start), self.train_views, self.val_views, lambda h: h.float()
+
+    def full_view(self):
+        """The full network and the chip datasets again (for the checkpoint and the logged model)."""
+        return self.model, self.train_set, self.val_set, self.prepare
+
+
+def prefix_cache(model: nn.Module, train_set, val_set, prepare, p: TrainParams,
+                 device: torch.device) -> FrozenPrefixCache | None:
+    """A :class:`FrozenPrefixCache` when ``dlib_age`` trains with frozen early stages, else ``None``."""
+    if p.backbone != DLIB_AGE or p.freeze_blocks == 0 or p.epochs == 0:
+        return None
+    return FrozenPrefixCache(model, train_set, val_set, prepare, p, device)

@@ -44,7 +44,7 @@ DLIB_VARIANTS = {
     "epochs=60": {"epochs": 60},
     "label_sigma=4": {"label_sigma": 4.0},
 }
-AGE_BASE = {"backbone": "dlib_age", "epochs": 8, "lr": 1e-4, "warmup_epochs": 1, "batch_size": 64}
+AGE_BASE = {"backbone": "dlib_age", "epochs": 10, "lr": 1e-4, "warmup_epochs": 1, "batch_size": 64}
 AGE_VARIANTS = {
     "zero-shot (epochs=0)": {"epochs": 0},
     "naive: every layer, lr 1e-4": {},
@@ -69,18 +69,21 @@ class External:
     """A labelled test folder cut by the pipeline's preprocess once; features per backbone on demand."""
 
     def __init__(self, folder: Path, work: Path, params: Params, detector: Path):
+        from faceage.appa_real import fetch_appa_real
         from faceage.preprocess import preprocess_dataset
 
         self.name, self.detector, self.work = folder.name, detector, work
         release = work / "release"
         (release).mkdir(parents=True)
-        (release / "test").symlink_to(folder.resolve() / "test")
         text = (folder / "gt_avg_test.csv").read_text()
-        (release / "gt_avg_test.csv").write_text(text)
-        for split in ("train", "valid"):  # a test-only folder: empty train/valid lists
-            (release / f"gt_avg_{split}.csv").write_text(text.splitlines()[0] + "\n")
+        lines = text.splitlines()
+        for split in ("train", "valid", "test"):
+            (release / split).symlink_to(folder.resolve() / "test")
+            # The release layout needs three non-empty lists; only the test split is scored.
+            (release / f"gt_avg_{split}.csv").write_text(text if split == "test" else "\n".join(lines[:2]) + "\n")
         self.faces = work / "faces"
-        preprocess_dataset(release, detector, self.faces, params.preprocess)
+        fetch_appa_real(str(release), work / "data")
+        preprocess_dataset(work / "data", detector, self.faces, params.preprocess)
         self.features: dict[str, Path] = {}
 
     def mae(self, model_path: str | Path) -> float:

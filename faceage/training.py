@@ -166,12 +166,16 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
     weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
     model.to(device)
     pretrained_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    distill = finetune.Distillation(model, p.distill_weight)
     train_set = load_split(faces_dir, "train", p.backbone, p.image_size, embeddings_path,
                            transform=train_augment(augment=p.augment), augment=p.augment)
     val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
     mean, std = input_stats(p.backbone)
     prepare = input_fn(p.backbone, mean, std)
+    input_shape = tuple(val_set.images.shape[1:])
+    cache = finetune.prefix_cache(model, train_set, val_set, prepare, p, device)
+    if cache is not None:  # frozen early stages computed once; the loop trains the rest
+        model, train_set, val_set, prepare = cache.training_view()
+    distill = finetune.Distillation(model, p.distill_weight)
     workers = _loader_workers(p, device)
     loader = DataLoader(train_set, batch_size=p.batch_size, shuffle=True, drop_last=len(train_set) > p.batch_size,
                         num_workers=workers, worker_init_fn=_worker_init, persistent_workers=workers > 0,
@@ -274,9 +278,11 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
             mlflow.log_metrics({"wise_alpha": alpha, "wise_val_mae": wise_mae})
         # Calibrate the predicted spread on the validation split (the mean is unaffected).
         temperature = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)
+        if cache is not None:
+            model, train_set, val_set, prepare = cache.full_view()
         meta = {
             "backbone": p.backbone, "min_age": MIN_AGE, "max_age": MAX_AGE,
-            "image_size": int(val_set.images.shape[-1]), "mean": list(mean), "std": list(std), "crop": crop,
+            "image_size": int(input_shape[-1]), "mean": list(mean), "std": list(std), "crop": crop,
             "train_params": asdict(p), "best_epoch": best["epoch"], "val_mae": best["val_mae"],
             "mlflow_run_id": run.info.run_id, "git_commit": tags["git_commit"], "data_sha256": crop["data_sha256"],
             "temperature": temperature,
@@ -292,7 +298,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         mlflow.log_artifact(str(reports_dir / "history.csv"))
         # The self-describing checkpoint travels with the run, so any winning run can be packaged.
         mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
-        _log_model(mlflow, model, tuple(val_set.images.shape[1:]))
+        _log_model(mlflow, model, input_shape)
         write_run_file(run_path, run.info.run_id, run.info.experiment_id)
     except BaseException as e:
         # The resumable state keeps the run id: a rerun continues this same MLflow run.

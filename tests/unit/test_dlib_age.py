@@ -146,3 +146,12 @@ def test_predictor_chip_equals_the_embed_stage_chip(model_dir, tmp_path):
     with torch.no_grad():
         logits = model(normalize(torch.from_numpy(table["test/a.png"][None]), INPUT_MEAN, INPUT_STD))
     assert age == pytest.approx(float(torch.softmax(logits, 1)[0] @ torch.arange(101.0)), abs=1e-3)
+
+
+@pytest.mark.parametrize("k", [1, 4, 6])
+def test_cached_prefix_then_the_rest_equals_the_whole_network(k):
+    torch.manual_seed(0)
+    model = DlibAgeNet(101).eval()
+    x = torch.randn(2, 3, CHIP_SIZE, CHIP_SIZE)
+    with torch.no_grad():
+        assert torch.allclose(model.run_stages(model.run_stages(x, 0, k), k), model(x), atol=1e-5)
