@@ -39,8 +39,11 @@ WISE_ALPHAS = tuple(i / 10 for i in range(11))  # 0 = pretrained, 1 = fine-tuned
 def stages(model: nn.Module, backbone: str) -> list[list[nn.Parameter]]:
     """Parameters by stage, input first, head last (``dlib_age``: stem, block1..block5, fc)."""
     if backbone == DLIB_AGE:
+        model = getattr(model, "full", model)  # a _CachedStages wrapper trains its network's parameters
         names = ["stem_", "block1.", "block2.", "block3.", "block4.", "block5.", "fc."]
-        return [[t for n, t in model.named_parameters() if n.startswith(prefix)] for prefix in names]
+        groups = [[t for n, t in model.named_parameters() if n.startswith(prefix)] for prefix in names]
+        assert all(groups) and sum(map(len, groups)) == len(list(model.parameters())), "stage names out of date"
+        return groups
     return [list(model.parameters())]
 
 

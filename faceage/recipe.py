@@ -44,7 +44,7 @@ DLIB_VARIANTS = {
     "epochs=60": {"epochs": 60},
     "label_sigma=4": {"label_sigma": 4.0},
 }
-AGE_BASE = {"backbone": "dlib_age", "epochs": 10, "lr": 1e-4, "warmup_epochs": 1, "batch_size": 64}
+AGE_BASE = {"backbone": "dlib_age", "epochs": 8, "lr": 3e-4, "warmup_epochs": 1, "batch_size": 64}
 AGE_VARIANTS = {
     "zero-shot (epochs=0)": {"epochs": 0},
     "naive: every layer, lr 1e-4": {},
