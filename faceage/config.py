@@ -83,10 +83,17 @@ class TrainParams:
     wise_ft: bool = False  # interpolate pretrained and fine-tuned weights, mix chosen on validation
 
 
+DEFAULT_EXTERNAL = ("../shared/datasets/utk-external",)
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 128
     cs_years: float = 5.0  # cumulative score threshold: CS@5 = share of |error| <= 5 years
+    # Labelled folders in the release layout (gt_avg_test.csv + test/) scored as cross-dataset
+    # test sets, each cropped exactly as the model's training crops; relative paths are
+    # resolved against the repo root. Test only: never train or tune on them.
+    external: tuple[str, ...] = DEFAULT_EXTERNAL
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,12 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value
+    if origin is tuple and typing.get_args(annotation)[1:] == (Ellipsis,):
+        # YAML lists (also `dvc exp run -S 'key=[a, b]'`) become tuples: the dataclasses are frozen.
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        item = typing.get_args(annotation)[0]
+        return tuple(_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value))
     raise TypeError(f"unsupported annotation for {name}: {annotation!r}")  # programming error
 
 
@@ -179,7 +192,8 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.num_workers >= -1, f"train.num_workers must be >= -1, got {obj.num_workers}"),
         ]
     elif isinstance(obj, EvaluateParams):
-        checks = [(obj.cs_years > 0, f"evaluate.cs_years must be > 0, got {obj.cs_years}")]
+        checks = [(obj.cs_years > 0, f"evaluate.cs_years must be > 0, got {obj.cs_years}"),
+                  (all(e.strip() for e in obj.external), f"evaluate.external has an empty path: {list(obj.external)}")]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -8,6 +8,13 @@ Output folder::
     predictions.csv       file_name,true_age,real_age,predicted_age,predicted_std,abs_error
     by_age_group.csv      age_group,n,mae_years
     pred_vs_true.png, error_by_age_group.png, training_curves.png
+    external_predictions.csv  set,file_name,true_age,predicted_age,predicted_std,abs_error
+
+Cross-dataset test sets (``evaluate.external``, see :mod:`faceage.external`) are cropped with the
+checkpoint's own crop settings, read by the same ``load_split`` and scored by the same
+:class:`~faceage.inference.AgeModel` as the test split; each gets ``metrics.json["external"][name]``
+(MAE, RMSE, CS@k, MAE by age group, the training-mean baseline, how many images had no face)
+and ``external_<name>_*`` metrics in MLflow.
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ import numpy as np
 
 from faceage.config import EvaluateParams
 from faceage.data import load_split
+from faceage.external import (ExternalSet, ExternalSetError, crop_counts, external_embeddings, external_faces,
+                              resolve_external)
+from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
 from faceage.preprocess import read_faces_manifest
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
-from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
+from faceage.tracking import read_run_file, repo_root, setup_mlflow, tracking_uri
 from faceage.training import pin_threads, select_device
 
 log = logging.getLogger(__name__)
@@ -111,10 +121,75 @@ def coverage(pred: np.ndarray, std: np.ndarray, true: np.ndarray, k: float) -> f
     return float((np.abs(pred - true) <= k * std).mean())
 
 
+def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateParams, detector_dir: str | Path,
+                      train_mean: float, cache_dir: str | Path | None = None) -> tuple[dict[str, dict], dict[str, list[dict]], list[list]]:
+    """Scores ``age_model`` on every ``evaluate.external`` set.
+
+    Args:
+        age_model: The loaded checkpoint.
+        sets: The resolved ``evaluate.external`` sets (:func:`faceage.external.resolve_external`).
+        p: The ``evaluate`` section (``batch_size``, ``cs_years``).
+        detector_dir: The ``fetch_detector`` folder (detector, and the face encoder of ``dlib_face`` models).
+        train_mean: Mean training age, for the always-the-training-mean baseline.
+        cache_dir: Where cropped sets are kept; default ``<repo root>/.cache/external``.
+
+    Returns:
+        ``{name: metrics}``, ``{name: age-group rows}`` and prediction rows
+        ``[set, file_name, true_age, predicted_age, predicted_std, abs_error]``.
+
+    Raises:
+        faceage.external.ExternalSetError: A set has no face at all, or the detector is not the checkpoint's.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else repo_root() / ".cache" / "external"
+    meta = age_model.meta
+    results, groups, rows = {}, {}, []
+    for ext in sets:
+        faces = external_faces(ext, meta["crop"], detector_dir, cache_dir)
+        embeddings = external_embeddings(faces, detector_dir) if meta["backbone"] == FACE_ENCODER else None
+        counts = crop_counts(faces)
+        if counts["n_faces"] == 0:
+            raise ExternalSetError(f"evaluate.external: {ext.given!r}: no face found in any of its "
+                                   f"{counts['n_images']} images (detector={meta['crop']['detector']}, "
+                                   f"no_face={meta['crop'].get('no_face')})")
+        data = load_split(faces, "test", meta["backbone"], meta["image_size"], embeddings)
+        pred, std = age_model.predict_inputs(data.images, p.batch_size)
+        true = data.ages.numpy().astype(np.float64)
+        groups[ext.name] = errors_by_group(pred, true)
+        results[ext.name] = {
+            **age_metrics(pred, true, p.cs_years),
+            "baseline_mae_years": float(np.abs(train_mean - true).mean()),
+            "mae_by_age_group": {g["group"]: g["mae_years"] for g in groups[ext.name]},
+            **counts,
+            "path": str(ext.path),
+        }
+        rows += [[ext.name, r["file_name"], t, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)]
+                 for r, t, pa, ps in zip(data.rows, true, pred, std)]
+        skipped = counts["n_images"] - counts["n_faces"]
+        log.info("external %s: MAE %.2f years, CS@%g %.3f on %d faces (%d of %d images skipped: no face with "
+                 "no_face=%s; training-mean baseline %.2f)", ext.name, results[ext.name]["mae_years"], p.cs_years,
+                 results[ext.name][f"cs{p.cs_years:g}"], counts["n_faces"], skipped, counts["n_images"],
+                 meta["crop"].get("no_face"), results[ext.name]["baseline_mae_years"])
+    return results, groups, rows
+
+
+def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[str, float]:
+    """``external_<name>_mae``, ``_rmse``, ``_cs5``, ``_baseline_mae``, ``_n_faces``, ``_no_face``, ``_mae_<group>``."""
+    cs = f"cs{cs_years:g}"
+    flat = {}
+    for name, m in external.items():
+        flat.update({f"external_{name}_mae": m["mae_years"], f"external_{name}_rmse": m["rmse_years"],
+                     f"external_{name}_{cs}": m[cs], f"external_{name}_baseline_mae": m["baseline_mae_years"],
+                     f"external_{name}_n_faces": m["n_faces"], f"external_{name}_n_images": m["n_images"],
+                     f"external_{name}_no_face": m["n_images"] - m["n_faces"]})
+        flat.update({f"external_{name}_mae_{g.replace('+', 'plus')}": v for g, v in m["mae_by_age_group"].items()})
+    return flat
+
+
 def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str | Path, p: EvaluateParams,
                    run_path: str | Path | None = None, history_csv: str | Path | None = None,
                    embeddings_path: str | Path | None = None, data_dir: str | Path | None = None,
-                   preprocess_metrics: str | Path | None = None, model_card: str | Path | None = None) -> dict:
+                   preprocess_metrics: str | Path | None = None, model_card: str | Path | None = None,
+                   detector_dir: str | Path | None = None, external_cache: str | Path | None = None) -> dict:
     """Scores the checkpoint on the test split and logs the results to its MLflow run.
 
     Args:
@@ -128,10 +203,19 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         data_dir: The fetched release (dataset fingerprint, gender/race labels when present).
         preprocess_metrics: ``preprocess``'s counts JSON, quoted in the model card.
         model_card: Where to write the model card (needs ``data_dir``).
+        detector_dir: The ``fetch_detector`` folder; needed when ``p.external`` lists sets.
+        external_cache: Where cropped external sets are kept (default ``<repo root>/.cache/external``).
 
     Returns:
         The metrics written to ``metrics.json``.
+
+    Raises:
+        ValueError: ``p.external`` lists sets but no ``detector_dir`` is given.
+        faceage.external.ExternalSetError: An external set is missing or malformed (named).
     """
+    if p.external and detector_dir is None:
+        raise ValueError(f"evaluate.external={list(p.external)} needs the detector folder (detector_dir)")
+    sets = resolve_external(p.external, repo_root())  # before any work: a wrong path fails at once
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pin_threads()
@@ -164,12 +248,19 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         "val_mae_years": float(meta["val_mae"]),
     }
     metrics["mae_vs_baseline"] = metrics["mae_years"] / metrics["baseline_mae_years"]
+    external, external_groups, external_rows = (
+        evaluate_external(age_model, sets, p, detector_dir, train_mean, external_cache) if sets else ({}, {}, []))
+    metrics["external"] = external
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file_name", "true_age", "real_age", "predicted_age", "predicted_std", "abs_error"])
         for r, t, ra, pa, ps in zip(test.rows, true, real, pred, std):
             w.writerow([r["file_name"], t, ra, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)])
+    with open(out / "external_predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["set", "file_name", "true_age", "predicted_age", "predicted_std", "abs_error"])
+        w.writerows(external_rows)
     with open(out / "by_age_group.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["age_group", "n", "mae_years"])
         w.writeheader()
@@ -177,7 +268,8 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     if model_card is not None and data_dir is not None:
         counts = json.loads(Path(preprocess_metrics).read_text()) if preprocess_metrics else None
         write_model_card(model_card, metrics, {"age_group": groups, **by_attribute}, meta,
-                         read_dataset_info(data_dir), counts, tracking_uri() if run_path else None)
+                         read_dataset_info(data_dir), counts, tracking_uri() if run_path else None,
+                         external_groups=external_groups)
     plots = _plots(out, pred, true, groups, Path(history_csv) if history_csv else None)
     log.info("test MAE %.2f years (real age %.2f), RMSE %.2f, CS@%g %.3f on %d faces; "
              "always predicting the training mean gives %.2f",
@@ -188,9 +280,12 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         with mlflow.start_run(run_id=read_run_file(run_path)["run_id"]):
             flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
             flat.update({f"test_mae_{g['group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
+            flat.update(external_mlflow_metrics(external, p.cs_years))
             mlflow.log_metrics(flat)
-            mlflow.log_params({f"evaluate.{k}": v for k, v in asdict(p).items()})
+            mlflow.log_params({f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v
+                               for k, v in asdict(p).items()})
             cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
-            for path in [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv", *plots, *cards]:
+            for path in [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv",
+                         out / "external_predictions.csv", *plots, *cards]:
                 mlflow.log_artifact(str(path), artifact_path="evaluation")
     return metrics

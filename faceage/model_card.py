@@ -23,7 +23,7 @@ def _group_table(title: str, groups: list[dict[str, Any]]) -> list[str]:
 
 def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
                      meta: dict[str, Any], dataset: dict[str, Any], preprocess_counts: dict[str, Any] | None,
-                     tracking_uri: str | None) -> Path:
+                     tracking_uri: str | None, external_groups: dict[str, list[dict[str, Any]]] | None = None) -> Path:
     """Writes ``path`` (Markdown) from evaluation results and checkpoint metadata.
 
     Args:
@@ -35,6 +35,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         dataset: ``dataset.json`` of the fetched data (source, counts, sha256).
         preprocess_counts: Detection counts per split (``reports/preprocess.json``), if available.
         tracking_uri: Where the MLflow run lives.
+        external_groups: Age-group rows of each cross-dataset set (``metrics["external"]`` holds its numbers).
 
     Returns:
         The written path.
@@ -90,6 +91,26 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
     for attribute in ("gender", "race"):
         if groups.get(attribute):
             lines += ["", f"### By {attribute}", *_group_table(attribute, groups[attribute])]
+    external = metrics.get("external") or {}
+    if external:
+        lines += [
+            "",
+            "## Cross-dataset test sets",
+            "Labelled faces from collections the model never trained or was tuned on (`evaluate.external`), "
+            "cropped with the same detector and crop settings; an image without a detected face follows the "
+            f"same `no_face` policy as training (`{crop.get('no_face', '?')}`; a set without release crops "
+            "has nothing to fall back on, so those images are skipped and counted).",
+            "",
+            f"| set | images | faces scored | skipped (no face) | MAE (years) | RMSE | CS@{cs_key[2:]} | "
+            "training-mean baseline MAE |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [f"| `{name}` | {m['n_images']} | {m['n_faces']} | {m['n_images'] - m['n_faces']} | "
+                  f"{_fmt(m['mae_years'])} | {_fmt(m['rmse_years'])} | {_fmt(m[cs_key], 3)} | "
+                  f"{_fmt(m['baseline_mae_years'])} |" for name, m in external.items()]
+        for name in external:
+            if external_groups and external_groups.get(name):
+                lines += ["", f"### `{name}` by age group (true age)", *_group_table("age group", external_groups[name])]
     lines += [
         "",
         "## Calibration",

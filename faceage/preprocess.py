@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from faceage.atomic import staged_dir
-from faceage.appa_real import FACE_SUFFIX, read_dataset_info, validate_layout
+from faceage.appa_real import FACE_SUFFIX, Sample, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.detector import HOG_FILE, CNN_FILE, read_manifest
 from faceage.faces import FaceDetector, choose_subject, crop_face, whole_image_box
@@ -122,37 +122,8 @@ def preprocess_dataset(
     dataset = read_dataset_info(data_dir)
     manifest = read_manifest(detector_dir, verify=True)
     detector_file = HOG_FILE if params.detector == "hog" else CNN_FILE
-    tasks = [
-        _Task(
-            s.split, s.file_name,
-            str(data_dir / s.split / s.file_name),
-            str(data_dir / s.split / (s.file_name + FACE_SUFFIX)),
-            f"{s.split}/{Path(s.file_name).stem}.png",
-            s.apparent_age, s.apparent_age_std, s.real_age,
-        )
-        for samples in splits.values() for s in samples
-    ]
-    workers = params.workers or os.cpu_count() or 1
     with staged_dir(out_dir) as tmp:
-        for split in splits:
-            (tmp / split).mkdir()
-        init = (str(detector_dir), params, str(tmp))
-        log.info("cropping %d images with %d worker(s) (preprocess.workers=%d, detector=%s, upsample=%d)",
-                 len(tasks), workers, params.workers, params.detector, params.upsample)
-        if workers == 1:
-            _init_worker(*init)
-            rows = [_process(t) for t in tqdm(tasks, desc="preprocess", unit="img")]
-        else:
-            with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init) as pool:
-                rows = list(tqdm(pool.imap(_process, tasks, chunksize=16), total=len(tasks),
-                                 desc="preprocess", unit="img"))
-        for row in rows:
-            if row["status"] == "unreadable":
-                log.warning("skipped unreadable image %s/%s: %s", row["split"], row["file_name"], row["error"])
-        with open(tmp / MANIFEST, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        rows = crop_samples(splits, data_dir, detector_dir, tmp, params)
         settings = {
             "margin": params.margin,
             "size": params.size,
@@ -172,6 +143,55 @@ def preprocess_dataset(
              metrics["total"]["release_crop"] + metrics["total"]["whole_image"], skipped,
              metrics["total"]["no_face"], metrics["total"]["unreadable"])
     return metrics
+
+
+def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
+                 params: PreprocessParams) -> list[dict]:
+    """Detects and crops every listed image into ``out_dir/<split>/`` and writes ``manifest.csv``.
+
+    The one detect + crop + ``no_face`` policy of the pipeline: ``preprocess`` runs it on the
+    release, :mod:`faceage.external` on cross-dataset test sets.
+
+    Args:
+        splits: ``{split: [Sample, ...]}`` from :func:`faceage.appa_real.validate_layout` / ``read_split``.
+        data_dir: The folder holding ``<split>/<file_name>`` (and optional ``_face.jpg`` crops).
+        detector_dir: The ``fetch_detector`` folder.
+        out_dir: An existing, empty folder.
+        params: Detector, margin, crop size, no-face fallback, worker count.
+
+    Returns:
+        The manifest rows (one per image, with its ``status``).
+    """
+    tasks = [
+        _Task(
+            s.split, s.file_name,
+            str(data_dir / s.split / s.file_name),
+            str(data_dir / s.split / (s.file_name + FACE_SUFFIX)),
+            f"{s.split}/{Path(s.file_name).stem}.png",
+            s.apparent_age, s.apparent_age_std, s.real_age,
+        )
+        for samples in splits.values() for s in samples
+    ]
+    for split in splits:
+        (out_dir / split).mkdir()
+    workers = params.workers or os.cpu_count() or 1
+    init = (str(detector_dir), params, str(out_dir))
+    log.info("cropping %d images with %d worker(s) (preprocess.workers=%d, detector=%s, upsample=%d)",
+             len(tasks), workers, params.workers, params.detector, params.upsample)
+    if workers == 1:
+        _init_worker(*init)
+        rows = [_process(t) for t in tqdm(tasks, desc="crop", unit="img")]
+    else:
+        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init) as pool:
+            rows = list(tqdm(pool.imap(_process, tasks, chunksize=16), total=len(tasks), desc="crop", unit="img"))
+    for row in rows:
+        if row["status"] == "unreadable":
+            log.warning("skipped unreadable image %s/%s: %s", row["split"], row["file_name"], row["error"])
+    with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
 
 
 def count_statuses(rows: list[dict]) -> dict:

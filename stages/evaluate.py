@@ -1,4 +1,4 @@
-"""DVC stage evaluate: test-split metrics and plots for the trained model, logged to its MLflow run."""
+"""DVC stage evaluate: test-split and cross-dataset (evaluate.external) metrics and plots, logged to the MLflow run."""
 
 import argparse
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--history", required=True, help="train's history.csv (training-curve plot)")
     parser.add_argument("--data", required=True, help="fetch_data output (dataset info, gender/race labels)")
     parser.add_argument("--preprocess-metrics", required=True, help="preprocess counts JSON (for the model card)")
+    parser.add_argument("--detector", required=True, help="fetch_detector output (crops the evaluate.external sets)")
     parser.add_argument("--card", required=True, help="model card (Markdown) to write")
     parser.add_argument("--out", required=True, help="folder for metrics.json, predictions and plots")
     return parser
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     p = load_params(args.params).evaluate
     evaluate_model(args.model, args.faces, args.out, p, run_path=args.run, history_csv=args.history,
                    embeddings_path=args.embeddings, data_dir=args.data, preprocess_metrics=args.preprocess_metrics,
-                   model_card=args.card)
+                   model_card=args.card, detector_dir=args.detector)
 
 
 if __name__ == "__main__":

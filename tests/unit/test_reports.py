@@ -1,6 +1,7 @@
 """The sweep report and recipe tables: the conclusion follows the numbers given."""
 
 from faceage.recipe import _table
+from faceage.external import external_maes
 from faceage.sweep import _conclusion, write_report
 
 
@@ -32,3 +33,16 @@ def test_recipe_table_shows_the_change_against_default():
     table = _table(rows)
     assert "| loss=expectation_l1 | 5.10 | 5.50 | +0.30 | - | 0.900 | `-` |" in table
     assert "| default | 5.00 | 5.20 | +0.00 | 0.700 | 0.930 | `abcdef12` |" in table
+
+
+def test_sweep_report_has_a_column_per_external_set(tmp_path):
+    logged = {"external_utk_external_mae": 9.4, "external_utk_external_baseline_mae": 20.0,
+              "external_utk_external_mae_70plus": 15.0, "external_utk_external_n_faces": 1650.0,
+              "external_utk_external_cs5": 0.3, "test_mae_years": 5.2}
+    assert external_maes(logged) == {"utk_external": 9.4}
+    rows = [{**row("dlib_face", 0.0002, 0.1, 5.2), "external": external_maes(logged)},
+            {**row("resnet18", 0.30, 11.2, 12.9), "external": {}}]
+    write_report(rows, tmp_path / "b.md", tmp_path / "b.png", "cpu")
+    md = (tmp_path / "b.md").read_text()
+    assert "| CS@5 | `utk_external` MAE | MLflow run |" in md
+    assert "| 5.20 | 0.400 | 9.40 | `01234567` |" in md and "| 12.90 | 0.400 | - | `01234567` |" in md

@@ -1,0 +1,171 @@
+"""Cross-dataset test sets (``evaluate.external``): labelled faces from another collection, cropped
+exactly as the model's training crops and scored like the test split.
+
+Input: a folder in the release layout with at least ``gt_avg_test.csv`` and ``test/`` (no
+``_face.jpg`` needed), a checkpoint's crop settings (``meta["crop"]``: detector, upsample,
+margin, size, ``no_face``, detector sha256) and the ``fetch_detector`` folder.
+Output: a faces folder laid out like ``preprocess``'s (``test/NAME.png``, ``manifest.csv``,
+``preprocess.json``; plus ``embeddings.npz`` for ``dlib_face`` models), so
+:func:`faceage.data.load_split` reads it exactly as it reads the test split.
+
+The crops are made by :func:`faceage.preprocess.crop_samples` (the pipeline's one detect + crop
++ ``no_face`` code) and cached under ``<cache>/<name>-<key>/``, where the key hashes the
+folder's bytes and the crop settings: a new detector, margin, size or fallback, or edited
+images, give a new key; the same settings reuse the crops (detection of 1,743 faces takes
+about a minute on 2 cores, the ``dlib_face`` descriptors several).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from faceage.appa_real import LayoutError, dataset_fingerprint, read_split
+from faceage.atomic import staged_dir
+from faceage.config import PreprocessParams
+from faceage.detector import read_manifest
+from faceage.preprocess import SETTINGS, count_statuses, crop_samples, read_faces_manifest
+
+log = logging.getLogger(__name__)
+
+SPLIT = "test"
+EMBEDDINGS = "embeddings.npz"
+# The crop settings that decide the pixels of a crop (workers and data lineage do not).
+CROP_KEYS = ("detector", "upsample", "margin", "size", "no_face", "detector_file", "detector_sha256")
+
+
+class ExternalSetError(LayoutError):
+    """An ``evaluate.external`` entry is missing or not in the release layout; the message names it."""
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    """One cross-dataset test set: its metric name, the folder given and where it resolved."""
+
+    name: str
+    given: str
+    path: Path
+
+
+def external_name(path: str) -> str:
+    """The metric-safe name of a set: its folder name, non-alphanumerics as ``_`` (``utk-external`` -> ``utk_external``)."""
+    name = re.sub(r"[^0-9A-Za-z]+", "_", Path(path.rstrip("/\\")).name).strip("_").lower()
+    if not name:
+        raise ExternalSetError(f"evaluate.external: cannot name a set after {path!r}")
+    return name
+
+
+def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path) -> list[ExternalSet]:
+    """Resolves ``evaluate.external`` entries (relative ones against ``root``) and checks their layout.
+
+    Args:
+        paths: The ``evaluate.external`` entries.
+        root: The repository root.
+
+    Returns:
+        One :class:`ExternalSet` per entry, in order.
+
+    Raises:
+        ExternalSetError: A folder is missing, lacks ``gt_avg_test.csv`` or a listed image,
+            or two entries have the same name.
+    """
+    sets = []
+    for given in paths:
+        path = Path(given).expanduser()
+        path = (path if path.is_absolute() else Path(root) / path).resolve()
+        if not path.is_dir():
+            raise ExternalSetError(
+                f"evaluate.external: {given!r} not found (resolved to {path}); it must be a folder with "
+                "gt_avg_test.csv and test/ (set evaluate.external=[] to skip cross-dataset evaluation)")
+        try:
+            samples = read_split(path, SPLIT)
+        except LayoutError as e:
+            raise ExternalSetError(f"evaluate.external: {given!r}: {e}") from e
+        missing = [s.file_name for s in samples if not (path / SPLIT / s.file_name).is_file()]
+        if missing:
+            raise ExternalSetError(f"evaluate.external: {given!r}: {len(missing)} of {len(samples)} images listed in "
+                                   f"gt_avg_test.csv are missing from {path / SPLIT}, e.g. {missing[:5]}")
+        sets.append(ExternalSet(external_name(given), given, path))
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ExternalSetError(f"evaluate.external: two sets share a name ({names}): give the folders distinct names")
+    return sets
+
+
+def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
+    """The ``preprocess`` settings a checkpoint's crops were made with (``meta["crop"]``)."""
+    return PreprocessParams(detector=crop["detector"], upsample=int(crop["upsample"]), margin=float(crop["margin"]),
+                            size=int(crop["size"]), no_face=crop.get("no_face", "release_crop"), workers=workers)
+
+
+def cache_key(folder: Path, crop: dict[str, Any]) -> str:
+    """16 hex digits over the folder's bytes (every file) and the pixel-deciding crop settings."""
+    h = hashlib.sha256(dataset_fingerprint(folder).encode())
+    h.update(json.dumps({k: crop.get(k) for k in CROP_KEYS}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | Path, cache_dir: str | Path,
+                   workers: int = 0) -> Path:
+    """The set's faces folder (crops + manifest) for these crop settings, from the cache or made now.
+
+    Args:
+        ext: From :func:`resolve_external`.
+        crop: The checkpoint's crop settings (``meta["crop"]``).
+        detector_dir: The ``fetch_detector`` folder; its detector file must be the checkpoint's.
+        cache_dir: Where cropped sets are kept.
+        workers: Detection processes; 0 = one per core.
+
+    Raises:
+        ExternalSetError: The detector folder does not hold the detector the checkpoint was trained with.
+    """
+    recorded = read_manifest(detector_dir, verify=True)["files"].get(crop["detector_file"])
+    if recorded != crop["detector_sha256"]:
+        raise ExternalSetError(f"{detector_dir} holds {crop['detector_file']} with sha256 {recorded}, but the "
+                               f"checkpoint's crops were made with {crop['detector_sha256']}")
+    out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop)}"
+    if (out / SETTINGS).is_file():
+        log.info("external set %s: reusing the crops in %s", ext.name, out)
+        return out
+    params = crop_params(crop, workers)
+    log.info("external set %s: detecting and cropping %s (detector=%s, upsample=%d, margin=%g, size=%d, no_face=%s)",
+             ext.name, ext.path, params.detector, params.upsample, params.margin, params.size, params.no_face)
+    with staged_dir(out) as tmp:
+        rows = crop_samples({SPLIT: read_split(ext.path, SPLIT)}, ext.path, detector_dir, tmp, params)
+        settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
+                    "counts": count_statuses(rows)[SPLIT]}
+        (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    return out
+
+
+def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
+    """``dlib_face`` descriptors of a cropped set (cached beside its crops, redone if the encoder changed)."""
+    from faceage.face_encoder import embed_dataset, load_embeddings
+    from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
+
+    path = faces_dir / EMBEDDINGS
+    files = read_manifest(detector_dir)["files"]
+    if path.is_file():
+        _, info = load_embeddings(path)
+        if (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE], files[SHAPE5_FILE]):
+            return path
+    embed_dataset(faces_dir, detector_dir, path, workers)
+    return path
+
+
+def crop_counts(faces_dir: Path) -> dict[str, int]:
+    """How the set's images fared: ``n_images``, ``n_faces`` (scored), and each status count."""
+    counts = json.loads((faces_dir / SETTINGS).read_text())["counts"]
+    return {"n_images": sum(counts.values()), "n_faces": len(read_faces_manifest(faces_dir, SPLIT)), **counts}
+
+
+def external_maes(metrics: dict[str, float]) -> dict[str, float]:
+    """``{set name: MAE}`` from a run's MLflow metrics (evaluate logs ``external_<name>_mae`` and ``_n_faces``)."""
+    names = [k[len("external_"):-len("_n_faces")] for k in metrics
+             if k.startswith("external_") and k.endswith("_n_faces")]
+    return {n: float(metrics[f"external_{n}_mae"]) for n in sorted(names) if f"external_{n}_mae" in metrics}

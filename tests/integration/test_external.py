@@ -1,0 +1,78 @@
+"""evaluate.external on real faces: 12 utk-external photos scored by the tiny run's model.
+
+The numbers are checked against the per-face predictions, MLflow and the model card, and each
+prediction against what the service's predictor gives for the same photo (one crop path, one model).
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from faceage.evaluation import errors_by_group
+
+pytestmark = pytest.mark.integration
+
+NAME = "utk_external"
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_run):
+    metrics = json.loads((tiny_run["eval"] / "metrics.json").read_text())
+    with open(tiny_run["eval"] / "external_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return metrics, rows
+
+
+def test_external_metrics_follow_the_predictions(tiny_run, scored):
+    metrics, rows = scored
+    m = metrics["external"][NAME]
+    assert m["n_images"] == 12 and m["n_faces"] == len(rows) > 0
+    assert m["n_faces"] + m["no_face"] + m["unreadable"] == 12  # no release crops to fall back on
+    assert {r["set"] for r in rows} == {NAME}
+    pred = np.array([float(r["predicted_age"]) for r in rows])
+    true = np.array([float(r["true_age"]) for r in rows])
+    assert m["mae_years"] == pytest.approx(np.abs(pred - true).mean(), abs=2e-3)  # predictions.csv rounds to 1e-3
+    assert m["cs5"] == pytest.approx((np.abs(pred - true) <= 5).mean(), abs=1 / len(rows))
+    assert m["mae_by_age_group"] == pytest.approx({g["group"]: g["mae_years"] for g in errors_by_group(pred, true)},
+                                                  abs=2e-3)
+    with open(tiny_run["external"] / "gt_avg_test.csv", newline="") as f:
+        ages = {r["file_name"]: float(r["real_age"]) for r in csv.DictReader(f)}
+    assert all(ages[r["file_name"]] == float(r["true_age"]) for r in rows)
+
+
+def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
+    from mlflow import MlflowClient
+
+    metrics, _ = scored
+    m = metrics["external"][NAME]
+    run_id = json.loads(tiny_run["run"].read_text())["run_id"]
+    logged = MlflowClient(tiny_run["tracking_uri"]).get_run(run_id).data
+    assert logged.metrics[f"external_{NAME}_mae"] == pytest.approx(m["mae_years"])
+    assert logged.metrics[f"external_{NAME}_cs5"] == pytest.approx(m["cs5"])
+    assert logged.metrics[f"external_{NAME}_no_face"] == m["n_images"] - m["n_faces"]
+    assert json.loads(logged.params["evaluate.external"]) == [str(tiny_run["external"])]
+    card = tiny_run["model_card"].read_text()
+    assert "## Cross-dataset test sets" in card
+    assert (f"| `{NAME}` | 12 | {m['n_faces']} | {12 - m['n_faces']} | {m['mae_years']:.2f} | {m['rmse_years']:.2f} | "
+            f"{m['cs5']:.3f} |") in card
+
+
+def test_each_external_prediction_is_what_the_predictor_serves(tiny_run, scored):
+    """Same photo through the service path (decode -> detect -> crop_faces -> AgeModel): same age."""
+    from faceage.images import load_image
+    from faceage.predict import AgePredictor
+    from faceage.preprocess import read_faces_manifest
+
+    _, rows = scored
+    [cache] = [d for d in tiny_run["external_cache"].iterdir() if d.name.startswith(f"{tiny_run['external'].name}-")]
+    single = {r["file_name"] for r in read_faces_manifest(cache, "test") if r["n_faces"] == "1"}
+    predictor = AgePredictor(tiny_run["model"], tiny_run["detector"])
+    checked = 0
+    for r in rows:
+        if r["file_name"] in single:
+            faces = predictor.predict(load_image(tiny_run["external"] / "test" / r["file_name"]))
+            assert len(faces) == 1 and faces[0].age == pytest.approx(float(r["predicted_age"]), abs=1e-3)
+            checked += 1
+    assert checked >= 5
