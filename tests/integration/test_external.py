@@ -66,7 +66,7 @@ def test_each_external_prediction_is_what_the_predictor_serves(tiny_run, scored)
     from faceage.preprocess import read_faces_manifest
 
     _, rows = scored
-    [cache] = [d for d in tiny_run["external_cache"].iterdir() if d.name.startswith(f"{tiny_run['external'].name}-")]
+    [cache] = [d for d in tiny_run["external_cache"].iterdir() if d.name.startswith(f"{NAME}-")]
     single = {r["file_name"] for r in read_faces_manifest(cache, "test") if r["n_faces"] == "1"}
     predictor = AgePredictor(tiny_run["model"], tiny_run["detector"])
     checked = 0
