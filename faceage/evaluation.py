@@ -122,7 +122,8 @@ def coverage(pred: np.ndarray, std: np.ndarray, true: np.ndarray, k: float) -> f
 
 
 def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateParams, detector_dir: str | Path,
-                      train_mean: float, cache_dir: str | Path | None = None) -> tuple[dict[str, dict], dict[str, list[dict]], list[list]]:
+                      train_mean: float, cache_dir: str | Path | None = None
+                      ) -> tuple[dict[str, dict], dict[str, list[dict]], list[list]]:
     """Scores ``age_model`` on every ``evaluate.external`` set.
 
     Args:
@@ -173,14 +174,15 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
 
 
 def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[str, float]:
-    """``external_<name>_mae``, ``_rmse``, ``_cs5``, ``_baseline_mae``, ``_n_faces``, ``_no_face``, ``_mae_<group>``."""
+    """``external_<name>_mae``, ``_rmse``, ``_cs5``, ``_baseline_mae``, ``_n_faces``, ``_n_images``,
+    ``_no_face`` (images skipped: no face and no fallback), ``_unreadable``, ``_mae_<group>``."""
     cs = f"cs{cs_years:g}"
     flat = {}
     for name, m in external.items():
         flat.update({f"external_{name}_mae": m["mae_years"], f"external_{name}_rmse": m["rmse_years"],
                      f"external_{name}_{cs}": m[cs], f"external_{name}_baseline_mae": m["baseline_mae_years"],
                      f"external_{name}_n_faces": m["n_faces"], f"external_{name}_n_images": m["n_images"],
-                     f"external_{name}_no_face": m["n_images"] - m["n_faces"]})
+                     f"external_{name}_no_face": m["no_face"], f"external_{name}_unreadable": m["unreadable"]})
         flat.update({f"external_{name}_mae_{g.replace('+', 'plus')}": v for g, v in m["mae_by_age_group"].items()})
     return flat
 

@@ -51,7 +51,7 @@ def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
     logged = MlflowClient(tiny_run["tracking_uri"]).get_run(run_id).data
     assert logged.metrics[f"external_{NAME}_mae"] == pytest.approx(m["mae_years"])
     assert logged.metrics[f"external_{NAME}_cs5"] == pytest.approx(m["cs5"])
-    assert logged.metrics[f"external_{NAME}_no_face"] == m["n_images"] - m["n_faces"]
+    assert logged.metrics[f"external_{NAME}_no_face"] == m["no_face"] == m["n_images"] - m["n_faces"] - m["unreadable"]
     assert json.loads(logged.params["evaluate.external"]) == [str(tiny_run["external"])]
     card = tiny_run["model_card"].read_text()
     assert "## Cross-dataset test sets" in card
