@@ -45,15 +45,16 @@ DLIB_VARIANTS = {
     "label_sigma=4": {"label_sigma": 4.0},
 }
 AGE_BASE = {"backbone": "dlib_age", "epochs": 8, "lr": 3e-4, "warmup_epochs": 1, "batch_size": 64}
-AGE_VARIANTS = {
-    "zero-shot (epochs=0)": {"epochs": 0},
-    "naive: every layer, lr 1e-4": {},
-    "lower lr (2e-5)": {"lr": 2e-5},
-    "layer-wise lr (layer_lr_decay=0.5)": {"layer_lr_decay": 0.5},
-    "frozen stem+block1-3 (freeze_blocks=4)": {"freeze_blocks": 4},
-    "LwF (distill_weight=1)": {"distill_weight": 1.0},
-    "WiSE-FT (wise_ft, mix on validation)": {"wise_ft": True},
-    "LwF + WiSE-FT + layer-wise lr": {"distill_weight": 1.0, "wise_ft": True, "layer_lr_decay": 0.5},
+AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
+    "zero-shot": ("zero-shot (epochs=0)", {"epochs": 0}),
+    "naive": ("naive: every layer, lr 1e-4", {"lr": 1e-4}),
+    "low-lr": ("every layer, lower lr (2e-5)", {"lr": 2e-5}),
+    "layer-wise": ("every layer, layer-wise lr (layer_lr_decay=0.5)", {"layer_lr_decay": 0.5}),
+    "frozen": ("frozen stem-block3 (freeze_blocks=4)", {"freeze_blocks": 4}),
+    "frozen+wise": ("frozen stem-block3 + WiSE-FT", {"freeze_blocks": 4, "wise_ft": True}),
+    "frozen+lwf+wise": ("frozen stem-block3 + LwF (distill_weight=1) + WiSE-FT",
+                        {"freeze_blocks": 4, "distill_weight": 1.0, "wise_ft": True}),
+    "lwf+wise": ("every layer + LwF + WiSE-FT", {"distill_weight": 1.0, "wise_ft": True}),
 }
 CNN_BASE = {"backbone": "resnet18", "pretrained": "none", "epochs": 5, "image_size": 112}
 CNN_VARIANTS = {
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cnn", action="store_true", help="also run the ResNet-18 variants (slow on CPU)")
     parser.add_argument("--dlib-age", action="store_true", help="run the dlib_age zero-shot and fine-tuning variants")
     parser.add_argument("--no-dlib-face", action="store_true", help="skip the dlib_face variants")
+    parser.add_argument("--variants", help="comma-separated dlib_age variant keys (default: all)")
     parser.add_argument("--external", type=Path, help="labelled test-only folder scored for every row (never tuned on)")
     parser.add_argument("--detector", default="models/detector")
     parser.add_argument("--faces", default="data/faces")
@@ -184,8 +186,12 @@ def main(argv: list[str] | None = None) -> None:
 
             chips = work / "chips.npz"
             compute_features("dlib_age", faces, detector, chips)
-            age_rows = [_run(n, params, o, AGE_BASE, work / "age", faces, chips, data, external, detector)
-                        for n, o in AGE_VARIANTS.items()]
+            keys = args.variants.split(",") if args.variants else list(AGE_VARIANTS)
+            unknown = [k for k in keys if k not in AGE_VARIANTS]
+            if unknown:
+                raise SystemExit(f"--variants: unknown {unknown}; choose from {list(AGE_VARIANTS)}")
+            age_rows = [_run(AGE_VARIANTS[k][0], params, AGE_VARIANTS[k][1], AGE_BASE, work / "age", faces, chips, data,
+                             external, detector) for k in keys]
             sections.append((f"`dlib_age` (dlib's pretrained age network), fine-tuned {AGE_BASE['epochs']} epochs "
                              f"at lr {AGE_BASE['lr']:g} unless the variant says otherwise", age_rows))
         if not args.no_dlib_face:
@@ -200,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     body = "\n\n".join(f"## {title}\n\n{_table(rows, ext_name)}" for title, rows in sections)
     flags = "".join(f" {f}" for f, on in (("--dlib-age", args.dlib_age), ("--no-dlib-face", args.no_dlib_face),
                                             ("--cnn", args.cnn)) if on)
+    if args.variants:
+        flags += f" --variants {args.variants}"
     if args.external:
         flags += f" --external {args.external}"
     dataset = json.loads((data / "dataset.json").read_text())
