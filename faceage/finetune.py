@@ -42,7 +42,8 @@ def stages(model: nn.Module, backbone: str) -> list[list[nn.Parameter]]:
         model = getattr(model, "full", model)  # a _CachedStages wrapper trains its network's parameters
         names = ["stem_", "block1.", "block2.", "block3.", "block4.", "block5.", "fc."]
         groups = [[t for n, t in model.named_parameters() if n.startswith(prefix)] for prefix in names]
-        assert all(groups) and sum(map(len, groups)) == len(list(model.parameters())), "stage names out of date"
+        if not all(groups) or sum(map(len, groups)) != len(list(model.parameters())):
+            raise RuntimeError("faceage.finetune.stages: the stage names no longer match DlibAgeNet's parameters")
         return groups
     return [list(model.parameters())]
 
