@@ -38,8 +38,11 @@ def age_run(tiny_run, tmp_path_factory, monkeypatch_module):
         tp = replace(p.train, backbone="dlib_age", batch_size=16, **overrides)
         result = train_model(tp, tiny_run["faces"], out / "model.pt", out / "reports", out / "run.json",
                              out / "state.pt", embeddings_path=root / "chips.npz", detector_dir=tiny_run["detector"])
-        metrics = evaluate_model(out / "model.pt", tiny_run["faces"], out / "eval", p.evaluate, run_path=out / "run.json",
-                                 embeddings_path=root / "chips.npz", data_dir=tiny_run["data"])
+        # The 12 utk-external faces of tiny_run: their chips are cut and cached beside the set's crops.
+        metrics = evaluate_model(out / "model.pt", tiny_run["faces"], out / "eval",
+                                 replace(p.evaluate, external=(str(tiny_run["external"]),)), run_path=out / "run.json",
+                                 embeddings_path=root / "chips.npz", data_dir=tiny_run["data"],
+                                 detector_dir=tiny_run["detector"], external_cache=root / "external-cache")
         runs[name] = {"dir": out, "result": result, "metrics": metrics}
     return {"root": root, "n": n, "uri": uri, "runs": runs, **{k: tiny_run[k] for k in ("faces", "detector", "data")}}
 
@@ -47,6 +50,10 @@ def age_run(tiny_run, tmp_path_factory, monkeypatch_module):
 def test_chips_cover_every_crop(age_run):
     with np.load(age_run["root"] / "chips.npz") as z:
         assert z["chips"].shape == (age_run["n"], 3, 64, 64) and z["chips"].dtype == np.uint8
+    [cache] = list((age_run["root"] / "external-cache").iterdir())
+    with np.load(cache / "chips.npz") as z:
+        n_ext = age_run["runs"]["zero_shot"]["metrics"]["external"]["utk_external"]["n_faces"]
+        assert z["chips"].shape == (n_ext, 3, 64, 64)
 
 
 def test_zero_shot_and_fine_tuned_runs_are_evaluated_and_tracked(age_run):
@@ -60,6 +67,9 @@ def test_zero_shot_and_fine_tuned_runs_are_evaluated_and_tracked(age_run):
         tracked = client.get_run(run["result"]["run_id"]).data
         assert tracked.metrics["test_mae_years"] == pytest.approx(m["mae_years"]), name
         assert tracked.params["train.backbone"] == "dlib_age"
+        ext = m["external"]["utk_external"]
+        assert ext["n_faces"] >= 8 and 0 < ext["mae_years"] < 25, name
+        assert tracked.metrics["external_utk_external_mae"] == pytest.approx(ext["mae_years"]), name
     assert age_run["runs"]["zero_shot"]["result"]["best_epoch"] == 0
     tuned = client.get_run(age_run["runs"]["tuned"]["result"]["run_id"]).data.metrics
     assert 0.0 <= tuned["wise_alpha"] <= 1.0
