@@ -58,9 +58,9 @@ class EmbedParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    backbone: str = "resnet18"  # a torchvision classifier whose head can be replaced, or dlib_face
-    pretrained: str = "imagenet"  # "imagenet" | "none" | path to a weights file
-    epochs: int = 30
+    backbone: str = "resnet18"  # a torchvision classifier whose head can be replaced, dlib_face or dlib_age
+    pretrained: str = "imagenet"  # "imagenet" | "none" | path to a weights file (dlib_age: not "none" = dlib's)
+    epochs: int = 30  # 0 = no training: the pretrained model as it is (dlib_age zero-shot), evaluated and tracked
     image_size: int = 224  # crops are resized to this side before the network
     batch_size: int = 64
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -77,6 +77,11 @@ class TrainParams:
     amp: bool = True  # mixed precision; only used on CUDA
     num_workers: int = -1  # data-loader processes; -1 = automatic (0 on 2 cores)
     nproc_per_node: int = 1  # training processes (DistributedDataParallel) that `dvc repro` launches
+    # Fine-tuning without forgetting (dlib_age only; see faceage.finetune):
+    freeze_blocks: int = 0  # leading stages left frozen (stem, block1, ...)
+    layer_lr_decay: float = 1.0  # lr factor per stage below the head (layer-wise learning rates)
+    distill_weight: float = 0.0  # weight of KL(pretrained || fine-tuned), learning without forgetting
+    wise_ft: bool = False  # interpolate pretrained and fine-tuned weights, mix chosen on validation
 
 
 DEFAULT_EXTERNAL = ("../shared/datasets/utk-external",)
@@ -177,6 +182,9 @@ def _validate_ranges(name: str, obj: Any) -> None:
     elif isinstance(obj, TrainParams):
         checks = [
             (obj.epochs >= 0, f"train.epochs must be >= 0 (0: evaluate the initial weights), got {obj.epochs}"),
+            (obj.freeze_blocks >= 0, f"train.freeze_blocks must be >= 0, got {obj.freeze_blocks}"),
+            (0 < obj.layer_lr_decay <= 1, f"train.layer_lr_decay must be in (0, 1], got {obj.layer_lr_decay}"),
+            (obj.distill_weight >= 0, f"train.distill_weight must be >= 0, got {obj.distill_weight}"),
             (obj.image_size >= 32, f"train.image_size must be >= 32 px, got {obj.image_size}"),
             (obj.batch_size >= 1, f"train.batch_size must be >= 1, got {obj.batch_size}"),
             (obj.lr > 0, f"train.lr must be > 0, got {obj.lr}"),

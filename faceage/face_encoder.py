@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from faceage.chips import face_rect
 from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,7 @@ class DlibFaceEncoder:
 
     def face_rect(self, side: int) -> dlib.rectangle:
         """The detected face box inside a ``side`` x ``side`` crop cut with ``self.margin``."""
-        box = side / (1.0 + 2.0 * self.margin)
-        lo = int(round((side - box) / 2.0))
-        hi = int(round((side + box) / 2.0)) - 1
-        return dlib.rectangle(lo, lo, hi, hi)
+        return face_rect(side, self.margin)
 
     def embed(self, crop: np.ndarray) -> np.ndarray:
         """One (S, S, 3) uint8 crop -> (128,) float32 descriptor."""

@@ -7,7 +7,9 @@ a numpy array whose first axis is the face:
 - ``image``: uint8 (N, 3, size, size), the crop resized with PIL (bilinear, antialiased when
   shrinking); normalisation happens inside the network's graph (:class:`faceage.inference.AgeGraph`);
 - ``dlib_face_embedding``: float32 (N, 2, 128) dlib face descriptors of the crop and its mirror
-  image (:class:`faceage.face_encoder.DlibFaceEncoder`, computed outside the graph).
+  image (:class:`faceage.face_encoder.DlibFaceEncoder`, computed outside the graph);
+- ``dlib_age_chip``: uint8 (N, 3, 64, 64) chips aligned with the 5-point shape predictor
+  (:class:`faceage.chips.ChipExtractor`); normalised inside the graph like images.
 
 The datasets (``train``/``evaluate``), the torch :class:`faceage.inference.AgeModel` and the ONNX
 Runtime model of the service (:mod:`faceage.onnx_model`) all prepare inputs here, so the served
@@ -30,6 +32,7 @@ from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
 
 IMAGE = "image"
 DLIB_FACE_EMBEDDING = "dlib_face_embedding"
+DLIB_AGE_CHIP = "dlib_age_chip"
 
 
 def resize_crop(crop: np.ndarray, image_size: int) -> np.ndarray:
@@ -80,10 +83,19 @@ def _embedding_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Call
     return DlibFaceEncoder(detector_dir, meta["crop"]["margin"]).embed_many
 
 
+def _chip_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
+    from faceage.chips import ChipExtractor
+
+    if detector_dir is None:
+        raise ValueError(f"input {DLIB_AGE_CHIP!r} needs the detector folder (5-point shape predictor)")
+    return ChipExtractor(detector_dir, meta["crop"]["margin"]).chips
+
+
 INPUT_KINDS: dict[str, InputKind] = {
     IMAGE: InputKind(IMAGE, _image_preparer, np.uint8, normalise=True),
     DLIB_FACE_EMBEDDING: InputKind(DLIB_FACE_EMBEDDING, _embedding_preparer, np.float32,
                                    files=(SHAPE5_FILE, RECOGNITION_FILE)),
+    DLIB_AGE_CHIP: InputKind(DLIB_AGE_CHIP, _chip_preparer, np.uint8, normalise=True, files=(SHAPE5_FILE,)),
 }
 
 
@@ -93,9 +105,11 @@ def input_kind(meta: dict[str, Any]) -> InputKind:
     Raises:
         ValueError: An unknown kind (the message lists the known ones).
     """
+    from faceage.chips import DLIB_AGE
     from faceage.face_encoder import FACE_ENCODER
 
-    name = meta.get("input") or (DLIB_FACE_EMBEDDING if meta.get("backbone") == FACE_ENCODER else IMAGE)
+    by_backbone = {FACE_ENCODER: DLIB_FACE_EMBEDDING, DLIB_AGE: DLIB_AGE_CHIP}
+    name = meta.get("input") or by_backbone.get(meta.get("backbone"), IMAGE)
     if name not in INPUT_KINDS:
         raise ValueError(f"checkpoint input kind {name!r} is unknown; known: {', '.join(sorted(INPUT_KINDS))}")
     return INPUT_KINDS[name]

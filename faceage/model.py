@@ -24,6 +24,7 @@ from torch import nn
 from faceage.config import ConfigError
 from faceage.download import DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
+from faceage.chips import DLIB_AGE
 from faceage.face_encoder import EMBEDDING_DIM, FACE_ENCODER
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def build_model(backbone: str, num_ages: int = NUM_AGES) -> nn.Module:
     Args:
         backbone: A torchvision classification model name (``resnet18``, ``efficientnet_b0``, ...)
             whose head is replaced, or ``dlib_face``: a head over dlib face descriptors
-            (the frozen encoder itself lives in :mod:`faceage.face_encoder`).
+            (the frozen encoder itself lives in :mod:`faceage.face_encoder`), or ``dlib_age``:
+            dlib's age network over aligned 64x64 chips (:mod:`faceage.dlib_age`).
         num_ages: Number of age classes.
 
     Raises:
@@ -88,14 +90,27 @@ def build_model(backbone: str, num_ages: int = NUM_AGES) -> nn.Module:
     """
     if backbone == FACE_ENCODER:
         return EmbeddingAgeHead(EMBEDDING_DIM, num_ages)
+    if backbone == DLIB_AGE:
+        from faceage.dlib_age import DlibAgeNet
+
+        return DlibAgeNet(num_ages)
     available = torchvision.models.list_models(module=torchvision.models)
     if backbone not in available:
         raise ConfigError(f"train.backbone must be a torchvision classification model, got {backbone!r}; "
-                         f"available: {FACE_ENCODER}, {', '.join(sorted(available))}")
+                         f"available: {FACE_ENCODER}, {DLIB_AGE}, {', '.join(sorted(available))}")
     model = torchvision.models.get_model(backbone, weights=None)
     parent, attr, linear = _last_linear(model)
     setattr(parent, attr, nn.Linear(linear.in_features, num_ages))
     return model
+
+
+def input_stats(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std :func:`faceage.transforms.normalize` applies to a backbone's uint8 input."""
+    if backbone == DLIB_AGE:
+        from faceage.dlib_age import INPUT_MEAN, INPUT_STD
+
+        return INPUT_MEAN, INPUT_STD
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def head_prefix(model: nn.Module) -> str:
@@ -138,13 +153,16 @@ def resolve_imagenet_weights(backbone: str, cache_dir: str | Path | None = None)
     return path
 
 
-def load_pretrained(model: nn.Module, backbone: str, pretrained: str) -> str:
+def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir: str | Path | None = None) -> str:
     """Loads ``train.pretrained`` weights into every layer but the head.
 
     Args:
         model: From :func:`build_model`.
         backbone: Its name (to find ImageNet weights).
-        pretrained: ``"imagenet"``, ``"none"`` or a path to a ``state_dict`` file.
+        pretrained: ``"imagenet"``, ``"none"`` or a path to a ``state_dict`` file. For
+            ``dlib_age``, anything but ``"none"`` loads dlib's pretrained age network, head included
+            (widened to 0..100, see :func:`faceage.dlib_age.widen_head`).
+        model_dir: The ``fetch_detector`` folder (holds ``age-v1.onnx`` for ``dlib_age``).
 
     Returns:
         A short description of what was loaded (for logs and MLflow).
@@ -157,6 +175,18 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str) -> str:
             raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: backbone {FACE_ENCODER} always uses "
                                          "dlib's pretrained face encoder; set train.pretrained=none")
         return "dlib face-recognition ResNet (frozen); head randomly initialised"
+    if backbone == DLIB_AGE:
+        if pretrained == "none":
+            return "none (random initialisation)"
+        from faceage.detector import AGE_MODEL_FILE
+        from faceage.dlib_age import load_dlib_age
+
+        if model_dir is None or not (Path(model_dir) / AGE_MODEL_FILE).is_file():
+            raise PretrainedWeightsError(f"train.backbone={DLIB_AGE} needs {AGE_MODEL_FILE} from the fetch_detector "
+                                         f"stage (looked in {model_dir})")
+        path = Path(model_dir) / AGE_MODEL_FILE
+        model.load_state_dict(load_dlib_age(path, model.fc.out_features).state_dict())
+        return f"{path} (dlib age network, sha256 {file_digest(path)[:12]})"
     if pretrained == "none":
         return "none (random initialisation)"
     path = resolve_imagenet_weights(backbone) if pretrained == "imagenet" else Path(pretrained).expanduser()

@@ -350,9 +350,10 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
     check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
     manifest = read_manifest(detector_dir)
     # Only the files inference needs travel: the detector, plus what the checkpoint's input kind
-    # reads (dlib_face: the face encoder's landmark and recognition models, ~30 MB the others never read).
+    # reads (dlib_face: the face encoder's landmark and recognition models, ~30 MB the others never read;
+    # dlib_age: the landmark model its chips are aligned with).
     needed = [crop["detector_file"], *input_kind(meta).files]
-    encoder = meta.get("encoder", {})  # what a dlib_face checkpoint was trained with
+    encoder = meta.get("encoder", {})  # what a dlib_face / dlib_age checkpoint was trained with
     trained = {RECOGNITION_FILE: encoder.get("encoder_sha256"), SHAPE5_FILE: encoder.get("shape_predictor_sha256")}
     for filename in needed[1:]:
         got = file_digest(Path(detector_dir) / filename)

@@ -10,6 +10,13 @@ Usage::
 
     python -m faceage.recipe            # dlib_face variants (~1 min each on 2 cores)
     python -m faceage.recipe --cnn      # also ResNet-18 from scratch, 112 px, 5 epochs (~4 min each)
+    python -m faceage.recipe --dlib-age --no-dlib-face   # dlib_age: zero-shot and each fine-tuning variant
+
+With ``--external FOLDER`` (a labelled test folder in the release layout, e.g.
+``../shared/datasets/utk-external``; never trained or tuned on) every row also gets that
+folder's MAE: its test images go through the pipeline's own preprocess and embed code once,
+then each variant's model scores them. Measurement only: the product's cross-dataset
+evaluation is ``evaluate.external``.
 """
 
 from __future__ import annotations
@@ -37,6 +44,18 @@ DLIB_VARIANTS = {
     "epochs=60": {"epochs": 60},
     "label_sigma=4": {"label_sigma": 4.0},
 }
+AGE_BASE = {"backbone": "dlib_age", "epochs": 8, "lr": 3e-4, "warmup_epochs": 1, "batch_size": 64}
+AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
+    "zero-shot": ("zero-shot (epochs=0)", {"epochs": 0}),
+    "naive": ("naive: every layer, lr 1e-4", {"lr": 1e-4}),
+    "low-lr": ("every layer, lower lr (2e-5)", {"lr": 2e-5}),
+    "layer-wise": ("every layer, layer-wise lr (layer_lr_decay=0.5)", {"layer_lr_decay": 0.5}),
+    "frozen": ("frozen stem-block3 (freeze_blocks=4)", {"freeze_blocks": 4}),
+    "frozen+wise": ("frozen stem-block3 + WiSE-FT", {"freeze_blocks": 4, "wise_ft": True}),
+    "frozen+lwf+wise": ("frozen stem-block3 + LwF (distill_weight=1) + WiSE-FT",
+                        {"freeze_blocks": 4, "distill_weight": 1.0, "wise_ft": True}),
+    "lwf+wise": ("every layer + LwF + WiSE-FT", {"distill_weight": 1.0, "wise_ft": True}),
+}
 CNN_BASE = {"backbone": "resnet18", "pretrained": "none", "epochs": 5, "image_size": 112}
 CNN_VARIANTS = {
     "default": {},
@@ -47,20 +66,61 @@ CNN_VARIANTS = {
 }
 
 
+class External:
+    """A labelled test folder cut by the pipeline's preprocess once; features per backbone on demand."""
+
+    def __init__(self, folder: Path, work: Path, params: Params, detector: Path):
+        from faceage.appa_real import fetch_appa_real
+        from faceage.preprocess import preprocess_dataset
+
+        self.name, self.detector, self.work = folder.name, detector, work
+        release = work / "release"
+        (release).mkdir(parents=True)
+        text = (folder / "gt_avg_test.csv").read_text()
+        lines = text.splitlines()
+        for split in ("train", "valid", "test"):
+            (release / split).symlink_to(folder.resolve() / "test")
+            # The release layout needs three non-empty lists; only the test split is scored.
+            (release / f"gt_avg_{split}.csv").write_text(text if split == "test" else "\n".join(lines[:2]) + "\n")
+        self.faces = work / "faces"
+        fetch_appa_real(str(release), work / "data")
+        preprocess_dataset(work / "data", detector, self.faces, params.preprocess)
+        self.features: dict[str, Path] = {}
+
+    def mae(self, model_path: str | Path) -> float:
+        """Test MAE of a checkpoint on this folder (the evaluate path: load_split -> AgeModel)."""
+        from faceage.data import load_split
+        from faceage.features import compute_features
+
+        model = AgeModel(model_path)
+        backbone = model.meta["backbone"]
+        if backbone not in self.features:
+            self.features[backbone] = self.work / f"features-{backbone}.npz"
+            compute_features(backbone, self.faces, self.detector, self.features[backbone])
+        test = load_split(self.faces, "test", backbone, model.meta["image_size"], self.features[backbone])
+        pred, _ = model.predict_inputs(test.images)
+        return float(abs(pred - test.real_ages.numpy()).mean())
+
+
 def _run(name: str, params: Params, overrides: dict, base: dict, work: Path, faces: Path, embeddings: Path,
-         data: Path) -> dict:
+         data: Path, external: External | None = None, detector: Path | None = None) -> dict:
     tp = replace(params.train, **{**base, **overrides})
-    out = work / name.split(" ")[0].replace("=", "_")
+    out = work / "".join(c if c.isalnum() else "_" for c in name)[:40]
     import mlflow
 
-    result = train_model(tp, faces, out / "model.pt", out, out / "run.json", out / "state.pt", embeddings_path=embeddings)
+    result = train_model(tp, faces, out / "model.pt", out, out / "run.json", out / "state.pt", embeddings_path=embeddings,
+                         detector_dir=detector)
     mlflow.MlflowClient().set_tag(result["run_id"], "recipe", name)
     metrics = evaluate_model(out / "model.pt", faces, out / "eval", params.evaluate, run_path=out / "run.json",
                              embeddings_path=embeddings, data_dir=data)
     row = {"variant": name, "val_mae": result["best_val_mae"], "test_mae": metrics["mae_years"],
            "coverage_1std": metrics["coverage_1std"], "coverage_2std": metrics["coverage_2std"],
-           "run_id": result["run_id"], "model": str(out / "model.pt")}
-    log.info("recipe %s %s: val %.2f test %.2f", tp.backbone, name, row["val_mae"], row["test_mae"])
+           "run_id": result["run_id"], "model": str(out / "model.pt"), "train_s": result["train_time_s"],
+           "external_mae": external.mae(out / "model.pt") if external else float("nan")}
+    if external:
+        mlflow.MlflowClient().log_metric(result["run_id"], f"recipe_external_{external.name}_mae", row["external_mae"])
+    log.info("recipe %s %s: val %.2f test %.2f external %.2f", tp.backbone, name, row["val_mae"], row["test_mae"],
+             row["external_mae"])
     return row
 
 
@@ -82,13 +142,16 @@ def _num(x: float, digits: int = 2) -> str:
     return "-" if x != x else f"{x:.{digits}f}"  # NaN: not measured for this row
 
 
-def _table(rows: list[dict]) -> str:
-    base = next(r for r in rows if r["variant"] == "default")
-    lines = ["| variant | val MAE | test MAE | test vs default | coverage 1 std | coverage 2 std | MLflow run |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+def _table(rows: list[dict], external: str | None = None) -> str:
+    base = rows[0]
+    ext = f" {external} MAE | train time (s) |" if external else ""
+    lines = [f"| variant | val MAE | test MAE | test vs {base['variant'].split(' ')[0]} |{ext} coverage 1 std | "
+             "coverage 2 std | MLflow run |",
+             "|---|---:|---:|---:|" + ("---:|---:|" if external else "") + "---:|---:|---|"]
     for r in rows:
+        cells = f" {_num(r.get('external_mae', float('nan')))} | {_num(r.get('train_s', float('nan')), 0)} |" if external else ""
         lines.append(f"| {r['variant']} | {_num(r['val_mae'])} | {_num(r['test_mae'])} | "
-                     f"{r['test_mae'] - base['test_mae']:+.2f} | {_num(r['coverage_1std'], 3)} | "
+                     f"{r['test_mae'] - base['test_mae']:+.2f} |{cells} {_num(r['coverage_1std'], 3)} | "
                      f"{_num(r['coverage_2std'], 3)} | `{r['run_id'][:8]}` |")
     return "\n".join(lines)
 
@@ -96,6 +159,11 @@ def _table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cnn", action="store_true", help="also run the ResNet-18 variants (slow on CPU)")
+    parser.add_argument("--dlib-age", action="store_true", help="run the dlib_age zero-shot and fine-tuning variants")
+    parser.add_argument("--no-dlib-face", action="store_true", help="skip the dlib_face variants")
+    parser.add_argument("--variants", help="comma-separated dlib_age variant keys (default: all)")
+    parser.add_argument("--external", type=Path, help="labelled test-only folder scored for every row (never tuned on)")
+    parser.add_argument("--detector", default="models/detector")
     parser.add_argument("--faces", default="data/faces")
     parser.add_argument("--embeddings", default="data/embeddings.npz")
     parser.add_argument("--data", default="data/raw/appa-real")
@@ -108,21 +176,44 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params("params.yaml")
     faces, embeddings, data = Path(args.faces), Path(args.embeddings), Path(args.data)
     sections = []
+    detector = Path(args.detector)
+    ext_name = args.external.name if args.external else None
     with tempfile.TemporaryDirectory(prefix="faceage-recipe-") as tmp:
         work = Path(tmp)
-        dlib_rows = [_run(n, params, o, {"backbone": "dlib_face"}, work / "dlib", faces, embeddings, data)
-                     for n, o in DLIB_VARIANTS.items()]
-        dlib_rows += _tta_rows(dlib_rows[0]["model"], faces, embeddings, dlib_rows[0]["test_mae"])
-        sections.append(("`dlib_face` (frozen face encoder + head), `params.yaml` defaults", dlib_rows))
+        external = External(args.external, work / "external", params, detector) if args.external else None
+        if args.dlib_age:
+            from faceage.features import compute_features
+
+            chips = work / "chips.npz"
+            compute_features("dlib_age", faces, detector, chips)
+            keys = args.variants.split(",") if args.variants else list(AGE_VARIANTS)
+            unknown = [k for k in keys if k not in AGE_VARIANTS]
+            if unknown:
+                raise SystemExit(f"--variants: unknown {unknown}; choose from {list(AGE_VARIANTS)}")
+            age_rows = [_run(AGE_VARIANTS[k][0], params, AGE_VARIANTS[k][1], AGE_BASE, work / "age", faces, chips, data,
+                             external, detector) for k in keys]
+            sections.append((f"`dlib_age` (dlib's pretrained age network), fine-tuned {AGE_BASE['epochs']} epochs "
+                             f"at lr {AGE_BASE['lr']:g} unless the variant says otherwise", age_rows))
+        if not args.no_dlib_face:
+            dlib_rows = [_run(n, params, o, {"backbone": "dlib_face"}, work / "dlib", faces, embeddings, data, external)
+                         for n, o in DLIB_VARIANTS.items()]
+            dlib_rows += _tta_rows(dlib_rows[0]["model"], faces, embeddings, dlib_rows[0]["test_mae"])
+            sections.append(("`dlib_face` (frozen face encoder + head), `params.yaml` defaults", dlib_rows))
         if args.cnn:
-            cnn_rows = [_run(n, params, o, CNN_BASE, work / "cnn", faces, embeddings, data)
+            cnn_rows = [_run(n, params, o, CNN_BASE, work / "cnn", faces, embeddings, data, external)
                         for n, o in CNN_VARIANTS.items()]
             sections.append(("ResNet-18 from scratch, 112 px, 5 epochs (the quick CPU profile)", cnn_rows))
-    body = "\n\n".join(f"## {title}\n\n{_table(rows)}" for title, rows in sections)
+    body = "\n\n".join(f"## {title}\n\n{_table(rows, ext_name)}" for title, rows in sections)
+    flags = "".join(f" {f}" for f, on in (("--dlib-age", args.dlib_age), ("--no-dlib-face", args.no_dlib_face),
+                                            ("--cnn", args.cnn)) if on)
+    if args.variants:
+        flags += f" --variants {args.variants}"
+    if args.external:
+        flags += f" --external {args.external}"
     dataset = json.loads((data / "dataset.json").read_text())
     Path(args.out).write_text(f"""# Recipe by measurement
 
-Generated by `python -m faceage.recipe{' --cnn' if args.cnn else ''}`: every row is a real train + evaluate run on
+Generated by `python -m faceage.recipe{flags}`: every row is a real train + evaluate run on
 the same faces (data sha256 `{dataset['sha256'][:16]}...`, source `{dataset['source']}`), tracked in MLflow
 with the tag `recipe`. One seed per variant: differences under ~0.2 years are within run-to-run noise
 (seeds 42 and 1 of the default `dlib_face` recipe gave 5.16 and 5.16 test MAE).

@@ -10,7 +10,10 @@ The loop is split the torchvision-references way: :func:`train_one_epoch`, :func
 :func:`save_state` / :func:`load_state` of one :class:`TrainState`. Extension points for other
 recipes: :func:`build_optimizer` (param groups), :func:`make_loss` (extra loss terms that may run
 a second network on the batch), :func:`finalize` (a post-training step before the checkpoint is
-saved); ``train.epochs=0`` evaluates and packages the initial weights.
+saved); ``train.epochs=0`` evaluates and packages the initial weights. ``dlib_age`` fine-tuning
+(:mod:`faceage.finetune`) plugs into exactly these: frozen stages and layer-wise learning rates
+in the optimiser, distillation toward the pretrained network in the loss, WiSE-FT in
+:func:`finalize`, and frozen early stages computed once (:class:`faceage.finetune.FrozenPrefixCache`).
 
 Exact resume. The state is written atomically after every epoch (write a temporary file, fsync,
 rename) and deleted only after every output exists and the MLflow run is finished, so ``kill -9``
@@ -53,14 +56,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from faceage import finetune
+from faceage.chips import DLIB_AGE
 from faceage.config import ConfigError, TrainParams
 from faceage.data import load_split
 from faceage.download import file_digest
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import input_fn, predict_logits
+from faceage.inputs import DLIB_AGE_CHIP, DLIB_FACE_EMBEDDING, IMAGE
 from faceage.model import (
-    IMAGENET_MEAN, IMAGENET_STD, MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature,
-    load_pretrained, save_checkpoint,
+    MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature, input_stats, load_pretrained, save_checkpoint,
 )
 from faceage.preprocess import MANIFEST, read_crop_settings
 from faceage.tracking import git_commit, setup_mlflow, tracking_uri, write_run_file
@@ -172,8 +177,11 @@ def age_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, sigma: float
 
 
 def make_loss(p: TrainParams, model: nn.Module) -> LossFn:
-    """The training loss. A recipe with more terms (e.g. distillation toward a frozen copy of
-    ``model`` evaluated on the inputs) returns its own closure here."""
+    """The training loss; with ``train.distill_weight`` > 0, plus distillation toward a frozen copy of
+    ``model`` (as it is now, i.e. pretrained) evaluated on the same inputs (:class:`faceage.finetune.Distillation`)."""
+    if p.distill_weight > 0:
+        distill = finetune.Distillation(model, p.distill_weight)
+        return lambda logits, target, inputs: age_loss(logits, target, p.loss, p.label_sigma) + distill(logits, inputs)
     return lambda logits, target, _inputs: age_loss(logits, target, p.loss, p.label_sigma)
 
 
@@ -193,8 +201,9 @@ def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
 
 
 def build_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    """The optimiser over ``model``'s trainable parameters (the place for param groups and frozen blocks)."""
-    params = [t for t in model.parameters() if t.requires_grad]
+    """The optimiser over ``model``'s trainable parameters: frozen stages left out, layer-wise learning
+    rates (:func:`faceage.finetune.param_groups`; one group for every backbone but ``dlib_age``)."""
+    params = finetune.param_groups(model, p)
     if p.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     if p.optimizer == "sgd":
@@ -306,7 +315,7 @@ def load_state(path: str | Path, fingerprint: str) -> TrainState | None:
 def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None) -> str:
     h = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode())
     h.update(file_digest(faces_dir / MANIFEST).encode())
-    if p.backbone == FACE_ENCODER and embeddings_path is not None:
+    if p.backbone in (FACE_ENCODER, DLIB_AGE) and embeddings_path is not None:
         h.update(file_digest(embeddings_path).encode())
     h.update(json.dumps(read_crop_settings(faces_dir), sort_keys=True).encode())
     return h.hexdigest()
@@ -379,21 +388,29 @@ def evaluate(model: nn.Module, val_set: Dataset, prepare: Callable, device: torc
 
 
 def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Callable,
-             device: torch.device, p: TrainParams) -> dict[str, Any]:
+             device: torch.device, p: TrainParams, pretrained: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Turns the trained network into the one to ship; returns checkpoint metadata it adds.
 
-    Loads the best epoch's weights (the initial ones when no epoch ran), then calibrates the
-    predicted spread on validation (the mean is unaffected). A post-training step (e.g. weight
-    interpolation with the pretrained network, chosen on validation) belongs here.
+    Loads the best epoch's weights (the initial ones when no epoch ran); with ``train.wise_ft``,
+    interpolates them with the ``pretrained`` weights, the mix chosen on validation
+    (:func:`faceage.finetune.interpolate_weights`); then calibrates the predicted spread on
+    validation (the mean is unaffected).
     """
     if state.best_model is not None:
         model.load_state_dict(state.best_model)
-    temperature = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)
-    return {"temperature": temperature}
+    extra: dict[str, Any] = {}
+    if p.wise_ft and p.epochs > 0:
+        alpha, wise_mae, _ = finetune.interpolate_weights(model, pretrained,
+                                                          lambda: evaluate(model, val_set, prepare, device))
+        state.best_val_mae = wise_mae
+        extra.update(wise_alpha=alpha, wise_val_mae=wise_mae)
+    extra["temperature"] = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)
+    return extra
 
 
 def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, reports_dir: str | Path,
-                run_path: str | Path, state_path: str | Path, embeddings_path: str | Path | None = None) -> dict:
+                run_path: str | Path, state_path: str | Path, embeddings_path: str | Path | None = None,
+                detector_dir: str | Path | None = None) -> dict:
     """Trains, validates each epoch, keeps the best checkpoint, logs everything to MLflow.
 
     Under torchrun every rank calls this; rank 0 writes the outputs and returns the result,
@@ -406,7 +423,8 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         reports_dir: Where ``history.csv``, ``metrics.json`` and ``model_summary.txt`` go.
         run_path: Where the MLflow run id is written.
         state_path: The resumable state file (deleted after a completed run).
-        embeddings_path: The ``embed`` stage's descriptors (needed for ``train.backbone=dlib_face``).
+        embeddings_path: The ``embed`` stage's features (descriptors for ``dlib_face``, chips for ``dlib_age``).
+        detector_dir: The ``fetch_detector`` folder (``dlib_age``'s pretrained weights).
 
     Returns:
         ``{"best_val_mae": ..., "best_epoch": ..., "epochs": ..., "train_time_s": ..., "run_id": ...}``.
@@ -418,27 +436,37 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
     d, device = init_distributed(p)
     try:
         return _train(p, d, device, faces_dir, Path(model_path), reports_dir, Path(run_path), state_path,
-                      embeddings_path)
+                      embeddings_path, detector_dir)
     finally:
         if d.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path, model_path: Path,
-           reports_dir: Path, run_path: Path, state_path: Path, embeddings_path: str | Path | None) -> dict:
+           reports_dir: Path, run_path: Path, state_path: Path, embeddings_path: str | Path | None,
+           detector_dir: str | Path | None) -> dict:
+    finetune.check_params(p)
     threads = pin_threads()
     torch.manual_seed(p.seed)  # the initial weights: the same on every rank and in every resumed run
     crop = read_crop_settings(faces_dir)
     model = build_model(p.backbone)
-    weights_from = load_pretrained(model, p.backbone, p.pretrained)
+    weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
     if d.world_size > 1:
         # Batch statistics over the global batch, as in a single process.
         _set_batchnorm_class(model, GlobalBatchNorm2d)
     model.to(device)
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}  # for WiSE-FT
     train_set = load_split(faces_dir, "train", p.backbone, p.image_size, embeddings_path,
                            transform=train_augment(augment=p.augment), augment=p.augment)
     val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
-    prepare = input_fn(p.backbone, IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = input_stats(p.backbone)
+    prepare = input_fn(p.backbone, mean, std)
+    full = (model, val_set, prepare)  # what the checkpoint, the summary and the logged model describe
+    input_shape = tuple(val_set.images.shape[1:])
+    encoder_info = train_set.info if p.backbone in (FACE_ENCODER, DLIB_AGE) else None  # the features' lineage
+    cache = finetune.prefix_cache(model, train_set, val_set, prepare, p, device)
+    if cache is not None:  # frozen early stages computed once; the loop trains the rest on their outputs
+        model, train_set, val_set, prepare = cache.training_view()
     workers = _loader_workers(p, device)
     drop_last = len(train_set) > p.batch_size
     sampler = EpochSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=p.seed,
@@ -464,8 +492,8 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     tracker = _Tracker(p, d, crop, device, workers, threads, fingerprint, state, state_path)
     with tracker.run() as state:
         if d.is_main:
-            _write_summary(reports_dir, model, p, weights_from, tracker)
-            tracker.log_gflops(count_gflops(model, tuple(val_set.images.shape[1:]), device))
+            _write_summary(reports_dir, full[0], p, weights_from, tracker)
+            tracker.log_gflops(count_gflops(full[0], input_shape, device))
             log.info("training %s (weights: %s) on %s: %d train / %d valid faces, %d epochs, global batch %d over "
                      "%d process(es), %d loader workers, %d torch threads each; MLflow run %s in %s",
                      p.backbone, weights_from, device, len(train_set), len(val_set), p.epochs, p.batch_size,
@@ -499,22 +527,23 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             return {}
         if p.epochs == 0:
             state.best_val_mae = evaluate(model, val_set, prepare, device)
-        extra = finalize(model, state, val_set, prepare, device, p)
+        extra = finalize(model, state, val_set, prepare, device, p, pretrained)
+        model = full[0]  # (the frozen-prefix cache trained this network's later stages in place)
         meta = {
-            "backbone": p.backbone, "min_age": MIN_AGE, "max_age": MAX_AGE, "image_size": p.image_size,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop": crop,
+            "backbone": p.backbone, "min_age": MIN_AGE, "max_age": MAX_AGE, "image_size": int(input_shape[-1]),
+            "mean": list(mean), "std": list(std), "crop": crop,
             "train_params": asdict(p), "best_epoch": state.best_epoch, "val_mae": state.best_val_mae,
             "mlflow_run_id": state.run_id, "git_commit": tracker.commit, "data_sha256": crop["data_sha256"],
-            "input": "dlib_face_embedding" if p.backbone == FACE_ENCODER else "image", **extra,
+            "input": {FACE_ENCODER: DLIB_FACE_EMBEDDING, DLIB_AGE: DLIB_AGE_CHIP}.get(p.backbone, IMAGE), **extra,
         }
-        if p.backbone == FACE_ENCODER:
-            meta["encoder"] = train_set.info
+        if encoder_info is not None:
+            meta["encoder"] = encoder_info
         save_checkpoint(model_path, model, meta)
         _write_history(reports_dir / "history.csv", state.history)
         metrics = {"best_val_mae": state.best_val_mae, "best_epoch": state.best_epoch, "epochs": p.epochs,
                    "train_time_s": round(state.history[-1]["elapsed_s"], 1) if state.history else 0.0}
         _write_text(reports_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        tracker.finish(metrics, extra, reports_dir, model_path, model, tuple(val_set.images.shape[1:]))
+        tracker.finish(metrics, extra, reports_dir, model_path, model, input_shape)
         write_run_file(run_path, state.run_id, tracker.experiment_id)
     # Last, after the run has ended: until here a rerun resumes, and redoes only idempotent steps.
     state_path.unlink(missing_ok=True)

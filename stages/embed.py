@@ -1,9 +1,9 @@
-"""DVC stage embed: dlib face descriptors of every crop, computed once and reused by dlib_face experiments."""
+"""DVC stage embed: the features train.backbone reads (dlib descriptors, aligned age chips, or none)."""
 
 import argparse
 
 from faceage.config import load_params
-from faceage.face_encoder import embed_dataset
+from faceage.features import compute_features
 from faceage.logs import run_stage, setup_logging
 
 
@@ -12,15 +12,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--faces", required=True, help="preprocess output")
     parser.add_argument("--detector", required=True, help="fetch_detector output")
-    parser.add_argument("--out", required=True, help="the .npz of descriptors")
+    parser.add_argument("--out", required=True, help="the .npz of features")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
-    p = load_params(args.params).embed
-    embed_dataset(args.faces, args.detector, args.out, workers=p.workers)
+    params = load_params(args.params)
+    # The one cross-section read: which backbone's features to compute.
+    compute_features(params.train.backbone, args.faces, args.detector, args.out, workers=params.embed.workers)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--faces", required=True, help="preprocess output")
-    parser.add_argument("--embeddings", required=True, help="embed output (used by train.backbone=dlib_face)")
+    parser.add_argument("--embeddings", required=True, help="embed output (descriptors for dlib_face, chips for dlib_age)")
+    parser.add_argument("--detector", required=True, help="fetch_detector output (dlib_age's pretrained network)")
     parser.add_argument("--model", required=True, help="best checkpoint (output)")
     parser.add_argument("--reports", required=True, help="folder for history.csv and metrics.json")
     parser.add_argument("--run", required=True, help="JSON file naming the MLflow run (output)")
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
         elastic_launch(config, sys.executable)("-u", __file__, *argv)
         return
-    train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings)
+    train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings,
+                detector_dir=args.detector)
 
 
 if __name__ == "__main__":

