@@ -75,24 +75,38 @@ class ChipExtractor:
 _worker: dict = {}
 
 
-def _init(model_dir: str, margin: float, faces_dir: str) -> None:
-    _worker["chips"] = ChipExtractor(model_dir, margin)
+def _init(factory: type, model_dir: str, margin: float, faces_dir: str, method: str) -> None:
+    _worker["fn"] = getattr(factory(model_dir, margin), method)
     _worker["faces"] = Path(faces_dir)
 
 
-def _chip_file(crop: str) -> np.ndarray:
-    return _worker["chips"].chip(np.asarray(Image.open(_worker["faces"] / crop).convert("RGB")))
+def _apply(crop: str) -> np.ndarray:
+    return _worker["fn"](np.asarray(Image.open(_worker["faces"] / crop).convert("RGB")))
+
+
+def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: list[str], model_dir: str | Path,
+                   margin: float, workers: int = 0, desc: str | None = None) -> list[np.ndarray]:
+    """``factory(model_dir, margin).method(crop)`` for each crop file (relative to ``faces_dir``), in order.
+
+    The dataset-wide loop of the aligned-face features (chips here, descriptors in
+    :mod:`faceage.face_encoder`): one ``factory`` object per process (dlib's models are not
+    thread-safe and load once per worker), ``workers`` processes (0 = all cores), a progress bar when
+    ``desc`` is given.
+    """
+    from tqdm import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    init = (factory, str(model_dir), margin, str(faces_dir), method)
+    if workers == 1 or len(crops) < 64:
+        _init(*init)
+        return [_apply(c) for c in tqdm(crops, desc=desc, unit="face", disable=desc is None)]
+    with mp.get_context("fork").Pool(workers, initializer=_init, initargs=init) as pool:
+        return list(tqdm(pool.imap(_apply, crops, chunksize=16), total=len(crops), desc=desc, unit="face",
+                         disable=desc is None))
 
 
 def chip_files(faces_dir: str | Path, crops: list[str], model_dir: str | Path, margin: float,
                workers: int = 0) -> np.ndarray:
     """Chips of crop files (paths relative to ``faces_dir``), in order, on ``workers`` processes (0 = all cores)."""
-    workers = workers or os.cpu_count() or 1
-    init = (str(model_dir), margin, str(faces_dir))
-    if workers == 1 or len(crops) < 64:
-        _init(*init)
-        out = [_chip_file(c) for c in crops]
-    else:
-        with mp.get_context("fork").Pool(workers, initializer=_init, initargs=init) as pool:
-            out = pool.map(_chip_file, crops, chunksize=32)
+    out = map_crop_files(ChipExtractor, "chip", faces_dir, crops, model_dir, margin, workers, desc="chips")
     return np.stack(out) if out else np.zeros((0, 3, CHIP_SIZE, CHIP_SIZE), np.uint8)

@@ -15,16 +15,13 @@ predictor), so the age head always sees descriptors computed the same way. The n
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 from pathlib import Path
 
 import dlib
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
-from faceage.chips import face_rect
+from faceage.chips import face_rect, map_crop_files
 from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 
 log = logging.getLogger(__name__)
@@ -72,19 +69,6 @@ class DlibFaceEncoder:
         return np.stack([self.embed_views(c) for c in crops])
 
 
-_worker: dict = {}
-
-
-def _init(model_dir: str, margin: float, faces_dir: str) -> None:
-    _worker["encoder"] = DlibFaceEncoder(model_dir, margin)
-    _worker["faces"] = Path(faces_dir)
-
-
-def _embed_file(crop: str) -> np.ndarray:
-    image = np.asarray(Image.open(_worker["faces"] / crop).convert("RGB"))
-    return _worker["encoder"].embed_views(image)
-
-
 def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | Path, workers: int = 0) -> int:
     """Embeds every crop of the ``preprocess`` output into one ``.npz`` (``crops``, ``embeddings`` (N, 2, 128)).
 
@@ -103,15 +87,9 @@ def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | 
     margin = read_crop_settings(faces_dir)["margin"]
     manifest = read_manifest(model_dir, verify=True)
     crops = [r["crop"] for r in rows]
-    workers = workers or os.cpu_count() or 1
-    init = (str(model_dir), margin, str(faces_dir))
-    log.info("embedding %d crops with dlib's face-recognition ResNet on %d worker(s)", len(crops), workers)
-    if workers == 1:
-        _init(*init)
-        vectors = [_embed_file(c) for c in tqdm(crops, desc="embed", unit="face")]
-    else:
-        with mp.get_context("fork").Pool(workers, initializer=_init, initargs=init) as pool:
-            vectors = list(tqdm(pool.imap(_embed_file, crops, chunksize=16), total=len(crops), desc="embed", unit="face"))
+    log.info("embedding %d crops with dlib's face-recognition ResNet on %d worker(s)", len(crops),
+             workers or os.cpu_count() or 1)
+    vectors = map_crop_files(DlibFaceEncoder, "embed_views", faces_dir, crops, model_dir, margin, workers, desc="embed")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp.npz")
