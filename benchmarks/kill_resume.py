@@ -63,6 +63,7 @@ def make_project(root: Path, source: Path, *, epochs: int, image_size: int, batc
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["fetch_data"].update(source=str(source), md5="")
     params["preprocess"].update(size=image_size, workers=1)
+    params["evaluate"]["external"] = []  # cross-dataset sets do not bear on resuming; the temp repo has no ../shared
     params["train"].update(pretrained="none", epochs=epochs, image_size=image_size, batch_size=batch_size,
                            seed=seed, device="cpu", nproc_per_node=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

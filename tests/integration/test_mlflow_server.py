@@ -73,7 +73,8 @@ def test_train_evaluate_and_package_over_http(server, tiny_run, tmp_path, monkey
     env = {**os.environ, "MLFLOW_TRACKING_URI": server["url"], "BENTOML_HOME": str(tmp_path / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "True"}
     out = subprocess.run([sys.executable, str(REPO / "stages" / "package.py"), "--model", str(tmp_path / "model.pt"),
-                          "--detector", str(tiny_run["detector"]), "--out", str(tmp_path / "package.json")],
+                          "--detector", str(tiny_run["detector"]), "--faces", str(tiny_run["faces"]),
+                          "--out", str(tmp_path / "package.json")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
