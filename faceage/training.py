@@ -273,7 +273,7 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         if p.wise_ft and p.epochs > 0:
             alpha, wise_mae, _ = finetune.interpolate_weights(
                 model, pretrained_state,
-                lambda: (expected_age(predict_logits(model, val_set.images, prepare, device))[0] - val_set.ages).abs().mean().item())
+                lambda: (expected_age(predict_logits(model, val_set.images, prepare, device))[0] - val_set.ages).abs())
             best["val_mae"] = wise_mae
             mlflow.log_metrics({"wise_alpha": alpha, "wise_val_mae": wise_mae})
         # Calibrate the predicted spread on the validation split (the mean is unaffected).
