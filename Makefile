@@ -26,12 +26,13 @@ repro: setup
 	$(BIN)/dvc repro
 
 # The quick CPU profile (main job): the whole pipeline on the 2,100-face shared sample with the
-# best offline recipe measured (reports/recipe.md): dlib's pretrained age network, its first four
-# stages frozen, the rest fine-tuned with learning without forgetting, then the WiSE-FT weight mix
-# chosen on validation. A DVC experiment tracked in MLflow.
+# best offline recipe measured (reports/recipe_dlib_age.md): dlib's pretrained age network, its first
+# four stages frozen, the rest fine-tuned 12 epochs with layer-wise lr (head 3e-3, block5 ~1e-3,
+# block4 3e-4) and learning without forgetting, then the WiSE-FT weight mix chosen on validation.
+# A DVC experiment tracked in MLflow.
 SAMPLE ?= $(abspath ../shared/datasets/appa-real-sample)
-QUICK := -S fetch_data.source=$(SAMPLE) -S train.backbone=dlib_age -S train.epochs=8 -S train.lr=0.0003 \
-	-S train.freeze_blocks=4 -S train.distill_weight=1.0 -S train.wise_ft=true
+QUICK := -S fetch_data.source=$(SAMPLE) -S train.backbone=dlib_age -S train.epochs=12 -S train.lr=0.003 \
+	-S train.layer_lr_decay=0.316 -S train.freeze_blocks=4 -S train.distill_weight=1.0 -S train.wise_ft=true
 quick: setup
 	$(BIN)/dvc exp run $(QUICK)
 	$(BIN)/dvc metrics show

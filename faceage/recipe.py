@@ -55,6 +55,9 @@ AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
     "frozen+lwf+wise": ("frozen stem-block3 + LwF (distill_weight=1) + WiSE-FT",
                         {"freeze_blocks": 4, "distill_weight": 1.0, "wise_ft": True}),
     "lwf+wise": ("every layer + LwF + WiSE-FT", {"distill_weight": 1.0, "wise_ft": True}),
+    "quick": ("make quick: frozen stem-block3, 12 epochs, lr 3e-3 layer-wise (0.316) + LwF + WiSE-FT",
+              {"freeze_blocks": 4, "epochs": 12, "lr": 3e-3, "layer_lr_decay": 0.316, "distill_weight": 1.0,
+               "wise_ft": True}),
 }
 CNN_BASE = {"backbone": "resnet18", "pretrained": "none", "epochs": 5, "image_size": 112}
 CNN_VARIANTS = {

@@ -381,10 +381,15 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, opt: torch.optim.Optimiz
     return {"train_loss": loss_sum / seen, "train_mae": mae_sum / seen, "seen": seen}
 
 
+def val_errors(model: nn.Module, val_set: Dataset, prepare: Callable, device: torch.device) -> torch.Tensor:
+    """Per-face absolute errors (years) of the expected age on the validation split."""
+    pred, _ = expected_age(predict_logits(model, val_set.images, prepare, device))
+    return (pred - val_set.ages).abs()
+
+
 def evaluate(model: nn.Module, val_set: Dataset, prepare: Callable, device: torch.device) -> float:
     """Validation MAE (years) of the expected age."""
-    pred, _ = expected_age(predict_logits(model, val_set.images, prepare, device))
-    return (pred - val_set.ages).abs().mean().item()
+    return val_errors(model, val_set, prepare, device).mean().item()
 
 
 def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Callable,
@@ -401,7 +406,7 @@ def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Cal
     extra: dict[str, Any] = {}
     if p.wise_ft and p.epochs > 0:
         alpha, wise_mae, _ = finetune.interpolate_weights(model, pretrained,
-                                                          lambda: evaluate(model, val_set, prepare, device))
+                                                          lambda: val_errors(model, val_set, prepare, device))
         state.best_val_mae = wise_mae
         extra.update(wise_alpha=alpha, wise_val_mae=wise_mae)
     extra["temperature"] = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)

@@ -155,3 +155,44 @@ def test_cached_prefix_then_the_rest_equals_the_whole_network(k):
     x = torch.randn(2, 3, CHIP_SIZE, CHIP_SIZE)
     with torch.no_grad():
         assert torch.allclose(model.run_stages(model.run_stages(x, 0, k), k), model(x), atol=1e-5)
+
+
+def _wise_case(gap: float, noise: float) -> tuple[float, list[dict]]:
+    """A one-weight 'network' whose per-face validation errors are ``base + gap * (1 - alpha) + noise``."""
+    from faceage.finetune import interpolate_weights
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)  # fine-tuned weight 1, pretrained 0: the weight IS alpha
+    g = torch.Generator().manual_seed(0)
+    base, jitter = torch.rand(300, generator=g) * 10, torch.randn(11, 300, generator=g) * noise
+
+    def errors() -> torch.Tensor:
+        a = float(model.weight)
+        return base + gap * (1 - a) + jitter[round(a * 10)]
+
+    alpha, _, scores = interpolate_weights(model, {"weight": torch.zeros(1, 1)}, errors)
+    assert float(model.weight) == pytest.approx(alpha)
+    return alpha, scores
+
+
+def test_wise_ft_keeps_the_most_pretrained_alpha_within_validation_noise():
+    alpha, scores = _wise_case(gap=0.02, noise=1.0)  # differences far below the paired standard error
+    assert alpha < 1.0
+    assert min(s["alpha"] for s in scores) <= alpha
+
+
+def test_wise_ft_follows_a_clear_validation_gain():
+    alpha, scores = _wise_case(gap=3.0, noise=0.01)  # every step toward the fine-tuned model is a real gain
+    assert alpha == 1.0
+    assert min(scores, key=lambda s: s["val_mae"])["alpha"] == 1.0
+
+
+def test_wise_ft_accepts_a_plain_mae():
+    from faceage.finetune import interpolate_weights
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    alpha, mae, _ = interpolate_weights(model, {"weight": torch.zeros(1, 1)}, lambda: abs(float(model.weight) - 0.7))
+    assert alpha == pytest.approx(0.7) and mae == pytest.approx(0.0, abs=1e-6)
