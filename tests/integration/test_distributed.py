@@ -9,11 +9,17 @@ flips move by a full step, and ResNet-18 from scratch on 64 faces is chaotic. Me
 sample (48 px, global batch 16, 2 epochs): 2 processes vs 1 differ by 0.05 years of
 validation MAE and 0.007 in epoch-1 training loss; a run with another seed differs by 0.8 years
 and 1.0 in loss, a per-rank instead of global batch by 4 years. The tolerances (0.15 years,
-0.05 loss) sit at ~3x the noise and well below any of those bugs.
+0.05 loss) sat at ~3x that noise.
+Re-measured after the eval resize moved to PIL (other pixels, same faces): 0.25 years at epoch 1
+and 0.03 at epoch 2, 0.03 / 0.06 in training loss, so the bounds are now 0.3 years and 0.1 loss:
+still far below a per-rank batch (4 years) or another seed (0.8). Not established: exact
+equivalence. With SGD (updates proportional to the gradient) the first epoch agrees to 1e-6 but
+the second differs by 0.6 years, before and after that change; the cause is not yet found.
 """
 
 import json
 import os
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -24,8 +30,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-TOLERANCE_YEARS = 0.15
-TOLERANCE_LOSS = 0.05
+TOLERANCE_YEARS = 0.3
+TOLERANCE_LOSS = 0.1
 
 
 def _train(tiny_run, out, nproc):
@@ -83,8 +89,8 @@ def test_two_processes_match_one_and_make_one_finished_run_that_evaluate_and_pac
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
     try:
-        metrics = evaluate_model(tmp_path / "two" / "model.pt", tiny_run["faces"], tmp_path / "eval", Params().evaluate,
-                                 run_path=tmp_path / "two" / "run.json")
+        metrics = evaluate_model(tmp_path / "two" / "model.pt", tiny_run["faces"], tmp_path / "eval",
+                                 replace(Params().evaluate, external=()), run_path=tmp_path / "two" / "run.json")
     finally:
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI")
@@ -95,7 +101,8 @@ def test_two_processes_match_one_and_make_one_finished_run_that_evaluate_and_pac
     home = tmp_path / "bentoml"
     package_env = {**env, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.run([sys.executable, "stages/package.py", "--model", str(tmp_path / "two" / "model.pt"),
-                           "--detector", str(tiny_run["detector"]), "--out", str(tmp_path / "package.json")],
+                           "--detector", str(tiny_run["detector"]), "--faces", str(tiny_run["faces"]),
+                           "--out", str(tmp_path / "package.json")],
                           cwd=REPO, env=package_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     package = json.loads((tmp_path / "package.json").read_text())
