@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 import bentoml
 import numpy as np
@@ -48,7 +49,24 @@ if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
     os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join("/dev/shm", "faceage-gradio"))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-MODEL_TAG = "face_age:latest"
+
+
+def served_model_tag(manifest: Path = Path(__file__).resolve().parent.parent / "bento.yaml",
+                     default: str = "face_age:latest") -> str:
+    """Inside a bento, the exact model version ``bentoml build`` recorded in its ``bento.yaml``; from source,
+    ``face_age:latest``. Why: BentoML resolves ``face_age:latest`` again when a bento is served, so an older
+    bento would otherwise serve whatever model was packaged last."""
+    if manifest.is_file():  # <bento>/bento.yaml beside <bento>/src/service.py
+        import yaml
+
+        for service in yaml.safe_load(manifest.read_text()).get("services") or []:
+            for model in service.get("models") or []:
+                if str(model.get("tag", "")).split(":")[0] == default.split(":")[0]:
+                    return str(model["tag"])
+    return default
+
+
+MODEL_TAG = served_model_tag()
 # The routes read the raw body and parse it in memory (faceage.http explains why), so FastAPI
 # cannot infer their form; this one schema documents it in the generated OpenAPI.
 IMAGE_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {

@@ -127,3 +127,13 @@ def test_the_ui_names_the_model_and_its_test_and_external_maes():
     assert "external set 'utk' MAE **7.32**" in line
     assert "external" not in model_line({k: v for k, v in lineage.items() if not k.startswith("external")})
     assert [p.rsplit("/", 1)[-1] for p in examples()] == ["astronaut.jpg", "astronaut_twice.jpg"]
+
+
+def test_a_bento_serves_the_model_version_it_was_built_with(tmp_path):
+    """Not face_age:latest again at serve time: an older bento keeps serving its own model."""
+    from service import served_model_tag
+
+    manifest = tmp_path / "bento.yaml"
+    manifest.write_text("models: []\nservices:\n- name: face_age\n  models:\n  - tag: face_age:abc123\n    module: ''\n")
+    assert served_model_tag(manifest) == "face_age:abc123"
+    assert served_model_tag(tmp_path / "missing.yaml") == "face_age:latest"  # running from source
