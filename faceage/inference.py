@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceage.face_encoder import FACE_ENCODER
 from faceage.inputs import INPUT_KINDS, input_kind, input_preparer
 from faceage.model import expected_age, load_checkpoint
 from faceage.transforms import normalize
@@ -29,14 +28,12 @@ def input_fn(kind: str, mean, std):
     """How a stored batch becomes network input: normalised images, or the stored form as float.
 
     Args:
-        kind: The checkpoint's ``meta["input"]`` kind (:data:`faceage.inputs.INPUT_KINDS`), or (as
-            ``train`` calls it) the backbone name: ``dlib_face`` means descriptors, a torchvision
-            backbone means images.
+        kind: An input kind (:data:`faceage.inputs.INPUT_KINDS`): a checkpoint's ``meta["input"]``,
+            or :func:`faceage.inputs.backbone_input` of the backbone being trained.
         mean: Per-channel mean for images.
         std: Per-channel std for images.
     """
-    normalise = INPUT_KINDS[kind].normalise if kind in INPUT_KINDS else kind != FACE_ENCODER
-    if normalise:
+    if INPUT_KINDS[kind].normalise:
         return lambda x: normalize(x, mean, std)
     return lambda x: x.float()
 

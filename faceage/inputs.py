@@ -99,17 +99,21 @@ INPUT_KINDS: dict[str, InputKind] = {
 }
 
 
+def backbone_input(backbone: str) -> str:
+    """The input kind a ``train.backbone`` reads: dlib descriptors, dlib_age chips, or images (CNNs)."""
+    from faceage.chips import DLIB_AGE
+    from faceage.face_encoder import FACE_ENCODER
+
+    return {FACE_ENCODER: DLIB_FACE_EMBEDDING, DLIB_AGE: DLIB_AGE_CHIP}.get(backbone, IMAGE)
+
+
 def input_kind(meta: dict[str, Any]) -> InputKind:
     """The checkpoint's input kind (``meta["input"]``; older checkpoints: from the backbone).
 
     Raises:
         ValueError: An unknown kind (the message lists the known ones).
     """
-    from faceage.chips import DLIB_AGE
-    from faceage.face_encoder import FACE_ENCODER
-
-    by_backbone = {FACE_ENCODER: DLIB_FACE_EMBEDDING, DLIB_AGE: DLIB_AGE_CHIP}
-    name = meta.get("input") or by_backbone.get(meta.get("backbone"), IMAGE)
+    name = meta.get("input") or backbone_input(meta.get("backbone", ""))
     if name not in INPUT_KINDS:
         raise ValueError(f"checkpoint input kind {name!r} is unknown; known: {', '.join(sorted(INPUT_KINDS))}")
     return INPUT_KINDS[name]

@@ -63,7 +63,7 @@ from faceage.data import load_split
 from faceage.download import file_digest
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import input_fn, predict_logits
-from faceage.inputs import DLIB_AGE_CHIP, DLIB_FACE_EMBEDDING, IMAGE
+from faceage.inputs import backbone_input
 from faceage.model import (
     MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature, input_stats, load_pretrained, save_checkpoint,
 )
@@ -465,7 +465,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
                            transform=train_augment(augment=p.augment), augment=p.augment)
     val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
     mean, std = input_stats(p.backbone)
-    prepare = input_fn(p.backbone, mean, std)
+    prepare = input_fn(backbone_input(p.backbone), mean, std)
     full = (model, val_set, prepare)  # what the checkpoint, the summary and the logged model describe
     input_shape = tuple(val_set.images.shape[1:])
     encoder_info = train_set.info if p.backbone in (FACE_ENCODER, DLIB_AGE) else None  # the features' lineage
@@ -539,7 +539,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             "mean": list(mean), "std": list(std), "crop": crop,
             "train_params": asdict(p), "best_epoch": state.best_epoch, "val_mae": state.best_val_mae,
             "mlflow_run_id": state.run_id, "git_commit": tracker.commit, "data_sha256": crop["data_sha256"],
-            "input": {FACE_ENCODER: DLIB_FACE_EMBEDDING, DLIB_AGE: DLIB_AGE_CHIP}.get(p.backbone, IMAGE), **extra,
+            "input": backbone_input(p.backbone), **extra,
         }
         if encoder_info is not None:
             meta["encoder"] = encoder_info

@@ -109,6 +109,7 @@ def test_zero_epochs_ship_the_seeded_initial_weights(tiny_run, tmp_path, monkeyp
     import faceage.training as training
     from faceage.data import load_split
     from faceage.inference import input_fn
+    from faceage.inputs import backbone_input
     from faceage.model import IMAGENET_MEAN, IMAGENET_STD, build_model, load_checkpoint
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -123,5 +124,5 @@ def test_zero_epochs_ship_the_seeded_initial_weights(tiny_run, tmp_path, monkeyp
     weights = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(weights[k], v) for k, v in initial.state_dict().items())
     val = load_split(tiny_run["faces"], "valid", p.backbone, p.image_size)
-    expected = training.evaluate(initial, val, input_fn(p.backbone, IMAGENET_MEAN, IMAGENET_STD), torch.device("cpu"))
+    expected = training.evaluate(initial, val, input_fn(backbone_input(p.backbone), IMAGENET_MEAN, IMAGENET_STD), torch.device("cpu"))
     assert meta["val_mae"] == result["best_val_mae"] == expected
