@@ -52,14 +52,19 @@ class Repro:
     killed_at: float | None  # seconds after the train process started; None if not killed
 
 
-def make_project(root: Path, source: Path, *, epochs: int, image_size: int, batch_size: int, seed: int) -> dict:
-    """A git + DVC repo with this checkout's pipeline reading ``source``; returns the env to run it with."""
+def copy_pipeline(root: Path) -> None:
+    """This checkout's pipeline (library, stage scripts, dvc.yaml, params.yaml) into ``root``."""
     for item in ("faceage", "stages", "dvc.yaml", "params.yaml"):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copyfile(src, root / item)
+
+
+def make_project(root: Path, source: Path, *, epochs: int, image_size: int, batch_size: int, seed: int) -> dict:
+    """A git + DVC repo with this checkout's pipeline reading ``source``; returns the env to run it with."""
+    copy_pipeline(root)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["fetch_data"].update(source=str(source), md5="")
     params["preprocess"].update(size=image_size, workers=1)

@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.kill_resume import copy_pipeline
 from tests.conftest import REPO, make_subset
 
 pytestmark = pytest.mark.integration
@@ -25,12 +25,7 @@ def run(cmd, cwd, env):
 @pytest.fixture(scope="module")
 def project(sample_dir, external_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
-    for item in ("faceage", "stages", "dvc.yaml", "params.yaml"):
-        src = REPO / item
-        if src.is_dir():
-            shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copyfile(src, root / item)
+    copy_pipeline(root)
     source = make_subset(sample_dir, tmp_path_factory.mktemp("source"), {"train": 24, "valid": 8, "test": 8})
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["fetch_data"].update(source=str(source), md5="")
