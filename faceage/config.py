@@ -77,7 +77,10 @@ class TrainParams:
     amp: bool = True  # mixed precision; only used on CUDA
     num_workers: int = -1  # data-loader processes; -1 = automatic (0 on 2 cores)
     nproc_per_node: int = 1  # training processes (DistributedDataParallel) that `dvc repro` launches
-    # Fine-tuning without forgetting (dlib_age only; see faceage.finetune):
+    # dlib_age only: "auto" = an MLP ensemble over the frozen network ("ensemble"), or dlib's own head
+    # fine-tuned with the keys below ("pretrained", chosen by auto when any of them is set or epochs is 0)
+    head: Literal["auto", "ensemble", "pretrained"] = "auto"
+    # Fine-tuning without forgetting (dlib_age with head pretrained; see faceage.finetune):
     freeze_blocks: int = 0  # leading stages left frozen (stem, block1, ...)
     layer_lr_decay: float = 1.0  # lr factor per stage below the head (layer-wise learning rates)
     distill_weight: float = 0.0  # weight of KL(pretrained || fine-tuned), learning without forgetting

@@ -43,6 +43,8 @@ def stages(model: nn.Module, backbone: str) -> list[list[nn.Parameter]]:
         model = getattr(model, "full", model)  # a _CachedStages wrapper trains its network's parameters
         names = ["stem_", "block1.", "block2.", "block3.", "block4.", "block5.", "fc."]
         groups = [[t for n, t in model.named_parameters() if n.startswith(prefix)] for prefix in names]
+        if getattr(model, "ensemble", None) is not None:
+            groups[-1] += list(model.ensemble.parameters())
         if not all(groups) or sum(map(len, groups)) != len(list(model.parameters())):
             raise RuntimeError("faceage.finetune.stages: the stage names no longer match DlibAgeNet's parameters")
         return groups
@@ -54,22 +56,58 @@ def uses_finetune_hooks(p: TrainParams) -> bool:
     return p.freeze_blocks > 0 or p.layer_lr_decay != 1.0 or p.distill_weight > 0 or p.wise_ft
 
 
+def resolve_head(p: TrainParams) -> str | None:
+    """``dlib_age``'s head for these params (``None`` for other backbones).
+
+    ``train.head=auto`` is the MLP ensemble over the frozen network (the measured best,
+    ``reports/recipe_dlib_age.md``), except that fine-tuning settings (``freeze_blocks``,
+    ``layer_lr_decay``, ``distill_weight``, ``wise_ft``) ask for dlib's own head, fine-tuned, and
+    ``epochs=0`` is the zero-shot network, dlib's own head untouched.
+    """
+    from faceage.dlib_age import HEAD_ENSEMBLE, HEAD_PRETRAINED
+
+    if p.backbone != DLIB_AGE:
+        return None
+    if p.head != "auto":
+        return p.head
+    return HEAD_PRETRAINED if p.epochs == 0 or uses_finetune_hooks(p) else HEAD_ENSEMBLE
+
+
 def check_params(p: TrainParams) -> None:
     """These settings act on a pretrained network split into stages: only ``dlib_age`` has both.
 
     Raises:
-        ConfigError: A fine-tuning setting is used with another backbone.
+        ConfigError: A fine-tuning setting is used with another backbone or with the ensemble head.
     """
+    from faceage.dlib_age import HEAD_ENSEMBLE
+
+    if p.backbone != DLIB_AGE and p.head != "auto":
+        raise ConfigError(f"train.head applies to train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; "
+                          "reset it to auto")
     if uses_finetune_hooks(p) and p.backbone != DLIB_AGE:
         raise ConfigError(f"train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft apply to "
                           f"train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; reset them to 0 / 1.0 / 0.0 / false")
+    if uses_finetune_hooks(p) and p.head == HEAD_ENSEMBLE:
+        raise ConfigError("train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft fine-tune dlib's own head: "
+                          "they need train.head=pretrained (or auto), got train.head=ensemble, which trains an MLP "
+                          "ensemble over the frozen network")
+    if p.epochs == 0 and p.head == HEAD_ENSEMBLE:
+        raise ConfigError("train.epochs=0 is the zero-shot network: it needs train.head=pretrained (or auto), "
+                          "got train.head=ensemble, whose members would be untrained")
 
 
 def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:
     """Optimiser parameter groups: frozen early stages left out, layer-wise learning rates.
 
     Each group carries ``lr`` (its peak); the scheduler scales every group by the same factor.
+    With ``dlib_age``'s ensemble head, only the ensemble trains, at ``train.lr``.
     """
+    net = getattr(model, "full", model)
+    if getattr(net, "ensemble", None) is not None:
+        ensemble = set(map(id, net.ensemble.parameters()))
+        for t in net.parameters():
+            t.requires_grad_(id(t) in ensemble)
+        return [{"params": list(net.ensemble.parameters()), "lr": p.lr}]
     groups = stages(model, p.backbone)
     if p.freeze_blocks >= len(groups):
         raise ConfigError(f"train.freeze_blocks must be < {len(groups)} (the head always trains), got {p.freeze_blocks}")
@@ -210,9 +248,9 @@ class FrozenPrefixCache:
     """
 
     def __init__(self, model: nn.Module, train_set, val_set, prepare, p: TrainParams, device: torch.device,
-                 batch_size: int = 256):
+                 batch_size: int = 256, start: int | None = None):
         self.model, self.train_set, self.val_set, self.prepare = model, train_set, val_set, prepare
-        self.start = p.freeze_blocks
+        self.start = p.freeze_blocks if start is None else start
 
         @torch.no_grad()
         def run(images: torch.Tensor) -> torch.Tensor:
@@ -226,7 +264,7 @@ class FrozenPrefixCache:
 
         self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds)
         self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds)
-        log.info("train.freeze_blocks=%d: frozen stages computed once for %d + %d chips (and mirror images), %s each",
+        log.info("the first %d (frozen) stages computed once for %d + %d chips (and mirror images), %s each",
                  self.start, len(train_set), len(val_set), tuple(self.train_views.views.shape[2:]))
 
     def training_view(self):
@@ -240,7 +278,21 @@ class FrozenPrefixCache:
 
 def prefix_cache(model: nn.Module, train_set, val_set, prepare, p: TrainParams,
                  device: torch.device) -> FrozenPrefixCache | None:
-    """A :class:`FrozenPrefixCache` when ``dlib_age`` trains with frozen early stages, else ``None``."""
-    if p.backbone != DLIB_AGE or p.freeze_blocks == 0 or p.epochs == 0:
+    """A :class:`FrozenPrefixCache` when ``dlib_age`` trains with frozen early stages, else ``None``.
+
+    With the ensemble head the whole network is frozen: its features are computed once, and the
+    ensemble's input standardisation is fitted on the training split's (both views).
+    """
+    if p.backbone != DLIB_AGE or p.epochs == 0:
+        return None
+    if getattr(model, "ensemble", None) is not None:
+        from faceage.dlib_age import NUM_STAGES, AgeEnsemble
+
+        cache = FrozenPrefixCache(model, train_set, val_set, prepare, p, device, start=NUM_STAGES - 1)
+        features = cache.train_views.views.flatten(0, 1).mean(dim=(2, 3)).to(device)
+        with torch.no_grad():
+            model.ensemble.fit_input_stats(AgeEnsemble.inputs(features, model.fc))
+        return cache
+    if p.freeze_blocks == 0:
         return None
     return FrozenPrefixCache(model, train_set, val_set, prepare, p, device)

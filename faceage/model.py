@@ -75,7 +75,7 @@ class EmbeddingAgeHead(nn.Module):
         return self.net(x * self.input_scale)
 
 
-def build_model(backbone: str, num_ages: int = NUM_AGES) -> nn.Module:
+def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None) -> nn.Module:
     """A randomly initialised age model with ``num_ages`` outputs.
 
     Args:
@@ -84,6 +84,7 @@ def build_model(backbone: str, num_ages: int = NUM_AGES) -> nn.Module:
             (the frozen encoder itself lives in :mod:`faceage.face_encoder`), or ``dlib_age``:
             dlib's age network over aligned 64x64 chips (:mod:`faceage.dlib_age`).
         num_ages: Number of age classes.
+        head: ``dlib_age``'s head (:func:`faceage.finetune.resolve_head`); ``None`` = dlib's own.
 
     Raises:
         ConfigError: Unknown backbone (the message lists the available ones).
@@ -91,9 +92,9 @@ def build_model(backbone: str, num_ages: int = NUM_AGES) -> nn.Module:
     if backbone == FACE_ENCODER:
         return EmbeddingAgeHead(EMBEDDING_DIM, num_ages)
     if backbone == DLIB_AGE:
-        from faceage.dlib_age import DlibAgeNet
+        from faceage.dlib_age import HEAD_PRETRAINED, DlibAgeNet
 
-        return DlibAgeNet(num_ages)
+        return DlibAgeNet(num_ages, head or HEAD_PRETRAINED)
     available = torchvision.models.list_models(module=torchvision.models)
     if backbone not in available:
         raise ConfigError(f"train.backbone must be a torchvision classification model, got {backbone!r}; "
@@ -179,13 +180,13 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
         if pretrained == "none":
             return "none (random initialisation)"
         from faceage.detector import AGE_MODEL_FILE
-        from faceage.dlib_age import load_dlib_age
+        from faceage.dlib_age import load_pretrained_into
 
         if model_dir is None or not (Path(model_dir) / AGE_MODEL_FILE).is_file():
             raise PretrainedWeightsError(f"train.backbone={DLIB_AGE} needs {AGE_MODEL_FILE} from the fetch_detector "
                                          f"stage (looked in {model_dir})")
         path = Path(model_dir) / AGE_MODEL_FILE
-        model.load_state_dict(load_dlib_age(path, model.fc.out_features).state_dict())
+        load_pretrained_into(model, path)
         return f"{path} (dlib age network, sha256 {file_digest(path)[:12]})"
     if pretrained == "none":
         return "none (random initialisation)"
@@ -281,7 +282,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1)
+    model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"))
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}

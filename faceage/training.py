@@ -454,8 +454,11 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     threads = pin_threads()
     torch.manual_seed(p.seed)  # the initial weights: the same on every rank and in every resumed run
     crop = read_crop_settings(faces_dir)
-    model = build_model(p.backbone)
+    head = finetune.resolve_head(p)
+    model = build_model(p.backbone, head=head)
     weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
+    if head is not None:
+        weights_from += f"; head: {head} (train.head={p.head})"
     if d.world_size > 1:
         # Batch statistics over the global batch, as in a single process.
         _set_batchnorm_class(model, GlobalBatchNorm2d)
@@ -541,6 +544,8 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             "mlflow_run_id": state.run_id, "git_commit": tracker.commit, "data_sha256": crop["data_sha256"],
             "input": backbone_input(p.backbone), **extra,
         }
+        if head is not None:
+            meta["head"] = head
         if encoder_info is not None:
             meta["encoder"] = encoder_info
         save_checkpoint(model_path, model, meta)

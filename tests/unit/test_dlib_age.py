@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,7 +21,10 @@ from PIL import Image
 from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE, ChipExtractor
 from faceage.detector import AGE_MODEL_FILE, HOG_FILE, fetch_detector_files
 from faceage.download import DownloadError, file_digest
-from faceage.dlib_age import INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, DlibAgeNet, load_dlib_age, widen_head
+from faceage.dlib_age import (
+    HEAD_ENSEMBLE, HEAD_PRETRAINED, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, DlibAgeNet, load_dlib_age,
+    load_pretrained_into, widen_head,
+)
 from faceage.faces import FaceDetector, crop_faces
 from faceage.features import compute_features, load_chips
 from faceage.model import save_checkpoint
@@ -196,3 +200,76 @@ def test_wise_ft_accepts_a_plain_mae():
         model.weight.fill_(1.0)
     alpha, mae, _ = interpolate_weights(model, {"weight": torch.zeros(1, 1)}, lambda: abs(float(model.weight) - 0.7))
     assert alpha == pytest.approx(0.7) and mae == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ensemble_head_gives_the_mean_distribution_of_the_chip_and_its_mirror_image():
+    torch.manual_seed(0)
+    model = DlibAgeNet(101, HEAD_ENSEMBLE).eval()
+    x = torch.randn(3, 3, CHIP_SIZE, CHIP_SIZE)
+    with torch.no_grad():
+        out = model(x)
+        views = [torch.softmax(model.run_stages(v), 1) for v in (x, torch.flip(x, dims=[-1]))]
+        members = [torch.softmax(m((AgeEnsemble.inputs(model.run_stages(x, 0, 6).mean(dim=(2, 3)), model.fc)
+                                    - model.ensemble.in_mean) / model.ensemble.in_std), 1)
+                   for m in model.ensemble.members]
+    assert out.shape == (3, 101)
+    assert torch.allclose(out.exp().sum(1), torch.ones(3), atol=1e-5)  # a normalised log-distribution
+    assert torch.allclose(out.exp(), (views[0] + views[1]) / 2, atol=1e-6)
+    assert torch.allclose(views[0], torch.stack(members).mean(0), atol=1e-6)  # the members' mean
+    assert (views[0] - views[1]).abs().max() > 1e-4  # the mirror image is a second view, not a copy
+
+
+def test_ensemble_network_takes_dlib_weights_and_keeps_its_members(model_dir):
+    torch.manual_seed(0)
+    model = DlibAgeNet(101, HEAD_ENSEMBLE)
+    members = {k: v.clone() for k, v in model.ensemble.state_dict().items()}
+    load_pretrained_into(model, model_dir / AGE_MODEL_FILE)
+    dlib = load_dlib_age(model_dir / AGE_MODEL_FILE, 101).state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dlib.items())
+    assert all(torch.equal(model.ensemble.state_dict()[k], v) for k, v in members.items())
+
+
+def test_auto_head_is_the_ensemble_unless_fine_tuning_or_zero_shot_is_asked_for():
+    from faceage.config import ConfigError, TrainParams
+    from faceage.finetune import check_params, resolve_head
+
+    age = TrainParams(backbone=DLIB_AGE)
+    assert resolve_head(age) == HEAD_ENSEMBLE
+    assert resolve_head(replace(age, epochs=0)) == HEAD_PRETRAINED
+    assert resolve_head(replace(age, freeze_blocks=4, wise_ft=True)) == HEAD_PRETRAINED
+    assert resolve_head(replace(age, head=HEAD_PRETRAINED)) == HEAD_PRETRAINED
+    assert resolve_head(TrainParams()) is None
+    for bad, named in [(replace(age, head=HEAD_ENSEMBLE, freeze_blocks=4), "train.head=ensemble"),
+                       (replace(age, head=HEAD_ENSEMBLE, epochs=0), "train.epochs=0"),
+                       (TrainParams(head=HEAD_ENSEMBLE), "train.head applies")]:
+        with pytest.raises(ConfigError, match=named):
+            check_params(bad)
+
+
+def test_ensemble_checkpoint_exports_to_onnx_and_serves_the_same_ages(model_dir, crops, tmp_path):
+    from faceage.export import export_onnx
+    from faceage.model import load_checkpoint
+
+    torch.manual_seed(0)
+    model = DlibAgeNet(101, HEAD_ENSEMBLE)
+    load_pretrained_into(model, model_dir / AGE_MODEL_FILE)
+    chips = ChipExtractor(model_dir, MARGIN).chips([c for c in crops])
+    x = normalize(torch.from_numpy(chips), INPUT_MEAN, INPUT_STD)
+    with torch.no_grad():
+        model.ensemble.fit_input_stats(AgeEnsemble.inputs(model.run_stages(x, 0, 6).mean(dim=(2, 3)), model.fc))
+    meta = {"backbone": DLIB_AGE, "head": HEAD_ENSEMBLE, "input": "dlib_age_chip", "min_age": 0, "max_age": 100,
+            "image_size": CHIP_SIZE, "mean": list(INPUT_MEAN), "std": list(INPUT_STD), "temperature": 0.9,
+            "val_mae": 5.0, "mlflow_run_id": "r1",
+            "crop": {"margin": MARGIN, "size": CROP, "detector": "hog", "upsample": 1, "detector_file": HOG_FILE,
+                     "detector_sha256": file_digest(model_dir / HOG_FILE)}}
+    save_checkpoint(tmp_path / "model.pt", model.eval(), meta)
+    loaded, got = load_checkpoint(tmp_path / "model.pt")
+    assert got["head"] == HEAD_ENSEMBLE and loaded.ensemble is not None
+    report = export_onnx(tmp_path / "model.pt", model_dir, crops, tmp_path / "model.onnx")
+    assert report["onnx_max_abs_diff_probs"] <= 1e-4
+    image = skimage_data.astronaut()
+    torch_side = AgePredictor(tmp_path / "model.pt", model_dir, threads=1).predict(image)
+    onnx_side = AgePredictor(tmp_path / "model.onnx", model_dir, runtime="onnx", threads=1).predict(image)
+    assert len(torch_side) == len(onnx_side) >= 1
+    for a, b in zip(torch_side, onnx_side):
+        assert b.age == pytest.approx(a.age, abs=1e-3)
