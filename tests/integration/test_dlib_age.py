@@ -1,11 +1,12 @@
-"""dlib_age end to end on real faces: embed (aligned chips) -> zero-shot and fine-tuned train -> evaluate,
-tracked in MLflow, and the predictor serves evaluate's numbers for the same photos."""
+"""dlib_age end to end on real faces: embed (aligned chips) -> zero-shot, fine-tuned and ensemble-head
+train -> evaluate, tracked in MLflow, and the predictor serves evaluate's numbers for the same photos."""
 
 import csv
 from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from faceage.config import Params
 
@@ -33,7 +34,8 @@ def age_run(tiny_run, tmp_path_factory, monkeypatch_module):
     runs = {}
     for name, overrides in {"zero_shot": {"epochs": 0},
                             "tuned": {"epochs": 2, "lr": 1e-4, "distill_weight": 1.0, "wise_ft": True,
-                                      "layer_lr_decay": 0.5, "freeze_blocks": 1}}.items():
+                                      "layer_lr_decay": 0.5, "freeze_blocks": 1},
+                            "ensemble": {"epochs": 30}}.items():  # train.head=auto, nothing else: the ensemble
         out = root / name
         tp = replace(p.train, backbone="dlib_age", batch_size=16, **overrides)
         result = train_model(tp, tiny_run["faces"], out / "model.pt", out / "reports", out / "run.json",
@@ -75,13 +77,27 @@ def test_zero_shot_and_fine_tuned_runs_are_evaluated_and_tracked(age_run):
     assert 0.0 <= tuned["wise_alpha"] <= 1.0
 
 
-def test_predictor_serves_what_evaluate_scored(age_run):
+def test_auto_head_is_the_ensemble_with_the_network_left_as_dlib_shipped_it(age_run, tiny_run):
+    from faceage.detector import AGE_MODEL_FILE
+    from faceage.dlib_age import HEAD_ENSEMBLE, HEAD_PRETRAINED, load_dlib_age
+    from faceage.model import load_checkpoint
+
+    heads = {name: load_checkpoint(run["dir"] / "model.pt")[1].get("head") for name, run in age_run["runs"].items()}
+    assert heads == {"zero_shot": HEAD_PRETRAINED, "tuned": HEAD_PRETRAINED, "ensemble": HEAD_ENSEMBLE}
+    model, _ = load_checkpoint(age_run["runs"]["ensemble"]["dir"] / "model.pt")
+    dlib = load_dlib_age(tiny_run["detector"] / AGE_MODEL_FILE, 101).state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dlib.items())  # frozen: only the ensemble trained
+    assert not torch.equal(model.ensemble.in_std, torch.ones_like(model.ensemble.in_std))  # standardised on train
+
+
+@pytest.mark.parametrize("name", ["tuned", "ensemble"])
+def test_predictor_serves_what_evaluate_scored(age_run, name):
     """detect -> crop -> 5-point chip -> network: the photo gets evaluate's exact prediction."""
     from faceage.images import load_image
     from faceage.predict import AgePredictor
     from faceage.preprocess import read_faces_manifest
 
-    run = age_run["runs"]["tuned"]["dir"]
+    run = age_run["runs"][name]["dir"]
     with open(run / "eval" / "predictions.csv") as f:
         scored = {r["file_name"]: float(r["predicted_age"]) for r in csv.DictReader(f)}
     rows = [r for r in read_faces_manifest(age_run["faces"], "test") if r["status"] == "face" and r["n_faces"] == "1"]
