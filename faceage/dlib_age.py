@@ -94,9 +94,8 @@ class AgeEnsemble(nn.Module):
     """
 
     def __init__(self, num_ages: int, members: int = ENSEMBLE_MEMBERS, hidden: int = ENSEMBLE_HIDDEN,
-                 dropout: float = ENSEMBLE_DROPOUT):
+                 dropout: float = ENSEMBLE_DROPOUT, in_features: int = FEATURE_DIM + PRETRAINED_AGES):
         super().__init__()
-        in_features = FEATURE_DIM + PRETRAINED_AGES
         self.register_buffer("in_mean", torch.zeros(in_features))
         self.register_buffer("in_std", torch.ones(in_features))
         self.members = nn.ModuleList(

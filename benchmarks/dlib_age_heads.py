@@ -1,0 +1,181 @@
+"""Heads over frozen pretrained face networks, side by side (exploration, not a test).
+
+Why: ``train.head=auto`` for ``dlib_age`` trains an ensemble of MLPs over the frozen age network;
+this script measures that choice against the alternatives on the same cached inputs, in seconds
+per variant: heads over the age network's features, over dlib's face descriptors (what
+``dlib_face`` reads), and over both (the fused head the pipeline does not offer: it needs the
+face descriptors at serving time, ~90 ms per face and view on one CPU core, so one-face latency
+would exceed 0.6x of the ``dlib_face`` service). Each variant trains like the pipeline (AdamW,
+warm-up + cosine, label-distribution loss, one random view (chip or mirror image) per face,
+best epoch on validation, test-time flip) and reports validation, test and utk-external MAE, and
+``wild dev``: the mean |age - zero-shot age| over the faces of ``../shared/datasets/wild``
+(real photos, no labels): how far a head moves away from the pretrained network on photos
+unlike the training crops. The external set is scored, never used for a choice.
+
+Needs the workspace's ``data/faces`` (any ``dvc repro``) and ``models/detector``; computes the
+chips and descriptors it needs once into ``.cache/bench-heads`` (about 6 min of descriptors).
+
+    python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from faceage.dlib_age import FEATURE_DIM, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, load_dlib_age  # noqa: E402
+from faceage.face_encoder import EMBEDDING_DIM  # noqa: E402
+from faceage.training import age_loss  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "bench-heads"
+WILD = REPO.parent / "shared" / "datasets" / "wild"
+SPLITS = ("train", "valid", "test", "ext", "wild")
+AGES = torch.arange(101.0)
+
+
+def _external_faces() -> Path:
+    found = sorted(glob.glob(str(REPO / ".cache" / "external" / "utk_external-*")))
+    if not found:
+        sys.exit("no cropped utk-external in .cache/external: run a pipeline evaluate first")
+    return Path(found[-1])
+
+
+def _split_crops(faces_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
+    from faceage.preprocess import read_faces_manifest
+
+    rows = read_faces_manifest(faces_dir, split)
+    return [r["crop"] for r in rows], np.array([float(r["real_age"]) for r in rows], np.float32)
+
+
+def _wild_crops(detector: Path) -> list[np.ndarray]:
+    from faceage.images import load_image
+    from faceage.predict import FaceLocator
+
+    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=224)
+    with open(WILD / "labels.csv") as f:
+        files = [r["file"] for r in csv.DictReader(f) if r["kind"] == "face"]
+    return [c for name in files for c in locator.locate(load_image(WILD / name)).crops]
+
+
+def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Per split: ``chips`` (N, 3, 64, 64) uint8, ``desc`` (N, 2, 128) (crop, mirror), ``age``; cached."""
+    from faceage.chips import ChipExtractor
+    from faceage.face_encoder import DlibFaceEncoder
+    from faceage.images import load_image
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / "inputs.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {s: {k: z[f"{s}_{k}"] for k in ("chips", "desc", "age")} for s in SPLITS}
+    chipper, encoder = ChipExtractor(detector, 0.4), DlibFaceEncoder(detector, 0.4)
+    out = {}
+    sources = {s: (REPO / "data" / "faces", s) for s in ("train", "valid", "test")}
+    sources["ext"] = (_external_faces(), "test")
+    for split in SPLITS:
+        if split == "wild":
+            crops = _wild_crops(detector)
+            ages = np.full(len(crops), np.nan, np.float32)
+        else:
+            faces_dir, name = sources[split]
+            files, ages = _split_crops(faces_dir, name)
+            crops = [load_image(faces_dir / f) for f in files]
+        print(f"{split}: {len(crops)} faces: chips and descriptors", flush=True)
+        out[split] = {"chips": chipper.chips(crops), "desc": encoder.embed_many(crops), "age": ages}
+    np.savez(path, **{f"{s}_{k}": v for s, d in out.items() for k, v in d.items()})
+    return out
+
+
+def views(inputs: dict, detector: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Per split: ``age`` (N, 2, 337) age-network inputs of the chip and its mirror image, ``face``
+    (N, 2, 128) descriptors, ``zero_shot`` (N,) flip-averaged zero-shot age, ``y`` (N,)."""
+    net = load_dlib_age(detector / "age-v1.onnx", 101).eval()
+    mean, std = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(INPUT_STD).view(1, 3, 1, 1)
+    out = {}
+    with torch.no_grad():
+        for s, d in inputs.items():
+            x = (torch.from_numpy(d["chips"]).float() / 255 - mean) / std
+            age = torch.stack([AgeEnsemble.inputs(net.run_stages(v, 0, 6).mean(dim=(2, 3)), net.fc)
+                               for v in (x, torch.flip(x, dims=[-1]))], 1)
+            zero_shot = torch.softmax(age[..., FEATURE_DIM:], -1).mean(1) @ AGES[:PRETRAINED_AGES]
+            out[s] = {"age": age, "face": torch.from_numpy(d["desc"]).float(), "zero_shot": zero_shot,
+                      "y": torch.from_numpy(d["age"]).float()}
+    return out
+
+
+def train_head(v: dict, variant: str, seed: int, epochs: int = 30, lr: float = 1e-3, batch: int = 64) -> dict:
+    """One ensemble head trained as the pipeline trains ``train.head=ensemble``; MAE per split."""
+    pick = {"age": ["age"], "face": ["face"], "fused": ["age", "face"]}[variant]
+    x = {s: torch.cat([v[s][k] for k in pick], -1) for s in SPLITS}
+    torch.manual_seed(seed)
+    head = AgeEnsemble(101, in_features=x["train"].shape[-1])
+    head.fit_input_stats(x["train"].flatten(0, 1))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    n, y = len(x["train"]), v["train"]["y"]
+    steps = n // batch
+
+    def factor(step: int) -> float:
+        return (step + 1) / steps if step < steps else 0.5 * (1 + math.cos(math.pi * (step - steps) / (epochs * steps - steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def predict(s: str, both: bool) -> torch.Tensor:
+        head.eval()
+        with torch.no_grad():
+            p = [head(x[s][:, i]).exp() for i in ((0, 1) if both else (0,))]
+        return torch.stack(p).mean(0) @ AGES
+
+    best = (math.inf, None)
+    for _ in range(epochs):
+        head.train()
+        perm = torch.randperm(n)
+        for i in range(steps):
+            idx = perm[i * batch:(i + 1) * batch]
+            view = torch.randint(2, (len(idx),))
+            loss = age_loss(head(x["train"][idx, view]), y[idx], "label_distribution", 2.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        val = (predict("valid", False) - v["valid"]["y"]).abs().mean().item()
+        if val < best[0]:
+            best = (val, {k: t.clone() for k, t in head.state_dict().items()})
+    head.load_state_dict(best[1])
+    res = {s: (predict(s, True) - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}
+    res["wild_dev"] = (predict("wild", True) - v["wild"]["zero_shot"]).abs().mean().item()
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=["age", "face", "fused"], choices=["age", "face", "fused"])
+    ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    v = views(load_inputs(args.detector), args.detector)
+    zs = {s: (v[s]["zero_shot"] - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}
+    print("| head | inputs | seeds | val MAE | test MAE | utk-external MAE | wild dev |\n|---|---|---|---:|---:|---:|---:|")
+    print(f"| zero-shot | - | - | {zs['valid']:.2f} | {zs['test']:.2f} | {zs['ext']:.2f} | 0.00 |")
+    dims = {"age": f"{FEATURE_DIM} features + {PRETRAINED_AGES} log-probs", "face": f"{EMBEDDING_DIM}-d descriptor",
+            "fused": "both"}
+    for variant in args.variants:
+        runs = [train_head(v, variant, seed) for seed in args.seeds]
+        cell = {k: " / ".join(f"{r[k]:.2f}" for r in runs) for k in runs[0]}
+        print(f"| ensemble | {variant}: {dims[variant]} | {len(runs)} | {cell['valid']} | {cell['test']} | "
+              f"{cell['ext']} | {cell['wild_dev']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
