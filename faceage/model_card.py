@@ -11,6 +11,20 @@ from pathlib import Path
 from typing import Any
 
 
+def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
+    """What the backbone is and which part of it was trained."""
+    if meta["backbone"] == "dlib_face":
+        return (" (dlib's face-recognition ResNet, frozen, on faces aligned with its 5-point shape predictor; "
+                "an MLP head over the 128-D descriptor)")
+    note = f", input {meta['image_size']} px, weights at start: `{tp.get('pretrained', '?')}`"
+    if meta.get("head") == "ensemble":
+        note += ("; dlib's age network frozen, an ensemble of MLP heads over its features and its age "
+                 "distribution, averaged over the face and its mirror image (`train.head=ensemble`)")
+    elif meta.get("head") == "pretrained":
+        note += "; dlib's own age head (`train.head=pretrained`)"
+    return note
+
+
 def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
@@ -52,10 +66,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"- Estimates the **apparent age** (years, {meta['min_age']}..{meta['max_age']}) of each face: a softmax over "
         f"{meta['max_age'] - meta['min_age'] + 1} ages, prediction = its expectation, `age_std` = the standard "
         "deviation of the distribution at a temperature calibrated on the validation split.",
-        f"- Backbone: `{meta['backbone']}`"
-        + (" (dlib's face-recognition ResNet, frozen, on faces aligned with its 5-point shape predictor; "
-           "an MLP head over the 128-D descriptor)" if meta["backbone"] == "dlib_face"
-           else f", input {meta['image_size']} px, weights at start: `{tp.get('pretrained', '?')}`") + ".",
+        f"- Backbone: `{meta['backbone']}`" + _backbone_note(meta, tp) + ".",
         f"- Training: {tp.get('epochs', '?')} epochs, loss `{tp.get('loss', '?')}`, optimiser `{tp.get('optimizer', '?')}` "
         f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, augmentation {tp.get('augment', '?')}; "
         f"best epoch {meta.get('best_epoch', '?')} by validation MAE ({_fmt(meta['val_mae'])} years).",
