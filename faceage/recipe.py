@@ -44,7 +44,7 @@ DLIB_VARIANTS = {
     "epochs=60": {"epochs": 60},
     "label_sigma=4": {"label_sigma": 4.0},
 }
-AGE_BASE = {"backbone": "dlib_age", "epochs": 8, "lr": 3e-4, "warmup_epochs": 1, "batch_size": 64}
+AGE_BASE = {"backbone": "dlib_age", "head": "pretrained", "epochs": 8, "lr": 3e-4, "warmup_epochs": 1, "batch_size": 64}
 AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
     "zero-shot": ("zero-shot (epochs=0)", {"epochs": 0}),
     "naive": ("naive: every layer, lr 1e-4", {"lr": 1e-4}),
@@ -55,9 +55,11 @@ AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
     "frozen+lwf+wise": ("frozen stem-block3 + LwF (distill_weight=1) + WiSE-FT",
                         {"freeze_blocks": 4, "distill_weight": 1.0, "wise_ft": True}),
     "lwf+wise": ("every layer + LwF + WiSE-FT", {"distill_weight": 1.0, "wise_ft": True}),
-    "quick": ("make quick: frozen stem-block3, 12 epochs, lr 3e-3 layer-wise (0.316) + LwF + WiSE-FT",
+    "finetune": ("make quick-finetune: frozen stem-block3, 12 epochs, lr 3e-3 layer-wise (0.316) + LwF + WiSE-FT",
               {"freeze_blocks": 4, "epochs": 12, "lr": 3e-3, "layer_lr_decay": 0.316, "distill_weight": 1.0,
                "wise_ft": True}),
+    "ensemble": ("make quick: the network frozen, an ensemble of MLP heads (train.head=ensemble), 30 epochs, lr 1e-3",
+                 {"head": "ensemble", "epochs": 30, "lr": 1e-3}),
 }
 CNN_BASE = {"backbone": "resnet18", "pretrained": "none", "epochs": 5, "image_size": 112}
 CNN_VARIANTS = {
