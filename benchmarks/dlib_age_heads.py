@@ -16,6 +16,7 @@ Needs the workspace's ``data/faces`` (any ``dvc repro``) and ``models/detector``
 chips and descriptors it needs once into ``.cache/bench-heads`` (about 6 min of descriptors).
 
     python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused]
+    python benchmarks/dlib_age_heads.py --variants --checkpoints A.pt B.pt   # wild dev of pipeline checkpoints
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def train_head(v: dict, variant: str, seed: int, epochs: int = 30, lr: float = 1
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=["age", "face", "fused"], choices=["age", "face", "fused"])
+    ap.add_argument("--variants", nargs="*", default=["age", "face", "fused"], choices=["age", "face", "fused"])
+    ap.add_argument("--checkpoints", nargs="*", type=Path, default=[],
+                    help="pipeline checkpoints whose wild dev to report (through the predictor, as served)")
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -175,6 +178,14 @@ def main(argv: list[str] | None = None) -> None:
         cell = {k: " / ".join(f"{r[k]:.2f}" for r in runs) for k in runs[0]}
         print(f"| ensemble | {variant}: {dims[variant]} | {len(runs)} | {cell['valid']} | {cell['test']} | "
               f"{cell['ext']} | {cell['wild_dev']} |", flush=True)
+    if args.checkpoints:
+        from faceage.predict import AgePredictor
+
+        crops = _wild_crops(args.detector)  # the same faces, in the same order, as the cached inputs
+        for path in args.checkpoints:
+            ages, _ = AgePredictor(path, args.detector, threads=1).estimate(crops)
+            dev = (torch.as_tensor(ages).float() - v["wild"]["zero_shot"]).abs().mean().item()
+            print(f"| checkpoint `{path}` | as served | - | - | - | - | {dev:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ class AgeEnsemble(nn.Module):
     :meth:`fit_input_stats` before training). Each member is dropout -> Linear(337, 512) -> ReLU ->
     dropout -> Linear(512, ``num_ages``); the output is ``log(mean_m softmax(member_m))``, a
     normalised log-distribution, so the loss, the expected age and the temperature treat it as logits.
+    ``weight`` mixes it with the pretrained network's own distribution:
+    ``(1 - weight) * pretrained + weight * ensemble``; training leaves it at 1 and
+    :func:`faceage.finetune.choose_ensemble_weight` picks it on validation afterwards.
 
     Why (``reports/recipe_dlib_age.md``): on the shared sample, heads over the frozen features beat
     fine-tuning the network's last stages on the test split (~4.9 vs 5.5-5.6 years), on utk-external
@@ -98,6 +101,7 @@ class AgeEnsemble(nn.Module):
         super().__init__()
         self.register_buffer("in_mean", torch.zeros(in_features))
         self.register_buffer("in_std", torch.ones(in_features))
+        self.register_buffer("weight", torch.ones(()))
         self.members = nn.ModuleList(
             nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout),
                           nn.Linear(hidden, num_ages))
@@ -115,10 +119,17 @@ class AgeEnsemble(nn.Module):
         self.in_mean.copy_(x.mean(0))
         self.in_std.copy_(x.std(0).clamp_min(1e-6))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pretrained_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Member inputs (N, in_features) -> log age distribution, mixed with ``softmax(pretrained_logits)``
+        by ``weight`` (tensor arithmetic only, no branch on its value: torch.export and ONNX trace it)."""
         z = (x - self.in_mean) / self.in_std
         logp = torch.stack([torch.log_softmax(m(z), dim=1) for m in self.members])
-        return torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+        logp = torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+        if pretrained_logits is None:
+            return logp
+        prior = torch.log_softmax(pretrained_logits, dim=1)
+        log_w, log_rest = torch.log(self.weight.clamp_min(1e-12)), torch.log((1 - self.weight).clamp_min(1e-12))
+        return torch.logsumexp(torch.stack([prior + log_rest, logp + log_w]), dim=0)
 
 
 class DlibAgeNet(nn.Module):
@@ -149,7 +160,7 @@ class DlibAgeNet(nn.Module):
         """Pooled features (N, 256) -> logits (N, num_ages)."""
         if self.ensemble is None:
             return self.fc(features)
-        return self.ensemble(AgeEnsemble.inputs(features, self.fc))
+        return self.ensemble(AgeEnsemble.inputs(features, self.fc), self.fc(features))
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)

@@ -398,7 +398,9 @@ def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Cal
 
     Loads the best epoch's weights (the initial ones when no epoch ran); with ``train.wise_ft``,
     interpolates them with the ``pretrained`` weights, the mix chosen on validation
-    (:func:`faceage.finetune.interpolate_weights`); then calibrates the predicted spread on
+    (:func:`faceage.finetune.interpolate_weights`); with ``dlib_age``'s ensemble head, mixes its
+    distribution with the pretrained network's, also chosen on validation
+    (:func:`faceage.finetune.choose_ensemble_weight`); then calibrates the predicted spread on
     validation (the mean is unaffected).
     """
     if state.best_model is not None:
@@ -409,6 +411,10 @@ def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Cal
                                                           lambda: val_errors(model, val_set, prepare, device))
         state.best_val_mae = wise_mae
         extra.update(wise_alpha=alpha, wise_val_mae=wise_mae)
+    if getattr(getattr(model, "full", model), "ensemble", None) is not None:
+        weight, mix_mae, _ = finetune.choose_ensemble_weight(model, lambda: val_errors(model, val_set, prepare, device))
+        state.best_val_mae = mix_mae
+        extra.update(ensemble_weight=weight, ensemble_val_mae=mix_mae)
     extra["temperature"] = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)
     return extra
 

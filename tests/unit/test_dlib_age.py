@@ -273,3 +273,35 @@ def test_ensemble_checkpoint_exports_to_onnx_and_serves_the_same_ages(model_dir,
     assert len(torch_side) == len(onnx_side) >= 1
     for a, b in zip(torch_side, onnx_side):
         assert b.age == pytest.approx(a.age, abs=1e-3)
+
+
+def test_ensemble_weight_mixes_in_the_pretrained_distribution():
+    torch.manual_seed(0)
+    model = DlibAgeNet(101, HEAD_ENSEMBLE).eval()
+    x = torch.randn(2, 3, CHIP_SIZE, CHIP_SIZE)
+    with torch.no_grad():
+        ensemble = model(x).exp()
+        f = torch.stack([model.run_stages(v, 0, 6).mean(dim=(2, 3)) for v in (x, torch.flip(x, dims=[-1]))])
+        pretrained = torch.softmax(model.fc(f), dim=-1).mean(0)  # dlib's own head, flip-averaged
+        model.ensemble.weight.fill_(0.0)
+        assert torch.allclose(model(x).exp(), pretrained, atol=1e-6)
+        model.ensemble.weight.fill_(0.3)
+        assert torch.allclose(model(x).exp(), 0.7 * pretrained + 0.3 * ensemble, atol=1e-6)
+
+
+@pytest.mark.parametrize("gap,noise,expect_full", [(3.0, 0.01, True), (0.02, 1.0, False)])
+def test_ensemble_weight_is_the_most_pretrained_within_validation_noise(gap, noise, expect_full):
+    from faceage.finetune import choose_ensemble_weight
+
+    model = DlibAgeNet(101, HEAD_ENSEMBLE)
+    g = torch.Generator().manual_seed(0)
+    base, jitter = torch.rand(300, generator=g) * 10, torch.randn(11, 300, generator=g) * noise
+
+    def errors() -> torch.Tensor:  # validation errors that fall with the ensemble's weight by `gap`
+        w = float(model.ensemble.weight)
+        return base + gap * (1 - w) + jitter[round(w * 10)]
+
+    weight, _, scores = choose_ensemble_weight(model, errors)
+    assert float(model.ensemble.weight) == pytest.approx(weight)
+    assert (weight == 1.0) == expect_full
+    assert len(scores) == 11
