@@ -78,6 +78,11 @@ class ResidualBlock(nn.Module):
         return F.relu(x + y)
 
 
+def log_mean_prob(log_probs: torch.Tensor) -> torch.Tensor:
+    """Log of the mean of the distributions whose logs are stacked on dim 0 (members, or a face and its mirror)."""
+    return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
+
+
 class AgeEnsemble(nn.Module):
     """``train.head=ensemble``: MLPs over the frozen network's features; their mean age distribution.
 
@@ -108,10 +113,10 @@ class AgeEnsemble(nn.Module):
             for _ in range(members))
 
     @staticmethod
-    def inputs(features: torch.Tensor, pretrained_fc: nn.Linear) -> torch.Tensor:
-        """Pooled features (N, 256) -> member inputs (N, 337): features + pretrained log-probabilities."""
-        logits = F.linear(features, pretrained_fc.weight[:PRETRAINED_AGES], pretrained_fc.bias[:PRETRAINED_AGES])
-        return torch.cat([features, torch.log_softmax(logits, dim=1)], dim=1)
+    def inputs(features: torch.Tensor, pretrained_logits: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N, 256) and ``fc``'s logits of them -> member inputs (N, 337): the features and
+        the log-probabilities of the 81 ages dlib's head was trained on."""
+        return torch.cat([features, torch.log_softmax(pretrained_logits[:, :PRETRAINED_AGES], dim=1)], dim=1)
 
     @torch.no_grad()
     def fit_input_stats(self, x: torch.Tensor) -> None:
@@ -123,8 +128,7 @@ class AgeEnsemble(nn.Module):
         """Member inputs (N, in_features) -> log age distribution, mixed with ``softmax(pretrained_logits)``
         by ``weight`` (tensor arithmetic only, no branch on its value: torch.export and ONNX trace it)."""
         z = (x - self.in_mean) / self.in_std
-        logp = torch.stack([torch.log_softmax(m(z), dim=1) for m in self.members])
-        logp = torch.logsumexp(logp, dim=0) - math.log(len(self.members))
+        logp = log_mean_prob(torch.stack([torch.log_softmax(m(z), dim=1) for m in self.members]))
         if pretrained_logits is None:
             return logp
         prior = torch.log_softmax(pretrained_logits, dim=1)
@@ -160,7 +164,8 @@ class DlibAgeNet(nn.Module):
         """Pooled features (N, 256) -> logits (N, num_ages)."""
         if self.ensemble is None:
             return self.fc(features)
-        return self.ensemble(AgeEnsemble.inputs(features, self.fc), self.fc(features))
+        logits = self.fc(features)
+        return self.ensemble(AgeEnsemble.inputs(features, logits), logits)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
@@ -185,8 +190,8 @@ class DlibAgeNet(nn.Module):
         """
         if self.ensemble is None:
             return self.run_stages(x)
-        views = torch.stack([torch.log_softmax(self.run_stages(v), dim=1) for v in (x, torch.flip(x, dims=[-1]))])
-        return torch.logsumexp(views, dim=0) - math.log(2.0)
+        return log_mean_prob(torch.stack([torch.log_softmax(self.run_stages(v), dim=1)
+                                          for v in (x, torch.flip(x, dims=[-1]))]))
 
 
 # torch parameter prefix -> (ONNX conv/fc layer, ONNX affine layer)

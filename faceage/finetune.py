@@ -44,8 +44,6 @@ def stages(model: nn.Module, backbone: str) -> list[list[nn.Parameter]]:
         model = getattr(model, "full", model)  # a _CachedStages wrapper trains its network's parameters
         names = ["stem_", "block1.", "block2.", "block3.", "block4.", "block5.", "fc."]
         groups = [[t for n, t in model.named_parameters() if n.startswith(prefix)] for prefix in names]
-        if getattr(model, "ensemble", None) is not None:
-            groups[-1] += list(model.ensemble.parameters())
         if not all(groups) or sum(map(len, groups)) != len(list(model.parameters())):
             raise RuntimeError("faceage.finetune.stages: the stage names no longer match DlibAgeNet's parameters")
         return groups
@@ -322,7 +320,7 @@ def prefix_cache(model: nn.Module, train_set, val_set, prepare, p: TrainParams,
         cache = FrozenPrefixCache(model, train_set, val_set, prepare, p, device, start=NUM_STAGES - 1)
         features = cache.train_views.views.flatten(0, 1).mean(dim=(2, 3)).to(device)
         with torch.no_grad():
-            model.ensemble.fit_input_stats(AgeEnsemble.inputs(features, model.fc))
+            model.ensemble.fit_input_stats(AgeEnsemble.inputs(features, model.fc(features)))
         return cache
     if p.freeze_blocks == 0:
         return None

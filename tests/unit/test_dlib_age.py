@@ -209,8 +209,9 @@ def test_ensemble_head_gives_the_mean_distribution_of_the_chip_and_its_mirror_im
     with torch.no_grad():
         out = model(x)
         views = [torch.softmax(model.run_stages(v), 1) for v in (x, torch.flip(x, dims=[-1]))]
-        members = [torch.softmax(m((AgeEnsemble.inputs(model.run_stages(x, 0, 6).mean(dim=(2, 3)), model.fc)
-                                    - model.ensemble.in_mean) / model.ensemble.in_std), 1)
+        f = model.run_stages(x, 0, 6).mean(dim=(2, 3))
+        members = [torch.softmax(m((AgeEnsemble.inputs(f, model.fc(f)) - model.ensemble.in_mean)
+                                   / model.ensemble.in_std), 1)
                    for m in model.ensemble.members]
     assert out.shape == (3, 101)
     assert torch.allclose(out.exp().sum(1), torch.ones(3), atol=1e-5)  # a normalised log-distribution
@@ -256,7 +257,8 @@ def test_ensemble_checkpoint_exports_to_onnx_and_serves_the_same_ages(model_dir,
     chips = ChipExtractor(model_dir, MARGIN).chips([c for c in crops])
     x = normalize(torch.from_numpy(chips), INPUT_MEAN, INPUT_STD)
     with torch.no_grad():
-        model.ensemble.fit_input_stats(AgeEnsemble.inputs(model.run_stages(x, 0, 6).mean(dim=(2, 3)), model.fc))
+        f = model.run_stages(x, 0, 6).mean(dim=(2, 3))
+        model.ensemble.fit_input_stats(AgeEnsemble.inputs(f, model.fc(f)))
     meta = {"backbone": DLIB_AGE, "head": HEAD_ENSEMBLE, "input": "dlib_age_chip", "min_age": 0, "max_age": 100,
             "image_size": CHIP_SIZE, "mean": list(INPUT_MEAN), "std": list(INPUT_STD), "temperature": 0.9,
             "val_mae": 5.0, "mlflow_run_id": "r1",
