@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from faceage.dlib_age import FEATURE_DIM, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, load_dlib_age  # noqa: E402
 from faceage.face_encoder import EMBEDDING_DIM  # noqa: E402
-from faceage.training import age_loss  # noqa: E402
+from faceage.config import TrainParams  # noqa: E402
+from faceage.training import age_loss, build_scheduler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "bench-heads"
@@ -107,29 +108,27 @@ def views(inputs: dict, detector: Path) -> dict[str, dict[str, torch.Tensor]]:
     with torch.no_grad():
         for s, d in inputs.items():
             x = (torch.from_numpy(d["chips"]).float() / 255 - mean) / std
-            age = torch.stack([AgeEnsemble.inputs(net.run_stages(v, 0, 6).mean(dim=(2, 3)), net.fc)
-                               for v in (x, torch.flip(x, dims=[-1]))], 1)
+            pooled = [net.run_stages(v, 0, 6).mean(dim=(2, 3)) for v in (x, torch.flip(x, dims=[-1]))]
+            age = torch.stack([AgeEnsemble.inputs(f, net.fc(f)) for f in pooled], 1)
             zero_shot = torch.softmax(age[..., FEATURE_DIM:], -1).mean(1) @ AGES[:PRETRAINED_AGES]
             out[s] = {"age": age, "face": torch.from_numpy(d["desc"]).float(), "zero_shot": zero_shot,
                       "y": torch.from_numpy(d["age"]).float()}
     return out
 
 
-def train_head(v: dict, variant: str, seed: int, epochs: int = 30, lr: float = 1e-3, batch: int = 64) -> dict:
-    """One ensemble head trained as the pipeline trains ``train.head=ensemble``; MAE per split."""
+def train_head(v: dict, variant: str, seed: int, epochs: int = 30) -> dict:
+    """One ensemble head trained as the pipeline trains ``train.head=ensemble`` (its defaults: AdamW, lr,
+    weight decay, batch, loss, warm-up + cosine schedule from ``faceage.training``); MAE per split."""
+    p = TrainParams(backbone="dlib_age", epochs=epochs, seed=seed)
     pick = {"age": ["age"], "face": ["face"], "fused": ["age", "face"]}[variant]
     x = {s: torch.cat([v[s][k] for k in pick], -1) for s in SPLITS}
     torch.manual_seed(seed)
     head = AgeEnsemble(101, in_features=x["train"].shape[-1])
     head.fit_input_stats(x["train"].flatten(0, 1))
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    n, y = len(x["train"]), v["train"]["y"]
+    opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)  # as the pipeline's adamw
+    n, y, batch = len(x["train"]), v["train"]["y"], p.batch_size
     steps = n // batch
-
-    def factor(step: int) -> float:
-        return (step + 1) / steps if step < steps else 0.5 * (1 + math.cos(math.pi * (step - steps) / (epochs * steps - steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = build_scheduler(opt, steps, p)
 
     def predict(s: str, both: bool) -> torch.Tensor:
         head.eval()
@@ -144,7 +143,7 @@ def train_head(v: dict, variant: str, seed: int, epochs: int = 30, lr: float = 1
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
             view = torch.randint(2, (len(idx),))
-            loss = age_loss(head(x["train"][idx, view]), y[idx], "label_distribution", 2.0)
+            loss = age_loss(head(x["train"][idx, view]), y[idx], p.loss, p.label_sigma)
             opt.zero_grad()
             loss.backward()
             opt.step()
