@@ -72,6 +72,11 @@ class TrainParams:
     label_sigma: float = 2.0  # std (years) of the Gaussian target for label_distribution
     label_jitter: bool = True  # resample targets from N(apparent_age, apparent_age_std)
     augment: bool = True  # flip, small rotation/scale/shift, colour jitter
+    # Share of training faces shown at a lower resolution (downscaled to a side drawn between
+    # low_res_min and 1 of the input's, then scaled back up): small faces in group photos look
+    # younger to a model trained on sharp crops only. Image inputs only (not dlib_face's descriptors).
+    low_res: float = 0.5
+    low_res_min: float = 0.45
     seed: int = 42
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: bool = True  # mixed precision; only used on CUDA
@@ -98,6 +103,9 @@ class EvaluateParams:
     # test sets, each cropped exactly as the model's training crops; relative paths are
     # resolved against the repo root. Test only: never train or tune on them.
     external: tuple[str, ...] = DEFAULT_EXTERNAL
+    # The test split and external sets scored again at these fractions of the input's side
+    # (faceage.transforms.low_resolution): MAE on smaller faces. Image inputs only; [] = none.
+    low_res: tuple[float, ...] = (0.75, 0.5)
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,9 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.batch_size >= 1, f"train.batch_size must be >= 1, got {obj.batch_size}"),
             (obj.lr > 0, f"train.lr must be > 0, got {obj.lr}"),
             (obj.label_sigma > 0, f"train.label_sigma must be > 0, got {obj.label_sigma}"),
+            (0 <= obj.low_res <= 1, f"train.low_res must be in [0, 1] (a share of faces), got {obj.low_res}"),
+            (0 < obj.low_res_min <= 1, f"train.low_res_min must be in (0, 1] (a share of the side), "
+                                       f"got {obj.low_res_min}"),
             (obj.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {obj.warmup_epochs}"),
             (obj.num_workers >= -1, f"train.num_workers must be >= -1, got {obj.num_workers}"),
             (obj.nproc_per_node >= 1, f"train.nproc_per_node must be >= 1, got {obj.nproc_per_node}"),
@@ -201,7 +212,9 @@ def _validate_ranges(name: str, obj: Any) -> None:
         ]
     elif isinstance(obj, EvaluateParams):
         checks = [(obj.cs_years > 0, f"evaluate.cs_years must be > 0, got {obj.cs_years}"),
-                  (all(e.strip() for e in obj.external), f"evaluate.external has an empty path: {list(obj.external)}")]
+                  (all(e.strip() for e in obj.external), f"evaluate.external has an empty path: {list(obj.external)}"),
+                  (all(0 < f < 1 for f in obj.low_res),
+                   f"evaluate.low_res: each must be in (0, 1) (a share of the side), got {list(obj.low_res)}")]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

@@ -4,7 +4,8 @@ Input: a checkpoint, the ``preprocess`` folder, the training history and the run
 Output folder::
 
     metrics.json          mae_years (apparent age), mae_real_years, rmse_years, cs5, per-group MAE,
-                          baseline_mae_years (always predicting the training mean), counts
+                          baseline_mae_years (always predicting the training mean), counts,
+                          mae_low_res (MAE with the inputs at ``evaluate.low_res`` of their side)
     predictions.csv       file_name,true_age,real_age,predicted_age,predicted_std,abs_error
     by_age_group.csv      age_group,n,mae_years
     pred_vs_true.png, error_by_age_group.png, training_curves.png
@@ -26,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from faceage.config import EvaluateParams
 from faceage.chips import DLIB_AGE
@@ -34,11 +36,13 @@ from faceage.external import (ExternalSet, ExternalSetError, crop_counts, extern
                               external_faces, resolve_external)
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
+from faceage.inputs import DLIB_FACE_EMBEDDING
 from faceage.preprocess import read_faces_manifest
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.tracking import read_run_file, repo_root, setup_mlflow, tracking_uri
 from faceage.training import pin_threads, select_device
+from faceage.transforms import low_resolution
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,21 @@ def coverage(pred: np.ndarray, std: np.ndarray, true: np.ndarray, k: float) -> f
     return float((np.abs(pred - true) <= k * std).mean())
 
 
+def low_res_mae(age_model: AgeModel, images: torch.Tensor, true: np.ndarray, fractions: tuple[float, ...],
+                batch_size: int) -> dict[str, float]:
+    """MAE with the inputs at lower resolution: ``{"0.75": mae, ...}`` for each fraction of the input's side.
+
+    The faces as if photographed smaller (:func:`faceage.transforms.low_resolution`); ``{}`` for
+    ``dlib_face`` models, whose inputs are descriptors.
+    """
+    if age_model.meta["input"] == DLIB_FACE_EMBEDDING or len(true) == 0:
+        return {}
+    size = images.shape[-1]
+    return {f"{f:g}": float(np.abs(age_model.predict_inputs(low_resolution(images, round(f * size)),
+                                                            batch_size)[0] - true).mean())
+            for f in fractions}
+
+
 def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateParams, detector_dir: str | Path,
                       train_mean: float, cache_dir: str | Path | None = None
                       ) -> tuple[dict[str, dict], dict[str, list[dict]], list[list]]:
@@ -162,6 +181,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
             **age_metrics(pred, true, p.cs_years),
             "baseline_mae_years": float(np.abs(train_mean - true).mean()),
             "mae_by_age_group": {g["group"]: g["mae_years"] for g in groups[ext.name]},
+            "mae_low_res": low_res_mae(age_model, data.images, true, p.low_res, p.batch_size),
             **counts,
             "path": str(ext.path),
         }
@@ -186,6 +206,7 @@ def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[
                      f"external_{name}_n_faces": m["n_faces"], f"external_{name}_n_images": m["n_images"],
                      f"external_{name}_no_face": m["no_face"], f"external_{name}_unreadable": m["unreadable"]})
         flat.update({f"external_{name}_mae_{g.replace('+', 'plus')}": v for g, v in m["mae_by_age_group"].items()})
+        flat.update({f"external_{name}_mae_low_res_{f}": v for f, v in m.get("mae_low_res", {}).items()})
     return flat
 
 
@@ -250,6 +271,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         "mean_predicted_std": float(std.mean()),
         "temperature": float(meta.get("temperature", 1.0)),
         "val_mae_years": float(meta["val_mae"]),
+        "mae_low_res": low_res_mae(age_model, test.images, true, p.low_res, p.batch_size),
     }
     metrics["mae_vs_baseline"] = metrics["mae_years"] / metrics["baseline_mae_years"]
     external, external_groups, external_rows = (
@@ -284,6 +306,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         with mlflow.start_run(run_id=read_run_file(run_path)["run_id"]):
             flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
             flat.update({f"test_mae_{g['group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
+            flat.update({f"test_mae_low_res_{f}": v for f, v in metrics["mae_low_res"].items()})
             flat.update(external_mlflow_metrics(external, p.cs_years))
             mlflow.log_metrics(flat)
             mlflow.log_params({f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v

@@ -32,10 +32,12 @@ from torch import nn
 
 from faceage.chips import DLIB_AGE
 from faceage.config import ConfigError, TrainParams
+from faceage.transforms import low_res_sides, low_resolution_each
 
 log = logging.getLogger(__name__)
 
 WISE_ALPHAS = tuple(i / 10 for i in range(11))  # 0 = pretrained, 1 = fine-tuned
+LOW_RES_COPIES = 4  # train.low_res with cached frozen stages: lower-resolution copies of each training chip
 
 
 def stages(model: nn.Module, backbone: str) -> list[list[nn.Parameter]]:
@@ -248,25 +250,32 @@ class _CachedStages(nn.Module):
 
 
 class _Views(torch.utils.data.Dataset):
-    """Cached frozen-stage outputs of each chip and its mirror image; training draws one at random."""
+    """Cached frozen-stage outputs of each chip and its mirror image; training draws one at random.
 
-    def __init__(self, views: torch.Tensor, ages: torch.Tensor, age_stds: torch.Tensor):
-        self.views, self.ages, self.age_stds = views, ages, age_stds
+    With ``low`` (outputs of lower-resolution copies and their mirror images, (N, V, ...)), an item
+    is one of them with probability ``low_res`` (``train.low_res``).
+    """
+
+    def __init__(self, views: torch.Tensor, ages: torch.Tensor, age_stds: torch.Tensor,
+                 low: torch.Tensor | None = None, low_res: float = 0.0):
+        self.views, self.ages, self.age_stds, self.low, self.low_res = views, ages, age_stds, low, low_res
         self.images = views[:, 0]  # validation and calibration score the chip itself, as served
 
     def __len__(self) -> int:
         return len(self.views)
 
     def __getitem__(self, i: int):
-        return self.views[i, int(torch.randint(2, (1,)))], self.ages[i], self.age_stds[i]
+        views = self.low if self.low is not None and float(torch.rand(())) < self.low_res else self.views
+        return views[i, int(torch.randint(views.shape[1], (1,)))], self.ages[i], self.age_stds[i]
 
 
 class FrozenPrefixCache:
     """Computes the frozen first ``train.freeze_blocks`` stages once, so each epoch runs only the rest.
 
     With frozen early stages, a CPU epoch spends most of its time recomputing the same outputs;
-    here they are computed once for every chip and its mirror image (flip is the augmentation;
-    the geometric and colour jitter of image backbones would defeat the cache).
+    here they are computed once for every chip and its mirror image, and with ``train.low_res`` for
+    :data:`LOW_RES_COPIES` lower-resolution copies of each training chip (flip and resolution are
+    the augmentation; the geometric and colour jitter of image backbones would defeat the cache).
 
     Args:
         model: The full network (its parameters are trained in place).
@@ -291,10 +300,19 @@ class FrozenPrefixCache:
                 out.append(torch.stack(views, dim=1))
             return torch.cat(out)
 
-        self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds)
+        low = None
+        if p.augment and p.low_res > 0:  # train.low_res: degraded copies, each computed once too
+            g = torch.Generator().manual_seed(p.seed)
+            size = train_set.images.shape[-1]
+            low = torch.cat([run(low_resolution_each(train_set.images,
+                                                     low_res_sides(len(train_set), size, p.low_res_min, g)))
+                             for _ in range(LOW_RES_COPIES)], dim=1)
+        self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds, low, p.low_res)
         self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds)
-        log.info("the first %d (frozen) stages computed once for %d + %d chips (and mirror images), %s each",
-                 self.start, len(train_set), len(val_set), tuple(self.train_views.views.shape[2:]))
+        log.info("the first %d (frozen) stages computed once for %d + %d chips (and mirror images%s), %s each",
+                 self.start, len(train_set), len(val_set),
+                 f", {LOW_RES_COPIES} lower-resolution copies of each training chip" if low is not None else "",
+                 tuple(self.train_views.views.shape[2:]))
 
     def training_view(self):
         """``(model, train_set, val_set, prepare)`` for the training loop: cached inputs, trainable stages."""

@@ -68,7 +68,8 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         "deviation of the distribution at a temperature calibrated on the validation split.",
         f"- Backbone: `{meta['backbone']}`" + _backbone_note(meta, tp) + ".",
         f"- Training: {tp.get('epochs', '?')} epochs, loss `{tp.get('loss', '?')}`, optimiser `{tp.get('optimizer', '?')}` "
-        f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, augmentation {tp.get('augment', '?')}; "
+        f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, augmentation {tp.get('augment', '?')} "
+        f"(share of faces at a lower resolution: {tp.get('low_res', 0)}); "
         f"best epoch {meta.get('best_epoch', '?')} by validation MAE ({_fmt(meta['val_mae'])} years).",
         f"- Faces: dlib `{crop['detector']}` detector (upsample {crop['upsample']}), square crop with margin "
         f"{crop['margin']}, {crop['size']} px; the service uses the same detector file "
@@ -122,6 +123,22 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         for name in external:
             if external_groups and external_groups.get(name):
                 lines += ["", f"### `{name}` by age group (true age)", *_group_table("age group", external_groups[name])]
+    low = {"test split": metrics.get("mae_low_res") or {},
+           **{f"`{name}`": m.get("mae_low_res") or {} for name, m in external.items()}}
+    fractions = sorted({f for v in low.values() for f in v}, key=float, reverse=True)
+    if fractions:
+        full = {"test split": metrics["mae_years"], **{f"`{n}`": m["mae_years"] for n, m in external.items()}}
+        lines += [
+            "",
+            "## Smaller faces",
+            "MAE (years) with each input scaled down to a fraction of its side and back up "
+            "(`evaluate.low_res`): the same faces, as if photographed smaller, as in group photos.",
+            "",
+            "| set | full resolution | " + " | ".join(f"{f} of the side" for f in fractions) + " |",
+            "|---|---:|" + "---:|" * len(fractions),
+        ]
+        lines += [f"| {name} | {_fmt(full[name])} | " + " | ".join(_fmt(v[f]) if f in v else "-" for f in fractions)
+                  + " |" for name, v in low.items() if v]
     lines += [
         "",
         "## Calibration",

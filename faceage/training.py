@@ -471,7 +471,8 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     model.to(device)
     pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}  # for WiSE-FT
     train_set = load_split(faces_dir, "train", p.backbone, p.image_size, embeddings_path,
-                           transform=train_augment(augment=p.augment), augment=p.augment)
+                           transform=train_augment(augment=p.augment, low_res=p.low_res, low_res_min=p.low_res_min),
+                           augment=p.augment)
     val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
     mean, std = input_stats(p.backbone)
     prepare = input_fn(backbone_input(p.backbone), mean, std)

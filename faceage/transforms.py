@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 
@@ -21,12 +22,56 @@ def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return (batch.float() / 255.0 - m) / s
 
 
-def train_augment(*, augment: bool = True) -> v2.Transform:
-    """Random flip, small rotation/scale/shift and colour jitter on uint8 (3, S, S) tensors."""
+def low_resolution(images: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> the same faces as if photographed at ``side`` x ``side`` pixels, uint8 (N, 3, S, S).
+
+    Downscaled with antialiasing, then scaled back up (bilinear): the input keeps its size and
+    loses the detail a smaller face in a photo would not have. ``side >= S`` returns the input.
+    """
+    size = images.shape[-1]
+    if side >= size:
+        return images
+    x = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def low_res_sides(n: int, size: int, min_fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` sides drawn uniformly from ``round(min_fraction * size)`` .. ``size`` (for :func:`low_resolution`)."""
+    low = max(1, min(size, round(min_fraction * size)))
+    return torch.randint(low, size + 1, (n,), generator=generator)
+
+
+def low_resolution_each(images: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """:func:`low_resolution` of ``images[i]`` at ``sides[i]``, batched by side."""
+    out = images.clone()
+    for side in sides.unique().tolist():
+        at = (sides == side).nonzero().flatten()
+        out[at] = low_resolution(images[at], int(side))
+    return out
+
+
+class RandomLowResolution:
+    """With probability ``p``, :func:`low_resolution` at a side drawn by :func:`low_res_sides` (uint8 (3, S, S))."""
+
+    def __init__(self, p: float, min_fraction: float):
+        self.p, self.min_fraction = p, min_fraction
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0 or float(torch.rand(())) >= self.p:
+            return image
+        side = int(low_res_sides(1, image.shape[-1], self.min_fraction)[0])
+        return low_resolution(image[None], side)[0]
+
+
+def train_augment(*, augment: bool = True, low_res: float = 0.0, low_res_min: float = 0.45) -> v2.Transform:
+    """Random flip, small rotation/scale/shift and colour jitter on uint8 (3, S, S) tensors, and with
+    probability ``low_res`` a lower resolution (:class:`RandomLowResolution`)."""
     if not augment:
         return v2.Identity()
     return v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
         v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+        RandomLowResolution(low_res, low_res_min),
     ])

@@ -53,8 +53,15 @@ def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
     assert logged.metrics[f"external_{NAME}_cs5"] == pytest.approx(m["cs5"])
     assert logged.metrics[f"external_{NAME}_no_face"] == m["no_face"] == m["n_images"] - m["n_faces"] - m["unreadable"]
     assert json.loads(logged.params["evaluate.external"]) == [str(tiny_run["external"])]
+    assert set(m["mae_low_res"]) == {"0.75", "0.5"}  # evaluate.low_res's defaults
+    assert all(logged.metrics[f"external_{NAME}_mae_low_res_{f}"] == pytest.approx(v)
+               for f, v in m["mae_low_res"].items())
+    assert all(logged.metrics[f"test_mae_low_res_{f}"] == pytest.approx(v) for f, v in metrics["mae_low_res"].items())
     card = tiny_run["model_card"].read_text()
     assert "## Cross-dataset test sets" in card
+    assert "## Smaller faces" in card
+    assert (f"| `{NAME}` | {m['mae_years']:.2f} | {m['mae_low_res']['0.75']:.2f} | "
+            f"{m['mae_low_res']['0.5']:.2f} |") in card
     assert (f"| `{NAME}` | 12 | {m['n_faces']} | {12 - m['n_faces']} | {m['mae_years']:.2f} | {m['rmse_years']:.2f} | "
             f"{m['cs5']:.3f} |") in card
 

@@ -62,6 +62,9 @@ def test_missing_key_is_named():
          r"train\.batch_size=64 \(the global batch\) must be divisible by train\.nproc_per_node=3"),
         ("train", "layer_lr_decay", 0, r"train\.layer_lr_decay must be in \(0, 1\], got 0"),
         ("fetch_data", "source", 3, r"fetch_data\.source must be a string"),
+        ("train", "low_res", 1.5, r"train\.low_res must be in \[0, 1\] \(a share of faces\), got 1\.5"),
+        ("train", "low_res_min", 0, r"train\.low_res_min must be in \(0, 1\]"),
+        ("evaluate", "low_res", [0.5, 1.0], r"evaluate\.low_res: each must be in \(0, 1\)"),
     ],
 )
 def test_mistyped_or_out_of_range_value_is_named(section, key, value, message):
