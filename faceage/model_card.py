@@ -16,7 +16,12 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     if meta["backbone"] == "dlib_face":
         return (" (dlib's face-recognition ResNet, frozen, on faces aligned with its 5-point shape predictor; "
                 "an MLP head over the 128-D descriptor)")
-    note = f", input {meta['image_size']} px, weights at start: `{tp.get('pretrained', '?')}`"
+    start = tp.get("pretrained", "?")
+    if meta["backbone"] == "dlib_age" and start != "none":  # any other value loads dlib's network (config.py)
+        start = "dlib's age network (age-v1.onnx)"
+    else:
+        start = f"`{start}`"
+    note = f", input {meta['image_size']} px, weights at start: {start}"
     if meta.get("head") == "ensemble":
         note += ("; dlib's age network frozen, an ensemble of MLP heads over its features and its age "
                  "distribution, averaged over the face and its mirror image (`train.head=ensemble`)")

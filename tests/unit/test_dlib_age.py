@@ -307,3 +307,15 @@ def test_ensemble_weight_is_the_most_pretrained_within_validation_noise(gap, noi
     assert float(model.ensemble.weight) == pytest.approx(weight)
     assert (weight == 1.0) == expect_full
     assert len(scores) == 11
+
+
+def test_model_card_names_the_weights_and_head_a_dlib_age_model_starts_from():
+    from faceage.model_card import _backbone_note
+
+    meta = {"backbone": DLIB_AGE, "image_size": 64, "head": HEAD_ENSEMBLE}
+    note = _backbone_note(meta, {"pretrained": "imagenet"})  # any value but "none" loads dlib's network
+    assert "weights at start: dlib's age network (age-v1.onnx)" in note and "imagenet" not in note
+    assert "`train.head=ensemble`" in note
+    assert "weights at start: `none`" in _backbone_note(meta, {"pretrained": "none"})
+    assert "weights at start: `imagenet`" in _backbone_note({"backbone": "resnet18", "image_size": 224},
+                                                            {"pretrained": "imagenet"})
