@@ -128,11 +128,9 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         for name in external:
             if external_groups and external_groups.get(name):
                 lines += ["", f"### `{name}` by age group (true age)", *_group_table("age group", external_groups[name])]
-    low = {"test split": metrics.get("mae_low_res") or {},
-           **{f"`{name}`": m.get("mae_low_res") or {} for name, m in external.items()}}
-    fractions = sorted({f for v in low.values() for f in v}, key=float, reverse=True)
+    scored = [("test split", metrics), *((f"`{name}`", m) for name, m in external.items())]
+    fractions = sorted({f for _, m in scored for f in m.get("mae_low_res") or {}}, key=float, reverse=True)
     if fractions:
-        full = {"test split": metrics["mae_years"], **{f"`{n}`": m["mae_years"] for n, m in external.items()}}
         lines += [
             "",
             "## Smaller faces",
@@ -142,8 +140,9 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
             "| set | full resolution | " + " | ".join(f"{f} of the side" for f in fractions) + " |",
             "|---|---:|" + "---:|" * len(fractions),
         ]
-        lines += [f"| {name} | {_fmt(full[name])} | " + " | ".join(_fmt(v[f]) if f in v else "-" for f in fractions)
-                  + " |" for name, v in low.items() if v]
+        lines += [f"| {name} | {_fmt(m['mae_years'])} | "
+                  + " | ".join(_fmt(m["mae_low_res"][f]) if f in m["mae_low_res"] else "-" for f in fractions) + " |"
+                  for name, m in scored if m.get("mae_low_res")]
     lines += [
         "",
         "## Calibration",
