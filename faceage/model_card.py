@@ -30,6 +30,14 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     return note
 
 
+def _augmentation(meta: dict[str, Any], tp: dict[str, Any]) -> str:
+    """``train.augment``, and ``train.low_res`` where it applied (image inputs with augmentation on)."""
+    note = f"augmentation {tp.get('augment', '?')}"
+    if tp.get("augment") and meta["backbone"] != "dlib_face":  # dlib_face's descriptors are never degraded
+        note += f" (share of faces at a lower resolution: {tp.get('low_res', 0)})"
+    return note
+
+
 def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
@@ -73,8 +81,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         "deviation of the distribution at a temperature calibrated on the validation split.",
         f"- Backbone: `{meta['backbone']}`" + _backbone_note(meta, tp) + ".",
         f"- Training: {tp.get('epochs', '?')} epochs, loss `{tp.get('loss', '?')}`, optimiser `{tp.get('optimizer', '?')}` "
-        f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, augmentation {tp.get('augment', '?')} "
-        f"(share of faces at a lower resolution: {tp.get('low_res', 0)}); "
+        f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, {_augmentation(meta, tp)}; "
         f"best epoch {meta.get('best_epoch', '?')} by validation MAE ({_fmt(meta['val_mae'])} years).",
         f"- Faces: dlib `{crop['detector']}` detector (upsample {crop['upsample']}), square crop with margin "
         f"{crop['margin']}, {crop['size']} px; the service uses the same detector file "

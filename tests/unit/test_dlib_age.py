@@ -319,3 +319,12 @@ def test_model_card_names_the_weights_and_head_a_dlib_age_model_starts_from():
     assert "weights at start: `none`" in _backbone_note(meta, {"pretrained": "none"})
     assert "weights at start: `imagenet`" in _backbone_note({"backbone": "resnet18", "image_size": 224},
                                                             {"pretrained": "imagenet"})
+
+
+def test_model_card_names_low_res_only_where_training_applied_it():
+    from faceage.model_card import _augmentation
+
+    tp = {"augment": True, "low_res": 0.5}
+    assert _augmentation({"backbone": DLIB_AGE}, tp) == "augmentation True (share of faces at a lower resolution: 0.5)"
+    assert _augmentation({"backbone": "dlib_face"}, tp) == "augmentation True"  # descriptors are not degraded
+    assert _augmentation({"backbone": DLIB_AGE}, {**tp, "augment": False}) == "augmentation False"
