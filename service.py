@@ -130,7 +130,7 @@ class FaceAgeService:
                       ) -> tuple[LocatedFaces, list[FaceAge], np.ndarray | None]:
         """Encoded photo -> located faces, their ages (largest first) and, optionally, the decoded image."""
         located, image = await self.locator.locate(data, with_image=with_image)
-        mean, std = await self.batcher(located.crops)
+        mean, std = await self.batcher(located.inputs)
         return located, split_results([located], mean, std)[0], image
 
     async def _analyse_one(self, request: Request, *, with_image: bool = False):
@@ -178,7 +178,7 @@ class FaceAgeService:
                 raise item
         located = [item[0] for item in found if not isinstance(item, BaseException)]
         # All faces of all photos in one call of the batcher (which also merges concurrent requests).
-        mean, std = await self.batcher([c for loc in located for c in loc.crops])
+        mean, std = await self.batcher([c for loc in located for c in loc.inputs])
         ages = iter(split_results(located, mean, std))
         results = [{"filename": part.filename, "error": str(item), "status": input_status(item)}
                    if isinstance(item, BaseException) else

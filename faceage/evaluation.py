@@ -167,7 +167,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
     for ext in sets:
         faces = external_faces(ext, meta["crop"], detector_dir, cache_dir)
         embeddings = (external_embeddings(faces, detector_dir) if meta["backbone"] == FACE_ENCODER else
-                      external_chips(faces, detector_dir) if meta["backbone"] == DLIB_AGE else None)
+                      external_chips(faces) if meta["backbone"] == DLIB_AGE else None)
         counts = crop_counts(faces)
         if counts["n_faces"] == 0:
             raise ExternalSetError(f"evaluate.external: {ext.given!r}: no face found in any of its "

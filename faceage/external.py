@@ -5,7 +5,7 @@ Input: a folder in the release layout with at least ``gt_avg_test.csv`` and ``te
 ``_face.jpg`` needed), a checkpoint's crop settings (``meta["crop"]``: detector, upsample,
 margin, size, ``no_face``, detector sha256) and the ``fetch_detector`` folder.
 Output: a faces folder laid out like ``preprocess``'s (``test/NAME.png``, ``manifest.csv``,
-``preprocess.json``; plus ``embeddings.npz`` for ``dlib_face`` models), so
+``chips.npz``, ``preprocess.json``; plus ``embeddings.npz`` for ``dlib_face`` models), so
 :func:`faceage.data.load_split` reads it exactly as it reads the test split.
 
 The crops are made by :func:`faceage.preprocess.crop_samples` (the pipeline's one detect + crop
@@ -28,14 +28,16 @@ from typing import Any
 from faceage.appa_real import LayoutError, dataset_fingerprint, read_split
 from faceage.atomic import staged_dir
 from faceage.config import PreprocessParams
-from faceage.detector import read_manifest
+from faceage.chips import CHIPS_FILE
+from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.preprocess import SETTINGS, count_statuses, crop_samples, read_faces_manifest
 
 log = logging.getLogger(__name__)
 
 SPLIT = "test"
 EMBEDDINGS = "embeddings.npz"
-CHIPS = "chips.npz"  # dlib_age chips of the crops, beside them
+# 2: preprocess writes chips.npz, cut from the unresampled margin regions (1: chips cut later from the crops)
+FACES_FORMAT = 2
 # The crop settings that decide the pixels of a crop (workers and data lineage do not).
 CROP_KEYS = ("detector", "upsample", "margin", "size", "no_face", "detector_file", "detector_sha256")
 
@@ -104,10 +106,12 @@ def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
                             size=int(crop["size"]), no_face=crop.get("no_face", "release_crop"), workers=workers)
 
 
-def cache_key(folder: Path, crop: dict[str, Any]) -> str:
-    """16 hex digits over the folder's bytes (every file) and the pixel-deciding crop settings."""
+def cache_key(folder: Path, crop: dict[str, Any], shape_predictor_sha256: str = "") -> str:
+    """16 hex digits over the folder's bytes (every file), the pixel-deciding crop settings, the
+    faces-folder format and the shape predictor that aligns the chips."""
     h = hashlib.sha256(dataset_fingerprint(folder).encode())
     h.update(json.dumps({k: crop.get(k) for k in CROP_KEYS}, sort_keys=True).encode())
+    h.update(f"format {FACES_FORMAT} shape predictor {shape_predictor_sha256}".encode())
     return h.hexdigest()[:16]
 
 
@@ -125,11 +129,12 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
     Raises:
         ExternalSetError: The detector folder does not hold the detector the checkpoint was trained with.
     """
-    recorded = read_manifest(detector_dir, verify=True)["files"].get(crop["detector_file"])
+    files = read_manifest(detector_dir, verify=True)["files"]
+    recorded = files.get(crop["detector_file"])
     if recorded != crop["detector_sha256"]:
         raise ExternalSetError(f"{detector_dir} holds {crop['detector_file']} with sha256 {recorded}, but the "
                                f"checkpoint's crops were made with {crop['detector_sha256']}")
-    out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop)}"
+    out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop, files[SHAPE5_FILE])}"
     if (out / SETTINGS).is_file():
         log.info("external set %s: reusing the crops in %s", ext.name, out)
         return out
@@ -159,17 +164,9 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
     return path
 
 
-def external_chips(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
-    """``dlib_age`` aligned chips of a cropped set (cached beside its crops, redone if the shape predictor changed)."""
-    from faceage.chips import DLIB_AGE
-    from faceage.detector import SHAPE5_FILE
-    from faceage.features import compute_features, load_chips
-
-    path = faces_dir / CHIPS
-    if path.is_file() and load_chips(path)[1]["shape_predictor_sha256"] == read_manifest(detector_dir)["files"][SHAPE5_FILE]:
-        return path
-    compute_features(DLIB_AGE, faces_dir, detector_dir, path, workers)
-    return path
+def external_chips(faces_dir: Path) -> Path:
+    """``dlib_age`` aligned chips of a cropped set: ``crop_samples`` cut them beside its crops."""
+    return faces_dir / CHIPS_FILE
 
 
 def crop_counts(faces_dir: Path) -> dict[str, int]:

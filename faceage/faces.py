@@ -1,10 +1,13 @@
 """Face detection (dlib HOG or CNN) and the margin crop: the one crop path.
 
-Input: an RGB uint8 array (from :func:`faceage.images.load_image`). Output: face boxes,
-and square crops of ``size`` x ``size`` pixels around them.
+Input: an RGB uint8 array (from :func:`faceage.images.load_image`). Output: face boxes, the
+square margin region around each at the photo's own resolution, and the crop of ``size`` x
+``size`` pixels resized from it.
 
-``preprocess`` and the service both call :func:`crop_faces`; there is no second copy of
-the crop geometry, so a model is served exactly the pixels it was trained on.
+``preprocess`` and the service (:class:`faceage.predict.FaceLocator`) both cut
+:func:`margin_region` and resize it with :func:`resize_region` (:func:`crop_face`); ``dlib_age``
+chips are cut from the same region (:mod:`faceage.chips`). There is no second copy of the crop
+geometry, so a model is served exactly the pixels it was trained on.
 """
 
 from __future__ import annotations
@@ -136,11 +139,44 @@ def crop_box(box: FaceBox, margin: float) -> tuple[int, int, int, int]:
     return left, top, left + s, top + s
 
 
+def margin_region(image: np.ndarray, box: FaceBox, margin: float) -> np.ndarray:
+    """The square margin region around ``box`` at the image's own resolution (no resampling).
+
+    Parts of the region outside the image are black, so a face at the border keeps its position
+    and scale in the region instead of being stretched. :func:`crop_face` resizes this region;
+    :mod:`faceage.chips` cuts dlib's aligned chips from it directly, because a chip cut from a
+    resampled crop is not the chip dlib's age network was trained on (measured zero-shot on
+    utk-external: 8.52 years from the region against 8.77 from the 224 px crop).
+
+    Args:
+        image: RGB uint8 array (H, W, 3).
+        box: The face.
+        margin: Context added on each side, as a fraction of the box's longer side.
+
+    Returns:
+        RGB uint8 array (S, S, 3), ``S`` the side of :func:`crop_box`.
+    """
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = crop_box(box, margin)
+    out = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    return out
+
+
+def resize_region(region: np.ndarray, size: int) -> np.ndarray:
+    """A :func:`margin_region` resized to the crop side ``size`` (bicubic): the stored crop."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    return np.asarray(Image.fromarray(region).resize((size, size), Image.Resampling.BICUBIC))
+
+
 def crop_face(image: np.ndarray, box: FaceBox, margin: float, size: int) -> np.ndarray:
     """Cuts the square margin crop around ``box`` and resizes it to ``size`` x ``size``.
 
-    Parts of the crop outside the image are padded with black, so a face at the border
-    keeps its position and scale in the crop instead of being stretched.
+    The crop is :func:`margin_region` (black where it extends past the image) resized with
+    :func:`resize_region`.
 
     Args:
         image: RGB uint8 array (H, W, 3).
@@ -151,16 +187,7 @@ def crop_face(image: np.ndarray, box: FaceBox, margin: float, size: int) -> np.n
     Returns:
         RGB uint8 array (size, size, 3).
     """
-    if size < 1:
-        raise ValueError(f"size must be >= 1, got {size}")
-    h, w = image.shape[:2]
-    x0, y0, x1, y1 = crop_box(box, margin)
-    out = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if sx1 > sx0 and sy1 > sy0:
-        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
-    resized = Image.fromarray(out).resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(resized)
+    return resize_region(margin_region(image, box, margin), size)
 
 
 def whole_image_box(image: np.ndarray) -> FaceBox:

@@ -4,7 +4,8 @@ Input: the ``preprocess`` output, the ``fetch_detector`` folder and ``train.back
 Output: one ``.npz`` holding
 
 - ``dlib_face``: dlib face descriptors of every crop (:func:`faceage.face_encoder.embed_dataset`);
-- ``dlib_age``: the 5-point-aligned 64x64 chips of every crop (:mod:`faceage.chips`), uint8;
+- ``dlib_age``: the 5-point-aligned 64x64 chips of every crop, uint8, as ``preprocess`` cut them
+  from the photo's own pixels (:mod:`faceage.chips`; read from its ``chips.npz``, nothing recomputed);
 - any image backbone: no features (``kind = "none"``): a CNN experiment does not pay ~4 min
   of descriptors it never reads.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceage.chips import DLIB_AGE, chip_files
+from faceage.chips import CHIP_SIZE, CHIPS_FILE, DLIB_AGE, load_chips, save_chips
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.face_encoder import FACE_ENCODER, embed_dataset
 
@@ -45,34 +46,29 @@ def compute_features(backbone: str, faces_dir: str | Path, model_dir: str | Path
         return embed_dataset(faces_dir, model_dir, out_path, workers=workers)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp.npz")
     if backbone == DLIB_AGE:
-        from faceage.preprocess import read_crop_settings, read_faces_manifest
+        from faceage.preprocess import read_faces_manifest
 
         crops = [r["crop"] for r in read_faces_manifest(faces_dir)]
-        margin = read_crop_settings(faces_dir)["margin"]
-        manifest = read_manifest(model_dir, verify=True)
-        log.info("cutting %d aligned 64x64 chips for train.backbone=%s", len(crops), backbone)
-        chips = chip_files(faces_dir, crops, model_dir, margin, workers)
-        np.savez(tmp, kind=np.array(DLIB_AGE), crops=np.array(crops), chips=chips, margin=np.array(margin),
-                 shape_predictor_sha256=np.array(manifest["files"][SHAPE5_FILE]))
-    else:
-        log.info("train.backbone=%s reads the crops themselves: no features computed", backbone)
-        np.savez(tmp, kind=np.array("none"), crops=np.array([], dtype=str))
-        crops = []
+        source = Path(faces_dir) / CHIPS_FILE
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} not found: {faces_dir} was written before preprocess cut the aligned "
+                                    "chips; rerun the preprocess stage")
+        table, info = load_chips(source)
+        missing = [c for c in crops if c not in table]
+        if missing:
+            raise ValueError(f"{source} has no chip for {len(missing)} crop(s) of the manifest (first: {missing[0]}); "
+                             "rerun the preprocess stage")
+        expected = read_manifest(model_dir, verify=True)["files"][SHAPE5_FILE]
+        if info["shape_predictor_sha256"] != expected:
+            raise ValueError(f"{source} was cut with another shape predictor (sha256 {info['shape_predictor_sha256']}, "
+                             f"{model_dir} holds {expected}); rerun the preprocess stage")
+        log.info("%d aligned 64x64 chips (cut by preprocess) for train.backbone=%s", len(crops), backbone)
+        chips = np.stack([table[c] for c in crops]) if crops else np.zeros((0, 3, CHIP_SIZE, CHIP_SIZE), np.uint8)
+        save_chips(out_path, crops, chips, info["margin"], info["shape_predictor_sha256"])
+        return len(crops)
+    log.info("train.backbone=%s reads the crops themselves: no features computed", backbone)
+    tmp = out_path.with_name(out_path.name + ".tmp.npz")
+    np.savez(tmp, kind=np.array("none"), crops=np.array([], dtype=str))
     os.replace(tmp, out_path)
-    return len(crops)
-
-
-def load_chips(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """``{crop path: (3, 64, 64) uint8 chip}`` and the settings they were cut with.
-
-    Raises:
-        ValueError: The file holds no chips (it was written for another ``train.backbone``).
-    """
-    with np.load(path) as z:
-        if "chips" not in z.files:
-            raise ValueError(f"{path} holds no aligned chips: rerun the embed stage with train.backbone={DLIB_AGE}")
-        table = dict(zip(z["crops"].tolist(), z["chips"]))
-        info = {"shape_predictor_sha256": str(z["shape_predictor_sha256"]), "margin": float(z["margin"])}
-    return table, info
+    return 0

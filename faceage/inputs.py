@@ -1,6 +1,7 @@
 """Network inputs from face crops, without torch: one definition for training, evaluate and serving.
 
-Input: uint8 (S, S, 3) face crops from :func:`faceage.faces.crop_faces` and a checkpoint's
+Input: uint8 (S, S, 3) face crops from :func:`faceage.faces.crop_faces` (or ``dlib_age``
+chips, below) and a checkpoint's
 settings (``meta``). Output: the *stored input form* of the checkpoint's ``meta["input"]`` kind,
 a numpy array whose first axis is the face:
 
@@ -8,8 +9,10 @@ a numpy array whose first axis is the face:
   shrinking); normalisation happens inside the network's graph (:class:`faceage.inference.AgeGraph`);
 - ``dlib_face_embedding``: float32 (N, 2, 128) dlib face descriptors of the crop and its mirror
   image (:class:`faceage.face_encoder.DlibFaceEncoder`, computed outside the graph);
-- ``dlib_age_chip``: uint8 (N, 3, 64, 64) chips aligned with the 5-point shape predictor
-  (:class:`faceage.chips.ChipExtractor`); normalised inside the graph like images.
+- ``dlib_age_chip``: uint8 (N, 3, 64, 64) chips aligned with the 5-point shape predictor,
+  cut from the unresampled margin region by ``preprocess`` (``chips.npz``) and by
+  :class:`faceage.predict.FaceLocator` (:mod:`faceage.chips`), never from a resized crop; the
+  preparation only stacks them; normalised inside the graph like images.
 
 The datasets (``train``/``evaluate``), the torch :class:`faceage.inference.AgeModel` and the ONNX
 Runtime model of the service (:mod:`faceage.onnx_model`) all prepare inputs here, so the served
@@ -83,12 +86,27 @@ def _embedding_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Call
     return DlibFaceEncoder(detector_dir, meta["crop"]["margin"]).embed_many
 
 
-def _chip_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
-    from faceage.chips import ChipExtractor
+def stack_chips(chips: list[np.ndarray]) -> np.ndarray:
+    """(3, 64, 64) uint8 chips -> (N, 3, 64, 64).
 
-    if detector_dir is None:
-        raise ValueError(f"input {DLIB_AGE_CHIP!r} needs the detector folder (5-point shape predictor)")
-    return ChipExtractor(detector_dir, meta["crop"]["margin"]).chips
+    Raises:
+        ValueError: An item is not a chip (e.g. a face crop): a chip must be cut from the margin
+            region (``LocatedFaces.chips``, ``chips.npz``), not from a resized crop.
+    """
+    from faceage.chips import CHIP_SIZE
+
+    shape = (3, CHIP_SIZE, CHIP_SIZE)
+    bad = [np.shape(c) for c in chips if np.shape(c) != shape]
+    if bad:
+        raise ValueError(f"input {DLIB_AGE_CHIP!r} takes uint8 {shape} chips cut from the margin region "
+                         f"(LocatedFaces.chips, preprocess's chips.npz), got an item of shape {bad[0]}")
+    if not chips:
+        return np.zeros((0, *shape), np.uint8)
+    return np.stack([np.asarray(c, np.uint8) for c in chips])
+
+
+def _chip_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
+    return stack_chips
 
 
 INPUT_KINDS: dict[str, InputKind] = {

@@ -43,7 +43,7 @@ from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manif
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.external import external_maes
-from faceage.inputs import input_kind
+from faceage.inputs import DLIB_AGE_CHIP, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.tracking import EXPERIMENT, git_commit
 
@@ -306,11 +306,13 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
     }
 
 
-def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES) -> list[np.ndarray]:
-    """Up to ``limit`` real face crops of the ``preprocess`` output (test split first), at ``size`` px.
+def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES, chips: bool = False
+                     ) -> list[np.ndarray]:
+    """Up to ``limit`` real faces of the ``preprocess`` output (test split first): crops at ``size``
+    px, or (``chips``) their ``dlib_age`` chips from ``chips.npz``.
 
     Raises:
-        PackagingError: The folder holds no crops.
+        PackagingError: The folder holds no crops (or no chips for them).
     """
     from faceage.preprocess import read_faces_manifest
 
@@ -321,6 +323,13 @@ def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES)
     rows = sorted(read_faces_manifest(faces_dir), key=lambda r: r["split"] != "test")[:limit]
     if not rows:
         raise PackagingError(f"{faces_dir}/manifest.csv lists no face crops to check the ONNX export on")
+    if chips:
+        from faceage.chips import CHIPS_FILE, load_chips
+
+        if not (faces_dir / CHIPS_FILE).is_file():
+            raise PackagingError(f"{faces_dir} has no {CHIPS_FILE}: rerun the preprocess stage")
+        table = load_chips(faces_dir / CHIPS_FILE)[0]
+        return [table[row["crop"]] for row in rows if row["crop"] in table]
     crops = []
     for row in rows:
         with Image.open(faces_dir / row["crop"]) as im:
@@ -361,7 +370,7 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
         if got != want:
             raise PackagingError(f"{Path(detector_dir) / filename} has sha256 {got}, but the checkpoint was "
                                  f"trained with {want}")
-    crops = load_check_crops(faces_dir, int(crop["size"]))
+    crops = load_check_crops(faces_dir, int(crop["size"]), chips=input_kind(meta).name == DLIB_AGE_CHIP)
     with tempfile.TemporaryDirectory(prefix="faceage-export-") as tmp:
         onnx_tmp = Path(tmp) / ONNX_FILE
         metadata = {**metadata, "onnx_file": ONNX_FILE,

@@ -10,8 +10,9 @@ score), largest face first; ``[]`` when there is no face.
 The CLI, the BentoML service and the benchmark all build this one :class:`AgePredictor`.
 Every setting comes from the checkpoint (detector kind and upsample count, crop margin and
 size, network input size, mean/std), never from ``params.yaml``, and the steps are the
-pipeline's own: :meth:`faceage.faces.FaceDetector.detect`, :func:`faceage.faces.crop_faces`
-(the crop ``preprocess`` writes), then :class:`faceage.inference.AgeModel` (the model
+pipeline's own: :meth:`faceage.faces.FaceDetector.detect`, :func:`faceage.faces.margin_region`
+resized to the crop ``preprocess`` writes (and, for ``dlib_age``, the aligned chip cut from the
+same region, as ``preprocess`` cuts it), then :class:`faceage.inference.AgeModel` (the model
 ``evaluate`` scores).
 
 The age model runs in torch (:class:`faceage.inference.AgeModel`, ``runtime="torch"``: the CLI,
@@ -41,7 +42,7 @@ from PIL import Image
 from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
-from faceage.faces import FaceBox, FaceDetector, crop_faces
+from faceage.faces import FaceBox, FaceDetector, margin_region, resize_region
 from faceage.images import DEFAULT_MAX_PIXELS
 
 # torch (via faceage.inference) is imported only where a torch model is built: the service and
@@ -85,13 +86,20 @@ class LocatedFaces:
     """The faces of one image before the age model: boxes (largest first) and their crops.
 
     ``crops[i]`` is the uint8 (size, size, 3) margin crop around ``boxes[i]``, exactly what
-    ``preprocess`` writes for a training image.
+    ``preprocess`` writes for a training image; ``chips[i]`` (locators built with ``chip_dir``)
+    its uint8 (3, 64, 64) aligned chip, exactly what ``preprocess`` writes to ``chips.npz``.
     """
 
     width: int
     height: int
     boxes: list[FaceBox]
     crops: list[np.ndarray]
+    chips: list[np.ndarray] | None = None
+
+    @property
+    def inputs(self) -> list[np.ndarray]:
+        """What the age model reads per face: the chips when they were cut, else the crops."""
+        return self.crops if self.chips is None else self.chips
 
 
 def available_cores() -> int:
@@ -120,10 +128,13 @@ class FaceLocator:
         crop_size: Side of the crop in pixels (``crop.size``).
         max_detect_pixels: Larger images are downscaled for detection only; 0 disables.
         max_pixels: Encoded images with more pixels are refused (decompression bombs).
+        chip_dir: A folder with the 5-point shape predictor: also cut each face's ``dlib_age``
+            chip (:mod:`faceage.chips`) from its margin region; ``None``: crops only.
     """
 
     def __init__(self, detector_dir: str | Path, *, kind: str, upsample: int, margin: float, crop_size: int,
-                 max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 chip_dir: str | Path | None = None):
         if max_detect_pixels < 0 or max_pixels < 1:
             raise ValueError(f"max_detect_pixels must be >= 0 and max_pixels >= 1, "
                              f"got {max_detect_pixels} and {max_pixels}")
@@ -132,9 +143,15 @@ class FaceLocator:
         self.crop_size = int(crop_size)
         self.max_detect_pixels = int(max_detect_pixels)
         self.max_pixels = int(max_pixels)
+        self.chipper = None
+        if chip_dir is not None:
+            from faceage.chips import ChipExtractor
+
+            self.chipper = ChipExtractor(chip_dir, self.margin)
         self._settings = {"detector_dir": str(detector_dir), "kind": kind, "upsample": int(upsample),
                           "margin": self.margin, "crop_size": self.crop_size,
-                          "max_detect_pixels": self.max_detect_pixels, "max_pixels": self.max_pixels}
+                          "max_detect_pixels": self.max_detect_pixels, "max_pixels": self.max_pixels,
+                          "chip_dir": None if chip_dir is None else str(chip_dir)}
 
     def settings(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this locator (in another process)."""
@@ -159,10 +176,13 @@ class FaceLocator:
         return sorted(boxes, key=lambda b: (-b.area, -b.score))
 
     def locate(self, image: np.ndarray) -> LocatedFaces:
-        """Detects every face of an RGB uint8 image and cuts its crop with :func:`faceage.faces.crop_faces`."""
+        """Detects every face of an RGB uint8 image and cuts its crop (and chip), as ``preprocess`` does."""
         boxes = self.detect(image)
-        crops = crop_faces(image, boxes, self.margin, self.crop_size)
-        return LocatedFaces(width=int(image.shape[1]), height=int(image.shape[0]), boxes=boxes, crops=crops)
+        regions = [margin_region(image, b, self.margin) for b in boxes]
+        crops = [resize_region(r, self.crop_size) for r in regions]
+        chips = None if self.chipper is None else [self.chipper.chip(r) for r in regions]
+        return LocatedFaces(width=int(image.shape[1]), height=int(image.shape[0]), boxes=boxes, crops=crops,
+                            chips=chips)
 
 
 
@@ -210,9 +230,12 @@ class AgePredictor:
         self.meta = self.age_model.meta
         crop = self.meta["crop"]
         check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
+        from faceage.inputs import DLIB_AGE_CHIP, input_kind
+
         self.locator = FaceLocator(detector_dir, kind=crop["detector"], upsample=int(crop["upsample"]),
                                    margin=crop["margin"], crop_size=crop["size"],
-                                   max_detect_pixels=max_detect_pixels, max_pixels=max_pixels)
+                                   max_detect_pixels=max_detect_pixels, max_pixels=max_pixels,
+                                   chip_dir=detector_dir if input_kind(self.meta).name == DLIB_AGE_CHIP else None)
         log.info("age model %s (val MAE %.2f, MLflow run %s) on %s, %d threads; detector %s upsample %d; "
                  "crop margin %.2f size %d", self.meta["backbone"], self.meta.get("val_mae", float("nan")),
                  self.meta.get("mlflow_run_id"), self.age_model.device, self.threads, crop["detector"],
@@ -225,16 +248,18 @@ class AgePredictor:
         weights = model_dir / (ONNX_FILE if runtime == "onnx" else CHECKPOINT_FILE)
         return cls(weights, model_dir / DETECTOR_DIR, runtime=runtime, **kwargs)
 
-    def estimate(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Age mean and std (years) of face crops, in one batched pass: two float arrays of length N."""
-        if len(crops) == 0:
+    def estimate(self, inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Age mean and std (years) of faces (:attr:`LocatedFaces.inputs`), in one batched pass: two float arrays."""
+        if len(inputs) == 0:
             return np.zeros(0), np.zeros(0)
-        return self.age_model.predict_crops(list(crops))
+        return self.age_model.predict_crops(list(inputs))
 
     def warm_up(self) -> None:
-        """One pass over a blank crop, so the first request does not pay for lazy loading."""
+        """One pass over a blank face, so the first request does not pay for lazy loading."""
         size = self.locator.crop_size
-        self.estimate([np.zeros((size, size, 3), np.uint8)])
+        blank = LocatedFaces(0, 0, [], [np.zeros((size, size, 3), np.uint8)],
+                             None if self.locator.chipper is None else [np.zeros((3, 64, 64), np.uint8)])
+        self.estimate(blank.inputs)
 
     def predict(self, image: np.ndarray) -> list[FaceAge]:
         """Every face of one RGB uint8 image with its age, largest first; ``[]`` when there is none."""
@@ -243,7 +268,7 @@ class AgePredictor:
     def predict_many(self, images: Sequence[np.ndarray]) -> list[list[FaceAge]]:
         """:meth:`predict` for several images, with all their faces in one forward pass."""
         located = [self.locator.locate(image) for image in images]
-        mean, std = self.estimate([c for loc in located for c in loc.crops])
+        mean, std = self.estimate([c for loc in located for c in loc.inputs])
         return split_results(located, mean, std)
 
     def lineage(self) -> dict[str, Any]:

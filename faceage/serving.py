@@ -137,7 +137,8 @@ class AgeBatcher:
     ``max_batch_faces``), so batches grow with the load.
 
     Args:
-        estimate: ``crops -> (mean, std)``, e.g. :meth:`AgePredictor.estimate`; it runs in a
+        estimate: ``face inputs -> (mean, std)``, e.g. :meth:`AgePredictor.estimate` of
+            ``LocatedFaces.inputs`` (crops, or ``dlib_age`` chips); it runs in a
             worker thread (input preparation included).
         max_batch_faces: Most faces per forward pass (one request's faces are never split).
         on_batch: Called with each batch's face count (for metrics).
@@ -155,7 +156,7 @@ class AgeBatcher:
         self._task: asyncio.Task | None = None  # a reference keeps the drain task from being collected
 
     async def __call__(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Age mean and std of one request's face crops."""
+        """Age mean and std of one request's faces (``LocatedFaces.inputs``)."""
         if len(crops) == 0:
             return np.zeros(0), np.zeros(0)
         loop = asyncio.get_running_loop()

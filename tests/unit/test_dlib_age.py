@@ -9,7 +9,6 @@ download cache; offline once cached); without it and without network the tests s
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import replace
 
@@ -18,18 +17,18 @@ import pytest
 import torch
 from PIL import Image
 
-from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE, ChipExtractor
+from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE, ChipExtractor, load_chips
 from faceage.detector import AGE_MODEL_FILE, HOG_FILE, fetch_detector_files
 from faceage.download import DownloadError, file_digest
 from faceage.dlib_age import (
     HEAD_ENSEMBLE, HEAD_PRETRAINED, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, DlibAgeNet, load_dlib_age,
     load_pretrained_into, widen_head,
 )
-from faceage.faces import FaceDetector, crop_faces
-from faceage.features import compute_features, load_chips
+from faceage.faces import FaceDetector, margin_region
+from faceage.features import compute_features
 from faceage.model import save_checkpoint
 from faceage.predict import AgePredictor
-from faceage.preprocess import FIELDS, MANIFEST, SETTINGS
+from faceage.preprocess import SETTINGS
 from faceage.transforms import normalize
 from tests.conftest import REPO
 
@@ -51,11 +50,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def crops(model_dir) -> list[np.ndarray]:
-    """Margin crops of the astronaut as preprocess cuts them, at three margins, and their mirror images."""
+    """Margin regions of the astronaut as preprocess cuts its chips from them, at three margins, and their mirror images."""
     image = skimage_data.astronaut()
     boxes = FaceDetector(model_dir, "hog", 1).detect(image)[:1]
     assert boxes, "the astronaut's face must be detected"
-    out = [crop_faces(image, boxes, m, CROP)[0] for m in (0.3, 0.4, 0.5)]
+    out = [margin_region(image, boxes[0], m) for m in (0.3, 0.4, 0.5)]
     return out + [np.ascontiguousarray(c[:, ::-1]) for c in out]
 
 
@@ -110,23 +109,27 @@ def test_every_parameter_comes_from_the_onnx_file(model_dir):
     assert all(not torch.equal(model.state_dict()[k], fresh.state_dict()[k]) for k in fresh.state_dict())
 
 
-def _write_faces_dir(root, crop: np.ndarray):
-    """A minimal preprocess output holding one crop (the manifest and settings readers need)."""
-    faces = root / "faces"
-    (faces / "test").mkdir(parents=True)
-    Image.fromarray(crop).save(faces / "test" / "a.png")
-    with open(faces / MANIFEST, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
-        w.writeheader()
-        w.writerow({"split": "test", "file_name": "a.jpg", "crop": "test/a.png", "apparent_age": 35,
-                    "apparent_age_std": 1, "real_age": 35, "status": "face", "n_faces": 1})
-    (faces / SETTINGS).write_text(json.dumps({"margin": MARGIN, "size": CROP}))
-    return faces
+def test_predictor_chip_equals_the_preprocess_chip(model_dir, tmp_path):
+    """One crop path: preprocess cuts the chip from the margin region (chips.npz) -> embed copies
+    it -> the predictor cuts the byte-identical chip from the same photo and serves its age."""
+    from faceage.appa_real import Sample
+    from faceage.config import PreprocessParams
+    from faceage.preprocess import crop_samples
 
-
-def test_predictor_chip_equals_the_embed_stage_chip(model_dir, tmp_path):
-    """One crop path: preprocess's crop -> embed's chip == the predictor's chip for the same photo."""
     image = skimage_data.astronaut()
+    data = tmp_path / "release"
+    (data / "test").mkdir(parents=True)
+    Image.fromarray(image).save(data / "test" / "a.png")  # lossless: preprocess decodes the same pixels
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    params = PreprocessParams(detector="hog", upsample=1, margin=MARGIN, size=CROP, no_face="skip", workers=1)
+    rows = crop_samples({"test": [Sample("test", "a.png", 35.0, 1.0, 35.0)]}, data, model_dir, faces, params)
+    assert rows[0]["status"] == "face"
+    (faces / SETTINGS).write_text(json.dumps({"margin": MARGIN, "size": CROP}))
+    compute_features(DLIB_AGE, faces, model_dir, tmp_path / "features.npz", workers=1)
+    table, info = load_chips(tmp_path / "features.npz")
+    assert info["margin"] == MARGIN and list(table) == ["test/a.png"]
+
     model = load_dlib_age(model_dir / AGE_MODEL_FILE, 101)
     meta = {"backbone": DLIB_AGE, "min_age": 0, "max_age": 100, "image_size": CHIP_SIZE,
             "mean": list(INPUT_MEAN), "std": list(INPUT_STD), "val_mae": 6.0, "mlflow_run_id": "r1",
@@ -136,20 +139,31 @@ def test_predictor_chip_equals_the_embed_stage_chip(model_dir, tmp_path):
     save_checkpoint(tmp_path / "model.pt", model, meta)
     predictor = AgePredictor(tmp_path / "model.pt", model_dir, threads=1)
     located = predictor.locator.locate(image)
-    served = predictor.age_model.prepare(located.crops[:1]).numpy()
-
-    crop = crop_faces(image, FaceDetector(model_dir, "hog", 1).detect(image)[:1], MARGIN, CROP)[0]
-    faces = _write_faces_dir(tmp_path, crop)
-    compute_features(DLIB_AGE, faces, model_dir, tmp_path / "features.npz", workers=1)
-    table, info = load_chips(tmp_path / "features.npz")
-    assert info["margin"] == MARGIN
+    served = predictor.age_model.prepare(located.inputs[:1]).numpy()
     assert served.shape == (1, 3, CHIP_SIZE, CHIP_SIZE)
     assert served[0].tobytes() == table["test/a.png"].tobytes()
+    # The crop on disk is what the service crops too (image backbones read it).
+    assert np.array_equal(np.asarray(Image.open(faces / "test" / "a.png")), located.crops[0])
+    # The chip comes from the unresampled region, not from the 224 px crop.
+    region = margin_region(image, located.boxes[0], MARGIN)
+    assert region.shape[0] != CROP
+    chipper = ChipExtractor(model_dir, MARGIN)
+    assert chipper.chip(region).tobytes() == served[0].tobytes()
+    assert chipper.chip(located.crops[0]).tobytes() != served[0].tobytes()
     # ... and the served age is the network's on that chip.
     age = predictor.predict(image)[0].age
     with torch.no_grad():
         logits = model(normalize(torch.from_numpy(table["test/a.png"][None]), INPUT_MEAN, INPUT_STD))
     assert age == pytest.approx(float(torch.softmax(logits, 1)[0] @ torch.arange(101.0)), abs=1e-3)
+
+
+def test_chip_inputs_refuse_face_crops():
+    from faceage.inputs import stack_chips
+
+    assert stack_chips([]).shape == (0, 3, CHIP_SIZE, CHIP_SIZE)
+    assert stack_chips([np.zeros((3, CHIP_SIZE, CHIP_SIZE), np.uint8)]).shape == (1, 3, CHIP_SIZE, CHIP_SIZE)
+    with pytest.raises(ValueError, match=r"chips cut from the margin region .*shape \(224, 224, 3\)"):
+        stack_chips([np.zeros((224, 224, 3), np.uint8)])
 
 
 @pytest.mark.parametrize("k", [1, 4, 6])
@@ -267,7 +281,7 @@ def test_ensemble_checkpoint_exports_to_onnx_and_serves_the_same_ages(model_dir,
     save_checkpoint(tmp_path / "model.pt", model.eval(), meta)
     loaded, got = load_checkpoint(tmp_path / "model.pt")
     assert got["head"] == HEAD_ENSEMBLE and loaded.ensemble is not None
-    report = export_onnx(tmp_path / "model.pt", model_dir, crops, tmp_path / "model.onnx")
+    report = export_onnx(tmp_path / "model.pt", model_dir, list(chips), tmp_path / "model.onnx")
     assert report["onnx_max_abs_diff_probs"] <= 1e-4
     image = skimage_data.astronaut()
     torch_side = AgePredictor(tmp_path / "model.pt", model_dir, threads=1).predict(image)
