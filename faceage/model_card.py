@@ -30,6 +30,16 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     return note
 
 
+def _chip_note(meta: dict[str, Any]) -> str:
+    """How a chip-input model sees each face (``faceage.chips``); empty for other inputs."""
+    from faceage.inputs import DLIB_AGE_CHIP, input_kind
+
+    if input_kind(meta).name != DLIB_AGE_CHIP:
+        return ""
+    return (", read as the 5-point-aligned 64 px chip cut from that square before it is resized "
+            "(the photo's own pixels, as dlib's network was trained)")
+
+
 def _augmentation(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     """``train.augment``, and ``train.low_res`` where it applied (image inputs with augmentation on)."""
     note = f"augmentation {tp.get('augment', '?')}"
@@ -84,7 +94,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, {_augmentation(meta, tp)}; "
         f"best epoch {meta.get('best_epoch', '?')} by validation MAE ({_fmt(meta['val_mae'])} years).",
         f"- Faces: dlib `{crop['detector']}` detector (upsample {crop['upsample']}), square crop with margin "
-        f"{crop['margin']}, {crop['size']} px; the service uses the same detector file "
+        f"{crop['margin']}, {crop['size']} px" + _chip_note(meta) + "; the service uses the same detector file "
         f"(sha256 `{crop['detector_sha256'][:16]}...`) and crop code.",
         "",
         "## Data",

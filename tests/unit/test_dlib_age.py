@@ -342,3 +342,10 @@ def test_model_card_names_low_res_only_where_training_applied_it():
     assert _augmentation({"backbone": DLIB_AGE}, tp) == "augmentation True (share of faces at a lower resolution: 0.5)"
     assert _augmentation({"backbone": "dlib_face"}, tp) == "augmentation True"  # descriptors are not degraded
     assert _augmentation({"backbone": DLIB_AGE}, {**tp, "augment": False}) == "augmentation False"
+
+
+def test_model_card_says_where_a_chip_model_reads_its_faces():
+    from faceage.model_card import _chip_note
+
+    assert "cut from that square before it is resized" in _chip_note({"backbone": DLIB_AGE, "input": "dlib_age_chip"})
+    assert _chip_note({"backbone": "resnet18", "input": "image"}) == ""
