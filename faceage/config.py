@@ -11,6 +11,7 @@ naming the offending ``section.key``, so a typo in ``params.yaml`` or in
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -85,6 +86,10 @@ class TrainParams:
     # dlib_age only: "auto" = an MLP ensemble over the frozen network ("ensemble"), or dlib's own head
     # fine-tuned with the keys below ("pretrained", chosen by auto when any of them is set or epochs is 0)
     head: Literal["auto", "ensemble", "pretrained"] = "auto"
+    # The ensemble head's share against the pretrained network's own distribution: "auto" = chosen on
+    # validation (the most pretrained weight within one standard error of the best), or a number in
+    # [0, 1] (lower keeps the served ages closer to the pretrained network on photos unlike ours)
+    ensemble_weight: Literal["auto"] | float = "auto"
     # Fine-tuning without forgetting (dlib_age with head pretrained; see faceage.finetune):
     freeze_blocks: int = 0  # leading stages left frozen (stem, block1, ...)
     layer_lr_decay: float = 1.0  # lr factor per stage below the head (layer-wise learning rates)
@@ -129,6 +134,14 @@ class Params:
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
     """Validates (and lightly coerces) one value against its dataclass annotation."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        problems = []
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(name, value, option)
+            except ConfigError as e:
+                problems.append(str(e).removeprefix(f"{name} must be ").split(", got")[0])
+        raise ConfigError(f"{name} must be {' or '.join(problems)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
@@ -206,6 +219,8 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {obj.warmup_epochs}"),
             (obj.num_workers >= -1, f"train.num_workers must be >= -1, got {obj.num_workers}"),
             (obj.nproc_per_node >= 1, f"train.nproc_per_node must be >= 1, got {obj.nproc_per_node}"),
+            (obj.ensemble_weight == "auto" or 0 <= obj.ensemble_weight <= 1,
+             f"train.ensemble_weight must be auto or in [0, 1], got {obj.ensemble_weight}"),
             (obj.batch_size % obj.nproc_per_node == 0,
              f"train.batch_size={obj.batch_size} (the global batch) must be divisible by "
              f"train.nproc_per_node={obj.nproc_per_node}"),

@@ -92,6 +92,10 @@ def check_params(p: TrainParams) -> None:
         raise ConfigError("train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft fine-tune dlib's own head: "
                           "they need train.head=pretrained (or auto), got train.head=ensemble, which trains an MLP "
                           "ensemble over the frozen network")
+    if p.ensemble_weight != "auto" and resolve_head(p) != HEAD_ENSEMBLE:
+        raise ConfigError(f"train.ensemble_weight={p.ensemble_weight} mixes dlib_age's ensemble head with the "
+                          f"pretrained network, but this run has no ensemble head (train.backbone={p.backbone}, "
+                          f"head {resolve_head(p) or 'none'}); reset it to auto")
     if p.epochs == 0 and p.head == HEAD_ENSEMBLE:
         raise ConfigError("train.epochs=0 is the zero-shot network: it needs train.head=pretrained (or auto), "
                           "got train.head=ensemble, whose members would be untrained")
@@ -205,21 +209,27 @@ def _choose(alphas: tuple[float, ...], apply: Callable[[float], Any],
     return scores[chosen], scores
 
 
-def choose_ensemble_weight(model: nn.Module, val_errors: Callable[[], torch.Tensor]) -> tuple[float, float, list[dict]]:
+def choose_ensemble_weight(model: nn.Module, val_errors: Callable[[], torch.Tensor], weight: float | str = "auto"
+                           ) -> tuple[float, float, list[dict]]:
     """Sets the ensemble head's mix with the pretrained distribution, chosen on the VALIDATION split.
 
     The weight of the ensemble's distribution against the frozen network's own goes over 0, 0.1,
     ..., 1 and the rule of :func:`interpolate_weights` picks it: the smallest weight (the output
     closest to the pretrained network) within one paired standard error of the lowest validation
     MAE. Why: the heads are trained on one collection; on photos unlike it they move away from the
-    pretrained network, while validation usually cannot tell weights 0.7-1 apart (measured on the
-    ``wild`` photos, ``reports/recipe_dlib_age.md``: 3.9-4.7 years on average at weight 1, 3.0-3.4
-    with the weights 0.7-0.8 chosen here, at most 0.06 years more on the test split).
+    pretrained network, while validation usually cannot tell the highest weights apart (measured on
+    the ``wild`` photos, ``reports/recipe_dlib_age.md``). A number ``weight``
+    (``train.ensemble_weight``) is used as given instead; its validation MAE is still measured.
 
     Returns:
         ``(weight, val_mae, [{"alpha", "val_mae"}, ...])``.
     """
     ensemble = getattr(model, "full", model).ensemble
+    if weight != "auto":
+        ensemble.weight.fill_(float(weight))
+        mae = float(torch.as_tensor(val_errors(), dtype=torch.float64).mean())
+        log.info("ensemble head: weight %.2f set by train.ensemble_weight (val MAE %.3f)", float(weight), mae)
+        return float(weight), mae, [{"alpha": float(weight), "val_mae": mae}]
     best, scores = _choose(WISE_ALPHAS, ensemble.weight.fill_, val_errors)
     ensemble.weight.fill_(best["alpha"])
     log.info("ensemble head: validation MAE by weight %s -> weight %.1f (val MAE %.3f), the closest to the pretrained "

@@ -412,7 +412,8 @@ def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Cal
         state.best_val_mae = wise_mae
         extra.update(wise_alpha=alpha, wise_val_mae=wise_mae)
     if getattr(getattr(model, "full", model), "ensemble", None) is not None:
-        weight, mix_mae, _ = finetune.choose_ensemble_weight(model, lambda: val_errors(model, val_set, prepare, device))
+        weight, mix_mae, _ = finetune.choose_ensemble_weight(model, lambda: val_errors(model, val_set, prepare, device),
+                                                             p.ensemble_weight)
         state.best_val_mae = mix_mae
         extra.update(ensemble_weight=weight, ensemble_val_mae=mix_mae)
     extra["temperature"] = fit_temperature(predict_logits(model, val_set.images, prepare, device), val_set.ages)

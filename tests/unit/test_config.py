@@ -65,6 +65,8 @@ def test_missing_key_is_named():
         ("train", "low_res", 1.5, r"train\.low_res must be in \[0, 1\] \(a share of faces\), got 1\.5"),
         ("train", "low_res_min", 0, r"train\.low_res_min must be in \(0, 1\]"),
         ("evaluate", "low_res", [0.5, 1.0], r"evaluate\.low_res: each must be in \(0, 1\)"),
+        ("train", "ensemble_weight", 1.2, r"train\.ensemble_weight must be auto or in \[0, 1\], got 1\.2"),
+        ("train", "ensemble_weight", "best", r"train\.ensemble_weight must be one of \['auto'\] or a number, got 'best'"),
     ],
 )
 def test_mistyped_or_out_of_range_value_is_named(section, key, value, message):
@@ -72,6 +74,15 @@ def test_mistyped_or_out_of_range_value_is_named(section, key, value, message):
     raw[section][key] = value
     with pytest.raises(ConfigError, match=message):
         params_from_dict(raw)
+
+
+def test_ensemble_weight_is_auto_or_a_number():
+    raw = raw_params()
+    assert params_from_dict(raw).train.ensemble_weight == "auto"
+    raw["train"]["ensemble_weight"] = 1
+    assert params_from_dict(raw).train.ensemble_weight == 1.0
+    raw["train"]["ensemble_weight"] = 0.5
+    assert params_from_dict(raw).train.ensemble_weight == 0.5
 
 
 def test_int_is_accepted_for_float_and_coerced():

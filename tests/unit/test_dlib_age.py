@@ -256,9 +256,12 @@ def test_auto_head_is_the_ensemble_unless_fine_tuning_or_zero_shot_is_asked_for(
     assert resolve_head(TrainParams()) is None
     for bad, named in [(replace(age, head=HEAD_ENSEMBLE, freeze_blocks=4), "train.head=ensemble"),
                        (replace(age, head=HEAD_ENSEMBLE, epochs=0), "train.epochs=0"),
-                       (TrainParams(head=HEAD_ENSEMBLE), "train.head applies")]:
+                       (TrainParams(head=HEAD_ENSEMBLE), "train.head applies"),
+                       (replace(age, epochs=0, ensemble_weight=0.5), r"train\.ensemble_weight=0\.5 .* no ensemble head"),
+                       (TrainParams(ensemble_weight=0.5), r"train\.ensemble_weight=0\.5 .* no ensemble head")]:
         with pytest.raises(ConfigError, match=named):
             check_params(bad)
+    check_params(replace(age, ensemble_weight=0.5))  # the ensemble head: fine
 
 
 def test_ensemble_checkpoint_exports_to_onnx_and_serves_the_same_ages(model_dir, crops, tmp_path):
@@ -321,6 +324,10 @@ def test_ensemble_weight_is_the_most_pretrained_within_validation_noise(gap, noi
     assert float(model.ensemble.weight) == pytest.approx(weight)
     assert (weight == 1.0) == expect_full
     assert len(scores) == 11
+    # train.ensemble_weight given: used as it is, its validation MAE measured.
+    weight, mae, scores = choose_ensemble_weight(model, errors, 0.35)
+    assert weight == 0.35 and float(model.ensemble.weight) == pytest.approx(0.35)
+    assert mae == pytest.approx(float(errors().mean())) and len(scores) == 1
 
 
 def test_model_card_names_the_weights_and_head_a_dlib_age_model_starts_from():
