@@ -77,9 +77,27 @@ class ChipExtractor:
 
     def chips(self, regions: list[np.ndarray]) -> np.ndarray:
         """(N, 3, 64, 64) uint8 chips; an empty list gives (0, 3, 64, 64)."""
-        if not regions:
-            return np.zeros((0, 3, CHIP_SIZE, CHIP_SIZE), dtype=np.uint8)
-        return np.stack([self.chip(r) for r in regions])
+        return stack_chips([self.chip(r) for r in regions])
+
+
+def stack_chips(chips: list[np.ndarray]) -> np.ndarray:
+    """(3, 64, 64) uint8 chips -> (N, 3, 64, 64); an empty list gives (0, 3, 64, 64).
+
+    The ``dlib_age_chip`` input preparation (:mod:`faceage.inputs`) and ``chips.npz`` both go
+    through here.
+
+    Raises:
+        ValueError: An item is not a chip (e.g. a face crop): a chip must be cut from the margin
+            region (``LocatedFaces.chips``, ``chips.npz``), not from a resized crop.
+    """
+    shape = (3, CHIP_SIZE, CHIP_SIZE)
+    bad = [np.shape(c) for c in chips if np.shape(c) != shape]
+    if bad:
+        raise ValueError(f"input 'dlib_age_chip' takes uint8 {shape} chips cut from the margin region "
+                         f"(LocatedFaces.chips, preprocess's chips.npz), got an item of shape {bad[0]}")
+    if not len(chips):
+        return np.zeros((0, *shape), np.uint8)
+    return np.stack([np.asarray(c, np.uint8) for c in chips])
 
 
 _worker: dict = {}
@@ -115,12 +133,12 @@ def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: lis
                          disable=desc is None))
 
 
-def save_chips(path: str | Path, crops: list[str], chips: np.ndarray, margin: float,
+def save_chips(path: str | Path, crops: list[str], chips: list[np.ndarray], margin: float,
                shape_predictor_sha256: str) -> None:
     """Writes ``chips[i]`` keyed by ``crops[i]`` (the crop's path in its faces folder), atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
-    chips = np.asarray(chips, np.uint8).reshape(-1, 3, CHIP_SIZE, CHIP_SIZE)
+    chips = stack_chips(chips)
     if len(chips) != len(crops):
         raise ValueError(f"{len(chips)} chips for {len(crops)} crops")
     np.savez(tmp, kind=np.array(DLIB_AGE), crops=np.array(crops, dtype=str), chips=chips, margin=np.array(margin),

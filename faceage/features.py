@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceage.chips import CHIP_SIZE, CHIPS_FILE, DLIB_AGE, load_chips, save_chips
+from faceage.chips import CHIPS_FILE, DLIB_AGE, load_chips, save_chips
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.face_encoder import FACE_ENCODER, embed_dataset
 
@@ -64,8 +64,7 @@ def compute_features(backbone: str, faces_dir: str | Path, model_dir: str | Path
             raise ValueError(f"{source} was cut with another shape predictor (sha256 {info['shape_predictor_sha256']}, "
                              f"{model_dir} holds {expected}); rerun the preprocess stage")
         log.info("%d aligned 64x64 chips (cut by preprocess) for train.backbone=%s", len(crops), backbone)
-        chips = np.stack([table[c] for c in crops]) if crops else np.zeros((0, 3, CHIP_SIZE, CHIP_SIZE), np.uint8)
-        save_chips(out_path, crops, chips, info["margin"], info["shape_predictor_sha256"])
+        save_chips(out_path, crops, [table[c] for c in crops], info["margin"], info["shape_predictor_sha256"])
         return len(crops)
     log.info("train.backbone=%s reads the crops themselves: no features computed", backbone)
     tmp = out_path.with_name(out_path.name + ".tmp.npz")

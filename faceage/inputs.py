@@ -86,26 +86,9 @@ def _embedding_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Call
     return DlibFaceEncoder(detector_dir, meta["crop"]["margin"]).embed_many
 
 
-def stack_chips(chips: list[np.ndarray]) -> np.ndarray:
-    """(3, 64, 64) uint8 chips -> (N, 3, 64, 64).
-
-    Raises:
-        ValueError: An item is not a chip (e.g. a face crop): a chip must be cut from the margin
-            region (``LocatedFaces.chips``, ``chips.npz``), not from a resized crop.
-    """
-    from faceage.chips import CHIP_SIZE
-
-    shape = (3, CHIP_SIZE, CHIP_SIZE)
-    bad = [np.shape(c) for c in chips if np.shape(c) != shape]
-    if bad:
-        raise ValueError(f"input {DLIB_AGE_CHIP!r} takes uint8 {shape} chips cut from the margin region "
-                         f"(LocatedFaces.chips, preprocess's chips.npz), got an item of shape {bad[0]}")
-    if not chips:
-        return np.zeros((0, *shape), np.uint8)
-    return np.stack([np.asarray(c, np.uint8) for c in chips])
-
-
 def _chip_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
+    from faceage.chips import stack_chips
+
     return stack_chips
 
 

@@ -256,10 +256,9 @@ class AgePredictor:
 
     def warm_up(self) -> None:
         """One pass over a blank face, so the first request does not pay for lazy loading."""
-        size = self.locator.crop_size
-        blank = LocatedFaces(0, 0, [], [np.zeros((size, size, 3), np.uint8)],
-                             None if self.locator.chipper is None else [np.zeros((3, 64, 64), np.uint8)])
-        self.estimate(blank.inputs)
+        blank = np.zeros((self.locator.crop_size, self.locator.crop_size, 3), np.uint8)
+        chipper = self.locator.chipper
+        self.estimate([blank if chipper is None else chipper.chip(blank)])
 
     def predict(self, image: np.ndarray) -> list[FaceAge]:
         """Every face of one RGB uint8 image with its age, largest first; ``[]`` when there is none."""

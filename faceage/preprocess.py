@@ -27,14 +27,13 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from faceage.atomic import staged_dir
 from faceage.appa_real import FACE_SUFFIX, Sample, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
-from faceage.chips import CHIP_SIZE, CHIPS_FILE, ChipExtractor, save_chips
+from faceage.chips import CHIPS_FILE, ChipExtractor, save_chips
 from faceage.detector import HOG_FILE, CNN_FILE, SHAPE5_FILE, read_manifest
 from faceage.faces import FaceDetector, choose_subject, margin_region, resize_region, whole_image_box
 from faceage.images import ImageDecodeError, load_image
@@ -199,8 +198,7 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         writer.writeheader()
         writer.writerows(rows)
     cut = [r for r in rows if "chip" in r]
-    save_chips(out_dir / CHIPS_FILE, [r["crop"] for r in cut], np.stack([r.pop("chip") for r in cut]) if cut else
-               np.zeros((0, 3, CHIP_SIZE, CHIP_SIZE), np.uint8), params.margin,
+    save_chips(out_dir / CHIPS_FILE, [r["crop"] for r in cut], [r.pop("chip") for r in cut], params.margin,
                read_manifest(detector_dir)["files"][SHAPE5_FILE])
     return rows
 

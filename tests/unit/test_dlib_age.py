@@ -158,7 +158,7 @@ def test_predictor_chip_equals_the_preprocess_chip(model_dir, tmp_path):
 
 
 def test_chip_inputs_refuse_face_crops():
-    from faceage.inputs import stack_chips
+    from faceage.chips import stack_chips
 
     assert stack_chips([]).shape == (0, 3, CHIP_SIZE, CHIP_SIZE)
     assert stack_chips([np.zeros((3, CHIP_SIZE, CHIP_SIZE), np.uint8)]).shape == (1, 3, CHIP_SIZE, CHIP_SIZE)
