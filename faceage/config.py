@@ -46,6 +46,8 @@ class FetchDetectorParams:
 class PreprocessParams:
     detector: Literal["hog", "cnn"] = "hog"  # cnn (mmod) is ~25x slower on CPU
     upsample: int = 1  # times the image is upsampled before detection (finds smaller faces)
+    # no face found: look again with a border of this fraction of the longer side (faces that fill the frame)
+    retry_pad: float = 0.25
     margin: float = 0.4  # extra context around the box, as a fraction of its size per side
     size: int = 224  # side of the square crop written to disk, in pixels
     no_face: Literal["release_crop", "whole_image", "skip"] = "release_crop"
@@ -199,6 +201,7 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (0.0 <= obj.margin < 2.0, f"preprocess.margin must be in [0, 2), got {obj.margin}"),
             (obj.size >= 16, f"preprocess.size must be >= 16 px, got {obj.size}"),
             (obj.upsample >= 0, f"preprocess.upsample must be >= 0, got {obj.upsample}"),
+            (0.0 <= obj.retry_pad <= 1.0, f"preprocess.retry_pad must be in [0, 1], got {obj.retry_pad}"),
             (obj.workers >= 0, f"preprocess.workers must be >= 0, got {obj.workers}"),
         ]
     elif isinstance(obj, EmbedParams):

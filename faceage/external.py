@@ -30,6 +30,7 @@ from faceage.atomic import staged_dir
 from faceage.config import PreprocessParams
 from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
+from faceage.faces import crop_retry_pad
 from faceage.preprocess import SETTINGS, count_statuses, crop_samples, read_faces_manifest
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ EMBEDDINGS = "embeddings.npz"
 # 2: preprocess writes chips.npz, cut from the unresampled margin regions (1: chips cut later from the crops)
 FACES_FORMAT = 2
 # The crop settings that decide the pixels of a crop (workers and data lineage do not).
-CROP_KEYS = ("detector", "upsample", "margin", "size", "no_face", "detector_file", "detector_sha256")
+CROP_KEYS = ("detector", "upsample", "retry_pad", "margin", "size", "no_face", "detector_file", "detector_sha256")
 
 
 class ExternalSetError(LayoutError):
@@ -102,8 +103,9 @@ def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path) -> li
 
 def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
     """The ``preprocess`` settings a checkpoint's crops were made with (``meta["crop"]``)."""
-    return PreprocessParams(detector=crop["detector"], upsample=int(crop["upsample"]), margin=float(crop["margin"]),
-                            size=int(crop["size"]), no_face=crop.get("no_face", "release_crop"), workers=workers)
+    return PreprocessParams(detector=crop["detector"], upsample=int(crop["upsample"]),
+                            retry_pad=crop_retry_pad(crop), margin=float(crop["margin"]), size=int(crop["size"]),
+                            no_face=crop.get("no_face", "release_crop"), workers=workers)
 
 
 def cache_key(folder: Path, crop: dict[str, Any], shape_predictor_sha256: str = "") -> str:

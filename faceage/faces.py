@@ -56,6 +56,13 @@ class FaceDetector:
         model_dir: Folder written by :func:`faceage.detector.fetch_detector_files`.
         kind: ``"hog"`` (fast, frontal faces) or ``"cnn"`` (mmod; finds more, ~25x slower on CPU).
         upsample: How many times to upsample the image before detecting (finds smaller faces).
+        retry_pad: When nothing is found, detect once more on the image extended on every side by
+            this fraction of its longer side (edge pixels repeated). A face that fills the frame
+            (a tight crop, a headshot) touches the borders, where HOG's window cannot see it; with
+            a border it is found. 0 disables. Measured with HOG, upsample 1, 0.25: of the images
+            where nothing was found, 79 of 89 on the shared sample and 47 of 65 on utk-external
+            are recovered (zero-shot ``dlib_age`` MAE 5.72 on the sample's, near its 5.9 on all
+            faces), and none of the 11 ``wild`` photos without a face gains one.
 
     Raises:
         ValueError: Unknown ``kind`` or negative ``upsample``.
@@ -66,16 +73,19 @@ class FaceDetector:
     detector per process, as ``preprocess`` and the service's detection pool do.
     """
 
-    def __init__(self, model_dir: str | Path, kind: str = "hog", upsample: int = 1):
+    def __init__(self, model_dir: str | Path, kind: str = "hog", upsample: int = 1, retry_pad: float = 0.0):
         if kind not in ("hog", "cnn"):
             raise ValueError(f"detector must be 'hog' or 'cnn', got {kind!r}")
         if upsample < 0:
             raise ValueError(f"upsample must be >= 0, got {upsample}")
+        if not 0.0 <= retry_pad <= 1.0:
+            raise ValueError(f"retry_pad must be in [0, 1], got {retry_pad}")
         path = Path(model_dir) / (HOG_FILE if kind == "hog" else CNN_FILE)
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run the fetch_detector stage first")
         self.kind = kind
         self.upsample = upsample
+        self.retry_pad = float(retry_pad)
         self.path = path
         self._lock = threading.Lock()
         if kind == "hog":
@@ -86,10 +96,22 @@ class FaceDetector:
     def detect(self, image: np.ndarray) -> list[FaceBox]:
         """Finds every face in an RGB uint8 image, largest first.
 
-        Boxes are clipped to the image; the margin crop may still extend past its edges.
+        Boxes are clipped to the image; the margin crop may still extend past its edges. When
+        nothing is found and ``retry_pad`` > 0, the image extended with a border of repeated edge
+        pixels is searched once more and the boxes are mapped back.
         """
-        h, w = image.shape[:2]
         image = np.ascontiguousarray(image)
+        boxes = self._detect(image, 0)
+        if boxes or not self.retry_pad:
+            return boxes
+        pad = int(round(self.retry_pad * max(image.shape[:2])))
+        if pad < 1:
+            return boxes
+        return self._detect(np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge"), pad)
+
+    def _detect(self, image: np.ndarray, pad: int) -> list[FaceBox]:
+        """Boxes found in ``image``, shifted by ``-pad`` and clipped to the unpadded image."""
+        h, w = image.shape[0] - 2 * pad, image.shape[1] - 2 * pad
         with self._lock:
             if self.kind == "hog":
                 rects, scores, _ = self._hog.run(image, self.upsample, 0.0)
@@ -99,15 +121,21 @@ class FaceDetector:
         boxes = []
         for r, score in found:
             box = FaceBox(
-                max(int(r.left()), 0),
-                max(int(r.top()), 0),
-                min(int(r.right()) + 1, w),
-                min(int(r.bottom()) + 1, h),
+                max(int(r.left()) - pad, 0),
+                max(int(r.top()) - pad, 0),
+                min(int(r.right()) + 1 - pad, w),
+                min(int(r.bottom()) + 1 - pad, h),
                 float(score),
             )
             if box.width > 1 and box.height > 1:
                 boxes.append(box)
         return sorted(boxes, key=lambda b: (-b.area, -b.score))
+
+
+def crop_retry_pad(crop: dict) -> float:
+    """A checkpoint's ``crop.retry_pad`` (``meta["crop"]``, preprocess's settings): 0 for checkpoints
+    made before the setting existed, whose faces were found without the retry."""
+    return float(crop.get("retry_pad", 0.0))
 
 
 def choose_subject(boxes: list[FaceBox], width: int, height: int) -> FaceBox | None:

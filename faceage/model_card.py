@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from faceage.faces import crop_retry_pad
+
 
 def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     """What the backbone is and which part of it was trained."""
@@ -28,6 +30,13 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     elif meta.get("head") == "pretrained":
         note += "; dlib's own age head (`train.head=pretrained`)"
     return note
+
+
+def _retry_note(crop: dict) -> str:
+    pad = crop_retry_pad(crop)
+    if not pad:
+        return ""
+    return f"; where it finds nothing, it looks again with a border of {pad:g} of the longer side, for faces that fill the frame"
 
 
 def _chip_note(meta: dict[str, Any]) -> str:
@@ -93,7 +102,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"- Training: {tp.get('epochs', '?')} epochs, loss `{tp.get('loss', '?')}`, optimiser `{tp.get('optimizer', '?')}` "
         f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, {_augmentation(meta, tp)}; "
         f"best epoch {meta.get('best_epoch', '?')} by validation MAE ({_fmt(meta['val_mae'])} years).",
-        f"- Faces: dlib `{crop['detector']}` detector (upsample {crop['upsample']}), square crop with margin "
+        f"- Faces: dlib `{crop['detector']}` detector (upsample {crop['upsample']}" + _retry_note(crop) + "), square crop with margin "
         f"{crop['margin']}, {crop['size']} px" + _chip_note(meta) + "; the service uses the same detector file "
         f"(sha256 `{crop['detector_sha256'][:16]}...`) and crop code.",
         "",

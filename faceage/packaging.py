@@ -43,6 +43,7 @@ from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manif
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.external import external_maes
+from faceage.faces import crop_retry_pad
 from faceage.inputs import DLIB_AGE_CHIP, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.tracking import EXPERIMENT, git_commit
@@ -300,6 +301,7 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
         "best_epoch": int(meta.get("best_epoch", 0)),
         "detector": crop["detector"],
         "detector_upsample": int(crop["upsample"]),
+        "detector_retry_pad": crop_retry_pad(crop),
         "detector_sha256": crop["detector_sha256"],
         "crop_margin": float(crop["margin"]),
         "crop_size_px": int(crop["size"]),

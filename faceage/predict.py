@@ -42,7 +42,7 @@ from PIL import Image
 from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
-from faceage.faces import FaceBox, FaceDetector, margin_region, resize_region
+from faceage.faces import FaceBox, FaceDetector, crop_retry_pad, margin_region, resize_region
 from faceage.images import DEFAULT_MAX_PIXELS
 
 # torch (via faceage.inference) is imported only where a torch model is built: the service and
@@ -124,6 +124,8 @@ class FaceLocator:
         detector_dir: Folder holding the dlib detector file.
         kind: ``"hog"`` or ``"cnn"`` (the checkpoint's ``crop.detector``).
         upsample: Upsampling passes before detection (``crop.upsample``).
+        retry_pad: Border for the second look when no face is found (``crop.retry_pad``; see
+            :class:`faceage.faces.FaceDetector`).
         margin: Context per side, a fraction of the box (``crop.margin``).
         crop_size: Side of the crop in pixels (``crop.size``).
         max_detect_pixels: Larger images are downscaled for detection only; 0 disables.
@@ -133,12 +135,12 @@ class FaceLocator:
     """
 
     def __init__(self, detector_dir: str | Path, *, kind: str, upsample: int, margin: float, crop_size: int,
-                 max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 retry_pad: float = 0.0, max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
                  chip_dir: str | Path | None = None):
         if max_detect_pixels < 0 or max_pixels < 1:
             raise ValueError(f"max_detect_pixels must be >= 0 and max_pixels >= 1, "
                              f"got {max_detect_pixels} and {max_pixels}")
-        self.detector = FaceDetector(detector_dir, kind, upsample)
+        self.detector = FaceDetector(detector_dir, kind, upsample, retry_pad)
         self.margin = float(margin)
         self.crop_size = int(crop_size)
         self.max_detect_pixels = int(max_detect_pixels)
@@ -149,6 +151,7 @@ class FaceLocator:
 
             self.chipper = ChipExtractor(chip_dir, self.margin)
         self._settings = {"detector_dir": str(detector_dir), "kind": kind, "upsample": int(upsample),
+                          "retry_pad": float(retry_pad),
                           "margin": self.margin, "crop_size": self.crop_size,
                           "max_detect_pixels": self.max_detect_pixels, "max_pixels": self.max_pixels,
                           "chip_dir": None if chip_dir is None else str(chip_dir)}
@@ -233,13 +236,14 @@ class AgePredictor:
         from faceage.inputs import DLIB_AGE_CHIP, input_kind
 
         self.locator = FaceLocator(detector_dir, kind=crop["detector"], upsample=int(crop["upsample"]),
-                                   margin=crop["margin"], crop_size=crop["size"],
+                                   margin=crop["margin"], crop_size=crop["size"], retry_pad=crop_retry_pad(crop),
                                    max_detect_pixels=max_detect_pixels, max_pixels=max_pixels,
                                    chip_dir=detector_dir if input_kind(self.meta).name == DLIB_AGE_CHIP else None)
-        log.info("age model %s (val MAE %.2f, MLflow run %s) on %s, %d threads; detector %s upsample %d; "
-                 "crop margin %.2f size %d", self.meta["backbone"], self.meta.get("val_mae", float("nan")),
-                 self.meta.get("mlflow_run_id"), self.age_model.device, self.threads, crop["detector"],
-                 int(crop["upsample"]), self.locator.margin, self.locator.crop_size)
+        log.info("age model %s (val MAE %.2f, MLflow run %s) on %s, %d threads; detector %s upsample %d "
+                 "retry_pad %g; crop margin %.2f size %d", self.meta["backbone"],
+                 self.meta.get("val_mae", float("nan")), self.meta.get("mlflow_run_id"), self.age_model.device,
+                 self.threads, crop["detector"], int(crop["upsample"]), self.locator.detector.retry_pad,
+                 self.locator.margin, self.locator.crop_size)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, runtime: str = "torch", **kwargs: Any) -> AgePredictor:

@@ -65,7 +65,7 @@ _worker: dict = {}
 
 
 def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str) -> None:
-    _worker["detector"] = FaceDetector(model_dir, params.detector, params.upsample)
+    _worker["detector"] = FaceDetector(model_dir, params.detector, params.upsample, params.retry_pad)
     _worker["chips"] = ChipExtractor(model_dir, params.margin)
     _worker["params"] = params
     _worker["out"] = Path(out_dir)
@@ -135,6 +135,7 @@ def preprocess_dataset(
             "size": params.size,
             "detector": params.detector,
             "upsample": params.upsample,
+            "retry_pad": params.retry_pad,
             "detector_file": detector_file,
             "detector_sha256": manifest["files"][detector_file],
             "no_face": params.no_face,

@@ -57,6 +57,7 @@ def test_missing_key_is_named():
         ("train", "loss", "mse", r"train\.loss must be one of \['expectation_l1', 'label_distribution'\]"),
         ("preprocess", "detector", "haar", r"preprocess\.detector must be one of"),
         ("preprocess", "margin", 1.5 + 1, r"preprocess\.margin must be in \[0, 2\), got 2\.5"),
+        ("preprocess", "retry_pad", -0.1, r"preprocess\.retry_pad must be in \[0, 1\], got -0\.1"),
         ("train", "epochs", -1, r"train\.epochs must be >= 0 \(0: evaluate the initial weights\), got -1"),
         ("train", "nproc_per_node", 3,
          r"train\.batch_size=64 \(the global batch\) must be divisible by train\.nproc_per_node=3"),

@@ -356,3 +356,10 @@ def test_model_card_says_where_a_chip_model_reads_its_faces():
 
     assert "cut from that square before it is resized" in _chip_note({"backbone": DLIB_AGE, "input": "dlib_age_chip"})
     assert _chip_note({"backbone": "resnet18", "input": "image"}) == ""
+
+
+def test_model_card_states_the_detectors_second_look():
+    from faceage.model_card import _retry_note
+
+    assert "border of 0.25" in _retry_note({"retry_pad": 0.25})
+    assert _retry_note({"retry_pad": 0.0}) == _retry_note({}) == ""  # a checkpoint made before the setting

@@ -38,14 +38,14 @@ def make_detector_dir(path):
     return path
 
 
-def make_checkpoint(path, detector_dir, *, detector_sha256=None, image_size=32):
+def make_checkpoint(path, detector_dir, *, detector_sha256=None, image_size=32, **crop):
     torch.manual_seed(0)
     model = build_model("mobilenet_v3_small").eval()
     meta = {"backbone": "mobilenet_v3_small", "min_age": 0, "max_age": 100, "image_size": image_size,
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "val_mae": 9.5, "mlflow_run_id": "r1",
             "git_commit": "abc", "data_sha256": "d" * 64,
             "crop": {"margin": 0.4, "size": 96, "detector": "hog", "upsample": 1, "detector_file": HOG_FILE,
-                     "detector_sha256": detector_sha256 or file_digest(detector_dir / HOG_FILE)}}
+                     "detector_sha256": detector_sha256 or file_digest(detector_dir / HOG_FILE), **crop}}
     save_checkpoint(path, model, meta)
     return path
 
@@ -212,6 +212,30 @@ def test_locator_pool_decodes_in_memory_like_the_locator(predictor, astronaut, p
     want = predictor.locator.locate(astronaut)
     assert np.array_equal(image, astronaut)
     assert located.boxes == want.boxes and all(np.array_equal(a, b) for a, b in zip(located.crops, want.crops))
+
+
+def test_the_checkpoints_retry_pad_reaches_the_cli_and_the_services_detection_processes(files, predictor, astronaut):
+    """A face that fills the frame: a checkpoint made with ``retry_pad`` answers for it in the
+    predictor and in a detection process (its settings travel); an older checkpoint, whose
+    ``crop`` has no ``retry_pad``, keeps finding nothing there, as its preprocess did."""
+    face = predictor.locator.detect(astronaut)[0]
+    inset = int(0.1 * face.width)
+    tight = np.ascontiguousarray(astronaut[face.top + inset:face.bottom - inset, face.left + inset:face.right - inset])
+    assert predictor.predict(tight) == []
+    retry = AgePredictor(make_checkpoint(files["root"] / "retry.pt", files["detector"], retry_pad=0.25),
+                         files["detector"], threads=1)
+    assert retry.locator.settings()["retry_pad"] == 0.25
+    (found,) = retry.predict(tight)
+    assert found.box[2] - found.box[0] >= 0.8 * tight.shape[1]
+
+    async def in_a_process():
+        pool = LocatorPool(retry.locator, 1)
+        try:
+            return (await pool.locate(_png(tight)))[0]
+        finally:
+            pool.close()
+
+    assert asyncio.run(in_a_process()).boxes == retry.locator.locate(tight).boxes
 
 
 def test_face_age_is_json_ready():
