@@ -47,7 +47,7 @@ class PreprocessParams:
     detector: Literal["hog", "cnn"] = "hog"  # cnn (mmod) is ~25x slower on CPU
     upsample: int = 1  # times the image is upsampled before detection (finds smaller faces)
     # no face found: look again with a border of this fraction of the longer side (faces that fill the frame)
-    retry_pad: float = 0.25
+    retry_pad: float = 0.35
     margin: float = 0.4  # extra context around the box, as a fraction of its size per side
     size: int = 224  # side of the square crop written to disk, in pixels
     no_face: Literal["release_crop", "whole_image", "skip"] = "release_crop"

@@ -222,9 +222,9 @@ def test_the_checkpoints_retry_pad_reaches_the_cli_and_the_services_detection_pr
     inset = int(0.1 * face.width)
     tight = np.ascontiguousarray(astronaut[face.top + inset:face.bottom - inset, face.left + inset:face.right - inset])
     assert predictor.predict(tight) == []
-    retry = AgePredictor(make_checkpoint(files["root"] / "retry.pt", files["detector"], retry_pad=0.25),
+    retry = AgePredictor(make_checkpoint(files["root"] / "retry.pt", files["detector"], retry_pad=0.35),
                          files["detector"], threads=1)
-    assert retry.locator.settings()["retry_pad"] == 0.25
+    assert retry.locator.settings()["retry_pad"] == 0.35
     (found,) = retry.predict(tight)
     assert found.box[2] - found.box[0] >= 0.8 * tight.shape[1]
 
