@@ -69,7 +69,7 @@ class FaceDetector:
             costs ~29 ms on them against ~170 ms for the first (with upsample 1 instead: 393 ms).
 
     Raises:
-        ValueError: Unknown ``kind`` or negative ``upsample``.
+        ValueError: Unknown ``kind``, negative ``upsample`` or ``retry_pad`` outside [0, 1].
         FileNotFoundError: The model file is missing from ``model_dir``.
 
     dlib's detectors release the GIL but are not thread-safe (threads sharing one crashed with
