@@ -225,16 +225,16 @@ def choose_ensemble_weight(model: nn.Module, val_errors: Callable[[], torch.Tens
         ``(weight, val_mae, [{"alpha", "val_mae"}, ...])``.
     """
     ensemble = getattr(model, "full", model).ensemble
-    if weight != "auto":
-        ensemble.weight.fill_(float(weight))
-        mae = float(torch.as_tensor(val_errors(), dtype=torch.float64).mean())
-        log.info("ensemble head: weight %.2f set by train.ensemble_weight (val MAE %.3f)", float(weight), mae)
-        return float(weight), mae, [{"alpha": float(weight), "val_mae": mae}]
-    best, scores = _choose(WISE_ALPHAS, ensemble.weight.fill_, val_errors)
+    fixed = weight != "auto"
+    best, scores = _choose((float(weight),) if fixed else WISE_ALPHAS, ensemble.weight.fill_, val_errors)
     ensemble.weight.fill_(best["alpha"])
-    log.info("ensemble head: validation MAE by weight %s -> weight %.1f (val MAE %.3f), the closest to the pretrained "
-             "network within one paired standard error of the lowest",
-             " ".join(f"{s['alpha']:.1f}:{s['val_mae']:.3f}" for s in scores), best["alpha"], best["val_mae"])
+    if fixed:
+        log.info("ensemble head: weight %.2f set by train.ensemble_weight (val MAE %.3f)", best["alpha"],
+                 best["val_mae"])
+    else:
+        log.info("ensemble head: validation MAE by weight %s -> weight %.1f (val MAE %.3f), the closest to the "
+                 "pretrained network within one paired standard error of the lowest",
+                 " ".join(f"{s['alpha']:.1f}:{s['val_mae']:.3f}" for s in scores), best["alpha"], best["val_mae"])
     return best["alpha"], best["val_mae"], scores
 
 

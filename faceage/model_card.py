@@ -33,6 +33,7 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
 
 
 def _retry_note(crop: dict) -> str:
+    """The detector's second look (``crop.retry_pad``); empty where the checkpoint's crops were made without it."""
     pad = crop_retry_pad(crop)
     if not pad:
         return ""

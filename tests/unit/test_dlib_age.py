@@ -363,3 +363,26 @@ def test_model_card_states_the_detectors_second_look():
 
     assert "border of 0.25" in _retry_note({"retry_pad": 0.25})
     assert _retry_note({"retry_pad": 0.0}) == _retry_note({}) == ""  # a checkpoint made before the setting
+
+
+def test_ensemble_weight_given_is_kept_and_scored_auto_follows_the_rule():
+    """``train.ensemble_weight``: a number is set as given and its validation MAE measured; ``auto``
+    keeps the smallest weight within one paired standard error of the lowest validation MAE."""
+    from faceage.finetune import choose_ensemble_weight
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ensemble = torch.nn.Module()
+            self.ensemble.register_buffer("weight", torch.ones(()))
+
+    model = Mixed()
+    noise = torch.linspace(-0.05, 0.05, 50)  # per-face errors: flat from 0.8 on, worse below it
+    errors = lambda: 5.0 + 3.0 * (0.8 - model.ensemble.weight).clamp_min(0) + noise  # noqa: E731
+
+    weight, mae, scores = choose_ensemble_weight(model, errors, 0.5)
+    assert weight == 0.5 and float(model.ensemble.weight) == 0.5
+    assert mae == pytest.approx(5.9) and scores == [{"alpha": 0.5, "val_mae": mae}]
+    weight, mae, scores = choose_ensemble_weight(model, errors)
+    assert weight == pytest.approx(0.8) and float(model.ensemble.weight) == pytest.approx(0.8)
+    assert mae == pytest.approx(5.0) and len(scores) == 11
