@@ -3,9 +3,9 @@
 Why: ``train.head=auto`` for ``dlib_age`` trains an ensemble of MLPs over the frozen age network;
 this script measures that choice against the alternatives on the same cached inputs, in seconds
 per variant: heads over the age network's features, over dlib's face descriptors (what
-``dlib_face`` reads), and over both (the fused head the pipeline does not offer: it needs the
-face descriptors at serving time, ~90 ms per face and view on one CPU core, so one-face latency
-would exceed 0.6x of the ``dlib_face`` service). Each variant trains like the pipeline (AdamW,
+``dlib_face`` reads), and over both (what ``train.head=fused`` trains in the pipeline, where the
+descriptors come from the torch port of dlib's network, :mod:`faceage.face_net`, in the ONNX
+graph: ~6 ms per face and view instead of dlib's ~80 ms). Each variant trains like the pipeline (AdamW,
 warm-up + cosine, label-distribution loss, one random view (chip or mirror image) per face,
 best epoch on validation, test-time flip) and reports validation, test and utk-external MAE, and
 ``wild dev``: the mean |age - zero-shot age| over the faces of ``../shared/datasets/wild``
@@ -60,16 +60,18 @@ def _split_crops(faces_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
     return [r["crop"] for r in rows], np.array([float(r["real_age"]) for r in rows], np.float32)
 
 
-def _wild_faces(detector: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The crops and chips of every face the service finds in the ``wild`` photos, in order."""
+def _wild_faces(detector: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The crops, chips and chip pairs of every face the service finds in the ``wild`` photos, in order."""
+    from faceage.chips import split_pair
     from faceage.images import load_image
     from faceage.predict import FaceLocator
 
-    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=224, chip_dir=detector)
+    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=224, chip_dir=detector, pairs=True)
     with open(WILD / "labels.csv") as f:
         files = [r["file"] for r in csv.DictReader(f) if r["kind"] == "face"]
     located = [locator.locate(load_image(WILD / name)) for name in files]
-    return [c for loc in located for c in loc.crops], [c for loc in located for c in loc.chips]
+    pairs = [c for loc in located for c in loc.chips]
+    return [c for loc in located for c in loc.crops], [np.ascontiguousarray(split_pair(p)[0]) for p in pairs], pairs
 
 
 def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -89,7 +91,7 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
     sources["ext"] = (_external_faces(), "test")
     for split in SPLITS:
         if split == "wild":
-            crops, chips = _wild_faces(detector)
+            crops, chips, _ = _wild_faces(detector)
             ages = np.full(len(crops), np.nan, np.float32)
         else:
             faces_dir, name = sources[split]
@@ -184,10 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoints:
         from faceage.predict import AgePredictor
 
-        crops, chips = _wild_faces(args.detector)  # the same faces, in the same order, as the cached inputs
+        from faceage.inputs import DLIB_CHIP_PAIR, input_kind
+
+        crops, chips, pairs = _wild_faces(args.detector)  # the same faces, in the same order, as the cached inputs
         for path in args.checkpoints:
             predictor = AgePredictor(path, args.detector, threads=1)
-            ages, _ = predictor.estimate(crops if predictor.locator.chipper is None else chips)
+            faces = (crops if predictor.locator.chipper is None else
+                     pairs if input_kind(predictor.meta).name == DLIB_CHIP_PAIR else chips)
+            ages, _ = predictor.estimate(faces)
             dev = (torch.as_tensor(ages).float() - v["wild"]["zero_shot"]).abs().mean().item()
             print(f"| checkpoint `{path}` | as served | - | - | - | - | {dev:.2f} |", flush=True)
 

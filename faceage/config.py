@@ -85,9 +85,10 @@ class TrainParams:
     amp: bool = True  # mixed precision; only used on CUDA
     num_workers: int = -1  # data-loader processes; -1 = automatic (0 on 2 cores)
     nproc_per_node: int = 1  # training processes (DistributedDataParallel) that `dvc repro` launches
-    # dlib_age only: "auto" = an MLP ensemble over the frozen network ("ensemble"), or dlib's own head
+    # dlib_age only: "auto" = "fused": an MLP ensemble over the frozen age network and dlib's face descriptor
+    # (its face-recognition network, frozen); "ensemble": over the age network alone; or dlib's own head
     # fine-tuned with the keys below ("pretrained", chosen by auto when any of them is set or epochs is 0)
-    head: Literal["auto", "ensemble", "pretrained"] = "auto"
+    head: Literal["auto", "ensemble", "fused", "pretrained"] = "auto"
     # The ensemble head's share against the pretrained network's own distribution: "auto" = chosen on
     # validation (the most pretrained weight within one standard error of the best), or a number in
     # [0, 1] (lower keeps the served ages closer to the pretrained network on photos unlike ours)

@@ -102,20 +102,23 @@ class FaceChips(FaceCrops):
         split: ``train``, ``valid`` or ``test``.
         features_path: The ``.npz`` written by :func:`faceage.features.compute_features`.
         transform: Optional augmentation on uint8 (3, 64, 64) tensors.
+        pairs: Items are (3, 214, 150) chip pairs (age chip + face chip, :func:`faceage.chips.make_pair`),
+            the input of ``train.head=fused``.
     """
 
-    def __init__(self, faces_dir: str | Path, split: str, features_path: str | Path, transform=None):
+    def __init__(self, faces_dir: str | Path, split: str, features_path: str | Path, transform=None,
+                 pairs: bool = False):
         from faceage.chips import load_chips
 
         self.rows = read_faces_manifest(faces_dir, split)
         if not self.rows:
             raise ValueError(f"no face crops for split {split!r} in {faces_dir}")
-        table, self.info = load_chips(features_path)
+        table, self.info = load_chips(features_path, pairs=pairs)
         missing = [r["crop"] for r in self.rows if r["crop"] not in table]
         if missing:
             raise ValueError(f"{len(missing)} crops have no chip in {features_path} (e.g. {missing[:3]}): "
                              "rerun the embed stage")
-        self.images = torch.from_numpy(np.stack([table[r["crop"]] for r in self.rows]))  # (N, 3, 64, 64) uint8
+        self.images = torch.from_numpy(np.stack([table[r["crop"]] for r in self.rows]))  # (N, 3, 64, 64) uint8 (or pairs)
         self.ages = torch.tensor([float(r["apparent_age"]) for r in self.rows])
         self.age_stds = torch.tensor([float(r["apparent_age_std"]) for r in self.rows])
         self.real_ages = torch.tensor([float(r["real_age"]) for r in self.rows])
@@ -123,16 +126,18 @@ class FaceChips(FaceCrops):
 
 
 def load_split(faces_dir: str | Path, split: str, backbone: str, image_size: int,
-               embeddings_path: str | Path | None = None, transform=None, augment: bool = False) -> Dataset:
+               embeddings_path: str | Path | None = None, transform=None, augment: bool = False,
+               pairs: bool = False) -> Dataset:
     """The dataset a backbone trains/evaluates on: image crops (``transform`` applied), face
-    descriptors for ``dlib_face`` (``augment`` picks a random view), or aligned chips for ``dlib_age``."""
+    descriptors for ``dlib_face`` (``augment`` picks a random view), or aligned chips for ``dlib_age``
+    (``pairs``: chip pairs, the input of its ``fused`` head)."""
     from faceage.chips import DLIB_AGE
     from faceage.face_encoder import FACE_ENCODER
 
     if backbone == DLIB_AGE:
         if embeddings_path is None:
             raise ValueError(f"backbone {DLIB_AGE} needs the embed stage's aligned chips (embeddings_path)")
-        return FaceChips(faces_dir, split, embeddings_path, transform=transform)
+        return FaceChips(faces_dir, split, embeddings_path, transform=transform, pairs=pairs)
     if backbone == FACE_ENCODER:
         if embeddings_path is None:
             raise ValueError(f"backbone {FACE_ENCODER} needs the embed stage's output (embeddings_path)")

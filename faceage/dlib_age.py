@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE
+from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE, split_pair
 PRETRAINED_AGES = 81  # ages 0..80
 FEATURE_DIM = 256
 NUM_STAGES = 7  # stem, block1..block5, head (pool + fc): what train.freeze_blocks counts
@@ -36,8 +36,12 @@ NEW_AGE_LOGIT_OFFSET = 18.0  # 20 new classes x e^-18 < 1e-6 of the probability 
 # ((x / 255 - mean) / std), so the checkpoint's mean/std drive evaluate and the service unchanged.
 INPUT_MEAN = tuple(m / 255.0 for m in CHIP_MEAN)
 INPUT_STD = (256.0 / 255.0,) * 3
-# train.head for dlib_age: "ensemble" (the default, see AgeEnsemble) or "pretrained" (dlib's own head, widened)
-HEAD_ENSEMBLE, HEAD_PRETRAINED = "ensemble", "pretrained"
+# train.head for dlib_age: "ensemble" (see AgeEnsemble), "fused" (the ensemble over both of dlib's
+# networks, reading chip pairs) or "pretrained" (dlib's own head, widened)
+HEAD_ENSEMBLE, HEAD_FUSED, HEAD_PRETRAINED = "ensemble", "fused", "pretrained"
+HEADS = (HEAD_PRETRAINED, HEAD_ENSEMBLE, HEAD_FUSED)
+ENSEMBLE_HEADS = (HEAD_ENSEMBLE, HEAD_FUSED)  # an AgeEnsemble over the frozen network(s)
+DESCRIPTOR_DIM = 128  # faceage.face_net.DESCRIPTOR_DIM (not imported here: face_net imports this module)
 ENSEMBLE_MEMBERS, ENSEMBLE_HIDDEN, ENSEMBLE_DROPOUT = 5, 512, 0.5
 
 
@@ -143,13 +147,16 @@ class DlibAgeNet(nn.Module):
         num_ages: Output classes (ages 0..num_ages-1): 81 as shipped, 101 for the project.
         head: :data:`HEAD_PRETRAINED`: ``fc`` gives the logits; :data:`HEAD_ENSEMBLE`: an
             :class:`AgeEnsemble` over the features and ``fc``'s pretrained distribution gives them,
-            averaged over the chip and its mirror image (``fc`` and the network stay frozen).
+            averaged over the chip and its mirror image (``fc`` and the network stay frozen);
+            :data:`HEAD_FUSED`: the same over the features, dlib's 128-D face descriptor of the
+            face chip (``face``, :class:`faceage.face_net.DlibFaceNet`, frozen) and ``fc``'s
+            distribution; the input is then chip pairs (:func:`faceage.chips.make_pair`).
     """
 
     def __init__(self, num_ages: int = PRETRAINED_AGES, head: str = HEAD_PRETRAINED):
         super().__init__()
-        if head not in (HEAD_PRETRAINED, HEAD_ENSEMBLE):
-            raise ValueError(f"head must be {HEAD_PRETRAINED!r} or {HEAD_ENSEMBLE!r}, got {head!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(map(repr, HEADS))}, got {head!r}")
         self.stem_conv = nn.Conv2d(3, 64, 7, stride=2)
         self.stem_affine = Affine(64)
         self.block1 = ResidualBlock(64, 64, down=False)
@@ -158,14 +165,34 @@ class DlibAgeNet(nn.Module):
         self.block4 = ResidualBlock(128, 256, down=True)
         self.block5 = ResidualBlock(256, 256, down=False)
         self.fc = nn.Linear(FEATURE_DIM, num_ages)
-        self.ensemble = AgeEnsemble(num_ages) if head == HEAD_ENSEMBLE else None
+        self.face = None
+        if head == HEAD_FUSED:
+            from faceage.face_net import DlibFaceNet
+
+            self.face = DlibFaceNet()
+        self.ensemble = None
+        if head in ENSEMBLE_HEADS:
+            extra = DESCRIPTOR_DIM if head == HEAD_FUSED else 0
+            self.ensemble = AgeEnsemble(num_ages, in_features=FEATURE_DIM + extra + PRETRAINED_AGES)
+
+    def member_inputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoded faces (:meth:`encode`) -> the ensemble members' inputs and ``fc``'s logits."""
+        logits = self.fc(features[:, :FEATURE_DIM])
+        return AgeEnsemble.inputs(features, logits), logits
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Pooled features (N, 256) -> logits (N, num_ages)."""
+        """Encoded faces (N, 256) (fused: (N, 384), :meth:`encode`) -> logits (N, num_ages)."""
         if self.ensemble is None:
             return self.fc(features)
-        logits = self.fc(features)
-        return self.ensemble(AgeEnsemble.inputs(features, logits), logits)
+        return self.ensemble(*self.member_inputs(features))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised chips -> pooled features (N, 256); chip pairs (fused head) -> the pooled features
+        of the age chip and dlib's descriptor of the face chip, (N, 384)."""
+        if self.face is None:
+            return self._stages(x, 0, NUM_STAGES - 1).mean(dim=(2, 3))
+        age, face = split_pair(x)
+        return torch.cat([self._stages(age, 0, NUM_STAGES - 1).mean(dim=(2, 3)), self.face(face)], dim=1)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
@@ -174,19 +201,32 @@ class DlibAgeNet(nn.Module):
         """Stages ``start``..``stop - 1`` (0 stem, 1-5 blocks, 6 pool + fc) applied to ``x``.
 
         ``run_stages(run_stages(x, 0, k), k)`` equals ``forward(x)``: the frozen first ``k``
-        stages can be computed once and cached (see :mod:`faceage.finetune`).
+        stages can be computed once and cached (see :mod:`faceage.finetune`). The fused head reads
+        chip pairs and splits only before its last stage: ``run_stages(x, 0, 6)`` is then
+        :meth:`encode` of the pair, and stage 6 :meth:`classify` of that.
         """
+        if self.face is not None and (start, stop) != (NUM_STAGES - 1, NUM_STAGES) and not (
+                start == 0 and stop in (NUM_STAGES - 1, NUM_STAGES)):
+            raise ValueError(f"the fused head's network runs whole: stages 0..{NUM_STAGES - 2} then {NUM_STAGES - 1}, "
+                             f"got {start}..{stop - 1}")
+        if self.face is not None and start == 0:
+            x = self.encode(x)
+            start = NUM_STAGES - 1
+        return self._stages(x, start, stop)
+
+    def _stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         stages = (self.stem, self.block1, self.block2, self.block3, self.block4, self.block5,
-                  lambda h: self.classify(h.mean(dim=(2, 3))))
+                  lambda h: self.classify(h if h.ndim == 2 else h.mean(dim=(2, 3))))
         for stage in stages[start:stop]:
             x = stage(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised chips (N, 3, 64, 64) -> logits (N, num_ages).
+        """Normalised chips (N, 3, 64, 64) (fused: chip pairs (N, 3, 214, 150)) -> logits (N, num_ages).
 
-        With the ensemble head, the log of the mean distribution of the chip and its mirror image
+        With an ensemble head, the log of the mean distribution of the chip and its mirror image
         (test-time flip: 0.1 years lower test MAE on the shared sample; ~5 ms more per face on CPU).
+        A pair's two chips are centred, so flipping the pair mirrors each in place.
         """
         if self.ensemble is None:
             return self.run_stages(x)
@@ -259,13 +299,20 @@ def load_dlib_age(onnx_path: str | Path, num_ages: int = PRETRAINED_AGES) -> Dli
     return model
 
 
-def load_pretrained_into(model: DlibAgeNet, onnx_path: str | Path) -> None:
-    """Loads dlib's pretrained network (head widened to ``model``'s ages) into ``model``, keeping its ensemble."""
+def load_pretrained_into(model: DlibAgeNet, onnx_path: str | Path, face_net_path: str | Path | None = None) -> None:
+    """Loads dlib's pretrained network (head widened to ``model``'s ages) into ``model``, keeping its ensemble;
+    with the fused head also dlib's face-recognition network from ``face_net_path`` (its ``.dat`` file)."""
     state = load_dlib_age(onnx_path, model.fc.out_features).state_dict()
+    if model.face is not None:
+        from faceage.face_net import face_net_state_dict
+
+        if face_net_path is None:
+            raise ValueError("the fused head needs dlib's face-recognition network file (face_net_path)")
+        state.update({f"face.{k}": v for k, v in face_net_state_dict(face_net_path).items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("ensemble.") for k in missing):
         raise ValueError(f"{onnx_path} does not fit DlibAgeNet: missing {missing}, unexpected {unexpected}")
 
 
-__all__ = ["CHIP_SIZE", "DLIB_AGE", "HEAD_ENSEMBLE", "HEAD_PRETRAINED", "INPUT_MEAN", "INPUT_STD", "AgeEnsemble",
+__all__ = ["CHIP_SIZE", "DLIB_AGE", "ENSEMBLE_HEADS", "HEAD_ENSEMBLE", "HEAD_FUSED", "HEAD_PRETRAINED", "HEADS", "INPUT_MEAN", "INPUT_STD", "AgeEnsemble",
            "DlibAgeNet", "load_dlib_age", "load_pretrained_into", "onnx_state_dict", "widen_head"]

@@ -36,13 +36,12 @@ from faceage.external import (ExternalSet, ExternalSetError, crop_counts, extern
                               external_faces, resolve_external)
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
-from faceage.inputs import DLIB_FACE_EMBEDDING
+from faceage.inputs import DLIB_CHIP_PAIR, DLIB_FACE_EMBEDDING, input_kind
 from faceage.preprocess import read_faces_manifest
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.tracking import read_run_file, repo_root, setup_mlflow, tracking_uri
 from faceage.training import pin_threads, select_device
-from faceage.transforms import low_resolution
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +129,16 @@ def low_res_mae(age_model: AgeModel, images: torch.Tensor, true: np.ndarray, fra
                 batch_size: int) -> dict[str, float]:
     """MAE with the inputs at lower resolution: ``{"0.75": mae, ...}`` for each fraction of the input's side.
 
-    The faces as if photographed smaller (:func:`faceage.transforms.low_resolution`); ``{}`` for
+    The faces as if photographed smaller (:func:`faceage.finetune.low_resolution_at`); ``{}`` for
     ``dlib_face`` models, whose inputs are descriptors.
     """
+    from faceage.finetune import low_resolution_at, reference_side
+
     if age_model.meta["input"] == DLIB_FACE_EMBEDDING or len(true) == 0:
         return {}
-    size = images.shape[-1]
-    return {f"{f:g}": float(np.abs(age_model.predict_inputs(low_resolution(images, round(f * size)),
-                                                            batch_size)[0] - true).mean())
+    size = reference_side(images)
+    return {f"{f:g}": float(np.abs(age_model.predict_inputs(
+        low_resolution_at(images, torch.full((len(images),), round(f * size))), batch_size)[0] - true).mean())
             for f in fractions}
 
 
@@ -173,7 +174,8 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
             raise ExternalSetError(f"evaluate.external: {ext.given!r}: no face found in any of its "
                                    f"{counts['n_images']} images (detector={meta['crop']['detector']}, "
                                    f"no_face={meta['crop'].get('no_face')})")
-        data = load_split(faces, "test", meta["backbone"], meta["image_size"], embeddings)
+        data = load_split(faces, "test", meta["backbone"], meta["image_size"], embeddings,
+                          pairs=input_kind(meta).name == DLIB_CHIP_PAIR)
         pred, std = age_model.predict_inputs(data.images, p.batch_size)
         true = data.ages.numpy().astype(np.float64)
         groups[ext.name] = errors_by_group(pred, true)
@@ -247,7 +249,8 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     device = select_device("auto")
     age_model = AgeModel(checkpoint, device=device)
     meta = age_model.meta
-    test = load_split(faces_dir, "test", meta["backbone"], meta["image_size"], embeddings_path)
+    test = load_split(faces_dir, "test", meta["backbone"], meta["image_size"], embeddings_path,
+                      pairs=input_kind(meta).name == DLIB_CHIP_PAIR)
     pred, std = age_model.predict_inputs(test.images, p.batch_size)
     true, real = test.ages.numpy().astype(np.float64), test.real_ages.numpy().astype(np.float64)
     train_mean = float(np.mean([float(r["apparent_age"]) for r in read_faces_manifest(faces_dir, "train")]))

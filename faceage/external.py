@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 SPLIT = "test"
 EMBEDDINGS = "embeddings.npz"
-# 2: preprocess writes chips.npz, cut from the unresampled margin regions (1: chips cut later from the crops)
-FACES_FORMAT = 2
+# 3: chips.npz also holds the 150 px face-recognition chips; 2: preprocess writes chips.npz, cut from the
+# unresampled margin regions (1: chips cut later from the crops)
+FACES_FORMAT = 3
 # The crop settings that decide the pixels of a crop (workers and data lineage do not).
 CROP_KEYS = ("detector", "upsample", "retry_pad", "margin", "size", "no_face", "detector_file", "detector_sha256")
 

@@ -4,8 +4,9 @@ Input: the ``preprocess`` output, the ``fetch_detector`` folder and ``train.back
 Output: one ``.npz`` holding
 
 - ``dlib_face``: dlib face descriptors of every crop (:func:`faceage.face_encoder.embed_dataset`);
-- ``dlib_age``: the 5-point-aligned 64x64 chips of every crop, uint8, as ``preprocess`` cut them
-  from the photo's own pixels (:mod:`faceage.chips`; read from its ``chips.npz``, nothing recomputed);
+- ``dlib_age``: the 5-point-aligned 64x64 chips (and 150x150 face-recognition chips, which the
+  ``fused`` head reads) of every crop, uint8, as ``preprocess`` cut them from the photo's own
+  pixels (:mod:`faceage.chips`; read from its ``chips.npz``, nothing recomputed);
 - any image backbone: no features (``kind = "none"``): a CNN experiment does not pay ~4 min
   of descriptors it never reads.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceage.chips import CHIPS_FILE, DLIB_AGE, load_chips, save_chips
+from faceage.chips import CHIPS_FILE, DLIB_AGE, load_chips, load_face_chips, save_chips
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.face_encoder import FACE_ENCODER, embed_dataset
 
@@ -55,16 +56,18 @@ def compute_features(backbone: str, faces_dir: str | Path, model_dir: str | Path
             raise FileNotFoundError(f"{source} not found: {faces_dir} was written before preprocess cut the aligned "
                                     "chips; rerun the preprocess stage")
         table, info = load_chips(source)
-        missing = [c for c in crops if c not in table]
+        faces = load_face_chips(source)
+        missing = [c for c in crops if c not in table or c not in faces]
         if missing:
-            raise ValueError(f"{source} has no chip for {len(missing)} crop(s) of the manifest (first: {missing[0]}); "
-                             "rerun the preprocess stage")
+            raise ValueError(f"{source} has no chip (or face chip) for {len(missing)} crop(s) of the manifest "
+                             f"(first: {missing[0]}); rerun the preprocess stage")
         expected = read_manifest(model_dir, verify=True)["files"][SHAPE5_FILE]
         if info["shape_predictor_sha256"] != expected:
             raise ValueError(f"{source} was cut with another shape predictor (sha256 {info['shape_predictor_sha256']}, "
                              f"{model_dir} holds {expected}); rerun the preprocess stage")
-        log.info("%d aligned 64x64 chips (cut by preprocess) for train.backbone=%s", len(crops), backbone)
-        save_chips(out_path, crops, [table[c] for c in crops], info["margin"], info["shape_predictor_sha256"])
+        log.info("%d aligned 64x64 and 150x150 chips (cut by preprocess) for train.backbone=%s", len(crops), backbone)
+        save_chips(out_path, crops, [table[c] for c in crops], info["margin"], info["shape_predictor_sha256"],
+                   face_chips=[faces[c] for c in crops])
         return len(crops)
     log.info("train.backbone=%s reads the crops themselves: no features computed", backbone)
     tmp = out_path.with_name(out_path.name + ".tmp.npz")

@@ -60,18 +60,18 @@ def uses_finetune_hooks(p: TrainParams) -> bool:
 def resolve_head(p: TrainParams) -> str | None:
     """``dlib_age``'s head for these params (``None`` for other backbones).
 
-    ``train.head=auto`` is the MLP ensemble over the frozen network (the measured best,
-    ``reports/recipe_dlib_age.md``), except that fine-tuning settings (``freeze_blocks``,
-    ``layer_lr_decay``, ``distill_weight``, ``wise_ft``) ask for dlib's own head, fine-tuned, and
-    ``epochs=0`` is the zero-shot network, dlib's own head untouched.
+    ``train.head=auto`` is the fused head, the MLP ensemble over both frozen dlib networks (the
+    measured best, ``reports/recipe_dlib_age.md``, round 7), except that fine-tuning settings
+    (``freeze_blocks``, ``layer_lr_decay``, ``distill_weight``, ``wise_ft``) ask for dlib's own head,
+    fine-tuned, and ``epochs=0`` is the zero-shot network, dlib's own head untouched.
     """
-    from faceage.dlib_age import HEAD_ENSEMBLE, HEAD_PRETRAINED
+    from faceage.dlib_age import HEAD_FUSED, HEAD_PRETRAINED
 
     if p.backbone != DLIB_AGE:
         return None
     if p.head != "auto":
         return p.head
-    return HEAD_PRETRAINED if p.epochs == 0 or uses_finetune_hooks(p) else HEAD_ENSEMBLE
+    return HEAD_PRETRAINED if p.epochs == 0 or uses_finetune_hooks(p) else HEAD_FUSED
 
 
 def check_params(p: TrainParams) -> None:
@@ -80,7 +80,7 @@ def check_params(p: TrainParams) -> None:
     Raises:
         ConfigError: A fine-tuning setting is used with another backbone or with the ensemble head.
     """
-    from faceage.dlib_age import HEAD_ENSEMBLE
+    from faceage.dlib_age import ENSEMBLE_HEADS
 
     if p.backbone != DLIB_AGE and p.head != "auto":
         raise ConfigError(f"train.head applies to train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; "
@@ -88,17 +88,17 @@ def check_params(p: TrainParams) -> None:
     if uses_finetune_hooks(p) and p.backbone != DLIB_AGE:
         raise ConfigError(f"train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft apply to "
                           f"train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; reset them to 0 / 1.0 / 0.0 / false")
-    if uses_finetune_hooks(p) and p.head == HEAD_ENSEMBLE:
+    if uses_finetune_hooks(p) and p.head in ENSEMBLE_HEADS:
         raise ConfigError("train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft fine-tune dlib's own head: "
-                          "they need train.head=pretrained (or auto), got train.head=ensemble, which trains an MLP "
+                          f"they need train.head=pretrained (or auto), got train.head={p.head}, which trains an MLP "
                           "ensemble over the frozen network")
-    if p.ensemble_weight != "auto" and resolve_head(p) != HEAD_ENSEMBLE:
+    if p.ensemble_weight != "auto" and resolve_head(p) not in ENSEMBLE_HEADS:
         raise ConfigError(f"train.ensemble_weight={p.ensemble_weight} mixes dlib_age's ensemble head with the "
                           f"pretrained network, but this run has no ensemble head (train.backbone={p.backbone}, "
                           f"head {resolve_head(p) or 'none'}); reset it to auto")
-    if p.epochs == 0 and p.head == HEAD_ENSEMBLE:
+    if p.epochs == 0 and p.head in ENSEMBLE_HEADS:
         raise ConfigError("train.epochs=0 is the zero-shot network: it needs train.head=pretrained (or auto), "
-                          "got train.head=ensemble, whose members would be untrained")
+                          f"got train.head={p.head}, whose members would be untrained")
 
 
 def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:
@@ -259,6 +259,33 @@ class _CachedStages(nn.Module):
         return self.full.load_state_dict(state_dict, strict, assign)
 
 
+def reference_side(images: torch.Tensor) -> int:
+    """The side a resolution share refers to: the image's, or for chip pairs the age chip's."""
+    from faceage.chips import CHIP_SIZE, PAIR_SHAPE
+
+    return CHIP_SIZE if tuple(images.shape[1:]) == PAIR_SHAPE else int(images.shape[-1])
+
+
+def low_resolution_at(images: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """:func:`faceage.transforms.low_resolution_each` that also takes chip pairs: both chips of a pair
+    lose the same share of their side (``sides`` are the age chip's; they are cut from the same photo)."""
+    from faceage.chips import AGE_COLUMN, CHIP_SIZE, FACE_CHIP_SIZE, PAIR_SHAPE, split_pair
+
+    if tuple(images.shape[1:]) != PAIR_SHAPE:
+        return low_resolution_each(images, sides)
+    age, face = split_pair(images)
+    out = images.clone()
+    out[..., :CHIP_SIZE, AGE_COLUMN:AGE_COLUMN + CHIP_SIZE] = low_resolution_each(age.contiguous(), sides)
+    out[..., CHIP_SIZE:, :] = low_resolution_each(face.contiguous(), (sides * FACE_CHIP_SIZE / CHIP_SIZE).round().long())
+    return out
+
+
+def low_resolution_chips(images: torch.Tensor, min_fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Each chip (or chip pair) as if its face had been photographed with fewer pixels: a side drawn by
+    :func:`faceage.transforms.low_res_sides` (:func:`low_resolution_at`)."""
+    return low_resolution_at(images, low_res_sides(len(images), reference_side(images), min_fraction, generator))
+
+
 class _Views(torch.utils.data.Dataset):
     """Cached frozen-stage outputs of each chip and its mirror image; training draws one at random.
 
@@ -313,9 +340,7 @@ class FrozenPrefixCache:
         low = None
         if p.augment and p.low_res > 0:  # train.low_res: degraded copies, each computed once too
             g = torch.Generator().manual_seed(p.seed)
-            size = train_set.images.shape[-1]
-            low = torch.cat([run(low_resolution_each(train_set.images,
-                                                     low_res_sides(len(train_set), size, p.low_res_min, g)))
+            low = torch.cat([run(low_resolution_chips(train_set.images, p.low_res_min, g))
                              for _ in range(LOW_RES_COPIES)], dim=1)
         self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds, low, p.low_res)
         self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds)
@@ -343,12 +368,13 @@ def prefix_cache(model: nn.Module, train_set, val_set, prepare, p: TrainParams,
     if p.backbone != DLIB_AGE or p.epochs == 0:
         return None
     if getattr(model, "ensemble", None) is not None:
-        from faceage.dlib_age import NUM_STAGES, AgeEnsemble
+        from faceage.dlib_age import NUM_STAGES
 
         cache = FrozenPrefixCache(model, train_set, val_set, prepare, p, device, start=NUM_STAGES - 1)
-        features = cache.train_views.views.flatten(0, 1).mean(dim=(2, 3)).to(device)
+        features = cache.train_views.views.flatten(0, 1)
+        features = (features if features.ndim == 2 else features.mean(dim=(2, 3))).to(device)
         with torch.no_grad():
-            model.ensemble.fit_input_stats(AgeEnsemble.inputs(features, model.fc(features)))
+            model.ensemble.fit_input_stats(model.member_inputs(features)[0])
         return cache
     if p.freeze_blocks == 0:
         return None

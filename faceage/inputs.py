@@ -12,7 +12,10 @@ a numpy array whose first axis is the face:
 - ``dlib_age_chip``: uint8 (N, 3, 64, 64) chips aligned with the 5-point shape predictor,
   cut from the unresampled margin region by ``preprocess`` (``chips.npz``) and by
   :class:`faceage.predict.FaceLocator` (:mod:`faceage.chips`), never from a resized crop; the
-  preparation only stacks them; normalised inside the graph like images.
+  preparation only stacks them; normalised inside the graph like images;
+- ``dlib_chip_pair``: uint8 (N, 3, 214, 150): each face's age chip and its 150 px chip for dlib's
+  face-recognition network, cut from the same landmarks (:func:`faceage.chips.make_pair`), the
+  input of ``dlib_age``'s ``fused`` head; both networks run inside the graph.
 
 The datasets (``train``/``evaluate``), the torch :class:`faceage.inference.AgeModel` and the ONNX
 Runtime model of the service (:mod:`faceage.onnx_model`) all prepare inputs here, so the served
@@ -36,6 +39,8 @@ from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
 IMAGE = "image"
 DLIB_FACE_EMBEDDING = "dlib_face_embedding"
 DLIB_AGE_CHIP = "dlib_age_chip"
+DLIB_CHIP_PAIR = "dlib_chip_pair"
+CHIP_KINDS = (DLIB_AGE_CHIP, DLIB_CHIP_PAIR)  # cut from the margin region by faceage.chips, not resized crops
 
 
 def resize_crop(crop: np.ndarray, image_size: int) -> np.ndarray:
@@ -92,19 +97,29 @@ def _chip_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[
     return stack_chips
 
 
+def _pair_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
+    from faceage.chips import stack_pairs
+
+    return stack_pairs
+
+
 INPUT_KINDS: dict[str, InputKind] = {
     IMAGE: InputKind(IMAGE, _image_preparer, np.uint8, normalise=True),
     DLIB_FACE_EMBEDDING: InputKind(DLIB_FACE_EMBEDDING, _embedding_preparer, np.float32,
                                    files=(SHAPE5_FILE, RECOGNITION_FILE)),
     DLIB_AGE_CHIP: InputKind(DLIB_AGE_CHIP, _chip_preparer, np.uint8, normalise=True, files=(SHAPE5_FILE,)),
+    DLIB_CHIP_PAIR: InputKind(DLIB_CHIP_PAIR, _pair_preparer, np.uint8, normalise=True, files=(SHAPE5_FILE,)),
 }
 
 
-def backbone_input(backbone: str) -> str:
-    """The input kind a ``train.backbone`` reads: dlib descriptors, dlib_age chips, or images (CNNs)."""
+def backbone_input(backbone: str, head: str | None = None) -> str:
+    """The input kind a ``train.backbone`` (and ``dlib_age`` head) reads: dlib descriptors, dlib_age
+    chips (chip pairs for the ``fused`` head), or images (CNNs)."""
     from faceage.chips import DLIB_AGE
     from faceage.face_encoder import FACE_ENCODER
 
+    if backbone == DLIB_AGE and head == "fused":
+        return DLIB_CHIP_PAIR
     return {FACE_ENCODER: DLIB_FACE_EMBEDDING, DLIB_AGE: DLIB_AGE_CHIP}.get(backbone, IMAGE)
 
 

@@ -179,15 +179,21 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
     if backbone == DLIB_AGE:
         if pretrained == "none":
             return "none (random initialisation)"
-        from faceage.detector import AGE_MODEL_FILE
+        from faceage.detector import AGE_MODEL_FILE, RECOGNITION_FILE
         from faceage.dlib_age import load_pretrained_into
 
-        if model_dir is None or not (Path(model_dir) / AGE_MODEL_FILE).is_file():
-            raise PretrainedWeightsError(f"train.backbone={DLIB_AGE} needs {AGE_MODEL_FILE} from the fetch_detector "
-                                         f"stage (looked in {model_dir})")
+        needed = [AGE_MODEL_FILE] + ([RECOGNITION_FILE] if getattr(model, "face", None) is not None else [])
+        for name in needed:
+            if model_dir is None or not (Path(model_dir) / name).is_file():
+                raise PretrainedWeightsError(f"train.backbone={DLIB_AGE} needs {name} from the fetch_detector "
+                                             f"stage (looked in {model_dir})")
         path = Path(model_dir) / AGE_MODEL_FILE
-        load_pretrained_into(model, path)
-        return f"{path} (dlib age network, sha256 {file_digest(path)[:12]})"
+        load_pretrained_into(model, path, Path(model_dir) / RECOGNITION_FILE)
+        loaded = f"{path} (dlib age network, sha256 {file_digest(path)[:12]})"
+        if len(needed) > 1:
+            face = Path(model_dir) / RECOGNITION_FILE
+            loaded += f" + {face} (dlib face-recognition network, sha256 {file_digest(face)[:12]})"
+        return loaded
     if pretrained == "none":
         return "none (random initialisation)"
     path = resolve_imagenet_weights(backbone) if pretrained == "imagenet" else Path(pretrained).expanduser()

@@ -21,12 +21,18 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     start = tp.get("pretrained", "?")
     if meta["backbone"] == "dlib_age" and start != "none":  # any other value loads dlib's network (config.py)
         start = "dlib's age network (age-v1.onnx)"
+        if meta.get("head") == "fused":
+            start += " and face-recognition network (dlib_face_recognition_resnet_model_v1.dat)"
     else:
         start = f"`{start}`"
     note = f", input {meta['image_size']} px, weights at start: {start}"
     if meta.get("head") == "ensemble":
         note += ("; dlib's age network frozen, an ensemble of MLP heads over its features and its age "
                  "distribution, averaged over the face and its mirror image (`train.head=ensemble`)")
+    elif meta.get("head") == "fused":
+        note += ("; dlib's age and face-recognition networks frozen, an ensemble of MLP heads over the age "
+                 "network's features and age distribution and the 128-D face descriptor, averaged over the face "
+                 "and its mirror image (`train.head=fused`)")
     elif meta.get("head") == "pretrained":
         note += "; dlib's own age head (`train.head=pretrained`)"
     return note
@@ -42,12 +48,17 @@ def _retry_note(crop: dict) -> str:
 
 def _chip_note(meta: dict[str, Any]) -> str:
     """How a chip-input model sees each face (``faceage.chips``); empty for other inputs."""
-    from faceage.inputs import DLIB_AGE_CHIP, input_kind
+    from faceage.inputs import DLIB_AGE_CHIP, DLIB_CHIP_PAIR, input_kind
 
-    if input_kind(meta).name != DLIB_AGE_CHIP:
-        return ""
-    return (", read as the 5-point-aligned 64 px chip cut from that square before it is resized "
-            "(the photo's own pixels, as dlib's network was trained)")
+    kind = input_kind(meta).name
+    if kind == DLIB_AGE_CHIP:
+        return (", read as the 5-point-aligned 64 px chip cut from that square before it is resized "
+                "(the photo's own pixels, as dlib's network was trained)")
+    if kind == DLIB_CHIP_PAIR:
+        return (", read as the 5-point-aligned 64 px chip (age network) and 150 px chip (face-recognition "
+                "network) cut from that square before it is resized (the photo's own pixels, as dlib's "
+                "networks were trained)")
+    return ""
 
 
 def _augmentation(meta: dict[str, Any], tp: dict[str, Any]) -> str:

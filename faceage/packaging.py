@@ -44,7 +44,7 @@ from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.external import external_maes
 from faceage.faces import crop_retry_pad
-from faceage.inputs import DLIB_AGE_CHIP, input_kind
+from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.tracking import EXPERIMENT, git_commit
 
@@ -308,10 +308,10 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
     }
 
 
-def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES, chips: bool = False
-                     ) -> list[np.ndarray]:
+def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES, chips: bool = False,
+                     pairs: bool = False) -> list[np.ndarray]:
     """Up to ``limit`` real faces of the ``preprocess`` output (test split first): crops at ``size``
-    px, or (``chips``) their ``dlib_age`` chips from ``chips.npz``.
+    px, or (``chips``) their ``dlib_age`` chips from ``chips.npz`` (``pairs``: their chip pairs).
 
     Raises:
         PackagingError: The folder holds no crops (or no chips for them).
@@ -330,7 +330,7 @@ def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES,
 
         if not (faces_dir / CHIPS_FILE).is_file():
             raise PackagingError(f"{faces_dir} has no {CHIPS_FILE}: rerun the preprocess stage")
-        table = load_chips(faces_dir / CHIPS_FILE)[0]
+        table = load_chips(faces_dir / CHIPS_FILE, pairs=pairs)[0]
         return [table[row["crop"]] for row in rows if row["crop"] in table]
     crops = []
     for row in rows:
@@ -372,7 +372,8 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
         if got != want:
             raise PackagingError(f"{Path(detector_dir) / filename} has sha256 {got}, but the checkpoint was "
                                  f"trained with {want}")
-    crops = load_check_crops(faces_dir, int(crop["size"]), chips=input_kind(meta).name == DLIB_AGE_CHIP)
+    kind = input_kind(meta).name
+    crops = load_check_crops(faces_dir, int(crop["size"]), chips=kind in CHIP_KINDS, pairs=kind == DLIB_CHIP_PAIR)
     with tempfile.TemporaryDirectory(prefix="faceage-export-") as tmp:
         onnx_tmp = Path(tmp) / ONNX_FILE
         metadata = {**metadata, "onnx_file": ONNX_FILE,

@@ -132,11 +132,13 @@ class FaceLocator:
         max_pixels: Encoded images with more pixels are refused (decompression bombs).
         chip_dir: A folder with the 5-point shape predictor: also cut each face's ``dlib_age``
             chip (:mod:`faceage.chips`) from its margin region; ``None``: crops only.
+        pairs: Cut chip pairs (age chip + face-recognition chip, :meth:`faceage.chips.ChipExtractor.pair`)
+            instead of age chips (``chip_dir`` needed).
     """
 
     def __init__(self, detector_dir: str | Path, *, kind: str, upsample: int, margin: float, crop_size: int,
                  retry_pad: float = 0.0, max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 chip_dir: str | Path | None = None):
+                 chip_dir: str | Path | None = None, pairs: bool = False):
         if max_detect_pixels < 0 or max_pixels < 1:
             raise ValueError(f"max_detect_pixels must be >= 0 and max_pixels >= 1, "
                              f"got {max_detect_pixels} and {max_pixels}")
@@ -146,15 +148,18 @@ class FaceLocator:
         self.max_detect_pixels = int(max_detect_pixels)
         self.max_pixels = int(max_pixels)
         self.chipper = None
+        if pairs and chip_dir is None:
+            raise ValueError("pairs=True cuts chips: it needs chip_dir (the folder with the shape predictor)")
         if chip_dir is not None:
             from faceage.chips import ChipExtractor
 
-            self.chipper = ChipExtractor(chip_dir, self.margin)
+            chipper = ChipExtractor(chip_dir, self.margin)
+            self.chipper = chipper.pair if pairs else chipper.chip
         self._settings = {"detector_dir": str(detector_dir), "kind": kind, "upsample": int(upsample),
                           "retry_pad": float(retry_pad),
                           "margin": self.margin, "crop_size": self.crop_size,
                           "max_detect_pixels": self.max_detect_pixels, "max_pixels": self.max_pixels,
-                          "chip_dir": None if chip_dir is None else str(chip_dir)}
+                          "chip_dir": None if chip_dir is None else str(chip_dir), "pairs": bool(pairs)}
 
     def settings(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this locator (in another process)."""
@@ -183,7 +188,7 @@ class FaceLocator:
         boxes = self.detect(image)
         regions = [margin_region(image, b, self.margin) for b in boxes]
         crops = [resize_region(r, self.crop_size) for r in regions]
-        chips = None if self.chipper is None else [self.chipper.chip(r) for r in regions]
+        chips = None if self.chipper is None else [self.chipper(r) for r in regions]
         return LocatedFaces(width=int(image.shape[1]), height=int(image.shape[0]), boxes=boxes, crops=crops,
                             chips=chips)
 
@@ -233,12 +238,14 @@ class AgePredictor:
         self.meta = self.age_model.meta
         crop = self.meta["crop"]
         check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
-        from faceage.inputs import DLIB_AGE_CHIP, input_kind
+        from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 
+        input_name = input_kind(self.meta).name
         self.locator = FaceLocator(detector_dir, kind=crop["detector"], upsample=int(crop["upsample"]),
                                    margin=crop["margin"], crop_size=crop["size"], retry_pad=crop_retry_pad(crop),
                                    max_detect_pixels=max_detect_pixels, max_pixels=max_pixels,
-                                   chip_dir=detector_dir if input_kind(self.meta).name == DLIB_AGE_CHIP else None)
+                                   chip_dir=detector_dir if input_name in CHIP_KINDS else None,
+                                   pairs=input_name == DLIB_CHIP_PAIR)
         log.info("age model %s (val MAE %.2f, MLflow run %s) on %s, %d threads; detector %s upsample %d "
                  "retry_pad %g; crop margin %.2f size %d", self.meta["backbone"],
                  self.meta.get("val_mae", float("nan")), self.meta.get("mlflow_run_id"), self.age_model.device,
@@ -262,7 +269,7 @@ class AgePredictor:
         """One pass over a blank face, so the first request does not pay for lazy loading."""
         blank = np.zeros((self.locator.crop_size, self.locator.crop_size, 3), np.uint8)
         chipper = self.locator.chipper
-        self.estimate([blank if chipper is None else chipper.chip(blank)])
+        self.estimate([blank if chipper is None else chipper(blank)])
 
     def predict(self, image: np.ndarray) -> list[FaceAge]:
         """Every face of one RGB uint8 image with its age, largest first; ``[]`` when there is none."""

@@ -5,8 +5,9 @@ Input: a folder from :func:`faceage.appa_real.fetch_appa_real`, a detector folde
 Output folder::
 
     {train,valid,test}/NAME.png   size x size lossless crop of the subject's face
-    chips.npz                     each crop's 5-point-aligned 64x64 chip for dlib's age network,
-                                  cut from the same margin region before it is resized
+    chips.npz                     each crop's 5-point-aligned 64x64 chip for dlib's age network
+                                  and 150x150 chip for its face-recognition network, cut from
+                                  the same margin region before it is resized
                                   (:mod:`faceage.chips`; cheap: ~1 ms per face)
     manifest.csv                  split,file_name,crop,apparent_age,apparent_age_std,real_age,
                                   status,n_faces,left,top,right,bottom,score
@@ -105,7 +106,8 @@ def _process(task: _Task) -> dict:
         return row
     # compress_level=1: PNG stays lossless, and writing is ~5x faster than the default.
     Image.fromarray(resize_region(region, p.size)).save(_worker["out"] / task.crop, compress_level=1)
-    row["chip"] = _worker["chips"].chip(region)  # from the unresampled region (faceage.chips)
+    # from the unresampled region (faceage.chips): the age chip and the face-recognition chip
+    row["chip"], row["face_chip"] = _worker["chips"].chips_of(region)
     return row
 
 
@@ -200,7 +202,7 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         writer.writerows(rows)
     cut = [r for r in rows if "chip" in r]
     save_chips(out_dir / CHIPS_FILE, [r["crop"] for r in cut], [r.pop("chip") for r in cut], params.margin,
-               read_manifest(detector_dir)["files"][SHAPE5_FILE])
+               read_manifest(detector_dir)["files"][SHAPE5_FILE], face_chips=[r.pop("face_chip") for r in cut])
     return rows
 
 

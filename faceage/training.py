@@ -63,7 +63,7 @@ from faceage.data import load_split
 from faceage.download import file_digest
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import input_fn, predict_logits
-from faceage.inputs import backbone_input
+from faceage.inputs import DLIB_CHIP_PAIR, backbone_input
 from faceage.model import (
     MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature, input_stats, load_pretrained, save_checkpoint,
 )
@@ -471,12 +471,14 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
         _set_batchnorm_class(model, GlobalBatchNorm2d)
     model.to(device)
     pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}  # for WiSE-FT
+    kind = backbone_input(p.backbone, head)
+    pairs = kind == DLIB_CHIP_PAIR
     train_set = load_split(faces_dir, "train", p.backbone, p.image_size, embeddings_path,
                            transform=train_augment(augment=p.augment, low_res=p.low_res, low_res_min=p.low_res_min),
-                           augment=p.augment)
-    val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path)
+                           augment=p.augment, pairs=pairs)
+    val_set = load_split(faces_dir, "valid", p.backbone, p.image_size, embeddings_path, pairs=pairs)
     mean, std = input_stats(p.backbone)
-    prepare = input_fn(backbone_input(p.backbone), mean, std)
+    prepare = input_fn(kind, mean, std)
     full = (model, val_set, prepare)  # what the checkpoint, the summary and the logged model describe
     input_shape = tuple(val_set.images.shape[1:])
     encoder_info = train_set.info if p.backbone in (FACE_ENCODER, DLIB_AGE) else None  # the features' lineage
@@ -550,7 +552,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             "mean": list(mean), "std": list(std), "crop": crop,
             "train_params": asdict(p), "best_epoch": state.best_epoch, "val_mae": state.best_val_mae,
             "mlflow_run_id": state.run_id, "git_commit": tracker.commit, "data_sha256": crop["data_sha256"],
-            "input": backbone_input(p.backbone), **extra,
+            "input": kind, **extra,
         }
         if head is not None:
             meta["head"] = head

@@ -244,12 +244,14 @@ def test_ensemble_network_takes_dlib_weights_and_keeps_its_members(model_dir):
     assert all(torch.equal(model.ensemble.state_dict()[k], v) for k, v in members.items())
 
 
-def test_auto_head_is_the_ensemble_unless_fine_tuning_or_zero_shot_is_asked_for():
+def test_auto_head_is_the_fused_ensemble_unless_fine_tuning_or_zero_shot_is_asked_for():
     from faceage.config import ConfigError, TrainParams
+    from faceage.dlib_age import HEAD_FUSED
     from faceage.finetune import check_params, resolve_head
 
     age = TrainParams(backbone=DLIB_AGE)
-    assert resolve_head(age) == HEAD_ENSEMBLE
+    assert resolve_head(age) == HEAD_FUSED
+    assert resolve_head(replace(age, head=HEAD_ENSEMBLE)) == HEAD_ENSEMBLE
     assert resolve_head(replace(age, epochs=0)) == HEAD_PRETRAINED
     assert resolve_head(replace(age, freeze_blocks=4, wise_ft=True)) == HEAD_PRETRAINED
     assert resolve_head(replace(age, head=HEAD_PRETRAINED)) == HEAD_PRETRAINED
@@ -386,3 +388,155 @@ def test_ensemble_weight_given_is_kept_and_scored_auto_follows_the_rule():
     weight, mae, scores = choose_ensemble_weight(model, errors)
     assert weight == pytest.approx(0.8) and float(model.ensemble.weight) == pytest.approx(0.8)
     assert mae == pytest.approx(5.0) and len(scores) == 11
+
+
+# --- train.head=fused: dlib's face-recognition network (torch port) beside the age network ---
+
+
+def test_face_net_port_gives_dlibs_own_descriptors(model_dir, crops):
+    """The torch rebuild of dlib_face_recognition_resnet_model_v1.dat equals dlib's compute_face_descriptor
+    on the face chips the one crop path cuts (margin regions of a real face and their mirror images)."""
+    import dlib
+
+    from faceage.chips import FACE_CHIP_SIZE, face_rect
+    from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
+    from faceage.face_net import face_net_state_dict, load_face_net
+
+    net = load_face_net(model_dir / RECOGNITION_FILE)
+    assert set(face_net_state_dict(model_dir / RECOGNITION_FILE)) == set(net.state_dict())  # every tensor from the file
+    reference = dlib.face_recognition_model_v1(str(model_dir / RECOGNITION_FILE))
+    shapes = dlib.shape_predictor(str(model_dir / SHAPE5_FILE))
+    for m, region in zip((0.3, 0.4, 0.5) * 2, crops):
+        _, face_chip = ChipExtractor(model_dir, m).chips_of(region)
+        assert face_chip.shape == (3, FACE_CHIP_SIZE, FACE_CHIP_SIZE) and face_chip.dtype == np.uint8
+        region = np.ascontiguousarray(region)
+        want = np.asarray(reference.compute_face_descriptor(region, shapes(region, face_rect(region.shape[0], m))))
+        with torch.no_grad():
+            got = net(normalize(torch.from_numpy(face_chip[None]), INPUT_MEAN, INPUT_STD))[0].numpy()
+        assert np.abs(got - want).max() < 1e-5
+        assert 0.5 < np.linalg.norm(want) < 2  # a real descriptor (dlib's are ~1 long)
+
+
+def test_face_net_rejects_a_file_of_another_network(model_dir):
+    from faceage.face_net import face_net_state_dict
+
+    with pytest.raises(ValueError, match="not dlib's face-recognition ResNet"):
+        face_net_state_dict(model_dir / "shape_predictor_5_face_landmarks.dat")
+
+
+def test_chip_pair_holds_both_chips_and_mirrors_in_place():
+    from faceage.chips import PAIR_SHAPE, make_pair, split_pair, stack_pairs
+
+    rng = np.random.default_rng(0)
+    chip = rng.integers(0, 256, (3, CHIP_SIZE, CHIP_SIZE), dtype=np.uint8)
+    face = rng.integers(0, 256, (3, 150, 150), dtype=np.uint8)
+    pair = make_pair(chip, face)
+    assert pair.shape == PAIR_SHAPE and pair.dtype == np.uint8
+    a, f = split_pair(pair)
+    assert np.array_equal(a, chip) and np.array_equal(f, face)
+    assert pair[:, :CHIP_SIZE].sum() == chip.sum()  # zeros around the age chip
+    a, f = split_pair(pair[:, :, ::-1])
+    assert np.array_equal(a, chip[:, :, ::-1]) and np.array_equal(f, face[:, :, ::-1])
+    assert stack_pairs([pair, pair]).shape == (2, *PAIR_SHAPE) and stack_pairs([]).shape == (0, *PAIR_SHAPE)
+    with pytest.raises(ValueError, match="chip pairs cut from the margin region"):
+        stack_pairs([chip])
+
+
+def test_fused_head_cached_features_then_the_head_equal_the_whole_network():
+    from faceage.chips import PAIR_SHAPE
+    from faceage.dlib_age import HEAD_FUSED
+
+    torch.manual_seed(0)
+    model = DlibAgeNet(101, HEAD_FUSED).eval()
+    x = torch.randn(2, *PAIR_SHAPE)
+    with torch.no_grad():
+        features = model.run_stages(x, 0, 6)
+        assert features.shape == (2, 256 + 128)
+        assert torch.allclose(model.run_stages(features, 6), model.run_stages(x), atol=1e-6)
+        views = [torch.softmax(model.run_stages(v), 1) for v in (x, torch.flip(x, dims=[-1]))]
+        assert torch.allclose(model(x).exp(), (views[0] + views[1]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="runs whole"):
+        model.run_stages(x, 0, 3)
+
+
+def test_low_resolution_pairs_degrade_both_chips_by_the_same_share():
+    from faceage.chips import PAIR_SHAPE, make_pair, split_pair
+    from faceage.finetune import low_resolution_chips
+    from faceage.transforms import low_res_sides, low_resolution_each
+
+    rng = np.random.default_rng(1)
+    pairs = torch.from_numpy(np.stack([make_pair(rng.integers(0, 256, (3, 64, 64), dtype=np.uint8),
+                                                 rng.integers(0, 256, (3, 150, 150), dtype=np.uint8))
+                                       for _ in range(4)]))
+    low = low_resolution_chips(pairs, 0.45, torch.Generator().manual_seed(3))
+    assert low.shape == (4, *PAIR_SHAPE)
+    sides = low_res_sides(4, CHIP_SIZE, 0.45, torch.Generator().manual_seed(3))
+    age, face = split_pair(low)
+    assert torch.equal(age, low_resolution_each(split_pair(pairs)[0].contiguous(), sides))
+    assert torch.equal(face, low_resolution_each(split_pair(pairs)[1].contiguous(),
+                                                 (sides * 150 / 64).round().long()))
+    assert low[:, :, :CHIP_SIZE].sum() == age.sum()  # the zero border stays zero
+
+
+def test_fused_head_rules():
+    from faceage.config import ConfigError, TrainParams
+    from faceage.dlib_age import HEAD_FUSED
+    from faceage.finetune import check_params, resolve_head
+    from faceage.inputs import DLIB_CHIP_PAIR, backbone_input
+
+    fused = TrainParams(backbone=DLIB_AGE, head=HEAD_FUSED)
+    assert resolve_head(fused) == HEAD_FUSED and backbone_input(DLIB_AGE, HEAD_FUSED) == DLIB_CHIP_PAIR
+    check_params(replace(fused, ensemble_weight=0.5))
+    for bad, named in [(replace(fused, freeze_blocks=4), "got train.head=fused"),
+                       (replace(fused, epochs=0), "train.epochs=0 .* got train.head=fused")]:
+        with pytest.raises(ConfigError, match=named):
+            check_params(bad)
+
+
+def test_fused_checkpoint_serves_the_preprocess_pair_through_onnx(model_dir, tmp_path):
+    """One crop path for the pair: preprocess -> embed -> chips.npz pair == the predictor's pair, byte
+    for byte; the ONNX graph (both networks inside) serves the torch model's ages."""
+    from faceage.appa_real import Sample
+    from faceage.config import PreprocessParams
+    from faceage.dlib_age import HEAD_FUSED
+    from faceage.export import export_onnx
+    from faceage.preprocess import crop_samples
+
+    image = skimage_data.astronaut()
+    data = tmp_path / "release"
+    (data / "test").mkdir(parents=True)
+    Image.fromarray(image).save(data / "test" / "a.png")
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    params = PreprocessParams(detector="hog", upsample=1, margin=MARGIN, size=CROP, no_face="skip", workers=1)
+    crop_samples({"test": [Sample("test", "a.png", 35.0, 1.0, 35.0)]}, data, model_dir, faces, params)
+    (faces / SETTINGS).write_text(json.dumps({"margin": MARGIN, "size": CROP}))
+    compute_features(DLIB_AGE, faces, model_dir, tmp_path / "features.npz", workers=1)
+    table, info = load_chips(tmp_path / "features.npz", pairs=True)
+    assert info["face_chips"]
+
+    torch.manual_seed(0)
+    model = DlibAgeNet(101, HEAD_FUSED)
+    from faceage.detector import RECOGNITION_FILE
+
+    load_pretrained_into(model, model_dir / AGE_MODEL_FILE, model_dir / RECOGNITION_FILE)
+    x = normalize(torch.from_numpy(table["test/a.png"][None]), INPUT_MEAN, INPUT_STD)
+    meta = {"backbone": DLIB_AGE, "head": HEAD_FUSED, "input": "dlib_chip_pair", "min_age": 0, "max_age": 100,
+            "image_size": 150, "mean": list(INPUT_MEAN), "std": list(INPUT_STD), "val_mae": 5.0,
+            "mlflow_run_id": "r1",
+            "crop": {"margin": MARGIN, "size": CROP, "detector": "hog", "upsample": 1, "detector_file": HOG_FILE,
+                     "detector_sha256": file_digest(model_dir / HOG_FILE)}}
+    save_checkpoint(tmp_path / "model.pt", model.eval(), meta)
+    predictor = AgePredictor(tmp_path / "model.pt", model_dir, threads=1)
+    located = predictor.locator.locate(image)
+    assert located.inputs[0].tobytes() == table["test/a.png"].tobytes()
+    report = export_onnx(tmp_path / "model.pt", model_dir, [table["test/a.png"], table["test/a.png"][:, :, ::-1]],
+                         tmp_path / "model.onnx")
+    assert report["onnx_max_abs_diff_probs"] <= 1e-4
+    onnx_side = AgePredictor(tmp_path / "model.onnx", model_dir, runtime="onnx", threads=1).predict(image)
+    torch_side = predictor.predict(image)
+    assert len(torch_side) == len(onnx_side) >= 1
+    assert onnx_side[0].age == pytest.approx(torch_side[0].age, abs=1e-3)
+    with torch.no_grad():
+        want = torch.softmax(model(x), 1)[0] @ torch.arange(101.0)
+    assert torch_side[0].age == pytest.approx(float(want), abs=1e-3)
