@@ -1,5 +1,5 @@
-"""dlib_age end to end on real faces: embed (aligned chips) -> zero-shot, fine-tuned and ensemble-head
-train -> evaluate, tracked in MLflow, and the predictor serves evaluate's numbers for the same photos."""
+"""dlib_age end to end on real faces: embed (aligned chips) -> zero-shot, fine-tuned, ensemble-head and
+fused-head train -> evaluate, tracked in MLflow, and the predictor serves evaluate's numbers for the same photos."""
 
 import csv
 from dataclasses import replace
@@ -35,7 +35,8 @@ def age_run(tiny_run, tmp_path_factory, monkeypatch_module):
     for name, overrides in {"zero_shot": {"epochs": 0},
                             "tuned": {"epochs": 2, "lr": 1e-4, "distill_weight": 1.0, "wise_ft": True,
                                       "layer_lr_decay": 0.5, "freeze_blocks": 1},
-                            "ensemble": {"epochs": 30}}.items():  # train.head=auto, nothing else: the ensemble
+                            "ensemble": {"epochs": 30, "head": "ensemble"},
+                            "fused": {"epochs": 30}}.items():  # train.head=auto, nothing else: the fused ensemble
         out = root / name
         tp = replace(p.train, backbone="dlib_age", batch_size=16, **overrides)
         result = train_model(tp, tiny_run["faces"], out / "model.pt", out / "reports", out / "run.json",
@@ -52,10 +53,11 @@ def age_run(tiny_run, tmp_path_factory, monkeypatch_module):
 def test_chips_cover_every_crop(age_run):
     with np.load(age_run["root"] / "chips.npz") as z:
         assert z["chips"].shape == (age_run["n"], 3, 64, 64) and z["chips"].dtype == np.uint8
+        assert z["face_chips"].shape == (age_run["n"], 3, 150, 150) and z["face_chips"].dtype == np.uint8
     [cache] = list((age_run["root"] / "external-cache").iterdir())
     with np.load(cache / "chips.npz") as z:
         n_ext = age_run["runs"]["zero_shot"]["metrics"]["external"]["utk_external"]["n_faces"]
-        assert z["chips"].shape == (n_ext, 3, 64, 64)
+        assert z["chips"].shape == (n_ext, 3, 64, 64) and z["face_chips"].shape == (n_ext, 3, 150, 150)
 
 
 def test_zero_shot_and_fine_tuned_runs_are_evaluated_and_tracked(age_run):
@@ -77,20 +79,26 @@ def test_zero_shot_and_fine_tuned_runs_are_evaluated_and_tracked(age_run):
     assert 0.0 <= tuned["wise_alpha"] <= 1.0
 
 
-def test_auto_head_is_the_ensemble_with_the_network_left_as_dlib_shipped_it(age_run, tiny_run):
-    from faceage.detector import AGE_MODEL_FILE
-    from faceage.dlib_age import HEAD_ENSEMBLE, HEAD_PRETRAINED, load_dlib_age
+def test_auto_head_is_the_fused_ensemble_with_both_networks_left_as_dlib_shipped_them(age_run, tiny_run):
+    from faceage.detector import AGE_MODEL_FILE, RECOGNITION_FILE
+    from faceage.dlib_age import HEAD_ENSEMBLE, HEAD_FUSED, HEAD_PRETRAINED, load_dlib_age
+    from faceage.face_net import face_net_state_dict
     from faceage.model import load_checkpoint
 
     heads = {name: load_checkpoint(run["dir"] / "model.pt")[1].get("head") for name, run in age_run["runs"].items()}
-    assert heads == {"zero_shot": HEAD_PRETRAINED, "tuned": HEAD_PRETRAINED, "ensemble": HEAD_ENSEMBLE}
-    model, _ = load_checkpoint(age_run["runs"]["ensemble"]["dir"] / "model.pt")
+    assert heads == {"zero_shot": HEAD_PRETRAINED, "tuned": HEAD_PRETRAINED, "ensemble": HEAD_ENSEMBLE,
+                     "fused": HEAD_FUSED}
     dlib = load_dlib_age(tiny_run["detector"] / AGE_MODEL_FILE, 101).state_dict()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in dlib.items())  # frozen: only the ensemble trained
-    assert not torch.equal(model.ensemble.in_std, torch.ones_like(model.ensemble.in_std))  # standardised on train
+    face = face_net_state_dict(tiny_run["detector"] / RECOGNITION_FILE)
+    for name in ("ensemble", "fused"):
+        model, meta = load_checkpoint(age_run["runs"][name]["dir"] / "model.pt")
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in dlib.items())  # frozen: only the ensemble trained
+        assert not torch.equal(model.ensemble.in_std, torch.ones_like(model.ensemble.in_std))  # standardised on train
+    assert meta["input"] == "dlib_chip_pair"
+    assert all(torch.equal(model.face.state_dict()[k], v) for k, v in face.items())  # dlib's face network, frozen
 
 
-@pytest.mark.parametrize("name", ["tuned", "ensemble"])
+@pytest.mark.parametrize("name", ["tuned", "ensemble", "fused"])
 def test_predictor_serves_what_evaluate_scored(age_run, name):
     """detect -> crop -> 5-point chip -> network: the photo gets evaluate's exact prediction."""
     from faceage.images import load_image
