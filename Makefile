@@ -26,9 +26,10 @@ repro: setup
 	$(BIN)/dvc repro
 
 # The quick CPU profile (main job): the whole pipeline on the 2,100-face shared sample with the
-# best offline recipe measured (reports/recipe_dlib_age.md): dlib's pretrained age network, frozen,
-# with an ensemble of five MLP heads over its features and its age distribution (train.head=auto),
-# trained 30 epochs on the cached features. A DVC experiment tracked in MLflow.
+# best offline recipe measured (reports/recipe_dlib_age.md, round 7): dlib's pretrained age and
+# face-recognition networks, frozen, with an ensemble of five MLP heads over the age network's
+# features and age distribution and the face descriptor (train.head=auto = fused), trained 30 epochs
+# on the cached features. A DVC experiment tracked in MLflow.
 SAMPLE ?= $(abspath ../shared/datasets/appa-real-sample)
 QUICK := -S fetch_data.source=$(SAMPLE) -S train.backbone=dlib_age
 quick: setup

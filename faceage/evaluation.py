@@ -36,7 +36,7 @@ from faceage.external import (ExternalSet, ExternalSetError, crop_counts, extern
                               external_faces, resolve_external)
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
-from faceage.inputs import DLIB_CHIP_PAIR, DLIB_FACE_EMBEDDING, input_kind
+from faceage.inputs import DLIB_FACE_EMBEDDING, reads_pairs
 from faceage.preprocess import read_faces_manifest
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
@@ -175,7 +175,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
                                    f"{counts['n_images']} images (detector={meta['crop']['detector']}, "
                                    f"no_face={meta['crop'].get('no_face')})")
         data = load_split(faces, "test", meta["backbone"], meta["image_size"], embeddings,
-                          pairs=input_kind(meta).name == DLIB_CHIP_PAIR)
+                          pairs=reads_pairs(meta))
         pred, std = age_model.predict_inputs(data.images, p.batch_size)
         true = data.ages.numpy().astype(np.float64)
         groups[ext.name] = errors_by_group(pred, true)
@@ -250,7 +250,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     age_model = AgeModel(checkpoint, device=device)
     meta = age_model.meta
     test = load_split(faces_dir, "test", meta["backbone"], meta["image_size"], embeddings_path,
-                      pairs=input_kind(meta).name == DLIB_CHIP_PAIR)
+                      pairs=reads_pairs(meta))
     pred, std = age_model.predict_inputs(test.images, p.batch_size)
     true, real = test.ages.numpy().astype(np.float64), test.real_ages.numpy().astype(np.float64)
     train_mean = float(np.mean([float(r["apparent_age"]) for r in read_faces_manifest(faces_dir, "train")]))

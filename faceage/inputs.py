@@ -135,6 +135,11 @@ def input_kind(meta: dict[str, Any]) -> InputKind:
     return INPUT_KINDS[name]
 
 
+def reads_pairs(meta: dict[str, Any]) -> bool:
+    """Whether the checkpoint reads chip pairs (``dlib_age``'s fused head): its datasets load them."""
+    return input_kind(meta).name == DLIB_CHIP_PAIR
+
+
 def input_preparer(meta: dict[str, Any], detector_dir: str | Path | None = None
                    ) -> Callable[[list[np.ndarray]], np.ndarray]:
     """``crops -> stored input`` for a checkpoint (see the module docstring)."""

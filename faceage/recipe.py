@@ -58,8 +58,10 @@ AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
     "finetune": ("make quick-finetune: frozen stem-block3, 12 epochs, lr 3e-3 layer-wise (0.316) + LwF + WiSE-FT",
               {"freeze_blocks": 4, "epochs": 12, "lr": 3e-3, "layer_lr_decay": 0.316, "distill_weight": 1.0,
                "wise_ft": True}),
-    "ensemble": ("make quick: the network frozen, an ensemble of MLP heads (train.head=ensemble), 30 epochs, lr 1e-3",
+    "ensemble": ("the network frozen, an ensemble of MLP heads (train.head=ensemble), 30 epochs, lr 1e-3",
                  {"head": "ensemble", "epochs": 30, "lr": 1e-3}),
+    "fused": ("make quick: both dlib networks frozen, the ensemble also reads the face descriptor (train.head=fused), "
+              "30 epochs, lr 1e-3", {"head": "fused", "epochs": 30, "lr": 1e-3}),
 }
 CNN_BASE = {"backbone": "resnet18", "pretrained": "none", "epochs": 5, "image_size": 112}
 CNN_VARIANTS = {
@@ -96,13 +98,15 @@ class External:
         """Test MAE of a checkpoint on this folder (the evaluate path: load_split -> AgeModel)."""
         from faceage.data import load_split
         from faceage.features import compute_features
+        from faceage.inputs import reads_pairs
 
         model = AgeModel(model_path)
         backbone = model.meta["backbone"]
         if backbone not in self.features:
             self.features[backbone] = self.work / f"features-{backbone}.npz"
             compute_features(backbone, self.faces, self.detector, self.features[backbone])
-        test = load_split(self.faces, "test", backbone, model.meta["image_size"], self.features[backbone])
+        test = load_split(self.faces, "test", backbone, model.meta["image_size"], self.features[backbone],
+                          pairs=reads_pairs(model.meta))
         pred, _ = model.predict_inputs(test.images)
         return float(abs(pred - test.real_ages.numpy()).mean())
 

@@ -52,7 +52,8 @@ def test_sweep_report_shows_the_pretrained_age_network_as_a_face_network(tmp_pat
     rows = [{**row("dlib_age", 0.05, 6.3, 4.9), "external": {"utk_external": 7.86}},
             row("resnet18", 0.30, 11.2, 12.9), row("resnet34", 0.60, 21.3, 14.2), row("resnet50", 0.67, 23.7, 17.3)]
     text = _conclusion(rows)
-    assert "(`dlib_age`, frozen, an ensemble of heads trained here) reaches 4.90 years, `utk_external` 7.86" in text
+    assert ("(`dlib_age`, frozen, with dlib's face descriptor, an ensemble of heads trained here) reaches 4.90 years, "
+            "`utk_external` 7.86") in text
     assert "CNNs trained here: test MAE 12.90-17.30" in text  # dlib_age is not counted among the CNNs
     write_report(rows, tmp_path / "b.md", tmp_path / "b.png", "cpu")
-    assert "| `dlib_age` | 6.30 | 0.050 | 64 (aligned chip) |" in (tmp_path / "b.md").read_text()
+    assert "| `dlib_age` | 6.30 | 0.050 | 64 + 150 (aligned chips) |" in (tmp_path / "b.md").read_text()
