@@ -116,14 +116,22 @@ def stack_chips(chips: list[np.ndarray]) -> np.ndarray:
         ValueError: An item is not a chip (e.g. a face crop): a chip must be cut from the margin
             region (``LocatedFaces.chips``, ``chips.npz``), not from a resized crop.
     """
-    shape = (3, CHIP_SIZE, CHIP_SIZE)
-    bad = [np.shape(c) for c in chips if np.shape(c) != shape]
+    return _stack(chips, (3, CHIP_SIZE, CHIP_SIZE), "input 'dlib_age_chip' takes", "chips")
+
+
+def _stack(items: list[np.ndarray], shape: tuple[int, ...], who: str, what: str) -> np.ndarray:
+    """``items`` of ``shape`` -> one uint8 (N, *shape) array; an empty list gives (0, *shape).
+
+    Raises:
+        ValueError: An item has another shape (the message: ``who`` takes ``what`` of ``shape``).
+    """
+    bad = [np.shape(c) for c in items if np.shape(c) != shape]
     if bad:
-        raise ValueError(f"input 'dlib_age_chip' takes uint8 {shape} chips cut from the margin region "
+        raise ValueError(f"{who} uint8 {shape} {what} cut from the margin region "
                          f"(LocatedFaces.chips, preprocess's chips.npz), got an item of shape {bad[0]}")
-    if not len(chips):
+    if not len(items):
         return np.zeros((0, *shape), np.uint8)
-    return np.stack([np.asarray(c, np.uint8) for c in chips])
+    return np.stack([np.asarray(c, np.uint8) for c in items])
 
 
 def make_pair(chip: np.ndarray, face_chip: np.ndarray) -> np.ndarray:
@@ -145,13 +153,7 @@ def stack_pairs(pairs: list[np.ndarray]) -> np.ndarray:
     Raises:
         ValueError: An item is not a chip pair (e.g. a face crop or a lone age chip).
     """
-    bad = [np.shape(c) for c in pairs if np.shape(c) != PAIR_SHAPE]
-    if bad:
-        raise ValueError(f"input 'dlib_chip_pair' takes uint8 {PAIR_SHAPE} chip pairs cut from the margin region "
-                         f"(LocatedFaces.chips, preprocess's chips.npz), got an item of shape {bad[0]}")
-    if not len(pairs):
-        return np.zeros((0, *PAIR_SHAPE), np.uint8)
-    return np.stack([np.asarray(c, np.uint8) for c in pairs])
+    return _stack(pairs, PAIR_SHAPE, "input 'dlib_chip_pair' takes", "chip pairs")
 
 
 _worker: dict = {}
@@ -198,8 +200,7 @@ def save_chips(path: str | Path, crops: list[str], chips: list[np.ndarray], marg
                          f"for {len(crops)} crops")
     extra = {}
     if face_chips is not None:
-        shape = (3, FACE_CHIP_SIZE, FACE_CHIP_SIZE)
-        extra["face_chips"] = (np.stack(face_chips).astype(np.uint8) if len(face_chips) else np.zeros((0, *shape), np.uint8))
+        extra["face_chips"] = _stack(face_chips, (3, FACE_CHIP_SIZE, FACE_CHIP_SIZE), "chips.npz holds", "face chips")
     np.savez(tmp, kind=np.array(DLIB_AGE), crops=np.array(crops, dtype=str), chips=chips, margin=np.array(margin),
              shape_predictor_sha256=np.array(shape_predictor_sha256), **extra)
     os.replace(tmp, path)
