@@ -540,3 +540,15 @@ def test_fused_checkpoint_serves_the_preprocess_pair_through_onnx(model_dir, tmp
     with torch.no_grad():
         want = torch.softmax(model(x), 1)[0] @ torch.arange(101.0)
     assert torch_side[0].age == pytest.approx(float(want), abs=1e-3)
+
+
+def test_model_card_names_both_networks_of_the_fused_head():
+    from faceage.dlib_age import HEAD_FUSED
+    from faceage.model_card import _backbone_note, _chip_note
+
+    meta = {"backbone": DLIB_AGE, "image_size": 150, "head": HEAD_FUSED, "input": "dlib_chip_pair"}
+    note = _backbone_note(meta, {"pretrained": "imagenet"})
+    assert ("weights at start: dlib's age network (age-v1.onnx) and face-recognition network "
+            "(dlib_face_recognition_resnet_model_v1.dat)") in note
+    assert "`train.head=fused`" in note and "128-D face descriptor" in note
+    assert "64 px chip (age network) and 150 px chip (face-recognition network)" in _chip_note(meta)
