@@ -41,7 +41,6 @@ INPUT_STD = (256.0 / 255.0,) * 3
 HEAD_ENSEMBLE, HEAD_FUSED, HEAD_PRETRAINED = "ensemble", "fused", "pretrained"
 HEADS = (HEAD_PRETRAINED, HEAD_ENSEMBLE, HEAD_FUSED)
 ENSEMBLE_HEADS = (HEAD_ENSEMBLE, HEAD_FUSED)  # an AgeEnsemble over the frozen network(s)
-DESCRIPTOR_DIM = 128  # faceage.face_net.DESCRIPTOR_DIM (not imported here: face_net imports this module)
 ENSEMBLE_MEMBERS, ENSEMBLE_HIDDEN, ENSEMBLE_DROPOUT = 5, 512, 0.5
 
 
@@ -172,7 +171,7 @@ class DlibAgeNet(nn.Module):
             self.face = DlibFaceNet()
         self.ensemble = None
         if head in ENSEMBLE_HEADS:
-            extra = DESCRIPTOR_DIM if head == HEAD_FUSED else 0
+            extra = self.face.fc.out_features if self.face is not None else 0  # the descriptor's size
             self.ensemble = AgeEnsemble(num_ages, in_features=FEATURE_DIM + extra + PRETRAINED_AGES)
 
     def member_inputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +204,8 @@ class DlibAgeNet(nn.Module):
         chip pairs and splits only before its last stage: ``run_stages(x, 0, 6)`` is then
         :meth:`encode` of the pair, and stage 6 :meth:`classify` of that.
         """
-        if self.face is not None and (start, stop) != (NUM_STAGES - 1, NUM_STAGES) and not (
-                start == 0 and stop in (NUM_STAGES - 1, NUM_STAGES)):
+        if self.face is not None and (start, stop) not in ((0, NUM_STAGES), (0, NUM_STAGES - 1),
+                                                           (NUM_STAGES - 1, NUM_STAGES)):
             raise ValueError(f"the fused head's network runs whole: stages 0..{NUM_STAGES - 2} then {NUM_STAGES - 1}, "
                              f"got {start}..{stop - 1}")
         if self.face is not None and start == 0:

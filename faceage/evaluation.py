@@ -42,6 +42,7 @@ from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.tracking import read_run_file, repo_root, setup_mlflow, tracking_uri
 from faceage.training import pin_threads, select_device
+from faceage.transforms import low_resolution_at, reference_side
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,9 @@ def low_res_mae(age_model: AgeModel, images: torch.Tensor, true: np.ndarray, fra
                 batch_size: int) -> dict[str, float]:
     """MAE with the inputs at lower resolution: ``{"0.75": mae, ...}`` for each fraction of the input's side.
 
-    The faces as if photographed smaller (:func:`faceage.finetune.low_resolution_at`); ``{}`` for
+    The faces as if photographed smaller (:func:`faceage.transforms.low_resolution_at`); ``{}`` for
     ``dlib_face`` models, whose inputs are descriptors.
     """
-    from faceage.finetune import low_resolution_at, reference_side
-
     if age_model.meta["input"] == DLIB_FACE_EMBEDDING or len(true) == 0:
         return {}
     size = reference_side(images)

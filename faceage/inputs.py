@@ -118,7 +118,7 @@ def backbone_input(backbone: str, head: str | None = None) -> str:
     from faceage.chips import DLIB_AGE
     from faceage.face_encoder import FACE_ENCODER
 
-    if backbone == DLIB_AGE and head == "fused":
+    if backbone == DLIB_AGE and head == "fused":  # faceage.dlib_age.HEAD_FUSED (that module needs torch)
         return DLIB_CHIP_PAIR
     return {FACE_ENCODER: DLIB_FACE_EMBEDDING, DLIB_AGE: DLIB_AGE_CHIP}.get(backbone, IMAGE)
 

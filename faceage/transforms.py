@@ -51,6 +51,33 @@ def low_resolution_each(images: torch.Tensor, sides: torch.Tensor) -> torch.Tens
     return out
 
 
+def reference_side(images: torch.Tensor) -> int:
+    """The side a resolution share refers to: the image's, or for chip pairs the age chip's."""
+    from faceage.chips import CHIP_SIZE, PAIR_SHAPE
+
+    return CHIP_SIZE if tuple(images.shape[1:]) == PAIR_SHAPE else int(images.shape[-1])
+
+
+def low_resolution_at(images: torch.Tensor, sides: torch.Tensor) -> torch.Tensor:
+    """:func:`low_resolution_each` that also takes chip pairs: both chips of a pair
+    lose the same share of their side (``sides`` are the age chip's; they are cut from the same photo)."""
+    from faceage.chips import AGE_COLUMN, CHIP_SIZE, FACE_CHIP_SIZE, PAIR_SHAPE, split_pair
+
+    if tuple(images.shape[1:]) != PAIR_SHAPE:
+        return low_resolution_each(images, sides)
+    age, face = split_pair(images)
+    out = images.clone()
+    out[..., :CHIP_SIZE, AGE_COLUMN:AGE_COLUMN + CHIP_SIZE] = low_resolution_each(age.contiguous(), sides)
+    out[..., CHIP_SIZE:, :] = low_resolution_each(face.contiguous(), (sides * FACE_CHIP_SIZE / CHIP_SIZE).round().long())
+    return out
+
+
+def low_resolution_chips(images: torch.Tensor, min_fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Each chip (or chip pair) as if its face had been photographed with fewer pixels: a side drawn by
+    :func:`low_res_sides` (:func:`low_resolution_at`)."""
+    return low_resolution_at(images, low_res_sides(len(images), reference_side(images), min_fraction, generator))
+
+
 class RandomLowResolution:
     """With probability ``p``, :func:`low_resolution` at a side drawn by :func:`low_res_sides` (uint8 (3, S, S))."""
 

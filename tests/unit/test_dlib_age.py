@@ -461,8 +461,7 @@ def test_fused_head_cached_features_then_the_head_equal_the_whole_network():
 
 def test_low_resolution_pairs_degrade_both_chips_by_the_same_share():
     from faceage.chips import PAIR_SHAPE, make_pair, split_pair
-    from faceage.finetune import low_resolution_chips
-    from faceage.transforms import low_res_sides, low_resolution_each
+    from faceage.transforms import low_res_sides, low_resolution_chips, low_resolution_each
 
     rng = np.random.default_rng(1)
     pairs = torch.from_numpy(np.stack([make_pair(rng.integers(0, 256, (3, 64, 64), dtype=np.uint8),
