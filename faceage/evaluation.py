@@ -250,6 +250,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     meta = age_model.meta
     test = load_split(faces_dir, "test", meta["backbone"], meta["image_size"], embeddings_path,
                       pairs=reads_pairs(meta))
+    age_model.accelerate(test.images)
     pred, std = age_model.predict_inputs(test.images, p.batch_size)
     true, real = test.ages.numpy().astype(np.float64), test.real_ages.numpy().astype(np.float64)
     train_mean = float(np.mean([float(r["apparent_age"]) for r in read_faces_manifest(faces_dir, "train")]))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from faceage.chips import DLIB_AGE
 from faceage.config import ConfigError, TrainParams
+from faceage.ort_module import cpu_runner
 from faceage.transforms import low_resolution_chips
 
 log = logging.getLogger(__name__)
@@ -238,6 +240,17 @@ def choose_ensemble_weight(model: nn.Module, val_errors: Callable[[], torch.Tens
     return best["alpha"], best["val_mae"], scores
 
 
+class _Prefix(nn.Module):
+    """The first ``stop`` stages of a :class:`faceage.dlib_age.DlibAgeNet` as one module (to export them)."""
+
+    def __init__(self, full: nn.Module, stop: int):
+        super().__init__()
+        self.full, self.stop = full, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.full.run_stages(x, 0, self.stop)
+
+
 class _CachedStages(nn.Module):
     """The trainable last stages of a :class:`faceage.dlib_age.DlibAgeNet`, fed cached outputs of the frozen ones.
 
@@ -299,17 +312,23 @@ class FrozenPrefixCache:
                  batch_size: int = 256, start: int | None = None):
         self.model, self.train_set, self.val_set, self.prepare = model, train_set, val_set, prepare
         self.start = p.freeze_blocks if start is None else start
+        prefix = None  # the frozen stages, in ONNX Runtime on CPU (checked against torch on the first batch)
 
         @torch.no_grad()
         def run(images: torch.Tensor) -> torch.Tensor:
+            nonlocal prefix
             model.eval()
             out = []
             for i in range(0, len(images), batch_size):
                 x = prepare(images[i:i + batch_size].to(device))
-                views = [model.run_stages(v, 0, self.start).float().cpu() for v in (x, torch.flip(x, dims=[-1]))]
+                if prefix is None:
+                    prefix = cpu_runner(_Prefix(model, self.start), x[:8], device,
+                                        f"the frozen stages 0..{self.start - 1}")
+                views = [prefix(v).float().cpu() for v in (x, torch.flip(x, dims=[-1]))]
                 out.append(torch.stack(views, dim=1))
             return torch.cat(out)
 
+        started = time.perf_counter()
         low = None
         if p.augment and p.low_res > 0:  # train.low_res: degraded copies, each computed once too
             g = torch.Generator().manual_seed(p.seed)
@@ -317,10 +336,10 @@ class FrozenPrefixCache:
                              for _ in range(LOW_RES_COPIES)], dim=1)
         self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds, low, p.low_res)
         self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds)
-        log.info("the first %d (frozen) stages computed once for %d + %d chips (and mirror images%s), %s each",
-                 self.start, len(train_set), len(val_set),
+        log.info("the first %d (frozen) stages computed once for %d + %d chips (and mirror images%s), %s each, "
+                 "in %.0f s", self.start, len(train_set), len(val_set),
                  f", {LOW_RES_COPIES} lower-resolution copies of each training chip" if low is not None else "",
-                 tuple(self.train_views.views.shape[2:]))
+                 tuple(self.train_views.views.shape[2:]), time.perf_counter() - started)
 
     def training_view(self):
         """``(model, train_set, val_set, prepare)`` for the training loop: cached inputs, trainable stages."""

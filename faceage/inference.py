@@ -21,6 +21,7 @@ from torch import nn
 
 from faceage.inputs import INPUT_KINDS, input_kind, input_preparer
 from faceage.model import expected_age, load_checkpoint
+from faceage.ort_module import cpu_runner
 from faceage.transforms import normalize
 
 
@@ -89,6 +90,12 @@ class AgeModel:
         self.temperature = self.graph.temperature
         self.detector_dir = detector_dir
         self._prepare = None
+        self._run = self.graph
+
+    def accelerate(self, example: torch.Tensor) -> None:
+        """On CPU, run the graph in ONNX Runtime from now on, checked against torch on ``example``
+        (real stored inputs, 2+); on CUDA, or if the export is not usable, torch stays (logged)."""
+        self._run = cpu_runner(self.graph, example[:8].to(self.device), self.device, "the age graph")
 
     def prepare(self, crops: list[np.ndarray]) -> torch.Tensor:
         """Crops -> the stored input form (:mod:`faceage.inputs`) as a tensor."""
@@ -101,7 +108,7 @@ class AgeModel:
         """Ages, stds (float64) and age distributions (float32, N x ages) for stored inputs."""
         if len(inputs) == 0:
             return np.zeros(0), np.zeros(0), np.zeros((0, 0), np.float32)
-        out = [self.graph(inputs[i : i + batch_size].to(self.device)) for i in range(0, len(inputs), batch_size)]
+        out = [self._run(inputs[i : i + batch_size].to(self.device)) for i in range(0, len(inputs), batch_size)]
         mean, std, probs = (torch.cat(parts).cpu() for parts in zip(*out))
         return mean.double().numpy(), std.double().numpy(), probs.numpy()
 
