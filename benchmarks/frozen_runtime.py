@@ -23,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from faceage.chips import DLIB_AGE  # noqa: E402
 from faceage.data import load_split  # noqa: E402
+from faceage.dlib_age import NUM_STAGES  # noqa: E402
 from faceage.finetune import _Prefix  # noqa: E402
 from faceage.inference import AgeModel  # noqa: E402
 from faceage.inputs import reads_pairs  # noqa: E402
@@ -58,8 +60,8 @@ def main() -> None:
                        pairs=reads_pairs(meta))
     stored = split.images[:args.faces]
     cases = [("age graph (evaluate)", age_model.graph, stored)]
-    if meta["backbone"] == "dlib_age" and getattr(age_model.model, "ensemble", None) is not None:
-        prefix = _Prefix(age_model.model, 6).eval()
+    if meta["backbone"] == DLIB_AGE and getattr(age_model.model, "ensemble", None) is not None:
+        prefix = _Prefix(age_model.model, NUM_STAGES - 1).eval()  # what prefix_cache computes once
         cases.insert(0, ("frozen features (train)", prefix, age_model.graph.prepare(stored)))
     print(f"{meta['backbone']} ({meta.get('head', '-')}), {len(stored)} faces of shape {tuple(stored.shape[1:])}, "
           f"{args.threads} threads, batches of {args.batch}, {args.rounds} rounds")

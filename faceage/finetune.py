@@ -312,18 +312,16 @@ class FrozenPrefixCache:
                  batch_size: int = 256, start: int | None = None):
         self.model, self.train_set, self.val_set, self.prepare = model, train_set, val_set, prepare
         self.start = p.freeze_blocks if start is None else start
-        prefix = None  # the frozen stages, in ONNX Runtime on CPU (checked against torch on the first batch)
+        # the frozen stages, in ONNX Runtime on CPU (checked against torch on the first training chips)
+        prefix = cpu_runner(_Prefix(model, self.start), prepare(train_set.images[:8].to(device)), device,
+                            f"the frozen stages 0..{self.start - 1}")
 
         @torch.no_grad()
         def run(images: torch.Tensor) -> torch.Tensor:
-            nonlocal prefix
             model.eval()
             out = []
             for i in range(0, len(images), batch_size):
                 x = prepare(images[i:i + batch_size].to(device))
-                if prefix is None:
-                    prefix = cpu_runner(_Prefix(model, self.start), x[:8], device,
-                                        f"the frozen stages 0..{self.start - 1}")
                 views = [prefix(v).float().cpu() for v in (x, torch.flip(x, dims=[-1]))]
                 out.append(torch.stack(views, dim=1))
             return torch.cat(out)

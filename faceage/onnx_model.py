@@ -23,6 +23,16 @@ from faceage.inputs import input_kind, input_preparer
 META_KEY = "faceage"  # faceage.export.META_KEY (not imported: that module needs torch)
 
 
+def cpu_session(model: str | bytes, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for a model file or its bytes: ``threads`` intra-op threads,
+    inter-op 1 (the graph runs sequentially)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxAgeModel:
     """An exported age graph ready for inference (same interface as :class:`~faceage.inference.AgeModel`).
 
@@ -38,11 +48,7 @@ class OnnxAgeModel:
     device = "cpu (ONNX Runtime)"
 
     def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(str(onnx_path), threads)
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if stored is None:
             raise ValueError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")

@@ -11,8 +11,8 @@ frozen features 0.46x of torch's time, the whole age graph with both views 0.27x
 runs the exported graph, so training and evaluation on these outputs get closer to what is served,
 not further.
 
-The export is checked on the example: the largest absolute difference of every output must stay
-within ``tolerance``, else (or if the export fails) the torch module is used and the reason logged.
+The export is checked on the example: every output must stay within ``tolerance`` + ``RELATIVE``
+times torch's value, else (or if the export fails) the torch module is used and the reason logged.
 On CUDA the torch module is used as it is.
 """
 
@@ -45,12 +45,12 @@ class OrtModule:
             :data:`RELATIVE` times the value: ages in years differ more than probabilities).
 
     Raises:
-        ValueError: The exported graph disagrees with torch on ``example`` by more than ``tolerance``.
+        ValueError: The exported graph disagrees with torch on ``example`` by more than that.
     """
 
     def __init__(self, module: nn.Module, example: torch.Tensor, *, threads: int | None = None,
                  tolerance: float = TOLERANCE):
-        import onnxruntime as ort
+        from faceage.onnx_model import cpu_session
 
         module.eval()
         example = example.detach().cpu().contiguous()
@@ -63,11 +63,7 @@ class OrtModule:
             torch.onnx.export(module, (example,), buffer, input_names=["input"], output_names=names,
                               opset_version=OPSET, dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}})
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or torch.get_num_threads())
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(buffer.getvalue(), threads or torch.get_num_threads())
         got = self._run(example)
         self.max_abs_diff = max(float((g - e).abs().max()) for g, e in zip(got, expected))
         if not all(torch.allclose(g, e.float(), rtol=RELATIVE, atol=tolerance) for g, e in zip(got, expected)):
