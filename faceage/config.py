@@ -74,6 +74,9 @@ class TrainParams:
     loss: Literal["expectation_l1", "label_distribution"] = "label_distribution"
     label_sigma: float = 2.0  # std (years) of the Gaussian target for label_distribution
     label_jitter: bool = True  # resample targets from N(apparent_age, apparent_age_std)
+    # Loss weight per face: (smoothed share of training faces at its age) ** -age_balance, mean 1.
+    # 0 = every face alike; 0.5 = inverse square root (LDS, Yang et al. 2021); 1 = a flat age prior.
+    age_balance: float = 0.0
     augment: bool = True  # flip, small rotation/scale/shift, colour jitter
     # Share of training faces shown at a lower resolution (downscaled to a side drawn between
     # low_res_min and 1 of the input's, then scaled back up): small faces in group photos look
@@ -217,6 +220,7 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.batch_size >= 1, f"train.batch_size must be >= 1, got {obj.batch_size}"),
             (obj.lr > 0, f"train.lr must be > 0, got {obj.lr}"),
             (obj.label_sigma > 0, f"train.label_sigma must be > 0, got {obj.label_sigma}"),
+            (0 <= obj.age_balance <= 1, f"train.age_balance must be in [0, 1], got {obj.age_balance}"),
             (0 <= obj.low_res <= 1, f"train.low_res must be in [0, 1] (a share of faces), got {obj.low_res}"),
             (0 < obj.low_res_min <= 1, f"train.low_res_min must be in (0, 1] (a share of the side), "
                                        f"got {obj.low_res_min}"),

@@ -158,31 +158,55 @@ def init_distributed(p: TrainParams) -> tuple[Distributed, torch.device]:
     return d, device
 
 
-def age_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, sigma: float) -> torch.Tensor:
-    """Loss on 101-way logits for target ages (years).
+def age_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, sigma: float,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss on 101-way logits for target ages (years); ``weight``: one per face (mean over faces by default).
 
     ``expectation_l1``: |E[age] - target| (the tutorial's loss).
     ``label_distribution``: KL(N(target, sigma) || softmax) + |E[age] - target| (DLDL-v2).
     """
     mean, _ = expected_age(logits)
-    l1 = (mean - target).abs().mean()
-    if kind == "expectation_l1":
-        return l1
-    ages = torch.arange(MIN_AGE, MIN_AGE + logits.shape[1], device=logits.device, dtype=torch.float32)
-    q = torch.exp(-((ages[None, :] - target[:, None]) ** 2) / (2 * sigma**2))
-    q = q / q.sum(dim=1, keepdim=True)
-    log_p = torch.log_softmax(logits.float(), dim=1)
-    kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=1).mean()
-    return kl + l1
+    loss = (mean - target).abs()
+    if kind == "label_distribution":
+        ages = torch.arange(MIN_AGE, MIN_AGE + logits.shape[1], device=logits.device, dtype=torch.float32)
+        q = torch.exp(-((ages[None, :] - target[:, None]) ** 2) / (2 * sigma**2))
+        q = q / q.sum(dim=1, keepdim=True)
+        log_p = torch.log_softmax(logits.float(), dim=1)
+        loss = loss + (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=1)
+    return (loss * weight).mean() if weight is not None else loss.mean()
 
 
-def make_loss(p: TrainParams, model: nn.Module) -> LossFn:
-    """The training loss; with ``train.distill_weight`` > 0, plus distillation toward a frozen copy of
-    ``model`` (as it is now, i.e. pretrained) evaluated on the same inputs (:class:`faceage.finetune.Distillation`)."""
+# Bandwidth (years) of the Gaussian kernel that smooths the training ages' histogram for train.age_balance
+# (label distribution smoothing: Yang et al., "Delving into Deep Imbalanced Regression", ICML 2021).
+BALANCE_SIGMA = 2.0
+
+
+def age_balance_weights(ages: torch.Tensor, power: float, sigma: float = BALANCE_SIGMA) -> torch.Tensor:
+    """Weight of a face at each whole age 0..MAX_AGE: (kernel-smoothed density of ``ages``) ** -power,
+    scaled so the training faces' mean weight is 1. ``power`` 0 gives all ones."""
+    grid = torch.arange(MIN_AGE, MAX_AGE + 1, dtype=torch.float64)
+    density = torch.exp(-0.5 * ((grid[:, None] - ages.double()[None, :]) / sigma) ** 2).sum(dim=1)
+    weight = density.clamp_min(density.max() * 1e-6) ** -power
+    at = ages.round().long().clamp(MIN_AGE, MAX_AGE) - MIN_AGE
+    return (weight / weight[at].mean()).float()
+
+
+def make_loss(p: TrainParams, model: nn.Module, train_ages: torch.Tensor) -> LossFn:
+    """The training loss: each face weighted by ``train.age_balance`` (:func:`age_balance_weights` of the
+    training ages); with ``train.distill_weight`` > 0, plus distillation toward a frozen copy of ``model``
+    (as it is now, i.e. pretrained) evaluated on the same inputs (:class:`faceage.finetune.Distillation`)."""
+    table = age_balance_weights(train_ages, p.age_balance) if p.age_balance > 0 else None
+
+    def fit(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = None
+        if table is not None:
+            weight = table.to(target.device)[target.round().long().clamp(MIN_AGE, MAX_AGE) - MIN_AGE]
+        return age_loss(logits, target, p.loss, p.label_sigma, weight)
+
     if p.distill_weight > 0:
         distill = finetune.Distillation(model, p.distill_weight)
-        return lambda logits, target, inputs: age_loss(logits, target, p.loss, p.label_sigma) + distill(logits, inputs)
-    return lambda logits, target, _inputs: age_loss(logits, target, p.loss, p.label_sigma)
+        return lambda logits, target, inputs: fit(logits, target) + distill(logits, inputs)
+    return lambda logits, target, _inputs: fit(logits, target)
 
 
 def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
@@ -495,7 +519,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     opt = build_optimizer(model, p)
     sched = build_scheduler(opt, len(loader), p)
     amp = Amp.for_device(p, device)
-    loss_fn = make_loss(p, model)
+    loss_fn = make_loss(p, model, train_set.ages)
 
     fingerprint = _fingerprint(p, faces_dir, embeddings_path)
     state = load_state(state_path, fingerprint)

@@ -8,7 +8,7 @@ from faceage.model import (
     NUM_AGES, PretrainedWeightsError, build_model, expected_age, load_checkpoint, load_pretrained,
     resolve_imagenet_weights, save_checkpoint,
 )
-from faceage.training import age_loss, lr_factor
+from faceage.training import age_balance_weights, age_loss, lr_factor, make_loss
 from faceage.config import TrainParams
 
 
@@ -107,6 +107,34 @@ def test_losses_prefer_the_right_age():
     bad[0, 60] = 10
     for kind in ("expectation_l1", "label_distribution"):
         assert age_loss(good, target, kind, 2.0) < age_loss(bad, target, kind, 2.0)
+
+
+def test_age_balance_weighs_rare_ages_up_with_mean_one():
+    ages = torch.tensor([2.0] * 60 + [30.0] * 30 + [85.0] * 10)
+    assert torch.equal(age_balance_weights(ages, 0.0), torch.ones(NUM_AGES))
+    for power in (0.5, 1.0):
+        w = age_balance_weights(ages, power)
+        assert w[ages.long()].mean().item() == pytest.approx(1.0, rel=1e-5)
+        assert w[2] < w[30] < w[85]
+    # power 1: every age group carries the same total weight (a flat prior over the ages present)
+    w = age_balance_weights(ages, 1.0)
+    totals = [w[int(a)].item() * n for a, n in ((2, 60), (30, 30), (85, 10))]
+    assert max(totals) == pytest.approx(min(totals), rel=1e-3)
+
+
+def test_age_balance_weights_the_loss_per_face():
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, NUM_AGES), torch.tensor([3.0, 3.0, 3.0, 70.0])
+    per_face = torch.stack([age_loss(logits[i:i + 1], target[i:i + 1], "label_distribution", 2.0) for i in range(4)])
+    weight = torch.tensor([0.5, 0.5, 0.5, 2.5])
+    assert age_loss(logits, target, "label_distribution", 2.0, weight).item() == pytest.approx(
+        (per_face * weight).mean().item(), rel=1e-5)
+    plain = make_loss(TrainParams(age_balance=0.0), None, target)
+    balanced = make_loss(TrainParams(age_balance=1.0), None, target)
+    table = age_balance_weights(target, 1.0)
+    assert plain(logits, target, None).item() == pytest.approx(per_face.mean().item(), rel=1e-5)
+    assert balanced(logits, target, None).item() == pytest.approx(
+        (per_face * table[target.long()]).mean().item(), rel=1e-5)
 
 
 def test_lr_schedule_warms_up_then_decays():
