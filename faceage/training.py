@@ -181,14 +181,18 @@ def age_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, sigma: float
 BALANCE_SIGMA = 2.0
 
 
+def age_index(ages: torch.Tensor) -> torch.Tensor:
+    """Ages (years, possibly jittered) -> the index of the nearest whole age in MIN_AGE..MAX_AGE."""
+    return ages.round().long().clamp(MIN_AGE, MAX_AGE) - MIN_AGE
+
+
 def age_balance_weights(ages: torch.Tensor, power: float, sigma: float = BALANCE_SIGMA) -> torch.Tensor:
     """Weight of a face at each whole age 0..MAX_AGE: (kernel-smoothed density of ``ages``) ** -power,
     scaled so the training faces' mean weight is 1. ``power`` 0 gives all ones."""
     grid = torch.arange(MIN_AGE, MAX_AGE + 1, dtype=torch.float64)
     density = torch.exp(-0.5 * ((grid[:, None] - ages.double()[None, :]) / sigma) ** 2).sum(dim=1)
     weight = density.clamp_min(density.max() * 1e-6) ** -power
-    at = ages.round().long().clamp(MIN_AGE, MAX_AGE) - MIN_AGE
-    return (weight / weight[at].mean()).float()
+    return (weight / weight[age_index(ages)].mean()).float()
 
 
 def make_loss(p: TrainParams, model: nn.Module, train_ages: torch.Tensor) -> LossFn:
@@ -198,9 +202,7 @@ def make_loss(p: TrainParams, model: nn.Module, train_ages: torch.Tensor) -> Los
     table = age_balance_weights(train_ages, p.age_balance) if p.age_balance > 0 else None
 
     def fit(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = None
-        if table is not None:
-            weight = table.to(target.device)[target.round().long().clamp(MIN_AGE, MAX_AGE) - MIN_AGE]
+        weight = None if table is None else table.to(target.device)[age_index(target)]
         return age_loss(logits, target, p.loss, p.label_sigma, weight)
 
     if p.distill_weight > 0:
