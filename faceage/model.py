@@ -232,8 +232,11 @@ def expected_age(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.
     if temperature != 1.0:
         probs = torch.softmax(logits.float() / temperature, dim=1)
     centre = probs @ ages
-    var = probs @ (ages**2) - centre**2
-    return mean, var.clamp_min(0).sqrt()
+    # The spread about the centre, not E[age^2] - centre^2, which cancels in float32 for a narrow
+    # distribution: on a real zero-shot face with std 0.43 it was 2.2e-3 years off float64 (torch and
+    # ONNX Runtime 4.6e-3 apart); the spread about the centre is 1e-7 off (8e-6 apart).
+    var = (probs * (ages[None, :] - centre[:, None]) ** 2).sum(dim=1)
+    return mean, var.sqrt()
 
 
 CALIBRATION_LEVELS = tuple(0.25 * i for i in range(1, 13))  # interval half-widths, in predicted stds

@@ -27,6 +27,17 @@ def test_resnet18_forward_gives_101_ages():
     assert torch.allclose(mean.double(), want_mean, atol=1e-4) and torch.allclose(std.double(), want_std, atol=1e-4)
 
 
+def test_expected_age_keeps_a_narrow_spread_exact_in_float32():
+    ages = torch.arange(NUM_AGES, dtype=torch.float64)
+    logits = torch.stack([-((ages - c) ** 2) / (2 * s**2) for c, s in ((87.3, 0.35), (61.6, 0.5), (45.0, 0.8))])
+    mean, std = expected_age(logits.float())
+    p = torch.softmax(logits, dim=1)
+    want_mean = p @ ages
+    want_std = ((p * (ages - want_mean[:, None]) ** 2).sum(dim=1)).sqrt()
+    assert torch.allclose(std.double(), want_std, atol=1e-5), (std, want_std)
+    assert torch.allclose(mean.double(), want_mean, atol=1e-4)
+
+
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "efficientnet_b0"])
 def test_other_backbones_get_a_101_way_head(backbone):
     model = build_model(backbone).eval()
