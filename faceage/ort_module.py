@@ -11,10 +11,8 @@ frozen features 0.46x of torch's time, the whole age graph with both views 0.27x
 runs the exported graph, so training and evaluation on these outputs get closer to what is served,
 not further.
 
-The export is checked on the example: every output must stay within its ``tolerance`` + ``RELATIVE``
+The export is checked on the example: every output must stay within ``tolerance`` + ``RELATIVE``
 times torch's value, else (or if the export fails) the torch module is used and the reason logged.
-Callers whose outputs are in other units pass one tolerance per output (the age graph: years to
-1e-3, probabilities to 1e-4; float32 sums over 101 ages differ by ~1e-4 years between runtimes).
 On CUDA the torch module is used as it is.
 """
 
@@ -43,15 +41,15 @@ class OrtModule:
         module: The frozen module (eval mode; one tensor in, a tensor or a tuple of tensors out).
         example: A real input batch (2+ items) to trace and check on.
         threads: ONNX Runtime intra-op threads (default: torch's thread count).
-        tolerance: Allowed absolute difference on ``example`` (plus :data:`RELATIVE` times the
-            value): one for every output, or one per output.
+        tolerance: Allowed absolute difference of every output on ``example`` (plus
+            :data:`RELATIVE` times the value: ages in years differ more than probabilities).
 
     Raises:
         ValueError: The exported graph disagrees with torch on ``example`` by more than that.
     """
 
     def __init__(self, module: nn.Module, example: torch.Tensor, *, threads: int | None = None,
-                 tolerance: float | tuple[float, ...] = TOLERANCE):
+                 tolerance: float = TOLERANCE):
         from faceage.onnx_model import cpu_session
 
         module.eval()
@@ -67,15 +65,10 @@ class OrtModule:
                               dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}})
         self.session = cpu_session(buffer.getvalue(), threads or torch.get_num_threads())
         got = self._run(example)
-        tolerances = tolerance if isinstance(tolerance, tuple) else (tolerance,) * len(expected)
-        if len(tolerances) != len(expected):
-            raise ValueError(f"{len(tolerances)} tolerances for {len(expected)} outputs")
-        diffs = [float((g - e).abs().max()) for g, e in zip(got, expected)]
-        self.max_abs_diff = max(diffs)
-        for i, (g, e, atol) in enumerate(zip(got, expected, tolerances)):
-            if not torch.allclose(g, e.float(), rtol=RELATIVE, atol=atol):
-                raise ValueError(f"the ONNX Runtime graph differs from torch by up to {diffs[i]:.2e} in output {i} "
-                                 f"(allowed: {atol:.0e} + {RELATIVE:.0e} x the value)")
+        self.max_abs_diff = max(float((g - e).abs().max()) for g, e in zip(got, expected))
+        if not all(torch.allclose(g, e.float(), rtol=RELATIVE, atol=tolerance) for g, e in zip(got, expected)):
+            raise ValueError(f"the ONNX Runtime graph differs from torch by up to {self.max_abs_diff:.2e} "
+                             f"(allowed: {tolerance:.0e} + {RELATIVE:.0e} x the value)")
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feed = {"input": np.ascontiguousarray(x.detach().cpu().numpy())}
@@ -90,8 +83,7 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def cpu_runner(module: nn.Module, example: torch.Tensor, device: torch.device | str, what: str,
-               tolerance: float | tuple[float, ...] = TOLERANCE) -> Callable:
+def cpu_runner(module: nn.Module, example: torch.Tensor, device: torch.device | str, what: str) -> Callable:
     """The fastest checked way to run the frozen ``module``: :class:`OrtModule` on CPU, else torch.
 
     Args:
@@ -99,7 +91,6 @@ def cpu_runner(module: nn.Module, example: torch.Tensor, device: torch.device | 
         example: A real input batch (2+ items) on ``device``.
         device: Where torch would run it.
         what: What runs, for the log.
-        tolerance: :class:`OrtModule`'s check.
 
     Returns:
         A callable on input batches (on ``device``), returning outputs on ``device``, without grad.
@@ -113,7 +104,7 @@ def cpu_runner(module: nn.Module, example: torch.Tensor, device: torch.device | 
     if torch.device(device).type != "cpu":
         return in_torch
     try:
-        runner = OrtModule(module, example, tolerance=tolerance)
+        runner = OrtModule(module, example)
     except Exception as e:  # noqa: BLE001 - any export or runtime failure: torch is the reference
         log.warning("%s runs in torch: the ONNX Runtime export was not usable (%s)", what, e)
         return in_torch
