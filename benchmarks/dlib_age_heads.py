@@ -122,26 +122,21 @@ def views(inputs: dict, detector: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def train_head(v: dict, variant: str, seed: int, epochs: int = 30) -> dict:
+def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], seed: int, epochs: int = 30,
+             drop: tuple[int, float] = (0, 0.0)) -> AgeEnsemble:
     """One ensemble head trained as the pipeline trains ``train.head=ensemble`` (its defaults: AdamW, lr,
-    weight decay, batch, loss, warm-up + cosine schedule from ``faceage.training``); MAE per split."""
+    weight decay, batch, loss, warm-up + cosine schedule from ``faceage.training``) on ``x["train"]``
+    (N, 2 views, F), best epoch on ``x["valid"]``'s first view; returned in eval mode.
+    ``drop=(start, p)``: in training, each face's inputs from ``start`` on are replaced by their
+    training mean with probability ``p`` (the descriptor's dropout)."""
     p = TrainParams(backbone="dlib_age", epochs=epochs, seed=seed)
-    pick = {"age": ["age"], "face": ["face"], "fused": ["age", "face"]}[variant]
-    x = {s: torch.cat([v[s][k] for k in pick], -1) for s in SPLITS}
     torch.manual_seed(seed)
     head = AgeEnsemble(101, in_features=x["train"].shape[-1])
     head.fit_input_stats(x["train"].flatten(0, 1))
     opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)  # as the pipeline's adamw
-    n, y, batch = len(x["train"]), v["train"]["y"], p.batch_size
+    n, batch = len(x["train"]), p.batch_size
     steps = n // batch
     sched = build_scheduler(opt, steps, p)
-
-    def predict(s: str, both: bool) -> torch.Tensor:
-        head.eval()
-        with torch.no_grad():
-            p = [head(x[s][:, i]).exp() for i in ((0, 1) if both else (0,))]
-        return torch.stack(p).mean(0) @ AGES
-
     best = (math.inf, None)
     for _ in range(epochs):
         head.train()
@@ -149,17 +144,48 @@ def train_head(v: dict, variant: str, seed: int, epochs: int = 30) -> dict:
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
             view = torch.randint(2, (len(idx),))
-            loss = age_loss(head(x["train"][idx, view]), y[idx], p.loss, p.label_sigma)
+            xb = x["train"][idx, view]
+            if drop[1] > 0:
+                gone = torch.rand(len(idx)) < drop[1]
+                xb = xb.clone()
+                xb[gone, drop[0]:] = head.in_mean[drop[0]:]
+            loss = age_loss(head(xb), y["train"][idx], p.loss, p.label_sigma)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-        val = (predict("valid", False) - v["valid"]["y"]).abs().mean().item()
+        val = (head_ages(head, x["valid"], both=False) - y["valid"]).abs().mean().item()
         if val < best[0]:
             best = (val, {k: t.clone() for k, t in head.state_dict().items()})
     head.load_state_dict(best[1])
-    res = {s: (predict(s, True) - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}
-    res["wild_dev"] = (predict("wild", True) - v["wild"]["zero_shot"]).abs().mean().item()
+    return head.eval()
+
+
+def head_probs(head: AgeEnsemble, x: torch.Tensor, both: bool = True) -> torch.Tensor:
+    """(N, 101) age distribution of ``x`` (N, 2 views, F): both views averaged, or the first only."""
+    head.eval()
+    with torch.no_grad():
+        return torch.stack([head(x[:, i]).exp() for i in ((0, 1) if both else (0,))]).mean(0)
+
+
+def head_ages(head: AgeEnsemble, x: torch.Tensor, both: bool = True) -> torch.Tensor:
+    return head_probs(head, x, both) @ AGES
+
+
+INPUTS = {"age": ["age"], "face": ["face"], "fused": ["age", "face"]}
+
+
+def head_inputs(v: dict, variant: str) -> dict[str, torch.Tensor]:
+    """Per split: the (N, 2, F) inputs of a head ``variant`` (``age``, ``face`` or ``fused``)."""
+    return {s: torch.cat([d[k] for k in INPUTS[variant]], -1) for s, d in v.items()}
+
+
+def train_head(v: dict, variant: str, seed: int, epochs: int = 30) -> dict:
+    """:func:`fit_head` on the train split; MAE per split and the wild dev."""
+    x = head_inputs(v, variant)
+    head = fit_head(x, {s: d["y"] for s, d in v.items()}, seed, epochs)
+    res = {s: (head_ages(head, x[s]) - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}
+    res["wild_dev"] = (head_ages(head, x["wild"]) - v["wild"]["zero_shot"]).abs().mean().item()
     return res
 
 
