@@ -16,6 +16,8 @@ A head that only learned the collection's people falls behind the zero-shot netw
 group it never saw; one that learned age holds its gain.
 
     python benchmarks/shift_groups.py [--seeds 42 1] [--variants fused age] [--by race gender]
+    python benchmarks/shift_groups.py --variants fused --weight 0.7   # a fixed mix (train.ensemble_weight)
+    python benchmarks/shift_groups.py --variants fused --guard 2      # the label-free guard (:func:`guard_weight`)
 
 Needs what ``benchmarks/dlib_age_heads.py`` needs (its cache in ``.cache/bench-heads``) and
 ``../shared/datasets`` (``sources.csv`` of the sample and of utk-external).
@@ -41,6 +43,7 @@ from faceage.preprocess import read_faces_manifest  # noqa: E402
 DATASETS = REPO.parent / "shared" / "datasets"
 RACES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace's race label, 0..4
 GENDERS = ("male", "female")  # UTKFace's gender label, 0..1
+ADULT = 15.0  # --guard: only faces of this age or more are clustered and held out
 
 
 def _labels(sources: Path) -> dict[str, tuple[str, str]]:
@@ -75,17 +78,56 @@ def zero_shot_probs(v: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def mixed_head(xs: list[dict], y: dict, zs: dict, keep: dict[str, torch.Tensor], seed: int,
-               drop: tuple[int, float] = (0, 0.0), fixed: float | None = None) -> tuple[float, dict]:
-    """Fits a head per input set of ``xs`` on the kept train/valid faces (their distributions averaged),
-    chooses the mix weight on the kept valid faces (or uses ``fixed``, as ``train.ensemble_weight``
-    does); returns the weight and, per split, the (N,) ages of the mixed distribution (both views)."""
+def fit_probs(xs: list[dict], y: dict, keep: dict[str, torch.Tensor], seed: int,
+              drop: tuple[int, float] = (0, 0.0)) -> dict[str, torch.Tensor]:
+    """Fits a head per input set of ``xs`` on the kept train/valid faces; per split, the (N, 101)
+    distribution of every face (both views), averaged over the heads."""
     probs = {}
     for x in xs:
         sub = {s: x[s][keep[s]] for s in ("train", "valid")}
         head = fit_head(sub, {s: y[s][keep[s]] for s in ("train", "valid")}, seed, drop=drop)
         for s in x:
             probs[s] = probs.get(s, 0) + head_probs(head, x[s]) / len(xs)
+    return probs
+
+
+def guard_weight(xs: list[dict], y: dict, zsp: dict, desc: dict, keep: dict[str, torch.Tensor], seed: int,
+                 drop: tuple[int, float], clusters: int, adult: float = ADULT) -> float:
+    """A label-free shift guard for the mix weight (exploration): the kept training faces of ``adult``
+    years or more are split into ``clusters`` by k-means on their standardised descriptors (children
+    stay in training: holding them out would hold out an age range); for each cluster a head is
+    trained without it, and the guard is the largest weight at which every held-out cluster's
+    faces (its train and valid faces, unseen by that head) are scored at least as well as by the
+    zero-shot network."""
+    from sklearn.cluster import KMeans
+
+    d = {s: desc[s].mean(1) for s in ("train", "valid")}
+    mu, sd = d["train"][keep["train"]].mean(0), d["train"][keep["train"]].std(0).clamp_min(1e-6)
+    z = {s: ((d[s] - mu) / sd).numpy() for s in d}
+    grown = {s: keep[s] & (y[s] >= adult) for s in ("train", "valid")}
+    km = KMeans(clusters, n_init=10, random_state=seed).fit(z["train"][grown["train"].numpy()])
+    label = {s: torch.as_tensor(km.predict(z[s])) for s in z}
+    worst = torch.full((len(WISE_ALPHAS),), -float("inf"))
+    for c in range(clusters):
+        held = {s: grown[s] & (label[s] == c) for s in grown}
+        probs = fit_probs(xs, y, {s: keep[s] & ~held[s] for s in held}, seed, drop)
+        truth = torch.cat([y[s][held[s]] for s in held])
+        zs_err = (torch.cat([zsp[s][held[s]] for s in held]) @ AGES - truth).abs().mean()
+        for i, w in enumerate(WISE_ALPHAS):
+            mixed = torch.cat([((1 - w) * zsp[s] + w * probs[s])[held[s]] for s in held]) @ AGES
+            worst[i] = max(worst[i], (mixed - truth).abs().mean() - zs_err)
+    ok = [w for w, gap in zip(WISE_ALPHAS, worst.tolist()) if gap <= 0]
+    return max(ok) if ok else 0.0
+
+
+def mixed_head(xs: list[dict], y: dict, zs: dict, keep: dict[str, torch.Tensor], seed: int,
+               drop: tuple[int, float] = (0, 0.0), fixed: float | None = None,
+               guard: tuple[int, dict] | None = None) -> tuple[str, dict]:
+    """Fits a head per input set of ``xs`` on the kept train/valid faces (their distributions averaged),
+    chooses the mix weight on the kept valid faces (or uses ``fixed``, as ``train.ensemble_weight``
+    does; with ``guard=(clusters, descriptors)`` at most :func:`guard_weight`); returns the weight
+    (as text) and, per split, the (N,) ages of the mixed distribution (both views)."""
+    probs = fit_probs(xs, y, keep, seed, drop)
     zsp = {s: zs[s].mean(1) for s in zs}
     weight = [1.0]
 
@@ -96,8 +138,11 @@ def mixed_head(xs: list[dict], y: dict, zs: dict, keep: dict[str, torch.Tensor],
         return (ages("valid") - y["valid"]).abs()[keep["valid"]]
 
     best, _ = _choose(WISE_ALPHAS if fixed is None else (fixed,), lambda a: weight.__setitem__(0, a), val_errors)
-    weight[0] = best["alpha"]
-    return best["alpha"], {s: ages(s) for s in x}
+    weight[0], text = best["alpha"], f"{best['alpha']:.1f}"
+    if guard is not None:
+        limit = guard_weight(xs, y, zsp, guard[1], keep, seed, drop, guard[0])
+        weight[0], text = min(weight[0], limit), f"{min(weight[0], limit):.1f}, guard {limit:.1f}"
+    return text, {s: ages(s) for s in probs}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                     choices=["age", "face", "fused", "fused+age", "fused-drop"])
     ap.add_argument("--weight", type=float, default=None,
                     help="a fixed mix weight (as train.ensemble_weight) instead of the validation rule")
+    ap.add_argument("--guard", type=int, default=0,
+                    help="cap the mix weight with a label-free guard over this many descriptor clusters (exploration)")
     ap.add_argument("--drop", type=float, default=0.5, help="fused-drop: the descriptor's dropout in training")
     ap.add_argument("--by", nargs="+", default=["race", "gender"], choices=["race", "gender"])
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
@@ -127,19 +174,20 @@ def main(argv: list[str] | None = None) -> None:
     print("| by | held out | variant | seed | n test / ext | zero-shot | everyone (weight) | without (weight) "
           "| without - zero-shot |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
     overall = []
+    guard = (args.guard, {s: d["face"] for s, d in v.items()}) if args.guard else None
     for variant in args.variants:
         xs = [head_inputs(v, k) for k in variant.removesuffix("-drop").split("+")]
         drop = (FEATURE_DIM + PRETRAINED_AGES, args.drop) if variant.endswith("-drop") else (0, 0.0)
         for seed in args.seeds:
             all_keep = {s: torch.ones(len(y[s]), dtype=torch.bool) for s in ("train", "valid")}
-            w_all, ages_all = mixed_head(xs, y, zs, all_keep, seed, drop, args.weight)
-            overall.append(f"| {variant} | {seed} | {w_all:.1f} | " + " | ".join(
+            w_all, ages_all = mixed_head(xs, y, zs, all_keep, seed, drop, args.weight, guard)
+            overall.append(f"| {variant} | {seed} | {w_all} | " + " | ".join(
                 f"{(ages_all[s] - y[s]).abs().mean().item():.2f}" for s in ("valid", "test", "ext")) + " |")
             for by in args.by:
                 for name in (RACES if by == "race" else GENDERS):
                     member = {s: torch.tensor([lab == name for lab in g[s][by]]) for s in v}
                     keep = {s: ~member[s] for s in ("train", "valid")}
-                    w_out, ages_out = mixed_head(xs, y, zs, keep, seed, drop, args.weight)
+                    w_out, ages_out = mixed_head(xs, y, zs, keep, seed, drop, args.weight, guard)
 
                     def mae(ages: dict, s: str, m=member) -> float:
                         return (ages[s] - y[s])[m[s]].abs().mean().item()
@@ -148,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                     fmt = lambda i: " / ".join(f"{c[i]:.2f}" for c in cells)  # noqa: E731
                     gap = " / ".join(f"{c[2] - c[0]:+.2f}" for c in cells)
                     n = f"{int(member['test'].sum())} / {int(member['ext'].sum())}"
-                    print(f"| {by} | {name} | {variant} | {seed} | {n} | {fmt(0)} | {fmt(1)} ({w_all:.1f}) | "
-                          f"{fmt(2)} ({w_out:.1f}) | {gap} |", flush=True)
+                    print(f"| {by} | {name} | {variant} | {seed} | {n} | {fmt(0)} | {fmt(1)} ({w_all}) | "
+                          f"{fmt(2)} ({w_out}) | {gap} |", flush=True)
     print("\nTrained on everyone (what ships), every face:\n\n| variant | seed | weight | val | test | utk-external |\n"
           "|---|---:|---:|---:|---:|---:|\n" + "\n".join(overall))
 
