@@ -70,12 +70,17 @@ def groups() -> dict[str, dict[str, list[str]]]:
 
 
 def zero_shot_probs(v: dict) -> dict[str, torch.Tensor]:
-    """Per split: the pretrained network's (N, 2, 101) distribution of each view (zero beyond 80)."""
+    """Per split: the pretrained network's (N, 101) distribution, both views averaged (zero beyond 80)."""
     out = {}
     for s, d in v.items():
-        p = torch.softmax(d["age"][..., FEATURE_DIM:], -1)
-        out[s] = torch.cat([p, p.new_zeros(*p.shape[:-1], len(AGES) - p.shape[-1])], -1)
+        p = torch.softmax(d["age"][..., FEATURE_DIM:], -1).mean(1)
+        out[s] = torch.cat([p, p.new_zeros(len(p), len(AGES) - p.shape[-1])], -1)
     return out
+
+
+def mix_ages(zsp: dict, probs: dict, weight: float) -> dict[str, torch.Tensor]:
+    """Per split: the (N,) ages of ``(1 - weight) * zero-shot + weight * head``, as ``train``'s mix."""
+    return {s: ((1 - weight) * zsp[s] + weight * probs[s]) @ AGES for s in probs}
 
 
 def fit_probs(xs: list[dict], y: dict, keep: dict[str, torch.Tensor], seed: int,
@@ -112,15 +117,15 @@ def guard_weight(xs: list[dict], y: dict, zsp: dict, desc: dict, keep: dict[str,
         held = {s: grown[s] & (label[s] == c) for s in grown}
         probs = fit_probs(xs, y, {s: keep[s] & ~held[s] for s in held}, seed, drop)
         truth = torch.cat([y[s][held[s]] for s in held])
-        zs_err = (torch.cat([zsp[s][held[s]] for s in held]) @ AGES - truth).abs().mean()
+        zs_err = (torch.cat([(zsp[s] @ AGES)[held[s]] for s in held]) - truth).abs().mean()
         for i, w in enumerate(WISE_ALPHAS):
-            mixed = torch.cat([((1 - w) * zsp[s] + w * probs[s])[held[s]] for s in held]) @ AGES
-            worst[i] = max(worst[i], (mixed - truth).abs().mean() - zs_err)
+            mixed = mix_ages(zsp, probs, w)
+            worst[i] = max(worst[i], (torch.cat([mixed[s][held[s]] for s in held]) - truth).abs().mean() - zs_err)
     ok = [w for w, gap in zip(WISE_ALPHAS, worst.tolist()) if gap <= 0]
     return max(ok) if ok else 0.0
 
 
-def mixed_head(xs: list[dict], y: dict, zs: dict, keep: dict[str, torch.Tensor], seed: int,
+def mixed_head(xs: list[dict], y: dict, zsp: dict, keep: dict[str, torch.Tensor], seed: int,
                drop: tuple[int, float] = (0, 0.0), fixed: float | None = None,
                guard: tuple[int, dict] | None = None) -> tuple[str, dict]:
     """Fits a head per input set of ``xs`` on the kept train/valid faces (their distributions averaged),
@@ -128,21 +133,17 @@ def mixed_head(xs: list[dict], y: dict, zs: dict, keep: dict[str, torch.Tensor],
     does; with ``guard=(clusters, descriptors)`` at most :func:`guard_weight`); returns the weight
     (as text) and, per split, the (N,) ages of the mixed distribution (both views)."""
     probs = fit_probs(xs, y, keep, seed, drop)
-    zsp = {s: zs[s].mean(1) for s in zs}
     weight = [1.0]
 
-    def ages(s: str) -> torch.Tensor:
-        return ((1 - weight[0]) * zsp[s] + weight[0] * probs[s]) @ AGES
-
     def val_errors() -> torch.Tensor:
-        return (ages("valid") - y["valid"]).abs()[keep["valid"]]
+        return (mix_ages(zsp, {"valid": probs["valid"]}, weight[0])["valid"] - y["valid"]).abs()[keep["valid"]]
 
     best, _ = _choose(WISE_ALPHAS if fixed is None else (fixed,), lambda a: weight.__setitem__(0, a), val_errors)
-    weight[0], text = best["alpha"], f"{best['alpha']:.1f}"
+    chosen, text = best["alpha"], f"{best['alpha']:.1f}"
     if guard is not None:
         limit = guard_weight(xs, y, zsp, guard[1], keep, seed, drop, guard[0])
-        weight[0], text = min(weight[0], limit), f"{min(weight[0], limit):.1f}, guard {limit:.1f}"
-    return text, {s: ages(s) for s in probs}
+        chosen, text = min(chosen, limit), f"{min(chosen, limit):.1f}, guard {limit:.1f}"
+    return text, mix_ages(zsp, probs, chosen)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{s}: {len(g[s]['race'])} faces in the manifest, {len(v[s]['y'])} cached: "
                      f"delete .cache/bench-heads and rerun")
     y = {s: d["y"] for s, d in v.items()}
-    zs = zero_shot_probs(v)
+    zsp = zero_shot_probs(v)
     zs_age = {s: d["zero_shot"] for s, d in v.items()}
     print("Held-out group: MAE on its sample test faces / its utk-external faces. 'everyone' = the head trained on "
           "all training faces (what ships); 'without' = trained and chosen without the group; weight = the mix "
@@ -180,14 +181,14 @@ def main(argv: list[str] | None = None) -> None:
         drop = (FEATURE_DIM + PRETRAINED_AGES, args.drop) if variant.endswith("-drop") else (0, 0.0)
         for seed in args.seeds:
             all_keep = {s: torch.ones(len(y[s]), dtype=torch.bool) for s in ("train", "valid")}
-            w_all, ages_all = mixed_head(xs, y, zs, all_keep, seed, drop, args.weight, guard)
+            w_all, ages_all = mixed_head(xs, y, zsp, all_keep, seed, drop, args.weight, guard)
             overall.append(f"| {variant} | {seed} | {w_all} | " + " | ".join(
                 f"{(ages_all[s] - y[s]).abs().mean().item():.2f}" for s in ("valid", "test", "ext")) + " |")
             for by in args.by:
                 for name in (RACES if by == "race" else GENDERS):
                     member = {s: torch.tensor([lab == name for lab in g[s][by]]) for s in v}
                     keep = {s: ~member[s] for s in ("train", "valid")}
-                    w_out, ages_out = mixed_head(xs, y, zs, keep, seed, drop, args.weight, guard)
+                    w_out, ages_out = mixed_head(xs, y, zsp, keep, seed, drop, args.weight, guard)
 
                     def mae(ages: dict, s: str, m=member) -> float:
                         return (ages[s] - y[s])[m[s]].abs().mean().item()
