@@ -96,6 +96,9 @@ class TrainParams:
     # validation (the most pretrained weight within one standard error of the best), or a number in
     # [0, 1] (lower keeps the served ages closer to the pretrained network on photos unlike ours)
     ensemble_weight: Literal["auto"] | float = "auto"
+    # The ensemble heads' learning without forgetting: weight of KL(pretrained network || ensemble) in
+    # their loss, so a head keeps the pretrained distribution where the labels do not pull it away; 0 = off
+    ensemble_distill: float = 1.0
     # Fine-tuning without forgetting (dlib_age with head pretrained; see faceage.finetune):
     freeze_blocks: int = 0  # leading stages left frozen (stem, block1, ...)
     layer_lr_decay: float = 1.0  # lr factor per stage below the head (layer-wise learning rates)
@@ -216,6 +219,7 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.freeze_blocks >= 0, f"train.freeze_blocks must be >= 0, got {obj.freeze_blocks}"),
             (0 < obj.layer_lr_decay <= 1, f"train.layer_lr_decay must be in (0, 1], got {obj.layer_lr_decay}"),
             (obj.distill_weight >= 0, f"train.distill_weight must be >= 0, got {obj.distill_weight}"),
+            (obj.ensemble_distill >= 0, f"train.ensemble_distill must be >= 0, got {obj.ensemble_distill}"),
             (obj.image_size >= 32, f"train.image_size must be >= 32 px, got {obj.image_size}"),
             (obj.batch_size >= 1, f"train.batch_size must be >= 1, got {obj.batch_size}"),
             (obj.lr > 0, f"train.lr must be > 0, got {obj.lr}"),

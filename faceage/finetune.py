@@ -8,7 +8,9 @@ Output: three hooks that :func:`faceage.training.train_model` calls:
   ``train.layer_lr_decay`` times its upper neighbour's);
 - :class:`Distillation`: learning without forgetting (Li & Hoiem, 2016): an extra loss term
   ``train.distill_weight * KL(pretrained || fine-tuned)`` on the same (augmented) inputs, so the
-  network keeps the pretrained age distribution where the labels do not pull it away;
+  network keeps the pretrained age distribution where the labels do not pull it away; the
+  ensemble heads get the same term toward the frozen network's own distribution
+  (``train.ensemble_distill``);
 - :func:`interpolate_weights` (WiSE-FT, Wortsman et al., 2022): after training, the weights
   ``(1 - a) * pretrained + a * fine-tuned`` with ``a`` chosen on the VALIDATION split (the
   smallest ``a``, the model closest to the pretrained one, within one paired standard error of
@@ -109,12 +111,12 @@ def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:
     Each group carries ``lr`` (its peak); the scheduler scales every group by the same factor.
     With ``dlib_age``'s ensemble head, only the ensemble trains, at ``train.lr``.
     """
-    net = getattr(model, "full", model)
-    if getattr(net, "ensemble", None) is not None:
-        ensemble = set(map(id, net.ensemble.parameters()))
-        for t in net.parameters():
+    head = ensemble_of(model)
+    if head is not None:
+        ensemble = set(map(id, head.parameters()))
+        for t in getattr(model, "full", model).parameters():
             t.requires_grad_(id(t) in ensemble)
-        return [{"params": list(net.ensemble.parameters()), "lr": p.lr}]
+        return [{"params": list(head.parameters()), "lr": p.lr}]
     groups = stages(model, p.backbone)
     if p.freeze_blocks >= len(groups):
         raise ConfigError(f"train.freeze_blocks must be < {len(groups)} (the head always trains), got {p.freeze_blocks}")
@@ -131,17 +133,29 @@ def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:
     return out
 
 
+def ensemble_of(model: nn.Module | None) -> nn.Module | None:
+    """The :class:`faceage.dlib_age.AgeEnsemble` head of ``model`` (or of the network a
+    :class:`_CachedStages` wrapper trains), ``None`` when it has none."""
+    return getattr(getattr(model, "full", model), "ensemble", None)
+
+
 class Distillation:
     """Learning without forgetting: KL from the frozen pretrained network's age distribution.
 
     Args:
         model: The network before training (copied and frozen here).
-        weight: ``train.distill_weight``; 0 disables the term (no extra forward pass).
+        weight: ``train.distill_weight`` (or ``train.ensemble_distill``); 0 disables the term (no
+            extra forward pass).
+        zero_shot: ``model`` has an ensemble head: the teacher is the copy's mix at weight 0, i.e.
+            the frozen network's own distribution (ages 0..80 as shipped), on the same inputs. The
+            untrained ensemble would be no teacher.
     """
 
-    def __init__(self, model: nn.Module, weight: float):
+    def __init__(self, model: nn.Module, weight: float, zero_shot: bool = False):
         self.weight = weight
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if weight > 0 else None
+        if self.teacher is not None and zero_shot:
+            ensemble_of(self.teacher).weight.fill_(0.0)
 
     def __call__(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``weight * KL(teacher(x) || softmax(logits))``, averaged over the batch (0 when disabled)."""
@@ -226,7 +240,7 @@ def choose_ensemble_weight(model: nn.Module, val_errors: Callable[[], torch.Tens
     Returns:
         ``(weight, val_mae, [{"alpha", "val_mae"}, ...])``.
     """
-    ensemble = getattr(model, "full", model).ensemble
+    ensemble = ensemble_of(model)
     fixed = weight != "auto"
     best, scores = _choose((float(weight),) if fixed else WISE_ALPHAS, ensemble.weight.fill_, val_errors)
     ensemble.weight.fill_(best["alpha"])

@@ -198,15 +198,21 @@ def age_balance_weights(ages: torch.Tensor, power: float, sigma: float = BALANCE
 def make_loss(p: TrainParams, model: nn.Module, train_ages: torch.Tensor) -> LossFn:
     """The training loss: each face weighted by ``train.age_balance`` (:func:`age_balance_weights` of the
     training ages); with ``train.distill_weight`` > 0, plus distillation toward a frozen copy of ``model``
-    (as it is now, i.e. pretrained) evaluated on the same inputs (:class:`faceage.finetune.Distillation`)."""
+    (as it is now, i.e. pretrained) evaluated on the same inputs (:class:`faceage.finetune.Distillation`);
+    with an ensemble head and ``train.ensemble_distill`` > 0, plus distillation toward the frozen
+    network's own distribution on the same inputs."""
     table = age_balance_weights(train_ages, p.age_balance) if p.age_balance > 0 else None
 
     def fit(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         weight = None if table is None else table.to(target.device)[age_index(target)]
         return age_loss(logits, target, p.loss, p.label_sigma, weight)
 
+    distill = None
     if p.distill_weight > 0:
         distill = finetune.Distillation(model, p.distill_weight)
+    elif p.ensemble_distill > 0 and finetune.ensemble_of(model) is not None:
+        distill = finetune.Distillation(model, p.ensemble_distill, zero_shot=True)
+    if distill is not None:
         return lambda logits, target, inputs: fit(logits, target) + distill(logits, inputs)
     return lambda logits, target, _inputs: fit(logits, target)
 
@@ -437,7 +443,7 @@ def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Cal
                                                           lambda: val_errors(model, val_set, prepare, device))
         state.best_val_mae = wise_mae
         extra.update(wise_alpha=alpha, wise_val_mae=wise_mae)
-    if getattr(getattr(model, "full", model), "ensemble", None) is not None:
+    if finetune.ensemble_of(model) is not None:
         weight, mix_mae, _ = finetune.choose_ensemble_weight(model, lambda: val_errors(model, val_set, prepare, device),
                                                              p.ensemble_weight)
         state.best_val_mae = mix_mae

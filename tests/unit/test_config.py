@@ -66,6 +66,7 @@ def test_missing_key_is_named():
         ("train", "low_res", 1.5, r"train\.low_res must be in \[0, 1\] \(a share of faces\), got 1\.5"),
         ("train", "low_res_min", 0, r"train\.low_res_min must be in \(0, 1\]"),
         ("evaluate", "low_res", [0.5, 1.0], r"evaluate\.low_res: each must be in \(0, 1\)"),
+        ("train", "ensemble_distill", -1, r"train\.ensemble_distill must be >= 0, got -1"),
         ("train", "ensemble_weight", 1.2, r"train\.ensemble_weight must be auto or in \[0, 1\], got 1\.2"),
         ("train", "ensemble_weight", "best", r"train\.ensemble_weight must be one of \['auto'\] or a number, got 'best'"),
     ],

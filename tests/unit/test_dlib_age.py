@@ -310,6 +310,48 @@ def test_ensemble_weight_mixes_in_the_pretrained_distribution():
         assert torch.allclose(model(x).exp(), 0.7 * pretrained + 0.3 * ensemble, atol=1e-6)
 
 
+def test_ensemble_distill_pulls_the_head_toward_the_pretrained_distribution_on_the_same_inputs():
+    """``train.ensemble_distill``: the loss adds ``weight * KL(frozen network || ensemble)`` on the
+    cached features the head trains on; the student keeps its weight of 1, the teacher is the mix at 0."""
+    from faceage.config import TrainParams
+    from faceage.finetune import _CachedStages, ensemble_of
+    from faceage.training import age_loss, make_loss
+
+    torch.manual_seed(0)
+    model = DlibAgeNet(101, HEAD_ENSEMBLE)
+    student = _CachedStages(model, 6)  # what the training loop trains: stage 6 on cached pooled features
+    features = torch.randn(8, 256)
+    ages = torch.tensor([3.0, 11, 25, 34, 47, 58, 66, 80])
+    p = TrainParams(backbone=DLIB_AGE, ensemble_distill=2.0)
+    loss = make_loss(p, student, ages)
+    assert float(ensemble_of(student).weight) == 1.0  # the student's mix is untouched
+    logits = student(features)
+    with torch.no_grad():
+        pretrained = torch.softmax(model.fc(features), dim=1)  # the frozen network's own distribution
+    kl = (pretrained * (pretrained.log() - torch.log_softmax(logits, 1))).sum(1).mean()
+    plain = age_loss(logits, ages, p.loss, p.label_sigma)
+    assert torch.allclose(loss(logits, ages, features), plain + 2.0 * kl, atol=1e-5)
+    assert torch.allclose(make_loss(replace(p, ensemble_distill=0.0), student, ages)(logits, ages, features), plain)
+    # a head that already gives the pretrained distribution pays no distillation
+    assert torch.allclose(loss(pretrained.log(), ages, features), age_loss(pretrained.log(), ages, p.loss, p.label_sigma),
+                          atol=1e-5)
+    # gradients reach the ensemble only through the student
+    loss(logits, ages, features).backward()
+    assert all(t.grad is not None for t in ensemble_of(student).parameters())
+
+
+def test_ensemble_distill_is_ignored_without_an_ensemble_head():
+    from faceage.config import TrainParams
+    from faceage.training import age_loss, make_loss
+
+    torch.manual_seed(0)
+    ages = torch.tensor([5.0, 40.0])
+    logits = torch.randn(2, 101)
+    own = DlibAgeNet(101, HEAD_PRETRAINED)  # dlib's own head, fine-tuned: no ensemble to anchor
+    p = TrainParams(backbone=DLIB_AGE, ensemble_distill=4.0)
+    assert torch.equal(make_loss(p, own, ages)(logits, ages, None), age_loss(logits, ages, p.loss, p.label_sigma))
+
+
 @pytest.mark.parametrize("gap,noise,expect_full", [(3.0, 0.01, True), (0.02, 1.0, False)])
 def test_ensemble_weight_is_the_most_pretrained_within_validation_noise(gap, noise, expect_full):
     from faceage.finetune import choose_ensemble_weight
