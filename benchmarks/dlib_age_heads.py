@@ -15,7 +15,7 @@ unlike the training crops. The external set is scored, never used for a choice.
 Needs the workspace's ``data/faces`` (any ``dvc repro``) and ``models/detector``; computes the
 chips and descriptors it needs once into ``.cache/bench-heads`` (about 6 min of descriptors).
 
-    python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused]
+    python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused] [--distill 0]
     python benchmarks/dlib_age_heads.py --variants --checkpoints A.pt B.pt   # wild dev of pipeline checkpoints
 """
 
@@ -123,12 +123,14 @@ def views(inputs: dict, detector: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], seed: int, epochs: int = 30,
-             drop: tuple[int, float] = (0, 0.0)) -> AgeEnsemble:
+             drop: tuple[int, float] = (0, 0.0), distill: float = 0.0) -> AgeEnsemble:
     """One ensemble head trained as the pipeline trains ``train.head=ensemble`` (its defaults: AdamW, lr,
     weight decay, batch, loss, warm-up + cosine schedule from ``faceage.training``) on ``x["train"]``
     (N, 2 views, F), best epoch on ``x["valid"]``'s first view; returned in eval mode.
     ``drop=(start, p)``: in training, each face's inputs from ``start`` on are replaced by their
-    training mean with probability ``p`` (the descriptor's dropout)."""
+    training mean with probability ``p`` (the descriptor's dropout). ``distill``: the weight of
+    KL(pretrained || head) in the loss, as ``train.ensemble_distill`` (the pretrained log-probabilities
+    are the inputs after the age features: :func:`head_inputs` of ``age`` or ``fused``)."""
     p = TrainParams(backbone="dlib_age", epochs=epochs, seed=seed)
     torch.manual_seed(seed)
     head = AgeEnsemble(101, in_features=x["train"].shape[-1])
@@ -149,7 +151,11 @@ def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], seed: int, 
                 gone = torch.rand(len(idx)) < drop[1]
                 xb = xb.clone()
                 xb[gone, drop[0]:] = head.in_mean[drop[0]:]
-            loss = age_loss(head(xb), y["train"][idx], p.loss, p.label_sigma)
+            logp = head(xb)
+            loss = age_loss(logp, y["train"][idx], p.loss, p.label_sigma)
+            if distill > 0:
+                pretrained = torch.softmax(xb[:, FEATURE_DIM:FEATURE_DIM + PRETRAINED_AGES], -1)
+                loss = loss + distill * F.kl_div(logp[:, :PRETRAINED_AGES], pretrained, reduction="batchmean")
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -180,10 +186,10 @@ def head_inputs(v: dict, variant: str) -> dict[str, torch.Tensor]:
     return {s: torch.cat([d[k] for k in INPUTS[variant]], -1) for s, d in v.items()}
 
 
-def train_head(v: dict, variant: str, seed: int, epochs: int = 30) -> dict:
+def train_head(v: dict, variant: str, seed: int, epochs: int = 30, distill: float = 0.0) -> dict:
     """:func:`fit_head` on the train split; MAE per split and the wild dev."""
     x = head_inputs(v, variant)
-    head = fit_head(x, {s: d["y"] for s, d in v.items()}, seed, epochs)
+    head = fit_head(x, {s: d["y"] for s, d in v.items()}, seed, epochs, distill=0.0 if variant == "face" else distill)
     res = {s: (head_ages(head, x[s]) - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}
     res["wild_dev"] = (head_ages(head, x["wild"]) - v["wild"]["zero_shot"]).abs().mean().item()
     return res
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     ap.add_argument("--variants", nargs="*", default=["age", "face", "fused"], choices=["age", "face", "fused"])
+    ap.add_argument("--distill", type=float, default=TrainParams().ensemble_distill,
+                    help="train.ensemble_distill for the age and fused heads (default: the pipeline's)")
     ap.add_argument("--checkpoints", nargs="*", type=Path, default=[],
                     help="pipeline checkpoints whose wild dev to report (through the predictor, as served)")
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     dims = {"age": f"{FEATURE_DIM} features + {PRETRAINED_AGES} log-probs", "face": f"{EMBEDDING_DIM}-d descriptor",
             "fused": "both"}
     for variant in args.variants:
-        runs = [train_head(v, variant, seed) for seed in args.seeds]
+        runs = [train_head(v, variant, seed, distill=args.distill) for seed in args.seeds]
         cell = {k: " / ".join(f"{r[k]:.2f}" for r in runs) for k in runs[0]}
         print(f"| ensemble | {variant}: {dims[variant]} | {len(runs)} | {cell['valid']} | {cell['test']} | "
               f"{cell['ext']} | {cell['wild_dev']} |", flush=True)

@@ -18,6 +18,7 @@ group it never saw; one that learned age holds its gain.
     python benchmarks/shift_groups.py [--seeds 42 1] [--variants fused age] [--by race gender]
     python benchmarks/shift_groups.py --variants fused --weight 0.7   # a fixed mix (train.ensemble_weight)
     python benchmarks/shift_groups.py --variants fused --guard 2      # the label-free guard (:func:`guard_weight`)
+    python benchmarks/shift_groups.py --variants fused --distill 0    # without train.ensemble_distill (rounds 10-11)
 
 Needs what ``benchmarks/dlib_age_heads.py`` needs (its cache in ``.cache/bench-heads``) and
 ``../shared/datasets`` (``sources.csv`` of the sample and of utk-external).
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.dlib_age_heads import AGES, REPO, _external_faces, fit_head, head_inputs, head_probs, load_inputs, views  # noqa: E402
 
+from faceage.config import TrainParams  # noqa: E402
 from faceage.dlib_age import FEATURE_DIM, PRETRAINED_AGES  # noqa: E402
 from faceage.finetune import WISE_ALPHAS, _choose  # noqa: E402
 from faceage.preprocess import read_faces_manifest  # noqa: E402
@@ -84,20 +86,20 @@ def mix_ages(zsp: dict, probs: dict, weight: float) -> dict[str, torch.Tensor]:
 
 
 def fit_probs(xs: list[dict], y: dict, keep: dict[str, torch.Tensor], seed: int,
-              drop: tuple[int, float] = (0, 0.0)) -> dict[str, torch.Tensor]:
+              drop: tuple[int, float] = (0, 0.0), distill: float = 0.0) -> dict[str, torch.Tensor]:
     """Fits a head per input set of ``xs`` on the kept train/valid faces; per split, the (N, 101)
     distribution of every face (both views), averaged over the heads."""
     probs = {}
     for x in xs:
         sub = {s: x[s][keep[s]] for s in ("train", "valid")}
-        head = fit_head(sub, {s: y[s][keep[s]] for s in ("train", "valid")}, seed, drop=drop)
+        head = fit_head(sub, {s: y[s][keep[s]] for s in ("train", "valid")}, seed, drop=drop, distill=distill)
         for s in x:
             probs[s] = probs.get(s, 0) + head_probs(head, x[s]) / len(xs)
     return probs
 
 
 def guard_weight(xs: list[dict], y: dict, zsp: dict, desc: dict, keep: dict[str, torch.Tensor], seed: int,
-                 drop: tuple[int, float], clusters: int, adult: float = ADULT) -> float:
+                 drop: tuple[int, float], clusters: int, adult: float = ADULT, distill: float = 0.0) -> float:
     """A label-free shift guard for the mix weight (exploration): the kept training faces of ``adult``
     years or more are split into ``clusters`` by k-means on their standardised descriptors (children
     stay in training: holding them out would hold out an age range); for each cluster a head is
@@ -115,7 +117,7 @@ def guard_weight(xs: list[dict], y: dict, zsp: dict, desc: dict, keep: dict[str,
     worst = torch.full((len(WISE_ALPHAS),), -float("inf"))
     for c in range(clusters):
         held = {s: grown[s] & (label[s] == c) for s in grown}
-        probs = fit_probs(xs, y, {s: keep[s] & ~held[s] for s in held}, seed, drop)
+        probs = fit_probs(xs, y, {s: keep[s] & ~held[s] for s in held}, seed, drop, distill)
         truth = torch.cat([y[s][held[s]] for s in held])
         zs_err = (torch.cat([(zsp[s] @ AGES)[held[s]] for s in held]) - truth).abs().mean()
         for i, w in enumerate(WISE_ALPHAS):
@@ -127,12 +129,12 @@ def guard_weight(xs: list[dict], y: dict, zsp: dict, desc: dict, keep: dict[str,
 
 def mixed_head(xs: list[dict], y: dict, zsp: dict, keep: dict[str, torch.Tensor], seed: int,
                drop: tuple[int, float] = (0, 0.0), fixed: float | None = None,
-               guard: tuple[int, dict] | None = None) -> tuple[str, dict]:
+               guard: tuple[int, dict] | None = None, distill: float = 0.0) -> tuple[str, dict]:
     """Fits a head per input set of ``xs`` on the kept train/valid faces (their distributions averaged),
     chooses the mix weight on the kept valid faces (or uses ``fixed``, as ``train.ensemble_weight``
     does; with ``guard=(clusters, descriptors)`` at most :func:`guard_weight`); returns the weight
     (as text) and, per split, the (N,) ages of the mixed distribution (both views)."""
-    probs = fit_probs(xs, y, keep, seed, drop)
+    probs = fit_probs(xs, y, keep, seed, drop, distill)
     weight = [1.0]
 
     def val_errors() -> torch.Tensor:
@@ -141,7 +143,7 @@ def mixed_head(xs: list[dict], y: dict, zsp: dict, keep: dict[str, torch.Tensor]
     best, _ = _choose(WISE_ALPHAS if fixed is None else (fixed,), lambda a: weight.__setitem__(0, a), val_errors)
     chosen, text = best["alpha"], f"{best['alpha']:.1f}"
     if guard is not None:
-        limit = guard_weight(xs, y, zsp, guard[1], keep, seed, drop, guard[0])
+        limit = guard_weight(xs, y, zsp, guard[1], keep, seed, drop, guard[0], distill=distill)
         chosen, text = min(chosen, limit), f"{min(chosen, limit):.1f}, guard {limit:.1f}"
     return text, mix_ages(zsp, probs, chosen)
 
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="a fixed mix weight (as train.ensemble_weight) instead of the validation rule")
     ap.add_argument("--guard", type=int, default=0,
                     help="cap the mix weight with a label-free guard over this many descriptor clusters (exploration)")
+    ap.add_argument("--distill", type=float, default=TrainParams().ensemble_distill,
+                    help="train.ensemble_distill: weight of KL(pretrained || head) in the heads' loss (default: the pipeline's)")
     ap.add_argument("--drop", type=float, default=0.5, help="fused-drop: the descriptor's dropout in training")
     ap.add_argument("--by", nargs="+", default=["race", "gender"], choices=["race", "gender"])
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
@@ -171,24 +175,26 @@ def main(argv: list[str] | None = None) -> None:
     zs_age = {s: d["zero_shot"] for s, d in v.items()}
     print("Held-out group: MAE on its sample test faces / its utk-external faces. 'everyone' = the head trained on "
           "all training faces (what ships); 'without' = trained and chosen without the group; weight = the mix "
-          "chosen on validation.\n")
+          "chosen on validation. Last column: the same gap on the group's own train + valid faces of the sample, "
+          "which the 'without' head never saw (no test or utk-external face: what a choice may read).\n")
     print("| by | held out | variant | seed | n test / ext | zero-shot | everyone (weight) | without (weight) "
-          "| without - zero-shot |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "| without - zero-shot | on its train + valid |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     overall = []
     guard = (args.guard, {s: d["face"] for s, d in v.items()}) if args.guard else None
     for variant in args.variants:
         xs = [head_inputs(v, k) for k in variant.removesuffix("-drop").split("+")]
         drop = (FEATURE_DIM + PRETRAINED_AGES, args.drop) if variant.endswith("-drop") else (0, 0.0)
+        distill = 0.0 if variant == "face" else args.distill  # the face-only head does not see the pretrained distribution
         for seed in args.seeds:
             all_keep = {s: torch.ones(len(y[s]), dtype=torch.bool) for s in ("train", "valid")}
-            w_all, ages_all = mixed_head(xs, y, zsp, all_keep, seed, drop, args.weight, guard)
+            w_all, ages_all = mixed_head(xs, y, zsp, all_keep, seed, drop, args.weight, guard, distill)
             overall.append(f"| {variant} | {seed} | {w_all} | " + " | ".join(
                 f"{(ages_all[s] - y[s]).abs().mean().item():.2f}" for s in ("valid", "test", "ext")) + " |")
             for by in args.by:
                 for name in (RACES if by == "race" else GENDERS):
                     member = {s: torch.tensor([lab == name for lab in g[s][by]]) for s in v}
                     keep = {s: ~member[s] for s in ("train", "valid")}
-                    w_out, ages_out = mixed_head(xs, y, zsp, keep, seed, drop, args.weight, guard)
+                    w_out, ages_out = mixed_head(xs, y, zsp, keep, seed, drop, args.weight, guard, distill)
 
                     def mae(ages: dict, s: str, m=member) -> float:
                         return (ages[s] - y[s])[m[s]].abs().mean().item()
@@ -197,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
                     fmt = lambda i: " / ".join(f"{c[i]:.2f}" for c in cells)  # noqa: E731
                     gap = " / ".join(f"{c[2] - c[0]:+.2f}" for c in cells)
                     n = f"{int(member['test'].sum())} / {int(member['ext'].sum())}"
+                    seen = [(ages_out[s] - y[s])[member[s]].abs() - (zs_age[s] - y[s])[member[s]].abs()
+                            for s in ("train", "valid")]
                     print(f"| {by} | {name} | {variant} | {seed} | {n} | {fmt(0)} | {fmt(1)} ({w_all}) | "
-                          f"{fmt(2)} ({w_out}) | {gap} |", flush=True)
+                          f"{fmt(2)} ({w_out}) | {gap} | {torch.cat(seen).mean().item():+.2f} |", flush=True)
     print("\nTrained on everyone (what ships), every face:\n\n| variant | seed | weight | val | test | utk-external |\n"
           "|---|---:|---:|---:|---:|---:|\n" + "\n".join(overall))
 
