@@ -186,10 +186,16 @@ def head_inputs(v: dict, variant: str) -> dict[str, torch.Tensor]:
     return {s: torch.cat([d[k] for k in INPUTS[variant]], -1) for s, d in v.items()}
 
 
+def head_distill(variant: str, distill: float) -> float:
+    """``distill`` for a head ``variant`` that reads the pretrained distribution (``age``, ``fused``); 0 for
+    one that does not (``face``): there is nothing to distil toward."""
+    return distill if "age" in INPUTS[variant] else 0.0
+
+
 def train_head(v: dict, variant: str, seed: int, epochs: int = 30, distill: float = 0.0) -> dict:
     """:func:`fit_head` on the train split; MAE per split and the wild dev."""
     x = head_inputs(v, variant)
-    head = fit_head(x, {s: d["y"] for s, d in v.items()}, seed, epochs, distill=0.0 if variant == "face" else distill)
+    head = fit_head(x, {s: d["y"] for s, d in v.items()}, seed, epochs, distill=head_distill(variant, distill))
     res = {s: (head_ages(head, x[s]) - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}
     res["wild_dev"] = (head_ages(head, x["wild"]) - v["wild"]["zero_shot"]).abs().mean().item()
     return res

@@ -35,7 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.dlib_age_heads import AGES, REPO, _external_faces, fit_head, head_inputs, head_probs, load_inputs, views  # noqa: E402
+from benchmarks.dlib_age_heads import (  # noqa: E402
+    AGES, REPO, _external_faces, fit_head, head_distill, head_inputs, head_probs, load_inputs, views,
+)
 
 from faceage.config import TrainParams  # noqa: E402
 from faceage.dlib_age import FEATURE_DIM, PRETRAINED_AGES  # noqa: E402
@@ -182,9 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     overall = []
     guard = (args.guard, {s: d["face"] for s, d in v.items()}) if args.guard else None
     for variant in args.variants:
-        xs = [head_inputs(v, k) for k in variant.removesuffix("-drop").split("+")]
+        parts = variant.removesuffix("-drop").split("+")
+        xs = [head_inputs(v, k) for k in parts]
         drop = (FEATURE_DIM + PRETRAINED_AGES, args.drop) if variant.endswith("-drop") else (0, 0.0)
-        distill = 0.0 if variant == "face" else args.distill  # the face-only head does not see the pretrained distribution
+        distill = min(head_distill(k, args.distill) for k in parts)
         for seed in args.seeds:
             all_keep = {s: torch.ones(len(y[s]), dtype=torch.bool) for s in ("train", "valid")}
             w_all, ages_all = mixed_head(xs, y, zsp, all_keep, seed, drop, args.weight, guard, distill)
