@@ -97,8 +97,10 @@ class TrainParams:
     # [0, 1] (lower keeps the served ages closer to the pretrained network on photos unlike ours)
     ensemble_weight: Literal["auto"] | float = "auto"
     # The ensemble heads' learning without forgetting: weight of KL(pretrained network || ensemble) in
-    # their loss, so a head keeps the pretrained distribution where the labels do not pull it away; 0 = off
-    ensemble_distill: float = 1.0
+    # their loss, so a head keeps the pretrained distribution where the labels do not pull it away; 0 = off.
+    # 8: the smallest weight that trails the pretrained network in no decade of age by more than 2 standard
+    # errors, out of fold on the training split (benchmarks/band_regret.py)
+    ensemble_distill: float = 8.0
     # Fine-tuning without forgetting (dlib_age with head pretrained; see faceage.finetune):
     freeze_blocks: int = 0  # leading stages left frozen (stem, block1, ...)
     layer_lr_decay: float = 1.0  # lr factor per stage below the head (layer-wise learning rates)
