@@ -8,7 +8,9 @@ latency and images/s for 1 client and for N concurrent clients (default 8); the 
 :class:`faceage.predict.AgePredictor` built from the same model folder with the same runtime (the
 ONNX graph), called sequentially (a predictor is not thread-safe); the ratios (1-client p50
 service/in-process, N-client throughput vs one client); the p50 of photos with exactly one face.
-Two ``--tag``s compare two bentos side by side (e.g. two champions). ``--json`` writes it all.
+Two ``--tag``s compare two bentos side by side (e.g. two champions): each later bento's one-face p50,
+1-client p50 and N-client throughput as ratios of the first one's (:func:`ratios`), measured in the
+same run. ``--json`` writes it all.
 
 Deployments are targets with ``start() -> (url, cold start)``, ``stop()`` and ``size_bytes()``:
 :class:`HostTarget` (``bentoml serve``), :class:`UrlTarget` (``--url``, already running); a
@@ -51,6 +53,21 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def ratios(runs: list[dict], clients: int) -> list[dict]:
+    """Each run after the first against the first (same run, same photos): one-face p50, 1-client p50
+    and ``clients``-client throughput as ``run / first``; ``None`` where either side has no figure."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    first = runs[0]
+    return [{"target": r["target"], "versus": first["target"],
+             "one_face_p50": ratio(r["one_face_p50_ms"], first["one_face_p50_ms"]),
+             "service_1_p50": ratio(r["service_1"]["p50_ms"], first["service_1"]["p50_ms"]),
+             f"service_{clients}_images_per_s": ratio(r[f"service_{clients}"]["images_per_s"],
+                                                      first[f"service_{clients}"]["images_per_s"])}
+            for r in runs[1:]]
 
 
 def summary(latencies_s: list[float], wall_s: float) -> dict:
@@ -329,9 +346,16 @@ def main(argv: list[str] | None = None) -> None:
                   f"1-client p50 {r['service_1']['p50_ms']:7.1f} ms, one-face p50 "
                   f"{'n/a' if one_face is None else f'{one_face:7.1f} ms'}, "
                   f"{args.clients} clients {r[f'service_{args.clients}']['images_per_s']:.2f} img/s")
+        print(f"\nratios to {runs[0]['target']} (same run):")
+        for q in ratios(runs, args.clients):
+            text = [f"{name} {'n/a' if q[key] is None else f'{q[key]:.2f}x'}" for name, key in (
+                ("one-face p50", "one_face_p50"), ("1-client p50", "service_1_p50"),
+                (f"{args.clients}-client throughput", f"service_{args.clients}_images_per_s"))]
+            print(f"  {q['target']:40s} " + ", ".join(text))
     if args.json:
         args.json.write_text(json.dumps({"photos": len(photos), "rounds": args.rounds, "cores": available_cores(),
-                                         "runs": runs}, indent=2) + "\n")
+                                         "runs": runs, "ratios": ratios(runs, args.clients) if len(runs) > 1 else []},
+                                        indent=2) + "\n")
 
 
 if __name__ == "__main__":
