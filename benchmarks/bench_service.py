@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{available_cores()} CPU cores")
     for results in runs:
         report(results, args.clients)
-    if len(runs) > 1:
+    side = ratios(runs, args.clients)
+    if side:
         print("\nside by side (same run):")
         for r in runs:
             one_face = r["one_face_p50_ms"]
@@ -347,14 +348,14 @@ def main(argv: list[str] | None = None) -> None:
                   f"{'n/a' if one_face is None else f'{one_face:7.1f} ms'}, "
                   f"{args.clients} clients {r[f'service_{args.clients}']['images_per_s']:.2f} img/s")
         print(f"\nratios to {runs[0]['target']} (same run):")
-        for q in ratios(runs, args.clients):
+        for q in side:
             text = [f"{name} {'n/a' if q[key] is None else f'{q[key]:.2f}x'}" for name, key in (
                 ("one-face p50", "one_face_p50"), ("1-client p50", "service_1_p50"),
                 (f"{args.clients}-client throughput", f"service_{args.clients}_images_per_s"))]
             print(f"  {q['target']:40s} " + ", ".join(text))
     if args.json:
         args.json.write_text(json.dumps({"photos": len(photos), "rounds": args.rounds, "cores": available_cores(),
-                                         "runs": runs, "ratios": ratios(runs, args.clients) if len(runs) > 1 else []},
+                                         "runs": runs, "ratios": side},
                                         indent=2) + "\n")
 
 
