@@ -757,11 +757,30 @@ def _log_model(mlflow, model: nn.Module, input_shape: tuple[int, ...]) -> None:
     from mlflow.models import infer_signature
 
     cpu_model = copy.deepcopy(model).cpu().eval()
-    example = np.zeros((1, *input_shape), dtype=np.float32)
+    # two rows: torch.export specialises a dimension whose example size is 1, and the exported
+    # model would then accept only one image per call
+    example = np.zeros((2, *input_shape), dtype=np.float32)
     with torch.no_grad():
         out = cpu_model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(cpu_model, name="model", input_example=example,
-                             signature=infer_signature(example, out), pip_requirements=_requirements())
+    # Exported on CPU, so it loads anywhere. MLflow checks the input example by loading the model
+    # through pyfunc, which picks CUDA when present and cannot move a pt2 model's weights there: on a
+    # GPU box the check would fail (logged as a warning) unless told the device the weights are on.
+    with _env("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu"):
+        mlflow.pytorch.log_model(cpu_model, name="model", input_example=example,
+                                 signature=infer_signature(example, out), pip_requirements=_requirements())
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _requirements() -> list[str]:

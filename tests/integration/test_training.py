@@ -25,12 +25,18 @@ def test_tiny_run_is_tracked_in_mlflow(tiny_run):
     assert {"history.csv", "model_summary.txt", "evaluation"} <= artifacts
     models = client.search_logged_models([r.info.experiment_id])
     assert [m.source_run_id for m in models if m.name == "model"] == [run_id]
-    # The logged model is a usable network: a batch of images in, 101 logits out.
+    # The logged model is a usable network: a batch of images of any size in, 101 logits out
+    # (an example of one image made torch.export fix the batch at 1), also through pyfunc.
+    import mlflow.pyfunc
     import mlflow.pytorch
+    import numpy as np
 
     mlflow.set_tracking_uri(tiny_run["tracking_uri"])
     net = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
-    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 101)
+    for n in (1, 3):
+        assert net(torch.zeros(n, 3, 64, 64)).shape == (n, 101)
+    served = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+    assert np.asarray(served.predict(np.zeros((5, 3, 64, 64), np.float32))).shape == (5, 101)
 
 
 def test_checkpoint_describes_itself(tiny_run):
