@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,20 @@ def repo_root(start: str | Path | None = None) -> Path:
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return path
+
+
+@contextmanager
+def mlflow_env(name: str, value: str) -> Iterator[None]:
+    """Sets an environment variable (MLflow reads its settings there) for the duration, then restores it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def tracking_uri() -> str:

@@ -68,7 +68,7 @@ from faceage.model import (
     MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature, input_stats, load_pretrained, save_checkpoint,
 )
 from faceage.preprocess import MANIFEST, read_crop_settings
-from faceage.tracking import git_commit, setup_mlflow, tracking_uri, write_run_file
+from faceage.tracking import git_commit, mlflow_env, setup_mlflow, tracking_uri, write_run_file
 from faceage.transforms import train_augment
 
 log = logging.getLogger(__name__)
@@ -765,22 +765,9 @@ def _log_model(mlflow, model: nn.Module, input_shape: tuple[int, ...]) -> None:
     # Exported on CPU, so it loads anywhere. MLflow checks the input example by loading the model
     # through pyfunc, which picks CUDA when present and cannot move a pt2 model's weights there: on a
     # GPU box the check would fail (logged as a warning) unless told the device the weights are on.
-    with _env("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu"):
+    with mlflow_env("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu"):
         mlflow.pytorch.log_model(cpu_model, name="model", input_example=example,
                                  signature=infer_signature(example, out), pip_requirements=_requirements())
-
-
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _requirements() -> list[str]:

@@ -82,13 +82,12 @@ def tiny_run(sample_dir, external_dir, tmp_path_factory):
     from faceage.detector import fetch_detector_files
     from faceage.evaluation import evaluate_model
     from faceage.preprocess import preprocess_dataset
+    from faceage.tracking import mlflow_env
     from faceage.training import train_model
 
     root = tmp_path_factory.mktemp("tiny_run")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
+    with mlflow_env("MLFLOW_TRACKING_URI", uri):
         source = make_subset(sample_dir, root / "source", {"train": 64, "valid": 16, "test": 16})
         external = make_subset(external_dir, root / "utk-external", {"test": 12})
         p = Params()
@@ -103,11 +102,6 @@ def tiny_run(sample_dir, external_dir, tmp_path_factory):
                        data_dir=root / "data", preprocess_metrics=root / "preprocess.json",
                        model_card=root / "model_card.md", detector_dir=root / "detector",
                        external_cache=root / "external-cache")
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
     return {
         "root": root, "data": root / "data", "detector": root / "detector", "faces": root / "faces",
         "model": root / "model.pt", "run": root / "run.json", "eval": root / "eval", "tracking_uri": uri,

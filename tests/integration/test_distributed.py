@@ -66,6 +66,7 @@ def test_two_processes_match_one_and_make_one_finished_run_that_evaluate_and_pac
 
     from faceage.config import Params
     from faceage.evaluation import evaluate_model
+    from faceage.tracking import mlflow_env
     from faceage.model import load_checkpoint
 
     _train(tiny_run, tmp_path / "one", 1)
@@ -90,16 +91,9 @@ def test_two_processes_match_one_and_make_one_finished_run_that_evaluate_and_pac
 
     model, meta = load_checkpoint(tmp_path / "two" / "model.pt")
     assert meta["mlflow_run_id"] == run.info.run_id and meta["val_mae"] == min(r["val_mae"] for r in two)
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    try:
+    with mlflow_env("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"]):
         metrics = evaluate_model(tmp_path / "two" / "model.pt", tiny_run["faces"], tmp_path / "eval",
                                  replace(Params().evaluate, external=()), run_path=tmp_path / "two" / "run.json")
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
     assert metrics["n_test_faces"] == 16 and metrics["val_mae_years"] == meta["val_mae"]
 
     home = tmp_path / "bentoml"
