@@ -58,7 +58,8 @@ class Limits:
             (``FACEAGE_MAX_DETECT_PIXELS``, 3840x2160; 0 = never).
         detect_processes: Detection worker processes (``FACEAGE_DETECT_PROCESSES``, one per
             core; 0 = in-process).
-        threads: ONNX Runtime threads of the age model (``FACEAGE_THREADS``; 0/unset: half the cores).
+        threads: ONNX Runtime threads of the age model (``FACEAGE_THREADS``; 0/unset: every core,
+            see :func:`faceage.predict.default_threads`).
         max_batch_images: Images per ``/predict_batch`` request.
         max_parts: Form parts per request.
     """

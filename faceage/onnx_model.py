@@ -23,13 +23,19 @@ from faceage.inputs import input_kind, input_preparer
 META_KEY = "faceage"  # faceage.export.META_KEY (not imported: that module needs torch)
 
 
-def cpu_session(model: str | bytes, threads: int) -> ort.InferenceSession:
+def cpu_session(model: str | bytes, threads: int, *, spin: bool = True) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for a model file or its bytes: ``threads`` intra-op threads,
-    inter-op 1 (the graph runs sequentially)."""
+    inter-op 1 (the graph runs sequentially).
+
+    ``spin=False`` lets idle pool threads sleep instead of busy-waiting for the next operator.
+    That costs a little when the threads have the cores to themselves, and it stops them from
+    taking CPU time from other processes (the service's detection workers) when they do not.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -39,7 +45,9 @@ class OnnxAgeModel:
     Args:
         onnx_path: The exported graph.
         detector_dir: The detector folder (face-encoder files for ``dlib_face``).
-        threads: ONNX Runtime intra-op threads (inter-op: 1; the graph runs sequentially).
+        threads: ONNX Runtime intra-op threads (inter-op: 1; the graph runs sequentially). They
+            do not spin (:func:`cpu_session`), so using every core costs little when the cores
+            are busy with detection.
 
     Raises:
         ValueError: The file carries no FaceAge settings (not exported by :mod:`faceage.export`).
@@ -48,7 +56,7 @@ class OnnxAgeModel:
     device = "cpu (ONNX Runtime)"
 
     def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
-        self.session = cpu_session(str(onnx_path), threads)
+        self.session = cpu_session(str(onnx_path), threads, spin=False)
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if stored is None:
             raise ValueError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")

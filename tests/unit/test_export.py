@@ -18,8 +18,9 @@ from PIL import Image
 from faceage.detector import fetch_detector_files
 from faceage.export import META_KEY, ExportError, export_onnx
 from faceage.model import EmbeddingAgeHead, save_checkpoint
-from faceage.onnx_model import OnnxAgeModel
-from faceage.predict import AgePredictor, FaceLocator
+from faceage import predict as predict_module
+from faceage.onnx_model import OnnxAgeModel, cpu_session
+from faceage.predict import AgePredictor, FaceLocator, default_threads
 from tests.unit.test_predict import make_checkpoint
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -110,6 +111,26 @@ def test_any_batch_size_runs(tmp_path, detector, crops):
         age, std = model.predict_crops(crops[:n])
         assert age.shape == std.shape == (n,) and np.all((age >= 0) & (age <= 100))
     assert model.predict_crops([])[0].shape == (0,)
+
+
+def test_the_served_graph_uses_every_core_without_spinning_and_gives_the_same_ages(tmp_path, detector, crops,
+                                                                                  monkeypatch):
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+    export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx")
+    monkeypatch.setattr(predict_module, "available_cores", lambda: 4)
+    assert default_threads("onnx") == 4 and default_threads("torch") == 2
+    served = AgePredictor(tmp_path / "model.onnx", detector, runtime="onnx")
+    assert served.threads == 4
+    options = served.age_model.session.get_session_options()
+    assert options.intra_op_num_threads == 4
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    one = OnnxAgeModel(tmp_path / "model.onnx", detector, threads=1).predict_crops(crops)
+    four = served.age_model.predict_crops(crops)
+    np.testing.assert_allclose(four[0], one[0], atol=1e-4)
+    np.testing.assert_allclose(four[1], one[1], atol=1e-4)
+    # Training's frozen-feature sessions keep ONNX Runtime's default (spinning) threads.
+    assert cpu_session(str(tmp_path / "model.onnx"), 1).get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "1"
 
 
 def test_export_needs_real_crops(tmp_path, detector, crops):
