@@ -10,7 +10,11 @@ ONNX graph), called sequentially (a predictor is not thread-safe); the ratios (1
 service/in-process, N-client throughput vs one client); the p50 of photos with exactly one face.
 Two ``--tag``s compare two bentos side by side (e.g. two champions): each later bento's one-face p50,
 1-client p50 and N-client throughput as ratios of the first one's (:func:`ratios`), measured in the
-same run. ``--json`` writes it all.
+same run. Each bento is measured in its own time window, so a machine whose speed drifts between
+windows moves those ratios. Then, the one-face photos are measured **interleaved**: every bento
+is served at once, and each photo goes to each of them back to back, in rotating order
+(``--interleaved-rounds`` passes). That gives each bento's one-face p50 from the same minutes and
+the ratio of the p50s (:func:`interleaved_ratios`). ``--json`` writes it all.
 
 Deployments are targets with ``start() -> (url, cold start)``, ``stop()`` and ``size_bytes()``:
 :class:`HostTarget` (``bentoml serve``), :class:`UrlTarget` (``--url``, already running); a
@@ -23,6 +27,7 @@ median of the paired differences is the time the service adds per request. Loops
 numbers and asserts nothing.
 
     python benchmarks/bench_service.py [--rounds 2] [--clients 8] [--tag face_age:v1 --tag face_age:v2]
+        [--interleaved-rounds 5]
 """
 
 from __future__ import annotations
@@ -243,7 +248,7 @@ def measure(target, predictor, photos: list[tuple[str, bytes]], rounds: int, cli
         for name, data in photos[:3]:  # warm both sides up (first calls allocate)
             in_process(predictor, data)
             post(session, url, name, data)
-        local, served, one_face = [], [], []
+        local, served, one_face, one_face_names = [], [], [], set()
         for i, (name, data) in enumerate(photos * rounds):
             # Paired: the same photo on both sides, back to back, in alternating order.
             if i % 2:
@@ -255,9 +260,11 @@ def measure(target, predictor, photos: list[tuple[str, bytes]], rounds: int, cli
             served.append(elapsed)
             if faces == 1:
                 one_face.append(elapsed)
+                one_face_names.add(name)
         results["in_process_1"] = summary(local, sum(local))
         results["service_1"] = summary(served, sum(served))
         results["one_face_p50_ms"] = 1000 * percentile(one_face, 0.5) if one_face else None
+        results["one_face_photos"] = sorted(one_face_names)
         results["overhead_ms_median"] = 1000 * statistics.median(b - a for a, b in zip(local, served))
 
         jobs = [(name, data) for _ in range(rounds) for name, data in photos]
@@ -278,6 +285,43 @@ def measure(target, predictor, photos: list[tuple[str, bytes]], rounds: int, cli
     results[f"ratio_throughput_{clients}"] = many["images_per_s"] / base["images_per_s"]
     results[f"ratio_throughput_{clients}_vs_1_client"] = many["images_per_s"] / one["images_per_s"]
     return results
+
+
+def interleaved_one_face(targets: list, photos: list[tuple[str, bytes]], rounds: int,
+                         settle_s: float = 5.0) -> dict[str, list[float]]:
+    """Serves every target at once; each photo goes to each target back to back, the order rotating
+    by one target per request. Returns the seconds of every request, per target name."""
+    started = []
+    try:
+        for target in targets:
+            url, _ = target.start()
+            started.append((target, url, requests.Session()))
+        for target, url, session in started:  # warm up, then let start-up work (the UI's import) finish
+            for name, data in photos[:3]:
+                post(session, url, name, data)
+        time.sleep(settle_s)
+        latencies: dict[str, list[float]] = {target.name: [] for target in targets}
+        for i, (name, data) in enumerate(photos * rounds):
+            shift = i % len(started)
+            for target, url, session in started[shift:] + started[:shift]:
+                latencies[target.name].append(post(session, url, name, data))
+        return latencies
+    finally:
+        for target, _, _ in started:
+            target.stop()
+
+
+def interleaved_ratios(latencies: dict[str, list[float]]) -> dict:
+    """Per target its p50 (ms); each later target's p50 as a ratio of the first one's, and the median
+    of the request-by-request ratios (request i of one target against request i of the first)."""
+    names = list(latencies)
+    first = latencies[names[0]]
+    out = {"p50_ms": {n: 1000 * percentile(v, 0.5) for n, v in latencies.items()}, "ratios": []}
+    for n in names[1:]:
+        out["ratios"].append({"target": n, "versus": names[0],
+                              "p50": percentile(latencies[n], 0.5) / percentile(first, 0.5),
+                              "median_paired": statistics.median(b / a for a, b in zip(first, latencies[n]))})
+    return out
 
 
 def report(results: dict, clients: int) -> None:
@@ -307,13 +351,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="an already running service on 127.0.0.1 (default: start one per --tag)")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the photos per measurement")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the second measurement")
+    parser.add_argument("--interleaved-rounds", type=int, default=5,
+                        help="passes over the one-face photos with every bento served at once (two or more "
+                             "--tag; 0 = skip)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     tags = args.tag or ["face_age:latest"]
     if args.url and (urlparse(args.url).hostname not in ("127.0.0.1", "localhost") or len(tags) > 1):
         raise SystemExit(f"--url must be on 127.0.0.1 and goes with one --tag, got {args.url}")
-    if args.rounds < 1 or args.clients < 1:
-        raise SystemExit("--rounds and --clients must be >= 1")
+    if args.rounds < 1 or args.clients < 1 or args.interleaved_rounds < 0:
+        raise SystemExit("--rounds and --clients must be >= 1, --interleaved-rounds >= 0")
 
     import bentoml
 
@@ -322,9 +369,10 @@ def main(argv: list[str] | None = None) -> None:
     photos = load_photos(args.photos)
     if not photos:
         raise SystemExit(f"no decodable photos in {args.photos}")
-    runs = []
+    runs, bento_tags = [], []
     for tag in tags:
         bento = bentoml.get(tag)
+        bento_tags.append(str(bento.tag))
         model = bentoml.models.get(bento.info.all_models[0].tag)  # the model this bento serves
         # The service's own predictor (same folder, same ONNX graph), called in-process.
         predictor = AgePredictor.from_model_dir(model.path, runtime="onnx")
@@ -353,9 +401,25 @@ def main(argv: list[str] | None = None) -> None:
                 ("one-face p50", "one_face_p50"), ("1-client p50", "service_1_p50"),
                 (f"{args.clients}-client throughput", f"service_{args.clients}_images_per_s"))]
             print(f"  {q['target']:40s} " + ", ".join(text))
+    interleaved = None
+    if side and not args.url and args.interleaved_rounds:
+        # Photos where every bento found exactly one face.
+        common = set.intersection(*(set(r["one_face_photos"]) for r in runs))
+        one_face = [(name, data) for name, data in photos if name in common]
+        if one_face:
+            latencies = interleaved_one_face([HostTarget(t) for t in bento_tags], one_face, args.interleaved_rounds)
+            interleaved = {"photos": len(one_face), "rounds": args.interleaved_rounds,
+                           **interleaved_ratios(latencies)}
+            print(f"\none-face photos interleaved ({len(one_face)} photos x {args.interleaved_rounds} rounds, every "
+                  "bento served at once, each photo to each bento back to back in rotating order):")
+            for name, p50 in interleaved["p50_ms"].items():
+                print(f"  {name:40s} one-face p50 {p50:7.1f} ms")
+            for q in interleaved["ratios"]:
+                print(f"  {q['target']:40s} {q['p50']:.2f}x the p50 of {q['versus']} "
+                      f"(median of request-by-request ratios {q['median_paired']:.2f}x)")
     if args.json:
         args.json.write_text(json.dumps({"photos": len(photos), "rounds": args.rounds, "cores": available_cores(),
-                                         "runs": runs, "ratios": side},
+                                         "runs": runs, "ratios": side, "interleaved": interleaved},
                                         indent=2) + "\n")
 
 

@@ -1,8 +1,13 @@
 """The side-by-side ratios of ``benchmarks/bench_service.py`` (issue 7's one-face latency ratio)."""
 
+import json
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 
-from benchmarks.bench_service import ratios
+from benchmarks.bench_service import interleaved_one_face, interleaved_ratios, ratios
 
 
 def run(target: str, one_face: float | None, p50: float, img_s: float) -> dict:
@@ -29,3 +34,62 @@ def test_a_missing_one_face_figure_gives_no_ratio():
 
 def test_one_run_has_nothing_to_compare():
     assert ratios([run("host a", 400.0, 480.0, 2.0)], 8) == []
+
+
+def test_interleaved_ratios_divide_p50s_and_pair_requests():
+    out = interleaved_ratios({"host a": [0.40, 0.42, 0.44], "host b": [0.20, 0.30, 0.22]})
+    assert out["p50_ms"] == pytest.approx({"host a": 420.0, "host b": 220.0})
+    (q,) = out["ratios"]
+    assert q["target"] == "host b" and q["versus"] == "host a"
+    assert q["p50"] == pytest.approx(220 / 420)
+    assert q["median_paired"] == pytest.approx(0.5)  # ratios 0.5, 0.714, 0.5
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """A stand-in service on 127.0.0.1: answers POST /predict with one face and logs who was asked."""
+
+    log: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers["Content-Length"]))
+        Recorder.log.append(self.server.server_address[1])
+        body = json.dumps({"faces": [{"age": 30.0}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@dataclass
+class FakeTarget:
+    name: str
+    server: ThreadingHTTPServer | None = None
+    stopped: bool = False
+
+    def start(self):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}", 0.1
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.stopped = True
+
+
+def test_interleaving_serves_every_target_at_once_and_rotates_who_goes_first():
+    Recorder.log = []
+    targets = [FakeTarget("host a"), FakeTarget("host b")]
+    photos = [(f"p{i}.jpg", b"x" * 10) for i in range(4)]
+    latencies = interleaved_one_face(targets, photos, rounds=2, settle_s=0)
+    assert {n: len(v) for n, v in latencies.items()} == {"host a": 8, "host b": 8}
+    assert all(v > 0 for values in latencies.values() for v in values)
+    assert all(t.stopped for t in targets)
+    a, b = (t.server.server_address[1] for t in targets)
+    measured = Recorder.log[2 * 3:]  # after 3 warm-up photos for each target
+    assert measured[:4] == [a, b, b, a]  # photo 1: a then b; photo 2: b then a
+    assert measured.count(a) == measured.count(b) == 8
