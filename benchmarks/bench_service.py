@@ -314,14 +314,12 @@ def interleaved_one_face(targets: list, photos: list[tuple[str, bytes]], rounds:
 def interleaved_ratios(latencies: dict[str, list[float]]) -> dict:
     """Per target its p50 (ms); each later target's p50 as a ratio of the first one's, and the median
     of the request-by-request ratios (request i of one target against request i of the first)."""
-    names = list(latencies)
-    first = latencies[names[0]]
-    out = {"p50_ms": {n: 1000 * percentile(v, 0.5) for n, v in latencies.items()}, "ratios": []}
-    for n in names[1:]:
-        out["ratios"].append({"target": n, "versus": names[0],
-                              "p50": percentile(latencies[n], 0.5) / percentile(first, 0.5),
-                              "median_paired": statistics.median(b / a for a, b in zip(first, latencies[n]))})
-    return out
+    first, *later = latencies
+    p50_ms = {n: 1000 * percentile(v, 0.5) for n, v in latencies.items()}
+    return {"p50_ms": p50_ms,
+            "ratios": [{"target": n, "versus": first, "p50": p50_ms[n] / p50_ms[first],
+                        "median_paired": statistics.median(b / a for a, b in zip(latencies[first], latencies[n]))}
+                       for n in later]}
 
 
 def report(results: dict, clients: int) -> None:
