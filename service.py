@@ -112,7 +112,9 @@ class FaceAgeService:
         batch_faces = prometheus_client.Histogram(
             "faceage_age_batch_faces", "Faces per forward pass of the age model (adaptive batching)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-        self.batcher = AgeBatcher(self.predictor.estimate, on_batch=batch_faces.observe)
+        # With no photo in detection the cores are free: the age model's threads may spin (faster).
+        self.batcher = AgeBatcher(lambda faces: self.predictor.estimate(faces, idle=not self.locator.busy),
+                                  on_batch=batch_faces.observe)
         UI.configure(self.lineage, LIMITS.max_body_bytes)
         log.info("serving %s (run %s, %s) with %d detection process(es); %s", stored.tag,
                  self.lineage.get("mlflow_run_id"), self.predictor.runtime, LIMITS.detect_processes, LIMITS)
@@ -129,7 +131,7 @@ class FaceAgeService:
     async def analyse(self, data: bytes, *, with_image: bool = False
                       ) -> tuple[LocatedFaces, list[FaceAge], np.ndarray | None]:
         """Encoded photo -> located faces, their ages (largest first) and, optionally, the decoded image."""
-        located, image = await self.locator.locate(data, with_image=with_image)
+        located, image = await self.locator.locate(data, with_image=with_image, crops=False)
         mean, std = await self.batcher(located.inputs)
         return located, split_results([located], mean, std)[0], image
 
@@ -172,7 +174,8 @@ class FaceAgeService:
     async def predict_batch(self, request: Request) -> JSONResponse:
         """Up to 16 photos (repeated field ``image``): one result or error per photo, in order."""
         parts = await read_images(request, limit=LIMITS.max_batch_images)
-        found = await asyncio.gather(*(self.locator.locate(p.data) for p in parts), return_exceptions=True)
+        found = await asyncio.gather(*(self.locator.locate(p.data, crops=False) for p in parts),
+                                     return_exceptions=True)
         for item in found:
             if isinstance(item, BaseException) and not isinstance(item, INPUT_ERRORS):
                 raise item

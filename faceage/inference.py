@@ -140,8 +140,9 @@ class AgeModel:
         mean, std, _ = self.predict_graph(inputs, batch_size)
         return mean, std
 
-    def predict_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Ages and stds (years) for uint8 crops, in one batched pass."""
+    def predict_crops(self, crops: list[np.ndarray], *, idle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Ages and stds (years) for uint8 crops, in one batched pass. ``idle`` (the cores are free)
+        changes nothing here: it matters to :class:`faceage.onnx_model.OnnxAgeModel`'s threads."""
         return self.predict_inputs(self.prepare(crops))
 
 

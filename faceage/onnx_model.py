@@ -47,7 +47,10 @@ class OnnxAgeModel:
         detector_dir: The detector folder (face-encoder files for ``dlib_face``).
         threads: ONNX Runtime intra-op threads (inter-op: 1; the graph runs sequentially). They
             do not spin (:func:`cpu_session`), so using every core costs little when the cores
-            are busy with detection.
+            are busy with detection. With more than one thread a second session over the same
+            graph has spinning threads, for callers that know the cores are free (``idle=True``):
+            on 2 idle cores, waking sleeping threads between operators cost one face of the
+            fused ``dlib_age`` graph ~5 ms (22.1 against 16.8 ms, round 12).
 
     Raises:
         ValueError: The file carries no FaceAge settings (not exported by :mod:`faceage.export`).
@@ -57,6 +60,7 @@ class OnnxAgeModel:
 
     def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
         self.session = cpu_session(str(onnx_path), threads, spin=False)
+        self.spinning = cpu_session(str(onnx_path), threads, spin=True) if threads > 1 else self.session
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if stored is None:
             raise ValueError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")
@@ -73,16 +77,18 @@ class OnnxAgeModel:
             self._prepare = input_preparer(self.meta, self.detector_dir)
         return self._prepare(list(crops))
 
-    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Age, age_std and the age distribution for stored inputs."""
-        age, std, probs = self.session.run(None, {self._input: np.ascontiguousarray(inputs, dtype=self.kind.dtype)})
+    def run(self, inputs: np.ndarray, *, idle: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Age, age_std and the age distribution for stored inputs (``idle``: the cores are free, the
+        threads may spin)."""
+        session = self.spinning if idle else self.session
+        age, std, probs = session.run(None, {self._input: np.ascontiguousarray(inputs, dtype=self.kind.dtype)})
         return age, std, probs
 
-    def predict_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Ages and stds (years, float64) for uint8 crops, in one batched pass."""
+    def predict_crops(self, crops: list[np.ndarray], *, idle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Ages and stds (years, float64) for uint8 crops, in one batched pass (``idle``: see :meth:`run`)."""
         if len(crops) == 0:
             return np.zeros(0), np.zeros(0)
-        age, std, _ = self.run(self.prepare(crops))
+        age, std, _ = self.run(self.prepare(crops), idle=idle)
         return age.astype(np.float64), std.astype(np.float64)
 
 

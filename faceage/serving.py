@@ -48,15 +48,16 @@ def _init_child(settings: dict[str, Any]) -> None:
     _child_locator = FaceLocator(**settings)
 
 
-def _decode_and_locate(locator: FaceLocator, data: bytes, with_image: bool) -> tuple[LocatedFaces, np.ndarray | None]:
+def _decode_and_locate(locator: FaceLocator, data: bytes, with_image: bool,
+                       crops: bool) -> tuple[LocatedFaces, np.ndarray | None]:
     image = load_image(data, max_pixels=locator.max_pixels)
-    return locator.locate(image), (image if with_image else None)
+    return locator.locate(image, crops=crops), (image if with_image else None)
 
 
-def _child_locate(data: bytes, with_image: bool) -> tuple[LocatedFaces, np.ndarray | None]:
+def _child_locate(data: bytes, with_image: bool, crops: bool) -> tuple[LocatedFaces, np.ndarray | None]:
     if _child_locator is None:
         raise RuntimeError("locator process was not initialised")
-    return _decode_and_locate(_child_locator, data, with_image)
+    return _decode_and_locate(_child_locator, data, with_image, crops)
 
 
 def _child_ping() -> int:
@@ -83,6 +84,7 @@ class LocatorPool:
         self.processes = processes
         self._executor: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()  # in-process mode: one detection at a time (one shared detector)
+        self._in_flight = 0
         if processes:
             self._executor = self._start()
 
@@ -97,23 +99,39 @@ class LocatorPool:
             for _ in range(self.processes):
                 self._executor.submit(_child_ping)
 
-    async def locate(self, data: bytes, *, with_image: bool = False) -> tuple[LocatedFaces, np.ndarray | None]:
+    @property
+    def busy(self) -> bool:
+        """Whether a photo is being decoded or searched for faces (or waits for a worker) now."""
+        return self._in_flight > 0
+
+    async def locate(self, data: bytes, *, with_image: bool = False,
+                     crops: bool = True) -> tuple[LocatedFaces, np.ndarray | None]:
         """Decodes encoded image bytes in memory and locates their faces.
 
         Args:
             data: The encoded image.
             with_image: Also return the decoded RGB image (to draw on); else ``None``.
+            crops: Also cut the margin crops when the age model reads chips
+                (:meth:`faceage.predict.FaceLocator.locate`).
 
         Raises:
             faceage.images.ImageDecodeError: The bytes are not a decodable image (or too large).
             ImageProcessingError: The worker process died on this image (it is replaced).
         """
+        self._in_flight += 1
+        try:
+            return await self._locate(data, with_image, crops)
+        finally:
+            self._in_flight -= 1
+
+    async def _locate(self, data: bytes, with_image: bool, crops: bool) -> tuple[LocatedFaces, np.ndarray | None]:
         if self._executor is None:
             async with self._lock:
-                return await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image)
+                return await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image, crops)
         executor = self._executor
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, _child_locate, data, with_image)
+            return await asyncio.get_running_loop().run_in_executor(executor, _child_locate, data, with_image,
+                                                                    crops)
         except BrokenProcessPool as e:
             if self._executor is executor:
                 log.error("a detection worker died (%s); starting a new pool of %d", e, self.processes)

@@ -144,6 +144,10 @@ def test_predictor_chip_equals_the_preprocess_chip(model_dir, tmp_path):
     assert served[0].tobytes() == table["test/a.png"].tobytes()
     # The crop on disk is what the service crops too (image backbones read it).
     assert np.array_equal(np.asarray(Image.open(faces / "test" / "a.png")), located.crops[0])
+    # The service asks for no crops (this model reads chips): the same boxes and chips, no resize.
+    lean = predictor.locator.locate(image, crops=False)
+    assert lean.crops is None and lean.boxes == located.boxes
+    assert [c.tobytes() for c in lean.inputs] == [c.tobytes() for c in located.inputs]
     # The chip comes from the unresampled region, not from the 224 px crop.
     region = margin_region(image, located.boxes[0], MARGIN)
     assert region.shape[0] != CROP

@@ -124,10 +124,19 @@ def test_the_served_graph_uses_every_core_without_spinning_and_gives_the_same_ag
     options = served.age_model.session.get_session_options()
     assert options.intra_op_num_threads == 4
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    one = OnnxAgeModel(tmp_path / "model.onnx", detector, threads=1).predict_crops(crops)
+    single = OnnxAgeModel(tmp_path / "model.onnx", detector, threads=1)
+    assert single.spinning is single.session  # one thread: nothing to spin
+    one = single.predict_crops(crops)
     four = served.age_model.predict_crops(crops)
     np.testing.assert_allclose(four[0], one[0], atol=1e-4)
     np.testing.assert_allclose(four[1], one[1], atol=1e-4)
+    # Callers that know the cores are free (the service with no photo in detection) get spinning threads.
+    spinning = served.age_model.spinning.get_session_options()
+    assert spinning.intra_op_num_threads == 4
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    idle = served.estimate(crops, idle=True)
+    np.testing.assert_allclose(idle[0], four[0], atol=1e-5)
+    np.testing.assert_allclose(idle[1], four[1], atol=1e-5)
     # Training's frozen-feature sessions keep ONNX Runtime's default (spinning) threads.
     assert cpu_session(str(tmp_path / "model.onnx"), 1).get_session_options().get_session_config_entry(
         "session.intra_op.allow_spinning") == "1"

@@ -201,17 +201,26 @@ def test_locator_pool_decodes_in_memory_like_the_locator(predictor, astronaut, p
     async def scenario():
         pool = LocatorPool(predictor.locator, processes)
         try:
-            located, image = await pool.locate(_png(astronaut), with_image=True)
+            assert not pool.busy
+            task = asyncio.create_task(pool.locate(_png(astronaut), with_image=True))
+            await asyncio.sleep(0)  # the task has handed the photo on and waits for it
+            assert pool.busy
+            located, image = await task
+            assert not pool.busy
+            lean, _ = await pool.locate(_png(astronaut), crops=False)
             with pytest.raises(ImageDecodeError, match="not an image"):
                 await pool.locate(b"plain text, not a picture")
-            return located, image
+            assert not pool.busy
+            return located, image, lean
         finally:
             pool.close()
 
-    located, image = asyncio.run(scenario())
+    located, image, lean = asyncio.run(scenario())
     want = predictor.locator.locate(astronaut)
     assert np.array_equal(image, astronaut)
     assert located.boxes == want.boxes and all(np.array_equal(a, b) for a, b in zip(located.crops, want.crops))
+    # This model reads the crops: they are cut even when not asked for.
+    assert lean.boxes == want.boxes and all(np.array_equal(a, b) for a, b in zip(lean.inputs, want.crops))
 
 
 def test_the_checkpoints_retry_pad_reaches_the_cli_and_the_services_detection_processes(files, predictor, astronaut):
