@@ -48,9 +48,10 @@ class OnnxAgeModel:
         threads: ONNX Runtime intra-op threads (inter-op: 1; the graph runs sequentially). They
             do not spin (:func:`cpu_session`), so using every core costs little when the cores
             are busy with detection. With more than one thread a second session over the same
-            graph has spinning threads, for callers that know the cores are free (``idle=True``):
-            on 2 idle cores, waking sleeping threads between operators cost one face of the
-            fused ``dlib_age`` graph ~5 ms (22.1 against 16.8 ms, round 12).
+            graph has spinning threads, for callers that know the cores are free (``idle=True``;
+            built on first use, ~65 MB for the fused graph): on 2 idle cores, waking sleeping
+            threads between operators cost one face of the fused ``dlib_age`` graph ~5 ms (22.1
+            against 16.8 ms, round 12).
 
     Raises:
         ValueError: The file carries no FaceAge settings (not exported by :mod:`faceage.export`).
@@ -60,7 +61,8 @@ class OnnxAgeModel:
 
     def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
         self.session = cpu_session(str(onnx_path), threads, spin=False)
-        self.spinning = cpu_session(str(onnx_path), threads, spin=True) if threads > 1 else self.session
+        self._path, self._threads = str(onnx_path), int(threads)
+        self._spinning: ort.InferenceSession | None = None
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if stored is None:
             raise ValueError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")
@@ -70,6 +72,15 @@ class OnnxAgeModel:
         self.detector_dir = detector_dir
         self._input = self.session.get_inputs()[0].name
         self._prepare = None
+
+    @property
+    def spinning(self) -> ort.InferenceSession:
+        """The session with spinning threads (``idle=True``), built on first use; with one thread
+        there is nothing to spin, and it is :attr:`session` itself."""
+        if self._spinning is None:
+            self._spinning = (cpu_session(self._path, self._threads, spin=True) if self._threads > 1
+                              else self.session)
+        return self._spinning
 
     def prepare(self, crops: list[np.ndarray]) -> np.ndarray:
         """Crops -> the stored input form (:mod:`faceage.inputs`)."""
