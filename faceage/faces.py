@@ -12,6 +12,7 @@ geometry, so a model is served exactly the pixels it was trained on.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 from faceage.detector import CNN_FILE, HOG_FILE
+
+log = logging.getLogger(__name__)
 
 RETRY_SIDE = 400  # longer side (px) of the bordered image of the detector's second look
 
@@ -74,7 +77,9 @@ class FaceDetector:
 
     dlib's detectors release the GIL but are not thread-safe (threads sharing one crashed with
     "double free or corruption"), so :meth:`detect` holds a lock; for parallelism use one
-    detector per process, as ``preprocess`` and the service's detection pool do.
+    detector per process, as ``preprocess`` and the service's detection pool do. One photo can
+    also use two cores: ``detect(image, parallel=True)`` splits HOG's image pyramid over two
+    threads (:mod:`faceage.hog_pyramid`) for the same boxes and scores in about half the time.
     """
 
     def __init__(self, model_dir: str | Path, kind: str = "hog", upsample: int = 1, retry_pad: float = 0.0):
@@ -92,20 +97,23 @@ class FaceDetector:
         self.retry_pad = float(retry_pad)
         self.path = path
         self._lock = threading.Lock()
+        self._split = None  # faceage.hog_pyramid.SplitHogDetector, built on the first parallel detect
         if kind == "hog":
             self._hog = dlib.fhog_object_detector(str(path))
         else:
             self._cnn = dlib.cnn_face_detection_model_v1(str(path))
 
-    def detect(self, image: np.ndarray) -> list[FaceBox]:
+    def detect(self, image: np.ndarray, *, parallel: bool = False) -> list[FaceBox]:
         """Finds every face in an RGB uint8 image, largest first.
 
         Boxes are clipped to the image; the margin crop may still extend past its edges. When
         nothing is found and ``retry_pad`` > 0, the second look (see the class) runs.
+        ``parallel=True`` (HOG): the first look runs on two threads, with the same result; worth it
+        only when a second core is free.
         """
         image = np.ascontiguousarray(image)
         h, w = image.shape[:2]
-        boxes = self._detect(image, self.upsample, w, h)
+        boxes = self._detect(image, self.upsample, w, h, parallel=parallel)
         pad = int(round(self.retry_pad * max(h, w)))
         if boxes or pad < 1:
             return boxes
@@ -115,13 +123,29 @@ class FaceDetector:
         bordered = np.asarray(Image.fromarray(bordered).resize(size, Image.Resampling.BILINEAR))
         return self._detect(bordered, 0, w, h, scale=scale, shift=pad)
 
+    def _split_hog(self):
+        """The two-thread HOG detector over this detector's file (:mod:`faceage.hog_pyramid`), or
+        ``None`` when the file's layout is not one it can rewrite (then one thread detects)."""
+        if self._split is None:
+            from faceage.hog_pyramid import SplitHogDetector, UnsupportedDetectorFile
+
+            try:
+                self._split = SplitHogDetector(self.path)
+            except UnsupportedDetectorFile as e:
+                log.warning("%s: detecting on one thread", e)
+                self._split = False
+        return self._split or None
+
     def _detect(self, image: np.ndarray, upsample: int, w: int, h: int, scale: float = 1.0,
-                shift: int = 0) -> list[FaceBox]:
+                shift: int = 0, parallel: bool = False) -> list[FaceBox]:
         """Boxes found in ``image`` mapped to the original ``w`` x ``h`` image (``/ scale - shift``), clipped to it."""
         with self._lock:
             if self.kind == "hog":
-                rects, scores, _ = self._hog.run(image, upsample, 0.0)
-                found = list(zip(rects, scores))
+                split = self._split_hog() if parallel else None
+                found = split.run(image, upsample) if split else None
+                if found is None:
+                    rects, scores, _ = self._hog.run(image, upsample, 0.0)
+                    found = list(zip(rects, scores))
             else:
                 found = [(d.rect, d.confidence) for d in self._cnn(image, upsample)]
         boxes = []

@@ -223,6 +223,40 @@ def test_locator_pool_decodes_in_memory_like_the_locator(predictor, astronaut, p
     assert lean.boxes == want.boxes and all(np.array_equal(a, b) for a, b in zip(lean.inputs, want.crops))
 
 
+def test_pool_detects_on_two_threads_only_while_half_the_cores_are_free(predictor, astronaut, monkeypatch):
+    """One photo on two cores: its detection gets both (the same faces); a second photo at the same
+    time: each keeps to one core. The flag travels to the worker process."""
+    import faceage.predict
+
+    seen = []
+    real = faceage.predict.FaceLocator.locate
+
+    def spy(self, image, *, crops=True, parallel=False):
+        seen.append(parallel)
+        return real(self, image, crops=crops, parallel=parallel)
+
+    monkeypatch.setattr(faceage.predict.FaceLocator, "locate", spy)
+
+    async def scenario(cores):
+        pool = LocatorPool(predictor.locator, 0)
+        pool.cores = cores
+        try:
+            one = await pool.locate(_png(astronaut))
+            both = await asyncio.gather(pool.locate(_png(astronaut)), pool.locate(_png(astronaut)))
+            return one, both
+        finally:
+            pool.close()
+
+    one, both = asyncio.run(scenario(2))
+    # alone: two threads; of two at once, the first was alone when admitted, the second keeps to one core
+    assert seen == [True, True, False]
+    want = predictor.locator.locate(astronaut)
+    assert one[0].boxes == want.boxes == both[0][0].boxes == both[1][0].boxes
+    seen.clear()
+    asyncio.run(scenario(1))
+    assert seen == [False, False, False]  # one core: never
+
+
 def test_the_checkpoints_retry_pad_reaches_the_cli_and_the_services_detection_processes(files, predictor, astronaut):
     """A face that fills the frame: a checkpoint made with ``retry_pad`` answers for it in the
     predictor and in a detection process (its settings travel); an older checkpoint, whose
