@@ -108,7 +108,7 @@ class FaceDetector:
 
         Boxes are clipped to the image; the margin crop may still extend past its edges. When
         nothing is found and ``retry_pad`` > 0, the second look (see the class) runs.
-        ``parallel=True`` (HOG): the first look runs on two threads, with the same result; worth it
+        ``parallel=True`` (HOG): both looks run on two threads, with the same result; worth it
         only when a second core is free.
         """
         image = np.ascontiguousarray(image)
@@ -121,7 +121,7 @@ class FaceDetector:
         scale = RETRY_SIDE / max(bordered.shape[:2])
         size = (max(int(round(bordered.shape[1] * scale)), 1), max(int(round(bordered.shape[0] * scale)), 1))
         bordered = np.asarray(Image.fromarray(bordered).resize(size, Image.Resampling.BILINEAR))
-        return self._detect(bordered, 0, w, h, scale=scale, shift=pad)
+        return self._detect(bordered, 0, w, h, scale=scale, shift=pad, parallel=parallel)
 
     def _split_hog(self):
         """The two-thread HOG detector over this detector's file (:mod:`faceage.hog_pyramid`), or
