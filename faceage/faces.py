@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import dlib
@@ -97,7 +98,6 @@ class FaceDetector:
         self.retry_pad = float(retry_pad)
         self.path = path
         self._lock = threading.Lock()
-        self._split = None  # faceage.hog_pyramid.SplitHogDetector, built on the first parallel detect
         if kind == "hog":
             self._hog = dlib.fhog_object_detector(str(path))
         else:
@@ -123,26 +123,26 @@ class FaceDetector:
         bordered = np.asarray(Image.fromarray(bordered).resize(size, Image.Resampling.BILINEAR))
         return self._detect(bordered, 0, w, h, scale=scale, shift=pad, parallel=parallel)
 
+    @cached_property
     def _split_hog(self):
-        """The two-thread HOG detector over this detector's file (:mod:`faceage.hog_pyramid`), or
-        ``None`` when the file's layout is not one it can rewrite (then one thread detects)."""
-        if self._split is None:
-            from faceage.hog_pyramid import SplitHogDetector, UnsupportedDetectorFile
+        """The two-thread HOG detector over this detector's file (:mod:`faceage.hog_pyramid`), built on
+        the first parallel detect; ``None`` when the file's layout is not one it can rewrite (then one
+        thread detects)."""
+        from faceage.hog_pyramid import SplitHogDetector, UnsupportedDetectorFile
 
-            try:
-                self._split = SplitHogDetector(self.path)
-            except UnsupportedDetectorFile as e:
-                log.warning("%s: detecting on one thread", e)
-                self._split = False
-        return self._split or None
+        try:
+            return SplitHogDetector(self.path)
+        except UnsupportedDetectorFile as e:
+            log.warning("%s: detecting on one thread", e)
+            return None
 
     def _detect(self, image: np.ndarray, upsample: int, w: int, h: int, scale: float = 1.0,
                 shift: int = 0, parallel: bool = False) -> list[FaceBox]:
         """Boxes found in ``image`` mapped to the original ``w`` x ``h`` image (``/ scale - shift``), clipped to it."""
         with self._lock:
             if self.kind == "hog":
-                split = self._split_hog() if parallel else None
-                found = split.run(image, upsample) if split else None
+                split = self._split_hog if parallel else None
+                found = split.run(image, upsample) if split is not None else None
                 if found is None:
                     rects, scores, _ = self._hog.run(image, upsample, 0.0)
                     found = list(zip(rects, scores))

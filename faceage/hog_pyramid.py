@@ -197,6 +197,3 @@ class SplitHogDetector:
             if not any(overlaps(k, rect, self.match, self.overlap) for _, k in kept):
                 kept.append((score, rect))
         return [(self._half.rect_down(r, upsample) if upsample else r, s) for s, r in kept]
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False)

@@ -12,6 +12,7 @@ One ``InferenceSession`` per model (per process), with explicit thread counts.
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,6 @@ class OnnxAgeModel:
     def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
         self.session = cpu_session(str(onnx_path), threads, spin=False)
         self._path, self._threads = str(onnx_path), int(threads)
-        self._spinning: ort.InferenceSession | None = None
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if stored is None:
             raise ValueError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")
@@ -73,14 +73,11 @@ class OnnxAgeModel:
         self._input = self.session.get_inputs()[0].name
         self._prepare = None
 
-    @property
+    @cached_property
     def spinning(self) -> ort.InferenceSession:
         """The session with spinning threads (``idle=True``), built on first use; with one thread
         there is nothing to spin, and it is :attr:`session` itself."""
-        if self._spinning is None:
-            self._spinning = (cpu_session(self._path, self._threads, spin=True) if self._threads > 1
-                              else self.session)
-        return self._spinning
+        return cpu_session(self._path, self._threads, spin=True) if self._threads > 1 else self.session
 
     def prepare(self, crops: list[np.ndarray]) -> np.ndarray:
         """Crops -> the stored input form (:mod:`faceage.inputs`)."""
