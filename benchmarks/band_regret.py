@@ -20,7 +20,7 @@ The rule (:func:`robust_choice`): the smallest weight whose worst decade's regre
 significantly above zero (at most ``Z`` paired standard errors). Beside it, for the report only:
 the head trained on the whole training split, scored on validation, test and utk-external.
 
-    python benchmarks/band_regret.py [--seeds 42 1] [--distill 0 1 2 4 8 16]
+    python benchmarks/band_regret.py [--seeds 42 1] [--distill 0 1 2 4 8 10 12 16] [--exact-top]
 
 Needs what ``benchmarks/dlib_age_heads.py`` needs (its cache in ``.cache/bench-heads``).
 """
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.dlib_age_heads import REPO, head_distill, head_inputs, load_inputs, views  # noqa: E402
 from benchmarks.shift_groups import mixed_head, zero_shot_probs  # noqa: E402
+from faceage.config import TrainParams  # noqa: E402
 
 DECADES = 9  # 0-9, 10-19, ..., 70-79, 80+
 Z = 2.0  # a regret of more than Z paired standard errors is a real one
@@ -87,7 +88,8 @@ def robust_choice(regrets: dict[float, Regret], z: float = Z) -> float:
     return ok[0] if ok else min(regrets, key=lambda w: regrets[w].z)
 
 
-def out_of_fold(x: dict, y: dict, zsp: dict, seed: int, distill: float, folds: int) -> tuple[torch.Tensor, list[str]]:
+def out_of_fold(x: dict, y: dict, zsp: dict, seed: int, distill: float, folds: int,
+                open_top: bool = TrainParams().distill_open_top) -> tuple[torch.Tensor, list[str]]:
     """(N_train,) out-of-fold ages of the mixed head on the training split, and each fold's mix weight."""
     n = len(y["train"])
     fold = torch.randperm(n, generator=torch.Generator().manual_seed(0)) % folds
@@ -95,7 +97,7 @@ def out_of_fold(x: dict, y: dict, zsp: dict, seed: int, distill: float, folds: i
     for k in range(folds):
         held = fold == k
         keep = {"train": ~held, "valid": torch.ones(len(y["valid"]), dtype=torch.bool)}
-        w, ages = mixed_head([x], y, zsp, keep, seed, distill=distill)
+        w, ages = mixed_head([x], y, zsp, keep, seed, distill=distill, open_top=open_top)
         oof[held] = ages["train"][held]
         weights.append(w)
     return oof, weights
@@ -104,7 +106,9 @@ def out_of_fold(x: dict, y: dict, zsp: dict, seed: int, distill: float, folds: i
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1])
-    ap.add_argument("--distill", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 8.0, 16.0])
+    ap.add_argument("--distill", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 8.0, 10.0, 12.0, 16.0])
+    ap.add_argument("--exact-top", action="store_true",
+                    help="train.distill_open_top=false: distil age 80 class by class (rounds 11-12)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
@@ -129,13 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for lam in args.distill:
             distill = head_distill("fused", lam)
-            oof, weights = out_of_fold(x, y, zsp, seed, distill, args.folds)
+            oof, weights = out_of_fold(x, y, zsp, seed, distill, args.folds, not args.exact_top)
             r = regrets[seed][lam] = band_regret(oof, zs["train"], y["train"])
             print(f"| {lam:g} | {seed} | {', '.join(weights)} | {(oof - y['train']).abs().mean():.2f} | "
                   + " | ".join(f"{g:+.2f} ({s:.2f})" for g, s in zip(r.gap, r.se))
                   + f" | {r.z:+.2f} |", flush=True)
             everyone = {s: torch.ones(len(y[s]), dtype=torch.bool) for s in ("train", "valid")}
-            w, ages = mixed_head([x], y, zsp, everyone, seed, distill=distill)
+            w, ages = mixed_head([x], y, zsp, everyone, seed, distill=distill, open_top=not args.exact_top)
             ext = band_regret(ages["ext"], zs["ext"], y["ext"])
             full.append(f"| {lam:g} | {seed} | {w} | " + " | ".join(
                 f"{(ages[s] - y[s]).abs().mean().item():.2f}" for s in ("valid", "test", "ext"))

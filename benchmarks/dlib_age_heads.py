@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from faceage.dlib_age import FEATURE_DIM, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, load_dlib_age  # noqa: E402
 from faceage.face_encoder import EMBEDDING_DIM  # noqa: E402
 from faceage.config import TrainParams  # noqa: E402
+from faceage.finetune import distill_kl, distill_open_top  # noqa: E402
 from faceage.training import age_loss, build_scheduler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,15 +123,17 @@ def views(inputs: dict, detector: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], seed: int, epochs: int = 30,
-             drop: tuple[int, float] = (0, 0.0), distill: float = 0.0) -> AgeEnsemble:
+             drop: tuple[int, float] = (0, 0.0), distill: float = 0.0,
+             open_top: bool = TrainParams().distill_open_top) -> AgeEnsemble:
     """One ensemble head trained as the pipeline trains ``train.head=ensemble`` (its defaults: AdamW, lr,
     weight decay, batch, loss, warm-up + cosine schedule from ``faceage.training``) on ``x["train"]``
     (N, 2 views, F), best epoch on ``x["valid"]``'s first view; returned in eval mode.
     ``drop=(start, p)``: in training, each face's inputs from ``start`` on are replaced by their
     training mean with probability ``p`` (the descriptor's dropout). ``distill``: the weight of
     KL(pretrained || head) in the loss, as ``train.ensemble_distill`` (the pretrained log-probabilities
-    are the inputs after the age features: :func:`head_inputs` of ``age`` or ``fused``)."""
-    p = TrainParams(backbone="dlib_age", epochs=epochs, seed=seed)
+    are the inputs after the age features: :func:`head_inputs` of ``age`` or ``fused``), with ages 80..100
+    compared as one class when ``open_top`` (``train.distill_open_top``)."""
+    p = TrainParams(backbone="dlib_age", epochs=epochs, seed=seed, distill_open_top=open_top)
     torch.manual_seed(seed)
     head = AgeEnsemble(101, in_features=x["train"].shape[-1])
     head.fit_input_stats(x["train"].flatten(0, 1))
@@ -155,7 +157,7 @@ def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], seed: int, 
             loss = age_loss(logp, y["train"][idx], p.loss, p.label_sigma)
             if distill > 0:
                 pretrained = torch.softmax(xb[:, FEATURE_DIM:FEATURE_DIM + PRETRAINED_AGES], -1)
-                loss = loss + distill * F.kl_div(logp[:, :PRETRAINED_AGES], pretrained, reduction="batchmean")
+                loss = loss + distill * distill_kl(logp, pretrained, distill_open_top(p))
             opt.zero_grad()
             loss.backward()
             opt.step()

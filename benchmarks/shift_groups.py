@@ -88,13 +88,15 @@ def mix_ages(zsp: dict, probs: dict, weight: float) -> dict[str, torch.Tensor]:
 
 
 def fit_probs(xs: list[dict], y: dict, keep: dict[str, torch.Tensor], seed: int,
-              drop: tuple[int, float] = (0, 0.0), distill: float = 0.0) -> dict[str, torch.Tensor]:
+              drop: tuple[int, float] = (0, 0.0), distill: float = 0.0,
+              open_top: bool = TrainParams().distill_open_top) -> dict[str, torch.Tensor]:
     """Fits a head per input set of ``xs`` on the kept train/valid faces; per split, the (N, 101)
     distribution of every face (both views), averaged over the heads."""
     probs = {}
     for x in xs:
         sub = {s: x[s][keep[s]] for s in ("train", "valid")}
-        head = fit_head(sub, {s: y[s][keep[s]] for s in ("train", "valid")}, seed, drop=drop, distill=distill)
+        head = fit_head(sub, {s: y[s][keep[s]] for s in ("train", "valid")}, seed, drop=drop, distill=distill,
+                        open_top=open_top)
         for s in x:
             probs[s] = probs.get(s, 0) + head_probs(head, x[s]) / len(xs)
     return probs
@@ -131,12 +133,13 @@ def guard_weight(xs: list[dict], y: dict, zsp: dict, desc: dict, keep: dict[str,
 
 def mixed_head(xs: list[dict], y: dict, zsp: dict, keep: dict[str, torch.Tensor], seed: int,
                drop: tuple[int, float] = (0, 0.0), fixed: float | None = None,
-               guard: tuple[int, dict] | None = None, distill: float = 0.0) -> tuple[str, dict]:
+               guard: tuple[int, dict] | None = None, distill: float = 0.0,
+               open_top: bool = TrainParams().distill_open_top) -> tuple[str, dict]:
     """Fits a head per input set of ``xs`` on the kept train/valid faces (their distributions averaged),
     chooses the mix weight on the kept valid faces (or uses ``fixed``, as ``train.ensemble_weight``
     does; with ``guard=(clusters, descriptors)`` at most :func:`guard_weight`); returns the weight
     (as text) and, per split, the (N,) ages of the mixed distribution (both views)."""
-    probs = fit_probs(xs, y, keep, seed, drop, distill)
+    probs = fit_probs(xs, y, keep, seed, drop, distill, open_top)
     weight = [1.0]
 
     def val_errors() -> torch.Tensor:

@@ -149,10 +149,14 @@ class Distillation:
         zero_shot: ``model`` has an ensemble head: the teacher is the copy's mix at weight 0, i.e.
             the frozen network's own distribution (ages 0..80 as shipped), on the same inputs. The
             untrained ensemble would be no teacher.
+        open_top: ``train.distill_open_top``: the class from which teacher and student are compared
+            as one class (the pretrained network's top age, 80, read as "80 or older"; see
+            :func:`distill_kl`); None compares every class.
     """
 
-    def __init__(self, model: nn.Module, weight: float, zero_shot: bool = False):
+    def __init__(self, model: nn.Module, weight: float, zero_shot: bool = False, open_top: int | None = None):
         self.weight = weight
+        self.open_top = open_top
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if weight > 0 else None
         if self.teacher is not None and zero_shot:
             ensemble_of(self.teacher).weight.fill_(0.0)
@@ -163,7 +167,33 @@ class Distillation:
             return logits.new_zeros(())
         with torch.no_grad():
             target = torch.softmax(self.teacher(x).float(), dim=1)
-        return self.weight * F.kl_div(torch.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
+        return self.weight * distill_kl(logits, target, self.open_top)
+
+
+def distill_kl(logits: torch.Tensor, target: torch.Tensor, open_top: int | None = None) -> torch.Tensor:
+    """``KL(target || softmax(logits))`` averaged over the batch; ``target`` (N, C) is a distribution
+    over the first ``C`` of the student's classes (zero beyond).
+
+    With ``open_top = k``, classes ``k..`` of both sides are merged into one before comparing. Why:
+    dlib's network was trained on ages up to 80, so its top class means "80 or older"; compared class
+    by class, distillation pulls every old face's distribution back under 81 (a 95-year-old the
+    labels would put at 90 is held near 80). Merged, the student keeps the teacher's P(80 or older)
+    and the labels alone decide how that mass spreads over 80..100.
+    """
+    logp = torch.log_softmax(logits.float(), dim=1)
+    target = F.pad(target.float(), (0, logp.shape[1] - target.shape[1]))
+    if open_top is not None and open_top < logp.shape[1] - 1:
+        logp = torch.cat([logp[:, :open_top], torch.logsumexp(logp[:, open_top:], 1, keepdim=True)], 1)
+        target = torch.cat([target[:, :open_top], target[:, open_top:].sum(1, keepdim=True)], 1)
+    return F.kl_div(logp, target, reduction="batchmean")
+
+
+def distill_open_top(p: TrainParams) -> int | None:
+    """The class from which distillation merges ages (``train.distill_open_top``): the pretrained
+    network's top age, 80; None when the param is off."""
+    from faceage.dlib_age import PRETRAINED_AGES
+
+    return PRETRAINED_AGES - 1 if p.distill_open_top else None
 
 
 def interpolate_weights(model: nn.Module, pretrained: dict[str, torch.Tensor],

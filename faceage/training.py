@@ -208,10 +208,11 @@ def make_loss(p: TrainParams, model: nn.Module, train_ages: torch.Tensor) -> Los
         return age_loss(logits, target, p.loss, p.label_sigma, weight)
 
     distill = None
+    top = finetune.distill_open_top(p)
     if p.distill_weight > 0:
-        distill = finetune.Distillation(model, p.distill_weight)
+        distill = finetune.Distillation(model, p.distill_weight, open_top=top)
     elif p.ensemble_distill > 0 and finetune.ensemble_of(model) is not None:
-        distill = finetune.Distillation(model, p.ensemble_distill, zero_shot=True)
+        distill = finetune.Distillation(model, p.ensemble_distill, zero_shot=True, open_top=top)
     if distill is not None:
         return lambda logits, target, inputs: fit(logits, target) + distill(logits, inputs)
     return lambda logits, target, _inputs: fit(logits, target)

@@ -332,9 +332,17 @@ def test_ensemble_distill_pulls_the_head_toward_the_pretrained_distribution_on_t
     logits = student(features)
     with torch.no_grad():
         pretrained = torch.softmax(model.fc(features), dim=1)  # the frozen network's own distribution
-    kl = (pretrained * (pretrained.log() - torch.log_softmax(logits, 1))).sum(1).mean()
+    logp = torch.log_softmax(logits, 1)
+    kl = (pretrained * (pretrained.log() - logp)).sum(1).mean()
+    # train.distill_open_top (the default): ages 80..100 of both sides compared as one class, "80 or older"
+    top_t, top_s = pretrained[:, 80:].sum(1), logp[:, 80:].exp().sum(1)
+    kl_open = ((pretrained[:, :80] * (pretrained[:, :80].log() - logp[:, :80])).sum(1)
+               + top_t * (top_t.log() - top_s.log())).mean()
     plain = age_loss(logits, ages, p.loss, p.label_sigma)
-    assert torch.allclose(loss(logits, ages, features), plain + 2.0 * kl, atol=1e-5)
+    assert p.distill_open_top
+    assert torch.allclose(loss(logits, ages, features), plain + 2.0 * kl_open, atol=1e-5)
+    exact = make_loss(replace(p, distill_open_top=False), student, ages)
+    assert torch.allclose(exact(logits, ages, features), plain + 2.0 * kl, atol=1e-5)
     assert torch.allclose(make_loss(replace(p, ensemble_distill=0.0), student, ages)(logits, ages, features), plain)
     # a head that already gives the pretrained distribution pays no distillation
     assert torch.allclose(loss(pretrained.log(), ages, features), age_loss(pretrained.log(), ages, p.loss, p.label_sigma),
@@ -348,6 +356,35 @@ def test_ensemble_distill_pulls_the_head_toward_the_pretrained_distribution_on_t
 
     with_term, without = grads(loss), grads(make_loss(replace(p, ensemble_distill=0.0), student, ages))
     assert max((a - b).abs().max().item() for a, b in zip(with_term, without)) > 1e-4
+
+
+def test_distill_kl_reads_the_pretrained_top_age_as_80_or_older():
+    """``train.distill_open_top``: the teacher's P(age 80) is matched to the student's P(80..100), so
+    distillation costs nothing for moving an old face's mass beyond 80, and still costs for moving it
+    below; class by class (``open_top=None``) it pulls the mass back to 80."""
+    from faceage.finetune import distill_kl
+
+    torch.manual_seed(0)
+    teacher = torch.softmax(torch.randn(4, 81) + torch.linspace(0, 6, 81), 1)  # old faces: mass near 80
+    assert teacher[:, 80].min() > 0.01
+    student = torch.cat([teacher[:, :80], torch.zeros(4, 21)], 1)
+    student[:, 95] = teacher[:, 80]  # the teacher's "80 or older" put at 95
+    logits = student.clamp_min(1e-12).log()
+    assert float(distill_kl(logits, teacher, open_top=80)) == pytest.approx(0.0, abs=1e-5)
+    exact = float(distill_kl(logits, teacher))  # the teacher padded with zeros over 81..100
+    assert exact > 0.1
+    assert exact == pytest.approx(float((teacher * (teacher.log() - logits[:, :81])).sum(1).mean()), rel=1e-5)
+    # moving the same mass below 80 still costs, with the top merged
+    lower = torch.cat([teacher[:, :80], torch.zeros(4, 21)], 1)
+    lower[:, 60] += teacher[:, 80]
+    assert float(distill_kl(lower.clamp_min(1e-12).log(), teacher, open_top=80)) > 0.1
+    # the gradient leaves the split of 80..100 to the labels: none between the merged classes' logits
+    logits = torch.randn(4, 101, requires_grad=True)
+    distill_kl(logits, teacher, open_top=80).backward()
+    g, p = logits.grad, torch.softmax(logits.detach(), 1)
+    # within the merged class the gradient is proportional to each class's share: moving mass along it is free
+    share = p[:, 80:] / p[:, 80:].sum(1, keepdim=True)
+    assert torch.allclose(g[:, 80:], g[:, 80:].sum(1, keepdim=True) * share, atol=1e-6)
 
 
 def test_ensemble_distill_is_ignored_without_an_ensemble_head():
