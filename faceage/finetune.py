@@ -10,7 +10,8 @@ Output: three hooks that :func:`faceage.training.train_model` calls:
   ``train.distill_weight * KL(pretrained || fine-tuned)`` on the same (augmented) inputs, so the
   network keeps the pretrained age distribution where the labels do not pull it away; the
   ensemble heads get the same term toward the frozen network's own distribution
-  (``train.ensemble_distill``);
+  (``train.ensemble_distill``); both read the network's top age as "80 or older"
+  (``train.distill_open_top``, :func:`distill_kl`);
 - :func:`interpolate_weights` (WiSE-FT, Wortsman et al., 2022): after training, the weights
   ``(1 - a) * pretrained + a * fine-tuned`` with ``a`` chosen on the VALIDATION split (the
   smallest ``a``, the model closest to the pretrained one, within one paired standard error of
