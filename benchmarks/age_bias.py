@@ -33,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.dlib_age_heads import REPO, head_distill, head_inputs, load_inputs, views  # noqa: E402
-from benchmarks.shift_groups import mixed_head, zero_shot_probs  # noqa: E402
+from benchmarks.band_regret import fused_inputs  # noqa: E402
+from benchmarks.dlib_age_heads import REPO, head_distill  # noqa: E402
+from benchmarks.shift_groups import mixed_head  # noqa: E402
 from faceage.config import TrainParams  # noqa: E402
 
 EDGES = (0, 3, 6, 9, 12, 15, 18, 21, 25, 30, 40, 50, 60, 70, 80)  # the last bin is 80 and older
@@ -88,10 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    v = {s: d for s, d in views(load_inputs(args.detector), args.detector).items() if s != "wild"}
-    y = {s: d["y"] for s, d in v.items()}
-    zsp = zero_shot_probs(v)
-    x = head_inputs(v, "fused")
+    v, y, zsp, x = fused_inputs(args.detector)
     everyone = {s: torch.ones(len(y[s]), dtype=torch.bool) for s in ("train", "valid")}
     preds = {"zero-shot": {s: v[s]["zero_shot"] for s in SPLITS}}
     for seed in args.seeds:

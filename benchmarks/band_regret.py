@@ -103,6 +103,13 @@ def out_of_fold(x: dict, y: dict, zsp: dict, seed: int, distill: float, folds: i
     return oof, weights
 
 
+def fused_inputs(detector: Path) -> tuple[dict, dict, dict, dict]:
+    """The labelled splits (train, valid, test, ext): their cached views, true ages, zero-shot
+    distributions and the fused head's inputs."""
+    v = {s: d for s, d in views(load_inputs(detector), detector).items() if s != "wild"}
+    return v, {s: d["y"] for s, d in v.items()}, zero_shot_probs(v), head_inputs(v, "fused")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1])
@@ -113,11 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    v = {s: d for s, d in views(load_inputs(args.detector), args.detector).items() if s != "wild"}
-    y = {s: d["y"] for s, d in v.items()}
-    zsp = zero_shot_probs(v)
+    v, y, zsp, x = fused_inputs(args.detector)
     zs = {s: d["zero_shot"] for s, d in v.items()}
-    x = head_inputs(v, "fused")
     names = " | ".join(f"{10 * k}-{10 * k + 9}" if k < DECADES - 1 else f"{10 * k}+" for k in range(DECADES))
     counts = band_regret(zs["train"], zs["train"], y["train"]).n
     print(f"Training split, out of fold ({args.folds} folds): head's MAE minus the zero-shot network's, per "
