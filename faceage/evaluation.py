@@ -7,7 +7,7 @@ Output folder::
                           baseline_mae_years (always predicting the training mean), counts,
                           mae_low_res (MAE with the inputs at ``evaluate.low_res`` of their side)
     predictions.csv       file_name,true_age,real_age,predicted_age,predicted_std,abs_error
-    by_age_group.csv      age_group,n,mae_years
+    by_age_group.csv      age_group,n,mae_years,bias_years (mean predicted - true: + = predicted too old)
     pred_vs_true.png, error_by_age_group.png, training_curves.png
     external_predictions.csv  set,file_name,true_age,predicted_age,predicted_std,abs_error
 
@@ -69,15 +69,17 @@ AGE_GROUPS = [f"{e}-{e + 9}" for e in GROUP_EDGES[:-1]] + [f"{GROUP_EDGES[-1]}+"
 
 
 def errors_by(pred: np.ndarray, true: np.ndarray, labels: list[str], order: list[str] | None = None) -> list[dict]:
-    """MAE per group label (``{"group", "n", "mae_years"}`` rows), in ``order`` or sorted; empty groups omitted."""
+    """MAE and mean signed error per group label (``{"group", "n", "mae_years", "bias_years"}`` rows; bias =
+    mean predicted - true age, + = predicted too old), in ``order`` or sorted; empty groups omitted."""
     labels_arr = np.array(labels)
-    err = np.abs(pred - true)
-    return [{"group": g, "n": int((labels_arr == g).sum()), "mae_years": float(err[labels_arr == g].mean())}
+    diff = pred - true
+    return [{"group": g, "n": int((labels_arr == g).sum()), "mae_years": float(np.abs(diff[labels_arr == g]).mean()),
+             "bias_years": float(diff[labels_arr == g].mean())}
             for g in (order or sorted(set(labels))) if (labels_arr == g).any()]
 
 
 def errors_by_group(pred: np.ndarray, true: np.ndarray) -> list[dict]:
-    """MAE per age group of the true age, groups in age order, empty groups omitted."""
+    """MAE and bias per age group of the true age, groups in age order, empty groups omitted."""
     return errors_by(pred, true, [age_group(a) for a in true], AGE_GROUPS)
 
 
@@ -291,9 +293,9 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         w.writerow(["set", "file_name", "true_age", "predicted_age", "predicted_std", "abs_error"])
         w.writerows(external_rows)
     with open(out / "by_age_group.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["age_group", "n", "mae_years"])
+        w = csv.DictWriter(f, fieldnames=["age_group", "n", "mae_years", "bias_years"])
         w.writeheader()
-        w.writerows({"age_group": g["group"], "n": g["n"], "mae_years": g["mae_years"]} for g in groups)
+        w.writerows({"age_group": g["group"], **{k: g[k] for k in ("n", "mae_years", "bias_years")}} for g in groups)
     if model_card is not None and data_dir is not None:
         counts = json.loads(Path(preprocess_metrics).read_text()) if preprocess_metrics else None
         write_model_card(model_card, metrics, {"age_group": groups, **by_attribute}, meta,

@@ -74,9 +74,16 @@ def _fmt(x: float, digits: int = 2) -> str:
 
 
 def _group_table(title: str, groups: list[dict[str, Any]]) -> list[str]:
-    lines = [f"| {title} | faces | MAE (years) |", "|---|---:|---:|"]
-    lines += [f"| {g['group']} | {g['n']} | {_fmt(g['mae_years'])} |" for g in groups]
+    lines = [f"| {title} | faces | MAE (years) | mean error (years; + = predicted too old) |", "|---|---:|---:|---:|"]
+    lines += [f"| {g['group']} | {g['n']} | {_fmt(g['mae_years'])} | {g['bias_years']:+.2f} |" for g in groups]
     return lines
+
+
+def _largest_bias(where: str, groups: list[dict[str, Any]]) -> str:
+    """``where``'s age group with the largest mean signed error, in words."""
+    g = max(groups, key=lambda g: abs(g["bias_years"]))
+    side = "old" if g["bias_years"] >= 0 else "young"
+    return f"on {where}, faces of {g['group']} are predicted {_fmt(abs(g['bias_years']))} years too {side} ({g['n']} faces)"
 
 
 def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
@@ -88,7 +95,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         path: Output file.
         metrics: ``evaluate``'s metrics (``mae_years``, ``coverage_1std``, ...).
         groups: ``{"age_group": [...], "gender": [...], "race": [...]}``, each a list of
-            ``{"group", "n", "mae_years"}`` rows (see :func:`faceage.evaluation.errors_by`).
+            ``{"group", "n", "mae_years", "bias_years"}`` rows (see :func:`faceage.evaluation.errors_by`).
         meta: The checkpoint metadata (:func:`faceage.model.load_checkpoint`).
         dataset: ``dataset.json`` of the fetched data (source, counts, sha256).
         preprocess_counts: Detection counts per split (``reports/preprocess.json``), if available.
@@ -194,6 +201,10 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"- Trained on {dataset.get('counts', {}).get('train', '?')} images. The largest test error is in age group "
         f"{worst['group']} ({_fmt(worst['mae_years'])} years on {worst['n']} faces); the smallest group, "
         f"{smallest['group']}, has {smallest['n']} test faces, so its number is the least certain.",
+        "- The largest systematic error by age (mean predicted - true): " + "; ".join(
+            [_largest_bias("the test split", groups["age_group"])]
+            + [_largest_bias(f"`{name}`", rows) for name, rows in (external_groups or {}).items() if rows])
+        + ". Photos made mostly of such faces inherit it.",
         "- The HOG detector finds frontal faces; profiles, strong occlusion and faces under ~40 px are missed, "
         "and a missed face gets no age at all.",
         "- Apparent age is what raters perceive; it can differ from real age by several years either way.",

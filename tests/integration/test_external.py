@@ -66,6 +66,24 @@ def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
             f"{m['cs5']:.3f} |") in card
 
 
+def test_the_model_card_gives_each_external_age_groups_mean_error(tiny_run, scored):
+    _, rows = scored
+    pred = np.array([float(r["predicted_age"]) for r in rows])
+    true = np.array([float(r["true_age"]) for r in rows])
+    card = tiny_run["model_card"].read_text()
+    table = card.split(f"### `{NAME}` by age group (true age)")[1].split("\n\n")[0]
+    shown = {cells[0]: (int(cells[1]), float(cells[2]), float(cells[3]))
+             for line in table.strip().splitlines()[2:] for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    groups = errors_by_group(pred, true)
+    assert list(shown) == [g["group"] for g in groups]
+    for g in groups:  # the card rounds to 1e-2, predictions.csv to 1e-3
+        n, mae, bias = shown[g["group"]]
+        assert n == g["n"] and mae == pytest.approx(g["mae_years"], abs=6e-3)
+        assert bias == pytest.approx(g["bias_years"], abs=6e-3)
+    worst = max(groups, key=lambda g: abs(g["bias_years"]))
+    assert f"on `{NAME}`, faces of {worst['group']} are predicted" in card
+
+
 def test_each_external_prediction_is_what_the_predictor_serves(tiny_run, scored):
     """Same photo through the service path (decode -> detect -> crop_faces -> AgeModel): same age."""
     from faceage.images import load_image

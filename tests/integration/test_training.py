@@ -1,5 +1,6 @@
 """Training through the library on real faces: MLflow run contents, resume after an interruption."""
 
+import csv
 import json
 from dataclasses import replace
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from faceage.config import Params
+from faceage.evaluation import age_group
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +105,21 @@ def test_model_card_numbers_match_the_metrics(tiny_run):
     assert f"within 1 std: {metrics['coverage_1std']:.3f}" in card
     for group, mae in metrics["mae_by_age_group"].items():
         assert f"| {group} | " in card and f" | {mae:.2f} |" in card
+    # by_age_group.csv's mean signed error is the predictions' and the card shows it beside the MAE.
+    with open(tiny_run["eval"] / "predictions.csv", newline="") as f:
+        preds = list(csv.DictReader(f))
+    with open(tiny_run["eval"] / "by_age_group.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["age_group"] for r in rows] == list(metrics["mae_by_age_group"])
+    for r in rows:
+        diff = [float(p["predicted_age"]) - float(p["true_age"]) for p in preds
+                if age_group(float(p["true_age"])) == r["age_group"]]
+        assert int(r["n"]) == len(diff) and float(r["bias_years"]) == pytest.approx(sum(diff) / len(diff), abs=2e-3)
+        assert f"| {r['age_group']} | {r['n']} | {float(r['mae_years']):.2f} | {float(r['bias_years']):+.2f} |" in card
+    worst = max(rows, key=lambda r: abs(float(r["bias_years"])))
+    side = "old" if float(worst["bias_years"]) >= 0 else "young"
+    assert (f"on the test split, faces of {worst['age_group']} are predicted {abs(float(worst['bias_years'])):.2f} "
+            f"years too {side} ({worst['n']} faces)") in card
     # The sample carries UTKFace gender/race labels: the card breaks errors down by them.
     assert "### By gender" in card and "### By race" in card
     assert set(metrics["mae_by_gender"]) <= {"female", "male"}
