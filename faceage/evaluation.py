@@ -72,10 +72,9 @@ def errors_by(pred: np.ndarray, true: np.ndarray, labels: list[str], order: list
     """MAE and mean signed error per group label (``{"group", "n", "mae_years", "bias_years"}`` rows; bias =
     mean predicted - true age, + = predicted too old), in ``order`` or sorted; empty groups omitted."""
     labels_arr = np.array(labels)
-    diff = pred - true
-    return [{"group": g, "n": int((labels_arr == g).sum()), "mae_years": float(np.abs(diff[labels_arr == g]).mean()),
-             "bias_years": float(diff[labels_arr == g].mean())}
-            for g in (order or sorted(set(labels))) if (labels_arr == g).any()]
+    diffs = ((g, (pred - true)[labels_arr == g]) for g in (order or sorted(set(labels))))
+    return [{"group": g, "n": len(d), "mae_years": float(np.abs(d).mean()), "bias_years": float(d.mean())}
+            for g, d in diffs if len(d)]
 
 
 def errors_by_group(pred: np.ndarray, true: np.ndarray) -> list[dict]:
