@@ -97,22 +97,21 @@ def main(argv: list[str] | None = None) -> None:
             w, ages = mixed_head([x], y, zsp, everyone, seed, distill=head_distill("fused", lam))
             preds[f"distill {lam:g}, seed {seed} (mix {w})"] = ages
     names = list(preds)
+    mae = {s: {k: (preds[k][s] - y[s]).abs().mean().item() for k in names} for s in SPLITS}
+    bins = {s: {k: by_age(preds[k][s], y[s]) for k in names} for s in SPLITS}
     print("Mean prediction (bias) MAE per bin of true age; the head's training split is the faces it was "
           "trained on.\n")
     for s in SPLITS:
-        bins = {k: by_age(preds[k][s], y[s]) for k in names}
-        print(f"**{s}** ({len(y[s])} faces; MAE " + ", ".join(
-            f"{k}: {(preds[k][s] - y[s]).abs().mean():.2f}" for k in names) + ")\n")
+        print(f"**{s}** ({len(y[s])} faces; MAE " + ", ".join(f"{k}: {mae[s][k]:.2f}" for k in names) + ")\n")
         print("| true age | faces | mean true age | " + " | ".join(names) + " |\n|---|---:|---:|" + "---|" * len(names))
-        for i, b in enumerate(bins[names[0]]):
+        for i, b in enumerate(bins[s][names[0]]):
             if b.n:
                 print(f"| {b.name} | {b.n} | {b.truth:.1f} | " + " | ".join(
-                    f"{bins[k][i].pred:.1f} ({bins[k][i].bias:+.1f}) {bins[k][i].mae:.2f}" for k in names) + " |")
+                    f"{c.pred:.1f} ({c.bias:+.1f}) {c.mae:.2f}" for c in (bins[s][k][i] for k in names)) + " |")
         print(flush=True)
     for k in names:
-        ext, test = by_age(preds[k]["ext"], y["ext"]), by_age(preds[k]["test"], y["test"])
-        print(f"{k}: utk-external {(preds[k]['ext'] - y['ext']).abs().mean():.2f}; with its faces under "
-              f"{args.young:g} at the test split's MAE of their bin: {priced_shift(ext, test, args.young):.2f}")
+        print(f"{k}: utk-external {mae['ext'][k]:.2f}; with its faces under {args.young:g} at the test split's MAE "
+              f"of their bin: {priced_shift(bins['ext'][k], bins['test'][k], args.young):.2f}")
 
 
 if __name__ == "__main__":

@@ -292,9 +292,10 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         w.writerow(["set", "file_name", "true_age", "predicted_age", "predicted_std", "abs_error"])
         w.writerows(external_rows)
     with open(out / "by_age_group.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["age_group", "n", "mae_years", "bias_years"])
+        columns = ("n", "mae_years", "bias_years")
+        w = csv.DictWriter(f, fieldnames=["age_group", *columns])
         w.writeheader()
-        w.writerows({"age_group": g["group"], **{k: g[k] for k in ("n", "mae_years", "bias_years")}} for g in groups)
+        w.writerows({"age_group": g["group"], **{k: g[k] for k in columns}} for g in groups)
     if model_card is not None and data_dir is not None:
         counts = json.loads(Path(preprocess_metrics).read_text()) if preprocess_metrics else None
         write_model_card(model_card, metrics, {"age_group": groups, **by_attribute}, meta,

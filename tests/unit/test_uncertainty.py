@@ -29,11 +29,11 @@ def test_temperature_recovers_the_true_spread():
 
 
 def test_coverage_and_group_errors():
-    pred, true, std = np.array([10.0, 20, 32, 40]), np.array([11.0, 25, 30, 70]), np.array([2.0, 2, 2, 2])
+    pred, true, std = np.array([10.0, 20, 31.5, 40]), np.array([11.0, 25, 30, 70]), np.array([2.0, 2, 2, 2])
     assert coverage(pred, std, true, 1.0) == 0.5 and coverage(pred, std, true, 3.0) == 0.75
     rows = errors_by(pred, true, ["a", "b", "a", "b"])
-    # a: errors -1 and +2 (MAE 1.5, predicted 0.5 too old on average); b: -5 and -30
-    assert rows == [{"group": "a", "n": 2, "mae_years": 1.5, "bias_years": 0.5},
+    # a: errors -1 and +1.5 (MAE 1.25, predicted 0.25 too old on average); b: -5 and -30
+    assert rows == [{"group": "a", "n": 2, "mae_years": 1.25, "bias_years": 0.25},
                     {"group": "b", "n": 2, "mae_years": 17.5, "bias_years": -17.5}]
     assert [age_group(a) for a in (0, 9.9, 10, 69, 70, 95)] == ["0-9", "0-9", "10-19", "60-69", "70+", "70+"]
 
