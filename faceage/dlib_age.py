@@ -147,15 +147,23 @@ class DlibAgeNet(nn.Module):
         head: :data:`HEAD_PRETRAINED`: ``fc`` gives the logits; :data:`HEAD_ENSEMBLE`: an
             :class:`AgeEnsemble` over the features and ``fc``'s pretrained distribution gives them,
             averaged over the chip and its mirror image (``fc`` and the network stay frozen);
-            :data:`HEAD_FUSED`: the same over the features, dlib's 128-D face descriptor of the
-            face chip (``face``, :class:`faceage.face_net.DlibFaceNet`, frozen) and ``fc``'s
-            distribution; the input is then chip pairs (:func:`faceage.chips.make_pair`).
+            :data:`HEAD_FUSED`: the same over the features, the face features of the face chip
+            (``face``, :class:`faceage.face_net.DlibFaceNet`, frozen) and ``fc``'s distribution;
+            the input is then chip pairs (:func:`faceage.chips.make_pair`).
+        face_features: The fused head's face features (``train.face_features``): ``layers``, the
+            pooled outputs of three of the face network's blocks (640 values), or ``descriptor``,
+            dlib's 128-D face descriptor (rounds 7-14; a checkpoint that names none has it).
     """
 
-    def __init__(self, num_ages: int = PRETRAINED_AGES, head: str = HEAD_PRETRAINED):
+    def __init__(self, num_ages: int = PRETRAINED_AGES, head: str = HEAD_PRETRAINED, face_features: str = "layers"):
+        from faceage.face_net import DESCRIPTOR_DIM, FACE_FEATURES, LAYERS, LAYERS_DIM, DlibFaceNet
+
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(map(repr, HEADS))}, got {head!r}")
+        if face_features not in FACE_FEATURES:
+            raise ValueError(f"face_features must be one of {', '.join(map(repr, FACE_FEATURES))}, got {face_features!r}")
+        self.face_features = face_features
         self.stem_conv = nn.Conv2d(3, 64, 7, stride=2)
         self.stem_affine = Affine(64)
         self.block1 = ResidualBlock(64, 64, down=False)
@@ -166,12 +174,10 @@ class DlibAgeNet(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, num_ages)
         self.face = None
         if head == HEAD_FUSED:
-            from faceage.face_net import DlibFaceNet
-
             self.face = DlibFaceNet()
         self.ensemble = None
         if head in ENSEMBLE_HEADS:
-            extra = self.face.fc.out_features if self.face is not None else 0  # the descriptor's size
+            extra = 0 if self.face is None else LAYERS_DIM if face_features == LAYERS else DESCRIPTOR_DIM
             self.ensemble = AgeEnsemble(num_ages, in_features=FEATURE_DIM + extra + PRETRAINED_AGES)
 
     def member_inputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,18 +186,19 @@ class DlibAgeNet(nn.Module):
         return AgeEnsemble.inputs(features, logits), logits
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Encoded faces (N, 256) (fused: (N, 384), :meth:`encode`) -> logits (N, num_ages)."""
+        """Encoded faces (N, 256) (fused: (N, 256 + the face features), :meth:`encode`) -> logits (N, num_ages)."""
         if self.ensemble is None:
             return self.fc(features)
         return self.ensemble(*self.member_inputs(features))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised chips -> pooled features (N, 256); chip pairs (fused head) -> the pooled features
-        of the age chip and dlib's descriptor of the face chip, (N, 384)."""
+        of the age chip and the face features of the face chip (N, 256 + 640, or 256 + 128 for the descriptor)."""
         if self.face is None:
             return self._stages(x, 0, NUM_STAGES - 1).mean(dim=(2, 3))
         age, face = split_pair(x)
-        return torch.cat([self._stages(age, 0, NUM_STAGES - 1).mean(dim=(2, 3)), self.face(face)], dim=1)
+        return torch.cat([self._stages(age, 0, NUM_STAGES - 1).mean(dim=(2, 3)),
+                          self.face.features(face, self.face_features)], dim=1)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)

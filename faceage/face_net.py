@@ -4,7 +4,8 @@ Input: the ``.dat`` file of the ``fetch_detector`` folder (dlib's own serialisat
 ``anet_type``) and 150 px face chips in ``dlib.get_face_chip`` geometry (padding 0.25, see
 :mod:`faceage.chips`), normalised like dlib's ``input_rgb_image``: ``(RGB - mean) / 256`` with
 the same channel means as the age network. Output: the 128-D descriptor dlib's
-``compute_face_descriptor`` returns for that chip (parity-tested against dlib to 1e-5).
+``compute_face_descriptor`` returns for that chip (parity-tested against dlib to 1e-5), or
+(:meth:`DlibFaceNet.pooled_layers`) the mean-pooled outputs of three of its residual blocks.
 
 Why a port: dlib-bin computes one descriptor in ~80 ms on one CPU core; the same network in torch
 takes ~14 ms and, exported to ONNX with the age model, ~6 ms in ONNX Runtime. That makes a head
@@ -17,6 +18,14 @@ conv-affine-relu-conv-affine (3 at 32 channels, 4 at 64, 3 at 128, 4 at 256), ea
 block with a 3x3/2 unpadded convolution and a 2x2 average-pooled shortcut, summed over unequal
 shapes by zero-padding the trailing channels, rows and columns (dlib's ``add_prev``); global
 average pooling and a 256 -> 128 linear layer without bias.
+
+Which features a fused age head reads (``train.face_features``): the descriptor is trained to tell
+people apart, so its linear layer keeps 128 of the 256 pooled directions and discards what varies
+within a person, age among it. The pooled outputs of the 128-channel stage's last block, the
+256-channel stage's last block before the final down-sampling and the final block (what the
+descriptor's layer reads), :data:`POOLED_BLOCKS`, carry more: a head over them has 0.3 years lower
+out-of-fold MAE on the training split (``reports/recipe_dlib_age.md``, round 15). They cost nothing
+to serve: the network runs to its last block either way.
 
 The file format: dlib writes each layer after the layers below it, as a name string followed by
 its parameters: ``con_4`` (one tensor: filters (out, in, kh, kw) then biases; then the filter
@@ -40,9 +49,14 @@ from faceage.dlib_age import Affine, ResidualBlock
 
 DESCRIPTOR_DIM = 128
 FEATURE_DIM = 256
+DESCRIPTOR, LAYERS = "descriptor", "layers"  # train.face_features
+FACE_FEATURES = (LAYERS, DESCRIPTOR)
 # (in channels, out channels, down-sampling) of the 14 residual blocks, input side first
 BLOCKS = ([(32, 32, False)] * 3 + [(32, 64, True)] + [(64, 64, False)] * 3 + [(64, 128, True)] +
           [(128, 128, False)] * 2 + [(128, 256, True)] + [(256, 256, False)] * 2 + [(256, 256, True)])
+# (0-based) blocks whose mean-pooled outputs are the ``layers`` features: 128 + 256 + 256 values
+POOLED_BLOCKS = (9, 12, 13)
+LAYERS_DIM = sum(BLOCKS[b][1] for b in POOLED_BLOCKS)
 _LAYER = re.compile(rb"\x01(?:\x05con_4|\x07affine_|\x04fc_2)")
 
 
@@ -59,6 +73,25 @@ class DlibFaceNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
         return self.fc(self.blocks(x).mean(dim=(2, 3)))
+
+    def pooled_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised (N, 3, 150, 150) face chips -> (N, :data:`LAYERS_DIM`): the mean-pooled outputs
+        of the blocks :data:`POOLED_BLOCKS`, in that order."""
+        x = F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
+        pooled = []
+        for i, block in enumerate(self.blocks[:POOLED_BLOCKS[-1] + 1]):
+            x = block(x)
+            if i in POOLED_BLOCKS:
+                pooled.append(x.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    def features(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """The ``kind`` (:data:`FACE_FEATURES`) features of normalised face chips."""
+        if kind == DESCRIPTOR:
+            return self(x)
+        if kind == LAYERS:
+            return self.pooled_layers(x)
+        raise ValueError(f"face features must be one of {', '.join(map(repr, FACE_FEATURES))}, got {kind!r}")
 
 
 def _packed_int(buf: bytes, i: int) -> tuple[int, int]:

@@ -85,7 +85,7 @@ def check_params(p: TrainParams) -> None:
     Raises:
         ConfigError: A fine-tuning setting is used with another backbone or with the ensemble head.
     """
-    from faceage.dlib_age import ENSEMBLE_HEADS
+    from faceage.dlib_age import ENSEMBLE_HEADS, HEAD_FUSED
 
     if p.backbone != DLIB_AGE and p.head != "auto":
         raise ConfigError(f"train.head applies to train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; "
@@ -104,6 +104,10 @@ def check_params(p: TrainParams) -> None:
     if p.epochs == 0 and p.head in ENSEMBLE_HEADS:
         raise ConfigError("train.epochs=0 is the zero-shot network: it needs train.head=pretrained (or auto), "
                           f"got train.head={p.head}, whose members would be untrained")
+    if p.face_features != TrainParams().face_features and resolve_head(p) != HEAD_FUSED:
+        raise ConfigError(f"train.face_features={p.face_features} chooses what the fused head reads of dlib's face "
+                          f"network, but this run has no fused head (train.backbone={p.backbone}, head "
+                          f"{resolve_head(p) or 'none'}); reset it to {TrainParams().face_features}")
 
 
 def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:

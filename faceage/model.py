@@ -75,7 +75,8 @@ class EmbeddingAgeHead(nn.Module):
         return self.net(x * self.input_scale)
 
 
-def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None) -> nn.Module:
+def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None,
+                face_features: str = "layers") -> nn.Module:
     """A randomly initialised age model with ``num_ages`` outputs.
 
     Args:
@@ -85,6 +86,7 @@ def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None
             dlib's age network over aligned 64x64 chips (:mod:`faceage.dlib_age`).
         num_ages: Number of age classes.
         head: ``dlib_age``'s head (:func:`faceage.finetune.resolve_head`); ``None`` = dlib's own.
+        face_features: What the fused head reads of dlib's face network (``train.face_features``).
 
     Raises:
         ConfigError: Unknown backbone (the message lists the available ones).
@@ -94,7 +96,7 @@ def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None
     if backbone == DLIB_AGE:
         from faceage.dlib_age import HEAD_PRETRAINED, DlibAgeNet
 
-        return DlibAgeNet(num_ages, head or HEAD_PRETRAINED)
+        return DlibAgeNet(num_ages, head or HEAD_PRETRAINED, face_features)
     available = torchvision.models.list_models(module=torchvision.models)
     if backbone not in available:
         raise ConfigError(f"train.backbone must be a torchvision classification model, got {backbone!r}; "
@@ -291,7 +293,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"))
+    # fused heads saved before train.face_features existed read dlib's descriptor
+    model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"),
+                        payload.get("face_features", "descriptor"))
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}

@@ -30,8 +30,10 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
         note += ("; dlib's age network frozen, an ensemble of MLP heads over its features and its age "
                  "distribution, averaged over the face and its mirror image (`train.head=ensemble`)")
     elif meta.get("head") == "fused":
+        face = ("the 128-D face descriptor" if meta.get("face_features", "descriptor") == "descriptor" else
+                "the face network's pooled block outputs (`train.face_features=layers`)")
         note += ("; dlib's age and face-recognition networks frozen, an ensemble of MLP heads over the age "
-                 "network's features and age distribution and the 128-D face descriptor, averaged over the face "
+                 f"network's features and age distribution and {face}, averaged over the face "
                  "and its mirror image (`train.head=fused`)")
     elif meta.get("head") == "pretrained":
         note += "; dlib's own age head (`train.head=pretrained`)"

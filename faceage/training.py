@@ -495,7 +495,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     torch.manual_seed(p.seed)  # the initial weights: the same on every rank and in every resumed run
     crop = read_crop_settings(faces_dir)
     head = finetune.resolve_head(p)
-    model = build_model(p.backbone, head=head)
+    model = build_model(p.backbone, head=head, face_features=p.face_features)
     weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
     if head is not None:
         weights_from += f"; head: {head} (train.head={p.head})"
@@ -589,6 +589,8 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
         }
         if head is not None:
             meta["head"] = head
+        if pairs:  # the fused head
+            meta["face_features"] = p.face_features
         if encoder_info is not None:
             meta["encoder"] = encoder_info
         save_checkpoint(model_path, model, meta)

@@ -506,6 +506,32 @@ def test_face_net_port_gives_dlibs_own_descriptors(model_dir, crops):
         assert 0.5 < np.linalg.norm(want) < 2  # a real descriptor (dlib's are ~1 long)
 
 
+def test_face_net_pooled_layers_are_its_blocks_and_hold_what_the_descriptor_reads(model_dir, crops):
+    """``layers``: the mean-pooled outputs of blocks 10, 13 and 14, computed block by block here; the last
+    256 values are what the descriptor's linear layer reads (so dlib's descriptor is a linear map of them)."""
+    import torch.nn.functional as F
+
+    from faceage.detector import RECOGNITION_FILE
+    from faceage.face_net import LAYERS_DIM, load_face_net
+
+    net = load_face_net(model_dir / RECOGNITION_FILE)
+    chips = np.stack([ChipExtractor(model_dir, 0.4).chips_of(region)[1] for region in crops[:3]])
+    x = normalize(torch.from_numpy(chips), INPUT_MEAN, INPUT_STD)
+    with torch.no_grad():
+        got = net.features(x, "layers")
+        h = F.max_pool2d(F.relu(net.stem_affine(net.stem_conv(x))), 3, 2)
+        want = []
+        for block in net.blocks:
+            h = block(h)
+            want.append(h.mean(dim=(2, 3)))
+        assert got.shape == (3, LAYERS_DIM) == (3, 128 + 256 + 256)
+        assert torch.allclose(got, torch.cat([want[9], want[12], want[13]], 1), atol=1e-6)
+        assert torch.allclose(net.fc(got[:, -256:]), net.features(x, "descriptor"), atol=1e-5)
+    assert got.min() >= 0 and got.max() > 0  # each block ends in a ReLU
+    with pytest.raises(ValueError, match="face features must be one of"):
+        net.features(x, "pixels")
+
+
 def test_face_net_rejects_a_file_of_another_network(model_dir):
     from faceage.face_net import face_net_state_dict
 
@@ -531,16 +557,18 @@ def test_chip_pair_holds_both_chips_and_mirrors_in_place():
         stack_pairs([chip])
 
 
-def test_fused_head_cached_features_then_the_head_equal_the_whole_network():
+@pytest.mark.parametrize("face_features, width", [("layers", 640), ("descriptor", 128)])
+def test_fused_head_cached_features_then_the_head_equal_the_whole_network(face_features, width):
     from faceage.chips import PAIR_SHAPE
     from faceage.dlib_age import HEAD_FUSED
 
     torch.manual_seed(0)
-    model = DlibAgeNet(101, HEAD_FUSED).eval()
+    model = DlibAgeNet(101, HEAD_FUSED, face_features).eval()
+    assert model.ensemble.in_mean.shape == (256 + width + 81,)
     x = torch.randn(2, *PAIR_SHAPE)
     with torch.no_grad():
         features = model.run_stages(x, 0, 6)
-        assert features.shape == (2, 256 + 128)
+        assert features.shape == (2, 256 + width)
         assert torch.allclose(model.run_stages(features, 6), model.run_stages(x), atol=1e-6)
         views = [torch.softmax(model.run_stages(v), 1) for v in (x, torch.flip(x, dims=[-1]))]
         assert torch.allclose(model(x).exp(), (views[0] + views[1]) / 2, atol=1e-6)
@@ -575,8 +603,14 @@ def test_fused_head_rules():
     fused = TrainParams(backbone=DLIB_AGE, head=HEAD_FUSED)
     assert resolve_head(fused) == HEAD_FUSED and backbone_input(DLIB_AGE, HEAD_FUSED) == DLIB_CHIP_PAIR
     check_params(replace(fused, ensemble_weight=0.5))
+    check_params(replace(fused, face_features="descriptor"))
+    check_params(replace(fused, head="auto", face_features="descriptor"))  # auto is the fused head
     for bad, named in [(replace(fused, freeze_blocks=4), "got train.head=fused"),
-                       (replace(fused, epochs=0), "train.epochs=0 .* got train.head=fused")]:
+                       (replace(fused, epochs=0), "train.epochs=0 .* got train.head=fused"),
+                       (replace(fused, head="ensemble", face_features="descriptor"),
+                        "train.face_features=descriptor .* no fused head .* head ensemble"),
+                       (replace(fused, head="auto", epochs=0, face_features="descriptor"), "head pretrained"),
+                       (TrainParams(face_features="descriptor"), "backbone=resnet18, head none")]:
         with pytest.raises(ConfigError, match=named):
             check_params(bad)
 
@@ -609,9 +643,9 @@ def test_fused_checkpoint_serves_the_preprocess_pair_through_onnx(model_dir, tmp
 
     load_pretrained_into(model, model_dir / AGE_MODEL_FILE, model_dir / RECOGNITION_FILE)
     x = normalize(torch.from_numpy(table["test/a.png"][None]), INPUT_MEAN, INPUT_STD)
-    meta = {"backbone": DLIB_AGE, "head": HEAD_FUSED, "input": "dlib_chip_pair", "min_age": 0, "max_age": 100,
-            "image_size": 150, "mean": list(INPUT_MEAN), "std": list(INPUT_STD), "val_mae": 5.0,
-            "mlflow_run_id": "r1",
+    meta = {"backbone": DLIB_AGE, "head": HEAD_FUSED, "face_features": "layers", "input": "dlib_chip_pair",
+            "min_age": 0, "max_age": 100, "image_size": 150, "mean": list(INPUT_MEAN), "std": list(INPUT_STD),
+            "val_mae": 5.0, "mlflow_run_id": "r1",
             "crop": {"margin": MARGIN, "size": CROP, "detector": "hog", "upsample": 1, "detector_file": HOG_FILE,
                      "detector_sha256": file_digest(model_dir / HOG_FILE)}}
     save_checkpoint(tmp_path / "model.pt", model.eval(), meta)
@@ -630,6 +664,27 @@ def test_fused_checkpoint_serves_the_preprocess_pair_through_onnx(model_dir, tmp
     assert torch_side[0].age == pytest.approx(float(want), abs=1e-3)
 
 
+def test_a_fused_checkpoint_that_names_no_face_features_is_read_as_the_descriptor_head(tmp_path):
+    """Checkpoints of rounds 7-14 (before ``train.face_features``) read dlib's descriptor: they load and give
+    the saved model's ages; one that names its features is rebuilt with them."""
+    from faceage.chips import PAIR_SHAPE
+    from faceage.dlib_age import HEAD_FUSED
+    from faceage.model import load_checkpoint
+
+    x = torch.randn(3, *PAIR_SHAPE)
+    meta = {"backbone": DLIB_AGE, "head": HEAD_FUSED, "min_age": 0, "max_age": 100}
+    for saved, named in [("descriptor", {}), ("layers", {"face_features": "layers"}),
+                         ("descriptor", {"face_features": "descriptor"})]:
+        torch.manual_seed(0)
+        model = DlibAgeNet(101, HEAD_FUSED, saved).eval()
+        model.ensemble.fit_input_stats(torch.randn(8, model.ensemble.in_mean.numel()))
+        save_checkpoint(tmp_path / "m.pt", model, {**meta, **named})
+        loaded, _ = load_checkpoint(tmp_path / "m.pt")
+        assert loaded.face_features == saved
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
 def test_model_card_names_both_networks_of_the_fused_head():
     from faceage.dlib_age import HEAD_FUSED
     from faceage.model_card import _backbone_note, _chip_note
@@ -638,5 +693,8 @@ def test_model_card_names_both_networks_of_the_fused_head():
     note = _backbone_note(meta, {"pretrained": "imagenet"})
     assert ("weights at start: dlib's age network (age-v1.onnx) and face-recognition network "
             "(dlib_face_recognition_resnet_model_v1.dat)") in note
-    assert "`train.head=fused`" in note and "128-D face descriptor" in note
+    assert "`train.head=fused`" in note and "128-D face descriptor" in note  # a checkpoint of rounds 7-14
+    note = _backbone_note({**meta, "face_features": "layers"}, {"pretrained": "imagenet"})
+    assert "the face network's pooled block outputs (`train.face_features=layers`)" in note
+    assert "descriptor" not in note
     assert "64 px chip (age network) and 150 px chip (face-recognition network)" in _chip_note(meta)
