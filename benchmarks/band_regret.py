@@ -20,7 +20,7 @@ The rule (:func:`robust_choice`): the smallest weight whose worst decade's regre
 significantly above zero (at most ``Z`` paired standard errors). Beside it, for the report only:
 the head trained on the whole training split, scored on validation, test and utk-external.
 
-    python benchmarks/band_regret.py [--seeds 42 1] [--distill 0 1 2 4 8 10 12 16] [--exact-top]
+    python benchmarks/band_regret.py [--seeds 42 1] [--distill 0 1 2 4 8 10 12 16] [--exact-top] [--face-features descriptor]
 
 Needs what ``benchmarks/dlib_age_heads.py`` needs (its cache in ``.cache/bench-heads``).
 """
@@ -103,10 +103,10 @@ def out_of_fold(x: dict, y: dict, zsp: dict, seed: int, distill: float, folds: i
     return oof, weights
 
 
-def fused_inputs(detector: Path) -> tuple[dict, dict, dict, dict]:
+def fused_inputs(detector: Path, face_features: str = TrainParams().face_features) -> tuple[dict, dict, dict, dict]:
     """The labelled splits (train, valid, test, ext): their cached views, true ages, zero-shot
-    distributions and the fused head's inputs."""
-    v = {s: d for s, d in views(load_inputs(detector), detector).items() if s != "wild"}
+    distributions and the fused head's inputs (``face_features`` as ``train.face_features``)."""
+    v = {s: d for s, d in views(load_inputs(detector), detector, face_features).items() if s != "wild"}
     return v, {s: d["y"] for s, d in v.items()}, zero_shot_probs(v), head_inputs(v, "fused")
 
 
@@ -117,10 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--exact-top", action="store_true",
                     help="train.distill_open_top=false: distil age 80 class by class (rounds 11-12)")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--face-features", default=TrainParams().face_features, choices=["layers", "descriptor"],
+                    help="train.face_features: what the fused head reads of dlib's face network")
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    v, y, zsp, x = fused_inputs(args.detector)
+    v, y, zsp, x = fused_inputs(args.detector, args.face_features)
     zs = {s: d["zero_shot"] for s, d in v.items()}
     names = " | ".join(f"{10 * k}-{10 * k + 9}" if k < DECADES - 1 else f"{10 * k}+" for k in range(DECADES))
     counts = band_regret(zs["train"], zs["train"], y["train"]).n

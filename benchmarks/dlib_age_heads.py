@@ -2,8 +2,9 @@
 
 Why: ``train.head=auto`` for ``dlib_age`` trains an ensemble of MLPs over the frozen age network;
 this script measures that choice against the alternatives on the same cached inputs, in seconds
-per variant: heads over the age network's features, over dlib's face descriptors (what
-``dlib_face`` reads), and over both (what ``train.head=fused`` trains in the pipeline, where the
+per variant: heads over the age network's features, over dlib's face network (its pooled block
+outputs, ``train.face_features``; ``--face-features descriptor``: its descriptors, what ``dlib_face``
+reads), and over both (what ``train.head=fused`` trains in the pipeline, where the
 descriptors come from the torch port of dlib's network, :mod:`faceage.face_net`, in the ONNX
 graph: ~6 ms per face and view instead of dlib's ~80 ms). Each variant trains like the pipeline (AdamW,
 warm-up + cosine, label-distribution loss, one random view (chip or mirror image) per face,
@@ -15,7 +16,7 @@ unlike the training crops. The external set is scored, never used for a choice.
 Needs the workspace's ``data/faces`` (any ``dvc repro``) and ``models/detector``; computes the
 chips and descriptors it needs once into ``.cache/bench-heads`` (about 6 min of descriptors).
 
-    python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused] [--distill 0]
+    python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused] [--distill 0] [--face-features descriptor]
     python benchmarks/dlib_age_heads.py --variants --checkpoints A.pt B.pt   # wild dev of pipeline checkpoints
 """
 
@@ -105,9 +106,47 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def views(inputs: dict, detector: Path) -> dict[str, dict[str, torch.Tensor]]:
+def face_layers(detector: Path) -> dict[str, np.ndarray]:
+    """Per split: (N, 2, 640) ``train.face_features=layers`` of the face chip and its mirror image, computed
+    as the pipeline computes them (the torch port of dlib's face network on the chip pairs ``preprocess``
+    cut; wild: the service's pairs), in :func:`load_inputs`' order; cached."""
+    from faceage.chips import CHIPS_FILE, load_chips, split_pair
+    from faceage.detector import RECOGNITION_FILE
+    from faceage.face_net import load_face_net
+
+    path = CACHE / "face-layers.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {s: z[s] for s in SPLITS}
+    net = load_face_net(detector / RECOGNITION_FILE)
+    mean, std = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(INPUT_STD).view(1, 3, 1, 1)
+    sources = {s: (REPO / "data" / "faces", s) for s in ("train", "valid", "test")}
+    sources["ext"] = (_external_faces(), "test")
+    out = {}
+    for split in SPLITS:
+        if split == "wild":
+            pairs = np.stack(_wild_faces(detector)[2])
+        else:
+            faces_dir, name = sources[split]
+            table = load_chips(faces_dir / CHIPS_FILE, pairs=True)[0]
+            pairs = np.stack([table[f] for f in _split_crops(faces_dir, name)[0]])
+        print(f"{split}: {len(pairs)} faces: face-network layers", flush=True)
+        chips = torch.from_numpy(np.ascontiguousarray(split_pair(pairs)[1]))
+        with torch.no_grad():
+            out[split] = torch.stack([torch.cat([net.pooled_layers((v.float() / 255 - mean) / std) for v in
+                                                 torch.split(c, 64)]) for c in (chips, torch.flip(chips, dims=[-1]))],
+                                     1).numpy()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def views(inputs: dict, detector: Path, face_features: str = TrainParams().face_features
+          ) -> dict[str, dict[str, torch.Tensor]]:
     """Per split: ``age`` (N, 2, 337) age-network inputs of the chip and its mirror image, ``face``
-    (N, 2, 128) descriptors, ``zero_shot`` (N,) flip-averaged zero-shot age, ``y`` (N,)."""
+    (N, 2, F) face features (``face_features``: ``layers``, :func:`face_layers`, 640 values, or
+    ``descriptor``, dlib's own 128-D descriptors), ``zero_shot`` (N,) flip-averaged zero-shot age, ``y`` (N,)."""
+    faces = face_layers(detector) if face_features == "layers" else {s: d["desc"] for s, d in inputs.items()}
     net = load_dlib_age(detector / "age-v1.onnx", 101).eval()
     mean, std = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(INPUT_STD).view(1, 3, 1, 1)
     out = {}
@@ -117,7 +156,7 @@ def views(inputs: dict, detector: Path) -> dict[str, dict[str, torch.Tensor]]:
             pooled = [net.run_stages(v, 0, 6).mean(dim=(2, 3)) for v in (x, torch.flip(x, dims=[-1]))]
             age = torch.stack([AgeEnsemble.inputs(f, net.fc(f)) for f in pooled], 1)
             zero_shot = torch.softmax(age[..., FEATURE_DIM:], -1).mean(1) @ AGES[:PRETRAINED_AGES]
-            out[s] = {"age": age, "face": torch.from_numpy(d["desc"]).float(), "zero_shot": zero_shot,
+            out[s] = {"age": age, "face": torch.from_numpy(faces[s]).float(), "zero_shot": zero_shot,
                       "y": torch.from_numpy(d["age"]).float()}
     return out
 
@@ -211,14 +250,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="train.ensemble_distill for the age and fused heads (default: the pipeline's)")
     ap.add_argument("--checkpoints", nargs="*", type=Path, default=[],
                     help="pipeline checkpoints whose wild dev to report (through the predictor, as served)")
+    ap.add_argument("--face-features", default=TrainParams().face_features, choices=["layers", "descriptor"],
+                    help="train.face_features: what the face and fused heads read of dlib's face network")
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    v = views(load_inputs(args.detector), args.detector)
+    v = views(load_inputs(args.detector), args.detector, args.face_features)
     zs = {s: (v[s]["zero_shot"] - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}
     print("| head | inputs | seeds | val MAE | test MAE | utk-external MAE | wild dev |\n|---|---|---|---:|---:|---:|---:|")
     print(f"| zero-shot | - | - | {zs['valid']:.2f} | {zs['test']:.2f} | {zs['ext']:.2f} | 0.00 |")
-    dims = {"age": f"{FEATURE_DIM} features + {PRETRAINED_AGES} log-probs", "face": f"{EMBEDDING_DIM}-d descriptor",
+    face = f"{EMBEDDING_DIM}-d descriptor" if args.face_features == "descriptor" else "face-network layers"
+    dims = {"age": f"{FEATURE_DIM} features + {PRETRAINED_AGES} log-probs", "face": face,
             "fused": "both"}
     for variant in args.variants:
         runs = [train_head(v, variant, seed, distill=args.distill) for seed in args.seeds]
