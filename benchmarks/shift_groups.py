@@ -166,10 +166,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="train.ensemble_distill: weight of KL(pretrained || head) in the heads' loss (default: the pipeline's)")
     ap.add_argument("--drop", type=float, default=0.5, help="fused-drop: the descriptor's dropout in training")
     ap.add_argument("--by", nargs="+", default=["race", "gender"], choices=["race", "gender"])
+    ap.add_argument("--face-features", default=TrainParams().face_features, choices=["layers", "descriptor"],
+                    help="train.face_features: what the face and fused heads read of dlib's face network")
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    v = {s: d for s, d in views(load_inputs(args.detector), args.detector).items() if s != "wild"}
+    v = {s: d for s, d in views(load_inputs(args.detector), args.detector, args.face_features).items() if s != "wild"}
     g = groups()
     for s in v:
         if len(g[s]["race"]) != len(v[s]["y"]):

@@ -105,10 +105,11 @@ class TrainParams:
     # "80 or older": the student's mass on 80..100 is matched to it as one class, so distillation keeps
     # the old free to get ages over 80; false = match the network's 80 to the student's 80 alone
     distill_open_top: bool = True
-    # The fused head's view of dlib's face-recognition network: "layers" = the mean-pooled outputs of
-    # three of its blocks (640 values; 0.3 years lower out-of-fold MAE, round 15), "descriptor" = its
-    # 128-D descriptor (rounds 7-14), which keeps what tells people apart and drops what varies with age
-    face_features: Literal["layers", "descriptor"] = "layers"
+    # The fused head's view of dlib's face-recognition network: "descriptor" = its 128-D descriptor;
+    # "layers" = the mean-pooled outputs of three of its blocks (640 values): 0.3 years lower test MAE,
+    # but a head trained without one gender then trails the pretrained network on it by up to 1.3 years
+    # (round 15 of reports/recipe_dlib_age.md), so the descriptor stays the default
+    face_features: Literal["descriptor", "layers"] = "descriptor"
     # Fine-tuning without forgetting (dlib_age with head pretrained; see faceage.finetune):
     freeze_blocks: int = 0  # leading stages left frozen (stem, block1, ...)
     layer_lr_decay: float = 1.0  # lr factor per stage below the head (layer-wise learning rates)

@@ -150,12 +150,12 @@ class DlibAgeNet(nn.Module):
             :data:`HEAD_FUSED`: the same over the features, the face features of the face chip
             (``face``, :class:`faceage.face_net.DlibFaceNet`, frozen) and ``fc``'s distribution;
             the input is then chip pairs (:func:`faceage.chips.make_pair`).
-        face_features: The fused head's face features (``train.face_features``): ``layers``, the
-            pooled outputs of three of the face network's blocks (640 values), or ``descriptor``,
-            dlib's 128-D face descriptor (rounds 7-14; a checkpoint that names none has it).
+        face_features: The fused head's face features (``train.face_features``): ``descriptor``,
+            dlib's 128-D face descriptor (a checkpoint that names none has it), or ``layers``, the
+            pooled outputs of three of the face network's blocks (640 values).
     """
 
-    def __init__(self, num_ages: int = PRETRAINED_AGES, head: str = HEAD_PRETRAINED, face_features: str = "layers"):
+    def __init__(self, num_ages: int = PRETRAINED_AGES, head: str = HEAD_PRETRAINED, face_features: str = "descriptor"):
         from faceage.face_net import DESCRIPTOR_DIM, FACE_FEATURES, LAYERS, LAYERS_DIM, DlibFaceNet
 
         super().__init__()

@@ -19,13 +19,15 @@ block with a 3x3/2 unpadded convolution and a 2x2 average-pooled shortcut, summe
 shapes by zero-padding the trailing channels, rows and columns (dlib's ``add_prev``); global
 average pooling and a 256 -> 128 linear layer without bias.
 
-Which features a fused age head reads (``train.face_features``): the descriptor is trained to tell
-people apart, so its linear layer keeps 128 of the 256 pooled directions and discards what varies
-within a person, age among it. The pooled outputs of the 128-channel stage's last block, the
-256-channel stage's last block before the final down-sampling and the final block (what the
-descriptor's layer reads), :data:`POOLED_BLOCKS`, carry more: a head over them has 0.3 years lower
-out-of-fold MAE on the training split (``reports/recipe_dlib_age.md``, round 15). They cost nothing
-to serve: the network runs to its last block either way.
+Which features a fused age head reads (``train.face_features``): the descriptor (default) is trained
+to tell people apart, so its linear layer keeps 128 of the 256 pooled directions and discards what
+varies within a person, age among it. ``layers``, the pooled outputs of the 128-channel stage's last
+block, the 256-channel stage's last block before the final down-sampling and the final block (what
+the descriptor's linear layer reads), :data:`POOLED_BLOCKS`, carry more: a head over them has 0.3
+years lower out-of-fold MAE on the training split and test MAE, but trained without one gender it
+trails the pretrained network on that gender by up to 1.3 years where the descriptor's head stays
+ahead (``reports/recipe_dlib_age.md``, round 15). They cost nothing more to serve: the network runs
+to its last block either way.
 
 The file format: dlib writes each layer after the layers below it, as a name string followed by
 its parameters: ``con_4`` (one tensor: filters (out, in, kh, kw) then biases; then the filter
@@ -50,7 +52,7 @@ from faceage.dlib_age import Affine, ResidualBlock
 DESCRIPTOR_DIM = 128
 FEATURE_DIM = 256
 DESCRIPTOR, LAYERS = "descriptor", "layers"  # train.face_features
-FACE_FEATURES = (LAYERS, DESCRIPTOR)
+FACE_FEATURES = (DESCRIPTOR, LAYERS)
 # (in channels, out channels, down-sampling) of the 14 residual blocks, input side first
 BLOCKS = ([(32, 32, False)] * 3 + [(32, 64, True)] + [(64, 64, False)] * 3 + [(64, 128, True)] +
           [(128, 128, False)] * 2 + [(128, 256, True)] + [(256, 256, False)] * 2 + [(256, 256, True)])

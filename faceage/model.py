@@ -76,7 +76,7 @@ class EmbeddingAgeHead(nn.Module):
 
 
 def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None,
-                face_features: str = "layers") -> nn.Module:
+                face_features: str = "descriptor") -> nn.Module:
     """A randomly initialised age model with ``num_ages`` outputs.
 
     Args:

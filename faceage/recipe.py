@@ -60,8 +60,8 @@ AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
                "wise_ft": True}),
     "ensemble": ("the network frozen, an ensemble of MLP heads (train.head=ensemble), 30 epochs, lr 1e-3",
                  {"head": "ensemble", "epochs": 30, "lr": 1e-3}),
-    "fused": ("make quick: both dlib networks frozen, the ensemble also reads the face network's pooled block outputs "
-              "(train.head=fused), 30 epochs, lr 1e-3", {"head": "fused", "epochs": 30, "lr": 1e-3}),
+    "fused": ("make quick: both dlib networks frozen, the ensemble also reads the face descriptor (train.head=fused), "
+              "30 epochs, lr 1e-3", {"head": "fused", "epochs": 30, "lr": 1e-3}),
 }
 CNN_BASE = {"backbone": "resnet18", "pretrained": "none", "epochs": 5, "image_size": 112}
 CNN_VARIANTS = {

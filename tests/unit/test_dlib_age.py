@@ -603,19 +603,20 @@ def test_fused_head_rules():
     fused = TrainParams(backbone=DLIB_AGE, head=HEAD_FUSED)
     assert resolve_head(fused) == HEAD_FUSED and backbone_input(DLIB_AGE, HEAD_FUSED) == DLIB_CHIP_PAIR
     check_params(replace(fused, ensemble_weight=0.5))
-    check_params(replace(fused, face_features="descriptor"))
-    check_params(replace(fused, head="auto", face_features="descriptor"))  # auto is the fused head
+    check_params(replace(fused, face_features="layers"))
+    check_params(replace(fused, head="auto", face_features="layers"))  # auto is the fused head
     for bad, named in [(replace(fused, freeze_blocks=4), "got train.head=fused"),
                        (replace(fused, epochs=0), "train.epochs=0 .* got train.head=fused"),
-                       (replace(fused, head="ensemble", face_features="descriptor"),
-                        "train.face_features=descriptor .* no fused head .* head ensemble"),
-                       (replace(fused, head="auto", epochs=0, face_features="descriptor"), "head pretrained"),
-                       (TrainParams(face_features="descriptor"), "backbone=resnet18, head none")]:
+                       (replace(fused, head="ensemble", face_features="layers"),
+                        "train.face_features=layers .* no fused head .* head ensemble"),
+                       (replace(fused, head="auto", epochs=0, face_features="layers"), "head pretrained"),
+                       (TrainParams(face_features="layers"), "backbone=resnet18, head none")]:
         with pytest.raises(ConfigError, match=named):
             check_params(bad)
 
 
-def test_fused_checkpoint_serves_the_preprocess_pair_through_onnx(model_dir, tmp_path):
+@pytest.mark.parametrize("face_features", ["descriptor", "layers"])
+def test_fused_checkpoint_serves_the_preprocess_pair_through_onnx(model_dir, tmp_path, face_features):
     """One crop path for the pair: preprocess -> embed -> chips.npz pair == the predictor's pair, byte
     for byte; the ONNX graph (both networks inside) serves the torch model's ages."""
     from faceage.appa_real import Sample
@@ -638,12 +639,12 @@ def test_fused_checkpoint_serves_the_preprocess_pair_through_onnx(model_dir, tmp
     assert info["face_chips"]
 
     torch.manual_seed(0)
-    model = DlibAgeNet(101, HEAD_FUSED)
+    model = DlibAgeNet(101, HEAD_FUSED, face_features)
     from faceage.detector import RECOGNITION_FILE
 
     load_pretrained_into(model, model_dir / AGE_MODEL_FILE, model_dir / RECOGNITION_FILE)
     x = normalize(torch.from_numpy(table["test/a.png"][None]), INPUT_MEAN, INPUT_STD)
-    meta = {"backbone": DLIB_AGE, "head": HEAD_FUSED, "face_features": "layers", "input": "dlib_chip_pair",
+    meta = {"backbone": DLIB_AGE, "head": HEAD_FUSED, "face_features": face_features, "input": "dlib_chip_pair",
             "min_age": 0, "max_age": 100, "image_size": 150, "mean": list(INPUT_MEAN), "std": list(INPUT_STD),
             "val_mae": 5.0, "mlflow_run_id": "r1",
             "crop": {"margin": MARGIN, "size": CROP, "detector": "hog", "upsample": 1, "detector_file": HOG_FILE,
