@@ -20,7 +20,7 @@ The rule (:func:`robust_choice`): the smallest weight whose worst decade's regre
 significantly above zero (at most ``Z`` paired standard errors). Beside it, for the report only:
 the head trained on the whole training split, scored on validation, test and utk-external.
 
-    python benchmarks/band_regret.py [--seeds 42 1] [--distill 0 1 2 4 8 10 12 16] [--exact-top] [--face-features descriptor]
+    python benchmarks/band_regret.py [--seeds 42 1] [--distill 0 1 2 4 8 10 12 16] [--exact-top] [--face-features layers]
 
 Needs what ``benchmarks/dlib_age_heads.py`` needs (its cache in ``.cache/bench-heads``).
 """

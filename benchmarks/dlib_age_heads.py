@@ -2,9 +2,9 @@
 
 Why: ``train.head=auto`` for ``dlib_age`` trains an ensemble of MLPs over the frozen age network;
 this script measures that choice against the alternatives on the same cached inputs, in seconds
-per variant: heads over the age network's features, over dlib's face network (its pooled block
-outputs, ``train.face_features``; ``--face-features descriptor``: its descriptors, what ``dlib_face``
-reads), and over both (what ``train.head=fused`` trains in the pipeline, where the
+per variant: heads over the age network's features, over dlib's face network (its descriptors,
+what ``dlib_face`` reads; ``--face-features layers``: its pooled block outputs, as
+``train.face_features``), and over both (what ``train.head=fused`` trains in the pipeline, where the
 descriptors come from the torch port of dlib's network, :mod:`faceage.face_net`, in the ONNX
 graph: ~6 ms per face and view instead of dlib's ~80 ms). Each variant trains like the pipeline (AdamW,
 warm-up + cosine, label-distribution loss, one random view (chip or mirror image) per face,
@@ -16,7 +16,7 @@ unlike the training crops. The external set is scored, never used for a choice.
 Needs the workspace's ``data/faces`` (any ``dvc repro``) and ``models/detector``; computes the
 chips and descriptors it needs once into ``.cache/bench-heads`` (about 6 min of descriptors).
 
-    python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused] [--distill 0] [--face-features descriptor]
+    python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused] [--distill 0] [--face-features layers]
     python benchmarks/dlib_age_heads.py --variants --checkpoints A.pt B.pt   # wild dev of pipeline checkpoints
 """
 
