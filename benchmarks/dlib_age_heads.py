@@ -61,6 +61,13 @@ def _split_crops(faces_dir: Path, split: str) -> tuple[list[str], np.ndarray]:
     return [r["crop"] for r in rows], np.array([float(r["real_age"]) for r in rows], np.float32)
 
 
+def _labelled_sources() -> dict[str, tuple[Path, str]]:
+    """Per labelled split: its faces folder and the split's name there (utk-external: its cropped test split)."""
+    sources = {s: (REPO / "data" / "faces", s) for s in ("train", "valid", "test")}
+    sources["ext"] = (_external_faces(), "test")
+    return sources
+
+
 def _wild_faces(detector: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """The crops, chips and chip pairs of every face the service finds in the ``wild`` photos, in order."""
     from faceage.chips import split_pair
@@ -88,8 +95,7 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
             return {s: {k: z[f"{s}_{k}"] for k in ("chips", "desc", "age")} for s in SPLITS}
     encoder = DlibFaceEncoder(detector, 0.4)
     out = {}
-    sources = {s: (REPO / "data" / "faces", s) for s in ("train", "valid", "test")}
-    sources["ext"] = (_external_faces(), "test")
+    sources = _labelled_sources()
     for split in SPLITS:
         if split == "wild":
             crops, chips, _ = _wild_faces(detector)
@@ -120,8 +126,7 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
             return {s: z[s] for s in SPLITS}
     net = load_face_net(detector / RECOGNITION_FILE)
     mean, std = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(INPUT_STD).view(1, 3, 1, 1)
-    sources = {s: (REPO / "data" / "faces", s) for s in ("train", "valid", "test")}
-    sources["ext"] = (_external_faces(), "test")
+    sources = _labelled_sources()
     out = {}
     for split in SPLITS:
         if split == "wild":

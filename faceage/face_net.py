@@ -72,14 +72,16 @@ class DlibFaceNet(nn.Module):
         self.blocks = nn.Sequential(*(ResidualBlock(i, o, down) for i, o, down in BLOCKS))
         self.fc = nn.Linear(FEATURE_DIM, DESCRIPTOR_DIM, bias=False)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
-        return self.fc(self.blocks(x).mean(dim=(2, 3)))
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
     def pooled_layers(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised (N, 3, 150, 150) face chips -> (N, :data:`LAYERS_DIM`): the mean-pooled outputs
         of the blocks :data:`POOLED_BLOCKS`, in that order."""
-        x = F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
+        x = self.stem(x)
         pooled = []
         for i, block in enumerate(self.blocks[:POOLED_BLOCKS[-1] + 1]):
             x = block(x)
