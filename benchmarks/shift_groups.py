@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="cap the mix weight with a label-free guard over this many descriptor clusters (exploration)")
     ap.add_argument("--distill", type=float, default=TrainParams().ensemble_distill,
                     help="train.ensemble_distill: weight of KL(pretrained || head) in the heads' loss (default: the pipeline's)")
-    ap.add_argument("--drop", type=float, default=0.5, help="fused-drop: dropout on the face features (train.face_features) in training")
+    ap.add_argument("--drop", type=float, default=0.5,
+                    help="fused-drop: dropout on the face features (train.face_features) in training")
     ap.add_argument("--by", nargs="+", default=["race", "gender"], choices=["race", "gender"])
     ap.add_argument("--face-features", default=TrainParams().face_features, choices=["layers", "descriptor"],
                     help="train.face_features: what the face and fused heads read of dlib's face network")
