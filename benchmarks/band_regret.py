@@ -36,7 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.dlib_age_heads import REPO, head_distill, head_inputs, load_inputs, views  # noqa: E402
+from benchmarks.dlib_age_heads import (  # noqa: E402
+    REPO, face_features_option, head_distill, head_inputs, load_inputs, views,
+)
 from benchmarks.shift_groups import mixed_head, zero_shot_probs  # noqa: E402
 from faceage.config import TrainParams  # noqa: E402
 
@@ -117,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--exact-top", action="store_true",
                     help="train.distill_open_top=false: distil age 80 class by class (rounds 11-12)")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--face-features", default=TrainParams().face_features, choices=["layers", "descriptor"],
-                    help="train.face_features: what the fused head reads of dlib's face network")
+    face_features_option(ap)
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

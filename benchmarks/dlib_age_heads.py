@@ -37,8 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from faceage.dlib_age import FEATURE_DIM, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, load_dlib_age  # noqa: E402
 from faceage.face_encoder import EMBEDDING_DIM  # noqa: E402
 from faceage.config import TrainParams  # noqa: E402
+from faceage.face_net import FACE_FEATURES, LAYERS  # noqa: E402
 from faceage.finetune import distill_kl, distill_open_top  # noqa: E402
 from faceage.training import age_loss, build_scheduler  # noqa: E402
+from faceage.transforms import normalize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "bench-heads"
@@ -125,7 +127,6 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
         with np.load(path) as z:
             return {s: z[s] for s in SPLITS}
     net = load_face_net(detector / RECOGNITION_FILE)
-    mean, std = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(INPUT_STD).view(1, 3, 1, 1)
     sources = _labelled_sources()
     out = {}
     for split in SPLITS:
@@ -138,7 +139,7 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
         print(f"{split}: {len(pairs)} faces: face-network layers", flush=True)
         chips = torch.from_numpy(np.ascontiguousarray(split_pair(pairs)[1]))
         with torch.no_grad():
-            out[split] = torch.stack([torch.cat([net.pooled_layers((v.float() / 255 - mean) / std) for v in
+            out[split] = torch.stack([torch.cat([net.pooled_layers(normalize(v, INPUT_MEAN, INPUT_STD)) for v in
                                                  torch.split(c, 64)]) for c in (chips, torch.flip(chips, dims=[-1]))],
                                      1).numpy()
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -151,19 +152,25 @@ def views(inputs: dict, detector: Path, face_features: str = TrainParams().face_
     """Per split: ``age`` (N, 2, 337) age-network inputs of the chip and its mirror image, ``face``
     (N, 2, F) face features (``face_features``: ``layers``, :func:`face_layers`, 640 values, or
     ``descriptor``, dlib's own 128-D descriptors), ``zero_shot`` (N,) flip-averaged zero-shot age, ``y`` (N,)."""
-    faces = face_layers(detector) if face_features == "layers" else {s: d["desc"] for s, d in inputs.items()}
+    faces = face_layers(detector) if face_features == LAYERS else {s: d["desc"] for s, d in inputs.items()}
     net = load_dlib_age(detector / "age-v1.onnx", 101).eval()
-    mean, std = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(INPUT_STD).view(1, 3, 1, 1)
     out = {}
     with torch.no_grad():
         for s, d in inputs.items():
-            x = (torch.from_numpy(d["chips"]).float() / 255 - mean) / std
+            x = normalize(torch.from_numpy(d["chips"]), INPUT_MEAN, INPUT_STD)
             pooled = [net.run_stages(v, 0, 6).mean(dim=(2, 3)) for v in (x, torch.flip(x, dims=[-1]))]
             age = torch.stack([AgeEnsemble.inputs(f, net.fc(f)) for f in pooled], 1)
             zero_shot = torch.softmax(age[..., FEATURE_DIM:], -1).mean(1) @ AGES[:PRETRAINED_AGES]
             out[s] = {"age": age, "face": torch.from_numpy(faces[s]).float(), "zero_shot": zero_shot,
                       "y": torch.from_numpy(d["age"]).float()}
     return out
+
+
+def face_features_option(ap: argparse.ArgumentParser) -> None:
+    """``--face-features``, as ``train.face_features`` (default: the pipeline's), for the benchmarks that read
+    dlib's face network."""
+    ap.add_argument("--face-features", default=TrainParams().face_features, choices=FACE_FEATURES,
+                    help="train.face_features: what the heads read of dlib's face network")
 
 
 def fit_head(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], seed: int, epochs: int = 30,
@@ -255,8 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="train.ensemble_distill for the age and fused heads (default: the pipeline's)")
     ap.add_argument("--checkpoints", nargs="*", type=Path, default=[],
                     help="pipeline checkpoints whose wild dev to report (through the predictor, as served)")
-    ap.add_argument("--face-features", default=TrainParams().face_features, choices=["layers", "descriptor"],
-                    help="train.face_features: what the face and fused heads read of dlib's face network")
+    face_features_option(ap)
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.dlib_age_heads import (  # noqa: E402
-    AGES, REPO, _external_faces, fit_head, head_distill, head_inputs, head_probs, load_inputs, views,
+    AGES, REPO, _external_faces, face_features_option, fit_head, head_distill, head_inputs, head_probs, load_inputs,
+    views,
 )
 
 from faceage.config import TrainParams  # noqa: E402
@@ -204,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--drop", type=float, default=0.5,
                     help="fused-drop: dropout on the face features (train.face_features) in training")
     ap.add_argument("--by", nargs="+", default=["race", "gender"], choices=["race", "gender"])
-    ap.add_argument("--face-features", default=TrainParams().face_features, choices=["layers", "descriptor"],
-                    help="train.face_features: what the face and fused heads read of dlib's face network")
+    face_features_option(ap)
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -247,14 +247,13 @@ def main(argv: list[str] | None = None) -> None:
 
                     cells = [(mae(zs_age, s), mae(ages_all, s), mae(ages_out, s)) for s in ("test", "ext")]
                     fmt = lambda i: " / ".join(f"{c[i]:.2f}" for c in cells)  # noqa: E731
-                    gap = " / ".join(f"{c[2] - c[0]:+.2f}" for c in cells)
                     n = f"{int(member['test'].sum())} / {int(member['ext'].sum())}"
                     seen = torch.cat([(ages_out[s] - y[s])[member[s]].abs() - (zs_age[s] - y[s])[member[s]].abs()
                                       for s in ("train", "valid")]).mean().item()
-                    held_out.append(HeldOut(variant, name, seed, cells[0][2] - cells[0][0],
-                                            cells[1][2] - cells[1][0], seen))
+                    row = HeldOut(variant, name, seed, cells[0][2] - cells[0][0], cells[1][2] - cells[1][0], seen)
+                    held_out.append(row)
                     print(f"| {by} | {name} | {variant} | {seed} | {n} | {fmt(0)} | {fmt(1)} ({w_all}) | "
-                          f"{fmt(2)} ({w_out}) | {gap} | {seen:+.2f} |", flush=True)
+                          f"{fmt(2)} ({w_out}) | {row.test:+.2f} / {row.ext:+.2f} | {row.seen:+.2f} |", flush=True)
     print("\nTrained on everyone (what ships), every face:\n\n| variant | seed | weight | val | test | utk-external |\n"
           "|---|---:|---:|---:|---:|---:|\n" + "\n".join(overall))
     print("\nOver the seeds, held-out MAE minus the zero-shot network's: mean (worst seed):\n\n" + summary(held_out))
