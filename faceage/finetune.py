@@ -87,6 +87,7 @@ def check_params(p: TrainParams) -> None:
     """
     from faceage.dlib_age import ENSEMBLE_HEADS, HEAD_FUSED
 
+    head = resolve_head(p)
     if p.backbone != DLIB_AGE and p.head != "auto":
         raise ConfigError(f"train.head applies to train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; "
                           "reset it to auto")
@@ -97,17 +98,17 @@ def check_params(p: TrainParams) -> None:
         raise ConfigError("train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft fine-tune dlib's own head: "
                           f"they need train.head=pretrained (or auto), got train.head={p.head}, which trains an MLP "
                           "ensemble over the frozen network")
-    if p.ensemble_weight != "auto" and resolve_head(p) not in ENSEMBLE_HEADS:
+    if p.ensemble_weight != "auto" and head not in ENSEMBLE_HEADS:
         raise ConfigError(f"train.ensemble_weight={p.ensemble_weight} mixes dlib_age's ensemble head with the "
                           f"pretrained network, but this run has no ensemble head (train.backbone={p.backbone}, "
-                          f"head {resolve_head(p) or 'none'}); reset it to auto")
+                          f"head {head or 'none'}); reset it to auto")
     if p.epochs == 0 and p.head in ENSEMBLE_HEADS:
         raise ConfigError("train.epochs=0 is the zero-shot network: it needs train.head=pretrained (or auto), "
                           f"got train.head={p.head}, whose members would be untrained")
-    if p.face_features != TrainParams().face_features and resolve_head(p) != HEAD_FUSED:
+    if p.face_features != TrainParams().face_features and head != HEAD_FUSED:
         raise ConfigError(f"train.face_features={p.face_features} chooses what the fused head reads of dlib's face "
                           f"network, but this run has no fused head (train.backbone={p.backbone}, head "
-                          f"{resolve_head(p) or 'none'}); reset it to {TrainParams().face_features}")
+                          f"{head or 'none'}); reset it to {TrainParams().face_features}")
 
 
 def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:
