@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from faceage.dlib_age import FEATURE_DIM, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, load_dlib_age  # noqa: E402
 from faceage.face_encoder import EMBEDDING_DIM  # noqa: E402
 from faceage.config import TrainParams  # noqa: E402
-from faceage.face_net import FACE_FEATURES, LAYERS  # noqa: E402
+from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS  # noqa: E402
 from faceage.finetune import distill_kl, distill_open_top  # noqa: E402
 from faceage.training import age_loss, build_scheduler  # noqa: E402
 from faceage.transforms import normalize  # noqa: E402
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     zs = {s: (v[s]["zero_shot"] - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}
     print("| head | inputs | seeds | val MAE | test MAE | utk-external MAE | wild dev |\n|---|---|---|---:|---:|---:|---:|")
     print(f"| zero-shot | - | - | {zs['valid']:.2f} | {zs['test']:.2f} | {zs['ext']:.2f} | 0.00 |")
-    face = f"{EMBEDDING_DIM}-d descriptor" if args.face_features == "descriptor" else "face-network layers"
+    face = f"{EMBEDDING_DIM}-d descriptor" if args.face_features == DESCRIPTOR else "face-network layers"
     dims = {"age": f"{FEATURE_DIM} features + {PRETRAINED_AGES} log-probs", "face": face,
             "fused": "both"}
     for variant in args.variants:

@@ -23,6 +23,10 @@ from faceage.errors import FaceAgeError
 
 APPA_REAL_URL = "http://158.109.8.102/AppaRealAge/appa-real-release.zip"
 APPA_REAL_MD5 = "2701c6ec291b242e6b4f8a0a56087a43"
+# train.face_features: what the fused head reads of dlib's face-recognition network (see TrainParams)
+FaceFeatures = Literal["descriptor", "layers"]
+FACE_FEATURES: tuple[str, ...] = typing.get_args(FaceFeatures)
+DESCRIPTOR, LAYERS = FACE_FEATURES
 
 
 class ConfigError(FaceAgeError, ValueError):
@@ -109,7 +113,7 @@ class TrainParams:
     # "layers" = the mean-pooled outputs of three of its blocks (640 values): 0.3 years lower test MAE,
     # but a head trained without one gender then trails the pretrained network on it by up to 1.3 years
     # (round 15 of reports/recipe_dlib_age.md), so the descriptor stays the default
-    face_features: Literal["descriptor", "layers"] = "descriptor"
+    face_features: FaceFeatures = DESCRIPTOR
     # Fine-tuning without forgetting (dlib_age with head pretrained; see faceage.finetune):
     freeze_blocks: int = 0  # leading stages left frozen (stem, block1, ...)
     layer_lr_decay: float = 1.0  # lr factor per stage below the head (layer-wise learning rates)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE, split_pair
+from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS
 PRETRAINED_AGES = 81  # ages 0..80
 FEATURE_DIM = 256
 NUM_STAGES = 7  # stem, block1..block5, head (pool + fc): what train.freeze_blocks counts
@@ -155,8 +156,8 @@ class DlibAgeNet(nn.Module):
             pooled outputs of three of the face network's blocks (640 values).
     """
 
-    def __init__(self, num_ages: int = PRETRAINED_AGES, head: str = HEAD_PRETRAINED, face_features: str = "descriptor"):
-        from faceage.face_net import DESCRIPTOR_DIM, FACE_FEATURES, LAYERS, LAYERS_DIM, DlibFaceNet
+    def __init__(self, num_ages: int = PRETRAINED_AGES, head: str = HEAD_PRETRAINED, face_features: str = DESCRIPTOR):
+        from faceage.face_net import DESCRIPTOR_DIM, LAYERS_DIM, DlibFaceNet
 
         super().__init__()
         if head not in HEADS:

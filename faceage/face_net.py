@@ -47,12 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS
 from faceage.dlib_age import Affine, ResidualBlock
 
 DESCRIPTOR_DIM = 128
 FEATURE_DIM = 256
-DESCRIPTOR, LAYERS = "descriptor", "layers"  # train.face_features
-FACE_FEATURES = (DESCRIPTOR, LAYERS)
 # (in channels, out channels, down-sampling) of the 14 residual blocks, input side first
 BLOCKS = ([(32, 32, False)] * 3 + [(32, 64, True)] + [(64, 64, False)] * 3 + [(64, 128, True)] +
           [(128, 128, False)] * 2 + [(128, 256, True)] + [(256, 256, False)] * 2 + [(256, 256, True)])

@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
-from faceage.config import ConfigError
+from faceage.config import DESCRIPTOR, ConfigError
 from faceage.download import DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
 from faceage.chips import DLIB_AGE
@@ -76,7 +76,7 @@ class EmbeddingAgeHead(nn.Module):
 
 
 def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None,
-                face_features: str = "descriptor") -> nn.Module:
+                face_features: str = DESCRIPTOR) -> nn.Module:
     """A randomly initialised age model with ``num_ages`` outputs.
 
     Args:
@@ -295,7 +295,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     # fused heads saved before train.face_features existed read dlib's descriptor
     model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"),
-                        payload.get("face_features", "descriptor"))
+                        payload.get("face_features", DESCRIPTOR))
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from faceage.config import DESCRIPTOR
 from faceage.faces import crop_retry_pad
 
 
@@ -30,7 +31,7 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
         note += ("; dlib's age network frozen, an ensemble of MLP heads over its features and its age "
                  "distribution, averaged over the face and its mirror image (`train.head=ensemble`)")
     elif meta.get("head") == "fused":
-        face = ("the 128-D face descriptor" if meta.get("face_features", "descriptor") == "descriptor" else
+        face = ("the 128-D face descriptor" if meta.get("face_features", DESCRIPTOR) == DESCRIPTOR else
                 "the face network's pooled block outputs (`train.face_features=layers`)")
         note += ("; dlib's age and face-recognition networks frozen, an ensemble of MLP heads over the age "
                  f"network's features and age distribution and {face}, averaged over the face "
