@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from faceage.dlib_age import FEATURE_DIM, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, load_dlib_age  # noqa: E402
 from faceage.face_encoder import EMBEDDING_DIM  # noqa: E402
-from faceage.config import TrainParams  # noqa: E402
-from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS  # noqa: E402
+from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS, TrainParams  # noqa: E402
 from faceage.finetune import distill_kl, distill_open_top  # noqa: E402
 from faceage.training import age_loss, build_scheduler  # noqa: E402
 from faceage.transforms import normalize  # noqa: E402
