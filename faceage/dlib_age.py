@@ -29,6 +29,7 @@ from torch import nn
 
 from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE, split_pair
 from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS
+
 PRETRAINED_AGES = 81  # ages 0..80
 FEATURE_DIM = 256
 NUM_STAGES = 7  # stem, block1..block5, head (pool + fc): what train.freeze_blocks counts
