@@ -314,8 +314,11 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
             flat.update({f"test_mae_low_res_{f}": v for f, v in metrics["mae_low_res"].items()})
             flat.update(external_mlflow_metrics(external, p.cs_years))
             mlflow.log_metrics(flat)
-            mlflow.log_params({f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v
-                               for k, v in asdict(p).items()})
+            # Tags, not params: a later `dvc exp run -S evaluate.external=[...]` re-evaluates the same
+            # trained run, and MLflow refuses to change a logged param (the run would end FAILED and
+            # drop out of the champion's candidates). The tags hold the latest evaluation's settings.
+            mlflow.set_tags({f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v
+                             for k, v in asdict(p).items()})
             cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
             for path in [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv",
                          out / "external_predictions.csv", *plots, *cards]:

@@ -52,7 +52,7 @@ def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
     assert logged.metrics[f"external_{NAME}_mae"] == pytest.approx(m["mae_years"])
     assert logged.metrics[f"external_{NAME}_cs5"] == pytest.approx(m["cs5"])
     assert logged.metrics[f"external_{NAME}_no_face"] == m["no_face"] == m["n_images"] - m["n_faces"] - m["unreadable"]
-    assert json.loads(logged.params["evaluate.external"]) == [str(tiny_run["external"])]
+    assert json.loads(logged.tags["evaluate.external"]) == [str(tiny_run["external"])]
     assert set(m["mae_low_res"]) == {"0.75", "0.5"}  # evaluate.low_res's defaults
     assert all(logged.metrics[f"external_{NAME}_mae_low_res_{f}"] == pytest.approx(v)
                for f, v in m["mae_low_res"].items())

@@ -93,6 +93,31 @@ def test_second_repro_does_nothing_and_epochs_change_reruns_train_and_evaluate(p
     assert ran == {"train", "evaluate"}
 
 
+
+def test_an_evaluate_change_reevaluates_the_same_mlflow_run(project):
+    """`dvc exp run -S evaluate.external=[...]` with `train` cached: only `evaluate` reruns, in the run
+    `train` opened. MLflow params cannot change, so the evaluation's settings are tags: the run must
+    stay FINISHED (a FAILED run drops out of the champion's candidates) and hold the latest settings."""
+    from mlflow import MlflowClient
+
+    root, env = project["root"], project["env"]
+    run_id = json.loads((root / "models" / "run.json").read_text())["run_id"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["evaluate"]["low_res"] != [0.5]
+    params["evaluate"]["low_res"] = [0.5]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(["dvc", "repro"], root, env)
+    ran = {s for s in ("fetch_data", "fetch_detector", "preprocess", "train", "evaluate") if f"Running stage '{s}'" in changed}
+    assert ran == {"evaluate"}
+    assert json.loads((root / "models" / "run.json").read_text())["run_id"] == run_id
+    metrics = json.loads((root / "reports" / "eval" / "metrics.json").read_text())
+    assert set(metrics["mae_low_res"]) == {"0.5"}
+    r = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
+    assert r.info.status == "FINISHED"
+    assert json.loads(r.data.tags["evaluate.low_res"]) == [0.5]
+    assert r.data.metrics["test_mae_low_res_0.5"] == pytest.approx(metrics["mae_low_res"]["0.5"])
+    assert not any(k.startswith("evaluate.") for k in r.data.params)
+
 def test_bad_source_fails_with_a_clear_message_and_no_output(project, tmp_path):
     root, env = project["root"], project["env"]
     params = yaml.safe_load((root / "params.yaml").read_text())
