@@ -93,7 +93,6 @@ def test_second_repro_does_nothing_and_epochs_change_reruns_train_and_evaluate(p
     assert ran == {"train", "evaluate"}
 
 
-
 def test_an_evaluate_change_reevaluates_the_same_mlflow_run(project):
     """`dvc exp run -S evaluate.external=[...]` with `train` cached: only `evaluate` reruns, in the run
     `train` opened. MLflow params cannot change, so the evaluation's settings are tags: the run must
@@ -117,6 +116,7 @@ def test_an_evaluate_change_reevaluates_the_same_mlflow_run(project):
     assert json.loads(r.data.tags["evaluate.low_res"]) == [0.5]
     assert r.data.metrics["test_mae_low_res_0.5"] == pytest.approx(metrics["mae_low_res"]["0.5"])
     assert not any(k.startswith("evaluate.") for k in r.data.params)
+
 
 def test_bad_source_fails_with_a_clear_message_and_no_output(project, tmp_path):
     root, env = project["root"], project["env"]
