@@ -1,17 +1,22 @@
 """Atomic folder outputs: build beside the destination, swap in only when complete.
 
 A stage killed half-way leaves its previous output (or none) and a hidden temporary folder
-that is removed on the next failure or success, never a half-written output.
+that is removed on the next failure or success, never a half-written output. Outputs that
+several processes may ask for at once (``dvc queue start -j 2`` runs two pipelines side by side)
+are built under :func:`file_lock`: the first process builds, the others wait and reuse.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -31,3 +36,33 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def file_lock(path: str | Path, what: str = "") -> Iterator[None]:
+    """Holds an exclusive lock on the file ``path`` (created if missing) against other processes.
+
+    An advisory ``flock``, released when the holder exits or dies, so a killed process never
+    leaves a stale lock. Where ``fcntl`` is missing (Windows) it does not lock.
+
+    Args:
+        path: The lock file, beside what it guards.
+        what: What is being built, for the log line when another process holds the lock.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish %s (lock %s)", what or "its work", path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from faceage.atomic import file_lock
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "face-age"
@@ -49,17 +51,32 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute, or relative to the working folder), else None."""
+    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+
+
 def setup_mlflow():
-    """Points MLflow at :func:`tracking_uri` and the ``face-age`` experiment; returns the module."""
+    """Points MLflow at :func:`tracking_uri` and the ``face-age`` experiment; returns the module.
+
+    MLflow creates and migrates a sqlite store's tables on a process's first access, and two
+    processes doing that at once (``dvc queue start -j 2`` on a fresh clone) fail, one of them
+    leaving a store every later run fails on. So the first access and the experiment's creation
+    happen under a lock beside the database (``mlflow.db.lock``); later writes need none.
+    """
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        # Keep artifacts beside the database, not wherever the first run happened to start.
-        root = Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns"
-        mlflow.create_experiment(EXPERIMENT, artifact_location=root.as_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    db = sqlite_path(uri)
+    if db is None:
+        mlflow.set_experiment(EXPERIMENT)
+        return mlflow
+    with file_lock(db.with_name(db.name + ".lock"), f"creating the MLflow store {db}"):
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            # Keep artifacts beside the database, not wherever the first run happened to start.
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(db.parent / "mlruns").as_uri())
+        mlflow.set_experiment(EXPERIMENT)
     return mlflow
 
 

@@ -1,10 +1,12 @@
-"""``mlflow_env``: an MLflow setting for the duration of a block, the environment restored after."""
+"""``mlflow_env``: an MLflow setting for the duration of a block, the environment restored after;
+``setup_mlflow``: runs that start at once on a fresh sqlite store all land in it."""
 
+import multiprocessing
 import os
 
 import pytest
 
-from faceage.tracking import mlflow_env
+from faceage.tracking import EXPERIMENT, mlflow_env
 
 NAME = "FACEAGE_TEST_MLFLOW_SETTING"
 
@@ -22,3 +24,37 @@ def test_a_set_variable_gets_its_value_back_also_after_an_error(monkeypatch):
         assert os.environ[NAME] == "cpu"
         raise RuntimeError("boom")
     assert os.environ[NAME] == "cuda"
+
+
+def _start_run(db, barrier, name):
+    """One process of the test below: everything imported first, then all reach the store at once."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    from faceage.tracking import setup_mlflow
+
+    barrier.wait()
+    mlflow = setup_mlflow()
+    with mlflow.start_run(run_name=name):
+        mlflow.log_param("who", name)
+
+
+def test_runs_that_start_at_once_on_a_fresh_sqlite_store_all_land(tmp_path):
+    """As under ``dvc queue start -j 2`` on a fresh clone: MLflow's table creation and migration raced
+    ("table ... already exists", "Online migration expected to match one row") and could leave a store
+    every later run failed on; setup_mlflow now serialises the first access."""
+    from mlflow import MlflowClient
+
+    db, ctx, n = tmp_path / "mlflow.db", multiprocessing.get_context("spawn"), 4
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=_start_run, args=(db, barrier, f"run{i}")) for i in range(n)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(180)
+    assert [proc.exitcode for proc in procs] == [0] * n
+
+    client = MlflowClient(f"sqlite:///{db}")
+    [experiment] = [e for e in client.search_experiments() if e.name == EXPERIMENT]
+    assert experiment.artifact_location == (tmp_path / "mlruns").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.params["who"] for r in runs) == [f"run{i}" for i in range(n)]
+    assert {r.info.status for r in runs} == {"FINISHED"}
