@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from faceage.appa_real import LayoutError, dataset_fingerprint, read_split
-from faceage.atomic import staged_dir
+from faceage.atomic import file_lock, staged_dir
 from faceage.config import PreprocessParams
 from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
@@ -138,18 +138,26 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         raise ExternalSetError(f"{detector_dir} holds {crop['detector_file']} with sha256 {recorded}, but the "
                                f"checkpoint's crops were made with {crop['detector_sha256']}")
     out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop, files[SHAPE5_FILE])}"
-    if (out / SETTINGS).is_file():
-        log.info("external set %s: reusing the crops in %s", ext.name, out)
-        return out
-    params = crop_params(crop, workers)
-    log.info("external set %s: detecting and cropping %s (detector=%s, upsample=%d, margin=%g, size=%d, no_face=%s)",
-             ext.name, ext.path, params.detector, params.upsample, params.margin, params.size, params.no_face)
-    with staged_dir(out) as tmp:
-        rows = crop_samples({SPLIT: read_split(ext.path, SPLIT)}, ext.path, detector_dir, tmp, params)
-        settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
-                    "counts": count_statuses(rows)[SPLIT]}
-        (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    # Runs side by side (dvc queue start -j 2) ask for the same entry: one crops, the others wait and reuse.
+    with file_lock(_lock_file(out), f"cropping {ext.name} into {out}"):
+        if (out / SETTINGS).is_file():
+            log.info("external set %s: reusing the crops in %s", ext.name, out)
+            return out
+        params = crop_params(crop, workers)
+        log.info("external set %s: detecting and cropping %s (detector=%s, upsample=%d, margin=%g, size=%d, "
+                 "no_face=%s)", ext.name, ext.path, params.detector, params.upsample, params.margin, params.size,
+                 params.no_face)
+        with staged_dir(out) as tmp:
+            rows = crop_samples({SPLIT: read_split(ext.path, SPLIT)}, ext.path, detector_dir, tmp, params)
+            settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
+                        "counts": count_statuses(rows)[SPLIT]}
+            (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return out
+
+
+def _lock_file(entry: Path) -> Path:
+    """The lock guarding a cache entry: a hidden file beside it (inside, it would be swapped out with it)."""
+    return entry.with_name(f".{entry.name}.lock")
 
 
 def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
@@ -159,11 +167,13 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
 
     path = faces_dir / EMBEDDINGS
     files = read_manifest(detector_dir)["files"]
-    if path.is_file():
-        _, info = load_embeddings(path)
-        if (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE], files[SHAPE5_FILE]):
-            return path
-    embed_dataset(faces_dir, detector_dir, path, workers)
+    with file_lock(_lock_file(faces_dir), f"the face descriptors of {faces_dir}"):
+        if path.is_file():
+            _, info = load_embeddings(path)
+            if (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE],
+                                                                           files[SHAPE5_FILE]):
+                return path
+        embed_dataset(faces_dir, detector_dir, path, workers)
     return path
 
 

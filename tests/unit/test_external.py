@@ -131,6 +131,46 @@ def test_crops_are_the_preprocess_crops_and_no_face_follows_the_policy(detector_
     assert json.loads((whole / "preprocess.json").read_text())["no_face"] == "whole_image"
 
 
+def _crop_set(ext, crop, detector_dir, cache, barrier, results):
+    """One process of the test below: reports the folder it got and whether it ran the detector."""
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("faceage.external").addHandler(handler)
+    logging.getLogger("faceage.external").setLevel(logging.INFO)
+    barrier.wait()
+    faces = external_faces(ext, crop, detector_dir, cache, workers=1)
+    results.put((str(faces), any("detecting and cropping" in m for m in seen), crop_counts(faces)))
+
+
+def test_runs_side_by_side_crop_a_set_once_and_both_read_it(detector_dir, tmp_path):
+    """Two evaluations of one external set at once (``dvc queue start -j 2``): one crops, the other
+    waits for it and reuses the entry, instead of both cropping and the later one deleting the
+    folder the earlier one is reading."""
+    import multiprocessing
+
+    from skimage.data import astronaut
+
+    faces = {f"astronaut{i}.jpg": np.asarray(Image.fromarray(astronaut()).resize((512 + 64 * i,) * 2))
+             for i in range(6)}
+    [ext] = resolve_external([str(make_set(tmp_path / "set", faces))], tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    args = (ext, checkpoint_crop(detector_dir), detector_dir, tmp_path / "cache", barrier, results)
+    procs = [ctx.Process(target=_crop_set, args=args) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert got[0][0] == got[1][0] and Path(got[0][0]).parent == tmp_path / "cache"
+    assert sorted(detected for _, detected, _ in got) == [False, True]
+    assert got[0][2] == got[1][2] and got[0][2]["n_faces"] == 6
+
+
 def test_a_detector_other_than_the_checkpoints_is_refused(detector_dir, tmp_path):
     folder = make_set(tmp_path / "set", {"a.jpg": noise()})
     [ext] = resolve_external([str(folder)], tmp_path)
