@@ -72,7 +72,7 @@ def setup_mlflow():
     if db is None:
         mlflow.set_experiment(EXPERIMENT)
         return mlflow
-    with file_lock(db.with_name(db.name + ".lock"), f"creating the MLflow store {db}"):
+    with file_lock(db.with_name(db.name + ".lock"), f"opening the MLflow store {db}"):
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
             # Keep artifacts beside the database, not wherever the first run happened to start.
             mlflow.create_experiment(EXPERIMENT, artifact_location=(db.parent / "mlruns").as_uri())
