@@ -19,7 +19,7 @@ from pathlib import Path
 from faceage.config import load_params
 from faceage.detector import CNN_FILE, HOG_FILE, fetch_detector_files, read_manifest
 from faceage.external import crop_counts, external_faces, resolve_external
-from faceage.tracking import repo_root
+from faceage.paths import repo_root
 
 
 def main() -> None:

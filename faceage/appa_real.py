@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 from faceage.atomic import staged_dir
 from faceage.download import ChecksumError, download, file_digest
 from faceage.errors import FaceAgeError
+from faceage.paths import downloads_dir
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +162,16 @@ def dataset_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", cache_dir: str | Path = ".cache/downloads") -> dict:
+def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "",
+                    cache_dir: str | Path | None = None) -> dict:
     """Materialises APPA-REAL from ``source`` into ``out_dir``, validated, atomically.
 
     Args:
         source: The release zip's URL, a local ``.zip`` path, or a local folder.
         out_dir: Destination folder; it is replaced only after validation succeeds.
         md5: Expected md5 of a downloaded or local zip ("" skips the check).
-        cache_dir: Where downloads are kept (partial ones are resumed from there).
+        cache_dir: Where downloads are kept (partial ones are resumed from there); default
+            :func:`faceage.paths.downloads_dir`.
 
     Returns:
         The contents of ``dataset.json``: source, per-split counts, ``sha256`` fingerprint.
@@ -181,7 +184,7 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", cache_di
     parsed = urlparse(source)
     if parsed.scheme in ("http", "https"):
         name = Path(parsed.path).name or "appa-real-release.zip"
-        local = download(source, Path(cache_dir) / name, md5=md5 or None)
+        local = download(source, Path(cache_dir or downloads_dir()) / name, md5=md5 or None)
     else:
         local = Path(source).expanduser()
         if not local.exists():

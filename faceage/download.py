@@ -7,7 +7,9 @@ The bytes go to ``<dest>.part`` first. An interrupted transfer (dropped connecti
 killed process) leaves that part file behind, and the next call asks the server for
 the remaining bytes with an HTTP ``Range`` request. Only a verified file is moved to
 ``dest`` with :func:`os.replace`, so ``dest`` is never half-written; a checksum
-mismatch deletes the part file, since resuming from bad bytes cannot succeed.
+mismatch deletes the part file, since resuming from bad bytes cannot succeed. Processes
+asking for the same ``dest`` at once take turns (a lock file beside it): the first
+fetches, the next finds the verified file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
+from faceage.atomic import file_lock
 from faceage.errors import FaceAgeError
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,13 @@ def download(
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # Runs side by side (dvc queue start -j 2) share the cache: one fetches, the other waits and reuses.
+    with file_lock(dest.with_name(f".{dest.name}.lock"), f"downloading {url} to {dest}"):
+        return _download_locked(url, dest, md5, sha256, retries, timeout_s, backoff_s, progress)
+
+
+def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, retries: int, timeout_s: float,
+                     backoff_s: float, progress: bool) -> Path:
     if dest.exists() and _matches(dest, md5, sha256):
         log.info("%s already present and verified", dest)
         return dest

@@ -40,7 +40,8 @@ from faceage.inputs import DLIB_FACE_EMBEDDING, reads_pairs
 from faceage.preprocess import read_faces_manifest
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
-from faceage.tracking import read_run_file, repo_root, setup_mlflow, tracking_uri
+from faceage.paths import repo_root
+from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
 from faceage.training import pin_threads, select_device
 from faceage.transforms import low_resolution_at, reference_side
 

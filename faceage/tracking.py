@@ -16,20 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from faceage.atomic import file_lock
+from faceage.paths import repo_root
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "face-age"
-
-
-def repo_root(start: str | Path | None = None) -> Path:
-    """The project root: the folder above ``.dvc/tmp/exps/...`` for DVC temp runs, else ``start``."""
-    path = Path(start or os.getcwd()).resolve()
-    parts = path.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return path
 
 
 @contextmanager

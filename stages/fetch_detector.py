@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", required=True, help="output folder for the model files")
-    parser.add_argument("--cache", default=".cache/downloads", help="download cache (resumable)")
+    parser.add_argument("--cache", help="download cache (default: .cache/downloads at the repo root, which dvc exp --temp/--queue runs share)")
     return parser
 
 

@@ -2,7 +2,9 @@
 
 import hashlib
 import http.server
+import multiprocessing
 import threading
+import time
 
 import pytest
 
@@ -44,13 +46,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(2)  # the connection dies mid-body
             return
-        self.wfile.write(payload)
+        for i in range(0, len(payload), srv.chunk_bytes):  # a slow server: chunk_delay_s between chunks
+            self.wfile.write(payload[i : i + srv.chunk_bytes])
+            time.sleep(srv.chunk_delay_s)
 
 
 @pytest.fixture
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.requests, srv.drop_after, srv.ranges = [], None, True
+    srv.chunk_bytes, srv.chunk_delay_s = len(BODY), 0.0
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -105,7 +110,7 @@ def test_complete_part_file_gets_416_and_is_accepted(server, tmp_path):
 def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     with pytest.raises(ChecksumError, match=f"sha256 of .* is {SHA}, expected 0000"):
         download(url(server), tmp_path / "f.bin", sha256="0" * 64, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".f.bin.lock"]  # only the (empty) lock file
 
 
 def test_http_error_is_reported_and_leaves_no_output(server, tmp_path):
@@ -131,3 +136,30 @@ def test_verified_existing_file_is_not_fetched_again(server, tmp_path):
 def test_unreachable_host_fails_fast(tmp_path):
     with pytest.raises(DownloadError, match="failed after 1 attempts"):
         download("http://127.0.0.1:9/x.zip", tmp_path / "x.zip", retries=0, progress=False)
+
+
+def _download_in_process(address, dest, barrier, results):
+    barrier.wait()
+    try:
+        download(address, dest, sha256=SHA, progress=False)
+        results.put("ok")
+    except Exception as e:  # reported to the test, which names it
+        results.put(repr(e))
+
+
+def test_processes_fetching_one_file_at_once_download_it_once(server, tmp_path):
+    """Two DVC runs side by side share the download cache: one fetches, the other waits and reuses
+    the verified file (before, both wrote one part file, and one failed: the other had moved it)."""
+    server.chunk_bytes, server.chunk_delay_s = 1 << 16, 0.03  # ~0.5 s for the 1 MiB body
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_download_in_process, args=(url(server), tmp_path / "f.bin", barrier, results))
+             for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    assert got == ["ok", "ok"]
+    assert server.requests == [None]  # one GET, from the start
+    assert (tmp_path / "f.bin").read_bytes() == BODY and not (tmp_path / "f.bin.part").exists()
