@@ -3,7 +3,7 @@
 A stage killed half-way leaves its previous output (or none) and a hidden temporary folder
 that is removed on the next failure or success, never a half-written output. Outputs that
 several processes may ask for at once (``dvc queue start -j 2`` runs two pipelines side by side)
-are built under :func:`file_lock`: the first process builds, the others wait and reuse.
+are built under :func:`locked`: the first process builds, the others wait and reuse.
 """
 
 from __future__ import annotations
@@ -39,28 +39,30 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def file_lock(path: str | Path, what: str = "") -> Iterator[None]:
-    """Holds an exclusive lock on the file ``path`` (created if missing) against other processes.
+def locked(target: str | Path, what: str = "") -> Iterator[None]:
+    """Holds an exclusive lock on ``target`` against other processes, for building it once.
 
-    An advisory ``flock``, released when the holder exits or dies, so a killed process never
-    leaves a stale lock. Where ``fcntl`` is missing (Windows) it does not lock.
+    The lock is an advisory ``flock`` on the hidden file ``.<name>.lock`` beside ``target`` (not
+    inside: a staged folder replaces ``target`` whole), released when the holder exits or dies, so a
+    killed process never leaves a stale lock. Where ``fcntl`` is missing (Windows) it does not lock.
 
     Args:
-        path: The lock file, beside what it guards.
-        what: What is being built, for the log line when another process holds the lock.
+        target: What is built under the lock (a file or folder; it need not exist yet).
+        what: What is being done, for the log line when another process holds the lock.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
+    path = target.with_name(f".{target.name}.lock")
     with open(path, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for another process to finish %s (lock %s)", what or "its work", path)
+            log.info("waiting for another process to finish %s (lock %s)", what or f"with {target}", path)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

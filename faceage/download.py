@@ -23,7 +23,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from faceage.atomic import file_lock
+from faceage.atomic import locked
 from faceage.errors import FaceAgeError
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def download(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Runs side by side (dvc queue start -j 2) share the cache: one fetches, the other waits and reuses.
-    with file_lock(dest.with_name(f".{dest.name}.lock"), f"downloading {url} to {dest}"):
+    with locked(dest, f"downloading {url} to {dest}"):
         return _download_locked(url, dest, md5, sha256, retries, timeout_s, backoff_s, progress)
 
 

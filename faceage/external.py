@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from faceage.appa_real import LayoutError, dataset_fingerprint, read_split
-from faceage.atomic import file_lock, staged_dir
+from faceage.atomic import locked, staged_dir
 from faceage.config import PreprocessParams
 from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
@@ -139,7 +139,7 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
                                f"checkpoint's crops were made with {crop['detector_sha256']}")
     out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop, files[SHAPE5_FILE])}"
     # Runs side by side (dvc queue start -j 2) ask for the same entry: one crops, the others wait and reuse.
-    with file_lock(_lock_file(out), f"cropping {ext.name} into {out}"):
+    with locked(out, f"cropping {ext.name} into {out}"):
         if (out / SETTINGS).is_file():
             log.info("external set %s: reusing the crops in %s", ext.name, out)
             return out
@@ -155,11 +155,6 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
     return out
 
 
-def _lock_file(entry: Path) -> Path:
-    """The lock guarding a cache entry: a hidden file beside it (inside, it would be swapped out with it)."""
-    return entry.with_name(f".{entry.name}.lock")
-
-
 def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
     """``dlib_face`` descriptors of a cropped set (cached beside its crops, redone if the encoder changed)."""
     from faceage.face_encoder import embed_dataset, load_embeddings
@@ -167,7 +162,7 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
 
     path = faces_dir / EMBEDDINGS
     files = read_manifest(detector_dir)["files"]
-    with file_lock(_lock_file(faces_dir), f"the face descriptors of {faces_dir}"):
+    with locked(faces_dir, f"the face descriptors of {faces_dir}"):
         if path.is_file():
             _, info = load_embeddings(path)
             if (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE],

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from faceage.atomic import file_lock
+from faceage.atomic import locked
 from faceage.paths import repo_root
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def setup_mlflow():
     MLflow creates and migrates a sqlite store's tables on a process's first access, and two
     processes doing that at once (``dvc queue start -j 2`` on a fresh clone) fail, one of them
     leaving a store every later run fails on. So the first access and the experiment's creation
-    happen under a lock beside the database (``mlflow.db.lock``); later writes need none.
+    happen under a lock beside the database (``.mlflow.db.lock``); later writes need none.
     """
     import mlflow
 
@@ -63,7 +63,7 @@ def setup_mlflow():
     if db is None:
         mlflow.set_experiment(EXPERIMENT)
         return mlflow
-    with file_lock(db.with_name(db.name + ".lock"), f"opening the MLflow store {db}"):
+    with locked(db, f"opening the MLflow store {db}"):
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
             # Keep artifacts beside the database, not wherever the first run happened to start.
             mlflow.create_experiment(EXPERIMENT, artifact_location=(db.parent / "mlruns").as_uri())

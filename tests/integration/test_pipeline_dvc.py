@@ -25,7 +25,7 @@ def run(cmd, cwd, env):
 
 
 STAGES = ("fetch_data", "fetch_detector", "preprocess", "train", "evaluate")
-GITIGNORE = "mlflow.db\nmlflow.db.lock\nmlruns/\n.cache/\n"
+GITIGNORE = "mlflow.db\n.mlflow.db.lock\nmlruns/\n.cache/\n"
 
 
 def stages_run(output: str) -> set[str]:
