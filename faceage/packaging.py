@@ -46,7 +46,7 @@ from faceage.external import external_maes
 from faceage.faces import crop_retry_pad
 from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
-from faceage.tracking import EXPERIMENT, git_commit
+from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,14 @@ class Winner:
     data_sha256: str | None
     git_commit: str | None
     external_mae_years: dict[str, float] = field(default_factory=dict)  # {set name: MAE}
+    dvc_experiment: str | None = None  # the ``dvc exp run`` it trained in, if any
+
+    def restore_hint(self) -> str:
+        """How to put this run's pipeline outputs in the workspace."""
+        if self.dvc_experiment:
+            return (f"it trained in DVC experiment {self.dvc_experiment!r}: `dvc exp apply {self.dvc_experiment}` "
+                    "puts its outputs in the workspace")
+        return "restore that run's outputs (dvc exp apply <exp>; dvc checkout), or dvc repro"
 
 
 @dataclass(frozen=True)
@@ -192,7 +200,21 @@ def select_winner(client, experiment: str = EXPERIMENT) -> Winner:
     return Winner(run_id=top.run_id, run_name=top.run_name, val_mae_years=top.val_mae_years,
                   test_mae_years=top.test_mae_years, start_time_ms=top.start_time_ms,
                   data_sha256=tags.get("data_sha256"), git_commit=tags.get("git_commit"),
-                  external_mae_years=top.external_mae_years)
+                  external_mae_years=top.external_mae_years, dvc_experiment=tags.get(DVC_EXPERIMENT_TAG))
+
+
+def check_workspace(winner: Winner, detector_dir: str | Path, faces_dir: str | Path) -> None:
+    """Packaging reads the pipeline's detector files and real crops from the workspace; after
+    ``dvc exp run --queue`` / ``--temp`` those stay in DVC's cache until the experiment is applied.
+
+    Raises:
+        PackagingError: ``detector_dir`` or ``faces_dir`` holds no pipeline output; names the fix.
+    """
+    for folder, manifest, stage in ((Path(detector_dir), MANIFEST, "fetch_detector"),
+                                    (Path(faces_dir), "manifest.csv", "preprocess")):
+        if not (folder / manifest).is_file():
+            raise PackagingError(f"{folder} holds no {stage} output ({manifest}), which packaging reads; "
+                                 f"the winner is run {winner.run_id} ({winner.run_name}): {winner.restore_hint()}")
 
 
 def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS):
@@ -262,8 +284,8 @@ def resolve_checkpoint(client, winner: Winner, checkpoint: str | Path, workdir: 
     where = f"{checkpoint} belongs to run {local_run}" if checkpoint.is_file() else f"{checkpoint} does not exist"
     raise PackagingError(
         f"the best run {winner.run_id} ({winner.run_name}, {VAL_METRIC}={winner.val_mae_years:.3f}) has no "
-        f"checkpoint here: {where}, and the run logged no {CHECKPOINT_FILE} artifact. Restore that "
-        f"experiment's outputs (dvc exp apply <exp>; dvc checkout) or pass its checkpoint"
+        f"checkpoint here: {where}, and the run logged no {CHECKPOINT_FILE} artifact; {winner.restore_hint()}, "
+        "or pass its checkpoint"
     )
 
 
@@ -419,6 +441,7 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     winner = select_winner(client)  # logs the rule and every candidate's numbers
+    check_workspace(winner, detector_dir, faces_dir)
     log.info("winner: run %s (%s) %s=%.3f %s=%.3f", winner.run_id, winner.run_name, VAL_METRIC,
              winner.val_mae_years, TEST_METRIC, winner.test_mae_years)
     with tempfile.TemporaryDirectory(prefix="faceage-package-") as tmp:

@@ -21,6 +21,7 @@ from faceage.paths import repo_root
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "face-age"
+DVC_EXPERIMENT_TAG = "dvc_experiment"  # the DVC experiment a run trained in (``dvc exp run`` names it)
 
 
 @contextmanager

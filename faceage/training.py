@@ -68,7 +68,7 @@ from faceage.model import (
     MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature, input_stats, load_pretrained, save_checkpoint,
 )
 from faceage.preprocess import MANIFEST, read_crop_settings
-from faceage.tracking import git_commit, mlflow_env, setup_mlflow, tracking_uri, write_run_file
+from faceage.tracking import DVC_EXPERIMENT_TAG, git_commit, mlflow_env, setup_mlflow, tracking_uri, write_run_file
 from faceage.transforms import train_augment
 
 log = logging.getLogger(__name__)
@@ -690,6 +690,8 @@ class _Tracker:
         self.mlflow.set_tags({"git_commit": self.commit, "data_sha256": self.crop["data_sha256"],
                               "data_source": self.crop["data_source"], "backbone": p.backbone,
                               "device": self.device.type})
+        if os.environ.get("DVC_EXP_NAME"):  # set by dvc exp run: the name dvc exp show / apply know it by
+            self.mlflow.set_tag(DVC_EXPERIMENT_TAG, os.environ["DVC_EXP_NAME"])
         self.state = TrainState(self.fingerprint, run_id=run.info.run_id)
         # Saved at once, so a run killed before its first epoch ends is continued, not left RUNNING.
         save_state(self.state_path, self.state)

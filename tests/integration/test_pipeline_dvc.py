@@ -171,7 +171,9 @@ def test_queued_experiments_side_by_side_on_a_fresh_clone_all_land(sample_dir, e
     """`dvc exp run --queue` twice, then `dvc queue start -j 2`, before any run made the MLflow store
     or the caches: both experiments run every stage at once, each in a `.dvc/tmp/exps` copy. One used
     to fail in `train` ("duplicate column name: step": MLflow creating the new database from two
-    processes). Both must land in the repo root's store, and the shared caches be filled once."""
+    processes). Both must land in the repo root's store, and the shared caches be filled once.
+    Then packaging, as a user would: it names the winning experiment to apply, and packages it once
+    applied."""
     from mlflow import MlflowClient
 
     from faceage.detector import AGE_WHEEL
@@ -196,8 +198,21 @@ def test_queued_experiments_side_by_side_on_a_fresh_clone_all_land(sample_dir, e
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("face-age").experiment_id])
     assert sorted(r.data.params["train.seed"] for r in runs) == ["1", "2"]
+    assert {r.data.params["train.seed"]: r.data.tags["dvc_experiment"] for r in runs} == {"1": "seed1", "2": "seed2"}
     assert all(r.info.status == "FINISHED" and "external_utk_external_mae" in r.data.metrics for r in runs)
     # One download of the age network's wheel and one crop of the external set, at the repo root.
     assert (root / ".cache" / "downloads" / AGE_WHEEL).is_file()
     assert len(list((root / ".cache" / "external").glob("utk_external-*"))) == 1
     assert sum(log.count("external set utk_external: detecting and cropping") for log in logs.values()) == 1
+
+    # The workspace holds no outputs yet: packaging says which experiment to apply.
+    package = [sys.executable, "stages/package.py", "--out", "package.json"]
+    env = {**env, "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml")), "BENTOML_DO_NOT_TRACK": "True"}
+    refused = subprocess.run(package, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    [name] = re.findall(r"`dvc exp apply (seed[12])`", refused.stderr)
+    winner = next(r for r in runs if r.data.tags["dvc_experiment"] == name)
+    assert winner.data.metrics["best_val_mae"] == min(r.data.metrics["best_val_mae"] for r in runs)
+    run(["dvc", "exp", "apply", name], root, env)
+    run(package, root, env)
+    assert json.loads((root / "package.json").read_text())["mlflow_run_id"] == winner.info.run_id

@@ -7,9 +7,9 @@ import mlflow
 import pytest
 import torch
 
-from faceage.packaging import (SELECTION_RULE, Candidate, PackagingError, Winner, guard_margin, rank_candidates,
-                               resolve_checkpoint, select_winner, selection_table)
-from faceage.tracking import EXPERIMENT
+from faceage.packaging import (SELECTION_RULE, Candidate, PackagingError, Winner, check_workspace, guard_margin,
+                               rank_candidates, resolve_checkpoint, select_winner, selection_table)
+from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,29 @@ def test_a_checkpoint_from_another_run_is_refused(client, tmp_path):
         resolve_checkpoint(client, winner, tmp_path / "model.pt", tmp_path)
     torch.save({"format": "faceage-checkpoint/1", "mlflow_run_id": run_id}, tmp_path / "model.pt")
     assert resolve_checkpoint(client, winner, tmp_path / "model.pt", tmp_path) == tmp_path / "model.pt"
+
+
+def test_a_workspace_without_the_outputs_names_the_experiment_to_apply(client, tmp_path):
+    """After `dvc exp run --queue` the outputs packaging reads stay in DVC's cache: the message says
+    which experiment to apply, from the tag train set (DVC_EXP_NAME)."""
+    run_id = add_run(client, "best", {"best_val_mae": 6.0, "test_mae_years": 7.0})
+    client.set_tag(run_id, DVC_EXPERIMENT_TAG, "quick-seed2")
+    winner = select_winner(client)
+    assert winner.dvc_experiment == "quick-seed2"
+    detector, faces = tmp_path / "models" / "detector", tmp_path / "data" / "faces"
+    with pytest.raises(PackagingError, match=r"detector holds no fetch_detector output .* run "
+                       + run_id + r" \(best\): it trained in DVC experiment 'quick-seed2': `dvc exp apply quick-seed2`"):
+        check_workspace(winner, detector, faces)
+    detector.mkdir(parents=True)
+    (detector / "manifest.json").write_text("{}")
+    with pytest.raises(PackagingError, match=r"faces holds no preprocess output \(manifest.csv\)"):
+        check_workspace(winner, detector, faces)
+    faces.mkdir(parents=True)
+    (faces / "manifest.csv").write_text("split,file_name\n")
+    check_workspace(winner, detector, faces)
+    plain = Winner(run_id, "best", 6.0, 7.0, 0, None, None)  # trained by dvc repro: no experiment name
+    with pytest.raises(PackagingError, match=r"dvc exp apply <exp>; dvc checkout\), or dvc repro"):
+        check_workspace(plain, tmp_path / "elsewhere", faces)
 
 
 def test_bento_model_holds_checkpoint_onnx_export_detector_files_and_lineage(tmp_path):
