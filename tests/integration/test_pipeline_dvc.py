@@ -81,6 +81,19 @@ def test_repro_runs_every_stage_and_writes_outputs(project):
     assert "mae_years" in shown
 
 
+def test_dvc_plots_render_every_declared_plot(project):
+    """`dvc plots show`, as a user compares runs: every plot in dvc.yaml loads from the outputs."""
+    root, env = project["root"], project["env"]
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], root, env))
+    declared = yaml.safe_load((root / "dvc.yaml").read_text())["plots"]
+    assert not shown.get("errors"), shown.get("errors")
+    assert len(shown["data"]) == len(declared), sorted(shown["data"])
+    for key, [entry] in shown["data"].items():  # one revision: the workspace
+        assert entry["url"] if entry["type"] == "image" else entry["content"]["data"]["values"], key
+    points = shown["data"]["Predicted vs true age"][0]["content"]["data"]["values"]
+    assert len(points) == 8 and {"true_age", "predicted_age"} <= set(points[0])  # every test face
+
+
 def test_run_is_in_the_repo_root_mlflow_db(project):
     from mlflow import MlflowClient
 
