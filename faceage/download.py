@@ -124,8 +124,7 @@ def download(
         ChecksumError: The complete file does not match ``md5``/``sha256``.
         DownloadError: An HTTP error, or the connection kept failing.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = Path(dest)  # locked() makes its folder
     # Runs side by side (dvc queue start -j 2) share the cache: one fetches, the other waits and reuses.
     with locked(dest, f"downloading {url} to {dest}"):
         return _download_locked(url, dest, md5, sha256, retries, timeout_s, backoff_s, progress)

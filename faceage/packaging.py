@@ -46,6 +46,7 @@ from faceage.external import external_maes
 from faceage.faces import crop_retry_pad
 from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
+from faceage.preprocess import MANIFEST as FACES_MANIFEST, read_faces_manifest
 from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, git_commit
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def check_workspace(winner: Winner, detector_dir: str | Path, faces_dir: str | P
         PackagingError: ``detector_dir`` or ``faces_dir`` holds no pipeline output; names the fix.
     """
     for folder, manifest, stage in ((Path(detector_dir), MANIFEST, "fetch_detector"),
-                                    (Path(faces_dir), "manifest.csv", "preprocess")):
+                                    (Path(faces_dir), FACES_MANIFEST, "preprocess")):
         if not (folder / manifest).is_file():
             raise PackagingError(f"{folder} holds no {stage} output ({manifest}), which packaging reads; "
                                  f"the winner is run {winner.run_id} ({winner.run_name}): {winner.restore_hint()}")
@@ -338,15 +339,13 @@ def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES,
     Raises:
         PackagingError: The folder holds no crops (or no chips for them).
     """
-    from faceage.preprocess import read_faces_manifest
-
     faces_dir = Path(faces_dir)
-    if not (faces_dir / "manifest.csv").is_file():
-        raise PackagingError(f"{faces_dir} has no preprocess output (manifest.csv): the ONNX export is checked "
+    if not (faces_dir / FACES_MANIFEST).is_file():
+        raise PackagingError(f"{faces_dir} has no preprocess output ({FACES_MANIFEST}): the ONNX export is checked "
                              "on real face crops; run the preprocess stage or pass --faces")
     rows = sorted(read_faces_manifest(faces_dir), key=lambda r: r["split"] != "test")[:limit]
     if not rows:
-        raise PackagingError(f"{faces_dir}/manifest.csv lists no face crops to check the ONNX export on")
+        raise PackagingError(f"{faces_dir}/{FACES_MANIFEST} lists no face crops to check the ONNX export on")
     if chips:
         from faceage.chips import CHIPS_FILE, load_chips
 

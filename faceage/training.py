@@ -690,8 +690,8 @@ class _Tracker:
         self.mlflow.set_tags({"git_commit": self.commit, "data_sha256": self.crop["data_sha256"],
                               "data_source": self.crop["data_source"], "backbone": p.backbone,
                               "device": self.device.type})
-        if os.environ.get("DVC_EXP_NAME"):  # set by dvc exp run: the name dvc exp show / apply know it by
-            self.mlflow.set_tag(DVC_EXPERIMENT_TAG, os.environ["DVC_EXP_NAME"])
+        if name := os.environ.get("DVC_EXP_NAME"):  # set by dvc exp run: the name dvc exp show / apply know it by
+            self.mlflow.set_tag(DVC_EXPERIMENT_TAG, name)
         self.state = TrainState(self.fingerprint, run_id=run.info.run_id)
         # Saved at once, so a run killed before its first epoch ends is continued, not left RUNNING.
         save_state(self.state_path, self.state)
