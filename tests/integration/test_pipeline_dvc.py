@@ -26,11 +26,19 @@ def run(cmd, cwd, env):
 
 STAGES = ("fetch_data", "fetch_detector", "preprocess", "train", "evaluate")
 GITIGNORE = "mlflow.db\n.mlflow.db.lock\nmlruns/\n.cache/\n"
+GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
 
 def stages_run(output: str) -> set[str]:
     """Which of :data:`STAGES` a `dvc repro` output says it ran."""
     return {s for s in STAGES if f"Running stage '{s}'" in output}
+
+
+def commit_all(root: Path, env: dict, message: str) -> None:
+    """Commits the project as a user would, the tracking store and caches ignored (they are not data)."""
+    (root / ".gitignore").write_text(GITIGNORE)
+    run(["git", "add", "-A"], root, env)
+    run([*GIT, "commit", "-q", "-m", message], root, env)
 
 
 def new_project(sample_dir, external_dir, tmp_path_factory) -> tuple[Path, dict]:
@@ -50,7 +58,7 @@ def new_project(sample_dir, external_dir, tmp_path_factory) -> tuple[Path, dict]
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
     run(["git", "init", "-q"], root, env)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], root, env)
+    run([*GIT, "commit", "-q", "--allow-empty", "-m", "init"], root, env)
     run(["dvc", "init", "-q"], root, env)
     return root, env
 
@@ -162,11 +170,9 @@ def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
     """A DVC remote (a local path here; S3/SSH work the same): the cached outputs travel through it,
     dvc.lock and the small `cache: false` outputs (metrics, reports, run.json) through git."""
     root, env = project["root"], project["env"]
-    (root / ".gitignore").write_text(GITIGNORE)  # the tracking store is not data
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], root, env)
     pushed = run(["dvc", "push"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "pipeline outputs"], root, env)
+    commit_all(root, env, "pipeline outputs")
     assert "pushed" in pushed or "uploaded" in pushed.lower()
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
@@ -192,9 +198,7 @@ def test_queued_experiments_side_by_side_on_a_fresh_clone_all_land(sample_dir, e
     from faceage.detector import AGE_WHEEL
 
     root, env = new_project(sample_dir, external_dir, tmp_path_factory)
-    (root / ".gitignore").write_text(GITIGNORE)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "pipeline"], root, env)
+    commit_all(root, env, "pipeline")
     for seed in (1, 2):
         run(["dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"train.seed={seed}"], root, env)
     run(["dvc", "queue", "start", "-j", "2"], root, env)
