@@ -18,8 +18,9 @@ from pathlib import Path
 
 from faceage.config import load_params
 from faceage.detector import CNN_FILE, HOG_FILE, fetch_detector_files, read_manifest
-from faceage.external import crop_counts, external_faces, resolve_external
+from faceage.external import crop_counts, external_faces
 from faceage.paths import repo_root
+from faceage.sources import resolve_external
 
 
 def main() -> None:

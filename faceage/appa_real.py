@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 from faceage.atomic import staged_dir
 from faceage.download import ChecksumError, download, file_digest
 from faceage.errors import FaceAgeError
-from faceage.paths import downloads_dir
+from faceage.paths import downloads_dir, from_root
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,31 @@ def dataset_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
+def is_url(source: str) -> bool:
+    """Whether ``fetch_data.source`` is a URL (else a local zip or folder)."""
+    return urlparse(source).scheme in ("http", "https")
+
+
+def local_source(source: str) -> Path:
+    """A local ``fetch_data.source``, resolved (relative: from the repo root, :func:`faceage.paths.from_root`).
+
+    Raises:
+        LayoutError: Nothing is there.
+    """
+    local = from_root(source)
+    if not local.exists():
+        raise LayoutError(f"fetch_data.source {source!r} does not exist (resolved to {local}; expected a URL, "
+                          "a .zip or a folder; a relative path is taken from the repo root)")
+    return local
+
+
 def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "",
                     cache_dir: str | Path | None = None) -> dict:
     """Materialises APPA-REAL from ``source`` into ``out_dir``, validated, atomically.
 
     Args:
-        source: The release zip's URL, a local ``.zip`` path, or a local folder.
+        source: The release zip's URL, a local ``.zip`` path, or a local folder (relative: from the repo
+            root, :func:`faceage.paths.from_root`).
         out_dir: Destination folder; it is replaced only after validation succeeds.
         md5: Expected md5 of a downloaded or local zip ("" skips the check).
         cache_dir: Where downloads are kept (partial ones are resumed from there); default
@@ -181,14 +200,11 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "",
         faceage.download.DownloadError: The download failed or its checksum differs.
     """
     out_dir = Path(out_dir)
-    parsed = urlparse(source)
-    if parsed.scheme in ("http", "https"):
-        name = Path(parsed.path).name or "appa-real-release.zip"
+    if is_url(source):
+        name = Path(urlparse(source).path).name or "appa-real-release.zip"
         local = download(source, Path(cache_dir or downloads_dir()) / name, md5=md5 or None)
     else:
-        local = Path(source).expanduser()
-        if not local.exists():
-            raise LayoutError(f"fetch_data.source {source!r} does not exist (expected a URL, a .zip or a folder)")
+        local = local_source(source)
         if local.is_file() and md5:
             got = file_digest(local, "md5")
             if got != md5:

@@ -32,12 +32,12 @@ import torch
 from faceage.config import EvaluateParams
 from faceage.chips import DLIB_AGE
 from faceage.data import load_split
-from faceage.external import (ExternalSet, ExternalSetError, crop_counts, external_chips, external_embeddings,
-                              external_faces, resolve_external)
+from faceage.external import crop_counts, external_chips, external_embeddings, external_faces
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
 from faceage.inputs import DLIB_FACE_EMBEDDING, reads_pairs
 from faceage.preprocess import read_faces_manifest
+from faceage.sources import ExternalSet, ExternalSetError, resolve_external
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
@@ -150,7 +150,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
 
     Args:
         age_model: The loaded checkpoint.
-        sets: The resolved ``evaluate.external`` sets (:func:`faceage.external.resolve_external`).
+        sets: The resolved ``evaluate.external`` sets (:func:`faceage.sources.resolve_external`).
         p: The ``evaluate`` section (``batch_size``, ``cs_years``).
         detector_dir: The ``fetch_detector`` folder (detector, and the face encoder of ``dlib_face`` models).
         train_mean: Mean training age, for the always-the-training-mean baseline.
@@ -161,7 +161,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
         ``[set, file_name, true_age, predicted_age, predicted_std, abs_error]``.
 
     Raises:
-        faceage.external.ExternalSetError: A set has no face at all, or the detector is not the checkpoint's.
+        faceage.sources.ExternalSetError: A set has no face at all, or the detector is not the checkpoint's.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else repo_root() / ".cache" / "external"
     meta = age_model.meta
@@ -239,7 +239,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
 
     Raises:
         ValueError: ``p.external`` lists sets but no ``detector_dir`` is given.
-        faceage.external.ExternalSetError: An external set is missing or malformed (named).
+        faceage.sources.ExternalSetError: An external set is missing or malformed (named).
     """
     if p.external and detector_dir is None:
         raise ValueError(f"evaluate.external={list(p.external)} needs the detector folder (detector_dir)")

@@ -20,86 +20,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from faceage.appa_real import LayoutError, dataset_fingerprint, read_split
+from faceage.appa_real import dataset_fingerprint, read_split
 from faceage.atomic import locked, staged_dir
 from faceage.config import PreprocessParams
 from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.faces import crop_retry_pad
 from faceage.preprocess import SETTINGS, count_statuses, crop_samples, read_faces_manifest
+from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError
 
 log = logging.getLogger(__name__)
 
-SPLIT = "test"
 EMBEDDINGS = "embeddings.npz"
 # 3: chips.npz also holds the 150 px face-recognition chips; 2: preprocess writes chips.npz, cut from the
 # unresampled margin regions (1: chips cut later from the crops)
 FACES_FORMAT = 3
 # The crop settings that decide the pixels of a crop (workers and data lineage do not).
 CROP_KEYS = ("detector", "upsample", "retry_pad", "margin", "size", "no_face", "detector_file", "detector_sha256")
-
-
-class ExternalSetError(LayoutError):
-    """An ``evaluate.external`` entry is missing or not in the release layout; the message names it."""
-
-
-@dataclass(frozen=True)
-class ExternalSet:
-    """One cross-dataset test set: its metric name, the folder given and where it resolved."""
-
-    name: str
-    given: str
-    path: Path
-
-
-def external_name(path: str) -> str:
-    """The metric-safe name of a set: its folder name, non-alphanumerics as ``_`` (``utk-external`` -> ``utk_external``)."""
-    name = re.sub(r"[^0-9A-Za-z]+", "_", Path(path.rstrip("/\\")).name).strip("_").lower()
-    if not name:
-        raise ExternalSetError(f"evaluate.external: cannot name a set after {path!r}")
-    return name
-
-
-def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path) -> list[ExternalSet]:
-    """Resolves ``evaluate.external`` entries (relative ones against ``root``) and checks their layout.
-
-    Args:
-        paths: The ``evaluate.external`` entries.
-        root: The repository root.
-
-    Returns:
-        One :class:`ExternalSet` per entry, in order.
-
-    Raises:
-        ExternalSetError: A folder is missing, lacks ``gt_avg_test.csv`` or a listed image,
-            or two entries have the same name.
-    """
-    sets = []
-    for given in paths:
-        path = Path(given).expanduser()
-        path = (path if path.is_absolute() else Path(root) / path).resolve()
-        if not path.is_dir():
-            raise ExternalSetError(
-                f"evaluate.external: {given!r} not found (resolved to {path}); it must be a folder with "
-                "gt_avg_test.csv and test/ (set evaluate.external=[] to skip cross-dataset evaluation)")
-        try:
-            samples = read_split(path, SPLIT)
-        except LayoutError as e:
-            raise ExternalSetError(f"evaluate.external: {given!r}: {e}") from e
-        missing = [s.file_name for s in samples if not (path / SPLIT / s.file_name).is_file()]
-        if missing:
-            raise ExternalSetError(f"evaluate.external: {given!r}: {len(missing)} of {len(samples)} images listed in "
-                                   f"gt_avg_test.csv are missing from {path / SPLIT}, e.g. {missing[:5]}")
-        sets.append(ExternalSet(external_name(given), given, path))
-    names = [s.name for s in sets]
-    if len(set(names)) != len(names):
-        raise ExternalSetError(f"evaluate.external: two sets share a name ({names}): give the folders distinct names")
-    return sets
 
 
 def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
@@ -123,7 +63,7 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
     """The set's faces folder (crops + manifest) for these crop settings, from the cache or made now.
 
     Args:
-        ext: From :func:`resolve_external`.
+        ext: From :func:`faceage.sources.resolve_external`.
         crop: The checkpoint's crop settings (``meta["crop"]``).
         detector_dir: The ``fetch_detector`` folder; its detector file must be the checkpoint's.
         cache_dir: Where cropped sets are kept.
@@ -148,9 +88,9 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
                  "no_face=%s)", ext.name, ext.path, params.detector, params.upsample, params.margin, params.size,
                  params.no_face)
         with staged_dir(out) as tmp:
-            rows = crop_samples({SPLIT: read_split(ext.path, SPLIT)}, ext.path, detector_dir, tmp, params)
+            rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp, params)
             settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
-                        "counts": count_statuses(rows)[SPLIT]}
+                        "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
             (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return out
 
@@ -180,7 +120,7 @@ def external_chips(faces_dir: Path) -> Path:
 def crop_counts(faces_dir: Path) -> dict[str, int]:
     """How the set's images fared: ``n_images``, ``n_faces`` (scored), and each status count."""
     counts = json.loads((faces_dir / SETTINGS).read_text())["counts"]
-    return {"n_images": sum(counts.values()), "n_faces": len(read_faces_manifest(faces_dir, SPLIT)), **counts}
+    return {"n_images": sum(counts.values()), "n_faces": len(read_faces_manifest(faces_dir, EXTERNAL_SPLIT)), **counts}
 
 
 def external_maes(metrics: dict[str, float]) -> dict[str, float]:

@@ -26,3 +26,10 @@ def downloads_dir(start: str | Path | None = None) -> Path:
     """The download cache (``.cache/downloads`` at :func:`repo_root`): partial downloads resume from
     there, and a file fetched once serves every later run, temp runs included, offline."""
     return repo_root(start) / ".cache" / "downloads"
+
+
+def from_root(given: str | Path, start: str | Path | None = None) -> Path:
+    """A local path from ``params.yaml``: ``~`` expanded, a relative one taken from :func:`repo_root`,
+    so ``../shared/...`` means the same folder in the workspace and in a ``dvc exp run --temp`` copy."""
+    path = Path(given).expanduser()
+    return path if path.is_absolute() else repo_root(start) / path

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from faceage.config import ConfigError, EvaluateParams, params_from_dict
-from faceage.external import (ExternalSetError, cache_key, crop_counts, external_faces, external_name,
-                              resolve_external)
+from faceage.external import cache_key, crop_counts, external_faces
+from faceage.sources import ExternalSetError, external_name, resolve_external
 from tests.unit.test_config import raw_params
 
 COLUMNS = ["file_name", "num_ratings", "apparent_age_avg", "apparent_age_std", "real_age"]

@@ -1,0 +1,159 @@
+"""The data the pipeline reads from outside the repo, and a fingerprint of each for DVC.
+
+DVC decides what to rerun from params and from files inside the repo. A local
+``fetch_data.source`` (folder or zip) and the ``evaluate.external`` folders live outside it, so
+an edited label or an added image there left ``dvc repro`` skipping ``fetch_data`` and
+``evaluate`` and reporting stale results. The ``check_sources`` stage (``always_changed``) writes
+a fingerprint of each on every run: the sha256 over every file's path and bytes
+(:func:`faceage.appa_real.dataset_fingerprint`), or of the zip. ``fetch_data`` depends on
+``data/source.json`` and ``evaluate`` on ``data/external.json``: they rerun exactly when the bytes
+they read changed, and an unchanged source reruns nothing else. A URL is pinned by
+``fetch_data.md5`` (the download is checked against it), so its fingerprint is the URL and the
+md5: no network access.
+
+A source that is not on this machine (a teammate who ``dvc pull``-ed the outputs, not the raw
+data) keeps the fingerprint recorded for the same params, with a warning; with none recorded,
+it fails with the message that names it. Relative local paths are taken from the repo root
+(:func:`faceage.paths.from_root`), also inside ``dvc exp run --temp``/``--queue`` copies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from faceage.appa_real import LayoutError, dataset_fingerprint, is_url, local_source, read_split
+from faceage.download import file_digest
+from faceage.paths import from_root
+
+log = logging.getLogger(__name__)
+
+EXTERNAL_SPLIT = "test"
+SOURCE_FILE = "data/source.json"      # fetch_data's dependency
+EXTERNAL_FILE = "data/external.json"  # evaluate's dependency
+
+
+class ExternalSetError(LayoutError):
+    """An ``evaluate.external`` entry is missing or not in the release layout; the message names it."""
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    """One cross-dataset test set: its metric name, the folder given and where it resolved."""
+
+    name: str
+    given: str
+    path: Path
+
+
+def external_name(path: str) -> str:
+    """The metric-safe name of a set: its folder name, non-alphanumerics as ``_`` (``utk-external`` -> ``utk_external``)."""
+    name = re.sub(r"[^0-9A-Za-z]+", "_", Path(path.rstrip("/\\")).name).strip("_").lower()
+    if not name:
+        raise ExternalSetError(f"evaluate.external: cannot name a set after {path!r}")
+    return name
+
+
+def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path | None = None) -> list[ExternalSet]:
+    """Resolves ``evaluate.external`` entries (relative ones from the repo root) and checks their layout.
+
+    Args:
+        paths: The ``evaluate.external`` entries.
+        root: Where relative entries start (default: :func:`faceage.paths.repo_root`).
+
+    Returns:
+        One :class:`ExternalSet` per entry, in order.
+
+    Raises:
+        ExternalSetError: A folder is missing, lacks ``gt_avg_test.csv`` or a listed image,
+            or two entries have the same name.
+    """
+    sets = []
+    for given in paths:
+        path = from_root(given, root).resolve()
+        if not path.is_dir():
+            raise ExternalSetError(
+                f"evaluate.external: {given!r} not found (resolved to {path}); it must be a folder with "
+                "gt_avg_test.csv and test/ (set evaluate.external=[] to skip cross-dataset evaluation)")
+        try:
+            samples = read_split(path, EXTERNAL_SPLIT)
+        except LayoutError as e:
+            raise ExternalSetError(f"evaluate.external: {given!r}: {e}") from e
+        missing = [s.file_name for s in samples if not (path / EXTERNAL_SPLIT / s.file_name).is_file()]
+        if missing:
+            raise ExternalSetError(f"evaluate.external: {given!r}: {len(missing)} of {len(samples)} images listed in "
+                                   f"gt_avg_test.csv are missing from {path / EXTERNAL_SPLIT}, e.g. {missing[:5]}")
+        sets.append(ExternalSet(external_name(given), given, path))
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ExternalSetError(f"evaluate.external: two sets share a name ({names}): give the folders distinct names")
+    return sets
+
+
+def source_fingerprint(source: str, md5: str = "") -> dict[str, Any]:
+    """What ``fetch_data`` would read from ``fetch_data.source``, as a small JSON-able record.
+
+    A URL: the URL and ``md5`` (its download is checked against it; nothing is fetched here). A
+    local folder: its file count and :func:`faceage.appa_real.dataset_fingerprint`. A local file
+    (zip): its size and sha256. The record holds no absolute path or time stamp, so the same bytes
+    give the same record on every machine.
+
+    Raises:
+        LayoutError: A local source does not exist (the message names it and where it resolved).
+    """
+    record: dict[str, Any] = {"source": source, "md5": md5}
+    if is_url(source):
+        return {**record, "kind": "url"}
+    local = local_source(source)
+    if local.is_dir():
+        files = sum(1 for p in local.rglob("*") if p.is_file())
+        return {**record, "kind": "folder", "files": files, "sha256": dataset_fingerprint(local)}
+    return {**record, "kind": "file", "bytes": local.stat().st_size, "sha256": file_digest(local)}
+
+
+def external_fingerprint(paths: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """The ``evaluate.external`` sets' record: each set's name, folder as given and bytes' fingerprint.
+
+    Raises:
+        ExternalSetError: A set is missing or not in the release layout (:func:`resolve_external`).
+    """
+    sets = [{"name": s.name, "source": s.given, "sha256": dataset_fingerprint(s.path)}
+            for s in resolve_external(paths)]
+    return {"sources": list(paths), "sets": sets}
+
+
+def refresh(path: str | Path, fingerprint: Callable[[], dict[str, Any]], given: dict[str, Any]) -> dict[str, Any]:
+    """Writes ``fingerprint()`` to ``path`` (the same bytes when nothing changed, so DVC reruns nothing).
+
+    Args:
+        path: The record file (a ``persist`` output of ``check_sources``).
+        fingerprint: Computes the record; it raises :class:`LayoutError` when the data are not here.
+        given: The params the record is for (keys of the record): where the data are missing, a
+            recorded fingerprint with these values is kept, with a warning.
+
+    Returns:
+        The record now in ``path``.
+
+    Raises:
+        LayoutError: The data are not here and no fingerprint is recorded for these params.
+    """
+    path = Path(path)
+    try:
+        record = fingerprint()
+    except LayoutError as e:
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        if previous and all(previous.get(k) == v for k, v in given.items()):
+            log.warning("%s; keeping the fingerprint recorded in %s (the outputs that depend on it come from "
+                        "the DVC cache, and the stages that read the data cannot rerun on this machine)", e, path)
+            return previous
+        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return record
+

@@ -1,0 +1,40 @@
+"""DVC stage check_sources (always run): fingerprints of the data outside the repo.
+
+``fetch_data`` depends on ``--source``, ``evaluate`` on ``--external`` (see :mod:`faceage.sources`):
+an edited or added image in a local ``fetch_data.source`` or an ``evaluate.external`` folder reruns
+the stage that reads it; an unchanged one reruns nothing.
+"""
+
+import argparse
+import logging
+
+from faceage.config import load_params
+from faceage.logs import run_stage, setup_logging
+from faceage.sources import EXTERNAL_FILE, SOURCE_FILE, external_fingerprint, refresh, source_fingerprint
+
+log = logging.getLogger("faceage.sources")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--source", default=SOURCE_FILE, help="fetch_data.source's fingerprint (JSON)")
+    parser.add_argument("--external", default=EXTERNAL_FILE, help="evaluate.external's fingerprints (JSON)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    fetch, external = params.fetch_data, list(params.evaluate.external)
+    source = refresh(args.source, lambda: source_fingerprint(fetch.source, fetch.md5),
+                     {"source": fetch.source, "md5": fetch.md5})
+    sets = refresh(args.external, lambda: external_fingerprint(external), {"sources": external})
+    log.info("fetch_data.source: %s %s; evaluate.external: %s", source["kind"],
+             source.get("sha256", source["md5"] or "(no md5)")[:12],
+             ", ".join(f"{s['name']} {s['sha256'][:12]}" for s in sets["sets"]) or "none")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,126 @@
+"""Fingerprints of the data outside the repo (``check_sources``), and relative sources in DVC temp runs."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from faceage.appa_real import LayoutError, fetch_appa_real
+from faceage.download import file_digest
+from faceage.sources import ExternalSetError, external_fingerprint, refresh, source_fingerprint
+from tests.unit.test_appa_real import make_release
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def edit_label(folder: Path, split: str = "test") -> None:
+    labels = folder / f"gt_avg_{split}.csv"
+    labels.write_text(labels.read_text().replace("20.5", "50.5", 1))
+
+
+def test_a_folder_is_known_by_its_bytes_not_its_path_or_times(tmp_path):
+    src = make_release(tmp_path / "src")
+    first = source_fingerprint(str(src))
+    assert first["kind"] == "folder" and first["files"] == 2 * 9 + 3 and len(first["sha256"]) == 64
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)  # new inodes and times, the same bytes
+    os.utime(copy / "test" / "test000.jpg", (1, 1))
+    assert source_fingerprint(str(copy))["sha256"] == first["sha256"]
+
+    edit_label(src)  # a relabelled face
+    relabelled = source_fingerprint(str(src))
+    assert relabelled["sha256"] != first["sha256"] and relabelled["files"] == first["files"]
+    shutil.copyfile(src / "test" / "test000.jpg", src / "test" / "extra.jpg")  # an added image
+    added = source_fingerprint(str(src))
+    assert added["files"] == first["files"] + 1 and added["sha256"] not in (first["sha256"], relabelled["sha256"])
+
+
+def test_a_zip_is_its_sha256_and_a_url_is_pinned_by_its_md5_without_a_request(tmp_path):
+    src = make_release(tmp_path / "appa-real-release")
+    archive = tmp_path / "release.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in src.rglob("*"):
+            zf.write(p, p.relative_to(tmp_path))
+    record = source_fingerprint(str(archive), "")
+    assert record["kind"] == "file" and record["sha256"] == file_digest(archive)
+    assert record["bytes"] == archive.stat().st_size
+    # Port 9 on 127.0.0.1 (discard) has no server here: any request would fail.
+    url = source_fingerprint("http://127.0.0.1:9/appa-real-release.zip", "abc")
+    assert url == {"source": "http://127.0.0.1:9/appa-real-release.zip", "md5": "abc", "kind": "url"}
+
+
+def test_a_relative_source_is_read_from_the_repo_root_also_in_a_dvc_temp_run(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    make_release(project / "datasets" / "mine")
+    temp_run = project / ".dvc" / "tmp" / "exps" / "standalone" / "tmpk2x9"
+    temp_run.mkdir(parents=True)
+    monkeypatch.chdir(temp_run)  # where `dvc exp run --temp` runs each stage
+    assert source_fingerprint("datasets/mine")["sha256"] == source_fingerprint(str(project / "datasets" / "mine"))["sha256"]
+    info = fetch_appa_real("datasets/mine", temp_run / "data" / "raw")
+    assert info["counts"] == {"train": 3, "valid": 3, "test": 3}
+    [ext] = external_fingerprint(["datasets/mine"])["sets"]
+    assert ext["name"] == "mine" and ext["source"] == "datasets/mine"
+    with pytest.raises(LayoutError, match=r"'nowhere' does not exist \(resolved to .*project/nowhere"):
+        source_fingerprint("nowhere")
+    with pytest.raises(ExternalSetError, match="'nowhere' not found"):
+        external_fingerprint(["nowhere"])
+
+
+def test_refresh_rewrites_only_a_changed_record(tmp_path):
+    src = make_release(tmp_path / "src")
+    out = tmp_path / "data" / "source.json"
+    given = {"source": str(src), "md5": ""}
+    record = refresh(out, lambda: source_fingerprint(str(src)), given)
+    assert json.loads(out.read_text()) == record
+    os.utime(out, (1, 1))
+    refresh(out, lambda: source_fingerprint(str(src)), given)
+    assert out.stat().st_mtime == 1, "unchanged: not rewritten"
+    edit_label(src)
+    assert refresh(out, lambda: source_fingerprint(str(src)), given)["sha256"] != record["sha256"]
+    assert json.loads(out.read_text())["sha256"] != record["sha256"]
+
+
+def test_a_source_missing_here_keeps_the_fingerprint_recorded_for_the_same_params(tmp_path, caplog):
+    """A teammate who pulled the outputs from a DVC remote has no copy of the raw folder."""
+    src = make_release(tmp_path / "src")
+    out = tmp_path / "source.json"
+    given = {"source": str(src), "md5": ""}
+    record = refresh(out, lambda: source_fingerprint(str(src)), given)
+    shutil.rmtree(src)
+    with caplog.at_level(logging.WARNING, logger="faceage.sources"):
+        assert refresh(out, lambda: source_fingerprint(str(src)), given) == record
+    assert "keeping the fingerprint recorded" in caplog.text
+    with pytest.raises(LayoutError, match="does not exist"):  # another source: nothing recorded for it
+        refresh(out, lambda: source_fingerprint(str(src)), {**given, "md5": "abc"})
+    with pytest.raises(LayoutError, match="does not exist"):  # no record at all
+        refresh(tmp_path / "none.json", lambda: source_fingerprint(str(src)), given)
+
+
+def test_the_stage_writes_both_records_and_names_a_missing_external_set(tmp_path):
+    src = make_release(tmp_path / "src")
+    ext = make_release(tmp_path / "ext")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["fetch_data"].update(source=str(src), md5="")
+    params["evaluate"]["external"] = [str(ext)]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, str(REPO / "stages" / "check_sources.py"), "--params", "params.yaml",
+           "--source", "out/source.json", "--external", "out/external.json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "out" / "source.json").read_text())["kind"] == "folder"
+    [record] = json.loads((tmp_path / "out" / "external.json").read_text())["sets"]
+    assert record["name"] == "ext" and len(record["sha256"]) == 64
+
+    params["evaluate"]["external"] = [str(tmp_path / "gone")]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "ExternalSetError: evaluate.external:" in done.stderr and "gone" in done.stderr
