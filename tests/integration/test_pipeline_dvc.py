@@ -224,6 +224,14 @@ def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
         sorted(p.name for p in (root / "data" / "faces" / "test").iterdir())
     again = run(["dvc", "repro"], clone, env)
     assert stages_run(again) == set() and "Stage 'evaluate' didn't change, skipping" in again
+    # A teammate's machine without the raw source folder: its recorded fingerprint stands.
+    source = Path(yaml.safe_load((clone / "params.yaml").read_text())["fetch_data"]["source"])
+    source.rename(source.with_name("elsewhere"))
+    try:
+        again = run(["dvc", "repro"], clone, env)
+    finally:
+        source.with_name("elsewhere").rename(source)
+    assert stages_run(again) == set() and "keeping the fingerprint recorded in data/source.json" in again
     assert not (clone / "mlflow.db").exists()  # nothing ran, so nothing was tracked
 
 
