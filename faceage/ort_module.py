@@ -106,8 +106,8 @@ def cpu_runner(module: nn.Module, example: torch.Tensor, device: torch.device | 
     try:
         runner = OrtModule(module, example)
     except Exception as e:  # noqa: BLE001 - any export or runtime failure: torch is the reference
-        log.warning("%s runs in torch: the ONNX Runtime export was not usable (%s)", what, e)
+        log.warning("running %s in torch: the ONNX Runtime export was not usable (%s)", what, e)
         return in_torch
-    log.info("%s runs in ONNX Runtime (%d threads; largest difference from torch on %d real inputs: %.1e)",
+    log.info("running %s in ONNX Runtime (%d threads; largest difference from torch on %d real inputs: %.1e)",
              what, runner.session.get_session_options().intra_op_num_threads, len(example), runner.max_abs_diff)
     return runner
