@@ -180,7 +180,7 @@ def local_source(source: str) -> Path:
     return local
 
 
-def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "",
+def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors: tuple[str, ...] | list[str] = (),
                     cache_dir: str | Path | None = None) -> dict:
     """Materialises APPA-REAL from ``source`` into ``out_dir``, validated, atomically.
 
@@ -189,6 +189,7 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "",
             root, :func:`faceage.paths.from_root`).
         out_dir: Destination folder; it is replaced only after validation succeeds.
         md5: Expected md5 of a downloaded or local zip ("" skips the check).
+        mirrors: Other URLs of the zip, tried in order when a URL ``source`` fails.
         cache_dir: Where downloads are kept (partial ones are resumed from there); default
             :func:`faceage.paths.downloads_dir`.
 
@@ -202,7 +203,7 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "",
     out_dir = Path(out_dir)
     if is_url(source):
         name = Path(urlparse(source).path).name or "appa-real-release.zip"
-        local = download(source, Path(cache_dir or downloads_dir()) / name, md5=md5 or None)
+        local = download(source, Path(cache_dir or downloads_dir()) / name, md5=md5 or None, mirrors=mirrors)
     else:
         local = local_source(source)
         if local.is_file() and md5:

@@ -21,7 +21,10 @@ import yaml
 
 from faceage.errors import FaceAgeError
 
-APPA_REAL_URL = "http://158.109.8.102/AppaRealAge/appa-real-release.zip"
+APPA_REAL_URL = "https://data.chalearnlap.cvc.uab.cat/AppaRealAge/appa-real-release.zip"
+# The release's first address: public download scripts report it unreachable since 2026, so it is
+# the fallback (the same md5 pins the bytes whichever address serves them).
+APPA_REAL_MIRRORS = ("http://158.109.8.102/AppaRealAge/appa-real-release.zip",)
 APPA_REAL_MD5 = "2701c6ec291b242e6b4f8a0a56087a43"
 # train.face_features: what the fused head reads of dlib's face-recognition network (see TrainParams)
 FaceFeatures = Literal["descriptor", "layers"]
@@ -37,6 +40,8 @@ class ConfigError(FaceAgeError, ValueError):
 class FetchDataParams:
     source: str = APPA_REAL_URL  # URL of the release zip, or a local folder / .zip in its layout
     md5: str = APPA_REAL_MD5  # expected md5 of a downloaded or local zip; "" skips the check
+    # other URLs of the same zip, tried in order when a URL source fails (resuming its partial bytes)
+    mirrors: tuple[str, ...] = APPA_REAL_MIRRORS
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,10 @@ def _build_section(cls: type, name: str, raw: Any) -> Any:
 def _validate_ranges(name: str, obj: Any) -> None:
     """Range checks that the type alone cannot express."""
     checks: list[tuple[bool, str]] = []
-    if isinstance(obj, PreprocessParams):
+    if isinstance(obj, FetchDataParams):
+        checks = [(all(m.startswith(("http://", "https://")) for m in obj.mirrors),
+                   f"fetch_data.mirrors must be http(s) URLs, got {list(obj.mirrors)}")]
+    elif isinstance(obj, PreprocessParams):
         checks = [
             (0.0 <= obj.margin < 2.0, f"preprocess.margin must be in [0, 2), got {obj.margin}"),
             (obj.size >= 16, f"preprocess.size must be >= 16 px, got {obj.size}"),

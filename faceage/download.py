@@ -98,6 +98,7 @@ def download(
     *,
     md5: str | None = None,
     sha256: str | None = None,
+    mirrors: tuple[str, ...] | list[str] = (),
     retries: int = 5,
     timeout_s: float = 30.0,
     backoff_s: float = 1.0,
@@ -112,6 +113,9 @@ def download(
         dest: Final path of the file.
         md5: Expected md5 hex digest, or None.
         sha256: Expected sha256 hex digest, or None.
+        mirrors: Other URLs of the same file, tried in order when one fails (an HTTP error, a
+            connection that keeps failing, or a checksum mismatch); the next resumes the bytes
+            the last one fetched, and the checksum decides.
         retries: Attempts after a dropped connection; each resumes where the last stopped.
         timeout_s: Connect/read timeout per request.
         backoff_s: Sleep before the first retry; doubled each retry.
@@ -121,13 +125,27 @@ def download(
         ``dest`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ChecksumError: The complete file does not match ``md5``/``sha256``.
-        DownloadError: An HTTP error, or the connection kept failing.
+        ChecksumError: The complete file does not match ``md5``/``sha256`` (from every URL).
+        DownloadError: An HTTP error, or the connection kept failing (at every URL; the message
+            names each).
     """
     dest = Path(dest)  # locked() makes its folder
+    urls = [url, *mirrors]
+    failures: list[str] = []
+    last: DownloadError | None = None
     # Runs side by side (dvc queue start -j 2) share the cache: one fetches, the other waits and reuses.
     with locked(dest, f"downloading {url} to {dest}"):
-        return _download_locked(url, dest, md5, sha256, retries, timeout_s, backoff_s, progress)
+        for source, following in zip(urls, [*mirrors, None]):
+            try:
+                return _download_locked(source, dest, md5, sha256, retries, timeout_s, backoff_s, progress)
+            except DownloadError as e:
+                if not mirrors:
+                    raise
+                failures.append(f"{source}: {e}")
+                last = e
+                if following:
+                    log.warning("%s failed (%s); trying the mirror %s", source, e, following)
+    raise type(last)(f"every URL of {dest.name} failed:\n" + "\n".join(failures)) from last
 
 
 def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, retries: int, timeout_s: float,

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
     p = load_params(args.params).fetch_data
-    fetch_appa_real(p.source, args.out, md5=p.md5, cache_dir=args.cache)
+    fetch_appa_real(p.source, args.out, md5=p.md5, mirrors=p.mirrors, cache_dir=args.cache)
 
 
 if __name__ == "__main__":

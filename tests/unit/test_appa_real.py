@@ -99,3 +99,34 @@ def test_corrupt_jpeg_is_a_counted_skip_in_preprocess(tmp_path):
     assert metrics["train"]["whole_image"] == 1  # random noise: no face -> fallback
     assert metrics["total"]["unreadable"] == 2
     assert len(read_faces_manifest(tmp_path / "faces", "train")) == 1
+
+
+def test_a_dead_release_url_is_fetched_from_its_mirror(tmp_path):
+    """fetch_data.mirrors: the release's own address failing (HTTP 404 here) falls back to the next
+    address, on a real HTTP server on 127.0.0.1; the md5 pins the bytes."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    src = make_release(tmp_path / "site" / "appa-real-release")
+    archive = tmp_path / "site" / "appa-real-release.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in src.rglob("*"):
+            zf.write(p, p.relative_to(src.parent))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path / "site")))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+        info = fetch_appa_real(f"{base}/moved/appa-real-release.zip", tmp_path / "out", md5=md5,
+                               mirrors=[f"{base}/appa-real-release.zip"], cache_dir=tmp_path / "cache")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert info["counts"] == {"train": 3, "valid": 3, "test": 3}
+    assert (tmp_path / "cache" / "appa-real-release.zip").read_bytes() == archive.read_bytes()

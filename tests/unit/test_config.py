@@ -24,7 +24,8 @@ def test_documented_defaults():
     assert p.train.backbone == "resnet18"
     assert p.train.pretrained == "imagenet"
     assert p.preprocess.margin == 0.4
-    assert p.fetch_data.source == "http://158.109.8.102/AppaRealAge/appa-real-release.zip"
+    assert p.fetch_data.source == "https://data.chalearnlap.cvc.uab.cat/AppaRealAge/appa-real-release.zip"
+    assert p.fetch_data.mirrors == ("http://158.109.8.102/AppaRealAge/appa-real-release.zip",)
 
 
 def test_unknown_key_is_named():

@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import logging
 import multiprocessing
 import threading
 import time
@@ -51,16 +52,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(srv.chunk_delay_s)
 
 
-@pytest.fixture
-def server():
+def serve():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.requests, srv.drop_after, srv.ranges = [], None, True
     srv.chunk_bytes, srv.chunk_delay_s = len(BODY), 0.0
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def stop(srv):
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture
+def server():
+    srv = serve()
+    yield srv
+    stop(srv)
+
+
+@pytest.fixture
+def mirror():
+    """A second server with the same file: another host of the same release."""
+    srv = serve()
+    yield srv
+    stop(srv)
 
 
 def url(srv, path="/file.bin"):
@@ -136,6 +153,32 @@ def test_verified_existing_file_is_not_fetched_again(server, tmp_path):
 def test_unreachable_host_fails_fast(tmp_path):
     with pytest.raises(DownloadError, match="failed after 1 attempts"):
         download("http://127.0.0.1:9/x.zip", tmp_path / "x.zip", retries=0, progress=False)
+
+
+def test_a_failing_url_falls_back_to_the_mirror(server, mirror, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="faceage.download"):
+        dest = download(url(server, "/gone.bin"), tmp_path / "f.bin", md5=MD5, mirrors=[url(mirror)], progress=False)
+    assert dest.read_bytes() == BODY
+    assert "HTTP 404" in caplog.text and f"trying the mirror {url(mirror)}" in caplog.text
+    assert mirror.requests == [None]
+
+
+def test_the_mirror_resumes_what_the_first_url_fetched(server, mirror, tmp_path):
+    server.drop_after = 300_000  # the first host dies mid-body and stays down (no retries)
+    dest = download(url(server), tmp_path / "f.bin", sha256=SHA, mirrors=[url(mirror)], retries=0, progress=False)
+    assert dest.read_bytes() == BODY
+    [asked] = mirror.requests
+    assert asked.startswith("bytes=") and 65536 <= int(asked[6:].rstrip("-")) <= 300_000
+
+
+def test_every_url_failing_names_each_and_leaves_no_file(server, mirror, tmp_path):
+    urls = [url(server, "/gone.bin"), "http://127.0.0.1:9/f.bin", url(mirror, "/also-gone.bin")]
+    with pytest.raises(DownloadError, match="every URL of f.bin failed") as failed:
+        download(urls[0], tmp_path / "f.bin", mirrors=urls[1:], retries=0, progress=False)
+    assert all(u in str(failed.value) for u in urls)
+    assert not (tmp_path / "f.bin").exists()
+    with pytest.raises(ChecksumError, match="every URL"):  # wrong bytes everywhere: still a checksum error
+        download(url(server), tmp_path / "f.bin", sha256="0" * 64, mirrors=[url(mirror)], progress=False)
 
 
 def _download_in_process(address, dest, barrier, results):
