@@ -396,20 +396,47 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
     kind = input_kind(meta).name
     crops = load_check_crops(faces_dir, int(crop["size"]), chips=kind in CHIP_KINDS, pairs=kind == DLIB_CHIP_PAIR)
     with tempfile.TemporaryDirectory(prefix="faceage-export-") as tmp:
-        onnx_tmp = Path(tmp) / ONNX_FILE
+        staged = Path(tmp)
         metadata = {**metadata, "onnx_file": ONNX_FILE,
-                    **export_onnx(checkpoint, detector_dir, crops, onnx_tmp)}
+                    **export_onnx(checkpoint, detector_dir, crops, staged / ONNX_FILE)}
         labels = {"alias": CHAMPION_ALIAS, "backbone": str(metadata["backbone"]), "runtime": "onnx",
                   "registered_version": str(metadata["registered_version"])}
+        shutil.copyfile(checkpoint, staged / CHECKPOINT_FILE)
+        _copy_detector(staged, detector_dir, needed, manifest, metadata)
+        same = stored_copy(name, staged, labels)
+        if same is not None:  # `make bento` again with the same champion: no second copy of the same bytes
+            log.info("BentoML model %s already holds these exact files (run %s, the same lineage): reused",
+                     same.tag, metadata["mlflow_run_id"])
+            return same
         with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-            dest = Path(model.path)
-            shutil.copyfile(checkpoint, dest / CHECKPOINT_FILE)
-            shutil.copyfile(onnx_tmp, dest / ONNX_FILE)
-            _copy_detector(dest, detector_dir, needed, manifest, metadata)
+            shutil.copytree(staged, model.path, dirs_exist_ok=True)
     log.info("saved BentoML model %s (run %s, val MAE %.3f, test MAE %.3f, ONNX max |diff| %.1e)", model.tag,
              metadata["mlflow_run_id"], metadata["val_mae_years"], metadata["test_mae_years"],
              metadata["onnx_max_abs_diff_probs"])
     return model
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by relative path, BentoML's own ``model.yaml`` aside
+    (it holds the version and creation time)."""
+    return {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.relative_to(folder).as_posix() != "model.yaml"}
+
+
+def stored_copy(name: str, staged: Path, labels: dict[str, str]):
+    """A model ``name`` in the BentoML store whose files (the checkpoint, its ONNX export, the detector
+    files and the lineage file, which holds every metadata value) and labels equal ``staged``'s, or None."""
+    import bentoml
+
+    want = _digests(staged)
+    try:
+        stored = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:  # the first model of that name
+        return None
+    for model in stored:
+        if dict(model.info.labels) == labels and _digests(Path(model.path)) == want:
+            return model
+    return None
 
 
 def _copy_detector(dest: Path, detector_dir: str | Path, needed: list[str], manifest: dict,

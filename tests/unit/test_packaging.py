@@ -122,16 +122,23 @@ def test_bento_model_holds_checkpoint_onnx_export_detector_files_and_lineage(tmp
     astronaut = skimage_data.astronaut()
     crops = [c for image in (astronaut, astronaut[:, ::-1].copy()) for c in locator.locate(image).crops]
     faces = make_faces_dir(tmp_path / "faces", crops)
-    code = ("import sys, json, bentoml; from faceage.packaging import save_bento_model;"
-            "m = save_bento_model(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), faces_dir=sys.argv[4]);"
-            "print(m.tag, bentoml.models.get(m.tag).path)")
+    # Packaged twice as it stands (`make bento` again), then as another registered version.
+    code = ("import sys, json, logging, bentoml; from faceage.packaging import save_bento_model;"
+            "logging.basicConfig(level=logging.INFO); lineage = json.loads(sys.argv[3]);"
+            "tags = [save_bento_model(sys.argv[1], sys.argv[2], lineage, faces_dir=sys.argv[4]).tag for _ in range(2)];"
+            "tags.append(save_bento_model(sys.argv[1], sys.argv[2], {**lineage, 'registered_version': '4'},"
+            " faces_dir=sys.argv[4]).tag);"
+            "print(*tags, len(bentoml.models.list('face_age')), bentoml.models.get(tags[0]).path)")
     lineage = {"backbone": "dlib_face", "registered_version": "3", "mlflow_run_id": "r1", "val_mae_years": 5.0,
                "test_mae_years": 5.5}
     out = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(detector), json.dumps(lineage), str(faces)],
                          env={**os.environ, "BENTOML_HOME": str(tmp_path / "home")}, capture_output=True, text=True,
-                         check=True, timeout=300)
-    tag, path = out.stdout.split()[-2:]
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tag, again, other, stored_models, path = out.stdout.split()[-5:]
     assert tag.startswith("face_age:")
+    assert again == tag and "already holds these exact files" in out.stderr, "the same bytes are not stored twice"
+    assert other != tag and stored_models == "2"
     model = Path(path)
     assert (model / "model.pt").read_bytes() == checkpoint.read_bytes()
     assert (model / "model.onnx").stat().st_size > 0
