@@ -59,6 +59,9 @@ def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
     assert all(logged.metrics[f"test_mae_low_res_{f}"] == pytest.approx(v) for f, v in metrics["mae_low_res"].items())
     card = tiny_run["model_card"].read_text()
     assert "## Cross-dataset test sets" in card
+    # The headline table: the set's numbers in a column beside the test split's.
+    assert f"| metric | test split | `{NAME}` |" in card
+    assert f"| MAE, apparent age (years) | {metrics['mae_years']:.2f} | {m['mae_years']:.2f} |" in card
     assert "## Smaller faces" in card
     assert (f"| `{NAME}` | {m['mae_years']:.2f} | {m['mae_low_res']['0.75']:.2f} | "
             f"{m['mae_low_res']['0.5']:.2f} |") in card

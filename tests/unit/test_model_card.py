@@ -1,0 +1,26 @@
+"""The model card's headline table: the test split with each cross-dataset set beside it."""
+
+from faceage.model_card import _metrics_table
+
+TEST = {"mae_years": 4.6009, "mae_real_years": 4.61, "rmse_years": 6.7, "cs5": 0.66, "baseline_mae_years": 21.74,
+        "n_test_faces": 300}
+EXTERNAL = {"mae_years": 7.0385, "rmse_years": 9.53, "cs5": 0.4771, "baseline_mae_years": 25.58, "n_faces": 1726}
+
+
+def rows(lines: list[str]) -> dict[str, list[str]]:
+    return {cells[0]: cells[1:] for line in lines if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+def test_each_external_set_has_a_column_beside_the_test_split():
+    table = rows(_metrics_table({**TEST, "external": {"utk_external": EXTERNAL, "other": EXTERNAL}}, "cs5"))
+    assert table["metric"] == ["test split", "`utk_external`", "`other`"]
+    assert table["MAE, apparent age (years)"] == ["4.60", "7.04", "7.04"]
+    assert table["CS@5"] == ["0.660", "0.477", "0.477"]
+    assert table["Faces evaluated"] == ["300", "1726", "1726"]
+    assert table["MAE, real age (years)"] == ["4.61", "-", "-"]  # the sets have one label column
+
+
+def test_without_external_sets_the_test_split_stands_alone():
+    lines = _metrics_table({**TEST, "external": {}}, "cs5")
+    assert lines[0] == "| metric | test split |" and rows(lines)["Faces evaluated"] == ["300"]
