@@ -57,6 +57,9 @@ class PreprocessParams:
     upsample: int = 1  # times the image is upsampled before detection (finds smaller faces)
     # no face found: look again with a border of this fraction of the longer side (faces that fill the frame)
     retry_pad: float = 0.35
+    # HOG found nothing in either look: dlib's CNN detector looks at the image scaled down to at most
+    # this longer side (px); 0 = off
+    cnn_retry_side: int = 400
     margin: float = 0.4  # extra context around the box, as a fraction of its size per side
     size: int = 224  # side of the square crop written to disk, in pixels
     no_face: Literal["release_crop", "whole_image", "skip"] = "release_crop"
@@ -232,6 +235,8 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.size >= 16, f"preprocess.size must be >= 16 px, got {obj.size}"),
             (obj.upsample >= 0, f"preprocess.upsample must be >= 0, got {obj.upsample}"),
             (0.0 <= obj.retry_pad <= 1.0, f"preprocess.retry_pad must be in [0, 1], got {obj.retry_pad}"),
+            (obj.cnn_retry_side == 0 or obj.cnn_retry_side >= 80,
+             f"preprocess.cnn_retry_side must be 0 (off) or >= 80 px, got {obj.cnn_retry_side}"),
             (obj.workers >= 0, f"preprocess.workers must be >= 0, got {obj.workers}"),
         ]
     elif isinstance(obj, EmbedParams):

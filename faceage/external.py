@@ -27,8 +27,8 @@ from faceage.appa_real import dataset_fingerprint, read_split
 from faceage.atomic import locked, staged_dir
 from faceage.config import PreprocessParams
 from faceage.chips import CHIPS_FILE
-from faceage.detector import SHAPE5_FILE, read_manifest
-from faceage.faces import crop_retry_pad
+from faceage.detector import CNN_FILE, SHAPE5_FILE, read_manifest
+from faceage.faces import crop_cnn_retry_side, crop_retry_pad
 from faceage.preprocess import SETTINGS, count_statuses, crop_samples, read_faces_manifest
 from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError
 
@@ -39,13 +39,15 @@ EMBEDDINGS = "embeddings.npz"
 # unresampled margin regions (1: chips cut later from the crops)
 FACES_FORMAT = 3
 # The crop settings that decide the pixels of a crop (workers and data lineage do not).
-CROP_KEYS = ("detector", "upsample", "retry_pad", "margin", "size", "no_face", "detector_file", "detector_sha256")
+CROP_KEYS = ("detector", "upsample", "retry_pad", "cnn_retry_side", "cnn_retry_sha256", "margin", "size", "no_face",
+             "detector_file", "detector_sha256")
 
 
 def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
     """The ``preprocess`` settings a checkpoint's crops were made with (``meta["crop"]``)."""
     return PreprocessParams(detector=crop["detector"], upsample=int(crop["upsample"]),
-                            retry_pad=crop_retry_pad(crop), margin=float(crop["margin"]), size=int(crop["size"]),
+                            retry_pad=crop_retry_pad(crop), cnn_retry_side=crop_cnn_retry_side(crop),
+                            margin=float(crop["margin"]), size=int(crop["size"]),
                             no_face=crop.get("no_face", "release_crop"), workers=workers)
 
 
@@ -73,10 +75,12 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         ExternalSetError: The detector folder does not hold the detector the checkpoint was trained with.
     """
     files = read_manifest(detector_dir, verify=True)["files"]
-    recorded = files.get(crop["detector_file"])
-    if recorded != crop["detector_sha256"]:
-        raise ExternalSetError(f"{detector_dir} holds {crop['detector_file']} with sha256 {recorded}, but the "
-                               f"checkpoint's crops were made with {crop['detector_sha256']}")
+    used = {crop["detector_file"]: crop["detector_sha256"],
+            **({CNN_FILE: crop["cnn_retry_sha256"]} if crop_cnn_retry_side(crop) else {})}
+    for filename, sha256 in used.items():
+        if files.get(filename) != sha256:
+            raise ExternalSetError(f"{detector_dir} holds {filename} with sha256 {files.get(filename)}, but the "
+                                   f"checkpoint's crops were made with {sha256}")
     out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop, files[SHAPE5_FILE])}"
     # Runs side by side (dvc queue start -j 2) ask for the same entry: one crops, the others wait and reuse.
     with locked(out, f"cropping {ext.name} into {out}"):

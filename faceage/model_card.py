@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from faceage.config import DESCRIPTOR
-from faceage.faces import crop_retry_pad
+from faceage.faces import crop_cnn_retry_side, crop_retry_pad
 
 
 def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
@@ -43,10 +43,13 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
 
 def _retry_note(crop: dict) -> str:
     """The detector's second look (``crop.retry_pad``); empty where the checkpoint's crops were made without it."""
-    pad = crop_retry_pad(crop)
-    if not pad:
-        return ""
-    return f"; where it finds nothing, it looks again with a border of {pad:g} of the longer side, for faces that fill the frame"
+    pad, side = crop_retry_pad(crop), crop_cnn_retry_side(crop)
+    note = (f"; where it finds nothing, it looks again with a border of {pad:g} of the longer side, for faces that "
+            "fill the frame" if pad else "")
+    if side:
+        note += (f"; where HOG finds nothing, dlib's CNN detector looks at the image scaled down to {side} px on its "
+                 "longer side")
+    return note
 
 
 def _chip_note(meta: dict[str, Any]) -> str:
@@ -223,8 +226,10 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
             [_largest_bias("the test split", groups["age_group"])]
             + [_largest_bias(f"`{name}`", rows) for name, rows in (external_groups or {}).items() if rows])
         + ". Photos made mostly of such faces inherit it.",
-        "- The HOG detector finds frontal faces; profiles, strong occlusion and faces under ~40 px are missed, "
-        "and a missed face gets no age at all.",
+        ("- The HOG detector finds frontal faces; profiles, strong occlusion and faces under ~40 px are missed "
+         + ("(a photo where it finds none gets the CNN detector's look, which finds more turned and close-up "
+            "faces, but not small ones in a large photo)" if crop_cnn_retry_side(crop) else "")
+         + ", and a missed face gets no age at all."),
         "- Apparent age is what raters perceive; it can differ from real age by several years either way.",
         "- Demographic breakdowns are reported where the data carries labels; small groups give noisy numbers.",
         "",

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
+from faceage.detector import CNN_FILE, MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.external import external_maes
-from faceage.faces import crop_retry_pad
+from faceage.faces import crop_cnn_retry_side, crop_retry_pad
 from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, read_faces_manifest
@@ -325,6 +325,7 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
         "detector": crop["detector"],
         "detector_upsample": int(crop["upsample"]),
         "detector_retry_pad": crop_retry_pad(crop),
+        "detector_cnn_retry_side": crop_cnn_retry_side(crop),
         "detector_sha256": crop["detector_sha256"],
         "crop_margin": float(crop["margin"]),
         "crop_size_px": int(crop["size"]),
@@ -384,9 +385,11 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
     # Only the files inference needs travel: the detector, plus what the checkpoint's input kind
     # reads (dlib_face: the face encoder's landmark and recognition models, ~30 MB the others never read;
     # dlib_age: the landmark model its chips are aligned with).
-    needed = [crop["detector_file"], *input_kind(meta).files]
+    # The CNN detector too where the crops' last look used it (crop.cnn_retry_side).
+    needed = [crop["detector_file"], *input_kind(meta).files, *([CNN_FILE] if crop_cnn_retry_side(crop) else [])]
     encoder = meta.get("encoder", {})  # what a dlib_face / dlib_age checkpoint was trained with
-    trained = {RECOGNITION_FILE: encoder.get("encoder_sha256"), SHAPE5_FILE: encoder.get("shape_predictor_sha256")}
+    trained = {RECOGNITION_FILE: encoder.get("encoder_sha256"), SHAPE5_FILE: encoder.get("shape_predictor_sha256"),
+               CNN_FILE: crop.get("cnn_retry_sha256")}
     for filename in needed[1:]:
         got = file_digest(Path(detector_dir) / filename)
         want = trained.get(filename) or manifest["files"].get(filename)

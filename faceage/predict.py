@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from faceage.detector import MANIFEST, read_manifest
+from faceage.detector import CNN_FILE, MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
-from faceage.faces import FaceBox, FaceDetector, crop_retry_pad, margin_region, resize_region
+from faceage.faces import FaceBox, FaceDetector, crop_cnn_retry_side, crop_retry_pad, margin_region, resize_region
 from faceage.images import DEFAULT_MAX_PIXELS
 
 # torch (via faceage.inference) is imported only where a torch model is built: the service and
@@ -142,6 +142,7 @@ class FaceLocator:
         upsample: Upsampling passes before detection (``crop.upsample``).
         retry_pad: Border for the second look when no face is found (``crop.retry_pad``; see
             :class:`faceage.faces.FaceDetector`).
+        cnn_retry_side: Side of the CNN detector's last look (``crop.cnn_retry_side``; 0: none).
         margin: Context per side, a fraction of the box (``crop.margin``).
         crop_size: Side of the crop in pixels (``crop.size``).
         max_detect_pixels: Larger images are downscaled for detection only; 0 disables.
@@ -153,12 +154,12 @@ class FaceLocator:
     """
 
     def __init__(self, detector_dir: str | Path, *, kind: str, upsample: int, margin: float, crop_size: int,
-                 retry_pad: float = 0.0, max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 chip_dir: str | Path | None = None, pairs: bool = False):
+                 retry_pad: float = 0.0, cnn_retry_side: int = 0, max_detect_pixels: int = DEFAULT_MAX_DETECT_PIXELS,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, chip_dir: str | Path | None = None, pairs: bool = False):
         if max_detect_pixels < 0 or max_pixels < 1:
             raise ValueError(f"max_detect_pixels must be >= 0 and max_pixels >= 1, "
                              f"got {max_detect_pixels} and {max_pixels}")
-        self.detector = FaceDetector(detector_dir, kind, upsample, retry_pad)
+        self.detector = FaceDetector(detector_dir, kind, upsample, retry_pad, cnn_retry_side)
         self.margin = float(margin)
         self.crop_size = int(crop_size)
         self.max_detect_pixels = int(max_detect_pixels)
@@ -172,7 +173,7 @@ class FaceLocator:
             chipper = ChipExtractor(chip_dir, self.margin)
             self.chipper = chipper.pair if pairs else chipper.chip
         self._settings = {"detector_dir": str(detector_dir), "kind": kind, "upsample": int(upsample),
-                          "retry_pad": float(retry_pad),
+                          "retry_pad": float(retry_pad), "cnn_retry_side": int(cnn_retry_side),
                           "margin": self.margin, "crop_size": self.crop_size,
                           "max_detect_pixels": self.max_detect_pixels, "max_pixels": self.max_pixels,
                           "chip_dir": None if chip_dir is None else str(chip_dir), "pairs": bool(pairs)}
@@ -265,19 +266,22 @@ class AgePredictor:
         self.meta = self.age_model.meta
         crop = self.meta["crop"]
         check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
+        if crop_cnn_retry_side(crop):
+            check_detector_file(detector_dir, CNN_FILE, crop["cnn_retry_sha256"])
         from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 
         input_name = input_kind(self.meta).name
         self.locator = FaceLocator(detector_dir, kind=crop["detector"], upsample=int(crop["upsample"]),
                                    margin=crop["margin"], crop_size=crop["size"], retry_pad=crop_retry_pad(crop),
+                                   cnn_retry_side=crop_cnn_retry_side(crop),
                                    max_detect_pixels=max_detect_pixels, max_pixels=max_pixels,
                                    chip_dir=detector_dir if input_name in CHIP_KINDS else None,
                                    pairs=input_name == DLIB_CHIP_PAIR)
         log.info("age model %s (val MAE %.2f, MLflow run %s) on %s, %d threads; detector %s upsample %d "
-                 "retry_pad %g; crop margin %.2f size %d", self.meta["backbone"],
+                 "retry_pad %g cnn_retry_side %d; crop margin %.2f size %d", self.meta["backbone"],
                  self.meta.get("val_mae", float("nan")), self.meta.get("mlflow_run_id"), self.age_model.device,
                  self.threads, crop["detector"], int(crop["upsample"]), self.locator.detector.retry_pad,
-                 self.locator.margin, self.locator.crop_size)
+                 self.locator.detector.cnn_retry_side, self.locator.margin, self.locator.crop_size)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, *, runtime: str = "torch", **kwargs: Any) -> AgePredictor:

@@ -65,8 +65,16 @@ class _Task:
 _worker: dict = {}
 
 
+def cnn_retry_settings(params: PreprocessParams, manifest: dict) -> dict:
+    """The CNN's last look as the crops record it: its side (0: off; a CNN detector has no such
+    look) and, when on, the sha256 of the CNN file it used, which the service must use too."""
+    side = params.cnn_retry_side if params.detector == "hog" else 0
+    return {"cnn_retry_side": side, **({"cnn_retry_sha256": manifest["files"][CNN_FILE]} if side else {})}
+
+
 def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str) -> None:
-    _worker["detector"] = FaceDetector(model_dir, params.detector, params.upsample, params.retry_pad)
+    _worker["detector"] = FaceDetector(model_dir, params.detector, params.upsample, params.retry_pad,
+                                       params.cnn_retry_side)
     _worker["chips"] = ChipExtractor(model_dir, params.margin)
     _worker["params"] = params
     _worker["out"] = Path(out_dir)
@@ -138,6 +146,7 @@ def preprocess_dataset(
             "detector": params.detector,
             "upsample": params.upsample,
             "retry_pad": params.retry_pad,
+            **cnn_retry_settings(params, manifest),
             "detector_file": detector_file,
             "detector_sha256": manifest["files"][detector_file],
             "no_face": params.no_face,

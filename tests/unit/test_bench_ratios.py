@@ -108,3 +108,16 @@ def test_detection_benchmark_ratios_are_two_threads_over_one():
     assert out["one_face_p50_ratio"] == pytest.approx(0.5)
     assert out["total_ratio"] == pytest.approx(610 / 1000)
     assert out["median_photo_ratio"] == pytest.approx((0.5 + 0.6) / 2)  # ratios 0.6, 0.5, 0.5, 0.75
+
+
+def test_cnn_look_benchmark_ratios_and_gains():
+    from benchmarks.bench_cnn_retry import summary
+
+    rows = [{"photo": "crop.jpg", "faces": 0, "faces_with_look": 1, "ms": 100.0, "ms_with_look": 300.0},
+            {"photo": "cat.png", "faces": 0, "faces_with_look": 0, "ms": 100.0, "ms_with_look": 200.0},
+            {"photo": "group.jpg", "faces": 3, "faces_with_look": 3, "ms": 200.0, "ms_with_look": 200.0}]
+    out = summary(rows, {"cat.png": 0, "crop.jpg": 1, "group.jpg": 3})
+    assert out["with_a_face"] == 1 and out["with_a_face_with_look"] == 2 and out["gained"] == ["crop.jpg"]
+    assert out["count_changed_against_labels"] == ["crop.jpg: 0 -> 1 (labels: 1)"]
+    assert out["time_ratio_where_hog_found_none"] == pytest.approx(500 / 200)
+    assert out["time_ratio_all_photos"] == pytest.approx(700 / 400)

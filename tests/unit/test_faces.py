@@ -115,6 +115,32 @@ def test_retry_pad_finds_a_face_that_fills_the_frame(detector_dir):
     assert retry.detect(image) == FaceDetector(detector_dir, "hog", 1).detect(image)
 
 
+def test_the_cnn_look_finds_a_face_both_hog_looks_miss(detector_dir):
+    """skimage's cameraman (public domain), whose face both HOG looks miss: the CNN detector's last look
+    finds it on the image scaled to cnn_retry_side, mapped back to the photo's own coordinates at any size;
+    it finds nothing in noise, and a photo where HOG finds the face is untouched by the setting."""
+    from PIL import Image
+    from skimage.data import astronaut, camera
+
+    image = np.repeat(camera()[:, :, None], 3, axis=2)  # 512 x 512
+    assert FaceDetector(detector_dir, "hog", 1, retry_pad=0.35).detect(image) == []
+    looking = FaceDetector(detector_dir, "hog", 1, retry_pad=0.35, cnn_retry_side=512)
+    (box,) = looking.detect(image)
+    assert 150 <= (box.left + box.right) / 2 <= 290 and 90 <= (box.top + box.bottom) / 2 <= 220  # his face
+    assert 50 <= box.width <= 130
+    # At 400 px the face is ~60 px, below what the CNN sees without upsampling: the side bounds the look.
+    assert FaceDetector(detector_dir, "hog", 1, retry_pad=0.35, cnn_retry_side=400).detect(image) == []
+    big = np.asarray(Image.fromarray(image).resize((1024, 1024), Image.Resampling.BICUBIC))
+    (big_box,) = looking.detect(big)  # the look runs on a copy scaled down to 512: the same face, scaled
+    for a, b in zip(big_box.as_list(), box.as_list()):
+        assert abs(a - 2 * b) <= 12
+    noise = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    assert looking.detect(noise) == []
+    assert looking.detect(astronaut()) == FaceDetector(detector_dir, "hog", 1).detect(astronaut())
+    with pytest.raises(ValueError, match="cnn_retry_side must be >= 0"):
+        FaceDetector(detector_dir, "hog", 1, cnn_retry_side=-1)
+
+
 @pytest.mark.parametrize("pad", [-0.1, 1.5])
 def test_bad_retry_pad_is_rejected(detector_dir, pad):
     with pytest.raises(ValueError, match="retry_pad must be in"):
