@@ -71,7 +71,9 @@ def test_package_registers_the_champion_and_the_bento_carries_the_model(bento_se
     encoder_files = {"shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat"}
     assert {"frontal_face_detector.svm", "manifest.json"} <= detector_files
     assert (encoder_files <= detector_files) == (lineage["backbone"] == "dlib_face")  # only what inference reads
-    assert "mmod_human_face_detector.dat" not in detector_files
+    # The CNN detector travels only where the crops' last look used it (preprocess.cnn_retry_side).
+    assert lineage["detector_cnn_retry_side"] == 400
+    assert "mmod_human_face_detector.dat" in detector_files
 
 
 def test_ready_in_reasonable_time(bento_server):
