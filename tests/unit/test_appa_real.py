@@ -31,6 +31,14 @@ def make_release(root, n=3, drop_column=None, missing=()):
     return root
 
 
+def zip_release(src, archive):
+    """Zips the release folder ``src`` as the official zip holds it: under its folder name."""
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in src.rglob("*"):
+            zf.write(p, p.relative_to(src.parent))
+    return archive
+
+
 def test_valid_folder_is_copied_with_fingerprint(tmp_path):
     src = make_release(tmp_path / "src")
     info = fetch_appa_real(str(src), tmp_path / "out")
@@ -44,11 +52,7 @@ def test_valid_folder_is_copied_with_fingerprint(tmp_path):
 
 
 def test_zip_in_release_layout(tmp_path):
-    src = make_release(tmp_path / "appa-real-release")
-    archive = tmp_path / "appa-real-release.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for p in src.rglob("*"):
-            zf.write(p, p.relative_to(tmp_path))
+    archive = zip_release(make_release(tmp_path / "appa-real-release"), tmp_path / "appa-real-release.zip")
     info = fetch_appa_real(str(archive), tmp_path / "out")
     assert info["counts"]["test"] == 3
     with pytest.raises(ChecksumError, match="expected fetch_data.md5=abc"):
@@ -109,11 +113,7 @@ def test_a_dead_release_url_is_fetched_from_its_mirror(tmp_path):
     import http.server
     import threading
 
-    src = make_release(tmp_path / "site" / "appa-real-release")
-    archive = tmp_path / "site" / "appa-real-release.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for p in src.rglob("*"):
-            zf.write(p, p.relative_to(src.parent))
+    archive = zip_release(make_release(tmp_path / "site" / "appa-real-release"), tmp_path / "site" / "appa-real-release.zip")
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass

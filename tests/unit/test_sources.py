@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import yaml
 from faceage.appa_real import LayoutError, fetch_appa_real
 from faceage.download import file_digest
 from faceage.sources import ExternalSetError, external_fingerprint, refresh, source_fingerprint
-from tests.unit.test_appa_real import make_release
+from tests.unit.test_appa_real import make_release, zip_release
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,11 +42,7 @@ def test_a_folder_is_known_by_its_bytes_not_its_path_or_times(tmp_path):
 
 
 def test_a_zip_is_its_sha256_and_a_url_is_pinned_by_its_md5_without_a_request(tmp_path):
-    src = make_release(tmp_path / "appa-real-release")
-    archive = tmp_path / "release.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for p in src.rglob("*"):
-            zf.write(p, p.relative_to(tmp_path))
+    archive = zip_release(make_release(tmp_path / "appa-real-release"), tmp_path / "release.zip")
     record = source_fingerprint(str(archive), "")
     assert record["kind"] == "file" and record["sha256"] == file_digest(archive)
     assert record["bytes"] == archive.stat().st_size
