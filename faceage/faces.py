@@ -79,8 +79,8 @@ class FaceDetector:
             HOG looks miss, and no face in any of the 11 ``wild`` photos without one.
 
     Raises:
-        ValueError: Unknown ``kind``, negative ``upsample`` or ``retry_pad`` outside [0, 1].
-        FileNotFoundError: The model file is missing from ``model_dir``.
+        ValueError: Unknown ``kind``, negative ``upsample`` or ``cnn_retry_side``, or ``retry_pad`` outside [0, 1].
+        FileNotFoundError: A model file it needs is missing from ``model_dir``.
 
     dlib's detectors release the GIL but are not thread-safe (threads sharing one crashed with
     "double free or corruption"), so :meth:`detect` holds a lock; for parallelism use one
