@@ -136,6 +136,14 @@ class FaceDetector:
             boxes = self._detect(_scaled(image, scale), 0, w, h, scale=scale, kind="cnn")
         return boxes
 
+    def warm_up(self) -> None:
+        """Runs the CNN's last look once at its full size, on a blank image: its first run allocates
+        its buffers (~60 MB), which a long-running process then holds from the start instead of
+        growing by them at the first photo without a face. Nothing to do without the look."""
+        if self.cnn_retry_side:
+            side = self.cnn_retry_side
+            self._detect(np.zeros((side, side, 3), np.uint8), 0, side, side, kind="cnn")
+
     @cached_property
     def _split_hog(self):
         """The two-thread HOG detector over this detector's file (:mod:`faceage.hog_pyramid`), built on

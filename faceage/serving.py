@@ -46,6 +46,7 @@ _child_locator: FaceLocator | None = None
 def _init_child(settings: dict[str, Any]) -> None:
     global _child_locator
     _child_locator = FaceLocator(**settings)
+    _child_locator.detector.warm_up()  # the worker's memory is all there before its first photo
 
 
 def _decode_and_locate(locator: FaceLocator, data: bytes, with_image: bool, crops: bool,

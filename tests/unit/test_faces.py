@@ -158,3 +158,13 @@ def test_detector_manifest_checksums(detector_dir):
     manifest = read_manifest(detector_dir, verify=True)
     for name, sha in MODEL_SHA256.items():
         assert manifest["files"][name] == sha
+
+
+def test_warm_up_runs_the_cnn_look_only_where_there_is_one(detector_dir, monkeypatch):
+    looks = []
+    with_look = FaceDetector(detector_dir, "hog", 1, cnn_retry_side=120)
+    original = with_look._detect
+    monkeypatch.setattr(with_look, "_detect", lambda image, *a, **k: looks.append((image.shape, k)) or original(image, *a, **k))
+    with_look.warm_up()
+    assert looks == [((120, 120, 3), {"kind": "cnn"})]
+    FaceDetector(detector_dir, "hog", 1).warm_up()  # no look, no model to run: nothing happens
