@@ -27,8 +27,8 @@ from faceage.appa_real import dataset_fingerprint, read_split
 from faceage.atomic import locked, staged_dir
 from faceage.config import PreprocessParams
 from faceage.chips import CHIPS_FILE
-from faceage.detector import CNN_FILE, SHAPE5_FILE, read_manifest
-from faceage.faces import crop_cnn_retry_side, crop_retry_pad
+from faceage.detector import SHAPE5_FILE, read_manifest
+from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.preprocess import SETTINGS, count_statuses, crop_samples, read_faces_manifest
 from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError
 
@@ -75,9 +75,7 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         ExternalSetError: The detector folder does not hold the detector the checkpoint was trained with.
     """
     files = read_manifest(detector_dir, verify=True)["files"]
-    used = {crop["detector_file"]: crop["detector_sha256"],
-            **({CNN_FILE: crop["cnn_retry_sha256"]} if crop_cnn_retry_side(crop) else {})}
-    for filename, sha256 in used.items():
+    for filename, sha256 in crop_detector_files(crop).items():
         if files.get(filename) != sha256:
             raise ExternalSetError(f"{detector_dir} holds {filename} with sha256 {files.get(filename)}, but the "
                                    f"checkpoint's crops were made with {sha256}")

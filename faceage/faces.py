@@ -100,8 +100,7 @@ class FaceDetector:
         if cnn_retry_side < 0:
             raise ValueError(f"cnn_retry_side must be >= 0, got {cnn_retry_side}")
         path = Path(model_dir) / (HOG_FILE if kind == "hog" else CNN_FILE)
-        # The CNN's last look only follows HOG: a CNN detector has already looked with the CNN.
-        self.cnn_retry_side = int(cnn_retry_side) if kind == "hog" else 0
+        self.cnn_retry_side = cnn_look_side(kind, cnn_retry_side)
         for needed in (path, Path(model_dir) / CNN_FILE) if self.cnn_retry_side else (path,):
             if not needed.exists():
                 raise FileNotFoundError(f"{needed} not found: run the fetch_detector stage first")
@@ -199,9 +198,25 @@ def crop_retry_pad(crop: dict) -> float:
     return float(crop.get("retry_pad", 0.0))
 
 
+def cnn_look_side(kind: str, cnn_retry_side: int) -> int:
+    """The side of the CNN's last look for a ``kind`` detector: it only follows HOG (a CNN detector has
+    already looked with the CNN), so 0 for ``"cnn"``."""
+    return int(cnn_retry_side) if kind == "hog" else 0
+
+
 def crop_cnn_retry_side(crop: dict) -> int:
     """A checkpoint's ``crop.cnn_retry_side``: 0 (no CNN look) for checkpoints made before the setting."""
     return int(crop.get("cnn_retry_side", 0))
+
+
+def crop_detector_files(crop: dict) -> dict[str, str]:
+    """The dlib detector files a checkpoint's crops were found with, each with its sha256 (``meta["crop"]``):
+    the detector and, where its last look ran, the CNN detector. Whatever detects for that checkpoint
+    (the service, ``evaluate``'s external sets) must use these exact files."""
+    files = {crop["detector_file"]: crop["detector_sha256"]}
+    if crop_cnn_retry_side(crop):
+        files[CNN_FILE] = crop["cnn_retry_sha256"]
+    return files
 
 
 def choose_subject(boxes: list[FaceBox], width: int, height: int) -> FaceBox | None:

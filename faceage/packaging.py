@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from faceage.detector import CNN_FILE, MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
+from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.external import external_maes
-from faceage.faces import crop_cnn_retry_side, crop_retry_pad
+from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, read_faces_manifest
@@ -380,17 +380,17 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
 
     meta = checkpoint_meta(checkpoint)
     crop = meta["crop"]
-    check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
+    detector_files = crop_detector_files(crop)  # the detector, and the CNN where its last look ran
+    for filename, sha256 in detector_files.items():
+        check_detector_file(detector_dir, filename, sha256)
     manifest = read_manifest(detector_dir)
-    # Only the files inference needs travel: the detector, plus what the checkpoint's input kind
+    # Only the files inference needs travel: the detector files, plus what the checkpoint's input kind
     # reads (dlib_face: the face encoder's landmark and recognition models, ~30 MB the others never read;
     # dlib_age: the landmark model its chips are aligned with).
-    # The CNN detector too where the crops' last look used it (crop.cnn_retry_side).
-    needed = [crop["detector_file"], *input_kind(meta).files, *([CNN_FILE] if crop_cnn_retry_side(crop) else [])]
+    needed = [*detector_files, *input_kind(meta).files]
     encoder = meta.get("encoder", {})  # what a dlib_face / dlib_age checkpoint was trained with
-    trained = {RECOGNITION_FILE: encoder.get("encoder_sha256"), SHAPE5_FILE: encoder.get("shape_predictor_sha256"),
-               CNN_FILE: crop.get("cnn_retry_sha256")}
-    for filename in needed[1:]:
+    trained = {RECOGNITION_FILE: encoder.get("encoder_sha256"), SHAPE5_FILE: encoder.get("shape_predictor_sha256")}
+    for filename in input_kind(meta).files:
         got = file_digest(Path(detector_dir) / filename)
         want = trained.get(filename) or manifest["files"].get(filename)
         if got != want:

@@ -39,10 +39,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from faceage.detector import CNN_FILE, MANIFEST, read_manifest
+from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
-from faceage.faces import FaceBox, FaceDetector, crop_cnn_retry_side, crop_retry_pad, margin_region, resize_region
+from faceage.faces import (FaceBox, FaceDetector, crop_cnn_retry_side, crop_detector_files, crop_retry_pad,
+                           margin_region, resize_region)
 from faceage.images import DEFAULT_MAX_PIXELS
 
 # torch (via faceage.inference) is imported only where a torch model is built: the service and
@@ -265,9 +266,8 @@ class AgePredictor:
         self.runtime = runtime
         self.meta = self.age_model.meta
         crop = self.meta["crop"]
-        check_detector_file(detector_dir, crop["detector_file"], crop["detector_sha256"])
-        if crop_cnn_retry_side(crop):
-            check_detector_file(detector_dir, CNN_FILE, crop["cnn_retry_sha256"])
+        for filename, sha256 in crop_detector_files(crop).items():
+            check_detector_file(detector_dir, filename, sha256)
         from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 
         input_name = input_kind(self.meta).name

@@ -36,7 +36,7 @@ from faceage.appa_real import FACE_SUFFIX, Sample, read_dataset_info, validate_l
 from faceage.config import PreprocessParams
 from faceage.chips import CHIPS_FILE, ChipExtractor, save_chips
 from faceage.detector import HOG_FILE, CNN_FILE, SHAPE5_FILE, read_manifest
-from faceage.faces import FaceDetector, choose_subject, margin_region, resize_region, whole_image_box
+from faceage.faces import FaceDetector, choose_subject, cnn_look_side, margin_region, resize_region, whole_image_box
 from faceage.images import ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ _worker: dict = {}
 def cnn_retry_settings(params: PreprocessParams, manifest: dict) -> dict:
     """The CNN's last look as the crops record it: its side (0: off; a CNN detector has no such
     look) and, when on, the sha256 of the CNN file it used, which the service must use too."""
-    side = params.cnn_retry_side if params.detector == "hog" else 0
+    side = cnn_look_side(params.detector, params.cnn_retry_side)
     return {"cnn_retry_side": side, **({"cnn_retry_sha256": manifest["files"][CNN_FILE]} if side else {})}
 
 
