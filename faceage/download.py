@@ -61,7 +61,9 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
 def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool:
     """Appends the missing bytes of ``url`` to ``part``; returns True when complete."""
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    # The bytes on disk must be the server's bytes: a body sent gzip-encoded would be stored decoded,
+    # and a Range resume would then count decoded bytes against the encoded stream.
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as r:
         if r.status_code == 416 and have:
             # Range not satisfiable: the part file already holds the whole body.
@@ -169,6 +171,8 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
             log.warning("download interrupted (%s); resuming in %.1f s", e, delay)
             time.sleep(delay)
             delay *= 2
+        except requests.RequestException as e:  # a redirect loop, a bad URL scheme, undecodable content
+            raise DownloadError(f"GET {url} failed: {type(e).__name__}: {e}") from e
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
         if expected:
             got = file_digest(part, algorithm)

@@ -206,3 +206,69 @@ def test_processes_fetching_one_file_at_once_download_it_once(server, tmp_path):
     assert got == ["ok", "ok"]
     assert server.requests == [None]  # one GET, from the start
     assert (tmp_path / "f.bin").read_bytes() == BODY and not (tmp_path / "f.bin.part").exists()
+
+
+class _OddHandler(http.server.BaseHTTPRequestHandler):
+    """/loop.bin redirects to itself; /gz.bin is a pre-gzipped file served with Content-Encoding: gzip
+    to clients that accept it, a Range counting the encoded bytes (a misconfigured server or CDN)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        srv.requests.append((self.path, self.headers.get("Range"), self.headers.get("Accept-Encoding")))
+        if self.path == "/loop.bin":
+            self.send_response(302)
+            self.send_header("Location", "/loop.bin")
+            self.end_headers()
+            return
+        gzipped = "gzip" in (self.headers.get("Accept-Encoding") or "")
+        body = srv.encoded if gzipped else srv.raw
+        start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0]) if self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        payload = body[start:]
+        if srv.drop_after is not None:
+            cut, srv.drop_after = srv.drop_after, None
+            self.wfile.write(payload[:cut])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def odd_server():
+    import gzip
+    import random
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OddHandler)
+    srv.requests, srv.drop_after = [], None
+    srv.raw = random.Random(0).randbytes(1 << 20)  # incompressible: the encoded stream is as long
+    srv.encoded = gzip.compress(srv.raw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    stop(srv)
+
+
+def test_a_redirect_loop_is_a_download_error_and_the_mirror_is_tried(odd_server, mirror, tmp_path):
+    """requests' TooManyRedirects escaped as a traceback, and the mirror was never asked."""
+    dest = download(url(odd_server, "/loop.bin"), tmp_path / "f.bin", md5=MD5, mirrors=[url(mirror)], progress=False)
+    assert dest.read_bytes() == BODY and mirror.requests == [None]
+    with pytest.raises(DownloadError, match=r"GET .*/loop.bin failed: TooManyRedirects"):
+        download(url(odd_server, "/loop.bin"), tmp_path / "g.bin", progress=False)
+
+
+def test_a_resume_counts_the_servers_bytes_not_decoded_ones(odd_server, tmp_path):
+    """The bytes went to disk gzip-decoded while a resume's Range counts the encoded stream: the
+    resumed body failed to decode (ContentDecodingError), on every later run too."""
+    odd_server.drop_after = 300_000
+    dest = download(url(odd_server, "/gz.bin"), tmp_path / "f.bin", md5=hashlib.md5(odd_server.raw).hexdigest(),
+                    backoff_s=0.01, progress=False)
+    assert dest.read_bytes() == odd_server.raw
+    assert [enc for _, _, enc in odd_server.requests] == ["identity", "identity"]
+    assert odd_server.requests[1][1].startswith("bytes=")
