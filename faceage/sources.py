@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from faceage.appa_real import LayoutError, dataset_fingerprint, is_url, local_source, read_split
+from faceage.appa_real import LayoutError, SourceMissingError, dataset_fingerprint, is_url, local_source, read_split
 from faceage.download import file_digest
 from faceage.paths import from_root
 
@@ -39,6 +39,10 @@ EXTERNAL_FILE = "data/external.json"  # evaluate's dependency
 
 class ExternalSetError(LayoutError):
     """An ``evaluate.external`` entry is missing or not in the release layout; the message names it."""
+
+
+class ExternalSetMissingError(ExternalSetError, SourceMissingError):
+    """Nothing is at an ``evaluate.external`` entry's path on this machine."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path | None
     for given in paths:
         path = from_root(given, root).resolve()
         if not path.is_dir():
-            raise ExternalSetError(
+            raise (ExternalSetError if path.exists() else ExternalSetMissingError)(
                 f"evaluate.external: {given!r} not found (resolved to {path}); it must be a folder with "
                 "gt_avg_test.csv and test/ (set evaluate.external=[] to skip cross-dataset evaluation)")
         try:
@@ -131,7 +135,8 @@ def refresh(path: str | Path, fingerprint: Callable[[], dict[str, Any]], given: 
 
     Args:
         path: The record file (a ``persist`` output of ``check_sources``).
-        fingerprint: Computes the record; it raises :class:`LayoutError` when the data are not here.
+        fingerprint: Computes the record; it raises :class:`~faceage.appa_real.SourceMissingError`
+            when the data are not here, and :class:`LayoutError` when they are here but not valid.
         given: The params the record is for (keys of the record): where the data are missing, a
             recorded fingerprint with these values is kept, with a warning.
 
@@ -139,12 +144,13 @@ def refresh(path: str | Path, fingerprint: Callable[[], dict[str, Any]], given: 
         The record now in ``path``.
 
     Raises:
-        LayoutError: The data are not here and no fingerprint is recorded for these params.
+        LayoutError: The data are here but not valid (an edit broke them: the old record must not
+            stand for them), or not here and no fingerprint is recorded for these params.
     """
     path = Path(path)
     try:
         record = fingerprint()
-    except LayoutError as e:
+    except SourceMissingError as e:
         previous = json.loads(path.read_text()) if path.is_file() else {}
         if previous and all(previous.get(k) == v for k, v in given.items()):
             log.warning("%s; keeping the fingerprint recorded in %s (the outputs that depend on it come from "

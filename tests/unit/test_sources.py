@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,4 +119,20 @@ def test_the_stage_writes_both_records_and_names_a_missing_external_set(tmp_path
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert "ExternalSetError: evaluate.external:" in done.stderr and "gone" in done.stderr
+    assert re.search(r"ExternalSet\w*Error: evaluate.external:", done.stderr) and "gone" in done.stderr
+
+
+def test_a_set_that_is_here_but_broken_fails_instead_of_keeping_its_old_fingerprint(tmp_path):
+    """The record was kept for any layout error, so an edit that broke a set (a row for a missing
+    image) left evaluate's results from the old data standing, with a warning saying the set was not here."""
+    ext = make_release(tmp_path / "ext")
+    out = tmp_path / "external.json"
+    given = {"sources": [str(ext)]}
+    record = refresh(out, lambda: external_fingerprint([str(ext)]), given)
+    edit_label(ext)
+    (ext / "test" / "test002.jpg").unlink()
+    with pytest.raises(ExternalSetError, match=r"1 of 3 images listed in gt_avg_test.csv are missing"):
+        refresh(out, lambda: external_fingerprint([str(ext)]), given)
+    assert json.loads(out.read_text()) == record
+    shutil.rmtree(ext)  # gone from this machine: the recorded fingerprint stands, as before
+    assert refresh(out, lambda: external_fingerprint([str(ext)]), given) == record
