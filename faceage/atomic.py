@@ -28,6 +28,9 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    # mkdtemp makes a private (0700) folder, and the swap keeps its mode: give the output the mode
+    # any folder made here gets, as its subfolders have.
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if out_dir.exists():
@@ -36,6 +39,12 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
