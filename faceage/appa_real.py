@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 import zipfile
@@ -44,6 +45,10 @@ class LayoutError(FaceAgeError, ValueError):
     """The source does not follow the APPA-REAL release layout; the message says where."""
 
 
+class SourceMissingError(LayoutError):
+    """Nothing is at the path given for a data source (as opposed to data there in the wrong layout)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One row of ``gt_avg_{split}.csv``."""
@@ -62,13 +67,16 @@ def csv_name(split: str) -> str:
 def read_split(root: Path, split: str) -> list[Sample]:
     """Parses ``gt_avg_{split}.csv`` under ``root``.
 
+    Spreadsheet exports are read as they come: a UTF-8 byte-order mark and CRLF line ends are fine.
+
     Raises:
-        LayoutError: Missing file or column, or a non-numeric age (row number given).
+        LayoutError: Missing file or column, an age that is not a finite number >= 0, or a
+            ``file_name`` that is not a plain file name in the split's folder (row number given).
     """
     path = root / csv_name(split)
     if not path.is_file():
         raise LayoutError(f"missing {csv_name(split)} in {root}")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         absent = [c for c in COLUMNS if c not in header]
@@ -77,17 +85,15 @@ def read_split(root: Path, split: str) -> list[Sample]:
         samples = []
         for line, row in enumerate(reader, start=2):
             try:
-                samples.append(
-                    Sample(
-                        split,
-                        row["file_name"],
-                        float(row["apparent_age_avg"]),
-                        float(row["apparent_age_std"] or 0.0),
-                        float(row["real_age"]),
-                    )
-                )
+                ages = (float(row["apparent_age_avg"]), float(row["apparent_age_std"] or 0.0), float(row["real_age"]))
             except (TypeError, ValueError) as e:
                 raise LayoutError(f"{path} line {line}: non-numeric age in {row}") from e
+            if not all(math.isfinite(a) and a >= 0 for a in ages):
+                raise LayoutError(f"{path} line {line}: an age must be a finite number >= 0, got {row}")
+            name = row["file_name"] or ""
+            if name in ("", ".", "..") or "/" in name or "\\" in name:
+                raise LayoutError(f"{path} line {line}: file_name {name!r} must name a file directly in {split}/")
+            samples.append(Sample(split, name, *ages))
     if not samples:
         raise LayoutError(f"{path} lists no images")
     return samples
@@ -142,13 +148,21 @@ def _copy_release(root: Path, splits: dict[str, list[Sample]], out: Path) -> Non
 
 
 def _safe_extract(zip_path: Path, dest: Path) -> None:
+    """Extracts ``zip_path`` into ``dest``, refusing paths that would land outside it.
+
+    Zips written on Windows by PowerShell's ``Compress-Archive`` (.NET) separate folders with
+    ``\\``; those names are read as folders here too.
+    """
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            for member in zf.infolist():
-                parts = PurePosixPath(member.filename).parts
-                if member.filename.startswith("/") or ".." in parts:
+            members = zf.infolist()
+            for member in members:
+                name = member.filename.replace("\\", "/")
+                if name.startswith("/") or ".." in PurePosixPath(name).parts:
                     raise LayoutError(f"{zip_path} holds an unsafe path: {member.filename!r}")
-            zf.extractall(dest)
+                member.filename = name
+            for member in members:
+                zf.extract(member, dest)
     except zipfile.BadZipFile as e:
         raise LayoutError(f"{zip_path} is not a valid zip file: {e}") from e
 
@@ -175,9 +189,24 @@ def local_source(source: str) -> Path:
     """
     local = from_root(source)
     if not local.exists():
-        raise LayoutError(f"fetch_data.source {source!r} does not exist (resolved to {local}; expected a URL, "
+        raise SourceMissingError(f"fetch_data.source {source!r} does not exist (resolved to {local}; expected a URL, "
                           "a .zip or a folder; a relative path is taken from the repo root)")
     return local
+
+
+def cached_download(url: str, md5: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the zip from ``url`` is kept in the download cache.
+
+    With an md5 the file is known by its name (the md5 says whether a cached copy is the one
+    wanted, whichever mirror it came from). Without one, the name carries a hash of the URL, so
+    another URL whose file has the same name is not mistaken for it.
+    """
+    name = Path(urlparse(url).path).name or "appa-real-release.zip"
+    if not md5:
+        stem, dot, ext = name.rpartition(".")
+        tag = hashlib.sha256(url.encode()).hexdigest()[:12]
+        name = f"{stem}-{tag}.{ext}" if dot else f"{name}-{tag}"
+    return Path(cache_dir or downloads_dir()) / name
 
 
 def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors: tuple[str, ...] | list[str] = (),
@@ -202,13 +231,18 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
     """
     out_dir = Path(out_dir)
     if is_url(source):
-        name = Path(urlparse(source).path).name or "appa-real-release.zip"
-        local = download(source, Path(cache_dir or downloads_dir()) / name, md5=md5 or None, mirrors=mirrors)
+        local = download(source, cached_download(source, md5, cache_dir), md5=md5 or None, mirrors=mirrors)
+        if not md5 and not zipfile.is_zipfile(local):
+            # Without a checksum nothing else would ever evict it: an error page saved as the zip.
+            head = local.read_bytes()[:60]
+            local.unlink()
+            raise LayoutError(f"{source} sent something that is not a zip file (it begins {head!r}); it was "
+                              "deleted, and the next run fetches it again (set fetch_data.md5 to pin the bytes)")
     else:
         local = local_source(source)
         if local.is_file() and md5:
             got = file_digest(local, "md5")
-            if got != md5:
+            if got != md5.lower():
                 raise ChecksumError(f"md5 of {local} is {got}, expected fetch_data.md5={md5}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-zip-", dir=out_dir.parent) as unzipped, \
@@ -249,7 +283,7 @@ def read_demographics(folder: str | Path) -> dict[str, dict[str, str]]:
     for path in sorted(Path(folder).glob("*.csv")):
         if path.name.startswith("gt_avg_"):
             continue
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             key = next((c for c in ("file_name", "file") if c in header), None)
@@ -267,7 +301,7 @@ def read_demographics(folder: str | Path) -> dict[str, dict[str, str]]:
 
 def _legend(column: str) -> dict[str, str]:
     """``"race(0=White,1=Black)"`` -> ``{"0": "White", "1": "Black"}``."""
-    if "(" not in column or "=" not in column:
+    if "(" not in column or "=" not in column or ")" not in column[column.index("("):]:
         return {}
     inner = column[column.index("(") + 1 : column.rindex(")")]
     return dict(part.split("=", 1) for part in inner.split(",") if "=" in part)

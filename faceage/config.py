@@ -11,6 +11,7 @@ naming the offending ``section.key``, so a typo in ``params.yaml`` or in
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -228,7 +229,9 @@ def _validate_ranges(name: str, obj: Any) -> None:
     checks: list[tuple[bool, str]] = []
     if isinstance(obj, FetchDataParams):
         checks = [(all(m.startswith(("http://", "https://")) for m in obj.mirrors),
-                   f"fetch_data.mirrors must be http(s) URLs, got {list(obj.mirrors)}")]
+                   f"fetch_data.mirrors must be http(s) URLs, got {list(obj.mirrors)}"),
+                  (obj.md5 == "" or re.fullmatch(r"[0-9a-fA-F]{32}", obj.md5) is not None,
+                   f"fetch_data.md5 must be 32 hex digits (either case) or \"\" to skip the check, got {obj.md5!r}")]
     elif isinstance(obj, PreprocessParams):
         checks = [
             (0.0 <= obj.margin < 2.0, f"preprocess.margin must be in [0, 2), got {obj.margin}"),

@@ -130,3 +130,119 @@ def test_a_dead_release_url_is_fetched_from_its_mirror(tmp_path):
         srv.server_close()
     assert info["counts"] == {"train": 3, "valid": 3, "test": 3}
     assert (tmp_path / "cache" / "appa-real-release.zip").read_bytes() == archive.read_bytes()
+
+
+def test_csvs_saved_by_a_spreadsheet_with_a_byte_order_mark_and_crlf_are_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the first column read as '\\ufefffile_name' and failed."""
+    from faceage.appa_real import read_demographics
+
+    src = make_release(tmp_path / "src")
+    for split in ("train", "valid", "test"):
+        labels = src / f"gt_avg_{split}.csv"
+        labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    (src / "sources.csv").write_bytes("\ufefffile_name,\"gender(0=male,1=female)\"\r\ntest000.jpg,1\r\n".encode())
+    info = fetch_appa_real(str(src), tmp_path / "out")
+    assert info["counts"] == {"train": 3, "valid": 3, "test": 3}
+    assert validate_layout(tmp_path / "out")["test"][0].file_name == "test000.jpg"
+    assert read_demographics(tmp_path / "out") == {"test000.jpg": {"gender": "female"}}
+
+
+def test_a_zip_made_on_windows_with_backslashes_is_read_as_folders(tmp_path):
+    """PowerShell's Compress-Archive (.NET) writes 'appa-real-release\\train\\x.jpg'."""
+    src = make_release(tmp_path / "appa-real-release")
+    archive = tmp_path / "windows.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in src.rglob("*"):
+            if p.is_file():
+                zf.writestr(str(p.relative_to(tmp_path)).replace("/", "\\"), p.read_bytes())
+    assert "appa-real-release\\train\\train000.jpg" in zipfile.ZipFile(archive).namelist()
+    info = fetch_appa_real(str(archive), tmp_path / "out")
+    assert info["counts"] == {"train": 3, "valid": 3, "test": 3}
+    assert (tmp_path / "out" / "train" / "train000.jpg").is_file()
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as zf:
+        zf.writestr("appa-real-release\\..\\..\\escaped.txt", b"x")
+    with pytest.raises(LayoutError, match="unsafe path"):
+        fetch_appa_real(str(tmp_path / "evil.zip"), tmp_path / "out2")
+    assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize(("column", "value", "message"), [
+    ("file_name", "../../outside.jpg", r"line 2: file_name '../../outside.jpg' must name a file directly in train/"),
+    ("file_name", "sub/x.jpg", r"line 2: file_name 'sub/x.jpg' must name a file directly in train/"),
+    ("file_name", "", r"line 2: file_name '' must name a file"),
+    ("real_age", "nan", r"line 2: an age must be a finite number >= 0"),
+    ("apparent_age_avg", "-3", r"line 2: an age must be a finite number >= 0"),
+    ("apparent_age_std", "inf", r"line 2: an age must be a finite number >= 0"),
+])
+def test_a_row_that_cannot_be_a_face_of_the_split_is_named(tmp_path, column, value, message):
+    """A '../' name passed validation and would have been copied from outside the release."""
+    src = make_release(tmp_path / "src")
+    labels = src / "gt_avg_train.csv"
+    rows = list(csv.DictReader(labels.open()))
+    rows[0][column] = value
+    with labels.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(LayoutError, match=message):
+        fetch_appa_real(str(src), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_local_zip_takes_its_md5_in_capitals_as_a_url_does(tmp_path):
+    import hashlib
+
+    archive = zip_release(make_release(tmp_path / "appa-real-release"), tmp_path / "appa-real-release.zip")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest().upper()  # as Get-FileHash prints it
+    assert fetch_appa_real(str(archive), tmp_path / "out", md5=md5)["counts"]["test"] == 3
+
+
+class _Site:
+    """A real HTTP server on 127.0.0.1 serving a folder; counts the GETs."""
+
+    def __init__(self, folder):
+        import functools
+        import http.server
+        import threading
+
+        site = self
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                site.gets.append(self.path)
+                super().do_GET()
+
+        self.gets = []
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.srv.server_address[1]}"
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def test_without_an_md5_the_cache_knows_a_zip_by_its_url_and_never_keeps_an_error_page(tmp_path):
+    """With fetch_data.md5 "" the cache was keyed by the file name alone: another URL with the same
+    name reused the first zip, and an HTML error page saved as the zip failed every later run."""
+    for version, n in (("v1", 3), ("v2", 2)):
+        zip_release(make_release(tmp_path / "site" / version / "appa-real-release", n=n),
+                    tmp_path / "site" / version / "appa-real-release.zip")
+    (tmp_path / "site" / "down").mkdir()
+    (tmp_path / "site" / "down" / "appa-real-release.zip").write_text("<html>Service unavailable</html>")
+    site = _Site(tmp_path / "site")
+    try:
+        cache = tmp_path / "cache"
+        first = fetch_appa_real(f"{site.base}/v1/appa-real-release.zip", tmp_path / "out", cache_dir=cache)
+        second = fetch_appa_real(f"{site.base}/v2/appa-real-release.zip", tmp_path / "out", cache_dir=cache)
+        assert first["counts"]["test"] == 3 and second["counts"]["test"] == 2
+        for attempt in range(2):
+            with pytest.raises(LayoutError, match=r"sent something that is not a zip file \(it begins b'<html>"):
+                fetch_appa_real(f"{site.base}/down/appa-real-release.zip", tmp_path / "out", cache_dir=cache)
+        assert site.gets.count("/down/appa-real-release.zip") == 2, "the page was not kept: each run asks again"
+        assert len(list(cache.glob("appa-real-release-*.zip"))) == 2
+    finally:
+        site.close()

@@ -64,6 +64,7 @@ def test_missing_key_is_named():
          r"train\.batch_size=64 \(the global batch\) must be divisible by train\.nproc_per_node=3"),
         ("train", "layer_lr_decay", 0, r"train\.layer_lr_decay must be in \(0, 1\], got 0"),
         ("fetch_data", "source", 3, r"fetch_data\.source must be a string"),
+        ("fetch_data", "md5", "2701c6ec", r"fetch_data\.md5 must be 32 hex digits \(either case\) or \"\" to skip"),
         ("train", "low_res", 1.5, r"train\.low_res must be in \[0, 1\] \(a share of faces\), got 1\.5"),
         ("train", "low_res_min", 0, r"train\.low_res_min must be in \(0, 1\]"),
         ("evaluate", "low_res", [0.5, 1.0], r"evaluate\.low_res: each must be in \(0, 1\)"),
@@ -77,6 +78,12 @@ def test_mistyped_or_out_of_range_value_is_named(section, key, value, message):
     raw[section][key] = value
     with pytest.raises(ConfigError, match=message):
         params_from_dict(raw)
+
+
+def test_an_md5_in_capitals_as_windows_prints_it_is_accepted():
+    raw = raw_params()
+    raw["fetch_data"]["md5"] = "2701C6EC291B242E6B4F8A0A56087A43"  # Get-FileHash, certutil
+    assert params_from_dict(raw).fetch_data.md5 == "2701C6EC291B242E6B4F8A0A56087A43"
 
 
 def test_ensemble_weight_is_auto_or_a_number():
