@@ -11,6 +11,7 @@ naming the offending ``section.key``, so a typo in ``params.yaml`` or in
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -191,6 +192,8 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -254,6 +257,7 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.image_size >= 32, f"train.image_size must be >= 32 px, got {obj.image_size}"),
             (obj.batch_size >= 1, f"train.batch_size must be >= 1, got {obj.batch_size}"),
             (obj.lr > 0, f"train.lr must be > 0, got {obj.lr}"),
+            (obj.weight_decay >= 0, f"train.weight_decay must be >= 0, got {obj.weight_decay}"),
             (obj.label_sigma > 0, f"train.label_sigma must be > 0, got {obj.label_sigma}"),
             (0 <= obj.age_balance <= 1, f"train.age_balance must be in [0, 1], got {obj.age_balance}"),
             (0 <= obj.low_res <= 1, f"train.low_res must be in [0, 1] (a share of faces), got {obj.low_res}"),
@@ -270,6 +274,7 @@ def _validate_ranges(name: str, obj: Any) -> None:
         ]
     elif isinstance(obj, EvaluateParams):
         checks = [(obj.cs_years > 0, f"evaluate.cs_years must be > 0, got {obj.cs_years}"),
+                  (obj.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {obj.batch_size}"),
                   (all(e.strip() for e in obj.external), f"evaluate.external has an empty path: {list(obj.external)}"),
                   (all(0 < f < 1 for f in obj.low_res),
                    f"evaluate.low_res: each must be in (0, 1) (a share of the side), got {list(obj.low_res)}")]
@@ -304,6 +309,33 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     return Params(**{name: _build_section(hints[name], name, raw[name]) for name in sections})
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core scalars, as DVC (ruamel.yaml) reads and writes
+    ``params.yaml``: ``dvc exp run -S train.lr=1e-5`` writes ``lr: 1e-05``, a number to DVC and
+    YAML 1.2 but a string to YAML 1.1 (which wants a dot), so every stage failed on it; ``yes`` /
+    ``on`` are strings, not booleans, to both."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9]+[eE][-+]?[0-9]+
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_params(text: str) -> Any:
+    """Parses ``params.yaml`` text as DVC does (YAML 1.2 numbers and booleans, see :class:`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Reads and validates ``params.yaml``.
 
@@ -317,8 +349,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         ConfigError: See :func:`params_from_dict`.
         FileNotFoundError: If the file does not exist.
     """
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+    raw = parse_params(Path(path).read_text(encoding="utf-8")) or {}
     return params_from_dict(raw)
 
 

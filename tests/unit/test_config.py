@@ -132,3 +132,43 @@ def test_each_dvc_stage_depends_on_its_script_and_the_modules_it_imports():
             # Shared plumbing (config, logging) is not a dependency of the stage's outputs.
             if module.startswith("faceage.") and module not in ("faceage.config", "faceage.logs"):
                 assert module.replace(".", "/") + ".py" in stage["deps"], f"{name} imports {module}"
+
+
+def test_values_written_by_dvc_exp_run_set_are_read_as_dvc_reads_them(tmp_path):
+    """`dvc exp run -S train.lr=1e-5` writes `lr: 1e-05` (DVC's own override code, called here): a
+    number in YAML 1.2, which DVC speaks, but a string to PyYAML's YAML 1.1, so every stage failed
+    with 'train.lr must be a number, got '1e-05''."""
+    from dvc.utils.hydra import apply_overrides
+
+    from faceage.config import load_params
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(params, ["train.lr=1e-5", "train.weight_decay=5e-5", "evaluate.cs_years=1e1"])
+    assert "lr: 1e-05" in params.read_text()
+    loaded = load_params(params)
+    assert (loaded.train.lr, loaded.train.weight_decay, loaded.evaluate.cs_years) == (1e-5, 5e-5, 10.0)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("augment: yes", r"train\.augment must be true or false, got 'yes'"),  # a string to DVC (YAML 1.2) too
+    ("lr: .inf", r"train\.lr must be a finite number, got inf"),
+    ("weight_decay: .nan", r"train\.weight_decay must be a finite number, got nan"),
+    ("weight_decay: -0.1", r"train\.weight_decay must be >= 0, got -0\.1"),
+])
+def test_values_yaml_1_1_took_or_torch_rejected_later_are_named(tmp_path, text, message):
+    from faceage.config import load_params
+
+    key = text.split(":")[0]
+    lines = [f"  {text}" if line.startswith(f"  {key}:") else line
+             for line in (REPO / "params.yaml").read_text().splitlines()]
+    (tmp_path / "params.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_an_evaluate_batch_size_below_one_is_named_before_training():
+    raw = raw_params()
+    raw["evaluate"]["batch_size"] = 0
+    with pytest.raises(ConfigError, match=r"evaluate\.batch_size must be >= 1, got 0"):
+        params_from_dict(raw)
