@@ -27,6 +27,10 @@ from faceage.detector import CNN_FILE, HOG_FILE
 log = logging.getLogger(__name__)
 
 RETRY_SIDE = 400  # longer side (px) of the bordered image of the detector's second look
+# dlib's CNN finds no face under ~70 px (0 of 20 utk-external faces scaled to 60 px or less, 18 of
+# 20 at 80 px) and on an image under ~10 px a side it raises, after which its heap is corrupt (a
+# later call or the process exit crashes): it never looks at an image with a side under this.
+CNN_MIN_SIDE = 40
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,12 @@ class FaceDetector:
         boxes = self._detect(image, self.upsample, w, h, parallel=parallel)
         pad = int(round(self.retry_pad * max(h, w)))
         if not boxes and pad >= 1:
-            bordered = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-            scale = RETRY_SIDE / max(bordered.shape[:2])
-            boxes = self._detect(_scaled(bordered, scale), 0, w, h, scale=scale, shift=pad, parallel=parallel)
+            # Scaled down first, then bordered: bordering the full image first made its longer side's
+            # square of memory (a 20000 x 400 image: 3.6 GB), whatever the pixel cap allowed.
+            scale = RETRY_SIDE / (max(h, w) + 2 * pad)
+            border = int(round(pad * scale))
+            bordered = np.pad(_scaled(image, scale), ((border, border), (border, border), (0, 0)), mode="edge")
+            boxes = self._detect(bordered, 0, w, h, scale=scale, shift=border / scale, parallel=parallel)
         if not boxes and self.cnn_retry_side:
             scale = min(1.0, self.cnn_retry_side / max(h, w))
             boxes = self._detect(_scaled(image, scale), 0, w, h, scale=scale, kind="cnn")
@@ -157,9 +164,11 @@ class FaceDetector:
             return None
 
     def _detect(self, image: np.ndarray, upsample: int, w: int, h: int, scale: float = 1.0,
-                shift: int = 0, parallel: bool = False, kind: str | None = None) -> list[FaceBox]:
+                shift: float = 0.0, parallel: bool = False, kind: str | None = None) -> list[FaceBox]:
         """Boxes found in ``image`` by ``kind`` (default: this detector's) mapped to the original
         ``w`` x ``h`` image (``/ scale - shift``), clipped to it."""
+        if (kind or self.kind) == "cnn" and min(image.shape[:2]) * 2 ** upsample < CNN_MIN_SIDE:
+            return []
         with self._lock:
             if (kind or self.kind) == "hog":
                 split = self._split_hog if parallel else None
@@ -172,10 +181,10 @@ class FaceDetector:
         boxes = []
         for r, score in found:
             box = FaceBox(
-                max(int(round(r.left() / scale)) - shift, 0),
-                max(int(round(r.top() / scale)) - shift, 0),
-                min(int(round((r.right() + 1) / scale)) - shift, w),
-                min(int(round((r.bottom() + 1) / scale)) - shift, h),
+                max(int(round(r.left() / scale - shift)), 0),
+                max(int(round(r.top() / scale - shift)), 0),
+                min(int(round((r.right() + 1) / scale - shift)), w),
+                min(int(round((r.bottom() + 1) / scale - shift)), h),
                 float(score),
             )
             if box.width > 1 and box.height > 1:

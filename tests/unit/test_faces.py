@@ -168,3 +168,42 @@ def test_warm_up_runs_the_cnn_look_only_where_there_is_one(detector_dir, monkeyp
     with_look.warm_up()
     assert looks == [((120, 120, 3), {"kind": "cnn"})]
     FaceDetector(detector_dir, "hog", 1).warm_up()  # no look, no model to run: nothing happens
+
+
+def test_images_too_small_for_the_cnn_get_no_face_and_leave_it_working(detector_dir):
+    """A 1 x 1 spacer GIF, a 9 x 9 icon, a 6000 x 100 banner (400 x 7 when scaled for the CNN's look):
+    dlib's CNN raised on them (HTTP 500 in the service, a crashed `faceage predict` run), and its heap was
+    corrupt afterwards (a later call or the process exit crashed). Run in a child process, which that
+    corruption would crash."""
+    import subprocess
+    import sys
+
+    code = f"""
+import numpy as np
+from skimage.data import astronaut
+from faceage.faces import FaceDetector
+for kind, upsample, side in (("hog", 1, 400), ("cnn", 0, 0)):
+    d = FaceDetector({str(detector_dir)!r}, kind, upsample, retry_pad=0.35, cnn_retry_side=side)
+    for h, w in ((1, 1), (9, 9), (3, 40), (100, 6000), (7, 400), (400, 9)):
+        assert d.detect(np.full((h, w, 3), 128, np.uint8)) == [], (kind, h, w)
+    print(kind, len(d.detect(astronaut())))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["hog", "1", "cnn", "1"]
+
+
+def test_the_second_look_at_a_thin_image_needs_no_more_memory_than_a_square_one(detector_dir):
+    """The second look bordered the full image by 0.35 x its longer side before scaling it down: a
+    20000 x 400 PNG of 9 kB, under the pixel cap, took 3.6 GB in a service worker. It now scales first."""
+    import tracemalloc
+
+    retry = FaceDetector(detector_dir, "hog", 0, retry_pad=0.35)
+    thin = np.full((100, 8000, 3), 128, np.uint8)  # 2.4 MB; bordered first, 232 MB
+    tracemalloc.start()
+    try:
+        assert retry.detect(thin) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6, f"peak {peak / 1e6:.0f} MB"
