@@ -190,7 +190,8 @@ for kind, upsample, side in (("hog", 1, 400), ("cnn", 0, 0)):
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["hog", "1", "cnn", "1"]
+    found = dict(zip(*[iter(done.stdout.split())] * 2))
+    assert set(found) == {"hog", "cnn"} and all(int(n) >= 1 for n in found.values())  # the astronaut's face
 
 
 def test_the_second_look_at_a_thin_image_needs_no_more_memory_than_a_square_one(detector_dir):
