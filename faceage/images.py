@@ -6,11 +6,16 @@ One decoder for the pipeline and the service, so training crops and served crops
 the same pixels: EXIF orientation is applied before anything else, the first frame of
 an animation is used, CMYK / greyscale / palette images become RGB, 16-bit images are
 scaled (not clipped) to 8 bits, and transparency is composited onto white.
+
+Whatever Pillow raises on bytes it cannot decode becomes :class:`ImageDecodeError` (the
+client's fault, never the server's); malformed EXIF metadata never fails a photo whose pixels
+decode.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -19,7 +24,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from faceage.errors import FaceAgeError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6000x6000; larger uploads are refused before decoding
+
+_ORIENTATION = 0x0112  # the EXIF tag
+# Orientation value -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageDecodeError(FaceAgeError, ValueError):
@@ -44,6 +63,37 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def _error_name(e: BaseException) -> str:
+    """``IndexError``, ``struct.error``: the exception's type, as a reader would look it up."""
+    kind = type(e)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The decoded image turned upright by its EXIF orientation, whatever else its EXIF holds.
+
+    ``ImageOps.exif_transpose`` also rewrites the EXIF block without the orientation, and
+    that fails (``struct.error``, ``TypeError``, ...) on malformed entries, e.g. an ASCII
+    value under a tag Pillow writes as LONG. The pixels are fine then: apply the Orientation
+    tag alone if it can be read, else keep the image as stored.
+    """
+    try:
+        return ImageOps.exif_transpose(img)
+    except MemoryError:
+        raise
+    except Exception as e:
+        try:
+            orientation = img.getexif().get(_ORIENTATION)
+        except MemoryError:
+            raise
+        except Exception:
+            orientation = None
+        log.warning("malformed EXIF metadata (%s: %s); applying orientation %s alone", _error_name(e), e,
+                    orientation)
+        method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+        return img.transpose(method) if method is not None else img
+
+
 def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes an image file or bytes into an upright RGB uint8 array.
 
@@ -55,7 +105,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         Array of shape (H, W, 3), dtype uint8, with EXIF orientation applied.
 
     Raises:
-        ImageDecodeError: Empty input, unknown format, truncated data, or too many pixels.
+        ImageDecodeError: Empty input, unknown format, truncated or corrupt data, or too many pixels.
     """
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -79,13 +129,15 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                     )
                 img.seek(0)  # first frame of GIF/WebP animations
                 img.load()
-                upright = ImageOps.exif_transpose(img)
-                return _to_rgb(upright)
-    except ImageDecodeError:
-        raise
+                return _to_rgb(_upright(img))
+    except (ImageDecodeError, MemoryError):
+        raise  # our own size limit has its message; out of memory is the server's problem
     except UnidentifiedImageError as e:
         raise ImageDecodeError(f"not an image (unknown format): {name}") from e
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large: {e}") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageDecodeError(f"cannot decode {name}: {e}") from e
+    except Exception as e:
+        # Pillow's plugins raise whatever their parser trips on for corrupt data (OSError,
+        # SyntaxError, EOFError, but also IndexError, struct.error, ...): the bytes are at
+        # fault, not the server.
+        raise ImageDecodeError(f"cannot decode {name}: {_error_name(e)}: {e}") from e

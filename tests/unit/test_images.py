@@ -1,10 +1,11 @@
 """load_image: every odd-but-valid format becomes upright RGB uint8; broken input raises ImageDecodeError."""
 
 import io
+import struct
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from faceage.images import ImageDecodeError, load_image
 
@@ -91,3 +92,61 @@ def test_empty_file_on_disk(tmp_path):
     (tmp_path / "e.jpg").write_bytes(b"")
     with pytest.raises(ImageDecodeError, match="0 bytes"):
         load_image(tmp_path / "e.jpg")
+
+
+def exif_jpeg(arr: np.ndarray, orientation: int, *, malformed: bool = False) -> bytes:
+    """A JPEG with EXIF Make="cam" and this Orientation.
+
+    ``malformed``: the Make entry (ASCII) is relabelled StripOffsets (0x0111), a tag Pillow
+    writes as LONG: reading the EXIF works, writing it back (as exif_transpose does) fails.
+    """
+    exif = Image.Exif()
+    exif[0x010F] = "cam"  # Make
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(arr), "JPEG", exif=exif.tobytes(), quality=95)
+    if not malformed:
+        return data
+    big_endian = data[data.index(b"Exif\x00\x00") + 6:][:2] == b"MM"
+    make, strip_offsets = ((b"\x01\x0f", b"\x01\x11") if big_endian else (b"\x0f\x01", b"\x11\x01"))
+    ascii_type = b"\x00\x02" if big_endian else b"\x02\x00"
+    assert data.count(make + ascii_type) == 1
+    return data.replace(make + ascii_type, strip_offsets + ascii_type)
+
+
+def test_malformed_exif_keeps_the_photo_and_its_orientation():
+    """Bad metadata is not a bad photo: the pixels decode and the orientation is still applied."""
+    arr = rgb_array(30, 40)
+    bad = exif_jpeg(arr, 6, malformed=True)
+    with pytest.raises(struct.error):  # what load_image used to meet (HTTP 500)
+        ImageOps.exif_transpose(Image.open(io.BytesIO(bad)))
+    out = load_image(bad)
+    assert out.shape == (40, 30, 3)  # turned 90 degrees, as Orientation=6 asks
+    np.testing.assert_array_equal(out, load_image(exif_jpeg(arr, 6)))  # the pixels of sound EXIF
+    assert load_image(exif_jpeg(arr, 1, malformed=True)).shape == (30, 40, 3)
+
+
+def _noise(w=16, h=12) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(1).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's "Truncated File Read" and the like
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "TIFF", "QOI"])
+def test_truncated_files_of_every_format_decode_or_raise_image_decode_error(fmt):
+    """Pillow's plugins raise assorted exception types on corrupt data (QOI: IndexError); a cut
+    file at any length is either an image or an ImageDecodeError (HTTP 400), never a 500."""
+    try:
+        data = encode(_noise(), fmt)
+    except (KeyError, OSError) as e:  # a Pillow built without this writer
+        pytest.skip(f"this Pillow cannot write {fmt}: {e}")
+    for n in range(len(data) + 1):
+        try:
+            out = load_image(data[:n])
+        except ImageDecodeError:
+            continue
+        assert out.shape == (12, 16, 3) and out.dtype == np.uint8, (fmt, n)
+
+
+def test_a_qoi_file_cut_after_its_header_is_a_decode_error():
+    data = encode(_noise(), "QOI")[:14]  # the header alone: Pillow's QOI decoder raises IndexError
+    with pytest.raises(ImageDecodeError, match="cannot decode upload: IndexError"):
+        load_image(data)
