@@ -4,8 +4,8 @@ Input: a predictor's :class:`~faceage.predict.FaceLocator` settings and its ``es
 function. Output: awaitable, asyncio-friendly building blocks for the service:
 
 - :class:`LocatorPool`: decode + detect + crop of encoded images in worker processes (one dlib
-  detector each, every core busy; a decoder crash costs a worker, which is replaced, not the
-  server);
+  detector each, every core busy; a decoder crash costs the pool, which is replaced, not the
+  server, and only the photo that crashes it twice fails);
 - :class:`AgeBatcher`: adaptive batching of the age model across concurrent requests.
 
 Kept apart from :mod:`faceage.predict` (the domain steps), which the CLI and ``evaluate`` use
@@ -35,7 +35,7 @@ DEFAULT_MAX_BATCH_FACES = 64
 
 
 class ImageProcessingError(FaceAgeError, RuntimeError):
-    """A worker process died while decoding or detecting faces in one image."""
+    """A worker process died while decoding or detecting faces in one image (twice: its own fault)."""
 
 
 # The locator of a worker process, built once by the pool's initializer (a process global:
@@ -74,6 +74,11 @@ class LocatorPool:
     the server. With ``processes=0`` the work runs in a thread of this process, one image at
     a time.
 
+    A worker that dies (a crash, the OOM killer) breaks the whole pool and every photo in
+    flight on it, whichever one caused it. The pool is replaced (and warmed) once, and each
+    of those photos is tried again on the new one, one at a time, so that a photo that breaks
+    the pool a second time is the one at fault: it alone fails (:class:`ImageProcessingError`).
+
     A photo detects on two threads (:meth:`faceage.faces.FaceDetector.detect`, the same faces in
     about half the time) while at most half the cores have a photo: one photo at a time on two
     cores uses both, and under load each photo keeps to one core.
@@ -90,6 +95,9 @@ class LocatorPool:
         self.processes = processes
         self._executor: ProcessPoolExecutor | None = None
         self._lock = asyncio.Lock()  # in-process mode: one detection at a time (one shared detector)
+        # Photos that were in flight when a pool broke: their second try runs alone, so that a
+        # break then is that photo's own doing, not its neighbour's.
+        self._retry_lock = asyncio.Lock()
         self._in_flight = 0
         self.cores = available_cores()
         if processes:
@@ -123,7 +131,8 @@ class LocatorPool:
 
         Raises:
             faceage.images.ImageDecodeError: The bytes are not a decodable image (or too large).
-            ImageProcessingError: The worker process died on this image (it is replaced).
+            ImageProcessingError: The worker process died on this image, on its second try too
+                (the pool is replaced).
         """
         self._in_flight += 1
         try:
@@ -142,15 +151,39 @@ class LocatorPool:
                 return await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image, crops, parallel)
         executor = self._executor
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, _child_locate, data, with_image,
-                                                                    crops, parallel)
+            return await self._run(executor, data, with_image, crops, parallel)
         except BrokenProcessPool as e:
-            if self._executor is executor:
-                log.error("a detection worker died (%s); starting a new pool of %d", e, self.processes)
-                self._executor = self._start()
-                executor.shutdown(wait=False, cancel_futures=True)
-            raise ImageProcessingError(f"a worker process died while decoding or detecting faces in this "
-                                       f"{len(data)}-byte image") from e
+            self._replace(executor, e)
+        async with self._retry_lock:
+            executor = self._executor
+            if executor is None:
+                raise RuntimeError("the detection pool was closed")
+            try:
+                return await self._run(executor, data, with_image, crops, parallel)
+            except BrokenProcessPool as e:
+                self._replace(executor, e)
+                raise ImageProcessingError(f"a worker process died while decoding or detecting faces in this "
+                                           f"{len(data)}-byte image") from e
+
+    @staticmethod
+    async def _run(executor: ProcessPoolExecutor, data: bytes, with_image: bool, crops: bool,
+                   parallel: bool) -> tuple[LocatedFaces, np.ndarray | None]:
+        return await asyncio.get_running_loop().run_in_executor(executor, _child_locate, data, with_image, crops,
+                                                                parallel)
+
+    def _replace(self, broken: ProcessPoolExecutor, error: BrokenProcessPool) -> None:
+        """Puts a new, warmed pool in place of ``broken``, unless that was done already (or the pool is closed).
+
+        Every photo in flight on a broken pool gets here; the first replaces it and the others
+        find the replacement in place (no await between the check and the swap, so they cannot
+        interleave): one new pool per break, not one per photo.
+        """
+        if self._executor is not broken:
+            return
+        log.error("a detection worker died (%s); starting a new pool of %d", error, self.processes)
+        self._executor = self._start()
+        self.warm_up()  # as the first pool: its workers load their detector before the photos retried on it
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stops the worker processes."""
