@@ -30,10 +30,13 @@ repro: setup
 # face-recognition networks, frozen, with an ensemble of five MLP heads over the age network's
 # features and age distribution and the face descriptor (train.head=auto = fused), trained 30 epochs
 # on the cached features. A DVC experiment tracked in MLflow.
+# Each profile runs on top of the committed params.yaml (faceage.experiment): `dvc exp run -S` leaves
+# its overrides in the workspace, and the next profile would otherwise inherit them.
 SAMPLE ?= $(abspath ../shared/datasets/appa-real-sample)
+EXP := $(BIN)/python -m faceage.experiment
 QUICK := -S fetch_data.source=$(SAMPLE) -S train.backbone=dlib_age
 quick: setup
-	$(BIN)/dvc exp run $(QUICK)
+	$(EXP) $(QUICK)
 	$(BIN)/dvc metrics show
 
 # The former dlib_age recipe: dlib's own head, its last two stages fine-tuned 12 epochs with
@@ -41,7 +44,7 @@ quick: setup
 QUICK_FINETUNE := $(QUICK) -S train.epochs=12 -S train.lr=0.003 -S train.layer_lr_decay=0.316 \
 	-S train.freeze_blocks=4 -S train.distill_weight=1.0 -S train.wise_ft=true
 quick-finetune: setup
-	$(BIN)/dvc exp run $(QUICK_FINETUNE)
+	$(EXP) $(QUICK_FINETUNE)
 	$(BIN)/dvc metrics show
 
 # The former quick profile: ResNet-18 from scratch, 5 epochs at 112 px (about 6 min on 2 cores, test MAE ~13).
@@ -49,7 +52,7 @@ quick-finetune: setup
 QUICK_RESNET := -S fetch_data.source=$(SAMPLE) -S train.pretrained=none -S train.epochs=5 -S train.image_size=112 \
 	-S train.low_res=0.0
 quick-resnet: setup
-	$(BIN)/dvc exp run $(QUICK_RESNET)
+	$(EXP) $(QUICK_RESNET)
 	$(BIN)/dvc metrics show
 
 # Backbone sweep (CPU profile) on the sample, one DVC experiment per backbone, then

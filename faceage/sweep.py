@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
+from faceage.experiment import run_profile
 from faceage.external import external_maes
 from faceage.logs import setup_logging
 from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
@@ -53,9 +53,8 @@ def run_sweep(backbones: list[str], profile: str, source: str | None, runs_path:
         overrides = [f"train.backbone={backbone}", *PROFILES[profile]["face" if backbone in PRETRAINED_FACE else "cnn"]]
         if source:
             overrides.append(f"fetch_data.source={source}")
-        cmd = ["dvc", "exp", "run", *[arg for o in overrides for arg in ("-S", o)]]
-        log.info("sweep: %s", " ".join(cmd))
-        subprocess.run(cmd, check=True)
+        log.info("sweep: %s", " ".join(overrides))
+        run_profile(overrides)  # on the committed params.yaml, not on the last backbone's overrides
         runs[backbone] = {"run_id": read_run_file("models/run.json")["run_id"], "overrides": overrides}
         runs_path.parent.mkdir(parents=True, exist_ok=True)
         runs_path.write_text(json.dumps(runs, indent=2) + "\n")

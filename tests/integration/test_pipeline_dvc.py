@@ -235,6 +235,27 @@ def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
     assert not (clone / "mlflow.db").exists()  # nothing ran, so nothing was tracked
 
 
+def test_a_profile_runs_on_the_committed_params_not_on_what_the_last_exp_run_left(project):
+    """`dvc exp run -S` leaves its overrides in params.yaml: `make quick-finetune` then `make quick` ran
+    the fine-tuning recipe again. `python -m faceage.experiment` (the Makefile's profiles, the sweep)
+    puts back what it does not set, and names it."""
+    from mlflow import MlflowClient
+
+    root, env = project["root"], project["env"]
+    commit_all(root, env, "the params a profile starts from")
+    committed = yaml.safe_load((root / "params.yaml").read_text())["train"]
+    run(["dvc", "exp", "run", "-S", "train.lr=5e-4", "-S", "train.label_sigma=3.0"], root, env)
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["label_sigma"] == 3.0  # left behind
+    out = run([sys.executable, "-m", "faceage.experiment", "-S", "train.seed=7"], root, env)
+    assert "train.label_sigma is 3.0 in the workspace" in out and "train.lr is 0.0005 in the workspace" in out
+    train = yaml.safe_load((root / "params.yaml").read_text())["train"]
+    assert (train["seed"], train["lr"], train["label_sigma"]) == (7, committed["lr"], committed["label_sigma"])
+    run_id = json.loads((root / "models" / "run.json").read_text())["run_id"]
+    logged = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").get_run(run_id).data.params
+    assert (logged["train.seed"], float(logged["train.lr"])) == ("7", committed["lr"])
+    run(["git", "checkout", "params.yaml"], root, env)
+
+
 def test_queued_experiments_side_by_side_on_a_fresh_clone_all_land(sample_dir, external_dir, tmp_path_factory):
     """`dvc exp run --queue` twice, then `dvc queue start -j 2`, before any run made the MLflow store
     or the caches: both experiments run every stage at once, each in a `.dvc/tmp/exps` copy. One used
