@@ -120,8 +120,9 @@ def _run(name: str, params: Params, overrides: dict, base: dict, work: Path, fac
     result = train_model(tp, faces, out / "model.pt", out, out / "run.json", out / "state.pt", embeddings_path=embeddings,
                          detector_dir=detector)
     mlflow.MlflowClient().set_tag(result["run_id"], "recipe", name)
-    metrics = evaluate_model(out / "model.pt", faces, out / "eval", params.evaluate, run_path=out / "run.json",
-                             embeddings_path=embeddings, data_dir=data)
+    # The external set is scored below (External); evaluate's own external sets would need the detector.
+    metrics = evaluate_model(out / "model.pt", faces, out / "eval", replace(params.evaluate, external=()),
+                             run_path=out / "run.json", embeddings_path=embeddings, data_dir=data)
     row = {"variant": name, "val_mae": result["best_val_mae"], "test_mae": metrics["mae_years"],
            "coverage_1std": metrics["coverage_1std"], "coverage_2std": metrics["coverage_2std"],
            "run_id": result["run_id"], "model": str(out / "model.pt"), "train_s": result["train_time_s"],

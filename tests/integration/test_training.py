@@ -149,3 +149,17 @@ def test_zero_epochs_ship_the_seeded_initial_weights(tiny_run, tmp_path, monkeyp
     val = load_split(tiny_run["faces"], "valid", p.backbone, p.image_size)
     expected = training.evaluate(initial, val, input_fn(backbone_input(p.backbone), IMAGENET_MEAN, IMAGENET_STD), torch.device("cpu"))
     assert meta["val_mae"] == result["best_val_mae"] == expected
+
+
+def test_a_recipe_row_trains_and_is_scored_with_the_default_params(tiny_run, tmp_path):
+    """`python -m faceage.recipe` trained its first variant, then evaluate refused the default
+    evaluate.external without a detector folder: every recipe run died after its first training."""
+    from faceage.recipe import _run
+    from faceage.tracking import mlflow_env
+
+    base = {"backbone": "resnet18", "pretrained": "none", "image_size": 64, "batch_size": 16}
+    with mlflow_env("MLFLOW_TRACKING_URI", tiny_run["tracking_uri"]):
+        row = _run("resnet18 tiny", Params(), {"epochs": 1}, base, tmp_path, tiny_run["faces"],
+                   tmp_path / "embeddings.npz", tiny_run["data"], detector=tiny_run["detector"])
+    assert row["test_mae"] > 0 and row["val_mae"] > 0 and len(row["run_id"]) == 32
+    assert (tmp_path / "resnet18_tiny" / "eval" / "metrics.json").is_file()
