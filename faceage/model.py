@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,10 @@ CHECKPOINT_FORMAT = "faceage-checkpoint/1"
 
 class PretrainedWeightsError(FaceAgeError, RuntimeError):
     """``train.pretrained`` asks for weights that cannot be found or fetched."""
+
+
+class CheckpointError(FaceAgeError, ValueError):
+    """A file given as a checkpoint is unreadable or is not a FaceAge checkpoint."""
 
 
 def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
@@ -281,6 +286,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     os.replace(tmp, path)
 
 
+def _first_sentence(error: BaseException) -> str:
+    """The start of an exception's text: torch's messages run to many lines of advice."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text.split(". ")[0][:200] or f"{type(error).__name__} (empty or truncated file)"
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuilds the model from a checkpoint alone, in eval mode.
 
@@ -288,15 +299,33 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         ``(model, meta)`` where ``meta`` is the checkpoint without ``state_dict``.
 
     Raises:
-        ValueError: Not a FaceAge checkpoint.
+        CheckpointError: The file cannot be read, is not a FaceAge checkpoint (a photo, another
+            torch file, a truncated download), or its weights do not fit its backbone.
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except pickle.UnpicklingError as e:
+        # torch's own text advises weights_only=False, i.e. running the file's code: never do that
+        # for a file that should hold only tensors and plain values.
+        raise CheckpointError(f"{path} is not a FaceAge checkpoint: not a torch file of plain tensors and "
+                              "values (the weights-only loader refused it)") from e
+    except Exception as e:  # torch raises several unrelated types (RuntimeError, EOFError, ...) for a bad file
+        raise CheckpointError(f"{path} is not a FaceAge checkpoint: {_first_sentence(e)}") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    missing = [k for k in ("backbone", "min_age", "max_age", "state_dict") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete FaceAge checkpoint: it has no {', '.join(missing)}")
     # fused heads saved before train.face_features existed read dlib's descriptor
     model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"),
                         payload.get("face_features", DESCRIPTOR))
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is a damaged FaceAge checkpoint: its weights do not fit backbone "
+                              f"{payload['backbone']!r} ({' '.join(str(e).split())[:200]})") from e
     model.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return model, meta

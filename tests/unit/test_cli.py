@@ -3,6 +3,10 @@
 import csv
 import io
 import json
+import os
+import shutil
+import signal
+import sys
 
 import numpy as np
 import pytest
@@ -86,3 +90,135 @@ def test_json_and_csv_are_exclusive():
     with pytest.raises(SystemExit) as e:
         main(["predict", "x.jpg", "--json", "--csv"])
     assert e.value.code == 2
+
+
+def test_annotate_never_replaces_an_input_or_an_existing_file(photos, tmp_path):
+    same = tmp_path / "same"  # `faceage predict same --annotate same`
+    same.mkdir()
+    original = (photos["folder"] / "astronaut.png").read_bytes()
+    (same / "astronaut.png").write_bytes(original)
+    assert main(["predict", str(same), "--annotate", str(same), *photos["model"]]) == 0
+    assert (same / "astronaut.png").read_bytes() == original
+    with Image.open(same / "astronaut-1.png") as im:  # the annotated copy, beside its input
+        assert not np.array_equal(np.asarray(im.convert("RGB")), skimage_data.astronaut())
+    out = tmp_path / "out"  # an earlier run's output (or any file) of the same name survives too
+    out.mkdir()
+    (out / "blank.png").write_bytes(b"earlier")
+    assert main(["predict", str(photos["folder"] / "blank.jpg"), "--annotate", str(out), *photos["model"]]) == 0
+    assert (out / "blank.png").read_bytes() == b"earlier"
+    assert sorted(p.name for p in out.iterdir()) == ["blank-1.png", "blank.png"]
+
+
+def test_annotate_keeps_long_names_within_the_name_limit(photos, tmp_path):
+    if os.pathconf(tmp_path, "PC_NAME_MAX") < 255:
+        pytest.skip("this file system's names are shorter than 255 bytes")
+    stem = "x" * 251  # <stem>.png is 255 bytes; the second one's <stem>-1.png would be 257
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(photos["folder"] / "blank.jpg", tmp_path / folder / f"{stem}.jpg")
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "a"), str(tmp_path / "b"), "--annotate", str(out), *photos["model"]]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 2 and all(len(os.fsencode(n)) <= 255 for n in names)
+    assert names[0].endswith("-1.png") and names[1] == f"{stem}.png"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX) to make a write fail")
+def test_a_failed_annotated_write_keeps_every_result(photos, tmp_path, capsys):
+    import resource
+
+    out = tmp_path / "out"
+    # A file-size limit makes the write fail as a full disk would: the annotated astronaut (~470 kB)
+    # fails with EFBIG, while the blank photo's PNG (~1 kB) and the HOG detector file the predictor
+    # writes to a temporary folder (~155 kB) fit.
+    from faceage.annotate import to_png
+    from faceage.detector import HOG_FILE
+
+    limit = 2 * (photos["root"] / "detector" / HOG_FILE).stat().st_size
+    assert len(to_png(skimage_data.astronaut())) > limit, "the astronaut's PNG must exceed the limit"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip(f"the hard file-size limit ({hard} bytes) is already below {limit}")
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        code = main(["predict", str(photos["folder"] / "astronaut.png"), str(photos["folder"] / "blank.jpg"),
+                     "--json", "--annotate", str(out), *photos["model"]])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    captured = capsys.readouterr()
+    assert code == 1  # not everything asked for was written
+    results = json.loads(captured.out)
+    assert [len(r["faces"]) >= 1 for r in results] == [True, False]  # the astronaut's ages are kept
+    assert "could not write the annotated copy of" in captured.err and "astronaut.png" in captured.err
+    assert "Traceback" not in captured.err
+    assert [p.name for p in out.iterdir()] == ["blank.png"]  # no truncated astronaut PNG left behind
+
+
+@pytest.mark.parametrize("option", [["--threads", "0"], ["--threads", "-2"], ["--max-pixels", "0"],
+                                    ["--max-detect-pixels", "-1"], ["--threads", "two"]])
+def test_bad_numbers_are_usage_errors(photos, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(photos["folder"] / "blank.jpg"), *option, *photos["model"]])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option[0]}: must be" in err and "Traceback" not in err
+
+
+def test_zero_max_detect_pixels_still_means_never_downscale(photos):
+    assert main(["predict", str(photos["folder"] / "blank.jpg"), "--max-detect-pixels", "0", "--threads", "1",
+                 *photos["model"]]) == 0
+
+
+@pytest.mark.parametrize("kind", ["photo", "truncated", "bento tag"])
+def test_a_bad_model_is_one_clear_error(photos, tmp_path, capsys, kind):
+    if kind == "photo":
+        shutil.copy(photos["folder"] / "blank.jpg", tmp_path / "model.jpg")
+        source, want = ["--model", str(tmp_path / "model.jpg")], "model.jpg is not a FaceAge checkpoint"
+    elif kind == "truncated":
+        data = open(photos["model"][1], "rb").read()
+        (tmp_path / "model.pt").write_bytes(data[: len(data) // 2])
+        source, want = ["--model", str(tmp_path / "model.pt")], "model.pt is not a FaceAge checkpoint"
+    else:
+        pytest.importorskip("bentoml")
+        source, want = ["--bento", "bad tag!!"], "'bad tag!!' is not a BentoML model tag"
+    assert main(["predict", str(photos["folder"] / "blank.jpg"), *source]) == 1
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err
+    assert "weights_only" not in err  # torch's advice to load unsafely is not passed on
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_an_annotate_folder_that_cannot_be_made_is_one_clear_error(photos, tmp_path, capsys, where):
+    (tmp_path / "notes.txt").write_text("a file")
+    target = tmp_path / "notes.txt" if where == "file" else tmp_path / "notes.txt" / "out"
+    assert main(["predict", str(photos["folder"] / "blank.jpg"), "--annotate", str(target), *photos["model"]]) == 1
+    err = capsys.readouterr().err
+    assert f"--annotate{' ' if where == 'file' else ': cannot create the folder '}{target}" in err
+    assert "Traceback" not in err
+
+
+def test_undecodable_file_names_are_printed_as_their_bytes(photos, tmp_path, monkeypatch):
+    name = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not UTF-8, so Python holds a surrogate
+    try:
+        shutil.copy(photos["folder"] / "blank.jpg", tmp_path / name)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system accepts only valid UTF-8 names")
+    for fmt in ([], ["--csv"], ["--json"]):
+        stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as under PYTHONIOENCODING=utf-8
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main(["predict", str(tmp_path), *fmt, *photos["model"]]) == 0
+        stdout.flush()
+        raw = stdout.buffer.getvalue()
+        assert (b'caf\\udce9.jpg"' if fmt == ["--json"] else b"caf\xe9.jpg") in raw  # JSON escapes instead
+
+
+def test_folder_scans_skip_hidden_files_and_folders(tmp_path):
+    folder = tmp_path / ".photos"  # a hidden folder named on the command line is still read
+    for name in ("IMG.JPG", "._IMG.JPG", ".hidden.png", ".thumbs/IMG.JPG", "sub/.cache/c.jpg", "sub/b.jpg"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"\x00\x05\x16\x07 AppleDouble, or any bytes: not read here")
+    assert collect_images([folder]) == [folder / "IMG.JPG"]
+    assert collect_images([folder], recursive=True) == [folder / "IMG.JPG", folder / "sub" / "b.jpg"]
+    assert collect_images([folder / "._IMG.JPG"]) == [folder / "._IMG.JPG"]  # named files are taken as given

@@ -153,3 +153,33 @@ def test_lr_schedule_warms_up_then_decays():
     factors = [lr_factor(s, 10, p) for s in range(40)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[-1] < 0.01 and all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+@pytest.mark.parametrize("kind", ["photo", "truncated", "empty", "python object"])
+def test_a_file_that_is_no_checkpoint_is_one_clear_error(tmp_path, kind):
+    from faceage.errors import FaceAgeError
+
+    path = tmp_path / "model.pt"
+    if kind == "photo":
+        path.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(200))  # a JPEG given as --model
+    elif kind == "truncated":
+        save_checkpoint(path, build_model("resnet18"), {"backbone": "resnet18", "min_age": 0, "max_age": 100})
+        path.write_bytes(path.read_bytes()[:100_000])  # an interrupted copy
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"format": "faceage-checkpoint/1", "loss": torch.nn.MSELoss()}, path)
+    with pytest.raises(FaceAgeError, match=r"model\.pt is not a FaceAge checkpoint: ") as e:
+        load_checkpoint(path)
+    assert isinstance(e.value, ValueError)  # callers that caught ValueError still do
+    assert "weights_only" not in str(e.value)  # torch's advice to unpickle arbitrary code is not passed on
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_is_one_clear_error(tmp_path):
+    from faceage.errors import FaceAgeError
+
+    save_checkpoint(tmp_path / "m.pt", build_model("mobilenet_v3_small"),
+                    {"backbone": "resnet18", "min_age": 0, "max_age": 100})
+    with pytest.raises(FaceAgeError, match="m.pt is a damaged FaceAge checkpoint: its weights do not fit backbone "
+                                           "'resnet18'"):
+        load_checkpoint(tmp_path / "m.pt")
