@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -131,18 +132,25 @@ def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
         The candidates (same numbers), eligible ones by (validation MAE, newest first), then the excluded ones.
     """
     sets = sorted({name for c in candidates for name in c.external_mae_years})
-    best = {n: min(c.external_mae_years[n] for c in candidates if n in c.external_mae_years) for n in sets}
+    # A NaN (a model that output NaN, a run whose choice failed) compares False with everything: it
+    # must neither win the sort nor set the guard's best, which would then veto nothing.
+    best = {n: min((c.external_mae_years[n] for c in candidates if math.isfinite(c.external_mae_years.get(n, math.nan))),
+                   default=math.nan) for n in sets}
     ranked = []
     for c in candidates:
-        reasons = []
+        reasons = [f"{what} MAE is {value}" for what, value in (("validation", c.val_mae_years),
+                                                                  ("test", c.test_mae_years)) if not math.isfinite(value)]
         for n in sets:
             if n not in c.external_mae_years:
                 reasons.append(f"not scored on {n}")
+            elif not math.isfinite(c.external_mae_years[n]):
+                reasons.append(f"{n} MAE is {c.external_mae_years[n]}")
             elif c.external_mae_years[n] > best[n] + guard_margin(best[n]):
                 reasons.append(f"{n} MAE {c.external_mae_years[n]:.2f} > best {best[n]:.2f} + "
                                f"{guard_margin(best[n]):.2f}")
         ranked.append(Candidate(**{**asdict(c), "excluded": "; ".join(reasons)}))
-    return sorted(ranked, key=lambda c: (bool(c.excluded), c.val_mae_years, -c.start_time_ms))
+    return sorted(ranked, key=lambda c: (bool(c.excluded), c.val_mae_years if math.isfinite(c.val_mae_years) else math.inf,
+                                         -c.start_time_ms))
 
 
 def selection_table(ranked: list[Candidate]) -> str:

@@ -201,6 +201,19 @@ def test_rank_candidates_covers_every_set_and_orders_the_rest():
     assert [c.run_id for c in rank_candidates([cand("x", 6.0, {}), cand("y", 5.0, {})])] == ["y", "x"]
 
 
+def test_a_nan_metric_neither_wins_nor_switches_off_the_guard():
+    """NaN compares False with everything: a newest run with a NaN validation MAE won the sort, and one
+    NaN external MAE first in line made the guard's best NaN, so a run 30 years off there won."""
+    nan = float("nan")
+    ranked = rank_candidates([cand("nan_ext", 9.0, {"utk": nan}, start=3), cand("overfit", 3.0, {"utk": 30.0}, start=2),
+                              cand("good", 4.5, {"utk": 7.0}, start=1)])
+    assert [c.run_id for c in ranked][0] == "good"
+    assert {c.run_id: c.excluded for c in ranked} == {
+        "good": "", "nan_ext": "utk MAE is nan", "overfit": "utk MAE 30.00 > best 7.00 + 0.50"}
+    ranked = rank_candidates([cand("nan_val", nan, {}, start=2), cand("good", 4.5, {}, start=1)])
+    assert [(c.run_id, c.excluded) for c in ranked] == [("good", ""), ("nan_val", "validation MAE is nan; test MAE is nan")]
+
+
 def test_no_run_passing_the_guard_is_an_error(client):
     add_run(client, "only s1", {"best_val_mae": 5.0, "test_mae_years": 5.0, **ext(6.0, "s1")})
     add_run(client, "only s2", {"best_val_mae": 5.0, "test_mae_years": 5.0, **ext(6.0, "s2")})
