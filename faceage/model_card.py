@@ -41,6 +41,19 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     return note
 
 
+def _detector_limits(crop: dict) -> str:
+    """The "Known limits" line for the checkpoint's detector (``crop.detector``: HOG, or dlib's CNN)."""
+    if crop.get("detector") == "cnn":
+        missed = ("- dlib's CNN detector finds turned and partly hidden faces too, but misses faces under ~80 px "
+                  f"(~{80 // 2 ** int(crop.get('upsample', 0))} px at upsample {crop.get('upsample', 0)})")
+    else:
+        missed = "- The HOG detector finds frontal faces; profiles, strong occlusion and faces under ~40 px are missed"
+        if crop_cnn_retry_side(crop):
+            missed += (" (a photo where it finds none gets the CNN detector's look, which finds more turned and "
+                       "close-up faces, but not small ones in a large photo)")
+    return missed + ", and a missed face gets no age at all."
+
+
 def _retry_note(crop: dict) -> str:
     """The detector's second look (``crop.retry_pad``); empty where the checkpoint's crops were made without it."""
     pad, side = crop_retry_pad(crop), crop_cnn_retry_side(crop)
@@ -226,10 +239,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
             [_largest_bias("the test split", groups["age_group"])]
             + [_largest_bias(f"`{name}`", rows) for name, rows in (external_groups or {}).items() if rows])
         + ". Photos made mostly of such faces inherit it.",
-        ("- The HOG detector finds frontal faces; profiles, strong occlusion and faces under ~40 px are missed "
-         + ("(a photo where it finds none gets the CNN detector's look, which finds more turned and close-up "
-            "faces, but not small ones in a large photo)" if crop_cnn_retry_side(crop) else "")
-         + ", and a missed face gets no age at all."),
+        _detector_limits(crop),
         "- Apparent age is what raters perceive; it can differ from real age by several years either way.",
         "- Demographic breakdowns are reported where the data carries labels; small groups give noisy numbers.",
         "",

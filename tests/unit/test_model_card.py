@@ -24,3 +24,16 @@ def test_each_external_set_has_a_column_beside_the_test_split():
 def test_without_external_sets_the_test_split_stands_alone():
     lines = _metrics_table({**TEST, "external": {}}, "cs5")
     assert lines[0] == "| metric | test split |" and rows(lines)["Faces evaluated"] == ["300"]
+
+
+def test_known_limits_name_the_checkpoints_own_detector():
+    """A preprocess.detector=cnn model's card described the HOG detector, with a stray " ," where
+    there was no CNN look."""
+    from faceage.model_card import _detector_limits
+
+    hog = _detector_limits({"detector": "hog", "upsample": 1, "cnn_retry_side": 0})
+    assert hog.startswith("- The HOG detector finds frontal faces") and " ," not in hog
+    looked = _detector_limits({"detector": "hog", "upsample": 1, "cnn_retry_side": 400, "retry_pad": 0.35})
+    assert "gets the CNN detector's look" in looked and " ," not in looked
+    cnn = _detector_limits({"detector": "cnn", "upsample": 1})
+    assert "HOG" not in cnn and "CNN detector" in cnn and "~40 px at upsample 1" in cnn
