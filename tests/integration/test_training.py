@@ -158,7 +158,7 @@ def test_a_recipe_row_trains_and_is_scored_with_the_default_params(tiny_run, tmp
     from faceage.tracking import mlflow_env
 
     base = {"backbone": "resnet18", "pretrained": "none", "image_size": 64, "batch_size": 16}
-    with mlflow_env("MLFLOW_TRACKING_URI", tiny_run["tracking_uri"]):
+    with mlflow_env("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}"):  # not the packaged run's store
         row = _run("resnet18 tiny", Params(), {"epochs": 1}, base, tmp_path, tiny_run["faces"],
                    tmp_path / "embeddings.npz", tiny_run["data"], detector=tiny_run["detector"])
     assert row["test_mae"] > 0 and row["val_mae"] > 0 and len(row["run_id"]) == 32
