@@ -47,7 +47,7 @@ from faceage.external import external_maes
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
-from faceage.preprocess import MANIFEST as FACES_MANIFEST, read_faces_manifest
+from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_faces_manifest
 from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, git_commit
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def selection_table(ranked: list[Candidate]) -> str:
     return "\n".join(lines)
 
 
-def select_winner(client, experiment: str = EXPERIMENT) -> Winner:
+def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None = None) -> Winner:
     """The champion by :data:`SELECTION_RULE` (validation MAE, guarded by cross-dataset MAE).
 
     Logs the rule and every candidate's validation, test and external MAE with its verdict.
@@ -174,9 +174,12 @@ def select_winner(client, experiment: str = EXPERIMENT) -> Winner:
     Args:
         client: An ``mlflow.MlflowClient``.
         experiment: Experiment name.
+        data_sha256: Only runs trained on these data (their ``data_sha256`` tag) compete: validation
+            MAEs of runs on other data are measured on other faces and do not compare (a run on the
+            2,100-face sample would beat one on APPA-REAL). None: every run.
 
     Raises:
-        PackagingError: The experiment does not exist, or no finished run has both metrics.
+        PackagingError: The experiment does not exist, or no finished run (on ``data_sha256``) has both metrics.
     """
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -193,6 +196,19 @@ def select_winner(client, experiment: str = EXPERIMENT) -> Winner:
     found = {r.info.run_id: r for r in runs if VAL_METRIC in r.data.metrics and TEST_METRIC in r.data.metrics}
     log.info("%d finished runs in experiment %r, %d with %s and %s", len(runs), experiment, len(found),
              VAL_METRIC, TEST_METRIC)
+    if data_sha256:
+        other = {r.data.tags.get("data_sha256") for r in found.values()} - {data_sha256}
+        mine = {k: r for k, r in found.items() if r.data.tags.get("data_sha256") == data_sha256}
+        if len(mine) < len(found):
+            log.info("%d of them trained on other data (data sha256 %s), set aside: the candidates are the %d "
+                     "trained on the workspace's data (%s)", len(found) - len(mine),
+                     ", ".join(sorted(str(o)[:12] for o in other)), len(mine), data_sha256[:12])
+        if found and not mine:
+            raise PackagingError(f"no finished run of experiment {experiment!r} trained on the workspace's data "
+                                 f"(data sha256 {data_sha256[:12]}, from the preprocess output); {len(found)} "
+                                 "trained on other data: run the pipeline on these data, or put the outputs of "
+                                 "the data to package in the workspace (dvc exp apply / dvc checkout)")
+        found = mine
     if not found:
         raise PackagingError(f"no finished run of experiment {experiment!r} has both {VAL_METRIC} and "
                              f"{TEST_METRIC}: run the train and evaluate stages first")
@@ -477,7 +493,9 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
-    winner = select_winner(client)  # logs the rule and every candidate's numbers
+    settings = Path(faces_dir) / PREPROCESS_SETTINGS
+    data_sha256 = json.loads(settings.read_text()).get("data_sha256") if settings.is_file() else None
+    winner = select_winner(client, data_sha256=data_sha256)  # logs the rule and every candidate's numbers
     check_workspace(winner, detector_dir, faces_dir)
     log.info("winner: run %s (%s) %s=%.3f %s=%.3f", winner.run_id, winner.run_name, VAL_METRIC,
              winner.val_mae_years, TEST_METRIC, winner.test_mae_years)

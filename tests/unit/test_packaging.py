@@ -30,9 +30,9 @@ def client(store, request):
     return client
 
 
-def add_run(client, name, metrics, status="FINISHED"):
+def add_run(client, name, metrics, status="FINISHED", data="d" * 64):
     exp = client.get_experiment_by_name(EXPERIMENT)
-    run = client.create_run(exp.experiment_id, run_name=name, tags={"data_sha256": "d" * 64, "git_commit": "c0"})
+    run = client.create_run(exp.experiment_id, run_name=name, tags={"data_sha256": data, "git_commit": "c0"})
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id, status)
@@ -178,6 +178,20 @@ def test_within_the_margin_validation_decides(client):
     add_run(client, "best external", {"best_val_mae": 6.0, "test_mae_years": 6.1, **ext(6.1)})
     close = add_run(client, "close", {"best_val_mae": 5.0, "test_mae_years": 5.2, **ext(6.6)})  # 6.6 <= 6.1 + 0.5
     assert select_winner(client).run_id == close
+
+
+def test_only_runs_on_the_workspaces_data_compete(client, caplog):
+    """A run on the 2,100-face sample (validation MAE 4.5 on its faces) beat one on APPA-REAL (5.2 on
+    others): validation MAEs on different faces do not compare."""
+    add_run(client, "sample", {"best_val_mae": 4.5, "test_mae_years": 4.6}, data="s" * 64)
+    appa = add_run(client, "appa-real", {"best_val_mae": 5.2, "test_mae_years": 5.4}, data="a" * 64)
+    with caplog.at_level("INFO", logger="faceage.packaging"):
+        assert select_winner(client, data_sha256="a" * 64).run_id == appa
+    assert "1 of them trained on other data (data sha256 ssssssssssss), set aside" in caplog.text
+    with pytest.raises(PackagingError, match=r"no finished run .* trained on the workspace's data \(data sha256 "
+                                             r"eeeeeeeeeeee.*2 trained on other data"):
+        select_winner(client, data_sha256="e" * 64)
+    assert select_winner(client).run_name == "sample"  # no workspace data given: every run
 
 
 def test_guard_margin_is_half_a_year_or_five_percent():
