@@ -18,7 +18,7 @@ Outputs:
                             model's metadata)
 
 The winner (:func:`select_winner`, rule in :data:`SELECTION_RULE`): among finished runs with test
-metrics, the lowest ``best_val_mae`` among the runs that *generalise*: whose MAE on every
+metrics trained on the workspace's data, the lowest ``best_val_mae`` among the runs that *generalise*: whose MAE on every
 cross-dataset set (``external_<name>_mae``) is within ``max(0.5 years, 5%)`` of the best run's
 on that set; ties go to the newest run. Its checkpoint is the given file when that file
 records the same run id, else a ``model.pt`` artifact of the run; anything else is refused,
@@ -74,7 +74,8 @@ class PackagingError(FaceAgeError, RuntimeError):
 GUARD_YEARS = 0.5
 GUARD_FRACTION = 0.05
 SELECTION_RULE = (
-    f"lowest {VAL_METRIC} among finished runs with {TEST_METRIC}, excluding any run whose MAE on a "
+    f"lowest {VAL_METRIC} among finished runs with {TEST_METRIC} trained on the workspace's data (data_sha256), "
+    "excluding any run with a NaN metric or whose MAE on a "
     f"cross-dataset set (external_<name>_mae) exceeds the best MAE on that set by more than "
     f"max({GUARD_YEARS} years, {GUARD_FRACTION:.0%} of it); a run not scored on every set the others were is "
     "excluded too; with no external metrics at all, lowest validation MAE alone; ties go to the newest run")
