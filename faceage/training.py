@@ -725,9 +725,11 @@ class _Tracker:
 
     def _has_logged_model(self) -> bool:
         """A run killed after logging its model and then rerun must not log a second one."""
-        models = self.mlflow.MlflowClient().search_logged_models([self.experiment_id])
-        return any(m.source_run_id == self.state.run_id and m.name == "model" and str(m.status).endswith("READY")
-                   for m in models)
+        # Filtered by the store, not here: a search returns one page (100 models), and an experiment
+        # with more would hide this run's model, which would then be logged twice.
+        models = self.mlflow.MlflowClient().search_logged_models(
+            [self.experiment_id], filter_string=f"source_run_id = '{self.state.run_id}' AND name = 'model'")
+        return any(str(m.status).endswith("READY") for m in models)
 
 
 def _write_summary(reports_dir: Path, model: nn.Module, p: TrainParams, weights_from: str, tracker: _Tracker) -> None:

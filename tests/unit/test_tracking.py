@@ -58,3 +58,26 @@ def test_runs_that_start_at_once_on_a_fresh_sqlite_store_all_land(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.params["who"] for r in runs) == [f"run{i}" for i in range(n)]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_rerun_finds_its_logged_model_among_more_than_a_page_of_others(tmp_path):
+    """`_has_logged_model` read one page of the experiment's logged models (MLflow returns 100): with
+    more, a run killed after logging its model and rerun logged a second one."""
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from faceage.training import _Tracker
+
+    with mlflow_env("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        client = mlflow.MlflowClient()
+        exp = client.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+        run = client.create_run(exp)
+        client.finalize_logged_model(client.create_logged_model(exp, "model", run.info.run_id).model_id, "READY")
+        other = client.create_run(exp)
+        for _ in range(101):  # newer, so the first page holds only these
+            client.create_logged_model(exp, "model", other.info.run_id)
+        tracker = SimpleNamespace(mlflow=mlflow, experiment_id=exp, state=SimpleNamespace(run_id=run.info.run_id))
+        assert _Tracker._has_logged_model(tracker)
+        tracker.state.run_id = client.create_run(exp).info.run_id
+        assert not _Tracker._has_logged_model(tracker)
