@@ -82,7 +82,7 @@ def read_split(root: Path, split: str) -> list[Sample]:
         absent = [c for c in COLUMNS if c not in header]
         if absent:
             raise LayoutError(f"{path} lacks column(s) {absent}; expected columns {list(COLUMNS)}, found {header}")
-        samples = []
+        samples, lines_of = [], {}
         for line, row in enumerate(reader, start=2):
             try:
                 ages = (float(row["apparent_age_avg"]), float(row["apparent_age_std"] or 0.0), float(row["real_age"]))
@@ -93,6 +93,13 @@ def read_split(root: Path, split: str) -> list[Sample]:
             name = row["file_name"] or ""
             if name in ("", ".", "..") or "/" in name or "\\" in name:
                 raise LayoutError(f"{path} line {line}: file_name {name!r} must name a file directly in {split}/")
+            # A face's crop is <split>/<stem>.png: two rows with one stem (a repeated row, or face.jpg
+            # beside face.jpeg) would be scored twice or share one crop under two labels.
+            stem = Path(name).stem
+            if stem in lines_of:
+                raise LayoutError(f"{path} line {line}: {name!r} has the same name before its extension as the "
+                                  f"file_name on line {lines_of[stem]}: each face needs its own name")
+            lines_of[stem] = line
             samples.append(Sample(split, name, *ages))
     if not samples:
         raise LayoutError(f"{path} lists no images")

@@ -173,6 +173,8 @@ def test_a_zip_made_on_windows_with_backslashes_is_read_as_folders(tmp_path):
     ("real_age", "nan", r"line 2: an age must be a finite number >= 0"),
     ("apparent_age_avg", "-3", r"line 2: an age must be a finite number >= 0"),
     ("apparent_age_std", "inf", r"line 2: an age must be a finite number >= 0"),
+    ("file_name", "train001.jpg", r"line 3: 'train001.jpg' has the same name before its extension as the file_name on line 2"),
+    ("file_name", "train001.jpeg", r"line 3: 'train001.jpg' has the same name before its extension as the file_name on line 2"),
 ])
 def test_a_row_that_cannot_be_a_face_of_the_split_is_named(tmp_path, column, value, message):
     """A '../' name passed validation and would have been copied from outside the release."""
