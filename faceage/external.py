@@ -30,7 +30,7 @@ from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.preprocess import SETTINGS, count_statuses, crop_samples, read_faces_manifest
-from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError
+from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError, external_name
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,18 @@ def crop_counts(faces_dir: Path) -> dict[str, int]:
     return {"n_images": sum(counts.values()), "n_faces": len(read_faces_manifest(faces_dir, EXTERNAL_SPLIT)), **counts}
 
 
-def external_maes(metrics: dict[str, float]) -> dict[str, float]:
-    """``{set name: MAE}`` from a run's MLflow metrics (evaluate logs ``external_<name>_mae`` and ``_n_faces``)."""
+def external_maes(metrics: dict[str, float], tags: dict[str, str] | None = None) -> dict[str, float]:
+    """``{set name: MAE}`` from a run's MLflow metrics (evaluate logs ``external_<name>_mae`` and ``_n_faces``).
+
+    Args:
+        metrics: The run's metrics.
+        tags: The run's tags: when they hold ``evaluate.external`` (the latest evaluation's sets), only
+            those sets count. MLflow cannot delete a metric, so a set dropped from ``evaluate.external``
+            in a later re-evaluation of the run keeps its old ``external_<name>_*`` metrics there.
+    """
     names = [k[len("external_"):-len("_n_faces")] for k in metrics
              if k.startswith("external_") and k.endswith("_n_faces")]
+    if tags and "evaluate.external" in tags:
+        current = {external_name(path) for path in json.loads(tags["evaluate.external"])}
+        names = [n for n in names if n in current]
     return {n: float(metrics[f"external_{n}_mae"]) for n in sorted(names) if f"external_{n}_mae" in metrics}

@@ -215,7 +215,7 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
                              f"{TEST_METRIC}: run the train and evaluate stages first")
     ranked = rank_candidates([
         Candidate(r.info.run_id, r.info.run_name or "", float(r.data.metrics[VAL_METRIC]),
-                  float(r.data.metrics[TEST_METRIC]), int(r.info.start_time), external_maes(r.data.metrics), "")
+                  float(r.data.metrics[TEST_METRIC]), int(r.info.start_time), external_maes(r.data.metrics, r.data.tags), "")
         for r in found.values()])
     log.info("champion rule: %s\n%s", SELECTION_RULE, selection_table(ranked))
     top = ranked[0]

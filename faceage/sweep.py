@@ -77,7 +77,7 @@ def collect(runs: dict) -> list[dict]:
             "test_mae": m["test_mae_years"], "cs5": m.get("test_cs5", float("nan")),
             "coverage_1std": m.get("test_coverage_1std", float("nan")),
             "baseline_mae": m.get("test_baseline_mae_years", float("nan")),
-            "external": external_maes(m),
+            "external": external_maes(m, r.data.tags),
         })
     return rows
 

@@ -194,6 +194,18 @@ def test_only_runs_on_the_workspaces_data_compete(client, caplog):
     assert select_winner(client).run_name == "sample"  # no workspace data given: every run
 
 
+def test_a_set_dropped_from_the_latest_evaluation_no_longer_judges_the_run(client):
+    """MLflow cannot delete a metric: after `dvc exp run -S evaluate.external=[]` re-evaluated a run, its
+    old external_<name>_* stayed, and the guard vetoed the run on a set no longer evaluated."""
+    import json
+
+    stale = add_run(client, "a", {"best_val_mae": 4.0, "test_mae_years": 4.1, **ext(9.0, "old_set"), **ext(6.0)})
+    other = add_run(client, "b", {"best_val_mae": 5.0, "test_mae_years": 5.1, **ext(6.0, "old_set"), **ext(6.1)})
+    for run in (stale, other):  # both re-evaluated on utk-external alone
+        client.set_tag(run, "evaluate.external", json.dumps(["../shared/datasets/utk-external"]))
+    assert select_winner(client).run_id == stale
+
+
 def test_guard_margin_is_half_a_year_or_five_percent():
     assert guard_margin(6.1) == 0.5 and guard_margin(10.0) == 0.5 and guard_margin(20.0) == pytest.approx(1.0)
 
