@@ -35,7 +35,7 @@ from faceage.data import load_split
 from faceage.external import crop_counts, external_chips, external_embeddings, external_faces
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
-from faceage.inputs import DLIB_FACE_EMBEDDING, reads_pairs
+from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
 from faceage.preprocess import read_faces_manifest
 from faceage.sources import ExternalSet, ExternalSetError, resolve_external
 from faceage.appa_real import read_dataset_info, read_demographics
@@ -135,7 +135,7 @@ def low_res_mae(age_model: AgeModel, images: torch.Tensor, true: np.ndarray, fra
     The faces as if photographed smaller (:func:`faceage.transforms.low_resolution_at`); ``{}`` for
     ``dlib_face`` models, whose inputs are descriptors.
     """
-    if age_model.meta["input"] == DLIB_FACE_EMBEDDING or len(true) == 0:
+    if input_kind(age_model.meta).name == DLIB_FACE_EMBEDDING or len(true) == 0:  # older checkpoints lack "input"
         return {}
     size = reference_side(images)
     return {f"{f:g}": float(np.abs(age_model.predict_inputs(
@@ -190,11 +190,11 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
         }
         rows += [[ext.name, r["file_name"], t, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)]
                  for r, t, pa, ps in zip(data.rows, true, pred, std)]
-        skipped = counts["n_images"] - counts["n_faces"]
-        log.info("external %s: MAE %.2f years, CS@%g %.3f on %d faces (%d of %d images skipped: no face with "
-                 "no_face=%s; training-mean baseline %.2f)", ext.name, results[ext.name]["mae_years"], p.cs_years,
-                 results[ext.name][f"cs{p.cs_years:g}"], counts["n_faces"], skipped, counts["n_images"],
-                 meta["crop"].get("no_face"), results[ext.name]["baseline_mae_years"])
+        log.info("external %s: MAE %.2f years, CS@%g %.3f on %d faces (of %d images: %d skipped with no face "
+                 "with no_face=%s, %d unreadable; training-mean baseline %.2f)", ext.name,
+                 results[ext.name]["mae_years"], p.cs_years, results[ext.name][f"cs{p.cs_years:g}"],
+                 counts["n_faces"], counts["n_images"], counts.get("no_face", 0), meta["crop"].get("no_face"),
+                 counts.get("unreadable", 0), results[ext.name]["baseline_mae_years"])
     return results, groups, rows
 
 

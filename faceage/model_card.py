@@ -41,6 +41,19 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     return note
 
 
+def _external_table(external: dict[str, dict], cs_key: str) -> list[str]:
+    """One row per cross-dataset set: its images, the faces scored, and the images skipped, faceless
+    apart from unreadable (both were counted as "no face")."""
+    return [
+        f"| set | images | faces scored | skipped: no face | skipped: unreadable | MAE (years) | RMSE | "
+        f"CS@{cs_key[2:]} | training-mean baseline MAE |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| `{name}` | {m['n_images']} | {m['n_faces']} | {m.get('no_face', 0)} | {m.get('unreadable', 0)} | "
+          f"{_fmt(m['mae_years'])} | {_fmt(m['rmse_years'])} | {_fmt(m[cs_key], 3)} | "
+          f"{_fmt(m['baseline_mae_years'])} |" for name, m in external.items()),
+    ]
+
+
 def _detector_limits(crop: dict) -> str:
     """The "Known limits" line for the checkpoint's detector (``crop.detector``: HOG, or dlib's CNN)."""
     if crop.get("detector") == "cnn":
@@ -197,13 +210,8 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
             f"same `no_face` policy as training (`{crop.get('no_face', '?')}`; a set without release crops "
             "has nothing to fall back on, so those images are skipped and counted).",
             "",
-            f"| set | images | faces scored | skipped (no face) | MAE (years) | RMSE | CS@{cs_key[2:]} | "
-            "training-mean baseline MAE |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *_external_table(external, cs_key),
         ]
-        lines += [f"| `{name}` | {m['n_images']} | {m['n_faces']} | {m['n_images'] - m['n_faces']} | "
-                  f"{_fmt(m['mae_years'])} | {_fmt(m['rmse_years'])} | {_fmt(m[cs_key], 3)} | "
-                  f"{_fmt(m['baseline_mae_years'])} |" for name, m in external.items()]
         for name in external:
             if external_groups and external_groups.get(name):
                 lines += ["", f"### `{name}` by age group (true age)", *_group_table("age group", external_groups[name])]

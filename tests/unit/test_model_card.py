@@ -37,3 +37,13 @@ def test_known_limits_name_the_checkpoints_own_detector():
     assert "gets the CNN detector's look" in looked and " ," not in looked
     cnn = _detector_limits({"detector": "cnn", "upsample": 1})
     assert "HOG" not in cnn and "CNN detector" in cnn and "~40 px at upsample 1" in cnn
+
+
+def test_the_external_table_counts_unreadable_images_apart_from_faceless_ones():
+    """The "skipped (no face)" column was images - faces: an unreadable image counted as faceless."""
+    from faceage.model_card import _external_table
+
+    table = rows(_external_table({"utk": {**EXTERNAL, "n_images": 1743, "n_faces": 1740, "no_face": 1,
+                                          "unreadable": 2}}, "cs5"))
+    assert table["set"][:4] == ["images", "faces scored", "skipped: no face", "skipped: unreadable"]
+    assert table["`utk`"][:4] == ["1743", "1740", "1", "2"]

@@ -70,3 +70,13 @@ def test_face_encoder_embeds_the_astronaut(tmp_path):
     np.testing.assert_array_equal(v1, v2)  # deterministic: training and serving agree
     mirrored = encoder.embed(np.ascontiguousarray(crop[:, ::-1]))
     assert np.linalg.norm(v1 - mirrored) < 0.6  # dlib's same-person threshold
+
+
+def test_low_res_mae_reads_the_input_kind_of_checkpoints_made_before_it_was_recorded():
+    """evaluate raised KeyError: 'input' on such a checkpoint, after scoring the test split."""
+    from types import SimpleNamespace
+
+    from faceage.evaluation import low_res_mae
+
+    older = SimpleNamespace(meta={"backbone": "dlib_face"})  # a descriptor model: no low-resolution scores
+    assert low_res_mae(older, torch.zeros(2, 128), np.array([30.0, 40.0]), (0.5,), 8) == {}
