@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -211,14 +212,21 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for a bad file
-        raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: cannot read {path}: {e}") from e
+        raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: cannot read {path} as a state dict of "
+                                     f"tensors ({_first_sentence(e)}); save one with "
+                                     "torch.save(model.state_dict(), path)") from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} holds a {type(state).__name__}, not a "
+                                     "state dict; save one with torch.save(model.state_dict(), path)")
     head = head_prefix(model)
     own = model.state_dict()
     body = {k: v for k, v in state.items() if not k.startswith(head)}
     mismatched = [k for k, v in body.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if not k.startswith(head) and k not in body]
+    # BatchNorm's step counters are absent from older state dicts (torchvision's own ImageNet files
+    # among them); load_state_dict fills them in, so they are not missing weights.
+    missing = [k for k in own if not k.startswith(head) and k not in body and not k.endswith(".num_batches_tracked")]
     if mismatched or missing:
         bad = (mismatched or missing)[:3]
         raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} does not fit backbone {backbone!r} "

@@ -61,6 +61,7 @@ from faceage.chips import DLIB_AGE
 from faceage.config import ConfigError, TrainParams
 from faceage.data import load_split
 from faceage.download import file_digest
+from faceage.errors import FaceAgeError
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import input_fn, predict_logits
 from faceage.inputs import DLIB_CHIP_PAIR, backbone_input
@@ -110,6 +111,10 @@ def pin_threads() -> int:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+
+
+class TrainingDivergedError(FaceAgeError, RuntimeError):
+    """An epoch's loss or validation MAE is not a number: the weights diverged."""
 
 
 @dataclass(frozen=True)
@@ -164,15 +169,20 @@ def age_loss(logits: torch.Tensor, target: torch.Tensor, kind: str, sigma: float
 
     ``expectation_l1``: |E[age] - target| (the tutorial's loss).
     ``label_distribution``: KL(N(target, sigma) || softmax) + |E[age] - target| (DLDL-v2).
+
+    Targets are taken within the model's ages (0..100: a 116-year-old is 100 to it), and the target
+    distribution is normalised in log space: a target ~14 sigma from every age the model has (116 at
+    sigma 1, or 30.5 at sigma 0.03) underflowed to 0 / 0 = NaN in float32, and training went on in NaN.
     """
+    target = target.clamp(MIN_AGE, MIN_AGE + logits.shape[1] - 1)
     mean, _ = expected_age(logits)
     loss = (mean - target).abs()
     if kind == "label_distribution":
         ages = torch.arange(MIN_AGE, MIN_AGE + logits.shape[1], device=logits.device, dtype=torch.float32)
-        q = torch.exp(-((ages[None, :] - target[:, None]) ** 2) / (2 * sigma**2))
-        q = q / q.sum(dim=1, keepdim=True)
+        log_q = -((ages[None, :] - target[:, None].float()) ** 2) / (2 * sigma**2)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True)
         log_p = torch.log_softmax(logits.float(), dim=1)
-        loss = loss + (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=1)
+        loss = loss + (log_q.exp() * (log_q - log_p)).sum(dim=1)
     return (loss * weight).mean() if weight is not None else loss.mean()
 
 
@@ -220,7 +230,8 @@ def make_loss(p: TrainParams, model: nn.Module, train_ages: torch.Tensor) -> Los
 
 def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine / step decay / constant."""
-    warmup = p.warmup_epochs * steps_per_epoch
+    # A warm-up as long as the run or longer would never reach train.lr: it takes at most half the run.
+    warmup = min(p.warmup_epochs * steps_per_epoch, p.epochs * steps_per_epoch // 2)
     total = p.epochs * steps_per_epoch
     if step < warmup:
         return (step + 1) / warmup
@@ -228,8 +239,10 @@ def lr_factor(step: int, steps_per_epoch: int, p: TrainParams) -> float:
         progress = (step - warmup) / max(total - warmup, 1)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     if p.scheduler == "step":
+        # x0.1 at half and at three quarters of the run, never at its first epoch (short runs: int()
+        # put both at epoch 0, so a 1-epoch run trained at a hundredth of train.lr)
         epoch = step // steps_per_epoch
-        return 0.1 ** sum(epoch >= m for m in (int(p.epochs * 0.5), int(p.epochs * 0.75)))
+        return 0.1 ** sum(epoch >= m for m in {max(int(p.epochs * 0.5), 1), max(int(p.epochs * 0.75), 1)})
     return 1.0
 
 
@@ -367,10 +380,18 @@ def count_gflops(model: nn.Module, input_shape: tuple[int, ...], device: torch.d
     return counter.get_total_flops() / 1e9
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _loader_workers(p: TrainParams, device: torch.device) -> int:
     if p.num_workers >= 0:
         return p.num_workers
-    cores = os.cpu_count() or 1
+    # The cores this process may use (a container's or a taskset's), shared by torchrun's processes here.
+    cores = max(_usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     # On a small CPU box, worker processes only steal cores from the forward/backward pass.
     return 0 if device.type == "cpu" and cores <= 4 else min(8, max(cores - 1, 1))
 
@@ -558,11 +579,16 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             if d.is_main:
                 val_mae = evaluate(model, val_set, prepare, device)
                 elapsed = (state.history[-1]["elapsed_s"] if state.history else 0.0) + time.time() - t0
+                # lr: train.lr's schedule (the last group: the head; layer-wise rates scale the groups below it)
                 row = {"epoch": epoch, **{k: train[k] for k in ("train_loss", "train_mae")}, "val_mae": val_mae,
-                       "lr": opt.param_groups[0]["lr"], "images_per_s": train["seen"] / train_s, "elapsed_s": elapsed}
+                       "lr": opt.param_groups[-1]["lr"], "images_per_s": train["seen"] / train_s, "elapsed_s": elapsed}
                 log.info("epoch %d/%d  loss %.4f  train MAE %.2f  val MAE %.2f  lr %.2e  %.0f img/s  %.0f s",
                          epoch, p.epochs, row["train_loss"], row["train_mae"], val_mae, row["lr"],
                          row["images_per_s"], elapsed)
+                if not (math.isfinite(row["train_loss"]) and math.isfinite(val_mae)):
+                    raise TrainingDivergedError(
+                        f"epoch {epoch}: training loss {row['train_loss']}, validation MAE {val_mae}: the weights are "
+                        "no longer numbers (lower train.lr, or check the labels); nothing of this epoch is kept")
                 state.history.append(row)
                 if val_mae < state.best_val_mae:
                     state.best_val_mae, state.best_epoch = val_mae, epoch

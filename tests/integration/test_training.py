@@ -163,3 +163,25 @@ def test_a_recipe_row_trains_and_is_scored_with_the_default_params(tiny_run, tmp
                    tmp_path / "embeddings.npz", tiny_run["data"], detector=tiny_run["detector"])
     assert row["test_mae"] > 0 and row["val_mae"] > 0 and len(row["run_id"]) == 32
     assert (tmp_path / "resnet18_tiny" / "eval" / "metrics.json").is_file()
+
+
+def test_a_run_whose_weights_turn_to_nan_stops_and_ships_nothing(tiny_run, tmp_path, monkeypatch):
+    """A NaN loss went on epoch after epoch; val MAE NaN never beat inf, so the final NaN weights were
+    shipped with best_val_mae inf and the stage succeeded. Real training, its loss made NaN at epoch 2."""
+    import faceage.training as training
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    real_loss, calls = training.age_loss, []
+
+    def nan_from_epoch_two(*a, **kw):
+        calls.append(1)
+        loss = real_loss(*a, **kw)
+        return loss * float("nan") if len(calls) > 4 else loss  # 64 faces / batch 16: 4 steps an epoch
+
+    monkeypatch.setattr(training, "age_loss", nan_from_epoch_two)
+    p = replace(Params().train, pretrained="none", epochs=3, image_size=48, batch_size=16)
+    with pytest.raises(training.TrainingDivergedError, match=r"epoch 2: training loss nan"):
+        training.train_model(p, tiny_run["faces"], tmp_path / "model.pt", tmp_path / "reports", tmp_path / "run.json",
+                             tmp_path / "state.pt")
+    assert not (tmp_path / "model.pt").exists()
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["epoch"] == 1  # the last good epoch stays

@@ -95,6 +95,24 @@ def test_wrong_weights_file_names_the_param(tmp_path):
         load_pretrained(build_model("resnet18"), "resnet18", "/nope.pth")
 
 
+def test_a_weights_file_without_batchnorms_step_counters_loads(tmp_path):
+    """Older state dicts (torchvision's own ImageNet files among them) have no num_batches_tracked:
+    torch's load_state_dict accepts them, and the 'missing keys' check rejected them."""
+    donor = build_model("resnet18")
+    torch.save({k: v for k, v in donor.state_dict().items() if not k.endswith("num_batches_tracked")}, tmp_path / "w.pth")
+    model = build_model("resnet18")
+    assert load_pretrained(model, "resnet18", str(tmp_path / "w.pth")) == str(tmp_path / "w.pth")
+    torch.testing.assert_close(model.layer4[1].bn2.weight, donor.layer4[1].bn2.weight)
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), [torch.zeros(3)]])
+def test_a_weights_file_that_is_not_a_state_dict_names_the_param(tmp_path, content):
+    """A tensor or a list failed with AttributeError: 'Tensor' object has no attribute 'items'."""
+    torch.save(content, tmp_path / "w.pth")
+    with pytest.raises(PretrainedWeightsError, match=r"train.pretrained=.*w.pth holds a (Tensor|list), not a state dict"):
+        load_pretrained(build_model("resnet18"), "resnet18", str(tmp_path / "w.pth"))
+
+
 def test_unreachable_imagenet_weights_name_the_param(tmp_path, monkeypatch):
     # Point torchvision's weight URL at a closed local port: the machine is offline either way.
     import torchvision
@@ -183,3 +201,48 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_one_clear_error(tmp_path):
     with pytest.raises(FaceAgeError, match="m.pt is a damaged FaceAge checkpoint: its weights do not fit backbone "
                                            "'resnet18'"):
         load_checkpoint(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize(("target", "sigma"), [(116.0, 1.0), (130.0, 2.0), (30.5, 0.01)])
+def test_label_distribution_stays_a_number_far_from_every_age_the_model_has(target, sigma):
+    """A target ~14 sigma from every age 0..100 (a 116-year-old at sigma 1, a fractional age at sigma
+    0.01) underflowed to 0 / 0: NaN, and training went on in NaN and shipped NaN weights."""
+    logits = torch.randn(2, NUM_AGES, requires_grad=True)
+    loss = age_loss(logits, torch.tensor([target, 40.0]), "label_distribution", sigma)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+    # 116 is trained as the model's top age: the same loss as a target of 100
+    if target > 100:
+        assert torch.isclose(loss, age_loss(logits, torch.tensor([100.0, 40.0]), "label_distribution", sigma))
+
+
+def test_the_step_schedule_never_decays_at_the_first_epoch_and_warmup_takes_at_most_half_the_run():
+    from dataclasses import replace
+
+    from faceage.config import TrainParams
+
+    step = replace(TrainParams(), scheduler="step", warmup_epochs=0)
+    # 1 epoch trained at a hundredth of train.lr, 2 epochs skipped the x0.1 stage
+    assert [lr_factor(e, 1, replace(step, epochs=1)) for e in range(1)] == [1.0]
+    assert [round(lr_factor(e, 1, replace(step, epochs=2)), 6) for e in range(2)] == [1.0, 0.1]
+    assert [round(lr_factor(e, 1, replace(step, epochs=4)), 6) for e in range(4)] == [1.0, 1.0, 0.1, 0.01]
+    long_warmup = replace(TrainParams(), scheduler="cosine", warmup_epochs=5, epochs=2)
+    factors = [lr_factor(s, 10, long_warmup) for s in range(20)]
+    assert max(factors) == 1.0 and factors[-1] < 0.05  # it reaches train.lr, then decays
+
+
+def test_automatic_loader_workers_count_the_cores_this_process_may_use(monkeypatch):
+    """num_workers=-1 counted the machine's cores: a job pinned to 2 of 16 got 8 loader processes."""
+    import os
+    from dataclasses import replace
+
+    from faceage.config import TrainParams
+    from faceage.training import _loader_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    auto = replace(TrainParams(), num_workers=-1)
+    assert _loader_workers(auto, torch.device("cpu")) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes share them
+    assert _loader_workers(auto, torch.device("cuda")) == 5
