@@ -557,7 +557,10 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
         model.load_state_dict(state.model)
         opt.load_state_dict(state.optimizer)
         sched.load_state_dict(state.scheduler)
-        amp.scaler.load_state_dict(state.scaler)
+        if state.scaler:
+            # A state saved where loss scaling was off (CPU, bf16) holds {}: an fp16 GPU's scaler refuses
+            # it, and starts from its defaults instead.
+            amp.scaler.load_state_dict(state.scaler)
         log.info("resuming from epoch %d of %d (%s)", state.epoch, p.epochs, state_path)
     net = nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
 
