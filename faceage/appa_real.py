@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from faceage.atomic import staged_dir
-from faceage.download import ChecksumError, download, file_digest
+from faceage.download import ChecksumError, DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
 from faceage.paths import downloads_dir, from_root
 
@@ -238,7 +238,14 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
     """
     out_dir = Path(out_dir)
     if is_url(source):
-        local = download(source, cached_download(source, md5, cache_dir), md5=md5 or None, mirrors=mirrors)
+        try:
+            local = download(source, cached_download(source, md5, cache_dir), md5=md5 or None, mirrors=mirrors)
+        except ChecksumError:
+            raise
+        except DownloadError as e:
+            raise DownloadError(f"{e}\nWithout a connection to the release's hosts, point fetch_data.source at a local "
+                                "copy of the release (its .zip or the unzipped folder): dvc exp run -S "
+                                "fetch_data.source=/abs/path/appa-real-release.zip") from e
         if not md5 and not zipfile.is_zipfile(local):
             # Without a checksum nothing else would ever evict it: an error page saved as the zip.
             head = local.read_bytes()[:60]

@@ -163,11 +163,9 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if attempt == retries:
-                raise DownloadError(
-                    f"download of {url} failed after {retries + 1} attempts: {e}; "
-                    f"{part} keeps the {part.stat().st_size if part.exists() else 0} bytes "
-                    "fetched so far and the next run resumes from there"
-                ) from e
+                have = part.stat().st_size if part.exists() else 0
+                kept = f"; {part} keeps the {have} bytes fetched so far and the next run resumes from there" if have else ""
+                raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {e}{kept}") from e
             log.warning("download interrupted (%s); resuming in %.1f s", e, delay)
             time.sleep(delay)
             delay *= 2

@@ -248,3 +248,17 @@ def test_without_an_md5_the_cache_knows_a_zip_by_its_url_and_never_keeps_an_erro
         assert len(list(cache.glob("appa-real-release-*.zip"))) == 2
     finally:
         site.close()
+
+
+def test_an_unreachable_release_says_how_to_use_a_local_copy(tmp_path):
+    """Offline, the error listed each URL's failure and stopped there."""
+    from faceage.download import DownloadError
+
+    (tmp_path / "site").mkdir()
+    site = _Site(tmp_path / "site")
+    try:
+        with pytest.raises(DownloadError, match=r"HTTP 404(.|\n)*point fetch_data.source at a local copy"):
+            fetch_appa_real(f"{site.base}/gone/appa-real-release.zip", tmp_path / "out", md5="0" * 32,
+                            cache_dir=tmp_path / "cache")
+    finally:
+        site.close()
