@@ -65,8 +65,9 @@ def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
     assert "## Smaller faces" in card
     assert (f"| `{NAME}` | {m['mae_years']:.2f} | {m['mae_low_res']['0.75']:.2f} | "
             f"{m['mae_low_res']['0.5']:.2f} |") in card
-    assert (f"| `{NAME}` | 12 | {m['n_faces']} | {12 - m['n_faces']} | {m['mae_years']:.2f} | {m['rmse_years']:.2f} | "
-            f"{m['cs5']:.3f} |") in card
+    assert (f"| `{NAME}` | 12 | {m['n_faces']} | {m['no_face']} | {m['unreadable']} | {m['mae_years']:.2f} | "
+            f"{m['rmse_years']:.2f} | {m['cs5']:.3f} |") in card
+    assert m["n_faces"] + m["no_face"] + m["unreadable"] == 12
 
 
 def test_the_model_card_gives_each_external_age_groups_mean_error(tiny_run, scored):

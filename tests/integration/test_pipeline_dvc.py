@@ -202,7 +202,7 @@ def test_bad_source_fails_with_a_clear_message_and_no_output(project, tmp_path):
         cwd=root, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 1
-    assert "LayoutError: fetch_data.source" in out.stderr and "does not exist" in out.stderr
+    assert "SourceMissingError: fetch_data.source" in out.stderr and "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "o").exists()
 
@@ -242,7 +242,9 @@ def test_a_profile_runs_on_the_committed_params_not_on_what_the_last_exp_run_lef
     from mlflow import MlflowClient
 
     root, env = project["root"], project["env"]
-    commit_all(root, env, "the params a profile starts from")
+    (root / ".gitignore").write_text(GITIGNORE)
+    run(["git", "add", "-A"], root, env)
+    run([*GIT, "commit", "-q", "--allow-empty", "-m", "the params a profile starts from"], root, env)
     committed = yaml.safe_load((root / "params.yaml").read_text())["train"]
     run(["dvc", "exp", "run", "-S", "train.lr=5e-4", "-S", "train.label_sigma=3.0"], root, env)
     assert yaml.safe_load((root / "params.yaml").read_text())["train"]["label_sigma"] == 3.0  # left behind
