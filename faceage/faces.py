@@ -27,6 +27,7 @@ from faceage.detector import CNN_FILE, HOG_FILE
 log = logging.getLogger(__name__)
 
 RETRY_SIDE = 400  # longer side (px) of the bordered image of the detector's second look
+RELEASE_MARGIN = 0.4  # APPA-REAL's NAME_face.jpg: the face with 40% of its side added on each side
 # dlib's CNN finds no face under ~70 px (0 of 20 utk-external faces scaled to 60 px or less, 18 of
 # 20 at 80 px) and on an image under ~10 px a side it raises, after which its heap is corrupt (a
 # later call or the process exit crashes): it never looks at an image with a side under this.
@@ -312,6 +313,24 @@ def whole_image_box(image: np.ndarray) -> FaceBox:
     """A box covering the whole image (for the ``whole_image`` / release-crop fallbacks)."""
     h, w = image.shape[:2]
     return FaceBox(0, 0, w, h, 0.0)
+
+
+def release_crop_region(crop: np.ndarray, margin: float) -> np.ndarray:
+    """The margin region of an APPA-REAL release crop (``NAME_face.jpg``), framed as ``margin`` frames
+    a detected face.
+
+    The release crop holds the face with :data:`RELEASE_MARGIN` on each side: padded square, it is the
+    region at that margin. At another ``preprocess.margin`` it is re-framed around its central face
+    box, so that the crop shows the face at the scale the detected faces are shown at, and the chips'
+    landmark fit (:func:`faceage.chips.face_rect`, which places the face by ``margin``) finds it.
+    """
+    region = margin_region(crop, whole_image_box(crop), 0.0)
+    if margin == RELEASE_MARGIN:
+        return region
+    side = region.shape[0]
+    face = side / (1.0 + 2.0 * RELEASE_MARGIN)
+    lo, hi = int(round((side - face) / 2.0)), int(round((side + face) / 2.0))
+    return margin_region(region, FaceBox(lo, lo, hi, hi, 0.0), margin)
 
 
 def crop_faces(image: np.ndarray, boxes: list[FaceBox], margin: float, size: int) -> list[np.ndarray]:

@@ -36,7 +36,8 @@ from faceage.appa_real import FACE_SUFFIX, Sample, read_dataset_info, validate_l
 from faceage.config import PreprocessParams
 from faceage.chips import CHIPS_FILE, ChipExtractor, save_chips
 from faceage.detector import HOG_FILE, CNN_FILE, SHAPE5_FILE, read_manifest
-from faceage.faces import FaceDetector, choose_subject, cnn_look_side, margin_region, resize_region, whole_image_box
+from faceage.faces import (FaceDetector, choose_subject, cnn_look_side, margin_region, release_crop_region, resize_region,
+                           whole_image_box)
 from faceage.images import ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,8 @@ def _process(task: _Task) -> dict:
         except ImageDecodeError as e:
             row.update(status="unreadable", crop="", error=str(e))
             return row
-        # The release crop already has its 40% margin: only pad it square and resize.
-        region = margin_region(face, whole_image_box(face), 0.0)
+        # The release crop already has its 40% margin: padded square (re-framed at another margin).
+        region = release_crop_region(face, p.margin)
         row["status"] = "release_crop"
     elif p.no_face == "whole_image":
         region = margin_region(image, whole_image_box(image), 0.0)

@@ -208,3 +208,18 @@ def test_the_second_look_at_a_thin_image_needs_no_more_memory_than_a_square_one(
     finally:
         tracemalloc.stop()
     assert peak < 20e6, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_a_release_crop_is_framed_as_the_margin_frames_detected_faces():
+    """The release crop (the face with 40% margin) was used as it is at any preprocess.margin, while the
+    chips' landmark fit placed the face by preprocess.margin: at 0.2 it looked for the face in the wrong box."""
+    from faceage.faces import release_crop_region
+
+    crop = np.zeros((180, 180, 3), np.uint8)
+    crop[50:130, 50:130] = 255  # something in the middle of a 180 px crop: its face box is the central 100 px
+    assert np.array_equal(release_crop_region(crop, 0.4), crop)  # at the release's own margin: as it is
+    tight = release_crop_region(crop, 0.2)
+    assert tight.shape == (140, 140, 3)  # the face box (100 px) with 20% on each side
+    assert np.array_equal(tight, crop[20:160, 20:160])
+    wide = release_crop_region(crop, 0.6)
+    assert wide.shape == (220, 220, 3) and np.array_equal(wide[20:200, 20:200], crop) and wide[:20].max() == 0
