@@ -25,7 +25,7 @@ from typing import Any
 from faceage.config import parse_params
 from faceage.logs import setup_logging
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("faceage.experiment")  # also when run as __main__ (python -m)
 
 PARAMS = "params.yaml"
 
