@@ -711,6 +711,7 @@ class _Tracker:
             self.logged = {m.step for m in client.get_metric_history(run.info.run_id, "val_mae")}
             self.metrics = set(client.get_run(run.info.run_id).data.metrics)
             return run
+        self._end_superseded_run()
         run = self.mlflow.start_run(run_name=f"{p.backbone}-{p.image_size}px-{p.epochs}ep")
         self.mlflow.log_params({**{f"train.{k}": v for k, v in asdict(p).items()},
                                 **{f"preprocess.{k}": v for k, v in self.crop.items()},
@@ -725,6 +726,25 @@ class _Tracker:
         # Saved at once, so a run killed before its first epoch ends is continued, not left RUNNING.
         save_state(self.state_path, self.state)
         return run
+
+    def _end_superseded_run(self) -> None:
+        """A state file left for other params or data (a run killed, then rerun after a params change)
+        names a run nothing will continue: it stayed RUNNING in MLflow for ever. It is ended KILLED."""
+        try:
+            old = torch.load(self.state_path, map_location="cpu", weights_only=True).get("run_id")
+        except Exception:  # no state, or not one this code can read: nothing to end
+            return
+        if not old:
+            return
+        from mlflow.exceptions import MlflowException
+
+        client = self.mlflow.MlflowClient()
+        try:
+            if client.get_run(old).info.status == "RUNNING":
+                client.set_terminated(old, "KILLED")
+                log.info("ended MLflow run %s KILLED: its training state was for other params or data", old)
+        except MlflowException:  # a run of another tracking store
+            pass
 
     def log_gflops(self, gflops: float) -> None:
         if "model_gflops" not in self.metrics:

@@ -81,3 +81,29 @@ def test_a_rerun_finds_its_logged_model_among_more_than_a_page_of_others(tmp_pat
         assert _Tracker._has_logged_model(tracker)
         tracker.state.run_id = client.create_run(exp).info.run_id
         assert not _Tracker._has_logged_model(tracker)
+
+
+def test_a_run_superseded_by_a_params_change_is_ended_not_left_running(tmp_path):
+    """A run killed mid-training, then rerun with other params: its state was ignored and a new run
+    started, and the old one stayed RUNNING in MLflow for ever."""
+    import torch
+
+    import mlflow
+
+    from faceage.config import TrainParams
+    from faceage.training import Distributed, TrainState, _Tracker, save_state
+
+    with mlflow_env("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        from faceage.tracking import setup_mlflow
+
+        setup_mlflow()
+        killed = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+        save_state(tmp_path / "state.pt", TrainState("the old params", run_id=killed.info.run_id))
+        crop = {"data_sha256": "d" * 64, "data_source": "sample"}
+        tracker = _Tracker(TrainParams(), Distributed(0, 1, 0), crop, torch.device("cpu"), 0, 1, "new params",
+                           None, tmp_path / "state.pt")
+        with tracker.run() as state:
+            assert state.run_id != killed.info.run_id
+        client = mlflow.MlflowClient()
+        assert client.get_run(killed.info.run_id).info.status == "KILLED"
+        assert client.get_run(state.run_id).info.status == "FINISHED"
