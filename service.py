@@ -39,7 +39,7 @@ from faceage.http import (
 )
 from faceage.predict import AgePredictor, FaceAge, LocatedFaces, available_cores, split_results
 from faceage.serving import AgeBatcher, LocatorPool
-from faceage.ui import LazyUI, UIMiddleware
+from faceage.ui import UI_PATH, LazyUI, UIMiddleware
 
 log = logging.getLogger("faceage.service")
 
@@ -191,5 +191,6 @@ class FaceAgeService:
         return JSONResponse({"results": results, "model": self.lineage})
 
 
-FaceAgeService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=LIMITS.max_body_bytes)  # every route, /ui too
+FaceAgeService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=LIMITS.max_body_bytes,  # every route, /ui too
+                                   length_required=(UI_PATH,))
 FaceAgeService.add_asgi_middleware(UIMiddleware, ui=UI)

@@ -220,12 +220,16 @@ class BodyLimitMiddleware:
     It covers every route, the mounted Gradio app included (mounting Gradio through BentoML
     removes Gradio's own upload cap). A declared Content-Length is checked before reading;
     a streamed body is counted, and once over the cap the app sees a disconnect and its own
-    reply is dropped.
+    reply is dropped. Under ``length_required`` (the UI), a POST must declare its length (411
+    otherwise; browsers always do): Gradio writes an upload to a temporary file as it streams in,
+    and the part written before a streamed body passed the cap was never deleted (~20 MB of
+    ``/dev/shm`` per request).
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, length_required: tuple[str, ...] = ()):
         self.app = app
         self.max_bytes = max_bytes
+        self.length_required = length_required
 
     async def _reject(self, send, detail: str) -> None:
         body = JSONResponse({"error": f"request body {detail} is over the limit of {self.max_bytes} bytes "
@@ -242,6 +246,14 @@ class BodyLimitMiddleware:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             await self._reject(send, f"of {int(length)} bytes")
+            return
+        if (not length.isdigit() and scope.get("method") == "POST"
+                and any(scope.get("path", "").startswith(prefix) for prefix in self.length_required)):
+            body = JSONResponse({"error": "send the upload with a Content-Length header"}, status_code=411).body
+            await send({"type": "http.response.start", "status": 411,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
             return
         state = {"received": 0, "started": False, "rejected": False}
 

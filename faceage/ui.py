@@ -53,6 +53,8 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[np.ndarray,
 
     if not path:
         raise gr.Error("Upload a photo (or take one with the webcam) first.")
+    if not os.path.isfile(path):  # Gradio deletes uploads after 10 minutes (delete_cache below)
+        raise gr.Error("The photo is no longer on the server (uploads are kept 10 minutes): upload it again.")
     size = os.path.getsize(path)
     if size > max_body_bytes:
         raise gr.Error(f"The file has {size} bytes; the limit is {max_body_bytes}.")
@@ -65,6 +67,19 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[np.ndarray,
     if not faces:
         gr.Info("No face found in this photo.")
     return draw_faces(image, faces), rows
+
+
+def _uploaded_path(payload) -> str | None:
+    """The photo input's preprocessing: the uploaded file as it came.
+
+    Gradio's Image opens every upload with PIL before the handler runs, so a file that is not an
+    image, an empty one or one past PIL's pixel cap failed there, and the user read Gradio's
+    developer message (the handler's name, the payload, the temp path) instead of the service's.
+    The service's decoder (:func:`faceage.images.load_image`: limits, EXIF, errors) reads it instead.
+    Set on the instance, not in a subclass: Gradio writes a ``.pyi`` file beside the module of every
+    component subclass, which fails where the package is read-only (a container).
+    """
+    return None if payload is None else str(payload.path)
 
 
 def build_ui(lineage: dict[str, Any], max_body_bytes: int):
@@ -80,6 +95,7 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int):
         with gr.Row():
             photo = gr.Image(label="Photo", sources=["upload", "webcam"], type="filepath", image_mode=None,
                              elem_id="photo")
+            photo.preprocess = _uploaded_path
             result = gr.Image(label="Faces", format="png", interactive=False, elem_id="annotated")
         table = gr.Dataframe(headers=["face", "age", "age_std", "label", "box", "score"], label="Faces",
                              interactive=False, elem_id="faces")
@@ -90,6 +106,7 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int):
 
 
 UI_PATH = "/ui"
+UPLOAD_OVERHEAD = 64 * 1024  # bytes of a multipart upload body that are not the file
 
 
 class LazyUI:
@@ -122,8 +139,11 @@ class LazyUI:
         # Gradio's own gr.mount_gradio_app: bentoml.gradio.mount_gradio_app (1.4.40) predates
         # Gradio 6, which sets the theme in launch()/gr.mount_gradio_app (else /ui answers 500),
         # and it would lift Gradio's upload cap.
+        # The file cap leaves room for the multipart headers around the file in the body the
+        # service caps at max_body_bytes: a file just under that passed Gradio's check and got a 413.
         gr.mount_gradio_app(holder, build_ui(self.lineage, self.max_body_bytes), path=UI_PATH,
-                            max_file_size=self.max_body_bytes, ssr_mode=False, show_error=True,
+                            max_file_size=max(self.max_body_bytes - UPLOAD_OVERHEAD, 1), ssr_mode=False,
+                            show_error=True,
                             footer_links=["api", "settings"], run_history=False)
         return holder
 

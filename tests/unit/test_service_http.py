@@ -137,3 +137,43 @@ def test_a_bento_serves_the_model_version_it_was_built_with(tmp_path):
     manifest.write_text("models: []\nservices:\n- name: face_age\n  models:\n  - tag: face_age:abc123\n    module: ''\n")
     assert served_model_tag(manifest) == "face_age:abc123"
     assert served_model_tag(tmp_path / "missing.yaml") == "face_age:latest"  # running from source
+
+
+def test_a_ui_upload_must_declare_its_length():
+    """Gradio writes an upload to a temporary file as it streams in; a streamed body stopped at the cap
+    left that file behind (~20 MB of /dev/shm per request). Under the UI, a POST must declare its length."""
+    async def echo(request: Request):
+        return JSONResponse({"bytes": len(await request.body())})
+
+    app = BodyLimitMiddleware(Starlette(routes=[Route("/ui/upload", echo, methods=["POST"]),
+                                                Route("/echo", echo, methods=["POST"])]),
+                              max_bytes=1000, length_required=("/ui",))
+    client = TestClient(app)
+
+    def chunks():
+        yield b"y" * 300
+
+    r = client.post("/ui/upload", content=chunks())
+    assert r.status_code == 411 and "Content-Length" in r.json()["error"]
+    assert client.post("/ui/upload", content=b"y" * 300).json() == {"bytes": 300}
+    assert client.post("/echo", content=chunks()).json() == {"bytes": 300}  # other routes may stream
+
+
+def test_the_ui_hands_its_handler_the_upload_as_it_came_and_caps_files_below_the_body_cap(tmp_path):
+    """Gradio's Image opened each upload with PIL first: a file that is not an image, or an empty one, got
+    Gradio's developer message (handler name, payload, temp path) instead of the service's. And a file
+    just under the advertised size passed Gradio's check, then its body got a 413."""
+    from gradio.data_classes import FileData
+
+    from faceage.ui import UPLOAD_OVERHEAD, LazyUI
+
+    lazy = LazyUI()
+    lazy.configure({"registered_version": "1", "test_mae_years": 5.0}, 1_000_000)
+    [mount] = [r for r in lazy._build().routes if getattr(r, "path", "") == "/ui"]
+    blocks = mount.app.get_blocks()
+    assert blocks.max_file_size == 1_000_000 - UPLOAD_OVERHEAD
+    photo = next(c for c in blocks.blocks.values() if getattr(c, "elem_id", None) == "photo")
+    for name, data in (("text.jpg", b"not an image"), ("empty.jpg", b"")):
+        (tmp_path / name).write_bytes(data)
+        assert photo.preprocess(FileData(path=str(tmp_path / name))) == str(tmp_path / name)
+    assert photo.preprocess(None) is None
