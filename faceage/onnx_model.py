@@ -55,13 +55,18 @@ class OnnxAgeModel:
             against 16.8 ms, round 12).
 
     Raises:
-        ValueError: The file carries no FaceAge settings (not exported by :mod:`faceage.export`).
+        ValueError: The file is not an ONNX graph (a truncated copy, a ``.pt`` given by mistake), or
+            carries no FaceAge settings (not exported by :mod:`faceage.export`).
     """
 
     device = "cpu (ONNX Runtime)"
 
     def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
-        self.session = cpu_session(str(onnx_path), threads, spin=False)
+        try:
+            self.session = cpu_session(str(onnx_path), threads, spin=False)
+        except Exception as e:  # ONNX Runtime's own types (InvalidProtobuf, NoSuchFile, ...), none a ValueError
+            raise ValueError(f"{onnx_path} is not an ONNX graph ONNX Runtime can load: "
+                             f"{' '.join(str(e).split())[:200]}") from e
         self._path, self._threads = str(onnx_path), int(threads)
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if stored is None:

@@ -171,3 +171,13 @@ def test_a_new_input_kind_needs_only_its_input_preparation(tmp_path, detector_di
 
     want, _ = AgeModel(checkpoint, detector_dir, device="cpu").predict_crops(crops)
     assert age == pytest.approx(want, abs=1e-3)
+
+
+def test_a_file_that_is_not_an_onnx_graph_is_a_value_error(tmp_path):
+    """A truncated model.onnx or a .pt given by mistake raised ONNX Runtime's InvalidProtobuf, which is
+    not the ValueError callers are told to expect."""
+    from faceage.onnx_model import OnnxAgeModel
+
+    (tmp_path / "cut.onnx").write_bytes(b"\x08\x07\x12\x04" + b"\x00" * 100)
+    with pytest.raises(ValueError, match=r"cut.onnx is not an ONNX graph ONNX Runtime can load"):
+        OnnxAgeModel(tmp_path / "cut.onnx")
