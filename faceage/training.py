@@ -103,10 +103,17 @@ def pin_threads() -> int:
     torchrun sets ``LOCAL_WORLD_SIZE``; 2 cores and 2 ranks give 1 thread each (more would
     oversubscribe: ResNet-18 ran 6x slower). Data-loader workers get one thread each.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = _cores_per_rank()
     torch.set_num_threads(threads)
     return threads
+
+
+def _cores_per_rank() -> int:
+    """The cores this process may use (its affinity: a container's or a taskset's), shared among
+    torchrun's ranks on this machine (``LOCAL_WORLD_SIZE``). (:func:`faceage.predict.available_cores`
+    counts the same cores; importing it would make ``train`` rerun on every change to the service's module.)"""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _worker_init(_: int) -> None:
@@ -380,18 +387,10 @@ def count_gflops(model: nn.Module, input_shape: tuple[int, ...], device: torch.d
     return counter.get_total_flops() / 1e9
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _loader_workers(p: TrainParams, device: torch.device) -> int:
     if p.num_workers >= 0:
         return p.num_workers
-    # The cores this process may use (a container's or a taskset's), shared by torchrun's processes here.
-    cores = max(_usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    cores = _cores_per_rank()
     # On a small CPU box, worker processes only steal cores from the forward/backward pass.
     return 0 if device.type == "cpu" and cores <= 4 else min(8, max(cores - 1, 1))
 
