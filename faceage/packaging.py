@@ -47,7 +47,7 @@ from faceage.external import external_maes
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
-from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_faces_manifest
+from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, git_commit
 
 log = logging.getLogger(__name__)
@@ -494,8 +494,8 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
-    settings = Path(faces_dir) / PREPROCESS_SETTINGS
-    data_sha256 = json.loads(settings.read_text()).get("data_sha256") if settings.is_file() else None
+    has_settings = (Path(faces_dir) / PREPROCESS_SETTINGS).is_file()  # else check_workspace names the fix
+    data_sha256 = read_crop_settings(faces_dir).get("data_sha256") if has_settings else None
     winner = select_winner(client, data_sha256=data_sha256)  # logs the rule and every candidate's numbers
     check_workspace(winner, detector_dir, faces_dir)
     log.info("winner: run %s (%s) %s=%.3f %s=%.3f", winner.run_id, winner.run_name, VAL_METRIC,
