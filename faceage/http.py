@@ -231,13 +231,18 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
         self.length_required = length_required
 
-    async def _reject(self, send, detail: str) -> None:
-        body = JSONResponse({"error": f"request body {detail} is over the limit of {self.max_bytes} bytes "
-                                      "(FACEAGE_MAX_BODY_BYTES)"}, status_code=413).body
-        await send({"type": "http.response.start", "status": 413,
+    @staticmethod
+    async def _answer(send, status: int, error: str) -> None:
+        """Sends ``{"error": error}`` with ``status`` and closes the connection (the app never answers)."""
+        body = JSONResponse({"error": error}, status_code=status).body
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+    async def _reject(self, send, detail: str) -> None:
+        await self._answer(send, 413, f"request body {detail} is over the limit of {self.max_bytes} bytes "
+                                      "(FACEAGE_MAX_BODY_BYTES)")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -249,11 +254,7 @@ class BodyLimitMiddleware:
             return
         if (not length.isdigit() and scope.get("method") == "POST"
                 and any(scope.get("path", "").startswith(prefix) for prefix in self.length_required)):
-            body = JSONResponse({"error": "send the upload with a Content-Length header"}, status_code=411).body
-            await send({"type": "http.response.start", "status": 411,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            await self._answer(send, 411, "send the upload with a Content-Length header")
             return
         state = {"received": 0, "started": False, "rejected": False}
 
