@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,10 +27,10 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    # mkdtemp makes a private (0700) folder, and the swap keeps its mode: give the output the mode
-    # any folder made here gets, as its subfolders have.
-    os.chmod(tmp, 0o777 & ~_umask())
+    # A plain mkdir, not mkdtemp: the swap keeps the folder's mode, and mkdtemp's is private (0700);
+    # this one gets the mode any folder made here gets (the umask's), as its subfolders have.
+    tmp = out_dir.parent / f".{out_dir.name}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         yield tmp
         if out_dir.exists():
@@ -39,12 +39,6 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 @contextmanager
