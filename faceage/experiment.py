@@ -81,11 +81,12 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
     resets = leftover_resets(overrides, workspace, committed) if committed is not None else []
     if committed is None:
         log.warning("%s has no committed version: the profile runs on top of the workspace's", PARAMS)
+    now = flatten(workspace)
     for reset in resets:
-        key = reset.split("=", 1)[0]
+        key, value = reset.split("=", 1)
         log.warning("%s: %s is %r in the workspace (left by an earlier `dvc exp run -S`, or edited); this "
                     "profile runs with the committed %s (commit params.yaml to make a value the base)",
-                    PARAMS, key, flatten(workspace)[key], reset.split("=", 1)[1])
+                    PARAMS, key, now[key], value)
     cmd = ["dvc", "exp", "run", *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", " ".join(cmd))
