@@ -22,6 +22,7 @@ from pathlib import Path
 
 import requests
 from tqdm import tqdm
+from urllib3.exceptions import NameResolutionError
 
 from faceage.atomic import locked
 from faceage.errors import FaceAgeError
@@ -162,6 +163,10 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
             _stream_once(url, part, timeout_s, progress)
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if _unresolvable(e):
+                # Waiting does not make a host name resolve (no network, no DNS, a typo): backing off
+                # would only delay the mirror or the error by half a minute.
+                raise DownloadError(f"GET {url} failed: cannot resolve the host name ({e})") from e
             if attempt == retries:
                 have = part.stat().st_size if part.exists() else 0
                 kept = f"; {part} keeps the {have} bytes fetched so far and the next run resumes from there" if have else ""
@@ -181,6 +186,21 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
                 )
     os.replace(part, dest)
     return dest
+
+
+def _unresolvable(error: BaseException) -> bool:
+    """True when ``error`` (or what it wraps) is a failure to resolve the host name."""
+    seen: set[int] = set()
+    todo: list[object] = [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NameResolutionError):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    return False
 
 
 def _matches(path: Path, md5: str | None, sha256: str | None) -> bool:

@@ -273,3 +273,24 @@ def test_a_resume_counts_the_servers_bytes_not_decoded_ones(odd_server, tmp_path
     assert dest.read_bytes() == odd_server.raw
     assert [enc for _, _, enc in odd_server.requests] == ["identity", "identity"]
     assert odd_server.requests[1][1].startswith("bytes=")
+
+
+def test_a_host_name_that_does_not_resolve_goes_to_the_mirror_at_once(mirror, tmp_path):
+    """A name that does not resolve was retried with back-off (1+2+4+8+16 s) before the mirror was asked."""
+    started = time.monotonic()
+    dest = download("http://faceage-no-such-host.invalid/f.bin", tmp_path / "f.bin", md5=MD5,
+                    mirrors=[url(mirror)], progress=False)
+    assert dest.read_bytes() == BODY and mirror.requests == [None]
+    assert time.monotonic() - started < 5
+
+
+def test_a_host_name_that_does_not_resolve_is_named_in_the_error(tmp_path):
+    with pytest.raises(DownloadError, match="cannot resolve the host name"):
+        download("http://faceage-no-such-host.invalid/f.bin", tmp_path / "f.bin", backoff_s=30, progress=False)
+    assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
+
+
+def test_a_refused_connection_is_still_retried(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING), pytest.raises(DownloadError, match="after 2 attempts"):
+        download("http://127.0.0.1:9/f.bin", tmp_path / "f.bin", retries=1, backoff_s=0.01, progress=False)
+    assert "resuming in" in caplog.text
