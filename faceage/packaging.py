@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -435,6 +436,7 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
         if same is not None:  # `make bento` again with the same champion: no second copy of the same bytes
             log.info("BentoML model %s already holds these exact files (run %s, the same lineage): reused",
                      same.tag, metadata["mlflow_run_id"])
+            make_latest(same.tag)
             return same
         with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
             shutil.copytree(staged, model.path, dirs_exist_ok=True)
@@ -442,6 +444,29 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
              metadata["mlflow_run_id"], metadata["val_mae_years"], metadata["test_mae_years"],
              metadata["onnx_max_abs_diff_probs"])
     return model
+
+
+def make_latest(tag) -> None:
+    """Points the store's ``<name>:latest`` at ``tag``.
+
+    Why: ``bentoml build`` (``make bento``) and ``bentoml serve`` resolve ``face_age:latest``. BentoML moves
+    it only when it creates a model, so a champion packaged again (its stored copy reused) after another
+    one had been packaged would leave ``latest`` on the other one, and the bento would serve it. BentoML has
+    no public call for this: the store keeps the version in a ``<name>/latest`` file, and the check below
+    fails loudly if a BentoML release changes that.
+    """
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    store = BentoMLContainer.model_store.get()
+    latest = Path(store._path) / tag.latest_path()
+    staged = latest.with_name(f".{latest.name}.tmp")
+    staged.write_text(str(tag.version))
+    os.replace(staged, latest)
+    got = bentoml.models.get(f"{tag.name}:latest").tag
+    if str(got) != str(tag):
+        raise PackagingError(f"could not point {tag.name}:latest at {tag}: it resolves to {got} (has BentoML's "
+                             f"model store layout changed?)")
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -128,17 +128,23 @@ def test_bento_model_holds_checkpoint_onnx_export_detector_files_and_lineage(tmp
             "tags = [save_bento_model(sys.argv[1], sys.argv[2], lineage, faces_dir=sys.argv[4]).tag for _ in range(2)];"
             "tags.append(save_bento_model(sys.argv[1], sys.argv[2], {**lineage, 'registered_version': '4'},"
             " faces_dir=sys.argv[4]).tag);"
-            "print(*tags, len(bentoml.models.list('face_age')), bentoml.models.get(tags[0]).path)")
+            "latest_after_other = bentoml.models.get('face_age:latest').tag;"
+            # The first champion wins again (the other's run deleted): its stored copy is reused, and
+            # `bentoml build` must then bundle it, not the other.
+            "tags.append(save_bento_model(sys.argv[1], sys.argv[2], lineage, faces_dir=sys.argv[4]).tag);"
+            "print(latest_after_other, bentoml.models.get('face_age:latest').tag, *tags,"
+            " len(bentoml.models.list('face_age')), bentoml.models.get(tags[0]).path)")
     lineage = {"backbone": "dlib_face", "registered_version": "3", "mlflow_run_id": "r1", "val_mae_years": 5.0,
                "test_mae_years": 5.5}
     out = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(detector), json.dumps(lineage), str(faces)],
                          env={**os.environ, "BENTOML_HOME": str(tmp_path / "home")}, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    tag, again, other, stored_models, path = out.stdout.split()[-5:]
+    latest_after_other, latest, tag, again, other, back, stored_models, path = out.stdout.split()[-8:]
     assert tag.startswith("face_age:")
     assert again == tag and "already holds these exact files" in out.stderr, "the same bytes are not stored twice"
-    assert other != tag and stored_models == "2"
+    assert other != tag and stored_models == "2" and latest_after_other == other
+    assert back == tag and latest == tag, "face_age:latest stayed on the model packaged before"
     model = Path(path)
     assert (model / "model.pt").read_bytes() == checkpoint.read_bytes()
     assert (model / "model.onnx").stat().st_size > 0
