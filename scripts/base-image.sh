@@ -34,6 +34,9 @@ MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 HOST_CA="${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
 [ -n "$IMAGE" ] || { echo "no image name: pass one or set docker.base_image in bentofile.yaml" >&2; exit 2; }
 
+# A dead daemon also fails `docker image inspect`: without this check, a missing daemon showed only at
+# `docker import`, after minutes of debootstrap.
+docker info >/dev/null 2>&1 || { echo "no Docker daemon reachable (docker info failed): start dockerd first" >&2; exit 1; }
 if [ "$FORCE" = 0 ] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
   echo "base image $IMAGE exists"
   exit 0
