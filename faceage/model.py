@@ -81,6 +81,18 @@ class EmbeddingAgeHead(nn.Module):
         return self.net(x * self.input_scale)
 
 
+# torchvision classifiers whose head is not an nn.Linear (SqueezeNet ends in a 1x1 convolution).
+NO_LINEAR_HEAD = frozenset({"squeezenet1_0", "squeezenet1_1"})
+# Built without their auxiliary classifiers: with them, train mode returns a tuple of outputs, and
+# Inception's needs 299 px inputs. (Their ImageNet files hold the auxiliary weights too; they go unused.)
+AUX_HEADS = frozenset({"googlenet", "inception_v3"})
+
+
+def torchvision_backbones() -> list[str]:
+    """The torchvision classifiers ``train.backbone`` may name."""
+    return sorted(set(torchvision.models.list_models(module=torchvision.models)) - NO_LINEAR_HEAD)
+
+
 def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None,
                 face_features: str = DESCRIPTOR) -> nn.Module:
     """A randomly initialised age model with ``num_ages`` outputs.
@@ -103,14 +115,40 @@ def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None
         from faceage.dlib_age import HEAD_PRETRAINED, DlibAgeNet
 
         return DlibAgeNet(num_ages, head or HEAD_PRETRAINED, face_features)
-    available = torchvision.models.list_models(module=torchvision.models)
+    available = torchvision_backbones()
     if backbone not in available:
-        raise ConfigError(f"train.backbone must be a torchvision classification model, got {backbone!r}; "
-                         f"available: {FACE_ENCODER}, {DLIB_AGE}, {', '.join(sorted(available))}")
-    model = torchvision.models.get_model(backbone, weights=None)
+        why = " (its head is a convolution, not a linear layer)" if backbone in NO_LINEAR_HEAD else ""
+        raise ConfigError(f"train.backbone must be a torchvision classification model with a linear head, got "
+                          f"{backbone!r}{why}; available: {FACE_ENCODER}, {DLIB_AGE}, {', '.join(available)}")
+    extra = {"aux_logits": False, "init_weights": True} if backbone in AUX_HEADS else {}
+    model = torchvision.models.get_model(backbone, weights=None, **extra)
     parent, attr, linear = _last_linear(model)
     setattr(parent, attr, nn.Linear(linear.in_features, num_ages))
     return model
+
+
+def check_input_size(model: nn.Module, backbone: str, image_size: int) -> None:
+    """Runs one blank ``image_size`` x ``image_size`` image through ``model`` (eval mode, no gradients).
+
+    Some torchvision classifiers take one size only (ViTs and MaxViT: 224 px) or need a minimum
+    (Inception v3: 75 px, AlexNet: 63 px); without this check they failed at the first batch, after the
+    data had loaded, with torch's own message (MaxViT's reads ``shape '[2, 64, 9, 7, 9, 7]' is invalid``).
+
+    Raises:
+        ConfigError: The model cannot take that size (the message names ``train.image_size``).
+    """
+    if backbone in (FACE_ENCODER, DLIB_AGE):  # fixed inputs: descriptors, 64 px chips
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError, IndexError) as e:
+        raise ConfigError(f"train.image_size={image_size} does not fit train.backbone={backbone!r} "
+                          f"({_first_sentence(e)}); torchvision's classifiers are built for 224") from e
+    finally:
+        model.train(was_training)
 
 
 def input_stats(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -66,7 +66,8 @@ from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import input_fn, predict_logits
 from faceage.inputs import DLIB_CHIP_PAIR, backbone_input
 from faceage.model import (
-    MAX_AGE, MIN_AGE, build_model, expected_age, fit_temperature, input_stats, load_pretrained, save_checkpoint,
+    MAX_AGE, MIN_AGE, build_model, check_input_size, expected_age, fit_temperature, input_stats, load_pretrained,
+    save_checkpoint,
 )
 from faceage.preprocess import MANIFEST, read_crop_settings
 from faceage.tracking import DVC_EXPERIMENT_TAG, git_commit, mlflow_env, setup_mlflow, tracking_uri, write_run_file
@@ -516,6 +517,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     crop = read_crop_settings(faces_dir)
     head = finetune.resolve_head(p)
     model = build_model(p.backbone, head=head, face_features=p.face_features)
+    check_input_size(model, p.backbone, p.image_size)  # before the data load: seconds, not minutes
     weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
     if head is not None:
         weights_from += f"; head: {head} (train.head={p.head})"
@@ -538,6 +540,12 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     cache = finetune.prefix_cache(model, train_set, val_set, prepare, p, device)
     if cache is not None:  # frozen early stages computed once; the loop trains the rest on their outputs
         model, train_set, val_set, prepare = cache.training_view()
+    if p.epochs > 0 and len(train_set) < 2 * d.world_size:
+        # A batch of one face fails in BatchNorm ("Expected more than 1 value per channel"), and one
+        # face teaches nothing: say so instead.
+        raise FaceAgeError(f"train: {len(train_set)} training face(s) in {faces_dir} ({d.world_size} process(es)); "
+                           f"training needs at least {2 * d.world_size}: check preprocess's report "
+                           "(reports/preprocess.json), or set train.epochs=0 for the zero-shot dlib_age model")
     workers = _loader_workers(p, device)
     drop_last = len(train_set) > p.batch_size
     sampler = EpochSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=p.seed,

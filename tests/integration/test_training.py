@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from faceage.config import Params
+from faceage.config import ConfigError, Params
 from faceage.evaluation import age_group
 
 pytestmark = pytest.mark.integration
@@ -185,3 +185,36 @@ def test_a_run_whose_weights_turn_to_nan_stops_and_ships_nothing(tiny_run, tmp_p
                              tmp_path / "state.pt")
     assert not (tmp_path / "model.pt").exists()
     assert torch.load(tmp_path / "state.pt", weights_only=True)["epoch"] == 1  # the last good epoch stays
+
+
+def test_a_training_split_of_one_face_is_a_clear_error(tiny_run, tmp_path, monkeypatch):
+    """One face made a batch of one, and BatchNorm failed inside torch ("Expected more than 1 value per channel")."""
+    import shutil
+
+    import pandas as pd
+
+    import faceage.training as training
+    from faceage.errors import FaceAgeError
+
+    faces = tmp_path / "faces"
+    shutil.copytree(tiny_run["faces"], faces)
+    manifest = pd.read_csv(faces / "manifest.csv")
+    first_train = manifest.index[manifest["split"] == "train"][0]
+    manifest[(manifest["split"] != "train") | (manifest.index == first_train)].to_csv(faces / "manifest.csv", index=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    p = replace(Params().train, pretrained="none", epochs=1, image_size=48, batch_size=16)
+    with pytest.raises(FaceAgeError, match=r"train: 1 training face\(s\) .* at least 2"):
+        training.train_model(p, faces, tmp_path / "model.pt", tmp_path / "reports", tmp_path / "run.json",
+                             tmp_path / "state.pt")
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_a_backbone_that_cannot_take_the_image_size_fails_before_the_data_load(tiny_run, tmp_path, monkeypatch):
+    import faceage.training as training
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(training, "load_split", lambda *a, **k: pytest.fail("the data loaded first"))
+    p = replace(Params().train, backbone="vit_b_32", pretrained="none", epochs=1, image_size=112)
+    with pytest.raises(ConfigError, match="train.image_size=112 does not fit train.backbone='vit_b_32'"):
+        training.train_model(p, tiny_run["faces"], tmp_path / "model.pt", tmp_path / "reports", tmp_path / "run.json",
+                             tmp_path / "state.pt")

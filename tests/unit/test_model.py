@@ -5,7 +5,7 @@ import torch
 
 from faceage.config import ConfigError
 from faceage.model import (
-    NUM_AGES, PretrainedWeightsError, build_model, expected_age, load_checkpoint, load_pretrained,
+    NUM_AGES, PretrainedWeightsError, build_model, check_input_size, expected_age, load_checkpoint, load_pretrained,
     resolve_imagenet_weights, save_checkpoint,
 )
 from faceage.training import age_balance_weights, age_loss, lr_factor, make_loss
@@ -45,8 +45,41 @@ def test_other_backbones_get_a_101_way_head(backbone):
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, NUM_AGES)
 
 
+@pytest.mark.parametrize("backbone", ["googlenet", "inception_v3"])
+def test_backbones_with_auxiliary_heads_train_at_224(backbone):
+    """googlenet returned GoogLeNetOutputs in train mode (the loss failed on it), and Inception's auxiliary
+    head needed 299 px inputs: neither could train."""
+    model = build_model(backbone).train()
+    out = model(torch.randn(2, 3, 224, 224))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, NUM_AGES)
+    out.logsumexp(dim=1).mean().backward()  # gradients reach the body
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_backbone_without_a_linear_head_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"'squeezenet1_1' \(its head is a convolution"):
+        build_model("squeezenet1_1")
+    with pytest.raises(ConfigError) as listed:
+        build_model("resnet7")
+    assert "squeezenet" not in str(listed.value)  # not offered as available
+
+
+@pytest.mark.parametrize("backbone,size", [("vit_b_32", 256), ("maxvit_t", 160), ("alexnet", 32), ("inception_v3", 64)])
+def test_an_image_size_a_backbone_cannot_take_names_train_image_size(backbone, size):
+    """These failed at the first batch, after the data load, with torch's message (MaxViT: a shape error)."""
+    model = build_model(backbone)
+    with pytest.raises(ConfigError, match=rf"train.image_size={size} does not fit train.backbone='{backbone}'"):
+        check_input_size(model, backbone, size)
+    assert model.training  # the probe leaves the mode as it found it
+
+
+@pytest.mark.parametrize("backbone,size", [("vit_b_32", 224), ("resnet18", 32), ("inception_v3", 96), ("dlib_age", 7)])
+def test_sizes_a_backbone_takes_pass_the_check(backbone, size):
+    check_input_size(build_model(backbone).eval(), backbone, size)
+
+
 def test_unknown_backbone_lists_choices():
-    with pytest.raises(ConfigError, match="train.backbone must be a torchvision classification model, got 'resnet7'.*resnet18"):
+    with pytest.raises(ConfigError, match="train.backbone must be a torchvision classification model with a linear head, got .resnet7..*resnet18"):
         build_model("resnet7")
 
 
