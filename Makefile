@@ -34,7 +34,7 @@ repro: setup
 # its overrides in the workspace, and the next profile would otherwise inherit them.
 SAMPLE ?= $(abspath ../shared/datasets/appa-real-sample)
 EXP := $(BIN)/python -m faceage.experiment
-QUICK := -S fetch_data.source=$(SAMPLE) -S train.backbone=dlib_age
+QUICK := -S "fetch_data.source=$(SAMPLE)" -S train.backbone=dlib_age
 quick: setup
 	$(EXP) $(QUICK)
 	$(BIN)/dvc metrics show
@@ -49,7 +49,7 @@ quick-finetune: setup
 
 # The former quick profile: ResNet-18 from scratch, 5 epochs at 112 px (about 6 min on 2 cores, test MAE ~13).
 # No lower-resolution training faces: in 5 epochs from scratch they only slow convergence (13.94 vs 13.13).
-QUICK_RESNET := -S fetch_data.source=$(SAMPLE) -S train.pretrained=none -S train.epochs=5 -S train.image_size=112 \
+QUICK_RESNET := -S "fetch_data.source=$(SAMPLE)" -S train.pretrained=none -S train.epochs=5 -S train.image_size=112 \
 	-S train.low_res=0.0
 quick-resnet: setup
 	$(EXP) $(QUICK_RESNET)

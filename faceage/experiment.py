@@ -8,7 +8,7 @@ A profile is meant as *the committed params plus its overrides*: :func:`run_prof
 ``-S`` putting back the committed value of every key the workspace changed and the profile does
 not set, names each in the log, and runs ``dvc exp run``.
 
-Usage (the Makefile's profiles and :mod:`faceage.sweep`)::
+Usage (the Makefile's profiles and :mod:`faceage.sweep`), from anywhere in the repo, as ``dvc exp run``::
 
     python -m faceage.experiment -S train.backbone=dlib_age -S fetch_data.source=/abs/sample [-n NAME]
 """
@@ -16,18 +16,59 @@ Usage (the Makefile's profiles and :mod:`faceage.sweep`)::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from faceage.config import parse_params
+import yaml
+
+from faceage.config import Params, params_from_dict, parse_params
+from faceage.errors import FaceAgeError
 from faceage.logs import setup_logging
 
 log = logging.getLogger("faceage.experiment")  # also when run as __main__ (python -m)
 
 PARAMS = "params.yaml"
+
+
+class ProfileError(FaceAgeError):
+    """No DVC repo around the working folder, or its ``params.yaml`` is missing or unreadable."""
+
+
+def dvc_root(start: str | Path | None = None) -> Path:
+    """The DVC repo around ``start`` (default: the working folder): the nearest folder upwards
+    holding ``.dvc/``, the one ``dvc exp run`` itself finds from a subdirectory.
+
+    Raises:
+        ProfileError: No folder from ``start`` up to ``/`` holds ``.dvc/``.
+    """
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    raise ProfileError(f"not inside a DVC repository: no .dvc/ folder in {here} or above (run from the FaceAge repo)")
+
+
+def read_params(root: str | Path) -> dict[str, Any]:
+    """The workspace's ``params.yaml`` at ``root`` as a raw mapping (sections of keys).
+
+    Raises:
+        ProfileError: The file is missing, is not YAML, or is not a mapping.
+    """
+    path = Path(root) / PARAMS
+    try:
+        raw = parse_params(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProfileError(f"{path} not found: run from the repo, or restore it (git checkout {PARAMS})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        raise ProfileError(f"{path} is not valid YAML{where}: fix it, or restore it (git checkout {PARAMS})") from None
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def flatten(params: dict[str, Any]) -> dict[str, Any]:
@@ -36,9 +77,23 @@ def flatten(params: dict[str, Any]) -> dict[str, Any]:
             for key, value in keys.items()}
 
 
+def _quoted(text: str) -> str:
+    """``text`` as a Hydra quoted string that DVC's ``apply_overrides`` reads back unchanged.
+
+    Two layers read it. Hydra's override grammar: inside double quotes only backslashes that
+    precede a quote, or the closing quote, are escapes (``C:\\data`` stays as it is; JSON's
+    ``\\uXXXX`` and doubled backslashes would be kept literally). Then OmegaConf, which resolves
+    ``${...}`` interpolations in the value: ``\\${`` is a literal ``${``, and backslashes before
+    it are doubled.
+    """
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    return '"' + re.sub(r'(\\*)("|\Z)', lambda m: m.group(1) * 2 + ('\\"' if m.group(2) else ""), text) + '"'
+
+
 def override_value(value: Any) -> str:
     """``value`` written for ``-S key=...`` (DVC parses it with Hydra's override grammar): strings
-    quoted, so a URL or a path is never read as anything else."""
+    quoted (:func:`_quoted`), so a URL or a path (spaces, commas, brackets, ``=``, non-ASCII,
+    backslashes) is never read as anything else."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -47,7 +102,7 @@ def override_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(override_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # "..." with \" and \\ escaped, as Hydra reads quoted strings
+    return _quoted(str(value))
 
 
 def committed_params(root: str | Path = ".") -> dict[str, Any] | None:
@@ -56,27 +111,77 @@ def committed_params(root: str | Path = ".") -> dict[str, Any] | None:
     return parse_params(done.stdout) if done.returncode == 0 else None
 
 
+def override_key(override: str) -> str | None:
+    """The ``params.yaml`` key that one ``-S`` override names, or None when it is another file's.
+
+    DVC reads ``-S [<filename>:]<key>=<value>`` (a ``:`` before the first ``=`` names the file,
+    ``dvc.utils.cli_parse.to_path_overrides``), and Hydra's grammar adds ``+key=``, ``++key=`` and
+    ``~key``: ``params.yaml:train.epochs=5`` and ``++train.epochs=5`` both set ``train.epochs``.
+    """
+    if ":" in override.partition("=")[0]:
+        path, _, override = override.partition(":")
+        if os.path.normpath(path) != PARAMS:  # DVC takes the file name as given
+            return None
+    return override.partition("=")[0].strip().lstrip("+~").strip()
+
+
+def drifted(workspace: dict[str, Any], committed: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (workspace value, committed value)}`` for each key the workspace changed (an earlier
+    ``dvc exp run -S``, or an edit)."""
+    now, base = flatten(workspace), flatten(committed)
+    return {key: (now[key], value) for key, value in base.items() if key in now and now[key] != value}
+
+
 def leftover_resets(overrides: list[str], workspace: dict[str, Any], committed: dict[str, Any]) -> list[str]:
     """The ``key=value`` overrides that put back the committed value of each key the workspace
     changed (an earlier ``dvc exp run -S``, or an edit) and ``overrides`` does not set."""
-    chosen = {o.split("=", 1)[0] for o in overrides}
-    now, base = flatten(workspace), flatten(committed)
-    return [f"{key}={override_value(value)}" for key, value in base.items()
-            if key not in chosen and key in now and now[key] != value]
+    chosen = {override_key(o) for o in overrides}
+    return [f"{key}={override_value(base)}" for key, (_, base) in drifted(workspace, committed).items()
+            if key not in chosen]
 
 
-def run_profile(overrides: list[str], *, name: str | None = None, root: str | Path = ".") -> None:
+def committed_base(root: str | Path = ".", *, user: str) -> Params:
+    """The committed ``params.yaml`` at ``root``, validated, for a tool that runs outside ``dvc exp run``
+    (:mod:`faceage.recipe`): the workspace's holds what the last ``dvc exp run -S`` left there.
+
+    Args:
+        root: The repo root.
+        user: Who runs with it, for the warnings (``"the recipe"``).
+
+    Returns:
+        The committed params (the workspace's outside git or before the first commit, with a
+        warning); a warning names each key whose workspace value differs.
+
+    Raises:
+        ProfileError: ``params.yaml`` is missing or unreadable.
+        faceage.config.ConfigError: A key is unknown, missing or out of range.
+    """
+    workspace = read_params(root)
+    committed = committed_params(root)
+    if committed is None:
+        log.warning("%s has no committed version: %s runs with the workspace's", PARAMS, user)
+        return params_from_dict(workspace)
+    for key, (now, base) in drifted(workspace, committed).items():
+        log.warning("%s: %s is %r in the workspace (left by an earlier `dvc exp run -S`, or edited); %s runs "
+                    "with the committed %r (commit params.yaml to make a value the base)", PARAMS, key, now, user, base)
+    return params_from_dict(committed)
+
+
+def run_profile(overrides: list[str], *, name: str | None = None, root: str | Path | None = None) -> None:
     """Runs ``dvc exp run`` with ``overrides`` on top of the committed ``params.yaml``.
 
     Args:
         overrides: ``key=value`` strings, as given to ``dvc exp run -S``.
         name: The experiment's name (``-n``), or None for DVC's.
-        root: The repo root (where ``params.yaml`` is).
+        root: The repo root (where ``params.yaml`` is); None: the DVC repo around the working
+            folder (:func:`dvc_root`), as ``dvc exp run`` finds it.
 
     Raises:
+        ProfileError: No DVC repo here, or ``params.yaml`` is missing or unreadable.
         subprocess.CalledProcessError: ``dvc exp run`` failed (its output is shown).
     """
-    workspace = parse_params((Path(root) / PARAMS).read_text(encoding="utf-8")) or {}
+    root = dvc_root() if root is None else Path(root)
+    workspace = read_params(root)
     committed = committed_params(root)
     resets = leftover_resets(overrides, workspace, committed) if committed is not None else []
     if committed is None:
@@ -102,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         run_profile(args.overrides, name=args.name)
+    except ProfileError as e:
+        log.error("%s", e)
+        return 1
     except subprocess.CalledProcessError as e:
+        log.error("`dvc exp run` failed (exit %s): its output is above", e.returncode)
         return e.returncode or 1
     return 0
 

@@ -6,6 +6,9 @@ Input: the pipeline's outputs in this workspace (``data/faces``, ``data/embeddin
 Output: ``reports/recipe.md``, one table per backbone family with validation and test MAE,
 the change against the default, and calibration.
 
+Every run starts from the *committed* ``params.yaml`` (a warning names each key the workspace
+changed, as ``dvc exp run -S`` leaves them), plus the variant's own keys.
+
 Usage::
 
     python -m faceage.recipe            # dlib_face variants (~1 min each on 2 cores)
@@ -28,8 +31,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from faceage.config import Params, load_params
+from faceage.config import Params
+from faceage.errors import FaceAgeError
 from faceage.evaluation import evaluate_model
+from faceage.experiment import committed_base
 from faceage.inference import AgeModel
 from faceage.logs import setup_logging
 from faceage.training import train_model
@@ -44,7 +49,11 @@ DLIB_VARIANTS = {
     "epochs=60": {"epochs": 60},
     "label_sigma=4": {"label_sigma": 4.0},
 }
-AGE_BASE = {"backbone": "dlib_age", "head": "pretrained", "epochs": 8, "lr": 3e-4, "warmup_epochs": 1, "batch_size": 64}
+# The fine-tuning keys off: every variant states which of them it turns on, so its label is the whole
+# recipe whatever params.yaml holds (the ensemble heads and the other backbones need them off).
+FINETUNE_OFF = {"freeze_blocks": 0, "layer_lr_decay": 1.0, "distill_weight": 0.0, "wise_ft": False}
+AGE_BASE = {"backbone": "dlib_age", "head": "pretrained", "epochs": 8, "lr": 3e-4, "warmup_epochs": 1, "batch_size": 64,
+            **FINETUNE_OFF}
 AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
     "zero-shot": ("zero-shot (epochs=0)", {"epochs": 0}),
     "naive": ("naive: every layer, lr 1e-4", {"lr": 1e-4}),
@@ -63,7 +72,8 @@ AGE_VARIANTS = {  # short key (for --variants) -> (row label, train overrides)
     "fused": ("make quick: both dlib networks frozen, the ensemble also reads the face descriptor (train.head=fused), "
               "30 epochs, lr 1e-3", {"head": "fused", "epochs": 30, "lr": 1e-3}),
 }
-CNN_BASE = {"backbone": "resnet18", "pretrained": "none", "epochs": 5, "image_size": 112}
+CNN_BASE = {"backbone": "resnet18", "pretrained": "none", "epochs": 5, "image_size": 112, **FINETUNE_OFF}
+DLIB_FACE_BASE = {"backbone": "dlib_face", **FINETUNE_OFF}
 CNN_VARIANTS = {
     "default": {},
     "loss=expectation_l1": {"loss": "expectation_l1"},
@@ -179,11 +189,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="data/raw/appa-real")
     parser.add_argument("--out", default="reports/recipe.md")
     args = parser.parse_args(argv)
+    # Before any work (the external set's crops, the chips, the first run): a typo fails at once.
+    if args.variants:
+        if not args.dlib_age:
+            parser.error("--variants picks dlib_age variants: add --dlib-age")
+        unknown = [k for k in args.variants.split(",") if k not in AGE_VARIANTS]
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {list(AGE_VARIANTS)}")
     setup_logging()
+    try:
+        params = committed_base(user="the recipe")  # not what the last `dvc exp run -S` left in the workspace
+    except FaceAgeError as e:  # params.yaml missing, unreadable or invalid: one line, not a traceback
+        raise SystemExit(f"{type(e).__name__}: {e}") from None
     from faceage.tracking import setup_mlflow
 
     setup_mlflow()
-    params = load_params("params.yaml")
     faces, embeddings, data = Path(args.faces), Path(args.embeddings), Path(args.data)
     sections = []
     detector = Path(args.detector)
@@ -197,18 +217,15 @@ def main(argv: list[str] | None = None) -> None:
             chips = work / "chips.npz"
             compute_features("dlib_age", faces, detector, chips)
             keys = args.variants.split(",") if args.variants else list(AGE_VARIANTS)
-            unknown = [k for k in keys if k not in AGE_VARIANTS]
-            if unknown:
-                raise SystemExit(f"--variants: unknown {unknown}; choose from {list(AGE_VARIANTS)}")
             age_rows = [_run(AGE_VARIANTS[k][0], params, AGE_VARIANTS[k][1], AGE_BASE, work / "age", faces, chips, data,
                              external, detector) for k in keys]
             sections.append((f"`dlib_age` (dlib's pretrained age network), fine-tuned {AGE_BASE['epochs']} epochs "
                              f"at lr {AGE_BASE['lr']:g} unless the variant says otherwise", age_rows))
         if not args.no_dlib_face:
-            dlib_rows = [_run(n, params, o, {"backbone": "dlib_face"}, work / "dlib", faces, embeddings, data, external)
+            dlib_rows = [_run(n, params, o, DLIB_FACE_BASE, work / "dlib", faces, embeddings, data, external)
                          for n, o in DLIB_VARIANTS.items()]
             dlib_rows += _tta_rows(dlib_rows[0]["model"], faces, embeddings, dlib_rows[0]["test_mae"])
-            sections.append(("`dlib_face` (frozen face encoder + head), `params.yaml` defaults", dlib_rows))
+            sections.append(("`dlib_face` (frozen face encoder + head), the committed `params.yaml`", dlib_rows))
         if args.cnn:
             cnn_rows = [_run(n, params, o, CNN_BASE, work / "cnn", faces, embeddings, data, external)
                         for n, o in CNN_VARIANTS.items()]

@@ -9,6 +9,7 @@ parameters).
 Usage (also ``make sweep``)::
 
     python -m faceage.sweep --profile cpu --source /abs/path/appa-real-sample
+    python -m faceage.sweep --profile gpu --source /abs/path/appa-real-release.zip   # or no --source: the URL
     python -m faceage.sweep --report-only
 """
 
@@ -17,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
-from faceage.experiment import run_profile
+from faceage.experiment import ProfileError, override_value, run_profile
 from faceage.external import external_maes
 from faceage.logs import setup_logging
 from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
@@ -45,14 +47,22 @@ CHIP_SIDES = {"dlib_face": "150", "dlib_age": "64 + 150"}  # dlib_age's default 
 def run_sweep(backbones: list[str], profile: str, source: str | None, runs_path: Path) -> dict:
     """Runs ``dvc exp run`` once per backbone in this workspace; records each MLflow run id.
 
+    Args:
+        backbones: The backbones, one experiment each.
+        profile: A key of :data:`PROFILES`.
+        source: ``fetch_data.source`` for every run (any profile; quoted for ``-S``), or None for
+            the committed one.
+        runs_path: The JSON file of backbone -> run id and overrides (updated after each run).
+
     Raises:
+        faceage.experiment.ProfileError: No DVC repo, or its ``params.yaml`` is unreadable.
         subprocess.CalledProcessError: A ``dvc exp run`` failed (its output is shown).
     """
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
     for backbone in backbones:
         overrides = [f"train.backbone={backbone}", *PROFILES[profile]["face" if backbone in PRETRAINED_FACE else "cnn"]]
         if source:
-            overrides.append(f"fetch_data.source={source}")
+            overrides.append(f"fetch_data.source={override_value(source)}")  # a path with , [ ] = or ü
         log.info("sweep: %s", " ".join(overrides))
         run_profile(overrides)  # on the committed params.yaml, not on the last backbone's overrides
         runs[backbone] = {"run_id": read_run_file("models/run.json")["run_id"], "overrides": overrides}
@@ -199,14 +209,14 @@ small networks, so this run cannot show how far large backbones go with pretrain
 ## The full sweep on a GPU with APPA-REAL
 
 ```bash
-dvc exp run -S fetch_data.source=/abs/path/appa-real-release.zip   # or leave the default URL
-python -m faceage.sweep --profile gpu   # ImageNet weights, 224 px, 30 epochs per CNN
+# ImageNet weights, 224 px, 30 epochs per CNN; leave out --source for the committed URL
+python -m faceage.sweep --profile gpu --source /abs/path/appa-real-release.zip
 ```
 """
     md_path.write_text(md)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--source", help="fetch_data.source for every run (absolute path or URL)")
@@ -219,9 +229,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         runs = json.loads(runs_path.read_text())
     else:
-        runs = run_sweep(args.backbones, args.profile, args.source, runs_path)
+        try:
+            runs = run_sweep(args.backbones, args.profile, args.source, runs_path)
+        except ProfileError as e:
+            log.error("%s", e)
+            return 1
+        except subprocess.CalledProcessError as e:
+            log.error("sweep stopped: `dvc exp run` failed (exit %s), its output is above; the runs before it are "
+                      "in %s", e.returncode, runs_path)
+            return e.returncode or 1
     write_report(collect(runs), Path("reports/backbones.md"), Path("reports/backbones.png"), args.profile)
     log.info("wrote reports/backbones.md and reports/backbones.png (%d runs)", len(runs))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Profiles run on top of the committed params.yaml, not on what an earlier `dvc exp run -S` left."""
 
+import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from dvc.utils.cli_parse import to_path_overrides
 from dvc.utils.hydra import apply_overrides
 
+import faceage.experiment as experiment
 from faceage.config import load_params, parse_params
 from faceage.experiment import committed_params, leftover_resets, override_value
 
@@ -49,9 +53,108 @@ def test_every_committed_value_survives_the_trip_through_dvcs_override_parser(re
                   for key, value in keys.items()]
     apply_overrides(repo / "params.yaml", everything)
     assert parse_params((repo / "params.yaml").read_text()) == committed
-    assert override_value('a "quoted" path\\x') == '"a \\"quoted\\" path\\\\x"'
+
+
+@pytest.mark.parametrize("value", [
+    "/data/appa-real-sample", "/data/my datasets/appa real", "/data/Jürgen/appa-réal", "C:\\data\\appa",
+    'a "quoted" path\\x', 'a "quoted" path ending in a backslash\\', "/data/a,b", "/data/[1]/x", "/data/k=v/x",
+    "/data/${HOME}/x", "\\\\server\\share\\", "1e-3", "null", "",
+])
+def test_a_string_comes_back_unchanged_through_dvcs_override_parser(repo, value):
+    """DVC's own apply_overrides (Hydra's OverridesParser, then OmegaConf) reads back what override_value wrote:
+    JSON's \\u00fc and doubled backslashes were kept literally, and ${...} would be resolved."""
+    apply_overrides(repo / "params.yaml", [f"fetch_data.source={override_value(value)}",
+                                           f"evaluate.external={override_value([value, 'x'])}"])
+    written = parse_params((repo / "params.yaml").read_text(encoding="utf-8"))
+    assert written["fetch_data"]["source"] == value
+    assert written["evaluate"]["external"] == [value, "x"]
+
+
+@pytest.mark.parametrize("override", ["params.yaml:train.epochs=5", "./params.yaml:train.epochs=5", "++train.epochs=5",
+                                      "train.epochs= 5", "train.epochs=5"])
+def test_a_profile_key_in_any_form_dvc_reads_is_not_reset(repo, override, monkeypatch):
+    """`-S params.yaml:train.epochs=5` or `-S ++train.epochs=5` after a run that left 12: the reset to the
+    committed 30 came after it and won. Applied here as `dvc exp run -S` does: grouped by file, then Hydra."""
+    apply_overrides(repo / "params.yaml", ["train.epochs=12"])
+    resets = leftover_resets([override], parse_params((repo / "params.yaml").read_text()), committed_params(repo))
+    assert resets == []
+    monkeypatch.chdir(repo)
+    for path, overrides in to_path_overrides([override, *resets]).items():
+        apply_overrides(path, overrides)
+    assert load_params(repo / "params.yaml").train.epochs == 5
+
+
+def test_override_keys_follow_dvcs_file_prefix_and_hydras_prefixes():
+    assert experiment.override_key("params.yaml:train.epochs=5") == "train.epochs"
+    assert experiment.override_key("+train.epochs=5") == "train.epochs"
+    assert experiment.override_key("~train.epochs") == "train.epochs"
+    assert experiment.override_key("~train.epochs=5") == "train.epochs"
+    assert experiment.override_key("fetch_data.source=http://host:8080/a.zip") == "fetch_data.source"
+    assert experiment.override_key("other.yaml:train.epochs=5") is None  # another file's key: the reset stays
+    assert leftover_resets(["other.yaml:train.epochs=5"], {"train": {"epochs": 12}}, {"train": {"epochs": 30}}) == [
+        "train.epochs=30"]
 
 
 def test_outside_git_there_is_nothing_to_reset(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     assert committed_params(tmp_path) is None
+
+
+@pytest.fixture
+def fake_dvc(tmp_path, monkeypatch):
+    """A `dvc` on PATH that records its folder and arguments (and exits with $FAKE_DVC_RC)."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "dvc-call.txt"
+    bin_dir.mkdir()
+    (bin_dir / "dvc").write_text('#!/bin/sh\nprintf "%s\\n" "$(pwd -P)" "$@" > "$FAKE_DVC_RECORD"\n'
+                                 'exit "${FAKE_DVC_RC:-0}"\n')
+    (bin_dir / "dvc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DVC_RECORD", str(record))
+    monkeypatch.setattr(experiment, "setup_logging", lambda: None)  # keep caplog's handler
+    return record
+
+
+def test_from_a_subdirectory_the_profile_runs_at_the_dvc_root(repo, fake_dvc, monkeypatch):
+    """`python -m faceage.experiment` from stages/ failed with FileNotFoundError 'params.yaml'."""
+    (repo / ".dvc").mkdir()
+    (repo / "stages").mkdir()
+    apply_overrides(repo / "params.yaml", ["train.epochs=12"])
+    monkeypatch.chdir(repo / "stages")
+    assert experiment.main(["-S", "train.backbone=dlib_age"]) == 0
+    where, *args = fake_dvc.read_text().splitlines()
+    assert Path(where).resolve() == repo.resolve()
+    assert args == ["exp", "run", "-S", "train.backbone=dlib_age", "-S", "train.epochs=30"]
+
+
+@pytest.mark.parametrize("params_text, message", [
+    (None, "params.yaml not found"),
+    ("train: [1,\n", "params.yaml is not valid YAML"),
+    ("- a list\n", "params.yaml must be a mapping"),
+])
+def test_a_missing_or_broken_params_file_is_one_clear_line(tmp_path, fake_dvc, monkeypatch, caplog, params_text,
+                                                            message):
+    (tmp_path / ".dvc").mkdir()
+    if params_text is not None:
+        (tmp_path / "params.yaml").write_text(params_text)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="faceage.experiment"):
+        assert experiment.main(["-S", "train.epochs=5"]) == 1
+    assert [r.levelno for r in caplog.records] == [logging.ERROR] and message in caplog.text
+    assert "\n" not in caplog.records[0].getMessage()
+    assert not fake_dvc.exists()
+
+
+def test_outside_a_dvc_repo_the_profile_says_so(tmp_path, fake_dvc, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="faceage.experiment"):
+        assert experiment.main(["-S", "train.epochs=5"]) == 1
+    assert "not inside a DVC repository" in caplog.text and not fake_dvc.exists()
+
+
+def test_a_failed_dvc_exp_run_gives_its_exit_code_and_a_message(repo, fake_dvc, monkeypatch, caplog):
+    (repo / ".dvc").mkdir()
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("FAKE_DVC_RC", "3")
+    with caplog.at_level(logging.ERROR, logger="faceage.experiment"):
+        assert experiment.main(["-S", "train.epochs=5"]) == 3
+    assert "`dvc exp run` failed (exit 3)" in caplog.text
