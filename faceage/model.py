@@ -26,6 +26,7 @@ from torch import nn
 from faceage.config import DESCRIPTOR, ConfigError
 from faceage.download import DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
+from faceage.paths import from_root
 from faceage.chips import DLIB_AGE
 from faceage.face_encoder import EMBEDDING_DIM, FACE_ENCODER
 
@@ -242,7 +243,8 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
         return loaded
     if pretrained == "none":
         return "none (random initialisation)"
-    path = resolve_imagenet_weights(backbone) if pretrained == "imagenet" else Path(pretrained).expanduser()
+    # A relative path is the repo root's, also in a `dvc exp run --temp` copy (as check_sources reads it).
+    path = resolve_imagenet_weights(backbone) if pretrained == "imagenet" else from_root(pretrained)
     if not path.is_file():
         raise PretrainedWeightsError(
             f"train.pretrained={pretrained!r}: no such weights file; use 'imagenet', 'none' or a path to a .pth file"

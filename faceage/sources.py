@@ -11,6 +11,9 @@ they read changed, and an unchanged source reruns nothing else. A URL is pinned 
 ``fetch_data.md5`` (the download is checked against it), so its fingerprint is the URL and the
 md5: no network access.
 
+A ``train.pretrained`` weights file is fingerprinted the same way for ``train``
+(``data/pretrained.json``).
+
 A source that is not on this machine (a teammate who ``dvc pull``-ed the outputs, not the raw
 data) keeps the fingerprint recorded for the same params, with a warning; with none recorded,
 it fails with the message that names it. Relative local paths are taken from the repo root
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 EXTERNAL_SPLIT = "test"
 SOURCE_FILE = "data/source.json"      # fetch_data's dependency
 EXTERNAL_FILE = "data/external.json"  # evaluate's dependency
+PRETRAINED_FILE = "data/pretrained.json"  # train's dependency
+NAMED_WEIGHTS = ("imagenet", "none")  # train.pretrained values that are not files
 
 
 class ExternalSetError(LayoutError):
@@ -43,6 +48,10 @@ class ExternalSetError(LayoutError):
 
 class ExternalSetMissingError(ExternalSetError, SourceMissingError):
     """Nothing is at an ``evaluate.external`` entry's path on this machine."""
+
+
+class PretrainedMissingError(SourceMissingError):
+    """Nothing is at the ``train.pretrained`` path on this machine."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,24 @@ def external_fingerprint(paths: tuple[str, ...] | list[str]) -> dict[str, Any]:
     sets = [{"name": s.name, "source": s.given, "sha256": dataset_fingerprint(s.path)}
             for s in resolve_external(paths)]
     return {"sources": list(paths), "sets": sets}
+
+
+def pretrained_fingerprint(pretrained: str) -> dict[str, Any]:
+    """``train.pretrained``'s record: a weights file's size and sha256, so that new weights at the same
+    path retrain (DVC saw only the path: the model trained on the old weights stayed). ``imagenet`` and
+    ``none`` are names, recorded as they are (torchvision's file for a backbone is fixed by its release).
+
+    Raises:
+        PretrainedMissingError: No file at the path (a relative one is taken from the repo root).
+    """
+    record: dict[str, Any] = {"pretrained": pretrained}
+    if pretrained in NAMED_WEIGHTS:
+        return {**record, "kind": pretrained}
+    path = from_root(pretrained)
+    if not path.is_file():
+        raise PretrainedMissingError(f"train.pretrained={pretrained!r}: no such weights file (resolved to {path}); "
+                                     f"use {' or '.join(map(repr, NAMED_WEIGHTS))} or a path to a .pth file")
+    return {**record, "kind": "file", "bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def refresh(path: str | Path, fingerprint: Callable[[], dict[str, Any]], given: dict[str, Any]) -> dict[str, Any]:

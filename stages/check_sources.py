@@ -1,8 +1,9 @@
 """DVC stage check_sources (always run): fingerprints of the data outside the repo.
 
-``fetch_data`` depends on ``--source``, ``evaluate`` on ``--external`` (see :mod:`faceage.sources`):
-an edited or added image in a local ``fetch_data.source`` or an ``evaluate.external`` folder reruns
-the stage that reads it; an unchanged one reruns nothing.
+``fetch_data`` depends on ``--source``, ``evaluate`` on ``--external`` and ``train`` on ``--pretrained``
+(see :mod:`faceage.sources`): an edited or added image in a local ``fetch_data.source`` or an
+``evaluate.external`` folder, or new bytes in a ``train.pretrained`` weights file, reruns the stage
+that reads it; an unchanged one reruns nothing.
 """
 
 import argparse
@@ -10,7 +11,8 @@ import logging
 
 from faceage.config import load_params
 from faceage.logs import run_stage, setup_logging
-from faceage.sources import EXTERNAL_FILE, SOURCE_FILE, external_fingerprint, refresh, source_fingerprint
+from faceage.sources import (EXTERNAL_FILE, PRETRAINED_FILE, SOURCE_FILE, external_fingerprint, pretrained_fingerprint,
+                             refresh, source_fingerprint)
 
 log = logging.getLogger("faceage.sources")
 
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--source", default=SOURCE_FILE, help="fetch_data.source's fingerprint (JSON)")
     parser.add_argument("--external", default=EXTERNAL_FILE, help="evaluate.external's fingerprints (JSON)")
+    parser.add_argument("--pretrained", default=PRETRAINED_FILE, help="train.pretrained's fingerprint (JSON)")
     return parser
 
 
@@ -31,9 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     source = refresh(args.source, lambda: source_fingerprint(fetch.source, fetch.md5),
                      {"source": fetch.source, "md5": fetch.md5})
     sets = refresh(args.external, lambda: external_fingerprint(external), {"sources": external})
-    log.info("fetch_data.source: %s %s; evaluate.external: %s", source["kind"],
+    pretrained = params.train.pretrained
+    weights = refresh(args.pretrained, lambda: pretrained_fingerprint(pretrained), {"pretrained": pretrained})
+    log.info("fetch_data.source: %s %s; evaluate.external: %s; train.pretrained: %s", source["kind"],
              source.get("sha256", source["md5"] or "(no md5)")[:12],
-             ", ".join(f"{s['name']} {s['sha256'][:12]}" for s in sets["sets"]) or "none")
+             ", ".join(f"{s['name']} {s['sha256'][:12]}" for s in sets["sets"]) or "none",
+             f"file {weights['sha256'][:12]}" if "sha256" in weights else weights["kind"])
 
 
 if __name__ == "__main__":

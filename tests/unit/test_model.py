@@ -120,6 +120,20 @@ def test_local_weights_file_loads_everything_but_the_head(tmp_path):
     assert load_pretrained(build_model("resnet18"), "resnet18", "none").startswith("none")
 
 
+def test_a_relative_weights_path_is_the_repo_roots_also_in_a_dvc_temp_copy(tmp_path, monkeypatch):
+    """It was read from the working folder: `dvc exp run --temp -S train.pretrained=weights/w.pth` failed
+    with "no such weights file" inside the temp copy, where check_sources had found the file."""
+    donor = build_model("resnet18")
+    (tmp_path / "weights").mkdir()
+    torch.save(donor.state_dict(), tmp_path / "weights" / "w.pth")
+    temp_copy = tmp_path / ".dvc" / "tmp" / "exps" / "run1"
+    temp_copy.mkdir(parents=True)
+    monkeypatch.chdir(temp_copy)
+    model = build_model("resnet18")
+    assert load_pretrained(model, "resnet18", "weights/w.pth") == str(tmp_path / "weights" / "w.pth")
+    torch.testing.assert_close(model.conv1.weight, donor.conv1.weight)
+
+
 def test_wrong_weights_file_names_the_param(tmp_path):
     torch.save(build_model("mobilenet_v3_small").state_dict(), tmp_path / "w.pth")
     with pytest.raises(PretrainedWeightsError, match="train.pretrained=.*does not fit backbone 'resnet18'"):

@@ -14,7 +14,8 @@ import yaml
 
 from faceage.appa_real import LayoutError, fetch_appa_real
 from faceage.download import file_digest
-from faceage.sources import ExternalSetError, external_fingerprint, refresh, source_fingerprint
+from faceage.sources import (ExternalSetError, PretrainedMissingError, external_fingerprint, pretrained_fingerprint,
+                             refresh, source_fingerprint)
 from tests.unit.test_appa_real import make_release, zip_release
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,3 +137,35 @@ def test_a_set_that_is_here_but_broken_fails_instead_of_keeping_its_old_fingerpr
     assert json.loads(out.read_text()) == record
     shutil.rmtree(ext)  # gone from this machine: the recorded fingerprint stands, as before
     assert refresh(out, lambda: external_fingerprint([str(ext)]), given) == record
+
+
+def test_new_bytes_in_a_weights_file_change_trains_fingerprint(tmp_path):
+    """DVC saw only train.pretrained's path: weights replaced at the same path left the model trained on
+    the old ones ("Stage 'train' didn't change")."""
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"old weights")
+    out, given = tmp_path / "data" / "pretrained.json", {"pretrained": str(weights)}
+    first = refresh(out, lambda: pretrained_fingerprint(str(weights)), given)
+    assert first["kind"] == "file" and first["sha256"] == file_digest(weights)
+    assert refresh(out, lambda: pretrained_fingerprint(str(weights)), given) == first  # unchanged: same record
+    weights.write_bytes(b"new weights")
+    second = refresh(out, lambda: pretrained_fingerprint(str(weights)), given)
+    assert second["sha256"] != first["sha256"] and json.loads(out.read_text()) == second
+    assert pretrained_fingerprint("imagenet") == {"pretrained": "imagenet", "kind": "imagenet"}
+    assert pretrained_fingerprint("none") == {"pretrained": "none", "kind": "none"}
+
+
+def test_a_missing_weights_file_names_the_param_unless_a_record_stands_for_it(tmp_path):
+    out, gone = tmp_path / "pretrained.json", str(tmp_path / "gone.pth")
+    with pytest.raises(PretrainedMissingError, match=r"train.pretrained='.*gone.pth': no such weights file"):
+        refresh(out, lambda: pretrained_fingerprint(gone), {"pretrained": gone})
+    record = {"pretrained": gone, "kind": "file", "bytes": 3, "sha256": "ab" * 32}  # a teammate's `dvc pull`
+    out.write_text(json.dumps(record))
+    assert refresh(out, lambda: pretrained_fingerprint(gone), {"pretrained": gone}) == record
+
+
+def test_train_depends_on_the_weights_fingerprint():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "train.pretrained" in stages["check_sources"]["params"]
+    assert any("data/pretrained.json" in out for out in stages["check_sources"]["outs"])
+    assert "data/pretrained.json" in stages["train"]["deps"]
