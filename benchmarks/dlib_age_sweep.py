@@ -7,40 +7,83 @@ validation, LwF, WiSE-FT alphas) trains the rest in seconds. It reports validati
 external MAE for each alpha, a validation-fitted linear map and the median age, so leads can be
 ruled in or out before a real run (``python -m faceage.recipe``). The external set is scored
 only, never used for a choice. Needs the workspace's ``data/faces`` + ``data/embeddings.npz``
-(a dlib_age run) and evaluate.external's cached chips (``.cache/external/*/chips.npz``).
+(a dlib_age run), ``models/detector`` and the utk-external chips ``evaluate`` cached with the
+current crop settings (``.cache/external/utk_external-<key>/chips.npz``, the key of
+``data/faces/preprocess.json``'s settings; an entry made with other settings is never used).
+Paths are taken from the repo root, whatever the working directory.
 
     python benchmarks/dlib_age_sweep.py K '{"lr": 3e-3, "epochs": 20, "decay": 0.316, "lwf": 1.0}' ...
 
 Config keys: lr, epochs, decay (layer-wise lr factor), head_mult (extra head lr factor),
 new_lr (lr of a learnable logit shift for ages 81..100), lwf (distillation weight), sigma, bs, seed.
 """
-import glob
-import sys, json, time, math, copy
-import torch, torch.nn.functional as F
-torch.set_num_threads(1)
-from faceage.data import FaceChips
-from faceage.dlib_age import load_dlib_age, INPUT_MEAN, INPUT_STD
-from faceage.training import age_loss
-from faceage.model import expected_age
-EXT = sorted(glob.glob(".cache/external/utk_external-*"))[-1]
-sets = {s: FaceChips("data/faces", s, "data/embeddings.npz") for s in ("train", "valid", "test")}
-sets["ext"] = FaceChips(EXT, "test", f"{EXT}/chips.npz")
-mean = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1); std = torch.tensor(INPUT_STD).view(1, 3, 1, 1)
-prep = lambda u8: (u8.float() / 255 - mean) / std
-base = load_dlib_age("models/detector/age-v1.onnx", 101).eval()
-K = int(sys.argv[1]) if len(sys.argv) > 1 else 4
-with torch.no_grad():
-    feats = {s: base.run_stages(prep(d.images), 0, K) for s, d in sets.items()}
-    trflip = base.run_stages(prep(torch.flip(sets["train"].images, dims=[-1])), 0, K)
-print("cached", {s: tuple(f.shape) for s, f in feats.items()}, flush=True)
+from __future__ import annotations
 
-def evaluate(model, s, real=True):
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import REPO, current_external_faces  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+
+
+@dataclass
+class Cached:
+    """The pretrained network and the outputs of its first ``k`` (frozen) stages per split."""
+
+    k: int
+    base: object
+    sets: dict
+    feats: dict
+    trflip: object
+
+
+def load_cached(k: int) -> Cached:
+    import torch
+
+    from faceage.data import FaceChips
+    from faceage.dlib_age import INPUT_MEAN, INPUT_STD, load_dlib_age
+
+    ext = current_external_faces("utk_external", REPO)
+    faces = REPO / "data" / "faces"
+    sets = {s: FaceChips(faces, s, REPO / "data" / "embeddings.npz") for s in ("train", "valid", "test")}
+    sets["ext"] = FaceChips(ext, "test", ext / "chips.npz")
+    mean = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1); std = torch.tensor(INPUT_STD).view(1, 3, 1, 1)
+    prep = lambda u8: (u8.float() / 255 - mean) / std  # noqa: E731
+    base = load_dlib_age(REPO / "models" / "detector" / "age-v1.onnx", 101).eval()
     with torch.no_grad():
-        m, _ = expected_age(model.run_stages(feats[s], K))
-    y = sets[s].real_ages if real else sets[s].ages
+        feats = {s: base.run_stages(prep(d.images), 0, k) for s, d in sets.items()}
+        trflip = base.run_stages(prep(torch.flip(sets["train"].images, dims=[-1])), 0, k)
+    print("cached", {s: tuple(f.shape) for s, f in feats.items()}, flush=True)
+    return Cached(k, base, sets, feats, trflip)
+
+
+def evaluate(cached: Cached, model, s, real=True):
+    import torch
+
+    from faceage.model import expected_age
+
+    with torch.no_grad():
+        m, _ = expected_age(model.run_stages(cached.feats[s], cached.k))
+    y = cached.sets[s].real_ages if real else cached.sets[s].ages
     return (m - y).abs().mean().item()
 
-def run(cfg):
+
+def run(cached: Cached, cfg):
+    import torch
+    import torch.nn.functional as F
+
+    from faceage.model import expected_age
+    from faceage.training import age_loss
+
+    base, K, feats, sets, trflip = cached.base, cached.k, cached.feats, cached.sets, cached.trflip
     torch.manual_seed(cfg.get("seed", 42))
     model = copy.deepcopy(base)
     teacher = copy.deepcopy(base).requires_grad_(False)
@@ -112,7 +155,33 @@ def run(cfg):
             res[f"median{a}"] = {k: round((med[k] - (sets[k].ages if k == "valid" else sets[k].real_ages)).abs().mean().item(), 3) for k in P}
     print(json.dumps(res), flush=True)
 
-zs = {s: round(evaluate(base, s, s != "valid"), 3) for s in ("valid", "test", "ext")}
-print("zero-shot", zs, flush=True)
-for line in sys.argv[2:]:
-    run(json.loads(line))
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("k", nargs="?", type=int, default=4, metavar="K",
+                        help="stages of the pretrained network kept frozen (default: %(default)s)")
+    parser.add_argument("configs", nargs="*", metavar="CONFIG", help="a JSON object per variant (keys: above)")
+    args = parser.parse_args(argv)
+    configs = []
+    for text in args.configs:
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            parser.error(f"CONFIG {text!r} is not JSON: {e}")
+        if not isinstance(cfg, dict) or "lr" not in cfg or "epochs" not in cfg:
+            parser.error(f"CONFIG {text!r} must be a JSON object with at least lr and epochs")
+        configs.append(cfg)
+
+    import torch
+
+    torch.set_num_threads(1)
+    cached = load_cached(args.k)
+    zs = {s: round(evaluate(cached, cached.base, s, s != "valid"), 3) for s in ("valid", "test", "ext")}
+    print("zero-shot", zs, flush=True)
+    for cfg in configs:
+        run(cached, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -170,9 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--seed", type=int, default=None, help="for the kill times (default: random)")
-    parser.add_argument("--workdir", type=Path, default=None, help="kept afterwards (default: a temp dir, removed)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the project is built, kept afterwards; it must be absent or empty (a folder "
+                             "from an earlier run is refused, not cleared: remove it or name another) "
+                             "(default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
+    if args.workdir is not None and args.workdir.exists() and (
+            not args.workdir.is_dir() or any(args.workdir.iterdir())):
+        parser.error(f"--workdir {args.workdir} is not an empty folder (an earlier run's?): remove it or name "
+                     "another; it is never cleared for you")
     summary = run(args)
     print(json.dumps(summary, indent=2))
     if args.json:

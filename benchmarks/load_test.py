@@ -10,7 +10,9 @@ afterwards, and the server's resident memory (the whole process tree) before and
 By default 2,000 requests at 16 concurrent clients, 10% of them malformed (garbage bytes,
 truncated JPEG, empty file, wrong field, JSON body, a text part), in a shuffled but seeded
 order. The run is bounded (``--requests``, per-request ``--timeout``, ``--max-seconds``) and
-stops by itself; nothing but 127.0.0.1 is contacted. The acceptance: 0 5xx, 0 dropped
+stops by itself; nothing but 127.0.0.1 is contacted. The server it starts is stopped on exit,
+SIGTERM included, and a failed start shows its stderr's last lines. A run where no request got an
+answer reports its latencies as n/a. The acceptance: 0 5xx, 0 dropped
 connections, every malformed one a 4xx, ``/readyz`` 200 afterwards, RSS growth < 10%; the
 script reports whether each held (and exits 1 when one did not) but is not a test.
 
@@ -23,18 +25,18 @@ import argparse
 import json
 import os
 import random
-import signal
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_service import REPO, load_photos, percentile, start_server  # noqa: E402
+from _paths import REPO  # noqa: E402
+from _server import exit_on_sigterm, map_threads  # noqa: E402
+from bench_service import load_photos, percentile, start_server  # noqa: E402
 
 DEFAULT_PHOTOS = REPO / "faceage" / "examples"
 
@@ -80,6 +82,26 @@ def malformed_requests(photo: bytes) -> list[tuple[str, dict]]:
     ]
 
 
+def ms(value: float | None) -> str:
+    """``value`` in whole ms, or ``n/a`` (no request got an answer)."""
+    return "n/a" if value is None else f"{value:.0f} ms"
+
+
+def report(summary: dict) -> None:
+    """Prints the summary: counts, latencies (n/a when none), RSS, the checks and the first failures."""
+    rate = summary["requests_per_s"]
+    print(f"\nFaceAge load test: {summary['requests']} POST /predict ({summary['malformed']} malformed) at "
+          f"{summary['clients']} concurrent, {summary['wall_s']:.1f} s "
+          f"({'n/a' if rate is None else f'{rate:.2f}'} req/s), p50 {ms(summary['p50_ms'])}, "
+          f"p95 {ms(summary['p95_ms'])}")
+    print("statuses:", ", ".join(f"{k}: {v}" for k, v in summary["statuses"].items()) or "none")
+    print(f"server RSS (process tree): {summary['rss_before_mb']:.0f} MB -> {summary['rss_after_mb']:.0f} MB")
+    for name, ok in summary["checks"].items():
+        print(f"  [{'ok' if ok else 'FAILED'}] {name}")
+    for line in summary["failures"][:10]:
+        print("  ", line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of photos (default: %(default)s)")
@@ -93,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # so the server started below is stopped on SIGTERM too
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         raise SystemExit(f"--url must be on 127.0.0.1, got {args.url}")
     photos = load_photos(args.photos)
@@ -106,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
              for name, data in (photos[i % len(photos)] for i in range(args.requests - n_bad))]
     rng.shuffle(jobs)
 
-    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.tag)[:2]
-    pid = proc.pid if proc is not None else server_pid(url)
+    server, url = (None, args.url.rstrip("/")) if args.url else start_server(args.tag)[:2]
+    pid = server.pid if server is not None else server_pid(url)
     summary: dict = {"url": url, "requests": len(jobs), "clients": args.clients, "malformed": n_bad}
     try:
         # Warm up at full concurrency first (first calls and the first large batches allocate):
@@ -116,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             name, data = photos[i % len(photos)]
             requests.post(url + "/predict", files={"image": (name, data)}, timeout=args.timeout)
 
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(warm, range(2 * args.clients)))
+        map_threads(warm, list(range(2 * args.clients)), args.clients)
         rss_before = process_tree_rss(pid) if pid else 0
         per_thread = threading.local()
         deadline = time.monotonic() + args.max_seconds
@@ -150,19 +172,19 @@ def main(argv: list[str] | None = None) -> int:
                     failures.append(f"{kind} {name}: {code} {r.text[:200]}")
 
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(send, jobs))
+        map_threads(send, jobs, args.clients)
         wall = time.perf_counter() - t0
         readyz = requests.get(url + "/readyz", timeout=30).status_code
         rss_after = process_tree_rss(pid) if pid else 0
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+        if server is not None:
+            server.stop()
+            server.close()
 
     five = sum(v for k, v in statuses.items() if k.endswith("5xx"))
     summary.update({
-        "statuses": dict(sorted(statuses.items())), "wall_s": round(wall, 1), "requests_per_s": len(latencies) / wall,
+        "statuses": dict(sorted(statuses.items())), "wall_s": round(wall, 1),
+        "requests_per_s": len(latencies) / wall if wall > 0 else None,
         "p50_ms": 1000 * percentile(latencies, 0.5) if latencies else None,
         "p95_ms": 1000 * percentile(latencies, 0.95) if latencies else None,
         "readyz_after": readyz, "rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20,
@@ -177,15 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "RSS growth < 10%": summary["rss_growth"] is not None and summary["rss_growth"] < 0.10,
     }
     summary["checks"] = checks
-    print(f"\nFaceAge load test: {len(jobs)} POST /predict ({n_bad} malformed) at {args.clients} concurrent, "
-          f"{wall:.1f} s ({summary['requests_per_s']:.2f} req/s), p50 {summary['p50_ms']:.0f} ms, "
-          f"p95 {summary['p95_ms']:.0f} ms")
-    print("statuses:", ", ".join(f"{k}: {v}" for k, v in summary["statuses"].items()))
-    print(f"server RSS (process tree): {summary['rss_before_mb']:.0f} MB -> {summary['rss_after_mb']:.0f} MB")
-    for name, ok in checks.items():
-        print(f"  [{'ok' if ok else 'FAILED'}] {name}")
-    for line in failures[:10]:
-        print("  ", line)
+    report(summary)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if all(checks.values()) else 1

@@ -73,6 +73,30 @@ def cnn_retry_settings(params: PreprocessParams, manifest: dict) -> dict:
     return {"cnn_retry_side": side, **({"cnn_retry_sha256": manifest["files"][CNN_FILE]} if side else {})}
 
 
+def crop_settings(params: PreprocessParams, manifest: dict) -> dict:
+    """The settings that decide a crop's pixels, as ``preprocess.json`` (and so a checkpoint's
+    ``meta["crop"]``) records them: detector, both looks, margin, size, ``no_face`` and the detector
+    file's sha256. ``preprocess`` writes them; whatever crops like the pipeline (an external set,
+    a benchmark) builds them here, so the two cannot differ.
+
+    Args:
+        params: The ``preprocess`` section.
+        manifest: The ``fetch_detector`` folder's manifest (:func:`faceage.detector.read_manifest`).
+    """
+    detector_file = HOG_FILE if params.detector == "hog" else CNN_FILE
+    return {
+        "margin": params.margin,
+        "size": params.size,
+        "detector": params.detector,
+        "upsample": params.upsample,
+        "retry_pad": params.retry_pad,
+        **cnn_retry_settings(params, manifest),
+        "detector_file": detector_file,
+        "detector_sha256": manifest["files"][detector_file],
+        "no_face": params.no_face,
+    }
+
+
 def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str) -> None:
     _worker["detector"] = FaceDetector(model_dir, params.detector, params.upsample, params.retry_pad,
                                        params.cnn_retry_side)
@@ -138,22 +162,10 @@ def preprocess_dataset(
     splits = validate_layout(data_dir)
     dataset = read_dataset_info(data_dir)
     manifest = read_manifest(detector_dir, verify=True)
-    detector_file = HOG_FILE if params.detector == "hog" else CNN_FILE
     with staged_dir(out_dir) as tmp:
         rows = crop_samples(splits, data_dir, detector_dir, tmp, params)
-        settings = {
-            "margin": params.margin,
-            "size": params.size,
-            "detector": params.detector,
-            "upsample": params.upsample,
-            "retry_pad": params.retry_pad,
-            **cnn_retry_settings(params, manifest),
-            "detector_file": detector_file,
-            "detector_sha256": manifest["files"][detector_file],
-            "no_face": params.no_face,
-            "data_source": dataset["source"],
-            "data_sha256": dataset["sha256"],
-        }
+        settings = {**crop_settings(params, manifest), "data_source": dataset["source"],
+                    "data_sha256": dataset["sha256"]}
         (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     metrics = count_statuses(rows)
     skipped = metrics["total"]["no_face"] + metrics["total"]["unreadable"]

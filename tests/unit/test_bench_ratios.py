@@ -1,4 +1,5 @@
-"""The side-by-side ratios of ``benchmarks/bench_service.py`` (issue 7's one-face latency ratio)."""
+"""The side-by-side ratios of ``benchmarks/bench_service.py`` (issue 7's one-face latency ratio), and the
+summaries of ``bench_detect`` and ``bench_cnn_retry``."""
 
 import json
 import threading
@@ -95,6 +96,44 @@ def test_interleaving_serves_every_target_at_once_and_rotates_who_goes_first():
     assert measured.count(a) == measured.count(b) == 8
 
 
+def test_interleaving_alternates_each_photos_first_target_from_round_to_round():
+    # Two targets and an even photo count: a rotation by request index alone gave every photo the
+    # same first target in every round.
+    Recorder.log = []
+    targets = [FakeTarget("host a"), FakeTarget("host b")]
+    photos = [(f"p{i}.jpg", b"x" * 10) for i in range(2)]
+    interleaved_one_face(targets, photos, rounds=3, settle_s=0)
+    a, b = (t.server.server_address[1] for t in targets)
+    measured = Recorder.log[2 * 2:]  # after the warm-up (every photo, up to 3) for each target
+    firsts = [measured[2 * i] for i in range(len(measured) // 2)]  # request pairs: (photo, round) in order
+    by_photo = {photo: firsts[photo::len(photos)] for photo in range(len(photos))}
+    assert by_photo == {0: [a, b, a], 1: [b, a, b]}
+
+
+def test_paired_one_client_order_alternates_for_each_photo_from_round_to_round():
+    # Each photo goes in-process and to the service back to back; with an even photo count, alternating
+    # by request index alone sent every photo first to the same side in every round.
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from benchmarks.bench_service import load_photos, measure
+
+    Recorder.log = []
+    photos = load_photos(Path(__file__).resolve().parents[2] / "faceage" / "examples")[:2]
+    predictor = SimpleNamespace(predict=lambda image: Recorder.log.append("local"),
+                                locator=SimpleNamespace(max_pixels=10**9))
+
+    class Target(FakeTarget):
+        def size_bytes(self):
+            return None
+
+    measure(Target("host a"), predictor, photos, rounds=3, clients=2)
+    paired = Recorder.log[2 * len(photos):2 * len(photos) + 2 * len(photos) * 3]  # after the warm-up
+    local_first = [paired[2 * i] == "local" for i in range(len(paired) // 2)]  # (round, photo) in order
+    assert {j: local_first[j::len(photos)] for j in range(len(photos))} == {0: [True, False, True],
+                                                                            1: [False, True, False]}
+
+
 def test_detection_benchmark_ratios_are_two_threads_over_one():
     from benchmarks.bench_detect import summary
 
@@ -108,6 +147,43 @@ def test_detection_benchmark_ratios_are_two_threads_over_one():
     assert out["one_face_p50_ratio"] == pytest.approx(0.5)
     assert out["total_ratio"] == pytest.approx(610 / 1000)
     assert out["median_photo_ratio"] == pytest.approx((0.5 + 0.6) / 2)  # ratios 0.6, 0.5, 0.5, 0.75
+
+
+def test_detection_benchmark_without_a_one_face_photo_has_no_one_face_figures():
+    from benchmarks.bench_detect import summary
+
+    rows = [{"photo": "group", "faces": 3, "one_thread_ms": 400.0, "two_threads_ms": 300.0},
+            {"photo": "cat", "faces": 0, "one_thread_ms": 100.0, "two_threads_ms": 100.0}]
+    out = summary(rows)
+    assert out["one_face_photos"] == 0
+    assert out["one_face_p50_ms"] is None and out["one_face_p50_ratio"] is None
+    assert out["total_ratio"] == pytest.approx(400 / 500)
+    empty = summary([])  # no decodable photo at all
+    assert empty["photos"] == 0 and empty["total_ratio"] is None and empty["median_photo_ratio"] is None
+
+
+def test_detection_benchmark_detects_with_the_pipelines_settings_and_reports_n_a(tmp_path, monkeypatch, capsys):
+    """The locator gets params.yaml's preprocess settings (the CNN's last look included); a run without a
+    one-face photo prints n/a instead of failing after all the timing."""
+    import benchmarks.bench_detect as bench
+    from faceage.config import load_params
+
+    made = {}
+
+    class Locator:
+        def __init__(self, detector_dir, **kwargs):
+            made.update(kwargs)
+
+    rows = [{"photo": "group.jpg", "width": 10, "height": 10, "faces": 2, "one_thread_ms": 4.0, "two_threads_ms": 3.0}]
+    monkeypatch.setattr(bench, "FaceLocator", Locator)
+    monkeypatch.setattr(bench, "measure", lambda locator, photos, rounds: rows)
+    out = tmp_path / "out.json"
+    assert bench.main(["--photos", str(tmp_path), "--detector", str(tmp_path), "--json", str(out)]) == 0
+    pre = load_params(bench.REPO / "params.yaml").preprocess
+    assert made == {"kind": pre.detector, "upsample": pre.upsample, "retry_pad": pre.retry_pad,
+                    "cnn_retry_side": pre.cnn_retry_side, "margin": pre.margin, "crop_size": pre.size}
+    assert "one-face p50 (0 photos): n/a" in capsys.readouterr().out
+    assert json.loads(out.read_text())["summary"]["one_face_p50_ratio"] is None
 
 
 def test_cnn_look_benchmark_ratios_and_gains():

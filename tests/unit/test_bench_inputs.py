@@ -1,0 +1,125 @@
+"""What the benchmarks read: the crop settings ``bench_external_crops`` crops with, the utk-external
+cache entry ``dlib_age_heads`` / ``dlib_age_sweep`` pick, ``kill_resume``'s ``--workdir``, and the
+shared-datasets default (``$FACEAGE_SHARED_DATASETS``)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from faceage.config import PreprocessParams, load_params
+from faceage.detector import CNN_FILE, HOG_FILE, SHAPE5_FILE
+from faceage.external import CROP_KEYS, cache_key, crop_params
+from faceage.preprocess import crop_settings
+from tests.unit.test_config import raw_params
+from tests.unit.test_external import make_set, noise
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFEST = {"files": {HOG_FILE: "hog-sha", CNN_FILE: "cnn-sha", SHAPE5_FILE: "shape-sha"}}
+
+
+def test_crop_settings_are_what_preprocess_records_in_its_order():
+    crop = crop_settings(PreprocessParams(), MANIFEST)
+    assert list(crop) == ["margin", "size", "detector", "upsample", "retry_pad", "cnn_retry_side", "cnn_retry_sha256",
+                          "detector_file", "detector_sha256", "no_face"]  # preprocess.json's order (its bytes)
+    assert set(CROP_KEYS) <= set(crop)
+    assert crop["cnn_retry_sha256"] == "cnn-sha" and crop["detector_sha256"] == "hog-sha"
+    cnn = crop_settings(PreprocessParams(detector="cnn"), MANIFEST)
+    assert cnn["cnn_retry_side"] == 0 and "cnn_retry_sha256" not in cnn and cnn["detector_file"] == CNN_FILE
+
+
+def test_external_crops_benchmark_crops_with_both_looks_and_reports_the_ratio(tmp_path, monkeypatch, capsys):
+    import benchmarks.bench_external_crops as bench
+
+    asked = []
+
+    def external_faces(ext, crop, detector, cache, workers):
+        asked.append(crop)
+        return tmp_path
+
+    monkeypatch.setattr(bench, "read_manifest", lambda folder: MANIFEST)
+    monkeypatch.setattr(bench, "resolve_external", lambda paths, root: [SimpleNamespace(name="utk_external")])
+    monkeypatch.setattr(bench, "external_faces", external_faces)
+    monkeypatch.setattr(bench, "crop_counts", lambda faces: {"n_images": 1, "n_faces": 1})
+    monkeypatch.setattr(sys, "argv", ["bench_external_crops.py", "--params", str(REPO / "params.yaml"),
+                                      "--detector", str(tmp_path)])
+    bench.main()
+    pre = load_params(REPO / "params.yaml").preprocess
+    assert len(asked) == 2 and asked[0] == asked[1] == crop_settings(pre, MANIFEST)
+    used = crop_params(asked[0])  # what external_faces detects with
+    assert (used.retry_pad, used.cnn_retry_side) == (pre.retry_pad, pre.cnn_retry_side)
+    printed = json.loads(capsys.readouterr().out)
+    assert "cached_over_first" in printed["sets"]["utk_external"]
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A repo with params.yaml (evaluate.external: one set), data/faces/preprocess.json, models/detector's
+    manifest and two cached utk-external entries: one made with the current settings, one not."""
+    repo = tmp_path / "repo"
+    ext = make_set(repo / "sets" / "utk-external", {"a.jpg": noise()})
+    raw = raw_params()
+    raw["evaluate"]["external"] = ["sets/utk-external"]
+    repo.joinpath("params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    crop = crop_settings(PreprocessParams(), MANIFEST)
+    (repo / "data" / "faces").mkdir(parents=True)
+    (repo / "data" / "faces" / "preprocess.json").write_text(json.dumps(crop))
+    (repo / "models" / "detector").mkdir(parents=True)
+    (repo / "models" / "detector" / "manifest.json").write_text(json.dumps(MANIFEST))
+    cache = repo / ".cache" / "external"
+    current = cache / f"utk_external-{cache_key(ext, crop, 'shape-sha')}"
+    stale = cache / "utk_external-ffffffffffffffff"  # other settings; sorts last
+    for entry in (current, stale):
+        entry.mkdir(parents=True)
+        (entry / "preprocess.json").write_text("{}")
+    return SimpleNamespace(repo=repo, current=current, stale=stale)
+
+
+def test_heads_benchmark_reads_the_utk_external_crops_of_the_current_crop_settings(workspace, monkeypatch):
+    import benchmarks.dlib_age_heads as heads
+
+    monkeypatch.setattr(heads, "REPO", workspace.repo)
+    assert heads._external_faces() == workspace.current
+    (workspace.current / "preprocess.json").unlink()  # only the stale entry is left: an error, not a pick
+    with pytest.raises(SystemExit, match="no utk_external crops made with the current crop settings"):
+        heads._external_faces()
+
+
+def test_kill_resume_refuses_a_workdir_from_an_earlier_run(tmp_path, monkeypatch, capsys):
+    import benchmarks.kill_resume as kill_resume
+
+    made = []
+    monkeypatch.setattr("tests.conftest.make_subset",
+                        lambda sample, dest, per_split: made.append(dest) or dest.mkdir(parents=True) or dest)
+    (tmp_path / "work" / "project").mkdir(parents=True)  # what an earlier run with --workdir work left
+    with pytest.raises(SystemExit) as e:
+        kill_resume.main(["--workdir", str(tmp_path / "work"), "--sample", str(tmp_path)])
+    assert e.value.code == 2 and not made
+    assert "is not an empty folder" in capsys.readouterr().err
+
+
+def _default_photos(module: str, shared: Path) -> str:
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import {module} as m; print(m.DEFAULT_PHOTOS)"
+    env = {**os.environ, "FACEAGE_SHARED_DATASETS": str(shared)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip()
+
+
+@pytest.mark.parametrize("module", ["benchmarks.bench_detect", "benchmarks.bench_cnn_retry"])
+def test_detection_benchmarks_take_their_photos_from_faceage_shared_datasets(module, tmp_path):
+    assert str(tmp_path / "elsewhere" / "wild") in _default_photos(module, tmp_path / "elsewhere")
+
+
+def test_sweep_has_a_help_and_refuses_a_config_that_is_not_json_from_any_folder(tmp_path):
+    script = str(REPO / "benchmarks" / "dlib_age_sweep.py")
+    shown = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0 and "usage:" in shown.stdout and "CONFIG" in shown.stdout
+    bad = subprocess.run([sys.executable, script, "4", "{lr: 1}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "is not JSON" in bad.stderr
