@@ -34,6 +34,7 @@ import dlib
 import numpy as np
 from PIL import Image
 
+from faceage.cores import usable_cores
 from faceage.detector import SHAPE5_FILE
 
 DLIB_AGE = "dlib_age"  # the train.backbone value whose input is these chips (faceage.dlib_age)
@@ -179,7 +180,7 @@ def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: lis
     """
     from tqdm import tqdm
 
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     init = (factory, str(model_dir), margin, str(faces_dir), method)
     if workers == 1 or len(crops) < 64:
         _init(*init)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from faceage.cores import usable_cores
 from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
@@ -108,8 +108,9 @@ class LocatedFaces:
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks and container CPU sets)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """CPU cores this process may run on: its affinity (container CPU sets), capped by a container's
+    CPU quota (:func:`faceage.cores.usable_cores`)."""
+    return usable_cores()
 
 
 def default_torch_threads() -> int:

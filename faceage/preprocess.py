@@ -34,6 +34,7 @@ from tqdm import tqdm
 from faceage.atomic import staged_dir
 from faceage.appa_real import FACE_SUFFIX, Sample, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
+from faceage.cores import usable_cores
 from faceage.chips import CHIPS_FILE, ChipExtractor, save_chips
 from faceage.detector import HOG_FILE, CNN_FILE, SHAPE5_FILE, read_manifest
 from faceage.faces import (FaceDetector, choose_subject, cnn_look_side, margin_region, release_crop_region, resize_region,
@@ -205,7 +206,7 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
     ]
     for split in splits:
         (out_dir / split).mkdir()
-    workers = params.workers or os.cpu_count() or 1
+    workers = params.workers or usable_cores()
     init = (str(detector_dir), params, str(out_dir))
     log.info("cropping %d images with %d worker(s) (preprocess.workers=%d, detector=%s, upsample=%d)",
              len(tasks), workers, params.workers, params.detector, params.upsample)

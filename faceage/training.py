@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from faceage import finetune
 from faceage.chips import DLIB_AGE
 from faceage.config import ConfigError, TrainParams
+from faceage.cores import usable_cores
 from faceage.data import load_split
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
@@ -110,11 +111,9 @@ def pin_threads() -> int:
 
 
 def _cores_per_rank() -> int:
-    """The cores this process may use (its affinity: a container's or a taskset's), shared among
-    torchrun's ranks on this machine (``LOCAL_WORLD_SIZE``). (:func:`faceage.predict.available_cores`
-    counts the same cores; importing it would make ``train`` rerun on every change to the service's module.)"""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """The cores this process may use (:func:`faceage.cores.usable_cores`: its affinity, a container's
+    CPU quota), shared among torchrun's ranks on this machine (``LOCAL_WORLD_SIZE``)."""
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _worker_init(_: int) -> None:
