@@ -13,6 +13,7 @@ geometry, so a model is served exactly the pixels it was trained on.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +33,11 @@ RELEASE_MARGIN = 0.4  # APPA-REAL's NAME_face.jpg: the face with 40% of its side
 # 20 at 80 px) and on an image under ~10 px a side it raises, after which its heap is corrupt (a
 # later call or the process exit crashes): it never looks at an image with a side under this.
 CNN_MIN_SIDE = 40
+# dlib's CNN holds about 1 KB per pixel it looks at (the image after upsampling): a 1920 x 1080 photo at
+# upsample 1 took 8.1 GB and 59 s, at half the side 2.1 GB (measured). `detector: cnn` looks at a photo
+# scaled down to at most this many pixels after upsampling (~2 GB), as the HOG detector is capped by
+# the service's max_detect_pixels; a face there still spans ~200 px of a 1080p photo at upsample 1.
+CNN_MAX_PIXELS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,12 @@ class FaceDetector:
         """
         image = np.ascontiguousarray(image)
         h, w = image.shape[:2]
-        boxes = self._detect(image, self.upsample, w, h, parallel=parallel)
+        looked_at = h * w * 4 ** self.upsample
+        if self.kind == "cnn" and looked_at > CNN_MAX_PIXELS:
+            scale = math.sqrt(CNN_MAX_PIXELS / looked_at)
+            boxes = self._detect(_scaled(image, scale), self.upsample, w, h, scale=scale)
+        else:
+            boxes = self._detect(image, self.upsample, w, h, parallel=parallel)
         pad = int(round(self.retry_pad * max(h, w)))
         if not boxes and pad >= 1:
             # Scaled down first, then bordered: bordering the full image first made its longer side's
@@ -261,8 +272,9 @@ def crop_box(box: FaceBox, margin: float) -> tuple[int, int, int, int]:
 def margin_region(image: np.ndarray, box: FaceBox, margin: float) -> np.ndarray:
     """The square margin region around ``box`` at the image's own resolution (no resampling).
 
-    Parts of the region outside the image are black, so a face at the border keeps its position
-    and scale in the region instead of being stretched. :func:`crop_face` resizes this region;
+    Parts of the region outside the image are black, so a face near the border keeps its scale
+    instead of being stretched to fill the region. (Detected boxes are clipped to the image first, so
+    a face the border cuts is centred on its visible part; training and serving crop it alike.) :func:`crop_face` resizes this region;
     :mod:`faceage.chips` cuts dlib's aligned chips from it directly, because a chip cut from a
     resampled crop is not the chip dlib's age network was trained on (measured zero-shot on
     utk-external: 8.52 years from the region against 8.77 from the 224 px crop).
@@ -313,6 +325,18 @@ def whole_image_box(image: np.ndarray) -> FaceBox:
     """A box covering the whole image (for the ``whole_image`` / release-crop fallbacks)."""
     h, w = image.shape[:2]
     return FaceBox(0, 0, w, h, 0.0)
+
+
+WHOLE_IMAGE_SIDE = 2048  # the whole-image fallback's longest region side (px)
+
+
+def whole_image_region(image: np.ndarray) -> np.ndarray:
+    """The ``whole_image`` fallback's region: the photo padded square, first scaled down so its longer
+    side is at most :data:`WHOLE_IMAGE_SIDE` (the 224 px crop and the 64/150 px chips need no more).
+    Padding first made the square of the longer side: a 300 x 12000 photo took 412 MB for one crop."""
+    h, w = image.shape[:2]
+    scaled = _scaled(image, min(1.0, WHOLE_IMAGE_SIDE / max(h, w)))
+    return margin_region(scaled, whole_image_box(scaled), 0.0)
 
 
 def release_crop_region(crop: np.ndarray, margin: float) -> np.ndarray:

@@ -38,7 +38,7 @@ from faceage.cores import usable_cores
 from faceage.chips import CHIPS_FILE, ChipExtractor, save_chips
 from faceage.detector import HOG_FILE, CNN_FILE, SHAPE5_FILE, read_manifest
 from faceage.faces import (FaceDetector, choose_subject, cnn_look_side, margin_region, release_crop_region, resize_region,
-                           whole_image_box)
+                           whole_image_region)
 from faceage.images import ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def _process(task: _Task) -> dict:
         region = release_crop_region(face, p.margin)
         row["status"] = "release_crop"
     elif p.no_face == "whole_image":
-        region = margin_region(image, whole_image_box(image), 0.0)
+        region = whole_image_region(image)
         row["status"] = "whole_image"
     else:
         row.update(status="no_face", crop="")

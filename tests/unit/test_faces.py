@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from faceage.faces import FaceBox, FaceDetector, choose_subject, crop_box, crop_face, whole_image_box
+from faceage.faces import FaceBox, FaceDetector, choose_subject, crop_box, crop_face, margin_region, whole_image_box
 
 
 def gradient_image(h=100, w=160):
@@ -54,6 +54,25 @@ def test_whole_image_box_pads_to_square():
     img = np.full((20, 40, 3), 255, dtype=np.uint8)
     crop = crop_face(img, whole_image_box(img), 0.0, 40)
     assert (crop[:9] == 0).all() and (crop[-9:] == 0).all() and (crop[11:29] == 255).all()
+
+
+def test_the_whole_image_fallback_of_a_panorama_needs_no_square_of_its_longer_side():
+    """Padding first made the square of the longer side: a 300 x 12000 photo took 412 MB for one crop."""
+    import tracemalloc
+
+    from faceage.faces import WHOLE_IMAGE_SIDE, whole_image_region
+
+    small = np.full((20, 40, 3), 255, dtype=np.uint8)
+    assert np.array_equal(whole_image_region(small), margin_region(small, whole_image_box(small), 0.0))  # unchanged
+    panorama = np.full((300, 12000, 3), 200, dtype=np.uint8)
+    tracemalloc.start()
+    region = whole_image_region(panorama)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert region.shape == (WHOLE_IMAGE_SIDE, WHOLE_IMAGE_SIDE, 3) and peak < 40e6
+    band = WHOLE_IMAGE_SIDE * 300 / 12000  # the photo, centred, between black bands
+    middle = WHOLE_IMAGE_SIDE // 2
+    assert (region[middle, :] == 200).all() and (region[: int(middle - band / 2) - 1] == 0).all()
 
 
 @pytest.mark.parametrize("margin", [-0.1, 2.0])
@@ -223,3 +242,25 @@ def test_a_release_crop_is_framed_as_the_margin_frames_detected_faces():
     assert np.array_equal(tight, crop[20:160, 20:160])
     wide = release_crop_region(crop, 0.6)
     assert wide.shape == (220, 220, 3) and np.array_equal(wide[20:200, 20:200], crop) and wide[:20].max() == 0
+
+
+def test_the_cnn_detector_looks_at_a_large_photo_scaled_to_its_pixel_cap(detector_dir, monkeypatch):
+    """dlib's CNN holds ~1 KB per pixel it looks at: a 1080p photo at upsample 1 took 8.1 GB. A photo over
+    CNN_MAX_PIXELS (after upsampling) is scaled down first; its face is found, in the photo's own coordinates."""
+    from PIL import Image
+    from skimage.data import astronaut
+
+    from faceage.faces import CNN_MAX_PIXELS
+
+    small = astronaut()  # 512 x 512: 1 MP at upsample 1, under the cap
+    big = np.asarray(Image.fromarray(small).resize((1536, 1536), Image.Resampling.BICUBIC))  # 9.4 MP at upsample 1
+    detector = FaceDetector(detector_dir, "cnn", 1)
+    seen = []
+    original = detector._detect
+    monkeypatch.setattr(detector, "_detect", lambda image, *a, **k: seen.append(image.shape) or original(image, *a, **k))
+    (box,) = detector.detect(small)
+    (big_box,) = detector.detect(big)
+    assert seen[0] == small.shape  # under the cap: the photo itself
+    assert seen[1][0] * seen[1][1] * 4 <= CNN_MAX_PIXELS < big.shape[0] * big.shape[1] * 4
+    for a, b in zip(big_box.as_list()[:4], box.as_list()[:4]):
+        assert abs(a - 3 * b) <= 0.1 * 3 * box.width  # the same face, in the big photo's coordinates
