@@ -1,6 +1,7 @@
 """bentofile.yaml: the service and its code, runtime dependencies only (no torch), pinned to what was tested."""
 
 import ast
+import importlib.util
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -10,7 +11,19 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 BENTOFILE = yaml.safe_load((REPO / "bentofile.yaml").read_text())
-PINS = {Requirement(p).name.lower(): Requirement(p) for p in BENTOFILE["python"]["packages"]}
+
+
+def load_lock_script():
+    spec = importlib.util.spec_from_file_location("lock_bento", REPO / "scripts" / "lock_bento.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LOCK_SCRIPT = load_lock_script()
+PINS = {r.name.lower(): r for r in LOCK_SCRIPT.read_roots()}  # the direct packages
+LOCKED = {Requirement(line).name.lower(): Requirement(line) for line in
+          (REPO / "bento-requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
 # Pipeline, tracking and test tools: never needed to serve.
 NOT_RUNTIME = {"dvc", "mlflow", "mlflow-skinny", "pandas", "matplotlib", "pytest", "scikit-image", "playwright",
                "face-recognition-models", "dvclive", "scikit-learn", "torch", "torchvision", "onnx", "onnxscript"}
@@ -27,15 +40,27 @@ def norm(name: str) -> str:
 def test_service_and_name():
     assert BENTOFILE["service"] == "service:FaceAgeService" and BENTOFILE["name"] == "face_age"
     assert {"service.py", "faceage/*.py", "faceage/examples/*.jpg"} <= set(BENTOFILE["include"])
-    assert BENTOFILE["python"]["lock_packages"] is False  # locking needs the network; the pins are the lock
+    assert BENTOFILE["python"]["lock_packages"] is False  # locking needs the network; the file is the lock
+    assert BENTOFILE["python"]["requirements_txt"] == "./bento-requirements.txt" and "packages" not in BENTOFILE["python"]
     assert "extra_index_url" not in BENTOFILE["python"]  # no torch, so no PyTorch index: PyPI only
 
 
 def test_only_runtime_packages_pinned_to_the_tested_versions():
     assert not NOT_RUNTIME & set(PINS), f"not runtime dependencies: {NOT_RUNTIME & set(PINS)}"
-    for name, req in PINS.items():
-        installed = metadata.version(name).split("+")[0]  # torch 2.14.1+cu130 here, +cpu in the image
-        assert req.specifier and req.specifier.contains(installed), f"{req} but {installed} is installed"
+    assert not {"torch", "torchvision", "dvc", "mlflow", "pytest"} & set(LOCKED)  # not even beneath them
+    assert set(PINS) <= set(LOCKED)
+    for name, req in LOCKED.items():
+        assert str(req.specifier).startswith("=="), f"{req}: not pinned"
+        assert req.specifier.contains(metadata.version(name)), f"{req} but {metadata.version(name)} is installed"
+
+
+def test_the_lock_holds_every_package_under_the_direct_ones_at_the_installed_version():
+    """Only the direct packages were pinned: the ~90 under them took whatever was newest when the image
+    was built (python-dateutil 4.0.0 in the image against 2.9.0.post0 tested)."""
+    assert LOCK_SCRIPT.main(["--check"]) == 0, "bento-requirements.txt is out of date: python scripts/lock_bento.py"
+    closure = LOCK_SCRIPT.closure(LOCK_SCRIPT.read_roots())
+    assert set(closure) == set(LOCKED) and len(LOCKED) > 3 * len(PINS)
+    assert "python-dateutil" in LOCKED and "starlette" in LOCKED  # beneath pandas (gradio) and fastapi
 
 
 def service_runtime_module() -> Path:
