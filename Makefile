@@ -6,12 +6,13 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup test test-unit repro quick quick-finetune quick-resnet sweep bento serve bench loadtest base-image container mlflow-server clean
 
-# Creates .venv and installs the project with its test tools (idempotent).
+# Creates .venv and installs the project with its test tools (idempotent). The bento's lock constrains
+# the packages it holds, so the tests run against the versions the image installs.
 setup: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml bento-requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test]' -c bento-requirements.txt
 	touch $@
 
 # All tests: unit + integration (integration tests that need ../shared skip without it).
