@@ -40,6 +40,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CMD = "stages/train.py"
+STATE = "models/train_state.pt"
 # Files the resumed run must reproduce byte for byte (DVC outputs of train and evaluate).
 EXACT = ("reports/eval/metrics.json", "reports/train/history.csv")
 
@@ -50,6 +51,7 @@ class Repro:
     output: str
     train_s: float | None  # lifetime of the train process, None if it never started
     killed_at: float | None  # seconds after the train process started; None if not killed
+    state_at: float | None = None  # seconds after it started when the state file first appeared
 
 
 def copy_pipeline(root: Path) -> None:
@@ -98,10 +100,12 @@ def _train_pid(root: Path) -> int | None:
 
 
 def repro(root: Path, env: dict, args: list[str], kill_after: float | None = None, timeout: float = 3600) -> Repro:
-    """Runs ``dvc repro ARGS``; with ``kill_after``, SIGKILLs the train process that many seconds after it starts."""
+    """Runs ``dvc repro ARGS``; with ``kill_after``, SIGKILLs the train process that many seconds after it starts.
+    Also notes when the train process's state file first appears (from then on, a kill leaves a run to resume)."""
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-        pid, started, ended, killed_at, deadline = None, None, None, None, time.time() + timeout
+        pid, started, ended, killed_at, state_at = None, None, None, None, None
+        deadline = time.time() + timeout
         while proc.poll() is None and time.time() < deadline:
             now = time.time()
             if pid is None:
@@ -109,9 +113,12 @@ def repro(root: Path, env: dict, args: list[str], kill_after: float | None = Non
                 started = now if pid is not None else None
             elif ended is None and not Path(f"/proc/{pid}").exists():
                 ended = now
-            elif ended is None and kill_after is not None and killed_at is None and now - started >= kill_after:
-                os.kill(pid, signal.SIGKILL)
-                killed_at = now - started
+            elif ended is None:
+                if state_at is None and (root / STATE).exists():
+                    state_at = now - started
+                if kill_after is not None and killed_at is None and now - started >= kill_after:
+                    os.kill(pid, signal.SIGKILL)
+                    killed_at = now - started
             time.sleep(0.02)
         if proc.poll() is None:
             proc.kill()
@@ -119,7 +126,18 @@ def repro(root: Path, env: dict, args: list[str], kill_after: float | None = Non
         if pid is not None and ended is None:
             ended = time.time()
         out.seek(0)
-        return Repro(rc, out.read(), ended - started if started else None, killed_at)
+        return Repro(rc, out.read(), ended - started if started else None, killed_at, state_at)
+
+
+def state_run(root: Path) -> tuple[str, int] | None:
+    """The MLflow run id and epoch the train state file left behind holds, or None without one."""
+    import torch
+
+    path = root / STATE
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("run_id", ""), int(state.get("epoch", 0))
 
 
 def snapshot(root: Path) -> dict:
@@ -206,30 +224,45 @@ def run(args: argparse.Namespace) -> dict:
         if ref_run.rc != 0:
             raise RuntimeError(f"reference dvc repro failed:\n{ref_run.output[-4000:]}")
         reference, problems = snapshot(root), mlflow_check(root)
-        summary = {"seed": seed, "reference_train_s": round(ref_run.train_s, 1), "kills": [],
+        summary = {"seed": seed, "reference_train_s": round(ref_run.train_s, 1),
+                   "reference_training_from_s": None if ref_run.state_at is None else round(ref_run.state_at, 1),
+                   "kills": [],
                    "reference_mlflow_problems": problems}
         print(f"reference: train ran {ref_run.train_s:.1f} s; kill seed {seed}", flush=True)
+        # Training itself (after start-up: imports, data load) runs from the state file's first write to the
+        # process's exit. The first kill lands there, so a run always has something to resume; the rest are
+        # drawn over the whole lifetime (start-up, every epoch, the checkpoint and MLflow's last writes).
+        training_from = ref_run.state_at if ref_run.state_at is not None else 0.0
         for i in range(args.kills):
-            delay = rng.uniform(0.02, 0.98) * ref_run.train_s
+            low = training_from if i == 0 else 0.0
+            delay = low + rng.uniform(0.02, 0.98) * (ref_run.train_s - low)
             killed = repro(root, env, ["-f", "-s", "train"], kill_after=delay)
-            state_left = (root / "models" / "train_state.pt").exists()
+            left = state_run(root)
             t0 = time.time()
             rerun = repro(root, env, [])
             got = snapshot(root) if rerun.rc == 0 else {}
             mismatched = [k for k in reference if got.get(k) != reference[k]]
             problems = mlflow_check(root) if rerun.rc == 0 else ["rerun failed"]
+            # Resumed, not retrained: the rerun finished the killed run's MLflow run, from the epoch it reached
+            # (a rerun from scratch gives the same bytes: training is deterministic).
+            finished = json.loads((root / "models" / "run.json").read_text())["run_id"] if rerun.rc == 0 else None
+            resumed = None if not left or not left[0] else (
+                finished == left[0] and (left[1] == 0 or f"resuming from epoch {left[1]} " in rerun.output))
             result = {"kill": i + 1, "planned_s": round(delay, 2),
                       "killed_at_s": None if killed.killed_at is None else round(killed.killed_at, 2),
-                      "missed": killed.killed_at is None, "state_left": state_left, "rerun_rc": rerun.rc,
+                      "missed": killed.killed_at is None, "state_left": left is not None,
+                      "state_epoch": left[1] if left else None, "resumed": resumed, "rerun_rc": rerun.rc,
                       "rerun_s": round(time.time() - t0, 1), "mismatched": mismatched, "mlflow_problems": problems}
             if rerun.rc != 0:
                 result["rerun_output"] = rerun.output[-3000:]
             summary["kills"].append(result)
             print(f"kill {i + 1}: at {result['killed_at_s']} s of the train process (planned {delay:.1f} s), "
-                  f"state left: {state_left}; dvc repro rc {rerun.rc}; mismatched: {mismatched or 'none'}; "
+                  f"state left: {left is not None} (epoch {result['state_epoch']}), resumed: {resumed}; "
+                  f"dvc repro rc {rerun.rc}; mismatched: {mismatched or 'none'}; "
                   f"MLflow: {problems or 'ok'}", flush=True)
         summary["ok"] = not summary["reference_mlflow_problems"] and all(
-            k["rerun_rc"] == 0 and not k["mismatched"] and not k["mlflow_problems"] for k in summary["kills"])
+            k["rerun_rc"] == 0 and not k["mismatched"] and not k["mlflow_problems"] and k["resumed"] is not False
+            for k in summary["kills"])
         return summary
     finally:
         if args.workdir is None:
