@@ -56,7 +56,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float64)
         grey = np.clip(np.rint(arr if arr.max(initial=0) > 1.0 else arr * 255), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    # A tRNS chunk makes one colour transparent in P, L and RGB PNGs (optimisers write binary-alpha RGBA so).
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))

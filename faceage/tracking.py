@@ -12,7 +12,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from faceage.atomic import locked
@@ -26,13 +26,29 @@ DVC_EXPERIMENT_TAG = "dvc_experiment"  # the DVC experiment a run trained in (``
 
 @contextmanager
 def mlflow_env(name: str, value: str) -> Iterator[None]:
-    """Sets an environment variable (MLflow reads its settings there) for the duration, then restores it."""
+    """Sets an environment variable (MLflow reads its settings there) for the duration, then restores it.
+
+    ``MLFLOW_TRACKING_URI`` also sets MLflow's process-wide tracking URI (``mlflow.set_tracking_uri``,
+    which :func:`setup_mlflow` calls) for the duration and puts the previous one back after: MLflow
+    reads that URI before the variable, so one set before the block would hide ``value`` and one set
+    inside it (by ``setup_mlflow``) would outlive the block.
+    """
     old = os.environ.get(name)
-    os.environ[name] = value
+    uri_context = nullcontext()
+    if name == "MLFLOW_TRACKING_URI":
+        # MLflow's own save/set/restore of the global URI (what its test fixture ``tracking_uri_mock`` uses).
+        try:
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+        except ImportError:  # a later MLflow without it: the variable alone, as before
+            _use_tracking_uri = None
+        if _use_tracking_uri is not None:
+            uri_context = _use_tracking_uri(value)
     try:
-        yield
+        with uri_context:
+            os.environ[name] = value
+            yield
     finally:
-        if old is None:
+        if old is None:  # after the URI's restore, which also writes the variable
             os.environ.pop(name, None)
         else:
             os.environ[name] = old

@@ -770,13 +770,19 @@ class _Tracker:
     def finish(self, metrics: dict, extra: dict, reports_dir: Path, model_path: Path, model: nn.Module,
                input_shape: tuple[int, ...]) -> None:
         self.log_epochs()
-        self.mlflow.log_metrics({"best_val_mae": metrics["best_val_mae"], "best_epoch": metrics["best_epoch"],
-                                 **{k: float(v) for k, v in extra.items() if isinstance(v, (int, float))}})
+        self.log_final(metrics, extra)
         self.mlflow.log_artifact(str(reports_dir / "history.csv"))
         # The self-describing checkpoint travels with the run, so any winning run can be packaged.
         self.mlflow.log_artifact(str(model_path), artifact_path="checkpoint")
         if not self._has_logged_model():
             _log_model(self.mlflow, _plain(model), input_shape)
+
+    def log_final(self, metrics: dict, extra: dict) -> None:
+        """The run's closing metrics, once: a run killed after logging them (before its state file was
+        deleted) and then rerun logged each a second time."""
+        final = {"best_val_mae": metrics["best_val_mae"], "best_epoch": metrics["best_epoch"],
+                 **{k: float(v) for k, v in extra.items() if isinstance(v, (int, float))}}
+        self.mlflow.log_metrics({k: v for k, v in final.items() if k not in self.metrics})
 
     def _has_logged_model(self) -> bool:
         """A run killed after logging its model and then rerun must not log a second one."""

@@ -1,7 +1,13 @@
 """Shared fixtures: where the shared real data lives, and a small real pipeline run.
 
 ``../shared/datasets`` (or ``$FACEAGE_SHARED_DATASETS``) holds real faces; tests that need
-it skip with a reason when it is absent. ``.ci/run`` points CI at it so every test runs there.
+it skip with a reason when it is absent, and fail when ``FACEAGE_SHARED_DATASETS`` is set
+but the folder (or the subfolder a test needs) is not there: ``.ci/run`` sets it, and a CI
+run without the data must not pass with those tests skipped.
+
+Process-wide settings a test changes are put back after it: MLflow's tracking URI (with the
+``MLFLOW_TRACKING_URI`` variable ``mlflow.set_tracking_uri`` also writes) and torch's thread
+count. Tests marked ``gpu`` skip without CUDA.
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ import csv
 import json
 import os
 import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,14 +27,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+SHARED_ENV = "FACEAGE_SHARED_DATASETS"
+
+
 def shared_datasets() -> Path:
-    return Path(os.environ.get("FACEAGE_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+    return Path(os.environ.get(SHARED_ENV) or REPO.parent / "shared" / "datasets")
 
 
 def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"needs the shared real data at {path} (set FACEAGE_SHARED_DATASETS); absent here")
-    return path
+    """``path`` (under :func:`shared_datasets`) if it is there. If not: a failure when
+    ``FACEAGE_SHARED_DATASETS`` is set (someone, CI, asked for the data), else a skip (a fresh clone)."""
+    if path.is_dir():
+        return path
+    if os.environ.get(SHARED_ENV):
+        pytest.fail(f"{SHARED_ENV}={os.environ[SHARED_ENV]} is set, but {path} does not exist: point it at the "
+                    "shared datasets folder (with appa-real-sample, wild and utk-external), or unset it to "
+                    "skip the tests that need the data", pytrace=False)
+    pytest.skip(f"needs the shared real data at {path} (set {SHARED_ENV}); absent here")
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +62,71 @@ def wild_dir() -> Path:
 def external_dir() -> Path:
     """1,743 more UTKFace faces (test split only): the cross-dataset set."""
     return _require(shared_datasets() / "utk-external")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests skip where torch sees no CUDA device (torch is imported only when there are some)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marker gpu: needs CUDA, and torch.cuda.is_available() is False here")
+    for item in gpu:
+        item.add_marker(skip)
+
+
+_MLFLOW_URI_MODULE = "mlflow.tracking._tracking_service.utils"  # holds set_tracking_uri's process-wide URI
+
+
+@contextmanager
+def _process_settings_restored() -> Iterator[None]:
+    """Puts back two process-wide settings after the block:
+
+    - MLflow's tracking URI: ``mlflow.set_tracking_uri`` (``setup_mlflow`` calls it) sets a URI that
+      MLflow reads before ``MLFLOW_TRACKING_URI``; left behind, a later test's runs would go to this
+      test's store (or to a stopped server). With the variable, which ``set_tracking_uri`` also writes.
+    - torch's thread count: ``torch.set_num_threads`` (``AgePredictor(threads=1)`` calls it).
+
+    Neither library is imported here: one a test never imported has nothing to put back (torch is
+    imported when the test modules are collected, before any test runs).
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow_utils = sys.modules.get(_MLFLOW_URI_MODULE)
+    uri = mlflow_utils._tracking_uri if mlflow_utils is not None else None
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        mlflow_utils = sys.modules.get(_MLFLOW_URI_MODULE)
+        if mlflow_utils is not None and mlflow_utils._tracking_uri != uri:
+            mlflow_utils.set_tracking_uri(uri)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _restoring(scope: str):
+    @pytest.fixture(scope=scope, autouse=True, name=f"_restore_process_settings_{scope}")
+    def restore():
+        with _process_settings_restored():
+            yield
+
+    return restore
+
+
+# One per scope: a wider-scoped fixture (a module's AgePredictor, the session's tiny_run) is set up before
+# any function-scoped fixture could save the settings it changes, so each scope saves what was there before
+# its own fixtures, and puts that back when they are torn down. Autouse fixtures of a scope set up first.
+_restore_process_settings_session = _restoring("session")
+_restore_process_settings_module = _restoring("module")
+_restore_process_settings_function = _restoring("function")
 
 
 def make_subset(sample: Path, dest: Path, per_split: dict[str, int]) -> Path:

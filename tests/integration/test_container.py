@@ -136,7 +136,9 @@ def test_the_image_builds_offline_and_starts(container, record_property):
     for key in ("image_bytes", "build_s", "ready_s"):
         record_property(key, getattr(container, key))
     assert 0 < container.image_bytes < MAX_IMAGE_BYTES
-    assert container.ready_s < READY_TIMEOUT_S
+    # Measured: 11.9 s from `docker run` to /readyz, 1.14x the host (README, bench_container). The fixture
+    # waits up to READY_TIMEOUT_S; the bound is the host's in test_service.py (the CPU may be shared).
+    assert container.ready_s < 60, f"the container took {container.ready_s:.1f} s to be ready"
     assert requests.get(container.url + "/readyz", timeout=10).status_code == 200
 
 

@@ -33,12 +33,14 @@ def test_tiny_run_is_tracked_in_mlflow(tiny_run):
     import mlflow.pytorch
     import numpy as np
 
-    mlflow.set_tracking_uri(tiny_run["tracking_uri"])
-    net = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
-    for n in (1, 3):
-        assert net(torch.zeros(n, 3, 64, 64)).shape == (n, 101)
-    served = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
-    assert np.asarray(served.predict(np.zeros((5, 3, 64, 64), np.float32))).shape == (5, 101)
+    from faceage.tracking import mlflow_env
+
+    with mlflow_env("MLFLOW_TRACKING_URI", tiny_run["tracking_uri"]):  # models:/ URIs resolve in the run's store
+        net = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+        for n in (1, 3):
+            assert net(torch.zeros(n, 3, 64, 64)).shape == (n, 101)
+        served = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}")
+        assert np.asarray(served.predict(np.zeros((5, 3, 64, 64), np.float32))).shape == (5, 101)
 
 
 def test_checkpoint_describes_itself(tiny_run):

@@ -61,13 +61,26 @@ def test_json_has_one_entry_per_photo_and_exit_1_for_the_unreadable_one(photos, 
 
 def test_csv_and_table_list_every_face(photos, capsys):
     photo = str(photos["folder"] / "astronaut.png")
+    assert main(["predict", photo, "--json", *photos["model"]]) == 0
+    [want] = json.loads(capsys.readouterr().out)
+    faces = want["faces"]
+    assert faces and all(f["age"] != pytest.approx(f["age_std"], abs=0.2) for f in faces)  # a swap would show
     assert main(["predict", photo, "--csv", *photos["model"]]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert rows and rows[0]["face"] == "1" and int(rows[0]["x2"]) > int(rows[0]["x1"]) and not rows[0]["error"]
+    assert [r["face"] for r in rows] == [str(i) for i in range(1, len(faces) + 1)] and not any(r["error"] for r in rows)
+    assert [[int(r[k]) for k in ("x1", "y1", "x2", "y2")] for r in rows] == [f["box"] for f in faces]
+    assert [float(r["age"]) for r in rows] == pytest.approx([f["age"] for f in faces], abs=1e-3)
+    assert [float(r["age_std"]) for r in rows] == pytest.approx([f["age_std"] for f in faces], abs=1e-3)
+    assert [float(r["score"]) for r in rows] == pytest.approx([f["score"] for f in faces], abs=1e-4)
     assert main(["predict", photo, str(photos["folder"] / "blank.jpg"), *photos["model"]]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["file", "face", "age", "age_std", "box", "score", "note"]
     assert table[-1].endswith("no face") and len(table) == 2 + len(rows)
+    cells = [line.split() for line in table[1:-1]]  # file face age age_std x1 y1 x2 y2 score
+    assert [c[0] for c in cells] == [photo] * len(faces) and [c[1] for c in cells] == [r["face"] for r in rows]
+    assert [float(c[2]) for c in cells] == pytest.approx([f["age"] for f in faces], abs=0.051)
+    assert [float(c[3]) for c in cells] == pytest.approx([f["age_std"] for f in faces], abs=0.051)
+    assert [[int(v) for v in c[4:8]] for c in cells] == [f["box"] for f in faces]
 
 
 def test_annotate_writes_one_png_per_readable_photo(photos, tmp_path):
@@ -166,9 +179,20 @@ def test_bad_numbers_are_usage_errors(photos, option, capsys):
     assert f"argument {option[0]}: must be" in err and "Traceback" not in err
 
 
-def test_zero_max_detect_pixels_still_means_never_downscale(photos):
-    assert main(["predict", str(photos["folder"] / "blank.jpg"), "--max-detect-pixels", "0", "--threads", "1",
+def test_zero_max_detect_pixels_still_means_never_downscale(photos, capsys):
+    """0 is "never downscale", not a cap of 0 pixels (which would leave nothing to find a face in)."""
+    from faceage.images import load_image
+    from faceage.predict import AgePredictor
+
+    photo = photos["folder"] / "astronaut.png"
+    assert main(["predict", str(photo), "--json", "--max-detect-pixels", "0", "--threads", "1",
                  *photos["model"]]) == 0
+    [got] = json.loads(capsys.readouterr().out)
+    # The astronaut (512 x 512) is under the default cap: the default predictor detects at full size too.
+    want = AgePredictor(photos["model"][1], photos["model"][3], threads=1).predict(load_image(photo))
+    assert len(want) >= 1
+    assert [f["box"] for f in got["faces"]] == [list(f.box) for f in want]
+    assert [f["age"] for f in got["faces"]] == pytest.approx([f.age for f in want], abs=1e-3)
 
 
 @pytest.mark.parametrize("kind", ["photo", "truncated", "bento tag"])

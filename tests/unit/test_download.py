@@ -121,6 +121,7 @@ def test_server_without_range_support_restarts_cleanly(server, tmp_path):
 def test_complete_part_file_gets_416_and_is_accepted(server, tmp_path):
     (tmp_path / "f.bin.part").write_bytes(BODY)
     download(url(server), tmp_path / "f.bin", sha256=SHA, progress=False)
+    assert server.requests == [f"bytes={len(BODY)}-"]  # one ranged request (416), no fresh download
     assert (tmp_path / "f.bin").read_bytes() == BODY
 
 

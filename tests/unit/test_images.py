@@ -31,12 +31,59 @@ def test_png_roundtrip_is_exact(tmp_path):
     np.testing.assert_array_equal(load_image(path.read_bytes()), arr)
 
 
-def test_exif_orientation_is_applied():
-    img = Image.fromarray(rgb_array(30, 40))
+def quadrants(h=32, w=64) -> np.ndarray:
+    """Four flat colours, one per quadrant (red, green / blue, white): where each corner went is visible.
+    Quadrant edges fall on JPEG's 16-px blocks, so each colour survives encoding in its quadrant's middle."""
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[: h // 2, : w // 2] = (255, 0, 0)
+    arr[: h // 2, w // 2 :] = (0, 255, 0)
+    arr[h // 2 :, : w // 2] = (0, 0, 255)
+    arr[h // 2 :, w // 2 :] = (255, 255, 255)
+    return arr
+
+
+# The EXIF (TIFF 6.0) Orientation tag says where the stored 0th row and 0th column belong on screen;
+# the upright image, written independently of Pillow's transposes (np.rot90 with k=-1 turns clockwise).
+DISPLAYED = {
+    1: lambda a: a,                          # 0th row top, 0th column left: as stored
+    2: lambda a: a[:, ::-1],                 # row top, column right: mirrored left-right
+    3: lambda a: a[::-1, ::-1],              # row bottom, column right: turned 180 degrees
+    4: lambda a: a[::-1],                    # row bottom, column left: mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),       # row left, column top: transposed
+    6: lambda a: np.rot90(a, -1),            # row right, column top: turned 90 degrees clockwise
+    7: lambda a: np.rot90(a, -1)[::-1],      # row right, column bottom: transverse
+    8: lambda a: np.rot90(a, 1),             # row left, column bottom: turned 90 degrees anticlockwise
+}
+
+
+def quadrant_colours(img: np.ndarray) -> np.ndarray:
+    """The mean colour of each quadrant's middle (4 px off its edges, clear of JPEG's colour bleeding)."""
+    h, w = img.shape[:2]
+    return np.array([[img[y + 4 : y + h // 2 - 4, x + 4 : x + w // 2 - 4].reshape(-1, 3).mean(0)
+                      for x in (0, w // 2)] for y in (0, h // 2)])
+
+
+def assert_upright(out: np.ndarray, stored: np.ndarray, orientation: int) -> None:
+    want = DISPLAYED[orientation](stored)
+    assert out.shape == want.shape and out.dtype == np.uint8
+    np.testing.assert_allclose(quadrant_colours(out), quadrant_colours(want), atol=10)
+
+
+def test_the_expected_orientations_are_distinct():
+    """Each orientation puts the four corners somewhere else, so a wrong transpose cannot look right."""
+    arr = quadrants()
+    looks = {o: quadrant_colours(f(arr)).round().tobytes() + bytes(f(arr).shape[:2]) for o, f in DISPLAYED.items()}
+    assert len(set(looks.values())) == 8
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation):
+    arr = quadrants()
+    img = Image.fromarray(arr)
     exif = img.getexif()
-    exif[0x0112] = 6  # rotate 90 CW to display
+    exif[0x0112] = orientation
     out = load_image(encode(img, "JPEG", exif=exif, quality=95))
-    assert out.shape == (40, 30, 3)
+    assert_upright(out, arr, orientation)
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
@@ -113,16 +160,17 @@ def exif_jpeg(arr: np.ndarray, orientation: int, *, malformed: bool = False) -> 
     return data.replace(make + ascii_type, strip_offsets + ascii_type)
 
 
-def test_malformed_exif_keeps_the_photo_and_its_orientation():
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_malformed_exif_keeps_the_photo_and_its_orientation(orientation):
     """Bad metadata is not a bad photo: the pixels decode and the orientation is still applied."""
-    arr = rgb_array(30, 40)
-    bad = exif_jpeg(arr, 6, malformed=True)
-    with pytest.raises(struct.error):  # what load_image used to meet (HTTP 500)
-        ImageOps.exif_transpose(Image.open(io.BytesIO(bad)))
+    arr = quadrants()
+    bad = exif_jpeg(arr, orientation, malformed=True)
+    if orientation != 1:  # (with nothing to turn, exif_transpose leaves the EXIF alone)
+        with pytest.raises(struct.error):  # what load_image used to meet (HTTP 500)
+            ImageOps.exif_transpose(Image.open(io.BytesIO(bad)))
     out = load_image(bad)
-    assert out.shape == (40, 30, 3)  # turned 90 degrees, as Orientation=6 asks
-    np.testing.assert_array_equal(out, load_image(exif_jpeg(arr, 6)))  # the pixels of sound EXIF
-    assert load_image(exif_jpeg(arr, 1, malformed=True)).shape == (30, 40, 3)
+    assert_upright(out, arr, orientation)  # as the Orientation tag asks, by the EXIF spec
+    np.testing.assert_array_equal(out, load_image(exif_jpeg(arr, orientation)))  # the pixels of sound EXIF
 
 
 def _noise(w=16, h=12) -> Image.Image:
@@ -150,3 +198,14 @@ def test_a_qoi_file_cut_after_its_header_is_a_decode_error():
     data = encode(_noise(), "QOI")[:14]  # the header alone: Pillow's QOI decoder raises IndexError
     with pytest.raises(ImageDecodeError, match="cannot decode upload: IndexError"):
         load_image(data)
+
+
+@pytest.mark.parametrize("mode,background", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_a_trns_transparent_colour_in_grey_and_rgb_pngs_becomes_white(mode, background):
+    """PNG optimisers write binary-alpha RGBA as RGB (or L) with a tRNS colour: its background came out
+    black, where the same picture as RGBA came out white."""
+    img = Image.new(mode, (8, 8), background)
+    img.putpixel((4, 4), (200, 10, 10) if mode == "RGB" else 200)
+    out = load_image(encode(img, "PNG", transparency=background))
+    assert (out[0, 0] == 255).all() and (out[7, 7] == 255).all()
+    assert tuple(out[4, 4]) == ((200, 10, 10) if mode == "RGB" else (200, 200, 200))  # opaque pixels kept

@@ -78,9 +78,31 @@ def test_predict_gives_the_age_model_s_answer_for_the_face_crop(predictor, files
     assert face.as_dict() == {"box": [x1, y1, x2, y2], "age": face.age, "age_std": face.age_std, "score": face.score}
 
 
-def test_faces_come_largest_first(predictor, astronaut):
-    areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in predictor.predict(astronaut)]
-    assert areas == sorted(areas, reverse=True)
+def two_sizes(astronaut: np.ndarray) -> np.ndarray:
+    """The astronaut's face (her 90 px box at (175, 76) with 60 px around it) pasted twice on grey: at 0.8x on
+    the left, at 1.5x on the right. dlib scores the small one higher, so it lists it first."""
+    face = Image.fromarray(astronaut[16:226, 115:325])
+    canvas = np.full((400, 700, 3), 128, np.uint8)
+    for scale, x in ((0.8, 20), (1.5, 300)):
+        f = np.asarray(face.resize((round(210 * scale), round(210 * scale)), Image.Resampling.BICUBIC))
+        canvas[20 : 20 + f.shape[0], x : x + f.shape[1]] = f
+    return canvas
+
+
+def test_faces_come_largest_first(predictor, files, astronaut):
+    photo = two_sizes(astronaut)
+    rects, _, _ = dlib.get_frontal_face_detector().run(photo, 1, 0.0)
+    raw = [r.width() * r.height() for r in rects]
+    assert len(raw) == 2 and raw[0] < raw[1]  # dlib's own order is not largest first: the sort is tested
+
+    faces = predictor.predict(photo)
+    areas = [(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]) for f in faces]
+    assert len(areas) == 2 and areas[0] > areas[1]
+    assert faces[0].box[0] > 300 > faces[1].box[2]  # the large copy (right), then the small one (left)
+    detector = FaceDetector(files["detector"], "hog", 1)
+    for parallel in (False, True):
+        boxes = detector.detect(photo, parallel=parallel)
+        assert [b.area for b in boxes] == sorted((b.area for b in boxes), reverse=True) and len(boxes) == 2
 
 
 def test_crops_are_preprocess_crops(predictor, astronaut):

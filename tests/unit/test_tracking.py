@@ -26,6 +26,36 @@ def test_a_set_variable_gets_its_value_back_also_after_an_error(monkeypatch):
     assert os.environ[NAME] == "cuda"
 
 
+def test_the_tracking_uri_of_the_block_wins_over_a_uri_set_before_and_is_undone_after(tmp_path, monkeypatch):
+    """MLflow reads ``mlflow.set_tracking_uri``'s process-wide URI before the variable: a URI left by
+    earlier code (here a stopped server's) hid the block's store, and ``setup_mlflow`` inside the
+    block left the block's store behind it."""
+    import mlflow
+
+    from faceage.tracking import setup_mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # (restored after the test, as is the URI: the
+    dead = "http://127.0.0.1:9"  # autouse fixture in tests/conftest.py). Nothing listens on port 9.
+    mlflow.set_tracking_uri(dead)  # which also writes the variable, for subprocesses
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with mlflow_env("MLFLOW_TRACKING_URI", store):
+        assert mlflow.get_tracking_uri() == store
+        experiment = mlflow.MlflowClient().create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
+        setup_mlflow()
+    assert mlflow.get_tracking_uri() == dead and os.environ.get("MLFLOW_TRACKING_URI") == env  # both as they were
+    assert mlflow.MlflowClient(store).get_experiment(experiment).name == "x"
+
+    mlflow.set_tracking_uri(None)  # no process-wide URI: MLflow reads the variable
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///outside.db")
+    assert mlflow.get_tracking_uri() == "sqlite:///outside.db"
+    with mlflow_env("MLFLOW_TRACKING_URI", store):
+        setup_mlflow()
+        assert mlflow.get_tracking_uri() == store
+    assert mlflow.get_tracking_uri() == "sqlite:///outside.db"  # not the block's store
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///outside.db"
+
+
 def _start_run(db, barrier, name):
     """One process of the test below: everything imported first, then all reach the store at once."""
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
@@ -107,3 +137,33 @@ def test_a_run_superseded_by_a_params_change_is_ended_not_left_running(tmp_path)
         client = mlflow.MlflowClient()
         assert client.get_run(killed.info.run_id).info.status == "KILLED"
         assert client.get_run(state.run_id).info.status == "FINISHED"
+
+
+def test_a_rerun_after_the_final_metrics_were_logged_does_not_log_them_again(tmp_path):
+    """Killed after finish() logged best_val_mae but before the state file was deleted: the rerun
+    continued the run and logged best_val_mae and best_epoch a second time."""
+    import torch
+
+    import mlflow
+
+    from faceage.config import TrainParams
+    from faceage.training import Distributed, TrainState, _Tracker, save_state
+
+    with mlflow_env("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        from faceage.tracking import setup_mlflow
+
+        setup_mlflow()
+        client = mlflow.MlflowClient()
+        killed = client.create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id)
+        client.log_metric(killed.info.run_id, "best_val_mae", 4.5)
+        client.log_metric(killed.info.run_id, "best_epoch", 3)
+        save_state(tmp_path / "state.pt", TrainState("params", run_id=killed.info.run_id, epoch=3))
+        crop = {"data_sha256": "d" * 64, "data_source": "sample"}
+        state = torch.load(tmp_path / "state.pt", weights_only=True)
+        tracker = _Tracker(TrainParams(), Distributed(0, 1, 0), crop, torch.device("cpu"), 0, 1, "params",
+                           TrainState(**state), tmp_path / "state.pt")
+        with tracker.run():
+            tracker.log_final({"best_val_mae": 4.5, "best_epoch": 3}, {"train_time_s": 12.0})
+        history = {key: len(client.get_metric_history(killed.info.run_id, key))
+                   for key in ("best_val_mae", "best_epoch", "train_time_s")}
+        assert history == {"best_val_mae": 1, "best_epoch": 1, "train_time_s": 1}
