@@ -85,7 +85,7 @@ def check_params(p: TrainParams) -> None:
     Raises:
         ConfigError: A fine-tuning setting is used with another backbone or with the ensemble head.
     """
-    from faceage.dlib_age import ENSEMBLE_HEADS, HEAD_FUSED
+    from faceage.dlib_age import ENSEMBLE_HEADS, HEAD_FUSED, HEAD_PRETRAINED, NUM_STAGES
 
     head = resolve_head(p)
     if p.backbone != DLIB_AGE and p.head != "auto":
@@ -105,6 +105,16 @@ def check_params(p: TrainParams) -> None:
     if p.epochs == 0 and p.head in ENSEMBLE_HEADS:
         raise ConfigError("train.epochs=0 is the zero-shot network: it needs train.head=pretrained (or auto), "
                           f"got train.head={p.head}, whose members would be untrained")
+    if p.backbone == DLIB_AGE and p.freeze_blocks >= NUM_STAGES:  # before the data load and the cache
+        raise ConfigError(f"train.freeze_blocks must be < {NUM_STAGES} for {DLIB_AGE} (stem, five blocks, head; "
+                          f"the head always trains), got {p.freeze_blocks}")
+    if p.backbone == DLIB_AGE and p.pretrained == "none" and (
+            head != HEAD_PRETRAINED or p.epochs == 0 or p.distill_weight > 0 or p.wise_ft):
+        raise ConfigError(f"train.pretrained=none gives {DLIB_AGE} random weights, so there is no pretrained "
+                          f"network to keep frozen, distil from or mix with (train.head={p.head}, epochs {p.epochs}, "
+                          f"distill_weight {p.distill_weight}, wise_ft {p.wise_ft}): use train.pretrained=imagenet "
+                          "(dlib's weights; any value but none), or train from scratch with train.head=pretrained, "
+                          "epochs > 0, distill_weight 0 and wise_ft false")
     if p.face_features != TrainParams().face_features and head != HEAD_FUSED:
         raise ConfigError(f"train.face_features={p.face_features} chooses what the fused head reads of dlib's face "
                           f"network, but this run has no fused head (train.backbone={p.backbone}, head "
@@ -323,15 +333,17 @@ class _CachedStages(nn.Module):
 
 
 class _Views(torch.utils.data.Dataset):
-    """Cached frozen-stage outputs of each chip and its mirror image; training draws one at random.
+    """Cached frozen-stage outputs of each chip and its mirror image; training draws one at random
+    (``mirror``; without it, ``train.augment=false``, the chip itself, as without the cache).
 
     With ``low`` (outputs of lower-resolution copies and their mirror images, (N, V, ...)), an item
     is one of them with probability ``low_res`` (``train.low_res``).
     """
 
     def __init__(self, views: torch.Tensor, ages: torch.Tensor, age_stds: torch.Tensor,
-                 low: torch.Tensor | None = None, low_res: float = 0.0):
+                 low: torch.Tensor | None = None, low_res: float = 0.0, mirror: bool = True):
         self.views, self.ages, self.age_stds, self.low, self.low_res = views, ages, age_stds, low, low_res
+        self.mirror = mirror
         self.images = views[:, 0]  # validation and calibration score the chip itself, as served
 
     def __len__(self) -> int:
@@ -339,7 +351,8 @@ class _Views(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         views = self.low if self.low is not None and float(torch.rand(())) < self.low_res else self.views
-        return views[i, int(torch.randint(views.shape[1], (1,)))], self.ages[i], self.age_stds[i]
+        view = int(torch.randint(views.shape[1], (1,))) if self.mirror else 0
+        return views[i, view], self.ages[i], self.age_stds[i]
 
 
 class FrozenPrefixCache:
@@ -382,7 +395,8 @@ class FrozenPrefixCache:
             g = torch.Generator().manual_seed(p.seed)
             low = torch.cat([run(low_resolution_chips(train_set.images, p.low_res_min, g))
                              for _ in range(LOW_RES_COPIES)], dim=1)
-        self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds, low, p.low_res)
+        self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds, low, p.low_res,
+                                  mirror=p.augment)
         self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds)
         log.info("the first %d (frozen) stages computed once for %d + %d chips (and mirror images%s), %s each, "
                  "in %.0f s", self.start, len(train_set), len(val_set),
