@@ -318,11 +318,20 @@ class _CachedStages(nn.Module):
     snapshots and WiSE-FT see one set of keys whether or not the prefix is cached.
     """
 
-    def __init__(self, full: nn.Module, start: int):
+    def __init__(self, full: nn.Module, start: int, view_ndim: int | None = None):
         super().__init__()
-        self.full, self.start = full, start
+        self.full, self.start, self.view_ndim = full, start, view_ndim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """A batch of one view's cached outputs (training) -> logits; with ``view_ndim``, a batch with a
+        views dimension after the first, ``(N, views, ...)`` (validation) -> the log of the views' mean
+        distribution, as the ensemble heads serve a chip and its mirror image (``DlibAgeNet.forward``)."""
+        if self.view_ndim is not None and h.ndim == self.view_ndim + 1:
+            from faceage.dlib_age import log_mean_prob
+
+            n, views = h.shape[:2]
+            logits = self.full.run_stages(h.transpose(0, 1).reshape(n * views, *h.shape[2:]), self.start)
+            return log_mean_prob(torch.log_softmax(logits, dim=1).reshape(views, n, -1))
         return self.full.run_stages(h, self.start)
 
     def state_dict(self, *args, **kwargs):
@@ -341,10 +350,13 @@ class _Views(torch.utils.data.Dataset):
     """
 
     def __init__(self, views: torch.Tensor, ages: torch.Tensor, age_stds: torch.Tensor,
-                 low: torch.Tensor | None = None, low_res: float = 0.0, mirror: bool = True):
+                 low: torch.Tensor | None = None, low_res: float = 0.0, mirror: bool = True,
+                 served_views: int = 1):
         self.views, self.ages, self.age_stds, self.low, self.low_res = views, ages, age_stds, low, low_res
         self.mirror = mirror
-        self.images = views[:, 0]  # validation and calibration score the chip itself, as served
+        # What validation and calibration score, as served: the chip itself, or (ensemble heads) the chip
+        # and its mirror image, (N, 2, ...), whose mean distribution _CachedStages takes.
+        self.images = views[:, 0] if served_views == 1 else views[:, :served_views]
 
     def __len__(self) -> int:
         return len(self.views)
@@ -397,7 +409,10 @@ class FrozenPrefixCache:
                              for _ in range(LOW_RES_COPIES)], dim=1)
         self.train_views = _Views(run(train_set.images), train_set.ages, train_set.age_stds, low, p.low_res,
                                   mirror=p.augment)
-        self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds)
+        # The ensemble heads serve the mean of the chip's and its mirror image's distributions: validated so.
+        self.served_views = 2 if ensemble_of(model) is not None else 1
+        self.val_views = _Views(run(val_set.images), val_set.ages, val_set.age_stds,
+                                served_views=self.served_views)
         log.info("the first %d (frozen) stages computed once for %d + %d chips (and mirror images%s), %s each, "
                  "in %.0f s", self.start, len(train_set), len(val_set),
                  f", {LOW_RES_COPIES} lower-resolution copies of each training chip" if low is not None else "",
@@ -405,7 +420,9 @@ class FrozenPrefixCache:
 
     def training_view(self):
         """``(model, train_set, val_set, prepare)`` for the training loop: cached inputs, trainable stages."""
-        return _CachedStages(self.model, self.start), self.train_views, self.val_views, lambda h: h.float()
+        view_ndim = self.train_views.views.ndim - 1 if self.served_views > 1 else None  # a batch of one view
+        return (_CachedStages(self.model, self.start, view_ndim), self.train_views, self.val_views,
+                lambda h: h.float())
 
     def full_view(self):
         """The full network and the chip datasets again (for the checkpoint and the logged model)."""
