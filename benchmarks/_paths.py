@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shared_datasets() -> Path:
     """``$FACEAGE_SHARED_DATASETS``, else ``../shared/datasets`` beside the repo."""
-    return Path(os.environ.get("FACEAGE_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+    return Path(os.environ.get("FACEAGE_SHARED_DATASETS") or REPO.parent / "shared" / "datasets")
 
 
 def current_external_faces(name: str = "utk_external", repo: Path = REPO) -> Path:

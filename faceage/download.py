@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -189,18 +190,22 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
 
 
 def _unresolvable(error: BaseException) -> bool:
-    """True when ``error`` (or what it wraps) is a failure to resolve the host name."""
+    """True when ``error`` (or what it wraps) says the host name does not resolve. A temporary resolver
+    failure (``EAI_AGAIN``: "Temporary failure in name resolution", common under a busy resolver) is not
+    that: it is retried like a dropped connection."""
     seen: set[int] = set()
     todo: list[object] = [error]
+    named = False
     while todo:
         e = todo.pop()
         if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, NameResolutionError):
-            return True
+        if isinstance(e, socket.gaierror) and e.errno == socket.EAI_AGAIN:
+            return False
+        named = named or isinstance(e, NameResolutionError)
         todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
-    return False
+    return named
 
 
 def _matches(path: Path, md5: str | None, sha256: str | None) -> bool:

@@ -109,12 +109,12 @@ def check_params(p: TrainParams) -> None:
         raise ConfigError(f"train.freeze_blocks must be < {NUM_STAGES} for {DLIB_AGE} (stem, five blocks, head; "
                           f"the head always trains), got {p.freeze_blocks}")
     if p.backbone == DLIB_AGE and p.pretrained == "none" and (
-            head != HEAD_PRETRAINED or p.epochs == 0 or p.distill_weight > 0 or p.wise_ft):
+            head != HEAD_PRETRAINED or p.epochs == 0 or p.freeze_blocks > 0 or p.distill_weight > 0 or p.wise_ft):
         raise ConfigError(f"train.pretrained=none gives {DLIB_AGE} random weights, so there is no pretrained "
                           f"network to keep frozen, distil from or mix with (train.head={p.head}, epochs {p.epochs}, "
-                          f"distill_weight {p.distill_weight}, wise_ft {p.wise_ft}): use train.pretrained=imagenet "
-                          "(dlib's weights; any value but none), or train from scratch with train.head=pretrained, "
-                          "epochs > 0, distill_weight 0 and wise_ft false")
+                          f"freeze_blocks {p.freeze_blocks}, distill_weight {p.distill_weight}, wise_ft {p.wise_ft}): "
+                          "use train.pretrained=imagenet (dlib's weights; any value but none), or train from scratch "
+                          "with train.head=pretrained, epochs > 0, freeze_blocks 0, distill_weight 0 and wise_ft false")
     if p.face_features != TrainParams().face_features and head != HEAD_FUSED:
         raise ConfigError(f"train.face_features={p.face_features} chooses what the fused head reads of dlib's face "
                           f"network, but this run has no fused head (train.backbone={p.backbone}, head "

@@ -121,7 +121,9 @@ def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None
         why = " (its head is a convolution, not a linear layer)" if backbone in NO_LINEAR_HEAD else ""
         raise ConfigError(f"train.backbone must be a torchvision classification model with a linear head, got "
                           f"{backbone!r}{why}; available: {FACE_ENCODER}, {DLIB_AGE}, {', '.join(available)}")
-    extra = {"aux_logits": False, "init_weights": True} if backbone in AUX_HEADS else {}
+    # transform_input: their ImageNet weights expect inputs in [-1, 1], the step torchvision adds when it
+    # builds them with weights (a fixed affine map of the normalised input: harmless from scratch).
+    extra = {"aux_logits": False, "init_weights": True, "transform_input": True} if backbone in AUX_HEADS else {}
     model = torchvision.models.get_model(backbone, weights=None, **extra)
     parent, attr, linear = _last_linear(model)
     setattr(parent, attr, nn.Linear(linear.in_features, num_ages))

@@ -40,6 +40,9 @@ SOURCE_FILE = "data/source.json"      # fetch_data's dependency
 EXTERNAL_FILE = "data/external.json"  # evaluate's dependency
 PRETRAINED_FILE = "data/pretrained.json"  # train's dependency
 NAMED_WEIGHTS = ("imagenet", "none")  # train.pretrained values that are not files
+# Backbones whose weights come from the fetch_detector stage, never from a train.pretrained file
+# (faceage.chips.DLIB_AGE, faceage.face_encoder.FACE_ENCODER; not imported: they pull in dlib).
+DLIB_BACKBONES = ("dlib_age", "dlib_face")
 
 
 class ExternalSetError(LayoutError):
@@ -139,10 +142,12 @@ def external_fingerprint(paths: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return {"sources": list(paths), "sets": sets}
 
 
-def pretrained_fingerprint(pretrained: str) -> dict[str, Any]:
+def pretrained_fingerprint(pretrained: str, backbone: str = "") -> dict[str, Any]:
     """``train.pretrained``'s record: a weights file's size and sha256, so that new weights at the same
     path retrain (DVC saw only the path: the model trained on the old weights stayed). ``imagenet`` and
-    ``none`` are names, recorded as they are (torchvision's file for a backbone is fixed by its release).
+    ``none`` are names, recorded as they are (torchvision's file for a backbone is fixed by its release);
+    so is any value for dlib's networks, which read no file of it (``dlib_age``: anything but ``none``
+    is dlib's weights).
 
     Raises:
         PretrainedMissingError: No file at the path (a relative one is taken from the repo root).
@@ -150,6 +155,8 @@ def pretrained_fingerprint(pretrained: str) -> dict[str, Any]:
     record: dict[str, Any] = {"pretrained": pretrained}
     if pretrained in NAMED_WEIGHTS:
         return {**record, "kind": pretrained}
+    if backbone in DLIB_BACKBONES:
+        return {**record, "kind": "dlib"}
     path = from_root(pretrained)
     if not path.is_file():
         raise PretrainedMissingError(f"train.pretrained={pretrained!r}: no such weights file (resolved to {path}); "

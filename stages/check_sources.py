@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     source = refresh(args.source, lambda: source_fingerprint(fetch.source, fetch.md5),
                      {"source": fetch.source, "md5": fetch.md5})
     sets = refresh(args.external, lambda: external_fingerprint(external), {"sources": external})
-    pretrained = params.train.pretrained
-    weights = refresh(args.pretrained, lambda: pretrained_fingerprint(pretrained), {"pretrained": pretrained})
+    pretrained, backbone = params.train.pretrained, params.train.backbone
+    weights = refresh(args.pretrained, lambda: pretrained_fingerprint(pretrained, backbone),
+                      {"pretrained": pretrained})
     log.info("fetch_data.source: %s %s; evaluate.external: %s; train.pretrained: %s", source["kind"],
              source.get("sha256", source["md5"] or "(no md5)")[:12],
              ", ".join(f"{s['name']} {s['sha256'][:12]}" for s in sets["sets"]) or "none",

@@ -754,6 +754,7 @@ def test_settings_dlib_age_cannot_run_fail_before_the_data_load():
     for bad in (replace(age, pretrained="none"),  # head auto: the fused head over random networks
                 replace(age, pretrained="none", epochs=0),  # a random "zero-shot" model
                 replace(age, pretrained="none", head="pretrained", distill_weight=1.0),
+                replace(age, pretrained="none", freeze_blocks=5),  # head auto -> pretrained: random frozen stages
                 replace(age, pretrained="none", head="pretrained", wise_ft=True)):
         with pytest.raises(ConfigError, match="train.pretrained=none gives dlib_age random weights"):
             check_params(bad)

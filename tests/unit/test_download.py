@@ -295,3 +295,27 @@ def test_a_refused_connection_is_still_retried(tmp_path, caplog):
     with caplog.at_level(logging.WARNING), pytest.raises(DownloadError, match="after 2 attempts"):
         download("http://127.0.0.1:9/f.bin", tmp_path / "f.bin", retries=1, backoff_s=0.01, progress=False)
     assert "resuming in" in caplog.text
+
+
+def test_a_temporary_resolver_failure_is_retried_and_an_unknown_name_is_not():
+    """EAI_AGAIN ("Temporary failure in name resolution", a busy resolver) was given up on at once too."""
+    import socket
+
+    import requests
+    from urllib3.exceptions import NameResolutionError
+
+    from faceage.download import _unresolvable
+
+    def wrapped(errno):
+        gai = socket.gaierror(errno, "resolver says no")
+        try:
+            try:
+                raise gai
+            except socket.gaierror as e:
+                raise NameResolutionError("example.invalid", None, e) from e
+        except NameResolutionError as e:
+            return requests.ConnectionError(e)
+
+    assert _unresolvable(wrapped(socket.EAI_NONAME))
+    assert not _unresolvable(wrapped(socket.EAI_AGAIN))
+    assert not _unresolvable(requests.ConnectionError("connection refused"))

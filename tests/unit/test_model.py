@@ -50,6 +50,7 @@ def test_backbones_with_auxiliary_heads_train_at_224(backbone):
     """googlenet returned GoogLeNetOutputs in train mode (the loss failed on it), and Inception's auxiliary
     head needed 299 px inputs: neither could train."""
     model = build_model(backbone).train()
+    assert model.transform_input  # what their ImageNet weights were trained with (torchvision sets it with weights)
     out = model(torch.randn(2, 3, 224, 224))
     assert isinstance(out, torch.Tensor) and out.shape == (2, NUM_AGES)
     out.logsumexp(dim=1).mean().backward()  # gradients reach the body
@@ -286,8 +287,11 @@ def test_automatic_loader_workers_count_the_cores_this_process_may_use(monkeypat
     from faceage.config import TrainParams
     from faceage.training import _loader_workers
 
+    import faceage.cores
+
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(faceage.cores, "cpu_quota", lambda: None)  # whatever this machine's cgroup says
     auto = replace(TrainParams(), num_workers=-1)
     assert _loader_workers(auto, torch.device("cpu")) == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)

@@ -169,3 +169,16 @@ def test_train_depends_on_the_weights_fingerprint():
     assert "train.pretrained" in stages["check_sources"]["params"]
     assert any("data/pretrained.json" in out for out in stages["check_sources"]["outs"])
     assert "data/pretrained.json" in stages["train"]["deps"]
+
+
+def test_dlib_networks_read_no_weights_file_so_none_is_fingerprinted():
+    """dlib_age takes any value but none as dlib's weights: check_sources stopped the pipeline on
+    train.pretrained=dlib ("no such weights file"), and fingerprinted a file it never reads."""
+    from faceage.chips import DLIB_AGE
+    from faceage.face_encoder import FACE_ENCODER
+    from faceage.sources import DLIB_BACKBONES
+
+    assert set(DLIB_BACKBONES) == {DLIB_AGE, FACE_ENCODER}
+    assert pretrained_fingerprint("dlib", DLIB_AGE) == {"pretrained": "dlib", "kind": "dlib"}
+    with pytest.raises(PretrainedMissingError):
+        pretrained_fingerprint("dlib", "resnet18")
