@@ -52,6 +52,7 @@ class Repro:
     train_s: float | None  # lifetime of the train process, None if it never started
     killed_at: float | None  # seconds after the train process started; None if not killed
     state_at: float | None = None  # seconds after it started when the state file first appeared
+    state_last: float | None = None  # ... when it was last seen (it is deleted once the run is FINISHED)
 
 
 def copy_pipeline(root: Path) -> None:
@@ -99,12 +100,14 @@ def _train_pid(root: Path) -> int | None:
     return None
 
 
-def repro(root: Path, env: dict, args: list[str], kill_after: float | None = None, timeout: float = 3600) -> Repro:
-    """Runs ``dvc repro ARGS``; with ``kill_after``, SIGKILLs the train process that many seconds after it starts.
-    Also notes when the train process's state file first appears (from then on, a kill leaves a run to resume)."""
+def repro(root: Path, env: dict, args: list[str], kill_after: float | None = None, timeout: float = 3600,
+          after_state: bool = False) -> Repro:
+    """Runs ``dvc repro ARGS``; with ``kill_after``, SIGKILLs the train process that many seconds after it starts
+    (``after_state``: that many seconds after its state file first appears, so the kill leaves a run to resume
+    whatever this run's speed). Also notes when the state file first and last exists."""
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-        pid, started, ended, killed_at, state_at = None, None, None, None, None
+        pid, started, ended, killed_at, state_at, state_last = None, None, None, None, None, None
         deadline = time.time() + timeout
         while proc.poll() is None and time.time() < deadline:
             now = time.time()
@@ -114,9 +117,13 @@ def repro(root: Path, env: dict, args: list[str], kill_after: float | None = Non
             elif ended is None and not Path(f"/proc/{pid}").exists():
                 ended = now
             elif ended is None:
-                if state_at is None and (root / STATE).exists():
-                    state_at = now - started
-                if kill_after is not None and killed_at is None and now - started >= kill_after:
+                if (root / STATE).exists():
+                    state_at = now - started if state_at is None else state_at
+                    state_last = now - started
+                due = None
+                if kill_after is not None and killed_at is None and (state_at is not None or not after_state):
+                    due = kill_after + (state_at if after_state else 0.0)
+                if due is not None and now - started >= due:
                     os.kill(pid, signal.SIGKILL)
                     killed_at = now - started
             time.sleep(0.02)
@@ -126,7 +133,7 @@ def repro(root: Path, env: dict, args: list[str], kill_after: float | None = Non
         if pid is not None and ended is None:
             ended = time.time()
         out.seek(0)
-        return Repro(rc, out.read(), ended - started if started else None, killed_at, state_at)
+        return Repro(rc, out.read(), ended - started if started else None, killed_at, state_at, state_last)
 
 
 def state_run(root: Path) -> tuple[str, int] | None:
@@ -225,18 +232,20 @@ def run(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"reference dvc repro failed:\n{ref_run.output[-4000:]}")
         reference, problems = snapshot(root), mlflow_check(root)
         summary = {"seed": seed, "reference_train_s": round(ref_run.train_s, 1),
-                   "reference_training_from_s": None if ref_run.state_at is None else round(ref_run.state_at, 1),
+                   "reference_state_s": None if ref_run.state_at is None else
+                   [round(ref_run.state_at, 1), round(ref_run.state_last, 1)],
                    "kills": [],
                    "reference_mlflow_problems": problems}
         print(f"reference: train ran {ref_run.train_s:.1f} s; kill seed {seed}", flush=True)
-        # Training itself (after start-up: imports, data load) runs from the state file's first write to the
-        # process's exit. The first kill lands there, so a run always has something to resume; the rest are
-        # drawn over the whole lifetime (start-up, every epoch, the checkpoint and MLflow's last writes).
-        training_from = ref_run.state_at if ref_run.state_at is not None else 0.0
+        # The state file exists from training's start (after imports and the data load) until the run is
+        # FINISHED. The first kill lands in the first half of that window, timed from the state's appearance in
+        # its own run (runs differ in speed), so a run always has something to resume. The rest are drawn over
+        # the whole lifetime (start-up, every epoch, the checkpoint and MLflow's last writes).
+        window = (ref_run.state_last - ref_run.state_at) if ref_run.state_at is not None else 0.0
         for i in range(args.kills):
-            low = training_from if i == 0 else 0.0
-            delay = low + rng.uniform(0.02, 0.98) * (ref_run.train_s - low)
-            killed = repro(root, env, ["-f", "-s", "train"], kill_after=delay)
+            first = i == 0 and window > 0
+            delay = rng.uniform(0.0, 0.5) * window if first else rng.uniform(0.02, 0.98) * ref_run.train_s
+            killed = repro(root, env, ["-f", "-s", "train"], kill_after=delay, after_state=first)
             left = state_run(root)
             t0 = time.time()
             rerun = repro(root, env, [])
@@ -248,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
             finished = json.loads((root / "models" / "run.json").read_text())["run_id"] if rerun.rc == 0 else None
             resumed = None if not left or not left[0] else (
                 finished == left[0] and (left[1] == 0 or f"resuming from epoch {left[1]} " in rerun.output))
-            result = {"kill": i + 1, "planned_s": round(delay, 2),
+            result = {"kill": i + 1, "planned_s": round(delay, 2), "planned_after_state": first,
                       "killed_at_s": None if killed.killed_at is None else round(killed.killed_at, 2),
                       "missed": killed.killed_at is None, "state_left": left is not None,
                       "state_epoch": left[1] if left else None, "resumed": resumed, "rerun_rc": rerun.rc,
@@ -256,7 +265,8 @@ def run(args: argparse.Namespace) -> dict:
             if rerun.rc != 0:
                 result["rerun_output"] = rerun.output[-3000:]
             summary["kills"].append(result)
-            print(f"kill {i + 1}: at {result['killed_at_s']} s of the train process (planned {delay:.1f} s), "
+            planned = f"{delay:.1f} s after its state's first write" if first else f"{delay:.1f} s"
+            print(f"kill {i + 1}: at {result['killed_at_s']} s of the train process (planned {planned}), "
                   f"state left: {left is not None} (epoch {result['state_epoch']}), resumed: {resumed}; "
                   f"dvc repro rc {rerun.rc}; mismatched: {mismatched or 'none'}; "
                   f"MLflow: {problems or 'ok'}", flush=True)
