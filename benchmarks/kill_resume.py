@@ -38,7 +38,9 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import REPO, shared_datasets  # noqa: E402
+
 TRAIN_CMD = "stages/train.py"
 STATE = "models/train_state.pt"
 # Files the resumed run must reproduce byte for byte (DVC outputs of train and evaluate).
@@ -185,8 +187,7 @@ def mlflow_check(root: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", type=Path,
-                        default=Path(os.environ.get("FACEAGE_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
-                        / "appa-real-sample")
+                        default=shared_datasets() / "appa-real-sample")
     parser.add_argument("--train", type=int, default=64, help="training faces taken from the sample")
     parser.add_argument("--valid", type=int, default=16)
     parser.add_argument("--test", type=int, default=16)
