@@ -16,7 +16,9 @@ unlike the training crops. The external set is scored, never used for a choice.
 Needs the workspace's ``data/faces`` (any ``dvc repro``), ``models/detector`` and the utk-external
 crops ``evaluate`` made with the current crop settings (``.cache/external/utk_external-<key>``, the key
 of ``data/faces/preprocess.json``'s settings: an entry made with other settings is never used); computes
-the chips and descriptors it needs once into ``.cache/bench-heads`` (about 6 min of descriptors).
+the chips and descriptors it needs once into ``.cache/bench-heads/<key>`` (about 6 min of descriptors),
+the key over ``data/faces``' crop settings and data fingerprint, the utk-external entry and the detector
+files: crops made with other settings or data get their own folder, never an old one.
 
     python benchmarks/dlib_age_heads.py [--seeds 42 1 2] [--variants age face fused] [--distill 0] [--face-features layers]
     python benchmarks/dlib_age_heads.py --variants --checkpoints A.pt B.pt   # wild dev of pipeline checkpoints
@@ -45,10 +47,29 @@ from faceage.transforms import normalize  # noqa: E402
 from _paths import current_external_faces, shared_datasets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".cache" / "bench-heads"
 WILD = shared_datasets() / "wild"
 SPLITS = ("train", "valid", "test", "ext", "wild")
 AGES = torch.arange(101.0)
+
+
+def cache_dir(repo: Path = REPO) -> Path:
+    """``.cache/bench-heads/<key>``: the cached inputs of the workspace's current crops.
+
+    The key is a sha256 over ``data/faces/preprocess.json`` (crop settings, detector sha256, data
+    fingerprint), the utk-external entry's name (itself keyed by the set's bytes and those settings)
+    and ``models/detector``'s file checksums; the wild faces are located with the same settings.
+    """
+    import hashlib
+    import json
+
+    from faceage.detector import read_manifest
+    from faceage.preprocess import read_crop_settings
+
+    state = {"crop": read_crop_settings(repo / "data" / "faces"),
+             "external": current_external_faces("utk_external", repo).name,
+             "detector": read_manifest(repo / "models" / "detector")["files"]}
+    key = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+    return repo / ".cache" / "bench-heads" / key
 
 
 def _external_faces() -> Path:
@@ -76,7 +97,13 @@ def _wild_faces(detector: Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
     from faceage.images import load_image
     from faceage.predict import FaceLocator
 
-    locator = FaceLocator(detector, kind="hog", upsample=1, margin=0.4, crop_size=224, chip_dir=detector, pairs=True)
+    from faceage.preprocess import read_crop_settings
+    from faceage.faces import crop_cnn_retry_side, crop_retry_pad
+
+    crop = read_crop_settings(REPO / "data" / "faces")  # the service's locator for a checkpoint of these crops
+    locator = FaceLocator(detector, kind=crop["detector"], upsample=int(crop["upsample"]), margin=crop["margin"],
+                          crop_size=crop["size"], retry_pad=crop_retry_pad(crop),
+                          cnn_retry_side=crop_cnn_retry_side(crop), chip_dir=detector, pairs=True)
     with open(WILD / "labels.csv") as f:
         files = [r["file"] for r in csv.DictReader(f) if r["kind"] == "face"]
     located = [locator.locate(load_image(WILD / name)) for name in files]
@@ -90,8 +117,9 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
     from faceage.face_encoder import DlibFaceEncoder
     from faceage.images import load_image
 
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / "inputs-region-chips.npz"  # chips cut from the margin regions
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / "inputs-region-chips.npz"  # chips cut from the margin regions
     if path.is_file():
         with np.load(path) as z:
             return {s: {k: z[f"{s}_{k}"] for k in ("chips", "desc", "age")} for s in SPLITS}
@@ -122,7 +150,8 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
     from faceage.detector import RECOGNITION_FILE
     from faceage.face_net import load_face_net
 
-    path = CACHE / "face-layers.npz"
+    cache = cache_dir()
+    path = cache / "face-layers.npz"
     if path.is_file():
         with np.load(path) as z:
             return {s: z[s] for s in SPLITS}
@@ -142,7 +171,7 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
             out[split] = torch.stack([torch.cat([net.pooled_layers(normalize(v, INPUT_MEAN, INPUT_STD)) for v in
                                                  torch.split(c, 64)]) for c in (chips, torch.flip(chips, dims=[-1]))],
                                      1).numpy()
-    CACHE.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out
 

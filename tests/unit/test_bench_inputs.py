@@ -123,3 +123,19 @@ def test_sweep_has_a_help_and_refuses_a_config_that_is_not_json_from_any_folder(
     bad = subprocess.run([sys.executable, script, "4", "{lr: 1}"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "is not JSON" in bad.stderr
+
+
+def test_heads_benchmark_cache_is_keyed_by_the_crops_it_was_computed_from(workspace):
+    import benchmarks.dlib_age_heads as heads
+
+    repo = workspace.repo
+    first = heads.cache_dir(repo)
+    assert first.parent == repo / ".cache" / "bench-heads" and first == heads.cache_dir(repo)  # stable
+    settings = repo / "data" / "faces" / "preprocess.json"
+    crop = json.loads(settings.read_text())
+    settings.write_text(json.dumps({**crop, "data_sha256": "other data"}))  # same settings, other faces
+    other_data = heads.cache_dir(repo)
+    manifest = repo / "models" / "detector" / "manifest.json"
+    manifest.write_text(json.dumps({"files": {**MANIFEST["files"], "other.dat": "x"}}))
+    other_detector = heads.cache_dir(repo)
+    assert len({first, other_data, other_detector}) == 3
