@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import zipfile
@@ -174,11 +175,33 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
         raise LayoutError(f"{zip_path} is not a valid zip file: {e}") from e
 
 
+def tree_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, sorted, symlinked folders followed: what a reader of its paths sees.
+
+    ``Path.rglob`` does not enter a symlinked folder (Python < 3.13), so a set whose ``test/`` links
+    to the user's photos had no image in its fingerprint. A link back to a folder above it (a loop)
+    is not followed.
+    """
+    files = []
+    chains = {str(folder): [os.path.realpath(folder)]}  # each folder walked: the real paths of it and its parents
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        chain = chains.pop(dirpath)
+        keep = []
+        for d in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not any(os.path.commonpath([real, above]) == real for above in chain):  # not a way back up
+                keep.append(d)
+                chains[os.path.join(dirpath, d)] = [*chain, real]
+        dirnames[:] = keep
+        files += [Path(dirpath, f) for f in filenames if os.path.isfile(os.path.join(dirpath, f))]
+    return sorted(files)
+
+
 def dataset_fingerprint(folder: Path) -> str:
-    """sha256 over every file's relative path and sha256: one id for the data's exact bytes."""
+    """sha256 over every file's relative path and sha256 (:func:`tree_files`): one id for the data's exact bytes."""
     h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != DATASET_JSON:
+    for p in tree_files(folder):
+        if p.name != DATASET_JSON:
             h.update(f"{p.relative_to(folder).as_posix()}\0{file_digest(p)}\n".encode())
     return h.hexdigest()
 

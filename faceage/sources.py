@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from faceage.appa_real import LayoutError, SourceMissingError, dataset_fingerprint, is_url, local_source, read_split
+from faceage.appa_real import (LayoutError, SourceMissingError, dataset_fingerprint, is_url, local_source, read_split,
+                               tree_files)
 from faceage.download import file_digest
 from faceage.paths import from_root
 
@@ -107,6 +108,11 @@ def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path | None
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         raise ExternalSetError(f"evaluate.external: two sets share a name ({names}): give the folders distinct names")
+    clash = sorted(n for n in names if n.endswith("_baseline") and n[:-len("_baseline")] in names)
+    if clash:  # set X's external_X_baseline_mae is set X_baseline's MAE in MLflow, which the champion guard reads
+        raise ExternalSetError(f"evaluate.external: sets {clash[0][:-len('_baseline')]!r} and {clash[0]!r} would log "
+                               f"the same MLflow metric (external_{clash[0]}_mae is also the first one's baseline "
+                               "MAE): rename one folder")
     return sets
 
 
@@ -126,7 +132,7 @@ def source_fingerprint(source: str, md5: str = "") -> dict[str, Any]:
         return {**record, "kind": "url"}
     local = local_source(source)
     if local.is_dir():
-        files = sum(1 for p in local.rglob("*") if p.is_file())
+        files = len(tree_files(local))
         return {**record, "kind": "folder", "files": files, "sha256": dataset_fingerprint(local)}
     return {**record, "kind": "file", "bytes": local.stat().st_size, "sha256": file_digest(local)}
 

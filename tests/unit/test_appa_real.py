@@ -277,3 +277,39 @@ def test_a_readable_photo_whose_release_crop_is_broken_counts_as_faceless_not_un
                                  PreprocessParams(no_face="release_crop", workers=1, size=32, cnn_retry_side=0))
     assert metrics["train"]["unreadable"] == 0
     assert metrics["train"]["no_face"] == 1 and metrics["train"]["release_crop"] == 2
+
+
+def test_fingerprint_reads_through_symlinked_folders_and_stops_at_loops(tmp_path):
+    from faceage.appa_real import dataset_fingerprint, tree_files
+    from faceage.download import file_digest
+    import hashlib
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"face one")
+    (photos / "up").symlink_to(tmp_path)  # a way back above the set: not followed
+    root = tmp_path / "set"
+    root.mkdir()
+    (root / "gt_avg_test.csv").write_text("file_name\na.jpg\n")
+    (root / "test").symlink_to(photos)  # the user's photos, linked instead of copied
+    (root / "self").symlink_to(root)  # a loop
+    (root / "x").mkdir()
+    (root / "y").mkdir()
+    (root / "x" / "to_y").symlink_to(root / "y")
+    (root / "y" / "to_x").symlink_to(root / "x")  # a loop through two links
+    (root / "y" / "b.txt").write_text("b")
+    assert [p.relative_to(root).as_posix() for p in tree_files(root)] == [
+        "gt_avg_test.csv", "test/a.jpg", "x/to_y/b.txt", "y/b.txt"]
+    before = dataset_fingerprint(root)
+    (photos / "a.jpg").write_bytes(b"face two")  # an edited photo behind the link
+    assert dataset_fingerprint(root) != before
+
+    plain = tmp_path / "plain"  # no links: the same bytes as the rglob walk it replaced (recorded fingerprints hold)
+    make_release(plain)
+    (plain / "a-b").mkdir()
+    (plain / "a-b" / "z").write_text("z")
+    old = hashlib.sha256()
+    for p in sorted(plain.rglob("*")):
+        if p.is_file():
+            old.update(f"{p.relative_to(plain).as_posix()}\0{file_digest(p)}\n".encode())
+    assert dataset_fingerprint(plain) == old.hexdigest()
