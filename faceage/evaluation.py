@@ -178,7 +178,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
         data = load_split(faces, "test", meta["backbone"], meta["image_size"], embeddings,
                           pairs=reads_pairs(meta))
         pred, std = age_model.predict_inputs(data.images, p.batch_size)
-        true = data.ages.numpy().astype(np.float64)
+        true = _labels(data.rows, "apparent_age")
         groups[ext.name] = errors_by_group(pred, true)
         results[ext.name] = {
             **age_metrics(pred, true, p.cs_years),
@@ -196,6 +196,11 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
                  counts["n_faces"], counts["n_images"], counts.get("no_face", 0), meta["crop"].get("no_face"),
                  counts.get("unreadable", 0), results[ext.name]["baseline_mae_years"])
     return results, groups, rows
+
+
+def _labels(rows: list[dict], column: str) -> np.ndarray:
+    """A manifest column as float64, as written (the datasets' float32 tensors turn 24.6 into 24.600000381469727)."""
+    return np.array([float(r[column]) for r in rows], np.float64)
 
 
 def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[str, float]:
@@ -254,7 +259,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
                       pairs=reads_pairs(meta))
     age_model.accelerate(test.images)
     pred, std = age_model.predict_inputs(test.images, p.batch_size)
-    true, real = test.ages.numpy().astype(np.float64), test.real_ages.numpy().astype(np.float64)
+    true, real = _labels(test.rows, "apparent_age"), _labels(test.rows, "real_age")
     train_mean = float(np.mean([float(r["apparent_age"]) for r in read_faces_manifest(faces_dir, "train")]))
     groups = errors_by_group(pred, true)
     demographics = read_demographics(data_dir) if data_dir is not None else {}

