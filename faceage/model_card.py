@@ -14,6 +14,16 @@ from faceage.config import DESCRIPTOR
 from faceage.faces import crop_cnn_retry_side, crop_retry_pad
 
 
+def _no_face_policy(no_face: str | None) -> str:
+    """What the external sets' cropping did with an image without a detected face, for the card."""
+    return {
+        "release_crop": "`release_crop`: the set's `NAME_face.jpg` where it ships one; a set without release "
+                        "crops has nothing to fall back on, so those images are skipped and counted",
+        "whole_image": "`whole_image`: those images are scored on the whole photo, padded square",
+        "skip": "`skip`: those images are skipped and counted",
+    }.get(no_face, f"`{no_face}`")
+
+
 def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     """What the backbone is and which part of it was trained."""
     if meta["backbone"] == "dlib_face":
@@ -207,8 +217,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
             "## Cross-dataset test sets",
             "Labelled faces from collections the model never trained or was tuned on (`evaluate.external`), "
             "cropped with the same detector and crop settings; an image without a detected face follows the "
-            f"same `no_face` policy as training (`{crop.get('no_face', '?')}`; a set without release crops "
-            "has nothing to fall back on, so those images are skipped and counted).",
+            f"same `no_face` policy as training ({_no_face_policy(crop.get('no_face'))}).",
             "",
             *_external_table(external, cs_key),
         ]

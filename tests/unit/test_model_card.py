@@ -47,3 +47,13 @@ def test_the_external_table_counts_unreadable_images_apart_from_faceless_ones():
                                           "unreadable": 2}}, "cs5"))
     assert table["set"][:4] == ["images", "faces scored", "skipped: no face", "skipped: unreadable"]
     assert table["`utk`"][:4] == ["1743", "1740", "1", "2"]
+
+
+def test_the_cards_no_face_note_describes_the_checkpoints_own_policy():
+    """Every card said faceless external images "are skipped and counted", also under whole_image,
+    where they are scored on the whole photo."""
+    from faceage.model_card import _no_face_policy
+
+    assert "skipped" not in _no_face_policy("whole_image") and "whole photo" in _no_face_policy("whole_image")
+    assert "skipped and counted" in _no_face_policy("skip") and "NAME_face.jpg" not in _no_face_policy("skip")
+    assert "NAME_face.jpg" in _no_face_policy("release_crop") and "skipped" in _no_face_policy("release_crop")
