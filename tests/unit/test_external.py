@@ -75,6 +75,12 @@ def test_layout_errors_name_the_set(tmp_path):
     make_set(tmp_path / "y" / "same", {"a.jpg": noise()})
     with pytest.raises(ExternalSetError, match="two sets share a name"):
         resolve_external([str(tmp_path / "x" / "same"), str(tmp_path / "y" / "same")], tmp_path)
+    make_set(tmp_path / "faces", {"a.jpg": noise()})
+    make_set(tmp_path / "faces-baseline", {"a.jpg": noise()})  # name faces_baseline: its MAE is faces' baseline key
+    with pytest.raises(ExternalSetError, match="'faces' and 'faces_baseline' would log the same MLflow metric"):
+        resolve_external([str(tmp_path / "faces-baseline"), str(tmp_path / "faces")], tmp_path)
+    assert [e.name for e in resolve_external([str(tmp_path / "faces"), str(tmp_path / "x" / "same")], tmp_path)] == [
+        "faces", "same"]
 
 
 CROP = {"detector": "hog", "upsample": 1, "margin": 0.4, "size": 64, "no_face": "release_crop",
