@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="train output checkpoint")
     parser.add_argument("--faces", required=True, help="preprocess output")
     parser.add_argument("--embeddings", required=True, help="embed output (used by dlib_face models)")
-    parser.add_argument("--run", required=True, help="train's run.json (MLflow run to continue)")
+    parser.add_argument("--run-file", dest="run", required=True, help="train's run.json (MLflow run to continue)")
     parser.add_argument("--history", required=True, help="train's history.csv (training-curve plot)")
     parser.add_argument("--data", required=True, help="fetch_data output (dataset info, gender/race labels)")
     parser.add_argument("--preprocess-metrics", required=True, help="preprocess counts JSON (for the model card)")

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--detector", required=True, help="fetch_detector output (dlib_age's pretrained network)")
     parser.add_argument("--model", required=True, help="best checkpoint (output)")
     parser.add_argument("--reports", required=True, help="folder for history.csv and metrics.json")
-    parser.add_argument("--run", required=True, help="JSON file naming the MLflow run (output)")
+    parser.add_argument("--run-file", dest="run", required=True,
+                        help="JSON file naming the MLflow run (output; not --run, which torchrun reads as its --run-path)")
     parser.add_argument("--state", required=True, help="resumable training state (kept only while interrupted)")
     return parser
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     p = load_params(args.params).train
     if p.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
-        # torchrun --standalone, through its API (its CLI would read --run as an abbreviation of its --run-path).
+        # torchrun --standalone, through its API.
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=p.nproc_per_node, run_id=str(uuid.uuid4()),

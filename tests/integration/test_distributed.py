@@ -49,7 +49,7 @@ def _train(tiny_run, out, nproc):
     # nproc > 1: stages/train.py relaunches itself through torch.distributed.run, as under `dvc repro`.
     cmd = [sys.executable, "stages/train.py", "--params", str(out / "params.yaml"), "--faces", str(tiny_run["faces"]),
            "--embeddings", str(out / "unused.npz"), "--detector", str(tiny_run["detector"]), "--model", str(out / "model.pt"), "--reports", str(out / "reports"),
-           "--run", str(out / "run.json"), "--state", str(out / "state.pt")]
+           "--run-file", str(out / "run.json"), "--state", str(out / "state.pt")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return env
