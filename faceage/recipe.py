@@ -31,6 +31,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from faceage.config import Params
 from faceage.errors import FaceAgeError
 from faceage.evaluation import evaluate_model
@@ -144,6 +146,26 @@ def _run(name: str, params: Params, overrides: dict, base: dict, work: Path, fac
     return row
 
 
+def _descriptors(embeddings: Path, faces: Path, detector: Path, out: Path) -> Path:
+    """``embeddings`` when it holds ``dlib_face`` descriptors of every crop; else they are computed into ``out``.
+
+    The ``embed`` stage writes only what the last ``train.backbone`` reads: after ``make quick``
+    (``dlib_age``) ``data/embeddings.npz`` holds chips, not descriptors.
+    """
+    from faceage.features import compute_features
+    from faceage.preprocess import read_faces_manifest
+
+    if embeddings.is_file():
+        with np.load(embeddings) as z:
+            crops = set(z["crops"].tolist()) if "embeddings" in z.files else set()
+        if crops and crops >= {r["crop"] for r in read_faces_manifest(faces)}:
+            return embeddings
+    log.info("%s holds no dlib_face descriptors of %s (the embed stage keeps what the last train.backbone read): "
+             "computing them for the dlib_face rows (~4 min on 2 cores)", embeddings, faces)
+    compute_features("dlib_face", faces, detector, out)
+    return out
+
+
 def _tta_rows(model_path: str, faces: Path, embeddings: Path, test_mae: float) -> list[dict]:
     """The default dlib_face model scored on the crop's view alone: the value of test-time flip."""
     from faceage.data import FaceEmbeddings
@@ -222,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             sections.append((f"`dlib_age` (dlib's pretrained age network), fine-tuned {AGE_BASE['epochs']} epochs "
                              f"at lr {AGE_BASE['lr']:g} unless the variant says otherwise", age_rows))
         if not args.no_dlib_face:
+            embeddings = _descriptors(embeddings, faces, detector, work / "descriptors.npz")
             dlib_rows = [_run(n, params, o, DLIB_FACE_BASE, work / "dlib", faces, embeddings, data, external)
                          for n, o in DLIB_VARIANTS.items()]
             dlib_rows += _tta_rows(dlib_rows[0]["model"], faces, embeddings, dlib_rows[0]["test_mae"])

@@ -98,3 +98,26 @@ def test_each_dlib_age_variant_runs_with_the_keys_its_label_names(git_repo, monk
         for key in ("train.freeze_blocks", "train.layer_lr_decay", "train.distill_weight", "train.wise_ft",
                     "train.epochs", "train.lr", "train.backbone"):
             assert f"{key} is " in caplog.text
+
+
+def test_dlib_face_rows_compute_descriptors_when_the_embed_stage_kept_chips(tmp_path, monkeypatch):
+    """After `make quick` (dlib_age) data/embeddings.npz holds chips: the recipe's dlib_face rows crashed
+    with "KeyError: 'embeddings is not a file in the archive'"."""
+    import numpy as np
+
+    import faceage.preprocess
+
+    monkeypatch.setattr(faceage.preprocess, "read_faces_manifest", lambda faces: [{"crop": "a.png"}, {"crop": "b.png"}])
+    computed = []
+    monkeypatch.setattr(faceage.features, "compute_features",
+                        lambda backbone, faces, detector, out: computed.append((backbone, out)))
+    chips = tmp_path / "chips.npz"  # what embed writes for dlib_age
+    np.savez(chips, kind=np.array("dlib_age"), crops=np.array(["a.png", "b.png"]), chips=np.zeros((2, 3, 4, 4)))
+    out = tmp_path / "descriptors.npz"
+    assert recipe._descriptors(chips, tmp_path, tmp_path, out) == out and computed == [("dlib_face", out)]
+    partial = tmp_path / "partial.npz"  # descriptors of other faces
+    np.savez(partial, crops=np.array(["a.png"]), embeddings=np.zeros((1, 2, 128)))
+    assert recipe._descriptors(partial, tmp_path, tmp_path, out) == out and len(computed) == 2
+    full = tmp_path / "full.npz"
+    np.savez(full, crops=np.array(["a.png", "b.png"]), embeddings=np.zeros((2, 2, 128)))
+    assert recipe._descriptors(full, tmp_path, tmp_path, out) == full and len(computed) == 2
