@@ -104,11 +104,14 @@ MLFLOW_PORT ?= 5000
 MLFLOW_BACKEND ?= sqlite:///$(CURDIR)/mlflow-server.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 # Host headers the server answers besides localhost and private IPs, with the port: mlflow-host:5000
+# (--allowed-hosts replaces MLflow's defaults, so they are appended: localhost and IPs keep working)
 MLFLOW_ALLOWED_HOSTS ?=
+COMMA := ,
+MLFLOW_DEFAULT_HOSTS = $$($(BIN)/python -c 'from mlflow.server.security_utils import get_default_allowed_hosts as d; print(",".join(d()))')
 mlflow-server: setup
 	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 2 \
 		--backend-store-uri $(MLFLOW_BACKEND) --serve-artifacts --artifacts-destination $(MLFLOW_ARTIFACTS) \
-		$(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts $(MLFLOW_ALLOWED_HOSTS))
+		$(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts "$(MLFLOW_ALLOWED_HOSTS)$(COMMA)$(MLFLOW_DEFAULT_HOSTS)")
 
 clean:
 	rm -rf .pytest_cache

@@ -26,7 +26,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = root / "server.log"
     cmd = ["make", "-s", "mlflow-server", f"MLFLOW_PORT={port}", f"MLFLOW_BACKEND=sqlite:///{root / 'server.db'}",
-           f"MLFLOW_ARTIFACTS={root / 'artifacts'}"]
+           f"MLFLOW_ARTIFACTS={root / 'artifacts'}", f"MLFLOW_ALLOWED_HOSTS=mlflow-host:{port}"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -51,6 +51,17 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def test_allowed_hosts_add_to_localhost_and_private_ips(server):
+    """MLFLOW_ALLOWED_HOSTS became --allowed-hosts, which replaces MLflow's defaults: the team's host name
+    was let in and 127.0.0.1, localhost and private IPs got 403."""
+    port = server["url"].rsplit(":", 1)[1]
+    search = server["url"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    codes = {host: requests.get(search, headers={"Host": f"{host}:{port}"}, timeout=30).status_code
+             for host in ("mlflow-host", "127.0.0.1", "localhost", "10.1.2.3", "elsewhere.example")}
+    assert codes == {"mlflow-host": 200, "127.0.0.1": 200, "localhost": 200, "10.1.2.3": 200,
+                     "elsewhere.example": 403}
 
 
 def test_train_evaluate_and_package_over_http(server, tiny_run, tmp_path, monkeypatch):
