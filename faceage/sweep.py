@@ -88,6 +88,8 @@ def collect(runs: dict) -> list[dict]:
             "coverage_1std": m.get("test_coverage_1std", float("nan")),
             "baseline_mae": m.get("test_baseline_mae_years", float("nan")),
             "external": external_maes(m, r.data.tags),
+            "data_source": r.data.tags.get("data_source", "?"), "device": r.data.tags.get("device", "?"),
+            "threads": p.get("train.torch_threads", "?"),
         })
     return rows
 
@@ -101,8 +103,13 @@ def _spearman(xs: list[float], ys: list[float]) -> float:
     return 1 - 6 * d2 / (n * (n * n - 1))
 
 
-def _conclusion(rows: list[dict]) -> str:
-    """The answer to "bigger backbone or saturation?", derived from the numbers in ``rows``."""
+def _from_scratch(profile: str) -> bool:
+    return "train.pretrained=none" in PROFILES[profile]["cnn"]
+
+
+def _conclusion(rows: list[dict], profile: str = "cpu") -> str:
+    """The answer to "bigger backbone or saturation?", derived from the numbers in ``rows`` and the
+    profile they ran with (from scratch or ImageNet weights)."""
     cnns = sorted((r for r in rows if r["backbone"] not in PRETRAINED_FACE), key=lambda r: r["gflops"])
     lines = []
     if len(cnns) >= 3:
@@ -122,12 +129,15 @@ def _conclusion(rows: list[dict]) -> str:
         if best is largest or rho <= -0.5:
             lines.append("- Verdict: **bigger backbones reduce the error** at this data size and budget.")
         else:
+            how = (f"in {cnns[0]['epochs']} epochs from scratch" if _from_scratch(profile) else
+                   f"in {cnns[0]['epochs']} epochs from ImageNet weights")
             lines.append("- Verdict: **no gain from size: saturated** (under-trained) at this data size and budget: "
-                         "the extra capacity is not used by 1,500 faces in a few epochs from scratch.")
+                         f"the extra capacity is not used {how}.")
         weak = [r["backbone"] for r in cnns if r["test_mae"] > 0.85 * r.get("baseline_mae", float("inf"))]
         if weak:
             lines.append(f"- {', '.join(f'`{w}`' for w in weak)} stayed near the always-the-training-mean baseline "
-                         f"({cnns[0]['baseline_mae']:.2f}): too few steps to train from scratch.")
+                         f"({cnns[0]['baseline_mae']:.2f}): too few steps to train"
+                         + (" from scratch." if _from_scratch(profile) else "."))
     face = next((r for r in rows if r["backbone"] == "dlib_face"), None)
     if face and cnns:
         best = min(cnns, key=lambda r: r["test_mae"])
@@ -149,6 +159,44 @@ def _external_note(sets: list[str]) -> str:
     names = ", ".join(f"`{n}`" for n in sets)
     return (f"{names} MAE: the same model on a cross-dataset test set (`evaluate.external`: faces of another "
             "collection, never trained or tuned on), cropped with the model's own crop settings.\n")
+
+
+def _runs_note(rows: list[dict]) -> str:
+    """Where the runs trained and on what data, from their MLflow tags (not assumed)."""
+    sources = sorted({r.get("data_source", "?") for r in rows})
+    machines = sorted({f"{r.get('device', '?')}" + (f" ({r['threads']} torch threads)" if r.get("device") == "cpu"
+                                                      else "") for r in rows})
+    return (f"The runs trained on {', '.join(machines)}; data (`fetch_data.source`): "
+            f"{', '.join(f'`{s}`' for s in sources)}. Train time is wall-clock on a machine other jobs may "
+            "have shared: compare it loosely.")
+
+
+def _profile_section(profile: str) -> str:
+    cnn_settings = ", ".join(PROFILES[profile]["cnn"])
+    if _from_scratch(profile):
+        return f"""## What was cut to fit a CPU
+
+Profile `{profile}`: CNNs ran with `{cnn_settings}` (from scratch: no ImageNet weights can be
+downloaded here); `dlib_age` and `dlib_face` ran with the `params.yaml` defaults. Small inputs and few
+epochs favour small networks, so this run cannot show how far large backbones go with pretraining.
+
+## The full sweep on a GPU with APPA-REAL
+
+```bash
+# ImageNet weights, 224 px, 30 epochs per CNN; leave out --source for the committed URL
+python -m faceage.sweep --profile gpu --source /abs/path/appa-real-release.zip
+```
+"""
+    return f"""## Settings
+
+Profile `{profile}`: CNNs ran with `{cnn_settings}`; `dlib_age` and `dlib_face` ran with the `params.yaml`
+defaults. To rerun it:
+
+```bash
+# leave out --source for the committed URL
+python -m faceage.sweep --profile gpu --source /abs/path/appa-real-release.zip
+```
+"""
 
 
 def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) -> None:
@@ -181,38 +229,24 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
         table.append(f"| `{r['backbone']}` | {r['params_m']:.2f} | {r['gflops']:.3f} | {size} | {r['epochs']} | "
                      f"{r['train_time_s']:.0f} | {r['val_mae']:.2f} | {r['test_mae']:.2f} | {r['cs5']:.3f} | "
                      + "".join(f"{ext[n]:.2f} | " if n in ext else "- | " for n in sets) + f"`{r['run_id'][:8]}` |")
-    cnn_settings = ", ".join(PROFILES[profile]["cnn"])
     md = f"""# Backbones: bigger, or saturated?
 
-Generated by `python -m faceage.sweep` from the MLflow runs in `{tracking_uri()}`
+Generated by `python -m faceage.sweep --profile {profile}` from the MLflow runs in `{tracking_uri()}`
 (experiment `face-age`; open `mlflow ui --backend-store-uri sqlite:///mlflow.db` to compare them side by side).
 
-{_conclusion(rows)}
+{_conclusion(rows, profile)}
 
 ![test MAE against GFLOPs and parameters](backbones.png)
 
 {chr(10).join(table)}
 
-{_external_note(sets)}Train time is wall-clock on a 2-core machine that other jobs shared at times: compare it loosely.
+{_external_note(sets)}{_runs_note(rows)}
 For `dlib_face`, parameters and GFLOPs are the trainable head's; the frozen dlib encoder
 (a 29-layer ResNet, ~5.6 M parameters, 22 MB) runs on top at ~0.09 s per face on one CPU core.
 For `dlib_age`, they are the whole model's (dlib's age ResNet-10 and face-recognition ResNet, frozen, plus the
 ensemble of heads).
 
-## What was cut to fit a CPU
-
-Profile `{profile}`: CNNs ran with `{cnn_settings}` (from scratch: no ImageNet weights can be
-downloaded here); `dlib_age` and `dlib_face` ran with the `params.yaml` defaults. The data is the shared
-2,100-face sample (UTKFace crops, real ages), not APPA-REAL. Small inputs and few epochs favour
-small networks, so this run cannot show how far large backbones go with pretraining.
-
-## The full sweep on a GPU with APPA-REAL
-
-```bash
-# ImageNet weights, 224 px, 30 epochs per CNN; leave out --source for the committed URL
-python -m faceage.sweep --profile gpu --source /abs/path/appa-real-release.zip
-```
-"""
+{_profile_section(profile)}"""
     md_path.write_text(md)
 
 

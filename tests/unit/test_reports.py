@@ -57,3 +57,21 @@ def test_sweep_report_shows_the_pretrained_age_network_as_a_face_network(tmp_pat
     assert "CNNs trained here: test MAE 12.90-17.30" in text  # dlib_age is not counted among the CNNs
     write_report(rows, tmp_path / "b.md", tmp_path / "b.png", "cpu")
     assert "| `dlib_age` | 6.30 | 0.050 | 64 + 150 (aligned chips) |" in (tmp_path / "b.md").read_text()
+
+
+def test_the_gpu_profiles_report_describes_its_own_runs(tmp_path):
+    """--profile gpu wrote the CPU profile's text: "from scratch: no ImageNet weights", "the shared
+    2,100-face sample, not APPA-REAL", "a 2-core machine"."""
+    rows = [{**row(b, g, n, m), "external": {}, "data_source": "http://158.109.8.102/AppaRealAge/appa-real-release.zip",
+             "device": "cuda", "threads": "16"}
+            for b, g, n, m in (("resnet18", 1.8, 11.2, 5.1), ("resnet34", 3.6, 21.3, 5.3), ("resnet50", 4.1, 23.5, 5.4))]
+    write_report(rows, tmp_path / "b.md", tmp_path / "b.png", "gpu")
+    md = (tmp_path / "b.md").read_text()
+    for cpu_only in ("from scratch", "2,100", "2-core", "What was cut to fit a CPU", "downloaded here"):
+        assert cpu_only not in md
+    assert "in 5 epochs from ImageNet weights" in md and "`train.pretrained=imagenet" in md
+    assert "trained on cuda; data (`fetch_data.source`): `http://158.109.8.102/AppaRealAge/appa-real-release.zip`" in md
+    cpu = [{**r, "device": "cpu", "threads": "2", "data_source": "/data/sample"} for r in rows]
+    write_report(cpu, tmp_path / "c.md", tmp_path / "c.png", "cpu")
+    md = (tmp_path / "c.md").read_text()
+    assert "in 5 epochs from scratch" in md and "cpu (2 torch threads)" in md and "`/data/sample`" in md
