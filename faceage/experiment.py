@@ -35,7 +35,8 @@ PARAMS = "params.yaml"
 
 
 class ProfileError(FaceAgeError):
-    """No DVC repo around the working folder, or its ``params.yaml`` is missing or unreadable."""
+    """An override DVC cannot read, no DVC repo around the working folder, or its ``params.yaml`` is
+    missing or unreadable."""
 
 
 def dvc_root(start: str | Path | None = None) -> Path:
@@ -125,6 +126,32 @@ def override_key(override: str) -> str | None:
     return override.partition("=")[0].strip().lstrip("+~").strip()
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Each ``-S`` override parses with the grammar DVC reads it with (Hydra's), before any work.
+
+    An unquoted value with a non-ASCII letter, ``#``, a comma or brackets (``/home/José/sample``)
+    is refused by ``dvc exp run`` with only "Invalid --set-param value"; here the message names it
+    and shows the quoted form.
+
+    Raises:
+        ProfileError: An override DVC would refuse.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        text = override.partition(":")[2] if ":" in override.partition("=")[0] else override
+        try:
+            parser.parse_overrides([text])
+        except OverrideParseException:
+            key, eq, value = text.partition("=")
+            hint = f": quote the value, -S {key}={_quoted(value)}" if eq else ""
+            raise ProfileError(f"-S {override!r} is not an override DVC can read (Hydra's grammar: a value "
+                               f"with a non-ASCII letter, #, a comma, brackets or = needs quotes)"
+                               f"{hint}") from None
+
+
 def drifted(workspace: dict[str, Any], committed: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (workspace value, committed value)}`` for each key the workspace changed (an earlier
     ``dvc exp run -S``, or an edit)."""
@@ -177,9 +204,10 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
             folder (:func:`dvc_root`), as ``dvc exp run`` finds it.
 
     Raises:
-        ProfileError: No DVC repo here, or ``params.yaml`` is missing or unreadable.
+        ProfileError: An override DVC cannot read, no DVC repo here, or ``params.yaml`` is missing or unreadable.
         subprocess.CalledProcessError: ``dvc exp run`` failed (its output is shown).
     """
+    check_overrides(overrides)
     root = dvc_root() if root is None else Path(root)
     workspace = read_params(root)
     committed = committed_params(root)

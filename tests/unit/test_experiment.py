@@ -158,3 +158,19 @@ def test_a_failed_dvc_exp_run_gives_its_exit_code_and_a_message(repo, fake_dvc, 
     with caplog.at_level(logging.ERROR, logger="faceage.experiment"):
         assert experiment.main(["-S", "train.epochs=5"]) == 3
     assert "`dvc exp run` failed (exit 3)" in caplog.text
+
+
+def test_an_override_dvc_cannot_read_is_refused_with_its_quoted_form(repo, fake_dvc, monkeypatch, caplog):
+    """`make quick SAMPLE=/home/José/sample` reached `dvc exp run`, which said only "Invalid --set-param value"."""
+    (repo / ".dvc").mkdir()
+    monkeypatch.chdir(repo)
+    with caplog.at_level(logging.ERROR, logger="faceage.experiment"):
+        assert experiment.main(["-S", "train.backbone=dlib_age", "-S", "fetch_data.source=/home/José/sample"]) == 1
+    assert not fake_dvc.exists()
+    [message] = [r.getMessage() for r in caplog.records]
+    quoted = message.rsplit("-S ", 1)[1]
+    assert "'fetch_data.source=/home/José/sample' is not an override DVC can read" in message
+    apply_overrides(repo / "params.yaml", [quoted])  # the suggested form is one DVC reads back as given
+    assert load_params(repo / "params.yaml").fetch_data.source == "/home/José/sample"
+    for fine in (quoted, "params.yaml:train.epochs=3", "++train.epochs=3", "evaluate.external=[/a, /b]"):
+        experiment.check_overrides([fine])
