@@ -64,8 +64,13 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def to_png(image: np.ndarray) -> bytes:
-    """Encodes an RGB uint8 array as PNG bytes (lossless; fast compression)."""
+def to_png(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """Encodes an RGB uint8 array as PNG bytes (lossless; fast compression), with ``text`` as tEXt chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1, pnginfo=info)
     return buf.getvalue()

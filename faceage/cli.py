@@ -1,14 +1,20 @@
 """The ``faceage`` command: ``faceage predict PATH...`` estimates the age of every face in photos.
 
-Input: image files and/or folders (their images, sorted by name; ``--recursive`` descends), and
-a model: a checkpoint + detector folder (default ``models/model.pt`` + ``models/detector``, the
-pipeline's outputs) or a packaged BentoML model (``--bento face_age:latest``).
+Input: image files and/or folders (their photos, by the suffixes of the formats Pillow opens
+here, sorted by name; ``--recursive`` descends, following symlinked folders once each), and a
+model: a checkpoint + detector folder (default ``models/model.pt`` + ``models/detector``, the
+pipeline's outputs), a packaged model folder (``--model DIR`` holding ``model.pt`` + ``detector/``)
+or a packaged BentoML model (``--bento face_age:latest``). A photo reached twice (named again, or
+through a link) is read once.
 Output: on stdout, a table (default), JSON (``--json``) or CSV (``--csv``) with one entry per
 face; with ``--annotate DIR``, a PNG per photo with each box and its "age ± std" label (a new
 file: ``<stem>.png``, or ``<stem>-N.png`` when that name is taken; no existing file, input photos
-included, is ever replaced). It uses :class:`faceage.predict.AgePredictor`, the predictor the
-service runs. Exit status 0, or 1 when some file could not be read or some annotated copy could
-not be written (the others are still reported).
+included, is ever replaced), and each entry names its copy (``annotated``) or why there is none
+(``annotate_error``). The copies carry a PNG text chunk (``Software: faceage``), and folder scans
+skip them, and the ``--annotate`` folder itself when it lies inside a scanned tree, so a rerun does
+not read its own output as photos. It uses :class:`faceage.predict.AgePredictor`, the predictor the
+service runs. Exit status 0, or 1 when some path could not be read (missing, a broken link, not an
+image) or some annotated copy could not be written (the others are still reported).
 """
 
 from __future__ import annotations
@@ -20,21 +26,45 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+from PIL import Image, features
+
 from faceage.errors import FaceAgeError
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from faceage.logs import setup_logging
-from faceage.predict import DEFAULT_MAX_DETECT_PIXELS, AgePredictor, FaceAge
+from faceage.predict import CHECKPOINT_FILE, DEFAULT_MAX_DETECT_PIXELS, DETECTOR_DIR, AgePredictor, FaceAge
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif"}
+# Photo formats a folder scan reads, by Pillow's format name (not every format Pillow opens: a
+# folder of photos also holds PDFs, PostScript, icons and videos, which are not photos).
+PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "HEIF", "BMP", "TIFF", "JPEG2000")
+# The codec a format's plugin needs: these plugins register their suffixes even when Pillow was built
+# without it (WebP's and AVIF's register them only when their library is there).
+_FORMAT_CODECS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "zlib", "JPEG2000": "jpg_2000"}
+DEFAULT_DETECTOR = Path("models/detector")
+ANNOTATED_MARK = ("Software", "faceage")  # the PNG text chunk (key, value) on every annotated copy
+AGE_DECIMALS = 4  # JSON ages: float32 noise below this depends on which photos share a forward pass
 CHUNK_IMAGES = 8  # photos per forward pass: bounds memory, keeps the batch large enough
 NAME_MAX = 255  # bytes in a file name on common file systems, when the folder does not say
+
+
+def photo_suffixes() -> frozenset[str]:
+    """Lower-case file suffixes of the :data:`PHOTO_FORMATS` this Pillow can open (``.avif`` where it
+    decodes AVIF): what a folder scan reads. The same for every run on one installation."""
+    Image.init()  # loads every plugin: all their suffixes registered, ``Image.OPEN`` complete
+    return frozenset(suffix for suffix, fmt in Image.registered_extensions().items()
+                     if fmt in PHOTO_FORMATS and fmt in Image.OPEN
+                     and (fmt not in _FORMAT_CODECS or features.check_codec(_FORMAT_CODECS[fmt])))
+
+
+IMAGE_SUFFIXES = photo_suffixes()
 
 
 @dataclass
@@ -47,42 +77,118 @@ class PhotoResult:
     faces: list[FaceAge] = field(default_factory=list)
     error: str | None = None
     annotate_error: str | None = None  # why its annotated copy could not be written (ages still valid)
+    annotated: Path | None = None  # the annotated copy written for it (``--annotate``)
 
-    def as_dict(self) -> dict:
+    def as_dict(self, annotate: bool = False) -> dict:
+        """JSON-ready; ``age``/``age_std`` rounded to :data:`AGE_DECIMALS`.
+
+        Args:
+            annotate: Also give ``annotated`` (the copy's path, or ``None``) and ``annotate_error``
+                (why it could not be written, or ``None``), as a run with ``--annotate`` does.
+        """
         if self.error is not None:
-            return {"file": str(self.path), "error": self.error}
-        return {"file": str(self.path), "width": self.width, "height": self.height,
-                "faces": [f.as_dict() for f in self.faces]}
+            entry = {"file": str(self.path), "error": self.error}
+        else:
+            entry = {"file": str(self.path), "width": self.width, "height": self.height,
+                     "faces": [_face_dict(f) for f in self.faces]}
+        if annotate:
+            entry["annotated"] = None if self.annotated is None else str(self.annotated)
+            entry["annotate_error"] = self.annotate_error
+        return entry
 
 
-def collect_images(paths: Sequence[str | Path], recursive: bool = False) -> list[Path]:
-    """Files as given, plus the images inside given folders (by suffix, sorted).
+def _face_dict(face: FaceAge) -> dict:
+    """:meth:`FaceAge.as_dict` with the ages rounded: the digits past :data:`AGE_DECIMALS` are float32
+    noise that changes with the other faces in the batch, so the same photo would print differently
+    depending on which files came with it."""
+    return {**face.as_dict(), "age": round(face.age, AGE_DECIMALS), "age_std": round(face.age_std, AGE_DECIMALS)}
+
+
+def collect_images(paths: Sequence[str | Path], recursive: bool = False, *, skip_dir: Path | None = None
+                   ) -> list[Path]:
+    """Paths as given, plus the photos inside given folders (by suffix, sorted), each photo once.
 
     Inside a given folder, hidden entries are skipped: names starting with ``.``, and everything
     under a subfolder whose name does. macOS's ``._IMG.JPG`` files carry metadata, not pixels, and
-    caches such as ``.thumbs/`` hold copies, not photos. Files named explicitly are taken as given.
+    caches such as ``.thumbs/`` hold copies, not photos. Annotated copies this command wrote
+    (:func:`is_annotated_copy`) are skipped too. A symbolic link with a photo's suffix whose target
+    is gone is kept, so that its row reports it. ``recursive`` follows symlinked folders, each real
+    folder once (a link to an ancestor ends there).
 
-    Raises:
-        FileNotFoundError: A path does not exist.
+    Paths named explicitly are taken as given, missing ones included (their rows say so). A photo
+    reached twice (``real real/b.jpg ./real/b.jpg``, or through a link) is kept once, where it
+    first appears.
+
+    Args:
+        paths: Files and folders, as on the command line.
+        recursive: Also read the subfolders of given folders.
+        skip_dir: The ``--annotate`` folder: a subfolder of a scanned folder that is this folder is
+            not read. A given folder that is this folder is read, without its annotated copies.
+
+    Returns:
+        The paths, in order: each given path's, then the next's.
     """
+    skip = None if skip_dir is None else _real(skip_dir)
     found: list[Path] = []
+    seen: set[Path] = set()
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found.extend(sorted(p for p in path.glob(pattern)
-                                if not _hidden(p.relative_to(path)) and p.is_file()
-                                and p.suffix.lower() in IMAGE_SUFFIXES))
-        elif path.exists():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {path}")
+        for photo in sorted(_scan_folder(path, recursive, skip)) if path.is_dir() else [path]:
+            real = _real(photo)
+            if real not in seen:
+                seen.add(real)
+                found.append(photo)
     return found
 
 
-def _hidden(relative: Path) -> bool:
-    """Whether a path inside a scanned folder is, or lies under, a hidden entry."""
-    return any(part.startswith(".") for part in relative.parts)
+def _scan_folder(top: Path, recursive: bool, skip: Path | None) -> Iterator[Path]:
+    """The photos in ``top`` (and, ``recursive``, its subfolders but ``skip``), in no set order."""
+    visited: set[Path] = set()
+    pending = [top]
+    while pending:
+        folder = pending.pop()
+        real = _real(folder)
+        if real in visited:  # a symlinked folder met before: a loop, or the same photos again
+            log.info("skipped %s: the folder %s was already read", folder, real)
+            continue
+        visited.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("skipped the folder %s: %s", folder, e.strerror or e)
+            continue
+        for entry in entries:
+            path = folder / entry.name
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows a symlink
+                if recursive and _real(path) != skip:
+                    pending.append(path)
+            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and (
+                    entry.is_file() and not is_annotated_copy(path)
+                    or entry.is_symlink() and not os.path.exists(path)):  # a broken link: its row will say
+                yield path
+
+
+def _real(path: Path) -> Path:
+    """``path`` with every link resolved, as far as they go (a loop or a missing target is no error)."""
+    return Path(os.path.realpath(path))
+
+
+def is_annotated_copy(path: Path) -> bool:
+    """Whether ``path`` is a PNG this command wrote: its text chunk :data:`ANNOTATED_MARK`.
+
+    Only the header is read. A file that is not a PNG, or cannot be read, is not one.
+    """
+    if path.suffix.lower() != ".png":
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image applies its own limit
+            with Image.open(path) as im:  # the text chunks before the pixels land in ``info``
+                return im.format == "PNG" and im.info.get(ANNOTATED_MARK[0]) == ANNOTATED_MARK[1]
+    except Exception:  # Pillow raises whatever its parser trips on; the photo's own row will say
+        return False
 
 
 def prepare_annotate_dir(path: Path) -> None:
@@ -127,8 +233,8 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
                 try:
                     image = load_image(path, max_pixels=predictor.locator.max_pixels)
                 except (ImageDecodeError, OSError) as e:
-                    result.error = str(e)
-                    log.warning("skipped %s: %s", path, e)
+                    result.error = _read_error(path, e)
+                    log.warning("skipped %s: %s", path, result.error)
                 else:
                     result.height, result.width = image.shape[:2]
                     images[len(results)] = image
@@ -142,9 +248,20 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
                         results[i].annotate_error = str(e)
                         log.warning("could not write the annotated copy of %s: %s", results[i].path, e)
                     else:
+                        results[i].annotated = written
                         log.info("annotated %s -> %s", results[i].path, written)
             bar.update(len(results))
             yield from results
+
+
+def _read_error(path: Path, error: Exception) -> str:
+    """The row's message for a photo that could not be read: a missing path, or a symbolic link
+    whose target is gone, in words rather than as the ``[Errno 2]`` of opening it."""
+    if isinstance(error, OSError) and not os.path.exists(path):
+        if os.path.islink(path):
+            return f"broken symbolic link: {path} -> {os.readlink(path)}"
+        return f"no such file or folder: {path}"
+    return str(error)
 
 
 def write_annotated(out_dir: Path, path: Path, image, faces: list[FaceAge]) -> Path:
@@ -161,9 +278,9 @@ def write_annotated(out_dir: Path, path: Path, image, faces: list[FaceAge]) -> P
     Raises:
         OSError: It could not be written (nothing is left behind).
     """
-    from faceage.annotate import annotate, to_png
+    from faceage.annotate import annotate
 
-    data = to_png(annotate(image, faces))
+    data = annotated_png(annotate(image, faces))
     limit = _name_max(out_dir)
     n = 0
     while True:
@@ -186,6 +303,14 @@ def write_annotated(out_dir: Path, path: Path, image, faces: list[FaceAge]) -> P
         return target
 
 
+def annotated_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an annotated RGB uint8 image (:func:`faceage.annotate.to_png`) with the text chunk
+    :data:`ANNOTATED_MARK`, by which a later folder scan knows it is not a photo."""
+    from faceage.annotate import to_png
+
+    return to_png(image, dict([ANNOTATED_MARK]))
+
+
 def _name_max(folder: Path) -> int:
     """The longest file name, in bytes, that ``folder``'s file system accepts."""
     try:
@@ -194,31 +319,43 @@ def _name_max(folder: Path) -> int:
         return NAME_MAX
 
 
-def write_table(results: Sequence[PhotoResult], out: TextIO) -> None:
-    """A fixed-width table: one row per face; photos without faces or unreadable get one row."""
-    rows = [("file", "face", "age", "age_std", "box", "score", "note")]
+def write_table(results: Sequence[PhotoResult], out: TextIO, annotate: bool = False) -> None:
+    """A fixed-width table: one row per face; photos without faces or unreadable get one row.
+
+    With ``annotate``, an ``annotated`` column (before ``note``) names each photo's copy, and the note
+    says why a copy could not be written.
+    """
+    rows = [("file", "face", "age", "age_std", "box", "score", *(("annotated",) if annotate else ()), "note")]
     for r in results:
+        copy = (str(r.annotated or ""),) if annotate else ()
+        failed = f"not annotated: {r.annotate_error}" if r.annotate_error is not None else ""
         if r.error is not None:
-            rows.append((str(r.path), "-", "", "", "", "", f"error: {r.error}"))
+            rows.append((str(r.path), "-", "", "", "", "", *copy, f"error: {r.error}"))
         elif not r.faces:
-            rows.append((str(r.path), "-", "", "", "", "", "no face"))
+            rows.append((str(r.path), "-", "", "", "", "", *copy, "; ".join(filter(None, ("no face", failed)))))
         for i, f in enumerate(r.faces, 1):
             rows.append((str(r.path), str(i), f"{f.age:.1f}", f"{f.age_std:.1f}", " ".join(map(str, f.box)),
-                         f"{f.score:.3f}", ""))
+                         f"{f.score:.3f}", *copy, failed))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
 
 
-def write_csv(results: Sequence[PhotoResult], out: TextIO) -> None:
-    """CSV: ``file,face,x1,y1,x2,y2,age,age_std,score,error``; one row per face (or per faceless photo)."""
+def write_csv(results: Sequence[PhotoResult], out: TextIO, annotate: bool = False) -> None:
+    """CSV: ``file,face,x1,y1,x2,y2,age,age_std,score,error``; one row per face (or per faceless photo).
+
+    With ``annotate``, two more columns: ``annotated`` (the photo's copy) and ``annotate_error``
+    (why it could not be written); a run without ``--annotate`` keeps the ten columns.
+    """
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["file", "face", "x1", "y1", "x2", "y2", "age", "age_std", "score", "error"])
+    writer.writerow(["file", "face", "x1", "y1", "x2", "y2", "age", "age_std", "score", "error",
+                     *(["annotated", "annotate_error"] if annotate else [])])
     for r in results:
+        copy = [r.annotated or "", r.annotate_error or ""] if annotate else []
         if r.error is not None or not r.faces:
-            writer.writerow([r.path, "", "", "", "", "", "", "", "", r.error or ""])
+            writer.writerow([r.path, "", "", "", "", "", "", "", "", r.error or "", *copy])
         for i, f in enumerate(r.faces, 1):
-            writer.writerow([r.path, i, *f.box, f"{f.age:.3f}", f"{f.age_std:.3f}", f"{f.score:.4f}", ""])
+            writer.writerow([r.path, i, *f.box, f"{f.age:.3f}", f"{f.age_std:.3f}", f"{f.score:.4f}", "", *copy])
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -247,10 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="print CSV (one row per face)")
     p.add_argument("--annotate", metavar="DIR", type=Path, help="write an annotated PNG per photo into DIR")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", type=Path, default=Path("models/model.pt"), help="checkpoint (default: %(default)s)")
+    src.add_argument("--model", type=Path, default=Path("models/model.pt"),
+                     help="checkpoint, or a packaged model folder (model.pt + detector/) (default: %(default)s)")
     src.add_argument("--bento", metavar="TAG", help="use a packaged BentoML model instead, e.g. face_age:latest")
-    p.add_argument("--detector", type=Path, default=Path("models/detector"),
-                   help="detector folder for --model (default: %(default)s)")
+    p.add_argument("--detector", type=Path,
+                   help=f"detector folder for a --model checkpoint (default: {DEFAULT_DETECTOR}; "
+                        "a model folder brings its own)")
     p.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--max-detect-pixels", type=_int_at_least(0), default=DEFAULT_MAX_DETECT_PIXELS,
                    help="downscale larger images for detection only; 0 = never (default: %(default)s)")
@@ -262,9 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
 def load_predictor(args: argparse.Namespace) -> AgePredictor:
     """The predictor from ``--bento`` or ``--model``/``--detector``.
 
+    ``--model`` may name a packaged model folder (``model.pt`` + ``detector/``, as ``stages/package.py``
+    stores it): it is read with :meth:`AgePredictor.from_model_dir`.
+
     Raises:
-        FaceAgeError: The tag is malformed or not in the store, or the checkpoint is missing or
-            not a FaceAge checkpoint (:class:`faceage.model.CheckpointError`).
+        FaceAgeError: The tag is malformed or not in the model store (a bento's tag says so), the
+            checkpoint is missing or not a FaceAge checkpoint (:class:`faceage.model.CheckpointError`),
+            or a folder given as ``--model`` is not a packaged model.
     """
     options = {"threads": args.threads, "max_pixels": args.max_pixels, "max_detect_pixels": args.max_detect_pixels}
     if args.bento:
@@ -278,12 +421,47 @@ def load_predictor(args: argparse.Namespace) -> AgePredictor:
         try:
             stored = bentoml.models.get(tag)
         except bentoml.exceptions.NotFound as e:
-            raise FaceAgeError(f"BentoML model {args.bento!r} not found: run `make bento` first ({e})") from e
+            raise FaceAgeError(_model_not_found(args.bento, e)) from e
         return AgePredictor.from_model_dir(stored.path, **options)
+    if args.model.is_dir():
+        check_model_dir(args.model, args.detector)
+        return AgePredictor.from_model_dir(args.model, **options)
     if not args.model.is_file():
         raise FaceAgeError(f"checkpoint {args.model} not found: run `dvc repro`, or pass --model PATH "
-                           "or --bento face_age:latest")
-    return AgePredictor(args.model, args.detector, **options)
+                           "(a checkpoint, or a packaged model folder) or --bento face_age:latest")
+    return AgePredictor(args.model, args.detector or DEFAULT_DETECTOR, **options)
+
+
+def check_model_dir(folder: Path, detector: Path | None) -> None:
+    """Checks that a ``--model`` folder is a packaged model (``model.pt`` + ``detector/``).
+
+    Raises:
+        FaceAgeError: It lacks either, or ``--detector`` was given too (the folder's own is used).
+    """
+    missing = [name for name, present in ((CHECKPOINT_FILE, (folder / CHECKPOINT_FILE).is_file()),
+                                          (f"{DETECTOR_DIR}/", (folder / DETECTOR_DIR).is_dir())) if not present]
+    if missing:
+        raise FaceAgeError(f"--model {folder} is a folder without {' and '.join(missing)}: pass a checkpoint "
+                           f"file, or a packaged model folder ({CHECKPOINT_FILE} + {DETECTOR_DIR}/, such as "
+                           "~/bentoml/models/face_age/<version>)")
+    if detector is not None:
+        raise FaceAgeError(f"--detector {detector} with the model folder {folder}: the folder brings its own "
+                           f"{DETECTOR_DIR}/; leave --detector out")
+
+
+def _model_not_found(given: str, error: Exception) -> str:
+    """The message for a ``--bento`` tag that is not in the model store: a bento's tag (``bentoml
+    build`` prints it, and the bento is often named like its model) is named as such, with the tags of
+    the models it uses."""
+    import bentoml
+
+    try:
+        bento = bentoml.bentos.get(given)
+    except bentoml.exceptions.BentoMLException:  # not a bento either (or an unreadable one)
+        return f"BentoML model {given!r} not found: run `make bento` first ({error})"
+    models = [f"--bento {m.tag}" for m in bento.info.all_models]
+    return (f"--bento {given!r} is a bento, not a model: pass a model's tag (`bentoml models list`), such as "
+            f"the models it uses: {', '.join(models) or 'none'}")
 
 
 def _encode_path_bytes(error: UnicodeError) -> tuple[str | bytes, int]:
@@ -313,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
     _robust_stdout()
     try:
-        paths = collect_images(args.paths, args.recursive)
+        paths = collect_images(args.paths, args.recursive, skip_dir=args.annotate)
         if not paths:
             raise FaceAgeError(f"no images found in {', '.join(args.paths)}")
         if args.annotate is not None:  # before the model loads: a bad folder fails at once
@@ -322,14 +500,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FaceAgeError, FileNotFoundError) as e:
         log.error("%s", e)
         return 1
+    annotate = args.annotate is not None
     try:
         if args.json:
-            json.dump([r.as_dict() for r in results], sys.stdout, indent=2)
+            json.dump([r.as_dict(annotate) for r in results], sys.stdout, indent=2)
             sys.stdout.write("\n")
         elif args.csv:
-            write_csv(results, sys.stdout)
+            write_csv(results, sys.stdout, annotate)
         else:
-            write_table(results, sys.stdout)
+            write_table(results, sys.stdout, annotate)
         sys.stdout.flush()
     except BrokenPipeError:  # `faceage predict ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

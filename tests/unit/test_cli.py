@@ -5,14 +5,18 @@ import io
 import json
 import os
 import shutil
+import re
 import signal
+import subprocess
 import sys
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from faceage.cli import collect_images, main
+from faceage.cli import build_parser, collect_images, main
 from tests.unit.test_predict import make_checkpoint, make_detector_dir
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -38,8 +42,7 @@ def test_collect_images_filters_folders_by_suffix_and_sorts(photos):
     assert [p.name for p in collect_images([folder])] == ["astronaut.png", "blank.jpg", "broken.jpg"]
     assert len(collect_images([folder], recursive=True)) == 4
     assert collect_images([folder / "notes.txt"]) == [folder / "notes.txt"]  # named files are taken as given
-    with pytest.raises(FileNotFoundError, match="no such file or folder: .*missing"):
-        collect_images([folder / "missing"])
+    assert collect_images([folder / "missing"]) == [folder / "missing"]  # its row says it is missing
 
 
 def test_json_has_one_entry_per_photo_and_exit_1_for_the_unreadable_one(photos, capsys):
@@ -166,6 +169,8 @@ def test_a_failed_annotated_write_keeps_every_result(photos, tmp_path, capsys):
     assert [len(r["faces"]) >= 1 for r in results] == [True, False]  # the astronaut's ages are kept
     assert "could not write the annotated copy of" in captured.err and "astronaut.png" in captured.err
     assert "Traceback" not in captured.err
+    assert results[0]["annotated"] is None and "File too large" in results[0]["annotate_error"]
+    assert results[1]["annotated"] == str(out / "blank.png") and results[1]["annotate_error"] is None
     assert [p.name for p in out.iterdir()] == ["blank.png"]  # no truncated astronaut PNG left behind
 
 
@@ -246,3 +251,141 @@ def test_folder_scans_skip_hidden_files_and_folders(tmp_path):
     assert collect_images([folder]) == [folder / "IMG.JPG"]
     assert collect_images([folder], recursive=True) == [folder / "IMG.JPG", folder / "sub" / "b.jpg"]
     assert collect_images([folder / "._IMG.JPG"]) == [folder / "._IMG.JPG"]  # named files are taken as given
+
+
+def test_each_result_names_its_annotated_copy(wild_dir, photos, tmp_path, capsys):
+    """ph/a.jpg and ph/sub/a.jpg become a.png and a-1.png: the output says which is which."""
+    ph = tmp_path / "ph"
+    (ph / "sub").mkdir(parents=True)
+    shutil.copyfile(wild_dir / "fr_obama_small.jpg", ph / "a.jpg")  # 320 x 240
+    shutil.copyfile(wild_dir / "dlib_2008_001009.jpg", ph / "sub" / "a.jpg")  # 360 x 480
+    out = tmp_path / "out"
+    assert main(["predict", str(ph), "--recursive", "--json", "--annotate", str(out), *photos["model"]]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [e["file"] for e in entries] == [str(ph / "a.jpg"), str(ph / "sub" / "a.jpg")]
+    assert sorted(e["annotated"] for e in entries) == [str(out / "a-1.png"), str(out / "a.png")]
+    for e in entries:
+        assert e["annotate_error"] is None
+        with Image.open(e["annotated"]) as im, Image.open(e["file"]) as photo:
+            assert im.size == photo.size == (e["width"], e["height"])  # the copy of this photo, not the other
+    copies = {e["file"]: e["annotated"] for e in entries}
+
+    assert main(["predict", str(ph), "--recursive", "--csv", "--annotate", str(out), *photos["model"]]) == 0
+    reader = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    rows = list(reader)
+    assert reader.fieldnames[-2:] == ["annotated", "annotate_error"]
+    assert {r["file"]: (r["annotated"], r["annotate_error"]) for r in rows} == {
+        str(ph / "a.jpg"): (str(out / "a-2.png"), ""), str(ph / "sub" / "a.jpg"): (str(out / "a-3.png"), "")}
+    assert main(["predict", str(ph), "--recursive", "--annotate", str(out), *photos["model"]]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["file", "face", "age", "age_std", "box", "score", "annotated", "note"]
+    assert {line.split()[0]: line.split()[9] for line in table[1:]} == {  # file face age std x1 y1 x2 y2 score
+        str(ph / "a.jpg"): str(out / "a-4.png"), str(ph / "sub" / "a.jpg"): str(out / "a-5.png")}
+    assert len(copies) == 2 and sorted(p.name for p in out.iterdir()) == [f"a-{n}.png" for n in range(1, 6)] + ["a.png"]
+
+
+def test_without_annotate_the_outputs_keep_their_fields(photos, capsys):
+    """A plain run's CSV keeps its ten columns and its JSON its keys: scripts that read them still work."""
+    photo = str(photos["folder"] / "astronaut.png")
+    assert main(["predict", photo, "--csv", *photos["model"]]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == "file,face,x1,y1,x2,y2,age,age_std,score,error"
+    assert main(["predict", photo, "--json", *photos["model"]]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    assert sorted(entry) == ["faces", "file", "height", "width"]
+
+
+def test_json_ages_are_rounded_to_4_decimals(photos, capsys):
+    """The digits past 4 decimals are float32 noise that depends on which photos share the forward pass."""
+    from faceage.images import load_image
+    from faceage.predict import AgePredictor
+
+    photo = photos["folder"] / "astronaut.png"
+    assert main(["predict", str(photo), "--json", *photos["model"]]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    want = AgePredictor(photos["model"][1], photos["model"][3], threads=1).predict(load_image(photo))
+    got = entry["faces"]
+    assert len(got) == len(want) >= 1
+    for g, w in zip(got, want):
+        assert (g["age"], g["age_std"]) == (round(g["age"], 4), round(g["age_std"], 4))
+        assert g["age"] == pytest.approx(w.age, abs=6e-5) and g["age_std"] == pytest.approx(w.age_std, abs=6e-5)
+
+
+def test_a_packaged_model_folder_is_a_model(photos, tmp_path, capsys):
+    """``--model ~/bentoml/models/face_age/<version>``: the folder ``make bento`` stores (model.pt + detector/)."""
+    package = tmp_path / "face_age" / "v1"
+    package.mkdir(parents=True)
+    shutil.copyfile(photos["model"][1], package / "model.pt")
+    shutil.copytree(photos["model"][3], package / "detector")
+    photo = str(photos["folder"] / "astronaut.png")
+    assert main(["predict", photo, "--json", *photos["model"]]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(["predict", photo, "--json", "--model", str(package)]) == 0
+    assert json.loads(capsys.readouterr().out) == want
+    assert main(["predict", photo, "--model", str(package), "--detector", photos["model"][3]]) == 1
+    assert "the folder brings its own detector/; leave --detector out" in capsys.readouterr().err
+    assert main(["predict", photo, "--model", str(tmp_path / "face_age")]) == 1
+    err = capsys.readouterr().err
+    assert f"--model {tmp_path / 'face_age'} is a folder without model.pt and detector/" in err
+    assert "checkpoint not found" not in err and "Traceback" not in err
+
+
+BENTO_SERVICE = """
+import bentoml
+
+
+@bentoml.service(name="face_age")
+class FaceAge:
+    model = bentoml.models.BentoModel("face_age:latest")
+
+    @bentoml.api
+    def ping(self) -> str:
+        return "pong"
+"""
+
+BUILD_AND_PREDICT = """
+import shutil, sys
+from pathlib import Path
+
+import bentoml
+from faceage.cli import main
+
+checkpoint, detector, context, photo = sys.argv[1:]
+with bentoml.models.create("face_age") as model:
+    shutil.copyfile(checkpoint, Path(model.path) / "model.pt")
+    shutil.copytree(detector, Path(model.path) / "detector")
+bento = bentoml.bentos.build("service:FaceAge", build_ctx=context)
+print(bento.tag, model.tag, main(["predict", photo, "--bento", str(bento.tag)]),
+      main(["predict", photo, "--bento", str(model.tag)]))
+"""
+
+
+def test_a_bento_tag_given_as_bento_says_it_is_a_bento(photos, tmp_path):
+    """``bentoml build`` prints the bento's tag (``face_age:<its version>``); ``--bento`` wants the model's."""
+    pytest.importorskip("bentoml")
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "service.py").write_text(BENTO_SERVICE)
+    photo = str(photos["folder"] / "astronaut.png")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    out = subprocess.run([sys.executable, "-c", BUILD_AND_PREDICT, photos["model"][1], photos["model"][3],
+                          str(context), photo], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    bento_tag, model_tag, code, hinted = out.stdout.split()[-4:]
+    assert bento_tag.startswith("face_age:") and bento_tag != model_tag and code == "1"
+    assert f"--bento '{bento_tag}' is a bento, not a model" in out.stderr
+    assert "`bentoml models list`" in out.stderr and "run `make bento` first" not in out.stderr
+    assert f"the models it uses: --bento {model_tag}" in out.stderr, out.stderr[-3000:]
+    assert hinted == "0"  # the tag it points to works
+
+
+def test_the_readme_documents_the_cli_s_own_options():
+    """The README's `faceage predict` paragraphs name options the parser has, not the service's variables."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("The CLI (`faceage predict")
+    text = readme[start:readme.index("\nBad input gets", start)]
+    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
+    options = {o for action in predict._actions for o in action.option_strings}
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+    assert "--max-detect-pixels" in named and named <= options, named - options
+    assert "the CLI's\n`--max-detect-pixels`" in text or "the CLI's `--max-detect-pixels`" in text
