@@ -27,6 +27,9 @@ from faceage.errors import FaceAgeError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6000x6000; larger uploads are refused before decoding
+# Formats whose Pillow plugin decodes the (largest) embedded image while opening, before its size
+# can be checked: a 690 kB icon holding a 13000x13000 PNG took 650 MB. Icons are not photos: refused.
+_DECODED_AT_OPEN = {"ICO": b"\x00\x00\x01\x00", "ICNS": b"icns"}
 
 _ORIENTATION = 0x0112  # the EXIF tag
 # Orientation value -> the transpose that makes the image upright (as ImageOps.exif_transpose).
@@ -95,6 +98,22 @@ def _upright(img: Image.Image) -> Image.Image:
         return img.transpose(method) if method is not None else img
 
 
+def _safe_formats() -> list[str]:
+    """Every format Pillow opens here but those it decodes while opening (:data:`_DECODED_AT_OPEN`)."""
+    Image.init()
+    return [fmt for fmt in Image.OPEN if fmt not in _DECODED_AT_OPEN]
+
+
+def _starts_with(source: str | Path | bytes, magic: bytes) -> bool:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source[:len(magic)]) == magic
+    try:
+        with open(source, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes an image file or bytes into an upright RGB uint8 array.
 
@@ -121,7 +140,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         with warnings.catch_warnings():
             # Pillow warns (then errors at 2x) past its own limit; we apply ours instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(stream) as img:
+            with Image.open(stream, formats=_safe_formats()) as img:
                 pixels = img.width * img.height
                 if pixels > max_pixels:
                     raise ImageDecodeError(
@@ -134,6 +153,10 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
     except (ImageDecodeError, MemoryError):
         raise  # our own size limit has its message; out of memory is the server's problem
     except UnidentifiedImageError as e:
+        icon = next((fmt for fmt, magic in _DECODED_AT_OPEN.items() if _starts_with(source, magic)), None)
+        if icon is not None:
+            raise ImageDecodeError(f"{icon} icons are not accepted (decoded whole before their size can be "
+                                   f"checked): {name}") from e
         raise ImageDecodeError(f"not an image (unknown format): {name}") from e
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large: {e}") from e

@@ -209,3 +209,32 @@ def test_a_trns_transparent_colour_in_grey_and_rgb_pngs_becomes_white(mode, back
     out = load_image(encode(img, "PNG", transparency=background))
     assert (out[0, 0] == 255).all() and (out[7, 7] == 255).all()
     assert tuple(out[4, 4]) == ((200, 10, 10) if mode == "RGB" else (200, 200, 200))  # opaque pixels kept
+
+
+def test_an_icon_is_refused_before_pillow_decodes_its_embedded_image(tmp_path):
+    """Pillow's ICO plugin decodes the largest embedded PNG inside Image.open, before the pixel limit
+    is checked: a 690 kB icon holding a 13000x13000 PNG took 650 MB before its 400."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    from faceage.images import ImageDecodeError, load_image
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (3000, 3000)).save(buf, "PNG")
+    png = buf.getvalue()
+    icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+    opened = []
+    real_open = Image.open
+    Image.open = lambda *a, **k: opened.append(k.get("formats")) or real_open(*a, **k)
+    try:
+        with pytest.raises(ImageDecodeError, match="ICO icons are not accepted"):
+            load_image(icon, max_pixels=1000)
+        (tmp_path / "a.ico").write_bytes(icon)
+        with pytest.raises(ImageDecodeError, match=r"ICO icons are not accepted .*a\.ico"):
+            load_image(tmp_path / "a.ico")
+    finally:
+        Image.open = real_open
+    assert opened and all(formats is not None and "ICO" not in formats and "PNG" in formats for formats in opened)
+    assert load_image(png, max_pixels=10**7).shape == (3000, 3000, 3)  # the same pixels as a PNG: read
