@@ -24,6 +24,18 @@ def _no_face_policy(no_face: str | None) -> str:
     }.get(no_face, f"`{no_face}`")
 
 
+def _validation_note(meta: dict[str, Any]) -> str:
+    """The best epoch's validation MAE, and the shipped network's when training mixed it with the
+    pretrained one (WiSE-FT, the ensemble weight)."""
+    own = meta.get("best_epoch_val_mae", meta["val_mae"])
+    if abs(own - meta["val_mae"]) < 5e-4:
+        return f" ({_fmt(meta['val_mae'])} years)"
+    mixes = [f"WiSE-FT alpha {meta['wise_alpha']:.2f}" if "wise_alpha" in meta else "",
+             f"ensemble weight {meta['ensemble_weight']:.2f}" if "ensemble_weight" in meta else ""]
+    return (f" ({_fmt(own)} years); shipped mixed with the pretrained network "
+            f"({', '.join(m for m in mixes if m) or 'mixed'}): {_fmt(meta['val_mae'])} years")
+
+
 def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     """What the backbone is and which part of it was trained."""
     if meta["backbone"] == "dlib_face":
@@ -184,7 +196,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"- Backbone: `{meta['backbone']}`" + _backbone_note(meta, tp) + ".",
         f"- Training: {tp.get('epochs', '?')} epochs, loss `{tp.get('loss', '?')}`, optimiser `{tp.get('optimizer', '?')}` "
         f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, {_augmentation(meta, tp)}; "
-        f"best epoch {meta.get('best_epoch', '?')} by validation MAE ({_fmt(meta['val_mae'])} years).",
+        f"best epoch {meta.get('best_epoch', '?')} by validation MAE" + _validation_note(meta) + ".",
         f"- Faces: dlib `{crop['detector']}` detector (upsample {crop['upsample']}" + _retry_note(crop) + "), square crop with margin "
         f"{crop['margin']}, {crop['size']} px" + _chip_note(meta) + "; the service uses the same detector file "
         f"(sha256 `{crop['detector_sha256'][:16]}...`) and crop code.",

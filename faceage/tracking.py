@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "face-age"
 DVC_EXPERIMENT_TAG = "dvc_experiment"  # the DVC experiment a run trained in (``dvc exp run`` names it)
+# HEAD of the latest resume of a run that ran another commit than the one it started at (tag ``git_commit``)
+RESUMED_AT_COMMIT_TAG = "resumed_at_commit"
 
 
 @contextmanager

@@ -3,7 +3,9 @@
 Input: the ``preprocess`` output folder and :class:`TrainParams`. Outputs:
 
 - the best checkpoint by validation MAE (self-describing, see :mod:`faceage.model`);
-- ``history.csv`` (one row per epoch, results only) and ``metrics.json`` (best validation MAE);
+- ``history.csv`` (one row per epoch, results only; ``lr`` is the rate the epoch started with) and
+  ``metrics.json`` (``best_val_mae``: the shipped network's validation MAE, which :func:`finalize` may have
+  mixed with the pretrained one; ``best_epoch_val_mae``: the best epoch's own);
 - ``model_summary.txt`` and a ``run.json`` naming the MLflow run, which ``evaluate`` and packaging continue.
 
 The loop is split the torchvision-references way: :func:`train_one_epoch`, :func:`evaluate`, and
@@ -21,8 +23,11 @@ at any point loses at most the running epoch. Nothing random is carried between 
 ``e`` reseeds Python, NumPy and torch from ``(seed, e, rank)``, the sampler's order is a function
 of ``(seed, e)``, and each sample's augmentation, mirror-view choice and label jitter come from a
 generator seeded by ``(seed, e, index)``. So a resumed epoch draws exactly what the uninterrupted
-one drew, whatever the number of loader workers (their own seeds never reach the data), and on
-CPU the resumed run ends with bit-identical weights, history and metrics.
+one drew, whatever the number of loader workers (their own seeds never reach the data, and come from
+the loader's own generator, so that drawing them leaves the global stream that dropout reads alone),
+and on CPU the resumed run ends with bit-identical weights, history and metrics. The state is
+fingerprinted by the params, the data and the pretrained weights' bytes; its MLflow run, when deleted
+or not in the current store, is replaced by a new one that gets the saved epochs' metrics.
 
 Distributed. ``torchrun --nproc_per_node=N stages/train.py ...`` (or ``--nnodes`` with a
 rendezvous) runs :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU, nccl on CUDA);
@@ -44,7 +49,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -61,6 +66,8 @@ from faceage.chips import DLIB_AGE
 from faceage.config import ConfigError, TrainParams
 from faceage.cores import usable_cores
 from faceage.data import load_split
+from faceage.detector import AGE_MODEL_FILE, RECOGNITION_FILE
+from faceage.dlib_age import HEAD_FUSED
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.face_encoder import FACE_ENCODER
@@ -70,8 +77,11 @@ from faceage.model import (
     MAX_AGE, MIN_AGE, build_model, check_input_size, expected_age, fit_temperature, input_stats, load_pretrained,
     save_checkpoint,
 )
+from faceage.paths import from_root
 from faceage.preprocess import MANIFEST, read_crop_settings
-from faceage.tracking import DVC_EXPERIMENT_TAG, git_commit, mlflow_env, setup_mlflow, tracking_uri, write_run_file
+from faceage.tracking import (
+    DVC_EXPERIMENT_TAG, RESUMED_AT_COMMIT_TAG, git_commit, mlflow_env, setup_mlflow, tracking_uri, write_run_file,
+)
 from faceage.transforms import train_augment
 
 log = logging.getLogger(__name__)
@@ -321,7 +331,9 @@ class TrainState:
     """Everything a resumed run needs, saved after every finished epoch.
 
     ``history`` rows hold :data:`HISTORY_COLUMNS` plus :data:`TIMING_COLUMNS`; ``elapsed_s`` adds up
-    over resumed runs. ``best_model`` is ``None`` until an epoch improves on the start.
+    over resumed runs. ``best_model`` is ``None`` until an epoch improves on the start. ``git_commit`` is
+    HEAD when the run started (the checkpoint's and the MLflow tag's); ``resumed_at_commit`` HEAD of the
+    latest resume that ran another commit, "" while none did.
     """
 
     fingerprint: str
@@ -335,6 +347,8 @@ class TrainState:
     best_val_mae: float = float("inf")
     best_epoch: int = 0
     best_model: dict[str, torch.Tensor] | None = None
+    git_commit: str = ""  # "" in a state saved before it was kept: the run's git_commit tag is read instead
+    resumed_at_commit: str = ""
 
 
 def save_state(path: str | Path, state: TrainState) -> None:
@@ -365,13 +379,33 @@ def load_state(path: str | Path, fingerprint: str) -> TrainState | None:
     return state
 
 
-def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None) -> str:
+def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None,
+                 weight_files: Sequence[Path] = ()) -> str:
+    """What a saved state must have been trained from to be resumed: the params, the data, and the bytes of
+    the pretrained weights files (:func:`pretrained_files`; new weights at the same path start over)."""
     h = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode())
     h.update(file_digest(faces_dir / MANIFEST).encode())
     if p.backbone in (FACE_ENCODER, DLIB_AGE) and embeddings_path is not None:
         h.update(file_digest(embeddings_path).encode())
     h.update(json.dumps(read_crop_settings(faces_dir), sort_keys=True).encode())
+    for path in weight_files:
+        h.update(file_digest(path).encode())
     return h.hexdigest()
+
+
+def pretrained_files(p: TrainParams, head: str | None, detector_dir: str | Path | None) -> list[Path]:
+    """The weights files :func:`faceage.model.load_pretrained` reads for ``train.pretrained``: a path's file;
+    for ``dlib_age``, dlib's age network and, with the fused head, its face-recognition network. ``imagenet``
+    gives none (torchvision's files are named by their own hash), nor does ``none``, nor ``dlib_face``
+    (its frozen encoder's descriptors are the embed stage's output, fingerprinted as data)."""
+    if p.pretrained == "none" or p.backbone == FACE_ENCODER:
+        return []
+    if p.backbone == DLIB_AGE:
+        if detector_dir is None:  # (load_pretrained has refused it)
+            return []
+        folder = Path(detector_dir)
+        return [folder / AGE_MODEL_FILE] + ([folder / RECOGNITION_FILE] if head == HEAD_FUSED else [])
+    return [] if p.pretrained == "imagenet" else [from_root(p.pretrained)]
 
 
 def count_gflops(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> float:
@@ -454,7 +488,8 @@ def finalize(model: nn.Module, state: TrainState, val_set: Dataset, prepare: Cal
     (:func:`faceage.finetune.interpolate_weights`); with ``dlib_age``'s ensemble head, mixes its
     distribution with the pretrained network's, also chosen on validation
     (:func:`faceage.finetune.choose_ensemble_weight`); then calibrates the predicted spread on
-    validation (the mean is unaffected).
+    validation (the mean is unaffected). A mix sets ``state.best_val_mae`` to the shipped network's
+    validation MAE (the caller keeps the best epoch's own as ``best_epoch_val_mae``).
     """
     if state.best_model is not None:
         model.load_state_dict(state.best_model)
@@ -492,7 +527,9 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         detector_dir: The ``fetch_detector`` folder (``dlib_age``'s pretrained weights).
 
     Returns:
-        ``{"best_val_mae": ..., "best_epoch": ..., "epochs": ..., "train_time_s": ..., "run_id": ...}``.
+        ``{"best_val_mae": ..., "best_epoch": ..., "best_epoch_val_mae": ..., "epochs": ..., "train_time_s": ...,
+        "run_id": ...}``: ``best_val_mae`` is the shipped network's (see :func:`finalize`), ``best_epoch_val_mae``
+        the best epoch's own.
 
     Raises:
         faceage.model.PretrainedWeightsError: ``train.pretrained`` weights are unreachable.
@@ -549,15 +586,20 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     drop_last = len(train_set) > p.batch_size
     sampler = EpochSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=p.seed,
                            drop_last=drop_last)
+    # The loader's own generator: each new iterator draws its workers' base seed from it. From torch's
+    # global stream that draw moved the dropout masks that follow: with persistent workers it happens
+    # once per process, so a resumed run drew once more than the uninterrupted one, and 0 workers (a
+    # draw every epoch) trained other weights than 1. The base seed never reaches the data (SeededSamples).
     loader = DataLoader(SeededSamples(train_set, p.seed, p.label_jitter), batch_size=p.batch_size // d.world_size,
                         sampler=sampler, drop_last=drop_last, num_workers=workers, worker_init_fn=_worker_init,
-                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(p.seed))
     opt = build_optimizer(model, p)
     sched = build_scheduler(opt, len(loader), p)
     amp = Amp.for_device(p, device)
     loss_fn = make_loss(p, model, train_set.ages)
 
-    fingerprint = _fingerprint(p, faces_dir, embeddings_path)
+    fingerprint = _fingerprint(p, faces_dir, embeddings_path, pretrained_files(p, head, detector_dir))
     state = load_state(state_path, fingerprint)
     if state is not None and state.epoch > 0:  # (epoch 0: the run started, the initial weights are seeded)
         model.load_state_dict(state.model)
@@ -583,14 +625,17 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             t0 = time.time()
             seed_epoch(p.seed, epoch, d.rank)
             sampler.set_epoch(epoch)
+            # train.lr's schedule at the epoch's first step (the last group: the head; layer-wise rates scale
+            # the groups below it), read before the scheduler steps after each batch: read after them, the
+            # column was the next epoch's rate, and the last epoch's the schedule's end, 0 under cosine
+            lr = opt.param_groups[-1]["lr"]
             train = train_one_epoch(net, loader, opt, sched, loss_fn, prepare, device, amp, d)
             train_s = time.time() - t0
             if d.is_main:
                 val_mae = evaluate(model, val_set, prepare, device)
                 elapsed = (state.history[-1]["elapsed_s"] if state.history else 0.0) + time.time() - t0
-                # lr: train.lr's schedule (the last group: the head; layer-wise rates scale the groups below it)
                 row = {"epoch": epoch, **{k: train[k] for k in ("train_loss", "train_mae")}, "val_mae": val_mae,
-                       "lr": opt.param_groups[-1]["lr"], "images_per_s": train["seen"] / train_s, "elapsed_s": elapsed}
+                       "lr": lr, "images_per_s": train["seen"] / train_s, "elapsed_s": elapsed}
                 log.info("epoch %d/%d  loss %.4f  train MAE %.2f  val MAE %.2f  lr %.2e  %.0f img/s  %.0f s",
                          epoch, p.epochs, row["train_loss"], row["train_mae"], val_mae, row["lr"],
                          row["images_per_s"], elapsed)
@@ -613,15 +658,21 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             return {}
         if p.epochs == 0:
             state.best_val_mae = evaluate(model, val_set, prepare, device)
+        # The best epoch's own network (the initial one for train.epochs=0); finalize may ship a mix of it
+        # with the pretrained network (WiSE-FT, the ensemble weight) and sets best_val_mae to the mix's.
+        best_epoch_val_mae = state.best_val_mae
         extra = finalize(model, state, val_set, prepare, device, p, pretrained)
         model = full[0]  # (the frozen-prefix cache trained this network's later stages in place)
         meta = {
             "backbone": p.backbone, "min_age": MIN_AGE, "max_age": MAX_AGE, "image_size": int(input_shape[-1]),
             "mean": list(mean), "std": list(std), "crop": crop,
             "train_params": asdict(p), "best_epoch": state.best_epoch, "val_mae": state.best_val_mae,
-            "mlflow_run_id": state.run_id, "git_commit": tracker.commit, "data_sha256": crop["data_sha256"],
+            "best_epoch_val_mae": best_epoch_val_mae,
+            "mlflow_run_id": state.run_id, "git_commit": state.git_commit, "data_sha256": crop["data_sha256"],
             "input": kind, **extra,
         }
+        if state.resumed_at_commit:
+            meta["resumed_at_commit"] = state.resumed_at_commit
         if head is not None:
             meta["head"] = head
         if pairs:  # the fused head
@@ -630,15 +681,30 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             meta["encoder"] = encoder_info
         save_checkpoint(model_path, model, meta)
         _write_history(reports_dir / "history.csv", state.history)
-        metrics = {"best_val_mae": state.best_val_mae, "best_epoch": state.best_epoch, "epochs": p.epochs,
+        metrics = {"best_val_mae": state.best_val_mae, "best_epoch": state.best_epoch,
+                   "best_epoch_val_mae": best_epoch_val_mae, "epochs": p.epochs,
                    "train_time_s": round(state.history[-1]["elapsed_s"], 1) if state.history else 0.0}
         _write_text(reports_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         tracker.finish(metrics, extra, reports_dir, model_path, model, input_shape)
         write_run_file(run_path, state.run_id, tracker.experiment_id)
     # Last, after the run has ended: until here a rerun resumes, and redoes only idempotent steps.
     state_path.unlink(missing_ok=True)
-    log.info("best val MAE %.2f at epoch %d; checkpoint %s", state.best_val_mae, state.best_epoch, model_path)
+    if mix := _shipped_mix(extra):
+        log.info("best epoch %d: val MAE %.2f; shipped (%s): val MAE %.2f; checkpoint %s", state.best_epoch,
+                 best_epoch_val_mae, mix, state.best_val_mae, model_path)
+    else:
+        log.info("best val MAE %.2f at epoch %d; checkpoint %s", state.best_val_mae, state.best_epoch, model_path)
     return {**metrics, "run_id": state.run_id}
+
+
+def _shipped_mix(extra: dict[str, Any]) -> str:
+    """How :func:`finalize` mixed the best epoch's network with the pretrained one ("" when it shipped it as is)."""
+    parts = []
+    if "wise_alpha" in extra:
+        parts.append(f"WiSE-FT alpha {extra['wise_alpha']:.2f}")
+    if "ensemble_weight" in extra:
+        parts.append(f"ensemble weight {extra['ensemble_weight']:.2f}")
+    return ", ".join(parts)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -709,29 +775,81 @@ class _Tracker:
         self.mlflow.end_run()
 
     def _start(self):
-        p = self.p
         if self.state is not None:
-            run = self.mlflow.start_run(run_id=self.state.run_id)
-            # Epochs saved but killed before (or while) their metrics were logged get logged now.
-            client = self.mlflow.MlflowClient()
-            self.logged = {m.step for m in client.get_metric_history(run.info.run_id, "val_mae")}
-            self.metrics = set(client.get_run(run.info.run_id).data.metrics)
+            lost = self._lost_run(self.state.run_id)
+            if lost is None:
+                run = self.mlflow.start_run(run_id=self.state.run_id)
+                # Epochs saved but killed before (or while) their metrics were logged get logged now.
+                client = self.mlflow.MlflowClient()
+                self.logged = {m.step for m in client.get_metric_history(run.info.run_id, "val_mae")}
+                data = client.get_run(run.info.run_id).data
+                self.metrics = set(data.metrics)
+                if not self.state.git_commit:  # a state saved before it kept its start commit
+                    self.state.git_commit = data.tags.get("git_commit", self.commit)
+                self._tag_this_process(data.tags)
+                return run
+            # A rerun that crashed on the lost run at every try could never finish: the training goes on in a
+            # new run, which gets the params and tags again and every saved epoch's metrics (once).
+            old = self.state.run_id
+            log.warning("the MLflow run %s of the training state %s %s: continuing its %d saved epoch(s) in a new "
+                        "run, with their metrics logged again", old, self.state_path, lost, self.state.epoch)
+            self.state.git_commit = self.state.git_commit or self.commit
+            run = self._new_run({"replaces_mlflow_run_id": old})
+            save_state(self.state_path, self.state)  # a kill from here on continues the new run
+            self.log_epochs()
             return run
         self._end_superseded_run()
+        self.state = TrainState(self.fingerprint, run_id="", git_commit=self.commit)
+        run = self._new_run()
+        # Saved at once, so a run killed before its first epoch ends is continued, not left RUNNING.
+        save_state(self.state_path, self.state)
+        return run
+
+    def _new_run(self, tags: dict[str, str] | None = None):
+        """Starts an MLflow run for ``self.state`` (its ``run_id`` set to it) with the params and tags."""
+        p = self.p
         run = self.mlflow.start_run(run_name=f"{p.backbone}-{p.image_size}px-{p.epochs}ep")
+        self.state.run_id = run.info.run_id
         self.mlflow.log_params({**{f"train.{k}": v for k, v in asdict(p).items()},
                                 **{f"preprocess.{k}": v for k, v in self.crop.items()},
                                 "train.loader_workers": self.workers, "train.torch_threads": self.threads,
                                 "train.world_size": self.d.world_size})
-        self.mlflow.set_tags({"git_commit": self.commit, "data_sha256": self.crop["data_sha256"],
+        self.mlflow.set_tags({"git_commit": self.state.git_commit, "data_sha256": self.crop["data_sha256"],
                               "data_source": self.crop["data_source"], "backbone": p.backbone,
-                              "device": self.device.type})
-        if name := os.environ.get("DVC_EXP_NAME"):  # set by dvc exp run: the name dvc exp show / apply know it by
-            self.mlflow.set_tag(DVC_EXPERIMENT_TAG, name)
-        self.state = TrainState(self.fingerprint, run_id=run.info.run_id)
-        # Saved at once, so a run killed before its first epoch ends is continued, not left RUNNING.
-        save_state(self.state_path, self.state)
+                              "device": self.device.type, **(tags or {})})
+        self._tag_this_process({})
         return run
+
+    def _tag_this_process(self, tags: dict[str, str]) -> None:
+        """Tags what this process (a start or a resume) changes about the run, given its current ``tags``.
+
+        ``dvc_experiment``: the DVC experiment this process trains in (``dvc exp run`` sets ``DVC_EXP_NAME``:
+        the name ``dvc exp show`` / ``apply`` know it by), removed when it runs outside one: a killed
+        ``dvc exp run`` resumed under another name (or by ``dvc repro``) ends in that one, not in the killed.
+        ``resumed_at_commit``: HEAD, when it is not the commit the run started at (``git_commit``).
+        """
+        if name := os.environ.get("DVC_EXP_NAME"):
+            self.mlflow.set_tag(DVC_EXPERIMENT_TAG, name)
+        elif DVC_EXPERIMENT_TAG in tags:
+            self.mlflow.delete_tag(DVC_EXPERIMENT_TAG)
+        if self.commit != self.state.git_commit:
+            self.state.resumed_at_commit = self.commit
+        if self.state.resumed_at_commit:
+            self.mlflow.set_tag(RESUMED_AT_COMMIT_TAG, self.state.resumed_at_commit)
+
+    def _lost_run(self, run_id: str) -> str | None:
+        """Why the state's MLflow run cannot be continued (deleted, or not in this tracking store), else None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.mlflow.MlflowClient().get_run(run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # e.g. the store is unreachable: not for a new run
+                raise
+            return f"is not in the tracking store {tracking_uri()}"
+        if run.info.lifecycle_stage == "deleted":
+            return f"was deleted from the tracking store {tracking_uri()}"
+        return None
 
     def _end_superseded_run(self) -> None:
         """A state file left for other params or data (a run killed, then rerun after a params change)
@@ -780,7 +898,7 @@ class _Tracker:
     def log_final(self, metrics: dict, extra: dict) -> None:
         """The run's closing metrics, once: a run killed after logging them (before its state file was
         deleted) and then rerun logged each a second time."""
-        final = {"best_val_mae": metrics["best_val_mae"], "best_epoch": metrics["best_epoch"],
+        final = {**{k: metrics[k] for k in ("best_val_mae", "best_epoch", "best_epoch_val_mae") if k in metrics},
                  **{k: float(v) for k, v in extra.items() if isinstance(v, (int, float))}}
         self.mlflow.log_metrics({k: v for k, v in final.items() if k not in self.metrics})
 

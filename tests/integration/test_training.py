@@ -2,8 +2,11 @@
 
 import csv
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,3 +223,218 @@ def test_a_backbone_that_cannot_take_the_image_size_fails_before_the_data_load(t
     with pytest.raises(ConfigError, match="train.image_size=112 does not fit train.backbone='vit_b_32'"):
         training.train_model(p, tiny_run["faces"], tmp_path / "model.pt", tmp_path / "reports", tmp_path / "run.json",
                              tmp_path / "state.pt")
+
+
+# Tiny runs on a handful of the sample's faces, used as they are as crops (UTKFace crops are tight face crops),
+# so no detection runs. The logged MLflow model is left out to keep them short (test_tiny_run_is_tracked_in_mlflow
+# covers it); everything else is the real loop and a real sqlite MLflow store.
+
+TINY = {"backbone": "mobilenet_v3_small", "pretrained": "none", "epochs": 2, "image_size": 32, "batch_size": 4}
+
+
+def _faces_folder(sample: Path, dest: Path, n_train: int = 8, n_valid: int = 4, chips: bool = False) -> Path:
+    """A ``preprocess``-like folder of the sample's first faces; with ``chips``, their 64 px resizes as
+    ``dlib_age``'s chips in ``dest/embeddings.npz`` (the network's input, not aligned: the tests compare runs)."""
+    from PIL import Image
+
+    from faceage.chips import CHIP_SIZE, save_chips
+
+    rows = []
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        with open(sample / f"gt_avg_{split}.csv", newline="") as f:
+            labels = [r for _, r in zip(range(n), csv.DictReader(f))]
+        (dest / split).mkdir(parents=True)
+        for r in labels:
+            shutil.copyfile(sample / split / r["file_name"], dest / split / r["file_name"])
+            rows.append({"split": split, "file_name": r["file_name"], "crop": f"{split}/{r['file_name']}",
+                         "apparent_age": r["apparent_age_avg"], "apparent_age_std": r["apparent_age_std"],
+                         "real_age": r["real_age"]})
+    with open(dest / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    settings = {"margin": 0.4, "size": 200, "detector": "hog", "data_source": str(sample), "data_sha256": "d" * 64}
+    (dest / "preprocess.json").write_text(json.dumps(settings))
+    if chips:
+        small = [np.asarray(Image.open(dest / r["crop"]).convert("RGB").resize((CHIP_SIZE, CHIP_SIZE)))
+                 .transpose(2, 0, 1) for r in rows]
+        save_chips(dest / "embeddings.npz", [r["crop"] for r in rows], small, 0.4, "0" * 64)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_faces(sample_dir, tmp_path_factory) -> Path:
+    return _faces_folder(sample_dir, tmp_path_factory.mktemp("tiny_faces") / "faces")
+
+
+def _train(mp: pytest.MonkeyPatch, root: Path, faces: Path, kill_at_eval: int = 0, **params):
+    """One ``train_model`` call writing under ``root`` (MLflow: ``root/mlflow.db``); with ``kill_at_eval`` K,
+    a KeyboardInterrupt (Ctrl-C, or what a SIGKILL leaves) inside the K-th validation."""
+    import faceage.training as training
+    from faceage.tracking import mlflow_env
+
+    real, calls = training.evaluate, []
+
+    def evaluate(*a, **kw):
+        calls.append(1)
+        if len(calls) == kill_at_eval:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **kw)
+
+    mp.setattr(training, "evaluate", evaluate)
+    mp.setattr(training, "_log_model", lambda *a, **kw: None)
+    detector = params.pop("detector_dir", None)
+    p = replace(Params().train, **{**TINY, **params})
+    embeddings = faces / "embeddings.npz" if (faces / "embeddings.npz").exists() else None
+    with mlflow_env("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}"):
+        return training.train_model(p, faces, root / "model.pt", root / "reports", root / "run.json", root / "state.pt",
+                                    embeddings_path=embeddings, detector_dir=detector)
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(tiny_faces, tmp_path_factory) -> dict[str, Path]:
+    """MobileNetV3 (dropout before its last layer), 2 epochs: straight with 1 loader worker; killed in epoch 2's
+    validation under commit c1 and DVC experiment killed-exp, then resumed under c2 and resumed-exp; straight
+    with no worker."""
+    import faceage.training as training
+
+    out = {name: tmp_path_factory.mktemp(name) for name in ("straight", "resumed", "no_workers")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("DVC_EXP_NAME", raising=False)
+        _train(mp, out["straight"], tiny_faces, num_workers=1)
+        _train(mp, out["no_workers"], tiny_faces, num_workers=0)
+        mp.setattr(training, "git_commit", lambda: "c1" * 20)
+        mp.setenv("DVC_EXP_NAME", "killed-exp")
+        with pytest.raises(KeyboardInterrupt):
+            _train(mp, out["resumed"], tiny_faces, kill_at_eval=2, num_workers=1)
+        assert torch.load(out["resumed"] / "state.pt", weights_only=True)["epoch"] == 1
+        mp.setattr(training, "git_commit", lambda: "c2" * 20)
+        mp.setenv("DVC_EXP_NAME", "resumed-exp")
+        _train(mp, out["resumed"], tiny_faces, num_workers=1)
+    return out
+
+
+def _weights(root: Path) -> dict[str, torch.Tensor]:
+    return torch.load(root / "model.pt", weights_only=True)["state_dict"]
+
+
+def test_a_dropout_network_trains_the_same_weights_resumed_or_with_no_loader_worker(dropout_runs):
+    """The loader drew its workers' seed from torch's global stream, which the dropout masks draw from: once per
+    process with a persistent worker, so the resumed run drew once more (210 tensors differed), and once per
+    epoch with no worker (other weights than with one)."""
+    straight = _weights(dropout_runs["straight"])
+    history = (dropout_runs["straight"] / "reports" / "history.csv").read_text()
+    differing = {other: len([k for k, w in _weights(dropout_runs[other]).items() if not torch.equal(straight[k], w)])
+                 for other in ("resumed", "no_workers")}
+    assert differing == {"resumed": 0, "no_workers": 0}
+    for other in ("resumed", "no_workers"):
+        assert (dropout_runs[other] / "reports" / "history.csv").read_text() == history, other
+
+
+def test_the_lr_column_is_the_rate_each_epoch_started_with(dropout_runs):
+    """It was read after the epoch's last scheduler step: the next epoch's rate, and 0 for the last epoch (cosine)."""
+    from mlflow import MlflowClient
+
+    from faceage.training import lr_factor
+
+    p = replace(Params().train, **TINY)
+    steps = 8 // 4  # 8 training faces, batch 4
+    with open(dropout_runs["straight"] / "reports" / "history.csv", newline="") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    expected = [p.lr * lr_factor((epoch - 1) * steps, steps, p) for epoch in (1, 2)]
+    assert lrs == pytest.approx(expected, rel=1e-12) and lrs[-1] > 0
+    assert expected[0] == p.lr / steps  # the warm-up's first step
+    run_id = json.loads((dropout_runs["straight"] / "run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{dropout_runs['straight'] / 'mlflow.db'}")
+    assert [m.value for m in client.get_metric_history(run_id, "lr")] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_run_resumed_under_another_commit_and_dvc_experiment_says_so(dropout_runs):
+    """The checkpoint named the resuming commit while MLflow's tag named the first; the tag dvc_experiment kept
+    the killed experiment's name, which packaging then advised to `dvc exp apply`."""
+    from mlflow import MlflowClient
+
+    from faceage.model import load_checkpoint
+
+    _, meta = load_checkpoint(dropout_runs["resumed"] / "model.pt")
+    assert meta["git_commit"] == "c1" * 20 and meta["resumed_at_commit"] == "c2" * 20
+    client = MlflowClient(f"sqlite:///{dropout_runs['resumed'] / 'mlflow.db'}")
+    tags = client.get_run(meta["mlflow_run_id"]).data.tags
+    assert (tags["git_commit"], tags["resumed_at_commit"], tags["dvc_experiment"]) == ("c1" * 20, "c2" * 20,
+                                                                                       "resumed-exp")
+    _, straight = load_checkpoint(dropout_runs["straight"] / "model.pt")  # started and ended at HEAD
+    assert "resumed_at_commit" not in straight
+
+
+def test_a_state_whose_mlflow_run_was_deleted_continues_in_a_new_run_with_every_epoch_logged_once(
+        tiny_faces, tmp_path, monkeypatch, caplog):
+    """Every rerun crashed: "Cannot start run with ID ... because it is in the deleted state"."""
+    from mlflow import MlflowClient
+
+    caplog.set_level("INFO", logger="faceage")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        _train(monkeypatch, tmp_path, tiny_faces, kill_at_eval=2, num_workers=0)
+    old = torch.load(tmp_path / "state.pt", weights_only=True)["run_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.delete_run(old)
+    result = _train(monkeypatch, tmp_path, tiny_faces, num_workers=0)
+    assert result["run_id"] != old and not (tmp_path / "state.pt").exists()
+    assert f"MLflow run {old} of the training state {tmp_path / 'state.pt'} was deleted" in caplog.text
+    assert "resuming from epoch 1 of 2" in caplog.text  # the training itself goes on
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["replaces_mlflow_run_id"] == old
+    assert run.data.params["train.backbone"] == "mobilenet_v3_small" and run.data.tags["git_commit"]
+    for key in ("val_mae", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(result["run_id"], key)] == [1, 2], key
+    assert json.loads((tmp_path / "run.json").read_text())["run_id"] == result["run_id"]
+
+
+def test_new_weights_at_the_same_path_start_over(tiny_faces, tmp_path, monkeypatch, caplog):
+    """The fingerprint hashed train.pretrained's path, not the file: new weights there resumed the old state."""
+    from faceage.model import build_model
+
+    caplog.set_level("INFO", logger="faceage")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    weights = tmp_path / "weights.pth"
+    torch.manual_seed(1)
+    torch.save(build_model("mobilenet_v3_small").state_dict(), weights)
+    with pytest.raises(KeyboardInterrupt):
+        _train(monkeypatch, tmp_path, tiny_faces, kill_at_eval=2, num_workers=0, pretrained=str(weights))
+    old = torch.load(tmp_path / "state.pt", weights_only=True)["run_id"]
+    torch.manual_seed(2)
+    torch.save(build_model("mobilenet_v3_small").state_dict(), weights)
+    result = _train(monkeypatch, tmp_path, tiny_faces, num_workers=0, pretrained=str(weights))
+    assert "resuming from epoch" not in caplog.text and "written for other params or data" in caplog.text
+    assert result["run_id"] != old
+    with open(tmp_path / "reports" / "history.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_after_an_ensemble_mix_the_best_epoch_keeps_its_own_mae(sample_dir, detector_dir, tmp_path, monkeypatch,
+                                                                 caplog):
+    """The ensemble weight 0.0 shipped the pretrained network (val MAE 5.48) and the log, metrics.json and the
+    checkpoint said "best val MAE 5.48 at epoch 3" where history.csv had 24.56 for epoch 3."""
+    from mlflow import MlflowClient
+
+    from faceage.model import load_checkpoint
+
+    caplog.set_level("INFO", logger="faceage")
+    faces = _faces_folder(sample_dir, tmp_path / "faces", chips=True)
+    result = _train(monkeypatch, tmp_path, faces, backbone="dlib_age", head="ensemble", pretrained="imagenet",
+                    ensemble_weight=0.0, num_workers=0, detector_dir=detector_dir)
+    with open(tmp_path / "reports" / "history.csv", newline="") as f:
+        history = {int(r["epoch"]): float(r["val_mae"]) for r in csv.DictReader(f)}
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    _, meta = load_checkpoint(tmp_path / "model.pt")
+    best = metrics["best_epoch"]
+    assert history[best] == min(history.values())
+    assert metrics["best_epoch_val_mae"] == meta["best_epoch_val_mae"] == history[best]
+    shipped = meta["ensemble_val_mae"]
+    assert metrics["best_val_mae"] == meta["val_mae"] == result["best_val_mae"] == shipped != history[best]
+    assert meta["ensemble_weight"] == 0.0
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["run_id"])
+    assert run.data.metrics["best_epoch_val_mae"] == pytest.approx(history[best])
+    assert run.data.metrics["best_val_mae"] == pytest.approx(shipped)
+    assert (f"best epoch {best}: val MAE {history[best]:.2f}; shipped (ensemble weight 0.00): val MAE {shipped:.2f}"
+            in caplog.text)

@@ -57,3 +57,13 @@ def test_the_cards_no_face_note_describes_the_checkpoints_own_policy():
     assert "skipped" not in _no_face_policy("whole_image") and "whole photo" in _no_face_policy("whole_image")
     assert "skipped and counted" in _no_face_policy("skip") and "NAME_face.jpg" not in _no_face_policy("skip")
     assert "NAME_face.jpg" in _no_face_policy("release_crop") and "skipped" in _no_face_policy("release_crop")
+
+
+def test_the_card_tells_the_best_epochs_mae_from_the_shipped_mixs():
+    """After an ensemble-weight or WiSE-FT mix the card credited the best epoch with the mix's MAE."""
+    from faceage.model_card import _validation_note
+
+    assert _validation_note({"val_mae": 4.494, "best_epoch_val_mae": 4.494}) == " (4.49 years)"
+    assert _validation_note({"val_mae": 4.494}) == " (4.49 years)"  # a checkpoint from before the key
+    mixed = _validation_note({"val_mae": 5.481, "best_epoch_val_mae": 24.74, "ensemble_weight": 0.0})
+    assert mixed == " (24.74 years); shipped mixed with the pretrained network (ensemble weight 0.00): 5.48 years"
