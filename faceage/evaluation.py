@@ -32,13 +32,14 @@ import torch
 from faceage.config import EvaluateParams
 from faceage.chips import DLIB_AGE
 from faceage.data import load_split
-from faceage.external import crop_counts, external_chips, external_embeddings, external_faces
+from faceage.external import (EXTERNAL_SHA256_TAG, crop_counts, external_chips, external_embeddings,
+                              external_faces)
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
 from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
 from faceage.preprocess import read_faces_manifest
 from faceage.sources import ExternalSet, ExternalSetError, resolve_external
-from faceage.appa_real import read_dataset_info, read_demographics
+from faceage.appa_real import dataset_fingerprint, read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
 from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
@@ -187,6 +188,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
             "mae_low_res": low_res_mae(age_model, data.images, true, p.low_res, p.batch_size),
             **counts,
             "path": str(ext.path),
+            "sha256": dataset_fingerprint(ext.path),  # which version of the set: MAEs compare only within one
         }
         rows += [[ext.name, r["file_name"], t, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)]
                  for r, t, pa, ps in zip(data.rows, true, pred, std)]
@@ -325,6 +327,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
             # drop out of the champion's candidates). The tags hold the latest evaluation's settings.
             mlflow.set_tags({f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v
                              for k, v in asdict(p).items()})
+            mlflow.set_tag(EXTERNAL_SHA256_TAG, json.dumps({n: m["sha256"] for n, m in external.items()}))
             cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
             for path in [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv",
                          out / "external_predictions.csv", *plots, *cards]:

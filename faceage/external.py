@@ -126,6 +126,19 @@ def crop_counts(faces_dir: Path) -> dict[str, int]:
     return {"n_images": sum(counts.values()), "n_faces": len(read_faces_manifest(faces_dir, EXTERNAL_SPLIT)), **counts}
 
 
+EXTERNAL_SHA256_TAG = "evaluate.external_sha256"  # {set name: dataset_fingerprint} of a run's latest evaluation
+
+
+def external_versions(tags: dict[str, str] | None) -> dict[str, str]:
+    """``{set name: fingerprint of the set's files}`` a run's external MAEs were measured on (its tag
+    :data:`EXTERNAL_SHA256_TAG`); ``{}`` for a run evaluated before the tag existed."""
+    try:
+        versions = json.loads((tags or {}).get(EXTERNAL_SHA256_TAG, "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {}
+
+
 def external_maes(metrics: dict[str, float], tags: dict[str, str] | None = None) -> dict[str, float]:
     """``{set name: MAE}`` from a run's MLflow metrics (evaluate logs ``external_<name>_mae`` and ``_n_faces``).
 

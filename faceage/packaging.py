@@ -44,11 +44,12 @@ from PIL import Image
 from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
-from faceage.external import external_maes
+from faceage.external import external_maes, external_versions
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
+from faceage.sources import EXTERNAL_FILE
 from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, git_commit
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ class Candidate:
     start_time_ms: int
     external_mae_years: dict[str, float]
     excluded: str  # "" when the run passes the external guard, else the reason
+    # {set: fingerprint of its files} each external MAE was measured on ({} before runs recorded it)
+    external_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def guard_margin(best: float) -> float:
@@ -122,21 +125,51 @@ def guard_margin(best: float) -> float:
     return max(GUARD_YEARS, GUARD_FRACTION * best)
 
 
-def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
+def reference_versions(candidates: list[Candidate], current: dict[str, str] | None = None) -> dict[str, str]:
+    """Per external set, the version of its files (fingerprint) whose MAEs the guard compares.
+
+    The workspace's (``current``, from ``check_sources``' record) where it names the set; else the
+    version the most candidates were scored on, ties to the newest run's. Sets no run recorded a
+    version for are left out (runs evaluated before the fingerprint was logged compare as before).
+    """
+    refs = {n: v for n, v in (current or {}).items()}
+    votes: dict[str, dict[str, tuple[int, int]]] = {}
+    for c in candidates:
+        for n, v in c.external_sha256.items():
+            count, newest = votes.setdefault(n, {}).get(v, (0, 0))
+            votes[n][v] = (count + 1, max(newest, c.start_time_ms))
+    for n, by_version in votes.items():
+        refs.setdefault(n, max(by_version, key=lambda v: by_version[v]))
+    return refs
+
+
+def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None = None) -> list[Candidate]:
     """Applies :data:`SELECTION_RULE`: candidates with their ``excluded`` reason, the winner first.
 
     The external sets are a guard, not the objective: the champion is still chosen by validation
     MAE, so selection does not tune on the cross-dataset faces beyond vetoing runs that are
     clearly worse there (a run that fits the training collection's quirks, or forgot its
-    pretraining, loses to one that generalises).
+    pretraining, loses to one that generalises). MAEs on a set compare only when measured on the
+    same files: a run scored on another version of a set (its images edited, added or removed
+    since; :func:`reference_versions`) is excluded until its ``evaluate`` runs again.
+
+    Args:
+        candidates: The runs.
+        current: ``{set: fingerprint}`` of the workspace's ``evaluate.external`` sets, where known.
 
     Returns:
         The candidates (same numbers), eligible ones by (validation MAE, newest first), then the excluded ones.
     """
     sets = sorted({name for c in candidates for name in c.external_mae_years})
+    refs = reference_versions(candidates, current)
+
+    def other_version(c: Candidate, n: str) -> bool:
+        return n in refs and n in c.external_sha256 and c.external_sha256[n] != refs[n]
+
     # A NaN (a model that output NaN, a run whose choice failed) compares False with everything: it
     # must neither win the sort nor set the guard's best, which would then veto nothing.
-    best = {n: min((c.external_mae_years[n] for c in candidates if math.isfinite(c.external_mae_years.get(n, math.nan))),
+    best = {n: min((c.external_mae_years[n] for c in candidates
+                    if math.isfinite(c.external_mae_years.get(n, math.nan)) and not other_version(c, n)),
                    default=math.nan) for n in sets}
     ranked = []
     for c in candidates:
@@ -145,11 +178,14 @@ def rank_candidates(candidates: list[Candidate]) -> list[Candidate]:
         for n in sets:
             if n not in c.external_mae_years:
                 reasons.append(f"not scored on {n}")
+            elif other_version(c, n):
+                reasons.append(f"scored on another version of {n} (files {c.external_sha256[n][:8]}, the compared "
+                               f"runs' {refs[n][:8]}): rerun its evaluate")
             elif not math.isfinite(c.external_mae_years[n]):
                 reasons.append(f"{n} MAE is {c.external_mae_years[n]}")
             elif c.external_mae_years[n] > best[n] + guard_margin(best[n]):
-                reasons.append(f"{n} MAE {c.external_mae_years[n]:.2f} > best {best[n]:.2f} + "
-                               f"{guard_margin(best[n]):.2f}")
+                reasons.append(f"{n} MAE {c.external_mae_years[n]:.3f} > best {best[n]:.3f} + "
+                               f"{guard_margin(best[n]):.3f}")
         ranked.append(Candidate(**{**asdict(c), "excluded": "; ".join(reasons)}))
     return sorted(ranked, key=lambda c: (bool(c.excluded), c.val_mae_years if math.isfinite(c.val_mae_years) else math.inf,
                                          -c.start_time_ms))
@@ -168,7 +204,8 @@ def selection_table(ranked: list[Candidate]) -> str:
     return "\n".join(lines)
 
 
-def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None = None) -> Winner:
+def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None = None,
+                  external_sha256: dict[str, str] | None = None) -> Winner:
     """The champion by :data:`SELECTION_RULE` (validation MAE, guarded by cross-dataset MAE).
 
     Logs the rule and every candidate's validation, test and external MAE with its verdict.
@@ -179,6 +216,8 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
         data_sha256: Only runs trained on these data (their ``data_sha256`` tag) compete: validation
             MAEs of runs on other data are measured on other faces and do not compare (a run on the
             2,100-face sample would beat one on APPA-REAL). None: every run.
+        external_sha256: ``{set: fingerprint}`` of the workspace's external sets (``data/external.json``):
+            the versions whose MAEs the guard compares (:func:`rank_candidates`).
 
     Raises:
         PackagingError: The experiment does not exist, or no finished run (on ``data_sha256``) has both metrics.
@@ -216,8 +255,9 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
                              f"{TEST_METRIC}: run the train and evaluate stages first")
     ranked = rank_candidates([
         Candidate(r.info.run_id, r.info.run_name or "", float(r.data.metrics[VAL_METRIC]),
-                  float(r.data.metrics[TEST_METRIC]), int(r.info.start_time), external_maes(r.data.metrics, r.data.tags), "")
-        for r in found.values()])
+                  float(r.data.metrics[TEST_METRIC]), int(r.info.start_time), external_maes(r.data.metrics, r.data.tags),
+                  "", external_versions(r.data.tags))
+        for r in found.values()], external_sha256)
     log.info("champion rule: %s\n%s", SELECTION_RULE, selection_table(ranked))
     top = ranked[0]
     if top.excluded:  # e.g. runs scored on different external sets: none covers them all
@@ -244,8 +284,9 @@ def check_workspace(winner: Winner, detector_dir: str | Path, faces_dir: str | P
                                  f"the winner is run {winner.run_id} ({winner.run_name}): {winner.restore_hint()}")
 
 
-def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS):
-    """Registers the winner's logged model ``model`` under ``name`` and points ``alias`` at it.
+def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL):
+    """Registers the winner's logged model ``model`` under ``name`` (the alias moves later:
+    :func:`point_alias`, once the BentoML model is saved).
 
     A registry version that already holds this logged model is reused.
 
@@ -275,9 +316,14 @@ def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL, alia
         version = mlflow.register_model(source, name, tags={"val_mae_years": str(winner.val_mae_years),
                                                             "test_mae_years": str(winner.test_mae_years)})
         log.info("registered %s as %s version %s", source, name, version.version)
+    return version
+
+
+def point_alias(client, version, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS) -> None:
+    """Points ``name@alias`` at ``version``: the last step of packaging, so that a failed or interrupted
+    package (the ONNX check, a detector mismatch, Ctrl-C) leaves the alias on the model the store serves."""
     client.set_registered_model_alias(name, alias, str(version.version))
     log.info("alias %s@%s -> version %s", name, alias, version.version)
-    return version
 
 
 def checkpoint_meta(path: str | Path) -> dict[str, Any]:
@@ -476,18 +522,38 @@ def _digests(folder: Path) -> dict[str, str]:
             if p.is_file() and p.relative_to(folder).as_posix() != "model.yaml"}
 
 
+# The export check's measurements (its faces come from the workspace's crops, which an experiment with
+# other preprocess settings changes): they describe the check, not the model, and do not decide reuse.
+CHECK_MEASUREMENTS = ("onnx_check_faces", "onnx_max_abs_diff_probs", "onnx_max_abs_diff_age",
+                      "onnx_max_abs_diff_age_std")
+
+
+def _same_model(folder: Path, staged: Path) -> bool:
+    """Whether ``folder`` holds ``staged``'s files (the checkpoint, its ONNX export, the detector files)
+    and lineage, the export check's measurements (:data:`CHECK_MEASUREMENTS`) aside."""
+    def lineage(where: Path) -> dict[str, Any]:
+        try:
+            data = json.loads((where / LINEAGE_FILE).read_text())
+        except (OSError, ValueError):
+            return {"unreadable": str(where)}
+        return {k: v for k, v in data.items() if k not in CHECK_MEASUREMENTS} if isinstance(data, dict) else {}
+
+    files = {k: v for k, v in _digests(staged).items() if k != LINEAGE_FILE}
+    return ({k: v for k, v in _digests(folder).items() if k != LINEAGE_FILE} == files
+            and lineage(folder) == lineage(staged))
+
+
 def stored_copy(name: str, staged: Path, labels: dict[str, str]):
-    """A model ``name`` in the BentoML store whose files (the checkpoint, its ONNX export, the detector
-    files and the lineage file, which holds every metadata value) and labels equal ``staged``'s, or None."""
+    """A model ``name`` in the BentoML store that holds ``staged``'s model (:func:`_same_model`) with the
+    same labels, or None."""
     import bentoml
 
-    want = _digests(staged)
     try:
         stored = bentoml.models.list(name)
     except bentoml.exceptions.NotFound:  # the first model of that name
         return None
     for model in stored:
-        if dict(model.info.labels) == labels and _digests(Path(model.path)) == want:
+        if dict(model.info.labels) == labels and _same_model(Path(model.path), staged):
             return model
     return None
 
@@ -503,12 +569,28 @@ def _copy_detector(dest: Path, detector_dir: str | Path, needed: list[str], mani
     (dest / LINEAGE_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
+def workspace_external_versions(record: str | Path | None) -> dict[str, str] | None:
+    """``{set: fingerprint}`` from ``check_sources``' record of ``evaluate.external`` (``data/external.json``),
+    or None where there is none (packaging outside the pipeline's workspace)."""
+    if record is None or not Path(record).is_file():
+        return None
+    try:
+        sets = json.loads(Path(record).read_text()).get("sets", [])
+        return {str(s["name"]): str(s["sha256"]) for s in sets}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("ignored %s (%s): the external guard compares the versions most runs were scored on", record, e)
+        return None
+
+
 def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir: str | Path, *,
-                     registered_model: str = REGISTERED_MODEL, bento_model: str = BENTO_MODEL) -> dict[str, Any]:
+                     registered_model: str = REGISTERED_MODEL, bento_model: str = BENTO_MODEL,
+                     external_record: str | Path | None = None) -> dict[str, Any]:
     """Selects the winner, registers it as ``registered_model@champion``, saves the BentoML model.
 
     The tracking store is :func:`faceage.tracking.tracking_uri` (``$MLFLOW_TRACKING_URI``);
-    ``faces_dir`` (the ``preprocess`` output) provides the real crops the ONNX export is checked on.
+    ``faces_dir`` (the ``preprocess`` output) provides the real crops the ONNX export is checked on;
+    ``external_record`` (default: ``check_sources``' record beside ``faces_dir``, ``data/external.json``),
+    where it exists, names the versions of the external sets whose MAEs the guard compares.
 
     Returns:
         The lineage metadata plus ``bento_model`` (the new model's tag).
@@ -521,7 +603,10 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     client = mlflow.MlflowClient()
     has_settings = (Path(faces_dir) / PREPROCESS_SETTINGS).is_file()  # else check_workspace names the fix
     data_sha256 = read_crop_settings(faces_dir).get("data_sha256") if has_settings else None
-    winner = select_winner(client, data_sha256=data_sha256)  # logs the rule and every candidate's numbers
+    winner = select_winner(client, data_sha256=data_sha256,  # logs the rule and every candidate's numbers
+                           external_sha256=workspace_external_versions(
+                               Path(faces_dir).parent / Path(EXTERNAL_FILE).name if external_record is None
+                               else external_record))
     check_workspace(winner, detector_dir, faces_dir)
     log.info("winner: run %s (%s) %s=%.3f %s=%.3f", winner.run_id, winner.run_name, VAL_METRIC,
              winner.val_mae_years, TEST_METRIC, winner.test_mae_years)
@@ -530,5 +615,6 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
         version = register_champion(client, winner, registered_model)
         metadata = model_metadata(winner, checkpoint_meta(path), version)
         model = save_bento_model(path, detector_dir, metadata, bento_model, faces_dir=faces_dir)
+        point_alias(client, version, registered_model)
         metadata = dict(model.info.metadata)
     return {**metadata, "bento_model": str(model.tag), "winner": asdict(winner)}

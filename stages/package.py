@@ -10,6 +10,7 @@ import logging
 
 from faceage.logs import run_stage, setup_logging
 from faceage.packaging import BENTO_MODEL, REGISTERED_MODEL, package_champion
+from faceage.sources import EXTERNAL_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--faces", default="data/faces", help="preprocess output: real crops to check the ONNX export on")
     parser.add_argument("--registered-model", default=REGISTERED_MODEL, help="MLflow registry name")
     parser.add_argument("--bento-model", default=BENTO_MODEL, help="BentoML model name")
+    parser.add_argument("--external", help="check_sources' record of the evaluate.external sets: the versions "
+                                               "the guard compares (default: the one beside --faces, "
+                                               f"{EXTERNAL_FILE}; ignored where absent)")
     parser.add_argument("--out", help="also write the packaged model's lineage to this JSON file")
     return parser
 
@@ -27,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
     summary = package_champion(args.model, args.detector, args.faces, registered_model=args.registered_model,
-                               bento_model=args.bento_model)
+                               bento_model=args.bento_model, external_record=args.external)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=2)

@@ -55,6 +55,11 @@ def test_external_metrics_are_in_mlflow_and_the_model_card(tiny_run, scored):
     assert logged.metrics[f"external_{NAME}_cs5"] == pytest.approx(m["cs5"])
     assert logged.metrics[f"external_{NAME}_no_face"] == m["no_face"] == m["n_images"] - m["n_faces"] - m["unreadable"]
     assert json.loads(logged.tags["evaluate.external"]) == [str(tiny_run["external"])]
+    from faceage.appa_real import dataset_fingerprint
+    from faceage.external import external_versions
+
+    # which files the MAE was measured on: the champion guard compares MAEs only within one version of a set
+    assert external_versions(logged.tags) == {NAME: dataset_fingerprint(tiny_run["external"])} == {NAME: m["sha256"]}
     assert set(m["mae_low_res"]) == {"0.75", "0.5"}  # evaluate.low_res's defaults
     assert all(logged.metrics[f"external_{NAME}_mae_low_res_{f}"] == pytest.approx(v)
                for f, v in m["mae_low_res"].items())

@@ -1,5 +1,6 @@
 """Choosing the champion run in a real (temporary, SQLite) MLflow store; refusing mismatched checkpoints."""
 
+import json
 import time
 from pathlib import Path
 
@@ -132,15 +133,20 @@ def test_bento_model_holds_checkpoint_onnx_export_detector_files_and_lineage(tmp
             # The first champion wins again (the other's run deleted): its stored copy is reused, and
             # `bentoml build` must then bundle it, not the other.
             "tags.append(save_bento_model(sys.argv[1], sys.argv[2], lineage, faces_dir=sys.argv[4]).tag);"
+            # Again after an experiment with other preprocess settings: other check faces, the same model.
+            "tags.append(save_bento_model(sys.argv[1], sys.argv[2], lineage, faces_dir=sys.argv[5]).tag);"
             "print(latest_after_other, bentoml.models.get('face_age:latest').tag, *tags,"
             " len(bentoml.models.list('face_age')), bentoml.models.get(tags[0]).path)")
     lineage = {"backbone": "dlib_face", "registered_version": "3", "mlflow_run_id": "r1", "val_mae_years": 5.0,
                "test_mae_years": 5.5}
-    out = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(detector), json.dumps(lineage), str(faces)],
+    other_faces = make_faces_dir(tmp_path / "other-faces", crops[:2])
+    out = subprocess.run([sys.executable, "-c", code, str(checkpoint), str(detector), json.dumps(lineage), str(faces),
+                          str(other_faces)],
                          env={**os.environ, "BENTOML_HOME": str(tmp_path / "home")}, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    latest_after_other, latest, tag, again, other, back, stored_models, path = out.stdout.split()[-8:]
+    latest_after_other, latest, tag, again, other, back, other_check, stored_models, path = out.stdout.split()[-9:]
+    assert other_check == tag, "a model stored again because the export check ran on other faces"
     assert tag.startswith("face_age:")
     assert again == tag and "already holds these exact files" in out.stderr, "the same bytes are not stored twice"
     assert other != tag and stored_models == "2" and latest_after_other == other
@@ -176,7 +182,7 @@ def test_a_run_that_does_not_generalise_cannot_win(client, caplog):
     assert SELECTION_RULE in caplog.text
     assert f"{general[:8]}   general" in caplog.text and "WINNER" in caplog.text
     assert f"{overfit[:8]}   overfit" in caplog.text
-    assert "excluded: utk_external MAE 9.40 > best 6.10 + 0.50" in caplog.text
+    assert "excluded: utk_external MAE 9.400 > best 6.100 + 0.500" in caplog.text
     assert "excluded: not scored on utk_external" in caplog.text
 
 
@@ -225,7 +231,7 @@ def test_rank_candidates_covers_every_set_and_orders_the_rest():
                               cand("c", 5.2, {"s1": 6.3}), cand("d", 5.5, {"s1": 6.0, "s2": 7.2}, start=1)])
     assert [c.run_id for c in ranked] == ["d", "b", "a", "c"]  # d and b tie on validation: the newer first
     assert [bool(c.excluded) for c in ranked] == [False, False, True, True]
-    assert ranked[2].excluded == "s2 MAE 9.00 > best 7.00 + 0.50" and ranked[3].excluded == "not scored on s2"
+    assert ranked[2].excluded == "s2 MAE 9.000 > best 7.000 + 0.500" and ranked[3].excluded == "not scored on s2"
     table = selection_table(ranked)
     assert table.splitlines()[1].startswith("d ") and table.splitlines()[1].endswith("WINNER")
     assert "s1 MAE" in table.splitlines()[0] and "eligible" in table.splitlines()[2]
@@ -241,7 +247,7 @@ def test_a_nan_metric_neither_wins_nor_switches_off_the_guard():
                               cand("good", 4.5, {"utk": 7.0}, start=1)])
     assert [c.run_id for c in ranked][0] == "good"
     assert {c.run_id: c.excluded for c in ranked} == {
-        "good": "", "nan_ext": "utk MAE is nan", "overfit": "utk MAE 30.00 > best 7.00 + 0.50"}
+        "good": "", "nan_ext": "utk MAE is nan", "overfit": "utk MAE 30.000 > best 7.000 + 0.500"}
     ranked = rank_candidates([cand("nan_val", nan, {}, start=2), cand("good", 4.5, {}, start=1)])
     assert [(c.run_id, c.excluded) for c in ranked] == [("good", ""), ("nan_val", "validation MAE is nan; test MAE is nan")]
 
@@ -251,3 +257,71 @@ def test_no_run_passing_the_guard_is_an_error(client):
     add_run(client, "only s2", {"best_val_mae": 5.0, "test_mae_years": 5.0, **ext(6.0, "s2")})
     with pytest.raises(PackagingError, match="no run passes the external-MAE guard .*not scored on"):
         select_winner(client)
+
+
+def test_external_maes_compare_only_on_the_same_version_of_a_set():
+    """A set edited in place (images added) reran evaluate for the workspace's run alone: its MAE on the new
+    faces (8.45) vetoed runs scored on the old ones (24.91), and the worst run by validation MAE won."""
+    old, new = "a" * 64, "b" * 64
+    runs = [Candidate("A", "A", 29.68, 23.4, 1, {"utk": 24.91}, "", {"utk": old}),
+            Candidate("C", "C", 31.79, 23.7, 2, {"utk": 26.02}, "", {"utk": old}),
+            Candidate("B", "B", 33.79, 23.9, 3, {"utk": 8.45}, "", {"utk": new})]
+    ranked = rank_candidates(runs)  # no workspace record: the version most runs were scored on
+    assert [c.run_id for c in ranked] == ["A", "C", "B"] and not ranked[0].excluded
+    assert ranked[2].excluded == "scored on another version of utk (files bbbbbbbb, the compared runs' aaaaaaaa): rerun its evaluate"
+    ranked = rank_candidates(runs, {"utk": new})  # the workspace holds the new files: only B compares
+    assert [(c.run_id, bool(c.excluded)) for c in ranked] == [("B", False), ("A", True), ("C", True)]
+    legacy = [Candidate("L", "L", 5.0, 5.0, 1, {"utk": 7.0}, ""), Candidate("N", "N", 5.5, 5.5, 2, {"utk": 7.1}, "", {"utk": new})]
+    assert [c.excluded for c in rank_candidates(legacy, {"utk": new})] == ["", ""]  # no version recorded: as before
+
+
+def test_the_guards_reason_shows_enough_digits_to_tell_its_numbers_apart():
+    ranked = rank_candidates([cand("best-ext", 6.0, {"utk": 6.1}, 0), cand("vetoed", 4.9, {"utk": 6.6049}, 1),
+                              cand("kept", 5.0, {"utk": 6.5951}, 2)])
+    assert [c.run_id for c in ranked] == ["kept", "best-ext", "vetoed"]
+    assert ranked[2].excluded == "utk MAE 6.605 > best 6.100 + 0.500"
+
+
+def test_the_workspace_record_names_the_versions_the_guard_compares(tmp_path):
+    from faceage.packaging import workspace_external_versions
+
+    record = tmp_path / "external.json"
+    assert workspace_external_versions(record) is None and workspace_external_versions(None) is None
+    record.write_text(json.dumps({"sources": ["x/utk"], "sets": [{"name": "utk", "source": "x/utk", "sha256": "abc"}]}))
+    assert workspace_external_versions(record) == {"utk": "abc"}
+    record.write_text("[1, 2]")
+    assert workspace_external_versions(record) is None
+
+
+def test_the_champion_alias_moves_only_once_the_bento_model_is_saved(tmp_path, monkeypatch):
+    """The alias moved at registration: a package that then failed (the ONNX check, Ctrl-C) left
+    face-age@champion on a model the BentoML store never held."""
+    import types
+
+    import faceage.packaging as packaging
+
+    calls = []
+    version = types.SimpleNamespace(version=7)
+    winner = Winner(run_id="r", run_name="n", val_mae_years=1.0, test_mae_years=1.0, start_time_ms=0,
+                    data_sha256="d", git_commit="c", external_mae_years={}, dvc_experiment=None)
+    monkeypatch.setattr(packaging, "select_winner", lambda client, **kw: winner)
+    monkeypatch.setattr(packaging, "check_workspace", lambda *a: None)
+    monkeypatch.setattr(packaging, "resolve_checkpoint", lambda *a: tmp_path / "model.pt")
+    monkeypatch.setattr(packaging, "register_champion", lambda *a: calls.append("register") or version)
+    monkeypatch.setattr(packaging, "checkpoint_meta", lambda path: {})
+    monkeypatch.setattr(packaging, "model_metadata", lambda *a: {})
+    monkeypatch.setattr(packaging, "point_alias", lambda client, v, name: calls.append(("alias", v.version)))
+
+    def fail(*a, **k):
+        calls.append("save")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(packaging, "save_bento_model", fail)
+    with pytest.raises(KeyboardInterrupt):
+        packaging.package_champion(tmp_path / "model.pt", tmp_path, tmp_path)
+    assert calls == ["register", "save"]  # the alias stays where it was
+    calls.clear()
+    saved = types.SimpleNamespace(info=types.SimpleNamespace(metadata={"registered_version": "7"}), tag="face_age:x")
+    monkeypatch.setattr(packaging, "save_bento_model", lambda *a, **k: calls.append("save") or saved)
+    packaging.package_champion(tmp_path / "model.pt", tmp_path, tmp_path)
+    assert calls == ["register", "save", ("alias", 7)]
