@@ -17,8 +17,10 @@ Every step is :class:`faceage.predict.AgePredictor`'s, with the age network in O
 torch in the service); decode + detect + crop run in worker processes and the age model is
 batched across requests (:mod:`faceage.serving`). Limits, in-memory parsing and the 4xx
 mapping live in :mod:`faceage.http`: 400 (empty body, missing field, not an image, truncated,
-too many pixels), 413 (body over the cap), 415 (not multipart/form-data, or a part that is not
-an image), 422 (face index out of range, or an image that crashed its worker).
+too many pixels, a query parameter that does not parse), 413 (body over the cap), 415 (not
+multipart/form-data, or a part that is not an image), 422 (face index out of range, or an image that
+crashed its worker); every error is ``{"error": message}``. ``/ui`` holds at most half of the
+concurrent requests (:class:`faceage.ui.UIGateMiddleware`), so the API keeps the other half.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from faceage.annotate import annotate as draw_faces, to_png
@@ -39,7 +42,7 @@ from faceage.http import (
 )
 from faceage.predict import AgePredictor, FaceAge, LocatedFaces, available_cores, split_results
 from faceage.serving import AgeBatcher, LocatorPool
-from faceage.ui import UI_PATH, LazyUI, UIMiddleware
+from faceage.ui import UI_PATH, LazyUI, UIGateMiddleware, UIMiddleware
 
 log = logging.getLogger("faceage.service")
 
@@ -67,6 +70,8 @@ def served_model_tag(manifest: Path = Path(__file__).resolve().parent.parent / "
 
 
 MODEL_TAG = served_model_tag()
+MAX_CONCURRENCY = 64  # requests in progress at once (BentoML answers 429 past it)
+UI_MAX_CONCURRENCY = MAX_CONCURRENCY // 2  # of which /ui may hold at most this many
 # The routes read the raw body and parse it in memory (faceage.http explains why), so FastAPI
 # cannot infer their form; this one schema documents it in the generated OpenAPI.
 IMAGE_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -81,6 +86,20 @@ async def _bad_request(request: Request, e: BadRequest) -> JSONResponse:
     return error_response(e.status, e.message)
 
 
+def validation_message(error: dict) -> str:
+    """One of FastAPI's validation errors as a sentence: ``query parameter 'face': <why>, got 'abc'``."""
+    where, *names = error.get("loc") or ("request",)
+    what = f"{where} parameter {'.'.join(map(str, names))!r}" if names else str(where)
+    got = f", got {error['input']!r}" if "input" in error else ""
+    return f"{what}: {error.get('msg', 'invalid')}{got}"
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
+    """A parameter FastAPI could not parse (``/crop?face=abc``): 400 ``{"error": message}``, not its 422 ``detail``."""
+    return error_response(400, "; ".join(validation_message(error) for error in e.errors()))
+
+
 def png(data: bytes, headers: dict[str, str]) -> Response:
     return Response(content=data, media_type="image/png", headers=headers)
 
@@ -90,7 +109,7 @@ def png(data: bytes, headers: dict[str, str]) -> Response:
     resources={"cpu": str(available_cores())},
     # One worker: Gradio's queue lives in one process, and the detection pool uses every core.
     workers=1,
-    traffic={"timeout": 120, "max_concurrency": 64},
+    traffic={"timeout": 120, "max_concurrency": MAX_CONCURRENCY},
 )
 @bentoml.asgi_app(api, path="/")
 class FaceAgeService:
@@ -191,6 +210,9 @@ class FaceAgeService:
         return JSONResponse({"results": results, "model": self.lineage})
 
 
+# In this order, outermost first: the UI's share of the requests in progress (a slow upload counts
+# while the body cap reads it), the body cap, then /ui to Gradio and the rest to the API.
+FaceAgeService.add_asgi_middleware(UIGateMiddleware, ui=UI, max_concurrent=UI_MAX_CONCURRENCY)
 FaceAgeService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=LIMITS.max_body_bytes,  # every route, /ui too
                                    length_required=(UI_PATH,))
 FaceAgeService.add_asgi_middleware(UIMiddleware, ui=UI)

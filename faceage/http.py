@@ -214,16 +214,35 @@ def input_error_response(e: Exception) -> JSONResponse:
     return error_response(input_status(e), e.message if isinstance(e, BadRequest) else str(e))
 
 
+def multipart_closed(body: bytes, content_type: str | None) -> bool:
+    """Whether a whole ``multipart/form-data`` body has its closing boundary (other bodies: True).
+
+    Without it the parser ends inside a part, and Gradio keeps the file it was writing.
+    """
+    kind, options = parse_options_header(content_type or "")
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        return True  # not a form, or one the app rejects before writing anything
+    close = b"--" + boundary + b"--"
+    return body.startswith(close) or b"\r\n" + close in body
+
+
 class BodyLimitMiddleware:
     """ASGI middleware: answers 413 to any request whose body passes ``max_bytes``.
 
     It covers every route, the mounted Gradio app included (mounting Gradio through BentoML
     removes Gradio's own upload cap). A declared Content-Length is checked before reading;
     a streamed body is counted, and once over the cap the app sees a disconnect and its own
-    reply is dropped. Under ``length_required`` (the UI), a POST must declare its length (411
-    otherwise; browsers always do): Gradio writes an upload to a temporary file as it streams in,
-    and the part written before a streamed body passed the cap was never deleted (~20 MB of
-    ``/dev/shm`` per request).
+    reply is dropped.
+
+    Under ``length_required`` (the UI), a POST must declare its length (411 otherwise; browsers
+    always do), and its whole body is read here before the app sees any of it: Gradio writes an
+    upload to a temporary file as it streams in, and never deletes that file when the body stops
+    early (a streamed body cut at the cap, or a client that disconnects mid-body: each left its
+    partial ``tmpXXXX`` file in ``GRADIO_TEMP_DIR``, i.e. ``/dev/shm``). A body that ends early
+    never reaches Gradio; it costs at most ``max_bytes`` of memory while it arrives. For the same
+    reason a whole multipart body without its closing boundary (Gradio answered 200 ``[]`` and
+    kept the file) gets 400 here.
     """
 
     def __init__(self, app, max_bytes: int, length_required: tuple[str, ...] = ()):
@@ -244,6 +263,20 @@ class BodyLimitMiddleware:
         await self._answer(send, 413, f"request body {detail} is over the limit of {self.max_bytes} bytes "
                                       "(FACEAGE_MAX_BODY_BYTES)")
 
+    @staticmethod
+    async def _read_whole_body(receive, length: int) -> bytes | None:
+        """The body of ``length`` declared bytes, or ``None`` when the client left before sending it all."""
+        chunks, received = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            received += len(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks) if received == length else None
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -252,9 +285,23 @@ class BodyLimitMiddleware:
         if length.isdigit() and int(length) > self.max_bytes:
             await self._reject(send, f"of {int(length)} bytes")
             return
-        if (not length.isdigit() and scope.get("method") == "POST"
-                and any(scope.get("path", "").startswith(prefix) for prefix in self.length_required)):
-            await self._answer(send, 411, "send the upload with a Content-Length header")
+        if scope.get("method") == "POST" and any(scope.get("path", "").startswith(prefix)
+                                                 for prefix in self.length_required):
+            if not length.isdigit():
+                await self._answer(send, 411, "send the upload with a Content-Length header")
+                return
+            body = await self._read_whole_body(receive, int(length))
+            if body is None:
+                # The client is gone and the app never saw a partial body. The answer goes nowhere (the
+                # server drops it), but BentoML's timeout middleware waits for one: without it the
+                # request stayed open 120 s, and so did the server's shutdown.
+                await self._answer(send, 400, "the client closed the connection before sending the whole body")
+                return
+            if not multipart_closed(body, dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")):
+                await self._answer(send, 400, "malformed multipart/form-data body: it ends before the closing "
+                                              "boundary (truncated upload?)")
+                return
+            await self.app(scope, self._replay(body, receive), send)
             return
         state = {"received": 0, "started": False, "rejected": False}
 
@@ -282,3 +329,17 @@ class BodyLimitMiddleware:
         except Exception:
             if not state["rejected"]:
                 raise  # the app's own failure; after a 413 it only reacts to the disconnect
+
+    @staticmethod
+    def _replay(body: bytes, receive):
+        """A ``receive`` that gives ``body`` in one message, then waits on the client (its disconnect)."""
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay

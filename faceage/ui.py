@@ -8,23 +8,39 @@ it, and a two-face picture made from it), never the shared datasets.
 
 Gradio is imported here only, in the background once the service is ready (:class:`LazyUI`):
 neither the CLI that starts ``bentoml serve`` nor the service's readiness waits for it.
+
+What the UI's HTTP API accepts is narrower than Gradio's defaults, because it is reachable by
+anyone who can reach the service: only files a user uploaded (no path on the server's disk, no
+URL for the server to fetch); the annotated photo it returns is a JPEG at most
+:data:`UI_MAX_SIDE_PX` on its long side (it stays in ``GRADIO_TEMP_DIR``, RAM, for 10 minutes);
+Gradio's session heartbeat stream, which this UI does not use, answers 404; and all ``/ui``
+requests together hold at most a share of the service's concurrent requests
+(:class:`UIGateMiddleware`), so the API keeps the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from faceage.annotate import annotate as draw_faces, face_label
+from faceage.predict import FaceAge
 
 log = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+# The annotated photo the UI shows: a 20 MP photo as a full-size PNG was ~16.6 MB, kept in
+# GRADIO_TEMP_DIR (/dev/shm) for 10 minutes; at 2048 px as a JPEG it is well under 1 MB.
+UI_MAX_SIDE_PX = 2048
+UI_JPEG_QUALITY = 90  # boxes and labels stay sharp-edged; the /annotate route keeps lossless full-size PNG
 
 
 def model_line(lineage: dict[str, Any]) -> str:
@@ -43,8 +59,56 @@ def examples() -> list[str]:
     return sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
 
 
-async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[np.ndarray, list[list[Any]]]:
-    """Uploaded or webcam photo -> annotated image + one table row per face (the API's pipeline)."""
+def annotate_for_ui(image: np.ndarray, faces: Sequence[FaceAge], max_side_px: int = UI_MAX_SIDE_PX) -> np.ndarray:
+    """The photo with each face's box and label, its long side at most ``max_side_px``.
+
+    The photo is downscaled first and the boxes scaled with it, so labels are drawn at the size
+    they are shown (sharp, and as large relative to the photo as on ``/annotate``); the table of
+    faces keeps the full-size boxes. A photo already small enough is drawn as ``/annotate`` draws it.
+
+    Args:
+        image: RGB uint8 array (H, W, 3), full size.
+        faces: Its faces, boxes in full-size pixels.
+        max_side_px: Longest side of the result.
+
+    Returns:
+        A new RGB uint8 array.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side_px / max(h, w))
+    if scale == 1.0:
+        return draw_faces(image, faces)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0))
+    return draw_faces(small, [replace(f, box=tuple(round(v * scale) for v in f.box)) for f in faces])
+
+
+def to_jpeg(image: np.ndarray, quality: int = UI_JPEG_QUALITY) -> bytes:
+    """Encodes an RGB uint8 array as JPEG bytes (what the UI shows)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    # 4:4:4 (no chroma subsampling): the boxes are thin coloured lines, which 4:2:0 smears into the photo.
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def _ui_image_file(image: np.ndarray, faces: Sequence[FaceAge]) -> str:
+    """:func:`annotate_for_ui` as a JPEG in Gradio's cache (which purges it with the uploads), its path.
+
+    Written here rather than returned as an array: Gradio saves arrays with PIL's default
+    quality, and a file already in its cache is served as it is (not copied).
+    """
+    from gradio import processing_utils, utils
+
+    return processing_utils.save_bytes_to_cache(to_jpeg(annotate_for_ui(image, faces)), "faces.jpg",
+                                                utils.get_upload_folder())
+
+
+async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[list[Any]]]:
+    """Uploaded or webcam photo -> annotated image (a JPEG's path) + one table row per face (the API's pipeline)."""
     import bentoml
     import gradio as gr
 
@@ -66,7 +130,7 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[np.ndarray,
             for i, f in enumerate(faces)]
     if not faces:
         gr.Info("No face found in this photo.")
-    return draw_faces(image, faces), rows
+    return await asyncio.to_thread(_ui_image_file, image, faces), rows
 
 
 def _uploaded_path(payload) -> str | None:
@@ -80,6 +144,24 @@ def _uploaded_path(payload) -> str | None:
     component subclass, which fails where the package is read-only (a container).
     """
     return None if payload is None else str(payload.path)
+
+
+def _uploads_only(move):
+    """Wraps the photo input's ``async_move_resource_to_block_cache``: a URL is refused.
+
+    Gradio's API takes ``{"path": "https://..."}`` for a file input and downloads it into its
+    cache, with no size limit (past the service's body cap) and from the server's network. A
+    local path is checked by Gradio itself (:meth:`LazyUI._build` marks the app launched).
+    """
+    async def move_local_only(path):
+        import gradio as gr
+        from gradio_client.utils import is_http_url_like
+
+        if is_http_url_like(str(path)):
+            raise gr.Error("Upload the photo: the UI does not fetch URLs.")
+        return await move(path)
+
+    return move_local_only
 
 
 def build_ui(lineage: dict[str, Any], max_body_bytes: int):
@@ -96,7 +178,8 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int):
             photo = gr.Image(label="Photo", sources=["upload", "webcam"], type="filepath", image_mode=None,
                              elem_id="photo")
             photo.preprocess = _uploaded_path
-            result = gr.Image(label="Faces", format="png", interactive=False, elem_id="annotated")
+            photo.async_move_resource_to_block_cache = _uploads_only(photo.async_move_resource_to_block_cache)
+            result = gr.Image(label="Faces", type="filepath", format="jpeg", interactive=False, elem_id="annotated")
         table = gr.Dataframe(headers=["face", "age", "age_std", "label", "box", "score"], label="Faces",
                              interactive=False, elem_id="faces")
         button = gr.Button("Estimate ages", variant="primary", elem_id="submit")
@@ -122,6 +205,7 @@ class LazyUI:
         self.lineage: dict[str, Any] = {}
         self.max_body_bytes = 0
         self.app = None  # the loaded ASGI app (a FastAPI holder with Gradio at /ui)
+        self.heartbeat = False  # whether the page uses Gradio's heartbeat stream (config "connect_heartbeat")
         self.error: BaseException | None = None
         self._loaded: asyncio.Event | None = None
         self._closing: asyncio.Event | None = None
@@ -141,10 +225,17 @@ class LazyUI:
         # and it would lift Gradio's upload cap.
         # The file cap leaves room for the multipart headers around the file in the body the
         # service caps at max_body_bytes: a file just under that passed Gradio's check and got a 413.
-        gr.mount_gradio_app(holder, build_ui(self.lineage, self.max_body_bytes), path=UI_PATH,
+        blocks = build_ui(self.lineage, self.max_body_bytes)
+        gr.mount_gradio_app(holder, blocks, path=UI_PATH,
                             max_file_size=max(self.max_body_bytes - UPLOAD_OVERHEAD, 1), ssr_mode=False,
                             show_error=True,
                             footer_links=["api", "settings"], run_history=False)
+        # Gradio checks that a file input names a file a user uploaded (not any path on the
+        # server's disk) only once the app has "launched"; launch() sets this, mounting does not,
+        # and without it a POST to /ui/gradio_api/call/predict with {"path": "/etc/passwd"}
+        # copied that file into the cache, to be downloaded from /ui/gradio_api/file=...
+        blocks.has_launched = True
+        self.heartbeat = bool(blocks.config.get("connect_heartbeat"))
         return holder
 
     async def start(self) -> None:
@@ -179,6 +270,52 @@ class LazyUI:
             self._closing.set()
         if self._task is not None:
             await self._task
+
+
+HEARTBEAT_PATH = UI_PATH + "/gradio_api/heartbeat/"
+
+
+class UIGateMiddleware:
+    """ASGI middleware, outside the body cap: the UI's share of the service's concurrent requests.
+
+    BentoML's ``max_concurrency`` counts every open request, and the UI's can stay open for long
+    (Gradio's event streams, an upload arriving slowly): 64 of them answered 429 to every
+    ``/predict`` while ``/readyz`` stayed 200. Here:
+
+    - ``/ui/gradio_api/heartbeat/...`` answers 404 while the page does not use it (its config's
+      ``connect_heartbeat`` is false): the stream never ends on its own;
+    - at most ``max_concurrent`` ``/ui`` requests are in progress at once; past that, a ``/ui``
+      request gets 429 (``Retry-After``), and the API keeps the other slots.
+    """
+
+    def __init__(self, app, ui: LazyUI, max_concurrent: int):
+        self.app, self.ui, self.max_concurrent = app, ui, max_concurrent
+        self.in_progress = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] not in ("http", "websocket") or not (path == UI_PATH or path.startswith(UI_PATH + "/")):
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        if scope["type"] == "http" and path.startswith(HEARTBEAT_PATH) and not self.ui.heartbeat:
+            await JSONResponse({"error": "not found: this UI does not use Gradio's heartbeat"}, status_code=404)(
+                scope, receive, send)
+            return
+        if self.in_progress >= self.max_concurrent:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1013})  # "try again later"
+                return
+            await JSONResponse({"error": f"the UI is busy ({self.in_progress} requests in progress, at most "
+                                         f"{self.max_concurrent}); retry in a few seconds"},
+                               status_code=429, headers={"Retry-After": "5"})(scope, receive, send)
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
 
 
 class UIMiddleware:

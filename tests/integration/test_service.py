@@ -190,6 +190,18 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_stays_up(bento_server, wild_d
     assert len(predict(bento_server, wild_dir / "fr_two_people.jpg")["faces"]) == 2
 
 
+def test_a_query_parameter_that_does_not_parse_gets_the_documented_error_shape(bento_server, wild_dir):
+    """/crop?face=abc was FastAPI's 422 {"detail": [...]}; every error is {"error": message}, 400 for bad input."""
+    photo = wild_dir / "fr_obama_small.jpg"
+    for face, status, message in (("abc", 400, "query parameter 'face': "), ("1.5", 400, "got '1.5'"),
+                                  ("", 400, "got ''"), ("7", 422, "no face 7")):
+        r = bento_server.post("/crop", photo, params={"face": face})
+        assert r.status_code == status, f"face={face!r}: {r.status_code} {r.text[:300]}"
+        assert list(r.json()) == ["error"] and message in r.json()["error"], f"face={face!r}: {r.text[:300]}"
+    assert "got 'abc'" in bento_server.post("/crop", photo, params={"face": "abc"}).json()["error"]
+    assert bento_server.post("/crop", photo, params={"face": "0"}).status_code == 200
+
+
 def test_batch_path_answers_each_photo(bento_server, wild_dir):
     names = ["fr_two_people.jpg", "derived_empty.jpg", "dlib_dogs.jpg", "dlib_elon-musk-smoke.gif"]
     files = [("image", (n, (wild_dir / n).read_bytes(), "application/octet-stream")) for n in names]

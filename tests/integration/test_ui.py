@@ -15,6 +15,8 @@ import pytest
 import requests
 from PIL import Image
 
+from faceage.ui import to_jpeg
+
 pytestmark = pytest.mark.integration
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -64,8 +66,9 @@ def test_upload_shows_the_annotated_photo_and_a_table_of_faces(browser, bento_se
         assert str(face["box"]) in table
     annotated = requests.post(bento_server.url + "/annotate", files={"image": photo.open("rb")}, timeout=120)
     expected = np.asarray(Image.open(io.BytesIO(annotated.content)).convert("RGB"))
-    assert shown.shape == expected.shape == (661, 1126, 3)
-    assert np.array_equal(shown, expected)  # the same predictor and drawing as the API
+    assert shown.shape == expected.shape == (661, 1126, 3)  # under UI_MAX_SIDE_PX: the photo's own size
+    # The same predictor and drawing as the API, sent as the UI's JPEG (the API's PNG is lossless).
+    assert np.array_equal(shown, np.asarray(Image.open(io.BytesIO(to_jpeg(expected))).convert("RGB")))
 
 
 def test_a_photo_without_faces_says_so(browser, bento_server, wild_dir):
