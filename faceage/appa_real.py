@@ -179,19 +179,20 @@ def tree_files(folder: Path) -> list[Path]:
     """Every file under ``folder``, sorted, symlinked folders followed: what a reader of its paths sees.
 
     ``Path.rglob`` does not enter a symlinked folder (Python < 3.13), so a set whose ``test/`` links
-    to the user's photos had no image in its fingerprint. A link back to a folder above it (a loop)
-    is not followed.
+    to the user's photos had no image in its fingerprint. Each real folder is read once, by the first
+    path that reaches it (folders in name order): a link back to a folder already read (a loop, or
+    the folder itself) adds nothing, and a link to a folder above (``test -> ..``) reads it once.
     """
     files = []
-    chains = {str(folder): [os.path.realpath(folder)]}  # each folder walked: the real paths of it and its parents
+    seen = {os.path.realpath(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        chain = chains.pop(dirpath)
+        dirnames.sort()  # which of two paths to one folder counts must not depend on the file system's order
         keep = []
         for d in dirnames:
             real = os.path.realpath(os.path.join(dirpath, d))
-            if not any(os.path.commonpath([real, above]) == real for above in chain):  # not a way back up
+            if real not in seen:
+                seen.add(real)
                 keep.append(d)
-                chains[os.path.join(dirpath, d)] = [*chain, real]
         dirnames[:] = keep
         files += [Path(dirpath, f) for f in filenames if os.path.isfile(os.path.join(dirpath, f))]
     return sorted(files)

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,16 @@ def override_key(override: str) -> str | None:
     return override.partition("=")[0].strip().lstrip("+~").strip()
 
 
+def quoted_value(text: str) -> str:
+    """An override's value as typed, with each string quoted for Hydra (:func:`_quoted`): a list's
+    elements one by one (``[/a, /José]`` -> ``["/a","/José"]``), so it stays a list."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        items = [item.strip() for item in text[1:-1].split(",") if item.strip()]
+        return "[" + ",".join(item if item[:1] in "\"'" else _quoted(item) for item in items) + "]"
+    return text if text[:1] in "\"'" else _quoted(text)
+
+
 def check_overrides(overrides: list[str]) -> None:
     """Each ``-S`` override parses with the grammar DVC reads it with (Hydra's), before any work.
 
@@ -146,7 +157,7 @@ def check_overrides(overrides: list[str]) -> None:
             parser.parse_overrides([text])
         except OverrideParseException:
             key, eq, value = text.partition("=")
-            hint = f": quote the value, -S {key}={_quoted(value)}" if eq else ""
+            hint = f": quote the value, as in -S {shlex.quote(f'{key}={quoted_value(value)}')}" if eq else ""
             raise ProfileError(f"-S {override!r} is not an override DVC can read (Hydra's grammar: a value "
                                f"with a non-ASCII letter, #, a comma, brackets or = needs quotes)"
                                f"{hint}") from None

@@ -71,6 +71,31 @@ def run_sweep(backbones: list[str], profile: str, source: str | None, runs_path:
     return runs
 
 
+def runs_profile(runs: dict, default: str) -> str:
+    """The profile the runs' CNNs trained with, from the overrides each run records (``--profile`` can
+    differ: ``--report-only`` after a GPU sweep); ``default`` when no CNN ran.
+
+    Raises:
+        ValueError: The runs' CNNs trained with different profiles (or none of them): one report cannot
+            describe them.
+    """
+    found = {}
+    for backbone, info in runs.items():
+        if backbone in PRETRAINED_FACE:
+            continue
+        given = set(info.get("overrides", []))
+        matches = [name for name, profile in PROFILES.items() if set(profile["cnn"]) <= given]
+        found[backbone] = matches[0] if len(matches) == 1 else None
+    profiles = set(found.values())
+    if not profiles:
+        return default
+    if len(profiles) > 1 or None in profiles:
+        raise ValueError("the runs' CNNs trained with different profiles (" + ", ".join(
+            f"{b}: {p or 'none of ' + '/'.join(PROFILES)}" for b, p in sorted(found.items())) +
+            "): one report cannot describe them; sweep them again with one --profile, or pass another --runs")
+    return profiles.pop()
+
+
 def collect(runs: dict) -> list[dict]:
     """One row per backbone from MLflow: params, GFLOPs, train time, validation and test MAE."""
     mlflow = setup_mlflow()
@@ -272,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
             log.error("sweep stopped: `dvc exp run` failed (exit %s), its output is above; the runs before it are "
                       "in %s", e.returncode, runs_path)
             return e.returncode or 1
-    write_report(collect(runs), Path("reports/backbones.md"), Path("reports/backbones.png"), args.profile)
+    try:
+        profile = runs_profile(runs, args.profile)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
+    write_report(collect(runs), Path("reports/backbones.md"), Path("reports/backbones.png"), profile)
     log.info("wrote reports/backbones.md and reports/backbones.png (%d runs)", len(runs))
     return 0
 

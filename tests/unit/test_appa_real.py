@@ -286,8 +286,10 @@ def test_fingerprint_reads_through_symlinked_folders_and_stops_at_loops(tmp_path
 
     photos = tmp_path / "photos"
     photos.mkdir()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("x")
     (photos / "a.jpg").write_bytes(b"face one")
-    (photos / "up").symlink_to(tmp_path)  # a way back above the set: not followed
+    (photos / "up").symlink_to(tmp_path)  # a folder above: read once (its set/ and photos/ were already)
     root = tmp_path / "set"
     root.mkdir()
     (root / "gt_avg_test.csv").write_text("file_name\na.jpg\n")
@@ -299,12 +301,21 @@ def test_fingerprint_reads_through_symlinked_folders_and_stops_at_loops(tmp_path
     (root / "y" / "to_x").symlink_to(root / "x")  # a loop through two links
     (root / "y" / "b.txt").write_text("b")
     assert [p.relative_to(root).as_posix() for p in tree_files(root)] == [
-        "gt_avg_test.csv", "test/a.jpg", "x/to_y/b.txt", "y/b.txt"]
+        "gt_avg_test.csv", "test/a.jpg", "test/up/plain/x.txt", "y/b.txt"]
     before = dataset_fingerprint(root)
     (photos / "a.jpg").write_bytes(b"face two")  # an edited photo behind the link
     assert dataset_fingerprint(root) != before
 
-    plain = tmp_path / "plain"  # no links: the same bytes as the rglob walk it replaced (recorded fingerprints hold)
+    photos_set = photos / "myset"  # a set inside the photo folder, its test/ linked to it
+    photos_set.mkdir()
+    (photos_set / "gt_avg_test.csv").write_text("file_name\na.jpg\n")
+    (photos_set / "test").symlink_to("..")
+    assert "test/a.jpg" in [p.relative_to(photos_set).as_posix() for p in tree_files(photos_set)]
+    before = dataset_fingerprint(photos_set)
+    (photos / "a.jpg").write_bytes(b"face three")
+    assert dataset_fingerprint(photos_set) != before
+
+    plain = tmp_path / "plain2"  # no links: the same bytes as the rglob walk it replaced (recorded fingerprints hold)
     make_release(plain)
     (plain / "a-b").mkdir()
     (plain / "a-b" / "z").write_text("z")

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -168,9 +169,18 @@ def test_an_override_dvc_cannot_read_is_refused_with_its_quoted_form(repo, fake_
         assert experiment.main(["-S", "train.backbone=dlib_age", "-S", "fetch_data.source=/home/José/sample"]) == 1
     assert not fake_dvc.exists()
     [message] = [r.getMessage() for r in caplog.records]
-    quoted = message.rsplit("-S ", 1)[1]
     assert "'fetch_data.source=/home/José/sample' is not an override DVC can read" in message
-    apply_overrides(repo / "params.yaml", [quoted])  # the suggested form is one DVC reads back as given
-    assert load_params(repo / "params.yaml").fetch_data.source == "/home/José/sample"
-    for fine in (quoted, "params.yaml:train.epochs=3", "++train.epochs=3", "evaluate.external=[/a, /b]"):
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="faceage.experiment"):
+        assert experiment.main(["-S", "evaluate.external=[/home/José/set, ../b]"]) == 1
+    [listed] = [r.getMessage() for r in caplog.records]
+    for shown in (message, listed):
+        # the suggestion as a user pastes it into a shell: the shell's words are what DVC gets
+        [_, override] = shlex.split(shown.rsplit("as in ", 1)[1])
+        experiment.check_overrides([override])
+        apply_overrides(repo / "params.yaml", [override])  # DVC reads it back as given
+    params = load_params(repo / "params.yaml")
+    assert params.fetch_data.source == "/home/José/sample"
+    assert params.evaluate.external == ("/home/José/set", "../b")  # still a list
+    for fine in ("params.yaml:train.epochs=3", "++train.epochs=3", "evaluate.external=[/a, /b]"):
         experiment.check_overrides([fine])

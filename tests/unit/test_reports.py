@@ -1,5 +1,7 @@
 """The sweep report and recipe tables: the conclusion follows the numbers given."""
 
+import pytest
+
 from faceage.recipe import _table
 from faceage.external import external_maes
 from faceage.sweep import _conclusion, write_report
@@ -75,3 +77,28 @@ def test_the_gpu_profiles_report_describes_its_own_runs(tmp_path):
     write_report(cpu, tmp_path / "c.md", tmp_path / "c.png", "cpu")
     md = (tmp_path / "c.md").read_text()
     assert "in 5 epochs from scratch" in md and "cpu (2 torch threads)" in md and "`/data/sample`" in md
+
+
+def test_the_report_takes_its_profile_from_the_runs_not_the_flag(tmp_path, monkeypatch):
+    """`--report-only` after a GPU sweep (without --profile) described the runs as the CPU profile's."""
+    import json
+
+    import faceage.sweep as sweep
+
+    gpu = {b: {"run_id": b, "overrides": [f"train.backbone={b}", *sweep.PROFILES["gpu"]["cnn"]]}
+           for b in ("resnet18", "resnet34", "resnet50")}
+    gpu["dlib_face"] = {"run_id": "f", "overrides": ["train.backbone=dlib_face"]}
+    assert sweep.runs_profile(gpu, "cpu") == "gpu"
+    assert sweep.runs_profile({"dlib_face": gpu["dlib_face"]}, "cpu") == "cpu"  # no CNN: the flag
+    mixed = {**gpu, "resnet50": {"run_id": "x", "overrides": ["train.backbone=resnet50", *sweep.PROFILES["cpu"]["cnn"]]}}
+    with pytest.raises(ValueError, match="different profiles .*resnet50: cpu"):
+        sweep.runs_profile(mixed, "cpu")
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps(gpu))
+    written = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep, "collect", lambda r: [])
+    monkeypatch.setattr(sweep, "write_report", lambda rows, md, png, profile: written.append(profile))
+    assert sweep.main(["--report-only", "--runs", str(runs)]) == 0 and written == ["gpu"]
+    runs.write_text(json.dumps(mixed))
+    assert sweep.main(["--report-only", "--runs", str(runs)]) == 1 and written == ["gpu"]
