@@ -155,9 +155,9 @@ def _uploads_only(move):
     """
     async def move_local_only(path):
         import gradio as gr
-        from gradio_client.utils import is_http_url_like
 
-        if is_http_url_like(str(path)):
+        # what Gradio downloads (gradio_client.utils.is_http_url_like; any case here, a superset)
+        if str(path).lower().startswith(("http://", "https://")):
             raise gr.Error("Upload the photo: the UI does not fetch URLs.")
         return await move(path)
 
