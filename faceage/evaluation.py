@@ -262,7 +262,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     age_model.accelerate(test.images)
     pred, std = age_model.predict_inputs(test.images, p.batch_size)
     true, real = _labels(test.rows, "apparent_age"), _labels(test.rows, "real_age")
-    train_mean = float(np.mean([float(r["apparent_age"]) for r in read_faces_manifest(faces_dir, "train")]))
+    train_mean = float(_labels(read_faces_manifest(faces_dir, "train"), "apparent_age").mean())
     groups = errors_by_group(pred, true)
     demographics = read_demographics(data_dir) if data_dir is not None else {}
     by_attribute = {

@@ -450,3 +450,14 @@ def prefix_cache(model: nn.Module, train_set, val_set, prepare, p: TrainParams,
     if p.freeze_blocks == 0:
         return None
     return FrozenPrefixCache(model, train_set, val_set, prepare, p, device)
+
+
+def describe_mix(meta: dict[str, Any]) -> str:
+    """How training mixed the best epoch's network with the pretrained one, from what it recorded
+    (``wise_alpha``, ``ensemble_weight`` in the checkpoint's meta): "" when it shipped it as is."""
+    parts = []
+    if "wise_alpha" in meta:
+        parts.append(f"WiSE-FT alpha {meta['wise_alpha']:.2f}")
+    if "ensemble_weight" in meta:
+        parts.append(f"ensemble weight {meta['ensemble_weight']:.2f}")
+    return ", ".join(parts)

@@ -30,10 +30,10 @@ def _validation_note(meta: dict[str, Any]) -> str:
     own = meta.get("best_epoch_val_mae", meta["val_mae"])
     if abs(own - meta["val_mae"]) < 5e-4:
         return f" ({_fmt(meta['val_mae'])} years)"
-    mixes = [f"WiSE-FT alpha {meta['wise_alpha']:.2f}" if "wise_alpha" in meta else "",
-             f"ensemble weight {meta['ensemble_weight']:.2f}" if "ensemble_weight" in meta else ""]
+    from faceage.finetune import describe_mix
+
     return (f" ({_fmt(own)} years); shipped mixed with the pretrained network "
-            f"({', '.join(m for m in mixes if m) or 'mixed'}): {_fmt(meta['val_mae'])} years")
+            f"({describe_mix(meta) or 'mixed'}): {_fmt(meta['val_mae'])} years")
 
 
 def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:

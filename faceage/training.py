@@ -689,22 +689,13 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
         write_run_file(run_path, state.run_id, tracker.experiment_id)
     # Last, after the run has ended: until here a rerun resumes, and redoes only idempotent steps.
     state_path.unlink(missing_ok=True)
-    if mix := _shipped_mix(extra):
+    if mix := finetune.describe_mix(extra):
         log.info("best epoch %d: val MAE %.2f; shipped (%s): val MAE %.2f; checkpoint %s", state.best_epoch,
                  best_epoch_val_mae, mix, state.best_val_mae, model_path)
     else:
         log.info("best val MAE %.2f at epoch %d; checkpoint %s", state.best_val_mae, state.best_epoch, model_path)
     return {**metrics, "run_id": state.run_id}
 
-
-def _shipped_mix(extra: dict[str, Any]) -> str:
-    """How :func:`finalize` mixed the best epoch's network with the pretrained one ("" when it shipped it as is)."""
-    parts = []
-    if "wise_alpha" in extra:
-        parts.append(f"WiSE-FT alpha {extra['wise_alpha']:.2f}")
-    if "ensemble_weight" in extra:
-        parts.append(f"ensemble weight {extra['ensemble_weight']:.2f}")
-    return ", ".join(parts)
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
