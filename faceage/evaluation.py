@@ -33,13 +33,13 @@ from faceage.config import EvaluateParams
 from faceage.chips import DLIB_AGE
 from faceage.data import load_split
 from faceage.external import (EXTERNAL_SHA256_TAG, crop_counts, external_chips, external_embeddings,
-                              external_faces)
+                              external_faces, set_version)
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
 from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
 from faceage.preprocess import read_faces_manifest
 from faceage.sources import ExternalSet, ExternalSetError, resolve_external
-from faceage.appa_real import dataset_fingerprint, read_dataset_info, read_demographics
+from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
 from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
@@ -188,7 +188,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
             "mae_low_res": low_res_mae(age_model, data.images, true, p.low_res, p.batch_size),
             **counts,
             "path": str(ext.path),
-            "sha256": dataset_fingerprint(ext.path),  # which version of the set: MAEs compare only within one
+            "sha256": set_version(faces, ext.path),  # which version of the set: MAEs compare only within one
         }
         rows += [[ext.name, r["file_name"], t, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)]
                  for r, t, pa, ps in zip(data.rows, true, pred, std)]

@@ -42,6 +42,7 @@ FACES_FORMAT = 4
 # The crop settings that decide the pixels of a crop (workers and data lineage do not).
 CROP_KEYS = ("detector", "upsample", "retry_pad", "cnn_retry_side", "cnn_retry_sha256", "margin", "size", "no_face",
              "detector_file", "detector_sha256")
+SET_SHA256 = "set_sha256"  # the cache entry's record of which version of the set's files it was cut from
 
 
 def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
@@ -52,10 +53,12 @@ def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
                             no_face=crop.get("no_face", "release_crop"), workers=workers)
 
 
-def cache_key(folder: Path, crop: dict[str, Any], shape_predictor_sha256: str = "") -> str:
+def cache_key(folder: Path, crop: dict[str, Any], shape_predictor_sha256: str = "",
+              fingerprint: str | None = None) -> str:
     """16 hex digits over the folder's bytes (every file), the pixel-deciding crop settings, the
-    faces-folder format and the shape predictor that aligns the chips."""
-    h = hashlib.sha256(dataset_fingerprint(folder).encode())
+    faces-folder format and the shape predictor that aligns the chips. ``fingerprint``: the folder's
+    :func:`dataset_fingerprint` when the caller has it already."""
+    h = hashlib.sha256((fingerprint or dataset_fingerprint(folder)).encode())
     h.update(json.dumps({k: crop.get(k) for k in CROP_KEYS}, sort_keys=True).encode())
     h.update(f"format {FACES_FORMAT} shape predictor {shape_predictor_sha256}".encode())
     return h.hexdigest()[:16]
@@ -80,7 +83,8 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         if files.get(filename) != sha256:
             raise ExternalSetError(f"{detector_dir} holds {filename} with sha256 {files.get(filename)}, but the "
                                    f"checkpoint's crops were made with {sha256}")
-    out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop, files[SHAPE5_FILE])}"
+    fingerprint = dataset_fingerprint(ext.path)
+    out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop, files[SHAPE5_FILE], fingerprint)}"
     # Runs side by side (dvc queue start -j 2) ask for the same entry: one crops, the others wait and reuse.
     with locked(out, f"cropping {ext.name} into {out}"):
         if (out / SETTINGS).is_file():
@@ -93,7 +97,7 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         with staged_dir(out) as tmp:
             rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp, params)
             settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
-                        "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
+                        SET_SHA256: fingerprint, "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
             (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return out
 
@@ -118,6 +122,12 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
 def external_chips(faces_dir: Path) -> Path:
     """``dlib_age`` aligned chips of a cropped set: ``crop_samples`` cut them beside its crops."""
     return faces_dir / CHIPS_FILE
+
+
+def set_version(faces_dir: Path, folder: Path) -> str:
+    """The :func:`dataset_fingerprint` of the set's files the crops in ``faces_dir`` were cut from (read
+    from the cache entry; hashed again only for entries written before they recorded it)."""
+    return json.loads((faces_dir / SETTINGS).read_text()).get(SET_SHA256) or dataset_fingerprint(folder)
 
 
 def crop_counts(faces_dir: Path) -> dict[str, int]:

@@ -193,3 +193,21 @@ def test_evaluate_names_a_missing_external_set_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="needs the detector folder"):
         evaluate_model(tmp_path / "no-checkpoint.pt", tmp_path / "faces", tmp_path / "out", p)
+
+
+def test_the_cache_entry_records_the_set_version_it_was_cut_from(detector_dir, tmp_path, monkeypatch):
+    """evaluate's ``sha256`` (the MAE's set version) is the fingerprint the crops were cut from, hashed once:
+    an edit after cropping must not relabel the old crops' MAE as the new files'."""
+    import faceage.external as external
+    from faceage.appa_real import dataset_fingerprint
+
+    folder = make_set(tmp_path / "set", {"a.jpg": noise()})
+    [ext] = resolve_external([str(folder)], tmp_path)
+    before = dataset_fingerprint(folder)
+    calls = []
+    monkeypatch.setattr(external, "dataset_fingerprint", lambda f: calls.append(f) or dataset_fingerprint(f))
+    faces = external_faces(ext, checkpoint_crop(detector_dir), detector_dir, tmp_path / "cache", workers=1)
+    assert len(calls) == 1
+    Image.fromarray(noise(5)).save(folder / "test" / "a.jpg")  # edited after its crops were cut
+    assert external.set_version(faces, folder) == before != dataset_fingerprint(folder)
+    assert len(calls) == 1
