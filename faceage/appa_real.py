@@ -15,20 +15,22 @@ every file). The folder appears only when complete and valid.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import shutil
-import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from faceage.atomic import staged_dir
+from faceage.atomic import scratch_dir, staged_dir
 from faceage.download import ChecksumError, DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
 from faceage.paths import downloads_dir, from_root
@@ -77,34 +79,49 @@ def read_split(root: Path, split: str) -> list[Sample]:
     path = root / csv_name(split)
     if not path.is_file():
         raise LayoutError(f"missing {csv_name(split)} in {root}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        absent = [c for c in COLUMNS if c not in header]
-        if absent:
-            raise LayoutError(f"{path} lacks column(s) {absent}; expected columns {list(COLUMNS)}, found {header}")
-        samples, lines_of = [], {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                ages = (float(row["apparent_age_avg"]), float(row["apparent_age_std"] or 0.0), float(row["real_age"]))
-            except (TypeError, ValueError) as e:
-                raise LayoutError(f"{path} line {line}: non-numeric age in {row}") from e
-            if not all(math.isfinite(a) and a >= 0 for a in ages):
-                raise LayoutError(f"{path} line {line}: an age must be a finite number >= 0, got {row}")
-            name = row["file_name"] or ""
-            if name in ("", ".", "..") or "/" in name or "\\" in name:
-                raise LayoutError(f"{path} line {line}: file_name {name!r} must name a file directly in {split}/")
-            # A face's crop is <split>/<stem>.png: two rows with one stem (a repeated row, or face.jpg
-            # beside face.jpeg) would be scored twice or share one crop under two labels.
-            stem = Path(name).stem
-            if stem in lines_of:
-                raise LayoutError(f"{path} line {line}: {name!r} has the same name before its extension as the "
-                                  f"file_name on line {lines_of[stem]}: each face needs its own name")
-            lines_of[stem] = line
-            samples.append(Sample(split, name, *ages))
+    reader = csv.DictReader(_csv_lines(path))
+    header = reader.fieldnames or []
+    absent = [c for c in COLUMNS if c not in header]
+    if absent:
+        raise LayoutError(f"{path} lacks column(s) {absent}; expected columns {list(COLUMNS)}, found {header}")
+    samples, lines_of = [], {}
+    for row in reader:
+        line = reader.line_num  # a blank line is skipped and a quoted field may hold line breaks: not a row count
+        try:
+            ages = (float(row["apparent_age_avg"]), float(row["apparent_age_std"] or 0.0), float(row["real_age"]))
+        except (TypeError, ValueError) as e:
+            raise LayoutError(f"{path} line {line}: non-numeric age in {row}") from e
+        if not all(math.isfinite(a) and a >= 0 for a in ages):
+            raise LayoutError(f"{path} line {line}: an age must be a finite number >= 0, got {row}")
+        name = row["file_name"] or ""
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise LayoutError(f"{path} line {line}: file_name {name!r} must name a file directly in {split}/")
+        # A face's crop is <split>/<stem>.png: two rows with one stem (a repeated row, or face.jpg
+        # beside face.jpeg) would be scored twice or share one crop under two labels.
+        stem = Path(name).stem
+        if stem in lines_of:
+            raise LayoutError(f"{path} line {line}: {name!r} has the same name before its extension as the "
+                              f"file_name on line {lines_of[stem]}: each face needs its own name")
+        lines_of[stem] = line
+        samples.append(Sample(split, name, *ages))
     if not samples:
         raise LayoutError(f"{path} lists no images")
     return samples
+
+
+def _csv_lines(path: Path) -> io.StringIO:
+    """A CSV file's text for :mod:`csv` (line ends as they are), read as UTF-8 with or without a byte-order mark.
+
+    Raises:
+        LayoutError: The file is not UTF-8 (a spreadsheet's plain "CSV" export on Windows is cp1252).
+    """
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return io.StringIO(data.decode("utf-8"), newline="")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise LayoutError(f"{path} line {line} is not UTF-8 text ({e.reason}): save it as \"CSV UTF-8\" "
+                          "(or re-encode it, e.g. iconv -f cp1252 -t utf-8)") from e
 
 
 def validate_layout(root: str | Path) -> dict[str, list[Sample]]:
@@ -134,9 +151,12 @@ def find_release_root(folder: Path) -> Path:
     """The folder holding ``gt_avg_train.csv``: ``folder`` itself or one level below (zip layout)."""
     if (folder / csv_name("train")).exists():
         return folder
-    candidates = [p.parent for p in folder.glob(f"*/{csv_name('train')}")]
+    candidates = sorted(p.parent for p in folder.glob(f"*/{csv_name('train')}"))
     if len(candidates) == 1:
         return candidates[0]
+    if candidates:
+        raise LayoutError(f"{folder} holds {len(candidates)} releases ({', '.join(c.name for c in candidates)}): "
+                          "point fetch_data.source at the one to use")
     raise LayoutError(f"no {csv_name('train')} found in {folder} or its immediate subfolders")
 
 
@@ -171,7 +191,7 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
                 member.filename = name
             for member in members:
                 zf.extract(member, dest)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zlib.error, EOFError: damaged compressed data
         raise LayoutError(f"{zip_path} is not a valid zip file: {e}") from e
 
 
@@ -240,6 +260,32 @@ def cached_download(url: str, md5: str, cache_dir: str | Path | None = None) -> 
     return Path(cache_dir or downloads_dir()) / name
 
 
+def _materialise(source: str, local: Path, out_dir: Path) -> dict:
+    """Validates the release in ``local`` (a folder or zip) and copies it into ``out_dir`` atomically."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with scratch_dir(out_dir, "zip") as unzipped, staged_dir(out_dir) as staged:
+        if local.is_dir():
+            root = find_release_root(local)
+        elif zipfile.is_zipfile(local):
+            _safe_extract(local, unzipped)
+            root = find_release_root(unzipped)
+        else:
+            raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
+        splits = validate_layout(root)
+        _copy_release(root, splits, staged)
+        info = {
+            "source": source,
+            "counts": {split: len(samples) for split, samples in splits.items()},
+            "release_face_crops": sum(
+                1 for split, samples in splits.items() for s in samples
+                if (staged / split / (s.file_name + FACE_SUFFIX)).is_file()
+            ),
+            "sha256": dataset_fingerprint(staged),
+        }
+        (staged / DATASET_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
 def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors: tuple[str, ...] | list[str] = (),
                     cache_dir: str | Path | None = None) -> dict:
     """Materialises APPA-REAL from ``source`` into ``out_dir``, validated, atomically.
@@ -272,7 +318,8 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
                                 "fetch_data.source=/abs/path/appa-real-release.zip") from e
         if not md5 and not zipfile.is_zipfile(local):
             # Without a checksum nothing else would ever evict it: an error page saved as the zip.
-            head = local.read_bytes()[:60]
+            with open(local, "rb") as f:
+                head = f.read(60)
             local.unlink()
             raise LayoutError(f"{source} sent something that is not a zip file (it begins {head!r}); it was "
                               "deleted, and the next run fetches it again (set fetch_data.md5 to pin the bytes)")
@@ -281,29 +328,19 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
         if local.is_file() and md5:
             got = file_digest(local, "md5")
             if got != md5.lower():
-                raise ChecksumError(f"md5 of {local} is {got}, expected fetch_data.md5={md5}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-zip-", dir=out_dir.parent) as unzipped, \
-            staged_dir(out_dir) as staged:
-        if local.is_dir():
-            root = find_release_root(local)
-        elif zipfile.is_zipfile(local):
-            _safe_extract(local, Path(unzipped))
-            root = find_release_root(Path(unzipped))
-        else:
-            raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
-        splits = validate_layout(root)
-        _copy_release(root, splits, staged)
-        info = {
-            "source": source,
-            "counts": {split: len(samples) for split, samples in splits.items()},
-            "release_face_crops": sum(
-                1 for split, samples in splits.items() for s in samples
-                if (staged / split / (s.file_name + FACE_SUFFIX)).is_file()
-            ),
-            "sha256": dataset_fingerprint(staged),
-        }
-        (staged / DATASET_JSON).write_text(json.dumps(info, indent=2) + "\n")
+                raise ChecksumError(f"md5 of {local} is {got}, expected fetch_data.md5={md5} (the release's zip); "
+                                    "for a zip made otherwise, skip the check: -S fetch_data.md5=")
+    try:
+        info = _materialise(source, local, out_dir)
+    except LayoutError as e:
+        if not (is_url(source) and not md5):
+            raise
+        # Without fetch_data.md5 nothing says which bytes are right, and the cached copy would be used
+        # again on every run: a zip damaged in transit (or resumed across a change on the server) failed
+        # forever, with nothing saying where it was kept.
+        local.unlink(missing_ok=True)
+        raise LayoutError(f"{e}\nThe copy downloaded from {source} was deleted, and the next run fetches it "
+                          "again (set fetch_data.md5 to pin the bytes)") from e
     log.info("APPA-REAL ready in %s: %s (sha256 %s)", out_dir, info["counts"], info["sha256"][:12])
     return info
 
@@ -321,18 +358,23 @@ def read_demographics(folder: str | Path) -> dict[str, dict[str, str]]:
     for path in sorted(Path(folder).glob("*.csv")):
         if path.name.startswith("gt_avg_"):
             continue
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            key = next((c for c in ("file_name", "file") if c in header), None)
-            columns = {c: a for c in header for a in ("gender", "race") if a in c.lower()}
-            if key is None or not columns:
-                continue
-            legends = {c: _legend(c) for c in columns}
-            for row in reader:
-                labels = out.setdefault(row[key], {})
-                for column, attribute in columns.items():
-                    value = row[column].strip()
+        try:
+            reader = csv.DictReader(_csv_lines(path))
+        except LayoutError as e:  # e.g. macOS's "._labels.csv" beside a copied folder: not labels
+            log.warning("%s; its gender/race labels (if any) are not read", e)
+            continue
+        header = reader.fieldnames or []
+        key = next((c for c in ("file_name", "file") if c in header), None)
+        columns = {c: a for c in header for a in ("gender", "race") if a in c.lower()}
+        if key is None or not columns:
+            continue
+        legends = {c: _legend(c) for c in columns}
+        for row in reader:
+            labels = out.setdefault(row[key], {})
+            for column, attribute in columns.items():
+                # A short row (no value at all) or an empty cell: no label, the face counts as "unknown".
+                value = (row[column] or "").strip()
+                if value:
                     labels[attribute] = legends[column].get(value, value)
     return out
 

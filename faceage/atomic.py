@@ -1,16 +1,20 @@
 """Atomic folder outputs: build beside the destination, swap in only when complete.
 
 A stage killed half-way leaves its previous output (or none) and a hidden temporary folder
-that is removed on the next failure or success, never a half-written output. Outputs that
+beside it, never a half-written output; the next build of that output removes such folders left
+by processes no longer running. Outputs that
 several processes may ask for at once (``dvc queue start -j 2`` runs two pipelines side by side)
 are built under :func:`locked`: the first process builds, the others wait and reuse.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,17 +23,66 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def scratch_name(out_dir: Path, tag: str = "") -> Path:
+    """A new hidden path beside ``out_dir`` for building it: ``.NAME-PID@HOST-RANDOM[-TAG]``, so that a
+    later build can tell a folder left by a killed process (:func:`clear_stale`) from one in use."""
+    return out_dir.parent / f".{out_dir.name}-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:12]}{tag and '-' + tag}"
+
+
+def clear_stale(out_dir: Path) -> None:
+    """Removes the :func:`scratch_name` folders beside ``out_dir`` whose process, on this host, has ended
+    (a build killed before it could clean up: a copy of the whole data set each). Others are left."""
+    if os.name != "posix" or not out_dir.parent.is_dir():  # os.kill(pid, 0) ends the process on Windows
+        return
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}-(\d+)@{_host()}-[0-9a-f]{{12}}(-[a-z]+)?")
+    for path in out_dir.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and not _running(int(match[1])):
+            log.info("removing %s, left by a build of %s that was stopped", path, out_dir)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+@contextmanager
+def scratch_dir(beside: str | Path, tag: str) -> Iterator[Path]:
+    """Yields an empty hidden folder beside ``beside`` (e.g. an unzipped source), deleted afterwards."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(beside)
+    tmp = scratch_name(beside, tag)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yields an empty folder next to ``out_dir``; on success it replaces ``out_dir``.
 
-    On any exception the staged folder is deleted and ``out_dir`` is left untouched.
+    On any exception the staged folder is deleted and ``out_dir`` is left untouched. Staged folders
+    that killed processes left beside ``out_dir`` are removed first (:func:`clear_stale`).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(out_dir)
     # A plain mkdir, not mkdtemp: the swap keeps the folder's mode, and mkdtemp's is private (0700);
     # this one gets the mode any folder made here gets (the umask's), as its subfolders have.
-    tmp = out_dir.parent / f".{out_dir.name}-{uuid.uuid4().hex[:12]}"
+    tmp = scratch_name(out_dir)
     tmp.mkdir()
     try:
         yield tmp

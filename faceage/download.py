@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -68,8 +69,15 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as r:
         if r.status_code == 416 and have:
-            # Range not satisfiable: the part file already holds the whole body.
-            return True
+            # Range not satisfiable: the part file holds the whole body, unless the server's length
+            # (Content-Range: bytes */LENGTH) says otherwise: a part longer than the file holds bytes of
+            # another version of it (and was taken whole: as the file, where no checksum was given).
+            length = _unsatisfiable_length(r.headers.get("Content-Range"))
+            if length is None or length == have:
+                return True
+            log.info("%s holds %d bytes but %s has %d: restarting from byte 0", part.name, have, url, length)
+            part.unlink()
+            return _stream_once(url, part, timeout_s, progress)
         if r.status_code not in (200, 206):
             raise DownloadError(f"GET {url} answered HTTP {r.status_code} {r.reason}")
         if r.status_code == 200 and have:
@@ -94,6 +102,12 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
         if total is not None and got < total:
             raise requests.ConnectionError(f"connection closed at byte {got} of {total}")
         return True
+
+
+def _unsatisfiable_length(content_range: str | None) -> int | None:
+    """The file's length in a 416 answer's ``Content-Range: bytes */LENGTH``, or None."""
+    match = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", content_range or "")
+    return int(match[1]) if match else None
 
 
 def download(
