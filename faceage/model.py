@@ -5,7 +5,8 @@ Input: a backbone name and a weights choice. Output: an ``nn.Module`` mapping a 
 
 A checkpoint holds the ``state_dict`` and everything needed to rebuild and use the model
 without ``params.yaml``: backbone, age range, input size, normalisation, crop settings
-(margin, crop size, detector kind, upsample, detector sha256). It contains only tensors and
+(margin, crop size, detector kind, upsample, detector sha256), and GoogLeNet/Inception's
+``transform_input``. It contains only tensors and
 plain Python values, so it loads with ``torch.load(..., weights_only=True)``.
 """
 
@@ -87,6 +88,8 @@ NO_LINEAR_HEAD = frozenset({"squeezenet1_0", "squeezenet1_1"})
 # Built without their auxiliary classifiers: with them, train mode returns a tuple of outputs, and
 # Inception's needs 299 px inputs. (Their ImageNet files hold the auxiliary weights too; they go unused.)
 AUX_HEADS = frozenset({"googlenet", "inception_v3"})
+# The state_dict prefixes of those auxiliary classifiers: a weights file may hold them (torchvision's do).
+AUX_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 
 
 def torchvision_backbones() -> list[str]:
@@ -269,8 +272,12 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
     # BatchNorm's step counters are absent from older state dicts (torchvision's own ImageNet files
     # among them); load_state_dict fills them in, so they are not missing weights.
     missing = [k for k in own if not k.startswith(head) and k not in body and not k.endswith(".num_batches_tracked")]
-    if mismatched or missing:
-        bad = (mismatched or missing)[:3]
+    # Weights the model has no place for: a deeper network of the same family (resnet34's file for resnet18,
+    # efficientnet_b1's for efficientnet_b0) holds every key the smaller one has, at the same shapes, and loading
+    # with strict=False took that part of it without a word. Only the auxiliary heads' weights may be left over.
+    unexpected = [k for k in body if k not in own and not k.startswith(AUX_PREFIXES.get(backbone, ()))]
+    if mismatched or missing or unexpected:
+        bad = (mismatched or missing)[:3] or [f"{k} (not in {backbone})" for k in unexpected[:3]]
         raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} does not fit backbone {backbone!r} "
                                      f"(e.g. {bad})")
     model.load_state_dict(body, strict=False)
@@ -331,6 +338,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": state, **meta}
+    if isinstance(getattr(model, "transform_input", None), bool):
+        # GoogLeNet/Inception's input rescaling is a build option, not a weight: without it recorded, a
+        # checkpoint trained without it (as built before round 22's review) loaded with it, other ages.
+        payload.setdefault("transform_input", model.transform_input)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -371,6 +382,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     # fused heads saved before train.face_features existed read dlib's descriptor
     model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"),
                         payload.get("face_features", DESCRIPTOR))
+    if isinstance(payload.get("transform_input"), bool) and hasattr(model, "transform_input"):
+        model.transform_input = payload["transform_input"]
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:

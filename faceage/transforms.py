@@ -26,11 +26,13 @@ def low_resolution(images: torch.Tensor, side: int) -> torch.Tensor:
     """uint8 (N, 3, S, S) -> the same faces as if photographed at ``side`` x ``side`` pixels, uint8 (N, 3, S, S).
 
     Downscaled with antialiasing, then scaled back up (bilinear): the input keeps its size and
-    loses the detail a smaller face in a photo would not have. ``side >= S`` returns the input.
+    loses the detail a smaller face in a photo would not have. ``side >= S`` returns the input; a side
+    under 1 pixel (``evaluate.low_res`` below 1/128 of a 64 px chip rounds to 0) is read as 1.
     """
     size = images.shape[-1]
     if side >= size:
         return images
+    side = max(1, int(side))
     x = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8)
