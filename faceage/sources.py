@@ -148,6 +148,14 @@ def external_fingerprint(paths: tuple[str, ...] | list[str]) -> dict[str, Any]:
     return {"sources": list(paths), "sets": sets}
 
 
+def weights_file(pretrained: str, backbone: str = "") -> Path | None:
+    """The file ``train.pretrained`` names (a relative path is the repo root's), or None where it names
+    none: ``imagenet`` and ``none``, and any value for dlib's networks (their files are fetch_detector's)."""
+    if pretrained in NAMED_WEIGHTS or backbone in DLIB_BACKBONES:
+        return None
+    return from_root(pretrained)
+
+
 def pretrained_fingerprint(pretrained: str, backbone: str = "") -> dict[str, Any]:
     """``train.pretrained``'s record: a weights file's size and sha256, so that new weights at the same
     path retrain (DVC saw only the path: the model trained on the old weights stayed). ``imagenet`` and
@@ -159,11 +167,9 @@ def pretrained_fingerprint(pretrained: str, backbone: str = "") -> dict[str, Any
         PretrainedMissingError: No file at the path (a relative one is taken from the repo root).
     """
     record: dict[str, Any] = {"pretrained": pretrained}
-    if pretrained in NAMED_WEIGHTS:
-        return {**record, "kind": pretrained}
-    if backbone in DLIB_BACKBONES:
-        return {**record, "kind": "dlib"}
-    path = from_root(pretrained)
+    path = weights_file(pretrained, backbone)
+    if path is None:
+        return {**record, "kind": pretrained if pretrained in NAMED_WEIGHTS else "dlib"}
     if not path.is_file():
         raise PretrainedMissingError(f"train.pretrained={pretrained!r}: no such weights file (resolved to {path}); "
                                      f"use {' or '.join(map(repr, NAMED_WEIGHTS))} or a path to a .pth file")

@@ -77,8 +77,8 @@ from faceage.model import (
     MAX_AGE, MIN_AGE, build_model, check_input_size, expected_age, fit_temperature, input_stats, load_pretrained,
     save_checkpoint,
 )
-from faceage.paths import from_root
 from faceage.preprocess import MANIFEST, read_crop_settings
+from faceage.sources import weights_file
 from faceage.tracking import (
     DVC_EXPERIMENT_TAG, RESUMED_AT_COMMIT_TAG, git_commit, mlflow_env, setup_mlflow, tracking_uri, write_run_file,
 )
@@ -405,7 +405,8 @@ def pretrained_files(p: TrainParams, head: str | None, detector_dir: str | Path 
             return []
         folder = Path(detector_dir)
         return [folder / AGE_MODEL_FILE] + ([folder / RECOGNITION_FILE] if head == HEAD_FUSED else [])
-    return [] if p.pretrained == "imagenet" else [from_root(p.pretrained)]
+    path = weights_file(p.pretrained, p.backbone)
+    return [] if path is None else [path]
 
 
 def count_gflops(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> float:
