@@ -9,8 +9,10 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Creates .venv and installs the project with its test tools (idempotent). The bento's lock constrains
 # the packages it holds, so the tests run against the versions the image installs.
 setup: $(VENV)/.installed
+# A .venv without pip (its creation stopped before ensurepip: Ctrl-C, or Debian without python3-venv)
+# is made again: `python3 -m venv` over it adds pip (a bare `test -x` left make setup failing for good).
 $(VENV)/.installed: pyproject.toml bento-requirements.txt
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]' -c bento-requirements.txt
 	touch $@
@@ -58,8 +60,11 @@ quick-resnet: setup
 
 # Backbone sweep (CPU profile) on the sample, one DVC experiment per backbone, then
 # reports/backbones.md + .png from MLflow. On a GPU box with APPA-REAL: python -m faceage.sweep --profile gpu
+# --source takes the path itself: SAMPLE quoted for the shell (a space in it, or in the repo's path), and
+# the Hydra quotes `make quick` needs (SAMPLE="'/a,b/sample'") taken off (the sweep quotes it itself).
 sweep: setup
-	$(BIN)/python -m faceage.sweep --profile cpu --source $(SAMPLE)
+	s='$(subst ','\'',$(SAMPLE))'; case "$$s" in "'"*"'"|'"'*'"') s="$${s#?}"; s="$${s%?}";; esac; \
+	$(BIN)/python -m faceage.sweep --profile cpu --source "$$s"
 
 # --- service (bento) ---
 # Champion run -> MLflow registry face-age@champion -> BentoML model face_age -> bento face_age.
@@ -110,7 +115,7 @@ COMMA := ,
 MLFLOW_DEFAULT_HOSTS = $$($(BIN)/python -c 'from mlflow.server.security_utils import get_default_allowed_hosts as d; print(",".join(d()))')
 mlflow-server: setup
 	$(BIN)/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 2 \
-		--backend-store-uri $(MLFLOW_BACKEND) --serve-artifacts --artifacts-destination $(MLFLOW_ARTIFACTS) \
+		--backend-store-uri "$(MLFLOW_BACKEND)" --serve-artifacts --artifacts-destination "$(MLFLOW_ARTIFACTS)" \
 		$(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts "$(MLFLOW_ALLOWED_HOSTS)$(COMMA)$(MLFLOW_DEFAULT_HOSTS)")
 
 clean:

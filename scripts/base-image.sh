@@ -5,9 +5,9 @@
 #
 #   sudo scripts/base-image.sh [--force] [IMAGE]
 #
-# IMAGE defaults to bentofile.yaml's docker.base_image. Needs root, debootstrap and a Docker
-# daemon. Environment: DEBIAN_MIRROR (default http://deb.debian.org/debian), HOST_CA_BUNDLE
-# (default /etc/ssl/certs/ca-certificates.crt).
+# IMAGE defaults to bentofile.yaml's docker.base_image (no such line: nothing to do). Needs root,
+# debootstrap and a Docker daemon. Environment: DEBIAN_MIRROR (default http://deb.debian.org/debian),
+# HOST_CA_BUNDLE (default /etc/ssl/certs/ca-certificates.crt).
 #
 # What BentoML's generated Dockerfile (bento v2, env/docker/Dockerfile) expects of a base image:
 # - apt-get (it runs `apt-get update && apt-get install ... build-essential git` for distro debian);
@@ -32,7 +32,13 @@ PYTHON_VERSION="$(bentofile_value python_version)"
 SUITE=bookworm  # Debian 12: Python 3.11, the bentofile's docker.python_version
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 HOST_CA="${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
-[ -n "$IMAGE" ] || { echo "no image name: pass one or set docker.base_image in bentofile.yaml" >&2; exit 2; }
+# No base_image line (the README's path for a machine with Docker Hub): BentoML starts from
+# python:<docker.python_version>-slim and there is nothing to build (`make container` runs this first).
+if [ -z "$IMAGE" ]; then
+  echo "bentofile.yaml names no docker.base_image: BentoML starts from python:${PYTHON_VERSION:-3}-slim," \
+    "nothing to build (pass an image name to build one anyway)"
+  exit 0
+fi
 
 # A dead daemon also fails `docker image inspect`: without this check, a missing daemon showed only at
 # `docker import`, after minutes of debootstrap.
