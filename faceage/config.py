@@ -264,6 +264,9 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (0 < obj.low_res_min <= 1, f"train.low_res_min must be in (0, 1] (a share of the side), "
                                        f"got {obj.low_res_min}"),
             (obj.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {obj.warmup_epochs}"),
+            # NumPy's SeedSequence (every epoch's reseeding) takes no negative seed, torch none of 2**64 or more:
+            # -1 ("random" elsewhere) failed with "expected non-negative integer" after the data load
+            (0 <= obj.seed < 2**64, f"train.seed must be in [0, 2**64), got {obj.seed}"),
             (obj.num_workers >= -1, f"train.num_workers must be >= -1, got {obj.num_workers}"),
             (obj.nproc_per_node >= 1, f"train.nproc_per_node must be >= 1, got {obj.nproc_per_node}"),
             (obj.ensemble_weight == "auto" or 0 <= obj.ensemble_weight <= 1,
@@ -313,22 +316,42 @@ class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's core scalars, as DVC (ruamel.yaml) reads and writes
     ``params.yaml``: ``dvc exp run -S train.lr=1e-5`` writes ``lr: 1e-05``, a number to DVC and
     YAML 1.2 but a string to YAML 1.1 (which wants a dot), so every stage failed on it; ``yes`` /
-    ``on`` are strings, not booleans, to both."""
+    ``on`` are strings, not booleans, to both. Integers too: ``seed: 010`` is 10 to DVC (8, octal, to
+    YAML 1.1), ``0o10`` is 8 and ``1:30`` a string (90 to YAML 1.1). The number patterns are
+    ruamel.yaml's for YAML 1.2, so DVC's params (``dvc exp show``, ``params diff``) and the stages agree."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """``_`` ignored, ``0b`` / ``0o`` / ``0x`` prefixes, anything else decimal (leading zeros too)."""
+        text = str(self.construct_scalar(node)).replace("_", "")
+        sign = -1 if text[0] == "-" else 1
+        text = text.lstrip("+-")
+        base = {"0b": 2, "0o": 8, "0x": 16}.get(text[:2], 10)
+        return sign * int(text[2:] if base != 10 else text, base)
 
 
+_NUMBER_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
 _Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBER_TAGS]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Yaml12Loader.add_implicit_resolver(
+_Yaml12Loader.add_implicit_resolver(  # ruamel.yaml's YAML 1.2 float (underscores allowed, as there)
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?
-                    |[-+]?[0-9]+[eE][-+]?[0-9]+
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
                     |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
+_Yaml12Loader.add_implicit_resolver(  # ruamel.yaml's YAML 1.2 int
+    "tag:yaml.org,2002:int",
+    re.compile(r"""^(?:[-+]?0b[0-1_]+
+                    |[-+]?0o?[0-7_]+
+                    |[-+]?[0-9][0-9_]*
+                    |[-+]?0x[0-9a-fA-F_]+)$""", re.X),
+    list("-+0123456789"))
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _Yaml12Loader.construct_yaml_int)
 
 
 def parse_params(text: str) -> Any:

@@ -127,22 +127,44 @@ def override_key(override: str) -> str | None:
     return override.partition("=")[0].strip().lstrip("+~").strip()
 
 
+def _list_items(text: str) -> list[str]:
+    """The elements of a list typed inside ``[...]``: a comma inside quotes (``'/a,b'``) or inner
+    brackets does not split one."""
+    items, start, quote, depth = [], 0, "", 0
+    for i, c in enumerate(text):
+        if quote:
+            if c == quote and text[i - 1] != "\\":
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
 def quoted_value(text: str) -> str:
     """An override's value as typed, with each string quoted for Hydra (:func:`_quoted`): a list's
-    elements one by one (``[/a, /José]`` -> ``["/a","/José"]``), so it stays a list."""
+    elements one by one (``[/a, /José]`` -> ``["/a","/José"]``), so it stays a list; an element the
+    user quoted (``['/a,b', /José]``) is kept as typed."""
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
-        items = [item.strip() for item in text[1:-1].split(",") if item.strip()]
-        return "[" + ",".join(item if item[:1] in "\"'" else _quoted(item) for item in items) + "]"
+        return "[" + ",".join(quoted_value(item) for item in _list_items(text[1:-1])) + "]"
     return text if text[:1] in "\"'" else _quoted(text)
 
 
 def check_overrides(overrides: list[str]) -> None:
     """Each ``-S`` override parses with the grammar DVC reads it with (Hydra's), before any work.
 
-    An unquoted value with a non-ASCII letter, ``#``, a comma or brackets (``/home/José/sample``)
-    is refused by ``dvc exp run`` with only "Invalid --set-param value"; here the message names it
-    and shows the quoted form.
+    An unquoted value with a non-ASCII letter, ``#``, ``~`` or brackets (``/home/José/sample``)
+    is refused by ``dvc exp run`` with only "Invalid --set-param value", and one with a comma outside
+    brackets (``/data/a,b/sample``) is a sweep, which it refuses without ``--queue``; here the message
+    names it and shows the quoted form.
 
     Raises:
         ProfileError: An override DVC would refuse.
@@ -153,14 +175,18 @@ def check_overrides(overrides: list[str]) -> None:
     parser = OverridesParser.create()
     for override in overrides:
         text = override.partition(":")[2] if ":" in override.partition("=")[0] else override
+        key, eq, value = text.partition("=")
+        suggestion = shlex.quote(f"{key}={quoted_value(value)}")
         try:
-            parser.parse_overrides([text])
+            [parsed] = parser.parse_overrides([text])
         except OverrideParseException:
-            key, eq, value = text.partition("=")
-            hint = f": quote the value, as in -S {shlex.quote(f'{key}={quoted_value(value)}')}" if eq else ""
-            raise ProfileError(f"-S {override!r} is not an override DVC can read (Hydra's grammar: a value "
-                               f"with a non-ASCII letter, #, a comma, brackets or = needs quotes)"
-                               f"{hint}") from None
+            raise ProfileError(f"-S {override!r} is not an override DVC can read " + (
+                f"(Hydra's grammar: a value with a non-ASCII letter or one of # = ~ [ ] {{ }} ( ) ! & ; ^ < > ' \" ` "
+                f"needs quotes): quote the value, as in -S {suggestion}" if eq else "(KEY=VALUE, or ~KEY)")) from None
+        if parsed.is_sweep_override():
+            raise ProfileError(f"-S {override!r} is a sweep to DVC (a comma outside brackets, or choice/range/glob: "
+                               f"several experiments), which `dvc exp run` takes only with --queue; a list goes in "
+                               f"brackets ({key}=[a, b]), and one value with a comma in quotes, as in -S {suggestion}")
 
 
 def drifted(workspace: dict[str, Any], committed: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

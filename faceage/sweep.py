@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from faceage.experiment import ProfileError, override_value, run_profile
+from faceage.experiment import ProfileError, dvc_root, override_value, run_profile
 from faceage.external import external_maes
 from faceage.logs import setup_logging
 from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
@@ -41,7 +42,31 @@ PROFILES = {
             "face": []},
     "gpu": {"cnn": ["train.pretrained=imagenet", "train.image_size=224", "train.epochs=30"], "face": []},
 }
+RUNS = "reports/sweep_runs.json"
 CHIP_SIDES = {"dlib_face": "150", "dlib_age": "64 + 150"}  # dlib_age's default (fused) head reads both chips
+
+
+def sweep_overrides(backbone: str, profile: str, source: str | None) -> list[str]:
+    """The ``-S`` overrides of one backbone's run in ``profile`` (see :func:`run_sweep`)."""
+    overrides = [f"train.backbone={backbone}", *PROFILES[profile]["face" if backbone in PRETRAINED_FACE else "cnn"]]
+    if source:
+        overrides.append(f"fetch_data.source={override_value(source)}")  # a path with , [ ] = or ü
+    return overrides
+
+
+def unknown_runs(runs: dict) -> list[str]:
+    """The backbones of ``runs`` whose MLflow run is not in this tracking store (``runs`` recorded elsewhere:
+    the committed ``reports/sweep_runs.json`` names the runs of the machine that wrote it)."""
+    from mlflow.exceptions import MlflowException
+
+    client = setup_mlflow().MlflowClient()
+    missing = []
+    for backbone, info in runs.items():
+        try:
+            client.get_run(info["run_id"])
+        except MlflowException:
+            missing.append(backbone)
+    return missing
 
 
 def run_sweep(backbones: list[str], profile: str, source: str | None, runs_path: Path) -> dict:
@@ -60,9 +85,7 @@ def run_sweep(backbones: list[str], profile: str, source: str | None, runs_path:
     """
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
     for backbone in backbones:
-        overrides = [f"train.backbone={backbone}", *PROFILES[profile]["face" if backbone in PRETRAINED_FACE else "cnn"]]
-        if source:
-            overrides.append(f"fetch_data.source={override_value(source)}")  # a path with , [ ] = or ü
+        overrides = sweep_overrides(backbone, profile, source)
         log.info("sweep: %s", " ".join(overrides))
         run_profile(overrides)  # on the committed params.yaml, not on the last backbone's overrides
         runs[backbone] = {"run_id": read_run_file("models/run.json")["run_id"], "overrides": overrides}
@@ -280,14 +303,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--source", help="fetch_data.source for every run (absolute path or URL)")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
-    parser.add_argument("--runs", default="reports/sweep_runs.json", help="backbone -> MLflow run id")
+    parser.add_argument("--runs", help=f"backbone -> MLflow run id (default: {RUNS} at the repo root)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from --runs")
     args = parser.parse_args(argv)
     setup_logging()
-    runs_path = Path(args.runs)
+    try:
+        root = dvc_root()
+    except ProfileError:
+        root = Path.cwd()  # --report-only works anywhere; a sweep stops at its first run, with the message
+    runs_path = Path(args.runs).resolve() if args.runs else root / RUNS
+    here = os.getcwd()
+    # As `dvc exp run` (faceage.experiment) from any folder of the repo: models/run.json, reports/ and the
+    # MLflow store are the repo root's (from a subdirectory the sweep crashed reading models/run.json).
+    os.chdir(root)
+    try:
+        return _main(args, runs_path)
+    finally:
+        os.chdir(here)
+
+
+def _main(args: argparse.Namespace, runs_path: Path) -> int:
     if args.report_only:
         runs = json.loads(runs_path.read_text())
     else:
+        recorded = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+        kept = {b: info for b, info in recorded.items() if b not in args.backbones}
+        planned = {**kept, **{b: {"overrides": sweep_overrides(b, args.profile, args.source)} for b in args.backbones}}
+        try:  # before the first run (hours on a GPU), not in the report after the last
+            runs_profile(planned, args.profile)
+            missing = unknown_runs(kept) if kept else []
+        except ValueError as e:
+            log.error("%s", e)
+            return 1
+        if missing:
+            log.error("%s names runs that are not in %s (%s), which the report would read: sweep those backbones "
+                      "too (--backbones), or pass another --runs", runs_path, tracking_uri(), ", ".join(missing))
+            return 1
         try:
             runs = run_sweep(args.backbones, args.profile, args.source, runs_path)
         except ProfileError as e:

@@ -172,3 +172,40 @@ def test_an_evaluate_batch_size_below_one_is_named_before_training():
     raw["evaluate"]["batch_size"] = 0
     with pytest.raises(ConfigError, match=r"evaluate\.batch_size must be >= 1, got 0"):
         params_from_dict(raw)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_numpy_or_torch_cannot_take_is_refused_before_any_work(seed):
+    """`train.seed: -1` ("random" to other tools) passed, and training failed after the data load, its MLflow
+    run created, with NumPy's 'expected non-negative integer' (every epoch reseeds through a SeedSequence)."""
+    raw = raw_params()
+    raw["train"]["seed"] = seed
+    with pytest.raises(ConfigError, match=rf"train\.seed must be in \[0, 2\*\*64\), got {seed}"):
+        params_from_dict(raw)
+
+
+@pytest.mark.parametrize("seed", [0, 2**64 - 1])
+def test_the_seeds_accepted_are_the_ones_training_can_use(seed):
+    import torch
+
+    from faceage.training import seed_epoch
+
+    raw = raw_params()
+    raw["train"]["seed"] = seed
+    assert params_from_dict(raw).train.seed == seed
+    torch.manual_seed(seed)  # the initial weights
+    seed_epoch(seed, 0, 0)
+    torch.manual_seed(42)
+
+
+@pytest.mark.parametrize("scalar", ["010", "-010", "0o10", "1:30", "1_000", "0x1F", "0b11", "08", "007", "1_0.5",
+                                    ".5e3", "1e-05", "3.0", "1.", ".5", "+5", "-0", "0"])
+def test_numbers_are_read_as_dvc_reads_them(scalar):
+    """`seed: 010` trained with seed 8 (YAML 1.1 octal) while DVC, which speaks YAML 1.2, recorded and showed 10
+    (`dvc exp show`, `dvc params diff`); `0o10` was a string here and 8 there, `1:30` 90 here and a string there."""
+    from dvc.utils.serialize import parse_yaml
+
+    from faceage.config import parse_params
+
+    dvc, ours = parse_yaml(f"k: {scalar}\n", "params.yaml")["k"], parse_params(f"k: {scalar}\n")["k"]
+    assert (type(ours), ours) == (type(dvc), dvc)

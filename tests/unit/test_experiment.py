@@ -184,3 +184,43 @@ def test_an_override_dvc_cannot_read_is_refused_with_its_quoted_form(repo, fake_
     assert params.evaluate.external == ("/home/José/set", "../b")  # still a list
     for fine in ("params.yaml:train.epochs=3", "++train.epochs=3", "evaluate.external=[/a, /b]"):
         experiment.check_overrides([fine])
+
+
+def suggested(message: str) -> str:
+    """The override a refusal suggests, as the shell hands it on when the user pastes it."""
+    [_, override] = shlex.split(message.rsplit("as in ", 1)[1])
+    return override
+
+
+def test_a_comma_outside_brackets_is_refused_as_the_sweep_dvc_would_refuse(repo, fake_dvc, monkeypatch, caplog):
+    """`make quick SAMPLE=/data/a,b/sample` passed the check (a comma is a Hydra sweep, not a parse error) and
+    `dvc exp run` stopped with only "Sweep overrides can't be used without `--queue`"."""
+    (repo / ".dvc").mkdir()
+    monkeypatch.chdir(repo)
+    with caplog.at_level(logging.ERROR, logger="faceage.experiment"):
+        assert experiment.main(["-S", "fetch_data.source=/data/a,b/sample"]) == 1
+    assert not fake_dvc.exists()
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "is a sweep to DVC" in message and "--queue" in message
+    override = suggested(message)
+    experiment.check_overrides([override])
+    apply_overrides(repo / "params.yaml", [override])
+    assert load_params(repo / "params.yaml").fetch_data.source == "/data/a,b/sample"
+    for sweep in ("evaluate.low_res=0.5,0.75", "train.lr=choice(0.1,0.01)"):
+        with pytest.raises(experiment.ProfileError, match="is a sweep to DVC"):
+            experiment.check_overrides([sweep])
+
+
+def test_a_list_element_the_user_quoted_keeps_its_comma_in_the_suggestion(repo):
+    """The hint split `['/a,b', /José]` at every comma: `['/a,"b'","/José"]`, which DVC cannot read."""
+    with pytest.raises(experiment.ProfileError) as refused:
+        experiment.check_overrides(["evaluate.external=['/a,b', /José]"])
+    override = suggested(str(refused.value))
+    experiment.check_overrides([override])
+    apply_overrides(repo / "params.yaml", [override])
+    assert load_params(repo / "params.yaml").evaluate.external == ("/a,b", "/José")
+
+
+def test_an_override_without_a_value_says_so(repo):
+    with pytest.raises(experiment.ProfileError, match=r"-S 'train.epochs' is not an override DVC can read \(KEY=VALUE"):
+        experiment.check_overrides(["train.epochs"])

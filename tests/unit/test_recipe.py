@@ -121,3 +121,22 @@ def test_dlib_face_rows_compute_descriptors_when_the_embed_stage_kept_chips(tmp_
     full = tmp_path / "full.npz"
     np.savez(full, crops=np.array(["a.png", "b.png"]), embeddings=np.zeros((2, 2, 128)))
     assert recipe._descriptors(full, tmp_path, tmp_path, out) == full and len(computed) == 2
+
+
+def test_the_cnn_rows_train_as_the_profile_their_title_names(tmp_path):
+    """The --cnn rows, titled after `make quick-resnet`, trained with train.low_res 0.5 where the profile (and the
+    CPU sweep) sets 0.0: lower-resolution faces slow a 5-epoch run from scratch (13.94 against 13.13)."""
+    import re
+    import shlex
+
+    from faceage.config import load_params
+
+    makefile = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    profile = [arg for arg in shlex.split(re.search(r"^QUICK_RESNET :=(.*)$", makefile, re.M).group(1))
+               if arg.startswith("train.")]
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    apply_overrides(params, profile)  # each value as DVC writes it
+    trained = load_params(params).train
+    keys = [arg.split("=")[0].removeprefix("train.") for arg in profile]
+    assert {key: recipe.CNN_BASE.get(key) for key in keys} == {key: getattr(trained, key) for key in keys}
