@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import dlib
@@ -36,6 +39,7 @@ from PIL import Image
 
 from faceage.cores import usable_cores
 from faceage.detector import SHAPE5_FILE
+from faceage.errors import FaceAgeError
 
 DLIB_AGE = "dlib_age"  # the train.backbone value whose input is these chips (faceage.dlib_age)
 CHIP_SIZE = 64  # age-v1.onnx input side (manifest: models.age.input.shape)
@@ -185,9 +189,39 @@ def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: lis
     if workers == 1 or len(crops) < 64:
         _init(*init)
         return [_apply(c) for c in tqdm(crops, desc=desc, unit="face", disable=desc is None)]
-    with mp.get_context("fork").Pool(workers, initializer=_init, initargs=init) as pool:
-        return list(tqdm(pool.imap(_apply, crops, chunksize=16), total=len(crops), desc=desc, unit="face",
+    return map_in_processes(_apply, crops, workers, _init, init, desc=desc, unit="face")
+
+
+class WorkerDiedError(FaceAgeError, RuntimeError):
+    """A worker process of :func:`map_in_processes` died: killed by the system (most often out of
+    memory) or crashed."""
+
+
+def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: Callable, initargs: tuple, *,
+                     desc: str | None, unit: str, workers_key: str = "the workers setting") -> list:
+    """``[fn(item) for item in items]`` over ``workers`` forked processes, each set up once by
+    ``initializer(*initargs)``, in order, with a progress bar when ``desc`` is given.
+
+    A worker that dies (the kernel's out-of-memory killer on a very large photo, a crash in dlib)
+    fails the run with :class:`WorkerDiedError`: ``multiprocessing.Pool`` waited for its lost
+    results for ever. An interrupted run (Ctrl-C) cancels the items not yet started.
+
+    Raises:
+        WorkerDiedError: A worker died, or failed to start (its error is logged above).
+    """
+    from tqdm import tqdm
+
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
+                               initargs=initargs)
+    try:
+        return list(tqdm(pool.map(fn, items, chunksize=16), total=len(items), desc=desc, unit=unit,
                          disable=desc is None))
+    except BrokenProcessPool as e:
+        raise WorkerDiedError(
+            f"a {desc or unit} worker process died ({workers} workers): killed by the system, most often for "
+            f"lack of memory (each worker holds one image at a time), or crashed; lower {workers_key}") from e
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def save_chips(path: str | Path, crops: list[str], chips: list[np.ndarray], margin: float,

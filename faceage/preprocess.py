@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import multiprocessing as mp
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from faceage.atomic import staged_dir
 from faceage.appa_real import FACE_SUFFIX, Sample, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.cores import usable_cores
-from faceage.chips import CHIPS_FILE, ChipExtractor, save_chips
+from faceage.chips import CHIPS_FILE, ChipExtractor, map_in_processes, save_chips
 from faceage.detector import HOG_FILE, CNN_FILE, SHAPE5_FILE, read_manifest
 from faceage.faces import (FaceDetector, choose_subject, cnn_look_side, margin_region, release_crop_region, resize_region,
                            whole_image_region)
@@ -214,11 +213,13 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         _init_worker(*init)
         rows = [_process(t) for t in tqdm(tasks, desc="crop", unit="img")]
     else:
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init) as pool:
-            rows = list(tqdm(pool.imap(_process, tasks, chunksize=16), total=len(tasks), desc="crop", unit="img"))
+        rows = map_in_processes(_process, tasks, workers, _init_worker, init, desc="crop", unit="img",
+                                workers_key="preprocess.workers")
     for row in rows:
         if row["status"] == "unreadable":
             log.warning("skipped unreadable image %s/%s: %s", row["split"], row["file_name"], row["error"])
+        elif "error" in row:  # no face, and the fallback could not be read
+            log.warning("skipped %s/%s: no face found, and its %s", row["split"], row["file_name"], row["error"])
     with open(out_dir / MANIFEST, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()

@@ -1,0 +1,72 @@
+"""The crop path's bookkeeping: a dying crop worker, a release crop that cannot be read."""
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import faceage.preprocess as preprocess
+from faceage.appa_real import Sample
+from faceage.config import PreprocessParams
+from faceage.errors import FaceAgeError
+
+_real_process = preprocess._process
+
+
+def _dying_process(task):
+    """``_process``, but the worker handling ``dies.jpg`` is killed, as the kernel's OOM killer does."""
+    if task.file_name == "dies.jpg":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real_process(task)
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    def expire(*_):
+        raise TimeoutError(f"still waiting after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_crop_worker_that_dies_fails_preprocess_instead_of_hanging(tmp_path, sample_dir, detector_dir, monkeypatch):
+    """multiprocessing.Pool waited for ever for the results of a worker the OOM killer took."""
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    names = ["a.jpg", "dies.jpg", "b.jpg", "c.jpg"]
+    for name, src in zip(names, ["001800.jpg", "001801.jpg", "001802.jpg", "001803.jpg"]):
+        shutil.copyfile(sample_dir / "test" / src, data / "test" / name)
+    out = tmp_path / "faces"
+    out.mkdir()
+    monkeypatch.setattr(preprocess, "_process", _dying_process)
+    with _deadline(60), pytest.raises(FaceAgeError, match=r"worker process died .*lower preprocess\.workers") as e:
+        preprocess.crop_samples({"test": [Sample("test", n, 30.0, 0.0, 30.0) for n in names]}, data, detector_dir,
+                                out, PreprocessParams(workers=2, cnn_retry_side=0))
+    assert type(e.value).__name__ == "WorkerDiedError"
+
+
+def test_a_photo_without_a_face_whose_release_crop_cannot_be_read_is_logged(tmp_path, detector_dir, caplog):
+    """It was counted as no_face with its error kept in the row only: nothing told the user the crop was broken."""
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    y, x = np.mgrid[0:120, 0:160]
+    Image.fromarray(np.stack([x, y, x + y], axis=2).astype(np.uint8)).save(data / "train" / "plain.png")  # no face
+    (data / "train" / "plain.png_face.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    out = tmp_path / "faces"
+    out.mkdir()
+    with caplog.at_level(logging.WARNING, logger="faceage.preprocess"):
+        rows = preprocess.crop_samples({"train": [Sample("train", "plain.png", 30.0, 0.0, 30.0)]}, data, detector_dir,
+                                       out, PreprocessParams(workers=1, cnn_retry_side=0))
+    assert [r["status"] for r in rows] == ["no_face"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("train/plain.png" in m and "release crop" in m and "plain.png_face.jpg" in m for m in warned), warned
