@@ -6,8 +6,9 @@ square margin region around each at the photo's own resolution, and the crop of 
 
 ``preprocess`` and the service (:class:`faceage.predict.FaceLocator`) both cut
 :func:`margin_region` and resize it with :func:`resize_region` (:func:`crop_face`); ``dlib_age``
-chips are cut from the same region (:mod:`faceage.chips`). There is no second copy of the crop
-geometry, so a model is served exactly the pixels it was trained on.
+chips are cut from the same region (:mod:`faceage.chips`), around boxes found by the same
+:meth:`FaceDetector.detect` (a photo over :data:`MAX_DETECT_PIXELS` is detected downscaled by both).
+There is no second copy of the crop geometry, so a model is served exactly the pixels it was trained on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ CNN_MIN_SIDE = 40
 # scaled down to at most this many pixels after upsampling (~2 GB), as the HOG detector is capped by
 # the service's max_detect_pixels; a face there still spans ~200 px of a 1080p photo at upsample 1.
 CNN_MAX_PIXELS = 2_000_000
+# Photos with more pixels are looked at downscaled (BOX) to this many, boxes mapped back: a 20 MP photo at
+# upsample 1 took ~1 GB and 8 s per look at full size, and a face in it is still >100 px at 3840 x 2160.
+# The service's and the CLI's default (FACEAGE_MAX_DETECT_PIXELS, --max-detect-pixels), and preprocess's:
+# one detection for both, so a large photo in a training or external set is cut as the service cuts it.
+MAX_DETECT_PIXELS = 3840 * 2160
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,12 @@ class FaceDetector:
             upsampling), so it costs a fraction of a second. 0 disables. Measured at 400
             (round 20): it finds 16 of the 17 utk-external faces and 7 of the 8 sample faces both
             HOG looks miss, and no face in any of the 11 ``wild`` photos without one.
+        max_detect_pixels: Larger images are detected on a copy downscaled to this many pixels (box
+            filter), the boxes mapped back to the image; 0 never downscales. See :data:`MAX_DETECT_PIXELS`.
 
     Raises:
-        ValueError: Unknown ``kind``, negative ``upsample`` or ``cnn_retry_side``, or ``retry_pad`` outside [0, 1].
+        ValueError: Unknown ``kind``, negative ``upsample``, ``cnn_retry_side`` or ``max_detect_pixels``, or
+            ``retry_pad`` outside [0, 1].
         FileNotFoundError: A model file it needs is missing from ``model_dir``.
 
     dlib's detectors release the GIL but are not thread-safe (threads sharing one crashed with
@@ -101,7 +110,7 @@ class FaceDetector:
     """
 
     def __init__(self, model_dir: str | Path, kind: str = "hog", upsample: int = 1, retry_pad: float = 0.0,
-                 cnn_retry_side: int = 0):
+                 cnn_retry_side: int = 0, max_detect_pixels: int = MAX_DETECT_PIXELS):
         if kind not in ("hog", "cnn"):
             raise ValueError(f"detector must be 'hog' or 'cnn', got {kind!r}")
         if upsample < 0:
@@ -110,6 +119,9 @@ class FaceDetector:
             raise ValueError(f"retry_pad must be in [0, 1], got {retry_pad}")
         if cnn_retry_side < 0:
             raise ValueError(f"cnn_retry_side must be >= 0, got {cnn_retry_side}")
+        if max_detect_pixels < 0:
+            raise ValueError(f"max_detect_pixels must be >= 0, got {max_detect_pixels}")
+        self.max_detect_pixels = int(max_detect_pixels)
         path = Path(model_dir) / (HOG_FILE if kind == "hog" else CNN_FILE)
         self.cnn_retry_side = cnn_look_side(kind, cnn_retry_side)
         for needed in (path, Path(model_dir) / CNN_FILE) if self.cnn_retry_side else (path,):
@@ -131,8 +143,23 @@ class FaceDetector:
         Boxes are clipped to the image; the margin crop may still extend past its edges. When
         nothing is found and ``retry_pad`` > 0, the second look (see the class) runs.
         ``parallel=True`` (HOG): both looks run on two threads, with the same result; worth it
-        only when a second core is free.
+        only when a second core is free. An image over ``max_detect_pixels`` is looked at downscaled.
         """
+        h, w = image.shape[:2]
+        if not self.max_detect_pixels or h * w <= self.max_detect_pixels:
+            return self._looks(image, parallel)
+        scale = math.sqrt(self.max_detect_pixels / (h * w))
+        sw, sh = max(int(w * scale), 1), max(int(h * scale), 1)
+        small = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((sw, sh), Image.Resampling.BOX))
+        fx, fy = w / sw, h / sh
+        log.debug("detecting on %dx%d instead of %dx%d (max_detect_pixels=%d)", sw, sh, w, h, self.max_detect_pixels)
+        boxes = [FaceBox(max(round(b.left * fx), 0), max(round(b.top * fy), 0),
+                         min(round(b.right * fx), w), min(round(b.bottom * fy), h), b.score)
+                 for b in self._looks(small, parallel)]
+        return sorted(boxes, key=lambda b: (-b.area, -b.score))
+
+    def _looks(self, image: np.ndarray, parallel: bool) -> list[FaceBox]:
+        """:meth:`detect` on an image within the pixel cap: the first look, then the retries."""
         image = np.ascontiguousarray(image)
         h, w = image.shape[:2]
         looked_at = h * w * 4 ** self.upsample

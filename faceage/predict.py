@@ -29,21 +29,19 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from faceage.cores import usable_cores
 from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
-from faceage.faces import (FaceBox, FaceDetector, crop_cnn_retry_side, crop_detector_files, crop_retry_pad,
-                           margin_region, resize_region)
+from faceage.faces import (MAX_DETECT_PIXELS, FaceBox, FaceDetector, crop_cnn_retry_side, crop_detector_files,
+                           crop_retry_pad, margin_region, resize_region)
 from faceage.images import DEFAULT_MAX_PIXELS
 
 # torch (via faceage.inference) is imported only where a torch model is built: the service and
@@ -58,10 +56,10 @@ DETECTOR_DIR = "detector"
 # this module never imports torch: "torch" for the CLI and evaluate, "onnx" for the service. Each
 # module has ``load_age_model(path, detector_dir, *, device, threads)``.
 RUNTIMES = {"torch": "faceage.inference", "onnx": "faceage.onnx_model"}
-# Larger photos are downscaled for detection only; crops still come from the full image.
-# HOG time and memory grow with pixels (a 20 MP photo upsampled once: ~9 s and 1 GB on one
-# core). 3840x2160 (4K UHD) keeps ordinary photos on exactly the preprocess path.
-DEFAULT_MAX_DETECT_PIXELS = 3840 * 2160
+# Larger photos are downscaled for detection only; crops still come from the full image. The
+# default is preprocess's (faceage.faces.MAX_DETECT_PIXELS): another value serves other boxes on
+# photos over it than the ones training and evaluate cut.
+DEFAULT_MAX_DETECT_PIXELS = MAX_DETECT_PIXELS
 
 
 class PredictorError(FaceAgeError, RuntimeError):
@@ -161,7 +159,7 @@ class FaceLocator:
         if max_detect_pixels < 0 or max_pixels < 1:
             raise ValueError(f"max_detect_pixels must be >= 0 and max_pixels >= 1, "
                              f"got {max_detect_pixels} and {max_pixels}")
-        self.detector = FaceDetector(detector_dir, kind, upsample, retry_pad, cnn_retry_side)
+        self.detector = FaceDetector(detector_dir, kind, upsample, retry_pad, cnn_retry_side, max_detect_pixels)
         self.margin = float(margin)
         self.crop_size = int(crop_size)
         self.max_detect_pixels = int(max_detect_pixels)
@@ -185,22 +183,9 @@ class FaceLocator:
         return dict(self._settings)
 
     def detect(self, image: np.ndarray, *, parallel: bool = False) -> list[FaceBox]:
-        """Face boxes in full-image pixels, largest first (``parallel``: see :meth:`locate`)."""
-        h, w = image.shape[:2]
-        if not self.max_detect_pixels or h * w <= self.max_detect_pixels:
-            return self.detector.detect(image, parallel=parallel)
-        scale = math.sqrt(self.max_detect_pixels / (h * w))
-        sw, sh = max(int(w * scale), 1), max(int(h * scale), 1)
-        small = np.asarray(Image.fromarray(image).resize((sw, sh), Image.Resampling.BOX))
-        fx, fy = w / sw, h / sh
-        log.debug("detecting on %dx%d instead of %dx%d (max_detect_pixels=%d)", sw, sh, w, h,
-                  self.max_detect_pixels)
-        boxes = [
-            FaceBox(max(round(b.left * fx), 0), max(round(b.top * fy), 0),
-                    min(round(b.right * fx), w), min(round(b.bottom * fy), h), b.score)
-            for b in self.detector.detect(small, parallel=parallel)
-        ]
-        return sorted(boxes, key=lambda b: (-b.area, -b.score))
+        """Face boxes in full-image pixels, largest first (``parallel``: see :meth:`locate`); a photo over
+        ``max_detect_pixels`` is detected downscaled, by :class:`FaceDetector` as ``preprocess`` detects it."""
+        return self.detector.detect(image, parallel=parallel)
 
     def locate(self, image: np.ndarray, *, crops: bool = True, parallel: bool = False) -> LocatedFaces:
         """Detects every face of an RGB uint8 image and cuts its crop (and chip), as ``preprocess`` does.

@@ -70,3 +70,27 @@ def test_a_photo_without_a_face_whose_release_crop_cannot_be_read_is_logged(tmp_
     assert [r["status"] for r in rows] == ["no_face"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("train/plain.png" in m and "release crop" in m and "plain.png_face.jpg" in m for m in warned), warned
+
+
+def test_a_photo_over_the_detection_cap_is_cut_by_preprocess_as_the_service_cuts_it(tmp_path, detector_dir):
+    """Preprocess (and so evaluate.external) detected a 12 MP photo at full size, the service on a copy downscaled
+    to 3840 x 2160: other boxes, another subject, crops the service never produced. One detect serves both now."""
+    from skimage.data import astronaut
+
+    from faceage.faces import MAX_DETECT_PIXELS
+    from faceage.predict import FaceLocator
+
+    # The astronaut at 8x (4096 x 4096): 2x the detection cap, her face ~900 px.
+    big = np.asarray(Image.fromarray(astronaut()).resize((4096, 4096), Image.Resampling.BICUBIC))
+    assert big.shape[0] * big.shape[1] > MAX_DETECT_PIXELS
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    Image.fromarray(big).save(data / "test" / "big.png")
+    out = tmp_path / "faces"
+    out.mkdir()
+    params = PreprocessParams(workers=1, upsample=0, retry_pad=0.0, cnn_retry_side=0, size=64)
+    [row] = preprocess.crop_samples({"test": [Sample("test", "big.png", 53.0, 0.0, 53.0)]}, data, detector_dir, out,
+                                    params)
+    assert row["status"] == "face"
+    served = FaceLocator(detector_dir, kind="hog", upsample=0, margin=params.margin, crop_size=64).locate(big)
+    assert np.array_equal(np.asarray(Image.open(out / row["crop"])), served.crops[0])
