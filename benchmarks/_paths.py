@@ -15,6 +15,22 @@ def shared_datasets() -> Path:
     return Path(os.environ.get("FACEAGE_SHARED_DATASETS") or REPO.parent / "shared" / "datasets")
 
 
+def external_set(name: str = "utk_external", repo: Path = REPO) -> Path:
+    """The folder of ``evaluate.external`` set ``name`` (:func:`faceage.sources.resolve_external`: relative
+    entries from the repo root), the one ``evaluate`` crops.
+
+    Raises:
+        SystemExit: The set is not in ``evaluate.external``.
+    """
+    from faceage.config import load_params
+    from faceage.sources import resolve_external
+
+    sets = {ext.name: ext for ext in resolve_external(load_params(repo / "params.yaml").evaluate.external, repo)}
+    if name not in sets:
+        raise SystemExit(f"{name} is not in params.yaml's evaluate.external ({', '.join(sets) or 'empty'})")
+    return sets[name].path
+
+
 def current_external_faces(name: str = "utk_external", repo: Path = REPO) -> Path:
     """The cached crops of ``evaluate.external`` set ``name`` made with the workspace's current crop settings.
 
@@ -30,19 +46,15 @@ def current_external_faces(name: str = "utk_external", repo: Path = REPO) -> Pat
     Raises:
         SystemExit: The set is not in ``evaluate.external``, or no entry matches the current settings.
     """
-    from faceage.config import load_params
     from faceage.detector import SHAPE5_FILE, read_manifest
     from faceage.external import cache_key
     from faceage.preprocess import SETTINGS, read_crop_settings
-    from faceage.sources import resolve_external
 
-    sets = {ext.name: ext for ext in resolve_external(load_params(repo / "params.yaml").evaluate.external, repo)}
-    if name not in sets:
-        raise SystemExit(f"{name} is not in params.yaml's evaluate.external ({', '.join(sets) or 'empty'})")
+    folder = external_set(name, repo)
     crop = read_crop_settings(repo / "data" / "faces")
     shape_sha256 = read_manifest(repo / "models" / "detector")["files"][SHAPE5_FILE]
     cache = repo / ".cache" / "external"
-    entry = cache / f"{name}-{cache_key(sets[name].path, crop, shape_sha256)}"
+    entry = cache / f"{name}-{cache_key(folder, crop, shape_sha256)}"
     if not (entry / SETTINGS).is_file():
         others = sorted(p.name for p in cache.glob(f"{name}-*")) if cache.is_dir() else []
         raise SystemExit(f"no {name} crops made with the current crop settings (data/faces/{SETTINGS}): "

@@ -63,7 +63,9 @@ def measure(without: FaceLocator, with_look: FaceLocator, photos: list[Path], ro
 
 def summary(rows: list[dict], labels: dict[str, int]) -> dict:
     missed = [r for r in rows if r["faces"] == 0]
-    ratio = (lambda rs: sum(r["ms_with_look"] for r in rs) / sum(r["ms"] for r in rs) if rs else float("nan"))
+    # None (n/a, JSON null) without photos to measure on: NaN printed as "nanx" and wrote JSON that strict
+    # parsers refuse.
+    ratio = (lambda rs: sum(r["ms_with_look"] for r in rs) / sum(r["ms"] for r in rs) if rs else None)
     return {
         "photos": len(rows),
         "with_a_face": sum(r["faces"] > 0 for r in rows),
@@ -76,6 +78,10 @@ def summary(rows: list[dict], labels: dict[str, int]) -> dict:
         "time_ratio_where_hog_found_none": ratio(missed),
         "time_ratio_all_photos": ratio(rows),
     }
+
+
+def ratio_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
 
 
 def read_labels(folder: Path) -> dict[str, int]:
@@ -118,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  gained: {', '.join(result['gained']) or 'none'}")
             if result["count_changed_against_labels"]:
                 print("  counts changed: " + "; ".join(result["count_changed_against_labels"]))
-            print(f"  time with / without: {result['time_ratio_where_hog_found_none']:.2f}x on the "
-                  f"{result['hog_found_none']} photos where HOG found none, {result['time_ratio_all_photos']:.2f}x "
-                  "over all photos")
+            print(f"  time with / without: {ratio_text(result['time_ratio_where_hog_found_none'])} on the "
+                  f"{result['hog_found_none']} photos where HOG found none, "
+                  f"{ratio_text(result['time_ratio_all_photos'])} over all photos")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -81,9 +81,15 @@ def summary(latencies_s: list[float], wall_s: float) -> dict:
 
 
 def load_photos(folder: Path) -> list[tuple[str, bytes]]:
-    """The photos of ``folder`` that decode (broken files measure error paths, not prediction)."""
+    """The photos of ``folder`` that decode (broken files measure error paths, not prediction).
+
+    Raises:
+        SystemExit: ``folder`` is not a folder (e.g. the default ``wild`` on a clone without ``../shared``).
+    """
     from faceage.images import ImageDecodeError, load_image
 
+    if not folder.is_dir():
+        raise SystemExit(f"--photos {folder} is not a folder of photos")
     photos = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         data = path.read_bytes()
@@ -256,30 +262,42 @@ def measure(target, predictor, photos: list[tuple[str, bytes]], rounds: int, cli
     return results
 
 
+def distinct_names(names: list[str]) -> list[str]:
+    """``names`` with each repeated one numbered (``host x #1``, ``host x #2``): the same bento given twice
+    (an A/A run, the noise floor) is two servers, measured apart."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(f"{name} #{seen[name]}" if names.count(name) > 1 else name)
+    return out
+
+
 def interleaved_one_face(targets: list, photos: list[tuple[str, bytes]], rounds: int,
                          settle_s: float = 5.0) -> dict[str, list[float]]:
     """Serves every target at once; each photo goes to each target back to back. The order rotates by
     one target per photo and per round (photo ``j`` of round ``r`` starts at target ``(j + r) % k``),
     so every photo is sent first to each target in turn, whatever the number of photos. Returns
-    the seconds of every request, per target name."""
+    the seconds of every request, per target name (a name given twice numbered: :func:`distinct_names`)."""
+    names = distinct_names([target.name for target in targets])
     started = []
     try:
-        for target in targets:
+        for name, target in zip(names, targets):
             url, _ = target.start()
-            started.append((target, url, requests.Session()))
-        for target, url, session in started:  # warm up, then let start-up work (the UI's import) finish
-            for name, data in photos[:3]:
-                post(session, url, name, data)
+            started.append((name, target, url, requests.Session()))
+        for _, target, url, session in started:  # warm up, then let start-up work (the UI's import) finish
+            for photo, data in photos[:3]:
+                post(session, url, photo, data)
         time.sleep(settle_s)
-        latencies: dict[str, list[float]] = {target.name: [] for target in targets}
+        latencies: dict[str, list[float]] = {name: [] for name in names}
         for r in range(rounds):
-            for j, (name, data) in enumerate(photos):
+            for j, (photo, data) in enumerate(photos):
                 shift = (j + r) % len(started)
-                for target, url, session in started[shift:] + started[:shift]:
-                    latencies[target.name].append(post(session, url, name, data))
+                for name, target, url, session in started[shift:] + started[:shift]:
+                    latencies[name].append(post(session, url, photo, data))
         return latencies
     finally:
-        for target, _, _ in started:
+        for _, target, _, _ in started:
             target.stop()
 
 
@@ -342,7 +360,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no decodable photos in {args.photos}")
     runs, bento_tags = [], []
     for tag in tags:
-        bento = bentoml.get(tag)
+        try:
+            bento = bentoml.get(tag)
+        except bentoml.exceptions.NotFound as e:  # a clone that never ran make bento
+            raise SystemExit(f"{e} (make bento packages one; --tag names another)") from None
         bento_tags.append(str(bento.tag))
         model = bentoml.models.get(bento.info.all_models[0].tag)  # the model this bento serves
         # The service's own predictor (same folder, same ONNX graph), called in-process.
@@ -353,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         results["backbone"] = model.info.metadata.get("backbone")
         runs.append(results)
         del predictor
+    for results, name in zip(runs, distinct_names([r["target"] for r in runs])):
+        results["target"] = name  # the same bento twice: "#1", "#2", as in the interleaved lines
     print(f"\nFaceAge /predict: {len(photos)} photos from {args.photos} x {args.rounds} rounds, "
           f"{available_cores()} CPU cores")
     for results in runs:

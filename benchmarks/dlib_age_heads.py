@@ -72,6 +72,24 @@ def cache_dir(repo: Path = REPO) -> Path:
     return repo / ".cache" / "bench-heads" / key
 
 
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` into a temporary file beside ``path``, renamed over it once complete: a run stopped while
+    saving (Ctrl-C) or two runs saving at once never leave a half-written cache that every later run
+    fails to read (the cache is reused whenever the file exists)."""
+    import os
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")  # the umask's mode, as before
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _external_faces() -> Path:
     """utk-external's crops made with the workspace's current crop settings (exits when there are none)."""
     return current_external_faces("utk_external", REPO)
@@ -138,7 +156,7 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
             chips = [table[f] for f in files]
         print(f"{split}: {len(crops)} faces: descriptors", flush=True)
         out[split] = {"chips": np.stack(chips), "desc": encoder.embed_many(crops), "age": ages}
-    np.savez(path, **{f"{s}_{k}": v for s, d in out.items() for k, v in d.items()})
+    save_npz(path, {f"{s}_{k}": v for s, d in out.items() for k, v in d.items()})
     return out
 
 
@@ -171,8 +189,7 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
             out[split] = torch.stack([torch.cat([net.pooled_layers(normalize(v, INPUT_MEAN, INPUT_STD)) for v in
                                                  torch.split(c, 64)]) for c in (chips, torch.flip(chips, dims=[-1]))],
                                      1).numpy()
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
+    save_npz(path, out)
     return out
 
 

@@ -13,7 +13,9 @@ logs), then a plain ``dvc repro``, which must exit 0 and reproduce the reference
 - the MLflow run the resumed train reports: FINISHED, each epoch's ``val_mae`` logged once.
 
 A kill that lands after the train process has already exited is reported as missed.
-Prints one line per kill and a JSON summary; exits 1 on any mismatch.
+Prints one line per kill and a JSON summary; exits 1 on any mismatch. Each ``dvc repro`` runs in its own
+process group, stopped whole (dvc and the stage it runs) when the script stops early: Ctrl-C, SIGTERM,
+an error or the time limit; the temporary project is removed then too.
 
     python benchmarks/kill_resume.py                      # CI size: 64/16/16 faces, batch 16
     python benchmarks/kill_resume.py --train 1500 --valid 300 --test 300 --batch-size 64   # the full sample
@@ -40,6 +42,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO, shared_datasets  # noqa: E402
+from _server import exit_on_sigterm  # noqa: E402
 
 TRAIN_CMD = "stages/train.py"
 STATE = "models/train_state.pt"
@@ -108,34 +111,57 @@ def repro(root: Path, env: dict, args: list[str], kill_after: float | None = Non
     (``after_state``: that many seconds after its state file first appears, so the kill leaves a run to resume
     whatever this run's speed). Also notes when the state file first and last exists."""
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-        pid, started, ended, killed_at, state_at, state_last = None, None, None, None, None, None
-        deadline = time.time() + timeout
-        while proc.poll() is None and time.time() < deadline:
-            now = time.time()
-            if pid is None:
-                pid = _train_pid(root)
-                started = now if pid is not None else None
-            elif ended is None and not Path(f"/proc/{pid}").exists():
-                ended = now
-            elif ended is None:
-                if (root / STATE).exists():
-                    state_at = now - started if state_at is None else state_at
-                    state_last = now - started
-                due = None
-                if kill_after is not None and killed_at is None and (state_at is not None or not after_state):
-                    due = kill_after + (state_at if after_state else 0.0)
-                if due is not None and now - started >= due:
-                    os.kill(pid, signal.SIGKILL)
-                    killed_at = now - started
-            time.sleep(0.02)
-        if proc.poll() is None:
-            proc.kill()
+        # Its own session: the group (dvc, the stage's shell and python) is stopped whole below; killing dvc
+        # alone left the stage running in a project about to be deleted.
+        proc = subprocess.Popen(["dvc", "repro", *args], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            pid, started, ended, killed_at, state_at, state_last = None, None, None, None, None, None
+            deadline = time.time() + timeout
+            while proc.poll() is None and time.time() < deadline:
+                now = time.time()
+                if pid is None:
+                    pid = _train_pid(root)
+                    started = now if pid is not None else None
+                elif ended is None and not Path(f"/proc/{pid}").exists():
+                    ended = now
+                elif ended is None:
+                    if (root / STATE).exists():
+                        state_at = now - started if state_at is None else state_at
+                        state_last = now - started
+                    due = None
+                    if kill_after is not None and killed_at is None and (state_at is not None or not after_state):
+                        due = kill_after + (state_at if after_state else 0.0)
+                    if due is not None and now - started >= due:
+                        os.kill(pid, signal.SIGKILL)
+                        killed_at = now - started
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:  # the time limit, or an exception (Ctrl-C, SIGTERM's SystemExit)
+                _stop_group(proc)
         rc = proc.wait()
         if pid is not None and ended is None:
             ended = time.time()
         out.seek(0)
         return Repro(rc, out.read(), ended - started if started else None, killed_at, state_at, state_last)
+
+
+def _stop_group(proc: subprocess.Popen, timeout_s: float = 10) -> None:
+    """SIGTERM to ``proc``'s process group (dvc and the stage it runs), SIGKILL after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # dvc exited: what it started may not have
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
 
 
 def state_run(root: Path) -> tuple[str, int] | None:
@@ -206,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             not args.workdir.is_dir() or any(args.workdir.iterdir())):
         parser.error(f"--workdir {args.workdir} is not an empty folder (an earlier run's?): remove it or name "
                      "another; it is never cleared for you")
+    exit_on_sigterm()  # so the dvc repro running then is stopped and the temporary project removed
     summary = run(args)
     print(json.dumps(summary, indent=2))
     if args.json:
@@ -220,7 +247,9 @@ def run(args: argparse.Namespace) -> dict:
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     rng = random.Random(seed)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="kill-resume-"))
+    # Absolute: the project's params.yaml names the subset under it, and DVC reads a relative
+    # fetch_data.source from the project's root (a relative --workdir failed the reference run).
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="kill-resume-")).resolve()
     try:
         source = make_subset(args.sample, work / "source", {"train": args.train, "valid": args.valid,
                                                            "test": args.test})

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlparse
 
 import requests
 
@@ -63,7 +64,8 @@ def server_pid(url: str) -> int | None:
     """The pid listening on the URL's port (for ``--url``), via psutil; ``None`` when not visible."""
     import psutil
 
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    parsed = urlparse(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)  # (a URL without one crashed here)
     for conn in psutil.net_connections("tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
             return conn.pid
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
     exit_on_sigterm()  # so the server started below is stopped on SIGTERM too
-    if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
+    # The host itself, as bench_service checks it: a prefix let http://localhost.example.com:3000 through.
+    if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit(f"--url must be on 127.0.0.1, got {args.url}")
     photos = load_photos(args.photos)
     if not photos:

@@ -22,8 +22,9 @@ group it never saw; one that learned age holds its gain.
     python benchmarks/shift_groups.py --variants fused --by gender --seeds 42 1 2 3 4 [--face-features layers]
         # round 16's check: the last table gives each gap's mean and worst seed
 
-Needs what ``benchmarks/dlib_age_heads.py`` needs (its cache in ``.cache/bench-heads``) and
-``../shared/datasets`` (``sources.csv`` of the sample and of utk-external).
+Needs what ``benchmarks/dlib_age_heads.py`` needs (its cache in ``.cache/bench-heads``) and UTKFace's labels
+(``sources.csv``) beside the faces the crops were cut from: the sample as ``fetch_data`` copied it
+(``data/raw/appa-real``) and the utk-external folder of ``evaluate.external``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ from faceage.dlib_age import FEATURE_DIM, PRETRAINED_AGES  # noqa: E402
 from faceage.finetune import WISE_ALPHAS, _choose  # noqa: E402
 from faceage.preprocess import read_faces_manifest  # noqa: E402
 
-DATASETS = REPO.parent / "shared" / "datasets"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import external_set  # noqa: E402
+
+SOURCES = "sources.csv"  # UTKFace's labels beside the shared sample and utk-external (not in the release)
 RACES = ("White", "Black", "Asian", "Indian", "Others")  # UTKFace's race label, 0..4
 GENDERS = ("male", "female")  # UTKFace's gender label, 0..1
 ADULT = 15.0  # --guard: only faces of this age or more are clustered and held out
@@ -57,6 +61,9 @@ ADULT = 15.0  # --guard: only faces of this age or more are clustered and held o
 
 def _labels(sources: Path) -> dict[str, tuple[str, str]]:
     """file_name -> (race, gender) from a ``sources.csv`` (UTKFace's labels)."""
+    if not sources.is_file():
+        sys.exit(f"no {sources}: shift_groups needs UTKFace's race and gender labels beside the faces (the "
+                 "shared sample's and utk-external's sources.csv)")
     with open(sources, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     race = next(k for k in rows[0] if k.startswith("utk_race"))
@@ -65,9 +72,12 @@ def _labels(sources: Path) -> dict[str, tuple[str, str]]:
 
 
 def groups() -> dict[str, dict[str, list[str]]]:
-    """Per split (train, valid, test, ext): ``race`` and ``gender`` of each cached face, in cache order."""
-    sample = _labels(DATASETS / "appa-real-sample" / "sources.csv")
-    ext = _labels(DATASETS / "utk-external" / "sources.csv")
+    """Per split (train, valid, test, ext): ``race`` and ``gender`` of each cached face, in cache order,
+    from the labels beside the photos the crops were cut from: the sample ``fetch_data`` copied (whatever
+    ``fetch_data.source`` it came from) and the ``evaluate.external`` folder (not ``../shared/datasets``,
+    which mislabelled another sample's faces of the same file names and ignored ``$FACEAGE_SHARED_DATASETS``)."""
+    sample = _labels(REPO / "data" / "raw" / "appa-real" / SOURCES)
+    ext = _labels(external_set("utk_external", REPO) / SOURCES)
     out = {}
     for split, faces_dir, name, table in (("train", REPO / "data" / "faces", "train", sample),
                                           ("valid", REPO / "data" / "faces", "valid", sample),

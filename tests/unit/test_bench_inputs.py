@@ -139,3 +139,39 @@ def test_heads_benchmark_cache_is_keyed_by_the_crops_it_was_computed_from(worksp
     manifest.write_text(json.dumps({"files": {**MANIFEST["files"], "other.dat": "x"}}))
     other_detector = heads.cache_dir(repo)
     assert len({first, other_data, other_detector}) == 3
+
+
+UTK_HEADER = ('file_name,age,"utk_gender(0=male,1=female)","utk_race(0=White,1=Black,2=Asian,3=Indian,4=Others)"\n')
+MANIFEST_HEADER = "split,file_name,crop,apparent_age,apparent_age_std,real_age\n"
+
+
+def test_shift_groups_reads_the_labels_beside_the_faces_the_crops_came_from(workspace, monkeypatch):
+    """The sample's labels as fetch_data copied them and utk-external's from evaluate.external's folder: the
+    shared folder beside the repo gave another sample's faces its own faces' labels (same file names), and
+    ignored $FACEAGE_SHARED_DATASETS."""
+    import benchmarks.dlib_age_heads as heads
+    import benchmarks.shift_groups as shift_groups
+
+    repo = workspace.repo
+    raw = repo / "data" / "raw" / "appa-real"
+    raw.mkdir(parents=True)
+    # 000000.jpg is a white woman in the shared sample and in the shared utk-external: here a black man.
+    (raw / "sources.csv").write_text(UTK_HEADER + "000000.jpg,30,0,1\n000001.jpg,40,1,2\n000002.jpg,50,0,3\n")
+    (repo / "sets" / "utk-external" / "sources.csv").write_text(UTK_HEADER + "000000.jpg,30,0,1\n")
+    crop = json.loads((repo / "data" / "faces" / "preprocess.json").read_text())  # the set's bytes changed: its key
+    entry = workspace.current.rename(workspace.current.with_name(
+        f"utk_external-{cache_key(repo / 'sets' / 'utk-external', crop, 'shape-sha')}"))
+    (repo / "data" / "faces" / "manifest.csv").write_text(
+        MANIFEST_HEADER + "train,000000.jpg,train/000000.png,30,0,30\nvalid,000001.jpg,valid/000001.png,40,0,40\n"
+        "test,000002.jpg,test/000002.png,50,0,50\n")
+    (entry / "manifest.csv").write_text(MANIFEST_HEADER + "test,000000.jpg,test/000000.png,30,0,30\n")
+    monkeypatch.setattr(heads, "REPO", repo)
+    monkeypatch.setattr(shift_groups, "REPO", repo)
+    monkeypatch.setenv("FACEAGE_SHARED_DATASETS", str(repo / "nowhere"))
+    assert shift_groups.groups() == {"train": {"race": ["Black"], "gender": ["male"]},
+                                     "valid": {"race": ["Asian"], "gender": ["female"]},
+                                     "test": {"race": ["Indian"], "gender": ["male"]},
+                                     "ext": {"race": ["Black"], "gender": ["male"]}}
+    (raw / "sources.csv").unlink()
+    with pytest.raises(SystemExit, match="race and gender labels"):
+        shift_groups.groups()
