@@ -52,22 +52,27 @@ SPLITS = ("train", "valid", "test", "ext", "wild")
 AGES = torch.arange(101.0)
 
 
-def cache_dir(repo: Path = REPO) -> Path:
+def cache_dir(repo: Path = REPO, detector: Path | None = None, wild: Path | None = None) -> Path:
     """``.cache/bench-heads/<key>``: the cached inputs of the workspace's current crops.
 
     The key is a sha256 over ``data/faces/preprocess.json`` (crop settings, detector sha256, data
-    fingerprint), the utk-external entry's name (itself keyed by the set's bytes and those settings)
-    and ``models/detector``'s file checksums; the wild faces are located with the same settings.
+    fingerprint), the utk-external entry's name (itself keyed by the set's bytes and those settings),
+    the file checksums of the detector folder the descriptors and wild faces are computed with
+    (``--detector``; default ``models/detector``) and the wild photos' fingerprint (the wild faces are
+    located with the same settings).
     """
     import hashlib
     import json
 
+    from faceage.appa_real import dataset_fingerprint
     from faceage.detector import read_manifest
     from faceage.preprocess import read_crop_settings
 
+    wild = WILD if wild is None else wild
     state = {"crop": read_crop_settings(repo / "data" / "faces"),
              "external": current_external_faces("utk_external", repo).name,
-             "detector": read_manifest(repo / "models" / "detector")["files"]}
+             "detector": read_manifest(detector or repo / "models" / "detector")["files"],
+             "wild": dataset_fingerprint(wild) if wild.is_dir() else None}
     key = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
     return repo / ".cache" / "bench-heads" / key
 
@@ -135,7 +140,7 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
     from faceage.face_encoder import DlibFaceEncoder
     from faceage.images import load_image
 
-    cache = cache_dir()
+    cache = cache_dir(detector=detector)
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / "inputs-region-chips.npz"  # chips cut from the margin regions
     if path.is_file():
@@ -168,7 +173,7 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
     from faceage.detector import RECOGNITION_FILE
     from faceage.face_net import load_face_net
 
-    cache = cache_dir()
+    cache = cache_dir(detector=detector)
     path = cache / "face-layers.npz"
     if path.is_file():
         with np.load(path) as z:

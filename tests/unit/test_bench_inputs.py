@@ -138,7 +138,18 @@ def test_heads_benchmark_cache_is_keyed_by_the_crops_it_was_computed_from(worksp
     manifest = repo / "models" / "detector" / "manifest.json"
     manifest.write_text(json.dumps({"files": {**MANIFEST["files"], "other.dat": "x"}}))
     other_detector = heads.cache_dir(repo)
-    assert len({first, other_data, other_detector}) == 3
+    elsewhere = repo / "detector-elsewhere"  # --detector: the folder the descriptors are computed with
+    elsewhere.mkdir()
+    (elsewhere / "manifest.json").write_text(json.dumps(MANIFEST))
+    given_detector = heads.cache_dir(repo, elsewhere)
+    assert other_detector == heads.cache_dir(repo, repo / "models" / "detector") != given_detector
+    wild = repo / "wild"
+    wild.mkdir()
+    (wild / "a.jpg").write_bytes(b"one photo")
+    one_wild = heads.cache_dir(repo, wild=wild)
+    (wild / "a.jpg").write_bytes(b"another photo")
+    other_wild = heads.cache_dir(repo, wild=wild)
+    assert len({first, other_data, other_detector, one_wild, other_wild}) == 5
 
 
 UTK_HEADER = ('file_name,age,"utk_gender(0=male,1=female)","utk_race(0=White,1=Black,2=Asian,3=Indian,4=Others)"\n')

@@ -246,7 +246,7 @@ def test_heads_cache_is_never_left_half_written(tmp_path, monkeypatch):
     import benchmarks.dlib_age_heads as heads
 
     pair = np.zeros((3, 214, 150), np.uint8)
-    monkeypatch.setattr(heads, "cache_dir", lambda repo=heads.REPO: tmp_path / "cache")
+    monkeypatch.setattr(heads, "cache_dir", lambda repo=heads.REPO, **_: tmp_path / "cache")
     monkeypatch.setattr(heads, "_labelled_sources",
                         lambda: {s: (tmp_path, s) for s in ("train", "valid", "test", "ext")})
     monkeypatch.setattr(heads, "_split_crops", lambda faces_dir, split: (["a.png"], np.array([30.0], np.float32)))
