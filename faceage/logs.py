@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 
 from faceage.errors import FaceAgeError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the stage's main thread as Ctrl-C raises ``KeyboardInterrupt`` (see :func:`run_stage`)."""
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -16,14 +22,46 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_stage(main: Callable[[], None]) -> None:
+def _raise_on_sigterm() -> None:
+    """From now on the first SIGTERM raises :class:`Terminated` in this process; later ones are ignored
+    while its clean-up runs. A child forked from it (a data-loader worker) that inherits the handler
+    dies of the signal as before."""
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        signal.signal(signum, signal.SIG_IGN)
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -> None:
     """Runs a stage's ``main``; a :class:`FaceAgeError` becomes one clear log line and exit code 1.
 
     DVC stops at the failing stage either way; the user sees what to fix instead of a
     traceback. Any other exception is a bug and propagates with its traceback.
+
+    Args:
+        main: The stage.
+        interrupt_on_sigterm: SIGTERM (``kill``, ``timeout``, a CI job cancelled, a container stopped) is
+            raised as :class:`Terminated`, a ``KeyboardInterrupt``, so the stage cleans up as after Ctrl-C
+            (``train`` ends its MLflow run KILLED: killed outright, it stayed RUNNING), then the process
+            dies of the signal as before. Only for stages whose clean-up is quick: one that waits for a
+            process pool to drain would run on after the signal.
     """
+    if interrupt_on_sigterm:
+        _raise_on_sigterm()
     try:
         main()
     except FaceAgeError as e:
         logging.getLogger("faceage").error("%s: %s", type(e).__name__, e)
         sys.exit(1)
+    except Terminated:
+        logging.getLogger("faceage").error("stopped by SIGTERM")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise  # (only if the signal were blocked)

@@ -2,7 +2,8 @@
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db``
 by absolute path, so runs of ``dvc exp run --temp`` / ``--queue`` (which execute in a copy
-under ``.dvc/tmp/exps``) land in the same database as ``dvc repro``.
+under ``.dvc/tmp/exps``) land in the same database as ``dvc repro``; a relative ``sqlite:///``
+path in the variable is taken from the repo root for the same reason.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from faceage.atomic import locked
+from faceage.errors import FaceAgeError
 from faceage.paths import repo_root
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,13 @@ EXPERIMENT = "face-age"
 DVC_EXPERIMENT_TAG = "dvc_experiment"  # the DVC experiment a run trained in (``dvc exp run`` names it)
 # HEAD of the latest resume of a run that ran another commit than the one it started at (tag ``git_commit``)
 RESUMED_AT_COMMIT_TAG = "resumed_at_commit"
+# A tracking server not connected to in this long (seconds), or connected but silent for the second, is reported
+# at once instead of retried for minutes
+PROBE_TIMEOUT_S = (10, 60)
+
+
+class TrackingError(FaceAgeError):
+    """The MLflow tracking store cannot serve a stage: a server that does not answer, or a run not in it."""
 
 
 @contextmanager
@@ -57,13 +66,58 @@ def mlflow_env(name: str, value: str) -> Iterator[None]:
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the absolute ``sqlite:///.../mlflow.db`` of the repo."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` if set, else the absolute ``sqlite:///.../mlflow.db`` of the repo.
+
+    A relative ``sqlite:///`` path in the variable (``sqlite:///mlflow.db``, as ``mlflow ui`` is given
+    it) is taken from :func:`faceage.paths.repo_root`: taken from the working folder, as MLflow does,
+    a ``dvc exp run --temp`` / ``--queue`` run logged into a database inside its temporary copy, deleted
+    with it, and its ``run.json`` named a run no store held. Outside a DVC temp run it is the same file.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{repo_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return f"sqlite:///{repo_root() / path}{sep}{query}"
+    return uri
 
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (absolute, or relative to the working folder), else None."""
-    return Path(uri.removeprefix("sqlite:///")).resolve() if uri.startswith("sqlite:///") else None
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
+
+
+def check_reachable(uri: str | None = None) -> None:
+    """Fails fast when an ``http(s)`` tracking store does not answer; other stores are not probed.
+
+    MLflow retries a request to a server that refuses or drops the connection for about four minutes
+    (seven retries with back-off) before its traceback; a stage then reported a mistyped
+    ``MLFLOW_TRACKING_URI`` or a stopped server only after its work (and evaluate after all of it).
+    Any HTTP answer counts as reachable (also 401/403 from a proxy: MLflow's own request reports those).
+
+    Raises:
+        TrackingError: The server does not answer (:data:`PROBE_TIMEOUT_S`).
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import warnings
+
+    import requests
+
+    try:
+        # Only whether something answers: no credentials are sent, so the certificate is not checked
+        # here (MLflow's own requests check it as configured, e.g. MLFLOW_TRACKING_SERVER_CERT_PATH).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # urllib3's InsecureRequestWarning
+            requests.get(uri, timeout=PROBE_TIMEOUT_S, verify=False, allow_redirects=False)
+    except requests.RequestException as e:
+        raise TrackingError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer "
+                            f"({type(e).__name__}): start it (make mlflow-server), correct the URL, or unset "
+                            "MLFLOW_TRACKING_URI to log to the repo's mlflow.db") from e
 
 
 def setup_mlflow():
@@ -77,6 +131,7 @@ def setup_mlflow():
     import mlflow
 
     uri = tracking_uri()
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     db = sqlite_path(uri)
     if db is None:
@@ -108,3 +163,39 @@ def write_run_file(path: str | Path, run_id: str, experiment_id: str) -> None:
 
 def read_run_file(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def check_run(run_file: str | Path) -> str:
+    """The id of the run ``run_file`` (train's ``run.json``) names, once it is known that the run can be
+    continued in :func:`tracking_uri`'s store.
+
+    Before it, ``evaluate`` did all its work and then failed with MLflow's traceback where the run was
+    not in the store (a fresh clone's ``mlflow.db`` after ``dvc pull``, or another ``MLFLOW_TRACKING_URI``)
+    or had been deleted.
+
+    Raises:
+        TrackingError: ``run_file`` is missing or unreadable, the store does not answer, or the run is
+            not in it or was deleted.
+    """
+    try:
+        run_id = read_run_file(run_file)["run_id"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrackingError(f"cannot read the MLflow run from {run_file} ({type(e).__name__}: {e}): "
+                            "run the train stage first") from e
+    mlflow = setup_mlflow()
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    fix = (f"set MLFLOW_TRACKING_URI to the store train logged it in, or train again to log a new run in {uri} "
+           "(dvc repro -f -s train, then dvc repro)")
+    try:
+        run = mlflow.MlflowClient(uri).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise TrackingError(f"the MLflow run {run_id} of {run_file} is not in the tracking store {uri}: {fix}") from e
+    if run.info.lifecycle_stage == "deleted":
+        raise TrackingError(f"the MLflow run {run_id} of {run_file} was deleted from the tracking store {uri}: "
+                            f"restore it (mlflow runs restore --run-id {run_id}), or train again (dvc repro -f -s "
+                            "train, then dvc repro)")
+    return run_id

@@ -12,6 +12,7 @@ import uuid
 
 from faceage.config import load_params
 from faceage.logs import run_stage, setup_logging
+from faceage.tracking import check_reachable
 from faceage.training import train_model
 
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
     p = load_params(args.params).train
+    check_reachable()  # a tracking server that does not answer: now, not after the data load and retries
     if p.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
         # torchrun --standalone, through its API.
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -47,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, interrupt_on_sigterm=True)  # a killed run ends KILLED in MLflow, as after Ctrl-C
