@@ -23,8 +23,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ from faceage.sources import ExternalSet, ExternalSetError, resolve_external
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
-from faceage.tracking import read_run_file, setup_mlflow, tracking_uri
+from faceage.tracking import display_uri, read_run_file, setup_mlflow, tracking_uri
 from faceage.training import pin_threads, select_device
 from faceage.transforms import low_resolution_at, reference_side
 
@@ -200,6 +202,20 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
     return results, groups, rows
 
 
+def log_evaluation(run_id: str, metrics: dict[str, float], tags: dict[str, Any], artifacts: list[Path]) -> None:
+    """Adds an evaluation's metrics, tags and files (under ``evaluation/``) to train's finished MLflow run,
+    leaving its status alone: reopened with ``mlflow.start_run``, a Ctrl-C or an error while logging ended
+    it FAILED, and the champion's selection (finished runs only) no longer saw the trained model."""
+    from mlflow.entities import Metric, RunTag
+
+    client = setup_mlflow().MlflowClient(tracking_uri())
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path="evaluation")
+
+
 def _labels(rows: list[dict], column: str) -> np.ndarray:
     """A manifest column as float64, as written (the datasets' float32 tensors turn 24.6 into 24.600000381469727)."""
     return np.array([float(r[column]) for r in rows], np.float64)
@@ -307,7 +323,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     if model_card is not None and data_dir is not None:
         counts = json.loads(Path(preprocess_metrics).read_text()) if preprocess_metrics else None
         write_model_card(model_card, metrics, {"age_group": groups, **by_attribute}, meta,
-                         read_dataset_info(data_dir), counts, tracking_uri() if run_path else None,
+                         read_dataset_info(data_dir), counts, display_uri() if run_path else None,
                          external_groups=external_groups)
     plots = _plots(out, pred, true, groups, Path(history_csv) if history_csv else None)
     log.info("test MAE %.2f years (real age %.2f), RMSE %.2f, CS@%g %.3f on %d faces; "
@@ -315,21 +331,16 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
              metrics["mae_years"], metrics["mae_real_years"], metrics["rmse_years"], p.cs_years,
              metrics[f"cs{p.cs_years:g}"], len(true), metrics["baseline_mae_years"])
     if run_path is not None:
-        mlflow = setup_mlflow()
-        with mlflow.start_run(run_id=read_run_file(run_path)["run_id"]):
-            flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-            flat.update({f"test_mae_{g['group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
-            flat.update({f"test_mae_low_res_{f}": v for f, v in metrics["mae_low_res"].items()})
-            flat.update(external_mlflow_metrics(external, p.cs_years))
-            mlflow.log_metrics(flat)
-            # Tags, not params: a later `dvc exp run -S evaluate.external=[...]` re-evaluates the same
-            # trained run, and MLflow refuses to change a logged param (the run would end FAILED and
-            # drop out of the champion's candidates). The tags hold the latest evaluation's settings.
-            mlflow.set_tags({f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v
-                             for k, v in asdict(p).items()})
-            mlflow.set_tag(EXTERNAL_SHA256_TAG, json.dumps({n: m["sha256"] for n, m in external.items()}))
-            cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
-            for path in [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv",
-                         out / "external_predictions.csv", *plots, *cards]:
-                mlflow.log_artifact(str(path), artifact_path="evaluation")
+        flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        flat.update({f"test_mae_{g['group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
+        flat.update({f"test_mae_low_res_{f}": v for f, v in metrics["mae_low_res"].items()})
+        flat.update(external_mlflow_metrics(external, p.cs_years))
+        # Tags, not params: a later `dvc exp run -S evaluate.external=[...]` re-evaluates the same
+        # trained run, and MLflow refuses to change a logged param. The tags hold the latest evaluation's settings.
+        tags = {f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v for k, v in asdict(p).items()}
+        tags[EXTERNAL_SHA256_TAG] = json.dumps({n: m["sha256"] for n, m in external.items()})
+        cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
+        log_evaluation(read_run_file(run_path)["run_id"], flat, tags,
+                       [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv",
+                        out / "external_predictions.csv", *plots, *cards])
     return metrics

@@ -50,7 +50,7 @@ from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
-from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, git_commit
+from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, display_uri, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
     """
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise PackagingError(f"MLflow experiment {experiment!r} not found in {client.tracking_uri}: "
+        raise PackagingError(f"MLflow experiment {experiment!r} not found in {display_uri(client.tracking_uri)}: "
                              "run the pipeline (dvc repro) first")
     runs, token = [], None
     while True:

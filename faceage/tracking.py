@@ -83,6 +83,19 @@ def tracking_uri() -> str:
     return uri
 
 
+def display_uri(uri: str | None = None) -> str:
+    """The tracking URI (default :func:`tracking_uri`) as logs, error messages and the model card show it:
+    a password in it (``http://user:secret@host``, which MLflow accepts) is masked."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = uri or tracking_uri()
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (absolute, or relative to the working folder), else None."""
     if not uri.startswith("sqlite:///"):
@@ -115,7 +128,7 @@ def check_reachable(uri: str | None = None) -> None:
             warnings.simplefilter("ignore")  # urllib3's InsecureRequestWarning
             requests.get(uri, timeout=PROBE_TIMEOUT_S, verify=False, allow_redirects=False)
     except requests.RequestException as e:
-        raise TrackingError(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer "
+        raise TrackingError(f"the MLflow tracking server {display_uri(uri)} (MLFLOW_TRACKING_URI) does not answer "
                             f"({type(e).__name__}): start it (make mlflow-server), correct the URL, or unset "
                             "MLFLOW_TRACKING_URI to log to the repo's mlflow.db") from e
 
@@ -186,16 +199,17 @@ def check_run(run_file: str | Path) -> str:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
-    fix = (f"set MLFLOW_TRACKING_URI to the store train logged it in, or train again to log a new run in {uri} "
+    shown = display_uri(uri)
+    fix = (f"set MLFLOW_TRACKING_URI to the store train logged it in, or train again to log a new run in {shown} "
            "(dvc repro -f -s train, then dvc repro)")
     try:
         run = mlflow.MlflowClient(uri).get_run(run_id)
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise TrackingError(f"the MLflow run {run_id} of {run_file} is not in the tracking store {uri}: {fix}") from e
+        raise TrackingError(f"the MLflow run {run_id} of {run_file} is not in the tracking store {shown}: {fix}") from e
     if run.info.lifecycle_stage == "deleted":
-        raise TrackingError(f"the MLflow run {run_id} of {run_file} was deleted from the tracking store {uri}: "
+        raise TrackingError(f"the MLflow run {run_id} of {run_file} was deleted from the tracking store {shown}: "
                             f"restore it (mlflow runs restore --run-id {run_id}), or train again (dvc repro -f -s "
                             "train, then dvc repro)")
     return run_id

@@ -80,7 +80,7 @@ from faceage.model import (
 from faceage.preprocess import MANIFEST, read_crop_settings
 from faceage.sources import weights_file
 from faceage.tracking import (
-    DVC_EXPERIMENT_TAG, RESUMED_AT_COMMIT_TAG, git_commit, mlflow_env, setup_mlflow, tracking_uri, write_run_file,
+    DVC_EXPERIMENT_TAG, RESUMED_AT_COMMIT_TAG, display_uri, git_commit, mlflow_env, setup_mlflow, write_run_file,
 )
 from faceage.transforms import train_augment
 
@@ -621,7 +621,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             log.info("training %s (weights: %s) on %s: %d train / %d valid faces, %d epochs, global batch %d over "
                      "%d process(es), %d loader workers, %d torch threads each; MLflow run %s in %s",
                      p.backbone, weights_from, device, len(train_set), len(val_set), p.epochs, p.batch_size,
-                     d.world_size, workers, threads, state.run_id, tracking_uri())
+                     d.world_size, workers, threads, state.run_id, display_uri())
         for epoch in range(state.epoch + 1, p.epochs + 1):
             t0 = time.time()
             seed_epoch(p.seed, epoch, d.rank)
@@ -757,7 +757,12 @@ class _Tracker:
             yield self.state or TrainState(self.fingerprint, run_id="")
             return
         self.mlflow = setup_mlflow()
-        run = self._start()
+        try:
+            run = self._start()
+        except BaseException as e:  # a run started but not yet set up (params, tags, state) was left RUNNING
+            if self.mlflow.active_run() is not None:
+                self.mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         self.experiment_id = run.info.experiment_id
         try:
             yield self.state
@@ -838,9 +843,9 @@ class _Tracker:
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # e.g. the store is unreachable: not for a new run
                 raise
-            return f"is not in the tracking store {tracking_uri()}"
+            return f"is not in the tracking store {display_uri()}"
         if run.info.lifecycle_stage == "deleted":
-            return f"was deleted from the tracking store {tracking_uri()}"
+            return f"was deleted from the tracking store {display_uri()}"
         return None
 
     def _end_superseded_run(self) -> None:

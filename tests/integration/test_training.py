@@ -282,7 +282,6 @@ def _train(mp: pytest.MonkeyPatch, root: Path, faces: Path, kill_at_eval: int = 
         return real(*a, **kw)
 
     mp.setattr(training, "evaluate", evaluate)
-    mp.setattr(training, "_log_model", lambda *a, **kw: None)
     detector = params.pop("detector_dir", None)
     p = replace(Params().train, **{**TINY, **params})
     embeddings = faces / "embeddings.npz" if (faces / "embeddings.npz").exists() else None

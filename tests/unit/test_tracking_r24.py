@@ -188,3 +188,51 @@ def test_sigterm_during_training_ends_the_mlflow_run_killed_and_keeps_the_state(
     assert mlflow.MlflowClient(store).get_run(run_id).info.status == "KILLED"
     assert state.is_file()  # a rerun continues the run
     assert "stopped by SIGTERM" in proc.stderr.read()
+
+
+def test_evaluation_is_logged_into_the_finished_run_without_ever_changing_its_status(tmp_path, monkeypatch):
+    """Evaluate reopened train's run with mlflow.start_run: a Ctrl-C (or an error) while it logged ended the run
+    FAILED, and select_winner, which takes finished runs only, no longer saw the trained model."""
+    import mlflow
+
+    from faceage.evaluation import log_evaluation
+
+    with mlflow_env("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        client = mlflow.MlflowClient()
+        run = client.create_run(client.create_experiment(EXPERIMENT))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        card = tmp_path / "model_card.md"
+        card.write_text("# card\n")
+        log_evaluation(run.info.run_id, {"test_mae_years": 4.5, "test_n_test_faces": 300},
+                       {"evaluate.cs_years": 5, "evaluate.external": '["a"]'}, [card])
+        done = client.get_run(run.info.run_id)
+        assert done.info.status == "FINISHED"
+        assert done.data.metrics == {"test_mae_years": 4.5, "test_n_test_faces": 300.0}
+        assert done.data.tags["evaluate.cs_years"] == "5" and done.data.tags["evaluate.external"] == '["a"]'
+        assert [f.path for f in client.list_artifacts(run.info.run_id, "evaluation")] == ["evaluation/model_card.md"]
+
+        def interrupted(*a, **kw):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            log_evaluation(run.info.run_id, {"test_mae_years": 4.4}, {}, [card])
+        again = client.get_run(run.info.run_id)
+        assert again.info.status == "FINISHED" and again.data.metrics["test_mae_years"] == 4.4
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("http://alice:s3cret@127.0.0.1:5931", "http://alice:***@127.0.0.1:5931"),
+    ("https://bob:p%40ss@mlflow.example.com/path?x=1", "https://bob:***@mlflow.example.com/path?x=1"),
+    ("http://token@host:5000", "http://token@host:5000"),  # no password part: nothing to mask
+    ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
+    ("databricks", "databricks"),
+])
+def test_a_password_in_the_tracking_uri_is_never_shown(uri, shown):
+    """MLflow takes http://user:password@host; the train log, the model card (committed to git, logged as an
+    artifact) and the error messages wrote it out."""
+    from faceage.tracking import display_uri
+
+    assert display_uri(uri) == shown
+    with mlflow_env("MLFLOW_TRACKING_URI", uri):
+        assert display_uri() == shown

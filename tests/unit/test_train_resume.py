@@ -198,3 +198,20 @@ def test_dlib_ages_fingerprint_covers_the_network_files_it_loads(tmp_path, faces
     (detector / AGE_MODEL_FILE).write_bytes(b"v2")
     assert fingerprint() != before
     assert pretrained_files(replace(p, pretrained="none"), head, detector) == []
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_run_stopped_while_it_is_set_up_is_ended_not_left_running(tmp_path, store, monkeypatch, error):
+    """start_run, then params, tags and the state: a Ctrl-C (or an error, a slow server) in between left a RUNNING
+    run no state pointed at, and the next train_model in that process failed with "Run ... is already active"."""
+    import mlflow
+
+    def stopped(*a, **kw):
+        raise error("while tagging")
+
+    monkeypatch.setattr(mlflow, "set_tags", stopped)
+    with pytest.raises(error), _tracker(tmp_path, None).run():
+        pass
+    assert mlflow.active_run() is None
+    [run] = store.search_runs([store.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == ("KILLED" if error is KeyboardInterrupt else "FAILED")
