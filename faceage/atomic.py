@@ -24,7 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def _host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    """This host and PID namespace: a container sharing the host's name (``--uts=host``) numbers its
+    processes apart, and a PID alive there looked dead from here (its build's folder was removed)."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()} {namespace}".encode()).hexdigest()[:8]
 
 
 def scratch_name(out_dir: Path, tag: str = "") -> Path:

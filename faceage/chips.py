@@ -204,7 +204,8 @@ def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: C
 
     A worker that dies (the kernel's out-of-memory killer on a very large photo, a crash in dlib)
     fails the run with :class:`WorkerDiedError`: ``multiprocessing.Pool`` waited for its lost
-    results for ever. An interrupted run (Ctrl-C) cancels the items not yet started.
+    results for ever. An interrupted run (Ctrl-C, or any error) stops its workers at once: waiting
+    for them would finish the chunks already handed to them (16 photos each; minutes with the CNN).
 
     Raises:
         WorkerDiedError: A worker died, or failed to start (its error is logged above).
@@ -214,14 +215,22 @@ def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: C
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
                                initargs=initargs)
     try:
-        return list(tqdm(pool.map(fn, items, chunksize=16), total=len(items), desc=desc, unit=unit,
-                         disable=desc is None))
-    except BrokenProcessPool as e:
-        raise WorkerDiedError(
-            f"a {desc or unit} worker process died ({workers} workers): killed by the system, most often for "
-            f"lack of memory (each worker holds one image at a time), or crashed; lower {workers_key}") from e
-    finally:
-        pool.shutdown(cancel_futures=True)
+        results = list(tqdm(pool.map(fn, items, chunksize=16), total=len(items), desc=desc, unit=unit,
+                            disable=desc is None))
+    except BaseException as e:
+        processes = list((pool._processes or {}).values())  # (no public way to stop a worker mid-chunk)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
+        if isinstance(e, BrokenProcessPool):
+            raise WorkerDiedError(
+                f"a {desc or unit} worker process died ({workers} workers): killed by the system, most often for "
+                f"lack of memory (each worker holds one image at a time), or crashed; lower {workers_key}") from e
+        raise
+    pool.shutdown()
+    return results
 
 
 def save_chips(path: str | Path, crops: list[str], chips: list[np.ndarray], margin: float,

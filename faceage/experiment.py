@@ -135,7 +135,7 @@ def _list_items(text: str) -> list[str]:
         if quote:
             if c == quote and text[i - 1] != "\\":
                 quote = ""
-        elif c in "\"'":
+        elif c in "\"'" and not text[start:i].strip():  # a quote opens only at an item's start (not /a/it's)
             quote = c
         elif c in "[{":
             depth += 1

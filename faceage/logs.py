@@ -23,9 +23,9 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def _raise_on_sigterm() -> None:
-    """From now on the first SIGTERM raises :class:`Terminated` in this process; later ones are ignored
-    while its clean-up runs. A child forked from it (a data-loader worker) that inherits the handler
-    dies of the signal as before."""
+    """From now on the first SIGTERM raises :class:`Terminated` in this process; a second one ends it
+    at once (the clean-up can wait minutes on a tracking server that does not answer). A child forked
+    from it (a data-loader worker) that inherits the handler dies of the signal as before."""
     pid = os.getpid()
 
     def handler(signum, frame):
@@ -33,7 +33,7 @@ def _raise_on_sigterm() -> None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, signal.SIG_DFL)
         raise Terminated(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)

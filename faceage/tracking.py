@@ -85,15 +85,17 @@ def tracking_uri() -> str:
 
 def display_uri(uri: str | None = None) -> str:
     """The tracking URI (default :func:`tracking_uri`) as logs, error messages and the model card show it:
-    a password in it (``http://user:secret@host``, which MLflow accepts) is masked."""
+    a password in it (``http://user:secret@host``, which MLflow accepts) is masked, and so is a user part
+    alone (``https://TOKEN@host``)."""
     from urllib.parse import urlsplit, urlunsplit
 
     uri = uri or tracking_uri()
     parts = urlsplit(uri)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return uri
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    shown = f"{parts.username}:***" if parts.password is not None else "***"
+    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -121,12 +123,20 @@ def check_reachable(uri: str | None = None) -> None:
 
     import requests
 
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # no user:password in the URL
     try:
-        # Only whether something answers: no credentials are sent, so the certificate is not checked
-        # here (MLflow's own requests check it as configured, e.g. MLFLOW_TRACKING_SERVER_CERT_PATH).
+        # Only whether something answers, so no credentials go with it (neither the URL's nor ~/.netrc's: the
+        # `auth` below adds none) and the certificate is not checked: MLflow's own requests check it as configured.
+        # A TLS handshake that fails (a server that wants a client certificate, MLFLOW_TRACKING_CLIENT_CERT_PATH)
+        # is a server that answers.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # urllib3's InsecureRequestWarning
-            requests.get(uri, timeout=PROBE_TIMEOUT_S, verify=False, allow_redirects=False)
+            requests.get(bare, timeout=PROBE_TIMEOUT_S, verify=False, allow_redirects=False, auth=lambda r: r)
+    except requests.exceptions.SSLError:
+        return
     except requests.RequestException as e:
         raise TrackingError(f"the MLflow tracking server {display_uri(uri)} (MLFLOW_TRACKING_URI) does not answer "
                             f"({type(e).__name__}): start it (make mlflow-server), correct the URL, or unset "
@@ -145,6 +155,8 @@ def setup_mlflow():
 
     uri = tracking_uri()
     check_reachable(uri)
+    if display_uri(uri) != uri:  # MLflow prints "View run ... at: <the URI>" as each run ends, password and all
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     db = sqlite_path(uri)
     if db is None:

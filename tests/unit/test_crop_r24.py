@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -94,3 +95,37 @@ def test_a_photo_over_the_detection_cap_is_cut_by_preprocess_as_the_service_cuts
     assert row["status"] == "face"
     served = FaceLocator(detector_dir, kind="hog", upsample=0, margin=params.margin, crop_size=64).locate(big)
     assert np.array_equal(np.asarray(Image.open(out / row["crop"])), served.crops[0])
+
+
+def _slow_item(x):
+    import time
+
+    time.sleep(0.25)
+    return x
+
+
+def _no_setup():
+    pass
+
+
+def test_an_interrupted_process_map_stops_its_workers_at_once():
+    """Ctrl-C in preprocess waited for the workers to finish the chunks already handed to them (16 photos each,
+    minutes with the CNN detector); multiprocessing.Pool, before it, stopped them at once."""
+    from faceage.chips import map_in_processes
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            map_in_processes(_slow_item, list(range(64)), 2, _no_setup, (), desc=None, unit="item")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - start < 2.5  # waiting for the two 16-item chunks: ~4 s
+    import multiprocessing
+
+    assert multiprocessing.active_children() == []

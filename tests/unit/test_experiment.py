@@ -221,6 +221,16 @@ def test_a_list_element_the_user_quoted_keeps_its_comma_in_the_suggestion(repo):
     assert load_params(repo / "params.yaml").evaluate.external == ("/a,b", "/José")
 
 
+def test_an_apostrophe_inside_a_path_does_not_merge_the_list_in_the_suggestion(repo):
+    """`it's` opened a quote that never closed: the hint made `[/a/it's, /b]` one element, `["/a/it's, /b"]`."""
+    with pytest.raises(experiment.ProfileError) as refused:
+        experiment.check_overrides(["evaluate.external=[/a/it's, /b,c]"])
+    override = suggested(str(refused.value))
+    experiment.check_overrides([override])
+    apply_overrides(repo / "params.yaml", [override])
+    assert load_params(repo / "params.yaml").evaluate.external == ("/a/it's", "/b", "c")
+
+
 def test_an_override_without_a_value_says_so(repo):
     with pytest.raises(experiment.ProfileError, match=r"-S 'train.epochs' is not an override DVC can read \(KEY=VALUE"):
         experiment.check_overrides(["train.epochs"])

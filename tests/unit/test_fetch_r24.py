@@ -217,3 +217,29 @@ def test_a_local_zip_whose_md5_differs_says_how_to_skip_the_check(tmp_path):
     (tmp_path / "mine.zip").write_bytes(_zip(_release(tmp_path / "rel")))
     with pytest.raises(ChecksumError, match="skip the check: -S fetch_data.md5=$"):
         fetch_appa_real(str(tmp_path / "mine.zip"), tmp_path / "out", md5="0" * 32)
+
+
+def test_a_staged_folder_of_another_pid_namespace_on_the_same_host_name_is_left_alone(tmp_path, monkeypatch):
+    """A container sharing the host's name (--uts=host) numbers its processes apart: its build's PID 11 looked dead
+    from the host, whose next build removed the folder the container was still writing."""
+    import faceage.atomic as atomic
+
+    real_stat = os.stat
+
+    def other_namespace(path, *a, **kw):
+        if str(path) == "/proc/self/ns/pid":
+            return os.stat_result((0, 4026531836 + 7, 0, 0, 0, 0, 0, 0, 0, 0))  # another namespace's inode
+        return real_stat(path, *a, **kw)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(atomic.os, "stat", other_namespace)
+    theirs = atomic.scratch_name(out)  # named by a build in the other namespace, under a PID not alive here
+    monkeypatch.undo()
+    theirs = theirs.with_name(theirs.name.replace(f"-{os.getpid()}@", "-999999@"))
+    theirs.mkdir()
+    atomic.clear_stale(out)
+    assert theirs.is_dir()
+    ours = out.parent / theirs.name.replace(theirs.name.split("@")[1].split("-")[0], atomic._host())
+    ours.mkdir()
+    atomic.clear_stale(out)
+    assert theirs.is_dir() and not ours.exists()  # a dead build of this namespace is still removed

@@ -223,7 +223,7 @@ def test_evaluation_is_logged_into_the_finished_run_without_ever_changing_its_st
 @pytest.mark.parametrize(("uri", "shown"), [
     ("http://alice:s3cret@127.0.0.1:5931", "http://alice:***@127.0.0.1:5931"),
     ("https://bob:p%40ss@mlflow.example.com/path?x=1", "https://bob:***@mlflow.example.com/path?x=1"),
-    ("http://token@host:5000", "http://token@host:5000"),  # no password part: nothing to mask
+    ("http://token@host:5000", "http://***@host:5000"),  # a token as the user part
     ("sqlite:////abs/mlflow.db", "sqlite:////abs/mlflow.db"),
     ("databricks", "databricks"),
 ])
@@ -235,3 +235,71 @@ def test_a_password_in_the_tracking_uri_is_never_shown(uri, shown):
     assert display_uri(uri) == shown
     with mlflow_env("MLFLOW_TRACKING_URI", uri):
         assert display_uri() == shown
+
+
+def test_the_probe_sends_no_credentials_and_a_tls_answer_is_an_answer(tmp_path, monkeypatch):
+    """The probe sent the URL's user:password (and ~/.netrc's) as Basic auth to a server whose certificate it did
+    not check; and a TLS handshake that failed (a server wanting a client certificate, which MLflow's own
+    requests present) was reported as a server that does not answer."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from faceage.tracking import check_reachable
+
+    seen = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_error(401)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login bob password netrcpw\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    try:
+        check_reachable(f"http://alice:s3cret@127.0.0.1:{port}")
+        check_reachable(f"http://127.0.0.1:{port}")
+        assert seen == [None, None]
+        check_reachable(f"https://127.0.0.1:{port}")  # TLS to a plain HTTP server: SSLError, yet something answered
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_a_second_sigterm_ends_a_stage_whose_clean_up_hangs(tmp_path):
+    """After the first SIGTERM the handler ignored the next ones, and the clean-up (ending the MLflow run on a
+    server that does not answer) could hold `kill PID` off for four minutes."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import sys, time\n"
+        "from faceage.logs import run_stage\n"
+        "def main():\n"
+        "    try:\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(60)\n"
+        "    finally:\n"
+        "        print('cleaning up', flush=True)\n"
+        "        time.sleep(60)\n"
+        "run_stage(main, interrupt_on_sigterm=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().strip() == "cleaning up"
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == -signal.SIGTERM
+        assert time.monotonic() - start < 10
+    finally:
+        proc.kill()
+        proc.wait()
