@@ -211,24 +211,19 @@ def test_a_comma_outside_brackets_is_refused_as_the_sweep_dvc_would_refuse(repo,
             experiment.check_overrides([sweep])
 
 
-def test_a_list_element_the_user_quoted_keeps_its_comma_in_the_suggestion(repo):
-    """The hint split `['/a,b', /José]` at every comma: `['/a,"b'","/José"]`, which DVC cannot read."""
+@pytest.mark.parametrize(("typed", "external"), [
+    # The hint split `['/a,b', /José]` at every comma: `['/a,"b'","/José"]`, which DVC cannot read.
+    ("['/a,b', /José]", ("/a,b", "/José")),
+    # `it's` opened a quote that never closed: the hint made `[/a/it's, /b]` one element, `["/a/it's, /b"]`.
+    ("[/a/it's, /b,c]", ("/a/it's", "/b", "c")),
+])
+def test_the_suggested_quoting_keeps_a_lists_elements_as_typed(repo, typed, external):
     with pytest.raises(experiment.ProfileError) as refused:
-        experiment.check_overrides(["evaluate.external=['/a,b', /José]"])
+        experiment.check_overrides([f"evaluate.external={typed}"])
     override = suggested(str(refused.value))
     experiment.check_overrides([override])
     apply_overrides(repo / "params.yaml", [override])
-    assert load_params(repo / "params.yaml").evaluate.external == ("/a,b", "/José")
-
-
-def test_an_apostrophe_inside_a_path_does_not_merge_the_list_in_the_suggestion(repo):
-    """`it's` opened a quote that never closed: the hint made `[/a/it's, /b]` one element, `["/a/it's, /b"]`."""
-    with pytest.raises(experiment.ProfileError) as refused:
-        experiment.check_overrides(["evaluate.external=[/a/it's, /b,c]"])
-    override = suggested(str(refused.value))
-    experiment.check_overrides([override])
-    apply_overrides(repo / "params.yaml", [override])
-    assert load_params(repo / "params.yaml").evaluate.external == ("/a/it's", "/b", "c")
+    assert load_params(repo / "params.yaml").evaluate.external == external
 
 
 def test_an_override_without_a_value_says_so(repo):

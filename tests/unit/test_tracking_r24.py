@@ -3,6 +3,7 @@ run, evaluate on a run its store lacks, a tracking server that does not answer, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -113,30 +114,40 @@ def test_a_tracking_server_that_does_not_answer_fails_the_stage_at_once_in_one_l
     assert time.monotonic() - start < 60
 
 
-def test_an_answering_server_passes_the_probe_whatever_it_answers():
-    """Any HTTP answer (here 404 from a plain HTTP server) is a reachable store: MLflow reports the rest."""
+@contextlib.contextmanager
+def _local_server(answer: int, seen: list | None = None):
+    """An HTTP server on 127.0.0.1 answering every GET with ``answer``; each request's Authorization header
+    (None when absent) goes into ``seen``. Yields its port."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from faceage.tracking import check_reachable
-
-    class NotFound(BaseHTTPRequestHandler):
+    class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_error(404)
+            if seen is not None:
+                seen.append(self.headers.get("Authorization"))
+            self.send_error(answer)
 
         def log_message(self, *args):
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    server = HTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        check_reachable(f"http://127.0.0.1:{server.server_address[1]}")
-        check_reachable("sqlite:///nowhere/mlflow.db")  # not probed
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def test_an_answering_server_passes_the_probe_whatever_it_answers():
+    """Any HTTP answer (here 404 from a plain HTTP server) is a reachable store: MLflow reports the rest."""
+    from faceage.tracking import check_reachable
+
+    with _local_server(404) as port:
+        check_reachable(f"http://127.0.0.1:{port}")
+        check_reachable("sqlite:///nowhere/mlflow.db")  # not probed
 
 
 _SIGTERM_TRAIN = """
@@ -241,38 +252,18 @@ def test_the_probe_sends_no_credentials_and_a_tls_answer_is_an_answer(tmp_path, 
     """The probe sent the URL's user:password (and ~/.netrc's) as Basic auth to a server whose certificate it did
     not check; and a TLS handshake that failed (a server wanting a client certificate, which MLflow's own
     requests present) was reported as a server that does not answer."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
     from faceage.tracking import check_reachable
 
-    seen = []
-
-    class Recorder(BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append(self.headers.get("Authorization"))
-            self.send_error(401)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Recorder)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    port = server.server_address[1]
     (tmp_path / ".netrc").write_text("machine 127.0.0.1 login bob password netrcpw\n")
     (tmp_path / ".netrc").chmod(0o600)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
-    try:
+    seen = []
+    with _local_server(401, seen) as port:
         check_reachable(f"http://alice:s3cret@127.0.0.1:{port}")
         check_reachable(f"http://127.0.0.1:{port}")
         assert seen == [None, None]
         check_reachable(f"https://127.0.0.1:{port}")  # TLS to a plain HTTP server: SSLError, yet something answered
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def test_a_second_sigterm_ends_a_stage_whose_clean_up_hangs(tmp_path):
