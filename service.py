@@ -19,8 +19,11 @@ batched across requests (:mod:`faceage.serving`). Limits, in-memory parsing and 
 mapping live in :mod:`faceage.http`: 400 (empty body, missing field, not an image, truncated,
 too many pixels, a query parameter that does not parse), 413 (body over the cap), 415 (not
 multipart/form-data, or a part that is not an image), 422 (face index out of range, or an image that
-crashed its worker); every error is ``{"error": message}``. ``/ui`` holds at most half of the
-concurrent requests (:class:`faceage.ui.UIGateMiddleware`), so the API keeps the other half.
+crashed its worker on its own), 503 (the detection workers cannot start, or died beside other
+photos: :class:`faceage.serving.DetectionUnavailable`; ``/readyz`` too while they cannot start);
+every error is ``{"error": message}``. Ages and stds are rounded as the CLI rounds them
+(:data:`faceage.predict.AGE_DECIMALS`). ``/ui`` holds at most half of the concurrent requests
+(:class:`faceage.ui.UIGateMiddleware`), so the API keeps the other half.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ from fastapi.responses import JSONResponse, Response
 
 from faceage.annotate import annotate as draw_faces, to_png
 from faceage.http import (
-    FIELD, INPUT_ERRORS, LIMITS, BadRequest, BodyLimitMiddleware, error_response, input_status, read_images,
+    FIELD, INPUT_ERRORS, LIMITS, PHOTO_ERRORS, BadRequest, BodyLimitMiddleware, error_response, input_status,
+    photo_status, read_images,
 )
 from faceage.predict import AgePredictor, FaceAge, LocatedFaces, available_cores, split_results
-from faceage.serving import AgeBatcher, LocatorPool
+from faceage.serving import (
+    RELEASE_AFTER_PIXELS, RESTART_AFTER_S, AgeBatcher, DetectionUnavailable, LocatorPool, release_memory,
+)
 from faceage.ui import UI_PATH, LazyUI, UIGateMiddleware, UIMiddleware
 
 log = logging.getLogger("faceage.service")
@@ -94,6 +100,14 @@ def validation_message(error: dict) -> str:
     return f"{what}: {error.get('msg', 'invalid')}{got}"
 
 
+@api.exception_handler(DetectionUnavailable)
+async def _unavailable(request: Request, e: DetectionUnavailable) -> JSONResponse:
+    """The detection workers cannot take the photo now (not its fault): 503 ``{"error": message}``, retry soon."""
+    response = error_response(503, str(e))
+    response.headers["Retry-After"] = str(int(RESTART_AFTER_S))
+    return response
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
     """A parameter FastAPI could not parse (``/crop?face=abc``): 400 ``{"error": message}``, not its 422 ``detail``."""
@@ -125,8 +139,8 @@ class FaceAgeService:
                                                      max_pixels=LIMITS.max_pixels,
                                                      max_detect_pixels=LIMITS.max_detect_pixels)
         self.lineage = {"tag": str(stored.tag), **self.predictor.lineage(), **dict(stored.info.metadata)}
+        # The detection workers start in the background (LocatorPool) while the model warms up.
         self.locator = LocatorPool(self.predictor.locator, LIMITS.detect_processes)
-        self.locator.warm_up()  # workers start in the background while the model warms up
         self.predictor.warm_up()
         batch_faces = prometheus_client.Histogram(
             "faceage_age_batch_faces", "Faces per forward pass of the age model (adaptive batching)",
@@ -141,6 +155,10 @@ class FaceAgeService:
     @bentoml.on_startup
     async def load_ui(self) -> None:
         await UI.start()  # in the background: the service is ready without waiting for Gradio
+
+    async def __is_ready__(self) -> bool:
+        """``/readyz``: 503 while the detection workers cannot start (:meth:`LocatorPool.ready`)."""
+        return self.locator.ready()
 
     @bentoml.on_shutdown
     async def close(self) -> None:
@@ -173,8 +191,12 @@ class FaceAgeService:
     async def annotate(self, request: Request) -> Response:
         """The photo in ``image`` with each face's box and "age ± std" label (PNG)."""
         _, faces, image = await self._analyse_one(request, with_image=True)
-        return png(await asyncio.to_thread(lambda: to_png(draw_faces(image, faces))),
-                   {"X-FaceAge-Faces": str(len(faces))})
+        data = await asyncio.to_thread(lambda im, fs: to_png(draw_faces(im, fs)), image, faces)
+        large = image.shape[0] * image.shape[1] >= RELEASE_AFTER_PIXELS
+        del image
+        if large:
+            await asyncio.to_thread(release_memory)  # the photo's buffers: 250 MB kept after a 36 MP one
+        return png(data, {"X-FaceAge-Faces": str(len(faces))})
 
     @api.post("/crop", openapi_extra=IMAGE_FORM)
     async def crop(self, request: Request, face: int = Query(0, description="face index, largest first")) -> Response:
@@ -196,13 +218,13 @@ class FaceAgeService:
         found = await asyncio.gather(*(self.locator.locate(p.data, crops=False) for p in parts),
                                      return_exceptions=True)
         for item in found:
-            if isinstance(item, BaseException) and not isinstance(item, INPUT_ERRORS):
+            if isinstance(item, BaseException) and not isinstance(item, PHOTO_ERRORS):
                 raise item
         located = [item[0] for item in found if not isinstance(item, BaseException)]
         # All faces of all photos in one call of the batcher (which also merges concurrent requests).
         mean, std = await self.batcher([c for loc in located for c in loc.inputs])
         ages = iter(split_results(located, mean, std))
-        results = [{"filename": part.filename, "error": str(item), "status": input_status(item)}
+        results = [{"filename": part.filename, "error": str(item), "status": photo_status(item)}
                    if isinstance(item, BaseException) else
                    {"filename": part.filename, "faces": [f.as_dict() for f in next(ages)],
                     "width": item[0].width, "height": item[0].height}

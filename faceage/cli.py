@@ -50,7 +50,6 @@ PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "HEIF", "BMP", "TI
 _FORMAT_CODECS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "zlib", "JPEG2000": "jpg_2000"}
 DEFAULT_DETECTOR = Path("models/detector")
 ANNOTATED_MARK = ("Software", "faceage")  # the PNG text chunk (key, value) on every annotated copy
-AGE_DECIMALS = 4  # JSON ages: float32 noise below this depends on which photos share a forward pass
 CHUNK_IMAGES = 8  # photos per forward pass: bounds memory, keeps the batch large enough
 NAME_MAX = 255  # bytes in a file name on common file systems, when the folder does not say
 
@@ -90,18 +89,11 @@ class PhotoResult:
             entry = {"file": str(self.path), "error": self.error}
         else:
             entry = {"file": str(self.path), "width": self.width, "height": self.height,
-                     "faces": [_face_dict(f) for f in self.faces]}
+                     "faces": [f.as_dict() for f in self.faces]}
         if annotate:
             entry["annotated"] = None if self.annotated is None else str(self.annotated)
             entry["annotate_error"] = self.annotate_error
         return entry
-
-
-def _face_dict(face: FaceAge) -> dict:
-    """:meth:`FaceAge.as_dict` with the ages rounded: the digits past :data:`AGE_DECIMALS` are float32
-    noise that changes with the other faces in the batch, so the same photo would print differently
-    depending on which files came with it."""
-    return {**face.as_dict(), "age": round(face.age, AGE_DECIMALS), "age_std": round(face.age_std, AGE_DECIMALS)}
 
 
 def collect_images(paths: Sequence[str | Path], recursive: bool = False, *, skip_dir: Path | None = None

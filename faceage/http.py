@@ -2,7 +2,8 @@
 
 Input: ASGI requests to the FaceAge service (:mod:`service`). Output: the uploaded parts as bytes
 (nothing touches the disk), or a :class:`BadRequest` that becomes ``{"error": message}`` with
-its status (400, 413, 415, 422).
+its status (400, 413, 415, 422); :func:`photo_status` also gives a photo's 503 (detection
+workers unavailable).
 
 BentoML's typed file inputs (``Annotated[Path, ContentType("image/*")]``) spool every upload to
 a temporary file (and fetch URLs given in place of files); the FaceAge routes read the raw body
@@ -24,7 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from faceage.predict import DEFAULT_MAX_DETECT_PIXELS, available_cores
-from faceage.serving import ImageProcessingError
+from faceage.serving import DetectionUnavailable, ImageProcessingError
 
 FIELD = "image"
 
@@ -189,9 +190,17 @@ async def read_images(request: Request, limit: int) -> list[Part]:
     """The checked ``image`` parts of a request (the body cap is :class:`BodyLimitMiddleware`'s).
 
     Raises:
-        BadRequest: See :func:`parse_form` and :func:`image_parts`.
+        BadRequest: See :func:`parse_form` and :func:`image_parts`; 400 when the client left before
+            sending the whole body (Starlette's ``ClientDisconnect`` was a 500 with a logged
+            traceback, "Exception in ASGI application", for every aborted upload).
     """
-    return image_parts(parse_form(await request.body(), request.headers.get("content-type")), limit)
+    try:
+        body = await request.body()
+    except Exception:  # Starlette's ClientDisconnect (starlette is not imported here: not a pinned dependency)
+        if await request.is_disconnected():
+            raise BadRequest(400, "the client closed the connection before sending the whole body") from None
+        raise
+    return image_parts(parse_form(body, request.headers.get("content-type")), limit)
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -207,6 +216,15 @@ def input_status(e: Exception) -> int:
     if isinstance(e, BadRequest):
         return e.status
     return 422 if isinstance(e, ImageProcessingError) else 400
+
+
+PHOTO_ERRORS = (*INPUT_ERRORS, DetectionUnavailable)
+
+
+def photo_status(e: Exception) -> int:
+    """The HTTP status of one of :data:`PHOTO_ERRORS`: :func:`input_status`, or 503 when the detection
+    workers are unavailable (not the photo's fault: try again)."""
+    return 503 if isinstance(e, DetectionUnavailable) else input_status(e)
 
 
 def input_error_response(e: Exception) -> JSONResponse:

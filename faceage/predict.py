@@ -60,6 +60,9 @@ RUNTIMES = {"torch": "faceage.inference", "onnx": "faceage.onnx_model"}
 # default is preprocess's (faceage.faces.MAX_DETECT_PIXELS): another value serves other boxes on
 # photos over it than the ones training and evaluate cut.
 DEFAULT_MAX_DETECT_PIXELS = MAX_DETECT_PIXELS
+# Ages in JSON (the CLI's, the service's): the float32 digits past this change with the other faces that share a
+# forward pass (the CLI's other photos, the service's other requests), so the same photo would answer differently.
+AGE_DECIMALS = 4
 
 
 class PredictorError(FaceAgeError, RuntimeError):
@@ -76,8 +79,10 @@ class FaceAge:
     score: float
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"box": [x1, y1, x2, y2], "age", "age_std", "score"}``."""
-        return {"box": list(self.box), "age": self.age, "age_std": self.age_std, "score": self.score}
+        """JSON-ready: ``{"box": [x1, y1, x2, y2], "age", "age_std", "score"}``, the ages rounded to
+        :data:`AGE_DECIMALS` (the CLI's JSON, the service's answers)."""
+        return {"box": list(self.box), "age": round(self.age, AGE_DECIMALS),
+                "age_std": round(self.age_std, AGE_DECIMALS), "score": self.score}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ function. Output: awaitable, asyncio-friendly building blocks for the service:
 
 - :class:`LocatorPool`: decode + detect + crop of encoded images in worker processes (one dlib
   detector each, every core busy; a decoder crash costs the pool, which is replaced, not the
-  server, and only the photo that crashes it twice fails);
+  server; only a photo that crashes it on its own fails as its fault, and workers that cannot
+  start make :class:`DetectionUnavailable`, a 503, and the pool not ready);
 - :class:`AgeBatcher`: adaptive batching of the age model across concurrent requests.
 
 Kept apart from :mod:`faceage.predict` (the domain steps), which the CLI and ``evaluate`` use
@@ -15,11 +16,16 @@ without any of this.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -32,21 +38,87 @@ from faceage.predict import FaceLocator, LocatedFaces, available_cores
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_FACES = 64
+# A pool whose workers died as they started is started again at most this often (requests get a
+# 503 meanwhile): workers that cannot start (out of memory, a detector file gone) are not spawned
+# again for every request.
+RESTART_AFTER_S = 5.0
+START_TIMEOUT_S = 120.0  # a pool whose workers are not all up by then failed to start
+# After a photo of at least this many pixels, a process gives the C heap's free pages back
+# (release_memory): a 12 MP photo left its detection worker 115 MB larger, for good.
+RELEASE_AFTER_PIXELS = 4_000_000
 
 
 class ImageProcessingError(FaceAgeError, RuntimeError):
-    """A worker process died while decoding or detecting faces in one image (twice: its own fault)."""
+    """A worker process died while decoding or detecting faces in one image, on its second try with no
+    other photo in flight on that pool: the image's own fault (HTTP 422)."""
 
 
-# The locator of a worker process, built once by the pool's initializer (a process global:
-# ProcessPoolExecutor can only hand state to its workers this way).
+class DetectionUnavailable(FaceAgeError, RuntimeError):
+    """The detection workers cannot take a photo now, through no fault of the photo (HTTP 503, try again):
+    they die as they start, or one died beside other photos while this one was retried."""
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; musl and macOS have none
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory() -> None:
+    """Gives the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    After a large photo, the buffers it freed stay in the process: glibc raises its mmap threshold
+    to the size of the largest block freed (up to 32 MB), so the image pyramid's blocks come from
+    the heap, and freeing them left a detection worker 115-150 MB larger after one 12-36 MP photo,
+    and the server process 250 MB larger after ``/annotate`` of a 36 MP one (measured); this gives
+    that back (10-15 ms).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+# The locator of a worker process, built once by the pool's initializer, and the barrier at which
+# the pool's start jobs meet (process globals: ProcessPoolExecutor can only hand state to its
+# workers this way).
 _child_locator: FaceLocator | None = None
+_child_started: Any = None  # multiprocessing Barrier, one party per worker
 
 
-def _init_child(settings: dict[str, Any]) -> None:
-    global _child_locator
+def _exit_with_parent() -> None:
+    """In a worker: exits as soon as the server process is gone. ``concurrent.futures`` does not notice
+    a parent that was killed (SIGKILL, the OOM killer): its idle workers waited for work for ever,
+    each with its detector, and every restart of the server added its own."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="faceage-parent-watch", daemon=True).start()
+
+
+def _init_child(settings: dict[str, Any], started: Any = None) -> None:
+    global _child_locator, _child_started
+    _exit_with_parent()
     _child_locator = FaceLocator(**settings)
     _child_locator.detector.warm_up()  # the worker's memory is all there before its first photo
+    _child_started = started
+
+
+def _child_started_all(timeout: float) -> int:
+    """A pool's start job, one per worker: returns once every worker of the pool has its locator.
+
+    Each waits at the pool's barrier, so the jobs run on distinct workers; sent before any photo,
+    they keep photos off a pool until all its workers are up.
+    """
+    if _child_started is not None:
+        _child_started.wait(timeout)
+    return os.getpid()
 
 
 def _decode_and_locate(locator: FaceLocator, data: bytes, with_image: bool, crops: bool,
@@ -59,11 +131,71 @@ def _child_locate(data: bytes, with_image: bool, crops: bool,
                   parallel: bool) -> tuple[LocatedFaces, np.ndarray | None]:
     if _child_locator is None:
         raise RuntimeError("locator process was not initialised")
-    return _decode_and_locate(_child_locator, data, with_image, crops, parallel)
+    located, image = _decode_and_locate(_child_locator, data, with_image, crops, parallel)
+    if located.width * located.height >= RELEASE_AFTER_PIXELS:
+        if image is None:
+            release_memory()  # nothing of the photo is left but its faces
+        else:  # the image leaves once this returns: give its memory back then
+            timer = threading.Timer(1.0, release_memory)
+            timer.daemon = True
+            timer.start()
+    return located, image
 
 
-def _child_ping() -> int:
-    return os.getpid()
+def _suspect(job: Future) -> bool:
+    """Whether a photo's job may have killed its pool's worker: still running or queued, or failed with the pool."""
+    if not job.done():
+        return True
+    return not job.cancelled() and isinstance(job.exception(), BrokenProcessPool)
+
+
+class _Workers:
+    """One pool of worker processes: its executor, its start jobs, the photo jobs sent to it."""
+
+    def __init__(self, processes: int, settings: dict[str, Any]):
+        context = multiprocessing.get_context("spawn")
+        # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock.
+        self.executor = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_init_child,
+                                            initargs=(settings, context.Barrier(processes)))
+        self.born = time.monotonic()
+        # Submitted first, one per worker: all of them start now, and no photo runs before they are all up.
+        self.started = [self.executor.submit(_child_started_all, START_TIMEOUT_S) for _ in range(processes)]
+        self.jobs: set[Future] = set()
+
+    def start_error(self) -> BaseException | None:
+        """Why the workers did not all start (one died, or they timed out); ``None`` while they start or once up."""
+        for job in self.started:
+            if job.done():
+                if job.cancelled():
+                    return BrokenProcessPool("the pool was shut down while its workers started")
+                if job.exception() is not None:
+                    return job.exception()
+        return None
+
+    def up(self) -> bool:
+        """Whether every worker started."""
+        return all(job.done() for job in self.started) and self.start_error() is None
+
+    def submit(self, *args: Any) -> Future:
+        """Sends a photo to ``_child_locate``, tracked (:meth:`others`). Raises ``BrokenProcessPool`` when broken."""
+        job = self.executor.submit(_child_locate, *args)
+        self.jobs = {j for j in self.jobs if _suspect(j)}
+        self.jobs.add(job)
+        return job
+
+    def others(self, job: Future) -> int:
+        """Other photos that were in flight when the pool broke under ``job`` (any of them may have broken it)."""
+        return sum(1 for j in self.jobs if j is not job and _suspect(j))
+
+
+class _PoolBroke(Exception):
+    """A photo's job failed with its pool; ``others``: photos in flight beside it (``None``: it never
+    reached a worker)."""
+
+    def __init__(self, error: BrokenProcessPool, others: int | None):
+        super().__init__(str(error))
+        self.error = error
+        self.others = others
 
 
 class LocatorPool:
@@ -72,12 +204,17 @@ class LocatorPool:
     Each worker has its own detector (dlib's is not thread-safe), all cores can detect at
     once, and a decoder or detector that crashes on a hostile file takes down a worker, not
     the server. With ``processes=0`` the work runs in a thread of this process, one image at
-    a time.
+    a time. The workers start (and warm up) in the background as the pool is made.
 
     A worker that dies (a crash, the OOM killer) breaks the whole pool and every photo in
     flight on it, whichever one caused it. The pool is replaced (and warmed) once, and each
-    of those photos is tried again on the new one, one at a time, so that a photo that breaks
-    the pool a second time is the one at fault: it alone fails (:class:`ImageProcessingError`).
+    of those photos is tried again on the new one, one at a time. A photo that breaks the new
+    pool with no other photo in flight there is the one at fault: it alone fails
+    (:class:`ImageProcessingError`, 422). One that breaks it beside other photos (new requests
+    go on meanwhile) cannot be told from them: :class:`DetectionUnavailable` (503, try again),
+    not blamed. Workers that die as they start (before any photo reaches them) are a server
+    fault: :class:`DetectionUnavailable` too, :meth:`ready` is ``False`` (``/readyz``), and the
+    pool is started again at most every :data:`RESTART_AFTER_S`.
 
     A photo detects on two threads (:meth:`faceage.faces.FaceDetector.detect`, the same faces in
     about half the time) while at most half the cores have a photo: one photo at a time on two
@@ -93,31 +230,41 @@ class LocatorPool:
             raise ValueError(f"processes must be >= 0, got {processes}")
         self.locator = locator
         self.processes = processes
-        self._executor: ProcessPoolExecutor | None = None
+        self._workers: _Workers | None = None
+        self._closed = False
+        self._start_failed = False  # the newest pool seen to finish its start did not start
         self._lock = asyncio.Lock()  # in-process mode: one detection at a time (one shared detector)
-        # Photos that were in flight when a pool broke: their second try runs alone, so that a
-        # break then is that photo's own doing, not its neighbour's.
+        # Photos that were in flight when a pool broke: their second try runs alone among them.
         self._retry_lock = asyncio.Lock()
         self._in_flight = 0
         self.cores = available_cores()
         if processes:
-            self._executor = self._start()
+            self._workers = self._start()
 
-    def _start(self) -> ProcessPoolExecutor:
-        # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock.
-        return ProcessPoolExecutor(max_workers=self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_child, initargs=(self.locator.settings(),))
-
-    def warm_up(self) -> None:
-        """Starts every worker now (in the background), so the first requests do not wait for it."""
-        if self._executor is not None:
-            for _ in range(self.processes):
-                self._executor.submit(_child_ping)
+    def _start(self) -> _Workers:
+        return _Workers(self.processes, self.locator.settings())
 
     @property
     def busy(self) -> bool:
         """Whether a photo is being decoded or searched for faces (or waits for a worker) now."""
         return self._in_flight > 0
+
+    def ready(self) -> bool:
+        """Whether photos can be detected (``/readyz``): ``False`` once closed, and while the workers cannot
+        start (the newest pool's died before they were all up) until a pool starts again.
+
+        A pool still starting counts as ready (photos wait for it). Asking restarts a pool that failed to
+        start once :data:`RESTART_AFTER_S` have passed, so a probe heals a pool no request reaches.
+        """
+        if self._closed:
+            return False
+        if not self.processes:
+            return True
+        try:
+            self._current()
+        except DetectionUnavailable:
+            return False
+        return not self._start_failed
 
     async def locate(self, data: bytes, *, with_image: bool = False,
                      crops: bool = True) -> tuple[LocatedFaces, np.ndarray | None]:
@@ -131,8 +278,11 @@ class LocatorPool:
 
         Raises:
             faceage.images.ImageDecodeError: The bytes are not a decodable image (or too large).
-            ImageProcessingError: The worker process died on this image, on its second try too
-                (the pool is replaced).
+            ImageProcessingError: The worker process died on this image, on its second try too,
+                with no other photo in flight (the pool is replaced).
+            DetectionUnavailable: The workers do not start, or died beside other photos on this
+                photo's second try: not the photo's fault (try again).
+            RuntimeError: The pool was closed.
         """
         self._in_flight += 1
         try:
@@ -146,50 +296,116 @@ class LocatorPool:
 
     async def _locate(self, data: bytes, with_image: bool, crops: bool) -> tuple[LocatedFaces, np.ndarray | None]:
         parallel = self.parallel()
-        if self._executor is None:
+        if not self.processes:
+            if self._closed:
+                raise RuntimeError("the detection pool was closed")
             async with self._lock:
                 return await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image, crops, parallel)
-        executor = self._executor
+        workers = self._current()
         try:
-            return await self._run(executor, data, with_image, crops, parallel)
-        except BrokenProcessPool as e:
-            self._replace(executor, e)
+            return await self._run(workers, data, with_image, crops, parallel)
+        except _PoolBroke as e:
+            self._replace(workers, e.error)
         async with self._retry_lock:
-            executor = self._executor
-            if executor is None:
-                raise RuntimeError("the detection pool was closed")
-            try:
-                return await self._run(executor, data, with_image, crops, parallel)
-            except BrokenProcessPool as e:
-                self._replace(executor, e)
-                raise ImageProcessingError(f"a worker process died while decoding or detecting faces in this "
-                                           f"{len(data)}-byte image") from e
+            for _ in range(3):
+                workers = self._current()
+                await self._started(workers)
+                if workers is not self._workers:
+                    continue  # another photo broke it while it started: on to the new one
+                try:
+                    return await self._run(workers, data, with_image, crops, parallel)
+                except _PoolBroke as e:
+                    self._replace(workers, e.error)
+                    if e.others is None:
+                        continue  # broken before this photo reached it
+                    if e.others:
+                        raise DetectionUnavailable(
+                            f"a detection worker died twice while this {len(data)}-byte image was in flight, the "
+                            f"second time beside {e.others} other photo(s): not known to be this image's fault, "
+                            f"try again") from e.error
+                    raise ImageProcessingError(f"a worker process died while decoding or detecting faces in this "
+                                               f"{len(data)}-byte image") from e.error
+            raise DetectionUnavailable("the detection workers kept dying before this image reached them: try again")
 
     @staticmethod
-    async def _run(executor: ProcessPoolExecutor, data: bytes, with_image: bool, crops: bool,
+    async def _run(workers: _Workers, data: bytes, with_image: bool, crops: bool,
                    parallel: bool) -> tuple[LocatedFaces, np.ndarray | None]:
-        return await asyncio.get_running_loop().run_in_executor(executor, _child_locate, data, with_image, crops,
-                                                                parallel)
+        try:
+            job = workers.submit(data, with_image, crops, parallel)
+        except BrokenProcessPool as e:
+            raise _PoolBroke(e, None) from e
+        try:
+            return await asyncio.wrap_future(job)
+        except BrokenProcessPool as e:
+            raise _PoolBroke(e, workers.others(job)) from e
 
-    def _replace(self, broken: ProcessPoolExecutor, error: BrokenProcessPool) -> None:
-        """Puts a new, warmed pool in place of ``broken``, unless that was done already (or the pool is closed).
+    def _current(self) -> _Workers:
+        """The pool to send a photo to; one whose workers did not start is started again after :data:`RESTART_AFTER_S`.
+
+        Raises:
+            DetectionUnavailable: The workers did not start, less than :data:`RESTART_AFTER_S` ago.
+            RuntimeError: The pool was closed.
+        """
+        workers = self._workers
+        if workers is None:
+            raise RuntimeError("the detection pool was closed")
+        error = workers.start_error()
+        if error is not None:
+            self._replace(workers, error)
+            if self._workers is workers:
+                raise DetectionUnavailable(f"the detection workers did not start ({_describe(error)}): try again "
+                                           f"in a few seconds")
+            workers = self._workers
+        elif workers.up():
+            self._start_failed = False
+        return workers
+
+    async def _started(self, workers: _Workers) -> None:
+        """Waits until every worker of ``workers`` is up (a photo's second try runs on a pool known to start).
+
+        Raises:
+            DetectionUnavailable: They died or timed out as they started.
+        """
+        try:
+            await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(job) for job in workers.started)))
+        except Exception as e:
+            self._replace(workers, e)
+            raise DetectionUnavailable(f"the detection workers did not start ({_describe(e)}): try again in a "
+                                       f"few seconds") from e
+        self._start_failed = False
+
+    def _replace(self, broken: _Workers, error: BaseException) -> None:
+        """Puts a new, warming pool in place of ``broken``, unless that was done already (or the pool is closed).
 
         Every photo in flight on a broken pool gets here; the first replaces it and the others
         find the replacement in place (no await between the check and the swap, so they cannot
-        interleave): one new pool per break, not one per photo.
+        interleave): one new pool per break, not one per photo. A pool whose workers did not start
+        stays in place until :data:`RESTART_AFTER_S` after it was made (:meth:`_current` answers 503).
         """
-        if self._executor is not broken:
+        if self._workers is not broken:
             return
-        log.error("a detection worker died (%s); starting a new pool of %d", error, self.processes)
-        self._executor = self._start()
-        self.warm_up()  # as the first pool: its workers load their detector before the photos retried on it
-        broken.shutdown(wait=False, cancel_futures=True)
+        start_error = broken.start_error()
+        if start_error is not None:
+            self._start_failed = True
+            if time.monotonic() - broken.born < RESTART_AFTER_S:
+                return
+            log.error("the detection workers did not start (%s); starting a new pool of %d", _describe(start_error),
+                      self.processes)
+        else:
+            log.error("a detection worker died (%s); starting a new pool of %d", error, self.processes)
+        self._workers = self._start()
+        broken.executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stops the worker processes."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self._closed = True
+        if self._workers is not None:
+            self._workers.executor.shutdown(wait=False, cancel_futures=True)
+            self._workers = None
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
 
 
 class AgeBatcher:

@@ -113,7 +113,7 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[l
     import gradio as gr
 
     from faceage.images import ImageDecodeError
-    from faceage.serving import ImageProcessingError
+    from faceage.serving import DetectionUnavailable, ImageProcessingError
 
     if not path:
         raise gr.Error("Upload a photo (or take one with the webcam) first.")
@@ -124,7 +124,7 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[l
         raise gr.Error(f"The file has {size} bytes; the limit is {max_body_bytes}.")
     try:
         _, faces, image = await bentoml.get_current_service().analyse(Path(path).read_bytes(), with_image=True)
-    except (ImageDecodeError, ImageProcessingError) as e:
+    except (ImageDecodeError, ImageProcessingError, DetectionUnavailable) as e:
         raise gr.Error(str(e)) from None
     rows = [[i + 1, round(f.age, 1), round(f.age_std, 1), face_label(f), str(list(f.box)), round(f.score, 3)]
             for i, f in enumerate(faces)]

@@ -56,7 +56,7 @@ def test_a_dying_worker_fails_only_its_own_photo_and_the_pool_is_replaced_once_a
     """Three good photos in flight beside one that kills its worker: the good ones are tried again
     on the new pool and succeed; the killer breaks the new pool too and alone gets the error.
     One new pool per break (not one per photo in flight), with all its workers started at once,
-    as the first pool's are (``warm_up``), not on the first photo after."""
+    as the first pool's are, not on the first photo after."""
     monkeypatch.setattr(faceage.serving, "_child_locate", _locate_or_die)
     starts = []
     real_start = LocatorPool._start
@@ -75,7 +75,7 @@ def test_a_dying_worker_fails_only_its_own_photo_and_the_pool_is_replaced_once_a
             pools_after_the_crowd = len(starts)
             with pytest.raises(ImageProcessingError):
                 await pool.locate(KILLER)  # alone now: it breaks this pool and the next, nothing else is sent
-            workers = len(pool._executor._processes)
+            workers = len(pool._workers.executor._processes)
             after = await pool.locate(_png(9))
             return results, pools_after_the_crowd, workers, after, pool.busy
         finally:
