@@ -62,6 +62,5 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
         sys.exit(1)
     except Terminated:
         logging.getLogger("faceage").error("stopped by SIGTERM")
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler has put the default action back: dies of it
         raise  # (only if the signal were blocked)

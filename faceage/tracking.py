@@ -207,21 +207,31 @@ def check_run(run_file: str | Path) -> str:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TrackingError(f"cannot read the MLflow run from {run_file} ({type(e).__name__}: {e}): "
                             "run the train stage first") from e
-    mlflow = setup_mlflow()
+    setup_mlflow()
+    reason = lost_run(run_id)
+    if reason is None:
+        return run_id
+    if reason.startswith("was deleted"):
+        fix = f"restore it (mlflow runs restore --run-id {run_id}), or train again (dvc repro -f -s train, then dvc repro)"
+    else:
+        fix = (f"set MLFLOW_TRACKING_URI to the store train logged it in, or train again to log a new run in "
+               f"{display_uri()} (dvc repro -f -s train, then dvc repro)")
+    raise TrackingError(f"the MLflow run {run_id} of {run_file} {reason}: {fix}")
+
+
+def lost_run(run_id: str) -> str | None:
+    """Why an MLflow run of :func:`tracking_uri`'s store cannot be continued ("is not in the tracking store
+    ...", "was deleted from the tracking store ..."), else None. Other MLflow errors (a store that does not
+    answer) are raised."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri()
-    shown = display_uri(uri)
-    fix = (f"set MLFLOW_TRACKING_URI to the store train logged it in, or train again to log a new run in {shown} "
-           "(dvc repro -f -s train, then dvc repro)")
     try:
-        run = mlflow.MlflowClient(uri).get_run(run_id)
+        run = mlflow.MlflowClient(tracking_uri()).get_run(run_id)
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise TrackingError(f"the MLflow run {run_id} of {run_file} is not in the tracking store {shown}: {fix}") from e
+        return f"is not in the tracking store {display_uri()}"
     if run.info.lifecycle_stage == "deleted":
-        raise TrackingError(f"the MLflow run {run_id} of {run_file} was deleted from the tracking store {shown}: "
-                            f"restore it (mlflow runs restore --run-id {run_id}), or train again (dvc repro -f -s "
-                            "train, then dvc repro)")
-    return run_id
+        return f"was deleted from the tracking store {display_uri()}"
+    return None

@@ -80,7 +80,8 @@ from faceage.model import (
 from faceage.preprocess import MANIFEST, read_crop_settings
 from faceage.sources import weights_file
 from faceage.tracking import (
-    DVC_EXPERIMENT_TAG, RESUMED_AT_COMMIT_TAG, display_uri, git_commit, mlflow_env, setup_mlflow, write_run_file,
+    DVC_EXPERIMENT_TAG, RESUMED_AT_COMMIT_TAG, display_uri, git_commit, lost_run, mlflow_env, setup_mlflow,
+    write_run_file,
 )
 from faceage.transforms import train_augment
 
@@ -698,7 +699,6 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     return {**metrics, "run_id": state.run_id}
 
 
-
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the global batch of all ranks, on any device.
 
@@ -773,7 +773,7 @@ class _Tracker:
 
     def _start(self):
         if self.state is not None:
-            lost = self._lost_run(self.state.run_id)
+            lost = lost_run(self.state.run_id)
             if lost is None:
                 run = self.mlflow.start_run(run_id=self.state.run_id)
                 # Epochs saved but killed before (or while) their metrics were logged get logged now.
@@ -833,20 +833,6 @@ class _Tracker:
             self.state.resumed_at_commit = self.commit
         if self.state.resumed_at_commit:
             self.mlflow.set_tag(RESUMED_AT_COMMIT_TAG, self.state.resumed_at_commit)
-
-    def _lost_run(self, run_id: str) -> str | None:
-        """Why the state's MLflow run cannot be continued (deleted, or not in this tracking store), else None."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self.mlflow.MlflowClient().get_run(run_id)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # e.g. the store is unreachable: not for a new run
-                raise
-            return f"is not in the tracking store {display_uri()}"
-        if run.info.lifecycle_stage == "deleted":
-            return f"was deleted from the tracking store {display_uri()}"
-        return None
 
     def _end_superseded_run(self) -> None:
         """A state file left for other params or data (a run killed, then rerun after a params change)
