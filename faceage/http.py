@@ -28,6 +28,7 @@ from faceage.predict import DEFAULT_MAX_DETECT_PIXELS, available_cores
 from faceage.serving import DetectionUnavailable, ImageProcessingError
 
 FIELD = "image"
+CLIENT_LEFT = "the client closed the connection before sending the whole body"  # a 400 nobody reads
 
 
 def env_int(name: str, default: int, minimum: int = 0) -> int:
@@ -198,7 +199,7 @@ async def read_images(request: Request, limit: int) -> list[Part]:
         body = await request.body()
     except Exception:  # Starlette's ClientDisconnect (starlette is not imported here: not a pinned dependency)
         if await request.is_disconnected():
-            raise BadRequest(400, "the client closed the connection before sending the whole body") from None
+            raise BadRequest(400, CLIENT_LEFT) from None
         raise
     return image_parts(parse_form(body, request.headers.get("content-type")), limit)
 
@@ -313,7 +314,7 @@ class BodyLimitMiddleware:
                 # The client is gone and the app never saw a partial body. The answer goes nowhere (the
                 # server drops it), but BentoML's timeout middleware waits for one: without it the
                 # request stayed open 120 s, and so did the server's shutdown.
-                await self._answer(send, 400, "the client closed the connection before sending the whole body")
+                await self._answer(send, 400, CLIENT_LEFT)
                 return
             if not multipart_closed(body, dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")):
                 await self._answer(send, 400, "malformed multipart/form-data body: it ends before the closing "
