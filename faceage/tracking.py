@@ -93,9 +93,13 @@ def display_uri(uri: str | None = None) -> str:
     parts = urlsplit(uri)
     if "@" not in parts.netloc:
         return uri
-    host = parts.netloc.rpartition("@")[2]
     shown = f"{parts.username}:***" if parts.password is not None else "***"
-    return urlunsplit(parts._replace(netloc=f"{shown}@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{shown}@{_host_part(parts.netloc)}"))
+
+
+def _host_part(netloc: str) -> str:
+    """``host[:port]`` of a URL's network location, without its ``user[:password]@`` part."""
+    return netloc.rpartition("@")[2]
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -126,7 +130,7 @@ def check_reachable(uri: str | None = None) -> None:
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(uri)
-    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # no user:password in the URL
+    bare = urlunsplit(parts._replace(netloc=_host_part(parts.netloc)))  # no user:password in the URL
     try:
         # Only whether something answers, so no credentials go with it (neither the URL's nor ~/.netrc's: the
         # `auth` below adds none) and the certificate is not checked: MLflow's own requests check it as configured.
