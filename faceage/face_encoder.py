@@ -102,8 +102,15 @@ def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | 
 
 
 def load_embeddings(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """``{crop path: descriptor}`` and the encoder info stored with them."""
+    """``{crop path: descriptor}`` and the encoder info stored with them.
+
+    Raises:
+        ValueError: The file holds no descriptors (it was written for another ``train.backbone``).
+    """
     with np.load(path) as z:
+        if "embeddings" not in z.files:
+            raise ValueError(f"{path} holds no face descriptors: rerun the embed stage with "
+                             f"train.backbone={FACE_ENCODER}")
         table = dict(zip(z["crops"].tolist(), z["embeddings"]))
         info = {"encoder_sha256": str(z["encoder_sha256"]), "shape_predictor_sha256": str(z["shape_predictor_sha256"]),
                 "margin": float(z["margin"])}

@@ -115,8 +115,20 @@ def _tensor(buf: bytes, i: int) -> tuple[np.ndarray, int]:
 
 
 def read_dlib_layers(path: str | Path) -> list[tuple[str, np.ndarray, list[int]]]:
-    """The parameter layers of a dlib network file, input side first: ``(name, values, ints)``."""
+    """The parameter layers of a dlib network file, input side first: ``(name, values, ints)``.
+
+    Raises:
+        ValueError: The file ends inside a layer, or holds a tensor of another version (the message names it).
+    """
     buf = Path(path).read_bytes()
+    try:
+        return _read_layers(buf)
+    except (ValueError, IndexError) as e:  # numpy's "buffer is smaller than requested size" named no file
+        raise ValueError(f"{path} is not a whole dlib network file ({e}): fetch it again "
+                         "(dvc repro -f fetch_detector)") from e
+
+
+def _read_layers(buf: bytes) -> list[tuple[str, np.ndarray, list[int]]]:
     layers = []
     for m in _LAYER.finditer(buf):
         name = m.group()[2:].decode()

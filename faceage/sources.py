@@ -93,8 +93,10 @@ def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path | None
     for given in paths:
         path = from_root(given, root).resolve()
         if not path.is_dir():
+            # A file there (a zip, as fetch_data.source takes) is not "not found": say what it is.
+            found = "is a file, not a folder" if path.exists() else "not found"
             raise (ExternalSetError if path.exists() else ExternalSetMissingError)(
-                f"evaluate.external: {given!r} not found (resolved to {path}); it must be a folder with "
+                f"evaluate.external: {given!r} {found} (resolved to {path}); it must be a folder with "
                 "gt_avg_test.csv and test/ (set evaluate.external=[] to skip cross-dataset evaluation)")
         try:
             samples = read_split(path, EXTERNAL_SPLIT)
