@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> None:
                      {"source": fetch.source, "md5": fetch.md5})
     sets = refresh(args.external, lambda: external_fingerprint(external), {"sources": external})
     pretrained, backbone = params.train.pretrained, params.train.backbone
+    # Only a weights file can be missing, so only a file's record may stand for it: a "dlib" record of the
+    # same value, written while the backbone was dlib_age, kept the pipeline going to fail in train.
     weights = refresh(args.pretrained, lambda: pretrained_fingerprint(pretrained, backbone),
-                      {"pretrained": pretrained})
+                      {"pretrained": pretrained, "kind": "file"})
     log.info("fetch_data.source: %s %s; evaluate.external: %s; train.pretrained: %s", source["kind"],
              source.get("sha256", source["md5"] or "(no md5)")[:12],
              ", ".join(f"{s['name']} {s['sha256'][:12]}" for s in sets["sets"]) or "none",
