@@ -162,6 +162,7 @@ def stack_pairs(pairs: list[np.ndarray]) -> np.ndarray:
 
 
 _worker: dict = {}
+IN_PROCESS_BELOW = 64  # crops: fewer are mapped in this process
 
 
 def _init(factory: type, model_dir: str, margin: float, faces_dir: str, method: str) -> None:
@@ -171,6 +172,12 @@ def _init(factory: type, model_dir: str, margin: float, faces_dir: str, method: 
 
 def _apply(crop: str) -> np.ndarray:
     return _worker["fn"](np.asarray(Image.open(_worker["faces"] / crop).convert("RGB")))
+
+
+def crop_workers(count: int, workers: int = 0) -> int:
+    """The processes :func:`map_crop_files` runs ``count`` crops on, given ``workers`` (0 = all cores): one
+    below :data:`IN_PROCESS_BELOW` crops, where starting workers costs more than it saves."""
+    return 1 if count < IN_PROCESS_BELOW else workers or usable_cores()
 
 
 def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: list[str], model_dir: str | Path,
@@ -184,9 +191,9 @@ def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: lis
     """
     from tqdm import tqdm
 
-    workers = workers or usable_cores()
+    workers = crop_workers(len(crops), workers)
     init = (factory, str(model_dir), margin, str(faces_dir), method)
-    if workers == 1 or len(crops) < 64:
+    if workers == 1:
         _init(*init)
         return [_apply(c) for c in tqdm(crops, desc=desc, unit="face", disable=desc is None)]
     return map_in_processes(_apply, crops, workers, _init, init, desc=desc, unit="face")

@@ -21,8 +21,7 @@ from pathlib import Path
 import dlib
 import numpy as np
 
-from faceage.chips import face_rect, map_crop_files
-from faceage.cores import usable_cores
+from faceage.chips import crop_workers, face_rect, map_crop_files
 from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | 
     manifest = read_manifest(model_dir, verify=True)
     crops = [r["crop"] for r in rows]
     log.info("embedding %d crops with dlib's face-recognition ResNet on %d worker(s)", len(crops),
-             workers or usable_cores())
+             crop_workers(len(crops), workers))
     vectors = map_crop_files(DlibFaceEncoder, "embed_views", faces_dir, crops, model_dir, margin, workers, desc="embed")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
