@@ -123,6 +123,25 @@ def _augmentation(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     return note
 
 
+def _training_line(meta: dict[str, Any], tp: dict[str, Any]) -> str:
+    """How the network was trained; ``train.epochs=0`` (zero-shot) trained nothing, and its card said
+    "0 epochs, ... augmentation True ...; best epoch 0 by validation MAE"."""
+    if tp.get("epochs") == 0:
+        return ("- Training: none (`train.epochs=0`): the pretrained network as it is, scored on the validation split"
+                + _validation_note(meta) + ".")
+    return (f"- Training: {tp.get('epochs', '?')} epochs, loss `{tp.get('loss', '?')}`, optimiser "
+            f"`{tp.get('optimizer', '?')}` lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, "
+            f"{_augmentation(meta, tp)}; best epoch {meta.get('best_epoch', '?')} by validation MAE"
+            + _validation_note(meta) + ".")
+
+
+def _trained_on(tp: dict[str, Any], dataset: dict[str, Any]) -> str:
+    """The "Known limits" opening: what the model learnt from (nothing here at ``train.epochs=0``)."""
+    if tp.get("epochs") == 0:
+        return "Not trained on this data (`train.epochs=0`): the pretrained network as it is."
+    return f"Trained on {dataset.get('counts', {}).get('train', '?')} images."
+
+
 def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
@@ -194,9 +213,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"{meta['max_age'] - meta['min_age'] + 1} ages, prediction = its expectation, `age_std` = the standard "
         "deviation of the distribution at a temperature calibrated on the validation split.",
         f"- Backbone: `{meta['backbone']}`" + _backbone_note(meta, tp) + ".",
-        f"- Training: {tp.get('epochs', '?')} epochs, loss `{tp.get('loss', '?')}`, optimiser `{tp.get('optimizer', '?')}` "
-        f"lr {tp.get('lr', '?')}, batch {tp.get('batch_size', '?')}, {_augmentation(meta, tp)}; "
-        f"best epoch {meta.get('best_epoch', '?')} by validation MAE" + _validation_note(meta) + ".",
+        _training_line(meta, tp),
         f"- Faces: dlib `{crop['detector']}` detector (upsample {crop['upsample']}" + _retry_note(crop) + "), square crop with margin "
         f"{crop['margin']}, {crop['size']} px" + _chip_note(meta) + "; the service uses the same detector file "
         f"(sha256 `{crop['detector_sha256'][:16]}...`) and crop code.",
@@ -261,7 +278,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"within 2 std: {_fmt(metrics['coverage_2std'], 3)} (0.954).",
         "",
         "## Known limits",
-        f"- Trained on {dataset.get('counts', {}).get('train', '?')} images. The largest test error is in age group "
+        f"- {_trained_on(tp, dataset)} The largest test error is in age group "
         f"{worst['group']} ({_fmt(worst['mae_years'])} years on {worst['n']} faces); the smallest group, "
         f"{smallest['group']}, has {smallest['n']} test faces, so its number is the least certain.",
         "- The largest systematic error by age (mean predicted - true): " + "; ".join(
