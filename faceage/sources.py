@@ -22,9 +22,11 @@ it fails with the message that names it. Relative local paths are taken from the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +43,7 @@ SOURCE_FILE = "data/source.json"      # fetch_data's dependency
 EXTERNAL_FILE = "data/external.json"  # evaluate's dependency
 PRETRAINED_FILE = "data/pretrained.json"  # train's dependency
 NAMED_WEIGHTS = ("imagenet", "none")  # train.pretrained values that are not files
+NAME_MAX = 200  # characters of a set name: its longest metric key (external_<name>_mae_low_res_...) stays under 250
 # Backbones whose weights come from the fetch_detector stage, never from a train.pretrained file
 # (faceage.chips.DLIB_AGE, faceage.face_encoder.FACE_ENCODER; not imported: they pull in dlib).
 DLIB_BACKBONES = ("dlib_age", "dlib_face")
@@ -68,8 +71,20 @@ class ExternalSet:
 
 
 def external_name(path: str) -> str:
-    """The metric-safe name of a set: its folder name, non-alphanumerics as ``_`` (``utk-external`` -> ``utk_external``)."""
-    name = re.sub(r"[^0-9A-Za-z]+", "_", Path(path.rstrip("/\\")).name).strip("_").lower()
+    """The metric-safe name of a set: its folder name, lower-case ASCII, other characters as ``_``
+    (``utk-external`` -> ``utk_external``, ``visages-été`` -> ``visages_ete``).
+
+    Letters with no Latin spelling (``photos-日本``, ``лица``) add a short hash of the folder name, so that
+    two such sets keep apart (they were both ``photos``, or refused); so does a name longer than
+    :data:`NAME_MAX`, as MLflow takes metric keys of at most 250 characters.
+    """
+    folder = Path(path.rstrip("/\\")).name
+    letters = "".join(c for c in unicodedata.normalize("NFKD", folder) if not unicodedata.combining(c))
+    latin = letters.encode("ascii", "ignore").decode()
+    name = re.sub(r"[^0-9A-Za-z]+", "_", latin).strip("_").lower()
+    if folder and (latin != letters or len(name) > NAME_MAX):
+        tag = hashlib.sha256(folder.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = f"{name[:NAME_MAX - len(tag) - 1].rstrip('_') or 'set'}_{tag}"
     if not name:
         raise ExternalSetError(f"evaluate.external: cannot name a set after {path!r}")
     return name
