@@ -143,7 +143,7 @@ def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:
                 t.requires_grad_(False)
             continue
         out.append({"params": params, "lr": p.lr * p.layer_lr_decay ** (len(groups) - 1 - depth)})
-    if p.freeze_blocks or p.layer_lr_decay != 1.0:
+    if p.epochs > 0 and (p.freeze_blocks or p.layer_lr_decay != 1.0):  # (epochs=0: nothing trains, zero-shot)
         log.info("fine-tuning: %d stage(s) frozen (train.freeze_blocks), lr %s from the lowest trained stage to the "
                  "head (train.layer_lr_decay=%g)", p.freeze_blocks, [f"{g['lr']:.1e}" for g in out], p.layer_lr_decay)
     return out
