@@ -14,7 +14,8 @@ included, is ever replaced), and each entry names its copy (``annotated``) or wh
 skip them, and the ``--annotate`` folder itself when it lies inside a scanned tree, so a rerun does
 not read its own output as photos. It uses :class:`faceage.predict.AgePredictor`, the predictor the
 service runs. Exit status 0, or 1 when some path could not be read (missing, a broken link, not an
-image) or some annotated copy could not be written (the others are still reported).
+image) or some annotated copy could not be written (the others are still reported), or stdout could
+not take the results (a full disk; a reader that left, ``| head``, is no error).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "AVIF", "HEIF", "BMP", "TI
 # The codec a format's plugin needs: these plugins register their suffixes even when Pillow was built
 # without it (WebP's and AVIF's register them only when their library is there).
 _FORMAT_CODECS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "zlib", "JPEG2000": "jpg_2000"}
+# Formats another format's plugin opens (the JPEG plugin opens MPO files): not keys of ``Image.OPEN``.
+_OPENED_AS = {"MPO": "JPEG"}
 DEFAULT_DETECTOR = Path("models/detector")
 ANNOTATED_MARK = ("Software", "faceage")  # the PNG text chunk (key, value) on every annotated copy
 CHUNK_IMAGES = 8  # photos per forward pass: bounds memory, keeps the batch large enough
@@ -59,7 +63,7 @@ def photo_suffixes() -> frozenset[str]:
     decodes AVIF): what a folder scan reads. The same for every run on one installation."""
     Image.init()  # loads every plugin: all their suffixes registered, ``Image.OPEN`` complete
     return frozenset(suffix for suffix, fmt in Image.registered_extensions().items()
-                     if fmt in PHOTO_FORMATS and fmt in Image.OPEN
+                     if fmt in PHOTO_FORMATS and _OPENED_AS.get(fmt, fmt) in Image.OPEN
                      and (fmt not in _FORMAT_CODECS or features.check_codec(_FORMAT_CODECS[fmt])))
 
 
@@ -79,7 +83,7 @@ class PhotoResult:
     annotated: Path | None = None  # the annotated copy written for it (``--annotate``)
 
     def as_dict(self, annotate: bool = False) -> dict:
-        """JSON-ready; ``age``/``age_std`` rounded to :data:`AGE_DECIMALS`.
+        """JSON-ready; ``age``/``age_std`` rounded to :data:`faceage.predict.AGE_DECIMALS`.
 
         Args:
             annotate: Also give ``annotated`` (the copy's path, or ``None``) and ``annotate_error``
@@ -311,11 +315,23 @@ def _name_max(folder: Path) -> int:
         return NAME_MAX
 
 
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\t``, ``\\x1b``): a file name holding a
+    newline would otherwise split its row in two, the second looking like a row of its own; an escape
+    sequence would drive the terminal. Other characters, a name's undecodable bytes included, stay."""
+    return "".join(_CONTROL_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" else c)
+                   for c in text)
+
+
 def write_table(results: Sequence[PhotoResult], out: TextIO, annotate: bool = False) -> None:
     """A fixed-width table: one row per face; photos without faces or unreadable get one row.
 
     With ``annotate``, an ``annotated`` column (before ``note``) names each photo's copy, and the note
-    says why a copy could not be written.
+    says why a copy could not be written. Control characters in a cell (a file name's newline) are
+    escaped (:func:`_printable`); JSON and CSV keep names as they are.
     """
     rows = [("file", "face", "age", "age_std", "box", "score", *(("annotated",) if annotate else ()), "note")]
     for r in results:
@@ -328,6 +344,7 @@ def write_table(results: Sequence[PhotoResult], out: TextIO, annotate: bool = Fa
         for i, f in enumerate(r.faces, 1):
             rows.append((str(r.path), str(i), f"{f.age:.1f}", f"{f.age_std:.1f}", " ".join(map(str, f.box)),
                          f"{f.score:.3f}", *copy, failed))
+    rows = [tuple(map(_printable, row)) for row in rows]
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
@@ -504,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:  # `faceage predict ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as e:  # a full disk (`> out.json`): one line, as for --annotate's copies, not a traceback
+        log.error("could not write the results to stdout: %s", e.strerror or e)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        return 1
     return 1 if any(r.error is not None or r.annotate_error is not None for r in results) else 0
 
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -27,6 +31,8 @@ from faceage.errors import FaceAgeError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6000x6000; larger uploads are refused before decoding
+# A pipe or device given as a path is read whole, up to this per allowed pixel: 16-bit RGBA, uncompressed.
+STREAM_BYTES_PER_PIXEL = 8
 # Formats whose Pillow plugin decodes the (largest) embedded image while opening, before its size
 # can be checked: a 690 kB icon holding a 13000x13000 PNG took 650 MB. Icons are not photos: refused.
 _DECODED_AT_OPEN = {"ICO": b"\x00\x00\x01\x00", "ICNS": b"icns"}
@@ -114,11 +120,26 @@ def _starts_with(source: str | Path | bytes, magic: bytes) -> bool:
         return False
 
 
+def _read_stream(path: str | Path, name: str, max_pixels: int) -> bytes:
+    """The bytes a pipe or device gives, at most :data:`STREAM_BYTES_PER_PIXEL` per allowed pixel
+    (plus 1 MiB): more than any image within ``max_pixels`` takes (``/dev/zero`` would never end)."""
+    limit = STREAM_BYTES_PER_PIXEL * max_pixels + 2**20
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if not data:
+        raise ImageDecodeError(f"empty image: {name} gave 0 bytes")
+    if len(data) > limit:
+        raise ImageDecodeError(f"image too large: {name} gives more than {limit} bytes, more than an image of "
+                               f"{max_pixels} pixels takes")
+    return data
+
+
 def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes an image file or bytes into an upright RGB uint8 array.
 
     Args:
-        source: A file path, or the encoded bytes.
+        source: A file path (a pipe or a device, e.g. ``/dev/stdin``, is read whole first), or the
+            encoded bytes.
         max_pixels: Refuse images with more pixels than this (decompression bombs).
 
     Returns:
@@ -130,16 +151,26 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise ImageDecodeError("empty image: 0 bytes")
-        stream: io.BytesIO | str | Path = io.BytesIO(source)
+        stream: io.BytesIO | str | Path | BinaryIO = io.BytesIO(source)
         name = "upload"
     else:
         stream, name = source, str(source)
-        if Path(source).stat().st_size == 0:
-            raise ImageDecodeError(f"empty image file: {name} has 0 bytes")
+        info = os.stat(source)  # a missing path raises FileNotFoundError, as opening it would
+        if stat.S_ISREG(info.st_mode):
+            if info.st_size == 0:
+                raise ImageDecodeError(f"empty image file: {name} has 0 bytes")
+        elif not stat.S_ISDIR(info.st_mode):  # a pipe (`<(curl ...)`, `cat a.jpg | ... /dev/stdin`) or a device
+            source = _read_stream(source, name, max_pixels)  # Pillow seeks, a pipe cannot: read it whole
+            stream = io.BytesIO(source)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ExitStack() as files:
             # Pillow warns (then errors at 2x) past its own limit; we apply ours instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if not isinstance(stream, io.BytesIO):
+                # A file object, not the path: given a path, Pillow maps an uncompressed greyscale,
+                # palette or 16-bit TIFF into memory, and that path drops its EXIF orientation (the
+                # photo came out sideways, upright from the same bytes uploaded).
+                stream = files.enter_context(open(stream, "rb"))
             with Image.open(stream, formats=_safe_formats()) as img:
                 pixels = img.width * img.height
                 if pixels > max_pixels:
