@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -50,7 +51,7 @@ from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
-from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, display_uri, git_commit
+from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, check_reachable, display_uri, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,11 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
     if exp is None:
         raise PackagingError(f"MLflow experiment {experiment!r} not found in {display_uri(client.tracking_uri)}: "
                              "run the pipeline (dvc repro) first")
+    if exp.lifecycle_stage == "deleted":  # its runs are deleted with it, and training cannot log into it
+        raise PackagingError(f"MLflow experiment {experiment!r} (id {exp.experiment_id}) is deleted in "
+                             f"{display_uri(client.tracking_uri)}: restore it (mlflow experiments restore "
+                             f"--experiment-id {exp.experiment_id}), or delete it for good (mlflow gc --experiment-ids "
+                             f"{exp.experiment_id}) and run the pipeline again")
     runs, token = [], None
     while True:
         page = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
@@ -252,7 +258,8 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
         found = mine
     if not found:
         raise PackagingError(f"no finished run of experiment {experiment!r} has both {VAL_METRIC} and "
-                             f"{TEST_METRIC}: run the train and evaluate stages first")
+                             f"{TEST_METRIC}{_unfinished(client, exp.experiment_id)}: run the train and evaluate "
+                             "stages first")
     ranked = rank_candidates([
         Candidate(r.info.run_id, r.info.run_name or "", float(r.data.metrics[VAL_METRIC]),
                   float(r.data.metrics[TEST_METRIC]), int(r.info.start_time), external_maes(r.data.metrics, r.data.tags),
@@ -268,6 +275,22 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
                   test_mae_years=top.test_mae_years, start_time_ms=top.start_time_ms,
                   data_sha256=tags.get("data_sha256"), git_commit=tags.get("git_commit"),
                   external_mae_years=top.external_mae_years, dvc_experiment=tags.get(DVC_EXPERIMENT_TAG))
+
+
+def _unfinished(client, experiment_id: str) -> str:
+    """``" (2 other runs: 1 FAILED, 1 KILLED; ... not a candidate)"``, the experiment's runs that did not
+    finish, or ``""``: a store holding only runs that failed or were stopped said "run the train and
+    evaluate stages first", no more, to someone who just had."""
+    counts: dict[str, int] = {}
+    for run in client.search_runs([experiment_id], filter_string="attributes.status != 'FINISHED'",
+                                  max_results=1000):
+        counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    if not counts:
+        return ""
+    total = sum(counts.values())
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    return (f" ({total} other run{'s' if total > 1 else ''}: {statuses}; a run that failed, was stopped or is "
+            "still running is not a candidate)")
 
 
 def check_workspace(winner: Winner, detector_dir: str | Path, faces_dir: str | Path) -> None:
@@ -327,8 +350,23 @@ def point_alias(client, version, name: str = REGISTERED_MODEL, alias: str = CHAM
 
 
 def checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's settings and lineage, without its weights (``{}`` if it is not a dict)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint's settings and lineage, without its weights (``{}`` if it is not a dict).
+
+    Raises:
+        PackagingError: The file cannot be read as a torch file of plain values (a photo, a truncated
+            copy, a pickle with code): torch's own error advises loading it with ``weights_only=False``,
+            i.e. running the file's code, which packaging never does.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise PackagingError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except pickle.UnpicklingError as e:
+        raise PackagingError(f"{path} is not a FaceAge checkpoint: not a torch file of plain tensors and values "
+                             "(the weights-only loader refused it)") from e
+    except Exception as e:  # torch raises several unrelated types (RuntimeError, EOFError, ...) for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PackagingError(f"{path} is not a FaceAge checkpoint: {first}") from e
     return {k: v for k, v in payload.items() if k != "state_dict"} if isinstance(payload, dict) else {}
 
 
@@ -345,16 +383,24 @@ def resolve_checkpoint(client, winner: Winner, checkpoint: str | Path, workdir: 
         PackagingError: Neither holds the winner's weights.
     """
     checkpoint = Path(checkpoint)
-    local_run = checkpoint_meta(checkpoint).get("mlflow_run_id") if checkpoint.is_file() else None
+    local_run, unreadable = None, None
+    if checkpoint.is_file():
+        try:
+            local_run = checkpoint_meta(checkpoint).get("mlflow_run_id")
+        except PackagingError as e:  # not the winner's then: its artifact may still be there
+            unreadable = str(e)
     if local_run == winner.run_id:
         return checkpoint
     artifact = _find_artifact(client, winner.run_id, CHECKPOINT_FILE)
     if artifact is not None:
         path = Path(client.download_artifacts(winner.run_id, artifact, str(workdir)))
         if checkpoint_meta(path).get("mlflow_run_id") == winner.run_id:
+            if unreadable:
+                log.warning("%s; packaging the winner's own checkpoint instead", unreadable)
             log.info("using checkpoint artifact %s of run %s", artifact, winner.run_id)
             return path
-    where = f"{checkpoint} belongs to run {local_run}" if checkpoint.is_file() else f"{checkpoint} does not exist"
+    where = (unreadable if unreadable else f"{checkpoint} belongs to run {local_run}" if checkpoint.is_file()
+             else f"{checkpoint} does not exist")
     raise PackagingError(
         f"the best run {winner.run_id} ({winner.run_name}, {VAL_METRIC}={winner.val_mae_years:.3f}) has no "
         f"checkpoint here: {where}, and the run logged no {CHECKPOINT_FILE} artifact; {winner.restore_hint()}, "
@@ -424,7 +470,10 @@ def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES,
 
         if not (faces_dir / CHIPS_FILE).is_file():
             raise PackagingError(f"{faces_dir} has no {CHIPS_FILE}: rerun the preprocess stage")
-        table = load_chips(faces_dir / CHIPS_FILE, pairs=pairs)[0]
+        try:
+            table = load_chips(faces_dir / CHIPS_FILE, pairs=pairs)[0]
+        except ValueError as e:  # chips cut before the checkpoint's kind needed them (its message says what to rerun)
+            raise PackagingError(f"the ONNX export is checked on the workspace's chips: {e}") from e
         return [table[row["crop"]] for row in rows if row["crop"] in table]
     crops = []
     for row in rows:
@@ -526,17 +575,22 @@ def _digests(folder: Path) -> dict[str, str]:
 # other preprocess settings changes): they describe the check, not the model, and do not decide reuse.
 CHECK_MEASUREMENTS = ("onnx_check_faces", "onnx_max_abs_diff_probs", "onnx_max_abs_diff_age",
                       "onnx_max_abs_diff_age_std")
+# Lineage that describes the packaging, not the model: the commit `make bento` ran at (any commit since the
+# last package made another 84 MB copy of the same files). A reused copy keeps the commit it was packaged at.
+PACKAGING_ONLY = ("package_git_commit",)
 
 
 def _same_model(folder: Path, staged: Path) -> bool:
     """Whether ``folder`` holds ``staged``'s files (the checkpoint, its ONNX export, the detector files)
-    and lineage, the export check's measurements (:data:`CHECK_MEASUREMENTS`) aside."""
+    and lineage, the export check's measurements (:data:`CHECK_MEASUREMENTS`) and the packaging commit
+    (:data:`PACKAGING_ONLY`) aside."""
     def lineage(where: Path) -> dict[str, Any]:
         try:
             data = json.loads((where / LINEAGE_FILE).read_text())
         except (OSError, ValueError):
             return {"unreadable": str(where)}
-        return {k: v for k, v in data.items() if k not in CHECK_MEASUREMENTS} if isinstance(data, dict) else {}
+        return ({k: v for k, v in data.items() if k not in CHECK_MEASUREMENTS + PACKAGING_ONLY}
+                if isinstance(data, dict) else {})
 
     files = {k: v for k, v in _digests(staged).items() if k != LINEAGE_FILE}
     return ({k: v for k, v in _digests(folder).items() if k != LINEAGE_FILE} == files
@@ -599,7 +653,11 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
 
     from faceage.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    # A server that does not answer: one line now, not MLflow's ~4 minutes of retries and then a traceback
+    # that shows the URI, password and all.
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     has_settings = (Path(faces_dir) / PREPROCESS_SETTINGS).is_file()  # else check_workspace names the fix
     data_sha256 = read_crop_settings(faces_dir).get("data_sha256") if has_settings else None

@@ -40,4 +40,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    # SIGTERM (`timeout`, a CI job cancelled) cleans up as Ctrl-C does: killed outright, packaging left its
+    # temporary folders (the downloaded checkpoint, the staged model: up to ~125 MB) in the temp folder.
+    run_stage(main, interrupt_on_sigterm=True)
