@@ -51,7 +51,7 @@ from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
-from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, check_reachable, display_uri, git_commit
+from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, check_reachable, display_uri, git_commit, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -657,6 +657,10 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     # A server that does not answer: one line now, not MLflow's ~4 minutes of retries and then a traceback
     # that shows the URI, password and all.
     check_reachable(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # MLflow would create it: a typo'd path said "experiment not found"
+        raise PackagingError(f"no MLflow store at {db} ({display_uri(uri)}): run the pipeline first (dvc repro), "
+                             "or point MLFLOW_TRACKING_URI at the store its runs are in")
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     has_settings = (Path(faces_dir) / PREPROCESS_SETTINGS).is_file()  # else check_workspace names the fix

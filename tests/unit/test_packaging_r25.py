@@ -210,3 +210,15 @@ def test_chips_cut_before_the_checkpoints_kind_needed_them_are_one_line(tmp_path
     with pytest.raises(PackagingError, match=r"checked on the workspace's chips: .*holds no face chips .*rerun the "
                                              r"preprocess and embed stages"):
         load_check_crops(tmp_path, 64, chips=True, pairs=True)
+
+
+def test_a_sqlite_store_that_is_not_there_is_refused_not_created(tmp_path, monkeypatch):
+    """A typo in MLFLOW_TRACKING_URI (``mlfow.db``) created an empty store of 954 KB, and packaging then said
+    the experiment was not found, as if the pipeline had never run."""
+    from faceage.packaging import package_champion
+
+    typo = tmp_path / "mlfow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{typo}")
+    with pytest.raises(PackagingError, match=r"no MLflow store at .*mlfow\.db"):
+        package_champion(tmp_path / "model.pt", tmp_path, tmp_path)
+    assert not typo.exists()
