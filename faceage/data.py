@@ -16,10 +16,29 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from faceage.errors import FaceAgeError
 from faceage.preprocess import read_faces_manifest
 from faceage.inputs import resize_crop
 
 log = logging.getLogger(__name__)
+
+
+class SplitDataError(FaceAgeError, ValueError):
+    """A split the datasets cannot be built from: it has no face crops, or the ``embed`` stage's output
+    lacks some of them. A user-fixable error (one line from a stage, not a traceback)."""
+
+
+def split_rows(faces_dir: str | Path, split: str) -> list[dict]:
+    """The manifest rows of ``split`` that have a crop.
+
+    Raises:
+        SplitDataError: None has (every image of the split skipped by ``preprocess``, or an empty split).
+    """
+    rows = read_faces_manifest(faces_dir, split)
+    if not rows:
+        raise SplitDataError(f"no face crops for split {split!r} in {faces_dir}: preprocess kept none of its "
+                             "images (no face found with no_face=skip, or unreadable; see reports/preprocess.json)")
+    return rows
 
 
 class FaceCrops(Dataset):
@@ -33,9 +52,7 @@ class FaceCrops(Dataset):
     """
 
     def __init__(self, faces_dir: str | Path, split: str, image_size: int, transform=None):
-        self.rows = read_faces_manifest(faces_dir, split)
-        if not self.rows:
-            raise ValueError(f"no face crops for split {split!r} in {faces_dir}")
+        self.rows = split_rows(faces_dir, split)
         faces_dir = Path(faces_dir)
         self.images = torch.from_numpy(np.stack([
             resize_crop(np.asarray(Image.open(faces_dir / r["crop"]).convert("RGB")), image_size)
@@ -71,14 +88,12 @@ class FaceEmbeddings(Dataset):
     def __init__(self, faces_dir: str | Path, split: str, embeddings_path: str | Path, augment: bool = False):
         from faceage.face_encoder import load_embeddings
 
-        self.rows = read_faces_manifest(faces_dir, split)
-        if not self.rows:
-            raise ValueError(f"no face crops for split {split!r} in {faces_dir}")
+        self.rows = split_rows(faces_dir, split)
         table, self.info = load_embeddings(embeddings_path)
         missing = [r["crop"] for r in self.rows if r["crop"] not in table]
         if missing:
-            raise ValueError(f"{len(missing)} crops have no embedding in {embeddings_path} (e.g. {missing[:3]}): "
-                             "rerun the embed stage")
+            raise SplitDataError(f"{len(missing)} crops have no embedding in {embeddings_path} (e.g. {missing[:3]}): "
+                                 "rerun the embed stage")
         self.images = torch.from_numpy(np.stack([table[r["crop"]] for r in self.rows]))  # (N, 2 views, 128)
         self.augment = augment
         self.ages = torch.tensor([float(r["apparent_age"]) for r in self.rows])
@@ -110,14 +125,12 @@ class FaceChips(FaceCrops):
                  pairs: bool = False):
         from faceage.chips import load_chips
 
-        self.rows = read_faces_manifest(faces_dir, split)
-        if not self.rows:
-            raise ValueError(f"no face crops for split {split!r} in {faces_dir}")
+        self.rows = split_rows(faces_dir, split)
         table, self.info = load_chips(features_path, pairs=pairs)
         missing = [r["crop"] for r in self.rows if r["crop"] not in table]
         if missing:
-            raise ValueError(f"{len(missing)} crops have no chip in {features_path} (e.g. {missing[:3]}): "
-                             "rerun the embed stage")
+            raise SplitDataError(f"{len(missing)} crops have no chip in {features_path} (e.g. {missing[:3]}): "
+                                 "rerun the embed stage")
         self.images = torch.from_numpy(np.stack([table[r["crop"]] for r in self.rows]))  # (N, 3, 64, 64) uint8 (or pairs)
         self.ages = torch.tensor([float(r["apparent_age"]) for r in self.rows])
         self.age_stds = torch.tensor([float(r["apparent_age_std"]) for r in self.rows])
