@@ -44,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO, shared_datasets  # noqa: E402
 from _server import exit_on_sigterm  # noqa: E402
 
+from faceage.experiment import tool_env  # noqa: E402
+
 TRAIN_CMD = "stages/train.py"
 STATE = "models/train_state.pt"
 # Files the resumed run must reproduce byte for byte (DVC outputs of train and evaluate).
@@ -81,8 +83,7 @@ def make_project(root: Path, source: Path, *, epochs: int, image_size: int, batc
                            seed=seed, device="cpu", nproc_per_node=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/models/train_state.pt*\n/mlflow.db\n/mlruns\n")
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = tool_env({k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
     env["DVC_NO_ANALYTICS"] = "1"
     for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
                                          "--allow-empty", "-m", "init"], ["dvc", "init", "-q"]):

@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,19 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
     cmd = ["dvc", "exp", "run", *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", " ".join(cmd))
-    subprocess.run(cmd, cwd=root, check=True)
+    subprocess.run(cmd, cwd=root, check=True, env=tool_env())
+
+
+def tool_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default this process's environment) with this Python's folder on ``PATH``, first where it was
+    not there: ``dvc``, and the ``python`` its stages run, are then this environment's
+    (``.venv/bin/python -m faceage.experiment`` without an activated venv found no ``dvc``, or another
+    installation's). Where it is on ``PATH`` already (an activated venv, ``make``), the order is the user's."""
+    env = dict(os.environ if env is None else env)
+    here, path = str(Path(sys.executable).parent), [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    if here not in path:
+        env["PATH"] = os.pathsep.join([here, *path])
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:

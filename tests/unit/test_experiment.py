@@ -5,6 +5,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,8 @@ def fake_dvc(tmp_path, monkeypatch):
     (bin_dir / "dvc").write_text('#!/bin/sh\nprintf "%s\\n" "$(pwd -P)" "$@" > "$FAKE_DVC_RECORD"\n'
                                  'exit "${FAKE_DVC_RC:-0}"\n')
     (bin_dir / "dvc").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    # before this Python's folder, which the runner adds where PATH lacks it (it holds the real dvc)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]))
     monkeypatch.setenv("FAKE_DVC_RECORD", str(record))
     monkeypatch.setattr(experiment, "setup_logging", lambda: None)  # keep caplog's handler
     return record
