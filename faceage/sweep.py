@@ -325,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, runs_path: Path) -> int:
     if args.report_only:
         runs = json.loads(runs_path.read_text())
+        missing = unknown_runs(runs)
+        if missing:  # a fresh clone: the committed file names the runs of the machine that swept
+            log.error("%s names runs that are not in %s (%s): run the sweep here (make sweep), or pass the --runs "
+                      "of a sweep logged to this store", runs_path, display_uri(), ", ".join(missing))
+            return 1
     else:
         recorded = json.loads(runs_path.read_text()) if runs_path.exists() else {}
         kept = {b: info for b, info in recorded.items() if b not in args.backbones}
