@@ -61,9 +61,10 @@ quick-resnet: setup
 # Backbone sweep (CPU profile) on the sample, one DVC experiment per backbone, then
 # reports/backbones.md + .png from MLflow. On a GPU box with APPA-REAL: python -m faceage.sweep --profile gpu
 # --source takes the path itself: SAMPLE quoted for the shell (a space in it, or in the repo's path), and
-# the Hydra quotes `make quick` needs (SAMPLE="'/a,b/sample'") taken off (the sweep quotes it itself).
+# the Hydra quotes `make quick` needs (SAMPLE="'/a,b/sample'") taken off, and the \' escapes inside them (the sweep quotes it itself).
 sweep: setup
-	s='$(subst ','\'',$(SAMPLE))'; case "$$s" in "'"*"'"|'"'*'"') s="$${s#?}"; s="$${s%?}";; esac; \
+	s='$(subst ','\'',$(SAMPLE))'; case "$$s" in "'"*"'"|'"'*'"') s="$${s#?}"; s="$${s%?}"; \
+	  s="$$(printf '%s' "$$s" | sed -e "s/\\\\'/'/g" -e 's/\\"/"/g')";; esac; \
 	$(BIN)/python -m faceage.sweep --profile cpu --source "$$s"
 
 # --- service (bento) ---

@@ -99,6 +99,8 @@ def spaced_repo(tmp_path):
     ("'/a,b/sample'", "/a,b/sample"),  # the README's Hydra-quoted form for `make quick`
     ('"/a,b/sample"', "/a,b/sample"),
     ("/home/José/sample", "/home/José/sample"),
+    ("'/data/it\\'s, x/sample'", "/data/it's, x/sample"),  # a quote escaped inside Hydra's quotes, as the README says
+    ('"/data/say \\"hi\\", x/sample"', '/data/say "hi", x/sample'),
 ])
 def test_make_sweep_passes_the_sample_as_one_path(spaced_repo, sample, source):
     """`--source $(SAMPLE)` unquoted: a path with a space reached faceage.sweep as two arguments
