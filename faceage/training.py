@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -369,10 +370,14 @@ def load_state(path: str | Path, fingerprint: str) -> TrainState | None:
     path = Path(path)
     if not path.exists():
         return None
+    # Read first, decoded apart: an error reading the file (a shared filesystem away) is raised, while any
+    # error decoding its bytes means another format or a file cut short. Those were caught by type, and a file
+    # cut within its last bytes raised torch's OSError ("Invalid argument") on every rerun instead.
+    blob = path.read_bytes()
     try:
-        state = TrainState(**torch.load(path, map_location="cpu", weights_only=True))
-    except (TypeError, RuntimeError, EOFError) as e:  # another format, or a file cut short by a disk error
-        log.warning("ignoring %s: unreadable (%s)", path, e)
+        state = TrainState(**torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True))
+    except Exception as e:  # the bytes are in memory: nothing but their decoding can fail
+        log.warning("ignoring %s: unreadable (%s: %s)", path, type(e).__name__, e)
         return None
     if state.fingerprint != fingerprint:
         log.info("ignoring %s: it was written for other params or data", path)
@@ -537,6 +542,9 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         faceage.model.PretrainedWeightsError: ``train.pretrained`` weights are unreachable.
     """
     faces_dir, reports_dir, state_path = Path(faces_dir), Path(reports_dir), Path(state_path)
+    # Before joining the process group: a rank that raised after joining left the others in gloo's
+    # "Connection closed by peer" traceback, above or instead of the ConfigError.
+    finetune.check_params(p)
     d, device = init_distributed(p)
     try:
         return _train(p, d, device, faces_dir, Path(model_path), reports_dir, Path(run_path), state_path,
@@ -549,7 +557,6 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
 def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path, model_path: Path,
            reports_dir: Path, run_path: Path, state_path: Path, embeddings_path: str | Path | None,
            detector_dir: str | Path | None) -> dict:
-    finetune.check_params(p)
     threads = pin_threads()
     torch.manual_seed(p.seed)  # the initial weights: the same on every rank and in every resumed run
     crop = read_crop_settings(faces_dir)
