@@ -217,7 +217,11 @@ def age_index(ages: torch.Tensor) -> torch.Tensor:
 
 def age_balance_weights(ages: torch.Tensor, power: float, sigma: float = BALANCE_SIGMA) -> torch.Tensor:
     """Weight of a face at each whole age 0..MAX_AGE: (kernel-smoothed density of ``ages``) ** -power,
-    scaled so the training faces' mean weight is 1. ``power`` 0 gives all ones."""
+    scaled so the training faces' mean weight is 1. ``power`` 0 gives all ones.
+
+    A label above ``MAX_AGE`` counts as ``MAX_AGE``, as the loss reads it: its density was taken at its own age
+    (116) and its weight looked up at 100, far from it, where the floor made it nearly all the batch's weight."""
+    ages = ages.clamp(MIN_AGE, MAX_AGE)
     grid = torch.arange(MIN_AGE, MAX_AGE + 1, dtype=torch.float64)
     density = torch.exp(-0.5 * ((grid[:, None] - ages.double()[None, :]) / sigma) ** 2).sum(dim=1)
     weight = density.clamp_min(density.max() * 1e-6) ** -power

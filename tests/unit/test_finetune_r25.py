@@ -24,9 +24,6 @@ def test_a_zero_shot_run_does_not_announce_frozen_stages_and_learning_rates(capl
     assert any("fine-tuning:" in r.getMessage() for r in caplog.records) is logged
 
 
-@pytest.mark.xfail(strict=True, reason="faceage/training.py (not this review's file): age_balance_weights reads "
-                   "a label over MAX_AGE at its own age but looks its weight up at 100; fix: clamp the ages to "
-                   "MIN_AGE..MAX_AGE before the density, as age_loss clamps the target")
 def test_age_balance_reads_a_label_over_100_as_100():
     """One 116-year-old among 15 thirty-year-olds took 15.8 of the 16 faces' total loss weight at
     age_balance 0.5 (1000x a thirty-year-old), and all of it at 1: the density at 100, where its weight is
