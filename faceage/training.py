@@ -300,13 +300,26 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 class EpochSampler(DistributedSampler):
     """This rank's share of the epoch's permutation, as ``(index, epoch)`` keys.
 
-    The permutation depends on ``(seed, epoch)`` only; rank r of N takes every N-th index from r,
-    so consecutive global batches hold the same faces for any N. The epoch travels with each key
-    so that loader workers, persistent or not, seed the sample's randomness without shared state.
+    The permutation depends on ``(seed, epoch)`` only, hashed (:func:`_mix`): torch's own sampler seeds it
+    with ``seed + epoch``, so seed 43's epoch 1 was seed 42's epoch 2 and a seed sweep's runs shared their
+    data orders. Rank r of N takes every N-th index from r, so consecutive global batches hold the same
+    faces for any N. The epoch travels with each key so that loader workers, persistent or not, seed the
+    sample's randomness without shared state.
     """
 
     def __iter__(self):
-        return ((i, self.epoch) for i in super().__iter__())
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if self.drop_last:
+            order = order[:self.total_size]
+        else:  # as torch pads: repeat the order's start until every rank has num_samples
+            order = (order * math.ceil(self.total_size / max(n, 1)))[:self.total_size]
+        return ((i, self.epoch) for i in order[self.rank:self.total_size:self.num_replicas])
 
 
 class SeededSamples(Dataset):

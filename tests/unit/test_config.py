@@ -198,7 +198,7 @@ def test_the_seeds_accepted_are_the_ones_training_can_use():
         torch.manual_seed(seed)  # the initial weights
         seed_epoch(seed, 0, 0)
         sampler = EpochSampler(range(10), 1, 0, shuffle=True, seed=seed)
-        for epoch in (0, p.epochs):  # DistributedSampler seeds with seed + epoch
+        for epoch in (0, p.epochs):  # the order is seeded by (seed, epoch)
             sampler.set_epoch(epoch)
             assert sorted(i for i, _ in sampler) == list(range(10))
     torch.manual_seed(42)

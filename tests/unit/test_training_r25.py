@@ -236,3 +236,22 @@ def test_a_state_cut_within_its_last_bytes_is_ignored_not_a_crash_at_every_rerun
     assert f"ignoring {path}: unreadable" in caplog.text
     path.write_text("not a state\n")  # torch's legacy format reader: KeyError
     assert load_state(path, "abc") is None
+
+
+def test_nearby_seeds_do_not_share_their_data_orders():
+    """torch's DistributedSampler seeds its shuffle with seed + epoch: train.seed=43's epoch 1 was train.seed=42's
+    epoch 2, so a seed sweep's runs saw the same orders shifted by an epoch."""
+    from faceage.training import EpochSampler
+
+    def order(seed: int, epoch: int, world: int = 1, rank: int = 0, n: int = 50, drop_last: bool = False) -> list[int]:
+        sampler = EpochSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        sampler.set_epoch(epoch)
+        return [i for i, _ in sampler]
+
+    assert order(43, 1) != order(42, 2) and order(42, 1) != order(42, 2)
+    assert order(42, 2) == order(42, 2) and sorted(order(42, 2)) == list(range(50))
+    # two ranks: the same count each; without drop_last every face, one repeated to even out 51
+    shards = [order(7, 3, world=2, rank=r, n=51) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 26 and set(shards[0] + shards[1]) == set(range(51))
+    shards = [order(7, 3, world=2, rank=r, n=51, drop_last=True) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 25 and len(set(shards[0] + shards[1])) == 50
