@@ -26,12 +26,13 @@ import os
 import shutil
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from faceage.atomic import scratch_dir, staged_dir
-from faceage.download import ChecksumError, DownloadError, download, file_digest
+from faceage.download import ChecksumError, ContentError, DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
 from faceage.paths import downloads_dir, from_root
 
@@ -80,12 +81,12 @@ def read_split(root: Path, split: str) -> list[Sample]:
     if not path.is_file():
         raise LayoutError(f"missing {csv_name(split)} in {root}")
     reader = csv.DictReader(_csv_lines(path))
-    header = reader.fieldnames or []
+    header = _fieldnames(reader, path)
     absent = [c for c in COLUMNS if c not in header]
     if absent:
         raise LayoutError(f"{path} lacks column(s) {absent}; expected columns {list(COLUMNS)}, found {header}")
     samples, lines_of = [], {}
-    for row in reader:
+    for row in _csv_rows(reader, path):
         line = reader.line_num  # a blank line is skipped and a quoted field may hold line breaks: not a row count
         try:
             ages = (float(row["apparent_age_avg"]), float(row["apparent_age_std"] or 0.0), float(row["real_age"]))
@@ -122,6 +123,33 @@ def _csv_lines(path: Path) -> io.StringIO:
         line = data[: e.start].count(b"\n") + 1
         raise LayoutError(f"{path} line {line} is not UTF-8 text ({e.reason}): save it as \"CSV UTF-8\" "
                           "(or re-encode it, e.g. iconv -f cp1252 -t utf-8)") from e
+
+
+def _fieldnames(reader: csv.DictReader, path: Path) -> list[str]:
+    """The header of ``reader``'s file (see :func:`_csv_rows`)."""
+    try:
+        return reader.fieldnames or []
+    except csv.Error as e:
+        raise LayoutError(f"{path} line 1 cannot be read as CSV ({e})") from e
+
+
+def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[dict]:
+    """``reader``'s rows; a line :mod:`csv` cannot read is a LayoutError naming where its row began.
+
+    A field that opens with a quote and never closes it runs on to the end of the file, and past
+    131,072 characters (a release-sized CSV) csv raises "field larger than field limit".
+    """
+    began = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise LayoutError(f"{path} line {began} cannot be read as CSV ({e}): a field that opens with a "
+                              "quote (\") must end with one") from e
+        began = reader.line_num + 1
+        yield row
 
 
 def validate_layout(root: str | Path) -> dict[str, list[Sample]]:
@@ -175,24 +203,49 @@ def _copy_release(root: Path, splits: dict[str, list[Sample]], out: Path) -> Non
                 shutil.copyfile(face, out / split / face.name)
 
 
+# What zipfile extracts; others (Deflate64 from Windows Explorer, PPMd from 7-Zip) raise NotImplementedError.
+EXTRACTABLE = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+UTF8_NAME_FLAG = 0x800  # general-purpose flag bit 11: the name is UTF-8
+ENCRYPTED_FLAG = 0x1
+
+
 def _safe_extract(zip_path: Path, dest: Path) -> None:
     """Extracts ``zip_path`` into ``dest``, refusing paths that would land outside it.
 
     Zips written on Windows by PowerShell's ``Compress-Archive`` (.NET) separate folders with
-    ``\\``; those names are read as folders here too.
+    ``\\``; those names are read as folders here too. Info-ZIP's ``zip`` (Linux, macOS) stores UTF-8
+    names without the flag that says so, which :mod:`zipfile` reads as cp437 (``José`` became
+    ``Jos├⌐``): a name not flagged UTF-8 whose bytes are UTF-8 is read as UTF-8, as ``unzip`` does.
     """
     try:
         with zipfile.ZipFile(zip_path) as zf:
             members = zf.infolist()
             for member in members:
-                name = member.filename.replace("\\", "/")
+                name = _utf8_name(member).replace("\\", "/")
                 if name.startswith("/") or ".." in PurePosixPath(name).parts:
                     raise LayoutError(f"{zip_path} holds an unsafe path: {member.filename!r}")
+                if member.flag_bits & ENCRYPTED_FLAG:
+                    raise LayoutError(f"{zip_path} is encrypted ({name} needs a password): unzip it with its "
+                                      "password and point fetch_data.source at the folder")
+                if member.compress_type not in EXTRACTABLE:
+                    raise LayoutError(f"{zip_path} uses compression method {member.compress_type} for {name}, "
+                                      "which Python cannot extract (Deflate64 or PPMd?): unzip it with another "
+                                      "tool and point fetch_data.source at the folder")
                 member.filename = name
             for member in members:
                 zf.extract(member, dest)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zlib.error, EOFError: damaged compressed data
         raise LayoutError(f"{zip_path} is not a valid zip file: {e}") from e
+
+
+def _utf8_name(member: zipfile.ZipInfo) -> str:
+    """``member``'s name, read as UTF-8 where its bytes are UTF-8 though the zip does not flag them so."""
+    if member.flag_bits & UTF8_NAME_FLAG:
+        return member.filename
+    try:
+        return member.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):  # not UTF-8: cp437, as the zip format says
+        return member.filename
 
 
 def tree_files(folder: Path) -> list[Path]:
@@ -260,6 +313,15 @@ def cached_download(url: str, md5: str, cache_dir: str | Path | None = None) -> 
     return Path(cache_dir or downloads_dir()) / name
 
 
+def _not_a_zip(path: Path) -> str | None:
+    """Why a downloaded file is not the release's zip (no md5 to say so), or None."""
+    if zipfile.is_zipfile(path):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(60)
+    return f"something that is not a zip file (it begins {head!r})"
+
+
 def _materialise(source: str, local: Path, out_dir: Path) -> dict:
     """Validates the release in ``local`` (a folder or zip) and copies it into ``out_dir`` atomically."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -309,20 +371,18 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
     out_dir = Path(out_dir)
     if is_url(source):
         try:
-            local = download(source, cached_download(source, md5, cache_dir), md5=md5 or None, mirrors=mirrors)
+            # Without a checksum, an error page sent with 200 OK is refused as a wrong checksum would be:
+            # deleted (nothing else would ever evict it), and the next URL asked.
+            local = download(source, cached_download(source, md5, cache_dir), md5=md5 or None, mirrors=mirrors,
+                             check=None if md5 else _not_a_zip)
         except ChecksumError:
             raise
+        except ContentError as e:
+            raise LayoutError(f"{e} (set fetch_data.md5 to pin the bytes)") from e
         except DownloadError as e:
             raise DownloadError(f"{e}\nWithout a connection to the release's hosts, point fetch_data.source at a local "
                                 "copy of the release (its .zip or the unzipped folder): dvc exp run -S "
                                 "fetch_data.source=/abs/path/appa-real-release.zip") from e
-        if not md5 and not zipfile.is_zipfile(local):
-            # Without a checksum nothing else would ever evict it: an error page saved as the zip.
-            with open(local, "rb") as f:
-                head = f.read(60)
-            local.unlink()
-            raise LayoutError(f"{source} sent something that is not a zip file (it begins {head!r}); it was "
-                              "deleted, and the next run fetches it again (set fetch_data.md5 to pin the bytes)")
     else:
         local = local_source(source)
         if local.is_file() and md5:
@@ -359,23 +419,36 @@ def read_demographics(folder: str | Path) -> dict[str, dict[str, str]]:
         if path.name.startswith("gt_avg_"):
             continue
         try:
-            reader = csv.DictReader(_csv_lines(path))
+            labels_of = _read_labels(path)
         except LayoutError as e:  # e.g. macOS's "._labels.csv" beside a copied folder: not labels
             log.warning("%s; its gender/race labels (if any) are not read", e)
             continue
-        header = reader.fieldnames or []
-        key = next((c for c in ("file_name", "file") if c in header), None)
-        columns = {c: a for c in header for a in ("gender", "race") if a in c.lower()}
-        if key is None or not columns:
-            continue
-        legends = {c: _legend(c) for c in columns}
-        for row in reader:
-            labels = out.setdefault(row[key], {})
-            for column, attribute in columns.items():
-                # A short row (no value at all) or an empty cell: no label, the face counts as "unknown".
-                value = (row[column] or "").strip()
-                if value:
-                    labels[attribute] = legends[column].get(value, value)
+        for name, labels in labels_of.items():  # gender in one file, race in another: both
+            out.setdefault(name, {}).update(labels)
+    return out
+
+
+def _read_labels(path: Path) -> dict[str, dict[str, str]]:
+    """One labels file's ``{file_name: {"gender": ..., "race": ...}}`` (see :func:`read_demographics`).
+
+    Raises:
+        LayoutError: The file is not UTF-8 or not readable as CSV.
+    """
+    out: dict[str, dict[str, str]] = {}
+    reader = csv.DictReader(_csv_lines(path))
+    header = _fieldnames(reader, path)
+    key = next((c for c in ("file_name", "file") if c in header), None)
+    columns = {c: a for c in header for a in ("gender", "race") if a in c.lower()}
+    if key is None or not columns:
+        return out
+    legends = {c: _legend(c) for c in columns}
+    for row in _csv_rows(reader, path):
+        labels = out.setdefault(row[key], {})
+        for column, attribute in columns.items():
+            # A short row (no value at all) or an empty cell: no label, the face counts as "unknown".
+            value = (row[column] or "").strip()
+            if value:
+                labels[attribute] = legends[column].get(value, value)
     return out
 
 

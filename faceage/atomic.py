@@ -80,7 +80,10 @@ def scratch_dir(beside: str | Path, tag: str) -> Iterator[Path]:
 def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yields an empty folder next to ``out_dir``; on success it replaces ``out_dir``.
 
-    On any exception the staged folder is deleted and ``out_dir`` is left untouched. Staged folders
+    On any exception the staged folder is deleted and ``out_dir`` is left untouched. The swap is two
+    renames (the previous output is moved aside, then deleted), so a process killed at any point
+    leaves under ``out_dir`` the previous output, the new one, or (between the renames) none, never
+    part of one. Staged folders
     that killed processes left beside ``out_dir`` are removed first (:func:`clear_stale`).
     """
     out_dir = Path(out_dir)
@@ -90,14 +93,22 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     # this one gets the mode any folder made here gets (the umask's), as its subfolders have.
     tmp = scratch_name(out_dir)
     tmp.mkdir()
+    old = None
     try:
         yield tmp
+        # Two renames, then the slow part: deleted in place, a previous output (thousands of crops) was
+        # half gone under its own name when the process was killed during the deletion.
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            old = scratch_name(out_dir, "old")
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)  # the new one did not go in: the old one goes back
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # killed during this, clear_stale removes the rest
 
 
 @contextmanager

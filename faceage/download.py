@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -42,6 +43,11 @@ class DownloadError(FaceAgeError, RuntimeError):
 
 class ChecksumError(DownloadError):
     """The fetched bytes do not match the expected checksum."""
+
+
+class ContentError(DownloadError):
+    """The complete file is not what was asked for (``download``'s ``check`` says why): an error page
+    sent with 200 OK, where no checksum would tell."""
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
@@ -78,30 +84,82 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
             log.info("%s holds %d bytes but %s has %d: restarting from byte 0", part.name, have, url, length)
             part.unlink()
             return _stream_once(url, part, timeout_s, progress)
+        if r.status_code in RETRY_STATUSES:  # busy or briefly broken: worth the back-off, as a dropped connection is
+            raise _BusyError(f"GET {url} answered HTTP {r.status_code} {r.reason}", r.headers.get("Retry-After"))
         if r.status_code not in (200, 206):
             raise DownloadError(f"GET {url} answered HTTP {r.status_code} {r.reason}")
+        # A server may encode the body whatever the client accepts (gzip on a .zip): the part then holds
+        # decoded bytes, which neither a Range nor the Content-Length count, so such a body is never resumed.
+        encoded = r.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+        if r.status_code == 206 and have:
+            start = _range_start(r.headers.get("Content-Range"))
+            if encoded or start == 0:  # a slice of an encoded stream, or the whole body again
+                log.info("%s answered the Range with %s: restarting %s from byte 0", url,
+                         "an encoded slice" if encoded else "the whole body", part.name)
+                r.close()
+                part.unlink()
+                return _stream_once(url, part, timeout_s, progress)
+            if start is not None and start != have:
+                raise DownloadError(f"GET {url} asked from byte {have} answered from byte {start}")
         if r.status_code == 200 and have:
             log.info("server ignored the Range request: restarting %s from byte 0", url)
             have = 0
-        length = r.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
+        length = _content_length(r.headers.get("Content-Length"))
+        total = have + length if length is not None else None
         mode = "ab" if have else "wb"
-        with open(part, mode) as f, tqdm(
-            total=total,
-            initial=have,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=part.name.removesuffix(".part"),
-            disable=not progress,
-        ) as bar:
-            for chunk in r.iter_content(chunk_size=STREAM_BYTES):
-                f.write(chunk)
-                bar.update(len(chunk))
-        got = part.stat().st_size
-        if total is not None and got < total:
-            raise requests.ConnectionError(f"connection closed at byte {got} of {total}")
+        try:
+            with open(part, mode) as f, tqdm(
+                total=None if encoded else total,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+            ) as bar:
+                for chunk in r.iter_content(chunk_size=STREAM_BYTES):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            # The server's bytes: for an encoded body, those read off the wire, not the decoded ones on disk.
+            got = have + r.raw.tell() if encoded else part.stat().st_size
+            if total is not None and got < total:
+                raise requests.ConnectionError(f"connection closed at byte {got} of {total}")
+        except BaseException:
+            if encoded:
+                part.unlink(missing_ok=True)
+            raise
         return True
+
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_AFTER_MAX_S = 60.0
+
+
+class _BusyError(requests.ConnectionError):
+    """An HTTP status that a later try may not get (:data:`RETRY_STATUSES`), with the server's Retry-After."""
+
+    def __init__(self, message: str, retry_after: str | None):
+        super().__init__(message)
+        try:
+            self.retry_after_s = min(float(retry_after), RETRY_AFTER_MAX_S) if retry_after else 0.0
+        except ValueError:  # an HTTP date: the back-off's own delay
+            self.retry_after_s = 0.0
+
+
+def _content_length(value: str | None) -> int | None:
+    """A Content-Length header's value, or None when absent or not one number (a value sent twice,
+    ``"100, 100"``, as some proxies do, is that number)."""
+    values = {v.strip() for v in (value or "").split(",")}
+    if len(values) != 1:
+        return None
+    (only,) = values
+    return int(only) if only.isdigit() else None
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """The first byte of a 206 answer's ``Content-Range: bytes START-END/LENGTH``, or None."""
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", content_range or "")
+    return int(match[1]) if match else None
 
 
 def _unsatisfiable_length(content_range: str | None) -> int | None:
@@ -121,6 +179,7 @@ def download(
     timeout_s: float = 30.0,
     backoff_s: float = 1.0,
     progress: bool = True,
+    check: Callable[[Path], str | None] | None = None,
 ) -> Path:
     """Downloads ``url`` to ``dest``, resuming and verifying, and moves it into place atomically.
 
@@ -134,16 +193,20 @@ def download(
         mirrors: Other URLs of the same file, tried in order when one fails (an HTTP error, a
             connection that keeps failing, or a checksum mismatch); the next resumes the bytes
             the last one fetched, and the checksum decides.
-        retries: Attempts after a dropped connection; each resumes where the last stopped.
-        timeout_s: Connect/read timeout per request.
+        retries: Attempts after a dropped connection or a busy server (HTTP 408, 429, 500, 502, 503,
+            504); each resumes where the last stopped.
+        timeout_s: Connect timeout, and the longest wait for the next bytes (not for the whole body).
         backoff_s: Sleep before the first retry; doubled each retry.
         progress: Show a tqdm progress bar.
+        check: Called with a complete, verified file; what it returns (a reason, e.g. "something that is
+            not a zip file") rejects the file like a wrong checksum: deleted, and the next URL is tried.
 
     Returns:
         ``dest`` as a :class:`~pathlib.Path`.
 
     Raises:
         ChecksumError: The complete file does not match ``md5``/``sha256`` (from every URL).
+        ContentError: ``check`` rejected the complete file (from the last URL).
         DownloadError: An HTTP error, or the connection kept failing (at every URL; the message
             names each).
     """
@@ -155,7 +218,7 @@ def download(
     with locked(dest, f"downloading {url} to {dest}"):
         for source, following in zip(urls, [*mirrors, None]):
             try:
-                return _download_locked(source, dest, md5, sha256, retries, timeout_s, backoff_s, progress)
+                return _download_locked(source, dest, md5, sha256, retries, timeout_s, backoff_s, progress, check)
             except DownloadError as e:
                 if not mirrors:
                     raise
@@ -167,10 +230,12 @@ def download(
 
 
 def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, retries: int, timeout_s: float,
-                     backoff_s: float, progress: bool) -> Path:
+                     backoff_s: float, progress: bool, check: Callable[[Path], str | None] | None = None) -> Path:
     if dest.exists() and _matches(dest, md5, sha256):
-        log.info("%s already present and verified", dest)
-        return dest
+        if check is None or check(dest) is None:
+            log.info("%s already present and verified", dest)
+            return dest
+        dest.unlink()  # kept before a check was asked for: fetched again
     part = dest.with_name(dest.name + ".part")
     delay = backoff_s
     for attempt in range(retries + 1):
@@ -186,8 +251,9 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
                 have = part.stat().st_size if part.exists() else 0
                 kept = f"; {part} keeps the {have} bytes fetched so far and the next run resumes from there" if have else ""
                 raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {e}{kept}") from e
-            log.warning("download interrupted (%s); resuming in %.1f s", e, delay)
-            time.sleep(delay)
+            wait = max(delay, getattr(e, "retry_after_s", 0.0))
+            log.warning("download interrupted (%s); resuming in %.1f s", e, wait)
+            time.sleep(wait)
             delay *= 2
         except requests.RequestException as e:  # a redirect loop, a bad URL scheme, undecodable content
             raise DownloadError(f"GET {url} failed: {type(e).__name__}: {e}") from e
@@ -199,6 +265,10 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
                 raise ChecksumError(
                     f"{algorithm} of {url} is {got}, expected {expected}; the download was deleted"
                 )
+    wrong = check(part) if check is not None else None
+    if wrong:
+        part.unlink()
+        raise ContentError(f"{url} sent {wrong}; it was deleted, and the next run fetches it again")
     os.replace(part, dest)
     return dest
 
