@@ -104,7 +104,8 @@ class TrainParams:
     nproc_per_node: int = 1  # training processes (DistributedDataParallel) that `dvc repro` launches
     # dlib_age only: "auto" = "fused": an MLP ensemble over the frozen age network and dlib's face descriptor
     # (its face-recognition network, frozen); "ensemble": over the age network alone; or dlib's own head
-    # fine-tuned with the keys below ("pretrained", chosen by auto when any of them is set or epochs is 0)
+    # ("pretrained"), fine-tuned with the fine-tuning keys at the end (freeze_blocks, layer_lr_decay,
+    # distill_weight, wise_ft): auto chooses it when one of those is set or epochs is 0
     head: Literal["auto", "ensemble", "fused", "pretrained"] = "auto"
     # The ensemble head's share against the pretrained network's own distribution: "auto" = chosen on
     # validation (the most pretrained weight within one standard error of the best), or a number in
@@ -192,9 +193,13 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal beyond a float's range (math.isfinite raised it too)
+            raise ConfigError(f"{name} must be a finite number, got an integer beyond a float's range") from None
+        if not math.isfinite(number):
             raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -231,7 +236,12 @@ def _validate_ranges(name: str, obj: Any) -> None:
     """Range checks that the type alone cannot express."""
     checks: list[tuple[bool, str]] = []
     if isinstance(obj, FetchDataParams):
-        checks = [(all(m.startswith(("http://", "https://")) for m in obj.mirrors),
+        # An empty source is the repo root itself: check_sources hashed the whole repo (.venv included) and
+        # fetch_data blamed its layout. `-S fetch_data.source=$(realpath PATH)` gives it when PATH is missing.
+        checks = [(obj.source.strip() != "",
+                   "fetch_data.source is empty: give the release's URL, or a local folder or .zip in its layout "
+                   "(a `$(realpath PATH)` of a missing PATH expands to nothing)"),
+                  (all(m.startswith(("http://", "https://")) for m in obj.mirrors),
                    f"fetch_data.mirrors must be http(s) URLs, got {list(obj.mirrors)}"),
                   (obj.md5 == "" or re.fullmatch(r"[0-9a-fA-F]{32}", obj.md5) is not None,
                    f"fetch_data.md5 must be 32 hex digits (either case) or \"\" to skip the check, got {obj.md5!r}")]
