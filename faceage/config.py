@@ -274,9 +274,9 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (0 < obj.low_res_min <= 1, f"train.low_res_min must be in (0, 1] (a share of the side), "
                                        f"got {obj.low_res_min}"),
             (obj.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {obj.warmup_epochs}"),
-            # NumPy's SeedSequence (every epoch's reseeding) takes no negative seed, and the sampler seeds with
-            # seed + epoch as a signed 64-bit number: -1 ("random" elsewhere) failed with "expected non-negative
-            # integer" after the data load, 2**64 - 1 with an overflow in epoch 2
+            # NumPy's SeedSequence (every epoch's reseeding) takes no negative seed: -1 ("random" elsewhere)
+            # failed with "expected non-negative integer" after the data load; torch's seeds are 64-bit, and
+            # seed + epoch stays within a signed one (the sampler seeded with it until round 25)
             (0 <= obj.seed and obj.seed + obj.epochs < 2**63,
              f"train.seed must be in [0, 2**63 - train.epochs), got {obj.seed}"),
             (obj.num_workers >= -1, f"train.num_workers must be >= -1, got {obj.num_workers}"),

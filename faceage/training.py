@@ -228,6 +228,23 @@ def age_balance_weights(ages: torch.Tensor, power: float, sigma: float = BALANCE
     return (weight / weight[age_index(ages)].mean()).float()
 
 
+def check_batch(p: TrainParams, model: nn.Module, world_size: int) -> None:
+    """Refuses a per-process batch of one face for a model with BatchNorm layers (what it trains).
+
+    ``train.batch_size`` 1 (or equal to ``nproc_per_node``) passes the config, which cannot know the model:
+    dlib's heads train with it, a CNN failed in its first step with torch's "Expected more than 1 value per
+    channel" traceback, after the MLflow run was created.
+
+    Raises:
+        FaceAgeError: ``model`` has BatchNorm layers and a process's batch is one face.
+    """
+    per_process = p.batch_size // world_size
+    if p.epochs > 0 and per_process < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise FaceAgeError(f"train.batch_size={p.batch_size} gives {per_process} face per batch and process "
+                           f"({world_size} process(es)); {p.backbone}'s BatchNorm layers need at least 2: raise "
+                           "train.batch_size")
+
+
 def make_loss(p: TrainParams, model: nn.Module, train_ages: torch.Tensor) -> LossFn:
     """The training loss: each face weighted by ``train.age_balance`` (:func:`age_balance_weights` of the
     training ages); with ``train.distill_weight`` > 0, plus distillation toward a frozen copy of ``model``
@@ -608,6 +625,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
         raise FaceAgeError(f"train: {len(train_set)} training face(s) in {faces_dir} ({d.world_size} process(es)); "
                            f"training needs at least {2 * d.world_size}: check preprocess's report "
                            "(reports/preprocess.json), or set train.epochs=0 for the zero-shot dlib_age model")
+    check_batch(p, model, d.world_size)
     workers = _loader_workers(p, device)
     drop_last = len(train_set) > p.batch_size
     sampler = EpochSampler(train_set, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=p.seed,

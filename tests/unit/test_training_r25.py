@@ -255,3 +255,26 @@ def test_nearby_seeds_do_not_share_their_data_orders():
     assert len(shards[0]) == len(shards[1]) == 26 and set(shards[0] + shards[1]) == set(range(51))
     shards = [order(7, 3, world=2, rank=r, n=51, drop_last=True) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 25 and len(set(shards[0] + shards[1])) == 50
+
+
+def test_a_batch_of_one_face_is_refused_for_a_batchnorm_backbone_only():
+    """train.batch_size=1 with resnet18 failed in its first step with torch's "Expected more than 1 value per
+    channel" traceback, after the MLflow run was created; dlib's heads (no BatchNorm) train with it."""
+    from dataclasses import replace
+
+    import torch.nn as nn
+    import torchvision
+
+    from faceage.config import TrainParams
+    from faceage.errors import FaceAgeError
+    from faceage.training import check_batch
+
+    cnn, head = torchvision.models.resnet18(num_classes=101), nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 101))
+    one = replace(TrainParams(), backbone="resnet18", batch_size=1)
+    with pytest.raises(FaceAgeError, match=r"train.batch_size=1 gives 1 face per batch .* raise train.batch_size"):
+        check_batch(one, cnn, 1)
+    with pytest.raises(FaceAgeError, match=r"train.batch_size=2 gives 1 face per batch and process \(2 process"):
+        check_batch(replace(one, batch_size=2), cnn, 2)
+    check_batch(replace(one, batch_size=2), cnn, 1)  # two faces a batch: fine
+    check_batch(one, head, 1)  # no BatchNorm: fine
+    check_batch(replace(one, epochs=0), cnn, 1)  # nothing trains
