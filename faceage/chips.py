@@ -27,7 +27,9 @@ an ONNX Runtime service can use it as it is.
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -201,26 +203,52 @@ def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: lis
 
 class WorkerDiedError(FaceAgeError, RuntimeError):
     """A worker process of :func:`map_in_processes` died: killed by the system (most often out of
-    memory) or crashed."""
+    memory), crashed, or failed to start."""
+
+
+def _exit_with_parent() -> None:
+    """In a worker: exits as soon as the process that started it is gone. ``concurrent.futures`` does not
+    notice a parent that was killed (``kill``, a ``timeout`` around the stage, the OOM killer): its
+    workers waited for work for ever, each holding its detectors."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="faceage-parent-watch", daemon=True).start()
+
+
+def _start_worker(initializer: Callable, initargs: tuple) -> None:
+    _exit_with_parent()
+    initializer(*initargs)
 
 
 def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: Callable, initargs: tuple, *,
                      desc: str | None, unit: str, workers_key: str = "the workers setting") -> list:
-    """``[fn(item) for item in items]`` over ``workers`` forked processes, each set up once by
-    ``initializer(*initargs)``, in order, with a progress bar when ``desc`` is given.
+    """``[fn(item) for item in items]`` over ``workers`` new (spawned) processes, each set up once by
+    ``initializer(*initargs)``, in order, with a progress bar when ``desc`` is given. ``fn``,
+    ``initializer`` and ``initargs`` are pickled: module-level functions, and a script that calls this
+    needs the ``if __name__ == "__main__":`` guard.
 
-    A worker that dies (the kernel's out-of-memory killer on a very large photo, a crash in dlib)
-    fails the run with :class:`WorkerDiedError`: ``multiprocessing.Pool`` waited for its lost
-    results for ever. An interrupted run (Ctrl-C, or any error) stops its workers at once: waiting
-    for them would finish the chunks already handed to them (16 photos each; minutes with the CNN).
+    Spawned, not forked: a fork copies dlib's thread pool as the parent's last CNN run left it, without
+    its threads, and a worker's CNN then waited for them for ever (any process that had run the CNN
+    itself: ``crop_samples`` with one worker, then with two). A worker ends when its parent is gone (a
+    killed stage left its workers waiting for work for ever). A worker that dies (the kernel's out-of-memory
+    killer on a very large photo, a crash in dlib) fails the run with :class:`WorkerDiedError`:
+    ``multiprocessing.Pool`` waited for its lost results for ever. An interrupted run (Ctrl-C, or any
+    error) stops its workers at once: waiting for them would finish the chunks already handed to them
+    (16 photos each; minutes with the CNN).
 
     Raises:
-        WorkerDiedError: A worker died, or failed to start (its error is logged above).
+        WorkerDiedError: A worker died, or failed to start (its error is printed above).
     """
     from tqdm import tqdm
 
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=initializer,
-                               initargs=initargs)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                               initargs=(initializer, initargs))
     try:
         results = list(tqdm(pool.map(fn, items, chunksize=16), total=len(items), desc=desc, unit=unit,
                             disable=desc is None))
@@ -234,7 +262,8 @@ def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: C
         if isinstance(e, BrokenProcessPool):
             raise WorkerDiedError(
                 f"a {desc or unit} worker process died ({workers} workers): killed by the system, most often for "
-                f"lack of memory (each worker holds one image at a time), or crashed; lower {workers_key}") from e
+                f"lack of memory (each worker holds one image at a time), crashed, or failed to start (its error is "
+                f"printed above); lower {workers_key}") from e
         raise
     pool.shutdown()
     return results
