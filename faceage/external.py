@@ -65,6 +65,12 @@ def cache_key(folder: Path, crop: dict[str, Any], shape_predictor_sha256: str = 
     return h.hexdigest()[:16]
 
 
+# What a crop worker's death (out of memory on a huge photo) tells the user to lower: evaluate reads no
+# preprocess.workers, so "lower preprocess.workers" changed nothing here (and reran preprocess).
+EXTERNAL_WORKERS = ("the cores evaluate crops external sets on (one worker per usable core: run it on fewer, "
+                    "e.g. `taskset -c 0 dvc repro`)")
+
+
 def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | Path, cache_dir: str | Path,
                    workers: int = 0) -> Path:
     """The set's faces folder (crops + manifest) for these crop settings, from the cache or made now.
@@ -96,7 +102,8 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
                  "no_face=%s)", ext.name, ext.path, params.detector, params.upsample, params.margin, params.size,
                  params.no_face)
         with staged_dir(out) as tmp:
-            rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp, params)
+            rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp, params,
+                                workers_key=EXTERNAL_WORKERS)
             settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
                         SET_SHA256: fingerprint, "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
             (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")

@@ -177,7 +177,7 @@ def preprocess_dataset(
 
 
 def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
-                 params: PreprocessParams) -> list[dict]:
+                 params: PreprocessParams, workers_key: str = "preprocess.workers") -> list[dict]:
     """Detects and crops every listed image into ``out_dir/<split>/`` and writes ``manifest.csv`` and ``chips.npz``.
 
     The one detect + crop + ``no_face`` policy of the pipeline: ``preprocess`` runs it on the
@@ -214,7 +214,7 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         rows = [_process(t) for t in tqdm(tasks, desc="crop", unit="img")]
     else:
         rows = map_in_processes(_process, tasks, workers, _init_worker, init, desc="crop", unit="img",
-                                workers_key="preprocess.workers")
+                                workers_key=workers_key)
     for row in rows:
         if row["status"] == "unreadable":
             log.warning("skipped unreadable image %s/%s: %s", row["split"], row["file_name"], row["error"])
