@@ -21,9 +21,10 @@ too many pixels, a query parameter that does not parse), 413 (body over the cap)
 multipart/form-data, or a part that is not an image), 422 (face index out of range, or an image that
 crashed its worker on its own), 503 (the detection workers cannot start, or died beside other
 photos: :class:`faceage.serving.DetectionUnavailable`; ``/readyz`` too while they cannot start);
-every error is ``{"error": message}``. Ages and stds are rounded as the CLI rounds them
-(:data:`faceage.predict.AGE_DECIMALS`). ``/ui`` holds at most half of the concurrent requests
-(:class:`faceage.ui.UIGateMiddleware`), so the API keeps the other half.
+every error is ``{"error": message}`` (but BentoML's plain-text 404 for a path no route has). Ages
+and stds are rounded as the CLI rounds them (:data:`faceage.predict.AGE_DECIMALS`). ``/ui`` holds at
+most half of the concurrent requests (:class:`faceage.ui.UIGateMiddleware`), so the API keeps the other
+half, and analyses that many photos at once.
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ async def _unavailable(request: Request, e: DetectionUnavailable) -> JSONRespons
     return response
 
 
+@api.exception_handler(405)
+async def _wrong_method(request: Request, e) -> JSONResponse:
+    """A route asked with another method (``GET /predict``): 405 ``{"error": message}`` with its ``Allow`` header,
+    not FastAPI's ``{"detail": ...}``."""
+    response = error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+    response.headers.update(e.headers or {})
+    return response
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
     """A parameter FastAPI could not parse (``/crop?face=abc``): 400 ``{"error": message}``, not its 422 ``detail``."""
@@ -148,7 +158,7 @@ class FaceAgeService:
         # With no photo in detection the cores are free: the age model's threads may spin (faster).
         self.batcher = AgeBatcher(lambda faces: self.predictor.estimate(faces, idle=not self.locator.busy),
                                   on_batch=batch_faces.observe)
-        UI.configure(self.lineage, LIMITS.max_body_bytes)
+        UI.configure(self.lineage, LIMITS.max_body_bytes, concurrency=UI_MAX_CONCURRENCY)
         log.info("serving %s (run %s, %s) with %d detection process(es); %s", stored.tag,
                  self.lineage.get("mlflow_run_id"), self.predictor.runtime, LIMITS.detect_processes, LIMITS)
 

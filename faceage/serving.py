@@ -38,6 +38,9 @@ from faceage.predict import FaceLocator, LocatedFaces, available_cores
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_FACES = 64
+# Most faces in one forward pass of the age model (its memory): a request with more runs in passes of
+# this many. ~3.7 MB a face for the fused dlib_age graph, which ONNX Runtime's arena keeps once used.
+DEFAULT_MAX_PASS_FACES = 64
 # A pool whose workers died as they started is started again at most this often (requests get a
 # 503 meanwhile): workers that cannot start (out of memory, a detector file gone) are not spawned
 # again for every request.
@@ -300,7 +303,11 @@ class LocatorPool:
             if self._closed:
                 raise RuntimeError("the detection pool was closed")
             async with self._lock:
-                return await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image, crops, parallel)
+                located, image = await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image, crops,
+                                                         parallel)
+            if image is None and located.width * located.height >= RELEASE_AFTER_PIXELS:
+                await asyncio.to_thread(release_memory)  # as a worker does (_child_locate); with the image: its caller
+            return located, image
         workers = self._current()
         try:
             return await self._run(workers, data, with_image, crops, parallel)
@@ -415,20 +422,30 @@ class AgeBatcher:
     arrive while a batch runs queue up and go together in the next forward pass (up to
     ``max_batch_faces``), so batches grow with the load.
 
+    No forward pass holds more than ``max_pass_faces`` faces: a batch with more (one request's
+    crowd photo, or ``/predict_batch`` of 16) runs in consecutive passes of that many. In one
+    pass, the 1,152 faces of one ``/predict_batch`` request took the server process from 1 to
+    5 GB, which ONNX Runtime's arena then kept (about 3.7 MB a face for the fused ``dlib_age`` graph).
+
     Args:
         estimate: ``face inputs -> (mean, std)``, e.g. :meth:`AgePredictor.estimate` of
             ``LocatedFaces.inputs`` (crops, or ``dlib_age`` chips); it runs in a
             worker thread (input preparation included).
-        max_batch_faces: Most faces per forward pass (one request's faces are never split).
-        on_batch: Called with each batch's face count (for metrics).
+        max_batch_faces: Most faces of several requests merged into one batch (one request's
+            faces are never split across batches).
+        on_batch: Called with each forward pass's face count (for metrics).
+        max_pass_faces: Most faces per forward pass: a larger batch runs in passes of this many.
     """
 
     def __init__(self, estimate: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
-                 max_batch_faces: int = DEFAULT_MAX_BATCH_FACES, on_batch: Callable[[int], None] | None = None):
-        if max_batch_faces < 1:
-            raise ValueError(f"max_batch_faces must be >= 1, got {max_batch_faces}")
+                 max_batch_faces: int = DEFAULT_MAX_BATCH_FACES, on_batch: Callable[[int], None] | None = None,
+                 max_pass_faces: int = DEFAULT_MAX_PASS_FACES):
+        if max_batch_faces < 1 or max_pass_faces < 1:
+            raise ValueError(f"max_batch_faces and max_pass_faces must be >= 1, got {max_batch_faces} and "
+                             f"{max_pass_faces}")
         self._estimate = estimate
         self.max_batch_faces = max_batch_faces
+        self.max_pass_faces = max_pass_faces
         self._on_batch = on_batch
         self._pending: list[tuple[list[np.ndarray], asyncio.Future]] = []
         self._running = False
@@ -453,10 +470,8 @@ class AgeBatcher:
                 while self._pending and (not jobs or faces + len(self._pending[0][0]) <= self.max_batch_faces):
                     jobs.append(self._pending.pop(0))
                     faces += len(jobs[-1][0])
-                if self._on_batch is not None:
-                    self._on_batch(faces)
                 try:
-                    mean, std = await asyncio.to_thread(self._estimate, [c for crops, _ in jobs for c in crops])
+                    mean, std = await self._passes([c for crops, _ in jobs for c in crops])
                 except Exception as e:  # hand the failure to every waiting request
                     for _, future in jobs:
                         if not future.done():
@@ -469,3 +484,15 @@ class AgeBatcher:
                     start += len(crops)
         finally:
             self._running = False
+
+    async def _passes(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Age mean and std of ``inputs`` in forward passes of at most ``max_pass_faces`` faces each."""
+        means, stds = [], []
+        for start in range(0, len(inputs), self.max_pass_faces):
+            chunk = inputs[start:start + self.max_pass_faces]
+            if self._on_batch is not None:
+                self._on_batch(len(chunk))
+            mean, std = await asyncio.to_thread(self._estimate, chunk)
+            means.append(np.asarray(mean))
+            stds.append(np.asarray(std))
+        return np.concatenate(means), np.concatenate(stds)
