@@ -125,6 +125,18 @@ def test_model_card_numbers_match_the_metrics(tiny_run):
     side = "old" if float(worst["bias_years"]) >= 0 else "young"
     assert (f"on the test split, faces of {worst['age_group']} are predicted {abs(float(worst['bias_years'])):.2f} "
             f"years too {side} ({worst['n']} faces)") in card
+    # The headline numbers are the predictions' (no unit test runs evaluate_model): MAE, RMSE, CS@5 and the
+    # baseline, which predicts the *training* split's mean age for every face (not the test split's).
+    from faceage.preprocess import read_faces_manifest
+
+    pred = np.array([float(p["predicted_age"]) for p in preds])  # written to 3 decimals
+    true = np.array([float(p["true_age"]) for p in preds])
+    train_mean = np.mean([float(r["apparent_age"]) for r in read_faces_manifest(tiny_run["faces"], "train")])
+    assert metrics["mae_years"] == pytest.approx(np.abs(pred - true).mean(), abs=2e-3)
+    assert metrics["rmse_years"] == pytest.approx(np.sqrt(((pred - true) ** 2).mean()), abs=2e-3)
+    assert metrics["cs5"] == pytest.approx((np.abs(pred - true) <= 5).mean())
+    assert metrics["baseline_mae_years"] == pytest.approx(np.abs(train_mean - true).mean(), abs=1e-6)
+    assert abs(train_mean - true.mean()) > 0.01  # the two means differ here, so the line above has teeth
     # The sample carries UTKFace gender/race labels: the card breaks errors down by them.
     assert "### By gender" in card and "### By race" in card
     assert set(metrics["mae_by_gender"]) <= {"female", "male"}

@@ -79,8 +79,13 @@ def test_the_gpu_profiles_report_describes_its_own_runs(tmp_path):
     assert "in 5 epochs from scratch" in md and "cpu (2 torch threads)" in md and "`/data/sample`" in md
 
 
-def test_the_report_takes_its_profile_from_the_runs_not_the_flag(tmp_path, monkeypatch):
-    """`--report-only` after a GPU sweep (without --profile) described the runs as the CPU profile's."""
+def test_the_report_takes_its_profile_from_the_runs_not_the_flag(tmp_path, monkeypatch, capfd):
+    """`--report-only` after a GPU sweep (without --profile) described the runs as the CPU profile's.
+
+    The runs are made up: ``unknown_runs`` (which refuses runs this MLflow store does not hold, a fresh
+    clone's committed file; test_sweep_r25.py) is stubbed to find them all, so each return code is the
+    profile's.
+    """
     import json
 
     import faceage.sweep as sweep
@@ -99,6 +104,9 @@ def test_the_report_takes_its_profile_from_the_runs_not_the_flag(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sweep, "collect", lambda r: [])
     monkeypatch.setattr(sweep, "write_report", lambda rows, md, png, profile: written.append(profile))
+    monkeypatch.setattr(sweep, "unknown_runs", lambda runs: [])
     assert sweep.main(["--report-only", "--runs", str(runs)]) == 0 and written == ["gpu"]
     runs.write_text(json.dumps(mixed))
+    capfd.readouterr()
     assert sweep.main(["--report-only", "--runs", str(runs)]) == 1 and written == ["gpu"]
+    assert "different profiles" in capfd.readouterr().err
