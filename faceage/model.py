@@ -343,8 +343,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
         # checkpoint trained without it (as built before round 22's review) loaded with it, other ages.
         payload.setdefault("transform_input", model.transform_input)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: the previous checkpoint stands, and no half-written copy beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _first_sentence(error: BaseException) -> str:

@@ -246,6 +246,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_checkpoint_whole(tmp_
     monkeypatch.undo()
     _, loaded = load_checkpoint(path)
     assert loaded["val_mae"] == 9.5
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # and no half-written model.pt.tmp beside it
 
 
 # --- predictor: a model whose age depends on the face ---------------------------------------------
