@@ -190,7 +190,11 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                                    f"checked): {name}") from e
         raise ImageDecodeError(f"not an image (unknown format): {name}") from e
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image too large: {e}") from e
+        # Pillow refuses over twice its MAX_IMAGE_PIXELS while opening, before our check: its own wording
+        # ("could be decompression bomb DOS attack") named neither our limit nor that it cannot be raised past it.
+        bomb = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else max_pixels
+        raise ImageDecodeError(f"image too large: more than {bomb} pixels, the limit is {min(max_pixels, bomb)}"
+                               + (" (Pillow decodes no more)" if max_pixels > bomb else "")) from e
     except Exception as e:
         # Pillow's plugins raise whatever their parser trips on for corrupt data (OSError,
         # SyntaxError, EOFError, but also IndexError, struct.error, ...): the bytes are at
