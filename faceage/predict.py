@@ -62,6 +62,7 @@ RUNTIMES = {"torch": "faceage.inference", "onnx": "faceage.onnx_model"}
 DEFAULT_MAX_DETECT_PIXELS = MAX_DETECT_PIXELS
 # Ages in JSON (the CLI's, the service's): the float32 digits past this change with the other faces that share a
 # forward pass (the CLI's other photos, the service's other requests), so the same photo would answer differently.
+# Rounding hides most of that, not all: a value within ~2e-6 of a rounding boundary can still flip its last digit.
 AGE_DECIMALS = 4
 
 
