@@ -80,7 +80,8 @@ def external_name(path: str) -> str:
     """
     folder = Path(path.rstrip("/\\")).name
     letters = "".join(c for c in unicodedata.normalize("NFKD", folder) if not unicodedata.combining(c))
-    latin = letters.encode("ascii", "ignore").decode()
+    # What has no ASCII spelling is a separator, as ASCII punctuation is ("utk–external": utkexternal)
+    latin = "".join(c if c.isascii() else "_" for c in letters)
     name = re.sub(r"[^0-9A-Za-z]+", "_", latin).strip("_").lower()
     if folder and (latin != letters or len(name) > NAME_MAX):
         tag = hashlib.sha256(folder.encode("utf-8", "surrogateescape")).hexdigest()[:8]
