@@ -26,7 +26,7 @@ from pathlib import Path
 from faceage.experiment import ProfileError, dvc_root, override_value, run_profile
 from faceage.external import external_maes
 from faceage.logs import setup_logging
-from faceage.tracking import display_uri, read_run_file, setup_mlflow
+from faceage.tracking import display_uri, lost_run, read_run_file, setup_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +55,11 @@ def sweep_overrides(backbone: str, profile: str, source: str | None) -> list[str
 
 
 def unknown_runs(runs: dict) -> list[str]:
-    """The backbones of ``runs`` whose MLflow run is not in this tracking store (``runs`` recorded elsewhere:
-    the committed ``reports/sweep_runs.json`` names the runs of the machine that wrote it)."""
-    from mlflow.exceptions import MlflowException
-
-    client = setup_mlflow().MlflowClient()
-    missing = []
-    for backbone, info in runs.items():
-        try:
-            client.get_run(info["run_id"])
-        except MlflowException:
-            missing.append(backbone)
-    return missing
+    """The backbones of ``runs`` whose MLflow run this tracking store cannot give (not in it, or deleted:
+    ``runs`` recorded elsewhere, as the committed ``reports/sweep_runs.json`` names the runs of the machine
+    that wrote it). Other errors of the store (a proxy refusing run reads) are raised, not taken for absence."""
+    setup_mlflow()
+    return [backbone for backbone, info in runs.items() if lost_run(info["run_id"]) is not None]
 
 
 def run_sweep(backbones: list[str], profile: str, source: str | None, runs_path: Path) -> dict:

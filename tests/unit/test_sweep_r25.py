@@ -17,3 +17,19 @@ def test_report_only_on_runs_of_another_store_is_one_error_line(tmp_path, caplog
             caplog.at_level(logging.ERROR, logger="faceage.sweep"):
         assert sweep.main(["--report-only", "--runs", str(runs)]) == 1
     assert "names runs that are not in sqlite:///" in caplog.text and "(resnet18)" in caplog.text
+
+
+def test_a_store_that_refuses_run_reads_is_not_taken_for_runs_recorded_elsewhere(tmp_path, monkeypatch):
+    """Every MlflowException from get_run counted as "not in this store", so a proxy refusing run reads (403) was
+    answered "run the sweep here", hours of training that could not help."""
+    import mlflow
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    def refused(self, run_id):
+        raise MlflowException("403 Forbidden", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_run", refused)
+    with mlflow_env("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        with pytest.raises(MlflowException, match="403"):
+            sweep.unknown_runs({"resnet18": {"run_id": "a" * 32}})
