@@ -206,10 +206,11 @@ class WorkerDiedError(FaceAgeError, RuntimeError):
     memory), crashed, or failed to start."""
 
 
-def _exit_with_parent() -> None:
-    """In a worker: exits as soon as the process that started it is gone. ``concurrent.futures`` does not
-    notice a parent that was killed (``kill``, a ``timeout`` around the stage, the OOM killer): its
-    workers waited for work for ever, each holding its detectors."""
+def exit_with_parent() -> None:
+    """In a worker process: exits as soon as the process that started it is gone. ``concurrent.futures``
+    does not notice a parent that was killed (``kill``, a ``timeout`` around a stage, SIGKILL, the OOM
+    killer): its idle workers waited for work for ever, each holding its detectors (a crop worker of a
+    killed stage; the service's detection workers, one more set at every restart of the server)."""
     parent = mp.parent_process()
     if parent is None:
         return
@@ -222,7 +223,7 @@ def _exit_with_parent() -> None:
 
 
 def _start_worker(initializer: Callable, initargs: tuple) -> None:
-    _exit_with_parent()
+    exit_with_parent()
     initializer(*initargs)
 
 

@@ -357,6 +357,26 @@ def _first_sentence(error: BaseException) -> str:
     return text.split(". ")[0][:200] or f"{type(error).__name__} (empty or truncated file)"
 
 
+def read_payload(path: str | Path) -> Any:
+    """What a checkpoint file holds, read with torch's weights-only loader (never the file's code).
+
+    Raises:
+        CheckpointError: The file cannot be read, or is not a torch file of plain tensors and values
+            (a photo, a truncated download, a pickle with code).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except pickle.UnpicklingError as e:
+        # torch's own text advises weights_only=False, i.e. running the file's code: never do that
+        # for a file that should hold only tensors and plain values.
+        raise CheckpointError(f"{path} is not a FaceAge checkpoint: not a torch file of plain tensors and "
+                              "values (the weights-only loader refused it)") from e
+    except Exception as e:  # torch raises several unrelated types (RuntimeError, EOFError, ...) for a bad file
+        raise CheckpointError(f"{path} is not a FaceAge checkpoint: {_first_sentence(e)}") from e
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuilds the model from a checkpoint alone, in eval mode.
 
@@ -367,17 +387,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         CheckpointError: The file cannot be read, is not a FaceAge checkpoint (a photo, another
             torch file, a truncated download), or its weights do not fit its backbone.
     """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
-    except pickle.UnpicklingError as e:
-        # torch's own text advises weights_only=False, i.e. running the file's code: never do that
-        # for a file that should hold only tensors and plain values.
-        raise CheckpointError(f"{path} is not a FaceAge checkpoint: not a torch file of plain tensors and "
-                              "values (the weights-only loader refused it)") from e
-    except Exception as e:  # torch raises several unrelated types (RuntimeError, EOFError, ...) for a bad file
-        raise CheckpointError(f"{path} is not a FaceAge checkpoint: {_first_sentence(e)}") from e
+    payload = read_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     missing = [k for k in ("backbone", "min_age", "max_age", "state_dict") if k not in payload]

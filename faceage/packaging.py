@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
@@ -47,6 +45,7 @@ from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.external import external_maes, external_versions
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
+from faceage.model import CheckpointError, read_payload
 from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
@@ -358,15 +357,9 @@ def checkpoint_meta(path: str | Path) -> dict[str, Any]:
             i.e. running the file's code, which packaging never does.
     """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise PackagingError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
-    except pickle.UnpicklingError as e:
-        raise PackagingError(f"{path} is not a FaceAge checkpoint: not a torch file of plain tensors and values "
-                             "(the weights-only loader refused it)") from e
-    except Exception as e:  # torch raises several unrelated types (RuntimeError, EOFError, ...) for a bad file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise PackagingError(f"{path} is not a FaceAge checkpoint: {first}") from e
+        payload = read_payload(path)
+    except CheckpointError as e:
+        raise PackagingError(str(e)) from e
     return {k: v for k, v in payload.items() if k != "state_dict"} if isinstance(payload, dict) else {}
 
 

@@ -20,7 +20,6 @@ import ctypes
 import functools
 import logging
 import multiprocessing
-import multiprocessing.connection
 import os
 import threading
 import time
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from faceage.chips import exit_with_parent
 from faceage.errors import FaceAgeError
 from faceage.images import load_image
 from faceage.predict import FaceLocator, LocatedFaces, available_cores
@@ -90,24 +90,9 @@ _child_locator: FaceLocator | None = None
 _child_started: Any = None  # multiprocessing Barrier, one party per worker
 
 
-def _exit_with_parent() -> None:
-    """In a worker: exits as soon as the server process is gone. ``concurrent.futures`` does not notice
-    a parent that was killed (SIGKILL, the OOM killer): its idle workers waited for work for ever,
-    each with its detector, and every restart of the server added its own."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="faceage-parent-watch", daemon=True).start()
-
-
 def _init_child(settings: dict[str, Any], started: Any = None) -> None:
     global _child_locator, _child_started
-    _exit_with_parent()
+    exit_with_parent()
     _child_locator = FaceLocator(**settings)
     _child_locator.detector.warm_up()  # the worker's memory is all there before its first photo
     _child_started = started

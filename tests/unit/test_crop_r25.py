@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from faceage.chips import map_in_processes
+from tests.unit.test_crop_r24 import _deadline
 
 _worker: dict = {}
 
@@ -26,20 +27,6 @@ def _init_detector(model_dir: str) -> None:
 def _faces_in_a_blank_photo(_item) -> int:
     """No face there: both HOG looks miss, so the CNN's last look runs."""
     return len(_worker["detector"].detect(np.full((120, 160, 3), 128, np.uint8)))
-
-
-@contextlib.contextmanager
-def _deadline(seconds):
-    def expire(*_):
-        raise TimeoutError(f"still waiting after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def test_workers_run_the_cnn_after_this_process_has_run_it(detector_dir):

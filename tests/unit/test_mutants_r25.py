@@ -27,7 +27,10 @@ from starlette.testclient import TestClient
 
 from faceage.download import download
 from faceage.http import BodyLimitMiddleware
-from tests.unit.test_download import BODY, server, url  # noqa: F401 (server: the fixture)
+from tests.unit import test_download
+from tests.unit.test_download import BODY, url
+
+server = test_download.server  # the fixture (a local HTTP server serving BODY)
 
 MD5 = hashlib.md5(BODY).hexdigest()
 SHA = hashlib.sha256(BODY).hexdigest()

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.unit.test_tracking_r24 import _SIGTERM_TRAIN as _WORKER  # the stage, its train_model waiting in its run
 
 STAGE = REPO / "stages" / "train.py"
 
@@ -59,28 +60,8 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-# A torchrun worker as torchrun starts it (a session of its own, LOCAL_RANK set), running the stage with a
-# train_model that opens the MLflow run and waits, as a worker does while it trains.
-_WORKER = """
-import pathlib, runpy, sys, time
-import torch
-import faceage.training as training
-from faceage.config import TrainParams
-
-def train_model(p, faces, model, reports, run, state, **kwargs):
-    crop = {"data_sha256": "d" * 64, "data_source": "sample"}
-    tracker = training._Tracker(TrainParams(), training.Distributed(0, 1, 0), crop, torch.device("cpu"), 0, 1,
-                                "params", None, pathlib.Path(state))
-    with tracker.run() as st:
-        print("RUN", st.run_id, flush=True)
-        time.sleep(120)
-
-training.train_model = train_model
-sys.argv = ["train.py", *sys.argv[1:]]
-runpy.run_path(%r, run_name="__main__")
-"""
-
-# The launcher: starts the worker as torchrun's SubprocessHandler does, prints its PID, waits for it.
+# The worker (_WORKER, above) runs the stage with a train_model that opens the MLflow run and waits, as a worker
+# does while it trains; the launcher: starts the worker as torchrun's SubprocessHandler does, prints its PID, waits for it.
 _LAUNCHER = """
 import os, subprocess, sys
 env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
