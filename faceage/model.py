@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pickle
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,20 @@ AUX_HEADS = frozenset({"googlenet", "inception_v3"})
 AUX_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 
 
+def _load_unversioned(self: nn.Module, state_dict, prefix, local_metadata, *args) -> None:
+    """MNASNet's ``_load_from_state_dict``, taking a state dict without module versions as this build's own.
+
+    torch keeps each module's version in ``state_dict._metadata``, which a copy such as
+    ``{k: v.cpu() for k, v in model.state_dict().items()}`` drops (the checkpoints, the best epoch's
+    weights, the weights-file body). MNASNet alone refuses that ("version should be set to 1 or 2
+    instead of None"): every ``mnasnet*`` run failed after its last epoch, and no MNASNet
+    checkpoint or weights file loaded.
+    """
+    if local_metadata.get("version") is None:
+        local_metadata = {**local_metadata, "version": type(self)._version}
+    type(self)._load_from_state_dict(self, state_dict, prefix, local_metadata, *args)
+
+
 def torchvision_backbones() -> list[str]:
     """The torchvision classifiers ``train.backbone`` may name."""
     return sorted(set(torchvision.models.list_models(module=torchvision.models)) - NO_LINEAR_HEAD)
@@ -130,6 +145,9 @@ def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None
     model = torchvision.models.get_model(backbone, weights=None, **extra)
     parent, attr, linear = _last_linear(model)
     setattr(parent, attr, nn.Linear(linear.in_features, num_ages))
+    if isinstance(model, torchvision.models.MNASNet):
+        # A bound method of the instance (copy.deepcopy rebinds it to the copy): the class stays torchvision's.
+        model._load_from_state_dict = types.MethodType(_load_unversioned, model)
     return model
 
 
