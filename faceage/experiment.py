@@ -6,11 +6,12 @@ epochs, lr 0.003, ...) followed by ``make quick`` ran the fine-tuning recipe aga
 trained every backbone after the first CNN with the CNN profile's ``pretrained=none, image_size=64``.
 A profile is meant as *the committed params plus its overrides*: :func:`run_profile` adds a
 ``-S`` putting back the committed value of every key the workspace changed and the profile does
-not set, names each in the log, and runs ``dvc exp run``.
+not set (``~key`` for one an earlier ``-S +key=...`` added, ``++key=...`` for one ``-S ~key`` removed),
+names each in the log, and runs ``dvc exp run``.
 
 Usage (the Makefile's profiles and :mod:`faceage.sweep`), from anywhere in the repo, as ``dvc exp run``::
 
-    python -m faceage.experiment -S train.backbone=dlib_age -S fetch_data.source=/abs/sample [-n NAME]
+    python -m faceage.experiment -S train.backbone=dlib_age -S fetch_data.source=/abs/sample [-n NAME [-f]]
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def override_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
     return _quoted(str(value))
 
 
@@ -198,11 +201,26 @@ def drifted(workspace: dict[str, Any], committed: dict[str, Any]) -> dict[str, t
 
 
 def leftover_resets(overrides: list[str], workspace: dict[str, Any], committed: dict[str, Any]) -> list[str]:
-    """The ``key=value`` overrides that put back the committed value of each key the workspace
-    changed (an earlier ``dvc exp run -S``, or an edit) and ``overrides`` does not set."""
+    """The overrides that put back the committed ``params.yaml`` wherever the workspace's differs from it (an
+    earlier ``dvc exp run -S``, or an edit) and ``overrides`` does not set the key: ``key=value`` for a changed
+    value, ``++key=value`` for a committed key the workspace lacks (left by ``-S ~key``), ``~key`` for a key or
+    section the workspace added (left by ``-S +key=...``, DVC's own advice for a key it does not know: every
+    stage then stopped on ``Unknown config key``, and so did every later profile)."""
     chosen = {override_key(o) for o in overrides}
-    return [f"{key}={override_value(base)}" for key, (_, base) in drifted(workspace, committed).items()
-            if key not in chosen]
+
+    def named(key: str) -> bool:  # set by the profile: the key, a key of it (a section), or its section
+        return any(c and (c == key or c.startswith(key + ".") or key.startswith(c + ".")) for c in chosen)
+
+    now, base = flatten(workspace), flatten(committed)
+    resets = [f"{key}={override_value(base[key])}" for key in drifted(workspace, committed) if not named(key)]
+    resets += [f"++{key}={override_value(value)}" for key, value in base.items()
+               if key not in now and key.partition(".")[0] in workspace and not named(key)]
+    resets += [f"++{section}={override_value(keys)}" for section, keys in committed.items()
+               if section not in workspace and not named(section)]
+    resets += [f"~{key}" for key in now if key not in base and key.partition(".")[0] in committed
+               and not named(key)]
+    resets += [f"~{section}" for section in workspace if section not in committed and not named(section)]
+    return resets
 
 
 def committed_base(root: str | Path = ".", *, user: str) -> Params:
@@ -232,12 +250,14 @@ def committed_base(root: str | Path = ".", *, user: str) -> Params:
     return params_from_dict(committed)
 
 
-def run_profile(overrides: list[str], *, name: str | None = None, root: str | Path | None = None) -> None:
+def run_profile(overrides: list[str], *, name: str | None = None, root: str | Path | None = None,
+                force: bool = False) -> None:
     """Runs ``dvc exp run`` with ``overrides`` on top of the committed ``params.yaml``.
 
     Args:
         overrides: ``key=value`` strings, as given to ``dvc exp run -S``.
         name: The experiment's name (``-n``), or None for DVC's.
+        force: Replace an experiment of that name (``-f``: DVC's advice when ``name`` is taken).
         root: The repo root (where ``params.yaml`` is); None: the DVC repo around the working
             folder (:func:`dvc_root`), as ``dvc exp run`` finds it.
 
@@ -252,13 +272,17 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
     resets = leftover_resets(overrides, workspace, committed) if committed is not None else []
     if committed is None:
         log.warning("%s has no committed version: the profile runs on top of the workspace's", PARAMS)
-    now = flatten(workspace)
+    now = {**workspace, **flatten(workspace)}
     for reset in resets:
-        key, value = reset.split("=", 1)
-        log.warning("%s: %s is %r in the workspace (left by an earlier `dvc exp run -S`, or edited); this "
-                    "profile runs with the committed %s (commit params.yaml to make a value the base)",
-                    PARAMS, key, now[key], value)
-    cmd = ["dvc", "exp", "run", *(["-n", name] if name else []),
+        key, _, value = reset.lstrip("+~").partition("=")
+        if reset.startswith("~"):
+            log.warning("%s: %s is %r in the workspace (left by an earlier `dvc exp run -S +...`, or edited) and "
+                        "not in the committed file; this profile runs without it", PARAMS, key, now[key])
+        else:
+            log.warning("%s: %s is %s in the workspace (left by an earlier `dvc exp run -S`, or edited); this "
+                        "profile runs with the committed %s (commit params.yaml to make a value the base)",
+                        PARAMS, key, repr(now[key]) if key in now else "missing", value)
+    cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", " ".join(cmd))
     subprocess.run(cmd, cwd=root, check=True, env=tool_env())
@@ -281,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a param override, as for dvc exp run -S (repeatable)")
     parser.add_argument("-n", "--name", help="the experiment's name")
+    parser.add_argument("-f", "--force", action="store_true",
+                        help="replace an experiment of that name, as dvc exp run -f (DVC's advice when it is taken)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        run_profile(args.overrides, name=args.name)
+        run_profile(args.overrides, name=args.name, force=args.force)
     except ProfileError as e:
         log.error("%s", e)
         return 1
