@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import logging
 import time
 from dataclasses import asdict
@@ -44,7 +45,7 @@ from faceage.sources import ExternalSet, ExternalSetError, resolve_external
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
-from faceage.tracking import display_uri, read_run_file, setup_mlflow, tracking_uri
+from faceage.tracking import EVALUATED_IN_TAG, display_uri, read_run_file, setup_mlflow, tracking_uri
 from faceage.training import pin_threads, select_device
 from faceage.transforms import low_resolution_at, reference_side
 
@@ -350,6 +351,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         # trained run, and MLflow refuses to change a logged param. The tags hold the latest evaluation's settings.
         tags = {f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v for k, v in asdict(p).items()}
         tags[EXTERNAL_SHA256_TAG] = json.dumps({n: m["sha256"] for n, m in external.items()})
+        tags[EVALUATED_IN_TAG] = os.environ.get("DVC_EXP_NAME", "")  # `dvc exp run` names it; "" under dvc repro
         cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
         log_evaluation(read_run_file(run_path)["run_id"], flat, tags,
                        [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv",

@@ -50,7 +50,8 @@ from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
-from faceage.tracking import DVC_EXPERIMENT_TAG, EXPERIMENT, check_reachable, display_uri, git_commit, sqlite_path
+from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, check_reachable, display_uri, git_commit,
+                              sqlite_path)
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,15 @@ class Winner:
     git_commit: str | None
     external_mae_years: dict[str, float] = field(default_factory=dict)  # {set name: MAE}
     dvc_experiment: str | None = None  # the ``dvc exp run`` it trained in, if any
+    evaluated_in: str | None = None  # the ``dvc exp run`` that last evaluated it, if any
 
     def restore_hint(self) -> str:
         """How to put this run's pipeline outputs in the workspace."""
+        if self.evaluated_in and self.evaluated_in != self.dvc_experiment:
+            # Its metrics and tags are that experiment's evaluation (train was cached there): apply that one.
+            return (f"it was last evaluated in DVC experiment {self.evaluated_in!r} (trained in "
+                    f"{self.dvc_experiment or 'the workspace'}): `dvc exp apply {self.evaluated_in}` puts the "
+                    "outputs MLflow describes in the workspace")
         if self.dvc_experiment:
             return (f"it trained in DVC experiment {self.dvc_experiment!r}: `dvc exp apply {self.dvc_experiment}` "
                     "puts its outputs in the workspace")
@@ -273,7 +280,8 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
     return Winner(run_id=top.run_id, run_name=top.run_name, val_mae_years=top.val_mae_years,
                   test_mae_years=top.test_mae_years, start_time_ms=top.start_time_ms,
                   data_sha256=tags.get("data_sha256"), git_commit=tags.get("git_commit"),
-                  external_mae_years=top.external_mae_years, dvc_experiment=tags.get(DVC_EXPERIMENT_TAG))
+                  external_mae_years=top.external_mae_years, dvc_experiment=tags.get(DVC_EXPERIMENT_TAG),
+                  evaluated_in=tags.get(EVALUATED_IN_TAG) or None)
 
 
 def _unfinished(client, experiment_id: str) -> str:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "face-age"
 DVC_EXPERIMENT_TAG = "dvc_experiment"  # the DVC experiment a run trained in (``dvc exp run`` names it)
+# The DVC experiment that last evaluated the run ("" outside one): an evaluate-only rerun in another experiment
+# (train cached) re-tags the same run, whose dvc_experiment then names an experiment with another evaluation.
+EVALUATED_IN_TAG = "evaluate.dvc_experiment"
 # HEAD of the latest resume of a run that ran another commit than the one it started at (tag ``git_commit``)
 RESUMED_AT_COMMIT_TAG = "resumed_at_commit"
 # A tracking server not connected to in this long (seconds), or connected but silent for the second, is reported

@@ -7,6 +7,7 @@ and writes to the BentoML store ($BENTOML_HOME). `make bento` runs this, then `b
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from faceage.logs import run_stage, setup_logging
 from faceage.packaging import BENTO_MODEL, REGISTERED_MODEL, package_champion
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    if args.out:  # before the work: a folder that is not there failed after the registry and the store had changed
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     summary = package_champion(args.model, args.detector, args.faces, registered_model=args.registered_model,
                                bento_model=args.bento_model, external_record=args.external)
     if args.out:

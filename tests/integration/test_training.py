@@ -25,6 +25,7 @@ def test_tiny_run_is_tracked_in_mlflow(tiny_run):
     assert r.info.status == "FINISHED"
     assert r.data.params["train.backbone"] == "resnet18" and r.data.params["train.pretrained"] == "none"
     assert r.data.tags["git_commit"] and len(r.data.tags["data_sha256"]) == 64
+    assert r.data.tags["evaluate.dvc_experiment"] == ""  # evaluated outside `dvc exp run`
     assert {"best_val_mae", "test_mae_years", "test_cs5", "test_mae_real_years"} <= set(r.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"history.csv", "model_summary.txt", "evaluation"} <= artifacts

@@ -331,3 +331,20 @@ def test_the_champion_alias_moves_only_once_the_bento_model_is_saved(tmp_path, m
     packaging.package_champion(tmp_path / "model.pt", tmp_path, tmp_path)
     assert calls == ["register", "save", ("alias", 7)]
     assert stores == [store, store]
+
+
+def test_a_run_last_evaluated_in_another_experiment_names_that_one_to_apply(client):
+    """An evaluate-only rerun in a new experiment (train cached from e1) re-tagged e1's run with e2's evaluation:
+    the hint said `dvc exp apply e1`, which restores an evaluation other than the one MLflow holds."""
+    from faceage.tracking import EVALUATED_IN_TAG
+
+    run_id = add_run(client, "best", {"best_val_mae": 6.0, "test_mae_years": 7.0})
+    client.set_tag(run_id, DVC_EXPERIMENT_TAG, "e1")
+    client.set_tag(run_id, EVALUATED_IN_TAG, "e2")
+    winner = select_winner(client)
+    assert (winner.dvc_experiment, winner.evaluated_in) == ("e1", "e2")
+    assert "`dvc exp apply e2`" in winner.restore_hint() and "trained in e1" in winner.restore_hint()
+    client.set_tag(run_id, EVALUATED_IN_TAG, "e1")  # evaluated where it trained: the usual hint
+    assert select_winner(client).restore_hint().startswith("it trained in DVC experiment 'e1': `dvc exp apply e1`")
+    client.set_tag(run_id, EVALUATED_IN_TAG, "")  # evaluated by plain dvc repro
+    assert select_winner(client).evaluated_in is None

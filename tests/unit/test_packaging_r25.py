@@ -3,6 +3,7 @@ failed, a deleted experiment, a --model that is not a checkpoint, SIGTERM, a com
 the bento lock made for the image's Python and honouring the versions its requirements allow."""
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -222,3 +223,20 @@ def test_a_sqlite_store_that_is_not_there_is_refused_not_created(tmp_path, monke
     with pytest.raises(PackagingError, match=r"no MLflow store at .*mlfow\.db"):
         package_champion(tmp_path / "model.pt", tmp_path, tmp_path)
     assert not typo.exists()
+
+
+def test_out_into_a_folder_that_is_not_there_is_made_before_the_work(tmp_path):
+    """`stages/package.py --out new/lineage.json` registered the champion and saved the BentoML model, then failed
+    with a FileNotFoundError traceback, reporting failure for work it had done."""
+    out = tmp_path / "new" / "lineage.json"
+    code = (
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import faceage.packaging as packaging\n"
+        "packaging.package_champion = lambda *a, **k: {'bento_model': 'face_age:x', 'registered_model': 'face-age', "
+        "'registered_version': '1'}\n"
+        f"sys.argv = ['package.py', '--out', {str(out)!r}]\n"
+        f"runpy.run_path({str(REPO / 'stages' / 'package.py')!r}, run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["bento_model"] == "face_age:x"
