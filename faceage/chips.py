@@ -255,11 +255,16 @@ def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: C
                             disable=desc is None))
     except BaseException as e:
         processes = list((pool._processes or {}).values())  # (no public way to stop a worker mid-chunk)
+        manager = pool._executor_manager_thread
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             process.terminate()
         for process in processes:
             process.join()
+        if manager is not None and manager.is_alive():
+            # It reaps the workers too: a join that lost that race returned before the worker was marked
+            # stopped, and the caller still saw it running. With its workers gone it ends at once.
+            manager.join(timeout=10)
         if isinstance(e, BrokenProcessPool):
             raise WorkerDiedError(
                 f"a {desc or unit} worker process died ({workers} workers): killed by the system, most often for "

@@ -360,7 +360,14 @@ def test_queued_experiments_side_by_side_on_a_fresh_clone_all_land(sample_dir, e
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     [name] = re.findall(r"`dvc exp apply (seed[12])`", refused.stderr)
     winner = next(r for r in runs if r.data.tags["dvc_experiment"] == name)
-    assert winner.data.metrics["best_val_mae"] == min(r.data.metrics["best_val_mae"] for r in runs)
+    # The documented rule: the lowest validation MAE among the runs the external-MAE guard lets through
+    # (with seeds 1 and 2 the run of lower validation MAE can be vetoed: 9.52 against 10.89, once).
+    from faceage.packaging import guard_margin
+
+    ext = {r.info.run_id: r.data.metrics["external_utk_external_mae"] for r in runs}
+    best_ext = min(ext.values())
+    allowed = [r for r in runs if ext[r.info.run_id] <= best_ext + guard_margin(best_ext)]
+    assert winner.data.metrics["best_val_mae"] == min(r.data.metrics["best_val_mae"] for r in allowed)
     run(["dvc", "exp", "apply", name], root, env)
     run(package, root, env)
     assert json.loads((root / "package.json").read_text())["mlflow_run_id"] == winner.info.run_id
