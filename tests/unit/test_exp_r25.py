@@ -2,27 +2,18 @@
 
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from dvc.utils.hydra import apply_overrides
 
 import faceage.experiment as experiment
+from tests.unit import test_experiment
 from faceage.config import ConfigError, load_params, parse_params
 from faceage.experiment import committed_params, leftover_resets
 
 REPO = Path(__file__).resolve().parents[2]
-GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-
-
-@pytest.fixture
-def repo(tmp_path):
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "add", "params.yaml"], cwd=tmp_path, check=True)
-    subprocess.run([*GIT, "commit", "-q", "-m", "params"], cwd=tmp_path, check=True)
-    return tmp_path
+repo = test_experiment.repo  # the fixture: a git repo holding the committed params.yaml
 
 
 def workspace(repo: Path) -> dict:
