@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     if "LOCAL_RANK" in os.environ:  # a torchrun worker
         end_with_launcher()
     elif p.nproc_per_node > 1:
-        finetune.check_params(p)  # once, here, not in each process
+        finetune.check_params(p)  # before launching: one line, not one per process (each checks again in train_model)
         relaunch(p.nproc_per_node, argv)
         return
     train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from faceage.chips import map_in_processes
-from tests.unit.test_crop_r24 import _deadline
+from tests.unit.test_crop_r24 import _deadline, interrupted_map
 
 _worker: dict = {}
 
@@ -87,30 +87,10 @@ def test_the_workers_end_when_the_stage_is_killed():
                 os.kill(pid, signal.SIGKILL)
 
 
-def _interrupt(*_):
-    raise KeyboardInterrupt
-
-
 def test_a_map_interrupted_at_any_moment_leaves_no_worker_seen_running():
     """The executor's manager thread reaps the workers too: a join that lost that race returned before the worker
     was marked stopped, and the caller (CI, under load) still saw it running. Interrupted at 12 moments from
     5 to 115 ms, 12 of 20 such maps left one (measured); none may."""
-    import multiprocessing
-
-    from tests.unit.test_crop_r24 import _no_setup, _slow_item
-
     for delay in [0.005 + 0.01 * i for i in range(12)]:
-        before = set(multiprocessing.active_children())
-        previous = signal.signal(signal.SIGALRM, _interrupt)
-        signal.setitimer(signal.ITIMER_REAL, delay)
-        try:
-            with contextlib.suppress(KeyboardInterrupt):
-                map_in_processes(_slow_item, list(range(64)), 2, _no_setup, (), desc=None, unit="item")
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-        left = set(multiprocessing.active_children()) - before
-        for process in left:
-            process.terminate()
-            process.join()
+        _, _, left = interrupted_map(delay)
         assert not left, f"interrupted after {delay * 1000:.0f} ms: {left} still running"
