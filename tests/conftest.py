@@ -30,6 +30,24 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_ENV = "FACEAGE_SHARED_DATASETS"
 
 
+@contextmanager
+def http_server(handler, **state) -> Iterator:
+    """A ``ThreadingHTTPServer`` on 127.0.0.1 (a free port) serving ``handler``, with ``state`` as the server's
+    attributes (what the handler reads and records); shut down and closed on exit."""
+    import http.server
+    import threading
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for name, value in state.items():
+        setattr(srv, name, value)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def shared_datasets() -> Path:
     return Path(os.environ.get(SHARED_ENV) or REPO.parent / "shared" / "datasets")
 

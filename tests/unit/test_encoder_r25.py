@@ -8,7 +8,6 @@ import bz2
 import hashlib
 import http.server
 import json
-import threading
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import pytest
 import faceage.detector as detector
 from faceage.detector import MANIFEST, DetectorFilesError, read_manifest
 from faceage.errors import FaceAgeError
+from tests.conftest import http_server
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -34,12 +34,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.body = b""
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with http_server(_Handler, body=b"") as srv:
+        yield srv
 
 
 def test_a_dlib_net_download_that_is_not_bz2_is_deleted_so_the_next_run_fetches_it_again(server, tmp_path,

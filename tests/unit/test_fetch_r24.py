@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from faceage.appa_real import LayoutError, cached_download, fetch_appa_real, rea
 from faceage.atomic import staged_dir
 from faceage.download import ChecksumError, download
 from faceage.sources import ExternalSetError, resolve_external
+from tests.conftest import http_server
 
 HEADER = "file_name,num_ratings,apparent_age_avg,apparent_age_std,real_age\n"
 
@@ -48,12 +48,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.body, srv.requests = b"", []
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with http_server(_Handler, body=b"", requests=[]) as srv:
+        yield srv
 
 
 def _url(srv, path="/f.bin"):

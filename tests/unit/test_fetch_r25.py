@@ -19,6 +19,7 @@ import pytest
 
 from faceage.appa_real import LayoutError, fetch_appa_real, read_demographics, read_split
 from faceage.download import DownloadError, download
+from tests.conftest import http_server
 
 HEADER = "file_name,num_ratings,apparent_age_avg,apparent_age_std,real_age\n"
 BODY = random.Random(25).randbytes(200_000)  # incompressible, as a zip of JPEGs is
@@ -72,12 +73,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.requests, srv.mode, srv.body = [], "", b""
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with http_server(_Handler, requests=[], mode="", body=b"") as srv:
+        yield srv
 
 
 def _url(srv, path="/f.zip"):
