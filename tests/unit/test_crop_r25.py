@@ -41,12 +41,13 @@ def test_workers_run_the_cnn_after_this_process_has_run_it(detector_dir):
 
 
 def _workers_of(pid: int) -> set[int]:
-    """The child processes of ``pid`` but multiprocessing's resource tracker."""
+    """The spawned worker children of ``pid``: not multiprocessing's resource tracker, nor an import's
+    short-lived ``ldconfig -p`` (ctypes' find_library)."""
     found = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
             if (int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
-                    and b"resource_tracker" not in (stat.parent / "cmdline").read_bytes()):
+                    and b"spawn_main" in (stat.parent / "cmdline").read_bytes()):
                 found.add(int(stat.parent.name))
     return found
 

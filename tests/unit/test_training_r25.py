@@ -47,15 +47,18 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _children(pid: int) -> list[int]:
+def _workers(pid: int) -> list[int]:
+    """The training processes ``pid`` has started: its children running the train stage. Not any child: an
+    import runs ``ldconfig -p`` (ctypes' find_library) before the stage's SIGTERM handler is set."""
     kids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and str(STAGE).encode() in cmdline:
                 kids.append(int(entry.name))
     return kids
 
@@ -143,9 +146,9 @@ def test_sigterm_to_the_relaunching_process_stops_the_stage_as_without_torchrun(
     proc = _relaunch(tmp_path)
     try:
         deadline = time.monotonic() + 60
-        while not _children(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        while not _workers(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _children(proc.pid), proc.communicate(timeout=60)[1][-3000:]
+        assert _workers(proc.pid), proc.communicate(timeout=60)[1][-3000:]
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
