@@ -122,8 +122,8 @@ class TrainParams:
     distill_open_top: bool = True
     # The fused head's view of dlib's face-recognition network: "descriptor" = its 128-D descriptor;
     # "layers" = the mean-pooled outputs of three of its blocks (640 values): 0.3 years lower test MAE,
-    # but a head trained without one gender then trails the pretrained network on it by up to 1.3 years
-    # (round 15 of reports/recipe_dlib_age.md), so the descriptor stays the default
+    # but a head trained without one gender then trails the pretrained network on it by up to 1.1 years
+    # (rounds 15-16 of reports/recipe_dlib_age.md), so the descriptor stays the default
     face_features: FaceFeatures = DESCRIPTOR
     # Fine-tuning without forgetting (dlib_age with head pretrained; see faceage.finetune):
     freeze_blocks: int = 0  # leading stages left frozen (stem, block1, ...)

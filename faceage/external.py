@@ -11,8 +11,9 @@ Output: a faces folder laid out like ``preprocess``'s (``test/NAME.png``, ``mani
 The crops are made by :func:`faceage.preprocess.crop_samples` (the pipeline's one detect + crop
 + ``no_face`` code) and cached under ``<cache>/<name>-<key>/``, where the key hashes the
 folder's bytes and the crop settings: a new detector, margin, size or fallback, or edited
-images, give a new key; the same settings reuse the crops (detection of 1,743 faces takes
-about a minute on 2 cores, the ``dlib_face`` descriptors several).
+images, give a new key; the same settings reuse the crops (detection and crop of 1,743 faces took
+21.6 s on 2 cores in round 22, ``benchmarks/bench_external_crops.py``; the ``dlib_face`` descriptors
+take minutes).
 """
 
 from __future__ import annotations

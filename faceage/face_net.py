@@ -25,8 +25,8 @@ varies within a person, age among it. ``layers``, the pooled outputs of the 128-
 block, the 256-channel stage's last block before the final down-sampling and the final block (what
 the descriptor's linear layer reads), :data:`POOLED_BLOCKS`, carry more: a head over them has 0.3
 years lower out-of-fold MAE on the training split and test MAE, but trained without one gender it
-trails the pretrained network on that gender by up to 1.3 years where the descriptor's head stays
-ahead (``reports/recipe_dlib_age.md``, round 15). They cost nothing more to serve: the network runs
+trails the pretrained network on that gender by up to 1.1 years where the descriptor's head stays
+within 0.11 years of it (``reports/recipe_dlib_age.md``, rounds 15-16). They cost nothing more to serve: the network runs
 to its last block either way.
 
 The file format: dlib writes each layer after the layers below it, as a name string followed by

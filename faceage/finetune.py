@@ -19,7 +19,7 @@ Output: three hooks that :func:`faceage.training.train_model` calls:
 
 Why: 1,500 faces of one collection are enough to pull a network trained on ~110k faces toward
 that collection's look; these measures trade a little in-sample gain for cross-dataset error
-(see ``reports/recipe.md``).
+(see ``reports/recipe_dlib_age.md``).
 """
 
 from __future__ import annotations
