@@ -18,17 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from faceage.errors import FaceAgeError
 from faceage.inference import AgeModel
+from faceage.ort_module import exportable_pools
 
 log = logging.getLogger(__name__)
 
@@ -45,71 +43,6 @@ class ExportError(FaceAgeError, RuntimeError):
 
 def _json_ready(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-
-
-def _bins(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) averaging matrix of ``adaptive_avg_pool``'s bins: [floor(i n_in / n_out), ceil((i+1) n_in / n_out))."""
-    matrix = torch.zeros(n_out, n_in)
-    for i in range(n_out):
-        start, end = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
-
-
-class _PoolByMatrices(nn.Module):
-    """An ``nn.AdaptiveAvgPool2d`` at one input size as two matrix products (the same bins)."""
-
-    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
-        super().__init__()
-        self.register_buffer("rows", _bins(in_hw[0], out_hw[0]))
-        self.register_buffer("cols", _bins(in_hw[1], out_hw[1]).T.contiguous())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rows @ x @ self.cols
-
-
-@contextmanager
-def _exportable_pools(graph: nn.Module, example: torch.Tensor) -> Iterator[int]:
-    """Swaps, for the export, each adaptive average pool whose output size does not divide its input's.
-
-    The TorchScript exporter has no ONNX form for those: VGG's 7x7 and AlexNet's 6x6 pools export at
-    224 px, but at train.image_size 64, 112, 128 or 256 the export failed after the whole training run
-    ("Unsupported: ONNX export of operator adaptive_avg_pool2d, output size that are not factor of
-    input size", and the traced graph printed to stderr). The pools that divide are left as they are,
-    so those graphs are unchanged. Yields the number of pools swapped; puts them back on exit.
-    """
-    sizes: dict[str, tuple[int, int]] = {}
-    pools = {name: m for name, m in graph.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)}
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:  # None: the output stands
-            sizes[name] = tuple(args[0].shape[-2:])
-        return hook
-
-    hooks = [m.register_forward_hook(record(name)) for name, m in pools.items()]
-    try:
-        with torch.no_grad():
-            graph(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    swapped = []
-    for name, pool in pools.items():
-        if name not in sizes:
-            continue
-        in_hw = sizes[name]
-        out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
-        out_hw = tuple(i if o is None else int(o) for i, o in zip(in_hw, out))
-        if out_hw == (1, 1) or all(i % o == 0 for i, o in zip(in_hw, out_hw)):
-            continue
-        parent, attr = (graph.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]) if "." in name else (graph, name)
-        setattr(parent, attr, _PoolByMatrices(in_hw, out_hw))
-        swapped.append((parent, attr, pool))
-    try:
-        yield len(swapped)
-    finally:
-        for parent, attr, pool in swapped:
-            setattr(parent, attr, pool)
 
 
 def export_onnx(checkpoint: str | Path, detector_dir: str | Path | None, crops: list[np.ndarray],
@@ -141,7 +74,7 @@ def export_onnx(checkpoint: str | Path, detector_dir: str | Path | None, crops: 
     inputs = age_model.prepare(crops)
     out_path = Path(out_path)
     example = inputs[:2].contiguous()
-    with warnings.catch_warnings(), _exportable_pools(age_model.graph, example):
+    with warnings.catch_warnings(), exportable_pools(age_model.graph, example):
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
         torch.onnx.export(age_model.graph, (example,), str(out_path), input_names=[INPUT_NAME],
                           output_names=list(OUTPUT_NAMES), opset_version=OPSET, dynamo=False,

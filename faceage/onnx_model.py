@@ -6,13 +6,14 @@ crops. Output: per crop, the age (years) and its calibrated std, like
 :class:`faceage.inference.AgeModel`, whose graph this is: inputs are prepared by the same
 :mod:`faceage.inputs` code, so served and evaluated numbers agree (to float rounding).
 
-One ``InferenceSession`` per model (per process), with explicit thread counts.
+One ``InferenceSession`` per model (per process), with explicit thread counts, and with more than
+one thread a second one whose threads spin (built on first idle use); both allocate from one arena.
 """
 
 from __future__ import annotations
 
 import json
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +23,44 @@ import onnxruntime as ort
 from faceage.inputs import input_kind, input_preparer
 
 META_KEY = "faceage"  # faceage.export.META_KEY (not imported: that module needs torch)
+# Most faces in one forward pass (:meth:`OnnxAgeModel.predict_crops`): ONNX Runtime's arena keeps the memory
+# of the largest pass a session ever ran (~2.5 MB a face for the fused dlib_age graph: 200 faces in one pass
+# left a process 500 MB larger for good; in passes of 64, 360 MB). The service's own cap
+# (faceage.serving.DEFAULT_MAX_PASS_FACES) is the same number.
+MAX_PASS_FACES = 64
 
 
-def cpu_session(model: str | bytes, threads: int, *, spin: bool = True) -> ort.InferenceSession:
+def cpu_session(model: str | bytes, threads: int, *, spin: bool = True,
+                shared_arena: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for a model file or its bytes: ``threads`` intra-op threads,
     inter-op 1 (the graph runs sequentially).
 
     ``spin=False`` lets idle pool threads sleep instead of busy-waiting for the next operator.
     That costs a little when the threads have the cores to themselves, and it stops them from
     taking CPU time from other processes (the service's detection workers) when they do not.
+
+    ``shared_arena=True``: the session allocates from one arena the process's other such sessions share
+    (ONNX Runtime's environment allocator), not from its own. Each arena keeps the memory of the
+    largest pass it ran, so two sessions over one graph that run in turn (:class:`OnnxAgeModel`'s
+    sleeping and spinning ones) kept it twice: 32 faces of the fused graph through each left a
+    process at 621 MB, against 377 MB with one session; with the shared arena, 445 MB.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if shared_arena:
+        _register_shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+@cache
+def _register_shared_arena() -> None:
+    """Registers, once per process, the CPU arena that sessions built with ``shared_arena=True`` share."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, None)
 
 
 class OnnxAgeModel:
@@ -52,7 +75,8 @@ class OnnxAgeModel:
             graph has spinning threads, for callers that know the cores are free (``idle=True``;
             built on first use, ~65 MB for the fused graph): on 2 idle cores, waking sleeping
             threads between operators cost one face of the fused ``dlib_age`` graph ~5 ms (22.1
-            against 16.8 ms, round 12).
+            against 16.8 ms, round 12). Both sessions allocate from one shared arena
+            (:func:`cpu_session`'s ``shared_arena``), so a pass's memory is kept once, not once per session.
 
     Raises:
         ValueError: The file is not an ONNX graph (a truncated copy, a ``.pt`` given by mistake), or
@@ -63,7 +87,7 @@ class OnnxAgeModel:
 
     def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
         try:
-            self.session = cpu_session(str(onnx_path), threads, spin=False)
+            self.session = cpu_session(str(onnx_path), threads, spin=False, shared_arena=True)
         except Exception as e:  # ONNX Runtime's own types (InvalidProtobuf, NoSuchFile, ...), none a ValueError
             raise ValueError(f"{onnx_path} is not an ONNX graph ONNX Runtime can load: "
                              f"{' '.join(str(e).split())[:200]}") from e
@@ -82,7 +106,8 @@ class OnnxAgeModel:
     def spinning(self) -> ort.InferenceSession:
         """The session with spinning threads (``idle=True``), built on first use; with one thread
         there is nothing to spin, and it is :attr:`session` itself."""
-        return cpu_session(self._path, self._threads, spin=True) if self._threads > 1 else self.session
+        return (cpu_session(self._path, self._threads, spin=True, shared_arena=True) if self._threads > 1
+                else self.session)
 
     def prepare(self, crops: list[np.ndarray]) -> np.ndarray:
         """Crops -> the stored input form (:mod:`faceage.inputs`)."""
@@ -98,11 +123,14 @@ class OnnxAgeModel:
         return age, std, probs
 
     def predict_crops(self, crops: list[np.ndarray], *, idle: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Ages and stds (years, float64) for uint8 crops, in one batched pass (``idle``: see :meth:`run`)."""
+        """Ages and stds (years, float64) for uint8 crops, in batched passes of at most
+        :data:`MAX_PASS_FACES` (``idle``: see :meth:`run`)."""
         if len(crops) == 0:
             return np.zeros(0), np.zeros(0)
-        age, std, _ = self.run(self.prepare(crops), idle=idle)
-        return age.astype(np.float64), std.astype(np.float64)
+        inputs = self.prepare(crops)
+        out = [self.run(inputs[i:i + MAX_PASS_FACES], idle=idle)[:2] for i in range(0, len(inputs), MAX_PASS_FACES)]
+        return (np.concatenate([age for age, _ in out]).astype(np.float64),
+                np.concatenate([std for _, std in out]).astype(np.float64))
 
 
 def load_age_model(onnx_path: str | Path, detector_dir: str | Path | None, *, device: str | None = "cpu",

@@ -13,7 +13,9 @@ not further.
 
 The export is checked on the example: every output must stay within ``tolerance`` + ``RELATIVE``
 times torch's value, else (or if the export fails) the torch module is used and the reason logged.
-On CUDA the torch module is used as it is.
+On CUDA the torch module is used as it is. Adaptive average pools the TorchScript exporter cannot
+export (VGG's and AlexNet's at another image size than 224) are exported as their bins
+(:func:`exportable_pools`), as :mod:`faceage.export` exports the served graph.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -58,7 +61,7 @@ class OrtModule:
             expected = _as_tuple(module(example))
         names = [f"out{i}" for i in range(len(expected))]
         buffer = io.BytesIO()
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), exportable_pools(module, example):
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
             torch.onnx.export(module, (example,), buffer, input_names=["input"], output_names=names,
                               opset_version=OPSET, dynamo=False,
@@ -77,6 +80,77 @@ class OrtModule:
     def __call__(self, x: torch.Tensor):
         out = self._run(x)
         return out[0] if len(out) == 1 else out
+
+
+def _bins(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) averaging matrix of ``adaptive_avg_pool``'s bins: [floor(i n_in / n_out), ceil((i+1) n_in / n_out))."""
+    matrix = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class _PoolByMatrices(nn.Module):
+    """An ``nn.AdaptiveAvgPool2d`` at one input size as two matrix products (the same bins)."""
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("rows", _bins(in_hw[0], out_hw[0]))
+        self.register_buffer("cols", _bins(in_hw[1], out_hw[1]).T.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols
+
+
+def _pool_out(pool: nn.AdaptiveAvgPool2d) -> tuple:
+    return pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+
+
+@contextmanager
+def exportable_pools(graph: nn.Module, example: torch.Tensor) -> Iterator[int]:
+    """Swaps, for an export, each adaptive average pool whose output size does not divide its input's.
+
+    The TorchScript exporter has no ONNX form for those: VGG's 7x7 and AlexNet's 6x6 pools export at
+    224 px, but at train.image_size 64, 112, 128 or 256 the export fails ("Unsupported: ONNX export of
+    operator adaptive_avg_pool2d, output size that are not factor of input size") and prints the whole
+    traced graph to stdout. The pools that divide are left as they are, so those graphs are unchanged;
+    a graph with no pool but global ones (output 1x1) is not run. Yields the number of pools swapped;
+    puts them back on exit.
+    """
+    sizes: dict[str, tuple[int, int]] = {}
+    pools = {name: m for name, m in graph.named_modules()
+             if isinstance(m, nn.AdaptiveAvgPool2d) and any(o not in (1, None) for o in _pool_out(m))}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:  # None: the output stands
+            sizes[name] = tuple(args[0].shape[-2:])
+        return hook
+
+    if pools:
+        hooks = [m.register_forward_hook(record(name)) for name, m in pools.items()]
+        try:
+            with torch.no_grad():
+                graph(example)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    swapped = []
+    for name, pool in pools.items():
+        if name not in sizes:
+            continue
+        in_hw = sizes[name]
+        out_hw = tuple(i if o is None else int(o) for i, o in zip(in_hw, _pool_out(pool)))
+        if all(i % o == 0 for i, o in zip(in_hw, out_hw)):
+            continue
+        parent, attr = (graph.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]) if "." in name else (graph, name)
+        setattr(parent, attr, _PoolByMatrices(in_hw, out_hw))
+        swapped.append((parent, attr, pool))
+    try:
+        yield len(swapped)
+    finally:
+        for parent, attr, pool in swapped:
+            setattr(parent, attr, pool)
 
 
 def _as_tuple(out) -> tuple[torch.Tensor, ...]:

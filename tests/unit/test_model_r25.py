@@ -61,7 +61,7 @@ def test_a_copied_mnasnet_loads_into_itself_not_the_original():
 
 @pytest.mark.parametrize(("in_hw", "out_hw"), [((2, 2), (7, 7)), ((1, 1), (6, 6)), ((8, 5), (7, 7)), ((13, 3), (6, 2))])
 def test_the_exported_pool_has_torchs_bins(in_hw, out_hw):
-    from faceage.export import _PoolByMatrices
+    from faceage.ort_module import _PoolByMatrices
 
     x = torch.randn(2, 3, *in_hw)
     torch.testing.assert_close(_PoolByMatrices(in_hw, out_hw)(x), nn.functional.adaptive_avg_pool2d(x, out_hw))
