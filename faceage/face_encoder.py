@@ -22,7 +22,7 @@ import dlib
 import numpy as np
 
 from faceage.chips import crop_workers, face_rect, map_crop_files
-from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, read_manifest
+from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, load_dlib_file, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class DlibFaceEncoder:
     Args:
         model_dir: The ``fetch_detector`` folder (shape predictor + recognition network).
         margin: The crop margin the crops were cut with (locates the face inside the crop).
+
+    Raises:
+        FileNotFoundError: A model file is missing from ``model_dir``.
+        faceage.detector.DetectorFilesError: dlib cannot read one (the message names it).
     """
 
     def __init__(self, model_dir: str | Path, margin: float):
@@ -45,8 +49,8 @@ class DlibFaceEncoder:
             if not (model_dir / name).exists():
                 raise FileNotFoundError(f"{model_dir / name} not found: run the fetch_detector stage first")
         self.margin = margin
-        self._shape = dlib.shape_predictor(str(model_dir / SHAPE5_FILE))
-        self._net = dlib.face_recognition_model_v1(str(model_dir / RECOGNITION_FILE))
+        self._shape = load_dlib_file(dlib.shape_predictor, model_dir / SHAPE5_FILE)
+        self._net = load_dlib_file(dlib.face_recognition_model_v1, model_dir / RECOGNITION_FILE)
 
     def face_rect(self, side: int) -> dlib.rectangle:
         """The detected face box inside a ``side`` x ``side`` crop cut with ``self.margin``."""

@@ -24,7 +24,7 @@ import dlib
 import numpy as np
 from PIL import Image
 
-from faceage.detector import CNN_FILE, HOG_FILE
+from faceage.detector import CNN_FILE, HOG_FILE, load_dlib_file
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class FaceDetector:
         ValueError: Unknown ``kind``, negative ``upsample``, ``cnn_retry_side`` or ``max_detect_pixels``, or
             ``retry_pad`` outside [0, 1].
         FileNotFoundError: A model file it needs is missing from ``model_dir``.
+        faceage.detector.DetectorFilesError: dlib cannot read one (the message names it).
 
     dlib's detectors release the GIL but are not thread-safe (threads sharing one crashed with
     "double free or corruption"), so :meth:`detect` holds a lock; for parallelism use one
@@ -133,9 +134,9 @@ class FaceDetector:
         self.path = path
         self._lock = threading.Lock()
         if kind == "hog":
-            self._hog = dlib.fhog_object_detector(str(path))
+            self._hog = load_dlib_file(dlib.fhog_object_detector, path)
         if kind == "cnn" or self.cnn_retry_side:
-            self._cnn = dlib.cnn_face_detection_model_v1(str(Path(model_dir) / CNN_FILE))
+            self._cnn = load_dlib_file(dlib.cnn_face_detection_model_v1, Path(model_dir) / CNN_FILE)
 
     def detect(self, image: np.ndarray, *, parallel: bool = False) -> list[FaceBox]:
         """Finds every face in an RGB uint8 image, largest first.
@@ -144,12 +145,19 @@ class FaceDetector:
         nothing is found and ``retry_pad`` > 0, the second look (see the class) runs.
         ``parallel=True`` (HOG): both looks run on two threads, with the same result; worth it
         only when a second core is free. An image over ``max_detect_pixels`` is looked at downscaled.
+
+        Raises:
+            ValueError: ``image`` is not an RGB uint8 array (a 2-D greyscale one, RGBA, 16-bit, float).
         """
+        require_rgb(image, "FaceDetector.detect")
         h, w = image.shape[:2]
         if not self.max_detect_pixels or h * w <= self.max_detect_pixels:
             return self._looks(image, parallel)
         scale = math.sqrt(self.max_detect_pixels / (h * w))
         sw, sh = max(int(w * scale), 1), max(int(h * scale), 1)
+        # A side under 1 px is kept at 1, so the other is cut to keep the cap (a 1 x 20000000 strip was looked
+        # at as 1 x 12880000, over half as many pixels again as any photo's look).
+        sw, sh = min(sw, max(self.max_detect_pixels // sh, 1)), min(sh, max(self.max_detect_pixels // sw, 1))
         small = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((sw, sh), Image.Resampling.BOX))
         fx, fy = w / sw, h / sh
         log.debug("detecting on %dx%d instead of %dx%d (max_detect_pixels=%d)", sw, sh, w, h, self.max_detect_pixels)
@@ -229,6 +237,17 @@ class FaceDetector:
             if box.width > 1 and box.height > 1:
                 boxes.append(box)
         return sorted(boxes, key=lambda b: (-b.area, -b.score))
+
+
+def require_rgb(image: np.ndarray, what: str) -> None:
+    """Raises ValueError unless ``image`` is an (H, W, 3) uint8 array. A 2-D greyscale array was detected on
+    when the first look found a face, then its crop failed, and failed at the second look when none was
+    found, both in numpy's words; RGBA, 16-bit and float arrays failed in dlib's."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return
+    got = f"shape {image.shape} of {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+    raise ValueError(f"{what} takes an RGB uint8 array (H, W, 3), as faceage.images.load_image returns "
+                     f"(greyscale, RGBA and 16-bit photos converted); got {got}")
 
 
 def _scaled(image: np.ndarray, scale: float) -> np.ndarray:
@@ -313,7 +332,11 @@ def margin_region(image: np.ndarray, box: FaceBox, margin: float) -> np.ndarray:
 
     Returns:
         RGB uint8 array (S, S, 3), ``S`` the side of :func:`crop_box`.
+
+    Raises:
+        ValueError: ``image`` is not an RGB uint8 array.
     """
+    require_rgb(image, "margin_region")
     h, w = image.shape[:2]
     x0, y0, x1, y1 = crop_box(box, margin)
     out = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)

@@ -31,6 +31,7 @@ photos); about 0.55x the time on a one-face photo of 565x800 px, with both cores
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,7 +139,8 @@ class SplitHogDetector:
     """``fhog_object_detector.run(image, upsample, 0.0)`` computed on two threads (module docstring).
 
     Not thread-safe (each half keeps dlib scratch state): one caller at a time, as
-    :class:`faceage.faces.FaceDetector` ensures with its lock.
+    :class:`faceage.faces.FaceDetector` ensures with its lock. A forked child starts its own thread (the
+    parent's is not in it: the child's first :meth:`run` waited for ever on the executor it inherited).
 
     Raises:
         UnsupportedDetectorFile: The file's layout is not the one this class rewrites.
@@ -154,6 +156,14 @@ class SplitHogDetector:
         self._down = dlib.pyramid_down(6)
         self._half = dlib.pyramid_down(2)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faceage-hog")
+        self._pid = os.getpid()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The second thread, this process's own: a forked child has the parent's executor, not its thread."""
+        if self._pid != os.getpid():
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faceage-hog")
+            self._pid = os.getpid()
+        return self._thread
 
     def levels(self, height: int, width: int) -> int:
         """How many pyramid levels dlib scans on an image of this size (``scan_fhog_pyramid::load``)."""
@@ -179,7 +189,7 @@ class SplitHogDetector:
         levels = self.levels(*top.shape[:2])
         if levels <= SPLIT_LEVEL:
             return None
-        fine = self._thread.submit(self.top.run, top, 0, 0.0)
+        fine = self._executor().submit(self.top.run, top, 0, 0.0)
         windows = []
         try:
             level = top
