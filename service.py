@@ -46,9 +46,7 @@ from faceage.http import (
     photo_status, read_images,
 )
 from faceage.predict import AgePredictor, FaceAge, LocatedFaces, available_cores, split_results
-from faceage.serving import (
-    RELEASE_AFTER_PIXELS, RESTART_AFTER_S, AgeBatcher, DetectionUnavailable, LocatorPool, release_memory,
-)
+from faceage.serving import RESTART_AFTER_S, AgeBatcher, DetectionUnavailable, LocatorPool, drawn_then_released
 from faceage.ui import UI_PATH, LazyUI, UIGateMiddleware, UIMiddleware
 
 log = logging.getLogger("faceage.service")
@@ -200,12 +198,8 @@ class FaceAgeService:
     @api.post("/annotate", openapi_extra=IMAGE_FORM)
     async def annotate(self, request: Request) -> Response:
         """The photo in ``image`` with each face's box and "age ± std" label (PNG)."""
-        _, faces, image = await self._analyse_one(request, with_image=True)
-        data = await asyncio.to_thread(lambda im, fs: to_png(draw_faces(im, fs)), image, faces)
-        large = image.shape[0] * image.shape[1] >= RELEASE_AFTER_PIXELS
-        del image
-        if large:
-            await asyncio.to_thread(release_memory)  # the photo's buffers: 250 MB kept after a 36 MP one
+        _, faces, data = await drawn_then_released(self._analyse_one(request, with_image=True),
+                                                   lambda image, faces: to_png(draw_faces(image, faces)))
         return png(data, {"X-FaceAge-Faces": str(len(faces))})
 
     @api.post("/crop", openapi_extra=IMAGE_FORM)

@@ -18,6 +18,7 @@ from faceage.predict import FaceAge
 # Colour-blind-safe palette (Okabe-Ito), cycled over faces in order (largest first).
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
            (204, 121, 167))
+MIN_FONT_PX = 12  # the smallest label text, however small the photo or its face
 
 
 def face_label(face: FaceAge) -> str:
@@ -29,7 +30,10 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
     """Draws each face's box and its :func:`face_label` onto a copy of ``image``.
 
     Line width and text size scale with the image, so labels stay readable on small and
-    large photos alike. A label sits above its box, or inside it at the top edge.
+    large photos alike, but a label is no wider than its face's box (its text no smaller than
+    :data:`MIN_FONT_PX`): at the photo's text size, the labels of a crowd's small faces covered
+    their neighbours' faces and labels. A label sits above its box, or inside it at the top edge;
+    the labels are drawn after all the boxes, so no box crosses a label.
 
     Args:
         image: RGB uint8 array (H, W, 3).
@@ -47,21 +51,39 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     h, w = image.shape[:2]
     line = max(2, round(min(h, w) / 250))
-    font = ImageFont.load_default(size=max(12, round(min(h, w) / 28)))
+    size = max(MIN_FONT_PX, round(min(h, w) / 28))
+    fonts: dict[int, ImageFont.FreeTypeFont] = {}
+    # Every box first, then every label: a box drawn after another face's label crossed its digits
+    # (in a group photo, a neighbour's box edge ran through "12" of "38 ± 12").
+    for i, face in enumerate(faces):
+        x1, y1, x2, y2 = face.box
+        draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=PALETTE[i % len(PALETTE)], width=line)
     for i, face in enumerate(faces):
         colour = PALETTE[i % len(PALETTE)]
-        x1, y1, x2, y2 = face.box
-        draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=colour, width=line)
+        x1, y1, x2, _ = face.box
         text = face_label(face)
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        font, (left, top, right, bottom), pad = _label_font(draw, text, size, x2 - x1, fonts)
         tw, th = right - left, bottom - top
-        pad = max(2, th // 5)
         box_h = th + 2 * pad
         ty = y1 - box_h if y1 - box_h >= 0 else y1  # above the box, else inside its top edge
         tx = min(max(x1, 0), max(w - tw - 2 * pad, 0))
-        draw.rectangle((tx, ty, tx + tw + 2 * pad, ty + box_h), fill=colour)
+        draw.rectangle((tx, ty, tx + tw + 2 * pad - 1, ty + box_h - 1), fill=colour)
         draw.text((tx + pad - left, ty + pad - top), text, fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
+
+
+def _label_font(draw: ImageDraw.ImageDraw, text: str, size: int, max_width: int,
+                fonts: dict[int, ImageFont.FreeTypeFont]):
+    """The font for ``text`` at ``size`` px, smaller (down to :data:`MIN_FONT_PX`) until its label, padding
+    included, is no wider than ``max_width`` (its face's box); with its text bbox and padding."""
+    while True:
+        font = fonts.get(size) or fonts.setdefault(size, ImageFont.load_default(size=size))
+        bbox = draw.textbbox((0, 0), text, font=font)
+        pad = max(2, (bbox[3] - bbox[1]) // 5)
+        width = bbox[2] - bbox[0] + 2 * pad
+        if width <= max_width or size <= MIN_FONT_PX:
+            return font, bbox, pad
+        size = max(MIN_FONT_PX, min(size - 1, int(size * max_width / width)))
 
 
 def to_png(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:

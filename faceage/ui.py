@@ -119,7 +119,7 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[l
     import gradio as gr
 
     from faceage.images import ImageDecodeError
-    from faceage.serving import RELEASE_AFTER_PIXELS, DetectionUnavailable, ImageProcessingError, release_memory
+    from faceage.serving import DetectionUnavailable, ImageProcessingError, drawn_then_released
 
     def user_error(message: str) -> Exception:
         # The user's message, without the 25-line traceback Gradio logs for every gr.Error by default
@@ -133,19 +133,15 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[l
     size = os.path.getsize(path)
     if size > max_body_bytes:
         raise user_error(f"The file has {size} bytes; the limit is {max_body_bytes}.")
-    try:
-        _, faces, image = await bentoml.get_current_service().analyse(Path(path).read_bytes(), with_image=True)
+    try:  # the annotated JPEG, then the photo's memory given back (after a large one), as /annotate does
+        _, faces, shown = await drawn_then_released(
+            bentoml.get_current_service().analyse(Path(path).read_bytes(), with_image=True), _ui_image_file)
     except (ImageDecodeError, ImageProcessingError, DetectionUnavailable) as e:
         raise user_error(str(e)) from None
     rows = [[i + 1, round(f.age, 1), round(f.age_std, 1), face_label(f), str(list(f.box)), round(f.score, 3)]
             for i, f in enumerate(faces)]
     if not faces:
         gr.Info("No face found in this photo.")
-    shown = await asyncio.to_thread(_ui_image_file, image, faces)
-    large = image.shape[0] * image.shape[1] >= RELEASE_AFTER_PIXELS
-    del image
-    if large:  # the photo's buffers, as /annotate gives them back (three 38 MP photos left the server 318 MB larger)
-        await asyncio.to_thread(release_memory)
     return shown, rows
 
 

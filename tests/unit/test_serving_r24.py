@@ -317,8 +317,8 @@ def test_annotate_gives_the_heap_back_after_a_large_photo(routes, locator, monke
     import service
 
     calls = []
-    monkeypatch.setattr(service, "release_memory", lambda: calls.append(1), raising=False)
-    monkeypatch.setattr(service, "RELEASE_AFTER_PIXELS", 512 * 512, raising=False)
+    monkeypatch.setattr(serving, "release_memory", lambda: calls.append(1))
+    monkeypatch.setattr(serving, "RELEASE_AFTER_PIXELS", 512 * 512)
     _, client = routes(LocatorPool(locator, 0))
     r = client.post("/annotate", files={"image": ("a.jpg", _astronaut(), "image/jpeg")})  # 512 x 512
     assert r.status_code == 200 and calls == [1]
