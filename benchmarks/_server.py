@@ -1,10 +1,12 @@
 """Starting and stopping the servers the benchmarks measure (``bench_service``, ``load_test``,
 ``bench_container``), in one place.
 
-``bentoml serve`` runs in its own session, a process group stopped as a whole (the server and its
-workers); nothing stops it but the benchmark's clean-up, so :func:`exit_on_sigterm` turns SIGTERM into
-``SystemExit`` and the ``finally`` blocks that stop it run (SIGTERM's default action ends the process
-without them). Its stderr goes to a temporary file, and a failed start shows its last lines.
+``bentoml serve`` runs in its own session, so nothing stops it but the benchmark's clean-up:
+:func:`exit_on_sigterm` turns SIGTERM into ``SystemExit`` and the ``finally`` blocks that stop it run
+(SIGTERM's default action ends the process without them). Its service worker (and the worker's
+detection pool) runs in a process group of its own, which a signal to the server's group does not
+reach: :meth:`Server.stop` signals the group, then every descendant still running. Its stderr goes to a
+temporary file, and a failed start shows its last lines.
 """
 
 from __future__ import annotations
@@ -86,9 +88,14 @@ class Server:
         return self.proc.poll() is None
 
     def stop(self, timeout_s: float = 30) -> str:
-        """SIGTERM to the whole group (SIGKILL after ``timeout_s``); returns the last lines of its stderr.
+        """SIGTERM to the whole group (SIGKILL after ``timeout_s``), then to every descendant still running;
+        returns the last lines of its stderr.
 
-        A group that is already gone (the server exited by itself) is not an error."""
+        Why the descendants: ``bentoml serve``'s worker and its detection pool run in a process group of
+        their own. The server stops them on SIGTERM, but a server killed after ``timeout_s`` left them
+        running, orphaned, on the port. A group that is already gone (the server exited by itself) is
+        not an error."""
+        descendants = self._descendants()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -97,7 +104,17 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        _end(descendants, grace_s=min(timeout_s, 10))
         return self.stderr_tail()
+
+    def _descendants(self) -> list:
+        """The server's processes below it (``psutil.Process``), whatever their process group."""
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
 
     def stderr_tail(self, lines: int = 20, max_bytes: int = 16384) -> str:
         """The last ``lines`` lines of what it wrote to stderr so far."""
@@ -111,6 +128,21 @@ class Server:
 
     def close(self) -> None:
         self._log.close()
+
+
+def _end(procs: list, grace_s: float) -> None:
+    """SIGTERM to each of ``procs`` (``psutil.Process``) still running, SIGKILL to those left after ``grace_s``."""
+    import psutil
+
+    alive = [p for p in procs if p.is_running()]  # (is_running also rules out a reused pid)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, left = psutil.wait_procs(alive, timeout=grace_s)
+    for p in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(left, timeout=5)
 
 
 def bentoml_serve(tag: str, timeout_s: float = 180) -> tuple[Server, str, float]:

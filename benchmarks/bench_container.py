@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,11 @@ BIN = Path(sys.executable).parent
 def host_cold_start(tag: str, timeout_s: float) -> float:
     """Seconds from ``bentoml serve tag``'s process start to the first 200 on ``/readyz``; then stopped."""
     server, _, ready_s = bentoml_serve(tag, timeout_s)
-    server.stop(timeout_s=60)
-    server.close()
-    return ready_s
+    try:
+        return ready_s
+    finally:
+        server.stop(timeout_s=60)
+        server.close()
 
 
 @dataclass
@@ -49,7 +52,7 @@ class ContainerTarget:
 
     image: str
     timeout_s: float = 300
-    cid: str | None = None
+    cid: str | None = None  # the container's name (unique, given before docker run) while it may exist
 
     @property
     def name(self) -> str:
@@ -57,11 +60,17 @@ class ContainerTarget:
 
     def start(self) -> tuple[str, float]:
         port = free_port()
-        start = time.monotonic()
-        self.cid = subprocess.run(["docker", "run", "-d", "-p", f"127.0.0.1:{port}:3000", "--shm-size=256m",
-                                   self.image], check=True, capture_output=True, text=True).stdout.strip()
+        # Named before docker run: the id is known only once it answers, and SIGTERM or Ctrl-C while it ran
+        # (or a start that failed after the create) left the container behind. stop() removes it by this name.
+        self.cid = f"faceage-bench-{uuid.uuid4().hex[:12]}"
         url = f"http://127.0.0.1:{port}"
+        start = time.monotonic()
         try:
+            run = subprocess.run(["docker", "run", "-d", "--name", self.cid, "-p", f"127.0.0.1:{port}:3000",
+                                  "--shm-size=256m", self.image], capture_output=True, text=True)
+            if run.returncode != 0:
+                raise SystemExit(f"docker run {self.image} failed (exit code {run.returncode}): "
+                                 f"{run.stderr.strip() or run.stdout.strip()}")
             wait_ready(url, self.running, self.timeout_s)
         except ServerError as e:
             logs = subprocess.run(["docker", "logs", "--tail", "20", self.cid], capture_output=True, text=True)
@@ -78,13 +87,23 @@ class ContainerTarget:
         return state.stdout.strip() == "true"
 
     def stop(self) -> None:
-        if self.cid:  # removed by id: nothing else on the daemon is touched
+        if self.cid:  # removed by its own name: nothing else on the daemon is touched
             subprocess.run(["docker", "rm", "-f", self.cid], capture_output=True)
             self.cid = None
 
     def size_bytes(self) -> int:
-        return int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", self.image], check=True,
-                                  capture_output=True, text=True).stdout)
+        """The image's size in bytes.
+
+        Raises:
+            SystemExit: No such image (``make container`` builds it; ``--build`` here), or no Docker daemon:
+                Docker's own words.
+        """
+        inspect = subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", self.image],
+                                 capture_output=True, text=True)
+        if inspect.returncode != 0:
+            raise SystemExit(f"cannot read image {self.image}: {inspect.stderr.strip() or inspect.stdout.strip()} "
+                             "(make container builds it; --build runs bentoml containerize first)")
+        return int(inspect.stdout)
 
 
 def build_image(tag: str, image: str) -> float:

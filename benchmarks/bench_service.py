@@ -128,7 +128,12 @@ def start_server(tag: str, timeout_s: float = 180) -> tuple[Server, str, float]:
     measures the wait for a core; the CPU time does not).
     """
     server, url, ready_s = bentoml_serve(tag, timeout_s)
-    print(f"server {tag} ready in {ready_s:.1f} s at {url} ({tree_cpu_s(server.pid):.1f} CPU s so far)")
+    try:
+        print(f"server {tag} ready in {ready_s:.1f} s at {url} ({tree_cpu_s(server.pid):.1f} CPU s so far)")
+    except BaseException:  # SIGTERM or Ctrl-C before the caller holds the server: nothing else would stop it
+        server.stop()
+        server.close()
+        raise
     return server, url, ready_s
 
 
@@ -214,10 +219,13 @@ def concurrent_run(fn, jobs: list, clients: int) -> tuple[list[float], float]:
 
 
 def measure(target, predictor, photos: list[tuple[str, bytes]], rounds: int, clients: int) -> dict:
-    """Cold start, then paired 1-client latency against ``predictor``, then ``clients`` concurrent."""
-    url, ready_s = target.start()
-    results: dict = {"target": target.name, "cold_start_s": ready_s, "size_bytes": target.size_bytes()}
-    try:
+    """Cold start, then paired 1-client latency against ``predictor``, then ``clients`` (2 or more) concurrent."""
+    if clients < 2:
+        raise ValueError(f"clients must be >= 2 (the 1-client figures are the paired run), got {clients}")
+    results: dict = {"target": target.name}
+    try:  # from the start: SIGTERM or Ctrl-C once the server is up (the bento's size is read then) stops it too
+        url, results["cold_start_s"] = target.start()
+        results["size_bytes"] = target.size_bytes()
         session = requests.Session()
         for name, data in photos[:3]:  # warm both sides up (first calls allocate)
             in_process(predictor, data)
@@ -281,7 +289,7 @@ def interleaved_one_face(targets: list, photos: list[tuple[str, bytes]], rounds:
     the seconds of every request, per target name (a name given twice numbered: :func:`distinct_names`)."""
     names = distinct_names([target.name for target in targets])
     started = []
-    try:
+    try:  # every target is stopped below, started or not (stop() of one never started does nothing)
         for name, target in zip(names, targets):
             url, _ = target.start()
             started.append((name, target, url, requests.Session()))
@@ -297,7 +305,7 @@ def interleaved_one_face(targets: list, photos: list[tuple[str, bytes]], rounds:
                     latencies[name].append(post(session, url, photo, data))
         return latencies
     finally:
-        for _, target, _, _ in started:
+        for target in targets:
             target.stop()
 
 
@@ -338,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
                         "side by side in one run (default: face_age:latest)")
     parser.add_argument("--url", help="an already running service on 127.0.0.1 (default: start one per --tag)")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the photos per measurement")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the second measurement")
+    parser.add_argument("--clients", type=int, default=8,
+                        help="concurrent clients for the second measurement (2 or more)")
     parser.add_argument("--interleaved-rounds", type=int, default=5,
                         help="passes over the one-face photos with every bento served at once (two or more "
                              "--tag; 0 = skip)")
@@ -348,8 +357,11 @@ def main(argv: list[str] | None = None) -> None:
     tags = args.tag or ["face_age:latest"]
     if args.url and (urlparse(args.url).hostname not in ("127.0.0.1", "localhost") or len(tags) > 1):
         raise SystemExit(f"--url must be on 127.0.0.1 and goes with one --tag, got {args.url}")
-    if args.rounds < 1 or args.clients < 1 or args.interleaved_rounds < 0:
-        raise SystemExit("--rounds and --clients must be >= 1, --interleaved-rounds >= 0")
+    # One client is the paired measurement: --clients 1 wrote its concurrent run over it (same key, service_1).
+    if args.rounds < 1 or args.clients < 2 or args.interleaved_rounds < 0:
+        raise SystemExit(f"--rounds must be >= 1, --clients >= 2 (one client is measured anyway, paired with "
+                         f"in-process), --interleaved-rounds >= 0; got {args.rounds}, {args.clients}, "
+                         f"{args.interleaved_rounds}")
 
     import bentoml
 

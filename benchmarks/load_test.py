@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
              for name, data in (photos[i % len(photos)] for i in range(args.requests - n_bad))]
     rng.shuffle(jobs)
 
-    server, url = (None, args.url.rstrip("/")) if args.url else start_server(args.tag)[:2]
-    pid = server.pid if server is not None else server_pid(url)
-    summary: dict = {"url": url, "requests": len(jobs), "clients": args.clients, "malformed": n_bad}
+    server = None
     try:
+        server, url = (None, args.url.rstrip("/")) if args.url else start_server(args.tag)[:2]
+        pid = server.pid if server is not None else server_pid(url)
+        summary: dict = {"url": url, "requests": len(jobs), "clients": args.clients, "malformed": n_bad}
         # Warm up at full concurrency first (first calls and the first large batches allocate):
         # the RSS check is about growth under sustained load, from a warm server.
         def warm(i: int) -> None:
