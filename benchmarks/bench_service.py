@@ -180,13 +180,33 @@ class UrlTarget:
         return self.url
 
     def start(self) -> tuple[str, float | None]:
-        return self.url.rstrip("/"), None
+        """The URL, once its ``/readyz`` answers 200 (:func:`require_service`)."""
+        url = self.url.rstrip("/")
+        require_service(url)
+        return url, None
 
     def stop(self) -> None:
         pass
 
     def size_bytes(self) -> int | None:
         return None
+
+
+def require_service(url: str, timeout_s: float = 10) -> None:
+    """Checks that a service already running at ``url`` (``--url``) is ready: ``GET url/readyz`` answers 200.
+
+    Raises:
+        SystemExit: Nothing answers there (a dead port: the first POST ended in a ConnectionError traceback),
+            or ``/readyz`` answers something else; one message naming the URL.
+    """
+    try:
+        code = requests.get(url + "/readyz", timeout=timeout_s).status_code
+    except requests.RequestException as e:
+        raise SystemExit(f"--url {url}: nothing answers GET /readyz there ({type(e).__name__}); is the service "
+                         "running? (make serve starts one)") from None
+    if code != 200:
+        raise SystemExit(f"--url {url}: GET /readyz answered {code}, not 200 (not ready, or not the FaceAge "
+                         "service)")
 
 
 def post(session: requests.Session, url: str, name: str, data: bytes) -> float:
@@ -362,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--rounds must be >= 1, --clients >= 2 (one client is measured anyway, paired with "
                          f"in-process), --interleaved-rounds >= 0; got {args.rounds}, {args.clients}, "
                          f"{args.interleaved_rounds}")
+
+    if args.url:
+        require_service(args.url.rstrip("/"))  # a dead port: one message, before the model is loaded
 
     import bentoml
 

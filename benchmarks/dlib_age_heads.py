@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     face_features_option(ap)
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
+    missing = [str(path) for path in args.checkpoints if not path.is_file()]
+    if missing:  # before the heads train (minutes): AgePredictor's traceback after them
+        ap.error(f"--checkpoints: no such file: {', '.join(missing)}")
     torch.set_num_threads(1)
     v = views(load_inputs(args.detector), args.detector, args.face_features)
     zs = {s: (v[s]["zero_shot"] - v[s]["y"]).abs().mean().item() for s in ("valid", "test", "ext")}

@@ -170,9 +170,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"CONFIG {text!r} is not JSON: {e}")
         if not isinstance(cfg, dict) or "lr" not in cfg or "epochs" not in cfg:
             parser.error(f"CONFIG {text!r} must be a JSON object with at least lr and epochs")
+        # Before the frozen stages run (minutes): epochs 0 ended in load_state_dict(None)'s TypeError, bs 0 in a
+        # ZeroDivisionError.
+        for key in ("epochs", "bs"):
+            value = cfg.get(key, 1)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                parser.error(f"CONFIG {text!r}: {key} must be a whole number >= 1")
         configs.append(cfg)
 
     import torch
+
+    from faceage.dlib_age import NUM_STAGES
+
+    if not 0 <= args.k < NUM_STAGES:  # K = 7 froze every stage: AdamW's 'optimizer got an empty parameter list'
+        parser.error(f"K must be in 0..{NUM_STAGES - 1} (stages kept frozen; at least the head trains), got {args.k}")
 
     torch.set_num_threads(1)
     cached = load_cached(args.k)

@@ -42,7 +42,7 @@ def _time(fn, x: torch.Tensor, batch: int) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models" / "model.pt"))
     ap.add_argument("--faces-dir", default=str(REPO / "data" / "faces"))
@@ -51,7 +51,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # One message each, before the model loads (--rounds 0 ended in StatisticsError 'no median for empty data',
+    # --faces 0 in torch's 'max(): Expected reduction dim', --threads 0 in set_num_threads' RuntimeError, a
+    # missing file in a traceback).
+    for name in ("faces", "threads", "rounds", "batch"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for flag, path in (("--model", Path(args.model)), ("--faces-dir", Path(args.faces_dir) / "manifest.csv")):
+        if not path.is_file():
+            ap.error(f"{flag}: no {path} (it needs a trained workspace: dvc repro)")
     torch.set_num_threads(args.threads)
 
     age_model = AgeModel(args.model, device="cpu")

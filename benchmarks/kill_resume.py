@@ -233,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
             not args.workdir.is_dir() or any(args.workdir.iterdir())):
         parser.error(f"--workdir {args.workdir} is not an empty folder (an earlier run's?): remove it or name "
                      "another; it is never cleared for you")
+    # One message each, before anything is built (a missing --sample ended in a FileNotFoundError traceback,
+    # --train 0 in the reference run's "lists no images" RuntimeError after dvc had started).
+    for name in ("train", "valid", "test", "epochs", "image_size", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.kills < 0:
+        parser.error(f"--kills must be >= 0, got {args.kills}")
+    if not (args.sample / "gt_avg_train.csv").is_file():
+        parser.error(f"--sample {args.sample} is not a sample in the APPA-REAL layout (no gt_avg_train.csv); the "
+                     "default is the shared sample (set FACEAGE_SHARED_DATASETS, or ../shared/datasets)")
     exit_on_sigterm()  # so the dvc repro running then is stopped and the temporary project removed
     summary = run(args)
     print(json.dumps(summary, indent=2))

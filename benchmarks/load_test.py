@@ -5,7 +5,9 @@ Input: the packaged bento (``face_age:latest`` in ``$BENTOML_HOME``; this script
 photos (default: the bundled ``faceage/examples``; ``--photos DIR`` for others, e.g. the shared
 ``wild`` folder). Output: printed counts and a JSON summary (``--json``): requests by status
 class, dropped connections, malformed requests answered with a 4xx, latency p50/p95, ``/readyz``
-afterwards, and the server's resident memory (the whole process tree) before and after.
+afterwards, and the server's resident memory before and after (the whole ``bentoml serve`` process tree;
+with ``--url``, the ``bentoml serve`` above the process listening on its port, and the report says which).
+A ``--url`` where nothing answers ``/readyz`` is refused in one message.
 
 By default 2,000 requests at 16 concurrent clients, 10% of them malformed (garbage bytes,
 truncated JPEG, empty file, wrong field, JSON body, a text part), in a shuffled but seeded
@@ -37,7 +39,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO  # noqa: E402
 from _server import exit_on_sigterm, map_threads  # noqa: E402
-from bench_service import load_photos, percentile, start_server  # noqa: E402
+from bench_service import load_photos, percentile, require_service, start_server  # noqa: E402
 
 DEFAULT_PHOTOS = REPO / "faceage" / "examples"
 
@@ -60,16 +62,48 @@ def process_tree_rss(pid: int) -> int:
     return total
 
 
+def is_bentoml_serve(cmdline: list[str]) -> bool:
+    """Whether a process's argv is ``bentoml serve ...`` (the ``bentoml`` script, or ``python -m bentoml``)."""
+    return "serve" in cmdline and any(Path(arg).name == "bentoml" for arg in cmdline[:3])
+
+
 def server_pid(url: str) -> int | None:
-    """The pid listening on the URL's port (for ``--url``), via psutil; ``None`` when not visible."""
+    """For ``--url``: the pid whose process tree is the server, via psutil; ``None`` when nothing is visibly
+    listening on the URL's port.
+
+    The process listening there is ``bentoml serve``'s service worker: its tree left out the ``bentoml serve``
+    process above it (426 MB reported of a 530 MB server). So from the listener up, the nearest ``bentoml
+    serve`` (the listener itself when there is none: another kind of server; :func:`rss_scope` says which).
+    """
     import psutil
 
     parsed = urlparse(url)
     port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)  # (a URL without one crashed here)
     for conn in psutil.net_connections("tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            try:
+                listener = psutil.Process(conn.pid)
+                for proc in (listener, *listener.parents()):
+                    if is_bentoml_serve(proc.cmdline()):
+                        return proc.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
             return conn.pid
     return None
+
+
+def rss_scope(pid: int | None) -> str:
+    """What the server RSS figures cover: ``pid``'s process tree, named (``bentoml serve`` or not)."""
+    import psutil
+
+    if pid is None:
+        return "not measured: no process visible listening on the port"
+    try:
+        serve = is_bentoml_serve(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        serve = False
+    return (f"bentoml serve, pid {pid}, and its descendants" if serve else
+            f"pid {pid}, listening on the port (no bentoml serve above it), and its descendants")
 
 
 def malformed_requests(photo: bytes) -> list[tuple[str, dict]]:
@@ -97,7 +131,9 @@ def report(summary: dict) -> None:
           f"({'n/a' if rate is None else f'{rate:.2f}'} req/s), p50 {ms(summary['p50_ms'])}, "
           f"p95 {ms(summary['p95_ms'])}")
     print("statuses:", ", ".join(f"{k}: {v}" for k, v in summary["statuses"].items()) or "none")
-    print(f"server RSS (process tree): {summary['rss_before_mb']:.0f} MB -> {summary['rss_after_mb']:.0f} MB")
+    before, after = summary["rss_before_mb"], summary["rss_after_mb"]
+    print(f"server RSS ({summary['rss_of']}): "
+          + ("n/a" if before is None else f"{before:.0f} MB -> {after:.0f} MB"))
     for name, ok in summary["checks"].items():
         print(f"  [{'ok' if ok else 'FAILED'}] {name}")
     for line in summary["failures"][:10]:
@@ -117,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args(argv)
+    # One message, not a traceback (--clients 0: ThreadPoolExecutor's ValueError; --timeout 0: urllib3's) or a
+    # run of nonsense (--malformed 2: twice as many malformed requests as --requests).
+    if args.requests < 0 or args.clients < 1 or not 0 <= args.malformed <= 1 or args.timeout <= 0 \
+            or args.max_seconds < 0:
+        parser.error(f"--requests must be >= 0, --clients >= 1, --malformed in [0, 1], --timeout > 0, "
+                     f"--max-seconds >= 0; got {args.requests}, {args.clients}, {args.malformed}, {args.timeout}, "
+                     f"{args.max_seconds}")
     exit_on_sigterm()  # so the server started below is stopped on SIGTERM too
     # The host itself, as bench_service checks it: a prefix let http://localhost.example.com:3000 through.
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost"):
@@ -134,23 +177,35 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     try:
-        server, url = (None, args.url.rstrip("/")) if args.url else start_server(args.tag)[:2]
-        pid = server.pid if server is not None else server_pid(url)
-        summary: dict = {"url": url, "requests": len(jobs), "clients": args.clients, "malformed": n_bad}
-        # Warm up at full concurrency first (first calls and the first large batches allocate):
-        # the RSS check is about growth under sustained load, from a warm server.
-        def warm(i: int) -> None:
-            name, data = photos[i % len(photos)]
-            requests.post(url + "/predict", files={"image": (name, data)}, timeout=args.timeout)
-
-        map_threads(warm, list(range(2 * args.clients)), args.clients)
-        rss_before = process_tree_rss(pid) if pid else 0
-        per_thread = threading.local()
-        deadline = time.monotonic() + args.max_seconds
+        if args.url:
+            server, url = None, args.url.rstrip("/")
+            require_service(url)  # a dead port: one message naming the URL, not a ConnectionError traceback
+            pid = server_pid(url)
+        else:
+            server, url = start_server(args.tag)[:2]
+            pid = server.pid
+        summary: dict = {"url": url, "requests": len(jobs), "clients": args.clients, "malformed": n_bad,
+                         "rss_of": rss_scope(pid)}
         statuses: Counter = Counter()
         failures: list[str] = []
         latencies: list[float] = []
         lock = threading.Lock()
+
+        # Warm up at full concurrency first (first calls and the first large batches allocate):
+        # the RSS check is about growth under sustained load, from a warm server. A failure here (a server
+        # that drops the connection or dies) is reported with the rest, not a traceback.
+        def warm(i: int) -> None:
+            name, data = photos[i % len(photos)]
+            try:
+                requests.post(url + "/predict", files={"image": (name, data)}, timeout=args.timeout)
+            except requests.RequestException as e:
+                with lock:
+                    failures.append(f"warm-up {name}: {type(e).__name__}: {e}")
+
+        map_threads(warm, list(range(2 * args.clients)), args.clients)
+        rss_before = process_tree_rss(pid) if pid else None
+        per_thread = threading.local()
+        deadline = time.monotonic() + args.max_seconds
 
         def send(job) -> None:
             kind, name, kwargs = job
@@ -178,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         map_threads(send, jobs, args.clients)
         wall = time.perf_counter() - t0
-        readyz = requests.get(url + "/readyz", timeout=30).status_code
-        rss_after = process_tree_rss(pid) if pid else 0
+        try:  # a server that died under the load: the check fails, and the report still comes
+            readyz = requests.get(url + "/readyz", timeout=30).status_code
+        except requests.RequestException as e:
+            readyz = None
+            failures.insert(0, f"/readyz afterwards: {type(e).__name__}: {e}")  # first: the list is cut short
+        rss_after = process_tree_rss(pid) if pid else None
     finally:
         if server is not None:
             server.stop()
@@ -191,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         "requests_per_s": len(latencies) / wall if wall > 0 else None,
         "p50_ms": 1000 * percentile(latencies, 0.5) if latencies else None,
         "p95_ms": 1000 * percentile(latencies, 0.95) if latencies else None,
-        "readyz_after": readyz, "rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20,
-        "rss_growth": (rss_after / rss_before - 1) if rss_before else None, "failures": failures[:20],
+        "readyz_after": readyz,
+        "rss_before_mb": None if rss_before is None else rss_before / 2**20,
+        "rss_after_mb": None if rss_after is None else rss_after / 2**20,
+        # None without both figures (a server gone by the end has 0 bytes: not a growth of -100%)
+        "rss_growth": (rss_after / rss_before - 1) if rss_before and rss_after else None, "failures": failures[:20],
     })
     checks = {
         "0 5xx": five == 0,

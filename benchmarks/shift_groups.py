@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     face_features_option(ap)
     ap.add_argument("--detector", type=Path, default=REPO / "models" / "detector")
     args = ap.parse_args(argv)
+    if args.guard < 0:  # before the inputs load (minutes): KMeans' InvalidParameterError after them
+        ap.error(f"--guard must be >= 0 (0: no guard), got {args.guard}")
     torch.set_num_threads(1)
     v = {s: d for s, d in views(load_inputs(args.detector), args.detector, args.face_features).items() if s != "wild"}
     g = groups()
