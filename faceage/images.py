@@ -5,26 +5,34 @@ Input: a path or raw bytes. Output: ``numpy.ndarray`` of shape (H, W, 3), dtype 
 One decoder for the pipeline and the service, so training crops and served crops see
 the same pixels: EXIF orientation is applied before anything else, the first frame of
 an animation is used, CMYK / greyscale / palette images become RGB, 16-bit images are
-scaled (not clipped) to 8 bits, and transparency is composited onto white.
+scaled (not clipped) to 8 bits, transparency is composited onto white, and a photo with an
+embedded ICC colour profile other than sRGB (Adobe RGB, Display P3, a CMYK print or a grey
+profile) is converted to sRGB, what the model was trained on (:func:`_srgb_transform`).
 
 Whatever Pillow raises on bytes it cannot decode becomes :class:`ImageDecodeError` (the
 client's fault, never the server's); malformed EXIF metadata never fails a photo whose pixels
-decode.
+decode, and neither does an ICC profile that cannot be used (the raw values are kept, with one
+log line).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
 import stat
+import struct
+import threading
 import warnings
+from collections import OrderedDict
 from contextlib import ExitStack
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from faceage.errors import FaceAgeError
 
@@ -54,23 +62,193 @@ class ImageDecodeError(FaceAgeError, ValueError):
     """The input is not a decodable image (empty, truncated, unknown format, too large)."""
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit data: scale 0..65535 to 0..255 rather than letting convert() clip it.
-        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        grey = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# Pillow mode -> the colour space of its values, the one an embedded profile must describe ("L": grey).
+_COLOUR_SPACE = {**dict.fromkeys(_SIXTEEN_BIT + ("F", "1", "L", "LA", "La"), "L"),
+                 **dict.fromkeys(("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr"), "RGB"), "CMYK": "CMYK"}
+_PROFILE_SPACE = {b"GRAY": "L", b"RGB ": "RGB", b"CMYK": "CMYK"}  # ICC header, bytes 16-19
+_SPACE_NAMES = {"L": "grey", "RGB": "RGB", "CMYK": "CMYK"}
+
+
+def _grey8(img: Image.Image) -> np.ndarray:
+    """A 16-bit or 32-bit (integer or float) grey image as uint8: scaled, not clipped as convert() would."""
+    arr = np.asarray(img, dtype=np.float64)
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        grey = np.clip(np.rint(arr if arr.max(initial=0) > 1.0 else arr * 255), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
+        return np.clip(np.rint(arr if arr.max(initial=0) > 1.0 else arr * 255), 0, 255).astype(np.uint8)
+    # 16-bit data: scale 0..65535 to 0..255 rather than letting convert() clip it.
+    peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    return np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image, transform: ImageCms.ImageCmsTransform | None = None) -> np.ndarray:
+    """``img`` as RGB uint8; ``transform`` (from :func:`_srgb_transform`, for ``img``'s colour space) turns
+    its colours into sRGB. Alpha is kept out of the transform and composited onto white afterwards."""
+
+    def managed(colour: Image.Image) -> Image.Image:
+        return ImageCms.applyTransform(colour.convert(transform.inputMode), transform)
+
+    if img.mode in _SIXTEEN_BIT or img.mode == "F":
+        grey = _grey8(img)
+        if transform is None:
+            rgb = np.repeat(grey[..., None], 3, axis=2)
+        else:
+            rgb = np.array(managed(Image.fromarray(grey, "L")))
+        # A 16-bit grey PNG's tRNS names one 16-bit value transparent: white, as for 8-bit ones.
+        transparent = img.info.get("transparency")
+        if isinstance(transparent, int) and img.mode != "F":
+            rgb[np.asarray(img) == transparent] = 255
+        return rgb
     # A tRNS chunk makes one colour transparent in P, L and RGB PNGs (optimisers write binary-alpha RGBA so).
     if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
+        if transform is not None:  # a grey LA's values are its L, a palette's its RGB
+            colour = managed(img.convert("L") if transform.inputMode == "L" else rgba)
+            colour.putalpha(rgba.getchannel("A"))
+            rgba = colour
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    if transform is not None:
+        return np.asarray(managed(img))
     return np.asarray(img.convert("RGB"))
+
+
+# sRGB's colorants as ICC profiles hold them (adapted to the D50 PCS), and its transfer function.
+_SRGB_COLORANTS = {b"rXYZ": (0.4361, 0.2225, 0.0139), b"gXYZ": (0.3851, 0.7169, 0.0971),
+                   b"bXYZ": (0.1431, 0.0606, 0.7141)}
+_COLORANT_TOLERANCE = 0.001  # what profiles of sRGB from different vendors differ by (s15Fixed16 rounding)
+_LEVELS = np.arange(256) / 255.0
+
+
+def _srgb_encode(y: np.ndarray) -> np.ndarray:
+    y = np.clip(y, 0.0, 1.0)
+    return np.where(y <= 0.0031308, y * 12.92, 1.055 * y ** (1 / 2.4) - 0.055)
+
+
+def _icc_tags(icc: bytes) -> dict[bytes, bytes]:
+    count = struct.unpack_from(">I", icc, 128)[0]
+    tags = {}
+    for i in range(min(count, 256)):
+        sig, offset, size = struct.unpack_from(">4sII", icc, 132 + 12 * i)
+        tags[sig] = icc[offset:offset + size]
+    return tags
+
+
+def _curve(tag: bytes) -> np.ndarray:
+    """An ICC ``curv`` or ``para`` tone curve evaluated at the 256 8-bit levels (ValueError if neither)."""
+    kind = tag[:4]
+    if kind == b"curv":
+        n = struct.unpack_from(">I", tag, 8)[0]
+        if n == 0:
+            return _LEVELS.copy()
+        if n == 1:
+            return _LEVELS ** (struct.unpack_from(">H", tag, 12)[0] / 256.0)
+        table = np.frombuffer(tag, dtype=">u2", count=n, offset=12) / 65535.0
+        return np.interp(_LEVELS * (n - 1), np.arange(n), table)
+    if kind == b"para":  # ICC.1 10.18: g, then a, b, c, d, e, f as the function type needs them
+        function = struct.unpack_from(">H", tag, 8)[0]
+        count = {0: 1, 1: 3, 2: 4, 3: 5, 4: 7}[function]
+        g, a, b, c, d, e, f = [v / 65536.0 for v in struct.unpack_from(f">{count}i", tag, 12)] + [0.0] * (7 - count)
+        if function == 0:
+            return _LEVELS ** g
+        if function in (1, 2):
+            d, f, c = -b / a, (c if function == 2 else 0.0), 0.0  # below -b/a: 0 (1) or c (2)
+            e = f
+        with np.errstate(all="ignore"):  # a nonsense curve (g < 0): inf/nan, which no check passes
+            return np.where(_LEVELS >= d, np.maximum(a * _LEVELS + b, 0.0) ** g + e, c * _LEVELS + f)
+    raise ValueError(f"tone curve of type {kind!r}")
+
+
+def _is_srgb(icc: bytes) -> bool:
+    """Whether converting from this profile to sRGB would leave every 8-bit value as it is (within half a
+    level): an RGB profile with sRGB's colorants and tone curves, or a grey one with sRGB's tone curve.
+    Read from the profile's own tags, as no transform needs to be built for the photos most profiles tag."""
+    try:
+        if icc[36:40] != b"acsp":
+            return False
+        space = icc[16:20]
+        tags = _icc_tags(icc)
+        if any(sig in tags for sig in (b"A2B0", b"A2B1", b"A2B2")):
+            return False  # table-based: what it does is not in its matrix
+        if space == b"GRAY":
+            channels = [b"kTRC"]
+        elif space == b"RGB ":
+            for sig, want in _SRGB_COLORANTS.items():
+                xyz = np.array(struct.unpack_from(">3i", tags[sig], 8)) / 65536.0
+                if tags[sig][:4] != b"XYZ " or np.abs(xyz - want).max() > _COLORANT_TOLERANCE:
+                    return False
+            channels = [b"rTRC", b"gTRC", b"bTRC"]
+        else:
+            return False
+        return all(np.abs(_srgb_encode(_curve(tags[sig])) * 255 - _LEVELS * 255).max() < 0.5 for sig in channels)
+    except (KeyError, ValueError, IndexError, struct.error, ZeroDivisionError):
+        return False  # not readable as a plain matrix/curve profile: lcms decides
+
+
+# Transforms built, by the profile's SHA-256 (not its bytes: a profile may be megabytes) and colour space;
+# None for the sRGB ones. A few are kept: photos from one camera or phone share one profile.
+_TRANSFORMS: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = OrderedDict()
+_TRANSFORMS_KEPT = 16
+_transforms_lock = threading.Lock()
+
+
+def _profile_transform(icc: bytes, space: str) -> ImageCms.ImageCmsTransform | None:
+    """None for sRGB (and for what matches it), else a transform from ``icc`` to sRGB for ``space``'s
+    values, built once per profile. Raises ValueError (or whatever lcms raises) for a profile that
+    cannot be used.
+
+    Relative colorimetric intent, with black point compensation: Photoshop's default conversion. Colours
+    inside sRGB (skin) keep their measured values and only those outside it are clipped, where a perceptual
+    table (print profiles have one) compresses the whole gamut as each vendor chose; the two intents give
+    the same pixels for matrix profiles (Adobe RGB, Display P3). Compensation maps a print profile's
+    deepest black to sRGB's black, not to a dark grey (a no-op for matrix profiles, whose black is 0).
+    """
+    key = (hashlib.sha256(icc).digest(), space)
+    with _transforms_lock:
+        if key in _TRANSFORMS:
+            _TRANSFORMS.move_to_end(key)
+            return _TRANSFORMS[key]
+    transform = None
+    if not _is_srgb(icc):
+        if _PROFILE_SPACE.get(icc[16:20]) != space:
+            raise ValueError(f"a {icc[16:20].decode('latin-1').strip()!r} profile for {_SPACE_NAMES[space]} pixels")
+        transform = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb_profile(), space, "RGB",
+                                            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                            flags=ImageCms.Flags.BLACKPOINTCOMPENSATION)
+    with _transforms_lock:
+        _TRANSFORMS[key] = transform
+        while len(_TRANSFORMS) > _TRANSFORMS_KEPT:
+            _TRANSFORMS.popitem(last=False)
+    return transform
+
+
+@lru_cache(maxsize=1)
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _srgb_transform(img: Image.Image, name: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform that turns ``img``'s colours into sRGB, from the ICC profile it embeds: None when it
+    has none, or an sRGB one (no transform is built for those), or one that cannot be used (logged once:
+    corrupt, or for another colour space than the pixels'; the raw values are used, the photo is not
+    failed)."""
+    icc = img.info.get("icc_profile")
+    if not icc or not isinstance(icc, bytes):
+        return None
+    space = _COLOUR_SPACE.get(img.mode)
+    try:
+        if space is None:
+            raise ValueError(f"no colour management for {img.mode} images")
+        return _profile_transform(icc, space)
+    except MemoryError:
+        raise
+    except Exception as e:
+        _ignored_profile(name, e)
+        return None
+
+
+def _ignored_profile(name: str, e: BaseException) -> None:
+    log.warning("ignored the ICC colour profile of %s (%s: %s); its colours are not converted to sRGB",
+                name, _error_name(e), e)
 
 
 def _error_name(e: BaseException) -> str:
@@ -143,7 +321,8 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         max_pixels: Refuse images with more pixels than this (decompression bombs).
 
     Returns:
-        Array of shape (H, W, 3), dtype uint8, with EXIF orientation applied.
+        Array of shape (H, W, 3), dtype uint8, with EXIF orientation applied, in sRGB (an embedded
+        ICC profile of another colour space is converted from).
 
     Raises:
         ImageDecodeError: Empty input, unknown format, truncated or corrupt data, or too many pixels.
@@ -180,7 +359,18 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                     )
                 img.seek(0)  # first frame of GIF/WebP animations
                 img.load()
-                return _to_rgb(_upright(img))
+                # Read from the image as decoded (a transpose keeps no promise about info); the colours
+                # are converted after the transpose, whichever way it goes (a per-pixel map: the same pixels).
+                transform = _srgb_transform(img, name)
+                upright = _upright(img)
+                if transform is not None:
+                    try:
+                        return _to_rgb(upright, transform)
+                    except MemoryError:
+                        raise
+                    except Exception as e:  # the profile is at fault, not the pixels: never a failed photo
+                        _ignored_profile(name, e)
+                return _to_rgb(upright)
     except (ImageDecodeError, MemoryError):
         raise  # our own size limit has its message; out of memory is the server's problem
     except UnidentifiedImageError as e:
