@@ -3,9 +3,10 @@
 Input: image files and/or folders (their photos, by the suffixes of the formats Pillow opens
 here, sorted by name; ``--recursive`` descends, following symlinked folders once each), and a
 model: a checkpoint + detector folder (default ``models/model.pt`` + ``models/detector``, the
-pipeline's outputs), a packaged model folder (``--model DIR`` holding ``model.pt`` + ``detector/``)
-or a packaged BentoML model (``--bento face_age:latest``). A photo reached twice (named again, or
-through a link) is read once.
+pipeline's outputs; without ``--detector``, a checkpoint's is the ``detector/`` beside it when there is
+one), a packaged model folder (``--model DIR`` holding ``model.pt`` + ``detector/``) or a packaged
+BentoML model (``--bento face_age:latest``). A photo reached twice (named again, or through a link) is
+read once.
 Output: on stdout, a table (default), JSON (``--json``) or CSV (``--csv``) with one entry per
 face; with ``--annotate DIR``, a PNG per photo with each box and its "age ± std" label (a new
 file: ``<stem>.png``, or ``<stem>-N.png`` when that name is taken; no existing file, input photos
@@ -40,7 +41,8 @@ from PIL import Image, features
 from faceage.errors import FaceAgeError
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from faceage.logs import setup_logging
-from faceage.predict import CHECKPOINT_FILE, DEFAULT_MAX_DETECT_PIXELS, DETECTOR_DIR, AgePredictor, FaceAge
+from faceage.predict import (CHECKPOINT_FILE, DEFAULT_MAX_DETECT_PIXELS, DETECTOR_DIR, AgePredictor, FaceAge,
+                             PredictorError)
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint, or a packaged model folder (model.pt + detector/) (default: %(default)s)")
     src.add_argument("--bento", metavar="TAG", help="use a packaged BentoML model instead, e.g. face_age:latest")
     p.add_argument("--detector", type=Path,
-                   help=f"detector folder for a --model checkpoint (default: {DEFAULT_DETECTOR}; "
-                        "a model folder brings its own)")
+                   help=f"detector folder for a --model checkpoint (default: the {DETECTOR_DIR}/ folder beside "
+                        f"the checkpoint, else {DEFAULT_DETECTOR}; a model folder brings its own)")
     p.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--max-detect-pixels", type=_int_at_least(0), default=DEFAULT_MAX_DETECT_PIXELS,
                    help="downscale larger images for detection only; 0 = never (default: %(default)s)")
@@ -438,7 +440,24 @@ def load_predictor(args: argparse.Namespace) -> AgePredictor:
     if not args.model.is_file():
         raise FaceAgeError(f"checkpoint {args.model} not found: run `dvc repro`, or pass --model PATH "
                            "(a checkpoint, or a packaged model folder) or --bento face_age:latest")
-    return AgePredictor(args.model, args.detector or DEFAULT_DETECTOR, **options)
+    detector = args.detector or default_detector(args.model)
+    try:
+        return AgePredictor(args.model, detector, **options)
+    except PredictorError as e:
+        if args.detector is None and not detector.is_dir():  # the default was guessed: say how to name one
+            raise FaceAgeError(f"{e}: no {DETECTOR_DIR}/ beside {args.model} nor in the working folder; pass "
+                               "--detector DIR (the fetch_detector output it was trained with)") from e
+        raise
+
+
+def default_detector(checkpoint: Path) -> Path:
+    """The detector folder of a ``--model`` checkpoint given without ``--detector``: the ``detector/``
+    beside it (``models/model.pt`` -> ``models/detector``, from whatever folder the command runs in),
+    else :data:`DEFAULT_DETECTOR` (relative to the working folder). Before, it was always the latter:
+    ``--model /repo/models/model.pt`` run outside the repo stopped with ``detector file
+    models/detector/... not found``."""
+    beside = checkpoint.parent / DETECTOR_DIR
+    return beside if beside.is_dir() else DEFAULT_DETECTOR
 
 
 def check_model_dir(folder: Path, detector: Path | None) -> None:

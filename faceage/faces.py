@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -286,21 +287,30 @@ def crop_detector_files(crop: dict) -> dict[str, str]:
     return files
 
 
-def choose_subject(boxes: list[FaceBox], width: int, height: int) -> FaceBox | None:
-    """Picks the photo's subject among several faces: the largest, ties to the most central.
-
-    APPA-REAL photos are framed on the person whose age was rated; bystanders are
-    smaller and off-centre, so size first, then closeness to the centre, decide.
-    """
-    if not boxes:
-        return None
+def subject_order(boxes: Sequence[FaceBox], width: int, height: int) -> list[FaceBox]:
+    """``boxes`` largest first, ties to the most central: the first is :func:`choose_subject`'s pick, the face
+    ``preprocess`` crops for training and ``evaluate`` scores (on external sets too). HOG's boxes come in a
+    few sizes per pyramid level, so faces of one group photo often tie on area; the detector's own order
+    (largest, then highest score) put another face first there than the one the pipeline scores, and a
+    caller reading a photo's first face (the CLI's JSON, the service's answer) got another person's age.
+    Equal keys keep the given order (the detector's: the higher score first)."""
     cx, cy = width / 2.0, height / 2.0
 
     def key(b: FaceBox) -> tuple[float, float]:
         bx, by = (b.left + b.right) / 2.0, (b.top + b.bottom) / 2.0
         return (-b.area, (bx - cx) ** 2 + (by - cy) ** 2)
 
-    return min(boxes, key=key)
+    return sorted(boxes, key=key)
+
+
+def choose_subject(boxes: list[FaceBox], width: int, height: int) -> FaceBox | None:
+    """Picks the photo's subject among several faces: the largest, ties to the most central (the first of
+    :func:`subject_order`).
+
+    APPA-REAL photos are framed on the person whose age was rated; bystanders are
+    smaller and off-centre, so size first, then closeness to the centre, decide.
+    """
+    return subject_order(boxes, width, height)[0] if boxes else None
 
 
 def crop_box(box: FaceBox, margin: float) -> tuple[int, int, int, int]:

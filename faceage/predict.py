@@ -5,7 +5,8 @@ a packaged model folder holding both (``model.pt`` + ``detector/``, see
 :mod:`faceage.packaging`); then RGB uint8 images from :func:`faceage.images.load_image`,
 or encoded image bytes.
 Output: for each image, a list of :class:`FaceAge` (box, age and its std in years, detector
-score), largest face first; ``[]`` when there is no face.
+score), largest face first, ties to the most central (:func:`faceage.faces.subject_order`: the first face is the one
+``preprocess`` and ``evaluate`` score); ``[]`` when there is no face.
 
 The CLI, the BentoML service and the benchmark all build this one :class:`AgePredictor`.
 Every setting comes from the checkpoint (detector kind and upsample count, crop margin and
@@ -41,7 +42,7 @@ from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.faces import (MAX_DETECT_PIXELS, FaceBox, FaceDetector, crop_cnn_retry_side, crop_detector_files,
-                           crop_retry_pad, margin_region, resize_region)
+                           crop_retry_pad, margin_region, resize_region, subject_order)
 from faceage.images import DEFAULT_MAX_PIXELS
 
 # torch (via faceage.inference) is imported only where a torch model is built: the service and
@@ -88,7 +89,8 @@ class FaceAge:
 
 @dataclass(frozen=True)
 class LocatedFaces:
-    """The faces of one image before the age model: boxes (largest first) and their crops.
+    """The faces of one image before the age model: boxes (largest first, ties to the most central) and
+    their crops.
 
     ``crops[i]`` is the uint8 (size, size, 3) margin crop around ``boxes[i]``, exactly what
     ``preprocess`` writes for a training image (``None`` when they were not asked for and the age
@@ -189,9 +191,11 @@ class FaceLocator:
         return dict(self._settings)
 
     def detect(self, image: np.ndarray, *, parallel: bool = False) -> list[FaceBox]:
-        """Face boxes in full-image pixels, largest first (``parallel``: see :meth:`locate`); a photo over
-        ``max_detect_pixels`` is detected downscaled, by :class:`FaceDetector` as ``preprocess`` detects it."""
-        return self.detector.detect(image, parallel=parallel)
+        """Face boxes in full-image pixels in :func:`~faceage.faces.subject_order` (largest first, ties to the most central:
+        the first is the face ``preprocess`` and ``evaluate`` score); ``parallel``: see :meth:`locate`. A photo
+        over ``max_detect_pixels`` is detected downscaled, by :class:`FaceDetector` as ``preprocess`` detects it."""
+        boxes = self.detector.detect(image, parallel=parallel)
+        return subject_order(boxes, int(image.shape[1]), int(image.shape[0]))
 
     def locate(self, image: np.ndarray, *, crops: bool = True, parallel: bool = False) -> LocatedFaces:
         """Detects every face of an RGB uint8 image and cuts its crop (and chip), as ``preprocess`` does.
@@ -300,7 +304,8 @@ class AgePredictor:
             self.estimate([blank if chipper is None else chipper(blank)], idle=idle)
 
     def predict(self, image: np.ndarray) -> list[FaceAge]:
-        """Every face of one RGB uint8 image with its age, largest first; ``[]`` when there is none."""
+        """Every face of one RGB uint8 image with its age, largest first (ties to the most central); ``[]``
+        when there is none."""
         return self.predict_many([image])[0]
 
     def predict_many(self, images: Sequence[np.ndarray]) -> list[list[FaceAge]]:
