@@ -36,11 +36,12 @@ from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError, exter
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = "embeddings.npz"
+# 6: load_image converts a photo tagged with an ICC profile other than sRGB to sRGB (round 26);
 # 5: photos over faces.MAX_DETECT_PIXELS are detected downscaled, as the service detects them (round 24);
 # 4: the CNN's pixel cap and the whole-image fallback's size (round 22) change some crops; 3: chips.npz also
 # holds the 150 px face-recognition chips; 2: preprocess writes chips.npz, cut from the unresampled margin
 # regions (1: chips cut later from the crops)
-FACES_FORMAT = 5
+FACES_FORMAT = 6
 # The crop settings that decide the pixels of a crop (workers and data lineage do not).
 CROP_KEYS = ("detector", "upsample", "retry_pad", "cnn_retry_side", "cnn_retry_sha256", "margin", "size", "no_face",
              "detector_file", "detector_sha256")
