@@ -207,7 +207,8 @@ def prepare_annotate_dir(path: Path) -> None:
 
 def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir: Path | None = None
                    ) -> Iterator[PhotoResult]:
-    """Yields one :class:`PhotoResult` per path, in order; faces of a chunk share one forward pass.
+    """Yields one :class:`PhotoResult` per path, in order; faces of a chunk are batched together
+    (:meth:`faceage.predict.AgePredictor.estimate`).
 
     Args:
         predictor: The predictor.

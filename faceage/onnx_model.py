@@ -25,8 +25,8 @@ from faceage.inputs import input_kind, input_preparer
 META_KEY = "faceage"  # faceage.export.META_KEY (not imported: that module needs torch)
 # Most faces in one forward pass (:meth:`OnnxAgeModel.predict_crops`): ONNX Runtime's arena keeps the memory
 # of the largest pass a session ever ran (~2.5 MB a face for the fused dlib_age graph: 200 faces in one pass
-# left a process 500 MB larger for good; in passes of 64, 360 MB). The service's own cap
-# (faceage.serving.DEFAULT_MAX_PASS_FACES) is the same number.
+# left a process 500 MB larger for good; in passes of 64, 360 MB). The service's batcher cuts its passes at
+# this number too (faceage.serving.DEFAULT_MAX_PASS_FACES).
 MAX_PASS_FACES = 64
 
 

@@ -287,7 +287,8 @@ class AgePredictor:
         return cls(weights, model_dir / DETECTOR_DIR, runtime=runtime, **kwargs)
 
     def estimate(self, inputs: Sequence[np.ndarray], *, idle: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Age mean and std (years) of faces (:attr:`LocatedFaces.inputs`), in one batched pass: two float arrays.
+        """Age mean and std (years) of faces (:attr:`LocatedFaces.inputs`), in batched forward passes (at most
+        :data:`faceage.onnx_model.MAX_PASS_FACES` faces each in ONNX Runtime): two float arrays.
 
         ``idle=True``: the caller knows nothing else runs on the cores (the service, with no photo
         in detection), so the ONNX runtime may use its spinning threads; same ages either way.
@@ -309,7 +310,7 @@ class AgePredictor:
         return self.predict_many([image])[0]
 
     def predict_many(self, images: Sequence[np.ndarray]) -> list[list[FaceAge]]:
-        """:meth:`predict` for several images, with all their faces in one forward pass."""
+        """:meth:`predict` for several images, their faces batched together (:meth:`estimate`)."""
         located = [self.locator.locate(image, crops=False, parallel=self.parallel_detection) for image in images]
         mean, std = self.estimate([c for loc in located for c in loc.inputs])
         return split_results(located, mean, std)

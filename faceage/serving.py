@@ -33,6 +33,7 @@ import numpy as np
 from faceage.chips import exit_with_parent
 from faceage.errors import FaceAgeError
 from faceage.images import load_image
+from faceage.onnx_model import MAX_PASS_FACES
 from faceage.predict import FaceLocator, LocatedFaces, available_cores
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ T = TypeVar("T")
 
 DEFAULT_MAX_BATCH_FACES = 64
 # Most faces in one forward pass of the age model (its memory): a request with more runs in passes of
-# this many. ~3.7 MB a face for the fused dlib_age graph, which ONNX Runtime's arena keeps once used.
-DEFAULT_MAX_PASS_FACES = 64
+# this many; the ONNX runtime's own cap (its arena keeps the memory of the largest pass: see there).
+DEFAULT_MAX_PASS_FACES = MAX_PASS_FACES
 # A pool whose workers died as they started is started again at most this often (requests get a
 # 503 meanwhile): workers that cannot start (out of memory, a detector file gone) are not spawned
 # again for every request.
@@ -284,7 +285,7 @@ class LocatorPool:
         except DetectionUnavailable:
             return False
         broken = workers.broken()
-        if broken is not None:
+        if broken is not None and workers.up():  # died once up (a pool that fails its start: _current's throttle)
             self._replace(workers, broken)
         return not self._start_failed
 
