@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,6 +146,35 @@ def _restoring(scope: str):
 _restore_process_settings_session = _restoring("session")
 _restore_process_settings_module = _restoring("module")
 _restore_process_settings_function = _restoring("function")
+
+
+def make_detector_dir(path: Path) -> Path:
+    """A detector folder at ``path`` holding dlib's HOG face detector alone, with its manifest: enough for a
+    HOG ``FaceLocator`` without the CNN (light, no download)."""
+    import dlib
+
+    from faceage.detector import HOG_FILE, MANIFEST
+    from faceage.download import file_digest
+
+    path.mkdir(parents=True)
+    dlib.get_frontal_face_detector().save(str(path / HOG_FILE))
+    (path / MANIFEST).write_text(json.dumps({"source": "test", "files": {HOG_FILE: file_digest(path / HOG_FILE)}}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hog_detector_dir(tmp_path_factory) -> Path:
+    """:func:`make_detector_dir`, once per session (read-only for the tests that share it)."""
+    return make_detector_dir(tmp_path_factory.mktemp("hog") / "detector")
+
+
+@pytest.fixture
+def sigterm_restored() -> Iterator[None]:
+    """Puts back this process's SIGTERM handler after the test (code that installs its own: the benchmarks'
+    main(), through ``_server.exit_on_sigterm``)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
 
 
 def with_fractional_ages(folder: Path, split: str = "test") -> Path:

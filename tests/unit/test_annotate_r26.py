@@ -3,9 +3,7 @@ decoded photo through one helper (``faceage.serving.drawn_then_released``) befor
 
 from __future__ import annotations
 
-import asyncio
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -64,18 +62,11 @@ def test_a_crowd_s_labels_are_no_wider_than_their_faces():
 
 
 @pytest.fixture(scope="module")
-def locator(tmp_path_factory):
-    """A real HOG locator (dlib's detector saved to a folder), as in test_serving_r24."""
-    import dlib
-
-    from faceage.detector import HOG_FILE, MANIFEST
-    from faceage.download import file_digest
+def locator(hog_detector_dir):
+    """A real HOG locator (dlib's detector alone)."""
     from faceage.predict import FaceLocator
 
-    folder = tmp_path_factory.mktemp("detector")
-    dlib.get_frontal_face_detector().save(str(folder / HOG_FILE))
-    (folder / MANIFEST).write_text(json.dumps({"source": "test", "files": {HOG_FILE: file_digest(folder / HOG_FILE)}}))
-    return FaceLocator(folder, kind="hog", upsample=0, margin=0.4, crop_size=32)
+    return FaceLocator(hog_detector_dir, kind="hog", upsample=0, margin=0.4, crop_size=32)
 
 
 class _Service:
@@ -120,26 +111,3 @@ def test_annotate_gives_a_large_photo_s_memory_back_through_the_shared_helper(lo
     Image.new("RGB", (100, 80)).save(small, format="PNG")
     r = client.post("/annotate", files={"image": ("b.png", small.getvalue(), "image/png")})
     assert r.status_code == 200 and calls == [1]  # a small photo: nothing to give back
-
-
-def test_the_ui_gives_a_large_photo_s_memory_back_through_the_same_helper(tmp_path, monkeypatch):
-    import bentoml
-
-    import faceage.ui as ui
-
-    calls = _count_releases(monkeypatch)
-    drawn = []
-    monkeypatch.setattr(ui, "_ui_image_file", lambda image, faces: drawn.append(image.shape) or str(tmp_path / "x.jpg"))
-    sides = iter([(512, 512), (100, 200)])
-
-    class Service:
-        async def analyse(self, data, with_image=False):
-            return None, [], np.zeros((*next(sides), 3), np.uint8)
-
-    monkeypatch.setattr(bentoml, "get_current_service", lambda: Service())
-    photo = tmp_path / "a.jpg"
-    photo.write_bytes(_astronaut())
-    shown, rows = asyncio.run(ui.ui_predict(str(photo), 10_000_000))
-    assert shown == str(tmp_path / "x.jpg") and rows == [] and calls == [1]
-    asyncio.run(ui.ui_predict(str(photo), 10_000_000))  # a small photo: nothing to give back
-    assert drawn == [(512, 512, 3), (100, 200, 3)] and calls == [1]

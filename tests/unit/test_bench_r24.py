@@ -17,12 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-@pytest.fixture(autouse=True)
-def sigterm_handler():
-    """The benchmarks' main() turn SIGTERM into SystemExit (``_server.exit_on_sigterm``): restored for pytest."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
+# The benchmarks' main() turn SIGTERM into SystemExit (_server.exit_on_sigterm): put back for pytest.
+pytestmark = pytest.mark.usefixtures("sigterm_restored")
 
 
 # A stand-in ``dvc``: runs a "stage" (a sleep) in the background, writes its pid, waits for it.

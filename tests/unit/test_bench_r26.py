@@ -19,12 +19,8 @@ from tests.unit.test_bench_server import FAKE_SERVICE, fake_bentoml, running
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def sigterm_handler():
-    """The benchmarks' main() turn SIGTERM into SystemExit (``_server.exit_on_sigterm``): restored for pytest."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
+# The benchmarks' main() turn SIGTERM into SystemExit (_server.exit_on_sigterm): put back for pytest.
+pytestmark = pytest.mark.usefixtures("sigterm_restored")
 
 
 def wait_for(predicate, timeout_s: float = 20) -> bool:

@@ -5,14 +5,12 @@ reports a server that dies under the load instead of a traceback, and with ``--u
 serve`` process tree, not only its worker's. Stand-ins only: no bento, no model, no shared data."""
 
 import json
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,16 +19,13 @@ import pytest
 from PIL import Image
 
 from tests.conftest import http_server
+from tests.unit.test_bench_server import Answering
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def sigterm_handler():
-    """The benchmarks' main() turn SIGTERM into SystemExit (``_server.exit_on_sigterm``): restored for pytest."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
+# The benchmarks' main() turn SIGTERM into SystemExit (_server.exit_on_sigterm): put back for pytest.
+pytestmark = pytest.mark.usefixtures("sigterm_restored")
 
 
 def went_on(*args, **kwargs):
@@ -163,7 +158,7 @@ def test_load_test_refuses_counts_it_cannot_run_with_in_one_message(bad, monkeyp
 
 # -- a server that dies under the load -----------------------------------------------------------------------------
 
-class DiesAfterSixPosts(BaseHTTPRequestHandler):
+class DiesAfterSixPosts(Answering):
     """/readyz 200 and POST /predict -> one face, until six POSTs came: then every request has its connection
     closed unanswered (what a crashed server's clients see)."""
 
@@ -185,15 +180,6 @@ class DiesAfterSixPosts(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._answer(json.dumps({"faces": [{"age": 30.0}]}).encode())
-
-    def _answer(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 def test_a_server_that_dies_under_the_load_is_reported_not_a_traceback(tmp_path, monkeypatch, capsys):

@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from faceage.detector import HOG_FILE, MANIFEST
+from faceage.detector import HOG_FILE
 from faceage.download import file_digest
 from faceage.faces import FaceBox, FaceDetector, crop_faces
 from faceage.images import ImageDecodeError
 from faceage.model import build_model, save_checkpoint
 from faceage.predict import AgePredictor, FaceAge, FaceLocator, PredictorError, split_results
 from faceage.serving import AgeBatcher, LocatorPool
+from tests.conftest import make_detector_dir
 
 # A declared test dependency (pyproject's test extra): missing, the run fails rather than skipping these tests.
 from skimage import data as skimage_data
@@ -30,13 +31,6 @@ from skimage import data as skimage_data
 @pytest.fixture(scope="module")
 def astronaut() -> np.ndarray:
     return skimage_data.astronaut()  # 512x512 RGB, one frontal face (public domain, NASA)
-
-
-def make_detector_dir(path):
-    path.mkdir(parents=True)
-    dlib.get_frontal_face_detector().save(str(path / HOG_FILE))
-    (path / MANIFEST).write_text(json.dumps({"source": "test", "files": {HOG_FILE: file_digest(path / HOG_FILE)}}))
-    return path
 
 
 def make_checkpoint(path, detector_dir, *, detector_sha256=None, image_size=32, **crop):

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import time
 
-import dlib
 import numpy as np
 import pytest
 from PIL import Image
 
 import faceage.serving
-from faceage.detector import HOG_FILE, MANIFEST
-from faceage.download import file_digest
 from faceage.predict import FaceLocator
 from faceage.serving import ImageProcessingError, LocatorPool
 
@@ -38,12 +34,8 @@ def _locate_or_die(data: bytes, with_image: bool, crops: bool, parallel: bool):
 
 
 @pytest.fixture(scope="module")
-def locator(tmp_path_factory) -> FaceLocator:
-    detector = tmp_path_factory.mktemp("detector")
-    dlib.get_frontal_face_detector().save(str(detector / HOG_FILE))
-    manifest = {"source": "test", "files": {HOG_FILE: file_digest(detector / HOG_FILE)}}
-    (detector / MANIFEST).write_text(json.dumps(manifest))
-    return FaceLocator(detector, kind="hog", upsample=0, margin=0.4, crop_size=32)
+def locator(hog_detector_dir) -> FaceLocator:
+    return FaceLocator(hog_detector_dir, kind="hog", upsample=0, margin=0.4, crop_size=32)
 
 
 def _png(seed: int) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import select
 import signal
@@ -20,15 +19,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import dlib
 import numpy as np
 import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
 import faceage.serving as serving
-from faceage.detector import HOG_FILE, MANIFEST
-from faceage.download import file_digest
 from faceage.predict import FaceLocator
 from faceage.serving import ImageProcessingError, LocatorPool
 
@@ -52,11 +48,8 @@ def _locate_or_die(data: bytes, with_image: bool, crops: bool, parallel: bool):
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("detector")
-    dlib.get_frontal_face_detector().save(str(folder / HOG_FILE))
-    (folder / MANIFEST).write_text(json.dumps({"source": "test", "files": {HOG_FILE: file_digest(folder / HOG_FILE)}}))
-    return folder
+def detector(hog_detector_dir):
+    return hog_detector_dir
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +307,6 @@ def test_an_upload_the_client_abandons_is_not_a_server_error(routes, locator):
 def test_annotate_gives_the_heap_back_after_a_large_photo(routes, locator, monkeypatch):
     """/annotate of a 36 MP photo left the server process 250 MB larger for good (the decoded image and
     its copies, freed into glibc's heap)."""
-    import service
-
     calls = []
     monkeypatch.setattr(serving, "release_memory", lambda: calls.append(1))
     monkeypatch.setattr(serving, "RELEASE_AFTER_PIXELS", 512 * 512)

@@ -176,20 +176,11 @@ def test_the_ui_gives_the_heap_back_after_a_large_photo(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def locator(tmp_path_factory):
-    """A real HOG locator (dlib's detector saved to a folder), as in test_serving_r24."""
-    import json
-
-    import dlib
-
-    from faceage.detector import HOG_FILE, MANIFEST
-    from faceage.download import file_digest
+def locator(hog_detector_dir):
+    """A real HOG locator (dlib's detector alone)."""
     from faceage.predict import FaceLocator
 
-    folder = tmp_path_factory.mktemp("detector")
-    dlib.get_frontal_face_detector().save(str(folder / HOG_FILE))
-    (folder / MANIFEST).write_text(json.dumps({"source": "test", "files": {HOG_FILE: file_digest(folder / HOG_FILE)}}))
-    return FaceLocator(folder, kind="hog", upsample=0, margin=0.4, crop_size=32)
+    return FaceLocator(hog_detector_dir, kind="hog", upsample=0, margin=0.4, crop_size=32)
 
 
 def test_in_process_detection_gives_the_heap_back_after_a_large_photo(locator, monkeypatch):
