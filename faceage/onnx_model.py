@@ -24,8 +24,9 @@ from faceage.inputs import input_kind, input_preparer
 
 META_KEY = "faceage"  # faceage.export.META_KEY (not imported: that module needs torch)
 # Most faces in one forward pass (:meth:`OnnxAgeModel.predict_crops`): ONNX Runtime's arena keeps the memory
-# of the largest pass a session ever ran (~2.5 MB a face for the fused dlib_age graph: 200 faces in one pass
-# left a process 500 MB larger for good; in passes of 64, 360 MB). The service's batcher cuts its passes at
+# of the largest pass a session ever ran (2.5-3.7 MB a face for the fused dlib_age graph: one 64-face pass took
+# a session from 185 to 416 MB; 200 faces in one pass left a process 500 MB larger for good, in passes of 64
+# 360 MB; 1,152 faces took the server from 1 to 5 GB). The service's batcher cuts its passes at
 # this number too (faceage.serving.DEFAULT_MAX_PASS_FACES).
 MAX_PASS_FACES = 64
 
