@@ -5,7 +5,7 @@ Input: photos as ``multipart/form-data`` (field ``image``); the model is the Ben
 Routes:
 
 - ``POST /predict``: ``{"faces": [{"box": [x1, y1, x2, y2], "age", "age_std", "score"}],
-  "width", "height", "model": {lineage}}``, faces largest first, ``[]`` when there is none;
+  "width", "height", "model": {lineage}}``, faces largest first (ties to the most central), ``[]`` when there is none;
 - ``POST /annotate``: a PNG of the photo with each box and its "age ± std" label;
 - ``POST /predict_batch``: several ``image`` fields, one result (or error) per image;
 - ``POST /crop?face=i``: PNG of face ``i``'s margin crop, exactly as ``preprocess`` cuts it;
@@ -175,7 +175,8 @@ class FaceAgeService:
 
     async def analyse(self, data: bytes, *, with_image: bool = False
                       ) -> tuple[LocatedFaces, list[FaceAge], np.ndarray | None]:
-        """Encoded photo -> located faces, their ages (largest first) and, optionally, the decoded image."""
+        """Encoded photo -> located faces, their ages (largest first, ties to the most central) and, optionally,
+        the decoded image."""
         located, image = await self.locator.locate(data, with_image=with_image, crops=False)
         mean, std = await self.batcher(located.inputs)
         return located, split_results([located], mean, std)[0], image
@@ -203,7 +204,8 @@ class FaceAgeService:
         return png(data, {"X-FaceAge-Faces": str(len(faces))})
 
     @api.post("/crop", openapi_extra=IMAGE_FORM)
-    async def crop(self, request: Request, face: int = Query(0, description="face index, largest first")) -> Response:
+    async def crop(self, request: Request,
+                   face: int = Query(0, description="face index, largest first (ties to the most central)")) -> Response:
         """Face ``face``'s margin crop (PNG), the exact pixels ``preprocess`` would store."""
         part = (await read_images(request, limit=1))[0]
         try:

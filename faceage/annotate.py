@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from faceage.predict import FaceAge
 
-# Colour-blind-safe palette (Okabe-Ito), cycled over faces in order (largest first).
+# Colour-blind-safe palette (Okabe-Ito), cycled over faces in order (largest first, ties to the most central).
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
            (204, 121, 167))
 MIN_FONT_PX = 12  # the smallest label text, however small the photo or its face

@@ -72,3 +72,42 @@ def test_external_crop_time_is_the_measured_one():
     measurement with the pipeline's crop settings (bench_external_crops.py, round 22) is 21.6 s."""
     measured = re.search(r"- (\d+(?:\.\d+)?) s to detect and crop", README).group(1)
     assert f"{measured} s" in _module_doc("external")
+
+
+# --- round 26's README walkthrough: this round's serving and benchmark changes, said where a user reads them ---
+
+def _route_row(route: str) -> str:
+    return next(line for line in README.splitlines() if line.startswith(f"| `{route}"))
+
+
+def test_crop_route_counts_faces_in_the_predict_order():
+    """/crop?face=i indexes the faces as /predict lists them (faces.subject_order: largest first, ties to the most
+    central); the route table said only "face i", and the OpenAPI page says "largest first" without the tie rule."""
+    row = _route_row("POST /crop")
+    assert "largest first" in row and "most central" in row, row
+
+
+def test_annotate_route_says_labels_shrink_to_the_face():
+    """Round 26 draws each label no wider than its face (annotate._label_font), down to MIN_FONT_PX."""
+    from faceage.annotate import MIN_FONT_PX
+    row = _route_row("POST /annotate")
+    assert "width" in row and f"{MIN_FONT_PX} px" in row, row
+
+
+def test_readyz_replacing_a_pool_whose_idle_worker_died_is_documented():
+    """LocatorPool.ready replaces a pool whose worker died while idle; the README named only pools failing their start."""
+    from faceage.serving import LocatorPool
+    assert "died while idle" in (LocatorPool.ready.__doc__ or "")
+    errors = _between(README, "Bad input gets", "Settings (environment")
+    assert re.search(r"died while idle[^.]*`/readyz`", errors), "the README does not say /readyz heals an idle pool"
+
+
+def test_bench_service_clients_minimum_is_the_one_the_script_enforces():
+    """bench_service refuses --clients 1 (it overwrote the paired figures): the README says so, and no README
+    command passes a count the script refuses."""
+    source = (REPO / "benchmarks" / "bench_service.py").read_text()
+    minimum = int(re.search(r"args\.clients < (\d+)", source).group(1))
+    section = _between(README, "`bench_service.py` serves each bento", "\n\n")
+    assert re.search(rf"`--clients`, {minimum} or more", section), "the benchmark section does not give --clients' minimum"
+    for clients in re.findall(r"bench_service\.py[^\n`]*--clients (\d+)", README):
+        assert int(clients) >= minimum, f"a README command runs bench_service with --clients {clients}"
