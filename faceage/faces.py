@@ -140,7 +140,8 @@ class FaceDetector:
             self._cnn = load_dlib_file(dlib.cnn_face_detection_model_v1, Path(model_dir) / CNN_FILE)
 
     def detect(self, image: np.ndarray, *, parallel: bool = False) -> list[FaceBox]:
-        """Finds every face in an RGB uint8 image, largest first.
+        """Finds every face in an RGB uint8 image in :func:`subject_order`: largest first, ties to the most
+        central (then the higher score), so the first is the face ``preprocess`` crops and the service lists first.
 
         Boxes are clipped to the image; the margin crop may still extend past its edges. When
         nothing is found and ``retry_pad`` > 0, the second look (see the class) runs.
@@ -153,7 +154,7 @@ class FaceDetector:
         require_rgb(image, "FaceDetector.detect")
         h, w = image.shape[:2]
         if not self.max_detect_pixels or h * w <= self.max_detect_pixels:
-            return self._looks(image, parallel)
+            return subject_order(self._looks(image, parallel), w, h)
         scale = math.sqrt(self.max_detect_pixels / (h * w))
         sw, sh = max(int(w * scale), 1), max(int(h * scale), 1)
         # A side under 1 px is kept at 1, so the other is cut to keep the cap (a 1 x 20000000 strip was looked
@@ -165,7 +166,7 @@ class FaceDetector:
         boxes = [FaceBox(max(round(b.left * fx), 0), max(round(b.top * fy), 0),
                          min(round(b.right * fx), w), min(round(b.bottom * fy), h), b.score)
                  for b in self._looks(small, parallel)]
-        return sorted(boxes, key=lambda b: (-b.area, -b.score))
+        return subject_order(sorted(boxes, key=lambda b: (-b.area, -b.score)), w, h)
 
     def _looks(self, image: np.ndarray, parallel: bool) -> list[FaceBox]:
         """:meth:`detect` on an image within the pixel cap: the first look, then the retries."""
@@ -290,10 +291,10 @@ def crop_detector_files(crop: dict) -> dict[str, str]:
 def subject_order(boxes: Sequence[FaceBox], width: int, height: int) -> list[FaceBox]:
     """``boxes`` largest first, ties to the most central: the first is :func:`choose_subject`'s pick, the face
     ``preprocess`` crops for training and ``evaluate`` scores (on external sets too). HOG's boxes come in a
-    few sizes per pyramid level, so faces of one group photo often tie on area; the detector's own order
-    (largest, then highest score) put another face first there than the one the pipeline scores, and a
-    caller reading a photo's first face (the CLI's JSON, the service's answer) got another person's age.
-    Equal keys keep the given order (the detector's: the higher score first)."""
+    few sizes per pyramid level, so faces of one group photo often tie on area; :meth:`FaceDetector.detect`'s
+    former order (largest, then highest score) put another face first there than the one the pipeline scores,
+    and a caller reading a photo's first face (the CLI's JSON, the service's answer) got another person's age.
+    Equal keys keep the given order (the detector's looks: the higher score first)."""
     cx, cy = width / 2.0, height / 2.0
 
     def key(b: FaceBox) -> tuple[float, float]:

@@ -42,7 +42,7 @@ from faceage.detector import MANIFEST, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
 from faceage.faces import (MAX_DETECT_PIXELS, FaceBox, FaceDetector, crop_cnn_retry_side, crop_detector_files,
-                           crop_retry_pad, margin_region, resize_region, subject_order)
+                           crop_retry_pad, margin_region, resize_region)
 from faceage.images import DEFAULT_MAX_PIXELS
 
 # torch (via faceage.inference) is imported only where a torch model is built: the service and
@@ -191,11 +191,10 @@ class FaceLocator:
         return dict(self._settings)
 
     def detect(self, image: np.ndarray, *, parallel: bool = False) -> list[FaceBox]:
-        """Face boxes in full-image pixels in :func:`~faceage.faces.subject_order` (largest first, ties to the most central:
-        the first is the face ``preprocess`` and ``evaluate`` score); ``parallel``: see :meth:`locate`. A photo
-        over ``max_detect_pixels`` is detected downscaled, by :class:`FaceDetector` as ``preprocess`` detects it."""
-        boxes = self.detector.detect(image, parallel=parallel)
-        return subject_order(boxes, int(image.shape[1]), int(image.shape[0]))
+        """Face boxes in full-image pixels in :func:`~faceage.faces.subject_order` (largest first, ties to the most
+        central: the first is the face ``preprocess`` and ``evaluate`` score), by :class:`FaceDetector` as
+        ``preprocess`` detects them (a photo over ``max_detect_pixels`` downscaled); ``parallel``: see :meth:`locate`."""
+        return self.detector.detect(image, parallel=parallel)
 
     def locate(self, image: np.ndarray, *, crops: bool = True, parallel: bool = False) -> LocatedFaces:
         """Detects every face of an RGB uint8 image and cuts its crop (and chip), as ``preprocess`` does.
