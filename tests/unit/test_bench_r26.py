@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_bench_server import FAKE_SERVICE, fake_bentoml, running
+from tests.unit.test_bench_server import FAKE_SERVICE, fake_bentoml, running, stop_left_behind
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,11 +117,7 @@ def test_sigterm_as_the_server_becomes_ready_does_not_leave_it_running(tmp_path)
         assert rc == 128 + signal.SIGTERM, bench.stdout.read()
         assert wait_for(lambda: not running(server_pid), 10), "the server outlived the benchmark"
     finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
-        if server_pid is not None and running(server_pid):
-            os.kill(server_pid, signal.SIGKILL)  # the stand-in this test started, left behind
+        stop_left_behind(bench, server_pid)
 
 
 # A stand-in ``docker``: ``run`` records the container it creates (under --name, else an id of its own) in

@@ -104,11 +104,17 @@ def test_sigterm_to_the_load_test_stops_the_server_it_started(tmp_path):
         assert not running(server_pid), f"the server outlived the load test (rc {rc})"
         assert rc == 128 + signal.SIGTERM
     finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
-        if server_pid is not None and running(server_pid):
-            os.kill(server_pid, signal.SIGKILL)  # the stand-in this test started, left behind
+        stop_left_behind(bench, server_pid)
+
+
+def stop_left_behind(bench: subprocess.Popen, server_pid: int | None) -> None:
+    """A test's clean-up: the benchmark process it started, then the stand-in server (by its pid), each
+    only if still running."""
+    if bench.poll() is None:
+        bench.kill()
+        bench.wait()
+    if server_pid is not None and running(server_pid):
+        os.kill(server_pid, signal.SIGKILL)
 
 
 class Answering(BaseHTTPRequestHandler):
