@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,17 +85,24 @@ def test_a_photo_over_the_detection_cap_is_cut_by_preprocess_as_the_service_cuts
     # The astronaut at 8x (4096 x 4096): 2x the detection cap, her face ~900 px.
     big = np.asarray(Image.fromarray(astronaut()).resize((4096, 4096), Image.Resampling.BICUBIC))
     assert big.shape[0] * big.shape[1] > MAX_DETECT_PIXELS
+    cut = preprocess_crop(tmp_path, detector_dir, "big.png", lambda path: Image.fromarray(big).save(path), upsample=0)
+    served = FaceLocator(detector_dir, kind="hog", upsample=0, margin=PreprocessParams().margin, crop_size=64).locate(big)
+    assert np.array_equal(cut, served.crops[0])
+
+
+def preprocess_crop(tmp_path: Path, detector_dir: Path, name: str, save, upsample: int) -> np.ndarray:
+    """The crop ``preprocess`` stores for one photo, written by ``save(path)`` as the test split's only image
+    (HOG at ``upsample``, no second look, 64 px crops); it must find a face."""
     data = tmp_path / "data"
     (data / "test").mkdir(parents=True)
-    Image.fromarray(big).save(data / "test" / "big.png")
+    save(data / "test" / name)
     out = tmp_path / "faces"
     out.mkdir()
-    params = PreprocessParams(workers=1, upsample=0, retry_pad=0.0, cnn_retry_side=0, size=64)
-    [row] = preprocess.crop_samples({"test": [Sample("test", "big.png", 53.0, 0.0, 53.0)]}, data, detector_dir, out,
+    params = PreprocessParams(workers=1, upsample=upsample, retry_pad=0.0, cnn_retry_side=0, size=64)
+    [row] = preprocess.crop_samples({"test": [Sample("test", name, 53.0, 0.0, 53.0)]}, data, detector_dir, out,
                                     params)
     assert row["status"] == "face"
-    served = FaceLocator(detector_dir, kind="hog", upsample=0, margin=params.margin, crop_size=64).locate(big)
-    assert np.array_equal(np.asarray(Image.open(out / row["crop"])), served.crops[0])
+    return np.asarray(Image.open(out / row["crop"]))
 
 
 def _slow_item(x):

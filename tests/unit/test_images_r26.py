@@ -352,24 +352,15 @@ def test_preprocess_and_the_service_cut_the_same_crop_from_a_tagged_photo(tmp_pa
     converted colours, so byte-identical crops, and not the raw values' crops."""
     from skimage.data import astronaut
 
-    import faceage.preprocess as preprocess
-    from faceage.appa_real import Sample
     from faceage.config import PreprocessParams
     from faceage.predict import FaceLocator
+    from tests.unit.test_crop_r24 import preprocess_crop
 
-    data = tmp_path / "data"
-    (data / "test").mkdir(parents=True)
-    photo = data / "test" / "a.jpg"
-    Image.fromarray(astronaut()).save(photo, quality=95, icc_profile=rgb_profile(ADOBE_RGB, _gamma(ADOBE_GAMMA)))
-    out = tmp_path / "faces"
-    out.mkdir()
-    params = PreprocessParams(workers=1, upsample=1, retry_pad=0.0, cnn_retry_side=0, size=64)
-    [row] = preprocess.crop_samples({"test": [Sample("test", "a.jpg", 30.0, 0.0, 30.0)]}, data, detector_dir, out,
-                                    params)
-    assert row["status"] == "face"
-    locator = FaceLocator(detector_dir, kind="hog", upsample=1, margin=params.margin, crop_size=64)
+    photo = tmp_path / "data" / "test" / "a.jpg"
+    cut = preprocess_crop(tmp_path, detector_dir, photo.name, lambda path: Image.fromarray(astronaut()).save(
+        path, quality=95, icc_profile=rgb_profile(ADOBE_RGB, _gamma(ADOBE_GAMMA))), upsample=1)
+    locator = FaceLocator(detector_dir, kind="hog", upsample=1, margin=PreprocessParams().margin, crop_size=64)
     served = locator.locate(load_image(photo.read_bytes()))
-    cut = np.asarray(Image.open(out / row["crop"]))
     assert np.array_equal(cut, served.crops[0])
     with Image.open(photo) as img:
         raw = locator.locate(np.asarray(img.convert("RGB")))
