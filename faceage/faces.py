@@ -166,7 +166,7 @@ class FaceDetector:
         boxes = [FaceBox(max(round(b.left * fx), 0), max(round(b.top * fy), 0),
                          min(round(b.right * fx), w), min(round(b.bottom * fy), h), b.score)
                  for b in self._looks(small, parallel)]
-        return subject_order(sorted(boxes, key=lambda b: (-b.area, -b.score)), w, h)
+        return subject_order(boxes, w, h)
 
     def _looks(self, image: np.ndarray, parallel: bool) -> list[FaceBox]:
         """:meth:`detect` on an image within the pixel cap: the first look, then the retries."""
@@ -289,17 +289,17 @@ def crop_detector_files(crop: dict) -> dict[str, str]:
 
 
 def subject_order(boxes: Sequence[FaceBox], width: int, height: int) -> list[FaceBox]:
-    """``boxes`` largest first, ties to the most central: the first is :func:`choose_subject`'s pick, the face
+    """``boxes`` largest first, ties to the most central, then the higher score: the first is :func:`choose_subject`'s pick, the face
     ``preprocess`` crops for training and ``evaluate`` scores (on external sets too). HOG's boxes come in a
     few sizes per pyramid level, so faces of one group photo often tie on area; :meth:`FaceDetector.detect`'s
     former order (largest, then highest score) put another face first there than the one the pipeline scores,
     and a caller reading a photo's first face (the CLI's JSON, the service's answer) got another person's age.
-    Equal keys keep the given order (the detector's looks: the higher score first)."""
+    The score decides only between boxes of one size equally far from the centre, whatever order they came in."""
     cx, cy = width / 2.0, height / 2.0
 
-    def key(b: FaceBox) -> tuple[float, float]:
+    def key(b: FaceBox) -> tuple[float, float, float]:
         bx, by = (b.left + b.right) / 2.0, (b.top + b.bottom) / 2.0
-        return (-b.area, (bx - cx) ** 2 + (by - cy) ** 2)
+        return (-b.area, (bx - cx) ** 2 + (by - cy) ** 2, -b.score)
 
     return sorted(boxes, key=key)
 

@@ -264,3 +264,13 @@ def test_the_cnn_detector_looks_at_a_large_photo_scaled_to_its_pixel_cap(detecto
     assert seen[1][0] * seen[1][1] * 4 <= CNN_MAX_PIXELS < big.shape[0] * big.shape[1] * 4
     for a, b in zip(big_box.as_list()[:4], box.as_list()[:4]):
         assert abs(a - 3 * b) <= 0.1 * 3 * box.width  # the same face, in the big photo's coordinates
+
+
+def test_subject_order_breaks_a_size_and_centre_tie_by_score_whatever_the_given_order():
+    """Two faces of one size, mirror images about the centre: the higher score comes first, given either way
+    (the downscaled detection path no longer pre-sorts by score before subject_order)."""
+    from faceage.faces import subject_order
+
+    left, right = FaceBox(10, 40, 30, 60, 0.2), FaceBox(70, 40, 90, 60, 0.9)
+    assert subject_order([left, right], 100, 100) == [right, left]
+    assert subject_order([right, left], 100, 100) == [right, left]
