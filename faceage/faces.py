@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -133,7 +134,7 @@ class FaceDetector:
         self.upsample = upsample
         self.retry_pad = float(retry_pad)
         self.path = path
-        self._lock = threading.Lock()
+        self._lock, self._pid = threading.Lock(), os.getpid()
         if kind == "hog":
             self._hog = load_dlib_file(dlib.fhog_object_detector, path)
         if kind == "cnn" or self.cnn_retry_side:
@@ -212,13 +213,25 @@ class FaceDetector:
             log.warning("%s: detecting on one thread", e)
             return None
 
+    def _own_lock(self) -> threading.Lock:
+        """The lock that keeps one dlib call at a time, this process's own.
+
+        A forked child inherits the parent's lock as it was at the fork: held, when another of the
+        parent's threads was detecting then, and no thread in the child would ever release it (its
+        first detect waited for ever). The child makes its own, as
+        :class:`faceage.hog_pyramid.SplitHogDetector` makes its thread.
+        """
+        if self._pid != os.getpid():
+            self._lock, self._pid = threading.Lock(), os.getpid()
+        return self._lock
+
     def _detect(self, image: np.ndarray, upsample: int, w: int, h: int, scale: float = 1.0,
                 shift: float = 0.0, parallel: bool = False, kind: str | None = None) -> list[FaceBox]:
         """Boxes found in ``image`` by ``kind`` (default: this detector's) mapped to the original
         ``w`` x ``h`` image (``/ scale - shift``), clipped to it."""
         if (kind or self.kind) == "cnn" and min(image.shape[:2]) * 2 ** upsample < CNN_MIN_SIDE:
             return []
-        with self._lock:
+        with self._own_lock():
             if (kind or self.kind) == "hog":
                 split = self._split_hog if parallel else None
                 found = split.run(image, upsample) if split is not None else None

@@ -274,3 +274,31 @@ def test_subject_order_breaks_a_size_and_centre_tie_by_score_whatever_the_given_
     left, right = FaceBox(10, 40, 30, 60, 0.2), FaceBox(70, 40, 90, 60, 0.9)
     assert subject_order([left, right], 100, 100) == [right, left]
     assert subject_order([right, left], 100, 100) == [right, left]
+
+
+def test_a_child_forked_while_another_thread_detects_can_detect(detector_dir):
+    """A fork copies the detector's lock as it is: held by the parent's detecting thread, the child's first
+    detect waited for ever. The child must find the astronaut's face on its own."""
+    import multiprocessing as mp
+
+    from skimage.data import astronaut
+
+    detector = FaceDetector(detector_dir, "hog", 0)
+    image = astronaut()
+    expected = detector.detect(image)
+    assert len(expected) == 1
+    found = mp.get_context("fork").Queue()
+
+    def child():
+        found.put(detector.detect(image))
+
+    with detector._lock:  # as a parent thread mid-detect holds it at the moment of the fork
+        process = mp.get_context("fork").Process(target=child, daemon=True)
+        process.start()
+    process.join(60)
+    alive = process.is_alive()
+    if alive:
+        process.kill()
+    assert not alive, "the forked child never returned from detect: it waits on the parent's lock"
+    assert process.exitcode == 0
+    assert found.get(timeout=10) == expected
