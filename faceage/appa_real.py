@@ -232,10 +232,30 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
                                       "which Python cannot extract (Deflate64 or PPMd?): unzip it with another "
                                       "tool and point fetch_data.source at the folder")
                 member.filename = name
+            _check_no_file_is_a_folder(zip_path, [m.filename for m in members])
             for member in members:
                 zf.extract(member, dest)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zlib.error, EOFError: damaged compressed data
         raise LayoutError(f"{zip_path} is not a valid zip file: {e}") from e
+
+
+def _check_no_file_is_a_folder(zip_path: Path, names: list[str]) -> None:
+    """Refuses a zip in which one path is both a file and a folder (``test`` and ``test/a.jpg``).
+
+    No file system holds both, and extracting one after the other failed with a bare
+    ``NotADirectoryError`` or ``IsADirectoryError`` from :mod:`zipfile`, naming neither entry.
+
+    Raises:
+        LayoutError: Naming the path.
+    """
+    files = {name for name in names if not name.endswith("/")}
+    for name in names:
+        parts = PurePosixPath(name).parts
+        for depth in range(1, len(parts) if not name.endswith("/") else len(parts) + 1):
+            folder = "/".join(parts[:depth])
+            if folder in files:
+                raise LayoutError(f"{zip_path} holds {folder!r} both as a file and as a folder (of {name!r}): "
+                                  "no file system can hold both; repack it without one of them")
 
 
 def _utf8_name(member: zipfile.ZipInfo) -> str:

@@ -166,6 +166,39 @@ def test_a_zip_made_on_windows_with_backslashes_is_read_as_folders(tmp_path):
     assert not (tmp_path.parent / "escaped.txt").exists()
 
 
+@pytest.mark.parametrize("clash", ["appa-real-release/train", "appa-real-release/train/", "appa-real-release"])
+def test_a_zip_holding_one_path_as_a_file_and_a_folder_is_named(tmp_path, clash):
+    """zipfile failed with a bare NotADirectoryError / IsADirectoryError that named neither entry."""
+    src = make_release(tmp_path / "appa-real-release")
+    archive = tmp_path / "clash.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.writestr(str(p.relative_to(tmp_path)), p.read_bytes())
+        zf.writestr(clash.rstrip("/"), b"not a folder")  # a file where the zip also has a folder
+        if clash.endswith("/"):
+            zf.writestr(clash, b"")  # and that folder's own entry
+    with pytest.raises(LayoutError, match=rf"holds '{clash.rstrip('/')}' both as a file and as a folder"):
+        fetch_appa_real(str(archive), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_zip_with_folder_entries_and_repeated_names_still_extracts(tmp_path):
+    """Folder entries ('x/') and a file stored twice are no clash: the check refuses only a real one."""
+    src = make_release(tmp_path / "appa-real-release")
+    archive = tmp_path / "ok.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("appa-real-release/", b"")
+        zf.writestr("appa-real-release/train/", b"")
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.writestr(str(p.relative_to(tmp_path)), p.read_bytes())
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("appa-real-release/gt_avg_train.csv", (src / "gt_avg_train.csv").read_bytes())
+    info = fetch_appa_real(str(archive), tmp_path / "out")
+    assert info["counts"] == {"train": 3, "valid": 3, "test": 3}
+
+
 @pytest.mark.parametrize(("column", "value", "message"), [
     ("file_name", "../../outside.jpg", r"line 2: file_name '../../outside.jpg' must name a file directly in train/"),
     ("file_name", "sub/x.jpg", r"line 2: file_name 'sub/x.jpg' must name a file directly in train/"),
