@@ -5,7 +5,11 @@ destination, present only once it is complete and verified.
 
 The bytes go to ``<dest>.part`` first. An interrupted transfer (dropped connection,
 killed process) leaves that part file behind, and the next call asks the server for
-the remaining bytes with an HTTP ``Range`` request. Only a verified file is moved to
+the remaining bytes with an HTTP ``Range`` request. The validator of the response the part's
+bytes came from (its strong ``ETag``, else its ``Last-Modified``) is kept in ``<dest>.part.meta``
+and sent as ``If-Range`` with the resume: a file changed on the server since (a new release at the
+same URL) comes back whole (200) and replaces the part, instead of its tail being appended to the
+old head. A part resumed from a mirror (another URL) sends none: the checksum decides there. Only a verified file is moved to
 ``dest`` with :func:`os.replace`, so ``dest`` is never half-written; a checksum
 mismatch deletes the part file, since resuming from bad bytes cannot succeed. Processes
 asking for the same ``dest`` at once take turns (a lock file beside it): the first
@@ -15,6 +19,7 @@ fetches, the next finds the verified file.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -73,6 +78,11 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
     # The bytes on disk must be the server's bytes: a body sent gzip-encoded would be stored decoded,
     # and a Range resume would then count decoded bytes against the encoded stream.
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    # If-Range: the rest of the body only if it is still the version the part's bytes came from, else
+    # the whole new body (200). A part without a stored validator (none sent, or an older part) resumes as is.
+    stored = _read_validators(part, url) if have else None
+    if stored:
+        headers["If-Range"] = stored.get("etag") or stored["last_modified"]
     with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as r:
         if r.status_code == 416 and have:
             # Range not satisfiable: the part file holds the whole body, unless the server's length
@@ -82,7 +92,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
             if length is None or length == have:
                 return True
             log.info("%s holds %d bytes but %s has %d: restarting from byte 0", part.name, have, url, length)
-            part.unlink()
+            _discard(part)
             return _stream_once(url, part, timeout_s, progress)
         if r.status_code in RETRY_STATUSES:  # busy or briefly broken: worth the back-off, as a dropped connection is
             raise _BusyError(f"GET {url} answered HTTP {r.status_code} {r.reason}", r.headers.get("Retry-After"))
@@ -91,18 +101,27 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
         # A server may encode the body whatever the client accepts (gzip on a .zip): the part then holds
         # decoded bytes, which neither a Range nor the Content-Length count, so such a body is never resumed.
         encoded = r.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+        changed = _changed(stored, r.headers) if stored else None
         if r.status_code == 206 and have:
             start = _range_start(r.headers.get("Content-Range"))
-            if encoded or start == 0:  # a slice of an encoded stream, or the whole body again
-                log.info("%s answered the Range with %s: restarting %s from byte 0", url,
-                         "an encoded slice" if encoded else "the whole body", part.name)
+            if encoded or start == 0 or changed:  # an encoded slice, the whole body again, or another version's
+                if changed:
+                    log.warning("%s changed on the server (%s) since %s was started: restarting from byte 0",
+                                url, changed, part.name)
+                else:
+                    log.info("%s answered the Range with %s: restarting %s from byte 0", url,
+                             "an encoded slice" if encoded else "the whole body", part.name)
                 r.close()
-                part.unlink()
+                _discard(part)
                 return _stream_once(url, part, timeout_s, progress)
             if start is not None and start != have:
                 raise DownloadError(f"GET {url} asked from byte {have} answered from byte {start}")
         if r.status_code == 200 and have:
-            log.info("server ignored the Range request: restarting %s from byte 0", url)
+            if changed:  # If-Range did not match: the whole new version
+                log.warning("%s changed on the server (%s) since %s was started: restarting from byte 0",
+                            url, changed, part.name)
+            else:
+                log.info("server ignored the Range request: restarting %s from byte 0", url)
             have = 0
         length = _content_length(r.headers.get("Content-Length"))
         total = have + length if length is not None else None
@@ -117,6 +136,8 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
                 desc=part.name.removesuffix(".part"),
                 disable=not progress,
             ) as bar:
+                if not have:  # the part was just truncated: it holds this response's bytes from here on
+                    _write_validators(part, url, _validators(r.headers))
                 for chunk in r.iter_content(chunk_size=STREAM_BYTES):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -126,9 +147,71 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
                 raise requests.ConnectionError(f"connection closed at byte {got} of {total}")
         except BaseException:
             if encoded:
-                part.unlink(missing_ok=True)
+                _discard(part)
             raise
         return True
+
+
+def _meta_path(part: Path) -> Path:
+    """Where the validator of ``part``'s bytes is kept: ``<dest>.part.meta``."""
+    return part.with_name(part.name + ".meta")
+
+
+def _discard(part: Path) -> None:
+    """Removes the part file and its validator."""
+    part.unlink(missing_ok=True)
+    _meta_path(part).unlink(missing_ok=True)
+
+
+def _validators(headers) -> dict[str, str] | None:
+    """A response's validator usable in If-Range (RFC 9110, 13.1.5): its strong ETag, else its
+    Last-Modified; None when it has neither, or only a weak ``W/`` ETag (which If-Range may not
+    carry, and beside which the date may not be sent either)."""
+    etag = (headers.get("ETag") or "").strip()
+    if etag:
+        return None if etag.startswith("W/") else {"etag": etag}
+    modified = (headers.get("Last-Modified") or "").strip()
+    return {"last_modified": modified} if modified else None
+
+
+def _read_validators(part: Path, url: str) -> dict[str, str] | None:
+    """The validator stored for ``part`` when its bytes came from ``url``, or None: none stored, an
+    unreadable file, or another URL's (a mirror's ETag names its own copy, not the file: resumed as
+    before, and the checksum decides)."""
+    try:
+        found = json.loads(_meta_path(part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or found.get("url") != url:
+        return None
+    kept = {key: found[key] for key in ("etag", "last_modified") if isinstance(found.get(key), str) and found[key]}
+    return kept or None
+
+
+def _write_validators(part: Path, url: str, found: dict[str, str] | None) -> None:
+    """Stores ``found`` (from ``url``) for ``part`` atomically (a temporary file moved into place), or
+    removes a stale one."""
+    meta = _meta_path(part)
+    if not found:
+        meta.unlink(missing_ok=True)
+        return
+    tmp = meta.with_name(meta.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps({"url": url, **found}), encoding="utf-8")
+        os.replace(tmp, meta)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _changed(stored: dict[str, str], headers) -> str | None:
+    """How a response's validator differs from the stored one (``"ETag ... was ..."``), or None when it is
+    the same or the response does not say. The ETag decides where one was stored, else Last-Modified."""
+    for key, header in (("etag", "ETag"), ("last_modified", "Last-Modified")):
+        if stored.get(key):
+            now = (headers.get(header) or "").strip()
+            return f"{header} {now}, was {stored[key]}" if now and now != stored[key] else None
+    return None
 
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -192,7 +275,8 @@ def download(
         sha256: Expected sha256 hex digest, or None.
         mirrors: Other URLs of the same file, tried in order when one fails (an HTTP error, a
             connection that keeps failing, or a checksum mismatch); the next resumes the bytes
-            the last one fetched, and the checksum decides.
+            the last one fetched, and the checksum decides (If-Range goes only to the URL the
+            part's bytes came from: a mirror's validator names its own copy).
         retries: Attempts after a dropped connection or a busy server (HTTP 408, 429, 500, 502, 503,
             504); each resumes where the last stopped.
         timeout_s: Connect timeout, and the longest wait for the next bytes (not for the whole body).
@@ -261,14 +345,15 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
         if expected:
             got = file_digest(part, algorithm)
             if got != expected.lower():
-                part.unlink()
+                _discard(part)
                 raise ChecksumError(
                     f"{algorithm} of {url} is {got}, expected {expected}; the download was deleted"
                 )
     wrong = check(part) if check is not None else None
     if wrong:
-        part.unlink()
+        _discard(part)
         raise ContentError(f"{url} sent {wrong}; it was deleted, and the next run fetches it again")
+    _meta_path(part).unlink(missing_ok=True)  # first: a part left without it is resumed as before
     os.replace(part, dest)
     return dest
 
