@@ -11,6 +11,8 @@ naming the offending ``section.key``, so a typo in ``params.yaml`` or in
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import math
 import re
 import types
@@ -36,6 +38,14 @@ DESCRIPTOR, LAYERS = FACE_FEATURES
 
 class ConfigError(FaceAgeError, ValueError):
     """A key of ``params.yaml`` is unknown, missing, mistyped or out of range."""
+
+
+# train.backbone values known valid without importing torch and torchvision (seconds, which every stage
+# would pay on loading its params): dlib's two networks, params.yaml's default and faceage.sweep's backbones.
+# Any other name is checked against torchvision's list (faceage.model.check_backbone, whose message lists
+# them); tests/unit/test_config_backbone.py keeps this set inside that list.
+FAST_BACKBONES = frozenset({"dlib_face", "dlib_age", "resnet18", "resnet34", "resnet50", "efficientnet_b0",
+                            "mobilenet_v3_large", "mobilenet_v3_small", "convnext_tiny"})
 
 
 @dataclass(frozen=True)
@@ -232,6 +242,18 @@ def _build_section(cls: type, name: str, raw: Any) -> Any:
     return obj
 
 
+def _check_backbone(backbone: str) -> None:
+    """``train.backbone`` names a model :func:`faceage.model.build_model` can build (raises ConfigError if not),
+    checked here so that a typo fails in the first stage rather than at train, after the data work."""
+    if backbone in FAST_BACKBONES:
+        return
+    if importlib.util.find_spec("torchvision") is None:
+        return  # the service's runtime (ONNX Runtime, no torch) builds no model; build_model checks where one is
+    # By name, as faceage.predict loads its torch runtime: the service's code reaches this module and must never
+    # import torch (tests/unit/test_bentofile.py). Lazily: faceage.model imports this module.
+    importlib.import_module("faceage.model").check_backbone(backbone)
+
+
 def _validate_ranges(name: str, obj: Any) -> None:
     """Range checks that the type alone cannot express."""
     checks: list[tuple[bool, str]] = []
@@ -258,6 +280,7 @@ def _validate_ranges(name: str, obj: Any) -> None:
     elif isinstance(obj, EmbedParams):
         checks = [(obj.workers >= 0, f"embed.workers must be >= 0, got {obj.workers}")]
     elif isinstance(obj, TrainParams):
+        _check_backbone(obj.backbone)
         checks = [
             (obj.epochs >= 0, f"train.epochs must be >= 0 (0: evaluate the initial weights), got {obj.epochs}"),
             (obj.freeze_blocks >= 0, f"train.freeze_blocks must be >= 0, got {obj.freeze_blocks}"),

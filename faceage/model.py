@@ -112,6 +112,24 @@ def torchvision_backbones() -> list[str]:
     return sorted(set(torchvision.models.list_models(module=torchvision.models)) - NO_LINEAR_HEAD)
 
 
+def check_backbone(backbone: str) -> None:
+    """Checks a ``train.backbone`` value: ``dlib_face``, ``dlib_age`` or one of :func:`torchvision_backbones`.
+
+    The one check behind both :func:`build_model` and :func:`faceage.config.params_from_dict` (which
+    calls it for names outside :data:`faceage.config.FAST_BACKBONES`), so a typo fails in the first stage.
+
+    Raises:
+        ConfigError: Unknown backbone (the message lists the available ones).
+    """
+    if backbone in (FACE_ENCODER, DLIB_AGE):
+        return
+    available = torchvision_backbones()
+    if backbone not in available:
+        why = " (its head is a convolution, not a linear layer)" if backbone in NO_LINEAR_HEAD else ""
+        raise ConfigError(f"train.backbone must be a torchvision classification model with a linear head, got "
+                          f"{backbone!r}{why}; available: {FACE_ENCODER}, {DLIB_AGE}, {', '.join(available)}")
+
+
 def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None,
                 face_features: str = DESCRIPTOR) -> nn.Module:
     """A randomly initialised age model with ``num_ages`` outputs.
@@ -134,11 +152,7 @@ def build_model(backbone: str, num_ages: int = NUM_AGES, head: str | None = None
         from faceage.dlib_age import HEAD_PRETRAINED, DlibAgeNet
 
         return DlibAgeNet(num_ages, head or HEAD_PRETRAINED, face_features)
-    available = torchvision_backbones()
-    if backbone not in available:
-        why = " (its head is a convolution, not a linear layer)" if backbone in NO_LINEAR_HEAD else ""
-        raise ConfigError(f"train.backbone must be a torchvision classification model with a linear head, got "
-                          f"{backbone!r}{why}; available: {FACE_ENCODER}, {DLIB_AGE}, {', '.join(available)}")
+    check_backbone(backbone)
     # transform_input: their ImageNet weights expect inputs in [-1, 1], the step torchvision adds when it
     # builds them with weights (a fixed affine map of the normalised input: harmless from scratch).
     extra = {"aux_logits": False, "init_weights": True, "transform_input": True} if backbone in AUX_HEADS else {}
