@@ -39,10 +39,41 @@ def norm(name: str) -> str:
 
 def test_service_and_name():
     assert BENTOFILE["service"] == "service:FaceAgeService" and BENTOFILE["name"] == "face_age"
-    assert {"service.py", "faceage/*.py", "faceage/examples/*.jpg"} <= set(BENTOFILE["include"])
+    assert {"/service.py", "faceage/*.py", "faceage/examples/*.jpg"} <= set(BENTOFILE["include"])
     assert BENTOFILE["python"]["lock_packages"] is False  # locking needs the network; the file is the lock
     assert BENTOFILE["python"]["requirements_txt"] == "./bento-requirements.txt" and "packages" not in BENTOFILE["python"]
     assert "extra_index_url" not in BENTOFILE["python"]  # no torch, so no PyTorch index: PyPI only
+
+
+def packaged_files(ctx: Path) -> set[str]:
+    """The files of build context ``ctx`` that ``bentoml build`` copies into the bento, by BentoML's own
+    matcher (``BentoPathSpec``) over ``bentofile.yaml``'s ``include`` and ``exclude``, as its build walks them."""
+    from bentoml._internal.bento.build_config import BentoPathSpec
+
+    spec = BentoPathSpec(BENTOFILE["include"], BENTOFILE.get("exclude") or [], str(ctx))
+    return {path.relative_to(ctx).as_posix() for path in ctx.rglob("*")
+            if path.is_file() and spec.includes(path.relative_to(ctx).as_posix())}
+
+
+def test_only_the_top_level_service_py_is_packaged(tmp_path):
+    """A bare ``service.py`` matches at any depth: a BentoML store kept in the repo (``BENTOML_HOME=$PWD/...``)
+    put its bentos' ``service.py`` into the next bento, which recursed until the path was too long for the
+    file system; a venv not named ``.venv`` (``env/``, ``.direnv/``) gave the bento its packages' ``service.py``."""
+    for name in ("service.py", "faceage/predict.py", "faceage/examples/astronaut.jpg",
+                 ".bentoml/bentos/face_age/v1/src/service.py", "env/lib/python3.11/site-packages/bentoml/service.py",
+                 "notes/service.py", "faceage/old/service.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert packaged_files(tmp_path) == {"service.py", "faceage/predict.py", "faceage/examples/astronaut.jpg"}
+
+
+def test_uv_is_a_declared_dependency():
+    """``bentoml build`` runs uv even with ``lock_packages: false`` and pip-installs it when it is missing, which
+    fails offline ("Failed to install uv"): ``make setup`` installs it from ``pyproject.toml``."""
+    import tomllib
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "uv" in {Requirement(r).name.lower() for r in declared}
 
 
 def test_only_runtime_packages_pinned_to_the_tested_versions():
