@@ -438,6 +438,11 @@ def load_predictor(args: argparse.Namespace) -> AgePredictor:
     if args.model.is_dir():
         check_model_dir(args.model, args.detector)
         return AgePredictor.from_model_dir(args.model, **options)
+    version = store_pointer(args.model)
+    if version is not None:
+        raise FaceAgeError(f"--model {args.model} is the BentoML store's pointer to its latest version, not a "
+                           f"checkpoint: pass --model {version} (the model folder it names) or --bento "
+                           f"{args.model.parent.name}:latest")
     if not args.model.is_file():
         raise FaceAgeError(f"checkpoint {args.model} not found: run `dvc repro`, or pass --model PATH "
                            "(a checkpoint, or a packaged model folder) or --bento face_age:latest")
@@ -449,6 +454,26 @@ def load_predictor(args: argparse.Namespace) -> AgePredictor:
             raise FaceAgeError(f"{e}: no {DETECTOR_DIR}/ beside {args.model} nor in the working folder; pass "
                                "--detector DIR (the fetch_detector output it was trained with)") from e
         raise
+
+
+def store_pointer(path: Path) -> Path | None:
+    """The model folder a BentoML store's ``latest`` file names, when ``path`` is one, else None.
+
+    ``~/bentoml/models/face_age/`` holds each version's folder and a file ``latest`` with the newest
+    version's name: ``--model .../face_age/latest`` looks like a model, and stopped with "not a FaceAge
+    checkpoint: not a torch file" instead of naming the folder to pass.
+    """
+    if path.name != "latest" or not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            version = f.read(256).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    folder = path.parent / version
+    if not version or "/" in version or not (folder / CHECKPOINT_FILE).is_file():
+        return None
+    return folder
 
 
 def default_detector(checkpoint: Path) -> Path:
