@@ -228,6 +228,22 @@ def age_balance_weights(ages: torch.Tensor, power: float, sigma: float = BALANCE
     return (weight / weight[age_index(ages)].mean()).float()
 
 
+def run_name(p: TrainParams) -> str:
+    """The MLflow run's name: the backbone, what it reads, the epochs (``resnet18-224px-30ep``).
+
+    ``train.image_size`` sizes a CNN's crops only: dlib's networks read their own chips and the run
+    was named ``dlib_age-224px-30ep`` whatever they read. ``dlib_age`` names its head instead
+    (``dlib_age-fused-30ep``; ``dlib_age-pretrained-0ep``, the zero-shot network), ``dlib_face`` its descriptors.
+    """
+    if p.backbone == DLIB_AGE:
+        reads = finetune.resolve_head(p)
+    elif p.backbone == FACE_ENCODER:
+        reads = "descriptors"
+    else:
+        reads = f"{p.image_size}px"
+    return f"{p.backbone}-{reads}-{p.epochs}ep"
+
+
 def check_batch(p: TrainParams, model: nn.Module, world_size: int) -> None:
     """Refuses a per-process batch of one face for a model with BatchNorm layers (what it trains).
 
@@ -847,7 +863,7 @@ class _Tracker:
     def _new_run(self, tags: dict[str, str] | None = None):
         """Starts an MLflow run for ``self.state`` (its ``run_id`` set to it) with the params and tags."""
         p = self.p
-        run = self.mlflow.start_run(run_name=f"{p.backbone}-{p.image_size}px-{p.epochs}ep")
+        run = self.mlflow.start_run(run_name=run_name(p))
         self.state.run_id = run.info.run_id
         self.mlflow.log_params({**{f"train.{k}": v for k, v in asdict(p).items()},
                                 **{f"preprocess.{k}": v for k, v in self.crop.items()},
