@@ -75,8 +75,12 @@ bento: setup
 	$(BIN)/bentoml build
 
 # http://127.0.0.1:3000/predict, /annotate, /predict_batch; UI at http://127.0.0.1:3000/ui
+# Local by default, as mlflow-server: SERVE_HOST=0.0.0.0 serves other machines (BentoML's own default);
+# SERVE_PORT=3001 when 3000 is taken.
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 3000
 serve: setup
-	$(BIN)/bentoml serve face_age:latest
+	$(BIN)/bentoml serve face_age:latest --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 # Cold start, /predict latency and throughput (1 and 8 clients) vs the in-process predictor, bento
 # size; needs `make bento`. Two bentos side by side: python benchmarks/bench_service.py --tag A --tag B
