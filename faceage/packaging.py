@@ -50,8 +50,8 @@ from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
-from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, check_reachable, display_uri, git_commit,
-                              sqlite_path)
+from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, check_reachable, display_uri, gc_command,
+                              git_commit, sqlite_path)
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,8 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
             the versions whose MAEs the guard compares (:func:`rank_candidates`).
 
     Raises:
-        PackagingError: The experiment does not exist, or no finished run (on ``data_sha256``) has both metrics.
+        PackagingError: The experiment does not exist or is deleted, no finished run (on ``data_sha256``) has
+            both metrics, or none of them passes the external-MAE guard.
     """
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -236,8 +237,8 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
     if exp.lifecycle_stage == "deleted":  # its runs are deleted with it, and training cannot log into it
         raise PackagingError(f"MLflow experiment {experiment!r} (id {exp.experiment_id}) is deleted in "
                              f"{display_uri(client.tracking_uri)}: restore it (mlflow experiments restore "
-                             f"--experiment-id {exp.experiment_id}), or delete it for good (mlflow gc --experiment-ids "
-                             f"{exp.experiment_id}) and run the pipeline again")
+                             f"--experiment-id {exp.experiment_id}), or delete it for good "
+                             f"({gc_command(client.tracking_uri, exp.experiment_id)}) and run the pipeline again")
     runs, token = [], None
     while True:
         page = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
@@ -421,8 +422,14 @@ def _find_artifact(client, run_id: str, filename: str, path: str | None = None, 
 
 
 def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, Any]:
-    """The lineage stored with the BentoML model (flat, JSON-ready)."""
+    """The lineage stored with the BentoML model (flat, JSON-ready).
+
+    ``resumed_at_commit`` (the commit a run stopped and resumed elsewhere finished at, as its checkpoint
+    records it) is there only for such a run: the other runs' lineage, and the reuse of their stored copies
+    (:func:`_same_model`), stay as they were.
+    """
     crop = meta["crop"]
+    resumed = {"resumed_at_commit": meta["resumed_at_commit"]} if meta.get("resumed_at_commit") else {}
     return {
         "mlflow_experiment": EXPERIMENT,
         "mlflow_run_id": winner.run_id,
@@ -436,6 +443,7 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
         "data_sha256": meta.get("data_sha256") or winner.data_sha256,
         "data_source": crop.get("data_source"),
         "git_commit": meta.get("git_commit") or winner.git_commit,
+        **resumed,
         "package_git_commit": git_commit(),
         "backbone": meta["backbone"],
         "image_size": int(meta.get("image_size") or 0),
@@ -489,7 +497,8 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
     and the lineage (with the check) into a new BentoML model.
 
     Returns:
-        The new ``bentoml.Model``.
+        The ``bentoml.Model``: a new one, or the stored copy of the same model (:func:`stored_copy`), reused
+        and made ``latest``.
 
     Raises:
         faceage.predict.PredictorError: The detector file differs from the checkpoint's.
@@ -648,7 +657,8 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     where it exists, names the versions of the external sets whose MAEs the guard compares.
 
     Returns:
-        The lineage metadata plus ``bento_model`` (the new model's tag).
+        The lineage metadata (a reused stored copy's own: :func:`save_bento_model`) plus ``bento_model``
+        (the packaged model's tag) and ``winner`` (:class:`Winner` as a dict).
     """
     import mlflow
 

@@ -157,6 +157,10 @@ def setup_mlflow():
     processes doing that at once (``dvc queue start -j 2`` on a fresh clone) fail, one of them
     leaving a store every later run fails on. So the first access and the experiment's creation
     happen under a lock beside the database (``.mlflow.db.lock``); later writes need none.
+
+    Raises:
+        TrackingError: An ``http(s)`` store does not answer (:func:`check_reachable`), or the ``face-age``
+            experiment is deleted in the store.
     """
     import mlflow
 
@@ -167,14 +171,48 @@ def setup_mlflow():
     mlflow.set_tracking_uri(uri)
     db = sqlite_path(uri)
     if db is None:
+        _refuse_deleted(mlflow.get_experiment_by_name(EXPERIMENT), uri)
         mlflow.set_experiment(EXPERIMENT)
         return mlflow
     with locked(db, f"opening the MLflow store {db}"):
-        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
             # Keep artifacts beside the database, not wherever the first run happened to start.
             mlflow.create_experiment(EXPERIMENT, artifact_location=(db.parent / "mlruns").as_uri())
+        _refuse_deleted(experiment, uri)
         mlflow.set_experiment(EXPERIMENT)
     return mlflow
+
+
+def _refuse_deleted(experiment, uri: str) -> None:
+    """One line naming the fix where the ``face-age`` experiment is deleted (the MLflow UI's bin icon): MLflow's
+    own "Cannot set a deleted experiment" ended every stage that logs in a traceback, without the id to restore.
+
+    Raises:
+        TrackingError: ``experiment`` is deleted.
+    """
+    if experiment is None or experiment.lifecycle_stage != "deleted":
+        return
+    exp_id = experiment.experiment_id
+    raise TrackingError(f"the MLflow experiment {EXPERIMENT!r} (id {exp_id}) is deleted in {display_uri(uri)}, its runs "
+                        f"with it: restore it (mlflow experiments restore --experiment-id {exp_id}), or delete it for "
+                        f"good ({gc_command(uri, exp_id)}) and run again")
+
+
+def gc_command(uri: str, experiment_id: str) -> str:
+    """The ``mlflow gc`` command that deletes the deleted experiment ``experiment_id`` of the store ``uri`` for good.
+
+    MLflow 3's ``gc`` refuses to run without a tracking URI ("Tracking URL is not set") and reads the database
+    it is given as ``--backend-store-uri`` (default ``./mlflow.db``): ``mlflow gc --experiment-ids N`` alone
+    failed with the repo's default store. A server's database is the one it was started with.
+    """
+    import shlex
+
+    if uri.startswith(("http://", "https://")):
+        return (f"on the server: mlflow gc --backend-store-uri <its --backend-store-uri> --tracking-uri "
+                f"{display_uri(uri)} --experiment-ids {experiment_id}")
+    store = shlex.quote(display_uri(uri))
+    return f"mlflow gc --backend-store-uri {store} --tracking-uri {store} --experiment-ids {experiment_id}"
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
