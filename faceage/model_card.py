@@ -146,15 +146,22 @@ def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+def _signed(x: float) -> str:
+    """A mean error with its sign, ``+1.25`` / ``-0.40``; one that rounds to zero is ``+0.00``, not ``-0.00``."""
+    return f"{round(x, 2) + 0.0:+.2f}"  # + 0.0 turns round()'s -0.0 into 0.0
+
+
 def _group_table(title: str, groups: list[dict[str, Any]]) -> list[str]:
     lines = [f"| {title} | faces | MAE (years) | mean error (years; + = predicted too old) |", "|---|---:|---:|---:|"]
-    lines += [f"| {g['group']} | {g['n']} | {_fmt(g['mae_years'])} | {g['bias_years']:+.2f} |" for g in groups]
+    lines += [f"| {g['group']} | {g['n']} | {_fmt(g['mae_years'])} | {_signed(g['bias_years'])} |" for g in groups]
     return lines
 
 
 def _largest_bias(where: str, groups: list[dict[str, Any]]) -> str:
     """``where``'s age group with the largest mean signed error, in words."""
     g = max(groups, key=lambda g: abs(g["bias_years"]))
+    if round(g["bias_years"], 2) == 0:
+        return f"on {where}, no age group is predicted too young or too old on average (within 0.005 years)"
     side = "old" if g["bias_years"] >= 0 else "young"
     return f"on {where}, faces of {g['group']} are predicted {_fmt(abs(g['bias_years']))} years too {side} ({g['n']} faces)"
 

@@ -67,3 +67,17 @@ def test_the_card_tells_the_best_epochs_mae_from_the_shipped_mixs():
     assert _validation_note({"val_mae": 4.494}) == " (4.49 years)"  # a checkpoint from before the key
     mixed = _validation_note({"val_mae": 5.481, "best_epoch_val_mae": 24.74, "ensemble_weight": 0.0})
     assert mixed == " (24.74 years); shipped mixed with the pretrained network (ensemble weight 0.00): 5.48 years"
+
+
+def test_a_mean_error_that_rounds_to_zero_is_not_printed_as_a_negative_zero():
+    from faceage.model_card import _group_table, _largest_bias
+
+    groups = [{"group": "0-9", "n": 3, "mae_years": 1.0, "bias_years": -0.004},
+              {"group": "10-19", "n": 4, "mae_years": 2.0, "bias_years": 0.001}]
+    table = "\n".join(_group_table("age", groups))
+    assert "-0.00" not in table and table.count("| +0.00 |") == 2
+    assert _largest_bias("the test split", groups) == (
+        "on the test split, no age group is predicted too young or too old on average (within 0.005 years)")
+    groups[1]["bias_years"] = -1.236
+    assert "| -1.24 |" in "\n".join(_group_table("age", groups))
+    assert _largest_bias("the test split", groups) == "on the test split, faces of 10-19 are predicted 1.24 years too young (4 faces)"
