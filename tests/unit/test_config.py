@@ -71,6 +71,8 @@ def test_missing_key_is_named():
         ("train", "ensemble_distill", -1, r"train\.ensemble_distill must be >= 0, got -1"),
         ("train", "ensemble_weight", 1.2, r"train\.ensemble_weight must be auto or in \[0, 1\], got 1\.2"),
         ("train", "ensemble_weight", "best", r"train\.ensemble_weight must be one of \['auto'\] or a number, got 'best'"),
+        ("evaluate", "cs_years", 1e-5, r"evaluate\.cs_years must be in \[0\.01, 100\] years, got 1e-05"),
+        ("evaluate", "cs_years", 1e6, r"evaluate\.cs_years must be in \[0\.01, 100\] years, got 1000000\.0"),
     ],
 )
 def test_mistyped_or_out_of_range_value_is_named(section, key, value, message):
