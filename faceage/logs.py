@@ -6,7 +6,9 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
 
 from faceage.errors import FaceAgeError
 
@@ -43,7 +45,9 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
     """Runs a stage's ``main``; a :class:`FaceAgeError` becomes one clear log line and exit code 1.
 
     DVC stops at the failing stage either way; the user sees what to fix instead of a
-    traceback. Any other exception is a bug and propagates with its traceback.
+    traceback. Any other exception is a bug and propagates with its traceback; where the traceback
+    holds ``MLFLOW_TRACKING_URI``'s credentials, it is printed masked instead and the exit code is 1,
+    as Python's own.
 
     Args:
         main: The stage.
@@ -58,9 +62,36 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
     try:
         main()
     except FaceAgeError as e:
-        logging.getLogger("faceage").error("%s: %s", type(e).__name__, e)
+        line = f"{type(e).__name__}: {e}"
+        logging.getLogger("faceage").error("%s", mask_tracking_secrets(line) or line)
         sys.exit(1)
     except Terminated:
         logging.getLogger("faceage").error("stopped by SIGTERM")
         os.kill(os.getpid(), signal.SIGTERM)  # the handler has put the default action back: dies of it
         raise  # (only if the signal were blocked)
+    except Exception:
+        # A bug's traceback, as Python prints it, unless it holds the tracking URI's credentials: MLflow's own
+        # errors quote the URL as given ("API request to http://user:secret@host/api/2.0/... failed").
+        masked = mask_tracking_secrets(traceback.format_exc())
+        if masked is None:
+            raise
+        sys.stderr.write(masked)
+        sys.exit(1)
+
+
+def mask_tracking_secrets(text: str) -> str | None:
+    """``text`` with the user part of ``MLFLOW_TRACKING_URI`` masked as :func:`faceage.tracking.display_uri`
+    masks it (``user:***@``, a token alone ``***@``), the password also where it stands alone (raw or
+    percent-decoded); None when ``text`` holds none of them."""
+    netloc = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", "")).netloc
+    if "@" not in netloc:
+        return None
+    userinfo = netloc.rpartition("@")[0]
+    user, has_password, password = userinfo.partition(":")
+    shown = f"{user}:***" if has_password else "***"
+    secret = password if has_password else user
+    masked = text.replace(userinfo + "@", shown + "@")
+    for form in {secret, unquote(secret)}:
+        if len(form) >= 4:  # a very short one would mask ordinary words: the URL form above covers it
+            masked = masked.replace(form, "***")
+    return masked if masked != text else None
