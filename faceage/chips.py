@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from faceage.cores import usable_cores
-from faceage.detector import SHAPE5_FILE
+from faceage.detector import SHAPE5_FILE, load_dlib_file
 from faceage.errors import FaceAgeError
 
 DLIB_AGE = "dlib_age"  # the train.backbone value whose input is these chips (faceage.dlib_age)
@@ -75,6 +75,7 @@ class ChipExtractor:
 
     Raises:
         FileNotFoundError: The shape predictor is missing.
+        faceage.detector.DetectorFilesError: dlib cannot read it (cut short, another file under its name).
     """
 
     def __init__(self, model_dir: str | Path, margin: float):
@@ -82,7 +83,7 @@ class ChipExtractor:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run the fetch_detector stage first")
         self.margin = float(margin)
-        self._shape = dlib.shape_predictor(str(path))
+        self._shape = load_dlib_file(dlib.shape_predictor, path)
 
     def _cut(self, region: np.ndarray, shape: dlib.full_object_detection, size: int, padding: float) -> np.ndarray:
         details = dlib.get_face_chip_details(shape, size, padding)

@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,8 +35,9 @@ from faceage.atomic import staged_dir
 from faceage.appa_real import FACE_SUFFIX, Sample, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.cores import usable_cores
-from faceage.chips import CHIPS_FILE, ChipExtractor, map_in_processes, save_chips
-from faceage.detector import HOG_FILE, CNN_FILE, SHAPE5_FILE, read_manifest
+from faceage.chips import CHIPS_FILE, ChipExtractor, WorkerDiedError, map_in_processes, save_chips
+from faceage.detector import (HOG_FILE, CNN_FILE, MANIFEST as DETECTOR_MANIFEST, SHAPE5_FILE, DetectorFilesError,
+                              read_manifest)
 from faceage.faces import (FaceDetector, choose_subject, cnn_look_side, margin_region, release_crop_region, resize_region,
                            whole_image_region)
 from faceage.images import ImageDecodeError, load_image
@@ -97,17 +99,22 @@ def crop_settings(params: PreprocessParams, manifest: dict) -> dict:
     }
 
 
-def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str) -> None:
+def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str, inflight_dir: str | None = None) -> None:
     _worker["detector"] = FaceDetector(model_dir, params.detector, params.upsample, params.retry_pad,
                                        params.cnn_retry_side)
     _worker["chips"] = ChipExtractor(model_dir, params.margin)
     _worker["params"] = params
     _worker["out"] = Path(out_dir)
+    # A worker process notes the photo it is on in a file named by its pid: when one dies (a crash in dlib,
+    # the out-of-memory killer) the error can name the photo, which a rerun would die on again.
+    _worker["inflight"] = Path(inflight_dir) / str(os.getpid()) if inflight_dir else None
 
 
 def _process(task: _Task) -> dict:
     detector: FaceDetector = _worker["detector"]
     p: PreprocessParams = _worker["params"]
+    if _worker.get("inflight") is not None:
+        _worker["inflight"].write_text(f"{task.split}/{task.file_name}", encoding="utf-8")
     row = {k: v for k, v in asdict(task).items() if k in FIELDS}
     row.update(n_faces=0, left="", top="", right="", bottom="", score="")
     try:
@@ -192,7 +199,19 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
 
     Returns:
         The manifest rows (one per image, with its ``status``).
+
+    Raises:
+        faceage.detector.DetectorFilesError: The detector folder's manifest lists no sha256 for a file the
+            crops read (checked before any work: the crop settings and ``chips.npz`` record those sha256).
     """
+    detector_files = read_manifest(detector_dir)["files"]
+    needed = [HOG_FILE if params.detector == "hog" else CNN_FILE, SHAPE5_FILE]
+    needed += [CNN_FILE] if cnn_look_side(params.detector, params.cnn_retry_side) else []
+    unlisted = [name for name in dict.fromkeys(needed) if name not in detector_files]
+    if unlisted:
+        raise DetectorFilesError(f"{Path(detector_dir) / DETECTOR_MANIFEST} lists no {', '.join(unlisted)}, which the "
+                                 "crops read (unverified, and unrecorded in the crop settings): run the fetch_detector "
+                                 "stage again (dvc repro -f fetch_detector)")
     tasks = [
         _Task(
             s.split, s.file_name,
@@ -213,8 +232,17 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         _init_worker(*init)
         rows = [_process(t) for t in tqdm(tasks, desc="crop", unit="img")]
     else:
-        rows = map_in_processes(_process, tasks, workers, _init_worker, init, desc="crop", unit="img",
-                                workers_key=workers_key)
+        with tempfile.TemporaryDirectory(prefix="faceage-crop-") as inflight:
+            try:
+                rows = map_in_processes(_process, tasks, workers, _init_worker, (*init, inflight), desc="crop",
+                                        unit="img", workers_key=workers_key)
+            except WorkerDiedError as e:
+                photos = sorted(filter(None, (f.read_text(encoding="utf-8") for f in Path(inflight).iterdir())))
+                if not photos:  # it died before its first photo
+                    raise
+                raise WorkerDiedError(f"{e}. The workers were cropping (or had last cropped) {photos} under "
+                                      f"{data_dir}: if a rerun dies on the same photo, that photo kills it (take it "
+                                      "out of its split's CSV)") from e
     for row in rows:
         if row["status"] == "unreadable":
             log.warning("skipped unreadable image %s/%s: %s", row["split"], row["file_name"], row["error"])
@@ -226,7 +254,7 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         writer.writerows(rows)
     cut = [r for r in rows if "chip" in r]
     save_chips(out_dir / CHIPS_FILE, [r["crop"] for r in cut], [r.pop("chip") for r in cut], params.margin,
-               read_manifest(detector_dir)["files"][SHAPE5_FILE], face_chips=[r.pop("face_chip") for r in cut])
+               detector_files[SHAPE5_FILE], face_chips=[r.pop("face_chip") for r in cut])
     return rows
 
 

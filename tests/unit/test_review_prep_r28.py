@@ -1,0 +1,118 @@
+"""Round 28 review of the crop path: dlib files that the manifest does not vouch for, or that dlib cannot read."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.data import astronaut
+
+from faceage.appa_real import Sample
+from faceage.chips import ChipExtractor
+from faceage.config import PreprocessParams
+from faceage.detector import MANIFEST, SHAPE5_FILE, DetectorFilesError
+from faceage.preprocess import crop_samples
+
+
+def _copy_detector(detector_dir, dest):
+    shutil.copytree(detector_dir, dest)
+    return dest
+
+
+def test_a_cut_short_shape_predictor_is_named_when_the_chip_cutter_loads_it(tmp_path, detector_dir):
+    """ChipExtractor loaded the 5-point model with dlib directly: a cut-short file failed with dlib's own
+    "Error deserializing a floating point number", naming neither the file nor what to do (the face encoder,
+    which loads the same file, and the detectors already said both)."""
+    det = _copy_detector(detector_dir, tmp_path / "det")
+    whole = (detector_dir / SHAPE5_FILE).read_bytes()
+    (det / SHAPE5_FILE).write_bytes(whole[:5000])
+    with pytest.raises(DetectorFilesError, match=rf"{SHAPE5_FILE} is not a dlib model file.*fetch_detector"):
+        ChipExtractor(det, 0.4)
+
+
+def test_a_manifest_that_does_not_list_the_shape_predictor_stops_the_crops_before_any_work(tmp_path, detector_dir):
+    """crop_samples read the shape predictor's sha256 from the manifest only after every photo was cropped: a
+    manifest without that entry (the file unverified all along) ended the run in a bare KeyError after the work."""
+    det = _copy_detector(detector_dir, tmp_path / "det")
+    manifest = json.loads((det / MANIFEST).read_text())
+    del manifest["files"][SHAPE5_FILE]
+    (det / MANIFEST).write_text(json.dumps(manifest))
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    Image.fromarray(astronaut()).save(data / "test" / "astronaut.png")
+    out = tmp_path / "faces"
+    out.mkdir()
+    with pytest.raises(DetectorFilesError, match=rf"{MANIFEST} lists no {SHAPE5_FILE}.*fetch_detector"):
+        crop_samples({"test": [Sample("test", "astronaut.png", 30.0, 0.0, 30.0)]}, data, det, out,
+                     PreprocessParams(workers=1, cnn_retry_side=0))
+    assert list(out.iterdir()) == []  # nothing cropped
+
+
+def test_the_crop_path_still_cuts_a_real_face_with_a_complete_manifest(tmp_path, detector_dir):
+    """The check above lets a complete folder through: one real face, one crop and one chip pair."""
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    Image.fromarray(astronaut()).save(data / "test" / "astronaut.png")
+    out = tmp_path / "faces"
+    out.mkdir()
+    rows = crop_samples({"test": [Sample("test", "astronaut.png", 30.0, 0.0, 30.0)]}, data, detector_dir, out,
+                        PreprocessParams(workers=1, cnn_retry_side=0, size=64))
+    assert [r["status"] for r in rows] == ["face"]
+    assert np.asarray(Image.open(out / "test" / "astronaut.png")).shape == (64, 64, 3)
+    with np.load(out / "chips.npz") as z:
+        assert z["crops"].tolist() == ["test/astronaut.png"] and z["chips"].shape == (1, 3, 64, 64)
+
+
+def test_a_crop_worker_that_dies_names_the_photo_it_was_cropping(tmp_path, sample_dir, detector_dir, monkeypatch):
+    """A photo that kills its worker (a crash in dlib, the out-of-memory killer) failed preprocess with a message
+    that named no photo and advised fewer workers: a rerun died on the same photo, with nothing to tell the user
+    which one to take out. Here a real worker is stopped while it crops a real photo, then killed, as the
+    kernel kills it; the error names that photo."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import tempfile
+    import threading
+    import time
+
+    from faceage.chips import WorkerDiedError
+
+    names = sorted(p.name for p in (sample_dir / "test").glob("*.jpg") if not p.name.endswith("_face.jpg"))[:48]
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(sample_dir / "test" / name, data / "test" / name)
+    out = tmp_path / "faces"
+    out.mkdir()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where crop_samples keeps its own scratch files
+    raised = []
+
+    def run():
+        try:
+            crop_samples({"test": [Sample("test", n, 30.0, 0.0, 30.0) for n in names]}, data, detector_dir, out,
+                         PreprocessParams(workers=2, cnn_retry_side=0))
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            raised.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    victim, photo, deadline = None, None, time.monotonic() + 120
+    while photo is None and thread.is_alive() and time.monotonic() < deadline:
+        for child in mp.active_children():
+            marks = list(scratch.glob(f"*/{child.pid}"))
+            if marks:
+                os.kill(child.pid, signal.SIGSTOP)  # holds it on the photo it is cropping
+                victim, photo = child.pid, marks[0].read_text() or None
+                if photo is None:  # stopped while it wrote the name: let it finish
+                    os.kill(child.pid, signal.SIGCONT)
+                break
+        time.sleep(0.01)
+    assert photo is not None, "no worker was seen cropping a photo"
+    os.kill(victim, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], WorkerDiedError), raised
+    assert photo in str(raised[0]) and photo.startswith("test/") and photo[len("test/"):] in names, str(raised[0])
