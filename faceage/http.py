@@ -20,7 +20,7 @@ from typing import Any
 from bentoml.exceptions import InvalidArgument
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError
@@ -151,15 +151,16 @@ def parse_form(body: bytes, content_type: str | None) -> list[Part]:
     def on_end() -> None:
         state["complete"] = True
 
-    parser = MultipartParser(boundary, {
+    callbacks = {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
         "on_end": on_end,
-    })
-    try:
+    }
+    try:  # the constructor too: it refuses a boundary over 256 bytes (FormParserError, the parse errors' base)
+        parser = MultipartParser(boundary, callbacks)
         parser.write(body)
         parser.finalize()
-    except MultipartParseError as e:
+    except FormParserError as e:
         raise BadRequest(400, f"malformed multipart/form-data body: {e}") from None
     if not state.get("complete"):
         raise BadRequest(400, "malformed multipart/form-data body: it ends before the closing boundary "
@@ -246,6 +247,22 @@ def multipart_closed(body: bytes, content_type: str | None) -> bool:
     return body.startswith(close) or b"\r\n" + close in body
 
 
+def multipart_boundary_error(content_type: str | None) -> str | None:
+    """Why python-multipart refuses a ``multipart/form-data`` body's boundary (over 256 bytes), else ``None``.
+
+    Gradio parses its uploads with it too, and answered such a form 500.
+    """
+    kind, options = parse_options_header(content_type or "")
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        return None
+    try:
+        MultipartParser(boundary, {})
+    except FormParserError as e:
+        return str(e)
+    return None
+
+
 class BodyLimitMiddleware:
     """ASGI middleware: answers 413 to any request whose body passes ``max_bytes``.
 
@@ -261,7 +278,7 @@ class BodyLimitMiddleware:
     partial ``tmpXXXX`` file in ``GRADIO_TEMP_DIR``, i.e. ``/dev/shm``). A body that ends early
     never reaches Gradio; it costs at most ``max_bytes`` of memory while it arrives. For the same
     reason a whole multipart body without its closing boundary (Gradio answered 200 ``[]`` and
-    kept the file) gets 400 here.
+    kept the file) gets 400 here, as does one whose boundary its parser refuses (Gradio's 500).
     """
 
     def __init__(self, app, max_bytes: int, length_required: tuple[str, ...] = ()):
@@ -316,7 +333,12 @@ class BodyLimitMiddleware:
                 # request stayed open 120 s, and so did the server's shutdown.
                 await self._answer(send, 400, CLIENT_LEFT)
                 return
-            if not multipart_closed(body, dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")):
+            content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+            refused = multipart_boundary_error(content_type)
+            if refused is not None:
+                await self._answer(send, 400, f"malformed multipart/form-data body: {refused}")
+                return
+            if not multipart_closed(body, content_type):
                 await self._answer(send, 400, "malformed multipart/form-data body: it ends before the closing "
                                               "boundary (truncated upload?)")
                 return

@@ -253,6 +253,9 @@ class LocatorPool:
         self._closed = False
         self._start_failed = False  # the newest pool seen to finish its start did not start
         self._lock = asyncio.Lock()  # in-process mode: one detection at a time (one shared detector)
+        # ... held by the working thread itself: a request cancelled mid-detection (BentoML's timeout) leaves the
+        # asyncio lock while its thread runs on, and the next photo's full-size decode ran beside it.
+        self._image_lock = threading.Lock()
         # Photos that were in flight when a pool broke: their second try runs alone among them.
         self._retry_lock = asyncio.Lock()
         self._in_flight = 0
@@ -323,7 +326,7 @@ class LocatorPool:
             if self._closed:
                 raise RuntimeError("the detection pool was closed")
             async with self._lock:
-                located, image = await asyncio.to_thread(_decode_and_locate, self.locator, data, with_image, crops,
+                located, image = await asyncio.to_thread(self._decode_and_locate_alone, data, with_image, crops,
                                                          parallel)
             if image is None and located.width * located.height >= RELEASE_AFTER_PIXELS:
                 await asyncio.to_thread(release_memory)  # as a worker does (_child_locate); with the image: its caller
@@ -353,6 +356,11 @@ class LocatorPool:
                     raise ImageProcessingError(f"a worker process died while decoding or detecting faces in this "
                                                f"{len(data)}-byte image") from e.error
             raise DetectionUnavailable("the detection workers kept dying before this image reached them: try again")
+
+    def _decode_and_locate_alone(self, data: bytes, with_image: bool, crops: bool,
+                                 parallel: bool) -> tuple[LocatedFaces, np.ndarray | None]:
+        with self._image_lock:  # one image at a time, whatever happened to the request that sent it
+            return _decode_and_locate(self.locator, data, with_image, crops, parallel)
 
     @staticmethod
     async def _run(workers: _Workers, data: bytes, with_image: bool, crops: bool,
@@ -490,10 +498,14 @@ class AgeBatcher:
     async def _drain(self) -> None:
         try:
             while self._pending:
+                # A request cancelled while it waited (BentoML's request timeout) costs no forward pass.
+                self._pending = [job for job in self._pending if not job[1].done()]
                 jobs, faces = [], 0
                 while self._pending and (not jobs or faces + len(self._pending[0][0]) <= self.max_batch_faces):
                     jobs.append(self._pending.pop(0))
                     faces += len(jobs[-1][0])
+                if not jobs:
+                    break
                 try:
                     mean, std = await self._passes([c for crops, _ in jobs for c in crops])
                 except Exception as e:  # hand the failure to every waiting request
