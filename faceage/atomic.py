@@ -33,6 +33,19 @@ def _host() -> str:
     return hashlib.sha256(f"{socket.gethostname()} {namespace}".encode()).hexdigest()[:8]
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a hidden temporary file beside it moved in with :func:`os.replace`:
+    a reader, or the next run after a killed write, finds the old text or the new, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def scratch_name(out_dir: Path, tag: str = "") -> Path:
     """A new hidden path beside ``out_dir`` for building it: ``.NAME-PID@HOST-RANDOM[-TAG]``, so that a
     later build can tell a folder left by a killed process (:func:`clear_stale`) from one in use."""

@@ -32,7 +32,7 @@ import requests
 from tqdm import tqdm
 from urllib3.exceptions import NameResolutionError
 
-from faceage.atomic import locked
+from faceage.atomic import locked, write_text
 from faceage.errors import FaceAgeError
 
 log = logging.getLogger(__name__)
@@ -195,13 +195,7 @@ def _write_validators(part: Path, url: str, found: dict[str, str] | None) -> Non
     if not found:
         meta.unlink(missing_ok=True)
         return
-    tmp = meta.with_name(meta.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps({"url": url, **found}), encoding="utf-8")
-        os.replace(tmp, meta)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(meta, json.dumps({"url": url, **found}))
 
 
 def _changed(stored: dict[str, str], headers) -> str | None:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from faceage.appa_real import (LayoutError, SourceMissingError, dataset_fingerprint, is_url, local_source, read_split,
                                tree_files)
+from faceage.atomic import write_text
 from faceage.download import file_digest
 from faceage.paths import from_root
 
@@ -215,7 +216,7 @@ def refresh(path: str | Path, fingerprint: Callable[[], dict[str, Any]], given: 
     try:
         record = fingerprint()
     except SourceMissingError as e:
-        previous = json.loads(path.read_text()) if path.is_file() else {}
+        previous = _read_record(path)
         if previous and all(previous.get(k) == v for k, v in given.items()):
             log.warning("%s; keeping the fingerprint recorded in %s (the outputs that depend on it come from "
                         "the DVC cache, and the stages that read the data cannot rerun on this machine)", e, path)
@@ -224,6 +225,15 @@ def refresh(path: str | Path, fingerprint: Callable[[], dict[str, Any]], given: 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
     if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+        write_text(path, text)  # atomic: a write cut short left a record no later run could read
     return record
+
+
+def _read_record(path: Path) -> dict:
+    """The fingerprint recorded in ``path``; ``{}`` when there is none or it cannot be read as one."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 

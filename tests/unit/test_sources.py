@@ -100,6 +100,29 @@ def test_a_source_missing_here_keeps_the_fingerprint_recorded_for_the_same_param
         refresh(tmp_path / "none.json", lambda: source_fingerprint(str(src)), given)
 
 
+def test_a_record_cut_short_with_the_source_missing_is_named_as_a_missing_source(tmp_path):
+    """A killed write left half a record: with the source gone too, the stage said JSONDecodeError."""
+    src = make_release(tmp_path / "src")
+    out = tmp_path / "source.json"
+    given = {"source": str(src), "md5": ""}
+    record = refresh(out, lambda: source_fingerprint(str(src)), given)
+    out.write_text(json.dumps(record)[:25])  # what a write killed half-way leaves
+    shutil.rmtree(src)
+    with pytest.raises(LayoutError, match="does not exist"):
+        refresh(out, lambda: source_fingerprint(str(src)), given)
+    out.write_text("[1, 2]")  # JSON, but not a record
+    with pytest.raises(LayoutError, match="does not exist"):
+        refresh(out, lambda: source_fingerprint(str(src)), given)
+
+
+def test_a_record_is_written_whole_or_not_at_all(tmp_path):
+    src = make_release(tmp_path / "src")
+    out = tmp_path / "source.json"
+    record = refresh(out, lambda: source_fingerprint(str(src)), {"source": str(src), "md5": ""})
+    assert json.loads(out.read_text()) == record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.json", "src"]  # no temporary file left
+
+
 def test_the_stage_writes_both_records_and_names_a_missing_external_set(tmp_path):
     src = make_release(tmp_path / "src")
     ext = make_release(tmp_path / "ext")
