@@ -105,6 +105,7 @@ class TrainParams:
     # Share of training faces shown at a lower resolution (downscaled to a side drawn between
     # low_res_min and 1 of the input's, then scaled back up): small faces in group photos look
     # younger to a model trained on sharp crops only. Image inputs only (not dlib_face's descriptors).
+    # A training augmentation: augment=False turns it off too.
     low_res: float = 0.5
     low_res_min: float = 0.45
     seed: int = 42
