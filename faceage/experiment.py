@@ -264,6 +264,7 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
     Raises:
         ProfileError: An override DVC cannot read, no DVC repo here, or ``params.yaml`` is missing or unreadable.
         subprocess.CalledProcessError: ``dvc exp run`` failed (its output is shown).
+        KeyboardInterrupt: Ctrl-C, raised once ``dvc exp run`` (which got it too) has stopped and cleaned up.
     """
     check_overrides(overrides)
     root = dvc_root() if root is None else Path(root)
@@ -285,7 +286,23 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
     cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", " ".join(cmd))
-    subprocess.run(cmd, cwd=root, check=True, env=tool_env())
+    with subprocess.Popen(cmd, cwd=root, env=tool_env()) as dvc:
+        interrupted = False
+        while True:
+            try:
+                code = dvc.wait()
+                break
+            except KeyboardInterrupt:
+                # Ctrl-C reached dvc too (the terminal signals the whole foreground group): it lets its stage stop,
+                # then removes its experiment refs and locks. subprocess.run killed it 0.25 s later, which left them,
+                # and the stage still running after the prompt came back.
+                if not interrupted:
+                    log.warning("interrupted: waiting for `dvc exp run` to stop its stage and clean up")
+                interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
 
 
 def tool_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -317,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     except subprocess.CalledProcessError as e:
         log.error("`dvc exp run` failed (exit %s): its output is above", e.returncode)
         return e.returncode or 1
+    except KeyboardInterrupt:
+        log.error("interrupted (Ctrl-C); a `dvc exp run` it had started has stopped, and params.yaml keeps its -S "
+                  "values (the next profile run puts back the committed ones)")
+        return 130
     return 0
 
 
