@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--bento", metavar="TAG", help="use a packaged BentoML model instead, e.g. face_age:latest")
     p.add_argument("--detector", type=Path,
                    help=f"detector folder for a --model checkpoint (default: the {DETECTOR_DIR}/ folder beside "
-                        f"the checkpoint, else {DEFAULT_DETECTOR}; a model folder brings its own)")
+                        f"the checkpoint, else {DEFAULT_DETECTOR}; a model folder or --bento brings its own)")
     p.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     p.add_argument("--max-detect-pixels", type=_int_at_least(0), default=DEFAULT_MAX_DETECT_PIXELS,
                    help="downscale larger images for detection only; 0 = never (default: %(default)s)")
@@ -419,9 +419,13 @@ def load_predictor(args: argparse.Namespace) -> AgePredictor:
     Raises:
         FaceAgeError: The tag is malformed or not in the model store (a bento's tag says so), the
             checkpoint is missing or not a FaceAge checkpoint (:class:`faceage.model.CheckpointError`),
-            or a folder given as ``--model`` is not a packaged model.
+            a folder given as ``--model`` is not a packaged model, or ``--detector`` comes with a
+            packaged model (``--bento``, a model folder), which brings its own.
     """
     options = {"threads": args.threads, "max_pixels": args.max_pixels, "max_detect_pixels": args.max_detect_pixels}
+    if args.bento and args.detector is not None:  # was ignored: ages from a detector other than the one named
+        raise FaceAgeError(f"--detector {args.detector} with --bento {args.bento}: a packaged model brings its own "
+                           f"{DETECTOR_DIR}/; leave --detector out")
     if args.bento:
         import bentoml
 

@@ -35,12 +35,18 @@ import numpy as np
 from PIL import Image
 
 from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
+from faceage.errors import FaceAgeError
 
 IMAGE = "image"
 DLIB_FACE_EMBEDDING = "dlib_face_embedding"
 DLIB_AGE_CHIP = "dlib_age_chip"
 DLIB_CHIP_PAIR = "dlib_chip_pair"
 CHIP_KINDS = (DLIB_AGE_CHIP, DLIB_CHIP_PAIR)  # cut from the margin region by faceage.chips, not resized crops
+
+
+class CheckpointSettingsError(FaceAgeError, ValueError):
+    """A checkpoint's settings (``meta``) name an input kind this version does not know, or lack one it reads:
+    a checkpoint of another FaceAge version, or a hand-made one."""
 
 
 def resize_crop(crop: np.ndarray, image_size: int) -> np.ndarray:
@@ -63,6 +69,7 @@ class InputKind:
         normalise: The network takes the stored input normalised with the checkpoint's mean/std
             (uint8 images), else as float, as it is (:func:`faceage.inference.input_fn`).
         files: Files of the ``fetch_detector`` folder that ``build`` reads (packaged with the model).
+        settings: The ``meta`` keys that ``build`` and the graph's input step read.
     """
 
     name: str
@@ -70,6 +77,7 @@ class InputKind:
     dtype: type
     normalise: bool = False
     files: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
 
 
 def _image_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[[list[np.ndarray]], np.ndarray]:
@@ -104,11 +112,13 @@ def _pair_preparer(meta: dict[str, Any], detector_dir: Path | None) -> Callable[
 
 
 INPUT_KINDS: dict[str, InputKind] = {
-    IMAGE: InputKind(IMAGE, _image_preparer, np.uint8, normalise=True),
+    IMAGE: InputKind(IMAGE, _image_preparer, np.uint8, normalise=True, settings=("image_size", "mean", "std")),
     DLIB_FACE_EMBEDDING: InputKind(DLIB_FACE_EMBEDDING, _embedding_preparer, np.float32,
                                    files=(SHAPE5_FILE, RECOGNITION_FILE)),
-    DLIB_AGE_CHIP: InputKind(DLIB_AGE_CHIP, _chip_preparer, np.uint8, normalise=True, files=(SHAPE5_FILE,)),
-    DLIB_CHIP_PAIR: InputKind(DLIB_CHIP_PAIR, _pair_preparer, np.uint8, normalise=True, files=(SHAPE5_FILE,)),
+    DLIB_AGE_CHIP: InputKind(DLIB_AGE_CHIP, _chip_preparer, np.uint8, normalise=True, files=(SHAPE5_FILE,),
+                             settings=("mean", "std")),
+    DLIB_CHIP_PAIR: InputKind(DLIB_CHIP_PAIR, _pair_preparer, np.uint8, normalise=True, files=(SHAPE5_FILE,),
+                              settings=("mean", "std")),
 }
 
 
@@ -127,11 +137,13 @@ def input_kind(meta: dict[str, Any]) -> InputKind:
     """The checkpoint's input kind (``meta["input"]``; older checkpoints: from the backbone).
 
     Raises:
-        ValueError: An unknown kind (the message lists the known ones).
+        CheckpointSettingsError: An unknown kind, e.g. a newer version's (the message lists the known ones);
+            a ``ValueError`` and a :class:`~faceage.errors.FaceAgeError`, so the CLI says it in one line.
     """
     name = meta.get("input") or backbone_input(meta.get("backbone", ""))
     if name not in INPUT_KINDS:
-        raise ValueError(f"checkpoint input kind {name!r} is unknown; known: {', '.join(sorted(INPUT_KINDS))}")
+        raise CheckpointSettingsError(f"checkpoint input kind {name!r} is unknown; "
+                                      f"known: {', '.join(sorted(INPUT_KINDS))}")
     return INPUT_KINDS[name]
 
 

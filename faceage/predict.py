@@ -65,6 +65,9 @@ DEFAULT_MAX_DETECT_PIXELS = MAX_DETECT_PIXELS
 # forward pass (the CLI's other photos, the service's other requests), so the same photo would answer differently.
 # Rounding hides most of that, not all: a value within ~2e-6 of a rounding boundary can still flip its last digit.
 AGE_DECIMALS = 4
+# The ``meta["crop"]`` keys a predictor reads (FaceLocator, check_detector_file); older optional ones
+# (``retry_pad``, ``cnn_retry_side``) have defaults (faceage.faces.crop_retry_pad, crop_cnn_retry_side).
+CROP_SETTINGS = ("detector", "upsample", "margin", "size", "detector_file", "detector_sha256")
 
 
 class PredictorError(FaceAgeError, RuntimeError):
@@ -241,7 +244,9 @@ class AgePredictor:
     Raises:
         PredictorError: The checkpoint or the detector file is missing, or the detector
             file differs from the checkpoint's.
-        ValueError: Not a FaceAge checkpoint (or exported graph), an unknown runtime, or ``threads`` < 1.
+        ValueError: Not a FaceAge checkpoint (or exported graph), an unknown runtime, or ``threads`` < 1;
+            :class:`faceage.inputs.CheckpointSettingsError` (also a ``FaceAgeError``) for a checkpoint whose
+            settings name an unknown input kind or lack one the predictor reads (:func:`missing_settings`).
     """
 
     def __init__(self, checkpoint: str | Path, detector_dir: str | Path, *, runtime: str = "torch",
@@ -260,6 +265,13 @@ class AgePredictor:
         self.age_model = loader(checkpoint, detector_dir, device=device, threads=self.threads)
         self.runtime = runtime
         self.meta = self.age_model.meta
+        missing = missing_settings(self.meta)
+        if missing:  # a KeyError traceback before, or (image_size, mean) a failure at the first face
+            from faceage.inputs import CheckpointSettingsError
+
+            raise CheckpointSettingsError(f"{checkpoint} lacks the setting{'s' * (len(missing) > 1)} "
+                                          f"{', '.join(missing)}: not a checkpoint this FaceAge version can serve "
+                                          "(made by another version?); retrain it, or use the version that made it")
         crop = self.meta["crop"]
         for filename, sha256 in crop_detector_files(crop).items():
             check_detector_file(detector_dir, filename, sha256)
@@ -323,6 +335,24 @@ class AgePredictor:
             "git_commit": self.meta.get("git_commit"),
             "backbone": self.meta.get("backbone"),
         }
+
+
+def missing_settings(meta: dict[str, Any]) -> list[str]:
+    """The settings a predictor reads that ``meta`` (a checkpoint's) lacks, as ``key`` or ``crop.key``.
+
+    Raises:
+        faceage.inputs.CheckpointSettingsError: ``meta`` names an unknown input kind.
+    """
+    from faceage.inputs import input_kind
+
+    missing = [key for key in input_kind(meta).settings if key not in meta]
+    crop = meta.get("crop")
+    if not isinstance(crop, dict):
+        return ["crop", *missing]
+    missing += [f"crop.{key}" for key in CROP_SETTINGS if key not in crop]
+    if crop_cnn_retry_side(crop) and "cnn_retry_sha256" not in crop:
+        missing.append("crop.cnn_retry_sha256")
+    return missing
 
 
 def split_results(located: Sequence[LocatedFaces], mean: np.ndarray, std: np.ndarray) -> list[list[FaceAge]]:
