@@ -208,7 +208,9 @@ class DlibAgeNet(nn.Module):
     def run_stages(self, x: torch.Tensor, start: int = 0, stop: int = NUM_STAGES) -> torch.Tensor:
         """Stages ``start``..``stop - 1`` (0 stem, 1-5 blocks, 6 pool + fc) applied to ``x``.
 
-        ``run_stages(run_stages(x, 0, k), k)`` equals ``forward(x)``: the frozen first ``k``
+        ``run_stages(run_stages(x, 0, k), k)`` equals ``run_stages(x)``, which is ``forward(x)`` for dlib's own
+        head (an ensemble head's ``forward`` also averages in the mirror image, as
+        :class:`faceage.finetune._CachedStages` does on cached views): the frozen first ``k``
         stages can be computed once and cached (see :mod:`faceage.finetune`). The fused head reads
         chip pairs and splits only before its last stage: ``run_stages(x, 0, 6)`` is then
         :meth:`encode` of the pair, and stage 6 :meth:`classify` of that.

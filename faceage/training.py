@@ -26,8 +26,10 @@ generator seeded by ``(seed, e, index)``. So a resumed epoch draws exactly what 
 one drew, whatever the number of loader workers (their own seeds never reach the data, and come from
 the loader's own generator, so that drawing them leaves the global stream that dropout reads alone),
 and on CPU the resumed run ends with bit-identical weights, history and metrics. The state is
-fingerprinted by the params, the data and the pretrained weights' bytes; its MLflow run, when deleted
-or not in the current store, is replaced by a new one that gets the saved epochs' metrics.
+fingerprinted by the params, the data and the pretrained weights' bytes (not the code: a rerun at another
+commit resumes, unless that commit's network or parameter groups no longer fit the state, which is then ignored
+with a warning); its MLflow run, when deleted or not in the current store, is replaced by a new one that gets the
+saved epochs' metrics.
 
 Distributed. ``torchrun --nproc_per_node=N stages/train.py ...`` (or ``--nnodes`` with a
 rendezvous) runs :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU, nccl on CUDA);
@@ -435,6 +437,48 @@ def load_state(path: str | Path, fingerprint: str) -> TrainState | None:
     return state
 
 
+def _resume(state: TrainState, model: nn.Module, opt: torch.optim.Optimizer, sched, amp: Amp,
+            state_path: Path) -> TrainState | None:
+    """Loads a saved state's weights, optimiser, schedule and loss scaler; ``None``, with nothing loaded, when
+    they do not fit this code's network.
+
+    The fingerprint covers the params and the data, not the code, so a rerun at another commit resumes (and
+    records ``resumed_at_commit``). A commit that changed the network's layers or the optimiser's parameter
+    groups under the same params left a state that ``load_state_dict`` refused, with torch's traceback, at every
+    rerun until the file was deleted by hand (and a refused load had already copied the layers that fit).
+    """
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    why = next((f"{name}: {misfit}" for name, saved in (("weights", state.model), ("best epoch", state.best_model))
+                if saved is not None and (misfit := _misfit(want, saved))), "")
+    if not why:
+        try:
+            opt.load_state_dict(state.optimizer)  # checks its groups before it changes anything
+        except (ValueError, KeyError) as e:
+            why = f"optimizer: {e}"
+    if why:
+        log.warning("ignoring %s: it does not fit this code's network (%s); training starts over", state_path, why)
+        return None
+    model.load_state_dict(state.model)
+    sched.load_state_dict(state.scheduler)
+    if state.scaler:
+        # A state saved where loss scaling was off (CPU, bf16) holds {}: an fp16 GPU's scaler refuses
+        # it, and starts from its defaults instead.
+        amp.scaler.load_state_dict(state.scaler)
+    return state
+
+
+def _misfit(want: dict[str, tuple[int, ...]], saved: dict[str, torch.Tensor]) -> str:
+    """How saved weights differ from a network's ``state_dict`` shapes (``want``): "" when they fit."""
+    got = {k: tuple(v.shape) for k, v in saved.items()}
+    if missing := sorted(want.keys() - got.keys()):
+        return f"missing {missing[:3]}"
+    if unexpected := sorted(got.keys() - want.keys()):
+        return f"unexpected {unexpected[:3]}"
+    if other := [k for k in want if want[k] != got[k]]:
+        return f"other shapes {[(k, got[k], want[k]) for k in other[:3]]}"
+    return ""
+
+
 def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None,
                  weight_files: Sequence[Path] = ()) -> str:
     """What a saved state must have been trained from to be resumed: the params, the data, and the bytes of
@@ -662,14 +706,9 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     fingerprint = _fingerprint(p, faces_dir, embeddings_path, pretrained_files(p, head, detector_dir))
     state = load_state(state_path, fingerprint)
     if state is not None and state.epoch > 0:  # (epoch 0: the run started, the initial weights are seeded)
-        model.load_state_dict(state.model)
-        opt.load_state_dict(state.optimizer)
-        sched.load_state_dict(state.scheduler)
-        if state.scaler:
-            # A state saved where loss scaling was off (CPU, bf16) holds {}: an fp16 GPU's scaler refuses
-            # it, and starts from its defaults instead.
-            amp.scaler.load_state_dict(state.scaler)
-        log.info("resuming from epoch %d of %d (%s)", state.epoch, p.epochs, state_path)
+        state = _resume(state, model, opt, sched, amp, state_path)
+        if state is not None:
+            log.info("resuming from epoch %d of %d (%s)", state.epoch, p.epochs, state_path)
     net = nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
 
     tracker = _Tracker(p, d, crop, device, workers, threads, fingerprint, state, state_path)
@@ -893,8 +932,9 @@ class _Tracker:
             self.mlflow.set_tag(RESUMED_AT_COMMIT_TAG, self.state.resumed_at_commit)
 
     def _end_superseded_run(self) -> None:
-        """A state file left for other params or data (a run killed, then rerun after a params change)
-        names a run nothing will continue: it stayed RUNNING in MLflow for ever. It is ended KILLED."""
+        """A state file left for other params or data (a run killed, then rerun after a params change), or one
+        this code's network cannot load (:func:`_resume`), names a run nothing will continue: it stayed RUNNING in
+        MLflow for ever. It is ended KILLED."""
         try:
             old = torch.load(self.state_path, map_location="cpu", weights_only=True).get("run_id")
         except Exception:  # no state, or not one this code can read: nothing to end
@@ -907,7 +947,7 @@ class _Tracker:
         try:
             if client.get_run(old).info.status == "RUNNING":
                 client.set_terminated(old, "KILLED")
-                log.info("ended MLflow run %s KILLED: its training state was for other params or data", old)
+                log.info("ended MLflow run %s KILLED: its training state was for other params, data or code", old)
         except MlflowException:  # a run of another tracking store
             pass
 
