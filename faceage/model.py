@@ -417,7 +417,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     Raises:
         CheckpointError: The file cannot be read, is not a FaceAge checkpoint (a photo, another
-            torch file, a truncated download), or its weights do not fit its backbone.
+            torch file, a truncated download), names a backbone or head this version cannot build,
+            or its weights do not fit its backbone.
     """
     payload = read_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
@@ -425,9 +426,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     missing = [k for k in ("backbone", "min_age", "max_age", "state_dict") if k not in payload]
     if missing:
         raise CheckpointError(f"{path} is not a complete FaceAge checkpoint: it has no {', '.join(missing)}")
-    # fused heads saved before train.face_features existed read dlib's descriptor
-    model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"),
-                        payload.get("face_features", DESCRIPTOR))
+    try:  # fused heads saved before train.face_features existed read dlib's descriptor
+        model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"),
+                            payload.get("face_features", DESCRIPTOR))
+    except ValueError as e:  # ConfigError too: a backbone or head this version lacks (a newer version's checkpoint)
+        raise CheckpointError(f"{path} names a model this FaceAge version cannot build ({e}): made by another "
+                              "version? Use that version, or retrain") from e
     if isinstance(payload.get("transform_input"), bool) and hasattr(model, "transform_input"):
         model.transform_input = payload["transform_input"]
     try:
