@@ -319,14 +319,22 @@ def build_scheduler(opt: torch.optim.Optimizer, steps_per_epoch: int, p: TrainPa
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps_per_epoch, p))
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (SeedSequence hashing: nearby inputs give unrelated seeds)."""
-    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+# What each of _mix's seeds is for. SeedSequence pads its entropy with zeros, so _mix(42, 3) and _mix(42, 3, 0) were
+# one seed: rank 0's global stream in an epoch (which dropout reads) was the stream that shuffled that epoch's data
+# and the one face 0's augmentation drew from, and under torchrun rank r's was face r's.
+EPOCH_STREAM, ORDER_STREAM, SAMPLE_STREAM = 1, 2, 3
+
+
+def _mix(purpose: int, *values: int) -> int:
+    """A 63-bit seed for ``purpose`` (one of the ``*_STREAM`` constants) from integers: SeedSequence hashing,
+    so nearby inputs give unrelated seeds, and the purpose and the count of values keep streams apart."""
+    entropy = [purpose, len(values), *values]
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Reseeds every global stream (Python, NumPy, torch CPU and CUDA) for one epoch of one rank."""
-    s = _mix(seed, epoch, rank)
+    s = _mix(EPOCH_STREAM, seed, epoch, rank)
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
@@ -346,7 +354,7 @@ class EpochSampler(DistributedSampler):
         n = len(self.dataset)
         if self.shuffle:
             g = torch.Generator()
-            g.manual_seed(_mix(self.seed, self.epoch))
+            g.manual_seed(_mix(ORDER_STREAM, self.seed, self.epoch))
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
@@ -374,7 +382,7 @@ class SeededSamples(Dataset):
         index, epoch = key
         # fork_rng: the transforms draw from torch's global generator; leave the caller's untouched.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, epoch, index))
+            torch.manual_seed(_mix(SAMPLE_STREAM, self.seed, epoch, index))
             x, age, age_std = self.base[index]
             target = (age + age_std * torch.randn(())).clamp(MIN_AGE, MAX_AGE) if self.label_jitter else age
         return x, target, age
