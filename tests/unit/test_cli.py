@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from faceage.cli import build_parser, collect_images, main
-from tests.unit.test_predict import make_checkpoint, make_detector_dir
+from tests.unit.test_predict import model_files
 
 # A declared test dependency (pyproject's test extra): missing, the run fails rather than skipping these tests.
 from skimage import data as skimage_data
@@ -25,9 +25,8 @@ from skimage import data as skimage_data
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    detector = make_detector_dir(root / "detector")
-    checkpoint = make_checkpoint(root / "model.pt", detector)
+    made = model_files(tmp_path_factory.mktemp("cli"))
+    root, detector, checkpoint = made["root"], made["detector"], made["checkpoint"]
     folder = root / "photos"
     (folder / "sub").mkdir(parents=True)
     Image.fromarray(skimage_data.astronaut()).save(folder / "astronaut.png")

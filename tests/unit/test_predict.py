@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from pathlib import Path
 
 import dlib
 import numpy as np
@@ -45,11 +46,15 @@ def make_checkpoint(path, detector_dir, *, detector_sha256=None, image_size=32, 
     return path
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predictor")
+def model_files(root: Path) -> dict:
+    """A detector folder and a small checkpoint made with it, under ``root``: ``{"root", "detector", "checkpoint"}``."""
     detector = make_detector_dir(root / "detector")
     return {"root": root, "detector": detector, "checkpoint": make_checkpoint(root / "model.pt", detector)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return model_files(tmp_path_factory.mktemp("predictor"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from faceage.cli import main
-from tests.unit.test_predict import make_checkpoint, make_detector_dir
+from tests.unit.test_predict import model_files
 
 # A declared test dependency (pyproject's test extra): missing, the run fails rather than skipping these tests.
 from skimage import data as skimage_data
@@ -23,12 +23,10 @@ from skimage import data as skimage_data
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("review_cli_r28")
-    detector = make_detector_dir(root / "detector")
-    checkpoint = make_checkpoint(root / "model.pt", detector)
-    photo = root / "astronaut.png"
-    Image.fromarray(skimage_data.astronaut()).save(photo)
-    return {"root": root, "detector": detector, "checkpoint": checkpoint, "photo": photo}
+    made = model_files(tmp_path_factory.mktemp("review_cli_r28"))
+    made["photo"] = made["root"] / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(made["photo"])
+    return made
 
 
 STORE_AND_PREDICT = """
