@@ -79,18 +79,27 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
         sys.exit(1)
 
 
+def masked_netloc(netloc: str) -> str:
+    """A URL's network location as logs show it: a password masked (``user:***@host``), and a user part alone
+    (a token, ``TOKEN@host``) too (``***@host``); one without a user part as it is."""
+    if "@" not in netloc:
+        return netloc
+    userinfo, _, host = netloc.rpartition("@")
+    user, has_password, _ = userinfo.partition(":")
+    return f"{user}:***@{host}" if has_password else f"***@{host}"
+
+
 def mask_tracking_secrets(text: str) -> str | None:
-    """``text`` with the user part of ``MLFLOW_TRACKING_URI`` masked as :func:`faceage.tracking.display_uri`
-    masks it (``user:***@``, a token alone ``***@``), the password also where it stands alone (raw or
+    """``text`` with the user part of ``MLFLOW_TRACKING_URI`` masked (:func:`masked_netloc`, as
+    :func:`faceage.tracking.display_uri` shows the URI), the password also where it stands alone (raw or
     percent-decoded); None when ``text`` holds none of them."""
     netloc = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", "")).netloc
     if "@" not in netloc:
         return None
-    userinfo = netloc.rpartition("@")[0]
-    user, has_password, password = userinfo.partition(":")
-    shown = f"{user}:***" if has_password else "***"
+    userinfo = netloc.rpartition("@")[0] + "@"
+    user, has_password, password = userinfo[:-1].partition(":")
     secret = password if has_password else user
-    masked = text.replace(userinfo + "@", shown + "@")
+    masked = text.replace(userinfo, masked_netloc(userinfo))
     for form in {secret, unquote(secret)}:
         if len(form) >= 4:  # a very short one would mask ordinary words: the URL form above covers it
             masked = masked.replace(form, "***")

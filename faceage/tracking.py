@@ -18,6 +18,7 @@ from pathlib import Path
 
 from faceage.atomic import locked
 from faceage.errors import FaceAgeError
+from faceage.logs import masked_netloc
 from faceage.paths import repo_root
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,7 @@ def display_uri(uri: str | None = None) -> str:
     parts = urlsplit(uri)
     if "@" not in parts.netloc:
         return uri
-    shown = f"{parts.username}:***" if parts.password is not None else "***"
-    return urlunsplit(parts._replace(netloc=f"{shown}@{_host_part(parts.netloc)}"))
+    return urlunsplit(parts._replace(netloc=masked_netloc(parts.netloc)))
 
 
 def _host_part(netloc: str) -> str:
