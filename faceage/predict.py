@@ -44,6 +44,7 @@ from faceage.errors import FaceAgeError
 from faceage.faces import (MAX_DETECT_PIXELS, FaceBox, FaceDetector, crop_cnn_retry_side, crop_detector_files,
                            crop_retry_pad, margin_region, resize_region)
 from faceage.images import DEFAULT_MAX_PIXELS
+from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, CheckpointSettingsError, input_kind
 
 # torch (via faceage.inference) is imported only where a torch model is built: the service and
 # its detection worker processes import this module and never need it.
@@ -267,16 +268,12 @@ class AgePredictor:
         self.meta = self.age_model.meta
         missing = missing_settings(self.meta)
         if missing:  # a KeyError traceback before, or (image_size, mean) a failure at the first face
-            from faceage.inputs import CheckpointSettingsError
-
             raise CheckpointSettingsError(f"{checkpoint} lacks the setting{'s' * (len(missing) > 1)} "
                                           f"{', '.join(missing)}: not a checkpoint this FaceAge version can serve "
                                           "(made by another version?); retrain it, or use the version that made it")
         crop = self.meta["crop"]
         for filename, sha256 in crop_detector_files(crop).items():
             check_detector_file(detector_dir, filename, sha256)
-        from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
-
         input_name = input_kind(self.meta).name
         self.locator = FaceLocator(detector_dir, kind=crop["detector"], upsample=int(crop["upsample"]),
                                    margin=crop["margin"], crop_size=crop["size"], retry_pad=crop_retry_pad(crop),
@@ -343,8 +340,6 @@ def missing_settings(meta: dict[str, Any]) -> list[str]:
     Raises:
         faceage.inputs.CheckpointSettingsError: ``meta`` names an unknown input kind.
     """
-    from faceage.inputs import input_kind
-
     missing = [key for key in input_kind(meta).settings if key not in meta]
     crop = meta.get("crop")
     if not isinstance(crop, dict):
