@@ -365,11 +365,21 @@ class EpochSampler(DistributedSampler):
         return ((i, self.epoch) for i in order[self.rank:self.total_size:self.num_replicas])
 
 
+def _jitter(age: torch.Tensor, age_std: torch.Tensor) -> torch.Tensor:
+    """A draw from N(age, age_std) whose deviation is cut at the nearer end of MIN_AGE..MAX_AGE, on both sides.
+
+    Cutting symmetrically keeps the draw's mean at ``age``: clamping the draw to [0, 100] instead raised a
+    1-year-old's mean target to 1.6 years when the raters spread 3 years, teaching every baby older.
+    """
+    room = torch.minimum(age - MIN_AGE, MAX_AGE - age).clamp(min=0)
+    return age + (age_std * torch.randn(())).clamp(-room, room)
+
+
 class SeededSamples(Dataset):
     """Training items with their randomness (augmentation, view choice, label jitter) seeded per sample.
 
     Item ``(index, epoch)`` -> ``(input, target age, apparent age)``; the target is the apparent age,
-    or with ``label_jitter`` a draw from N(apparent age, its std) clamped to [0, 100].
+    or with ``label_jitter`` a draw from N(apparent age, its std), cut symmetrically to stay in [0, 100].
     """
 
     def __init__(self, base: Dataset, seed: int, label_jitter: bool):
@@ -384,7 +394,7 @@ class SeededSamples(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix(SAMPLE_STREAM, self.seed, epoch, index))
             x, age, age_std = self.base[index]
-            target = (age + age_std * torch.randn(())).clamp(MIN_AGE, MAX_AGE) if self.label_jitter else age
+            target = _jitter(age, age_std) if self.label_jitter else age
         return x, target, age
 
 
