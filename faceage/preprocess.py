@@ -204,14 +204,14 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         faceage.detector.DetectorFilesError: The detector folder's manifest lists no sha256 for a file the
             crops read (checked before any work: the crop settings and ``chips.npz`` record those sha256).
     """
-    detector_files = read_manifest(detector_dir)["files"]
-    needed = [HOG_FILE if params.detector == "hog" else CNN_FILE, SHAPE5_FILE]
-    needed += [CNN_FILE] if cnn_look_side(params.detector, params.cnn_retry_side) else []
-    unlisted = [name for name in dict.fromkeys(needed) if name not in detector_files]
-    if unlisted:
-        raise DetectorFilesError(f"{Path(detector_dir) / DETECTOR_MANIFEST} lists no {', '.join(unlisted)}, which the "
-                                 "crops read (unverified, and unrecorded in the crop settings): run the fetch_detector "
-                                 "stage again (dvc repro -f fetch_detector)")
+    manifest = read_manifest(detector_dir)
+    detector_files = manifest["files"]
+    try:  # every sha256 the crop settings and chips.npz record, looked up by the rules that record them
+        crop_settings(params, manifest), detector_files[SHAPE5_FILE]
+    except KeyError as e:
+        raise DetectorFilesError(f"{Path(detector_dir) / DETECTOR_MANIFEST} lists no {e.args[0]}, which the crops "
+                                 "read (unverified, and unrecorded in the crop settings): run the fetch_detector "
+                                 "stage again (dvc repro -f fetch_detector)") from None
     tasks = [
         _Task(
             s.split, s.file_name,

@@ -116,3 +116,23 @@ def test_a_crop_worker_that_dies_names_the_photo_it_was_cropping(tmp_path, sampl
     assert not thread.is_alive()
     assert len(raised) == 1 and isinstance(raised[0], WorkerDiedError), raised
     assert photo in str(raised[0]) and photo.startswith("test/") and photo[len("test/"):] in names, str(raised[0])
+
+
+def test_a_manifest_without_the_cnn_file_its_last_look_reads_stops_the_crops_before_any_work(tmp_path, detector_dir):
+    """The up-front check takes its list of files from the rules that record them (``crop_settings``): a HOG run
+    whose CNN last look is on needs the CNN detector's sha256 too, and is stopped before any photo is cropped."""
+    from faceage.detector import CNN_FILE
+
+    det = _copy_detector(detector_dir, tmp_path / "det")
+    manifest = json.loads((det / MANIFEST).read_text())
+    del manifest["files"][CNN_FILE]
+    (det / MANIFEST).write_text(json.dumps(manifest))
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    Image.fromarray(astronaut()).save(data / "test" / "astronaut.png")
+    out = tmp_path / "faces"
+    out.mkdir()
+    with pytest.raises(DetectorFilesError, match=rf"{MANIFEST} lists no {CNN_FILE}.*fetch_detector"):
+        crop_samples({"test": [Sample("test", "astronaut.png", 30.0, 0.0, 30.0)]}, data, det, out,
+                     PreprocessParams(workers=1, detector="hog", cnn_retry_side=320))
+    assert list(out.iterdir()) == []
