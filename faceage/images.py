@@ -75,12 +75,11 @@ def _grey8(img: Image.Image) -> np.ndarray:
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         return np.clip(np.rint(arr if arr.max(initial=0) > 1.0 else arr * 255), 0, 255).astype(np.uint8)
-    # 16-bit data: scale 0..65535 to 0..255 rather than letting convert() clip it. In integers: float64 and its
-    # temporaries took ~28 bytes a pixel (a 78 kB, 40 MP grey PNG: 1.1 GB to decode, in a service worker too).
-    # Rounding half up is rint's rounding here: x * 255 / 65535 = x / 257 is never a half.
+    # 16-bit data: scale 0..65535 to 0..255 rather than letting convert() clip it, by the bit depth and never by
+    # the content (a dark photo, all values <= 255, was once read as 8-bit: 200 / 65535 of white came out as 200).
+    # In integers: float64 and its temporaries took ~28 bytes a pixel (a 78 kB, 40 MP grey PNG: 1.1 GB to decode,
+    # in a service worker too). Rounding half up is rint's rounding here: x * 255 / 65535 = x / 257 is never a half.
     arr = np.asarray(img)
-    if arr.max(initial=0) <= 255:
-        return np.clip(arr, 0, 255).astype(np.uint8)
     scaled = np.clip(arr, 0, 65535).astype(np.uint32)
     scaled *= 255
     scaled += 32767
@@ -106,8 +105,8 @@ def _to_rgb(img: Image.Image, transform: ImageCms.ImageCmsTransform | None = Non
         if isinstance(transparent, int) and img.mode != "F":
             rgb[np.asarray(img) == transparent] = 255
         return rgb
-    # A tRNS chunk makes one colour transparent in P, L and RGB PNGs (optimisers write binary-alpha RGBA so).
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+    # A tRNS chunk makes one colour transparent in P, 1, L and RGB PNGs (optimisers write binary-alpha RGBA so).
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "1", "L", "RGB") and "transparency" in img.info):
         rgba = img.convert("RGBA")
         if transform is not None:  # a grey LA's values are its L, a palette's its RGB
             colour = managed(img.convert("L") if transform.inputMode == "L" else rgba)
@@ -265,6 +264,54 @@ def _error_name(e: BaseException) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
+# Pillow decodes a 2 or 4-bit grey PNG's samples to 8 bits (times 85 or 17) but leaves its tRNS value raw.
+_LOW_BIT_GREY = {"L;2": 85, "L;4": 17}
+
+
+def _low_bit_scale(img: Image.Image) -> int:
+    """What Pillow multiplies a 2 or 4-bit grey PNG's samples by to decode them as mode L (1 for other images);
+    read from the raw mode of its tile, which ``load()`` empties."""
+    tile = img.tile[0] if img.format == "PNG" and img.mode == "L" and len(img.tile) == 1 else None
+    return _LOW_BIT_GREY.get(tile.args, 1) if tile is not None and isinstance(tile.args, str) else 1
+
+
+def _scale_transparency(img: Image.Image, scale: int) -> None:
+    """Puts the tRNS value of a low-bit grey PNG (:func:`_low_bit_scale`) on its decoded pixels' 8-bit scale,
+    so that its transparent pixels are composited; one out of the bit depth's range names no pixel."""
+    transparent = img.info.get("transparency")
+    if scale == 1 or not isinstance(transparent, int):
+        return
+    if transparent * scale > 255:
+        del img.info["transparency"]
+    else:
+        img.info["transparency"] = transparent * scale
+
+
+def _sixteen_bit_key(img: Image.Image) -> tuple[int, int, int] | None:
+    """The tRNS colour of a 16-bit RGB PNG, read before ``load()`` (which empties the tile), else None.
+
+    Pillow decodes such a PNG to 8 bits (the high bytes) but keeps the colour in 16 bits, so its own
+    conversion made no pixel transparent, or (a colour under 256) every pixel of the same high bytes."""
+    key = img.info.get("transparency")
+    tile = img.tile[0] if img.format == "PNG" and img.mode == "RGB" and len(img.tile) == 1 else None
+    return key if tile is not None and tile.args == "RGB;16B" and isinstance(key, tuple) and len(key) == 3 else None
+
+
+def _key_out(img: Image.Image, key: tuple[int, int, int], stream: BinaryIO) -> None:
+    """Makes the pixels of a decoded 16-bit RGB PNG (:func:`_sixteen_bit_key`) that hold ``key`` transparent,
+    in place (mode RGBA): their low bytes come from decoding ``stream`` again, as little-endian."""
+    stream.seek(0)
+    with Image.open(stream, formats=["PNG"]) as again:
+        again.tile = [again.tile[0]._replace(args="RGB;16L")]  # unpacks the second byte of each sample
+        again.load()
+        low = np.asarray(again)
+    high = np.asarray(img)
+    wanted = np.array(key, np.int64)
+    transparent = ((high == wanted >> 8) & (low == wanted & 0xFF)).all(axis=2)
+    del img.info["transparency"]
+    img.putalpha(Image.fromarray(np.where(transparent, 0, 255).astype(np.uint8), "L"))
+
+
 def _upright(img: Image.Image) -> Image.Image:
     """The decoded image turned upright by its EXIF orientation, whatever else its EXIF holds.
 
@@ -368,7 +415,11 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                         f"the limit is {max_pixels}"
                     )
                 img.seek(0)  # first frame of GIF/WebP animations
+                low_bit_scale, key = _low_bit_scale(img), _sixteen_bit_key(img)
                 img.load()
+                _scale_transparency(img, low_bit_scale)
+                if key is not None:
+                    _key_out(img, key, stream)
                 # Read from the image as decoded (a transpose keeps no promise about info); the colours
                 # are converted after the transpose, whichever way it goes (a per-pixel map: the same pixels).
                 transform = _srgb_transform(img, name)
