@@ -4,12 +4,13 @@ Input: the bento ``face_age:latest`` (``$BENTOML_HOME``) and its Docker image (d
 ``face-age:latest``, from ``make container``; ``--build`` runs ``bentoml containerize`` first).
 Output: printed median/min/max cold start, from process start to the first 200 on ``/readyz``,
 for ``bentoml serve face_age:latest`` on the host and for ``docker run`` of the image (the two
-alternate, ``--rounds`` times each, so a load change on the machine hits both alike), their
-ratio, and the image size. ``--json`` also writes them to a file. Only 127.0.0.1 is contacted;
-every server and container is stopped (containers removed by id) before the next starts, and on
-exit, SIGTERM included; a host server that fails to start shows its stderr's last lines. Not a
-test: it reports numbers and asserts nothing. :class:`ContainerTarget` is the container as a
-deployment target of ``benchmarks/bench_service.py`` (request latency, side by side with the host).
+alternate, ``--rounds`` times each, so a load change on the machine hits both alike, and which one
+goes first alternates from round to round), their ratio, and the image size. ``--json`` also writes
+them to a file. Only 127.0.0.1 is contacted; every server and container is stopped (containers
+removed by id) before the next starts, and on exit, SIGTERM included; a host server that fails to
+start shows its stderr's last lines. Not a test: it reports numbers and asserts nothing.
+:class:`ContainerTarget` is the container as a deployment target of ``benchmarks/bench_service.py``
+(request latency, side by side with the host).
 
     python benchmarks/bench_container.py [--image face-age:latest] [--rounds 3] [--build] [--json out.json]
 """
@@ -30,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO  # noqa: E402
 from _server import ServerError, bentoml_serve, exit_on_sigterm, free_port, wait_ready  # noqa: E402
+
+from faceage.atomic import write_text  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -116,6 +119,17 @@ def build_image(tag: str, image: str) -> float:
     return time.monotonic() - start
 
 
+def cold_starts(host, container, rounds: int) -> tuple[list[float], list[float]]:
+    """``rounds`` cold starts of each (``host()`` and ``container()`` return one's seconds), one of each per
+    round; the first of the round alternates, so neither is always the one that starts right after the other
+    stopped (or, in round 1, on an idle machine)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(rounds):
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[side].append((host, container)[side]())
+    return times
+
+
 def stats(values: list[float]) -> dict:
     return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "runs": values}
 
@@ -129,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for one start")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    # One message, before the image is read or built (--rounds 0 ended in statistics' 'no median for empty
+    # data' traceback, --timeout 0 in a 'not ready after 0 s' of a server that had no time to start).
+    if args.rounds < 1 or args.timeout <= 0:
+        parser.error(f"--rounds must be >= 1 and --timeout > 0, got {args.rounds}, {args.timeout}")
     exit_on_sigterm()  # so the server or container running at that moment is stopped on SIGTERM too
 
     result: dict = {"tag": args.tag, "image": args.image}
@@ -136,13 +154,15 @@ def main(argv: list[str] | None = None) -> None:
         result["containerize_s"] = build_image(args.tag, args.image)
     target = ContainerTarget(args.image, args.timeout)
     result["image_bytes"] = target.size_bytes()
-    host, container = [], []
-    for _ in range(args.rounds):
-        host.append(host_cold_start(args.tag, args.timeout))
+
+    def container_cold_start() -> float:
         try:
-            container.append(target.start()[1])
+            return target.start()[1]
         finally:
             target.stop()
+
+    host, container = cold_starts(lambda: host_cold_start(args.tag, args.timeout), container_cold_start,
+                                  args.rounds)
     result["host"], result["container"] = stats(host), stats(container)
     result["container_vs_host"] = result["container"]["median_s"] / result["host"]["median_s"]
 
@@ -154,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {s['median_s']:.1f} | {s['min_s']:.1f} | {s['max_s']:.1f} |")
     print(f"container / host: {result['container_vs_host']:.2f}x ({args.rounds} alternating rounds)")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_text(args.json, json.dumps(result, indent=2))  # never half a file
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import shared_datasets  # noqa: E402
 from _server import Server, bentoml_serve, exit_on_sigterm, map_threads  # noqa: E402
 
+from faceage.atomic import write_text  # noqa: E402
+
 DEFAULT_PHOTOS = shared_datasets() / "wild"
 
 
@@ -447,9 +449,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {q['target']:40s} {q['p50']:.2f}x the p50 of {q['versus']} "
                       f"(median of request-by-request ratios {q['median_paired']:.2f}x)")
     if args.json:
-        args.json.write_text(json.dumps({"photos": len(photos), "rounds": args.rounds, "cores": available_cores(),
-                                         "runs": runs, "ratios": side, "interleaved": interleaved},
-                                        indent=2) + "\n")
+        write_text(args.json, json.dumps({"photos": len(photos), "rounds": args.rounds, "cores": available_cores(),
+                                          "runs": runs, "ratios": side, "interleaved": interleaved},
+                                         indent=2) + "\n")  # never half a file
 
 
 if __name__ == "__main__":

@@ -42,6 +42,24 @@ def _time(fn, x: torch.Tensor, batch: int) -> float:
     return time.perf_counter() - started
 
 
+def timed_rounds(first, second, x: torch.Tensor, batch: int, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds of a pass of ``first`` and of ``second`` over ``x`` in batches of ``batch``, per round.
+
+    One untimed pass of each first: the first pass at this batch size allocates (torch's cached
+    buffers, ONNX Runtime's arena), and with few rounds that one slow pass moved the median. Then
+    each round runs both, the one that goes first alternating from round to round: the pass that
+    follows the other finds the caches and the allocator as the other left them, and with a fixed
+    order that always fell to the same side.
+    """
+    for fn in (first, second):
+        _time(fn, x, batch)
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(rounds):
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[side].append(_time((first, second)[side], x, batch))
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models" / "model.pt"))
@@ -77,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, module, x in cases:
         module.eval()
         runner = OrtModule(module, x[:8], threads=args.threads)
-        torch_s, ort_s = [], []
-        for _ in range(args.rounds):  # alternate, so drift on the machine hits both
-            torch_s.append(_time(module, x, args.batch))
-            ort_s.append(_time(runner, x, args.batch))
+        torch_s, ort_s = timed_rounds(module, runner, x, args.batch, args.rounds)  # interleaved: drift hits both
         t, o = statistics.median(torch_s), statistics.median(ort_s)
         print(f"{name:26s} torch {t / len(x) * 1e3:7.2f} ms/face  ONNX Runtime {o / len(x) * 1e3:7.2f} ms/face  "
               f"ratio {o / t:.2f}x  largest difference {runner.max_abs_diff:.1e}")

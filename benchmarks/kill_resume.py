@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO, shared_datasets  # noqa: E402
 from _server import exit_on_sigterm  # noqa: E402
 
+from faceage.atomic import write_text  # noqa: E402
 from faceage.experiment import tool_env  # noqa: E402
 
 TRAIN_CMD = "stages/train.py"
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(args)
     print(json.dumps(summary, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(args.json, json.dumps(summary, indent=2) + "\n")  # never half a file
     return 0 if summary["ok"] else 1
 
 

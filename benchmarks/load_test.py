@@ -41,6 +41,8 @@ from _paths import REPO  # noqa: E402
 from _server import exit_on_sigterm, map_threads  # noqa: E402
 from bench_service import load_photos, percentile, require_service, start_server  # noqa: E402
 
+from faceage.atomic import write_text  # noqa: E402
+
 DEFAULT_PHOTOS = REPO / "faceage" / "examples"
 
 
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["checks"] = checks
     report(summary)
     if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(args.json, json.dumps(summary, indent=2) + "\n")  # never half a file
     return 0 if all(checks.values()) else 1
 
 
