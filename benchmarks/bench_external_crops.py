@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from faceage.config import load_params
-from faceage.detector import DetectorFilesError, fetch_detector_files, read_manifest
-from faceage.external import crop_counts, external_faces
-from faceage.paths import repo_root
-from faceage.preprocess import crop_settings
-from faceage.sources import resolve_external
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import REPO   # noqa: E402
+
+from faceage.config import load_params   # noqa: E402
+from faceage.detector import DetectorFilesError, fetch_detector_files, read_manifest  # noqa: E402
+from faceage.external import crop_counts, external_faces  # noqa: E402
+from faceage.preprocess import crop_settings  # noqa: E402
+from faceage.sources import resolve_external  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    # The repo's, and the sets it names resolve against the repo, as in the other benchmarks: run from another
+    # folder, a relative default stopped with "not a file".
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--detector", help="fetch_detector folder (default: fetched into a temp folder)")
     parser.add_argument("--workers", type=int, default=0, help="detection processes; 0 = one per core")
     args = parser.parse_args(argv)
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         except DetectorFilesError as e:  # a --detector that is not a fetch_detector folder
             parser.error(f"--detector {detector}: {e}")
         results = {}
-        for ext in resolve_external(params.evaluate.external, repo_root()):
+        for ext in resolve_external(params.evaluate.external, REPO):
             start = time.perf_counter()
             faces = external_faces(ext, crop, detector, Path(tmp) / "cache", args.workers)
             first = time.perf_counter() - start

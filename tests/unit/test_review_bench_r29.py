@@ -205,3 +205,18 @@ def test_detection_benchmarks_put_each_side_first_equally_often(benchmark, tmp_p
     firsts = _first_sides(log, len(photos), rounds, untimed=2)
     counts = {side: firsts.count(side) for side in set(log)}
     assert len(counts) == 2 and len(set(counts.values())) == 1, f"first in a round: {counts}"
+
+
+def test_external_crops_benchmark_reads_the_repos_params_from_any_folder(tmp_path):
+    """Its --params default was "params.yaml" in the current folder, while the sets it names resolve against the
+    repo: run from anywhere else it stopped with "--params params.yaml is not a file" before any work."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_external_crops.py"
+    done = subprocess.run([sys.executable, str(script), "--detector", str(tmp_path / "no-detector")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "is not a file" not in done.stderr
+    assert f"--detector {tmp_path / 'no-detector'}" in done.stderr  # past the params: the next check speaks
