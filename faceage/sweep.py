@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from faceage.config import FAST_BACKBONES
+from faceage.errors import FaceAgeError
 from faceage.experiment import ProfileError, dvc_root, override_value, run_profile
 from faceage.external import external_maes
 from faceage.logs import setup_logging
@@ -43,14 +45,49 @@ PROFILES = {
     "gpu": {"cnn": ["train.pretrained=imagenet", "train.image_size=224", "train.epochs=30"], "face": []},
 }
 RUNS = "reports/sweep_runs.json"
+SOURCE_KEY = "fetch_data.source="  # how sweep_overrides records --source in each run's overrides
 CHIP_SIDES = {"dlib_face": "150", "dlib_age": "64 + 150"}  # dlib_age's default (fused) head reads both chips
+
+
+class SweepError(FaceAgeError):
+    """The sweep cannot start or report: its runs file (``--runs``) is missing or unreadable."""
+
+
+def read_runs(path: Path, *, required: bool) -> dict:
+    """The runs file (backbone -> run id and overrides); ``{}`` where it is absent and not ``required``.
+
+    Raises:
+        SweepError: It is absent (``required``: ``--report-only`` reads nothing else), unreadable or not JSON.
+    """
+    if not required and not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SweepError(f"cannot read the sweep's runs file {path} ({e}): run the sweep (make sweep), or pass "
+                         "the --runs it wrote") from None
+
+
+def check_backbones(backbones: list[str]) -> None:
+    """Each ``--backbones`` name is one ``train.backbone`` takes, before the first run: a typo stopped the
+    sweep only at its turn, after the runs before it (hours on a GPU).
+
+    Raises:
+        faceage.config.ConfigError: An unknown name (the message lists the available ones).
+    """
+    others = [b for b in backbones if b not in FAST_BACKBONES]
+    if others:
+        from faceage.model import check_backbone  # imports torch: only for names the fast list lacks
+
+        for backbone in others:
+            check_backbone(backbone)
 
 
 def sweep_overrides(backbone: str, profile: str, source: str | None) -> list[str]:
     """The ``-S`` overrides of one backbone's run in ``profile`` (see :func:`run_sweep`)."""
     overrides = [f"train.backbone={backbone}", *PROFILES[profile]["face" if backbone in PRETRAINED_FACE else "cnn"]]
     if source:
-        overrides.append(f"fetch_data.source={override_value(source)}")  # a path with , [ ] = or ü
+        overrides.append(f"{SOURCE_KEY}{override_value(source)}")  # a path with , [ ] = or ü
     return overrides
 
 
@@ -110,6 +147,26 @@ def runs_profile(runs: dict, default: str) -> str:
             f"{b}: {p or 'none of ' + '/'.join(PROFILES)}" for b, p in sorted(found.items())) +
             "): one report cannot describe them; sweep them again with one --profile, or pass another --runs")
     return profiles.pop()
+
+
+def runs_source(runs: dict) -> str | None:
+    """The ``fetch_data.source`` override the runs share (as recorded, quoted for ``-S``), or None when
+    they ran without ``--source`` (the committed one).
+
+    Each source has its own test split: rows scored on different ones cannot be ranked in one table
+    or give one verdict, so a partial re-sweep with another ``--source`` is refused before its first run.
+
+    Raises:
+        ValueError: The runs were swept with different sources (or some without ``--source``).
+    """
+    found = {backbone: next((o.removeprefix(SOURCE_KEY) for o in info.get("overrides", []) if o.startswith(SOURCE_KEY)),
+                            None) for backbone, info in runs.items()}
+    sources = set(found.values())
+    if len(sources) > 1:
+        raise ValueError("the runs trained on different data (" + ", ".join(
+            f"{b}: {s or 'the committed fetch_data.source'}" for b, s in sorted(found.items())) +
+            "): one report cannot compare them; sweep them again with one --source, or pass another --runs")
+    return sources.pop() if sources else None
 
 
 def collect(runs: dict) -> list[dict]:
@@ -317,24 +374,29 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(root)
     try:
         return _main(args, runs_path)
+    except FaceAgeError as e:  # the store (a deleted face-age experiment, a server that does not answer): one line
+        log.error("%s", e)
+        return 1
     finally:
         os.chdir(here)
 
 
 def _main(args: argparse.Namespace, runs_path: Path) -> int:
     if args.report_only:
-        runs = json.loads(runs_path.read_text())
+        runs = read_runs(runs_path, required=True)
         missing = unknown_runs(runs)
         if missing:  # a fresh clone: the committed file names the runs of the machine that swept
             log.error("%s names runs that are not in %s (%s): run the sweep here (make sweep), or pass the --runs "
                       "of a sweep logged to this store", runs_path, display_uri(), ", ".join(missing))
             return 1
     else:
-        recorded = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+        check_backbones(args.backbones)
+        recorded = read_runs(runs_path, required=False)
         kept = {b: info for b, info in recorded.items() if b not in args.backbones}
         planned = {**kept, **{b: {"overrides": sweep_overrides(b, args.profile, args.source)} for b in args.backbones}}
         try:  # before the first run (hours on a GPU), not in the report after the last
             runs_profile(planned, args.profile)
+            runs_source(planned)
             missing = unknown_runs(kept) if kept else []
         except ValueError as e:
             log.error("%s", e)
@@ -354,6 +416,7 @@ def _main(args: argparse.Namespace, runs_path: Path) -> int:
             return e.returncode or 1
     try:
         profile = runs_profile(runs, args.profile)
+        runs_source(runs)
     except ValueError as e:
         log.error("%s", e)
         return 1
