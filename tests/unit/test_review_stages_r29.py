@@ -56,10 +56,10 @@ def test_a_stage_in_a_dvc_temp_run_imports_the_faceage_of_its_own_copy(stage, te
 
 STUB = "#!/bin/sh\n{body}\n"
 # The commands .ci/run runs besides its shell's builtins and the stubs below: the system's own.
-SYSTEM_TOOLS = ("dirname", "seq", "sleep", "tail", "nohup", "chmod", "cat")
+SYSTEM_TOOLS = ("dirname", "seq", "sleep", "tail", "nohup", "chmod", "cat", "setsid", "mktemp")
 
 
-def ci_machine(tmp_path: Path, have: set[str]) -> tuple[Path, dict[str, str], Path]:
+def ci_machine(tmp_path: Path, have: set[str], make: str = "", base_image: str = "") -> tuple[Path, dict[str, str], Path]:
     """A CI machine for ``.ci/run``: a clone holding it (its base-image script and ``make`` recorded, not run),
     the shared datasets, and on ``PATH`` only the tools in ``have`` (of chromium, dockerd, debootstrap: a working
     Docker daemon comes with dockerd) and an ``apt-get`` that records its calls and installs what it is asked for."""
@@ -76,8 +76,8 @@ def ci_machine(tmp_path: Path, have: set[str]) -> tuple[Path, dict[str, str], Pa
         path.write_text(STUB.format(body=body))
         path.chmod(0o755)
 
-    stub(repo / "scripts" / "base-image.sh", f'echo "base-image.sh" >> "{log}"')
-    stub(bin_dir / "make", f'echo "make $*" >> "{log}"')
+    stub(repo / "scripts" / "base-image.sh", f'{base_image}echo "base-image.sh" >> "{log}"')
+    stub(bin_dir / "make", f'echo "make $*" >> "{log}"\n{make}')
     tools = {"chromium": ["chromium"], "dockerd": ["dockerd", "docker"], "debootstrap": ["debootstrap"]}
     packages = {"chromium": "chromium", "docker.io": "dockerd", "debootstrap": "debootstrap"}
     installs = "\n".join(
@@ -138,3 +138,18 @@ def test_the_cmd_names_where_each_declared_output_goes(stage):
     unnamed = [out for out in declared_outs(spec)
                if out not in words and not any(p.as_posix() in words for p in Path(out).parents if p != Path("."))]
     assert not unnamed, f"dvc.yaml: stage {stage!r} declares {unnamed} but its cmd does not pass them: {spec['cmd']}"
+
+
+def test_a_failed_setup_stops_the_base_image_build_behind_it(tmp_path):
+    """`make setup` failing ended .ci/run (set -e) while the base image's debootstrap and `docker import` went on
+    in the background, behind a failed job; its log was one fixed /tmp path two jobs on a machine shared."""
+    import time
+
+    repo, env, log = ci_machine(tmp_path, have={"chromium", "dockerd", "debootstrap"},
+                                make='[ "$1" = setup ] && exit 2', base_image="sleep 3\n")
+    done = subprocess.run([shutil.which("bash"), ".ci/run"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    time.sleep(4)  # past the build's 3 s: it would have logged by now
+    assert "base-image.sh" not in log.read_text().splitlines()
+    assert [line for line in log.read_text().splitlines() if line.startswith("make")] == ["make setup"]
