@@ -142,6 +142,12 @@ def _trained_on(tp: dict[str, Any], dataset: dict[str, Any]) -> str:
     return f"Trained on {dataset.get('counts', {}).get('train', '?')} images."
 
 
+def _resumed_note(meta: dict[str, Any]) -> str:
+    """``, resumed and finished at `<commit>``` for a run stopped and resumed at another commit (its checkpoint's
+    ``resumed_at_commit``: its last epochs trained with that commit's code), else empty."""
+    return f", resumed and finished at `{meta['resumed_at_commit']}`" if meta.get("resumed_at_commit") else ""
+
+
 def _fmt(x: float, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
@@ -297,7 +303,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         "- Demographic breakdowns are reported where the data carries labels; small groups give noisy numbers.",
         "",
         "## Lineage",
-        f"- git commit `{meta.get('git_commit', 'unknown')}`",
+        f"- git commit `{meta.get('git_commit', 'unknown')}`" + _resumed_note(meta),
         f"- MLflow run `{meta.get('mlflow_run_id', '?')}`" + (f" in `{tracking_uri}`" if tracking_uri else ""),
         f"- data sha256 `{meta.get('data_sha256', '?')}`",
     ]

@@ -51,7 +51,7 @@ from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_dete
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
 from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, check_reachable, display_uri, gc_command,
-                              git_commit, sqlite_path)
+                              git_commit, mlflow_env, sqlite_path)
 
 log = logging.getLogger(__name__)
 
@@ -316,10 +316,16 @@ def check_workspace(winner: Winner, detector_dir: str | Path, faces_dir: str | P
 
 
 def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL):
-    """Registers the winner's logged model ``model`` under ``name`` (the alias moves later:
-    :func:`point_alias`, once the BentoML model is saved).
+    """Registers the winner's logged model ``model`` under ``name`` in ``client``'s registry (the alias moves
+    later: :func:`point_alias`, once the BentoML model is saved).
 
-    A registry version that already holds this logged model is reused.
+    A registry version that already holds this logged model is reused. Either way the version's tags
+    (:func:`version_tags`) are set to the winner's numbers as MLflow holds them now: a run evaluated again
+    since its first registration showed the old ones beside a bento lineage with the new ones.
+
+    Why ``client`` and not ``mlflow.register_model``: that one registers through MLflow's process-wide
+    tracking/registry URI, so with a client on another store (the one the winner was selected in) the
+    version went elsewhere, or failed there for want of the logged model.
 
     Returns:
         The ``ModelVersion``.
@@ -327,7 +333,7 @@ def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL):
     Raises:
         PackagingError: The run has no logged model named ``model``.
     """
-    import mlflow
+    from mlflow.exceptions import MlflowException
 
     run = client.get_run(winner.run_id)
     found = client.search_logged_models(
@@ -339,15 +345,37 @@ def register_champion(client, winner: Winner, name: str = REGISTERED_MODEL):
                              "(train logs it with mlflow.pytorch.log_model(name='model'))")
     logged = max(found, key=lambda m: m.creation_timestamp)
     source = f"models:/{logged.model_id}"
+    tags = version_tags(winner)
     existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == source]
     if existing:
         version = max(existing, key=lambda v: int(v.version))
         log.info("%s version %s already holds %s (run %s)", name, version.version, source, winner.run_id)
+        stale = {k: v for k, v in tags.items() if version.tags.get(k) != v}
+        for key, value in stale.items():
+            client.set_model_version_tag(name, str(version.version), key, value)
+        if stale:
+            log.info("%s version %s: tags %s updated to the run's numbers now", name, version.version,
+                     ", ".join(sorted(stale)))
+            version = client.get_model_version(name, str(version.version))
     else:
-        version = mlflow.register_model(source, name, tags={"val_mae_years": str(winner.val_mae_years),
-                                                            "test_mae_years": str(winner.test_mae_years)})
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        # MLflow's SQL registry resolves a ``models:/<id>`` source through the process-wide tracking URI, not the
+        # client's (a TODO in its sqlalchemy_store): pointed at the client's store for the call, then put back.
+        with mlflow_env("MLFLOW_TRACKING_URI", client.tracking_uri):
+            version = client.create_model_version(name, source, run_id=winner.run_id, tags=tags,
+                                                  model_id=logged.model_id)
         log.info("registered %s as %s version %s", source, name, version.version)
     return version
+
+
+def version_tags(winner: Winner) -> dict[str, str]:
+    """The numbers a registry version shows for its run (``val_mae_years``, ``test_mae_years``): the run's metrics
+    when it was last packaged, the same the bento lineage (``faceage.json``) records."""
+    return {"val_mae_years": str(winner.val_mae_years), "test_mae_years": str(winner.test_mae_years)}
 
 
 def point_alias(client, version, name: str = REGISTERED_MODEL, alias: str = CHAMPION_ALIAS) -> None:
