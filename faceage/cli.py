@@ -15,8 +15,9 @@ included, is ever replaced), and each entry names its copy (``annotated``) or wh
 skip them, and the ``--annotate`` folder itself when it lies inside a scanned tree, so a rerun does
 not read its own output as photos. It uses :class:`faceage.predict.AgePredictor`, the predictor the
 service runs. Exit status 0, or 1 when some path could not be read (missing, a broken link, not an
-image) or some annotated copy could not be written (the others are still reported), or stdout could
-not take the results (a full disk; a reader that left, ``| head``, is no error).
+image, a folder that cannot be listed: each an error row) or some annotated copy could not be written
+(the others are still reported), or stdout could not take the results (a full disk; a reader that
+left, ``| head``, is no error).
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def collect_images(paths: Sequence[str | Path], recursive: bool = False, *, skip
     under a subfolder whose name does. macOS's ``._IMG.JPG`` files carry metadata, not pixels, and
     caches such as ``.thumbs/`` hold copies, not photos. Annotated copies this command wrote
     (:func:`is_annotated_copy`) are skipped too. A symbolic link with a photo's suffix whose target
-    is gone is kept, so that its row reports it. ``recursive`` follows symlinked folders, each real
-    folder once (a link to an ancestor ends there).
+    is gone is kept, so that its row reports it, and so is a folder that cannot be listed (a locked
+    one). ``recursive`` follows symlinked folders, each real folder once (a link to an ancestor ends
+    there).
 
     Paths named explicitly are taken as given, missing ones included (their rows say so). A photo
     reached twice (``real real/b.jpg ./real/b.jpg``, or through a link) is kept once, where it
@@ -152,8 +154,8 @@ def _scan_folder(top: Path, recursive: bool, skip: Path | None) -> Iterator[Path
         visited.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as e:
-            log.warning("skipped the folder %s: %s", folder, e.strerror or e)
+        except OSError:  # a locked folder: its own error row (:func:`_read_error`), not a log line and exit 0
+            yield folder
             continue
         for entry in entries:
             path = folder / entry.name
@@ -255,7 +257,14 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
 
 def _read_error(path: Path, error: Exception) -> str:
     """The row's message for a photo that could not be read: a missing path, or a symbolic link
-    whose target is gone, in words rather than as the ``[Errno 2]`` of opening it."""
+    whose target is gone, in words rather than as the ``[Errno 2]`` of opening it; for a folder a
+    scan could not list, why (rather than the ``Is a directory`` of opening it as a photo)."""
+    if os.path.isdir(path):
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as e:
+            return f"cannot read the folder {path}: {e.strerror or e}"
     if isinstance(error, OSError) and not os.path.exists(path):
         if os.path.islink(path):
             return f"broken symbolic link: {path} -> {os.readlink(path)}"
