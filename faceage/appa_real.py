@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import shutil
+import stat
+import unicodedata
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -165,14 +167,38 @@ def validate_layout(root: str | Path) -> dict[str, list[Sample]]:
     if not root.is_dir():
         raise LayoutError(f"{root} is not a folder")
     splits = {split: read_split(root, split) for split in SPLITS}
+    by_nfc: dict[Path, dict[str, Path]] = {}
     for split, samples in splits.items():
-        missing = [s.file_name for s in samples if not (root / split / s.file_name).is_file()]
+        missing = [s.file_name for s in samples if listed_file(root / split, s.file_name, by_nfc) is None]
         if missing:
             raise LayoutError(
                 f"{len(missing)} of {len(samples)} images listed in {csv_name(split)} are missing "
                 f"from {root / split}, e.g. {missing[:SHOW_MISSING]}"
             )
     return splits
+
+
+def listed_file(folder: Path, name: str, by_nfc: dict[Path, dict[str, Path]] | None = None) -> Path | None:
+    """The file a CSV lists as ``name`` in ``folder``, or None.
+
+    An accented letter has two spellings in Unicode: é, or e and a combining accent. macOS writes the second
+    (NFD) in the zips its Archive Utility makes and in folders copied from HFS+, while a CSV typed or written by
+    a script holds the first (NFC), and Linux compares the bytes: such an image was "missing". A name not found
+    as it is spelled is looked up by its NFC form among ``folder``'s files (listed once per folder into
+    ``by_nfc``).
+    """
+    path = folder / name
+    if path.is_file():
+        return path
+    if name.isascii():  # one spelling only
+        return None
+    by_nfc = {} if by_nfc is None else by_nfc
+    if folder not in by_nfc:
+        try:
+            by_nfc[folder] = {unicodedata.normalize("NFC", p.name): p for p in folder.iterdir() if p.is_file()}
+        except OSError:  # no such folder: nothing is listed in it
+            by_nfc[folder] = {}
+    return by_nfc[folder].get(unicodedata.normalize("NFC", name))
 
 
 def find_release_root(folder: Path) -> Path:
@@ -193,14 +219,16 @@ def _copy_release(root: Path, splits: dict[str, list[Sample]], out: Path) -> Non
     for extra in root.glob("*.csv"):
         if extra.name not in {csv_name(s) for s in SPLITS}:
             shutil.copyfile(extra, out / extra.name)
+    by_nfc: dict[Path, dict[str, Path]] = {}
     for split, samples in splits.items():
         shutil.copyfile(root / csv_name(split), out / csv_name(split))
         (out / split).mkdir()
         for s in samples:
-            shutil.copyfile(root / split / s.file_name, out / split / s.file_name)
-            face = root / split / (s.file_name + FACE_SUFFIX)
-            if face.is_file():
-                shutil.copyfile(face, out / split / face.name)
+            # Under the CSV's spelling of the name (see listed_file), which preprocess reads the rows by.
+            shutil.copyfile(listed_file(root / split, s.file_name, by_nfc), out / split / s.file_name)
+            face = listed_file(root / split, s.file_name + FACE_SUFFIX, by_nfc)
+            if face is not None:
+                shutil.copyfile(face, out / split / (s.file_name + FACE_SUFFIX))
 
 
 # What zipfile extracts; others (Deflate64 from Windows Explorer, PPMd from 7-Zip) raise NotImplementedError.
@@ -209,8 +237,13 @@ UTF8_NAME_FLAG = 0x800  # general-purpose flag bit 11: the name is UTF-8
 ENCRYPTED_FLAG = 0x1
 
 
-def _safe_extract(zip_path: Path, dest: Path) -> None:
-    """Extracts ``zip_path`` into ``dest``, refusing paths that would land outside it.
+def _safe_extract(zip_path: Path, dest: Path) -> list[str]:
+    """Extracts ``zip_path`` into ``dest``, refusing paths that would land outside it; returns the names of the
+    symbolic links it skipped.
+
+    A zip made with ``zip -y`` or macOS's Archive Utility holds a symbolic link as the path it points to:
+    extracted, that text stood in for a photo (fetch_data passed, preprocess found it undecodable). Links
+    are not extracted: one the CSVs list is missing, and the error says why (:func:`_materialise`).
 
     Zips written on Windows by PowerShell's ``Compress-Archive`` (.NET) separate folders with
     ``\\``; those names are read as folders here too. Info-ZIP's ``zip`` (Linux, macOS) stores UTF-8
@@ -233,8 +266,11 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
                                       "tool and point fetch_data.source at the folder")
                 member.filename = name
             _check_no_file_is_a_folder(zip_path, [m.filename for m in members])
+            links = [m.filename for m in members if stat.S_ISLNK(m.external_attr >> 16)]
             for member in members:
-                zf.extract(member, dest)
+                if member.filename not in links:
+                    zf.extract(member, dest)
+            return links
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # zlib.error, EOFError: damaged compressed data
         raise LayoutError(f"{zip_path} is not a valid zip file: {e}") from e
 
@@ -348,12 +384,20 @@ def _materialise(source: str, local: Path, out_dir: Path) -> dict:
     with scratch_dir(out_dir, "zip") as unzipped, staged_dir(out_dir) as staged:
         if local.is_dir():
             root = find_release_root(local)
+            splits = validate_layout(root)
         elif zipfile.is_zipfile(local):
-            _safe_extract(local, unzipped)
-            root = find_release_root(unzipped)
+            links = _safe_extract(local, unzipped)
+            try:
+                root = find_release_root(unzipped)
+                splits = validate_layout(root)
+            except LayoutError as e:
+                # The unzipped copy is deleted on the way out: the message names the zip (and paths in it).
+                why = (f"\n{len(links)} entries of the zip are symbolic links, which a zip holds as the path they "
+                       f"point to, not the file (e.g. {links[:SHOW_MISSING]}): zip the files themselves "
+                       "(zip -r without -y) or point fetch_data.source at the folder" if links else "")
+                raise type(e)(str(e).replace(str(unzipped), str(local)) + why) from e
         else:
             raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
-        splits = validate_layout(root)
         _copy_release(root, splits, staged)
         info = {
             "source": source,

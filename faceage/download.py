@@ -272,7 +272,8 @@ def download(
             the last one fetched, and the checksum decides (If-Range goes only to the URL the
             part's bytes came from: a mirror's validator names its own copy).
         retries: Attempts after a dropped connection or a busy server (HTTP 408, 429, 500, 502, 503,
-            504); each resumes where the last stopped.
+            504) in a row; each resumes where the last stopped, and one that got further than any before
+            starts the count anew.
         timeout_s: Connect timeout, and the longest wait for the next bytes (not for the whole body).
         backoff_s: Sleep before the first retry; doubled each retry.
         progress: Show a tqdm progress bar.
@@ -316,7 +317,10 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
         dest.unlink()  # kept before a check was asked for: fetched again
     part = dest.with_name(dest.name + ".part")
     delay = backoff_s
-    for attempt in range(retries + 1):
+    # Failures since the part last grew past its furthest point: such a try starts the count (and the back-off)
+    # anew; a restart from byte 0 (a changed file, a server ignoring Range) counts until it gets further than that.
+    attempt, furthest = 0, part.stat().st_size if part.exists() else 0
+    while True:
         try:
             _stream_once(url, part, timeout_s, progress)
             break
@@ -325,10 +329,13 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
                 # Waiting does not make a host name resolve (no network, no DNS, a typo): backing off
                 # would only delay the mirror or the error by half a minute.
                 raise DownloadError(f"GET {url} failed: cannot resolve the host name ({e})") from e
+            have = part.stat().st_size if part.exists() else 0
+            if have > furthest:  # a line that drops every so many MB still gets a large zip to its end
+                attempt, delay, furthest = 0, backoff_s, have
             if attempt == retries:
-                have = part.stat().st_size if part.exists() else 0
                 kept = f"; {part} keeps the {have} bytes fetched so far and the next run resumes from there" if have else ""
                 raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {e}{kept}") from e
+            attempt += 1
             wait = max(delay, getattr(e, "retry_after_s", 0.0))
             log.warning("download interrupted (%s); resuming in %.1f s", e, wait)
             time.sleep(wait)
