@@ -358,6 +358,23 @@ class _Yaml12Loader(yaml.SafeLoader):
     YAML 1.1), ``0o10`` is 8 and ``1:30`` a string (90 to YAML 1.1). The number patterns are
     ruamel.yaml's for YAML 1.2, so DVC's params (``dvc exp show``, ``params diff``) and the stages agree."""
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A key twice in one mapping is an error, as in ruamel.yaml: DVC refuses such a ``params.yaml``
+        ("found duplicate key"), where PyYAML kept the last value silently (merge keys ``<<`` may repeat one)."""
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r}, first at line {first[key].start_mark.line + 1}",
+                        key_node.start_mark)
+                first[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         """``_`` ignored, ``0b`` / ``0o`` / ``0x`` prefixes, anything else decimal (leading zeros too)."""
         text = str(self.construct_scalar(node)).replace("_", "")

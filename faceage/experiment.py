@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,7 @@ def read_params(root: str | Path) -> dict[str, Any]:
         raise ProfileError(f"{path} not found: run from the repo, or restore it (git checkout {PARAMS})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        where += f" ({' '.join(str(e.problem).split())})" if getattr(e, "problem", None) else ""
         raise ProfileError(f"{path} is not valid YAML{where}: fix it, or restore it (git checkout {PARAMS})") from None
     if not isinstance(raw, dict):
         raise ProfileError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
@@ -193,11 +195,23 @@ def check_overrides(overrides: list[str]) -> None:
                                f"brackets ({key}=[a, b]), and one value with a comma in quotes, as in -S {suggestion}")
 
 
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` with the same types all the way down: ``30.0 == 30`` and ``1 == True`` in Python, but
+    ``train.epochs: 30.0`` or ``train.amp: 1`` (left by a failed ``dvc exp run -S``) stop every stage."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
 def drifted(workspace: dict[str, Any], committed: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (workspace value, committed value)}`` for each key the workspace changed (an earlier
-    ``dvc exp run -S``, or an edit)."""
+    ``dvc exp run -S``, or an edit), in value or in type."""
     now, base = flatten(workspace), flatten(committed)
-    return {key: (now[key], value) for key, value in base.items() if key in now and now[key] != value}
+    return {key: (now[key], value) for key, value in base.items() if key in now and not _same(now[key], value)}
 
 
 def leftover_resets(overrides: list[str], workspace: dict[str, Any], committed: dict[str, Any]) -> list[str]:
@@ -285,7 +299,7 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
                         PARAMS, key, repr(now[key]) if key in now else "missing", value)
     cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
-    log.info("%s", " ".join(cmd))
+    log.info("%s", shlex.join(cmd))  # as a shell reads it back: a path with a space, the resets' quotes
     with subprocess.Popen(cmd, cwd=root, env=tool_env()) as dvc:
         interrupted = False
         while True:
@@ -317,6 +331,14 @@ def tool_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _signal_name(number: int) -> str:
+    """``SIGKILL`` for 9: the name a log line gives a signal."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -332,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     except subprocess.CalledProcessError as e:
+        if e.returncode < 0:  # killed by a signal (Popen's -N): exit 128 + N as a shell does (-9 exited 247)
+            log.error("`dvc exp run` was killed by signal %d (%s)", -e.returncode, _signal_name(-e.returncode))
+            return 128 - e.returncode
         log.error("`dvc exp run` failed (exit %s): its output is above", e.returncode)
         return e.returncode or 1
     except KeyboardInterrupt:
