@@ -71,7 +71,7 @@ class PackagingError(FaceAgeError, RuntimeError):
 
 # The external-MAE guard's margin: a run may trail the best run on a cross-dataset set by at most
 # max(GUARD_YEARS, GUARD_FRACTION * best). 0.5 years is ~3 standard errors of an MAE on the
-# 1,743-face utk-external set (|error| std ~7 years / sqrt(~1,650 faces) = 0.17), so a vetoed run is
+# 1,743-face utk-external set (|error| std ~7 years / sqrt(1,742 scored faces) = 0.17), so a vetoed run is
 # worse beyond sampling noise; the 5% keeps the margin proportionate when every run is far off
 # (from-scratch CNNs at 15+ years, where the noise grows with the error).
 GUARD_YEARS = 0.5
