@@ -34,18 +34,23 @@ def test_a_cut_short_shape_predictor_is_named_when_the_chip_cutter_loads_it(tmp_
 def test_a_manifest_that_does_not_list_the_shape_predictor_stops_the_crops_before_any_work(tmp_path, detector_dir):
     """crop_samples read the shape predictor's sha256 from the manifest only after every photo was cropped: a
     manifest without that entry (the file unverified all along) ended the run in a bare KeyError after the work."""
+    _crops_stop_without(SHAPE5_FILE, tmp_path, detector_dir, PreprocessParams(workers=1, cnn_retry_side=0))
+
+
+def _crops_stop_without(unlisted: str, tmp_path, detector_dir, params: PreprocessParams) -> None:
+    """With ``unlisted`` taken out of a copy of the detector manifest, cropping one real photo stops with the
+    manifest's error before any crop is written."""
     det = _copy_detector(detector_dir, tmp_path / "det")
     manifest = json.loads((det / MANIFEST).read_text())
-    del manifest["files"][SHAPE5_FILE]
+    del manifest["files"][unlisted]
     (det / MANIFEST).write_text(json.dumps(manifest))
     data = tmp_path / "data"
     (data / "test").mkdir(parents=True)
     Image.fromarray(astronaut()).save(data / "test" / "astronaut.png")
     out = tmp_path / "faces"
     out.mkdir()
-    with pytest.raises(DetectorFilesError, match=rf"{MANIFEST} lists no {SHAPE5_FILE}.*fetch_detector"):
-        crop_samples({"test": [Sample("test", "astronaut.png", 30.0, 0.0, 30.0)]}, data, det, out,
-                     PreprocessParams(workers=1, cnn_retry_side=0))
+    with pytest.raises(DetectorFilesError, match=rf"{MANIFEST} lists no {unlisted}.*fetch_detector"):
+        crop_samples({"test": [Sample("test", "astronaut.png", 30.0, 0.0, 30.0)]}, data, det, out, params)
     assert list(out.iterdir()) == []  # nothing cropped
 
 
@@ -123,16 +128,4 @@ def test_a_manifest_without_the_cnn_file_its_last_look_reads_stops_the_crops_bef
     whose CNN last look is on needs the CNN detector's sha256 too, and is stopped before any photo is cropped."""
     from faceage.detector import CNN_FILE
 
-    det = _copy_detector(detector_dir, tmp_path / "det")
-    manifest = json.loads((det / MANIFEST).read_text())
-    del manifest["files"][CNN_FILE]
-    (det / MANIFEST).write_text(json.dumps(manifest))
-    data = tmp_path / "data"
-    (data / "test").mkdir(parents=True)
-    Image.fromarray(astronaut()).save(data / "test" / "astronaut.png")
-    out = tmp_path / "faces"
-    out.mkdir()
-    with pytest.raises(DetectorFilesError, match=rf"{MANIFEST} lists no {CNN_FILE}.*fetch_detector"):
-        crop_samples({"test": [Sample("test", "astronaut.png", 30.0, 0.0, 30.0)]}, data, det, out,
-                     PreprocessParams(workers=1, detector="hog", cnn_retry_side=320))
-    assert list(out.iterdir()) == []
+    _crops_stop_without(CNN_FILE, tmp_path, detector_dir, PreprocessParams(workers=1, detector="hog", cnn_retry_side=320))

@@ -5,7 +5,10 @@ import mlflow
 
 from faceage.packaging import REGISTERED_MODEL, register_champion, select_winner
 from faceage.tracking import mlflow_env
-from tests.unit.test_packaging import add_run, client, store  # noqa: F401  (fixtures: a real SQLite store)
+import tests.unit.test_packaging as packaging_tests
+from tests.unit.test_packaging import add_run
+
+store, client = packaging_tests.store, packaging_tests.client  # its fixtures: a real SQLite store
 
 
 def log_model(client, run_id):
@@ -15,7 +18,7 @@ def log_model(client, run_id):
     return client.create_logged_model(exp_id, name="model", source_run_id=run_id).model_id
 
 
-def test_the_champion_is_registered_in_the_store_of_the_client_it_was_given(client, tmp_path):  # noqa: F811
+def test_the_champion_is_registered_in_the_store_of_the_client_it_was_given(client, tmp_path):
     """register_champion(client, ...) registered through MLflow's process-wide URI (mlflow.register_model), not the
     client's: with the global URI on another store, the version landed there (or failed: the logged model is not
     in it) while select_winner, the alias and the lineage used the client's store."""
@@ -32,7 +35,7 @@ def test_the_champion_is_registered_in_the_store_of_the_client_it_was_given(clie
     assert (mine.source, mine.run_id) == (f"models:/{model_id}", run_id)
 
 
-def test_packaging_a_re_evaluated_run_again_refreshes_its_versions_numbers(client):  # noqa: F811
+def test_packaging_a_re_evaluated_run_again_refreshes_its_versions_numbers(client):
     """The version's tags copied the run's val and test MAE at its first registration; the run re-evaluated (its
     test_mae_years logged again) and packaged again reused the version, whose tags kept the old numbers beside a
     bento lineage (faceage.json) holding the new ones."""
@@ -49,7 +52,7 @@ def test_packaging_a_re_evaluated_run_again_refreshes_its_versions_numbers(clien
     assert float(tags["val_mae_years"]) == winner.val_mae_years == 5.0
 
 
-def test_another_champion_gets_the_next_version_of_the_same_registered_model(client):  # noqa: F811
+def test_another_champion_gets_the_next_version_of_the_same_registered_model(client):
     """Registration through the client creates the registered model once and then adds versions to it (the
     "already exists" answer of a second registration is not an error), each linked to its run and logged model."""
     first_run = add_run(client, "first", {"best_val_mae": 6.0, "test_mae_years": 6.5})
