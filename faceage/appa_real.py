@@ -469,11 +469,14 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
     return info
 
 
-def read_demographics(folder: str | Path) -> dict[str, dict[str, str]]:
+def read_demographics(folder: str | Path, split: str | None = None) -> dict[str, dict[str, str]]:
     """Gender/race labels from extra CSVs of the release folder, when it has any.
 
     A column counts when its name contains ``gender`` or ``race``; codes are decoded with a
-    legend in the header such as ``utk_gender(0=male,1=female)``.
+    legend in the header such as ``utk_gender(0=male,1=female)``. A file name names a photo of one
+    split (APPA-REAL numbers each split's files anew), so with ``split`` the rows of a file that has a
+    ``split`` column are read for that split only (a row with an empty one counts for every split):
+    keyed by name alone, a test face took the labels of the train face of the same name.
 
     Returns:
         ``{file_name: {"gender": "female", "race": "Asian"}}`` (empty when no labels exist).
@@ -483,7 +486,7 @@ def read_demographics(folder: str | Path) -> dict[str, dict[str, str]]:
         if path.name.startswith("gt_avg_"):
             continue
         try:
-            labels_of = _read_labels(path)
+            labels_of = _read_labels(path, split)
         except LayoutError as e:  # e.g. macOS's "._labels.csv" beside a copied folder: not labels
             log.warning("%s; its gender/race labels (if any) are not read", e)
             continue
@@ -492,8 +495,9 @@ def read_demographics(folder: str | Path) -> dict[str, dict[str, str]]:
     return out
 
 
-def _read_labels(path: Path) -> dict[str, dict[str, str]]:
-    """One labels file's ``{file_name: {"gender": ..., "race": ...}}`` (see :func:`read_demographics`).
+def _read_labels(path: Path, split: str | None = None) -> dict[str, dict[str, str]]:
+    """One labels file's ``{file_name: {"gender": ..., "race": ...}}``, of ``split`` where it has a ``split``
+    column (see :func:`read_demographics`).
 
     Raises:
         LayoutError: The file is not UTF-8 or not readable as CSV.
@@ -507,6 +511,8 @@ def _read_labels(path: Path) -> dict[str, dict[str, str]]:
         return out
     legends = {c: _legend(c) for c in columns}
     for row in _csv_rows(reader, path):
+        if split is not None and "split" in header and (row["split"] or "").strip() not in ("", split):
+            continue
         labels = out.setdefault(row[key], {})
         for column, attribute in columns.items():
             # A short row (no value at all) or an empty cell: no label, the face counts as "unknown".

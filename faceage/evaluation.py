@@ -292,7 +292,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     true, real = _labels(test.rows, "apparent_age"), _labels(test.rows, "real_age")
     train_mean = float(_labels(read_faces_manifest(faces_dir, "train"), "apparent_age").mean())
     groups = errors_by_group(pred, true)
-    demographics = read_demographics(data_dir) if data_dir is not None else {}
+    demographics = read_demographics(data_dir, "test") if data_dir is not None else {}
     by_attribute = {
         attribute: errors_by(pred, true, [demographics.get(r["file_name"], {}).get(attribute, "unknown")
                                           for r in test.rows])
