@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from faceage.atomic import staged_dir
-from faceage.appa_real import FACE_SUFFIX, Sample, read_dataset_info, validate_layout
+from faceage.appa_real import FACE_SUFFIX, Sample, listed_file, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.cores import usable_cores
 from faceage.chips import CHIPS_FILE, ChipExtractor, WorkerDiedError, map_in_processes, save_chips
@@ -212,10 +212,12 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         raise DetectorFilesError(f"{Path(detector_dir) / DETECTOR_MANIFEST} lists no {e.args[0]}, which the crops "
                                  "read (unverified, and unrecorded in the crop settings): run the fetch_detector "
                                  "stage again (dvc repro -f fetch_detector)") from None
+    by_nfc: dict[Path, dict[str, Path]] = {}
     tasks = [
         _Task(
             s.split, s.file_name,
-            str(data_dir / s.split / s.file_name),
+            # The file the CSV lists, also where a Mac spelled its accents apart (an external set read in place).
+            str(listed_file(data_dir / s.split, s.file_name, by_nfc) or data_dir / s.split / s.file_name),
             str(data_dir / s.split / (s.file_name + FACE_SUFFIX)),
             f"{s.split}/{Path(s.file_name).stem}.png",
             s.apparent_age, s.apparent_age_std, s.real_age,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from faceage.appa_real import (LayoutError, SourceMissingError, dataset_fingerprint, is_url, local_source, read_split,
-                               tree_files)
+from faceage.appa_real import (LayoutError, SourceMissingError, dataset_fingerprint, is_url, listed_file, local_source,
+                               read_split, tree_files)
 from faceage.atomic import write_text
 from faceage.download import file_digest
 from faceage.paths import from_root
@@ -119,7 +119,8 @@ def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path | None
             samples = read_split(path, EXTERNAL_SPLIT)
         except LayoutError as e:
             raise ExternalSetError(f"evaluate.external: {given!r}: {e}") from e
-        missing = [s.file_name for s in samples if not (path / EXTERNAL_SPLIT / s.file_name).is_file()]
+        by_nfc: dict[Path, dict[str, Path]] = {}  # names a Mac spelled apart match (appa_real.listed_file)
+        missing = [s.file_name for s in samples if listed_file(path / EXTERNAL_SPLIT, s.file_name, by_nfc) is None]
         if missing:
             raise ExternalSetError(f"evaluate.external: {given!r}: {len(missing)} of {len(samples)} images listed in "
                                    f"gt_avg_test.csv are missing from {path / EXTERNAL_SPLIT}, e.g. {missing[:5]}")

@@ -147,3 +147,28 @@ def test_a_photo_zipped_as_a_symbolic_link_is_named_not_taken_as_its_target_path
     assert info["counts"] == {"train": 2, "valid": 3, "test": 3}
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "gt_avg_test.csv", "gt_avg_train.csv",
                                                      "gt_avg_valid.csv", "test", "train", "valid"]
+
+
+def test_an_external_set_a_mac_spelled_is_found_and_its_accented_photo_cropped(tmp_path, detector_dir):
+    """evaluate.external sets are read in place, so fetch_data's copy under the CSV's spelling does not help them:
+    the check of the layout called a Mac-made set's accented photos missing, and the crops could not open them."""
+    from PIL import Image
+    from skimage.data import astronaut
+
+    from faceage.appa_real import Sample
+    from faceage.config import PreprocessParams
+    from faceage.preprocess import crop_samples
+    from faceage.sources import resolve_external
+
+    root = tmp_path / "set"
+    (root / "test").mkdir(parents=True)
+    name = "José 1.jpg"
+    (root / "gt_avg_test.csv").write_text(f"file_name,num_ratings,apparent_age_avg,apparent_age_std,real_age\n"
+                                          f"{name},1,30,0,30\n", encoding="utf-8")
+    Image.fromarray(astronaut()).save(root / "test" / unicodedata.normalize("NFD", name), "JPEG")
+    [ext] = resolve_external([str(root)])
+    out = tmp_path / "faces"
+    out.mkdir()
+    rows = crop_samples({"test": [Sample("test", name, 30.0, 0.0, 30.0)]}, root, detector_dir, out,
+                        PreprocessParams(workers=1, cnn_retry_side=0, size=64))
+    assert ext.path == root and [r["status"] for r in rows] == ["face"]
