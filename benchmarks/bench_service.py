@@ -63,13 +63,21 @@ def percentile(values: list[float], q: float) -> float:
 
 def ratios(runs: list[dict], clients: int) -> list[dict]:
     """Each run after the first against the first (same run, same photos): one-face p50, 1-client p50
-    and ``clients``-client throughput as ``run / first``; ``None`` where either side has no figure."""
+    and ``clients``-client throughput as ``run / first``; ``None`` where either side has no figure.
+
+    The one-face p50s are compared only where both found exactly one face on the same photos
+    (``one_face_photos``): two models that detect differently (one with the CNN's last look) took
+    each p50 over other photos, a ratio of two subsets. The interleaved figure
+    (:func:`interleaved_one_face`) measures the photos they share."""
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
 
+    def same_photos(r: dict) -> bool:
+        return r.get("one_face_photos") == first.get("one_face_photos")
+
     first = runs[0]
     return [{"target": r["target"], "versus": first["target"],
-             "one_face_p50": ratio(r["one_face_p50_ms"], first["one_face_p50_ms"]),
+             "one_face_p50": ratio(r["one_face_p50_ms"], first["one_face_p50_ms"]) if same_photos(r) else None,
              "service_1_p50": ratio(r["service_1"]["p50_ms"], first["service_1"]["p50_ms"]),
              f"service_{clients}_images_per_s": ratio(r[f"service_{clients}"]["images_per_s"],
                                                       first[f"service_{clients}"]["images_per_s"])}

@@ -33,6 +33,16 @@ def test_a_missing_one_face_figure_gives_no_ratio():
     assert out[0]["service_1_p50"] == pytest.approx(260 / 480)
 
 
+def test_one_face_p50s_over_different_photos_give_no_ratio():
+    """A model that found one face on other photos (another detector setting) had its p50 divided by one over
+    another subset of the photos."""
+    a, b, c = run("host a", 400.0, 480.0, 2.0), run("host b", 250.0, 260.0, 3.5), run("host c", 200.0, 240.0, 4.0)
+    a["one_face_photos"], b["one_face_photos"], c["one_face_photos"] = ["x.jpg", "y.jpg"], ["x.jpg"], ["x.jpg", "y.jpg"]
+    out = ratios([a, b, c], 8)
+    assert out[0]["one_face_p50"] is None and out[0]["service_1_p50"] == pytest.approx(260 / 480)
+    assert out[1]["one_face_p50"] == pytest.approx(0.5)
+
+
 def test_one_run_has_nothing_to_compare():
     assert ratios([run("host a", 400.0, 480.0, 2.0)], 8) == []
 
