@@ -388,7 +388,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         if not source:
             raise ImageDecodeError("empty image: 0 bytes")
         stream: io.BytesIO | str | Path | BinaryIO = io.BytesIO(source)
-        name = "upload"
+        name = "the uploaded file"  # in messages: "not an image (unknown format): the uploaded file"
     else:
         stream, name = source, str(source)
         info = os.stat(source)  # a missing path raises FileNotFoundError, as opening it would

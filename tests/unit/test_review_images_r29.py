@@ -131,3 +131,15 @@ def test_the_trns_colour_of_a_sixteen_bit_rgb_png_and_only_it_becomes_white(key)
     assert (out[0, 0] == 255).all() and (out[1, 1] == 255).all()
     assert tuple(out[0, 1]) == tuple(v >> 8 for v in near)  # as Pillow decodes 16-bit RGB: the high byte
     assert tuple(out[1, 0]) == (255, 0, 117)
+
+
+def test_an_undecodable_upload_is_named_in_words_not_by_a_placeholder():
+    """The API's and the UI's message read "not an image (unknown format): upload", as if telling the user to
+    upload: the bytes' stand-in name was the bare word."""
+    import pytest
+
+    from faceage.images import ImageDecodeError, load_image
+
+    with pytest.raises(ImageDecodeError) as e:
+        load_image(b"this is not an image")
+    assert str(e.value) == "not an image (unknown format): the uploaded file"
