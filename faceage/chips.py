@@ -30,7 +30,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -293,9 +293,13 @@ def save_chips(path: str | Path, crops: list[str], chips: list[np.ndarray], marg
     os.replace(tmp, path)
 
 
-def load_chips(path: str | Path, pairs: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+def load_chips(path: str | Path, pairs: bool = False,
+               crops: Collection[str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """``{crop path: (3, 64, 64) uint8 chip}`` (``pairs``: its (3, 214, 150) chip pair) and the settings
     they were cut with (``info["face_chips"]``: whether the file holds the face chips too).
+
+    ``crops``: only those of these crops the file holds (one split of it, whose pairs alone are built: every
+    crop's, 96 KB each, were built to load one split); ``None``: every crop.
 
     Raises:
         ValueError: The file holds no chips (it was written for another ``train.backbone``), or
@@ -309,10 +313,15 @@ def load_chips(path: str | Path, pairs: bool = False) -> tuple[dict[str, np.ndar
         if pairs and not info["face_chips"]:
             raise ValueError(f"{path} holds no face chips (written before preprocess cut them): rerun the "
                              "preprocess and embed stages")
+        names = z["crops"].tolist()
+        wanted = None if crops is None else set(crops)
+        keep = range(len(names)) if wanted is None else [i for i, c in enumerate(names) if c in wanted]
         chips = z["chips"]
         if pairs:
-            chips = [make_pair(c, f) for c, f in zip(chips, z["face_chips"])]
-        table = dict(zip(z["crops"].tolist(), chips))
+            faces = z["face_chips"]
+            table = {names[i]: make_pair(chips[i], faces[i]) for i in keep}
+        else:
+            table = {names[i]: chips[i] for i in keep}
     return table, info
 
 

@@ -54,10 +54,11 @@ class FaceCrops(Dataset):
     def __init__(self, faces_dir: str | Path, split: str, image_size: int, transform=None):
         self.rows = split_rows(faces_dir, split)
         faces_dir = Path(faces_dir)
-        self.images = torch.from_numpy(np.stack([
-            resize_crop(np.asarray(Image.open(faces_dir / r["crop"]).convert("RGB")), image_size)
-            for r in tqdm(self.rows, desc=f"load {split}", unit="img", leave=False)
-        ]))
+        # Filled in place: stacking a list of the resized crops held the split twice while it loaded.
+        images = np.empty((len(self.rows), 3, image_size, image_size), np.uint8)
+        for i, r in enumerate(tqdm(self.rows, desc=f"load {split}", unit="img", leave=False)):
+            images[i] = resize_crop(np.asarray(Image.open(faces_dir / r["crop"]).convert("RGB")), image_size)
+        self.images = torch.from_numpy(images)
         self.ages = torch.tensor([float(r["apparent_age"]) for r in self.rows])
         self.age_stds = torch.tensor([float(r["apparent_age_std"]) for r in self.rows])
         self.real_ages = torch.tensor([float(r["real_age"]) for r in self.rows])
@@ -126,7 +127,8 @@ class FaceChips(FaceCrops):
         from faceage.chips import load_chips
 
         self.rows = split_rows(faces_dir, split)
-        table, self.info = load_chips(features_path, pairs=pairs)
+        # This split's chips only: chips.npz holds every split's, and their pairs were all built to load one.
+        table, self.info = load_chips(features_path, pairs=pairs, crops=[r["crop"] for r in self.rows])
         missing = [r["crop"] for r in self.rows if r["crop"] not in table]
         if missing:
             raise SplitDataError(f"{len(missing)} crops have no chip in {features_path} (e.g. {missing[:3]}): "
