@@ -898,6 +898,8 @@ class _Tracker:
                 self.metrics = set(data.metrics)
                 if not self.state.git_commit:  # a state saved before it kept its start commit
                     self.state.git_commit = data.tags.get("git_commit", self.commit)
+                if not data.params:  # killed in _new_run before they were logged: the run and the state exist
+                    self._describe_run()
                 self._tag_this_process(data.tags)
                 return run
             # A rerun that crashed on the lost run at every try could never finish: the training goes on in a
@@ -906,31 +908,38 @@ class _Tracker:
             log.warning("the MLflow run %s of the training state %s %s: continuing its %d saved epoch(s) in a new "
                         "run, with their metrics logged again", old, self.state_path, lost, self.state.epoch)
             self.state.git_commit = self.state.git_commit or self.commit
-            run = self._new_run({"replaces_mlflow_run_id": old})
-            save_state(self.state_path, self.state)  # a kill from here on continues the new run
+            run = self._new_run({"replaces_mlflow_run_id": old})  # (saved there: a kill from here on continues it)
             self.log_epochs()
             return run
         self._end_superseded_run()
         self.state = TrainState(self.fingerprint, run_id="", git_commit=self.commit)
-        run = self._new_run()
-        # Saved at once, so a run killed before its first epoch ends is continued, not left RUNNING.
-        save_state(self.state_path, self.state)
-        return run
+        return self._new_run()
 
     def _new_run(self, tags: dict[str, str] | None = None):
-        """Starts an MLflow run for ``self.state`` (its ``run_id`` set to it) with the params and tags."""
-        p = self.p
-        run = self.mlflow.start_run(run_name=run_name(p))
+        """Starts an MLflow run for ``self.state`` (its ``run_id`` set to it), saves the state, then gives the run
+        its tags and params (:meth:`_describe_run`).
+
+        Saved before them: a ``kill -9`` between ``start_run`` and a save after them (a slow server) left a RUNNING
+        run that no state named, for ever, and the rerun started another. Now the rerun continues it and describes
+        it (:meth:`_start`). ``tags`` go with the run's creation, as they are this process's alone.
+        """
+        run = self.mlflow.start_run(run_name=run_name(self.p), tags=tags)
         self.state.run_id = run.info.run_id
+        save_state(self.state_path, self.state)  # a run killed from here on, before its first epoch ends, is continued
+        self._describe_run()
+        self._tag_this_process({})
+        return run
+
+    def _describe_run(self) -> None:
+        """The run's tags, then its params in one batch (all of them stored or none: a run with params has both)."""
+        p = self.p
+        self.mlflow.set_tags({"git_commit": self.state.git_commit, "data_sha256": self.crop["data_sha256"],
+                              "data_source": self.crop["data_source"], "backbone": p.backbone,
+                              "device": self.device.type})
         self.mlflow.log_params({**{f"train.{k}": v for k, v in asdict(p).items()},
                                 **{f"preprocess.{k}": v for k, v in self.crop.items()},
                                 "train.loader_workers": self.workers, "train.torch_threads": self.threads,
                                 "train.world_size": self.d.world_size})
-        self.mlflow.set_tags({"git_commit": self.state.git_commit, "data_sha256": self.crop["data_sha256"],
-                              "data_source": self.crop["data_source"], "backbone": p.backbone,
-                              "device": self.device.type, **(tags or {})})
-        self._tag_this_process({})
-        return run
 
     def _tag_this_process(self, tags: dict[str, str]) -> None:
         """Tags what this process (a start or a resume) changes about the run, given its current ``tags``.
