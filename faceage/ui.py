@@ -196,8 +196,14 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
                              interactive=False, elem_id="faces")
         button = gr.Button("Estimate ages", variant="primary", elem_id="submit")
         gr.Examples(examples(), inputs=photo, label="Examples (public domain)", elem_id="examples")
-        button.click(predict, inputs=photo, outputs=[result, table], api_name="predict",
-                     concurrency_limit=concurrency)
+        analysis = button.click(predict, inputs=photo, outputs=[result, table], api_name="predict",
+                                concurrency_limit=concurrency)
+        # A new photo (or none) takes the last one's faces away and cancels its analysis if it is still running:
+        # they stayed beside the new photo as if they were its faces, and the button did nothing until a large
+        # photo's analysis ended (Gradio runs a click once at a time). Cleared in the browser: a clear from the
+        # server could come back after the next click's faces, and take them away.
+        photo.change(None, outputs=[result, table], js="() => [null, null]", cancels=[analysis],
+                     api_visibility="private")
     return ui
 
 
