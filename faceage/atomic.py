@@ -35,9 +35,11 @@ def _host() -> str:
 
 def write_text(path: str | Path, text: str) -> None:
     """Writes ``text`` to ``path`` through a hidden temporary file beside it moved in with :func:`os.replace`:
-    a reader, or the next run after a killed write, finds the old text or the new, never half of one."""
+    a reader, or the next run after a killed write, finds the old text or the new, never half of one. The
+    temporary name is unique per call: named after the PID alone, two threads writing the same file shared
+    it (one moved in the other's half-written text, the other's move failed)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
