@@ -9,7 +9,7 @@ The graph is dlib's: a 7x7/2 stem without padding, an affine layer (dlib's froze
 ``x * scale + offset``) after every convolution, 3x3/2 down-sampling convolutions without
 padding whose shortcut is a 2x2 average pool, and residual sums over tensors of different
 sizes, which dlib zero-pads at the trailing channels, rows and columns (manifest:
-``graph_policy.residual_padding``). Layers keep readable names (``stem``, ``block1``..``block5``,
+``graph_policy.residual_padding``). Layers keep readable names (``stem_conv`` + ``stem_affine``, ``block1``..``block5``,
 ``fc``); :data:`ONNX_LAYERS` maps them to the ONNX initializers.
 
 Ages above 80: the head is widened from 81 to 101 outputs. The new rows copy row 80 with a bias
