@@ -373,6 +373,12 @@ class LocatorPool:
             result = await asyncio.wrap_future(job)
         except BrokenProcessPool as e:
             raise _PoolBroke(e, workers.others(job)) from e
+        except asyncio.CancelledError:
+            # The request went (BentoML's timeout) while its photo was in a worker, which goes on: the job, and the
+            # decoded photo it will hold, is forgotten once it ends (on the loop's thread), not at the next submit.
+            loop = asyncio.get_running_loop()
+            job.add_done_callback(lambda j: _suspect(j) or _call_soon(loop, workers.jobs.discard, j))
+            raise
         # Done and not broken, it is no suspect for a later break: forgotten now, not at the next photo's submit,
         # since the job holds its result (the decoded photo, 58 MB for 20 MP, kept until the next request).
         workers.jobs.discard(job)
@@ -443,6 +449,14 @@ class LocatorPool:
             self._workers = None
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
+    """``callback(*args)`` on ``loop``'s thread, from any thread; nothing once the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop is closed: the server is gone
+        pass
+
+
 def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
@@ -454,19 +468,21 @@ class AgeBatcher:
     arrive while a batch runs queue up and go together in the next forward pass (up to
     ``max_batch_faces``), so batches grow with the load.
 
-    No forward pass holds more than ``max_pass_faces`` faces: a batch with more (one request's
-    crowd photo, or ``/predict_batch`` of 16) runs in consecutive passes of that many. In one
-    pass, the 1,152 faces of one ``/predict_batch`` request took the server process from 1 to
-    5 GB, which ONNX Runtime's arena then kept (about 3.7 MB a face for the fused ``dlib_age`` graph).
+    No forward pass holds more than ``max_pass_faces`` faces: a request with more (a crowd photo,
+    or ``/predict_batch`` of 16) runs alone in passes of that many, and between two of them the
+    requests that arrived meanwhile take their pass (a one-face photo waits for one pass of the
+    crowd, not for all of them); cancelled, it runs no further pass. In one pass, the 1,152 faces
+    of one ``/predict_batch`` request took the server process from 1 to 5 GB, which ONNX Runtime's
+    arena then kept (about 3.7 MB a face for the fused ``dlib_age`` graph).
 
     Args:
         estimate: ``face inputs -> (mean, std)``, e.g. :meth:`AgePredictor.estimate` of
             ``LocatedFaces.inputs`` (crops, or ``dlib_age`` chips); it runs in a
             worker thread (input preparation included).
-        max_batch_faces: Most faces of several requests merged into one batch (one request's
-            faces are never split across batches).
+        max_batch_faces: Most faces of several requests merged into one forward pass (a request's
+            faces are split across passes only when they are more than ``max_pass_faces``).
         on_batch: Called with each forward pass's face count (for metrics).
-        max_pass_faces: Most faces per forward pass: a larger batch runs in passes of this many.
+        max_pass_faces: Most faces per forward pass: a larger request runs in passes of this many.
     """
 
     def __init__(self, estimate: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
@@ -479,7 +495,7 @@ class AgeBatcher:
         self.max_batch_faces = max_batch_faces
         self.max_pass_faces = max_pass_faces
         self._on_batch = on_batch
-        self._pending: list[tuple[list[np.ndarray], asyncio.Future]] = []
+        self._pending: list[_AgeJob] = []
         self._running = False
         self._task: asyncio.Task | None = None  # a reference keeps the drain task from being collected
 
@@ -489,7 +505,7 @@ class AgeBatcher:
             return np.zeros(0), np.zeros(0)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((list(crops), future))
+        self._pending.append(_AgeJob(list(crops), future))
         if not self._running:
             self._running = True
             self._task = loop.create_task(self._drain())
@@ -498,37 +514,52 @@ class AgeBatcher:
     async def _drain(self) -> None:
         try:
             while self._pending:
-                # A request cancelled while it waited (BentoML's request timeout) costs no forward pass.
-                self._pending = [job for job in self._pending if not job[1].done()]
-                jobs, faces = [], 0
-                while self._pending and (not jobs or faces + len(self._pending[0][0]) <= self.max_batch_faces):
-                    jobs.append(self._pending.pop(0))
-                    faces += len(jobs[-1][0])
-                if not jobs:
+                # A request cancelled while it waited (BentoML's request timeout), or between the passes of its
+                # faces, costs no further forward pass.
+                self._pending = [job for job in self._pending if not job.future.done()]
+                if not self._pending:
                     break
+                # A request with more faces than a pass holds runs alone, one pass at a time, and goes back
+                # to the end of the queue between its passes: requests that arrived meanwhile take the next
+                # pass, not the one after its last (a one-face photo behind a crowd of 1,152 faces waited 18).
+                cut = len(self._pending[0].left) > self.max_pass_faces
+                jobs, faces, most = [], 0, min(self.max_batch_faces, self.max_pass_faces)
+                while self._pending and (not jobs or (not cut and faces + len(self._pending[0].left) <= most)):
+                    jobs.append(self._pending.pop(0))
+                    faces += len(jobs[-1].left)
+                inputs = jobs[0].left[:self.max_pass_faces] if cut else [c for job in jobs for c in job.left]
                 try:
-                    mean, std = await self._passes([c for crops, _ in jobs for c in crops])
-                except Exception as e:  # hand the failure to every waiting request
-                    for _, future in jobs:
-                        if not future.done():
-                            future.set_exception(e)
+                    if self._on_batch is not None:
+                        self._on_batch(len(inputs))
+                    mean, std = await asyncio.to_thread(self._estimate, inputs)
+                except Exception as e:  # hand the failure to every request in this pass
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(e)
                     continue
-                start = 0
-                for crops, future in jobs:
-                    if not future.done():  # a cancelled request (client gone) leaves its future done
-                        future.set_result((mean[start:start + len(crops)], std[start:start + len(crops)]))
-                    start += len(crops)
+                mean, std, start = np.asarray(mean), np.asarray(std), 0
+                for job in jobs:
+                    n = len(inputs) if cut else len(job.left)
+                    job.done(mean[start:start + n], std[start:start + n])
+                    start += n
+                    if job.left:
+                        self._pending.append(job)
         finally:
             self._running = False
 
-    async def _passes(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Age mean and std of ``inputs`` in forward passes of at most ``max_pass_faces`` faces each."""
-        means, stds = [], []
-        for start in range(0, len(inputs), self.max_pass_faces):
-            chunk = inputs[start:start + self.max_pass_faces]
-            if self._on_batch is not None:
-                self._on_batch(len(chunk))
-            mean, std = await asyncio.to_thread(self._estimate, chunk)
-            means.append(np.asarray(mean))
-            stds.append(np.asarray(std))
-        return np.concatenate(means), np.concatenate(stds)
+
+class _AgeJob:
+    """One request's faces in :class:`AgeBatcher`: those still to run (``left``) and the rows of those that ran."""
+
+    def __init__(self, inputs: list[np.ndarray], future: asyncio.Future):
+        self.left, self.future = inputs, future
+        self.means: list[np.ndarray] = []
+        self.stds: list[np.ndarray] = []
+
+    def done(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Takes the rows of the next ``len(mean)`` faces; with the last ones, answers the request."""
+        self.left = self.left[len(mean):]
+        self.means.append(mean)
+        self.stds.append(std)
+        if not self.left and not self.future.done():  # a cancelled request (client gone) leaves its future done
+            self.future.set_result((np.concatenate(self.means), np.concatenate(self.stds)))
