@@ -59,6 +59,7 @@ DEFAULT_DETECTOR = Path("models/detector")
 ANNOTATED_MARK = ("Software", "faceage")  # the PNG text chunk (key, value) on every annotated copy
 CHUNK_IMAGES = 8  # photos per forward pass: bounds memory, keeps the batch large enough
 NAME_MAX = 255  # bytes in a file name on common file systems, when the folder does not say
+STDIN = "-"  # a PATH that means the photo on standard input (`curl ... | faceage predict -`)
 
 
 def photo_suffixes() -> frozenset[str]:
@@ -232,7 +233,8 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
             for path in paths[start:start + CHUNK_IMAGES]:
                 result = PhotoResult(path)
                 try:
-                    image = load_image(path, max_pixels=predictor.locator.max_pixels)
+                    image = load_image("/dev/stdin" if str(path) == STDIN else path,
+                                       max_pixels=predictor.locator.max_pixels)
                 except (ImageDecodeError, OSError) as e:
                     result.error = _read_error(path, e)
                     log.warning("skipped %s: %s", path, result.error)
@@ -293,7 +295,7 @@ def write_annotated(out_dir: Path, path: Path, image, faces: list[FaceAge]) -> P
     n = 0
     while True:
         suffix = f"-{n}.png" if n else ".png"
-        stem = path.stem
+        stem = "stdin" if str(path) == STDIN else path.stem
         while len(os.fsencode(stem + suffix)) > limit:  # bytes, as the file system counts them
             stem = stem[:-1]
         target = out_dir / (stem + suffix)
@@ -398,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("predict", help="estimate the age of every face in photos",
                             description="Estimate the age of every face in photos (files or folders).")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("paths", nargs="+", metavar="PATH", help=f"image files or folders ({STDIN}: the photo on standard input)")
     p.add_argument("--recursive", action="store_true", help="also read images in subfolders")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON (one object per photo)")

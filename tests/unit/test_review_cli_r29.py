@@ -52,3 +52,27 @@ def test_a_folder_that_cannot_be_read_is_an_error_row_and_exit_1(wild_dir, model
     assert sorted(by_file) == sorted([str(good / "obama.jpg"), str(locked)]) and len(rows) == 2  # in scan order
     assert len(by_file[str(good / "obama.jpg")]["faces"]) == 1
     assert by_file[str(locked)] == {"file": str(locked), "error": f"cannot read the folder {locked}: Permission denied"}
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/stdin"), reason="reads - as /dev/stdin")
+def test_a_dash_reads_the_photo_from_standard_input(model, tmp_path):
+    """`curl ... | faceage predict -`: '-' was taken as a file name ('no such file or folder: -', exit 1)."""
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from skimage.data import astronaut
+
+    buf = io.BytesIO()
+    Image.fromarray(astronaut()).save(buf, format="PNG")
+    done = subprocess.run([sys.executable, "-m", "faceage.cli", "predict", "-", "--json", *model],
+                          input=buf.getvalue(), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    (row,) = json.loads(done.stdout)
+    assert row["file"] == "-" and row["width"] == 512 and len(row["faces"]) >= 1
+    path = tmp_path / "astronaut.png"
+    path.write_bytes(buf.getvalue())
+    again = subprocess.run([sys.executable, "-m", "faceage.cli", "predict", str(path), "--json", *model],
+                           capture_output=True, timeout=300)
+    assert [f["age"] for f in json.loads(again.stdout)[0]["faces"]] == [f["age"] for f in row["faces"]]
