@@ -196,7 +196,7 @@ def test_truncated_files_of_every_format_decode_or_raise_image_decode_error(fmt)
 
 def test_a_qoi_file_cut_after_its_header_is_a_decode_error():
     data = encode(_noise(), "QOI")[:14]  # the header alone: Pillow's QOI decoder raises IndexError
-    with pytest.raises(ImageDecodeError, match="cannot decode upload: IndexError"):
+    with pytest.raises(ImageDecodeError, match="cannot decode the uploaded file: IndexError"):
         load_image(data)
 
 

@@ -135,7 +135,7 @@ def test_a_user_s_bad_photo_is_a_message_not_a_logged_traceback(tmp_path, monkey
 
     class Service:
         async def analyse(self, data, with_image=False):
-            raise ImageDecodeError("not an image (unknown format): upload")
+            raise ImageDecodeError("not an image (unknown format): the uploaded file")
 
     monkeypatch.setattr(bentoml, "get_current_service", lambda: Service())
     photo = tmp_path / "a.jpg"
