@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _order import alternating  # noqa: E402
 from _paths import REPO  # noqa: E402
 from _server import ServerError, bentoml_serve, exit_on_sigterm, free_port, wait_ready  # noqa: E402
 
@@ -119,17 +120,6 @@ def build_image(tag: str, image: str) -> float:
     return time.monotonic() - start
 
 
-def cold_starts(host, container, rounds: int) -> tuple[list[float], list[float]]:
-    """``rounds`` cold starts of each (``host()`` and ``container()`` return one's seconds), one of each per
-    round; the first of the round alternates, so neither is always the one that starts right after the other
-    stopped (or, in round 1, on an idle machine)."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for r in range(rounds):
-        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
-            times[side].append((host, container)[side]())
-    return times
-
-
 def stats(values: list[float]) -> dict:
     return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "runs": values}
 
@@ -161,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             target.stop()
 
-    host, container = cold_starts(lambda: host_cold_start(args.tag, args.timeout), container_cold_start,
-                                  args.rounds)
+    # Which starts first alternates (_order.alternating): neither is always the one that starts right after the
+    # other stopped (or, in round 1, on an idle machine).
+    host, container = alternating(lambda: host_cold_start(args.tag, args.timeout), container_cold_start, args.rounds)
     result["host"], result["container"] = stats(host), stats(container)
     result["container_vs_host"] = result["container"]["median_s"] / result["host"]["median_s"]
 

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _order import alternating  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from faceage.chips import DLIB_AGE  # noqa: E402
@@ -47,17 +50,11 @@ def timed_rounds(first, second, x: torch.Tensor, batch: int, rounds: int) -> tup
 
     One untimed pass of each first: the first pass at this batch size allocates (torch's cached
     buffers, ONNX Runtime's arena), and with few rounds that one slow pass moved the median. Then
-    each round runs both, the one that goes first alternating from round to round: the pass that
-    follows the other finds the caches and the allocator as the other left them, and with a fixed
-    order that always fell to the same side.
+    the rounds, which one goes first alternating (:func:`_order.alternating`).
     """
     for fn in (first, second):
         _time(fn, x, batch)
-    times: tuple[list[float], list[float]] = ([], [])
-    for r in range(rounds):
-        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
-            times[side].append(_time((first, second)[side], x, batch))
-    return times
+    return alternating(lambda: _time(first, x, batch), lambda: _time(second, x, batch), rounds)
 
 
 def main(argv: list[str] | None = None) -> None:
