@@ -243,9 +243,10 @@ def _build_section(cls: type, name: str, raw: Any) -> Any:
     return obj
 
 
-def _check_backbone(backbone: str) -> None:
+def check_train_backbone(backbone: str) -> None:
     """``train.backbone`` names a model :func:`faceage.model.build_model` can build (raises ConfigError if not),
-    checked here so that a typo fails in the first stage rather than at train, after the data work."""
+    checked here so that a typo fails in the first stage rather than at train, after the data work (and by
+    the sweep for each ``--backbones`` name before its first run)."""
     if backbone in FAST_BACKBONES:
         return
     if importlib.util.find_spec("torchvision") is None:
@@ -281,7 +282,7 @@ def _validate_ranges(name: str, obj: Any) -> None:
     elif isinstance(obj, EmbedParams):
         checks = [(obj.workers >= 0, f"embed.workers must be >= 0, got {obj.workers}")]
     elif isinstance(obj, TrainParams):
-        _check_backbone(obj.backbone)
+        check_train_backbone(obj.backbone)
         checks = [
             (obj.epochs >= 0, f"train.epochs must be >= 0 (0: evaluate the initial weights), got {obj.epochs}"),
             (obj.freeze_blocks >= 0, f"train.freeze_blocks must be >= 0, got {obj.freeze_blocks}"),

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from faceage.config import FAST_BACKBONES
+from faceage.config import check_train_backbone
 from faceage.errors import FaceAgeError
 from faceage.experiment import ProfileError, dvc_root, override_value, run_profile
 from faceage.external import external_maes
@@ -66,21 +66,6 @@ def read_runs(path: Path, *, required: bool) -> dict:
     except (OSError, ValueError) as e:
         raise SweepError(f"cannot read the sweep's runs file {path} ({e}): run the sweep (make sweep), or pass "
                          "the --runs it wrote") from None
-
-
-def check_backbones(backbones: list[str]) -> None:
-    """Each ``--backbones`` name is one ``train.backbone`` takes, before the first run: a typo stopped the
-    sweep only at its turn, after the runs before it (hours on a GPU).
-
-    Raises:
-        faceage.config.ConfigError: An unknown name (the message lists the available ones).
-    """
-    others = [b for b in backbones if b not in FAST_BACKBONES]
-    if others:
-        from faceage.model import check_backbone  # imports torch: only for names the fast list lacks
-
-        for backbone in others:
-            check_backbone(backbone)
 
 
 def sweep_overrides(backbone: str, profile: str, source: str | None) -> list[str]:
@@ -390,7 +375,8 @@ def _main(args: argparse.Namespace, runs_path: Path) -> int:
                       "of a sweep logged to this store", runs_path, display_uri(), ", ".join(missing))
             return 1
     else:
-        check_backbones(args.backbones)
+        for backbone in args.backbones:  # a typo stopped the sweep at its turn, after the runs before it (hours on a GPU)
+            check_train_backbone(backbone)
         recorded = read_runs(runs_path, required=False)
         kept = {b: info for b, info in recorded.items() if b not in args.backbones}
         planned = {**kept, **{b: {"overrides": sweep_overrides(b, args.profile, args.source)} for b in args.backbones}}
