@@ -4,15 +4,19 @@ Input: a path or raw bytes. Output: ``numpy.ndarray`` of shape (H, W, 3), dtype 
 
 One decoder for the pipeline and the service, so training crops and served crops see
 the same pixels: EXIF orientation is applied before anything else, the first frame of
-an animation is used, CMYK / greyscale / palette images become RGB, 16-bit images are
-scaled (not clipped) to 8 bits, transparency is composited onto white, and a photo with an
-embedded ICC colour profile other than sRGB (Adobe RGB, Display P3, a CMYK print or a grey
-profile) is converted to sRGB, what the model was trained on (:func:`_srgb_transform`).
+an animation (the primary image of a HEIF file) is used, CMYK / greyscale / palette images
+become RGB, 16-bit images are scaled (not clipped) to 8 bits (10 and 12-bit HEIF by libheif),
+transparency is composited onto white, and a photo with an embedded ICC colour profile
+other than sRGB (Adobe RGB, Display P3, a CMYK print or a grey profile) is converted to
+sRGB, what the model was trained on (:func:`_srgb_transform`).
 
 Whatever Pillow raises on bytes it cannot decode becomes :class:`ImageDecodeError` (the
 client's fault, never the server's); malformed EXIF metadata never fails a photo whose pixels
 decode, and neither does an ICC profile that cannot be used (the raw values are kept, with one
 log line).
+
+Formats: whatever this Pillow opens (AVIF with its own plugin), less icons (:data:`_DECODED_AT_OPEN`),
+plus HEIC/HEIF (iPhone photos) through pi-heif's plugin, registered on import.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+import pi_heif
 
 from faceage.errors import FaceAgeError
 
@@ -44,6 +49,22 @@ STREAM_BYTES_PER_PIXEL = 8
 # Formats whose Pillow plugin decodes the (largest) embedded image while opening, before its size
 # can be checked: a 690 kB icon holding a 13000x13000 PNG took 650 MB. Icons are not photos: refused.
 _DECODED_AT_OPEN = {"ICO": b"\x00\x00\x01\x00", "ICNS": b"icns"}
+
+# HEIC/HEIF through libheif: only the primary image is decoded, so its thumbnails, depth maps and auxiliary
+# images (an iPhone portrait carries several) are not even listed. The plugin opens on the primary image, turned
+# and mirrored by the file's irot/imir boxes, its EXIF orientation then reset to 1 (not turned twice); 10 and
+# 12-bit images are decoded to 8 bits; libheif's own security limits stay on (pillow-heif's default).
+# pi-heif is pillow-heif's decode-only build (libheif + libde265, LGPL; BSD binding): pillow-heif's own wheels
+# bundle the x265 encoder, GPLv2, which the served image would then ship.
+
+
+def _register_heif() -> None:
+    pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
+
+_register_heif()
+# Formats whose plugin opens a file's primary image, which need not be its first (a burst, an edited copy).
+_OPENS_PRIMARY = frozenset({"HEIF"})
 
 _ORIENTATION = 0x0112  # the EXIF tag
 # Orientation value -> the transpose that makes the image upright (as ImageOps.exif_transpose).
@@ -414,7 +435,8 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                         f"image too large: {img.width}x{img.height} = {pixels} pixels, "
                         f"the limit is {max_pixels}"
                     )
-                img.seek(0)  # first frame of GIF/WebP animations
+                if img.format not in _OPENS_PRIMARY:
+                    img.seek(0)  # first frame of GIF/WebP animations
                 low_bit_scale, key = _low_bit_scale(img), _sixteen_bit_key(img)
                 img.load()
                 _scale_transparency(img, low_bit_scale)
@@ -450,4 +472,5 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         # Pillow's plugins raise whatever their parser trips on for corrupt data (OSError,
         # SyntaxError, EOFError, but also IndexError, struct.error, ...): the bytes are at
         # fault, not the server.
-        raise ImageDecodeError(f"cannot decode {name}: {_error_name(e)}: {e}") from e
+        # libheif's messages end in a newline.
+        raise ImageDecodeError(f"cannot decode {name}: {_error_name(e)}: {str(e).strip()}") from e
