@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import hashlib
 import io
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -73,29 +75,33 @@ def csv_name(split: str) -> str:
 def read_split(root: Path, split: str) -> list[Sample]:
     """Parses ``gt_avg_{split}.csv`` under ``root``.
 
-    Spreadsheet exports are read as they come: a UTF-8 byte-order mark and CRLF line ends are fine.
+    Spreadsheet exports are read as they come: a UTF-8 byte-order mark, CRLF line ends, columns separated by
+    ``;`` or a tab instead of ``,`` (told apart by the header; Excel's ``sep=;`` first line is honoured), decimal
+    commas (``28,5``: a thousands separator cannot be meant, no age reaches 1,000) and the all-empty rows
+    (``;;;;``) Excel writes below the data.
 
     Raises:
-        LayoutError: Missing file or column, an age that is not a finite number >= 0, or a
-            ``file_name`` that is not a plain file name in the split's folder (row number given).
+        LayoutError: Missing file or column, an age that is not a finite number of years from 0 to
+            :data:`MAX_AGE_YEARS`, or a ``file_name`` that is not a plain file name in the split's folder
+            (row number given).
     """
     path = root / csv_name(split)
     if not path.is_file():
         raise LayoutError(f"missing {csv_name(split)} in {root}")
-    reader = csv.DictReader(_csv_lines(path))
+    reader = _dict_reader(path, lambda header: sum(c in header for c in COLUMNS))
     header = _fieldnames(reader, path)
+    if not header:
+        raise LayoutError(f"{path} is empty: expected the header {','.join(COLUMNS)} and a row per image")
     absent = [c for c in COLUMNS if c not in header]
     if absent:
-        raise LayoutError(f"{path} lacks column(s) {absent}; expected columns {list(COLUMNS)}, found {header}")
+        how = f" (columns must be separated by {', '.join(map(repr, DELIMITERS[:-1]))} or a tab)" if len(header) == 1 else ""
+        raise LayoutError(f"{path} lacks column(s) {absent}; expected columns {list(COLUMNS)}, found {header}{how}")
     samples, lines_of = [], {}
     for row in _csv_rows(reader, path):
         line = reader.line_num  # a blank line is skipped and a quoted field may hold line breaks: not a row count
-        try:
-            ages = (float(row["apparent_age_avg"]), float(row["apparent_age_std"] or 0.0), float(row["real_age"]))
-        except (TypeError, ValueError) as e:
-            raise LayoutError(f"{path} line {line}: non-numeric age in {row}") from e
-        if not all(math.isfinite(a) and a >= 0 for a in ages):
-            raise LayoutError(f"{path} line {line}: an age must be a finite number >= 0, got {row}")
+        if not row.get(None) and not any((v or "").strip() for v in row.values()):
+            continue  # ";;;;": a row Excel saves because it was formatted, with nothing in it
+        ages = tuple(_age(row, column, path, line) for column in ("apparent_age_avg", "apparent_age_std", "real_age"))
         name = row["file_name"] or ""
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise LayoutError(f"{path} line {line}: file_name {name!r} must name a file directly in {split}/")
@@ -112,6 +118,31 @@ def read_split(root: Path, split: str) -> list[Sample]:
     return samples
 
 
+# No one has been recorded older than 122: a larger "age" is a birth year, months or a typo, and was trained on
+# as a centenarian. Above the head's 100 is fine (UTKFace labels go to 116; evaluation scores them as they are).
+MAX_AGE_YEARS = 130
+DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+")
+
+
+def _age(row: dict, column: str, path: Path, line: int) -> float:
+    """``row[column]`` as years (an empty ``apparent_age_std`` is 0: no spread given)."""
+    value = row[column]
+    text = (value or "").strip()
+    if column == "apparent_age_std" and not text:
+        return 0.0
+    if DECIMAL_COMMA.fullmatch(text):
+        text = text.replace(",", ".")
+    try:
+        age = float(text)
+    except ValueError as e:
+        raise LayoutError(f"{path} line {line}: non-numeric age in column {column}: {value!r} (write a number of "
+                          "years, e.g. 28.5 or 28,5, with no thousands separator or unit)") from e
+    if not (math.isfinite(age) and 0 <= age <= MAX_AGE_YEARS):
+        raise LayoutError(f"{path} line {line}: an age must be a finite number >= 0 and <= {MAX_AGE_YEARS} years, "
+                          f"got {column}={value!r}")
+    return age
+
+
 def _csv_lines(path: Path) -> io.StringIO:
     """A CSV file's text for :mod:`csv` (line ends as they are), read as UTF-8 with or without a byte-order mark.
 
@@ -125,6 +156,54 @@ def _csv_lines(path: Path) -> io.StringIO:
         line = data[: e.start].count(b"\n") + 1
         raise LayoutError(f"{path} line {line} is not UTF-8 text ({e.reason}): save it as \"CSV UTF-8\" "
                           "(or re-encode it, e.g. iconv -f cp1252 -t utf-8)") from e
+
+
+# What spreadsheets separate columns with: "CSV"; "CSV" where the decimal mark is a comma (Excel in most of
+# Europe); "Text (Tab delimited)".
+DELIMITERS = (",", ";", "\t")
+SEP_LINE = re.compile(r"sep=(.)\r?\n?")  # Excel's own hint line above the header
+
+
+def _dict_reader(path: Path, score: Callable[[list[str]], int]) -> csv.DictReader:
+    """A :class:`csv.DictReader` over ``path`` (:func:`_csv_lines`), separated by the one of :data:`DELIMITERS`
+    that makes the header hold the columns looked for (``score``, more is better; a tie goes to ``,``).
+
+    The header decides, not :class:`csv.Sniffer`: it guesses from the rows, where ``28,5`` holds a comma.
+    """
+    lines = _csv_lines(path)
+    first = lines.readline()
+    sep = SEP_LINE.fullmatch(first)
+    if sep:  # the line is not the header: the reader starts below it
+        delimiter = sep[1]
+        begin = lines.tell()
+    else:
+        lines.seek(0)
+        begin = 0
+
+        def header(d: str) -> list[str]:
+            try:
+                return next(csv.reader(io.StringIO(first, newline=""), delimiter=d), [])
+            except csv.Error:  # e.g. an unclosed quote: the reader below names the line
+                return []
+        delimiter = max(DELIMITERS, key=lambda d: score(header(d)))
+    lines.seek(begin)
+    reader = _DictReader(lines, delimiter=delimiter)
+    reader.skipped = 1 if sep else 0
+    return reader
+
+
+class _DictReader(csv.DictReader):
+    """A :class:`csv.DictReader` whose ``line_num`` counts the lines above where it began (``sep=;``)."""
+
+    skipped = 0
+
+    @property
+    def line_num(self) -> int:
+        return self.reader.line_num + self.skipped
+
+    @line_num.setter
+    def line_num(self, value: int) -> None:  # DictReader copies its reader's count here: derived above instead
+        pass
 
 
 def _fieldnames(reader: csv.DictReader, path: Path) -> list[str]:
@@ -378,38 +457,94 @@ def _not_a_zip(path: Path) -> str | None:
     return f"something that is not a zip file (it begins {head!r})"
 
 
+class WriteError(FaceAgeError, OSError):
+    """Writing the release out failed (a full disk, a quota, a folder without write access); nothing was left
+    half-written, and the message names the source, the destination and, for a full disk, the space needed."""
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def _materialise(source: str, local: Path, out_dir: Path) -> dict:
-    """Validates the release in ``local`` (a folder or zip) and copies it into ``out_dir`` atomically."""
+    """Validates the release in ``local`` (a folder or zip) and copies it into ``out_dir`` atomically.
+
+    Raises:
+        LayoutError: Not in the release layout.
+        WriteError: An OSError while extracting or copying (:func:`_write_error`).
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with scratch_dir(out_dir, "zip") as unzipped, staged_dir(out_dir) as staged:
-        if local.is_dir():
-            root = find_release_root(local)
-            splits = validate_layout(root)
-        elif zipfile.is_zipfile(local):
-            links = _safe_extract(local, unzipped)
-            try:
-                root = find_release_root(unzipped)
+    doing, hidden = "copying", []  # what was being done when an OSError came; the hidden folders it wrote in
+    try:
+        with scratch_dir(out_dir, "zip") as unzipped, staged_dir(out_dir) as staged:
+            hidden += [unzipped, staged]
+            if local.is_dir():
+                root = find_release_root(local)
                 splits = validate_layout(root)
-            except LayoutError as e:
-                # The unzipped copy is deleted on the way out: the message names the zip (and paths in it).
-                why = (f"\n{len(links)} entries of the zip are symbolic links, which a zip holds as the path they "
-                       f"point to, not the file (e.g. {links[:SHOW_MISSING]}): zip the files themselves "
-                       "(zip -r without -y) or point fetch_data.source at the folder" if links else "")
-                raise type(e)(str(e).replace(str(unzipped), str(local)) + why) from e
-        else:
-            raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
-        _copy_release(root, splits, staged)
-        info = {
-            "source": source,
-            "counts": {split: len(samples) for split, samples in splits.items()},
-            "release_face_crops": sum(
-                1 for split, samples in splits.items() for s in samples
-                if (staged / split / (s.file_name + FACE_SUFFIX)).is_file()
-            ),
-            "sha256": dataset_fingerprint(staged),
-        }
-        (staged / DATASET_JSON).write_text(json.dumps(info, indent=2) + "\n")
+            elif zipfile.is_zipfile(local):
+                doing = "extracting"
+                links = _safe_extract(local, unzipped)
+                doing = "copying"
+                try:
+                    root = find_release_root(unzipped)
+                    splits = validate_layout(root)
+                except LayoutError as e:
+                    # The unzipped copy is deleted on the way out: the message names the zip (and paths in it).
+                    why = (f"\n{len(links)} entries of the zip are symbolic links, which a zip holds as the path they "
+                           f"point to, not the file (e.g. {links[:SHOW_MISSING]}): zip the files themselves "
+                           "(zip -r without -y) or point fetch_data.source at the folder" if links else "")
+                    raise type(e)(str(e).replace(str(unzipped), str(local)) + why) from e
+            else:
+                raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
+            _copy_release(root, splits, staged)
+            info = {
+                "source": source,
+                "counts": {split: len(samples) for split, samples in splits.items()},
+                "release_face_crops": sum(
+                    1 for split, samples in splits.items() for s in samples
+                    if (staged / split / (s.file_name + FACE_SUFFIX)).is_file()
+                ),
+                "sha256": dataset_fingerprint(staged),
+            }
+            (staged / DATASET_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    except OSError as e:
+        if isinstance(e, FaceAgeError):
+            raise
+        # Raised after scratch_dir and staged_dir removed what was written: the free space read is what a rerun has.
+        raise _write_error(e, doing, hidden, local, out_dir) from e
     return info
+
+
+def _write_error(e: OSError, doing: str, hidden: list[Path], local: Path, out_dir: Path) -> WriteError:
+    """One line for an OSError met while ``doing`` (extracting or copying) ``local`` for ``out_dir``.
+
+    A full disk also gets the space the fetch needs: the release unpacked once (from a zip, twice: the
+    unzipped copy and the output exist together until the output is complete) against what is free.
+    """
+    why = e.strerror or str(e)
+    if e.errno is not None:
+        why = f"[Errno {e.errno}] {why}"
+    if e.filename:  # in a hidden folder (deleted by now), only the file's place in the release says anything
+        inside = [Path(e.filename).relative_to(h).as_posix() for h in hidden if Path(e.filename).is_relative_to(h)]
+        why += f" (at {inside[0]})" if inside else f": {e.filename!r}"
+    where = f"extracting {local} for {out_dir}" if doing == "extracting" else f"copying {local} into {out_dir}"
+    message = f"{where} failed: {why}"
+    if e.errno in NO_SPACE:
+        try:
+            if local.is_dir():
+                need = sum(p.stat().st_size for p in tree_files(local))
+            else:
+                with zipfile.ZipFile(local) as zf:
+                    need = 2 * sum(m.file_size for m in zf.infolist())
+            free = shutil.disk_usage(out_dir.parent).free
+            message += (f"; it needs about {_megabytes(need)} free in {out_dir.parent}, {_megabytes(free)} is free: "
+                        "free some space there and rerun")
+        except (OSError, zipfile.BadZipFile):  # the estimate is a courtesy: the error stands without it
+            message += f"; free some space in {out_dir.parent}"
+    return WriteError(message)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
 
 
 def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors: tuple[str, ...] | list[str] = (),
@@ -503,7 +638,8 @@ def _read_labels(path: Path, split: str | None = None) -> dict[str, dict[str, st
         LayoutError: The file is not UTF-8 or not readable as CSV.
     """
     out: dict[str, dict[str, str]] = {}
-    reader = csv.DictReader(_csv_lines(path))
+    reader = _dict_reader(path, lambda header: 100 * any(c in ("file_name", "file") for c in header)
+                          + sum(a in c.lower() for c in header for a in ("gender", "race")))
     header = _fieldnames(reader, path)
     key = next((c for c in ("file_name", "file") if c in header), None)
     columns = {c: a for c in header for a in ("gender", "race") if a in c.lower()}

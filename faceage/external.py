@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
-from faceage.appa_real import dataset_fingerprint, read_split
+from faceage.appa_real import NO_SPACE, WriteError, dataset_fingerprint, read_split
 from faceage.atomic import locked, staged_dir
 from faceage.config import PreprocessParams
+from faceage.errors import FaceAgeError
 from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
@@ -103,12 +105,20 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         log.info("external set %s: detecting and cropping %s (detector=%s, upsample=%d, margin=%g, size=%d, "
                  "no_face=%s)", ext.name, ext.path, params.detector, params.upsample, params.margin, params.size,
                  params.no_face)
-        with staged_dir(out) as tmp:
-            rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp, params,
-                                workers_key=EXTERNAL_WORKERS)
-            settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
-                        SET_SHA256: fingerprint, "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
-            (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+        try:
+            with staged_dir(out) as tmp:
+                rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp,
+                                    params, workers_key=EXTERNAL_WORKERS)
+                settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
+                            SET_SHA256: fingerprint, "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
+                (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+        except OSError as e:
+            if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
+                raise
+            # staged_dir removed the partial crops: what is free now is what a rerun has.
+            raise WriteError(f"cropping external set {ext.name} into {out.parent} failed: [Errno {e.errno}] "
+                             f"{e.strerror}; {shutil.disk_usage(out.parent).free / 1e6:,.1f} MB is free there: free some "
+                             "space and rerun") from e
     return out
 
 
