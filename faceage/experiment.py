@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from faceage.config import Params, params_from_dict, parse_params
-from faceage.errors import FaceAgeError
+from faceage.errors import FaceAgeError, error_line
 from faceage.logs import setup_logging
 
 log = logging.getLogger("faceage.experiment")  # also when run as __main__ (python -m)
@@ -278,8 +278,35 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
     Raises:
         ProfileError: An override DVC cannot read, no DVC repo here, or ``params.yaml`` is missing or unreadable.
         subprocess.CalledProcessError: ``dvc exp run`` failed (its output is shown).
-        KeyboardInterrupt: Ctrl-C, raised once ``dvc exp run`` (which got it too) has stopped and cleaned up.
+        ProfileError: Also where ``dvc`` is not found.
+        ProfileInterrupted: Ctrl-C (a ``KeyboardInterrupt``): before ``dvc exp run`` started, or once it (which
+            got it too) has stopped and cleaned up; it says which.
     """
+    started = [False]  # whether `dvc exp run` was (or was being) started: what a Ctrl-C stopped
+    try:
+        _run_profile(overrides, name=name, root=root, force=force, started=started)
+    except ProfileInterrupted:
+        raise
+    except KeyboardInterrupt:  # before `dvc exp run` (the overrides check, git), or as the runner returned
+        raise ProfileInterrupted(dvc_started=started[0]) from None
+
+
+class ProfileInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_profile`, with what it stopped.
+
+    Attributes:
+        dvc_started: Whether ``dvc exp run`` had been started (it has stopped and cleaned up since).
+        params_changed: Whether ``params.yaml`` differs from before the run (``dvc exp run`` wrote its ``-S``
+            values there); False when ``dvc exp run`` never started.
+    """
+
+    def __init__(self, dvc_started: bool, params_changed: bool = False):
+        super().__init__()
+        self.dvc_started, self.params_changed = dvc_started, params_changed
+
+
+def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | None, force: bool,
+                 started: list[bool]) -> None:
     check_overrides(overrides)
     root = dvc_root() if root is None else Path(root)
     workspace = read_params(root)
@@ -300,23 +327,52 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
     cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", shlex.join(cmd))  # as a shell reads it back: a path with a space, the resets' quotes
-    with subprocess.Popen(cmd, cwd=root, env=tool_env()) as dvc:
-        interrupted = False
-        while True:
-            try:
-                code = dvc.wait()
-                break
-            except KeyboardInterrupt:
-                # Ctrl-C reached dvc too (the terminal signals the whole foreground group): it lets its stage stop,
-                # then removes its experiment refs and locks. subprocess.run killed it 0.25 s later, which left them,
-                # and the stage still running after the prompt came back.
-                if not interrupted:
-                    log.warning("interrupted: waiting for `dvc exp run` to stop its stage and clean up")
-                interrupted = True
+    before = _file_bytes(root / PARAMS)
+    code, interrupted = _run_dvc(cmd, root, started)
     if interrupted:
-        raise KeyboardInterrupt
+        raise ProfileInterrupted(dvc_started=started[0], params_changed=_file_bytes(root / PARAMS) != before)
     if code != 0:
         raise subprocess.CalledProcessError(code, cmd)
+
+
+def _file_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _run_dvc(cmd: list[str], root: Path, started: list[bool]) -> tuple[int, bool]:
+    """Runs ``cmd`` (``dvc exp run``) at ``root`` to its end; returns its exit code and whether Ctrl-C came.
+
+    Ctrl-C reaches dvc too (the terminal signals the whole foreground group): it lets its stage stop, then
+    removes its experiment refs and locks. So from just before dvc starts until it has exited, Ctrl-C is only
+    recorded here, never raised: raised, one landing as ``Popen`` returned (Python raises it at the next
+    bytecode) left the child unwaited for, and ``subprocess.run`` killed it 0.25 s later, which left its refs
+    and locks, and the stage still running after the prompt came back. One recorded before the start starts
+    nothing (``started`` stays False).
+    """
+    stops: list[int] = []
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if not stops and started[0]:
+            log.warning("interrupted: waiting for `dvc exp run` to stop its stage and clean up")
+        stops.append(signum)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        if stops:  # between the runner's last step and here
+            return 130, True
+        started[0] = True
+        try:
+            with subprocess.Popen(cmd, cwd=root, env=tool_env()) as dvc:
+                return dvc.wait(), bool(stops)
+        except FileNotFoundError:  # no dvc on PATH, nor beside this Python
+            started[0] = False
+            raise ProfileError(f"`{cmd[0]}` not found on PATH nor in {Path(sys.executable).parent}: install the "
+                               "project's environment (make setup), or activate it") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def tool_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -351,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_profile(args.overrides, name=args.name, force=args.force)
     except ProfileError as e:
-        log.error("%s", e)
+        log.error("%s", error_line(e, with_type=False))  # one line, as a stage's
         return 1
     except subprocess.CalledProcessError as e:
         if e.returncode < 0:  # killed by a signal (Popen's -N): exit 128 + N as a shell does (-9 exited 247)
@@ -359,9 +415,17 @@ def main(argv: list[str] | None = None) -> int:
             return 128 - e.returncode
         log.error("`dvc exp run` failed (exit %s): its output is above", e.returncode)
         return e.returncode or 1
-    except KeyboardInterrupt:
-        log.error("interrupted (Ctrl-C); a `dvc exp run` it had started has stopped, and params.yaml keeps its -S "
-                  "values (the next profile run puts back the committed ones)")
+    except ProfileInterrupted as e:
+        if not e.dvc_started:
+            log.error("interrupted (Ctrl-C) before `dvc exp run` started: nothing ran, params.yaml is unchanged")
+        elif e.params_changed:
+            log.error("interrupted (Ctrl-C); the `dvc exp run` it had started has stopped, and params.yaml keeps its "
+                      "-S values (the next profile run puts back the committed ones)")
+        else:
+            log.error("interrupted (Ctrl-C); the `dvc exp run` it had started has stopped, and params.yaml is unchanged")
+        return 130
+    except KeyboardInterrupt:  # before the profile's run began (the arguments, the logging set-up)
+        log.error("interrupted (Ctrl-C) before `dvc exp run` started: nothing ran, params.yaml is unchanged")
         return 130
     return 0
 

@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
-from faceage.errors import FaceAgeError
+from faceage.errors import FaceAgeError, error_line
 
 
 class Terminated(KeyboardInterrupt):
@@ -28,6 +28,8 @@ def _raise_on_sigterm() -> None:
     """From now on the first SIGTERM raises :class:`Terminated` in this process; a second one ends it
     at once (the clean-up can wait minutes on a tracking server that does not answer). A child forked
     from it (a data-loader worker) that inherits the handler dies of the signal as before."""
+    global _sigterm_received
+    _sigterm_received = False
     pid = os.getpid()
 
     def handler(signum, frame):
@@ -36,9 +38,37 @@ def _raise_on_sigterm() -> None:
             os.kill(os.getpid(), signum)
             return
         signal.signal(signum, signal.SIG_DFL)
+        global _sigterm_received
+        _sigterm_received = True
         raise Terminated(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+_sigterm_received = False  # set by :func:`_raise_on_sigterm`'s handler: the stage is stopping because of SIGTERM
+
+
+def _stopping(error: BaseException) -> bool:
+    """Whether ``error`` was raised while the stage stopped for SIGTERM: the handler fired, or a
+    :class:`Terminated` (also :mod:`faceage.launch`'s, raised for torch's handler) is in its chain."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, Terminated):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return _sigterm_received
+
+
+def _die_of_sigterm() -> None:
+    """Logs that the stage stopped and ends the process by SIGTERM's default action, the status a shell and DVC
+    expect of a stage killed by it."""
+    logging.getLogger("faceage").error("stopped by SIGTERM")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # delivered here where it was blocked
+    raise SystemExit(128 + signal.SIGTERM)  # (not reached)
 
 
 def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -> None:
@@ -54,24 +84,39 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
         interrupt_on_sigterm: SIGTERM (``kill``, ``timeout``, a CI job cancelled, a container stopped) is
             raised as :class:`Terminated`, a ``KeyboardInterrupt``, so the stage cleans up as after Ctrl-C
             (``train`` ends its MLflow run KILLED: killed outright, it stayed RUNNING), then the process
-            dies of the signal as before. Only for stages whose clean-up is quick: one that waits for a
-            process pool to drain would run on after the signal.
+            dies of the signal as before, also where the clean-up itself fails (its error is logged: one line,
+            or a bug's own traceback). Once ``main`` has returned or raised, SIGTERM has its usual action again.
+            Only for stages whose clean-up is quick: one that waits for a process pool to drain would run on
+            after the signal.
     """
+    previous = signal.getsignal(signal.SIGTERM)
     if interrupt_on_sigterm:
         _raise_on_sigterm()
     try:
-        main()
-    except FaceAgeError as e:
-        line = f"{type(e).__name__}: {e}"
-        logging.getLogger("faceage").error("%s", mask_tracking_secrets(line) or line)
-        sys.exit(1)
+        try:
+            main()
+        finally:
+            if interrupt_on_sigterm:
+                # The stage's own clean-up has run. From here on SIGTERM has its usual action (DVC's, a shell's:
+                # the process ends of it at once): raised as Terminated in the handlers below (while the error
+                # line was written) or at exit (MLflow's atexit end_run), nothing caught it, and the process
+                # printed chained tracebacks and exited 1, or 0, instead of by the signal.
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     except Terminated:
-        logging.getLogger("faceage").error("stopped by SIGTERM")
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler has put the default action back: dies of it
-        raise  # (only if the signal were blocked)
-    except Exception:
+        _die_of_sigterm()
+    except FaceAgeError as e:
+        line = error_line(e)  # one line: a hint raised on a second line is joined to it
+        logging.getLogger("faceage").error("%s", mask_tracking_secrets(line) or line)
+        if _stopping(e):  # the clean-up after SIGTERM failed (a tracking server that does not answer)
+            _die_of_sigterm()
+        sys.exit(1)
+    except Exception as e:
         # A bug's traceback, as Python prints it, unless it holds the tracking URI's credentials: MLflow's own
         # errors quote the URL as given ("API request to http://user:secret@host/api/2.0/... failed").
+        if _stopping(e):  # a bug in the clean-up after SIGTERM: its own traceback, not Terminated's beside it
+            text = "".join(traceback.format_exception(e, chain=False))
+            sys.stderr.write(mask_tracking_secrets(text) or text)
+            _die_of_sigterm()
         masked = mask_tracking_secrets(traceback.format_exc())
         if masked is None:
             raise
