@@ -156,7 +156,8 @@ class FaceAgeService:
         # With no photo in detection the cores are free: the age model's threads may spin (faster).
         self.batcher = AgeBatcher(lambda faces: self.predictor.estimate(faces, idle=not self.locator.busy),
                                   on_batch=batch_faces.observe)
-        UI.configure(self.lineage, LIMITS.max_body_bytes, concurrency=UI_MAX_CONCURRENCY)
+        UI.configure(self.lineage, LIMITS.max_body_bytes, concurrency=UI_MAX_CONCURRENCY,
+                     queue_max_size=LIMITS.ui_queue_size or None)
         log.info("serving %s (run %s, %s) with %d detection process(es); %s", stored.tag,
                  self.lineage.get("mlflow_run_id"), self.predictor.runtime, LIMITS.detect_processes, LIMITS)
 
@@ -170,6 +171,7 @@ class FaceAgeService:
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        self.batcher.close()  # requests still waiting for the age model get a 503 (ServingClosed), not a hang
         self.locator.close()
         await UI.close()
 

@@ -7,7 +7,9 @@ function. Output: awaitable, asyncio-friendly building blocks for the service:
   detector each, every core busy; a decoder crash costs the pool, which is replaced, not the
   server; only a photo that crashes it on its own fails as its fault, and workers that cannot
   start make :class:`DetectionUnavailable`, a 503, and the pool not ready);
-- :class:`AgeBatcher`: adaptive batching of the age model across concurrent requests.
+- :class:`AgeBatcher`: adaptive batching of the age model across concurrent requests (a failing merged
+  pass is run again one request at a time, so only the requests whose own faces fail get its error);
+- :class:`ServingClosed` (a 503): what both answer once closed, the server shutting down.
 
 Kept apart from :mod:`faceage.predict` (the domain steps), which the CLI and ``evaluate`` use
 without any of this.
@@ -62,6 +64,11 @@ class ImageProcessingError(FaceAgeError, RuntimeError):
 class DetectionUnavailable(FaceAgeError, RuntimeError):
     """The detection workers cannot take a photo now, through no fault of the photo (HTTP 503, try again):
     they die as they start, or one died beside other photos while this one was retried."""
+
+
+class ServingClosed(DetectionUnavailable):
+    """The detection pool or the age batcher was closed (the server is shutting down): the request is not
+    answered here, through no fault of its photo (HTTP 503 like :class:`DetectionUnavailable`, try again)."""
 
 
 @functools.cache
@@ -308,7 +315,7 @@ class LocatorPool:
                 with no other photo in flight (the pool is replaced).
             DetectionUnavailable: The workers do not start, or died beside other photos on this
                 photo's second try: not the photo's fault (try again).
-            RuntimeError: The pool was closed.
+            ServingClosed: The pool was closed (a :class:`DetectionUnavailable`: 503).
         """
         self._in_flight += 1
         try:
@@ -324,7 +331,7 @@ class LocatorPool:
         parallel = self.parallel()
         if not self.processes:
             if self._closed:
-                raise RuntimeError("the detection pool was closed")
+                raise ServingClosed("the detection pool was closed (the server is shutting down): try again")
             async with self._lock:
                 located, image = await asyncio.to_thread(self._decode_and_locate_alone, data, with_image, crops,
                                                          parallel)
@@ -374,6 +381,12 @@ class LocatorPool:
         except BrokenProcessPool as e:
             raise _PoolBroke(e, workers.others(job)) from e
         except asyncio.CancelledError:
+            if not _cancelled_here():
+                # The job itself was cancelled, not the request: the pool was shut down (closed, or replaced) with
+                # the photo still waiting for a worker. The caller saw a cancellation it never asked for (no
+                # answer at all); now the photo goes on as one whose pool broke before it reached a worker.
+                raise _PoolBroke(BrokenProcessPool("the pool was shut down before this photo reached a worker"),
+                                 None) from None
             # The request went (BentoML's timeout) while its photo was in a worker, which goes on: the job, and the
             # decoded photo it will hold, is forgotten once it ends (on the loop's thread), not at the next submit.
             loop = asyncio.get_running_loop()
@@ -389,11 +402,11 @@ class LocatorPool:
 
         Raises:
             DetectionUnavailable: The workers did not start, less than :data:`RESTART_AFTER_S` ago.
-            RuntimeError: The pool was closed.
+            ServingClosed: The pool was closed.
         """
         workers = self._workers
         if workers is None:
-            raise RuntimeError("the detection pool was closed")
+            raise ServingClosed("the detection pool was closed (the server is shutting down): try again")
         error = workers.start_error()
         if error is not None:
             self._replace(workers, error)
@@ -449,6 +462,12 @@ class LocatorPool:
             self._workers = None
 
 
+def _cancelled_here() -> bool:
+    """Whether the running task was asked to cancel (its own request went), not just handed a cancelled future."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
     """``callback(*args)`` on ``loop``'s thread, from any thread; nothing once the loop is closed."""
     try:
@@ -475,6 +494,12 @@ class AgeBatcher:
     of one ``/predict_batch`` request took the server process from 1 to 5 GB, which ONNX Runtime's
     arena then kept (about 3.7 MB a face for the fused ``dlib_age`` graph).
 
+    A forward pass that fails (the model raises, or answers a row count other than its faces')
+    fails only the requests whose own faces fail: a pass of several requests is run again one
+    request at a time, each in a pass of its own (still one pass per turn, ahead of the requests that
+    arrived since), and the error goes to those that fail alone. :meth:`close` (the server shutting
+    down) answers every request still waiting.
+
     Args:
         estimate: ``face inputs -> (mean, std)``, e.g. :meth:`AgePredictor.estimate` of
             ``LocatedFaces.inputs`` (crops, or ``dlib_age`` chips); it runs in a
@@ -497,10 +522,19 @@ class AgeBatcher:
         self._on_batch = on_batch
         self._pending: list[_AgeJob] = []
         self._running = False
+        self._closed = False
         self._task: asyncio.Task | None = None  # a reference keeps the drain task from being collected
 
     async def __call__(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Age mean and std of one request's faces (``LocatedFaces.inputs``)."""
+        """Age mean and std of one request's faces (``LocatedFaces.inputs``).
+
+        Raises:
+            ServingClosed: The batcher was closed (the server is shutting down) before this request's
+                faces all ran.
+            Exception: What the age model raised for this request's faces in a pass of their own.
+        """
+        if self._closed:
+            raise ServingClosed("the age model's batcher was closed (the server is shutting down): try again")
         if len(crops) == 0:
             return np.zeros(0), np.zeros(0)
         loop = asyncio.get_running_loop()
@@ -511,48 +545,120 @@ class AgeBatcher:
             self._task = loop.create_task(self._drain())
         return await future
 
+    def close(self) -> None:
+        """Stops batching (the server is shutting down): the queued requests, and the later passes of one split
+        over several, fail with :class:`ServingClosed` now; the pass that runs answers its requests; new ones
+        are refused. Idempotent."""
+        self._closed = True
+        self._fail(self._pending, self._closed_error)
+        self._pending = []
+
+    @staticmethod
+    def _closed_error() -> ServingClosed:
+        return ServingClosed("the age model's batcher was closed (the server is shutting down) before this "
+                             "request's faces ran: try again")
+
+    @staticmethod
+    def _fail(jobs: Sequence[_AgeJob], error: Callable[[], BaseException]) -> None:
+        """Answers ``jobs`` with ``error()``, a new exception each (one instance raised in several requests' tasks
+        would collect all their tracebacks)."""
+        for job in jobs:
+            if not job.future.done():  # a cancelled request (client gone) leaves its future done
+                job.future.set_exception(error())
+
     async def _drain(self) -> None:
+        jobs: list[_AgeJob] = []
         try:
-            while self._pending:
+            while self._pending and not self._closed:
                 # A request cancelled while it waited (BentoML's request timeout), or between the passes of its
                 # faces, costs no further forward pass.
                 self._pending = [job for job in self._pending if not job.future.done()]
                 if not self._pending:
                     break
-                # A request with more faces than a pass holds runs alone, one pass at a time, and goes back
-                # to the end of the queue between its passes: requests that arrived meanwhile take the next
-                # pass, not the one after its last (a one-face photo behind a crowd of 1,152 faces waited 18).
-                cut = len(self._pending[0].left) > self.max_pass_faces
-                jobs, faces, most = [], 0, min(self.max_batch_faces, self.max_pass_faces)
-                while self._pending and (not jobs or (not cut and faces + len(self._pending[0].left) <= most)):
-                    jobs.append(self._pending.pop(0))
-                    faces += len(jobs[-1].left)
-                inputs = jobs[0].left[:self.max_pass_faces] if cut else [c for job in jobs for c in job.left]
+                jobs, inputs, cut = self._next_pass()
                 try:
                     if self._on_batch is not None:
                         self._on_batch(len(inputs))
                     mean, std = await asyncio.to_thread(self._estimate, inputs)
-                except Exception as e:  # hand the failure to every request in this pass
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(e)
+                    mean, std = _rows(mean, std, len(inputs))
+                except Exception as e:
+                    self._failed(jobs, e)
+                    jobs = []
                     continue
-                mean, std, start = np.asarray(mean), np.asarray(std), 0
+                start = 0
                 for job in jobs:
                     n = len(inputs) if cut else len(job.left)
                     job.done(mean[start:start + n], std[start:start + n])
                     start += n
                     if job.left:
-                        self._pending.append(job)
+                        self._pending.append(job)  # a split request: to the end of the queue, for its next pass
+                jobs = []
+            if self._closed:  # the later passes of a split request, or a request that arrived as the pass ran
+                self._fail(self._pending, self._closed_error)
+                self._pending = []
+        except BaseException:
+            # The task itself stopped (cancelled as the event loop shuts down, or something unforeseen): nothing
+            # would ever answer the requests of the pass it ran, or those queued behind it.
+            self._closed = True
+            self._fail([*jobs, *self._pending], lambda: ServingClosed("the age model's batcher stopped (the server "
+                                                                      "is shutting down): try again"))
+            self._pending = []
+            raise
         finally:
             self._running = False
 
+    def _next_pass(self) -> tuple[list[_AgeJob], list[np.ndarray], bool]:
+        """Takes the next pass's requests off the queue: ``(jobs, their faces in this pass, cut)``; ``cut``: the
+        pass is the next ``max_pass_faces`` faces of one request with more."""
+        # A request with more faces than a pass holds runs alone, one pass at a time, and goes back
+        # to the end of the queue between its passes: requests that arrived meanwhile take the next
+        # pass, not the one after its last (a one-face photo behind a crowd of 1,152 faces waited 18).
+        head = self._pending[0]
+        cut = len(head.left) > self.max_pass_faces
+        if cut or head.alone:
+            self._pending.pop(0)
+            return [head], head.left[:self.max_pass_faces], cut
+        jobs, faces, most = [], 0, min(self.max_batch_faces, self.max_pass_faces)
+        while self._pending and not self._pending[0].alone and (
+                not jobs or faces + len(self._pending[0].left) <= most):
+            jobs.append(self._pending.pop(0))
+            faces += len(jobs[-1].left)
+        return jobs, [c for job in jobs for c in job.left], False
+
+    def _failed(self, jobs: list[_AgeJob], error: Exception) -> None:
+        """A pass raised: alone, its request gets the error; merged, its requests run again one per pass (at the
+        head of the queue, in their order) so that only those whose own faces fail get an error."""
+        live = [job for job in jobs if not job.future.done()]
+        if len(live) <= 1 or self._closed:
+            self._fail(live, lambda: error)
+            return
+        log.warning("a forward pass of %d faces from %d requests failed (%s); running each request alone",
+                    sum(len(job.left) for job in live), len(live), _describe(error))
+        for job in live:
+            job.alone = True
+        self._pending[:0] = live
+
+
+def _rows(mean: Any, std: Any, faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """The age model's answer for ``faces`` faces as arrays of one row per face.
+
+    Raises:
+        ValueError: It has another number of rows (a row routed to the wrong face, or one never answered).
+    """
+    mean, std = np.asarray(mean), np.asarray(std)
+    if mean.ndim == 0 or std.ndim == 0 or len(mean) != faces or len(std) != faces:
+        raise ValueError(f"the age model answered ages of shape {mean.shape} and stds of shape {std.shape} for "
+                         f"{faces} faces, expected one row per face")
+    return mean, std
+
 
 class _AgeJob:
-    """One request's faces in :class:`AgeBatcher`: those still to run (``left``) and the rows of those that ran."""
+    """One request's faces in :class:`AgeBatcher`: those still to run (``left``) and the rows of those that ran;
+    ``alone``: the request was in a merged pass that failed and takes its next pass on its own."""
 
     def __init__(self, inputs: list[np.ndarray], future: asyncio.Future):
         self.left, self.future = inputs, future
+        self.alone = False
         self.means: list[np.ndarray] = []
         self.stds: list[np.ndarray] = []
 
