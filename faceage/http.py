@@ -64,6 +64,9 @@ class Limits:
             see :func:`faceage.predict.default_threads`).
         max_batch_images: Images per ``/predict_batch`` request.
         max_parts: Form parts per request.
+        ui_queue_size: UI analyses that may wait for one of the UI's slots (``FACEAGE_UI_QUEUE_SIZE``; 0/unset:
+            :data:`faceage.ui.UI_QUEUE_FACTOR` times the slots); past it the UI refuses a photo at once ("Queue is
+            full", 503).
     """
 
     max_body_bytes: int = 20 * 1024 * 1024
@@ -73,6 +76,7 @@ class Limits:
     threads: int | None = None
     max_batch_images: int = 16
     max_parts: int = 32
+    ui_queue_size: int = 0
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -81,7 +85,8 @@ class Limits:
                    max_pixels=env_int("FACEAGE_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1),
                    max_detect_pixels=env_int("FACEAGE_MAX_DETECT_PIXELS", DEFAULT_MAX_DETECT_PIXELS),
                    detect_processes=env_int("FACEAGE_DETECT_PROCESSES", available_cores()),
-                   threads=env_int("FACEAGE_THREADS", env_int("FACEAGE_TORCH_THREADS", 0)) or None)
+                   threads=env_int("FACEAGE_THREADS", env_int("FACEAGE_TORCH_THREADS", 0)) or None,
+                   ui_queue_size=env_int("FACEAGE_UI_QUEUE_SIZE", 0))
 
 
 LIMITS = Limits.from_env()

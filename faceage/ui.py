@@ -16,7 +16,8 @@ URL for the server to fetch); the annotated photo it returns is a JPEG at most
 Gradio's session heartbeat stream, which this UI does not use, answers 404; and all ``/ui``
 requests together hold at most a share of the service's concurrent requests
 (:class:`UIGateMiddleware`), so the API keeps the rest. The UI analyses up to that many photos at once
-(:data:`UI_CONCURRENCY`; Gradio's default, one, made each UI user wait for every other one).
+(:data:`UI_CONCURRENCY`; Gradio's default, one, made each UI user wait for every other one), and lets
+at most :data:`UI_QUEUE_FACTOR` times that many wait (Gradio's queue had no bound).
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ UI_JPEG_QUALITY = 90  # boxes and labels stay sharp-edged; the /annotate route k
 # 0.2 s on /predict). BentoML's bentoml.gradio.mount_gradio_app set it to the service's max_concurrency;
 # gr.mount_gradio_app (LazyUI) does not.
 UI_CONCURRENCY = 32
+# Photos that may wait for one of those slots, as a multiple of them: a request past it is refused at once
+# (Gradio's "Queue is full", HTTP 503 on its API). Gradio's queue had no bound: a flood of requests to the UI's
+# API all waited, in memory, in front of every later user's photo.
+UI_QUEUE_FACTOR = 2
+# Runs in the browser when the photo changes or is removed: the last photo's outputs go (returned), and so do
+# what a failed analysis of it left: the "Error" badge Gradio's status tracker keeps on each output of a
+# failed event until that event runs again (cleared with the badge's own button, as a user would) and the
+# error's message (Gradio's toasts: closed as their own close button does). They stayed beside the new photo.
+CLEAR_LAST_ANALYSIS_JS = """() => {
+    document.querySelectorAll("#annotated .clear-status button, [data-testid=toast-close]")
+        .forEach((button) => button.click());
+    return [null, null];
+}"""
 
 
 def model_line(lineage: dict[str, Any]) -> str:
@@ -176,9 +190,21 @@ def _uploads_only(move):
     return move_local_only
 
 
-def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI_CONCURRENCY):
-    """The Gradio app (``gr.Blocks``); at most ``concurrency`` photos are analysed at once."""
+def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI_CONCURRENCY,
+             queue_max_size: int | None = None):
+    """The Gradio app (``gr.Blocks``).
+
+    Args:
+        lineage: The model's lineage (:func:`model_line`).
+        max_body_bytes: Largest photo file, in bytes.
+        concurrency: Photos analysed at once.
+        queue_max_size: Photos that may wait for an analysis (all sessions together); ``None``:
+            :data:`UI_QUEUE_FACTOR` times ``concurrency``.
+    """
     import gradio as gr
+
+    if queue_max_size is None:
+        queue_max_size = UI_QUEUE_FACTOR * concurrency
 
     async def predict(path: str | None):
         return await ui_predict(path, max_body_bytes)
@@ -196,14 +222,19 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
                              interactive=False, elem_id="faces")
         button = gr.Button("Estimate ages", variant="primary", elem_id="submit")
         gr.Examples(examples(), inputs=photo, label="Examples (public domain)", elem_id="examples")
+        # Progress, and a failure's "Error" badge, on the annotated photo only: the table's badge (a Dataframe's
+        # status tracker) stayed after its own clear button was clicked, beside the next photo.
         analysis = button.click(predict, inputs=photo, outputs=[result, table], api_name="predict",
-                                concurrency_limit=concurrency)
+                                concurrency_limit=concurrency, show_progress_on=[result])
         # A new photo (or none) takes the last one's faces away and cancels its analysis if it is still running:
         # they stayed beside the new photo as if they were its faces, and the button did nothing until a large
         # photo's analysis ended (Gradio runs a click once at a time). Cleared in the browser: a clear from the
         # server could come back after the next click's faces, and take them away.
-        photo.change(None, outputs=[result, table], js="() => [null, null]", cancels=[analysis],
+        photo.change(None, outputs=[result, table], js=CLEAR_LAST_ANALYSIS_JS, cancels=[analysis],
                      api_visibility="private")
+    # Photos waiting for an analysis slot: past this, Gradio refuses a new one at once ("Queue is full", 503)
+    # instead of keeping every request of a flood in memory and in line before everyone's next photo.
+    ui.queue(max_size=queue_max_size)
     return ui
 
 
@@ -224,6 +255,7 @@ class LazyUI:
         self.lineage: dict[str, Any] = {}
         self.max_body_bytes = 0
         self.concurrency = UI_CONCURRENCY
+        self.queue_max_size: int | None = None  # None: UI_QUEUE_FACTOR x concurrency (build_ui)
         self.app = None  # the loaded ASGI app (a FastAPI holder with Gradio at /ui)
         self.heartbeat = False  # whether the page uses Gradio's heartbeat stream (config "connect_heartbeat")
         self.error: BaseException | None = None
@@ -231,10 +263,12 @@ class LazyUI:
         self._closing: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    def configure(self, lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI_CONCURRENCY) -> None:
-        """Settings from the service's ``__init__``: the model's lineage, the upload cap and how many photos
-        the UI analyses at once."""
+    def configure(self, lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI_CONCURRENCY,
+                  queue_max_size: int | None = None) -> None:
+        """Settings from the service's ``__init__``: the model's lineage, the upload cap, how many photos
+        the UI analyses at once and how many may wait (:func:`build_ui`)."""
         self.lineage, self.max_body_bytes, self.concurrency = lineage, max_body_bytes, concurrency
+        self.queue_max_size = queue_max_size
 
     def _build(self):
         import gradio as gr
@@ -246,7 +280,7 @@ class LazyUI:
         # and it would lift Gradio's upload cap.
         # The file cap leaves room for the multipart headers around the file in the body the
         # service caps at max_body_bytes: a file just under that passed Gradio's check and got a 413.
-        blocks = build_ui(self.lineage, self.max_body_bytes, self.concurrency)
+        blocks = build_ui(self.lineage, self.max_body_bytes, self.concurrency, self.queue_max_size)
         gr.mount_gradio_app(holder, blocks, path=UI_PATH,
                             max_file_size=max(self.max_body_bytes - UPLOAD_OVERHEAD, 1), ssr_mode=False,
                             show_error=True,
