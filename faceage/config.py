@@ -5,7 +5,9 @@ Input: a YAML file with one section per DVC stage (``fetch_data``, ``fetch_detec
 
 Unknown keys, missing keys and values of the wrong type raise :class:`ConfigError` (a ValueError)
 naming the offending ``section.key``, so a typo in ``params.yaml`` or in
-``dvc exp run -S`` fails before any work is done.
+``dvc exp run -S`` fails before any work is done. So does a combination of ``train`` keys that training
+cannot run (:func:`check_train_params`): the always-run ``check_sources`` stage refuses it, not ``train``
+after the data work. This module imports neither torch nor dlib: every stage loads its params with it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ APPA_REAL_MD5 = "2701c6ec291b242e6b4f8a0a56087a43"
 FaceFeatures = Literal["descriptor", "layers"]
 FACE_FEATURES: tuple[str, ...] = typing.get_args(FaceFeatures)
 DESCRIPTOR, LAYERS = FACE_FEATURES
+# train.head: dlib_age's head ("auto" chooses one, resolve_head)
+TrainHead = Literal["auto", "ensemble", "fused", "pretrained"]
+# Copies of the constants of faceage.chips / faceage.face_encoder (the train.backbone values of dlib's two networks)
+# and faceage.dlib_age (its heads and its stages, what train.freeze_blocks counts): those modules import dlib and
+# torch, which loading params must not (check_sources runs first in every `dvc repro`). tests/unit/test_config_r30.py
+# keeps them equal.
+DLIB_AGE, FACE_ENCODER = "dlib_age", "dlib_face"
+HEAD_ENSEMBLE, HEAD_FUSED, HEAD_PRETRAINED = "ensemble", "fused", "pretrained"
+DLIB_AGE_HEADS = (HEAD_PRETRAINED, HEAD_ENSEMBLE, HEAD_FUSED)
+ENSEMBLE_HEADS = (HEAD_ENSEMBLE, HEAD_FUSED)  # an MLP ensemble over the frozen network(s)
+DLIB_AGE_STAGES = 7  # stem, block1..block5, head
 
 
 class ConfigError(FaceAgeError, ValueError):
@@ -46,6 +59,10 @@ class ConfigError(FaceAgeError, ValueError):
 # them); tests/unit/test_config_backbone.py keeps this set inside that list.
 FAST_BACKBONES = frozenset({"dlib_face", "dlib_age", "resnet18", "resnet34", "resnet50", "efficientnet_b0",
                             "mobilenet_v3_large", "mobilenet_v3_small", "convnext_tiny"})
+# Those with BatchNorm layers, which cannot train on one face per batch and process (faceage.training.check_batch
+# finds them in the model; tests/unit/test_config_r30.py keeps this set equal to what it finds)
+BATCHNORM_BACKBONES = frozenset({"resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenet_v3_large",
+                                 "mobilenet_v3_small"})
 
 
 @dataclass(frozen=True)
@@ -117,7 +134,7 @@ class TrainParams:
     # (its face-recognition network, frozen); "ensemble": over the age network alone; or dlib's own head
     # ("pretrained"), fine-tuned with the fine-tuning keys at the end (freeze_blocks, layer_lr_decay,
     # distill_weight, wise_ft): auto chooses it when one of those is set or epochs is 0
-    head: Literal["auto", "ensemble", "fused", "pretrained"] = "auto"
+    head: TrainHead = "auto"
     # The ensemble head's share against the pretrained network's own distribution: "auto" = chosen on
     # validation (the most pretrained weight within one standard error of the best), or a number in
     # [0, 1] (lower keeps the served ages closer to the pretrained network on photos unlike ours)
@@ -141,6 +158,83 @@ class TrainParams:
     layer_lr_decay: float = 1.0  # lr factor per stage below the head (layer-wise learning rates)
     distill_weight: float = 0.0  # weight of KL(pretrained || fine-tuned), learning without forgetting
     wise_ft: bool = False  # interpolate pretrained and fine-tuned weights, mix chosen on validation
+
+
+def uses_finetune_hooks(p: TrainParams) -> bool:
+    """Whether any keep-the-pretrained-behaviour setting differs from plain training."""
+    return p.freeze_blocks > 0 or p.layer_lr_decay != 1.0 or p.distill_weight > 0 or p.wise_ft
+
+
+def resolve_head(p: TrainParams) -> str | None:
+    """``dlib_age``'s head for these params (``None`` for other backbones).
+
+    ``train.head=auto`` is the fused head, the MLP ensemble over both frozen dlib networks (the
+    measured best, ``reports/recipe_dlib_age.md``, round 7), except that fine-tuning settings
+    (``freeze_blocks``, ``layer_lr_decay``, ``distill_weight``, ``wise_ft``) ask for dlib's own head,
+    fine-tuned, and ``epochs=0`` is the zero-shot network, dlib's own head untouched.
+    """
+    if p.backbone != DLIB_AGE:
+        return None
+    if p.head != "auto":
+        return p.head
+    return HEAD_PRETRAINED if p.epochs == 0 or uses_finetune_hooks(p) else HEAD_FUSED
+
+
+def check_train_params(p: TrainParams) -> None:
+    """The ``train`` keys that only make sense together: the head and fine-tuning keys act on a pretrained
+    network split into stages, which only ``dlib_age`` has; ``dlib_face`` reads no weights file; a BatchNorm
+    backbone needs two faces per batch and process.
+
+    Checked by :func:`params_from_dict` (so the ``check_sources`` stage refuses them first) and again by
+    training (:func:`faceage.finetune.check_params`), for params built in code (the recipe's and sweep's rows).
+
+    Raises:
+        ConfigError: A combination training cannot run; the message names the keys.
+    """
+    head = resolve_head(p)
+    if p.backbone != DLIB_AGE and p.head != "auto":
+        raise ConfigError(f"train.head applies to train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; "
+                          "reset it to auto")
+    if uses_finetune_hooks(p) and p.backbone != DLIB_AGE:
+        raise ConfigError(f"train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft apply to "
+                          f"train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; reset them to 0 / 1.0 / 0.0 / false")
+    if uses_finetune_hooks(p) and p.head in ENSEMBLE_HEADS:
+        raise ConfigError("train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft fine-tune dlib's own head: "
+                          f"they need train.head=pretrained (or auto), got train.head={p.head}, which trains an MLP "
+                          "ensemble over the frozen network")
+    if p.ensemble_weight != "auto" and head not in ENSEMBLE_HEADS:
+        raise ConfigError(f"train.ensemble_weight={p.ensemble_weight} mixes dlib_age's ensemble head with the "
+                          f"pretrained network, but this run has no ensemble head (train.backbone={p.backbone}, "
+                          f"head {head or 'none'}); reset it to auto")
+    if p.epochs == 0 and p.head in ENSEMBLE_HEADS:
+        raise ConfigError("train.epochs=0 is the zero-shot network: it needs train.head=pretrained (or auto), "
+                          f"got train.head={p.head}, whose members would be untrained")
+    if p.backbone == DLIB_AGE and p.freeze_blocks >= DLIB_AGE_STAGES:  # before the data load and the cache
+        raise ConfigError(f"train.freeze_blocks must be < {DLIB_AGE_STAGES} for {DLIB_AGE} (stem, five blocks, "
+                          f"head; the head always trains), got {p.freeze_blocks}")
+    if p.backbone == DLIB_AGE and p.pretrained == "none" and (
+            head != HEAD_PRETRAINED or p.epochs == 0 or p.freeze_blocks > 0 or p.distill_weight > 0 or p.wise_ft):
+        raise ConfigError(f"train.pretrained=none gives {DLIB_AGE} random weights, so there is no pretrained "
+                          f"network to keep frozen, distil from or mix with (train.head={p.head}, epochs {p.epochs}, "
+                          f"freeze_blocks {p.freeze_blocks}, distill_weight {p.distill_weight}, wise_ft {p.wise_ft}): "
+                          "use train.pretrained=imagenet (dlib's weights; any value but none), or train from scratch "
+                          "with train.head=pretrained, epochs > 0, freeze_blocks 0, distill_weight 0 and wise_ft false")
+    if p.face_features != DESCRIPTOR and head != HEAD_FUSED:
+        raise ConfigError(f"train.face_features={p.face_features} chooses what the fused head reads of dlib's face "
+                          f"network, but this run has no fused head (train.backbone={p.backbone}, head "
+                          f"{head or 'none'}); reset it to {DESCRIPTOR}")
+    # faceage.training.check_batch's rule (the same message) for the backbones known here: it needs the model, so it
+    # ran after train's data load.
+    per_process = p.batch_size // p.nproc_per_node
+    if p.epochs > 0 and per_process < 2 and p.backbone in BATCHNORM_BACKBONES:
+        raise ConfigError(f"train.batch_size={p.batch_size} gives {per_process} face per batch and process "
+                          f"({p.nproc_per_node} process(es)); {p.backbone}'s BatchNorm layers need at least 2: raise "
+                          "train.batch_size")
+    # faceage.model.load_pretrained's rule (the same message): check_sources recorded any value as "dlib" and
+    # train refused a weights file, after preprocess and embed.
+    if p.backbone == FACE_ENCODER and p.pretrained not in ("imagenet", "none"):
+        raise ConfigError(f"train.pretrained={p.pretrained!r}: backbone {FACE_ENCODER} always uses dlib's pretrained "
+                          "face encoder; set train.pretrained=none")
 
 
 DEFAULT_EXTERNAL = ("../shared/datasets/utk-external",)
@@ -323,6 +417,8 @@ def _validate_ranges(name: str, obj: Any) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if isinstance(obj, TrainParams):  # each key in range first: the combinations' messages assume it
+        check_train_params(obj)
 
 
 def params_from_dict(raw: dict[str, Any]) -> Params:

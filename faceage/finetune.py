@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faceage import config
 from faceage.chips import DLIB_AGE
 from faceage.config import ConfigError, TrainParams
 from faceage.ort_module import cpu_runner
@@ -57,68 +58,19 @@ def stages(model: nn.Module, backbone: str) -> list[list[nn.Parameter]]:
     return [list(model.parameters())]
 
 
-def uses_finetune_hooks(p: TrainParams) -> bool:
-    """Whether any keep-the-pretrained-behaviour setting differs from plain training."""
-    return p.freeze_blocks > 0 or p.layer_lr_decay != 1.0 or p.distill_weight > 0 or p.wise_ft
-
-
-def resolve_head(p: TrainParams) -> str | None:
-    """``dlib_age``'s head for these params (``None`` for other backbones).
-
-    ``train.head=auto`` is the fused head, the MLP ensemble over both frozen dlib networks (the
-    measured best, ``reports/recipe_dlib_age.md``, round 7), except that fine-tuning settings
-    (``freeze_blocks``, ``layer_lr_decay``, ``distill_weight``, ``wise_ft``) ask for dlib's own head,
-    fine-tuned, and ``epochs=0`` is the zero-shot network, dlib's own head untouched.
-    """
-    from faceage.dlib_age import HEAD_FUSED, HEAD_PRETRAINED
-
-    if p.backbone != DLIB_AGE:
-        return None
-    if p.head != "auto":
-        return p.head
-    return HEAD_PRETRAINED if p.epochs == 0 or uses_finetune_hooks(p) else HEAD_FUSED
+# dlib_age's head for these params (None for other backbones): training and the tests read it here
+resolve_head = config.resolve_head
 
 
 def check_params(p: TrainParams) -> None:
-    """These settings act on a pretrained network split into stages: only ``dlib_age`` has both.
+    """The ``train`` keys that only make sense together (:func:`faceage.config.check_train_params`, which
+    ``load_params`` runs too): again here for params built in code, the recipe's and sweep's rows.
 
     Raises:
-        ConfigError: A fine-tuning setting is used with another backbone or with the ensemble head.
+        ConfigError: A fine-tuning setting is used with another backbone or with the ensemble head, or another
+            combination training cannot run.
     """
-    from faceage.dlib_age import ENSEMBLE_HEADS, HEAD_FUSED, HEAD_PRETRAINED, NUM_STAGES
-
-    head = resolve_head(p)
-    if p.backbone != DLIB_AGE and p.head != "auto":
-        raise ConfigError(f"train.head applies to train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; "
-                          "reset it to auto")
-    if uses_finetune_hooks(p) and p.backbone != DLIB_AGE:
-        raise ConfigError(f"train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft apply to "
-                          f"train.backbone={DLIB_AGE}, got backbone {p.backbone!r}; reset them to 0 / 1.0 / 0.0 / false")
-    if uses_finetune_hooks(p) and p.head in ENSEMBLE_HEADS:
-        raise ConfigError("train.freeze_blocks / layer_lr_decay / distill_weight / wise_ft fine-tune dlib's own head: "
-                          f"they need train.head=pretrained (or auto), got train.head={p.head}, which trains an MLP "
-                          "ensemble over the frozen network")
-    if p.ensemble_weight != "auto" and head not in ENSEMBLE_HEADS:
-        raise ConfigError(f"train.ensemble_weight={p.ensemble_weight} mixes dlib_age's ensemble head with the "
-                          f"pretrained network, but this run has no ensemble head (train.backbone={p.backbone}, "
-                          f"head {head or 'none'}); reset it to auto")
-    if p.epochs == 0 and p.head in ENSEMBLE_HEADS:
-        raise ConfigError("train.epochs=0 is the zero-shot network: it needs train.head=pretrained (or auto), "
-                          f"got train.head={p.head}, whose members would be untrained")
-    if p.backbone == DLIB_AGE and p.freeze_blocks >= NUM_STAGES:  # before the data load and the cache
-        raise ConfigError(f"train.freeze_blocks must be < {NUM_STAGES} for {DLIB_AGE} (stem, five blocks, head; "
-                          f"the head always trains), got {p.freeze_blocks}")
-    if p.backbone == DLIB_AGE and p.pretrained == "none" and (
-            head != HEAD_PRETRAINED or p.epochs == 0 or p.freeze_blocks > 0 or p.distill_weight > 0 or p.wise_ft):
-        raise ConfigError(f"train.pretrained=none gives {DLIB_AGE} random weights, so there is no pretrained "
-                          f"network to keep frozen, distil from or mix with (train.head={p.head}, epochs {p.epochs}, "
-                          f"freeze_blocks {p.freeze_blocks}, distill_weight {p.distill_weight}, wise_ft {p.wise_ft}): "
-                          "use train.pretrained=imagenet (dlib's weights; any value but none), or train from scratch "
-                          "with train.head=pretrained, epochs > 0, freeze_blocks 0, distill_weight 0 and wise_ft false")
-    if p.face_features != TrainParams().face_features and head != HEAD_FUSED:
-        raise ConfigError(f"train.face_features={p.face_features} chooses what the fused head reads of dlib's face "
-                          f"network, but this run has no fused head (train.backbone={p.backbone}, head "
-                          f"{head or 'none'}); reset it to {TrainParams().face_features}")
+    config.check_train_params(p)
 
 
 def param_groups(model: nn.Module, p: TrainParams) -> list[dict]:

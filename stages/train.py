@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 
-from faceage import finetune
 from faceage.config import load_params
 from faceage.launch import end_with_launcher, relaunch
 from faceage.logs import run_stage, setup_logging
@@ -39,8 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     check_reachable()  # a tracking server that does not answer: now, not after the data load and retries
     if "LOCAL_RANK" in os.environ:  # a torchrun worker
         end_with_launcher()
-    elif p.nproc_per_node > 1:
-        finetune.check_params(p)  # before launching: one line, not one per process (each checks again in train_model)
+    elif p.nproc_per_node > 1:  # load_params checked the keys together too: refused before launching, not per process
         relaunch(p.nproc_per_node, __file__, argv)
         return
     train_model(p, args.faces, args.model, args.reports, args.run, args.state, embeddings_path=args.embeddings,

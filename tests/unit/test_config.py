@@ -90,6 +90,7 @@ def test_an_md5_in_capitals_as_windows_prints_it_is_accepted():
 
 def test_ensemble_weight_is_auto_or_a_number():
     raw = raw_params()
+    raw["train"]["backbone"] = "dlib_age"  # ensemble_weight is the ensemble head's (config.check_train_params)
     assert params_from_dict(raw).train.ensemble_weight == "auto"
     raw["train"]["ensemble_weight"] = 1
     assert params_from_dict(raw).train.ensemble_weight == 1.0
