@@ -548,13 +548,27 @@ def _loader_workers(p: TrainParams, device: torch.device) -> int:
     return 0 if device.type == "cpu" and cores <= 4 else min(8, max(cores - 1, 1))
 
 
+# fp16 steps in a row the loss scaler may skip before the run counts as diverged. A backward overflow halves the
+# scale and recovers in at most log2(scale) skips: 16 from GradScaler's initial 2**16, 24 after growth to 2**24 (one
+# doubling per 2000 clean steps). A forward overflow does not depend on the scale and, the step being skipped, the
+# weights stay as they were: a transient one is an isolated batch. 50 in a row leaves a scale below 2**-26, and a
+# network that skipped every step for two epochs of the 1,500-face sample (23 steps each at batch 64); it is also
+# far below the ~165 halvings that take the float32 scale to 0, after which the scaler no longer skips anything.
+MAX_CONSECUTIVE_SKIPPED_STEPS = 50
+
+
 @dataclass
 class Amp:
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); off elsewhere."""
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); off elsewhere.
+
+    ``consecutive_skips`` counts the optimiser steps in a row that the fp16 loss scaler skipped, across epochs
+    (:func:`check_amp_step`).
+    """
 
     enabled: bool
     dtype: torch.dtype
     scaler: torch.amp.GradScaler
+    consecutive_skips: int = 0
 
     @classmethod
     def for_device(cls, p: TrainParams, device: torch.device) -> Amp:
@@ -567,7 +581,8 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, opt: torch.optim.Optimiz
                     prepare: Callable, device: torch.device, amp: Amp, d: Distributed) -> dict[str, float]:
     """One pass over this rank's share of the data; returns the global mean loss and MAE, and images seen."""
     net.train()
-    seen, loss_sum, mae_sum = 0, 0.0, 0.0
+    scaling = amp.scaler.is_enabled()
+    seen, counted, loss_sum, mae_sum, skipped_steps = 0, 0, 0.0, 0.0, 0
     for images, target, ages in loader:
         images, target, ages = images.to(device), target.to(device), ages.to(device)
         x = prepare(images)
@@ -575,16 +590,76 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, opt: torch.optim.Optimiz
             logits = net(x)
         loss = loss_fn(logits, target, x)
         opt.zero_grad(set_to_none=True)
+        scale = amp.scaler.get_scale() if scaling else 1.0  # a CPU-GPU sync point, once per step
         amp.scaler.scale(loss).backward()
         amp.scaler.step(opt)
         amp.scaler.update()
         sched.step()
+        # The scaler skips a step whose gradients are not finite, and only then lowers its scale. With DDP the
+        # gradients are all-reduced, so every rank sees the same skips and stops at the same step.
+        skipped = scaling and amp.scaler.get_scale() < scale
+        skipped_steps += skipped
+        count, amp.consecutive_skips = check_amp_step(loss.detach(), skipped, amp.consecutive_skips, scaling=scaling)
         n = len(ages)
         seen += n
-        loss_sum += loss.item() * n  # a CPU-GPU sync point, once per step
-        mae_sum += (expected_age(logits.detach())[0] - ages).abs().sum().item()
-    seen, loss_sum, mae_sum = d.sum([seen, loss_sum, mae_sum], device)
-    return {"train_loss": loss_sum / seen, "train_mae": mae_sum / seen, "seen": seen}
+        if count:
+            counted += n
+            loss_sum += loss.item() * n
+            mae_sum += (expected_age(logits.detach())[0] - ages).abs().sum().item()
+    seen, counted, loss_sum, mae_sum = d.sum([seen, counted, loss_sum, mae_sum], device)
+    # No counted step (every forward pass overflowed in fp16): no loss was measured, NaN says so.
+    return {"train_loss": loss_sum / counted if counted else math.nan,
+            "train_mae": mae_sum / counted if counted else math.nan,
+            "seen": seen, "counted": counted, "skipped_steps": skipped_steps}
+
+
+def check_amp_step(loss: torch.Tensor, skipped: bool, consecutive: int, *, scaling: bool,
+                   limit: int = MAX_CONSECUTIVE_SKIPPED_STEPS) -> tuple[bool, int]:
+    """Decides what one optimiser step means for divergence.
+
+    Without loss scaling (fp32, bf16) every loss counts: a non-finite one makes the epoch's mean non-finite, and
+    :func:`check_epoch` stops the run. With fp16 loss scaling an overflowing step is normal: the scaler skipped it
+    and lowered its scale, the weights are untouched. Its loss stays out of the epoch's mean when it is not finite
+    (a forward overflow); a finite one (a backward overflow) is a real measurement and counts.
+
+    Args:
+        loss: The step's loss.
+        skipped: Whether the loss scaler skipped the step (its scale went down).
+        consecutive: Skipped steps in a row before this one.
+        scaling: Whether fp16 loss scaling is on.
+        limit: Skipped steps in a row that count as divergence (:data:`MAX_CONSECUTIVE_SKIPPED_STEPS`).
+
+    Returns:
+        ``(counted, consecutive)``: whether the loss enters the epoch's mean, and the skipped steps in a row now.
+
+    Raises:
+        TrainingDivergedError: ``limit`` steps in a row were skipped.
+    """
+    if not (scaling and skipped):
+        return True, 0
+    consecutive += 1
+    if consecutive >= limit:
+        raise TrainingDivergedError(
+            f"{consecutive} consecutive fp16 steps overflowed (last loss {loss.item()}): loss scaling does not "
+            "recover from this, the network no longer fits in fp16 (lower train.lr, check the labels, or set "
+            "train.amp=false); nothing of this epoch is kept")
+    return bool(torch.isfinite(loss).all()), consecutive
+
+
+def check_epoch(epoch: int, train: dict[str, float], val_mae: float) -> None:
+    """Stops the run when an epoch's training loss or validation MAE is not a number.
+
+    An fp16 epoch whose every step the loss scaler skipped has no training loss (NaN, ``counted`` 0): its weights
+    did not move, and :func:`check_amp_step` bounds such runs of skips.
+
+    Raises:
+        TrainingDivergedError: the weights diverged.
+    """
+    measured = train.get("counted", 1) > 0
+    if not ((math.isfinite(train["train_loss"]) or not measured) and math.isfinite(val_mae)):
+        raise TrainingDivergedError(
+            f"epoch {epoch}: training loss {train['train_loss']}, validation MAE {val_mae}: the weights are "
+            "no longer numbers (lower train.lr, or check the labels); nothing of this epoch is kept")
 
 
 def val_errors(model: nn.Module, val_set: Dataset, prepare: Callable, device: torch.device) -> torch.Tensor:
@@ -756,10 +831,12 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
                 log.info("epoch %d/%d  loss %.4f  train MAE %.2f  val MAE %.2f  lr %.2e  %.0f img/s  %.0f s",
                          epoch, p.epochs, row["train_loss"], row["train_mae"], val_mae, row["lr"],
                          row["images_per_s"], elapsed)
-                if not (math.isfinite(row["train_loss"]) and math.isfinite(val_mae)):
-                    raise TrainingDivergedError(
-                        f"epoch {epoch}: training loss {row['train_loss']}, validation MAE {val_mae}: the weights are "
-                        "no longer numbers (lower train.lr, or check the labels); nothing of this epoch is kept")
+                check_epoch(epoch, train, val_mae)
+                if amp.scaler.is_enabled():  # fp16: the steps the loss scaler skipped (overflow), an MLflow metric
+                    row["amp_skipped_steps"] = train["skipped_steps"]
+                    if train["skipped_steps"]:
+                        log.warning("epoch %d: the fp16 loss scaler skipped %d step(s) on overflow (loss scale now "
+                                    "%g; train.amp=true)", epoch, train["skipped_steps"], amp.scaler.get_scale())
                 state.history.append(row)
                 if val_mae < state.best_val_mae:
                     state.best_val_mae, state.best_epoch = val_mae, epoch
