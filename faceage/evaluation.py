@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import logging
 import time
@@ -34,13 +35,13 @@ import torch
 
 from faceage.config import EvaluateParams
 from faceage.chips import DLIB_AGE
-from faceage.data import load_split
+from faceage.data import SplitDataError, load_split
 from faceage.external import (EXTERNAL_SHA256_TAG, crop_counts, external_chips, external_embeddings,
                               external_faces, set_version)
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
 from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
-from faceage.preprocess import read_faces_manifest
+from faceage.preprocess import MANIFEST, read_faces_manifest
 from faceage.sources import ExternalSet, ExternalSetError, resolve_external
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
@@ -55,19 +56,39 @@ GROUP_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)
 
 
 def age_group(age: float) -> str:
-    """``0-9``, ``10-19``, ..., ``60-69``, ``70+``."""
-    lower = max(e for e in GROUP_EDGES if age >= e) if age >= 0 else 0
+    """``0-9``, ``10-19``, ..., ``60-69``, ``70+``.
+
+    Raises:
+        ValueError: ``age`` is not a finite number >= 0 (NaN and negative ages were binned as ``0-9``, infinity as
+            ``70+``). Evaluation checks its labels first (:func:`_labels`), naming the face.
+    """
+    if not (math.isfinite(age) and age >= 0):
+        raise ValueError(f"an age must be a finite number >= 0 years, got {age}")
+    lower = max(e for e in GROUP_EDGES if age >= e)
     return f"{lower}+" if lower == GROUP_EDGES[-1] else f"{lower}-{lower + 9}"
 
 
 def age_metrics(pred: np.ndarray, true: np.ndarray, cs_years: float = 5.0) -> dict:
-    """MAE, RMSE and cumulative score CS@``cs_years`` of predictions against true ages."""
+    """MAE, RMSE and cumulative score CS@``cs_years`` (share of errors <= ``cs_years``) of predictions against
+    true ages. A NaN prediction makes all three NaN, as a run with a NaN metric is excluded from selection."""
     err = np.abs(pred - true)
     return {
         "mae_years": float(err.mean()),
         "rmse_years": float(np.sqrt(((pred - true) ** 2).mean())),
-        f"cs{cs_years:g}": float((err <= cs_years).mean()),
+        f"cs{cs_years:g}": _share(err <= cs_years, err),
     }
+
+
+def _share(hits: np.ndarray, values: np.ndarray) -> float:
+    """The share of ``hits``; NaN where a value is NaN (NaN compares False: the face counted as a plain miss, and a
+    model that output NaN showed a share that looked like a real one beside its NaN MAE)."""
+    return float(hits.mean()) if not np.isnan(values).any() else math.nan
+
+
+def vs_baseline(mae_years: float, baseline_mae_years: float) -> float:
+    """MAE as a share of the always-the-training-mean baseline's; NaN where that is 0 (every test face at the
+    training mean, e.g. one face), which raised ZeroDivisionError."""
+    return mae_years / baseline_mae_years if baseline_mae_years > 0 else math.nan
 
 
 AGE_GROUPS = [f"{e}-{e + 9}" for e in GROUP_EDGES[:-1]] + [f"{GROUP_EDGES[-1]}+"]
@@ -137,8 +158,9 @@ def _plots(out: Path, pred: np.ndarray, true: np.ndarray, groups: list[dict], hi
 
 
 def coverage(pred: np.ndarray, std: np.ndarray, true: np.ndarray, k: float) -> float:
-    """Share of faces whose true age lies within ``k`` predicted standard deviations."""
-    return float((np.abs(pred - true) <= k * std).mean())
+    """Share of faces whose true age lies within ``k`` predicted standard deviations (NaN for a NaN prediction)."""
+    err = np.abs(pred - true)
+    return _share(err <= k * std, err + std)
 
 
 def low_res_mae(age_model: AgeModel, images: torch.Tensor, true: np.ndarray, fractions: tuple[float, ...],
@@ -193,7 +215,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
         data = load_split(faces, "test", meta["backbone"], meta["image_size"], embeddings,
                           pairs=reads_pairs(meta))
         pred, std = age_model.predict_inputs(data.images, p.batch_size)
-        true = _labels(data.rows, "apparent_age")
+        true = _labels(data.rows, "apparent_age", f"external set {ext.name!r} ({ext.path}): ")
         groups[ext.name] = errors_by_group(pred, true)
         results[ext.name] = {
             **age_metrics(pred, true, p.cs_years),
@@ -228,9 +250,26 @@ def log_evaluation(run_id: str, metrics: dict[str, float], tags: dict[str, Any],
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
 
 
-def _labels(rows: list[dict], column: str) -> np.ndarray:
-    """A manifest column as float64, as written (the datasets' float32 tensors turn 24.6 into 24.600000381469727)."""
-    return np.array([float(r[column]) for r in rows], np.float64)
+def _labels(rows: list[dict], column: str, where: str = "") -> np.ndarray:
+    """A manifest column as float64, as written (the datasets' float32 tensors turn 24.6 into 24.600000381469727).
+
+    Raises:
+        SplitDataError: A label is not a finite number >= 0, naming the face (``where`` says which manifest). The
+            source's labels are checked when read (:mod:`faceage.appa_real`); one that reaches evaluation
+            otherwise entered every metric (NaN) or was scored and binned as ``0-9`` (a negative age).
+    """
+    ages = []
+    for r in rows:
+        try:
+            age = float(r[column])
+        except ValueError:
+            age = math.nan
+        if not (math.isfinite(age) and age >= 0):
+            face = r.get("file_name", r.get("crop"))
+            raise SplitDataError(f"{where}face {face!r} has {column}={r[column]!r}: an age must be a finite number "
+                                 ">= 0 years; fix its label and rerun preprocess")
+        ages.append(age)
+    return np.array(ages, np.float64)
 
 
 def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[str, float]:
@@ -289,8 +328,9 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
                       pairs=reads_pairs(meta))
     age_model.accelerate(test.images)
     pred, std = age_model.predict_inputs(test.images, p.batch_size)
-    true, real = _labels(test.rows, "apparent_age"), _labels(test.rows, "real_age")
-    train_mean = float(_labels(read_faces_manifest(faces_dir, "train"), "apparent_age").mean())
+    where = f"{Path(faces_dir) / MANIFEST}: "
+    true, real = _labels(test.rows, "apparent_age", where), _labels(test.rows, "real_age", where)
+    train_mean = float(_labels(read_faces_manifest(faces_dir, "train"), "apparent_age", where).mean())
     groups = errors_by_group(pred, true)
     demographics = read_demographics(data_dir, "test") if data_dir is not None else {}
     by_attribute = {
@@ -313,7 +353,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         "val_mae_years": float(meta["val_mae"]),
         "mae_low_res": low_res_mae(age_model, test.images, true, p.low_res, p.batch_size),
     }
-    metrics["mae_vs_baseline"] = metrics["mae_years"] / metrics["baseline_mae_years"]
+    metrics["mae_vs_baseline"] = vs_baseline(metrics["mae_years"], metrics["baseline_mae_years"])
     external, external_groups, external_rows = (
         evaluate_external(age_model, sets, p, detector_dir, train_mean, external_cache) if sets else ({}, {}, []))
     metrics["external"] = external
