@@ -9,6 +9,7 @@ are built under :func:`locked`: the first process builds, the others wait and re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -41,11 +42,32 @@ def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            # On disk before its name is: after a power loss, ext4/xfs could otherwise show the final
+            # name on an empty file (the rename was journaled, the data still in the page cache).
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (its entry on disk). Where folders cannot be opened or synced
+    (Windows, some network file systems) the rename stands as it is: nothing more can be done there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def scratch_name(out_dir: Path, tag: str = "") -> Path:
@@ -134,6 +156,11 @@ def locked(target: str | Path, what: str = "") -> Iterator[None]:
     inside: a staged folder replaces ``target`` whole), released when the holder exits or dies, so a
     killed process never leaves a stale lock. Where ``fcntl`` is missing (Windows) it does not lock.
 
+    A folder this user cannot write (a team's shared, already built cache): a lock file someone else
+    made there is locked through a read-only handle (``flock`` needs no write access); where there is
+    none and none can be made, it does not lock. Such a user cannot build there anyway: the caller
+    reuses a complete ``target``, and the build of an incomplete one fails with the write it needs.
+
     Args:
         target: What is built under the lock (a file or folder; it need not exist yet).
         what: What is being done, for the log line when another process holds the lock.
@@ -146,7 +173,12 @@ def locked(target: str | Path, what: str = "") -> Iterator[None]:
         yield
         return
     path = target.with_name(f".{target.name}.lock")
-    with open(path, "a") as fh:
+    fh = _open_lock(path)
+    if fh is None:
+        log.debug("not locking %s: %s cannot be created (a read-only folder)", target, path)
+        yield
+        return
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -156,3 +188,22 @@ def locked(target: str | Path, what: str = "") -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _open_lock(path: Path):
+    """The lock file, opened to be locked: created if need be; read-only where this user may not write
+    it (another user's file, a read-only folder or file system); None where it is not there to open."""
+    try:
+        return open(path, "a")
+    except OSError as e:
+        if e.errno not in _NOT_WRITABLE:
+            raise
+    try:
+        return open(path)
+    except OSError as e:
+        if e.errno not in (*_NOT_WRITABLE, errno.ENOENT):
+            raise
+        return None

@@ -39,7 +39,7 @@ from typing import TextIO
 import numpy as np
 from PIL import Image, features
 
-from faceage.errors import FaceAgeError
+from faceage.errors import FaceAgeError, error_line
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from faceage.logs import setup_logging
 from faceage.predict import (CHECKPOINT_FILE, DEFAULT_MAX_DETECT_PIXELS, DETECTOR_DIR, AgePredictor, FaceAge,
@@ -104,6 +104,13 @@ class PhotoResult:
         return entry
 
 
+class UnlistedFolder(type(Path())):
+    """A folder a scan could not list (a locked one), carrying the error that listing it raised: its row
+    gives that error (:func:`_read_error`) without listing the folder again. Equal to the plain path."""
+
+    error: OSError | None = None
+
+
 def collect_images(paths: Sequence[str | Path], recursive: bool = False, *, skip_dir: Path | None = None
                    ) -> list[Path]:
     """Paths as given, plus the photos inside given folders (by suffix, sorted), each photo once.
@@ -134,7 +141,9 @@ def collect_images(paths: Sequence[str | Path], recursive: bool = False, *, skip
     seen: set[Path] = set()
     for raw in paths:
         path = Path(raw)
-        for photo in sorted(_scan_folder(path, recursive, skip)) if path.is_dir() else [path]:
+        # os.path.isdir, not Path.is_dir: that raised on a path this user may not reach (EACCES, Python
+        # 3.11), ending the command in a traceback; such a path is taken as given and its row says why.
+        for photo in sorted(_scan_folder(path, recursive, skip)) if os.path.isdir(path) else [path]:
             real = _real(photo)
             if real not in seen:
                 seen.add(real)
@@ -155,20 +164,26 @@ def _scan_folder(top: Path, recursive: bool, skip: Path | None) -> Iterator[Path
         visited.add(real)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:  # a locked folder: its own error row (:func:`_read_error`), not a log line and exit 0
-            yield folder
+        except OSError as e:  # a locked folder: its own error row (:func:`_read_error`), not a log line and exit 0
+            unlisted = UnlistedFolder(folder)
+            unlisted.error = e
+            yield unlisted
             continue
         for entry in entries:
             path = folder / entry.name
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():  # follows a symlink
-                if recursive and _real(path) != skip:
-                    pending.append(path)
-            elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and (
-                    entry.is_file() and not is_annotated_copy(path)
-                    or entry.is_symlink() and not os.path.exists(path)):  # a broken link: its row will say
-                yield path
+            photo = Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+            try:
+                if entry.is_dir():  # follows a symlink
+                    if recursive and _real(path) != skip:
+                        pending.append(path)
+                elif photo and (entry.is_file() and not is_annotated_copy(path)
+                                or entry.is_symlink() and not os.path.exists(path)):  # a broken link: its row will say
+                    yield path
+            except OSError:  # a link into a folder this user may not enter (EACCES): a photo's row says so
+                if photo:
+                    yield path
 
 
 def _real(path: Path) -> Path:
@@ -233,6 +248,8 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
             for path in paths[start:start + CHUNK_IMAGES]:
                 result = PhotoResult(path)
                 try:
+                    if isinstance(path, UnlistedFolder) and path.error is not None:
+                        raise path.error  # the scan's own error: not the "Is a directory" of opening it
                     image = load_image("/dev/stdin" if str(path) == STDIN else path,
                                        max_pixels=predictor.locator.max_pixels)
                 except (ImageDecodeError, OSError) as e:
@@ -260,14 +277,12 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
 def _read_error(path: Path, error: Exception) -> str:
     """The row's message for a photo that could not be read: a missing path, or a symbolic link
     whose target is gone, in words rather than as the ``[Errno 2]`` of opening it; for a folder a
-    scan could not list, why (rather than the ``Is a directory`` of opening it as a photo)."""
-    if os.path.isdir(path):
-        try:
-            with os.scandir(path):
-                pass
-        except OSError as e:
-            return f"cannot read the folder {path}: {e.strerror or e}"
-    if isinstance(error, OSError) and not os.path.exists(path):
+    scan could not list (:class:`UnlistedFolder`), the error the scan met (rather than the ``Is a
+    directory`` of opening it as a photo)."""
+    if isinstance(path, UnlistedFolder) and path.error is not None:
+        return f"cannot read the folder {path}: {path.error.strerror or path.error}"
+    # Not for EACCES: os.path.exists is False for a path this user may not reach, which was then "no such file".
+    if isinstance(error, OSError) and not isinstance(error, PermissionError) and not os.path.exists(path):
         if os.path.islink(path):
             return f"broken symbolic link: {path} -> {os.readlink(path)}"
         return f"no such file or folder: {path}"
@@ -567,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_annotate_dir(args.annotate)
         results = list(predict_photos(load_predictor(args), paths, args.annotate))
     except (FaceAgeError, FileNotFoundError) as e:
-        log.error("%s", e)
+        log.error("%s", error_line(e, with_type=False))  # one line, a hint raised on a second one joined to it
         return 1
     annotate = args.annotate is not None
     try:

@@ -57,20 +57,49 @@ class DlibFaceEncoder:
         return face_rect(side, self.margin)
 
     def embed(self, crop: np.ndarray) -> np.ndarray:
-        """One (S, S, 3) uint8 crop -> (128,) float32 descriptor."""
-        crop = np.ascontiguousarray(crop)
+        """One (S, S, 3) uint8 crop -> (128,) float32 descriptor.
+
+        Any side from 1 px gives one, as any face region gives its chips (:func:`faceage.faces.crop_box`
+        keeps a region at 1 px at least; dlib resamples it to its 150 px chip).
+
+        Raises:
+            ValueError: ``crop`` is not a non-empty square RGB uint8 array (the face is placed by its side).
+        """
+        crop = _dlib_crop(crop)
         shape = self._shape(crop, self.face_rect(crop.shape[0]))
         return np.asarray(self._net.compute_face_descriptor(crop, shape), dtype=np.float32)
 
     def embed_views(self, crop: np.ndarray) -> np.ndarray:
-        """(2, 128) descriptors: the crop and its mirror image."""
-        return np.stack([self.embed(crop), self.embed(np.ascontiguousarray(crop[:, ::-1]))])
+        """(2, 128) descriptors: the crop and its mirror image (raises as :meth:`embed`)."""
+        crop = _dlib_crop(crop)
+        return np.stack([self.embed(crop), self.embed(crop[:, ::-1])])
 
     def embed_many(self, crops: list[np.ndarray]) -> np.ndarray:
         """(N, 2, 128) float32 descriptors (both views); an empty list gives (0, 2, 128)."""
         if not crops:
             return np.zeros((0, VIEWS, EMBEDDING_DIM), dtype=np.float32)
         return np.stack([self.embed_views(c) for c in crops])
+
+
+def _dlib_crop(crop: np.ndarray) -> np.ndarray:
+    """``crop`` checked (a non-empty square RGB uint8 array) and laid out as dlib reads it.
+
+    A copy where the strides are not the plain ones: numpy counts a 1 px wide flipped view as contiguous
+    (``np.ascontiguousarray`` keeps its column stride of -3), and dlib refused it ("The stride of the 2nd
+    dimension ... must be 3").
+    """
+    if not (isinstance(crop, np.ndarray) and crop.dtype == np.uint8 and crop.ndim == 3 and crop.shape[2] == 3):
+        got = f"shape {crop.shape} of {crop.dtype}" if isinstance(crop, np.ndarray) else type(crop).__name__
+        raise ValueError(f"DlibFaceEncoder takes an RGB uint8 face crop (S, S, 3), as faceage.faces.crop_face "
+                         f"cuts; got {got}")
+    h, w = crop.shape[:2]
+    if h != w or not h:
+        raise ValueError(f"DlibFaceEncoder takes a non-empty square face crop (S, S, 3), as "
+                         f"faceage.faces.crop_face cuts; got an {'empty' if not h * w else 'array'} of shape "
+                         f"{crop.shape}")
+    if crop.strides != (3 * w, 3, 1):
+        crop = np.array(crop, order="C")  # a fresh array: plain strides
+    return crop
 
 
 def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | Path, workers: int = 0) -> int:
