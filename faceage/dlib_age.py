@@ -125,9 +125,13 @@ class AgeEnsemble(nn.Module):
 
     @torch.no_grad()
     def fit_input_stats(self, x: torch.Tensor) -> None:
-        """Standardisation from member inputs of the training split (N, 337)."""
+        """Standardisation from member inputs of the training split (N, 337).
+
+        One row has no sample standard deviation (torch gives NaN, which ``clamp_min`` keeps, and every
+        prediction was NaN): it is then taken as 1, the inputs only centred.
+        """
         self.in_mean.copy_(x.mean(0))
-        self.in_std.copy_(x.std(0).clamp_min(1e-6))
+        self.in_std.copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(x[0]))
 
     def forward(self, x: torch.Tensor, pretrained_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Member inputs (N, in_features) -> log age distribution, mixed with ``softmax(pretrained_logits)``

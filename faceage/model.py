@@ -238,13 +238,43 @@ def resolve_imagenet_weights(backbone: str, cache_dir: str | Path | None = None)
     return path
 
 
+# Where a full checkpoint keeps the network's weights: FaceAge's and Lightning's "state_dict", torchvision
+# references' and FaceAge's own training state's "model", the PyTorch tutorials' "model_state_dict".
+CHECKPOINT_WEIGHTS_KEYS = ("state_dict", "model", "model_state_dict")
+# Key prefixes a wrapper adds to every name: DistributedDataParallel/DataParallel ("module."),
+# torch.compile ("_orig_mod."), a Lightning module holding the network as ``self.model`` ("model.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _unwrap_weights(state: Any, own_keys) -> Any:
+    """The state dict inside a weights file, without the key prefixes wrappers add.
+
+    Unwraps a full checkpoint (:data:`CHECKPOINT_WEIGHTS_KEYS`) and takes :data:`WRAPPER_PREFIXES` off
+    while no key is one of ``own_keys`` and every key has the prefix: a file that already names the
+    model's own weights is left as it is, and one of another network still fails the fit check.
+    """
+    own = set(own_keys)
+    while isinstance(state, Mapping) and not own.intersection(state):
+        inner = next((state[k] for k in CHECKPOINT_WEIGHTS_KEYS if isinstance(state.get(k), Mapping)), None)
+        if inner is not None:
+            state = inner
+            continue
+        prefix = next((p for p in WRAPPER_PREFIXES if state and all(isinstance(k, str) and k.startswith(p)
+                                                                    for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir: str | Path | None = None) -> str:
     """Loads ``train.pretrained`` weights into every layer but the head.
 
     Args:
         model: From :func:`build_model`.
         backbone: Its name (to find ImageNet weights).
-        pretrained: ``"imagenet"``, ``"none"`` or a path to a ``state_dict`` file. For
+        pretrained: ``"imagenet"``, ``"none"`` or a path to a ``state_dict`` file (also inside a full
+            checkpoint, or with a DDP ``module.`` / torch.compile ``_orig_mod.`` key prefix). For
             ``dlib_age``, anything but ``"none"`` loads dlib's pretrained age network, head included
             (widened to 0..100, see :func:`faceage.dlib_age.widen_head`).
         model_dir: The ``fetch_detector`` folder (holds ``age-v1.onnx`` for ``dlib_age``).
@@ -292,15 +322,15 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
         raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: cannot read {path} as a state dict of "
                                      f"tensors ({_first_sentence(e)}); save one with "
                                      "torch.save(model.state_dict(), path)") from e
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    state = _unwrap_weights(state, model.state_dict().keys())
     if not isinstance(state, Mapping):
         raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} holds a {type(state).__name__}, not a "
                                      "state dict; save one with torch.save(model.state_dict(), path)")
     head = head_prefix(model)
     own = model.state_dict()
     body = {k: v for k, v in state.items() if not k.startswith(head)}
-    mismatched = [k for k, v in body.items() if k in own and own[k].shape != v.shape]
+    mismatched = [k for k, v in body.items()
+                  if k in own and (not isinstance(v, torch.Tensor) or own[k].shape != v.shape)]
     # BatchNorm's step counters are absent from older state dicts (torchvision's own ImageNet files
     # among them); load_state_dict fills them in, so they are not missing weights.
     missing = [k for k in own if not k.startswith(head) and k not in body and not k.endswith(".num_batches_tracked")]
