@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +33,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from faceage.atomic import staged_dir
-from faceage.appa_real import FACE_SUFFIX, Sample, listed_file, read_dataset_info, validate_layout
+from faceage.appa_real import (FACE_SUFFIX, NO_SPACE, Sample, WriteError, listed_file, read_dataset_info,
+                               validate_layout)
 from faceage.config import PreprocessParams
+from faceage.errors import FaceAgeError
 from faceage.cores import usable_cores
 from faceage.chips import CHIPS_FILE, ChipExtractor, WorkerDiedError, map_in_processes, save_chips
 from faceage.detector import (HOG_FILE, CNN_FILE, MANIFEST as DETECTOR_MANIFEST, SHAPE5_FILE, DetectorFilesError,
@@ -111,10 +114,20 @@ def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str, infligh
 
 
 def _process(task: _Task) -> dict:
-    detector: FaceDetector = _worker["detector"]
-    p: PreprocessParams = _worker["params"]
     if _worker.get("inflight") is not None:
         _worker["inflight"].write_text(f"{task.split}/{task.file_name}", encoding="utf-8")
+    try:
+        return _crop_one(task)
+    except Exception as e:
+        # An error that stops the run (dlib on an odd photo, a full disk) named no photo of the thousands:
+        # the note travels with it from a worker process and prints under its traceback.
+        e.add_note(f"while cropping {task.split}/{task.file_name} ({task.image})")
+        raise
+
+
+def _crop_one(task: _Task) -> dict:
+    detector: FaceDetector = _worker["detector"]
+    p: PreprocessParams = _worker["params"]
     row = {k: v for k, v in asdict(task).items() if k in FIELDS}
     row.update(n_faces=0, left="", top="", right="", bottom="", score="")
     try:
@@ -164,16 +177,27 @@ def preprocess_dataset(
 
     Returns:
         Metrics: ``{split: {status: count}, "total": {...}, "detection_rate": float}``.
+
+    Raises:
+        faceage.appa_real.WriteError: The disk (or a quota) filled up while the crops were written: one
+            line naming ``out_dir`` and the space free; the partial output is removed, ``out_dir`` left as it was.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     splits = validate_layout(data_dir)
     dataset = read_dataset_info(data_dir)
     manifest = read_manifest(detector_dir, verify=True)
-    with staged_dir(out_dir) as tmp:
-        rows = crop_samples(splits, data_dir, detector_dir, tmp, params)
-        settings = {**crop_settings(params, manifest), "data_source": dataset["source"],
-                    "data_sha256": dataset["sha256"]}
-        (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    staged: list[Path] = []
+    try:
+        with staged_dir(out_dir) as tmp:
+            staged.append(tmp)
+            rows = crop_samples(splits, data_dir, detector_dir, tmp, params)
+            settings = {**crop_settings(params, manifest), "data_source": dataset["source"],
+                        "data_sha256": dataset["sha256"]}
+            (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+    except OSError as e:
+        if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
+            raise
+        raise _no_space_error(e, data_dir, out_dir, staged) from e
     metrics = count_statuses(rows)
     skipped = metrics["total"]["no_face"] + metrics["total"]["unreadable"]
     log.info("detected a face in %d of %d images; fallback %s for %d; skipped %d (no face: %d, unreadable: %d)",
@@ -181,6 +205,25 @@ def preprocess_dataset(
              metrics["total"]["release_crop"] + metrics["total"]["whole_image"], skipped,
              metrics["total"]["no_face"], metrics["total"]["unreadable"])
     return metrics
+
+
+def _no_space_error(e: OSError, data_dir: Path, out_dir: Path, staged: list[Path]) -> WriteError:
+    """One line for a full disk (or quota) met while writing the crops of ``data_dir`` for ``out_dir``.
+
+    Raised after :func:`faceage.atomic.staged_dir` removed the partial crops (``out_dir`` is as it was): the
+    free space read then is what a rerun has.
+    """
+    why = f"[Errno {e.errno}] {e.strerror or e}"
+    if e.filename:  # in the staged folder (deleted by now) only the crop's place in the output says anything
+        name = Path(e.filename)
+        inside = [name.relative_to(s).as_posix() for s in staged if name.is_relative_to(s)]
+        why += f" (at {inside[0]})" if inside else f": {e.filename!r}"
+    try:
+        free = f"{shutil.disk_usage(out_dir.parent).free / 1e6:,.1f} MB is free in {out_dir.parent}"
+    except OSError:
+        free = f"the free space in {out_dir.parent} could not be read"
+    return WriteError(f"writing the crops of {data_dir} into {out_dir} failed: {why}; {free}: free some space there "
+                      f"and rerun ({out_dir} was left as it was, no partial crops kept)")
 
 
 def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
@@ -218,7 +261,9 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
             s.split, s.file_name,
             # The file the CSV lists, also where a Mac spelled its accents apart (an external set read in place).
             str(listed_file(data_dir / s.split, s.file_name, by_nfc) or data_dir / s.split / s.file_name),
-            str(data_dir / s.split / (s.file_name + FACE_SUFFIX)),
+            # its release crop too (an NFD-named image's _face.jpg is NFD-named beside it: it fell to no_face)
+            str(listed_file(data_dir / s.split, s.file_name + FACE_SUFFIX, by_nfc)
+                or data_dir / s.split / (s.file_name + FACE_SUFFIX)),
             f"{s.split}/{Path(s.file_name).stem}.png",
             s.apparent_age, s.apparent_age_std, s.real_age,
         )
