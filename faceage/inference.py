@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from faceage.inputs import INPUT_KINDS, input_kind, input_preparer
-from faceage.model import expected_age, load_checkpoint
+from faceage.model import MIN_AGE, expected_age, load_checkpoint
 from faceage.ort_module import cpu_runner
 from faceage.transforms import normalize
 
@@ -87,10 +87,16 @@ class AgeGraph(nn.Module):
         self.model = model
         self.prepare = input_fn(input_kind(meta).name, meta.get("mean"), meta.get("std"))
         self.temperature = float(meta.get("temperature", 1.0))
+        # Logit i is age min_age + i as the checkpoint records it; expected_age counts from MIN_AGE. Ignored, a
+        # checkpoint over 10..100 (another version's, a hand-made one) answered every age 10 years too young.
+        # The std does not move with the shift. No op is added at the usual 0, so exports stay byte-identical.
+        self.age_offset = float(meta.get("min_age", MIN_AGE)) - MIN_AGE
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model(self.prepare(x)).float()
         mean, std = expected_age(logits, self.temperature)
+        if self.age_offset:
+            mean = mean + self.age_offset
         return mean, std, torch.softmax(logits, dim=1)
 
 
