@@ -12,6 +12,7 @@ from typing import Any
 
 from faceage.config import DESCRIPTOR
 from faceage.faces import crop_cnn_retry_side, crop_retry_pad
+from faceage.tracking import masked_url
 
 
 def _no_face_policy(no_face: str | None) -> str:
@@ -232,7 +233,8 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"(sha256 `{crop['detector_sha256'][:16]}...`) and crop code.",
         "",
         "## Data",
-        f"- Source: `{dataset.get('source', '?')}`; sha256 of all files: `{dataset.get('sha256', '?')}`.",
+        # masked_url: a password or a presigned URL's signature in fetch_data.source stays out of the card.
+        f"- Source: `{masked_url(dataset.get('source')) or '?'}`; sha256 of all files: `{dataset.get('sha256', '?')}`.",
         "- Images per split: " + ", ".join(f"{k} {v}" for k, v in dataset.get("counts", {}).items()) + ".",
     ]
     if preprocess_counts:

@@ -51,7 +51,7 @@ from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_dete
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
 from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, check_reachable, display_uri, gc_command,
-                              git_commit, mlflow_env, sqlite_path)
+                              git_commit, masked_url, mlflow_env, sqlite_path)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,9 @@ SELECTION_RULE = (
     f"lowest {VAL_METRIC} among finished runs with {TEST_METRIC} trained on the workspace's data (data_sha256), "
     "excluding any run with a NaN metric or whose MAE on a "
     f"cross-dataset set (external_<name>_mae) exceeds the best MAE on that set by more than "
-    f"max({GUARD_YEARS} years, {GUARD_FRACTION:.0%} of it); a run not scored on every set the others were is "
-    "excluded too; with no external metrics at all, lowest validation MAE alone; ties go to the newest run")
+    f"max({GUARD_YEARS} years, {GUARD_FRACTION:.0%} of it); the sets are those the workspace evaluates "
+    "(data/external.json), else every set a run was scored on, and a run not scored on one of them is excluded too; "
+    "with no external metrics on those sets, lowest validation MAE alone; ties go to the newest run")
 
 
 @dataclass(frozen=True)
@@ -162,12 +163,18 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
 
     Args:
         candidates: The runs.
-        current: ``{set: fingerprint}`` of the workspace's ``evaluate.external`` sets, where known.
+        current: ``{set: fingerprint}`` of the workspace's ``evaluate.external`` sets, where known: then only
+            these sets judge (``{}``: none, the plain validation rule); None: every set a candidate was scored on.
 
     Returns:
         The candidates (same numbers), eligible ones by (validation MAE, newest first), then the excluded ones.
     """
     sets = sorted({name for c in candidates for name in c.external_mae_years})
+    if current is not None:
+        # Only the sets the workspace evaluates judge: one old run scored on a set since dropped from
+        # evaluate.external (or all of them, after evaluate.external=[]) excluded every later run as "not scored
+        # on" it, so the old run won on a worse validation MAE, and no evaluate in the workspace could fix it.
+        sets = [n for n in sets if n in current]
     refs = reference_versions(candidates, current)
 
     def other_version(c: Candidate, n: str) -> bool:
@@ -212,7 +219,7 @@ def selection_table(ranked: list[Candidate]) -> str:
 
 
 def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None = None,
-                  external_sha256: dict[str, str] | None = None) -> Winner:
+                  external_sha256: dict[str, str] | None = None, *, require_one_data: bool = False) -> Winner:
     """The champion by :data:`SELECTION_RULE` (validation MAE, guarded by cross-dataset MAE).
 
     Logs the rule and every candidate's validation, test and external MAE with its verdict.
@@ -225,6 +232,8 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
             2,100-face sample would beat one on APPA-REAL). None: every run.
         external_sha256: ``{set: fingerprint}`` of the workspace's external sets (``data/external.json``):
             the versions whose MAEs the guard compares (:func:`rank_candidates`).
+        require_one_data: With ``data_sha256`` None, refuse runs trained on more than one data (what packaging
+            asks where the workspace's data are unknown) instead of comparing them all.
 
     Raises:
         PackagingError: The experiment does not exist or is deleted, no finished run (on ``data_sha256``) has
@@ -263,6 +272,8 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
                                  "trained on other data: run the pipeline on these data, or put the outputs of "
                                  "the data to package in the workspace (dvc exp apply / dvc checkout)")
         found = mine
+    elif require_one_data:
+        _refuse_mixed_data(found, experiment)
     if not found:
         raise PackagingError(f"no finished run of experiment {experiment!r} has both {VAL_METRIC} and "
                              f"{TEST_METRIC}{_unfinished(client, exp.experiment_id)}: run the train and evaluate "
@@ -283,6 +294,35 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
                   data_sha256=tags.get("data_sha256"), git_commit=tags.get("git_commit"),
                   external_mae_years=top.external_mae_years, dvc_experiment=tags.get(DVC_EXPERIMENT_TAG),
                   evaluated_in=tags.get(EVALUATED_IN_TAG) or None)
+
+
+def _refuse_mixed_data(found: dict, experiment: str) -> None:
+    """Where the workspace's data are unknown (no preprocess output: a fresh clone, outputs left in DVC's cache),
+    runs on different data cannot be ranked: every run competed, and a run on the 2,100-face sample (validation
+    MAE on its own, easier faces) was named the winner, with the DVC experiment to apply.
+
+    Raises:
+        PackagingError: ``found`` (run id -> run) holds runs trained on more than one ``data_sha256``.
+    """
+    by_data: dict[str, list] = {}
+    for run in found.values():
+        by_data.setdefault(run.data.tags.get("data_sha256") or "unknown", []).append(run)
+    if len(by_data) < 2:
+        return
+
+    def best(runs) -> str:
+        run = min(runs, key=lambda r: (not math.isfinite(r.data.metrics[VAL_METRIC]), r.data.metrics[VAL_METRIC]))
+        where = run.data.tags.get(DVC_EXPERIMENT_TAG)
+        return (f"best {run.info.run_id[:8]} ({VAL_METRIC} {run.data.metrics[VAL_METRIC]:.3f}"
+                + (f", DVC experiment {where!r}" if where else "") + ")")
+
+    groups = "; ".join(f"data sha256 {sha[:12]}: {len(runs)} run{'s' if len(runs) > 1 else ''}, {best(runs)}"
+                       for sha, runs in sorted(by_data.items()))
+    raise PackagingError(f"the workspace's data are unknown (no preprocess output with {PREPROCESS_SETTINGS}), and the "
+                         f"finished runs of experiment {experiment!r} trained on {len(by_data)} different data "
+                         f"({groups}): validation MAEs on different faces do not compare; put the outputs of the "
+                         "data to package in the workspace (dvc exp apply <exp>, dvc checkout or dvc repro), then "
+                         "package again")
 
 
 def _unfinished(client, experiment_id: str) -> str:
@@ -469,7 +509,7 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
         "test_mae_years": winner.test_mae_years,
         "external_mae_years": dict(winner.external_mae_years),
         "data_sha256": meta.get("data_sha256") or winner.data_sha256,
-        "data_source": crop.get("data_source"),
+        "data_source": masked_url(crop.get("data_source")),  # faceage.json ships in the bento: no URL secrets
         "git_commit": meta.get("git_commit") or winner.git_commit,
         **resumed,
         "package_git_commit": git_commit(),
@@ -593,9 +633,17 @@ def make_latest(tag) -> None:
 
     store = BentoMLContainer.model_store.get()
     latest = Path(store._path) / tag.latest_path()
-    staged = latest.with_name(f".{latest.name}.tmp")
-    staged.write_text(str(tag.version))
-    os.replace(staged, latest)
+    # A staging file of this call's own: two packages at once (two terminals, CI jobs) shared ``.latest.tmp``,
+    # and the second rename found it gone (FileNotFoundError) after the first had moved it.
+    fd, staged = tempfile.mkstemp(prefix=f".{latest.name}.", suffix=".tmp", dir=latest.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(str(tag.version))
+        os.chmod(staged, 0o644)  # mkstemp's 0600 would hide ``latest`` from the store's other users
+        os.replace(staged, latest)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
     got = bentoml.models.get(f"{tag.name}:latest").tag
     if str(got) != str(tag):
         raise PackagingError(f"could not point {tag.name}:latest at {tag}: it resolves to {got} (has BentoML's "
@@ -704,7 +752,8 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     client = mlflow.MlflowClient()
     has_settings = (Path(faces_dir) / PREPROCESS_SETTINGS).is_file()  # else check_workspace names the fix
     data_sha256 = read_crop_settings(faces_dir).get("data_sha256") if has_settings else None
-    winner = select_winner(client, data_sha256=data_sha256,  # logs the rule and every candidate's numbers
+    # Logs the rule and every candidate's numbers; data unknown here: runs on different data are refused, not ranked.
+    winner = select_winner(client, data_sha256=data_sha256, require_one_data=data_sha256 is None,
                            external_sha256=workspace_external_versions(
                                Path(faces_dir).parent / Path(EXTERNAL_FILE).name if external_record is None
                                else external_record))

@@ -100,6 +100,21 @@ def display_uri(uri: str | None = None) -> str:
     return urlunsplit(parts._replace(netloc=masked_netloc(parts.netloc)))
 
 
+def masked_url(url: str | None) -> str | None:
+    """A URL (``fetch_data.source``) as the model card and the bento lineage show it: a ``user:password@`` or
+    token part masked (:func:`display_uri`), and each query value too (``?X-Amz-Signature=***``: a presigned
+    download's signature is a credential). A local path, or None, as it is."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    if not url or "://" not in url:
+        return url
+    parts = urlsplit(display_uri(url))
+    if not parts.query:
+        return urlunsplit(parts)
+    query = "&".join(f"{key}=***" for key, _ in parse_qsl(parts.query, keep_blank_values=True)) or "***"
+    return urlunsplit(parts._replace(query=query))
+
+
 def _host_part(netloc: str) -> str:
     """``host[:port]`` of a URL's network location, without its ``user[:password]@`` part."""
     return netloc.rpartition("@")[2]
