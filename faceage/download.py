@@ -14,16 +14,26 @@ old head. A part resumed from a mirror (another URL) sends none: the checksum de
 mismatch deletes the part file, since resuming from bad bytes cannot succeed. Processes
 asking for the same ``dest`` at once take turns (a lock file beside it): the first
 fetches, the next finds the verified file.
+
+A part whose resume fails the checksum is fetched whole once more before the error (its head may be another
+version's). A full disk (or a folder without write access) is one :class:`DownloadWriteError` naming the URL,
+the destination and the space needed vs free; the part is kept for the resume only where a checksum will check
+it. A certificate that is not trusted fails at once (no retry changes it); ``SSL_CERT_FILE`` is honoured beside
+requests' own ``REQUESTS_CA_BUNDLE``. Without a terminal the progress is a log line every 30 s, not a bar.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import socket
+import ssl
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +60,18 @@ class ChecksumError(DownloadError):
     """The fetched bytes do not match the expected checksum."""
 
 
+class DownloadWriteError(FaceAgeError, OSError):
+    """The fetched bytes could not be written (a full disk or quota, a folder without write access). Not a
+    :class:`DownloadError`: no mirror or retry can help, so none is tried; the message names the URL, the
+    destination and, for a full disk, the space still needed against what is free."""
+
+
+# A write refused for want of room: a full disk, a quota, a file-size limit.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# Without a terminal (DVC's log, CI) the progress is a log line this often instead of a redrawn bar.
+PROGRESS_LOG_S = 30.0
+
+
 class ContentError(DownloadError):
     """The complete file is not what was asked for (``download``'s ``check`` says why): an error page
     sent with 200 OK, where no checksum would tell."""
@@ -72,8 +94,12 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool:
-    """Appends the missing bytes of ``url`` to ``part``; returns True when complete."""
+def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verified: bool = False) -> bool:
+    """Appends the missing bytes of ``url`` to ``part``; returns True when complete.
+
+    ``verified``: a checksum will check the finished file, so a part cut short by a full disk is kept
+    for the next run to resume (without one, bytes the disk may have mangled are deleted).
+    """
     have = part.stat().st_size if part.exists() else 0
     # The bytes on disk must be the server's bytes: a body sent gzip-encoded would be stored decoded,
     # and a Range resume would then count decoded bytes against the encoded stream.
@@ -83,7 +109,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
     stored = _read_validators(part, url) if have else None
     if stored:
         headers["If-Range"] = stored.get("etag") or stored["last_modified"]
-    with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as r:
+    with requests.get(url, headers=headers, stream=True, timeout=timeout_s, verify=_verify()) as r:
         if r.status_code == 416 and have:
             # Range not satisfiable: the part file holds the whole body, unless the server's length
             # (Content-Range: bytes */LENGTH) says otherwise: a part longer than the file holds bytes of
@@ -93,7 +119,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
                 return True
             log.info("%s holds %d bytes but %s has %d: restarting from byte 0", part.name, have, url, length)
             _discard(part)
-            return _stream_once(url, part, timeout_s, progress)
+            return _stream_once(url, part, timeout_s, progress, verified)
         if r.status_code in RETRY_STATUSES:  # busy or briefly broken: worth the back-off, as a dropped connection is
             raise _BusyError(f"GET {url} answered HTTP {r.status_code} {r.reason}", r.headers.get("Retry-After"))
         if r.status_code not in (200, 206):
@@ -113,7 +139,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
                              "an encoded slice" if encoded else "the whole body", part.name)
                 r.close()
                 _discard(part)
-                return _stream_once(url, part, timeout_s, progress)
+                return _stream_once(url, part, timeout_s, progress, verified)
             if start is not None and start != have:
                 raise DownloadError(f"GET {url} asked from byte {have} answered from byte {start}")
         if r.status_code == 200 and have:
@@ -125,31 +151,110 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool) -> bool
             have = 0
         length = _content_length(r.headers.get("Content-Length"))
         total = have + length if length is not None else None
+        # A 206 may stop short of the end (a CDN capping each range): then the next range follows.
+        whole = _range_length(r.headers.get("Content-Range")) if r.status_code == 206 and not encoded else None
         mode = "ab" if have else "wb"
+        # Without a terminal (DVC's log, CI), tqdm's redraws went into the log joined by carriage returns.
+        bar_shown = progress and _stderr_is_tty()
+        logged = progress and not bar_shown
+        if logged:
+            log.info("downloading %s to %s (%s%s)", url, part.name.removesuffix(".part"),
+                     _megabytes(total) if total is not None and not encoded else "size unknown",
+                     f", resuming at {_megabytes(have)}" if have else "")
+        writing = True  # an OSError while True is the disk's (open, write, flush), not the network's
         try:
-            with open(part, mode) as f, tqdm(
-                total=None if encoded else total,
-                initial=have,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=part.name.removesuffix(".part"),
-                disable=not progress,
-            ) as bar:
-                if not have:  # the part was just truncated: it holds this response's bytes from here on
-                    _write_validators(part, url, _validators(r.headers))
-                for chunk in r.iter_content(chunk_size=STREAM_BYTES):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            # The server's bytes: for an encoded body, those read off the wire, not the decoded ones on disk.
-            got = have + r.raw.tell() if encoded else part.stat().st_size
-            if total is not None and got < total:
-                raise requests.ConnectionError(f"connection closed at byte {got} of {total}")
+            try:
+                with open(part, mode) as f, tqdm(
+                    total=None if encoded else total,
+                    initial=have,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=part.name.removesuffix(".part"),
+                    disable=not bar_shown,
+                ) as bar:
+                    if not have:  # the part was just truncated: it holds this response's bytes from here on
+                        _write_validators(part, url, _validators(r.headers))
+                    chunks, next_log = r.iter_content(chunk_size=STREAM_BYTES), time.monotonic() + PROGRESS_LOG_S
+                    while True:
+                        writing = False
+                        chunk = next(chunks, None)
+                        writing = True
+                        if chunk is None:
+                            break
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                        if logged and time.monotonic() >= next_log:
+                            next_log = time.monotonic() + PROGRESS_LOG_S
+                            log.info("%s: %s%s", part.name.removesuffix(".part"), _megabytes(bar.n),
+                                     f" of {_megabytes(total)}" if total and not encoded else "")
+                writing = False
+                # The server's bytes: for an encoded body, those read off the wire, not the decoded ones on disk.
+                got = have + r.raw.tell() if encoded else part.stat().st_size
+                if total is not None and got < total:
+                    raise requests.ConnectionError(f"connection closed at byte {got} of {total}")
+                if whole is not None and got < whole:
+                    if got <= have:
+                        raise requests.ConnectionError(f"a range from byte {have} of {whole} came back empty")
+                    log.debug("%s sent bytes %d-%d of %d: asking for the rest", url, have, got - 1, whole)
+                    return False
+            except OSError as e:
+                if not writing or isinstance(e, requests.RequestException):
+                    raise
+                raise _write_error(e, url, part, total, keep=verified and not encoded) from e
         except BaseException:
             if encoded:
                 _discard(part)
             raise
         return True
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _write_error(e: OSError, url: str, part: Path, total: int | None, keep: bool) -> DownloadWriteError:
+    """One line for an OSError met writing ``url``'s bytes to ``part``. The part is kept for the next run to
+    resume only where ``keep`` (a checksum will check the result); a full disk also gets the space still
+    needed (where the server said the length) against what is free."""
+    dest = part.with_name(part.name.removesuffix(".part"))
+    why = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
+    if e.filename and Path(e.filename) not in (part, dest):
+        why += f": {e.filename!r}"
+    message = f"writing {url} to {dest} failed: {why}"
+    try:
+        have = part.stat().st_size if part.is_file() else 0
+    except OSError:
+        have = 0
+    if not keep or not have:
+        try:
+            _discard(part)
+        except OSError:
+            pass
+    if e.errno in NO_SPACE:
+        try:
+            free = _megabytes(shutil.disk_usage(part.parent).free)
+        except OSError:
+            free = None
+        need = total - (have if keep else 0) if total is not None else None
+        if need is not None and free is not None:
+            message += f"; it needs {_megabytes(need)} more in {part.parent}, {free} is free"
+        elif free is not None:
+            message += f"; {free} is free in {part.parent}"
+        message += ": free some space there and rerun"
+    if keep and have:
+        message += f"; {part} keeps the {have} bytes written so far and the next run resumes from there"
+    elif have:
+        message += (f"; the partial download ({part}, {have} bytes) was deleted: without a checksum, bytes the "
+                    "disk refused could not be told from good ones")
+    return DownloadWriteError(message)
 
 
 def _meta_path(part: Path) -> Path:
@@ -239,6 +344,22 @@ def _range_start(content_range: str | None) -> int | None:
     return int(match[1]) if match else None
 
 
+def _range_length(content_range: str | None) -> int | None:
+    """The whole file's length in a 206 answer's ``Content-Range: bytes START-END/LENGTH``, or None (``*``)."""
+    match = re.fullmatch(r"\s*bytes\s+\d+-\d+/(\d+)\s*", content_range or "")
+    return int(match[1]) if match else None
+
+
+def _verify() -> bool | str:
+    """requests' ``verify``: the CA file ``SSL_CERT_FILE`` names (which Python's ssl, uv and curl builds
+    read, and requests does not) where neither ``REQUESTS_CA_BUNDLE`` nor ``CURL_CA_BUNDLE`` is set, else
+    True (those, or certifi's bundle, as requests decides)."""
+    if os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"):
+        return True
+    cert_file = os.environ.get("SSL_CERT_FILE")
+    return cert_file if cert_file and os.path.isfile(cert_file) else True
+
+
 def _unsatisfiable_length(content_range: str | None) -> int | None:
     """The file's length in a 416 answer's ``Content-Range: bytes */LENGTH``, or None."""
     match = re.fullmatch(r"\s*bytes\s+\*/(\d+)\s*", content_range or "")
@@ -276,7 +397,7 @@ def download(
             starts the count anew.
         timeout_s: Connect timeout, and the longest wait for the next bytes (not for the whole body).
         backoff_s: Sleep before the first retry; doubled each retry.
-        progress: Show a tqdm progress bar.
+        progress: Show a tqdm progress bar (where stderr is not a terminal: a log line every 30 s).
         check: Called with a complete, verified file; what it returns (a reason, e.g. "something that is
             not a zip file") rejects the file like a wrong checksum: deleted, and the next URL is tried.
 
@@ -286,10 +407,18 @@ def download(
     Raises:
         ChecksumError: The complete file does not match ``md5``/``sha256`` (from every URL).
         ContentError: ``check`` rejected the complete file (from the last URL).
-        DownloadError: An HTTP error, or the connection kept failing (at every URL; the message
-            names each).
+        DownloadError: An HTTP error, the connection kept failing (at every URL; the message
+            names each), or a TLS certificate that is not trusted (``REQUESTS_CA_BUNDLE`` or
+            ``SSL_CERT_FILE`` names the CA file to trust).
+        DownloadWriteError: The bytes could not be written (a full disk, a folder without write access);
+            no mirror is tried.
     """
-    dest = Path(dest)  # locked() makes its folder
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only cache (a team's shared one) without this folder yet
+        raise DownloadWriteError(f"cannot download {url} to {dest}: [Errno {e.errno}] {e.strerror}: "
+                                 f"{e.filename!r}") from e
     urls = [url, *mirrors]
     failures: list[str] = []
     last: DownloadError | None = None
@@ -316,19 +445,65 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
             return dest
         dest.unlink()  # kept before a check was asked for: fetched again
     part = dest.with_name(dest.name + ".part")
+    verified = bool(md5 or sha256)
+    resumed = _fetch(url, part, retries, timeout_s, backoff_s, progress, verified)
+    wrong = _wrong_checksum(part, url, md5, sha256)
+    if wrong and resumed:
+        # The part's head may be another version's (a server without ETag or Last-Modified for If-Range, a
+        # part left by a mirror or an older run): only bytes fetched in one piece are called wrong.
+        log.warning("%s after resuming %s: the bytes kept from before may be another version's; fetching it "
+                    "whole", wrong, part.name)
+        _discard(part)
+        _fetch(url, part, retries, timeout_s, backoff_s, progress, verified)
+        wrong = _wrong_checksum(part, url, md5, sha256)
+    if wrong:
+        _discard(part)
+        raise ChecksumError(f"{wrong}; the download was deleted")
+    wrong = check(part) if check is not None else None
+    if wrong:
+        _discard(part)
+        raise ContentError(f"{url} sent {wrong}; it was deleted, and the next run fetches it again")
+    _meta_path(part).unlink(missing_ok=True)  # first: a part left without it is resumed as before
+    os.replace(part, dest)
+    return dest
+
+
+def _wrong_checksum(part: Path, url: str, md5: str | None, sha256: str | None) -> str | None:
+    """``"<algorithm> of <url> is <got>, expected <expected>"`` for the first checksum ``part`` fails, or None."""
+    for algorithm, expected in (("md5", md5), ("sha256", sha256)):
+        if expected:
+            got = file_digest(part, algorithm)
+            if got != expected.lower():
+                return f"{algorithm} of {url} is {got}, expected {expected}"
+    return None
+
+
+def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: float, progress: bool,
+           verified: bool) -> bool:
+    """Streams ``url`` into ``part`` to its end, retrying dropped connections and busy servers; returns
+    whether any try appended to bytes already in the part (a resume)."""
     delay = backoff_s
+    resumed = False
     # Failures since the part last grew past its furthest point: such a try starts the count (and the back-off)
     # anew; a restart from byte 0 (a changed file, a server ignoring Range) counts until it gets further than that.
     attempt, furthest = 0, part.stat().st_size if part.exists() else 0
     while True:
         try:
-            _stream_once(url, part, timeout_s, progress)
-            break
+            resumed = resumed or (part.exists() and part.stat().st_size > 0)
+            if _stream_once(url, part, timeout_s, progress, verified):
+                return resumed
+            continue  # a range short of the end: the next one at once (it got further: no back-off owed)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if _unresolvable(e):
                 # Waiting does not make a host name resolve (no network, no DNS, a typo): backing off
                 # would only delay the mirror or the error by half a minute.
                 raise DownloadError(f"GET {url} failed: cannot resolve the host name ({e})") from e
+            if _untrusted(e):
+                # No retry changes a certificate: backing off only delayed the mirror or the error.
+                raise DownloadError(
+                    f"GET {url} failed: the server's TLS certificate is not trusted ({e}); behind a proxy that "
+                    "inspects TLS, point REQUESTS_CA_BUNDLE (or SSL_CERT_FILE) at its CA certificate (a PEM file)"
+                ) from e
             have = part.stat().st_size if part.exists() else 0
             if have > furthest:  # a line that drops every so many MB still gets a large zip to its end
                 attempt, delay, furthest = 0, backoff_s, have
@@ -342,39 +517,36 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
             delay *= 2
         except requests.RequestException as e:  # a redirect loop, a bad URL scheme, undecodable content
             raise DownloadError(f"GET {url} failed: {type(e).__name__}: {e}") from e
-    for algorithm, expected in (("md5", md5), ("sha256", sha256)):
-        if expected:
-            got = file_digest(part, algorithm)
-            if got != expected.lower():
-                _discard(part)
-                raise ChecksumError(
-                    f"{algorithm} of {url} is {got}, expected {expected}; the download was deleted"
-                )
-    wrong = check(part) if check is not None else None
-    if wrong:
-        _discard(part)
-        raise ContentError(f"{url} sent {wrong}; it was deleted, and the next run fetches it again")
-    _meta_path(part).unlink(missing_ok=True)  # first: a part left without it is resumed as before
-    os.replace(part, dest)
-    return dest
+
+
+def _causes(error: BaseException):
+    """``error`` and every exception it wraps (cause, context, urllib3's ``reason``, arguments), once each."""
+    seen: set[int] = set()
+    todo: list[object] = [error]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+
+
+def _untrusted(error: BaseException) -> bool:
+    """True when ``error`` (or what it wraps) is a failed certificate verification: an unknown CA, a
+    self-signed or expired certificate, a host name it does not name."""
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in _causes(error))
 
 
 def _unresolvable(error: BaseException) -> bool:
     """True when ``error`` (or what it wraps) says the host name does not resolve. A temporary resolver
     failure (``EAI_AGAIN``: "Temporary failure in name resolution", common under a busy resolver) is not
     that: it is retried like a dropped connection."""
-    seen: set[int] = set()
-    todo: list[object] = [error]
     named = False
-    while todo:
-        e = todo.pop()
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _causes(error):
         if isinstance(e, socket.gaierror) and e.errno == socket.EAI_AGAIN:
             return False
         named = named or isinstance(e, NameResolutionError)
-        todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
     return named
 
 
