@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import yaml
 
 from faceage.config import Params, params_from_dict, parse_params
 from faceage.errors import FaceAgeError, error_line
-from faceage.logs import setup_logging
+from faceage.logs import Terminated, die_of_signal, setup_logging
 
 log = logging.getLogger("faceage.experiment")  # also when run as __main__ (python -m)
 
@@ -279,16 +280,37 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
         ProfileError: An override DVC cannot read, no DVC repo here, or ``params.yaml`` is missing or unreadable.
         subprocess.CalledProcessError: ``dvc exp run`` failed (its output is shown).
         ProfileError: Also where ``dvc`` is not found.
-        ProfileInterrupted: Ctrl-C (a ``KeyboardInterrupt``): before ``dvc exp run`` started, or once it (which
-            got it too) has stopped and cleaned up; it says which.
+        ProfileInterrupted: Ctrl-C (a ``KeyboardInterrupt``) or SIGTERM: before ``dvc exp run`` started, or once
+            it (which got Ctrl-C too: from the terminal, or sent here for SIGTERM) has stopped and cleaned up; it
+            says which.
     """
     started = [False]  # whether `dvc exp run` was (or was being) started: what a Ctrl-C stopped
+    # SIGTERM (kill, timeout, a cancelled CI job) stops the profile as Ctrl-C does: killed outright, the runner left
+    # `dvc exp run` and its stage running with nobody waiting for them (then their refs and locks).
+    previous_term = _raise_on_sigterm()
     try:
         _run_profile(overrides, name=name, root=root, force=force, started=started)
     except ProfileInterrupted:
         raise
-    except KeyboardInterrupt:  # before `dvc exp run` (the overrides check, git), or as the runner returned
-        raise ProfileInterrupted(dvc_started=started[0]) from None
+    except KeyboardInterrupt as e:  # before `dvc exp run` (the overrides check, git), or as the runner returned
+        raise ProfileInterrupted(dvc_started=started[0],
+                                 signum=signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT) from None
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _raise_on_sigterm() -> Any:
+    """From now on SIGTERM raises :class:`faceage.logs.Terminated` here, where it had its default action in the main
+    thread; returns the handler to put back, or None where nothing changed."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return None
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class ProfileInterrupted(KeyboardInterrupt):
@@ -298,11 +320,22 @@ class ProfileInterrupted(KeyboardInterrupt):
         dvc_started: Whether ``dvc exp run`` had been started (it has stopped and cleaned up since).
         params_changed: Whether ``params.yaml`` differs from before the run (``dvc exp run`` wrote its ``-S``
             values there); False when ``dvc exp run`` never started.
+        signum: ``signal.SIGINT`` (Ctrl-C) or ``signal.SIGTERM``: what stopped it.
     """
 
-    def __init__(self, dvc_started: bool, params_changed: bool = False):
+    def __init__(self, dvc_started: bool, params_changed: bool = False, signum: int = signal.SIGINT):
         super().__init__()
-        self.dvc_started, self.params_changed = dvc_started, params_changed
+        self.dvc_started, self.params_changed, self.signum = dvc_started, params_changed, signum
+
+    def describe(self) -> str:
+        """One line: what stopped the profile, and what it leaves (``params.yaml``)."""
+        how = "stopped by SIGTERM" if self.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+        if not self.dvc_started:
+            return f"{how} before `dvc exp run` started: nothing ran, params.yaml is unchanged"
+        if self.params_changed:
+            return (f"{how}; the `dvc exp run` it had started has stopped, and params.yaml keeps its -S values (the "
+                    "next profile run puts back the committed ones)")
+        return f"{how}; the `dvc exp run` it had started has stopped, and params.yaml is unchanged"
 
 
 def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | None, force: bool,
@@ -328,9 +361,10 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", shlex.join(cmd))  # as a shell reads it back: a path with a space, the resets' quotes
     before = _file_bytes(root / PARAMS)
-    code, interrupted = _run_dvc(cmd, root, started)
-    if interrupted:
-        raise ProfileInterrupted(dvc_started=started[0], params_changed=_file_bytes(root / PARAMS) != before)
+    code, stopped_by = _run_dvc(cmd, root, started)
+    if stopped_by:
+        raise ProfileInterrupted(dvc_started=started[0], params_changed=_file_bytes(root / PARAMS) != before,
+                                 signum=stopped_by)
     if code != 0:
         raise subprocess.CalledProcessError(code, cmd)
 
@@ -342,8 +376,9 @@ def _file_bytes(path: Path) -> bytes | None:
         return None
 
 
-def _run_dvc(cmd: list[str], root: Path, started: list[bool]) -> tuple[int, bool]:
-    """Runs ``cmd`` (``dvc exp run``) at ``root`` to its end; returns its exit code and whether Ctrl-C came.
+def _run_dvc(cmd: list[str], root: Path, started: list[bool]) -> tuple[int, int | None]:
+    """Runs ``cmd`` (``dvc exp run``) at ``root`` to its end; returns its exit code and the signal that stopped
+    the profile (``signal.SIGINT``: Ctrl-C, ``signal.SIGTERM``), or None.
 
     Ctrl-C reaches dvc too (the terminal signals the whole foreground group): it lets its stage stop, then
     removes its experiment refs and locks. So from just before dvc starts until it has exited, Ctrl-C is only
@@ -351,28 +386,72 @@ def _run_dvc(cmd: list[str], root: Path, started: list[bool]) -> tuple[int, bool
     bytecode) left the child unwaited for, and ``subprocess.run`` killed it 0.25 s later, which left its refs
     and locks, and the stage still running after the prompt came back. One recorded before the start starts
     nothing (``started`` stays False).
+
+    SIGTERM reaches this process alone: each one is passed on as a Ctrl-C to dvc and every process under it
+    (:func:`_interrupt_tree`), and the runner waits as for Ctrl-C. Passed on as SIGTERM it killed dvc outright
+    (DVC has no handler for it), which left its locks and its stage running.
     """
     stops: list[int] = []
+    dvc: list[subprocess.Popen] = []
+    forwarded = [0]  # SIGTERMs passed on to dvc so far
 
-    def on_ctrl_c(signum: int, frame: Any) -> None:
+    def forward() -> None:
+        while dvc and forwarded[0] < stops.count(signal.SIGTERM):
+            forwarded[0] += 1
+            _interrupt_tree(dvc[0])
+
+    def on_signal(signum: int, frame: Any) -> None:
         if not stops and started[0]:
-            log.warning("interrupted: waiting for `dvc exp run` to stop its stage and clean up")
+            log.warning("%s: waiting for `dvc exp run` to stop its stage and clean up",
+                        "SIGTERM, passed on to it as Ctrl-C" if signum == signal.SIGTERM else "interrupted")
         stops.append(signum)
+        forward()
 
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    def stopped_by() -> int | None:
+        return signal.SIGTERM if signal.SIGTERM in stops else signal.SIGINT if stops else None
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         if stops:  # between the runner's last step and here
-            return 130, True
+            return 128 + stops[0], stopped_by()
         started[0] = True
         try:
-            with subprocess.Popen(cmd, cwd=root, env=tool_env()) as dvc:
-                return dvc.wait(), bool(stops)
+            with subprocess.Popen(cmd, cwd=root, env=tool_env()) as process:
+                dvc.append(process)
+                forward()  # a SIGTERM that came as it started
+                return process.wait(), stopped_by()
         except FileNotFoundError:  # no dvc on PATH, nor beside this Python
             started[0] = False
             raise ProfileError(f"`{cmd[0]}` not found on PATH nor in {Path(sys.executable).parent}: install the "
                                "project's environment (make setup), or activate it") from None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _interrupt_tree(process: subprocess.Popen) -> None:
+    """Sends SIGINT to ``process`` and every process under it: what a terminal's Ctrl-C sends its foreground group.
+
+    ``dvc exp run`` ignores SIGINT while a stage runs (``dvc.stage.run``) and relies on the stage getting it too; the
+    stage stops and cleans up (``faceage.logs.run_stage``), then DVC removes its refs and locks. Processes are found
+    with psutil (a DVC dependency); without it only dvc gets the signal.
+    """
+    if process.returncode is not None:
+        return
+    pids = []
+    try:
+        import psutil
+
+        pids = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    except ImportError:
+        log.warning("psutil is not installed: SIGINT goes to `dvc exp run` alone, and a stage it runs goes on")
+    except Exception as e:  # psutil.NoSuchProcess: dvc has just ended
+        log.debug("listing the processes under dvc failed: %s", e)
+    for pid in [*pids, process.pid]:
+        try:
+            os.kill(pid, signal.SIGINT)
+        except OSError:  # ended meanwhile
+            pass
 
 
 def tool_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -416,13 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("`dvc exp run` failed (exit %s): its output is above", e.returncode)
         return e.returncode or 1
     except ProfileInterrupted as e:
-        if not e.dvc_started:
-            log.error("interrupted (Ctrl-C) before `dvc exp run` started: nothing ran, params.yaml is unchanged")
-        elif e.params_changed:
-            log.error("interrupted (Ctrl-C); the `dvc exp run` it had started has stopped, and params.yaml keeps its "
-                      "-S values (the next profile run puts back the committed ones)")
-        else:
-            log.error("interrupted (Ctrl-C); the `dvc exp run` it had started has stopped, and params.yaml is unchanged")
+        if e.signum == signal.SIGTERM:  # ends by the signal, as a stage stopped by it (faceage.logs.run_stage)
+            die_of_signal(signal.SIGTERM, e.describe())
+        log.error("%s", e.describe())
         return 130
     except KeyboardInterrupt:  # before the profile's run began (the arguments, the logging set-up)
         log.error("interrupted (Ctrl-C) before `dvc exp run` started: nothing ran, params.yaml is unchanged")

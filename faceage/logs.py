@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
@@ -61,14 +62,41 @@ def _stopping(error: BaseException) -> bool:
     return _sigterm_received
 
 
+def die_of_signal(signum: int, message: str | None = None) -> None:
+    """Logs ``message`` (if any) and ends the process by ``signum``'s default action: the status a shell and DVC
+    expect of a process stopped by it (a shell's script or loop stops after a child that died of SIGINT, and goes
+    on after one that exited 130: bash's "wait and cooperative exit"; Python itself dies of SIGINT after an
+    uncaught ``KeyboardInterrupt``). Never returns."""
+    if message:
+        logging.getLogger("faceage").error("%s", message)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})  # delivered here where it was blocked
+    raise SystemExit(128 + signum)  # (not reached)
+
+
 def _die_of_sigterm() -> None:
-    """Logs that the stage stopped and ends the process by SIGTERM's default action, the status a shell and DVC
-    expect of a stage killed by it."""
-    logging.getLogger("faceage").error("stopped by SIGTERM")
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # delivered here where it was blocked
-    raise SystemExit(128 + signal.SIGTERM)  # (not reached)
+    """Logs that the stage stopped and ends the process by SIGTERM (:func:`die_of_signal`)."""
+    die_of_signal(signal.SIGTERM, "stopped by SIGTERM")
+
+
+def _die_of_ctrl_c() -> None:
+    """Logs that the stage stopped and ends the process by SIGINT (:func:`die_of_signal`), as Python does after an
+    uncaught ``KeyboardInterrupt`` but without its traceback."""
+    die_of_signal(signal.SIGINT, "interrupted (Ctrl-C)")
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether ``error`` was raised while the stage stopped for Ctrl-C: a ``KeyboardInterrupt`` (not SIGTERM's
+    :class:`Terminated`) is in its chain (a clean-up that failed after it)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt) and not isinstance(cause, Terminated):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -> None:
@@ -86,42 +114,60 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
             (``train`` ends its MLflow run KILLED: killed outright, it stayed RUNNING), then the process
             dies of the signal as before, also where the clean-up itself fails (its error is logged: one line,
             or a bug's own traceback). Once ``main`` has returned or raised, SIGTERM has its usual action again.
+            Ctrl-C, with or without this, runs the stage's clean-up and ends the process with one line,
+            "interrupted (Ctrl-C)", by SIGINT (a shell shows 130; DVC "exited with -2"), as a clean-up that fails
+            after it does (its line or traceback first).
             Only for stages whose clean-up is quick: one that waits for a process pool to drain would run on
             after the signal.
     """
     previous = signal.getsignal(signal.SIGTERM)
+    # Ctrl-C (the terminal's SIGINT, to the whole foreground group) raises KeyboardInterrupt in main: its clean-up
+    # (``finally``, ``with``) runs as it propagates; here it ends as one line and death by SIGINT, not Python's
+    # traceback. Once main has ended, a Ctrl-C while the error line is written ends the process at once.
+    plain_ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler and \
+        threading.current_thread() is threading.main_thread()
     if interrupt_on_sigterm:
         _raise_on_sigterm()
     try:
         try:
-            main()
-        finally:
-            if interrupt_on_sigterm:
-                # The stage's own clean-up has run. From here on SIGTERM has its usual action (DVC's, a shell's:
-                # the process ends of it at once): raised as Terminated in the handlers below (while the error
-                # line was written) or at exit (MLflow's atexit end_run), nothing caught it, and the process
-                # printed chained tracebacks and exited 1, or 0, instead of by the signal.
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    except Terminated:
-        _die_of_sigterm()
-    except FaceAgeError as e:
-        line = error_line(e)  # one line: a hint raised on a second line is joined to it
-        logging.getLogger("faceage").error("%s", mask_tracking_secrets(line) or line)
-        if _stopping(e):  # the clean-up after SIGTERM failed (a tracking server that does not answer)
+            try:
+                main()
+            finally:
+                if interrupt_on_sigterm:
+                    # The stage's own clean-up has run. From here on SIGTERM has its usual action (DVC's, a shell's:
+                    # the process ends of it at once): raised as Terminated in the handlers below (while the error
+                    # line was written) or at exit (MLflow's atexit end_run), nothing caught it, and the process
+                    # printed chained tracebacks and exited 1, or 0, instead of by the signal.
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+                if plain_ctrl_c:
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+        except Terminated:
             _die_of_sigterm()
-        sys.exit(1)
-    except Exception as e:
-        # A bug's traceback, as Python prints it, unless it holds the tracking URI's credentials: MLflow's own
-        # errors quote the URL as given ("API request to http://user:secret@host/api/2.0/... failed").
-        if _stopping(e):  # a bug in the clean-up after SIGTERM: its own traceback, not Terminated's beside it
-            text = "".join(traceback.format_exception(e, chain=False))
-            sys.stderr.write(mask_tracking_secrets(text) or text)
-            _die_of_sigterm()
-        masked = mask_tracking_secrets(traceback.format_exc())
-        if masked is None:
-            raise
-        sys.stderr.write(masked)
-        sys.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C (or launch's, torch's handler having stopped the workers)
+            _die_of_sigterm() if _sigterm_received else _die_of_ctrl_c()
+        except FaceAgeError as e:
+            line = error_line(e)  # one line: a hint raised on a second line is joined to it
+            logging.getLogger("faceage").error("%s", mask_tracking_secrets(line) or line)
+            if _stopping(e):  # the clean-up after SIGTERM failed (a tracking server that does not answer)
+                _die_of_sigterm()
+            if _interrupted(e):  # the clean-up after Ctrl-C failed: still stopped by Ctrl-C, not a failed stage
+                _die_of_ctrl_c()
+            sys.exit(1)
+        except Exception as e:
+            # A bug's traceback, as Python prints it, unless it holds the tracking URI's credentials: MLflow's own
+            # errors quote the URL as given ("API request to http://user:secret@host/api/2.0/... failed").
+            if _stopping(e) or _interrupted(e):  # a bug in the clean-up after a signal: its own traceback alone
+                text = "".join(traceback.format_exception(e, chain=False))
+                sys.stderr.write(mask_tracking_secrets(text) or text)
+                _die_of_sigterm() if _stopping(e) else _die_of_ctrl_c()
+            masked = mask_tracking_secrets(traceback.format_exc())
+            if masked is None:
+                raise
+            sys.stderr.write(masked)
+            sys.exit(1)
+    finally:
+        if plain_ctrl_c:  # a caller in the same process (a test) keeps Python's Ctrl-C
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def masked_netloc(netloc: str) -> str:

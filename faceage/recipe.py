@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from faceage.config import DESCRIPTOR, Params
-from faceage.errors import FaceAgeError
+from faceage.errors import FaceAgeError, error_line
 from faceage.evaluation import evaluate_model
 from faceage.experiment import committed_base
 from faceage.inference import AgeModel
@@ -156,6 +156,21 @@ def _run(name: str, params: Params, overrides: dict, base: dict, work: Path, fac
     return row
 
 
+def _try_run(name: str, *args, **kwargs) -> dict:
+    """:func:`_run`, or for a variant that fails (diverges, a setting it cannot run, out of memory) a row saying so:
+    one failing row ended the recipe with a traceback and no report, losing hours of rows. A bug still stops it."""
+    import torch
+
+    try:
+        return _run(name, *args, **kwargs)
+    except (FaceAgeError, MemoryError, torch.cuda.OutOfMemoryError) as e:
+        log.error("recipe %s failed (the other rows go on; its row says so): %s", name, error_line(e))
+        nan = float("nan")
+        return {"variant": f"{name} (failed: {error_line(e)})", "failed": True, "val_mae": nan, "test_mae": nan,
+                "coverage_1std": nan, "coverage_2std": nan, "run_id": "-", "model": None, "train_s": nan,
+                "external_mae": nan}
+
+
 def _descriptors(embeddings: Path, faces: Path, detector: Path, out: Path) -> Path:
     """``embeddings`` when it holds ``dlib_face`` descriptors of every crop; else they are computed into ``out``.
 
@@ -190,8 +205,8 @@ def _tta_rows(model_path: str, faces: Path, embeddings: Path, test_mae: float) -
              "test_mae": test_mae, "coverage_1std": float("nan"), "coverage_2std": float("nan"), "run_id": "-"}]
 
 
-def _num(x: float, digits: int = 2) -> str:
-    return "-" if x != x else f"{x:.{digits}f}"  # NaN: not measured for this row
+def _num(x: float, digits: int = 2, sign: bool = False) -> str:
+    return "-" if x != x else f"{x:{'+' if sign else ''}.{digits}f}"  # NaN: not measured (or failed) for this row
 
 
 def _table(rows: list[dict], external: str | None = None) -> str:
@@ -203,7 +218,7 @@ def _table(rows: list[dict], external: str | None = None) -> str:
     for r in rows:
         cells = f" {_num(r.get('external_mae', float('nan')))} | {_num(r.get('train_s', float('nan')), 0)} |" if external else ""
         lines.append(f"| {r['variant']} | {_num(r['val_mae'])} | {_num(r['test_mae'])} | "
-                     f"{r['test_mae'] - base['test_mae']:+.2f} |{cells} {_num(r['coverage_1std'], 3)} | "
+                     f"{_num(r['test_mae'] - base['test_mae'], sign=True)} |{cells} {_num(r['coverage_1std'], 3)} | "
                      f"{_num(r['coverage_2std'], 3)} | `{r['run_id'][:8]}` |")
     return "\n".join(lines)
 
@@ -252,18 +267,19 @@ def main(argv: list[str] | None = None) -> None:
             chips = work / "chips.npz"
             compute_features("dlib_age", faces, detector, chips)
             keys = args.variants.split(",") if args.variants else list(AGE_VARIANTS)
-            age_rows = [_run(AGE_VARIANTS[k][0], params, AGE_VARIANTS[k][1], AGE_BASE, work / "age", faces, chips, data,
+            age_rows = [_try_run(AGE_VARIANTS[k][0], params, AGE_VARIANTS[k][1], AGE_BASE, work / "age", faces, chips, data,
                              external, detector) for k in keys]
             sections.append((f"`dlib_age` (dlib's pretrained age network), fine-tuned {AGE_BASE['epochs']} epochs "
                              f"at lr {AGE_BASE['lr']:g} unless the variant says otherwise", age_rows))
         if not args.no_dlib_face:
             embeddings = _descriptors(embeddings, faces, detector, work / "descriptors.npz")
-            dlib_rows = [_run(n, params, o, DLIB_FACE_BASE, work / "dlib", faces, embeddings, data, external)
+            dlib_rows = [_try_run(n, params, o, DLIB_FACE_BASE, work / "dlib", faces, embeddings, data, external)
                          for n, o in DLIB_VARIANTS.items()]
-            dlib_rows += _tta_rows(dlib_rows[0]["model"], faces, embeddings, dlib_rows[0]["test_mae"])
+            if not dlib_rows[0].get("failed"):
+                dlib_rows += _tta_rows(dlib_rows[0]["model"], faces, embeddings, dlib_rows[0]["test_mae"])
             sections.append(("`dlib_face` (frozen face encoder + head), the committed `params.yaml`", dlib_rows))
         if args.cnn:
-            cnn_rows = [_run(n, params, o, CNN_BASE, work / "cnn", faces, embeddings, data, external)
+            cnn_rows = [_try_run(n, params, o, CNN_BASE, work / "cnn", faces, embeddings, data, external)
                         for n, o in CNN_VARIANTS.items()]
             sections.append(("ResNet-18 from scratch, 112 px, 5 epochs, no lower-resolution faces (make quick-resnet)",
                              cnn_rows))
@@ -293,6 +309,9 @@ with the tag `recipe`. One seed per variant: differences under ~0.2 years are wi
 {body}
 """)
     log.info("wrote %s", args.out)
+    failed = [r["variant"] for _, rows in sections for r in rows if r.get("failed")]
+    if failed:
+        raise SystemExit(f"{len(failed)} recipe row(s) failed, marked in {args.out}: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

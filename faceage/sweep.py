@@ -19,15 +19,17 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from faceage.config import check_train_backbone
 from faceage.errors import FaceAgeError
-from faceage.experiment import ProfileError, dvc_root, override_value, run_profile
+from faceage.atomic import write_text
+from faceage.experiment import PARAMS, ProfileError, ProfileInterrupted, dvc_root, override_value, run_profile
 from faceage.external import external_maes
-from faceage.logs import setup_logging
+from faceage.logs import die_of_signal, setup_logging
 from faceage.tracking import display_uri, lost_run, read_run_file, setup_mlflow
 
 log = logging.getLogger(__name__)
@@ -97,15 +99,21 @@ def run_sweep(backbones: list[str], profile: str, source: str | None, runs_path:
     Raises:
         faceage.experiment.ProfileError: No DVC repo, or its ``params.yaml`` is unreadable.
         subprocess.CalledProcessError: A ``dvc exp run`` failed (its output is shown).
+        faceage.experiment.ProfileInterrupted: Ctrl-C or SIGTERM; its ``remaining`` lists the backbones not swept.
     """
     runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
-    for backbone in backbones:
+    for i, backbone in enumerate(backbones):
         overrides = sweep_overrides(backbone, profile, source)
         log.info("sweep: %s", " ".join(overrides))
-        run_profile(overrides)  # on the committed params.yaml, not on the last backbone's overrides
+        try:
+            run_profile(overrides)  # on the committed params.yaml, not on the last backbone's overrides
+        except ProfileInterrupted as e:
+            e.remaining = backbones[i:]
+            raise
         runs[backbone] = {"run_id": read_run_file("models/run.json")["run_id"], "overrides": overrides}
         runs_path.parent.mkdir(parents=True, exist_ok=True)
-        runs_path.write_text(json.dumps(runs, indent=2) + "\n")
+        # Whole or not at all: a Ctrl-C while it was written left a cut JSON, and the next sweep refused it.
+        write_text(runs_path, json.dumps(runs, indent=2) + "\n")
     return runs
 
 
@@ -362,8 +370,35 @@ def main(argv: list[str] | None = None) -> int:
     except FaceAgeError as e:  # the store (a deleted face-age experiment, a server that does not answer): one line
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt:  # before the first run (the checks, MLflow) or in the report: no traceback
+        log.error("sweep interrupted (Ctrl-C)")
+        return 130
     finally:
         os.chdir(here)
+
+
+def _resume_command(args: argparse.Namespace, remaining: list[str]) -> str:
+    """The command that sweeps ``remaining`` with the same settings (the runs file keeps the others)."""
+    import shlex
+
+    words = ["python", "-m", "faceage.sweep", "--profile", args.profile]
+    words += ["--source", args.source] if args.source else []
+    words += ["--runs", args.runs] if args.runs else []
+    return shlex.join([*words, "--backbones", *remaining])
+
+
+def _sweep(args: argparse.Namespace, runs_path: Path) -> dict:
+    """:func:`run_sweep`, then ``params.yaml`` as it was before the sweep, also after a failure or an interruption:
+    each ``dvc exp run -S`` leaves its overrides there, so a ``dvc repro`` after the sweep trained the last
+    backbone's profile (``convnext_tiny`` from scratch at 64 px), and an uncommitted edit was lost."""
+    params = Path(PARAMS)
+    before = params.read_bytes() if params.is_file() else None
+    try:
+        return run_sweep(args.backbones, args.profile, args.source, runs_path)
+    finally:
+        if before is not None and (not params.is_file() or params.read_bytes() != before):
+            params.write_bytes(before)
+            log.info("%s put back as it was before the sweep (its runs' -S values are in %s)", PARAMS, runs_path)
 
 
 def _main(args: argparse.Namespace, runs_path: Path) -> int:
@@ -392,7 +427,16 @@ def _main(args: argparse.Namespace, runs_path: Path) -> int:
                       "too (--backbones), or pass another --runs", runs_path, display_uri(), ", ".join(missing))
             return 1
         try:
-            runs = run_sweep(args.backbones, args.profile, args.source, runs_path)
+            runs = _sweep(args, runs_path)
+        except ProfileInterrupted as e:
+            remaining = getattr(e, "remaining", args.backbones)
+            how = "stopped by SIGTERM" if e.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+            line = (f"sweep {how} at {remaining[0]}: the runs before it are in {runs_path}; to finish the sweep: "
+                    f"{_resume_command(args, remaining)}")
+            if e.signum == signal.SIGTERM:
+                die_of_signal(signal.SIGTERM, line)
+            log.error("%s", line)
+            return 130
         except ProfileError as e:
             log.error("%s", e)
             return 1
