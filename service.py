@@ -242,7 +242,8 @@ class FaceAgeService:
 
 # In this order, outermost first: the UI's share of the requests in progress (a slow upload counts
 # while the body cap reads it), the body cap, then /ui to Gradio and the rest to the API.
-FaceAgeService.add_asgi_middleware(UIGateMiddleware, ui=UI, max_concurrent=UI_MAX_CONCURRENCY)
+FaceAgeService.add_asgi_middleware(UIGateMiddleware, ui=UI, max_concurrent=UI_MAX_CONCURRENCY,
+                                   upload_cache_bytes=LIMITS.ui_upload_cache_bytes)
 FaceAgeService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=LIMITS.max_body_bytes,  # every route, /ui too
                                    length_required=(UI_PATH,))
 FaceAgeService.add_asgi_middleware(UIMiddleware, ui=UI)

@@ -67,6 +67,9 @@ class Limits:
         ui_queue_size: UI analyses that may wait for one of the UI's slots (``FACEAGE_UI_QUEUE_SIZE``; 0/unset:
             :data:`faceage.ui.UI_QUEUE_FACTOR` times the slots); past it the UI refuses a photo at once ("Queue is
             full", 503).
+        ui_upload_cache_bytes: Total bytes the UI's uploads (and its annotated photos) may hold in Gradio's cache,
+            ``GRADIO_TEMP_DIR`` (``FACEAGE_UI_UPLOAD_CACHE_BYTES``, 256 MiB; 0 = no cap): Gradio keeps each file
+            10-15 minutes, in RAM under ``/dev/shm``; past it an upload gets 429 (:class:`faceage.ui.UIGateMiddleware`).
     """
 
     max_body_bytes: int = 20 * 1024 * 1024
@@ -77,6 +80,7 @@ class Limits:
     max_batch_images: int = 16
     max_parts: int = 32
     ui_queue_size: int = 0
+    ui_upload_cache_bytes: int = 256 * 1024 * 1024
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -86,7 +90,8 @@ class Limits:
                    max_detect_pixels=env_int("FACEAGE_MAX_DETECT_PIXELS", DEFAULT_MAX_DETECT_PIXELS),
                    detect_processes=env_int("FACEAGE_DETECT_PROCESSES", available_cores()),
                    threads=env_int("FACEAGE_THREADS", env_int("FACEAGE_TORCH_THREADS", 0)) or None,
-                   ui_queue_size=env_int("FACEAGE_UI_QUEUE_SIZE", 0))
+                   ui_queue_size=env_int("FACEAGE_UI_QUEUE_SIZE", 0),
+                   ui_upload_cache_bytes=env_int("FACEAGE_UI_UPLOAD_CACHE_BYTES", cls.ui_upload_cache_bytes))
 
 
 LIMITS = Limits.from_env()

@@ -12,10 +12,11 @@ neither the CLI that starts ``bentoml serve`` nor the service's readiness waits 
 What the UI's HTTP API accepts is narrower than Gradio's defaults, because it is reachable by
 anyone who can reach the service: only files a user uploaded (no path on the server's disk, no
 URL for the server to fetch); the annotated photo it returns is a JPEG at most
-:data:`UI_MAX_SIDE_PX` on its long side (it stays in ``GRADIO_TEMP_DIR``, RAM, for 10 minutes);
+:data:`UI_MAX_SIDE_PX` on its long side (it stays in ``GRADIO_TEMP_DIR``, RAM, for 10-15 minutes, as uploads do);
 Gradio's session heartbeat stream, which this UI does not use, answers 404; and all ``/ui``
 requests together hold at most a share of the service's concurrent requests
-(:class:`UIGateMiddleware`), so the API keeps the rest. The UI analyses up to that many photos at once
+(:class:`UIGateMiddleware`), so the API keeps the rest, and an upload that would take Gradio's cache past
+a total (``FACEAGE_UI_UPLOAD_CACHE_BYTES``) is refused. The UI analyses up to that many photos at once
 (:data:`UI_CONCURRENCY`; Gradio's default, one, made each UI user wait for every other one), and lets
 at most :data:`UI_QUEUE_FACTOR` times that many wait (Gradio's queue had no bound).
 """
@@ -26,7 +27,10 @@ import asyncio
 import io
 import logging
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,8 +44,13 @@ log = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # The annotated photo the UI shows: a 20 MP photo as a full-size PNG was ~16.6 MB, kept in
-# GRADIO_TEMP_DIR (/dev/shm) for 10 minutes; at 2048 px as a JPEG it is well under 1 MB.
+# GRADIO_TEMP_DIR (/dev/shm) for 10-15 minutes; at 2048 px as a JPEG it is well under 1 MB.
 UI_MAX_SIDE_PX = 2048
+# Gradio's delete_cache=(UI_CACHE_PURGE_S, UI_CACHE_AGE_S): every UI_CACHE_PURGE_S seconds it deletes the cached
+# files (uploads, annotated photos) older than UI_CACHE_AGE_S (by ctime), so a file stays 10 to 15 minutes.
+UI_CACHE_PURGE_S = 300
+UI_CACHE_AGE_S = 600
+UI_CACHE_KEPT = f"{UI_CACHE_AGE_S // 60}-{(UI_CACHE_AGE_S + UI_CACHE_PURGE_S) // 60} minutes"
 UI_JPEG_QUALITY = 90  # boxes and labels stay sharp-edged; the /annotate route keeps lossless full-size PNG
 # Photos the UI analyses at once (the service passes its UI share, UI_MAX_CONCURRENCY). Gradio's own
 # default is 1: every UI user waited for everyone before them (a small photo 5.5 s behind a 20 MP one,
@@ -142,8 +151,8 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[l
 
     if not path:
         raise user_error("Upload a photo (or take one with the webcam) first.")
-    if not os.path.isfile(path):  # Gradio deletes uploads after 10 minutes (delete_cache below)
-        raise user_error("The photo is no longer on the server (uploads are kept 10 minutes): upload it again.")
+    if not os.path.isfile(path):  # Gradio deletes uploads after 10-15 minutes (delete_cache in build_ui)
+        raise user_error(f"The photo is no longer on the server (uploads are kept {UI_CACHE_KEPT}): upload it again.")
     size = os.path.getsize(path)
     if size > max_body_bytes:
         raise user_error(f"The file has {size} bytes; the limit is {max_body_bytes}.")
@@ -209,7 +218,7 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
     async def predict(path: str | None):
         return await ui_predict(path, max_body_bytes)
 
-    with gr.Blocks(title="FaceAge", analytics_enabled=False, delete_cache=(300, 600)) as ui:
+    with gr.Blocks(title="FaceAge", analytics_enabled=False, delete_cache=(UI_CACHE_PURGE_S, UI_CACHE_AGE_S)) as ui:
         gr.Markdown("# FaceAge\nUpload a photo, use the webcam or pick an example: every face gets a box and its "
                     "estimated age ± std (years).\n\n" + model_line(lineage), elem_id="model")
         with gr.Row():
@@ -328,6 +337,83 @@ class LazyUI:
 
 
 HEARTBEAT_PATH = UI_PATH + "/gradio_api/heartbeat/"
+UPLOAD_PATH = UI_PATH + "/gradio_api/upload"
+UPLOAD_CACHE_REFRESH_S = 1.0  # how old the cache's counted total may be (one walk of the folder per second at most)
+UPLOAD_CACHE_RETRY_S = 60  # Retry-After of a refused upload: space frees at Gradio's next purge (every 5 minutes)
+
+
+def upload_folder() -> str:
+    """Gradio's cache folder, where it writes uploads (``gradio.utils.get_upload_folder``, without importing Gradio)."""
+    return os.environ.get("GRADIO_TEMP_DIR") or str((Path(tempfile.gettempdir()) / "gradio").resolve())
+
+
+def folder_bytes(folder: str) -> int:
+    """Bytes of the files under ``folder`` (0 when it does not exist); links are not followed."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # deleted meanwhile (Gradio's purge)
+                pass
+    return total
+
+
+UPLOAD_CACHE_FS_SHARE = 0.75  # of the file system holding Gradio's cache, at most, whatever the setting
+
+
+def file_system_bytes(folder: str) -> int:
+    """The size of the file system that holds ``folder`` (or its nearest existing parent)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).total
+
+
+class UploadBudget:
+    """The bytes Gradio's cache holds, against a cap: counted on disk at most every ``refresh_s`` (a walk of the
+    folder), plus the uploads admitted since (not yet on disk, or not yet counted), so a burst within one
+    refresh cannot pass the cap either.
+
+    The cap is ``max_bytes``, or :data:`UPLOAD_CACHE_FS_SHARE` of the file system holding the cache where that is
+    less: a container's ``/dev/shm`` (``--shm-size``, Docker's default 64 MB) filled before a 256 MiB cap, and
+    uploads failed with a 500 instead of a 429.
+    """
+
+    def __init__(self, max_bytes: int, folder: Callable[[], str] = upload_folder,
+                 refresh_s: float = UPLOAD_CACHE_REFRESH_S, clock: Callable[[], float] = time.monotonic,
+                 fs_bytes: Callable[[str], int] = file_system_bytes):
+        self.setting, self.folder, self.refresh_s = max_bytes, folder, refresh_s
+        self.clock, self.fs_bytes = clock, fs_bytes
+        self.counted = 0  # bytes on disk at the last walk
+        self.counted_at: float | None = None
+        self.admitted = 0  # bytes of uploads admitted since the last walk
+        self._max_bytes: int | None = None
+
+    @property
+    def max_bytes(self) -> int:
+        """The cap in force (the file system's share read once, at the first upload)."""
+        if self._max_bytes is None:
+            try:
+                share = int(UPLOAD_CACHE_FS_SHARE * self.fs_bytes(self.folder()))
+            except OSError:
+                share = self.setting
+            self._max_bytes = min(self.setting, share)
+        return self._max_bytes
+
+    def held(self) -> int:
+        """The bytes the cache holds (or is about to), at most ``refresh_s`` old."""
+        now = self.clock()
+        if self.counted_at is None or now - self.counted_at >= self.refresh_s:
+            self.counted, self.counted_at, self.admitted = folder_bytes(self.folder()), now, 0
+        return self.counted + self.admitted
+
+    def admit(self, size: int) -> bool:
+        """Whether an upload of ``size`` bytes fits; if so it is counted from now on."""
+        if self.held() + size > self.max_bytes:
+            return False
+        self.admitted += size
+        return True
 
 
 class UIGateMiddleware:
@@ -340,12 +426,17 @@ class UIGateMiddleware:
     - ``/ui/gradio_api/heartbeat/...`` answers 404 while the page does not use it (its config's
       ``connect_heartbeat`` is false): the stream never ends on its own;
     - at most ``max_concurrent`` ``/ui`` requests are in progress at once; past that, a ``/ui``
-      request gets 429 (``Retry-After``), and the API keeps the other slots.
+      request gets 429 (``Retry-After``), and the API keeps the other slots;
+    - an upload (``POST /ui/gradio_api/upload``) that would take Gradio's cache past ``upload_cache_bytes``
+      (0: no cap) gets 429 (``Retry-After``) before its body is read: Gradio keeps every upload 10-15
+      minutes, in RAM under ``/dev/shm``, and the caps above are per request (:class:`UploadBudget`).
     """
 
-    def __init__(self, app, ui: LazyUI, max_concurrent: int):
+    def __init__(self, app, ui: LazyUI, max_concurrent: int, upload_cache_bytes: int = 0,
+                 upload_folder: Callable[[], str] = upload_folder, clock: Callable[[], float] = time.monotonic):
         self.app, self.ui, self.max_concurrent = app, ui, max_concurrent
         self.in_progress = 0
+        self.uploads = UploadBudget(upload_cache_bytes, upload_folder, clock=clock) if upload_cache_bytes else None
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
@@ -366,6 +457,17 @@ class UIGateMiddleware:
                                          f"{self.max_concurrent}); retry in a few seconds"},
                                status_code=429, headers={"Retry-After": "5"})(scope, receive, send)
             return
+        if (self.uploads is not None and scope["type"] == "http" and scope.get("method") == "POST"
+                and path == UPLOAD_PATH):
+            length = dict(scope.get("headers") or []).get(b"content-length", b"")
+            # No length: the body cap answers 411 (BodyLimitMiddleware's length_required) before Gradio writes.
+            if length.isdigit() and not self.uploads.admit(int(length)):
+                await JSONResponse({"error": f"the UI's uploads hold {self.uploads.held()} bytes, at most "
+                                             f"{self.uploads.max_bytes} (FACEAGE_UI_UPLOAD_CACHE_BYTES); each is kept "
+                                             f"{UI_CACHE_KEPT}: retry later"},
+                                   status_code=429, headers={"Retry-After": str(UPLOAD_CACHE_RETRY_S)})(
+                    scope, receive, send)
+                return
         self.in_progress += 1
         try:
             await self.app(scope, receive, send)
