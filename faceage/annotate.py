@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -22,8 +23,19 @@ MIN_FONT_PX = 12  # the smallest label text, however small the photo or its face
 
 
 def face_label(face: FaceAge) -> str:
-    """``"34 ± 5"``: the predicted age and its std, in whole years."""
-    return f"{face.age:.0f} \u00b1 {face.age_std:.0f}"
+    """``"34 ± 5"``: the predicted age and its std, in whole years.
+
+    Rounded half up, as a reader rounds the one-decimal figure the UI's and the CLI's tables show beside it:
+    formatting with ``.0f`` rounds exact halves to even (34.5 was labelled "34", 35.5 "36", 2.5 "± 2"). The
+    value itself is rounded, not its one-decimal figure (34.46, shown 34.5, is 34: no double rounding).
+    """
+    return f"{_whole_years(face.age)} \u00b1 {_whole_years(face.age_std)}"
+
+
+def _whole_years(years: float) -> str:
+    """``years`` rounded half up (away from zero) to whole years; ``+ 0`` turns ``-0`` into ``0``."""
+    value = Decimal(float(years))  # the float's exact value: 34.49999 stays under the half
+    return str(value.quantize(Decimal(1), rounding=ROUND_HALF_UP) + 0) if value.is_finite() else f"{years:.0f}"
 
 
 def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
