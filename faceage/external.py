@@ -117,9 +117,16 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
                 raise
             # staged_dir removed the partial crops: what is free now is what a rerun has.
             raise WriteError(f"cropping external set {ext.name} into {out.parent} failed: [Errno {e.errno}] "
-                             f"{e.strerror}; {shutil.disk_usage(out.parent).free / 1e6:,.1f} MB is free there: free some "
-                             "space and rerun") from e
+                             f"{e.strerror}; {_free(out.parent)}: free some space and rerun") from e
     return out
+
+
+def _free(folder: Path) -> str:
+    """The free space in ``folder``, for a full-disk message (which must not fail in turn)."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB is free there"
+    except OSError:
+        return "the free space there could not be read"
 
 
 def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
@@ -135,7 +142,16 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
             if (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE],
                                                                            files[SHAPE5_FILE]):
                 return path
-        embed_dataset(faces_dir, detector_dir, path, workers)
+        partial = path.with_name(path.name + ".tmp.npz")  # embed_dataset's staging file, replaced into path
+        try:
+            embed_dataset(faces_dir, detector_dir, path, workers)
+        except OSError as e:
+            partial.unlink(missing_ok=True)  # in the shared cache entry: no later run would remove it
+            if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
+                raise
+            raise WriteError(f"writing the face descriptors of external set {faces_dir.name.rsplit('-', 1)[0]} "
+                             f"into {faces_dir} failed: [Errno {e.errno}] {e.strerror}; {_free(faces_dir)}: free "
+                             "some space and rerun (no partial file kept)") from e
     return path
 
 
@@ -180,7 +196,31 @@ def external_maes(metrics: dict[str, float], tags: dict[str, str] | None = None)
     """
     names = [k[len("external_"):-len("_n_faces")] for k in metrics
              if k.startswith("external_") and k.endswith("_n_faces")]
-    if tags and "evaluate.external" in tags:
-        current = {external_name(path) for path in json.loads(tags["evaluate.external"])}
+    current = _tagged_sets((tags or {}).get("evaluate.external"))
+    if current is not None:
         names = [n for n in names if n in current]
     return {n: float(metrics[f"external_{n}_mae"]) for n in sorted(names) if f"external_{n}_mae" in metrics}
+
+
+def _tagged_sets(tag: str | None) -> set[str] | None:
+    """The set names an ``evaluate.external`` tag lists, or None where it says nothing of them (no tag, or
+    one that is not a JSON list: a hand-edited or cut-short tag raised a traceback in every reader of the
+    run, the champion guard's included; a JSON string was read letter by letter). An entry no set is named
+    after (not a path, or ``/``) is left out."""
+    if tag is None:
+        return None
+    try:
+        paths = json.loads(tag)
+    except (TypeError, ValueError):
+        paths = None
+    if not isinstance(paths, list):
+        log.warning("the run's MLflow tag evaluate.external is not a JSON list of paths (%.80r): counting every "
+                    "external set it has metrics for", tag)
+        return None
+    names = set()
+    for path in paths:
+        try:
+            names.add(external_name(path))
+        except (AttributeError, TypeError, ExternalSetError):
+            continue
+    return names

@@ -125,9 +125,18 @@ def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path | None
             raise ExternalSetError(f"evaluate.external: {given!r}: {len(missing)} of {len(samples)} images listed in "
                                    f"gt_avg_test.csv are missing from {path / EXTERNAL_SPLIT}, e.g. {missing[:5]}")
         sets.append(ExternalSet(external_name(given), given, path))
+    seen: dict[str, ExternalSet] = {}
+    for s in sets:  # the entries that clash, by their spelling in params: a list of names did not say which
+        first = seen.setdefault(s.name, s)
+        if first is s:
+            continue
+        if first.path == s.path:  # resolved: a relative and an absolute spelling, a trailing /, a symlink
+            raise ExternalSetError(f"evaluate.external lists the folder {s.path} twice ({first.given!r} and "
+                                   f"{s.given!r}): remove one")
+        raise ExternalSetError(f"evaluate.external: two sets share a name: {first.given!r} and {s.given!r} are both "
+                               f"{s.name!r} (the folder's name, lower-cased, names its MLflow metrics): rename one "
+                               "folder, or link to it under another name")
     names = [s.name for s in sets]
-    if len(set(names)) != len(names):
-        raise ExternalSetError(f"evaluate.external: two sets share a name ({names}): give the folders distinct names")
     clash = sorted(n for n in names if n.endswith("_baseline") and n[:-len("_baseline")] in names)
     if clash:  # set X's external_X_baseline_mae is set X_baseline's MAE in MLflow, which the champion guard reads
         raise ExternalSetError(f"evaluate.external: sets {clash[0][:-len('_baseline')]!r} and {clash[0]!r} would log "
