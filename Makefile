@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup test test-unit repro quick quick-finetune quick-resnet sweep bento serve bench loadtest base-image container mlflow-server clean
+.PHONY: setup help test test-unit repro quick quick-finetune quick-resnet sweep bento serve bench loadtest base-image container mlflow-server clean
 
 # Creates .venv and installs the project with its test tools (idempotent). The bento's lock constrains
 # the packages it holds, so the tests run against the versions the image installs.
@@ -16,6 +16,27 @@ $(VENV)/.installed: pyproject.toml bento-requirements.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]' -c bento-requirements.txt
 	touch $@
+
+# One line per target (no prerequisite: prints, installs nothing). `make` alone is `make setup`.
+help:
+	@printf '%s\n' 'Targets (README: Quick start):' \
+	  'setup           .venv with the project and its test tools, against bento-requirements.txt (idempotent)' \
+	  'help            this list' \
+	  'test            all tests: unit + integration (those needing ../shared skip without it)' \
+	  'test-unit       the tests not marked integration' \
+	  'repro           dvc repro: the pipeline with params.yaml (APPA-REAL, ResNet-18)' \
+	  'quick           the CPU profile on ../shared/datasets/appa-real-sample (train.backbone=dlib_age); SAMPLE=path' \
+	  'quick-finetune  dlib age network fine-tuned without forgetting, on the sample' \
+	  'quick-resnet    ResNet-18 from scratch, 5 epochs at 112 px, on the sample' \
+	  'sweep           one DVC experiment per backbone on the sample, then reports/backbones.md' \
+	  'bento           champion MLflow run -> registry -> BentoML model face_age -> bento face_age' \
+	  'serve           bentoml serve face_age:latest on SERVE_HOST:SERVE_PORT (127.0.0.1:3000; UI at /ui)' \
+	  'bench           service latency, throughput and size (needs make bento)' \
+	  'loadtest        2,000 POST /predict at 16 concurrent, 10% malformed (needs make bento)' \
+	  'base-image      the local Debian + Python base image bentofile.yaml names (debootstrap, root)' \
+	  'container       Docker image IMAGE (face-age:latest) of face_age:latest' \
+	  'mlflow-server   a shared MLflow tracking server on MLFLOW_HOST:MLFLOW_PORT (127.0.0.1:5000)' \
+	  'clean           removes .pytest_cache'
 
 # All tests: unit + integration (integration tests that need ../shared skip without it).
 test: setup
