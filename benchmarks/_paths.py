@@ -20,12 +20,17 @@ def external_set(name: str = "utk_external", repo: Path = REPO) -> Path:
     entries from the repo root), the one ``evaluate`` crops.
 
     Raises:
-        SystemExit: The set is not in ``evaluate.external``.
+        SystemExit: The set is not in ``evaluate.external``, or an entry there is missing or not in the release
+            layout (:class:`faceage.sources.ExternalSetError`'s message).
     """
     from faceage.config import load_params
-    from faceage.sources import resolve_external
+    from faceage.sources import ExternalSetError, resolve_external
 
-    sets = {ext.name: ext for ext in resolve_external(load_params(repo / "params.yaml").evaluate.external, repo)}
+    try:  # (a missing folder, no ../shared, was an ExternalSetMissingError traceback)
+        resolved = resolve_external(load_params(repo / "params.yaml").evaluate.external, repo)
+    except ExternalSetError as e:
+        raise SystemExit(str(e)) from None
+    sets = {ext.name: ext for ext in resolved}
     if name not in sets:
         raise SystemExit(f"{name} is not in params.yaml's evaluate.external ({', '.join(sets) or 'empty'})")
     return sets[name].path

@@ -8,7 +8,8 @@ either way, which gain one, and the time ratio with / without, interleaved (the 
 round and every photo) on the photos where HOG finds nothing (the only ones the look touches) and on all
 of them.
 Ratios, not absolute times, are the result: both sides run in the same minutes on the same machine.
-Where ``labels.csv`` gives a face count (``wild``), photos whose count the look changes are named.
+Where ``labels.csv`` gives a face count (``wild``), photos whose count the look changes are named. A folder
+without a decodable photo is named, and the run exits 1.
 
     python benchmarks/bench_cnn_retry.py [--photos DIR ...] [--side 400] [--rounds 3] [--json out.json]
 """
@@ -144,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ratio_text(result['time_ratio_all_photos'])} over all photos")
     if args.json:
         write_text(args.json, json.dumps(results, indent=2))  # never half a file
-    return 0
+    # A folder of undecodable files printed "0 photos" and exited 0: a run (or half of one) of nothing.
+    empty = [folder for folder, r in results.items() if not r["photos"]]
+    for folder in empty:
+        print(f"no decodable photo in {folder}: nothing was measured", file=sys.stderr)
+    return 1 if empty else 0
 
 
 if __name__ == "__main__":

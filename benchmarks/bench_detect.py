@@ -10,7 +10,8 @@ photo), and the faces compared; then the ratios two threads / one thread: of the
 exactly one face (the service benchmark's subset; n/a when there is none), of the total over every
 photo, and the median of the per-photo ratios. Ratios, not absolute times, are the result: both
 sides run in the same minutes on the same machine. Only HOG runs on two threads; the CNN's look
-(photos where HOG finds nothing) runs on one either way.
+(photos where HOG finds nothing) runs on one either way. A folder without a decodable photo measures
+nothing: it says so and exits 1.
 
     python benchmarks/bench_detect.py [--photos DIR] [--params params.yaml] [--rounds 3] [--json out.json]
 
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
           f"median per photo {ratio_text(result['median_photo_ratio'])}")
     if args.json:
         write_text(args.json, json.dumps({"summary": result, "photos": rows}, indent=2))  # never half a file
+    if not rows:  # (a folder of undecodable files printed "0 photos ..., n/a" and exited 0: a run of nothing)
+        print(f"no decodable photo in {args.photos}: nothing was measured", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,7 +5,8 @@ section (:func:`faceage.preprocess.crop_settings`, what ``preprocess`` writes an
 trained from it records: the second look and the CNN's last look included) into a temporary cache,
 twice: the first call detects and crops, the second finds the cache. Prints JSON per set: seconds
 of each call, their ratio cached / first (measured in the same run), images, faces scored and
-images without a face.
+images without a face. No set to crop (``evaluate.external: []``, or a folder that is not there) is one
+message and exit code 2, before the detector is fetched.
 
     python benchmarks/bench_external_crops.py [--params params.yaml] [--detector models/detector] [--workers 0]
 """
@@ -26,7 +27,7 @@ from faceage.config import load_params   # noqa: E402
 from faceage.detector import DetectorFilesError, fetch_detector_files, read_manifest  # noqa: E402
 from faceage.external import crop_counts, external_faces  # noqa: E402
 from faceage.preprocess import crop_settings  # noqa: E402
-from faceage.sources import resolve_external  # noqa: E402
+from faceage.sources import ExternalSetError, resolve_external  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +46,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--params {args.params} is not a file")
     params = load_params(args.params)
     pre = params.preprocess
+    # Before the detector is fetched: evaluate.external=[] printed '"sets": {}' and exited 0 (nothing measured),
+    # a missing folder (no ../shared) ended in an ExternalSetMissingError traceback.
+    try:
+        sets = resolve_external(params.evaluate.external, REPO)
+    except ExternalSetError as e:
+        parser.error(str(e))
+    if not sets:
+        parser.error(f"--params {args.params}: evaluate.external is empty: nothing to measure")
     with tempfile.TemporaryDirectory(prefix="faceage-bench-external-") as tmp:
         detector = Path(args.detector) if args.detector else Path(tmp) / "detector"
         if not args.detector:
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         except DetectorFilesError as e:  # a --detector that is not a fetch_detector folder
             parser.error(f"--detector {detector}: {e}")
         results = {}
-        for ext in resolve_external(params.evaluate.external, REPO):
+        for ext in sets:
             start = time.perf_counter()
             faces = external_faces(ext, crop, detector, Path(tmp) / "cache", args.workers)
             first = time.perf_counter() - start

@@ -403,14 +403,18 @@ def main(argv: list[str] | None = None) -> None:
     photos = load_photos(args.photos)
     if not photos:
         raise SystemExit(f"no decodable photos in {args.photos}")
-    runs, bento_tags = [], []
+    # Every bento and its model before the first is measured: a later --tag that is not there stopped the run
+    # only after the earlier ones' minutes.
+    bentos = []
     for tag in tags:
         try:
             bento = bentoml.get(tag)
+            bentos.append((bento, bentoml.models.get(bento.info.all_models[0].tag)))  # the model it serves
         except bentoml.exceptions.NotFound as e:  # a clone that never ran make bento
             raise SystemExit(f"{e} (make bento packages one; --tag names another)") from None
+    runs, bento_tags = [], []
+    for bento, model in bentos:
         bento_tags.append(str(bento.tag))
-        model = bentoml.models.get(bento.info.all_models[0].tag)  # the model this bento serves
         # The service's own predictor (same folder, same ONNX graph), called in-process.
         predictor = AgePredictor.from_model_dir(model.path, runtime="onnx")
         target = UrlTarget(args.url) if args.url else HostTarget(str(bento.tag))

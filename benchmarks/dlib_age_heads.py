@@ -114,6 +114,24 @@ def _labelled_sources() -> dict[str, tuple[Path, str]]:
     return sources
 
 
+def _wild_files() -> list[str]:
+    """The ``wild`` photos ``labels.csv`` marks as faces, in its order.
+
+    Raises:
+        SystemExit: No ``wild/labels.csv`` (no ``../shared``), or it marks no face: checked before the
+            descriptors of the labelled splits are computed (minutes), which a traceback used to end.
+    """
+    labels = WILD / "labels.csv"
+    if not labels.is_file():
+        raise SystemExit(f"no {labels}: the wild photos are ../shared/datasets/wild beside the repo "
+                         "(or $FACEAGE_SHARED_DATASETS/wild)")
+    with open(labels) as f:
+        files = [r["file"] for r in csv.DictReader(f) if r["kind"] == "face"]
+    if not files:
+        raise SystemExit(f"{labels} marks no photo as kind=face: no wild face to measure")
+    return files
+
+
 def _wild_faces(detector: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """The crops, chips and chip pairs of every face the service finds in the ``wild`` photos, in order."""
     from faceage.chips import split_pair
@@ -127,9 +145,7 @@ def _wild_faces(detector: Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
     locator = FaceLocator(detector, kind=crop["detector"], upsample=int(crop["upsample"]), margin=crop["margin"],
                           crop_size=crop["size"], retry_pad=crop_retry_pad(crop),
                           cnn_retry_side=crop_cnn_retry_side(crop), chip_dir=detector, pairs=True)
-    with open(WILD / "labels.csv") as f:
-        files = [r["file"] for r in csv.DictReader(f) if r["kind"] == "face"]
-    located = [locator.locate(load_image(WILD / name)) for name in files]
+    located = [locator.locate(load_image(WILD / name)) for name in _wild_files()]
     pairs = [c for loc in located for c in loc.chips]
     return [c for loc in located for c in loc.crops], [np.ascontiguousarray(split_pair(p)[0]) for p in pairs], pairs
 
@@ -146,6 +162,7 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
     if path.is_file():
         with np.load(path) as z:
             return {s: {k: z[f"{s}_{k}"] for k in ("chips", "desc", "age")} for s in SPLITS}
+    _wild_files()  # the last split read: a missing one stopped the run after minutes of descriptors
     encoder = DlibFaceEncoder(detector, 0.4)
     out = {}
     sources = _labelled_sources()
@@ -178,6 +195,7 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
     if path.is_file():
         with np.load(path) as z:
             return {s: z[s] for s in SPLITS}
+    _wild_files()  # (as in load_inputs: before the labelled splits' work)
     net = load_face_net(detector / RECOGNITION_FILE)
     sources = _labelled_sources()
     out = {}
