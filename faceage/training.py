@@ -405,7 +405,9 @@ class TrainState:
     ``history`` rows hold :data:`HISTORY_COLUMNS` plus :data:`TIMING_COLUMNS`; ``elapsed_s`` adds up
     over resumed runs. ``best_model`` is ``None`` until an epoch improves on the start. ``git_commit`` is
     HEAD when the run started (the checkpoint's and the MLflow tag's); ``resumed_at_commit`` HEAD of the
-    latest resume that ran another commit, "" while none did.
+    latest resume that ran another commit, "" while none did. ``amp_consecutive_skips``: :attr:`Amp.consecutive_skips`
+    at the epoch's end (a kill must not reset the divergence bound). ``params``: the ``train`` params it was
+    written for, to name the keys that changed when a rerun cannot resume it (``{}`` in older states).
     """
 
     fingerprint: str
@@ -421,6 +423,8 @@ class TrainState:
     best_model: dict[str, torch.Tensor] | None = None
     git_commit: str = ""  # "" in a state saved before it was kept: the run's git_commit tag is read instead
     resumed_at_commit: str = ""
+    amp_consecutive_skips: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 def save_state(path: str | Path, state: TrainState) -> None:
@@ -435,8 +439,9 @@ def save_state(path: str | Path, state: TrainState) -> None:
     os.replace(tmp, path)
 
 
-def load_state(path: str | Path, fingerprint: str) -> TrainState | None:
-    """The saved state if it was written for these params and data, else ``None``."""
+def load_state(path: str | Path, fingerprint: str, params: dict[str, Any] | None = None) -> TrainState | None:
+    """The saved state if it was written for these params and data, else ``None``; ``params`` (the current
+    ``train`` params, ``asdict``) name what changed in the warning for a state that is ignored."""
     path = Path(path)
     if not path.exists():
         return None
@@ -450,9 +455,22 @@ def load_state(path: str | Path, fingerprint: str) -> TrainState | None:
         log.warning("ignoring %s: unreadable (%s: %s)", path, type(e).__name__, e)
         return None
     if state.fingerprint != fingerprint:
-        log.info("ignoring %s: it was written for other params or data", path)
+        log.warning("ignoring %s (%d finished epoch(s) of MLflow run %s): it was written for other params or data%s; "
+                    "training starts over", path, state.epoch, state.run_id or "-", _what_changed(state.params, params))
         return None
     return state
+
+
+def _what_changed(saved: dict[str, Any], now: dict[str, Any] | None) -> str:
+    """What differs between a state's ``train`` params and the current ones, as words: the changed keys, or that
+    the params are the same (so the data or the pretrained weights changed); "" for a state without its params."""
+    if not saved or now is None:  # a state saved before it kept its params
+        return ""
+    changed = [f"train.{k}={saved.get(k, 'unset')} (now {now.get(k, 'unset')})"
+               for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+    if not changed:
+        return " (the same params: the preprocess output, the embeddings or a pretrained weights file changed)"
+    return f" ({', '.join(changed)})"
 
 
 def _resume(state: TrainState, model: nn.Module, opt: torch.optim.Optimizer, sched, amp: Amp,
@@ -482,6 +500,7 @@ def _resume(state: TrainState, model: nn.Module, opt: torch.optim.Optimizer, sch
         # A state saved where loss scaling was off (CPU, bf16) holds {}: an fp16 GPU's scaler refuses
         # it, and starts from its defaults instead.
         amp.scaler.load_state_dict(state.scaler)
+    amp.consecutive_skips = state.amp_consecutive_skips
     return state
 
 
@@ -797,7 +816,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     loss_fn = make_loss(p, model, train_set.ages)
 
     fingerprint = _fingerprint(p, faces_dir, embeddings_path, pretrained_files(p, head, detector_dir))
-    state = load_state(state_path, fingerprint)
+    state = load_state(state_path, fingerprint, asdict(p))
     if state is not None and state.epoch > 0:  # (epoch 0: the run started, the initial weights are seeded)
         state = _resume(state, model, opt, sched, amp, state_path)
         if state is not None:
@@ -844,6 +863,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
                 state.epoch = epoch
                 state.model, state.optimizer = model.state_dict(), opt.state_dict()
                 state.scheduler, state.scaler = sched.state_dict(), amp.scaler.state_dict()
+                state.amp_consecutive_skips = amp.consecutive_skips
                 save_state(state_path, state)  # the commit point of an epoch
                 _write_history(reports_dir / "history.csv", state.history)
                 tracker.log_epochs()
@@ -965,6 +985,7 @@ class _Tracker:
 
     def _start(self):
         if self.state is not None:
+            self.state.params = self.state.params or asdict(self.p)  # (a state saved before it kept them)
             lost = lost_run(self.state.run_id)
             if lost is None:
                 run = self.mlflow.start_run(run_id=self.state.run_id)
@@ -978,6 +999,7 @@ class _Tracker:
                 if not data.params:  # killed in _new_run before they were logged: the run and the state exist
                     self._describe_run()
                 self._tag_this_process(data.tags)
+                self.log_epochs()  # now, not with the next epoch: a rerun that fails before it left them out
                 return run
             # A rerun that crashed on the lost run at every try could never finish: the training goes on in a
             # new run, which gets the params and tags again and every saved epoch's metrics (once).
@@ -989,7 +1011,7 @@ class _Tracker:
             self.log_epochs()
             return run
         self._end_superseded_run()
-        self.state = TrainState(self.fingerprint, run_id="", git_commit=self.commit)
+        self.state = TrainState(self.fingerprint, run_id="", git_commit=self.commit, params=asdict(self.p))
         return self._new_run()
 
     def _new_run(self, tags: dict[str, str] | None = None):
