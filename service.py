@@ -21,6 +21,8 @@ too many pixels, a query parameter that does not parse), 413 (body over the cap)
 multipart/form-data, or a part that is not an image), 422 (face index out of range, or an image that
 crashed its worker on its own), 503 (the detection workers cannot start, or died beside other
 photos: :class:`faceage.serving.DetectionUnavailable`; ``/readyz`` too while they cannot start);
+500 for a failure no handler expects (the traceback goes to the log, not the client); in ``/predict_batch`` each
+photo's error is its own result (``status``: 400, 415, 422, 503 or 500), counted in ``faceage_batch_image_errors_total``;
 every error is ``{"error": message}`` (but BentoML's plain-text 404 for a path no route has). Ages
 and stds are rounded as the CLI rounds them (:data:`faceage.predict.AGE_DECIMALS`). ``/ui`` holds at
 most half of the concurrent requests (:class:`faceage.ui.UIGateMiddleware`), so the API keeps the other
@@ -42,8 +44,8 @@ from fastapi.responses import JSONResponse, Response
 
 from faceage.annotate import annotate as draw_faces, to_png
 from faceage.http import (
-    FIELD, INPUT_ERRORS, LIMITS, PHOTO_ERRORS, BadRequest, BodyLimitMiddleware, error_response, input_status,
-    photo_status, read_images,
+    FIELD, INPUT_ERRORS, LIMITS, PHOTO_ERRORS, BadRequest, BodyLimitMiddleware, count, error_response, input_status,
+    photo_status, read_images, wrong_type,
 )
 from faceage.predict import AgePredictor, FaceAge, LocatedFaces, available_cores, split_results
 from faceage.serving import RESTART_AFTER_S, AgeBatcher, DetectionUnavailable, LocatorPool, drawn_then_released
@@ -116,10 +118,31 @@ async def _wrong_method(request: Request, e) -> JSONResponse:
     return response
 
 
+INTERNAL_ERROR = "internal error while analysing the photo (the server logged why)"
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    """A failure no other handler expects: 500 ``{"error": message}``, not Starlette's plain-text "Internal Server
+    Error" (the traceback still goes to the log, not to the client)."""
+    return error_response(500, INTERNAL_ERROR)
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
     """A parameter FastAPI could not parse (``/crop?face=abc``): 400 ``{"error": message}``, not its 422 ``detail``."""
     return error_response(400, "; ".join(validation_message(error) for error in e.errors()))
+
+
+def batch_error(part, e: Exception) -> dict:
+    """A ``/predict_batch`` photo's error result, counted in ``faceage_batch_image_errors_total{status}`` (the
+    request itself is a 200, so BentoML's request metrics do not show it)."""
+    if isinstance(e, PHOTO_ERRORS):
+        status, message = photo_status(e), e.message if isinstance(e, BadRequest) else str(e)
+    else:
+        status, message = 500, INTERNAL_ERROR
+    count("faceage_batch_image_errors", "Photos of /predict_batch answered with an error, by status", status)
+    return {"filename": part.filename, "error": message, "status": status}
 
 
 def png(data: bytes, headers: dict[str, str]) -> Response:
@@ -221,19 +244,27 @@ class FaceAgeService:
 
     @api.post("/predict_batch", openapi_extra=IMAGE_FORM)
     async def predict_batch(self, request: Request) -> JSONResponse:
-        """Up to 16 photos (repeated field ``image``): one result or error per photo, in order."""
-        parts = await read_images(request, limit=LIMITS.max_batch_images)
-        found = await asyncio.gather(*(self.locator.locate(p.data, crops=False) for p in parts),
-                                     return_exceptions=True)
-        for item in found:
-            if isinstance(item, BaseException) and not isinstance(item, PHOTO_ERRORS):
-                raise item
+        """Up to 16 photos (repeated field ``image``): one result or error per photo, in order; a photo that is not
+        an image (415), does not decode (400) or hits a bug (500, logged) fails alone."""
+        parts = await read_images(request, limit=LIMITS.max_batch_images, check_types=False)
+
+        async def locate(part):
+            error = wrong_type(part)
+            if error is not None:
+                raise error
+            return await self.locator.locate(part.data, crops=False)
+
+        found = await asyncio.gather(*(locate(p) for p in parts), return_exceptions=True)
+        for i, (part, item) in enumerate(zip(parts, found)):
+            if isinstance(item, BaseException) and not isinstance(item, Exception):
+                raise item  # cancelled: not a photo's result
+            if isinstance(item, Exception) and not isinstance(item, PHOTO_ERRORS):
+                log.error("/predict_batch: image %d (%s) failed", i, part.filename, exc_info=item)
         located = [item[0] for item in found if not isinstance(item, BaseException)]
         # All faces of all photos in one call of the batcher (which also merges concurrent requests).
         mean, std = await self.batcher([c for loc in located for c in loc.inputs])
         ages = iter(split_results(located, mean, std))
-        results = [{"filename": part.filename, "error": str(item), "status": photo_status(item)}
-                   if isinstance(item, BaseException) else
+        results = [batch_error(part, item) if isinstance(item, BaseException) else
                    {"filename": part.filename, "faces": [f.as_dict() for f in next(ages)],
                     "width": item[0].width, "height": item[0].height}
                    for part, item in zip(parts, found)]

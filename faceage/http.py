@@ -178,8 +178,18 @@ def parse_form(body: bytes, content_type: str | None) -> list[Part]:
     return parts
 
 
-def image_parts(parts: list[Part], limit: int) -> list[Part]:
-    """The ``image`` parts, checked: present, at most ``limit``, image content types only.
+def wrong_type(part: Part) -> BadRequest | None:
+    """The 415 for an ``image`` part whose Content-Type is not an image's (none given passes), else ``None``."""
+    kind = (part.content_type or "").split(";")[0].strip().lower()
+    if kind and not (kind.startswith("image/") or kind == "application/octet-stream"):
+        return BadRequest(415, f"form field {FIELD!r} ({part.filename or 'no filename'}) has Content-Type "
+                               f"{kind!r}; expected image/* or application/octet-stream")
+    return None
+
+
+def image_parts(parts: list[Part], limit: int, *, check_types: bool = True) -> list[Part]:
+    """The ``image`` parts, checked: present, at most ``limit``, image content types only (unless
+    ``check_types`` is false: ``/predict_batch`` answers such a part on its own, with :func:`wrong_type`).
 
     Raises:
         BadRequest: 400 for a missing field or too many images, 415 for a non-image part.
@@ -190,15 +200,14 @@ def image_parts(parts: list[Part], limit: int) -> list[Part]:
         raise BadRequest(400, f"missing form field {FIELD!r} (got fields: {got})")
     if len(images) > limit:
         raise BadRequest(400, f"too many images: {len(images)}, at most {limit} per request")
-    for p in images:
-        kind = (p.content_type or "").split(";")[0].strip().lower()
-        if kind and not (kind.startswith("image/") or kind == "application/octet-stream"):
-            raise BadRequest(415, f"form field {FIELD!r} ({p.filename or 'no filename'}) has Content-Type "
-                                  f"{kind!r}; expected image/* or application/octet-stream")
+    for p in images if check_types else ():
+        error = wrong_type(p)
+        if error is not None:
+            raise error
     return images
 
 
-async def read_images(request: Request, limit: int) -> list[Part]:
+async def read_images(request: Request, limit: int, *, check_types: bool = True) -> list[Part]:
     """The checked ``image`` parts of a request (the body cap is :class:`BodyLimitMiddleware`'s).
 
     Raises:
@@ -212,7 +221,23 @@ async def read_images(request: Request, limit: int) -> list[Part]:
         if await request.is_disconnected():
             raise BadRequest(400, CLIENT_LEFT) from None
         raise
-    return image_parts(parse_form(body, request.headers.get("content-type")), limit)
+    return image_parts(parse_form(body, request.headers.get("content-type")), limit, check_types=check_types)
+
+
+_COUNTERS: dict[str, Any] = {}
+
+
+def count(name: str, documentation: str, status: int) -> None:
+    """Adds one to the Prometheus counter ``<name>_total{status}`` (shown on ``/metrics``).
+
+    prometheus_client is imported at the first count, in a request: BentoML sets up its multiprocess metrics
+    directory before serving, and the module picks its storage when it is first imported.
+    """
+    if name not in _COUNTERS:
+        import prometheus_client
+
+        _COUNTERS[name] = prometheus_client.Counter(name, documentation, ["status"])
+    _COUNTERS[name].labels(status=str(status)).inc()
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -298,7 +323,12 @@ class BodyLimitMiddleware:
 
     @staticmethod
     async def _answer(send, status: int, error: str) -> None:
-        """Sends ``{"error": error}`` with ``status`` and closes the connection (the app never answers)."""
+        """Sends ``{"error": error}`` with ``status`` and closes the connection (the app never answers).
+
+        Counted in ``faceage_rejected_requests_total{status}``: BentoML adds a service's middlewares outside its
+        own metrics middleware, so ``bentoml_service_request_total`` never sees these answers.
+        """
+        count("faceage_rejected_requests", "Requests the body cap answered before the app (413, 411, 400)", status)
         body = JSONResponse({"error": error}, status_code=status).body
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
