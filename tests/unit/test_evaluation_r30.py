@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 import faceage.evaluation as evaluation
 from faceage.config import EvaluateParams
 from faceage.data import SplitDataError
 from faceage.evaluation import _labels, age_group, age_metrics, coverage, errors_by_group
+from tests.unit.test_mutants_r26 import two_face_external_set
 
 
 @pytest.mark.parametrize("age", [math.nan, -1.0, -0.001, math.inf, -math.inf])
@@ -37,15 +36,7 @@ def test_a_label_that_is_not_an_age_is_an_error_naming_the_face(text):
 
 def test_an_external_set_with_a_nan_label_names_the_face(tmp_path, monkeypatch):
     rows = [{"file_name": "a.jpg", "apparent_age": "20"}, {"file_name": "b.jpg", "apparent_age": "nan"}]
-    monkeypatch.setattr(evaluation, "external_faces", lambda ext, crop, detector_dir, cache_dir: tmp_path)
-    monkeypatch.setattr(evaluation, "crop_counts", lambda faces: {"n_images": 2, "n_faces": 2, "no_face": 0,
-                                                                   "unreadable": 0})
-    monkeypatch.setattr(evaluation, "set_version", lambda faces, path: "v1")
-    monkeypatch.setattr(evaluation, "load_split", lambda *a, **k: SimpleNamespace(images=torch.zeros(2, 3, 8, 8),
-                                                                                 rows=rows))
-    model = SimpleNamespace(meta={"crop": {"detector": "hog"}, "backbone": "resnet18", "image_size": 8},
-                            predict_inputs=lambda images, batch_size: (np.array([25.0, 30.0]), np.array([1.0, 2.0])))
-    ext = SimpleNamespace(name="utk", path=tmp_path)
+    model, ext = two_face_external_set(monkeypatch, tmp_path, rows)
     with pytest.raises(SplitDataError, match=r"external set 'utk'.*'b.jpg'"):
         evaluation.evaluate_external(model, [ext], EvaluateParams(low_res=()), tmp_path, 50.0)
 

@@ -469,16 +469,13 @@ def test_group_errors_leave_out_the_empty_age_groups():
     assert all(np.isfinite(r["mae_years"]) for r in rows)
 
 
-def test_an_external_sets_baseline_is_the_training_mean_not_its_own(tmp_path, monkeypatch):
-    """Mutant: ``evaluate_external``'s baseline taken about the set's own mean age instead of ``train_mean``:
-    the always-the-training-mean baseline that packaging's cross-dataset guard compares with came out
-    lower (a set's own mean is the best constant). Its only unit test stops at a set without faces."""
+def two_face_external_set(monkeypatch, tmp_path, rows: list[dict]):
+    """``evaluate_external``'s steps before the model stubbed for a set of two faces labelled by ``rows``, and a
+    model predicting 25 +- 1 and 30 +- 2: ``(model, ext)``."""
     from types import SimpleNamespace
 
     import faceage.evaluation as evaluation
-    from faceage.config import EvaluateParams
 
-    rows = [{"file_name": "a.jpg", "apparent_age": "20"}, {"file_name": "b.jpg", "apparent_age": "40"}]
     monkeypatch.setattr(evaluation, "external_faces", lambda ext, crop, detector_dir, cache_dir: tmp_path)
     monkeypatch.setattr(evaluation, "crop_counts", lambda faces: {"n_images": 2, "n_faces": 2, "no_face": 0,
                                                                    "unreadable": 0})
@@ -487,7 +484,18 @@ def test_an_external_sets_baseline_is_the_training_mean_not_its_own(tmp_path, mo
                                                                                  rows=rows))
     model = SimpleNamespace(meta={"crop": {"detector": "hog"}, "backbone": "resnet18", "image_size": 8},
                             predict_inputs=lambda images, batch_size: (np.array([25.0, 30.0]), np.array([1.0, 2.0])))
-    ext = SimpleNamespace(name="utk", path=tmp_path)
+    return model, SimpleNamespace(name="utk", path=tmp_path)
+
+
+def test_an_external_sets_baseline_is_the_training_mean_not_its_own(tmp_path, monkeypatch):
+    """Mutant: ``evaluate_external``'s baseline taken about the set's own mean age instead of ``train_mean``:
+    the always-the-training-mean baseline that packaging's cross-dataset guard compares with came out
+    lower (a set's own mean is the best constant). Its only unit test stops at a set without faces."""
+    import faceage.evaluation as evaluation
+    from faceage.config import EvaluateParams
+
+    rows = [{"file_name": "a.jpg", "apparent_age": "20"}, {"file_name": "b.jpg", "apparent_age": "40"}]
+    model, ext = two_face_external_set(monkeypatch, tmp_path, rows)
     results, groups, out = evaluation.evaluate_external(model, [ext], EvaluateParams(low_res=()), tmp_path, 50.0)
     m = results["utk"]
     assert m["baseline_mae_years"] == pytest.approx(20.0)  # |50 - 20| and |50 - 40|; about the set's mean: 10

@@ -10,31 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 
+import tests.unit.test_packaging as packaging_tests
 from faceage.packaging import PackagingError, select_winner
 from faceage.tracking import EXPERIMENT
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module (creating one runs MLflow's migrations: seconds)."""
-    root = tmp_path_factory.mktemp("mlflow_r30")
-    return mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}"), root
-
-
-@pytest.fixture()
-def client(store, request):
-    """The store with a fresh ``face-age`` experiment for this test."""
-    client, root = store
-    for exp in client.search_experiments():
-        if exp.name == EXPERIMENT:
-            client.rename_experiment(exp.experiment_id, f"{EXPERIMENT}-before-{request.node.name}")
-    client.create_experiment(EXPERIMENT, artifact_location=(root / request.node.name).as_uri())
-    return client
+# One SQLite store for the module, and a fresh face-age experiment per test, as the packaging tests have them.
+store, client = packaging_tests.store, packaging_tests.client
 
 
 def add_run(client, name, metrics, data="d" * 64, tags=None):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import tests.unit.test_signals_r30 as signals_r30
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and scripts as dvc")
 
@@ -32,39 +34,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 60) -> None:
 
 # --- run_stage: Ctrl-C ---------------------------------------------------------------------------------------
 
-STAGE_HEAD = """
-import logging, sys, time
-from faceage.errors import FaceAgeError
-from faceage.logs import run_stage, setup_logging
-
-setup_logging()
-
-class Slow(logging.Handler):  # a log line that takes long to write
-    def emit(self, record):
-        if record.levelno >= logging.ERROR and "SLOW" in record.getMessage():
-            print("logging", flush=True)
-            time.sleep(30)
-logging.getLogger("faceage").addHandler(Slow())
-"""
-
-
 def _stage(tmp_path: Path, body: str) -> subprocess.Popen:
-    script = tmp_path / "stage.py"
-    script.write_text(STAGE_HEAD + body)
-    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=_default_sigint)
+    """A stage script run as round 30's SIGTERM tests run theirs, with Ctrl-C's default handling."""
+    return signals_r30._stage(tmp_path, body, preexec_fn=_default_sigint)
 
 
 def _int_after(proc: subprocess.Popen, line: str) -> tuple[int, str, str]:
-    try:
-        assert proc.stdout.readline().strip() == line
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out, err
+    return signals_r30._signal_after(proc, line, signal.SIGINT)
 
 
 SLEEP_THEN_CLEAN = ("def main():\n    try:\n        print('ready', flush=True)\n        time.sleep(30)\n"
@@ -92,9 +68,7 @@ def test_ctrl_c_while_a_stage_logs_its_error_ends_it_by_sigint_without_a_traceba
 
 def test_a_clean_up_that_fails_after_ctrl_c_logs_its_line_and_still_ends_by_sigint(tmp_path):
     """The clean-up's FaceAgeError after Ctrl-C was taken for the stage's own failure: exit 1, as if no Ctrl-C."""
-    proc = _stage(tmp_path, "def main():\n    try:\n        print('ready', flush=True)\n        time.sleep(30)\n"
-                            "    finally:\n        raise FaceAgeError('tracking server http://h:5000 does not answer')\n"
-                            "run_stage(main)\n")
+    proc = _stage(tmp_path, signals_r30.clean_up_that_fails("run_stage(main)"))
     code, out, err = _int_after(proc, "ready")
     assert code == -signal.SIGINT, (code, err)
     assert "FaceAgeError: tracking server http://h:5000 does not answer" in err and "interrupted (Ctrl-C)" in err
@@ -105,7 +79,7 @@ def test_a_shell_script_stops_after_a_stage_stopped_by_ctrl_c(tmp_path):
     """Why death by SIGINT and not exit 130: bash goes on with a script (or a loop) after a child that exited 130,
     taking it to have handled Ctrl-C itself, and stops only after one that died of SIGINT."""
     script = tmp_path / "stage.py"
-    script.write_text(STAGE_HEAD + SLEEP_THEN_CLEAN + "run_stage(main)\n")
+    script.write_text(signals_r30.STAGE_HEAD + SLEEP_THEN_CLEAN + "run_stage(main)\n")
     after = tmp_path / "after"
     proc = subprocess.Popen(["bash", "-c", f"{sys.executable} {script}; echo next > {after}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,

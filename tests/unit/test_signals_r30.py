@@ -136,23 +136,36 @@ logging.getLogger("faceage").addHandler(Slow())
 """
 
 
-def _stage(tmp_path: Path, body: str) -> subprocess.Popen:
+def _stage(tmp_path: Path, body: str, preexec_fn=None) -> subprocess.Popen:
     script = tmp_path / "stage.py"
     script.write_text(STAGE_HEAD + body)
     return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=preexec_fn)
 
 
-def _term_after(proc: subprocess.Popen, line: str) -> tuple[int, str, str]:
+def _signal_after(proc: subprocess.Popen, line: str, signum: int) -> tuple[int, str, str]:
+    """Sends ``signum`` once the stage printed ``line``; its exit status, stdout and stderr."""
     try:
         assert proc.stdout.readline().strip() == line
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     return proc.returncode, out, err
+
+
+def _term_after(proc: subprocess.Popen, line: str) -> tuple[int, str, str]:
+    return _signal_after(proc, line, signal.SIGTERM)
+
+
+def clean_up_that_fails(run: str) -> str:
+    """A stage body whose main waits (after printing 'ready'), and whose clean-up then fails as ending an MLflow run
+    on a server that does not answer does; ``run`` calls run_stage."""
+    return ("def main():\n    try:\n        print('ready', flush=True)\n        time.sleep(30)\n"
+            "    finally:\n        print('cleaning up', flush=True)\n"
+            "        raise FaceAgeError('tracking server http://h:5000 does not answer')\n" + run + "\n")
 
 
 def test_sigterm_while_a_stage_logs_its_error_ends_it_by_sigterm_without_a_traceback(tmp_path):
@@ -169,10 +182,7 @@ def test_sigterm_while_a_stage_logs_its_error_ends_it_by_sigterm_without_a_trace
 def test_a_clean_up_that_fails_after_sigterm_still_ends_the_stage_by_sigterm(tmp_path):
     """The stage's clean-up after SIGTERM (ending an MLflow run on a server that does not answer) raised a
     FaceAgeError: run_stage took it for the stage's own error and exited 1, as if no signal had come."""
-    proc = _stage(tmp_path, "def main():\n    try:\n        print('ready', flush=True)\n        time.sleep(30)\n"
-                            "    finally:\n        print('cleaning up', flush=True)\n"
-                            "        raise FaceAgeError('tracking server http://h:5000 does not answer')\n"
-                            "run_stage(main, interrupt_on_sigterm=True)\n")
+    proc = _stage(tmp_path, clean_up_that_fails("run_stage(main, interrupt_on_sigterm=True)"))
     code, out, err = _term_after(proc, "ready")
     assert code == -signal.SIGTERM, (code, err)
     assert out.count("cleaning up") == 1
