@@ -132,16 +132,7 @@ except KeyboardInterrupt:
 
 
 def _runner(tmp_path: Path, bin_dir: Path) -> tuple[subprocess.Popen, Path]:
-    (tmp_path / ".dvc").mkdir()
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
-    out = tmp_path / "out.txt"
-    with open(out, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "faceage.experiment", "-S", "train.epochs=1"], cwd=tmp_path,
-                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_default_sigint)
-    return proc, out
+    return signals_r30._runner(tmp_path, bin_dir, preexec_fn=_default_sigint)
 
 
 def _kill_session(proc: subprocess.Popen) -> None:

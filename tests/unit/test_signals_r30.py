@@ -30,7 +30,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, out: Path, seconds: float = 60
         time.sleep(0.05)
 
 
-def _runner(tmp_path: Path, bin_dir: Path) -> tuple[subprocess.Popen, Path]:
+def _runner(tmp_path: Path, bin_dir: Path, preexec_fn=None) -> tuple[subprocess.Popen, Path]:
     """``python -m faceage.experiment -S train.epochs=1`` in a DVC repo at ``tmp_path``, in its own session
     (a terminal's Ctrl-C reaches its whole process group), with ``bin_dir`` first on PATH."""
     (tmp_path / ".dvc").mkdir()
@@ -40,7 +40,8 @@ def _runner(tmp_path: Path, bin_dir: Path) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / "out.txt"
     with open(out, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "faceage.experiment", "-S", "train.epochs=1"], cwd=tmp_path,
-                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=preexec_fn)
     return proc, out
 
 
