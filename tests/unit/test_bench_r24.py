@@ -247,6 +247,7 @@ def test_heads_cache_is_never_left_half_written(tmp_path, monkeypatch):
                         lambda: {s: (tmp_path, s) for s in ("train", "valid", "test", "ext")})
     monkeypatch.setattr(heads, "_split_crops", lambda faces_dir, split: (["a.png"], np.array([30.0], np.float32)))
     monkeypatch.setattr(heads, "_wild_faces", lambda detector: ([], [], [pair]))
+    monkeypatch.setattr(heads, "_wild_files", lambda: ["a.jpg"])  # wild/labels.csv's check (none without ../shared)
     monkeypatch.setattr(faceage.chips, "load_chips", lambda path, pairs=False: ({"a.png": pair}, {}))
     net = type("Net", (), {"pooled_layers": lambda self, x: torch.zeros(len(x), 640)})()
     monkeypatch.setattr(faceage.face_net, "load_face_net", lambda path: net)
