@@ -15,7 +15,8 @@ client's fault, never the server's); malformed EXIF metadata never fails a photo
 decode, and neither does an ICC profile that cannot be used (the raw values are kept, with one
 log line).
 
-Formats: whatever this Pillow opens (AVIF with its own plugin), less icons (:data:`_DECODED_AT_OPEN`),
+Formats: whatever this Pillow opens (AVIF with its own plugin), less icons (:data:`_DECODED_AT_OPEN`) and EPS
+(:data:`_RUNS_A_PROGRAM`),
 plus HEIC/HEIF (iPhone photos) through pi-heif's plugin, registered on import.
 """
 
@@ -360,10 +361,16 @@ def _upright(img: Image.Image) -> Image.Image:
         return img.transpose(method) if method is not None else img
 
 
+# Formats Pillow decodes by running another program on the file: EPS runs Ghostscript (``gs``), a PostScript
+# interpreter, on whatever was uploaded, wherever one is installed. No photo comes as EPS: refused.
+_RUNS_A_PROGRAM = frozenset({"EPS"})
+
+
 def _safe_formats() -> list[str]:
-    """Every format Pillow opens here but those it decodes while opening (:data:`_DECODED_AT_OPEN`)."""
+    """Every format Pillow opens here but those it decodes while opening (:data:`_DECODED_AT_OPEN`) and those it
+    decodes with another program (:data:`_RUNS_A_PROGRAM`)."""
     Image.init()
-    return [fmt for fmt in Image.OPEN if fmt not in _DECODED_AT_OPEN]
+    return [fmt for fmt in Image.OPEN if fmt not in _DECODED_AT_OPEN and fmt not in _RUNS_A_PROGRAM]
 
 
 def _starts_with(source: str | Path | bytes, magic: bytes) -> bool:

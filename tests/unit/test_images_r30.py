@@ -38,3 +38,21 @@ def test_a_real_photo_stored_turned_by_exif_orientation_6_decodes_as_the_upright
     assert turned.shape == original.shape == (661, 1126, 3)
     assert np.abs(turned - original).mean() < 3  # 1.7 measured; a mirrored or 180-degree copy is far off
     assert np.abs(turned - original[:, ::-1]).mean() > 10 and np.abs(turned - original[::-1, ::-1]).mean() > 10
+
+
+def test_an_eps_file_is_refused_before_any_program_runs(monkeypatch):
+    """Pillow opens EPS by running Ghostscript (``gs``) on the file: the service would run a PostScript interpreter
+    on an upload wherever Ghostscript is installed. EPS is no photo format: refused as an unknown format."""
+    import subprocess
+
+    from faceage.images import ImageDecodeError, _safe_formats, load_image
+
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+           b"0 0 moveto 8 0 lineto 8 8 lineto closepath fill\nshowpage\n%%EOF\n")
+    ran = []
+    monkeypatch.setattr(subprocess, "check_call", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: ran.append(a))
+    assert "EPS" not in _safe_formats()
+    with pytest.raises(ImageDecodeError, match=r"^not an image \(unknown format\)"):
+        load_image(eps)
+    assert ran == []
