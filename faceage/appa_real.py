@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import errno
 import hashlib
 import io
 import json
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from faceage.atomic import scratch_dir, staged_dir
+from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, megabytes, place_in, scratch_dir, staged_dir
 from faceage.download import ChecksumError, ContentError, DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
 from faceage.paths import downloads_dir, from_root
@@ -457,14 +456,6 @@ def _not_a_zip(path: Path) -> str | None:
     return f"something that is not a zip file (it begins {head!r})"
 
 
-class WriteError(FaceAgeError, OSError):
-    """Writing the release out failed (a full disk, a quota, a folder without write access); nothing was left
-    half-written, and the message names the source, the destination and, for a full disk, the space needed."""
-
-
-NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
 def _materialise(source: str, local: Path, out_dir: Path) -> dict:
     """Validates the release in ``local`` (a folder or zip) and copies it into ``out_dir`` atomically.
 
@@ -520,14 +511,8 @@ def _write_error(e: OSError, doing: str, hidden: list[Path], local: Path, out_di
     A full disk also gets the space the fetch needs: the release unpacked once (from a zip, twice: the
     unzipped copy and the output exist together until the output is complete) against what is free.
     """
-    why = e.strerror or str(e)
-    if e.errno is not None:
-        why = f"[Errno {e.errno}] {why}"
-    if e.filename:  # in a hidden folder (deleted by now), only the file's place in the release says anything
-        inside = [Path(e.filename).relative_to(h).as_posix() for h in hidden if Path(e.filename).is_relative_to(h)]
-        why += f" (at {inside[0]})" if inside else f": {e.filename!r}"
     where = f"extracting {local} for {out_dir}" if doing == "extracting" else f"copying {local} into {out_dir}"
-    message = f"{where} failed: {why}"
+    message = f"{where} failed: {errno_text(e)}{place_in(e.filename, hidden)}"
     if e.errno in NO_SPACE:
         try:
             if local.is_dir():
@@ -535,16 +520,15 @@ def _write_error(e: OSError, doing: str, hidden: list[Path], local: Path, out_di
             else:
                 with zipfile.ZipFile(local) as zf:
                     need = 2 * sum(m.file_size for m in zf.infolist())
-            free = shutil.disk_usage(out_dir.parent).free
-            message += (f"; it needs about {_megabytes(need)} free in {out_dir.parent}, {_megabytes(free)} is free: "
-                        "free some space there and rerun")
         except (OSError, zipfile.BadZipFile):  # the estimate is a courtesy: the error stands without it
+            need = None
+        free = free_bytes(out_dir.parent)
+        if need is not None and free is not None:
+            message += (f"; it needs about {megabytes(need)} free in {out_dir.parent}, {megabytes(free)} is free: "
+                        "free some space there and rerun")
+        else:
             message += f"; free some space in {out_dir.parent}"
     return WriteError(message)
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
 
 
 def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors: tuple[str, ...] | list[str] = (),

@@ -17,11 +17,49 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from faceage.errors import FaceAgeError
+
 log = logging.getLogger(__name__)
+
+# A write refused for want of room: a full disk, a quota, a file-size limit.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class WriteError(FaceAgeError, OSError):
+    """Writing an output failed (a full disk, a quota, a folder without write access); nothing was left
+    half-written, and the message names the source, the destination and, for a full disk, the space."""
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """The bytes free in ``folder``'s file system, or None where that cannot be read: a full-disk message,
+    which quotes it, must not fail in turn."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def errno_text(e: OSError) -> str:
+    """``[Errno 28] No space left on device``, as an error line quotes an OSError (``str(e)`` without an errno)."""
+    return f"[Errno {e.errno}] {e.strerror or e}" if e.errno is not None else str(e)
+
+
+def place_in(filename: str | None, staged: Sequence[Path]) -> str:
+    """Where an OSError's file was, for its error line: `` (at split/x.png)``, its place inside one of ``staged``
+    (hidden folders a failed build has removed by now, whose own names say nothing), else ``: 'path'``; "" for
+    none."""
+    if not filename:
+        return ""
+    inside = [Path(filename).relative_to(s).as_posix() for s in staged if Path(filename).is_relative_to(s)]
+    return f" (at {inside[0]})" if inside else f": {filename!r}"
 
 
 def _host() -> str:

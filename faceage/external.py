@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
-from faceage.appa_real import NO_SPACE, WriteError, dataset_fingerprint, read_split
-from faceage.atomic import locked, staged_dir
+from faceage.appa_real import dataset_fingerprint, read_split
+from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, locked, megabytes, staged_dir
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
 from faceage.chips import CHIPS_FILE
@@ -116,17 +115,15 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
             if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
                 raise
             # staged_dir removed the partial crops: what is free now is what a rerun has.
-            raise WriteError(f"cropping external set {ext.name} into {out.parent} failed: [Errno {e.errno}] "
-                             f"{e.strerror}; {_free(out.parent)}: free some space and rerun") from e
+            raise WriteError(f"cropping external set {ext.name} into {out.parent} failed: {errno_text(e)}; "
+                             f"{_free(out.parent)}: free some space and rerun") from e
     return out
 
 
 def _free(folder: Path) -> str:
     """The free space in ``folder``, for a full-disk message (which must not fail in turn)."""
-    try:
-        return f"{shutil.disk_usage(folder).free / 1e6:,.1f} MB is free there"
-    except OSError:
-        return "the free space there could not be read"
+    free = free_bytes(folder)
+    return f"{megabytes(free)} is free there" if free is not None else "the free space there could not be read"
 
 
 def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
@@ -150,7 +147,7 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
             if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
                 raise
             raise WriteError(f"writing the face descriptors of external set {faces_dir.name.rsplit('-', 1)[0]} "
-                             f"into {faces_dir} failed: [Errno {e.errno}] {e.strerror}; {_free(faces_dir)}: free "
+                             f"into {faces_dir} failed: {errno_text(e)}; {_free(faces_dir)}: free "
                              "some space and rerun (no partial file kept)") from e
     return path
 

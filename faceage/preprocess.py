@@ -24,7 +24,6 @@ import csv
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +31,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from faceage.atomic import staged_dir
-from faceage.appa_real import (FACE_SUFFIX, NO_SPACE, Sample, WriteError, listed_file, read_dataset_info,
-                               validate_layout)
+from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, megabytes, place_in, staged_dir
+from faceage.appa_real import FACE_SUFFIX, Sample, listed_file, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
 from faceage.cores import usable_cores
@@ -179,7 +177,7 @@ def preprocess_dataset(
         Metrics: ``{split: {status: count}, "total": {...}, "detection_rate": float}``.
 
     Raises:
-        faceage.appa_real.WriteError: The disk (or a quota) filled up while the crops were written: one
+        faceage.atomic.WriteError: The disk (or a quota) filled up while the crops were written: one
             line naming ``out_dir`` and the space free; the partial output is removed, ``out_dir`` left as it was.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -213,15 +211,10 @@ def _no_space_error(e: OSError, data_dir: Path, out_dir: Path, staged: list[Path
     Raised after :func:`faceage.atomic.staged_dir` removed the partial crops (``out_dir`` is as it was): the
     free space read then is what a rerun has.
     """
-    why = f"[Errno {e.errno}] {e.strerror or e}"
-    if e.filename:  # in the staged folder (deleted by now) only the crop's place in the output says anything
-        name = Path(e.filename)
-        inside = [name.relative_to(s).as_posix() for s in staged if name.is_relative_to(s)]
-        why += f" (at {inside[0]})" if inside else f": {e.filename!r}"
-    try:
-        free = f"{shutil.disk_usage(out_dir.parent).free / 1e6:,.1f} MB is free in {out_dir.parent}"
-    except OSError:
-        free = f"the free space in {out_dir.parent} could not be read"
+    why = errno_text(e) + place_in(e.filename, staged)
+    free = free_bytes(out_dir.parent)
+    free = (f"{megabytes(free)} is free in {out_dir.parent}" if free is not None
+            else f"the free space in {out_dir.parent} could not be read")
     return WriteError(f"writing the crops of {data_dir} into {out_dir} failed: {why}; {free}: free some space there "
                       f"and rerun ({out_dir} was left as it was, no partial crops kept)")
 
