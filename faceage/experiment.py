@@ -32,7 +32,7 @@ import yaml
 
 from faceage.config import Params, params_from_dict, parse_params
 from faceage.errors import FaceAgeError, error_line
-from faceage.logs import Terminated, die_of_signal, setup_logging
+from faceage.logs import Terminated, die_of_signal, raise_on_sigterm, setup_logging
 
 log = logging.getLogger("faceage.experiment")  # also when run as __main__ (python -m)
 
@@ -301,16 +301,13 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
 
 
 def _raise_on_sigterm() -> Any:
-    """From now on SIGTERM raises :class:`faceage.logs.Terminated` here, where it had its default action in the main
-    thread; returns the handler to put back, or None where nothing changed."""
+    """From now on SIGTERM raises :class:`faceage.logs.Terminated` here (:func:`faceage.logs.raise_on_sigterm`),
+    where it had its default action in the main thread; returns the handler to put back, or None where nothing
+    changed."""
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         return None
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        raise Terminated(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, on_sigterm)
+    return raise_on_sigterm()
 
 
 class ProfileInterrupted(KeyboardInterrupt):
@@ -327,9 +324,14 @@ class ProfileInterrupted(KeyboardInterrupt):
         super().__init__()
         self.dvc_started, self.params_changed, self.signum = dvc_started, params_changed, signum
 
+    @property
+    def how(self) -> str:
+        """``"stopped by SIGTERM"`` or ``"interrupted (Ctrl-C)"``."""
+        return "stopped by SIGTERM" if self.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+
     def describe(self) -> str:
         """One line: what stopped the profile, and what it leaves (``params.yaml``)."""
-        how = "stopped by SIGTERM" if self.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+        how = self.how
         if not self.dvc_started:
             return f"{how} before `dvc exp run` started: nothing ran, params.yaml is unchanged"
         if self.params_changed:
@@ -360,16 +362,17 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
     cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", shlex.join(cmd))  # as a shell reads it back: a path with a space, the resets' quotes
-    before = _file_bytes(root / PARAMS)
+    before = file_bytes(root / PARAMS)
     code, stopped_by = _run_dvc(cmd, root, started)
     if stopped_by:
-        raise ProfileInterrupted(dvc_started=started[0], params_changed=_file_bytes(root / PARAMS) != before,
+        raise ProfileInterrupted(dvc_started=started[0], params_changed=file_bytes(root / PARAMS) != before,
                                  signum=stopped_by)
     if code != 0:
         raise subprocess.CalledProcessError(code, cmd)
 
 
-def _file_bytes(path: Path) -> bytes | None:
+def file_bytes(path: Path) -> bytes | None:
+    """``path``'s bytes, or None where it cannot be read (missing)."""
     try:
         return path.read_bytes()
     except OSError:

@@ -25,10 +25,11 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _raise_on_sigterm() -> None:
+def raise_on_sigterm():
     """From now on the first SIGTERM raises :class:`Terminated` in this process; a second one ends it
     at once (the clean-up can wait minutes on a tracking server that does not answer). A child forked
-    from it (a data-loader worker) that inherits the handler dies of the signal as before."""
+    from it (a data-loader worker) that inherits the handler dies of the signal as before. Returns the
+    handler it replaced."""
     global _sigterm_received
     _sigterm_received = False
     pid = os.getpid()
@@ -43,23 +44,26 @@ def _raise_on_sigterm() -> None:
         _sigterm_received = True
         raise Terminated(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
+    return signal.signal(signal.SIGTERM, handler)
 
 
-_sigterm_received = False  # set by :func:`_raise_on_sigterm`'s handler: the stage is stopping because of SIGTERM
+_sigterm_received = False  # set by :func:`raise_on_sigterm`'s handler: the stage is stopping because of SIGTERM
+
+
+def _chain(error: BaseException):
+    """``error`` and what it was raised from or during (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        yield cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
 
 
 def _stopping(error: BaseException) -> bool:
     """Whether ``error`` was raised while the stage stopped for SIGTERM: the handler fired, or a
     :class:`Terminated` (also :mod:`faceage.launch`'s, raised for torch's handler) is in its chain."""
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, Terminated):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return _sigterm_received
+    return any(isinstance(cause, Terminated) for cause in _chain(error)) or _sigterm_received
 
 
 def die_of_signal(signum: int, message: str | None = None) -> None:
@@ -89,14 +93,7 @@ def _die_of_ctrl_c() -> None:
 def _interrupted(error: BaseException) -> bool:
     """Whether ``error`` was raised while the stage stopped for Ctrl-C: a ``KeyboardInterrupt`` (not SIGTERM's
     :class:`Terminated`) is in its chain (a clean-up that failed after it)."""
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, KeyboardInterrupt) and not isinstance(cause, Terminated):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return any(isinstance(cause, KeyboardInterrupt) and not isinstance(cause, Terminated) for cause in _chain(error))
 
 
 def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -> None:
@@ -127,7 +124,7 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
     plain_ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler and \
         threading.current_thread() is threading.main_thread()
     if interrupt_on_sigterm:
-        _raise_on_sigterm()
+        raise_on_sigterm()
     try:
         try:
             try:

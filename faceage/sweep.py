@@ -27,7 +27,8 @@ from pathlib import Path
 from faceage.config import check_train_backbone
 from faceage.errors import FaceAgeError
 from faceage.atomic import write_text
-from faceage.experiment import PARAMS, ProfileError, ProfileInterrupted, dvc_root, override_value, run_profile
+from faceage.experiment import (PARAMS, ProfileError, ProfileInterrupted, dvc_root, file_bytes, override_value,
+                                run_profile)
 from faceage.external import external_maes
 from faceage.logs import die_of_signal, setup_logging
 from faceage.tracking import display_uri, lost_run, read_run_file, setup_mlflow
@@ -392,11 +393,11 @@ def _sweep(args: argparse.Namespace, runs_path: Path) -> dict:
     each ``dvc exp run -S`` leaves its overrides there, so a ``dvc repro`` after the sweep trained the last
     backbone's profile (``convnext_tiny`` from scratch at 64 px), and an uncommitted edit was lost."""
     params = Path(PARAMS)
-    before = params.read_bytes() if params.is_file() else None
+    before = file_bytes(params)
     try:
         return run_sweep(args.backbones, args.profile, args.source, runs_path)
     finally:
-        if before is not None and (not params.is_file() or params.read_bytes() != before):
+        if before is not None and file_bytes(params) != before:
             params.write_bytes(before)
             log.info("%s put back as it was before the sweep (its runs' -S values are in %s)", PARAMS, runs_path)
 
@@ -430,8 +431,7 @@ def _main(args: argparse.Namespace, runs_path: Path) -> int:
             runs = _sweep(args, runs_path)
         except ProfileInterrupted as e:
             remaining = getattr(e, "remaining", args.backbones)
-            how = "stopped by SIGTERM" if e.signum == signal.SIGTERM else "interrupted (Ctrl-C)"
-            line = (f"sweep {how} at {remaining[0]}: the runs before it are in {runs_path}; to finish the sweep: "
+            line = (f"sweep {e.how} at {remaining[0]}: the runs before it are in {runs_path}; to finish the sweep: "
                     f"{_resume_command(args, remaining)}")
             if e.signum == signal.SIGTERM:
                 die_of_signal(signal.SIGTERM, line)
