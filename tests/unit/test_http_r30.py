@@ -69,6 +69,13 @@ def _sample(name: str, **labels) -> float:
     return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def _batch(client, *parts: tuple[str, bytes, str]) -> list[dict]:
+    """``/predict_batch`` of ``(filename, bytes, content type)`` parts: its per-photo results (a 200)."""
+    r = client.post("/predict_batch", files=[("image", part) for part in parts])
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
 @pytest.mark.parametrize("route", ["/predict", "/annotate", "/crop", "/predict_batch"])
 def test_an_unexpected_failure_is_a_500_in_the_services_error_shape(client, route):
     """The module docstring promises ``{"error": message}`` for every error; a failure no handler expected was
@@ -88,11 +95,8 @@ def test_one_photo_that_hits_a_bug_does_not_fail_the_rest_of_the_batch(client):
     """A /predict_batch of 16 photos was one 500 for all of them when one photo's analysis raised something
     unexpected: the batch answers every photo, and that one gets status 500 (the service logs why)."""
     before = _sample("faceage_batch_image_errors_total", status="500")
-    r = client.post("/predict_batch", files=[("image", ("a.jpg", b"FACE", "image/jpeg")),
-                                             ("image", ("b.jpg", b"BOOM", "image/jpeg")),
-                                             ("image", ("c.jpg", b"FACE", "image/jpeg"))])
-    assert r.status_code == 200, r.text
-    results = r.json()["results"]
+    results = _batch(client, ("a.jpg", b"FACE", "image/jpeg"), ("b.jpg", b"BOOM", "image/jpeg"),
+                     ("c.jpg", b"FACE", "image/jpeg"))
     assert [x["filename"] for x in results] == ["a.jpg", "b.jpg", "c.jpg"]
     assert [len(x.get("faces", [])) for x in results] == [1, 0, 1]
     assert results[1]["status"] == 500 and "internal error" in results[1]["error"]
@@ -103,11 +107,8 @@ def test_a_part_that_is_not_an_image_fails_only_itself_in_a_batch(client):
     """``curl -F image=@notes.txt`` sends text/plain: among 15 photos it made the whole batch a 415, naming only
     its filename (or "no filename"). It is that part's result now, with its position; the others are answered."""
     before = _sample("faceage_batch_image_errors_total", status="415")
-    r = client.post("/predict_batch", files=[("image", ("a.jpg", b"FACE", "image/jpeg")),
-                                             ("image", ("notes.txt", b"FACE", "text/plain")),
-                                             ("image", ("b.jpg", b"BAD", "image/jpeg"))])
-    assert r.status_code == 200, r.text
-    results = r.json()["results"]
+    results = _batch(client, ("a.jpg", b"FACE", "image/jpeg"), ("notes.txt", b"FACE", "text/plain"),
+                     ("b.jpg", b"BAD", "image/jpeg"))
     assert len(results[0]["faces"]) == 1
     assert results[1]["status"] == 415 and "text/plain" in results[1]["error"] and results[1]["filename"] == "notes.txt"
     assert "faces" not in results[1]
