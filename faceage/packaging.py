@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from faceage.atomic import write_text
 from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
@@ -633,17 +633,9 @@ def make_latest(tag) -> None:
 
     store = BentoMLContainer.model_store.get()
     latest = Path(store._path) / tag.latest_path()
-    # A staging file of this call's own: two packages at once (two terminals, CI jobs) shared ``.latest.tmp``,
-    # and the second rename found it gone (FileNotFoundError) after the first had moved it.
-    fd, staged = tempfile.mkstemp(prefix=f".{latest.name}.", suffix=".tmp", dir=latest.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(str(tag.version))
-        os.chmod(staged, 0o644)  # mkstemp's 0600 would hide ``latest`` from the store's other users
-        os.replace(staged, latest)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
+    # Through a staging file of this call's own (atomic.write_text): two packages at once (two terminals, CI jobs)
+    # shared ``.latest.tmp``, and the second rename found it gone (FileNotFoundError) after the first had moved it.
+    write_text(latest, str(tag.version))
     got = bentoml.models.get(f"{tag.name}:latest").tag
     if str(got) != str(tag):
         raise PackagingError(f"could not point {tag.name}:latest at {tag}: it resolves to {got} (has BentoML's "
