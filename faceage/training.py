@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from faceage import finetune
 from faceage.chips import DLIB_AGE
+from faceage.atomic import write_text
 from faceage.config import ConfigError, TrainParams
 from faceage.cores import usable_cores
 from faceage.data import load_split
@@ -1129,9 +1130,7 @@ def _write_summary(reports_dir: Path, model: nn.Module, p: TrainParams, weights_
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
