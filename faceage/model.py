@@ -267,6 +267,23 @@ def _unwrap_weights(state: Any, own_keys) -> Any:
     return state
 
 
+def _renamed_legacy_keys(model: nn.Module, state: Mapping) -> Mapping:
+    """``state`` with the names an older torchvision gave ``model``'s layers put as this one names them.
+
+    torchvision 0.12's ViT MLP blocks named their layers ``linear_1`` and ``linear_2``, later ones ``0`` and
+    ``3``; torchvision's own ``MLPBlock._load_from_state_dict`` renames them, but only inside
+    ``load_state_dict``, after the fit check here, which refused them. Its ImageNet ViT files have the old names.
+    """
+    from torchvision.models.vision_transformer import MLPBlock
+
+    renames = {f"{name}.linear_{i + 1}.{kind}": f"{name}.{3 * i}.{kind}"
+               for name, module in model.named_modules() if isinstance(module, MLPBlock)
+               for i in range(2) for kind in ("weight", "bias")}
+    if not renames or renames.keys().isdisjoint(state):
+        return state
+    return {renames.get(k, k): v for k, v in state.items()}
+
+
 def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir: str | Path | None = None) -> str:
     """Loads ``train.pretrained`` weights into every layer but the head.
 
@@ -326,6 +343,7 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
     if not isinstance(state, Mapping):
         raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} holds a {type(state).__name__}, not a "
                                      "state dict; save one with torch.save(model.state_dict(), path)")
+    state = _renamed_legacy_keys(model, state)
     head = head_prefix(model)
     own = model.state_dict()
     body = {k: v for k, v in state.items() if not k.startswith(head)}
