@@ -29,6 +29,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import signal
 import threading
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -223,6 +224,62 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="faceage-parent-watch", daemon=True).start()
 
 
+class _WorkerProcess(mp.context.SpawnProcess):
+    """A spawned worker that never sees Ctrl-C. The terminal sends Ctrl-C to its whole foreground group: a worker
+    still starting printed its own traceback (KeyboardInterrupt in its imports, dlib's "initialization failed",
+    EOFError on the pipe of a parent interrupted while it wrote the worker's start-up data) around the stage's one
+    "interrupted (Ctrl-C)" line. SIGINT is blocked across the fork and exec, and the worker keeps that mask
+    (``multiprocessing``'s resource tracker starts the same way); in the parent a Ctrl-C during the start is held
+    back until the start is done. The parent alone handles Ctrl-C, and stops its workers (:func:`map_in_processes`)."""
+
+    def start(self) -> None:
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (nor a terminal's process group)
+            return super().start()
+        # Started first, if it is not running: starting it unblocks SIGINT (SIG_UNBLOCK, not the mask it found), and
+        # a worker started after that in this start had taken Ctrl-C again.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        held: list[int] = []
+        # Another thread of the parent takes the signal while this one blocks it: its handler would run here.
+        hold = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
+        if hold:
+            handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            if hold:
+                signal.signal(signal.SIGINT, handler)
+                if held:  # now, as it would have come: the worker has started, and is on the list to stop
+                    signal.raise_signal(signal.SIGINT)
+
+
+class _WorkerContext(mp.context.SpawnContext):
+    """The spawn context of :func:`map_in_processes`: its processes are :class:`_WorkerProcess`, each listed in
+    ``started`` before it starts, so an interrupted run stops every worker it began, also one that a Ctrl-C caught
+    between its start and the pool's own record of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[mp.Process] = []
+
+    def Process(self, *args, **kwargs) -> mp.Process:  # noqa: N802 - multiprocessing's name
+        process = _WorkerProcess(*args, **kwargs)
+        self.started.append(process)
+        return process
+
+
+def _stop(processes: list[mp.Process]) -> None:
+    """Terminates and reaps the started ones of ``processes``."""
+    processes = [p for p in processes if p.pid is not None]
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
+
+
 def _start_worker(initializer: Callable, initargs: tuple) -> None:
     exit_with_parent()
     initializer(*initargs)
@@ -249,23 +306,26 @@ def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: C
     """
     from tqdm import tqdm
 
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+    context = _WorkerContext()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                initargs=(initializer, initargs))
     try:
         results = list(tqdm(pool.map(fn, items, chunksize=16), total=len(items), desc=desc, unit=unit,
                             disable=desc is None))
     except BaseException as e:
-        processes = list((pool._processes or {}).values())  # (no public way to stop a worker mid-chunk)
+        # (no public way to stop a worker mid-chunk)
+        processes = list({id(p): p for p in [*context.started, *(pool._processes or {}).values()]}.values())
         manager = pool._executor_manager_thread
         pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.join()
+        _stop(processes)
         if manager is not None and manager.is_alive():
             # It reaps the workers too: a join that lost that race returned before the worker was marked
             # stopped, and the caller still saw it running. With its workers gone it ends at once.
             manager.join(timeout=10)
+        # The pool's queues are gone with their last reference, which unlinks their semaphores: the traceback
+        # keeps this frame, and a stage that dies of Ctrl-C (no exit handlers) left multiprocessing's resource
+        # tracker to warn of "leaked semaphore objects" under the stage's one line.
+        del pool, manager, processes, context
         if isinstance(e, BrokenProcessPool):
             raise WorkerDiedError(
                 f"a {desc or unit} worker process died ({workers} workers): killed by the system, most often for "

@@ -24,7 +24,7 @@ import csv
 import json
 import logging
 import os
-import tempfile
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 SETTINGS = "preprocess.json"
+# In the folder being written (a staging folder): each crop worker's note of the photo it is on, removed when done.
+INFLIGHT = ".crop-inflight"
 STATUSES = ("face", "release_crop", "whole_image", "no_face", "unreadable")
 FIELDS = (
     "split", "file_name", "crop", "apparent_age", "apparent_age_std", "real_age",
@@ -183,14 +185,14 @@ def preprocess_dataset(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     splits = validate_layout(data_dir)
     dataset = read_dataset_info(data_dir)
+    # One read, verified: the crop settings (preprocess.json) and chips.npz record the sha256 of this read.
     manifest = read_manifest(detector_dir, verify=True)
     staged: list[Path] = []
     try:
         with staged_dir(out_dir) as tmp:
             staged.append(tmp)
-            rows = crop_samples(splits, data_dir, detector_dir, tmp, params)
-            settings = {**crop_settings(params, manifest), "data_source": dataset["source"],
-                        "data_sha256": dataset["sha256"]}
+            rows, settings = _crop_samples(splits, data_dir, detector_dir, tmp, params, manifest)
+            settings = {**settings, "data_source": dataset["source"], "data_sha256": dataset["sha256"]}
             (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     except OSError as e:
         if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
@@ -220,7 +222,8 @@ def _no_space_error(e: OSError, data_dir: Path, out_dir: Path, staged: list[Path
 
 
 def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
-                 params: PreprocessParams, workers_key: str = "preprocess.workers") -> list[dict]:
+                 params: PreprocessParams, workers_key: str = "preprocess.workers", *,
+                 manifest: dict | None = None) -> list[dict]:
     """Detects and crops every listed image into ``out_dir/<split>/`` and writes ``manifest.csv`` and ``chips.npz``.
 
     The one detect + crop + ``no_face`` policy of the pipeline: ``preprocess`` runs it on the
@@ -232,6 +235,9 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         detector_dir: The ``fetch_detector`` folder.
         out_dir: An existing, empty folder.
         params: Detector, margin, crop size, no-face fallback, worker count.
+        workers_key: The setting a worker-died error tells the user to lower.
+        manifest: The detector folder's manifest as the caller read (and verified) it, so that ``chips.npz``
+            records the sha256 of that read; ``None``: read here.
 
     Returns:
         The manifest rows (one per image, with its ``status``).
@@ -240,10 +246,18 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         faceage.detector.DetectorFilesError: The detector folder's manifest lists no sha256 for a file the
             crops read (checked before any work: the crop settings and ``chips.npz`` record those sha256).
     """
-    manifest = read_manifest(detector_dir)
+    return _crop_samples(splits, data_dir, detector_dir, out_dir, params,
+                         read_manifest(detector_dir) if manifest is None else manifest, workers_key)[0]
+
+
+def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
+                  params: PreprocessParams, manifest: dict,
+                  workers_key: str = "preprocess.workers") -> tuple[list[dict], dict]:
+    """:func:`crop_samples` with the detector folder's ``manifest`` as its caller read it; also returns the
+    :func:`crop_settings` of the crops (built once, from that read, before any work)."""
     detector_files = manifest["files"]
     try:  # every sha256 the crop settings and chips.npz record, looked up by the rules that record them
-        crop_settings(params, manifest), detector_files[SHAPE5_FILE]
+        settings, _ = crop_settings(params, manifest), detector_files[SHAPE5_FILE]
     except KeyError as e:
         raise DetectorFilesError(f"{Path(detector_dir) / DETECTOR_MANIFEST} lists no {e.args[0]}, which the crops "
                                  "read (unverified, and unrecorded in the crop settings): run the fetch_detector "
@@ -272,17 +286,22 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         _init_worker(*init)
         rows = [_process(t) for t in tqdm(tasks, desc="crop", unit="img")]
     else:
-        with tempfile.TemporaryDirectory(prefix="faceage-crop-") as inflight:
-            try:
-                rows = map_in_processes(_process, tasks, workers, _init_worker, (*init, inflight), desc="crop",
-                                        unit="img", workers_key=workers_key)
-            except WorkerDiedError as e:
-                photos = sorted(filter(None, (f.read_text(encoding="utf-8") for f in Path(inflight).iterdir())))
-                if not photos:  # it died before its first photo
-                    raise
-                raise WorkerDiedError(f"{e}. The workers were cropping (or had last cropped) {photos} under "
-                                      f"{data_dir}: if a rerun dies on the same photo, that photo kills it (take it "
-                                      "out of its split's CSV)") from e
+        # Beside the crops, not under the temp dir: a full or unusable /tmp stopped preprocess (a full one as "no
+        # space left" in the output folder, which had room). Gone before the folder is swapped in.
+        inflight = out_dir / INFLIGHT
+        inflight.mkdir()
+        try:
+            rows = map_in_processes(_process, tasks, workers, _init_worker, (*init, str(inflight)), desc="crop",
+                                    unit="img", workers_key=workers_key)
+        except WorkerDiedError as e:
+            photos = sorted(filter(None, (f.read_text(encoding="utf-8") for f in inflight.iterdir())))
+            if not photos:  # it died before its first photo
+                raise
+            raise WorkerDiedError(f"{e}. The workers were cropping (or had last cropped) {photos} under "
+                                  f"{data_dir}: if a rerun dies on the same photo, that photo kills it (take it "
+                                  "out of its split's CSV)") from e
+        finally:
+            shutil.rmtree(inflight, ignore_errors=True)
     for row in rows:
         if row["status"] == "unreadable":
             log.warning("skipped unreadable image %s/%s: %s", row["split"], row["file_name"], row["error"])
@@ -295,7 +314,7 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
     cut = [r for r in rows if "chip" in r]
     save_chips(out_dir / CHIPS_FILE, [r["crop"] for r in cut], [r.pop("chip") for r in cut], params.margin,
                detector_files[SHAPE5_FILE], face_chips=[r.pop("face_chip") for r in cut])
-    return rows
+    return rows, settings
 
 
 def count_statuses(rows: list[dict]) -> dict:

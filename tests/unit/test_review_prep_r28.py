@@ -69,60 +69,6 @@ def test_the_crop_path_still_cuts_a_real_face_with_a_complete_manifest(tmp_path,
         assert z["crops"].tolist() == ["test/astronaut.png"] and z["chips"].shape == (1, 3, 64, 64)
 
 
-def test_a_crop_worker_that_dies_names_the_photo_it_was_cropping(tmp_path, sample_dir, detector_dir, monkeypatch):
-    """A photo that kills its worker (a crash in dlib, the out-of-memory killer) failed preprocess with a message
-    that named no photo and advised fewer workers: a rerun died on the same photo, with nothing to tell the user
-    which one to take out. Here a real worker is stopped while it crops a real photo, then killed, as the
-    kernel kills it; the error names that photo."""
-    import multiprocessing as mp
-    import os
-    import signal
-    import tempfile
-    import threading
-    import time
-
-    from faceage.chips import WorkerDiedError
-
-    names = sorted(p.name for p in (sample_dir / "test").glob("*.jpg") if not p.name.endswith("_face.jpg"))[:48]
-    data = tmp_path / "data"
-    (data / "test").mkdir(parents=True)
-    for name in names:
-        shutil.copyfile(sample_dir / "test" / name, data / "test" / name)
-    out = tmp_path / "faces"
-    out.mkdir()
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where crop_samples keeps its own scratch files
-    raised = []
-
-    def run():
-        try:
-            crop_samples({"test": [Sample("test", n, 30.0, 0.0, 30.0) for n in names]}, data, detector_dir, out,
-                         PreprocessParams(workers=2, cnn_retry_side=0))
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            raised.append(e)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    victim, photo, deadline = None, None, time.monotonic() + 120
-    while photo is None and thread.is_alive() and time.monotonic() < deadline:
-        for child in mp.active_children():
-            marks = list(scratch.glob(f"*/{child.pid}"))
-            if marks:
-                os.kill(child.pid, signal.SIGSTOP)  # holds it on the photo it is cropping
-                victim, photo = child.pid, marks[0].read_text() or None
-                if photo is None:  # stopped while it wrote the name: let it finish
-                    os.kill(child.pid, signal.SIGCONT)
-                break
-        time.sleep(0.01)
-    assert photo is not None, "no worker was seen cropping a photo"
-    os.kill(victim, signal.SIGKILL)
-    thread.join(120)
-    assert not thread.is_alive()
-    assert len(raised) == 1 and isinstance(raised[0], WorkerDiedError), raised
-    assert photo in str(raised[0]) and photo.startswith("test/") and photo[len("test/"):] in names, str(raised[0])
-
-
 def test_a_manifest_without_the_cnn_file_its_last_look_reads_stops_the_crops_before_any_work(tmp_path, detector_dir):
     """The up-front check takes its list of files from the rules that record them (``crop_settings``): a HOG run
     whose CNN last look is on needs the CNN detector's sha256 too, and is stopped before any photo is cropped."""
