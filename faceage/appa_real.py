@@ -10,7 +10,9 @@ laid out as the release is::
 
 Output: a folder with exactly that layout (the CSVs, every listed image and its
 ``_face.jpg`` when present) plus ``dataset.json`` (counts and a sha256 fingerprint of
-every file). The folder appears only when complete and valid.
+every file). The folder appears only when complete and valid. A photo in a split's folder that its CSV
+does not list has no age: it is left out, and a warning counts and names such photos. Files the desktop
+writes by itself (``.DS_Store``, ``._NAME``, ``Thumbs.db``) are not data: not counted, copied or fingerprinted.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, megabytes, place_in, scratch_dir, staged_dir
-from faceage.download import ChecksumError, ContentError, DownloadError, download, file_digest
+from faceage.download import ChecksumError, ContentError, DownloadError, HTTPStatusError, download, file_digest
 from faceage.errors import FaceAgeError
 from faceage.paths import downloads_dir, from_root
 
@@ -77,7 +80,7 @@ def read_split(root: Path, split: str) -> list[Sample]:
     Spreadsheet exports are read as they come: a UTF-8 byte-order mark, CRLF line ends, columns separated by
     ``;`` or a tab instead of ``,`` (told apart by the header; Excel's ``sep=;`` first line is honoured), decimal
     commas (``28,5``: a thousands separator cannot be meant, no age reaches 1,000) and the all-empty rows
-    (``;;;;``) Excel writes below the data.
+    (``;;;;``) Excel writes below the data; a CSV typed by hand may put a space after each separator.
 
     Raises:
         LayoutError: Missing file or column, an age that is not a finite number of years from 0 to
@@ -95,7 +98,7 @@ def read_split(root: Path, split: str) -> list[Sample]:
     if absent:
         how = f" (columns must be separated by {', '.join(map(repr, DELIMITERS[:-1]))} or a tab)" if len(header) == 1 else ""
         raise LayoutError(f"{path} lacks column(s) {absent}; expected columns {list(COLUMNS)}, found {header}{how}")
-    samples, lines_of = [], {}
+    samples, lines_of, names_of = [], {}, {}
     for row in _csv_rows(reader, path):
         line = reader.line_num  # a blank line is skipped and a quoted field may hold line breaks: not a row count
         if not row.get(None) and not any((v or "").strip() for v in row.values()):
@@ -108,9 +111,12 @@ def read_split(root: Path, split: str) -> list[Sample]:
         # beside face.jpeg) would be scored twice or share one crop under two labels.
         stem = Path(name).stem
         if stem in lines_of:
+            # The same row pasted twice reads as "same name before its extension" alone: say it is one file, twice.
+            why = ("it is the same file listed twice: remove one row" if names_of[stem] == name
+                   else "each face needs its own name")
             raise LayoutError(f"{path} line {line}: {name!r} has the same name before its extension as the "
-                              f"file_name on line {lines_of[stem]}: each face needs its own name")
-        lines_of[stem] = line
+                              f"file_name on line {lines_of[stem]}: {why}")
+        lines_of[stem], names_of[stem] = line, name
         samples.append(Sample(split, name, *ages))
     if not samples:
         raise LayoutError(f"{path} lists no images")
@@ -181,12 +187,13 @@ def _dict_reader(path: Path, score: Callable[[list[str]], int]) -> csv.DictReade
 
         def header(d: str) -> list[str]:
             try:
-                return next(csv.reader(io.StringIO(first, newline=""), delimiter=d), [])
+                return next(csv.reader(io.StringIO(first, newline=""), delimiter=d, skipinitialspace=True), [])
             except csv.Error:  # e.g. an unclosed quote: the reader below names the line
                 return []
         delimiter = max(DELIMITERS, key=lambda d: score(header(d)))
     lines.seek(begin)
-    reader = _DictReader(lines, delimiter=delimiter)
+    # skipinitialspace: a CSV typed by hand as "file_name, num_ratings, ..." had no column "num_ratings"
+    reader = _DictReader(lines, delimiter=delimiter, skipinitialspace=True)
     reader.skipped = 1 if sep else 0
     return reader
 
@@ -244,16 +251,81 @@ def validate_layout(root: str | Path) -> dict[str, list[Sample]]:
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root} is not a folder")
+    absent = [split for split in SPLITS if not (root / csv_name(split)).is_file()]
+    if absent:  # all at once: a folder holding only train and test failed on valid, then on the next one
+        raise LayoutError(f"missing {' and '.join(map(csv_name, absent))} in {root}: fetch_data.source needs the "
+                          "release's three splits, train, valid and test, each a gt_avg_<split>.csv beside a "
+                          "<split>/ folder of its photos")
     splits = {split: read_split(root, split) for split in SPLITS}
     by_nfc: dict[Path, dict[str, Path]] = {}
     for split, samples in splits.items():
-        missing = [s.file_name for s in samples if listed_file(root / split, s.file_name, by_nfc) is None]
-        if missing:
-            raise LayoutError(
-                f"{len(missing)} of {len(samples)} images listed in {csv_name(split)} are missing "
-                f"from {root / split}, e.g. {missing[:SHOW_MISSING]}"
-            )
+        check_listed(root, split, samples, by_nfc)
     return splits
+
+
+def check_listed(root: Path, split: str, samples: list[Sample], by_nfc: dict[Path, dict[str, Path]] | None = None,
+                 where: str = "") -> None:
+    """Checks that every photo ``gt_avg_{split}.csv`` lists is in ``root/split``.
+
+    Args:
+        where: Put before the message (e.g. ``"evaluate.external: 'x': "``).
+
+    Raises:
+        LayoutError: The split's folder is absent, or a listed photo is missing (the first few named).
+    """
+    folder = root / split
+    by_nfc = {} if by_nfc is None else by_nfc  # one listing of the folder for all its names, not one per name
+    if not folder.is_dir():
+        raise LayoutError(f"{where}{csv_name(split)} lists {len(samples)} images, but there is no folder {folder}")
+    missing = [s.file_name for s in samples if listed_file(folder, s.file_name, by_nfc) is None]
+    if missing:
+        # Made on a Mac or Windows, where names match whatever their case: on Linux they do not.
+        by_case = {unicodedata.normalize("NFC", p.name).casefold(): p.name for p in folder.iterdir() if p.is_file()}
+        other_case = [(m, by_case[k]) for m in missing if (k := unicodedata.normalize("NFC", m).casefold()) in by_case]
+        why = (f"; {len(other_case)} of them are there in another letter case (e.g. {other_case[0][0]!r} is "
+               f"{other_case[0][1]!r}): names are case-sensitive here, unlike on macOS and Windows: spell them in "
+               f"{csv_name(split)} as the files are" if other_case else "")
+        raise LayoutError(f"{where}{len(missing)} of {len(samples)} images listed in {csv_name(split)} are missing "
+                          f"from {folder}, e.g. {missing[:SHOW_MISSING]}{why}")
+
+
+# What counts as a photo left out of a CSV (any case): the formats load_image reads. Hidden files (macOS's
+# .DS_Store and ._NAME resource forks) and the release's NAME_face.jpg crops are not photos of their own.
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".heic",
+                            ".heif", ".avif"})
+
+
+def unlisted_photos(root: Path, split: str, samples: list[Sample]) -> list[str]:
+    """The photos in ``root/split`` that ``gt_avg_{split}.csv`` does not list (sorted): with no age, they are left
+    out of the data; this is what says so."""
+    try:
+        entries = [p.name for p in (root / split).iterdir() if p.is_file()]
+    except OSError:
+        return []
+    listed = {unicodedata.normalize("NFC", s.file_name) for s in samples}
+    return sorted(n for n in entries
+                  if not n.startswith(".") and Path(n).suffix.lower() in PHOTO_SUFFIXES
+                  and not n.endswith(FACE_SUFFIX) and unicodedata.normalize("NFC", n) not in listed)
+
+
+def warn_unlisted(root: Path, splits: dict[str, list[Sample]], where: str = "", shown: str | Path | None = None
+                  ) -> dict[str, int]:
+    """Logs one warning per split whose folder holds photos its CSV does not list; returns their counts.
+
+    Args:
+        where: Put before the message (e.g. ``"evaluate.external: 'x': "``).
+        shown: How to name ``root`` (a zip's unzipped copy is deleted: the message names the zip).
+    """
+    counts = {}
+    for split, samples in splits.items():
+        left_out = unlisted_photos(root, split, samples)
+        if left_out:
+            counts[split] = len(left_out)
+            many = len(left_out) > 1
+            log.warning("%s%d photo%s in %s %s not listed in %s and left out (no age for %s), e.g. %s: add a row "
+                        "for each to use it", where, len(left_out), "s" if many else "", Path(shown or root) / split,
+                        "are" if many else "is", csv_name(split), "them" if many else "it", left_out[:SHOW_MISSING])
+    return counts
 
 
 def listed_file(folder: Path, name: str, by_nfc: dict[Path, dict[str, Path]] | None = None) -> Path | None:
@@ -279,8 +351,16 @@ def listed_file(folder: Path, name: str, by_nfc: dict[Path, dict[str, Path]] | N
     return by_nfc[folder].get(unicodedata.normalize("NFC", name))
 
 
-def find_release_root(folder: Path) -> Path:
-    """The folder holding ``gt_avg_train.csv``: ``folder`` itself or one level below (zip layout)."""
+def find_release_root(folder: Path, unzipped: bool = False) -> Path:
+    """The folder holding ``gt_avg_train.csv``: ``folder`` itself or one level below (zip layout).
+
+    Args:
+        unzipped: ``folder`` is a zip's unzipped copy (bounded: searched to any depth for the message below).
+
+    Raises:
+        LayoutError: None there, or more than one; where the only one is deeper (``zip -r x.zip /home/ana/appa``
+            stores ``home/ana/appa/...``), the message names where it is (in a folder: within 3 levels).
+    """
     if (folder / csv_name("train")).exists():
         return folder
     candidates = sorted(p.parent for p in folder.glob(f"*/{csv_name('train')}"))
@@ -289,13 +369,20 @@ def find_release_root(folder: Path) -> Path:
     if candidates:
         raise LayoutError(f"{folder} holds {len(candidates)} releases ({', '.join(c.name for c in candidates)}): "
                           "point fetch_data.source at the one to use")
-    raise LayoutError(f"no {csv_name('train')} found in {folder} or its immediate subfolders")
+    found = folder.rglob(csv_name("train")) if unzipped else (
+        p for depth in ("*/*", "*/*/*") for p in folder.glob(f"{depth}/{csv_name('train')}"))
+    deeper = [p.parent.relative_to(folder).as_posix() for p in found
+              if not any(part == "__MACOSX" or part.startswith(".") for part in p.relative_to(folder).parts)]
+    where = (f"; it is in {sorted(deeper)[0]}/: point fetch_data.source at that folder (for a zip: unzip it, or "
+             "zip the release again from inside its folder)" if len(deeper) == 1 else "")
+    raise LayoutError(f"no {csv_name('train')} found in {folder} or its immediate subfolders{where}")
 
 
 def _copy_release(root: Path, splits: dict[str, list[Sample]], out: Path) -> None:
     # Extra label files beside the ground truth (e.g. gender/race annotations) travel along.
     for extra in root.glob("*.csv"):
-        if extra.name not in {csv_name(s) for s in SPLITS}:
+        # ._labels.csv (macOS's resource fork of labels.csv) is not labels
+        if extra.name not in {csv_name(s) for s in SPLITS} and not is_system_file(extra.name):
             shutil.copyfile(extra, out / extra.name)
     by_nfc: dict[Path, dict[str, Path]] = {}
     for split, samples in splits.items():
@@ -315,7 +402,7 @@ UTF8_NAME_FLAG = 0x800  # general-purpose flag bit 11: the name is UTF-8
 ENCRYPTED_FLAG = 0x1
 
 
-def _safe_extract(zip_path: Path, dest: Path) -> list[str]:
+def _safe_extract(zip_path: Path, dest: Path, code_page_names: list[str] | None = None) -> list[str]:
     """Extracts ``zip_path`` into ``dest``, refusing paths that would land outside it; returns the names of the
     symbolic links it skipped.
 
@@ -327,6 +414,11 @@ def _safe_extract(zip_path: Path, dest: Path) -> list[str]:
     ``\\``; those names are read as folders here too. Info-ZIP's ``zip`` (Linux, macOS) stores UTF-8
     names without the flag that says so, which :mod:`zipfile` reads as cp437 (``José`` became
     ``Jos├⌐``): a name not flagged UTF-8 whose bytes are UTF-8 is read as UTF-8, as ``unzip`` does.
+
+    Other names not flagged UTF-8 are read as cp437, right for Windows Explorer's zips in the US and
+    Western Europe but not for a tool that wrote the ANSI code page (cp1252 ``José`` reads ``JosΘ``) or
+    another country's: those names (as read) are added to ``code_page_names``, for the message when a
+    photo the CSV lists is then missing.
     """
     try:
         with zipfile.ZipFile(zip_path) as zf:
@@ -342,6 +434,9 @@ def _safe_extract(zip_path: Path, dest: Path) -> list[str]:
                     raise LayoutError(f"{zip_path} uses compression method {member.compress_type} for {name}, "
                                       "which Python cannot extract (Deflate64 or PPMd?): unzip it with another "
                                       "tool and point fetch_data.source at the folder")
+                if code_page_names is not None and not name.isascii() and not member.flag_bits & UTF8_NAME_FLAG \
+                        and name == member.filename.replace("\\", "/"):  # not UTF-8: read as cp437
+                    code_page_names.append(name)
                 member.filename = name
             _check_no_file_is_a_folder(zip_path, [m.filename for m in members])
             links = [m.filename for m in members if stat.S_ISLNK(m.external_attr >> 16)]
@@ -405,13 +500,45 @@ def tree_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
+# Files the desktop writes into any folder it shows or copies: Finder's view settings (rewritten when the folder
+# is merely opened), the AppleDouble ._NAME beside each file copied to a non-Mac disk, Explorer's thumbnail cache.
+SYSTEM_FILES = frozenset({".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"})
+
+
+def is_system_file(name: str) -> bool:
+    """Whether ``name`` is a file macOS or Windows writes by itself (:data:`SYSTEM_FILES`, ``._NAME``), not data."""
+    return name in SYSTEM_FILES or name.startswith("._")
+
+
+def data_files(folder: Path) -> list[Path]:
+    """:func:`tree_files` without :func:`is_system_file` ones: the files whose bytes are the data."""
+    return [p for p in tree_files(folder) if not is_system_file(p.name)]
+
+
 def dataset_fingerprint(folder: Path) -> str:
-    """sha256 over every file's relative path and sha256 (:func:`tree_files`): one id for the data's exact bytes."""
+    """sha256 over every data file's relative path and sha256 (:func:`data_files`): one id for the data's exact bytes.
+
+    Files the desktop writes (:func:`is_system_file`) are left out: opening a source folder in Finder rewrote its
+    ``.DS_Store``, and with it the fingerprint, so ``dvc repro`` copied the release again and re-evaluated.
+    """
     h = hashlib.sha256()
-    for p in tree_files(folder):
+    for p in data_files(folder):
         if p.name != DATASET_JSON:
-            h.update(f"{p.relative_to(folder).as_posix()}\0{file_digest(p)}\n".encode())
+            h.update(f"{p.relative_to(folder).as_posix()}\0{readable_digest(p)}\n".encode())
     return h.hexdigest()
+
+
+def readable_digest(path: Path) -> str:
+    """:func:`~faceage.download.file_digest` (sha256) of a source's file.
+
+    Raises:
+        LayoutError: The file cannot be read (a photo copied from another account with mode 600): one line
+            naming it, where check_sources stopped with a PermissionError's traceback.
+    """
+    try:
+        return file_digest(path)
+    except OSError as e:
+        raise LayoutError(f"cannot read {path}: {errno_text(e)}: make it readable (chmod a+r) or remove it") from e
 
 
 def is_url(source: str) -> bool:
@@ -420,12 +547,21 @@ def is_url(source: str) -> bool:
 
 
 def local_source(source: str) -> Path:
-    """A local ``fetch_data.source``, resolved (relative: from the repo root, :func:`faceage.paths.from_root`).
+    """A local ``fetch_data.source``, resolved (relative: from the repo root, :func:`faceage.paths.from_root`;
+    ``file:///abs/path`` is that path).
 
     Raises:
-        LayoutError: Nothing is there.
+        SourceMissingError: Nothing is there.
+        LayoutError: A URL of a scheme that is not fetched (``ftp://``, ``s3://``).
     """
-    local = from_root(source)
+    scheme = urlparse(source).scheme
+    if scheme == "file":  # file:///abs/path (spaces as %20): the path it names
+        local = Path(url2pathname(urlparse(source).path))
+    elif scheme and "://" in source:  # ftp://, s3:// were "not found" under the repo root (C:\\data, a:b are paths)
+        raise LayoutError(f"fetch_data.source {source!r}: {scheme!r} URLs are not fetched; use an http:// or https:// "
+                          "URL, or download it and give the local .zip or folder")
+    else:
+        local = from_root(source)
     if not local.exists():
         raise SourceMissingError(f"fetch_data.source {source!r} does not exist (resolved to {local}; expected a URL, "
                           "a .zip or a folder; a relative path is taken from the repo root)")
@@ -473,19 +609,27 @@ def _materialise(source: str, local: Path, out_dir: Path) -> dict:
                 splits = validate_layout(root)
             elif zipfile.is_zipfile(local):
                 doing = "extracting"
-                links = _safe_extract(local, unzipped)
+                code_page_names: list[str] = []
+                links = _safe_extract(local, unzipped, code_page_names)
                 doing = "copying"
                 try:
-                    root = find_release_root(unzipped)
+                    root = find_release_root(unzipped, unzipped=True)
                     splits = validate_layout(root)
                 except LayoutError as e:
                     # The unzipped copy is deleted on the way out: the message names the zip (and paths in it).
                     why = (f"\n{len(links)} entries of the zip are symbolic links, which a zip holds as the path they "
                            f"point to, not the file (e.g. {links[:SHOW_MISSING]}): zip the files themselves "
                            "(zip -r without -y) or point fetch_data.source at the folder" if links else "")
+                    if code_page_names and "missing" in str(e):
+                        why += (f"\n{len(code_page_names)} names in the zip are not UTF-8 and were read as cp437, the "
+                                f"zip format's default (e.g. {code_page_names[:SHOW_MISSING]}): a zip made on Windows "
+                                "may hold names in another code page (cp1252 'José' reads 'JosΘ'); unzip it with a "
+                                "tool that knows which (7-Zip, or unzip -O cp1252) and point fetch_data.source at the "
+                                "folder")
                     raise type(e)(str(e).replace(str(unzipped), str(local)) + why) from e
             else:
                 raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
+            warn_unlisted(root, splits, shown=str(root).replace(str(unzipped), str(local)))
             _copy_release(root, splits, staged)
             info = {
                 "source": source,
@@ -537,7 +681,7 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
 
     Args:
         source: The release zip's URL, a local ``.zip`` path, or a local folder (relative: from the repo
-            root, :func:`faceage.paths.from_root`).
+            root, :func:`faceage.paths.from_root`; a ``file://`` URL names a local one).
         out_dir: Destination folder; it is replaced only after validation succeeds.
         md5: Expected md5 of a downloaded or local zip ("" skips the check).
         mirrors: Other URLs of the zip, tried in order when a URL ``source`` fails.
@@ -558,10 +702,16 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
             # deleted (nothing else would ever evict it), and the next URL asked.
             local = download(source, cached_download(source, md5, cache_dir), md5=md5 or None, mirrors=mirrors,
                              check=None if md5 else _not_a_zip)
-        except ChecksumError:
-            raise
+        except ChecksumError as e:  # e.g. a zip of the user's own, checked against the release's md5 left in params
+            raise ChecksumError(f"{e} (fetch_data.md5={md5}: for a zip other than the release's, set it to that "
+                                "zip's md5, or skip the check: -S fetch_data.md5=)") from e
         except ContentError as e:
             raise LayoutError(f"{e} (set fetch_data.md5 to pin the bytes)") from e
+        except HTTPStatusError as e:  # the server was reached: "without a connection" misled
+            raise HTTPStatusError(f"{e}\nThe server was reached but did not send the file: check the URL in "
+                                  f"fetch_data.source{' and fetch_data.mirrors' if mirrors else ''}, or point "
+                                  "fetch_data.source at a local copy of the release (its .zip or the unzipped "
+                                  "folder)") from e
         except DownloadError as e:
             raise DownloadError(f"{e}\nWithout a connection to the release's hosts, point fetch_data.source at a local "
                                 "copy of the release (its .zip or the unzipped folder): dvc exp run -S "

@@ -54,6 +54,11 @@ class DownloadError(FaceAgeError, RuntimeError):
     """The file could not be fetched (network failure, HTTP error, retries exhausted)."""
 
 
+class HTTPStatusError(DownloadError):
+    """The server answered, with an HTTP error status no retry changes (404, 403, 410...): the URL, not the
+    connection, is what to check."""
+
+
 class ChecksumError(DownloadError):
     """The fetched bytes do not match the expected checksum."""
 
@@ -119,7 +124,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verifie
         if r.status_code in RETRY_STATUSES:  # busy or briefly broken: worth the back-off, as a dropped connection is
             raise _BusyError(f"GET {url} answered HTTP {r.status_code} {r.reason}", r.headers.get("Retry-After"))
         if r.status_code not in (200, 206):
-            raise DownloadError(f"GET {url} answered HTTP {r.status_code} {r.reason}")
+            raise HTTPStatusError(f"GET {url} answered HTTP {r.status_code} {r.reason}")
         # A server may encode the body whatever the client accepts (gzip on a .zip): the part then holds
         # decoded bytes, which neither a Range nor the Content-Length count, so such a body is never resumed.
         encoded = r.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")

@@ -5,11 +5,11 @@ DVC decides what to rerun from params and from files inside the repo. A local
 an edited label or an added image there left ``dvc repro`` skipping ``fetch_data`` and
 ``evaluate`` and reporting stale results. The ``check_sources`` stage (``always_changed``) writes
 a fingerprint of each on every run: the sha256 over every file's path and bytes
-(:func:`faceage.appa_real.dataset_fingerprint`), or of the zip. ``fetch_data`` depends on
-``data/source.json`` and ``evaluate`` on ``data/external.json``: they rerun exactly when the bytes
-they read changed, and an unchanged source reruns nothing else. A URL is pinned by
-``fetch_data.md5`` (the download is checked against it), so its fingerprint is the URL and the
-md5: no network access.
+(:func:`faceage.appa_real.dataset_fingerprint`; a ``.DS_Store`` and the like, which the desktop
+rewrites, left out), or of the zip. ``fetch_data`` depends on ``data/source.json`` and ``evaluate``
+on ``data/external.json``: they rerun exactly when the bytes they read changed, and an unchanged
+source reruns nothing else. A URL is pinned by ``fetch_data.md5`` (the download is checked against
+it), so its fingerprint is the URL and the md5: no network access.
 
 A ``train.pretrained`` weights file is fingerprinted the same way for ``train``
 (``data/pretrained.json``).
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from faceage.appa_real import (LayoutError, SourceMissingError, dataset_fingerprint, is_url, listed_file, local_source,
-                               read_split, tree_files)
+from faceage.appa_real import (LayoutError, SourceMissingError, check_listed, csv_name, data_files, dataset_fingerprint,
+                               is_url, local_source, read_split, readable_digest, warn_unlisted)
 from faceage.atomic import write_text
 from faceage.download import file_digest
 from faceage.paths import from_root
@@ -118,12 +118,17 @@ def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path | None
         try:
             samples = read_split(path, EXTERNAL_SPLIT)
         except LayoutError as e:
-            raise ExternalSetError(f"evaluate.external: {given!r}: {e}") from e
-        by_nfc: dict[Path, dict[str, Path]] = {}  # names a Mac spelled apart match (appa_real.listed_file)
-        missing = [s.file_name for s in samples if listed_file(path / EXTERNAL_SPLIT, s.file_name, by_nfc) is None]
-        if missing:
-            raise ExternalSetError(f"evaluate.external: {given!r}: {len(missing)} of {len(samples)} images listed in "
-                                   f"gt_avg_test.csv are missing from {path / EXTERNAL_SPLIT}, e.g. {missing[:5]}")
+            # A zip unzipped with its own top folder: the set is one level down (fetch_data looks there itself).
+            below = [] if (path / csv_name(EXTERNAL_SPLIT)).is_file() else sorted(
+                p.parent for p in path.glob(f"*/{csv_name(EXTERNAL_SPLIT)}"))
+            hint = f": the set seems to be one folder down, at {below[0]}: give that path" if len(below) == 1 else ""
+            raise ExternalSetError(f"evaluate.external: {given!r}: {e}{hint}") from e
+        where = f"evaluate.external: {given!r}: "
+        try:  # names a Mac spelled apart match (appa_real.listed_file)
+            check_listed(path, EXTERNAL_SPLIT, samples, where=where)
+        except LayoutError as e:
+            raise ExternalSetError(str(e)) from e
+        warn_unlisted(path, {EXTERNAL_SPLIT: samples}, where=where)
         sets.append(ExternalSet(external_name(given), given, path))
     seen: dict[str, ExternalSet] = {}
     for s in sets:  # the entries that clash, by their spelling in params: a list of names did not say which
@@ -161,9 +166,9 @@ def source_fingerprint(source: str, md5: str = "") -> dict[str, Any]:
         return {**record, "kind": "url"}
     local = local_source(source)
     if local.is_dir():
-        files = len(tree_files(local))
+        files = len(data_files(local))  # as the fingerprint counts them: a new .DS_Store is no new data
         return {**record, "kind": "folder", "files": files, "sha256": dataset_fingerprint(local)}
-    return {**record, "kind": "file", "bytes": local.stat().st_size, "sha256": file_digest(local)}
+    return {**record, "kind": "file", "bytes": local.stat().st_size, "sha256": readable_digest(local)}
 
 
 def external_fingerprint(paths: tuple[str, ...] | list[str]) -> dict[str, Any]:
