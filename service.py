@@ -195,7 +195,8 @@ class FaceAgeService:
     @bentoml.on_shutdown
     async def close(self) -> None:
         self.batcher.close()  # requests still waiting for the age model get a 503 (ServingClosed), not a hang
-        self.locator.close()
+        # Waits for the detection workers (and their queues' semaphores) to go: the process dies by its signal next.
+        await asyncio.to_thread(self.locator.close)
         await UI.close()
 
     async def analyse(self, data: bytes, *, with_image: bool = False

@@ -199,6 +199,9 @@ def image_parts(parts: list[Part], limit: int, *, check_types: bool = True) -> l
         got = ", ".join(sorted({repr(p.name) for p in parts})) or "none"
         raise BadRequest(400, f"missing form field {FIELD!r} (got fields: {got})")
     if len(images) > limit:
+        if limit == 1:
+            raise BadRequest(400, f"too many images: {len(images)}, at most 1 per request on this route (several "
+                                  f"photos go to /predict_batch, up to {LIMITS.max_batch_images})")
         raise BadRequest(400, f"too many images: {len(images)}, at most {limit} per request")
     for p in images if check_types else ():
         error = wrong_type(p)
@@ -325,8 +328,10 @@ class BodyLimitMiddleware:
     async def _answer(send, status: int, error: str) -> None:
         """Sends ``{"error": error}`` with ``status`` and closes the connection (the app never answers).
 
-        Counted in ``faceage_rejected_requests_total{status}``: BentoML adds a service's middlewares outside its
-        own metrics middleware, so ``bentoml_service_request_total`` never sees these answers.
+        Counted in ``faceage_rejected_requests_total{status}``, the body cap's own count. BentoML's metrics
+        middleware is outside the service's middlewares, so ``bentoml_service_request_total`` counts these answers
+        too, with the same status (a streamed body's 413 included: the app's own answer to the disconnect it is
+        handed next is dropped by ``guarded_send``).
         """
         count("faceage_rejected_requests", "Requests the body cap answered before the app (413, 411, 400)", status)
         body = JSONResponse({"error": error}, status_code=status).body

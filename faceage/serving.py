@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import gc
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +53,8 @@ DEFAULT_MAX_PASS_FACES = MAX_PASS_FACES
 # again for every request.
 RESTART_AFTER_S = 5.0
 START_TIMEOUT_S = 120.0  # a pool whose workers are not all up by then failed to start
+# At shutdown, workers still busy with a photo after this long are killed (LocatorPool.close).
+CLOSE_TIMEOUT_S = 10.0
 # After a photo of at least this many pixels, a process gives the C heap's free pages back
 # (release_memory): a 12 MP photo left its detection worker 115 MB larger, for good.
 RELEASE_AFTER_PIXELS = 4_000_000
@@ -125,6 +129,12 @@ _child_started: Any = None  # multiprocessing Barrier, one party per worker
 
 def _init_child(settings: dict[str, Any], started: Any = None) -> None:
     global _child_locator, _child_started
+    # Ctrl-C (or ``kill -- -PGID``) signals the server's whole process group: the workers leave it to the server,
+    # whose graceful shutdown still needs them for the photos in flight, and end when it closes the pool (or is
+    # gone: exit_with_parent). Dying at once, they made those photos 503s ("the detection workers did not start")
+    # and a new pool was spawned during the shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     exit_with_parent()
     _child_locator = FaceLocator(**settings)
     _child_locator.detector.warm_up()  # the worker's memory is all there before its first photo
@@ -175,9 +185,10 @@ class _Workers:
 
     def __init__(self, processes: int, settings: dict[str, Any]):
         context = multiprocessing.get_context("spawn")
+        self.barrier = context.Barrier(processes)
         # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock.
         self.executor = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_init_child,
-                                            initargs=(settings, context.Barrier(processes)))
+                                            initargs=(settings, self.barrier))
         self.born = time.monotonic()
         # Submitted first, one per worker: all of them start now, and no photo runs before they are all up.
         self.started = [self.executor.submit(_child_started_all, START_TIMEOUT_S) for _ in range(processes)]
@@ -208,6 +219,27 @@ class _Workers:
         self.jobs = {j for j in self.jobs if _suspect(j)}
         self.jobs.add(job)
         return job
+
+    def stop(self, timeout: float) -> None:
+        """Shuts the pool down and waits, at most ``timeout`` seconds, for its workers to end (then kills them) and
+        for the executor's manager thread, which holds the queues, to let go of them; the queues' semaphores are
+        then released (:meth:`LocatorPool.close`)."""
+        executor = self.executor
+        manager = getattr(executor, "_executor_manager_thread", None)  # CPython 3.9+; set to None by shutdown
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        if not self.up():  # workers that wait for the others at the start barrier (one died): not for 120 s
+            self.barrier.abort()
+        deadline = time.monotonic() + timeout
+        if manager is not None:
+            manager.join(max(0.0, deadline - time.monotonic()))
+            if manager.is_alive():  # a worker still busy with a photo: it is not waited for any longer
+                log.warning("the detection workers did not stop within %.0f s; killing them", timeout)
+                for process in processes:
+                    process.kill()
+                manager.join(5.0)
+        del executor, manager, processes
+        gc.collect()  # what is left in reference cycles is released now, not at a collection that never comes
 
     def others(self, job: Future) -> int:
         """Other photos that were in flight when the pool broke under ``job`` (any of them may have broken it)."""
@@ -454,12 +486,19 @@ class LocatorPool:
         self._workers = self._start()
         broken.executor.shutdown(wait=False, cancel_futures=True)
 
-    def close(self) -> None:
-        """Stops the worker processes."""
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Stops the worker processes, and waits (at most ``timeout`` seconds, then kills them) until they and the
+        pool's queues are gone: blocking, call it in a worker thread from asyncio.
+
+        Why wait: uvicorn ends its shutdown by raising SIGTERM (or SIGINT) again on the server process, which dies
+        without ``atexit`` or a garbage collection; the queues the executor's manager thread still held then kept
+        their named semaphores, and ``bentoml serve`` ended with "resource_tracker: There appear to be 5 leaked
+        semaphore objects to clean up at shutdown" (and ``/dev/shm`` kept them).
+        """
         self._closed = True
-        if self._workers is not None:
-            self._workers.executor.shutdown(wait=False, cancel_futures=True)
-            self._workers = None
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.stop(timeout)
 
 
 def _cancelled_here() -> bool:
