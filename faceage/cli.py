@@ -17,7 +17,8 @@ not read its own output as photos. It uses :class:`faceage.predict.AgePredictor`
 service runs. Exit status 0, or 1 when some path could not be read (missing, a broken link, not an
 image, a folder that cannot be listed: each an error row) or some annotated copy could not be written
 (the others are still reported), or stdout could not take the results (a full disk; a reader that
-left, ``| head``, is no error).
+left, ``| head``, is no error). Ctrl-C prints the photos done (complete rows, valid JSON), says after how
+many of how many it stopped, and ends the process by SIGINT (a shell shows 130), without a traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import sys
 import unicodedata
 import warnings
@@ -41,7 +43,7 @@ from PIL import Image, features
 
 from faceage.errors import FaceAgeError, error_line
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
-from faceage.logs import setup_logging
+from faceage.logs import die_of_signal, setup_logging
 from faceage.predict import (CHECKPOINT_FILE, DEFAULT_MAX_DETECT_PIXELS, DETECTOR_DIR, AgePredictor, FaceAge,
                              PredictorError)
 
@@ -138,7 +140,7 @@ def collect_images(paths: Sequence[str | Path], recursive: bool = False, *, skip
     """
     skip = None if skip_dir is None else _real(skip_dir)
     found: list[Path] = []
-    seen: set[Path] = set()
+    seen: dict[Path, Path] = {}  # real path -> the path it is reported as
     for raw in paths:
         path = Path(raw)
         # os.path.isdir, not Path.is_dir: that raised on a path this user may not reach (EACCES, Python
@@ -146,8 +148,10 @@ def collect_images(paths: Sequence[str | Path], recursive: bool = False, *, skip
         for photo in sorted(_scan_folder(path, recursive, skip)) if os.path.isdir(path) else [path]:
             real = _real(photo)
             if real not in seen:
-                seen.add(real)
+                seen[real] = photo
                 found.append(photo)
+            elif photo != seen[real]:  # another name for it (a link): was left out without a word
+                log.warning("%s is the photo %s (the same file): reported once, as %s", photo, real, seen[real])
     return found
 
 
@@ -574,16 +578,57 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
     _robust_stdout()
+    results: list[PhotoResult] = []
+    paths: list[Path] = []
+    interrupted = False
     try:
         paths = collect_images(args.paths, args.recursive, skip_dir=args.annotate)
         if not paths:
-            raise FaceAgeError(f"no images found in {', '.join(args.paths)}")
+            raise FaceAgeError(_no_images(args.paths, args.recursive, args.annotate))
         if args.annotate is not None:  # before the model loads: a bad folder fails at once
             prepare_annotate_dir(args.annotate)
-        results = list(predict_photos(load_predictor(args), paths, args.annotate))
+        for result in predict_photos(load_predictor(args), paths, args.annotate):
+            results.append(result)
     except (FaceAgeError, FileNotFoundError) as e:
         log.error("%s", error_line(e, with_type=False))  # one line, a hint raised on a second one joined to it
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: was a traceback, and the photos already done were lost
+        interrupted = True
+    if not interrupted:
+        try:
+            return _write_results(args, results)
+        except KeyboardInterrupt:  # Ctrl-C while a long table is printed: no traceback either
+            die_of_signal(signal.SIGINT,
+                          f"interrupted (Ctrl-C) while the results of {len(results)} photos were printed")
+    # The photos done are printed, as complete rows (valid JSON), and the process dies of SIGINT, as Ctrl-C's should:
+    # a shell's loop over folders stops, and the status tells the output is partial.
+    message = "interrupted (Ctrl-C)"
+    if results:
+        try:
+            _write_results(args, results)
+            message += f" after {len(results)} of {len(paths)} photos: their results are printed, the others' not"
+        except KeyboardInterrupt:  # a second Ctrl-C while the results are written
+            message += f" after {len(results)} of {len(paths)} photos, while their results were printed"
+    elif paths:
+        message += f" before the first of {len(paths)} photos was done: nothing printed"
+    die_of_signal(signal.SIGINT, message)
+    return 130  # (not reached: die_of_signal ends the process)
+
+
+def _no_images(given: Sequence[str], recursive: bool, annotate: Path | None) -> str:
+    """The error for paths that hold no photo; for folders whose subfolders hold some (a collection's root,
+    ``utk-external/`` with its ``test/``), how many there are and the flag that reads them: "no images found"
+    alone read as if the folder were empty."""
+    message = f"no images found in {', '.join(given)}"
+    if not recursive:
+        below = len(collect_images([p for p in given if os.path.isdir(p)], True, skip_dir=annotate))
+        if below:
+            message += (f" (their subfolders hold {below} photo{'s' * (below > 1)}: add --recursive to read them)")
+    return message
+
+
+def _write_results(args: argparse.Namespace, results: Sequence[PhotoResult]) -> int:
+    """Prints ``results`` on stdout in the format asked for; returns the exit status (see :func:`main`)."""
     annotate = args.annotate is not None
     try:
         if args.json:

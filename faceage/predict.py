@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,17 @@ class FaceAge:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"box": [x1, y1, x2, y2], "age", "age_std", "score"}``, the ages rounded to
-        :data:`AGE_DECIMALS` (the CLI's JSON, the service's answers)."""
-        return {"box": list(self.box), "age": round(self.age, AGE_DECIMALS),
-                "age_std": round(self.age_std, AGE_DECIMALS), "score": self.score}
+        :data:`AGE_DECIMALS` (the CLI's JSON, the service's answers). A value that is not finite (a broken
+        model's NaN) is ``None``: ``json`` wrote it as the bare word ``NaN``, which strict JSON readers refuse."""
+        return {"box": list(self.box), "age": _json_number(self.age, AGE_DECIMALS),
+                "age_std": _json_number(self.age_std, AGE_DECIMALS), "score": _json_number(self.score)}
+
+
+def _json_number(value: float, decimals: int | None = None) -> float | None:
+    """``value`` rounded to ``decimals`` (``None``: as it is), or ``None`` when it is not finite (JSON has no NaN)."""
+    if not math.isfinite(value):
+        return None
+    return value if decimals is None else round(value, decimals)
 
 
 @dataclass(frozen=True)
