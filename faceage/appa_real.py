@@ -108,14 +108,24 @@ def read_split(root: Path, split: str) -> list[Sample]:
         if name in ("", ".", "..") or "/" in name or "\\" in name:
             raise LayoutError(f"{path} line {line}: file_name {name!r} must name a file directly in {split}/")
         # A face's crop is <split>/<stem>.png: two rows with one stem (a repeated row, or face.jpg
-        # beside face.jpeg) would be scored twice or share one crop under two labels.
-        stem = Path(name).stem
+        # beside face.jpeg) would be scored twice or share one crop under two labels. Stems are compared as
+        # macOS and Windows compare file names (any letter case, any Unicode spelling): IMG.png and img.png
+        # are one file there (a faces folder pulled to a Mac), and José in NFC and NFD is one photo anywhere.
+        stem = unicodedata.normalize("NFC", Path(name).stem).casefold()
         if stem in lines_of:
+            first = names_of[stem]
             # The same row pasted twice reads as "same name before its extension" alone: say it is one file, twice.
-            why = ("it is the same file listed twice: remove one row" if names_of[stem] == name
-                   else "each face needs its own name")
+            if unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", name):
+                why = "it is the same file listed twice: remove one row"
+            elif unicodedata.normalize("NFC", Path(first).stem) != unicodedata.normalize("NFC", Path(name).stem) \
+                    or unicodedata.normalize("NFC", first).casefold() == unicodedata.normalize("NFC", name).casefold():
+                why = (f"names that differ only in letter case are one file on macOS and Windows, where their crops "
+                       f"({split}/{Path(first).stem}.png and {split}/{Path(name).stem}.png) would overwrite each "
+                       "other: rename one photo and its row")
+            else:
+                why = "each face needs its own name"
             raise LayoutError(f"{path} line {line}: {name!r} has the same name before its extension as the "
-                              f"file_name on line {lines_of[stem]}: {why}")
+                              f"file_name on line {lines_of[stem]} ({first!r}): {why}")
         lines_of[stem], names_of[stem] = line, name
         samples.append(Sample(split, name, *ages))
     if not samples:
@@ -152,9 +162,13 @@ def _csv_lines(path: Path) -> io.StringIO:
     """A CSV file's text for :mod:`csv` (line ends as they are), read as UTF-8 with or without a byte-order mark.
 
     Raises:
-        LayoutError: The file is not UTF-8 (a spreadsheet's plain "CSV" export on Windows is cp1252).
+        LayoutError: The file is not UTF-8 (a spreadsheet's plain "CSV" export on Windows is cp1252), or cannot be
+            read (one line naming it).
     """
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as e:  # mode 600 from another account: check_sources showed a traceback, fetch_data "copying failed"
+        raise LayoutError(f"cannot read {path}: {errno_text(e)}: make it readable (chmod a+r)") from e
     try:
         return io.StringIO(data.decode("utf-8"), newline="")
     except UnicodeDecodeError as e:

@@ -88,7 +88,8 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
     Raises:
         ExternalSetError: The detector folder does not hold the detector the checkpoint was trained with.
     """
-    files = read_manifest(detector_dir, verify=True)["files"]
+    manifest = read_manifest(detector_dir, verify=True)  # one read: the crops and chips.npz record its sha256
+    files = manifest["files"]
     for filename, sha256 in crop_detector_files(crop).items():
         if files.get(filename) != sha256:
             raise ExternalSetError(f"{detector_dir} holds {filename} with sha256 {files.get(filename)}, but the "
@@ -107,7 +108,7 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         try:
             with staged_dir(out) as tmp:
                 rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp,
-                                    params, workers_key=EXTERNAL_WORKERS)
+                                    params, workers_key=EXTERNAL_WORKERS, manifest=manifest)
                 settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
                             SET_SHA256: fingerprint, "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
                 (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
