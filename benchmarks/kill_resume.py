@@ -13,7 +13,8 @@ logs), then a plain ``dvc repro``, which must exit 0 and reproduce the reference
 - the MLflow run the resumed train reports: FINISHED, each epoch's ``val_mae`` logged once.
 
 A kill that lands after the train process has already exited is reported as missed.
-Prints one line per kill and a JSON summary; exits 1 on any mismatch. Each ``dvc repro`` runs in its own
+Prints one line per kill and a JSON summary; exits 1 on any mismatch. A reference run that fails, or in which
+no train process is seen, ends in one line (after dvc's output) and exit 1. Each ``dvc repro`` runs in its own
 process group, stopped whole (dvc and the stage it runs) when the script stops early: Ctrl-C, SIGTERM,
 an error or the time limit; the temporary project is removed then too.
 
@@ -51,6 +52,10 @@ TRAIN_CMD = "stages/train.py"
 STATE = "models/train_state.pt"
 # Files the resumed run must reproduce byte for byte (DVC outputs of train and evaluate).
 EXACT = ("reports/eval/metrics.json", "reports/train/history.csv")
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; ``main`` prints it as one line and exits 1."""
 
 
 @dataclass
@@ -245,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sample {args.sample} is not a sample in the APPA-REAL layout (no gt_avg_train.csv); the "
                      "default is the shared sample (set FACEAGE_SHARED_DATASETS, or ../shared/datasets)")
     exit_on_sigterm()  # so the dvc repro running then is stopped and the temporary project removed
-    summary = run(args)
+    try:
+        summary = run(args)
+    except BenchError as e:
+        print(f"kill_resume: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     if args.json:
         write_text(args.json, json.dumps(summary, indent=2) + "\n")  # never half a file
@@ -271,7 +280,12 @@ def run(args: argparse.Namespace) -> dict:
                            batch_size=args.batch_size, seed=0)
         ref_run = repro(root, env, [])
         if ref_run.rc != 0:
-            raise RuntimeError(f"reference dvc repro failed:\n{ref_run.output[-4000:]}")
+            print(ref_run.output[-4000:], file=sys.stderr)
+            raise BenchError(f"the reference `dvc repro` failed (exit {ref_run.rc}), its output is above: nothing "
+                             "to compare kills with")
+        if ref_run.train_s is None:  # the kill times are drawn over its lifetime
+            raise BenchError("the reference `dvc repro` never showed a running stages/train.py (the train stage "
+                             "cached, or over before the first poll): no lifetime to draw kill times over")
         reference, problems = snapshot(root), mlflow_check(root)
         summary = {"seed": seed, "reference_train_s": round(ref_run.train_s, 1),
                    "reference_state_s": None if ref_run.state_at is None else

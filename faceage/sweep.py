@@ -31,7 +31,7 @@ from faceage.experiment import (PARAMS, ProfileError, ProfileInterrupted, dvc_ro
                                 run_profile)
 from faceage.external import external_maes
 from faceage.logs import die_of_signal, setup_logging
-from faceage.tracking import display_uri, lost_run, read_run_file, setup_mlflow
+from faceage.tracking import check_reachable, display_uri, lost_run, read_run_file, setup_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,10 @@ PROFILES = {
 }
 RUNS = "reports/sweep_runs.json"
 SOURCE_KEY = "fetch_data.source="  # how sweep_overrides records --source in each run's overrides
-CHIP_SIDES = {"dlib_face": "150", "dlib_age": "64 + 150"}  # dlib_age's default (fused) head reads both chips
+# The aligned chips each network reads (px): dlib_age's fused head reads its 64 px age chip and dlib's 150 px face
+# chip, its other heads the age chip alone
+CHIP_SIDES = {"dlib_face": "150", "dlib_age": "64"}
+FUSED_CHIP_SIDES = "64 + 150"
 
 
 class SweepError(FaceAgeError):
@@ -83,7 +86,7 @@ def unknown_runs(runs: dict) -> list[str]:
     """The backbones of ``runs`` whose MLflow run this tracking store cannot give (not in it, or deleted:
     ``runs`` recorded elsewhere, as the committed ``reports/sweep_runs.json`` names the runs of the machine
     that wrote it). Other errors of the store (a proxy refusing run reads) are raised, not taken for absence."""
-    setup_mlflow()
+    setup_mlflow(writable=False)  # reads only: a team's read-only store serves the report
     return [backbone for backbone, info in runs.items() if lost_run(info["run_id"]) is not None]
 
 
@@ -165,7 +168,7 @@ def runs_source(runs: dict) -> str | None:
 
 def collect(runs: dict) -> list[dict]:
     """One row per backbone from MLflow: params, GFLOPs, train time, validation and test MAE."""
-    mlflow = setup_mlflow()
+    mlflow = setup_mlflow(writable=False)
     client = mlflow.MlflowClient()
     rows = []
     for backbone, info in runs.items():
@@ -182,8 +185,49 @@ def collect(runs: dict) -> list[dict]:
             "external": external_maes(m, r.data.tags),
             "data_source": r.data.tags.get("data_source", "?"), "device": r.data.tags.get("device", "?"),
             "threads": p.get("train.torch_threads", "?"),
+            **({"head": _dlib_age_head(p), "face_features": p.get("train.face_features", "descriptor")}
+               if backbone == "dlib_age" else {}),
         })
     return rows
+
+
+def _dlib_age_head(params: dict[str, str]) -> str:
+    """The head a ``dlib_age`` run trained (``fused``, ``ensemble`` or ``pretrained``), from its MLflow params
+    (``train.head=auto`` resolved as training did, :func:`faceage.config.resolve_head`). A run logged before a key
+    existed is read with that key's default."""
+    from faceage.config import DLIB_AGE, TrainParams, resolve_head
+
+    def value(key: str, cast, default):
+        try:
+            return cast(params[f"train.{key}"])
+        except (KeyError, ValueError):
+            return default
+
+    return resolve_head(TrainParams(
+        backbone=DLIB_AGE, head=params.get("train.head", "auto"), epochs=value("epochs", int, 1),
+        freeze_blocks=value("freeze_blocks", int, 0), layer_lr_decay=value("layer_lr_decay", float, 1.0),
+        distill_weight=value("distill_weight", float, 0.0), wise_ft=params.get("train.wise_ft") == "True"))
+
+
+def _dlib_age_words(row: dict) -> tuple[str, str, str]:
+    """What a ``dlib_age`` row's head reads and is: its input column, its description in the conclusion, and what
+    its parameters and GFLOPs count (a row without ``head``: the default fused head)."""
+    from faceage.config import HEAD_ENSEMBLE, HEAD_FUSED, LAYERS
+
+    head = row.get("head", HEAD_FUSED)
+    if head == HEAD_FUSED:
+        face = ("three blocks of dlib's face-recognition network" if row.get("face_features") == LAYERS
+                else "dlib's face descriptor")
+        return (FUSED_CHIP_SIDES, f"frozen, with {face}, an ensemble of heads trained here",
+                "dlib's age ResNet-10 and face-recognition ResNet, frozen, plus the ensemble of heads")
+    if head == HEAD_ENSEMBLE:
+        return (CHIP_SIDES["dlib_age"], "frozen, with an ensemble of heads trained here over it",
+                "dlib's age ResNet-10, frozen, plus the ensemble of heads")
+    if row.get("epochs") == 0:
+        return CHIP_SIDES["dlib_age"], "zero-shot: dlib's own head, as published", \
+            "dlib's age ResNet-10 with its own head, as published"
+    return (CHIP_SIDES["dlib_age"], "dlib's own head, fine-tuned here",
+            "dlib's age ResNet-10 with its own head, fine-tuned")
 
 
 def _spearman(xs: list[float], ys: list[float]) -> float:
@@ -245,9 +289,11 @@ def _conclusion(rows: list[dict], profile: str = "cpu") -> str:
     age = next((r for r in rows if r["backbone"] == "dlib_age"), None)
     if age:
         ext = "".join(f", `{n}` {v:.2f}" for n, v in age.get("external", {}).items())
-        lines.append(f"- dlib's pretrained age network (`dlib_age`, frozen, with dlib's face descriptor, an ensemble of "
-                     f"heads trained here) reaches "
-                     f"{age['test_mae']:.2f} years{ext}: the `make quick` recipe ([recipe_dlib_age.md](recipe_dlib_age.md)).")
+        default = (age.get("head", "fused"), age.get("face_features", "descriptor")) == ("fused", "descriptor")
+        recipe = ("the `make quick` recipe ([recipe_dlib_age.md](recipe_dlib_age.md))" if default
+                  else "[recipe_dlib_age.md](recipe_dlib_age.md) compares its heads")
+        lines.append(f"- dlib's pretrained age network (`dlib_age`, {_dlib_age_words(age)[1]}) reaches "
+                     f"{age['test_mae']:.2f} years{ext}: {recipe}.")
     return "\n".join(lines)
 
 
@@ -322,11 +368,14 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
              + "".join(f"`{name}` MAE | " for name in sets) + "MLflow run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(sets) + "---|"]
     for r in sorted(rows, key=lambda r: r["test_mae"]):
-        size = f"{CHIP_SIDES[r['backbone']]} (aligned chips)" if r["backbone"] in CHIP_SIDES else f"{r['image_size']} px"
+        sides = _dlib_age_words(r)[0] if r["backbone"] == "dlib_age" else CHIP_SIDES.get(r["backbone"])
+        size = f"{sides} (aligned chips)" if sides else f"{r['image_size']} px"
         ext = r.get("external", {})
         table.append(f"| `{r['backbone']}` | {r['params_m']:.2f} | {r['gflops']:.3f} | {size} | {r['epochs']} | "
                      f"{r['train_time_s']:.0f} | {r['val_mae']:.2f} | {r['test_mae']:.2f} | {r['cs5']:.3f} | "
                      + "".join(f"{ext[n]:.2f} | " if n in ext else "- | " for n in sets) + f"`{r['run_id'][:8]}` |")
+    age = next((r for r in rows if r["backbone"] == "dlib_age"), None)
+    age_note = f"For `dlib_age`, they are the whole model's ({_dlib_age_words(age)[2]}).\n" if age else ""
     md = f"""# Backbones: bigger, or saturated?
 
 Generated by `python -m faceage.sweep --profile {profile}` from the MLflow runs in `{display_uri()}`
@@ -341,9 +390,7 @@ Generated by `python -m faceage.sweep --profile {profile}` from the MLflow runs 
 {_external_note(sets)}{_runs_note(rows)}
 For `dlib_face`, parameters and GFLOPs are the trainable head's; the frozen dlib encoder
 (a 29-layer ResNet, ~5.6 M parameters, 22 MB) runs on top at ~0.09 s per face on one CPU core.
-For `dlib_age`, they are the whole model's (dlib's age ResNet-10 and face-recognition ResNet, frozen, plus the
-ensemble of heads).
-
+{age_note}
 {_profile_section(profile)}"""
     md_path.write_text(md)
 
@@ -413,6 +460,9 @@ def _main(args: argparse.Namespace, runs_path: Path) -> int:
     else:
         for backbone in args.backbones:  # a typo stopped the sweep at its turn, after the runs before it (hours on a GPU)
             check_train_backbone(backbone)
+        # A store train cannot log to (a server that does not answer, a read-only mlflow.db): now, not in the first
+        # run's train stage after its data stages
+        check_reachable()
         recorded = read_runs(runs_path, required=False)
         kept = {b: info for b, info in recorded.items() if b not in args.backbones}
         planned = {**kept, **{b: {"overrides": sweep_overrides(b, args.profile, args.source)} for b in args.backbones}}

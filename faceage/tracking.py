@@ -33,6 +33,8 @@ RESUMED_AT_COMMIT_TAG = "resumed_at_commit"
 # A tracking server not connected to in this long (seconds), or connected but silent for the second, is reported
 # at once instead of retried for minutes
 PROBE_TIMEOUT_S = (10, 60)
+# A proxy's answers for a server behind it that does not answer: MLflow retries them for minutes, as a refusal
+GATEWAY_DOWN = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 class TrackingError(FaceAgeError):
@@ -127,18 +129,23 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
 
 
-def check_reachable(uri: str | None = None) -> None:
-    """Fails fast when an ``http(s)`` tracking store does not answer; other stores are not probed.
+def check_reachable(uri: str | None = None, *, writable: bool = True) -> None:
+    """Fails fast when an ``http(s)`` tracking store does not answer, or (``writable``) a ``sqlite`` store cannot
+    be written; other stores are not probed.
 
     MLflow retries a request to a server that refuses or drops the connection for about four minutes
     (seven retries with back-off) before its traceback; a stage then reported a mistyped
     ``MLFLOW_TRACKING_URI`` or a stopped server only after its work (and evaluate after all of it).
-    Any HTTP answer counts as reachable (also 401/403 from a proxy: MLflow's own request reports those).
+    Any HTTP answer counts as reachable (also 401/403 from a proxy: MLflow's own request reports those),
+    except a proxy's 502/503/504 (:data:`GATEWAY_DOWN`), which MLflow retries as long as a refusal.
 
     Raises:
-        TrackingError: The server does not answer (:data:`PROBE_TIMEOUT_S`).
+        TrackingError: The server does not answer (:data:`PROBE_TIMEOUT_S`), or the sqlite store is read-only
+            (:func:`check_writable`).
     """
     uri = uri or tracking_uri()
+    if writable:
+        check_writable(uri)
     if not uri.startswith(("http://", "https://")):
         return
     import warnings
@@ -156,17 +163,56 @@ def check_reachable(uri: str | None = None) -> None:
         # is a server that answers.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # urllib3's InsecureRequestWarning
-            requests.get(bare, timeout=PROBE_TIMEOUT_S, verify=False, allow_redirects=False, auth=lambda r: r)
+            answer = requests.get(bare, timeout=PROBE_TIMEOUT_S, verify=False, allow_redirects=False,
+                                  auth=lambda r: r)
+            answer.close()
     except requests.exceptions.SSLError:
         return
     except requests.RequestException as e:
         raise TrackingError(f"the MLflow tracking server {display_uri(uri)} (MLFLOW_TRACKING_URI) does not answer "
                             f"({type(e).__name__}): start it (make mlflow-server), correct the URL, or unset "
                             "MLFLOW_TRACKING_URI to log to the repo's mlflow.db") from e
+    if answer.status_code in GATEWAY_DOWN:
+        raise TrackingError(f"the MLflow tracking server {display_uri(uri)} (MLFLOW_TRACKING_URI) answers "
+                            f"{answer.status_code} {GATEWAY_DOWN[answer.status_code]}: the proxy there reaches no "
+                            "server behind it; start the server, correct the URL, or unset MLFLOW_TRACKING_URI to "
+                            "log to the repo's mlflow.db")
 
 
-def setup_mlflow():
+def check_writable(uri: str | None = None) -> None:
+    """Fails fast when a ``sqlite`` store (:func:`tracking_uri` by default) cannot be written: the database file, or
+    its folder (SQLite writes its journal beside the file, MLflow the run artifacts in ``mlruns/`` there), is
+    read-only for this user. Other stores are not checked.
+
+    MLflow opens a read-only database for reading without a word; its first write (train's run, evaluate's
+    logging after the whole evaluation) then failed with "attempt to write a readonly database" (or "unable to
+    open database file") in a traceback.
+
+    Raises:
+        TrackingError: The file, or the folder it is (or would be created) in, cannot be written.
+    """
+    uri = uri or tracking_uri()
+    db = sqlite_path(uri)
+    if db is None or db.name == ":memory:":
+        return
+    if db.exists():
+        # The artifacts folder setup_mlflow gives the experiment: a read-only one failed train at its very end
+        artifacts = db.parent / "mlruns"
+        path = next((p for p in (db, db.parent, artifacts) if p.exists() and not os.access(p, os.W_OK)), None)
+    else:  # MLflow creates it (and locked() its folders)
+        folder = next((f for f in db.parents if f.exists()), None)
+        path = folder if folder is not None and not os.access(folder, os.W_OK) else None
+    if path is None:
+        return
+    raise TrackingError(f"the MLflow store {display_uri(uri)} cannot be written: {path} is read-only for this user "
+                        "(the database and its folder must be writable); make them writable, or set "
+                        "MLFLOW_TRACKING_URI to a store this user can write")
+
+
+def setup_mlflow(*, writable: bool = True):
     """Points MLflow at :func:`tracking_uri` and the ``face-age`` experiment; returns the module.
+
+    ``writable=False`` is for a caller that only reads runs (the sweep's report): a read-only sqlite store serves it.
 
     MLflow creates and migrates a sqlite store's tables on a process's first access, and two
     processes doing that at once (``dvc queue start -j 2`` on a fresh clone) fail, one of them
@@ -174,13 +220,13 @@ def setup_mlflow():
     happen under a lock beside the database (``.mlflow.db.lock``); later writes need none.
 
     Raises:
-        TrackingError: An ``http(s)`` store does not answer (:func:`check_reachable`), or the ``face-age``
-            experiment is deleted in the store.
+        TrackingError: An ``http(s)`` store does not answer (:func:`check_reachable`), a ``sqlite`` store is
+            read-only (``writable``), or the ``face-age`` experiment is deleted in the store.
     """
     import mlflow
 
     uri = tracking_uri()
-    check_reachable(uri)
+    check_reachable(uri, writable=writable)
     if display_uri(uri) != uri:  # MLflow prints "View run ... at: <the URI>" as each run ends, password and all
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
