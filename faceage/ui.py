@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import shutil
@@ -61,6 +62,10 @@ UI_CONCURRENCY = 32
 # (Gradio's "Queue is full", HTTP 503 on its API). Gradio's queue had no bound: a flood of requests to the UI's
 # API all waited, in memory, in front of every later user's photo.
 UI_QUEUE_FACTOR = 2
+# The table of faces' columns. An emptied table is given them (FACES_CLEARED), not nothing: Gradio showed a table
+# set to null with the columns "0 1 2 3 4 5" until the next analysis came back.
+FACES_HEADERS = ["face", "age", "age_std", "label", "box", "score"]
+FACES_CLEARED = {"headers": FACES_HEADERS, "data": [], "metadata": None}
 # Runs in the browser when the photo changes or is removed: the last photo's outputs go (returned), and so do
 # what a failed analysis of it left: the "Error" badge Gradio's status tracker keeps on each output of a
 # failed event until that event runs again (cleared with the badge's own button, as a user would) and the
@@ -68,8 +73,8 @@ UI_QUEUE_FACTOR = 2
 CLEAR_LAST_ANALYSIS_JS = """() => {
     document.querySelectorAll("#annotated .clear-status button, [data-testid=toast-close]")
         .forEach((button) => button.click());
-    return [null, null];
-}"""
+    return [null, %s];
+}""" % json.dumps(FACES_CLEARED)
 
 
 def model_line(lineage: dict[str, Any]) -> str:
@@ -199,6 +204,22 @@ def _uploads_only(move):
     return move_local_only
 
 
+# The file the "Use via API" page's snippet uploads (``handle_file('photo.jpg')``), a placeholder to replace.
+API_EXAMPLE_FILE = "photo.jpg"
+
+
+def _api_page_example() -> dict[str, Any]:
+    """The photo input's example on the "Use via API" page: a local file the client uploads.
+
+    Gradio's default is a URL of a photo on GitHub, which the UI refuses (:func:`_uploads_only`): its
+    snippet, copied as it was, failed. Set on the instance, as :func:`_uploaded_path` is. Written out rather than
+    made by ``gradio_client.handle_file``, which refuses a file that does not exist here; the page's snippets show
+    its ``url``.
+    """
+    return {"path": API_EXAMPLE_FILE, "url": API_EXAMPLE_FILE, "meta": {"_type": "gradio.FileData"},
+            "orig_name": API_EXAMPLE_FILE}
+
+
 def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI_CONCURRENCY,
              queue_max_size: int | None = None):
     """The Gradio app (``gr.Blocks``).
@@ -222,14 +243,18 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
         gr.Markdown("# FaceAge\nUpload a photo, use the webcam or pick an example: every face gets a box and its "
                     "estimated age ± std (years).\n\n" + model_line(lineage), elem_id="model")
         with gr.Row():
-            photo = gr.Image(label="Photo", sources=["upload", "webcam"], type="filepath", image_mode=None,
-                             elem_id="photo")
+            # The button right under the photo: after the annotated photo and the table, on a phone's screen it was
+            # below the fold once a photo was uploaded.
+            with gr.Column():
+                photo = gr.Image(label="Photo", sources=["upload", "webcam"], type="filepath", image_mode=None,
+                                 elem_id="photo")
+                button = gr.Button("Estimate ages", variant="primary", elem_id="submit")
             photo.preprocess = _uploaded_path
             photo.async_move_resource_to_block_cache = _uploads_only(photo.async_move_resource_to_block_cache)
+            photo.example_payload = _api_page_example
             result = gr.Image(label="Faces", type="filepath", format="jpeg", interactive=False, elem_id="annotated")
-        table = gr.Dataframe(headers=["face", "age", "age_std", "label", "box", "score"], label="Faces",
+        table = gr.Dataframe(headers=FACES_HEADERS, label="Faces",
                              interactive=False, elem_id="faces")
-        button = gr.Button("Estimate ages", variant="primary", elem_id="submit")
         gr.Examples(examples(), inputs=photo, label="Examples (public domain)", elem_id="examples")
         # Progress, and a failure's "Error" badge, on the annotated photo only: the table's badge (a Dataframe's
         # status tracker) stayed after its own clear button was clicked, beside the next photo.
@@ -290,7 +315,10 @@ class LazyUI:
         # The file cap leaves room for the multipart headers around the file in the body the
         # service caps at max_body_bytes: a file just under that passed Gradio's check and got a 413.
         blocks = build_ui(self.lineage, self.max_body_bytes, self.concurrency, self.queue_max_size)
-        gr.mount_gradio_app(holder, blocks, path=UI_PATH,
+        # root_path: Gradio's direct-call route (/gradio_api/run/..., which loads a clicked example into the photo
+        # input) takes the request's whole path, /ui included, for its own, and gave the example's URL without /ui
+        # (a 404: a broken image in the input). Its other routes already use the mount's /ui.
+        gr.mount_gradio_app(holder, blocks, path=UI_PATH, root_path=UI_PATH,
                             max_file_size=max(self.max_body_bytes - UPLOAD_OVERHEAD, 1), ssr_mode=False,
                             show_error=True,
                             footer_links=["api", "settings"], run_history=False)
