@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 from faceage.errors import FaceAgeError
 
@@ -72,16 +73,27 @@ def _host() -> str:
     return hashlib.sha256(f"{socket.gethostname()} {namespace}".encode()).hexdigest()[:8]
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a hidden temporary file beside it moved in with :func:`os.replace`:
-    a reader, or the next run after a killed write, finds the old text or the new, never half of one. The
-    temporary name is unique per call: named after the PID alone, two threads writing the same file shared
-    it (one moved in the other's half-written text, the other's move failed)."""
+@contextmanager
+def replacing(path: str | Path, mode: str = "wb", **open_args: Any) -> Iterator[IO]:
+    """Yields a file to write ``path``'s new contents to: a hidden temporary file beside it, fsynced and moved in
+    with :func:`os.replace` when the block ends, removed (``path`` untouched) when it raises. A reader, or the next
+    run after a killed write, finds the old contents or the new, never half of them.
+
+    ``mode`` and ``open_args`` go to :func:`open`: ``"wb"`` for bytes (``torch.save``), ``"w"`` with
+    ``newline=""`` for the csv module (its own line ends, untranslated). The temporary name is unique per call:
+    one fixed name (``path.tmp``) made two writers of the same file move in each other's half-written file, and
+    the second move fail.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    try:  # staging files of writers killed (kill -9) mid-write: a state file's are the weights, twice
+        clear_stale(path)
+    except OSError:  # a folder this user may write but not list: the write itself is what matters
+        pass
+    staged = scratch_name(path)
+    tmp = staged.with_name(staged.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, mode, **open_args) as f:
+            yield f
             f.flush()
             # On disk before its name is: after a power loss, ext4/xfs could otherwise show the final
             # name on an empty file (the rename was journaled, the data still in the page cache).
@@ -91,6 +103,18 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically (:func:`replacing`)."""
+    with replacing(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (:func:`replacing`)."""
+    with replacing(path) as f:
+        f.write(data)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -115,16 +139,23 @@ def scratch_name(out_dir: Path, tag: str = "") -> Path:
 
 
 def clear_stale(out_dir: Path) -> None:
-    """Removes the :func:`scratch_name` folders beside ``out_dir`` whose process, on this host, has ended
-    (a build killed before it could clean up: a copy of the whole data set each). Others are left."""
+    """Removes the :func:`scratch_name` folders (or a :func:`replacing` file's staging files) beside ``out_dir``
+    whose process, on this host, has ended (a build killed before it could clean up: a copy of the whole data set
+    each). Others are left."""
     if os.name != "posix" or not out_dir.parent.is_dir():  # os.kill(pid, 0) ends the process on Windows
         return
-    pattern = re.compile(rf"\.{re.escape(out_dir.name)}-(\d+)@{_host()}-[0-9a-f]{{12}}(-[a-z]+)?")
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}-(\d+)@{_host()}-[0-9a-f]{{12}}(-[a-z]+|\.tmp)?")
     for path in out_dir.parent.iterdir():
         match = pattern.fullmatch(path.name)
         if match and not _running(int(match[1])):
             log.info("removing %s, left by a build of %s that was stopped", path, out_dir)
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:  # another user's, in a sticky folder (/tmp): theirs to remove
+                    pass
 
 
 def _running(pid: int) -> bool:

@@ -26,7 +26,8 @@ generator seeded by ``(seed, e, index)``. So a resumed epoch draws exactly what 
 one drew, whatever the number of loader workers (their own seeds never reach the data, and come from
 the loader's own generator, so that drawing them leaves the global stream that dropout reads alone),
 and on CPU the resumed run ends with bit-identical weights, history and metrics. The state is
-fingerprinted by the params, the data and the pretrained weights' bytes (not the code: a rerun at another
+fingerprinted by the params (but ``num_workers`` and ``device``, which change no result: a rerun with other ones
+resumes), the data and the pretrained weights' bytes (not the code: a rerun at another
 commit resumes, unless that commit's network or parameter groups no longer fit the state, which is then ignored
 with a warning); its MLflow run, when deleted or not in the current store, is replaced by a new one that gets the
 saved epochs' metrics.
@@ -36,7 +37,8 @@ rendezvous) runs :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CP
 a plain process is rank 0 of 1 and takes the same path. ``train.batch_size`` is the global batch:
 each of N ranks gets ``batch_size / N`` samples, interleaved from the same permutation, so a
 global step sees the same faces whatever N is; BatchNorm is synchronised across ranks. Rank 0
-alone evaluates, logs, writes files and talks to MLflow. Resuming needs ``state_path`` readable
+alone evaluates, logs, writes files and talks to MLflow; when it fails there (a divergence, a full disk),
+every rank stops with it (:meth:`Distributed.together`). Resuming needs ``state_path`` readable
 by every rank (one machine, or a shared filesystem).
 """
 
@@ -53,8 +55,8 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +68,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from faceage import finetune
 from faceage.chips import DLIB_AGE
-from faceage.atomic import write_text
+from faceage.atomic import replacing, write_text
 from faceage.config import ConfigError, TrainParams
 from faceage.cores import usable_cores
 from faceage.data import load_split
@@ -139,6 +141,10 @@ class TrainingDivergedError(FaceAgeError, RuntimeError):
     """An epoch's loss or validation MAE is not a number: the weights diverged."""
 
 
+class RankFailedError(FaceAgeError, RuntimeError):
+    """Under torchrun, another rank failed (its own log line says why): this one stops with it."""
+
+
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in a torchrun job; a plain process is rank 0 of 1."""
@@ -159,6 +165,36 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Runs a block after which every rank goes on only if none failed in it; a barrier at its end.
+
+        Rank 0 alone checks, writes and logs: its error (a divergence, a full disk, MLflow) left the other ranks in
+        the next collective, where gloo failed them with its "Connection closed by peer" traceback (NCCL waits out
+        its timeout) above the error. Now each rank's outcome is shared at the block's end: a rank that failed
+        raises its own error, the others stop with it, a divergence as the same :class:`TrainingDivergedError`,
+        anything else as :class:`RankFailedError` naming the rank and its error.
+        """
+        if self.world_size == 1:
+            yield
+            return
+        error = None
+        try:
+            yield
+        except Exception as e:  # (not Ctrl-C: it reaches every rank of the terminal's process group itself)
+            error = e
+        outcomes: list[Any] = [None] * self.world_size
+        dist.all_gather_object(outcomes, None if error is None else
+                               (type(error).__name__, str(error), isinstance(error, TrainingDivergedError)))
+        if error is not None:
+            raise error
+        failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+        if failed:
+            rank, (kind, message, diverged) = failed[0]
+            if diverged:
+                raise TrainingDivergedError(message)
+            raise RankFailedError(f"train: rank {self.rank} stopped because rank {rank} failed: {kind}: {message}")
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Sums per-rank values over all ranks (identity for one process)."""
@@ -432,12 +468,8 @@ def save_state(path: str | Path, state: TrainState) -> None:
     """Writes the state atomically: a kill leaves the previous state or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replacing(path) as f:  # a staging file of this call's own, removed when the write fails (a full disk)
         torch.save({f_.name: getattr(state, f_.name) for f_ in fields(TrainState)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_state(path: str | Path, fingerprint: str, params: dict[str, Any] | None = None) -> TrainState | None:
@@ -468,7 +500,7 @@ def _what_changed(saved: dict[str, Any], now: dict[str, Any] | None) -> str:
     if not saved or now is None:  # a state saved before it kept its params
         return ""
     changed = [f"train.{k}={saved.get(k, 'unset')} (now {now.get(k, 'unset')})"
-               for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+               for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k) and k not in EXECUTION_KEYS]
     if not changed:
         return " (the same params: the preprocess output, the embeddings or a pretrained weights file changed)"
     return f" ({', '.join(changed)})"
@@ -517,11 +549,21 @@ def _misfit(want: dict[str, tuple[int, ...]], saved: dict[str, torch.Tensor]) ->
     return ""
 
 
+# ``train`` keys that say where and how fast a run executes, not what it trains: each face's draws are seeded per
+# face and epoch whatever loader worker makes them (SeededSamples), and a state saved on one device loads on any
+# (weights and optimiser moved to it; a loss scaler's state is ignored where scaling is off). Fingerprinted, a run
+# killed at epoch 29 of 30 and rerun with another num_workers, or train.device=cuda for auto on the same GPU,
+# silently started over. (Not nproc_per_node: each rank's dropout stream is its own, and amp changes the numbers.)
+EXECUTION_KEYS = ("num_workers", "device")
+
+
 def _fingerprint(p: TrainParams, faces_dir: Path, embeddings_path: str | Path | None,
                  weight_files: Sequence[Path] = ()) -> str:
-    """What a saved state must have been trained from to be resumed: the params, the data, and the bytes of
+    """What a saved state must have been trained from to be resumed: the params but :data:`EXECUTION_KEYS` (read
+    as their defaults: a state a default run saved before they left still matches), the data, and the bytes of
     the pretrained weights files (:func:`pretrained_files`; new weights at the same path start over)."""
-    h = hashlib.sha256(json.dumps(asdict(p), sort_keys=True).encode())
+    defaults = {f.name: f.default for f in fields(TrainParams) if f.name in EXECUTION_KEYS}
+    h = hashlib.sha256(json.dumps(asdict(replace(p, **defaults)), sort_keys=True).encode())
     h.update(file_digest(faces_dir / MANIFEST).encode())
     if p.backbone in (FACE_ENCODER, DLIB_AGE) and embeddings_path is not None:
         h.update(file_digest(embeddings_path).encode())
@@ -825,14 +867,16 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     net = nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
 
     tracker = _Tracker(p, d, crop, device, workers, threads, fingerprint, state, state_path)
-    with tracker.run() as state:
-        if d.is_main:
-            _write_summary(reports_dir, full[0], p, weights_from, tracker)
-            tracker.log_gflops(count_gflops(full[0], input_shape, device))
-            log.info("training %s (weights: %s) on %s: %d train / %d valid faces, %d epochs, global batch %d over "
-                     "%d process(es), %d loader workers, %d torch threads each; MLflow run %s in %s",
-                     p.backbone, weights_from, device, len(train_set), len(val_set), p.epochs, p.batch_size,
-                     d.world_size, workers, threads, state.run_id, display_uri())
+    with ExitStack() as run:
+        with d.together():  # rank 0's MLflow run started (or not: every rank stops), before any rank trains
+            state = run.enter_context(tracker.run())
+            if d.is_main:
+                _write_summary(reports_dir, full[0], p, weights_from, tracker)
+                tracker.log_gflops(count_gflops(full[0], input_shape, device))
+                log.info("training %s (weights: %s) on %s: %d train / %d valid faces, %d epochs, global batch %d "
+                         "over %d process(es), %d loader workers, %d torch threads each; MLflow run %s in %s",
+                         p.backbone, weights_from, device, len(train_set), len(val_set), p.epochs, p.batch_size,
+                         d.world_size, workers, threads, state.run_id, display_uri())
         for epoch in range(state.epoch + 1, p.epochs + 1):
             t0 = time.time()
             seed_epoch(p.seed, epoch, d.rank)
@@ -843,32 +887,34 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             lr = opt.param_groups[-1]["lr"]
             train = train_one_epoch(net, loader, opt, sched, loss_fn, prepare, device, amp, d)
             train_s = time.time() - t0
-            if d.is_main:
-                val_mae = evaluate(model, val_set, prepare, device)
-                elapsed = (state.history[-1]["elapsed_s"] if state.history else 0.0) + time.time() - t0
-                row = {"epoch": epoch, **{k: train[k] for k in ("train_loss", "train_mae")}, "val_mae": val_mae,
-                       "lr": lr, "images_per_s": train["seen"] / train_s, "elapsed_s": elapsed}
-                log.info("epoch %d/%d  loss %.4f  train MAE %.2f  val MAE %.2f  lr %.2e  %.0f img/s  %.0f s",
-                         epoch, p.epochs, row["train_loss"], row["train_mae"], val_mae, row["lr"],
-                         row["images_per_s"], elapsed)
-                check_epoch(epoch, train, val_mae)
-                if amp.scaler.is_enabled():  # fp16: the steps the loss scaler skipped (overflow), an MLflow metric
-                    row["amp_skipped_steps"] = train["skipped_steps"]
-                    if train["skipped_steps"]:
-                        log.warning("epoch %d: the fp16 loss scaler skipped %d step(s) on overflow (loss scale now "
-                                    "%g; train.amp=true)", epoch, train["skipped_steps"], amp.scaler.get_scale())
-                state.history.append(row)
-                if val_mae < state.best_val_mae:
-                    state.best_val_mae, state.best_epoch = val_mae, epoch
-                    state.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                state.epoch = epoch
-                state.model, state.optimizer = model.state_dict(), opt.state_dict()
-                state.scheduler, state.scaler = sched.state_dict(), amp.scaler.state_dict()
-                state.amp_consecutive_skips = amp.consecutive_skips
-                save_state(state_path, state)  # the commit point of an epoch
-                _write_history(reports_dir / "history.csv", state.history)
-                tracker.log_epochs()
-            d.barrier()  # no rank starts the next epoch before rank 0 has saved this one
+            # No rank starts the next epoch before rank 0 has checked and saved this one; its failure (a divergence)
+            # stops every rank with its one line.
+            with d.together():
+                if d.is_main:
+                    val_mae = evaluate(model, val_set, prepare, device)
+                    elapsed = (state.history[-1]["elapsed_s"] if state.history else 0.0) + time.time() - t0
+                    row = {"epoch": epoch, **{k: train[k] for k in ("train_loss", "train_mae")}, "val_mae": val_mae,
+                           "lr": lr, "images_per_s": train["seen"] / train_s, "elapsed_s": elapsed}
+                    log.info("epoch %d/%d  loss %.4f  train MAE %.2f  val MAE %.2f  lr %.2e  %.0f img/s  %.0f s",
+                             epoch, p.epochs, row["train_loss"], row["train_mae"], val_mae, row["lr"],
+                             row["images_per_s"], elapsed)
+                    check_epoch(epoch, train, val_mae)
+                    if amp.scaler.is_enabled():  # fp16: the steps the loss scaler skipped (overflow), an MLflow metric
+                        row["amp_skipped_steps"] = train["skipped_steps"]
+                        if train["skipped_steps"]:
+                            log.warning("epoch %d: the fp16 loss scaler skipped %d step(s) on overflow (loss scale now "
+                                        "%g; train.amp=true)", epoch, train["skipped_steps"], amp.scaler.get_scale())
+                    state.history.append(row)
+                    if val_mae < state.best_val_mae:
+                        state.best_val_mae, state.best_epoch = val_mae, epoch
+                        state.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    state.epoch = epoch
+                    state.model, state.optimizer = model.state_dict(), opt.state_dict()
+                    state.scheduler, state.scaler = sched.state_dict(), amp.scaler.state_dict()
+                    state.amp_consecutive_skips = amp.consecutive_skips
+                    save_state(state_path, state)  # the commit point of an epoch
+                    _write_history(reports_dir / "history.csv", state.history)
+                    tracker.log_epochs()
         if not d.is_main:
             return {}
         if p.epochs == 0:
@@ -1135,12 +1181,10 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_history(path: Path, history: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(path, "w", encoding="utf-8", newline="") as f:  # newline="": the csv module's own line ends
         writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def _log_model(mlflow, model: nn.Module, input_shape: tuple[int, ...]) -> None:
