@@ -129,6 +129,12 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
         try:
             try:
                 main()
+            except ImportError as e:
+                # A Ctrl-C inside a C extension's start-up (pybind11's dlib: "ImportError: initialization failed",
+                # raised from the KeyboardInterrupt) is the Ctrl-C: stages import their heavy modules in main.
+                if isinstance(e.__cause__, KeyboardInterrupt):
+                    raise e.__cause__ from None
+                raise
             finally:
                 if interrupt_on_sigterm:
                     # The stage's own clean-up has run. From here on SIGTERM has its usual action (DVC's, a shell's:

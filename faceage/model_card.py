@@ -136,11 +136,20 @@ def _training_line(meta: dict[str, Any], tp: dict[str, Any]) -> str:
             + _validation_note(meta) + ".")
 
 
-def _trained_on(tp: dict[str, Any], dataset: dict[str, Any]) -> str:
-    """The "Known limits" opening: what the model learnt from (nothing here at ``train.epochs=0``)."""
+def _trained_on(tp: dict[str, Any], dataset: dict[str, Any], preprocess_counts: dict[str, Any] | None) -> str:
+    """The "Known limits" opening: what the model learnt from (nothing here at ``train.epochs=0``): the training
+    split's crops where preprocess skipped some of its images (``preprocess.no_face=skip``, unreadable files), whose
+    card gave the release's image count instead."""
     if tp.get("epochs") == 0:
         return "Not trained on this data (`train.epochs=0`): the pretrained network as it is."
-    return f"Trained on {dataset.get('counts', {}).get('train', '?')} images."
+    images = dataset.get("counts", {}).get("train", "?")
+    split = (preprocess_counts or {}).get("train")
+    if isinstance(split, dict) and isinstance(images, int):
+        faces = sum(int(split.get(status, 0)) for status in ("face", "release_crop", "whole_image"))
+        if faces != images:
+            return (f"Trained on {faces} faces of the {images} training images ({images - faces} skipped: no face "
+                    "or unreadable).")
+    return f"Trained on {images} images."
 
 
 def _resumed_note(meta: dict[str, Any]) -> str:
@@ -293,7 +302,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"within 2 std: {_fmt(metrics['coverage_2std'], 3)} (0.954).",
         "",
         "## Known limits",
-        f"- {_trained_on(tp, dataset)} The largest test error is in age group "
+        f"- {_trained_on(tp, dataset, preprocess_counts)} The largest test error is in age group "
         f"{worst['group']} ({_fmt(worst['mae_years'])} years on {worst['n']} faces); the smallest group, "
         f"{smallest['group']}, has {smallest['n']} test faces, so its number is the least certain.",
         "- The largest systematic error by age (mean predicted - true): " + "; ".join(

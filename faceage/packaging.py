@@ -14,8 +14,8 @@ Outputs:
       detector/             the dlib detector file the checkpoint was trained with (plus the
                             face-encoder files of a dlib_face checkpoint) + manifest.json
       faceage.json          lineage: MLflow run, registry version, validation, test and external-set
-                            MAE, data sha256, git commits, the ONNX check (also the BentoML
-                            model's metadata)
+                            MAE, data sha256, git commits, the DVC experiment (a `dvc exp run`
+                            champion), the ONNX check (also the BentoML model's metadata)
 
 The winner (:func:`select_winner`, rule in :data:`SELECTION_RULE`): among finished runs with test
 metrics trained on the workspace's data, the lowest ``best_val_mae`` among the runs that *generalise*: whose MAE on every
@@ -493,11 +493,17 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
     """The lineage stored with the BentoML model (flat, JSON-ready).
 
     ``resumed_at_commit`` (the commit a run stopped and resumed elsewhere finished at, as its checkpoint
-    records it) is there only for such a run: the other runs' lineage, and the reuse of their stored copies
-    (:func:`_same_model`), stay as they were.
+    records it) is there only for such a run, ``dvc_experiment`` (and ``dvc_evaluated_in`` where another one
+    evaluated it last) only for a run trained in a ``dvc exp run``: the other runs' lineage, and the reuse of
+    their stored copies (:func:`_same_model`), stay as they were.
     """
     crop = meta["crop"]
     resumed = {"resumed_at_commit": meta["resumed_at_commit"]} if meta.get("resumed_at_commit") else {}
+    # A `dvc exp run` champion: its -S values live in the experiment, not in git_commit's params.yaml; its numbers
+    # come from the experiment that last evaluated it. Only where set: a `dvc repro` run's lineage stays as it was.
+    experiment = {"dvc_experiment": winner.dvc_experiment} if winner.dvc_experiment else {}
+    if winner.evaluated_in and winner.evaluated_in != winner.dvc_experiment:
+        experiment["dvc_evaluated_in"] = winner.evaluated_in
     return {
         "mlflow_experiment": EXPERIMENT,
         "mlflow_run_id": winner.run_id,
@@ -512,6 +518,7 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
         "data_source": masked_url(crop.get("data_source")),  # faceage.json ships in the bento: no URL secrets
         "git_commit": meta.get("git_commit") or winner.git_commit,
         **resumed,
+        **experiment,
         "package_git_commit": git_commit(),
         "backbone": meta["backbone"],
         "image_size": int(meta.get("image_size") or 0),
@@ -547,8 +554,8 @@ def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES,
 
         if not (faces_dir / CHIPS_FILE).is_file():
             raise PackagingError(f"{faces_dir} has no {CHIPS_FILE}: rerun the preprocess stage")
-        try:
-            table = load_chips(faces_dir / CHIPS_FILE, pairs=pairs)[0]
+        try:  # these faces' chips alone: every crop's pair (96 KB each, ~730 MB for APPA-REAL) was built for 32
+            table = load_chips(faces_dir / CHIPS_FILE, pairs=pairs, crops=[row["crop"] for row in rows])[0]
         except ValueError as e:  # chips cut before the checkpoint's kind needed them (its message says what to rerun)
             raise PackagingError(f"the ONNX export is checked on the workspace's chips: {e}") from e
         return [table[row["crop"]] for row in rows if row["crop"] in table]

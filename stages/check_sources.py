@@ -9,15 +9,15 @@ that reads it; an unchanged one reruns nothing.
 import argparse
 import logging
 
-from faceage.config import load_params
 from faceage.logs import run_stage, setup_logging
-from faceage.sources import (EXTERNAL_FILE, PRETRAINED_FILE, SOURCE_FILE, external_fingerprint, pretrained_fingerprint,
-                             refresh, source_fingerprint)
 
 log = logging.getLogger("faceage.sources")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # yaml, the downloader: imported under run_stage (main calls this), Ctrl-C in them is one line
+    from faceage.sources import EXTERNAL_FILE, PRETRAINED_FILE, SOURCE_FILE
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--source", default=SOURCE_FILE, help="fetch_data.source's fingerprint (JSON)")
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    from faceage.config import load_params
+    from faceage.sources import external_fingerprint, pretrained_fingerprint, refresh, source_fingerprint
     params = load_params(args.params)
     fetch, external = params.fetch_data, list(params.evaluate.external)
     source = refresh(args.source, lambda: source_fingerprint(fetch.source, fetch.md5),

@@ -2,8 +2,6 @@
 
 import argparse
 
-from faceage.config import load_params
-from faceage.features import compute_features
 from faceage.logs import run_stage, setup_logging
 
 
@@ -19,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    # dlib, numpy (seconds): under run_stage here, Ctrl-C in them is one line
+    from faceage.config import load_params
+    from faceage.features import compute_features
     params = load_params(args.params)
     # The one cross-section read: which backbone's features to compute.
     compute_features(params.train.backbone, args.faces, args.detector, args.out, workers=params.embed.workers)

@@ -2,10 +2,7 @@
 
 import argparse
 
-from faceage.config import load_params
-from faceage.evaluation import evaluate_model
 from faceage.logs import run_stage, setup_logging
-from faceage.tracking import check_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    # torch, dlib, MLflow (seconds): under run_stage here, Ctrl-C in them is one line
+    from faceage.config import load_params
+    from faceage.evaluation import evaluate_model
+    from faceage.tracking import check_run
     p = load_params(args.params).evaluate
     check_run(args.run)  # a run this store cannot continue: said now, not after the whole evaluation
     evaluate_model(args.model, args.faces, args.out, p, run_path=args.run, history_csv=args.history,

@@ -2,8 +2,6 @@
 
 import argparse
 
-from faceage.appa_real import fetch_appa_real
-from faceage.config import load_params
 from faceage.logs import run_stage, setup_logging
 
 
@@ -18,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    # yaml, the downloader: under run_stage here, Ctrl-C in them is one line
+    from faceage.appa_real import fetch_appa_real
+    from faceage.config import load_params
     p = load_params(args.params).fetch_data
     fetch_appa_real(p.source, args.out, md5=p.md5, mirrors=p.mirrors, cache_dir=args.cache)
 

@@ -2,8 +2,6 @@
 
 import argparse
 
-from faceage.config import load_params
-from faceage.detector import fetch_detector_files
 from faceage.logs import run_stage, setup_logging
 
 
@@ -18,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    # yaml, dlib: under run_stage here, Ctrl-C in them is one line
+    from faceage.config import load_params
+    from faceage.detector import fetch_detector_files
     p = load_params(args.params).fetch_detector
     fetch_detector_files(p.source, args.out, cache_dir=args.cache)
 

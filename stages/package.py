@@ -10,11 +10,13 @@ import logging
 from pathlib import Path
 
 from faceage.logs import run_stage, setup_logging
-from faceage.packaging import BENTO_MODEL, REGISTERED_MODEL, package_champion
-from faceage.sources import EXTERNAL_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # torch, MLflow, BentoML (seconds): imported under run_stage (main calls this), Ctrl-C in them is one line
+    from faceage.packaging import BENTO_MODEL, REGISTERED_MODEL
+    from faceage.sources import EXTERNAL_FILE
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models/model.pt", help="the winner's checkpoint (train output)")
     parser.add_argument("--detector", default="models/detector", help="fetch_detector output folder")
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    from faceage.packaging import package_champion  # imported by build_parser
     if args.out:  # before the work: a folder that is not there failed after the registry and the store had changed
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     summary = package_champion(args.model, args.detector, args.faces, registered_model=args.registered_model,

@@ -4,9 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from faceage.config import load_params
 from faceage.logs import run_stage, setup_logging
-from faceage.preprocess import preprocess_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
+    # dlib, numpy, PIL (seconds): under run_stage here, Ctrl-C in them is one line
+    from faceage.config import load_params
+    from faceage.preprocess import preprocess_dataset
     p = load_params(args.params).preprocess
     metrics = preprocess_dataset(args.data, args.detector, args.out, p)
     Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)

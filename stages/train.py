@@ -9,11 +9,7 @@ import argparse
 import os
 import sys
 
-from faceage.config import load_params
-from faceage.launch import end_with_launcher, relaunch
 from faceage.logs import run_stage, setup_logging
-from faceage.tracking import check_reachable
-from faceage.training import train_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     setup_logging()
+    # torch, dlib, MLflow (up to tens of seconds): under run_stage here, Ctrl-C in them is one line
+    from faceage.config import load_params
+    from faceage.launch import end_with_launcher, relaunch
+    from faceage.tracking import check_reachable
+    from faceage.training import train_model
     p = load_params(args.params).train
     check_reachable()  # a tracking server that does not answer: now, not after the data load and retries
     if "LOCAL_RANK" in os.environ:  # a torchrun worker
