@@ -325,7 +325,7 @@ def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: C
         # The pool's queues are gone with their last reference, which unlinks their semaphores: the traceback
         # keeps this frame, and a stage that dies of Ctrl-C (no exit handlers) left multiprocessing's resource
         # tracker to warn of "leaked semaphore objects" under the stage's one line.
-        del pool, manager, processes, context
+        pool = manager = processes = context = None  # (the names released)
         if isinstance(e, BrokenProcessPool):
             raise WorkerDiedError(
                 f"a {desc or unit} worker process died ({workers} workers): killed by the system, most often for "

@@ -7,7 +7,6 @@ import io
 import os
 import unicodedata
 
-import numpy as np
 import pytest
 
 import faceage.appa_real as appa_real

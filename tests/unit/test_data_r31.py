@@ -3,6 +3,7 @@
 import http.server
 import logging
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,14 +83,20 @@ def _windows_zip(src, path, raw_name: bytes, placeholder: str):
     path.write_bytes(path.read_bytes().replace(placeholder.encode(), raw_name))
 
 
-def test_a_windows_zip_with_code_page_names_says_why_an_accented_photo_is_missing(tmp_path):
+def _jose_zip(tmp_path: Path, encoding: str) -> Path:
+    """A release zipped as Windows tools do, whose CSV lists José.jpg, stored under its name in ``encoding``."""
     src = make_release(tmp_path / "src")
     (src / "train" / "train000.jpg").rename(src / "train" / "JosQ.jpg")
     (src / "train" / "train000.jpg_face.jpg").unlink()
     csv = src / "gt_avg_train.csv"
     csv.write_text(csv.read_text().replace("train000.jpg", "José.jpg"))
     archive = tmp_path / "release.zip"
-    _windows_zip(src, archive, "José".encode("cp1252"), "JosQ")  # ANSI code page: read as cp437 "JosΘ"
+    _windows_zip(src, archive, "José".encode(encoding), "JosQ")
+    return archive
+
+
+def test_a_windows_zip_with_code_page_names_says_why_an_accented_photo_is_missing(tmp_path):
+    archive = _jose_zip(tmp_path, "cp1252")  # ANSI code page: read as cp437 "JosΘ"
     with pytest.raises(LayoutError) as e:
         fetch_appa_real(str(archive), tmp_path / "out")
     message = str(e.value)
@@ -99,13 +106,7 @@ def test_a_windows_zip_with_code_page_names_says_why_an_accented_photo_is_missin
 
 
 def test_a_windows_zip_in_the_oem_code_page_is_read(tmp_path):
-    src = make_release(tmp_path / "src")
-    (src / "train" / "train000.jpg").rename(src / "train" / "JosQ.jpg")
-    (src / "train" / "train000.jpg_face.jpg").unlink()
-    csv = src / "gt_avg_train.csv"
-    csv.write_text(csv.read_text().replace("train000.jpg", "José.jpg"))
-    archive = tmp_path / "release.zip"
-    _windows_zip(src, archive, "José".encode("cp437"), "JosQ")  # Explorer's own: cp437 as the zip format says
+    archive = _jose_zip(tmp_path, "cp437")  # Explorer's own: cp437 as the zip format says
     info = fetch_appa_real(str(archive), tmp_path / "out")
     assert info["counts"]["train"] == 2 and (tmp_path / "out" / "train" / "José.jpg").is_file()
 

@@ -79,8 +79,6 @@ def read_only():
         if how == "chmod":
             path.chmod(mode)
         else:
-            import subprocess
-
             subprocess.run(["chattr", "-i", str(path)], check=True)
 
 

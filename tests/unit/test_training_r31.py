@@ -8,7 +8,6 @@ MLflow store in the test's tmp_path, one torch thread (the helpers of test_train
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -22,6 +21,8 @@ from faceage.config import Params
 from tests.unit.test_training_r30 import (  # noqa: F401 - store: the fixture
     TINY, _faces, _kill_after_first_save, _Killed, _saved, _train, store,
 )
+
+FIXTURES = (store,)  # pytest finds the fixture by its name in this module
 
 HISTORY = [{"epoch": e, "train_loss": 3.0 - e / 10, "train_mae": 9.0 - e, "val_mae": 10.25 - e, "lr": 1e-3,
             "images_per_s": 50.0, "elapsed_s": 10.0 * e} for e in (1, 2)]
