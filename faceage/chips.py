@@ -353,13 +353,59 @@ def save_chips(path: str | Path, crops: list[str], chips: list[np.ndarray], marg
     os.replace(tmp, path)
 
 
+def _member_rows(path: Path, z, key: str, rows: list[int]) -> np.ndarray:
+    """Rows ``rows`` (ascending indices along axis 0) of the array ``key`` of the ``.npz`` ``z`` opened from ``path``,
+    reading only those rows from the file.
+
+    ``save_chips`` stores its arrays uncompressed (``np.savez``): the member's bytes lie as they are in the zip, so
+    each row is one seek and one read. ``z[key][rows]`` read the whole member first: the face chips of APPA-REAL are
+    about 510 MB, read to take 32 of them (packaging's ONNX check) or one split. A member stored otherwise (a
+    compressed or hand-made file) is read whole, as before.
+    """
+    import struct
+    import zipfile
+
+    member = z.zip.getinfo(f"{key}.npy")
+    if member.compress_type != zipfile.ZIP_STORED or member.flag_bits & 0x1:  # compressed or encrypted
+        return z[key][rows]
+    with open(path, "rb") as f:
+        f.seek(member.header_offset)
+        local = f.read(30)  # the local file header: its name and extra field lengths are its own
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            return z[key][rows]
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = member.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+        if read_header is None:  # a format version this reader does not know
+            return z[key][rows]
+        shape, fortran_order, dtype = read_header(f)
+        if fortran_order or dtype.hasobject or not shape:
+            return z[key][rows]
+        data = f.tell()
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if data - start + shape[0] * row_bytes > member.file_size:  # a header that lies about the member
+            return z[key][rows]
+        out = np.empty((len(rows), *shape[1:]), dtype)
+        flat = out.view(np.uint8).reshape(len(rows), row_bytes)
+        for j, i in enumerate(rows):
+            if not 0 <= i < shape[0]:
+                raise IndexError(f"row {i} of {key} in {path}: it holds {shape[0]}")
+            f.seek(data + i * row_bytes)
+            if f.readinto(flat[j]) != row_bytes:
+                raise ValueError(f"{path} is cut short: {key} ends before its row {i}")
+        return out
+
+
 def load_chips(path: str | Path, pairs: bool = False,
                crops: Collection[str] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """``{crop path: (3, 64, 64) uint8 chip}`` (``pairs``: its (3, 214, 150) chip pair) and the settings
     they were cut with (``info["face_chips"]``: whether the file holds the face chips too).
 
     ``crops``: only those of these crops the file holds (one split of it, whose pairs alone are built: every
-    crop's, 96 KB each, were built to load one split); ``None``: every crop.
+    crop's, 96 KB each, were built to load one split); ``None``: every crop. Only their rows are read from the
+    file (:func:`_member_rows`).
 
     Raises:
         ValueError: The file holds no chips (it was written for another ``train.backbone``), or
@@ -374,14 +420,21 @@ def load_chips(path: str | Path, pairs: bool = False,
             raise ValueError(f"{path} holds no face chips (written before preprocess cut them): rerun the "
                              "preprocess and embed stages")
         names = z["crops"].tolist()
-        wanted = None if crops is None else set(crops)
-        keep = range(len(names)) if wanted is None else [i for i, c in enumerate(names) if c in wanted]
-        chips = z["chips"]
-        if pairs:
-            faces = z["face_chips"]
-            table = {names[i]: make_pair(chips[i], faces[i]) for i in keep}
+        if crops is None:
+            keep = list(range(len(names)))
+            chips = z["chips"]
+            faces = z["face_chips"] if pairs else None
         else:
-            table = {names[i]: chips[i] for i in keep}
+            wanted = set(crops)
+            keep = [i for i, c in enumerate(names) if c in wanted]
+            chips = _member_rows(Path(path), z, "chips", keep)
+            faces = _member_rows(Path(path), z, "face_chips", keep) if pairs else None
+            keep_at = {i: j for j, i in enumerate(keep)}
+    at = (lambda i: i) if crops is None else keep_at.__getitem__
+    if pairs:
+        table = {names[i]: make_pair(chips[at(i)], faces[at(i)]) for i in keep}
+    else:
+        table = {names[i]: chips[at(i)] for i in keep}
     return table, info
 
 

@@ -15,7 +15,9 @@ Cross-dataset test sets (``evaluate.external``, see :mod:`faceage.external`) are
 checkpoint's own crop settings, read by the same ``load_split`` and scored by the same
 :class:`~faceage.inference.AgeModel` as the test split; each gets ``metrics.json["external"][name]``
 (MAE, RMSE, CS@k, MAE by age group, the training-mean baseline, how many images had no face)
-and ``external_<name>_*`` metrics in MLflow.
+and ``external_<name>_*`` metrics in MLflow. A set where no face is found is reported with a warning
+(``n_faces`` 0, NaN metrics in ``metrics.json``, its counts alone in MLflow), the test split and the
+other sets scored as usual.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
 from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
 from faceage.preprocess import MANIFEST, read_faces_manifest
-from faceage.sources import ExternalSet, ExternalSetError, resolve_external
+from faceage.sources import ExternalSet, resolve_external
 from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
@@ -195,23 +197,34 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
         ``{name: metrics}``, ``{name: age-group rows}`` and prediction rows
         ``[set, file_name, true_age, predicted_age, predicted_std, abs_error]``.
 
+    A set where no face is found (every image faceless or unreadable) is reported, with a warning: its counts,
+    ``n_faces`` 0, NaN metrics and no age-group rows; the other sets are scored as usual.
+
     Raises:
-        faceage.sources.ExternalSetError: A set has no face at all, or the detector is not the checkpoint's.
+        faceage.sources.ExternalSetError: The detector is not the checkpoint's.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else repo_root() / ".cache" / "external"
     meta = age_model.meta
     results, groups, rows = {}, {}, []
     for ext in sets:
         faces = external_faces(ext, meta["crop"], detector_dir, cache_dir)
-        embeddings = (external_embeddings(faces, detector_dir) if meta["backbone"] == FACE_ENCODER else
-                      external_chips(faces) if meta["backbone"] == DLIB_AGE else None)
         counts = crop_counts(faces)
         if counts["n_faces"] == 0:  # unreadable files are not the detector's misses: the message counts both
-            raise ExternalSetError(f"evaluate.external: {ext.given!r}: none of its {counts['n_images']} images has a "
-                                   f"face to score: {counts.get('no_face', 0)} without a detected face "
-                                   f"(detector={meta['crop']['detector']}, no_face={meta['crop'].get('no_face')}), "
-                                   f"{counts.get('unreadable', 0)} unreadable (not an image Pillow can decode; "
-                                   "the warnings above name them)")
+            # Reported, not raised: one such set stopped the whole evaluation, the test split's and the other sets'
+            # scores unwritten. Its metrics are NaN in metrics.json (the model card shows its counts) and left out of
+            # MLflow, where a NaN external MAE excluded every run evaluated with the set from the champion's choice.
+            log.warning("evaluate.external: %r (set %r): none of its %d images has a face to score: %d without a "
+                        "detected face (detector=%s, no_face=%s), %d unreadable (not an image Pillow can decode; "
+                        "the warnings above name them); it is reported with n_faces=0 and no MAE", ext.given,
+                        ext.name, counts["n_images"], counts.get("no_face", 0), meta["crop"]["detector"],
+                        meta["crop"].get("no_face"), counts.get("unreadable", 0))
+            groups[ext.name] = []
+            results[ext.name] = {"mae_years": math.nan, "rmse_years": math.nan, f"cs{p.cs_years:g}": math.nan,
+                                 "baseline_mae_years": math.nan, "mae_by_age_group": {}, "mae_low_res": {}, **counts,
+                                 "path": str(ext.path), "sha256": set_version(faces, ext.path)}
+            continue
+        embeddings = (external_embeddings(faces, detector_dir) if meta["backbone"] == FACE_ENCODER else
+                      external_chips(faces) if meta["backbone"] == DLIB_AGE else None)
         data = load_split(faces, "test", meta["backbone"], meta["image_size"], embeddings,
                           pairs=reads_pairs(meta))
         pred, std = age_model.predict_inputs(data.images, p.batch_size)
@@ -274,14 +287,17 @@ def _labels(rows: list[dict], column: str, where: str = "") -> np.ndarray:
 
 def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[str, float]:
     """``external_<name>_mae``, ``_rmse``, ``_cs5``, ``_baseline_mae``, ``_n_faces``, ``_n_images``,
-    ``_no_face`` (images skipped: no face and no fallback), ``_unreadable``, ``_mae_<group>``."""
+    ``_no_face`` (images skipped: no face and no fallback), ``_unreadable``, ``_mae_<group>``; a set with no face
+    scored gets its counts alone."""
     cs = f"cs{cs_years:g}"
     flat = {}
     for name, m in external.items():
-        flat.update({f"external_{name}_mae": m["mae_years"], f"external_{name}_rmse": m["rmse_years"],
-                     f"external_{name}_{cs}": m[cs], f"external_{name}_baseline_mae": m["baseline_mae_years"],
-                     f"external_{name}_n_faces": m["n_faces"], f"external_{name}_n_images": m["n_images"],
+        flat.update({f"external_{name}_n_faces": m["n_faces"], f"external_{name}_n_images": m["n_images"],
                      f"external_{name}_no_face": m["no_face"], f"external_{name}_unreadable": m["unreadable"]})
+        if not m["n_faces"]:  # nothing scored: no NaN MAE, which excluded the run from the champion's choice
+            continue
+        flat.update({f"external_{name}_mae": m["mae_years"], f"external_{name}_rmse": m["rmse_years"],
+                     f"external_{name}_{cs}": m[cs], f"external_{name}_baseline_mae": m["baseline_mae_years"]})
         flat.update({f"external_{name}_mae_{g.replace('+', 'plus')}": v for g, v in m["mae_by_age_group"].items()})
         flat.update({f"external_{name}_mae_low_res_{f}": v for f, v in m.get("mae_low_res", {}).items()})
     return flat
