@@ -29,6 +29,7 @@ from torch import nn
 
 from faceage.chips import CHIP_MEAN, CHIP_SIZE, DLIB_AGE, split_pair
 from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS
+from faceage.errors import FaceAgeError
 
 PRETRAINED_AGES = 81  # ages 0..80
 FEATURE_DIM = 256
@@ -44,6 +45,15 @@ HEAD_ENSEMBLE, HEAD_FUSED, HEAD_PRETRAINED = "ensemble", "fused", "pretrained"
 HEADS = (HEAD_PRETRAINED, HEAD_ENSEMBLE, HEAD_FUSED)
 ENSEMBLE_HEADS = (HEAD_ENSEMBLE, HEAD_FUSED)  # an AgeEnsemble over the frozen network(s)
 ENSEMBLE_MEMBERS, ENSEMBLE_HIDDEN, ENSEMBLE_DROPOUT = 5, 512, 0.5
+
+
+REFETCH = "fetch it again (dvc repro -f fetch_detector)"
+
+
+class NetworkFileError(FaceAgeError, ValueError):
+    """A pretrained network file of dlib's (``age-v1.onnx``, the face network's ``.dat``) is damaged or holds
+    another network. A :class:`FaceAgeError`, so ``train`` prints it as one line naming the file and the fix;
+    a truncated copy raised protobuf's ``DecodeError`` and another graph a ``KeyError``, both as tracebacks."""
 
 
 def _pad_to(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
@@ -269,8 +279,19 @@ def onnx_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
     import onnx
     from onnx import numpy_helper
 
-    graph = onnx.load(str(onnx_path)).graph
+    try:
+        graph = onnx.load(str(onnx_path)).graph
+    except Exception as e:  # protobuf's DecodeError (a truncated copy), OSError (unreadable): none names the file
+        raise NetworkFileError(f"{onnx_path} is not a readable ONNX file ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:120]}): {REFETCH}") from e
     init = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    wanted = ([f"layer_{conv}_{k}" for conv, _ in ONNX_LAYERS.values() for k in ("weights", "bias")]
+              + [f"layer_{affine}_{k}" for _, affine in ONNX_LAYERS.values() for k in ("scale", "offset")]
+              + [f"layer_{ONNX_FC}_weights", f"layer_{ONNX_FC}_bias"])
+    absent = [name for name in wanted if name not in init]
+    if absent:
+        raise NetworkFileError(f"{onnx_path} is not dlib's age network: it has no initializer {absent[0]!r} "
+                               f"({len(absent)} of {len(wanted)} missing): {REFETCH}")
     state = {}
     for prefix, (conv, affine) in ONNX_LAYERS.items():
         if prefix == "stem":
@@ -309,9 +330,14 @@ def widen_head(fc: nn.Linear, num_ages: int) -> nn.Linear:
 def load_dlib_age(onnx_path: str | Path, num_ages: int = PRETRAINED_AGES) -> DlibAgeNet:
     """The pretrained network from ``age-v1.onnx``, its head widened to ``num_ages`` outputs."""
     model = DlibAgeNet(PRETRAINED_AGES)
-    missing, unexpected = model.load_state_dict(onnx_state_dict(onnx_path), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(onnx_state_dict(onnx_path), strict=False)
+    except RuntimeError as e:  # a tensor of another shape (another network with dlib's layer names)
+        raise NetworkFileError(f"{onnx_path} does not fit dlib's age network ({' '.join(str(e).split())[:200]}): "
+                               f"{REFETCH}") from e
     if unexpected or missing:
-        raise ValueError(f"{onnx_path} does not fit DlibAgeNet: missing {missing}, unexpected {unexpected}")
+        raise NetworkFileError(f"{onnx_path} does not fit DlibAgeNet: missing {missing}, unexpected {unexpected}: "
+                               f"{REFETCH}")
     if num_ages != PRETRAINED_AGES:
         model.fc = widen_head(model.fc, num_ages)
     return model
@@ -333,4 +359,4 @@ def load_pretrained_into(model: DlibAgeNet, onnx_path: str | Path, face_net_path
 
 
 __all__ = ["CHIP_SIZE", "DLIB_AGE", "ENSEMBLE_HEADS", "HEAD_ENSEMBLE", "HEAD_FUSED", "HEAD_PRETRAINED", "HEADS", "INPUT_MEAN", "INPUT_STD", "AgeEnsemble",
-           "DlibAgeNet", "load_dlib_age", "load_pretrained_into", "onnx_state_dict", "widen_head"]
+           "DlibAgeNet", "NetworkFileError", "load_dlib_age", "load_pretrained_into", "onnx_state_dict", "widen_head"]

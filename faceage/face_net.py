@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faceage.config import DESCRIPTOR, FACE_FEATURES, LAYERS
-from faceage.dlib_age import Affine, ResidualBlock
+from faceage.dlib_age import REFETCH, Affine, NetworkFileError, ResidualBlock
 
 DESCRIPTOR_DIM = 128
 FEATURE_DIM = 256
@@ -118,14 +118,14 @@ def read_dlib_layers(path: str | Path) -> list[tuple[str, np.ndarray, list[int]]
     """The parameter layers of a dlib network file, input side first: ``(name, values, ints)``.
 
     Raises:
-        ValueError: The file ends inside a layer, or holds a tensor of another version (the message names it).
+        faceage.dlib_age.NetworkFileError: The file ends inside a layer, or holds a tensor of another version (the
+            message names it); a ``ValueError``.
     """
     buf = Path(path).read_bytes()
     try:
         return _read_layers(buf)
     except (ValueError, IndexError) as e:  # numpy's "buffer is smaller than requested size" named no file
-        raise ValueError(f"{path} is not a whole dlib network file ({e}): fetch it again "
-                         "(dvc repro -f fetch_detector)") from e
+        raise NetworkFileError(f"{path} is not a whole dlib network file ({e}): {REFETCH}") from e
 
 
 def _read_layers(buf: bytes) -> list[tuple[str, np.ndarray, list[int]]]:
@@ -151,7 +151,8 @@ def face_net_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The :class:`DlibFaceNet` ``state_dict`` read from dlib's ``.dat`` file.
 
     Raises:
-        ValueError: The file does not hold this network (layer count or a shape differs).
+        faceage.dlib_age.NetworkFileError: The file does not hold this network (layer count or a shape differs);
+            a ``ValueError``.
     """
     layers = read_dlib_layers(path)
     net = DlibFaceNet()
@@ -159,27 +160,29 @@ def face_net_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     affines = ["stem_affine"] + [f"blocks.{b}.affine{k}" for b in range(len(BLOCKS)) for k in (1, 2)]
     found = {n: [lay for lay in layers if lay[0] == n] for n in ("con_4", "affine_", "fc_2")}
     if (len(found["con_4"]), len(found["affine_"]), len(found["fc_2"])) != (len(convs), len(affines), 1):
-        raise ValueError(f"{path} is not dlib's face-recognition ResNet: {len(found['con_4'])} convolutions, "
-                         f"{len(found['affine_'])} affine and {len(found['fc_2'])} fc layers, expected "
-                         f"{len(convs)}, {len(affines)} and 1")
+        raise NetworkFileError(f"{path} is not dlib's face-recognition ResNet: {len(found['con_4'])} convolutions, "
+                               f"{len(found['affine_'])} affine and {len(found['fc_2'])} fc layers, expected "
+                               f"{len(convs)}, {len(affines)} and 1: {REFETCH}")
     ref = net.state_dict()
     state = {}
     for name, (_, values, ints) in zip(convs, found["con_4"]):
         shape = ref[f"{name}.weight"].shape
         n = shape.numel()
         if values.size != n + shape[0] or ints[:3] != [shape[0], shape[2], shape[3]]:
-            raise ValueError(f"{path}: layer {name} holds {values.size} values {ints}, expected {tuple(shape)} + bias")
+            raise NetworkFileError(f"{path}: layer {name} holds {values.size} values {ints}, expected "
+                                   f"{tuple(shape)} + bias: {REFETCH}")
         state[f"{name}.weight"] = torch.from_numpy(values[:n].reshape(tuple(shape)))
         state[f"{name}.bias"] = torch.from_numpy(values[n:])
     for name, (_, values, _) in zip(affines, found["affine_"]):
         k = ref[f"{name}.scale"].numel()
         if values.size != 2 * k:
-            raise ValueError(f"{path}: layer {name} holds {values.size} values, expected {2 * k}")
+            raise NetworkFileError(f"{path}: layer {name} holds {values.size} values, expected {2 * k}: {REFETCH}")
         state[f"{name}.scale"] = torch.from_numpy(values[:k]).view(1, k, 1, 1)
         state[f"{name}.offset"] = torch.from_numpy(values[k:]).view(1, k, 1, 1)
     _, values, (outputs, inputs) = found["fc_2"][0]
     if (outputs, inputs, values.size) != (DESCRIPTOR_DIM, FEATURE_DIM, DESCRIPTOR_DIM * FEATURE_DIM):
-        raise ValueError(f"{path}: fc layer {inputs} -> {outputs}, expected {FEATURE_DIM} -> {DESCRIPTOR_DIM}")
+        raise NetworkFileError(f"{path}: fc layer {inputs} -> {outputs}, expected {FEATURE_DIM} -> {DESCRIPTOR_DIM}: "
+                               f"{REFETCH}")
     state["fc.weight"] = torch.from_numpy(values.reshape(FEATURE_DIM, DESCRIPTOR_DIM).T.copy())  # dlib: x @ W
     return state
 

@@ -67,6 +67,10 @@ class OrtModule:
                               opset_version=OPSET, dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}})
         self.session = cpu_session(buffer.getvalue(), threads or torch.get_num_threads())
+        # The graph's input type: a float batch of another width is cast to it, as torch's own ops would
+        # promote it. Fed as it came, float64 or float16 input was refused ("Unexpected input data type").
+        self._float_input = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+                             "tensor(float16)": np.float16}.get(self.session.get_inputs()[0].type)
         got = self._run(example)
         # Compared in float64: the export keeps each output's type (a float64 or int64 output stays one),
         # and comparing it with torch's cast to float32 raised "Float did not match Double".
@@ -77,7 +81,10 @@ class OrtModule:
                              f"(allowed: {tolerance:.0e} + {RELATIVE:.0e} x the value)")
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feed = {"input": np.ascontiguousarray(x.detach().cpu().numpy())}
+        array = x.detach().cpu().numpy()
+        if self._float_input is not None and np.issubdtype(array.dtype, np.floating):
+            array = array.astype(self._float_input, copy=False)
+        feed = {"input": np.ascontiguousarray(array)}
         return tuple(torch.from_numpy(o) for o in self.session.run(None, feed))
 
     def __call__(self, x: torch.Tensor):
