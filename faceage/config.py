@@ -13,6 +13,7 @@ after the data work. This module imports neither torch nor dlib: every stage loa
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import math
@@ -51,6 +52,11 @@ DLIB_AGE_STAGES = 7  # stem, block1..block5, head
 
 class ConfigError(FaceAgeError, ValueError):
     """A key of ``params.yaml`` is unknown, missing, mistyped or out of range."""
+
+
+class ParamsFileError(ConfigError, yaml.YAMLError):
+    """``params.yaml`` is not YAML (a tab, a key twice, a bad indent) or not UTF-8: every stage printed PyYAML's
+    traceback; a ConfigError is the one line :func:`faceage.logs.run_stage` prints."""
 
 
 # train.backbone values known valid without importing torch and torchvision (seconds, which every stage
@@ -271,6 +277,30 @@ class Params:
         }
 
 
+# Names users type for a key that has another one here (difflib finds only near spellings).
+KEY_ALIASES = {"learning_rate": "lr", "learningrate": "lr", "lr_rate": "lr", "num_epochs": "epochs",
+               "n_epochs": "epochs", "max_epochs": "epochs", "bs": "batch_size", "wd": "weight_decay", "img_size": "image_size",
+               "input_size": "image_size", "model": "backbone", "arch": "backbone", "workers": "num_workers",
+               "warmup": "warmup_epochs"}
+
+
+def did_you_mean(name: object, known: typing.Iterable[str], prefix: str = "") -> str:
+    """``" (did you mean train.epochs?)"`` for an unknown key ``name`` close to one of ``known`` (its spelling,
+    case, ``-`` for ``_``, or a usual other name: ``learning_rate`` for ``lr``), else ``""``; ``prefix`` is put
+    before the key meant (``"train."``)."""
+    known = sorted(known)
+    text = str(name).strip().lower().replace("-", "_")
+    alias = KEY_ALIASES.get(text)
+    if text in known and text != name:
+        match = text
+    elif alias in known:
+        match = alias
+    else:
+        close = difflib.get_close_matches(text, known, n=1, cutoff=0.75)
+        match = close[0] if close else None
+    return f" (did you mean {prefix}{match}?)" if match else ""
+
+
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
     """Validates (and lightly coerces) one value against its dataclass annotation."""
     origin = typing.get_origin(annotation)
@@ -323,11 +353,10 @@ def _build_section(cls: type, name: str, raw: Any) -> Any:
         raise ConfigError(f"params section {name!r} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # a YAML key may be a number (`1: x`)
     if unknown:
-        raise ConfigError(
-            f"Unknown config key: {name}.{unknown[0]} (known keys of {name}: {sorted(known)})"
-        )
+        raise ConfigError(f"Unknown config key: {name}.{unknown[0]}{did_you_mean(unknown[0], known, name + '.')} "
+                          f"(known keys of {name}: {sorted(known)})")
     missing = sorted(known - set(raw))
     if missing:
         raise ConfigError(f"Missing config key: {name}.{missing[0]}")
@@ -438,9 +467,10 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
         raise ConfigError(f"params must be a mapping of sections, got {type(raw).__name__}")
     sections = {f.name: f.type for f in fields(Params)}
     hints = typing.get_type_hints(Params)
-    unknown = sorted(set(raw) - set(sections))
+    unknown = sorted(set(raw) - set(sections), key=str)
     if unknown:
-        raise ConfigError(f"Unknown config key: {unknown[0]} (known sections: {sorted(sections)})")
+        raise ConfigError(f"Unknown config key: {unknown[0]}{did_you_mean(unknown[0], sections)} "
+                          f"(known sections: {sorted(sections)})")
     missing = sorted(set(sections) - set(raw))
     if missing:
         raise ConfigError(f"Missing config key: {missing[0]}")
@@ -521,11 +551,26 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         The frozen, validated parameters.
 
     Raises:
-        ConfigError: See :func:`params_from_dict`.
+        ConfigError: See :func:`params_from_dict`; :class:`ParamsFileError` (also a ``yaml.YAMLError``) where
+            the file is not YAML (a tab, a key twice) or not UTF-8: one line naming the file and the line.
         FileNotFoundError: If the file does not exist.
     """
-    raw = parse_params(Path(path).read_text(encoding="utf-8")) or {}
+    try:
+        raw = parse_params(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ParamsFileError(f"{path} is not valid UTF-8 (byte {e.object[e.start:e.start + 1].hex()} at offset "
+                              f"{e.start}): fix it, or restore it (git checkout params.yaml)") from None
+    except yaml.YAMLError as e:
+        raise ParamsFileError(f"{path} is not valid YAML{yaml_where(e)}: fix it, or restore it "
+                              "(git checkout params.yaml)") from None
     return params_from_dict(raw)
+
+
+def yaml_where(error: yaml.YAMLError) -> str:
+    """``" at line 32 (found character '\\t' that cannot start any token)"``: where and why PyYAML refused a file,
+    on one line (its own message spans five, quoting ``"<unicode string>"`` for the file)."""
+    where = f" at line {error.problem_mark.line + 1}" if getattr(error, "problem_mark", None) else ""
+    return where + (f" ({' '.join(str(error.problem).split())})" if getattr(error, "problem", None) else "")
 
 
 def section_keys(section: str) -> list[str]:

@@ -7,7 +7,8 @@ trained every backbone after the first CNN with the CNN profile's ``pretrained=n
 A profile is meant as *the committed params plus its overrides*: :func:`run_profile` adds a
 ``-S`` putting back the committed value of every key the workspace changed and the profile does
 not set (``~key`` for one an earlier ``-S +key=...`` added, ``++key=...`` for one ``-S ~key`` removed),
-names each in the log, and runs ``dvc exp run``.
+names each in the log, checks the params the run would have as every stage reads them (a mistyped key or a
+refused value stops it there, with ``params.yaml`` untouched), and runs ``dvc exp run``.
 
 Usage (the Makefile's profiles and :mod:`faceage.sweep`), from anywhere in the repo, as ``dvc exp run``::
 
@@ -21,16 +22,18 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from faceage.config import Params, params_from_dict, parse_params
+from faceage.config import ConfigError, Params, did_you_mean, params_from_dict, parse_params
 from faceage.errors import FaceAgeError, error_line
 from faceage.logs import Terminated, die_of_signal, raise_on_sigterm, setup_logging
 
@@ -277,7 +280,9 @@ def run_profile(overrides: list[str], *, name: str | None = None, root: str | Pa
             folder (:func:`dvc_root`), as ``dvc exp run`` finds it.
 
     Raises:
-        ProfileError: An override DVC cannot read, no DVC repo here, or ``params.yaml`` is missing or unreadable.
+        ProfileError: An override DVC cannot read, no DVC repo here, or ``params.yaml`` is missing or unreadable;
+            or the params the run would have are refused (a key ``params.yaml`` lacks, a value a stage refuses:
+            :func:`check_result`), before ``dvc exp run`` starts, so ``params.yaml`` is left as it was.
         subprocess.CalledProcessError: ``dvc exp run`` failed (its output is shown).
         ProfileError: Also where ``dvc`` is not found.
         ProfileInterrupted: Ctrl-C (a ``KeyboardInterrupt``) or SIGTERM: before ``dvc exp run`` started, or once
@@ -359,6 +364,7 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
             log.warning("%s: %s is %s in the workspace (left by an earlier `dvc exp run -S`, or edited); this "
                         "profile runs with the committed %s (commit params.yaml to make a value the base)",
                         PARAMS, key, repr(now[key]) if key in now else "missing", value)
+    check_result(root, workspace, [*overrides, *resets])
     cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", shlex.join(cmd))  # as a shell reads it back: a path with a space, the resets' quotes
@@ -369,6 +375,53 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
                                  signum=stopped_by)
     if code != 0:
         raise subprocess.CalledProcessError(code, cmd)
+
+
+def check_result(root: Path, workspace: dict[str, Any], overrides: list[str]) -> None:
+    """The params ``dvc exp run -S`` would run with, validated before it starts: ``overrides`` applied to a copy
+    of ``params.yaml`` with DVC's own function, then read as every stage reads it.
+
+    Started with a value the stages refuse (``train.epochs=abc``, ``train.batch_size=0``), ``dvc exp run`` wrote it
+    into ``params.yaml``, took DVC's lock and failed in ``check_sources``, leaving the file modified; with a key
+    ``params.yaml`` lacks (``train.learning_rate``) it said only "Invalid `--set-param` value".
+
+    Raises:
+        ProfileError: The overrides cannot be applied, or give params a stage would refuse; the message names the key.
+    """
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    mine = []
+    for override in overrides:
+        if override_key(override) is None:  # another file's: DVC applies it there
+            continue
+        mine.append(override.partition(":")[2] if ":" in override.partition("=")[0] else override)
+    unchanged = "nothing ran, params.yaml is unchanged"
+    for override in mine:  # a plain KEY=VALUE DVC cannot apply to a key the file lacks (it asks for +KEY)
+        key = override_key(override)
+        section, _, name = key.partition(".")
+        if override.startswith(("+", "~")) or not name:
+            continue
+        keys = workspace.get(section)
+        if not isinstance(keys, dict) or name not in keys:
+            meant = (did_you_mean(name, keys, section + ".") if isinstance(keys, dict)
+                     else did_you_mean(section, [s for s in workspace if isinstance(s, str)]))
+            if meant and not isinstance(keys, dict):
+                meant = meant.replace("?)", f".{name}?)")
+            raise ProfileError(f"-S {override}: params.yaml has no key {key}{meant}; {unchanged}")
+    with tempfile.TemporaryDirectory(prefix="faceage-params-") as tmp:
+        copy = Path(tmp) / PARAMS
+        shutil.copyfile(Path(root) / PARAMS, copy)
+        try:
+            apply_overrides(copy, mine)
+        except InvalidArgumentError as e:
+            cause = e.__cause__
+            raise ProfileError(f"DVC cannot apply the -S overrides to params.yaml ({' '.join(str(cause or e).split())})"
+                               f"; {unchanged}") from None
+        try:
+            params_from_dict(parse_params(copy.read_text(encoding="utf-8")))
+        except ConfigError as e:
+            raise ProfileError(f"{e}; {unchanged}") from None
 
 
 def file_bytes(path: Path) -> bytes | None:
