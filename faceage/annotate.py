@@ -1,4 +1,4 @@
-"""Drawing predictions on photos: each face box with an "age ± std" label.
+"""Drawing predictions on photos: each face box with a "#n age ± std" label (n: the face's number in the tables).
 
 Input: an RGB uint8 image (H, W, 3) and its :class:`faceage.predict.FaceAge` list.
 Output: a new RGB uint8 image of the same size (the input is not modified), or PNG bytes.
@@ -8,6 +8,7 @@ Used by the service's ``/annotate`` route, the Gradio UI and ``faceage predict -
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -20,16 +21,23 @@ from faceage.predict import FaceAge
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
            (204, 121, 167))
 MIN_FONT_PX = 12  # the smallest label text, however small the photo or its face
+# Labels stay legible with the photo shown SHOWN_WIDTH_PX wide (a phone's screen): their text is at least
+# LEGIBLE_FONT_PX there (digits about 7 px tall). At 12 px on the photo, a 2000-px-wide group photo shown on a
+# phone had digits under 2 px tall.
+SHOWN_WIDTH_PX = 400
+LEGIBLE_FONT_PX = 10
 
 
-def face_label(face: FaceAge) -> str:
-    """``"34 ± 5"``: the predicted age and its std, in whole years.
+def face_label(face: FaceAge, number: int | None = None) -> str:
+    """``"34 ± 5"``, or with ``number`` ``"#3 34 ± 5"``: the face's number (the ``face`` column of the UI's and
+    the CLI's tables, from 1), the predicted age and its std, in whole years.
 
     Rounded half up, as a reader rounds the one-decimal figure the UI's and the CLI's tables show beside it:
     formatting with ``.0f`` rounds exact halves to even (34.5 was labelled "34", 35.5 "36", 2.5 "± 2"). The
     value itself is rounded, not its one-decimal figure (34.46, shown 34.5, is 34: no double rounding).
     """
-    return f"{_whole_years(face.age)} \u00b1 {_whole_years(face.age_std)}"
+    label = f"{_whole_years(face.age)} \u00b1 {_whole_years(face.age_std)}"
+    return label if number is None else f"#{number} {label}"
 
 
 def _whole_years(years: float) -> str:
@@ -39,13 +47,17 @@ def _whole_years(years: float) -> str:
 
 
 def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
-    """Draws each face's box and its :func:`face_label` onto a copy of ``image``.
+    """Draws each face's box and its :func:`face_label`, numbered (``"#3 34 ± 5"``), onto a copy of ``image``.
 
+    The number is the face's place in ``faces`` from 1, as the ``face`` column of the UI's and the CLI's
+    tables gives it: in a group photo, alike labels in largest-first order could not be told apart.
     Line width and text size scale with the image, so labels stay readable on small and
-    large photos alike, but a label is no wider than its face's box (its text no smaller than
-    :data:`MIN_FONT_PX`): at the photo's text size, the labels of a crowd's small faces covered
-    their neighbours' faces and labels. A label sits above its box, or inside it at the top edge;
-    the labels are drawn after all the boxes, so no box crosses a label.
+    large photos alike, but a label is no wider than its face's box, its text no smaller than
+    :data:`MIN_FONT_PX` nor than :data:`LEGIBLE_FONT_PX` with the photo shown :data:`SHOWN_WIDTH_PX`
+    wide: at the photo's text size, the labels of a crowd's small faces covered their neighbours'
+    faces and labels. A face too narrow for its whole label at that size gets its number alone
+    (``"#3"``; its age is in the table's row). A label sits above its box, or inside it at the top
+    edge; the labels are drawn after all the boxes, so no box crosses a label.
 
     Args:
         image: RGB uint8 array (H, W, 3).
@@ -63,7 +75,9 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     h, w = image.shape[:2]
     line = max(2, round(min(h, w) / 250))
-    size = max(MIN_FONT_PX, round(min(h, w) / 28))
+    # Within reason: at most a twelfth of the short side (a wide panorama's labels would cover its height).
+    legible = max(MIN_FONT_PX, min(math.ceil(LEGIBLE_FONT_PX * w / SHOWN_WIDTH_PX), round(min(h, w) / 12)))
+    size = max(legible, round(min(h, w) / 28))
     fonts: dict[int, ImageFont.FreeTypeFont] = {}
     # Every box first, then every label: a box drawn after another face's label crossed its digits
     # (in a group photo, a neighbour's box edge ran through "12" of "38 ± 12").
@@ -73,8 +87,11 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
     for i, face in enumerate(faces):
         colour = PALETTE[i % len(PALETTE)]
         x1, y1, x2, _ = face.box
-        text = face_label(face)
-        font, (left, top, right, bottom), pad = _label_font(draw, text, size, x2 - x1, fonts)
+        text = face_label(face, i + 1)
+        font, (left, top, right, bottom), pad, fits = _label_font(draw, text, size, x2 - x1, fonts, legible)
+        if not fits:  # the number alone, at a legible size (the table has the age)
+            text = f"#{i + 1}"
+            font, (left, top, right, bottom), pad, _ = _label_font(draw, text, size, x2 - x1, fonts, legible)
         tw, th = right - left, bottom - top
         box_h = th + 2 * pad
         ty = y1 - box_h if y1 - box_h >= 0 else y1  # above the box, else inside its top edge
@@ -85,17 +102,18 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
 
 
 def _label_font(draw: ImageDraw.ImageDraw, text: str, size: int, max_width: int,
-                fonts: dict[int, ImageFont.FreeTypeFont]):
-    """The font for ``text`` at ``size`` px, smaller (down to :data:`MIN_FONT_PX`) until its label, padding
-    included, is no wider than ``max_width`` (its face's box); with its text bbox and padding."""
+                fonts: dict[int, ImageFont.FreeTypeFont], min_size: int = MIN_FONT_PX):
+    """The font for ``text`` at ``size`` px, smaller (down to ``min_size``) until its label, padding
+    included, is no wider than ``max_width`` (its face's box); with its text bbox, padding and whether it fits."""
+    size = max(size, min_size)
     while True:
         font = fonts.get(size) or fonts.setdefault(size, ImageFont.load_default(size=size))
         bbox = draw.textbbox((0, 0), text, font=font)
         pad = max(2, (bbox[3] - bbox[1]) // 5)
         width = bbox[2] - bbox[0] + 2 * pad
-        if width <= max_width or size <= MIN_FONT_PX:
-            return font, bbox, pad
-        size = max(MIN_FONT_PX, min(size - 1, int(size * max_width / width)))
+        if width <= max_width or size <= min_size:
+            return font, bbox, pad, width <= max_width
+        size = max(min_size, min(size - 1, int(size * max_width / width)))
 
 
 def to_png(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:

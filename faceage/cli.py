@@ -8,7 +8,7 @@ one), a packaged model folder (``--model DIR`` holding ``model.pt`` + ``detector
 BentoML model (``--bento face_age:latest``). A photo reached twice (named again, or through a link) is
 read once.
 Output: on stdout, a table (default), JSON (``--json``) or CSV (``--csv``) with one entry per
-face; with ``--annotate DIR``, a PNG per photo with each box and its "age ± std" label (a new
+face; with ``--annotate DIR``, a PNG per photo with each box and its "#n age ± std" label (a new
 file: ``<stem>.png``, or ``<stem>-N.png`` when that name is taken; no existing file, input photos
 included, is ever replaced), and each entry names its copy (``annotated``) or why there is none
 (``annotate_error``). The copies carry a PNG text chunk (``Software: faceage``), and folder scans

@@ -93,6 +93,12 @@ def examples() -> list[str]:
     return sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
 
 
+def example_label(path: str) -> str:
+    """An example's button's text (its accessible name): ``astronaut_twice.jpg`` -> ``"Astronaut twice"``. The
+    buttons showed a thumbnail only, and a screen reader announced an empty "button" for each."""
+    return Path(path).stem.replace("_", " ").strip().capitalize() or "Example"
+
+
 def annotate_for_ui(image: np.ndarray, faces: Sequence[FaceAge], max_side_px: int = UI_MAX_SIDE_PX) -> np.ndarray:
     """The photo with each face's box and label, its long side at most ``max_side_px``.
 
@@ -220,6 +226,33 @@ def _api_page_example() -> dict[str, Any]:
             "orig_name": API_EXAMPLE_FILE}
 
 
+# What the "Use via API" page says the photo input takes: Gradio's own words ("A local filepath or publicly
+# available URL") offered URLs, which the UI refuses (_uploads_only).
+API_PHOTO_DESCRIPTION = "A photo file on the client's machine, uploaded (handle_file('photo.jpg')); URLs are refused."
+
+
+def _api_page_info(api_info: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """Wraps the photo input's ``api_info``: its descriptions say a file is uploaded, never that a URL is taken."""
+    def info() -> dict[str, Any]:
+        schema = json.loads(json.dumps(api_info()))  # a copy: Gradio caches the original
+        schema["additional_description"] = API_PHOTO_DESCRIPTION
+        url = schema.get("properties", {}).get("url")
+        if isinstance(url, dict):
+            url["description"] = "The uploaded file's URL on this server (set by the client)"
+        return schema
+
+    return info
+
+
+# The annotated photo's name ("Faces") and its corner buttons (full screen, download, share) above it, on a row of
+# their own, instead of over its top corners, where they hid the labels of the faces there (on a phone, over a
+# tenth of the photo's width each).
+UI_CSS = """
+#annotated label[data-testid=block-label].float { position: static; }
+#annotated .image-container { position: static; }
+"""
+
+
 def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI_CONCURRENCY,
              queue_max_size: int | None = None):
     """The Gradio app (``gr.Blocks``).
@@ -252,10 +285,13 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
             photo.preprocess = _uploaded_path
             photo.async_move_resource_to_block_cache = _uploads_only(photo.async_move_resource_to_block_cache)
             photo.example_payload = _api_page_example
+            photo.api_info = _api_page_info(photo.api_info)
             result = gr.Image(label="Faces", type="filepath", format="jpeg", interactive=False, elem_id="annotated")
         table = gr.Dataframe(headers=FACES_HEADERS, label="Faces",
                              interactive=False, elem_id="faces")
-        gr.Examples(examples(), inputs=photo, label="Examples (public domain)", elem_id="examples")
+        photos = examples()
+        gr.Examples(photos, inputs=photo, label="Examples (public domain)", elem_id="examples",
+                    example_labels=[example_label(p) for p in photos])
         # Progress, and a failure's "Error" badge, on the annotated photo only: the table's badge (a Dataframe's
         # status tracker) stayed after its own clear button was clicked, beside the next photo.
         analysis = button.click(predict, inputs=photo, outputs=[result, table], api_name="predict",
@@ -321,7 +357,7 @@ class LazyUI:
         gr.mount_gradio_app(holder, blocks, path=UI_PATH, root_path=UI_PATH,
                             max_file_size=max(self.max_body_bytes - UPLOAD_OVERHEAD, 1), ssr_mode=False,
                             show_error=True,
-                            footer_links=["api", "settings"], run_history=False)
+                            footer_links=["api", "settings"], run_history=False, css=UI_CSS)
         # Gradio checks that a file input names a file a user uploaded (not any path on the
         # server's disk) only once the app has "launched"; launch() sets this, mounting does not,
         # and without it a POST to /ui/gradio_api/call/predict with {"path": "/etc/passwd"}

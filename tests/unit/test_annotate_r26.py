@@ -35,7 +35,7 @@ def test_no_box_is_drawn_over_an_earlier_face_s_label():
     out = annotate(image, [big, small])
     label = out[top:bottom, left:right]
     assert np.array_equal(label, alone[top:bottom, left:right])  # the label whole, no line of the small box on it
-    assert (out[30, 30] == PALETTE[1]).all() and (out[51, 70:] == 0).all()  # that box is drawn elsewhere
+    assert (out[30, 30] == PALETTE[1]).all() and (out[51, 82:] == 0).all()  # that box is drawn elsewhere
 
 
 def _label_extent(out: np.ndarray, colour, above_row: int) -> tuple[int, int]:
