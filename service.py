@@ -26,7 +26,9 @@ photo's error is its own result (``status``: 400, 415, 422, 503 or 500), counted
 every error is ``{"error": message}`` (but BentoML's plain-text 404 for a path no route has). Ages
 and stds are rounded as the CLI rounds them (:data:`faceage.predict.AGE_DECIMALS`). ``/ui`` holds at
 most half of the concurrent requests (:class:`faceage.ui.UIGateMiddleware`), so the API keeps the other
-half, and analyses that many photos at once.
+half, and analyses that many photos at once. A request whose client disconnects once it sent its photo is
+cancelled (:func:`faceage.http.while_connected`): its photos still waiting for a detection worker or the age model
+never run.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from fastapi.responses import JSONResponse, Response
 from faceage.annotate import annotate as draw_faces, to_png
 from faceage.http import (
     FIELD, INPUT_ERRORS, LIMITS, PHOTO_ERRORS, BadRequest, BodyLimitMiddleware, count, error_response, input_status,
-    photo_status, read_images, wrong_type,
+    photo_status, read_images, while_connected, wrong_type,
 )
 from faceage.predict import AgePredictor, FaceAge, LocatedFaces, available_cores, split_results
 from faceage.serving import RESTART_AFTER_S, AgeBatcher, DetectionUnavailable, LocatorPool, drawn_then_released
@@ -211,7 +213,7 @@ class FaceAgeService:
         """The one photo of a request, analysed; bad input -> :class:`BadRequest` with its status."""
         part = (await read_images(request, limit=1))[0]
         try:
-            return await self.analyse(part.data, with_image=with_image)
+            return await while_connected(request, self.analyse(part.data, with_image=with_image))
         except INPUT_ERRORS as e:
             raise BadRequest(input_status(e), str(e)) from None
 
@@ -235,7 +237,7 @@ class FaceAgeService:
         """Face ``face``'s margin crop (PNG), the exact pixels ``preprocess`` would store."""
         part = (await read_images(request, limit=1))[0]
         try:
-            located, _ = await self.locator.locate(part.data)
+            located, _ = await while_connected(request, self.locator.locate(part.data))
         except INPUT_ERRORS as e:
             raise BadRequest(input_status(e), str(e)) from None
         if not 0 <= face < len(located.crops):
@@ -248,7 +250,9 @@ class FaceAgeService:
         """Up to 16 photos (repeated field ``image``): one result or error per photo, in order; a photo that is not
         an image (415), does not decode (400) or hits a bug (500, logged) fails alone."""
         parts = await read_images(request, limit=LIMITS.max_batch_images, check_types=False)
+        return await while_connected(request, self._predict_batch(parts))
 
+    async def _predict_batch(self, parts) -> JSONResponse:
         async def locate(part):
             error = wrong_type(part)
             if error is not None:

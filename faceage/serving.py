@@ -18,6 +18,7 @@ without any of this.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import gc
@@ -27,7 +28,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -36,7 +37,7 @@ import numpy as np
 
 from faceage.chips import exit_with_parent
 from faceage.errors import FaceAgeError
-from faceage.images import load_image
+from faceage.images import ImageDecodeError, load_image
 from faceage.onnx_model import MAX_PASS_FACES
 from faceage.predict import FaceLocator, LocatedFaces, available_cores
 
@@ -127,6 +128,26 @@ _child_locator: FaceLocator | None = None
 _child_started: Any = None  # multiprocessing Barrier, one party per worker
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Blocks SIGINT and SIGTERM in the calling thread while it spawns a pool's workers, which inherit the mask.
+
+    A worker spends its first seconds importing (numpy, dlib, the faceage modules) before :func:`_init_child` ignores
+    them: a Ctrl-C (the whole process group) in a server's first seconds killed the workers as they started, and
+    the photos in flight got "the detection workers did not start" 503s during the shutdown. Blocked, a signal waits
+    in the worker until its initializer ignores it (as multiprocessing's resource tracker is started); the server
+    process itself still gets its own (another thread takes it, or it is delivered once unblocked: never lost).
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _init_child(settings: dict[str, Any], started: Any = None) -> None:
     global _child_locator, _child_started
     # Ctrl-C (or ``kill -- -PGID``) signals the server's whole process group: the workers leave it to the server,
@@ -135,6 +156,8 @@ def _init_child(settings: dict[str, Any], started: Any = None) -> None:
     # and a new pool was spawned during the shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Born with both blocked (_stop_signals_blocked): one that came as the worker started is discarded by SIG_IGN.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     exit_with_parent()
     _child_locator = FaceLocator(**settings)
     _child_locator.detector.warm_up()  # the worker's memory is all there before its first photo
@@ -152,9 +175,21 @@ def _child_started_all(timeout: float) -> int:
     return os.getpid()
 
 
+# The setting of the server's pixel cap, named in its "image too large" message (as the body cap's names its own).
+MAX_PIXELS_SETTING = "FACEAGE_MAX_PIXELS"
+
+
 def _decode_and_locate(locator: FaceLocator, data: bytes, with_image: bool, crops: bool,
                        parallel: bool) -> tuple[LocatedFaces, np.ndarray | None]:
-    image = load_image(data, max_pixels=locator.max_pixels)
+    try:
+        image = load_image(data, max_pixels=locator.max_pixels)
+    except ImageDecodeError as e:
+        # The pixel cap's message names the server's setting (load_image's own serves the CLI too, whose setting is
+        # --max-pixels); not where Pillow's own cap is the lower one ("Pillow decodes no more"): ours is moot.
+        message = str(e)
+        if message.startswith("image too large:") and f"the limit is {locator.max_pixels}" in message:
+            raise ImageDecodeError(f"{message} ({MAX_PIXELS_SETTING})") from e
+        raise
     return locator.locate(image, crops=crops, parallel=parallel), (image if with_image else None)
 
 
@@ -190,8 +225,10 @@ class _Workers:
         self.executor = ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_init_child,
                                             initargs=(settings, self.barrier))
         self.born = time.monotonic()
-        # Submitted first, one per worker: all of them start now, and no photo runs before they are all up.
-        self.started = [self.executor.submit(_child_started_all, START_TIMEOUT_S) for _ in range(processes)]
+        # Submitted first, one per worker: all of them start now (each submit spawns one), and no photo runs before
+        # they are all up; spawned with the stop signals blocked (_stop_signals_blocked).
+        with _stop_signals_blocked():
+            self.started = [self.executor.submit(_child_started_all, START_TIMEOUT_S) for _ in range(processes)]
         self.jobs: set[Future] = set()
 
     def start_error(self) -> BaseException | None:
@@ -274,6 +311,10 @@ class LocatorPool:
     fault: :class:`DetectionUnavailable` too, :meth:`ready` is ``False`` (``/readyz``), and the
     pool is started again at most every :data:`RESTART_AFTER_S`.
 
+    A photo reaches the executor only once a worker is free for it (the executor's own queue cannot be cancelled),
+    so one whose request is cancelled while it waits (its client gone: :func:`faceage.http.while_connected`, or
+    BentoML's timeout) never runs; one a worker already runs goes on.
+
     A photo detects on two threads (:meth:`faceage.faces.FaceDetector.detect`, the same faces in
     about half the time) while at most half the cores have a photo: one photo at a time on two
     cores uses both, and under load each photo keeps to one core.
@@ -298,6 +339,8 @@ class LocatorPool:
         # Photos that were in flight when a pool broke: their second try runs alone among them.
         self._retry_lock = asyncio.Lock()
         self._in_flight = 0
+        # Photos sent to the executor and not yet done: at most one per worker (_run).
+        self._slots = asyncio.Semaphore(max(processes, 1))
         self.cores = available_cores()
         if processes:
             self._workers = self._start()
@@ -352,6 +395,11 @@ class LocatorPool:
         self._in_flight += 1
         try:
             return await self._locate(data, with_image, crops)
+        except DetectionUnavailable as e:
+            if self._closed and not isinstance(e, ServingClosed):  # the workers stopped for the shutdown, not broken
+                raise ServingClosed("the detection pool was closed (the server is shutting down) before this photo "
+                                    "was analysed: try again") from e
+            raise
         finally:
             self._in_flight -= 1
 
@@ -401,13 +449,25 @@ class LocatorPool:
         with self._image_lock:  # one image at a time, whatever happened to the request that sent it
             return _decode_and_locate(self.locator, data, with_image, crops, parallel)
 
-    @staticmethod
-    async def _run(workers: _Workers, data: bytes, with_image: bool, crops: bool,
+    async def _run(self, workers: _Workers, data: bytes, with_image: bool, crops: bool,
                    parallel: bool) -> tuple[LocatedFaces, np.ndarray | None]:
+        # A photo goes to the executor only once a worker is free for it (a slot: one per worker, held until its job
+        # ends in the worker). The executor hands its workers' queue up to workers + 1 photos at once, which can no
+        # longer be cancelled: the photos of requests cancelled while they waited (their client gone, BentoML's
+        # timeout) ran anyway, behind the busy workers. Waiting here, a cancelled photo never runs.
+        await self._slots.acquire()
+        if workers is not self._workers:  # replaced (or closed) while this photo waited: it never reached a worker
+            self._slots.release()
+            raise _PoolBroke(BrokenProcessPool("the pool was replaced before this photo reached a worker"), None)
         try:
             job = workers.submit(data, with_image, crops, parallel)
-        except BrokenProcessPool as e:
-            raise _PoolBroke(e, None) from e
+        except BaseException as e:
+            self._slots.release()
+            if isinstance(e, BrokenProcessPool):
+                raise _PoolBroke(e, None) from e
+            raise
+        loop = asyncio.get_running_loop()
+        job.add_done_callback(lambda _: _call_soon(loop, self._slots.release))
         try:
             result = await asyncio.wrap_future(job)
         except BrokenProcessPool as e:
