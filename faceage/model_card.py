@@ -322,3 +322,12 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def card_run_id(text: str) -> str | None:
+    """The MLflow run a card written by :func:`write_model_card` describes (its Lineage line), or None (no such
+    line, or a run the checkpoint did not record: ``?``)."""
+    import re
+
+    found = re.search(r"^- MLflow run `([^`]*)`", text, re.MULTILINE)
+    return found.group(1) if found and found.group(1) not in ("", "?") else None

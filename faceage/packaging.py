@@ -16,6 +16,9 @@ Outputs:
       faceage.json          lineage: MLflow run, registry version, validation, test and external-set
                             MAE, data sha256, git commits, the DVC experiment (a `dvc exp run`
                             champion), the ONNX check (also the BentoML model's metadata)
+      model_card.md         the champion's own model card: the one its run's last ``evaluate`` logged
+                            (``evaluation/model_card.md``); the workspace's ``reports/model_card.md``
+                            describes the workspace's last run, which after ``dvc exp run``s may be another
 
 The winner (:func:`select_winner`, rule in :data:`SELECTION_RULE`): among finished runs with test
 metrics trained on the workspace's data, the lowest ``best_val_mae`` among the runs that *generalise*: whose MAE on every
@@ -63,6 +66,7 @@ VAL_METRIC = "best_val_mae"
 TEST_METRIC = "test_mae_years"
 LOGGED_MODEL_NAME = "model"
 CHECK_FACES = 32  # real crops the ONNX export is checked on
+MODEL_CARD_FILE = "model_card.md"  # evaluate's card, as logged to the run (evaluation/) and shipped in the model
 
 
 class PackagingError(FaceAgeError, RuntimeError):
@@ -469,13 +473,64 @@ def resolve_checkpoint(client, winner: Winner, checkpoint: str | Path, workdir: 
                 log.warning("%s; packaging the winner's own checkpoint instead", unreadable)
             log.info("using checkpoint artifact %s of run %s", artifact, winner.run_id)
             return path
-    where = (unreadable if unreadable else f"{checkpoint} belongs to run {local_run}" if checkpoint.is_file()
-             else f"{checkpoint} does not exist")
+    where = (unreadable if unreadable else f"{checkpoint} does not exist" if not checkpoint.is_file()
+             else f"{checkpoint} belongs to run {local_run}" if local_run
+             else f"{checkpoint} records no MLflow run (trained outside the pipeline, or before runs were recorded)")
     raise PackagingError(
         f"the best run {winner.run_id} ({winner.run_name}, {VAL_METRIC}={winner.val_mae_years:.3f}) has no "
         f"checkpoint here: {where}, and the run logged no {CHECKPOINT_FILE} artifact; {winner.restore_hint()}, "
         "or pass its checkpoint"
     )
+
+
+def champion_card(client, winner: Winner, workdir: str | Path) -> Path | None:
+    """The winner's own model card: the ``model_card.md`` its run's last ``evaluate`` logged (``evaluation/``),
+    downloaded into ``workdir``, or None (logged none, another run's, or not readable: said in a warning).
+
+    Why: the workspace's ``reports/model_card.md`` describes the workspace's last run; after several
+    ``dvc exp run``s the champion may be another one, and a bento without its card sent a user to the wrong one.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from faceage.model_card import card_run_id
+
+    try:
+        artifact = _find_artifact(client, winner.run_id, MODEL_CARD_FILE)
+        if artifact is None:
+            log.warning("run %s logged no %s (evaluated before evaluate logged its card?): the BentoML model carries "
+                        "no model card; rerun its evaluate (%s) to have one", winner.run_id, MODEL_CARD_FILE,
+                        winner.restore_hint())
+            return None
+        path = Path(client.download_artifacts(winner.run_id, artifact, str(workdir)))
+        described = card_run_id(path.read_text(encoding="utf-8", errors="replace"))
+    except (MlflowException, OSError) as e:
+        log.warning("the model card of run %s could not be read (%s): the BentoML model carries none", winner.run_id,
+                    e)
+        return None
+    if described != winner.run_id:
+        log.warning("the %s artifact of run %s describes run %s: not shipped with the BentoML model", artifact,
+                    winner.run_id, described)
+        return None
+    return path
+
+
+def workspace_card_note(card: str | Path | None, winner: Winner, shipped: bool) -> str | None:
+    """A warning where the workspace's card (``reports/model_card.md``) describes a run other than the packaged
+    one, else None."""
+    from faceage.model_card import card_run_id
+
+    if card is None or not Path(card).is_file():
+        return None
+    try:
+        described = card_run_id(Path(card).read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+    if described == winner.run_id:
+        return None
+    where = (f"read {MODEL_CARD_FILE} in the BentoML model (its path below), the packaged run's own"
+             if shipped else winner.restore_hint())
+    return (f"{card} describes run {described or 'unknown'}, not the packaged run {winner.run_id} ({winner.run_name}): "
+            f"{where}")
 
 
 def _find_artifact(client, run_id: str, filename: str, path: str | None = None, depth: int = 0) -> str | None:
@@ -567,9 +622,10 @@ def load_check_crops(faces_dir: str | Path, size: int, limit: int = CHECK_FACES,
 
 
 def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata: dict[str, Any],
-                     name: str = BENTO_MODEL, *, faces_dir: str | Path):
-    """Exports the checkpoint to ONNX (checked on real crops) and writes both, the detector files
-    and the lineage (with the check) into a new BentoML model.
+                     name: str = BENTO_MODEL, *, faces_dir: str | Path, card: str | Path | None = None):
+    """Exports the checkpoint to ONNX (checked on real crops) and writes both, the detector files,
+    the model card ``card`` (as ``model_card.md``, named in the lineage's ``model_card``) and the lineage
+    (with the check) into a new BentoML model.
 
     Returns:
         The ``bentoml.Model``: a new one, or the stored copy of the same model (:func:`stored_copy`), reused
@@ -608,6 +664,9 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
         staged = Path(tmp)
         metadata = {**metadata, "onnx_file": ONNX_FILE,
                     **export_onnx(checkpoint, detector_dir, crops, staged / ONNX_FILE)}
+        if card is not None:
+            shutil.copyfile(card, staged / MODEL_CARD_FILE)
+            metadata["model_card"] = MODEL_CARD_FILE
         labels = {"alias": CHAMPION_ALIAS, "backbone": str(metadata["backbone"]), "runtime": "onnx",
                   "registered_version": str(metadata["registered_version"])}
         shutil.copyfile(checkpoint, staged / CHECKPOINT_FILE)
@@ -620,6 +679,8 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
             return same
         with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
             shutil.copytree(staged, model.path, dirs_exist_ok=True)
+        # The store's copy: the one create() yields keeps the path of its temporary folder, gone once it is saved
+        model = bentoml.models.get(model.tag)
     log.info("saved BentoML model %s (run %s, val MAE %.3f, test MAE %.3f, ONNX max |diff| %.1e)", model.tag,
              metadata["mlflow_run_id"], metadata["val_mae_years"], metadata["test_mae_years"],
              metadata["onnx_max_abs_diff_probs"])
@@ -723,7 +784,8 @@ def workspace_external_versions(record: str | Path | None) -> dict[str, str] | N
 
 def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir: str | Path, *,
                      registered_model: str = REGISTERED_MODEL, bento_model: str = BENTO_MODEL,
-                     external_record: str | Path | None = None) -> dict[str, Any]:
+                     external_record: str | Path | None = None,
+                     workspace_card: str | Path | None = None) -> dict[str, Any]:
     """Selects the winner, registers it as ``registered_model@champion``, saves the BentoML model.
 
     The tracking store is :func:`faceage.tracking.tracking_uri` (``$MLFLOW_TRACKING_URI``);
@@ -731,9 +793,13 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     ``external_record`` (default: ``check_sources``' record beside ``faces_dir``, ``data/external.json``),
     where it exists, names the versions of the external sets whose MAEs the guard compares.
 
+    The winner's own model card (:func:`champion_card`) ships in the BentoML model; where ``workspace_card``
+    (``reports/model_card.md``) describes another run, a warning says so.
+
     Returns:
         The lineage metadata (a reused stored copy's own: :func:`save_bento_model`) plus ``bento_model``
-        (the packaged model's tag) and ``winner`` (:class:`Winner` as a dict).
+        (the packaged model's tag), ``model_card_path`` (the card in the BentoML store, or None where the run
+        logged none) and ``winner`` (:class:`Winner` as a dict).
     """
     import mlflow
 
@@ -762,8 +828,15 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     with tempfile.TemporaryDirectory(prefix="faceage-package-") as tmp:
         path = resolve_checkpoint(client, winner, checkpoint, tmp)
         version = register_champion(client, winner, registered_model)
+        card = champion_card(client, winner, Path(tmp) / "card")
         metadata = model_metadata(winner, checkpoint_meta(path), version)
-        model = save_bento_model(path, detector_dir, metadata, bento_model, faces_dir=faces_dir)
+        model = save_bento_model(path, detector_dir, metadata, bento_model, faces_dir=faces_dir, card=card)
         point_alias(client, version, registered_model)
         metadata = dict(model.info.metadata)
-    return {**metadata, "bento_model": str(model.tag), "winner": asdict(winner)}
+    card_path = (str(Path(model.path) / metadata["model_card"]) if metadata.get("model_card") else None)
+    note = workspace_card_note(workspace_card, winner, card_path is not None)
+    if note:
+        log.warning("%s", note)
+    if card_path:
+        log.info("model card of the packaged model (run %s): %s", winner.run_id, card_path)
+    return {**metadata, "bento_model": str(model.tag), "model_card_path": card_path, "winner": asdict(winner)}

@@ -185,10 +185,43 @@ def collect(runs: dict) -> list[dict]:
             "external": external_maes(m, r.data.tags),
             "data_source": r.data.tags.get("data_source", "?"), "device": r.data.tags.get("device", "?"),
             "threads": p.get("train.torch_threads", "?"),
-            **({"head": _dlib_age_head(p), "face_features": p.get("train.face_features", "descriptor")}
+            **({"head": _run_head(client, r), "face_features": p.get("train.face_features", "descriptor")}
                if backbone == "dlib_age" else {}),
         })
     return rows
+
+
+def _run_head(client, run) -> str:
+    """The head a ``dlib_age`` MLflow run trained.
+
+    ``train.head=auto`` meant dlib's own head fine-tuned before the key existed (Nov 29), the ensemble over the age
+    network until Dec 3, the fused head since: its params alone (:func:`_dlib_age_head`) read every old run as the
+    fused head. Where the params are ambiguous (``auto`` or no ``train.head``, and no ``train.face_features``,
+    logged since Dec 5), the checkpoint the run logged (``checkpoint/model.pt``) says: its ``head``, or none (dlib's
+    own head) in checkpoints of before the key. Without a readable checkpoint, the params' reading.
+    """
+    from faceage.config import DLIB_AGE_HEADS, HEAD_PRETRAINED
+
+    params = run.data.params
+    head = _dlib_age_head(params)
+    if params.get("train.head", "auto") != "auto" or "train.face_features" in params or head == HEAD_PRETRAINED:
+        return head
+    import tempfile
+
+    from faceage.model import read_payload
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="faceage-sweep-") as tmp:
+            path = client.download_artifacts(run.info.run_id, "checkpoint/model.pt", tmp)
+            payload = read_payload(path)
+    except Exception as e:  # CheckpointError, OSError, MLflow's own types for a missing artifact: the params' reading
+        log.info("dlib_age run %s: its checkpoint artifact was not read (%s); its head is read from its params (%s)",
+                 run.info.run_id, str(e).splitlines()[0] if str(e) else type(e).__name__, head)
+        return head
+    if not isinstance(payload, dict):
+        return head
+    recorded = payload.get("head", HEAD_PRETRAINED)  # checkpoints of before train.head: dlib's own head
+    return recorded if recorded in DLIB_AGE_HEADS else head
 
 
 def _dlib_age_head(params: dict[str, str]) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from faceage.atomic import locked
+from faceage.atomic import locked, write_text
 from faceage.errors import FaceAgeError
 from faceage.logs import masked_netloc
 from faceage.paths import repo_root
@@ -289,7 +289,9 @@ def write_run_file(path: str | Path, run_id: str, experiment_id: str) -> None:
     """Records which MLflow run a ``train`` produced, for ``evaluate`` and packaging."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     info = {"run_id": run_id, "experiment_id": experiment_id, "experiment": EXPERIMENT}
-    Path(path).write_text(json.dumps(info, indent=2) + "\n")
+    # Whole or not at all (atomic.write_text): a train killed mid-write left a truncated run.json, and evaluate
+    # then said "run the train stage first" of a run that had trained.
+    write_text(path, json.dumps(info, indent=2) + "\n")
 
 
 def read_run_file(path: str | Path) -> dict:

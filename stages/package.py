@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--external", help="check_sources' record of the evaluate.external sets: the versions "
                                                "the guard compares (default: the one beside --faces, "
                                                f"{EXTERNAL_FILE}; ignored where absent)")
+    parser.add_argument("--card", default="reports/model_card.md",
+                        help="the workspace's model card (evaluate output): packaging warns where it describes a "
+                             "run other than the packaged one (the packaged model carries its run's own card)")
     parser.add_argument("--out", help="also write the packaged model's lineage to this JSON file")
     return parser
 
@@ -36,13 +39,16 @@ def main(argv: list[str] | None = None) -> None:
     from faceage.packaging import package_champion  # imported by build_parser
     if args.out:  # before the work: a folder that is not there failed after the registry and the store had changed
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    from faceage.atomic import write_text
     summary = package_champion(args.model, args.detector, args.faces, registered_model=args.registered_model,
-                               bento_model=args.bento_model, external_record=args.external)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=2)
-    logging.getLogger("faceage").info("packaged %s: %s@champion version %s", summary["bento_model"],
-                                      summary["registered_model"], summary["registered_version"])
+                               bento_model=args.bento_model, external_record=args.external,
+                               workspace_card=args.card)
+    if args.out:  # whole or not at all: a killed or failed write left a truncated JSON in place of the last one
+        write_text(args.out, json.dumps(summary, indent=2) + "\n")
+    card = summary.get("model_card_path")
+    logging.getLogger("faceage").info("packaged %s: %s@champion version %s; its model card: %s", summary["bento_model"],
+                                      summary["registered_model"], summary["registered_version"],
+                                      card or "none (its run logged no model_card.md)")
 
 
 if __name__ == "__main__":
