@@ -109,7 +109,7 @@ class EmbedParams:
 @dataclass(frozen=True)
 class TrainParams:
     backbone: str = "resnet18"  # a torchvision classifier whose head can be replaced, dlib_face or dlib_age
-    pretrained: str = "imagenet"  # "imagenet" | "none" | path to a weights file (dlib_age: not "none" = dlib's)
+    pretrained: str = "imagenet"  # "imagenet" | "none" | path to a weights file (dlib_age: imagenet or dlib = dlib's)
     epochs: int = 30  # 0 = no training: the pretrained model as it is (dlib_age zero-shot), evaluated and tracked
     image_size: int = 224  # crops are resized to this side before the network
     batch_size: int = 64
@@ -223,7 +223,7 @@ def check_train_params(p: TrainParams) -> None:
         raise ConfigError(f"train.pretrained=none gives {DLIB_AGE} random weights, so there is no pretrained "
                           f"network to keep frozen, distil from or mix with (train.head={p.head}, epochs {p.epochs}, "
                           f"freeze_blocks {p.freeze_blocks}, distill_weight {p.distill_weight}, wise_ft {p.wise_ft}): "
-                          "use train.pretrained=imagenet (dlib's weights; any value but none), or train from scratch "
+                          "use train.pretrained=imagenet (dlib's weights; or dlib), or train from scratch "
                           "with train.head=pretrained, epochs > 0, freeze_blocks 0, distill_weight 0 and wise_ft false")
     if p.face_features != DESCRIPTOR and head != HEAD_FUSED:
         raise ConfigError(f"train.face_features={p.face_features} chooses what the fused head reads of dlib's face "
@@ -237,10 +237,29 @@ def check_train_params(p: TrainParams) -> None:
                           f"({p.nproc_per_node} process(es)); {p.backbone}'s BatchNorm layers need at least 2: raise "
                           "train.batch_size")
     # faceage.model.load_pretrained's rule (the same message): check_sources recorded any value as "dlib" and
-    # train refused a weights file, after preprocess and embed.
-    if p.backbone == FACE_ENCODER and p.pretrained not in ("imagenet", "none"):
-        raise ConfigError(f"train.pretrained={p.pretrained!r}: backbone {FACE_ENCODER} always uses dlib's pretrained "
-                          "face encoder; set train.pretrained=none")
+    # train refused a weights file (dlib_face) or loaded dlib's network in its place (dlib_age), after preprocess.
+    refused = dlib_weights_refusal(p.backbone, p.pretrained)
+    if refused:
+        raise ConfigError(refused)
+
+
+# The train.pretrained values that name dlib_age's pretrained network (fetch_detector's age-v1.onnx): it reads no
+# weights file, so any other value is refused (a path to the user's weights loaded dlib's network without a word).
+DLIB_AGE_WEIGHTS = ("imagenet", "dlib")
+
+
+def dlib_weights_refusal(backbone: str, pretrained: str) -> str | None:
+    """Why ``train.pretrained`` cannot be used with a dlib backbone (its weights come from ``fetch_detector``,
+    never from a file), or None. The one rule behind :func:`check_train_params` and
+    :func:`faceage.model.load_pretrained`."""
+    if backbone == FACE_ENCODER and pretrained not in ("imagenet", "none"):
+        return (f"train.pretrained={pretrained!r}: backbone {FACE_ENCODER} always uses dlib's pretrained face encoder; "
+                "set train.pretrained=none")
+    if backbone == DLIB_AGE and pretrained not in (*DLIB_AGE_WEIGHTS, "none"):
+        return (f"train.pretrained={pretrained!r}: backbone {DLIB_AGE} loads dlib's pretrained age network "
+                "(age-v1.onnx, from the fetch_detector stage), never a weights file; set train.pretrained=imagenet "
+                "(or dlib) for dlib's weights, or none for random initialisation")
+    return None
 
 
 DEFAULT_EXTERNAL = ("../shared/datasets/utk-external",)

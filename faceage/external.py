@@ -191,13 +191,24 @@ def external_maes(metrics: dict[str, float], tags: dict[str, str] | None = None)
         tags: The run's tags: when they hold ``evaluate.external`` (the latest evaluation's sets), only
             those sets count. MLflow cannot delete a metric, so a set dropped from ``evaluate.external``
             in a later re-evaluation of the run keeps its old ``external_<name>_*`` metrics there.
+
+    A set whose latest ``external_<name>_n_faces`` is 0 (or not a number) is left out: evaluate then logs its
+    counts alone, and the ``_mae`` still there is an earlier evaluation's, which packaging compared as current.
     """
     names = [k[len("external_"):-len("_n_faces")] for k in metrics
-             if k.startswith("external_") and k.endswith("_n_faces")]
+             if k.startswith("external_") and k.endswith("_n_faces") and _some_faces(metrics[k])]
     current = _tagged_sets((tags or {}).get("evaluate.external"))
     if current is not None:
         names = [n for n in names if n in current]
     return {n: float(metrics[f"external_{n}_mae"]) for n in sorted(names) if f"external_{n}_mae" in metrics}
+
+
+def _some_faces(n_faces: Any) -> bool:
+    """Whether an ``external_<name>_n_faces`` metric counts at least one scored face (NaN, 0: none)."""
+    try:
+        return float(n_faces) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _tagged_sets(tag: str | None) -> set[str] | None:

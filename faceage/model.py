@@ -25,7 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
-from faceage.config import DESCRIPTOR, ConfigError
+from faceage.config import DESCRIPTOR, ConfigError, dlib_weights_refusal
 from faceage.download import DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
 from faceage.paths import from_root
@@ -220,10 +220,22 @@ def resolve_imagenet_weights(backbone: str, cache_dir: str | Path | None = None)
     filename = os.path.basename(weights.url)
     hub_dir = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints"
     path = hub_dir / filename
-    if path.exists():
-        return path
-    # torchvision names files "<name>-<first hex digits of sha256>.pth".
+    # torchvision names files "<name>-<first hex digits of sha256>.pth" (torch.hub's check_hash reads it so).
     prefix = filename.rsplit("-", 1)[-1].split(".")[0]
+    if path.exists():
+        # A cut-short or damaged copy failed in torch.load with advice to torch.save a state dict, or (still
+        # readable) loaded wrong weights. ~0.1 s for resnet18's 45 MB; the user's file, so named, not removed.
+        try:
+            ok = file_digest(path).startswith(prefix)
+        except OSError as e:
+            raise PretrainedWeightsError(f"train.pretrained=imagenet: cannot read the cached {path}: "
+                                         f"{e.strerror or e}; make it readable, or delete it to fetch it again") from e
+        if not ok:
+            raise PretrainedWeightsError(
+                f"train.pretrained=imagenet: the cached {path} failed its sha256 check (its name says it starts "
+                f"with {prefix}): a damaged or cut-short copy; delete it and run again to fetch it again (or copy "
+                "a good one there)")
+        return path
     try:
         download(weights.url, path, timeout_s=15, retries=1)
     except (DownloadError, OSError) as e:
@@ -234,7 +246,10 @@ def resolve_imagenet_weights(backbone: str, cache_dir: str | Path | None = None)
         ) from e
     if not file_digest(path).startswith(prefix):
         path.unlink()
-        raise PretrainedWeightsError(f"train.pretrained=imagenet: {filename} failed its sha256 check (prefix {prefix})")
+        raise PretrainedWeightsError(
+            f"train.pretrained=imagenet: {filename} from {weights.url} failed its sha256 check (its name says it "
+            f"starts with {prefix}; the download was damaged, not kept): run again to fetch it again, copy a good "
+            f"copy into {hub_dir}, or set train.pretrained=none to train from scratch")
     return path
 
 
@@ -292,8 +307,8 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
         backbone: Its name (to find ImageNet weights).
         pretrained: ``"imagenet"``, ``"none"`` or a path to a ``state_dict`` file (also inside a full
             checkpoint, or with a DDP ``module.`` / torch.compile ``_orig_mod.`` key prefix). For
-            ``dlib_age``, anything but ``"none"`` loads dlib's pretrained age network, head included
-            (widened to 0..100, see :func:`faceage.dlib_age.widen_head`).
+            ``dlib_age``, ``"imagenet"`` (or ``"dlib"``) loads dlib's pretrained age network, head included
+            (widened to 0..100, see :func:`faceage.dlib_age.widen_head`); a weights file is refused.
         model_dir: The ``fetch_detector`` folder (holds ``age-v1.onnx`` for ``dlib_age``).
 
     Returns:
@@ -302,10 +317,10 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
     Raises:
         PretrainedWeightsError: The weights are unreachable or do not fit the backbone.
     """
+    refused = dlib_weights_refusal(backbone, pretrained)
+    if refused:
+        raise PretrainedWeightsError(refused)
     if backbone == FACE_ENCODER:
-        if pretrained not in ("imagenet", "none"):
-            raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: backbone {FACE_ENCODER} always uses "
-                                         "dlib's pretrained face encoder; set train.pretrained=none")
         return "dlib face-recognition ResNet (frozen); head randomly initialised"
     if backbone == DLIB_AGE:
         if pretrained == "none":

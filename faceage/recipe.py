@@ -58,7 +58,7 @@ FINETUNE_OFF = {"freeze_blocks": 0, "layer_lr_decay": 1.0, "distill_weight": 0.0
 # is refused by every run without that head (the fine-tuning rows, dlib_face, the CNNs: a ConfigError traceback
 # after the chips were cut). The fused row's label names the descriptor; its ensemble weight is chosen on validation.
 HEAD_DEFAULTS = {"head": "auto", "ensemble_weight": "auto", "face_features": DESCRIPTOR}
-# pretrained: dlib's weights (any value but none): a committed train.pretrained=none (make quick-resnet's from-scratch
+# pretrained: dlib's weights (imagenet or dlib): a committed train.pretrained=none (make quick-resnet's from-scratch
 # profile made the base) trained the naive, lower-lr and layer-wise rows from random weights under their labels.
 AGE_BASE = {"backbone": "dlib_age", **HEAD_DEFAULTS, "head": "pretrained", "pretrained": "imagenet", "epochs": 8,
             "lr": 3e-4, "warmup_epochs": 1, "batch_size": 64, **FINETUNE_OFF}

@@ -466,7 +466,7 @@ def test_model_card_names_the_weights_and_head_a_dlib_age_model_starts_from():
     from faceage.model_card import _backbone_note
 
     meta = {"backbone": DLIB_AGE, "image_size": 64, "head": HEAD_ENSEMBLE}
-    note = _backbone_note(meta, {"pretrained": "imagenet"})  # any value but "none" loads dlib's network
+    note = _backbone_note(meta, {"pretrained": "imagenet"})  # imagenet (or dlib) loads dlib's network
     assert "weights at start: dlib's age network (age-v1.onnx)" in note and "imagenet" not in note
     assert "`train.head=ensemble`" in note
     assert "weights at start: `none`" in _backbone_note(meta, {"pretrained": "none"})

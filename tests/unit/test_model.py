@@ -171,11 +171,6 @@ def test_unreachable_imagenet_weights_name_the_param(tmp_path, monkeypatch):
         resolve_imagenet_weights("resnet18", cache_dir=tmp_path)
 
 
-def test_imagenet_weights_found_in_hub_cache(tmp_path):
-    (tmp_path / "resnet18-f37072fd.pth").write_bytes(b"x")
-    assert resolve_imagenet_weights("resnet18", cache_dir=tmp_path) == tmp_path / "resnet18-f37072fd.pth"
-
-
 def test_losses_prefer_the_right_age():
     target = torch.tensor([30.0])
     good = torch.full((1, NUM_AGES), -10.0)

@@ -16,6 +16,8 @@ from faceage.model import load_pretrained
 from faceage.ort_module import OrtModule
 from tests.unit.test_dlib_age import model_dir  # noqa: F401 - the fixture: dlib's files, offline once cached
 
+FIXTURES = (model_dir,)  # pytest finds the fixture by its name in this module
+
 
 def _damaged(model_dir, tmp_path, name: str, how: str):  # noqa: F811
     out = tmp_path / "detector"
