@@ -506,6 +506,8 @@ class LocatorPool:
                 raise DetectionUnavailable(f"the detection workers did not start ({_describe(error)}): try again "
                                            f"in a few seconds")
             workers = self._workers
+            if workers is None:  # closed (close runs in a worker thread) while the failed pool was replaced
+                raise ServingClosed("the detection pool was closed (the server is shutting down): try again")
         elif workers.up():
             self._start_failed = False
         return workers

@@ -286,3 +286,21 @@ def test_a_cancelled_photo_waiting_for_a_busy_worker_never_reaches_it(locator, m
     assert after[0].width == 32
     ran = [job for job in jobs[1:-1] if not job.cancelled()]
     assert ran == [], f"{len(ran)} photo(s) of cancelled requests ran"
+
+
+class _FailedStart:
+    """A pool whose workers did not start (what LocatorPool._current finds before it replaces it)."""
+
+    def start_error(self):
+        return RuntimeError("a worker died as it started")
+
+
+def test_a_pool_closed_while_a_failed_start_is_replaced_answers_shutting_down_not_a_500(locator, monkeypatch):
+    """close() runs in a worker thread (service.py): it could clear the pool while _current replaced a pool whose
+    workers did not start, and _current handed back no pool, which failed the photo with an AttributeError (a 500)
+    instead of the shutting-down 503."""
+    pool = LocatorPool(locator, 0)
+    pool._workers = _FailedStart()
+    monkeypatch.setattr(pool, "_replace", lambda broken, error: setattr(pool, "_workers", None))  # close() won
+    with pytest.raises(ServingClosed, match="shutting down"):
+        pool._current()
