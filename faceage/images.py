@@ -318,17 +318,24 @@ def _nclx_icc(nclx: dict) -> bytes | None:
     kind, *params = _NCLX_TRANSFERS[transfer]
     curve = b"para\0\0\0\0" + struct.pack(">HH", kind, 0) + _s15(params)
     text = f"nclx {primaries}/{transfer}".encode() + b"\0"
-    tags = {b"desc": b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 79,
-            b"wtpt": b"XYZ \0\0\0\0" + _s15(_D50),
-            b"rXYZ": b"XYZ \0\0\0\0" + _s15(colorants[0]), b"gXYZ": b"XYZ \0\0\0\0" + _s15(colorants[1]),
-            b"bXYZ": b"XYZ \0\0\0\0" + _s15(colorants[2]), b"rTRC": curve, b"gTRC": curve, b"bTRC": curve}
+    return icc_profile_bytes({
+        b"desc": b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 79,
+        b"wtpt": b"XYZ \0\0\0\0" + _s15(_D50),
+        b"rXYZ": b"XYZ \0\0\0\0" + _s15(colorants[0]), b"gXYZ": b"XYZ \0\0\0\0" + _s15(colorants[1]),
+        b"bXYZ": b"XYZ \0\0\0\0" + _s15(colorants[2]), b"rTRC": curve, b"gTRC": curve, b"bTRC": curve})
+
+
+def icc_profile_bytes(tags: dict[bytes, bytes], space: bytes = b"RGB ", cls: bytes = b"mntr",
+                      pcs: bytes = b"XYZ ") -> bytes:
+    """An ICC v2.1 profile holding ``tags`` (signature -> the tag's bytes), each 4-byte aligned after a table of
+    them; ``space`` the colour space of its pixels, ``cls`` its class, ``pcs`` its connection space (D50)."""
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
     for sig, body in tags.items():
         data += b"\0" * (-(offset + len(data)) % 4)
         table += struct.pack(">4sII", sig, offset + len(data), len(body))
         data += body
-    header = (struct.pack(">I4sI4s4s4s", offset + len(data), b"lcms", 0x02100000, b"mntr", b"RGB ", b"XYZ ")
+    header = (struct.pack(">I4sI4s4s4s", offset + len(data), b"lcms", 0x02100000, cls, space, pcs)
               + b"\0" * 12 + b"acsp" + b"\0" * 28 + _s15(_D50) + b"\0" * 48)
     return header + struct.pack(">I", len(tags)) + table + data
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageCms
 
 import faceage.images as images
-from faceage.images import load_image
+from faceage.images import icc_profile_bytes, load_image
 from tests.unit.test_images import exif_jpeg
 
 D50 = (0.9642, 1.0, 0.8249)
@@ -68,18 +68,7 @@ SRGB_SHORT = _table(np.array(C2_POINTS) / 65535)
 
 
 def icc_profile(space: bytes, tags: dict[bytes, bytes], *, cls: bytes = b"mntr", pcs: bytes = b"XYZ ") -> bytes:
-    tags = {b"desc": _desc("test profile"), b"wtpt": _xyz(D50), **tags}
-    offset = 128 + 4 + 12 * len(tags)
-    table, data = b"", b""
-    for sig, body in tags.items():
-        data += b"\0" * (-(offset + len(data)) % 4)
-        table += struct.pack(">4sII", sig, offset + len(data), len(body))
-        data += body
-    size = offset + len(data)
-    header = (struct.pack(">I4sI4s4s4s", size, b"lcms", 0x02100000, cls, space, pcs) + b"\0" * 12 + b"acsp"
-              + b"\0" * 24 + struct.pack(">I", 0) + _s15(*D50) + b"\0" * 48)
-    assert len(header) == 128
-    return header + struct.pack(">I", len(tags)) + table + data
+    return icc_profile_bytes({b"desc": _desc("test profile"), b"wtpt": _xyz(D50), **tags}, space, cls, pcs)
 
 
 def rgb_profile(colorants, curve: bytes) -> bytes:
