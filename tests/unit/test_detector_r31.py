@@ -4,7 +4,6 @@ while offline, a proxy whose host name does not resolve. Real HTTP servers on 12
 
 import bz2
 import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -12,28 +11,10 @@ import pytest
 from faceage import detector
 from faceage.detector import MODEL_SHA256, DetectorFilesError, fetch_detector_files
 from faceage.download import DownloadError, download
+from tests.conftest import http_server
+from tests.unit.test_encoder_r25 import server  # the fixture: serves server.body at any path
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        body = self.server.body
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@pytest.fixture
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.body = b""
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+FIXTURES = (server,)  # pytest finds the fixture by its name in this module
 
 
 def _fake_face_recognition_models(site: Path, version: str) -> None:
@@ -178,10 +159,7 @@ def test_ctrl_c_mid_download_keeps_the_part_and_the_next_run_resumes_it(tmp_path
     import sys
     import time
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowRangeHandler)
-    srv.body, srv.ranges = bytes(range(256)) * 8192, []  # 2 MiB, 32 chunks, ~1.6 s
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with http_server(_SlowRangeHandler, body=bytes(range(256)) * 8192, ranges=[]) as srv:  # 2 MiB, 32 chunks, ~1.6 s
         url, dest = f"http://127.0.0.1:{srv.server_address[1]}/w.whl", tmp_path / "cache" / "w.whl"
         sha = hashlib.sha256(srv.body).hexdigest()
         code = f"from faceage.download import download; download({url!r}, {str(dest)!r}, sha256={sha!r}, progress=False)"
@@ -197,9 +175,6 @@ def test_ctrl_c_mid_download_keeps_the_part_and_the_next_run_resumes_it(tmp_path
         assert download(url, dest, sha256=sha, progress=False) == dest
         assert dest.read_bytes() == srv.body and not part.exists()
         assert srv.ranges[-1] == f"bytes={kept}-"
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 class _ShortLengthHandler(http.server.BaseHTTPRequestHandler):
@@ -220,17 +195,11 @@ def test_a_checksum_mismatch_says_what_to_do(tmp_path):
     the error gave the two digests and 'the download was deleted', nothing a user can act on."""
     import hashlib
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ShortLengthHandler)
-    srv.body = b"0123456789" * 1000
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with http_server(_ShortLengthHandler, body=b"0123456789" * 1000) as srv:
         dest = tmp_path / "cache" / "f.whl"
         with pytest.raises(DownloadError) as err:
             download(f"http://127.0.0.1:{srv.server_address[1]}/f.whl", dest,
                      sha256=hashlib.sha256(srv.body).hexdigest(), progress=False)
-    finally:
-        srv.shutdown()
-        srv.server_close()
     message = str(err.value)
     assert "rerun" in message and str(dest) in message
     assert not dest.exists() and not dest.with_name("f.whl.part").exists()

@@ -4,15 +4,16 @@ check_sources to fail there (or failed with DVC's bare "Invalid `--set-param` va
 params.yaml modified. It now checks the params the run would have, on a copy, before starting anything."""
 
 import logging
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from faceage import experiment
+from tests.unit.test_review_exp_r29 import fake_dvc  # the fixture: a dvc on PATH that records its arguments
+
+FIXTURES = (fake_dvc,)  # pytest finds the fixture by its name in this module
 
 REPO = Path(__file__).resolve().parents[2]
 GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
@@ -30,19 +31,6 @@ def repo(tmp_path, monkeypatch):
     subprocess.run([*GIT, "commit", "-q", "-m", "params"], cwd=root, check=True)
     monkeypatch.chdir(root)
     return root
-
-
-@pytest.fixture
-def fake_dvc(tmp_path, monkeypatch):
-    """A `dvc` on PATH that records its arguments, one a line, and succeeds."""
-    bin_dir, record = tmp_path / "bin", tmp_path / "dvc-call.txt"
-    bin_dir.mkdir()
-    (bin_dir / "dvc").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$FAKE_DVC_RECORD"\n')
-    (bin_dir / "dvc").chmod(0o755)
-    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]))
-    monkeypatch.setenv("FAKE_DVC_RECORD", str(record))
-    monkeypatch.setattr(experiment, "setup_logging", lambda: None)
-    return record
 
 
 @pytest.mark.parametrize(("override", "expected"), [
