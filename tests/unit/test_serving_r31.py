@@ -268,10 +268,11 @@ def test_a_cancelled_photo_waiting_for_a_busy_worker_never_reaches_it(locator, m
         pool = LocatorPool(locator, 1)
         try:
             await pool._started(pool._workers)
-            big = asyncio.ensure_future(pool.locate(_png(0, shape=(1600, 2000, 3))))
-            await asyncio.sleep(0.2)
+            big = asyncio.ensure_future(pool.locate(_png(0, shape=(2400, 3200, 3))))  # seconds of HOG
+            while not jobs:  # the big photo is in the worker
+                await asyncio.sleep(0.01)
             queued = [asyncio.ensure_future(pool.locate(_png(i))) for i in range(1, 4)]
-            await asyncio.sleep(0.2)  # all queued behind the big one
+            await asyncio.sleep(0.05)  # all queued behind the big one
             assert not big.done()
             for task in queued:
                 task.cancel()
