@@ -6,9 +6,12 @@ Routes:
 
 - ``POST /predict``: ``{"faces": [{"box": [x1, y1, x2, y2], "age", "age_std", "score"}],
   "width", "height", "model": {lineage}}``, faces largest first (ties to the most central), ``[]`` when there is none;
-- ``POST /annotate``: a PNG of the photo with each box and its "age ± std" label;
+- ``POST /annotate``: a PNG of the photo with each box and its "#n age ± std" label;
 - ``POST /predict_batch``: several ``image`` fields, one result (or error) per image;
 - ``POST /crop?face=i``: PNG of face ``i``'s margin crop, exactly as ``preprocess`` cuts it;
+- every route's answer names the model that gave it in the header ``X-FaceAge-Model`` (its tag, the JSON's
+  ``model.tag``); boxes, ``width`` and ``height`` are in the upright photo's pixels (EXIF orientation applied), as
+  in the CLI's ``--json`` and ``/annotate``'s PNG;
 - ``/ui``: Gradio (:mod:`faceage.ui`, loaded in the background once the service is ready);
   ``/api/docs``: OpenAPI;
 - BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics``.
@@ -85,6 +88,31 @@ UI_MAX_CONCURRENCY = MAX_CONCURRENCY // 2  # of which /ui may hold at most this 
 # cannot infer their form; this one schema documents it in the generated OpenAPI.
 IMAGE_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": [FIELD], "properties": {FIELD: {"type": "string", "format": "binary"}}}}}}}
+# /predict_batch's form: the field repeated (a client generated from the schema sends every photo in one request).
+BATCH_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [FIELD], "properties": {FIELD: {
+        "type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+        "maxItems": LIMITS.max_batch_images}}}}}}}
+MODEL_HEADER = "X-FaceAge-Model"  # the answering model's tag on every route's answer, the PNG ones too
+_ERROR = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
+# Every route's errors in the service's own shape (FastAPI documented its 422 ``{"detail"}``, which it never sends).
+ERRORS = {status: dict(_ERROR, description=why) for status, why in (
+    (400, "bad input: empty body, missing field, not an image, too many pixels, a parameter that does not parse"),
+    (413, "body over FACEAGE_MAX_BODY_BYTES"), (415, "not multipart/form-data, or a part that is not an image"),
+    (422, "face index out of range, or a photo that crashed its detection worker"),
+    (503, "detection workers unavailable (Retry-After)"), (500, "internal error (logged)"))}
+
+
+def ok_response(description: str, media_type: str, headers: dict[str, str]) -> dict:
+    """OpenAPI ``responses`` of a route: its 200 (``media_type``, with ``headers``: name -> what it gives) and
+    :data:`ERRORS`."""
+    schema = {"type": "string", "format": "binary"} if media_type.startswith("image/") else {"type": "object"}
+    return {200: {"description": description, "content": {media_type: {"schema": schema}},
+                  "headers": {name: {"description": what, "schema": {"type": "string"}}
+                              for name, what in {**headers, MODEL_HEADER: "tag of the model that answered"}.items()}},
+            **ERRORS}
+
 
 UI = LazyUI()  # the Gradio UI at /ui (faceage.ui), loaded once the service is ready
 api = FastAPI(title="FaceAge", version="2", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
@@ -147,8 +175,18 @@ def batch_error(part, e: Exception) -> dict:
     return {"filename": part.filename, "error": message, "status": status}
 
 
+class PNGResponse(Response):
+    media_type = "image/png"
+
+
 def png(data: bytes, headers: dict[str, str]) -> Response:
-    return Response(content=data, media_type="image/png", headers=headers)
+    return PNGResponse(content=data, headers=headers)
+
+
+def model_header(lineage: dict) -> dict[str, str]:
+    """``{MODEL_HEADER: tag}``: which model answered (``model.tag`` of the JSON answers). Without it an
+    ``/annotate`` or ``/crop`` PNG could not be traced to its model (a rollout, two bentos behind one address)."""
+    return {MODEL_HEADER: str(lineage.get("tag", ""))}
 
 
 @bentoml.service(
@@ -217,21 +255,24 @@ class FaceAgeService:
         except INPUT_ERRORS as e:
             raise BadRequest(input_status(e), str(e)) from None
 
-    @api.post("/predict", openapi_extra=IMAGE_FORM)
+    @api.post("/predict", openapi_extra=IMAGE_FORM, responses=ok_response(
+        '{"faces": [{"box", "age", "age_std", "score"}], "width", "height", "model"}', "application/json", {}))
     async def predict(self, request: Request) -> JSONResponse:
         """Faces and ages of the photo in the form field ``image`` (JSON)."""
         located, faces, _ = await self._analyse_one(request)
         return JSONResponse({"faces": [f.as_dict() for f in faces], "width": located.width,
-                             "height": located.height, "model": self.lineage})
+                             "height": located.height, "model": self.lineage}, headers=model_header(self.lineage))
 
-    @api.post("/annotate", openapi_extra=IMAGE_FORM)
+    @api.post("/annotate", openapi_extra=IMAGE_FORM, response_class=PNGResponse, responses=ok_response(
+        "the photo with each face's box and label", "image/png", {"X-FaceAge-Faces": "number of faces"}))
     async def annotate(self, request: Request) -> Response:
         """The photo in ``image`` with each face's box and "age ± std" label (PNG)."""
         _, faces, data = await drawn_then_released(self._analyse_one(request, with_image=True),
                                                    lambda image, faces: to_png(draw_faces(image, faces)))
-        return png(data, {"X-FaceAge-Faces": str(len(faces))})
+        return png(data, {"X-FaceAge-Faces": str(len(faces)), **model_header(self.lineage)})
 
-    @api.post("/crop", openapi_extra=IMAGE_FORM)
+    @api.post("/crop", openapi_extra=IMAGE_FORM, response_class=PNGResponse, responses=ok_response(
+        "the face's margin crop", "image/png", {"X-FaceAge-Box": "the face's box: x1,y1,x2,y2"}))
     async def crop(self, request: Request,
                    face: int = Query(0, description="face index, largest first (ties to the most central)")) -> Response:
         """Face ``face``'s margin crop (PNG), the exact pixels ``preprocess`` would store."""
@@ -242,10 +283,13 @@ class FaceAgeService:
             raise BadRequest(input_status(e), str(e)) from None
         if not 0 <= face < len(located.crops):
             raise BadRequest(422, f"no face {face}: the photo has {len(located.crops)} face(s)")
+        box = ",".join(map(str, located.boxes[face].as_list()))
         return png(await asyncio.to_thread(to_png, located.crops[face]),
-                   {"X-FaceAge-Box": ",".join(map(str, located.boxes[face].as_list()))})
+                   {"X-FaceAge-Box": box, **model_header(self.lineage)})
 
-    @api.post("/predict_batch", openapi_extra=IMAGE_FORM)
+    @api.post("/predict_batch", openapi_extra=BATCH_FORM, responses=ok_response(
+        '{"results": [{"filename", "faces", "width", "height"} or {"filename", "error", "status"}], "model"}',
+        "application/json", {}))
     async def predict_batch(self, request: Request) -> JSONResponse:
         """Up to 16 photos (repeated field ``image``): one result or error per photo, in order; a photo that is not
         an image (415), does not decode (400) or hits a bug (500, logged) fails alone."""
@@ -273,7 +317,7 @@ class FaceAgeService:
                    {"filename": part.filename, "faces": [f.as_dict() for f in next(ages)],
                     "width": item[0].width, "height": item[0].height}
                    for part, item in zip(parts, found)]
-        return JSONResponse({"results": results, "model": self.lineage})
+        return JSONResponse({"results": results, "model": self.lineage}, headers=model_header(self.lineage))
 
 
 # In this order, outermost first: the UI's share of the requests in progress (a slow upload counts
