@@ -66,13 +66,17 @@ def cache_dir(repo: Path = REPO, detector: Path | None = None, wild: Path | None
 
     from faceage.appa_real import dataset_fingerprint
     from faceage.detector import read_manifest
+    from faceage.errors import FaceAgeError, error_line
     from faceage.preprocess import read_crop_settings
 
     wild = WILD if wild is None else wild
-    state = {"crop": read_crop_settings(repo / "data" / "faces"),
-             "external": current_external_faces("utk_external", repo).name,
-             "detector": read_manifest(detector or repo / "models" / "detector")["files"],
-             "wild": dataset_fingerprint(wild) if wild.is_dir() else None}
+    try:  # no data/faces (no dvc repro yet) or no models/detector: a FileNotFoundError traceback
+        state = {"crop": read_crop_settings(repo / "data" / "faces"),
+                 "external": current_external_faces("utk_external", repo).name,
+                 "detector": read_manifest(detector or repo / "models" / "detector")["files"],
+                 "wild": dataset_fingerprint(wild) if wild.is_dir() else None}
+    except (FaceAgeError, OSError, ValueError) as e:
+        raise SystemExit(f"the benchmark's inputs: {error_line(e)} (run the pipeline first: dvc repro)") from None
     key = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
     return repo / ".cache" / "bench-heads" / key
 
@@ -114,6 +118,18 @@ def _labelled_sources() -> dict[str, tuple[Path, str]]:
     return sources
 
 
+def _split_chips(faces_dir: Path, pairs: bool = False) -> dict[str, np.ndarray]:
+    """The chips (or chip pairs) ``preprocess`` cut into ``faces_dir``; exits in one line when its ``chips.npz``
+    is missing or unreadable (``np.load``'s traceback)."""
+    import faceage.chips
+    from faceage.errors import error_line
+
+    try:
+        return faceage.chips.load_chips(faces_dir / faceage.chips.CHIPS_FILE, pairs=pairs)[0]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"the aligned chips preprocess cuts: {error_line(e)} (rerun the pipeline: dvc repro)") from None
+
+
 def _wild_files() -> list[str]:
     """The ``wild`` photos ``labels.csv`` marks as faces, in its order.
 
@@ -152,7 +168,6 @@ def _wild_faces(detector: Path) -> tuple[list[np.ndarray], list[np.ndarray], lis
 
 def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
     """Per split: ``chips`` (N, 3, 64, 64) uint8, ``desc`` (N, 2, 128) (crop, mirror), ``age``; cached."""
-    from faceage.chips import CHIPS_FILE, load_chips
     from faceage.face_encoder import DlibFaceEncoder
     from faceage.images import load_image
 
@@ -163,9 +178,9 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
         with np.load(path) as z:
             return {s: {k: z[f"{s}_{k}"] for k in ("chips", "desc", "age")} for s in SPLITS}
     _wild_files()  # the last split read: a missing one stopped the run after minutes of descriptors
-    encoder = DlibFaceEncoder(detector, 0.4)
-    out = {}
     sources = _labelled_sources()
+    encoder = None  # built after the first split's chips load: a missing chips.npz is named first
+    out = {}
     for split in SPLITS:
         if split == "wild":
             crops, chips, _ = _wild_faces(detector)
@@ -173,10 +188,11 @@ def load_inputs(detector: Path) -> dict[str, dict[str, np.ndarray]]:
         else:
             faces_dir, name = sources[split]
             files, ages = _split_crops(faces_dir, name)
+            table = _split_chips(faces_dir)  # cut by preprocess from the margin regions (named before the crops load)
             crops = [load_image(faces_dir / f) for f in files]
-            table = load_chips(faces_dir / CHIPS_FILE)[0]  # cut by preprocess from the margin regions
             chips = [table[f] for f in files]
         print(f"{split}: {len(crops)} faces: descriptors", flush=True)
+        encoder = encoder or DlibFaceEncoder(detector, 0.4)
         out[split] = {"chips": np.stack(chips), "desc": encoder.embed_many(crops), "age": ages}
     save_npz(path, {f"{s}_{k}": v for s, d in out.items() for k, v in d.items()})
     return out
@@ -186,7 +202,7 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
     """Per split: (N, 2, 640) ``train.face_features=layers`` of the face chip and its mirror image, computed
     as the pipeline computes them (the torch port of dlib's face network on the chip pairs ``preprocess``
     cut; wild: the service's pairs), in :func:`load_inputs`' order; cached."""
-    from faceage.chips import CHIPS_FILE, load_chips, split_pair
+    from faceage.chips import split_pair
     from faceage.detector import RECOGNITION_FILE
     from faceage.face_net import load_face_net
 
@@ -196,15 +212,15 @@ def face_layers(detector: Path) -> dict[str, np.ndarray]:
         with np.load(path) as z:
             return {s: z[s] for s in SPLITS}
     _wild_files()  # (as in load_inputs: before the labelled splits' work)
-    net = load_face_net(detector / RECOGNITION_FILE)
     sources = _labelled_sources()
+    net = load_face_net(detector / RECOGNITION_FILE)
     out = {}
     for split in SPLITS:
         if split == "wild":
             pairs = np.stack(_wild_faces(detector)[2])
         else:
             faces_dir, name = sources[split]
-            table = load_chips(faces_dir / CHIPS_FILE, pairs=True)[0]
+            table = _split_chips(faces_dir, pairs=True)
             pairs = np.stack([table[f] for f in _split_crops(faces_dir, name)[0]])
         print(f"{split}: {len(pairs)} faces: face-network layers", flush=True)
         chips = torch.from_numpy(np.ascontiguousarray(split_pair(pairs)[1]))

@@ -185,8 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.k < NUM_STAGES:  # K = 7 froze every stage: AdamW's 'optimizer got an empty parameter list'
         parser.error(f"K must be in 0..{NUM_STAGES - 1} (stages kept frozen; at least the head trains), got {args.k}")
 
+    from faceage.errors import FaceAgeError, error_line
+
     torch.set_num_threads(1)
-    cached = load_cached(args.k)
+    try:  # no data/faces, no data/embeddings.npz (the chips of a dlib_age run), no models/detector: a traceback
+        cached = load_cached(args.k)
+    except (FaceAgeError, OSError, ValueError) as e:
+        raise SystemExit(f"dlib_age_sweep's inputs: {error_line(e)} (a dlib_age pipeline run makes them: "
+                         "dvc repro)") from None
     zs = {s: round(evaluate(cached, cached.base, s, s != "valid"), 3) for s in ("valid", "test", "ext")}
     print("zero-shot", zs, flush=True)
     for cfg in configs:
