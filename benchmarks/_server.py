@@ -66,6 +66,17 @@ def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float, start: flo
     raise ServerError(f"not ready after {timeout_s} s")
 
 
+def wait_ui(url: str, timeout_s: float = 150) -> None:
+    """Waits until the service's Gradio UI has loaded: ``GET url/ui/`` (the service imports Gradio in the
+    background once ``/readyz`` answers, seconds of CPU, and holds a ``/ui`` request until it is loaded).
+
+    Measuring before it shared the cores with that import: the first requests timed it, and a memory
+    figure read then counted Gradio's import as growth. A service without a UI (an error, a 404, a
+    timeout) is not an error: there is nothing to wait for. (The service answers within 120 s, loaded or not.)"""
+    with contextlib.suppress(requests.RequestException):
+        requests.get(url + "/ui/", timeout=timeout_s)
+
+
 class Server:
     """A command in its own process group (session), its stderr kept in a temporary file.
 

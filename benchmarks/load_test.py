@@ -39,7 +39,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO  # noqa: E402
-from _server import exit_on_sigterm, map_threads  # noqa: E402
+from _server import exit_on_sigterm, map_threads, wait_ui  # noqa: E402
 from bench_service import load_photos, percentile, require_service, start_server  # noqa: E402
 
 from faceage.atomic import write_text  # noqa: E402
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 with lock:
                     failures.append(f"warm-up {name}: {type(e).__name__}: {e}")
 
+        wait_ui(url)  # the UI's background import (its memory) is done before the RSS before the load is read
         map_threads(warm, list(range(2 * args.clients)), args.clients)
         rss_before = process_tree_rss(pid) if pid else None
         per_thread = threading.local()
