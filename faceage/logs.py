@@ -15,12 +15,21 @@ from faceage.errors import FaceAgeError, error_line
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the stage's main thread as Ctrl-C raises ``KeyboardInterrupt`` (see :func:`run_stage`)."""
+    """SIGTERM, raised in the stage's main thread as Ctrl-C raises ``KeyboardInterrupt`` (see :func:`run_stage`);
+    also another signal that stopped the stage (``signum``: :mod:`faceage.launch`'s SIGHUP, SIGQUIT), which
+    :func:`run_stage` ends the process by."""
+
+    def __init__(self, *args, signum: int = signal.SIGTERM):
+        super().__init__(*args)
+        self.signum = signum
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     """One line per message: time, level, module, text. Quietens chatty third-party loggers."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # A torchrun rank says which it is: every rank logs (its errors, its warnings) to the same terminal.
+    rank = os.environ.get("RANK", "") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+    prefix = f"[rank {rank}] " if rank else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", force=True)
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "mlflow.store", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -79,9 +88,14 @@ def die_of_signal(signum: int, message: str | None = None) -> None:
     raise SystemExit(128 + signum)  # (not reached)
 
 
-def _die_of_sigterm() -> None:
-    """Logs that the stage stopped and ends the process by SIGTERM (:func:`die_of_signal`)."""
-    die_of_signal(signal.SIGTERM, "stopped by SIGTERM")
+def _die_of_sigterm(signum: int = signal.SIGTERM) -> None:
+    """Logs that the stage stopped and ends the process by SIGTERM, or ``signum`` (:func:`die_of_signal`)."""
+    die_of_signal(signum, f"stopped by {signal.Signals(signum).name}")
+
+
+def _stop_signal(error: BaseException) -> int:
+    """The signal a :class:`Terminated` in ``error``'s chain stands for; SIGTERM where there is none."""
+    return next((cause.signum for cause in _chain(error) if isinstance(cause, Terminated)), signal.SIGTERM)
 
 
 def _die_of_ctrl_c() -> None:
@@ -144,15 +158,15 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
                     signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
                 if plain_ctrl_c:
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
-        except Terminated:
-            _die_of_sigterm()
+        except Terminated as e:
+            _die_of_sigterm(e.signum)
         except KeyboardInterrupt:  # Ctrl-C (or launch's, torch's handler having stopped the workers)
             _die_of_sigterm() if _sigterm_received else _die_of_ctrl_c()
         except FaceAgeError as e:
             line = error_line(e)  # one line: a hint raised on a second line is joined to it
             logging.getLogger("faceage").error("%s", mask_tracking_secrets(line) or line)
             if _stopping(e):  # the clean-up after SIGTERM failed (a tracking server that does not answer)
-                _die_of_sigterm()
+                _die_of_sigterm(_stop_signal(e))
             if _interrupted(e):  # the clean-up after Ctrl-C failed: still stopped by Ctrl-C, not a failed stage
                 _die_of_ctrl_c()
             sys.exit(1)
@@ -162,7 +176,7 @@ def run_stage(main: Callable[[], None], *, interrupt_on_sigterm: bool = False) -
             if _stopping(e) or _interrupted(e):  # a bug in the clean-up after a signal: its own traceback alone
                 text = "".join(traceback.format_exception(e, chain=False))
                 sys.stderr.write(mask_tracking_secrets(text) or text)
-                _die_of_sigterm() if _stopping(e) else _die_of_ctrl_c()
+                _die_of_sigterm(_stop_signal(e)) if _stopping(e) else _die_of_ctrl_c()
             masked = mask_tracking_secrets(traceback.format_exc())
             if masked is None:
                 raise
