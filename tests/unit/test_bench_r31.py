@@ -4,22 +4,15 @@ docker CLI) is one message, not a traceback. Stand-ins only: no bento, no model,
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.unit.test_bench_r26b import photos  # the fixture: a folder of one grey photo
 
 REPO = Path(__file__).resolve().parents[2]
 
 # The benchmarks' main() turn SIGTERM into SystemExit (_server.exit_on_sigterm): put back for pytest.
 pytestmark = pytest.mark.usefixtures("sigterm_restored")
-
-
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(folder / "grey.jpg")
-    return folder
+FIXTURES = (photos,)  # pytest finds the fixture by its name in this module
 
 
 def test_detection_benchmark_that_cannot_fetch_the_detector_says_so_in_one_message(photos, monkeypatch, capsys):
