@@ -27,6 +27,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests send Ctrl-C (SIGINT) to the processes they start, as a terminal does. Started in the background by a
+# non-interactive shell (`make test &`, nohup), pytest inherits SIGINT ignored, and every child then too (an ignored
+# signal stays ignored across exec): those tests failed for how pytest was started. Python's own handler here makes
+# the children start with the default action, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 SHARED_ENV = "FACEAGE_SHARED_DATASETS"
 
