@@ -181,7 +181,9 @@ def test_ctrl_c_while_the_crop_workers_start_prints_one_line(tmp_path, sample_di
     starting reached them too: each printed a traceback (KeyboardInterrupt in its imports, dlib's "ImportError:
     initialization failed", EOFError from the pipe of a parent gone) around the stage's one "interrupted (Ctrl-C)"
     line. The parent alone handles Ctrl-C now, and stops its workers."""
-    _photos(sample_dir, tmp_path / "data", 24)
+    # 240 photos: seconds of cropping, so the latest Ctrl-C still lands before the stage ends (24 were done in
+    # under a second on an idle machine, and the stage exited 0 before the signal)
+    _photos(sample_dir, tmp_path / "data", 240)
     script = tmp_path / "stage.py"
     script.write_text(STAGE)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data"), str(detector_dir),
