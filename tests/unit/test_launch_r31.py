@@ -90,21 +90,27 @@ def _until_both_joined(proc: subprocess.Popen) -> None:
         joined += line.count("joined")  # (unbuffered, print writes the text and its newline apart)
 
 
+def _signalled_once_joined(proc: subprocess.Popen, *signals: signal.Signals) -> str:
+    """Sends ``signals`` to the launcher once both ranks joined; its stderr when it ended (killed, by its own pid,
+    if it had not within 90 s)."""
+    try:
+        _until_both_joined(proc)
+        for sig in signals:
+            proc.send_signal(sig)
+        return proc.communicate(timeout=90)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @linux_only
 def test_a_signal_the_launcher_ignores_does_not_stop_the_training(tmp_path):
     """``nohup dvc repro &``: SIGHUP is ignored, and the terminal closing must not stop the training. torch's
     launcher set its own handler for SIGTERM, SIGINT, SIGHUP and SIGQUIT whatever they were: the hang-up stopped
     both ranks and the stage failed with torch's SignalException traceback."""
     proc = _launch(tmp_path, ignore=(signal.SIGHUP, signal.SIGINT))
-    try:
-        _until_both_joined(proc)
-        proc.send_signal(signal.SIGHUP)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = _signalled_once_joined(proc, signal.SIGHUP, signal.SIGINT)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
 
@@ -114,14 +120,7 @@ def test_sighup_to_the_launcher_is_one_line_and_death_by_the_signal(tmp_path):
     """The terminal closed (SIGHUP) or Ctrl-\\ (SIGQUIT): torch stopped the workers, then its SignalException went
     through run_stage as a bug's traceback and exit code 1, not as the stage stopped by the signal."""
     proc = _launch(tmp_path)
-    try:
-        _until_both_joined(proc)
-        proc.send_signal(signal.SIGHUP)
-        _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = _signalled_once_joined(proc, signal.SIGHUP)
     assert proc.returncode == -signal.SIGHUP, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     assert "stopped by SIGHUP" in err, err[-3000:]
