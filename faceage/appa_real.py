@@ -59,6 +59,10 @@ class SourceMissingError(LayoutError):
     """Nothing is at the path given for a data source (as opposed to data there in the wrong layout)."""
 
 
+class MissingPhotosError(LayoutError):
+    """Photos a CSV lists are not in its split's folder (:func:`check_listed`)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One row of ``gt_avg_{split}.csv``."""
@@ -168,7 +172,7 @@ def _csv_lines(path: Path) -> io.StringIO:
     try:
         data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     except OSError as e:  # mode 600 from another account: check_sources showed a traceback, fetch_data "copying failed"
-        raise LayoutError(f"cannot read {path}: {errno_text(e)}: make it readable (chmod a+r)") from e
+        raise cannot_read(path, e) from e
     try:
         return io.StringIO(data.decode("utf-8"), newline="")
     except UnicodeDecodeError as e:
@@ -285,7 +289,8 @@ def check_listed(root: Path, split: str, samples: list[Sample], by_nfc: dict[Pat
         where: Put before the message (e.g. ``"evaluate.external: 'x': "``).
 
     Raises:
-        LayoutError: The split's folder is absent, or a listed photo is missing (the first few named).
+        LayoutError: The split's folder is absent.
+        MissingPhotosError: A listed photo is missing (the first few named).
     """
     folder = root / split
     by_nfc = {} if by_nfc is None else by_nfc  # one listing of the folder for all its names, not one per name
@@ -294,13 +299,16 @@ def check_listed(root: Path, split: str, samples: list[Sample], by_nfc: dict[Pat
     missing = [s.file_name for s in samples if listed_file(folder, s.file_name, by_nfc) is None]
     if missing:
         # Made on a Mac or Windows, where names match whatever their case: on Linux they do not.
-        by_case = {unicodedata.normalize("NFC", p.name).casefold(): p.name for p in folder.iterdir() if p.is_file()}
+        try:
+            by_case = {unicodedata.normalize("NFC", p.name).casefold(): p.name for p in folder.iterdir() if p.is_file()}
+        except OSError:  # a folder that can be entered but not listed (mode 711): the missing photos are the news
+            by_case = {}
         other_case = [(m, by_case[k]) for m in missing if (k := unicodedata.normalize("NFC", m).casefold()) in by_case]
         why = (f"; {len(other_case)} of them are there in another letter case (e.g. {other_case[0][0]!r} is "
                f"{other_case[0][1]!r}): names are case-sensitive here, unlike on macOS and Windows: spell them in "
                f"{csv_name(split)} as the files are" if other_case else "")
-        raise LayoutError(f"{where}{len(missing)} of {len(samples)} images listed in {csv_name(split)} are missing "
-                          f"from {folder}, e.g. {missing[:SHOW_MISSING]}{why}")
+        raise MissingPhotosError(f"{where}{len(missing)} of {len(samples)} images listed in {csv_name(split)} are "
+                                 f"missing from {folder}, e.g. {missing[:SHOW_MISSING]}{why}")
 
 
 # What counts as a photo left out of a CSV (any case): the formats load_image reads. Hidden files (macOS's
@@ -542,17 +550,40 @@ def dataset_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def readable_digest(path: Path) -> str:
-    """:func:`~faceage.download.file_digest` (sha256) of a source's file.
+def readable_digest(path: Path, algorithm: str = "sha256", where: str = "") -> str:
+    """:func:`~faceage.download.file_digest` of a source's file (a photo, a zip, a weights file).
+
+    Args:
+        where: Put before the message (e.g. ``"train.pretrained='x.pth': "``).
 
     Raises:
-        LayoutError: The file cannot be read (a photo copied from another account with mode 600): one line
-            naming it, where check_sources stopped with a PermissionError's traceback.
+        LayoutError: The file cannot be read (:func:`cannot_read`).
     """
     try:
-        return file_digest(path)
+        return file_digest(path, algorithm)
     except OSError as e:
-        raise LayoutError(f"cannot read {path}: {errno_text(e)}: make it readable (chmod a+r) or remove it") from e
+        raise cannot_read(path, e, where) from e
+
+
+def cannot_read(path: Path, e: OSError, where: str = "") -> LayoutError:
+    """The one line for a source's file that cannot be read (copied from another account with mode 600), where
+    check_sources and fetch_data stopped with a PermissionError's traceback or blamed something else."""
+    return LayoutError(f"{where}cannot read {path}: {errno_text(e)}: make it readable (chmod a+r)")
+
+
+def _is_zip(path: Path) -> bool:
+    """:func:`zipfile.is_zipfile`, which answers False for a file it cannot open: such a source was called
+    "neither a folder nor a zip file".
+
+    Raises:
+        LayoutError: ``path`` cannot be read (:func:`cannot_read`).
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise cannot_read(path, e) from e
+    return zipfile.is_zipfile(path)
 
 
 def is_url(source: str) -> bool:
@@ -621,7 +652,7 @@ def _materialise(source: str, local: Path, out_dir: Path) -> dict:
             if local.is_dir():
                 root = find_release_root(local)
                 splits = validate_layout(root)
-            elif zipfile.is_zipfile(local):
+            elif _is_zip(local):
                 doing = "extracting"
                 code_page_names: list[str] = []
                 links = _safe_extract(local, unzipped, code_page_names)
@@ -634,7 +665,8 @@ def _materialise(source: str, local: Path, out_dir: Path) -> dict:
                     why = (f"\n{len(links)} entries of the zip are symbolic links, which a zip holds as the path they "
                            f"point to, not the file (e.g. {links[:SHOW_MISSING]}): zip the files themselves "
                            "(zip -r without -y) or point fetch_data.source at the folder" if links else "")
-                    if code_page_names and "missing" in str(e):
+                    # A name read in the wrong code page is a listed photo missing, not a CSV or folder missing.
+                    if code_page_names and isinstance(e, MissingPhotosError):
                         why += (f"\n{len(code_page_names)} names in the zip are not UTF-8 and were read as cp437, the "
                                 f"zip format's default (e.g. {code_page_names[:SHOW_MISSING]}): a zip made on Windows "
                                 "may hold names in another code page (cp1252 'José' reads 'JosΘ'); unzip it with a "
@@ -733,7 +765,7 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
     else:
         local = local_source(source)
         if local.is_file() and md5:
-            got = file_digest(local, "md5")
+            got = readable_digest(local, "md5")
             if got != md5.lower():
                 raise ChecksumError(f"md5 of {local} is {got}, expected fetch_data.md5={md5} (the release's zip); "
                                     "for a zip made otherwise, skip the check: -S fetch_data.md5=")

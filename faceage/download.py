@@ -403,6 +403,7 @@ def download(
     Raises:
         ChecksumError: The complete file does not match ``md5``/``sha256`` (from every URL).
         ContentError: ``check`` rejected the complete file (from the last URL).
+        HTTPStatusError: The server answered an HTTP error status (every URL's did).
         DownloadError: An HTTP error, the connection kept failing (at every URL; the message
             names each), or a TLS certificate that is not trusted (``REQUESTS_CA_BUNDLE`` or
             ``SSL_CERT_FILE`` names the CA file to trust).
@@ -417,7 +418,7 @@ def download(
                                  f"{e.filename!r}") from e
     urls = [url, *mirrors]
     failures: list[str] = []
-    last: DownloadError | None = None
+    errors: list[DownloadError] = []
     # Runs side by side (dvc queue start -j 2) share the cache: one fetches, the other waits and reuses.
     with locked(dest, f"downloading {url} to {dest}"):
         for source, following in zip(urls, [*mirrors, None]):
@@ -427,10 +428,14 @@ def download(
                 if not mirrors:
                     raise
                 failures.append(f"{source}: {e}")
-                last = e
+                errors.append(e)
                 if following:
                     log.warning("%s failed (%s); trying the mirror %s", source, e, following)
-    raise type(last)(f"every URL of {dest.name} failed:\n" + "\n".join(failures)) from last
+    last = errors[-1]
+    kind = type(last)
+    if kind is HTTPStatusError and not all(isinstance(e, HTTPStatusError) for e in errors):
+        kind = DownloadError  # "the server answered" only where every server did: the source may be unreachable
+    raise kind(f"every URL of {dest.name} failed:\n" + "\n".join(failures)) from last
 
 
 def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, retries: int, timeout_s: float,

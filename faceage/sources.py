@@ -33,8 +33,7 @@ from typing import Any, Callable
 
 from faceage.appa_real import (LayoutError, SourceMissingError, check_listed, csv_name, data_files, dataset_fingerprint,
                                is_url, local_source, read_split, readable_digest, warn_unlisted)
-from faceage.atomic import errno_text, write_text
-from faceage.download import file_digest
+from faceage.atomic import write_text
 from faceage.paths import from_root
 
 log = logging.getLogger(__name__)
@@ -208,11 +207,7 @@ def pretrained_fingerprint(pretrained: str, backbone: str = "") -> dict[str, Any
     if not path.is_file():
         raise PretrainedMissingError(f"train.pretrained={pretrained!r}: no such weights file (resolved to {path}); "
                                      f"use {' or '.join(map(repr, NAMED_WEIGHTS))} or a path to a .pth file")
-    try:
-        digest = file_digest(path)
-    except OSError as e:  # mode 600 from another account: was a PermissionError's traceback in check_sources
-        raise LayoutError(f"train.pretrained={pretrained!r}: cannot read {path}: {errno_text(e)}: make it readable "
-                          "(chmod a+r)") from e
+    digest = readable_digest(path, where=f"train.pretrained={pretrained!r}: ")
     return {**record, "kind": "file", "bytes": path.stat().st_size, "sha256": digest}
 
 
