@@ -9,6 +9,8 @@ Routes:
 - ``POST /annotate``: a PNG of the photo with each box and its "#n age ± std" label;
 - ``POST /predict_batch``: several ``image`` fields, one result (or error) per image;
 - ``POST /crop?face=i``: PNG of face ``i``'s margin crop, exactly as ``preprocess`` cuts it;
+- ``GET /model_card``: the served model's card (``text/markdown``), the one ``stages/package.py`` shipped in the
+  BentoML model (404 ``{"error"}`` for a model packaged without one);
 - every route's answer names the model that gave it in the header ``X-FaceAge-Model`` (its tag, the JSON's
   ``model.tag``); boxes, ``width`` and ``height`` are in the upright photo's pixels (EXIF orientation applied), as
   in the CLI's ``--json`` and ``/annotate``'s PNG;
@@ -104,14 +106,46 @@ ERRORS = {status: dict(_ERROR, description=why) for status, why in (
     (503, "detection workers unavailable (Retry-After)"), (500, "internal error (logged)"))}
 
 
-def ok_response(description: str, media_type: str, headers: dict[str, str]) -> dict:
+def ok_response(description: str, media_type: str, headers: dict[str, str], errors: dict = ERRORS) -> dict:
     """OpenAPI ``responses`` of a route: its 200 (``media_type``, with ``headers``: name -> what it gives) and
-    :data:`ERRORS`."""
-    schema = {"type": "string", "format": "binary"} if media_type.startswith("image/") else {"type": "object"}
+    ``errors`` (status -> response; the photo routes': :data:`ERRORS`)."""
+    if media_type.startswith("image/"):
+        schema = {"type": "string", "format": "binary"}
+    else:
+        schema = {"type": "string"} if media_type.startswith("text/") else {"type": "object"}
     return {200: {"description": description, "content": {media_type: {"schema": schema}},
                   "headers": {name: {"description": what, "schema": {"type": "string"}}
                               for name, what in {**headers, MODEL_HEADER: "tag of the model that answered"}.items()}},
-            **ERRORS}
+            **errors}
+
+
+# GET /model_card's 404 (why, where the metadata names a card that is missing: the server's log at start-up).
+NO_MODEL_CARD = ("the served model carries no model card: it was packaged without one (its run logged no "
+                 "readable model card of its own: rerun that run's evaluate, then package it again)")
+
+
+def read_model_card(model_dir: str | Path, metadata: dict) -> str | None:
+    """The model card a BentoML model ships: the file its metadata's ``model_card`` names (``model_card.md``,
+    :func:`faceage.packaging.save_bento_model`) in ``model_dir``; ``None`` where it names none, or a file that is
+    not there (or not inside ``model_dir``)."""
+    name = metadata.get("model_card")
+    if not name:
+        return None
+    folder = Path(model_dir).resolve()
+    path = (folder / str(name)).resolve()
+    try:
+        if path.parent != folder or not path.is_file():
+            raise FileNotFoundError("not a file there")
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:  # the card is a document: the service serves its model without it
+        log.warning("the model's metadata names the model card %r, which cannot be read in %s (%s): GET /model_card "
+                    "answers 404", name, folder, e)
+        return None
+
+
+class MarkdownResponse(Response):
+    media_type = "text/markdown"
+    charset = "utf-8"
 
 
 UI = LazyUI()  # the Gradio UI at /ui (faceage.ui), loaded once the service is ready
@@ -210,6 +244,7 @@ class FaceAgeService:
                                                      max_pixels=LIMITS.max_pixels,
                                                      max_detect_pixels=LIMITS.max_detect_pixels)
         self.lineage = {"tag": str(stored.tag), **self.predictor.lineage(), **dict(stored.info.metadata)}
+        self.card = read_model_card(stored.path, self.lineage)  # GET /model_card (None: 404)
         # The detection workers start in the background (LocatorPool) while the model warms up.
         self.locator = LocatorPool(self.predictor.locator, LIMITS.detect_processes)
         self.predictor.warm_up()
@@ -286,6 +321,15 @@ class FaceAgeService:
         box = ",".join(map(str, located.boxes[face].as_list()))
         return png(await asyncio.to_thread(to_png, located.crops[face]),
                    {"X-FaceAge-Box": box, **model_header(self.lineage)})
+
+    @api.get("/model_card", response_class=MarkdownResponse, responses=ok_response(
+        "the served model's card (Markdown)", "text/markdown", {},
+        errors={404: dict(_ERROR, description="the served model carries no model card"), 500: ERRORS[500]}))
+    async def model_card(self) -> Response:
+        """The served model's card (Markdown): its test MAE, per-group errors, data and lineage."""
+        if self.card is None:
+            return error_response(404, NO_MODEL_CARD)
+        return MarkdownResponse(content=self.card, headers=model_header(self.lineage))
 
     @api.post("/predict_batch", openapi_extra=BATCH_FORM, responses=ok_response(
         '{"results": [{"filename", "faces", "width", "height"} or {"filename", "error", "status"}], "model"}',

@@ -341,6 +341,10 @@ class LocatorPool:
         self._in_flight = 0
         # Photos sent to the executor and not yet done: at most one per worker (_run).
         self._slots = asyncio.Semaphore(max(processes, 1))
+        # close() runs in a worker thread (the service's shutdown hook), the rest on the event loop's thread: which
+        # pool is in place, and whether the pool is closed, change together under this lock, so that a pool made
+        # (_replace) or a photo sent (_run) as close() runs is never left to a pool that close() did not stop.
+        self._swap = threading.Lock()
         self.cores = available_cores()
         if processes:
             self._workers = self._start()
@@ -456,11 +460,11 @@ class LocatorPool:
         # longer be cancelled: the photos of requests cancelled while they waited (their client gone, BentoML's
         # timeout) ran anyway, behind the busy workers. Waiting here, a cancelled photo never runs.
         await self._slots.acquire()
-        if workers is not self._workers:  # replaced (or closed) while this photo waited: it never reached a worker
-            self._slots.release()
-            raise _PoolBroke(BrokenProcessPool("the pool was replaced before this photo reached a worker"), None)
         try:
-            job = workers.submit(data, with_image, crops, parallel)
+            with self._swap:  # not closed (its executor shut down: a RuntimeError, a 500) between check and submit
+                if workers is not self._workers:  # replaced (or closed) while this photo waited: never reached one
+                    raise BrokenProcessPool("the pool was replaced before this photo reached a worker")
+                job = workers.submit(data, with_image, crops, parallel)
         except BaseException as e:
             self._slots.release()
             if isinstance(e, BrokenProcessPool):
@@ -506,7 +510,7 @@ class LocatorPool:
                 raise DetectionUnavailable(f"the detection workers did not start ({_describe(error)}): try again "
                                            f"in a few seconds")
             workers = self._workers
-            if workers is None:  # closed (close runs in a worker thread) while the failed pool was replaced
+            if workers is None:  # closed meanwhile (close() runs in a worker thread): _replace made no new pool
                 raise ServingClosed("the detection pool was closed (the server is shutting down): try again")
         elif workers.up():
             self._start_failed = False
@@ -534,18 +538,19 @@ class LocatorPool:
         interleave): one new pool per break, not one per photo. A pool whose workers did not start
         stays in place until :data:`RESTART_AFTER_S` after it was made (:meth:`_current` answers 503).
         """
-        if self._workers is not broken:
-            return
-        start_error = broken.start_error()
-        if start_error is not None:
-            self._start_failed = True
-            if time.monotonic() - broken.born < RESTART_AFTER_S:
+        with self._swap:  # close() (in its thread) either stops the new pool or comes first and no pool is made
+            if self._closed or self._workers is not broken:
                 return
-            log.error("the detection workers did not start (%s); starting a new pool of %d", _describe(start_error),
-                      self.processes)
-        else:
-            log.error("a detection worker died (%s); starting a new pool of %d", error, self.processes)
-        self._workers = self._start()
+            start_error = broken.start_error()
+            if start_error is not None:
+                self._start_failed = True
+                if time.monotonic() - broken.born < RESTART_AFTER_S:
+                    return
+                log.error("the detection workers did not start (%s); starting a new pool of %d",
+                          _describe(start_error), self.processes)
+            else:
+                log.error("a detection worker died (%s); starting a new pool of %d", error, self.processes)
+            self._workers = self._start()
         broken.executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
@@ -557,8 +562,9 @@ class LocatorPool:
         their named semaphores, and ``bentoml serve`` ended with "resource_tracker: There appear to be 5 leaked
         semaphore objects to clean up at shutdown" (and ``/dev/shm`` kept them).
         """
-        self._closed = True
-        workers, self._workers = self._workers, None
+        with self._swap:
+            self._closed = True
+            workers, self._workers = self._workers, None
         if workers is not None:
             workers.stop(timeout)
 

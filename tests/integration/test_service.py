@@ -287,6 +287,19 @@ def test_health_endpoints_and_lineage(bento_server, wild_dir):
     assert model["tag"] == bento_server.package["bento_model"]
 
 
+def test_the_served_model_card_is_the_one_the_bento_ships(bento_server):
+    """GET /model_card over real HTTP: the champion's own card that packaging put in the BentoML model (the
+    tiny run's evaluate logged one), as Markdown, naming the model that answered."""
+    card_path = bento_server.package["model_card_path"]
+    assert card_path, "the tiny run's evaluate logged a model card: packaging should ship it"
+    r = requests.get(bento_server.url + "/model_card", timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/markdown")
+    assert r.headers["X-FaceAge-Model"] == bento_server.package["bento_model"]
+    assert r.text == Path(card_path).read_text(encoding="utf-8")
+    assert bento_server.package["mlflow_run_id"] in r.text  # the packaged run's own card
+
+
 def test_the_cli_gives_the_services_answers(bento_server, wild_dir):
     """One inference path: the CLI runs the checkpoint in torch, the service its ONNX export."""
     photo = wild_dir / "fr_two_people.jpg"
