@@ -326,8 +326,8 @@ def write_annotated(out_dir: Path, path: Path, image, faces: list[FaceAge]) -> P
         try:
             with out:
                 out.write(data)
-        except OSError:
-            target.unlink(missing_ok=True)  # a truncated PNG is worse than none
+        except BaseException:  # a full disk, or Ctrl-C: a truncated PNG is worse than none
+            target.unlink(missing_ok=True)
             raise
         return target
 
@@ -621,7 +621,11 @@ def _no_images(given: Sequence[str], recursive: bool, annotate: Path | None) -> 
     alone read as if the folder were empty."""
     message = f"no images found in {', '.join(given)}"
     if not recursive:
-        below = len(collect_images([p for p in given if os.path.isdir(p)], True, skip_dir=annotate))
+        # The scan itself, not collect_images: that warns of each photo reached twice as "reported once" (nothing
+        # is reported here), and a subfolder that cannot be listed is no photo.
+        skip = None if annotate is None else _real(annotate)
+        below = len({_real(photo) for folder in given if os.path.isdir(folder)
+                     for photo in _scan_folder(Path(folder), True, skip) if not isinstance(photo, UnlistedFolder)})
         if below:
             message += (f" (their subfolders hold {below} photo{'s' * (below > 1)}: add --recursive to read them)")
     return message
