@@ -64,6 +64,14 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
     return note
 
 
+def _scored(m: dict[str, Any], key: str, digits: int = 2) -> str:
+    """A set's metric ``key`` for the card's tables: ``-`` where the set has none, or had no face to score
+    (evaluate reports such a set with NaN metrics, which read "nan" as if the model had output NaN)."""
+    if key not in m or (key != "n_faces" and m.get("n_faces", 1) == 0):
+        return "-"
+    return str(m[key]) if digits == 0 else _fmt(m[key], digits)
+
+
 def _external_table(external: dict[str, dict], cs_key: str) -> list[str]:
     """One row per cross-dataset set: its images, the faces scored, and the images skipped, faceless
     apart from unreadable (both were counted as "no face")."""
@@ -72,8 +80,8 @@ def _external_table(external: dict[str, dict], cs_key: str) -> list[str]:
         f"CS@{cs_key[2:]} | training-mean baseline MAE |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(f"| `{name}` | {m['n_images']} | {m['n_faces']} | {m.get('no_face', 0)} | {m.get('unreadable', 0)} | "
-          f"{_fmt(m['mae_years'])} | {_fmt(m['rmse_years'])} | {_fmt(m[cs_key], 3)} | "
-          f"{_fmt(m['baseline_mae_years'])} |" for name, m in external.items()),
+          f"{_scored(m, 'mae_years')} | {_scored(m, 'rmse_years')} | {_scored(m, cs_key, 3)} | "
+          f"{_scored(m, 'baseline_mae_years')} |" for name, m in external.items()),
     ]
 
 
@@ -199,7 +207,7 @@ def _metrics_table(metrics: dict[str, Any], cs_key: str) -> list[str]:
     lines += ["| metric | " + " | ".join(title for title, _ in columns) + " |",
               "|---|" + "---:|" * len(columns)]
     for label, key, digits in rows:
-        cells = [("-" if key not in m else str(m[key]) if digits == 0 else _fmt(m[key], digits)) for _, m in columns]
+        cells = [_scored(m, key, digits) for _, m in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 

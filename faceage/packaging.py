@@ -508,8 +508,8 @@ def champion_card(client, winner: Winner, workdir: str | Path) -> Path | None:
                     e)
         return None
     if described != winner.run_id:
-        log.warning("the %s artifact of run %s describes run %s: not shipped with the BentoML model", artifact,
-                    winner.run_id, described)
+        log.warning("the %s artifact of run %s %s: not shipped with the BentoML model", artifact, winner.run_id,
+                    f"describes run {described}" if described else "names no MLflow run (its Lineage section)")
         return None
     return path
 
@@ -798,21 +798,23 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
 
     Returns:
         The lineage metadata (a reused stored copy's own: :func:`save_bento_model`) plus ``bento_model``
-        (the packaged model's tag), ``model_card_path`` (the card in the BentoML store, or None where the run
-        logged none) and ``winner`` (:class:`Winner` as a dict).
+        (the packaged model's tag), ``model_card_path`` (the card in the BentoML store, or None where none ships:
+        :func:`champion_card` warns why) and ``winner`` (:class:`Winner` as a dict).
     """
     import mlflow
 
     from faceage.tracking import tracking_uri
 
     uri = tracking_uri()
-    # A server that does not answer: one line now, not MLflow's ~4 minutes of retries and then a traceback
-    # that shows the URI, password and all.
-    check_reachable(uri)
     db = sqlite_path(uri)
+    # Before check_reachable's write check: a store that is not there (a typo'd path, a share not mounted) was
+    # reported as its first existing folder being read-only
     if db is not None and not db.is_file():  # MLflow would create it: a typo'd path said "experiment not found"
         raise PackagingError(f"no MLflow store at {db} ({display_uri(uri)}): run the pipeline first (dvc repro), "
                              "or point MLFLOW_TRACKING_URI at the store its runs are in")
+    # A server that does not answer: one line now, not MLflow's ~4 minutes of retries and then a traceback
+    # that shows the URI, password and all.
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     has_settings = (Path(faces_dir) / PREPROCESS_SETTINGS).is_file()  # else check_workspace names the fix

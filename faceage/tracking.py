@@ -202,6 +202,12 @@ def check_writable(uri: str | None = None) -> None:
     else:  # MLflow creates it (and locked() its folders)
         folder = next((f for f in db.parents if f.exists()), None)
         path = folder if folder is not None and not os.access(folder, os.W_OK) else None
+        if path is not None and path != db.parent:
+            # A store on a share that is not mounted, a mistyped folder: "<the first folder there> is read-only"
+            # sent the user to make it writable when the path was what was wrong
+            raise TrackingError(f"the MLflow store {display_uri(uri)} cannot be created: {db.parent} does not exist "
+                                f"and {path}, where it would be made, is read-only for this user; correct "
+                                "MLFLOW_TRACKING_URI (is its folder mounted?), or create that folder")
     if path is None:
         return
     raise TrackingError(f"the MLflow store {display_uri(uri)} cannot be written: {path} is read-only for this user "

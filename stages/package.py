@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     card = summary.get("model_card_path")
     logging.getLogger("faceage").info("packaged %s: %s@champion version %s; its model card: %s", summary["bento_model"],
                                       summary["registered_model"], summary["registered_version"],
-                                      card or "none (its run logged no model_card.md)")
+                                      card or "none (the warning above says why)")
 
 
 if __name__ == "__main__":
