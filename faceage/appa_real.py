@@ -38,7 +38,8 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, megabytes, place_in, scratch_dir, staged_dir
-from faceage.download import ChecksumError, ContentError, DownloadError, HTTPStatusError, download, file_digest
+from faceage.download import (ChecksumError, ContentError, DownloadError, HTTPStatusError, UnreachableError, download,
+                              file_digest)
 from faceage.errors import FaceAgeError
 from faceage.paths import downloads_dir, from_root
 
@@ -506,10 +507,21 @@ def tree_files(folder: Path) -> list[Path]:
     to the user's photos had no image in its fingerprint. Each real folder is read once, by the first
     path that reaches it (folders in name order): a link back to a folder already read (a loop, or
     the folder itself) adds nothing, and a link to a folder above (``test -> ..``) reads it once.
+
+    A ``folder`` that does not exist has no files.
+
+    Raises:
+        LayoutError: A folder under ``folder`` (or ``folder`` itself) cannot be listed (:func:`cannot_read`):
+            skipped, its files were left out of the fingerprint, and changes to them never re-ran the pipeline.
     """
+    def unreadable(e: OSError) -> None:
+        if isinstance(e, FileNotFoundError) and os.fspath(e.filename or "") == os.fspath(folder):
+            return  # no such folder: nothing in it, as before
+        raise cannot_read(Path(e.filename or folder), e) from e
+
     files = []
     seen = {os.path.realpath(folder)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         dirnames.sort()  # which of two paths to one folder counts must not depend on the file system's order
         keep = []
         for d in dirnames:
@@ -568,7 +580,9 @@ def readable_digest(path: Path, algorithm: str = "sha256", where: str = "") -> s
 def cannot_read(path: Path, e: OSError, where: str = "") -> LayoutError:
     """The one line for a source's file that cannot be read (copied from another account with mode 600), where
     check_sources and fetch_data stopped with a PermissionError's traceback or blamed something else."""
-    return LayoutError(f"{where}cannot read {path}: {errno_text(e)}: make it readable (chmod a+r)")
+    how = ("a folder: make it and its files readable (chmod -R a+rX)" if os.path.isdir(path)  # never raises
+           else "make it readable (chmod a+r)")
+    return LayoutError(f"{where}cannot read {path}: {errno_text(e)}: {how}")
 
 
 def _is_zip(path: Path) -> bool:
@@ -710,7 +724,7 @@ def _write_error(e: OSError, doing: str, hidden: list[Path], local: Path, out_di
             else:
                 with zipfile.ZipFile(local) as zf:
                     need = 2 * sum(m.file_size for m in zf.infolist())
-        except (OSError, zipfile.BadZipFile):  # the estimate is a courtesy: the error stands without it
+        except (OSError, LayoutError, zipfile.BadZipFile):  # the estimate is a courtesy: the error stands without it
             need = None
         free = free_bytes(out_dir.parent)
         if need is not None and free is not None:
@@ -719,6 +733,11 @@ def _write_error(e: OSError, doing: str, hidden: list[Path], local: Path, out_di
         else:
             message += f"; free some space in {out_dir.parent}"
     return WriteError(message)
+
+
+# The way round a download that failed, at the end of its message.
+LOCAL_COPY = ("point fetch_data.source at a local copy of the release (its .zip or the unzipped folder): dvc exp run -S "
+              "fetch_data.source=/abs/path/appa-real-release.zip")
 
 
 def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors: tuple[str, ...] | list[str] = (),
@@ -743,6 +762,7 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
     """
     out_dir = Path(out_dir)
     if is_url(source):
+        where = "fetch_data.source and fetch_data.mirrors" if mirrors else "fetch_data.source"
         try:
             # Without a checksum, an error page sent with 200 OK is refused as a wrong checksum would be:
             # deleted (nothing else would ever evict it), and the next URL asked.
@@ -753,15 +773,16 @@ def fetch_appa_real(source: str, out_dir: str | Path, *, md5: str = "", mirrors:
                                 "zip's md5, or skip the check: -S fetch_data.md5=)") from e
         except ContentError as e:
             raise LayoutError(f"{e} (set fetch_data.md5 to pin the bytes)") from e
-        except HTTPStatusError as e:  # the server was reached: "without a connection" misled
+        except HTTPStatusError as e:  # every server was reached: "without a connection" misled
             raise HTTPStatusError(f"{e}\nThe server was reached but did not send the file: check the URL in "
-                                  f"fetch_data.source{' and fetch_data.mirrors' if mirrors else ''}, or point "
-                                  "fetch_data.source at a local copy of the release (its .zip or the unzipped "
-                                  "folder)") from e
-        except DownloadError as e:
-            raise DownloadError(f"{e}\nWithout a connection to the release's hosts, point fetch_data.source at a local "
-                                "copy of the release (its .zip or the unzipped folder): dvc exp run -S "
-                                "fetch_data.source=/abs/path/appa-real-release.zip") from e
+                                  f"{where}, or {LOCAL_COPY}") from e
+        except UnreachableError as e:  # no URL was reached
+            raise UnreachableError(f"{e}\nWithout a connection to the release's hosts, {LOCAL_COPY}") from e
+        except DownloadError as e:  # a server answered (busy, a redirect loop), or some did and others were not reached
+            answered = ("Check fetch_data.source and fetch_data.mirrors against what each URL answered above (and the "
+                        "connection to any that was not reached)" if mirrors
+                        else "Check fetch_data.source against the failure above")
+            raise DownloadError(f"{e}\n{answered}, or {LOCAL_COPY}") from e
     else:
         local = local_source(source)
         if local.is_file() and md5:

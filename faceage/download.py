@@ -60,6 +60,12 @@ class HTTPStatusError(DownloadError):
     connection, is what to check."""
 
 
+class UnreachableError(DownloadError):
+    """No connection to the server could be made or kept (a host name that does not resolve, a certificate that is
+    not trusted, a connection that kept dropping or timing out): the network, not the URL, is what to check. From
+    :func:`download` with mirrors: no URL was reached (one that answered makes it a :class:`DownloadError`)."""
+
+
 class ChecksumError(DownloadError):
     """The fetched bytes do not match the expected checksum."""
 
@@ -404,6 +410,8 @@ def download(
         ChecksumError: The complete file does not match ``md5``/``sha256`` (from every URL).
         ContentError: ``check`` rejected the complete file (from the last URL).
         HTTPStatusError: The server answered an HTTP error status (every URL's did).
+        UnreachableError: No connection could be made or kept (to any URL): a host name that does not
+            resolve, an untrusted certificate, a connection that kept failing.
         DownloadError: An HTTP error, the connection kept failing (at every URL; the message
             names each), or a TLS certificate that is not trusted (``REQUESTS_CA_BUNDLE`` or
             ``SSL_CERT_FILE`` names the CA file to trust).
@@ -421,46 +429,47 @@ def download(
     errors: list[DownloadError] = []
     # Runs side by side (dvc queue start -j 2) share the cache: one fetches, the other waits and reuses.
     with locked(dest, f"downloading {url} to {dest}"):
+        # Once for every URL: the file there is the same whichever is asked (a release zip is over 1 GB to hash).
+        stale = None
+        if dest.exists():
+            if _matches(dest, md5, sha256):
+                if check is None or check(dest) is None:
+                    log.info("%s already present and verified", dest)
+                    return dest
+                dest.unlink()  # kept before a check was asked for: fetched again
+            else:
+                # A copy put there by hand (offline) that is not the file: without saying so, a failed fetch
+                # read as if no copy had been there at all.
+                stale = (f"{dest} is there but its {'sha256' if sha256 else 'md5'} does not match (another "
+                         "version, or cut short), so it is not used: replace it with the right file, or rerun online")
+                log.warning("%s; fetching %s", stale, url)
         for source, following in zip(urls, [*mirrors, None]):
             try:
                 return _download_locked(source, dest, md5, sha256, retries, timeout_s, backoff_s, progress, check)
             except DownloadError as e:
                 if not mirrors:
-                    raise
+                    if stale is None:
+                        raise
+                    raise type(e)(f"{e}; {stale}") from e
                 failures.append(f"{source}: {e}")
                 errors.append(e)
                 if following:
                     log.warning("%s failed (%s); trying the mirror %s", source, e, following)
     last = errors[-1]
     kind = type(last)
-    if kind is HTTPStatusError and not all(isinstance(e, HTTPStatusError) for e in errors):
-        kind = DownloadError  # "the server answered" only where every server did: the source may be unreachable
-    raise kind(f"every URL of {dest.name} failed:\n" + "\n".join(failures)) from last
+    # "the server answered" (or "none was reached") only where it is so of every URL: a mix is a DownloadError
+    if kind in (HTTPStatusError, UnreachableError) and not all(isinstance(e, kind) for e in errors):
+        kind = DownloadError
+    raise kind(f"every URL of {dest.name} failed:\n" + "\n".join(failures) + (f"\n{stale}" if stale else "")) \
+        from last
 
 
 def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, retries: int, timeout_s: float,
                      backoff_s: float, progress: bool, check: Callable[[Path], str | None] | None = None) -> Path:
-    stale = None
-    if dest.exists():
-        if _matches(dest, md5, sha256):
-            if check is None or check(dest) is None:
-                log.info("%s already present and verified", dest)
-                return dest
-            dest.unlink()  # kept before a check was asked for: fetched again
-        else:
-            # A copy put there by hand (offline) that is not the file: without saying so, a failed fetch
-            # read as if no copy had been there at all.
-            stale = (f"{dest} is there but its {'sha256' if sha256 else 'md5'} does not match (another version, "
-                     "or cut short), so it is not used: replace it with the right file, or rerun online")
-            log.warning("%s; fetching %s", stale, url)
+    """Fetches ``url`` into ``dest`` (not there, or not the file: :func:`download` has looked) through its part."""
     part = dest.with_name(dest.name + ".part")
     verified = bool(md5 or sha256)
-    try:
-        resumed = _fetch(url, part, retries, timeout_s, backoff_s, progress, verified)
-    except DownloadError as e:
-        if stale is None:
-            raise
-        raise type(e)(f"{e}; {stale}") from e
+    resumed = _fetch(url, part, retries, timeout_s, backoff_s, progress, verified)
     wrong = _wrong_checksum(part, url, md5, sha256)
     if wrong and resumed:
         # The part's head may be another version's (a server without ETag or Last-Modified for If-Range, a
@@ -514,12 +523,12 @@ def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: floa
                 # Waiting does not make a host name resolve (no network, no DNS, a typo): backing off
                 # would only delay the mirror or the error by half a minute.
                 if _through_proxy(e):  # the proxy's name, not the URL's: the setting is what to check
-                    raise DownloadError(f"GET {url} failed: cannot resolve the host name of the proxy{PROXY_HINT} "
-                                        f"({e})") from e
-                raise DownloadError(f"GET {url} failed: cannot resolve the host name ({e})") from e
+                    raise UnreachableError(f"GET {url} failed: cannot resolve the host name of the proxy"
+                                           f"{PROXY_HINT} ({e})") from e
+                raise UnreachableError(f"GET {url} failed: cannot resolve the host name ({e})") from e
             if _untrusted(e):
                 # No retry changes a certificate: backing off only delayed the mirror or the error.
-                raise DownloadError(
+                raise UnreachableError(
                     f"GET {url} failed: the server's TLS certificate is not trusted ({e}); behind a proxy that "
                     "inspects TLS, point REQUESTS_CA_BUNDLE (or SSL_CERT_FILE) at its CA certificate (a PEM file)"
                 ) from e
@@ -529,7 +538,9 @@ def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: floa
             if attempt == retries:
                 kept = f"; {part} keeps the {have} bytes fetched so far and the next run resumes from there" if have else ""
                 proxy = f" through the proxy{PROXY_HINT}" if _through_proxy(e) else ""
-                raise DownloadError(f"download of {url}{proxy} failed after {retries + 1} attempts: {e}{kept}") from e
+                # A server that kept answering "busy" (503...) was reached: its URL and state, not the line, are news.
+                kind = DownloadError if isinstance(e, _BusyError) else UnreachableError
+                raise kind(f"download of {url}{proxy} failed after {retries + 1} attempts: {e}{kept}") from e
             attempt += 1
             wait = max(delay, getattr(e, "retry_after_s", 0.0))
             log.warning("download interrupted (%s); resuming in %.1f s", e, wait)
