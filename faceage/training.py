@@ -116,6 +116,44 @@ def select_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def check_process_count(p: TrainParams, nproc: int, setting: str, *, warn: bool = True) -> None:
+    """``nproc`` training processes on this machine, checked before any starts (or joins the process group).
+
+    On CUDA each rank takes one GPU (``cuda:<local rank>``): more ranks than visible GPUs failed in every extra
+    rank with torch's "invalid device ordinal" traceback. On CPU (gloo) more ranks than cores (its affinity, a
+    container's CPU quota: :func:`faceage.cores.usable_cores`) each get one torch thread and share the cores:
+    training ran many times slower, without a word; ``warn`` says so once.
+
+    Args:
+        p: The ``train`` params (``device``).
+        nproc: The processes on this machine.
+        setting: What set ``nproc``, as the message names it (``train.nproc_per_node=4``).
+        warn: Log the CPU warning (the one process of the machine that says it).
+
+    Raises:
+        ConfigError: More CUDA processes than visible GPUs.
+    """
+    if nproc <= 1:
+        return
+    device = select_device(p.device)
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            picked = " (train.device=auto picked cuda)" if p.device == "auto" else ""
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(f"{setting} starts {nproc} training processes on CUDA{picked}, one GPU each, but "
+                              f"{gpus} GPU(s) are visible"
+                              f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}: "
+                              f"use at most {gpus} process(es), or train.device=cpu")
+    elif device.type == "cpu" and warn:
+        cores = usable_cores()
+        if nproc > cores:
+            log.warning("%s starts %d training processes on CPU, but this process may use %d CPU core(s) "
+                        "(os.sched_getaffinity and any container CPU quota; os.cpu_count()=%s): they share the cores, "
+                        "which trains many times slower than fewer processes; use at most %d", setting, nproc,
+                        cores, os.cpu_count(), cores)
+
+
 def pin_threads() -> int:
     """Torch threads for this process: its cores shared among the ranks on this machine.
 
@@ -213,6 +251,10 @@ def init_distributed(p: TrainParams) -> tuple[Distributed, torch.device]:
         if p.batch_size % d.world_size:
             raise ConfigError(f"train.batch_size={p.batch_size} (the global batch) must be divisible by the "
                               f"{d.world_size} processes")
+        # Each rank, before it joins the group (stages/train.py checked before it relaunched, and warned): a
+        # torchrun started with more ranks than GPUs failed in torch.cuda.set_device, "invalid device ordinal".
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+        check_process_count(p, local, f"torchrun --nproc_per_node={local}", warn=False)
         if device.type == "cuda":
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
@@ -1085,7 +1127,9 @@ class _Tracker:
         self.mlflow.log_params({**{f"train.{k}": v for k, v in asdict(p).items()},
                                 **{f"preprocess.{k}": v for k, v in self.crop.items()},
                                 "train.loader_workers": self.workers, "train.torch_threads": self.threads,
-                                "train.world_size": self.d.world_size})
+                                "train.world_size": self.d.world_size,
+                                # train.head=auto's choice, comparable across runs in `mlflow ui` (dlib_age only)
+                                **({"train.head_resolved": head} if (head := finetune.resolve_head(p)) else {})})
 
     def _tag_this_process(self, tags: dict[str, str]) -> None:
         """Tags what this process (a start or a resume) changes about the run, given its current ``tags``.
