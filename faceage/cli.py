@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import csv
 import json
 import logging
@@ -237,7 +238,9 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
         paths: Image files.
         annotate_dir: If given, an annotated PNG per readable photo is written there, under a new
             name (:func:`write_annotated`). A photo whose copy cannot be written keeps its ages and
-            gets ``annotate_error``.
+            gets ``annotate_error``. Interrupted (Ctrl-C here, or closed by its caller), the copies
+            written for the photos not yet yielded are removed: a copy is left for each photo whose
+            result the caller holds.
 
     Raises:
         FaceAgeError: ``annotate_dir`` is a file or cannot be created.
@@ -263,19 +266,42 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
                     result.height, result.width = image.shape[:2]
                     images[len(results)] = image
                 results.append(result)
-            for i, faces in zip(images, predictor.predict_many(list(images.values()))):
-                results[i].faces = faces
-                if annotate_dir is not None:
-                    try:
-                        written = write_annotated(annotate_dir, results[i].path, images[i], faces)
-                    except OSError as e:  # a full disk, an odd file system: the ages are still good
-                        results[i].annotate_error = str(e)
-                        log.warning("could not write the annotated copy of %s: %s", results[i].path, e)
-                    else:
-                        results[i].annotated = written
-                        log.info("annotated %s -> %s", results[i].path, written)
-            bar.update(len(results))
-            yield from results
+            handed = 0
+            try:
+                for i, faces in zip(images, predictor.predict_many(list(images.values()))):
+                    results[i].faces = faces
+                    if annotate_dir is not None:
+                        try:
+                            written = write_annotated(annotate_dir, results[i].path, images[i], faces)
+                        except OSError as e:  # a full disk, an odd file system: the ages are still good
+                            results[i].annotate_error = str(e)
+                            log.warning("could not write the annotated copy of %s: %s", results[i].path, e)
+                        else:
+                            results[i].annotated = written
+                            log.info("annotated %s -> %s", results[i].path, written)
+                bar.update(len(results))
+                for result in results:
+                    handed += 1  # before the yield: closed there, the caller holds this one
+                    yield result
+            except BaseException:  # Ctrl-C, or GeneratorExit: no copy of a photo whose result is not out
+                _remove_copies(results[handed:])
+                raise
+
+
+def _remove_copies(results: Sequence[PhotoResult]) -> None:
+    """Removes the annotated copies written for ``results``, which their caller never got (an interrupted run):
+    its message counts only the photos printed, and a rerun would write them again under new names."""
+    for result in results:
+        if result.annotated is None:
+            continue
+        try:
+            result.annotated.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("could not remove the annotated copy %s of the unfinished %s: %s", result.annotated,
+                        result.path, e.strerror or e)
+        else:
+            log.info("removed the annotated copy %s of the unfinished %s", result.annotated, result.path)
+        result.annotated = None
 
 
 def _read_error(path: Path, error: Exception) -> str:
@@ -587,8 +613,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FaceAgeError(_no_images(args.paths, args.recursive, args.annotate))
         if args.annotate is not None:  # before the model loads: a bad folder fails at once
             prepare_annotate_dir(args.annotate)
-        for result in predict_photos(load_predictor(args), paths, args.annotate):
-            results.append(result)
+        # Closed at once on Ctrl-C, not whenever it is collected: it removes the copies of the photos not printed.
+        with contextlib.closing(predict_photos(load_predictor(args), paths, args.annotate)) as rows:
+            for result in rows:
+                results.append(result)
     except (FaceAgeError, FileNotFoundError) as e:
         log.error("%s", error_line(e, with_type=False))  # one line, a hint raised on a second one joined to it
         return 1
@@ -596,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
     if not interrupted:
         try:
-            return _write_results(args, results)
+            return _write_results(args, results)[0]
         except KeyboardInterrupt:  # Ctrl-C while a long table is printed: no traceback either
             die_of_signal(signal.SIGINT,
                           f"interrupted (Ctrl-C) while the results of {len(results)} photos were printed")
@@ -605,8 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     message = "interrupted (Ctrl-C)"
     if results:
         try:
-            _write_results(args, results)
-            message += f" after {len(results)} of {len(paths)} photos: their results are printed, the others' not"
+            _, unprinted = _write_results(args, results)
+            message += f" after {len(results)} of {len(paths)} photos: " + (
+                "their results are printed, the others' not" if unprinted is None else
+                f"their results could not all be printed ({unprinted}), the others' not computed")
         except KeyboardInterrupt:  # a second Ctrl-C while the results are written
             message += f" after {len(results)} of {len(paths)} photos, while their results were printed"
     elif paths:
@@ -631,8 +661,9 @@ def _no_images(given: Sequence[str], recursive: bool, annotate: Path | None) -> 
     return message
 
 
-def _write_results(args: argparse.Namespace, results: Sequence[PhotoResult]) -> int:
-    """Prints ``results`` on stdout in the format asked for; returns the exit status (see :func:`main`)."""
+def _write_results(args: argparse.Namespace, results: Sequence[PhotoResult]) -> tuple[int, str | None]:
+    """Prints ``results`` on stdout in the format asked for; returns the exit status (see :func:`main`) and why
+    they could not all be printed (None when they were)."""
     annotate = args.annotate is not None
     try:
         if args.json:
@@ -645,11 +676,14 @@ def _write_results(args: argparse.Namespace, results: Sequence[PhotoResult]) -> 
         sys.stdout.flush()
     except BrokenPipeError:  # `faceage predict ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        unprinted = "broken pipe: the output's reader left"
     except OSError as e:  # a full disk (`> out.json`): one line, as for --annotate's copies, not a traceback
         log.error("could not write the results to stdout: %s", e.strerror or e)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
-        return 1
-    return 1 if any(r.error is not None or r.annotate_error is not None for r in results) else 0
+        return 1, f"stdout: {e.strerror or e}"
+    else:
+        unprinted = None
+    return 1 if any(r.error is not None or r.annotate_error is not None for r in results) else 0, unprinted
 
 
 if __name__ == "__main__":

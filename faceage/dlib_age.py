@@ -281,6 +281,8 @@ def onnx_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
 
     try:
         graph = onnx.load(str(onnx_path)).graph
+    except MemoryError:  # the machine's, not the file's: fetching it again would not help
+        raise
     except Exception as e:  # protobuf's DecodeError (a truncated copy), OSError (unreadable): none names the file
         raise NetworkFileError(f"{onnx_path} is not a readable ONNX file ({type(e).__name__}: "
                                f"{' '.join(str(e).split())[:120]}): {REFETCH}") from e

@@ -87,6 +87,16 @@ class ImageDecodeError(FaceAgeError, ValueError):
     """The input is not a decodable image (empty, truncated, unknown format, too large)."""
 
 
+class ImageTooLarge(ImageDecodeError):
+    """An image over a pixel cap: ``pixels`` it has (None where only "more than" is known) and ``limit``, the cap
+    named in the message: the caller's ``max_pixels``, or Pillow's own where that is the lower one. A caller that
+    names its setting in the message (the server's ``FACEAGE_MAX_PIXELS``) reads these, never the words."""
+
+    def __init__(self, message: str, pixels: int | None = None, limit: int | None = None):
+        super().__init__(message)  # args: the message alone (str(e)); pickled with the attributes (a worker's)
+        self.pixels, self.limit = pixels, limit
+
+
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # Pillow mode -> the colour space of its values, the one an embedded profile must describe ("L": grey).
 _COLOUR_SPACE = {**dict.fromkeys(_SIXTEEN_BIT + ("F", "1", "L", "LA", "La"), "L"),
@@ -265,13 +275,17 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
 
 # ITU-T H.273 transfer characteristics -> the ICC parametric curve (type, g, a, b, c, d) that decodes them.
 # BT.709's (also BT.601's and BT.2020's) is the inverse of its camera curve, as browsers decode it; an unspecified
-# one is sRGB's, as for an untagged photo. PQ and HLG (HDR) have no SDR curve without tone mapping: refused.
+# one is sRGB's, as for an untagged photo. PQ and HLG (HDR) have no SDR curve without tone mapping; the other
+# defined ones (:data:`_NCLX_TRANSFER_NAMES`) are not converted here; the rest are reserved codes, which name no
+# curve: all refused, the raw values used.
 _NCLX_TRANSFERS = {
     **dict.fromkeys((1, 6, 14, 15), (3, 1 / 0.45, 1 / 1.099, 0.099 / 1.099, 1 / 4.5, 0.081)),
     **dict.fromkeys((2, 13), (3, 2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)),
     4: (0, 2.2), 5: (0, 2.8), 8: (0, 1.0),
 }
-_NCLX_TRANSFER_NAMES = {16: "PQ, HDR", 18: "HLG, HDR"}
+_NCLX_HDR_TRANSFERS = {16: "PQ, HDR", 18: "HLG, HDR"}
+_NCLX_TRANSFER_NAMES = {7: "SMPTE 240M", 9: "logarithmic, 100:1", 10: "logarithmic, 316:1",
+                        11: "xvYCC, IEC 61966-2-4", 12: "BT.1361 extended gamut", 17: "SMPTE ST 428-1, D-Cinema"}
 # Colour primaries that are sRGB's (BT.709) or unspecified: the values are used as they are, as for a JPEG.
 _NCLX_SRGB_PRIMARIES = frozenset({1, 2})
 # The chromaticities (x, y) of red, green, blue and white of the others (ITU-T H.273 table 2).
@@ -304,9 +318,13 @@ def _nclx_icc(nclx: dict) -> bytes | None:
         return None
     if primaries not in _NCLX_PRIMARIES:
         raise ValueError(f"colour primaries {primaries} (ITU-T H.273) are not converted")
+    if transfer in _NCLX_HDR_TRANSFERS:
+        raise ValueError(f"transfer characteristics {transfer} ({_NCLX_HDR_TRANSFERS[transfer]}) have no SDR "
+                         f"conversion without tone mapping")
+    if transfer in _NCLX_TRANSFER_NAMES:
+        raise ValueError(f"transfer characteristics {transfer} ({_NCLX_TRANSFER_NAMES[transfer]}) are not converted")
     if transfer not in _NCLX_TRANSFERS:
-        why = _NCLX_TRANSFER_NAMES.get(transfer, "ITU-T H.273")
-        raise ValueError(f"transfer characteristics {transfer} ({why}) have no SDR conversion")
+        raise ValueError(f"transfer characteristics {transfer} are reserved in ITU-T H.273: they name no curve")
     xy = _NCLX_PRIMARIES[primaries]
     columns = np.array([[x / y, 1.0, (1 - x - y) / y] for x, y in xy[:3]]).T  # XYZ of R, G, B (columns)
     (wx, wy) = xy[3]
@@ -356,36 +374,97 @@ def _boxes(data: bytes, start: int = 0, end: int | None = None):
         start += size
 
 
-def _avif_nclx(stream: BinaryIO) -> dict | None:
-    """The nclx colour box of an AVIF file (``meta/iprp/ipco/colr``), as pi-heif reports a HEIC's: None when
-    it has none, or several that differ (which one is the primary image's is not read here)."""
-    stream.seek(0)
-    data = stream.read(2**22)  # the boxes that describe the image come before its data
-    found = set()
-    for kind, start, end in _boxes(data):
-        if kind != b"meta":
-            continue
-        for kind, start, end in _boxes(data, start + 4, end):  # a full box: version and flags first
+# Top-level boxes looked through for the meta box: a photo has a handful (ftyp, meta, mdat, perhaps free); a file of
+# millions of empty ones is not read box by box.
+_TOP_BOXES_READ = 1024
+
+
+def _top_box(stream: BinaryIO, wanted: bytes) -> bytes | None:
+    """The payload of the first top-level ISO BMFF box of type ``wanted`` in ``stream``, found by seeking past the
+    others' headers (an AVIF's image data, ``mdat``, may come first and is not read); None if there is none."""
+    stream.seek(0, os.SEEK_END)
+    total, at = stream.tell(), 0
+    for _ in range(_TOP_BOXES_READ):
+        if at + 8 > total:
+            break
+        stream.seek(at)
+        header = stream.read(16)
+        size, kind = struct.unpack_from(">I4s", header)
+        length = 8
+        if size == 1 and len(header) == 16:
+            size, length = struct.unpack_from(">Q", header, 8)[0], 16
+        elif size == 0:
+            size = total - at
+        if size < length:
+            return None
+        if kind == wanted:
+            stream.seek(at + length)
+            return stream.read(min(size, total - at) - length)
+        at += size
+    return None
+
+
+def _primary_properties(meta: bytes) -> set[int] | None:
+    """The 1-based indices, in ``meta/iprp/ipco``, of the properties of the primary item (``pitm``), from the
+    ``ipma`` boxes; None where the boxes that say so are missing or malformed."""
+    primary, props = None, {}
+    try:
+        for kind, start, end in _boxes(meta, 4):  # a full box: version and flags first
+            if kind == b"pitm":
+                primary = struct.unpack_from(">H" if meta[start] == 0 else ">I", meta, start + 4)[0]
             if kind != b"iprp":
                 continue
-            for kind, start, end in _boxes(data, start, end):
-                if kind != b"ipco":
+            for kind, start, _ in _boxes(meta, start, end):
+                if kind != b"ipma":
                     continue
-                for kind, start, end in _boxes(data, start, end):
-                    if kind == b"colr" and end - start >= 11 and data[start:start + 4] == b"nclx":
-                        found.add(struct.unpack_from(">HH", data, start + 4))
+                version, wide = meta[start], meta[start + 3] & 1
+                at = start + 8
+                for _ in range(struct.unpack_from(">I", meta, start + 4)[0]):
+                    item = struct.unpack_from(">H" if version < 1 else ">I", meta, at)[0]
+                    at += 2 if version < 1 else 4
+                    count = meta[at]
+                    at += 1
+                    mask, fmt = (0x7FFF, ">H") if wide else (0x7F, ">B")
+                    indices = [struct.unpack_from(fmt, meta, at + i * (1 + wide))[0] & mask for i in range(count)]
+                    at += count * (1 + wide)
+                    props.setdefault(item, set()).update(indices)
+    except (struct.error, IndexError):
+        return None
+    return props.get(primary) if primary is not None else None
+
+
+def _avif_nclx(stream: BinaryIO) -> dict | None:
+    """The nclx colour box of an AVIF file's primary image (``meta/iprp/ipco/colr``, the one ``ipma`` gives the
+    ``pitm`` item: an alpha image may have its own), as pi-heif reports a HEIC's; the ``meta`` box wherever it is
+    (after the image data too). None when it has none; where the item's properties cannot be read, the one nclx
+    box of the file (None if several differ)."""
+    meta = _top_box(stream, b"meta")
+    if meta is None:
+        return None
+    primary = _primary_properties(meta)
+    found = set()
+    for kind, start, end in _boxes(meta, 4):
+        if kind != b"iprp":
+            continue
+        for kind, start, end in _boxes(meta, start, end):
+            if kind != b"ipco":
+                continue
+            for index, (kind, start, end) in enumerate(_boxes(meta, start, end), 1):
+                if (kind == b"colr" and end - start >= 11 and meta[start:start + 4] == b"nclx"
+                        and (primary is None or index in primary)):
+                    found.add(struct.unpack_from(">HH", meta, start + 4))
     if len(found) != 1:
         return None
     primaries, transfer = found.pop()
     return {"color_primaries": primaries, "transfer_characteristics": transfer}
 
 
-def _srgb_transform(img: Image.Image, name: str) -> ImageCms.ImageCmsTransform | None:
+def _srgb_transform(img: Image.Image, name: str) -> tuple[ImageCms.ImageCmsTransform | None, str]:
     """The transform that turns ``img``'s colours into sRGB, from the ICC profile it embeds, else from the
     colour space its nclx box names (a HEIC photo may be tagged so alone): None when it has neither, or an
     sRGB one (no transform is built for those), or one that cannot be used (logged once: corrupt, or for
     another colour space than the pixels', or an HDR transfer; the raw values are used, the photo is not
-    failed)."""
+    failed). With it, what it came from ("ICC colour profile", "nclx colour tag"), for a failure to name."""
     icc = img.info.get("icc_profile")
     what = "ICC colour profile"
     space = _COLOUR_SPACE.get(img.mode)
@@ -393,22 +472,22 @@ def _srgb_transform(img: Image.Image, name: str) -> ImageCms.ImageCmsTransform |
         if not icc or not isinstance(icc, bytes):
             nclx = img.info.get("nclx_profile")
             if not isinstance(nclx, dict) or space != "RGB":  # grey pixels: primaries do not apply
-                return None
+                return None, what
             what = "nclx colour tag"
             icc = _nclx_icc(nclx)
             if icc is None:
-                return None
+                return None, what
         if space is None:
             raise ValueError(f"no colour management for {img.mode} images")
-        return _profile_transform(icc, space)
+        return _profile_transform(icc, space), what
     except MemoryError:
         raise
     except Exception as e:
         _ignored_profile(name, e, what)
-        return None
+        return None, what
 
 
-def _ignored_profile(name: str, e: BaseException, what: str = "ICC colour profile") -> None:
+def _ignored_profile(name: str, e: BaseException, what: str) -> None:
     log.warning("ignored the %s of %s (%s: %s); its colours are not converted to sRGB",
                 what, name, _error_name(e), e)
 
@@ -525,8 +604,8 @@ def _read_stream(path: str | Path, name: str, max_pixels: int) -> bytes:
     if not data:
         raise ImageDecodeError(f"empty image: {name} gave 0 bytes")
     if len(data) > limit:
-        raise ImageDecodeError(f"image too large: {name} gives more than {limit} bytes, more than an image of "
-                               f"{max_pixels} pixels takes")
+        raise ImageTooLarge(f"image too large: {name} gives more than {limit} bytes, more than an image of "
+                            f"{max_pixels} pixels takes", limit=max_pixels)
     return data
 
 
@@ -543,7 +622,8 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         ICC profile of another colour space is converted from).
 
     Raises:
-        ImageDecodeError: Empty input, unknown format, truncated or corrupt data, or too many pixels.
+        ImageDecodeError: Empty input, unknown format, truncated or corrupt data, or too many pixels
+            (:class:`ImageTooLarge`, with the numbers).
     """
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -571,9 +651,9 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
             with Image.open(stream, formats=_safe_formats()) as img:
                 pixels = img.width * img.height
                 if pixels > max_pixels:
-                    raise ImageDecodeError(
+                    raise ImageTooLarge(
                         f"image too large: {img.width}x{img.height} = {pixels} pixels, "
-                        f"the limit is {max_pixels}"
+                        f"the limit is {max_pixels}", pixels, max_pixels
                     )
                 if img.format not in _OPENS_PRIMARY:
                     img.seek(0)  # first frame of GIF/WebP animations
@@ -586,7 +666,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                     _key_out(img, key, stream)
                 # Read from the image as decoded (a transpose keeps no promise about info); the colours
                 # are converted after the transpose, whichever way it goes (a per-pixel map: the same pixels).
-                transform = _srgb_transform(img, name)
+                transform, source = _srgb_transform(img, name)
                 upright = _upright(img)
                 if transform is not None:
                     try:
@@ -594,7 +674,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                     except MemoryError:
                         raise
                     except Exception as e:  # the profile is at fault, not the pixels: never a failed photo
-                        _ignored_profile(name, e)
+                        _ignored_profile(name, e, source)
                 return _to_rgb(upright)
     except (ImageDecodeError, MemoryError):
         raise  # our own size limit has its message; out of memory is the server's problem
@@ -608,8 +688,9 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         # Pillow refuses over twice its MAX_IMAGE_PIXELS while opening, before our check: its own wording
         # ("could be decompression bomb DOS attack") named neither our limit nor that it cannot be raised past it.
         bomb = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else max_pixels
-        raise ImageDecodeError(f"image too large: more than {bomb} pixels, the limit is {min(max_pixels, bomb)}"
-                               + (" (Pillow decodes no more)" if max_pixels > bomb else "")) from e
+        limit = min(max_pixels, bomb)
+        raise ImageTooLarge(f"image too large: more than {bomb} pixels, the limit is {limit}"
+                            + (" (Pillow decodes no more)" if max_pixels > bomb else ""), limit=limit) from e
     except Exception as e:
         # Pillow's plugins raise whatever their parser trips on for corrupt data (OSError,
         # SyntaxError, EOFError, but also IndexError, struct.error, ...): the bytes are at

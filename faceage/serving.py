@@ -37,7 +37,7 @@ import numpy as np
 
 from faceage.chips import exit_with_parent
 from faceage.errors import FaceAgeError
-from faceage.images import ImageDecodeError, load_image
+from faceage.images import ImageTooLarge, load_image
 from faceage.onnx_model import MAX_PASS_FACES
 from faceage.predict import FaceLocator, LocatedFaces, available_cores
 
@@ -183,12 +183,11 @@ def _decode_and_locate(locator: FaceLocator, data: bytes, with_image: bool, crop
                        parallel: bool) -> tuple[LocatedFaces, np.ndarray | None]:
     try:
         image = load_image(data, max_pixels=locator.max_pixels)
-    except ImageDecodeError as e:
+    except ImageTooLarge as e:
         # The pixel cap's message names the server's setting (load_image's own serves the CLI too, whose setting is
         # --max-pixels); not where Pillow's own cap is the lower one ("Pillow decodes no more"): ours is moot.
-        message = str(e)
-        if message.startswith("image too large:") and f"the limit is {locator.max_pixels}" in message:
-            raise ImageDecodeError(f"{message} ({MAX_PIXELS_SETTING})") from e
+        if e.limit == locator.max_pixels:
+            raise ImageTooLarge(f"{e} ({MAX_PIXELS_SETTING})", e.pixels, e.limit) from e
         raise
     return locator.locate(image, crops=crops, parallel=parallel), (image if with_image else None)
 
