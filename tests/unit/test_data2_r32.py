@@ -160,15 +160,6 @@ def test_a_single_unreachable_url_says_without_a_connection(tmp_path):
     assert "Without a connection" in str(e.value) and NO_HOST in str(e.value)
 
 
-def test_every_url_answering_404_says_the_server_was_reached_and_not_without_a_connection(tmp_path):
-    with http_server(_Missing) as srv:
-        base = f"http://127.0.0.1:{srv.server_address[1]}"
-        with pytest.raises(HTTPStatusError) as e:
-            fetch_appa_real(f"{base}/a.zip", tmp_path / "out", md5="", mirrors=[f"{base}/b.zip"],
-                            cache_dir=tmp_path / "cache")
-    assert "The server was reached" in str(e.value) and "without a connection" not in str(e.value).lower()
-
-
 # 3. A subfolder that cannot be read, left out of the fingerprint -----------------------------------------------------
 
 def _unlistable(monkeypatch, folder: Path) -> None:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from faceage.evaluation import evaluate_external
-from tests.unit.test_evaluation_r31 import two_sets  # noqa: F401  (fixture)
-from tests.unit.test_tracking_r31 import read_only  # noqa: F401  (fixture)
+from tests.unit.test_evaluation_r31 import two_sets
+from tests.unit.test_tracking_r31 import read_only
+
+FIXTURES = (two_sets, read_only)  # shared fixtures, used by name
 
 
 # --- the model card: an external set where no face was found ----------------------------------------------
 
 
-def test_a_set_without_a_face_shows_no_mae_in_the_card_not_nan(two_sets, detector_dir, tmp_path):  # noqa: F811
+def test_a_set_without_a_face_shows_no_mae_in_the_card_not_nan(two_sets, detector_dir, tmp_path):
     """Round 31 reports a faceless set instead of stopping evaluate, with NaN metrics in metrics.json; the card
     printed them as "nan" (MAE, RMSE, CS@5, baseline), which reads as a model that output NaN. Nothing was scored:
     "-", as for a metric a set has not."""
@@ -38,7 +39,7 @@ def test_a_set_without_a_face_shows_no_mae_in_the_card_not_nan(two_sets, detecto
 # --- the tracking store: a sqlite path whose folder is not there --------------------------------------------
 
 
-def test_a_store_in_a_folder_that_is_not_there_is_said_so(tmp_path, read_only):  # noqa: F811
+def test_a_store_in_a_folder_that_is_not_there_is_said_so(tmp_path, read_only):
     """A store on a share that is not mounted (its folder missing, the first folder that exists read-only) was
     reported as "<that folder> is read-only for this user": the user made it writable, or asked for it, when the
     path was what was wrong. Packaging, which reads an existing store, said that instead of "no MLflow store"."""
@@ -61,7 +62,7 @@ def test_a_store_in_a_folder_that_is_not_there_is_said_so(tmp_path, read_only): 
         assert not db.parent.exists()
 
 
-def test_a_read_only_existing_store_is_still_refused_by_packaging(tmp_path, read_only):  # noqa: F811
+def test_a_read_only_existing_store_is_still_refused_by_packaging(tmp_path, read_only):
     """The order changed (is the store there, then can it be written): a read-only store is still refused first."""
     from faceage.packaging import package_champion
     from faceage.tracking import TrackingError, mlflow_env

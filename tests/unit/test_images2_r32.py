@@ -25,6 +25,7 @@ from PIL import Image, features
 
 import faceage.images
 from faceage.images import ImageDecodeError, load_image
+from tests.unit.test_images_r31 import avif_with
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,13 +105,7 @@ def _avif(arr: np.ndarray, primaries: int = 12, transfer: int = 13) -> bytes:
     """An AVIF written by Pillow (libavif), its one nclx box retagged (Display P3 by default)."""
     if not features.check("avif"):
         pytest.skip("this Pillow decodes no AVIF")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="AVIF", quality=95)
-    data = bytearray(buf.getvalue())
-    at = data.find(b"colrnclx")
-    assert at > 0 and data.find(b"colrnclx", at + 1) < 0
-    struct.pack_into(">HH", data, at + 8, primaries, transfer)
-    return bytes(data)
+    return avif_with(arr, primaries, transfer)
 
 
 def _raw(data: bytes) -> np.ndarray:

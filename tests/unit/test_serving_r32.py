@@ -9,7 +9,6 @@ worker processes and a real (HOG) :class:`faceage.predict.FaceLocator`.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import pytest
