@@ -303,11 +303,12 @@ KEY_ALIASES = {"learning_rate": "lr", "learningrate": "lr", "lr_rate": "lr", "nu
                "warmup": "warmup_epochs"}
 
 
-def did_you_mean(name: object, known: typing.Iterable[str], prefix: str = "") -> str:
+def did_you_mean(name: object, known: typing.Iterable[Any], prefix: str = "") -> str:
     """``" (did you mean train.epochs?)"`` for an unknown key ``name`` close to one of ``known`` (its spelling,
     case, ``-`` for ``_``, or a usual other name: ``learning_rate`` for ``lr``), else ``""``; ``prefix`` is put
-    before the key meant (``"train."``)."""
-    known = sorted(known)
+    before the key meant (``"train."``). A key of ``known`` that is not a string (YAML's ``1: x``) is never meant:
+    ``-S`` cannot name it."""
+    known = sorted(k for k in known if isinstance(k, str))  # sorting an int among strings raised TypeError
     text = str(name).strip().lower().replace("-", "_")
     alias = KEY_ALIASES.get(text)
     if text in known and text != name:

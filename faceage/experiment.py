@@ -364,7 +364,7 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
             log.warning("%s: %s is %s in the workspace (left by an earlier `dvc exp run -S`, or edited); this "
                         "profile runs with the committed %s (commit params.yaml to make a value the base)",
                         PARAMS, key, repr(now[key]) if key in now else "missing", value)
-    check_result(root, workspace, [*overrides, *resets])
+    check_result(root, [*overrides, *resets])
     cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", shlex.join(cmd))  # as a shell reads it back: a path with a space, the resets' quotes
@@ -377,13 +377,15 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
         raise subprocess.CalledProcessError(code, cmd)
 
 
-def check_result(root: Path, workspace: dict[str, Any], overrides: list[str]) -> None:
+def check_result(root: Path, overrides: list[str]) -> None:
     """The params ``dvc exp run -S`` would run with, validated before it starts: ``overrides`` applied to a copy
-    of ``params.yaml`` with DVC's own function, then read as every stage reads it.
+    of ``params.yaml`` with DVC's own function, in order, as DVC applies them, then read as every stage reads it.
 
     Started with a value the stages refuse (``train.epochs=abc``, ``train.batch_size=0``), ``dvc exp run`` wrote it
     into ``params.yaml``, took DVC's lock and failed in ``check_sources``, leaving the file modified; with a key
-    ``params.yaml`` lacks (``train.learning_rate``) it said only "Invalid `--set-param` value".
+    ``params.yaml`` lacks (``train.learning_rate``) it said only "Invalid `--set-param` value". Whatever DVC applies
+    passes here, nested keys too (``evaluate.external.0=...``: Hydra's dotted keys, a mapping's key or a list's
+    index); one it refuses is named with the key meant (:func:`_unreachable`).
 
     Raises:
         ProfileError: The overrides cannot be applied, or give params a stage would refuse; the message names the key.
@@ -391,37 +393,61 @@ def check_result(root: Path, workspace: dict[str, Any], overrides: list[str]) ->
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides
 
-    mine = []
-    for override in overrides:
-        if override_key(override) is None:  # another file's: DVC applies it there
-            continue
-        mine.append(override.partition(":")[2] if ":" in override.partition("=")[0] else override)
     unchanged = "nothing ran, params.yaml is unchanged"
-    for override in mine:  # a plain KEY=VALUE DVC cannot apply to a key the file lacks (it asks for +KEY)
-        key = override_key(override)
-        section, _, name = key.partition(".")
-        if override.startswith(("+", "~")) or not name:
-            continue
-        keys = workspace.get(section)
-        if not isinstance(keys, dict) or name not in keys:
-            meant = (did_you_mean(name, keys, section + ".") if isinstance(keys, dict)
-                     else did_you_mean(section, [s for s in workspace if isinstance(s, str)]))
-            if meant and not isinstance(keys, dict):
-                meant = meant.replace("?)", f".{name}?)")
-            raise ProfileError(f"-S {override}: params.yaml has no key {key}{meant}; {unchanged}")
     with tempfile.TemporaryDirectory(prefix="faceage-params-") as tmp:
         copy = Path(tmp) / PARAMS
         shutil.copyfile(Path(root) / PARAMS, copy)
-        try:
-            apply_overrides(copy, mine)
-        except InvalidArgumentError as e:
-            cause = e.__cause__
-            raise ProfileError(f"DVC cannot apply the -S overrides to params.yaml ({' '.join(str(cause or e).split())})"
-                               f"; {unchanged}") from None
+        for override in overrides:
+            if override_key(override) is None:  # another file's: DVC applies it there
+                continue
+            text = override.partition(":")[2] if ":" in override.partition("=")[0] else override
+            try:  # one at a time, on what the earlier ones left: the one refused is the one named
+                apply_overrides(copy, [text])
+            except (InvalidArgumentError, ValueError) as e:  # ValueError: OmegaConf's int() of a list index (`.x`)
+                why = _unreachable(parse_params(copy.read_text(encoding="utf-8")), text)
+                if why:
+                    raise ProfileError(f"-S {override}: {why}; {unchanged}") from None
+                cause = e.__cause__ or e
+                raise ProfileError(f"DVC cannot apply -S {override} to params.yaml "
+                                   f"({' '.join(str(cause).split())}); {unchanged}") from None
         try:
             params_from_dict(parse_params(copy.read_text(encoding="utf-8")))
         except ConfigError as e:
             raise ProfileError(f"{e}; {unchanged}") from None
+
+
+def _unreachable(params: dict[str, Any], override: str) -> str | None:
+    """Why DVC cannot set or delete the key ``override`` names (``key=value`` or ``~key``; Hydra's dotted key: a
+    mapping's string key, or a list's index from 0) in ``params``: a key missing on the way (with the key meant:
+    :func:`faceage.config.did_you_mean`), an index past a list's end, a key below a plain value; None where the key
+    is there (or ``+key=``/``++key=``, which add it), or ``override`` does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        [parsed] = OverridesParser.create().parse_overrides([override])
+    except OverrideParseException:
+        return None
+    if parsed.is_add() or parsed.is_force_add() or parsed.package is not None:
+        return None
+    key = parsed.key_or_group
+    node: Any = params
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        where, rest = ".".join(parts[:i]), "".join(f".{p}" for p in parts[i + 1:])
+        if isinstance(node, dict):
+            if part not in node:
+                meant = did_you_mean(part, node, f"{where}." if where else "").replace("?)", f"{rest}?)")
+                return f"params.yaml has no key {key}{meant}"
+            node = node[part]
+        elif isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                return (f"params.yaml's {where} has {len(node)} item{'' if len(node) == 1 else 's'}, numbered from "
+                        f"0: no item {part}")
+            node = node[int(part)]
+        else:
+            return f"params.yaml's {where} is a value ({node!r}), not a section: it has no key {part}"
+    return None
 
 
 def file_bytes(path: Path) -> bytes | None:

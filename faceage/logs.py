@@ -25,10 +25,17 @@ class Terminated(KeyboardInterrupt):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """One line per message: time, level, module, text. Quietens chatty third-party loggers."""
+    """One line per message: time, level, module, text. Quietens chatty third-party loggers.
+
+    A torchrun rank (``WORLD_SIZE`` > 1) prefixes its lines with ``[rank RANK]``; a ``WORLD_SIZE`` that is not a
+    whole number (set for something else) is ignored here: it raised ValueError in every stage and the CLI."""
     # A torchrun rank says which it is: every rank logs (its errors, its warnings) to the same terminal.
-    rank = os.environ.get("RANK", "") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
-    prefix = f"[rank {rank}] " if rank else ""
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "") or 1)
+    except ValueError:
+        world_size = 1
+    rank = os.environ.get("RANK", "").strip() if world_size > 1 else ""
+    prefix = f"[rank {rank}] ".replace("%", "%%") if rank else ""  # a literal in the format: `%` escaped
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s", force=True)
     for noisy in ("alembic", "urllib3", "matplotlib", "PIL", "mlflow.store", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
