@@ -168,7 +168,24 @@ def pin_threads() -> int:
 def _cores_per_rank() -> int:
     """The cores this process may use (:func:`faceage.cores.usable_cores`: its affinity, a container's
     CPU quota), shared among torchrun's ranks on this machine (``LOCAL_WORLD_SIZE``)."""
-    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, usable_cores() // max(1, env_int("LOCAL_WORLD_SIZE", 1)))
+
+
+def env_int(name: str, default: int) -> int:
+    """The whole number in the environment variable ``name`` (torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``), or ``default`` where it is unset or empty.
+
+    Raises:
+        ConfigError: It is set to something else (by another tool, or by hand): was int()'s ValueError traceback.
+    """
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"the environment variable {name}={text!r} is not a whole number: torchrun sets it for "
+                          f"its processes; unset it (unset {name}) to train in one process") from None
 
 
 def _worker_init(_: int) -> None:
@@ -197,8 +214,7 @@ class Distributed:
 
     @classmethod
     def from_env(cls) -> Distributed:
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+        return cls(env_int("RANK", 0), env_int("WORLD_SIZE", 1), env_int("LOCAL_RANK", 0))
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -253,7 +269,7 @@ def init_distributed(p: TrainParams) -> tuple[Distributed, torch.device]:
                               f"{d.world_size} processes")
         # Each rank, before it joins the group (stages/train.py checked before it relaunched, and warned): a
         # torchrun started with more ranks than GPUs failed in torch.cuda.set_device, "invalid device ordinal".
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+        local = env_int("LOCAL_WORLD_SIZE", d.world_size)
         check_process_count(p, local, f"torchrun --nproc_per_node={local}", warn=False)
         if device.type == "cuda":
             device = torch.device("cuda", d.local_rank)

@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     from faceage.config import load_params
     from faceage.launch import LAUNCHER_PID_ENV, end_with_launcher, relaunch
     from faceage.tracking import check_reachable
-    from faceage.training import check_process_count, train_model
+    from faceage.training import check_process_count, env_int, train_model
     p = load_params(args.params).train
     check_reachable()  # a tracking server that does not answer: now, not after the data load and retries
     if "LOCAL_RANK" in os.environ:  # a torchrun worker
         end_with_launcher()
         if LAUNCHER_PID_ENV not in os.environ:  # a torchrun started by hand (relaunched: checked before the launch)
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            local = env_int("LOCAL_WORLD_SIZE", 1)
             check_process_count(p, local, f"torchrun --nproc_per_node={local}", warn=os.environ["LOCAL_RANK"] == "0")
     elif p.nproc_per_node > 1:  # load_params checked the keys together too: refused before launching, not per process
         check_process_count(p, p.nproc_per_node, f"train.nproc_per_node={p.nproc_per_node}")  # GPUs, cores
