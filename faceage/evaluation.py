@@ -39,7 +39,7 @@ from faceage.config import EvaluateParams
 from faceage.chips import DLIB_AGE
 from faceage.data import SplitDataError, load_split
 from faceage.external import (EXTERNAL_SHA256_TAG, crop_counts, external_chips, external_embeddings,
-                              external_faces, set_version)
+                              external_faces, set_version, some_faces)
 from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import AgeModel
 from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
@@ -209,7 +209,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
     for ext in sets:
         faces = external_faces(ext, meta["crop"], detector_dir, cache_dir)
         counts = crop_counts(faces)
-        if counts["n_faces"] == 0:  # unreadable files are not the detector's misses: the message counts both
+        if not some_faces(counts["n_faces"]):  # unreadable files are not the detector's misses: both are counted
             # Reported, not raised: one such set stopped the whole evaluation, the test split's and the other sets'
             # scores unwritten. Its metrics are NaN in metrics.json (the model card shows its counts) and left out of
             # MLflow, where a NaN external MAE excluded every run evaluated with the set from the champion's choice.
@@ -294,7 +294,7 @@ def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[
     for name, m in external.items():
         flat.update({f"external_{name}_n_faces": m["n_faces"], f"external_{name}_n_images": m["n_images"],
                      f"external_{name}_no_face": m["no_face"], f"external_{name}_unreadable": m["unreadable"]})
-        if not m["n_faces"]:  # nothing scored: no NaN MAE, which excluded the run from the champion's choice
+        if not some_faces(m["n_faces"]):  # no NaN MAE, which excluded the run from the champion's choice
             continue
         flat.update({f"external_{name}_mae": m["mae_years"], f"external_{name}_rmse": m["rmse_years"],
                      f"external_{name}_{cs}": m[cs], f"external_{name}_baseline_mae": m["baseline_mae_years"]})

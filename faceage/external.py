@@ -196,15 +196,18 @@ def external_maes(metrics: dict[str, float], tags: dict[str, str] | None = None)
     counts alone, and the ``_mae`` still there is an earlier evaluation's, which packaging compared as current.
     """
     names = [k[len("external_"):-len("_n_faces")] for k in metrics
-             if k.startswith("external_") and k.endswith("_n_faces") and _some_faces(metrics[k])]
+             if k.startswith("external_") and k.endswith("_n_faces") and some_faces(metrics[k])]
     current = _tagged_sets((tags or {}).get("evaluate.external"))
     if current is not None:
         names = [n for n in names if n in current]
     return {n: float(metrics[f"external_{n}_mae"]) for n in sorted(names) if f"external_{n}_mae" in metrics}
 
 
-def _some_faces(n_faces: Any) -> bool:
-    """Whether an ``external_<name>_n_faces`` metric counts at least one scored face (NaN, 0: none)."""
+def some_faces(n_faces: Any) -> bool:
+    """Whether a set's ``n_faces`` (its ``metrics.json`` entry's, or the ``external_<name>_n_faces`` metric) counts at
+    least one scored face (0, NaN, a missing or non-numeric value: none). The one rule for "no face scored": evaluate
+    logs such a set's counts alone (:func:`faceage.evaluation.external_mlflow_metrics`), the model card shows ``-``
+    for its metrics, and the champion guard leaves its MAE out (:func:`external_maes`)."""
     try:
         return float(n_faces) > 0
     except (TypeError, ValueError):

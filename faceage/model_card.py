@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from faceage.config import DESCRIPTOR
+from faceage.external import some_faces
 from faceage.faces import crop_cnn_retry_side, crop_retry_pad
-from faceage.tracking import masked_url
+from faceage.tracking import portable_source, portable_uri
 
 
 def _no_face_policy(no_face: str | None) -> str:
@@ -67,7 +68,7 @@ def _backbone_note(meta: dict[str, Any], tp: dict[str, Any]) -> str:
 def _scored(m: dict[str, Any], key: str, digits: int = 2) -> str:
     """A set's metric ``key`` for the card's tables: ``-`` where the set has none, or had no face to score
     (evaluate reports such a set with NaN metrics, which read "nan" as if the model had output NaN)."""
-    if key not in m or (key != "n_faces" and m.get("n_faces", 1) == 0):
+    if key not in m or (key != "n_faces" and "n_faces" in m and not some_faces(m["n_faces"])):
         return "-"
     return str(m[key]) if digits == 0 else _fmt(m[key], digits)
 
@@ -225,7 +226,9 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         meta: The checkpoint metadata (:func:`faceage.model.load_checkpoint`).
         dataset: ``dataset.json`` of the fetched data (source, counts, sha256).
         preprocess_counts: Detection counts per split (``reports/preprocess.json``), if available.
-        tracking_uri: Where the MLflow run lives.
+        tracking_uri: Where the MLflow run lives, shown without this machine's folders
+            (:func:`faceage.tracking.portable_uri`): a sqlite store under the repo root as ``sqlite:///mlflow.db``,
+            one elsewhere by its file name.
         external_groups: Age-group rows of each cross-dataset set (``metrics["external"]`` holds its numbers).
 
     Returns:
@@ -250,8 +253,9 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         f"(sha256 `{crop['detector_sha256'][:16]}...`) and crop code.",
         "",
         "## Data",
-        # masked_url: a password or a presigned URL's signature in fetch_data.source stays out of the card.
-        f"- Source: `{masked_url(dataset.get('source')) or '?'}`; sha256 of all files: `{dataset.get('sha256', '?')}`.",
+        # A password or a presigned URL's signature in fetch_data.source stays out of the card (which the bento
+        # serves at GET /model_card), and so do this machine's folders of a local source.
+        f"- Source: `{portable_source(dataset.get('source'))}`; sha256 of all files: `{dataset.get('sha256', '?')}`.",
         "- Images per split: " + ", ".join(f"{k} {v}" for k, v in dataset.get("counts", {}).items()) + ".",
     ]
     if preprocess_counts:
@@ -323,7 +327,8 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
         "",
         "## Lineage",
         f"- git commit `{meta.get('git_commit', 'unknown')}`" + _resumed_note(meta),
-        f"- MLflow run `{meta.get('mlflow_run_id', '?')}`" + (f" in `{tracking_uri}`" if tracking_uri else ""),
+        f"- MLflow run `{meta.get('mlflow_run_id', '?')}`" + (f" in `{portable_uri(tracking_uri)}`" if tracking_uri
+                                                               else ""),
         f"- data sha256 `{meta.get('data_sha256', '?')}`",
     ]
     path = Path(path)

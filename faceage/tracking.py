@@ -41,6 +41,11 @@ class TrackingError(FaceAgeError):
     """The MLflow tracking store cannot serve a stage: a server that does not answer, or a run not in it."""
 
 
+class NoExperimentError(TrackingError):
+    """A reader (``setup_mlflow(writable=False)``) found no ``face-age`` experiment in the store: it holds no runs of
+    this project, and a reader creates nothing."""
+
+
 @contextmanager
 def mlflow_env(name: str, value: str) -> Iterator[None]:
     """Sets an environment variable (MLflow reads its settings there) for the duration, then restores it.
@@ -100,6 +105,51 @@ def display_uri(uri: str | None = None) -> str:
     if "@" not in parts.netloc:
         return uri
     return urlunsplit(parts._replace(netloc=masked_netloc(parts.netloc)))
+
+
+def _in_repo(path: Path) -> str | None:
+    """An absolute ``path`` relative to :func:`faceage.paths.repo_root` (POSIX form), or None where it is not under
+    it."""
+    root = repo_root()
+    for candidate in (path, path.resolve()):
+        try:
+            return candidate.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return None
+
+
+def portable_path(path: str) -> str:
+    """A local path as a file that leaves this machine shows it (the model card the bento serves, a committed
+    report): an absolute one relative to :func:`faceage.paths.repo_root` where it is under it, else its file name
+    alone (the folders of the machine that wrote it mean nothing elsewhere and name its user). A relative path, as
+    it is."""
+    given = Path(path)
+    if not given.is_absolute():
+        return path
+    return _in_repo(given) or given.name
+
+
+def portable_uri(uri: str | None = None) -> str:
+    """The tracking URI (default :func:`tracking_uri`) as a file that leaves this machine shows it: masked as
+    :func:`display_uri`, and a ``sqlite`` store at an absolute path shown as ``sqlite:///mlflow.db`` (relative, as
+    ``mlflow ui --backend-store-uri`` is given it at the repo root) where it is under the repo root, else as the
+    database's file name alone. A server's URI, as :func:`display_uri` shows it."""
+    uri = display_uri(uri)
+    path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+    if not uri.startswith("sqlite:///") or not path or path == ":memory:" or not Path(path).is_absolute():
+        return uri
+    inside = _in_repo(Path(path))
+    return f"sqlite:///{inside}{sep}{query}" if inside else Path(path).name
+
+
+def portable_source(source: str | None) -> str:
+    """A data source (``fetch_data.source``) as a file that leaves this machine shows it (the model card, the sweep
+    report): a URL with its secrets masked (:func:`masked_url`), a local path without this machine's folders
+    (:func:`portable_path`), ``?`` where unknown."""
+    if not source:
+        return "?"
+    return masked_url(source) if "://" in source else portable_path(source)
 
 
 def masked_url(url: str | None) -> str | None:
@@ -218,7 +268,9 @@ def check_writable(uri: str | None = None) -> None:
 def setup_mlflow(*, writable: bool = True):
     """Points MLflow at :func:`tracking_uri` and the ``face-age`` experiment; returns the module.
 
-    ``writable=False`` is for a caller that only reads runs (the sweep's report): a read-only sqlite store serves it.
+    ``writable=False`` is for a caller that only reads runs (the sweep's report): a read-only sqlite store serves it,
+    and a store without the ``face-age`` experiment is a :class:`NoExperimentError`, not created (the write failed
+    on a read-only store with SQLite's "attempt to write a readonly database" in a traceback).
 
     MLflow creates and migrates a sqlite store's tables on a process's first access, and two
     processes doing that at once (``dvc queue start -j 2`` on a fresh clone) fail, one of them
@@ -228,6 +280,7 @@ def setup_mlflow(*, writable: bool = True):
     Raises:
         TrackingError: An ``http(s)`` store does not answer (:func:`check_reachable`), a ``sqlite`` store is
             read-only (``writable``), or the ``face-age`` experiment is deleted in the store.
+        NoExperimentError: The store has no ``face-age`` experiment, and ``writable`` is False.
     """
     import mlflow
 
@@ -237,13 +290,12 @@ def setup_mlflow(*, writable: bool = True):
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     db = sqlite_path(uri)
-    if db is None:
-        _refuse_deleted(mlflow.get_experiment_by_name(EXPERIMENT), uri)
-        mlflow.set_experiment(EXPERIMENT)
-        return mlflow
-    with locked(db, f"opening the MLflow store {db}"):
+    with locked(db, f"opening the MLflow store {db}") if db is not None else nullcontext():
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-        if experiment is None:
+        if experiment is None and not writable:  # set_experiment would create it: a write
+            raise NoExperimentError(f"the MLflow store {display_uri(uri)} holds no face-age runs (it has no "
+                                    f"experiment {EXPERIMENT!r})")
+        if experiment is None and db is not None:
             # Keep artifacts beside the database, not wherever the first run happened to start.
             mlflow.create_experiment(EXPERIMENT, artifact_location=(db.parent / "mlruns").as_uri())
         _refuse_deleted(experiment, uri)
