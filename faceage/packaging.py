@@ -54,7 +54,7 @@ from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_dete
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
 from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, check_reachable, display_uri, gc_command,
-                              git_commit, masked_url, mlflow_env, sqlite_path)
+                              git_commit, mlflow_env, portable_source, sqlite_path)
 
 log = logging.getLogger(__name__)
 
@@ -570,7 +570,9 @@ def model_metadata(winner: Winner, meta: dict[str, Any], version) -> dict[str, A
         "test_mae_years": winner.test_mae_years,
         "external_mae_years": dict(winner.external_mae_years),
         "data_sha256": meta.get("data_sha256") or winner.data_sha256,
-        "data_source": masked_url(crop.get("data_source")),  # faceage.json ships in the bento: no URL secrets
+        # faceage.json ships in the bento, and every answer's "model" carries it: no URL secrets, and no folders of
+        # the packager's machine (tracking.portable_source, as the model card shows it)
+        "data_source": portable_source(crop["data_source"]) if crop.get("data_source") else None,
         "git_commit": meta.get("git_commit") or winner.git_commit,
         **resumed,
         **experiment,

@@ -206,3 +206,23 @@ def test_the_sweep_report_names_the_store_without_the_machines_folders(tmp_path,
     # The runs' source, which the report listed as tagged: a presigned URL's signature and a password masked
     assert "data (`fetch_data.source`): `https://u:***@example.org/a.zip?X-Amz-Signature=***`" in text
     assert "pw@" not in text and "Signature=s" not in text
+
+
+def test_the_bento_lineage_shows_no_folders_of_the_packagers_machine(tmp_path):
+    """faceage.json ships in the bento, and every /predict answer's "model" carries it: a local fetch_data.source
+    was there as the packager's absolute path (its folders, its user name), as the model card no longer shows it."""
+    import types
+
+    from faceage.packaging import Winner, model_metadata
+    from faceage.paths import repo_root
+
+    winner = Winner("r", "n", 4.0, 4.1, 0, "d" * 64, "c0")
+    crop = {"detector": "hog", "upsample": 1, "margin": 0.4, "size": 64, "detector_sha256": "f" * 64}
+    version = types.SimpleNamespace(name="face-age", version=1)
+    outside = model_metadata(winner, {"backbone": "resnet18", "crop": {**crop, "data_source": "/home/alice/faces/sample"}},
+                             version)
+    assert outside["data_source"] == "sample"
+    inside = model_metadata(winner, {"backbone": "resnet18",
+                                     "crop": {**crop, "data_source": str(repo_root() / "data" / "mine.zip")}}, version)
+    assert inside["data_source"] == "data/mine.zip"
+    assert model_metadata(winner, {"backbone": "resnet18", "crop": crop}, version)["data_source"] is None
