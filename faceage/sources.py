@@ -175,6 +175,8 @@ def external_fingerprint(paths: tuple[str, ...] | list[str]) -> dict[str, Any]:
 
     Raises:
         ExternalSetError: A set is missing or not in the release layout (:func:`resolve_external`).
+        LayoutError: A file or folder of a set cannot be read (:func:`faceage.appa_real.dataset_fingerprint`;
+            one line naming it, as :class:`ExternalSetError` is).
     """
     sets = [{"name": s.name, "source": s.given, "sha256": dataset_fingerprint(s.path)}
             for s in resolve_external(paths)]
