@@ -375,9 +375,14 @@ def test_ctrl_c_does_not_say_the_results_are_printed_when_printing_failed(tmp_pa
         rc, err = proc.returncode, proc.stderr
     else:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        proc.stdout.close()  # the reader leaves before anything is written
-        err = proc.stderr.read()
-        rc = proc.wait(timeout=120)
+        try:
+            proc.stdout.close()  # the reader leaves before anything is written
+            err = proc.stderr.read()
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:  # stopped by this test, whatever failed above
+                proc.kill()
+                proc.wait()
     last = err.strip().splitlines()[-1]
     assert rc == -signal.SIGINT, err
     assert "interrupted (Ctrl-C) after 8 of 12 photos" in last, err
