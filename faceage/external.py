@@ -14,18 +14,32 @@ folder's bytes and the crop settings: a new detector, margin, size or fallback, 
 images, give a new key; the same settings reuse the crops (detection and crop of 1,743 faces took
 21.6 s on 2 cores in round 22, ``benchmarks/bench_external_crops.py``; the ``dlib_face`` descriptors
 take minutes).
+
+The cache is kept from growing without end: each use of an entry (made or reused) touches its stamp file
+:data:`LAST_USED`, and after a new entry is made only the :data:`KEEP_ENTRIES` most recently used entries of that
+set are kept (:func:`prune_cache`); a sweep of ``-S preprocess.margin=...`` left one entry per value behind
+before. An entry used in the last :data:`IN_USE_S` seconds, or locked by a run building in it, is never removed,
+nor is anything in the cache folder that is not an entry of this layout. The whole folder may be deleted by hand
+between runs; the next evaluation crops again.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
+import re
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from faceage.appa_real import dataset_fingerprint, read_split
-from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, locked, megabytes, staged_dir
+from faceage.atomic import (NO_SPACE, WriteError, clear_stale, errno_text, free_bytes, locked, megabytes, scratch_name,
+                            staged_dir)
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
 from faceage.chips import CHIPS_FILE
@@ -47,6 +61,14 @@ FACES_FORMAT = 6
 CROP_KEYS = ("detector", "upsample", "retry_pad", "cnn_retry_side", "cnn_retry_sha256", "margin", "size", "no_face",
              "detector_file", "detector_sha256")
 SET_SHA256 = "set_sha256"  # the cache entry's record of which version of the set's files it was cut from
+# How many entries of one set the cache keeps (the most recently used; each may be hundreds of MB: utk-external's
+# 1,743 crops and chips): enough to alternate between a few experiments' crop settings without cropping again
+# (minutes each, the dlib_face descriptors more), few enough that a sweep over a crop setting does not fill the disk.
+KEEP_ENTRIES = 4
+# An entry used this recently is never removed, however many there are: another run (dvc queue start -j 2) may be
+# reading its crops now, which it does without holding the entry's lock.
+IN_USE_S = 30 * 60
+LAST_USED = ".last_used"  # the stamp file in an entry, touched on each use: its mtime is the entry's last use
 
 
 def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
@@ -100,6 +122,7 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
     with locked(out, f"cropping {ext.name} into {out}"):
         if (out / SETTINGS).is_file():
             log.info("external set %s: reusing the crops in %s", ext.name, out)
+            _mark_used(out)  # under the lock: prune_cache takes it to remove an entry, and looks at the stamp again
             return out
         params = crop_params(crop, workers)
         log.info("external set %s: detecting and cropping %s (detector=%s, upsample=%d, margin=%g, size=%d, "
@@ -118,7 +141,190 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
             # staged_dir removed the partial crops: what is free now is what a rerun has.
             raise WriteError(f"cropping external set {ext.name} into {out.parent} failed: {errno_text(e)}; "
                              f"{_free(out.parent)}: free some space and rerun") from e
+        _mark_used(out)
+    prune_cache(Path(cache_dir), ext.name, out)
     return out
+
+
+def _mark_used(entry: Path) -> None:
+    """Touches ``entry``'s :data:`LAST_USED` stamp. A cache this user cannot write (a team's shared one) is
+    still read: its entries are simply not stamped."""
+    try:
+        (entry / LAST_USED).touch()
+    except OSError as e:
+        log.debug("could not mark %s as used: %s", entry, errno_text(e))
+
+
+def _last_used(entry: Path) -> float:
+    """When ``entry`` was last used: its stamp's mtime, or its ``preprocess.json``'s for an entry made before
+    entries were stamped (when it was made). Raises OSError where neither can be read."""
+    try:
+        return (entry / LAST_USED).stat().st_mtime
+    except FileNotFoundError:
+        return (entry / SETTINGS).stat().st_mtime
+
+
+def _is_entry(path: Path) -> bool:
+    """Whether ``path`` (named ``<name>-<16 hex>``) is a complete cache entry of this layout: a folder (not a
+    link) whose ``preprocess.json`` is an external set's record (a JSON object with the crop ``counts``)."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        settings = json.loads((path / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and isinstance(settings.get("counts"), dict)
+
+
+def cache_entries(cache_dir: Path, name: str) -> list[Path]:
+    """Set ``name``'s complete entries in ``cache_dir`` (``<name>-<16 hex>/`` holding its ``preprocess.json``),
+    most recently used first. Anything else there (staging folders, lock files, the user's own files) is not
+    listed."""
+    pattern = re.compile(rf"{re.escape(name)}-[0-9a-f]{{16}}")
+    try:
+        found = [p for p in cache_dir.iterdir() if pattern.fullmatch(p.name) and _is_entry(p)]
+    except OSError:
+        return []
+    used = {}
+    for path in found:
+        try:
+            used[path] = _last_used(path)
+        except OSError:  # removed meanwhile
+            continue
+    return sorted(used, key=used.__getitem__, reverse=True)
+
+
+def prune_cache(cache_dir: Path, name: str, keep: Path | None = None) -> list[Path]:
+    """Removes set ``name``'s cache entries beyond the :data:`KEEP_ENTRIES` most recently used, after a new
+    entry (``keep``, always kept) was made, with one log line naming them and the space freed.
+
+    An entry used in the last :data:`IN_USE_S` seconds, or whose lock another process holds (building it, or
+    computing its descriptors), is left; so is anything that is not an entry (:func:`cache_entries`). Staging
+    folders that killed builds of this set's entries left are removed (:func:`faceage.atomic.clear_stale`; a
+    running build's are left). Housekeeping never fails the run: a removal that fails is a warning.
+
+    Returns:
+        The entries removed.
+    """
+    try:
+        _clear_stale_staging(cache_dir, name)
+        entries = [e for e in cache_entries(cache_dir, name) if e != keep]
+    except Exception as e:  # noqa: BLE001 - the run has its crops; housekeeping must not fail it
+        log.warning("external set %s: could not look for old crop-cache entries in %s: %s", name, cache_dir, e)
+        return []
+    old = entries[KEEP_ENTRIES - (1 if keep is not None else 0):]
+    removed, in_use, freed = [], [], 0
+    for entry in old:
+        try:
+            size = _remove_entry(entry)
+        except Exception as e:  # noqa: BLE001 - ditto: a warning, the run goes on
+            log.warning("external set %s: could not remove the old crop-cache entry %s: %s", name, entry,
+                        errno_text(e) if isinstance(e, OSError) else e)
+            continue
+        if size == _IN_USE:
+            in_use.append(entry.name)
+        elif size != _GONE:
+            removed.append(entry)
+            freed += size
+    if removed:
+        log.info("external set %s: removed %d crop-cache entr%s not used recently from %s (%s); %s freed, keeping "
+                 "the %d most recently used (faceage.external.KEEP_ENTRIES)%s", name, len(removed),
+                 "y" if len(removed) == 1 else "ies", cache_dir, ", ".join(e.name for e in removed),
+                 megabytes(freed), KEEP_ENTRIES,
+                 f"; left {', '.join(in_use)}: in use" if in_use else "")
+    elif in_use:
+        log.info("external set %s: left the old crop-cache entr%s %s in %s: in use by another run", name,
+                 "y" if len(in_use) == 1 else "ies", ", ".join(in_use), cache_dir)
+    return removed
+
+
+def _clear_stale_staging(cache_dir: Path, name: str) -> None:
+    """Removes the staging folders beside set ``name``'s entries that killed processes left: a crop killed
+    midway (the partial crops of a whole set), or a removal killed midway."""
+    pattern = re.compile(rf"\.({re.escape(name)}-[0-9a-f]{{16}})-\d+@.*")
+    targets = {m[1] for m in map(pattern.fullmatch, (p.name for p in cache_dir.iterdir())) if m}
+    for target in sorted(targets):
+        clear_stale(cache_dir / target)
+
+
+_IN_USE, _GONE = "in use", "gone"  # what _remove_entry returns for an entry it left, and one removed meanwhile
+
+
+def _remove_entry(entry: Path) -> int | str:
+    """Removes one cache entry, unless another process holds its lock or used it in the last :data:`IN_USE_S`
+    seconds (:data:`_IN_USE`). Returns the bytes freed (those that could not be deleted are warned about, not
+    counted), or :data:`_GONE` for an entry removed meanwhile (by hand, or by another run).
+
+    The entry is first renamed to a staging name (one step: a run looking for it from then on makes it again,
+    and one killed during the slow deletion leaves a folder :func:`_clear_stale_staging` removes later),
+    then deleted. Raises OSError where it cannot be renamed (another account's entry).
+    """
+    lock = entry.with_name(f".{entry.name}.lock")  # faceage.atomic.locked's lock file for the entry
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock, the time since its last use alone protects it
+        fcntl = None
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666) if fcntl else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _IN_USE
+        try:  # looked at again under the lock: a hit since the listing stamped it (and held the lock to)
+            if time.time() - _last_used(entry) < IN_USE_S:
+                return _IN_USE
+            size = _disk_bytes(entry)
+            aside = scratch_name(entry, "evicted")
+            os.replace(entry, aside)
+        except FileNotFoundError:
+            if not entry.exists():
+                lock.unlink(missing_ok=True)
+                return _GONE
+            raise
+        # The lock file goes with its entry (one per entry ever made, else). A run that opened it and waits on it
+        # finds no entry when it gets it, and makes the entry again, as a run arriving later does.
+        lock.unlink(missing_ok=True)
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock
+    failed: list[str] = []
+    _rmtree(aside, failed)
+    failed = [f[len(str(aside)) + 1:] if f.startswith(f"{aside}{os.sep}") else f for f in failed]
+    if failed:
+        left = _disk_bytes(aside)
+        log.warning("could not delete all of the old crop-cache entry %s (moved to %s, %s left there): %s; it is "
+                    "tried again after the next new entry of the set", entry.name, aside.name, megabytes(left),
+                    "; ".join(failed[:3]) + (f"; and {len(failed) - 3} more" if len(failed) > 3 else ""))
+        return max(size - left, 0)
+    return size
+
+
+def _rmtree(path: Path, failed: list[str]) -> None:
+    """``shutil.rmtree`` that goes on past a file it cannot delete, noting each failure in ``failed``."""
+    def note(_func, name, exc_info):
+        e = exc_info[1]
+        # A file vanished meanwhile: gone is what was wanted. A folder left not empty: its file's failure says why.
+        if not isinstance(e, FileNotFoundError) and getattr(e, "errno", None) != errno.ENOTEMPTY:
+            failed.append(f"{name}: {errno_text(e) if isinstance(e, OSError) else e}")
+
+    if sys.version_info >= (3, 12):  # onexc replaces onerror (deprecated) from 3.12
+        shutil.rmtree(path, onexc=lambda func, name, e: note(func, name, (type(e), e, None)))
+    else:
+        shutil.rmtree(path, onerror=note)
+
+
+def _disk_bytes(folder: Path) -> int:
+    """The disk space ``folder``'s files take (what ``du`` counts; the files' sizes where blocks are not told)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(root, f))
+            except OSError:
+                continue
+            total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+    return total
 
 
 def _free(folder: Path) -> str:
@@ -139,6 +345,7 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
             _, info = load_embeddings(path)
             if (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE],
                                                                            files[SHAPE5_FILE]):
+                _mark_used(faces_dir)  # the minutes spent on them count as use: prune_cache leaves the entry
                 return path
         partial = path.with_name(path.name + ".tmp.npz")  # embed_dataset's staging file, replaced into path
         try:
@@ -150,6 +357,7 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
             raise WriteError(f"writing the face descriptors of external set {faces_dir.name.rsplit('-', 1)[0]} "
                              f"into {faces_dir} failed: {errno_text(e)}; {_free(faces_dir)}: free "
                              "some space and rerun (no partial file kept)") from e
+        _mark_used(faces_dir)
     return path
 
 
@@ -160,8 +368,13 @@ def external_chips(faces_dir: Path) -> Path:
 
 def set_version(faces_dir: Path, folder: Path) -> str:
     """The :func:`dataset_fingerprint` of the set's files the crops in ``faces_dir`` were cut from (read
-    from the cache entry; hashed again only for entries written before they recorded it)."""
-    return json.loads((faces_dir / SETTINGS).read_text()).get(SET_SHA256) or dataset_fingerprint(folder)
+    from the cache entry; hashed again only for entries written before they recorded it, or for an entry
+    removed since it was read: by hand, or by another run's :func:`prune_cache` after :data:`IN_USE_S`)."""
+    try:
+        recorded = json.loads((faces_dir / SETTINGS).read_text()).get(SET_SHA256)
+    except FileNotFoundError:
+        recorded = None
+    return recorded or dataset_fingerprint(folder)
 
 
 def crop_counts(faces_dir: Path) -> dict[str, int]:
