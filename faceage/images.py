@@ -9,7 +9,8 @@ become RGB, 16-bit images are scaled (not clipped) to 8 bits (10 and 12-bit HEIF
 transparency is composited onto white, and a photo with an embedded ICC colour profile
 other than sRGB (Adobe RGB, Display P3, a CMYK print or a grey profile) is converted to
 sRGB, what the model was trained on (:func:`_srgb_transform`), and so is a HEIC or AVIF photo tagged by its nclx box
-alone (Display P3, BT.2020 primaries; :func:`_nclx_icc`).
+alone (Display P3, BT.2020 primaries; :func:`_nclx_icc`), a PNG by its cICP chunk (the same codes) or by its cHRM
+and gAMA chunks (:func:`_png_chunks_icc`), and a CIELab image (a Lab TIFF, Photoshop's Lab mode: D50, or its profile).
 
 Whatever Pillow raises on bytes it cannot decode becomes :class:`ImageDecodeError` (the
 client's fault, never the server's); malformed EXIF metadata never fails a photo whose pixels
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, TiffImagePlugin, UnidentifiedImageError
 import pi_heif
 
 from faceage.errors import FaceAgeError
@@ -100,9 +101,10 @@ class ImageTooLarge(ImageDecodeError):
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 # Pillow mode -> the colour space of its values, the one an embedded profile must describe ("L": grey).
 _COLOUR_SPACE = {**dict.fromkeys(_SIXTEEN_BIT + ("F", "1", "L", "LA", "La"), "L"),
-                 **dict.fromkeys(("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr"), "RGB"), "CMYK": "CMYK"}
-_PROFILE_SPACE = {b"GRAY": "L", b"RGB ": "RGB", b"CMYK": "CMYK"}  # ICC header, bytes 16-19
-_SPACE_NAMES = {"L": "grey", "RGB": "RGB", "CMYK": "CMYK"}
+                 **dict.fromkeys(("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr"), "RGB"), "CMYK": "CMYK",
+                 "LAB": "LAB"}
+_PROFILE_SPACE = {b"GRAY": "L", b"RGB ": "RGB", b"CMYK": "CMYK", b"Lab ": "LAB"}  # ICC header, bytes 16-19
+_SPACE_NAMES = {"L": "grey", "RGB": "RGB", "CMYK": "CMYK", "LAB": "CIELab"}
 
 
 def _grey8(img: Image.Image) -> np.ndarray:
@@ -128,6 +130,9 @@ def _to_rgb(img: Image.Image, transform: ImageCms.ImageCmsTransform | None = Non
 
     def managed(colour: Image.Image) -> Image.Image:
         return ImageCms.applyTransform(colour.convert(transform.inputMode), transform)
+
+    if transform is None and img.mode == "LAB":
+        transform = _lab_transform()  # Lab values are colours, not RGB: always converted
 
     if img.mode in _SIXTEEN_BIT or img.mode == "F":
         grey = _grey8(img)
@@ -273,6 +278,16 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+@lru_cache(maxsize=1)
+def _lab_transform() -> ImageCms.ImageCmsTransform:
+    """CIELab (D50: TIFF's CIELab and Photoshop's Lab mode, as Pillow decodes both, with no profile) to sRGB, as
+    :func:`_profile_transform` converts: relative colorimetric, so Lab's white is sRGB's white, and colours outside
+    sRGB are clipped. Pillow's own ``convert("RGB")`` of a Lab image is not relied on."""
+    return ImageCms.buildTransform(ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")), _srgb_profile(),
+                                   "LAB", "RGB", renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+                                   flags=ImageCms.Flags.BLACKPOINTCOMPENSATION)
+
+
 # ITU-T H.273 transfer characteristics -> the ICC parametric curve (type, g, a, b, c, d) that decodes them.
 # BT.709's (also BT.601's and BT.2020's) is the inverse of its camera curve, as browsers decode it; an unspecified
 # one is sRGB's, as for an untagged photo. PQ and HLG (HDR) have no SDR curve without tone mapping; the other
@@ -286,10 +301,15 @@ _NCLX_TRANSFERS = {
 _NCLX_HDR_TRANSFERS = {16: "PQ, HDR", 18: "HLG, HDR"}
 _NCLX_TRANSFER_NAMES = {7: "SMPTE 240M", 9: "logarithmic, 100:1", 10: "logarithmic, 316:1",
                         11: "xvYCC, IEC 61966-2-4", 12: "BT.1361 extended gamut", 17: "SMPTE ST 428-1, D-Cinema"}
-# Colour primaries that are sRGB's (BT.709) or unspecified: the values are used as they are, as for a JPEG.
+# Colour primaries that are sRGB's (BT.709) or unspecified: the values are used as they are, as for a JPEG, unless
+# the transfer is one a viewer visibly decodes otherwise (:data:`_NCLX_NOT_SRGB_TRANSFERS`) or HDR (refused).
 _NCLX_SRGB_PRIMARIES = frozenset({1, 2})
+# Linear and gamma 2.8: with sRGB's primaries too, a mid grey 60 and 22 levels off if taken for sRGB. BT.709's
+# curve (1, 6, 14, 15) and gamma 2.2 (4) are taken as sRGB's there, as every untagged video frame is.
+_NCLX_NOT_SRGB_TRANSFERS = frozenset({5, 8})
 # The chromaticities (x, y) of red, green, blue and white of the others (ITU-T H.273 table 2).
 _D65, _C = (0.3127, 0.3290), (0.310, 0.316)
+_BT709 = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06), _D65)  # sRGB's
 _SMPTE_C = ((0.630, 0.340), (0.310, 0.595), (0.155, 0.070), _D65)
 _P3 = ((0.680, 0.320), (0.265, 0.690), (0.150, 0.060))
 _NCLX_PRIMARIES = {
@@ -311,21 +331,29 @@ def _s15(values) -> bytes:
 
 
 def _nclx_icc(nclx: dict) -> bytes | None:
-    """The ICC profile (v2 matrix/curve) of the colour space an nclx box names, or None for sRGB's primaries
-    (BT.709) or unspecified ones. Raises ValueError for primaries or a transfer that has no such profile."""
+    """The ICC profile (v2 matrix/curve) of the colour space an nclx box (or a PNG's cICP chunk) names, or None for
+    sRGB's primaries (BT.709) or unspecified ones with an SDR transfer but linear and gamma 2.8. Raises ValueError
+    for primaries or a transfer that has no such profile (HDR: PQ, HLG)."""
     primaries, transfer = nclx.get("color_primaries"), nclx.get("transfer_characteristics")
-    if primaries in _NCLX_SRGB_PRIMARIES:
-        return None
-    if primaries not in _NCLX_PRIMARIES:
-        raise ValueError(f"colour primaries {primaries} (ITU-T H.273) are not converted")
-    if transfer in _NCLX_HDR_TRANSFERS:
+    if transfer in _NCLX_HDR_TRANSFERS:  # whatever the primaries: a PQ photo with BT.709's is no sRGB photo
         raise ValueError(f"transfer characteristics {transfer} ({_NCLX_HDR_TRANSFERS[transfer]}) have no SDR "
                          f"conversion without tone mapping")
+    if primaries in _NCLX_SRGB_PRIMARIES:
+        if transfer not in _NCLX_NOT_SRGB_TRANSFERS:
+            return None
+        return _matrix_icc(_BT709, _NCLX_TRANSFERS[transfer], f"nclx {primaries}/{transfer}")
+    if primaries not in _NCLX_PRIMARIES:
+        raise ValueError(f"colour primaries {primaries} (ITU-T H.273) are not converted")
     if transfer in _NCLX_TRANSFER_NAMES:
         raise ValueError(f"transfer characteristics {transfer} ({_NCLX_TRANSFER_NAMES[transfer]}) are not converted")
     if transfer not in _NCLX_TRANSFERS:
         raise ValueError(f"transfer characteristics {transfer} are reserved in ITU-T H.273: they name no curve")
-    xy = _NCLX_PRIMARIES[primaries]
+    return _matrix_icc(_NCLX_PRIMARIES[primaries], _NCLX_TRANSFERS[transfer], f"nclx {primaries}/{transfer}")
+
+
+def _matrix_icc(xy, curve: tuple, description: str) -> bytes:
+    """The ICC profile (v2 matrix/curve) of the RGB colour space whose red, green, blue and white have the
+    chromaticities ``xy`` ((x, y) each), its tone curve ``curve`` (an ICC parametric curve: type, g, a, b, ...)."""
     columns = np.array([[x / y, 1.0, (1 - x - y) / y] for x, y in xy[:3]]).T  # XYZ of R, G, B (columns)
     (wx, wy) = xy[3]
     white = np.array([wx / wy, 1.0, (1 - wx - wy) / wy])
@@ -333,14 +361,84 @@ def _nclx_icc(nclx: dict) -> bytes | None:
     # Adapted to the profile connection space's D50 (Bradford), as ICC profiles hold their colorants.
     adapt = np.linalg.inv(_BRADFORD) @ np.diag((_BRADFORD @ _D50) / (_BRADFORD @ white)) @ _BRADFORD
     colorants = (adapt @ to_xyz).T  # rows: rXYZ, gXYZ, bXYZ
-    kind, *params = _NCLX_TRANSFERS[transfer]
-    curve = b"para\0\0\0\0" + struct.pack(">HH", kind, 0) + _s15(params)
-    text = f"nclx {primaries}/{transfer}".encode() + b"\0"
+    tone = _para(curve)
     return icc_profile_bytes({
-        b"desc": b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 79,
-        b"wtpt": b"XYZ \0\0\0\0" + _s15(_D50),
+        b"desc": _desc(description), b"wtpt": b"XYZ \0\0\0\0" + _s15(_D50),
         b"rXYZ": b"XYZ \0\0\0\0" + _s15(colorants[0]), b"gXYZ": b"XYZ \0\0\0\0" + _s15(colorants[1]),
-        b"bXYZ": b"XYZ \0\0\0\0" + _s15(colorants[2]), b"rTRC": curve, b"gTRC": curve, b"bTRC": curve})
+        b"bXYZ": b"XYZ \0\0\0\0" + _s15(colorants[2]), b"rTRC": tone, b"gTRC": tone, b"bTRC": tone})
+
+
+def _para(curve: tuple) -> bytes:
+    kind, *params = curve
+    return b"para\0\0\0\0" + struct.pack(">HH", kind, 0) + _s15(params)
+
+
+def _desc(description: str) -> bytes:
+    text = description.encode() + b"\0"
+    return b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 79
+
+
+# PNG colour chunks (PNG 3rd edition, 4.3): cICP wins over iCCP, which wins over sRGB, which wins over cHRM and gAMA.
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_CHUNKS_READ = 256  # cICP comes before the image data, after a handful of chunks; no file is read chunk by chunk
+_SRGB_GAMMA = 2.2  # what a gAMA chunk of an sRGB image holds (45455, libpng's), and what an untagged PNG is shown as
+# A gAMA within this many 8-bit levels (anywhere on the curve) of gamma 2.2 is taken as sRGB: 2.15 to 2.25. The
+# others are what a browser decodes differently: gamma 1.0 (linear values), 1.8 (old Mac), 2.0, 2.5.
+_GAMMA_TOLERANCE_LEVELS = 2.0
+_CHROMATICITY_TOLERANCE = 0.01  # cHRM's (x, y) this close to sRGB's: taken as sRGB (writers round them)
+
+
+def _png_cicp(stream: BinaryIO) -> tuple[int, int, int, int] | None:
+    """The cICP chunk of a PNG (colour primaries, transfer, matrix, full range: ITU-T H.273 codes), which
+    Pillow does not read, from the chunks before the image data; None if it has none."""
+    stream.seek(len(_PNG_MAGIC))
+    for _ in range(_PNG_CHUNKS_READ):
+        header = stream.read(8)
+        if len(header) < 8:
+            return None
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"cICP":
+            payload = stream.read(length)
+            return tuple(payload) if length == 4 and len(payload) == 4 else None
+        if kind in (b"IDAT", b"IEND"):  # cICP must come before these
+            return None
+        stream.seek(length + 4, os.SEEK_CUR)  # the payload and its CRC
+    return None
+
+
+def _png_chunks(info: dict) -> str:
+    """"cHRM and gAMA colour chunks", or the one a PNG has, for messages."""
+    names = [name for name, key in (("cHRM", "chromaticity"), ("gAMA", "gamma")) if key in info]
+    return f"{' and '.join(names)} colour chunk{'s' if len(names) > 1 else ''}"
+
+
+def _png_chunks_icc(info: dict, space: str) -> bytes | None:
+    """The RGB ICC profile of what a PNG's cHRM and gAMA chunks say (Pillow reads them into ``info``), or None where
+    they say sRGB, within what a viewer shows (:data:`_GAMMA_TOLERANCE_LEVELS`, :data:`_CHROMATICITY_TOLERANCE`).
+    Without gAMA the curve is sRGB's; without cHRM (and for grey pixels, which have no primaries) the primaries are.
+    Raises ValueError for values that name no colour space."""
+    gamma, chromaticity = info.get("gamma"), info.get("chromaticity")
+    curve, srgb_curve = _NCLX_TRANSFERS[13], True  # sRGB's
+    if gamma is not None:
+        if not 0 < gamma <= 10:
+            raise ValueError(f"gAMA {gamma} is no gamma")
+        curve = (0, 1 / gamma)  # as it says, where it is converted: gamma 2.2 is not quite sRGB's curve
+        srgb_curve = np.abs(_LEVELS ** (curve[1] / _SRGB_GAMMA) - _LEVELS).max() * 255 <= _GAMMA_TOLERANCE_LEVELS
+    xy = None
+    if chromaticity is not None and space == "RGB":
+        values = tuple(chromaticity)
+        if len(values) != 8 or any(not (0 < v < 1) for v in values) or any(
+                values[i] + values[i + 1] >= 1 for i in range(0, 8, 2)):
+            raise ValueError(f"cHRM {values} names no colour space (white, red, green, blue (x, y) each, in (0, 1))")
+        white, *rgb = [values[i:i + 2] for i in range(0, 8, 2)]
+        xy = (*rgb, white)
+        if np.abs(np.array(xy) - np.array(_BT709)).max() <= _CHROMATICITY_TOLERANCE:
+            xy = None
+    if srgb_curve and xy is None or space not in ("L", "RGB"):
+        return None
+    # An RGB profile for grey pixels too (their values replicated, a neutral grey in it): lcms's 8-bit grey to RGB
+    # transform interpolates a linear curve's shadows ~10 levels dark, its RGB matrix/curve one is exact.
+    return _matrix_icc(xy or _BT709, curve, f"PNG {_png_chunks(info)}")
 
 
 def icc_profile_bytes(tags: dict[bytes, bytes], space: bytes = b"RGB ", cls: bytes = b"mntr",
@@ -460,16 +558,32 @@ def _avif_nclx(stream: BinaryIO) -> dict | None:
 
 
 def _srgb_transform(img: Image.Image, name: str) -> tuple[ImageCms.ImageCmsTransform | None, str]:
-    """The transform that turns ``img``'s colours into sRGB, from the ICC profile it embeds, else from the
-    colour space its nclx box names (a HEIC photo may be tagged so alone): None when it has neither, or an
-    sRGB one (no transform is built for those), or one that cannot be used (logged once: corrupt, or for
+    """The transform that turns ``img``'s colours into sRGB, from a PNG's cICP chunk (which wins over all else,
+    as PNG says), else the ICC profile it embeds, else the colour space its nclx box names (a HEIC photo may be
+    tagged so alone), or a PNG's cHRM and gAMA chunks (without an sRGB chunk): None when it has none of them,
+    or an sRGB one (no transform is built for those), or one that cannot be used (logged once: corrupt, or for
     another colour space than the pixels', or an HDR transfer; the raw values are used, the photo is not
-    failed). With it, what it came from ("ICC colour profile", "nclx colour tag"), for a failure to name."""
+    failed). With it, what it came from ("ICC colour profile", "nclx colour tag", ...), for a failure to name.
+    A Lab image with none is converted from CIELab D50 by :func:`_to_rgb`."""
     icc = img.info.get("icc_profile")
     what = "ICC colour profile"
     space = _COLOUR_SPACE.get(img.mode)
     try:
-        if not icc or not isinstance(icc, bytes):
+        cicp = img.info.get("cicp")
+        if cicp is not None:
+            what = "cICP colour chunk"
+            if space != "RGB":  # grey pixels: primaries do not apply
+                return None, what
+            icc = _nclx_icc({"color_primaries": cicp[0], "transfer_characteristics": cicp[1]})
+            if icc is None:
+                return None, what
+        elif not icc or not isinstance(icc, bytes):
+            if img.format == "PNG" and "srgb" not in img.info and ("gamma" in img.info or "chromaticity" in img.info):
+                what = _png_chunks(img.info)
+                icc = _png_chunks_icc(img.info, space)
+                if icc is None:
+                    return None, what
+                return _profile_transform(icc, "RGB"), what  # grey pixels too: :func:`_to_rgb` makes them RGB
             nclx = img.info.get("nclx_profile")
             if not isinstance(nclx, dict) or space != "RGB":  # grey pixels: primaries do not apply
                 return None, what
@@ -483,13 +597,14 @@ def _srgb_transform(img: Image.Image, name: str) -> tuple[ImageCms.ImageCmsTrans
     except MemoryError:
         raise
     except Exception as e:
-        _ignored_profile(name, e, what)
+        _ignored_profile(name, e, what, img.mode)
         return None, what
 
 
-def _ignored_profile(name: str, e: BaseException, what: str) -> None:
-    log.warning("ignored the %s of %s (%s: %s); its colours are not converted to sRGB",
-                what, name, _error_name(e), e)
+def _ignored_profile(name: str, e: BaseException, what: str, mode: str) -> None:
+    log.warning("ignored the %s of %s (%s: %s); %s", what, name, _error_name(e), e,
+                "its colours are converted from CIELab D50" if mode == "LAB"
+                else "its colours are not converted to sRGB")
 
 
 def _error_name(e: BaseException) -> str:
@@ -595,6 +710,35 @@ def _starts_with(source: str | Path | bytes, magic: bytes) -> bool:
         return False
 
 
+# TIFF photometric interpretations of Lab (TIFF 6.0 section 23; TIFF Technical Note 3): Pillow reads 8-bit CIELab
+# with 3 samples alone, and fails to identify the rest, which were then called "not an image (unknown format)".
+_TIFF_LABS = {8: "CIELab", 9: "ICCLab", 10: "ITULab"}
+
+
+def _lab_tiff(source: str | Path | bytes) -> str | None:
+    """"a CIELab TIFF (16 bits per sample, 3 samples)" for a TIFF whose first image is in a Lab colour space,
+    read from its first directory; None for any other file, or one whose directory cannot be read."""
+    try:
+        with io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb") as f:
+            header = f.read(8)
+            if header[:4] not in (b"II*\0", b"MM\0*"):
+                return None
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(header)
+            f.seek(ifd.next)
+            ifd.load(f)
+        lab = _TIFF_LABS.get(ifd.get(262))
+        if lab is None:
+            return None
+        bits = ifd.get(258, (1,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        depth = "/".join(str(b) for b in sorted(set(bits)))
+        return f"a {lab} TIFF ({depth} bits per sample, {ifd.get(277, 1)} samples)"
+    except MemoryError:
+        raise
+    except Exception:
+        return None
+
+
 def _read_stream(path: str | Path, name: str, max_pixels: int) -> bytes:
     """The bytes a pipe or device gives, at most :data:`STREAM_BYTES_PER_PIXEL` per allowed pixel
     (plus 1 MiB): more than any image within ``max_pixels`` takes (``/dev/zero`` would never end)."""
@@ -662,6 +806,8 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                 _scale_transparency(img, low_bit_scale)
                 if img.format == "AVIF" and not img.info.get("icc_profile"):  # Pillow's plugin reads no nclx box
                     img.info["nclx_profile"] = _avif_nclx(stream)
+                if img.format == "PNG" and (cicp := _png_cicp(stream)) is not None:
+                    img.info["cicp"] = cicp
                 if key is not None:
                     _key_out(img, key, stream)
                 # Read from the image as decoded (a transpose keeps no promise about info); the colours
@@ -674,7 +820,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                     except MemoryError:
                         raise
                     except Exception as e:  # the profile is at fault, not the pixels: never a failed photo
-                        _ignored_profile(name, e, source)
+                        _ignored_profile(name, e, source, upright.mode)
                 return _to_rgb(upright)
     except (ImageDecodeError, MemoryError):
         raise  # our own size limit has its message; out of memory is the server's problem
@@ -683,6 +829,10 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         if icon is not None:
             raise ImageDecodeError(f"{icon} icons are not accepted (decoded whole before their size can be "
                                    f"checked): {name}") from e
+        lab = _lab_tiff(source)
+        if lab is not None:
+            raise ImageDecodeError(f"cannot decode {name}: {lab} is not supported (only 8-bit CIELab without "
+                                   f"extra channels is); save it as RGB") from e
         raise ImageDecodeError(f"not an image (unknown format): {name}") from e
     except Image.DecompressionBombError as e:
         # Pillow refuses over twice its MAX_IMAGE_PIXELS while opening, before our check: its own wording
