@@ -16,22 +16,38 @@ Output folder::
 plus a metrics JSON with per-split counts of each ``status``:
 ``face`` (detected), ``release_crop`` / ``whole_image`` (no face: fallback used),
 ``no_face`` (no face, skipped), ``unreadable`` (the image could not be decoded, skipped).
+
+Resumable: the crops are written into ``.NAME.partial`` beside the output folder (outside it: ``dvc repro``
+deletes a stage's outputs before it runs it), each photo's chips and manifest row appended to a record there once
+its crop is written. A run stopped half-way (Ctrl-C, a killed machine, a full disk) leaves that folder; the next
+run of the same job (``job.json``: the same photos, crop settings and code) reuses every photo whose record is
+whole and whose crop and source photo are as the record says, and crops the rest. The folder goes once the output
+is placed; another job removes it and starts over.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
 import shutil
+import struct
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL
 from PIL import Image
 from tqdm import tqdm
 
-from faceage.atomic import NO_SPACE, WriteError, errno_text, free_bytes, megabytes, place_in, staged_dir
+from faceage.atomic import (NO_SPACE, WriteError, errno_text, free_bytes, megabytes, place_in, staged_dir,
+                            write_text)
 from faceage.appa_real import FACE_SUFFIX, Sample, listed_file, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
@@ -49,6 +65,17 @@ MANIFEST = "manifest.csv"
 SETTINGS = "preprocess.json"
 # In the folder being written (a staging folder): each crop worker's note of the photo it is on, removed when done.
 INFLIGHT = ".crop-inflight"
+# Beside the output folder: the crops, chips and rows of a run not finished yet (see the module docstring).
+PARTIAL_SUFFIX = ".partial"
+JOB = "job.json"  # in the partial folder: what job its work is for
+RECORDS = "records"  # in the partial folder: one append-only file of records per crop process
+# A record: header (magic, meta length, chips length), meta (JSON: row, source stats, crop sha256, chip layout),
+# the chips' bytes, then the sha256 of all that. A record cut short or garbled (a power loss) fails its sha256.
+_RECORD = struct.Struct("<4sII")
+_MAGIC = b"FAR1"
+# The modules whose code decides a crop's pixels, its chips or its row: an edit of one starts the work over.
+CODE_MODULES = ("faceage.preprocess", "faceage.faces", "faceage.hog_pyramid", "faceage.chips", "faceage.images",
+                "faceage.detector")
 STATUSES = ("face", "release_crop", "whole_image", "no_face", "unreadable")
 FIELDS = (
     "split", "file_name", "crop", "apparent_age", "apparent_age_std", "real_age",
@@ -102,7 +129,8 @@ def crop_settings(params: PreprocessParams, manifest: dict) -> dict:
     }
 
 
-def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str, inflight_dir: str | None = None) -> None:
+def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str, inflight_dir: str | None = None,
+                 records_dir: str | None = None) -> None:
     _worker["detector"] = FaceDetector(model_dir, params.detector, params.upsample, params.retry_pad,
                                        params.cnn_retry_side)
     _worker["chips"] = ChipExtractor(model_dir, params.margin)
@@ -111,18 +139,86 @@ def _init_worker(model_dir: str, params: PreprocessParams, out_dir: str, infligh
     # A worker process notes the photo it is on in a file named by its pid: when one dies (a crash in dlib,
     # the out-of-memory killer) the error can name the photo, which a rerun would die on again.
     _worker["inflight"] = Path(inflight_dir) / str(os.getpid()) if inflight_dir else None
+    # Its own file of records (a resumable run): appended to by this process alone, so no record interleaves.
+    _worker["records"] = (open(Path(records_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.rec", "ab")
+                          if records_dir else None)
+
+
+def _close_worker() -> None:
+    """Closes the records file of the crop loop run in this process (``preprocess.workers=1``)."""
+    records = _worker.pop("records", None)
+    if records is not None:
+        records.close()
 
 
 def _process(task: _Task) -> dict:
     if _worker.get("inflight") is not None:
         _worker["inflight"].write_text(f"{task.split}/{task.file_name}", encoding="utf-8")
     try:
-        return _crop_one(task)
+        records = _worker.get("records")
+        # read before the photo is: a photo rewritten while it is cropped does not match its record later
+        stats = _source_stats(task) if records is not None else None
+        row = _crop_one(task)
+        if records is not None:
+            _append_record(records, row, stats, _worker["out"])
+        return row
     except Exception as e:
         # An error that stops the run (dlib on an odd photo, a full disk) named no photo of the thousands:
         # the note travels with it from a worker process and prints under its traceback.
         e.add_note(f"while cropping {task.split}/{task.file_name} ({task.image})")
         raise
+
+
+def _file_stat(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # not there (no release crop), or unreadable: either way what the crop saw
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _source_stats(task: _Task) -> list:
+    """Size and mtime of the files a photo's crop is read from: its photo and its release crop."""
+    return [_file_stat(task.image), _file_stat(task.release_crop)]
+
+
+def _append_record(f, row: dict, stats: list, crop_dir: Path) -> None:
+    """Appends ``row`` (with its chips) to a records file, after its crop was written: the photo is done.
+
+    The crop's sha256 goes with it: a crop that did not reach the disk whole (a power loss before the page
+    cache was written) does not match, and the photo is cropped again. Not fsynced, for the same reason: a
+    check on resume costs nothing on the normal path; an fsync per photo would.
+    """
+    meta = {k: v for k, v in row.items() if k not in ("chip", "face_chip")}
+    chips = [np.ascontiguousarray(row[k]) for k in ("chip", "face_chip") if k in row]
+    crop = hashlib.sha256((crop_dir / row["crop"]).read_bytes()).hexdigest() if chips else None
+    body = json.dumps({"row": meta, "stats": stats, "crop_sha256": crop,
+                       "chips": [[c.dtype.str, list(c.shape)] for c in chips]}).encode()
+    blob = b"".join(c.tobytes() for c in chips)
+    frame = _RECORD.pack(_MAGIC, len(body), len(blob)) + body + blob
+    f.write(frame + hashlib.sha256(frame).digest())
+    f.flush()  # in the kernel's hands: a killed process (not a power loss) loses none of it
+
+
+def _read_records(folder: Path) -> Iterator[dict]:
+    """Every whole record in the records files under ``folder``: ``{"row", "stats", "crop_sha256"}``, the row
+    with its chips. A file's records end at the first one cut short or garbled."""
+    for path in sorted(folder.glob("*.rec")) if folder.is_dir() else ():
+        with open(path, "rb") as f:
+            while len(header := f.read(_RECORD.size)) == _RECORD.size:
+                magic, n_meta, n_chips = _RECORD.unpack(header)
+                if magic != _MAGIC:
+                    break
+                rest = f.read(n_meta + n_chips + 32)
+                if len(rest) != n_meta + n_chips + 32 or hashlib.sha256(header + rest[:-32]).digest() != rest[-32:]:
+                    break
+                record = json.loads(rest[:n_meta])
+                offset = n_meta
+                for key, (dtype, shape) in zip(("chip", "face_chip"), record.pop("chips")):
+                    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                    record["row"][key] = np.frombuffer(rest[offset:offset + n], dtype=dtype).reshape(shape)
+                    offset += n
+                yield record
 
 
 def _crop_one(task: _Task) -> dict:
@@ -178,26 +274,38 @@ def preprocess_dataset(
     Returns:
         Metrics: ``{split: {status: count}, "total": {...}, "detection_rate": float}``.
 
+    The crops done so far are kept beside ``out_dir`` (:func:`partial_dir`) until the output is placed: a run
+    stopped half-way (Ctrl-C, a kill, a full disk) is resumed by the next run of the same job (module docstring).
+
     Raises:
         faceage.atomic.WriteError: The disk (or a quota) filled up while the crops were written: one
-            line naming ``out_dir`` and the space free; the partial output is removed, ``out_dir`` left as it was.
+            line naming ``out_dir`` and the space free; ``out_dir`` is left as it was, the crops done so far kept.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     splits = validate_layout(data_dir)
     dataset = read_dataset_info(data_dir)
     # One read, verified: the crop settings (preprocess.json) and chips.npz record the sha256 of this read.
     manifest = read_manifest(detector_dir, verify=True)
+    partial = partial_dir(out_dir)
     staged: list[Path] = []
     try:
-        with staged_dir(out_dir) as tmp:
-            staged.append(tmp)
-            rows, settings = _crop_samples(splits, data_dir, detector_dir, tmp, params, manifest)
-            settings = {**settings, "data_source": dataset["source"], "data_sha256": dataset["sha256"]}
-            (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+        with _holding(partial):  # removed under the lock: a run waiting for it must not take it up meanwhile
+            with staged_dir(out_dir) as tmp:
+                staged.append(tmp)
+                rows, settings = _crop_samples(splits, data_dir, detector_dir, tmp, params, manifest,
+                                               partial=partial, inputs={"data_source": dataset["source"],
+                                                                        "data_sha256": dataset["sha256"]})
+                settings = {**settings, "data_source": dataset["source"], "data_sha256": dataset["sha256"]}
+                (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+                # Last, so that nothing after it can fail for want of room: the crops move in (renames, no copy).
+                for split in splits:
+                    os.replace(partial / split, tmp / split)
+                # (killed from here until the folder is gone: the next run finds the crops gone, and redoes them)
+            shutil.rmtree(partial, ignore_errors=True)
     except OSError as e:
         if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
             raise
-        raise _no_space_error(e, data_dir, out_dir, staged) from e
+        raise _no_space_error(e, data_dir, out_dir, [*staged, partial]) from e
     metrics = count_statuses(rows)
     skipped = metrics["total"]["no_face"] + metrics["total"]["unreadable"]
     log.info("detected a face in %d of %d images; fallback %s for %d; skipped %d (no face: %d, unreadable: %d)",
@@ -210,15 +318,130 @@ def preprocess_dataset(
 def _no_space_error(e: OSError, data_dir: Path, out_dir: Path, staged: list[Path]) -> WriteError:
     """One line for a full disk (or quota) met while writing the crops of ``data_dir`` for ``out_dir``.
 
-    Raised after :func:`faceage.atomic.staged_dir` removed the partial crops (``out_dir`` is as it was): the
-    free space read then is what a rerun has.
+    Raised after :func:`faceage.atomic.staged_dir` removed its staging folder (``out_dir`` is as it was): the
+    free space read then is what a rerun has. The crops done so far stay in :func:`partial_dir`.
     """
     why = errno_text(e) + place_in(e.filename, staged)
     free = free_bytes(out_dir.parent)
     free = (f"{megabytes(free)} is free in {out_dir.parent}" if free is not None
             else f"the free space in {out_dir.parent} could not be read")
     return WriteError(f"writing the crops of {data_dir} into {out_dir} failed: {why}; {free}: free some space there "
-                      f"and rerun ({out_dir} was left as it was, no partial crops kept)")
+                      f"and rerun ({out_dir} was left as it was; the crops done so far are kept in "
+                      f"{partial_dir(out_dir)}, and the rerun goes on from them)")
+
+
+def partial_dir(out_dir: str | Path) -> Path:
+    """Where :func:`preprocess_dataset` keeps the work of a run not finished yet: ``.NAME.partial`` beside
+    ``out_dir`` (not a :func:`faceage.atomic.scratch_name`, which the next build removes)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{PARTIAL_SUFFIX}"
+
+
+@contextmanager
+def _holding(folder: Path) -> Iterator[None]:
+    """Makes ``folder`` if need be and holds an exclusive ``flock`` on it (no lock file left behind) while the
+    block runs: two runs into one output (by hand, beside ``dvc repro``) would crop into, and remove, one
+    partial folder. The second waits; a folder the first removed meanwhile is made anew and locked again.
+    Where folders cannot be locked (Windows, some network file systems) it does not lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        folder.mkdir(parents=True, exist_ok=True)
+        yield
+        return
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another preprocess run that writes %s (lock on %s)", folder.parent, folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                log.debug("not locking %s: its file system does not lock folders", folder)
+            try:
+                now = os.stat(folder)
+            except FileNotFoundError:
+                continue
+            held = os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                yield
+                return
+        finally:
+            os.close(fd)
+
+
+def code_fingerprint() -> str:
+    """sha256 over the source of :data:`CODE_MODULES` and the versions of dlib, Pillow and numpy: the code that
+    decides a crop's bytes, its chips and its row."""
+    import dlib
+
+    h = hashlib.sha256(f"dlib {dlib.__version__} pillow {PIL.__version__} numpy {np.__version__}\n".encode())
+    for name in CODE_MODULES:
+        __import__(name)
+        h.update(f"{name}\0".encode() + Path(sys.modules[name].__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _job(settings: dict, shape_predictor_sha256: str, tasks: list[_Task], data_dir: Path, inputs: dict) -> dict:
+    """What a partial folder's work is for, as ``job.json`` records it: the crop settings, the photos (the data
+    set's fingerprint, each photo's place and labels) and the code. A run resumes only the same job."""
+    photos = [[t.split, t.file_name, os.path.relpath(t.image, data_dir), t.crop, t.apparent_age,
+               t.apparent_age_std, t.real_age] for t in tasks]
+    job = {
+        "crop settings": {**settings, "shape_predictor_sha256": shape_predictor_sha256},
+        "photos": {**inputs, "count": len(tasks),
+                   "list_sha256": hashlib.sha256(json.dumps(photos).encode()).hexdigest()},
+        "code": {"sha256": code_fingerprint()},
+    }
+    return json.loads(json.dumps(job))  # as read back from job.json (lists, not tuples)
+
+
+def _resume(partial: Path, job: dict, tasks: list[_Task], splits) -> dict[int, dict]:
+    """The rows (with chips) of the photos ``partial`` holds done for ``job``, by index in ``tasks``; the
+    folder readied for the rest: stray crops (half-written, or of a record that no longer holds) removed, or,
+    for another job, everything removed and ``job.json`` written."""
+    try:
+        before = json.loads((partial / JOB).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        before = None
+    if before != job:
+        if before is not None:
+            changed = [k for k in job if not isinstance(before, dict) or before.get(k) != job[k]]
+            log.info("starting over: %s holds the crops of another preprocess job (changed: %s); removing them",
+                     partial, ", ".join(changed) or "its format")
+        for entry in list(partial.iterdir()):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        write_text(partial / JOB, json.dumps(job, indent=2) + "\n")
+        return {}
+    index = {(t.split, t.file_name): i for i, t in enumerate(tasks)}
+    done: dict[int, dict] = {}
+    for record in _read_records(partial / RECORDS):
+        row = record["row"]
+        i = index.get((row.get("split"), row.get("file_name")))
+        if i is None or i in done or record["stats"] != _source_stats(tasks[i]):
+            continue
+        if record["crop_sha256"] is not None:
+            if row["crop"] != tasks[i].crop:
+                continue
+            try:
+                if hashlib.sha256((partial / row["crop"]).read_bytes()).hexdigest() != record["crop_sha256"]:
+                    continue
+            except OSError:
+                continue
+        done[i] = row
+    keep = {row["crop"] for row in done.values() if row["crop"]}
+    for entry in list(partial.iterdir()):
+        if entry.name in splits and entry.is_dir():
+            for crop in entry.iterdir():
+                if f"{entry.name}/{crop.name}" not in keep:
+                    crop.unlink()
+        elif entry.name not in (JOB, RECORDS):  # a killed run's in-flight notes
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    log.info("resuming preprocess from %s: reusing %d of %d photos done before, %d to go", partial, len(done),
+             len(tasks), len(tasks) - len(done))
+    return done
 
 
 def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
@@ -251,10 +474,14 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
 
 
 def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
-                  params: PreprocessParams, manifest: dict,
-                  workers_key: str = "preprocess.workers") -> tuple[list[dict], dict]:
+                  params: PreprocessParams, manifest: dict, workers_key: str = "preprocess.workers", *,
+                  partial: Path | None = None, inputs: dict | None = None) -> tuple[list[dict], dict]:
     """:func:`crop_samples` with the detector folder's ``manifest`` as its caller read it; also returns the
-    :func:`crop_settings` of the crops (built once, from that read, before any work)."""
+    :func:`crop_settings` of the crops (built once, from that read, before any work).
+
+    With ``partial`` (an existing folder, :func:`partial_dir`) the crops go there, not into ``out_dir`` (the
+    caller moves them in), with a record of each photo done, and the photos it already holds done for this job
+    are reused (:func:`_resume`); ``inputs`` (the data set's source and fingerprint) go into the job."""
     detector_files = manifest["files"]
     try:  # every sha256 the crop settings and chips.npz record, looked up by the rules that record them
         settings, _ = crop_settings(params, manifest), detector_files[SHAPE5_FILE]
@@ -276,23 +503,37 @@ def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir:
         )
         for samples in splits.values() for s in samples
     ]
+    done: dict[int, dict] = {}
+    crop_dir, records = out_dir, None
+    if partial is not None:
+        job = _job(settings, detector_files[SHAPE5_FILE], tasks, Path(data_dir), inputs or {})
+        done = _resume(partial, job, tasks, splits)
+        crop_dir, records = partial, partial / RECORDS
+        records.mkdir(exist_ok=True)
     for split in splits:
-        (out_dir / split).mkdir()
+        (crop_dir / split).mkdir(exist_ok=partial is not None)
+    todo = [t for i, t in enumerate(tasks) if i not in done]
     workers = params.workers or usable_cores()
-    init = (str(detector_dir), params, str(out_dir))
+    init = (str(detector_dir), params, str(crop_dir))
     log.info("cropping %d images with %d worker(s) (preprocess.workers=%d, detector=%s, upsample=%d)",
-             len(tasks), workers, params.workers, params.detector, params.upsample)
-    if workers == 1:
-        _init_worker(*init)
-        rows = [_process(t) for t in tqdm(tasks, desc="crop", unit="img")]
+             len(todo), workers, params.workers, params.detector, params.upsample)
+    if not todo:
+        new_rows = []
+    elif workers == 1:
+        _init_worker(*init, None, records and str(records))
+        try:
+            new_rows = [_process(t) for t in tqdm(todo, desc="crop", unit="img")]
+        finally:
+            _close_worker()
     else:
         # Beside the crops, not under the temp dir: a full or unusable /tmp stopped preprocess (a full one as "no
         # space left" in the output folder, which had room). Gone before the folder is swapped in.
-        inflight = out_dir / INFLIGHT
+        inflight = crop_dir / INFLIGHT
         inflight.mkdir()
         try:
-            rows = map_in_processes(_process, tasks, workers, _init_worker, (*init, str(inflight)), desc="crop",
-                                    unit="img", workers_key=workers_key)
+            new_rows = map_in_processes(_process, todo, workers, _init_worker,
+                                        (*init, str(inflight), records and str(records)), desc="crop",
+                                        unit="img", workers_key=workers_key)
         except WorkerDiedError as e:
             photos = sorted(filter(None, (f.read_text(encoding="utf-8") for f in inflight.iterdir())))
             if not photos:  # it died before its first photo
@@ -302,6 +543,8 @@ def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir:
                                   "out of its split's CSV)") from e
         finally:
             shutil.rmtree(inflight, ignore_errors=True)
+    fresh = iter(new_rows)
+    rows = [done[i] if i in done else next(fresh) for i in range(len(tasks))]
     for row in rows:
         if row["status"] == "unreadable":
             log.warning("skipped unreadable image %s/%s: %s", row["split"], row["file_name"], row["error"])

@@ -1,4 +1,7 @@
-"""DVC stage preprocess: detect the subject's face in every image and write margin crops + manifest."""
+"""DVC stage preprocess: detect the subject's face in every image and write margin crops + manifest.
+
+Stopped half-way (Ctrl-C, a kill, a full disk), it keeps the crops done so far in ``.<out>.partial`` beside
+``--out``; the next run of the same job goes on from them (``faceage.preprocess``)."""
 
 import argparse
 import json
@@ -12,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data", required=True, help="fetch_data output")
     parser.add_argument("--detector", required=True, help="fetch_detector output")
-    parser.add_argument("--out", required=True, help="output folder for crops and manifest.csv")
+    parser.add_argument("--out", required=True, help="output folder for crops and manifest.csv (an unfinished run's work is kept beside it, "
+                        "in .NAME.partial, and resumed)")
     parser.add_argument("--metrics", required=True, help="JSON file for detection counts")
     return parser
 
