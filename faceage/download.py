@@ -407,8 +407,9 @@ def download(
         ``dest`` as a :class:`~pathlib.Path`.
 
     Raises:
-        ChecksumError: The complete file does not match ``md5``/``sha256`` (from every URL).
-        ContentError: ``check`` rejected the complete file (from the last URL).
+        ChecksumError: The complete file does not match ``md5``/``sha256`` (from any URL: with mirrors, also where
+            the others failed otherwise, before or after it; the message lists each URL's failure).
+        ContentError: ``check`` rejected the complete file (from any URL, and no URL sent a wrong checksum).
         HTTPStatusError: The server answered an HTTP error status (every URL's did).
         UnreachableError: No connection could be made or kept (to any URL): a host name that does not
             resolve, an untrusted certificate, a connection that kept failing.
@@ -455,13 +456,31 @@ def download(
                 errors.append(e)
                 if following:
                     log.warning("%s failed (%s); trying the mirror %s", source, e, following)
+    kind, cause = _telling_error(errors)
+    raise kind(f"every URL of {dest.name} failed:\n" + "\n".join(failures) + (f"\n{stale}" if stale else "")) \
+        from cause
+
+
+def _telling_error(errors: list[DownloadError]) -> tuple[type[DownloadError], DownloadError]:
+    """Of the failures of every URL (in the order tried), the type :func:`download` raises and the failure it
+    names as the cause: what went wrong, whichever URL happened to be tried last.
+
+    A URL that sent the whole file with other bytes (:class:`ChecksumError`, else :class:`ContentError`: a page
+    sent for the file) is a data-integrity problem with its own fix (the pinned checksum, another source): a mirror
+    that was not reached, or answered 404, after it no longer hides it (the mix's plain :class:`DownloadError`, or
+    the last URL's type, was raised). Without wrong bytes, "the server answered" (:class:`HTTPStatusError`) or
+    "none was reached" (:class:`UnreachableError`) only where it is so of every URL; another mix is a plain
+    :class:`DownloadError`.
+    """
+    for kind in (ChecksumError, ContentError):
+        found = next((e for e in errors if isinstance(e, kind)), None)
+        if found is not None:
+            return type(found), found
     last = errors[-1]
     kind = type(last)
-    # "the server answered" (or "none was reached") only where it is so of every URL: a mix is a DownloadError
     if kind in (HTTPStatusError, UnreachableError) and not all(isinstance(e, kind) for e in errors):
         kind = DownloadError
-    raise kind(f"every URL of {dest.name} failed:\n" + "\n".join(failures) + (f"\n{stale}" if stale else "")) \
-        from last
+    return kind, last
 
 
 def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, retries: int, timeout_s: float,
