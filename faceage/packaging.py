@@ -53,8 +53,8 @@ from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
-from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, check_reachable, display_uri, gc_command,
-                              git_commit, mlflow_env, portable_source, sqlite_path)
+from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, absent_store, check_reachable,
+                              display_uri, gc_command, git_commit, mlflow_env, portable_source)
 
 log = logging.getLogger(__name__)
 
@@ -808,10 +808,10 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     from faceage.tracking import tracking_uri
 
     uri = tracking_uri()
-    db = sqlite_path(uri)
+    db = absent_store(uri)
     # Before check_reachable's write check: a store that is not there (a typo'd path, a share not mounted) was
     # reported as its first existing folder being read-only
-    if db is not None and not db.is_file():  # MLflow would create it: a typo'd path said "experiment not found"
+    if db is not None:  # MLflow would create it: a typo'd path said "experiment not found"
         raise PackagingError(f"no MLflow store at {db} ({display_uri(uri)}): run the pipeline first (dvc repro), "
                              "or point MLFLOW_TRACKING_URI at the store its runs are in")
     # A server that does not answer: one line now, not MLflow's ~4 minutes of retries and then a traceback

@@ -31,8 +31,8 @@ from faceage.experiment import (PARAMS, ProfileError, ProfileInterrupted, dvc_ro
                                 run_profile)
 from faceage.external import external_maes
 from faceage.logs import die_of_signal, setup_logging
-from faceage.tracking import (EXPERIMENT, NoExperimentError, check_reachable, display_uri, lost_run, masked_url,
-                              portable_uri, read_run_file, setup_mlflow, tracking_uri)
+from faceage.tracking import (EXPERIMENT, NoExperimentError, absent_store, check_reachable, display_uri, lost_run,
+                              masked_url, portable_uri, read_run_file, setup_mlflow, tracking_uri)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,13 @@ CHIP_SIDES = {"dlib_face": "150", "dlib_age": "64"}
 FUSED_CHIP_SIDES = "64 + 150"
 
 
+# What to do where MLFLOW_TRACKING_URI (or its default, the repo's mlflow.db) names a sqlite store that is not there
+ABSENT_STORE_FIX = "set MLFLOW_TRACKING_URI to the store the sweep logged its runs to"
+
+
 class SweepError(FaceAgeError):
-    """The sweep cannot start or report: its runs file (``--runs``) is missing or unreadable."""
+    """The sweep cannot start or report: its runs file (``--runs``) is missing or unreadable, or (the report) the
+    MLflow store is not there."""
 
 
 def read_runs(path: Path, *, required: bool) -> dict:
@@ -86,7 +91,10 @@ def sweep_overrides(backbone: str, profile: str, source: str | None) -> list[str
 def unknown_runs(runs: dict) -> list[str]:
     """The backbones of ``runs`` whose MLflow run this tracking store cannot give (not in it, or deleted:
     ``runs`` recorded elsewhere, as the committed ``reports/sweep_runs.json`` names the runs of the machine
-    that wrote it). Other errors of the store (a proxy refusing run reads) are raised, not taken for absence."""
+    that wrote it). Other errors of the store (a proxy refusing run reads) are raised, not taken for absence.
+    A sqlite store that is not there holds none of them, and is not created by asking (:func:`faceage.tracking.absent_store`)."""
+    if absent_store() is not None:
+        return list(runs)
     try:
         setup_mlflow(writable=False)  # reads only: a team's read-only store serves the report
     except NoExperimentError:  # nor is it created (a write): the runs, read by id below, are not in such a store
@@ -100,6 +108,9 @@ def _not_in_store(runs: dict) -> tuple[list[str], str]:
     missing = unknown_runs(runs)
     if not missing:
         return [], ""
+    db = absent_store()
+    if db is not None:  # a mistyped MLFLOW_TRACKING_URI, or the default mlflow.db of a folder without one
+        return missing, f"; there is no MLflow store at {db} ({ABSENT_STORE_FIX})"
     import mlflow
 
     if mlflow.MlflowClient(tracking_uri()).get_experiment_by_name(EXPERIMENT) is not None:
@@ -184,7 +195,15 @@ def runs_source(runs: dict) -> str | None:
 
 
 def collect(runs: dict) -> list[dict]:
-    """One row per backbone from MLflow: params, GFLOPs, train time, validation and test MAE."""
+    """One row per backbone from MLflow: params, GFLOPs, train time, validation and test MAE.
+
+    Raises:
+        SweepError: The store is a sqlite file that is not there (:func:`faceage.tracking.absent_store`): it is not created.
+        faceage.tracking.TrackingError: The store does not answer, or holds no ``face-age`` experiment.
+    """
+    db = absent_store()
+    if db is not None:  # the runs' params and metrics are only in the store; reading must not create one
+        raise SweepError(f"no MLflow store at {db} ({display_uri()}): {ABSENT_STORE_FIX}")
     mlflow = setup_mlflow(writable=False)
     client = mlflow.MlflowClient()
     rows = []

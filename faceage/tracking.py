@@ -179,6 +179,17 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
 
 
+def absent_store(uri: str | None = None) -> Path | None:
+    """The database file of a ``sqlite:///`` store (``uri``, default :func:`tracking_uri`) that is not there: no
+    file, or an empty one (no tables: MLflow's first read writes its schema into it); else None (a store there, an
+    in-memory one, or a server's, not probed). A reader must stop before MLflow's first access, which creates the
+    database, its tables and its folder (a mistyped ``MLFLOW_TRACKING_URI`` left an empty store behind)."""
+    db = sqlite_path(tracking_uri() if uri is None else uri)
+    if db is None or db.name == ":memory:":
+        return None
+    return None if db.is_file() and db.stat().st_size > 0 else db
+
+
 def check_reachable(uri: str | None = None, *, writable: bool = True) -> None:
     """Fails fast when an ``http(s)`` tracking store does not answer, or (``writable``) a ``sqlite`` store cannot
     be written; other stores are not probed.

@@ -303,8 +303,10 @@ def test_the_champion_alias_moves_only_once_the_bento_model_is_saved(tmp_path, m
     # A store of the test's own: without it package_champion's client opened (and migrated, or created) the
     # repo's mlflow.db, the developer's real tracking store.
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    (tmp_path / "mlflow.db").touch()  # an empty sqlite database: packaging refuses a store that is not there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    from faceage.tracking import setup_mlflow
+
+    setup_mlflow()  # a store with its tables: packaging refuses one that is not there (no file, or an empty one)
     calls, stores = [], []
     version = types.SimpleNamespace(version=7)
     winner = Winner(run_id="r", run_name="n", val_mae_years=1.0, test_mae_years=1.0, start_time_ms=0,

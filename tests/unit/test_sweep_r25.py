@@ -4,7 +4,7 @@ import json
 import logging
 
 import faceage.sweep as sweep
-from faceage.tracking import mlflow_env
+from faceage.tracking import mlflow_env, setup_mlflow
 
 
 def test_report_only_on_runs_of_another_store_is_one_error_line(tmp_path, caplog, monkeypatch):
@@ -31,5 +31,6 @@ def test_a_store_that_refuses_run_reads_is_not_taken_for_runs_recorded_elsewhere
 
     monkeypatch.setattr(mlflow.MlflowClient, "get_run", refused)
     with mlflow_env("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        setup_mlflow()  # a store that is there (one that is not is never asked: test_sweep_r33)
         with pytest.raises(MlflowException, match="403"):
             sweep.unknown_runs({"resnet18": {"run_id": "a" * 32}})
