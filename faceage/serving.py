@@ -6,7 +6,8 @@ function. Output: awaitable, asyncio-friendly building blocks for the service:
 - :class:`LocatorPool`: decode + detect + crop of encoded images in worker processes (one dlib
   detector each, every core busy; a decoder crash costs the pool, which is replaced, not the
   server; only a photo that crashes it on its own fails as its fault, and workers that cannot
-  start make :class:`DetectionUnavailable`, a 503, and the pool not ready);
+  start, or are not up by :data:`START_TIMEOUT_S` (then killed), make :class:`DetectionUnavailable`, a 503, and
+  the pool not ready);
 - :class:`AgeBatcher`: adaptive batching of the age model across concurrent requests (a failing merged
   pass is run again one request at a time, so only the requests whose own faces fail get its error);
 - :class:`ServingClosed` (a 503): what both answer once closed, the server shutting down.
@@ -53,7 +54,13 @@ DEFAULT_MAX_PASS_FACES = MAX_PASS_FACES
 # 503 meanwhile): workers that cannot start (out of memory, a detector file gone) are not spawned
 # again for every request.
 RESTART_AFTER_S = 5.0
-START_TIMEOUT_S = 120.0  # a pool whose workers are not all up by then failed to start
+# The deadline of a pool's start (spawn, imports, detector load and warm-up of every worker): a pool not all up by
+# then failed to start, and its workers are killed (one hung for ever, on a detector file of a hung network mount or
+# a deadlock in its warm-up, kept the pool and every photo waiting for ever, and /readyz 200); its photos get a 503,
+# /readyz too, and the pool is started again under RESTART_AFTER_S. Under BentoML's request timeout (120 s,
+# service.py), so a photo that waits for a hung start gets that 503 and not the timeout's error. A cold start of
+# the service takes about 10 s (README).
+START_TIMEOUT_S = 60.0
 # At shutdown, workers still busy with a photo after this long are killed (LocatorPool.close).
 CLOSE_TIMEOUT_S = 10.0
 # After a photo of at least this many pixels, a process gives the C heap's free pages back
@@ -68,12 +75,23 @@ class ImageProcessingError(FaceAgeError, RuntimeError):
 
 class DetectionUnavailable(FaceAgeError, RuntimeError):
     """The detection workers cannot take a photo now, through no fault of the photo (HTTP 503, try again):
-    they die as they start, or one died beside other photos while this one was retried."""
+    they die as they start, or are not up by :data:`START_TIMEOUT_S` (one hung), or one died beside other
+    photos while this one was retried."""
+
+
+# What a photo is told when the detection pool was closed (ServingClosed.pool_closed): written once.
+POOL_CLOSED = "the detection pool was closed (the server is shutting down)"
 
 
 class ServingClosed(DetectionUnavailable):
     """The detection pool or the age batcher was closed (the server is shutting down): the request is not
     answered here, through no fault of its photo (HTTP 503 like :class:`DetectionUnavailable`, try again)."""
+
+    @classmethod
+    def pool_closed(cls, before: str = "") -> ServingClosed:
+        """The detection pool's: ``"<POOL_CLOSED>[ before]: try again"``, e.g. ``before="before this photo was
+        analysed"`` for a photo whose workers were stopped for the shutdown while it was in flight."""
+        return cls(f"{POOL_CLOSED}{' ' + before if before else ''}: try again")
 
 
 @functools.cache
@@ -229,9 +247,64 @@ class _Workers:
         with _stop_signals_blocked():
             self.started = [self.executor.submit(_child_started_all, START_TIMEOUT_S) for _ in range(processes)]
         self.jobs: set[Future] = set()
+        # Every worker this pool spawned (one per start job, above): those the deadline kills.
+        self.processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.start_timeout_s = START_TIMEOUT_S
+        self.timed_out: TimeoutError | None = None  # set at the deadline when the workers were not all up
+        # Whether the deadline killed the workers (then the barrier is never touched again: see stop), or stop()
+        # has begun (then the deadline leaves the workers to it); one or the other, under this lock.
+        self._killed = self._stopping = False
+        self._kill_lock = threading.Lock()
+        # Kept from here, not left to the workers' barrier (which only times out in workers that started): a worker
+        # hung in its initializer never takes a start job, so with one worker (or all hung) nothing ever failed.
+        self._stopped = threading.Event()
+        self._deadline = threading.Thread(target=self._watch_start, name="faceage-start-deadline", daemon=True)
+        self._deadline.start()
+
+    def _watch_start(self) -> None:
+        """The deadline's thread: ends once the pool is up (or stopped), or runs :meth:`_start_deadline` at it.
+
+        A thread that polls (0.2 s), not a ``threading.Timer`` or done-callbacks on the start jobs: both keep a
+        reference cycle back to this pool once it is up, and the pool (with its barrier's named semaphores) then
+        outlived :meth:`stop` until a garbage collection that a server killed by its signal never runs.
+        """
+        deadline = self.born + self.start_timeout_s
+        while not self._stopped.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if self.up():
+                return
+            if time.monotonic() >= deadline:
+                self._start_deadline()
+                return
+
+    def _start_deadline(self) -> None:
+        """At :data:`START_TIMEOUT_S` after the pool was made (its deadline's thread): a pool not all up by then failed
+        to start (:attr:`timed_out`, unless it failed already), and its workers are killed.
+
+        SIGKILL, as nothing else ends them: a worker hung in its initializer never reads the executor's shutdown
+        sentinel and ignores SIGTERM (:func:`_init_child`; the executor's own clean-up of a broken pool sends that,
+        then waits for it for ever). Killed, the executor breaks: the start jobs and the photos waiting for them fail
+        with ``BrokenProcessPool`` now (a 503: :meth:`LocatorPool.locate`), and their slots are freed.
+        """
+        with self._kill_lock:
+            if self.up() or self._stopping:
+                return
+            if self.start_error() is None:
+                self.timed_out = TimeoutError(f"not all up within {self.start_timeout_s:.0f} s (START_TIMEOUT_S): "
+                                              f"killed")
+            log.error("the detection workers were not all up %.0f s after their pool was made (START_TIMEOUT_S); "
+                      "killing its %d worker process(es)", self.start_timeout_s, len(self.processes))
+            # All of them, those waiting at the barrier too (not released first: one could take a photo before its
+            # kill).
+            self._killed = True
+            for process in self.processes:
+                with contextlib.suppress(OSError, ValueError):  # ended already, or closed by the executor
+                    process.kill()
 
     def start_error(self) -> BaseException | None:
-        """Why the workers did not all start (one died, or they timed out); ``None`` while they start or once up."""
+        """Why the workers did not all start (one died, they timed out at the barrier, or the pool's deadline passed:
+        :meth:`_start_deadline`); ``None`` while they start or once up."""
+        if self.timed_out is not None:
+            return self.timed_out
         for job in self.started:
             if job.done():
                 if job.cancelled():
@@ -263,8 +336,15 @@ class _Workers:
         executor = self.executor
         manager = getattr(executor, "_executor_manager_thread", None)  # CPython 3.9+; set to None by shutdown
         processes = list((getattr(executor, "_processes", None) or {}).values())
+        with self._kill_lock:
+            self._stopping = True
+            self._stopped.set()
+            # Workers that wait for the others at the start barrier (one died): released now, not at its timeout. Not
+            # once the deadline killed them: a waiter killed in the barrier's condition never acknowledges the
+            # wake-up, and abort() waited for it for ever (the server's shutdown hung).
+            release = not self.up() and not self._killed
         executor.shutdown(wait=False, cancel_futures=True)
-        if not self.up():  # workers that wait for the others at the start barrier (one died): not for 120 s
+        if release:
             self.barrier.abort()
         deadline = time.monotonic() + timeout
         if manager is not None:
@@ -274,6 +354,8 @@ class _Workers:
                 for process in processes:
                     process.kill()
                 manager.join(5.0)
+        if self._deadline is not threading.current_thread():
+            self._deadline.join(1.0)  # it ends at once now; until then it holds this pool
         del executor, manager, processes
         gc.collect()  # what is left in reference cycles is released now, not at a collection that never comes
 
@@ -306,9 +388,11 @@ class LocatorPool:
     pool with no other photo in flight there is the one at fault: it alone fails
     (:class:`ImageProcessingError`, 422). One that breaks it beside other photos (new requests
     go on meanwhile) cannot be told from them: :class:`DetectionUnavailable` (503, try again),
-    not blamed. Workers that die as they start (before any photo reaches them) are a server
-    fault: :class:`DetectionUnavailable` too, :meth:`ready` is ``False`` (``/readyz``), and the
-    pool is started again at most every :data:`RESTART_AFTER_S`.
+    not blamed. Workers that die as they start (before any photo reaches them), or that are not
+    all up :data:`START_TIMEOUT_S` after the pool was made (one hung loading its detector: they
+    are killed), are a server fault: :class:`DetectionUnavailable` too for the photos waiting for
+    them and for those sent until a pool starts again, :meth:`ready` is ``False`` (``/readyz``),
+    and the pool is started again at most every :data:`RESTART_AFTER_S`.
 
     A photo reaches the executor only once a worker is free for it (the executor's own queue cannot be cancelled),
     so one whose request is cancelled while it waits (its client gone: :func:`faceage.http.while_connected`, or
@@ -358,9 +442,10 @@ class LocatorPool:
 
     def ready(self) -> bool:
         """Whether photos can be detected (``/readyz``): ``False`` once closed, and while the workers cannot
-        start (the newest pool's died before they were all up) until a pool starts again.
+        start (the newest pool's died, or were not all up by :data:`START_TIMEOUT_S`) until a pool starts again.
 
-        A pool still starting counts as ready (photos wait for it). Asking restarts a pool that failed to
+        The first pool still starting counts as ready (photos wait for it, up to its deadline); one started
+        again after a failed start does not (photos get a 503 meanwhile). Asking restarts a pool that failed to
         start once :data:`RESTART_AFTER_S` have passed, and replaces one whose worker died while idle (killed,
         the OOM killer), so a probe heals a pool no request reaches: before, the next photo paid the restart.
         """
@@ -391,8 +476,9 @@ class LocatorPool:
             faceage.images.ImageDecodeError: The bytes are not a decodable image (or too large).
             ImageProcessingError: The worker process died on this image, on its second try too,
                 with no other photo in flight (the pool is replaced).
-            DetectionUnavailable: The workers do not start, or died beside other photos on this
-                photo's second try: not the photo's fault (try again).
+            DetectionUnavailable: The workers do not start (they die, or are not up by
+                :data:`START_TIMEOUT_S`), or died beside other photos on this photo's second try: not the
+                photo's fault (try again).
             ServingClosed: The pool was closed (a :class:`DetectionUnavailable`: 503).
         """
         self._in_flight += 1
@@ -400,8 +486,7 @@ class LocatorPool:
             return await self._locate(data, with_image, crops)
         except DetectionUnavailable as e:
             if self._closed and not isinstance(e, ServingClosed):  # the workers stopped for the shutdown, not broken
-                raise ServingClosed("the detection pool was closed (the server is shutting down) before this photo "
-                                    "was analysed: try again") from e
+                raise ServingClosed.pool_closed("before this photo was analysed") from e
             raise
         finally:
             self._in_flight -= 1
@@ -414,7 +499,7 @@ class LocatorPool:
         parallel = self.parallel()
         if not self.processes:
             if self._closed:
-                raise ServingClosed("the detection pool was closed (the server is shutting down): try again")
+                raise ServingClosed.pool_closed()
             async with self._lock:
                 located, image = await asyncio.to_thread(self._decode_and_locate_alone, data, with_image, crops,
                                                          parallel)
@@ -426,6 +511,9 @@ class LocatorPool:
             return await self._run(workers, data, with_image, crops, parallel)
         except _PoolBroke as e:
             self._replace(workers, e.error)
+            error = workers.start_error()
+            if error is not None:  # its pool never started (its workers died, or hung past the deadline): a 503 now
+                raise _not_started(error) from e.error
         async with self._retry_lock:
             for _ in range(3):
                 workers = self._current()
@@ -496,23 +584,28 @@ class LocatorPool:
         """The pool to send a photo to; one whose workers did not start is started again after :data:`RESTART_AFTER_S`.
 
         Raises:
-            DetectionUnavailable: The workers did not start, less than :data:`RESTART_AFTER_S` ago.
+            DetectionUnavailable: The workers did not start (died, or not up by :data:`START_TIMEOUT_S`), less than
+                :data:`RESTART_AFTER_S` ago; or the pool started since then is not up yet.
             ServingClosed: The pool was closed.
         """
         workers = self._workers
         if workers is None:
-            raise ServingClosed("the detection pool was closed (the server is shutting down): try again")
+            raise ServingClosed.pool_closed()
         error = workers.start_error()
         if error is not None:
             self._replace(workers, error)
             if self._workers is workers:
-                raise DetectionUnavailable(f"the detection workers did not start ({_describe(error)}): try again "
-                                           f"in a few seconds")
+                raise _not_started(error)
             workers = self._workers
             if workers is None:  # closed meanwhile (close() runs in a worker thread): _replace made no new pool
-                raise ServingClosed("the detection pool was closed (the server is shutting down): try again")
-        elif workers.up():
+                raise ServingClosed.pool_closed()
+        if workers.up():
             self._start_failed = False
+        elif self._start_failed:
+            # Started again after the last pool failed to start: not ready (/readyz 503), so a photo gets its 503 now
+            # rather than waiting up to START_TIMEOUT_S for a start that may hang again.
+            raise DetectionUnavailable("the detection workers are starting again (the last ones did not start): try "
+                                       "again in a few seconds")
         return workers
 
     async def _started(self, workers: _Workers) -> None:
@@ -525,8 +618,7 @@ class LocatorPool:
             await asyncio.shield(asyncio.gather(*(asyncio.wrap_future(job) for job in workers.started)))
         except Exception as e:
             self._replace(workers, e)
-            raise DetectionUnavailable(f"the detection workers did not start ({_describe(e)}): try again in a "
-                                       f"few seconds") from e
+            raise _not_started(workers.start_error() or e) from e
         self._start_failed = False
 
     def _replace(self, broken: _Workers, error: BaseException) -> None:
@@ -584,6 +676,11 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *a
 
 def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
+
+
+def _not_started(error: BaseException) -> DetectionUnavailable:
+    """A photo's 503 when its pool's workers did not start (they died, or were not up by :data:`START_TIMEOUT_S`)."""
+    return DetectionUnavailable(f"the detection workers did not start ({_describe(error)}): try again in a few seconds")
 
 
 class AgeBatcher:
