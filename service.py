@@ -16,7 +16,11 @@ Routes:
   in the CLI's ``--json`` and ``/annotate``'s PNG;
 - ``/ui``: Gradio (:mod:`faceage.ui`, loaded in the background once the service is ready);
   ``/api/docs``: OpenAPI;
-- BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics``.
+- BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics``;
+- CORS (off by default): ``FACEAGE_CORS_ORIGINS`` (comma-separated ``scheme://host[:port]``, or ``*``) lets pages
+  of those origins call the API from a browser: preflights (``OPTIONS``) are answered and every answer, errors
+  included, carries ``Access-Control-Allow-Origin`` for them (:func:`faceage.http.cors_service_config`); a value that
+  is not an origin stops the start-up with one line naming it.
 
 Every step is :class:`faceage.predict.AgePredictor`'s, with the age network in ONNX Runtime (no
 torch in the service); decode + detect + crop run in worker processes and the age model is
@@ -51,8 +55,8 @@ from fastapi.responses import JSONResponse, Response
 
 from faceage.annotate import annotate as draw_faces, to_png
 from faceage.http import (
-    FIELD, INPUT_ERRORS, LIMITS, PHOTO_ERRORS, BadRequest, BodyLimitMiddleware, count, error_response, input_status,
-    photo_status, read_images, while_connected, wrong_type,
+    CORS_ORIGINS, FIELD, INPUT_ERRORS, LIMITS, PHOTO_ERRORS, BadRequest, BodyLimitMiddleware, cors_service_config,
+    count, error_response, input_status, photo_status, read_images, while_connected, wrong_type,
 )
 from faceage.predict import AgePredictor, FaceAge, LocatedFaces, available_cores, split_results
 from faceage.serving import RESTART_AFTER_S, AgeBatcher, DetectionUnavailable, LocatorPool, drawn_then_released
@@ -229,6 +233,9 @@ def model_header(lineage: dict) -> dict[str, str]:
     # One worker: Gradio's queue lives in one process, and the detection pool uses every core.
     workers=1,
     traffic={"timeout": 120, "max_concurrency": MAX_CONCURRENCY},
+    # FACEAGE_CORS_ORIGINS, read as this module is imported (bentoml serve, a container's start): BentoML's CORS
+    # support for those origins on the API's routes (none: no CORS headers); /ui stays Gradio's.
+    **cors_service_config(CORS_ORIGINS),
 )
 @bentoml.asgi_app(api, path="/")
 class FaceAgeService:
@@ -256,8 +263,9 @@ class FaceAgeService:
                                   on_batch=batch_faces.observe)
         UI.configure(self.lineage, LIMITS.max_body_bytes, concurrency=UI_MAX_CONCURRENCY,
                      queue_max_size=LIMITS.ui_queue_size or None)
-        log.info("serving %s (run %s, %s) with %d detection process(es); %s", stored.tag,
-                 self.lineage.get("mlflow_run_id"), self.predictor.runtime, LIMITS.detect_processes, LIMITS)
+        log.info("serving %s (run %s, %s) with %d detection process(es); %s; CORS origins: %s", stored.tag,
+                 self.lineage.get("mlflow_run_id"), self.predictor.runtime, LIMITS.detect_processes, LIMITS,
+                 ", ".join(CORS_ORIGINS) or "none (FACEAGE_CORS_ORIGINS unset)")
 
     @bentoml.on_startup
     async def load_ui(self) -> None:
@@ -369,5 +377,5 @@ class FaceAgeService:
 FaceAgeService.add_asgi_middleware(UIGateMiddleware, ui=UI, max_concurrent=UI_MAX_CONCURRENCY,
                                    upload_cache_bytes=LIMITS.ui_upload_cache_bytes)
 FaceAgeService.add_asgi_middleware(BodyLimitMiddleware, max_bytes=LIMITS.max_body_bytes,  # every route, /ui too
-                                   length_required=(UI_PATH,))
+                                   length_required=(UI_PATH,), cors_origins=CORS_ORIGINS)
 FaceAgeService.add_asgi_middleware(UIMiddleware, ui=UI)

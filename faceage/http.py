@@ -1,4 +1,4 @@
-"""The service's HTTP plumbing: its limits, in-memory multipart parsing, the body cap, bad-input errors.
+"""The service's HTTP plumbing: its limits, in-memory multipart parsing, the body cap, bad-input errors, CORS.
 
 Input: ASGI requests to the FaceAge service (:mod:`service`). Output: the uploaded parts as bytes
 (nothing touches the disk), or a :class:`BadRequest` that becomes ``{"error": message}`` with
@@ -9,13 +9,18 @@ BentoML's typed file inputs (``Annotated[Path, ContentType("image/*")]``) spool 
 a temporary file (and fetch URLs given in place of files); the FaceAge routes read the raw body
 instead and parse it here, in memory, under one body cap (:class:`Limits`), which
 :class:`BodyLimitMiddleware` also enforces for every other route (Gradio's uploads included).
+
+Cross-origin pages (a front end on another origin) may call the API only where ``FACEAGE_CORS_ORIGINS`` lists
+their origin (:func:`parse_cors_origins`; off by default): BentoML's own CORS support then answers preflights and
+adds ``Access-Control-Allow-Origin`` (:func:`cors_service_config`), and the body cap adds it to its own answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -98,7 +103,88 @@ class Limits:
                    ui_upload_cache_bytes=env_int("FACEAGE_UI_UPLOAD_CACHE_BYTES", cls.ui_upload_cache_bytes))
 
 
-LIMITS = Limits.from_env()
+def read_at_start(read: Callable[[], T]) -> T:
+    """``read()``, a setting read from the environment as the service starts; a bad value stops the start-up with its
+    own one-line message (``SystemExit``, exit status 1), not a traceback.
+
+    As a ``ValueError`` it was hidden: ``bentoml serve face_age:latest`` takes a ``ValueError`` raised while it imports
+    the bento's service for "not a bento tag", and printed only ``Failed to import module "face_age": No module named
+    'face_age'``.
+    """
+    try:
+        return read()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+LIMITS = read_at_start(Limits.from_env)
+
+CORS_ENV = "FACEAGE_CORS_ORIGINS"
+# Response headers a cross-origin page may read besides the CORS-safelisted ones (Content-Type, Content-Length...):
+# which model answered, /crop's box, /annotate's face count, a 503's wait.
+CORS_EXPOSED_HEADERS = ("X-FaceAge-Model", "X-FaceAge-Box", "X-FaceAge-Faces", "Retry-After")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9a-f:.]+\]|[a-z0-9._~!$&'()+;=%-]+)(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _origin(item: str, name: str, raw: str) -> str:
+    """One origin of ``name``'s list as a browser's ``Origin`` header writes it (lower case, no default port, no
+    trailing slash): the CORS middleware compares strings, so any other spelling would match no request."""
+    example = "write scheme://host[:port], e.g. http://localhost:3000 (comma-separated origins, or * for any)"
+    scheme, sep, rest = item.partition("://")
+    scheme, host_port = scheme.lower(), (rest[:-1] if rest.endswith("/") else rest).lower()
+    if any(c in host_port for c in "/?#"):
+        raise ValueError(f"{name}={raw!r}: {item!r}: an origin has no path, query or fragment; {example}")
+    if "*" in host_port:
+        raise ValueError(f"{name}={raw!r}: {item!r}: wildcards in a host are not supported, list each origin; "
+                         f"{example}")
+    match = _HOST_PORT.fullmatch(host_port)
+    port = int(match["port"]) if match and match["port"] else None
+    if not (sep and _SCHEME.fullmatch(scheme) and match and (port is None or 0 < port < 65536)):
+        raise ValueError(f"{name}={raw!r}: {item!r} is not an origin; {example}")
+    if port is None or port == _DEFAULT_PORTS.get(scheme):
+        return f"{scheme}://{match['host']}"
+    return f"{scheme}://{match['host']}:{port}"
+
+
+def parse_cors_origins(raw: str | None, name: str = CORS_ENV) -> tuple[str, ...]:
+    """The origins a cross-origin page may call the API from (``FACEAGE_CORS_ORIGINS``): comma-separated
+    ``scheme://host[:port]``, or ``*`` for any; ``()`` (CORS off, as without the setting) when unset or empty.
+
+    Raises:
+        ValueError: One line naming the variable and the item that is not an origin (``localhost:3000``, without
+            its scheme, matched no browser: the server would have started and allowed nothing).
+    """
+    items = [item.strip() for item in (raw or "").split(",")]
+    items = [item for item in items if item]
+    if "*" in items:
+        if len(items) > 1:
+            raise ValueError(f"{name}={raw!r}: '*' stands alone (any origin); otherwise list each origin as "
+                             "scheme://host[:port], e.g. http://localhost:3000")
+        return ("*",)
+    return tuple(dict.fromkeys(_origin(item, name, raw or "") for item in items))
+
+
+def cors_service_config(origins: tuple[str, ...]) -> dict:
+    """The ``@bentoml.service`` keyword that turns on BentoML's CORS support for ``origins`` (``{}`` for none: off).
+
+    Preflights (OPTIONS) and the API's answers then carry ``Access-Control-Allow-Origin`` for an allowed origin
+    (BentoML's Starlette ``CORSMiddleware``, inside the service's own middlewares: ``/ui`` is Gradio's, unchanged).
+    GET and POST, any request header, no credentials (the API reads no cookies), :data:`CORS_EXPOSED_HEADERS`.
+    """
+    if not origins:
+        return {}
+    return {"http": {"cors": {
+        "enabled": True,
+        "access_control_allow_origins": list(origins),
+        "access_control_allow_methods": ["GET", "HEAD", "POST"],
+        "access_control_allow_headers": ["*"],
+        "access_control_expose_headers": list(CORS_EXPOSED_HEADERS),
+    }}}
+
+
+CORS_ORIGINS = read_at_start(lambda: parse_cors_origins(os.environ.get(CORS_ENV)))  # read as the service starts
 
 
 class BadRequest(InvalidArgument):
@@ -361,13 +447,27 @@ class BodyLimitMiddleware:
     kept the file) gets 400 here, as does one whose boundary its parser refuses (Gradio's 500).
     """
 
-    def __init__(self, app, max_bytes: int, length_required: tuple[str, ...] = ()):
+    def __init__(self, app, max_bytes: int, length_required: tuple[str, ...] = (),
+                 cors_origins: tuple[str, ...] = ()):
         self.app = app
         self.max_bytes = max_bytes
         self.length_required = length_required
+        self.cors_origins = cors_origins
+
+    def _cors_headers(self, scope) -> list[tuple[bytes, bytes]]:
+        """The CORS headers of this middleware's own answers to an allowed origin (``cors_origins``, see
+        :func:`cors_service_config`), as BentoML's CORS middleware adds them to the app's. That middleware sits
+        inside this one, so without them a browser hid a 413 (and its message) from the page behind a CORS error."""
+        origin = dict(scope["headers"]).get(b"origin")
+        if origin is None or not self.cors_origins:
+            return []
+        if self.cors_origins != ("*",) and origin.decode("latin-1") not in self.cors_origins:
+            return []
+        return [(b"access-control-allow-origin", b"*" if self.cors_origins == ("*",) else origin),
+                (b"access-control-expose-headers", ", ".join(CORS_EXPOSED_HEADERS).encode()), (b"vary", b"Origin")]
 
     @staticmethod
-    async def _answer(send, status: int, error: str) -> None:
+    async def _answer(send, cors: list[tuple[bytes, bytes]], status: int, error: str) -> None:
         """Sends ``{"error": error}`` with ``status`` and closes the connection (the app never answers).
 
         Counted in ``faceage_rejected_requests_total{status}``, the body cap's own count. BentoML's metrics
@@ -379,12 +479,12 @@ class BodyLimitMiddleware:
         body = JSONResponse({"error": error}, status_code=status).body
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+                                (b"connection", b"close"), *cors]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _reject(self, send, detail: str) -> None:
-        await self._answer(send, 413, f"request body {detail} is over the limit of {self.max_bytes} bytes "
-                                      "(FACEAGE_MAX_BODY_BYTES)")
+    async def _reject(self, send, cors: list[tuple[bytes, bytes]], detail: str) -> None:
+        await self._answer(send, cors, 413, f"request body {detail} is over the limit of {self.max_bytes} bytes "
+                                            "(FACEAGE_MAX_BODY_BYTES)")
 
     @staticmethod
     async def _read_whole_body(receive, length: int) -> bytes | None:
@@ -405,29 +505,30 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
+        cors = self._cors_headers(scope)
         if length.isdigit() and int(length) > self.max_bytes:
-            await self._reject(send, f"of {int(length)} bytes")
+            await self._reject(send, cors, f"of {int(length)} bytes")
             return
         if scope.get("method") == "POST" and any(scope.get("path", "").startswith(prefix)
                                                  for prefix in self.length_required):
             if not length.isdigit():
-                await self._answer(send, 411, "send the upload with a Content-Length header")
+                await self._answer(send, cors, 411, "send the upload with a Content-Length header")
                 return
             body = await self._read_whole_body(receive, int(length))
             if body is None:
                 # The client is gone and the app never saw a partial body. The answer goes nowhere (the
                 # server drops it), but BentoML's timeout middleware waits for one: without it the
                 # request stayed open 120 s, and so did the server's shutdown.
-                await self._answer(send, 400, CLIENT_LEFT)
+                await self._answer(send, cors, 400, CLIENT_LEFT)
                 return
             content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
             refused = multipart_boundary_error(content_type)
             if refused is not None:
-                await self._answer(send, 400, f"malformed multipart/form-data body: {refused}")
+                await self._answer(send, cors, 400, f"malformed multipart/form-data body: {refused}")
                 return
             if not multipart_closed(body, content_type):
-                await self._answer(send, 400, "malformed multipart/form-data body: it ends before the closing "
-                                              "boundary (truncated upload?)")
+                await self._answer(send, cors, 400, "malformed multipart/form-data body: it ends before the "
+                                                    "closing boundary (truncated upload?)")
                 return
             await self.app(scope, self._replay(body, receive), send)
             return
@@ -441,7 +542,7 @@ class BodyLimitMiddleware:
                 state["received"] += len(message.get("body", b""))
                 if state["received"] > self.max_bytes and not state["started"]:
                     state["rejected"] = True
-                    await self._reject(send, "(streamed)")
+                    await self._reject(send, cors, "(streamed)")
                     return {"type": "http.disconnect"}
             return message
 
