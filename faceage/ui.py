@@ -2,9 +2,11 @@
 
 Input: the running service (:func:`bentoml.get_current_service`, whose ``analyse`` is the API's
 own pipeline) and its model lineage. Output: a ``gr.Blocks`` app to mount at ``/ui``, with a
-line naming the model and its test (and, when recorded, external-set) MAE, and example photos
-bundled in ``faceage/examples/`` (public domain: NASA's astronaut portrait as scikit-image ships
-it, and a two-face picture made from it), never the shared datasets.
+line naming the model and its test (and, when recorded, external-set) MAE, its model card (the one
+``GET /model_card`` serves, read once when the UI is built: :func:`service_model_card`) in a closed
+"Model card" section, and example photos bundled in ``faceage/examples/`` (public domain: NASA's
+astronaut portrait as scikit-image ships it, and a two-face picture made from it), never the shared
+datasets.
 
 Gradio is imported here only, in the background once the service is ready (:class:`LazyUI`):
 neither the CLI that starts ``bentoml serve`` nor the service's readiness waits for it.
@@ -86,6 +88,43 @@ def model_line(lineage: dict[str, Any]) -> str:
     for name, mae in sorted((lineage.get("external_mae_years") or {}).items()):
         parts.append(f"external set {name!r} MAE **{float(mae):.2f}** years")
     return ", ".join(parts) + "."
+
+
+# What the page says where the served model has no card (GET /model_card answers 404): one line, no broken link.
+NO_MODEL_CARD_LINE = ("**No model card:** this model was packaged without one (its run's evaluate wrote no "
+                      "card; rerun it, then package the model again).")
+
+
+def model_card_html(card: str) -> str:
+    """The model card (Markdown, tables included) as the HTML the page shows.
+
+    Rendered here with HTML in the Markdown turned off: the card quotes data and settings (a group name such as
+    ``<unknown>``, a dataset source), which are text, never markup, and a link with a ``javascript:`` (or other
+    unsafe) scheme is not made a link. Gradio's own Markdown component renders raw HTML (sanitised, not escaped).
+
+    Args:
+        card: The card's Markdown (:func:`faceage.model_card.write_model_card`).
+
+    Returns:
+        An HTML fragment.
+    """
+    from markdown_it import MarkdownIt  # markdown-it-py: rich's (BentoML's) Markdown parser
+
+    return MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"]).render(card)
+
+
+def service_model_card() -> str | None:
+    """The card the running service serves at ``GET /model_card`` (its ``card``, read from the bento's model
+    directory when it started); ``None`` where it ships none, or where no service is running (a bare build)."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        service = bentoml.get_current_service()
+    except BentoMLException:  # "service isn't instantiated yet"
+        return None
+    card = getattr(service, "card", None)
+    return card if isinstance(card, str) and card.strip() else None
 
 
 def examples() -> list[str]:
@@ -247,14 +286,18 @@ def _api_page_info(api_info: Callable[[], dict[str, Any]]) -> Callable[[], dict[
 # The annotated photo's name ("Faces") and its corner buttons (full screen, download, share) above it, on a row of
 # their own, instead of over its top corners, where they hid the labels of the faces there (on a phone, over a
 # tenth of the photo's width each).
+# The model card's wide tables scroll sideways on their own, and its long code (a sha256) wraps: on a phone both ran
+# past the screen's edge, cut off where no one could scroll to them.
 UI_CSS = """
 #annotated label[data-testid=block-label].float { position: static; }
 #annotated .image-container { position: static; }
+#model-card-text table { display: block; max-width: 100%; overflow-x: auto; border: none; }
+#model-card-text code { overflow-wrap: anywhere; }
 """
 
 
 def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI_CONCURRENCY,
-             queue_max_size: int | None = None):
+             queue_max_size: int | None = None, model_card: str | None = None):
     """The Gradio app (``gr.Blocks``).
 
     Args:
@@ -263,6 +306,8 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
         concurrency: Photos analysed at once.
         queue_max_size: Photos that may wait for an analysis (all sessions together); ``None``:
             :data:`UI_QUEUE_FACTOR` times ``concurrency``.
+        model_card: The model card's Markdown, shown in a closed "Model card" section; ``None``: the page says
+            in one line that the model has none (:data:`NO_MODEL_CARD_LINE`).
     """
     import gradio as gr
 
@@ -275,6 +320,14 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
     with gr.Blocks(title="FaceAge", analytics_enabled=False, delete_cache=(UI_CACHE_PURGE_S, UI_CACHE_AGE_S)) as ui:
         gr.Markdown("# FaceAge\nUpload a photo, use the webcam or pick an example: every face gets a box and its "
                     "estimated age ± std (years).\n\n" + model_line(lineage), elem_id="model")
+        # The card rendered in the page (not a link to /model_card: a raw Markdown download, and a URL that the
+        # UI's mount path, or a proxy's prefix, would have to be spelled into), closed: the photo comes first.
+        if model_card:
+            with gr.Accordion("Model card", open=False, elem_id="model-card"):
+                gr.HTML(model_card_html(model_card), elem_id="model-card-text", js_on_load=None,
+                        apply_default_css=True, padding=True)
+        else:
+            gr.Markdown(NO_MODEL_CARD_LINE, elem_id="model-card")
         with gr.Row():
             # The button right under the photo: after the annotated photo and the table, on a phone's screen it was
             # below the fold once a photo was uploaded.
@@ -350,7 +403,8 @@ class LazyUI:
         # and it would lift Gradio's upload cap.
         # The file cap leaves room for the multipart headers around the file in the body the
         # service caps at max_body_bytes: a file just under that passed Gradio's check and got a 413.
-        blocks = build_ui(self.lineage, self.max_body_bytes, self.concurrency, self.queue_max_size)
+        blocks = build_ui(self.lineage, self.max_body_bytes, self.concurrency, self.queue_max_size,
+                          model_card=service_model_card())
         # root_path: Gradio's direct-call route (/gradio_api/run/..., which loads a clicked example into the photo
         # input) takes the request's whole path, /ui included, for its own, and gave the example's URL without /ui
         # (a 404: a broken image in the input). Its other routes already use the mount's /ui.
