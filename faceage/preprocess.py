@@ -289,7 +289,7 @@ def preprocess_dataset(
     partial = partial_dir(out_dir)
     staged: list[Path] = []
     try:
-        with _holding(partial):  # removed under the lock: a run waiting for it must not take it up meanwhile
+        with _holding(partial, out_dir):  # removed under the lock: a run waiting for it must not take it up meanwhile
             with staged_dir(out_dir) as tmp:
                 staged.append(tmp)
                 rows, settings = _crop_samples(splits, data_dir, detector_dir, tmp, params, manifest,
@@ -338,7 +338,7 @@ def partial_dir(out_dir: str | Path) -> Path:
 
 
 @contextmanager
-def _holding(folder: Path) -> Iterator[None]:
+def _holding(folder: Path, out_dir: Path) -> Iterator[None]:
     """Makes ``folder`` if need be and holds an exclusive ``flock`` on it (no lock file left behind) while the
     block runs: two runs into one output (by hand, beside ``dvc repro``) would crop into, and remove, one
     partial folder. The second waits; a folder the first removed meanwhile is made anew and locked again.
@@ -356,7 +356,7 @@ def _holding(folder: Path) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("waiting for another preprocess run that writes %s (lock on %s)", folder.parent, folder)
+                log.info("waiting for another preprocess run that writes %s (lock on %s)", out_dir, folder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:
                 log.debug("not locking %s: its file system does not lock folders", folder)

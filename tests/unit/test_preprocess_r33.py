@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 
 import faceage.preprocess as preprocess
-from faceage.appa_real import COLUMNS, SPLITS, fetch_appa_real
+from faceage.appa_real import fetch_appa_real
 from faceage.config import PreprocessParams
 from tests.conftest import REPO, make_subset
+from tests.unit.test_crops_r30 import make_release
 
 # 16 px noise has no face: the whole_image fallback crops every photo (a crop, chips and a row each), and no
 # detector look is slow. Runs without ../shared.
@@ -31,20 +32,6 @@ NOISE = PreprocessParams(workers=1, cnn_retry_side=0, no_face="whole_image", siz
 RESUMED = re.compile(r"resuming preprocess from (\S+): reusing (\d+) of (\d+) photos done before, (\d+) to go")
 
 
-def make_release(root, per_split: int = 2):
-    """A release of ``per_split`` 16x16 noise photos per split, fetched into ``root / "raw"``."""
-    rng = np.random.default_rng(0)
-    src = root / "src"
-    for split in SPLITS:
-        (src / split).mkdir(parents=True)
-        lines = [",".join(COLUMNS)]
-        for i in range(per_split):
-            name = f"{split}{i}.jpg"
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(src / split / name)
-            lines.append(f"{name},10,{30 + i},1,{40 + i}")
-        (src / f"gt_avg_{split}.csv").write_text("\n".join(lines) + "\n")
-    fetch_appa_real(str(src), root / "raw")
-    return root / "raw"
 
 
 def output(folder) -> dict:
@@ -95,15 +82,7 @@ def partial(out):
 
 def test_an_interrupted_preprocess_resumes_and_writes_what_a_straight_run_writes(tmp_path, detector_dir,
                                                                                  monkeypatch, caplog):
-    data = make_release(tmp_path, per_split=2)
-    straight = tmp_path / "a" / "faces"
-    preprocess.preprocess_dataset(data, detector_dir, straight, NOISE)
-
-    out = tmp_path / "b" / "faces"
-    interrupt_at_save(monkeypatch, after=3)
-    with pytest.raises(KeyboardInterrupt):
-        preprocess.preprocess_dataset(data, detector_dir, out, NOISE)
-    monkeypatch.undo()
+    data, straight, out = _straight_then_interrupted(tmp_path, detector_dir, monkeypatch, after=3)
     assert not out.exists() and partial(out).is_dir()  # the work done so far is kept beside the output
 
     caplog.set_level(logging.INFO, logger="faceage.preprocess")
@@ -129,14 +108,7 @@ def test_a_straight_run_leaves_nothing_beside_its_output_and_logs_no_resume(tmp_
 
 def test_a_torn_record_and_a_corrupt_crop_are_redone(tmp_path, detector_dir, monkeypatch, caplog):
     """A power loss can leave a record's last bytes unwritten, or a crop's: only whole, verified photos count."""
-    data = make_release(tmp_path, per_split=2)
-    straight = tmp_path / "a" / "faces"
-    preprocess.preprocess_dataset(data, detector_dir, straight, NOISE)
-    out = tmp_path / "b" / "faces"
-    interrupt_at_save(monkeypatch, after=4)
-    with pytest.raises(KeyboardInterrupt):
-        preprocess.preprocess_dataset(data, detector_dir, out, NOISE)
-    monkeypatch.undo()
+    data, straight, out = _straight_then_interrupted(tmp_path, detector_dir, monkeypatch, after=4)
     records = sorted((partial(out) / "records").iterdir())
     assert len(records) == 1
     records[0].write_bytes(records[0].read_bytes()[:-10])  # the 4th photo's record, torn
@@ -152,8 +124,16 @@ def test_a_torn_record_and_a_corrupt_crop_are_redone(tmp_path, detector_dir, mon
 
 # --- 2. only the same job resumes --------------------------------------------------------------------------------
 
+def _straight_then_interrupted(tmp_path, detector_dir, monkeypatch, after):
+    """:func:`_interrupted`, and the same release's straight (uninterrupted) output to compare with."""
+    data, out = _interrupted(tmp_path, detector_dir, monkeypatch, after=after)
+    straight = tmp_path / "a" / "faces"
+    preprocess.preprocess_dataset(data, detector_dir, straight, NOISE)
+    return data, straight, out
+
+
 def _interrupted(tmp_path, detector_dir, monkeypatch, params=NOISE, after=3):
-    data = make_release(tmp_path, per_split=2)
+    data = make_release(tmp_path)
     out = tmp_path / "out" / "faces"
     interrupt_at_save(monkeypatch, after=after)
     with pytest.raises(KeyboardInterrupt):
@@ -191,7 +171,7 @@ def test_the_worker_count_is_not_part_of_the_job(tmp_path, detector_dir, monkeyp
 def test_another_photo_list_starts_over(tmp_path, detector_dir, monkeypatch, caplog):
     data, out = _interrupted(tmp_path, detector_dir, monkeypatch)
     csv = data / "gt_avg_test.csv"
-    csv.write_text(csv.read_text().replace("test1.jpg,10,31,", "test1.jpg,10,35,"))  # a label corrected
+    csv.write_text(csv.read_text().replace("test1.jpg,10,30,", "test1.jpg,10,35,"))  # a label corrected
     caplog.set_level(logging.INFO, logger="faceage.preprocess")
     preprocess.preprocess_dataset(data, detector_dir, out, NOISE)
     assert resumed(caplog) == []
@@ -301,7 +281,7 @@ def test_a_second_run_into_the_same_output_waits_for_the_first(tmp_path, detecto
     out = tmp_path / "out" / "faces"
     caplog.set_level(logging.INFO, logger="faceage.preprocess")
     finished = []
-    with preprocess._holding(partial(out)):  # a first run, holding the folder
+    with preprocess._holding(partial(out), out):  # a first run, holding the folder
         thread = threading.Thread(target=lambda: finished.append(
             preprocess.preprocess_dataset(data, detector_dir, out, NOISE)))
         thread.start()
@@ -309,7 +289,8 @@ def test_a_second_run_into_the_same_output_waits_for_the_first(tmp_path, detecto
         while time.monotonic() < deadline and not any("waiting for another preprocess" in r.getMessage()
                                                       for r in caplog.records):
             time.sleep(0.01)
-        assert any("waiting for another preprocess" in r.getMessage() for r in caplog.records)
+        [waiting] = [r.getMessage() for r in caplog.records if "waiting for another preprocess" in r.getMessage()]
+        assert f"that writes {out} (lock on" in waiting  # the output both write, not its parent folder
         assert thread.is_alive() and not out.exists()
         # the first run ends: its folder is removed under its lock
         shutil.rmtree(partial(out))

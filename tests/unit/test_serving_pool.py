@@ -44,13 +44,9 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_a_dying_worker_fails_only_its_own_photo_and_the_pool_is_replaced_once_and_warmed(locator, monkeypatch):
-    """Three good photos in flight beside one that kills its worker: the good ones are tried again
-    on the new pool and succeed; the killer breaks the new pool too and alone gets the error.
-    One new pool per break (not one per photo in flight), with all its workers started at once,
-    as the first pool's are, not on the first photo after."""
-    monkeypatch.setattr(faceage.serving, "_child_locate", _locate_or_die)
-    starts = []
+def count_starts(monkeypatch) -> list[float]:
+    """When each new pool of workers was started (:meth:`LocatorPool._start`), appended as it happens."""
+    starts: list[float] = []
     real_start = LocatorPool._start
 
     def counting_start(self):
@@ -58,6 +54,16 @@ def test_a_dying_worker_fails_only_its_own_photo_and_the_pool_is_replaced_once_a
         return real_start(self)
 
     monkeypatch.setattr(LocatorPool, "_start", counting_start)
+    return starts
+
+
+def test_a_dying_worker_fails_only_its_own_photo_and_the_pool_is_replaced_once_and_warmed(locator, monkeypatch):
+    """Three good photos in flight beside one that kills its worker: the good ones are tried again
+    on the new pool and succeed; the killer breaks the new pool too and alone gets the error.
+    One new pool per break (not one per photo in flight), with all its workers started at once,
+    as the first pool's are, not on the first photo after."""
+    monkeypatch.setattr(faceage.serving, "_child_locate", _locate_or_die)
+    starts = count_starts(monkeypatch)
 
     async def scenario():
         pool = LocatorPool(locator, 2)

@@ -27,6 +27,7 @@ from starlette.testclient import TestClient
 import faceage.serving as serving
 from faceage.predict import FaceLocator
 from faceage.serving import ImageProcessingError, LocatorPool
+from tests.unit.test_serving_pool import count_starts
 
 
 REAL_INIT = serving._init_child
@@ -69,9 +70,7 @@ def test_workers_that_cannot_start_are_a_503_and_not_ready_not_the_photos_422(lo
     per request within the back-off; once workers start again, ready and serving."""
     monkeypatch.setattr(serving, "_init_child", _die_at_start)
     monkeypatch.setattr(serving, "RESTART_AFTER_S", 5.0, raising=False)
-    starts = []
-    real_start = LocatorPool._start
-    monkeypatch.setattr(LocatorPool, "_start", lambda self: starts.append(1) or real_start(self))
+    starts = count_starts(monkeypatch)
 
     async def scenario():
         pool = LocatorPool(locator, 1)

@@ -21,7 +21,7 @@ import pytest
 import faceage.serving as serving
 from faceage.predict import FaceLocator
 from faceage.serving import DetectionUnavailable, LocatorPool, ServingClosed
-from tests.unit.test_serving_pool import _png
+from tests.unit.test_serving_pool import _png, count_starts
 
 HANG_FLAG = "FACEAGE_TEST_HANG_FLAG"  # a path: the workers' start blocks while it exists
 HANG_ONE = "FACEAGE_TEST_HANG_ONE"  # set: only the first worker to start hangs
@@ -103,9 +103,7 @@ def test_a_worker_hung_at_start_is_killed_the_photo_gets_a_503_and_the_pool_rest
     # Long enough for the worker to reach its detector load on a loaded machine (spawn and imports: 1-3 s).
     monkeypatch.setattr(serving, "START_TIMEOUT_S", 4.0)
     monkeypatch.setattr(serving, "RESTART_AFTER_S", 6.0)
-    starts = []
-    real_start = LocatorPool._start
-    monkeypatch.setattr(LocatorPool, "_start", lambda self: starts.append(1) or real_start(self))
+    starts = count_starts(monkeypatch)
 
     async def scenario():
         pool = LocatorPool(locator, 1)
