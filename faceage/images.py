@@ -386,6 +386,14 @@ _SRGB_GAMMA = 2.2  # what a gAMA chunk of an sRGB image holds (45455, libpng's),
 # others are what a browser decodes differently: gamma 1.0 (linear values), 1.8 (old Mac), 2.0, 2.5.
 _GAMMA_TOLERANCE_LEVELS = 2.0
 _CHROMATICITY_TOLERANCE = 0.01  # cHRM's (x, y) this close to sRGB's: taken as sRGB (writers round them)
+# x + y of a cHRM colour may reach 1 (no Z: BT.2020's red, ProPhoto's), plus the rounding of its two 1/100000 values.
+_CHROMATICITY_SUM_MAX = 1 + 2e-5
+# ffmpeg's gAMA for BT.709-family video (H.273 transfer 1, 6, 14, 15: its approximate gamma 1.961, after Apple's
+# TN2257, written as lrint(100000 / 1.961) = 50994), what it writes for every such frame, alone before it wrote
+# cICP too (2023). Decoded as the same frame tagged by cICP is (:func:`_nclx_icc`): as sRGB with sRGB's primaries,
+# by BT.709's curve with others; as gamma 1.961 a mid grey came out 11 levels lighter, unlike its cICP twin.
+_FFMPEG_VIDEO_GAMMA = 50994 / 100000
+_FFMPEG_VIDEO_GAMMA_TOLERANCE = 1.5e-5  # one unit of gAMA's 1/100000 either side
 
 
 def _png_cicp(stream: BinaryIO) -> tuple[int, int, int, int] | None:
@@ -416,20 +424,25 @@ def _png_chunks_icc(info: dict, space: str) -> bytes | None:
     """The RGB ICC profile of what a PNG's cHRM and gAMA chunks say (Pillow reads them into ``info``), or None where
     they say sRGB, within what a viewer shows (:data:`_GAMMA_TOLERANCE_LEVELS`, :data:`_CHROMATICITY_TOLERANCE`).
     Without gAMA the curve is sRGB's; without cHRM (and for grey pixels, which have no primaries) the primaries are.
-    Raises ValueError for values that name no colour space."""
+    ffmpeg's gAMA of BT.709 video is that transfer (:data:`_FFMPEG_VIDEO_GAMMA`). Raises ValueError for values that
+    name no colour space."""
     gamma, chromaticity = info.get("gamma"), info.get("chromaticity")
     curve, srgb_curve = _NCLX_TRANSFERS[13], True  # sRGB's
     if gamma is not None:
         if not 0 < gamma <= 10:
             raise ValueError(f"gAMA {gamma} is no gamma")
-        curve = (0, 1 / gamma)  # as it says, where it is converted: gamma 2.2 is not quite sRGB's curve
-        srgb_curve = np.abs(_LEVELS ** (curve[1] / _SRGB_GAMMA) - _LEVELS).max() * 255 <= _GAMMA_TOLERANCE_LEVELS
+        if abs(gamma - _FFMPEG_VIDEO_GAMMA) <= _FFMPEG_VIDEO_GAMMA_TOLERANCE:
+            curve = _NCLX_TRANSFERS[1]  # BT.709's (sRGB's with sRGB's primaries, as :func:`_nclx_icc` takes it)
+        else:
+            curve = (0, 1 / gamma)  # as it says, where it is converted: gamma 2.2 is not quite sRGB's curve
+            srgb_curve = np.abs(_LEVELS ** (curve[1] / _SRGB_GAMMA) - _LEVELS).max() * 255 <= _GAMMA_TOLERANCE_LEVELS
     xy = None
     if chromaticity is not None and space == "RGB":
         values = tuple(chromaticity)
-        if len(values) != 8 or any(not (0 < v < 1) for v in values) or any(
-                values[i] + values[i + 1] >= 1 for i in range(0, 8, 2)):
-            raise ValueError(f"cHRM {values} names no colour space (white, red, green, blue (x, y) each, in (0, 1))")
+        if len(values) != 8 or any(not (0 <= x < 1 and 0 < y <= 1 and x + y <= _CHROMATICITY_SUM_MAX)
+                                   for x, y in zip(values[::2], values[1::2])):
+            raise ValueError(f"cHRM {values} names no colour space (white, red, green, blue (x, y) each, with "
+                             f"x >= 0, y > 0, x + y <= 1)")
         white, *rgb = [values[i:i + 2] for i in range(0, 8, 2)]
         xy = (*rgb, white)
         if np.abs(np.array(xy) - np.array(_BT709)).max() <= _CHROMATICITY_TOLERANCE:
