@@ -25,6 +25,7 @@ import functools
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -272,9 +273,27 @@ class _Workers:
         while not self._stopped.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
             if self.up():
                 return
+            if self.start_error() is not None and not self._alive():
+                # Failed with no worker left (all died in their initializer: a detector file gone): nothing to kill.
+                # Kept to the deadline, it held the replaced pool (one more every RESTART_AFTER_S) and then logged a
+                # hang and a kill that never happened. No worker is left at the barrier for stop() to release.
+                with self._kill_lock:
+                    if not self._stopping:
+                        self._killed = True
+                return
             if time.monotonic() >= deadline:
                 self._start_deadline()
                 return
+
+    def _alive(self) -> list[Any]:
+        """This pool's worker processes still running (their sentinels not ready: no ``waitpid`` here, which would
+        reap them behind the executor's back)."""
+        processes = {}
+        for process in self.processes:
+            with contextlib.suppress(ValueError):  # closed: ended
+                processes[process.sentinel] = process
+        ended = set(multiprocessing.connection.wait(list(processes), timeout=0))
+        return [process for sentinel, process in processes.items() if sentinel not in ended]
 
     def _start_deadline(self) -> None:
         """At :data:`START_TIMEOUT_S` after the pool was made (its deadline's thread): a pool not all up by then failed
@@ -288,15 +307,18 @@ class _Workers:
         with self._kill_lock:
             if self.up() or self._stopping:
                 return
+            self._killed = True
+            alive = self._alive()
+            if not alive:  # they all died already (their executor reports why): no hang, nothing to kill
+                return
             if self.start_error() is None:
                 self.timed_out = TimeoutError(f"not all up within {self.start_timeout_s:.0f} s (START_TIMEOUT_S): "
                                               f"killed")
             log.error("the detection workers were not all up %.0f s after their pool was made (START_TIMEOUT_S); "
-                      "killing its %d worker process(es)", self.start_timeout_s, len(self.processes))
+                      "killing %d worker process(es)", self.start_timeout_s, len(alive))
             # All of them, those waiting at the barrier too (not released first: one could take a photo before its
             # kill).
-            self._killed = True
-            for process in self.processes:
+            for process in alive:
                 with contextlib.suppress(OSError, ValueError):  # ended already, or closed by the executor
                     process.kill()
 
