@@ -241,22 +241,43 @@ def locked(target: str | Path, what: str = "") -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    path = target.with_name(f".{target.name}.lock")
-    fh = _open_lock(path)
-    if fh is None:
-        log.debug("not locking %s: %s cannot be created (a read-only folder)", target, path)
-        yield
-        return
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process to finish %s (lock %s)", what or f"with {target}", path)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
+    path = lock_file(target)
+    while True:
+        fh = _open_lock(path)
+        if fh is None:
+            log.debug("not locking %s: %s cannot be created (a read-only folder)", target, path)
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            return
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process to finish %s (lock %s)", what or f"with {target}", path)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            # The lock file may have been deleted (with the cache entry it guards: faceage.external's pruning,
+            # which deletes it only while holding it) while this waited: the lock of a file no longer at the path
+            # excludes no one arriving later, who makes a new file and locks it at once. Take the one there.
+            if same_file(fh.fileno(), path):
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+
+
+def lock_file(target: str | Path) -> Path:
+    """:func:`locked`'s lock file for ``target``: ``.<name>.lock`` beside it."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.lock")
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is the file now at ``path`` (not one unlinked, or replaced by another, since it was opened)."""
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

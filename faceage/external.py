@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from faceage.appa_real import dataset_fingerprint, read_split
-from faceage.atomic import (NO_SPACE, WriteError, clear_stale, errno_text, free_bytes, locked, megabytes, scratch_name,
-                            staged_dir)
+from faceage.atomic import (NO_SPACE, WriteError, clear_stale, errno_text, free_bytes, lock_file, locked, megabytes,
+                            same_file, scratch_name, staged_dir)
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
 from faceage.chips import CHIPS_FILE
@@ -230,12 +230,17 @@ def prune_cache(cache_dir: Path, name: str, keep: Path | None = None) -> list[Pa
         log.info("external set %s: removed %d crop-cache entr%s not used recently from %s (%s); %s freed, keeping "
                  "the %d most recently used (faceage.external.KEEP_ENTRIES)%s", name, len(removed),
                  "y" if len(removed) == 1 else "ies", cache_dir, ", ".join(e.name for e in removed),
-                 megabytes(freed), KEEP_ENTRIES,
-                 f"; left {', '.join(in_use)}: in use" if in_use else "")
+                 megabytes(freed), KEEP_ENTRIES, f"; left {', '.join(in_use)}: {_LEFT_WHY}" if in_use else "")
     elif in_use:
-        log.info("external set %s: left the old crop-cache entr%s %s in %s: in use by another run", name,
-                 "y" if len(in_use) == 1 else "ies", ", ".join(in_use), cache_dir)
+        log.info("external set %s: left the old crop-cache entr%s %s in %s: %s", name,
+                 "y" if len(in_use) == 1 else "ies", ", ".join(in_use), cache_dir, _LEFT_WHY)
     return removed
+
+
+# Why an old entry was left. Not "in use by another run": an entry used minutes ago by a run long finished is left
+# too (_remove_entry cannot tell it from one a run is still reading).
+_LEFT_WHY = (f"used in the last {IN_USE_S // 60} min (faceage.external.IN_USE_S) or locked by a run making it: "
+             "another run may be reading it")
 
 
 def _clear_stale_staging(cache_dir: Path, name: str) -> None:
@@ -259,7 +264,7 @@ def _remove_entry(entry: Path) -> int | str:
     and one killed during the slow deletion leaves a folder :func:`_clear_stale_staging` removes later),
     then deleted. Raises OSError where it cannot be renamed (another account's entry).
     """
-    lock = entry.with_name(f".{entry.name}.lock")  # faceage.atomic.locked's lock file for the entry
+    lock = lock_file(entry)  # faceage.atomic.locked's lock file for the entry
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no lock, the time since its last use alone protects it
@@ -271,6 +276,8 @@ def _remove_entry(entry: Path) -> int | str:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return _IN_USE
+            if not same_file(fd, lock):  # another run's removal deleted it meanwhile; a new one is another's now
+                return _IN_USE if entry.exists() else _GONE
         try:  # looked at again under the lock: a hit since the listing stamped it (and held the lock to)
             if time.time() - _last_used(entry) < IN_USE_S:
                 return _IN_USE
@@ -279,12 +286,15 @@ def _remove_entry(entry: Path) -> int | str:
             os.replace(entry, aside)
         except FileNotFoundError:
             if not entry.exists():
-                lock.unlink(missing_ok=True)
+                if fd is not None:
+                    lock.unlink(missing_ok=True)
                 return _GONE
             raise
-        # The lock file goes with its entry (one per entry ever made, else). A run that opened it and waits on it
-        # finds no entry when it gets it, and makes the entry again, as a run arriving later does.
-        lock.unlink(missing_ok=True)
+        # The lock file goes with its entry (one per entry ever made, else), deleted while it is locked: a run that
+        # opened it and waits on it sees, once it gets it, that it is no longer the file at the path, and locks the
+        # one there (faceage.atomic.locked), which a run arriving later locks too: one of them makes the entry again.
+        if fd is not None:
+            lock.unlink(missing_ok=True)
     finally:
         if fd is not None:
             os.close(fd)  # releases the flock
