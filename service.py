@@ -253,7 +253,7 @@ class FaceAgeService:
         self.lineage = {"tag": str(stored.tag), **self.predictor.lineage(), **dict(stored.info.metadata)}
         self.card = read_model_card(stored.path, self.lineage)  # GET /model_card (None: 404)
         # The detection workers start in the background (LocatorPool) while the model warms up.
-        self.locator = LocatorPool(self.predictor.locator, LIMITS.detect_processes)
+        self.locator = LocatorPool(self.predictor.locator, LIMITS.detect_processes, LIMITS.start_timeout_s)
         self.predictor.warm_up()
         batch_faces = prometheus_client.Histogram(
             "faceage_age_batch_faces", "Faces per forward pass of the age model (adaptive batching)",

@@ -79,6 +79,8 @@ class Limits:
         ui_upload_cache_bytes: Total bytes the UI's uploads (and its annotated photos) may hold in Gradio's cache,
             ``GRADIO_TEMP_DIR`` (``FACEAGE_UI_UPLOAD_CACHE_BYTES``, 256 MiB; 0 = no cap): Gradio keeps each file
             10-15 minutes, in RAM under ``/dev/shm``; past it an upload gets 429 (:class:`faceage.ui.UIGateMiddleware`).
+        start_timeout_s: Seconds the detection workers have to start (``FACEAGE_START_TIMEOUT_S``, 60:
+            :data:`faceage.serving.START_TIMEOUT_S`); a pool not all up by then is killed and started again.
     """
 
     max_body_bytes: int = 20 * 1024 * 1024
@@ -90,6 +92,7 @@ class Limits:
     max_parts: int = 32
     ui_queue_size: int = 0
     ui_upload_cache_bytes: int = 256 * 1024 * 1024
+    start_timeout_s: int = 60
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -100,7 +103,8 @@ class Limits:
                    detect_processes=env_int("FACEAGE_DETECT_PROCESSES", available_cores()),
                    threads=env_int("FACEAGE_THREADS", env_int("FACEAGE_TORCH_THREADS", 0)) or None,
                    ui_queue_size=env_int("FACEAGE_UI_QUEUE_SIZE", 0),
-                   ui_upload_cache_bytes=env_int("FACEAGE_UI_UPLOAD_CACHE_BYTES", cls.ui_upload_cache_bytes))
+                   ui_upload_cache_bytes=env_int("FACEAGE_UI_UPLOAD_CACHE_BYTES", cls.ui_upload_cache_bytes),
+                   start_timeout_s=env_int("FACEAGE_START_TIMEOUT_S", cls.start_timeout_s, minimum=1))
 
 
 def read_at_start(read: Callable[[], T]) -> T:

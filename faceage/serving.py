@@ -236,7 +236,9 @@ def _suspect(job: Future) -> bool:
 class _Workers:
     """One pool of worker processes: its executor, its start jobs, the photo jobs sent to it."""
 
-    def __init__(self, processes: int, settings: dict[str, Any]):
+    def __init__(self, processes: int, settings: dict[str, Any], start_timeout_s: float | None = None):
+        # The start's deadline: the pool's own (FACEAGE_START_TIMEOUT_S), else the module's default, read now.
+        self.start_timeout_s = START_TIMEOUT_S if start_timeout_s is None else start_timeout_s
         context = multiprocessing.get_context("spawn")
         self.barrier = context.Barrier(processes)
         # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock.
@@ -246,11 +248,10 @@ class _Workers:
         # Submitted first, one per worker: all of them start now (each submit spawns one), and no photo runs before
         # they are all up; spawned with the stop signals blocked (_stop_signals_blocked).
         with _stop_signals_blocked():
-            self.started = [self.executor.submit(_child_started_all, START_TIMEOUT_S) for _ in range(processes)]
+            self.started = [self.executor.submit(_child_started_all, self.start_timeout_s) for _ in range(processes)]
         self.jobs: set[Future] = set()
         # Every worker this pool spawned (one per start job, above): those the deadline kills.
         self.processes = list((getattr(self.executor, "_processes", None) or {}).values())
-        self.start_timeout_s = START_TIMEOUT_S
         self.timed_out: TimeoutError | None = None  # set at the deadline when the workers were not all up
         # Whether the deadline killed the workers (then the barrier is never touched again: see stop), or stop()
         # has begun (then the deadline leaves the workers to it); one or the other, under this lock.
@@ -312,10 +313,10 @@ class _Workers:
             if not alive:  # they all died already (their executor reports why): no hang, nothing to kill
                 return
             if self.start_error() is None:
-                self.timed_out = TimeoutError(f"not all up within {self.start_timeout_s:.0f} s (START_TIMEOUT_S): "
-                                              f"killed")
-            log.error("the detection workers were not all up %.0f s after their pool was made (START_TIMEOUT_S); "
-                      "killing %d worker process(es)", self.start_timeout_s, len(alive))
+                self.timed_out = TimeoutError(f"not all up within {self.start_timeout_s:.0f} s "
+                                              f"(FACEAGE_START_TIMEOUT_S): killed")
+            log.error("the detection workers were not all up %.0f s after their pool was made "
+                      "(FACEAGE_START_TIMEOUT_S); killing %d worker process(es)", self.start_timeout_s, len(alive))
             # All of them, those waiting at the barrier too (not released first: one could take a photo before its
             # kill).
             for process in alive:
@@ -427,13 +428,16 @@ class LocatorPool:
     Args:
         locator: The locator whose :meth:`FaceLocator.settings` the workers rebuild.
         processes: Number of worker processes (0: in-process).
+        start_timeout_s: The deadline of each pool's start (``FACEAGE_START_TIMEOUT_S``); ``None``:
+            :data:`START_TIMEOUT_S`.
     """
 
-    def __init__(self, locator: FaceLocator, processes: int):
+    def __init__(self, locator: FaceLocator, processes: int, start_timeout_s: float | None = None):
         if processes < 0:
             raise ValueError(f"processes must be >= 0, got {processes}")
         self.locator = locator
         self.processes = processes
+        self.start_timeout_s = start_timeout_s
         self._workers: _Workers | None = None
         self._closed = False
         self._start_failed = False  # the newest pool seen to finish its start did not start
@@ -455,7 +459,7 @@ class LocatorPool:
             self._workers = self._start()
 
     def _start(self) -> _Workers:
-        return _Workers(self.processes, self.locator.settings())
+        return _Workers(self.processes, self.locator.settings(), self.start_timeout_s)
 
     @property
     def busy(self) -> bool:
