@@ -134,7 +134,7 @@ def test_a_worker_hung_at_start_is_killed_the_photo_gets_a_503_and_the_pool_rest
 
     first, waited, killed, ready, second, second_s, backing_off, healed, located = asyncio.run(scenario())
     assert isinstance(first, DetectionUnavailable) and not isinstance(first, ServingClosed), repr(first)
-    assert "did not start" in str(first) and "4 s (START_TIMEOUT_S)" in str(first), str(first)
+    assert "did not start" in str(first) and "4 s (FACEAGE_START_TIMEOUT_S)" in str(first), str(first)
     assert waited < 12, f"the photo waited {waited:.1f} s for a start with a 4 s deadline"
     assert killed, "the hung worker is still running"
     assert not ready, "/readyz said ready with the workers hung"
