@@ -64,10 +64,16 @@ def serving(env: dict, home: Path, log: Path):
 
 
 @pytest.fixture(scope="module")
-def cors_url(bento_server):
+def cors_url(bento_server, tmp_path_factory):
     """The session's bento, served again with ``FACEAGE_CORS_ORIGINS`` (one detection process: two servers share
-    the machine)."""
-    env = {**bento_server.env, "FACEAGE_CORS_ORIGINS": ORIGINS, "FACEAGE_DETECT_PROCESSES": "1"}
+    the machine), from a BentoML home of its own that holds the session's bentos and models: a second `bentoml serve`
+    in the same home empties its prometheus_multiproc_dir at start, and the session server's /metrics (which
+    test_service reads) then counted nothing more."""
+    home = tmp_path_factory.mktemp("cors-bentoml-home")
+    for store in ("bentos", "models"):
+        (home / store).symlink_to(Path(bento_server.env["BENTOML_HOME"]) / store, target_is_directory=True)
+    env = {**bento_server.env, "BENTOML_HOME": str(home), "FACEAGE_CORS_ORIGINS": ORIGINS,
+           "FACEAGE_DETECT_PROCESSES": "1"}
     log = bento_server.home / "serve-cors.log"
     with serving(env, bento_server.home, log) as (url, proc):
         assert url, f"bentoml serve with FACEAGE_CORS_ORIGINS={ORIGINS!r} exited {proc.returncode}:\n" \
