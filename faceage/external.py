@@ -45,7 +45,7 @@ from faceage.errors import FaceAgeError
 from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
-from faceage.preprocess import SETTINGS, count_statuses, crop_samples, read_faces_manifest
+from faceage.preprocess import SETTINGS, code_fingerprint, count_statuses, crop_samples, read_faces_manifest
 from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError, external_name
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,13 @@ def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
 def cache_key(folder: Path, crop: dict[str, Any], shape_predictor_sha256: str = "",
               fingerprint: str | None = None) -> str:
     """16 hex digits over the folder's bytes (every file), the pixel-deciding crop settings, the
-    faces-folder format and the shape predictor that aligns the chips. ``fingerprint``: the folder's
-    :func:`dataset_fingerprint` when the caller has it already."""
+    faces-folder format, the shape predictor that aligns the chips and the code that decodes, detects and
+    crops (:func:`faceage.preprocess.code_fingerprint`, as a resumed preprocess checks it: crops cut before an edit
+    of how a photo decodes were reused after it). ``fingerprint``: the folder's :func:`dataset_fingerprint` when
+    the caller has it already."""
     h = hashlib.sha256((fingerprint or dataset_fingerprint(folder)).encode())
     h.update(json.dumps({k: crop.get(k) for k in CROP_KEYS}, sort_keys=True).encode())
-    h.update(f"format {FACES_FORMAT} shape predictor {shape_predictor_sha256}".encode())
+    h.update(f"format {FACES_FORMAT} shape predictor {shape_predictor_sha256} code {code_fingerprint()}".encode())
     return h.hexdigest()[:16]
 
 

@@ -228,3 +228,18 @@ def test_entries_used_in_the_last_minutes_stay_however_many(detector_dir, tmp_pa
     _age(first, 40 * HOUR)
     new = external_faces(ext, {**crop, "margin": 0.3}, detector_dir, cache, workers=1)
     assert _entries(cache) == {new.name, *(r.name for r in recent)}
+
+
+def test_the_cache_key_changes_with_the_code_that_decodes_and_crops(tmp_path, monkeypatch):
+    """Crops cut before an edit of how a photo decodes (faceage.images: this round's PNG colour chunks) or is
+    detected and cropped were reused after it: the key held the data, the settings and the format number only."""
+    import faceage.external as external
+    import faceage.preprocess as preprocess
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"photo")
+    key = external.cache_key(folder, {}, "sp")
+    assert external.cache_key(folder, {}, "sp") == key  # stable while the code is
+    monkeypatch.setattr(external, "code_fingerprint", lambda: preprocess.code_fingerprint() + " edited")
+    assert external.cache_key(folder, {}, "sp") != key
