@@ -679,7 +679,7 @@ MAX_CONSECUTIVE_SKIPPED_STEPS = 50
 
 @dataclass
 class Amp:
-    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); off elsewhere.
+    """Mixed precision on CUDA (bf16 where the GPU runs it natively, else fp16 with loss scaling); off elsewhere.
 
     ``consecutive_skips`` counts the optimiser steps in a row that the fp16 loss scaler skipped, across epochs
     (:func:`check_amp_step`).
@@ -693,7 +693,11 @@ class Amp:
     @classmethod
     def for_device(cls, p: TrainParams, device: torch.device) -> Amp:
         enabled = p.amp and device.type == "cuda"
-        dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 only (compute capability 8.0+): torch calls an older GPU's (a T4's, a V100's) bf16 supported
+        # because it can emulate it, and train.amp then trained in bf16 those GPUs have no units for, instead of
+        # in fp16 on their tensor cores (what the README promises there).
+        native_bf16 = enabled and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = torch.bfloat16 if native_bf16 else torch.float16
         return cls(enabled, dtype, torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16))
 
 
@@ -1022,6 +1026,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     torch's SyncBatchNorm runs on GPUs only; this one sums through torch's differentiable functional
     ``all_reduce`` (gloo or nccl; its backward sums the gradients), two passes as BatchNorm does
     (mean, then the centred squares). One rank, or eval mode, is plain BatchNorm2d.
+
+    The statistics are taken in float32 and the output has the input's dtype, as cuDNN's BatchNorm does under
+    ``train.amp``'s autocast: in the activations' fp16/bf16 the first step failed in ``running_mean.lerp_``
+    ("expected dtype float for `end` but got dtype BFloat16"), and an fp16 per-channel sum over a batch of
+    feature maps passes float16's 65504 (inf, then NaN outputs).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1029,6 +1038,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed._functional_collectives import all_reduce  # differentiable (sum of gradients)
 
+        dtype, x = x.dtype, x.float()
         dims, shape, group = [0, 2, 3], (1, -1, 1, 1), dist.group.WORLD
         n = float(dist.get_world_size() * x.numel() // x.shape[1])  # equal local batches (drop_last)
         mean = all_reduce(x.sum(dims), "sum", group) / n
@@ -1040,7 +1050,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.lerp_(mean.detach(), m)
             self.running_var.lerp_(var.detach() * (n / max(n - 1, 1.0)), m)
         y = centred * torch.rsqrt(var + self.eps).view(shape)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return (y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y).to(dtype)
 
 
 def _set_batchnorm_class(model: nn.Module, cls: type[nn.BatchNorm2d]) -> nn.Module:
