@@ -120,16 +120,17 @@ def test_a_heic_tagged_bt709_or_unspecified_keeps_its_values(code, transfer, cap
     assert not warnings_of(caplog)
 
 
-def test_an_hdr_heic_is_decoded_with_one_warning_not_failed(caplog, tmp_path):
-    """A PQ (HDR) transfer has no SDR conversion without tone mapping: the raw values, with one log line
-    naming the file, as for an ICC profile that cannot be used."""
+def test_an_hdr_heic_with_primaries_not_converted_is_decoded_with_one_warning_not_failed(caplog, tmp_path):
+    """A PQ (HDR) photo is tone mapped (tests/unit/test_images_r34.py); one whose primaries are not converted here
+    (10, CIE XYZ) cannot be: the raw values, with one log line naming the file, as for an ICC profile that cannot
+    be used."""
     path = tmp_path / "hdr.heic"
-    path.write_bytes(heic_with(photo(), 9, 16, 9))
+    path.write_bytes(heic_with(photo(), 10, 16, 9))
     with caplog.at_level(logging.INFO, logger="faceage.images"):
         out = load_image(path)
     np.testing.assert_array_equal(out, raw_pixels(path.read_bytes()))
     warned = warnings_of(caplog)
-    assert len(warned) == 1 and str(path) in warned[0] and "transfer" in warned[0], warned
+    assert len(warned) == 1 and str(path) in warned[0] and "primaries" in warned[0], warned
 
 
 def test_an_icc_profile_wins_over_the_nclx_box():

@@ -99,16 +99,25 @@ def test_a_png_tagged_srgb_by_cicp_keeps_its_values(code, transfer, caplog):
     assert not warnings_of(caplog)
 
 
-@pytest.mark.parametrize(("code", "transfer", "said"), [(9, 16, "PQ, HDR"), (9, 18, "HLG, HDR"), (1, 16, "PQ, HDR")],
-                         ids=["bt2020-pq", "bt2020-hlg", "bt709-pq"])
-def test_an_hdr_png_is_decoded_with_one_warning_naming_its_cicp_chunk(code, transfer, said, caplog):
-    """HDR has no SDR conversion without tone mapping: the raw values, with the one warning an HDR HEIC or AVIF
-    gets, naming the chunk; a PQ photo tagged with sRGB's primaries (BT.709) was taken for sRGB, silently."""
+@pytest.mark.parametrize(("code", "transfer"), [(9, 16), (9, 18), (1, 16)], ids=["bt2020-pq", "bt2020-hlg", "bt709-pq"])
+def test_an_hdr_png_is_tone_mapped_without_a_warning(code, transfer, caplog):
+    """HDR is tone mapped to sRGB (tests/unit/test_images_r34.py checks its levels): not the raw values, which a
+    PQ photo tagged with sRGB's primaries (BT.709) once gave, silently."""
     data = _png(photo(), _cicp(code, transfer))
+    with caplog.at_level(logging.INFO, logger="faceage.images"):
+        out = load_image(data)
+    assert out.shape == photo().shape and (out.astype(int) - photo()).any()
+    assert not warnings_of(caplog)
+
+
+def test_an_hdr_png_with_primaries_not_converted_is_decoded_with_one_warning_naming_its_cicp_chunk(caplog):
+    """Primaries that name no colour space here (3 is reserved in H.273): the raw values, with one warning naming
+    the chunk, as for an ICC profile that cannot be used."""
+    data = _png(photo(), _cicp(3, 16))
     with caplog.at_level(logging.INFO, logger="faceage.images"):
         np.testing.assert_array_equal(load_image(data), photo())
     [warned] = warnings_of(caplog)
-    assert "cICP" in warned and said in warned, warned
+    assert "cICP" in warned and "primaries 3" in warned, warned
 
 
 def test_cicp_wins_over_an_icc_profile_as_png_3rd_edition_says():
