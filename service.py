@@ -19,8 +19,9 @@ Routes:
 - BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics``;
 - CORS (off by default): ``FACEAGE_CORS_ORIGINS`` (comma-separated ``scheme://host[:port]``, or ``*``) lets pages
   of those origins call the API from a browser: preflights (``OPTIONS``) are answered and every answer, errors
-  included, carries ``Access-Control-Allow-Origin`` for them (:func:`faceage.http.cors_service_config`); a value that
-  is not an origin stops the start-up with one line naming it.
+  included (BentoML's own 429 and 504 too: :class:`faceage.http.CORSService`), carries ``Access-Control-Allow-Origin``
+  for them (:func:`faceage.http.cors_service_config`); a value that is not an origin stops the start-up with one line
+  naming it.
 
 Every step is :class:`faceage.predict.AgePredictor`'s, with the age network in ONNX Runtime (no
 torch in the service); decode + detect + crop run in worker processes and the age model is
@@ -55,8 +56,8 @@ from fastapi.responses import JSONResponse, Response
 
 from faceage.annotate import annotate as draw_faces, to_png
 from faceage.http import (
-    CORS_ORIGINS, FIELD, INPUT_ERRORS, LIMITS, PHOTO_ERRORS, BadRequest, BodyLimitMiddleware, cors_service_config,
-    count, error_response, input_status, photo_status, read_images, while_connected, wrong_type,
+    CORS_ORIGINS, FIELD, INPUT_ERRORS, LIMITS, PHOTO_ERRORS, BadRequest, BodyLimitMiddleware, CORSService,
+    cors_service_config, count, error_response, input_status, photo_status, read_images, while_connected, wrong_type,
 )
 from faceage.predict import AgePredictor, FaceAge, LocatedFaces, available_cores, split_results
 from faceage.serving import RESTART_AFTER_S, AgeBatcher, DetectionUnavailable, LocatorPool, drawn_then_released
@@ -234,8 +235,10 @@ def model_header(lineage: dict) -> dict[str, str]:
     workers=1,
     traffic={"timeout": 120, "max_concurrency": MAX_CONCURRENCY},
     # FACEAGE_CORS_ORIGINS, read as this module is imported (bentoml serve, a container's start): BentoML's CORS
-    # support for those origins on the API's routes (none: no CORS headers); /ui stays Gradio's.
+    # support for those origins on the API's routes (none: no CORS headers); /ui stays Gradio's. CORSService adds
+    # the headers to what BentoML answers outside its CORS middleware (429 past max_concurrency, 504 past timeout).
     **cors_service_config(CORS_ORIGINS),
+    service_class=CORSService,
 )
 @bentoml.asgi_app(api, path="/")
 class FaceAgeService:

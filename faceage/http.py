@@ -12,7 +12,9 @@ instead and parse it here, in memory, under one body cap (:class:`Limits`), whic
 
 Cross-origin pages (a front end on another origin) may call the API only where ``FACEAGE_CORS_ORIGINS`` lists
 their origin (:func:`parse_cors_origins`; off by default): BentoML's own CORS support then answers preflights and
-adds ``Access-Control-Allow-Origin`` (:func:`cors_service_config`), and the body cap adds it to its own answers.
+adds ``Access-Control-Allow-Origin`` (:func:`cors_service_config`), the body cap adds it to its own answers, and
+:class:`CORSFallbackMiddleware`, outside all of BentoML's middlewares (:class:`CORSService`), to the rest: BentoML's
+429 (``traffic.max_concurrency``) and 504 (``traffic.timeout``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import bentoml
 from bentoml.exceptions import InvalidArgument
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -33,6 +36,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError
 from faceage.predict import DEFAULT_MAX_DETECT_PIXELS, available_cores
 from faceage.serving import DetectionUnavailable, ImageProcessingError
+from faceage.ui import UI_PATH
 
 FIELD = "image"
 T = TypeVar("T")
@@ -189,6 +193,88 @@ def cors_service_config(origins: tuple[str, ...]) -> dict:
 
 
 CORS_ORIGINS = read_at_start(lambda: parse_cors_origins(os.environ.get(CORS_ENV)))  # read as the service starts
+
+
+def cors_allow_headers(origin: bytes | None, origins: tuple[str, ...]) -> list[tuple[bytes, bytes]]:
+    """``Access-Control-Allow-Origin`` and ``-Expose-Headers`` as BentoML's CORS middleware writes them for a request
+    whose ``Origin`` header is ``origin`` (``None``: not a cross-origin request) when ``origins`` may call the API
+    (:func:`parse_cors_origins`); ``[]`` for no origin, another origin, or CORS off."""
+    if origin is None or not origins:
+        return []
+    if origins != ("*",) and origin.decode("latin-1") not in origins:
+        return []
+    return [(b"access-control-allow-origin", b"*" if origins == ("*",) else origin),
+            (b"access-control-expose-headers", ", ".join(CORS_EXPOSED_HEADERS).encode())]
+
+
+def _with_vary_origin(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` with ``Origin`` in one ``Vary`` header (the answer depends on it: a cache must not give one
+    origin's answer to another); unchanged when it is there already, or ``Vary: *``."""
+    values = [value.strip() for name, field in headers if name.lower() == b"vary" for value in field.split(b",")]
+    if any(value.lower() in (b"origin", b"*") for value in values):
+        return headers
+    return [*(h for h in headers if h[0].lower() != b"vary"), (b"vary", b", ".join([*filter(None, values), b"Origin"]))]
+
+
+class CORSFallbackMiddleware:
+    """ASGI middleware, outside all of BentoML's: the CORS headers on an answer to an allowed origin that has none.
+
+    BentoML's CORS middleware (``http.cors``, :func:`cors_service_config`) sits inside its traffic middlewares, so
+    their answers never passed through it: the 429 of ``traffic.max_concurrency`` and the 504 of ``traffic.timeout``
+    (and Starlette's plain 500 for a middleware's error) carried no ``Access-Control-Allow-Origin``, and a page on an
+    allowed origin saw a busy server as a CORS failure, with no status to read and no ``Retry-After`` to back off by.
+    This one adds, to such an answer only, what BentoML's would have: the origin (``*`` for any), the exposed headers
+    (:data:`CORS_EXPOSED_HEADERS`) and ``Origin`` in ``Vary``. An answer that has the header (every one that passed
+    through BentoML's CORS middleware, the body cap's own) is left as it is, and so is every answer to another origin
+    or to a request without ``Origin``, and under ``skip_paths`` (``/ui``: Gradio's page, same origin, whose requests
+    never reach BentoML's CORS middleware either).
+    """
+
+    def __init__(self, app, origins: tuple[str, ...], skip_paths: tuple[str, ...] = ()):
+        self.app = app
+        self.origins = origins
+        self.skip_paths = skip_paths
+
+    def _skipped(self, path: str) -> bool:
+        return any(path == prefix or path.startswith(prefix.rstrip("/") + "/") for prefix in self.skip_paths)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self._skipped(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        origin = next((value for name, value in scope["headers"] if name.lower() == b"origin"), None)
+        cors = cors_allow_headers(origin, self.origins)
+        if not cors:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_cors(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"access-control-allow-origin" for name, _ in headers):
+                    message = {**message, "headers": _with_vary_origin([*headers, *cors])}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
+class CORSService(bentoml.Service):
+    """A BentoML service whose ASGI app (:meth:`to_asgi`, what ``bentoml serve`` runs in each worker) sits inside a
+    :class:`CORSFallbackMiddleware` for the origins of its own ``http.cors`` config (:func:`cors_service_config`).
+
+    ``@bentoml.service(service_class=CORSService, ...)``: the service's own middlewares (``add_asgi_middleware``) all
+    sit inside BentoML's traffic limits, too deep to see their answers. Without ``http.cors`` (CORS off) the app is
+    BentoML's, unchanged.
+    """
+
+    __slots__ = ()
+
+    def to_asgi(self, is_main: bool = True):
+        app = super().to_asgi(is_main=is_main)
+        cors = ((self.config or {}).get("http") or {}).get("cors") or {}
+        if not cors.get("enabled") or not cors.get("access_control_allow_origins"):
+            return app
+        return CORSFallbackMiddleware(app, tuple(cors["access_control_allow_origins"]), skip_paths=(UI_PATH,))
 
 
 class BadRequest(InvalidArgument):
@@ -462,13 +548,8 @@ class BodyLimitMiddleware:
         """The CORS headers of this middleware's own answers to an allowed origin (``cors_origins``, see
         :func:`cors_service_config`), as BentoML's CORS middleware adds them to the app's. That middleware sits
         inside this one, so without them a browser hid a 413 (and its message) from the page behind a CORS error."""
-        origin = dict(scope["headers"]).get(b"origin")
-        if origin is None or not self.cors_origins:
-            return []
-        if self.cors_origins != ("*",) and origin.decode("latin-1") not in self.cors_origins:
-            return []
-        return [(b"access-control-allow-origin", b"*" if self.cors_origins == ("*",) else origin),
-                (b"access-control-expose-headers", ", ".join(CORS_EXPOSED_HEADERS).encode()), (b"vary", b"Origin")]
+        cors = cors_allow_headers(dict(scope["headers"]).get(b"origin"), self.cors_origins)
+        return [*cors, (b"vary", b"Origin")] if cors else []
 
     @staticmethod
     async def _answer(send, cors: list[tuple[bytes, bytes]], status: int, error: str) -> None:
