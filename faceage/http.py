@@ -222,7 +222,8 @@ class CORSFallbackMiddleware:
     BentoML's CORS middleware (``http.cors``, :func:`cors_service_config`) sits inside its traffic middlewares, so
     their answers never passed through it: the 429 of ``traffic.max_concurrency`` and the 504 of ``traffic.timeout``
     (and Starlette's plain 500 for a middleware's error) carried no ``Access-Control-Allow-Origin``, and a page on an
-    allowed origin saw a busy server as a CORS failure, with no status to read and no ``Retry-After`` to back off by.
+    allowed origin saw a busy server as a CORS failure, with no status to read (BentoML sends no ``Retry-After``
+    with either).
     This one adds, to such an answer only, what BentoML's would have: the origin (``*`` for any), the exposed headers
     (:data:`CORS_EXPOSED_HEADERS`) and ``Origin`` in ``Vary``. An answer that has the header (every one that passed
     through BentoML's CORS middleware, the body cap's own) is left as it is, and so is every answer to another origin
