@@ -9,16 +9,18 @@ Output: a faces folder laid out like ``preprocess``'s (``test/NAME.png``, ``mani
 :func:`faceage.data.load_split` reads it exactly as it reads the test split.
 
 The crops are made by :func:`faceage.preprocess.crop_samples` (the pipeline's one detect + crop
-+ ``no_face`` code) and cached under ``<cache>/<name>-<key>/``, where the key hashes the
-folder's bytes and the crop settings: a new detector, margin, size or fallback, or edited
-images, give a new key; the same settings reuse the crops (detection and crop of 1,743 faces took
-21.6 s on 2 cores in round 22, ``benchmarks/bench_external_crops.py``; the ``dlib_face`` descriptors
-take minutes).
++ ``no_face`` code) with preprocess's resume (:func:`faceage.preprocess.resumable_output`: a crop stopped
+half-way, by Ctrl-C or kill -9, keeps its work in ``<cache>/.<name>-<key>.partial/`` and the next run of the
+same job goes on from it) and cached under ``<cache>/<name>-<key>/``, where the key hashes the folder's bytes
+and the crop settings: a new detector, margin, size or fallback, or edited images, give a new key; the same
+settings reuse the crops (detection and crop of 1,743 faces took 21.6 s on 2 cores in round 22,
+``benchmarks/bench_external_crops.py``; the ``dlib_face`` descriptors take minutes).
 
 The cache is kept from growing without end: each use of an entry (made or reused) touches its stamp file
 :data:`LAST_USED`, and after a new entry is made only the :data:`KEEP_ENTRIES` most recently used entries of that
 set are kept (:func:`prune_cache`); a sweep of ``-S preprocess.margin=...`` left one entry per value behind
-before. An entry used in the last :data:`IN_USE_S` seconds, or locked by a run building in it, is never removed,
+before. A partial folder counts as an entry last used when it was last written to. An entry (or partial folder)
+used in the last :data:`IN_USE_S` seconds, or locked by a run building in it, is never removed,
 nor is anything in the cache folder that is not an entry of this layout. The whole folder may be deleted by hand
 between runs; the next evaluation crops again.
 """
@@ -39,13 +41,14 @@ from typing import Any
 
 from faceage.appa_real import dataset_fingerprint, read_split
 from faceage.atomic import (NO_SPACE, WriteError, clear_stale, errno_text, free_bytes, lock_file, locked, megabytes,
-                            same_file, scratch_name, staged_dir)
+                            same_file, scratch_name)
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
 from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
-from faceage.preprocess import SETTINGS, code_fingerprint, count_statuses, crop_samples, read_faces_manifest
+from faceage.preprocess import (PARTIAL_SUFFIX, RECORDS, SETTINGS, code_fingerprint, count_statuses, crop_samples,
+                                partial_dir, read_faces_manifest, resumable_output)
 from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError, external_name
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,7 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
                                    f"checkpoint's crops were made with {sha256}")
     fingerprint = dataset_fingerprint(ext.path)
     out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop, files[SHAPE5_FILE], fingerprint)}"
+    _check_lock_path(out)
     # Runs side by side (dvc queue start -j 2) ask for the same entry: one crops, the others wait and reuse.
     with locked(out, f"cropping {ext.name} into {out}"):
         if (out / SETTINGS).is_file():
@@ -130,22 +134,42 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         log.info("external set %s: detecting and cropping %s (detector=%s, upsample=%d, margin=%g, size=%d, "
                  "no_face=%s)", ext.name, ext.path, params.detector, params.upsample, params.margin, params.size,
                  params.no_face)
+        # preprocess's resumable crop: a crop stopped half-way (Ctrl-C, kill -9; minutes for utk-external) leaves
+        # its work in the entry's partial folder, and the next run of the same job goes on from it.
         try:
-            with staged_dir(out) as tmp:
+            with resumable_output(out, [EXTERNAL_SPLIT]) as (tmp, partial):
                 rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp,
-                                    params, workers_key=EXTERNAL_WORKERS, manifest=manifest)
+                                    params, workers_key=EXTERNAL_WORKERS, manifest=manifest, partial=partial,
+                                    inputs={SET_SHA256: fingerprint})
                 settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
                             SET_SHA256: fingerprint, "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
                 (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
         except OSError as e:
             if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
                 raise
-            # staged_dir removed the partial crops: what is free now is what a rerun has.
+            # A full disk: unlike Ctrl-C or a kill, the work done so far goes too (a hidden folder of a cache, which
+            # the user would have to find to free the space; what is free after it is what a rerun has). Under the
+            # entry's lock still: no run is cropping into it.
+            shutil.rmtree(partial_dir(out), ignore_errors=True)
             raise WriteError(f"cropping external set {ext.name} into {out.parent} failed: {errno_text(e)}; "
-                             f"{_free(out.parent)}: free some space and rerun") from e
+                             f"{_free(out.parent)}: free some space and rerun (no partial crops kept)") from e
         _mark_used(out)
     prune_cache(Path(cache_dir), ext.name, out)
     return out
+
+
+def _check_lock_path(entry: Path) -> None:
+    """Raises WriteError (one line) where something other than a file stands at ``entry``'s lock path
+    (:func:`faceage.atomic.lock_file`): a folder there was an ``IsADirectoryError`` traceback, and a link was
+    followed (a dangling one was a ``FileNotFoundError`` traceback, or made a file wherever it pointed). The cache
+    never makes either, so it is left as it is."""
+    lock = lock_file(entry)
+    if lock.is_symlink():
+        raise WriteError(f"{lock} is a symbolic link (to {os.readlink(lock)}): the crop cache keeps a lock file of "
+                         f"that name for {entry.name}; remove the link (what it points to is not touched) and rerun")
+    if lock.exists() and not lock.is_file():
+        raise WriteError(f"{lock} is not a file: the crop cache keeps a lock file of that name for {entry.name}; "
+                         "move it away (or delete it) and rerun")
 
 
 def _mark_used(entry: Path) -> None:
@@ -200,6 +224,8 @@ def prune_cache(cache_dir: Path, name: str, keep: Path | None = None) -> list[Pa
     """Removes set ``name``'s cache entries beyond the :data:`KEEP_ENTRIES` most recently used, after a new
     entry (``keep``, always kept) was made, with one log line naming them and the space freed.
 
+    The partial folders of crops stopped half-way (``.NAME-KEY.partial``) are ranked with the entries by their last
+    write (a recent one stays for its rerun to resume); one whose entry is complete is removed whatever its rank.
     An entry used in the last :data:`IN_USE_S` seconds, or whose lock another process holds (building it, or
     computing its descriptors), is left; so is anything that is not an entry (:func:`cache_entries`). Staging
     folders that killed builds of this set's entries left are removed (:func:`faceage.atomic.clear_stale`; a
@@ -211,10 +237,23 @@ def prune_cache(cache_dir: Path, name: str, keep: Path | None = None) -> list[Pa
     try:
         _clear_stale_staging(cache_dir, name)
         entries = [e for e in cache_entries(cache_dir, name) if e != keep]
+        # The work of crops stopped half-way (:func:`faceage.preprocess.partial_dir`): ranked with the entries by
+        # their last write, so a recent one stays for its rerun to resume, and old ones do not pile up. One whose
+        # entry was completed (killed while it was being removed) is left over, whatever its age.
+        partials = {}
+        for partial in _partials(cache_dir, name):
+            try:
+                partials[partial] = _partial_last_used(partial)
+            except OSError:  # removed meanwhile (its run finished)
+                continue
+        leftover = [p for p in partials if _is_entry(_entry_of(p))]
+        used = {e: _last_used(e) for e in entries}
+        used.update({p: t for p, t in partials.items() if p not in leftover})
     except Exception as e:  # noqa: BLE001 - the run has its crops; housekeeping must not fail it
         log.warning("external set %s: could not look for old crop-cache entries in %s: %s", name, cache_dir, e)
         return []
-    old = entries[KEEP_ENTRIES - (1 if keep is not None else 0):]
+    ranked = sorted(used, key=used.__getitem__, reverse=True)
+    old = ranked[KEEP_ENTRIES - (1 if keep is not None else 0):] + leftover
     removed, in_use, freed = [], [], 0
     for entry in old:
         try:
@@ -248,17 +287,49 @@ _LEFT_WHY = (f"used in the last {IN_USE_S // 60} min (faceage.external.IN_USE_S)
 def _clear_stale_staging(cache_dir: Path, name: str) -> None:
     """Removes the staging folders beside set ``name``'s entries that killed processes left: a crop killed
     midway (the partial crops of a whole set), or a removal killed midway."""
-    pattern = re.compile(rf"\.({re.escape(name)}-[0-9a-f]{{16}})-\d+@.*")
+    # an entry's staging folder, or an entry, or a partial folder (``.NAME-KEY.partial``) being removed
+    pattern = re.compile(rf"\.((?:\.)?{re.escape(name)}-[0-9a-f]{{16}}(?:{re.escape(PARTIAL_SUFFIX)})?)-\d+@.*")
     targets = {m[1] for m in map(pattern.fullmatch, (p.name for p in cache_dir.iterdir())) if m}
     for target in sorted(targets):
         clear_stale(cache_dir / target)
+
+
+def _partials(cache_dir: Path, name: str) -> list[Path]:
+    """Set ``name``'s partial folders in ``cache_dir`` (``.<name>-<16 hex>.partial``, real folders: not links)."""
+    pattern = re.compile(rf"\.{re.escape(name)}-[0-9a-f]{{16}}{re.escape(PARTIAL_SUFFIX)}")
+    return [p for p in cache_dir.iterdir()
+            if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+
+
+def _entry_of(partial: Path) -> Path:
+    """The cache entry a partial folder's crops are for (``.NAME.partial`` -> ``NAME``)."""
+    return partial.with_name(partial.name[1:-len(PARTIAL_SUFFIX)])
+
+
+def _partial_last_used(partial: Path) -> float:
+    """When a crop last wrote into ``partial``: the latest mtime of the folder, what is in it, and its records
+    files (appended to after each photo). Raises OSError where the folder cannot be read (removed meanwhile)."""
+    latest = partial.stat().st_mtime
+    for folder in (partial, partial / RECORDS):
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    try:
+                        latest = max(latest, entry.stat(follow_symlinks=False).st_mtime)
+                    except OSError:
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            if folder == partial:
+                raise
+    return latest
 
 
 _IN_USE, _GONE = "in use", "gone"  # what _remove_entry returns for an entry it left, and one removed meanwhile
 
 
 def _remove_entry(entry: Path) -> int | str:
-    """Removes one cache entry, unless another process holds its lock or used it in the last :data:`IN_USE_S`
+    """Removes one cache entry (or partial folder: under its entry's lock, its age its last write), unless another
+    process holds its lock or used it in the last :data:`IN_USE_S`
     seconds (:data:`_IN_USE`). Returns the bytes freed (those that could not be deleted are warned about, not
     counted), or :data:`_GONE` for an entry removed meanwhile (by hand, or by another run).
 
@@ -266,7 +337,11 @@ def _remove_entry(entry: Path) -> int | str:
     and one killed during the slow deletion leaves a folder :func:`_clear_stale_staging` removes later),
     then deleted. Raises OSError where it cannot be renamed (another account's entry).
     """
-    lock = lock_file(entry)  # faceage.atomic.locked's lock file for the entry
+    # A partial folder (.NAME.partial) is guarded by its entry's lock: a run crops into it holding that lock.
+    partial = entry.name.startswith(".") and entry.name.endswith(PARTIAL_SUFFIX)
+    owner = _entry_of(entry) if partial else entry
+    last_used = _partial_last_used if partial else _last_used
+    lock = lock_file(owner)  # faceage.atomic.locked's lock file for the entry
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no lock, the time since its last use alone protects it
@@ -281,21 +356,21 @@ def _remove_entry(entry: Path) -> int | str:
             if not same_file(fd, lock):  # another run's removal deleted it meanwhile; a new one is another's now
                 return _IN_USE if entry.exists() else _GONE
         try:  # looked at again under the lock: a hit since the listing stamped it (and held the lock to)
-            if time.time() - _last_used(entry) < IN_USE_S:
+            if time.time() - last_used(entry) < IN_USE_S:
                 return _IN_USE
             size = _disk_bytes(entry)
             aside = scratch_name(entry, "evicted")
             os.replace(entry, aside)
         except FileNotFoundError:
             if not entry.exists():
-                if fd is not None:
+                if fd is not None and not (partial and owner.exists()):
                     lock.unlink(missing_ok=True)
                 return _GONE
             raise
         # The lock file goes with its entry (one per entry ever made, else), deleted while it is locked: a run that
         # opened it and waits on it sees, once it gets it, that it is no longer the file at the path, and locks the
         # one there (faceage.atomic.locked), which a run arriving later locks too: one of them makes the entry again.
-        if fd is not None:
+        if fd is not None and not (partial and owner.exists()):  # a partial's entry keeps its lock file
             lock.unlink(missing_ok=True)
     finally:
         if fd is not None:

@@ -22,12 +22,15 @@ deletes a stage's outputs before it runs it), each photo's chips and manifest ro
 its crop is written. A run stopped half-way (Ctrl-C, a killed machine, a full disk) leaves that folder; the next
 run of the same job (``job.json``: the same photos, crop settings and code) reuses every photo whose record is
 whole and whose crop and source photo are as the record says, and crops the rest. The folder goes once the output
-is placed; another job removes it and starts over.
+is placed; another job removes it and starts over. :mod:`faceage.external` crops an external set the same way
+(:func:`resumable_output`), its partial folder beside its cache entry. Only a folder is taken as that partial folder:
+a file or a link at its path is the user's, and stops the run with one line naming it (:func:`_make_partial`).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -203,7 +206,9 @@ def _append_record(f, row: dict, stats: list, crop_dir: Path) -> None:
 def _read_records(folder: Path) -> Iterator[dict]:
     """Every whole record in the records files under ``folder``: ``{"row", "stats", "crop_sha256"}``, the row
     with its chips. A file's records end at the first one cut short or garbled."""
-    for path in sorted(folder.glob("*.rec")) if folder.is_dir() else ():
+    for path in sorted(folder.glob("*.rec")) if folder.is_dir() and not folder.is_symlink() else ():
+        if not path.is_file():
+            continue
         with open(path, "rb") as f:
             while len(header := f.read(_RECORD.size)) == _RECORD.size:
                 magic, n_meta, n_chips = _RECORD.unpack(header)
@@ -288,20 +293,13 @@ def preprocess_dataset(
     manifest = read_manifest(detector_dir, verify=True)
     partial = partial_dir(out_dir)
     staged: list[Path] = []
+    inputs = {"data_source": dataset["source"], "data_sha256": dataset["sha256"]}
     try:
-        with _holding(partial, out_dir):  # removed under the lock: a run waiting for it must not take it up meanwhile
-            with staged_dir(out_dir) as tmp:
-                staged.append(tmp)
-                rows, settings = _crop_samples(splits, data_dir, detector_dir, tmp, params, manifest,
-                                               partial=partial, inputs={"data_source": dataset["source"],
-                                                                        "data_sha256": dataset["sha256"]})
-                settings = {**settings, "data_source": dataset["source"], "data_sha256": dataset["sha256"]}
-                (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
-                # Last, so that nothing after it can fail for want of room: the crops move in (renames, no copy).
-                for split in splits:
-                    os.replace(partial / split, tmp / split)
-                # (killed from here until the folder is gone: the next run finds the crops gone, and redoes them)
-            shutil.rmtree(partial, ignore_errors=True)
+        with resumable_output(out_dir, splits) as (tmp, partial):
+            staged.append(tmp)
+            rows, settings = _crop_samples(splits, data_dir, detector_dir, tmp, params, manifest, partial=partial,
+                                           inputs=inputs)
+            (tmp / SETTINGS).write_text(json.dumps({**settings, **inputs}, indent=2) + "\n")
     except OSError as e:
         if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
             raise
@@ -313,6 +311,34 @@ def preprocess_dataset(
              metrics["total"]["release_crop"] + metrics["total"]["whole_image"], skipped,
              metrics["total"]["no_face"], metrics["total"]["unreadable"])
     return metrics
+
+
+@contextmanager
+def resumable_output(out_dir: Path, splits) -> Iterator[tuple[Path, Path]]:
+    """Yields ``(tmp, partial)``: a staging folder that replaces ``out_dir`` whole when the block ends
+    (:func:`faceage.atomic.staged_dir`), and :func:`partial_dir`, held (:func:`_holding`), for the block to crop
+    into with :func:`crop_samples` (``partial=``), which goes on from the work an interrupted run of the same job
+    left there (module docstring). When the block ends, each split's crops move from ``partial`` into ``tmp``
+    (renames), ``tmp`` is placed, and ``partial`` goes; when it raises, ``partial`` keeps the work done so far.
+    ``preprocess``'s output and an external set's cache entry (:mod:`faceage.external`) alike.
+
+    Args:
+        out_dir: The folder to write.
+        splits: The split names the block crops (their folders are moved in).
+
+    Raises:
+        faceage.atomic.WriteError: Something other than a folder of this user's stands at :func:`partial_dir`
+            (a file, a link, another user's folder), or it cannot be made (:func:`_make_partial`).
+    """
+    partial = partial_dir(out_dir)
+    with _holding(partial, out_dir):  # removed under the lock: a run waiting for it must not take it up meanwhile
+        with staged_dir(out_dir) as tmp:
+            yield tmp, partial
+            # Last, so that nothing after it can fail for want of room: the crops move in (renames, no copy).
+            for split in splits:
+                os.replace(partial / split, tmp / split)
+            # (killed from here until the folder is gone: the next run finds the crops gone, and redoes them)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _no_space_error(e: OSError, data_dir: Path, out_dir: Path, staged: list[Path]) -> WriteError:
@@ -346,12 +372,19 @@ def _holding(folder: Path, out_dir: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        folder.mkdir(parents=True, exist_ok=True)
+        _make_partial(folder, out_dir)
         yield
         return
     while True:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        _make_partial(folder, out_dir)
+        try:
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:  # removed meanwhile (the run before finished): made anew
+            continue
+        except OSError as e:  # made a file or a link meanwhile: said as it is now
+            _make_partial(folder, out_dir)
+            raise _partial_error(folder, out_dir, f"cannot be opened ({errno_text(e)})",
+                                 "remove it and rerun") from e
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -370,6 +403,53 @@ def _holding(folder: Path, out_dir: Path) -> Iterator[None]:
                 return
         finally:
             os.close(fd)
+
+
+def _partial_error(folder: Path, out_dir: Path, problem: str, remedy: str) -> WriteError:
+    return WriteError(f"{folder} {problem}: the crops of an unfinished run of {out_dir} are kept in a folder of that "
+                      f"name (to resume it); {remedy}")
+
+
+def _make_partial(folder: Path, out_dir: Path) -> None:
+    """Makes the partial folder ``folder`` (and the folders above it) where it is not there.
+
+    Only a folder is taken as preprocess's own: it never makes a file or a link at that path, so one there is the
+    user's, named in one line and left as it is (a file was a ``FileExistsError`` traceback; a link to a folder
+    would have had its files removed by a run of another job, and its crops renamed across file systems).
+
+    Raises:
+        faceage.atomic.WriteError: A file or a link stands there, the folder cannot be made (a folder above it
+            this user cannot write), or it is a folder this user cannot write (another user's, one left by
+            ``sudo dvc repro``).
+    """
+    if folder.is_symlink():
+        try:
+            target = os.readlink(folder)
+        except OSError:  # pragma: no cover - removed meanwhile
+            target = "?"
+        state = "" if folder.exists() else ", which does not exist"
+        raise _partial_error(folder, out_dir, f"is a symbolic link (to {target}{state})",
+                             "remove the link (what it points to is not touched) and rerun")
+    if folder.exists() and not folder.is_dir():
+        kind = "a file" if folder.is_file() else "not a folder"
+        raise _partial_error(folder, out_dir, f"is {kind}", "move it away (or delete it) and rerun")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if isinstance(e, FileExistsError) and (folder.exists() or folder.is_symlink()):
+            return _make_partial(folder, out_dir)  # a file made there meanwhile: said as it is now
+        # (a FileExistsError for a file standing where a folder above it goes)
+        remedy = (f"make {folder.parent} writable for this user" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                  else "check the folders above it (one is a file, or missing)")
+        raise _partial_error(folder, out_dir, f"cannot be created ({errno_text(e)})",
+                             f"{remedy}, or write the output elsewhere") from e
+    if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        try:
+            owner = f" (owned by uid {folder.stat().st_uid}; this user is uid {os.geteuid()})"
+        except (OSError, AttributeError):  # pragma: no cover - Windows has no uid
+            owner = ""
+        raise _partial_error(folder, out_dir, f"is a folder this user cannot write{owner}",
+                             "remove it (as its owner, e.g. with sudo) and rerun, or rerun as its owner")
 
 
 def code_fingerprint() -> str:
@@ -433,12 +513,13 @@ def _resume(partial: Path, job: dict, tasks: list[_Task], splits) -> dict[int, d
         done[i] = row
     keep = {row["crop"] for row in done.values() if row["crop"]}
     for entry in list(partial.iterdir()):
-        if entry.name in splits and entry.is_dir():
+        folder = entry.is_dir() and not entry.is_symlink()  # a link is removed, never followed
+        if entry.name in splits and folder:
             for crop in entry.iterdir():
                 if f"{entry.name}/{crop.name}" not in keep:
-                    crop.unlink()
-        elif entry.name not in (JOB, RECORDS):  # a killed run's in-flight notes
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                    shutil.rmtree(crop) if crop.is_dir() and not crop.is_symlink() else crop.unlink()
+        elif entry.name != JOB and not (entry.name == RECORDS and folder):  # a killed run's in-flight notes
+            shutil.rmtree(entry) if folder else entry.unlink()
     log.info("resuming preprocess from %s: reusing %d of %d photos done before, %d to go", partial, len(done),
              len(tasks), len(tasks) - len(done))
     return done
@@ -446,7 +527,7 @@ def _resume(partial: Path, job: dict, tasks: list[_Task], splits) -> dict[int, d
 
 def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
                  params: PreprocessParams, workers_key: str = "preprocess.workers", *,
-                 manifest: dict | None = None) -> list[dict]:
+                 manifest: dict | None = None, partial: Path | None = None, inputs: dict | None = None) -> list[dict]:
     """Detects and crops every listed image into ``out_dir/<split>/`` and writes ``manifest.csv`` and ``chips.npz``.
 
     The one detect + crop + ``no_face`` policy of the pipeline: ``preprocess`` runs it on the
@@ -461,6 +542,11 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
         workers_key: The setting a worker-died error tells the user to lower.
         manifest: The detector folder's manifest as the caller read (and verified) it, so that ``chips.npz``
             records the sha256 of that read; ``None``: read here.
+        partial: :func:`resumable_output`'s partial folder: the crops go there (it moves them in), with a record
+            of each photo done, and the photos it already holds done for this job are reused; ``None``: the crops
+            go into ``out_dir``, nothing is kept.
+        inputs: What identifies the photos beyond their list (the data set's source and fingerprint): part of the
+            job, so only a run on the same photos resumes.
 
     Returns:
         The manifest rows (one per image, with its ``status``).
@@ -470,7 +556,8 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
             crops read (checked before any work: the crop settings and ``chips.npz`` record those sha256).
     """
     return _crop_samples(splits, data_dir, detector_dir, out_dir, params,
-                         read_manifest(detector_dir) if manifest is None else manifest, workers_key)[0]
+                         read_manifest(detector_dir) if manifest is None else manifest, workers_key,
+                         partial=partial, inputs=inputs)[0]
 
 
 def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
