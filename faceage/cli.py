@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, features
 
 from faceage.errors import FaceAgeError, error_line
-from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLarge, load_image
 from faceage.logs import die_of_signal, setup_logging
 from faceage.predict import (CHECKPOINT_FILE, DEFAULT_MAX_DETECT_PIXELS, DETECTOR_DIR, AgePredictor, FaceAge,
                              PredictorError)
@@ -257,10 +257,12 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
                 try:
                     if isinstance(path, UnlistedFolder) and path.error is not None:
                         raise path.error  # the scan's own error: not the "Is a directory" of opening it
+                    if str(path) == STDIN and (unusable := _stdin_problem()) is not None:
+                        raise ImageDecodeError(unusable)
                     image = load_image("/dev/stdin" if str(path) == STDIN else path,
                                        max_pixels=predictor.locator.max_pixels)
                 except (ImageDecodeError, OSError) as e:
-                    result.error = _read_error(path, e)
+                    result.error = _read_error(path, e, predictor.locator.max_pixels)
                     log.warning("skipped %s: %s", path, result.error)
                 else:
                     result.height, result.width = image.shape[:2]
@@ -304,17 +306,40 @@ def _remove_copies(results: Sequence[PhotoResult]) -> None:
         result.annotated = None
 
 
-def _read_error(path: Path, error: Exception) -> str:
+def _stdin_problem() -> str | None:
+    """Why standard input cannot give the photo that ``-`` names, or None. A terminal was read as the photo: the
+    command sat silent until Ctrl-D ("empty image"); a closed one was "no such file or folder: -"."""
+    how = f"`curl -s URL | faceage predict {STDIN}`, or `faceage predict {STDIN} < photo.jpg`"
+    try:
+        os.fstat(0)
+    except OSError:
+        return f"standard input is closed: pipe a photo in ({how})"
+    if os.isatty(0):
+        return f"standard input is a terminal, not a photo: pipe one in ({how})"
+    return None
+
+
+def _read_error(path: Path, error: Exception, max_pixels: int | None = None) -> str:
     """The row's message for a photo that could not be read: a missing path, or a symbolic link
     whose target is gone, in words rather than as the ``[Errno 2]`` of opening it; for a folder a
     scan could not list (:class:`UnlistedFolder`), the error the scan met (rather than the ``Is a
-    directory`` of opening it as a photo)."""
+    directory`` of opening it as a photo); for a photo over ``max_pixels`` (``--max-pixels``), the
+    value of the option that reads it (``load_image``'s words name no setting: the service adds its own)."""
+    if isinstance(error, ImageTooLarge) and max_pixels is not None and error.limit == max_pixels:
+        if error.pixels is not None:
+            return f"{error}: pass --max-pixels {error.pixels} to read it"
+        if not isinstance(error.__cause__, Image.DecompressionBombError):  # past Pillow's own cap, no value reads it
+            return f"{error}: raise --max-pixels to read it"
     if isinstance(path, UnlistedFolder) and path.error is not None:
         return f"cannot read the folder {path}: {path.error.strerror or path.error}"
     # Not for EACCES: os.path.exists is False for a path this user may not reach, which was then "no such file".
     if isinstance(error, OSError) and not isinstance(error, PermissionError) and not os.path.exists(path):
         if os.path.islink(path):
             return f"broken symbolic link: {path} -> {os.readlink(path)}"
+        # `faceage predict "photos/*.JPG"`: quoted, or it matched no file. Not "[": real names hold brackets.
+        if any(c in str(path) for c in "*?"):
+            return (f"no such file or folder: {path} (a pattern the shell passed as typed: it was quoted, or matches "
+                    "no file; leave it unquoted, and mind the case of the suffix)")
         return f"no such file or folder: {path}"
     return str(error)
 
@@ -440,11 +465,20 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+# `faceage predict --help`'s last paragraph: where a new user looks first (the README says the same).
+PREDICT_EXIT_STATUS = (
+    "exit status: 0 when every photo was read (photos without a face included; a reader that leaves, `| head`, is "
+    "no error); 1 when a photo could not be read (its row says why; the others are still reported), an annotated "
+    "copy could not be written, the results could not be printed, or nothing could run (no model, no photo); 2 "
+    "for a usage error; 130 (SIGINT) after Ctrl-C, the photos done printed.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faceage", description="FaceAge: face-age estimation.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("predict", help="estimate the age of every face in photos",
-                            description="Estimate the age of every face in photos (files or folders).")
+                            description="Estimate the age of every face in photos (files or folders).",
+                            epilog=PREDICT_EXIT_STATUS)
     p.add_argument("paths", nargs="+", metavar="PATH", help=f"image files or folders ({STDIN}: the photo on standard input)")
     p.add_argument("--recursive", action="store_true", help="also read images in subfolders")
     fmt = p.add_mutually_exclusive_group()
@@ -506,6 +540,9 @@ def load_predictor(args: argparse.Namespace) -> AgePredictor:
     if not args.model.is_file():
         raise FaceAgeError(f"checkpoint {args.model} not found: run `dvc repro`, or pass --model PATH "
                            "(a checkpoint, or a packaged model folder) or --bento face_age:latest")
+    if args.detector is not None and not args.detector.is_dir():  # a typo read as "detector file .../x.svm not found"
+        raise FaceAgeError(f"--detector {args.detector} is not a folder: pass the detector folder the model was "
+                           f"trained with (the fetch_detector output, {DEFAULT_DETECTOR})")
     detector = args.detector or default_detector(args.model)
     try:
         return AgePredictor(args.model, detector, **options)
@@ -603,6 +640,10 @@ def _robust_stdout() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): was a traceback once every photo was done
+        log.error("stdout is closed: the results would have nowhere to go; redirect it instead (> results.txt, or "
+                  "> /dev/null to keep only --annotate's copies)")
+        return 1
     _robust_stdout()
     results: list[PhotoResult] = []
     paths: list[Path] = []
