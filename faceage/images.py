@@ -546,31 +546,29 @@ def _hdr_primaries(primaries: int):
     return _NCLX_PRIMARIES[primaries]
 
 
-def _tone_map(codes: np.ndarray, bits: int, narrow: bool, primaries: int, transfer: int) -> np.ndarray:
-    """HDR RGB codes (H, W, 3; ``bits`` 8 or 16, narrow or full range) of PQ (16) or HLG (18) as SDR sRGB, uint8:
-    decoded to light by a table of every code, then as :data:`_REFERENCE_WHITE_NITS` says. float32, one plane at
-    a time (numpy's (N, 3) @ (3, 3) and reductions over a last axis of 3 are several times slower)."""
-    xy = _hdr_primaries(primaries)
+def _tone_table(bits: int, narrow: bool, transfer: int) -> np.ndarray:
+    """The light (float32) of every code of ``bits`` (8 or 16, narrow or full range) of PQ (16) or HLG (18), as
+    :func:`_tone_map` reads it: relative to the reference white for PQ, HLG's scene light."""
     signal = _code_signal(bits, narrow)
     if transfer == 16:
-        table = (_pq_nits(signal) / _REFERENCE_WHITE_NITS).astype(np.float32)
-    else:
-        table = _hlg_scene(signal).astype(np.float32)
-    out = np.empty(codes.shape[:2] + (3,), np.uint8)
-    rows = max(1, _TONE_MAP_BLOCK_PIXELS // max(1, codes.shape[1]))
-    for top in range(0, codes.shape[0], rows):
-        out[top:top + rows] = _tone_map_rows(codes[top:top + rows], table, xy, transfer)
-    return out
+        return (_pq_nits(signal) / _REFERENCE_WHITE_NITS).astype(np.float32)
+    return _hlg_scene(signal).astype(np.float32)
 
 
-# Pixels tone mapped at a time: a float32 plane of them (1 MB) stays in the CPU's cache through the dozen numpy
-# operations on it; whole 20 MP planes went to memory and back each time (twice as slow).
-_TONE_MAP_BLOCK_PIXELS = 1 << 18
+# Pixels decoded at a time (:func:`_decode_signal`): a float32 plane of them (1 MB) stays in the CPU's cache through
+# the dozen numpy operations of :func:`_tone_map` (whole 20 MP planes went to memory and back each time: twice as
+# slow), and no full-size temporary is made (a 16-bit photo's codes looked up whole took 24 bytes a pixel: numpy
+# indexes by int64).
+_DECODE_BLOCK_PIXELS = 1 << 18
 
 
-def _tone_map_rows(codes: np.ndarray, table: np.ndarray, xy, transfer: int) -> np.ndarray:
-    """:func:`_tone_map` of a block of rows, ``table`` the light of each code."""
-    planes = [table.take(codes[..., i]) for i in range(3)]
+def _tone_map(codes: np.ndarray, table: np.ndarray, xy, transfer: int) -> np.ndarray:
+    """HDR codes (h, W, 3, or 1 for grey) of PQ (16) or HLG (18) as SDR sRGB (h, W, 3), uint8: decoded to light by
+    ``table`` (:func:`_tone_table`), ``xy`` the image's primaries (:func:`_hdr_primaries`), then as
+    :data:`_REFERENCE_WHITE_NITS` says. float32, one plane at a time (numpy's (N, 3) @ (3, 3) and reductions over
+    a last axis of 3 are several times slower); a block of rows at a time (:data:`_DECODE_BLOCK_PIXELS`)."""
+    last = codes.shape[2] - 1
+    planes = [table.take(codes[..., min(i, last)]) for i in range(3)]
     if transfer == 18:  # BT.2100's OOTF: Fd = Lw Ys^(gamma - 1) E, Ys the scene luminance in the image's primaries
         luma = _xyz_matrix(xy)[1]
         gain = _weighted(planes, luma)
@@ -885,14 +883,14 @@ def _sixteen_bit_rgb(img: Image.Image) -> str | None:
     return tile.args if tile is not None and tile.args in ("RGB;16B", "RGBA;16B") else None
 
 
-def _low_bytes(stream: BinaryIO, rawmode: str) -> np.ndarray:
-    """The low bytes of a 16-bit RGB or RGBA PNG's samples (``rawmode`` its tile's, :func:`_sixteen_bit_rgb`),
-    decoding ``stream`` again as little-endian: what Pillow's 8-bit decoding of it drops."""
+def _low_bytes(stream: BinaryIO, rawmode: str) -> Image.Image:
+    """The low bytes of a 16-bit RGB or RGBA PNG's samples (``rawmode`` its tile's, :func:`_sixteen_bit_rgb`), as an
+    RGB or RGBA image, decoding ``stream`` again as little-endian: what Pillow's 8-bit decoding of it drops."""
     stream.seek(0)
     with Image.open(stream, formats=["PNG"]) as again:
         again.tile = [again.tile[0]._replace(args=rawmode.replace("16B", "16L"))]
         again.load()
-        return np.asarray(again)
+        return again
 
 
 def _signal_coding(img: Image.Image) -> tuple[int, int, bool] | None:
@@ -916,45 +914,65 @@ def _decode_signal(img: Image.Image, stream: BinaryIO, wide: str | None,
     """``img`` (decoded, not yet upright) with its values decoded as ``coding`` (:func:`_signal_coding`) says: narrow
     range expanded to full (then converted as its primaries and transfer say, like any other), HDR tone mapped to
     sRGB (:func:`_tone_map`); alpha kept. From all 16 bits of a 16-bit PNG (``wide``, :func:`_sixteen_bit_rgb`).
-    Raises ValueError for primaries that are not converted."""
+    A new image, ``img`` left as it was; a block of rows at a time (:data:`_DECODE_BLOCK_PIXELS`), into the low
+    bytes' image where there is one: no full-size temporary. Raises ValueError for primaries that are not
+    converted, before any work."""
     primaries, transfer, narrow = coding
     hdr = transfer in _NCLX_HDR_TRANSFERS
-    if hdr:
-        _hdr_primaries(primaries)  # before any work
+    xy = _hdr_primaries(primaries) if hdr else None
     transparent = img.info.get("transparency")
-    alpha = None
-    if wide is not None and img.mode in ("RGB", "RGBA"):
-        high = np.asarray(img)
-        codes = high[..., :3].astype(np.uint16) << 8
-        codes |= _low_bytes(stream, wide)[..., :3]
-        alpha, bits = (high[..., 3] if img.mode == "RGBA" else None), 16
-    elif img.mode in _SIXTEEN_BIT:
-        grey = np.asarray(img)
-        codes, bits = np.clip(grey, 0, 65535).astype(np.uint16)[..., None], 16
-        if isinstance(transparent, int):
-            alpha = np.where(grey == transparent, 0, 255).astype(np.uint8)
-    else:
-        grey_modes = ("L", "LA", "La")
-        keyed = transparent is not None or img.mode in ("PA", "LA", "La", "RGBA", "RGBa")
-        mode = ("LA" if keyed else "L") if img.mode in grey_modes or img.mode == "1" else ("RGBA" if keyed else "RGB")
-        arr = np.asarray(img if img.mode == mode else img.convert(mode))
-        codes, bits = (arr[..., :-1], 8) if keyed else (arr.reshape(*arr.shape[:2], -1), 8)
-        alpha = arr[..., -1] if keyed else None
-    if hdr:
-        if codes.shape[2] == 1:
-            codes = np.repeat(codes, 3, axis=2)
-        colour = _tone_map(codes, bits, narrow, primaries, transfer)
-    elif bits == 8 and img.mode in ("L", "RGB") and alpha is None:  # Pillow's own table lookup: in C, 10x faster
+    if not hdr and wide is None and img.mode in ("L", "RGB") and transparent is None:
+        # Pillow's own table lookup: in C, 10x faster
         decoded = img.point(list(np.rint(_code_signal(8, True) * 255).astype(int)) * len(img.getbands()))
         decoded.info = dict(img.info)
         decoded.info["cicp"] = (primaries, transfer, 0, 1)
         return decoded
+    width = img.width
+    if wide is not None and img.mode in ("RGB", "RGBA"):
+        bits, channels, keyed = 16, 3, img.mode == "RGBA"  # RGBA: its own alpha, or a tRNS colour's (:func:`_key_out`)
+        decoded = _low_bytes(stream, wide)  # its blocks are overwritten by the decoded ones, once read
+
+        def block(box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+            high = np.asarray(img.crop(box))
+            codes = high[..., :3].astype(np.uint16)
+            codes <<= 8
+            codes |= np.asarray(decoded.crop(box))[..., :3]
+            return codes, (high[..., 3] if keyed else None)
+    elif img.mode in _SIXTEEN_BIT:
+        bits, channels, keyed = 16, 1, isinstance(transparent, int)
+        decoded = None
+
+        def block(box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+            grey = np.asarray(img.crop(box))
+            codes = np.clip(grey, 0, 65535).astype(np.uint16)[..., None]
+            return codes, (np.where(grey == transparent, 0, 255).astype(np.uint8) if keyed else None)
     else:
-        colour = np.rint(_code_signal(bits, narrow) * 255).astype(np.uint8).take(codes)
-    if alpha is not None:
-        colour = np.concatenate([colour, alpha[..., None]], axis=2)
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[colour.shape[2]]
-    decoded = Image.fromarray(np.ascontiguousarray(colour[..., 0] if mode == "L" else colour), mode)
+        grey = img.mode in ("L", "LA", "La", "1")
+        keyed = transparent is not None or img.mode in ("PA", "LA", "La", "RGBA", "RGBa")
+        bits, channels, decoded = 8, 1 if grey else 3, None
+        mode = ("LA" if keyed else "L") if grey else ("RGBA" if keyed else "RGB")
+        source = img if img.mode == mode else img.convert(mode)
+
+        def block(box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+            arr = np.asarray(source.crop(box))
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            return (arr[..., :-1], arr[..., -1]) if keyed else (arr, None)
+    colours = 3 if hdr else channels
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[colours + keyed]
+    if decoded is None:
+        decoded = Image.new(mode, img.size)
+    elif decoded.mode != mode:  # a 16-bit RGB PNG with a tRNS colour: RGBA now
+        decoded = decoded.convert(mode)
+    table = _tone_table(bits, narrow, transfer) if hdr else np.rint(_code_signal(bits, narrow) * 255).astype(np.uint8)
+    rows = max(1, _DECODE_BLOCK_PIXELS // max(1, width))
+    for top in range(0, img.height, rows):
+        box = (0, top, width, min(top + rows, img.height))
+        codes, alpha = block(box)
+        colour = _tone_map(codes, table, xy, transfer) if hdr else table.take(codes)
+        if alpha is not None:
+            colour = np.concatenate([colour, alpha[..., None]], axis=2)
+        decoded.paste(Image.fromarray(colour[..., 0] if mode == "L" else colour), box[:2])
     decoded.info = {key: value for key, value in img.info.items() if key != "transparency"}
     if hdr:  # sRGB now: nothing else in the file describes these values
         for key in ("icc_profile", "nclx_profile", "gamma", "chromaticity"):
@@ -1119,7 +1137,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                     _key_out(img, key, stream)
                 if (coding := _signal_coding(img)) is not None:
                     try:
-                        img = _decode_signal(img, stream, wide, coding)
+                        decoded = _decode_signal(img, stream, wide, coding)
                     except MemoryError:
                         raise
                     except Exception as e:  # the tag is at fault: its raw values, as for a profile not used
@@ -1127,6 +1145,11 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                         _ignored_profile(name, e, what, img.mode)
                         img.info.pop("cicp", None)
                         img.info.pop("nclx_profile", None)
+                    else:
+                        # The raw pixels' memory goes now, not when the `with` ends (the base class's close(): the
+                        # pixels alone, the stream left open): a full-size copy less while the result is made.
+                        Image.Image.close(img)
+                        img = decoded
                 # Read from the image as decoded (a transpose keeps no promise about info); the colours
                 # are converted after the transpose, whichever way it goes (a per-pixel map: the same pixels).
                 transform, source = _srgb_transform(img, name)
