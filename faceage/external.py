@@ -247,8 +247,12 @@ def prune_cache(cache_dir: Path, name: str, keep: Path | None = None) -> list[Pa
             except OSError:  # removed meanwhile (its run finished)
                 continue
         leftover = [p for p in partials if _is_entry(_entry_of(p))]
-        used = {e: _last_used(e) for e in entries}
-        used.update({p: t for p, t in partials.items() if p not in leftover})
+        used = {p: t for p, t in partials.items() if p not in leftover}
+        for entry in entries:
+            try:
+                used[entry] = _last_used(entry)
+            except OSError:  # removed since it was listed (another run's prune: dvc queue start -j 2)
+                continue
     except Exception as e:  # noqa: BLE001 - the run has its crops; housekeeping must not fail it
         log.warning("external set %s: could not look for old crop-cache entries in %s: %s", name, cache_dir, e)
         return []

@@ -351,9 +351,11 @@ def _no_space_error(e: OSError, data_dir: Path, out_dir: Path, staged: list[Path
     free = free_bytes(out_dir.parent)
     free = (f"{megabytes(free)} is free in {out_dir.parent}" if free is not None
             else f"the free space in {out_dir.parent} could not be read")
+    # (no partial folder: the disk was full before the first crop, when it was to be made)
+    kept = (f"; the crops done so far are kept in {partial_dir(out_dir)}, and the rerun goes on from them"
+            if partial_dir(out_dir).is_dir() else "")
     return WriteError(f"writing the crops of {data_dir} into {out_dir} failed: {why}; {free}: free some space there "
-                      f"and rerun ({out_dir} was left as it was; the crops done so far are kept in "
-                      f"{partial_dir(out_dir)}, and the rerun goes on from them)")
+                      f"and rerun ({out_dir} was left as it was{kept})")
 
 
 def partial_dir(out_dir: str | Path) -> Path:
@@ -421,6 +423,8 @@ def _make_partial(folder: Path, out_dir: Path) -> None:
         faceage.atomic.WriteError: A file or a link stands there, the folder cannot be made (a folder above it
             this user cannot write), or it is a folder this user cannot write (another user's, one left by
             ``sudo dvc repro``).
+        OSError: A full disk (or quota) (:data:`faceage.atomic.NO_SPACE`), raised as it is: the caller's full-disk
+            line gives the free space and says to free some.
     """
     if folder.is_symlink():
         try:
@@ -438,6 +442,8 @@ def _make_partial(folder: Path, out_dir: Path) -> None:
     except OSError as e:
         if isinstance(e, FileExistsError) and (folder.exists() or folder.is_symlink()):
             return _make_partial(folder, out_dir)  # a file made there meanwhile: said as it is now
+        if e.errno in NO_SPACE:  # a full disk (a new folder needs a block): the caller's full-disk line says it
+            raise
         # (a FileExistsError for a file standing where a folder above it goes)
         remedy = (f"make {folder.parent} writable for this user" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
                   else "check the folders above it (one is a file, or missing)")
