@@ -126,6 +126,13 @@ def _grey8(img: Image.Image) -> np.ndarray:
     return scaled.astype(np.uint8)
 
 
+def _row_blocks(img: Image.Image):
+    """(top, box) of each block of whole rows of ``img``, of about :data:`_DECODE_BLOCK_PIXELS` pixels, top down."""
+    rows = max(1, _DECODE_BLOCK_PIXELS // max(1, img.width))
+    for top in range(0, img.height, rows):
+        yield top, (0, top, img.width, min(top + rows, img.height))
+
+
 def _to_rgb(img: Image.Image, transform: ImageCms.ImageCmsTransform | None = None,
             lab_white: np.ndarray | None = None) -> np.ndarray:
     """``img`` as RGB uint8; ``transform`` (from :func:`_srgb_transform`, for ``img``'s colour space) turns
@@ -146,20 +153,33 @@ def _to_rgb(img: Image.Image, transform: ImageCms.ImageCmsTransform | None = Non
             rgb = np.repeat(grey[..., None], 3, axis=2)
         else:
             rgb = np.array(managed(Image.fromarray(grey, "L")))
-        # A 16-bit grey PNG's tRNS names one 16-bit value transparent: white, as for 8-bit ones.
+        # A 16-bit grey PNG's tRNS names one 16-bit value transparent: white, as for 8-bit ones. A block of rows
+        # at a time, through a mask: a boolean index of the whole image took int64 indices of its transparent
+        # pixels (8 bytes a pixel more) and a full-size copy of the 16-bit values.
         transparent = img.info.get("transparency")
         if isinstance(transparent, int) and img.mode != "F":
-            rgb[np.asarray(img) == transparent] = 255
+            for top, box in _row_blocks(img):
+                keyed = np.asarray(img.crop(box)) == transparent
+                np.copyto(rgb[top:box[3]], np.uint8(255), where=keyed[..., None])
         return rgb
     # A tRNS chunk makes one colour transparent in P, 1, L and RGB PNGs (optimisers write binary-alpha RGBA so).
     if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "1", "L", "RGB") and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        if transform is not None:  # a grey LA's values are its L, a palette's its RGB
-            colour = managed(img.convert("L") if transform.inputMode == "L" else rgba)
-            colour.putalpha(rgba.getchannel("A"))
-            rgba = colour
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+        # A block of rows at a time, into the result: on the whole image, the RGBA copy (convert() copies even an
+        # RGBA image), the white background, the composite and its RGB copy took ~22 bytes a pixel (0.9 GB for
+        # 40 MP, in each detection worker), 23 with a profile. Each step is per pixel: the same pixels.
+        rgb = np.empty((img.height, img.width, 3), np.uint8)
+        background = None
+        for top, box in _row_blocks(img):
+            part = img.crop(box)
+            rgba = part.convert("RGBA")
+            if transform is not None:  # a grey LA's values are its L, a palette's its RGB
+                colour = managed(part.convert("L") if transform.inputMode == "L" else rgba)
+                colour.putalpha(rgba.getchannel("A"))
+                rgba = colour
+            if background is None or background.size != rgba.size:  # the last block may be shorter
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgb[top:box[3]] = np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+        return rgb
     if transform is not None:
         if img.mode == "RGB" and transform.inputMode == "RGB":
             # In place: ``img`` is load_image's own decoded copy, and convert() would copy it first (on a
@@ -555,10 +575,10 @@ def _tone_table(bits: int, narrow: bool, transfer: int) -> np.ndarray:
     return _hlg_scene(signal).astype(np.float32)
 
 
-# Pixels decoded at a time (:func:`_decode_signal`): a float32 plane of them (1 MB) stays in the CPU's cache through
-# the dozen numpy operations of :func:`_tone_map` (whole 20 MP planes went to memory and back each time: twice as
-# slow), and no full-size temporary is made (a 16-bit photo's codes looked up whole took 24 bytes a pixel: numpy
-# indexes by int64).
+# Pixels decoded (:func:`_decode_signal`) or composited onto white (:func:`_to_rgb`) at a time: a float32 plane of
+# them (1 MB) stays in the CPU's cache through the dozen numpy operations of :func:`_tone_map` (whole 20 MP planes went
+# to memory and back each time: twice as slow), and no full-size temporary is made (a 16-bit photo's codes looked up
+# whole took 24 bytes a pixel: numpy indexes by int64).
 _DECODE_BLOCK_PIXELS = 1 << 18
 
 
