@@ -31,6 +31,9 @@ too many pixels, a query parameter that does not parse), 413 (body over the cap)
 multipart/form-data, or a part that is not an image), 422 (face index out of range, or an image that
 crashed its worker on its own), 503 (the detection workers cannot start, or died beside other
 photos: :class:`faceage.serving.DetectionUnavailable`; ``/readyz`` too while they cannot start);
+429 past ``MAX_CONCURRENCY`` requests in progress (BentoML's own ``{"error": "Too many requests"}``, with
+``Retry-After`` of :data:`faceage.http.BUSY_RETRY_AFTER_S`: :class:`faceage.http.RetryAfterMiddleware`; the UI's 429s
+give their own wait);
 500 for a failure no handler expects (the traceback goes to the log, not the client); in ``/predict_batch`` each
 photo's error is its own result (``status``: 400, 415, 422, 503 or 500), counted in ``faceage_batch_image_errors_total``;
 every error is ``{"error": message}`` (but BentoML's plain-text 404 for a path no route has). Ages
@@ -89,7 +92,7 @@ def served_model_tag(manifest: Path = Path(__file__).resolve().parent.parent / "
 
 
 MODEL_TAG = served_model_tag()
-MAX_CONCURRENCY = 64  # requests in progress at once (BentoML answers 429 past it)
+MAX_CONCURRENCY = 64  # requests in progress at once (BentoML answers 429 past it, Retry-After: CORSService)
 UI_MAX_CONCURRENCY = MAX_CONCURRENCY // 2  # of which /ui may hold at most this many
 # The routes read the raw body and parse it in memory (faceage.http explains why), so FastAPI
 # cannot infer their form; this one schema documents it in the generated OpenAPI.
@@ -103,11 +106,15 @@ BATCH_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data
 MODEL_HEADER = "X-FaceAge-Model"  # the answering model's tag on every route's answer, the PNG ones too
 _ERROR = {"content": {"application/json": {"schema": {
     "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}
+# A 429's or 503's wait, by which a client backs off.
+_RETRY_AFTER = {"headers": {"Retry-After": {"description": "seconds to wait before trying again",
+                                            "schema": {"type": "integer"}}}}
 # Every route's errors in the service's own shape (FastAPI documented its 422 ``{"detail"}``, which it never sends).
-ERRORS = {status: dict(_ERROR, description=why) for status, why in (
+ERRORS = {status: {**_ERROR, "description": why, **(_RETRY_AFTER if status in (429, 503) else {})} for status, why in (
     (400, "bad input: empty body, missing field, not an image, too many pixels, a parameter that does not parse"),
     (413, "body over FACEAGE_MAX_BODY_BYTES"), (415, "not multipart/form-data, or a part that is not an image"),
     (422, "face index out of range, or a photo that crashed its detection worker"),
+    (429, "too many requests in progress (traffic.max_concurrency): retry after Retry-After seconds"),
     (503, "detection workers unavailable (Retry-After)"), (500, "internal error (logged)"))}
 
 
@@ -236,7 +243,8 @@ def model_header(lineage: dict) -> dict[str, str]:
     traffic={"timeout": 120, "max_concurrency": MAX_CONCURRENCY},
     # FACEAGE_CORS_ORIGINS, read as this module is imported (bentoml serve, a container's start): BentoML's CORS
     # support for those origins on the API's routes (none: no CORS headers); /ui stays Gradio's. CORSService adds
-    # the headers to what BentoML answers outside its CORS middleware (429 past max_concurrency, 504 past timeout).
+    # the headers to what BentoML answers outside its CORS middleware (429 past max_concurrency, 504 past timeout),
+    # and, CORS on or off, Retry-After to that 429 (faceage.http.RetryAfterMiddleware).
     **cors_service_config(CORS_ORIGINS),
     service_class=CORSService,
 )
@@ -335,7 +343,8 @@ class FaceAgeService:
 
     @api.get("/model_card", response_class=MarkdownResponse, responses=ok_response(
         "the served model's card (Markdown)", "text/markdown", {},
-        errors={404: dict(_ERROR, description="the served model carries no model card"), 500: ERRORS[500]}))
+        errors={404: dict(_ERROR, description="the served model carries no model card"), 429: ERRORS[429],
+                500: ERRORS[500]}))
     async def model_card(self) -> Response:
         """The served model's card (Markdown): its test MAE, per-group errors, data and lineage."""
         if self.card is None:

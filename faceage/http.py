@@ -14,7 +14,8 @@ Cross-origin pages (a front end on another origin) may call the API only where `
 their origin (:func:`parse_cors_origins`; off by default): BentoML's own CORS support then answers preflights and
 adds ``Access-Control-Allow-Origin`` (:func:`cors_service_config`), the body cap adds it to its own answers, and
 :class:`CORSFallbackMiddleware`, outside all of BentoML's middlewares (:class:`CORSService`), to the rest: BentoML's
-429 (``traffic.max_concurrency``) and 504 (``traffic.timeout``).
+429 (``traffic.max_concurrency``) and 504 (``traffic.timeout``). That 429 also gets ``Retry-After``
+(:class:`RetryAfterMiddleware`, CORS on or off), as the service's own 429s and 503s have.
 """
 
 from __future__ import annotations
@@ -222,8 +223,8 @@ class CORSFallbackMiddleware:
     BentoML's CORS middleware (``http.cors``, :func:`cors_service_config`) sits inside its traffic middlewares, so
     their answers never passed through it: the 429 of ``traffic.max_concurrency`` and the 504 of ``traffic.timeout``
     (and Starlette's plain 500 for a middleware's error) carried no ``Access-Control-Allow-Origin``, and a page on an
-    allowed origin saw a busy server as a CORS failure, with no status to read (BentoML sends no ``Retry-After``
-    with either).
+    allowed origin saw a busy server as a CORS failure, with no status to read (nor the ``Retry-After`` that
+    :class:`RetryAfterMiddleware` adds to the 429).
     This one adds, to such an answer only, what BentoML's would have: the origin (``*`` for any), the exposed headers
     (:data:`CORS_EXPOSED_HEADERS`) and ``Origin`` in ``Vary``. An answer that has the header (every one that passed
     through BentoML's CORS middleware, the body cap's own) is left as it is, and so is every answer to another origin
@@ -259,19 +260,72 @@ class CORSFallbackMiddleware:
         await self.app(scope, receive, send_with_cors)
 
 
+# Retry-After of BentoML's 429 past traffic.max_concurrency (RetryAfterMiddleware). That 429 is answered at once, with
+# every slot taken by a request in progress; a slot frees as soon as any of them ends, and most end within a second
+# (one photo's analysis), so 1 s is the shortest whole wait that is not an immediate retry (0). urllib3's Retry
+# sleeps this instead of its own back-off, so a longer one would only keep a client idle while slots are free.
+BUSY_RETRY_AFTER_S = 1
+
+
+class RetryAfterMiddleware:
+    """ASGI middleware, outside BentoML's traffic middlewares: ``Retry-After`` on a 429 that has none.
+
+    BentoML's ``traffic.max_concurrency`` answers 429 ``{"error": "Too many requests"}`` without ``Retry-After``,
+    while the service's own 429s (the UI's share, its upload cache: :class:`faceage.ui.UIGateMiddleware`) and 503s
+    send one: a client that honours it (urllib3's ``Retry(respect_retry_after_header=True)``, many SDKs) retried
+    that 429 at once, or not at all. This one adds ``Retry-After: retry_after_s`` to such a 429 only; a 429 with its
+    own (any spelling) and every other answer pass byte for byte, bodies included.
+    """
+
+    def __init__(self, app, retry_after_s: int = BUSY_RETRY_AFTER_S):
+        self.app = app
+        self.retry_after = str(retry_after_s).encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_retry_after(message) -> None:
+            if message["type"] == "http.response.start" and message.get("status") == 429:
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"retry-after" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"retry-after", self.retry_after)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_retry_after)
+
+
+def with_retry_after(app, retry_after_s: int = BUSY_RETRY_AFTER_S):
+    """``app`` (BentoML's ASGI app) whose 429s carry ``Retry-After`` (:class:`RetryAfterMiddleware`).
+
+    BentoML's app is a Starlette app that has not started: the middleware goes first in its own list
+    (``add_middleware``), outside BentoML's traffic middlewares, so the app stays BentoML's (what ``to_asgi`` gave
+    before, with CORS off). Any other ASGI app is wrapped.
+    """
+    if callable(getattr(app, "add_middleware", None)) and getattr(app, "middleware_stack", True) is None:
+        app.add_middleware(RetryAfterMiddleware, retry_after_s=retry_after_s)
+        return app
+    return RetryAfterMiddleware(app, retry_after_s)
+
+
 class CORSService(bentoml.Service):
-    """A BentoML service whose ASGI app (:meth:`to_asgi`, what ``bentoml serve`` runs in each worker) sits inside a
-    :class:`CORSFallbackMiddleware` for the origins of its own ``http.cors`` config (:func:`cors_service_config`).
+    """A BentoML service whose ASGI app (:meth:`to_asgi`, what ``bentoml serve`` runs in each worker) completes the
+    answers BentoML sends from outside the service's own middlewares.
 
     ``@bentoml.service(service_class=CORSService, ...)``: the service's own middlewares (``add_asgi_middleware``) all
-    sit inside BentoML's traffic limits, too deep to see their answers. Without ``http.cors`` (CORS off) the app is
-    BentoML's, unchanged.
+    sit inside BentoML's traffic limits, too deep to see their answers. So, here:
+
+    - always, :func:`with_retry_after`: ``Retry-After`` on BentoML's 429 (``traffic.max_concurrency``); the app is
+      still BentoML's Starlette app, with one more middleware first in its list;
+    - with ``http.cors`` (:func:`cors_service_config`), that app sits inside a :class:`CORSFallbackMiddleware` for
+      its origins. Without it (CORS off) nothing else changes.
     """
 
     __slots__ = ()
 
     def to_asgi(self, is_main: bool = True):
-        app = super().to_asgi(is_main=is_main)
+        app = with_retry_after(super().to_asgi(is_main=is_main))
         cors = ((self.config or {}).get("http") or {}).get("cors") or {}
         if not cors.get("enabled") or not cors.get("access_control_allow_origins"):
             return app
