@@ -5,16 +5,18 @@ Input: a folder in the release layout with at least ``gt_avg_test.csv`` and ``te
 ``_face.jpg`` needed), a checkpoint's crop settings (``meta["crop"]``: detector, upsample,
 margin, size, ``no_face``, detector sha256) and the ``fetch_detector`` folder.
 Output: a faces folder laid out like ``preprocess``'s (``test/NAME.png``, ``manifest.csv``,
-``chips.npz``, ``preprocess.json``; plus ``embeddings.npz`` for ``dlib_face`` models), so
+``chips.npz``, ``preprocess.json``; plus ``embeddings.npz`` and ``descriptors.json`` for ``dlib_face`` models), so
 :func:`faceage.data.load_split` reads it exactly as it reads the test split.
 
 The crops are made by :func:`faceage.preprocess.crop_samples` (the pipeline's one detect + crop
 + ``no_face`` code) with preprocess's resume (:func:`faceage.preprocess.resumable_output`: a crop stopped
 half-way, by Ctrl-C or kill -9, keeps its work in ``<cache>/.<name>-<key>.partial/`` and the next run of the
-same job goes on from it) and cached under ``<cache>/<name>-<key>/``, where the key hashes the folder's bytes
-and the crop settings: a new detector, margin, size or fallback, or edited images, give a new key; the same
-settings reuse the crops (detection and crop of 1,743 faces took 21.6 s on 2 cores in round 22,
-``benchmarks/bench_external_crops.py``; the ``dlib_face`` descriptors take minutes).
+same job goes on from it) and cached under ``<cache>/<name>-<key>/``, where the key hashes the folder's bytes,
+the crop settings, the crop code and the photo list as read (each photo's file and labels): a new detector, margin,
+size or fallback, edited images, an edit of the crop code, or a change to how the CSV is read that changes the labels
+read, give a new key; the same settings reuse the crops (detection and crop of 1,743 faces took 21.6 s on 2 cores in
+round 22, ``benchmarks/bench_external_crops.py``). The ``dlib_face`` descriptors (minutes) are kept in the entry with
+a record of the code that computed them (:data:`DESCRIPTOR_CODE_MODULES`), and computed again after an edit of it.
 
 The cache is kept from growing without end: each use of an entry (made or reused) touches its stamp file
 :data:`LAST_USED`, and after a new entry is made only the :data:`KEEP_ENTRIES` most recently used entries of that
@@ -39,21 +41,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from faceage.appa_real import dataset_fingerprint, read_split
+from faceage.appa_real import LayoutError, dataset_fingerprint, read_split
 from faceage.atomic import (NO_SPACE, WriteError, clear_stale, errno_text, free_bytes, lock_file, locked, megabytes,
-                            same_file, scratch_name)
+                            same_file, scratch_name, write_text)
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
 from faceage.chips import CHIPS_FILE
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.preprocess import (PARTIAL_SUFFIX, RECORDS, SETTINGS, code_fingerprint, count_statuses, crop_samples,
-                                partial_dir, read_faces_manifest, resumable_output)
+                                partial_dir, photos_sha256, read_faces_manifest, resumable_output)
 from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError, external_name
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = "embeddings.npz"
+# The code that computes a set's dlib_face descriptors: faceage.face_encoder (the 5-point alignment and the network
+# call), faceage.chips (the loop that reads each crop, and the face box inside a crop), faceage.detector (the model
+# files' loading) and faceage.preprocess (which crops, and their margin, from the entry's manifest and settings; an
+# edit of it also gives a new crop entry). faceage.face_net is not among them: it is the torch copy of the network
+# inside dlib_age's fused head, which the descriptors never go through.
+DESCRIPTOR_CODE_MODULES = ("faceage.face_encoder", "faceage.chips", "faceage.detector", "faceage.preprocess")
+# Beside EMBEDDINGS in an entry: the fingerprint of the code that computed them (no "embeddings" in its name: that
+# is EMBEDDINGS and its staging file).
+DESCRIPTOR_RECORD = "descriptors.json"
 # 6: load_image converts a photo tagged with an ICC profile other than sRGB to sRGB (round 26);
 # 5: photos over faces.MAX_DETECT_PIXELS are detected downscaled, as the service detects them (round 24);
 # 4: the CNN's pixel cap and the whole-image fallback's size (round 22) change some crops; 3: chips.npz also
@@ -83,15 +94,30 @@ def crop_params(crop: dict[str, Any], workers: int = 0) -> PreprocessParams:
 
 
 def cache_key(folder: Path, crop: dict[str, Any], shape_predictor_sha256: str = "",
-              fingerprint: str | None = None) -> str:
+              fingerprint: str | None = None, *, photos: str | None = None) -> str:
     """16 hex digits over the folder's bytes (every file), the pixel-deciding crop settings, the
-    faces-folder format, the shape predictor that aligns the chips and the code that decodes, detects and
+    faces-folder format, the shape predictor that aligns the chips, the code that decodes, detects and
     crops (:func:`faceage.preprocess.code_fingerprint`, as a resumed preprocess checks it: crops cut before an edit
-    of how a photo decodes were reused after it). ``fingerprint``: the folder's :func:`dataset_fingerprint` when
-    the caller has it already."""
+    of how a photo decodes were reused after it) and the photo list as read (``photos``).
+
+    Args:
+        fingerprint: The folder's :func:`dataset_fingerprint` when the caller has it already.
+        photos: :func:`faceage.preprocess.photos_sha256` of the set's rows as :func:`read_split` reads them (each
+            photo's file, crop and labels; what a resumed crop's ``job.json`` checks): the entry's ``manifest.csv``
+            holds those labels, and the folder's bytes do not decide them alone (an edit of the CSV parsing kept the
+            labels the old parser read). None: read here; a folder whose rows cannot be read (no set
+            :func:`external_faces` crops: it reads them first, and stops on the error) is keyed without them.
+    """
+    if photos is None:
+        try:
+            photos = photos_sha256({EXTERNAL_SPLIT: read_split(folder, EXTERNAL_SPLIT)}, folder)
+        except LayoutError:
+            photos = ""
     h = hashlib.sha256((fingerprint or dataset_fingerprint(folder)).encode())
     h.update(json.dumps({k: crop.get(k) for k in CROP_KEYS}, sort_keys=True).encode())
     h.update(f"format {FACES_FORMAT} shape predictor {shape_predictor_sha256} code {code_fingerprint()}".encode())
+    if photos:
+        h.update(f" photos {photos}".encode())
     return h.hexdigest()[:16]
 
 
@@ -122,7 +148,10 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
             raise ExternalSetError(f"{detector_dir} holds {filename} with sha256 {files.get(filename)}, but the "
                                    f"checkpoint's crops were made with {sha256}")
     fingerprint = dataset_fingerprint(ext.path)
-    out = Path(cache_dir) / f"{ext.name}-{cache_key(ext.path, crop, files[SHAPE5_FILE], fingerprint)}"
+    # The rows as read now key the entry (its manifest.csv holds their labels), read once: the crops use the same.
+    samples = {EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}
+    key = cache_key(ext.path, crop, files[SHAPE5_FILE], fingerprint, photos=photos_sha256(samples, ext.path))
+    out = Path(cache_dir) / f"{ext.name}-{key}"
     _check_lock_path(out)
     # Runs side by side (dvc queue start -j 2) ask for the same entry: one crops, the others wait and reuse.
     with locked(out, f"cropping {ext.name} into {out}"):
@@ -138,9 +167,8 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         # its work in the entry's partial folder, and the next run of the same job goes on from it.
         try:
             with resumable_output(out, [EXTERNAL_SPLIT]) as (tmp, partial):
-                rows = crop_samples({EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}, ext.path, detector_dir, tmp,
-                                    params, workers_key=EXTERNAL_WORKERS, manifest=manifest, partial=partial,
-                                    inputs={SET_SHA256: fingerprint})
+                rows = crop_samples(samples, ext.path, detector_dir, tmp, params, workers_key=EXTERNAL_WORKERS,
+                                    manifest=manifest, partial=partial, inputs={SET_SHA256: fingerprint})
                 settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
                             SET_SHA256: fingerprint, "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
                 (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
@@ -424,23 +452,50 @@ def _free(folder: Path) -> str:
     return f"{megabytes(free)} is free there" if free is not None else "the free space there could not be read"
 
 
+def _recorded_code(record: Path) -> str | None:
+    """The descriptor-code fingerprint :data:`DESCRIPTOR_RECORD` holds; None where there is none to trust (no
+    record: descriptors from before it was kept, or a run killed between the two writes; or a garbled one)."""
+    try:
+        code = json.loads(record.read_text(encoding="utf-8")).get("code_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
 def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
-    """``dlib_face`` descriptors of a cropped set (cached beside its crops, redone if the encoder changed)."""
+    """``dlib_face`` descriptors of a cropped set, cached beside its crops.
+
+    Reused only when they were computed with the same face-network files (the sha256 ``embeddings.npz`` holds)
+    and the same code (:data:`DESCRIPTOR_CODE_MODULES`, fingerprinted by :func:`faceage.preprocess.code_fingerprint`
+    and recorded in :data:`DESCRIPTOR_RECORD`): an edit of that code reruns ``embed`` and ``train`` under
+    ``dvc repro``, and the set was scored with the old code's descriptors.
+    """
     from faceage.face_encoder import embed_dataset, load_embeddings
     from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
 
     path = faces_dir / EMBEDDINGS
+    record = faces_dir / DESCRIPTOR_RECORD
     files = read_manifest(detector_dir)["files"]
+    code = code_fingerprint(DESCRIPTOR_CODE_MODULES)
     with locked(faces_dir, f"the face descriptors of {faces_dir}"):
         if path.is_file():
             _, info = load_embeddings(path)
-            if (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE],
-                                                                           files[SHAPE5_FILE]):
+            same_files = (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE],
+                                                                                      files[SHAPE5_FILE])
+            if same_files and _recorded_code(record) == code:
                 _mark_used(faces_dir)  # the minutes spent on them count as use: prune_cache leaves the entry
                 return path
+            log.info("the face descriptors in %s were computed %s: computing them again", faces_dir,
+                     "with other face-network files" if not same_files else
+                     f"by other code (or code not recorded) of {', '.join(DESCRIPTOR_CODE_MODULES)}")
         partial = path.with_name(path.name + ".tmp.npz")  # embed_dataset's staging file, replaced into path
+        # The record goes first and comes back last: a run killed in between leaves descriptors with no record,
+        # which the next run computes again (never new descriptors under an old record, or old ones under a new).
+        record.unlink(missing_ok=True)
         try:
             embed_dataset(faces_dir, detector_dir, path, workers)
+            write_text(record, json.dumps({"code_sha256": code, "code_modules": list(DESCRIPTOR_CODE_MODULES)},
+                                          indent=2) + "\n")
         except OSError as e:
             partial.unlink(missing_ok=True)  # in the shared cache entry: no later run would remove it
             if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:

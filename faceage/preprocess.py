@@ -39,7 +39,7 @@ import shutil
 import struct
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -458,27 +458,68 @@ def _make_partial(folder: Path, out_dir: Path) -> None:
                              "remove it (as its owner, e.g. with sudo) and rerun, or rerun as its owner")
 
 
-def code_fingerprint() -> str:
-    """sha256 over the source of :data:`CODE_MODULES` and the versions of dlib, Pillow and numpy: the code that
-    decides a crop's bytes, its chips and its row."""
+def code_fingerprint(modules: Sequence[str] = CODE_MODULES) -> str:
+    """sha256 over the source of ``modules`` and the versions of dlib, Pillow and numpy.
+
+    Args:
+        modules: The modules whose code decides an output. Default :data:`CODE_MODULES`: the code that decides a
+            crop's bytes, its chips and its row. :mod:`faceage.external` also fingerprints the code that computes a
+            set's face descriptors with it (:data:`faceage.external.DESCRIPTOR_CODE_MODULES`).
+    """
     import dlib
 
     h = hashlib.sha256(f"dlib {dlib.__version__} pillow {PIL.__version__} numpy {np.__version__}\n".encode())
-    for name in CODE_MODULES:
+    for name in modules:
         __import__(name)
         h.update(f"{name}\0".encode() + Path(sys.modules[name].__file__).read_bytes())
     return h.hexdigest()
 
 
+def _tasks(splits: dict[str, list[Sample]], data_dir: Path) -> list[_Task]:
+    """One crop task per listed photo: where the photo is, where its crop goes, its labels."""
+    by_nfc: dict[Path, dict[str, Path]] = {}
+    return [
+        _Task(
+            s.split, s.file_name,
+            # The file the CSV lists, also where a Mac spelled its accents apart (an external set read in place).
+            str(listed_file(data_dir / s.split, s.file_name, by_nfc) or data_dir / s.split / s.file_name),
+            # its release crop too (an NFD-named image's _face.jpg is NFD-named beside it: it fell to no_face)
+            str(listed_file(data_dir / s.split, s.file_name + FACE_SUFFIX, by_nfc)
+                or data_dir / s.split / (s.file_name + FACE_SUFFIX)),
+            f"{s.split}/{Path(s.file_name).stem}.png",
+            s.apparent_age, s.apparent_age_std, s.real_age,
+        )
+        for samples in splits.values() for s in samples
+    ]
+
+
+def _photo_list_sha256(tasks: list[_Task], data_dir: Path) -> str:
+    """sha256 of the photo list as the crops record it: each photo's split, name, file (relative to ``data_dir``),
+    crop and labels, in order."""
+    photos = [[t.split, t.file_name, os.path.relpath(t.image, data_dir), t.crop, t.apparent_age,
+               t.apparent_age_std, t.real_age] for t in tasks]
+    return hashlib.sha256(json.dumps(photos).encode()).hexdigest()
+
+
+def photos_sha256(splits: dict[str, list[Sample]], data_dir: str | Path) -> str:
+    """The digest of the photos :func:`crop_samples` would crop for ``splits`` (each photo's place, crop and labels,
+    as read): what ``job.json`` records as ``photos.list_sha256``, so a resumed crop and whatever keys crops by it
+    (:func:`faceage.external.cache_key`) agree on when the photos or their labels changed. The labels as read, not
+    the code that reads them: an edit of the CSV parser that reads the same rows changes nothing.
+
+    Args:
+        splits: ``{split: [Sample, ...]}`` (:func:`faceage.appa_real.read_split`).
+        data_dir: The folder holding ``<split>/<file_name>``.
+    """
+    return _photo_list_sha256(_tasks(splits, Path(data_dir)), Path(data_dir))
+
+
 def _job(settings: dict, shape_predictor_sha256: str, tasks: list[_Task], data_dir: Path, inputs: dict) -> dict:
     """What a partial folder's work is for, as ``job.json`` records it: the crop settings, the photos (the data
     set's fingerprint, each photo's place and labels) and the code. A run resumes only the same job."""
-    photos = [[t.split, t.file_name, os.path.relpath(t.image, data_dir), t.crop, t.apparent_age,
-               t.apparent_age_std, t.real_age] for t in tasks]
     job = {
         "crop settings": {**settings, "shape_predictor_sha256": shape_predictor_sha256},
-        "photos": {**inputs, "count": len(tasks),
-                   "list_sha256": hashlib.sha256(json.dumps(photos).encode()).hexdigest()},
+        "photos": {**inputs, "count": len(tasks), "list_sha256": _photo_list_sha256(tasks, data_dir)},
         "code": {"sha256": code_fingerprint()},
     }
     return json.loads(json.dumps(job))  # as read back from job.json (lists, not tuples)
@@ -582,20 +623,7 @@ def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir:
         raise DetectorFilesError(f"{Path(detector_dir) / DETECTOR_MANIFEST} lists no {e.args[0]}, which the crops "
                                  "read (unverified, and unrecorded in the crop settings): run the fetch_detector "
                                  "stage again (dvc repro -f fetch_detector)") from None
-    by_nfc: dict[Path, dict[str, Path]] = {}
-    tasks = [
-        _Task(
-            s.split, s.file_name,
-            # The file the CSV lists, also where a Mac spelled its accents apart (an external set read in place).
-            str(listed_file(data_dir / s.split, s.file_name, by_nfc) or data_dir / s.split / s.file_name),
-            # its release crop too (an NFD-named image's _face.jpg is NFD-named beside it: it fell to no_face)
-            str(listed_file(data_dir / s.split, s.file_name + FACE_SUFFIX, by_nfc)
-                or data_dir / s.split / (s.file_name + FACE_SUFFIX)),
-            f"{s.split}/{Path(s.file_name).stem}.png",
-            s.apparent_age, s.apparent_age_std, s.real_age,
-        )
-        for samples in splits.values() for s in samples
-    ]
+    tasks = _tasks(splits, Path(data_dir))
     done: dict[int, dict] = {}
     crop_dir, records = out_dir, None
     if partial is not None:
