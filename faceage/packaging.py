@@ -130,6 +130,8 @@ class Candidate:
     excluded: str  # "" when the run passes the external guard, else the reason
     # {set: fingerprint of its files} each external MAE was measured on ({} before runs recorded it)
     external_sha256: dict[str, str] = field(default_factory=dict)
+    # Excluded by the guard's margin alone: finite metrics, scored on every set judged, on the compared versions
+    vetoed: bool = False
 
 
 def guard_margin(best: float) -> float:
@@ -193,6 +195,7 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
     for c in candidates:
         reasons = [f"{what} MAE is {value}" for what, value in (("validation", c.val_mae_years),
                                                                   ("test", c.test_mae_years)) if not math.isfinite(value)]
+        vetoes = []  # the margin's, apart: where they are a run's only reasons, evaluating it again changes nothing
         for n in sets:
             if n not in c.external_mae_years:
                 reasons.append(f"not scored on {n}")
@@ -202,9 +205,10 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
             elif not math.isfinite(c.external_mae_years[n]):
                 reasons.append(f"{n} MAE is {c.external_mae_years[n]}")
             elif c.external_mae_years[n] > best[n] + guard_margin(best[n]):
-                reasons.append(f"{n} MAE {c.external_mae_years[n]:.3f} > best {best[n]:.3f} + "
-                               f"{guard_margin(best[n]):.3f}")
-        ranked.append(Candidate(**{**asdict(c), "excluded": "; ".join(reasons)}))
+                vetoes.append(f"{n} MAE {c.external_mae_years[n]:.3f} > best {best[n]:.3f} + "
+                              f"{guard_margin(best[n]):.3f}")
+        ranked.append(Candidate(**{**asdict(c), "excluded": "; ".join(reasons + vetoes),
+                                   "vetoed": bool(vetoes) and not reasons}))
     return sorted(ranked, key=lambda c: (bool(c.excluded), c.val_mae_years if math.isfinite(c.val_mae_years) else math.inf,
                                          -c.start_time_ms))
 
@@ -289,6 +293,16 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
         for r in found.values()], external_sha256)
     log.info("champion rule: %s\n%s", SELECTION_RULE, selection_table(ranked))
     top = ranked[0]
+    comparable = [c for c in ranked if math.isfinite(c.val_mae_years) and math.isfinite(c.test_mae_years)]
+    if top.excluded and comparable and all(c.vetoed for c in comparable):
+        # Each comparable run trails another by more than the margin on some set (one is best on a set, another on
+        # the other): no evaluate changes that, and "evaluate the runs on the same sets" sent the user to redo it.
+        raise PackagingError(
+            "no run passes the external-MAE guard: every run was scored on every set, and each trails the best run "
+            f"on some set by more than max({GUARD_YEARS} years, {GUARD_FRACTION:.0%}) ("
+            + "; ".join(f"{c.run_name or c.run_id[:8]}: {c.excluded}" for c in ranked if c.vetoed)
+            + "): none generalises on every set; train a run that does, or drop a set from evaluate.external "
+            "(then dvc repro) to judge by the others")
     if top.excluded:  # e.g. runs scored on different external sets: none covers them all
         raise PackagingError(f"no run passes the external-MAE guard (best candidate {top.run_id}: {top.excluded}); "
                              "evaluate the runs on the same evaluate.external sets")

@@ -29,10 +29,10 @@ from faceage.errors import FaceAgeError
 from faceage.atomic import write_text
 from faceage.experiment import (PARAMS, ProfileError, ProfileInterrupted, dvc_root, file_bytes, override_value,
                                 run_profile)
-from faceage.external import external_maes
+from faceage.external import external_maes, external_versions
 from faceage.logs import die_of_signal, setup_logging
 from faceage.tracking import (EXPERIMENT, NoExperimentError, absent_store, check_reachable, display_uri, lost_run,
-                              masked_url, portable_uri, read_run_file, setup_mlflow, tracking_uri)
+                              masked_url, portable_uri, read_run_file, setup_mlflow, sqlite_path, tracking_uri)
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,38 @@ def runs_source(runs: dict) -> str | None:
     return sources.pop() if sources else None
 
 
+def runs_data(rows: list[dict]) -> None:
+    """Checks that the rows (:func:`collect`) trained and were tested on the same data (their ``data_sha256`` tag;
+    a run logged before the tag is not checked).
+
+    :func:`runs_source` compares the ``--source`` each run was given; the data behind one source can still differ
+    (a partial re-sweep after a new committed ``fetch_data.source``, a ``--source`` folder whose files changed), and
+    the report then ranked test MAEs of different test splits under one verdict.
+
+    Raises:
+        ValueError: The rows' runs trained on different data.
+    """
+    found = {r["backbone"]: r["data_sha256"] for r in rows if r.get("data_sha256")}
+    if len(set(found.values())) > 1:
+        raise ValueError("the runs trained on different data (" + ", ".join(
+            f"{b}: data sha256 {sha[:12]}" for b, sha in sorted(found.items())) +
+            "): their test MAEs are on different test splits and one report cannot compare them; sweep them "
+            "again on one data (--backbones), or pass another --runs")
+
+
+def external_references(rows: list[dict]) -> dict[str, str]:
+    """Per external set, the version of its files (fingerprint) the report's column compares: the newest run's,
+    the files as they were last scored (a backbone swept again is scored on the files as they are, so the advice
+    to sweep the others again converges; the version most rows had would send the user to re-sweep the one row
+    already on the current files). Sets no row recorded a version for are left out."""
+    newest: dict[str, tuple[int, str]] = {}
+    for r in rows:
+        for name, version in r.get("external_sha256", {}).items():
+            if name in r.get("external", {}):
+                newest[name] = max(newest.get(name, (-1, "")), (r.get("start_time_ms", 0), version))
+    return {name: version for name, (_, version) in newest.items()}
+
+
 def collect(runs: dict) -> list[dict]:
     """One row per backbone from MLflow: params, GFLOPs, train time, validation and test MAE.
 
@@ -219,6 +251,10 @@ def collect(runs: dict) -> list[dict]:
             "coverage_1std": m.get("test_coverage_1std", float("nan")),
             "baseline_mae": m.get("test_baseline_mae_years", float("nan")),
             "external": external_maes(m, r.data.tags),
+            # which files each external MAE was measured on, and which data the run trained and was tested on:
+            # rows compare only where these agree (runs_data, external_references)
+            "external_sha256": external_versions(r.data.tags), "data_sha256": r.data.tags.get("data_sha256"),
+            "start_time_ms": int(r.info.start_time or 0),
             "data_source": r.data.tags.get("data_source", "?"), "device": r.data.tags.get("device", "?"),
             "threads": p.get("train.torch_threads", "?"),
             **({"head": _run_head(client, r), "face_features": p.get("train.face_features", "descriptor")}
@@ -416,6 +452,20 @@ python -m faceage.sweep --profile gpu --source /abs/path/appa-real-release.zip
 """
 
 
+def _browse_hint() -> str:
+    """How to open the store the report's runs are in (:func:`faceage.tracking.tracking_uri`): a tracking server's
+    URL (masked as :func:`faceage.tracking.display_uri`), else ``mlflow ui`` on the sqlite file, as
+    :func:`faceage.tracking.portable_uri` names it. The report said ``sqlite:///mlflow.db`` whatever the store, which
+    with a server (or another file) holds none of these runs."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {display_uri(uri)} in a browser"
+    store = portable_uri(uri)
+    if not store.startswith("sqlite:///") and sqlite_path(uri) is not None:  # outside the repo: its file name alone
+        store = f"sqlite:///<path to {store}>"
+    return f"open `mlflow ui --backend-store-uri {store}`"
+
+
 def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) -> None:
     """Writes the Markdown report and the MAE-vs-cost plot."""
     import matplotlib
@@ -435,24 +485,47 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
     fig.savefig(png_path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
-    # One column per cross-dataset set (evaluate.external) any run was scored on; "-" where a run was not.
+    # One column per cross-dataset set (evaluate.external) any run was scored on; "-" where a run was not; "*" where
+    # it was scored on another version of the set's files than the column's others (not comparable with them).
     sets = sorted({name for r in rows for name in r.get("external", {})})
+    refs = external_references(rows)
+
+    def other_version(r: dict, name: str) -> bool:
+        version = r.get("external_sha256", {}).get(name)
+        return name in refs and version is not None and version != refs[name]
+
+    def cell(r: dict, name: str) -> str:
+        ext = r.get("external", {})
+        if name not in ext:
+            return "- | "
+        return f"{ext[name]:.2f}{'*' if other_version(r, name) else ''} | "
+
+    version_note = ""
+    for name in sets:
+        stale = [r for r in rows if name in r.get("external", {}) and other_version(r, name)]
+        if not stale:
+            continue
+        versions = ", ".join(sorted({r["external_sha256"][name][:8] for r in stale}))
+        backbones = [r["backbone"] for r in stale]
+        version_note += (f"`{name}` MAE marked * was measured on another version of the set's files ({versions}, the "
+                         f"newest run's {refs[name][:8]}): not comparable with the column's other values; sweep "
+                         + ", ".join(f"`{b}`" for b in backbones) + f" again (`--backbones {' '.join(backbones)}`) "
+                         "to score them on the set's files as they are now.\n")
     table = ["| backbone | params (M) | GFLOPs | input | epochs | train time (s) | val MAE | test MAE | CS@5 | "
              + "".join(f"`{name}` MAE | " for name in sets) + "MLflow run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(sets) + "---|"]
     for r in sorted(rows, key=lambda r: r["test_mae"]):
         sides = _dlib_age_words(r)[0] if r["backbone"] == "dlib_age" else CHIP_SIDES.get(r["backbone"])
         size = f"{sides} (aligned chips)" if sides else f"{r['image_size']} px"
-        ext = r.get("external", {})
         table.append(f"| `{r['backbone']}` | {r['params_m']:.2f} | {r['gflops']:.3f} | {size} | {r['epochs']} | "
                      f"{r['train_time_s']:.0f} | {r['val_mae']:.2f} | {r['test_mae']:.2f} | {r['cs5']:.3f} | "
-                     + "".join(f"{ext[n]:.2f} | " if n in ext else "- | " for n in sets) + f"`{r['run_id'][:8]}` |")
+                     + "".join(cell(r, n) for n in sets) + f"`{r['run_id'][:8]}` |")
     age = next((r for r in rows if r["backbone"] == "dlib_age"), None)
     age_note = f"For `dlib_age`, they are the whole model's ({_dlib_age_words(age)[2]}).\n" if age else ""
     md = f"""# Backbones: bigger, or saturated?
 
 Generated by `python -m faceage.sweep --profile {profile}` from the MLflow runs in `{portable_uri()}`
-(experiment `face-age`; open `mlflow ui --backend-store-uri sqlite:///mlflow.db` to compare them side by side).
+(experiment `face-age`; {_browse_hint()} to compare them side by side).
 
 {_conclusion(rows, profile)}
 
@@ -460,7 +533,7 @@ Generated by `python -m faceage.sweep --profile {profile}` from the MLflow runs 
 
 {chr(10).join(table)}
 
-{_external_note(sets)}{_runs_note(rows)}
+{_external_note(sets)}{version_note}{_runs_note(rows)}
 For `dlib_face`, parameters and GFLOPs are the trainable head's; the frozen dlib encoder
 (a 29-layer ResNet, ~5.6 M parameters, 22 MB) runs on top at ~0.09 s per face on one CPU core.
 {age_note}
@@ -573,7 +646,13 @@ def _main(args: argparse.Namespace, runs_path: Path) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 1
-    write_report(collect(runs), Path("reports/backbones.md"), Path("reports/backbones.png"), profile)
+    rows = collect(runs)
+    try:
+        runs_data(rows)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
+    write_report(rows, Path("reports/backbones.md"), Path("reports/backbones.png"), profile)
     log.info("wrote reports/backbones.md and reports/backbones.png (%d runs)", len(runs))
     return 0
 
