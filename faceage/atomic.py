@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -191,8 +192,13 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     leaves under ``out_dir`` the previous output, the new one, or (between the renames) none, never
     part of one. Staged folders
     that killed processes left beside ``out_dir`` are removed first (:func:`clear_stale`).
+
+    Raises:
+        WriteError: Something other than a folder stands at ``out_dir`` (:func:`_check_out_dir`); checked before
+            any work, and left as it is.
     """
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(out_dir)
     # A plain mkdir, not mkdtemp: the swap keeps the folder's mode, and mkdtemp's is private (0700);
@@ -204,6 +210,7 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
         yield tmp
         # Two renames, then the slow part: deleted in place, a previous output (thousands of crops) was
         # half gone under its own name when the process was killed during the deletion.
+        _check_out_dir(out_dir)  # again: what is moved aside here is deleted below, so it must be a folder of ours
         if out_dir.exists():
             old = scratch_name(out_dir, "old")
             os.replace(out_dir, old)
@@ -215,6 +222,57 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # killed during this, clear_stale removes the rest
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Raises WriteError (one line) where something other than a folder stands at ``out_dir``.
+
+    A file there was moved aside under a :func:`scratch_name`, its ``rmtree`` failed unseen, and a later
+    :func:`clear_stale` deleted it. A symbolic link (even to a folder) is refused too, not followed: the swap renames
+    the folder built beside the path onto it, which replaces the link itself (the output lands on the link's disk,
+    not on the one it points to, and the link, moved aside, went the same way as the file); building beside the
+    link's target instead would put the output on a disk that the work folders beside ``out_dir`` (preprocess's
+    ``.NAME.partial``, renamed into it) are not on. The library never makes either, so it is left as it is.
+    """
+    try:
+        st = os.lstat(out_dir)
+    except (FileNotFoundError, NotADirectoryError):  # nothing there yet (a file above it: the mkdir says so)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        return
+    built = ("the output written there is a folder, built beside it and renamed onto the path, which replaces "
+             "whatever stands there")
+    if stat.S_ISLNK(st.st_mode):
+        raise WriteError(f"{out_dir} is a symbolic link (to {_link_target(out_dir)}): {built}, the link itself, not "
+                         "what it points to; remove the link (what it points to is not touched) and rerun (to keep "
+                         "the output on another disk, make the folder above it a link there instead)")
+    if stat.S_ISREG(st.st_mode):
+        raise WriteError(f"{out_dir} is a file: {built}; move the file away (or delete it) and rerun (it was left "
+                         "as it is)")
+    raise WriteError(f"{out_dir} is not a folder but {_kind(st.st_mode)}: {built}; move it away (or delete it) and "
+                     "rerun (it was left as it is)")
+
+
+def _kind(mode: int) -> str:
+    """What a file of ``mode`` (not a regular file) is, for an error line."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    return "an unknown kind of file"
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # replaced meanwhile
+        return "?"
 
 
 @contextmanager
@@ -230,9 +288,17 @@ def locked(target: str | Path, what: str = "") -> Iterator[None]:
     none and none can be made, it does not lock. Such a user cannot build there anyway: the caller
     reuses a complete ``target``, and the build of an incomplete one fails with the write it needs.
 
+    The lock file is opened without following a symbolic link (``O_NOFOLLOW``): a link there (dangling or not)
+    made, or locked, a file wherever it pointed. A link, a folder or any other non-file there is the user's (this
+    never makes one), so it is refused, not removed.
+
     Args:
         target: What is built under the lock (a file or folder; it need not exist yet).
         what: What is being done, for the log line when another process holds the lock.
+
+    Raises:
+        WriteError: Something other than a file stands at the lock path (:func:`lock_file`): a folder, a
+            symbolic link, a FIFO.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +309,7 @@ def locked(target: str | Path, what: str = "") -> Iterator[None]:
         return
     path = lock_file(target)
     while True:
-        fh = _open_lock(path)
+        fh = _open_lock(path, target)
         if fh is None:
             log.debug("not locking %s: %s cannot be created (a read-only folder)", target, path)
             yield
@@ -272,9 +338,10 @@ def lock_file(target: str | Path) -> Path:
 
 
 def same_file(fd: int, path: Path) -> bool:
-    """Whether ``fd`` is the file now at ``path`` (not one unlinked, or replaced by another, since it was opened)."""
+    """Whether ``fd`` is the file now at ``path`` (not one unlinked, or replaced by another, since it was opened).
+    A symbolic link at ``path`` is not the file, even one pointing to it (:func:`locked` never follows one)."""
     try:
-        st, now = os.fstat(fd), os.stat(path)
+        st, now = os.fstat(fd), os.lstat(path)
     except FileNotFoundError:
         return False
     return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
@@ -283,17 +350,59 @@ def same_file(fd: int, path: Path) -> bool:
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def _open_lock(path: Path):
+# How open() fails on what is not a file: a folder opened for writing, a link with O_NOFOLLOW (ELOOP; EMLINK on
+# FreeBSD), a FIFO without a reader or a socket with O_NONBLOCK (ENXIO).
+_NOT_A_FILE = frozenset({errno.EISDIR, errno.ELOOP, errno.EMLINK, errno.ENXIO})
+# O_NONBLOCK: a FIFO opened for writing otherwise waits, silently and for ever, for a reader (flock ignores it).
+_LOCK_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _open_lock(path: Path, target: Path) -> IO | None:
     """The lock file, opened to be locked: created if need be; read-only where this user may not write
-    it (another user's file, a read-only folder or file system); None where it is not there to open."""
+    it (another user's file, a read-only folder or file system); None where it is not there to open.
+
+    Raises:
+        WriteError: Something other than a file is at ``path`` (:func:`_lock_path_error`).
+    """
     try:
-        return open(path, "a")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _LOCK_FLAGS, 0o666)
     except OSError as e:
+        if e.errno in _NOT_A_FILE:
+            raise _lock_path_error(path, target, e) from e
         if e.errno not in _NOT_WRITABLE:
             raise
+        try:  # flock needs no write access; a read-only open also opens a folder, which fstat tells below
+            fd = os.open(path, os.O_RDONLY | _LOCK_FLAGS)
+        except OSError as e:
+            if e.errno in _NOT_A_FILE:
+                raise _lock_path_error(path, target, e) from e
+            if e.errno not in (*_NOT_WRITABLE, errno.ENOENT):
+                raise
+            return None
     try:
-        return open(path)
-    except OSError as e:
-        if e.errno not in (*_NOT_WRITABLE, errno.ENOENT):
-            raise
-        return None
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _lock_path_error(path, target, opened=mode)
+    return os.fdopen(fd, "rb")
+
+
+def _lock_path_error(path: Path, target: Path, e: OSError | None = None, opened: int | None = None) -> OSError:
+    """One line for something other than a file at :func:`locked`'s lock file ``path`` (for ``target``), as it is
+    now, else as ``opened`` (the mode fstat read on what was opened) says; ``e`` itself where a file is there after
+    all (replaced meanwhile) or nothing tells what is there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        mode = opened
+    if mode is None or stat.S_ISREG(mode):
+        return e if e is not None else WriteError(f"{path} could not be opened as a lock file for {target}")
+    why = f"a lock file of that name is kept beside {target}, so that one process at a time builds it"
+    if stat.S_ISLNK(mode):
+        return WriteError(f"{path} is a symbolic link (to {_link_target(path)}): {why}, and a link there is not "
+                          "followed; remove the link (what it points to is not touched) and rerun")
+    return WriteError(f"{path} is not a file but {_kind(mode)}: {why}; move it away (or delete it) and rerun (it was "
+                      "left as it is)")

@@ -152,7 +152,6 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
     samples = {EXTERNAL_SPLIT: read_split(ext.path, EXTERNAL_SPLIT)}
     key = cache_key(ext.path, crop, files[SHAPE5_FILE], fingerprint, photos=photos_sha256(samples, ext.path))
     out = Path(cache_dir) / f"{ext.name}-{key}"
-    _check_lock_path(out)
     # Runs side by side (dvc queue start -j 2) ask for the same entry: one crops, the others wait and reuse.
     with locked(out, f"cropping {ext.name} into {out}"):
         if (out / SETTINGS).is_file():
@@ -184,20 +183,6 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         _mark_used(out)
     prune_cache(Path(cache_dir), ext.name, out)
     return out
-
-
-def _check_lock_path(entry: Path) -> None:
-    """Raises WriteError (one line) where something other than a file stands at ``entry``'s lock path
-    (:func:`faceage.atomic.lock_file`): a folder there was an ``IsADirectoryError`` traceback, and a link was
-    followed (a dangling one was a ``FileNotFoundError`` traceback, or made a file wherever it pointed). The cache
-    never makes either, so it is left as it is."""
-    lock = lock_file(entry)
-    if lock.is_symlink():
-        raise WriteError(f"{lock} is a symbolic link (to {os.readlink(lock)}): the crop cache keeps a lock file of "
-                         f"that name for {entry.name}; remove the link (what it points to is not touched) and rerun")
-    if lock.exists() and not lock.is_file():
-        raise WriteError(f"{lock} is not a file: the crop cache keeps a lock file of that name for {entry.name}; "
-                         "move it away (or delete it) and rerun")
 
 
 def _mark_used(entry: Path) -> None:
