@@ -15,7 +15,9 @@ Cross-dataset test sets (``evaluate.external``, see :mod:`faceage.external`) are
 checkpoint's own crop settings, read by the same ``load_split`` and scored by the same
 :class:`~faceage.inference.AgeModel` as the test split; each gets ``metrics.json["external"][name]``
 (MAE, RMSE, CS@k, MAE by age group, the training-mean baseline, how many images had no face)
-and ``external_<name>_*`` metrics in MLflow. A set where no face is found is reported with a warning
+and ``external_<name>_*`` metrics in MLflow, with the tags ``evaluate.external_sha256`` (the version of each
+set's files) and ``evaluate.external_faces_sha256`` (which of its faces were scored), by which packaging compares
+MAEs only where both match. A set where no face is found is reported with a warning
 (``n_faces`` 0, NaN metrics in ``metrics.json``, its counts alone in MLflow), the test split and the
 other sets scored as usual.
 """
@@ -49,10 +51,16 @@ from faceage.appa_real import read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
 from faceage.tracking import EVALUATED_IN_TAG, display_uri, read_run_file, setup_mlflow, tracking_uri
-from faceage.training import pin_threads, select_device
+from faceage.training import faces_fingerprint, pin_threads, select_device
 from faceage.transforms import low_resolution_at, reference_side
 
 log = logging.getLogger(__name__)
+
+# {set name: faces_fingerprint of the file names scored} of a run's latest evaluation. The same files
+# (EXTERNAL_SHA256_TAG) are not the same faces scored: a set without release crops is scored on the faces the run's
+# own detector found (preprocess.detector, upsample, retry_pad, cnn_retry_side), and MAEs on other subsets do not
+# compare (faceage.packaging.rank_candidates).
+EXTERNAL_FACES_TAG = "evaluate.external_faces_sha256"
 
 GROUP_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)
 
@@ -221,7 +229,8 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
             groups[ext.name] = []
             results[ext.name] = {"mae_years": math.nan, "rmse_years": math.nan, f"cs{p.cs_years:g}": math.nan,
                                  "baseline_mae_years": math.nan, "mae_by_age_group": {}, "mae_low_res": {}, **counts,
-                                 "path": str(ext.path), "sha256": set_version(faces, ext.path)}
+                                 "path": str(ext.path), "sha256": set_version(faces, ext.path),
+                                 "faces_sha256": faces_fingerprint([])}
             continue
         embeddings = (external_embeddings(faces, detector_dir) if meta["backbone"] == FACE_ENCODER else
                       external_chips(faces) if meta["backbone"] == DLIB_AGE else None)
@@ -238,6 +247,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
             **counts,
             "path": str(ext.path),
             "sha256": set_version(faces, ext.path),  # which version of the set: MAEs compare only within one
+            "faces_sha256": faces_fingerprint(r["file_name"] for r in data.rows),  # and which of its faces
         }
         rows += [[ext.name, r["file_name"], t, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)]
                  for r, t, pa, ps in zip(data.rows, true, pred, std)]
@@ -283,6 +293,22 @@ def _labels(rows: list[dict], column: str, where: str = "") -> np.ndarray:
                                  ">= 0 years; fix its label and rerun preprocess")
         ages.append(age)
     return np.array(ages, np.float64)
+
+
+def scored_faces(external: dict[str, dict]) -> dict[str, str]:
+    """``{set name: fingerprint of the faces scored}`` (the :data:`EXTERNAL_FACES_TAG` of an evaluation's
+    ``metrics.json["external"]``)."""
+    return {n: m["faces_sha256"] for n, m in external.items() if "faces_sha256" in m}
+
+
+def external_faces_versions(tags: dict[str, str] | None) -> dict[str, str]:
+    """A run's :data:`EXTERNAL_FACES_TAG` as ``{set name: fingerprint}``; ``{}`` for a run evaluated before the tag
+    existed (or a tag that is not a JSON object)."""
+    try:
+        versions = json.loads((tags or {}).get(EXTERNAL_FACES_TAG, "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {}
 
 
 def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[str, float]:
@@ -407,6 +433,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         # trained run, and MLflow refuses to change a logged param. The tags hold the latest evaluation's settings.
         tags = {f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v for k, v in asdict(p).items()}
         tags[EXTERNAL_SHA256_TAG] = json.dumps({n: m["sha256"] for n, m in external.items()})
+        tags[EXTERNAL_FACES_TAG] = json.dumps(scored_faces(external))
         tags[EVALUATED_IN_TAG] = os.environ.get("DVC_EXP_NAME", "")  # `dvc exp run` names it; "" under dvc repro
         cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
         log_evaluation(read_run_file(run_path)["run_id"], flat, tags,

@@ -23,7 +23,10 @@ Outputs:
 The winner (:func:`select_winner`, rule in :data:`SELECTION_RULE`): among finished runs with test
 metrics trained on the workspace's data, the lowest ``best_val_mae`` among the runs that *generalise*: whose MAE on every
 cross-dataset set (``external_<name>_mae``) is within ``max(0.5 years, 5%)`` of the best run's
-on that set; ties go to the newest run. Its checkpoint is the given file when that file
+on that set; ties go to the newest run. MAEs compare only on the same faces: a run validated on other photos
+(``train.val_faces_sha256``; ``preprocess.no_face=skip`` drops the faceless ones) than the workspace's, or scored
+on other faces of an external set than most runs (``evaluate.external_faces_sha256``; another detector finds
+others), is excluded, with the settings that differ. Its checkpoint is the given file when that file
 records the same run id, else a ``model.pt`` artifact of the run; anything else is refused,
 so a bento can never carry weights from a run other than the one registered.
 """
@@ -46,6 +49,7 @@ from faceage.atomic import write_text
 from faceage.detector import MANIFEST, RECOGNITION_FILE, SHAPE5_FILE, read_manifest
 from faceage.download import file_digest
 from faceage.errors import FaceAgeError
+from faceage.evaluation import external_faces_versions
 from faceage.external import external_maes, external_versions
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.model import CheckpointError, read_payload
@@ -53,6 +57,7 @@ from faceage.inputs import CHIP_KINDS, DLIB_CHIP_PAIR, input_kind
 from faceage.predict import CHECKPOINT_FILE, DETECTOR_DIR, ONNX_FILE, check_detector_file
 from faceage.preprocess import MANIFEST as FACES_MANIFEST, SETTINGS as PREPROCESS_SETTINGS, read_crop_settings, read_faces_manifest
 from faceage.sources import EXTERNAL_FILE
+from faceage.training import VAL_FACES_TAG, VAL_N_FACES_TAG, validation_faces_tags
 from faceage.tracking import (DVC_EXPERIMENT_TAG, EVALUATED_IN_TAG, EXPERIMENT, absent_store, check_reachable,
                               display_uri, gc_command, git_commit, mlflow_env, portable_source)
 
@@ -86,7 +91,10 @@ SELECTION_RULE = (
     f"cross-dataset set (external_<name>_mae) exceeds the best MAE on that set by more than "
     f"max({GUARD_YEARS} years, {GUARD_FRACTION:.0%} of it); the sets are those the workspace evaluates "
     "(data/external.json), else every set a run was scored on, and a run not scored on one of them is excluded too; "
-    "with no external metrics on those sets, lowest validation MAE alone; ties go to the newest run")
+    "with no external metrics on those sets, lowest validation MAE alone; ties go to the newest run; MAEs compare only "
+    "on the same faces: a run validated on other photos (train.val_faces_sha256: the workspace's, else most runs') "
+    "or scored on other faces of an external set (evaluate.external_faces_sha256, e.g. another detector's finds) "
+    "is excluded")
 
 
 @dataclass(frozen=True)
@@ -132,11 +140,28 @@ class Candidate:
     external_sha256: dict[str, str] = field(default_factory=dict)
     # Excluded by the guard's margin alone: finite metrics, scored on every set judged, on the compared versions
     vetoed: bool = False
+    # The photos best_val_mae was measured on (train.val_faces_sha256; "" before runs recorded it) and their count
+    val_faces_sha256: str = ""
+    val_n_faces: str = ""
+    # {set: fingerprint of the faces scored} (evaluate.external_faces_sha256; {} before runs recorded it)
+    external_faces_sha256: dict[str, str] = field(default_factory=dict)
+    external_n_faces: dict[str, int] = field(default_factory=dict)
+    # The run's preprocess.* params (the settings that decide which photos have a face), to say what differs
+    preprocess: dict[str, str] = field(default_factory=dict)
 
 
 def guard_margin(best: float) -> float:
     """How far (years) a run may trail the best MAE ``best`` on a cross-dataset set."""
     return max(GUARD_YEARS, GUARD_FRACTION * best)
+
+
+def _most_common(votes: list[tuple[str, int]]) -> str | None:
+    """The value most ``(value, start_time_ms)`` votes name, ties to the newest; None without votes."""
+    tally: dict[str, tuple[int, int]] = {}
+    for value, when in votes:
+        count, newest = tally.get(value, (0, 0))
+        tally[value] = (count + 1, max(newest, when))
+    return max(tally, key=lambda v: tally[v]) if tally else None
 
 
 def reference_versions(candidates: list[Candidate], current: dict[str, str] | None = None) -> dict[str, str]:
@@ -147,17 +172,35 @@ def reference_versions(candidates: list[Candidate], current: dict[str, str] | No
     version for are left out (runs evaluated before the fingerprint was logged compare as before).
     """
     refs = {n: v for n, v in (current or {}).items()}
-    votes: dict[str, dict[str, tuple[int, int]]] = {}
-    for c in candidates:
-        for n, v in c.external_sha256.items():
-            count, newest = votes.setdefault(n, {}).get(v, (0, 0))
-            votes[n][v] = (count + 1, max(newest, c.start_time_ms))
-    for n, by_version in votes.items():
-        refs.setdefault(n, max(by_version, key=lambda v: by_version[v]))
+    for n in sorted({n for c in candidates for n in c.external_sha256}):
+        refs.setdefault(n, _most_common([(c.external_sha256[n], c.start_time_ms)
+                                         for c in candidates if n in c.external_sha256]))
     return refs
 
 
-def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None = None) -> list[Candidate]:
+# The preprocess settings that decide which photos have a face to score (and so which faces an MAE is measured on)
+FACE_SETTINGS = ("no_face", "detector", "upsample", "retry_pad", "cnn_retry_side")
+
+
+def _settings_differ(c: Candidate, ref: Candidate | None) -> list[str]:
+    """``["preprocess.no_face=skip (the compared runs': release_crop)", ...]``: where ``c``'s face settings differ
+    from ``ref``'s (both as logged: the run's ``preprocess.*`` params)."""
+    if ref is None:
+        return []
+    return [f"preprocess.{k}={c.preprocess.get(k, '?')} (the compared runs': {ref.preprocess.get(k, '?')})"
+            for k in FACE_SETTINGS if c.preprocess.get(k) != ref.preprocess.get(k)]
+
+
+def _rerun_hint(c: Candidate, ref: Candidate | None, what: str) -> str:
+    """How to get ``c``'s model measured on the compared faces: train it again with the compared runs' settings."""
+    keys = [k for k in FACE_SETTINGS if ref is not None and c.preprocess.get(k) != ref.preprocess.get(k)]
+    sets = " ".join(f"-S preprocess.{k}={ref.preprocess[k]}" for k in keys if ref and k in ref.preprocess)
+    return (f"its {what} does not compare with theirs; train it again with the compared runs' preprocess settings"
+            + (f" (dvc exp run {sets})" if sets else " (dvc exp run -S preprocess.<key>=<value>)"))
+
+
+def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None = None,
+                    val_faces: str | None = None) -> list[Candidate]:
     """Applies :data:`SELECTION_RULE`: candidates with their ``excluded`` reason, the winner first.
 
     The external sets are a guard, not the objective: the champion is still chosen by validation
@@ -167,10 +210,20 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
     same files: a run scored on another version of a set (its images edited, added or removed
     since; :func:`reference_versions`) is excluded until its ``evaluate`` runs again.
 
+    And only on the same faces of those files. A run validated on other photos (``preprocess.no_face=skip`` drops
+    the faceless ones from the split: an easier validation set) is excluded, the reference being ``val_faces`` (the
+    workspace's), else the faces most runs were validated on, ties to the newest run's. So is a run scored on other
+    faces of an external set (a set without release crops is scored on what the run's own detector found: hog and
+    cnn runs on different subsets), the reference being the faces most runs on the compared version were scored
+    on. Runs logged before these fingerprints existed compare as before, except that a run trained with
+    ``preprocess.no_face=skip`` is not compared with runs that were not (nor the reverse): skip is what drops photos.
+
     Args:
         candidates: The runs.
         current: ``{set: fingerprint}`` of the workspace's ``evaluate.external`` sets, where known: then only
             these sets judge (``{}``: none, the plain validation rule); None: every set a candidate was scored on.
+        val_faces: The fingerprint of the workspace's validation faces (``train.val_faces_sha256`` of its
+            ``preprocess`` output), where known.
 
     Returns:
         The candidates (same numbers), eligible ones by (validation MAE, newest first), then the excluded ones.
@@ -186,15 +239,47 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
     def other_version(c: Candidate, n: str) -> bool:
         return n in refs and n in c.external_sha256 and c.external_sha256[n] != refs[n]
 
+    # Per set, the faces compared: those most runs on the compared version were scored on (ties to the newest)
+    face_refs = {n: _most_common([(c.external_faces_sha256[n], c.start_time_ms) for c in candidates
+                                  if n in c.external_faces_sha256 and n in c.external_mae_years
+                                  and not other_version(c, n)]) for n in sets}
+    val_ref = val_faces or _most_common([(c.val_faces_sha256, c.start_time_ms) for c in candidates
+                                         if c.val_faces_sha256])
+
+    def newest(matching) -> Candidate | None:  # the run whose settings stand for the compared faces
+        return max((c for c in candidates if matching(c)), key=lambda c: c.start_time_ms, default=None)
+
+    val_ref_run = newest(lambda c: c.val_faces_sha256 == val_ref) if val_ref else None
+
+    def other_faces(c: Candidate, n: str) -> bool:
+        return face_refs.get(n) is not None and n in c.external_faces_sha256 and c.external_faces_sha256[n] != face_refs[n]
+
+    def other_val_faces(c: Candidate) -> bool:
+        if c.val_faces_sha256:
+            return bool(val_ref) and c.val_faces_sha256 != val_ref
+        # Trained before the tag: compared as before, but for skip against not skip (which drops faceless photos)
+        return (val_ref_run is not None and "no_face" in c.preprocess and "no_face" in val_ref_run.preprocess
+                and (c.preprocess["no_face"] == "skip") != (val_ref_run.preprocess["no_face"] == "skip"))
+
     # A NaN (a model that output NaN, a run whose choice failed) compares False with everything: it
     # must neither win the sort nor set the guard's best, which would then veto nothing.
     best = {n: min((c.external_mae_years[n] for c in candidates
-                    if math.isfinite(c.external_mae_years.get(n, math.nan)) and not other_version(c, n)),
+                    if math.isfinite(c.external_mae_years.get(n, math.nan)) and not other_version(c, n)
+                    and not other_faces(c, n)),
                    default=math.nan) for n in sets}
     ranked = []
     for c in candidates:
         reasons = [f"{what} MAE is {value}" for what, value in (("validation", c.val_mae_years),
                                                                   ("test", c.test_mae_years)) if not math.isfinite(value)]
+        if other_val_faces(c):
+            ref_n = val_ref_run.val_n_faces if val_ref_run is not None else ""
+            mine = f"{c.val_n_faces} photos, faces {c.val_faces_sha256[:8]}" if c.val_faces_sha256 else "not tagged"
+            theirs = (f"{ref_n + ' photos, ' if ref_n else ''}faces {val_ref[:8]}" if val_ref else "")
+            whose = "the workspace's" if val_faces and val_ref == val_faces else "the compared runs'"
+            differ = _settings_differ(c, val_ref_run)
+            reasons.append(f"validated on other photos ({mine}; {whose}: {theirs}"
+                           + (f"; {', '.join(differ)}" if differ else "") + "): "
+                           + _rerun_hint(c, val_ref_run, VAL_METRIC))
         vetoes = []  # the margin's, apart: where they are a run's only reasons, evaluating it again changes nothing
         for n in sets:
             if n not in c.external_mae_years:
@@ -202,6 +287,16 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
             elif other_version(c, n):
                 reasons.append(f"scored on another version of {n} (files {c.external_sha256[n][:8]}, the compared "
                                f"runs' {refs[n][:8]}): rerun its evaluate")
+            elif other_faces(c, n):
+                ref_run = newest(lambda r: r.external_faces_sha256.get(n) == face_refs[n])
+                counts = (f"{c.external_n_faces[n]} faces" if n in c.external_n_faces else "faces",
+                          f"{ref_run.external_n_faces[n]} faces" if ref_run and n in ref_run.external_n_faces
+                          else "faces")
+                differ = _settings_differ(c, ref_run)
+                reasons.append(f"scored on other faces of {n} ({counts[0]} {c.external_faces_sha256[n][:8]}, the "
+                               f"compared runs' {counts[1]} {face_refs[n][:8]}"
+                               + (f"; {', '.join(differ)}" if differ else "") + "): "
+                               + _rerun_hint(c, ref_run, f"{n} MAE"))
             elif not math.isfinite(c.external_mae_years[n]):
                 reasons.append(f"{n} MAE is {c.external_mae_years[n]}")
             elif c.external_mae_years[n] > best[n] + guard_margin(best[n]):
@@ -227,7 +322,8 @@ def selection_table(ranked: list[Candidate]) -> str:
 
 
 def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None = None,
-                  external_sha256: dict[str, str] | None = None, *, require_one_data: bool = False) -> Winner:
+                  external_sha256: dict[str, str] | None = None, *, require_one_data: bool = False,
+                  val_faces: str | None = None) -> Winner:
     """The champion by :data:`SELECTION_RULE` (validation MAE, guarded by cross-dataset MAE).
 
     Logs the rule and every candidate's validation, test and external MAE with its verdict.
@@ -242,6 +338,8 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
             the versions whose MAEs the guard compares (:func:`rank_candidates`).
         require_one_data: With ``data_sha256`` None, refuse runs trained on more than one data (what packaging
             asks where the workspace's data are unknown) instead of comparing them all.
+        val_faces: The fingerprint of the workspace's validation faces (:func:`workspace_val_faces`): only runs
+            validated on them compete (:func:`rank_candidates`). None: the faces most runs were validated on.
 
     Raises:
         PackagingError: The experiment does not exist or is deleted, no finished run (on ``data_sha256``) has
@@ -286,11 +384,12 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
         raise PackagingError(f"no finished run of experiment {experiment!r} has both {VAL_METRIC} and "
                              f"{TEST_METRIC}{_unfinished(client, exp.experiment_id)}: run the train and evaluate "
                              "stages first")
-    ranked = rank_candidates([
-        Candidate(r.info.run_id, r.info.run_name or "", float(r.data.metrics[VAL_METRIC]),
-                  float(r.data.metrics[TEST_METRIC]), int(r.info.start_time), external_maes(r.data.metrics, r.data.tags),
-                  "", external_versions(r.data.tags))
-        for r in found.values()], external_sha256)
+    ranked = rank_candidates([candidate(r) for r in found.values()], external_sha256, val_faces)
+    untagged = sum(VAL_FACES_TAG not in r.data.tags for r in found.values())
+    if untagged:
+        log.info("%d of the runs trained before train.val_faces_sha256 was logged: their validation MAEs are compared "
+                 "as before (unless one was trained with preprocess.no_face=skip and the compared runs were not, or "
+                 "the reverse); train them again to compare them on the same faces for sure", untagged)
     log.info("champion rule: %s\n%s", SELECTION_RULE, selection_table(ranked))
     top = ranked[0]
     comparable = [c for c in ranked if math.isfinite(c.val_mae_years) and math.isfinite(c.test_mae_years)]
@@ -303,15 +402,35 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
             + "; ".join(f"{c.run_name or c.run_id[:8]}: {c.excluded}" for c in ranked if c.vetoed)
             + "): none generalises on every set; train a run that does, or drop a set from evaluate.external "
             "(then dvc repro) to judge by the others")
-    if top.excluded:  # e.g. runs scored on different external sets: none covers them all
+    evaluate_again = any("not scored on" in c.excluded or "another version of" in c.excluded for c in ranked)
+    other_faces = any("validated on other photos" in c.excluded or "scored on other faces" in c.excluded
+                      for c in ranked)
+    if top.excluded and (evaluate_again or not other_faces):
+        # e.g. runs scored on different external sets: none covers them all
         raise PackagingError(f"no run passes the external-MAE guard (best candidate {top.run_id}: {top.excluded}); "
                              "evaluate the runs on the same evaluate.external sets")
+    if top.excluded:  # e.g. no run validated on the workspace's faces: each reason says what to do
+        raise PackagingError(f"no run qualifies by the champion rule (best candidate {top.run_id}: {top.excluded})")
     tags = found[top.run_id].data.tags
     return Winner(run_id=top.run_id, run_name=top.run_name, val_mae_years=top.val_mae_years,
                   test_mae_years=top.test_mae_years, start_time_ms=top.start_time_ms,
                   data_sha256=tags.get("data_sha256"), git_commit=tags.get("git_commit"),
                   external_mae_years=top.external_mae_years, dvc_experiment=tags.get(DVC_EXPERIMENT_TAG),
                   evaluated_in=tags.get(EVALUATED_IN_TAG) or None)
+
+
+def candidate(run) -> Candidate:
+    """An MLflow run (with ``best_val_mae`` and ``test_mae_years``) as a :class:`Candidate`, its verdict to come."""
+    metrics, tags = run.data.metrics, run.data.tags
+    maes = external_maes(metrics, tags)
+    return Candidate(
+        run.info.run_id, run.info.run_name or "", float(metrics[VAL_METRIC]), float(metrics[TEST_METRIC]),
+        int(run.info.start_time), maes, "", external_versions(tags),
+        val_faces_sha256=tags.get(VAL_FACES_TAG, ""), val_n_faces=tags.get(VAL_N_FACES_TAG, ""),
+        external_faces_sha256={n: v for n, v in external_faces_versions(tags).items() if n in maes},
+        external_n_faces={n: int(metrics[f"external_{n}_n_faces"]) for n in maes
+                          if math.isfinite(metrics.get(f"external_{n}_n_faces", math.nan))},
+        preprocess={k[len("preprocess."):]: v for k, v in run.data.params.items() if k.startswith("preprocess.")})
 
 
 def _refuse_mixed_data(found: dict, experiment: str) -> None:
@@ -785,6 +904,19 @@ def _copy_detector(dest: Path, detector_dir: str | Path, needed: list[str], mani
     (dest / LINEAGE_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
+def workspace_val_faces(faces_dir: str | Path) -> str | None:
+    """The fingerprint of the validation faces in the workspace's ``preprocess`` output (what ``train`` tags as
+    ``train.val_faces_sha256`` when it trains on it), or None where there is no such output."""
+    if not (Path(faces_dir) / FACES_MANIFEST).is_file():
+        return None
+    try:
+        return validation_faces_tags(read_faces_manifest(faces_dir, "valid"))[VAL_FACES_TAG]
+    except (OSError, KeyError, ValueError) as e:
+        log.warning("could not read the workspace's validation faces (%s): the champion rule compares the runs "
+                    "validated on the faces most runs were", e)
+        return None
+
+
 def workspace_external_versions(record: str | Path | None) -> dict[str, str] | None:
     """``{set: fingerprint}`` from ``check_sources``' record of ``evaluate.external`` (``data/external.json``),
     or None where there is none (packaging outside the pipeline's workspace)."""
@@ -837,6 +969,7 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     data_sha256 = read_crop_settings(faces_dir).get("data_sha256") if has_settings else None
     # Logs the rule and every candidate's numbers; data unknown here: runs on different data are refused, not ranked.
     winner = select_winner(client, data_sha256=data_sha256, require_one_data=data_sha256 is None,
+                           val_faces=workspace_val_faces(faces_dir) if data_sha256 else None,
                            external_sha256=workspace_external_versions(
                                Path(faces_dir).parent / Path(EXTERNAL_FILE).name if external_record is None
                                else external_record))

@@ -54,7 +54,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -607,6 +607,26 @@ def _misfit(want: dict[str, tuple[int, ...]], saved: dict[str, torch.Tensor]) ->
     return ""
 
 
+# The photos a run's ``best_val_mae`` was measured on (:func:`faces_fingerprint` of the ``valid`` split's scored
+# file names, and their count). With ``preprocess.no_face=skip`` the split loses its faceless photos (which ones depend
+# on the detector settings), and validation MAEs on other photos do not compare: the champion rule compares them only
+# among runs validated on the same faces (:func:`faceage.packaging.rank_candidates`).
+VAL_FACES_TAG = "train.val_faces_sha256"
+VAL_N_FACES_TAG = "train.val_n_faces"
+
+
+def faces_fingerprint(file_names: Iterable[str]) -> str:
+    """sha256 of the sorted, distinct file names of the photos a metric was measured on: two runs' MAEs on one
+    data version (``data_sha256``, ``evaluate.external_sha256``) compare only where this also matches."""
+    return hashlib.sha256("\n".join(sorted(set(file_names))).encode("utf-8")).hexdigest()
+
+
+def validation_faces_tags(rows: Sequence[dict]) -> dict[str, str]:
+    """:data:`VAL_FACES_TAG` and :data:`VAL_N_FACES_TAG` of the validation split's manifest ``rows`` (those with a
+    crop: the faces :func:`evaluate` scores)."""
+    return {VAL_FACES_TAG: faces_fingerprint(r["file_name"] for r in rows), VAL_N_FACES_TAG: str(len(rows))}
+
+
 # ``train`` keys that say where and how fast a run executes, not what it trains: each face's draws are seeded per
 # face and epoch whatever loader worker makes them (SeededSamples), and a state saved on one device loads on any
 # (weights and optimiser moved to it; a loss scaler's state is ignored where scaling is off). Fingerprinted, a run
@@ -934,6 +954,8 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             state = run.enter_context(tracker.run())
             if d.is_main:
                 _write_summary(reports_dir, full[0], p, weights_from, tracker)
+                # Each start and resume: a run trained before the tag existed and resumed now gets it too
+                tracker.mlflow.set_tags(validation_faces_tags(full[1].rows))
                 tracker.log_gflops(count_gflops(full[0], input_shape, device))
                 log.info("training %s (weights: %s) on %s: %d train / %d valid faces, %d epochs, global batch %d "
                          "over %d process(es), %d loader workers, %d torch threads each; MLflow run %s in %s",
