@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from faceage.config import check_train_backbone
 from faceage.errors import FaceAgeError
+from faceage.evaluation import external_faces_versions
 from faceage.atomic import write_text
 from faceage.experiment import (PARAMS, ProfileError, ProfileInterrupted, dvc_root, file_bytes, override_value,
                                 run_profile)
@@ -226,8 +228,72 @@ def external_references(rows: list[dict]) -> dict[str, str]:
     return {name: version for name, (_, version) in newest.items()}
 
 
+def _other_version(r: dict, name: str, refs: dict[str, str]) -> bool:
+    """Whether row ``r`` was scored on another version of set ``name``'s files than ``refs``
+    (:func:`external_references`)."""
+    version = r.get("external_sha256", {}).get(name)
+    return name in refs and version is not None and version != refs[name]
+
+
+def external_face_references(rows: list[dict]) -> dict[str, dict]:
+    """Per external set, the row whose faces (``evaluate.external_faces_sha256``) the report's column compares: the
+    newest run's among those on the compared version of the files (:func:`external_references`), as for the version.
+    Sets no such row recorded faces for are left out (runs evaluated before the tag: nothing to compare)."""
+    refs = external_references(rows)
+    newest: dict[str, dict] = {}
+    for r in rows:
+        for name in r.get("external_faces_sha256", {}):
+            if name in r.get("external", {}) and not _other_version(r, name, refs) and \
+                    r.get("start_time_ms", 0) >= newest.get(name, {}).get("start_time_ms", -1):
+                newest[name] = r
+    return newest
+
+
+def _other_faces(r: dict, name: str, face_refs: dict[str, dict]) -> bool:
+    """Whether row ``r`` (on the compared version of set ``name``) was scored on other faces of it than the newest
+    run's (:func:`external_face_references`)."""
+    faces = r.get("external_faces_sha256", {}).get(name)
+    return (name in face_refs and name in r.get("external", {}) and faces is not None
+            and faces != face_refs[name]["external_faces_sha256"][name])
+
+
+def common_face_maes(client, rows: list[dict], runs: dict) -> None:
+    """Adds ``external_common`` ``{set: (MAE, faces)}`` to the rows scored on different faces of a set: each run's MAE
+    on the faces all of them scored, from their ``evaluation/external_predictions.csv``, by packaging's paired
+    comparison (:func:`faceage.packaging.paired_maes`: its thresholds, its fallbacks, its log lines).
+
+    Where the rows of a set were all scored on the same faces (a backbone sweep: preprocess does not change), nothing
+    is read or downloaded, and packaging (which imports torch) is not imported.
+
+    Args:
+        client: The MLflow client the rows were read with.
+        rows: :func:`collect`'s rows (updated in place).
+        runs: ``{backbone: MLflow run}`` of the rows.
+    """
+    refs = external_references(rows)
+    for name in sorted({n for r in rows for n in r.get("external", {})}):
+        compared = [r for r in rows if math.isfinite(r["external"].get(name, math.nan))
+                    and not _other_version(r, name, refs)]
+        if len({r["external_faces_sha256"][name] for r in compared if name in r["external_faces_sha256"]}) < 2:
+            continue
+        import dataclasses
+        import tempfile
+
+        from faceage.packaging import candidate, paired_maes, read_face_errors
+
+        with tempfile.TemporaryDirectory(prefix="faceage-sweep-predictions-") as workdir:
+            paired = paired_maes(name, [dataclasses.replace(candidate(runs[r["backbone"]]), run_name=r["backbone"])
+                                        for r in compared],
+                                 lambda c: read_face_errors(client, c.run_id, workdir))
+        for r in compared:
+            if r["run_id"] in paired:
+                r.setdefault("external_common", {})[name] = paired[r["run_id"]]
+
+
 def collect(runs: dict) -> list[dict]:
-    """One row per backbone from MLflow: params, GFLOPs, train time, validation and test MAE.
+    """One row per backbone from MLflow: params, GFLOPs, train time, validation and test MAE, external MAEs with the
+    version of the files and the faces each was measured on, and where runs scored different faces of a set, their
+    MAEs on the faces all of them scored (:func:`common_face_maes`).
 
     Raises:
         SweepError: The store is a sqlite file that is not there (:func:`faceage.tracking.absent_store`): it is not created.
@@ -238,10 +304,11 @@ def collect(runs: dict) -> list[dict]:
         raise SweepError(f"no MLflow store at {db} ({display_uri()}): {ABSENT_STORE_FIX}")
     mlflow = setup_mlflow(writable=False)
     client = mlflow.MlflowClient()
-    rows = []
+    rows, fetched = [], {}
     for backbone, info in runs.items():
-        r = client.get_run(info["run_id"])
+        r = fetched[backbone] = client.get_run(info["run_id"])
         m, p = r.data.metrics, r.data.params
+        external = external_maes(m, r.data.tags)
         rows.append({
             "backbone": backbone, "run_id": info["run_id"], "overrides": info["overrides"],
             "params_m": int(p["train.num_parameters"]) / 1e6, "gflops": m.get("model_gflops", float("nan")),
@@ -250,16 +317,21 @@ def collect(runs: dict) -> list[dict]:
             "test_mae": m["test_mae_years"], "cs5": m.get("test_cs5", float("nan")),
             "coverage_1std": m.get("test_coverage_1std", float("nan")),
             "baseline_mae": m.get("test_baseline_mae_years", float("nan")),
-            "external": external_maes(m, r.data.tags),
+            "external": external,
             # which files each external MAE was measured on, and which data the run trained and was tested on:
             # rows compare only where these agree (runs_data, external_references)
             "external_sha256": external_versions(r.data.tags), "data_sha256": r.data.tags.get("data_sha256"),
+            # and which of the set's faces (a set without release crops: those the run's own detector found)
+            "external_faces_sha256": {n: v for n, v in external_faces_versions(r.data.tags).items() if n in external},
+            "external_n_faces": {n: int(m[f"external_{n}_n_faces"]) for n in external
+                                 if math.isfinite(m.get(f"external_{n}_n_faces", math.nan))},
             "start_time_ms": int(r.info.start_time or 0),
             "data_source": r.data.tags.get("data_source", "?"), "device": r.data.tags.get("device", "?"),
             "threads": p.get("train.torch_threads", "?"),
             **({"head": _run_head(client, r), "face_features": p.get("train.face_features", "descriptor")}
                if backbone == "dlib_age" else {}),
         })
+    common_face_maes(client, rows, fetched)
     return rows
 
 
@@ -413,6 +485,12 @@ def _external_note(sets: list[str]) -> str:
             "collection, never trained or tuned on), cropped with the model's own crop settings.\n")
 
 
+def _n_faces(r: dict, name: str) -> str:
+    """``"150 faces"``: how many faces of set ``name`` row ``r`` was scored on (``external_<name>_n_faces``)."""
+    n = r.get("external_n_faces", {}).get(name)
+    return f"{n} faces" if n is not None else "faces uncounted"
+
+
 def _runs_note(rows: list[dict]) -> str:
     """Where the runs trained and on what data, from their MLflow tags (not assumed): a source URL's password or
     presigned signature stays out of the report, which is committed (:func:`faceage.tracking.masked_url`)."""
@@ -486,19 +564,29 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
     plt.close(fig)
 
     # One column per cross-dataset set (evaluate.external) any run was scored on; "-" where a run was not; "*" where
-    # it was scored on another version of the set's files than the column's others (not comparable with them).
+    # it was scored on another version of the set's files than the column's others (not comparable with them); "†"
+    # where on the same files, but on other faces of them than the newest run's (a set without release crops is
+    # scored on the faces the run's own detector found), and then, where their predictions allow it, a column of
+    # each run's MAE on the faces all of them scored (common_face_maes).
     sets = sorted({name for r in rows for name in r.get("external", {})})
     refs = external_references(rows)
+    face_refs = external_face_references(rows)
+    common = {name: max(r["external_common"][name][1] for r in paired)
+              for name in sets if (paired := [r for r in rows if name in r.get("external_common", {})])}
 
     def other_version(r: dict, name: str) -> bool:
-        version = r.get("external_sha256", {}).get(name)
-        return name in refs and version is not None and version != refs[name]
+        return _other_version(r, name, refs)
+
+    def other_faces(r: dict, name: str) -> bool:  # * says more: another version holds other faces anyway
+        return not other_version(r, name) and _other_faces(r, name, face_refs)
 
     def cell(r: dict, name: str) -> str:
         ext = r.get("external", {})
         if name not in ext:
-            return "- | "
-        return f"{ext[name]:.2f}{'*' if other_version(r, name) else ''} | "
+            return "- | " + ("- | " if name in common else "")
+        mark = "*" if other_version(r, name) else "†" if other_faces(r, name) else ""
+        paired = r.get("external_common", {}).get(name)
+        return f"{ext[name]:.2f}{mark} | " + ((f"{paired[0]:.2f} | " if paired else "- | ") if name in common else "")
 
     version_note = ""
     for name in sets:
@@ -511,9 +599,37 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
                          f"newest run's {refs[name][:8]}): not comparable with the column's other values; sweep "
                          + ", ".join(f"`{b}`" for b in backbones) + f" again (`--backbones {' '.join(backbones)}`) "
                          "to score them on the set's files as they are now.\n")
+    faces_note = ""
+    for name in sets:
+        others = [r for r in rows if other_faces(r, name)]
+        if not others:
+            continue
+        ref = face_refs[name]
+        paired = [r for r in rows if name in r.get("external_common", {})]
+        unpaired = [r for r in rows if name in r.get("external", {}) and not other_version(r, name)
+                    and r not in paired]
+        if paired:
+            compared = (f"the `{name}` MAE, {common[name]} common faces column compares "
+                        + ", ".join(f"`{r['backbone']}`" for r in paired)
+                        + f" on the {common[name]} faces all of them scored (their "
+                        "`evaluation/external_predictions.csv`)"
+                        + ("; " + ", ".join(f"`{r['backbone']}`" for r in unpaired) + " not: no readable "
+                           "predictions (the log says why)" if unpaired else "") + "; ")
+        else:
+            compared = ("they are not compared on the faces they have in common (no readable "
+                        "`evaluation/external_predictions.csv`, or too few faces in common: the log says which); ")
+        backbones = [r["backbone"] for r in others]
+        faces_note += (f"`{name}` MAE marked † was measured on other faces of the set than the newest run's "
+                       f"(`{ref['backbone']}`, {_n_faces(ref, name)}): "
+                       + ", ".join(f"`{r['backbone']}` {_n_faces(r, name)}" for r in others)
+                       + " (a set without release crops is scored on the faces each run's own detector found: "
+                       "their `preprocess` settings differ); " + compared
+                       + "sweep " + ", ".join(f"`{b}`" for b in backbones)
+                       + f" again (`--backbones {' '.join(backbones)}`) to score them on the newest run's faces.\n")
     table = ["| backbone | params (M) | GFLOPs | input | epochs | train time (s) | val MAE | test MAE | CS@5 | "
-             + "".join(f"`{name}` MAE | " for name in sets) + "MLflow run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(sets) + "---|"]
+             + "".join(f"`{name}` MAE | " + (f"`{name}` MAE, {common[name]} common faces | " if name in common else "")
+                       for name in sets) + "MLflow run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(sets) + len(common)) + "---|"]
     for r in sorted(rows, key=lambda r: r["test_mae"]):
         sides = _dlib_age_words(r)[0] if r["backbone"] == "dlib_age" else CHIP_SIDES.get(r["backbone"])
         size = f"{sides} (aligned chips)" if sides else f"{r['image_size']} px"
@@ -533,7 +649,7 @@ Generated by `python -m faceage.sweep --profile {profile}` from the MLflow runs 
 
 {chr(10).join(table)}
 
-{_external_note(sets)}{version_note}{_runs_note(rows)}
+{_external_note(sets)}{version_note}{faces_note}{_runs_note(rows)}
 For `dlib_face`, parameters and GFLOPs are the trainable head's; the frozen dlib encoder
 (a 29-layer ResNet, ~5.6 M parameters, 22 MB) runs on top at ~0.09 s per face on one CPU core.
 {age_note}
