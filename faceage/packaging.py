@@ -297,7 +297,13 @@ def _settings_differ(c: Candidate, ref: Candidate | None) -> list[str]:
 
 
 def _rerun_hint(c: Candidate, ref: Candidate | None, what: str) -> str:
-    """How to get ``c``'s model measured on the compared faces: train it again with the compared runs' settings."""
+    """How to get ``c``'s model measured on the compared faces: train it again with the compared runs' settings;
+    where no run was measured on them (``ref`` None: the workspace's preprocess output, which no run trained on),
+    train on the workspace's output, or put the runs' output back in the workspace."""
+    if ref is None:
+        return (f"its {what} does not compare, and no run was validated on the workspace's preprocess output: train "
+                "it again on that output (dvc repro), or put the preprocess output the runs were trained on in the "
+                "workspace (dvc exp apply <experiment>, or dvc checkout)")
     keys = [k for k in FACE_SETTINGS if ref is not None and c.preprocess.get(k) != ref.preprocess.get(k)]
     sets = " ".join(f"-S preprocess.{k}={ref.preprocess[k]}" for k in keys if ref and k in ref.preprocess)
     return (f"its {what} does not compare with theirs; train it again with the compared runs' preprocess settings"
@@ -391,7 +397,12 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
                            + _rerun_hint(c, val_ref_run, VAL_METRIC))
         vetoes = []  # the margin's, apart: where they are a run's only reasons, evaluating it again changes nothing
         for n in sets:
-            if n not in c.external_mae_years:
+            if n not in c.external_mae_years and c.external_n_faces.get(n) == 0 and not other_version(c, n):
+                # Evaluated on it, but its preprocess detector settings found none of its faces (evaluate logs no
+                # MAE then): evaluating it again changes nothing
+                reasons.append(f"no face of {n} scored (external_{n}_n_faces=0: its preprocess detector settings "
+                               "found none)")
+            elif n not in c.external_mae_years:
                 reasons.append(f"not scored on {n}")
             elif other_version(c, n):
                 reasons.append(f"scored on another version of {n} (files {c.external_sha256[n][:8]}, the compared "
@@ -516,12 +527,11 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
             + "): none generalises on every set; train a run that does, or drop a set from evaluate.external "
             "(then dvc repro) to judge by the others")
     evaluate_again = any("not scored on" in c.excluded or "another version of" in c.excluded for c in ranked)
-    other_faces = any("validated on other photos" in c.excluded for c in ranked)
-    if top.excluded and (evaluate_again or not other_faces):
+    if top.excluded and evaluate_again:
         # e.g. runs scored on different external sets: none covers them all
         raise PackagingError(f"no run passes the external-MAE guard (best candidate {top.run_id}: {top.excluded}); "
                              "evaluate the runs on the same evaluate.external sets")
-    if top.excluded:  # e.g. no run validated on the workspace's faces: each reason says what to do
+    if top.excluded:  # e.g. no run validated on the workspace's faces, or none of a set's found: each reason says
         raise PackagingError(f"no run qualifies by the champion rule (best candidate {top.run_id}: {top.excluded})")
     tags = found[top.run_id].data.tags
     return Winner(run_id=top.run_id, run_name=top.run_name, val_mae_years=top.val_mae_years,
@@ -540,8 +550,9 @@ def candidate(run) -> Candidate:
         int(run.info.start_time), maes, "", external_versions(tags),
         val_faces_sha256=tags.get(VAL_FACES_TAG, ""), val_n_faces=tags.get(VAL_N_FACES_TAG, ""),
         external_faces_sha256={n: v for n, v in external_faces_versions(tags).items() if n in maes},
-        external_n_faces={n: int(metrics[f"external_{n}_n_faces"]) for n in maes
-                          if math.isfinite(metrics.get(f"external_{n}_n_faces", math.nan))},
+        # Sets without an MAE too: n_faces 0 is a set evaluated where the run's detector found no face
+        external_n_faces={k[len("external_"):-len("_n_faces")]: int(v) for k, v in metrics.items()
+                          if k.startswith("external_") and k.endswith("_n_faces") and math.isfinite(v)},
         preprocess={k[len("preprocess."):]: v for k, v in run.data.params.items() if k.startswith("preprocess.")})
 
 
