@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,21 +24,29 @@ from tests.integration.test_cors_r33 import FRONT_END, ORIGINS, STRANGER, cors_h
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 4
-BUSY = {"services": {"face_age": {"traffic": {"max_concurrency": 1, "timeout": TIMEOUT_S}}}}
+
+
+@contextmanager
+def one_slot_server(bento_server, tmp_path_factory, name: str, timeout_s: int, **env: str | None):
+    """The session's bento served with room for one request at a time and BentoML's ``traffic.timeout`` of
+    ``timeout_s``, from a BentoML home of its own (see test_cors_r33's ``cors_url`` for why), ``env`` on top of the
+    session server's (None: unset); yields its URL."""
+    busy_config = {"services": {"face_age": {"traffic": {"max_concurrency": 1, "timeout": timeout_s}}}}
+    home = tmp_path_factory.mktemp(f"{name}-bentoml-home")
+    for store in ("bentos", "models"):
+        (home / store).symlink_to(Path(bento_server.env["BENTOML_HOME"]) / store, target_is_directory=True)
+    merged = {**bento_server.env, "BENTOML_HOME": str(home), "FACEAGE_DETECT_PROCESSES": "1",
+              "BENTOML_CONFIG_OVERRIDES": json.dumps(busy_config), **env}
+    log = bento_server.home / f"serve-{name}.log"
+    with serving({k: v for k, v in merged.items() if v is not None}, bento_server.home, log) as (url, proc):
+        assert url, f"bentoml serve with {busy_config} exited {proc.returncode}:\n{log.read_text()[-5000:]}"
+        yield url
 
 
 @pytest.fixture(scope="module")
 def busy_url(bento_server, tmp_path_factory):
-    """The session's bento served with CORS on and room for one request at a time, from a BentoML home of its own
-    (see test_cors_r33's ``cors_url`` for why)."""
-    home = tmp_path_factory.mktemp("busy-bentoml-home")
-    for store in ("bentos", "models"):
-        (home / store).symlink_to(Path(bento_server.env["BENTOML_HOME"]) / store, target_is_directory=True)
-    env = {**bento_server.env, "BENTOML_HOME": str(home), "FACEAGE_CORS_ORIGINS": ORIGINS,
-           "FACEAGE_DETECT_PROCESSES": "1", "BENTOML_CONFIG_OVERRIDES": json.dumps(BUSY)}
-    log = bento_server.home / "serve-busy.log"
-    with serving(env, bento_server.home, log) as (url, proc):
-        assert url, f"bentoml serve with {BUSY} exited {proc.returncode}:\n{log.read_text()[-5000:]}"
+    """One slot, CORS on."""
+    with one_slot_server(bento_server, tmp_path_factory, "busy", TIMEOUT_S, FACEAGE_CORS_ORIGINS=ORIGINS) as url:
         yield url
 
 
@@ -75,9 +84,10 @@ def raw_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
-def busy(url: str, **kwargs) -> requests.Response:
-    """A request sent while the slot is held: retried for a moment until the server has the held one in progress."""
-    deadline = time.monotonic() + TIMEOUT_S / 2
+def busy(url: str, wait_s: float = 2, **kwargs) -> requests.Response:
+    """A request sent while the slot is held: retried for up to ``wait_s`` until the server has the held one in
+    progress."""
+    deadline = time.monotonic() + wait_s
     while True:
         r = requests.request(url=url, timeout=30, **kwargs)
         if r.status_code == 429 or time.monotonic() > deadline:
@@ -89,7 +99,7 @@ def test_a_busy_servers_429_and_504_are_readable_by_an_allowed_page(busy_url):
     held = hold_the_only_slot(busy_url, FRONT_END)
     try:
         started = time.monotonic()
-        r = busy(busy_url + "/model_card", method="GET", headers={"Origin": FRONT_END})
+        r = busy(busy_url + "/model_card", TIMEOUT_S / 2, method="GET", headers={"Origin": FRONT_END})
         assert r.status_code == 429, f"the held upload did not take the only slot: {r.status_code} {r.text[:200]}"
         assert r.json() == {"error": "Too many requests"}  # BentoML's own answer, unchanged
         assert r.headers.get("access-control-allow-origin") == FRONT_END, r.headers

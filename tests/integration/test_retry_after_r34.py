@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -17,39 +16,19 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from faceage.http import BUSY_RETRY_AFTER_S
-from tests.integration.test_cors_r33 import cors_headers, serving
-from tests.integration.test_cors_r34 import hold_the_only_slot, raw_answer
+from tests.integration.test_cors_r33 import cors_headers
+from tests.integration.test_cors_r34 import busy, hold_the_only_slot, one_slot_server, raw_answer
 
 pytestmark = pytest.mark.integration
 
 TIMEOUT_S = 8  # the held upload's 504: long enough for the checks below, a client's retries included
-BUSY = {"services": {"face_age": {"traffic": {"max_concurrency": 1, "timeout": TIMEOUT_S}}}}
 
 
 @pytest.fixture(scope="module")
 def one_slot_url(bento_server, tmp_path_factory):
-    """The session's bento served with CORS off and room for one request at a time, from a BentoML home of its own
-    (see test_cors_r33's ``cors_url`` for why)."""
-    home = tmp_path_factory.mktemp("retry-after-bentoml-home")
-    for store in ("bentos", "models"):
-        (home / store).symlink_to(Path(bento_server.env["BENTOML_HOME"]) / store, target_is_directory=True)
-    env = {**bento_server.env, "BENTOML_HOME": str(home), "FACEAGE_DETECT_PROCESSES": "1",
-           "BENTOML_CONFIG_OVERRIDES": json.dumps(BUSY)}
-    env.pop("FACEAGE_CORS_ORIGINS", None)
-    log = bento_server.home / "serve-retry-after.log"
-    with serving(env, bento_server.home, log) as (url, proc):
-        assert url, f"bentoml serve with {BUSY} exited {proc.returncode}:\n{log.read_text()[-5000:]}"
+    """One slot, CORS off."""
+    with one_slot_server(bento_server, tmp_path_factory, "retry-after", TIMEOUT_S, FACEAGE_CORS_ORIGINS=None) as url:
         yield url
-
-
-def busy(url: str, **kwargs) -> requests.Response:
-    """A request sent while the slot is held: retried for a moment until the server has the held one in progress."""
-    deadline = time.monotonic() + 2
-    while True:
-        r = requests.request(url=url, timeout=30, **kwargs)
-        if r.status_code == 429 or time.monotonic() > deadline:
-            return r
-        time.sleep(0.05)
 
 
 def test_a_busy_servers_429_carries_retry_after_and_a_client_waits_by_it(one_slot_url):
