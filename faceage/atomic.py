@@ -357,6 +357,26 @@ _NOT_A_FILE = frozenset({errno.EISDIR, errno.ELOOP, errno.EMLINK, errno.ENXIO})
 _LOCK_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
+def _open_lock_fd(path: Path, flags: int) -> int:
+    """``os.open(path, flags | _LOCK_FLAGS)``, except that a regular file held under a lease is waited for.
+
+    O_NONBLOCK has one other effect on a regular file: an open that conflicts with a lease on it (Samba's kernel
+    oplocks, nfsd's delegations on the NFS server itself: a team's shared cache folder) fails at once with EAGAIN
+    instead of waiting for the holder to let go, which it does within the kernel's lease-break time. A file there
+    is opened again the way the old ``open(path, "a")`` did, waiting; anything else (a FIFO) is not waited for.
+    """
+    try:
+        return os.open(path, flags | _LOCK_FLAGS, 0o666)
+    except BlockingIOError:
+        try:
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            regular = False
+        if not regular:
+            raise
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+
+
 def _open_lock(path: Path, target: Path) -> IO | None:
     """The lock file, opened to be locked: created if need be; read-only where this user may not write
     it (another user's file, a read-only folder or file system); None where it is not there to open.
@@ -365,14 +385,14 @@ def _open_lock(path: Path, target: Path) -> IO | None:
         WriteError: Something other than a file is at ``path`` (:func:`_lock_path_error`).
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _LOCK_FLAGS, 0o666)
+        fd = _open_lock_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     except OSError as e:
         if e.errno in _NOT_A_FILE:
             raise _lock_path_error(path, target, e) from e
         if e.errno not in _NOT_WRITABLE:
             raise
         try:  # flock needs no write access; a read-only open also opens a folder, which fstat tells below
-            fd = os.open(path, os.O_RDONLY | _LOCK_FLAGS)
+            fd = _open_lock_fd(path, os.O_RDONLY)
         except OSError as e:
             if e.errno in _NOT_A_FILE:
                 raise _lock_path_error(path, target, e) from e

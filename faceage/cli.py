@@ -30,6 +30,7 @@ import csv
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import unicodedata
@@ -319,6 +320,13 @@ def _stdin_problem() -> str | None:
     return None
 
 
+def _as_url(path: Path) -> str | None:
+    """The URL a PATH argument was typed as (``scheme://...``, which :class:`~pathlib.Path` made ``scheme:/...``),
+    or None."""
+    match = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]+):/+(.+)", str(path))  # 2+ letters: not a drive, C:/
+    return f"{match[1]}://{match[2]}" if match else None
+
+
 def _read_error(path: Path, error: Exception, max_pixels: int | None = None) -> str:
     """The row's message for a photo that could not be read: a missing path, or a symbolic link
     whose target is gone, in words rather than as the ``[Errno 2]`` of opening it; for a folder a
@@ -336,6 +344,10 @@ def _read_error(path: Path, error: Exception, max_pixels: int | None = None) -> 
     if isinstance(error, OSError) and not isinstance(error, PermissionError) and not os.path.exists(path):
         if os.path.islink(path):
             return f"broken symbolic link: {path} -> {os.readlink(path)}"
+        # `faceage predict https://...`: Path made "https:/..." of it, and its query string's "?" is no pattern.
+        if (url := _as_url(path)) is not None:
+            return (f"no such file or folder: {path} (a URL: faceage predict reads files; pipe the photo in "
+                    f"instead: curl -s '{url}' | faceage predict {STDIN})")
         # `faceage predict "photos/*.JPG"`: quoted, or it matched no file. Not "[": real names hold brackets.
         if any(c in str(path) for c in "*?"):
             return (f"no such file or folder: {path} (a pattern the shell passed as typed: it was quoted, or matches "
