@@ -143,7 +143,9 @@ def test_the_ui_is_gradios_and_left_alone():
     assert r.headers["access-control-allow-origin"] == FRONT_END
 
 
-def test_lifespan_and_websocket_scopes_pass_through():
+def assert_passes_other_scopes_through(wrap) -> None:
+    """``wrap(app)`` (an ASGI middleware) hands lifespan and websocket scopes, an allowed Origin on them, to ``app``
+    with the very ``send`` it was given."""
     seen = []
 
     async def app(scope, receive, send):
@@ -153,12 +155,16 @@ def test_lifespan_and_websocket_scopes_pass_through():
         pass
 
     async def run():
-        middleware = CORSFallbackMiddleware(app, (FRONT_END,))
+        middleware = wrap(app)
         for kind in ("lifespan", "websocket"):
             await middleware({"type": kind, "path": "/", "headers": [(b"origin", FRONT_END.encode())]}, None, send)
 
     asyncio.run(run())
     assert seen == [("lifespan", send), ("websocket", send)]
+
+
+def test_lifespan_and_websocket_scopes_pass_through():
+    assert_passes_other_scopes_through(lambda app: CORSFallbackMiddleware(app, (FRONT_END,)))
 
 
 SERVICE_PROBE = textwrap.dedent('''

@@ -25,6 +25,7 @@ from faceage.atomic import _host, lock_file
 from faceage.external import KEEP_ENTRIES, external_faces
 from faceage.sources import resolve_external
 from tests.conftest import REPO, make_subset
+from tests.unit.test_crops_r30 import fill_the_disk_at_save
 from tests.unit.test_external import checkpoint_crop, make_set, noise
 from tests.unit.test_external_r33 import HOUR, _age, _copies, _dead_pid, _entries
 from tests.unit.test_preprocess_r33 import assert_same_output, interrupt_at_save, resumed
@@ -268,20 +269,10 @@ def test_a_folder_or_dangling_link_at_an_entrys_lock_path_is_one_line_and_left(t
 def test_a_full_disk_removes_the_partial_crops_and_says_so(tmp_path, detector_dir, monkeypatch):
     """Unlike Ctrl-C or a kill, a full disk drops the work done so far: it sits in a hidden folder of the cache,
     which the user would have to find to free the space (and the README says no partial file is left)."""
-    import errno
-
     from faceage.atomic import WriteError
 
     ext, crop, cache = _noise_set(tmp_path), _whole(detector_dir), tmp_path / "cache"
-    save, calls = Image.Image.save, []
-
-    def save_until_full(self, fp, *args, **kwargs):
-        calls.append(fp)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
-        return save(self, fp, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    fill_the_disk_at_save(monkeypatch, 2)
     with pytest.raises(WriteError, match="no partial crops kept"):
         external_faces(ext, crop, detector_dir, cache, workers=1)
     assert _partials(cache) == [] and not _entries(cache)

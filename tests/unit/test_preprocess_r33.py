@@ -24,7 +24,7 @@ import faceage.preprocess as preprocess
 from faceage.appa_real import fetch_appa_real
 from faceage.config import PreprocessParams
 from tests.conftest import REPO, make_subset
-from tests.unit.test_crops_r30 import make_release
+from tests.unit.test_crops_r30 import fill_the_disk_at_save, make_release
 
 # 16 px noise has no face: the whole_image fallback crops every photo (a crop, chips and a row each), and no
 # detector look is slow. Runs without ../shared.
@@ -203,21 +203,11 @@ def test_another_code_version_starts_over(tmp_path, detector_dir, monkeypatch, c
 
 
 def test_a_full_disk_keeps_the_crops_done_and_says_so(tmp_path, detector_dir, monkeypatch, caplog):
-    import errno
-
     from faceage.atomic import WriteError
 
     data = make_release(tmp_path)
     out = tmp_path / "out" / "faces"
-    save, calls = Image.Image.save, []
-
-    def save_until_full(self, fp, *args, **kwargs):
-        calls.append(fp)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
-        return save(self, fp, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    fill_the_disk_at_save(monkeypatch, 2)
     with pytest.raises(WriteError) as e:
         preprocess.preprocess_dataset(data, detector_dir, out, NOISE)
     assert "(at valid/valid0.png)" in str(e.value) and f"kept in {partial(out)}" in str(e.value), str(e.value)

@@ -15,16 +15,10 @@ import faceage.preprocess as preprocess
 from faceage.errors import FaceAgeError, error_line
 from tests.unit.test_crops_r30 import make_release
 from tests.unit.test_preprocess_r33 import NOISE, partial
-from tests.unit.test_small_r30 import _run_unprivileged
+from tests.unit.test_small_r30 import _run_unprivileged, shared_tmp
 
 
-@pytest.fixture
-def shared_tmp(tmp_path):
-    """``tmp_path``, its folders' modes put back afterwards (so that it can be removed)."""
-    yield tmp_path
-    for root, dirs, _ in os.walk(tmp_path):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o755)
+FIXTURES = (shared_tmp,)
 
 
 def _one_line(e: BaseException) -> str:
@@ -67,12 +61,8 @@ def test_a_link_at_the_partial_path_is_named_and_left_alone(tmp_path, detector_d
     assert [p.name for p in (tmp_path / "gone").iterdir()] == ["mine.txt"]
 
 
-def test_a_partial_folder_this_user_cannot_write_is_one_line(shared_tmp, detector_dir):
-    data = make_release(shared_tmp)
-    out = shared_tmp / "out" / "faces"
-    out.parent.mkdir()
-    partial(out).mkdir()
-    partial(out).chmod(0o555)
+def _preprocess_unprivileged(data, detector_dir, out) -> str:
+    """The one line a user without root's override rights gets from preprocessing ``data`` into ``out``."""
     proc = _run_unprivileged(f"""
         from faceage.errors import FaceAgeError, error_line
         from faceage.preprocess import preprocess_dataset
@@ -83,7 +73,16 @@ def test_a_partial_folder_this_user_cannot_write_is_one_line(shared_tmp, detecto
             print(error_line(e))
         """)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = proc.stdout.strip()
+    return proc.stdout.strip()
+
+
+def test_a_partial_folder_this_user_cannot_write_is_one_line(shared_tmp, detector_dir):
+    data = make_release(shared_tmp)
+    out = shared_tmp / "out" / "faces"
+    out.parent.mkdir()
+    partial(out).mkdir()
+    partial(out).chmod(0o555)
+    line = _preprocess_unprivileged(data, detector_dir, out)
     assert str(partial(out)) in line and "cannot write" in line, line
     assert partial(out).is_dir() and not out.exists()
 
@@ -93,17 +92,7 @@ def test_an_output_parent_this_user_cannot_write_is_one_line(shared_tmp, detecto
     out = shared_tmp / "out" / "faces"
     out.parent.mkdir()
     out.parent.chmod(0o555)
-    proc = _run_unprivileged(f"""
-        from faceage.errors import FaceAgeError, error_line
-        from faceage.preprocess import preprocess_dataset
-        from tests.unit.test_preprocess_r33 import NOISE
-        try:
-            preprocess_dataset({str(data)!r}, {str(detector_dir)!r}, {str(out)!r}, NOISE)
-        except FaceAgeError as e:
-            print(error_line(e))
-        """)
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = proc.stdout.strip()
+    line = _preprocess_unprivileged(data, detector_dir, out)
     assert str(partial(out)) in line and "Permission denied" in line, line
     assert os.listdir(out.parent) == []
 

@@ -25,8 +25,7 @@ from urllib3.util.retry import Retry
 from faceage.http import (
     BUSY_RETRY_AFTER_S, CORS_EXPOSED_HEADERS, CORSFallbackMiddleware, RetryAfterMiddleware, with_retry_after,
 )
-
-FRONT_END = "http://localhost:3000"
+from tests.unit.test_cors_r34 import FRONT_END, assert_passes_other_scopes_through
 
 
 def bentoml_stack(gate: asyncio.Event) -> Starlette:
@@ -149,21 +148,7 @@ def test_other_answers_and_a_429_with_its_own_retry_after_are_left_as_they_are(s
 
 
 def test_lifespan_and_websocket_scopes_pass_through():
-    seen = []
-
-    async def app(scope, receive, send):
-        seen.append((scope["type"], send))
-
-    async def send(message):
-        pass
-
-    async def run():
-        middleware = RetryAfterMiddleware(app)
-        for kind in ("lifespan", "websocket"):
-            await middleware({"type": kind, "path": "/", "headers": []}, None, send)
-
-    asyncio.run(run())
-    assert seen == [("lifespan", send), ("websocket", send)]
+    assert_passes_other_scopes_through(RetryAfterMiddleware)
 
 
 def test_an_app_without_its_own_middleware_list_is_wrapped():
