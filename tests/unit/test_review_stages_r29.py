@@ -56,7 +56,7 @@ def test_a_stage_in_a_dvc_temp_run_imports_the_faceage_of_its_own_copy(stage, te
 
 STUB = "#!/bin/sh\n{body}\n"
 # The commands .ci/run runs besides its shell's builtins and the stubs below: the system's own.
-SYSTEM_TOOLS = ("dirname", "seq", "sleep", "tail", "nohup", "chmod", "cat", "setsid", "mktemp")
+SYSTEM_TOOLS = ("dirname", "seq", "sleep", "tail", "nohup", "chmod", "cat", "setsid", "mktemp", "rm")
 
 
 def ci_machine(tmp_path: Path, have: set[str], make: str = "", base_image: str = "") -> tuple[Path, dict[str, str], Path]:
@@ -90,7 +90,8 @@ def ci_machine(tmp_path: Path, have: set[str], make: str = "", base_image: str =
             stub(bin_dir / name, "exit 0")
     for tool in SYSTEM_TOOLS:
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "FACEAGE_SHARED_DATASETS": str(datasets)}
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
+           "FACEAGE_SHARED_DATASETS": str(datasets)}
     return repo, env, log
 
 
