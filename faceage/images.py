@@ -455,13 +455,8 @@ def _nclx_icc(nclx: dict) -> bytes | None:
 def _matrix_icc(xy, curve: tuple, description: str) -> bytes:
     """The ICC profile (v2 matrix/curve) of the RGB colour space whose red, green, blue and white have the
     chromaticities ``xy`` ((x, y) each), its tone curve ``curve`` (an ICC parametric curve: type, g, a, b, ...)."""
-    columns = np.array([[x / y, 1.0, (1 - x - y) / y] for x, y in xy[:3]]).T  # XYZ of R, G, B (columns)
-    (wx, wy) = xy[3]
-    white = np.array([wx / wy, 1.0, (1 - wx - wy) / wy])
-    to_xyz = columns * np.linalg.solve(columns, white)  # RGB (1, 1, 1) -> the white, at Y = 1
     # Adapted to the profile connection space's D50 (Bradford), as ICC profiles hold their colorants.
-    adapt = np.linalg.inv(_BRADFORD) @ np.diag((_BRADFORD @ _D50) / (_BRADFORD @ white)) @ _BRADFORD
-    colorants = (adapt @ to_xyz).T  # rows: rXYZ, gXYZ, bXYZ
+    colorants = (_bradford(_white_xyz(xy[3]), _D50) @ _xyz_matrix(xy)).T  # rows: rXYZ, gXYZ, bXYZ
     tone = _para(curve)
     return icc_profile_bytes({
         b"desc": _desc(description), b"wtpt": b"XYZ \0\0\0\0" + _s15(_D50),
@@ -884,11 +879,7 @@ def _sixteen_bit_key(img: Image.Image) -> tuple[int, int, int] | None:
 def _key_out(img: Image.Image, key: tuple[int, int, int], stream: BinaryIO) -> None:
     """Makes the pixels of a decoded 16-bit RGB PNG (:func:`_sixteen_bit_key`) that hold ``key`` transparent,
     in place (mode RGBA): their low bytes come from decoding ``stream`` again, as little-endian."""
-    stream.seek(0)
-    with Image.open(stream, formats=["PNG"]) as again:
-        again.tile = [again.tile[0]._replace(args="RGB;16L")]  # unpacks the second byte of each sample
-        again.load()
-        low = np.asarray(again)
+    low = np.asarray(_low_bytes(stream, "RGB;16B"))
     high = np.asarray(img)
     wanted = np.array(key, np.int64)
     transparent = ((high == wanted >> 8) & (low == wanted & 0xFF)).all(axis=2)
