@@ -243,7 +243,7 @@ def _check_out_dir(out_dir: Path) -> None:
     built = ("the output written there is a folder, built beside it and renamed onto the path, which replaces "
              "whatever stands there")
     if stat.S_ISLNK(st.st_mode):
-        raise WriteError(f"{out_dir} is a symbolic link (to {_link_target(out_dir)}): {built}, the link itself, not "
+        raise WriteError(f"{out_dir} is a symbolic link (to {link_target(out_dir)}): {built}, the link itself, not "
                          "what it points to; remove the link (what it points to is not touched) and rerun (to keep "
                          "the output on another disk, make the folder above it a link there instead)")
     if stat.S_ISREG(st.st_mode):
@@ -268,7 +268,8 @@ def _kind(mode: int) -> str:
     return "an unknown kind of file"
 
 
-def _link_target(path: Path) -> str:
+def link_target(path: Path) -> str:
+    """Where the symbolic link ``path`` points, for an error line ("?" where it is gone meanwhile)."""
     try:
         return os.readlink(path)
     except OSError:  # replaced meanwhile
@@ -422,7 +423,7 @@ def _lock_path_error(path: Path, target: Path, e: OSError | None = None, opened:
         return e if e is not None else WriteError(f"{path} could not be opened as a lock file for {target}")
     why = f"a lock file of that name is kept beside {target}, so that one process at a time builds it"
     if stat.S_ISLNK(mode):
-        return WriteError(f"{path} is a symbolic link (to {_link_target(path)}): {why}, and a link there is not "
+        return WriteError(f"{path} is a symbolic link (to {link_target(path)}): {why}, and a link there is not "
                           "followed; remove the link (what it points to is not touched) and rerun")
     return WriteError(f"{path} is not a file but {_kind(mode)}: {why}; move it away (or delete it) and rerun (it was "
                       "left as it is)")

@@ -49,8 +49,8 @@ import PIL
 from PIL import Image
 from tqdm import tqdm
 
-from faceage.atomic import (NO_SPACE, WriteError, errno_text, free_bytes, megabytes, place_in, staged_dir,
-                            write_text)
+from faceage.atomic import (NO_SPACE, WriteError, errno_text, free_bytes, link_target, megabytes, place_in,
+                            staged_dir, write_text)
 from faceage.appa_real import FACE_SUFFIX, Sample, listed_file, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
@@ -427,12 +427,8 @@ def _make_partial(folder: Path, out_dir: Path) -> None:
             line gives the free space and says to free some.
     """
     if folder.is_symlink():
-        try:
-            target = os.readlink(folder)
-        except OSError:  # pragma: no cover - removed meanwhile
-            target = "?"
         state = "" if folder.exists() else ", which does not exist"
-        raise _partial_error(folder, out_dir, f"is a symbolic link (to {target}{state})",
+        raise _partial_error(folder, out_dir, f"is a symbolic link (to {link_target(folder)}{state})",
                              "remove the link (what it points to is not touched) and rerun")
     if folder.exists() and not folder.is_dir():
         kind = "a file" if folder.is_file() else "not a folder"
