@@ -5,7 +5,7 @@ Input: a folder in the release layout with at least ``gt_avg_test.csv`` and ``te
 ``_face.jpg`` needed), a checkpoint's crop settings (``meta["crop"]``: detector, upsample,
 margin, size, ``no_face``, detector sha256) and the ``fetch_detector`` folder.
 Output: a faces folder laid out like ``preprocess``'s (``test/NAME.png``, ``manifest.csv``,
-``chips.npz``, ``preprocess.json``; plus ``embeddings.npz`` and ``descriptors.json`` for ``dlib_face`` models), so
+``chips.npz``, ``preprocess.json``; plus ``embeddings-<key>.npz`` for ``dlib_face`` models), so
 :func:`faceage.data.load_split` reads it exactly as it reads the test split.
 
 The crops are made by :func:`faceage.preprocess.crop_samples` (the pipeline's one detect + crop
@@ -15,8 +15,9 @@ same job goes on from it) and cached under ``<cache>/<name>-<key>/``, where the 
 the crop settings, the crop code and the photo list as read (each photo's file and labels): a new detector, margin,
 size or fallback, edited images, an edit of the crop code, or a change to how the CSV is read that changes the labels
 read, give a new key; the same settings reuse the crops (detection and crop of 1,743 faces took 21.6 s on 2 cores in
-round 22, ``benchmarks/bench_external_crops.py``). The ``dlib_face`` descriptors (minutes) are kept in the entry with
-a record of the code that computed them (:data:`DESCRIPTOR_CODE_MODULES`), and computed again after an edit of it.
+round 22, ``benchmarks/bench_external_crops.py``). The ``dlib_face`` descriptors (minutes) are kept in the entry in
+one file per key of the code that computed them (:data:`DESCRIPTOR_CODE_MODULES`) and the face-network files
+(:func:`descriptors_key`): computed again after an edit of it, and two runs with other code at once each read their own.
 
 The cache is kept from growing without end: each use of an entry (made or reused) touches its stamp file
 :data:`LAST_USED`, and after a new entry is made only the :data:`KEEP_ENTRIES` most recently used entries of that
@@ -38,12 +39,13 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from faceage.appa_real import LayoutError, dataset_fingerprint, read_split
 from faceage.atomic import (NO_SPACE, WriteError, clear_stale, errno_text, free_bytes, lock_file, locked, megabytes,
-                            same_file, scratch_name, write_text)
+                            same_file, scratch_name)
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
 from faceage.chips import CHIPS_FILE
@@ -55,15 +57,15 @@ from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError, exter
 
 log = logging.getLogger(__name__)
 
-EMBEDDINGS = "embeddings.npz"
+EMBEDDINGS = "embeddings.npz"  # the one descriptors file of versions before round 35 (removed once old): now keyed
 # The code that computes a set's dlib_face descriptors: faceage.face_encoder (the 5-point alignment and the network
 # call), faceage.chips (the loop that reads each crop, and the face box inside a crop), faceage.detector (the model
 # files' loading) and faceage.preprocess (which crops, and their margin, from the entry's manifest and settings; an
 # edit of it also gives a new crop entry). faceage.face_net is not among them: it is the torch copy of the network
 # inside dlib_age's fused head, which the descriptors never go through.
 DESCRIPTOR_CODE_MODULES = ("faceage.face_encoder", "faceage.chips", "faceage.detector", "faceage.preprocess")
-# Beside EMBEDDINGS in an entry: the fingerprint of the code that computed them (no "embeddings" in its name: that
-# is EMBEDDINGS and its staging file).
+# Beside EMBEDDINGS in an entry of versions before round 35: the fingerprint of the code that computed them (the
+# descriptors' file name holds it now); removed with EMBEDDINGS.
 DESCRIPTOR_RECORD = "descriptors.json"
 # 6: load_image converts a photo tagged with an ICC profile other than sRGB to sRGB (round 26);
 # 5: photos over faces.MAX_DETECT_PIXELS are detected downscaled, as the service detects them (round 24);
@@ -167,7 +169,8 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         try:
             with resumable_output(out, [EXTERNAL_SPLIT]) as (tmp, partial):
                 rows = crop_samples(samples, ext.path, detector_dir, tmp, params, workers_key=EXTERNAL_WORKERS,
-                                    manifest=manifest, partial=partial, inputs={SET_SHA256: fingerprint})
+                                    manifest=manifest, partial=partial, inputs={SET_SHA256: fingerprint},
+                                    what=f"external set {ext.name}")
                 settings = {**{k: crop.get(k) for k in CROP_KEYS}, "data_source": str(ext.path),
                             SET_SHA256: fingerprint, "counts": count_statuses(rows)[EXTERNAL_SPLIT]}
                 (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
@@ -437,59 +440,116 @@ def _free(folder: Path) -> str:
     return f"{megabytes(free)} is free there" if free is not None else "the free space there could not be read"
 
 
-def _recorded_code(record: Path) -> str | None:
-    """The descriptor-code fingerprint :data:`DESCRIPTOR_RECORD` holds; None where there is none to trust (no
-    record: descriptors from before it was kept, or a run killed between the two writes; or a garbled one)."""
-    try:
-        code = json.loads(record.read_text(encoding="utf-8")).get("code_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return code if isinstance(code, str) else None
+def descriptors_key(code_sha256: str, encoder_sha256: str, shape_predictor_sha256: str) -> str:
+    """16 hex digits over what decides a set's ``dlib_face`` descriptors beyond its crops: the code that computes
+    them (:data:`DESCRIPTOR_CODE_MODULES`' fingerprint) and the two face-network files (face encoder, 5-point shape
+    predictor). The key names the file they are kept in (:func:`descriptors_file`)."""
+    h = hashlib.sha256(f"code {code_sha256} encoder {encoder_sha256} shape predictor {shape_predictor_sha256}".encode())
+    return h.hexdigest()[:16]
+
+
+def descriptors_file(faces_dir: Path, key: str) -> Path:
+    """Where an entry keeps the descriptors of one :func:`descriptors_key`: ``embeddings-<key>.npz``."""
+    return faces_dir / f"{_DESCRIPTORS_PREFIX}{key}.npz"
+
+
+_DESCRIPTORS_PREFIX = "embeddings-"
+_DESCRIPTORS_NAME = re.compile(rf"{re.escape(_DESCRIPTORS_PREFIX)}[0-9a-f]{{16}}\.npz")
+_DESCRIPTORS_STAGING = re.compile(rf"(?:{re.escape(_DESCRIPTORS_PREFIX)}[0-9a-f]{{16}}\.npz|{re.escape(EMBEDDINGS)})"
+                                  r"\.tmp\.npz")  # embed_dataset's staging files (this version's, and older ones')
 
 
 def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int = 0) -> Path:
     """``dlib_face`` descriptors of a cropped set, cached beside its crops.
 
-    Reused only when they were computed with the same face-network files (the sha256 ``embeddings.npz`` holds)
-    and the same code (:data:`DESCRIPTOR_CODE_MODULES`, fingerprinted by :func:`faceage.preprocess.code_fingerprint`
-    and recorded in :data:`DESCRIPTOR_RECORD`): an edit of that code reruns ``embed`` and ``train`` under
-    ``dvc repro``, and the set was scored with the old code's descriptors.
+    Kept in one file per :func:`descriptors_key` (the face-network files' sha256 and the code of
+    :data:`DESCRIPTOR_CODE_MODULES`, fingerprinted by :func:`faceage.preprocess.code_fingerprint`): an edit of that
+    code reruns ``embed`` and ``train`` under ``dvc repro``, and the set is scored with the new code's descriptors;
+    and two evaluations of the set at the same moment with other code or files (two worktrees sharing the cache,
+    ``dvc queue start -j 2``) each read their own file. The path returned is read after the entry's lock is let go:
+    with one file for every key, a run computing other descriptors replaced it before it was read, and the
+    set was scored with the other run's descriptors. A file of another key is removed only when not used in the
+    last :data:`IN_USE_S` seconds and beyond the :data:`KEEP_ENTRIES` most recently used (:func:`_prune_descriptors`).
+
+    Raises:
+        faceage.atomic.WriteError: The disk filled up while they were written (nothing partial is kept).
     """
     from faceage.face_encoder import embed_dataset, load_embeddings
     from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
 
-    path = faces_dir / EMBEDDINGS
-    record = faces_dir / DESCRIPTOR_RECORD
     files = read_manifest(detector_dir)["files"]
     code = code_fingerprint(DESCRIPTOR_CODE_MODULES)
+    key = descriptors_key(code, files[RECOGNITION_FILE], files[SHAPE5_FILE])
+    path = descriptors_file(faces_dir, key)
     with locked(faces_dir, f"the face descriptors of {faces_dir}"):
         if path.is_file():
-            _, info = load_embeddings(path)
-            same_files = (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE],
-                                                                                      files[SHAPE5_FILE])
-            if same_files and _recorded_code(record) == code:
+            try:
+                _, info = load_embeddings(path)
+                same_files = (info["encoder_sha256"], info["shape_predictor_sha256"]) == (files[RECOGNITION_FILE],
+                                                                                          files[SHAPE5_FILE])
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # garbled (disk error, edit)
+                same_files = False
+                log.warning("the face descriptors %s cannot be read (%s): computing them again", path, e)
+            if same_files:
+                _touch(path)  # its last use: what _prune_descriptors ranks by
                 _mark_used(faces_dir)  # the minutes spent on them count as use: prune_cache leaves the entry
                 return path
-            log.info("the face descriptors in %s were computed %s: computing them again", faces_dir,
-                     "with other face-network files" if not same_files else
-                     f"by other code (or code not recorded) of {', '.join(DESCRIPTOR_CODE_MODULES)}")
-        partial = path.with_name(path.name + ".tmp.npz")  # embed_dataset's staging file, replaced into path
-        # The record goes first and comes back last: a run killed in between leaves descriptors with no record,
-        # which the next run computes again (never new descriptors under an old record, or old ones under a new).
-        record.unlink(missing_ok=True)
+        log.info("external set %s: computing the face descriptors of its crops in %s (key %s: the code of %s and "
+                 "the face-network files)", _set_name(faces_dir), faces_dir, key, ", ".join(DESCRIPTOR_CODE_MODULES))
+        staging = path.with_name(path.name + ".tmp.npz")  # embed_dataset's staging file, replaced into path
         try:
             embed_dataset(faces_dir, detector_dir, path, workers)
-            write_text(record, json.dumps({"code_sha256": code, "code_modules": list(DESCRIPTOR_CODE_MODULES)},
-                                          indent=2) + "\n")
         except OSError as e:
-            partial.unlink(missing_ok=True)  # in the shared cache entry: no later run would remove it
+            staging.unlink(missing_ok=True)  # in the shared cache entry: no later run would remove it
             if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:
                 raise
-            raise WriteError(f"writing the face descriptors of external set {faces_dir.name.rsplit('-', 1)[0]} "
+            raise WriteError(f"writing the face descriptors of external set {_set_name(faces_dir)} "
                              f"into {faces_dir} failed: {errno_text(e)}; {_free(faces_dir)}: free "
                              "some space and rerun (no partial file kept)") from e
         _mark_used(faces_dir)
+        _prune_descriptors(faces_dir, path)
     return path
+
+
+def _set_name(faces_dir: Path) -> str:
+    """The set an entry (``<name>-<key>``) holds the crops of."""
+    return faces_dir.name.rsplit("-", 1)[0]
+
+
+def _touch(path: Path) -> None:
+    """Sets ``path``'s mtime to now (its last use); a cache this user cannot write is still read."""
+    try:
+        os.utime(path)
+    except OSError as e:
+        log.debug("could not mark %s as used: %s", path, errno_text(e))
+
+
+def _prune_descriptors(faces_dir: Path, keep: Path) -> None:
+    """Removes the descriptor files of other keys from an entry beyond the :data:`KEEP_ENTRIES` most recently used
+    (``keep`` counted), never one used in the last :data:`IN_USE_S` seconds (another run may have been handed it and
+    not read it yet); and the single ``embeddings.npz`` with its :data:`DESCRIPTOR_RECORD` of earlier versions, by
+    the same rule; and the staging files of runs killed while writing descriptors. Under the entry's lock (held by
+    whoever writes descriptors in it). Housekeeping: a failure is logged, never raised."""
+    try:
+        others = {}
+        for p in faces_dir.iterdir():
+            if _DESCRIPTORS_STAGING.fullmatch(p.name):  # a killed run's: none is written without the entry's lock
+                p.unlink(missing_ok=True)
+            elif p != keep and (_DESCRIPTORS_NAME.fullmatch(p.name) or p.name == EMBEDDINGS):
+                try:
+                    others[p] = p.stat(follow_symlinks=False).st_mtime
+                except OSError:
+                    continue
+        ranked = sorted(others, key=others.__getitem__, reverse=True)
+        now = time.time()
+        for p in ranked[KEEP_ENTRIES - 1:]:
+            if now - others[p] >= IN_USE_S:
+                p.unlink(missing_ok=True)
+                if p.name == EMBEDDINGS:
+                    (faces_dir / DESCRIPTOR_RECORD).unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("external set %s: could not remove old face descriptors from %s: %s", _set_name(faces_dir),
+                    faces_dir, errno_text(e))
 
 
 def external_chips(faces_dir: Path) -> Path:

@@ -521,10 +521,10 @@ def _job(settings: dict, shape_predictor_sha256: str, tasks: list[_Task], data_d
     return json.loads(json.dumps(job))  # as read back from job.json (lists, not tuples)
 
 
-def _resume(partial: Path, job: dict, tasks: list[_Task], splits) -> dict[int, dict]:
+def _resume(partial: Path, job: dict, tasks: list[_Task], splits, what: str = "preprocess") -> dict[int, dict]:
     """The rows (with chips) of the photos ``partial`` holds done for ``job``, by index in ``tasks``; the
     folder readied for the rest: stray crops (half-written, or of a record that no longer holds) removed, or,
-    for another job, everything removed and ``job.json`` written."""
+    for another job, everything removed and ``job.json`` written. ``what`` names the job in its log lines."""
     try:
         before = json.loads((partial / JOB).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -532,8 +532,8 @@ def _resume(partial: Path, job: dict, tasks: list[_Task], splits) -> dict[int, d
     if before != job:
         if before is not None:
             changed = [k for k in job if not isinstance(before, dict) or before.get(k) != job[k]]
-            log.info("starting over: %s holds the crops of another preprocess job (changed: %s); removing them",
-                     partial, ", ".join(changed) or "its format")
+            log.info("%s: starting over: %s holds the crops of another such job (changed: %s); removing them",
+                     what, partial, ", ".join(changed) or "its format")
         for entry in list(partial.iterdir()):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         write_text(partial / JOB, json.dumps(job, indent=2) + "\n")
@@ -563,14 +563,15 @@ def _resume(partial: Path, job: dict, tasks: list[_Task], splits) -> dict[int, d
                     shutil.rmtree(crop) if crop.is_dir() and not crop.is_symlink() else crop.unlink()
         elif entry.name != JOB and not (entry.name == RECORDS and folder):  # a killed run's in-flight notes
             shutil.rmtree(entry) if folder else entry.unlink()
-    log.info("resuming preprocess from %s: reusing %d of %d photos done before, %d to go", partial, len(done),
+    log.info("resuming %s from %s: reusing %d of %d photos done before, %d to go", what, partial, len(done),
              len(tasks), len(tasks) - len(done))
     return done
 
 
 def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
                  params: PreprocessParams, workers_key: str = "preprocess.workers", *,
-                 manifest: dict | None = None, partial: Path | None = None, inputs: dict | None = None) -> list[dict]:
+                 manifest: dict | None = None, partial: Path | None = None, inputs: dict | None = None,
+                 what: str = "preprocess") -> list[dict]:
     """Detects and crops every listed image into ``out_dir/<split>/`` and writes ``manifest.csv`` and ``chips.npz``.
 
     The one detect + crop + ``no_face`` policy of the pipeline: ``preprocess`` runs it on the
@@ -590,6 +591,7 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
             go into ``out_dir``, nothing is kept.
         inputs: What identifies the photos beyond their list (the data set's source and fingerprint): part of the
             job, so only a run on the same photos resumes.
+        what: The job its log lines name ("preprocess"; :mod:`faceage.external`: "external set NAME").
 
     Returns:
         The manifest rows (one per image, with its ``status``).
@@ -600,12 +602,13 @@ def crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: 
     """
     return _crop_samples(splits, data_dir, detector_dir, out_dir, params,
                          read_manifest(detector_dir) if manifest is None else manifest, workers_key,
-                         partial=partial, inputs=inputs)[0]
+                         partial=partial, inputs=inputs, what=what)[0]
 
 
 def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir: str | Path, out_dir: Path,
                   params: PreprocessParams, manifest: dict, workers_key: str = "preprocess.workers", *,
-                  partial: Path | None = None, inputs: dict | None = None) -> tuple[list[dict], dict]:
+                  partial: Path | None = None, inputs: dict | None = None,
+                  what: str = "preprocess") -> tuple[list[dict], dict]:
     """:func:`crop_samples` with the detector folder's ``manifest`` as its caller read it; also returns the
     :func:`crop_settings` of the crops (built once, from that read, before any work).
 
@@ -624,7 +627,7 @@ def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir:
     crop_dir, records = out_dir, None
     if partial is not None:
         job = _job(settings, detector_files[SHAPE5_FILE], tasks, Path(data_dir), inputs or {})
-        done = _resume(partial, job, tasks, splits)
+        done = _resume(partial, job, tasks, splits, what)
         crop_dir, records = partial, partial / RECORDS
         records.mkdir(exist_ok=True)
     for split in splits:
@@ -632,8 +635,12 @@ def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir:
     todo = [t for i, t in enumerate(tasks) if i not in done]
     workers = params.workers or usable_cores()
     init = (str(detector_dir), params, str(crop_dir))
-    log.info("cropping %d images with %d worker(s) (preprocess.workers=%d, detector=%s, upsample=%d)",
-             len(todo), workers, params.workers, params.detector, params.upsample)
+    if what == "preprocess":
+        log.info("cropping %d images with %d worker(s) (preprocess.workers=%d, detector=%s, upsample=%d)",
+                 len(todo), workers, params.workers, params.detector, params.upsample)
+    else:  # evaluate crops an external set with its own worker count, not preprocess.workers
+        log.info("%s: cropping %d images with %d worker(s) (detector=%s, upsample=%d)", what, len(todo), workers,
+                 params.detector, params.upsample)
     if not todo:
         new_rows = []
     elif workers == 1:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from faceage.appa_real import WriteError
-from faceage.external import EMBEDDINGS, external_embeddings, external_faces, external_maes
+from faceage.external import external_embeddings, external_faces, external_maes
 from faceage.sources import ExternalSetError, resolve_external
 from tests.unit.test_external import COLUMNS, checkpoint_crop, make_set, noise
 
@@ -109,5 +109,6 @@ def test_a_full_disk_while_the_descriptors_are_written_is_one_line_and_leaves_no
     assert "No space left on device" in message and "MB is free" in message
     assert sorted(p.name for p in faces.iterdir() if "embeddings" in p.name) == []
     monkeypatch.setattr(face_encoder.np, "savez", savez)
-    assert external_embeddings(faces, detector_dir, workers=1) == faces / EMBEDDINGS
-    assert sorted(p.name for p in faces.iterdir() if "embeddings" in p.name) == [EMBEDDINGS]
+    path = external_embeddings(faces, detector_dir, workers=1)
+    assert path.parent == faces
+    assert sorted(p.name for p in faces.iterdir() if "embeddings" in p.name) == [path.name]

@@ -29,7 +29,7 @@ from tests.unit.test_crops_r30 import fill_the_disk_at_save, make_release
 # 16 px noise has no face: the whole_image fallback crops every photo (a crop, chips and a row each), and no
 # detector look is slow. Runs without ../shared.
 NOISE = PreprocessParams(workers=1, cnn_retry_side=0, no_face="whole_image", size=32)
-RESUMED = re.compile(r"resuming preprocess from (\S+): reusing (\d+) of (\d+) photos done before, (\d+) to go")
+RESUMED = re.compile(r"resuming (?:preprocess|external set \S+) from (\S+): reusing (\d+) of (\d+) photos done before, (\d+) to go")
 
 
 
