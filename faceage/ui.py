@@ -64,10 +64,16 @@ UI_CONCURRENCY = 32
 # (Gradio's "Queue is full", HTTP 503 on its API). Gradio's queue had no bound: a flood of requests to the UI's
 # API all waited, in memory, in front of every later user's photo.
 UI_QUEUE_FACTOR = 2
+# What the UI says when an analysis fails for no fault of the photo (a bug, the runtime): the words of /predict's 500
+# (service.INTERNAL_ERROR), not the exception's text.
+UI_INTERNAL_ERROR = "Internal error while analysing the photo (the server logged why): try again, or report it."
 # The table of faces' columns. An emptied table is given them (FACES_CLEARED), not nothing: Gradio showed a table
 # set to null with the columns "0 1 2 3 4 5" until the next analysis came back.
 FACES_HEADERS = ["face", "age", "age_std", "label", "box", "score"]
 FACES_CLEARED = {"headers": FACES_HEADERS, "data": [], "metadata": None}
+# The annotated photo's text alternative: what it shows, and where its ages are read as text.
+ANNOTATED_ALT_TEXT = ("The photo with a numbered box and an age label (age ± std, years) on each face; the table of "
+                      "faces below lists them.")
 # Runs in the browser when the photo changes or is removed: the last photo's outputs go (returned), and so do
 # what a failed analysis of it left: the "Error" badge Gradio's status tracker keeps on each output of a
 # failed event until that event runs again (cleared with the badge's own button, as a user would) and the
@@ -211,6 +217,11 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[l
             bentoml.get_current_service().analyse(Path(path).read_bytes(), with_image=True), _ui_image_file)
     except (ImageDecodeError, ImageProcessingError, DetectionUnavailable) as e:
         raise user_error(str(e)) from None
+    except Exception:  # a bug or the runtime's failure: /predict's 500 sentence, the reason in the server's log
+        # Gradio's show_error put the exception's own text in front of the user (an ONNX Runtime error names the
+        # model's path and its nodes; a KeyError showed a bare "'x'").
+        log.exception("the UI's analysis of %s failed", Path(path).name)
+        raise user_error(UI_INTERNAL_ERROR) from None
     rows = [[i + 1, round(f.age, 1), round(f.age_std, 1), face_label(f), str(list(f.box)), round(f.score, 3)]
             for i, f in enumerate(faces)]
     if not faces:
@@ -339,7 +350,11 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
             photo.async_move_resource_to_block_cache = _uploads_only(photo.async_move_resource_to_block_cache)
             photo.example_payload = _api_page_example
             photo.api_info = _api_page_info(photo.api_info)
-            result = gr.Image(label="Faces", type="filepath", format="jpeg", interactive=False, elem_id="annotated")
+            # Named for a screen reader: Gradio shows the photo as an <img alt=""> in a button (full screen), which was
+            # announced as an unnamed "button"; and its label, "Faces", was the table's too (two outputs named alike,
+            # on the page and on the "Use via API" page).
+            result = gr.Image(label="Annotated photo", alt_text=ANNOTATED_ALT_TEXT, type="filepath", format="jpeg",
+                              interactive=False, elem_id="annotated")
         table = gr.Dataframe(headers=FACES_HEADERS, label="Faces",
                              interactive=False, elem_id="faces")
         photos = examples()
