@@ -401,22 +401,53 @@ def find_release_root(folder: Path, unzipped: bool = False) -> Path:
     raise LayoutError(f"no {csv_name('train')} found in {folder} or its immediate subfolders{where}")
 
 
-def _copy_release(root: Path, splits: dict[str, list[Sample]], out: Path) -> None:
+def _copy_release(root: Path, splits: dict[str, list[Sample]], out: Path, link: bool = False) -> None:
+    """Puts the release's CSVs, listed photos and their ``_face.jpg`` from ``root`` into ``out``.
+
+    Args:
+        link: ``root`` is a zip's unzipped copy, deleted afterwards: its files become the output's (hard links,
+            :func:`_place`) instead of being copied: the release was written to disk twice, and the disk held it
+            three times (zip, unzipped copy, output). A user's folder is always copied: the output must not share
+            its files.
+    """
+    place = _place(link)
     # Extra label files beside the ground truth (e.g. gender/race annotations) travel along.
     for extra in root.glob("*.csv"):
         # ._labels.csv (macOS's resource fork of labels.csv) is not labels
         if extra.name not in {csv_name(s) for s in SPLITS} and not is_system_file(extra.name):
-            shutil.copyfile(extra, out / extra.name)
+            place(extra, out / extra.name)
     by_nfc: dict[Path, dict[str, Path]] = {}
     for split, samples in splits.items():
-        shutil.copyfile(root / csv_name(split), out / csv_name(split))
+        place(root / csv_name(split), out / csv_name(split))
         (out / split).mkdir()
         for s in samples:
             # Under the CSV's spelling of the name (see listed_file), which preprocess reads the rows by.
-            shutil.copyfile(listed_file(root / split, s.file_name, by_nfc), out / split / s.file_name)
+            place(listed_file(root / split, s.file_name, by_nfc), out / split / s.file_name)
             face = listed_file(root / split, s.file_name + FACE_SUFFIX, by_nfc)
             if face is not None:
-                shutil.copyfile(face, out / split / (s.file_name + FACE_SUFFIX))
+                place(face, out / split / (s.file_name + FACE_SUFFIX))
+
+
+def _place(link: bool) -> Callable[[Path, Path], None]:
+    """A function putting a file at a new path: a hard link where ``link`` (the same bytes, not written again),
+    else (and from the first link the file system refuses: no hard links there, a link limit) a copy."""
+    linking = link
+
+    def place(src: Path, dst: Path) -> None:
+        nonlocal linking
+        if dst.exists() and os.path.samefile(src, dst):  # a.jpg_face.jpg listed as a photo and as a.jpg's face
+            return
+        if linking:
+            try:
+                os.link(src, dst)
+                return
+            except OSError as e:
+                if e.errno in NO_SPACE:  # a full disk: a copy would need more, not less
+                    raise
+                log.debug("cannot hard-link %s (%s): copying the release instead", src, errno_text(e))
+                linking = False
+        shutil.copyfile(src, dst)
+    return place
 
 
 # What zipfile extracts; others (Deflate64 from Windows Explorer, PPMd from 7-Zip) raise NotImplementedError.
@@ -690,7 +721,7 @@ def _materialise(source: str, local: Path, out_dir: Path) -> dict:
             else:
                 raise LayoutError(f"fetch_data.source {source!r} is neither a folder nor a zip file")
             warn_unlisted(root, splits, shown=str(root).replace(str(unzipped), str(local)))
-            _copy_release(root, splits, staged)
+            _copy_release(root, splits, staged, link=not local.is_dir())  # a zip: its unzipped copy's own files
             info = {
                 "source": source,
                 "counts": {split: len(samples) for split, samples in splits.items()},
@@ -712,8 +743,8 @@ def _materialise(source: str, local: Path, out_dir: Path) -> dict:
 def _write_error(e: OSError, doing: str, hidden: list[Path], local: Path, out_dir: Path) -> WriteError:
     """One line for an OSError met while ``doing`` (extracting or copying) ``local`` for ``out_dir``.
 
-    A full disk also gets the space the fetch needs: the release unpacked once (from a zip, twice: the
-    unzipped copy and the output exist together until the output is complete) against what is free.
+    A full disk also gets the space the fetch needs: the release unpacked once (from a zip too: the output takes
+    the unzipped copy's files, :func:`_copy_release`) against what is free.
     """
     where = f"extracting {local} for {out_dir}" if doing == "extracting" else f"copying {local} into {out_dir}"
     message = f"{where} failed: {errno_text(e)}{place_in(e.filename, hidden)}"
@@ -723,7 +754,7 @@ def _write_error(e: OSError, doing: str, hidden: list[Path], local: Path, out_di
                 need = sum(p.stat().st_size for p in tree_files(local))
             else:
                 with zipfile.ZipFile(local) as zf:
-                    need = 2 * sum(m.file_size for m in zf.infolist())
+                    need = sum(m.file_size for m in zf.infolist())
         except (OSError, LayoutError, zipfile.BadZipFile):  # the estimate is a courtesy: the error stands without it
             need = None
         free = free_bytes(out_dir.parent)
