@@ -184,6 +184,17 @@ def test_the_stage_scripts_read_no_environment_variable():
 
 SECTIONS = list(Params.__dataclass_fields__)
 
+# Keys a stage reads that decide only how its work is run, never its outputs: not listed under the stage's
+# ``params:``, so that ``dvc exp run -S`` of one reruns nothing. Each must be shown output-neutral by a real run
+# (tests/unit/test_workers_r35.py); every other key a stage reads must still be declared. Not train.num_workers:
+# with 0 loader workers the augmentations run on the training process's torch threads and draw other pixels.
+RUNTIME_ONLY = {
+    "preprocess.workers": "crop processes: each photo is cropped alike in the stage's process or a worker, and the "
+                          "rows come back in photo order (the same bytes with 1 or 2 workers)",
+    "embed.workers": "descriptor processes: dlib's face descriptors of each crop alike in any process, in crop "
+                     "order (the same embeddings.npz with 1 or 2 workers)",
+}
+
 
 def params_reads(script: str) -> set[str]:
     """The ``section.key``s ``script`` reads from ``load_params(...)``: a section passed on whole counts as all of
@@ -239,6 +250,8 @@ def test_stage_params_are_exactly_the_keys_its_script_reads(stage):
     reads = params_reads(python_stages()[stage])
     listed = set(STAGES[stage].get("params", []))
     assert reads, f"{stage}: no load_params reads found in its script"
+    assert not listed & set(RUNTIME_ONLY), f"stages.{stage}.params lists runtime-only {sorted(listed & set(RUNTIME_ONLY))}"
+    reads -= set(RUNTIME_ONLY)
     assert reads == listed, f"stages.{stage}.params: missing {sorted(reads - listed)}, not read {sorted(listed - reads)}"
 
 
@@ -250,9 +263,11 @@ def test_params_reads_sees_keys_read_one_by_one_and_sections_passed_whole():
 
 
 def test_every_params_key_is_read_by_some_stage():
-    """A key no stage lists changes nothing in `dvc repro` (an `-S` of it is a no-op experiment)."""
+    """A key no stage lists changes nothing in `dvc repro` (an `-S` of it is a no-op experiment): only a runtime-only
+    key may be so, and each of those is a key of params.yaml."""
     listed = {k for stage in STAGES.values() for k in stage.get("params", [])}
-    assert set(Params().flat()) == listed
+    assert set(RUNTIME_ONLY) <= set(Params().flat())
+    assert set(Params().flat()) - set(RUNTIME_ONLY) == listed
 
 
 # --- outs --------------------------------------------------------------------------------------------------------
