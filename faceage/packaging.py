@@ -25,7 +25,9 @@ metrics trained on the workspace's data, the lowest ``best_val_mae`` among the r
 cross-dataset set (``external_<name>_mae``) is within ``max(0.5 years, 5%)`` of the best run's
 on that set; ties go to the newest run. MAEs compare only on the same faces: a run validated on other photos
 (``train.val_faces_sha256``; ``preprocess.no_face=skip`` drops the faceless ones) than the workspace's is excluded,
-with the settings that differ; runs scored on different faces of an external set (``evaluate.external_faces_sha256``;
+with the settings that differ, and so is a run with a NaN or infinite validation or test MAE; such a run can never
+win, so it does not judge the others either (the best run on a set, the faces runs are paired on and the versions
+compared are those of the runs that can win, the ``contender`` ones); runs scored on different faces of an external set (``evaluate.external_faces_sha256``;
 another detector finds others: a preprocess sweep) are compared on the faces they all scored, from each run's
 ``evaluation/external_predictions.csv`` (:func:`paired_maes`). Its checkpoint is the given file when that file
 records the same run id, else a ``model.pt`` artifact of the run; anything else is refused,
@@ -103,10 +105,12 @@ SELECTION_RULE = (
     f"lowest {VAL_METRIC} among finished runs with {TEST_METRIC} trained on the workspace's data (data_sha256), "
     "excluding any run with a NaN metric or whose MAE on a "
     f"cross-dataset set (external_<name>_mae) exceeds the best MAE on that set by more than "
-    f"max({GUARD_YEARS} years, {GUARD_FRACTION:.0%} of it); the sets are those the workspace evaluates "
+    f"max({GUARD_YEARS} years, {GUARD_FRACTION:.0%} of it), the best among the runs that can win (finite "
+    f"{VAL_METRIC} and {TEST_METRIC}, validated on the compared photos: a run that cannot neither vetoes nor "
+    "sets the versions or faces compared); the sets are those the workspace evaluates "
     "(data/external.json), else every set a run was scored on, and a run not scored on one of them is excluded too; "
     "with no external metrics on those sets, lowest validation MAE alone; ties go to the newest run; MAEs compare only "
-    "on the same faces: a run validated on other photos (train.val_faces_sha256: the workspace's, else most runs') "
+    "on the same faces: a run validated on other photos (train.val_faces_sha256: the workspace's, else most runs' with finite MAEs) "
     "is excluded, and runs scored on different faces of an external set (evaluate.external_faces_sha256, e.g. "
     "another detector's finds) are compared by their MAEs on the faces all of them scored (their "
     "evaluation/external_predictions.csv), where those are at least "
@@ -168,6 +172,9 @@ class Candidate:
     # and the guard compared these instead of external_mae_years (paired_maes), and how many faces that was
     paired_mae_years: dict[str, float] = field(default_factory=dict)
     paired_n_faces: dict[str, int] = field(default_factory=dict)
+    # Judged by the external guard, and a judge of the others: finite validation and test MAEs, validated on the
+    # compared photos. A run that is not can never win, whatever its external MAEs: it neither vetoes nor is vetoed
+    contender: bool = True
 
 
 # A run's per-face absolute errors on the external sets, {set: {file name: [errors]}} (its PREDICTIONS_ARTIFACT), or
@@ -323,13 +330,20 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
 
     And only on the same faces of those files. A run validated on other photos (``preprocess.no_face=skip`` drops
     the faceless ones from the split: an easier validation set) is excluded, the reference being ``val_faces`` (the
-    workspace's), else the faces most runs were validated on, ties to the newest run's. Runs scored on different
+    workspace's), else the faces most runs with finite validation and test MAEs were validated on, ties to the newest
+    run's. Runs scored on different
     faces of an external set (a set without release crops is scored on what the run's own detector found: the runs
     of a ``preprocess.detector`` or ``upsample`` sweep each on its own subset) are compared by their MAEs on the
     faces all of them scored (:func:`paired_maes`, from ``face_errors``); excluding all but one of them, as this did
     before, threw the sweep away. Runs logged before these fingerprints existed compare as before, except that a
     run trained with ``preprocess.no_face=skip`` is not compared with runs that were not (nor the reverse): skip is
     what drops photos.
+
+    Only the runs that can win but for the external sets (``contender``: finite validation and test MAEs, validated
+    on the compared photos) judge one another there: they set each set's best, the faces runs are paired on and
+    (with no ``current``) the version compared. A run that can never win neither vetoes nor is judged on the sets: an
+    old run on another preprocess output with a good external MAE vetoed every run that could win, so packaging
+    refused, or shipped a worse one.
 
     Args:
         candidates: The runs.
@@ -342,7 +356,8 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
             runs scored different faces. None: no run has them (each compares by its own MAE).
 
     Returns:
-        The candidates (same numbers), eligible ones by (validation MAE, newest first), then the excluded ones.
+        The candidates (same numbers), eligible ones by (validation MAE, newest first), then the excluded ones
+        that could win but for the external sets (``contender``), then those that cannot, each in the same order.
     """
     sets = sorted({name for c in candidates for name in c.external_mae_years})
     if current is not None:
@@ -350,22 +365,14 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
         # evaluate.external (or all of them, after evaluate.external=[]) excluded every later run as "not scored
         # on" it, so the old run won on a worse validation MAE, and no evaluate in the workspace could fix it.
         sets = [n for n in sets if n in current]
-    refs = reference_versions(candidates, current)
 
-    def other_version(c: Candidate, n: str) -> bool:
-        return n in refs and n in c.external_sha256 and c.external_sha256[n] != refs[n]
+    def finite(c: Candidate) -> bool:  # a NaN/inf validation or test MAE (a diverged run) can never win
+        return math.isfinite(c.val_mae_years) and math.isfinite(c.test_mae_years)
 
-    def compared(c: Candidate, n: str) -> bool:  # whose MAE on n the guard compares
-        return math.isfinite(c.external_mae_years.get(n, math.nan)) and not other_version(c, n)
-
-    # Per set, where the compared runs scored different faces: their MAEs on the faces all of them scored
-    paired = {n: paired_maes(n, [c for c in candidates if compared(c, n)], face_errors) for n in sets}
-
-    def guarded(c: Candidate, n: str) -> float:  # the MAE the guard compares: the paired one where there is one
-        return paired[n][c.run_id][0] if c.run_id in paired[n] else c.external_mae_years[n]
-
+    # The validation faces compared: the workspace's, else those most runs that could win were validated on (two
+    # diverged runs outvoted the one good run, which was then "validated on other photos")
     val_ref = val_faces or _most_common([(c.val_faces_sha256, c.start_time_ms) for c in candidates
-                                         if c.val_faces_sha256])
+                                         if c.val_faces_sha256 and finite(c)])
 
     def newest(matching) -> Candidate | None:  # the run whose settings stand for the compared faces
         return max((c for c in candidates if matching(c)), key=lambda c: c.start_time_ms, default=None)
@@ -379,9 +386,28 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
         return (val_ref_run is not None and "no_face" in c.preprocess and "no_face" in val_ref_run.preprocess
                 and (c.preprocess["no_face"] == "skip") != (val_ref_run.preprocess["no_face"] == "skip"))
 
+    # The runs that can win but for the external sets: only these judge one another there. A run that can never win
+    # (validated on other photos, a NaN/inf validation or test MAE) set the guard's best with a good external MAE
+    # and vetoed every run that could, shrank the faces the others are paired on, and outvoted them on a set's version.
+    contenders = [c for c in candidates if finite(c) and not other_val_faces(c)]
+    refs = reference_versions(contenders or candidates, current)
+
+    def other_version(c: Candidate, n: str) -> bool:
+        return n in refs and n in c.external_sha256 and c.external_sha256[n] != refs[n]
+
+    def compared(c: Candidate, n: str) -> bool:  # whose MAE on n the guard compares
+        return math.isfinite(c.external_mae_years.get(n, math.nan)) and not other_version(c, n)
+
+    # Per set, where the compared runs scored different faces: their MAEs on the faces all of them scored
+    paired = {n: paired_maes(n, [c for c in contenders if compared(c, n)], face_errors) for n in sets}
+
+    def guarded(c: Candidate, n: str) -> float:  # the MAE the guard compares: the paired one where there is one
+        return paired[n][c.run_id][0] if c.run_id in paired[n] else c.external_mae_years[n]
+
     # A NaN (a model that output NaN, a run whose choice failed) compares False with everything: it
     # must neither win the sort nor set the guard's best, which would then veto nothing.
-    best = {n: min((guarded(c, n) for c in candidates if compared(c, n)), default=math.nan) for n in sets}
+    best = {n: min((guarded(c, n) for c in contenders if compared(c, n)), default=math.nan) for n in sets}
+    contender_ids = {c.run_id for c in contenders}
     ranked = []
     for c in candidates:
         reasons = [f"{what} MAE is {value}" for what, value in (("validation", c.val_mae_years),
@@ -396,7 +422,9 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
                            + (f"; {', '.join(differ)}" if differ else "") + "): "
                            + _rerun_hint(c, val_ref_run, VAL_METRIC))
         vetoes = []  # the margin's, apart: where they are a run's only reasons, evaluating it again changes nothing
-        for n in sets:
+        # A run that cannot win is not judged on the sets either: "rerun its evaluate" or a veto against runs it was
+        # not compared with would send the user to work that changes nothing (its own reasons above say why)
+        for n in (sets if c.run_id in contender_ids else []):
             if n not in c.external_mae_years and c.external_n_faces.get(n) == 0 and not other_version(c, n):
                 # Evaluated on it, but its preprocess detector settings found none of its faces (evaluate logs no
                 # MAE then): evaluating it again changes nothing
@@ -413,10 +441,11 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
                 on = f" on the {paired[n][c.run_id][1]} common faces" if c.run_id in paired[n] else ""
                 vetoes.append(f"{n} MAE {guarded(c, n):.3f}{on} > best {best[n]:.3f} + {guard_margin(best[n]):.3f}")
         ranked.append(Candidate(**{**asdict(c), "excluded": "; ".join(reasons + vetoes),
-                                   "vetoed": bool(vetoes) and not reasons,
+                                   "vetoed": bool(vetoes) and not reasons, "contender": c.run_id in contender_ids,
                                    "paired_mae_years": {n: paired[n][c.run_id][0] for n in sets if c.run_id in paired[n]},
                                    "paired_n_faces": {n: paired[n][c.run_id][1] for n in sets if c.run_id in paired[n]}}))
-    return sorted(ranked, key=lambda c: (bool(c.excluded), c.val_mae_years if math.isfinite(c.val_mae_years) else math.inf,
+    return sorted(ranked, key=lambda c: (bool(c.excluded), not c.contender,
+                                         c.val_mae_years if math.isfinite(c.val_mae_years) else math.inf,
                                          -c.start_time_ms))
 
 
@@ -516,17 +545,24 @@ def select_winner(client, experiment: str = EXPERIMENT, data_sha256: str | None 
                  "the reverse); train them again to compare them on the same faces for sure", untagged)
     log.info("champion rule: %s\n%s", SELECTION_RULE, selection_table(ranked))
     top = ranked[0]
-    comparable = [c for c in ranked if math.isfinite(c.val_mae_years) and math.isfinite(c.test_mae_years)]
+    # The runs that could win but for the external sets (finite MAEs, validated on the compared photos): what the
+    # refusal is about. A run that can never win led the message (the lowest validation MAE), and kept the runs
+    # that each trail another from being said so, or sent the user to evaluate a run that no evaluate makes eligible.
+    comparable = [c for c in ranked if c.contender]
     if top.excluded and comparable and all(c.vetoed for c in comparable):
         # Each comparable run trails another by more than the margin on some set (one is best on a set, another on
         # the other): no evaluate changes that, and "evaluate the runs on the same sets" sent the user to redo it.
+        others = len(ranked) - len(comparable)
         raise PackagingError(
-            "no run passes the external-MAE guard: every run was scored on every set, and each trails the best run "
+            "no run passes the external-MAE guard: every run "
+            + (f"that can win ({others} other{'s' if others > 1 else ''} cannot: validated on other photos, or a "
+               "NaN/inf validation or test MAE; see the table) " if others else "")
+            + "was scored on every set, and each trails the best run "
             f"on some set by more than max({GUARD_YEARS} years, {GUARD_FRACTION:.0%}) ("
             + "; ".join(f"{c.run_name or c.run_id[:8]}: {c.excluded}" for c in ranked if c.vetoed)
             + "): none generalises on every set; train a run that does, or drop a set from evaluate.external "
             "(then dvc repro) to judge by the others")
-    evaluate_again = any("not scored on" in c.excluded or "another version of" in c.excluded for c in ranked)
+    evaluate_again = any("not scored on" in c.excluded or "another version of" in c.excluded for c in comparable)
     if top.excluded and evaluate_again:
         # e.g. runs scored on different external sets: none covers them all
         raise PackagingError(f"no run passes the external-MAE guard (best candidate {top.run_id}: {top.excluded}); "
