@@ -25,6 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
+from faceage.atomic import replacing
 from faceage.config import DESCRIPTOR, ConfigError, dlib_weights_refusal
 from faceage.download import DownloadError, download, file_digest
 from faceage.errors import FaceAgeError
@@ -428,7 +429,8 @@ def fit_temperature(logits: torch.Tensor, true_ages: torch.Tensor) -> float:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Writes a self-describing checkpoint atomically (see module docstring for ``meta`` keys)."""
+    """Writes a self-describing checkpoint atomically and durably (see module docstring for ``meta`` keys): a kill, a
+    full disk or a power loss leaves the previous checkpoint or this one, never part of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -437,13 +439,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
         # GoogLeNet/Inception's input rescaling is a build option, not a weight: without it recorded, a
         # checkpoint trained without it (as built before round 22's review) loaded with it, other ages.
         payload.setdefault("transform_input", model.transform_input)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C: the previous checkpoint stands, and no half-written copy beside it
-        tmp.unlink(missing_ok=True)
-        raise
+    # faceage.atomic.replacing, as the training state and history.csv are written: a staging file of this call's own
+    # (a fixed model.pt.tmp made two writers of one path rename each other's half-written file in, or fail),
+    # removed when the write fails (a full disk, Ctrl-C: the previous checkpoint stands), fsynced before its rename.
+    # Unsynced, a power loss after training deleted its state file could leave model.pt empty and no run to resume.
+    # torch writes by name (its own file writer); the fsync of the staged file reaches what it wrote.
+    with replacing(path) as staged:
+        torch.save(payload, staged.name)
 
 
 def _first_sentence(error: BaseException) -> str:
