@@ -14,7 +14,8 @@ Output folder::
 Cross-dataset test sets (``evaluate.external``, see :mod:`faceage.external`) are cropped with the
 checkpoint's own crop settings, read by the same ``load_split`` and scored by the same
 :class:`~faceage.inference.AgeModel` as the test split; each gets ``metrics.json["external"][name]``
-(MAE, RMSE, CS@k, MAE by age group, the training-mean baseline, how many images had no face)
+(MAE, RMSE, CS@k, MAE by age group, coverage of the predicted std, the training-mean baseline, how many
+images had no face)
 and ``external_<name>_*`` metrics in MLflow, with the tags ``evaluate.external_sha256`` (the version of each
 set's files) and ``evaluate.external_faces_sha256`` (which of its faces were scored), by which packaging compares
 MAEs only where both match. A set where no face is found is reported with a warning
@@ -142,7 +143,7 @@ def _plots(out: Path, pred: np.ndarray, true: np.ndarray, groups: list[dict], hi
     ax.bar([g["group"] for g in groups], [g["mae_years"] for g in groups])
     for i, g in enumerate(groups):
         ax.text(i, g["mae_years"], f"n={g['n']}", ha="center", va="bottom", fontsize=7)
-    ax.set(xlabel="true age group", ylabel="MAE (years)", title="test error by age group")
+    ax.set(xlabel="true age group (years)", ylabel="MAE (years)", title="test error by age group")
     paths.append(out / "error_by_age_group.png")
     fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -171,6 +172,16 @@ def coverage(pred: np.ndarray, std: np.ndarray, true: np.ndarray, k: float) -> f
     """Share of faces whose true age lies within ``k`` predicted standard deviations (NaN for a NaN prediction)."""
     err = np.abs(pred - true)
     return _share(err <= k * std, err + std)
+
+
+# How honest the predicted std is, for the test split and each external set (the card shows them side by side)
+CALIBRATION = ("coverage_1std", "coverage_2std", "mean_predicted_std")
+
+
+def calibration(pred: np.ndarray, std: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """The :data:`CALIBRATION` numbers: shares of true ages within 1 and 2 predicted std, and the mean std."""
+    return {"coverage_1std": coverage(pred, std, true, 1.0), "coverage_2std": coverage(pred, std, true, 2.0),
+            "mean_predicted_std": float(std.mean())}
 
 
 def low_res_mae(age_model: AgeModel, images: torch.Tensor, true: np.ndarray, fractions: tuple[float, ...],
@@ -228,7 +239,8 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
                         meta["crop"].get("no_face"), counts.get("unreadable", 0))
             groups[ext.name] = []
             results[ext.name] = {"mae_years": math.nan, "rmse_years": math.nan, f"cs{p.cs_years:g}": math.nan,
-                                 "baseline_mae_years": math.nan, "mae_by_age_group": {}, "mae_low_res": {}, **counts,
+                                 "baseline_mae_years": math.nan, "mae_by_age_group": {}, "mae_low_res": {},
+                                 **dict.fromkeys(CALIBRATION, math.nan), **counts,
                                  "path": str(ext.path), "sha256": set_version(faces, ext.path),
                                  "faces_sha256": faces_fingerprint([])}
             continue
@@ -243,6 +255,7 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
             **age_metrics(pred, true, p.cs_years),
             "baseline_mae_years": float(np.abs(train_mean - true).mean()),
             "mae_by_age_group": {g["group"]: g["mae_years"] for g in groups[ext.name]},
+            **calibration(pred, std, true),
             "mae_low_res": low_res_mae(age_model, data.images, true, p.low_res, p.batch_size),
             **counts,
             "path": str(ext.path),
@@ -262,15 +275,26 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
 def log_evaluation(run_id: str, metrics: dict[str, float], tags: dict[str, Any], artifacts: list[Path]) -> None:
     """Adds an evaluation's metrics, tags and files (under ``evaluation/``) to train's finished MLflow run,
     leaving its status alone: reopened with ``mlflow.start_run``, a Ctrl-C or an error while logging ended
-    it FAILED, and the champion's selection (finished runs only) no longer saw the trained model."""
+    it FAILED, and the champion's selection (finished runs only) no longer saw the trained model.
+
+    A metric whose latest value in the run is already ``metrics``' is not logged again: MLflow cannot replace a
+    metric, only add a point to its history, and each re-evaluation (``dvc repro -f``, an evaluate-only ``dvc exp
+    run``) added an identical copy of every one. A value that changed is logged, and is the run's latest."""
     from mlflow.entities import Metric, RunTag
 
     client = setup_mlflow().MlflowClient(tracking_uri())
+    logged = client.get_run(run_id).data.metrics
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                      if not _same_value(logged.get(k), float(v))],
                      tags=[RunTag(k, str(v)) for k, v in tags.items()])
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path="evaluation")
+
+
+def _same_value(logged: float | None, value: float) -> bool:
+    """Whether a run's latest metric ``logged`` (None: not logged) already is ``value`` (NaN is NaN)."""
+    return logged is not None and (logged == value or (math.isnan(logged) and math.isnan(value)))
 
 
 def _labels(rows: list[dict], column: str, where: str = "") -> np.ndarray:
@@ -313,8 +337,8 @@ def external_faces_versions(tags: dict[str, str] | None) -> dict[str, str]:
 
 def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[str, float]:
     """``external_<name>_mae``, ``_rmse``, ``_cs5``, ``_baseline_mae``, ``_n_faces``, ``_n_images``,
-    ``_no_face`` (images skipped: no face and no fallback), ``_unreadable``, ``_mae_<group>``; a set with no face
-    scored gets its counts alone."""
+    ``_no_face`` (images skipped: no face and no fallback), ``_unreadable``, ``_coverage_1std``, ``_coverage_2std``,
+    ``_mean_predicted_std``, ``_mae_<group>``; a set with no face scored gets its counts alone."""
     cs = f"cs{cs_years:g}"
     flat = {}
     for name, m in external.items():
@@ -324,6 +348,7 @@ def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[
             continue
         flat.update({f"external_{name}_mae": m["mae_years"], f"external_{name}_rmse": m["rmse_years"],
                      f"external_{name}_{cs}": m[cs], f"external_{name}_baseline_mae": m["baseline_mae_years"]})
+        flat.update({f"external_{name}_{k}": m[k] for k in CALIBRATION if k in m})
         flat.update({f"external_{name}_mae_{g.replace('+', 'plus')}": v for g, v in m["mae_by_age_group"].items()})
         flat.update({f"external_{name}_mae_low_res_{f}": v for f, v in m.get("mae_low_res", {}).items()})
     return flat
@@ -388,9 +413,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         "n_test_faces": int(len(true)),
         "mae_by_age_group": {g["group"]: g["mae_years"] for g in groups},
         **{f"mae_by_{a}": {g["group"]: g["mae_years"] for g in rows} for a, rows in by_attribute.items()},
-        "coverage_1std": coverage(pred, std, true, 1.0),
-        "coverage_2std": coverage(pred, std, true, 2.0),
-        "mean_predicted_std": float(std.mean()),
+        **calibration(pred, std, true),
         "temperature": float(meta.get("temperature", 1.0)),
         "val_mae_years": float(meta["val_mae"]),
         "mae_low_res": low_res_mae(age_model, test.images, true, p.low_res, p.batch_size),

@@ -213,6 +213,30 @@ def _metrics_table(metrics: dict[str, Any], cs_key: str) -> list[str]:
     return lines
 
 
+def _calibration(metrics: dict[str, Any], external: dict[str, dict]) -> list[str]:
+    """The temperature, the test split's coverage of the predicted std, and each cross-dataset set's beside it (how
+    honest the std is on another collection's faces); ``-`` for a set with no face scored, or evaluated before its
+    calibration was measured."""
+    lines = [
+        f"- Temperature {_fmt(metrics['temperature'], 3)} (fitted on the validation split so that age +- k std "
+        "covers the true age as often as a Gaussian would, k = 0.25..3).",
+        f"- On the test split: true age within 1 std: {_fmt(metrics['coverage_1std'], 3)} (a Gaussian would give "
+        f"0.683); within 2 std: {_fmt(metrics['coverage_2std'], 3)} (0.954); mean predicted std "
+        f"{_fmt(metrics['mean_predicted_std'])} years.",
+    ]
+    if not external:
+        return lines
+    columns = [("test split", metrics), *((f"`{name}`", m) for name, m in external.items())]
+    rows = [("true age within 1 std (a Gaussian: 0.683)", "coverage_1std", 3),
+            ("true age within 2 std (a Gaussian: 0.954)", "coverage_2std", 3),
+            ("mean predicted std (years)", "mean_predicted_std", 2)]
+    lines += ["", "Side by side with each cross-dataset set (`evaluate.external`):", "",
+              "| | " + " | ".join(title for title, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(_scored(m, key, digits) for _, m in columns) + " |"
+              for label, key, digits in rows]
+    return lines
+
+
 def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
                      meta: dict[str, Any], dataset: dict[str, Any], preprocess_counts: dict[str, Any] | None,
                      tracking_uri: str | None, external_groups: dict[str, list[dict[str, Any]]] | None = None) -> Path:
@@ -307,11 +331,7 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
     lines += [
         "",
         "## Calibration",
-        f"- Temperature {_fmt(metrics['temperature'], 3)} (fitted on the validation split so that age +- k std "
-        "covers the true age as often as a Gaussian would, k = 0.25..3); "
-        f"mean predicted std {_fmt(metrics['mean_predicted_std'])} years.",
-        f"- True age within 1 std: {_fmt(metrics['coverage_1std'], 3)} (a Gaussian would give 0.683); "
-        f"within 2 std: {_fmt(metrics['coverage_2std'], 3)} (0.954).",
+        *_calibration(metrics, external),
         "",
         "## Known limits",
         f"- {_trained_on(tp, dataset, preprocess_counts)} The largest test error is in age group "

@@ -290,7 +290,8 @@ def setup_mlflow(*, writable: bool = True):
 
     Raises:
         TrackingError: An ``http(s)`` store does not answer (:func:`check_reachable`), a ``sqlite`` store is
-            read-only (``writable``), or the ``face-age`` experiment is deleted in the store.
+            read-only (``writable``), an ``http(s)`` store answers MLflow's first request with an error (:func:`refusal`),
+            or the ``face-age`` experiment is deleted in the store.
         NoExperimentError: The store has no ``face-age`` experiment, and ``writable`` is False.
     """
     import mlflow
@@ -302,7 +303,7 @@ def setup_mlflow(*, writable: bool = True):
     mlflow.set_tracking_uri(uri)
     db = sqlite_path(uri)
     with locked(db, f"opening the MLflow store {db}") if db is not None else nullcontext():
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        experiment = _first_request(mlflow, uri)
         if experiment is None and not writable:  # set_experiment would create it: a write
             raise NoExperimentError(f"the MLflow store {display_uri(uri)} holds no face-age runs (it has no "
                                     f"experiment {EXPERIMENT!r})")
@@ -312,6 +313,49 @@ def setup_mlflow(*, writable: bool = True):
         _refuse_deleted(experiment, uri)
         mlflow.set_experiment(EXPERIMENT)
     return mlflow
+
+
+def _first_request(mlflow, uri: str):
+    """The ``face-age`` experiment (None where the store has none): MLflow's first request to the store.
+
+    Raises:
+        TrackingError: An ``http(s)`` store answers, but not as an MLflow tracking server does (:func:`refusal`).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.get_experiment_by_name(EXPERIMENT)
+    except MlflowException as e:
+        if not uri.startswith(("http://", "https://")):
+            raise
+        raise TrackingError(refusal(uri, e)) from e
+
+
+def refusal(uri: str, error) -> str:
+    """One line for an ``http(s)`` store whose answer to MLflow's API request is an error (``error``, MLflow's
+    ``MlflowException``).
+
+    :func:`check_reachable` counts any HTTP answer as a server there; something else on that port (macOS's AirPlay
+    receiver answers 403 on port 5000, MLflow's default; a BentoML service or a wrong path answers 404) then failed
+    the stage with MLflow's "API request to endpoint ... failed with error code 404 != 200" in a traceback.
+    """
+    import re
+
+    found = re.search(r"failed with error code (\d+)", error.message)
+    status = int(found.group(1)) if found else None
+    # MLflow's message names the URL as given, password and all; a server's HTML body goes on one line, cut short
+    said = re.sub(r"//[^/@\s]+@", "//***@", " ".join(error.message.split()))
+    said = said if len(said) <= 200 else said[:200] + "..."
+    where = (f"the MLflow tracking server {display_uri(uri)} (MLFLOW_TRACKING_URI) "
+             + (f"answers {status} to MLflow's API ({said})" if status else f"fails MLflow's first request ({said})"))
+    fix = "correct the URL (its port and path), or unset MLFLOW_TRACKING_URI to log to the repo's mlflow.db"
+    if status in (401, 403):
+        return (f"{where}: it wants credentials this client did not give (MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN), or it is not an MLflow tracking server (on "
+                f"macOS the AirPlay receiver answers 403 on port 5000: start MLflow on another port); set them, or {fix}")
+    if status in (404, 405):
+        return f"{where}: it is not an MLflow tracking server, or not at this path; {fix}"
+    return f"{where}; check the server's log, {fix}"
 
 
 def _refuse_deleted(experiment, uri: str) -> None:
