@@ -64,7 +64,7 @@ ABSENT_STORE_FIX = "set MLFLOW_TRACKING_URI to the store the sweep logged its ru
 
 class SweepError(FaceAgeError):
     """The sweep cannot start or report: its runs file (``--runs``) is missing or unreadable, or (the report) the
-    MLflow store is not there."""
+    MLflow store is not there, or a run it names is not in the store or did not log its test MAE."""
 
 
 def read_runs(path: Path, *, required: bool) -> dict:
@@ -296,7 +296,8 @@ def collect(runs: dict) -> list[dict]:
     MAEs on the faces all of them scored (:func:`common_face_maes`).
 
     Raises:
-        SweepError: The store is a sqlite file that is not there (:func:`faceage.tracking.absent_store`): it is not created.
+        SweepError: The store is a sqlite file that is not there (:func:`faceage.tracking.absent_store`): it is not created;
+            or a run is not in it, or lacks what a row reads (:func:`_reportable_run`).
         faceage.tracking.TrackingError: The store does not answer, or holds no ``face-age`` experiment.
     """
     db = absent_store()
@@ -306,7 +307,7 @@ def collect(runs: dict) -> list[dict]:
     client = mlflow.MlflowClient()
     rows, fetched = [], {}
     for backbone, info in runs.items():
-        r = fetched[backbone] = client.get_run(info["run_id"])
+        r = fetched[backbone] = _reportable_run(client, backbone, info["run_id"])
         m, p = r.data.metrics, r.data.params
         external = external_maes(m, r.data.tags)
         rows.append({
@@ -333,6 +334,35 @@ def collect(runs: dict) -> list[dict]:
         })
     common_face_maes(client, rows, fetched)
     return rows
+
+
+# What a row cannot be written without: train logs the params and best_val_mae, evaluate the test MAE
+REQUIRED_PARAMS = ("train.num_parameters", "train.image_size", "train.epochs")
+REQUIRED_METRICS = ("best_val_mae", "test_mae_years")
+
+
+def _reportable_run(client, backbone: str, run_id: str):
+    """``backbone``'s MLflow run, checked to hold what :func:`collect` reads.
+
+    Raises:
+        SweepError: The store does not hold the run (or it is deleted), or the run lacks a param or metric of a
+            row: a run still going or one that failed before evaluate logged its test MAE.
+    """
+    reason = lost_run(run_id)
+    if reason is not None:
+        # After a sweep: DVC restored the train stage from its run cache, whose run.json names the run of an
+        # earlier sweep (logged to another store, or since deleted); no stage ran, so nothing logged it here.
+        raise SweepError(f"`{backbone}`'s MLflow run {run_id} {reason}: set MLFLOW_TRACKING_URI to the store it was "
+                         "logged to; a sweep against this store does not log it again where DVC restores its train "
+                         "stage from the run cache (.dvc/cache/runs)")
+    run = client.get_run(run_id)
+    missing = ([k for k in REQUIRED_PARAMS if k not in run.data.params]
+               + [k for k in REQUIRED_METRICS if k not in run.data.metrics])
+    if missing:
+        raise SweepError(f"`{backbone}`'s MLflow run {run_id} ({run.info.status}) has no {', '.join(missing)}: it "
+                         f"did not finish train and evaluate; sweep it again (--backbones {backbone}), or pass "
+                         "another --runs")
+    return run
 
 
 def _run_head(client, run) -> str:
@@ -410,13 +440,21 @@ def _dlib_age_words(row: dict) -> tuple[str, str, str]:
             "dlib's age ResNet-10 with its own head, fine-tuned")
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """Each value's rank (from 0), tied values sharing their average rank."""
+    order = sorted(values)
+    return [order.index(v) + (order.count(v) - 1) / 2 for v in values]
+
+
 def _spearman(xs: list[float], ys: list[float]) -> float:
-    """Rank correlation (no ties expected among a handful of backbones)."""
-    rx = {v: i for i, v in enumerate(sorted(xs))}
-    ry = {v: i for i, v in enumerate(sorted(ys))}
-    n = len(xs)
-    d2 = sum((rx[x] - ry[y]) ** 2 for x, y in zip(xs, ys))
-    return 1 - 6 * d2 / (n * (n * n - 1))
+    """Spearman's rank correlation: the Pearson correlation of the average ranks. Two runs with the same test MAE
+    took the last of their ranks (one -0.25 for -0.87), which flipped the verdict; 0 where all values of a side
+    are equal (no order to correlate)."""
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else 0.0
 
 
 def _from_scratch(profile: str) -> bool:
@@ -425,7 +463,10 @@ def _from_scratch(profile: str) -> bool:
 
 def _conclusion(rows: list[dict], profile: str = "cpu") -> str:
     """The answer to "bigger backbone or saturation?", derived from the numbers in ``rows`` and the
-    profile they ran with (from scratch or ImageNet weights)."""
+    profile they ran with (from scratch or ImageNet weights). A run without a finite test MAE is named and left out:
+    NaN compares False with everything, and it set the best run, the range and the rank correlation."""
+    unscored = [r for r in rows if not math.isfinite(r["test_mae"])]
+    rows = [r for r in rows if math.isfinite(r["test_mae"])]
     cnns = sorted((r for r in rows if r["backbone"] not in PRETRAINED_FACE), key=lambda r: r["gflops"])
     lines = []
     if len(cnns) >= 3:
@@ -474,6 +515,10 @@ def _conclusion(rows: list[dict], profile: str = "cpu") -> str:
                   else "[recipe_dlib_age.md](recipe_dlib_age.md) compares its heads")
         lines.append(f"- dlib's pretrained age network (`dlib_age`, {_dlib_age_words(age)[1]}) reaches "
                      f"{age['test_mae']:.2f} years{ext}: {recipe}.")
+    lines += [f"- `{r['backbone']}` has no test MAE ({r['test_mae']}): left out of the comparison above (its MLflow "
+              f"run `{r['run_id'][:8]}` says why)." if "run_id" in r else
+              f"- `{r['backbone']}` has no test MAE ({r['test_mae']}): left out of the comparison above."
+              for r in unscored]
     return "\n".join(lines)
 
 
@@ -554,7 +599,7 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "gflops", "GFLOPs per image (forward)"), (axes[1], "params_m", "parameters (M)")):
         for r in rows:
-            if r[key] == r[key]:  # skip NaN
+            if math.isfinite(r[key]) and math.isfinite(r["test_mae"]):  # no point for a NaN (matplotlib warns)
                 ax.scatter(r[key], r["test_mae"])
                 ax.annotate(r["backbone"], (r[key], r["test_mae"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
         ax.set(xscale="log", xlabel=label, ylabel="test MAE (years)")
@@ -630,7 +675,8 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
              + "".join(f"`{name}` MAE | " + (f"`{name}` MAE, {common[name]} common faces | " if name in common else "")
                        for name in sets) + "MLflow run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(sets) + len(common)) + "---|"]
-    for r in sorted(rows, key=lambda r: r["test_mae"]):
+    # Best first; a NaN test MAE last (compared with it, every row is "not smaller": it left the table unsorted)
+    for r in sorted(rows, key=lambda r: (0, r["test_mae"]) if math.isfinite(r["test_mae"]) else (1, 0.0)):
         sides = _dlib_age_words(r)[0] if r["backbone"] == "dlib_age" else CHIP_SIDES.get(r["backbone"])
         size = f"{sides} (aligned chips)" if sides else f"{r['image_size']} px"
         table.append(f"| `{r['backbone']}` | {r['params_m']:.2f} | {r['gflops']:.3f} | {size} | {r['epochs']} | "
