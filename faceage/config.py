@@ -54,6 +54,19 @@ class ConfigError(FaceAgeError, ValueError):
     """A key of ``params.yaml`` is unknown, missing, mistyped or out of range."""
 
 
+class MissingKeyError(ConfigError):
+    """A key or section every stage reads is not in ``params.yaml``.
+
+    Attributes:
+        key: ``"train.lr"``, or a section's name (``"embed"``).
+        accepts: What the key takes (``"a number"``), or ``""`` for a section.
+    """
+
+    def __init__(self, message: str, key: str = "", accepts: str = ""):  # (defaults: unpickled from its message)
+        super().__init__(message)
+        self.key, self.accepts = key, accepts
+
+
 class ParamsFileError(ConfigError, yaml.YAMLError):
     """``params.yaml`` is not YAML (a tab, a key twice, a bad indent) or not UTF-8: every stage printed PyYAML's
     traceback; a ConfigError is the one line :func:`faceage.logs.run_stage` prints."""
@@ -321,6 +334,12 @@ def did_you_mean(name: object, known: typing.Iterable[Any], prefix: str = "") ->
     return f" (did you mean {prefix}{match}?)" if match else ""
 
 
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: ``repr``, but YAML's no value (``key:`` left empty, ``~``, ``null``) as
+    ``null (no value)``, not Python's ``None``, a word ``params.yaml`` never holds."""
+    return "null (no value)" if value is None else repr(value)
+
+
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
     """Validates (and lightly coerces) one value against its dataclass annotation."""
     origin = typing.get_origin(annotation)
@@ -331,46 +350,77 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
                 return _check_type(name, value, option)
             except ConfigError as e:
                 problems.append(str(e).removeprefix(f"{name} must be ").split(", got")[0])
-        raise ConfigError(f"{name} must be {' or '.join(problems)}, got {value!r}")
+        raise ConfigError(f"{name} must be {' or '.join(problems)}, got {_shown(value)}")
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
-            raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+            raise ConfigError(f"{name} must be one of {list(allowed)}, got {_shown(value)}")
         return value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {_shown(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {_shown(value)}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
+            raise ConfigError(f"{name} must be a number, got {_shown(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer literal beyond a float's range (math.isfinite raised it too)
             raise ConfigError(f"{name} must be a finite number, got an integer beyond a float's range") from None
         if not math.isfinite(number):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            raise ConfigError(f"{name} must be a finite number, got {_shown(value)}")
         return number
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
+            raise ConfigError(f"{name} must be a string, got {_shown(value)}")
         return value
     if origin is tuple and typing.get_args(annotation)[1:] == (Ellipsis,):
         # YAML lists (also `dvc exp run -S 'key=[a, b]'`) become tuples: the dataclasses are frozen.
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
+            raise ConfigError(f"{name} must be a list, got {_shown(value)}")
         item = typing.get_args(annotation)[0]
         return tuple(_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value))
     raise TypeError(f"unsupported annotation for {name}: {annotation!r}")  # programming error
 
 
+# Why a key is missing, most often: the code has a key the file predates (a params.yaml kept from an older checkout,
+# a branch made before the key, `git checkout OLD -- params.yaml`).
+_OLDER = " (a params.yaml older than this code)"
+
+
+def _accepts(annotation: Any) -> str:
+    """What a value of ``annotation`` is, as :func:`_check_type` accepts it: ``"one of ['hog', 'cnn']"``,
+    ``"auto or a number"``, ``"a list of strings"``."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_accepts(option) for option in typing.get_args(annotation))
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        return str(allowed[0]) if len(allowed) == 1 else f"one of {list(allowed)}"
+    if origin is tuple:
+        return "a list of " + {float: "numbers", int: "integers", str: "strings"}.get(typing.get_args(annotation)[0],
+                                                                                     "values")
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation,
+                                                                                             str(annotation))
+
+
+def _yaml_value(value: Any) -> str:
+    """``value`` as one line of YAML in flow style (``0.001``, ``[0.75, 0.5]``, ``{workers: 0}``), for a message's
+    line to paste into ``params.yaml``."""
+    plain = to_dict(value) if dataclasses.is_dataclass(value) else value
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in plain.items()} if isinstance(plain, dict) else (
+        list(plain) if isinstance(plain, tuple) else plain)
+    return yaml.safe_dump(plain, default_flow_style=True, width=math.inf, sort_keys=False).strip().removesuffix(
+        "\n...").strip()
+
+
 def _build_section(cls: type, name: str, raw: Any) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"params section {name!r} must be a mapping, got {raw!r}")
+        raise ConfigError(f"params section {name!r} must be a mapping, got {_shown(raw)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known, key=str)  # a YAML key may be a number (`1: x`)
@@ -379,7 +429,10 @@ def _build_section(cls: type, name: str, raw: Any) -> Any:
                           f"(known keys of {name}: {sorted(known)})")
     missing = sorted(known - set(raw))
     if missing:
-        raise ConfigError(f"Missing config key: {name}.{missing[0]}")
+        key, accepts = missing[0], _accepts(hints[missing[0]])
+        raise MissingKeyError(f"Missing config key: {name}.{key}, {accepts}: add `{key}: "
+                              f"{_yaml_value(getattr(cls(), key))}` (its default) to params.yaml's {name} "
+                              f"section{_OLDER}", f"{name}.{key}", accepts)
     values = {key: _check_type(f"{name}.{key}", raw[key], hints[key]) for key in raw}
     obj = cls(**values)
     _validate_ranges(name, obj)
@@ -493,7 +546,9 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
                           f"(known sections: {sorted(sections)})")
     missing = sorted(set(sections) - set(raw))
     if missing:
-        raise ConfigError(f"Missing config key: {missing[0]}")
+        raise MissingKeyError(f"Missing config key: {missing[0]}: add `{missing[0]}: "
+                              f"{_yaml_value(to_dict(getattr(Params(), missing[0])))}` (its defaults) to "
+                              f"params.yaml{_OLDER}", missing[0])
     return Params(**{name: _build_section(hints[name], name, raw[name]) for name in sections})
 
 

@@ -33,7 +33,8 @@ from typing import Any
 
 import yaml
 
-from faceage.config import ConfigError, Params, did_you_mean, params_from_dict, parse_params
+from faceage.config import (ConfigError, MissingKeyError, Params, did_you_mean, params_from_dict, parse_params,
+                            yaml_where)
 from faceage.errors import FaceAgeError, error_line
 from faceage.logs import Terminated, die_of_signal, raise_on_sigterm, setup_logging
 
@@ -73,8 +74,7 @@ def read_params(root: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ProfileError(f"{path} not found: run from the repo, or restore it (git checkout {PARAMS})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
-        where += f" ({' '.join(str(e.problem).split())})" if getattr(e, "problem", None) else ""
+        where = yaml_where(e) if isinstance(e, yaml.YAMLError) else ""
         raise ProfileError(f"{path} is not valid YAML{where}: fix it, or restore it (git checkout {PARAMS})") from None
     if not isinstance(raw, dict):
         raise ProfileError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
@@ -118,9 +118,29 @@ def override_value(value: Any) -> str:
 
 
 def committed_params(root: str | Path = ".") -> dict[str, Any] | None:
-    """``params.yaml`` as the last commit holds it; None outside git or before the first commit."""
-    done = subprocess.run(["git", "show", f"HEAD:./{PARAMS}"], cwd=root, capture_output=True, text=True)
-    return parse_params(done.stdout) if done.returncode == 0 else None
+    """``params.yaml`` as the last commit holds it; None outside git or before the first commit.
+
+    Raises:
+        ProfileError: The committed file is not YAML (a key twice, as a merge that kept both sides leaves it; a tab)
+            or not a mapping of sections: the profiles run on top of it, so it must be committed fixed. Its
+            workspace copy already fixed, the runner and the recipe died with PyYAML's traceback.
+    """
+    done = subprocess.run(["git", "show", f"HEAD:./{PARAMS}"], cwd=root, capture_output=True)
+    if done.returncode != 0:
+        return None
+    fix = f"fix it and commit it (git commit {PARAMS}): profiles run on top of the committed file"
+    try:
+        raw = parse_params(done.stdout.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{PARAMS} as committed (git show HEAD:{PARAMS}) is not valid UTF-8 (byte offset "
+                           f"{e.start}): {fix}") from None
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{PARAMS} as committed (git show HEAD:{PARAMS}) is not valid YAML{yaml_where(e)}: "
+                           f"{fix}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ProfileError(f"{PARAMS} as committed (git show HEAD:{PARAMS}) must be a mapping of sections, got "
+                           f"{type(raw).__name__}: {fix}")
+    return raw
 
 
 def override_key(override: str) -> str | None:
@@ -364,7 +384,7 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
             log.warning("%s: %s is %s in the workspace (left by an earlier `dvc exp run -S`, or edited); this "
                         "profile runs with the committed %s (commit params.yaml to make a value the base)",
                         PARAMS, key, repr(now[key]) if key in now else "missing", value)
-    check_result(root, [*overrides, *resets])
+    check_result(root, [*overrides, *resets], typed=overrides)
     cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
            *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", shlex.join(cmd))  # as a shell reads it back: a path with a space, the resets' quotes
@@ -377,7 +397,7 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
         raise subprocess.CalledProcessError(code, cmd)
 
 
-def check_result(root: Path, overrides: list[str]) -> None:
+def check_result(root: Path, overrides: list[str], typed: list[str] | None = None) -> None:
     """The params ``dvc exp run -S`` would run with, validated before it starts: ``overrides`` applied to a copy
     of ``params.yaml`` with DVC's own function, in order, as DVC applies them, then read as every stage reads it.
 
@@ -386,6 +406,11 @@ def check_result(root: Path, overrides: list[str]) -> None:
     ``params.yaml`` lacks (``train.learning_rate``) it said only "Invalid `--set-param` value". Whatever DVC applies
     passes here, nested keys too (``evaluate.external.0=...``: Hydra's dotted keys, a mapping's key or a list's
     index); one it refuses is named with the key meant (:func:`_unreachable`).
+
+    Args:
+        root: The repo root.
+        overrides: Every override, in order: the user's, then the runner's resets (:func:`leftover_resets`).
+        typed: The user's alone (default: all), so a key a reset removes is not blamed on a ``-S`` nobody typed.
 
     Raises:
         ProfileError: The overrides cannot be applied, or give params a stage would refuse; the message names the key.
@@ -412,6 +437,18 @@ def check_result(root: Path, overrides: list[str]) -> None:
                                    f"({' '.join(str(cause).split())}); {unchanged}") from None
         try:
             params_from_dict(parse_params(copy.read_text(encoding="utf-8")))
+        except MissingKeyError as e:  # the file has it, where a `-S ~key` removed it: not an older params.yaml
+            removals = [o for o in overrides if o.strip().startswith("~") and override_key(o) in (
+                e.key, e.key.partition(".")[0])]
+            removal = next((o for o in removals if typed is None or o in typed), None)
+            if removal is None and removals:  # the runner's reset: the workspace has it, the commit does not
+                raise ProfileError(f"Missing config key: {e.key} in the committed params.yaml, which profiles run on "
+                                   f"(the workspace's has it): commit params.yaml; {unchanged}") from None
+            if removal is None:
+                raise ProfileError(f"{e}; {unchanged}") from None
+            what = (f"{e.key}, which the stages read ({e.accepts}): drop it, or set a value (-S {e.key}=...)"
+                    if "." in e.key else f"the {e.key} section, which the stages read: drop it")
+            raise ProfileError(f"-S {removal} removes {what}; {unchanged}") from None
         except ConfigError as e:
             raise ProfileError(f"{e}; {unchanged}") from None
 
