@@ -8,7 +8,8 @@ path (the exported ONNX graph normalises the same way); training adds augmentati
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +28,39 @@ def low_resolution(images: torch.Tensor, side: int) -> torch.Tensor:
 
     Downscaled with antialiasing, then scaled back up (bilinear): the input keeps its size and
     loses the detail a smaller face in a photo would not have. ``side >= S`` returns the input; a side
-    under 1 pixel (``evaluate.low_res`` below 1/128 of a 64 px chip rounds to 0) is read as 1.
+    under 1 pixel (``evaluate.low_res`` below 1/128 of a 64 px chip rounds to 0) is read as 1. On one CPU
+    thread (:func:`one_cpu_thread`): the same bytes whatever the caller's torch thread count.
     """
     size = images.shape[-1]
     if side >= size:
         return images
     side = max(1, int(side))
-    x = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    with one_cpu_thread(images.device):
+        x = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8)
+
+
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Torch's CPU ops on one thread for the block (tensors on ``device``), then the caller's count again.
+
+    F.interpolate splits its work among the threads, and where a chunk starts changes the float sums: on 2
+    threads a few pixels of a 224 px batch came out one level apart from one thread's. Loader workers run on
+    one thread; the training process (``train.num_workers=0``, dlib_age's cached lower-resolution copies) and
+    ``evaluate`` (``mae_low_res``) on every usable core. On one thread they all get the pixels one-thread
+    loader workers always got. Switching costs ~2 us a call (OpenMP keeps its threads), and the count is the
+    calling thread's own: other threads keep theirs.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def low_res_sides(n: int, size: int, min_fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
