@@ -377,7 +377,10 @@ def rank_candidates(candidates: list[Candidate], current: dict[str, str] | None 
     def newest(matching) -> Candidate | None:  # the run whose settings stand for the compared faces
         return max((c for c in candidates if matching(c)), key=lambda c: c.start_time_ms, default=None)
 
-    val_ref_run = newest(lambda c: c.val_faces_sha256 == val_ref) if val_ref else None
+    # Its settings are what a run validated on other photos is told to train again with: a run that can win's where
+    # there is one (the newest run, a diverged one with another detector, named that detector)
+    val_ref_run = (newest(lambda c: c.val_faces_sha256 == val_ref and finite(c))
+                   or newest(lambda c: c.val_faces_sha256 == val_ref)) if val_ref else None
 
     def other_val_faces(c: Candidate) -> bool:
         if c.val_faces_sha256:
