@@ -72,6 +72,12 @@ class ParamsFileError(ConfigError, yaml.YAMLError):
     traceback; a ConfigError is the one line :func:`faceage.logs.run_stage` prints."""
 
 
+class ParamsNotFoundError(FaceAgeError, FileNotFoundError):
+    """No params file at the path a stage was given: its default ``params.yaml`` is relative, so a stage run
+    by hand from another folder than the repo root printed ``FileNotFoundError``'s traceback. Still a
+    ``FileNotFoundError``, as :func:`load_params` documented."""
+
+
 # train.backbone values known valid without importing torch and torchvision (seconds, which every stage
 # would pay on loading its params): dlib's two networks, params.yaml's default and faceage.sweep's backbones.
 # Any other name is checked against torchvision's list (faceage.model.check_backbone, whose message lists
@@ -628,10 +634,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     Raises:
         ConfigError: See :func:`params_from_dict`; :class:`ParamsFileError` (also a ``yaml.YAMLError``) where
             the file is not YAML (a tab, a key twice) or not UTF-8: one line naming the file and the line.
-        FileNotFoundError: If the file does not exist.
+        ParamsNotFoundError: (a ``FileNotFoundError``) If the file does not exist: one line naming its absolute
+            path (a relative one is read from the current folder).
     """
     try:
         raw = parse_params(Path(path).read_text(encoding="utf-8")) or {}
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file where a folder of the path is
+        raise ParamsNotFoundError(f"no params file at {Path(path).absolute()}: run from the repo root, or pass "
+                                  "--params PATH (the project's params.yaml)") from None
     except UnicodeDecodeError as e:
         raise ParamsFileError(f"{path} is not valid UTF-8 (byte {e.object[e.start:e.start + 1].hex()} at offset "
                               f"{e.start}): fix it, or restore it (git checkout params.yaml)") from None

@@ -696,12 +696,54 @@ def count_statuses(rows: list[dict]) -> dict:
     return metrics
 
 
+class FacesMissingError(FaceAgeError, FileNotFoundError):
+    """A ``preprocess`` output (``manifest.csv``, ``preprocess.json``) is not where a stage reads it: one line
+    naming the folder, what is missing and what to run. Also a ``FileNotFoundError``, which callers that catch
+    ``OSError`` around these readers (:mod:`faceage.recipe`, :mod:`faceage.packaging`) rely on."""
+
+
+def _missing_faces(faces_dir: str | Path, name: str) -> FacesMissingError:
+    """The error for ``faces_dir/name`` not found: whether the folder is absent, not a folder, or lacks the file.
+
+    ``dvc repro`` runs a stage only once its deps are there; a stage run by hand (``python stages/embed.py``,
+    from a clone without ``data/faces``, or from another folder with relative paths) died with a
+    ``FileNotFoundError`` traceback on the first file it read.
+    """
+    folder = Path(faces_dir)
+    shown = folder.absolute()  # a relative path is read from the current folder: a stage run from another one
+    fix = "run `dvc repro preprocess` first, or pass the folder it wrote (--faces)"
+    if not folder.exists():
+        error = FacesMissingError(f"no preprocess output at {shown} ({name} missing): {fix}")
+    elif not folder.is_dir():
+        error = FacesMissingError(f"{shown} is not a folder, so not a preprocess output ({name} missing): {fix}")
+    else:
+        error = FacesMissingError(f"{shown} has no {name}: not a preprocess output, or one cut short; run "
+                                  "`dvc repro -f preprocess`, or pass the folder preprocess wrote (--faces)")
+    return error
+
+
 def read_faces_manifest(faces_dir: str | Path, split: str | None = None) -> list[dict]:
-    """Rows of ``manifest.csv`` that have a crop (optionally of one split)."""
-    with open(Path(faces_dir) / MANIFEST, newline="", encoding="utf-8") as f:
+    """Rows of ``manifest.csv`` that have a crop (optionally of one split).
+
+    Raises:
+        FacesMissingError: ``faces_dir`` holds no ``manifest.csv`` (no preprocess output there).
+    """
+    try:
+        f = open(Path(faces_dir) / MANIFEST, newline="", encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: faces_dir is a file
+        raise _missing_faces(faces_dir, MANIFEST) from None
+    with f:
         return [r for r in csv.DictReader(f) if r["crop"] and (split is None or r["split"] == split)]
 
 
 def read_crop_settings(faces_dir: str | Path) -> dict:
-    """The crop settings ``preprocess`` used (margin, size, detector and its sha256)."""
-    return json.loads((Path(faces_dir) / SETTINGS).read_text())
+    """The crop settings ``preprocess`` used (margin, size, detector and its sha256).
+
+    Raises:
+        FacesMissingError: ``faces_dir`` holds no ``preprocess.json`` (no preprocess output there).
+    """
+    try:
+        text = (Path(faces_dir) / SETTINGS).read_text()
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: faces_dir is a file
+        raise _missing_faces(faces_dir, SETTINGS) from None
+    return json.loads(text)
