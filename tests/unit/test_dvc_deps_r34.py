@@ -186,13 +186,15 @@ SECTIONS = list(Params.__dataclass_fields__)
 
 # Keys a stage reads that decide only how its work is run, never its outputs: not listed under the stage's
 # ``params:``, so that ``dvc exp run -S`` of one reruns nothing. Each must be shown output-neutral by a real run
-# (tests/unit/test_workers_r35.py); every other key a stage reads must still be declared. Not train.num_workers:
-# with 0 loader workers the augmentations run on the training process's torch threads and draw other pixels.
+# (tests/unit/test_workers_r35.py); every other key a stage reads must still be declared.
 RUNTIME_ONLY = {
     "preprocess.workers": "crop processes: each photo is cropped alike in the stage's process or a worker, and the "
                           "rows come back in photo order (the same bytes with 1 or 2 workers)",
     "embed.workers": "descriptor processes: dlib's face descriptors of each crop alike in any process, in crop "
                      "order (the same embeddings.npz with 1 or 2 workers)",
+    "train.num_workers": "data-loader processes: each face's draws are seeded by (seed, epoch, face) wherever they "
+                         "are made, and the lower-resolution augmentation runs on one torch thread in the training "
+                         "process too (the same batches with 0, 1 or 2 workers)",
 }
 
 

@@ -8,11 +8,12 @@ stage from preprocess on, training included, for outputs that cannot change. Mea
   rows come back in photo order (``map_in_processes``): the same bytes. No longer a param (``RUNTIME_ONLY`` of
   test_dvc_deps_r34, which still requires every other key a stage reads to be declared);
 - embed: dlib's descriptors of each crop alike in any process, in crop order: the same file. No longer a param;
-- train: each face's draws are seeded per (seed, epoch, face) in whatever process makes them, but with 0 loader
-  workers the augmentations run on the training process's torch threads (every usable core), and with 2 threads
-  a few pixels of a few faces come out one level apart from a one-thread worker's (2-3 of 1.2 million per
-  8-face batch here; MobileNetV3 at 224 px then ended 2 steps later with 210 of its 244 tensors different).
-  1, 2 or 8 workers draw the same pixels, 0 does not: ``train.num_workers`` stays a param.
+- train: each face's draws are seeded per (seed, epoch, face) in whatever process makes them. With 0 loader workers
+  the augmentations run in the training process, on its torch threads (every usable core): on 2 threads the
+  lower-resolution augmentation put a few pixels one level apart from a one-thread worker's (MobileNetV3 at 224 px
+  then ended 2 steps later with 210 of its 244 tensors different), so train.num_workers was kept a param at first.
+  Since faceage.transforms.low_resolution interpolates on one thread wherever it runs, 0, 1 and 2 workers draw
+  the same batches: no longer a param either.
 
 Real photos of ``../shared/datasets/appa-real-sample`` (skipped without it) and dlib's model files of the offline
 face-recognition-models package.
@@ -34,7 +35,7 @@ from faceage.config import Params
 
 REPO = Path(__file__).resolve().parents[2]
 # stage -> its key that says how many processes it runs on and changes none of its outputs
-RUNTIME_KEYS = {"preprocess": "preprocess.workers", "embed": "embed.workers"}
+RUNTIME_KEYS = {"preprocess": "preprocess.workers", "embed": "embed.workers", "train": "train.num_workers"}
 
 
 def _stages() -> dict:
@@ -60,7 +61,7 @@ def test_the_runtime_only_keys_are_these_and_still_read_by_their_stage():
     assert set(RUNTIME_ONLY) == set(RUNTIME_KEYS.values())
     assert all(isinstance(why, str) and len(why) > 40 for why in RUNTIME_ONLY.values())
     scripts = python_stages()
-    for stage, key in {**RUNTIME_KEYS, "train": "train.num_workers"}.items():
+    for stage, key in RUNTIME_KEYS.items():
         assert key in params_reads(scripts[stage]), (stage, key)
 
 
@@ -188,15 +189,14 @@ def test_the_training_loader_draws_the_same_faces_with_1_or_2_workers(faces_by_w
     assert one[0][0].shape == (8, 3, 224, 224) and one[0][0].dtype == torch.uint8
 
 
-def test_train_num_workers_stays_a_param_while_0_workers_draw_other_pixels(faces_by_workers):
-    """With 0 workers the augmentations run on this process's torch threads (2 here, every core on a bigger box);
-    where they draw other pixels than a one-thread worker, train.num_workers changes the weights and must rerun
-    train. (Should the in-process draws run on one thread too, it could join RUNTIME_ONLY.)"""
+def test_0_workers_draw_the_same_batches_as_workers_on_any_thread_count(faces_by_workers):
+    """With 0 workers the augmentations run on this process's torch threads (2 here, every core on a bigger box):
+    they draw what a one-thread worker draws, so train.num_workers changes no weights (RUNTIME_ONLY)."""
     faces, _ = faces_by_workers[1]
-    in_process, worker = _loader_batches(faces, 0, 2), _loader_batches(faces, 1, 2)
-    assert _same(_loader_batches(faces, 0, 1), worker)  # on one thread, the stage's process draws as a worker
-    if not _same(in_process, worker):
-        assert "train.num_workers" in _stages()["train"]["params"]
+    worker = _loader_batches(faces, 1, 2)
+    assert _same(_loader_batches(faces, 0, 2), worker)
+    assert _same(_loader_batches(faces, 0, 1), worker)
+    assert "train.num_workers" not in _stages()["train"]["params"]
 
 
 @pytest.mark.parametrize("key", sorted(RUNTIME_KEYS.values()))
