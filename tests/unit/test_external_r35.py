@@ -175,33 +175,6 @@ def test_a_garbled_descriptor_file_is_computed_again(astronaut_set, detector_dir
     assert any("cannot be read" in r.getMessage() for r in caplog.records)
 
 
-def test_a_full_disk_leaves_no_descriptor_file_and_a_rerun_writes_its_key(astronaut_set, detector_dir, tmp_path,
-                                                                          monkeypatch):
-    """The disk fills while the descriptors are written: one line naming the set, nothing partial in the entry; a
-    rerun with space writes the key's one file."""
-    import errno
-
-    import faceage.face_encoder as face_encoder
-    from faceage.atomic import WriteError
-
-    faces = external_faces(astronaut_set, checkpoint_crop(detector_dir), detector_dir, tmp_path / "cache", workers=1)
-    savez = np.savez
-
-    def full_disk(file, **arrays):
-        with open(file, "wb") as f:
-            f.write(b"PK\x03\x04 partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-
-    monkeypatch.setattr(face_encoder.np, "savez", full_disk)
-    with pytest.raises(WriteError) as e:
-        external_embeddings(faces, detector_dir, workers=1)
-    assert "\n" not in str(e.value) and astronaut_set.name in str(e.value) and "No space left" in str(e.value)
-    assert [p.name for p in faces.iterdir() if "embeddings" in p.name] == []
-    monkeypatch.setattr(face_encoder.np, "savez", savez)
-    path = external_embeddings(faces, detector_dir, workers=1)
-    assert [p.name for p in faces.iterdir() if "embeddings" in p.name] == [path.name]
-
-
 def test_staging_files_of_killed_descriptor_runs_are_removed(astronaut_set, detector_dir, tmp_path):
     """A run killed (kill -9) while writing descriptors leaves its staging file in the shared entry; no run writes one
     without the entry's lock, so the next run that computes descriptors (holding it) removes them."""

@@ -48,16 +48,22 @@ def held_service(monkeypatch):
     return service
 
 
+async def started_ui(**configure) -> LazyUI:
+    """The UI mounted as the service mounts it (a 20 MB body cap, ``configure``'s other settings), its app built."""
+    lazy = LazyUI()
+    lazy.configure({"registered_version": "1"}, 20_000_000, **configure)
+    await lazy.start()
+    await lazy.wait(120)
+    assert lazy.app is not None, lazy.error
+    return lazy
+
+
 def test_the_analysis_queue_is_bounded(held_service):
     """Gradio's queue had no size: every photo sent to the UI's API while the analyses were busy waited in
     memory, however many; past the bound a request is refused at once (503, "Queue is full")."""
 
     async def scenario():
-        lazy = LazyUI()
-        lazy.configure({"registered_version": "1"}, 20_000_000, concurrency=1)
-        await lazy.start()
-        await lazy.wait(120)
-        assert lazy.app is not None, lazy.error
+        lazy = await started_ui(concurrency=1)
         transport = httpx.ASGITransport(app=lazy.app)
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://ui.test") as client:

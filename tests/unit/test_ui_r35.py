@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from faceage.predict import FaceAge
-from faceage.ui import EXAMPLES_DIR, UI_INTERNAL_ERROR, LazyUI, build_ui, ui_predict
+from faceage.ui import EXAMPLES_DIR, UI_INTERNAL_ERROR, build_ui, ui_predict
+from tests.unit.test_ui_r30 import started_ui
 
 FILE_META = {"_type": "gradio.FileData"}
 # What an unexpected failure says about the server: an ONNX Runtime error names its files and nodes.
@@ -73,11 +74,7 @@ def _call_predict(monkeypatch, service) -> list[tuple[str, str]]:
     _use(monkeypatch, service)
 
     async def scenario():
-        lazy = LazyUI()
-        lazy.configure({"registered_version": "1"}, 20_000_000, concurrency=1)
-        await lazy.start()
-        await lazy.wait(120)
-        assert lazy.app is not None, lazy.error
+        lazy = await started_ui(concurrency=1)
         try:
             transport = httpx.ASGITransport(app=lazy.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://ui.test", timeout=60) as client:
@@ -106,11 +103,7 @@ def _served_components(monkeypatch) -> dict[str, dict]:
     _use(monkeypatch, OneFaceService())
 
     async def scenario():
-        lazy = LazyUI()
-        lazy.configure({"registered_version": "1"}, 20_000_000)
-        await lazy.start()
-        await lazy.wait(120)
-        assert lazy.app is not None, lazy.error
+        lazy = await started_ui()
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=lazy.app),
                                          base_url="http://ui.test") as client:
