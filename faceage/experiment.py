@@ -438,8 +438,9 @@ def check_result(root: Path, overrides: list[str], typed: list[str] | None = Non
         try:
             params_from_dict(parse_params(copy.read_text(encoding="utf-8")))
         except MissingKeyError as e:  # the file has it, where a `-S ~key` removed it: not an older params.yaml
-            removals = [o for o in overrides if o.strip().startswith("~") and override_key(o) in (
-                e.key, e.key.partition(".")[0])]
+            # the Hydra part: `-S params.yaml:~train.lr` removes train.lr too (DVC drops the file's name)
+            removals = [o for o in overrides if (o.partition(":")[2] if ":" in o.partition("=")[0] else o).strip()
+                        .startswith("~") and override_key(o) in (e.key, e.key.partition(".")[0])]
             removal = next((o for o in removals if typed is None or o in typed), None)
             if removal is None and removals:  # the runner's reset: the workspace has it, the commit does not
                 raise ProfileError(f"Missing config key: {e.key} in the committed params.yaml, which profiles run on "

@@ -337,23 +337,37 @@ def refusal(uri: str, error) -> str:
 
     :func:`check_reachable` counts any HTTP answer as a server there; something else on that port (macOS's AirPlay
     receiver answers 403 on port 5000, MLflow's default; a BentoML service or a wrong path answers 404) then failed
-    the stage with MLflow's "API request to endpoint ... failed with error code 404 != 200" in a traceback.
+    the stage with MLflow's "API request to endpoint ... failed with error code 404 != 200" in a traceback. Another
+    web service's JSON error (FastAPI's ``{"detail": "Not Found"}``, which MLflow reads as its own and reports without
+    the status) or a page answered with 200 is named as not an MLflow tracking server too.
     """
     import re
 
     found = re.search(r"failed with error code (\d+)", error.message)
     status = int(found.group(1)) if found else None
-    # MLflow's message names the URL as given, password and all; a server's HTML body goes on one line, cut short
-    said = re.sub(r"//[^/@\s]+@", "//***@", " ".join(error.message.split()))
+    # MLflow's message names the URL as given, password and all (up to the last "@" before the host, as MLflow reads
+    # it: a password may hold one); a server's HTML body goes on one line, cut short
+    said = re.sub(r"//[^/\s]+@", "//***@", " ".join(error.message.split()))
     said = said if len(said) <= 200 else said[:200] + "..."
+    # A JSON error body is read by MLflow as its own (RestException), the status dropped: MLflow's server always names
+    # an error_code, so a body without one (FastAPI's 404 {"detail": "Not Found"}) is another web service's; the
+    # code of one that has it stands for its status. A 200 that is not JSON (a web app's page for every path) is not
+    # MLflow's answer either.
+    json_body = getattr(error, "json", None)
+    foreign = ((isinstance(json_body, dict) and not json_body.get("error_code"))
+               or "response body was not in a valid JSON format" in error.message)
+    status = status or {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "ENDPOINT_NOT_FOUND": 404}.get(
+        json_body.get("error_code") if isinstance(json_body, dict) else None)
     where = (f"the MLflow tracking server {display_uri(uri)} (MLFLOW_TRACKING_URI) "
-             + (f"answers {status} to MLflow's API ({said})" if status else f"fails MLflow's first request ({said})"))
+             + (f"answers {status} to MLflow's API ({said})" if status else
+                f"answers MLflow's API, but not as MLflow does ({said})" if foreign else
+                f"fails MLflow's first request ({said})"))
     fix = "correct the URL (its port and path), or unset MLFLOW_TRACKING_URI to log to the repo's mlflow.db"
     if status in (401, 403):
         return (f"{where}: it wants credentials this client did not give (MLFLOW_TRACKING_USERNAME and "
                 "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN), or it is not an MLflow tracking server (on "
                 f"macOS the AirPlay receiver answers 403 on port 5000: start MLflow on another port); set them, or {fix}")
-    if status in (404, 405):
+    if status in (404, 405) or foreign:
         return f"{where}: it is not an MLflow tracking server, or not at this path; {fix}"
     return f"{where}; check the server's log, {fix}"
 
