@@ -259,8 +259,15 @@ def _other_faces(r: dict, name: str, face_refs: dict[str, dict]) -> bool:
 
 def common_face_maes(client, rows: list[dict], runs: dict) -> None:
     """Adds ``external_common`` ``{set: (MAE, faces)}`` to the rows scored on different faces of a set: each run's MAE
-    on the faces all of them scored, from their ``evaluation/external_predictions.csv``, by packaging's paired
-    comparison (:func:`faceage.packaging.paired_maes`: its thresholds, its fallbacks, its log lines).
+    on the faces all of them scored, from their ``evaluation/external_predictions.csv``, by packaging's champion rule
+    (:func:`faceage.packaging.rank_candidates`, which pairs with :func:`faceage.packaging.paired_maes`: its runs, its
+    thresholds, its fallbacks, its log lines).
+
+    The runs paired are those packaging pairs: the ones that can win (finite validation and test MAEs, validated on
+    the photos most of those were validated on), on the version of the set's files the column compares
+    (:func:`external_references`). A row that cannot win gets ``not_compared`` ``{set: why}`` instead: paired with
+    the others, a run with a NaN test MAE, or one validated on other photos, shrank their common faces, and the
+    column's MAEs differed from the champion table's for the same runs.
 
     Where the rows of a set were all scored on the same faces (a backbone sweep: preprocess does not change), nothing
     is read or downloaded, and packaging (which imports torch) is not imported.
@@ -271,23 +278,36 @@ def common_face_maes(client, rows: list[dict], runs: dict) -> None:
         runs: ``{backbone: MLflow run}`` of the rows.
     """
     refs = external_references(rows)
+    names = []  # the sets whose compared rows scored different faces: only then can packaging pair any
     for name in sorted({n for r in rows for n in r.get("external", {})}):
         compared = [r for r in rows if math.isfinite(r["external"].get(name, math.nan))
                     and not _other_version(r, name, refs)]
-        if len({r["external_faces_sha256"][name] for r in compared if name in r["external_faces_sha256"]}) < 2:
-            continue
-        import dataclasses
-        import tempfile
+        if len({r["external_faces_sha256"][name] for r in compared if name in r["external_faces_sha256"]}) >= 2:
+            names.append(name)
+    if not names:
+        return
+    import dataclasses
+    import tempfile
 
-        from faceage.packaging import candidate, paired_maes, read_face_errors
+    from faceage.packaging import candidate, rank_candidates, read_face_errors
 
-        with tempfile.TemporaryDirectory(prefix="faceage-sweep-predictions-") as workdir:
-            paired = paired_maes(name, [dataclasses.replace(candidate(runs[r["backbone"]]), run_name=r["backbone"])
-                                        for r in compared],
-                                 lambda c: read_face_errors(client, c.run_id, workdir))
-        for r in compared:
-            if r["run_id"] in paired:
-                r.setdefault("external_common", {})[name] = paired[r["run_id"]]
+    # current: the column's versions (the newest run's), so packaging pairs the rows the column shows unmarked; a set
+    # no row recorded a version of is on "" (no run has another)
+    current = {name: refs.get(name, "") for name in names}
+    with tempfile.TemporaryDirectory(prefix="faceage-sweep-predictions-") as workdir:
+        ranked = rank_candidates([dataclasses.replace(candidate(runs[r["backbone"]]), run_name=r["backbone"])
+                                  for r in rows], current,
+                                 face_errors=lambda c: read_face_errors(client, c.run_id, workdir))
+    by_id = {c.run_id: c for c in ranked}
+    for r in rows:
+        c = by_id[r["run_id"]]
+        for name in names:
+            if name in c.paired_mae_years:
+                r.setdefault("external_common", {})[name] = (c.paired_mae_years[name], c.paired_n_faces[name])
+            elif not c.contender and math.isfinite(r["external"].get(name, math.nan)) \
+                    and not _other_version(r, name, refs):
+                # Its own reasons alone: a run that cannot win is not judged on the sets
+                r.setdefault("not_compared", {})[name] = c.excluded
 
 
 def collect(runs: dict) -> list[dict]:
@@ -653,16 +673,26 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
         paired = [r for r in rows if name in r.get("external_common", {})]
         unpaired = [r for r in rows if name in r.get("external", {}) and not other_version(r, name)
                     and r not in paired]
+        # The rows packaging's champion rule does not compare (they cannot win), with their reasons, apart from those
+        # it compares but could not pair (no readable predictions)
+        cannot_win = [r for r in unpaired if name in r.get("not_compared", {})]
+        unread = [r for r in unpaired if r not in cannot_win]
+        excluded = "".join(f"`{r['backbone']}` not: it cannot be champion ({r['not_compared'][name]}), so packaging "
+                           "compares it with no run; " for r in cannot_win)
         if paired:
             compared = (f"the `{name}` MAE, {common[name]} common faces column compares "
                         + ", ".join(f"`{r['backbone']}`" for r in paired)
                         + f" on the {common[name]} faces all of them scored (their "
                         "`evaluation/external_predictions.csv`)"
-                        + ("; " + ", ".join(f"`{r['backbone']}`" for r in unpaired) + " not: no readable "
-                           "predictions (the log says why)" if unpaired else "") + "; ")
+                        + ("; " + ", ".join(f"`{r['backbone']}`" for r in unread) + " not: no readable "
+                           "predictions (the log says why)" if unread else "") + "; " + excluded)
+        elif len({r["external_faces_sha256"].get(name) for r in unread}) < 2:
+            # The runs packaging compares share their faces: nothing to pair, whatever the others scored
+            compared = excluded
         else:
             compared = ("they are not compared on the faces they have in common (no readable "
-                        "`evaluation/external_predictions.csv`, or too few faces in common: the log says which); ")
+                        "`evaluation/external_predictions.csv`, or too few faces in common: the log says which); "
+                        + excluded)
         backbones = [r["backbone"] for r in others]
         faces_note += (f"`{name}` MAE marked † was measured on other faces of the set than the newest run's "
                        f"(`{ref['backbone']}`, {_n_faces(ref, name)}): "

@@ -530,6 +530,27 @@ def save_state(path: str | Path, state: TrainState) -> None:
         torch.save({f_.name: getattr(state, f_.name) for f_ in fields(TrainState)}, f)
 
 
+def resume_message(epoch: int, epochs: int) -> str:
+    """The log line of a resumed training: the state holds ``epoch`` finished epochs of ``epochs``.
+
+    "resuming from epoch N of M" alone read as if epoch N were trained again; it finished and was saved, and training
+    goes on with N+1. (The "resuming from epoch N of M" prefix stays: ``benchmarks/kill_resume.py`` and the tests
+    read it.)
+
+    Args:
+        epoch: The last finished epoch (``TrainState.epoch``, at least 1).
+        epochs: ``train.epochs``.
+
+    Returns:
+        ``"resuming from epoch 3 of 5 (epochs 1-3 done, not trained again; next: epoch 4)"``.
+    """
+    if epoch >= epochs:  # killed after the last epoch's save, before the run ended: only the end is left
+        done = "epoch 1" if epochs == 1 else f"all {epochs} epochs"
+        return f"resuming from epoch {epoch} of {epochs} ({done} done; no epoch left to train)"
+    done = f"epoch {epoch}" if epoch == 1 else f"epochs 1-{epoch}"
+    return f"resuming from epoch {epoch} of {epochs} ({done} done, not trained again; next: epoch {epoch + 1})"
+
+
 def load_state(path: str | Path, fingerprint: str, params: dict[str, Any] | None = None) -> TrainState | None:
     """The saved state if it was written for these params and data, else ``None``; ``params`` (the current
     ``train`` params, ``asdict``) name what changed in the warning for a state that is ignored."""
@@ -945,7 +966,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     if state is not None and state.epoch > 0:  # (epoch 0: the run started, the initial weights are seeded)
         state = _resume(state, model, opt, sched, amp, state_path)
         if state is not None:
-            log.info("resuming from epoch %d of %d (%s)", state.epoch, p.epochs, state_path)
+            log.info("%s (%s)", resume_message(state.epoch, p.epochs), state_path)
     net = nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
 
     tracker = _Tracker(p, d, crop, device, workers, threads, fingerprint, state, state_path)
