@@ -59,6 +59,54 @@ AGE_COLUMN = (FACE_CHIP_SIZE - CHIP_SIZE) // 2  # the age chip's first column in
 CHIPS_FILE = "chips.npz"  # beside the crops of a preprocess output (or a cropped external set)
 
 
+class FeaturesMissingError(FaceAgeError, FileNotFoundError):
+    """The ``embed`` output a stage reads (``--embeddings``) is not there: one line naming the file and what to run.
+    Also a ``FileNotFoundError`` (an ``OSError``), which callers that catch those around the loaders rely on."""
+
+
+class FeaturesKindError(FaceAgeError, ValueError):
+    """A features file holds something else than the caller reads (another ``train.backbone``'s features, a file
+    that is no ``.npz``): one line naming the file and what to rerun. Also a ``ValueError``, which callers that catch
+    it around the loaders (packaging's ONNX check, the external sets' cached descriptors) rely on."""
+
+
+def open_features(path: str | Path) -> np.lib.npyio.NpzFile:
+    """``np.load(path)`` of an ``embed`` output (or a ``chips.npz``), its failures as one line each.
+
+    A stage run by hand (``python stages/train.py``, as the README shows) before ``embed`` died with ``np.load``'s
+    ``FileNotFoundError`` in a traceback; a CSV passed as ``--embeddings`` with numpy's "contains pickled (object)
+    data", a ``.npy`` with a ``TypeError``, a file cut short with ``zipfile.BadZipFile``.
+
+    Raises:
+        FeaturesMissingError: ``path`` does not exist, or is a folder.
+        FeaturesKindError: ``path`` is not a readable ``.npz``.
+    """
+    import zipfile
+
+    shown = Path(path).absolute()  # a relative path is read from the current folder: a stage run from another one
+    # chips.npz: preprocess cuts them beside its crops (the embed output of dlib_age copies them)
+    stage = "preprocess" if Path(path).name == CHIPS_FILE else "embed"
+    try:
+        z = np.load(path)
+    except IsADirectoryError:
+        raise FeaturesMissingError(f"{shown} is a folder, not the file `dvc repro {stage}` writes: pass that "
+                                   "file") from None
+    except (FileNotFoundError, NotADirectoryError):
+        if stage == "preprocess":
+            raise FeaturesMissingError(f"no aligned chips at {shown} (preprocess cuts them beside its crops; this "
+                                       "folder was written before it did): run `dvc repro -f preprocess`") from None
+        raise FeaturesMissingError(f"no embed output at {shown}: run `dvc repro embed` first, or pass the file it "
+                                   "wrote (--embeddings)") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = (str(e).splitlines() or [""])[0]
+        raise FeaturesKindError(f"{shown} is not a readable .npz ({type(e).__name__}: {reason}), so not an {stage} "
+                                f"output: rerun `dvc repro -f {stage}`, or pass the file it wrote") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise FeaturesKindError(f"{shown} holds a single .npy array, not the .npz an {stage} output is: rerun "
+                                f"`dvc repro -f {stage}`, or pass the file it wrote")
+    return z
+
+
 def face_rect(side: int, margin: float) -> dlib.rectangle:
     """The detected face box inside a ``side`` x ``side`` region or crop cut with ``margin`` (see :func:`faceage.faces.crop_box`)."""
     box = side / (1.0 + 2.0 * margin)
@@ -408,17 +456,20 @@ def load_chips(path: str | Path, pairs: bool = False,
     file (:func:`_member_rows`).
 
     Raises:
-        ValueError: The file holds no chips (it was written for another ``train.backbone``), or
-            ``pairs`` and no face chips (written before preprocess cut them).
+        FeaturesMissingError: (a ``FileNotFoundError``) ``path`` does not exist (see :func:`open_features`).
+        FeaturesKindError: (a ``ValueError``) The file holds no chips (it was written for another
+            ``train.backbone``), or ``pairs`` and no face chips (written before preprocess cut them), or it is no
+            ``.npz``.
     """
-    with np.load(path) as z:
+    with open_features(path) as z:
         if "chips" not in z.files:
-            raise ValueError(f"{path} holds no aligned chips: rerun the embed stage with train.backbone={DLIB_AGE}")
+            raise FeaturesKindError(f"{path} holds no aligned chips: rerun the embed stage with "
+                                    f"train.backbone={DLIB_AGE}")
         info = {"shape_predictor_sha256": str(z["shape_predictor_sha256"]), "margin": float(z["margin"]),
                 "face_chips": "face_chips" in z.files}
         if pairs and not info["face_chips"]:
-            raise ValueError(f"{path} holds no face chips (written before preprocess cut them): rerun the "
-                             "preprocess and embed stages")
+            raise FeaturesKindError(f"{path} holds no face chips (written before preprocess cut them): rerun the "
+                                    "preprocess and embed stages")
         names = z["crops"].tolist()
         if crops is None:
             keep = list(range(len(names)))
@@ -439,8 +490,9 @@ def load_chips(path: str | Path, pairs: bool = False,
 
 
 def load_face_chips(path: str | Path) -> dict[str, np.ndarray]:
-    """``{crop path: (3, 150, 150) uint8 face chip}`` of a ``chips.npz`` (empty when it holds none)."""
-    with np.load(path) as z:
+    """``{crop path: (3, 150, 150) uint8 face chip}`` of a ``chips.npz`` (empty when it holds none; raises as
+    :func:`open_features`)."""
+    with open_features(path) as z:
         if "face_chips" not in z.files:
             return {}
         return dict(zip(z["crops"].tolist(), z["face_chips"]))

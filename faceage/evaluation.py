@@ -30,6 +30,7 @@ import json
 import math
 import os
 import logging
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,7 @@ import torch
 from faceage.config import EvaluateParams
 from faceage.chips import DLIB_AGE
 from faceage.data import SplitDataError, load_split
+from faceage.errors import FaceAgeError
 from faceage.external import (EXTERNAL_SHA256_TAG, crop_counts, external_chips, external_embeddings,
                               external_faces, set_version, some_faces)
 from faceage.face_encoder import FACE_ENCODER
@@ -48,7 +50,7 @@ from faceage.inference import AgeModel
 from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
 from faceage.preprocess import MANIFEST, read_faces_manifest
 from faceage.sources import ExternalSet, resolve_external
-from faceage.appa_real import read_dataset_info, read_demographics
+from faceage.appa_real import DATASET_JSON, read_dataset_info, read_demographics
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
 from faceage.tracking import EVALUATED_IN_TAG, display_uri, read_run_file, setup_mlflow, tracking_uri
@@ -293,8 +295,16 @@ def log_evaluation(run_id: str, metrics: dict[str, float], tags: dict[str, Any],
 
 
 def _same_value(logged: float | None, value: float) -> bool:
-    """Whether a run's latest metric ``logged`` (None: not logged) already is ``value`` (NaN is NaN)."""
-    return logged is not None and (logged == value or (math.isnan(logged) and math.isnan(value)))
+    """Whether a run's latest metric ``logged`` (None: not logged) already is ``value`` (NaN is NaN).
+
+    +-inf is +-``sys.float_info.max`` logged: MLflow's SQL stores save an infinite metric as the largest float (its
+    sqlite column holds no infinity), so read back it never equalled the infinity about to be logged again, and each
+    re-evaluation added another point to its history."""
+    if logged is None:
+        return False
+    if math.isinf(value) and abs(logged) == sys.float_info.max:
+        logged = math.copysign(math.inf, logged)
+    return logged == value or (math.isnan(logged) and math.isnan(value))
 
 
 def _labels(rows: list[dict], column: str, where: str = "") -> np.ndarray:
@@ -354,6 +364,36 @@ def external_mlflow_metrics(external: dict[str, dict], cs_years: float) -> dict[
     return flat
 
 
+class EvaluateInputMissingError(FaceAgeError, FileNotFoundError):
+    """An input that only the model card reads (``--data``'s ``dataset.json``, ``--preprocess-metrics``) is missing:
+    one line naming it and the stage that writes it. Also a ``FileNotFoundError``, as its read raised before."""
+
+
+def check_card_inputs(data_dir: str | Path, preprocess_metrics: str | Path | None) -> None:
+    """Checks the files :func:`evaluate_model` writes the model card from, before the evaluation.
+
+    They are read last, once the test split and every external set are scored: a missing one failed the stage
+    (``python stages/evaluate.py`` run by hand, ``--data`` naming another folder) after minutes of work, with a
+    ``FileNotFoundError`` traceback.
+
+    Raises:
+        EvaluateInputMissingError: ``data_dir/dataset.json`` or ``preprocess_metrics`` is not a file.
+    """
+    problems = []
+    info = Path(data_dir) / DATASET_JSON
+    if not Path(data_dir).is_dir():
+        problems.append(f"no fetch_data output at {Path(data_dir).absolute()} ({DATASET_JSON} missing): run "
+                        "`dvc repro fetch_data` first, or pass the folder it wrote (--data)")
+    elif not info.is_file():
+        problems.append(f"{info.absolute()} not found: {data_dir} is not a fetch_data output, or one cut short; run "
+                        "`dvc repro -f fetch_data`, or pass the folder it wrote (--data)")
+    if preprocess_metrics is not None and not Path(preprocess_metrics).is_file():
+        problems.append(f"no preprocess counts at {Path(preprocess_metrics).absolute()}: run `dvc repro preprocess` "
+                        "first, or pass the file it wrote (--preprocess-metrics)")
+    if problems:
+        raise EvaluateInputMissingError(f"the model card's inputs are missing: {'; '.join(problems)}")
+
+
 def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str | Path, p: EvaluateParams,
                    run_path: str | Path | None = None, history_csv: str | Path | None = None,
                    embeddings_path: str | Path | None = None, data_dir: str | Path | None = None,
@@ -381,10 +421,14 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     Raises:
         ValueError: ``p.external`` lists sets but no ``detector_dir`` is given.
         faceage.sources.ExternalSetError: An external set is missing or malformed (named).
+        EvaluateInputMissingError: (a ``FileNotFoundError``) The model card's inputs are missing: ``data_dir``'s
+            ``dataset.json`` or ``preprocess_metrics``.
     """
     if p.external and detector_dir is None:
         raise ValueError(f"evaluate.external={list(p.external)} needs the detector folder (detector_dir)")
     sets = resolve_external(p.external, repo_root())  # before any work: a wrong path fails at once
+    if model_card is not None and data_dir is not None:
+        check_card_inputs(data_dir, preprocess_metrics)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pin_threads()

@@ -489,7 +489,9 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
                                                                                           files[SHAPE5_FILE])
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # garbled (disk error, edit)
                 same_files = False
-                log.warning("the face descriptors %s cannot be read (%s): computing them again", path, e)
+                # the error's kind, not its text: the loader's advice (rerun embed) is not this cache's
+                log.warning("the face descriptors %s cannot be read (%s): computing them again", path,
+                            type(e).__name__)
             if same_files:
                 _touch(path)  # its last use: what _prune_descriptors ranks by
                 _mark_used(faces_dir)  # the minutes spent on them count as use: prune_cache leaves the entry

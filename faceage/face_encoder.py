@@ -21,7 +21,7 @@ from pathlib import Path
 import dlib
 import numpy as np
 
-from faceage.chips import crop_workers, face_rect, map_crop_files
+from faceage.chips import FeaturesKindError, crop_workers, face_rect, map_crop_files, open_features
 from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, load_dlib_file, read_manifest
 
 log = logging.getLogger(__name__)
@@ -137,12 +137,15 @@ def load_embeddings(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """``{crop path: descriptor}`` and the encoder info stored with them.
 
     Raises:
-        ValueError: The file holds no descriptors (it was written for another ``train.backbone``).
+        faceage.chips.FeaturesMissingError: (a ``FileNotFoundError``) ``path`` does not exist: ``embed`` has not
+            run (see :func:`faceage.chips.open_features`).
+        faceage.chips.FeaturesKindError: (a ``ValueError``) The file holds no descriptors (it was written for
+            another ``train.backbone``), or is no ``.npz``.
     """
-    with np.load(path) as z:
+    with open_features(path) as z:
         if "embeddings" not in z.files:
-            raise ValueError(f"{path} holds no face descriptors: rerun the embed stage with "
-                             f"train.backbone={FACE_ENCODER}")
+            raise FeaturesKindError(f"{path} holds no face descriptors: rerun the embed stage with "
+                                    f"train.backbone={FACE_ENCODER}")
         table = dict(zip(z["crops"].tolist(), z["embeddings"]))
         info = {"encoder_sha256": str(z["encoder_sha256"]), "shape_predictor_sha256": str(z["shape_predictor_sha256"]),
                 "margin": float(z["margin"])}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceage.chips import CHIPS_FILE, DLIB_AGE, load_chips, load_face_chips, save_chips
+from faceage.chips import CHIPS_FILE, DLIB_AGE, FeaturesKindError, load_chips, load_face_chips, save_chips
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.face_encoder import FACE_ENCODER, embed_dataset
 
@@ -42,29 +42,36 @@ def compute_features(backbone: str, faces_dir: str | Path, model_dir: str | Path
 
     Returns:
         The number of crops processed (0 for image backbones).
+
+    Raises:
+        faceage.preprocess.FacesMissingError: (a ``FileNotFoundError``) ``faces_dir`` is no preprocess output, or
+            (``dlib_age``) has no ``chips.npz``.
+        faceage.chips.FeaturesKindError: (a ``ValueError``, ``dlib_age``) Its ``chips.npz`` does not match the
+            manifest or the ``fetch_detector`` folder's shape predictor.
     """
     if backbone == FACE_ENCODER:
         return embed_dataset(faces_dir, model_dir, out_path, workers=workers)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if backbone == DLIB_AGE:
-        from faceage.preprocess import read_faces_manifest
+        from faceage.preprocess import FacesMissingError, read_faces_manifest
 
         crops = [r["crop"] for r in read_faces_manifest(faces_dir)]
         source = Path(faces_dir) / CHIPS_FILE
-        if not source.is_file():
-            raise FileNotFoundError(f"{source} not found: {faces_dir} was written before preprocess cut the aligned "
-                                    "chips; rerun the preprocess stage")
+        if not source.is_file():  # a FaceAgeError: the stage's one line, not a traceback
+            raise FacesMissingError(f"{source.absolute()} not found: {faces_dir} was written before preprocess cut "
+                                    "the aligned chips; run `dvc repro -f preprocess`")
         table, info = load_chips(source)
         faces = load_face_chips(source)
         missing = [c for c in crops if c not in table or c not in faces]
         if missing:
-            raise ValueError(f"{source} has no chip (or face chip) for {len(missing)} crop(s) of the manifest "
-                             f"(first: {missing[0]}); rerun the preprocess stage")
+            raise FeaturesKindError(f"{source} has no chip (or face chip) for {len(missing)} crop(s) of the "
+                                    f"manifest (first: {missing[0]}); run `dvc repro -f preprocess`")
         expected = read_manifest(model_dir, verify=True)["files"][SHAPE5_FILE]
         if info["shape_predictor_sha256"] != expected:
-            raise ValueError(f"{source} was cut with another shape predictor (sha256 {info['shape_predictor_sha256']}, "
-                             f"{model_dir} holds {expected}); rerun the preprocess stage")
+            raise FeaturesKindError(f"{source} was cut with another shape predictor (sha256 "
+                                    f"{info['shape_predictor_sha256']}, {model_dir} holds {expected}); run "
+                                    "`dvc repro -f preprocess`")
         log.info("%d aligned 64x64 and 150x150 chips (cut by preprocess) for train.backbone=%s", len(crops), backbone)
         save_chips(out_path, crops, [table[c] for c in crops], info["margin"], info["shape_predictor_sha256"],
                    face_chips=[faces[c] for c in crops])
