@@ -54,7 +54,8 @@ def test_embeddings_cover_every_crop_with_both_views(dlib_run):
     assert m["coverage_1std"] == pytest.approx((err <= std).mean(), abs=1.5 / len(rows))  # the csv rounds to 1e-3
     # The external set's descriptors were computed beside its cached crops, with both views.
     [cache] = list((dlib_run["root"] / "external-cache").glob("utk_external-*"))  # not the lock files beside
-    with np.load(cache / "embeddings.npz") as z:
+    [descriptors] = list(cache.glob("embeddings-*.npz"))  # one file, keyed by the code and the face-network files
+    with np.load(descriptors) as z:
         assert z["embeddings"].shape == (m["external"]["utk_external"]["n_faces"], 2, 128)
 
 
