@@ -143,6 +143,12 @@ def committed_params(root: str | Path = ".") -> dict[str, Any] | None:
     return raw
 
 
+def override_text(override: str) -> str:
+    """One ``-S`` override without the file name DVC reads before it (``params.yaml:train.lr=1`` ->
+    ``train.lr=1``): a ``:`` before the first ``=`` names the file (``dvc.utils.cli_parse.to_path_overrides``)."""
+    return override.partition(":")[2] if ":" in override.partition("=")[0] else override
+
+
 def override_key(override: str) -> str | None:
     """The ``params.yaml`` key that one ``-S`` override names, or None when it is another file's.
 
@@ -150,11 +156,9 @@ def override_key(override: str) -> str | None:
     ``dvc.utils.cli_parse.to_path_overrides``), and Hydra's grammar adds ``+key=``, ``++key=`` and
     ``~key``: ``params.yaml:train.epochs=5`` and ``++train.epochs=5`` both set ``train.epochs``.
     """
-    if ":" in override.partition("=")[0]:
-        path, _, override = override.partition(":")
-        if os.path.normpath(path) != PARAMS:  # DVC takes the file name as given
-            return None
-    return override.partition("=")[0].strip().lstrip("+~").strip()
+    if ":" in override.partition("=")[0] and os.path.normpath(override.partition(":")[0]) != PARAMS:
+        return None  # DVC takes the file name as given
+    return override_text(override).partition("=")[0].strip().lstrip("+~").strip()
 
 
 def _list_items(text: str) -> list[str]:
@@ -204,7 +208,7 @@ def check_overrides(overrides: list[str]) -> None:
 
     parser = OverridesParser.create()
     for override in overrides:
-        text = override.partition(":")[2] if ":" in override.partition("=")[0] else override
+        text = override_text(override)
         key, eq, value = text.partition("=")
         suggestion = shlex.quote(f"{key}={quoted_value(value)}")
         try:
@@ -425,7 +429,7 @@ def check_result(root: Path, overrides: list[str], typed: list[str] | None = Non
         for override in overrides:
             if override_key(override) is None:  # another file's: DVC applies it there
                 continue
-            text = override.partition(":")[2] if ":" in override.partition("=")[0] else override
+            text = override_text(override)
             try:  # one at a time, on what the earlier ones left: the one refused is the one named
                 apply_overrides(copy, [text])
             except (InvalidArgumentError, ValueError) as e:  # ValueError: OmegaConf's int() of a list index (`.x`)
@@ -439,8 +443,8 @@ def check_result(root: Path, overrides: list[str], typed: list[str] | None = Non
             params_from_dict(parse_params(copy.read_text(encoding="utf-8")))
         except MissingKeyError as e:  # the file has it, where a `-S ~key` removed it: not an older params.yaml
             # the Hydra part: `-S params.yaml:~train.lr` removes train.lr too (DVC drops the file's name)
-            removals = [o for o in overrides if (o.partition(":")[2] if ":" in o.partition("=")[0] else o).strip()
-                        .startswith("~") and override_key(o) in (e.key, e.key.partition(".")[0])]
+            removals = [o for o in overrides if override_text(o).strip().startswith("~")
+                        and override_key(o) in (e.key, e.key.partition(".")[0])]
             removal = next((o for o in removals if typed is None or o in typed), None)
             if removal is None and removals:  # the runner's reset: the workspace has it, the commit does not
                 raise ProfileError(f"Missing config key: {e.key} in the committed params.yaml, which profiles run on "

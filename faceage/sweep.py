@@ -535,10 +535,8 @@ def _conclusion(rows: list[dict], profile: str = "cpu") -> str:
                   else "[recipe_dlib_age.md](recipe_dlib_age.md) compares its heads")
         lines.append(f"- dlib's pretrained age network (`dlib_age`, {_dlib_age_words(age)[1]}) reaches "
                      f"{age['test_mae']:.2f} years{ext}: {recipe}.")
-    lines += [f"- `{r['backbone']}` has no test MAE ({r['test_mae']}): left out of the comparison above (its MLflow "
-              f"run `{r['run_id'][:8]}` says why)." if "run_id" in r else
-              f"- `{r['backbone']}` has no test MAE ({r['test_mae']}): left out of the comparison above."
-              for r in unscored]
+    lines += [f"- `{r['backbone']}` has no test MAE ({r['test_mae']}): left out of the comparison above"
+              + (f" (its MLflow run `{r['run_id'][:8]}` says why)." if "run_id" in r else ".") for r in unscored]
     return "\n".join(lines)
 
 
