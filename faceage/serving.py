@@ -253,8 +253,8 @@ class _Workers:
         # Every worker this pool spawned (one per start job, above): those the deadline kills.
         self.processes = list((getattr(self.executor, "_processes", None) or {}).values())
         self.timed_out: TimeoutError | None = None  # set at the deadline when the workers were not all up
-        # Whether the deadline killed the workers (then the barrier is never touched again: see stop), or stop()
-        # has begun (then the deadline leaves the workers to it); one or the other, under this lock.
+        # Whether the deadline killed the workers (then stop() has none to kill), or stop() has begun (then the
+        # deadline leaves the workers to it); one or the other, under this lock.
         self._killed = self._stopping = False
         self._kill_lock = threading.Lock()
         # Kept from here, not left to the workers' barrier (which only times out in workers that started): a worker
@@ -277,7 +277,7 @@ class _Workers:
             if self.start_error() is not None and not self._alive():
                 # Failed with no worker left (all died in their initializer: a detector file gone): nothing to kill.
                 # Kept to the deadline, it held the replaced pool (one more every RESTART_AFTER_S) and then logged a
-                # hang and a kill that never happened. No worker is left at the barrier for stop() to release.
+                # hang and a kill that never happened. No worker is left for stop() to kill.
                 with self._kill_lock:
                     if not self._stopping:
                         self._killed = True
@@ -362,13 +362,17 @@ class _Workers:
         with self._kill_lock:
             self._stopping = True
             self._stopped.set()
-            # Workers that wait for the others at the start barrier (one died): released now, not at its timeout. Not
-            # once the deadline killed them: a waiter killed in the barrier's condition never acknowledges the
-            # wake-up, and abort() waited for it for ever (the server's shutdown hung).
-            release = not self.up() and not self._killed
+            # A pool that is not up has no photo on its workers (none runs before all are up): they are killed now,
+            # those still starting and those waiting for them at the start barrier, not left to its timeout. Never
+            # released with Barrier.abort(): its notify waits for every waiter to acknowledge the wake-up, and one
+            # killed while it waited there (the OOM killer, a kill -9) never does: the server's shutdown hung for ever.
+            starting = [] if self.up() or self._killed else self._alive()
+            for process in starting:
+                with contextlib.suppress(OSError, ValueError):  # ended already, or closed by the executor
+                    process.kill()
+        if starting:
+            log.info("closed while its workers started: killed %d detection worker process(es)", len(starting))
         executor.shutdown(wait=False, cancel_futures=True)
-        if release:
-            self.barrier.abort()
         deadline = time.monotonic() + timeout
         if manager is not None:
             manager.join(max(0.0, deadline - time.monotonic()))
