@@ -18,7 +18,8 @@ photo to photo and from round to round (``--interleaved-rounds`` passes). That g
 the ratio of the p50s (:func:`interleaved_ratios`). ``--json`` writes it all.
 
 Deployments are targets with ``start() -> (url, cold start)``, ``stop()`` and ``size_bytes()``:
-:class:`HostTarget` (``bentoml serve``), :class:`UrlTarget` (``--url``, already running); a
+:class:`HostTarget` (``bentoml serve``), :class:`UrlTarget` (``--url``, already running: it must serve the model of
+``--tag``'s bento, as it names it in ``X-FaceAge-Model``, or the run stops in one line, :func:`require_model`); a
 container target adds ``docker run`` and the image size the same way.
 
 The 1-client figures are paired: each photo goes in-process and to the service back to back
@@ -241,6 +242,49 @@ def require_service(url: str, timeout_s: float = 10) -> None:
                          "service)")
 
 
+MODEL_HEADER = "X-FaceAge-Model"  # service.MODEL_HEADER: the tag of the model that answered, on every route's 200
+
+
+def served_model(url: str, photo: tuple[str, bytes], timeout_s: float = 300) -> tuple[str | None, str]:
+    """The tag of the model the service at ``url`` serves, as it names it (:data:`MODEL_HEADER`), and where it
+    looked: ``GET /model_card``, or, where that answers no name (a model packaged without a card: a 404), ``POST
+    /predict`` of ``photo``. ``None`` where neither names one (not the FaceAge service, or one from before the header).
+
+    Raises:
+        SystemExit: The service stopped answering; one message naming the URL.
+    """
+    try:
+        r = requests.get(url + "/model_card", timeout=10)
+        if r.status_code == 200 and r.headers.get(MODEL_HEADER):
+            return r.headers[MODEL_HEADER], "GET /model_card"
+        name, data = photo
+        r = requests.post(url + "/predict", files={"image": (name, data, "application/octet-stream")},
+                          timeout=timeout_s)
+    except requests.RequestException as e:
+        raise SystemExit(f"--url {url}: no answer while asking which model it serves ({type(e).__name__})") from None
+    if r.status_code == 200 and r.headers.get(MODEL_HEADER):
+        return r.headers[MODEL_HEADER], "POST /predict"
+    return None, f"GET /model_card or POST /predict (which answered {r.status_code})"
+
+
+def require_model(url: str, model_tag: str, bento_tag: str, photo: tuple[str, bytes]) -> None:
+    """Checks that the service already running at ``url`` (``--url``) serves ``model_tag``, the model of the bento
+    ``bento_tag`` (``--tag``): its figures are reported as that model's, and the in-process side loads that model.
+    Without this check, a side-by-side comparison run once per service could time one model twice, under two
+    names.
+
+    Raises:
+        SystemExit: It serves another model, or names none; one line naming both sides.
+    """
+    served, where = served_model(url, photo)
+    if served is None:
+        raise SystemExit(f"--url {url}: cannot tell which model it serves (no {MODEL_HEADER} header on {where}), so "
+                         f"not whether it is {model_tag} of --tag {bento_tag}; not measured")
+    if served != model_tag:
+        raise SystemExit(f"--url {url} serves the model {served} (its {MODEL_HEADER} on {where}), not {model_tag} "
+                         f"of --tag {bento_tag}: give the --tag of the bento it serves, or serve that bento")
+
+
 def post(session: requests.Session, url: str, name: str, data: bytes) -> float:
     return post_faces(session, url, name, data)[0]
 
@@ -398,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of photos (default: %(default)s)")
     parser.add_argument("--tag", action="append", help="bento (and its model) to serve; repeat to compare bentos "
                         "side by side in one run (default: face_age:latest)")
-    parser.add_argument("--url", help="an already running service on 127.0.0.1 (default: start one per --tag)")
+    parser.add_argument("--url", help="an already running service on 127.0.0.1, serving the model of --tag's bento "
+                        "(checked; default: start one per --tag)")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the photos per measurement")
     parser.add_argument("--clients", type=int, default=8,
                         help="concurrent clients for the second measurement (2 or more)")
@@ -437,6 +482,9 @@ def main(argv: list[str] | None = None) -> None:
             bentos.append((bento, bentoml.models.get(bento.info.all_models[0].tag)))  # the model it serves
         except bentoml.exceptions.NotFound as e:  # a clone that never ran make bento
             raise SystemExit(f"{e} (make bento packages one; --tag names another)") from None
+    if args.url:  # the running service's figures are reported as --tag's model's, beside that model in-process
+        (bento, model), = bentos
+        require_model(args.url.rstrip("/"), str(model.tag), str(bento.tag), photos[0])
     runs, bento_tags = [], []
     for bento, model in bentos:
         bento_tags.append(str(bento.tag))
