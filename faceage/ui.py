@@ -217,6 +217,8 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[l
             bentoml.get_current_service().analyse(Path(path).read_bytes(), with_image=True), _ui_image_file)
     except (ImageDecodeError, ImageProcessingError, DetectionUnavailable) as e:
         raise user_error(str(e)) from None
+    except gr.Error:  # raised on purpose, its message (and title, duration) written for the user: not a bug
+        raise
     except Exception:  # a bug or the runtime's failure: /predict's 500 sentence, the reason in the server's log
         # Gradio's show_error put the exception's own text in front of the user (an ONNX Runtime error names the
         # model's path and its nodes; a KeyError showed a bare "'x'").
@@ -254,7 +256,9 @@ def _uploads_only(move):
 
         # what Gradio downloads (gradio_client.utils.is_http_url_like; any case here, a superset)
         if str(path).lower().startswith(("http://", "https://")):
-            raise gr.Error("Upload the photo: the UI does not fetch URLs.")
+            # The client's mistake, not the server's: without the 25-line traceback Gradio logs for every gr.Error
+            # by default (any client of the API could flood the log with them).
+            raise gr.Error("Upload the photo: the UI does not fetch URLs.", print_exception=False)
         return await move(path)
 
     return move_local_only
@@ -447,7 +451,7 @@ class LazyUI:
                 self.app = holder
                 self._loaded.set()
                 await self._closing.wait()
-        except Exception as e:  # the API keeps serving; /ui says what went wrong
+        except Exception as e:  # the API keeps serving; /ui answers 503, this log says why
             log.exception("the Gradio UI failed to load")
             self.error = e
         finally:
@@ -626,6 +630,8 @@ class UIMiddleware:
         elif scope["type"] == "http":
             from fastapi.responses import JSONResponse
 
-            why = f"failed to load: {self.ui.error}" if self.ui.error else "is still loading; retry in a few seconds"
+            # Not the exception's text (a path on the server, a runtime's internals), as /predict's 500: the log has it.
+            why = ("failed to load (the server logged why); the API still serves" if self.ui.error
+                   else "is still loading; retry in a few seconds")
             await JSONResponse({"error": f"the UI {why}"}, status_code=503, headers={"Retry-After": "5"})(
                 scope, receive, send)
