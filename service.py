@@ -374,14 +374,45 @@ class FaceAgeService:
             if isinstance(item, Exception) and not isinstance(item, PHOTO_ERRORS):
                 log.error("/predict_batch: image %d (%s) failed", i, part.filename, exc_info=item)
         located = [item[0] for item in found if not isinstance(item, BaseException)]
-        # All faces of all photos in one call of the batcher (which also merges concurrent requests).
-        mean, std = await self.batcher([c for loc in located for c in loc.inputs])
-        ages = iter(split_results(located, mean, std))
-        results = [batch_error(part, item) if isinstance(item, BaseException) else
-                   {"filename": part.filename, "faces": [f.as_dict() for f in next(ages)],
-                    "width": item[0].width, "height": item[0].height}
-                   for part, item in zip(parts, found)]
+        ages = iter(await self._batch_ages(located, [p for p, item in zip(parts, found)
+                                                     if not isinstance(item, BaseException)]))
+        results = []
+        for part, item in zip(parts, found):
+            faces = item if isinstance(item, BaseException) else next(ages)
+            results.append(batch_error(part, faces) if isinstance(faces, BaseException) else
+                           {"filename": part.filename, "faces": [f.as_dict() for f in faces],
+                            "width": item[0].width, "height": item[0].height})
         return JSONResponse({"results": results, "model": self.lineage}, headers=model_header(self.lineage))
+
+    async def _batch_ages(self, located: list[LocatedFaces], parts: list) -> list[list[FaceAge] | Exception]:
+        """The ages of each located photo of a ``/predict_batch``, or the error of a photo whose faces the age model
+        failed on (a 500 that is its own result, as a detection bug's is).
+
+        All faces of all photos go in one call of the batcher (which also merges concurrent requests). Should it
+        fail, each photo's faces run again on their own (the batcher's own isolation, one request per pass), so
+        only the photos whose faces fail get the error: before, one such photo made the whole batch a 500.
+        """
+        try:
+            mean, std = await self.batcher([c for loc in located for c in loc.inputs])
+            return split_results(located, mean, std)
+        except DetectionUnavailable:
+            raise  # the batcher closed (ServingClosed): the server shuts down, the whole request's 503
+        except Exception as e:
+            if len(located) == 1:
+                log.error("/predict_batch: the age model failed on %s", parts[0].filename, exc_info=e)
+                return [e]
+        ages: list[list[FaceAge] | Exception] = []
+        for loc, part, item in zip(located, parts, await asyncio.gather(
+                *(self.batcher(loc.inputs) for loc in located), return_exceptions=True)):
+            if isinstance(item, BaseException) and not isinstance(item, Exception):
+                raise item  # cancelled: not a photo's result
+            if isinstance(item, Exception):
+                if not isinstance(item, DetectionUnavailable):
+                    log.error("/predict_batch: the age model failed on %s", part.filename, exc_info=item)
+                ages.append(item)
+            else:
+                ages.append(split_results([loc], *item)[0])
+        return ages
 
 
 # In this order, outermost first: the UI's share of the requests in progress (a slow upload counts

@@ -862,11 +862,18 @@ class AgeBatcher:
         """A pass raised: alone, its request gets the error; merged, its requests run again one per pass (at the
         head of the queue, in their order) so that only those whose own faces fail get an error."""
         live = [job for job in jobs if not job.future.done()]
-        if len(live) <= 1 or self._closed:
+        if len(jobs) <= 1:  # the request's own faces, alone in the pass
             self._fail(live, lambda: error)
             return
-        log.warning("a forward pass of %d faces from %d requests failed (%s); running each request alone",
-                    sum(len(job.left) for job in live), len(live), _describe(error))
+        # Counted on the pass's requests, not on those still waiting: one left in a merged pass whose other requests
+        # were cancelled as it ran (their clients gone) got the error of faces that may have been theirs.
+        if self._closed:  # no pass is left to tell whose faces fail: not known to be theirs (503, try again)
+            self._fail(live, self._closed_error)
+            return
+        if not live:
+            return
+        log.warning("a forward pass of %d faces from %d requests failed (%s); running each request still waiting "
+                    "(%d) alone", sum(len(job.left) for job in jobs), len(jobs), _describe(error), len(live))
         for job in live:
             job.alone = True
         self._pending[:0] = live
