@@ -19,8 +19,8 @@ client's fault, never the server's); malformed EXIF metadata never fails a photo
 decode, and neither does an ICC profile that cannot be used (the raw values are kept, with one
 log line).
 
-Formats: whatever this Pillow opens (AVIF with its own plugin), less icons (:data:`_DECODED_AT_OPEN`) and EPS
-(:data:`_RUNS_A_PROGRAM`),
+Formats: whatever this Pillow opens (AVIF with its own plugin), less icons (:data:`_DECODED_AT_OPEN`), EPS
+(:data:`_RUNS_A_PROGRAM`) and IPTC/NAA (:data:`_OPENS_ANOTHER_FILE`),
 plus HEIC/HEIF (iPhone photos) through pi-heif's plugin, registered on import.
 """
 
@@ -1024,13 +1024,20 @@ def _upright(img: Image.Image) -> Image.Image:
 # Formats Pillow decodes by running another program on the file: EPS runs Ghostscript (``gs``), a PostScript
 # interpreter, on whatever was uploaded, wherever one is installed. No photo comes as EPS: refused.
 _RUNS_A_PROGRAM = frozenset({"EPS"})
+# Formats whose plugin decodes another image file embedded in them: IPTC/NAA (tried on any bytes no other plugin
+# claims) declares its size in a header field, the one checked against ``max_pixels``, then opens its image data
+# with a bare ``Image.open`` (any format, no size check but Pillow's own) and decodes it whole: a 97 kB file
+# declaring 1x1 pixels came back as a 10000x10000 array (1.1 GB). No photo comes as IPTC/NAA: refused.
+_OPENS_ANOTHER_FILE = frozenset({"IPTC"})
 
 
 def _safe_formats() -> list[str]:
-    """Every format Pillow opens here but those it decodes while opening (:data:`_DECODED_AT_OPEN`) and those it
-    decodes with another program (:data:`_RUNS_A_PROGRAM`)."""
+    """Every format Pillow opens here but those it decodes while opening (:data:`_DECODED_AT_OPEN`), those it
+    decodes with another program (:data:`_RUNS_A_PROGRAM`) and those holding another image file
+    (:data:`_OPENS_ANOTHER_FILE`)."""
     Image.init()
-    return [fmt for fmt in Image.OPEN if fmt not in _DECODED_AT_OPEN and fmt not in _RUNS_A_PROGRAM]
+    return [fmt for fmt in Image.OPEN
+            if fmt not in _DECODED_AT_OPEN and fmt not in _RUNS_A_PROGRAM and fmt not in _OPENS_ANOTHER_FILE]
 
 
 def _starts_with(source: str | Path | bytes, magic: bytes) -> bool:
@@ -1166,6 +1173,10 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                 transform, source = _srgb_transform(img, name)
                 lab_white = _tiff_white(img) if img.mode == "LAB" and transform is None else None
                 upright = _upright(img)
+                if upright is not img:
+                    # The pixels as stored go now, not when the `with` ends: a photo stored sideways (a phone's
+                    # portrait) took 10 bytes a pixel, its turned copy next to them, where one stored upright takes 6.
+                    Image.Image.close(img)
                 if transform is not None:
                     try:
                         return _to_rgb(upright, transform)
