@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from faceage.chips import CHIPS_FILE, DLIB_AGE, FeaturesKindError, load_chips, load_face_chips, save_chips
+from faceage.chips import (CHIPS_FILE, DLIB_AGE, FeaturesKindError, FeaturesMissingError, load_chips, load_face_chips,
+                           save_chips)
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.face_encoder import FACE_ENCODER, embed_dataset
 
@@ -58,10 +59,12 @@ def compute_features(backbone: str, faces_dir: str | Path, model_dir: str | Path
 
         crops = [r["crop"] for r in read_faces_manifest(faces_dir)]
         source = Path(faces_dir) / CHIPS_FILE
-        if not source.is_file():  # a FaceAgeError: the stage's one line, not a traceback
-            raise FacesMissingError(f"{source.absolute()} not found: {faces_dir} was written before preprocess cut "
-                                    "the aligned chips; run `dvc repro -f preprocess`")
-        table, info = load_chips(source)
+        try:
+            table, info = load_chips(source)
+        except FeaturesMissingError as e:
+            # open_features' one line (the file, and `dvc repro -f preprocess`), as the stage's error: chips.npz is
+            # part of the preprocess output, so a FacesMissingError (callers catch that type, a FileNotFoundError)
+            raise FacesMissingError(str(e)) from None
         faces = load_face_chips(source)
         missing = [c for c in crops if c not in table or c not in faces]
         if missing:

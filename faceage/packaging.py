@@ -239,13 +239,64 @@ def paired_maes(name: str, runs: list[Candidate], face_errors: FaceErrors | None
     return paired
 
 
+def check_artifact_store(client, run_id: str) -> None:
+    """Fails fast where a server that ``client`` reaches ``run_id``'s artifacts through does not answer: the tracking
+    server (an ``http(s)`` tracking URI; ``mlflow-artifacts:/`` artifacts go through it too), or the one the run's
+    artifact location names (``http(s)://``, ``mlflow-artifacts://host``). A sqlite store with artifacts in files
+    (the default) has none: nothing is probed.
+
+    Each download from a server that refuses the connection waited out MLflow's retries (about four minutes, in
+    silence: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, which stay as they are, so a server that answers with a rate limit
+    is still retried): after a tracking server stopped or restarted while packaging or the sweep report read the
+    runs' predictions, once per run, each then taken for "no predictions logged". One probe per download instead
+    (:func:`faceage.tracking.check_reachable`: refused at once, or a connection timeout of seconds).
+
+    Raises:
+        faceage.tracking.TrackingError: The tracking server does not answer.
+        PackagingError: The server the run's artifact location names does not answer.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    from faceage.tracking import TrackingError
+
+    uri = client.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri, writable=False)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        location = client.get_run(run_id).info.artifact_uri or ""
+    except MlflowException:  # no such run: the download (or listing) reports it, as before
+        return
+    parts = urlsplit(location)
+    if parts.scheme == "mlflow-artifacts" and parts.netloc:  # the server named in it, as MLflow resolves it
+        server = urlunsplit(("https" if uri.startswith("https://") else "http", parts.netloc, "", "", ""))
+    elif parts.scheme in ("http", "https"):
+        server = location
+    else:
+        return
+    try:
+        check_reachable(server, writable=False)
+    except TrackingError as e:
+        shown = display_uri(server)
+        raise PackagingError(f"the artifact server {shown} of MLflow run {run_id} (its artifact location) does not "
+                             f"answer ({type(e.__cause__).__name__ if e.__cause__ else e}): start it, or "
+                             "point MLFLOW_TRACKING_URI at a store whose runs' artifacts are reachable") from None
+
+
 def read_face_errors(client, run_id: str, workdir: str | Path) -> dict[str, dict[str, list[float]]] | None:
     """A run's :data:`PREDICTIONS_ARTIFACT` as ``{set: {file name: [absolute errors]}}``, downloaded into ``workdir``
-    through ``client`` (a sqlite store's or a tracking server's); None where the run has none or it is unreadable."""
+    through ``client`` (a sqlite store's or a tracking server's); None where the run has none or it is unreadable.
+
+    Raises:
+        faceage.tracking.TrackingError, PackagingError: A server the artifact is read through does not answer
+            (:func:`check_artifact_store`): not "no predictions", after minutes of MLflow's retries.
+    """
     import csv
 
     from mlflow.exceptions import MlflowException
 
+    check_artifact_store(client, run_id)
     try:
         # A few kB a run, one per run of a sweep: no progress bar each
         with mlflow_env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
@@ -829,6 +880,14 @@ def workspace_card_note(card: str | Path | None, winner: Winner, shipped: bool) 
 
 
 def _find_artifact(client, run_id: str, filename: str, path: str | None = None, depth: int = 0) -> str | None:
+    """The path of ``run_id``'s artifact ``filename`` (in a folder up to two deep), or None.
+
+    Raises:
+        faceage.tracking.TrackingError, PackagingError: A server the artifacts are read through does not answer
+            (:func:`check_artifact_store`; probed once, before the listing).
+    """
+    if depth == 0:
+        check_artifact_store(client, run_id)
     for info in client.list_artifacts(run_id, path):
         if info.is_dir and depth < 2:
             found = _find_artifact(client, run_id, filename, info.path, depth + 1)

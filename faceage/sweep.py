@@ -237,16 +237,38 @@ def _other_version(r: dict, name: str, refs: dict[str, str]) -> bool:
 
 def external_face_references(rows: list[dict]) -> dict[str, dict]:
     """Per external set, the row whose faces (``evaluate.external_faces_sha256``) the report's column compares: the
-    newest run's among those on the compared version of the files (:func:`external_references`), as for the version.
+    newest run's among those on the compared version of the files (:func:`external_references`), as for the version,
+    that can win (``contender``, :func:`common_face_maes`: packaging's champion rule), where one was scored on the set;
+    else the newest run's. A run that cannot win (a diverged one, one validated on other photos) was the reference
+    when swept last: every run that can was marked † and sent to be swept again onto that run's faces.
     Sets no such row recorded faces for are left out (runs evaluated before the tag: nothing to compare)."""
     refs = external_references(rows)
     newest: dict[str, dict] = {}
     for r in rows:
         for name in r.get("external_faces_sha256", {}):
-            if name in r.get("external", {}) and not _other_version(r, name, refs) and \
-                    r.get("start_time_ms", 0) >= newest.get(name, {}).get("start_time_ms", -1):
+            if name not in r.get("external", {}) or _other_version(r, name, refs):
+                continue
+            ref = newest.get(name)
+            # (can win, start time): a row that can win beats any that cannot, then the newest
+            if ref is None or (_can_win(r, name), r.get("start_time_ms", 0)) >= (_can_win(ref, name),
+                                                                                  ref.get("start_time_ms", 0)):
                 newest[name] = r
     return newest
+
+
+def _can_win(r: dict, name: str) -> bool:
+    """Whether row ``r`` is a run packaging's champion rule compares on set ``name``: ``contender`` (where
+    :func:`common_face_maes` ranked the rows; else every row is) with a finite MAE on the set."""
+    return r.get("contender", True) and math.isfinite(r.get("external", {}).get(name, math.nan))
+
+
+def _reference_words(rows: list[dict], ref: dict, name: str) -> str:
+    """How the faces note names set ``name``'s reference row ``ref``: "the newest run's" where it is (of the rows
+    :func:`external_face_references` chose from), else "the newest champion-eligible run's" (a newer one cannot win)."""
+    refs = external_references(rows)
+    newest = max((r.get("start_time_ms", 0) for r in rows if name in r.get("external_faces_sha256", {})
+                  and name in r.get("external", {}) and not _other_version(r, name, refs)), default=0)
+    return "the newest run's" if ref.get("start_time_ms", 0) >= newest else "the newest champion-eligible run's"
 
 
 def _other_faces(r: dict, name: str, face_refs: dict[str, dict]) -> bool:
@@ -264,8 +286,9 @@ def common_face_maes(client, rows: list[dict], runs: dict) -> None:
     thresholds, its fallbacks, its log lines).
 
     The runs paired are those packaging pairs: the ones that can win (finite validation and test MAEs, validated on
-    the photos most of those were validated on), on the version of the set's files the column compares
-    (:func:`external_references`). A row that cannot win gets ``not_compared`` ``{set: why}`` instead: paired with
+    the photos of the workspace's preprocess output where it holds the runs' data, :func:`_workspace_val_faces`, else
+    those most of them were validated on; each row's ``contender``), on the version of the set's files the column
+    compares (:func:`external_references`). A row that cannot win gets ``not_compared`` ``{set: why}`` instead: paired with
     the others, a run with a NaN test MAE, or one validated on other photos, shrank their common faces, and the
     column's MAEs differed from the champion table's for the same runs.
 
@@ -296,11 +319,12 @@ def common_face_maes(client, rows: list[dict], runs: dict) -> None:
     current = {name: refs.get(name, "") for name in names}
     with tempfile.TemporaryDirectory(prefix="faceage-sweep-predictions-") as workdir:
         ranked = rank_candidates([dataclasses.replace(candidate(runs[r["backbone"]]), run_name=r["backbone"])
-                                  for r in rows], current,
+                                  for r in rows], current, val_faces=_workspace_val_faces(rows),
                                  face_errors=lambda c: read_face_errors(client, c.run_id, workdir))
     by_id = {c.run_id: c for c in ranked}
     for r in rows:
         c = by_id[r["run_id"]]
+        r["contender"] = c.contender  # the faces note's reference is one (external_face_references)
         for name in names:
             if name in c.paired_mae_years:
                 r.setdefault("external_common", {})[name] = (c.paired_mae_years[name], c.paired_n_faces[name])
@@ -308,6 +332,32 @@ def common_face_maes(client, rows: list[dict], runs: dict) -> None:
                     and not _other_version(r, name, refs):
                 # Its own reasons alone: a run that cannot win is not judged on the sets
                 r.setdefault("not_compared", {})[name] = c.excluded
+
+
+# The workspace's preprocess output (stages/package.py's --faces default): the validation photos packaging compares
+WORKSPACE_FACES = "data/faces"
+
+
+def _workspace_val_faces(rows: list[dict]) -> str | None:
+    """The fingerprint of the validation photos of the workspace's preprocess output (:data:`WORKSPACE_FACES`), which
+    packaging's champion rule compares runs with (:func:`faceage.packaging.workspace_val_faces`), where that output
+    holds the rows' data (their ``data_sha256``); else None (the photos most runs were validated on), as packaging
+    with no preprocess output of the runs' data. Without it the report judged the runs by the majority's photos, and
+    called the run validated on the workspace's the one that cannot win."""
+    from faceage.packaging import workspace_val_faces
+    from faceage.preprocess import SETTINGS, read_crop_settings
+
+    data = {r["data_sha256"] for r in rows if r.get("data_sha256")}
+    if len(data) != 1 or not (Path(WORKSPACE_FACES) / SETTINGS).is_file():
+        return None
+    try:
+        if read_crop_settings(WORKSPACE_FACES).get("data_sha256") not in data:
+            return None
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON that is not an object
+        log.warning("could not read %s (%s): the runs' validation photos are compared with those most were "
+                    "validated on", Path(WORKSPACE_FACES) / SETTINGS, e)
+        return None
+    return workspace_val_faces(WORKSPACE_FACES)
 
 
 def collect(runs: dict) -> list[dict]:
@@ -406,8 +456,11 @@ def _run_head(client, run) -> str:
     import tempfile
 
     from faceage.model import read_payload
+    from faceage.packaging import check_artifact_store
 
     try:
+        # A server that does not answer: its one line below at once, not MLflow's minutes of retries first
+        check_artifact_store(client, run.info.run_id)
         with tempfile.TemporaryDirectory(prefix="faceage-sweep-") as tmp:
             path = client.download_artifacts(run.info.run_id, "checkpoint/model.pt", tmp)
             payload = read_payload(path)
@@ -692,13 +745,14 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
                         "`evaluation/external_predictions.csv`, or too few faces in common: the log says which); "
                         + excluded)
         backbones = [r["backbone"] for r in others]
-        faces_note += (f"`{name}` MAE marked † was measured on other faces of the set than the newest run's "
+        whose = _reference_words(rows, ref, name)
+        faces_note += (f"`{name}` MAE marked † was measured on other faces of the set than {whose} "
                        f"(`{ref['backbone']}`, {_n_faces(ref, name)}): "
                        + ", ".join(f"`{r['backbone']}` {_n_faces(r, name)}" for r in others)
                        + " (a set without release crops is scored on the faces each run's own detector found: "
                        "their `preprocess` settings differ); " + compared
                        + "sweep " + ", ".join(f"`{b}`" for b in backbones)
-                       + f" again (`--backbones {' '.join(backbones)}`) to score them on the newest run's faces.\n")
+                       + f" again (`--backbones {' '.join(backbones)}`) to score them on {whose} faces.\n")
     table = ["| backbone | params (M) | GFLOPs | input | epochs | train time (s) | val MAE | test MAE | CS@5 | "
              + "".join(f"`{name}` MAE | " + (f"`{name}` MAE, {common[name]} common faces | " if name in common else "")
                        for name in sets) + "MLflow run |",
