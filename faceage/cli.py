@@ -17,9 +17,9 @@ not read its own output as photos. It uses :class:`faceage.predict.AgePredictor`
 service runs. Exit status 0, or 1 when some path could not be read (missing, a broken link, not an
 image, a folder that cannot be listed: each an error row) or some annotated copy could not be written
 (the others are still reported), or stdout could not take the results (a full disk; a reader that
-left, ``| head``, is no error). Ctrl-C prints the photos done (complete rows, valid JSON), says after how
-many of how many it stopped, and ends the process by SIGINT (a shell shows 130), without a traceback.
-"""
+left, ``| head``, is no error). Ctrl-C (or SIGTERM) prints the photos done (complete rows, valid JSON),
+says after how many of how many it stopped, and ends the process by that signal (a shell shows 130,
+143), without a traceback. The photos of a batch are decoded and detected on a thread per usable core."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import unicodedata
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -45,9 +46,9 @@ from PIL import Image, features
 
 from faceage.errors import FaceAgeError, error_line
 from faceage.images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLarge, load_image
-from faceage.logs import die_of_signal, setup_logging
+from faceage.logs import Terminated, die_of_signal, raise_on_sigterm, setup_logging
 from faceage.predict import (CHECKPOINT_FILE, DEFAULT_MAX_DETECT_PIXELS, DETECTOR_DIR, AgePredictor, FaceAge,
-                             PredictorError)
+                             FaceLocator, LocatedFaces, PredictorError, available_cores)
 
 log = logging.getLogger(__name__)
 
@@ -246,49 +247,103 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
     Raises:
         FaceAgeError: ``annotate_dir`` is a file or cannot be created.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     if annotate_dir is not None:
         prepare_annotate_dir(annotate_dir)
-    with tqdm(total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr) as bar:
-        for start in range(0, len(paths), CHUNK_IMAGES):
-            results, images = [], {}
-            for path in paths[start:start + CHUNK_IMAGES]:
-                result = PhotoResult(path)
+    # A thread per core, each photo detected on one of them; one thread (one core, or a predictor whose locator
+    # cannot be copied): one photo at a time, detected by predict_many on two threads where two cores are free.
+    threads = min(detection_threads(), len(paths)) if isinstance(predictor, AgePredictor) else 1
+    chunk = max(CHUNK_IMAGES, threads)  # every thread has a photo (8 up to 8 cores: the forward passes as before)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="faceage-detect") if threads > 1 else None
+    own = threading.local()
+
+    def read(path: Path) -> tuple[PhotoResult, np.ndarray | None, LocatedFaces | None]:
+        """Decodes one photo, and in a pool thread locates its faces with that thread's own locator (dlib's
+        detector is not thread-safe)."""
+        image = _read_photo(path, predictor.locator.max_pixels)
+        if isinstance(image, PhotoResult):  # its error row
+            return image, None, None
+        result = PhotoResult(path, width=image.shape[1], height=image.shape[0])
+        if pool is None:
+            return result, image, None
+        if getattr(own, "locator", None) is None:
+            own.locator = FaceLocator(**predictor.locator.settings())
+        located = own.locator.locate(image, crops=False, parallel=False)
+        # The pixels are kept only to draw on: a batch of up to --max-pixels photos is not held twice over.
+        return result, image if annotate_dir is not None else None, located
+
+    try:
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr) as bar:
+            for start in range(0, len(paths), chunk):
+                batch = paths[start:start + chunk]
+                # In order, whichever thread finishes first: the rows (and the forward pass) are the one-thread run's.
+                done = list(map(read, batch) if pool is None else pool.map(read, batch))
+                found = {i: (image, loc) for i, (result, image, loc) in enumerate(done) if result.error is None}
+                yield from _finish_chunk(predictor, [result for result, _, _ in done], found, annotate_dir, bar)
+    finally:  # Ctrl-C: the photos under way are dropped (a thread cannot be stopped mid-detection; none waits)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def detection_threads() -> int:
+    """Photos decoded and detected at once: one per usable core (:func:`faceage.predict.available_cores`),
+    as the service's detection workers and ``evaluate``'s crop workers use them."""
+    return available_cores()
+
+
+def _read_photo(path: Path, max_pixels: int) -> np.ndarray | PhotoResult:
+    """The photo at ``path`` (RGB uint8), or its error row when it cannot be read."""
+    try:
+        if isinstance(path, UnlistedFolder) and path.error is not None:
+            raise path.error  # the scan's own error: not the "Is a directory" of opening it
+        if str(path) == STDIN and (unusable := _stdin_problem()) is not None:
+            raise ImageDecodeError(unusable)
+        return load_image("/dev/stdin" if str(path) == STDIN else path, max_pixels=max_pixels)
+    except (ImageDecodeError, OSError) as e:
+        result = PhotoResult(path, error=_read_error(path, e, max_pixels))
+        log.warning("skipped %s: %s", path, result.error)
+        return result
+
+
+def _finish_chunk(predictor: AgePredictor, results: list[PhotoResult],
+                  found: dict[int, tuple[np.ndarray | None, LocatedFaces | None]], annotate_dir: Path | None, bar
+                  ) -> Iterator[PhotoResult]:
+    """The ages of a chunk's photos (one forward pass), their annotated copies, then each result in order.
+
+    Args:
+        results: The chunk's rows, in order.
+        found: For each photo read (by its row's index), its pixels (where it is to be located here, or drawn on)
+            and its faces when they were located already (all or none of them).
+    """
+    handed = 0
+    try:
+        if not found:
+            ages = []
+        elif all(loc is not None for _, loc in found.values()):
+            ages = predictor.predict_located([loc for _, loc in found.values()])
+        else:
+            ages = predictor.predict_many([image for image, _ in found.values()])
+        for i, faces in zip(found, ages):
+            results[i].faces = faces
+            if annotate_dir is not None:
                 try:
-                    if isinstance(path, UnlistedFolder) and path.error is not None:
-                        raise path.error  # the scan's own error: not the "Is a directory" of opening it
-                    if str(path) == STDIN and (unusable := _stdin_problem()) is not None:
-                        raise ImageDecodeError(unusable)
-                    image = load_image("/dev/stdin" if str(path) == STDIN else path,
-                                       max_pixels=predictor.locator.max_pixels)
-                except (ImageDecodeError, OSError) as e:
-                    result.error = _read_error(path, e, predictor.locator.max_pixels)
-                    log.warning("skipped %s: %s", path, result.error)
+                    written = write_annotated(annotate_dir, results[i].path, found[i][0], faces)
+                except OSError as e:  # a full disk, an odd file system: the ages are still good
+                    results[i].annotate_error = str(e)
+                    log.warning("could not write the annotated copy of %s: %s", results[i].path, e)
                 else:
-                    result.height, result.width = image.shape[:2]
-                    images[len(results)] = image
-                results.append(result)
-            handed = 0
-            try:
-                for i, faces in zip(images, predictor.predict_many(list(images.values()))):
-                    results[i].faces = faces
-                    if annotate_dir is not None:
-                        try:
-                            written = write_annotated(annotate_dir, results[i].path, images[i], faces)
-                        except OSError as e:  # a full disk, an odd file system: the ages are still good
-                            results[i].annotate_error = str(e)
-                            log.warning("could not write the annotated copy of %s: %s", results[i].path, e)
-                        else:
-                            results[i].annotated = written
-                            log.info("annotated %s -> %s", results[i].path, written)
-                bar.update(len(results))
-                for result in results:
-                    handed += 1  # before the yield: closed there, the caller holds this one
-                    yield result
-            except BaseException:  # Ctrl-C, or GeneratorExit: no copy of a photo whose result is not out
-                _remove_copies(results[handed:])
-                raise
+                    results[i].annotated = written
+                    log.info("annotated %s -> %s", results[i].path, written)
+        bar.update(len(results))
+        for result in results:
+            handed += 1  # before the yield: closed there, the caller holds this one
+            yield result
+    except BaseException:  # Ctrl-C, or GeneratorExit: no copy of a photo whose result is not out
+        _remove_copies(results[handed:])
+        raise
 
 
 def _remove_copies(results: Sequence[PhotoResult]) -> None:
@@ -482,7 +537,8 @@ PREDICT_EXIT_STATUS = (
     "exit status: 0 when every photo was read (photos without a face included; a reader that leaves, `| head`, is "
     "no error); 1 when a photo could not be read (its row says why; the others are still reported), an annotated "
     "copy could not be written, the results could not be printed, or nothing could run (no model, no photo); 2 "
-    "for a usage error; 130 (SIGINT) after Ctrl-C, the photos done printed.")
+    "for a usage error; 130 (SIGINT) after Ctrl-C, 143 (SIGTERM) after a SIGTERM (kill, timeout), the photos done "
+    "printed.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,7 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help=f"image files or folders ({STDIN}: the photo on standard input)")
     p.add_argument("--recursive", action="store_true", help="also read images in subfolders")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print JSON (one object per photo)")
+    # The schema, where a new user scripting over the output looks for it (the README says the same).
+    fmt.add_argument("--json", action="store_true",
+                     help='print JSON: a list with one object per photo, in the order of the PATHs (a folder\'s '
+                          'photos sorted by name): {"file", "width", "height", "faces": [{"box": [x1, y1, x2, y2], '
+                          '"age", "age_std", "score"}, ...]} (faces largest first; ages in years, 4 decimals), or '
+                          '{"file", "error"} for a photo that could not be read; --annotate adds "annotated" and '
+                          '"annotate_error"')
     fmt.add_argument("--csv", action="store_true", help="print CSV (one row per face)")
     p.add_argument("--annotate", metavar="DIR", type=Path, help="write an annotated PNG per photo into DIR")
     src = p.add_mutually_exclusive_group()
@@ -504,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", type=Path,
                    help=f"detector folder for a --model checkpoint (default: the {DETECTOR_DIR}/ folder beside "
                         f"the checkpoint, else {DEFAULT_DETECTOR}; a model folder or --bento brings its own)")
-    p.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    p.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS,
+                   help="refuse larger images (default: %(default)s)")
     p.add_argument("--max-detect-pixels", type=_int_at_least(0), default=DEFAULT_MAX_DETECT_PIXELS,
                    help="downscale larger images for detection only; 0 = never (default: %(default)s)")
     p.add_argument("--threads", type=_int_at_least(1), help="torch threads (default: half the cores)")
@@ -657,9 +720,26 @@ def main(argv: list[str] | None = None) -> int:
                   "> /dev/null to keep only --annotate's copies)")
         return 1
     _robust_stdout()
+    # SIGTERM (`timeout`, `kill`, a cancelled CI job) stops it as Ctrl-C does: it ended the process at once, every
+    # photo done lost and nothing said. A second SIGTERM ends it at once (raise_on_sigterm).
+    previous = raise_on_sigterm()
+    try:
+        return _run(args)
+    finally:  # a caller in this process (a test, a script calling main) keeps its own handler
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_by(error: KeyboardInterrupt) -> tuple[int, str]:
+    """The signal that stopped the run (SIGINT for Ctrl-C, or :class:`faceage.logs.Terminated`'s) and its words."""
+    if isinstance(error, Terminated):
+        return error.signum, f"stopped by {signal.Signals(error.signum).name}"
+    return signal.SIGINT, "interrupted (Ctrl-C)"
+
+
+def _run(args: argparse.Namespace) -> int:
+    """:func:`main` once the arguments are parsed and stdout is ready."""
     results: list[PhotoResult] = []
     paths: list[Path] = []
-    interrupted = False
     try:
         paths = collect_images(args.paths, args.recursive, skip_dir=args.annotate)
         if not paths:
@@ -673,17 +753,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FaceAgeError, FileNotFoundError) as e:
         log.error("%s", error_line(e, with_type=False))  # one line, a hint raised on a second one joined to it
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: was a traceback, and the photos already done were lost
-        interrupted = True
-    if not interrupted:
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM): was a traceback, and the photos already done were lost
+        signum, message = _stopped_by(e)
+    else:
         try:
             return _write_results(args, results)[0]
-        except KeyboardInterrupt:  # Ctrl-C while a long table is printed: no traceback either
-            die_of_signal(signal.SIGINT,
-                          f"interrupted (Ctrl-C) while the results of {len(results)} photos were printed")
-    # The photos done are printed, as complete rows (valid JSON), and the process dies of SIGINT, as Ctrl-C's should:
-    # a shell's loop over folders stops, and the status tells the output is partial.
-    message = "interrupted (Ctrl-C)"
+        except KeyboardInterrupt as e:  # Ctrl-C while a long table is printed: no traceback either
+            signum, message = _stopped_by(e)
+            die_of_signal(signum, f"{message} while the results of {len(results)} photos were printed")
+    # The photos done are printed, as complete rows (valid JSON), and the process dies of the signal, as Ctrl-C's
+    # should: a shell's loop over folders stops, and the status tells the output is partial.
     if results:
         try:
             _, unprinted = _write_results(args, results)
@@ -694,8 +773,8 @@ def main(argv: list[str] | None = None) -> int:
             message += f" after {len(results)} of {len(paths)} photos, while their results were printed"
     elif paths:
         message += f" before the first of {len(paths)} photos was done: nothing printed"
-    die_of_signal(signal.SIGINT, message)
-    return 130  # (not reached: die_of_signal ends the process)
+    die_of_signal(signum, message)
+    return 128 + signum  # (not reached: die_of_signal ends the process)
 
 
 def _no_images(given: Sequence[str], recursive: bool, annotate: Path | None) -> str:

@@ -328,7 +328,12 @@ class AgePredictor:
 
     def predict_many(self, images: Sequence[np.ndarray]) -> list[list[FaceAge]]:
         """:meth:`predict` for several images, their faces batched together (:meth:`estimate`)."""
-        located = [self.locator.locate(image, crops=False, parallel=self.parallel_detection) for image in images]
+        return self.predict_located([self.locator.locate(image, crops=False, parallel=self.parallel_detection)
+                                     for image in images])
+
+    def predict_located(self, located: Sequence[LocatedFaces]) -> list[list[FaceAge]]:
+        """The ages of faces already located (by this predictor's locator, or one built from its
+        :meth:`FaceLocator.settings`, as the CLI's detection threads do), in one batched :meth:`estimate`."""
         mean, std = self.estimate([c for loc in located for c in loc.inputs])
         return split_results(located, mean, std)
 
