@@ -347,18 +347,22 @@ def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: C
     killer on a very large photo, a crash in dlib) fails the run with :class:`WorkerDiedError`:
     ``multiprocessing.Pool`` waited for its lost results for ever. An interrupted run (Ctrl-C, or any
     error) stops its workers at once: waiting for them would finish the chunks already handed to them
-    (16 photos each; minutes with the CNN).
+    (up to 16 photos each; minutes with the CNN). At most one worker per item is started.
 
     Raises:
         WorkerDiedError: A worker died, or failed to start (its error is printed above).
     """
     from tqdm import tqdm
 
+    # No worker without an item (each loads its models: dlib's detectors are ~130 MB), and chunks small enough that
+    # every worker gets some: 16 at a time gave 8 photos on 2 workers all to one (the set took its serial time).
+    workers = max(1, min(workers, len(items)))
+    chunksize = max(1, min(16, len(items) // (4 * workers)))
     context = _WorkerContext()
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                initargs=(initializer, initargs))
     try:
-        results = list(tqdm(pool.map(fn, items, chunksize=16), total=len(items), desc=desc, unit=unit,
+        results = list(tqdm(pool.map(fn, items, chunksize=chunksize), total=len(items), desc=desc, unit=unit,
                             disable=desc is None))
     except BaseException as e:
         # (no public way to stop a worker mid-chunk)

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from faceage.detector import CNN_FILE, HOG_FILE, load_dlib_file
+from faceage.errors import FaceAgeError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,38 @@ CNN_MAX_PIXELS = 2_000_000
 # The service's and the CLI's default (FACEAGE_MAX_DETECT_PIXELS, --max-detect-pixels), and preprocess's:
 # one detection for both, so a large photo in a training or external set is cut as the service cuts it.
 MAX_DETECT_PIXELS = 3840 * 2160
+# dlib's CNN computes on dlib's own thread pool, started at its first run in a process with DLIB_NUM_THREADS threads
+# (dlib's default: one per core the hardware has). A fork copies the pool without its threads, and the child's first
+# CNN run waited for them for ever. (pid, pool threads) of the process whose CNN run here started it.
+_cnn_pool: tuple[int, int] | None = None
+
+
+class CnnAfterForkError(FaceAgeError, RuntimeError):
+    """dlib's CNN was asked to run in a process forked after it ran in the parent: it would wait for ever."""
+
+
+def _dlib_pool_threads() -> int:
+    """The threads dlib's pool starts with (dlib's ``default_num_threads``): ``DLIB_NUM_THREADS``, else the
+    hardware's core count."""
+    try:
+        return int(os.environ["DLIB_NUM_THREADS"])
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
+
+
+def _cnn_may_run() -> None:
+    """Records the process that starts dlib's pool with its first CNN run; in a child forked after it, raises
+    :class:`CnnAfterForkError` (where the pool has threads) instead of letting the CNN wait for ever."""
+    global _cnn_pool
+    if _cnn_pool is None:
+        _cnn_pool = (os.getpid(), _dlib_pool_threads())
+    elif _cnn_pool[0] != os.getpid() and _cnn_pool[1] > 0:
+        raise CnnAfterForkError(
+            f"dlib's CNN face detector cannot run in this process (pid {os.getpid()}): it was forked after the CNN "
+            f"ran in process {_cnn_pool[0]}, and the fork copied dlib's thread pool without its {_cnn_pool[1]} "
+            "threads, so the CNN would wait for them for ever. Start worker processes with the spawn start method "
+            "(multiprocessing.get_context('spawn'), as preprocess and the service do), or set DLIB_NUM_THREADS=0 in "
+            "the environment before the first CNN run (the CNN then computes on the calling thread)")
 
 
 @dataclass(frozen=True)
@@ -151,6 +184,8 @@ class FaceDetector:
 
         Raises:
             ValueError: ``image`` is not an RGB uint8 array (a 2-D greyscale one, RGBA, 16-bit, float).
+            CnnAfterForkError: The CNN was to look in a process forked after dlib's CNN ran in its parent (see
+                :func:`_cnn_may_run`); a forked child's HOG looks are not affected.
         """
         require_rgb(image, "FaceDetector.detect")
         h, w = image.shape[:2]
@@ -239,6 +274,7 @@ class FaceDetector:
                     rects, scores, _ = self._hog.run(image, upsample, 0.0)
                     found = list(zip(rects, scores))
             else:
+                _cnn_may_run()
                 found = [(d.rect, d.confidence) for d in self._cnn(image, upsample)]
         boxes = []
         for r, score in found:
