@@ -389,8 +389,8 @@ class FaceAgeService:
         failed on (a 500 that is its own result, as a detection bug's is).
 
         All faces of all photos go in one call of the batcher (which also merges concurrent requests). Should it
-        fail, each photo's faces run again on their own (the batcher's own isolation, one request per pass), so
-        only the photos whose faces fail get the error: before, one such photo made the whole batch a 500.
+        fail, each photo's faces run again in passes of their own (``alone``), so only the photos whose faces fail
+        get the error: before, one such photo made the whole batch a 500.
         """
         try:
             mean, std = await self.batcher([c for loc in located for c in loc.inputs])
@@ -401,9 +401,13 @@ class FaceAgeService:
             if len(located) == 1:
                 log.error("/predict_batch: the age model failed on %s", parts[0].filename, exc_info=e)
                 return [e]
+            # Said here: where every photo then gets through alone (a pass too large for memory), nothing else would
+            log.warning("/predict_batch: the age model failed on the faces of %d photos together (%s: %s); running "
+                        "each photo's alone", len(located), type(e).__name__, e)
         ages: list[list[FaceAge] | Exception] = []
+        # Alone: sent back at once, the batcher merged them into the same pass again, which failed again first
         for loc, part, item in zip(located, parts, await asyncio.gather(
-                *(self.batcher(loc.inputs) for loc in located), return_exceptions=True)):
+                *(self.batcher(loc.inputs, alone=True) for loc in located), return_exceptions=True)):
             if isinstance(item, BaseException) and not isinstance(item, Exception):
                 raise item  # cancelled: not a photo's result
             if isinstance(item, Exception):

@@ -257,7 +257,7 @@ def check_artifact_store(client, run_id: str) -> None:
     """
     from urllib.parse import urlsplit, urlunsplit
 
-    from faceage.tracking import TrackingError
+    from faceage.tracking import GATEWAY_DOWN, TrackingError
 
     uri = client.tracking_uri
     if uri.startswith(("http://", "https://")):
@@ -278,25 +278,39 @@ def check_artifact_store(client, run_id: str) -> None:
     try:
         check_reachable(server, writable=False)
     except TrackingError as e:
-        shown = display_uri(server)
-        raise PackagingError(f"the artifact server {shown} of MLflow run {run_id} (its artifact location) does not "
-                             f"answer ({type(e.__cause__).__name__ if e.__cause__ else e}): start it, or "
-                             "point MLFLOW_TRACKING_URI at a store whose runs' artifacts are reachable") from None
+        if e.__cause__ is not None:  # refused, or no answer in time
+            why = f"does not answer ({type(e.__cause__).__name__})"
+        else:
+            # A proxy's 502/503/504: its code alone. check_reachable's sentence, nested here, called this server "the
+            # MLflow tracking server (MLFLOW_TRACKING_URI)" and said to unset that, which may name a sqlite file.
+            code = next((c for c in GATEWAY_DOWN if f" answers {c} " in str(e)), None)
+            why = (f"answers {code} {GATEWAY_DOWN[code]} (the proxy there reaches no server behind it)" if code
+                   else "does not answer")
+        raise PackagingError(f"the artifact server {display_uri(server)} of MLflow run {run_id} (its artifact "
+                             f"location) {why}: start it, or point MLFLOW_TRACKING_URI at a store whose runs' "
+                             "artifacts are reachable") from None
 
 
 def read_face_errors(client, run_id: str, workdir: str | Path) -> dict[str, dict[str, list[float]]] | None:
     """A run's :data:`PREDICTIONS_ARTIFACT` as ``{set: {file name: [absolute errors]}}``, downloaded into ``workdir``
     through ``client`` (a sqlite store's or a tracking server's); None where the run has none or it is unreadable.
 
+    A run whose artifact server does not answer (:func:`check_artifact_store`: found at once, not after minutes of
+    MLflow's retries) is one without: a warning names the server, and the other runs are still compared (an old run
+    whose artifacts sat on a retired server does not block packaging).
+
     Raises:
-        faceage.tracking.TrackingError, PackagingError: A server the artifact is read through does not answer
-            (:func:`check_artifact_store`): not "no predictions", after minutes of MLflow's retries.
+        faceage.tracking.TrackingError: The tracking server does not answer (nothing can be compared).
     """
     import csv
 
     from mlflow.exceptions import MlflowException
 
-    check_artifact_store(client, run_id)
+    try:
+        check_artifact_store(client, run_id)
+    except PackagingError as e:
+        log.warning("%s; its predictions are not compared", e)
+        return None
     try:
         # A few kB a run, one per run of a sweep: no progress bar each
         with mlflow_env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):

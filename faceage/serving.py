@@ -758,8 +758,9 @@ class AgeBatcher:
         self._closed = False
         self._task: asyncio.Task | None = None  # a reference keeps the drain task from being collected
 
-    async def __call__(self, crops: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Age mean and std of one request's faces (``LocatedFaces.inputs``).
+    async def __call__(self, crops: Sequence[np.ndarray], *, alone: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Age mean and std of one request's faces (``LocatedFaces.inputs``); ``alone``: in passes of their own, never
+        merged with other requests' faces (a retry of faces whose merged pass failed: merged again, they failed again).
 
         Raises:
             ServingClosed: The batcher was closed (the server is shutting down) before this request's
@@ -772,7 +773,7 @@ class AgeBatcher:
             return np.zeros(0), np.zeros(0)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append(_AgeJob(list(crops), future))
+        self._pending.append(_AgeJob(list(crops), future, alone))
         if not self._running:
             self._running = True
             self._task = loop.create_task(self._drain())
@@ -894,11 +895,11 @@ def _rows(mean: Any, std: Any, faces: int) -> tuple[np.ndarray, np.ndarray]:
 
 class _AgeJob:
     """One request's faces in :class:`AgeBatcher`: those still to run (``left``) and the rows of those that ran;
-    ``alone``: the request was in a merged pass that failed and takes its next pass on its own."""
+    ``alone``: the request takes its passes on its own (it was in a merged pass that failed, or asked to)."""
 
-    def __init__(self, inputs: list[np.ndarray], future: asyncio.Future):
+    def __init__(self, inputs: list[np.ndarray], future: asyncio.Future, alone: bool = False):
         self.left, self.future = inputs, future
-        self.alone = False
+        self.alone = alone
         self.means: list[np.ndarray] = []
         self.stds: list[np.ndarray] = []
 

@@ -64,8 +64,7 @@ SCRIPT = textwrap.dedent("""
                        ("checkpoint", lambda: resolve_checkpoint(client, winner, workdir + "/none.pt", workdir))):
         start = time.monotonic()
         try:
-            call()
-            said = "no error"
+            said = f"returned {call()!r}"
         except FaceAgeError as e:
             said = str(e)
         out.append({"what": what, "said": said, "s": time.monotonic() - start})
@@ -73,27 +72,35 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def downloads(uri: str, run_id: str, workdir: Path) -> list[dict]:
+def downloads(uri: str, run_id: str, workdir: Path) -> tuple[list[dict], str]:
     """Packaging's two downloads (a run's predictions, the winner's checkpoint) in a real subprocess: what each
-    raised (one FaceAgeError line) and how long it took. MLflow's retries on a dead server outlast the timeout."""
+    returned or raised (one FaceAgeError line) and how long it took, and the subprocess's stderr (its warnings).
+    MLflow's retries on a dead server outlast the timeout."""
     done = subprocess.run([sys.executable, "-c", SCRIPT, uri, run_id, str(workdir)], cwd=ROOT, capture_output=True,
                           text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
 
 def test_a_dead_artifact_server_fails_at_once_in_one_line(tmp_path):
+    """The winner's checkpoint cannot be packaged: one line at once. A run's predictions are only compared: that run
+    is one without them (a warning naming the server), at once, and packaging goes on with the others."""
     port = closed_port()
     uri, run_id = finished_run(tmp_path, f"http://127.0.0.1:{port}/api/2.0/mlflow-artifacts/artifacts/1")
-    for result in downloads(uri, run_id, tmp_path):
+    (predictions, checkpoint), stderr = downloads(uri, run_id, tmp_path)
+    for result in (predictions, checkpoint):
         assert result["s"] < 60, result  # one probe (refused at once), not MLflow's minutes of retries
-        assert f"127.0.0.1:{port}" in result["said"] and "does not answer" in result["said"], result
-        assert "\n" not in result["said"] and run_id in result["said"], result
+    assert predictions["said"] == "returned None", predictions
+    warned = [line for line in stderr.splitlines() if f"127.0.0.1:{port}" in line]
+    assert len(warned) == 1 and "does not answer" in warned[0] and "not compared" in warned[0], stderr[-2000:]
+    assert f"127.0.0.1:{port}" in checkpoint["said"] and "does not answer" in checkpoint["said"], checkpoint
+    assert "\n" not in checkpoint["said"] and run_id in checkpoint["said"], checkpoint
 
 
 def test_a_dead_tracking_server_fails_at_once_in_one_line(tmp_path):
     port = closed_port()
-    for result in downloads(f"http://127.0.0.1:{port}", "0" * 32, tmp_path):
+    results, _ = downloads(f"http://127.0.0.1:{port}", "0" * 32, tmp_path)
+    for result in results:
         assert result["s"] < 60, result
         assert f"127.0.0.1:{port}" in result["said"] and "does not answer" in result["said"], result
         assert "\n" not in result["said"], result
