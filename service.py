@@ -348,7 +348,9 @@ class FaceAgeService:
     async def model_card(self) -> Response:
         """The served model's card (Markdown): its test MAE, per-group errors, data and lineage."""
         if self.card is None:
-            return error_response(404, NO_MODEL_CARD)
+            response = error_response(404, NO_MODEL_CARD)
+            response.headers.update(model_header(self.lineage))  # which model has no card (a rollout, two bentos)
+            return response
         return MarkdownResponse(content=self.card, headers=model_header(self.lineage))
 
     @api.post("/predict_batch", openapi_extra=BATCH_FORM, responses=ok_response(

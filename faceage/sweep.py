@@ -242,18 +242,23 @@ def external_face_references(rows: list[dict]) -> dict[str, dict]:
     else the newest run's. A run that cannot win (a diverged one, one validated on other photos) was the reference
     when swept last: every run that can was marked † and sent to be swept again onto that run's faces.
     Sets no such row recorded faces for are left out (runs evaluated before the tag: nothing to compare)."""
+    # (can win, start time): a row that can win beats any that cannot, then the newest; of equals, the last row
+    # (max keeps the first of equals, hence reversed)
+    return {name: max(reversed(candidates), key=lambda r: (_can_win(r, name), r.get("start_time_ms", 0)))
+            for name, candidates in _face_reference_candidates(rows).items()}
+
+
+def _face_reference_candidates(rows: list[dict]) -> dict[str, list[dict]]:
+    """Per external set, the rows :func:`external_face_references` chooses its reference from, in the rows' order:
+    those that recorded the faces they scored on the set (``external_faces_sha256``), with an MAE on it, on the
+    compared version of its files (:func:`external_references`). Sets without such a row are left out."""
     refs = external_references(rows)
-    newest: dict[str, dict] = {}
+    candidates: dict[str, list[dict]] = {}
     for r in rows:
         for name in r.get("external_faces_sha256", {}):
-            if name not in r.get("external", {}) or _other_version(r, name, refs):
-                continue
-            ref = newest.get(name)
-            # (can win, start time): a row that can win beats any that cannot, then the newest
-            if ref is None or (_can_win(r, name), r.get("start_time_ms", 0)) >= (_can_win(ref, name),
-                                                                                  ref.get("start_time_ms", 0)):
-                newest[name] = r
-    return newest
+            if name in r.get("external", {}) and not _other_version(r, name, refs):
+                candidates.setdefault(name, []).append(r)
+    return candidates
 
 
 def _can_win(r: dict, name: str) -> bool:
@@ -265,9 +270,7 @@ def _can_win(r: dict, name: str) -> bool:
 def _reference_words(rows: list[dict], ref: dict, name: str) -> str:
     """How the faces note names set ``name``'s reference row ``ref``: "the newest run's" where it is (of the rows
     :func:`external_face_references` chose from), else "the newest champion-eligible run's" (a newer one cannot win)."""
-    refs = external_references(rows)
-    newest = max((r.get("start_time_ms", 0) for r in rows if name in r.get("external_faces_sha256", {})
-                  and name in r.get("external", {}) and not _other_version(r, name, refs)), default=0)
+    newest = max((r.get("start_time_ms", 0) for r in _face_reference_candidates(rows).get(name, [])), default=0)
     return "the newest run's" if ref.get("start_time_ms", 0) >= newest else "the newest champion-eligible run's"
 
 

@@ -613,8 +613,9 @@ class UIGateMiddleware:
 
 
 class UIMiddleware:
-    """ASGI middleware: ``/ui`` goes to the :class:`LazyUI` (503 if it is not loaded within
-    ``wait_s``), every other path to the service's app."""
+    """ASGI middleware: ``/ui`` goes to the :class:`LazyUI` (503 if it is not loaded within ``wait_s``, with
+    ``Retry-After``; without it once the UI failed to load, which is for good), every other path to the service's
+    app."""
 
     def __init__(self, app, ui: LazyUI, wait_s: float = 120.0):
         self.app, self.ui, self.wait_s = app, ui, wait_s
@@ -631,7 +632,11 @@ class UIMiddleware:
             from fastapi.responses import JSONResponse
 
             # Not the exception's text (a path on the server, a runtime's internals), as /predict's 500: the log has it.
-            why = ("failed to load (the server logged why); the API still serves" if self.ui.error
-                   else "is still loading; retry in a few seconds")
-            await JSONResponse({"error": f"the UI {why}"}, status_code=503, headers={"Retry-After": "5"})(
-                scope, receive, send)
+            if self.ui.error:
+                # For good (the UI loads once, at start-up): no Retry-After, which clients that honour it (urllib3's
+                # Retry, many SDKs) followed every 5 s for ever
+                why, headers = ("failed to load (the server logged why) and loads again only when the service "
+                                "restarts; the API still serves"), {}
+            else:
+                why, headers = "is still loading; retry in a few seconds", {"Retry-After": "5"}
+            await JSONResponse({"error": f"the UI {why}"}, status_code=503, headers=headers)(scope, receive, send)
