@@ -222,7 +222,7 @@ class FaceDetector:
             border = int(round(pad * scale))
             bordered = np.pad(_scaled(image, scale), ((border, border), (border, border), (0, 0)), mode="edge")
             boxes = self._detect(bordered, 0, w, h, scale=scale, shift=border / scale, parallel=parallel)
-        if not boxes and self.cnn_retry_side:
+        if not boxes and self.cnn_retry_side and h * w:  # an empty image has no face (its scale divided by 0)
             scale = min(1.0, self.cnn_retry_side / max(h, w))
             boxes = self._detect(_scaled(image, scale), 0, w, h, scale=scale, kind="cnn")
         return boxes
