@@ -88,9 +88,9 @@ def read_split(root: Path, split: str) -> list[Sample]:
     (``;;;;``) Excel writes below the data; a CSV typed by hand may put a space after each separator.
 
     Raises:
-        LayoutError: Missing file or column, an age that is not a finite number of years from 0 to
-            :data:`MAX_AGE_YEARS`, or a ``file_name`` that is not a plain file name in the split's folder
-            (row number given).
+        LayoutError: Missing file or column, a row with more (non-empty) or fewer fields than the header, an age
+            that is not a finite number of years from 0 to :data:`MAX_AGE_YEARS`, or a ``file_name`` that is not a
+            plain file name in the split's folder (row number given).
     """
     path = root / csv_name(split)
     if not path.is_file():
@@ -108,6 +108,7 @@ def read_split(root: Path, split: str) -> list[Sample]:
         line = reader.line_num  # a blank line is skipped and a quoted field may hold line breaks: not a row count
         if not row.get(None) and not any((v or "").strip() for v in row.values()):
             continue  # ";;;;": a row Excel saves because it was formatted, with nothing in it
+        _check_fields(row, header, path, line, reader.reader.dialect.delimiter)
         ages = tuple(_age(row, column, path, line) for column in ("apparent_age_avg", "apparent_age_std", "real_age"))
         name = row["file_name"] or ""
         if name in ("", ".", "..") or "/" in name or "\\" in name:
@@ -136,6 +137,25 @@ def read_split(root: Path, split: str) -> list[Sample]:
     if not samples:
         raise LayoutError(f"{path} lists no images")
     return samples
+
+
+def _check_fields(row: dict, header: list[str], path: Path, line: int, delimiter: str) -> None:
+    """Raises LayoutError where ``row`` has more fields than the header (other than empty ones: Excel writes the empty
+    cells past the last column it formatted) or lacks one of :data:`COLUMNS`. Read as they came, ``a.jpg,0,28,5,0,28``
+    (a decimal comma left unquoted in a comma-separated file) was apparent age 28, std 5 and real age 0, the last field
+    dropped, and nothing said; a short row was "non-numeric age in column real_age: None"."""
+    extra = row.get(None) or []
+    missing = [c for c in COLUMNS if row.get(c) is None]
+    if missing:
+        fields = len(header) - sum(row.get(c) is None for c in header)
+        raise LayoutError(f"{path} line {line} has {fields} fields, but the header has {len(header)} columns: "
+                          f"no {', '.join(missing)} (each row needs a field per column: leave one empty, not out)")
+    if any((v or "").strip() for v in extra):
+        why = ("a decimal comma in a comma-separated file must be quoted, \"28,5\", or written 28.5; so must a file "
+               "name with a comma" if delimiter == "," else f"a field holding the separator {delimiter!r} must be "
+               "quoted")
+        raise LayoutError(f"{path} line {line} has {len(header) + len(extra)} fields, but the header has "
+                          f"{len(header)} columns ({why}): it would be read shifted")
 
 
 # No one has been recorded older than 122: a larger "age" is a birth year, months or a typo, and was trained on
@@ -308,8 +328,27 @@ def check_listed(root: Path, split: str, samples: list[Sample], by_nfc: dict[Pat
         why = (f"; {len(other_case)} of them are there in another letter case (e.g. {other_case[0][0]!r} is "
                f"{other_case[0][1]!r}): names are case-sensitive here, unlike on macOS and Windows: spell them in "
                f"{csv_name(split)} as the files are" if other_case else "")
+        below = _in_subfolders(folder, [m for m in missing if m not in dict(other_case)])
+        if below:  # photos sorted into test/women/, test/men/: "missing" said nothing of where they are
+            why += (f"; {len(below)} of them are in a subfolder of {split}/ (e.g. {below[0]!r}): the photos must be "
+                    f"directly in {split}/ (a file_name names no folder)")
         raise MissingPhotosError(f"{where}{len(missing)} of {len(samples)} images listed in {csv_name(split)} are "
                                  f"missing from {folder}, e.g. {missing[:SHOW_MISSING]}{why}")
+
+
+def _in_subfolders(folder: Path, names: list[str]) -> list[str]:
+    """Where in the subfolders of ``folder`` the files ``names`` are (``sub/NAME``, compared as NFC), one per name
+    found, in the order of ``names``. Links to folders are not followed."""
+    wanted = {unicodedata.normalize("NFC", n) for n in names}
+    found: dict[str, str] = {}
+    for dirpath, _dirs, files in os.walk(folder, onerror=lambda e: None):
+        if dirpath == str(folder):
+            continue
+        for f in files:
+            key = unicodedata.normalize("NFC", f)
+            if key in wanted and key not in found:
+                found[key] = Path(dirpath, f).relative_to(folder).as_posix()
+    return [found[k] for k in (unicodedata.normalize("NFC", n) for n in names) if k in found]
 
 
 # What counts as a photo left out of a CSV (any case): the formats load_image reads. Hidden files (macOS's
@@ -589,7 +628,9 @@ def dataset_fingerprint(folder: Path) -> str:
     h = hashlib.sha256()
     for p in data_files(folder):
         if p.name != DATASET_JSON:
-            h.update(f"{p.relative_to(folder).as_posix()}\0{readable_digest(p)}\n".encode())
+            # surrogateescape: a name that is not UTF-8 (a Windows zip's Latin-1 name) is hashed as its bytes on disk;
+            # .encode() raised UnicodeEncodeError, a traceback from evaluate.external. A UTF-8 name hashes as before.
+            h.update(f"{p.relative_to(folder).as_posix()}\0{readable_digest(p)}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
