@@ -15,8 +15,9 @@ included, is ever replaced), and each entry names its copy (``annotated``) or wh
 skip them, and the ``--annotate`` folder itself when it lies inside a scanned tree, so a rerun does
 not read its own output as photos. It uses :class:`faceage.predict.AgePredictor`, the predictor the
 service runs. Exit status 0, or 1 when some path could not be read (missing, a broken link, not an
-image, a folder that cannot be listed: each an error row) or some annotated copy could not be written
-(the others are still reported), or stdout could not take the results (a full disk; a reader that
+image, a folder that cannot be listed: each an error row; a photo that failed otherwise, out of memory while
+decoded or detected, a detector's error, is one too) or some annotated copy could not be written (the others are
+still reported), or stdout could not take the results (a full disk; a reader that
 left, ``| head``, is no error). Ctrl-C (or SIGTERM) prints the photos done (complete rows, valid JSON),
 says after how many of how many it stopped, and ends the process by that signal (a shell shows 130,
 143), without a traceback. The photos of a batch are decoded and detected on a thread per usable core."""
@@ -269,9 +270,12 @@ def predict_photos(predictor: AgePredictor, paths: Sequence[Path], annotate_dir:
         result = PhotoResult(path, width=image.shape[1], height=image.shape[0])
         if pool is None:
             return result, image, None
-        if getattr(own, "locator", None) is None:
-            own.locator = FaceLocator(**predictor.locator.settings())
-        located = own.locator.locate(image, crops=False, parallel=False)
+        try:
+            if getattr(own, "locator", None) is None:
+                own.locator = FaceLocator(**predictor.locator.settings())
+            located = own.locator.locate(image, crops=False, parallel=False)
+        except Exception as e:  # a dlib RuntimeError, a MemoryError: this photo's row, not the end of the run
+            return PhotoResult(path, error=_photo_failed(path, "detecting its faces", e)), None, None
         # The pixels are kept only to draw on: a batch of up to --max-pixels photos is not held twice over.
         return result, image if annotate_dir is not None else None, located
 
@@ -306,6 +310,19 @@ def _read_photo(path: Path, max_pixels: int) -> np.ndarray | PhotoResult:
         result = PhotoResult(path, error=_read_error(path, e, max_pixels))
         log.warning("skipped %s: %s", path, result.error)
         return result
+    except Exception as e:  # a MemoryError (load_image lets it through): this photo's row, the others still run
+        return PhotoResult(path, error=_photo_failed(path, "reading it", e))
+
+
+def _photo_failed(path: Path, doing: str, error: Exception) -> str:
+    """The row's message for a photo that failed otherwise than unreadable (out of memory, a detector's error), said
+    in one warning line; the traceback is logged at debug level. Such a photo ended the whole run in a traceback,
+    every result so far lost; Ctrl-C, SIGTERM and SystemExit are no ``Exception`` and still stop it."""
+    message = f"failed while {doing}: {_described(error)}" + (" (out of memory)" if isinstance(error, MemoryError)
+                                                                   else "")
+    log.warning("skipped %s: %s", path, message)
+    log.debug("the failure of %s", path, exc_info=error)
+    return message
 
 
 def _finish_chunk(predictor: AgePredictor, results: list[PhotoResult],
@@ -320,20 +337,15 @@ def _finish_chunk(predictor: AgePredictor, results: list[PhotoResult],
     """
     handed = 0
     try:
-        if not found:
-            ages = []
-        elif all(loc is not None for _, loc in found.values()):
-            ages = predictor.predict_located([loc for _, loc in found.values()])
-        else:
-            ages = predictor.predict_many([image for image, _ in found.values()])
-        for i, faces in zip(found, ages):
+        for i, faces in _chunk_ages(predictor, results, found).items():
             results[i].faces = faces
             if annotate_dir is not None:
                 try:
                     written = write_annotated(annotate_dir, results[i].path, found[i][0], faces)
-                except OSError as e:  # a full disk, an odd file system: the ages are still good
-                    results[i].annotate_error = str(e)
-                    log.warning("could not write the annotated copy of %s: %s", results[i].path, e)
+                except Exception as e:  # a full disk, an odd file system, no memory to draw: the ages are still good
+                    results[i].annotate_error = str(e) if isinstance(e, OSError) else _described(e)
+                    log.warning("could not write the annotated copy of %s: %s", results[i].path,
+                                results[i].annotate_error)
                 else:
                     results[i].annotated = written
                     log.info("annotated %s -> %s", results[i].path, written)
@@ -344,6 +356,43 @@ def _finish_chunk(predictor: AgePredictor, results: list[PhotoResult],
     except BaseException:  # Ctrl-C, or GeneratorExit: no copy of a photo whose result is not out
         _remove_copies(results[handed:])
         raise
+
+
+def _chunk_ages(predictor: AgePredictor, results: list[PhotoResult],
+                found: dict[int, tuple[np.ndarray | None, LocatedFaces | None]]) -> dict[int, list[FaceAge]]:
+    """The faces of each photo of ``found`` (by its row's index) in one pass (:func:`_finish_chunk`), detected here
+    first where they were not yet. Should that pass fail, each photo runs alone, and a photo that fails alone gets
+    its error row (as the service's ``/predict_batch`` does): one photo's detector error or MemoryError ended the
+    whole run in a traceback, the results of every chunk done lost."""
+    located = all(loc is not None for _, loc in found.values())  # else detected here, in predict_many
+    doing = "estimating its ages" if located else "detecting its faces or estimating their ages"
+
+    def ages(indices: list[int]) -> list[list[FaceAge]]:
+        if located:
+            return predictor.predict_located([found[i][1] for i in indices])
+        return predictor.predict_many([found[i][0] for i in indices])
+
+    if not found:
+        return {}
+    try:
+        return dict(zip(found, ages(list(found))))
+    except Exception as e:
+        if len(found) == 1:
+            results[next(iter(found))].error = _photo_failed(results[next(iter(found))].path, doing, e)
+            return {}
+        log.warning("the ages of %d photos together failed (%s); running each photo alone", len(found), _described(e))
+    alone = {}
+    for i in found:
+        try:
+            alone[i] = ages([i])[0]
+        except Exception as e:
+            results[i].error = _photo_failed(results[i].path, doing, e)
+    return alone
+
+
+def _described(error: BaseException) -> str:
+    """``Type: message`` (the type alone when the message is empty, as a MemoryError's often is)."""
+    return type(error).__name__ + (f": {text}" if (text := str(error).strip()) else "")
 
 
 def _remove_copies(results: Sequence[PhotoResult]) -> None:
