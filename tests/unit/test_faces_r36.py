@@ -10,19 +10,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A parent that runs the CNN's last look (HOG finds nothing in noise), then forks; the child detects on the same
-# image. The parent waits for the child at most 60 s, kills it if it is still there, and prints what it saw.
-FORK_AFTER_CNN = textwrap.dedent("""
+# A parent that runs one network of dlib's (HOG finds nothing in noise, so the CNN's last look runs; or the face
+# encoder embeds a crop), then forks; the child runs one of them. The parent waits for the child at most 60 s,
+# kills it if it is still there, and prints what it saw.
+FORK_AFTER = textwrap.dedent("""
     import os, sys, time
     import numpy as np
+    from faceage.face_encoder import DlibFaceEncoder
     from faceage.faces import FaceDetector
-    detector = FaceDetector(sys.argv[1], "hog", 1, retry_pad=0.0, cnn_retry_side=400)
+    model_dir, first, then = sys.argv[1:4]
     noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3)).astype(np.uint8)
-    print("parent", detector.detect(noise), flush=True)
+    nets = {"cnn": lambda: FaceDetector(model_dir, "hog", 1, retry_pad=0.0, cnn_retry_side=400).detect(noise),
+            "encoder": lambda: DlibFaceEncoder(model_dir, 0.4).embed(noise).shape}
+    print("parent", nets[first](), flush=True)
     pid = os.fork()
     if pid == 0:
         try:
-            print("child", detector.detect(noise), flush=True)
+            print("child", nets[then](), flush=True)
         except Exception as e:
             print("child raised", type(e).__name__, e, flush=True)
         os._exit(0)
@@ -40,20 +44,21 @@ FORK_AFTER_CNN = textwrap.dedent("""
 """)
 
 
-def run_fork_after_cnn(detector_dir, **env) -> str:
+def run_fork_after(detector_dir, first: str, then: str, **env) -> str:
     environ = {k: v for k, v in os.environ.items() if k != "DLIB_NUM_THREADS"}
     environ.update(env, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", FORK_AFTER_CNN, str(detector_dir)], env=environ, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", FORK_AFTER, str(detector_dir), first, then], env=environ,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout
+
 
 
 def test_a_child_forked_after_the_cnn_ran_is_told_why_instead_of_waiting_for_ever(detector_dir):
     """dlib's CNN runs on dlib's thread pool, started at its first run; a fork copies the pool without its threads,
     and the child's first CNN look waited for them for ever (the pipeline's default cnn_retry_side: any faceless
     photo). The child now gets one error naming both ways out; the parent is unaffected."""
-    out = run_fork_after_cnn(detector_dir, DLIB_NUM_THREADS="2")
+    out = run_fork_after(detector_dir, "cnn", "cnn", DLIB_NUM_THREADS="2")
     assert "parent []" in out
     assert "child hung" not in out, f"the forked child's CNN look waited for ever:\n{out}"
     assert "child raised CnnAfterForkError" in out, out
@@ -64,7 +69,7 @@ def test_a_child_forked_after_the_cnn_ran_is_told_why_instead_of_waiting_for_eve
 def test_with_dlib_num_threads_0_a_forked_child_runs_the_cnn_look(detector_dir):
     """The error's second way out: with no pool threads (DLIB_NUM_THREADS=0) the CNN runs on the calling thread,
     and a forked child detects as its parent did."""
-    out = run_fork_after_cnn(detector_dir, DLIB_NUM_THREADS="0")
+    out = run_fork_after(detector_dir, "cnn", "cnn", DLIB_NUM_THREADS="0")
     assert "parent []" in out and "child []" in out, out
     assert "child exit 0" in out
 

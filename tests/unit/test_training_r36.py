@@ -18,6 +18,7 @@ import pytest
 
 from faceage.config import Params
 from faceage.tracking import mlflow_env
+from tests.unit.test_faces_r36 import run_fork_after
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,49 +82,6 @@ def test_a_one_face_training_split_fails_before_the_frozen_stages_are_computed(a
                                  detector_dir=age_model_dir)
     assert "computed once" not in caplog.text, f"the frozen stages were computed first:\n{caplog.text}"
     assert not (tmp_path / "model.pt").exists()
-
-
-# A parent that runs one network of dlib's (HOG finds nothing in noise, so the CNN's last look runs; or the face
-# encoder embeds a crop), then forks; the child runs one of them. The parent waits for the child at most 60 s,
-# kills it if it is still there, and prints what it saw.
-FORK_AFTER = textwrap.dedent("""
-    import os, sys, time
-    import numpy as np
-    from faceage.face_encoder import DlibFaceEncoder
-    from faceage.faces import FaceDetector
-    model_dir, first, then = sys.argv[1:4]
-    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3)).astype(np.uint8)
-    nets = {"cnn": lambda: FaceDetector(model_dir, "hog", 1, retry_pad=0.0, cnn_retry_side=400).detect(noise),
-            "encoder": lambda: DlibFaceEncoder(model_dir, 0.4).embed(noise).shape}
-    print("parent", nets[first](), flush=True)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            print("child", nets[then](), flush=True)
-        except Exception as e:
-            print("child raised", type(e).__name__, e, flush=True)
-        os._exit(0)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            print("child exit", status, flush=True)
-            break
-        time.sleep(0.2)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        print("child hung", flush=True)
-""")
-
-
-def run_fork_after(detector_dir, first: str, then: str, **env) -> str:
-    environ = {k: v for k, v in os.environ.items() if k != "DLIB_NUM_THREADS"}
-    environ.update(env, PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", FORK_AFTER, str(detector_dir), first, then], env=environ,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 @pytest.mark.parametrize("first", ["encoder", "cnn"])
