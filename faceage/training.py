@@ -71,7 +71,7 @@ from faceage.chips import DLIB_AGE
 from faceage.atomic import replacing, write_text
 from faceage.config import ConfigError, TrainParams
 from faceage.cores import usable_cores
-from faceage.data import load_split, split_rows
+from faceage.data import load_split
 from faceage.detector import AGE_MODEL_FILE, RECOGNITION_FILE
 from faceage.dlib_age import HEAD_FUSED
 from faceage.download import file_digest
@@ -915,14 +915,6 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     head = finetune.resolve_head(p)
     model = build_model(p.backbone, head=head, face_features=p.face_features)
     check_input_size(model, p.backbone, p.image_size)  # before the data load: seconds, not minutes
-    n_train = len(split_rows(faces_dir, "train"))  # the manifest's rows: each split's dataset holds one item a row
-    if p.epochs > 0 and n_train < 2 * d.world_size:
-        # A batch of one face fails in BatchNorm ("Expected more than 1 value per channel"), and one
-        # face teaches nothing: say so instead, before the weights, the data and dlib_age's frozen-stage
-        # cache (an ONNX export and a pass over every chip) keep the user waiting for it.
-        raise FaceAgeError(f"train: {n_train} training face(s) in {faces_dir} ({d.world_size} process(es)); "
-                           f"training needs at least {2 * d.world_size}: check preprocess's report "
-                           "(reports/preprocess.json), or set train.epochs=0 for the zero-shot dlib_age model")
     weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
     if head is not None:
         weights_from += f"; head: {head} (train.head={p.head})"
@@ -942,6 +934,14 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     full = (model, val_set, prepare)  # what the checkpoint, the summary and the logged model describe
     input_shape = tuple(val_set.images.shape[1:])
     encoder_info = train_set.info if p.backbone in (FACE_ENCODER, DLIB_AGE) else None  # the features' lineage
+    if p.epochs > 0 and len(train_set) < 2 * d.world_size:
+        # A batch of one face fails in BatchNorm ("Expected more than 1 value per channel"), and one
+        # face teaches nothing: say so instead. After the data load (a missing input is named first, as the
+        # stage's own error), before dlib_age's frozen-stage cache (an ONNX export and a pass over every chip),
+        # which kept the user waiting for this line.
+        raise FaceAgeError(f"train: {len(train_set)} training face(s) in {faces_dir} ({d.world_size} process(es)); "
+                           f"training needs at least {2 * d.world_size}: check preprocess's report "
+                           "(reports/preprocess.json), or set train.epochs=0 for the zero-shot dlib_age model")
     cache = finetune.prefix_cache(model, train_set, val_set, prepare, p, device)
     if cache is not None:  # frozen early stages computed once; the loop trains the rest on their outputs
         model, train_set, val_set, prepare = cache.training_view()
