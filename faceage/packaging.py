@@ -278,14 +278,12 @@ def check_artifact_store(client, run_id: str) -> None:
     try:
         check_reachable(server, writable=False)
     except TrackingError as e:
-        if e.__cause__ is not None:  # refused, or no answer in time
+        # In its own words: check_reachable's sentence, nested here, called this server "the MLflow tracking server
+        # (MLFLOW_TRACKING_URI)" and said to unset that, which may name a sqlite file.
+        if e.status is not None:  # a proxy's 502/503/504
+            why = f"answers {e.status} {GATEWAY_DOWN[e.status]} (the proxy there reaches no server behind it)"
+        else:  # refused, or no answer in time
             why = f"does not answer ({type(e.__cause__).__name__})"
-        else:
-            # A proxy's 502/503/504: its code alone. check_reachable's sentence, nested here, called this server "the
-            # MLflow tracking server (MLFLOW_TRACKING_URI)" and said to unset that, which may name a sqlite file.
-            code = next((c for c in GATEWAY_DOWN if f" answers {c} " in str(e)), None)
-            why = (f"answers {code} {GATEWAY_DOWN[code]} (the proxy there reaches no server behind it)" if code
-                   else "does not answer")
         raise PackagingError(f"the artifact server {display_uri(server)} of MLflow run {run_id} (its artifact "
                              f"location) {why}: start it, or point MLFLOW_TRACKING_URI at a store whose runs' "
                              "artifacts are reachable") from None

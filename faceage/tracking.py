@@ -38,7 +38,15 @@ GATEWAY_DOWN = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Ti
 
 
 class TrackingError(FaceAgeError):
-    """The MLflow tracking store cannot serve a stage: a server that does not answer, or a run not in it."""
+    """The MLflow tracking store cannot serve a stage: a server that does not answer, or a run not in it.
+
+    ``status``: a proxy's 502/503/504 (:data:`GATEWAY_DOWN`) where :func:`check_reachable` found one in front of a
+    server that is down, else ``None`` (a refused or timed-out connection is then the ``__cause__``).
+    """
+
+    def __init__(self, *args, status: int | None = None):
+        super().__init__(*args)
+        self.status = status
 
 
 class NoExperimentError(TrackingError):
@@ -237,7 +245,7 @@ def check_reachable(uri: str | None = None, *, writable: bool = True) -> None:
         raise TrackingError(f"the MLflow tracking server {display_uri(uri)} (MLFLOW_TRACKING_URI) answers "
                             f"{answer.status_code} {GATEWAY_DOWN[answer.status_code]}: the proxy there reaches no "
                             "server behind it; start the server, correct the URL, or unset MLFLOW_TRACKING_URI to "
-                            "log to the repo's mlflow.db")
+                            "log to the repo's mlflow.db", status=answer.status_code)
 
 
 def check_writable(uri: str | None = None) -> None:

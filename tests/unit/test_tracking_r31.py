@@ -147,6 +147,7 @@ def test_a_proxy_whose_tracking_server_is_down_fails_at_once_in_one_line(answer)
         with pytest.raises(TrackingError, match=f"answers {answer}") as e:
             check_reachable(f"http://user:s3cret@127.0.0.1:{port}")
     assert "s3cret" not in str(e.value) and "\n" not in str(e.value)
+    assert e.value.status == answer  # what packaging's artifact probe reads, not the sentence
     with _local_server(404) as port:  # any other answer is a server that answers
         check_reachable(f"http://127.0.0.1:{port}")
 
