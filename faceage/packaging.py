@@ -1150,6 +1150,21 @@ def workspace_val_faces(faces_dir: str | Path) -> str | None:
         return None
 
 
+def workspace_data(faces_dir: str | Path) -> tuple[str | None, str | None]:
+    """``(data_sha256, validation faces fingerprint)`` of the workspace's ``preprocess`` output: the data it was made
+    from (its crop settings) and :func:`workspace_val_faces`, which the champion rule compares runs with; ``(None,
+    None)`` where it has no crop settings, and no fingerprint where they name no data.
+
+    Raises:
+        OSError, ValueError, AttributeError: The crop settings cannot be read (AttributeError: JSON that is not an
+            object).
+    """
+    if not (Path(faces_dir) / PREPROCESS_SETTINGS).is_file():  # packaging: check_workspace names the fix
+        return None, None
+    data_sha256 = read_crop_settings(faces_dir).get("data_sha256")
+    return data_sha256, workspace_val_faces(faces_dir) if data_sha256 else None
+
+
 def workspace_external_versions(record: str | Path | None) -> dict[str, str] | None:
     """``{set: fingerprint}`` from ``check_sources``' record of ``evaluate.external`` (``data/external.json``),
     or None where there is none (packaging outside the pipeline's workspace)."""
@@ -1198,11 +1213,9 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
-    has_settings = (Path(faces_dir) / PREPROCESS_SETTINGS).is_file()  # else check_workspace names the fix
-    data_sha256 = read_crop_settings(faces_dir).get("data_sha256") if has_settings else None
+    data_sha256, val_faces = workspace_data(faces_dir)
     # Logs the rule and every candidate's numbers; data unknown here: runs on different data are refused, not ranked.
-    winner = select_winner(client, data_sha256=data_sha256, require_one_data=data_sha256 is None,
-                           val_faces=workspace_val_faces(faces_dir) if data_sha256 else None,
+    winner = select_winner(client, data_sha256=data_sha256, require_one_data=data_sha256 is None, val_faces=val_faces,
                            external_sha256=workspace_external_versions(
                                Path(faces_dir).parent / Path(EXTERNAL_FILE).name if external_record is None
                                else external_record))

@@ -347,20 +347,19 @@ def _workspace_val_faces(rows: list[dict]) -> str | None:
     holds the rows' data (their ``data_sha256``); else None (the photos most runs were validated on), as packaging
     with no preprocess output of the runs' data. Without it the report judged the runs by the majority's photos, and
     called the run validated on the workspace's the one that cannot win."""
-    from faceage.packaging import workspace_val_faces
-    from faceage.preprocess import SETTINGS, read_crop_settings
+    from faceage.packaging import workspace_data
+    from faceage.preprocess import SETTINGS
 
     data = {r["data_sha256"] for r in rows if r.get("data_sha256")}
-    if len(data) != 1 or not (Path(WORKSPACE_FACES) / SETTINGS).is_file():
+    if len(data) != 1:
         return None
     try:
-        if read_crop_settings(WORKSPACE_FACES).get("data_sha256") not in data:
-            return None
+        data_sha256, val_faces = workspace_data(WORKSPACE_FACES)
     except (OSError, ValueError, AttributeError) as e:  # AttributeError: JSON that is not an object
         log.warning("could not read %s (%s): the runs' validation photos are compared with those most were "
                     "validated on", Path(WORKSPACE_FACES) / SETTINGS, e)
         return None
-    return workspace_val_faces(WORKSPACE_FACES)
+    return val_faces if data_sha256 in data else None
 
 
 def collect(runs: dict) -> list[dict]:
