@@ -23,26 +23,39 @@ TINY = {"backbone": "mobilenet_v3_small", "pretrained": "none", "epochs": 2, "im
         "num_workers": 0, "device": "cpu"}
 
 
-def _faces(dest: Path, n_train: int = 8, n_valid: int = 4) -> Path:
-    """A ``preprocess`` output folder of random 40 px crops with ages."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
+def synthetic_rows(n_train: int, n_valid: int) -> list[dict]:
+    """Manifest rows of a synthetic ``preprocess`` output: ages 10, 17, ... in each split."""
     rows = []
     for split, n in (("train", n_train), ("valid", n_valid)):
-        (dest / split).mkdir(parents=True)
         for i in range(n):
             name = f"{split}_{i}.png"
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(dest / split / name)
             age = 10 + 7 * i
             rows.append({"split": split, "file_name": name, "crop": f"{split}/{name}", "apparent_age": age,
                          "apparent_age_std": 2.0, "real_age": age})
+    return rows
+
+
+def write_faces_output(dest: Path, rows: list[dict]) -> None:
+    """The manifest and crop settings of a synthetic ``preprocess`` output in ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
     with open(dest / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     (dest / "preprocess.json").write_text(json.dumps({"margin": 0.4, "size": 40, "detector": "hog",
                                                       "data_source": "synthetic", "data_sha256": "d" * 64}))
+
+
+def _faces(dest: Path, n_train: int = 8, n_valid: int = 4) -> Path:
+    """A ``preprocess`` output folder of random 40 px crops with ages."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = synthetic_rows(n_train, n_valid)
+    for r in rows:
+        (dest / r["split"]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(dest / r["crop"])
+    write_faces_output(dest, rows)
     return dest
 
 

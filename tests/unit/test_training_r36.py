@@ -3,8 +3,6 @@ face-recognition network in a forked child (real forks of a real process); an em
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import subprocess
@@ -19,6 +17,7 @@ import pytest
 from faceage.config import Params
 from faceage.tracking import mlflow_env
 from tests.unit.test_faces_r36 import run_fork_after
+from tests.unit.test_training_r30 import synthetic_rows, write_faces_output
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,20 +42,8 @@ def _chip_faces(dest: Path, n_train: int, n_valid: int = 4) -> Path:
     from faceage.chips import CHIP_SIZE
 
     rng = np.random.default_rng(0)
-    rows = []
-    for split, n in (("train", n_train), ("valid", n_valid)):
-        for i in range(n):
-            name = f"{split}_{i}.png"
-            age = 10 + 7 * i
-            rows.append({"split": split, "file_name": name, "crop": f"{split}/{name}", "apparent_age": age,
-                         "apparent_age_std": 2.0, "real_age": age})
-    dest.mkdir(parents=True)
-    with open(dest / "manifest.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (dest / "preprocess.json").write_text(json.dumps({"margin": 0.4, "size": 40, "detector": "hog",
-                                                      "data_source": "synthetic", "data_sha256": "d" * 64}))
+    rows = synthetic_rows(n_train, n_valid)
+    write_faces_output(dest, rows)
     np.savez(dest / "chips.npz", crops=np.array([r["crop"] for r in rows]),
              chips=rng.integers(0, 256, (len(rows), 3, CHIP_SIZE, CHIP_SIZE), dtype=np.uint8),
              shape_predictor_sha256=np.array("s" * 64), margin=np.array(0.4))
