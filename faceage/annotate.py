@@ -82,8 +82,7 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
     # Every box first, then every label: a box drawn after another face's label crossed its digits
     # (in a group photo, a neighbour's box edge ran through "12" of "38 ± 12").
     for i, face in enumerate(faces):
-        x1, y1, x2, y2 = face.box
-        draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=PALETTE[i % len(PALETTE)], width=line)
+        draw.rectangle(_drawn_box(face.box, w, h), outline=PALETTE[i % len(PALETTE)], width=line)
     for i, face in enumerate(faces):
         colour = PALETTE[i % len(PALETTE)]
         x1, y1, x2, _ = face.box
@@ -95,10 +94,21 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
         tw, th = right - left, bottom - top
         box_h = th + 2 * pad
         ty = y1 - box_h if y1 - box_h >= 0 else y1  # above the box, else inside its top edge
+        ty = min(ty, max(h - box_h, 0))  # a photo shorter than that: its bottom edge, not past it
         tx = min(max(x1, 0), max(w - tw - 2 * pad, 0))
         draw.rectangle((tx, ty, tx + tw + 2 * pad - 1, ty + box_h - 1), fill=colour)
         draw.text((tx + pad - left, ty + pad - top), text, fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
+
+
+def _drawn_box(box: tuple[int, int, int, int], w: int, h: int) -> tuple[int, int, int, int]:
+    """The inclusive pixel rectangle PIL draws for the box ``[x1, y1, x2, y2)`` in a ``w`` x ``h`` image: at least
+    one pixel each way, within the image. A box whose sides meet (a face clipped at the photo's edge to 2 px,
+    scaled down by the UI to none) stopped the whole drawing with PIL's "x1 must be greater than or equal to x0";
+    one lying on the edge (x1 == w) was drawn outside the photo, unseen."""
+    x1, y1, x2, y2 = box
+    left, top = min(max(x1, 0), w - 1), min(max(y1, 0), h - 1)
+    return left, top, max(min(x2 - 1, w - 1), left), max(min(y2 - 1, h - 1), top)
 
 
 def _label_font(draw: ImageDraw.ImageDraw, text: str, size: int, max_width: int,

