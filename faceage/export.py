@@ -99,8 +99,9 @@ def export_onnx(checkpoint: str | Path, detector_dir: str | Path | None, crops: 
     want = age_model.predict_graph(inputs)
     got = served.run(inputs.numpy())
     alone = served.run(inputs[:1].numpy())
-    diff = {name: max(float(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)).max()),
-                      float(np.abs(np.asarray(a, np.float64) - np.asarray(w[:1], np.float64)).max()))
+    # np.max, not max(): Python's max(x, nan) is x, so a NaN of the one-face pass alone passed the check below
+    diff = {name: float(np.max([np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)).max(),
+                                np.abs(np.asarray(a, np.float64) - np.asarray(w[:1], np.float64)).max()]))
             for name, g, a, w in zip(OUTPUT_NAMES, got, alone, want)}
     report = {"onnx_opset": OPSET, "onnx_check_faces": len(crops), "onnx_max_abs_diff_probs": diff["probs"],
               "onnx_max_abs_diff_age": diff["age"], "onnx_max_abs_diff_age_std": diff["age_std"],

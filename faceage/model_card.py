@@ -2,7 +2,7 @@
 
 Input: the evaluation metrics (the same dict ``evaluate`` writes to ``metrics.json``, so the
 card and ``dvc metrics show`` cannot disagree), the checkpoint's metadata, the dataset info
-and the preprocess counts. Output: a Markdown file.
+and the preprocess counts. Output: a Markdown file (UTF-8, replaced whole: :func:`faceage.atomic.write_text`).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from faceage.atomic import write_text
 from faceage.config import DESCRIPTOR
 from faceage.external import some_faces
 from faceage.faces import crop_cnn_retry_side, crop_retry_pad
@@ -176,9 +177,16 @@ def _signed(x: float) -> str:
     return f"{round(x, 2) + 0.0:+.2f}"  # + 0.0 turns round()'s -0.0 into 0.0
 
 
+def _cell(text: Any) -> str:
+    """``text`` as one Markdown table cell. Group labels come verbatim from the data set's CSVs (gender, race): a
+    ``|`` in one split its row into one cell more than the header, and a quoted line break ended the table."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _group_table(title: str, groups: list[dict[str, Any]]) -> list[str]:
     lines = [f"| {title} | faces | MAE (years) | mean error (years; + = predicted too old) |", "|---|---:|---:|---:|"]
-    lines += [f"| {g['group']} | {g['n']} | {_fmt(g['mae_years'])} | {_signed(g['bias_years'])} |" for g in groups]
+    lines += [f"| {_cell(g['group'])} | {g['n']} | {_fmt(g['mae_years'])} | {_signed(g['bias_years'])} |"
+              for g in groups]
     return lines
 
 
@@ -353,7 +361,10 @@ def write_model_card(path: str | Path, metrics: dict[str, Any], groups: dict[str
     ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    # UTF-8 whatever the locale (packaging and GET /model_card read it so; group labels and the source may not be
+    # ASCII), and whole or not at all: Path.write_text truncated the previous card before an encoding error or a
+    # full disk stopped it, and left an empty card behind.
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
