@@ -23,6 +23,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -458,17 +459,35 @@ def check_train_backbone(backbone: str) -> None:
     importlib.import_module("faceage.model").check_backbone(backbone)
 
 
+def _http_scheme(url: str) -> bool:
+    """Whether ``url``'s scheme is http or https, in any case (as requests and faceage.appa_real.is_url read it)."""
+    return re.match(r"https?:", url, re.IGNORECASE) is not None  # (urlsplit raises on some: `http://[::1`)
+
+
+def _host(url: str) -> str | None:
+    """``url``'s host, or None (none given, or a URL that cannot be parsed: ``http://[::1``)."""
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
 def _validate_ranges(name: str, obj: Any) -> None:
     """Range checks that the type alone cannot express."""
     checks: list[tuple[bool, str]] = []
     if isinstance(obj, FetchDataParams):
+        # The scheme as faceage.appa_real.is_url and requests read it: in any case (HTTPS:// is a URL source, and
+        # was refused as a mirror); one without a host (`https:/host/...`, a slash short) failed only in fetch_data.
+        hostless = [u for u in (obj.source, *obj.mirrors) if _http_scheme(u) and not _host(u)]
         # An empty source is the repo root itself: check_sources hashed the whole repo (.venv included) and
         # fetch_data blamed its layout. `-S fetch_data.source=$(realpath PATH)` gives it when PATH is missing.
         checks = [(obj.source.strip() != "",
                    "fetch_data.source is empty: give the release's URL, or a local folder or .zip in its layout "
                    "(a `$(realpath PATH)` of a missing PATH expands to nothing)"),
-                  (all(m.startswith(("http://", "https://")) for m in obj.mirrors),
+                  (all(_http_scheme(m) for m in obj.mirrors),
                    f"fetch_data.mirrors must be http(s) URLs, got {list(obj.mirrors)}"),
+                  (not hostless, f"fetch_data.{'source' if obj.source in hostless else 'mirrors'}: "
+                                 f"{hostless[0] if hostless else ''!r} has no host (scheme://host/path)"),
                   (obj.md5 == "" or re.fullmatch(r"[0-9a-fA-F]{32}", obj.md5) is not None,
                    f"fetch_data.md5 must be 32 hex digits (either case) or \"\" to skip the check, got {obj.md5!r}")]
     elif isinstance(obj, PreprocessParams):

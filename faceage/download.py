@@ -16,10 +16,13 @@ asking for the same ``dest`` at once take turns (a lock file beside it): the fir
 fetches, the next finds the verified file.
 
 A part whose resume fails the checksum is fetched whole once more before the error (its head may be another
-version's). A full disk (or a folder without write access) is one :class:`DownloadWriteError` naming the URL,
-the destination and the space needed vs free; the part is kept for the resume only where a checksum will check
-it. A certificate that is not trusted fails at once (no retry changes it); ``SSL_CERT_FILE`` is honoured beside
-requests' own ``REQUESTS_CA_BUNDLE``. Without a terminal the progress is a log line every 30 s, not a bar.
+version's; a restart from byte 0, a server ignoring the Range, is not a resume). A 206 from before the part's end
+is cut to fit, one from after it restarts from byte 0, and a range short of the end that gets no further (a
+server sending the same first slice for every Range) counts as a failed try, not a loop. A full disk (or a
+folder without write access) is one :class:`DownloadWriteError` naming the URL, the destination and the space
+needed vs free; the part is kept for the resume only where a checksum will check it. A certificate that is
+not trusted fails at once (no retry changes it); ``SSL_CERT_FILE`` is honoured beside requests' own
+``REQUESTS_CA_BUNDLE``. Without a terminal the progress is a log line every 30 s, not a bar.
 """
 
 from __future__ import annotations
@@ -102,11 +105,16 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verified: bool = False) -> bool:
-    """Appends the missing bytes of ``url`` to ``part``; returns True when complete.
+def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
+                 verified: bool = False) -> tuple[bool, bool]:
+    """Appends the missing bytes of ``url`` to ``part``.
 
     ``verified``: a checksum will check the finished file, so a part cut short by a full disk is kept
     for the next run to resume (without one, bytes the disk may have mangled are deleted).
+
+    Returns:
+        ``(complete, appended)``: whether the part now holds the whole file, and whether it keeps bytes
+        it held before this call (a resume; a restart from byte 0 is not one).
     """
     have = part.stat().st_size if part.exists() else 0
     # The bytes on disk must be the server's bytes: a body sent gzip-encoded would be stored decoded,
@@ -124,7 +132,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verifie
             # another version of it (and was taken whole: as the file, where no checksum was given).
             length = _unsatisfiable_length(r.headers.get("Content-Range"))
             if length is None or length == have:
-                return True
+                return True, True
             log.info("%s holds %d bytes but %s has %d: restarting from byte 0", part.name, have, url, length)
             _discard(part)
             return _stream_once(url, part, timeout_s, progress, verified)
@@ -138,18 +146,26 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verifie
         changed = _changed(stored, r.headers) if stored else None
         if r.status_code == 206 and have:
             start = _range_start(r.headers.get("Content-Range"))
-            if encoded or start == 0 or changed:  # an encoded slice, the whole body again, or another version's
+            # An encoded slice, the body from byte 0 again, a range past the part's end (a gap no later
+            # byte fills), or another version's: the part cannot be continued.
+            if encoded or start == 0 or changed or (start is not None and start > have):
                 if changed:
                     log.warning("%s changed on the server (%s) since %s was started: restarting from byte 0",
                                 url, changed, part.name)
                 else:
-                    log.info("%s answered the Range with %s: restarting %s from byte 0", url,
-                             "an encoded slice" if encoded else "the whole body", part.name)
+                    log.info("%s answered the Range from byte %d with %s: restarting %s from byte 0", url, have,
+                             "an encoded slice" if encoded else f"a range from byte {start}", part.name)
                 r.close()
                 _discard(part)
                 return _stream_once(url, part, timeout_s, progress, verified)
-            if start is not None and start != have:
-                raise DownloadError(f"GET {url} asked from byte {have} answered from byte {start}")
+            if start is not None and start < have:
+                # A range from before the part's end (a server rounding to its blocks): it was an error, and
+                # every later run asked the same and failed the same. The bytes from `start` on are sent
+                # again, so the part is cut back to them (the checksum checks the whole, as for any resume).
+                log.info("%s answered the Range from byte %d from byte %d: cutting %s back to it", url, have,
+                         start, part.name)
+                os.truncate(part, start)
+                have = start
         if r.status_code == 200 and have:
             if changed:  # If-Range did not match: the whole new version
                 log.warning("%s changed on the server (%s) since %s was started: restarting from byte 0",
@@ -205,7 +221,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verifie
                     if got <= have:
                         raise requests.ConnectionError(f"a range from byte {have} of {whole} came back empty")
                     log.debug("%s sent bytes %d-%d of %d: asking for the rest", url, have, got - 1, whole)
-                    return False
+                    return False, have > 0
             except OSError as e:
                 if not writing or isinstance(e, requests.RequestException):
                     raise
@@ -214,7 +230,7 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool, verifie
             if encoded:
                 _discard(part)
             raise
-        return True
+        return True, have > 0
 
 
 def _stderr_is_tty() -> bool:
@@ -328,6 +344,14 @@ class _BusyError(requests.ConnectionError):
             self.retry_after_s = min(float(retry_after), RETRY_AFTER_MAX_S) if retry_after else 0.0
         except ValueError:  # an HTTP date: the back-off's own delay
             self.retry_after_s = 0.0
+
+
+class _StalledError(_BusyError):
+    """A range short of the file's end that left the part no longer than before (a server answering each Range
+    with the same first slice): counted and backed off as a busy answer, as a dropped connection is."""
+
+    def __init__(self, message: str):
+        super().__init__(message, None)
 
 
 def _content_length(value: str | None) -> int | None:
@@ -525,17 +549,26 @@ def _wrong_checksum(part: Path, url: str, md5: str | None, sha256: str | None) -
 def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: float, progress: bool,
            verified: bool) -> bool:
     """Streams ``url`` into ``part`` to its end, retrying dropped connections and busy servers; returns
-    whether any try appended to bytes already in the part (a resume)."""
+    whether its last try appended to bytes already in the part (a resume: they may be another version's)."""
     delay = backoff_s
-    resumed = False
     # Failures since the part last grew past its furthest point: such a try starts the count (and the back-off)
     # anew; a restart from byte 0 (a changed file, a server ignoring Range) counts until it gets further than that.
     attempt, furthest = 0, part.stat().st_size if part.exists() else 0
     while True:
         try:
-            resumed = resumed or (part.exists() and part.stat().st_size > 0)
-            if _stream_once(url, part, timeout_s, progress, verified):
+            before = part.stat().st_size if part.exists() else 0
+            complete, appended = _stream_once(url, part, timeout_s, progress, verified)
+            # Only bytes appended to older ones may mix two versions; a restart from byte 0 (a server that
+            # ignores Range) leaves one piece, which a checksum mismatch then fetched whole once more in vain.
+            resumed = appended
+            if complete:
                 return resumed
+            after = part.stat().st_size
+            if after <= before:
+                # A short range that restarted the part and stopped where it was (the same first slice for every
+                # Range): asking for the next one at once, uncounted, looped for ever.
+                raise _StalledError(f"GET {url} from byte {before} got no further: the server answered with a "
+                                    f"range short of the end from an earlier byte ({after} bytes held)")
             continue  # a range short of the end: the next one at once (it got further: no back-off owed)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if _unresolvable(e):
