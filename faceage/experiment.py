@@ -6,9 +6,10 @@ epochs, lr 0.003, ...) followed by ``make quick`` ran the fine-tuning recipe aga
 trained every backbone after the first CNN with the CNN profile's ``pretrained=none, image_size=64``.
 A profile is meant as *the committed params plus its overrides*: :func:`run_profile` adds a
 ``-S`` putting back the committed value of every key the workspace changed and the profile does
-not set (``~key`` for one an earlier ``-S +key=...`` added, ``++key=...`` for one ``-S ~key`` removed),
-names each in the log, checks the params the run would have as every stage reads them (a mistyped key or a
-refused value stops it there, with ``params.yaml`` untouched), and runs ``dvc exp run``.
+not set (``~key`` for one an earlier ``-S +key=...`` added, ``++key=...`` for one ``-S ~key`` removed; put
+before the profile's own where it sets a part of the key, ``evaluate.low_res.0=...``), names each in the log,
+checks the params the run would have as every stage reads them (a mistyped key or a refused value stops it there,
+with ``params.yaml`` untouched), and runs ``dvc exp run``.
 
 Usage (the Makefile's profiles and :mod:`faceage.sweep`), from anywhere in the repo, as ``dvc exp run``::
 
@@ -149,16 +150,30 @@ def override_text(override: str) -> str:
     return override.partition(":")[2] if ":" in override.partition("=")[0] else override
 
 
-def override_key(override: str) -> str | None:
+def override_key(override: str, root: str | Path | None = None) -> str | None:
     """The ``params.yaml`` key that one ``-S`` override names, or None when it is another file's.
 
     DVC reads ``-S [<filename>:]<key>=<value>`` (a ``:`` before the first ``=`` names the file,
     ``dvc.utils.cli_parse.to_path_overrides``), and Hydra's grammar adds ``+key=``, ``++key=`` and
     ``~key``: ``params.yaml:train.epochs=5`` and ``++train.epochs=5`` both set ``train.epochs``.
+
+    Args:
+        override: One ``-S`` override.
+        root: The repo root, where ``dvc exp run`` runs and opens the file named: any path to its ``params.yaml``
+            (``/abs/repo/params.yaml:``) names it. None: ``params.yaml`` spelt relative (``./params.yaml``).
     """
-    if ":" in override.partition("=")[0] and os.path.normpath(override.partition(":")[0]) != PARAMS:
-        return None  # DVC takes the file name as given
+    if ":" in override.partition("=")[0] and not _names_params(override.partition(":")[0], root):
+        return None
     return override_text(override).partition("=")[0].strip().lstrip("+~").strip()
+
+
+def _names_params(path: str, root: str | Path | None) -> bool:
+    """Whether ``path``, an ``-S`` file prefix, is ``params.yaml`` at ``root`` as DVC opens it there (relative to
+    ``root``). ``/abs/repo/params.yaml:train.epochs=5`` was taken for another file's key: the reset of a drifted
+    ``train.epochs`` then came after it and won, and its value went unchecked."""
+    if root is None:
+        return os.path.normpath(path) == PARAMS
+    return Path(root, path).resolve() == Path(root, PARAMS).resolve()
 
 
 def _list_items(text: str) -> list[str]:
@@ -242,16 +257,19 @@ def drifted(workspace: dict[str, Any], committed: dict[str, Any]) -> dict[str, t
     return {key: (now[key], value) for key, value in base.items() if key in now and not _same(now[key], value)}
 
 
-def leftover_resets(overrides: list[str], workspace: dict[str, Any], committed: dict[str, Any]) -> list[str]:
+def leftover_resets(overrides: list[str], workspace: dict[str, Any], committed: dict[str, Any], *,
+                    root: str | Path | None = None) -> list[str]:
     """The overrides that put back the committed ``params.yaml`` wherever the workspace's differs from it (an
     earlier ``dvc exp run -S``, or an edit) and ``overrides`` does not set the key: ``key=value`` for a changed
     value, ``++key=value`` for a committed key the workspace lacks (left by ``-S ~key``), ``~key`` for a key or
     section the workspace added (left by ``-S +key=...``, DVC's own advice for a key it does not know: every
-    stage then stopped on ``Unknown config key``, and so did every later profile)."""
-    chosen = {override_key(o) for o in overrides}
+    stage then stopped on ``Unknown config key``, and so did every later profile). ``root``: see
+    :func:`override_key`."""
+    chosen = {override_key(o, root) for o in overrides}
 
     def named(key: str) -> bool:  # set by the profile: the key, a key of it (a section), or its section
         return any(c and (c == key or c.startswith(key + ".") or key.startswith(c + ".")) for c in chosen)
+    # (a key the profile sets a part of is put back before it instead: :func:`resets_under`)
 
     now, base = flatten(workspace), flatten(committed)
     resets = [f"{key}={override_value(base[key])}" for key in drifted(workspace, committed) if not named(key)]
@@ -262,6 +280,29 @@ def leftover_resets(overrides: list[str], workspace: dict[str, Any], committed: 
     resets += [f"~{key}" for key in now if key not in base and key.partition(".")[0] in committed
                and not named(key)]
     resets += [f"~{section}" for section in workspace if section not in committed and not named(section)]
+    return resets
+
+
+def resets_under(overrides: list[str], workspace: dict[str, Any], committed: dict[str, Any], *,
+                 root: str | Path | None = None) -> list[str]:
+    """The overrides that put back, *before* ``overrides``, the committed value of each key or section the workspace
+    changed (or lacks) of which ``overrides`` sets only a part: ``evaluate.low_res=[0.75,0.5]`` under
+    ``evaluate.low_res.0=0.6``. :func:`leftover_resets` leaves such a key alone (the profile sets it), so the item
+    landed on the list an earlier ``dvc exp run -S`` left: ``[0.6, 0.8, 0.7]`` without a word, or refused ("has 0
+    items", "no key") where the committed list has it. A key or section the workspace added is not put back here:
+    the profile's part of it is refused as unknown either way. ``root``: see :func:`override_key`."""
+    chosen = {k for k in (override_key(o, root) for o in overrides) if k}
+
+    def under(key: str) -> bool:  # the profile sets a part of it, and neither it nor its section whole
+        return (any(c.startswith(key + ".") for c in chosen)
+                and not any(c == key or key.startswith(c + ".") for c in chosen))
+
+    now, base = flatten(workspace), flatten(committed)
+    resets = [f"{key}={override_value(base[key])}" for key in drifted(workspace, committed) if under(key)]
+    resets += [f"++{key}={override_value(value)}" for key, value in base.items()
+               if key not in now and key.partition(".")[0] in workspace and under(key)]
+    resets += [f"++{section}={override_value(keys)}" for section, keys in committed.items()
+               if section not in workspace and under(section)]
     return resets
 
 
@@ -347,11 +388,15 @@ class ProfileInterrupted(KeyboardInterrupt):
         params_changed: Whether ``params.yaml`` differs from before the run (``dvc exp run`` wrote its ``-S``
             values there); False when ``dvc exp run`` never started.
         signum: ``signal.SIGINT`` (Ctrl-C) or ``signal.SIGTERM``: what stopped it.
+        dvc_code: ``dvc exp run``'s exit code, where it had started; 0: it did not stop for the signal and ran to
+            its end (a SIGINT sent to the runner alone, ``kill -INT``, never reaches it).
     """
 
-    def __init__(self, dvc_started: bool, params_changed: bool = False, signum: int = signal.SIGINT):
+    def __init__(self, dvc_started: bool, params_changed: bool = False, signum: int = signal.SIGINT,
+                 dvc_code: int | None = None):
         super().__init__()
         self.dvc_started, self.params_changed, self.signum = dvc_started, params_changed, signum
+        self.dvc_code = dvc_code
 
     @property
     def how(self) -> str:
@@ -363,6 +408,9 @@ class ProfileInterrupted(KeyboardInterrupt):
         how = self.how
         if not self.dvc_started:
             return f"{how} before `dvc exp run` started: nothing ran, params.yaml is unchanged"
+        if self.dvc_code == 0:  # "has stopped" had the user rerun an experiment that was complete
+            return (f"{how}; the `dvc exp run` it had started did not get the signal and ran to its end (exit 0): "
+                    "its experiment is complete and applied to the workspace")
         if self.params_changed:
             return (f"{how}; the `dvc exp run` it had started has stopped, and params.yaml keeps its -S values (the "
                     "next profile run puts back the committed ones)")
@@ -375,10 +423,16 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
     root = dvc_root() if root is None else Path(root)
     workspace = read_params(root)
     committed = committed_params(root)
-    resets = leftover_resets(overrides, workspace, committed) if committed is not None else []
+    resets = leftover_resets(overrides, workspace, committed, root=root) if committed is not None else []
+    first = resets_under(overrides, workspace, committed, root=root) if committed is not None else []
     if committed is None:
         log.warning("%s has no committed version: the profile runs on top of the workspace's", PARAMS)
     now = {**workspace, **flatten(workspace)}
+    for reset in first:
+        key, _, value = reset.lstrip("+").partition("=")
+        log.warning("%s: %s is %s in the workspace (left by an earlier `dvc exp run -S`, or edited); this profile "
+                    "sets its part of it on the committed %s (commit params.yaml to make a value the base)",
+                    PARAMS, key, repr(now[key]) if key in now else "missing", value)
     for reset in resets:
         key, _, value = reset.lstrip("+~").partition("=")
         if reset.startswith("~"):
@@ -388,15 +442,17 @@ def _run_profile(overrides: list[str], *, name: str | None, root: str | Path | N
             log.warning("%s: %s is %s in the workspace (left by an earlier `dvc exp run -S`, or edited); this "
                         "profile runs with the committed %s (commit params.yaml to make a value the base)",
                         PARAMS, key, repr(now[key]) if key in now else "missing", value)
-    check_result(root, [*overrides, *resets], typed=overrides)
+    # DVC applies a file's overrides in order (after grouping them by file name, in the order each name first comes):
+    # the resets under the profile's parts first, bare (params.yaml's group), so that those parts land on them
+    check_result(root, [*first, *overrides, *resets], typed=overrides)
     cmd = ["dvc", "exp", "run", *(["-f"] if force else []), *(["-n", name] if name else []),
-           *[arg for o in [*overrides, *resets] for arg in ("-S", o)]]
+           *[arg for o in [*first, *overrides, *resets] for arg in ("-S", o)]]
     log.info("%s", shlex.join(cmd))  # as a shell reads it back: a path with a space, the resets' quotes
     before = file_bytes(root / PARAMS)
     code, stopped_by = _run_dvc(cmd, root, started)
     if stopped_by:
         raise ProfileInterrupted(dvc_started=started[0], params_changed=file_bytes(root / PARAMS) != before,
-                                 signum=stopped_by)
+                                 signum=stopped_by, dvc_code=code if started[0] else None)
     if code != 0:
         raise subprocess.CalledProcessError(code, cmd)
 
@@ -427,7 +483,7 @@ def check_result(root: Path, overrides: list[str], typed: list[str] | None = Non
         copy = Path(tmp) / PARAMS
         shutil.copyfile(Path(root) / PARAMS, copy)
         for override in overrides:
-            if override_key(override) is None:  # another file's: DVC applies it there
+            if override_key(override, root) is None:  # another file's: DVC applies it there
                 continue
             text = override_text(override)
             try:  # one at a time, on what the earlier ones left: the one refused is the one named
@@ -444,7 +500,7 @@ def check_result(root: Path, overrides: list[str], typed: list[str] | None = Non
         except MissingKeyError as e:  # the file has it, where a `-S ~key` removed it: not an older params.yaml
             # the Hydra part: `-S params.yaml:~train.lr` removes train.lr too (DVC drops the file's name)
             removals = [o for o in overrides if override_text(o).strip().startswith("~")
-                        and override_key(o) in (e.key, e.key.partition(".")[0])]
+                        and override_key(o, root) in (e.key, e.key.partition(".")[0])]
             removal = next((o for o in removals if typed is None or o in typed), None)
             if removal is None and removals:  # the runner's reset: the workspace has it, the commit does not
                 raise ProfileError(f"Missing config key: {e.key} in the committed params.yaml, which profiles run on "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -218,10 +219,17 @@ def _num(x: float, digits: int = 2, sign: bool = False) -> str:
     return "-" if x != x else f"{x:{'+' if sign else ''}.{digits}f}"  # NaN: not measured (or failed) for this row
 
 
+def _baseline(variant: str) -> str:
+    """The name of a row in a column header: its label before the first ``" ("`` or ``":"`` (``zero-shot``, ``make
+    quick-finetune``, ``default`` also for a failed row). The label's first word named no row with ``--variants``
+    ("test vs make", "test vs the", "test vs every")."""
+    return re.split(r" \(|:", variant, maxsplit=1)[0]
+
+
 def _table(rows: list[dict], external: str | None = None) -> str:
     base = rows[0]
     ext = f" {external} MAE | train time (s) |" if external else ""
-    lines = [f"| variant | val MAE | test MAE | test vs {base['variant'].split(' ')[0]} |{ext} coverage 1 std | "
+    lines = [f"| variant | val MAE | test MAE | test vs {_baseline(base['variant'])} |{ext} coverage 1 std | "
              "coverage 2 std | MLflow run |",
              "|---|---:|---:|---:|" + ("---:|---:|" if external else "") + "---:|---:|---|"]
     for r in rows:
@@ -248,6 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     args = parser.parse_args(argv)
     # Before any work (the external set's crops, the chips, the first run): a typo fails at once.
+    # Nothing to run writes the report's header alone: `--no-dlib-face --force` (without --dlib-age or --cnn)
+    # replaced the committed reports/recipe.md with it, exit 0.
+    if args.no_dlib_face and not (args.dlib_age or args.cnn) and Path(args.out).exists():
+        parser.error(f"nothing to run: --no-dlib-face leaves no variants, and the report would replace --out "
+                     f"{args.out} with no table; add --dlib-age or --cnn")
     if args.variants:
         if not args.dlib_age:
             parser.error("--variants picks dlib_age variants: add --dlib-age")
