@@ -26,8 +26,8 @@ generator seeded by ``(seed, e, index)``. So a resumed epoch draws exactly what 
 one drew, whatever the number of loader workers (their own seeds never reach the data, and come from
 the loader's own generator, so that drawing them leaves the global stream that dropout reads alone),
 and on CPU the resumed run ends with bit-identical weights, history and metrics. The state is
-fingerprinted by the params (but ``num_workers`` and ``device``, which change no result: a rerun with other ones
-resumes), the data and the pretrained weights' bytes (not the code: a rerun at another
+fingerprinted by the params (but ``num_workers`` and ``device``, which say where and how fast it runs: a rerun with
+other ones resumes; a move between CPU and CUDA can change the last digits, AMP and TF32), the data and the pretrained weights' bytes (not the code: a rerun at another
 commit resumes, unless that commit's network or parameter groups no longer fit the state, which is then ignored
 with a warning); its MLflow run, when deleted or not in the current store, is replaced by a new one that gets the
 saved epochs' metrics.
