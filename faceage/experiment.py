@@ -42,6 +42,7 @@ from faceage.logs import Terminated, die_of_signal, raise_on_sigterm, setup_logg
 log = logging.getLogger("faceage.experiment")  # also when run as __main__ (python -m)
 
 PARAMS = "params.yaml"
+CTRL_C_STATUS = 128 + signal.SIGINT  # main's status after Ctrl-C, which end_like_a_shell turns into the signal
 
 
 class ProfileError(FaceAgeError):
@@ -678,12 +679,22 @@ def main(argv: list[str] | None = None) -> int:
         if e.signum == signal.SIGTERM:  # ends by the signal, as a stage stopped by it (faceage.logs.run_stage)
             die_of_signal(signal.SIGTERM, e.describe())
         log.error("%s", e.describe())
-        return 130
+        return CTRL_C_STATUS
     except KeyboardInterrupt:  # before the profile's run began (the arguments, the logging set-up)
         log.error("interrupted (Ctrl-C) before `dvc exp run` started: nothing ran, params.yaml is unchanged")
-        return 130
+        return CTRL_C_STATUS
     return 0
 
 
+def end_like_a_shell(status: int) -> None:
+    """Ends a command-line tool with ``status``; :data:`CTRL_C_STATUS` (its Ctrl-C) by SIGINT itself, as a stage
+    stopped by Ctrl-C ends (:func:`faceage.logs.die_of_signal`). The tool's ``main`` returns 130, for a caller in
+    the same process (a test, :mod:`faceage.sweep`); a process that exited 130 let a shell's loop of profiles go on
+    to the next one (bash's "wait and cooperative exit" takes the child to have handled Ctrl-C itself)."""
+    if status == CTRL_C_STATUS:
+        die_of_signal(signal.SIGINT)
+    raise SystemExit(status)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    end_like_a_shell(main())

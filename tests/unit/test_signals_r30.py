@@ -67,7 +67,7 @@ def test_ctrl_c_before_dvc_exp_run_started_says_nothing_ran_and_leaves_params_ya
         if proc.poll() is None:
             proc.kill()
     text = out.read_text()
-    assert code == 130, text
+    assert code == -signal.SIGINT, text
     assert "before `dvc exp run` started" in text and "it had started has stopped" not in text, text
     assert "Traceback" not in text and not dvc_ran.exists(), text
     assert (tmp_path / "params.yaml").read_bytes() == before
@@ -90,7 +90,7 @@ def test_ctrl_c_before_dvc_wrote_params_yaml_does_not_claim_it_keeps_the_s_value
         if proc.poll() is None:
             proc.kill()
     text = out.read_text()
-    assert code == 130 and cleaned.exists(), text
+    assert code == -signal.SIGINT and cleaned.exists(), text
     assert "keeps its -S values" not in text and "params.yaml is unchanged" in text, text
     assert (tmp_path / "params.yaml").read_bytes() == before
 
