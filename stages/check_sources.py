@@ -48,4 +48,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    # SIGTERM (`kill`, `timeout`, a CI job cancelled) stops it as Ctrl-C does: one line, as every stage.
+    run_stage(main, interrupt_on_sigterm=True)

@@ -36,4 +36,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    # SIGTERM (`kill`, `timeout`, a CI job cancelled) cleans up as Ctrl-C does: killed outright, it left the crop
+    # workers' semaphores of an external set ("leaked semaphore objects") and the set's staging folder behind.
+    run_stage(main, interrupt_on_sigterm=True)

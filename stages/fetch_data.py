@@ -24,4 +24,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    # SIGTERM (`kill`, `timeout`, a CI job cancelled) cleans up as Ctrl-C does (a staging folder, a download's
+    # unverifiable bytes), and ends in one line, as every stage.
+    run_stage(main, interrupt_on_sigterm=True)

@@ -25,13 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging()
     # dlib, numpy, PIL (seconds): under run_stage here, Ctrl-C in them is one line
+    from faceage.atomic import write_text
     from faceage.config import load_params
     from faceage.preprocess import preprocess_dataset
     p = load_params(args.params).preprocess
     metrics = preprocess_dataset(args.data, args.detector, args.out, p)
     Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    # whole or not at all: a SIGTERM or a full disk as it was written left half a JSON under its name
+    write_text(args.metrics, json.dumps(metrics, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    # SIGTERM (`kill`, `timeout`, a CI job cancelled) cleans up as Ctrl-C does: killed outright, it left its crop
+    # workers' semaphores to the resource tracker ("5 leaked semaphore objects") and its staging folder behind.
+    run_stage(main, interrupt_on_sigterm=True)
