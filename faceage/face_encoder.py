@@ -113,13 +113,24 @@ def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | 
 
     Returns:
         The number of crops embedded.
+
+    Raises:
+        faceage.preprocess.FacesMissingError: (a ``FileNotFoundError``) ``faces_dir`` is no preprocess output, or
+            lacks crops its manifest lists.
     """
-    from faceage.preprocess import read_crop_settings, read_faces_manifest
+    from faceage.preprocess import FacesMissingError, read_crop_settings, read_faces_manifest
 
     rows = read_faces_manifest(faces_dir)
     margin = read_crop_settings(faces_dir)["margin"]
     manifest = read_manifest(model_dir, verify=True)
     crops = [r["crop"] for r in rows]
+    # Checked before the work: a crop deleted by hand ("not a face") or lost in a partial copy failed with PIL's
+    # traceback when a worker reached it, after minutes of descriptors. (Milliseconds for the whole set.)
+    missing = [c for c in crops if not (Path(faces_dir) / c).is_file()]
+    if missing:
+        raise FacesMissingError(f"{Path(faces_dir).absolute()} lacks {len(missing)} crop(s) its manifest.csv lists "
+                                f"(first: {missing[0]}): not a whole preprocess output; run `dvc repro -f "
+                                "preprocess` (or `dvc checkout` it)")
     log.info("embedding %d crops with dlib's face-recognition ResNet on %d worker(s)", len(crops),
              crop_workers(len(crops), workers))
     vectors = map_crop_files(DlibFaceEncoder, "embed_views", faces_dir, crops, model_dir, margin, workers, desc="embed")

@@ -50,8 +50,18 @@ class CheckpointSettingsError(FaceAgeError, ValueError):
 
 
 def resize_crop(crop: np.ndarray, image_size: int) -> np.ndarray:
-    """(H, W, 3) uint8 crop -> (3, S, S) uint8 array (PIL bilinear, antialiased when shrinking)."""
-    crop = np.asarray(crop, dtype=np.uint8)
+    """(H, W, 3) uint8 crop -> (3, S, S) uint8 array (PIL bilinear, antialiased when shrinking).
+
+    Raises:
+        ValueError: ``crop`` is not a non-empty RGB uint8 array, as :func:`faceage.faces.crop_faces` cuts. Cast
+            (``dtype=np.uint8``), a float crop in [0, 1] became a black face that got a confident age, and a grey or
+            RGBA one failed in numpy ("axes don't match array") or reached the network with 4 channels; the
+            descriptor and chip inputs refuse them too.
+    """
+    crop = np.asarray(crop)
+    if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3 or not crop.shape[0] * crop.shape[1]:
+        raise ValueError(f"input {IMAGE!r} takes a non-empty RGB uint8 face crop (H, W, 3), as "
+                         f"faceage.faces.crop_faces cuts; got shape {crop.shape} of {crop.dtype}")
     if crop.shape[:2] != (image_size, image_size):
         crop = np.asarray(Image.fromarray(crop).resize((image_size, image_size), Image.Resampling.BILINEAR))
     return np.ascontiguousarray(crop.transpose(2, 0, 1))
