@@ -51,6 +51,7 @@ from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
 from faceage.preprocess import MANIFEST, read_faces_manifest
 from faceage.sources import ExternalSet, resolve_external
 from faceage.appa_real import DATASET_JSON, read_dataset_info, read_demographics
+from faceage.atomic import scratch_dir, write_bytes, write_text
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
 from faceage.tracking import EVALUATED_IN_TAG, display_uri, read_run_file, setup_mlflow, tracking_uri
@@ -401,6 +402,11 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
                    detector_dir: str | Path | None = None, external_cache: str | Path | None = None) -> dict:
     """Scores the checkpoint on the test split and logs the results to its MLflow run.
 
+    The outputs are written in full beside themselves, logged to MLflow, and then put in place, ``metrics.json``
+    last: an evaluation that fails or is stopped leaves the previous ``metrics.json`` (and, unless it is stopped
+    while they are put in place, the previous outputs), never a new one without its predictions, card and MLflow
+    metrics.
+
     Args:
         checkpoint: ``train`` output.
         faces_dir: ``preprocess`` output.
@@ -466,44 +472,68 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     external, external_groups, external_rows = (
         evaluate_external(age_model, sets, p, detector_dir, train_mean, external_cache) if sets else ({}, {}, []))
     metrics["external"] = external
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file_name", "true_age", "real_age", "predicted_age", "predicted_std", "abs_error"])
-        for r, t, ra, pa, ps in zip(test.rows, true, real, pred, std):
-            w.writerow([r["file_name"], t, ra, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)])
-    with open(out / "external_predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["set", "file_name", "true_age", "predicted_age", "predicted_std", "abs_error"])
-        w.writerows(external_rows)
-    with open(out / "by_age_group.csv", "w", newline="") as f:
-        columns = ("n", "mae_years", "bias_years")
-        w = csv.DictWriter(f, fieldnames=["age_group", *columns])
-        w.writeheader()
-        w.writerows({"age_group": g["group"], **{k: g[k] for k in columns}} for g in groups)
-    if model_card is not None and data_dir is not None:
-        counts = json.loads(Path(preprocess_metrics).read_text()) if preprocess_metrics else None
-        write_model_card(model_card, metrics, {"age_group": groups, **by_attribute}, meta,
-                         read_dataset_info(data_dir), counts, display_uri() if run_path else None,
-                         external_groups=external_groups)
-    plots = _plots(out, pred, true, groups, Path(history_csv) if history_csv else None)
     log.info("test MAE %.2f years (real age %.2f), RMSE %.2f, CS@%g %.3f on %d faces; "
              "always predicting the training mean gives %.2f",
              metrics["mae_years"], metrics["mae_real_years"], metrics["rmse_years"], p.cs_years,
              metrics[f"cs{p.cs_years:g}"], len(true), metrics["baseline_mae_years"])
-    if run_path is not None:
-        flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-        flat.update({f"test_mae_{g['group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
-        flat.update({f"test_mae_low_res_{f}": v for f, v in metrics["mae_low_res"].items()})
-        flat.update(external_mlflow_metrics(external, p.cs_years))
-        # Tags, not params: a later `dvc exp run -S evaluate.external=[...]` re-evaluates the same
-        # trained run, and MLflow refuses to change a logged param. The tags hold the latest evaluation's settings.
-        tags = {f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v for k, v in asdict(p).items()}
-        tags[EXTERNAL_SHA256_TAG] = json.dumps({n: m["sha256"] for n, m in external.items()})
-        tags[EXTERNAL_FACES_TAG] = json.dumps(scored_faces(external))
-        tags[EVALUATED_IN_TAG] = os.environ.get("DVC_EXP_NAME", "")  # `dvc exp run` names it; "" under dvc repro
-        cards = [Path(model_card)] if model_card is not None and data_dir is not None else []
-        log_evaluation(read_run_file(run_path)["run_id"], flat, tags,
-                       [out / "metrics.json", out / "by_age_group.csv", out / "predictions.csv",
-                        out / "external_predictions.csv", *plots, *cards])
+    card = Path(model_card) if model_card is not None and data_dir is not None else None
+    # Every output is written into a hidden folder first (removed on any exception, or by the next run after a
+    # kill), logged to MLflow from there, and only then put in place, metrics.json last. metrics.json was
+    # written first: an evaluate that failed or was stopped (stages/evaluate.py turns SIGTERM into Ctrl-C) after
+    # it left a new metrics.json beside the previous predictions and card, nothing in MLflow, and `dvc metrics
+    # show` showed it as a finished evaluation. Each file is replaced on its own, not ``out`` swapped whole
+    # (atomic.staged_dir): ``out`` also holds DVC's .gitignore of these outputs.
+    with scratch_dir(out / "metrics.json", "new") as staged:
+        with open(staged / "predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file_name", "true_age", "real_age", "predicted_age", "predicted_std", "abs_error"])
+            for r, t, ra, pa, ps in zip(test.rows, true, real, pred, std):
+                w.writerow([r["file_name"], t, ra, round(pa, 3), round(ps, 3), round(abs(pa - t), 3)])
+        with open(staged / "external_predictions.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["set", "file_name", "true_age", "predicted_age", "predicted_std", "abs_error"])
+            w.writerows(external_rows)
+        with open(staged / "by_age_group.csv", "w", newline="") as f:
+            columns = ("n", "mae_years", "bias_years")
+            w = csv.DictWriter(f, fieldnames=["age_group", *columns])
+            w.writeheader()
+            w.writerows({"age_group": g["group"], **{k: g[k] for k in columns}} for g in groups)
+        plots = _plots(staged, pred, true, groups, Path(history_csv) if history_csv else None)
+        cards = []
+        if card is not None:
+            counts = json.loads(Path(preprocess_metrics).read_text()) if preprocess_metrics else None
+            (staged / "card").mkdir()  # a folder of its own: the card's name may be any, metrics.json too
+            cards.append(write_model_card(staged / "card" / card.name, metrics, {"age_group": groups, **by_attribute},
+                                          meta, read_dataset_info(data_dir), counts,
+                                          display_uri() if run_path else None, external_groups=external_groups))
+        text = json.dumps(metrics, indent=2) + "\n"
+        (staged / "metrics.json").write_text(text)
+        # MLflow before metrics.json, not after: metrics.json in the workspace is what says "this evaluation is
+        # done" (`dvc metrics show`, `dvc exp show`). Logging failing (the store unreachable, the run deleted) or
+        # stopped now leaves the previous evaluation whole in the workspace, and the rerun logs it again (values
+        # already logged are skipped). After it, the same failure left a new metrics.json that MLflow did not have,
+        # and packaging (which ranks runs by their MLflow metrics) never saw it. Only a stop in the few copies below
+        # mixes the two, and then metrics.json is still the previous one.
+        if run_path is not None:
+            flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            flat.update({f"test_mae_{g['group'].replace('+', 'plus')}": g["mae_years"] for g in groups})
+            flat.update({f"test_mae_low_res_{f}": v for f, v in metrics["mae_low_res"].items()})
+            flat.update(external_mlflow_metrics(external, p.cs_years))
+            # Tags, not params: a later `dvc exp run -S evaluate.external=[...]` re-evaluates the same
+            # trained run, and MLflow refuses to change a logged param. The tags hold the latest evaluation's settings.
+            tags = {f"evaluate.{k}": json.dumps(list(v)) if isinstance(v, tuple) else v for k, v in asdict(p).items()}
+            tags[EXTERNAL_SHA256_TAG] = json.dumps({n: m["sha256"] for n, m in external.items()})
+            tags[EXTERNAL_FACES_TAG] = json.dumps(scored_faces(external))
+            tags[EVALUATED_IN_TAG] = os.environ.get("DVC_EXP_NAME", "")  # `dvc exp run` names it; "" under dvc repro
+            # The staged files: the names (evaluation/metrics.json, ...) and contents of those put in place below.
+            log_evaluation(read_run_file(run_path)["run_id"], flat, tags,
+                           [staged / "metrics.json", staged / "by_age_group.csv", staged / "predictions.csv",
+                            staged / "external_predictions.csv", *plots, *cards])
+        # Copied in, each whole or not at all (atomic.write_bytes), not renamed: the card may be on another disk.
+        for name in ("predictions.csv", "external_predictions.csv", "by_age_group.csv", *(plot.name for plot in plots)):
+            write_bytes(out / name, (staged / name).read_bytes())
+        if card is not None:
+            card.parent.mkdir(parents=True, exist_ok=True)  # as write_model_card made it (a card outside reports/)
+            write_bytes(card, cards[0].read_bytes())
+        write_text(out / "metrics.json", text)
     return metrics
