@@ -215,6 +215,10 @@ def stack_pairs(pairs: list[np.ndarray]) -> np.ndarray:
 
 _worker: dict = {}
 IN_PROCESS_BELOW = 64  # crops: fewer are mapped in this process
+# The setting :func:`map_crop_files`' worker-died error tells the user to lower: its loop is the embed stage's
+# (dlib_face descriptors, faceage.face_encoder.embed_dataset); evaluate's external sets name theirs
+# (faceage.external.EXTERNAL_WORKERS).
+EMBED_WORKERS = "embed.workers"
 
 
 def _init(factory: type, model_dir: str, margin: float, faces_dir: str, method: str) -> None:
@@ -233,13 +237,17 @@ def crop_workers(count: int, workers: int = 0) -> int:
 
 
 def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: list[str], model_dir: str | Path,
-                   margin: float, workers: int = 0, desc: str | None = None) -> list[np.ndarray]:
+                   margin: float, workers: int = 0, desc: str | None = None,
+                   workers_key: str = EMBED_WORKERS) -> list[np.ndarray]:
     """``factory(model_dir, margin).method(crop)`` for each crop file (relative to ``faces_dir``), in order.
 
     The dataset-wide loop of the aligned-face features (chips here, descriptors in
     :mod:`faceage.face_encoder`): one ``factory`` object per process (dlib's models are not
     thread-safe and load once per worker), ``workers`` processes (0 = all cores), a progress bar when
-    ``desc`` is given.
+    ``desc`` is given. ``workers_key``: the setting a worker's death (out of memory) tells the user to lower.
+
+    Raises:
+        WorkerDiedError: A worker died (see :func:`map_in_processes`).
     """
     from tqdm import tqdm
 
@@ -248,7 +256,36 @@ def map_crop_files(factory: type, method: str, faces_dir: str | Path, crops: lis
     if workers == 1:
         _init(*init)
         return [_apply(c) for c in tqdm(crops, desc=desc, unit="face", disable=desc is None)]
-    return map_in_processes(_apply, crops, workers, _init, init, desc=desc, unit="face")
+    return map_in_processes(_apply, crops, workers, _init, init, desc=desc, unit="face", workers_key=workers_key)
+
+
+def missing_crops(faces_dir: str | Path, crops: Collection[str]) -> list[str]:
+    """Those of ``crops`` (paths in ``faces_dir``) that are not a file there, in order."""
+    folder = Path(faces_dir)
+    return [c for c in crops if not (folder / c).is_file()]
+
+
+def check_crops(faces_dir: str | Path, crops: Collection[str], *,
+                what: str = "not a whole preprocess output",
+                fix: str = "run `dvc repro -f preprocess` (or `dvc checkout` it)") -> None:
+    """Checks that each of ``crops`` (paths in ``faces_dir``, from its ``manifest.csv``) is a file there, before the
+    work that reads them: a crop deleted by hand ("not a face") or lost in a partial copy failed with PIL's traceback
+    when the loop reached it (minutes of descriptors, or of train's data load, in). Milliseconds for a whole set.
+
+    Args:
+        what: What a folder lacking crops is (the message's middle).
+        fix: What to run (the message's end): the ``preprocess`` output's by default.
+
+    Raises:
+        faceage.preprocess.FacesMissingError: (a ``FileNotFoundError``) One is not: one line naming the folder, how
+            many are missing, the first, and ``fix``.
+    """
+    from faceage.preprocess import FacesMissingError  # (faceage.preprocess imports this module)
+
+    missing = missing_crops(faces_dir, crops)
+    if missing:
+        raise FacesMissingError(f"{Path(faces_dir).absolute()} lacks {len(missing)} crop(s) its manifest.csv lists "
+                                f"(first: {missing[0]}): {what}; {fix}")
 
 
 class WorkerDiedError(FaceAgeError, RuntimeError):
@@ -273,12 +310,19 @@ def exit_with_parent() -> None:
 
 
 class _WorkerProcess(mp.context.SpawnProcess):
-    """A spawned worker that never sees Ctrl-C. The terminal sends Ctrl-C to its whole foreground group: a worker
-    still starting printed its own traceback (KeyboardInterrupt in its imports, dlib's "initialization failed",
-    EOFError on the pipe of a parent interrupted while it wrote the worker's start-up data) around the stage's one
-    "interrupted (Ctrl-C)" line. SIGINT is blocked across the fork and exec, and the worker keeps that mask
-    (``multiprocessing``'s resource tracker starts the same way); in the parent a Ctrl-C during the start is held
-    back until the start is done. The parent alone handles Ctrl-C, and stops its workers (:func:`map_in_processes`)."""
+    """A spawned worker that never sees Ctrl-C, and whose start no signal breaks. The terminal sends Ctrl-C to its
+    whole foreground group: a worker still starting printed its own traceback (KeyboardInterrupt in its imports,
+    dlib's "initialization failed", EOFError on the pipe of a parent interrupted while it wrote the worker's start-up
+    data) around the stage's one "interrupted (Ctrl-C)" line. SIGINT is blocked across the fork and exec, and the
+    worker keeps that mask (``multiprocessing``'s resource tracker starts the same way).
+
+    In the parent, a Ctrl-C, or a SIGTERM that a Python handler turns into an exception (the stages' ``run_stage(main,
+    interrupt_on_sigterm=True)``), during the start is held back until the start is done, then raised: the worker is
+    then on the list of those to stop. Raised between the worker's spawn and its start-up data, it left the worker
+    with no pid to stop: it printed "EOFError: Ran out of input" under the stage's line, and the pool's semaphores
+    leaked. SIGTERM is held by its handler alone, not blocked: the worker would inherit the mask, and
+    ``terminate()`` could not stop it. The parent alone handles Ctrl-C, and stops its workers
+    (:func:`map_in_processes`)."""
 
     def start(self) -> None:
         if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (nor a terminal's process group)
@@ -289,19 +333,26 @@ class _WorkerProcess(mp.context.SpawnProcess):
 
         resource_tracker.ensure_running()
         held: list[int] = []
-        # Another thread of the parent takes the signal while this one blocks it: its handler would run here.
-        hold = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
-        if hold:
-            handler = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # Those whose Python handler would raise in this start (a default action kills the process as it would any
+        # time; an ignored signal is ignored). Only the main thread runs handlers and may set them; another thread of
+        # the parent takes the signal while this one blocks SIGINT, and its handler would run here.
+        holding = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if callable(signal.getsignal(signum)):
+                    holding[signum] = signal.signal(signum, lambda signum, frame: held.append(signum))
         try:
-            super().start()
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-            if hold:
-                signal.signal(signal.SIGINT, handler)
-                if held:  # now, as it would have come: the worker has started, and is on the list to stop
-                    signal.raise_signal(signal.SIGINT)
+            for signum, handler in holding.items():
+                signal.signal(signum, handler)
+            # Now, as they would have come (once each): the worker has started, and is on the list to stop.
+            for signum in dict.fromkeys(held):
+                signal.raise_signal(signum)
 
 
 class _WorkerContext(mp.context.SpawnContext):
@@ -379,10 +430,11 @@ def map_in_processes(fn: Callable, items: Sequence, workers: int, initializer: C
         # tracker to warn of "leaked semaphore objects" under the stage's one line.
         pool = manager = processes = context = None  # (the names released)
         if isinstance(e, BrokenProcessPool):
+            what = desc or unit
             raise WorkerDiedError(
-                f"a {desc or unit} worker process died ({workers} workers): killed by the system, most often for "
-                f"lack of memory (each worker holds one image at a time), crashed, or failed to start (its error is "
-                f"printed above); lower {workers_key}") from e
+                f"{'an' if what[:1] in 'aeiou' else 'a'} {what} worker process died ({workers} workers): killed by "
+                f"the system, most often for lack of memory (each worker holds one image at a time), crashed, or "
+                f"failed to start (its error is printed above); lower {workers_key}") from e
         raise
     pool.shutdown()
     return results

@@ -49,11 +49,19 @@ class FaceCrops(Dataset):
         split: ``train``, ``valid`` or ``test``.
         image_size: Network input side in pixels.
         transform: Optional augmentation on uint8 (3, S, S) tensors.
+
+    Raises:
+        SplitDataError: The split has no crops.
+        faceage.preprocess.FacesMissingError: (a ``FileNotFoundError``) No ``manifest.csv`` in ``faces_dir``, or
+            crops it lists are not there (checked before any is loaded).
     """
 
     def __init__(self, faces_dir: str | Path, split: str, image_size: int, transform=None):
+        from faceage.chips import check_crops
+
         self.rows = split_rows(faces_dir, split)
         faces_dir = Path(faces_dir)
+        check_crops(faces_dir, [r["crop"] for r in self.rows])  # one line, before the load (PIL's traceback after it)
         # Filled in place: stacking a list of the resized crops held the split twice while it loaded.
         images = np.empty((len(self.rows), 3, image_size, image_size), np.uint8)
         for i, r in enumerate(tqdm(self.rows, desc=f"load {split}", unit="img", leave=False)):

@@ -48,11 +48,11 @@ from faceage.atomic import (NO_SPACE, WriteError, clear_stale, errno_text, free_
                             same_file, scratch_name)
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
-from faceage.chips import CHIPS_FILE
+from faceage.chips import CHIPS_FILE, check_crops, missing_crops
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
-from faceage.preprocess import (PARTIAL_SUFFIX, RECORDS, SETTINGS, code_fingerprint, count_statuses, crop_samples,
-                                partial_dir, photos_sha256, read_faces_manifest, resumable_output)
+from faceage.preprocess import (MANIFEST, PARTIAL_SUFFIX, RECORDS, SETTINGS, code_fingerprint, count_statuses,
+                                crop_samples, partial_dir, photos_sha256, read_faces_manifest, resumable_output)
 from faceage.sources import EXTERNAL_SPLIT, ExternalSet, ExternalSetError, external_name
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,15 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
     # Runs side by side (dvc queue start -j 2) ask for the same entry: one crops, the others wait and reuse.
     with locked(out, f"cropping {ext.name} into {out}"):
         if (out / SETTINGS).is_file():
-            log.info("external set %s: reusing the crops in %s", ext.name, out)
-            _mark_used(out)  # under the lock: prune_cache takes it to remove an entry, and looks at the stamp again
-            return out
+            problem = _entry_problem(out)
+            if problem is None:
+                log.info("external set %s: reusing the crops in %s", ext.name, out)
+                _mark_used(out)  # under the lock: prune_cache takes it to remove an entry, and looks at the stamp again
+                return out
+            # Reused as it was, evaluate died on the missing crop with preprocess's advice (`dvc repro -f preprocess`),
+            # which rebuilds nothing here. Cropped again into the same entry (replaced whole when done).
+            log.warning("external set %s: the crop-cache entry %s is not whole (%s): cropping it again", ext.name,
+                        out, problem)
         params = crop_params(crop, workers)
         log.info("external set %s: detecting and cropping %s (detector=%s, upsample=%d, margin=%g, size=%d, "
                  "no_face=%s)", ext.name, ext.path, params.detector, params.upsample, params.margin, params.size,
@@ -186,6 +192,22 @@ def external_faces(ext: ExternalSet, crop: dict[str, Any], detector_dir: str | P
         _mark_used(out)
     prune_cache(Path(cache_dir), ext.name, out)
     return out
+
+
+def _entry_problem(entry: Path) -> str | None:
+    """What a complete-looking cache entry (its ``preprocess.json`` written last) lacks that evaluate reads: its
+    ``manifest.csv``, a crop the manifest lists, or its ``chips.npz`` (deleted by hand, a cache copied in part);
+    None when it lacks nothing. A stat per crop: milliseconds for a whole set."""
+    try:
+        rows = read_faces_manifest(entry, EXTERNAL_SPLIT)
+    except FileNotFoundError:  # FacesMissingError
+        return f"no {MANIFEST}"
+    missing = missing_crops(entry, [r["crop"] for r in rows])
+    if missing:
+        return f"{len(missing)} crop(s) its {MANIFEST} lists are missing, first {missing[0]}"
+    if not (entry / CHIPS_FILE).is_file():
+        return f"no {CHIPS_FILE}"
+    return None
 
 
 def _mark_used(entry: Path) -> None:
@@ -473,6 +495,9 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
 
     Raises:
         faceage.atomic.WriteError: The disk filled up while they were written (nothing partial is kept).
+        faceage.preprocess.FacesMissingError: (a ``FileNotFoundError``) A crop of the entry is gone (since
+            :func:`external_faces`, which crops an entry lacking one again, handed it out).
+        faceage.chips.WorkerDiedError: A worker died (out of memory); the message names what to lower.
     """
     from faceage.face_encoder import embed_dataset, load_embeddings
     from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE
@@ -498,9 +523,14 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
                 return path
         log.info("external set %s: computing the face descriptors of its crops in %s (key %s: the code of %s and "
                  "the face-network files)", _set_name(faces_dir), faces_dir, key, ", ".join(DESCRIPTOR_CODE_MODULES))
+        # Checked here with this cache's advice: embed_dataset's own check tells to rerun preprocess, which rebuilds
+        # nothing here. (external_faces checked the entry when it handed it out: a crop gone since, by hand.)
+        check_crops(faces_dir, [r["crop"] for r in read_faces_manifest(faces_dir)], what="not a whole crop-cache entry",
+                    fix=f"rerun evaluate, which crops external set {_set_name(faces_dir)} into it again")
         staging = path.with_name(path.name + ".tmp.npz")  # embed_dataset's staging file, replaced into path
         try:
-            embed_dataset(faces_dir, detector_dir, path, workers)
+            # A worker's death names what evaluate runs on, not the embed stage's setting, which it does not read
+            embed_dataset(faces_dir, detector_dir, path, workers, workers_key=EXTERNAL_WORKERS)
         except OSError as e:
             staging.unlink(missing_ok=True)  # in the shared cache entry: no later run would remove it
             if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:

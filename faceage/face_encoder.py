@@ -21,7 +21,8 @@ from pathlib import Path
 import dlib
 import numpy as np
 
-from faceage.chips import FeaturesKindError, crop_workers, face_rect, map_crop_files, open_features
+from faceage.chips import (EMBED_WORKERS, FeaturesKindError, check_crops, crop_workers, face_rect, map_crop_files,
+                           open_features)
 from faceage.detector import RECOGNITION_FILE, SHAPE5_FILE, load_dlib_file, read_manifest
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ def _dlib_crop(crop: np.ndarray) -> np.ndarray:
     return crop
 
 
-def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | Path, workers: int = 0) -> int:
+def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | Path, workers: int = 0, *,
+                  workers_key: str = EMBED_WORKERS) -> int:
     """Embeds every crop of the ``preprocess`` output into one ``.npz`` (``crops``, ``embeddings`` (N, 2, 128)).
 
     Args:
@@ -110,30 +112,28 @@ def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | 
         model_dir: ``fetch_detector`` output.
         out_path: The ``.npz`` to write (atomically).
         workers: Processes; 0 = one per core.
+        workers_key: The setting a worker's death (out of memory) tells the user to lower: the embed stage's, or
+            evaluate's for an external set (:data:`faceage.external.EXTERNAL_WORKERS`).
 
     Returns:
         The number of crops embedded.
 
     Raises:
         faceage.preprocess.FacesMissingError: (a ``FileNotFoundError``) ``faces_dir`` is no preprocess output, or
-            lacks crops its manifest lists.
+            lacks crops its manifest lists (:func:`faceage.chips.check_crops`, before any descriptor).
+        faceage.chips.WorkerDiedError: A worker died; the message names ``workers_key``.
     """
-    from faceage.preprocess import FacesMissingError, read_crop_settings, read_faces_manifest
+    from faceage.preprocess import read_crop_settings, read_faces_manifest
 
     rows = read_faces_manifest(faces_dir)
     margin = read_crop_settings(faces_dir)["margin"]
     manifest = read_manifest(model_dir, verify=True)
     crops = [r["crop"] for r in rows]
-    # Checked before the work: a crop deleted by hand ("not a face") or lost in a partial copy failed with PIL's
-    # traceback when a worker reached it, after minutes of descriptors. (Milliseconds for the whole set.)
-    missing = [c for c in crops if not (Path(faces_dir) / c).is_file()]
-    if missing:
-        raise FacesMissingError(f"{Path(faces_dir).absolute()} lacks {len(missing)} crop(s) its manifest.csv lists "
-                                f"(first: {missing[0]}): not a whole preprocess output; run `dvc repro -f "
-                                "preprocess` (or `dvc checkout` it)")
+    check_crops(faces_dir, crops)  # before minutes of descriptors, not PIL's traceback when a worker reaches it
     log.info("embedding %d crops with dlib's face-recognition ResNet on %d worker(s)", len(crops),
              crop_workers(len(crops), workers))
-    vectors = map_crop_files(DlibFaceEncoder, "embed_views", faces_dir, crops, model_dir, margin, workers, desc="embed")
+    vectors = map_crop_files(DlibFaceEncoder, "embed_views", faces_dir, crops, model_dir, margin, workers, desc="embed",
+                             workers_key=workers_key)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp.npz")
