@@ -16,21 +16,21 @@ Usage (also ``make sweep``)::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from faceage.config import check_train_backbone
 from faceage.errors import FaceAgeError
 from faceage.evaluation import external_faces_versions
-from faceage.atomic import write_text
-from faceage.experiment import (PARAMS, ProfileError, ProfileInterrupted, dvc_root, file_bytes, override_value,
-                                run_profile)
+from faceage.atomic import write_bytes, write_text
+from faceage.experiment import (PARAMS, ProfileError, ProfileInterrupted, dvc_root, end_like_a_shell, file_bytes,
+                                override_value, run_profile)
 from faceage.external import external_maes, external_versions
 from faceage.logs import die_of_signal, setup_logging
 from faceage.tracking import (EXPERIMENT, NoExperimentError, absent_store, check_reachable, display_uri, lost_run,
@@ -678,8 +678,10 @@ def write_report(rows: list[dict], md_path: Path, png_path: Path, profile: str) 
         ax.set(xscale="log", xlabel=label, ylabel="test MAE (years)")
     fig.suptitle("Backbone sweep: test MAE against cost")
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+    write_bytes(png_path, png.getvalue())  # whole or not at all, as the Markdown below
 
     # One column per cross-dataset set (evaluate.external) any run was scored on; "-" where a run was not; "*" where
     # it was scored on another version of the set's files than the column's others (not comparable with them); "†"
@@ -784,7 +786,9 @@ For `dlib_face`, parameters and GFLOPs are the trainable head's; the frozen dlib
 (a 29-layer ResNet, ~5.6 M parameters, 22 MB) runs on top at ~0.09 s per face on one CPU core.
 {age_note}
 {_profile_section(profile)}"""
-    md_path.write_text(md)
+    # UTF-8 and whole (atomic.write_text): in the locale's encoding, an ASCII locale's UnicodeEncodeError (a † mark, a
+    # --source folder named Müller) left the committed report empty after all the MLflow reads; a Ctrl-C, cut.
+    write_text(md_path, md)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -904,4 +908,4 @@ def _main(args: argparse.Namespace, runs_path: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_like_a_shell(main())  # Ctrl-C (main's 130) ends it by SIGINT: a shell's script stops, as after a stage

@@ -85,7 +85,8 @@ def mlflow_env(name: str, value: str) -> Iterator[None]:
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the absolute ``sqlite:///.../mlflow.db`` of the repo.
+    """``MLFLOW_TRACKING_URI`` if set, else the absolute ``sqlite:///.../mlflow.db`` of the repo (a ``%`` or ``?`` in
+    its path quoted, :func:`_quoted`).
 
     A relative ``sqlite:///`` path in the variable (``sqlite:///mlflow.db``, as ``mlflow ui`` is given
     it) is taken from :func:`faceage.paths.repo_root`: taken from the working folder, as MLflow does,
@@ -94,12 +95,20 @@ def tracking_uri() -> str:
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return f"sqlite:///{repo_root() / 'mlflow.db'}"
+        return f"sqlite:///{_quoted(repo_root() / 'mlflow.db')}"
     if uri.startswith("sqlite:///"):
         path, sep, query = uri.removeprefix("sqlite:///").partition("?")
         if path and path != ":memory:" and not Path(path).is_absolute():
-            return f"sqlite:///{repo_root() / path}{sep}{query}"
+            return f"sqlite:///{_quoted(repo_root())}/{path}{sep}{query}"  # ``path`` as given: quoted by the user
     return uri
+
+
+def _quoted(path: Path | str) -> str:
+    """A local path as the database part of a ``sqlite:///`` URI: SQLAlchemy reads ``%xx`` there as an escape and
+    ``?`` as the start of the query, so a repo in ``100%-faces`` or ``what?`` opened another file ("unable to open
+    database file" from every stage that logs). Other characters (spaces, ``ü``) are read as they are, and kept
+    readable."""
+    return str(path).replace("%", "%25").replace("?", "%3F")
 
 
 def display_uri(uri: str | None = None) -> str:
@@ -143,12 +152,15 @@ def portable_uri(uri: str | None = None) -> str:
     :func:`display_uri`, and a ``sqlite`` store at an absolute path shown as ``sqlite:///mlflow.db`` (relative, as
     ``mlflow ui --backend-store-uri`` is given it at the repo root) where it is under the repo root, else as the
     database's file name alone. A server's URI, as :func:`display_uri` shows it."""
+    from urllib.parse import unquote
+
     uri = display_uri(uri)
     path, sep, query = uri.removeprefix("sqlite:///").partition("?")
     if not uri.startswith("sqlite:///") or not path or path == ":memory:" or not Path(path).is_absolute():
         return uri
+    path = unquote(path)  # the file SQLAlchemy opens (:func:`_quoted`), compared with the repo root's folders
     inside = _in_repo(Path(path))
-    return f"sqlite:///{inside}{sep}{query}" if inside else Path(path).name
+    return f"sqlite:///{_quoted(inside)}{sep}{query}" if inside else Path(path).name
 
 
 def portable_source(source: str | None) -> str:
@@ -181,10 +193,13 @@ def _host_part(netloc: str) -> str:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (absolute, or relative to the working folder), else None."""
+    """The database file of a ``sqlite:///`` URI (absolute, or relative to the working folder), else None: its path
+    unquoted (``%20``, ``%25``), as SQLAlchemy opens it."""
+    from urllib.parse import unquote
+
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri.removeprefix("sqlite:///").partition("?")[0]).resolve()
+    return Path(unquote(uri.removeprefix("sqlite:///").partition("?")[0])).resolve()
 
 
 def absent_store(uri: str | None = None) -> Path | None:
@@ -285,7 +300,8 @@ def check_writable(uri: str | None = None) -> None:
 
 
 def setup_mlflow(*, writable: bool = True):
-    """Points MLflow at :func:`tracking_uri` and the ``face-age`` experiment; returns the module.
+    """Points MLflow at :func:`tracking_uri` and the ``face-age`` experiment; returns the module. An
+    ``MLFLOW_RUN_ID`` in the environment is dropped, with a warning: ``mlflow.start_run()`` would continue that run.
 
     ``writable=False`` is for a caller that only reads runs (the sweep's report): a read-only sqlite store serves it,
     and a store without the ``face-age`` experiment is a :class:`NoExperimentError`, not created (the write failed
@@ -308,6 +324,13 @@ def setup_mlflow(*, writable: bool = True):
     check_reachable(uri, writable=writable)
     if display_uri(uri) != uri:  # MLflow prints "View run ... at: <the URI>" as each run ends, password and all
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    other_run = os.environ.pop("MLFLOW_RUN_ID", None)
+    if other_run:
+        # mlflow.start_run() without a run id continues the run this variable names (exported to inspect a run, or
+        # set by `mlflow run`): train logged into that run, and each backbone of a sweep into the same one. Train
+        # resumes its own run by id (its training state), so the variable has no use here.
+        log.warning("MLFLOW_RUN_ID=%s ignored: train starts (or resumes, by its training state) its own MLflow run",
+                    other_run)
     mlflow.set_tracking_uri(uri)
     db = sqlite_path(uri)
     with locked(db, f"opening the MLflow store {db}") if db is not None else nullcontext():
