@@ -337,22 +337,43 @@ class _WorkerProcess(mp.context.SpawnProcess):
         # time; an ignored signal is ignored). Only the main thread runs handlers and may set them; another thread of
         # the parent takes the signal while this one blocks SIGINT, and its handler would run here.
         holding = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                if callable(signal.getsignal(signum)):
-                    holding[signum] = signal.signal(signum, lambda signum, frame: held.append(signum))
         try:
+            # Swapped inside the try, each recorded before its swap: a SIGTERM raised between SIGINT's swap and its
+            # own (its handler not swapped yet) left SIGINT's holding handler in place, and every later Ctrl-C of
+            # the process was dropped. (A handler put back that was never swapped is no change.)
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    handler = signal.getsignal(signum)
+                    if callable(handler):
+                        holding[signum] = handler
+                        signal.signal(signum, lambda signum, frame: held.append(signum))
             previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 super().start()
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         finally:
-            for signum, handler in holding.items():
-                signal.signal(signum, handler)
+            _put_back(holding)
             # Now, as they would have come (once each): the worker has started, and is on the list to stop.
             for signum in dict.fromkeys(held):
                 signal.raise_signal(signum)
+
+
+def _put_back(handlers: dict[int, Callable]) -> None:
+    """Sets each signal's handler back to ``handlers[signum]``, every one of them, then raises what a signal arriving
+    meanwhile raised (its own handler back already: a Ctrl-C now). ``signal.signal`` runs pending handlers before it
+    swaps: one raising stopped a plain loop with the next signal's holding handler left in place (every later SIGTERM
+    of the process dropped)."""
+    raised = None
+    for signum, handler in handlers.items():
+        for _ in range(8):  # (bounded: an error that is no signal's would come back each time)
+            try:
+                signal.signal(signum, handler)
+                break
+            except BaseException as e:  # raised before this swap: tried again (each raise took one signal that came)
+                raised = raised or e
+    if raised is not None:
+        raise raised
 
 
 class _WorkerContext(mp.context.SpawnContext):

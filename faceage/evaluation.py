@@ -402,10 +402,10 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
                    detector_dir: str | Path | None = None, external_cache: str | Path | None = None) -> dict:
     """Scores the checkpoint on the test split and logs the results to its MLflow run.
 
-    The outputs are written in full beside themselves, logged to MLflow, and then put in place, ``metrics.json``
-    last: an evaluation that fails or is stopped leaves the previous ``metrics.json`` (and, unless it is stopped
-    while they are put in place, the previous outputs), never a new one without its predictions, card and MLflow
-    metrics.
+    The outputs are written in full beside themselves, logged to MLflow, and then put in place (the card first,
+    ``metrics.json`` last): an evaluation that fails or is stopped leaves the previous ``metrics.json`` (and, unless
+    it fails or is stopped while they are put in place, after MLflow has the new ones, the previous outputs), never a
+    new one without its predictions, card and MLflow metrics.
 
     Args:
         checkpoint: ``train`` output.
@@ -482,7 +482,8 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     # written first: an evaluate that failed or was stopped (stages/evaluate.py turns SIGTERM into Ctrl-C) after
     # it left a new metrics.json beside the previous predictions and card, nothing in MLflow, and `dvc metrics
     # show` showed it as a finished evaluation. Each file is replaced on its own, not ``out`` swapped whole
-    # (atomic.staged_dir): ``out`` also holds DVC's .gitignore of these outputs.
+    # (atomic.staged_dir): ``out`` may hold files not evaluate's (dvc.yaml's outputs there are ``cache: false``, so no
+    # .gitignore of DVC's, but one of the user's, or DVC's where an output is cached, would go with a swap).
     with scratch_dir(out / "metrics.json", "new") as staged:
         with open(staged / "predictions.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -530,10 +531,12 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
                            [staged / "metrics.json", staged / "by_age_group.csv", staged / "predictions.csv",
                             staged / "external_predictions.csv", *plots, *cards])
         # Copied in, each whole or not at all (atomic.write_bytes), not renamed: the card may be on another disk.
-        for name in ("predictions.csv", "external_predictions.csv", "by_age_group.csv", *(plot.name for plot in plots)):
-            write_bytes(out / name, (staged / name).read_bytes())
+        # The card first: outside ``out``, where a write is likeliest to fail (a folder or another disk there), it
+        # then leaves ``out`` whole (the card last, its failure left the new predictions beside the old metrics).
         if card is not None:
             card.parent.mkdir(parents=True, exist_ok=True)  # as write_model_card made it (a card outside reports/)
             write_bytes(card, cards[0].read_bytes())
+        for name in ("predictions.csv", "external_predictions.csv", "by_age_group.csv", *(plot.name for plot in plots)):
+            write_bytes(out / name, (staged / name).read_bytes())
         write_text(out / "metrics.json", text)
     return metrics
