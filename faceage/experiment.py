@@ -647,7 +647,7 @@ def tool_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
     """``SIGKILL`` for 9: the name a log line gives a signal."""
     try:
         return signal.Signals(number).name
@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except subprocess.CalledProcessError as e:
         if e.returncode < 0:  # killed by a signal (Popen's -N): exit 128 + N as a shell does (-9 exited 247)
-            log.error("`dvc exp run` was killed by signal %d (%s)", -e.returncode, _signal_name(-e.returncode))
+            log.error("`dvc exp run` was killed by signal %d (%s)", -e.returncode, signal_name(-e.returncode))
             return 128 - e.returncode
         log.error("`dvc exp run` failed (exit %s): its output is above", e.returncode)
         return e.returncode or 1

@@ -30,7 +30,7 @@ from faceage.errors import FaceAgeError
 from faceage.evaluation import external_faces_versions
 from faceage.atomic import write_bytes, write_text
 from faceage.experiment import (PARAMS, ProfileError, ProfileInterrupted, dvc_root, end_like_a_shell, file_bytes,
-                                override_value, run_profile)
+                                override_value, run_profile, signal_name)
 from faceage.external import external_maes, external_versions
 from faceage.logs import die_of_signal, setup_logging
 from faceage.tracking import (EXPERIMENT, NoExperimentError, absent_store, check_reachable, display_uri, lost_run,
@@ -887,6 +887,10 @@ def _main(args: argparse.Namespace, runs_path: Path) -> int:
             log.error("%s", e)
             return 1
         except subprocess.CalledProcessError as e:
+            if e.returncode < 0:  # killed by a signal (the OOM killer's -9): "exit -9, its output is above", exit 247
+                log.error("sweep stopped: `dvc exp run` was killed by signal %d (%s); the runs before it are in %s",
+                          -e.returncode, signal_name(-e.returncode), runs_path)
+                return 128 - e.returncode  # as a shell does, and the profile runner (faceage.experiment.main)
             log.error("sweep stopped: `dvc exp run` failed (exit %s), its output is above; the runs before it are "
                       "in %s", e.returncode, runs_path)
             return e.returncode or 1
