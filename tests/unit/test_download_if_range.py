@@ -76,15 +76,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return if_range == srv.last_modified
 
 
+def serving(srv: http.server.ThreadingHTTPServer):
+    """Serves ``srv`` on a thread for a fixture: yields it, then shuts it down."""
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @pytest.fixture
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.requests, srv.body, srv.etag, srv.last_modified = [], OLD, None, None
     srv.drop_after, srv.after_drop, srv.checks_if_range = None, None, True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    yield from serving(srv)
 
 
 def url(srv):

@@ -4,11 +4,11 @@ server that keeps sending the same first slice, and a restart from byte 0 that i
 import hashlib
 import http.server
 import random
-import threading
 
 import pytest
 
 from faceage.download import ChecksumError, DownloadError, HTTPStatusError, download
+from tests.unit.test_download_if_range import serving, url
 
 BODY = random.Random(37).randbytes(1 << 20)  # 1 MiB
 OTHER = random.Random(38).randbytes(1 << 20)  # what a server sends in its place (another version)
@@ -47,14 +47,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.requests = []
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def url(srv):
-    return f"http://127.0.0.1:{srv.server_address[1]}/f.bin"
+    yield from serving(srv)
 
 
 def _slice(body, first, last=None):
