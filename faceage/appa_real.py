@@ -82,10 +82,11 @@ def csv_name(split: str) -> str:
 def read_split(root: Path, split: str) -> list[Sample]:
     """Parses ``gt_avg_{split}.csv`` under ``root``.
 
-    Spreadsheet exports are read as they come: a UTF-8 byte-order mark, CRLF line ends, columns separated by
-    ``;`` or a tab instead of ``,`` (told apart by the header; Excel's ``sep=;`` first line is honoured), decimal
-    commas (``28,5``: a thousands separator cannot be meant, no age reaches 1,000) and the all-empty rows
-    (``;;;;``) Excel writes below the data; a CSV typed by hand may put a space after each separator.
+    Spreadsheet exports are read as they come: a UTF-8 byte-order mark, UTF-16 (:func:`_csv_lines`), CRLF line
+    ends, columns separated by ``;`` or a tab instead of ``,`` (told apart by the header; Excel's ``sep=;`` first
+    line is honoured), decimal commas (``28,5``: a thousands separator cannot be meant, no age reaches 1,000) and
+    the all-empty rows (``;;;;``) Excel writes below the data; a CSV typed by hand may put a space after each
+    separator.
 
     Raises:
         LayoutError: Missing file or column, a row with more (non-empty) or fewer fields than the header, an age
@@ -184,22 +185,40 @@ def _age(row: dict, column: str, path: Path, line: int) -> float:
 
 
 def _csv_lines(path: Path) -> io.StringIO:
-    """A CSV file's text for :mod:`csv` (line ends as they are), read as UTF-8 with or without a byte-order mark.
+    """A CSV file's text for :mod:`csv` (line ends as they are), read as UTF-8 with or without a byte-order mark,
+    or as UTF-16 where a UTF-16 byte-order mark opens it.
+
+    UTF-16 is what Excel's "Unicode Text" (tab-separated) and Windows PowerShell 5.1's ``>`` (``ConvertTo-Csv ... >
+    gt_avg_test.csv``) write: such a file was "not UTF-8 text (invalid start byte)", and the advice to re-encode it
+    from cp1252 made it garbage. Its byte-order mark says which it is; UTF-8 cannot begin with those bytes.
 
     Raises:
-        LayoutError: The file is not UTF-8 (a spreadsheet's plain "CSV" export on Windows is cp1252), or cannot be
-            read (one line naming it).
+        LayoutError: The file is not UTF-8 (a spreadsheet's plain "CSV" export on Windows is cp1252) nor UTF-16 with
+            its byte-order mark, or cannot be read (one line naming it).
     """
     try:
-        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+        data = path.read_bytes()
     except OSError as e:  # mode 600 from another account: check_sources showed a traceback, fetch_data "copying failed"
         raise cannot_read(path, e) from e
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"  # the codec reads the mark for the byte order and drops it
+    else:
+        encoding, data = "utf-8", data.removeprefix(codecs.BOM_UTF8)
     try:
-        return io.StringIO(data.decode("utf-8"), newline="")
+        return io.StringIO(data.decode(encoding), newline="")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
+        line = data[: e.start].decode(encoding, errors="replace").count("\n") + 1
+        if encoding == "utf-16":
+            raise LayoutError(f"{path} line {line} is not UTF-16 text, as its byte-order mark says ({e.reason}): "
+                              "save it as \"CSV UTF-8\"") from e
         raise LayoutError(f"{path} line {line} is not UTF-8 text ({e.reason}): save it as \"CSV UTF-8\" "
                           "(or re-encode it, e.g. iconv -f cp1252 -t utf-8)") from e
+
+
+def csv_text(path: Path) -> str:
+    """A CSV file's whole text as the pipeline reads it (:func:`_csv_lines`: UTF-8 with or without a byte-order
+    mark, or UTF-16 with one)."""
+    return _csv_lines(path).getvalue()
 
 
 # What spreadsheets separate columns with: "CSV"; "CSV" where the decimal mark is a comma (Excel in most of
@@ -437,6 +456,9 @@ def find_release_root(folder: Path, unzipped: bool = False) -> Path:
               if not any(part == "__MACOSX" or part.startswith(".") for part in p.relative_to(folder).parts)]
     where = (f"; it is in {sorted(deeper)[0]}/: point fetch_data.source at that folder (for a zip: unzip it, or "
              "zip the release again from inside its folder)" if len(deeper) == 1 else "")
+    if not unzipped and folder.name in SPLITS and (folder.parent / csv_name(folder.name)).is_file():
+        # a split's photos given for the release (".../appa-real-release/train"): said only "no gt_avg_train.csv"
+        where = f"; it is the photos' folder of the release at {folder.parent}: point fetch_data.source at that folder"
     raise LayoutError(f"no {csv_name('train')} found in {folder} or its immediate subfolders{where}")
 
 

@@ -99,18 +99,22 @@ class External:
     """A labelled test folder cut by the pipeline's preprocess once; features per backbone on demand."""
 
     def __init__(self, folder: Path, work: Path, params: Params, detector: Path):
-        from faceage.appa_real import fetch_appa_real
+        from faceage.appa_real import SEP_LINE, csv_text, fetch_appa_real
         from faceage.preprocess import preprocess_dataset
 
         self.name, self.detector, self.work = folder.name, detector, work
         release = work / "release"
         (release).mkdir(parents=True)
-        text = (folder / "gt_avg_test.csv").read_text()
+        # As the pipeline reads it (a byte-order mark, UTF-16), not in the locale's encoding: a UTF-16 set that
+        # evaluate.external reads failed here with UnicodeDecodeError. Written back as UTF-8.
+        text = csv_text(folder / "gt_avg_test.csv")
         lines = text.splitlines()
+        head = 3 if lines and SEP_LINE.fullmatch(lines[0]) else 2  # (Excel's sep= line,) the header and one row
         for split in ("train", "valid", "test"):
             (release / split).symlink_to(folder.resolve() / "test")
             # The release layout needs three non-empty lists; only the test split is scored.
-            (release / f"gt_avg_{split}.csv").write_text(text if split == "test" else "\n".join(lines[:2]) + "\n")
+            (release / f"gt_avg_{split}.csv").write_text(text if split == "test" else "\n".join(lines[:head]) + "\n",
+                                                         encoding="utf-8")
         self.faces = work / "faces"
         fetch_appa_real(str(release), work / "data")
         preprocess_dataset(work / "data", detector, self.faces, params.preprocess)

@@ -121,6 +121,9 @@ def resolve_external(paths: tuple[str, ...] | list[str], root: str | Path | None
             below = [] if (path / csv_name(EXTERNAL_SPLIT)).is_file() else sorted(
                 p.parent for p in path.glob(f"*/{csv_name(EXTERNAL_SPLIT)}"))
             hint = f": the set seems to be one folder down, at {below[0]}: give that path" if len(below) == 1 else ""
+            if path.name == EXTERNAL_SPLIT and (path.parent / csv_name(EXTERNAL_SPLIT)).is_file():
+                # the photos' folder given for the set (".../utk-external/test/"): "missing" read as no set at all
+                hint = f": it is the photos' folder of the set at {path.parent}: give that path"
             raise ExternalSetError(f"evaluate.external: {given!r}: {e}{hint}") from e
         where = f"evaluate.external: {given!r}: "
         try:  # names a Mac spelled apart match (appa_real.listed_file)
