@@ -264,6 +264,40 @@ def _uploads_only(move):
     return move_local_only
 
 
+# What a client of the UI's API reads when its photo input is not a file it uploaded (a path on the server, a file:
+# URL, the "Use via API" page's placeholder sent as it is) or not a file at all (_client_input_errors).
+UI_UPLOAD_FIRST = ("upload it first: POST it to /ui/gradio_api/upload and pass the path that answers, as "
+                   "{\"path\": ..., \"meta\": {\"_type\": \"gradio.FileData\"}} "
+                   "(gradio_client's handle_file('photo.jpg') does both).")
+UI_NOT_UPLOADED = "The photo was not uploaded by a user (the UI reads no other file on the server): " + UI_UPLOAD_FIRST
+UI_NOT_A_FILE = "The photo input is not a file: " + UI_UPLOAD_FIRST
+
+
+def _client_input_errors(preprocess_data):
+    """Wraps the app's ``preprocess_data`` (Gradio's check of the photo input, before :func:`ui_predict` runs): a
+    photo input that is not an uploaded file becomes :data:`UI_NOT_UPLOADED` (or :data:`UI_NOT_A_FILE`), for the
+    client.
+
+    Gradio's own messages (``show_error``) named the path resolved against the server's working directory ("Cannot
+    move /srv/app/photo.jpg to the gradio cache dir because it was not uploaded by a user") or were a pydantic
+    dump, and each such call, the client's mistake, logged a 25-line traceback. Set on the instance, as the photo
+    input's methods are (:func:`build_ui`).
+    """
+    async def preprocess(*args, **kwargs):
+        import gradio as gr
+        from gradio.exceptions import InvalidPathError
+        from pydantic import ValidationError
+
+        try:
+            return await preprocess_data(*args, **kwargs)
+        except InvalidPathError:
+            raise gr.Error(UI_NOT_UPLOADED, print_exception=False) from None
+        except ValidationError:
+            raise gr.Error(UI_NOT_A_FILE, print_exception=False) from None
+
+    return preprocess
+
+
 # The file the "Use via API" page's snippet uploads (``handle_file('photo.jpg')``), a placeholder to replace.
 API_EXAMPLE_FILE = "photo.jpg"
 
@@ -377,6 +411,7 @@ def build_ui(lineage: dict[str, Any], max_body_bytes: int, concurrency: int = UI
     # Photos waiting for an analysis slot: past this, Gradio refuses a new one at once ("Queue is full", 503)
     # instead of keeping every request of a flood in memory and in line before everyone's next photo.
     ui.queue(max_size=queue_max_size)
+    ui.preprocess_data = _client_input_errors(ui.preprocess_data)
     return ui
 
 
@@ -567,6 +602,8 @@ class UIGateMiddleware:
     - an upload (``POST /ui/gradio_api/upload``) that would take Gradio's cache past ``upload_cache_bytes``
       (0: no cap) gets 429 (``Retry-After``) before its body is read: Gradio keeps every upload 10-15
       minutes, in RAM under ``/dev/shm``, and the caps above are per request (:class:`UploadBudget`).
+      One that can never fit gets 413 instead: over the body cap (the UI's ``max_body_bytes``), the body cap's
+      own; over the whole cache, this one's. Both got 429 "retry later", which a client retried for ever.
     """
 
     def __init__(self, app, ui: LazyUI, max_concurrent: int, upload_cache_bytes: int = 0,
@@ -598,7 +635,17 @@ class UIGateMiddleware:
                 and path == UPLOAD_PATH):
             length = dict(scope.get("headers") or []).get(b"content-length", b"")
             # No length: the body cap answers 411 (BodyLimitMiddleware's length_required) before Gradio writes.
-            if length.isdigit() and not self.uploads.admit(int(length)):
+            size = int(length) if length.isdigit() else None
+            if size is None or (self.ui.max_body_bytes and size > self.ui.max_body_bytes):
+                pass  # the body cap's own answer (411, or 413 naming FACEAGE_MAX_BODY_BYTES), not "retry later"
+            elif size > self.uploads.max_bytes:
+                # Never fits, even in an empty cache: a 429 with Retry-After had a client retry it for ever.
+                await JSONResponse({"error": f"the upload of {size} bytes is over the UI's whole upload cache, "
+                                             f"{self.uploads.max_bytes} bytes (FACEAGE_UI_UPLOAD_CACHE_BYTES, at most "
+                                             f"{UPLOAD_CACHE_FS_SHARE:.0%} of the file system holding it)"},
+                                   status_code=413)(scope, receive, send)
+                return
+            elif not self.uploads.admit(size):
                 await JSONResponse({"error": f"the UI's uploads hold {self.uploads.held()} bytes, at most "
                                              f"{self.uploads.max_bytes} (FACEAGE_UI_UPLOAD_CACHE_BYTES); each is kept "
                                              f"{UI_CACHE_KEPT}: retry later"},
