@@ -80,8 +80,8 @@ from faceage.face_encoder import FACE_ENCODER
 from faceage.inference import input_fn, predict_logits
 from faceage.inputs import DLIB_CHIP_PAIR, backbone_input
 from faceage.model import (
-    MAX_AGE, MIN_AGE, build_model, check_input_size, expected_age, fit_temperature, input_stats, load_pretrained,
-    save_checkpoint,
+    MAX_AGE, MIN_AGE, PretrainedWeightsError, build_model, check_input_size, expected_age, fit_temperature, input_stats,
+    load_pretrained, save_checkpoint,
 )
 from faceage.preprocess import MANIFEST, read_crop_settings
 from faceage.sources import weights_file
@@ -323,6 +323,26 @@ def age_balance_weights(ages: torch.Tensor, power: float, sigma: float = BALANCE
     density = torch.exp(-0.5 * ((grid[:, None] - ages.double()[None, :]) / sigma) ** 2).sum(dim=1)
     weight = density.clamp_min(density.max() * 1e-6) ** -power
     return (weight / weight[age_index(ages)].mean()).float()
+
+
+def check_finite_weights(model: nn.Module, p: TrainParams, weights_from: str) -> None:
+    """Refuses pretrained weights that hold NaN or infinite values (a diverged network's, saved as a weights file).
+
+    They trained a whole epoch and then stopped with :func:`check_epoch`'s "lower train.lr, or check the labels",
+    which no lower rate fixes; with ``train.epochs=0`` the NaN network was shipped. Checked before the data load and
+    the MLflow run, as the other unusable ``train.pretrained`` values are.
+
+    Raises:
+        faceage.model.PretrainedWeightsError: A weight is not a finite number.
+    """
+    if p.pretrained == "none":  # (a random initialisation is finite)
+        return
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PretrainedWeightsError(
+            f"train.pretrained={p.pretrained!r}: {len(bad)} tensor(s) of the loaded weights ({weights_from}) hold NaN "
+            f"or infinite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): a diverged network's "
+            "weights; use other weights, or train.pretrained=none to train from scratch")
 
 
 def run_name(p: TrainParams) -> str:
@@ -891,7 +911,10 @@ def train_model(p: TrainParams, faces_dir: str | Path, model_path: str | Path, r
         the best epoch's own.
 
     Raises:
-        faceage.model.PretrainedWeightsError: ``train.pretrained`` weights are unreachable.
+        faceage.model.PretrainedWeightsError: ``train.pretrained`` weights are unreachable, or hold NaN or infinite
+            values (:func:`check_finite_weights`).
+        TrainingDivergedError: An epoch's loss or validation MAE, or with ``train.epochs=0`` the initial network's
+            validation MAE, is not a number.
     """
     faces_dir, reports_dir, state_path = Path(faces_dir), Path(reports_dir), Path(state_path)
     # Before joining the process group: a rank that raised after joining left the others in gloo's
@@ -916,6 +939,7 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     model = build_model(p.backbone, head=head, face_features=p.face_features)
     check_input_size(model, p.backbone, p.image_size)  # before the data load: seconds, not minutes
     weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
+    check_finite_weights(model, p, weights_from)
     if head is not None:
         weights_from += f"; head: {head} (train.head={p.head})"
     if d.world_size > 1:
@@ -1026,6 +1050,14 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
             return {}
         if p.epochs == 0:
             state.best_val_mae = evaluate(model, val_set, prepare, device)
+            # No epoch ran, so check_epoch never looked: finite weights whose outputs overflow (NaN weights are
+            # refused at the load) were shipped, "best_val_mae": NaN (not JSON) went into metrics.json and the run
+            # ended FINISHED.
+            if not math.isfinite(state.best_val_mae):
+                raise TrainingDivergedError(
+                    f"train.epochs=0: the initial network (train.pretrained={p.pretrained!r}: {weights_from}) "
+                    f"predicts ages that are not numbers (validation MAE {state.best_val_mae}): its outputs "
+                    "overflow; nothing is shipped")
         # The best epoch's own network (the initial one for train.epochs=0); finalize may ship a mix of it
         # with the pretrained network (WiSE-FT, the ensemble weight) and sets best_val_mae to the mix's.
         best_epoch_val_mae = state.best_val_mae
