@@ -330,10 +330,18 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
         from faceage.dlib_age import load_pretrained_into
 
         needed = [AGE_MODEL_FILE] + ([RECOGNITION_FILE] if getattr(model, "face", None) is not None else [])
+        # The user's choices here are train.pretrained and the detector folder, not train.backbone; a missing
+        # folder printed "(looked in None)".
+        fixes = ("run `dvc repro fetch_detector` (or pass its output folder as --detector), or set "
+                 "train.pretrained=none for a randomly initialised network")
         for name in needed:
-            if model_dir is None or not (Path(model_dir) / name).is_file():
-                raise PretrainedWeightsError(f"train.backbone={DLIB_AGE} needs {name} from the fetch_detector "
-                                             f"stage (looked in {model_dir})")
+            if model_dir is None:
+                raise PretrainedWeightsError(f"train.pretrained={pretrained!r} with backbone {DLIB_AGE} loads {name} "
+                                             f"from the fetch_detector stage, but no detector folder was given "
+                                             f"(--detector): {fixes}")
+            if not (Path(model_dir) / name).is_file():
+                raise PretrainedWeightsError(f"train.pretrained={pretrained!r} with backbone {DLIB_AGE} loads {name} "
+                                             f"from the fetch_detector stage: no {name} in {model_dir}; {fixes}")
         path = Path(model_dir) / AGE_MODEL_FILE
         load_pretrained_into(model, path, Path(model_dir) / RECOGNITION_FILE)
         loaded = f"{path} (dlib age network, sha256 {file_digest(path)[:12]})"

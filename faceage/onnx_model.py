@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from faceage.errors import FaceAgeError
 from faceage.inputs import input_kind, input_preparer
 
 META_KEY = "faceage"  # faceage.export.META_KEY (not imported: that module needs torch)
@@ -57,6 +58,12 @@ def cpu_session(model: str | bytes, threads: int, *, spin: bool = True,
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+class OnnxGraphError(FaceAgeError, ValueError):
+    """The ``.onnx`` file is not a FaceAge graph ONNX Runtime can load (a truncated copy, a ``.pt`` or another
+    model given by mistake). A :class:`FaceAgeError`, so a stage or the CLI prints it as one line, not a
+    traceback; a ``ValueError`` as before, for callers that catch that."""
+
+
 @cache
 def _register_shared_arena() -> None:
     """Registers, once per process, the CPU arena that sessions built with ``shared_arena=True`` share."""
@@ -80,7 +87,7 @@ class OnnxAgeModel:
             (:func:`cpu_session`'s ``shared_arena``), so a pass's memory is kept once, not once per session.
 
     Raises:
-        ValueError: The file is not an ONNX graph (a truncated copy, a ``.pt`` given by mistake), or
+        OnnxGraphError: The file is not an ONNX graph (a truncated copy, a ``.pt`` given by mistake), or
             carries no FaceAge settings (not exported by :mod:`faceage.export`).
     """
 
@@ -90,12 +97,12 @@ class OnnxAgeModel:
         try:
             self.session = cpu_session(str(onnx_path), threads, spin=False, shared_arena=True)
         except Exception as e:  # ONNX Runtime's own types (InvalidProtobuf, NoSuchFile, ...), none a ValueError
-            raise ValueError(f"{onnx_path} is not an ONNX graph ONNX Runtime can load: "
-                             f"{' '.join(str(e).split())[:200]}") from e
+            raise OnnxGraphError(f"{onnx_path} is not an ONNX graph ONNX Runtime can load: "
+                                 f"{' '.join(str(e).split())[:200]}") from e
         self._path, self._threads = str(onnx_path), int(threads)
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if stored is None:
-            raise ValueError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")
+            raise OnnxGraphError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")
         self.meta: dict[str, Any] = json.loads(stored)
         self.kind = input_kind(self.meta)
         self.temperature = float(self.meta.get("temperature", 1.0))
