@@ -1004,8 +1004,6 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
         faceage.export.ExportError: The exported graph disagrees with the checkpoint.
         PackagingError: No real crops in ``faces_dir``.
     """
-    import bentoml
-
     from faceage.export import export_onnx
 
     meta = checkpoint_meta(checkpoint)
@@ -1045,14 +1043,38 @@ def save_bento_model(checkpoint: str | Path, detector_dir: str | Path, metadata:
                      same.tag, metadata["mlflow_run_id"])
             make_latest(same.tag)
             return same
-        with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
-            shutil.copytree(staged, model.path, dirs_exist_ok=True)
-        # The store's copy: the one create() yields keeps the path of its temporary folder, gone once it is saved
-        model = bentoml.models.get(model.tag)
+        model = save_new_model(name, staged, labels, metadata)
     log.info("saved BentoML model %s (run %s, val MAE %.3f, test MAE %.3f, ONNX max |diff| %.1e)", model.tag,
              metadata["mlflow_run_id"], metadata["val_mae_years"], metadata["test_mae_years"],
              metadata["onnx_max_abs_diff_probs"])
     return model
+
+
+def save_new_model(name: str, staged: Path, labels: dict[str, str], metadata: dict[str, Any]):
+    """Saves ``staged``'s files as a new BentoML model ``name`` (made ``latest``), and returns the store's copy.
+
+    Why not ``bentoml.models.create`` alone: BentoML removes the store's half-copied folder when the copy
+    raises an ``Exception``, not on ``KeyboardInterrupt`` (Ctrl-C; SIGTERM in ``stages/package.py``), so an
+    interrupted package left ``<name>/<version>`` half-written in the store: truncated weights, and, before
+    BentoML's ``model.yaml`` was copied, a folder that made every later ``bentoml.models.list`` fail.
+    """
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    model = None
+    try:
+        with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+            shutil.copytree(staged, model.path, dirs_exist_ok=True)
+    except BaseException:
+        if model is not None:
+            root = Path(BentoMLContainer.model_store.get()._path)
+            latest = root / model.tag.latest_path()
+            # BentoML writes latest only once the copy is whole: a version it names is saved, and stays
+            if not (latest.is_file() and latest.read_text().strip() == model.tag.version):
+                shutil.rmtree(root / model.tag.path(), ignore_errors=True)
+        raise
+    # The store's copy: the one create() yields keeps the path of its temporary folder, gone once it is saved
+    return bentoml.models.get(model.tag)
 
 
 def make_latest(tag) -> None:
@@ -1115,11 +1137,20 @@ def stored_copy(name: str, staged: Path, labels: dict[str, str]):
     """A model ``name`` in the BentoML store that holds ``staged``'s model (:func:`_same_model`) with the
     same labels, or None."""
     import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
 
-    try:
-        stored = bentoml.models.list(name)
-    except bentoml.exceptions.NotFound:  # the first model of that name
+    folder = Path(BentoMLContainer.model_store.get()._path) / name
+    if not folder.is_dir():  # the first model of that name
         return None
+    stored = []
+    # Version by version, not bentoml.models.list(name): one folder it cannot read (a save interrupted before
+    # the fix in save_new_model, or killed outright) made it raise, and every later package failed here
+    for version in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+        try:
+            stored.append(bentoml.models.get(f"{name}:{version}"))
+        except bentoml.exceptions.BentoMLException as e:
+            log.warning("BentoML model folder %s is not a whole model (%s): a save that was interrupted; delete it",
+                        folder / version, e)
     for model in stored:
         if dict(model.info.labels) == labels and _same_model(Path(model.path), staged):
             return model
