@@ -6,11 +6,11 @@ import http.server
 import json
 import logging
 import random
-import threading
 
 import pytest
 
 from faceage.download import ChecksumError, DownloadError, download
+from tests.conftest import http_server
 
 OLD = random.Random(1).randbytes(1 << 20)  # 1 MiB, the first release
 NEW = random.Random(2).randbytes(1 << 20)  # as long, other bytes: the release that replaced it at the same URL
@@ -76,22 +76,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return if_range == srv.last_modified
 
 
-def serving(srv: http.server.ThreadingHTTPServer):
-    """Serves ``srv`` on a thread for a fixture: yields it, then shuts it down."""
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.requests, srv.body, srv.etag, srv.last_modified = [], OLD, None, None
-    srv.drop_after, srv.after_drop, srv.checks_if_range = None, None, True
-    yield from serving(srv)
+    with http_server(_Handler, requests=[], body=OLD, etag=None, last_modified=None, drop_after=None,
+                     after_drop=None, checks_if_range=True) as srv:
+        yield srv
 
 
 def url(srv):

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from faceage.download import ChecksumError, DownloadError, HTTPStatusError, download
-from tests.unit.test_download_if_range import serving, url
+from tests.conftest import http_server
+from tests.unit.test_download_if_range import url
 
 BODY = random.Random(37).randbytes(1 << 20)  # 1 MiB
 OTHER = random.Random(38).randbytes(1 << 20)  # what a server sends in its place (another version)
@@ -45,9 +46,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.requests = []
-    yield from serving(srv)
+    with http_server(_Handler, requests=[]) as srv:
+        yield srv
 
 
 def _slice(body, first, last=None):

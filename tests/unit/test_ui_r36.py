@@ -50,13 +50,13 @@ def test_the_mounted_ui_shows_the_deliberate_message_not_the_internal_error(monk
     assert shown["title"] == "Too dark"
 
 
-def test_a_refused_url_is_one_message_for_the_client_and_no_traceback_in_the_log(monkeypatch, capfd):
-    """Any client of the UI's API could send ``{"path": "https://..."}``: the refusal (the client's mistake) was
-    logged as a 25-line traceback each time, Gradio's default for a ``gr.Error``, flooding the service's log."""
+def predict_events(monkeypatch, capfd, photo_input) -> tuple[list[tuple[str, str]], str]:
+    """Calls the mounted UI's ``predict`` with ``photo_input`` as its photo, as a client of its API does (no upload
+    first); its events and what the server printed meanwhile."""
     import httpx
 
     from tests.unit.test_ui_r30 import started_ui
-    from tests.unit.test_ui_r35 import FILE_META, OneFaceService, _events
+    from tests.unit.test_ui_r35 import OneFaceService, _events
 
     _use(monkeypatch, OneFaceService())
 
@@ -66,16 +66,24 @@ def test_a_refused_url_is_one_message_for_the_client_and_no_traceback_in_the_log
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=lazy.app), base_url="http://ui.test",
                                          timeout=60) as client:
                 capfd.readouterr()  # the start-up's output, not the request's
-                r = await client.post("/ui/gradio_api/call/predict",
-                                      json={"data": [{"path": "https://example.com/a.jpg", "meta": FILE_META}]})
+                r = await client.post("/ui/gradio_api/call/predict", json={"data": [photo_input]})
                 assert r.status_code == 200, r.text
                 r = await client.get(f"/ui/gradio_api/call/predict/{r.json()['event_id']}")
                 return _events(r.text)
         finally:
             await lazy.close()
 
-    [(event, data)] = asyncio.run(scenario())
-    logged = capfd.readouterr().err
+    events = asyncio.run(scenario())
+    return events, capfd.readouterr().err
+
+
+def test_a_refused_url_is_one_message_for_the_client_and_no_traceback_in_the_log(monkeypatch, capfd):
+    """Any client of the UI's API could send ``{"path": "https://..."}``: the refusal (the client's mistake) was
+    logged as a 25-line traceback each time, Gradio's default for a ``gr.Error``, flooding the service's log."""
+    from tests.unit.test_ui_r35 import FILE_META
+
+    [(event, data)], logged = predict_events(monkeypatch, capfd, {"path": "https://example.com/a.jpg",
+                                                                   "meta": FILE_META})
     assert event == "error" and "does not fetch URLs" in json.loads(data)["error"]
     assert "Traceback" not in logged and "move_local_only" not in logged, logged
 

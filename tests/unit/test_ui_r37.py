@@ -13,6 +13,7 @@ import pytest
 
 from faceage.http import BodyLimitMiddleware
 from faceage.ui import UI_PATH, LazyUI, UIGateMiddleware, UIMiddleware
+from tests.unit.test_ui_r36 import predict_events
 
 UPLOAD = "/ui/gradio_api/upload"
 BODY_CAP = 20_000_000
@@ -113,35 +114,6 @@ def test_an_upload_larger_than_the_whole_upload_cache_gets_413_naming_that_cap(s
     assert status == 503 and "still loading" in body["error"], (status, body)
 
 
-def _predict_events(monkeypatch, capfd, photo_input) -> tuple[list[tuple[str, str]], str]:
-    """Calls the mounted UI's ``predict`` with ``photo_input`` as its photo, as a client of its API does (no upload
-    first); its events and what the server printed meanwhile."""
-    import asyncio
-
-    import httpx
-
-    from tests.unit.test_ui_r30 import started_ui
-    from tests.unit.test_ui_r35 import OneFaceService, _events, _use
-
-    _use(monkeypatch, OneFaceService())
-
-    async def scenario():
-        lazy = await started_ui(concurrency=1)
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=lazy.app), base_url="http://ui.test",
-                                         timeout=60) as client:
-                capfd.readouterr()  # the start-up's output, not the request's
-                r = await client.post("/ui/gradio_api/call/predict", json={"data": [photo_input]})
-                assert r.status_code == 200, r.text
-                r = await client.get(f"/ui/gradio_api/call/predict/{r.json()['event_id']}")
-                return _events(r.text)
-        finally:
-            await lazy.close()
-
-    events = asyncio.run(scenario())
-    return events, capfd.readouterr().err
-
-
 @pytest.mark.parametrize("path", ["photo.jpg", "/etc/passwd", "file:///etc/passwd"])
 def test_a_photo_that_was_not_uploaded_says_to_upload_it_without_the_servers_paths(monkeypatch, capfd, path):
     """The "Use via API" page's own example (``{"path": "photo.jpg"}``, sent without uploading the file first, as its
@@ -153,7 +125,7 @@ def test_a_photo_that_was_not_uploaded_says_to_upload_it_without_the_servers_pat
     from faceage.ui import API_EXAMPLE_FILE
 
     assert API_EXAMPLE_FILE == "photo.jpg"
-    [(event, data)], logged = _predict_events(monkeypatch, capfd, {"path": path, "meta": {"_type": "gradio.FileData"}})
+    [(event, data)], logged = predict_events(monkeypatch, capfd, {"path": path, "meta": {"_type": "gradio.FileData"}})
     message = json.loads(data)["error"]
     assert event == "error" and "/ui/gradio_api/upload" in message and "handle_file" in message, message
     assert "not uploaded by a user" in message  # what tests/integration/test_ui_api_limits.py reads
@@ -162,7 +134,7 @@ def test_a_photo_that_was_not_uploaded_says_to_upload_it_without_the_servers_pat
 
 
 def test_a_photo_input_that_is_not_a_file_says_what_it_takes_not_pydantics_dump(monkeypatch, capfd):
-    [(event, data)], logged = _predict_events(monkeypatch, capfd, 123)
+    [(event, data)], logged = predict_events(monkeypatch, capfd, 123)
     message = json.loads(data)["error"]
     assert event == "error" and "validation error" not in message and "pydantic" not in message, message
     assert "/ui/gradio_api/upload" in message, message
