@@ -234,7 +234,9 @@ def test_photos_of_a_pool_whose_starting_workers_die_as_it_closes_get_the_shutti
     photos in flight are answered "shutting down" (ServingClosed), not "the detection workers did not start".
 
     The workers are held in their start (round 33's hook, ``hang``) until both are killed: after a fixed sleep, on
-    idle cores they were sometimes up and had answered the photos before the kill (6 of 16 runs alone)."""
+    idle cores they were sometimes up and had answered the photos before the kill (6 of 16 runs alone). The kill
+    comes once close() has begun: killed just before it, the photos could fail first on a loaded machine (round 37's
+    clean-clone run), and were then answered "did not start", as they should be for a pool not closed."""
     import os
     import signal
 
@@ -247,9 +249,18 @@ def test_photos_of_a_pool_whose_starting_workers_die_as_it_closes_get_the_shutti
         while len(await asyncio.to_thread(_hung_pids, hang)) < 2:  # both workers in their start, neither up
             assert time.monotonic() < deadline, "the second worker never reached its start"
             await asyncio.sleep(0.05)
-        for process in pool._workers.executor._processes.values():
-            os.kill(process.pid, signal.SIGKILL)
+        processes = list(pool._workers.executor._processes.values())
+        # The shutdown first, then the deaths: killed before close() had begun in its thread, a loaded machine let the
+        # photos' failures reach the event loop first, and they were rightly "did not start" (the pool was not closed)
         closing = asyncio.ensure_future(asyncio.to_thread(pool.close))
+        while not pool._closed:
+            assert time.monotonic() < deadline, "close() never began"
+            await asyncio.sleep(0.01)
+        for process in processes:
+            try:
+                os.kill(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # close() stopped it first (a pool not up has its starting workers killed)
+                pass
         answers = await asyncio.gather(*photos, return_exceptions=True)
         await closing
         return answers
