@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -273,11 +273,7 @@ def leftover_resets(overrides: list[str], workspace: dict[str, Any], committed: 
     # (a key the profile sets a part of is put back before it instead: :func:`resets_under`)
 
     now, base = flatten(workspace), flatten(committed)
-    resets = [f"{key}={override_value(base[key])}" for key in drifted(workspace, committed) if not named(key)]
-    resets += [f"++{key}={override_value(value)}" for key, value in base.items()
-               if key not in now and key.partition(".")[0] in workspace and not named(key)]
-    resets += [f"++{section}={override_value(keys)}" for section, keys in committed.items()
-               if section not in workspace and not named(section)]
+    resets = _restores(workspace, committed, lambda key: not named(key))
     resets += [f"~{key}" for key in now if key not in base and key.partition(".")[0] in committed
                and not named(key)]
     resets += [f"~{section}" for section in workspace if section not in committed and not named(section)]
@@ -298,12 +294,19 @@ def resets_under(overrides: list[str], workspace: dict[str, Any], committed: dic
         return (any(c.startswith(key + ".") for c in chosen)
                 and not any(c == key or key.startswith(c + ".") for c in chosen))
 
+    return _restores(workspace, committed, under)
+
+
+def _restores(workspace: dict[str, Any], committed: dict[str, Any], picked: Callable[[str], bool]) -> list[str]:
+    """The overrides that put back the committed value of each key (or section) ``picked`` takes among those the
+    workspace changed or lacks: ``key=value`` for a changed value, ``++key=value`` for a committed key or section the
+    workspace lacks (left by ``-S ~key``). :func:`leftover_resets` and :func:`resets_under` pick differently."""
     now, base = flatten(workspace), flatten(committed)
-    resets = [f"{key}={override_value(base[key])}" for key in drifted(workspace, committed) if under(key)]
+    resets = [f"{key}={override_value(base[key])}" for key in drifted(workspace, committed) if picked(key)]
     resets += [f"++{key}={override_value(value)}" for key, value in base.items()
-               if key not in now and key.partition(".")[0] in workspace and under(key)]
+               if key not in now and key.partition(".")[0] in workspace and picked(key)]
     resets += [f"++{section}={override_value(keys)}" for section, keys in committed.items()
-               if section not in workspace and under(section)]
+               if section not in workspace and picked(section)]
     return resets
 
 
