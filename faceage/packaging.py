@@ -1059,7 +1059,6 @@ def save_new_model(name: str, staged: Path, labels: dict[str, str], metadata: di
     BentoML's ``model.yaml`` was copied, a folder that made every later ``bentoml.models.list`` fail.
     """
     import bentoml
-    from bentoml._internal.configuration.containers import BentoMLContainer
 
     model = None
     try:
@@ -1067,7 +1066,7 @@ def save_new_model(name: str, staged: Path, labels: dict[str, str], metadata: di
             shutil.copytree(staged, model.path, dirs_exist_ok=True)
     except BaseException:
         if model is not None:
-            root = Path(BentoMLContainer.model_store.get()._path)
+            root = model_store_root()
             latest = root / model.tag.latest_path()
             # BentoML writes latest only once the copy is whole: a version it names is saved, and stays
             if not (latest.is_file() and latest.read_text().strip() == model.tag.version):
@@ -1075,6 +1074,14 @@ def save_new_model(name: str, staged: Path, labels: dict[str, str], metadata: di
         raise
     # The store's copy: the one create() yields keeps the path of its temporary folder, gone once it is saved
     return bentoml.models.get(model.tag)
+
+
+def model_store_root() -> Path:
+    """The folder of BentoML's local model store (``$BENTOML_HOME/models``), from its own configuration: BentoML has
+    no public call for it, and :func:`make_latest`, :func:`save_new_model` and :func:`stored_copy` work on its files."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.model_store.get()._path)
 
 
 def make_latest(tag) -> None:
@@ -1087,10 +1094,8 @@ def make_latest(tag) -> None:
     fails loudly if a BentoML release changes that.
     """
     import bentoml
-    from bentoml._internal.configuration.containers import BentoMLContainer
 
-    store = BentoMLContainer.model_store.get()
-    latest = Path(store._path) / tag.latest_path()
+    latest = model_store_root() / tag.latest_path()
     # Through a staging file of this call's own (atomic.write_text): two packages at once (two terminals, CI jobs)
     # shared ``.latest.tmp``, and the second rename found it gone (FileNotFoundError) after the first had moved it.
     write_text(latest, str(tag.version))
@@ -1137,9 +1142,8 @@ def stored_copy(name: str, staged: Path, labels: dict[str, str]):
     """A model ``name`` in the BentoML store that holds ``staged``'s model (:func:`_same_model`) with the
     same labels, or None."""
     import bentoml
-    from bentoml._internal.configuration.containers import BentoMLContainer
 
-    folder = Path(BentoMLContainer.model_store.get()._path) / name
+    folder = model_store_root() / name
     if not folder.is_dir():  # the first model of that name
         return None
     stored = []
