@@ -18,7 +18,12 @@ fetches, the next finds the verified file.
 A part whose resume fails the checksum is fetched whole once more before the error (its head may be another
 version's; a restart from byte 0, a server ignoring the Range, is not a resume). A 206 from before the part's end
 is cut to fit, one from after it restarts from byte 0, and a range short of the end that gets no further (a
-server sending the same first slice for every Range) counts as a failed try, not a loop. A full disk (or a
+server sending the same first slice for every Range) counts as a failed try, not a loop. A restart from byte 0
+that the validators do not call a new version (a server or proxy ignoring the Range, a captive portal answering
+with its page) keeps the part's bytes aside in ``<dest>.part.kept`` until it gets past them or passes the
+checksum and ``check``; one cut short or rejected puts them back, for the next try or run to resume. A 416
+without the file's length (``Content-Range: bytes */LENGTH``) is a complete part only where a checksum checks
+it; without one the file is fetched whole. A full disk (or a
 folder without write access) is one :class:`DownloadWriteError` naming the URL, the destination and the space
 needed vs free; the part is kept for the resume only where a checksum will check it. A certificate that is
 not trusted fails at once (no retry changes it); ``SSL_CERT_FILE`` is honoured beside requests' own
@@ -127,14 +132,22 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
         headers["If-Range"] = stored.get("etag") or stored["last_modified"]
     with requests.get(url, headers=headers, stream=True, timeout=timeout_s, verify=_verify()) as r:
         if r.status_code == 416 and have:
-            # Range not satisfiable: the part file holds the whole body, unless the server's length
-            # (Content-Range: bytes */LENGTH) says otherwise: a part longer than the file holds bytes of
-            # another version of it (and was taken whole: as the file, where no checksum was given).
+            # Range not satisfiable: the part file holds the whole body where the server's length
+            # (Content-Range: bytes */LENGTH) says so; a part longer than the file holds bytes of another
+            # version of it (and was taken whole: as the file, where no checksum was given).
             length = _unsatisfiable_length(r.headers.get("Content-Range"))
-            if length is None or length == have:
+            if length == have or (length is None and verified):
+                # Without a length the checksum decides, as for any resume (a mismatch fetches it whole).
                 return True, True
-            log.info("%s holds %d bytes but %s has %d: restarting from byte 0", part.name, have, url, length)
-            _discard(part)
+            if length is None:
+                # Nothing said about the length, nothing to check against: a 1000-byte part became the file.
+                log.info("%s answered the Range from byte %d with 416 and no length: fetching %s whole", url,
+                         have, part.name.removesuffix(".part"))
+                _set_aside(part)
+            else:
+                log.info("%s holds %d bytes but %s has %d: restarting from byte 0", part.name, have, url, length)
+                _discard(part)
+            r.close()
             return _stream_once(url, part, timeout_s, progress, verified)
         if r.status_code in RETRY_STATUSES:  # busy or briefly broken: worth the back-off, as a dropped connection is
             raise _BusyError(f"GET {url} answered HTTP {r.status_code} {r.reason}", r.headers.get("Retry-After"))
@@ -156,7 +169,10 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
                     log.info("%s answered the Range from byte %d with %s: restarting %s from byte 0", url, have,
                              "an encoded slice" if encoded else f"a range from byte {start}", part.name)
                 r.close()
-                _discard(part)
+                if changed:
+                    _discard(part)
+                else:  # the part's bytes are still good: they stay until the restart gets past them
+                    _set_aside(part)
                 return _stream_once(url, part, timeout_s, progress, verified)
             if start is not None and start < have:
                 # A range from before the part's end (a server rounding to its blocks): it was an error, and
@@ -167,11 +183,27 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
                 os.truncate(part, start)
                 have = start
         if r.status_code == 200 and have:
+            length = _content_length(r.headers.get("Content-Length"))
+            shorter = length is not None and length < have
+            if shorter and not changed and not verified:
+                # The same version (or one that does not say) cannot be shorter than the bytes held of it, and
+                # no checksum would tell: a captive portal's page became the file (plain-http dlib.net).
+                raise ContentError(
+                    f"{url} answered the resume of {part.name} (a Range from byte {have}) with a whole body of "
+                    f"{length} bytes, shorter than the {have} bytes already fetched of it: not the file (a captive "
+                    f"portal's or a proxy's page?); {part} keeps the {have} bytes fetched before, which the next run "
+                    "resumes (delete it if the file did change on the server)")
             if changed:  # If-Range did not match: the whole new version
                 log.warning("%s changed on the server (%s) since %s was started: restarting from byte 0",
                             url, changed, part.name)
             else:
                 log.info("server ignored the Range request: restarting %s from byte 0", url)
+            if shorter or not changed:
+                # A server ignoring Range, or a captive portal or proxy answering with its own page (with
+                # validators of its own, a "new version" shorter than the part): the part's bytes stay aside
+                # until this body gets past them or is verified (a 1 GB zip's part was wiped for a portal's page,
+                # which then failed the checksum). A longer new version replaces the part as it streams.
+                _set_aside(part)
             have = 0
         length = _content_length(r.headers.get("Content-Length"))
         total = have + length if length is not None else None
@@ -200,6 +232,12 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
                     if not have:  # the part was just truncated: it holds this response's bytes from here on
                         _write_validators(part, url, _validators(r.headers))
                     chunks, next_log = r.iter_content(chunk_size=STREAM_BYTES), time.monotonic() + PROGRESS_LOG_S
+                    # Counted here: a disabled tqdm (no terminal) keeps its count at `initial`, and the log
+                    # lines said "0.0 MB" every 30 s of a 1 GB download.
+                    done = have
+                    # The part set aside for this restart goes once the restart holds more (a decoded body is
+                    # discarded on failure, so it never proves itself before the end).
+                    kept_bytes = _kept_size(part) if not encoded else None
                     while True:
                         writing = False
                         chunk = next(chunks, None)
@@ -207,10 +245,15 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
                         if chunk is None:
                             break
                         f.write(chunk)
+                        done += len(chunk)
                         bar.update(len(chunk))
+                        if kept_bytes is not None and done > kept_bytes:
+                            f.flush()  # on disk before the kept bytes go: a killed run puts back the longer
+                            _drop_kept(part)
+                            kept_bytes = None
                         if logged and time.monotonic() >= next_log:
                             next_log = time.monotonic() + PROGRESS_LOG_S
-                            log.info("%s: %s%s", part.name.removesuffix(".part"), megabytes(bar.n),
+                            log.info("%s: %s%s", part.name.removesuffix(".part"), megabytes(done),
                                      f" of {megabytes(total)}" if total and not encoded else "")
                 writing = False
                 # The server's bytes: for an encoded body, those read off the wire, not the decoded ones on disk.
@@ -249,6 +292,22 @@ def _write_error(e: OSError, url: str, part: Path, total: int | None, keep: bool
     if e.filename and Path(e.filename) not in (part, dest):
         why += f": {e.filename!r}"
     message = f"writing {url} to {dest} failed: {why}"
+    kept = _kept_size(part)
+    if kept is not None:
+        # A restart from byte 0 (the server ignored the Range): its bytes go, and the part it was to replace is
+        # put back (by _fetch): that one is what the next run resumes, not "the bytes written so far".
+        try:
+            _discard(part)
+        except OSError:
+            pass
+        if e.errno in NO_SPACE:
+            free = free_bytes(part.parent)
+            message += (f"; the server sent the file again from byte 0 (it ignored the Range), which needs room "
+                        f"beside the {megabytes(kept)} fetched before until it gets past them"
+                        + (f", {megabytes(free)} is free in {part.parent}" if free is not None else "")
+                        + ": free some space there and rerun")
+        return DownloadWriteError(f"{message}; {part} keeps the {kept} bytes fetched before and the next run "
+                                  "resumes from there")
     try:
         have = part.stat().st_size if part.is_file() else 0
     except OSError:
@@ -284,6 +343,59 @@ def _discard(part: Path) -> None:
     """Removes the part file and its validator."""
     part.unlink(missing_ok=True)
     _meta_path(part).unlink(missing_ok=True)
+
+
+def _kept_path(part: Path) -> Path:
+    """Where a part waits while a restart from byte 0 that may not be the file streams: ``<dest>.part.kept``."""
+    return part.with_name(part.name + ".kept")
+
+
+def _kept_size(part: Path) -> int | None:
+    try:
+        return _kept_path(part).stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def _set_aside(part: Path) -> None:
+    """Moves ``part`` (and its validator) to ``<dest>.part.kept``, for a restart from byte 0 whose body has not
+    proven itself yet (a captive portal's page answering the resume); :func:`_settle_kept` puts it back."""
+    kept = _kept_path(part)
+    os.replace(part, kept)
+    _move_meta(part, kept)
+
+
+def _move_meta(source: Path, target: Path) -> None:
+    try:
+        os.replace(_meta_path(source), _meta_path(target))
+    except FileNotFoundError:
+        _meta_path(target).unlink(missing_ok=True)
+
+
+def _drop_kept(part: Path) -> None:
+    _discard(_kept_path(part))
+
+
+def _put_back(part: Path) -> int | None:
+    """Puts the part set aside back in place of ``part`` (whatever it holds); returns its size, or None when
+    none was set aside."""
+    size = _kept_size(part)
+    if size is not None:
+        os.replace(_kept_path(part), part)
+        _move_meta(_kept_path(part), part)
+    return size
+
+
+def _settle_kept(part: Path) -> int | None:
+    """After a restart from byte 0 that ended (failed, or a run killed): the part set aside is put back unless
+    the restart got further; returns its size where it was put back."""
+    size = _kept_size(part)
+    if size is None:
+        return None
+    if part.exists() and part.stat().st_size > size:
+        _drop_kept(part)
+        return None
+    return _put_back(part)
 
 
 def _validators(headers) -> dict[str, str] | None:
@@ -514,6 +626,8 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
     verified = bool(md5 or sha256)
     resumed = _fetch(url, part, retries, timeout_s, backoff_s, progress, verified)
     wrong = _wrong_checksum(part, url, md5, sha256)
+    if wrong:
+        _reject_restart(part, url, ChecksumError, wrong)
     if wrong and resumed:
         # The part's head may be another version's (a server without ETag or Last-Modified for If-Range, a
         # part left by a mirror or an older run): only bytes fetched in one piece are called wrong.
@@ -522,6 +636,8 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
         _discard(part)
         _fetch(url, part, retries, timeout_s, backoff_s, progress, verified)
         wrong = _wrong_checksum(part, url, md5, sha256)
+        if wrong:
+            _reject_restart(part, url, ChecksumError, wrong)
     if wrong:
         _discard(part)
         raise ChecksumError(f"{wrong}; the download was deleted: rerun to fetch it again. If it fails the same way, "
@@ -529,11 +645,24 @@ def _download_locked(url: str, dest: Path, md5: str | None, sha256: str | None, 
                             f"and put it at {dest}")
     wrong = check(part) if check is not None else None
     if wrong:
+        _reject_restart(part, url, ContentError, f"{url} sent {wrong}")
         _discard(part)
         raise ContentError(f"{url} sent {wrong}; it was deleted, and the next run fetches it again")
+    _drop_kept(part)  # the restart proved itself: the bytes it replaces are no longer needed
     _meta_path(part).unlink(missing_ok=True)  # first: a part left without it is resumed as before
     os.replace(part, dest)
     return dest
+
+
+def _reject_restart(part: Path, url: str, kind: type[DownloadError], wrong: str) -> None:
+    """Where the rejected bytes are a restart from byte 0 that answered a resume (a captive portal's page sent
+    with 200 for a Range), puts the part they were to replace back and raises ``kind`` saying so."""
+    if _kept_size(part) is None:
+        return
+    size = _put_back(part)
+    raise kind(f"{wrong}: {url} answered the resume of {part.name} (a Range request) with a whole body that is not "
+               f"the file (a captive portal's or a proxy's page?), which was dropped; {part} keeps the {size} bytes "
+               "fetched before, which the next run resumes")
 
 
 def _wrong_checksum(part: Path, url: str, md5: str | None, sha256: str | None) -> str | None:
@@ -550,6 +679,16 @@ def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: floa
            verified: bool) -> bool:
     """Streams ``url`` into ``part`` to its end, retrying dropped connections and busy servers; returns
     whether its last try appended to bytes already in the part (a resume: they may be another version's)."""
+    _settle_kept(part)  # a run killed while a restart streamed
+    try:
+        return _fetch_settled(url, part, retries, timeout_s, backoff_s, progress, verified)
+    except BaseException:
+        _settle_kept(part)  # a restart that failed (an HTTP error, a stop) gives the part back its bytes
+        raise
+
+
+def _fetch_settled(url: str, part: Path, retries: int, timeout_s: float, backoff_s: float, progress: bool,
+                   verified: bool) -> bool:
     delay = backoff_s
     # Failures since the part last grew past its furthest point: such a try starts the count (and the back-off)
     # anew; a restart from byte 0 (a changed file, a server ignoring Range) counts until it gets further than that.
@@ -567,8 +706,10 @@ def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: floa
             if after <= before:
                 # A short range that restarted the part and stopped where it was (the same first slice for every
                 # Range): asking for the next one at once, uncounted, looped for ever.
+                # A restart's bytes (from byte 0) are put back by the part they were to replace, below.
                 raise _StalledError(f"GET {url} from byte {before} got no further: the server answered with a "
-                                    f"range short of the end from an earlier byte ({after} bytes held)")
+                                    f"range from {'an earlier byte' if appended else 'byte 0'} that stops short "
+                                    f"of the end, at {after} bytes")
             continue  # a range short of the end: the next one at once (it got further: no back-off owed)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if _unresolvable(e):
@@ -584,6 +725,7 @@ def _fetch(url: str, part: Path, retries: int, timeout_s: float, backoff_s: floa
                     f"GET {url} failed: the server's TLS certificate is not trusted ({e}); behind a proxy that "
                     "inspects TLS, point REQUESTS_CA_BUNDLE (or SSL_CERT_FILE) at its CA certificate (a PEM file)"
                 ) from e
+            _settle_kept(part)  # a restart cut short: the part it was to replace is resumed instead
             have = part.stat().st_size if part.exists() else 0
             if have > furthest:  # a line that drops every so many MB still gets a large zip to its end
                 attempt, delay, furthest = 0, backoff_s, have
