@@ -12,8 +12,9 @@ Routes:
 - ``GET /model_card``: the served model's card (``text/markdown``), the one ``stages/package.py`` shipped in the
   BentoML model (404 ``{"error"}`` for a model packaged without one);
 - every route's answer names the model that gave it in the header ``X-FaceAge-Model`` (its tag, the JSON's
-  ``model.tag``); boxes, ``width`` and ``height`` are in the upright photo's pixels (EXIF orientation applied), as
-  in the CLI's ``--json`` and ``/annotate``'s PNG;
+  ``model.tag``), its errors too (not the body cap's 413 nor BentoML's 429: answered before the API); boxes,
+  ``width`` and ``height`` are in the upright photo's pixels (EXIF orientation applied), as in the CLI's ``--json``
+  and ``/annotate``'s PNG;
 - ``/ui``: Gradio (:mod:`faceage.ui`, loaded in the background once the service is ready);
   ``/api/docs``: OpenAPI;
 - BentoML's ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics``;
@@ -53,6 +54,7 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -109,13 +111,18 @@ _ERROR = {"content": {"application/json": {"schema": {
 # A 429's or 503's wait, by which a client backs off.
 _RETRY_AFTER = {"headers": {"Retry-After": {"description": "seconds to wait before trying again",
                                             "schema": {"type": "integer"}}}}
-# Every route's errors in the service's own shape (FastAPI documented its 422 ``{"detail"}``, which it never sends).
-ERRORS = {status: {**_ERROR, "description": why, **(_RETRY_AFTER if status in (429, 503) else {})} for status, why in (
-    (400, "bad input: empty body, missing field, not an image, too many pixels, a parameter that does not parse"),
-    (413, "body over FACEAGE_MAX_BODY_BYTES"), (415, "not multipart/form-data, or a part that is not an image"),
-    (422, "face index out of range, or a photo that crashed its detection worker"),
-    (429, "too many requests in progress (traffic.max_concurrency): retry after Retry-After seconds"),
-    (503, "detection workers unavailable (Retry-After)"), (500, "internal error (logged)"))}
+_MODEL = {MODEL_HEADER: {"description": "tag of the model that answered", "schema": {"type": "string"}}}
+# Every route's errors in the service's own shape (FastAPI documented its 422 ``{"detail"}``, which it never sends),
+# with their headers: a 429's or 503's wait, and the model of those the API answers (answering_model): not the body
+# cap's 413 nor BentoML's 429, answered before the API is reached.
+ERRORS = {status: {**_ERROR, "description": why, "headers": {
+    **(_RETRY_AFTER["headers"] if status in (429, 503) else {}), **(_MODEL if status not in (413, 429) else {})}}
+    for status, why in (
+        (400, "bad input: empty body, missing field, not an image, too many pixels, a parameter that does not parse"),
+        (413, "body over FACEAGE_MAX_BODY_BYTES"), (415, "not multipart/form-data, or a part that is not an image"),
+        (422, "face index out of range, or a photo that crashed its detection worker"),
+        (429, "too many requests in progress (traffic.max_concurrency): retry after Retry-After seconds"),
+        (503, "detection workers unavailable (Retry-After)"), (500, "internal error (logged)"))}
 
 
 def ok_response(description: str, media_type: str, headers: dict[str, str], errors: dict = ERRORS) -> dict:
@@ -164,9 +171,25 @@ UI = LazyUI()  # the Gradio UI at /ui (faceage.ui), loaded once the service is r
 api = FastAPI(title="FaceAge", version="2", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
 
 
+def answering_model(request: Request) -> dict[str, str]:
+    """:func:`model_header` for an error the API answers: the model of the service its routes get as ``self`` (the
+    dependency FastAPI resolves for them, ``bentoml.get_current_service``, or what overrides it); ``{}`` while none
+    is instantiated.
+
+    Without it only the 200s named their model: during a rollout, or behind a load balancer over two bentos, a
+    client that got a 422, a 503 or a 500 could not tell which model (which detector, which build's bug) refused it.
+    """
+    provider = request.app.dependency_overrides.get(bentoml.get_current_service, bentoml.get_current_service)
+    try:
+        lineage = getattr(provider(), "lineage", None)
+    except BentoMLException:  # "service isn't instantiated yet"
+        return {}
+    return model_header(lineage) if lineage else {}
+
+
 @api.exception_handler(BadRequest)
 async def _bad_request(request: Request, e: BadRequest) -> JSONResponse:
-    return error_response(e.status, e.message)
+    return error_response(e.status, e.message, answering_model(request))
 
 
 def validation_message(error: dict) -> str:
@@ -180,7 +203,7 @@ def validation_message(error: dict) -> str:
 @api.exception_handler(DetectionUnavailable)
 async def _unavailable(request: Request, e: DetectionUnavailable) -> JSONResponse:
     """The detection workers cannot take the photo now (not its fault): 503 ``{"error": message}``, retry soon."""
-    response = error_response(503, str(e))
+    response = error_response(503, str(e), answering_model(request))
     response.headers["Retry-After"] = str(int(RESTART_AFTER_S))
     return response
 
@@ -189,7 +212,8 @@ async def _unavailable(request: Request, e: DetectionUnavailable) -> JSONRespons
 async def _wrong_method(request: Request, e) -> JSONResponse:
     """A route asked with another method (``GET /predict``): 405 ``{"error": message}`` with its ``Allow`` header,
     not FastAPI's ``{"detail": ...}``."""
-    response = error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+    response = error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
+                              answering_model(request))
     response.headers.update(e.headers or {})
     return response
 
@@ -201,13 +225,14 @@ INTERNAL_ERROR = "internal error while analysing the photo (the server logged wh
 async def _internal_error(request: Request, e: Exception) -> JSONResponse:
     """A failure no other handler expects: 500 ``{"error": message}``, not Starlette's plain-text "Internal Server
     Error" (the traceback still goes to the log, not to the client)."""
-    return error_response(500, INTERNAL_ERROR)
+    return error_response(500, INTERNAL_ERROR, answering_model(request))
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_parameter(request: Request, e: RequestValidationError) -> JSONResponse:
     """A parameter FastAPI could not parse (``/crop?face=abc``): 400 ``{"error": message}``, not its 422 ``detail``."""
-    return error_response(400, "; ".join(validation_message(error) for error in e.errors()))
+    return error_response(400, "; ".join(validation_message(error) for error in e.errors()),
+                          answering_model(request))
 
 
 def batch_error(part, e: Exception) -> dict:
@@ -343,8 +368,8 @@ class FaceAgeService:
 
     @api.get("/model_card", response_class=MarkdownResponse, responses=ok_response(
         "the served model's card (Markdown)", "text/markdown", {},
-        errors={404: dict(_ERROR, description="the served model carries no model card"), 429: ERRORS[429],
-                500: ERRORS[500]}))
+        errors={404: dict(_ERROR, description="the served model carries no model card", headers=_MODEL),
+                429: ERRORS[429], 500: ERRORS[500]}))
     async def model_card(self) -> Response:
         """The served model's card (Markdown): its test MAE, per-group errors, data and lineage."""
         if self.card is None:
@@ -352,6 +377,14 @@ class FaceAgeService:
             response.headers.update(model_header(self.lineage))  # which model has no card (a rollout, two bentos)
             return response
         return MarkdownResponse(content=self.card, headers=model_header(self.lineage))
+
+    # FastAPI's @get takes no HEAD (Starlette's routes, BentoML's probes among them, do): `curl -I /model_card` was a
+    # 405. Apart from the GET route: one route of both methods gives OpenAPI two operations of the same id.
+    @api.head("/model_card", include_in_schema=False)
+    async def model_card_head(self) -> Response:
+        """``HEAD /model_card``: GET's status and headers (which model answers, whether it ships a card); the server
+        sends no body."""
+        return await self.model_card()
 
     @api.post("/predict_batch", openapi_extra=BATCH_FORM, responses=ok_response(
         '{"results": [{"filename", "faces", "width", "height"} or {"filename", "error", "status"}], "model"}',

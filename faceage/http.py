@@ -516,9 +516,9 @@ def count(name: str, documentation: str, status: int) -> None:
     _COUNTERS[name].labels(status=str(status)).inc()
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    """``{"error": message}`` with ``status``."""
-    return JSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """``{"error": message}`` with ``status`` (and ``headers``: the service's ``X-FaceAge-Model``)."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 INPUT_ERRORS = (BadRequest, ImageDecodeError, ImageProcessingError)
