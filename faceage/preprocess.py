@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from faceage.atomic import (NO_SPACE, WriteError, errno_text, free_bytes, link_target, megabytes, place_in,
                             staged_dir, write_text)
-from faceage.appa_real import FACE_SUFFIX, Sample, listed_file, read_dataset_info, validate_layout
+from faceage.appa_real import FACE_SUFFIX, Sample, csv_name, listed_file, read_dataset_info, validate_layout
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
 from faceage.cores import usable_cores
@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
 SETTINGS = "preprocess.json"
-# In the folder being written (a staging folder): each crop worker's note of the photo it is on, removed when done.
+# In the folder the crops are written into (a resumable run's partial folder, beside the output; else the output's
+# staging folder): each crop worker's note of the photo it is on, removed with it when the map ends.
 INFLIGHT = ".crop-inflight"
 # Beside the output folder: the crops, chips and rows of a run not finished yet (see the module docstring).
 PARTIAL_SUFFIX = ".partial"
@@ -305,12 +306,29 @@ def preprocess_dataset(
             raise
         raise _no_space_error(e, data_dir, out_dir, [*staged, partial]) from e
     metrics = count_statuses(rows)
-    skipped = metrics["total"]["no_face"] + metrics["total"]["unreadable"]
-    log.info("detected a face in %d of %d images; fallback %s for %d; skipped %d (no face: %d, unreadable: %d)",
-             metrics["total"]["face"], len(rows), params.no_face,
-             metrics["total"]["release_crop"] + metrics["total"]["whole_image"], skipped,
-             metrics["total"]["no_face"], metrics["total"]["unreadable"])
+    log.info(_summary(rows, metrics, params.no_face))
     return metrics
+
+
+def _summary(rows: list[dict], metrics: dict, no_face: str) -> str:
+    """The run's one summary line: faces found (and how many photos held more than one, of which one face was
+    cropped), the fallback used, and the photos skipped (with why, where the fallback had nothing to use)."""
+    total = metrics["total"]
+    several = sum(1 for r in rows if r["status"] == "face" and int(r["n_faces"]) > 1)
+    found = f"detected a face in {total['face']} of {len(rows)} images"
+    if several:  # a group photo's other faces are in no crop: manifest.csv's n_faces says which photos
+        found += (f" ({several} of them with more than one face: the largest cropped, ties to the most central; "
+                  "n_faces in manifest.csv)")
+    fallback = ("no fallback (preprocess.no_face=skip)" if no_face == "skip"
+                else f"fallback {no_face} for {total['release_crop'] + total['whole_image']}")
+    faceless = str(total["no_face"])
+    # A row with an error had a release crop that could not be read (warned above); one without had none at all:
+    # a data set of the user's own has no NAME_face.jpg, and every photo without a face was skipped.
+    missing = sum(1 for r in rows if r["status"] == "no_face" and "error" not in r) if no_face == "release_crop" else 0
+    if missing:
+        faceless += f", {missing} without a release crop (NAME_face.jpg) to fall back on"
+    return (f"{found}; {fallback}; skipped {total['no_face'] + total['unreadable']} (no face: {faceless}, "
+            f"unreadable: {total['unreadable']})")
 
 
 @contextmanager
@@ -635,11 +653,14 @@ def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir:
     todo = [t for i, t in enumerate(tasks) if i not in done]
     workers = params.workers or usable_cores()
     init = (str(detector_dir), params, str(crop_dir))
+    # The processes that run: map_in_processes starts one per photo at most, and none runs without a photo (a
+    # resumed run with 1 photo to go said "with 16 worker(s)").
+    started = min(workers, len(todo))
     if what == "preprocess":
         log.info("cropping %d images with %d worker(s) (preprocess.workers=%d, detector=%s, upsample=%d)",
-                 len(todo), workers, params.workers, params.detector, params.upsample)
+                 len(todo), started, params.workers, params.detector, params.upsample)
     else:  # evaluate crops an external set with its own worker count, not preprocess.workers
-        log.info("%s: cropping %d images with %d worker(s) (detector=%s, upsample=%d)", what, len(todo), workers,
+        log.info("%s: cropping %d images with %d worker(s) (detector=%s, upsample=%d)", what, len(todo), started,
                  params.detector, params.upsample)
     if not todo:
         new_rows = []
@@ -662,9 +683,14 @@ def _crop_samples(splits: dict[str, list[Sample]], data_dir: Path, detector_dir:
             photos = sorted(filter(None, (f.read_text(encoding="utf-8") for f in inflight.iterdir())))
             if not photos:  # it died before its first photo
                 raise
+            csvs = " or ".join(sorted({csv_name(photo.split("/", 1)[0]) for photo in photos}))
+            # preprocess crops fetch_data's copy of the release, which a rerun rewrites from the source (DVC
+            # restores an edited output): a photo taken out of that copy's CSV was back, and killed the rerun again
+            where = (f"in the data source (fetch_data.source), not in the copy under {data_dir}, which fetch_data "
+                     "rewrites" if what == "preprocess" else f"in {data_dir}")
             raise WorkerDiedError(f"{e}. The workers were cropping (or had last cropped) {photos} under "
-                                  f"{data_dir}: if a rerun dies on the same photo, that photo kills it (take it "
-                                  "out of its split's CSV)") from e
+                                  f"{data_dir}: if a rerun dies on the same photo, that photo kills it; take it "
+                                  f"out of {csvs} {where}") from e
         finally:
             shutil.rmtree(inflight, ignore_errors=True)
     fresh = iter(new_rows)
