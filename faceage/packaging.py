@@ -787,6 +787,67 @@ def point_alias(client, version, name: str = REGISTERED_MODEL, alias: str = CHAM
     log.info("alias %s@%s -> version %s", name, alias, version.version)
 
 
+def publish_champion(client, version, save: Callable[[], Any], *, registered_model: str = REGISTERED_MODEL,
+                     bento_model: str = BENTO_MODEL):
+    """Saves the BentoML model (``save()``, which makes it ``<bento_model>:latest``), then points
+    ``registered_model@champion`` at ``version`` (:func:`point_alias`); returns the saved model.
+
+    ``bentoml serve`` and ``bentoml build`` (``make bento``) resolve ``latest``; MLflow names the champion by its
+    alias. Where the alias cannot be moved (the registry locked by another writer, unreachable or read-only;
+    Ctrl-C), ``latest`` is put back on the model it named before (none: removed), so the store never serves a model
+    the registry does not call champion. The new model stays in the store: packaging again reuses it.
+
+    Raises:
+        PackagingError: The alias could not be moved; names the model ``latest`` is back on.
+    """
+    previous = latest_version(bento_model)
+    model = save()
+    try:
+        point_alias(client, version, registered_model)
+    except BaseException as e:
+        back, restored = restore_latest(bento_model, previous, model.tag)
+        if not isinstance(e, Exception):  # Ctrl-C: latest put back, the interrupt goes on
+            raise
+        # MLflow's first line only: the rest is its SQL statement and parameters, or the server's whole reply
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__).strip()
+        served = (f"so `bentoml serve` and `make bento` serve no model the registry does not call {CHAMPION_ALIAS}"
+                  if restored else f"so `bentoml serve` and `make bento` would serve a model the registry does not "
+                  f"call {CHAMPION_ALIAS}")
+        raise PackagingError(
+            f"the BentoML model {model.tag} is saved, but {registered_model}@{CHAMPION_ALIAS} could not be pointed at "
+            f"version {version.version} ({type(e).__name__}: {first}); {back}, {served}. Package again once the "
+            "registry can be written (the saved model is reused)") from e
+    return model
+
+
+def latest_version(name: str) -> str | None:
+    """The version the store's ``<name>:latest`` names (its ``latest`` file), or None where there is none."""
+    import bentoml
+
+    latest = model_store_root() / bentoml.Tag(name).latest_path()
+    return (latest.read_text().strip() or None) if latest.is_file() else None
+
+
+def restore_latest(name: str, previous: str | None, saved) -> tuple[str, bool]:
+    """Points ``<name>:latest`` back at ``previous`` (None: removes it) after it moved to ``saved`` (a tag).
+
+    Returns:
+        Where ``latest`` is now, for the error message, and whether it was put back.
+    """
+    import bentoml
+
+    latest = model_store_root() / bentoml.Tag(name).latest_path()
+    try:
+        if previous is None:
+            latest.unlink(missing_ok=True)
+            return f"{name}:latest is removed again (no model of that name was packaged before)", True
+        make_latest(bentoml.Tag(name, previous))
+        return f"{name}:latest is back on {name}:{previous}, the model it named before", True
+    except (OSError, bentoml.exceptions.BentoMLException, PackagingError) as e:
+        return (f"{name}:latest still names the new {saved} (putting it back on {previous} failed: {e}; "
+                f"`echo {previous} > {latest}` puts it back)", False)
+
+
 def checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """A checkpoint's settings and lineage, without its weights (``{}`` if it is not a dict).
 
@@ -1262,8 +1323,9 @@ def package_champion(checkpoint: str | Path, detector_dir: str | Path, faces_dir
         version = register_champion(client, winner, registered_model)
         card = champion_card(client, winner, Path(tmp) / "card")
         metadata = model_metadata(winner, checkpoint_meta(path), version)
-        model = save_bento_model(path, detector_dir, metadata, bento_model, faces_dir=faces_dir, card=card)
-        point_alias(client, version, registered_model)
+        model = publish_champion(client, version, lambda: save_bento_model(
+            path, detector_dir, metadata, bento_model, faces_dir=faces_dir, card=card),
+            registered_model=registered_model, bento_model=bento_model)
         metadata = dict(model.info.metadata)
     card_path = (str(Path(model.path) / metadata["model_card"]) if metadata.get("model_card") else None)
     note = workspace_card_note(workspace_card, winner, card_path is not None)

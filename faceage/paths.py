@@ -4,6 +4,9 @@
 ``.dvc/tmp/exps/``, without its git-ignored folders. What runs should share (the MLflow store,
 the download and external-crop caches) is therefore addressed from :func:`repo_root`, not the
 working folder.
+From a subfolder of the project (``cd reports && python -m faceage.recipe``) the root is the nearest folder
+above holding ``dvc.yaml`` or ``params.yaml``, as DVC finds its project: taken as the working folder, the
+store and the caches were made anew inside the subfolder.
 """
 
 from __future__ import annotations
@@ -12,14 +15,21 @@ import os
 from pathlib import Path
 
 
+# What marks the project's root folder: the pipeline and its params (a DVC temp run's copy holds them too)
+PROJECT_FILES = ("dvc.yaml", "params.yaml")
+
+
 def repo_root(start: str | Path | None = None) -> Path:
-    """The project root: the folder above ``.dvc/tmp/exps/...`` for DVC temp runs, else ``start``."""
+    """The project root: the folder above ``.dvc/tmp/exps/...`` for DVC temp runs, else the nearest folder from
+    ``start`` (default: the working folder) up holding :data:`PROJECT_FILES`, else ``start`` itself (outside any
+    project, as the service runs from a bento's folder)."""
     path = Path(start or os.getcwd()).resolve()
     parts = path.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
-    return path
+    return next((folder for folder in (path, *path.parents)
+                 if any((folder / name).is_file() for name in PROJECT_FILES)), path)
 
 
 def downloads_dir(start: str | Path | None = None) -> Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import tempfile
 from dataclasses import replace
@@ -40,6 +41,7 @@ from faceage.evaluation import evaluate_model
 from faceage.experiment import committed_base
 from faceage.inference import AgeModel
 from faceage.logs import setup_logging
+from faceage.paths import repo_root
 from faceage.training import train_model
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,11 @@ def _table(rows: list[dict], external: str | None = None) -> str:
     return "\n".join(lines)
 
 
+# The inputs and the report when not given: the project root's (faceage.paths.repo_root), not the working folder's
+PROJECT_DEFAULTS = {"detector": "models/detector", "faces": "data/faces", "embeddings": "data/embeddings.npz",
+                    "data": "data/raw/appa-real", "out": "reports/recipe.md"}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cnn", action="store_true", help="also run the ResNet-18 variants (slow on CPU)")
@@ -251,14 +258,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-dlib-face", action="store_true", help="skip the dlib_face variants")
     parser.add_argument("--variants", help="comma-separated dlib_age variant keys (default: all)")
     parser.add_argument("--external", type=Path, help="labelled test-only folder scored for every row (never tuned on)")
-    parser.add_argument("--detector", default="models/detector")
-    parser.add_argument("--faces", default="data/faces")
-    parser.add_argument("--embeddings", default="data/embeddings.npz")
-    parser.add_argument("--data", default="data/raw/appa-real")
-    parser.add_argument("--out", default="reports/recipe.md",
-                        help="the report (default: %(default)s, a committed report: an existing file needs --force)")
+    parser.add_argument("--detector", help=f"default: the project's {PROJECT_DEFAULTS['detector']}")
+    parser.add_argument("--faces", help=f"default: the project's {PROJECT_DEFAULTS['faces']}")
+    parser.add_argument("--embeddings", help=f"default: the project's {PROJECT_DEFAULTS['embeddings']}")
+    parser.add_argument("--data", help=f"default: the project's {PROJECT_DEFAULTS['data']}")
+    parser.add_argument("--out", help=f"the report (default: the project's {PROJECT_DEFAULTS['out']}, a committed "
+                                      "report: an existing file needs --force)")
     parser.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     args = parser.parse_args(argv)
+    # The project's files wherever it runs from: from a subfolder (cd reports) every default named a file there,
+    # and params.yaml "not found". A path given on the command line is the shell's, from the working folder.
+    root = repo_root()
+    for key, default in PROJECT_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, os.path.relpath(root / default))
     # Before any work (the external set's crops, the chips, the first run): a typo fails at once.
     # Nothing to run writes the report's header alone: `--no-dlib-face --force` (without --dlib-age or --cnn)
     # replaced the committed reports/recipe.md with it, exit 0.
@@ -280,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
                      "utk-external is ../shared/datasets/utk-external beside the repo)")
     setup_logging()
     try:
-        params = committed_base(user="the recipe")  # not what the last `dvc exp run -S` left in the workspace
+        # Not what the last `dvc exp run -S` left in the workspace; the project's, also from a subfolder
+        params = committed_base(**({} if root == Path.cwd().resolve() else {"root": root}), user="the recipe")
     except FaceAgeError as e:  # params.yaml missing, unreadable or invalid: one line, not a traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from None
     from faceage.tracking import setup_mlflow
