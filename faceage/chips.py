@@ -353,10 +353,24 @@ class _WorkerProcess(mp.context.SpawnProcess):
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         finally:
-            _put_back(holding)
-            # Now, as they would have come (once each): the worker has started, and is on the list to stop.
-            for signum in dict.fromkeys(held):
-                signal.raise_signal(signum)
+            try:
+                _put_back(holding)
+            finally:  # (also where a signal raised while they were put back: a held SIGTERM was dropped)
+                # Now, as they would have come (once each): the worker has started, and is on the list to stop.
+                _raise_in_turn(list(dict.fromkeys(held)))
+
+
+def _raise_in_turn(signums: list[int]) -> None:
+    """Raises each of ``signums`` in turn, each one's handler run also where an earlier one's raised: as two signals
+    that came outside a start, the later one's exception raised while the earlier one's propagates (its context).
+    A plain loop stopped at the first handler that raised: a Ctrl-C and a SIGTERM held in one start lost the SIGTERM
+    (its handler never ran), and a stage told to terminate died of the Ctrl-C instead."""
+    if not signums:
+        return
+    try:
+        signal.raise_signal(signums[0])
+    finally:
+        _raise_in_turn(signums[1:])
 
 
 def _put_back(handlers: dict[int, Callable]) -> None:

@@ -20,8 +20,9 @@ decode, and neither does an ICC profile that cannot be used (the raw values are 
 log line).
 
 Formats: whatever this Pillow opens (AVIF with its own plugin), less icons (:data:`_DECODED_AT_OPEN`), EPS
-(:data:`_RUNS_A_PROGRAM`) and IPTC/NAA (:data:`_OPENS_ANOTHER_FILE`),
-plus HEIC/HEIF (iPhone photos) through pi-heif's plugin, registered on import.
+(:data:`_RUNS_A_PROGRAM`), IPTC/NAA (:data:`_OPENS_ANOTHER_FILE`) and FITS (:data:`_NOT_PHOTOS`),
+plus HEIC/HEIF (iPhone photos) through pi-heif's plugin, registered on import. Data that Pillow decodes in Python (QOI,
+some PPM, RLE BMP, ...) is refused over :data:`PYTHON_DECODED_MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6000x6000; larger uploads are refused before decoding
 # A pipe or device given as a path is read whole, up to this per allowed pixel: 16-bit RGBA, uncompressed.
 STREAM_BYTES_PER_PIXEL = 8
+# Encoded bytes taken where Pillow decodes in Python (its ``Image.DECODERS``: QOI, binary PPM/PGM of another maxval
+# than 255 or 65535, plain PPM, RLE BMP, DDS, SGI 16-bit, XPM, MSP, BLP), an op or a sample at a time: about 2 s a MB
+# (QOI 2.4, a maxval-254 PGM 1.6, RLE BMP 0.5, on a loaded 2-core machine). A 20 MiB upload, the service's body cap,
+# took a worker 50 s; these 2 MiB take 5 s at most. Every other format is decoded in C (a 20 MP JPEG: 0.3 s).
+PYTHON_DECODED_MAX_BYTES = 2 * 1024 * 1024
 # Formats whose Pillow plugin decodes the (largest) embedded image while opening, before its size
 # can be checked: a 690 kB icon holding a 13000x13000 PNG took 650 MB. Icons are not photos: refused.
 _DECODED_AT_OPEN = {"ICO": b"\x00\x00\x01\x00", "ICNS": b"icns"}
@@ -110,15 +116,40 @@ _SPACE_NAMES = {"L": "grey", "RGB": "RGB", "CMYK": "CMYK", "LAB": "CIELab"}
 
 
 def _grey8(img: Image.Image) -> np.ndarray:
-    """A 16-bit or 32-bit (integer or float) grey image as uint8: scaled, not clipped as convert() would."""
-    if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        return np.clip(np.rint(arr if arr.max(initial=0) > 1.0 else arr * 255), 0, 255).astype(np.uint8)
-    # 16-bit data: scale 0..65535 to 0..255 rather than letting convert() clip it, by the bit depth and never by
-    # the content (a dark photo, all values <= 255, was once read as 8-bit: 200 / 65535 of white came out as 200).
-    # In integers: float64 and its temporaries took ~28 bytes a pixel (a 78 kB, 40 MP grey PNG: 1.1 GB to decode,
-    # in a service worker too). Rounding half up is rint's rounding here: x * 255 / 65535 = x / 257 is never a half.
-    arr = np.asarray(img)
+    """A 16-bit or 32-bit (integer or float) grey image as uint8: scaled, not clipped as convert() would.
+
+    32-bit images (modes I and F) a block of rows at a time (:func:`_row_blocks`): on the whole image, their float64
+    and int64 temporaries took 28 bytes a pixel (float) and 16 (integer): a 93 kB deflate TIFF of 40 MP, 1.1 GB.
+    16-bit ones whole: 10 bytes a pixel, what a tagged 16-bit PNG's decoding takes too (:func:`_decode_signal`)."""
+    if img.mode != "I" and img.mode != "F":
+        return _scale16(np.asarray(img))
+    out = np.empty((img.height, img.width), np.uint8)
+    if img.mode == "I":
+        for row, box in _row_blocks(img):
+            out[row:box[3]] = _scale16(np.asarray(img.crop(box)))
+        return out
+    # Values above 1 are 0..255 levels, else 0..1 fractions: decided on the whole image, its NaN pixels (masked
+    # values) left out, as a NaN maximum is never above 1 (levels of 0..255 were multiplied by 255: all white).
+    top = 0.0
+    for _, box in _row_blocks(img):
+        top = max(top, float(np.fmax.reduce(np.asarray(img.crop(box)), axis=None, initial=0.0)))
+    for row, box in _row_blocks(img):
+        arr = np.asarray(img.crop(box), dtype=np.float64)
+        if top <= 1.0:
+            arr *= 255
+        np.rint(arr, out=arr)
+        arr[np.isnan(arr)] = 0  # black: cast to uint8, a NaN is whatever the CPU makes of it
+        out[row:box[3]] = np.clip(arr, 0, 255, out=arr)
+    return out
+
+
+def _scale16(arr: np.ndarray) -> np.ndarray:
+    """16-bit grey values (32-bit ones clipped to 0..65535) as uint8.
+
+    Scaled 0..65535 to 0..255 rather than clipped as convert() does, by the bit depth and never by the content (a
+    dark photo, all values <= 255, was once read as 8-bit: 200 / 65535 of white came out as 200). In integers:
+    float64 and its temporaries took ~28 bytes a pixel (a 78 kB, 40 MP grey PNG: 1.1 GB to decode, in a service
+    worker too). Rounding half up is rint's rounding here: x * 255 / 65535 = x / 257 is never a half."""
     scaled = np.clip(arr, 0, 65535).astype(np.uint32)
     scaled *= 255
     scaled += 32767
@@ -1029,15 +1060,22 @@ _RUNS_A_PROGRAM = frozenset({"EPS"})
 # with a bare ``Image.open`` (any format, no size check but Pillow's own) and decodes it whole: a 97 kB file
 # declaring 1x1 pixels came back as a 10000x10000 array (1.1 GB). No photo comes as IPTC/NAA: refused.
 _OPENS_ANOTHER_FILE = frozenset({"IPTC"})
+# FITS (astronomy data, never a photo): Pillow reads its 16-bit, 32-bit and float samples little-endian, where FITS
+# stores them big-endian (Pillow issue #9574), and ignores BZERO/BSCALE: those images came out as noise. Its
+# gzip-compressed variant is decoded by a Python loop over every pixel: an 84 kB upload of 20 MP took 3.7 s and 25
+# bytes a pixel. Refused, named by its first header card (SIMPLE = T), which every FITS file opens with.
+_NOT_PHOTOS = frozenset({"FITS"})
+_FITS_MAGIC = b"SIMPLE  ="
 
 
 def _safe_formats() -> list[str]:
     """Every format Pillow opens here but those it decodes while opening (:data:`_DECODED_AT_OPEN`), those it
     decodes with another program (:data:`_RUNS_A_PROGRAM`) and those holding another image file
-    (:data:`_OPENS_ANOTHER_FILE`)."""
+    (:data:`_OPENS_ANOTHER_FILE`), and FITS (:data:`_NOT_PHOTOS`)."""
     Image.init()
     return [fmt for fmt in Image.OPEN
-            if fmt not in _DECODED_AT_OPEN and fmt not in _RUNS_A_PROGRAM and fmt not in _OPENS_ANOTHER_FILE]
+            if fmt not in _DECODED_AT_OPEN and fmt not in _RUNS_A_PROGRAM and fmt not in _OPENS_ANOTHER_FILE
+            and fmt not in _NOT_PHOTOS]
 
 
 def _starts_with(source: str | Path | bytes, magic: bytes) -> bool:
@@ -1079,6 +1117,19 @@ def _lab_tiff(source: str | Path | bytes) -> str | None:
         return None
 
 
+def _check_python_decoded(img: Image.Image, stream: BinaryIO, name: str) -> None:
+    """Raises ImageDecodeError for an image Pillow would decode in Python (:data:`PYTHON_DECODED_MAX_BYTES`) whose
+    encoded data is over that budget, before any of it is decoded."""
+    codec = next((tile.codec_name for tile in img.tile if tile.codec_name in Image.DECODERS), None)
+    if codec is None:
+        return
+    size = stream.getbuffer().nbytes if isinstance(stream, io.BytesIO) else os.fstat(stream.fileno()).st_size
+    if size > PYTHON_DECODED_MAX_BYTES:
+        raise ImageDecodeError(f"cannot decode {name}: {img.format} data of {size} bytes is over "
+                               f"{PYTHON_DECODED_MAX_BYTES}, the most taken where Pillow decodes in Python (its "
+                               f"{codec!r} decoder, about 2 s a MB); save it as PNG or JPEG")
+
+
 def _read_stream(path: str | Path, name: str, max_pixels: int) -> bytes:
     """The bytes a pipe or device gives, at most :data:`STREAM_BYTES_PER_PIXEL` per allowed pixel
     (plus 1 MiB): more than any image within ``max_pixels`` takes (``/dev/zero`` would never end)."""
@@ -1106,8 +1157,9 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         ICC profile of another colour space is converted from).
 
     Raises:
-        ImageDecodeError: Empty input, unknown format, truncated or corrupt data, or too many pixels
-            (:class:`ImageTooLarge`, with the numbers).
+        ImageDecodeError: Empty input, unknown format, truncated or corrupt data, a refused format (icons, EPS,
+            IPTC/NAA, FITS), more than :data:`PYTHON_DECODED_MAX_BYTES` of data Pillow decodes in Python, or too
+            many pixels (:class:`ImageTooLarge`, with the numbers).
     """
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -1141,6 +1193,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
                     )
                 if img.format not in _OPENS_PRIMARY:
                     img.seek(0)  # first frame of GIF/WebP animations
+                _check_python_decoded(img, stream, name)
                 low_bit_scale, key, wide = _low_bit_scale(img), _sixteen_bit_key(img), _sixteen_bit_rgb(img)
                 img.load()
                 _scale_transparency(img, low_bit_scale)
@@ -1192,6 +1245,9 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         if icon is not None:
             raise ImageDecodeError(f"{icon} icons are not accepted (decoded whole before their size can be "
                                    f"checked): {name}") from e
+        if _starts_with(source, _FITS_MAGIC):
+            raise ImageDecodeError(f"FITS images are not accepted (astronomy data, which this decoder reads wrong; "
+                                   f"no photo format): {name}") from e
         lab = _lab_tiff(source)
         if lab is not None:
             raise ImageDecodeError(f"cannot decode {name}: {lab} is not supported (only 8-bit CIELab without "

@@ -150,8 +150,13 @@ def input_kind(meta: dict[str, Any]) -> InputKind:
         CheckpointSettingsError: An unknown kind, e.g. a newer version's (the message lists the known ones);
             a ``ValueError`` and a :class:`~faceage.errors.FaceAgeError`, so the CLI says it in one line.
     """
-    name = meta.get("input") or backbone_input(meta.get("backbone", ""))
-    if name not in INPUT_KINDS:
+    name = meta.get("input")
+    if not name:
+        backbone = meta.get("backbone", "")
+        if not isinstance(backbone, str):  # a list or an object is unhashable: a TypeError traceback in the CLI
+            raise CheckpointSettingsError(f"checkpoint backbone {backbone!r} is not a name; its input kind is unknown")
+        name = backbone_input(backbone)
+    if not isinstance(name, str) or name not in INPUT_KINDS:
         raise CheckpointSettingsError(f"checkpoint input kind {name!r} is unknown; "
                                       f"known: {', '.join(sorted(INPUT_KINDS))}")
     return INPUT_KINDS[name]

@@ -764,11 +764,19 @@ class Amp:
 
 def train_one_epoch(net: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, sched, loss_fn: LossFn,
                     prepare: Callable, device: torch.device, amp: Amp, d: Distributed) -> dict[str, float]:
-    """One pass over this rank's share of the data; returns the global mean loss and MAE, and images seen."""
+    """One pass over this rank's share of the data; returns the global mean loss and MAE, and images seen.
+
+    The pass stops at the first step whose counted loss is not a number (too high a ``train.lr``), that step's loss
+    in the mean (``stopped_at_step``: its number, 1-based; 0 for a whole pass), for :func:`check_epoch` to stop the
+    run: every later step only trained NaN weights, for minutes on CPU, before the epoch's end said so. The check
+    reads the loss already read once per step for the mean (no extra sync); under DDP the ranks' verdicts are
+    summed at each step (a tiny all-reduce), so that every rank stops at the same step: a rank that stopped alone
+    left the others in the next step's collectives.
+    """
     net.train()
     scaling = amp.scaler.is_enabled()
-    seen, counted, loss_sum, mae_sum, skipped_steps = 0, 0, 0.0, 0.0, 0
-    for images, target, ages in loader:
+    seen, counted, loss_sum, mae_sum, skipped_steps, stopped_at, step = 0, 0, 0.0, 0.0, 0, 0, 0
+    for step, (images, target, ages) in enumerate(loader, 1):
         images, target, ages = images.to(device), target.to(device), ages.to(device)
         x = prepare(images)
         with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
@@ -787,15 +795,24 @@ def train_one_epoch(net: nn.Module, loader: DataLoader, opt: torch.optim.Optimiz
         count, amp.consecutive_skips = check_amp_step(loss.detach(), skipped, amp.consecutive_skips, scaling=scaling)
         n = len(ages)
         seen += n
+        diverged = False
         if count:
+            value = loss.item()  # (the step's one read of the loss: the mean's, and the check's)
             counted += n
-            loss_sum += loss.item() * n
+            loss_sum += value * n
             mae_sum += (expected_age(logits.detach())[0] - ages).abs().sum().item()
+            diverged = not math.isfinite(value)
+        if d.world_size > 1:
+            diverged = d.sum([float(diverged)], device)[0] > 0
+        if diverged:
+            stopped_at = step
+            break
     seen, counted, loss_sum, mae_sum = d.sum([seen, counted, loss_sum, mae_sum], device)
     # No counted step (every forward pass overflowed in fp16): no loss was measured, NaN says so.
     return {"train_loss": loss_sum / counted if counted else math.nan,
             "train_mae": mae_sum / counted if counted else math.nan,
-            "seen": seen, "counted": counted, "skipped_steps": skipped_steps}
+            "seen": seen, "counted": counted, "skipped_steps": skipped_steps,
+            "stopped_at_step": stopped_at, "steps": len(loader) if hasattr(loader, "__len__") else step}
 
 
 def check_amp_step(loss: torch.Tensor, skipped: bool, consecutive: int, *, scaling: bool,
@@ -835,16 +852,20 @@ def check_epoch(epoch: int, train: dict[str, float], val_mae: float) -> None:
     """Stops the run when an epoch's training loss or validation MAE is not a number.
 
     An fp16 epoch whose every step the loss scaler skipped has no training loss (NaN, ``counted`` 0): its weights
-    did not move, and :func:`check_amp_step` bounds such runs of skips.
+    did not move, and :func:`check_amp_step` bounds such runs of skips. An epoch that :func:`train_one_epoch` stopped
+    at its first non-finite loss (``stopped_at_step``) is named with that step.
 
     Raises:
         TrainingDivergedError: the weights diverged.
     """
     measured = train.get("counted", 1) > 0
     if not ((math.isfinite(train["train_loss"]) or not measured) and math.isfinite(val_mae)):
+        stopped = train.get("stopped_at_step", 0)
+        where = (f" (the epoch stopped at step {stopped} of {train.get('steps', '?')}, the first whose loss was not "
+                 "a number)" if stopped else "")
         raise TrainingDivergedError(
             f"epoch {epoch}: training loss {train['train_loss']}, validation MAE {val_mae}: the weights are "
-            "no longer numbers (lower train.lr, or check the labels); nothing of this epoch is kept")
+            f"no longer numbers (lower train.lr, or check the labels); nothing of this epoch is kept{where}")
 
 
 def val_errors(model: nn.Module, val_set: Dataset, prepare: Callable, device: torch.device) -> torch.Tensor:
