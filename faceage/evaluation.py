@@ -19,8 +19,9 @@ images had no face)
 and ``external_<name>_*`` metrics in MLflow, with the tags ``evaluate.external_sha256`` (the version of each
 set's files) and ``evaluate.external_faces_sha256`` (which of its faces were scored), by which packaging compares
 MAEs only where both match. A set where no face is found is reported with a warning
-(``n_faces`` 0, NaN metrics in ``metrics.json``, its counts alone in MLflow), the test split and the
-other sets scored as usual.
+(``n_faces`` 0 and its counts alone, in ``metrics.json`` and in MLflow; ``-`` for its metrics in the model card), the
+test split and the other sets scored as usual. ``metrics.json`` is strict JSON: a number that is not defined (NaN)
+is ``null`` there (:func:`metrics_json`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from faceage.inputs import DLIB_FACE_EMBEDDING, input_kind, reads_pairs
 from faceage.preprocess import MANIFEST, read_faces_manifest
 from faceage.sources import ExternalSet, resolve_external
 from faceage.appa_real import DATASET_JSON, read_dataset_info, read_demographics
-from faceage.atomic import scratch_dir, write_bytes, write_text
+from faceage.atomic import clear_stale, scratch_dir, write_bytes, write_text
 from faceage.model_card import write_model_card
 from faceage.paths import repo_root
 from faceage.tracking import EVALUATED_IN_TAG, display_uri, read_run_file, setup_mlflow, tracking_uri
@@ -97,6 +98,34 @@ def _share(hits: np.ndarray, values: np.ndarray) -> float:
     """The share of ``hits``; NaN where a value is NaN (NaN compares False: the face counted as a plain miss, and a
     model that output NaN showed a share that looked like a real one beside its NaN MAE)."""
     return float(hits.mean()) if not np.isnan(values).any() else math.nan
+
+
+def metrics_json(metrics: dict) -> str:
+    """``metrics.json``'s text: strict JSON (``allow_nan=False``), whatever NaN ``metrics`` holds.
+
+    An external set with no face scored (:func:`~faceage.external.some_faces`) is written with its counts, path and
+    versions alone, its metrics left out, as MLflow gets its counts alone and the card shows ``-``; any other
+    non-finite number (a model that output NaN, the ratio to a zero baseline) is written as ``null``. Both went in as
+    ``NaN``/``Infinity``, which is not JSON: strict readers (``jq``, browsers, JSON libraries of other languages)
+    refused the file, and ``dvc metrics show`` showed ``nan`` as the set's MAE. ``metrics`` itself is not changed
+    (MLflow and the card read its NaN)."""
+    external = {name: {k: v for k, v in m.items() if some_faces(m.get("n_faces")) or not _undefined(v)}
+                for name, m in (metrics.get("external") or {}).items()}
+    shown = {**metrics, "external": external} if "external" in metrics else metrics
+    return json.dumps(_nulled(shown), indent=2, allow_nan=False) + "\n"
+
+
+def _undefined(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _nulled(value: Any) -> Any:
+    """``value`` with each non-finite float (at any depth of dicts and lists) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _nulled(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulled(v) for v in value]
+    return None if _undefined(value) else value
 
 
 def vs_baseline(mae_years: float, baseline_mae_years: float) -> float:
@@ -220,7 +249,8 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
         ``[set, file_name, true_age, predicted_age, predicted_std, abs_error]``.
 
     A set where no face is found (every image faceless or unreadable) is reported, with a warning: its counts,
-    ``n_faces`` 0, NaN metrics and no age-group rows; the other sets are scored as usual.
+    ``n_faces`` 0, NaN metrics (left out of ``metrics.json`` by :func:`metrics_json`) and no age-group rows; the
+    other sets are scored as usual.
 
     Raises:
         faceage.sources.ExternalSetError: The detector is not the checkpoint's.
@@ -233,8 +263,9 @@ def evaluate_external(age_model: AgeModel, sets: list[ExternalSet], p: EvaluateP
         counts = crop_counts(faces)
         if not some_faces(counts["n_faces"]):  # unreadable files are not the detector's misses: both are counted
             # Reported, not raised: one such set stopped the whole evaluation, the test split's and the other sets'
-            # scores unwritten. Its metrics are NaN in metrics.json (the model card shows its counts) and left out of
-            # MLflow, where a NaN external MAE excluded every run evaluated with the set from the champion's choice.
+            # scores unwritten. Its metrics are NaN here, left out of metrics.json (metrics_json: NaN is not JSON) and
+            # of MLflow, where a NaN external MAE excluded every run evaluated with the set from the champion's choice;
+            # the model card shows its counts and "-".
             log.warning("evaluate.external: %r (set %r): none of its %d images has a face to score: %d without a "
                         "detected face (detector=%s, no_face=%s), %d unreadable (not an image Pillow can decode; "
                         "the warnings above name them); it is reported with n_faces=0 and no MAE", ext.given,
@@ -422,7 +453,8 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         external_cache: Where cropped external sets are kept (default ``<repo root>/.cache/external``).
 
     Returns:
-        The metrics written to ``metrics.json``.
+        The metrics written to ``metrics.json`` (:func:`metrics_json`: where this holds NaN, the file holds ``null``,
+        or, for an external set with no face scored, nothing).
 
     Raises:
         ValueError: ``p.external`` lists sets but no ``detector_dir`` is given.
@@ -430,6 +462,13 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
         EvaluateInputMissingError: (a ``FileNotFoundError``) The model card's inputs are missing: ``data_dir``'s
             ``dataset.json`` or ``preprocess_metrics``.
     """
+    # The staging folders of evaluations killed outright (kill -9, the OOM killer: a copy of every output each)
+    # go first: scratch_dir below removes them too, but only once this evaluation reaches it, and a rerun stopped
+    # before (a wrong evaluate.external path, a missing input) left them there. A live run's is left alone.
+    try:
+        clear_stale(Path(out_dir) / "metrics.json")
+    except OSError:  # a folder this user may write but not list: housekeeping, not the evaluation
+        pass
     if p.external and detector_dir is None:
         raise ValueError(f"evaluate.external={list(p.external)} needs the detector folder (detector_dir)")
     sets = resolve_external(p.external, repo_root())  # before any work: a wrong path fails at once
@@ -507,7 +546,7 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
             cards.append(write_model_card(staged / "card" / card.name, metrics, {"age_group": groups, **by_attribute},
                                           meta, read_dataset_info(data_dir), counts,
                                           display_uri() if run_path else None, external_groups=external_groups))
-        text = json.dumps(metrics, indent=2) + "\n"
+        text = metrics_json(metrics)
         (staged / "metrics.json").write_text(text)
         # MLflow before metrics.json, not after: metrics.json in the workspace is what says "this evaluation is
         # done" (`dvc metrics show`, `dvc exp show`). Logging failing (the store unreachable, the run deleted) or
