@@ -48,7 +48,7 @@ from faceage.atomic import (NO_SPACE, WriteError, clear_stale, errno_text, free_
                             same_file, scratch_name)
 from faceage.config import PreprocessParams
 from faceage.errors import FaceAgeError
-from faceage.chips import CHIPS_FILE, check_crops, missing_crops
+from faceage.chips import CHIPS_FILE, missing_crops
 from faceage.detector import SHAPE5_FILE, read_manifest
 from faceage.faces import crop_cnn_retry_side, crop_detector_files, crop_retry_pad
 from faceage.preprocess import (MANIFEST, PARTIAL_SUFFIX, RECORDS, SETTINGS, code_fingerprint, count_statuses,
@@ -523,14 +523,14 @@ def external_embeddings(faces_dir: Path, detector_dir: str | Path, workers: int 
                 return path
         log.info("external set %s: computing the face descriptors of its crops in %s (key %s: the code of %s and "
                  "the face-network files)", _set_name(faces_dir), faces_dir, key, ", ".join(DESCRIPTOR_CODE_MODULES))
-        # Checked here with this cache's advice: embed_dataset's own check tells to rerun preprocess, which rebuilds
-        # nothing here. (external_faces checked the entry when it handed it out: a crop gone since, by hand.)
-        check_crops(faces_dir, [r["crop"] for r in read_faces_manifest(faces_dir)], what="not a whole crop-cache entry",
-                    fix=f"rerun evaluate, which crops external set {_set_name(faces_dir)} into it again")
         staging = path.with_name(path.name + ".tmp.npz")  # embed_dataset's staging file, replaced into path
         try:
-            # A worker's death names what evaluate runs on, not the embed stage's setting, which it does not read
-            embed_dataset(faces_dir, detector_dir, path, workers, workers_key=EXTERNAL_WORKERS)
+            # A worker's death names what evaluate runs on, not the embed stage's setting, which it does not read;
+            # a crop gone since external_faces handed the entry out (by hand) gets this cache's advice, not
+            # "rerun preprocess", which rebuilds nothing here
+            embed_dataset(faces_dir, detector_dir, path, workers, workers_key=EXTERNAL_WORKERS, crops_advice={
+                "what": "not a whole crop-cache entry",
+                "fix": f"rerun evaluate, which crops external set {_set_name(faces_dir)} into it again"})
         except OSError as e:
             staging.unlink(missing_ok=True)  # in the shared cache entry: no later run would remove it
             if isinstance(e, FaceAgeError) or e.errno not in NO_SPACE:

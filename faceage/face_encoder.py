@@ -104,7 +104,7 @@ def _dlib_crop(crop: np.ndarray) -> np.ndarray:
 
 
 def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | Path, workers: int = 0, *,
-                  workers_key: str = EMBED_WORKERS) -> int:
+                  workers_key: str = EMBED_WORKERS, crops_advice: dict[str, str] | None = None) -> int:
     """Embeds every crop of the ``preprocess`` output into one ``.npz`` (``crops``, ``embeddings`` (N, 2, 128)).
 
     Args:
@@ -114,6 +114,9 @@ def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | 
         workers: Processes; 0 = one per core.
         workers_key: The setting a worker's death (out of memory) tells the user to lower: the embed stage's, or
             evaluate's for an external set (:data:`faceage.external.EXTERNAL_WORKERS`).
+        crops_advice: ``what`` and ``fix`` for :func:`faceage.chips.check_crops`'s message, where ``faces_dir`` is
+            no preprocess output (an external set's crop-cache entry, which ``dvc repro -f preprocess`` does not
+            rebuild); default: the preprocess output's.
 
     Returns:
         The number of crops embedded.
@@ -129,7 +132,8 @@ def embed_dataset(faces_dir: str | Path, model_dir: str | Path, out_path: str | 
     margin = read_crop_settings(faces_dir)["margin"]
     manifest = read_manifest(model_dir, verify=True)
     crops = [r["crop"] for r in rows]
-    check_crops(faces_dir, crops)  # before minutes of descriptors, not PIL's traceback when a worker reaches it
+    # Before minutes of descriptors, not PIL's traceback when a worker reaches it
+    check_crops(faces_dir, crops, **(crops_advice or {}))
     log.info("embedding %d crops with dlib's face-recognition ResNet on %d worker(s)", len(crops),
              crop_workers(len(crops), workers))
     vectors = map_crop_files(DlibFaceEncoder, "embed_views", faces_dir, crops, model_dir, margin, workers, desc="embed",
