@@ -35,6 +35,15 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# For a child script measuring its own memory: ``peak_kb()``, the process's peak RSS in KiB (/proc's VmHWM, Linux).
+# Not ``resource.getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries the peak of the process that started the child
+# over exec (pytest's, hundreds of MB), so anything the child did under that peak measured 0 (a decode of 28 bytes a
+# pixel read as 12, and a regression could pass).
+PEAK_KB = """
+def peak_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+"""
 SHARED_ENV = "FACEAGE_SHARED_DATASETS"
 
 

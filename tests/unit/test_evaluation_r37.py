@@ -17,19 +17,19 @@ import pytest
 import torch
 
 from faceage.transforms import low_resolution, low_resolution_at
-from tests.conftest import REPO
+from tests.conftest import PEAK_KB, REPO
 from tests.unit.test_transforms_r35 import faces, low_resolution_before_round_35
 
-# Peak memory of one low_resolution call in a fresh process (ru_maxrss grows only: what the call added to it).
-_PEAK = r"""
-import json, resource, sys, torch
+# Peak memory of one low_resolution call in a fresh process (its own peak RSS grows only: what the call added to it).
+_PEAK = PEAK_KB + r"""
+import json, sys, torch
 from faceage.transforms import low_resolution, low_resolution_at
 how, (n, size, side) = sys.argv[1], map(int, sys.argv[2:5])
 images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 # "at": what evaluation.low_res_mae calls, one side for every face
 out = low_resolution(images, side) if how == "one" else low_resolution_at(images, torch.full((n,), side))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 assert out.shape == images.shape and out.dtype == torch.uint8
 print(json.dumps({"input_mb": images.numel() / 2**20, "added_mb": (after - before) / 1024}))
 """

@@ -2,7 +2,7 @@
 
 A 40 MP photo (the service's pixel cap) took 1.1 GB to decode as a 78 kB 16-bit grey PNG (float64
 temporaries) and 0.72 GB as an 8-bit JPEG (exif_transpose's copy of an upright photo, convert()'s copy
-of an RGB one), in each detection worker. Measured in a fresh process: its peak RSS (``ru_maxrss``)
+of an RGB one), in each detection worker. Measured in a fresh process: its own peak RSS (VmHWM, conftest's PEAK_KB)
 before and after one decode, per pixel.
 """
 
@@ -11,9 +11,12 @@ import sys
 
 import pytest
 
+from tests.conftest import PEAK_KB
+
 SIDE = 4000  # 16 MP: large enough that the copies dominate, small enough for a unit test
 MEASURE = f"""
-import io, resource
+import io
+{PEAK_KB}
 import numpy as np
 from PIL import Image
 from faceage.images import load_image
@@ -25,9 +28,9 @@ if kind == "grey16":
 else:
     Image.new("RGB", ({SIDE}, {SIDE}), (120, 80, 60)).save(buffer, "JPEG")
 data = buffer.getvalue()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 image = load_image(data)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 assert image.shape == ({SIDE}, {SIDE}, 3)
 print((after - before) * 1024 / {SIDE ** 2})
 """

@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from faceage.images import ImageDecodeError, _safe_formats, load_image
+from tests.conftest import PEAK_KB
 
 
 def _iptc_field(record: int, dataset: int, data: bytes) -> bytes:
@@ -70,7 +71,8 @@ def test_pngs_and_jpegs_still_decode_with_iptc_refused():
 
 SIDE = 4000  # 16 MP, as test_images_memory.py
 MEASURE = f"""
-import io, resource
+import io
+{PEAK_KB}
 from PIL import Image
 from faceage.images import load_image
 
@@ -81,9 +83,9 @@ if orientation:
 buffer = io.BytesIO()
 Image.new("RGB", ({SIDE}, {SIDE} // 2), (120, 80, 60)).save(buffer, "JPEG", exif=exif)
 data = buffer.getvalue()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 image = load_image(data)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 assert image.shape == (({SIDE}, {SIDE} // 2, 3) if orientation in (5, 6, 7, 8) else ({SIDE} // 2, {SIDE}, 3))
 print((after - before) * 1024 / ({SIDE} * ({SIDE} // 2)))
 """

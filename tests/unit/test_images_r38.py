@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from faceage.images import ImageDecodeError, load_image
+from tests.conftest import PEAK_KB
 from tests.unit.test_serving_r24 import detector, locator, routes
 
 FIXTURES = (detector, locator, routes)  # the service routes of test_serving_r24, used here
@@ -76,20 +77,15 @@ def test_a_fits_file_is_refused_with_a_message_naming_it(kind):
         load_image(data)
 
 
-# The peak RSS of this process alone: /proc's VmHWM. ru_maxrss is not: Linux carries the peak of the process that
-# started it over exec (pytest's, hundreds of MB), so a decode under that peak measured nothing (28 B/px read as 12).
-MEASURE = """
+# The peak RSS of this process alone (conftest's PEAK_KB): ru_maxrss carried pytest's over exec (28 B/px read as 12)
+MEASURE = PEAK_KB + """
 import sys
 from faceage.images import load_image
 
-def peak():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-
 data = open(sys.argv[1], "rb").read()
-before = peak()
+before = peak_kb()
 image = load_image(data)
-after = peak()
+after = peak_kb()
 print((after - before) * 1024 / (image.shape[0] * image.shape[1]))
 """
 SIDE = 4000
