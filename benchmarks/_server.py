@@ -18,10 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import requests
 
@@ -44,6 +45,26 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """:func:`exit_on_sigterm` for the block (or the function it decorates), then the handler there was before.
+
+    For the benchmarks without a server that still hold something a plain SIGTERM would leave behind: a
+    temporary folder (the fetched detector, a crop cache), processes of their own (``bench_omp_wait``'s busy
+    ones spun for ever). Put back afterwards: a test that calls ``main()`` in its own process keeps its handler.
+    Outside the main thread (where no handler can be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    exit_on_sigterm()
+    try:
+        yield
+    finally:
+        if previous is not None:  # (None: a handler set outside Python, which cannot be put back from here)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def wait_ready(url: str, alive: Callable[[], bool], timeout_s: float, start: float | None = None) -> float:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO, shared_datasets  # noqa: E402
+from _server import sigterm_exits  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from faceage.atomic import write_text  # noqa: E402
@@ -100,6 +101,7 @@ def read_labels(folder: Path) -> dict[str, int]:
         return {r["file"]: int(r["n_faces"]) for r in csv.DictReader(f) if r.get("n_faces", "").isdigit()}
 
 
+@sigterm_exits()  # the temporary folder of the fetched detector goes on SIGTERM too
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", type=Path, nargs="+", default=DEFAULT_PHOTOS,

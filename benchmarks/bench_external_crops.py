@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO   # noqa: E402
+from _server import sigterm_exits  # noqa: E402
 
 from faceage.config import load_params   # noqa: E402
 from faceage.detector import DetectorFilesError, fetch_detector_files, read_manifest  # noqa: E402
@@ -31,6 +32,7 @@ from faceage.preprocess import crop_settings  # noqa: E402
 from faceage.sources import ExternalSetError, resolve_external  # noqa: E402
 
 
+@sigterm_exits()  # the temporary crop cache (hundreds of MB) and fetched detector go on SIGTERM too
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # The repo's, and the sets it names resolve against the repo, as in the other benchmarks: run from another

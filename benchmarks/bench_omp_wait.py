@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import REPO  # noqa: E402
+from _server import sigterm_exits  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from faceage.atomic import write_text  # noqa: E402
@@ -54,8 +55,10 @@ for _ in range(steps):
 print((time.perf_counter() - t) / steps)
 """
 
-# A core kept busy, as another program would.
-SPIN = "while True:\n    pass\n"
+# A core kept busy, as another program would, until the benchmark (its parent, pid in argv) is gone: it checks every
+# ~10^6 iterations (tens of ms), so a benchmark killed outright (SIGKILL) does not leave it spinning for ever.
+SPIN = ("import os, sys\nparent = int(sys.argv[1])\nwhile True:\n    for _ in range(1000000):\n        pass\n"
+        "    if os.getppid() != parent:\n        break\n")
 
 
 # The settings compared: libgomp's default (spin ~300,000 times at a barrier, then sleep), sleeping at once, and a
@@ -86,6 +89,7 @@ def measure(rounds: int, steps: int, size: int, batch: int, threads: int) -> dic
             "all": times}
 
 
+@sigterm_exits()  # its --busy processes are stopped on SIGTERM too (they spun for ever)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="measurements of each policy per condition")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = {"threads": threads, "idle": measure(args.rounds, args.steps, args.size, args.batch, threads)}
     if args.busy:
-        spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(args.busy)]
+        spinners = [subprocess.Popen([sys.executable, "-c", SPIN, str(os.getpid())]) for _ in range(args.busy)]
         try:
             time.sleep(0.5)
             results[f"busy_{args.busy}"] = measure(args.rounds, args.steps, args.size, args.batch, threads)
