@@ -7,18 +7,19 @@ pipeline's outputs; without ``--detector``, a checkpoint's is the ``detector/`` 
 one), a packaged model folder (``--model DIR`` holding ``model.pt`` + ``detector/``) or a packaged
 BentoML model (``--bento face_age:latest``). A photo reached twice (named again, or through a link) is
 read once.
-Output: on stdout, a table (default), JSON (``--json``) or CSV (``--csv``) with one entry per
-face; with ``--annotate DIR``, a PNG per photo with each box and its "#n age ± std" label (a new
-file: ``<stem>.png``, or ``<stem>-N.png`` when that name is taken; no existing file, input photos
-included, is ever replaced), and each entry names its copy (``annotated``) or why there is none
-(``annotate_error``). The copies carry a PNG text chunk (``Software: faceage``), and folder scans
-skip them, and the ``--annotate`` folder itself when it lies inside a scanned tree, so a rerun does
-not read its own output as photos. It uses :class:`faceage.predict.AgePredictor`, the predictor the
+Output: on stdout, a table (default), JSON (``--json``: one list) or CSV (``--csv``) with one entry per face,
+printed as the photos are done, in the order of the paths (:class:`ResultWriter`); with ``--annotate DIR``, a PNG
+per photo with each box and its "#n age ± std" label (a new file: ``<stem>.png``, or ``<stem>-N.png`` when that
+name is taken; no existing file, input photos included, is ever replaced), and each entry names its copy
+(``annotated``) or why there is none (``annotate_error``). The copies carry a PNG text chunk (``Software:
+faceage``), and folder scans skip them, and the ``--annotate`` folder itself when it lies inside a scanned tree, so
+a rerun does not read its own output as photos.
+It uses :class:`faceage.predict.AgePredictor`, the predictor the
 service runs. Exit status 0, or 1 when some path could not be read (missing, a broken link, not an
 image, a folder that cannot be listed: each an error row; a photo that failed otherwise, out of memory while
 decoded or detected, a detector's error, is one too) or some annotated copy could not be written (the others are
 still reported), or stdout could not take the results (a full disk; a reader that
-left, ``| head``, is no error). Ctrl-C (or SIGTERM) prints the photos done (complete rows, valid JSON),
+left, ``| head``, is no error). Ctrl-C (or SIGTERM) leaves the photos done printed (complete rows, valid JSON),
 says after how many of how many it stopped, and ends the process by that signal (a shell shows 130,
 143), without a traceback. The photos of a batch are decoded and detected on a thread per usable core."""
 
@@ -28,6 +29,7 @@ import argparse
 import codecs
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -533,21 +535,10 @@ def write_table(results: Sequence[PhotoResult], out: TextIO, annotate: bool = Fa
     says why a copy could not be written. Control characters in a cell (a file name's newline) are
     escaped (:func:`_printable`); JSON and CSV keep names as they are.
     """
-    rows = [("file", "face", "age", "age_std", "box", "score", *(("annotated",) if annotate else ()), "note")]
-    for r in results:
-        copy = (str(r.annotated or ""),) if annotate else ()
-        failed = f"not annotated: {r.annotate_error}" if r.annotate_error is not None else ""
-        if r.error is not None:
-            rows.append((str(r.path), "-", "", "", "", "", *copy, f"error: {r.error}"))
-        elif not r.faces:
-            rows.append((str(r.path), "-", "", "", "", "", *copy, "; ".join(filter(None, ("no face", failed)))))
-        for i, f in enumerate(r.faces, 1):
-            rows.append((str(r.path), str(i), f"{f.age:.1f}", f"{f.age_std:.1f}", " ".join(map(str, f.box)),
-                         f"{f.score:.3f}", *copy, failed))
-    rows = [tuple(map(_printable, row)) for row in rows]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    for row in rows:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+    writer = ResultWriter("table", out, annotate)
+    for result in results:
+        writer.add(result)
+    writer.finish()
 
 
 def write_csv(results: Sequence[PhotoResult], out: TextIO, annotate: bool = False) -> None:
@@ -556,15 +547,111 @@ def write_csv(results: Sequence[PhotoResult], out: TextIO, annotate: bool = Fals
     With ``annotate``, two more columns: ``annotated`` (the photo's copy) and ``annotate_error``
     (why it could not be written); a run without ``--annotate`` keeps the ten columns.
     """
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["file", "face", "x1", "y1", "x2", "y2", "age", "age_std", "score", "error",
-                     *(["annotated", "annotate_error"] if annotate else [])])
-    for r in results:
-        copy = [r.annotated or "", r.annotate_error or ""] if annotate else []
-        if r.error is not None or not r.faces:
-            writer.writerow([r.path, "", "", "", "", "", "", "", "", r.error or "", *copy])
+    writer = ResultWriter("csv", out, annotate)
+    for result in results:
+        writer.add(result)
+    writer.finish()
+
+
+class ResultWriter:
+    """Prints results in one format as they come, so that a long run shows (and leaves, when it is killed) the
+    photos done: it printed nothing until every photo was done. Each photo's rows are written and flushed at once.
+
+    The output is what printing every result at the end gave: ``json`` is one list (the document ``--json``
+    promises, laid out as ``json.dump(indent=2)`` wrote it, ``]`` printed by :meth:`finish`), not JSON Lines; ``csv``
+    its header, then each row. A ``table`` is printed a batch of :data:`CHUNK_IMAGES` photos at a time, its columns
+    sized by the rows printed so far (``file`` by every path, when given): a later batch's wider cell (a box of a
+    larger photo) widens its column from there on. Up to :data:`CHUNK_IMAGES` photos, the table is the one that
+    printing all rows at once gave. Nothing (not even a header) is printed before the first result.
+
+    Args:
+        fmt: ``table``, ``csv`` or ``json``.
+        out: Where to print.
+        annotate: Give each photo's annotated copy (as a run with ``--annotate`` does).
+        paths: Every path the run reports, to size the table's ``file`` column once for all.
+    """
+
+    def __init__(self, fmt: str, out: TextIO, annotate: bool = False, paths: Sequence[Path] = ()):
+        if fmt not in ("table", "csv", "json"):
+            raise ValueError(f"fmt can be 'table', 'csv' or 'json', but got {fmt!r}")
+        self.fmt, self.out, self.annotate = fmt, out, annotate
+        self.count = 0  # results given to add
+        self._header = ["file", "face", "age", "age_std", "box", "score", *(("annotated",) if annotate else ()),
+                        "note"]
+        self._widths = [len(h) for h in self._header]
+        self._widths[0] = max([self._widths[0], *(len(_printable(str(p))) for p in paths)])
+        self._pending: list[tuple[str, ...]] = []  # table rows not printed yet
+        self._pending_photos = 0
+
+    def add(self, result: PhotoResult) -> None:
+        """Prints ``result`` (a table: once its batch is complete).
+
+        Raises:
+            OSError: ``out`` could not take it (:class:`BrokenPipeError`: its reader left).
+        """
+        first = self.count == 0
+        self.count += 1
+        if self.fmt == "json":
+            # The entry as json.dump(indent=2) of the whole list lays it out, written in one piece: a Ctrl-C comes
+            # between entries, and the list closed by finish() is valid JSON.
+            entry = json.dumps(result.as_dict(self.annotate), indent=2)
+            self.out.write(("[\n" if first else ",\n") + "\n".join("  " + line for line in entry.splitlines()))
+        elif self.fmt == "csv":
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\n")
+            if first:
+                writer.writerow(["file", "face", "x1", "y1", "x2", "y2", "age", "age_std", "score", "error",
+                                 *(["annotated", "annotate_error"] if self.annotate else [])])
+            writer.writerows(self._csv_rows(result))
+            self.out.write(text.getvalue())
+        else:
+            self._pending.extend(self._table_rows(result))
+            self._pending_photos += 1
+            if self._pending_photos < CHUNK_IMAGES:
+                return
+            self._print_table()
+        self.out.flush()
+
+    def finish(self) -> None:
+        """Prints what is left: a table's last batch, the end of the JSON list (``[]`` when no result came).
+
+        Raises:
+            OSError: As :meth:`add`.
+        """
+        if self.fmt == "json":
+            self.out.write("[]\n" if self.count == 0 else "\n]\n")
+        elif self.fmt == "table" and self._pending_photos:
+            self._print_table()
+        self.out.flush()
+
+    def _print_table(self) -> None:
+        rows = ([tuple(self._header)] if self.count == self._pending_photos else []) + self._pending
+        self._pending, self._pending_photos = [], 0
+        self._widths = [max(w, *(len(row[c]) for row in rows)) for c, w in enumerate(self._widths)]
+        self.out.write("".join("  ".join(cell.ljust(w) for cell, w in zip(row, self._widths)).rstrip() + "\n"
+                               for row in rows))
+
+    def _table_rows(self, r: PhotoResult) -> list[tuple[str, ...]]:
+        copy = (str(r.annotated or ""),) if self.annotate else ()
+        failed = f"not annotated: {r.annotate_error}" if r.annotate_error is not None else ""
+        rows = []
+        if r.error is not None:
+            rows.append((str(r.path), "-", "", "", "", "", *copy, f"error: {r.error}"))
+        elif not r.faces:
+            rows.append((str(r.path), "-", "", "", "", "", *copy, "; ".join(filter(None, ("no face", failed)))))
         for i, f in enumerate(r.faces, 1):
-            writer.writerow([r.path, i, *f.box, f"{f.age:.3f}", f"{f.age_std:.3f}", f"{f.score:.4f}", "", *copy])
+            rows.append((str(r.path), str(i), f"{f.age:.1f}", f"{f.age_std:.1f}", " ".join(map(str, f.box)),
+                         f"{f.score:.3f}", *copy, failed))
+        return [tuple(map(_printable, row)) for row in rows]
+
+    def _csv_rows(self, r: PhotoResult) -> list[list]:
+        copy = [r.annotated or "", r.annotate_error or ""] if self.annotate else []
+        rows = []
+        if r.error is not None or not r.faces:
+            rows.append([r.path, "", "", "", "", "", "", "", "", r.error or "", *copy])
+        for i, f in enumerate(r.faces, 1):
+            rows.append([r.path, i, *f.box, f"{f.age:.3f}", f"{f.age_std:.3f}", f"{f.score:.4f}", "", *copy])
+        return rows
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -787,43 +874,93 @@ def _stopped_by(error: KeyboardInterrupt) -> tuple[int, str]:
 
 def _run(args: argparse.Namespace) -> int:
     """:func:`main` once the arguments are parsed and stdout is ready."""
-    results: list[PhotoResult] = []
     paths: list[Path] = []
+    out: _Stdout | None = None
     try:
         paths = collect_images(args.paths, args.recursive, skip_dir=args.annotate)
         if not paths:
             raise FaceAgeError(_no_images(args.paths, args.recursive, args.annotate))
         if args.annotate is not None:  # before the model loads: a bad folder fails at once
             prepare_annotate_dir(args.annotate)
+        predictor = load_predictor(args)
+        out = _Stdout(ResultWriter("json" if args.json else "csv" if args.csv else "table", sys.stdout,
+                                   args.annotate is not None, paths))
         # Closed at once on Ctrl-C, not whenever it is collected: it removes the copies of the photos not printed.
-        with contextlib.closing(predict_photos(load_predictor(args), paths, args.annotate)) as rows:
+        with contextlib.closing(predict_photos(predictor, paths, args.annotate)) as rows:
             for result in rows:
-                results.append(result)
+                out.add(result)  # once stdout failed, the run goes on (--annotate's copies), its rows unprinted
+                if out.done == len(paths):  # the end (a table's last rows) printed before the progress bar's last
+                    out.finish()
+        out.finish()
     except (FaceAgeError, FileNotFoundError) as e:
         log.error("%s", error_line(e, with_type=False))  # one line, a hint raised on a second one joined to it
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM): was a traceback, and the photos already done were lost
         signum, message = _stopped_by(e)
     else:
+        return out.status
+    # The photos done are printed (as they were done; a table's last batch and the end of the JSON list now), as
+    # complete rows (valid JSON), and the process dies of the signal, as Ctrl-C's should: a shell's loop over folders
+    # stops, and the status tells the output is partial.
+    if out is not None and out.done:
         try:
-            return _write_results(args, results)[0]
-        except KeyboardInterrupt as e:  # Ctrl-C while a long table is printed: no traceback either
-            signum, message = _stopped_by(e)
-            die_of_signal(signum, f"{message} while the results of {len(results)} photos were printed")
-    # The photos done are printed, as complete rows (valid JSON), and the process dies of the signal, as Ctrl-C's
-    # should: a shell's loop over folders stops, and the status tells the output is partial.
-    if results:
-        try:
-            _, unprinted = _write_results(args, results)
-            message += f" after {len(results)} of {len(paths)} photos: " + (
-                "their results are printed, the others' not" if unprinted is None else
-                f"their results could not all be printed ({unprinted}), the others' not computed")
+            out.finish()
+            message += f" after {out.done} of {len(paths)} photos: " + (
+                "their results are printed, the others' not" if out.unprinted is None else
+                f"their results could not all be printed ({out.unprinted}), the others' not computed")
         except KeyboardInterrupt:  # a second Ctrl-C while the results are written
-            message += f" after {len(results)} of {len(paths)} photos, while their results were printed"
+            message += f" after {out.done} of {len(paths)} photos, while their results were printed"
     elif paths:
         message += f" before the first of {len(paths)} photos was done: nothing printed"
     die_of_signal(signum, message)
     return 128 + signum  # (not reached: die_of_signal ends the process)
+
+
+class _Stdout:
+    """A :class:`ResultWriter` on stdout that keeps the exit status (see :func:`main`) and, once stdout fails, why:
+    a reader that left (``| head``) is no error; a full disk (``> out.json``) is one line, not a traceback. Either
+    way stdout becomes /dev/null, which Python flushes again at exit, and the results that follow are counted only."""
+
+    def __init__(self, writer: ResultWriter):
+        self.writer = writer
+        self.done = 0  # results given
+        self.status = 0
+        self.unprinted: str | None = None  # why the results could not all be printed
+        self._finished = False
+        try:
+            self._terminal = sys.stdout.isatty()
+        except (AttributeError, OSError, ValueError):
+            self._terminal = False
+
+    def add(self, result: PhotoResult) -> None:
+        self.done += 1
+        if result.error is not None or result.annotate_error is not None:
+            self.status = 1
+        self._write(self.writer.add, result)
+
+    def finish(self) -> None:
+        """Prints the end of the output, once (a Ctrl-C after a normal end does not print it again)."""
+        if not self._finished:
+            self._finished = True
+            self._write(self.writer.finish)
+
+    def _write(self, write: Callable, *args) -> None:
+        if self.unprinted is not None:
+            return
+        from tqdm import tqdm
+
+        try:
+            # On a terminal, the progress bar (stderr) is cleared for the rows and drawn again below them: a row
+            # printed as photos are done began on the bar's line. Rows going to a file leave the bar alone.
+            with tqdm.external_write_mode(file=sys.stdout) if self._terminal else contextlib.nullcontext():
+                write(*args)
+        except BrokenPipeError:  # `faceage predict ... | head`: the reader left; not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.unprinted = "broken pipe: the output's reader left"
+        except OSError as e:  # a full disk (`> out.json`): one line, as for --annotate's copies, not a traceback
+            log.error("could not write the results to stdout: %s", e.strerror or e)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.unprinted, self.status = f"stdout: {e.strerror or e}", 1
 
 
 def _no_images(given: Sequence[str], recursive: bool, annotate: Path | None) -> str:
@@ -840,31 +977,6 @@ def _no_images(given: Sequence[str], recursive: bool, annotate: Path | None) -> 
         if below:
             message += (f" (their subfolders hold {below} photo{'s' * (below > 1)}: add --recursive to read them)")
     return message
-
-
-def _write_results(args: argparse.Namespace, results: Sequence[PhotoResult]) -> tuple[int, str | None]:
-    """Prints ``results`` on stdout in the format asked for; returns the exit status (see :func:`main`) and why
-    they could not all be printed (None when they were)."""
-    annotate = args.annotate is not None
-    try:
-        if args.json:
-            json.dump([r.as_dict(annotate) for r in results], sys.stdout, indent=2)
-            sys.stdout.write("\n")
-        elif args.csv:
-            write_csv(results, sys.stdout, annotate)
-        else:
-            write_table(results, sys.stdout, annotate)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `faceage predict ... | head`: the reader left; not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        unprinted = "broken pipe: the output's reader left"
-    except OSError as e:  # a full disk (`> out.json`): one line, as for --annotate's copies, not a traceback
-        log.error("could not write the results to stdout: %s", e.strerror or e)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
-        return 1, f"stdout: {e.strerror or e}"
-    else:
-        unprinted = None
-    return 1 if any(r.error is not None or r.annotate_error is not None for r in results) else 0, unprinted
 
 
 if __name__ == "__main__":
