@@ -2,8 +2,8 @@
 
 Input: image files and/or folders (their photos, by the suffixes of the formats Pillow opens
 here, sorted by name; ``--recursive`` descends, following symlinked folders once each), and a
-model: a checkpoint + detector folder (default ``models/model.pt`` + ``models/detector``, the
-pipeline's outputs; without ``--detector``, a checkpoint's is the ``detector/`` beside it when there is
+model: a checkpoint + detector folder (default the project's ``models/model.pt`` + ``models/detector``, the
+pipeline's outputs, also from a subfolder; without ``--detector``, a checkpoint's is the ``detector/`` beside it when there is
 one), a packaged model folder (``--model DIR`` holding ``model.pt`` + ``detector/``) or a packaged
 BentoML model (``--bento face_age:latest``). A photo reached twice (named again, or through a link) is
 read once.
@@ -696,8 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="print CSV (one row per face)")
     p.add_argument("--annotate", metavar="DIR", type=Path, help="write an annotated PNG per photo into DIR")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", type=Path, default=Path("models/model.pt"),
-                     help="checkpoint, or a packaged model folder (model.pt + detector/) (default: %(default)s)")
+    src.add_argument("--model", type=Path,
+                     help="checkpoint, or a packaged model folder (model.pt + detector/) (default: the project's "
+                          "models/model.pt, also from a subfolder of it)")
     src.add_argument("--bento", metavar="TAG", help="use a packaged BentoML model instead, e.g. face_age:latest")
     p.add_argument("--detector", type=Path,
                    help=f"detector folder for a --model checkpoint (default: the {DETECTOR_DIR}/ folder beside "
@@ -740,6 +741,8 @@ def load_predictor(args: argparse.Namespace) -> AgePredictor:
         except bentoml.exceptions.NotFound as e:
             raise FaceAgeError(_model_not_found(args.bento, e)) from e
         return AgePredictor.from_model_dir(stored.path, **options)
+    if args.model is None:
+        args.model = default_checkpoint()
     if args.model.is_dir():
         check_model_dir(args.model, args.detector)
         return AgePredictor.from_model_dir(args.model, **options)
@@ -782,6 +785,16 @@ def store_pointer(path: Path) -> Path | None:
     if not version or "/" in version or not (folder / CHECKPOINT_FILE).is_file():
         return None
     return folder
+
+
+def default_checkpoint() -> Path:
+    """``--model`` when not given: the project's ``models/model.pt`` (:func:`faceage.paths.repo_root`: the nearest
+    folder up holding ``dvc.yaml``/``params.yaml``), shown from the working folder; outside any project, the
+    working folder's. From a subfolder (``cd reports``) it was the subfolder's: "checkpoint models/model.pt not
+    found" beside the pipeline's checkpoint."""
+    from faceage.paths import repo_root
+
+    return Path(os.path.relpath(repo_root() / "models" / CHECKPOINT_FILE))
 
 
 def default_detector(checkpoint: Path) -> Path:
