@@ -367,6 +367,10 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
     if not isinstance(state, Mapping):
         raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} holds a {type(state).__name__}, not a "
                                      "state dict; save one with torch.save(model.state_dict(), path)")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:  # a dict keyed by numbers failed below in k.startswith, an AttributeError traceback
+        raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} is not a state dict: its keys are not "
+                                     f"layer names (e.g. {odd!r:.40}); save one with torch.save(model.state_dict(), path)")
     state = _renamed_legacy_keys(model, state)
     head = head_prefix(model)
     own = model.state_dict()
@@ -381,9 +385,15 @@ def load_pretrained(model: nn.Module, backbone: str, pretrained: str, model_dir:
     # with strict=False took that part of it without a word. Only the auxiliary heads' weights may be left over.
     unexpected = [k for k in body if k not in own and not k.startswith(AUX_PREFIXES.get(backbone, ()))]
     if mismatched or missing or unexpected:
-        bad = (mismatched or missing)[:3] or [f"{k} (not in {backbone})" for k in unexpected[:3]]
+        # Each example says how it does not fit: the bare names read the same for a tensor of another shape (another
+        # architecture) and one the file lacks (a partial or older file).
+        def shape(v: Any) -> str:
+            return str(list(v.shape)) if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+
+        bad = ([f"{k} ({shape(body[k])} in the file, {list(own[k].shape)} in {backbone})" for k in mismatched[:3]]
+               or [f"{k} (not in the file)" for k in missing[:3]] or [f"{k} (not in {backbone})" for k in unexpected[:3]])
         raise PretrainedWeightsError(f"train.pretrained={pretrained!r}: {path} does not fit backbone {backbone!r} "
-                                     f"(e.g. {bad})")
+                                     f"(e.g. {', '.join(bad)})")
     model.load_state_dict(body, strict=False)
     return str(path)
 
@@ -499,6 +509,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     missing = [k for k in ("backbone", "min_age", "max_age", "state_dict") if k not in payload]
     if missing:
         raise CheckpointError(f"{path} is not a complete FaceAge checkpoint: it has no {', '.join(missing)}")
+    # Values of the wrong type reached build_model and torch (a state_dict list, a max_age string, a negative age
+    # range): TypeError or RuntimeError tracebacks in the CLI and the service instead of this one line.
+    ages = [payload[k] for k in ("min_age", "max_age")]
+    bad = ("backbone" if not isinstance(payload["backbone"], str)
+           else "state_dict" if not isinstance(payload["state_dict"], Mapping)
+           else next((k for k, v in zip(("min_age", "max_age"), ages) if type(v) is not int), None)
+           or ("max_age" if ages[1] < ages[0] else None))
+    if bad:
+        raise CheckpointError(f"{path} is a damaged FaceAge checkpoint: its {bad} is {payload[bad]!r:.80} "
+                              "(expected a backbone name, a state dict of tensors and integer ages min_age <= max_age)")
     try:  # fused heads saved before train.face_features existed read dlib's descriptor
         model = build_model(payload["backbone"], payload["max_age"] - payload["min_age"] + 1, payload.get("head"),
                             payload.get("face_features", DESCRIPTOR))
