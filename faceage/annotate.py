@@ -21,10 +21,14 @@ from faceage.predict import FaceAge
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
            (204, 121, 167))
 MIN_FONT_PX = 12  # the smallest label text, however small the photo or its face
-# Labels stay legible with the photo shown SHOWN_WIDTH_PX wide (a phone's screen): their text is at least
-# LEGIBLE_FONT_PX there (digits about 7 px tall). At 12 px on the photo, a 2000-px-wide group photo shown on a
-# phone had digits under 2 px tall.
+# Labels stay legible with the photo shown PHONE_SHOWN_WIDTH_PX wide (on a phone): their text is LEGIBLE_FONT_PX
+# there (digits about 7 px tall), unless that is wider than the face, when it shrinks to fit, but not below
+# LEGIBLE_FONT_PX with the photo shown SHOWN_WIDTH_PX wide. At 12 px on the photo, a 2000-px-wide group photo shown on
+# a phone had digits under 2 px tall. The UI shows the annotated photo 294 px wide on a 360-px-wide phone, the most
+# common width (324 px on a 390-px iPhone; tests/integration/test_ui_r38.py): with labels sized for 400 px alone, their
+# digits were under 5.5 px tall there, even a crowd's "#3" that had room to be larger.
 SHOWN_WIDTH_PX = 400
+PHONE_SHOWN_WIDTH_PX = 290
 LEGIBLE_FONT_PX = 10
 
 
@@ -52,12 +56,12 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
     The number is the face's place in ``faces`` from 1, as the ``face`` column of the UI's and the CLI's
     tables gives it: in a group photo, alike labels in largest-first order could not be told apart.
     Line width and text size scale with the image, so labels stay readable on small and
-    large photos alike, but a label is no wider than its face's box, its text no smaller than
-    :data:`MIN_FONT_PX` nor than :data:`LEGIBLE_FONT_PX` with the photo shown :data:`SHOWN_WIDTH_PX`
-    wide: at the photo's text size, the labels of a crowd's small faces covered their neighbours'
-    faces and labels. A face too narrow for its whole label at that size gets its number alone
-    (``"#3"``; its age is in the table's row). A label sits above its box, or inside it at the top
-    edge; the labels are drawn after all the boxes, so no box crosses a label.
+    large photos alike (:data:`LEGIBLE_FONT_PX` with the photo shown :data:`PHONE_SHOWN_WIDTH_PX` wide, a
+    phone's view), but a label is no wider than its face's box, its text no smaller than :data:`MIN_FONT_PX` nor
+    than :data:`LEGIBLE_FONT_PX` with the photo shown :data:`SHOWN_WIDTH_PX` wide: at the photo's text size, the
+    labels of a crowd's small faces covered their neighbours' faces and labels. A face too narrow for its whole
+    label at that size gets its number alone (``"#3"``; its age is in the table's row). A label sits above its
+    box, or inside it at the top edge; the labels are drawn after all the boxes, so no box crosses a label.
 
     Args:
         image: RGB uint8 array (H, W, 3).
@@ -76,7 +80,8 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
     h, w = image.shape[:2]
     line = max(2, round(min(h, w) / 250))
     # Within reason: at most a twelfth of the short side (a wide panorama's labels would cover its height).
-    legible = max(MIN_FONT_PX, min(math.ceil(LEGIBLE_FONT_PX * w / SHOWN_WIDTH_PX), round(min(h, w) / 12)))
+    legible = _legible_font_px(w, h, PHONE_SHOWN_WIDTH_PX)
+    least = _legible_font_px(w, h, SHOWN_WIDTH_PX)  # the smallest a label shrinks to, to fit its face
     size = max(legible, round(min(h, w) / 28))
     fonts: dict[int, ImageFont.FreeTypeFont] = {}
     # Every box first, then every label: a box drawn after another face's label crossed its digits
@@ -87,10 +92,10 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
         colour = PALETTE[i % len(PALETTE)]
         x1, y1, x2, _ = face.box
         text = face_label(face, i + 1)
-        font, (left, top, right, bottom), pad, fits = _label_font(draw, text, size, x2 - x1, fonts, legible)
+        font, (left, top, right, bottom), pad, fits = _label_font(draw, text, size, x2 - x1, fonts, least)
         if not fits:  # the number alone, at a legible size (the table has the age)
             text = f"#{i + 1}"
-            font, (left, top, right, bottom), pad, _ = _label_font(draw, text, size, x2 - x1, fonts, legible)
+            font, (left, top, right, bottom), pad, _ = _label_font(draw, text, size, x2 - x1, fonts, least)
         tw, th = right - left, bottom - top
         box_h = th + 2 * pad
         ty = y1 - box_h if y1 - box_h >= 0 else y1  # above the box, else inside its top edge
@@ -99,6 +104,12 @@ def annotate(image: np.ndarray, faces: Sequence[FaceAge]) -> np.ndarray:
         draw.rectangle((tx, ty, tx + tw + 2 * pad - 1, ty + box_h - 1), fill=colour)
         draw.text((tx + pad - left, ty + pad - top), text, fill=(0, 0, 0), font=font)
     return np.asarray(canvas)
+
+
+def _legible_font_px(w: int, h: int, shown_width_px: int) -> int:
+    """The text size (px on the photo) that is :data:`LEGIBLE_FONT_PX` with a ``w`` x ``h`` photo shown
+    ``shown_width_px`` wide; at least :data:`MIN_FONT_PX`, at most a twelfth of its short side."""
+    return max(MIN_FONT_PX, min(math.ceil(LEGIBLE_FONT_PX * w / shown_width_px), round(min(h, w) / 12)))
 
 
 def _drawn_box(box: tuple[int, int, int, int], w: int, h: int) -> tuple[int, int, int, int]:

@@ -86,13 +86,20 @@ CLEAR_LAST_ANALYSIS_JS = """() => {
 
 
 def model_line(lineage: dict[str, Any]) -> str:
-    """One line about the model: name, backbone, test MAE and any external-set MAE."""
+    """One line about the model: name, backbone, test MAE and any external-set MAE, each said of which faces.
+
+    The test faces are held out of the collection the model was trained on; an external set's are of another
+    collection, as a user's own photo is (README, "Cross-dataset evaluation"). Without those words, a user read the
+    test MAE, shown first, as the error to expect on their photo, where the external sets' (larger) is nearer.
+    """
     name = f"{lineage.get('registered_model', 'face-age')} v{lineage.get('registered_version', '?')}"
     parts = [f"Model **{name}** ({lineage.get('backbone', '?')}, MLflow run {lineage.get('mlflow_run_name') or '?'})"]
     if lineage.get("test_mae_years") is not None:
-        parts.append(f"test MAE **{float(lineage['test_mae_years']):.2f}** years")
+        parts.append(f"test MAE **{float(lineage['test_mae_years']):.2f}** years (mean absolute error, on held-out "
+                     "faces of the collection it was trained on)")
     for name, mae in sorted((lineage.get("external_mae_years") or {}).items()):
-        parts.append(f"external set {name!r} MAE **{float(mae):.2f}** years")
+        parts.append(f"external set {name!r} MAE **{float(mae):.2f}** years (faces of another collection, as a "
+                     "photo of yours is)")
     return ", ".join(parts) + "."
 
 
@@ -208,7 +215,10 @@ async def ui_predict(path: str | None, max_body_bytes: int) -> tuple[str, list[l
     if not path:
         raise user_error("Upload a photo (or take one with the webcam) first.")
     if not os.path.isfile(path):  # Gradio deletes uploads after 10-15 minutes (delete_cache in build_ui)
-        raise user_error(f"The photo is no longer on the server (uploads are kept {UI_CACHE_KEPT}): upload it again.")
+        # Gradio also empties its cache when the server stops: a page left open across a restart sends a photo
+        # uploaded seconds before, whose user read "kept 10-15 minutes" alone as no reason at all.
+        raise user_error(f"The photo is no longer on the server (uploads are kept {UI_CACHE_KEPT}, and not across a "
+                         "restart of the server): upload it again.")
     size = os.path.getsize(path)
     if size > max_body_bytes:
         raise user_error(f"The file has {size} bytes; the limit is {max_body_bytes}.")
