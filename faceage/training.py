@@ -961,6 +961,12 @@ def _train(p: TrainParams, d: Distributed, device: torch.device, faces_dir: Path
     check_input_size(model, p.backbone, p.image_size)  # before the data load: seconds, not minutes
     weights_from = load_pretrained(model, p.backbone, p.pretrained, model_dir=detector_dir)
     check_finite_weights(model, p, weights_from)
+    if p.epochs == 0 and p.backbone != DLIB_AGE:
+        # Only dlib_age brings an age head of its own; any other backbone's is new. Shipped without a word, its ages
+        # came from random weights, and the run looked like a zero-shot baseline.
+        log.warning("train.epochs=0 with train.backbone=%s: its age head is new and untrained (random weights; "
+                    "%s), so the model evaluated and shipped guesses ages; epochs=0 is the zero-shot model of "
+                    "train.backbone=%s, whose head is dlib's", p.backbone, weights_from, DLIB_AGE)
     if head is not None:
         weights_from += f"; head: {head} (train.head={p.head})"
     if d.world_size > 1:
