@@ -488,6 +488,9 @@ def read_payload(path: str | Path) -> Any:
         # for a file that should hold only tensors and plain values.
         raise CheckpointError(f"{path} is not a FaceAge checkpoint: not a torch file of plain tensors and "
                               "values (the weights-only loader refused it)") from e
+    except KeyError as e:  # a text file read by the legacy pickle loader: "is not a FaceAge checkpoint: 105"
+        raise CheckpointError(f"{path} is not a FaceAge checkpoint: not a torch file (its bytes are no pickle: "
+                              f"KeyError {e})") from e
     except Exception as e:  # torch raises several unrelated types (RuntimeError, EOFError, ...) for a bad file
         raise CheckpointError(f"{path} is not a FaceAge checkpoint: {_first_sentence(e)}") from e
 

@@ -83,3 +83,15 @@ def test_weights_missing_a_tensor_say_it_is_missing(tmp_path):
         load_pretrained(build_model("resnet18"), "resnet18", str(path))
     message = str(info.value)
     assert "layer2.0.conv1.weight (not in the file)" in message
+
+
+def test_a_text_file_given_as_checkpoint_says_it_is_not_a_torch_file(tmp_path):
+    """`faceage predict --model notes.pt` on a text file said "notes.pt is not a FaceAge checkpoint: 105" (the
+    legacy pickle loader's KeyError on the text's first byte): now that it is not a torch file."""
+    from faceage.model import CheckpointError, read_payload
+
+    path = tmp_path / "notes.pt"
+    path.write_text("hello world\n")  # torch reads its first byte as a pickle opcode: KeyError 101
+    with pytest.raises(CheckpointError) as caught:
+        read_payload(path)
+    assert "not a torch file" in str(caught.value) and str(path) in str(caught.value), caught.value
