@@ -19,7 +19,7 @@ service runs. Exit status 0, or 1 when some path could not be read (missing, a b
 image, a folder that cannot be listed: each an error row; a photo that failed otherwise, out of memory while
 decoded or detected, a detector's error, is one too) or some annotated copy could not be written (the others are
 still reported), or stdout could not take the results (a full disk; a reader that
-left, ``| head``, is no error). Ctrl-C (or SIGTERM) leaves the photos done printed (complete rows, valid JSON),
+left, ``| head``, is no error); either ends the run there unless ``--annotate`` writes copies. Ctrl-C (or SIGTERM) leaves the photos done printed (complete rows, valid JSON),
 says after how many of how many it stopped, and ends the process by that signal (a shell shows 130,
 143), without a traceback. The photos of a batch are decoded and detected on a thread per usable core."""
 
@@ -671,7 +671,7 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 # `faceage predict --help`'s last paragraph: where a new user looks first (the README says the same).
 PREDICT_EXIT_STATUS = (
     "exit status: 0 when every photo was read (photos without a face included; a reader that leaves, `| head`, is "
-    "no error); 1 when a photo could not be read (its row says why; the others are still reported), an annotated "
+    "no error, and ends the run unless --annotate writes copies); 1 when a photo could not be read (its row says why; the others are still reported), an annotated "
     "copy could not be written, the results could not be printed, or nothing could run (no model, no photo); 2 "
     "for a usage error; 130 (SIGINT) after Ctrl-C, 143 (SIGTERM) after a SIGTERM (kill, timeout), the photos done "
     "printed.")
@@ -901,7 +901,13 @@ def _run(args: argparse.Namespace) -> int:
         # Closed at once on Ctrl-C, not whenever it is collected: it removes the copies of the photos not printed.
         with contextlib.closing(predict_photos(predictor, paths, args.annotate)) as rows:
             for result in rows:
-                out.add(result)  # once stdout failed, the run goes on (--annotate's copies), its rows unprinted
+                out.add(result)  # once stdout failed, the run goes on for --annotate's copies, its rows unprinted
+                if out.unprinted is not None and args.annotate is None:
+                    # Nothing more can be printed, and nothing else is made: the photos left (thousands, `| head`)
+                    # were detected for nobody. A reader that left is no error (status 0), a full disk is (1).
+                    (log.error if out.status else log.debug)("stopped after %d of %d photos: %s", out.done,
+                                                             len(paths), out.unprinted)
+                    break
                 if out.done == len(paths):  # the end (a table's last rows) printed before the progress bar's last
                     out.finish()
         out.finish()
