@@ -34,8 +34,9 @@ def _photos(sample_dir: Path, dest: Path, n: int) -> list[str]:
 
 def test_crop_workers_run_where_the_temp_dir_is_unusable(tmp_path, sample_dir, detector_dir, monkeypatch):
     """The workers' in-progress notes lived in a folder under the temp dir (/tmp): a full or unusable /tmp stopped
-    preprocess (a full one as "no space left" about the output folder, which had room). They now live in the
-    output's own staging folder, and are gone once the crops are done."""
+    preprocess (a full one as "no space left" about the output folder, which had room). They now live beside
+    the crops (since round 33 the resumable run's partial folder, ``data/.faces.partial``), and are gone once the
+    crops are done."""
     from faceage.preprocess import crop_samples
 
     names = _photos(sample_dir, tmp_path / "data", 3)
