@@ -20,6 +20,18 @@ from PIL import Image
 
 from tests.conftest import REPO
 
+# The end of a child script: a stage as stages/*.py runs one (run_stage with interrupt_on_sigterm), whose pool starts
+# 2 workers; what comes before it sends the signals.
+POOL_STAGE = """
+def main():
+    from faceage.chips import map_in_processes
+    map_in_processes(time.sleep, [0.5] * 8, 2, os.getpid, (), desc=None, unit="item")
+    print("finished", flush=True)
+
+setup_logging()
+run_stage(main, interrupt_on_sigterm=True)
+"""
+
 # --- 1. SIGTERM while a worker process is being launched -----------------------------------------------------------
 
 # A stage as stages/*.py runs one (run_stage with interrupt_on_sigterm), whose pool starts 2 workers. The SIGTERM is
@@ -42,14 +54,7 @@ def spawn_then_sigterm(path, args, passfds):
 
 multiprocessing.util.spawnv_passfds = spawn_then_sigterm
 
-def main():
-    from faceage.chips import map_in_processes
-    map_in_processes(time.sleep, [0.5] * 8, 2, os.getpid, (), desc=None, unit="item")
-    print("finished", flush=True)
-
-setup_logging()
-run_stage(main, interrupt_on_sigterm=True)
-"""
+""" + POOL_STAGE
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
+from tests.unit.test_chips_r37 import POOL_STAGE
 
 # A stage as stages/*.py runs one (run_stage with interrupt_on_sigterm), whose pool starts 2 workers. While the first
 # worker is spawned, a Ctrl-C comes (SIGINT, blocked there: it waits), and just as the start unblocks it, a SIGTERM
@@ -41,14 +42,7 @@ def unmask_then_sigterm(how, mask):
 multiprocessing.util.spawnv_passfds = spawn_then_ctrl_c
 signal.pthread_sigmask = unmask_then_sigterm
 
-def main():
-    from faceage.chips import map_in_processes
-    map_in_processes(time.sleep, [0.5] * 8, 2, os.getpid, (), desc=None, unit="item")
-    print("finished", flush=True)
-
-setup_logging()
-run_stage(main, interrupt_on_sigterm=True)
-"""
+""" + POOL_STAGE
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -101,14 +95,7 @@ def swap_then_ctrl_c(signum, handler):
 multiprocessing.util.spawnv_passfds = spawn_then_sigterm
 signal.signal = swap_then_ctrl_c
 
-def main():
-    from faceage.chips import map_in_processes
-    map_in_processes(time.sleep, [0.5] * 8, 2, os.getpid, (), desc=None, unit="item")
-    print("finished", flush=True)
-
-setup_logging()
-run_stage(main, interrupt_on_sigterm=True)
-"""
+""" + POOL_STAGE
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
