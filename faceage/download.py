@@ -296,10 +296,7 @@ def _write_error(e: OSError, url: str, part: Path, total: int | None, keep: bool
     if kept is not None:
         # A restart from byte 0 (the server ignored the Range): its bytes go, and the part it was to replace is
         # put back (by _fetch): that one is what the next run resumes, not "the bytes written so far".
-        try:
-            _discard(part)
-        except OSError:
-            pass
+        _discard_quietly(part)
         if e.errno in NO_SPACE:
             free = free_bytes(part.parent)
             message += (f"; the server sent the file again from byte 0 (it ignored the Range), which needs room "
@@ -313,10 +310,7 @@ def _write_error(e: OSError, url: str, part: Path, total: int | None, keep: bool
     except OSError:
         have = 0
     if not keep or not have:
-        try:
-            _discard(part)
-        except OSError:
-            pass
+        _discard_quietly(part)
     if e.errno in NO_SPACE:
         free = free_bytes(part.parent)
         free = megabytes(free) if free is not None else None
@@ -343,6 +337,14 @@ def _discard(part: Path) -> None:
     """Removes the part file and its validator."""
     part.unlink(missing_ok=True)
     _meta_path(part).unlink(missing_ok=True)
+
+
+def _discard_quietly(part: Path) -> None:
+    """:func:`_discard` where a write already failed: that error is the one to report."""
+    try:
+        _discard(part)
+    except OSError:
+        pass
 
 
 def _kept_path(part: Path) -> Path:
