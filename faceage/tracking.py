@@ -35,6 +35,8 @@ RESUMED_AT_COMMIT_TAG = "resumed_at_commit"
 PROBE_TIMEOUT_S = (10, 60)
 # A proxy's answers for a server behind it that does not answer: MLflow retries them for minutes, as a refusal
 GATEWAY_DOWN = {502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+# MLflow's settings for its first request to a tracking server (:func:`_first_request`), where the user set none
+FIRST_REQUEST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S[1])}
 
 
 class TrackingError(FaceAgeError):
@@ -301,7 +303,8 @@ def check_writable(uri: str | None = None) -> None:
 
 def setup_mlflow(*, writable: bool = True):
     """Points MLflow at :func:`tracking_uri` and the ``face-age`` experiment; returns the module. An
-    ``MLFLOW_RUN_ID`` in the environment is dropped, with a warning: ``mlflow.start_run()`` would continue that run.
+    ``MLFLOW_RUN_ID`` in the environment is dropped, with a warning: ``mlflow.start_run()`` would continue that run;
+    an ``MLFLOW_EXPERIMENT_NAME`` or ``MLFLOW_EXPERIMENT_ID`` naming another experiment is ignored, with a warning.
 
     ``writable=False`` is for a caller that only reads runs (the sweep's report): a read-only sqlite store serves it,
     and a store without the ``face-age`` experiment is a :class:`NoExperimentError`, not created (the write failed
@@ -331,6 +334,11 @@ def setup_mlflow(*, writable: bool = True):
         # resumes its own run by id (its training state), so the variable has no use here.
         log.warning("MLFLOW_RUN_ID=%s ignored: train starts (or resumes, by its training state) its own MLflow run",
                     other_run)
+    # As exported: set_experiment below writes the variable _ID itself (for the processes MLflow starts), so one that
+    # names the active experiment was written by an earlier set_experiment of this process (maybe another store's)
+    exported = {name: os.environ.get(name) for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")}
+    if exported["MLFLOW_EXPERIMENT_ID"] == getattr(mlflow.tracking.fluent, "_active_experiment_id", None):
+        exported["MLFLOW_EXPERIMENT_ID"] = None
     mlflow.set_tracking_uri(uri)
     db = sqlite_path(uri)
     with locked(db, f"opening the MLflow store {db}") if db is not None else nullcontext():
@@ -343,7 +351,22 @@ def setup_mlflow(*, writable: bool = True):
             mlflow.create_experiment(EXPERIMENT, artifact_location=(db.parent / "mlruns").as_uri())
         _refuse_deleted(experiment, uri)
         mlflow.set_experiment(EXPERIMENT)
+    _warn_other_experiment(exported, mlflow.get_experiment_by_name(EXPERIMENT).experiment_id if experiment is None
+                           else experiment.experiment_id)
     return mlflow
+
+
+def _warn_other_experiment(exported: dict[str, str | None], experiment_id: str) -> None:
+    """A warning for each of ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID`` (``exported``: their values before
+    :func:`setup_mlflow`) that names another experiment than ``face-age`` (id ``experiment_id``). Exported to keep
+    one's runs apart on a shared server, it was dropped without a word (:func:`setup_mlflow` sets ``face-age``, where
+    evaluate, the sweep and packaging read the runs), and the runs were looked for in the wrong experiment of
+    ``mlflow ui``."""
+    for name, ours in (("MLFLOW_EXPERIMENT_NAME", EXPERIMENT), ("MLFLOW_EXPERIMENT_ID", experiment_id)):
+        value = exported.get(name)
+        if value and value != ours:
+            log.warning("%s=%s ignored: this project's runs go to the MLflow experiment %r (id %s), where "
+                        "evaluate, the sweep and packaging read them", name, value, EXPERIMENT, experiment_id)
 
 
 def _first_request(mlflow, uri: str):
@@ -352,13 +375,30 @@ def _first_request(mlflow, uri: str):
     Raises:
         TrackingError: An ``http(s)`` store answers, but not as an MLflow tracking server does (:func:`refusal`).
     """
+    from contextlib import ExitStack
+
     from mlflow.exceptions import MlflowException
 
+    server = uri.startswith(("http://", "https://"))
     try:
+        with ExitStack() as first:
+            # A server up but failing (its database down: the UI's page answers 200, :func:`check_reachable`'s probe,
+            # and every API request 500) had MLflow retry this request for about four minutes (seven retries with
+            # back-off) before the stage's one line. The first request gets a few quick tries and the probe's read
+            # timeout; later ones MLflow's own retries (a server that fails for a moment mid-training), and a user's
+            # own settings are kept.
+            for name, value in FIRST_REQUEST_ENV.items():
+                if server and name not in os.environ:
+                    first.enter_context(mlflow_env(name, value))
+            return mlflow.get_experiment_by_name(EXPERIMENT)
+    except MlflowException as e:
+        if not server:
+            raise
+        if "too many 429 error responses" not in e.message:
+            raise TrackingError(refusal(uri, e)) from e
+    try:  # a rate limit: MLflow's own retries, made for limits that last minutes
         return mlflow.get_experiment_by_name(EXPERIMENT)
     except MlflowException as e:
-        if not uri.startswith(("http://", "https://")):
-            raise
         raise TrackingError(refusal(uri, e)) from e
 
 
@@ -374,8 +414,9 @@ def refusal(uri: str, error) -> str:
     """
     import re
 
-    found = re.search(r"failed with error code (\d+)", error.message)
-    status = int(found.group(1)) if found else None
+    # "... error code 404 != 200", or a status MLflow retried until its tries ran out ("too many 500 error responses")
+    found = re.search(r"failed with error code (\d+)|too many (\d+) error responses", error.message)
+    status = int(found.group(1) or found.group(2)) if found else None
     # MLflow's message names the URL as given, password and all (up to the last "@" before the host, as MLflow reads
     # it: a password may hold one); a server's HTML body goes on one line, cut short
     said = re.sub(r"//[^/\s]+@", "//***@", " ".join(error.message.split()))
@@ -400,6 +441,10 @@ def refusal(uri: str, error) -> str:
                 f"macOS the AirPlay receiver answers 403 on port 5000: start MLflow on another port); set them, or {fix}")
     if status in (404, 405) or foreign:
         return f"{where}: it is not an MLflow tracking server, or not at this path; {fix}"
+    if status in GATEWAY_DOWN:  # retried by MLflow until its tries ran out: not a moment's failure
+        return f"{where}: the proxy there reaches no server behind it; start the server, {fix}"
+    if status == 500:
+        return f"{where}: the server is up but fails MLflow's requests (its database?); check the server's log, {fix}"
     return f"{where}; check the server's log, {fix}"
 
 
