@@ -78,7 +78,8 @@ def _host() -> str:
 def replacing(path: str | Path, mode: str = "wb", **open_args: Any) -> Iterator[IO]:
     """Yields a file to write ``path``'s new contents to: a hidden temporary file beside it, fsynced and moved in
     with :func:`os.replace` when the block ends, removed (``path`` untouched) when it raises. A reader, or the next
-    run after a killed write, finds the old contents or the new, never half of them.
+    run after a killed write, finds the old contents or the new, never half of them. A file rewritten keeps its
+    permission bits (:func:`_kept_mode`); a symbolic link at ``path`` is replaced, not followed.
 
     ``mode`` and ``open_args`` go to :func:`open`: ``"wb"`` for bytes (``torch.save``), ``"w"`` with
     ``newline=""`` for the csv module (its own line ends, untranslated). The temporary name is unique per call:
@@ -92,8 +93,24 @@ def replacing(path: str | Path, mode: str = "wb", **open_args: Any) -> Iterator[
         pass
     staged = scratch_name(path)
     tmp = staged.with_name(staged.name + ".tmp")
+    kept = _kept_mode(path)
     try:
-        with open(tmp, mode, **open_args) as f:
+        f = open(tmp, mode, **open_args)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)  # made before the text layer failed (an unknown encoding)
+        except OSError:  # a folder it could not be made in, which cannot be searched either
+            pass
+        if isinstance(e, OSError) and e.filename == str(tmp):  # (a folder missing or read-only): named as the
+            e.filename = str(path)  # output, not as a staging file the user never sees
+        raise
+    try:
+        with f:
+            if kept is not None:
+                try:
+                    os.fchmod(f.fileno(), kept)
+                except OSError:  # a file system without modes (CIFS, some FUSE mounts): the write matters more
+                    pass
             yield f
             f.flush()
             # On disk before its name is: after a power loss, ext4/xfs could otherwise show the final
@@ -104,6 +121,21 @@ def replacing(path: str | Path, mode: str = "wb", **open_args: Any) -> Iterator[
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _kept_mode(path: Path) -> int | None:
+    """The permission bits the rewrite of ``path`` takes over: the file's own where one is there (a file made
+    private, 0600, or shared with a group, 0664, became the umask's 0644 on every rewrite: readable by all, or no
+    longer writable by the group's other members); None for a new file (the umask's mode, as any file made here)
+    and for a symbolic link, which the rewrite replaces rather than follows (DVC's ``cache.type: symlink`` output
+    points into the cache, whose 0444 the new output must not take). Never set-ID bits."""
+    if not hasattr(os, "fchmod"):  # pragma: no cover - Windows before Python 3.13
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return stat.S_IMODE(st.st_mode) & 0o777 if stat.S_ISREG(st.st_mode) else None
 
 
 def write_text(path: str | Path, text: str) -> None:

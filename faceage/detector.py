@@ -267,6 +267,8 @@ def _write_error(e: OSError, out_dir: Path) -> DetectorFilesError:
     """One line for an OSError met writing the model files (staged_dir has removed them by now): a full disk
     also gets the space they take against what is free."""
     name = Path(e.filename2 or e.filename or "").name
+    if name.startswith(f".{out_dir.name}-"):  # the hidden folder beside it (staged_dir's), never made: no place to name
+        name = ""
     message = (f"fetching the dlib model files into {out_dir} failed: {errno_text(e)}"
                + (f" (at {name})" if name else ""))
     if e.errno in NO_SPACE:
