@@ -906,7 +906,10 @@ def read_demographics(folder: str | Path, split: str | None = None) -> dict[str,
     legend in the header such as ``utk_gender(0=male,1=female)``. A file name names a photo of one
     split (APPA-REAL numbers each split's files anew), so with ``split`` the rows of a file that has a
     ``split`` column are read for that split only (a row with an empty one counts for every split):
-    keyed by name alone, a test face took the labels of the train face of the same name.
+    keyed by name alone, a test face took the labels of the train face of the same name. So is a file whose
+    name names one split (APPA-REAL's annotations come as ``allcategories_train.csv``, ``..._valid``, ``..._test``).
+    Columns about the raters (the release's per-rating ``gt_<split>.csv`` has ``worker_gender``) are not
+    labels of the face.
 
     Returns:
         ``{file_name: {"gender": "female", "race": "Asian"}}`` (empty when no labels exist).
@@ -914,6 +917,9 @@ def read_demographics(folder: str | Path, split: str | None = None) -> dict[str,
     out: dict[str, dict[str, str]] = {}
     for path in sorted(Path(folder).glob("*.csv")):
         if path.name.startswith("gt_avg_"):
+            continue
+        named = _named_split(path)
+        if split is not None and named is not None and named != split:
             continue
         try:
             labels_of = _read_labels(path, split)
@@ -937,7 +943,10 @@ def _read_labels(path: Path, split: str | None = None) -> dict[str, dict[str, st
                           + sum(a in c.lower() for c in header for a in ("gender", "race")))
     header = _fieldnames(reader, path)
     key = next((c for c in ("file_name", "file") if c in header), None)
-    columns = {c: a for c in header for a in ("gender", "race") if a in c.lower()}
+    # worker_gender (gt_test.csv: one row per rating) is the rater's: read as the face's, every test face of the
+    # release took its last rater's gender, and evaluate's per-gender MAE was per rater gender
+    columns = {c: a for c in header for a in ("gender", "race")
+               if a in c.lower() and not any(who in c.lower() for who in RATER_WORDS)}
     if key is None or not columns:
         return out
     legends = {c: _legend(c) for c in columns}
@@ -951,6 +960,17 @@ def _read_labels(path: Path, split: str | None = None) -> dict[str, dict[str, st
             if value:
                 labels[attribute] = legends[column].get(value, value)
     return out
+
+
+# Words that make a gender/race column describe who rated the face, not the face
+RATER_WORDS = ("worker", "rater", "annotator", "labeler", "labeller")
+
+
+def _named_split(path: Path) -> str | None:
+    """The split a labels file's name names as a word of its own (``allcategories_test.csv``: test), or None
+    (none, or more than one: ``allcategories_trainvalidtest.csv``, ``train_and_test.csv``)."""
+    named = {w for w in re.split(r"[^a-z0-9]+", path.stem.lower()) if w in SPLITS}
+    return named.pop() if len(named) == 1 else None
 
 
 def _legend(column: str) -> dict[str, str]:

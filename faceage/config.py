@@ -529,7 +529,9 @@ def _validate_ranges(name: str, obj: Any) -> None:
             (obj.nproc_per_node >= 1, f"train.nproc_per_node must be >= 1, got {obj.nproc_per_node}"),
             (obj.ensemble_weight == "auto" or 0 <= obj.ensemble_weight <= 1,
              f"train.ensemble_weight must be auto or in [0, 1], got {obj.ensemble_weight}"),
-            (obj.batch_size % obj.nproc_per_node == 0,
+            # nproc_per_node 0 is refused above: the checks are all computed before the first is raised, and
+            # `batch_size % 0` was a ZeroDivisionError's traceback in place of that message
+            (obj.nproc_per_node < 1 or obj.batch_size % obj.nproc_per_node == 0,
              f"train.batch_size={obj.batch_size} (the global batch) must be divisible by "
              f"train.nproc_per_node={obj.nproc_per_node}"),
         ]
@@ -652,7 +654,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
     Raises:
         ConfigError: See :func:`params_from_dict`; :class:`ParamsFileError` (also a ``yaml.YAMLError``) where
-            the file is not YAML (a tab, a key twice) or not UTF-8: one line naming the file and the line.
+            the file is not YAML (a tab, a key twice) or not UTF-8: one line naming the file and the line; or where
+            it cannot be read (a folder, no permission).
         ParamsNotFoundError: (a ``FileNotFoundError``) If the file does not exist: one line naming its absolute
             path (a relative one is read from the current folder).
     """
@@ -661,6 +664,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file where a folder of the path is
         raise ParamsNotFoundError(f"no params file at {Path(path).absolute()}: run from the repo root, or pass "
                                   "--params PATH (the project's params.yaml)") from None
+    except IsADirectoryError:  # `--params .`: IsADirectoryError's traceback
+        raise ParamsFileError(f"cannot read {path}: it is a folder, not a params file: pass --params PATH to the "
+                              "project's params.yaml") from None
+    except OSError as e:  # mode 600 from another account, an I/O error: a traceback too
+        raise ParamsFileError(f"cannot read {path}: {e.strerror or e}: make it readable (chmod a+r)") from None
     except UnicodeDecodeError as e:
         raise ParamsFileError(f"{path} is not valid UTF-8 (byte {e.object[e.start:e.start + 1].hex()} at offset "
                               f"{e.start}): fix it, or restore it (git checkout params.yaml)") from None

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from faceage.appa_real import (LayoutError, SourceMissingError, check_listed, csv_name, data_files, dataset_fingerprint,
-                               is_url, local_source, read_split, readable_digest, warn_unlisted)
+                               find_release_root, is_url, local_source, read_split, readable_digest, warn_unlisted)
 from faceage.atomic import write_text
 from faceage.paths import from_root
 
@@ -156,7 +156,8 @@ def source_fingerprint(source: str, md5: str = "") -> dict[str, Any]:
     """What ``fetch_data`` would read from ``fetch_data.source``, as a small JSON-able record.
 
     A URL: the URL and ``md5`` (its download is checked against it; nothing is fetched here). A
-    local folder: its file count and :func:`faceage.appa_real.dataset_fingerprint`. A local file
+    local folder: the file count and :func:`faceage.appa_real.dataset_fingerprint` of the release in it (the
+    folder itself, or the one below it that holds the release, as fetch_data reads it). A local file
     (zip): its size and sha256. The record holds no absolute path or time stamp, so the same bytes
     give the same record on every machine.
 
@@ -168,6 +169,13 @@ def source_fingerprint(source: str, md5: str = "") -> dict[str, Any]:
         return {**record, "kind": "url"}
     local = local_source(source)
     if local.is_dir():
+        # The folder fetch_data reads (the release one level down, :func:`find_release_root`): the whole of a
+        # ~/Downloads holding appa-real-release/ was hashed on every run, its zip too, and any new file in it
+        # reran fetch_data. A folder that is not in the layout is hashed whole: fetch_data says what is wrong.
+        try:
+            local = find_release_root(local)
+        except LayoutError:
+            pass
         files = len(data_files(local))  # as the fingerprint counts them: a new .DS_Store is no new data
         return {**record, "kind": "folder", "files": files, "sha256": dataset_fingerprint(local)}
     return {**record, "kind": "file", "bytes": local.stat().st_size, "sha256": readable_digest(local)}
