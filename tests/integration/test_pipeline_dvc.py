@@ -268,8 +268,8 @@ def test_bad_source_fails_with_a_clear_message_and_no_output(project, tmp_path):
 
 
 def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
-    """A DVC remote (a local path here; S3/SSH work the same): the cached outputs travel through it,
-    dvc.lock and the small `cache: false` outputs (metrics, reports, run.json) through git."""
+    """A DVC remote (a local path here; S3/SSH work the same): the cached outputs (the model, the reports,
+    run.json) travel through it, dvc.lock and the `cache: false` metrics files through git."""
     root, env = project["root"], project["env"]
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], root, env)
     pushed = run(["dvc", "push"], root, env)
@@ -280,6 +280,8 @@ def test_push_then_fresh_clone_pull_reproduces_nothing(project, tmp_path):
     assert not (clone / "models" / "model.pt").exists() and not (clone / "data" / "faces").exists()
     run(["dvc", "pull"], clone, env)
     assert (clone / "models" / "model.pt").read_bytes() == (root / "models" / "model.pt").read_bytes()
+    for path in ("models/run.json", "reports/eval/predictions.csv", "reports/model_card.md", "reports/preprocess.json"):
+        assert (clone / path).read_bytes() == (root / path).read_bytes(), path
     assert sorted(p.name for p in (clone / "data" / "faces" / "test").iterdir()) == \
         sorted(p.name for p in (root / "data" / "faces" / "test").iterdir())
     again = run(["dvc", "repro"], clone, env)

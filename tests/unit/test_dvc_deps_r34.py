@@ -119,6 +119,11 @@ def paths_of(entries: list) -> set[str]:
     return {next(iter(e)) if isinstance(e, dict) else e for e in entries or []}
 
 
+def outputs_of(stage: dict) -> set[str]:
+    """Every file or folder a stage writes: its ``outs`` and its stage-level ``metrics`` and ``plots``."""
+    return paths_of(stage.get("outs")) | paths_of(stage.get("metrics")) | paths_of(stage.get("plots"))
+
+
 # --- code deps ---------------------------------------------------------------------------------------------------
 
 def test_the_closure_follows_relative_and_literal_dynamic_imports(tmp_path, monkeypatch):
@@ -287,7 +292,7 @@ TRANSIENT = {("train", "--state")}
 
 @pytest.mark.parametrize("stage", sorted(python_stages()))
 def test_every_path_a_stage_is_given_is_a_dep_or_an_out(stage):
-    deps, outs = paths_of(STAGES[stage].get("deps")), paths_of(STAGES[stage].get("outs"))
+    deps, outs = paths_of(STAGES[stage].get("deps")), outputs_of(STAGES[stage])
     for flag, path in cmd_paths(stage).items():
         if (stage, flag) in TRANSIENT:
             assert path not in outs
@@ -299,7 +304,7 @@ def test_every_path_a_stage_is_given_is_a_dep_or_an_out(stage):
 
 
 def test_every_out_a_later_stage_reads_is_its_dep_and_every_dep_is_made_or_tracked():
-    made = {out: name for name, stage in STAGES.items() for out in paths_of(stage.get("outs"))}
+    made = {out: name for name, stage in STAGES.items() for out in outputs_of(stage)}
     for name, stage in STAGES.items():
         for dep in paths_of(stage.get("deps")):
             assert dep in made or (REPO / dep).exists(), f"stages.{name}: dep {dep} is neither an out nor in git"
@@ -311,7 +316,7 @@ def test_every_out_a_later_stage_reads_is_its_dep_and_every_dep_is_made_or_track
 @pytest.mark.parametrize("stage,flag", sorted(OUTPUT_FOLDERS))
 def test_the_files_written_into_an_output_folder_are_declared_outs(stage, flag):
     folder = cmd_paths(stage)[flag]
-    outs = {o.removeprefix(folder + "/") for o in paths_of(STAGES[stage]["outs"]) if o.startswith(folder + "/")}
+    outs = {o.removeprefix(folder + "/") for o in outputs_of(STAGES[stage]) if o.startswith(folder + "/")}
     source = (REPO / OUTPUT_FOLDERS[(stage, flag)]).read_text()
     variable = {"train": r"reports_dir", "evaluate": r"out"}[stage]
     written = set(re.findall(rf"\b{variable} / \"([\w.]+)\"", source))
@@ -320,14 +325,24 @@ def test_the_files_written_into_an_output_folder_are_declared_outs(stage, flag):
     assert written <= outs, f"stages.{stage}: writes {sorted(written - outs)} into {folder} undeclared"
 
 
-def test_top_level_metrics_and_plots_are_outs_and_uncached_where_git_keeps_them():
+def test_metrics_are_git_kept_stage_metrics_and_no_plain_out_is_uncached():
+    """A `cache: false` file among a stage's plain `outs` keeps DVC from saving that stage to its run cache (only
+    stage-level metrics and plots may be uncached): going back to params already run retrained for minutes. The
+    metrics files are stage `metrics:` kept in git (`dvc exp show`, `dvc metrics diff` read them from commits);
+    every top-level metric and plot is a file some stage writes."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    outs = {}
+    uncached = [(name, path) for name, stage in STAGES.items() for out in stage.get("outs", []) if isinstance(out, dict)
+                for path, opts in out.items() if (opts or {}).get("cache") is False]
+    assert not uncached, f"plain `cache: false` outs (no run cache for their stage): {uncached}"
+    stage_metrics = {}
     for stage in STAGES.values():
-        for out in stage.get("outs", []):
-            path, opts = (next(iter(out.items())) if isinstance(out, dict) else (out, {}))
-            outs[path] = opts or {}
-    files = set(spec["metrics"])
+        for entry in stage.get("metrics", []):
+            path, opts = (next(iter(entry.items())) if isinstance(entry, dict) else (entry, {}))
+            stage_metrics[path] = opts or {}
+    assert set(spec["metrics"]) == set(stage_metrics), "top-level metrics and the stages' metrics differ"
+    for path, opts in stage_metrics.items():
+        assert opts.get("cache") is False, f"{path}: a small metrics file, kept in git (cache: false)"
+    files = set()
     for plot in spec["plots"]:
         if isinstance(plot, str):
             files.add(plot)
@@ -335,9 +350,8 @@ def test_top_level_metrics_and_plots_are_outs_and_uncached_where_git_keeps_them(
             (definition,) = plot.values()
             ys = definition["y"]
             files.update(ys if isinstance(ys, dict) else [ys])
-    for path in files:
-        assert path in outs, f"{path}: a metric or plot no stage declares"
-        assert outs[path].get("cache") is False, f"{path}: a small text result, kept in git (cache: false)"
+    written = set().union(*(outputs_of(stage) for stage in STAGES.values()))
+    assert files <= written, f"plots no stage writes: {sorted(files - written)}"
 
 
 # --- dvc exp run -S ----------------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ def _paths(entries) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
 
+def _outputs(stage: dict) -> list[str]:
+    """What a stage writes: its ``outs`` and its stage-level ``metrics`` and ``plots``."""
+    return [*_paths(stage.get("outs")), *_paths(stage.get("metrics")), *_paths(stage.get("plots"))]
+
+
 def _dvc(root: Path, *args: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run([DVC, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -51,7 +56,7 @@ def project(tmp_path_factory) -> Path:
     for item in ("dvc.yaml", "params.yaml"):
         shutil.copyfile(REPO / item, root / item)
     for stage in STAGES.values():
-        for out in _paths(stage.get("outs")):
+        for out in _outputs(stage):
             path = root / out
             if path.suffix:  # a file output
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +72,7 @@ def project(tmp_path_factory) -> Path:
 
 def _downstream(stages: set[str]) -> set[str]:
     """``stages`` and every stage that depends, directly or not, on an output of one of them."""
-    made = {out: name for name, stage in STAGES.items() for out in _paths(stage.get("outs"))}
+    made = {out: name for name, stage in STAGES.items() for out in _outputs(stage)}
     found = set(stages)
     while True:
         more = {name for name, stage in STAGES.items() if name not in found
@@ -115,3 +120,21 @@ def test_the_placeholder_project_is_up_to_date_but_for_check_sources(project):
 ])
 def test_an_override_reruns_exactly_the_stages_that_read_it(project, overrides, expected):
     assert _rerun_by(project, overrides) == expected, overrides
+
+
+@pytest.mark.parametrize("name", ["preprocess", "embed", "train", "evaluate"])
+def test_dvc_saves_each_slow_stage_to_its_run_cache(project, name, monkeypatch):
+    """The test DVC 3.x applies after a stage runs (``dvc/stage/__init__.py``, ``no_cache_outs``; its run cache
+    keys, ``dvc/stage/cache.py``): a `cache: false` file among a stage's plain ``outs`` (every report file of
+    preprocess, train and evaluate was one) kept the stage out of the run cache, so going back to params already
+    run re-cropped / retrained / re-evaluated for minutes instead of restoring
+    (tests/integration/test_run_cache_r38.py runs it)."""
+    from dvc.repo import Repo
+    from dvc.stage.cache import _can_hash
+
+    monkeypatch.chdir(project)  # DVC hashes a stage's deps relative to the working folder, as its CLI runs
+    with Repo(str(project)) as repo:
+        [stage] = repo.stage.collect(name)
+        uncached = [str(out) for out in stage.outs if not out.use_cache and not (out.is_metric or out.is_plot)]
+        assert not uncached, f"{name}: `cache: false` outs that disable its run cache: {uncached}"
+        assert _can_hash(stage), f"{name}: DVC cannot key this stage in its run cache"
