@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,8 @@ def export_onnx(checkpoint: str | Path, detector_dir: str | Path | None, crops: 
         checkpoint: The FaceAge checkpoint.
         detector_dir: The detector folder (face-encoder files for ``dlib_face``).
         crops: Real uint8 face crops (at least 2) to check the export on.
-        out_path: The ``.onnx`` file to write.
+        out_path: The ``.onnx`` file to write: replaced only once the check passed (a refused export leaves the
+            file there as it was), so a concurrent export or reader never sees an unchecked or partial graph.
         tolerance: Largest allowed absolute difference of the age distribution.
         age_tolerance: Largest allowed absolute difference of age and of age_std (years).
 
@@ -73,13 +76,32 @@ def export_onnx(checkpoint: str | Path, detector_dir: str | Path | None, crops: 
         ExportError: Fewer than 2 crops, a difference of the distribution above ``tolerance``, or of age or
             age_std above ``age_tolerance`` (in the batch of every crop or in the one-face pass).
     """
-    import onnx
-
     if len(crops) < 2:
         raise ExportError(f"the ONNX check needs real face crops, got {len(crops)}: pass the preprocess output")
     age_model = AgeModel(checkpoint, detector_dir, device="cpu")
     inputs = age_model.prepare(crops)
     out_path = Path(out_path)
+    # Written and checked in a temporary file beside out_path, which it replaces only once it passed: written in
+    # place, a refused export deleted the graph already there (a served model.onnx), and a second export to the
+    # same path, or a reader, met this one's unchecked, half-written bytes.
+    # A unique name (not mkstemp's: its file is private, 0600, and the served copy would keep that mode)
+    staged = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        report = _export_checked(age_model, inputs, checkpoint, detector_dir, staged, tolerance, age_tolerance)
+        with open(staged, "rb") as f:  # on disk before the rename makes it the graph: not an empty file after a crash
+            os.fsync(f.fileno())
+        os.replace(staged, out_path)
+    finally:
+        staged.unlink(missing_ok=True)
+    return report
+
+
+def _export_checked(age_model: AgeModel, inputs: torch.Tensor, checkpoint: str | Path,
+                    detector_dir: str | Path | None, out_path: Path, tolerance: float,
+                    age_tolerance: float) -> dict[str, Any]:
+    """:func:`export_onnx`'s export to ``out_path`` and its check (raises as it does)."""
+    import onnx
+
     example = inputs[:2].contiguous()
     with warnings.catch_warnings(), exportable_pools(age_model.graph, example):
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
@@ -103,18 +125,16 @@ def export_onnx(checkpoint: str | Path, detector_dir: str | Path | None, crops: 
     diff = {name: float(np.max([np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64)).max(),
                                 np.abs(np.asarray(a, np.float64) - np.asarray(w[:1], np.float64)).max()]))
             for name, g, a, w in zip(OUTPUT_NAMES, got, alone, want)}
-    report = {"onnx_opset": OPSET, "onnx_check_faces": len(crops), "onnx_max_abs_diff_probs": diff["probs"],
+    report = {"onnx_opset": OPSET, "onnx_check_faces": len(inputs), "onnx_max_abs_diff_probs": diff["probs"],
               "onnx_max_abs_diff_age": diff["age"], "onnx_max_abs_diff_age_std": diff["age_std"],
               "onnx_tolerance": tolerance}
     log.info("ONNX export of %s checked on %d real faces: max |diff| probs %.2e, age %.2e, age_std %.2e",
-             age_model.meta["backbone"], len(crops), diff["probs"], diff["age"], diff["age_std"])
+             age_model.meta["backbone"], len(inputs), diff["probs"], diff["age"], diff["age_std"])
     if not diff["probs"] <= tolerance:
-        out_path.unlink()
         raise ExportError(f"the ONNX graph of {checkpoint} differs from torch by {diff['probs']:.3g} in the age "
-                          f"distribution on {len(crops)} real faces (tolerance {tolerance})")
+                          f"distribution on {len(inputs)} real faces (tolerance {tolerance})")
     for name in ("age", "age_std"):
         if not diff[name] <= age_tolerance:  # NaN too
-            out_path.unlink()
             raise ExportError(f"the ONNX graph of {checkpoint} differs from torch by {diff[name]:.3g} years in "
-                              f"{name} on {len(crops)} real faces (tolerance {age_tolerance} years)")
+                              f"{name} on {len(inputs)} real faces (tolerance {age_tolerance} years)")
     return report

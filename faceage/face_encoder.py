@@ -96,7 +96,7 @@ def _dlib_crop(crop: np.ndarray) -> np.ndarray:
     h, w = crop.shape[:2]
     if h != w or not h:
         raise ValueError(f"DlibFaceEncoder takes a non-empty square face crop (S, S, 3), as "
-                         f"faceage.faces.crop_face cuts; got an {'empty' if not h * w else 'array'} of shape "
+                         f"faceage.faces.crop_face cuts; got an {'empty array' if not h * w else 'array'} of shape "
                          f"{crop.shape}")
     if crop.strides != (3 * w, 3, 1):
         crop = np.array(crop, order="C")  # a fresh array: plain strides

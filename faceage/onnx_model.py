@@ -46,9 +46,13 @@ def cpu_session(model: str | bytes, threads: int, *, spin: bool = True,
     largest pass it ran, so two sessions over one graph that run in turn (:class:`OnnxAgeModel`'s
     sleeping and spinning ones) kept it twice: 32 faces of the fused graph through each left a
     process at 621 MB, against 377 MB with one session; with the shared arena, 445 MB.
+
+    Raises:
+        ValueError: ``threads`` is not a whole number >= 1 (ONNX Runtime's 0, one thread per physical core,
+            would ignore the process's affinity and CPU quota).
     """
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
+    options.intra_op_num_threads = _thread_count(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
@@ -56,6 +60,18 @@ def cpu_session(model: str | bytes, threads: int, *, spin: bool = True,
         _register_shared_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _thread_count(threads: Any) -> int:
+    """``threads`` checked: ONNX Runtime takes 0 (and less) for "one per physical core", which ignores this
+    process's affinity and CPU quota and oversubscribes the cores the count is there to share.
+
+    Raises:
+        ValueError: ``threads`` is not a whole number >= 1.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+    return int(threads)
 
 
 class OnnxGraphError(FaceAgeError, ValueError):
@@ -87,13 +103,16 @@ class OnnxAgeModel:
             (:func:`cpu_session`'s ``shared_arena``), so a pass's memory is kept once, not once per session.
 
     Raises:
+        ValueError: ``threads`` is not a whole number >= 1.
         OnnxGraphError: The file is not an ONNX graph (a truncated copy, a ``.pt`` given by mistake), or
-            carries no FaceAge settings (not exported by :mod:`faceage.export`).
+            carries no FaceAge settings, or damaged ones (not exported by :mod:`faceage.export`, or cut short).
     """
 
     device = "cpu (ONNX Runtime)"
 
     def __init__(self, onnx_path: str | Path, detector_dir: str | Path | None = None, *, threads: int = 1):
+        # Checked before the file: inside the try below, a bad count was reported as a file ONNX Runtime cannot load
+        threads = _thread_count(threads)
         try:
             self.session = cpu_session(str(onnx_path), threads, spin=False, shared_arena=True)
         except Exception as e:  # ONNX Runtime's own types (InvalidProtobuf, NoSuchFile, ...), none a ValueError
@@ -102,8 +121,17 @@ class OnnxAgeModel:
         self._path, self._threads = str(onnx_path), int(threads)
         stored = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         if stored is None:
-            raise OnnxGraphError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export")
-        self.meta: dict[str, Any] = json.loads(stored)
+            # The settings are the file's last field, so a FaceAge export cut short right before them parses too
+            raise OnnxGraphError(f"{onnx_path} has no {META_KEY!r} metadata: export it with faceage.export (it is "
+                                 f"another graph, or a copy of a FaceAge export cut short before its settings)")
+        try:
+            self.meta: dict[str, Any] = json.loads(stored)
+        except ValueError as e:  # json.loads' bare traceback named neither the file nor the entry
+            raise OnnxGraphError(f"{onnx_path}: its {META_KEY!r} settings are not JSON ({e}): the file is damaged; "
+                                 f"export it again with faceage.export") from e
+        if not isinstance(self.meta, dict):
+            raise OnnxGraphError(f"{onnx_path}: its {META_KEY!r} settings are not a JSON object but "
+                                 f"{type(self.meta).__name__}: export it again with faceage.export")
         self.kind = input_kind(self.meta)
         self.temperature = float(self.meta.get("temperature", 1.0))
         self.detector_dir = detector_dir
