@@ -2,8 +2,8 @@
 
 Input: image files and/or folders (their photos, by the suffixes of the formats Pillow opens
 here, sorted by name; ``--recursive`` descends, following symlinked folders once each), and a
-model: a checkpoint + detector folder (default the project's ``models/model.pt`` + ``models/detector``, the
-pipeline's outputs, also from a subfolder; without ``--detector``, a checkpoint's is the ``detector/`` beside it when there is
+model: a checkpoint + detector folder (default ``models/model.pt`` + ``models/detector``, the
+pipeline's outputs: the working folder's, else the project's, also from a subfolder; without ``--detector``, a checkpoint's is the ``detector/`` beside it when there is
 one), a packaged model folder (``--model DIR`` holding ``model.pt`` + ``detector/``) or a packaged
 BentoML model (``--bento face_age:latest``). A photo reached twice (named again, or through a link) is
 read once.
@@ -697,8 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotate", metavar="DIR", type=Path, help="write an annotated PNG per photo into DIR")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path,
-                     help="checkpoint, or a packaged model folder (model.pt + detector/) (default: the project's "
-                          "models/model.pt, also from a subfolder of it)")
+                     help="checkpoint, or a packaged model folder (model.pt + detector/) (default: models/model.pt, "
+                          "the working folder's, else the project's, also from a subfolder of it)")
     src.add_argument("--bento", metavar="TAG", help="use a packaged BentoML model instead, e.g. face_age:latest")
     p.add_argument("--detector", type=Path,
                    help=f"detector folder for a --model checkpoint (default: the {DETECTOR_DIR}/ folder beside "
@@ -788,12 +788,16 @@ def store_pointer(path: Path) -> Path | None:
 
 
 def default_checkpoint() -> Path:
-    """``--model`` when not given: the project's ``models/model.pt`` (:func:`faceage.paths.repo_root`: the nearest
-    folder up holding ``dvc.yaml``/``params.yaml``), shown from the working folder; outside any project, the
-    working folder's. From a subfolder (``cd reports``) it was the subfolder's: "checkpoint models/model.pt not
+    """``--model`` when not given: the working folder's ``models/model.pt`` where there is one (a packaged export or
+    a ``dvc exp run --temp`` copy inside the project is run from its own folder), else the project's
+    (:func:`faceage.paths.repo_root`: the nearest folder up holding ``dvc.yaml``/``params.yaml``), shown from the
+    working folder. From a subfolder (``cd reports``) it was the subfolder's alone: "checkpoint models/model.pt not
     found" beside the pipeline's checkpoint."""
     from faceage.paths import repo_root
 
+    here = Path("models") / CHECKPOINT_FILE
+    if here.exists():
+        return here
     return Path(os.path.relpath(repo_root() / "models" / CHECKPOINT_FILE))
 
 

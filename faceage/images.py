@@ -22,7 +22,7 @@ log line).
 Formats: whatever this Pillow opens (AVIF with its own plugin), less icons (:data:`_DECODED_AT_OPEN`), EPS
 (:data:`_RUNS_A_PROGRAM`), IPTC/NAA (:data:`_OPENS_ANOTHER_FILE`) and FITS (:data:`_NOT_PHOTOS`),
 plus HEIC/HEIF (iPhone photos) through pi-heif's plugin, registered on import. Data that Pillow decodes in Python (QOI,
-some PPM, RLE BMP, ...) is refused over :data:`PYTHON_DECODED_MAX_BYTES`.
+plain PPM, RLE BMP, ...) is refused over :data:`PYTHON_DECODED_MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, TiffImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, PpmImagePlugin, TiffImagePlugin, UnidentifiedImageError
 import pi_heif
 
 from faceage.errors import FaceAgeError
@@ -52,9 +52,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ 6000x6000; larger uploads are refused before decoding
 # A pipe or device given as a path is read whole, up to this per allowed pixel: 16-bit RGBA, uncompressed.
 STREAM_BYTES_PER_PIXEL = 8
-# Encoded bytes taken where Pillow decodes in Python (its ``Image.DECODERS``: QOI, binary PPM/PGM of another maxval
-# than 255 or 65535, plain PPM, RLE BMP, DDS, SGI 16-bit, XPM, MSP, BLP), an op or a sample at a time: about 2 s a MB
-# (QOI 2.4, a maxval-254 PGM 1.6, RLE BMP 0.5, on a loaded 2-core machine). A 20 MiB upload, the service's body cap,
+# Encoded bytes taken where Pillow decodes in Python (its ``Image.DECODERS``: QOI, plain PPM, RLE BMP, DDS, SGI 16-bit,
+# XPM, MSP, BLP; not binary PPM/PGM, whose decoder this module replaces, :class:`_PpmDecoder`), an op or a sample at a
+# time: about 2 s a MB (QOI 2.4, RLE BMP 0.5, on a loaded 2-core machine). A 20 MiB upload, the service's body cap,
 # took a worker 50 s; these 2 MiB take 5 s at most. Every other format is decoded in C (a 20 MP JPEG: 0.3 s).
 PYTHON_DECODED_MAX_BYTES = 2 * 1024 * 1024
 # Formats whose Pillow plugin decodes the (largest) embedded image while opening, before its size
@@ -1117,10 +1117,45 @@ def _lab_tiff(source: str | Path | bytes) -> str | None:
         return None
 
 
+class _PpmDecoder(PpmImagePlugin.PpmDecoder):
+    """Pillow's binary PPM/PGM decoder (maxval other than 255, or 65535 in colour: 16-bit RGB, what dcraw -4 and
+    ImageMagick's -depth 16 write), in numpy: the same values (``round(value / maxval * out_max)``, the same float64
+    operations, half to even as Python's round), a block of samples at a time. Pillow's loop over every sample took
+    about 0.3 s a MB: a 16-bit colour PPM over :data:`PYTHON_DECODED_MAX_BYTES` (800x600) was refused for it."""
+
+    def decode(self, buffer):
+        maxval = self.args[-1]
+        size = 1 if maxval < 256 else 2
+        out_max = 65535 if self.mode == "I" else 255
+        bands = Image.getmodebands(self.mode)
+        total = self.state.xsize * self.state.ysize * bands
+        out = np.empty(total, "<u4" if self.mode == "I" else np.uint8)  # Pillow's "I;32" (o32), or 8-bit bands
+        count = 0  # samples decoded
+        while count < total:  # a block of whole pixels at a time: the file read whole was 240 MB more (40 MP, 16-bit)
+            wanted = min(_DECODE_BLOCK_PIXELS * bands, total - count) * size
+            raw = self.fd.read(wanted)
+            usable = len(raw) // (size * bands) * bands  # whole pixels, as Pillow's loop stops at a short one (EOF)
+            block = np.frombuffer(raw, ">u2" if size == 2 else np.uint8, count=usable) / maxval
+            block *= out_max
+            np.rint(block, out=block)
+            out[count:count + usable] = np.minimum(block, out_max, out=block)
+            count += usable
+            if len(raw) < wanted:  # the end of the file
+                break
+        self.set_as_raw(out[:count].tobytes(), "I;32" if self.mode == "I" else self.mode)
+        return -1, 0
+
+
+Image.register_decoder("ppm", _PpmDecoder)
+# Decoders of Image.DECODERS this module replaced by numpy ones: not slow, not under the budget
+_FAST_DECODERS = frozenset({"ppm"})
+
+
 def _check_python_decoded(img: Image.Image, stream: BinaryIO, name: str) -> None:
     """Raises ImageDecodeError for an image Pillow would decode in Python (:data:`PYTHON_DECODED_MAX_BYTES`) whose
     encoded data is over that budget, before any of it is decoded."""
-    codec = next((tile.codec_name for tile in img.tile if tile.codec_name in Image.DECODERS), None)
+    codec = next((tile.codec_name for tile in img.tile
+                  if tile.codec_name in Image.DECODERS and tile.codec_name not in _FAST_DECODERS), None)
     if codec is None:
         return
     size = stream.getbuffer().nbytes if isinstance(stream, io.BytesIO) else os.fstat(stream.fileno()).st_size

@@ -166,11 +166,12 @@ def _pgm254(width: int, height: int) -> bytes:
         width * height % 254)
 
 
-@pytest.mark.parametrize("kind, make", [("QOI", _qoi), ("PPM", _pgm254)])
+@pytest.mark.parametrize("kind, make", [("QOI", _qoi)])
 def test_data_pillow_decodes_in_python_is_refused_over_its_size_budget(kind, make):
-    """Pillow decodes QOI, binary PPM/PGM of another maxval than 255 or 65535, RLE BMP (and a few rarer formats) in
-    Python, a sample or an op at a time: about 2 s a megabyte. A 20 MiB upload (the service's body cap) took a
-    worker 50 s (QOI) or 33 s (PGM). Over 2 MiB it is refused, in no time, naming the format and the budget."""
+    """Pillow decodes QOI, RLE BMP (and a few rarer formats) in Python, an op at a time: about 2 s a megabyte. A 20
+    MiB upload (the service's body cap) took a worker 50 s (QOI). Over 2 MiB it is refused, in no time, naming the
+    format and the budget. (Binary PPM/PGM of another maxval, which took 33 s, is decoded in numpy since:
+    test_review_r38b.py.)"""
     import time
 
     data = make(1500, 1500)  # 2.25 MB: 5 s and 3.5 s to decode before
