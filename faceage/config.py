@@ -667,8 +667,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except IsADirectoryError:  # `--params .`: IsADirectoryError's traceback
         raise ParamsFileError(f"cannot read {path}: it is a folder, not a params file: pass --params PATH to the "
                               "project's params.yaml") from None
-    except OSError as e:  # mode 600 from another account, an I/O error: a traceback too
-        raise ParamsFileError(f"cannot read {path}: {e.strerror or e}: make it readable (chmod a+r)") from None
+    except OSError as e:  # mode 600 from another account, an I/O error, a symlink loop: a traceback too
+        # chmod is the fix for a permission alone: a symlink loop (ELOOP) or an I/O error it does not mend
+        fix = ("make it readable (chmod a+r)" if isinstance(e, PermissionError) else
+               "fix it, or pass --params PATH to the project's params.yaml")
+        raise ParamsFileError(f"cannot read {path}: {e.strerror or e}: {fix}") from None
     except UnicodeDecodeError as e:
         raise ParamsFileError(f"{path} is not valid UTF-8 (byte {e.object[e.start:e.start + 1].hex()} at offset "
                               f"{e.start}): fix it, or restore it (git checkout params.yaml)") from None
