@@ -106,13 +106,15 @@ def replacing(path: str | Path, mode: str = "wb", **open_args: Any) -> Iterator[
         raise
     try:
         with f:
+            yield f
+            f.flush()
             if kept is not None:
+                # Once written, not before: a block may write the file by name through a handle of its own
+                # (torch.save in save_checkpoint), which a 0444 taken from a DVC hardlink refused (Permission denied).
                 try:
                     os.fchmod(f.fileno(), kept)
                 except OSError:  # a file system without modes (CIFS, some FUSE mounts): the write matters more
                     pass
-            yield f
-            f.flush()
             # On disk before its name is: after a power loss, ext4/xfs could otherwise show the final
             # name on an empty file (the rename was journaled, the data still in the page cache).
             os.fsync(f.fileno())

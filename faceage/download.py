@@ -21,7 +21,9 @@ is cut to fit, one from after it restarts from byte 0, and a range short of the 
 server sending the same first slice for every Range) counts as a failed try, not a loop. A restart from byte 0
 that the validators do not call a new version (a server or proxy ignoring the Range, a captive portal answering
 with its page) keeps the part's bytes aside in ``<dest>.part.kept`` until it gets past them or passes the
-checksum and ``check``; one cut short or rejected puts them back, for the next try or run to resume. A 416
+checksum and ``check``; one cut short or rejected puts them back, for the next try or run to resume
+(without a checksum, one that is not a new version and is shorter than the part, by its ``Content-Length``
+or once it ends, is a :class:`ContentError`, not the file). A 416
 without the file's length (``Content-Range: bytes */LENGTH``) is a complete part only where a checksum checks
 it; without one the file is fetched whole. A full disk (or a
 folder without write access) is one :class:`DownloadWriteError` naming the URL, the destination and the space
@@ -182,17 +184,15 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
                          start, part.name)
                 os.truncate(part, start)
                 have = start
+        held, unsized = have, False  # a body without a length is measured once it has ended (below)
         if r.status_code == 200 and have:
             length = _content_length(r.headers.get("Content-Length"))
             shorter = length is not None and length < have
             if shorter and not changed and not verified:
                 # The same version (or one that does not say) cannot be shorter than the bytes held of it, and
                 # no checksum would tell: a captive portal's page became the file (plain-http dlib.net).
-                raise ContentError(
-                    f"{url} answered the resume of {part.name} (a Range from byte {have}) with a whole body of "
-                    f"{length} bytes, shorter than the {have} bytes already fetched of it: not the file (a captive "
-                    f"portal's or a proxy's page?); {part} keeps the {have} bytes fetched before, which the next run "
-                    "resumes (delete it if the file did change on the server)")
+                raise _shorter_body(url, part, have, length)
+            unsized = length is None and not changed and not verified
             if changed:  # If-Range did not match: the whole new version
                 log.warning("%s changed on the server (%s) since %s was started: restarting from byte 0",
                             url, changed, part.name)
@@ -273,7 +273,24 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
             if encoded:
                 _discard(part)
             raise
+        if unsized and _kept_size(part) is not None and part.stat().st_size < held:
+            # The same check for a page sent without a length (chunked, or ended by closing the connection, as a
+            # portal's dynamic page is): it ended short of the bytes held, which are still aside (they go once a
+            # restart gets past them), and go back in its place.
+            got = part.stat().st_size
+            _put_back(part)
+            raise _shorter_body(url, part, held, got)
         return True, have > 0
+
+
+def _shorter_body(url: str, part: Path, held: int, length: int) -> ContentError:
+    """The error for a whole body of ``length`` bytes answering the resume of ``part`` (``held`` bytes), without a
+    checksum to decide: shorter than the bytes already held of the same version, it is not the file."""
+    return ContentError(
+        f"{url} answered the resume of {part.name} (a Range from byte {held}) with a whole body of {length} bytes, "
+        f"shorter than the {held} bytes already fetched of it: not the file (a captive portal's or a proxy's "
+        f"page?); {part} keeps the {held} bytes fetched before, which the next run resumes (delete it if the file "
+        "did change on the server)")
 
 
 def _stderr_is_tty() -> bool:
@@ -574,6 +591,11 @@ def download(
             if _matches(dest, md5, sha256):
                 if check is None or check(dest) is None:
                     log.info("%s already present and verified", dest)
+                    # A part left beside it (a killed run's, and the one it had set aside for a restart, up to
+                    # the whole file each) is of no use now, and nothing else would ever remove it.
+                    part = dest.with_name(dest.name + ".part")
+                    _discard_quietly(part)
+                    _discard_quietly(_kept_path(part))
                     return dest
                 dest.unlink()  # kept before a check was asked for: fetched again
             else:

@@ -521,8 +521,8 @@ def evaluate_model(checkpoint: str | Path, faces_dir: str | Path, out_dir: str |
     # written first: an evaluate that failed or was stopped (stages/evaluate.py turns SIGTERM into Ctrl-C) after
     # it left a new metrics.json beside the previous predictions and card, nothing in MLflow, and `dvc metrics
     # show` showed it as a finished evaluation. Each file is replaced on its own, not ``out`` swapped whole
-    # (atomic.staged_dir): ``out`` may hold files not evaluate's (dvc.yaml's outputs there are ``cache: false``, so no
-    # .gitignore of DVC's, but one of the user's, or DVC's where an output is cached, would go with a swap).
+    # (atomic.staged_dir): ``out`` holds files not evaluate's (DVC's .gitignore of the cached outputs there, or a
+    # user's), which a swap would take away.
     with scratch_dir(out / "metrics.json", "new") as staged:
         with open(staged / "predictions.csv", "w", newline="") as f:
             w = csv.writer(f)

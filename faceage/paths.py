@@ -5,8 +5,8 @@
 the download and external-crop caches) is therefore addressed from :func:`repo_root`, not the
 working folder.
 From a subfolder of the project (``cd reports && python -m faceage.recipe``) the root is the nearest folder
-above holding ``dvc.yaml`` or ``params.yaml``, as DVC finds its project: taken as the working folder, the
-store and the caches were made anew inside the subfolder.
+above holding ``dvc.yaml`` or ``params.yaml`` (DVC looks up the same way, for its ``.dvc`` folder): taken as
+the working folder, the store and the caches were made anew inside the subfolder.
 """
 
 from __future__ import annotations
