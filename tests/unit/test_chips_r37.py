@@ -63,8 +63,14 @@ def test_sigterm_while_a_worker_is_launched_stops_the_stage_in_one_line_and_leak
     the launch between the spawn and the start-up data. The worker, never recorded as started (no pid), was not
     stopped, and printed "EOFError: Ran out of input" with its traceback under the stage's line; the pool's
     semaphores leaked. Now SIGTERM is held back as SIGINT is, and raised once the worker has started."""
+    assert_stopped_by_sigterm(tmp_path, SIGTERM_AT_LAUNCH)
+
+
+def assert_stopped_by_sigterm(tmp_path: Path, script_text: str) -> None:
+    """Runs the stage script ``script_text`` (one that sends itself its signals, ending in :data:`POOL_STAGE`) and
+    checks that it died of SIGTERM in one line, its pool stopped: no worker's traceback, no leaked semaphore."""
     script = tmp_path / "stage.py"
-    script.write_text(SIGTERM_AT_LAUNCH)
+    script.write_text(script_text)
     proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -74,7 +80,7 @@ def test_sigterm_while_a_worker_is_launched_stops_the_stage_in_one_line_and_leak
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == -signal.SIGTERM, err[-3000:]
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-3000:])
     assert "finished" not in out
     assert "stopped by SIGTERM" in err, err[-3000:]
     assert "EOFError" not in err and "Traceback" not in err, err[-3000:]

@@ -5,15 +5,11 @@ Real processes, real signals: a stage script started as dvc.yaml starts one, wit
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
-from tests.unit.test_chips_r37 import POOL_STAGE
+from tests.unit.test_chips_r37 import POOL_STAGE, assert_stopped_by_sigterm
 
 # A stage as stages/*.py runs one (run_stage with interrupt_on_sigterm), whose pool starts 2 workers. While the first
 # worker is spawned, a Ctrl-C comes (SIGINT, blocked there: it waits), and just as the start unblocks it, a SIGTERM
@@ -52,21 +48,7 @@ def test_a_sigterm_held_after_a_ctrl_c_during_a_worker_start_is_not_dropped(tmp_
     of SIGINT ("interrupted (Ctrl-C)", 130) although it had been told to terminate. Now every held signal's handler
     runs, in the order they came (the later one raised while the earlier one's exception propagates, as two
     signals arriving outside a start would), and the stage dies of the SIGTERM."""
-    script = tmp_path / "stage.py"
-    script.write_text(CTRL_C_THEN_SIGTERM_AT_LAUNCH)
-    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert "finished" not in out
-    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-3000:])
-    assert "stopped by SIGTERM" in err, err[-3000:]
-    assert "EOFError" not in err and "Traceback" not in err, err[-3000:]
-    assert "leaked semaphore" not in err, err[-3000:]
+    assert_stopped_by_sigterm(tmp_path, CTRL_C_THEN_SIGTERM_AT_LAUNCH)
 
 
 # A SIGTERM comes while the first worker is spawned (held by the start), and a Ctrl-C just after the start has put
@@ -103,18 +85,4 @@ def test_a_held_sigterm_is_raised_also_when_a_ctrl_c_interrupts_putting_the_hand
     """The held signals were raised after the handlers were put back, in the same ``finally``: a Ctrl-C that raised
     while they were put back skipped that, and the SIGTERM held during the start was dropped (the stage died of the
     Ctrl-C). Now the held signals are raised also then."""
-    script = tmp_path / "stage.py"
-    script.write_text(SIGTERM_THEN_CTRL_C_AT_PUT_BACK)
-    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert "finished" not in out
-    assert proc.returncode == -signal.SIGTERM, (proc.returncode, err[-3000:])
-    assert "stopped by SIGTERM" in err, err[-3000:]
-    assert "EOFError" not in err and "Traceback" not in err, err[-3000:]
-    assert "leaked semaphore" not in err, err[-3000:]
+    assert_stopped_by_sigterm(tmp_path, SIGTERM_THEN_CTRL_C_AT_PUT_BACK)
