@@ -15,12 +15,11 @@ import contextlib
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO, http_server
 
 
 @contextlib.contextmanager
@@ -45,15 +44,8 @@ def _failing_api_server(seen: list | None = None):
         def log_message(self, *args):
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(Handler) as server:
         yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 _SETUP = """
@@ -110,17 +102,10 @@ def test_a_rate_limited_first_request_still_gets_mlflows_own_retries():
         def log_message(self, *args):
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(Handler) as server:
         uri = f"http://127.0.0.1:{server.server_address[1]}"
         with mlflow_env("MLFLOW_TRACKING_URI", uri), mlflow_env("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0"):
             assert _first_request(mlflow, uri) is None  # the store answered: no face-age experiment yet
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
     assert len(seen) == 4, seen
 
 
