@@ -394,12 +394,26 @@ def _first_request(mlflow, uri: str):
     except MlflowException as e:
         if not server:
             raise
-        if "too many 429 error responses" not in e.message:
+        if not _rate_limited(e):
             raise TrackingError(refusal(uri, e)) from e
     try:  # a rate limit: MLflow's own retries, made for limits that last minutes
         return mlflow.get_experiment_by_name(EXPERIMENT)
     except MlflowException as e:
         raise TrackingError(refusal(uri, e)) from e
+
+
+# The HTTP status an MLflow server's JSON error code stands for, where MLflow's message drops it: it names the status
+# of an error it retried until its tries ran out ("too many 500 error responses", MLflow 3.17) or not at all (3.18
+# returns the last answer, read as a RestException "INTERNAL_ERROR: ...")
+ERROR_CODE_STATUS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "ENDPOINT_NOT_FOUND": 404,
+                     "REQUEST_LIMIT_EXCEEDED": 429, "INTERNAL_ERROR": 500, "TEMPORARILY_UNAVAILABLE": 503}
+
+
+def _rate_limited(error) -> bool:
+    """Whether MLflow's ``error`` is a rate limit (429) its tries ran out on, in MLflow 3.17's words or 3.18's."""
+    json_body = getattr(error, "json", None)
+    return ("too many 429 error responses" in error.message
+            or (isinstance(json_body, dict) and json_body.get("error_code") == "REQUEST_LIMIT_EXCEEDED"))
 
 
 def refusal(uri: str, error) -> str:
@@ -428,8 +442,7 @@ def refusal(uri: str, error) -> str:
     json_body = getattr(error, "json", None)
     foreign = ((isinstance(json_body, dict) and not json_body.get("error_code"))
                or "response body was not in a valid JSON format" in error.message)
-    status = status or {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "ENDPOINT_NOT_FOUND": 404}.get(
-        json_body.get("error_code") if isinstance(json_body, dict) else None)
+    status = status or ERROR_CODE_STATUS.get(json_body.get("error_code") if isinstance(json_body, dict) else None)
     where = (f"the MLflow tracking server {display_uri(uri)} (MLFLOW_TRACKING_URI) "
              + (f"answers {status} to MLflow's API ({said})" if status else
                 f"answers MLflow's API, but not as MLflow does ({said})" if foreign else
