@@ -239,6 +239,23 @@ def detector_dir(tmp_path_factory) -> Path:
     return out
 
 
+def own_run_file(tiny_run: dict, folder: Path) -> Path:
+    """A ``run.json`` naming a new, finished MLflow run in ``tiny_run``'s store, for a test whose evaluation logs to
+    MLflow: logged into the session's shared run, its tags (``evaluate.external``: ``[]``) replaced the ones the other
+    tests of that run read (tests/integration/test_external.py failed after such a test had run)."""
+    from mlflow import MlflowClient
+
+    from faceage.tracking import read_run_file, write_run_file
+
+    client = MlflowClient(tiny_run["tracking_uri"])
+    experiment_id = client.get_run(read_run_file(tiny_run["run"])["run_id"]).info.experiment_id
+    run_id = client.create_run(experiment_id, run_name="own-evaluation").info.run_id
+    client.set_terminated(run_id)
+    path = folder / "run.json"
+    write_run_file(path, run_id, experiment_id)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_run(sample_dir, external_dir, tmp_path_factory):
     """A real, small pipeline run through the library: fetch -> detector -> preprocess -> train -> evaluate.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO, own_run_file
 
 
 def _stage_args(tiny_run, tmp_path: Path) -> list[str]:
@@ -27,7 +27,7 @@ def _stage_args(tiny_run, tmp_path: Path) -> list[str]:
     root = tiny_run["root"]
     return [sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", str(params),
             "--model", str(tiny_run["model"]), "--faces", str(tiny_run["faces"]), "--embeddings", str(root / "none.npz"),
-            "--run-file", str(tiny_run["run"]), "--detector", str(tiny_run["detector"]),
+            "--run-file", str(own_run_file(tiny_run, tmp_path)), "--detector", str(tiny_run["detector"]),
             "--history", str(root / "reports" / "history.csv"), "--data", str(tiny_run["data"]),
             "--preprocess-metrics", str(root / "preprocess.json"), "--card", str(tmp_path / "reports" / "card.md"),
             "--out", str(tmp_path / "eval")]

@@ -44,9 +44,11 @@ def _peak(how: str, n: int, size: int, side: int) -> dict:
 @pytest.mark.parametrize("how", ["one", "at"])
 def test_a_lower_resolution_copy_of_a_whole_split_takes_memory_for_the_copy_not_many_float_copies(how):
     """512 faces at 224 px (73.5 MB): the one float32 batch added ~920 MB (12.5x the crops), ~1,070 MB through
-    low_resolution_at (its clone and gathered copy on top); the copy itself is 1x."""
+    low_resolution_at (its clone and gathered copy on top); the copy itself is 1x. Measured by the child's own peak
+    (conftest's PEAK_KB), the chunked copy adds 180-235 MB here (the copy, a chunk's float temporaries, torch's
+    allocator and thread pool): the bound keeps a margin for that, far under the whole-batch float copies."""
     peak = _peak(how, 512, 224, 168)
-    assert peak["added_mb"] < peak["input_mb"] + 150, peak
+    assert peak["added_mb"] < peak["input_mb"] + 300, peak
 
 
 @pytest.mark.parametrize("n,size,side,seed", [(70, 224, 168, 1), (33, 224, 112, 2), (65, 64, 29, 3), (1, 150, 75, 4),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import own_run_file
 from tests.unit.test_external import make_set, noise
 
 
@@ -37,9 +38,9 @@ def test_a_faceless_external_set_leaves_metrics_json_strict_json(tiny_run, tmp_p
     blank = make_set(tmp_path / "blank", {"n.jpg": noise()})
     out, card = tmp_path / "eval", tmp_path / "reports" / "model_card.md"
     p = replace(Params().evaluate, external=(str(blank), str(tiny_run["external"])))
-    root = tiny_run["root"]
+    root, run_file = tiny_run["root"], own_run_file(tiny_run, tmp_path)  # not the session's shared run
     with mlflow_env("MLFLOW_TRACKING_URI", tiny_run["tracking_uri"]):
-        evaluate_model(tiny_run["model"], tiny_run["faces"], out, p, run_path=tiny_run["run"],
+        evaluate_model(tiny_run["model"], tiny_run["faces"], out, p, run_path=run_file,
                        history_csv=root / "reports" / "history.csv", data_dir=tiny_run["data"],
                        preprocess_metrics=root / "preprocess.json", model_card=card, detector_dir=tiny_run["detector"],
                        external_cache=tiny_run["external_cache"])
@@ -50,7 +51,7 @@ def test_a_faceless_external_set_leaves_metrics_json_strict_json(tiny_run, tmp_p
     assert not {"mae_years", "rmse_years", "cs5", "baseline_mae_years", "coverage_1std"} & set(blank_m)
     assert blank_m["sha256"] and blank_m["mae_by_age_group"] == {}
     assert utk["n_faces"] > 0 and math.isfinite(utk["mae_years"])  # the other set scored as usual
-    metrics = MlflowClient(tiny_run["tracking_uri"]).get_run(read_run_file(tiny_run["run"])["run_id"]).data.metrics
+    metrics = MlflowClient(tiny_run["tracking_uri"]).get_run(read_run_file(run_file)["run_id"]).data.metrics
     assert metrics["external_blank_n_faces"] == 0 and "external_blank_mae" not in metrics
     row = next(line for line in card.read_text().splitlines() if line.startswith("| `blank` |"))
     assert row == "| `blank` | 1 | 0 | 1 | 0 | - | - | - | - |"
