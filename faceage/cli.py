@@ -535,10 +535,7 @@ def write_table(results: Sequence[PhotoResult], out: TextIO, annotate: bool = Fa
     says why a copy could not be written. Control characters in a cell (a file name's newline) are
     escaped (:func:`_printable`); JSON and CSV keep names as they are.
     """
-    writer = ResultWriter("table", out, annotate)
-    for result in results:
-        writer.add(result)
-    writer.finish()
+    _write_all("table", results, out, annotate)
 
 
 def write_csv(results: Sequence[PhotoResult], out: TextIO, annotate: bool = False) -> None:
@@ -547,7 +544,12 @@ def write_csv(results: Sequence[PhotoResult], out: TextIO, annotate: bool = Fals
     With ``annotate``, two more columns: ``annotated`` (the photo's copy) and ``annotate_error``
     (why it could not be written); a run without ``--annotate`` keeps the ten columns.
     """
-    writer = ResultWriter("csv", out, annotate)
+    _write_all("csv", results, out, annotate)
+
+
+def _write_all(fmt: str, results: Sequence[PhotoResult], out: TextIO, annotate: bool) -> None:
+    """Every result at once, through the :class:`ResultWriter` a run prints with as photos are done."""
+    writer = ResultWriter(fmt, out, annotate)
     for result in results:
         writer.add(result)
     writer.finish()

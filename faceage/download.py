@@ -185,8 +185,8 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
                 os.truncate(part, start)
                 have = start
         held, unsized = have, False  # a body without a length is measured once it has ended (below)
+        length = _content_length(r.headers.get("Content-Length"))
         if r.status_code == 200 and have:
-            length = _content_length(r.headers.get("Content-Length"))
             shorter = length is not None and length < have
             if shorter and not changed and not verified:
                 # The same version (or one that does not say) cannot be shorter than the bytes held of it, and
@@ -205,7 +205,6 @@ def _stream_once(url: str, part: Path, timeout_s: float, progress: bool,
                 # which then failed the checksum). A longer new version replaces the part as it streams.
                 _set_aside(part)
             have = 0
-        length = _content_length(r.headers.get("Content-Length"))
         total = have + length if length is not None else None
         # A 206 may stop short of the end (a CDN capping each range): then the next range follows.
         whole = _range_length(r.headers.get("Content-Range")) if r.status_code == 206 and not encoded else None

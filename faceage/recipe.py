@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         # Not what the last `dvc exp run -S` left in the workspace; the project's, also from a subfolder
-        params = committed_base(**({} if root == Path.cwd().resolve() else {"root": root}), user="the recipe")
+        params = committed_base(os.path.relpath(root), user="the recipe")
     except FaceAgeError as e:  # params.yaml missing, unreadable or invalid: one line, not a traceback
         raise SystemExit(f"{type(e).__name__}: {e}") from None
     from faceage.tracking import setup_mlflow

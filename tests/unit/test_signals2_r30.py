@@ -302,7 +302,7 @@ def test_a_failing_recipe_row_is_marked_and_the_other_rows_are_reported(tmp_path
     from faceage.training import TrainingDivergedError
 
     monkeypatch.setattr(recipe, "setup_logging", lambda: None)
-    monkeypatch.setattr(recipe, "committed_base", lambda user: load_params(REPO / "params.yaml"))
+    monkeypatch.setattr(recipe, "committed_base", lambda root=".", *, user: load_params(REPO / "params.yaml"))
     monkeypatch.setattr(faceage.tracking, "setup_mlflow", lambda: None)
     monkeypatch.setattr(recipe, "_descriptors", lambda embeddings, *a: embeddings)
     monkeypatch.setattr(recipe, "_tta_rows", lambda *a: [])
